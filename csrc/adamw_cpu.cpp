@@ -1,0 +1,103 @@
+// CPU kernel of zero_ext::adamw_step_: validates, derives per-tensor coefficients, splits every
+// tensor into spans and runs them across ATen's intra-op thread pool (torch.get_num_threads()).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "csrc/adamw_args.h"
+#include "csrc/cpu_isa.h"
+#include "kernels/cpu/adamw.h"
+
+namespace zero_ext {
+namespace {
+
+// Elements per unit of parallel work: large enough to amortise scheduling, small enough that
+// one big tensor spreads over every thread. A multiple of every SIMD width.
+constexpr int64_t kSpanElements = 1 << 16;
+
+struct SpanWork {
+  int64_t tensor;  // index into the op's lists
+  int64_t begin;   // first element of this span
+  int64_t numel;
+};
+
+kernels::cpu::AdamWSpanFn adamw_span_kernel() {
+  switch (selected_cpu_isa()) {
+#ifdef ZERO_EXT_HAVE_AVX512
+    case CpuIsa::kAvx512:
+      return kernels::cpu::adamw_span_AVX512;
+#endif
+#ifdef ZERO_EXT_HAVE_AVX2
+    case CpuIsa::kAvx2:
+      return kernels::cpu::adamw_span_AVX2;
+#endif
+    default:
+      return kernels::cpu::adamw_span_DEFAULT;
+  }
+}
+
+template <typename T>
+T* offset_ptr(const at::Tensor& t, int64_t begin) {
+  return static_cast<T*>(t.data_ptr()) + begin;
+}
+
+void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList state_steps,
+                    at::TensorList params_16bit, double lr, double beta1, double beta2,
+                    double eps, double weight_decay, bool decoupled_weight_decay,
+                    bool bias_correction, bool maximize, const std::optional<at::Tensor>& inv_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  const AdamWStepArgs args{params, grads, exp_avgs, exp_avg_sqs, state_steps, params_16bit,
+                           inv_scale, found_inf,
+                           {lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                            bias_correction, maximize}};
+  check_adamw_step_args(args);
+  if (params.empty()) return;
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
+  const double inv = inv_scale.has_value() ? inv_scale->item<float>() : 1.0;
+
+  const int64_t n = static_cast<int64_t>(params.size());
+  std::vector<kernels::AdamWCoefficients<float>> coefficients(n);
+  std::vector<SpanWork> work;
+  for (int64_t i = 0; i < n; ++i) {
+    float* step = state_steps[i].data_ptr<float>();
+    *step += 1.0f;
+    coefficients[i] = kernels::adamw_coefficients(args.hyper, *step, inv);
+    const int64_t numel = params[i].numel();
+    for (int64_t begin = 0; begin < numel; begin += kSpanElements) {
+      work.push_back({i, begin, std::min(kSpanElements, numel - begin)});
+    }
+  }
+
+  const kernels::ElementType grad_type = element_type(grads[0].scalar_type());
+  const kernels::ElementType copy_type =
+      params_16bit.empty() ? kernels::ElementType::kBFloat16
+                           : element_type(params_16bit[0].scalar_type());
+  const size_t grad_bytes = grads[0].element_size();
+  const size_t copy_bytes = params_16bit.empty() ? 0 : params_16bit[0].element_size();
+  const kernels::cpu::AdamWSpanFn kernel = adamw_span_kernel();
+
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t w = first; w < last; ++w) {
+      const SpanWork& s = work[w];
+      kernels::cpu::AdamWSpan span{
+          offset_ptr<float>(params[s.tensor], s.begin),
+          static_cast<const char*>(grads[s.tensor].data_ptr()) + s.begin * grad_bytes,
+          offset_ptr<float>(exp_avgs[s.tensor], s.begin),
+          offset_ptr<float>(exp_avg_sqs[s.tensor], s.begin),
+          params_16bit.empty()
+              ? nullptr
+              : static_cast<char*>(params_16bit[s.tensor].data_ptr()) + s.begin * copy_bytes,
+          s.numel};
+      kernel(span, coefficients[s.tensor], grad_type, copy_type);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(zero_ext, CPU, m) { m.impl("adamw_step_", &adamw_step_cpu); }
+
+}  // namespace zero_ext

@@ -1,0 +1,23 @@
+"""zero_ext: ZeRO-sharded data-parallel training for PyTorch.
+
+Importing the package loads the compiled core, zero_ext._C, which registers the
+torch.ops.zero_ext.* operators; zero_ext.ops holds their typed Python wrappers and
+zero_ext.optim the optimizers built on them.
+"""
+
+import torch  # noqa: F401  (the ops register into this torch)
+
+try:
+    from zero_ext import _C  # noqa: F401
+except ImportError as error:  # pragma: no cover - only reached on a broken install
+    raise ImportError(
+        "zero_ext's compiled core (zero_ext._C) failed to load: "
+        f"{error}. It is built by `pip install --no-build-isolation .` against the installed "
+        "torch; reinstall after changing torch versions, and check that the build printed "
+        "'zero_ext: building CPU kernels'."
+    ) from error
+
+from zero_ext import ops, optim  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["ops", "optim", "__version__"]
