@@ -1,0 +1,510 @@
+"""zero_ext.config: DeepSpeed-style configs load, bad ones fail with the key's path, and the
+batch-size triple resolves as train_batch_size = micro * accumulation * world size."""
+
+import copy
+import json
+import pickle
+import re
+import warnings
+
+import pytest
+import torch
+
+from zero_ext.config import (
+    ActivationCheckpointingConfig,
+    AdamParams,
+    BatchSizes,
+    BF16Config,
+    ConfigError,
+    FP16Config,
+    OffloadConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    ZeroConfig,
+    ZeroOptimizationConfig,
+)
+
+# DeepSpeed's own example (docs/_tutorials/zero.md style) and a Hugging Face-style ZeRO-3
+# template with every "auto" filled in.
+DS_EXAMPLE = {"train_batch_size": 256, "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW"}}
+FULL = {
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 2,
+    "gradient_clipping": 1.0,
+    "steps_per_print": 2000,
+    "wall_clock_breakdown": False,
+    "communication_data_type": "bfloat16",
+    "bf16": {"enabled": True},
+    "fp16": {"enabled": False, "loss_scale": 0, "initial_scale_power": 32,
+             "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+    "optimizer": {"type": "adamw",
+                  "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8,
+                             "weight_decay": 0.1}},
+    "scheduler": {"type": "WarmupDecayLR",
+                  "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-4,
+                             "warmup_num_steps": 100, "total_num_steps": 1000}},
+    "zero_optimization": {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "none"},
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "sub_group_size": 1e9,
+        "reduce_bucket_size": 5e8,
+        "allgather_bucket_size": 2e8,
+        "stage3_prefetch_bucket_size": 4.5e7,
+        "stage3_param_persistence_threshold": 1e4,
+        "stage3_max_live_parameters": 1e9,
+        "stage3_max_reuse_distance": 1e9,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+    "activation_checkpointing": {"partition_activations": False, "cpu_checkpointing": True,
+                                 "number_checkpoints": 4},
+}
+
+
+def load_quietly(config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of the configs below should warn
+        return ZeroConfig.load(config)
+
+
+def error_of(config) -> str:
+    with pytest.raises(ValueError) as info:
+        ZeroConfig.load(config)
+    assert isinstance(info.value, ConfigError)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading.
+# --------------------------------------------------------------------------------------------
+
+
+def test_defaults_follow_deepspeed():
+    c = load_quietly({})
+    assert c.zero_optimization.stage == 0
+    assert c.zero_optimization.reduce_bucket_size == 500_000_000
+    assert c.zero_optimization.overlap is False
+    assert c.gradient_clipping == 0.0 and c.steps_per_print == 10
+    assert c.optimizer is None and c.scheduler is None
+    assert c.mixed_precision is None and c.comm_dtype is None
+    p = AdamParams()
+    assert (p.lr, p.betas, p.eps, p.weight_decay) == (1e-3, (0.9, 0.999), 1e-8, 0.01)
+    fp16 = FP16Config()
+    assert (fp16.loss_scale, fp16.initial_scale_power, fp16.loss_scale_window,
+            fp16.hysteresis, fp16.min_loss_scale) == (0.0, 16, 1000, 2, 1.0)
+
+
+def test_full_config_loads_into_dataclasses():
+    c = load_quietly(FULL)
+    assert isinstance(c.zero_optimization, ZeroOptimizationConfig)
+    assert isinstance(c.zero_optimization.offload_optimizer, OffloadConfig)
+    assert isinstance(c.optimizer.params, AdamParams)
+    assert isinstance(c.activation_checkpointing, ActivationCheckpointingConfig)
+    assert c.optimizer.type == "AdamW" and c.optimizer.params.betas == (0.9, 0.95)
+    assert c.optimizer.decoupled_weight_decay
+    assert c.zero_optimization.stage3_prefetch_bucket_size == 45_000_000
+    assert type(c.zero_optimization.sub_group_size) is int
+    assert c.zero_optimization.offload_optimizer.enabled
+    assert not c.zero_optimization.offload_param.enabled
+    assert c.communication_data_type == "bf16" and c.comm_dtype is torch.bfloat16
+    assert c.mixed_precision is torch.bfloat16
+    assert c.scheduler.params == {"total_num_steps": 1000, "warmup_min_lr": 0.0,
+                                  "warmup_max_lr": 3e-4, "warmup_num_steps": 100,
+                                  "warmup_type": "log"}
+
+
+def test_json_path_str_and_pathlike(tmp_path):
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(FULL))
+    assert load_quietly(path) == load_quietly(str(path)) == load_quietly(FULL)
+
+
+def test_bad_json_file(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"train_batch_size": 8,,}')
+    with pytest.raises(ValueError, match=r"broken\.json.* not valid JSON: line 1"):
+        ZeroConfig.load(path)
+    path.write_text('{"train_batch_size": 8, "train_batch_size": 16}')
+    with pytest.raises(ValueError, match="'train_batch_size' appears twice"):
+        ZeroConfig.load(path)
+
+
+def test_dict_is_not_mutated():
+    config = copy.deepcopy(FULL)
+    config["zero_optimization"]["cpu_offload"] = False
+    config["tensorboard"] = {"enabled": True}
+    before = copy.deepcopy(config)
+    with pytest.warns(UserWarning):
+        ZeroConfig.load(config)
+    assert config == before
+
+
+def test_zero_config_passes_through():
+    c = load_quietly(FULL)
+    assert ZeroConfig.load(c) is c
+    with pytest.raises(TypeError, match="expected a dict, a path to a JSON file or a ZeroConfig"):
+        ZeroConfig.load(42)
+
+
+@pytest.mark.parametrize("config", [{}, DS_EXAMPLE, FULL], ids=["empty", "ds-example", "full"])
+def test_to_dict_round_trip(config):
+    c = load_quietly(config)
+    d = c.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert load_quietly(d) == c
+
+
+def test_round_trip_of_python_built_config():
+    c = ZeroConfig(zero_optimization={"stage": 1, "overlap_comm": False},
+                   scheduler=SchedulerConfig(type="warmuplr", params={"warmup_num_steps": 10}),
+                   optimizer=OptimizerConfig(type="Adam", params=AdamParams(adam_w_mode=False)))
+    assert isinstance(c.zero_optimization, ZeroOptimizationConfig)
+    assert c.scheduler.type == "WarmupLR" and c.scheduler.params["warmup_max_lr"] is None
+    assert not c.optimizer.decoupled_weight_decay
+    assert load_quietly(c.to_dict()) == c
+
+
+def test_aliases():
+    c = load_quietly({"bfloat16": {"enabled": True}})
+    assert c.bf16.enabled and c.mixed_precision is torch.bfloat16
+    z = load_quietly({"zero_optimization": {"stage": 3,
+                                            "stage3_gather_fp16_weights_on_model_save": True}})
+    assert z.zero_optimization.stage3_gather_16bit_weights_on_model_save
+    msg = error_of({"bf16": {"enabled": True}, "bfloat16": {"enabled": True}})
+    assert msg.startswith("bfloat16: given twice, also as 'bf16'")
+
+
+def test_fp16_and_mixed_precision():
+    c = load_quietly({"fp16": {"enabled": True}})
+    assert c.mixed_precision is torch.float16
+    assert c.fp16.dynamic_loss_scale and c.fp16.initial_loss_scale == 2.0**16
+    static = load_quietly({"fp16": {"enabled": True, "loss_scale": 128}})
+    assert not static.fp16.dynamic_loss_scale and static.fp16.initial_loss_scale == 128.0
+
+
+@pytest.mark.parametrize("spelling,dtype", [
+    ("fp32", torch.float32), ("float32", torch.float32), ("FP16", torch.float16),
+    ("float16", torch.float16), ("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16)])
+def test_communication_data_type_spellings(spelling, dtype):
+    assert load_quietly({"communication_data_type": spelling}).comm_dtype is dtype
+
+
+def test_overlap_comm_stage_default():
+    for stage, expected in [(0, False), (1, False), (2, False), (3, True)]:
+        z = ZeroOptimizationConfig(stage=stage)
+        assert z.overlap_comm is None and z.overlap is expected
+    assert ZeroOptimizationConfig(stage=3, overlap_comm=False).overlap is False
+    assert ZeroOptimizationConfig(stage=1, overlap_comm=True).overlap is True
+
+
+def test_adam_types():
+    adam = load_quietly({"optimizer": {"type": "Adam", "params": {"adam_w_mode": False}}})
+    assert adam.optimizer.type == "Adam" and not adam.optimizer.decoupled_weight_decay
+    assert load_quietly({"optimizer": {"type": "ADAM"}}).optimizer.decoupled_weight_decay
+    msg = error_of({"optimizer": {"type": "AdamW", "params": {"adam_w_mode": False}}})
+    assert msg.startswith("optimizer.params.adam_w_mode: false contradicts type 'AdamW'")
+    assert "\"type\": \"Adam\"" in msg
+    msg = error_of({"optimizer": {"type": "Lamb"}})
+    assert msg.startswith("optimizer.type: 'Lamb' is not supported")
+    assert "'AdamW' or 'Adam'" in msg and "initialize(" in msg and "optimizer=" in msg
+
+
+def test_legacy_cpu_offload_is_read_as_offload_optimizer():
+    with pytest.warns(UserWarning, match=r"zero_optimization\.cpu_offload \(deprecated"):
+        c = ZeroConfig.load({"zero_optimization": {"stage": 2, "cpu_offload": True,
+                                                   "cpu_offload_use_pin_memory": True}})
+    assert c.zero_optimization.offload_optimizer == OffloadConfig(device="cpu", pin_memory=True)
+    msg = error_of({"zero_optimization": {"stage": 2, "cpu_offload": True,
+                                          "offload_optimizer": {"device": "cpu"}}})
+    assert msg.startswith("zero_optimization.cpu_offload: given together with offload_optimizer")
+
+
+# --------------------------------------------------------------------------------------------
+# Keys: unknown, ignored, unsupported.
+# --------------------------------------------------------------------------------------------
+
+
+def test_unknown_key_suggests_nearest():
+    assert error_of({"train_batch_sise": 8}) == (
+        "train_batch_sise: unknown key; did you mean 'train_batch_size'?")
+    assert error_of({"zero_optimization": {"reduce_bucket_sise": 5}}) == (
+        "zero_optimization.reduce_bucket_sise: unknown key; did you mean 'reduce_bucket_size'?")
+    assert error_of({"zero_optimization": {"offload_param": {"devise": "cpu"}}}).startswith(
+        "zero_optimization.offload_param.devise: unknown key; did you mean 'device'?")
+    assert error_of({"optimizer": {"params": {"weight_decai": 0.1}}}).startswith(
+        "optimizer.params.weight_decai: unknown key; did you mean 'weight_decay'?")
+
+
+def test_unknown_key_without_near_match_lists_valid_keys():
+    msg = error_of({"fp16": {"xyzzy": 1}})
+    assert msg.startswith("fp16.xyzzy: unknown key; the keys zero_ext reads here are: ")
+    assert "loss_scale_window" in msg and "min_loss_scale" in msg
+
+
+def test_harmless_keys_warn_once_naming_them():
+    config = dict(DS_EXAMPLE, tensorboard={"enabled": True, "output_path": "logs"},
+                  wandb={"enabled": False}, flops_profiler={"enabled": True},
+                  zero_allow_untested_optimizer=True, memory_breakdown=False, dump_state=False)
+    config["zero_optimization"] = {"stage": 3, "stage3_module_granularity_threshold": 0,
+                                   "offload_param": {"device": "cpu", "buffer_count": 5}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = ZeroConfig.load(config)
+    assert len(caught) == 1
+    text = str(caught[0].message)
+    for name in ["tensorboard", "wandb", "flops_profiler", "zero_allow_untested_optimizer",
+                 "memory_breakdown", "dump_state",
+                 "zero_optimization.stage3_module_granularity_threshold",
+                 "zero_optimization.offload_param.buffer_count"]:
+        assert name in text
+    assert c == load_quietly(dict(DS_EXAMPLE, zero_optimization={
+        "stage": 3, "offload_param": {"device": "cpu"}}))
+
+
+def test_inert_values_of_unsupported_keys_are_accepted_silently():
+    c = load_quietly(dict(DS_EXAMPLE, prescale_gradients=False, gradient_predivide_factor=1.0,
+                          sparse_gradients=False, amp={"enabled": False, "opt_level": "O1"},
+                          gradient_allreduce_op="mean"))
+    assert c == load_quietly(DS_EXAMPLE)
+
+
+@pytest.mark.parametrize("config,prefix,fix", [
+    ({"prescale_gradients": True}, "prescale_gradients: true is not supported",
+     "set it to false"),
+    ({"gradient_predivide_factor": 2.0}, "gradient_predivide_factor: values other than 1.0",
+     "set it to 1.0"),
+    ({"sparse_gradients": True}, "sparse_gradients: true is not supported", "set it to false"),
+    ({"amp": {"enabled": True}}, "amp: NVIDIA Apex AMP is not supported", "\"fp16\""),
+    ({"pipeline": {"stages": 2}}, "pipeline: pipeline parallelism is not supported", "remove"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}},
+     "zero_optimization.offload_optimizer.device: 'nvme' is not supported",
+     "\"device\": \"cpu\""),
+    ({"zero_optimization": {"zero_quantized_gradients": True}},
+     "zero_optimization.zero_quantized_gradients: quantized communication", "set it to false"),
+    ({"optimizer": {"params": {"max_grad_norm": 1.0}}},
+     "optimizer.params.max_grad_norm: not an optimizer parameter", "gradient_clipping"),
+    ({"optimizer": {"params": {"amsgrad": True}}}, "optimizer.params.amsgrad: true is not",
+     "remove the key"),
+    ({"fp16": {"enabled": True, "fp16_master_weights_and_grads": True}},
+     "fp16.fp16_master_weights_and_grads: true is not supported", "remove the key"),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+     "zero_optimization.offload_param.device: parameter offload needs stage 3", "\"stage\": 3"),
+    ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}},
+     "zero_optimization.offload_optimizer.device: optimizer offload needs stage 1",
+     "set a stage"),
+    ({"scheduler": {"type": "OneCycle"}}, "scheduler.type: 'OneCycle' is not supported",
+     "lr_scheduler="),
+])
+def test_unsupported_semantics_error(config, prefix, fix):
+    msg = error_of(config)
+    assert msg.startswith(prefix), msg
+    assert fix in msg
+
+
+# --------------------------------------------------------------------------------------------
+# Values: types, ranges, "auto".
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config,expected", [
+    ({"gradient_clipping": "abc"}, "gradient_clipping: expected a number >= 0, got 'abc' (str)"),
+    ({"gradient_clipping": True}, "gradient_clipping: expected a number >= 0, got True (bool)"),
+    ({"wall_clock_breakdown": 1}, "wall_clock_breakdown: expected true or false, got 1 (int)"),
+    ({"fp16": {"enabled": "true"}}, "fp16.enabled: expected true or false, got 'true' (str)"),
+    ({"zero_optimization": {"reduce_bucket_size": 5.5e-1}},
+     "zero_optimization.reduce_bucket_size: expected an integer >= 1, got 0.55 (float)"),
+    ({"zero_optimization": {"allgather_bucket_size": 5.5}},
+     "zero_optimization.allgather_bucket_size: expected an integer >= 0, got 5.5 (float)"),
+    ({"train_batch_size": "8"}, "train_batch_size: expected an integer >= 1, got '8' (str)"),
+    ({"optimizer": {"params": {"betas": 0.9}}},
+     "optimizer.params.betas: expected a list of two numbers [beta1, beta2], got 0.9 (float)"),
+    ({"zero_optimization": []},
+     "zero_optimization: expected a JSON object of zero_optimization settings, got [] (list)"),
+    ({"communication_data_type": "int8"},
+     "communication_data_type: expected one of 'fp32', 'fp16', 'bf16', got 'int8' (str)"),
+    ({"gradient_clipping": float("nan")},
+     "gradient_clipping: expected a number >= 0, got nan (float)"),
+])
+def test_type_errors(config, expected):
+    assert error_of(config) == expected
+
+
+@pytest.mark.parametrize("config,expected", [
+    ({"zero_optimization": {"stage": 4}},
+     "zero_optimization.stage: expected an integer in 0..3, got 4 (int)"),
+    ({"zero_optimization": {"stage": -1}},
+     "zero_optimization.stage: expected an integer in 0..3, got -1 (int)"),
+    ({"zero_optimization": {"reduce_bucket_size": -5}},
+     "zero_optimization.reduce_bucket_size: expected an integer >= 1, got -5 (int)"),
+    ({"zero_optimization": {"stage3_prefetch_bucket_size": -1}},
+     "zero_optimization.stage3_prefetch_bucket_size: expected an integer >= 0, got -1 (int)"),
+    ({"optimizer": {"params": {"betas": [0.9, 1.0]}}},
+     "optimizer.params.betas[1]: expected a number in [0, 1), got 1.0 (float)"),
+    ({"optimizer": {"params": {"betas": [-0.1, 0.99]}}},
+     "optimizer.params.betas[0]: expected a number in [0, 1), got -0.1 (float)"),
+    ({"optimizer": {"params": {"eps": -1e-8}}},
+     "optimizer.params.eps: expected a number >= 0, got -1e-08 (float)"),
+    ({"optimizer": {"params": {"lr": -0.1}}},
+     "optimizer.params.lr: expected a number >= 0, got -0.1 (float)"),
+    ({"fp16": {"enabled": True, "loss_scale_window": 0}},
+     "fp16.loss_scale_window: expected an integer >= 1, got 0 (int)"),
+    ({"fp16": {"enabled": True, "hysteresis": 0}},
+     "fp16.hysteresis: expected an integer >= 1, got 0 (int)"),
+    ({"fp16": {"enabled": True, "min_loss_scale": 0.0}},
+     "fp16.min_loss_scale: expected a number > 0, got 0.0 (float)"),
+    ({"fp16": {"loss_scale": -1}}, "fp16.loss_scale: expected a number >= 0, got -1 (int)"),
+    ({"steps_per_print": 0}, "steps_per_print: expected an integer >= 1, got 0 (int)"),
+    ({"gradient_clipping": -1.0}, "gradient_clipping: expected a number >= 0, got -1.0 (float)"),
+    ({"train_batch_size": 0}, "train_batch_size: expected an integer >= 1, got 0 (int)"),
+    ({"train_micro_batch_size_per_gpu": -2},
+     "train_micro_batch_size_per_gpu: expected an integer >= 1, got -2 (int)"),
+    ({"gradient_accumulation_steps": 0},
+     "gradient_accumulation_steps: expected an integer >= 1, got 0 (int)"),
+    ({"activation_checkpointing": {"number_checkpoints": 0}},
+     "activation_checkpointing.number_checkpoints: expected an integer >= 1, got 0 (int)"),
+])
+def test_range_errors(config, expected):
+    assert error_of(config) == expected
+
+
+def test_integral_floats_accepted_for_int_fields():
+    z = load_quietly({"zero_optimization": {"stage": 2.0, "reduce_bucket_size": 5e8}})
+    assert z.zero_optimization.stage == 2 and type(z.zero_optimization.stage) is int
+    assert z.zero_optimization.reduce_bucket_size == 500_000_000
+
+
+def test_dynamic_scaling_ranges_only_checked_when_dynamic():
+    # DeepSpeed does the same: a static-scale or disabled fp16 section may carry unused values.
+    c = load_quietly({"fp16": {"enabled": True, "loss_scale": 1024, "min_loss_scale": 0,
+                               "loss_scale_window": 0}})
+    assert c.fp16.loss_scale == 1024.0
+
+
+def test_fp16_and_bf16_both_enabled():
+    assert error_of({"fp16": {"enabled": True}, "bf16": {"enabled": True}}) == (
+        "fp16.enabled: fp16 and bf16 are both enabled; enable at most one of them")
+
+
+AUTO = ("'auto' is filled in by the Hugging Face Trainer integration "
+        "(zero_ext.integrations.transformers); outside it, give a value")
+
+
+@pytest.mark.parametrize("config,path", [
+    ({"train_batch_size": "auto"}, "train_batch_size"),
+    ({"gradient_clipping": "auto"}, "gradient_clipping"),
+    ({"bf16": {"enabled": "auto"}}, "bf16.enabled"),
+    ({"optimizer": {"params": {"lr": "auto"}}}, "optimizer.params.lr"),
+    ({"optimizer": {"params": {"betas": "auto"}}}, "optimizer.params.betas"),
+    ({"zero_optimization": {"stage3_prefetch_bucket_size": "auto"}},
+     "zero_optimization.stage3_prefetch_bucket_size"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto"}}},
+     "scheduler.params.total_num_steps"),
+    ({"gradient_predivide_factor": "auto"}, "gradient_predivide_factor"),
+])
+def test_auto_is_an_error_outside_the_trainer(config, path):
+    assert error_of(config) == f"{path}: {AUTO}"
+
+
+def test_scheduler_params_are_validated():
+    assert error_of({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_step": 10}}}) == (
+        "scheduler.params.warmup_num_step: unknown key for WarmupLR; "
+        "did you mean 'warmup_num_steps'?")
+    assert error_of({"scheduler": {"type": "WarmupDecayLR", "params": {}}}).startswith(
+        "scheduler.params.total_num_steps: required by WarmupDecayLR")
+    assert error_of({"scheduler": {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": 10, "warmup_num_steps": 20}}}).startswith(
+        "scheduler.params.total_num_steps: expected >= warmup_num_steps (20), got 10")
+    assert error_of({"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "cos"}}}) == (
+        "scheduler.params.warmup_type: expected one of 'log', 'linear', got 'cos' (str)")
+    assert error_of({"scheduler": {"params": {}}}) == "scheduler.type: missing; this section "\
+        "requires it"
+
+
+def test_errors_direct_construction_and_pickling():
+    with pytest.raises(ConfigError, match=r"^stage: expected an integer in 0\.\.3"):
+        ZeroOptimizationConfig(stage=7)
+    with pytest.raises(ConfigError, match=r"^zero_optimization\.stage: expected"):
+        ZeroConfig(zero_optimization={"stage": 7})
+    with pytest.raises(ConfigError, match=r"^enabled: expected true or false"):
+        BF16Config(enabled=1)
+    error = ConfigError("fp16.enabled", "expected true or false, got 1 (int)")
+    clone = pickle.loads(pickle.dumps(error))
+    assert str(clone) == str(error) and clone.path == "fp16.enabled"
+
+
+# --------------------------------------------------------------------------------------------
+# Batch sizes.
+# --------------------------------------------------------------------------------------------
+
+
+def batch(**given) -> ZeroConfig:
+    return ZeroConfig(**given)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_deepspeed_example_resolves(world_size):
+    c = load_quietly(DS_EXAMPLE)
+    if 256 % world_size:
+        with pytest.raises(ValueError, match=re.escape(
+                f"train_micro_batch_size_per_gpu: cannot be derived, train_batch_size (256) / "
+                f"world size ({world_size}) = {256 / world_size:g} is not a positive whole")):
+            c.resolve_batch(world_size)
+        return
+    assert c.resolve_batch(world_size) == BatchSizes(
+        train_batch_size=256, train_micro_batch_size_per_gpu=256 // world_size,
+        gradient_accumulation_steps=1)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("micro,gas", [(1, 1), (2, 3), (8, 4)])
+def test_any_two_determine_the_third(world_size, micro, gas):
+    tbs = micro * gas * world_size
+    expected = BatchSizes(train_batch_size=tbs, train_micro_batch_size_per_gpu=micro,
+                          gradient_accumulation_steps=gas)
+    for given in [
+        {"train_batch_size": tbs, "train_micro_batch_size_per_gpu": micro,
+         "gradient_accumulation_steps": gas},
+        {"train_batch_size": tbs, "train_micro_batch_size_per_gpu": micro},
+        {"train_batch_size": tbs, "gradient_accumulation_steps": gas},
+        {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas},
+    ]:
+        assert batch(**given).resolve_batch(world_size) == expected, given
+
+
+def test_one_or_none_given():
+    assert batch(train_batch_size=12).resolve_batch(3) == BatchSizes(
+        train_batch_size=12, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1)
+    assert batch(train_micro_batch_size_per_gpu=5).resolve_batch(2) == BatchSizes(
+        train_batch_size=10, train_micro_batch_size_per_gpu=5, gradient_accumulation_steps=1)
+    assert batch().resolve_batch(4) == BatchSizes(
+        train_batch_size=4, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    with pytest.raises(ValueError, match="^gradient_accumulation_steps: given without a batch"):
+        batch(gradient_accumulation_steps=4).resolve_batch(2)
+
+
+def test_inconsistent_triple_shows_arithmetic():
+    c = batch(train_batch_size=256, train_micro_batch_size_per_gpu=8,
+              gradient_accumulation_steps=4)
+    with pytest.raises(ValueError) as info:
+        c.resolve_batch(2)
+    assert str(info.value) == (
+        "train_batch_size (256) != train_micro_batch_size_per_gpu (8) * "
+        "gradient_accumulation_steps (4) * world size (2) = 64; fix one of the three or drop "
+        "train_batch_size to have it derived")
+    assert c.resolve_batch(8).train_batch_size == 256
+
+
+def test_derived_value_must_be_whole():
+    with pytest.raises(ValueError, match=re.escape(
+            "gradient_accumulation_steps: cannot be derived, train_batch_size (10) / "
+            "(train_micro_batch_size_per_gpu (4) * world size (1)) = 2.5")):
+        batch(train_batch_size=10, train_micro_batch_size_per_gpu=4).resolve_batch(1)
+    with pytest.raises(ValueError, match=re.escape(
+            "train_micro_batch_size_per_gpu: cannot be derived, train_batch_size (8) / "
+            "(gradient_accumulation_steps (4) * world size (4)) = 0.5")):
+        batch(train_batch_size=8, gradient_accumulation_steps=4).resolve_batch(4)
+    with pytest.raises(ValueError, match=r"^world_size: expected an integer >= 1"):
+        batch().resolve_batch(0)

@@ -1,0 +1,1202 @@
+"""zero_ext.config: the training configuration, read from DeepSpeed-style JSON.
+
+``zero_ext.initialize`` passes whatever the user gave as ``config`` (a dict, a path to a JSON
+file, or a :class:`ZeroConfig`) to :meth:`ZeroConfig.load`; the engine, the sharded optimizer,
+the loss scaler and :mod:`zero_ext.lr_schedules` read the result. Each section of a DeepSpeed
+config is one dataclass here, and an existing ``ds_config.json`` loads unchanged as long as it
+only asks for what zero_ext implements.
+
+How keys are treated, in every section:
+
+* keys zero_ext implements are the dataclass fields; their values are type- and range-checked;
+* DeepSpeed keys that have no effect on the result of training (monitoring, profiling, NVMe
+  tuning, ...) are accepted and ignored, and one warning names all of them;
+* DeepSpeed keys that would change training and that zero_ext does not implement are accepted
+  only at their inert value (``"prescale_gradients": false``); any other value is an error
+  saying what to do instead;
+* any other key is an error naming the nearest valid key;
+* ``"auto"`` (a Hugging Face Trainer placeholder) is an error outside that integration.
+
+Every error is a :class:`ConfigError` (a ``ValueError``) whose message starts with the dotted
+path of the offending key, e.g. ``zero_optimization.stage: expected an integer in 0..3, got 4``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+__all__ = [
+    "ActivationCheckpointingConfig",
+    "AdamParams",
+    "BF16Config",
+    "BatchSizes",
+    "ConfigError",
+    "FP16Config",
+    "OffloadConfig",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "ZeroConfig",
+    "ZeroOptimizationConfig",
+    "validate_scheduler_params",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value zero_ext cannot accept.
+
+    ``str(error)`` is ``"<dotted.key.path>: <what was expected, what came, how to fix it>"``;
+    ``path`` and ``detail`` hold the two parts.
+    """
+
+    def __init__(self, path: str, detail: str):
+        super().__init__(f"{path}: {detail}" if path else detail)
+        self.path = path
+        self.detail = detail
+
+    def __reduce__(self):
+        # Errors cross process boundaries in the distributed test harness: pickle both parts.
+        return (type(self), (self.path, self.detail))
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error for a key that sits inside the section at ``prefix``."""
+        if not prefix:
+            return self
+        return ConfigError(f"{prefix}.{self.path}" if self.path else prefix, self.detail)
+
+
+# --------------------------------------------------------------------------------------------
+# Value checks. Each takes the key's path (for the message) and the raw value, and returns the
+# value in its canonical Python type.
+# --------------------------------------------------------------------------------------------
+
+_AUTO_DETAIL = (
+    "'auto' is filled in by the Hugging Face Trainer integration "
+    "(zero_ext.integrations.transformers); outside it, give a value"
+)
+
+
+def _got(value: Any) -> str:
+    return f"got {value!r} ({type(value).__name__})"
+
+
+def _reject_auto(path: str, value: Any) -> None:
+    if isinstance(value, str) and value == "auto":
+        raise ConfigError(path, _AUTO_DETAIL)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _range_text(kind: str, lo, hi, lo_open: bool, hi_open: bool) -> str:
+    lo, hi = (None if b is None else f"{b:g}" for b in (lo, hi))
+    if lo is not None and hi is not None:
+        if kind == "an integer":
+            return f"{kind} in {lo}..{hi}"
+        return f"{kind} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{kind} {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f"{kind} {'<' if hi_open else '<='} {hi}"
+    return kind
+
+
+def _in_range(value, lo, hi, lo_open: bool, hi_open: bool) -> bool:
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        return False
+    return hi is None or (value < hi if hi_open else value <= hi)
+
+
+def _check_bool(path: str, value: Any) -> bool:
+    """``value`` if it is a real bool (JSON true/false); 0, 1 and "true" are errors."""
+    _reject_auto(path, value)
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"expected true or false, {_got(value)}")
+    return value
+
+
+def _check_int(path: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` as an int. Integral floats (``5e8`` in JSON) are accepted, ``5.5`` is not."""
+    _reject_auto(path, value)
+    expected = _range_text("an integer", lo, hi, False, False)
+    integral = _is_number(value) and (
+        isinstance(value, int) or (math.isfinite(value) and value.is_integer()))
+    if not integral or not _in_range(value, lo, hi, False, False):
+        raise ConfigError(path, f"expected {expected}, {_got(value)}")
+    return int(value)
+
+
+def _check_number(
+    path: str,
+    value: Any,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
+    """``value`` as a finite float within the given bounds (open or closed)."""
+    _reject_auto(path, value)
+    expected = _range_text("a number", lo, hi, lo_open, hi_open)
+    if (not _is_number(value) or not math.isfinite(value)
+            or not _in_range(value, lo, hi, lo_open, hi_open)):
+        raise ConfigError(path, f"expected {expected}, {_got(value)}")
+    return float(value)
+
+
+def _check_choice(path: str, value: Any, spellings: Mapping[str, str]) -> str:
+    """The canonical name for ``value``, looked up case-insensitively in ``spellings``
+    (lower-case spelling -> canonical name)."""
+    _reject_auto(path, value)
+    canonical = spellings.get(value.lower()) if isinstance(value, str) else None
+    if canonical is None:
+        names = ", ".join(repr(name) for name in dict.fromkeys(spellings.values()))
+        raise ConfigError(path, f"expected one of {names}, {_got(value)}")
+    return canonical
+
+
+def _optional(check: Callable[..., Any], path: str, value: Any, **bounds) -> Any:
+    return None if value is None else check(path, value, **bounds)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing shared by every section.
+# --------------------------------------------------------------------------------------------
+
+
+class _Unsupported(NamedTuple):
+    """A DeepSpeed key whose feature zero_ext lacks: accepted while it leaves training as is."""
+
+    is_inert: Callable[[Any], bool]
+    """True for the value(s) that change nothing (usually DeepSpeed's default)."""
+
+    detail: str
+    """The error for any other value: what is not supported and what to do instead."""
+
+
+def _is(inert_value: Any) -> Callable[[Any], bool]:
+    """A predicate: the key holds ``inert_value`` (numbers compared by value, bools exactly)."""
+    if isinstance(inert_value, bool) or inert_value is None:
+        return lambda value: value is inert_value
+    return lambda value: _is_number(value) and value == inert_value
+
+
+def _switched_off(flag: str = "enabled") -> Callable[[Any], bool]:
+    """A predicate: the key holds a feature block whose ``flag`` is false or absent."""
+    return lambda value: isinstance(value, Mapping) and value.get(flag, False) is False
+
+
+def _never(value: Any) -> bool:
+    return False
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _warn_ignored(notes: list[str]) -> None:
+    if not notes:
+        return
+    # Point the warning at the first caller outside zero_ext (the user's script).
+    package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(
+        "zero_ext config: these DeepSpeed keys have no effect in zero_ext and are ignored: "
+        + "; ".join(notes),
+        UserWarning,
+        stacklevel=level,
+    )
+
+
+class _Section:
+    """Parsing and serialisation shared by the config dataclasses (a mixin; no fields).
+
+    Subclasses describe their DeepSpeed keys beyond their fields in four class tables:
+    ``_ALIASES`` (other spelling -> field), ``_SECTIONS`` (field -> nested section class),
+    ``_IGNORED`` (key without effect -> note for the warning, may be empty) and ``_INERT``
+    (key of a feature zero_ext lacks -> :class:`_Unsupported`).
+    """
+
+    _ALIASES: ClassVar[dict[str, str]] = {}
+    _SECTIONS: ClassVar[dict[str, type]] = {}
+    _IGNORED: ClassVar[dict[str, str]] = {}
+    _INERT: ClassVar[dict[str, _Unsupported]] = {}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        """Build the section from its JSON object; ``data`` is not modified."""
+        notes: list[str] = []
+        section = cls._parse(data, "", notes)
+        _warn_ignored(notes)
+        return section
+
+    @classmethod
+    def _parse(cls, data: Any, path: str, notes: list[str]):
+        """The section at ``path`` from ``data``; ignored keys are appended to ``notes``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(path or "config", f"expected a JSON object, {_got(data)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        given_as: dict[str, str] = {}
+        for key, value in data.items():
+            key_path = _join(path, str(key))
+            name = cls._ALIASES.get(key, key)
+            if name in fields:
+                if name in kwargs:
+                    raise ConfigError(
+                        key_path, f"given twice, also as {given_as[name]!r}; keep one of them")
+                section_cls = cls._SECTIONS.get(name)
+                if section_cls is not None and isinstance(value, Mapping):
+                    value = section_cls._parse(value, key_path, notes)
+                kwargs[name] = value
+                given_as[name] = key
+            elif key in cls._IGNORED:
+                note = cls._IGNORED[key]
+                notes.append(f"{key_path} ({note})" if note else key_path)
+            elif key in cls._INERT:
+                _reject_auto(key_path, value)
+                is_inert, detail = cls._INERT[key]
+                if not is_inert(value):
+                    raise ConfigError(key_path, detail)
+            else:
+                raise ConfigError(key_path, cls._unknown_key_detail(str(key), fields))
+        for f in dataclasses.fields(cls):
+            if (f.name not in kwargs and f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING):
+                raise ConfigError(_join(path, f.name), "missing; this section requires it")
+        try:
+            return cls(**kwargs)
+        except ConfigError as error:
+            raise error.under(path) from None
+
+    @classmethod
+    def _unknown_key_detail(cls, key: str, fields: set[str]) -> str:
+        known = fields | set(cls._ALIASES) | set(cls._IGNORED) | set(cls._INERT)
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        if close:
+            return f"unknown key; did you mean {close[0]!r}?"
+        return f"unknown key; the keys zero_ext reads here are: {', '.join(sorted(fields))}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The section as JSON-serialisable data under DeepSpeed's key names; ``None`` values
+        are left out, so the result is also a valid DeepSpeed config section."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, _Section):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, dict):
+                value = json.loads(json.dumps(value))  # a deep, JSON-clean copy
+            out[f.name] = value
+        return out
+
+
+def _section(path: str, value: Any, section_cls: type, *, optional: bool = False):
+    """``value`` as a ``section_cls``: instances pass, mappings are parsed (for dataclasses built
+    directly in Python; config files reach here already parsed)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, section_cls):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return section_cls.from_dict(value)
+        except ConfigError as error:
+            raise error.under(path) from None
+    _reject_auto(path, value)
+    raise ConfigError(path, f"expected a JSON object of {path} settings, {_got(value)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class AdamParams(_Section):
+    """``optimizer.params``: the hyperparameters of zero_ext's Adam/AdamW."""
+
+    lr: float = 1e-3
+    """Learning rate (>= 0). A scheduler, if configured, overrides it step by step."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Decay rates of the first and second moment estimates, each in [0, 1)."""
+
+    eps: float = 1e-8
+    """Added to the denominator for numerical stability (>= 0)."""
+
+    weight_decay: float = 0.01
+    """Weight decay coefficient (>= 0): decoupled (AdamW) or an L2 term, see ``adam_w_mode``.
+    The default is torch.optim.AdamW's; DeepSpeed's FusedAdam defaults to 0."""
+
+    bias_correction: bool = True
+    """Divide the moment estimates by ``1 - beta**step`` (DeepSpeed's option)."""
+
+    adam_w_mode: bool = True
+    """DeepSpeed's switch for type "Adam": true applies weight decay decoupled (AdamW), false
+    adds it to the gradient as an L2 term (torch.optim.Adam). For type "AdamW" it must be true."""
+
+    torch_adam: bool = False
+    """DeepSpeed's choice of its torch-backed Adam over its fused one. Accepted; it has no effect
+    here (zero_ext always steps with its own C++ Adam ops)."""
+
+    _IGNORED: ClassVar[dict[str, str]] = {
+        "set_grad_none": "zero_ext always frees gradients after the step",
+        "foreach": "kernel choice only",
+        "fused": "kernel choice only",
+    }
+    _INERT: ClassVar[dict[str, _Unsupported]] = {
+        "amsgrad": _Unsupported(
+            _is(False),
+            "true is not supported (zero_ext's Adam has no AMSGrad variant); remove the key, "
+            "or pass your own optimizer to initialize()"),
+        "maximize": _Unsupported(_is(False), "true is not supported; negate the loss instead"),
+        "fp32_optimizer_states": _Unsupported(
+            _is(True),
+            "false is not supported: zero_ext keeps optimizer states in fp32; remove the key"),
+        "max_grad_norm": _Unsupported(
+            _never,
+            "not an optimizer parameter; clip gradients with the top-level key "
+            "\"gradient_clipping\": <max norm>"),
+    }
+
+    def __post_init__(self):
+        self.lr = _check_number("lr", self.lr, lo=0.0)
+        betas = self.betas
+        _reject_auto("betas", betas)
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ConfigError("betas", f"expected a list of two numbers [beta1, beta2], "
+                              f"{_got(betas)}")
+        self.betas = tuple(
+            _check_number(f"betas[{i}]", beta, lo=0.0, hi=1.0, hi_open=True)
+            for i, beta in enumerate(betas))
+        self.eps = _check_number("eps", self.eps, lo=0.0)
+        self.weight_decay = _check_number("weight_decay", self.weight_decay, lo=0.0)
+        self.bias_correction = _check_bool("bias_correction", self.bias_correction)
+        self.adam_w_mode = _check_bool("adam_w_mode", self.adam_w_mode)
+        self.torch_adam = _check_bool("torch_adam", self.torch_adam)
+
+
+_OPTIMIZER_TYPES = {"adamw": "AdamW", "adam": "Adam"}
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig(_Section):
+    """``optimizer``: which optimizer the engine builds over the (sharded) fp32 master weights."""
+
+    type: str = "AdamW"
+    """"AdamW" or "Adam" (any case). "Adam" means AdamW too unless ``params.adam_w_mode`` is
+    false, as in DeepSpeed. For any other optimizer, pass one to ``initialize(optimizer=...)``."""
+
+    params: AdamParams = field(default_factory=AdamParams)
+    """The optimizer's hyperparameters."""
+
+    _SECTIONS: ClassVar[dict[str, type]] = {"params": AdamParams}
+    _IGNORED: ClassVar[dict[str, str]] = {
+        "legacy_fusion": "",
+        "adam_w_mode": "DeepSpeed reads adam_w_mode only inside optimizer.params",
+    }
+
+    def __post_init__(self):
+        _reject_auto("type", self.type)
+        name = _OPTIMIZER_TYPES.get(self.type.lower()) if isinstance(self.type, str) else None
+        if name is None:
+            raise ConfigError(
+                "type",
+                f"{self.type!r} is not supported; the config can build 'AdamW' or 'Adam'. For "
+                "another optimizer, drop the \"optimizer\" section and pass one: "
+                "zero_ext.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), "
+                "lr=...), config=...)")
+        self.type = name
+        self.params = _section("params", self.params, AdamParams)
+        if name == "AdamW" and not self.params.adam_w_mode:
+            raise ConfigError(
+                "params.adam_w_mode",
+                "false contradicts type 'AdamW' (decoupled weight decay); for Adam with L2 "
+                "weight decay write \"type\": \"Adam\" with \"adam_w_mode\": false")
+
+    @property
+    def decoupled_weight_decay(self) -> bool:
+        """True for AdamW-style (decoupled) weight decay, False for an L2 term (torch Adam)."""
+        return self.type == "AdamW" or self.params.adam_w_mode
+
+
+# Parameters of each supported scheduler: name -> default, _REQUIRED where there is none.
+# These are DeepSpeed 0.19's constructor defaults; zero_ext.lr_schedules' signatures repeat
+# them (tests check the two agree).
+_REQUIRED = object()
+SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "WarmupLR": {
+        "warmup_min_lr": 0.0,
+        "warmup_max_lr": None,  # None: each parameter group's lr
+        "warmup_num_steps": 1000,
+        "warmup_type": "log",
+    },
+    "WarmupDecayLR": {
+        "total_num_steps": _REQUIRED,
+        "warmup_min_lr": 0.0,
+        "warmup_max_lr": 0.001,
+        "warmup_num_steps": 1000,
+        "warmup_type": "log",
+    },
+    "WarmupCosineLR": {
+        "total_num_steps": _REQUIRED,
+        "warmup_min_ratio": 0.0,
+        "warmup_num_steps": 1000,
+        "cos_min_ratio": 0.0001,
+        "warmup_type": "log",
+    },
+}
+_SCHEDULER_TYPES = {name.lower(): name for name in SCHEDULER_DEFAULTS}
+_WARMUP_TYPES = {"log": "log", "linear": "linear"}
+
+
+def _check_lr_values(path: str, value: Any, *, allow_none: bool) -> Any:
+    """A learning rate >= 0, or a list of them (one per parameter group), or None if allowed."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigError(path, "expected a number or a non-empty list (one per parameter "
+                              f"group), {_got(value)}")
+        return [_check_number(f"{path}[{i}]", v, lo=0.0) for i, v in enumerate(value)]
+    return _check_number(path, value, lo=0.0)
+
+
+def validate_scheduler_params(type_name: str, params: Mapping[str, Any], *,
+                              path: str = "") -> dict[str, Any]:
+    """The complete parameters of scheduler ``type_name`` (a canonical name from
+    ``SCHEDULER_DEFAULTS``): ``params`` checked, normalised and completed with the defaults.
+    Errors name ``<path>.<parameter>``. Used by SchedulerConfig and by the scheduler classes."""
+    defaults = SCHEDULER_DEFAULTS[type_name]
+    if not isinstance(params, Mapping):
+        raise ConfigError(path or "params", f"expected a JSON object, {_got(params)}")
+    for key in params:
+        if key not in defaults:
+            close = difflib.get_close_matches(str(key), sorted(defaults), n=1, cutoff=0.6)
+            hint = (f"did you mean {close[0]!r}?" if close
+                    else f"{type_name} takes: {', '.join(defaults)}")
+            raise ConfigError(_join(path, str(key)), f"unknown key for {type_name}; {hint}")
+    out: dict[str, Any] = {}
+    for name, default in defaults.items():
+        key_path = _join(path, name)
+        if name not in params:
+            if default is _REQUIRED:
+                raise ConfigError(key_path, f"required by {type_name}: the number of optimizer "
+                                  "steps of the whole run, at which the schedule ends")
+            out[name] = default
+            continue
+        value = params[name]
+        if name in ("warmup_min_lr", "warmup_max_lr"):
+            value = _check_lr_values(key_path, value, allow_none=default is None)
+        elif name in ("warmup_num_steps", "total_num_steps"):
+            value = _check_int(key_path, value, lo=1)
+        elif name == "warmup_type":
+            value = _check_choice(key_path, value, _WARMUP_TYPES)
+        else:  # warmup_min_ratio, cos_min_ratio
+            value = _check_number(key_path, value, lo=0.0, hi=1.0)
+        out[name] = value
+    if "total_num_steps" in out and out["total_num_steps"] < out["warmup_num_steps"]:
+        raise ConfigError(
+            _join(path, "total_num_steps"),
+            f"expected >= warmup_num_steps ({out['warmup_num_steps']}), got "
+            f"{out['total_num_steps']}; raise total_num_steps or lower warmup_num_steps")
+    return out
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig(_Section):
+    """``scheduler``: a DeepSpeed learning-rate schedule, built by
+    ``zero_ext.lr_schedules.build_scheduler`` and stepped once per optimizer step."""
+
+    type: str
+    """"WarmupLR", "WarmupDecayLR" or "WarmupCosineLR" (any case). For another schedule, pass
+    one to ``initialize(lr_scheduler=...)``."""
+
+    params: dict = field(default_factory=dict)
+    """The schedule's parameters, with DeepSpeed's names and defaults; after loading it holds
+    every parameter, defaults filled in (see ``zero_ext.lr_schedules`` for their meaning)."""
+
+    def __post_init__(self):
+        _reject_auto("type", self.type)
+        name = _SCHEDULER_TYPES.get(self.type.lower()) if isinstance(self.type, str) else None
+        if name is None:
+            raise ConfigError(
+                "type",
+                f"{self.type!r} is not supported; the config can build "
+                f"{', '.join(repr(n) for n in SCHEDULER_DEFAULTS)}. For another schedule, drop "
+                "the \"scheduler\" section and pass a scheduler to "
+                "zero_ext.initialize(..., lr_scheduler=...)")
+        self.type = name
+        self.params = validate_scheduler_params(name, self.params, path="params")
+
+
+@dataclass(kw_only=True)
+class FP16Config(_Section):
+    """``fp16``: mixed precision with fp16 model weights, fp32 master weights and loss scaling."""
+
+    enabled: bool = False
+    """Train with fp16 weights, activations and gradients."""
+
+    loss_scale: float = 0.0
+    """Static loss scale (> 0), or 0 for dynamic loss scaling."""
+
+    initial_scale_power: int = 16
+    """Dynamic scaling starts at a loss scale of ``2**initial_scale_power``."""
+
+    loss_scale_window: int = 1000
+    """Dynamic scaling doubles the scale after this many consecutive steps without overflow."""
+
+    hysteresis: int = 2
+    """Dynamic scaling halves the scale only at the ``hysteresis``-th overflow (DeepSpeed's
+    delayed shift); earlier overflows only skip the step."""
+
+    consecutive_hysteresis: bool = False
+    """Refill the hysteresis budget after every step without overflow, not only when the scale
+    grows."""
+
+    min_loss_scale: float = 1.0
+    """Dynamic scaling never goes below this scale (> 0)."""
+
+    auto_cast: bool = False
+    """DeepSpeed's option to cast floating-point forward inputs to fp16. Accepted so existing
+    configs load."""
+
+    _INERT: ClassVar[dict[str, _Unsupported]] = {
+        "fp16_master_weights_and_grads": _Unsupported(
+            _is(False), "true is not supported: zero_ext keeps fp32 master weights and "
+            "gradients; remove the key"),
+    }
+
+    def __post_init__(self):
+        self.enabled = _check_bool("enabled", self.enabled)
+        self.loss_scale = _check_number("loss_scale", self.loss_scale, lo=0.0)
+        self.initial_scale_power = _check_int("initial_scale_power", self.initial_scale_power,
+                                             lo=0)
+        self.consecutive_hysteresis = _check_bool("consecutive_hysteresis",
+                                                 self.consecutive_hysteresis)
+        self.auto_cast = _check_bool("auto_cast", self.auto_cast)
+        # As DeepSpeed does, the ranges of the dynamic-scaling knobs are enforced only when
+        # dynamic scaling runs, so static-scale configs carrying unused values still load.
+        dynamic = self.enabled and self.loss_scale == 0.0
+        self.loss_scale_window = _check_int("loss_scale_window", self.loss_scale_window,
+                                           lo=1 if dynamic else None)
+        self.hysteresis = _check_int("hysteresis", self.hysteresis, lo=1 if dynamic else None)
+        if dynamic:
+            self.min_loss_scale = _check_number("min_loss_scale", self.min_loss_scale, lo=0.0,
+                                               lo_open=True)
+        else:
+            self.min_loss_scale = _check_number("min_loss_scale", self.min_loss_scale)
+
+    @property
+    def dynamic_loss_scale(self) -> bool:
+        """True when fp16 is on and the loss scale is adjusted dynamically."""
+        return self.enabled and self.loss_scale == 0.0
+
+    @property
+    def initial_loss_scale(self) -> float:
+        """The loss scale of the first step: ``loss_scale`` if static, else
+        ``2**initial_scale_power``."""
+        return self.loss_scale if self.loss_scale > 0 else float(2**self.initial_scale_power)
+
+
+@dataclass(kw_only=True)
+class BF16Config(_Section):
+    """``bf16`` (also spelled ``bfloat16``): mixed precision with bf16 model weights and fp32
+    master weights; no loss scaling."""
+
+    enabled: bool = False
+    """Train with bf16 weights, activations and gradients."""
+
+    _IGNORED: ClassVar[dict[str, str]] = {"immediate_grad_update": "", "check_grad_overflow": ""}
+    _INERT: ClassVar[dict[str, _Unsupported]] = {
+        "bf16_master_weights_and_grads": _Unsupported(
+            _is(False), "true is not supported: zero_ext keeps fp32 master weights and "
+            "gradients; remove the key"),
+        "bf16_optimizer_states": _Unsupported(
+            _is(False), "true is not supported: zero_ext keeps optimizer states in fp32; "
+            "remove the key"),
+    }
+
+    def __post_init__(self):
+        self.enabled = _check_bool("enabled", self.enabled)
+
+
+_OFFLOAD_DEVICES = {"none": "none", "cpu": "cpu", "nvme": "nvme"}
+
+
+@dataclass(kw_only=True)
+class OffloadConfig(_Section):
+    """``zero_optimization.offload_optimizer`` / ``offload_param``: keep optimizer state (and
+    run the optimizer step) or stage-3 parameter shards in host memory."""
+
+    device: str = "none"
+    """"none" or "cpu". ("nvme" is DeepSpeed's ZeRO-Infinity, which zero_ext does not have.)"""
+
+    pin_memory: bool = False
+    """Put the host buffers in page-locked memory: faster, asynchronous copies, at the cost of
+    memory the OS cannot swap. (DeepSpeed >= 0.18 defaults to true.)"""
+
+    _IGNORED: ClassVar[dict[str, str]] = {
+        "nvme_path": "used only with device 'nvme'",
+        "buffer_count": "used only with device 'nvme'",
+        "buffer_size": "used only with device 'nvme'",
+        "max_in_cpu": "used only with device 'nvme'",
+        "fast_init": "used only with device 'nvme'",
+        "pipeline_read": "used only with device 'nvme'",
+        "pipeline_write": "used only with device 'nvme'",
+        "cpuadam_cores_perc": "",
+    }
+    _INERT: ClassVar[dict[str, _Unsupported]] = {
+        "ratio": _Unsupported(
+            _is(1.0),
+            "partial optimizer offload is not supported; remove the key (the whole optimizer "
+            "state is offloaded)"),
+        "super_offload": _Unsupported(_is(False), "true is not supported; remove the key"),
+    }
+
+    def __post_init__(self):
+        self.device = _check_choice("device", self.device, _OFFLOAD_DEVICES)
+        if self.device == "nvme":
+            raise ConfigError("device", "'nvme' is not supported (zero_ext offloads to host "
+                              "memory only); use \"device\": \"cpu\"")
+        self.pin_memory = _check_bool("pin_memory", self.pin_memory)
+
+    @property
+    def enabled(self) -> bool:
+        """True when something is offloaded (device "cpu")."""
+        return self.device != "none"
+
+
+@dataclass(kw_only=True)
+class ZeroOptimizationConfig(_Section):
+    """``zero_optimization``: which ZeRO stage shards what, and the bucket sizes of its
+    collectives. Sizes count elements, not bytes."""
+
+    stage: int = 0
+    """0: plain data parallel (all-reduce); 1: shard optimizer state; 2: also gradients;
+    3: also parameters."""
+
+    reduce_bucket_size: int = 500_000_000
+    """Elements per gradient reduction (all-reduce or reduce-scatter) bucket (> 0)."""
+
+    allgather_bucket_size: int = 500_000_000
+    """Elements per all-gather of updated parameters after the step (stages 1 and 2)."""
+
+    overlap_comm: bool | None = None
+    """Overlap gradient reduction with the backward pass. None (the default) means DeepSpeed's
+    stage default: on for stage 3, off otherwise; ``overlap`` gives the effective value."""
+
+    contiguous_gradients: bool = True
+    """Copy gradients into a contiguous buffer as they are produced."""
+
+    reduce_scatter: bool = True
+    """Reduce gradients with reduce-scatter rather than all-reduce (stages 1 and 2)."""
+
+    allgather_partitions: bool = True
+    """Gather updated parameters with all-gather rather than per-rank broadcasts."""
+
+    offload_optimizer: OffloadConfig = field(default_factory=OffloadConfig)
+    """Keep optimizer state in host memory and step it there (stages 1-3)."""
+
+    offload_param: OffloadConfig = field(default_factory=OffloadConfig)
+    """Keep parameter shards in host memory (stage 3 only)."""
+
+    stage3_prefetch_bucket_size: int = 50_000_000
+    """Stage 3: elements of parameters gathered ahead of their use."""
+
+    stage3_param_persistence_threshold: int = 100_000
+    """Stage 3: parameters with fewer elements stay unpartitioned on every rank."""
+
+    stage3_max_live_parameters: int = 1_000_000_000
+    """Stage 3: at most this many gathered parameter elements are kept before releasing."""
+
+    stage3_max_reuse_distance: int = 1_000_000_000
+    """Stage 3: a parameter needed again within this many elements is not released."""
+
+    stage3_gather_16bit_weights_on_model_save: bool = False
+    """Stage 3: gather the full 16-bit weights when saving the model (old key:
+    ``stage3_gather_fp16_weights_on_model_save``)."""
+
+    sub_group_size: int = 1_000_000_000
+    """Elements of the optimizer state stepped at a time (bounds temporary memory)."""
+
+    round_robin_gradients: bool = False
+    """DeepSpeed's stage 1/2 CPU-offload gradient copy ordering (performance only)."""
+
+    ignore_unused_parameters: bool = True
+    """Tolerate parameters that get no gradient in a step instead of raising."""
+
+    elastic_checkpoint: bool = False
+    """Accepted; no effect (zero_ext checkpoints always load at another world size)."""
+
+    _ALIASES: ClassVar[dict[str, str]] = {
+        "stage3_gather_fp16_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
+        # DeepSpeed also accepts its pydantic field names for the stage-3 keys.
+        "prefetch_bucket_size": "stage3_prefetch_bucket_size",
+        "param_persistence_threshold": "stage3_param_persistence_threshold",
+        "max_live_parameters": "stage3_max_live_parameters",
+        "max_reuse_distance": "stage3_max_reuse_distance",
+        "gather_16bit_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
+    }
+    _SECTIONS: ClassVar[dict[str, type]] = {
+        "offload_optimizer": OffloadConfig,
+        "offload_param": OffloadConfig,
+    }
+    _IGNORED: ClassVar[dict[str, str]] = {
+        "use_multi_rank_bucket_allreduce": "",
+        "compute_grad_norm": "zero_ext always computes the global gradient norm",
+        "stage3_model_persistence_threshold": "",
+        "model_persistence_threshold": "",
+        "stage3_module_granularity_threshold": "",
+        "module_granularity_threshold": "",
+        "stage3_use_all_reduce_for_fetch_params": "",
+        "use_all_reduce_for_fetch_params": "",
+        "stage3_allgather_sequential": "",
+        "allgather_sequential": "",
+        "parameter_alignment": "",
+        "log_trace_cache_warnings": "",
+        "enable_sanity_checks": "",
+        "memory_efficient_linear": "",
+        "override_module_apply": "",
+        "pipeline_loading_checkpoint": "",
+        "leaf_module": "",
+        "save_muon_momentum_buffer_in_memory": "",
+    }
+    _INERT: ClassVar[dict[str, _Unsupported]] = {
+        "load_from_fp32_weights": _Unsupported(
+            _is(True),
+            "false is not supported: zero_ext always restores the fp32 master weights from the "
+            "checkpoint; remove the key"),
+        "legacy_stage1": _Unsupported(_is(False), "true is not supported; remove the key"),
+        "zero_hpz_partition_size": _Unsupported(
+            _is(1),
+            "hierarchical partitioning (ZeRO++ hpZ) is not supported; remove the key or set "
+            "it to 1"),
+        "zero_quantized_weights": _Unsupported(
+            _is(False),
+            "quantized communication (ZeRO++) is not supported; remove the key or set it to "
+            "false"),
+        "zero_quantized_nontrainable_weights": _Unsupported(
+            _is(False),
+            "quantized weights (ZeRO++) are not supported; remove the key or set it to false"),
+        "zero_quantized_gradients": _Unsupported(
+            _is(False),
+            "quantized communication (ZeRO++) is not supported; remove the key or set it to "
+            "false"),
+        "zenflow": _Unsupported(_is(None), "ZenFlow is not supported; remove the key"),
+    }
+    # DeepSpeed's deprecated offload switches, read as the offload sections.
+    _LEGACY_OFFLOAD: ClassVar[dict[str, str]] = {
+        "cpu_offload": "offload_optimizer",
+        "cpu_offload_param": "offload_param",
+    }
+
+    @classmethod
+    def _parse(cls, data: Any, path: str, notes: list[str]):
+        if isinstance(data, Mapping) and (
+                set(cls._LEGACY_OFFLOAD) | {"cpu_offload_use_pin_memory"}) & set(data):
+            data = cls._rewrite_legacy_offload(data, path, notes)
+        return super()._parse(data, path, notes)
+
+    @classmethod
+    def _rewrite_legacy_offload(cls, data: Mapping[str, Any], path: str,
+                                notes: list[str]) -> dict[str, Any]:
+        data = dict(data)  # never modify the caller's dict
+        pin_path = _join(path, "cpu_offload_use_pin_memory")
+        pin = _optional(_check_bool, pin_path, data.pop("cpu_offload_use_pin_memory", None))
+        used_pin = False
+        for legacy, section in cls._LEGACY_OFFLOAD.items():
+            if legacy not in data:
+                continue
+            legacy_path = _join(path, legacy)
+            if not _optional(_check_bool, legacy_path, data.pop(legacy)):
+                continue
+            if section in data:
+                raise ConfigError(legacy_path, f"given together with {section}; {legacy} is "
+                                  f"DeepSpeed's deprecated spelling of {section}, keep only "
+                                  f"{section}")
+            data[section] = {"device": "cpu", "pin_memory": bool(pin)}
+            used_pin = True
+            notes.append(f"{legacy_path} (deprecated; read as {section}.device = 'cpu')")
+        if pin is not None and not used_pin:
+            notes.append(f"{pin_path} (applies only with cpu_offload or cpu_offload_param)")
+        return data
+
+    def __post_init__(self):
+        self.stage = _check_int("stage", self.stage, lo=0, hi=3)
+        self.reduce_bucket_size = _check_int("reduce_bucket_size", self.reduce_bucket_size, lo=1)
+        for name in ("allgather_bucket_size", "stage3_prefetch_bucket_size",
+                     "stage3_param_persistence_threshold", "stage3_max_live_parameters",
+                     "stage3_max_reuse_distance", "sub_group_size"):
+            setattr(self, name, _check_int(name, getattr(self, name), lo=0))
+        self.overlap_comm = _optional(_check_bool, "overlap_comm", self.overlap_comm)
+        for name in ("contiguous_gradients", "reduce_scatter", "allgather_partitions",
+                     "stage3_gather_16bit_weights_on_model_save", "round_robin_gradients",
+                     "ignore_unused_parameters", "elastic_checkpoint"):
+            setattr(self, name, _check_bool(name, getattr(self, name)))
+        self.offload_optimizer = _section("offload_optimizer", self.offload_optimizer,
+                                          OffloadConfig)
+        self.offload_param = _section("offload_param", self.offload_param, OffloadConfig)
+        if self.offload_param.enabled and self.stage != 3:
+            raise ConfigError("offload_param.device", f"parameter offload needs stage 3, the "
+                              f"stage is {self.stage}; set \"stage\": 3 or remove offload_param")
+        if self.offload_optimizer.enabled and self.stage == 0:
+            raise ConfigError("offload_optimizer.device", "optimizer offload needs stage 1, 2 "
+                              "or 3, the stage is 0; set a stage or remove offload_optimizer")
+
+    @property
+    def overlap(self) -> bool:
+        """Whether gradient reduction overlaps backward: ``overlap_comm``, or the stage default
+        (True for stage 3, else False) when it is None."""
+        return self.stage == 3 if self.overlap_comm is None else self.overlap_comm
+
+
+@dataclass(kw_only=True)
+class ActivationCheckpointingConfig(_Section):
+    """``activation_checkpointing``: options of ``zero_ext.checkpointing.checkpoint``."""
+
+    partition_activations: bool = False
+    """Split checkpointed activations across model-parallel ranks (DeepSpeed's option for
+    model parallelism)."""
+
+    cpu_checkpointing: bool = False
+    """Keep the saved inputs of checkpointed segments in host memory until backward."""
+
+    contiguous_memory_optimization: bool = False
+    """Copy checkpointed activations into one preallocated buffer (needs
+    ``number_checkpoints``)."""
+
+    number_checkpoints: int | None = None
+    """Number of checkpointed segments, to size the contiguous buffer (>= 1)."""
+
+    synchronize_checkpoint_boundary: bool = False
+    """Synchronize the device at each checkpoint boundary (for debugging and timing)."""
+
+    profile: bool = False
+    """Time the forward and backward of each checkpointed segment."""
+
+    def __post_init__(self):
+        for name in ("partition_activations", "cpu_checkpointing",
+                     "contiguous_memory_optimization", "synchronize_checkpoint_boundary",
+                     "profile"):
+            setattr(self, name, _check_bool(name, getattr(self, name)))
+        self.number_checkpoints = _optional(_check_int, "number_checkpoints",
+                                            self.number_checkpoints, lo=1)
+
+
+@dataclass(kw_only=True)
+class BatchSizes:
+    """The batch-size triple resolved for a world size (see ``ZeroConfig.resolve_batch``)."""
+
+    train_batch_size: int
+    """Samples per optimizer step, over all ranks."""
+
+    train_micro_batch_size_per_gpu: int
+    """Samples per forward/backward on one rank."""
+
+    gradient_accumulation_steps: int
+    """Micro-batches accumulated on each rank before an optimizer step."""
+
+
+_COMM_DTYPES = {
+    "fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
+    "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
+    "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
+}
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(kw_only=True)
+class ZeroConfig(_Section):
+    """A whole zero_ext training configuration: DeepSpeed's top-level keys.
+
+    Build one with :meth:`load` (dict, JSON path, or an instance) or directly in Python, where
+    sections may be given as dicts. ``train_batch_size = train_micro_batch_size_per_gpu *
+    gradient_accumulation_steps * world size``; any two determine the third, see
+    :meth:`resolve_batch`.
+    """
+
+    train_batch_size: int | None = None
+    """Samples per optimizer step over all ranks (>= 1), or None to derive it."""
+
+    train_micro_batch_size_per_gpu: int | None = None
+    """Samples per forward/backward on one rank (>= 1), or None to derive it."""
+
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step on each rank (>= 1), or None to derive it."""
+
+    gradient_clipping: float = 0.0
+    """Clip the global gradient norm to this value before each step; 0 turns clipping off."""
+
+    fp16: FP16Config = field(default_factory=FP16Config)
+    """fp16 mixed precision and loss scaling."""
+
+    bf16: BF16Config = field(default_factory=BF16Config)
+    """bf16 mixed precision (key ``bf16`` or DeepSpeed's older ``bfloat16``)."""
+
+    optimizer: OptimizerConfig | None = None
+    """The optimizer to build. None: the engine uses AdamW with ``AdamParams``' defaults, unless
+    an optimizer is passed to ``initialize``."""
+
+    scheduler: SchedulerConfig | None = None
+    """The learning-rate schedule to build, or None for a constant learning rate (unless a
+    scheduler is passed to ``initialize``)."""
+
+    zero_optimization: ZeroOptimizationConfig = field(default_factory=ZeroOptimizationConfig)
+    """The ZeRO stage and its communication settings."""
+
+    activation_checkpointing: ActivationCheckpointingConfig = field(
+        default_factory=ActivationCheckpointingConfig)
+    """Options of activation checkpointing."""
+
+    communication_data_type: str | None = None
+    """Data type of gradient reductions: "fp32", "fp16" or "bf16" (also spelled "float32",
+    "bfloat16", ...). None: the model's training dtype. See ``comm_dtype``."""
+
+    steps_per_print: int = 10
+    """Log progress every this many optimizer steps (>= 1)."""
+
+    wall_clock_breakdown: bool = False
+    """Time forward, backward and step and log the breakdown."""
+
+    _ALIASES: ClassVar[dict[str, str]] = {"bfloat16": "bf16"}
+    _SECTIONS: ClassVar[dict[str, type]] = {
+        "fp16": FP16Config,
+        "bf16": BF16Config,
+        "optimizer": OptimizerConfig,
+        "scheduler": SchedulerConfig,
+        "zero_optimization": ZeroOptimizationConfig,
+        "activation_checkpointing": ActivationCheckpointingConfig,
+    }
+    _IGNORED: ClassVar[dict[str, str]] = {
+        "tensorboard": "",
+        "wandb": "",
+        "csv_monitor": "",
+        "comet": "",
+        "comms_logger": "",
+        "flops_profiler": "",
+        "autotuning": "",
+        "memory_breakdown": "",
+        "dump_state": "",
+        "timers": "",
+        "log_level": "",
+        "disable_python_gc": "",
+        "zero_allow_untested_optimizer": "",
+        "zero_force_ds_cpu_optimizer": "",
+        "aio": "used only by NVMe offload",
+        "checkpoint": "zero_ext checkpoints need no tag validation and load at any world size",
+        "seq_parallel_communication_data_type": "zero_ext has no sequence parallelism",
+    }
+    _INERT: ClassVar[dict[str, _Unsupported]] = {
+        "prescale_gradients": _Unsupported(
+            _is(False), "true is not supported (zero_ext averages gradients in the reduction "
+            "itself); remove the key or set it to false"),
+        "gradient_predivide_factor": _Unsupported(
+            _is(1.0), "values other than 1.0 are not supported (zero_ext averages gradients in "
+            "the reduction itself); remove the key or set it to 1.0"),
+        "gradient_allreduce_op": _Unsupported(
+            lambda value: value == "mean", "only \"mean\" is supported (gradients are averaged "
+            "over ranks); for a sum, scale the loss by the world size"),
+        "sparse_gradients": _Unsupported(
+            _is(False), "true is not supported (gradients are reduced dense); remove the key or "
+            "set it to false"),
+        "disable_allgather": _Unsupported(_is(False), "true is not supported; remove the key"),
+        "managed_gradient_accumulation": _Unsupported(
+            _is(True), "false is not supported: call engine.backward() and engine.step() on "
+            "every micro-batch and the engine steps the optimizer at the accumulation boundary; "
+            "remove the key"),
+        "dataloader_drop_last": _Unsupported(
+            _is(False), "true is not supported by initialize()'s dataloader; build your own "
+            "torch.utils.data.DataLoader(..., drop_last=True) with a DistributedSampler"),
+        "amp": _Unsupported(
+            _switched_off(), "NVIDIA Apex AMP is not supported; use \"fp16\": {\"enabled\": "
+            "true} or \"bf16\": {\"enabled\": true}"),
+        "torch_autocast": _Unsupported(
+            _switched_off(), "torch.autocast integration is not supported; use \"bf16\" or "
+            "\"fp16\", or wrap the forward in torch.autocast yourself"),
+        "data_types": _Unsupported(
+            lambda value: isinstance(value, Mapping) and all(v is None for v in value.values()),
+            "per-purpose data types are not supported; remove the section (gradients are "
+            "accumulated in the training dtype; see communication_data_type for reductions)"),
+        "tensor_parallel": _Unsupported(
+            lambda value: isinstance(value, Mapping) and value.get("autotp_size", 0) in (0, 1),
+            "tensor parallelism is not supported; remove the section"),
+        "expert_parallel": _Unsupported(
+            _switched_off(), "expert parallelism is not supported; remove the section"),
+        "pipeline": _Unsupported(
+            _never, "pipeline parallelism is not supported; remove the section"),
+        "hybrid_engine": _Unsupported(
+            _switched_off(), "the hybrid engine is not supported; remove the section"),
+        "compile": _Unsupported(
+            _switched_off("deepcompile"),
+            "DeepCompile is not supported; remove the section (torch.compile the model "
+            "yourself if you like)"),
+        "data_efficiency": _Unsupported(
+            _switched_off(), "the data efficiency library is not supported; remove the section"),
+        "curriculum_learning": _Unsupported(
+            _switched_off(), "curriculum learning is not supported; remove the section"),
+        "progressive_layer_drop": _Unsupported(
+            _switched_off(), "progressive layer drop is not supported; remove the section"),
+        "elasticity": _Unsupported(
+            _switched_off(), "elastic training is not supported; set the batch sizes directly"),
+        "nebula": _Unsupported(
+            _switched_off(), "Nebula checkpointing is not supported; remove the section"),
+        "sparse_attention": _Unsupported(
+            _never, "DeepSpeed sparse attention is not supported; remove the section"),
+        "compression_training": _Unsupported(
+            _never, "DeepSpeed compression is not supported; remove the section"),
+        "quantize_training": _Unsupported(
+            _never, "quantized training (MoQ) is not supported; remove the section"),
+        "weight_quantization": _Unsupported(
+            _never, "weight quantization is not supported; remove the section"),
+        "eigenvalue": _Unsupported(
+            _never, "eigenvalue-based MoQ is not supported; remove the section"),
+    }
+
+    def __post_init__(self):
+        for name in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                     "gradient_accumulation_steps"):
+            setattr(self, name, _optional(_check_int, name, getattr(self, name), lo=1))
+        self.gradient_clipping = _check_number("gradient_clipping", self.gradient_clipping,
+                                              lo=0.0)
+        self.fp16 = _section("fp16", self.fp16, FP16Config)
+        self.bf16 = _section("bf16", self.bf16, BF16Config)
+        self.optimizer = _section("optimizer", self.optimizer, OptimizerConfig, optional=True)
+        self.scheduler = _section("scheduler", self.scheduler, SchedulerConfig, optional=True)
+        self.zero_optimization = _section("zero_optimization", self.zero_optimization,
+                                          ZeroOptimizationConfig)
+        self.activation_checkpointing = _section(
+            "activation_checkpointing", self.activation_checkpointing,
+            ActivationCheckpointingConfig)
+        self.communication_data_type = _optional(
+            _check_choice, "communication_data_type", self.communication_data_type,
+            spellings=_COMM_DTYPES)
+        self.steps_per_print = _check_int("steps_per_print", self.steps_per_print, lo=1)
+        self.wall_clock_breakdown = _check_bool("wall_clock_breakdown", self.wall_clock_breakdown)
+        if self.fp16.enabled and self.bf16.enabled:
+            raise ConfigError("fp16.enabled", "fp16 and bf16 are both enabled; enable at most "
+                              "one of them")
+
+    @classmethod
+    def load(cls, config: dict | str | os.PathLike | ZeroConfig) -> ZeroConfig:
+        """The configuration from a dict (not modified), a path to a JSON file, or a ZeroConfig
+        (returned as is). Warns once about DeepSpeed keys that have no effect here."""
+        if isinstance(config, ZeroConfig):
+            return config
+        if isinstance(config, Mapping):
+            return cls.from_dict(config)
+        if isinstance(config, (str, os.PathLike)):
+            return cls.from_dict(_read_json(config))
+        raise TypeError(
+            "ZeroConfig.load: expected a dict, a path to a JSON file or a ZeroConfig, got "
+            f"{type(config).__name__}")
+
+    def resolve_batch(self, world_size: int) -> BatchSizes:
+        """The full batch-size triple for ``world_size`` data-parallel ranks.
+
+        ``train_batch_size = micro * accumulation * world_size``. Given all three, they must
+        agree; given two, the third is derived (and must come out whole); given only
+        ``train_batch_size``, accumulation is 1 and the micro batch is ``train_batch_size /
+        world_size``; given only the micro batch, accumulation is 1; given none, micro batch and
+        accumulation are 1. Accumulation alone is an error (it fixes no batch size).
+        """
+        world_size = _check_int("world_size", world_size, lo=1)
+        tbs = self.train_batch_size
+        micro = self.train_micro_batch_size_per_gpu
+        gas = self.gradient_accumulation_steps
+        if tbs is not None and micro is not None and gas is not None:
+            if tbs != micro * gas * world_size:
+                raise ValueError(
+                    f"train_batch_size ({tbs}) != train_micro_batch_size_per_gpu ({micro}) * "
+                    f"gradient_accumulation_steps ({gas}) * world size ({world_size}) = "
+                    f"{micro * gas * world_size}; fix one of the three or drop train_batch_size "
+                    "to have it derived")
+        elif tbs is not None and micro is not None:
+            gas = _divide_exactly(
+                tbs, micro * world_size, "gradient_accumulation_steps",
+                f"train_batch_size ({tbs}) / (train_micro_batch_size_per_gpu ({micro}) * "
+                f"world size ({world_size}))")
+        elif tbs is not None and gas is not None:
+            micro = _divide_exactly(
+                tbs, gas * world_size, "train_micro_batch_size_per_gpu",
+                f"train_batch_size ({tbs}) / (gradient_accumulation_steps ({gas}) * "
+                f"world size ({world_size}))")
+        elif micro is not None and gas is not None:
+            tbs = micro * gas * world_size
+        elif tbs is not None:
+            gas = 1
+            micro = _divide_exactly(tbs, world_size, "train_micro_batch_size_per_gpu",
+                                    f"train_batch_size ({tbs}) / world size ({world_size})")
+        elif micro is not None:
+            gas = 1
+            tbs = micro * world_size
+        elif gas is not None:
+            raise ValueError(
+                "gradient_accumulation_steps: given without a batch size; also give "
+                "train_micro_batch_size_per_gpu or train_batch_size")
+        else:
+            micro, gas = 1, 1
+            tbs = world_size
+        return BatchSizes(train_batch_size=tbs, train_micro_batch_size_per_gpu=micro,
+                          gradient_accumulation_steps=gas)
+
+    @property
+    def mixed_precision(self) -> torch.dtype | None:
+        """The 16-bit training dtype: torch.float16 (fp16), torch.bfloat16 (bf16) or None."""
+        if self.fp16.enabled:
+            return torch.float16
+        if self.bf16.enabled:
+            return torch.bfloat16
+        return None
+
+    @property
+    def comm_dtype(self) -> torch.dtype | None:
+        """``communication_data_type`` as a torch dtype, or None if not set."""
+        if self.communication_data_type is None:
+            return None
+        return _TORCH_DTYPES[self.communication_data_type]
+
+
+def _divide_exactly(numerator: int, denominator: int, derived: str, arithmetic: str) -> int:
+    quotient, remainder = divmod(numerator, denominator)
+    if remainder or quotient < 1:
+        raise ValueError(
+            f"{derived}: cannot be derived, {arithmetic} = {numerator / denominator:g} is not a "
+            "positive whole number; change the batch sizes or give all three consistently")
+    return quotient
+
+
+def _read_json(path: str | os.PathLike) -> dict:
+    def no_duplicates(pairs):
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ValueError(f"zero_ext config {os.fspath(path)!r}: key {key!r} appears "
+                                 "twice in one JSON object; keep one")
+            seen[key] = value
+        return seen
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"zero_ext config {os.fspath(path)!r} is not valid JSON: line "
+                         f"{error.lineno}, column {error.colno}: {error.msg}") from None
