@@ -21,6 +21,20 @@ TORCH_LIBRARY(zero_ext, m) {
       "float lr, float beta1, float beta2, float eps, float weight_decay, "
       "bool decoupled_weight_decay=True, bool bias_correction=True, bool maximize=False, "
       "Tensor? inv_scale=None, Tensor? found_inf=None) -> ()");
+  // Gradient bucket fill, in place, in one pass over every tensor: for each i,
+  // flat[offsets[i] : offsets[i] + tensors[i].numel()] = tensors[i] * scale, or, with accumulate,
+  // that slice + tensors[i] * scale; computed in fp32 and rounded to nearest even to flat's dtype.
+  // flat: 1-D contiguous fp32 / bf16 / fp16; tensors: contiguous, any shape, each fp32 / bf16 /
+  // fp16 (dtypes may differ). The ranges lie inside flat and are disjoint; elements of flat that
+  // no range covers are left untouched.
+  m.def(
+      "flatten_into_(Tensor(a!) flat, Tensor[] tensors, int[] offsets, *, float scale=1.0, "
+      "bool accumulate=False) -> ()");
+  // The reverse copy, after a gathered flat buffer arrives: for each i, tensors[i] (written in
+  // place) = flat[offsets[i] : offsets[i] + tensors[i].numel()] viewed in tensors[i]'s shape, cast
+  // to tensors[i]'s dtype (round to nearest even). Same dtypes, layout and range rules as
+  // flatten_into_.
+  m.def("unflatten_from(Tensor flat, Tensor(a!)[] tensors, int[] offsets) -> ()");
 }
 
 namespace {

@@ -2,7 +2,8 @@
 
 Importing the package loads the compiled core, zero_ext._C, which registers the
 torch.ops.zero_ext.* operators; zero_ext.ops holds their typed Python wrappers and
-zero_ext.optim the optimizers built on them.
+zero_ext.optim the optimizers built on them; zero_ext.initialize wraps a model in the ZeRO
+engine.
 """
 
 import torch  # noqa: F401  (the ops register into this torch)
@@ -18,6 +19,12 @@ except ImportError as error:  # pragma: no cover - only reached on a broken inst
     ) from error
 
 from zero_ext import ops, optim  # noqa: E402
+from zero_ext.config import ZeroConfig  # noqa: E402
+from zero_ext.engine import ZeroEngine, initialize  # noqa: E402
+
+# The same function under the name DeepSpeed's examples use.
+initialize_engine = initialize
 
 __version__ = "0.1.0"
-__all__ = ["ops", "optim", "__version__"]
+__all__ = ["ZeroConfig", "ZeroEngine", "initialize", "initialize_engine", "ops", "optim",
+           "__version__"]

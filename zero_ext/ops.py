@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_step_"]
+__all__ = ["adamw_step_", "flatten_into_", "unflatten_from"]
 
 
 def adamw_step_(
@@ -60,4 +60,53 @@ def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, state_steps, params_1
                      beta1, beta2, eps, weight_decay, decoupled_weight_decay=True,
                      bias_correction=True, maximize=False, inv_scale=None, found_inf=None):
     # Mutates its inputs in place and returns nothing: no outputs to describe.
+    return None
+
+
+def flatten_into_(
+    flat: Tensor,
+    tensors: Sequence[Tensor],
+    offsets: Sequence[int],
+    *,
+    scale: float = 1.0,
+    accumulate: bool = False,
+) -> None:
+    """Copies every tensor into its range of a flat buffer, in one pass, in place.
+
+    For each i, ``flat[offsets[i] : offsets[i] + tensors[i].numel()]`` becomes
+    ``tensors[i].flatten() * scale`` (or, with ``accumulate``, that slice plus it), computed in
+    fp32 and rounded to nearest even to ``flat``'s dtype: bit-for-bit
+    ``(slice.float() + t.float() * scale).to(flat.dtype)``. ``flat`` is 1-D and contiguous;
+    ``tensors`` are contiguous, of any shape, on ``flat``'s device, and may mix fp32, bf16 and
+    fp16. The ranges must lie inside ``flat`` and be disjoint; elements of ``flat`` outside them
+    are left untouched. With ``scale=1`` no multiplication happens (a same-dtype copy is exact).
+    """
+    if not (tensors or offsets):
+        return  # nothing to copy
+    torch.ops.zero_ext.flatten_into_(flat, list(tensors), list(offsets), scale=scale,
+                                     accumulate=accumulate)
+
+
+@torch.library.register_fake("zero_ext::flatten_into_")
+def _flatten_into_fake(flat, tensors, offsets, *, scale=1.0, accumulate=False):
+    # Mutates flat in place and returns nothing: no outputs to describe.
+    return None
+
+
+def unflatten_from(flat: Tensor, tensors: Sequence[Tensor], offsets: Sequence[int]) -> None:
+    """Copies each range of a flat buffer back into its tensor, in one pass, in place.
+
+    For each i, ``tensors[i].view(-1).copy_(flat[offsets[i] : offsets[i] + tensors[i].numel()])``,
+    cast (round to nearest even) from ``flat``'s dtype to ``tensors[i]``'s. Dtypes, layout and
+    range rules are those of :func:`flatten_into_`; the written tensors must not share memory
+    with each other or with ``flat`` (except as the exact view of their own range).
+    """
+    if not (tensors or offsets):
+        return  # nothing to copy
+    torch.ops.zero_ext.unflatten_from(flat, list(tensors), list(offsets))
+
+
+@torch.library.register_fake("zero_ext::unflatten_from")
+def _unflatten_from_fake(flat, tensors, offsets):
+    # Mutates tensors in place and returns nothing: no outputs to describe.
     return None

@@ -1,0 +1,549 @@
+"""Training-step time, memory and traffic: zero_ext ZeRO stages 0-2 against DDP, torch's
+ZeroRedundancyOptimizer and DeepSpeed, on a small GPT, all in one torchrun launch.
+
+    torchrun --nproc_per_node=2 benchmarks/bench_zero.py                  # CPU, gloo, fp32
+    torchrun --nproc_per_node=2 benchmarks/bench_zero.py --dtype bf16
+    torchrun --nproc_per_node=1 benchmarks/bench_zero.py
+    torchrun --nproc_per_node=1 benchmarks/bench_zero.py --json zero_ws1.json   # on a GPU: NCCL
+    torchrun --nproc_per_node=2 benchmarks/bench_zero.py --layers 8 --d-model 512 --breakdown
+
+Every implementation trains the same model (same seed, same initial weights) on the same
+synthetic token batches (seeded per rank), one after the other, each freed before the next:
+  ddp             DistributedDataParallel (gradient_as_bucket_view) + torch.optim.AdamW, fused
+                  when this torch supports it on the device, else foreach. The baseline.
+  ddp+zero-redund DDP + torch.distributed.optim.ZeroRedundancyOptimizer(AdamW, same kind).
+  zero_ext s0-s2  zero_ext.initialize with zero_optimization.stage 0, 1, 2 and overlap_comm.
+  deepspeed s0-s2 deepspeed.initialize with the same config, where it runs here (else the row
+                  says why not). Imported last: importing DeepSpeed reconfigures the process.
+Each runs --warmup steps, then --steps timed steps. A step is forward + backward + optimizer
+step. Ranks meet at a barrier before and after the timed loop only; rank 0 stamps the clock
+after every step (after torch.cuda.synchronize on a GPU) and reports the median step.
+
+Columns:
+  step ms      median step time on rank 0; vs DDP is that over DDP's median step.
+  samples/s    global: micro batch x world size / median step.
+  state MiB    model-state bytes on the rank holding most, measured after backward and before
+               the optimizer step (gradients present, optimizer state allocated): params +
+               grads + fp32 master copy + exp_avg + exp_avg_sq. zero_ext: the sum of
+               engine.memory_breakdown(). DDP and ZeroRedundancyOptimizer: parameters, .grad and
+               optimizer-state tensors, each storage counted once (DDP's bucket views are the
+               .grad storage). DeepSpeed: every tensor storage reachable from Python that the
+               implementation created (gc scan against the set that existed before it), which
+               is the same quantity as long as DeepSpeed keeps its buffers in Python attributes.
+  peak MiB     GPU: torch.cuda.max_memory_allocated over warm-up and timed steps (activations
+               included), reset between implementations. CPU: the process's peak RSS
+               (ru_maxrss) over the same span, per rank, after resetting the high-water mark
+               through /proc/self/clear_refs; it includes the ~0.3 GiB of libraries.
+  comm         elements (and MiB) each rank sends per step, ring-algorithm sense.
+               zero_ext: measured by zero_ext.comm.traffic over the last timed step.
+               DDP: theory, all-reduce of the fp32 gradients: 2 psi (N-1)/N elements.
+               ZeroRedundancyOptimizer: theory, that all-reduce plus the broadcast of every
+               parameter from its owner: psi (0 at N = 1).
+               DeepSpeed: theory of its stage (0: all-reduce 2 psi (N-1)/N; 1-2: reduce-scatter
+               + all-gather, 2 psi (N-1)/N) in its training dtype.
+  psi is the number of parameters (the tied embedding / LM head counted once).
+
+--dtype bf16 is mixed precision, and not the same recipe on both sides: zero_ext and DeepSpeed
+get {"bf16": {"enabled": true}}, i.e. bf16 weights, activations, gradients and gradient
+reductions, with the fp32 master weights and AdamW moments in the optimizer (sharded at stages
+1-2); DDP and ZeroRedundancyOptimizer keep fp32 parameters, gradients and reductions and run the
+forward under torch.autocast(bfloat16), which casts weights to bf16 per op.
+
+The project's goal, printed with pass/fail at the end: on CPU, zero_ext stages 1 and 2 within
+10% of DDP's step time (ratio <= 1.10); at world size 1 on a GPU, stage 2 within 5% of plain
+PyTorch AdamW (DDP at world size 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
+
+import zero_ext
+
+LR, WEIGHT_DECAY = 1e-4, 0.01
+MIB = 2**20
+
+
+# -- the model --------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class GPTConfig:
+    vocab: int
+    seq: int
+    d_model: int
+    layers: int
+    heads: int
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: causal self-attention, then a 4x GELU MLP."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.heads = cfg.heads
+        self.ln_attn = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.attn_out = nn.Linear(d, d)
+        self.ln_mlp = nn.LayerNorm(d)
+        self.mlp_in = nn.Linear(d, 4 * d)
+        self.mlp_out = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, d = x.shape
+        q, k, v = self.qkv(self.ln_attn(x)).view(batch, seq, 3, self.heads, d // self.heads) \
+            .permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_out(y.transpose(1, 2).reshape(batch, seq, d))
+        return x + self.mlp_out(F.gelu(self.mlp_in(self.ln_mlp(x))))
+
+
+class GPT(nn.Module):
+    """Token embedding + learned positions, pre-LN blocks, final LayerNorm, tied LM head.
+    forward(tokens, targets) returns the mean next-token cross-entropy."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.tokens = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.positions = nn.Embedding(cfg.seq, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.ln_final = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
+        self.lm_head.weight = self.tokens.weight
+        for module in self.modules():  # GPT-2's init; N(0, 1) embeddings would blow up the logits
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.tokens(tokens) + self.positions(positions)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_final(x))
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+# -- measuring --------------------------------------------------------------------------------
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel() > 0:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def live_storages(device: torch.device) -> dict[int, int]:
+    """data_ptr -> bytes of every storage on `device` that a Python-visible tensor holds."""
+    out = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device == device and obj.numel() > 0:
+            try:
+                storage = obj.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+                continue
+            out[storage.data_ptr()] = storage.nbytes()
+    return out
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets the process's RSS high-water mark, which ru_maxrss reports
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then ru_maxrss is the peak since the process started
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@dataclass
+class Comm:
+    """Elements and bytes each rank sends per step, per collective."""
+
+    elements: dict[str, float]
+    bytes: dict[str, float]
+    calls: dict[str, int] = field(default_factory=dict)
+    measured: bool = False
+
+    def describe(self) -> str:
+        kind = "measured" if self.measured else "theory"
+        parts = [f"{op} {self.calls[op]}x " if op in self.calls else f"{op} " for op in
+                 self.elements]
+        parts = [f"{p}{self.elements[op] / 1e6:.3f}M el/{self.bytes[op] / MIB:.2f} MiB"
+                 for p, op in zip(parts, self.elements)]
+        return f"comm {kind}: " + (", ".join(parts) if parts else "none")
+
+
+def ring_theory(psi: int, world: int, element_size: int, collectives: dict[str, float]) -> Comm:
+    """Per-rank ring traffic of the given collectives, each as a multiple of psi elements
+    (all_reduce 2(N-1)/N, reduce_scatter and all_gather (N-1)/N, broadcast 1 when N > 1)."""
+    factor = {"all_reduce": 2 * (world - 1) / world, "reduce_scatter": (world - 1) / world,
+              "all_gather": (world - 1) / world, "broadcast": 1.0 if world > 1 else 0.0}
+    elements = {op: psi * times * factor[op] for op, times in collectives.items()}
+    return Comm(elements, {op: n * element_size for op, n in elements.items()})
+
+
+# -- the implementations ----------------------------------------------------------------------
+@dataclass
+class Trainer:
+    """One implementation, built and ready to train."""
+
+    forward_backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer_step: Callable[[], None]
+    state_bytes: Callable[[], int]        # model-state bytes on this rank, now
+    comm: Callable[[], Comm]              # after the last timed step
+    note: str
+    cleanup: Callable[[], None] = lambda: None
+
+
+@dataclass(kw_only=True)
+class Setup:
+    cfg: GPTConfig
+    device: torch.device
+    micro_batch: int
+    bf16: bool
+    bucket_numel: int
+    torch_adamw: dict          # {"fused": True} or {"foreach": True}
+    breakdown: bool
+    steps: int
+
+    def model(self) -> GPT:
+        torch.manual_seed(0)  # every implementation starts from the same weights
+        return GPT(self.cfg).to(self.device)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_ddp(setup: Setup, shard_optimizer: bool) -> Trainer:
+    model = setup.model()
+    psi, world = num_params(model), dist.get_world_size()
+    ddp = DistributedDataParallel(
+        model, device_ids=[setup.device.index] if setup.device.type == "cuda" else None,
+        gradient_as_bucket_view=True)
+    if shard_optimizer:
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,
+                                      lr=LR, weight_decay=WEIGHT_DECAY, **setup.torch_adamw)
+        local = opt.optim
+        theory = ring_theory(psi, world, 4, {"all_reduce": 1, "broadcast": 1})
+    else:
+        opt = local = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY,
+                                        **setup.torch_adamw)
+        theory = ring_theory(psi, world, 4, {"all_reduce": 1})
+
+    def forward_backward(tokens, targets):
+        with torch.autocast(setup.device.type, dtype=torch.bfloat16, enabled=setup.bf16):
+            loss = ddp(tokens, targets)
+        loss.backward()
+        return loss
+
+    def optimizer_step():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def state_bytes():
+        params = list(model.parameters())
+        moments = [v for s in local.state.values() for v in s.values()]
+        return storage_bytes(params + [p.grad for p in params] + moments)
+
+    kind = next(iter(setup.torch_adamw))
+    note = (f"torch.optim.AdamW({kind}=True)" + (" sharded by ZeroRedundancyOptimizer"
+                                                 if shard_optimizer else "")
+            + ("; fp32 params, autocast bf16" if setup.bf16 else ""))
+    return Trainer(forward_backward, optimizer_step, state_bytes, lambda: theory, note)
+
+
+def zero_config(setup: Setup, stage: int) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": setup.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY}},
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": setup.bucket_numel,
+                              "overlap_comm": True},
+    }
+    if setup.bf16:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def build_zero_ext(setup: Setup, stage: int) -> Trainer:
+    config = zero_config(setup, stage)
+    if setup.breakdown:
+        config.update(wall_clock_breakdown=True, steps_per_print=setup.steps)
+    engine, _, _, _ = zero_ext.initialize(model=setup.model(), config=config,
+                                          model_parameters=None)
+
+    def forward_backward(tokens, targets):
+        loss = engine(tokens, targets)
+        engine.backward(loss)
+        return loss
+
+    def comm():
+        snap = zero_ext.comm.traffic.snapshot()
+        return Comm(snap.elements, snap.bytes, snap.calls, measured=True)
+
+    buckets = len(engine.layouts)
+    return Trainer(forward_backward, engine.step,
+                   lambda: sum(engine.memory_breakdown().values()), comm,
+                   f"{buckets} bucket{'s' * (buckets > 1)} of <= {setup.bucket_numel:.3g} el"
+                   + (", bf16 weights+grads, fp32 master" if setup.bf16 else ""))
+
+
+def build_deepspeed(setup: Setup, stage: int) -> Trainer:
+    import deepspeed  # noqa: PLC0415  (imported only when its rows run)
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    before = live_storages(setup.device)
+    model = setup.model()
+    psi, world = num_params(model), dist.get_world_size()
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=zero_config(setup, stage))
+
+    def forward_backward(tokens, targets):
+        loss = engine(tokens, targets)
+        engine.backward(loss)
+        return loss
+
+    def state_bytes():
+        gc.collect()
+        return sum(n for ptr, n in live_storages(setup.device).items() if ptr not in before)
+
+    collectives = {"all_reduce": 1} if stage == 0 else {"reduce_scatter": 1, "all_gather": 1}
+    theory = ring_theory(psi, world, 2 if setup.bf16 else 4, collectives)
+    opt = type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__
+    return Trainer(forward_backward, engine.step, state_bytes, lambda: theory,
+                   f"DeepSpeed {deepspeed.__version__}, {type(engine.optimizer).__name__}"
+                   f"({opt}); state from a gc scan",
+                   cleanup=lambda: engine.destroy() if hasattr(engine, "destroy") else None)
+
+
+# -- running ----------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(trainer: Trainer, batches, warmup: int, steps: int, device: torch.device) -> dict:
+    """Warm-up, then timed steps; returns rank 0's per-step seconds and this rank's figures."""
+    state = None
+    for i in range(warmup):
+        trainer.forward_backward(*batches[i])
+        if i == warmup - 1:  # gradients present, optimizer state allocated
+            state = trainer.state_bytes()
+        trainer.optimizer_step()
+    phases = {"fwd+bwd": [], "opt step": []}
+    synchronize(device)
+    dist.barrier()
+    stamps = [time.perf_counter()]
+    for i in range(warmup, warmup + steps):
+        if i == warmup + steps - 1:
+            zero_ext.comm.traffic.reset()
+        loss = trainer.forward_backward(*batches[i])
+        mid = time.perf_counter()
+        trainer.optimizer_step()
+        synchronize(device)
+        stamps.append(time.perf_counter())
+        phases["fwd+bwd"].append(mid - stamps[-2])
+        phases["opt step"].append(stamps[-1] - mid)
+    dist.barrier()
+    step_times = [b - a for a, b in zip(stamps, stamps[1:])]
+    return dict(seconds=statistics.median(step_times), step_times=step_times,
+                phases={k: statistics.median(v) for k, v in phases.items()},
+                state=state, loss=loss.detach().float().item(), comm=trainer.comm())
+
+
+def run_one(name: str, build: Callable[[], Trainer], setup: Setup, batches, args) -> dict:
+    """Builds one implementation, trains it, frees it; the row every rank agrees on."""
+    world = dist.get_world_size()
+    gc.collect()
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
+    reset_peak_memory(setup.device)
+    trainer, error = None, None
+    try:
+        trainer = build()
+    except Exception as exc:  # DeepSpeed missing, or its op builds or backend fail here
+        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+    errors = [e for e in gather(error) if e is not None]
+    if errors:  # every rank skips together, or the next collective would hang
+        return dict(impl=name, error=errors[0])
+    result = train(trainer, batches, args.warmup, args.steps, setup.device)
+    peak = peak_memory_bytes(setup.device)
+    note = trainer.note
+    trainer.cleanup()
+    del trainer
+    comm = result["comm"]
+    return dict(
+        impl=name, step_ms=1e3 * result["seconds"],
+        step_ms_all=[1e3 * s for s in result["step_times"]],
+        phase_ms={k: 1e3 * v for k, v in result["phases"].items()},
+        samples_per_s=setup.micro_batch * world / result["seconds"],
+        state_bytes_per_rank=gather(result["state"]), peak_bytes_per_rank=gather(peak),
+        comm_elements=sum(comm.elements.values()), comm_bytes=sum(comm.bytes.values()),
+        comm_measured=comm.measured, comm_detail=comm.describe(), loss_rank0=result["loss"],
+        threads=torch.get_num_threads(), note=note)
+
+
+def gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def pick_torch_adamw(device: torch.device) -> dict:
+    """fused=True where this torch has a fused AdamW for the device, else foreach=True."""
+    try:
+        param = nn.Parameter(torch.zeros(4, device=device))
+        param.grad = torch.ones_like(param)
+        torch.optim.AdamW([param], fused=True).step()
+        return {"fused": True}
+    except (RuntimeError, ValueError, NotImplementedError):
+        return {"foreach": True}
+
+
+def print_table(rows: list[dict], device: torch.device) -> None:
+    baseline = next((r["step_ms"] for r in rows if r["impl"] == "ddp" and "error" not in r),
+                    None)
+    peak_name = "peak alloc MiB" if device.type == "cuda" else "RSS peak MiB"
+    print(f"\n{'impl':<16}{'step ms':>9}{'samples/s':>11}{'vs DDP':>8}{'state MiB':>11}"
+          f"{peak_name:>16}{'comm el/step':>14}{'comm MiB':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['impl']:<16}  unavailable: {r['error']}")
+            continue
+        r["vs_ddp"] = r["step_ms"] / baseline if baseline else None
+        ratio = f"{r['vs_ddp']:.2f}x" if baseline else "-"
+        comm_kind = "" if r["comm_measured"] else "*"
+        peaks = "/".join(f"{b / MIB:.0f}" for b in r["peak_bytes_per_rank"])
+        print(f"{r['impl']:<16}{r['step_ms']:9.1f}{r['samples_per_s']:11.1f}{ratio:>8}"
+              f"{max(r['state_bytes_per_rank']) / MIB:11.2f}{peaks:>16}"
+              f"{r['comm_elements'] / 1e6:13.3f}M{r['comm_bytes'] / MIB:9.2f}{comm_kind}")
+    print("(* theory, not measured; peak MiB per rank, rank 0 first)")
+    for r in rows:
+        if "error" not in r:
+            phases = ", ".join(f"{k} {v:.1f} ms" for k, v in r["phase_ms"].items())
+            print(f"  {r['impl']:<14} {r['note']}; median {phases}; loss {r['loss_rank0']:.4f}; "
+                  f"{r['comm_detail']}")
+
+
+def print_goal(rows: list[dict], device: torch.device, world: int) -> None:
+    by_name = {r["impl"]: r for r in rows if "error" not in r}
+    if device.type == "cpu":
+        names, limit, what = ["zero_ext s1", "zero_ext s2"], 1.10, "CPU: zero_ext s1/s2 vs DDP"
+    elif world == 1:
+        names, limit, what = ["zero_ext s2"], 1.05, "GPU, world size 1: zero_ext s2 vs DDP+AdamW"
+    else:
+        print("\nGoal: none stated for GPUs at world size > 1")
+        return
+    ratios = {n: by_name[n]["vs_ddp"] for n in names if n in by_name and "ddp" in by_name}
+    ok = len(ratios) == len(names) and all(v <= limit for v in ratios.values())
+    detail = ", ".join(f"{n} {v:.3f}x" for n, v in ratios.items()) or "not measured"
+    print(f"\nGoal ({what} step time <= {limit:.2f}x): {detail} -> {'PASS' if ok else 'FAIL'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=4, help="sequences per rank per step")
+    parser.add_argument("--bucket", type=float, default=5e7,
+                        help="zero_ext/DeepSpeed reduce_bucket_size, elements")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--impls", default="ddp,ddp+zero-redund,zero_ext,deepspeed",
+                        help="comma-separated families to run")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="zero_ext wall_clock_breakdown: its phase totals at the last step")
+    parser.add_argument("--json", help="write the rows here (rank 0)")
+    args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1")
+
+    use_cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    cfg = GPTConfig(vocab=args.vocab, seq=args.seq, d_model=args.d_model, layers=args.layers,
+                    heads=args.heads)
+    setup = Setup(cfg=cfg, device=device, micro_batch=args.micro_batch, bf16=args.dtype == "bf16",
+                  bucket_numel=int(args.bucket), torch_adamw=pick_torch_adamw(device),
+                  breakdown=args.breakdown, steps=args.steps)
+    gen = torch.Generator(device=device).manual_seed(1000 + rank)  # each rank its own data
+    batches = []
+    for _ in range(args.warmup + args.steps):
+        tokens = torch.randint(0, cfg.vocab, (args.micro_batch, cfg.seq + 1), device=device,
+                               generator=gen)
+        batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+
+    families = set(args.impls.split(","))
+    impls: list[tuple[str, Callable[[], Trainer]]] = []
+    if "ddp" in families:
+        impls.append(("ddp", lambda: build_ddp(setup, shard_optimizer=False)))
+    if "ddp+zero-redund" in families:
+        impls.append(("ddp+zero-redund", lambda: build_ddp(setup, shard_optimizer=True)))
+    for family, build in (("zero_ext", build_zero_ext), ("deepspeed", build_deepspeed)):
+        if family in families:
+            impls += [(f"{family} s{s}", lambda b=build, s=s: b(setup, s)) for s in range(3)]
+
+    if rank == 0:
+        psi = num_params(GPT(cfg))
+        where = (torch.cuda.get_device_name(device) if use_cuda else
+                 f"CPU, {torch.get_num_threads()} thread(s) per rank, {os.cpu_count()} cores")
+        print(f"GPT d_model {cfg.d_model}, {cfg.layers} layers, {cfg.heads} heads, vocab "
+              f"{cfg.vocab}, seq {cfg.seq}: {psi / 1e6:.2f}M params; micro batch "
+              f"{args.micro_batch} x {world} rank(s), {args.dtype}, "
+              f"{dist.get_backend()}, {where}; torch {torch.__version__}; "
+              f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
+    rows = []
+    for name, build in impls:
+        rows.append(run_one(name, build, setup, batches, args))
+        if rank == 0:
+            r = rows[-1]
+            print(f"  {name}: " + (f"{r['step_ms']:.1f} ms/step" if "error" not in r
+                                   else "unavailable"), flush=True)
+    if rank == 0:
+        print_table(rows, device)
+        print_goal(rows, device, world)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(model=vars(cfg), world_size=world, dtype=args.dtype,
+                               device=str(device), rows=rows), f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

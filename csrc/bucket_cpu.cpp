@@ -1,0 +1,107 @@
+// CPU kernels of zero_ext::flatten_into_ and zero_ext::unflatten_from: validate, lay the call's
+// tensors end to end, cut that sequence into equal spans and run the spans across ATen's intra-op
+// thread pool (torch.get_num_threads()), whatever the mix of tensor sizes.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "csrc/adamw_args.h"
+#include "csrc/bucket_args.h"
+#include "csrc/cpu_isa.h"
+#include "kernels/cpu/bucket.h"
+
+namespace zero_ext {
+namespace {
+
+// Elements per unit of parallel work: large enough to amortise scheduling, small enough that
+// one big tensor spreads over every thread. A unit may cover the ends of several small tensors.
+constexpr int64_t kSpanElements = 1 << 16;
+
+kernels::cpu::BucketCopySpanFn bucket_copy_span_kernel() {
+  switch (selected_cpu_isa()) {
+#ifdef ZERO_EXT_HAVE_AVX512
+    case CpuIsa::kAvx512:
+      return kernels::cpu::bucket_copy_span_AVX512;
+#endif
+#ifdef ZERO_EXT_HAVE_AVX2
+    case CpuIsa::kAvx2:
+      return kernels::cpu::bucket_copy_span_AVX2;
+#endif
+    default:
+      return kernels::cpu::bucket_copy_span_DEFAULT;
+  }
+}
+
+// One tensor's side of the copy and its range in flat, resolved to raw pointers once per call.
+struct TensorRange {
+  char* tensor;
+  char* flat;  // &flat[offsets[i]]
+  kernels::ElementType tensor_type;
+  int64_t tensor_element_size;
+};
+
+void bucket_copy_cpu(const BucketCopyArgs& args, float scale, bool accumulate) {
+  check_bucket_copy_args(args);
+  const int64_t n = static_cast<int64_t>(args.tensors.size());
+  if (n == 0) return;
+
+  const kernels::ElementType flat_type = element_type(args.flat.scalar_type());
+  const int64_t flat_element_size = args.flat.element_size();
+  char* flat = static_cast<char*>(args.flat.data_ptr());
+  std::vector<TensorRange> ranges(n);
+  std::vector<int64_t> starts(n + 1, 0);  // tensor i covers [starts[i], starts[i+1]) end to end
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& t = args.tensors[i];
+    ranges[i] = {static_cast<char*>(t.data_ptr()), flat + args.offsets[i] * flat_element_size,
+                 element_type(t.scalar_type()), t.element_size()};
+    starts[i + 1] = starts[i] + t.numel();
+  }
+  const int64_t total = starts[n];
+  const int64_t units = (total + kSpanElements - 1) / kSpanElements;
+  const bool into_flat = args.direction == BucketCopyDirection::kIntoFlat;
+  const kernels::cpu::BucketCopySpanFn kernel = bucket_copy_span_kernel();
+
+  at::parallel_for(0, units, 1, [&](int64_t first, int64_t last) {
+    for (int64_t u = first; u < last; ++u) {
+      int64_t pos = u * kSpanElements;
+      const int64_t end = std::min(pos + kSpanElements, total);
+      int64_t i = std::upper_bound(starts.begin(), starts.end(), pos) - starts.begin() - 1;
+      while (pos < end) {
+        while (starts[i + 1] <= pos) ++i;  // past empty tensors
+        const TensorRange& r = ranges[i];
+        const int64_t begin = pos - starts[i];
+        const int64_t count = std::min(end, starts[i + 1]) - pos;
+        char* tensor = r.tensor + begin * r.tensor_element_size;
+        char* slice = r.flat + begin * flat_element_size;
+        const kernels::cpu::BucketCopySpan span =
+            into_flat
+                ? kernels::cpu::BucketCopySpan{tensor, slice, count, r.tensor_type, flat_type}
+                : kernels::cpu::BucketCopySpan{slice, tensor, count, flat_type, r.tensor_type};
+        kernel(span, scale, accumulate);
+        pos += count;
+      }
+    }
+  });
+}
+
+void flatten_into_cpu(const at::Tensor& flat, at::TensorList tensors, at::IntArrayRef offsets,
+                      double scale, bool accumulate) {
+  // Rounded to fp32 as ATen rounds a Python scalar multiplying an fp32 tensor.
+  bucket_copy_cpu({BucketCopyDirection::kIntoFlat, flat, tensors, offsets},
+                  static_cast<float>(scale), accumulate);
+}
+
+void unflatten_from_cpu(const at::Tensor& flat, at::TensorList tensors, at::IntArrayRef offsets) {
+  bucket_copy_cpu({BucketCopyDirection::kFromFlat, flat, tensors, offsets}, 1.0f, false);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(zero_ext, CPU, m) {
+  m.impl("flatten_into_", &flatten_into_cpu);
+  m.impl("unflatten_from", &unflatten_from_cpu);
+}
+
+}  // namespace zero_ext

@@ -1,0 +1,135 @@
+"""Train a small character-level GPT with zero_ext, on CPU (gloo) or GPUs (NCCL).
+
+    torchrun --nproc_per_node=2 examples/train_gpt.py --config examples/configs/zero2.json
+    torchrun --nproc_per_node=4 examples/train_gpt.py --config examples/configs/zero1.json
+    python examples/train_gpt.py --config examples/configs/zero0.json      # one process
+
+The text is examples/data/zen_of_python.txt (shipped; nothing is downloaded). Batch size,
+accumulation, optimizer, LR schedule and ZeRO stage come from the DeepSpeed-style config; the
+engine prints a line every steps_per_print optimizer steps, and rank 0 prints the loss before
+and after training.
+"""
+
+import argparse
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zero_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class CharDataset(torch.utils.data.Dataset):
+    """Every window of `block + 1` characters: inputs and next-character targets."""
+
+    def __init__(self, text: str, block: int):
+        self.vocab = sorted(set(text))
+        index = {ch: i for i, ch in enumerate(self.vocab)}
+        self.data = torch.tensor([index[ch] for ch in text], dtype=torch.long)
+        self.block = block
+
+    def __len__(self):
+        return len(self.data) - self.block
+
+    def __getitem__(self, i):
+        chunk = self.data[i:i + self.block + 1]
+        return chunk[:-1], chunk[1:]
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, block: int, dim: int, layers: int, heads: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.zeros(block, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight  # tied
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, tokens, targets):
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm(x)).float()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=os.path.join(HERE, "configs", "zero2.json"))
+    parser.add_argument("--data", default=os.path.join(HERE, "data", "zen_of_python.txt"))
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps")
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    args = parser.parse_args()
+
+    with open(args.data, encoding="utf-8") as f:
+        dataset = CharDataset(f.read(), args.block)
+    torch.manual_seed(0)
+    model = GPT(len(dataset.vocab), args.block, args.dim, args.layers, args.heads)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    engine, _, loader, _ = zero_ext.initialize(
+        model=model, config=args.config, training_data=dataset,
+        model_parameters=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+    accumulation = engine.batch.gradient_accumulation_steps
+    device = engine.device
+
+    def evaluate() -> float:
+        engine.eval()
+        with torch.no_grad():
+            x, y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=64)))
+            loss = engine(x.to(device), y.to(device)).item()
+        engine.train()
+        return loss
+
+    first = evaluate()
+    batches = iter(loader)
+    epoch = 0
+    while engine.global_steps < args.steps:
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            epoch += 1
+            loader.sampler.set_epoch(epoch)
+            batches = iter(loader)
+            continue
+        loss = engine(x.to(device), y.to(device))
+        engine.backward(loss)
+        engine.step()
+    last = evaluate()
+    if engine.rank == 0:
+        print(f"stage {engine.stage}, {engine.world_size} rank(s), {engine.global_steps} steps of "
+              f"{engine.batch.train_batch_size} samples ({accumulation} micro-steps each): "
+              f"loss {first:.3f} -> {last:.3f} (uniform guess: {math.log(len(dataset.vocab)):.3f})")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Runs a function on N local processes joined in a gloo group; fails together, never hangs.
+
+    results = run_group(world_size, fn, *args)   # fn(*args) runs on every rank
+
+Each rank is a fresh `spawn`ed Python process (so nothing leaks between groups) joined through
+a file store in a temporary directory. `fn` must be importable (a module-level function). The
+value each rank returns comes back in rank order. If any rank raises, the others are killed at
+once and the parent raises one error holding every failing rank's traceback; if the group is
+still running after `timeout` seconds, all ranks are killed and the parent says which were
+still running. Process start-up (importing torch) dominates on small machines, so callers run
+many cases inside one group rather than one group per case.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import torch.multiprocessing as mp
+
+
+def _worker(rank, world_size, init_file, fn, args, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=120))
+        try:
+            value = fn(*args)
+        finally:
+            dist.destroy_process_group()
+        # As bytes: torch's pickler would share tensors through file descriptors that die
+        # with this process.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, True, buffer.getvalue()))
+    except BaseException:  # report everything, including assertion failures in fn
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_group(world_size: int, fn, *args, timeout: float = 600.0) -> list:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_worker, args=(r, world_size, init_file, fn, args, results),
+                             daemon=True) for r in range(world_size)]
+        for p in procs:
+            p.start()
+        values, errors = {}, {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(values) + len(errors) < world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    running = [r for r in range(world_size) if r not in values and r not in errors]
+                    raise TimeoutError(f"distributed group of {world_size} timed out after "
+                                       f"{timeout:.0f}s; ranks still running: {running}")
+                try:
+                    rank, ok, value = results.get(timeout=min(remaining, 1.0))
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)
+                            and r not in values and r not in errors]
+                    for r in dead:
+                        errors[r] = f"rank {r} exited with code {procs[r].exitcode}"
+                    if errors:
+                        break
+                    continue
+                (values if ok else errors)[rank] = value
+                if errors:
+                    break  # the others may be blocked in a collective: stop them
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join(timeout=10)
+        if errors:
+            text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
+            raise RuntimeError(f"distributed group of {world_size} failed:\n{text}")
+        import torch
+
+        return [torch.load(io.BytesIO(values[r]), weights_only=False) for r in range(world_size)]

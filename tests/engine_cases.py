@@ -1,0 +1,316 @@
+"""What each rank runs in the engine tests, and the single-process reference it is compared with.
+
+The reference is plain PyTorch in one process: the same seeded model trained on the whole
+global batch of each step (every rank's micro-batches of every micro-step together), with
+torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW on fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zero_ext
+from zero_ext import comm
+
+VOCAB, DIM, HIDDEN, SEQ, MICRO = 37, 24, 29, 5, 2
+UNUSED_NUMEL = 3 * 5 + 5  # TinyNet.unused, which never receives a gradient
+
+
+class TinyNet(nn.Module):
+    """Embedding, layer norm, odd-sized linears, a head tied to the embedding, a frozen
+    parameter used in forward, and a parameter never used (it receives no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.norm = nn.LayerNorm(DIM)
+        self.fc1 = nn.Linear(DIM, HIDDEN)
+        self.fc2 = nn.Linear(HIDDEN, DIM)
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+        self.frozen_shift = nn.Parameter(torch.randn(DIM) * 0.1, requires_grad=False)
+        self.unused = nn.Linear(3, 5)
+
+    def forward(self, tokens, targets):
+        x = self.embed(tokens) + self.frozen_shift
+        x = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        logits = self.head(x).float()
+        return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+
+
+def build_model(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Decay for matrices, none for biases and norms, as users set it up."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() <= 1]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+
+
+def global_batch(step: int, world_size: int, accumulation: int):
+    """All samples of optimizer step `step`: [accumulation, world_size, MICRO, SEQ]."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, VOCAB, (accumulation, world_size, MICRO, SEQ), generator=gen)
+    targets = torch.randint(0, VOCAB, (accumulation, world_size, MICRO, SEQ), generator=gen)
+    return tokens, targets
+
+
+def config(stage: int, dtype: str, accumulation: int, world_size: int, clip: float = 0.5,
+           **zero) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
+        # Small buckets: several buckets, one parameter spanning ranks' shards.
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 700, **zero},
+        "steps_per_print": 10**6,
+    }
+    if dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif dtype == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "hysteresis": 1,
+                       "loss_scale_window": 3}
+    return cfg
+
+
+def train_engine(stage: int, dtype: str, accumulation: int, steps: int) -> dict:
+    """Trains with zero_ext on this rank; returns final params, norms and engine facts."""
+    world_size, rank = comm.world_size(), comm.rank()
+    model = build_model()
+    engine, optimizer, _, _ = zero_ext.initialize(
+        model=model, config=config(stage, dtype, accumulation, world_size),
+        model_parameters=param_groups(model))
+    norms = []
+    for step in range(steps):
+        tokens, targets = global_batch(step, world_size, accumulation)
+        for micro in range(accumulation):
+            loss = engine(tokens[micro, rank], targets[micro, rank])
+            engine.backward(loss)
+            engine.step()
+        norms.append(engine.get_global_grad_norm())
+    return {
+        "params": {n: p.detach().float().clone() for n, p in model.named_parameters()},
+        "norms": norms,
+        "global_steps": engine.global_steps,
+        "micro_steps": engine.micro_steps,
+    }
+
+
+def train_reference(dtype: str, accumulation: int, steps: int, world_size: int) -> dict:
+    """Single process, whole global batch per step, torch AdamW on fp32 master weights."""
+    model = build_model()
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model.to(torch_dtype)
+    groups = param_groups(model)
+    params = [p for g in groups for p in g["params"]]
+    masters = [p.detach().float().clone().requires_grad_(True) for p in params]
+    master_groups, i = [], 0
+    for g in groups:
+        n = len(g["params"])
+        master_groups.append({**{k: v for k, v in g.items() if k != "params"},
+                              "params": masters[i:i + n]})
+        i += n
+    opt = torch.optim.AdamW(master_groups, lr=1e-2, weight_decay=0.1, foreach=False)
+    norms = []
+    for step in range(steps):
+        tokens, targets = global_batch(step, world_size, accumulation)
+        loss = model(tokens.reshape(-1, SEQ), targets.reshape(-1, SEQ))
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        for p, m in zip(params, masters):
+            # A parameter that got no gradient steps with zeros, as the engine (and DeepSpeed)
+            # treats it: decay and moments still move.
+            m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
+        norms.append(torch.nn.utils.clip_grad_norm_(masters, 0.5).item())
+        opt.step()
+        with torch.no_grad():
+            for p, m in zip(params, masters):
+                p.copy_(m)
+    return {"params": {n: p.detach().float().clone() for n, p in model.named_parameters()},
+            "norms": norms}
+
+
+def parity_cases(cases: list[tuple], steps: int) -> dict:
+    """Runs every (stage, dtype, accumulation) case on this rank; rank 0 adds the reference."""
+    out = {}
+    for stage, dtype, accumulation in cases:
+        got = train_engine(stage, dtype, accumulation, steps)
+        if comm.rank() == 0:
+            got["reference"] = train_reference(dtype, accumulation, steps, comm.world_size())
+        out[(stage, dtype, accumulation)] = got
+    return out
+
+
+def layout_numels(engine) -> tuple[int, int]:
+    """(padded elements of all buckets, elements of trainable parameters)."""
+    padded = sum(layout.padded_numel for layout in engine.layouts)
+    used = sum(layout.used_numel for layout in engine.layouts)
+    return padded, used
+
+
+def memory_and_traffic(stage: int) -> dict:
+    """bf16 model, one step at accumulation 1 and one micro-step at accumulation 2: bytes held
+    per kind and the collectives' traffic of one step."""
+    world_size, rank = comm.world_size(), comm.rank()
+    out = {}
+    for accumulation in (1, 2):
+        model = build_model()
+        engine, _, _, _ = zero_ext.initialize(
+            model=model, config=config(stage, "bf16", accumulation, world_size))
+        tokens, targets = global_batch(0, world_size, accumulation)
+        comm.traffic.reset()
+        engine.backward(engine(tokens[0, rank], targets[0, rank]))
+        after_backward = engine.memory_breakdown()
+        engine.step()
+        if accumulation == 1:
+            out["traffic"] = comm.traffic.snapshot()
+        out[accumulation] = {"after_backward": after_backward,
+                             "after_step": engine.memory_breakdown(),
+                             "numels": layout_numels(engine)}
+        out["buckets"] = len(engine.layouts)
+    return out
+
+
+def fp16_overflow() -> dict:
+    """fp16 with an inf injected into one gradient on rank 1 only, at the second step."""
+    world_size, rank = comm.world_size(), comm.rank()
+    model = build_model()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(2, "fp16", 1, world_size))
+    record = []
+    for step in range(6):
+        tokens, targets = global_batch(step, world_size, 1)
+        handle = None
+        if step == 1 and rank == 1:
+            handle = model.fc1.weight.register_hook(
+                lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        engine.backward(engine(tokens[0, rank], targets[0, rank]))
+        engine.step()
+        if handle is not None:
+            handle.remove()
+        unchanged = all(torch.equal(before[n], p) for n, p in model.named_parameters())
+        record.append(dict(scale=engine.loss_scaler.scale, skipped=engine.skipped_steps,
+                           unchanged=unchanged, global_steps=engine.global_steps))
+    return {"record": record}
+
+
+def mismatched_models() -> str:
+    """Rank 1 builds a different model; initialize must raise on every rank, not hang."""
+    model = build_model()
+    if comm.rank() == 1:
+        model.fc1 = nn.Linear(DIM, HIDDEN + 1)
+    try:
+        zero_ext.initialize(model=model, config=config(2, "fp32", 1, comm.world_size()))
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def deepspeed_example() -> dict:
+    """The snippet from DeepSpeed's examples, as written."""
+    from zero_ext import initialize_engine
+
+    model = build_model()
+    engine, optimizer, _, _ = initialize_engine(model=model, config={
+        "train_batch_size": 256, "zero_optimization": {"stage": 2},
+        "optimizer": {"type": "AdamW"}})
+    tokens, targets = global_batch(0, 1, 1)
+    engine.backward(engine(tokens[0, 0], targets[0, 0]))
+    engine.step()
+    group = optimizer.param_groups[0]
+    return dict(micro=engine.batch.train_micro_batch_size_per_gpu, lr=group["lr"],
+                betas=tuple(group["betas"]), eps=group["eps"],
+                weight_decay=group["weight_decay"], steps=engine.global_steps)
+
+
+def engine_checks() -> dict:
+    return {"overflow": fp16_overflow(), "mismatch": mismatched_models(),
+            "example": deepspeed_example(), "adopted": adopted_torch_optimizer(),
+            "schedules": schedules_and_loaders(),
+            "memory": memory_cases()}
+
+
+def memory_cases() -> dict:
+    return {stage: memory_and_traffic(stage) for stage in (0, 1, 2)}
+
+
+def adopted_torch_optimizer() -> dict:
+    """A torch.optim.AdamW passed to initialize: its groups and hyperparameters are adopted."""
+    world_size, rank = comm.world_size(), comm.rank()
+    model = build_model()
+    opt = torch.optim.AdamW(param_groups(model), lr=1e-2, weight_decay=0.1)
+    cfg = config(2, "fp32", 1, world_size)
+    del cfg["optimizer"]
+    engine, _, _, _ = zero_ext.initialize(model=model, config=cfg, optimizer=opt)
+    for step in range(3):
+        tokens, targets = global_batch(step, world_size, 1)
+        engine.backward(engine(tokens[0, rank], targets[0, rank]))
+        engine.step()
+    out = {"params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    if rank == 0:
+        out["reference"] = train_reference("fp32", 1, 3, world_size)
+    try:
+        zero_ext.initialize(model=build_model(), config=cfg,
+                            optimizer=torch.optim.SGD(build_model().parameters(), lr=0.1))
+    except TypeError as error:
+        out["sgd_error"] = str(error)
+    return out
+
+
+def schedules_and_loaders() -> dict:
+    """LR schedules (config and user callable), skipped fp16 steps, the dataloader, logging."""
+    import contextlib
+    import io
+
+    world_size, rank = comm.world_size(), comm.rank()
+    out = {}
+    cfg = config(2, "fp16", 1, world_size)
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": 1e-2, "warmup_num_steps": 4,
+        "warmup_type": "linear"}}
+    cfg["steps_per_print"] = 2
+    model = build_model()
+    engine, optimizer, _, scheduler = zero_ext.initialize(model=model, config=cfg)
+    lrs, printed = [], io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for step in range(5):
+            tokens, targets = global_batch(step, world_size, 1)
+            handle = None
+            if step == 2:  # overflow on every rank's view after the reduction
+                handle = model.fc2.weight.register_hook(lambda g: g * float("inf"))
+            engine.backward(engine(tokens[0, rank], targets[0, rank]))
+            engine.step()
+            if handle is not None:
+                handle.remove()
+            lrs.append(engine.get_lr()[0])
+    out["config_schedule"] = dict(lrs=lrs, skipped=engine.skipped_steps,
+                                  scheduler_is_ours=scheduler is engine.lr_scheduler,
+                                  printed=printed.getvalue())
+
+    model = build_model()
+    engine, _, _, _ = zero_ext.initialize(
+        model=model, config=config(1, "fp32", 1, world_size),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+    lrs = [engine.get_lr()[0]]
+    for step in range(3):
+        tokens, targets = global_batch(step, world_size, 1)
+        engine.backward(engine(tokens[0, rank], targets[0, rank]))
+        engine.step()
+        lrs.append(engine.get_lr()[0])
+    out["callable_schedule"] = lrs
+
+    data = torch.utils.data.TensorDataset(torch.arange(16 * SEQ).view(16, SEQ) % VOCAB,
+                                          torch.zeros(16, SEQ, dtype=torch.long))
+    _, _, loader, _ = zero_ext.initialize(model=build_model(),
+                                          config=config(0, "fp32", 1, world_size),
+                                          training_data=data)
+    batches = list(loader)
+    out["loader"] = dict(batches=len(batches), shape=tuple(batches[0][0].shape),
+                         first_rows=[int(b[0][0, 0]) for b in batches])
+    return out

@@ -1,0 +1,148 @@
+"""The single door to torch.distributed: process-group setup, collectives and traffic counters.
+
+Everything in zero_ext that talks to other ranks calls this module; nothing else imports
+torch.distributed's collectives. It picks the collective the backend supports (NCCL, or gloo on
+CPU or CUDA tensors) and counts, per collective, the calls and the elements each rank sends in
+the bandwidth-optimal ring sense, so tests and benchmarks can check traffic against theory:
+  all_reduce of n elements: 2n(N-1)/N   reduce_scatter of n (input): n(N-1)/N
+  all_gather of n (output): n(N-1)/N    broadcast of n: n (pipelined) on N > 1
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "CollectiveTraffic", "traffic", "init_distributed", "rank", "world_size", "all_reduce",
+    "reduce_scatter", "all_gather", "broadcast", "all_gather_object", "barrier",
+]
+
+
+@dataclass
+class CollectiveTraffic:
+    """Calls and ring-sense elements sent per rank, per collective, since the last reset."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    elements: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, float] = field(default_factory=dict)
+
+    def record(self, op: str, ring_elements: float, element_size: int) -> None:
+        self.calls[op] = self.calls.get(op, 0) + 1
+        self.elements[op] = self.elements.get(op, 0.0) + ring_elements
+        self.bytes[op] = self.bytes.get(op, 0.0) + ring_elements * element_size
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.elements.clear()
+        self.bytes.clear()
+
+    def snapshot(self) -> CollectiveTraffic:
+        return CollectiveTraffic(dict(self.calls), dict(self.elements), dict(self.bytes))
+
+
+traffic = CollectiveTraffic()
+
+# torch 2.13 renamed the flat-tensor collectives; older releases only have the old names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
+    """Joins the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT), unless
+    the user already initialised one. Without torchrun's variables it starts a one-rank group,
+    so a plain `python train.py` works. Backend: NCCL when CUDA is available, else gloo."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def backend() -> str:
+    return dist.get_backend() if dist.is_initialized() else "none"
+
+
+def _ring(n: int) -> float:
+    size = world_size()
+    return n * (size - 1) / size
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = False):
+    traffic.record("all_reduce", 2 * _ring(tensor.numel()), tensor.element_size())
+    if world_size() == 1:
+        return None
+    return dist.all_reduce(tensor, op=op, async_op=async_op)
+
+
+def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
+    """Sum `input` (world_size * output.numel() elements) across ranks; this rank receives
+    chunk `rank` of the sum in `output`."""
+    if input.numel() != output.numel() * world_size():
+        raise ValueError(f"zero_ext.comm.reduce_scatter: input has {input.numel()} elements, "
+                         f"expected output ({output.numel()}) x world size ({world_size()})")
+    traffic.record("reduce_scatter", _ring(input.numel()), input.element_size())
+    if world_size() == 1:
+        output.copy_(input)
+        return None
+    return _reduce_scatter_flat(output, input, async_op=async_op)
+
+
+def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
+    """Concatenate every rank's `input` into `output` (rank order). `input` may be this rank's
+    chunk of `output` itself (in place)."""
+    if output.numel() != input.numel() * world_size():
+        raise ValueError(f"zero_ext.comm.all_gather: output has {output.numel()} elements, "
+                         f"expected input ({input.numel()}) x world size ({world_size()})")
+    traffic.record("all_gather", _ring(output.numel()), output.element_size())
+    if world_size() == 1:
+        if output.data_ptr() != input.data_ptr():
+            output.copy_(input)
+        return None
+    return _all_gather_flat(output, input, async_op=async_op)
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0, async_op: bool = False):
+    traffic.record("broadcast", tensor.numel() if world_size() > 1 else 0, tensor.element_size())
+    if world_size() == 1:
+        return None
+    return dist.broadcast(tensor, src=src, async_op=async_op)
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (pickled; for small metadata, not tensors)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

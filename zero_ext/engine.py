@@ -1,0 +1,460 @@
+"""ZeroEngine: forward, backward, step, accumulation, clipping and loss scaling over ZeRO stages 0-2.
+
+zero_ext.initialize() builds one from the user's model and config. The engine lays the model's
+trainable parameters out in flat buckets (zero/partition.py) so that they become views of
+those buffers, installs the gradient hooks (zero/buckets.py) and creates the sharded optimizer
+(zero/optimizer.py). A training step is
+
+    loss = engine(batch)       # the user's forward
+    engine.backward(loss)      # 1/accumulation (and the fp16 loss scale); reduces as it goes
+    engine.step()              # at the accumulation boundary: norm, clip, AdamW, all-gather
+
+Every decision that must agree across ranks (skip on overflow, the clipping factor) is derived
+from values all ranks hold after a collective, so all ranks decide the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zero_ext import comm
+from zero_ext.config import ZeroConfig
+from zero_ext.zero.buckets import GradientBuckets
+from zero_ext.zero.optimizer import ZeroOptimizer
+from zero_ext.zero.partition import BucketLayout, plan_buckets
+
+__all__ = ["ZeroEngine", "DynamicLossScaler"]
+
+
+@dataclass
+class DynamicLossScaler:
+    """fp16 loss scale: halve on overflow (after `hysteresis` overflows), double after
+    `window` clean steps, never below `min_scale`. A static scale never changes."""
+
+    scale: float
+    dynamic: bool
+    window: int
+    hysteresis: int
+    min_scale: float
+    consecutive_hysteresis: bool = False
+    clean_steps: int = 0
+    hysteresis_left: int = 0
+
+    def __post_init__(self):
+        self.hysteresis_left = self.hysteresis
+
+    def update(self, overflow: bool) -> None:
+        if not self.dynamic:
+            return
+        if overflow:
+            self.clean_steps = 0
+            if self.hysteresis_left > 1:
+                self.hysteresis_left -= 1
+            else:
+                self.scale = max(self.scale / 2.0, self.min_scale)
+            return
+        self.clean_steps += 1
+        if self.consecutive_hysteresis:
+            self.hysteresis_left = self.hysteresis
+        if self.clean_steps % self.window == 0:
+            self.scale *= 2.0
+            self.hysteresis_left = self.hysteresis
+
+    def state_dict(self) -> dict:
+        return dict(scale=self.scale, clean_steps=self.clean_steps,
+                    hysteresis_left=self.hysteresis_left)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = state["scale"]
+        self.clean_steps = state["clean_steps"]
+        self.hysteresis_left = state["hysteresis_left"]
+
+
+class _Timers:
+    """Wall-clock totals per phase since the last report (wall_clock_breakdown)."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled = enabled
+        self.device = device
+        self.totals: dict[str, float] = {}
+
+    def time(self, name: str):
+        timers = self
+
+        class _Span:
+            def __enter__(self):
+                if timers.enabled and timers.device.type == "cuda":
+                    torch.cuda.synchronize(timers.device)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timers.enabled:
+                    if timers.device.type == "cuda":
+                        torch.cuda.synchronize(timers.device)
+                    timers.totals[name] = timers.totals.get(name, 0.0) + (
+                        time.perf_counter() - self.start)
+
+        return _Span()
+
+    def report(self) -> str:
+        text = "  ".join(f"{k} {1e3 * v:.1f}ms" for k, v in self.totals.items())
+        self.totals.clear()
+        return text
+
+
+def _structure_signature(params: list[tuple[str, nn.Parameter]]) -> int:
+    text = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for n, p in params)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+
+
+class ZeroEngine(nn.Module):
+    """The training engine for stages 0-2. Built by zero_ext.initialize()."""
+
+    def __init__(self, model: nn.Module, config: ZeroConfig, param_groups: list[dict],
+                 optimizer_defaults: dict):
+        super().__init__()
+        self.config = config
+        self.rank, self.world_size = comm.rank(), comm.world_size()
+        self.batch = config.resolve_batch(self.world_size)
+        self.stage = config.zero_optimization.stage
+        self.module = model
+        self.global_steps = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self._global_grad_norm: float | None = None
+        self._last_loss: torch.Tensor | None = None
+        self._samples_since_print = 0
+        self._time_of_print = time.perf_counter()
+
+        self.model_dtype = config.mixed_precision or torch.float32
+        self.device = self._pick_device(model)
+        model.to(device=self.device)
+        if self.model_dtype != torch.float32:
+            model.to(dtype=self.model_dtype)
+        self.comm_dtype = config.comm_dtype or self.model_dtype
+        self._timers = _Timers(config.wall_clock_breakdown, self.device)
+
+        named = list(model.named_parameters())
+        self._check_same_structure(named)
+        self._broadcast_from_rank0()
+
+        # Trainable parameters in registration order, each tagged with its optimizer group.
+        group_of: dict[nn.Parameter, int] = {}
+        for index, group in enumerate(param_groups):
+            for p in group["params"]:
+                if p in group_of:
+                    raise ValueError("zero_ext.initialize: a parameter appears in two parameter "
+                                     "groups; give each parameter one group")
+                group_of[p] = index
+        self._params = [p for _, p in named if p.requires_grad and p in group_of]
+        missing = [n for n, p in named if p.requires_grad and p not in group_of]
+        if missing:
+            raise ValueError(
+                f"zero_ext.initialize: trainable parameters missing from model_parameters: "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; pass all of them (or set "
+                f"requires_grad=False on the ones to freeze)")
+        bucket_numel = config.zero_optimization.reduce_bucket_size
+        self.layouts: list[BucketLayout] = plan_buckets(
+            [p.numel() for p in self._params], [p.shape for p in self._params],
+            [group_of[p] for p in self._params], self.world_size, bucket_numel)
+        self.flat_params = self._flatten_parameters()
+
+        self.optimizer = ZeroOptimizer(param_groups, self.layouts, self.flat_params,
+                                       rank=self.rank, sharded=self.stage >= 1,
+                                       defaults=optimizer_defaults)
+        self.grad_buckets = GradientBuckets(
+            self.layouts, self._params, stage=self.stage, comm_dtype=self.comm_dtype,
+            accumulation_steps=self.batch.gradient_accumulation_steps,
+            overlap_comm=config.zero_optimization.overlap)
+        fp16 = config.fp16
+        self.loss_scaler = None
+        if fp16.enabled:
+            dynamic = fp16.loss_scale == 0
+            self.loss_scaler = DynamicLossScaler(
+                scale=2.0 ** fp16.initial_scale_power if dynamic else fp16.loss_scale,
+                dynamic=dynamic, window=fp16.loss_scale_window, hysteresis=fp16.hysteresis,
+                min_scale=fp16.min_loss_scale, consecutive_hysteresis=fp16.consecutive_hysteresis)
+        self.lr_scheduler = None
+
+    # -- setup ------------------------------------------------------------------------------
+    @staticmethod
+    def _pick_device(model: nn.Module) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _check_same_structure(self, named: list[tuple[str, nn.Parameter]]) -> None:
+        """Different parameter lists across ranks would make collectives mismatch and hang."""
+        signatures = comm.all_gather_object(_structure_signature(named))
+        if len(set(signatures)) > 1:
+            summaries = comm.all_gather_object(
+                f"{len(named)} parameters, {sum(p.numel() for _, p in named)} elements")
+            detail = "; ".join(f"rank {r}: {s}" for r, s in enumerate(summaries))
+            raise RuntimeError(
+                "zero_ext.initialize: the model's parameters (names, shapes, dtypes or "
+                f"requires_grad) differ across ranks ({detail}); every rank must build the same "
+                "model before initialize")
+
+    @torch.no_grad()
+    def _broadcast_from_rank0(self) -> None:
+        """Every rank starts from rank 0's weights and buffers, as DDP does."""
+        for tensor in list(self.module.parameters()) + list(self.module.buffers()):
+            comm.broadcast(tensor.data, src=0)
+
+    @torch.no_grad()
+    def _flatten_parameters(self) -> list[torch.Tensor]:
+        """Moves each trainable parameter into its bucket's flat buffer and makes it a view."""
+        flats = []
+        for layout in self.layouts:
+            flat = torch.zeros(layout.padded_numel, dtype=self.model_dtype, device=self.device)
+            for slot in layout.slots:
+                param = self._params[slot.param_index]
+                view = flat[slot.offset:slot.offset + slot.numel].view(param.shape)
+                view.copy_(param.data)
+                param.data = view
+            flats.append(flat)
+        return flats
+
+    # -- training ---------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        with self._timers.time("forward"):
+            return self.module(*args, **kwargs)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.batch.gradient_accumulation_steps == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagates `loss` / gradient_accumulation_steps (times the fp16 loss scale) and
+        reduces gradients as buckets fill."""
+        if loss.dim() != 0:
+            raise ValueError(f"zero_ext: engine.backward expects a scalar loss, got shape "
+                             f"{tuple(loss.shape)}; reduce it (e.g. .mean()) first")
+        self._last_loss = loss.detach()
+        scaled = loss.float() / self.batch.gradient_accumulation_steps
+        if self.loss_scaler is not None:
+            scaled = scaled * self.loss_scaler.scale
+        micro_index = self.micro_steps % self.batch.gradient_accumulation_steps
+        with self._timers.time("backward"):
+            self.grad_buckets.begin_backward(self.is_gradient_accumulation_boundary(),
+                                             micro_index)
+            try:
+                scaled.backward()
+            finally:
+                with self._timers.time("reduce"):
+                    self.grad_buckets.end_backward()
+
+    def step(self) -> None:
+        """At an accumulation boundary: global norm, overflow check, clip, AdamW, all-gather.
+        Between boundaries only counts the micro-step."""
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        self._samples_since_print += self.batch.train_micro_batch_size_per_gpu * self.world_size
+        if not boundary:
+            return
+        with self._timers.time("step"):
+            self._optimizer_step()
+        self.global_steps += 1
+        if self.global_steps % self.config.steps_per_print == 0:
+            self._report()
+
+    @torch.no_grad()
+    def _optimizer_step(self) -> None:
+        grads = self.grad_buckets.reduced_grads()
+        norm = self._global_norm(grads)
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        overflow = not math.isfinite(norm)
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow)
+        if overflow:
+            self._global_grad_norm = norm
+            self.grad_buckets.clear()
+            if self.loss_scaler is None:
+                raise FloatingPointError(
+                    f"zero_ext: the gradient norm is {norm} at step {self.global_steps}; without "
+                    "fp16 loss scaling there is nothing to retry. Lower the learning rate, "
+                    "enable gradient_clipping, or check the loss for inf/nan")
+            self.skipped_steps += 1
+            return
+        norm /= scale
+        self._global_grad_norm = norm
+        factor = 1.0 / scale
+        clip = self.config.gradient_clipping
+        if clip > 0:
+            clip_coef = clip / (norm + 1e-6)
+            if clip_coef < 1.0:
+                factor *= clip_coef
+        inv_scale = None
+        if factor != 1.0:
+            inv_scale = torch.tensor(factor, dtype=torch.float32, device=self.device)
+        self.optimizer.sharded_step(grads, inv_scale)
+        self.grad_buckets.clear()
+        if self.stage >= 1:
+            self._all_gather_params()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+    def _global_norm(self, grads: list[torch.Tensor]) -> float:
+        """L2 norm of the whole averaged gradient: local shards' squares, summed across ranks
+        (stage 0 buckets are already whole on every rank). inf/nan anywhere gives inf/nan on
+        every rank, which makes the skip decision collective."""
+        # Squares summed in fp64: a loss-scaled fp16 gradient's squares can pass fp32's range.
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for grad in grads:
+            squares += torch.linalg.vector_norm(grad, dtype=torch.float32).double() ** 2
+        if self.stage >= 1:
+            comm.all_reduce(squares)
+        return math.sqrt(squares.item())
+
+    def _all_gather_params(self) -> None:
+        """Every rank's updated slice of every bucket, into every rank's flat buffers.
+        allgather_bucket_size bounds the elements of one collective."""
+        piece = max(self.config.zero_optimization.allgather_bucket_size // self.world_size, 1)
+        for layout, flat in zip(self.layouts, self.flat_params):
+            shard = layout.shard_numel
+            start, _ = layout.shard_range(self.rank)
+            if shard <= piece:
+                comm.all_gather(flat, flat[start:start + shard])
+                continue
+            views = flat.view(self.world_size, shard)
+            for lo in range(0, shard, piece):
+                hi = min(lo + piece, shard)
+                gathered = torch.empty((self.world_size, hi - lo), dtype=flat.dtype,
+                                       device=flat.device)
+                comm.all_gather(gathered.view(-1), views[self.rank, lo:hi].contiguous())
+                views[:, lo:hi].copy_(gathered)
+
+    # -- reporting --------------------------------------------------------------------------
+    def get_global_grad_norm(self) -> float | None:
+        """The global gradient norm of the last boundary step (before clipping), or None."""
+        return self._global_grad_norm
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _report(self) -> None:
+        now = time.perf_counter()
+        samples_per_s = self._samples_since_print / max(now - self._time_of_print, 1e-9)
+        self._samples_since_print, self._time_of_print = 0, now
+        loss = self._last_loss.float().item() if self._last_loss is not None else float("nan")
+        if self.rank != 0:
+            self._timers.report()
+            return
+        scale = f"  loss scale {self.loss_scaler.scale:g}" if self.loss_scaler else ""
+        line = (f"[zero_ext] step {self.global_steps}  loss {loss:.4f}  lr "
+                f"{self.get_lr()[0]:.3e}  grad norm {self._global_grad_norm:.4f}{scale}  "
+                f"{samples_per_s:.1f} samples/s")
+        if self.config.wall_clock_breakdown:
+            line += "  | " + self._timers.report()
+        print(line, flush=True)
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes held on this rank now: model parameters (flat buffers), gradients, and
+        optimizer state (fp32 master weights that do not alias the model, moments)."""
+        params = sum(f.numel() * f.element_size() for f in self.flat_params)
+        return {"params": params, "grads": self.grad_buckets.nbytes(), **self.optimizer.nbytes()}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The complete model state dict as CPU tensors, on every rank (collective at stage 3;
+        at stages 0-2 every rank already holds whole parameters)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+
+
+def split_param_groups(model: nn.Module, model_parameters, defaults: dict) -> list[dict]:
+    """The user's model_parameters (None, an iterable of tensors, or of group dicts) as a list of
+    group dicts with every hyperparameter filled from `defaults`."""
+    if model_parameters is None:
+        model_parameters = [p for p in model.parameters() if p.requires_grad]
+    items = list(model_parameters)
+    if not items:
+        raise ValueError("zero_ext.initialize: no trainable parameters")
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    out = []
+    for group in groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        out.append({**defaults, **{k: v for k, v in group.items() if k != "params"},
+                    "params": params})
+    return out
+
+
+def as_optimizer_defaults(config: ZeroConfig, optimizer) -> dict:
+    """Hyperparameters for the sharded AdamW: from the config's optimizer section, or adopted
+    from a torch.optim.AdamW / Adam (or zero_ext.optim.AdamW) instance the user passed."""
+    from zero_ext.optim import AdamW as ZeroAdamW
+
+    if optimizer is None:
+        opt = config.optimizer
+        if opt is None:
+            from zero_ext.config import OptimizerConfig
+            opt = OptimizerConfig()
+        p = opt.params
+        return dict(lr=p.lr, betas=tuple(p.betas), eps=p.eps, weight_decay=p.weight_decay,
+                    bias_correction=p.bias_correction,
+                    decoupled_weight_decay=opt.decoupled_weight_decay, maximize=False)
+    supported = (torch.optim.AdamW, torch.optim.Adam, ZeroAdamW)
+    if not isinstance(optimizer, supported):
+        raise TypeError(
+            f"zero_ext.initialize: optimizer={type(optimizer).__name__} is not supported: stages "
+            "0-2 shard AdamW/Adam state in C++; pass a torch.optim.AdamW or Adam (its "
+            "hyperparameters and parameter groups are adopted) or an 'optimizer' config section")
+    group = optimizer.param_groups[0]
+    if group.get("amsgrad", False):
+        raise ValueError("zero_ext.initialize: amsgrad is not supported; use amsgrad=False")
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get(
+        "decoupled_weight_decay", isinstance(optimizer, ZeroAdamW))
+    return dict(lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
+                weight_decay=group["weight_decay"], bias_correction=group.get(
+                    "bias_correction", True), decoupled_weight_decay=bool(decoupled),
+                maximize=group.get("maximize", False))
+
+
+def initialize(model: nn.Module, config, model_parameters: Iterable | None = None,
+               optimizer=None, lr_scheduler=None, training_data=None,
+               collate_fn: Callable | None = None):
+    """Wraps `model` for ZeRO data-parallel training. Returns
+    (engine, optimizer, dataloader, lr_scheduler); dataloader is None without training_data."""
+    config = ZeroConfig.load(config)
+    comm.init_distributed()
+    if config.zero_optimization.stage == 3:
+        raise NotImplementedError(
+            "zero_ext: zero_optimization.stage 3 is not available in this version; use stage 2 "
+            "(gradients and optimizer state sharded) or stage 1")
+    if config.zero_optimization.offload_optimizer.device != "none" or \
+            config.zero_optimization.offload_param.device != "none":
+        raise NotImplementedError("zero_ext: offload_optimizer / offload_param are not available "
+                                  "in this version; set their device to 'none'")
+    defaults = as_optimizer_defaults(config, optimizer)
+    if optimizer is not None:
+        if model_parameters is not None:
+            raise ValueError("zero_ext.initialize: pass either optimizer or model_parameters, "
+                             "not both (the optimizer already names its parameters)")
+        model_parameters = [dict(g) for g in optimizer.param_groups]
+    groups = split_param_groups(model, model_parameters, defaults)
+    engine = ZeroEngine(model, config, groups, defaults)
+
+    scheduler = None
+    if lr_scheduler is not None:
+        scheduler = lr_scheduler(engine.optimizer) if callable(lr_scheduler) and not hasattr(
+            lr_scheduler, "step") else lr_scheduler
+        if getattr(scheduler, "optimizer", None) is not engine.optimizer:
+            raise ValueError("zero_ext.initialize: lr_scheduler must drive the optimizer that "
+                             "initialize returns; pass a callable optimizer -> scheduler")
+    elif config.scheduler is not None:
+        from zero_ext.lr_schedules import build_scheduler
+        scheduler = build_scheduler(config.scheduler, engine.optimizer)
+    engine.lr_scheduler = scheduler
+
+    dataloader = None
+    if training_data is not None:
+        sampler = torch.utils.data.DistributedSampler(
+            training_data, num_replicas=engine.world_size, rank=engine.rank)
+        dataloader = torch.utils.data.DataLoader(
+            training_data, batch_size=engine.batch.train_micro_batch_size_per_gpu,
+            sampler=sampler, collate_fn=collate_fn, drop_last=True)
+    return engine, engine.optimizer, dataloader, scheduler

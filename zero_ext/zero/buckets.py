@@ -1,0 +1,189 @@
+"""Partitioned gradient buckets: fill from autograd hooks, reduce while backward runs, keep a shard.
+
+The engine creates one GradientBuckets for its trainable parameters and calls begin_backward /
+end_backward around each backward pass; parameter hooks do the rest. When every gradient of a
+bucket exists, one zero_ext::flatten_into_ launch copies them (cast to the communication dtype,
+pre-divided by the world size) into the bucket's flat buffer, the parameters' .grad are freed,
+and the bucket's collective starts asynchronously while autograd goes on with earlier layers:
+  stage 0  all-reduce of the whole bucket (every rank keeps every gradient)
+  stage 1  reduce-scatter at the accumulation boundary only (.grad accumulates in between)
+  stage 2  reduce-scatter on every micro-step; the shard is accumulated in fp32 across them
+Collectives start in bucket order, whatever order gradients arrive in, so every rank issues the
+same sequence of collectives even when some parameters receive no gradient.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from zero_ext import comm, ops
+from zero_ext.zero.partition import BucketLayout
+
+__all__ = ["BucketState", "GradientBucket", "GradientBuckets"]
+
+
+class BucketState(enum.Enum):
+    WAITING = "waiting"      # not all gradients of this backward have arrived
+    READY = "ready"          # complete, waiting for earlier buckets to start their collectives
+    REDUCING = "reducing"    # collective in flight
+    REDUCED = "reduced"      # this rank's gradient is in `grad`
+
+
+@dataclass(eq=False)
+class GradientBucket:
+    layout: BucketLayout
+    params: list[torch.nn.Parameter]   # in slot order
+    offsets: list[int]                 # slot offsets, for the flatten op
+    arrived: set[int] = field(default_factory=set)   # slot positions whose grad arrived
+    state: BucketState = BucketState.WAITING
+    flat: torch.Tensor | None = None   # whole padded bucket in the communication dtype
+    work: object | None = None         # the in-flight collective's handle
+    grad: torch.Tensor | None = None   # what the optimizer reads: full (stage 0) or shard
+    accumulated: torch.Tensor | None = None  # stage 2 with accumulation: fp32 shard sum
+
+
+class GradientBuckets:
+    """Every trainable parameter's gradient path from autograd to the optimizer."""
+
+    def __init__(self, layouts: list[BucketLayout], params: list[torch.nn.Parameter], *,
+                 stage: int, comm_dtype: torch.dtype, accumulation_steps: int,
+                 overlap_comm: bool):
+        self.stage = stage
+        self.comm_dtype = comm_dtype
+        self.accumulation_steps = accumulation_steps
+        self.overlap_comm = overlap_comm
+        self.world_size = comm.world_size()
+        self.rank = comm.rank()
+        self.buckets = [
+            GradientBucket(layout, [params[s.param_index] for s in layout.slots],
+                           [s.offset for s in layout.slots]) for layout in layouts]
+        self._where: dict[torch.nn.Parameter, tuple[GradientBucket, int]] = {}
+        for bucket in self.buckets:
+            for position, param in enumerate(bucket.params):
+                self._where[param] = (bucket, position)
+        self._next_launch = 0
+        self._active = False       # inside engine.backward
+        self._reduce_now = False   # this backward reduces (boundary, or every one in stage 2)
+        self._micro_index = 0      # micro-step within the accumulation window (stage 2)
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- backward ---------------------------------------------------------------------------
+    def begin_backward(self, boundary: bool, micro_index: int) -> None:
+        self._active = True
+        self._reduce_now = boundary or self.stage == 2
+        self._micro_index = micro_index
+        self._next_launch = 0
+        for bucket in self.buckets:
+            bucket.arrived.clear()
+            bucket.state = BucketState.WAITING
+
+    def _on_grad(self, param: torch.nn.Parameter) -> None:
+        if not self._active:
+            raise RuntimeError(
+                "zero_ext: a gradient was produced outside engine.backward(); call "
+                "engine.backward(loss) instead of loss.backward() so gradients are reduced")
+        if not self._reduce_now:
+            return  # stage 0/1 between boundaries: autograd accumulates into .grad
+        bucket, position = self._where[param]
+        bucket.arrived.add(position)
+        if len(bucket.arrived) == len(bucket.params):
+            bucket.state = BucketState.READY
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while (self._next_launch < len(self.buckets)
+               and self.buckets[self._next_launch].state is BucketState.READY):
+            self._launch(self.buckets[self._next_launch])
+            self._next_launch += 1
+
+    def _launch(self, bucket: GradientBucket) -> None:
+        layout = bucket.layout
+        # Zeros: alignment gaps, padding and parameters without a gradient contribute nothing.
+        bucket.flat = torch.zeros(layout.padded_numel, dtype=self.comm_dtype,
+                                  device=bucket.params[0].device)
+        present = [i for i, p in enumerate(bucket.params) if p.grad is not None]
+        ops.flatten_into_(bucket.flat, [bucket.params[i].grad for i in present],
+                          [bucket.offsets[i] for i in present], scale=1.0 / self.world_size)
+        for i in present:
+            bucket.params[i].grad = None
+        if self.stage == 0:
+            bucket.work = comm.all_reduce(bucket.flat, async_op=True)
+        else:
+            out = torch.empty(layout.shard_numel, dtype=self.comm_dtype, device=bucket.flat.device)
+            bucket.work = comm.reduce_scatter(out, bucket.flat, async_op=True)
+            bucket.grad = out
+        bucket.state = BucketState.REDUCING
+        if not self.overlap_comm:
+            self._finish(bucket)
+
+    def _finish(self, bucket: GradientBucket) -> None:
+        if bucket.state is not BucketState.REDUCING:
+            return
+        if bucket.work is not None:
+            bucket.work.wait()
+            bucket.work = None
+        if self.stage == 0:
+            bucket.grad = bucket.flat  # the all-reduced bucket itself
+        bucket.flat = None
+        if self.stage == 2 and self.accumulation_steps > 1:
+            if bucket.accumulated is None:
+                bucket.accumulated = torch.empty(bucket.layout.shard_numel, dtype=torch.float32,
+                                                 device=bucket.grad.device)
+            ops.flatten_into_(bucket.accumulated, [bucket.grad], [0],
+                              accumulate=self._micro_index > 0)
+            bucket.grad = None
+        bucket.state = BucketState.REDUCED
+
+    def end_backward(self) -> None:
+        """Starts what has not started (parameters that got no gradient) and waits for all."""
+        try:
+            if self._reduce_now:
+                for bucket in self.buckets[self._next_launch:]:
+                    bucket.state = BucketState.READY
+                self._launch_ready()
+                for bucket in self.buckets:
+                    self._finish(bucket)
+        finally:
+            self._active = False
+
+    # -- optimizer side ----------------------------------------------------------------------
+    def reduced_grads(self) -> list[torch.Tensor]:
+        """Per bucket, the averaged gradient this rank steps with: the whole bucket at stage 0,
+        this rank's shard otherwise (fp32 when accumulated over micro-steps at stage 2)."""
+        grads = []
+        for bucket in self.buckets:
+            grad = bucket.accumulated if bucket.accumulated is not None else bucket.grad
+            if grad is None:
+                raise RuntimeError("zero_ext: no reduced gradients: engine.step() at an "
+                                   "accumulation boundary needs engine.backward() first")
+            grads.append(grad)
+        return grads
+
+    def clear(self) -> None:
+        """Drops the gradients after a step (or a skipped step). The stage-2 fp32 accumulator
+        stays allocated: the next window's first micro-step overwrites it."""
+        for bucket in self.buckets:
+            bucket.grad = None
+            bucket.flat = None
+            for param in bucket.params:
+                param.grad = None
+
+    def nbytes(self) -> int:
+        """Bytes of gradient storage held now (buckets and any .grad of our parameters)."""
+        seen = set()
+        total = 0
+        tensors = [t for b in self.buckets for t in (b.flat, b.grad, b.accumulated)]
+        tensors += [p.grad for b in self.buckets for p in b.params]
+        for t in tensors:
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total

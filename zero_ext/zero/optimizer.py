@@ -1,0 +1,94 @@
+"""The sharded optimizer: fp32 master weights and AdamW state for this rank's slice of each bucket.
+
+Created by the engine at initialize and driven by engine.step(); users see it as the
+`optimizer` that zero_ext.initialize returns, a torch.optim.Optimizer whose param_groups are
+theirs (LR schedulers set group["lr"] as usual). One zero_ext::adamw_step_ call per parameter
+group updates every bucket shard of the group, and writes the new 16-bit weights straight into
+the model's flat buffer when the model computes in 16 bits; the engine then all-gathers them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zero_ext import ops
+from zero_ext.zero.partition import BucketLayout
+
+__all__ = ["ShardState", "ZeroOptimizer"]
+
+
+@dataclass(eq=False)
+class ShardState:
+    """Optimizer state for this rank's slice [start, end) of one bucket."""
+
+    layout: BucketLayout
+    start: int
+    end: int
+    master: torch.Tensor             # fp32 weights; a view of the model's flat buffer if fp32
+    weights_16bit: torch.Tensor | None   # the model's 16-bit slice, written in the same pass
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: torch.Tensor               # one-element fp32 CPU step count, as torch.optim keeps it
+
+
+class ZeroOptimizer(torch.optim.Optimizer):
+    """AdamW / Adam over bucket shards. `sharded=False` (stage 0) keeps whole buckets."""
+
+    def __init__(self, param_groups: list[dict], layouts: list[BucketLayout],
+                 flat_params: list[torch.Tensor], *, rank: int, sharded: bool, defaults: dict):
+        super().__init__(param_groups, defaults)
+        self.shards: list[ShardState] = []
+        for layout, flat in zip(layouts, flat_params):
+            start, end = layout.shard_range(rank) if sharded else (0, layout.padded_numel)
+            view = flat[start:end]
+            fp32 = flat.dtype == torch.float32
+            master = view if fp32 else view.detach().float()
+            self.shards.append(ShardState(
+                layout, start, end, master, None if fp32 else view,
+                torch.zeros_like(master), torch.zeros_like(master),
+                torch.tensor(0.0, dtype=torch.float32)))
+
+    @torch.no_grad()
+    def sharded_step(self, grads: list[torch.Tensor], inv_scale: torch.Tensor | None) -> None:
+        """One update of every shard from its reduced gradient (`grads` in bucket order).
+        `inv_scale` multiplies every gradient (loss-scale and clipping factors)."""
+        by_group: dict[tuple[int, torch.dtype], list[tuple[ShardState, torch.Tensor]]] = {}
+        for shard, grad in zip(self.shards, grads):
+            by_group.setdefault((shard.layout.group, grad.dtype), []).append((shard, grad))
+        for (group_index, _), pairs in by_group.items():
+            group = self.param_groups[group_index]
+            shards = [s for s, _ in pairs]
+            copies = [s.weights_16bit for s in shards if s.weights_16bit is not None]
+            ops.adamw_step_(
+                [s.master for s in shards], [g for _, g in pairs], [s.exp_avg for s in shards],
+                [s.exp_avg_sq for s in shards], [s.step for s in shards], copies,
+                lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                eps=group["eps"], weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                bias_correction=group["bias_correction"], maximize=group["maximize"],
+                inv_scale=inv_scale)
+        # torch's LR schedulers check that the optimizer stepped before they do; this is our step.
+        self._opt_called = True
+
+    def step(self, closure=None):
+        raise RuntimeError("zero_ext: the sharded optimizer is stepped by engine.step(), which "
+                           "reduces gradients first; call engine.step() instead of optimizer.step()")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """No-op: the engine owns gradients and drops them after every step."""
+
+    def state_dict(self):
+        raise RuntimeError("zero_ext: the sharded optimizer's state is spread over ranks; it is "
+                           "saved with engine.save_checkpoint(), not optimizer.state_dict()")
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held per kind of state: master weights not aliasing the model, and moments."""
+        def size(ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+        return {
+            "master": size([s.master for s in self.shards if s.weights_16bit is not None]),
+            "exp_avg": size([s.exp_avg for s in self.shards]),
+            "exp_avg_sq": size([s.exp_avg_sq for s in self.shards]),
+        }
