@@ -67,8 +67,10 @@ def config(stage: int, dtype: str, accumulation: int, world_size: int, clip: flo
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": clip,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
-        # Small buckets: several buckets, one parameter spanning ranks' shards.
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": 700, **zero},
+        # Small buckets: several buckets, one parameter spanning ranks' shards. Stages 0 and 2
+        # reduce while backward runs (overlap_comm), stage 1 reduces synchronously.
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 700,
+                              "overlap_comm": stage != 1, **zero},
         "steps_per_print": 10**6,
     }
     if dtype == "bf16":
@@ -229,9 +231,25 @@ def deepspeed_example() -> dict:
                 weight_decay=group["weight_decay"], steps=engine.global_steps)
 
 
+def communication_dtype() -> dict:
+    """bf16 model reducing in fp32 (communication_data_type): bytes per element of each
+    collective."""
+    world_size, rank = comm.world_size(), comm.rank()
+    cfg = config(2, "bf16", 1, world_size)
+    cfg["communication_data_type"] = "fp32"
+    engine, _, _, _ = zero_ext.initialize(model=build_model(), config=cfg)
+    tokens, targets = global_batch(0, world_size, 1)
+    comm.traffic.reset()
+    engine.backward(engine(tokens[0, rank], targets[0, rank]))
+    engine.step()
+    t = comm.traffic.snapshot()
+    return {op: t.bytes[op] / t.elements[op] for op in ("reduce_scatter", "all_gather")}
+
+
 def engine_checks() -> dict:
     return {"overflow": fp16_overflow(), "mismatch": mismatched_models(),
             "example": deepspeed_example(), "adopted": adopted_torch_optimizer(),
+            "replicated_sgd": replicated_sgd(), "comm_dtype": communication_dtype(),
             "schedules": schedules_and_loaders(),
             "memory": memory_cases()}
 
@@ -313,4 +331,40 @@ def schedules_and_loaders() -> dict:
     batches = list(loader)
     out["loader"] = dict(batches=len(batches), shape=tuple(batches[0][0].shape),
                          first_rows=[int(b[0][0, 0]) for b in batches])
+    return out
+
+
+def replicated_sgd() -> dict:
+    """Stage 0 with a torch.optim.SGD the user built: runs as it is, on reduced gradients."""
+    world_size, rank = comm.world_size(), comm.rank()
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+    model = build_model()
+    cfg = config(0, "fp32", 2, world_size)
+    del cfg["optimizer"]
+    engine, optimizer, _, _ = zero_ext.initialize(model=model, config=cfg,
+                                                  optimizer=sgd(param_groups(model)))
+    for step in range(3):
+        tokens, targets = global_batch(step, world_size, 2)
+        for micro in range(2):
+            engine.backward(engine(tokens[micro, rank], targets[micro, rank]))
+            engine.step()
+    out = {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+           "same_optimizer": optimizer is engine.optimizer}
+    if rank == 0:
+        ref_model = build_model()
+        ref = sgd(param_groups(ref_model))
+        params = [p for g in ref.param_groups for p in g["params"]]
+        for step in range(3):
+            tokens, targets = global_batch(step, world_size, 2)
+            ref.zero_grad(set_to_none=True)
+            ref_model(tokens.reshape(-1, SEQ), targets.reshape(-1, SEQ)).backward()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            ref.step()
+        out["reference"] = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
     return out

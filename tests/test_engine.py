@@ -179,3 +179,19 @@ def test_training_data_gets_a_distributed_loader_of_micro_batches():
         assert loader["shape"] == (engine_cases.MICRO, engine_cases.SEQ)
     # The two ranks see different samples.
     assert set(loaders[0]["first_rows"]).isdisjoint(loaders[1]["first_rows"])
+
+
+def test_stage0_runs_any_torch_optimizer_on_reduced_gradients():
+    results = _checks(2)
+    reference = results[0]["replicated_sgd"]["reference"]
+    for rank, result in enumerate(results):
+        assert result["replicated_sgd"]["same_optimizer"]
+        for name, ref in reference.items():
+            got = result["replicated_sgd"]["params"][name]
+            assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(),
+                         msg=f"rank {rank} {name}")
+
+
+def test_communication_data_type_sets_the_gradient_reduction_dtype():
+    # fp32 gradient reduce-scatter for a bf16 model; parameters still all-gather in bf16.
+    assert _checks(2)[0]["comm_dtype"] == {"reduce_scatter": 4.0, "all_gather": 2.0}

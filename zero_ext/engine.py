@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from zero_ext import comm
+from zero_ext import comm, ops
 from zero_ext.config import ZeroConfig
 from zero_ext.zero.buckets import GradientBuckets
 from zero_ext.zero.optimizer import ZeroOptimizer
@@ -118,7 +118,8 @@ class ZeroEngine(nn.Module):
     """The training engine for stages 0-2. Built by zero_ext.initialize()."""
 
     def __init__(self, model: nn.Module, config: ZeroConfig, param_groups: list[dict],
-                 optimizer_defaults: dict):
+                 optimizer_defaults: dict | None,
+                 replicated_optimizer: torch.optim.Optimizer | None = None):
         super().__init__()
         self.config = config
         self.rank, self.world_size = comm.rank(), comm.world_size()
@@ -166,9 +167,12 @@ class ZeroEngine(nn.Module):
             [group_of[p] for p in self._params], self.world_size, bucket_numel)
         self.flat_params = self._flatten_parameters()
 
-        self.optimizer = ZeroOptimizer(param_groups, self.layouts, self.flat_params,
-                                       rank=self.rank, sharded=self.stage >= 1,
-                                       defaults=optimizer_defaults)
+        # Stage 0 may run any torch optimizer on the whole, replicated parameters; otherwise the
+        # sharded AdamW.
+        self.replicated_optimizer = replicated_optimizer
+        self.optimizer = replicated_optimizer or ZeroOptimizer(
+            param_groups, self.layouts, self.flat_params, rank=self.rank,
+            sharded=self.stage >= 1, defaults=optimizer_defaults)
         self.grad_buckets = GradientBuckets(
             self.layouts, self._params, stage=self.stage, comm_dtype=self.comm_dtype,
             accumulation_steps=self.batch.gradient_accumulation_steps,
@@ -293,12 +297,26 @@ class ZeroEngine(nn.Module):
         inv_scale = None
         if factor != 1.0:
             inv_scale = torch.tensor(factor, dtype=torch.float32, device=self.device)
-        self.optimizer.sharded_step(grads, inv_scale)
+        if self.replicated_optimizer is None:
+            self.optimizer.sharded_step(grads, inv_scale)
+        else:
+            self._replicated_step(grads, factor)
         self.grad_buckets.clear()
         if self.stage >= 1:
             self._all_gather_params()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
+
+    def _replicated_step(self, grads: list[torch.Tensor], factor: float) -> None:
+        """Stage 0 with the user's optimizer: the all-reduced buckets go back out to each
+        parameter's .grad (one copy-out launch per bucket), scaled, and the optimizer steps."""
+        for bucket, grad in zip(self.grad_buckets.buckets, grads):
+            for param in bucket.params:
+                param.grad = torch.empty_like(param)
+            ops.unflatten_from(grad, [p.grad for p in bucket.params], bucket.offsets)
+        if factor != 1.0:
+            torch._foreach_mul_([p.grad for p in self._params], factor)
+        self.replicated_optimizer.step()
 
     def _global_norm(self, grads: list[torch.Tensor]) -> float:
         """L2 norm of the whole averaged gradient: local shards' squares, summed across ranks
@@ -358,7 +376,13 @@ class ZeroEngine(nn.Module):
         """Bytes held on this rank now: model parameters (flat buffers), gradients, and
         optimizer state (fp32 master weights that do not alias the model, moments)."""
         params = sum(f.numel() * f.element_size() for f in self.flat_params)
-        return {"params": params, "grads": self.grad_buckets.nbytes(), **self.optimizer.nbytes()}
+        if self.replicated_optimizer is None:
+            state = self.optimizer.nbytes()
+        else:
+            state = {"optimizer": sum(t.numel() * t.element_size()
+                                      for per_param in self.optimizer.state.values()
+                                      for t in per_param.values() if torch.is_tensor(t))}
+        return {"params": params, "grads": self.grad_buckets.nbytes(), **state}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The complete model state dict as CPU tensors, on every rank (collective at stage 3;
@@ -383,6 +407,13 @@ def split_param_groups(model: nn.Module, model_parameters, defaults: dict) -> li
     return out
 
 
+def _adam_types() -> tuple[type, ...]:
+    """Optimizer classes whose state the sharded AdamW can take over."""
+    from zero_ext.optim import AdamW as ZeroAdamW
+
+    return (torch.optim.AdamW, torch.optim.Adam, ZeroAdamW)
+
+
 def as_optimizer_defaults(config: ZeroConfig, optimizer) -> dict:
     """Hyperparameters for the sharded AdamW: from the config's optimizer section, or adopted
     from a torch.optim.AdamW / Adam (or zero_ext.optim.AdamW) instance the user passed."""
@@ -397,12 +428,13 @@ def as_optimizer_defaults(config: ZeroConfig, optimizer) -> dict:
         return dict(lr=p.lr, betas=tuple(p.betas), eps=p.eps, weight_decay=p.weight_decay,
                     bias_correction=p.bias_correction,
                     decoupled_weight_decay=opt.decoupled_weight_decay, maximize=False)
-    supported = (torch.optim.AdamW, torch.optim.Adam, ZeroAdamW)
-    if not isinstance(optimizer, supported):
+    if not isinstance(optimizer, _adam_types()):
         raise TypeError(
-            f"zero_ext.initialize: optimizer={type(optimizer).__name__} is not supported: stages "
-            "0-2 shard AdamW/Adam state in C++; pass a torch.optim.AdamW or Adam (its "
-            "hyperparameters and parameter groups are adopted) or an 'optimizer' config section")
+            f"zero_ext.initialize: optimizer={type(optimizer).__name__} is not supported at "
+            f"stage {config.zero_optimization.stage}: stages 1-2 shard AdamW/Adam state in C++. "
+            "Pass a torch.optim.AdamW or Adam (its hyperparameters and parameter groups are "
+            "adopted) or an 'optimizer' config section, or use stage 0, which runs any torch "
+            "optimizer")
     group = optimizer.param_groups[0]
     if group.get("amsgrad", False):
         raise ValueError("zero_ext.initialize: amsgrad is not supported; use amsgrad=False")
@@ -429,14 +461,20 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
             config.zero_optimization.offload_param.device != "none":
         raise NotImplementedError("zero_ext: offload_optimizer / offload_param are not available "
                                   "in this version; set their device to 'none'")
-    defaults = as_optimizer_defaults(config, optimizer)
-    if optimizer is not None:
-        if model_parameters is not None:
-            raise ValueError("zero_ext.initialize: pass either optimizer or model_parameters, "
-                             "not both (the optimizer already names its parameters)")
-        model_parameters = [dict(g) for g in optimizer.param_groups]
-    groups = split_param_groups(model, model_parameters, defaults)
-    engine = ZeroEngine(model, config, groups, defaults)
+    if optimizer is not None and model_parameters is not None:
+        raise ValueError("zero_ext.initialize: pass either optimizer or model_parameters, not "
+                         "both (the optimizer already names its parameters)")
+    if optimizer is not None and not isinstance(optimizer, _adam_types()) and \
+            config.zero_optimization.stage == 0:
+        # Stage 0 replicates the optimizer: any torch optimizer runs as it is.
+        groups = [dict(g) for g in optimizer.param_groups]
+        engine = ZeroEngine(model, config, groups, None, replicated_optimizer=optimizer)
+    else:
+        defaults = as_optimizer_defaults(config, optimizer)
+        if optimizer is not None:
+            model_parameters = [dict(g) for g in optimizer.param_groups]
+        groups = split_param_groups(model, model_parameters, defaults)
+        engine = ZeroEngine(model, config, groups, defaults)
 
     scheduler = None
     if lr_scheduler is not None:
