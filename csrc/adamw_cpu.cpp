@@ -23,21 +23,6 @@ struct SpanWork {
   int64_t numel;
 };
 
-kernels::cpu::AdamWSpanFn adamw_span_kernel() {
-  switch (selected_cpu_isa()) {
-#ifdef ZERO_EXT_HAVE_AVX512
-    case CpuIsa::kAvx512:
-      return kernels::cpu::adamw_span_AVX512;
-#endif
-#ifdef ZERO_EXT_HAVE_AVX2
-    case CpuIsa::kAvx2:
-      return kernels::cpu::adamw_span_AVX2;
-#endif
-    default:
-      return kernels::cpu::adamw_span_DEFAULT;
-  }
-}
-
 template <typename T>
 T* offset_ptr(const at::Tensor& t, int64_t begin) {
   return static_cast<T*>(t.data_ptr()) + begin;
@@ -77,7 +62,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                            : element_type(params_16bit[0].scalar_type());
   const size_t grad_bytes = grads[0].element_size();
   const size_t copy_bytes = params_16bit.empty() ? 0 : params_16bit[0].element_size();
-  const kernels::cpu::AdamWSpanFn kernel = adamw_span_kernel();
+  const kernels::cpu::AdamWSpanFn kernel = ZERO_EXT_CPU_KERNEL(kernels::cpu::adamw_span);
 
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t w = first; w < last; ++w) {

@@ -19,21 +19,6 @@ namespace {
 // one big tensor spreads over every thread. A unit may cover the ends of several small tensors.
 constexpr int64_t kSpanElements = 1 << 16;
 
-kernels::cpu::BucketCopySpanFn bucket_copy_span_kernel() {
-  switch (selected_cpu_isa()) {
-#ifdef ZERO_EXT_HAVE_AVX512
-    case CpuIsa::kAvx512:
-      return kernels::cpu::bucket_copy_span_AVX512;
-#endif
-#ifdef ZERO_EXT_HAVE_AVX2
-    case CpuIsa::kAvx2:
-      return kernels::cpu::bucket_copy_span_AVX2;
-#endif
-    default:
-      return kernels::cpu::bucket_copy_span_DEFAULT;
-  }
-}
-
 // One tensor's side of the copy and its range in flat, resolved to raw pointers once per call.
 struct TensorRange {
   char* tensor;
@@ -61,7 +46,7 @@ void bucket_copy_cpu(const BucketCopyArgs& args, float scale, bool accumulate) {
   const int64_t total = starts[n];
   const int64_t units = (total + kSpanElements - 1) / kSpanElements;
   const bool into_flat = args.direction == BucketCopyDirection::kIntoFlat;
-  const kernels::cpu::BucketCopySpanFn kernel = bucket_copy_span_kernel();
+  const kernels::cpu::BucketCopySpanFn kernel = ZERO_EXT_CPU_KERNEL(kernels::cpu::bucket_copy_span);
 
   at::parallel_for(0, units, 1, [&](int64_t first, int64_t last) {
     for (int64_t u = first; u < last; ++u) {

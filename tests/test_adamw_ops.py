@@ -4,16 +4,14 @@ The reference is torch's own optimizer stepping an fp32 copy of the same paramet
 same gradients (16-bit gradients are upcast for it, exactly as the op upcasts them).
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.testing import assert_close
 
 import zero_ext
 from zero_ext import ops
+
+from cpu_isas import run_under_each_isa
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -263,20 +261,7 @@ def test_every_compiled_isa_gives_identical_results(tmp_path):
                    m=[torch.zeros(n) for n in sizes], v=[torch.zeros(n) for n in sizes],
                    grads=[_random_grads(sizes, "cpu", dtype, gen) for _ in range(3)])
               for dtype in GRAD_DTYPES]
-    torch.save(inputs, tmp_path / "inputs.pt")
-    capability = torch.backends.cpu.get_cpu_capability()
-    supported = {"DEFAULT": True, "AVX2": capability in ("AVX2", "AVX512"),
-                 "AVX512": capability == "AVX512"}
-    runs = {}
-    for isa in zero_ext._C.cpu_isas_built().split(","):
-        if not supported.get(isa, False):
-            continue
-        path = tmp_path / f"{isa}.pt"
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": isa.lower()}
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "inputs.pt"),
-                        str(path)], env=env, check=True)
-        runs[isa] = torch.load(path)
-        assert runs[isa]["isa"] == isa
+    runs = run_under_each_isa(_ISA_SCRIPT, inputs, tmp_path)
     baseline = runs.pop("DEFAULT")["tensors"]
     for isa, run in runs.items():
         assert all(torch.equal(a, b) for a, b in zip(run["tensors"], baseline)), isa

@@ -6,15 +6,13 @@ The reference is plain torch, op by op: a cast is ``t.to(dtype)``, a scaled copy
 on every device, for every pair of dtypes, including rounding ties and fp16 subnormals.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import zero_ext
 from zero_ext import ops
+
+from cpu_isas import run_under_each_isa
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -270,19 +268,7 @@ def test_every_compiled_isa_matches_torch(tmp_path):
                           "accumulate": accumulate, "outs": outs})
             expected.append([_expected_flatten(flat, tensors, offsets, scale, accumulate)]
                             + _expected_unflatten(flat, outs, offsets))
-    torch.save(cases, tmp_path / "inputs.pt")
-    capability = torch.backends.cpu.get_cpu_capability()
-    supported = {"DEFAULT": True, "AVX2": capability in ("AVX2", "AVX512"),
-                 "AVX512": capability == "AVX512"}
-    for isa in zero_ext._C.cpu_isas_built().split(","):
-        if not supported.get(isa, False):
-            continue
-        path = tmp_path / f"{isa}.pt"
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": isa.lower()}
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "inputs.pt"),
-                        str(path)], env=env, check=True)
-        run = torch.load(path)
-        assert run["isa"] == isa
+    for run in run_under_each_isa(_ISA_SCRIPT, cases, tmp_path).values():
         for actual_case, expected_case in zip(run["results"], expected):
             for actual, e in zip(actual_case, expected_case):
                 _assert_bits_equal(actual, e)

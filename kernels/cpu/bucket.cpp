@@ -14,13 +14,7 @@
 #include <cstring>
 #include <type_traits>
 
-#ifndef CPU_CAPABILITY
-#error "kernels/cpu/bucket.cpp is compiled by setup.py with -DCPU_CAPABILITY=<ISA>"
-#endif
-
-#define ZERO_EXT_CONCAT_INNER(a, b) a##_##b
-#define ZERO_EXT_CONCAT(a, b) ZERO_EXT_CONCAT_INNER(a, b)
-#define ZERO_EXT_ISA_FN(name) ZERO_EXT_CONCAT(name, CPU_CAPABILITY)
+#include "kernels/cpu/isa_name.h"
 
 namespace zero_ext::kernels::cpu {
 namespace {

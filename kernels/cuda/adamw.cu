@@ -13,6 +13,7 @@
 
 #include "kernels/adamw_math.h"
 #include "kernels/cuda/adamw.cuh"
+#include "kernels/cuda/elements.cuh"
 
 namespace zero_ext::kernels::cuda {
 namespace {
@@ -64,73 +65,6 @@ struct RnSqrt {
   __device__ __forceinline__ RnFloat operator()(RnFloat v) const { return __fsqrt_rn(v.x); }
 };
 
-// Conversions between the 16-bit element types and fp32 (exact one way, round-to-nearest-even
-// the other, as c10::BFloat16 / c10::Half convert on the CPU).
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-
-__device__ __forceinline__ uint32_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
-__device__ __forceinline__ uint32_t bits(__half x) { return __half_as_ushort(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_bits(uint32_t b);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_bits<__nv_bfloat16>(uint32_t b) {
-  return __ushort_as_bfloat16(static_cast<unsigned short>(b));
-}
-template <>
-__device__ __forceinline__ __half from_bits<__half>(uint32_t b) {
-  return __ushort_as_half(static_cast<unsigned short>(b));
-}
-
-// kIlp consecutive elements as one vector access: 16 bytes for fp32, 8 bytes for 16-bit types.
-// The native vector types (float4, uint2) guarantee a single LDG/STG of that width.
-__device__ __forceinline__ void load_vec(const float* src, float (&dst)[kIlp]) {
-  const float4 x = *reinterpret_cast<const float4*>(src);
-  dst[0] = x.x;
-  dst[1] = x.y;
-  dst[2] = x.z;
-  dst[3] = x.w;
-}
-
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* src, float (&dst)[kIlp]) {
-  const uint2 x = *reinterpret_cast<const uint2*>(src);
-  dst[0] = to_float(from_bits<T>(x.x & 0xffffu));
-  dst[1] = to_float(from_bits<T>(x.x >> 16));
-  dst[2] = to_float(from_bits<T>(x.y & 0xffffu));
-  dst[3] = to_float(from_bits<T>(x.y >> 16));
-}
-
-__device__ __forceinline__ void store_vec(float* dst, const float (&src)[kIlp]) {
-  *reinterpret_cast<float4*>(dst) = make_float4(src[0], src[1], src[2], src[3]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store_vec(T* dst, const float (&src)[kIlp]) {
-  uint2 x;
-  x.x = bits(from_float<T>(src[0])) | (bits(from_float<T>(src[1])) << 16);
-  x.y = bits(from_float<T>(src[2])) | (bits(from_float<T>(src[3])) << 16);
-  *reinterpret_cast<uint2*>(dst) = x;
-}
-
-template <typename T>
-__device__ __forceinline__ bool vec_aligned(const T* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % (kIlp * sizeof(T)) == 0;
-}
-
 __device__ __forceinline__ void update(float& p, float& m, float& v, float g,
                                        const AdamWCoefficients<RnFloat>& c) {
   RnFloat rp(p), rm(m), rv(v);
@@ -167,10 +101,11 @@ __global__ void __launch_bounds__(kBlockThreads)
   float* __restrict__ m = meta.exp_avg[slot] + begin;
   float* __restrict__ v = meta.exp_avg_sq[slot] + begin;
   Copy* __restrict__ copy = nullptr;
-  bool aligned = vec_aligned(p) && vec_aligned(g) && vec_aligned(m) && vec_aligned(v);
+  bool aligned =
+      vec_aligned<kIlp>(p) && vec_aligned<kIlp>(g) && vec_aligned<kIlp>(m) && vec_aligned<kIlp>(v);
   if constexpr (!std::is_void_v<Copy>) {
     copy = static_cast<Copy*>(meta.param_16bit[slot]) + begin;
-    aligned = aligned && vec_aligned(copy);
+    aligned = aligned && vec_aligned<kIlp>(copy);
   }
 
   if (aligned) {

@@ -14,6 +14,7 @@
 
 #include "kernels/adamw_math.h"
 #include "kernels/cuda/bucket.cuh"
+#include "kernels/cuda/elements.cuh"
 
 namespace zero_ext::kernels::cuda {
 namespace {
@@ -42,80 +43,9 @@ static_assert(kBucketChunkElements % (kBucketBlockThreads * kIlp) == 0,
 static_assert(kBucketChunkElements * sizeof(uint16_t) % 16 == 0,
               "a chunk starts as aligned as its tensor");
 
-// Conversions between the element types and fp32 (exact one way, round-to-nearest-even the
-// other, as c10::BFloat16 / c10::Half convert on the CPU).
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
-
-__device__ __forceinline__ uint32_t bits(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
-__device__ __forceinline__ uint32_t bits(__half x) { return __half_as_ushort(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_bits(uint32_t b);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_bits<__nv_bfloat16>(uint32_t b) {
-  return __ushort_as_bfloat16(static_cast<unsigned short>(b));
-}
-template <>
-__device__ __forceinline__ __half from_bits<__half>(uint32_t b) {
-  return __ushort_as_half(static_cast<unsigned short>(b));
-}
-
 // kIlp consecutive elements of T as kWords<T> 16-byte accesses.
 template <typename T>
 constexpr int kWords = kIlp * sizeof(T) / sizeof(uint4);
-
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* src, float (&dst)[kIlp]) {
-#pragma unroll
-  for (int w = 0; w < kWords<T>; ++w) {
-    const uint4 x = reinterpret_cast<const uint4*>(src)[w];
-    const uint32_t u[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if constexpr (std::is_same_v<T, float>) {
-        dst[w * 4 + j] = __uint_as_float(u[j]);
-      } else {
-        dst[w * 8 + 2 * j] = to_float(from_bits<T>(u[j] & 0xffffu));
-        dst[w * 8 + 2 * j + 1] = to_float(from_bits<T>(u[j] >> 16));
-      }
-    }
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store_vec(T* dst, const float (&src)[kIlp]) {
-#pragma unroll
-  for (int w = 0; w < kWords<T>; ++w) {
-    uint32_t u[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if constexpr (std::is_same_v<T, float>) {
-        u[j] = __float_as_uint(src[w * 4 + j]);
-      } else {
-        u[j] = bits(from_float<T>(src[w * 8 + 2 * j])) |
-               (bits(from_float<T>(src[w * 8 + 2 * j + 1])) << 16);
-      }
-    }
-    reinterpret_cast<uint4*>(dst)[w] = make_uint4(u[0], u[1], u[2], u[3]);
-  }
-}
 
 template <typename T>
 __device__ __forceinline__ void copy_vec(const T* src, T* dst) {
@@ -123,10 +53,6 @@ __device__ __forceinline__ void copy_vec(const T* src, T* dst) {
   for (int w = 0; w < kWords<T>; ++w) {
     reinterpret_cast<uint4*>(dst)[w] = reinterpret_cast<const uint4*>(src)[w];
   }
-}
-
-__device__ __forceinline__ bool vec_aligned(const void* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % sizeof(uint4) == 0;
 }
 
 // One element's new value. The _rn intrinsics are never contracted into an FMA, whatever nvcc's
@@ -144,7 +70,7 @@ template <typename Src, typename Dst, bool kScaled, bool kAccumulate>
 __device__ __forceinline__ void copy_chunk(const Src* src, Dst* dst, int n, float scale) {
   // A plain same-type copy moves bits, never converting (not even a NaN's payload changes).
   constexpr bool kRaw = std::is_same_v<Src, Dst> && !kScaled && !kAccumulate;
-  if (vec_aligned(src) && vec_aligned(dst)) {
+  if (vec_aligned<kIlp>(src) && vec_aligned<kIlp>(dst)) {
     // Whole vectors first; only a tensor's last chunk can leave up to kIlp - 1 elements over.
     const int n_vec = n & ~(kIlp - 1);
     for (int i = threadIdx.x * kIlp; i < n_vec; i += kBucketBlockThreads * kIlp) {
