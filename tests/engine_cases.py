@@ -68,9 +68,11 @@ def config(stage: int, dtype: str, accumulation: int, world_size: int, clip: flo
         "gradient_clipping": clip,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
         # Small buckets: several buckets, one parameter spanning ranks' shards. Stages 0 and 2
-        # reduce while backward runs (overlap_comm), stage 1 reduces synchronously.
+        # reduce while backward runs (overlap_comm), stage 1 reduces synchronously and
+        # all-gathers its buckets in several pieces (allgather_bucket_size).
         "zero_optimization": {"stage": stage, "reduce_bucket_size": 700,
-                              "overlap_comm": stage != 1, **zero},
+                              "overlap_comm": stage != 1,
+                              "allgather_bucket_size": 200 if stage == 1 else 10**8, **zero},
         "steps_per_print": 10**6,
     }
     if dtype == "bf16":
@@ -176,6 +178,7 @@ def memory_and_traffic(stage: int) -> dict:
                              "after_step": engine.memory_breakdown(),
                              "numels": layout_numels(engine)}
         out["buckets"] = len(engine.layouts)
+        out["shards"] = [layout.shard_numel for layout in engine.layouts]
     return out
 
 
