@@ -57,6 +57,9 @@ class GradientBuckets:
         self.overlap_comm = overlap_comm
         self.world_size = comm.world_size()
         self.rank = comm.rank()
+        # Stage 0 keeps whole buckets; so does every stage on one rank, where a shard is the
+        # whole bucket and a reduce-scatter would only copy it.
+        self._whole_buckets = stage == 0 or self.world_size == 1
         self.buckets = [
             GradientBucket(layout, [params[s.param_index] for s in layout.slots],
                            [s.offset for s in layout.slots]) for layout in layouts]
@@ -114,7 +117,7 @@ class GradientBuckets:
                           [bucket.offsets[i] for i in present], scale=1.0 / self.world_size)
         for i in present:
             bucket.params[i].grad = None
-        if self.stage == 0:
+        if self._whole_buckets:
             bucket.work = comm.all_reduce(bucket.flat, async_op=True)
         else:
             out = torch.empty(layout.shard_numel, dtype=self.comm_dtype, device=bucket.flat.device)
@@ -130,7 +133,7 @@ class GradientBuckets:
         if bucket.work is not None:
             bucket.work.wait()
             bucket.work = None
-        if self.stage == 0:
+        if self._whole_buckets:
             bucket.grad = bucket.flat  # the all-reduced bucket itself
         bucket.flat = None
         if self.stage == 2 and self.accumulation_steps > 1:
