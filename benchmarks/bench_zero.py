@@ -6,18 +6,27 @@ ZeroRedundancyOptimizer and DeepSpeed, on a small GPT, all in one torchrun launc
     torchrun --nproc_per_node=1 benchmarks/bench_zero.py
     torchrun --nproc_per_node=1 benchmarks/bench_zero.py --json zero_ws1.json   # on a GPU: NCCL
     torchrun --nproc_per_node=2 benchmarks/bench_zero.py --layers 8 --d-model 512 --breakdown
+    torchrun --nproc_per_node=2 benchmarks/bench_zero.py --impls ddp,zero_ext --bucket 1e6
 
 Every implementation trains the same model (same seed, same initial weights) on the same
-synthetic token batches (seeded per rank), one after the other, each freed before the next:
+synthetic token batches (seeded per rank) with AdamW at lr 1e-4, weight decay 0.01, one after
+the other, each freed before the next:
   ddp             DistributedDataParallel (gradient_as_bucket_view) + torch.optim.AdamW, fused
                   when this torch supports it on the device, else foreach. The baseline.
   ddp+zero-redund DDP + torch.distributed.optim.ZeroRedundancyOptimizer(AdamW, same kind).
   zero_ext s0-s2  zero_ext.initialize with zero_optimization.stage 0, 1, 2 and overlap_comm.
+                  At the default --bucket (5e7 elements) the default model is one bucket, so its
+                  gradient reduction starts only after the whole backward, where DDP's default
+                  buckets (25 MiB, the first 1 MiB) overlap part of it; --bucket 1e6 gives
+                  zero_ext four buckets.
   deepspeed s0-s2 deepspeed.initialize with the same config, where it runs here (else the row
                   says why not). Imported last: importing DeepSpeed reconfigures the process.
-Each runs --warmup steps, then --steps timed steps. A step is forward + backward + optimizer
-step. Ranks meet at a barrier before and after the timed loop only; rank 0 stamps the clock
-after every step (after torch.cuda.synchronize on a GPU) and reports the median step.
+Each runs --warmup steps, then --steps timed steps, and the whole sequence repeats --rounds times
+(rebuilt each time), so that load from elsewhere on a shared machine falls on several
+implementations rather than on one. A step is forward + backward + optimizer step. Ranks meet at
+a barrier before and after the timed loop only; rank 0 stamps the clock after every step (after
+torch.cuda.synchronize on a GPU) and reports the median over all rounds' timed steps, and on CPU
+the medians of its two host-side phases, forward+backward and optimizer step.
 
 Columns:
   step ms      median step time on rank 0; vs DDP is that over DDP's median step.
@@ -33,7 +42,8 @@ Columns:
   peak MiB     GPU: torch.cuda.max_memory_allocated over warm-up and timed steps (activations
                included), reset between implementations. CPU: the process's peak RSS
                (ru_maxrss) over the same span, per rank, after resetting the high-water mark
-               through /proc/self/clear_refs; it includes the ~0.3 GiB of libraries.
+               through /proc/self/clear_refs; it includes the ~0.3 GiB of libraries. From the
+               first round, before DeepSpeed's import adds its own libraries.
   comm         elements (and MiB) each rank sends per step, ring-algorithm sense.
                zero_ext: measured by zero_ext.comm.traffic over the last timed step.
                DDP: theory, all-reduce of the fp32 gradients: 2 psi (N-1)/N elements.
@@ -64,6 +74,7 @@ import os
 import resource
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -83,11 +94,11 @@ MIB = 2**20
 # -- the model --------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class GPTConfig:
-    vocab: int
-    seq: int
+    vocab: int     # token ids, and the tied embedding / LM head's rows
+    seq: int       # context length (learned positions)
     d_model: int
-    layers: int
-    heads: int
+    layers: int    # transformer blocks
+    heads: int     # attention heads; d_model must divide by it
 
 
 class Block(nn.Module):
@@ -154,10 +165,13 @@ def storage_bytes(tensors) -> int:
 def live_storages(device: torch.device) -> dict[int, int]:
     """data_ptr -> bytes of every storage on `device` that a Python-visible tensor holds."""
     out = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device == device and obj.numel() > 0:
+    with warnings.catch_warnings():  # isinstance() wakes deprecated module attributes up
+        warnings.simplefilter("ignore")
+        tensors = [t for t in gc.get_objects() if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        if t.device == device and t.numel() > 0:
             try:
-                storage = obj.untyped_storage()
+                storage = t.untyped_storage()
             except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
                 continue
             out[storage.data_ptr()] = storage.nbytes()
@@ -192,11 +206,16 @@ class Comm:
 
     def describe(self) -> str:
         kind = "measured" if self.measured else "theory"
-        parts = [f"{op} {self.calls[op]}x " if op in self.calls else f"{op} " for op in
-                 self.elements]
-        parts = [f"{p}{self.elements[op] / 1e6:.3f}M el/{self.bytes[op] / MIB:.2f} MiB"
-                 for p, op in zip(parts, self.elements)]
+        parts = [f"{op} " + (f"{self.calls[op]}x " if op in self.calls else "")
+                 + f"{count(n)} el/{count(self.bytes[op], 'B')}" for op, n in self.elements.items()]
         return f"comm {kind}: " + (", ".join(parts) if parts else "none")
+
+
+def count(n: float, unit: str = "") -> str:
+    """12 el, 3.717M el; 16 B, 14.18 MiB."""
+    if unit == "B":
+        return f"{n / MIB:.2f} MiB" if n >= MIB / 10 else f"{n:.0f} B"
+    return f"{n / 1e6:.3f}M" if n >= 1e5 else f"{n:.0f}"
 
 
 def ring_theory(psi: int, world: int, element_size: int, collectives: dict[str, float]) -> Comm:
@@ -223,6 +242,8 @@ class Trainer:
 
 @dataclass(kw_only=True)
 class Setup:
+    """What every implementation is built from."""
+
     cfg: GPTConfig
     device: torch.device
     micro_batch: int
@@ -230,7 +251,7 @@ class Setup:
     bucket_numel: int
     torch_adamw: dict          # {"fused": True} or {"foreach": True}
     breakdown: bool
-    steps: int
+    total_steps: int           # warm-up + timed: where the engines' own progress lines go
 
     def model(self) -> GPT:
         torch.manual_seed(0)  # every implementation starts from the same weights
@@ -286,6 +307,8 @@ def zero_config(setup: Setup, stage: int) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY}},
         "zero_optimization": {"stage": stage, "reduce_bucket_size": setup.bucket_numel,
                               "overlap_comm": True},
+        # The engines' progress line: after the last step with --breakdown, else never.
+        "steps_per_print": setup.total_steps + (0 if setup.breakdown else 1),
     }
     if setup.bf16:
         config["bf16"] = {"enabled": True}
@@ -295,7 +318,7 @@ def zero_config(setup: Setup, stage: int) -> dict:
 def build_zero_ext(setup: Setup, stage: int) -> Trainer:
     config = zero_config(setup, stage)
     if setup.breakdown:
-        config.update(wall_clock_breakdown=True, steps_per_print=setup.steps)
+        config["wall_clock_breakdown"] = True  # totals over all steps, printed after the last
     engine, _, _, _ = zero_ext.initialize(model=setup.model(), config=config,
                                           model_parameters=None)
 
@@ -316,7 +339,7 @@ def build_zero_ext(setup: Setup, stage: int) -> Trainer:
 
 
 def build_deepspeed(setup: Setup, stage: int) -> Trainer:
-    import deepspeed  # noqa: PLC0415  (imported only when its rows run)
+    import deepspeed  # here, not at the top: only when its rows run, after the others
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     before = live_storages(setup.device)
@@ -350,17 +373,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def train(trainer: Trainer, batches, warmup: int, steps: int, device: torch.device) -> dict:
-    """Warm-up, then timed steps; returns rank 0's per-step seconds and this rank's figures."""
+    """Warm-up, then timed steps: rank 0's per-step and per-phase seconds, this rank's figures."""
     state = None
     for i in range(warmup):
         trainer.forward_backward(*batches[i])
-        if i == warmup - 1:  # gradients present, optimizer state allocated
+        if i == warmup - 1:  # gradients present; optimizer state made by the steps before
             state = trainer.state_bytes()
         trainer.optimizer_step()
-    phases = {"fwd+bwd": [], "opt step": []}
+    # Phases are host-side spans: on a GPU, without a synchronize between them, they show
+    # launch time, so only the step total is reported there.
+    step_times, fwd_bwd_times = [], []
     synchronize(device)
     dist.barrier()
-    stamps = [time.perf_counter()]
+    last = time.perf_counter()
     for i in range(warmup, warmup + steps):
         if i == warmup + steps - 1:
             zero_ext.comm.traffic.reset()
@@ -368,19 +393,17 @@ def train(trainer: Trainer, batches, warmup: int, steps: int, device: torch.devi
         mid = time.perf_counter()
         trainer.optimizer_step()
         synchronize(device)
-        stamps.append(time.perf_counter())
-        phases["fwd+bwd"].append(mid - stamps[-2])
-        phases["opt step"].append(stamps[-1] - mid)
+        now = time.perf_counter()
+        step_times.append(now - last)
+        fwd_bwd_times.append(mid - last)
+        last = now
     dist.barrier()
-    step_times = [b - a for a, b in zip(stamps, stamps[1:])]
-    return dict(seconds=statistics.median(step_times), step_times=step_times,
-                phases={k: statistics.median(v) for k, v in phases.items()},
-                state=state, loss=loss.detach().float().item(), comm=trainer.comm())
+    return {"step_times": step_times, "fwd_bwd_times": fwd_bwd_times, "state": state,
+            "loss": loss.detach().float().item(), "comm": trainer.comm()}
 
 
-def run_one(name: str, build: Callable[[], Trainer], setup: Setup, batches, args) -> dict:
-    """Builds one implementation, trains it, frees it; the row every rank agrees on."""
-    world = dist.get_world_size()
+def measure(build: Callable[[], Trainer], setup: Setup, batches, args) -> dict:
+    """Builds one implementation, trains it, frees it. Every rank returns the same keys."""
     gc.collect()
     if setup.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -388,26 +411,41 @@ def run_one(name: str, build: Callable[[], Trainer], setup: Setup, batches, args
     trainer, error = None, None
     try:
         trainer = build()
-    except Exception as exc:  # DeepSpeed missing, or its op builds or backend fail here
+    # DeepSpeed missing, or its op builds or its backend failing here, skips the row.
+    except Exception as exc:  # noqa: BLE001
         error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
     errors = [e for e in gather(error) if e is not None]
     if errors:  # every rank skips together, or the next collective would hang
-        return dict(impl=name, error=errors[0])
+        return {"error": errors[0]}
     result = train(trainer, batches, args.warmup, args.steps, setup.device)
-    peak = peak_memory_bytes(setup.device)
-    note = trainer.note
+    result.update(peak=peak_memory_bytes(setup.device), note=trainer.note,
+                  threads=torch.get_num_threads())
     trainer.cleanup()
     del trainer
-    comm = result["comm"]
-    return dict(
-        impl=name, step_ms=1e3 * result["seconds"],
-        step_ms_all=[1e3 * s for s in result["step_times"]],
-        phase_ms={k: 1e3 * v for k, v in result["phases"].items()},
-        samples_per_s=setup.micro_batch * world / result["seconds"],
-        state_bytes_per_rank=gather(result["state"]), peak_bytes_per_rank=gather(peak),
-        comm_elements=sum(comm.elements.values()), comm_bytes=sum(comm.bytes.values()),
-        comm_measured=comm.measured, comm_detail=comm.describe(), loss_rank0=result["loss"],
-        threads=torch.get_num_threads(), note=note)
+    result.update(state=gather(result["state"]), peak=gather(result["peak"]))
+    return result
+
+
+def summarize(name: str, rounds: list[dict], setup: Setup) -> dict:
+    """One row from an implementation's rounds: medians over all their timed steps."""
+    if "error" in rounds[0]:
+        return {"impl": name, "error": rounds[0]["error"]}
+    steps = [t for r in rounds for t in r["step_times"]]
+    fwd_bwd = [t for r in rounds for t in r["fwd_bwd_times"]]
+    opt = [s - f for s, f in zip(steps, fwd_bwd)]
+    seconds = statistics.median(steps)
+    comm, world = rounds[-1]["comm"], dist.get_world_size()
+    phases = None if setup.device.type == "cuda" else {
+        "fwd+bwd": 1e3 * statistics.median(fwd_bwd), "opt step": 1e3 * statistics.median(opt)}
+    return {
+        "impl": name, "step_ms": 1e3 * seconds, "step_ms_all": [1e3 * t for t in steps],
+        "phase_ms": phases, "samples_per_s": setup.micro_batch * world / seconds,
+        "state_bytes_per_rank": rounds[0]["state"],
+        "peak_bytes_per_rank": rounds[0]["peak"],  # later rounds' RSS includes DeepSpeed's import
+        "comm_elements": sum(comm.elements.values()), "comm_bytes": sum(comm.bytes.values()),
+        "comm_measured": comm.measured, "comm_detail": comm.describe(),
+        "loss_rank0": rounds[-1]["loss"], "threads": rounds[-1]["threads"],
+        "note": rounds[-1]["note"]}
 
 
 def gather(obj) -> list:
@@ -427,9 +465,16 @@ def pick_torch_adamw(device: torch.device) -> dict:
         return {"foreach": True}
 
 
-def print_table(rows: list[dict], device: torch.device) -> None:
+def add_ratios(rows: list[dict]) -> None:
+    """vs_ddp: each row's median step over DDP's (None without a DDP row)."""
     baseline = next((r["step_ms"] for r in rows if r["impl"] == "ddp" and "error" not in r),
                     None)
+    for r in rows:
+        if "error" not in r:
+            r["vs_ddp"] = r["step_ms"] / baseline if baseline else None
+
+
+def print_table(rows: list[dict], device: torch.device) -> None:
     peak_name = "peak alloc MiB" if device.type == "cuda" else "RSS peak MiB"
     print(f"\n{'impl':<16}{'step ms':>9}{'samples/s':>11}{'vs DDP':>8}{'state MiB':>11}"
           f"{peak_name:>16}{'comm el/step':>14}{'comm MiB':>10}")
@@ -437,8 +482,7 @@ def print_table(rows: list[dict], device: torch.device) -> None:
         if "error" in r:
             print(f"{r['impl']:<16}  unavailable: {r['error']}")
             continue
-        r["vs_ddp"] = r["step_ms"] / baseline if baseline else None
-        ratio = f"{r['vs_ddp']:.2f}x" if baseline else "-"
+        ratio = f"{r['vs_ddp']:.2f}x" if r["vs_ddp"] else "-"
         comm_kind = "" if r["comm_measured"] else "*"
         peaks = "/".join(f"{b / MIB:.0f}" for b in r["peak_bytes_per_rank"])
         print(f"{r['impl']:<16}{r['step_ms']:9.1f}{r['samples_per_s']:11.1f}{ratio:>8}"
@@ -447,8 +491,10 @@ def print_table(rows: list[dict], device: torch.device) -> None:
     print("(* theory, not measured; peak MiB per rank, rank 0 first)")
     for r in rows:
         if "error" not in r:
-            phases = ", ".join(f"{k} {v:.1f} ms" for k, v in r["phase_ms"].items())
-            print(f"  {r['impl']:<14} {r['note']}; median {phases}; loss {r['loss_rank0']:.4f}; "
+            spread = f"steps {min(r['step_ms_all']):.0f}-{max(r['step_ms_all']):.0f} ms"
+            if r["phase_ms"]:
+                spread += ", median " + ", ".join(f"{k} {v:.1f}" for k, v in r["phase_ms"].items())
+            print(f"  {r['impl']:<15} {r['note']}; {spread}; loss {r['loss_rank0']:.4f}; "
                   f"{r['comm_detail']}")
 
 
@@ -461,7 +507,10 @@ def print_goal(rows: list[dict], device: torch.device, world: int) -> None:
     else:
         print("\nGoal: none stated for GPUs at world size > 1")
         return
-    ratios = {n: by_name[n]["vs_ddp"] for n in names if n in by_name and "ddp" in by_name}
+    if "ddp" not in by_name:
+        print("\nGoal: not evaluated without the ddp row")
+        return
+    ratios = {n: by_name[n]["vs_ddp"] for n in names if n in by_name}
     ok = len(ratios) == len(names) and all(v <= limit for v in ratios.values())
     detail = ", ".join(f"{n} {v:.3f}x" for n, v in ratios.items()) or "not measured"
     print(f"\nGoal ({what} step time <= {limit:.2f}x): {detail} -> {'PASS' if ok else 'FAIL'}")
@@ -479,21 +528,24 @@ def main() -> None:
     parser.add_argument("--bucket", type=float, default=5e7,
                         help="zero_ext/DeepSpeed reduce_bucket_size, elements")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each implementation is built and timed, in turn")
     parser.add_argument("--impls", default="ddp,ddp+zero-redund,zero_ext,deepspeed",
                         help="comma-separated families to run")
     parser.add_argument("--breakdown", action="store_true",
                         help="zero_ext wall_clock_breakdown: its phase totals at the last step")
     parser.add_argument("--json", help="write the rows here (rank 0)")
     args = parser.parse_args()
-    if args.warmup < 1 or args.steps < 1:
-        parser.error("--warmup and --steps must be >= 1")
+    if min(args.steps, args.rounds) < 1 or args.warmup < 2:
+        parser.error("--steps and --rounds must be >= 1, --warmup >= 2 (model state is measured "
+                     "in the last warm-up step, after torch's AdamW has made its state)")
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -501,7 +553,8 @@ def main() -> None:
                     heads=args.heads)
     setup = Setup(cfg=cfg, device=device, micro_batch=args.micro_batch, bf16=args.dtype == "bf16",
                   bucket_numel=int(args.bucket), torch_adamw=pick_torch_adamw(device),
-                  breakdown=args.breakdown, steps=args.steps)
+                  breakdown=args.breakdown,
+                  total_steps=args.warmup + args.steps)
     gen = torch.Generator(device=device).manual_seed(1000 + rank)  # each rank its own data
     batches = []
     for _ in range(args.warmup + args.steps):
@@ -510,6 +563,9 @@ def main() -> None:
         batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
 
     families = set(args.impls.split(","))
+    unknown = families - {"ddp", "ddp+zero-redund", "zero_ext", "deepspeed"}
+    if unknown:
+        parser.error(f"--impls: unknown {sorted(unknown)}")
     impls: list[tuple[str, Callable[[], Trainer]]] = []
     if "ddp" in families:
         impls.append(("ddp", lambda: build_ddp(setup, shard_optimizer=False)))
@@ -527,21 +583,30 @@ def main() -> None:
               f"{cfg.vocab}, seq {cfg.seq}: {psi / 1e6:.2f}M params; micro batch "
               f"{args.micro_batch} x {world} rank(s), {args.dtype}, "
               f"{dist.get_backend()}, {where}; torch {torch.__version__}; "
-              f"{args.warmup} warm-up + {args.steps} timed steps", flush=True)
-    rows = []
-    for name, build in impls:
-        rows.append(run_one(name, build, setup, batches, args))
-        if rank == 0:
-            r = rows[-1]
-            print(f"  {name}: " + (f"{r['step_ms']:.1f} ms/step" if "error" not in r
-                                   else "unavailable"), flush=True)
+              f"{args.rounds} round(s) of {args.warmup} warm-up + {args.steps} timed steps",
+              flush=True)
+    # Rounds interleave the implementations in time, so a burst of load from elsewhere on
+    # the machine lands on several of them rather than on one.
+    results: dict[str, list[dict]] = {name: [] for name, _ in impls}
+    for round_index in range(args.rounds):
+        for name, build in impls:
+            if results[name] and "error" in results[name][0]:
+                continue
+            results[name].append(measure(build, setup, batches, args))
+            r = results[name][-1]
+            if rank == 0:
+                print(f"  round {round_index + 1}/{args.rounds} {name}: " + (
+                    f"{1e3 * statistics.median(r['step_times']):.1f} ms/step" if "error" not in r
+                    else "unavailable"), flush=True)
+    rows = [summarize(name, results[name], setup) for name, _ in impls]
+    add_ratios(rows)
     if rank == 0:
         print_table(rows, device)
         print_goal(rows, device, world)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(model=vars(cfg), world_size=world, dtype=args.dtype,
-                               device=str(device), rows=rows), f, indent=1)
+                json.dump({"model": vars(cfg), "world_size": world, "dtype": args.dtype,
+                               "device": str(device), "rows": rows}, f, indent=1)
     dist.destroy_process_group()
 
 

@@ -39,19 +39,22 @@ def test_parity_with_single_process_adamw(world_size, stage, dtype, accumulation
         assert_close(torch.tensor(got["norms"], dtype=torch.float64),
                      torch.tensor(reference["norms"], dtype=torch.float64), rtol=norm_rtol,
                      atol=0.0, msg=f"rank {rank} grad norms")
-        for name, ref in reference["params"].items():
-            param = got["params"][name]
-            if dtype == "fp32":
-                assert_close(param, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(),
-                             msg=f"rank {rank} {name}")
-            else:
-                # bf16: reduction order differs (per-rank sums vs one backward), so compare the
-                # training update itself: its error must be a small fraction of its size.
-                initial = engine_cases.build_model().to(torch.bfloat16).float()
-                start = dict(initial.named_parameters())[name].detach()
-                update, ref_update = param - start, ref - start
-                error = (update - ref_update).norm() / ref_update.norm().clamp_min(1e-12)
-                assert error < 0.05, f"rank {rank} {name}: relative update error {error:.3g}"
+        if dtype == "fp32":
+            for name, ref in reference["params"].items():
+                assert_close(got["params"][name], ref, rtol=1e-5,
+                             atol=1e-5 * ref.abs().max().item(), msg=f"rank {rank} {name}")
+            continue
+        # bf16: the reduction order differs (per-rank sums vs one backward) and Adam turns
+        # rounding noise in near-zero gradients into whole lr-sized steps of either sign, so
+        # single elements can differ by 2*lr. What must agree is the training update as a whole:
+        # its error is a small fraction of its size (a wrong shard, a lost micro-step or a
+        # missing all-gather each make it tens of percent).
+        initial = dict(engine_cases.build_model().to(torch.bfloat16).float().named_parameters())
+        update = torch.cat([(got["params"][n] - initial[n]).flatten() for n in initial])
+        ref_update = torch.cat([(reference["params"][n] - initial[n]).flatten()
+                                for n in initial])
+        error = ((update - ref_update).norm() / ref_update.norm()).item()
+        assert error < 0.05, f"rank {rank}: relative error of the bf16 update {error:.3g}"
 
 
 @functools.cache

