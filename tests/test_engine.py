@@ -5,6 +5,7 @@ per-case tests read its results.
 """
 
 import functools
+import os
 
 import pytest
 import torch
@@ -19,15 +20,22 @@ CASES = [(stage, dtype, acc) for stage in (0, 1, 2) for dtype in ("fp32", "bf16"
 
 
 @functools.cache
-def _parity_results(world_size):
-    return run_group(world_size, engine_cases.parity_cases, CASES, STEPS)
+def _parity_results(world_size, transport):
+    # The shared-memory transport is comm's default on one CPU host; "gloo" runs the same
+    # cases over gloo's asynchronous collectives, the path NCCL shares.
+    os.environ["ZERO_EXT_CPU_SHM"] = "1" if transport == "shm" else "0"
+    try:
+        return run_group(world_size, engine_cases.parity_cases, CASES, STEPS)
+    finally:
+        del os.environ["ZERO_EXT_CPU_SHM"]
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("world_size, transport", [(1, "shm"), (2, "shm"), (3, "shm"),
+                                                   (4, "shm"), (3, "gloo")])
 @pytest.mark.parametrize("stage, dtype, accumulation", CASES,
                          ids=[f"stage{s}-{d}-acc{a}" for s, d, a in CASES])
-def test_parity_with_single_process_adamw(world_size, stage, dtype, accumulation):
-    results = _parity_results(world_size)
+def test_parity_with_single_process_adamw(world_size, transport, stage, dtype, accumulation):
+    results = _parity_results(world_size, transport)
     case = (stage, dtype, accumulation)
     reference = results[0][case]["reference"]
     for rank, result in enumerate(results):

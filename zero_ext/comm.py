@@ -6,13 +6,20 @@ CPU or CUDA tensors) and counts, per collective, the calls and the elements each
 the bandwidth-optimal ring sense, so tests and benchmarks can check traffic against theory:
   all_reduce of n elements: 2n(N-1)/N   reduce_scatter of n (input): n(N-1)/N
   all_gather of n (output): n(N-1)/N    broadcast of n: n (pipelined) on N > 1
+
+On CPU with every rank on one host (a laptop or one node under torchrun with gloo), the
+collectives go through a shared-memory arena instead of gloo's loopback TCP, as DeepSpeed's
+CPU backend does: each rank writes its part, one barrier, each rank reads and sums what it
+needs. Set ZERO_EXT_CPU_SHM=0 to use gloo's own collectives.
 """
 
 from __future__ import annotations
 
 import datetime
+import mmap
 import os
 import socket
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +102,111 @@ def _gloo_on_cpu(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and backend() == "gloo"
 
 
+class _SharedMemoryArena:
+    """A /dev/shm mapping every rank of a single-host CPU group shares for its collectives.
+
+    Layout: two halves (alternated per collective, so a rank may start the next collective
+    while a slower rank still reads the previous one: only one barrier per piece), each with
+    one slot of SLOT_BYTES per rank. Larger tensors move in pieces of one slot. Sums run in a
+    fixed rank order in fp32 (or fp64 for fp64), so every rank computes bitwise-identical
+    results.
+    """
+
+    SLOT_BYTES = 8 << 20
+
+    def __init__(self, size: int, rank: int):
+        self.size, self.rank = size, rank
+        self.half = 0
+        nbytes = 2 * size * self.SLOT_BYTES
+        path = None
+        if rank == 0:
+            path = f"/dev/shm/zero_ext_{uuid.uuid4().hex}"
+            with open(path, "wb") as f:
+                f.truncate(nbytes)
+        holder = [path]
+        dist.broadcast_object_list(holder, src=0)
+        with open(holder[0], "r+b") as f:
+            self._map = mmap.mmap(f.fileno(), nbytes)
+        dist.barrier()
+        if rank == 0:
+            os.unlink(holder[0])  # the mappings stay valid; nothing is left behind on exit
+        self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def _slots(self, dtype: torch.dtype) -> torch.Tensor:
+        """[size, slot elements] view of the current half, in `dtype`."""
+        base = self.half * self.size * self.SLOT_BYTES
+        half = self.buffer[base:base + self.size * self.SLOT_BYTES]
+        return half.view(dtype).view(self.size, -1)
+
+    def _flip(self) -> None:
+        dist.barrier()
+        self.half ^= 1
+
+    def _piece(self, dtype: torch.dtype) -> int:
+        return self.SLOT_BYTES // torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
+    def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        n, out = input.numel(), output.view(self.size, -1)
+        src = input.reshape(-1)
+        piece = self._piece(input.dtype)
+        for lo in range(0, n, piece):
+            hi = min(lo + piece, n)
+            slots = self._slots(input.dtype)
+            slots[self.rank, :hi - lo].copy_(src[lo:hi])
+            self._flip()
+            out[:, lo:hi].copy_(slots[:, :hi - lo])
+
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> None:
+        n = output.numel()
+        chunks = input.reshape(self.size, n)
+        piece = self._piece(input.dtype) // self.size
+        for lo in range(0, n, piece):
+            hi = min(lo + piece, n)
+            slots = self._slots(input.dtype)
+            mine = slots[self.rank, :self.size * (hi - lo)].view(self.size, hi - lo)
+            mine.copy_(chunks[:, lo:hi])
+            self._flip()
+            parts = slots[:, :self.size * (hi - lo)].view(self.size, self.size, hi - lo)
+            total = parts[:, self.rank].to(self._sum_dtype(input.dtype)).sum(dim=0)
+            output.reshape(-1)[lo:hi].copy_(total)
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        flat = tensor.reshape(-1)
+        n, piece = flat.numel(), self._piece(tensor.dtype)
+        for lo in range(0, n, piece):
+            hi = min(lo + piece, n)
+            slots = self._slots(tensor.dtype)
+            slots[self.rank, :hi - lo].copy_(flat[lo:hi])
+            self._flip()
+            flat[lo:hi].copy_(slots[:, :hi - lo].to(self._sum_dtype(tensor.dtype)).sum(dim=0))
+
+
+_arena: _SharedMemoryArena | None = None
+_arena_checked = False
+
+
+def _shared_memory_arena(tensor: torch.Tensor) -> _SharedMemoryArena | None:
+    """The arena when this collective can use one: contiguous floating-point CPU tensors, gloo,
+    every rank on this host, not disabled by ZERO_EXT_CPU_SHM=0. Decided once per process, on the first collective
+    (which every rank issues), so all ranks agree."""
+    global _arena, _arena_checked
+    if (tensor.device.type != "cpu" or backend() != "gloo" or not tensor.is_contiguous()
+            or not tensor.is_floating_point()):
+        return None
+    if not _arena_checked:
+        _arena_checked = True
+        hosts = all_gather_object(socket.gethostname())
+        wanted = os.environ.get("ZERO_EXT_CPU_SHM", "1") != "0"
+        enabled = all_gather_object(wanted and os.path.isdir("/dev/shm"))
+        if len(set(hosts)) == 1 and all(enabled):
+            _arena = _SharedMemoryArena(world_size(), rank())
+    return _arena
+
+
 def _ring(n: int) -> float:
     size = world_size()
     return n * (size - 1) / size
@@ -103,6 +215,10 @@ def _ring(n: int) -> float:
 def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = False):
     traffic.record("all_reduce", 2 * _ring(tensor.numel()), tensor.element_size())
     if world_size() == 1:
+        return None
+    arena = _shared_memory_arena(tensor) if op == dist.ReduceOp.SUM else None
+    if arena is not None:
+        arena.all_reduce(tensor)
         return None
     return dist.all_reduce(tensor, op=op, async_op=async_op)
 
@@ -116,6 +232,10 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
     traffic.record("reduce_scatter", _ring(input.numel()), input.element_size())
     if world_size() == 1:
         output.copy_(input)
+        return None
+    arena = _shared_memory_arena(input)
+    if arena is not None and output.is_contiguous():
+        arena.reduce_scatter(output, input)
         return None
     if _gloo_on_cpu(input):
         return dist.reduce_scatter(output, list(input.chunk(world_size())), async_op=async_op)
@@ -132,6 +252,10 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
     if world_size() == 1:
         if output.data_ptr() != input.data_ptr():
             output.copy_(input)
+        return None
+    arena = _shared_memory_arena(output)
+    if arena is not None and input.is_contiguous():
+        arena.all_gather(output, input)
         return None
     if _gloo_on_cpu(output):
         return dist.all_gather(list(output.chunk(world_size())), input, async_op=async_op)

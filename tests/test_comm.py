@@ -1,0 +1,63 @@
+"""zero_ext.comm's collectives against sums computed here from every rank's inputs, over the
+shared-memory transport and over gloo's own collectives."""
+
+import functools
+
+import pytest
+import torch
+
+import comm_cases
+from dist_harness import run_group
+
+
+@functools.cache
+def _results(world_size, shm):
+    import os
+
+    previous = os.environ.get("ZERO_EXT_CPU_SHM")
+    os.environ["ZERO_EXT_CPU_SHM"] = "1" if shm else "0"  # inherited by the spawned ranks
+    try:
+        return run_group(world_size, comm_cases.collectives)
+    finally:
+        if previous is None:
+            del os.environ["ZERO_EXT_CPU_SHM"]
+        else:
+            os.environ["ZERO_EXT_CPU_SHM"] = previous
+
+
+@pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "gloo"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_collectives_match_sums_of_every_rank_input(world_size, shm):
+    results = _results(world_size, shm)
+    assert all(r["arena"] == shm for r in results)
+    for key in results[0]:
+        if not isinstance(key, tuple):
+            continue
+        inputs = [r[key]["input"] for r in results]
+        dtype = inputs[0].dtype
+        total = torch.stack([x.double() for x in inputs]).sum(0)
+        # Each partial sum may round once in the tensor's dtype: bound the error by that
+        # many units of roundoff on the sum of magnitudes.
+        eps = torch.finfo(dtype).eps
+        bound = world_size * eps * torch.stack([x.double().abs() for x in inputs]).sum(0)
+        n = inputs[0].numel() // world_size
+        for rank, result in enumerate(results):
+            assert ((result[key]["all_reduce"].double() - total).abs() <= bound).all()
+            part = slice(rank * n, (rank + 1) * n)
+            assert ((result[key]["reduce_scatter"].double() - total[part]).abs()
+                    <= bound[part]).all()
+            expected = torch.cat([x[r * n:(r + 1) * n] for r, x in enumerate(inputs)])
+            assert torch.equal(result[key]["all_gather"], expected)
+        # Every rank holds the very same all-reduced bits.
+        assert all(torch.equal(r[key]["all_reduce"], results[0][key]["all_reduce"])
+                   for r in results)
+
+
+@pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "gloo"])
+def test_traffic_counts_ring_elements(shm):
+    traffic = _results(3, shm)[0]["traffic"]
+    assert traffic.calls == {"all_reduce": 1, "reduce_scatter": 1, "all_gather": 1}
+    # Ring sense at 3 ranks: all-reduce 2n(N-1)/N, reduce-scatter and all-gather n(N-1)/N.
+    expected = {"all_reduce": 2 * 10 * 2 / 3, "reduce_scatter": 30 * 2 / 3,
+                "all_gather": 30 * 2 / 3}
+    assert traffic.elements == pytest.approx(expected, rel=1e-12)
