@@ -1,4 +1,4 @@
-"""Builds zero_ext._C: the op schemas, their CPU kernels and, where a CUDA toolkit exists, CUDA kernels.
+"""Builds zero_ext._C: op schemas, CPU kernels and, where a CUDA toolkit exists, CUDA kernels.
 
     pip install --no-build-isolation .            # or -e . for development
 

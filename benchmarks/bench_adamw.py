@@ -52,7 +52,8 @@ def timer(device: str) -> Callable[[Callable[[], None], int], float]:
         times = []
         for _ in range(repeats):
             if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
                 end.record()

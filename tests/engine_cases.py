@@ -40,6 +40,16 @@ class TinyNet(nn.Module):
         return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
 
 
+def run(engine, tokens, targets):
+    """The engine's forward on this rank's micro-batch, moved to the engine's device (the
+    tests run on CUDA tensors where a GPU is present)."""
+    return engine(tokens.to(engine.device), targets.to(engine.device))
+
+
+def host_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+
+
 def build_model(seed: int = 0) -> TinyNet:
     torch.manual_seed(seed)
     return TinyNet()
@@ -94,12 +104,12 @@ def train_engine(stage: int, dtype: str, accumulation: int, steps: int) -> dict:
     for step in range(steps):
         tokens, targets = global_batch(step, world_size, accumulation)
         for micro in range(accumulation):
-            loss = engine(tokens[micro, rank], targets[micro, rank])
+            loss = run(engine, tokens[micro, rank], targets[micro, rank])
             engine.backward(loss)
             engine.step()
         norms.append(engine.get_global_grad_norm())
     return {
-        "params": {n: p.detach().float().clone() for n, p in model.named_parameters()},
+        "params": host_params(model),
         "norms": norms,
         "global_steps": engine.global_steps,
         "micro_steps": engine.micro_steps,
@@ -169,7 +179,7 @@ def memory_and_traffic(stage: int) -> dict:
             model=model, config=config(stage, "bf16", accumulation, world_size))
         tokens, targets = global_batch(0, world_size, accumulation)
         comm.traffic.reset()
-        engine.backward(engine(tokens[0, rank], targets[0, rank]))
+        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
         after_backward = engine.memory_breakdown()
         engine.step()
         if accumulation == 1:
@@ -193,9 +203,9 @@ def fp16_overflow() -> dict:
         handle = None
         if step == 1 and rank == 1:
             handle = model.fc1.weight.register_hook(
-                lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+                lambda g: g.index_fill(0, torch.tensor([0], device=g.device), float("inf")))
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        engine.backward(engine(tokens[0, rank], targets[0, rank]))
+        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
         engine.step()
         if handle is not None:
             handle.remove()
@@ -226,7 +236,7 @@ def deepspeed_example() -> dict:
         "train_batch_size": 256, "zero_optimization": {"stage": 2},
         "optimizer": {"type": "AdamW"}})
     tokens, targets = global_batch(0, 1, 1)
-    engine.backward(engine(tokens[0, 0], targets[0, 0]))
+    engine.backward(run(engine, tokens[0, 0], targets[0, 0]))
     engine.step()
     group = optimizer.param_groups[0]
     return dict(micro=engine.batch.train_micro_batch_size_per_gpu, lr=group["lr"],
@@ -243,7 +253,7 @@ def communication_dtype() -> dict:
     engine, _, _, _ = zero_ext.initialize(model=build_model(), config=cfg)
     tokens, targets = global_batch(0, world_size, 1)
     comm.traffic.reset()
-    engine.backward(engine(tokens[0, rank], targets[0, rank]))
+    engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
     engine.step()
     t = comm.traffic.snapshot()
     return {op: t.bytes[op] / t.elements[op] for op in ("reduce_scatter", "all_gather")}
@@ -271,9 +281,9 @@ def adopted_torch_optimizer() -> dict:
     engine, _, _, _ = zero_ext.initialize(model=model, config=cfg, optimizer=opt)
     for step in range(3):
         tokens, targets = global_batch(step, world_size, 1)
-        engine.backward(engine(tokens[0, rank], targets[0, rank]))
+        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
         engine.step()
-    out = {"params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    out = {"params": host_params(model)}
     if rank == 0:
         out["reference"] = train_reference("fp32", 1, 3, world_size)
     try:
@@ -305,7 +315,7 @@ def schedules_and_loaders() -> dict:
             handle = None
             if step == 2:  # overflow on every rank's view after the reduction
                 handle = model.fc2.weight.register_hook(lambda g: g * float("inf"))
-            engine.backward(engine(tokens[0, rank], targets[0, rank]))
+            engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
             engine.step()
             if handle is not None:
                 handle.remove()
@@ -321,7 +331,7 @@ def schedules_and_loaders() -> dict:
     lrs = [engine.get_lr()[0]]
     for step in range(3):
         tokens, targets = global_batch(step, world_size, 1)
-        engine.backward(engine(tokens[0, rank], targets[0, rank]))
+        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
         engine.step()
         lrs.append(engine.get_lr()[0])
     out["callable_schedule"] = lrs
@@ -352,9 +362,9 @@ def replicated_sgd() -> dict:
     for step in range(3):
         tokens, targets = global_batch(step, world_size, 2)
         for micro in range(2):
-            engine.backward(engine(tokens[micro, rank], targets[micro, rank]))
+            engine.backward(run(engine, tokens[micro, rank], targets[micro, rank]))
             engine.step()
-    out = {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+    out = {"params": host_params(model),
            "same_optimizer": optimizer is engine.optimizer}
     if rank == 0:
         ref_model = build_model()

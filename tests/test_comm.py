@@ -3,10 +3,10 @@ shared-memory transport and over gloo's own collectives."""
 
 import functools
 
+import comm_cases
 import pytest
 import torch
 
-import comm_cases
 from dist_harness import run_group
 
 

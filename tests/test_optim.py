@@ -22,7 +22,8 @@ def _model(device):
 
 def _param_groups(model):
     decay = [p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
-    no_decay = [p for n, p in model.named_parameters() if not (n.endswith("weight") and p.dim() > 1)]
+    no_decay = [p for n, p in model.named_parameters()
+                if not (n.endswith("weight") and p.dim() > 1)]
     return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -18,13 +18,20 @@ except ImportError as error:  # pragma: no cover - only reached on a broken inst
         "'zero_ext: building CPU kernels'."
     ) from error
 
-from zero_ext import ops, optim  # noqa: E402
-from zero_ext.config import ZeroConfig  # noqa: E402
-from zero_ext.engine import ZeroEngine, initialize  # noqa: E402
+from zero_ext import ops, optim
+from zero_ext.config import ZeroConfig
+from zero_ext.engine import ZeroEngine, initialize
 
 # The same function under the name DeepSpeed's examples use.
 initialize_engine = initialize
 
 __version__ = "0.1.0"
-__all__ = ["ZeroConfig", "ZeroEngine", "initialize", "initialize_engine", "ops", "optim",
-           "__version__"]
+__all__ = [
+    "ZeroConfig",
+    "ZeroEngine",
+    "__version__",
+    "initialize",
+    "initialize_engine",
+    "ops",
+    "optim",
+]

@@ -26,8 +26,17 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "CollectiveTraffic", "traffic", "init_distributed", "rank", "world_size", "all_reduce",
-    "reduce_scatter", "all_gather", "broadcast", "all_gather_object", "barrier",
+    "CollectiveTraffic",
+    "all_gather",
+    "all_gather_object",
+    "all_reduce",
+    "barrier",
+    "broadcast",
+    "init_distributed",
+    "rank",
+    "reduce_scatter",
+    "traffic",
+    "world_size",
 ]
 
 
@@ -191,8 +200,8 @@ _arena_checked = False
 
 def _shared_memory_arena(tensor: torch.Tensor) -> _SharedMemoryArena | None:
     """The arena when this collective can use one: contiguous floating-point CPU tensors, gloo,
-    every rank on this host, not disabled by ZERO_EXT_CPU_SHM=0. Decided once per process, on the first collective
-    (which every rank issues), so all ranks agree."""
+    every rank on this host, not disabled by ZERO_EXT_CPU_SHM=0. Decided once per process, on
+    the first collective (which every rank issues), so all ranks agree."""
     global _arena, _arena_checked
     if (tensor.device.type != "cpu" or backend() != "gloo" or not tensor.is_contiguous()
             or not tensor.is_floating_point()):

@@ -1,4 +1,4 @@
-"""ZeroEngine: forward, backward, step, accumulation, clipping and loss scaling over ZeRO stages 0-2.
+"""ZeroEngine: forward, backward, step, accumulation, clipping, loss scaling; ZeRO stages 0-2.
 
 zero_ext.initialize() builds one from the user's model and config. The engine lays the model's
 trainable parameters out in flat buckets (zero/partition.py) so that they become views of
@@ -30,7 +30,7 @@ from zero_ext.zero.buckets import GradientBuckets
 from zero_ext.zero.optimizer import ZeroOptimizer
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 
-__all__ = ["ZeroEngine", "DynamicLossScaler"]
+__all__ = ["DynamicLossScaler", "ZeroEngine"]
 
 
 @dataclass

@@ -55,9 +55,11 @@ def _ops_with_kernel(key: str, has_op) -> list[str]:
 def _gpus() -> str:
     if not torch.cuda.is_available():
         return "none"
-    return "; ".join(
-        f"{i}: {torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-        for i in range(torch.cuda.device_count()))
+    names = []
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        names.append(f"{i}: {torch.cuda.get_device_name(i)} (sm_{major}{minor})")
+    return "; ".join(names)
 
 
 def main() -> None:

@@ -74,7 +74,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         raise RuntimeError("zero_ext: the sharded optimizer is stepped by engine.step(), which "
-                           "reduces gradients first; call engine.step() instead of optimizer.step()")
+                           "reduces gradients first; call engine.step(), not optimizer.step()")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """No-op: the engine owns gradients and drops them after every step."""

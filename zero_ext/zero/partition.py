@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ALIGN", "ParamSlot", "BucketLayout", "plan_buckets"]
+__all__ = ["ALIGN", "BucketLayout", "ParamSlot", "plan_buckets"]
 
 # Elements; 64 bytes of fp32, so a parameter's view starts on a cache line and a SIMD boundary.
 ALIGN = 16
