@@ -195,24 +195,28 @@ class _SharedMemoryArena:
 
 
 _arena: _SharedMemoryArena | None = None
-_arena_checked = False
+_arena_group: object | None = None  # the process group the arena was decided for
 
 
 def _shared_memory_arena(tensor: torch.Tensor) -> _SharedMemoryArena | None:
     """The arena when this collective can use one: contiguous floating-point CPU tensors, gloo,
     every rank on this host, not disabled by ZERO_EXT_CPU_SHM=0. Decided once per process, on
     the first collective (which every rank issues), so all ranks agree."""
-    global _arena, _arena_checked
-    if (tensor.device.type != "cpu" or backend() != "gloo" or not tensor.is_contiguous()
+    global _arena, _arena_group
+    group = dist.group.WORLD
+    if _arena_group is not group:
+        # Before looking at the tensor: every rank reaches this on the same collective call.
+        # A new process group (destroyed and re-created) decides afresh.
+        _arena, _arena_group = None, group
+        if backend() == "gloo":
+            hosts = all_gather_object(socket.gethostname())
+            wanted = os.environ.get("ZERO_EXT_CPU_SHM", "1") != "0"
+            enabled = all_gather_object(wanted and os.path.isdir("/dev/shm"))
+            if len(set(hosts)) == 1 and all(enabled):
+                _arena = _SharedMemoryArena(world_size(), rank())
+    if (tensor.device.type != "cpu" or not tensor.is_contiguous()
             or not tensor.is_floating_point()):
         return None
-    if not _arena_checked:
-        _arena_checked = True
-        hosts = all_gather_object(socket.gethostname())
-        wanted = os.environ.get("ZERO_EXT_CPU_SHM", "1") != "0"
-        enabled = all_gather_object(wanted and os.path.isdir("/dev/shm"))
-        if len(set(hosts)) == 1 and all(enabled):
-            _arena = _SharedMemoryArena(world_size(), rank())
     return _arena
 
 
