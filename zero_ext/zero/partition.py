@@ -74,32 +74,34 @@ def plan_buckets(param_numels: Sequence[int], param_shapes: Sequence[torch.Size]
     """Buckets for the given trainable parameters (registration order, as the engine lists them).
 
     A bucket holds parameters of one group only and closes once it reaches `bucket_numel`
-    elements; a parameter larger than that gets a bucket of its own.
+    elements; a parameter larger than that gets a bucket of its own. Each group keeps one open
+    bucket while the walk goes on, so interleaved groups (a weight with decay, its bias
+    without) do not cut each other's buckets short. Buckets are numbered in the order they
+    open, which is the order backward reaches them.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if bucket_numel < 1:
         raise ValueError(f"bucket size must be >= 1 element, got {bucket_numel}")
-    buckets: list[BucketLayout] = []
-    pending: list[ParamSlot] = []
-    pending_group = None
-    end = 0
-
-    def close() -> None:
-        nonlocal pending, end
-        if pending:
-            padded = _round_up(max(end, 1), world_size * ALIGN)
-            buckets.append(BucketLayout(len(buckets), pending_group, tuple(pending), padded,
-                                        world_size))
-        pending, end = [], 0
+    opened: list[tuple[int, list[ParamSlot]]] = []  # (group, slots) in the order they opened
+    open_by_group: dict[int, tuple[list[ParamSlot], list[int]]] = {}  # group -> (slots, [end])
 
     for index in reversed(range(len(param_numels))):
         group = group_of_param[index]
-        if pending and (group != pending_group or end >= bucket_numel):
-            close()
-        pending_group = group
-        offset = _round_up(end, ALIGN)
-        pending.append(ParamSlot(index, offset, param_numels[index], param_shapes[index]))
-        end = offset + param_numels[index]
-    close()
+        if group in open_by_group and open_by_group[group][1][0] >= bucket_numel:
+            del open_by_group[group]
+        if group not in open_by_group:
+            slots: list[ParamSlot] = []
+            opened.append((group, slots))
+            open_by_group[group] = (slots, [0])
+        slots, end = open_by_group[group]
+        offset = _round_up(end[0], ALIGN)
+        slots.append(ParamSlot(index, offset, param_numels[index], param_shapes[index]))
+        end[0] = offset + param_numels[index]
+
+    buckets = []
+    for position, (group, slots) in enumerate(opened):
+        used_end = slots[-1].offset + slots[-1].numel
+        padded = _round_up(max(used_end, 1), world_size * ALIGN)
+        buckets.append(BucketLayout(position, group, tuple(slots), padded, world_size))
     return buckets
