@@ -46,8 +46,11 @@ def run(engine, tokens, targets):
     return engine(tokens.to(engine.device), targets.to(engine.device))
 
 
-def host_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+def host_params(model: nn.Module, engine=None) -> dict[str, torch.Tensor]:
+    """Full parameter values on the CPU, gathered by the engine where it partitions them."""
+    full = engine.full_state_dict() if engine is not None else None
+    return {n: (full[n] if full is not None else p.detach()).float().cpu().clone()
+            for n, p in model.named_parameters()}
 
 
 def build_model(seed: int = 0) -> TinyNet:
@@ -82,7 +85,9 @@ def config(stage: int, dtype: str, accumulation: int, world_size: int, clip: flo
         # all-gathers its buckets in several pieces (allgather_bucket_size).
         "zero_optimization": {"stage": stage, "reduce_bucket_size": 700,
                               "overlap_comm": stage != 1,
-                              "allgather_bucket_size": 200 if stage == 1 else 10**8, **zero},
+                              "allgather_bucket_size": 200 if stage == 1 else 10**8,
+                              # Stage 3 partitions even this model's small parameters.
+                              "stage3_param_persistence_threshold": 0, **zero},
         "steps_per_print": 10**6,
     }
     if dtype == "bf16":
@@ -109,7 +114,7 @@ def train_engine(stage: int, dtype: str, accumulation: int, steps: int) -> dict:
             engine.step()
         norms.append(engine.get_global_grad_norm())
     return {
-        "params": host_params(model),
+        "params": host_params(model, engine),
         "norms": norms,
         "global_steps": engine.global_steps,
         "micro_steps": engine.micro_steps,
@@ -381,3 +386,44 @@ def replicated_sgd() -> dict:
             ref.step()
         out["reference"] = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
     return out
+
+
+def stage3_checks() -> dict:
+    """Stage 3 specifics: units, released parameters, one step's traffic, eval under no_grad,
+    a forward without backward."""
+    world_size, rank = comm.world_size(), comm.rank()
+    model = build_model()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
+    name_of = {m: n for n, m in model.named_modules()}
+    layouts = []
+    for unit in engine.partitioned.units:
+        layouts += [(name_of[unit.module], layout.padded_numel) for layout in unit.layouts]
+    layouts += [(None, layout.padded_numel) for layout in engine.persistent_layouts]
+    tokens, targets = global_batch(0, world_size, 1)
+
+    def released():
+        return all(p.numel() == 0 for unit in engine.partitioned.units
+                   for members in unit.params for p in members)
+
+    released_at_start = released()
+    comm.traffic.reset()
+    engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+    released_after_backward = released()
+    engine.step()
+    traffic = comm.traffic.snapshot()
+    params_bytes_between_steps = engine.memory_breakdown()["params"]
+
+    plain = build_model()
+    plain.load_state_dict(engine.full_state_dict())
+    engine.eval()
+    with torch.no_grad():
+        eval_loss = run(engine, tokens[0, rank], targets[0, rank]).item()
+    plain_loss = plain(tokens[0, rank], targets[0, rank]).item()
+    engine.train()
+    run(engine, tokens[0, rank], targets[0, rank])  # forward only, the graph dropped
+    engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+    engine.step()
+    return dict(layouts=layouts, traffic=traffic, released=(
+        released_at_start, released_after_backward, released()),
+        params_bytes=params_bytes_between_steps, eval_loss=eval_loss, plain_loss=plain_loss,
+        steps=engine.global_steps)

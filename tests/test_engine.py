@@ -15,7 +15,7 @@ import engine_cases
 from dist_harness import run_group
 
 STEPS = 5
-CASES = [(stage, dtype, acc) for stage in (0, 1, 2) for dtype in ("fp32", "bf16")
+CASES = [(stage, dtype, acc) for stage in (0, 1, 2, 3) for dtype in ("fp32", "bf16")
          for acc in (1, 4)]
 
 
@@ -209,3 +209,42 @@ def test_stage0_runs_any_torch_optimizer_on_reduced_gradients():
 def test_communication_data_type_sets_the_gradient_reduction_dtype():
     # fp32 gradient reduce-scatter for a bf16 model; parameters still all-gather in bf16.
     assert _checks(2)[0]["comm_dtype"] == {"reduce_scatter": 4.0, "all_gather": 2.0}
+
+
+@functools.cache
+def _stage3(world_size):
+    return run_group(world_size, engine_cases.stage3_checks)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_stage3_units_are_released_outside_their_forward_and_backward(world_size):
+    for result in _stage3(world_size):
+        assert result["released"] == (True, True, True)
+        unit_names = {name for name, _ in result["layouts"] if name is not None}
+        # Tied embedding/head weight stays whole; every other parameter-holding child is a unit.
+        assert unit_names == {"norm", "fc1", "fc2", "unused"}
+        # Between steps a rank holds its unit shards and the whole persistent buckets only.
+        shards = sum(padded // world_size for name, padded in result["layouts"] if name)
+        whole = sum(padded for name, padded in result["layouts"] if name is None)
+        assert result["params_bytes"] == 4 * (shards + whole)
+        assert result["steps"] == 2
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_stage3_traffic_is_two_gathers_and_one_reduce_scatter_per_unit(world_size):
+    result = _stage3(world_size)[0]
+    ring = (world_size - 1) / world_size
+    units = [(n, p) for n, p in result["layouts"] if n is not None]
+    persistent = sum(p for n, p in result["layouts"] if n is None)
+    ran = sum(p for n, p in units if n != "unused")  # `unused` never runs forward
+    traffic = result["traffic"]
+    # Forward and backward gather each unit that ran; the persistent buckets are gathered
+    # after the step; every bucket's gradients are reduce-scattered once.
+    assert traffic.elements["all_gather"] == pytest.approx((2 * ran + persistent) * ring)
+    assert traffic.elements["reduce_scatter"] == pytest.approx(
+        (sum(p for _, p in units) + persistent) * ring)
+
+
+def test_stage3_eval_under_no_grad_matches_the_gathered_model():
+    for result in _stage3(2):
+        assert result["eval_loss"] == pytest.approx(result["plain_loss"], rel=1e-6)

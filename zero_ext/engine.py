@@ -15,6 +15,7 @@ from values all ranks hold after a collective, so all ranks decide the same.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -28,6 +29,7 @@ from zero_ext import comm, ops
 from zero_ext.config import ZeroConfig
 from zero_ext.zero.buckets import GradientBuckets
 from zero_ext.zero.optimizer import ZeroOptimizer
+from zero_ext.zero.params import PartitionedParameters, find_units
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 
 __all__ = ["DynamicLossScaler", "ZeroEngine"]
@@ -162,21 +164,43 @@ class ZeroEngine(nn.Module):
                 f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; pass all of them (or set "
                 f"requires_grad=False on the ones to freeze)")
         bucket_numel = config.zero_optimization.reduce_bucket_size
-        self.layouts: list[BucketLayout] = plan_buckets(
-            [p.numel() for p in self._params], [p.shape for p in self._params],
-            [group_of[p] for p in self._params], self.world_size, bucket_numel)
+        # Stage 3 partitions the parameters of its gather units; everything else (and every
+        # parameter below stage 3) lives whole in flat buckets that the model's tensors view.
+        unit_plan, persistent = self._plan_units(group_of) if self.stage == 3 else \
+            ([], self._params)
+        position = {id(p): i for i, p in enumerate(self._params)}
+        persistent_index = [position[id(p)] for p in persistent]
+        persistent_layouts = plan_buckets(
+            [p.numel() for p in persistent], [p.shape for p in persistent],
+            [group_of[p] for p in persistent], self.world_size, bucket_numel)
+        # Unit buckets first (backward reaches them first); indices follow that order.
+        self.layouts: list[BucketLayout] = []
+        for _, layouts in unit_plan:
+            self.layouts += layouts
+        for layout in persistent_layouts:
+            slots = tuple(dataclasses.replace(s, param_index=persistent_index[s.param_index])
+                          for s in layout.slots)
+            self.layouts.append(dataclasses.replace(layout, index=len(self.layouts),
+                                                    slots=slots))
+        self.persistent_layouts = self.layouts[sum(len(ls) for _, ls in unit_plan):]
         self.flat_params = self._flatten_parameters()
+        self.partitioned = None
+        if unit_plan:
+            self.partitioned = PartitionedParameters(
+                unit_plan, self._params, rank=self.rank, dtype=self.model_dtype,
+                device=self.device)
 
         # Stage 0 may run any torch optimizer on the whole, replicated parameters; otherwise the
         # sharded AdamW.
         self.replicated_optimizer = replicated_optimizer
         self.optimizer = replicated_optimizer or ZeroOptimizer(
-            param_groups, self.layouts, self.flat_params, rank=self.rank,
-            sharded=self.stage >= 1, defaults=optimizer_defaults)
+            param_groups, self.layouts, self._weights_to_update(),
+            defaults=optimizer_defaults)
         self.grad_buckets = GradientBuckets(
             self.layouts, self._params, stage=self.stage, comm_dtype=self.comm_dtype,
             accumulation_steps=self.batch.gradient_accumulation_steps,
-            overlap_comm=config.zero_optimization.overlap)
+            overlap_comm=config.zero_optimization.overlap,
+            on_reduced=self.partitioned.layout_reduced if self.partitioned else None)
         fp16 = config.fp16
         self.loss_scaler = None
         if fp16.enabled:
@@ -212,11 +236,60 @@ class ZeroEngine(nn.Module):
         for tensor in list(self.module.parameters()) + list(self.module.buffers()):
             comm.broadcast(tensor.data, src=0)
 
+    def _plan_units(self, group_of: dict[nn.Parameter, int]):
+        """Stage 3: (unit module, its bucket layouts) for each gather unit, and the trainable
+        parameters that stay whole: shared by two units, directly on the root or outside any
+        unit, or below stage3_param_persistence_threshold."""
+        threshold = self.config.zero_optimization.stage3_param_persistence_threshold
+        owner: dict[nn.Parameter, list[nn.Module]] = {}
+        for unit in find_units(self.module):
+            for p in unit.parameters():
+                owner.setdefault(p, []).append(unit)
+        members: dict[nn.Module, list[nn.Parameter]] = {}
+        persistent = []
+        for p in self._params:
+            # The innermost unit holding p (units nest: a model's body holds its blocks).
+            units = owner.get(p, [])
+            innermost = [u for u in units if not any(
+                v is not u and any(m is v for m in u.modules()) for v in units)]
+            if len(innermost) != 1 or p.numel() < threshold:
+                persistent.append(p)
+            else:
+                members.setdefault(innermost[0], []).append(p)
+        position = {id(p): i for i, p in enumerate(self._params)}
+        plan, next_index = [], 0
+        for module in reversed(list(members)):  # backward order
+            params = members[module]
+            local = plan_buckets([p.numel() for p in params], [p.shape for p in params],
+                                 [group_of[p] for p in params], self.world_size, 2**62)
+            layouts = []
+            for layout in local:
+                slots = tuple(dataclasses.replace(s, param_index=position[id(
+                    params[s.param_index])]) for s in layout.slots)
+                layouts.append(dataclasses.replace(layout, index=next_index, slots=slots))
+                next_index += 1
+            plan.append((module, layouts))
+        return plan, persistent
+
+    def _weights_to_update(self) -> list[torch.Tensor]:
+        """Per layout, the model-dtype elements this rank's optimizer updates."""
+        weights, flats = [], iter(self.flat_params)
+        for layout in self.layouts:
+            if self.partitioned is not None and self.partitioned.owns(layout.index):
+                weights.append(self.partitioned.shard(layout.index))
+                continue
+            flat = next(flats)
+            start, end = layout.shard_range(self.rank) if self.stage >= 1 else \
+                (0, layout.padded_numel)
+            weights.append(flat[start:end])
+        return weights
+
     @torch.no_grad()
     def _flatten_parameters(self) -> list[torch.Tensor]:
-        """Moves each trainable parameter into its bucket's flat buffer and makes it a view."""
+        """Moves each whole-kept trainable parameter into its bucket's flat buffer and makes it
+        a view (the persistent layouts: every layout below stage 3)."""
         flats = []
-        for layout in self.layouts:
+        for layout in self.persistent_layouts:
             flat = torch.zeros(layout.padded_numel, dtype=self.model_dtype, device=self.device)
             for slot in layout.slots:
                 param = self._params[slot.param_index]
@@ -334,7 +407,7 @@ class ZeroEngine(nn.Module):
         """Every rank's updated slice of every bucket, into every rank's flat buffers.
         allgather_bucket_size bounds the elements of one collective."""
         piece = max(self.config.zero_optimization.allgather_bucket_size // self.world_size, 1)
-        for layout, flat in zip(self.layouts, self.flat_params):
+        for layout, flat in zip(self.persistent_layouts, self.flat_params):
             shard = layout.shard_numel
             start, _ = layout.shard_range(self.rank)
             if shard <= piece:
@@ -376,6 +449,8 @@ class ZeroEngine(nn.Module):
         """Bytes held on this rank now: model parameters (flat buffers), gradients, and
         optimizer state (fp32 master weights that do not alias the model, moments)."""
         params = sum(f.numel() * f.element_size() for f in self.flat_params)
+        if self.partitioned is not None:
+            params += self.partitioned.nbytes()
         if self.replicated_optimizer is None:
             state = self.optimizer.nbytes()
         else:
@@ -385,9 +460,11 @@ class ZeroEngine(nn.Module):
         return {"params": params, "grads": self.grad_buckets.nbytes(), **state}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The complete model state dict as CPU tensors, on every rank (collective at stage 3;
-        at stages 0-2 every rank already holds whole parameters)."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+        """The complete model state dict as CPU tensors, on every rank (collective at stage 3,
+        which gathers one unit at a time; at stages 0-2 every rank holds whole parameters)."""
+        gathered = self.partitioned.full_values() if self.partitioned is not None else {}
+        return {k: gathered[v] if v in gathered else v.detach().to("cpu", copy=True)
+                for k, v in self.module.state_dict(keep_vars=True).items()}
 
 
 def split_param_groups(model: nn.Module, model_parameters, defaults: dict) -> list[dict]:
@@ -453,10 +530,6 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
     (engine, optimizer, dataloader, lr_scheduler); dataloader is None without training_data."""
     config = ZeroConfig.load(config)
     comm.init_distributed()
-    if config.zero_optimization.stage == 3:
-        raise NotImplementedError(
-            "zero_ext: zero_optimization.stage 3 is not available in this version; use stage 2 "
-            "(gradients and optimizer state sharded) or stage 1")
     if config.zero_optimization.offload_optimizer.device != "none" or \
             config.zero_optimization.offload_param.device != "none":
         raise NotImplementedError("zero_ext: offload_optimizer / offload_param are not available "

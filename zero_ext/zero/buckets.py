@@ -8,6 +8,7 @@ and the bucket's collective starts asynchronously while autograd goes on with ea
   stage 0  all-reduce of the whole bucket (every rank keeps every gradient)
   stage 1  reduce-scatter at the accumulation boundary only (.grad accumulates in between)
   stage 2  reduce-scatter on every micro-step; the shard is accumulated in fp32 across them
+  stage 3  as stage 2, per gather unit; then the unit's full parameters are released
 Collectives start in bucket order, whatever order gradients arrive in, so every rank issues the
 same sequence of collectives even when some parameters receive no gradient.
 """
@@ -15,6 +16,7 @@ same sequence of collectives even when some parameters receive no gradient.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -50,11 +52,12 @@ class GradientBuckets:
 
     def __init__(self, layouts: list[BucketLayout], params: list[torch.nn.Parameter], *,
                  stage: int, comm_dtype: torch.dtype, accumulation_steps: int,
-                 overlap_comm: bool):
+                 overlap_comm: bool, on_reduced: Callable[[int], None] | None = None):
         self.stage = stage
         self.comm_dtype = comm_dtype
         self.accumulation_steps = accumulation_steps
         self.overlap_comm = overlap_comm
+        self._on_reduced = on_reduced  # told each bucket index whose gradients were taken
         self.world_size = comm.world_size()
         self.rank = comm.rank()
         # Stage 0 keeps whole buckets; so does every stage on one rank, where a shard is the
@@ -81,7 +84,7 @@ class GradientBuckets:
     # -- backward ---------------------------------------------------------------------------
     def begin_backward(self, boundary: bool, micro_index: int) -> None:
         self._active = True
-        self._reduce_now = boundary or self.stage == 2
+        self._reduce_now = boundary or self.stage >= 2
         self._micro_index = micro_index
         self._next_launch = 0
         for bucket in self.buckets:
@@ -117,6 +120,8 @@ class GradientBuckets:
                           [bucket.offsets[i] for i in present], scale=1.0 / self.world_size)
         for i in present:
             bucket.params[i].grad = None
+        if self._on_reduced is not None:
+            self._on_reduced(layout.index)  # stage 3: the unit's full parameters can go
         if self._whole_buckets:
             bucket.work = comm.all_reduce(bucket.flat, async_op=True)
         else:
@@ -136,7 +141,7 @@ class GradientBuckets:
         if self._whole_buckets:
             bucket.grad = bucket.flat  # the all-reduced bucket itself
         bucket.flat = None
-        if self.stage == 2 and self.accumulation_steps > 1:
+        if self.stage >= 2 and self.accumulation_steps > 1:
             if bucket.accumulated is None:
                 bucket.accumulated = torch.empty(bucket.layout.shard_numel, dtype=torch.float32,
                                                  device=bucket.grad.device)

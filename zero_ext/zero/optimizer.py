@@ -21,11 +21,9 @@ __all__ = ["ShardState", "ZeroOptimizer"]
 
 @dataclass(eq=False)
 class ShardState:
-    """Optimizer state for this rank's slice [start, end) of one bucket."""
+    """Optimizer state for this rank's slice of one bucket (the whole bucket at stage 0)."""
 
     layout: BucketLayout
-    start: int
-    end: int
     master: torch.Tensor             # fp32 weights; a view of the model's flat buffer if fp32
     weights_16bit: torch.Tensor | None   # the model's 16-bit slice, written in the same pass
     exp_avg: torch.Tensor
@@ -34,19 +32,18 @@ class ShardState:
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
-    """AdamW / Adam over bucket shards. `sharded=False` (stage 0) keeps whole buckets."""
+    """AdamW / Adam over the model-dtype slices of the buckets this rank updates (`weights`, in
+    bucket order: shards of the flat buffers, or whole buckets at stage 0)."""
 
     def __init__(self, param_groups: list[dict], layouts: list[BucketLayout],
-                 flat_params: list[torch.Tensor], *, rank: int, sharded: bool, defaults: dict):
+                 weights: list[torch.Tensor], *, defaults: dict):
         super().__init__(param_groups, defaults)
         self.shards: list[ShardState] = []
-        for layout, flat in zip(layouts, flat_params):
-            start, end = layout.shard_range(rank) if sharded else (0, layout.padded_numel)
-            view = flat[start:end]
-            fp32 = flat.dtype == torch.float32
+        for layout, view in zip(layouts, weights):
+            fp32 = view.dtype == torch.float32
             master = view if fp32 else view.detach().float()
             self.shards.append(ShardState(
-                layout, start, end, master, None if fp32 else view,
+                layout, master, None if fp32 else view,
                 torch.zeros_like(master), torch.zeros_like(master),
                 torch.tensor(0.0, dtype=torch.float32)))
 

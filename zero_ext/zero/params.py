@@ -1,0 +1,170 @@
+"""Stage 3: partitioned parameters, gathered per unit around its forward and backward.
+
+The engine builds one PartitionedParameters at initialize for stage 3. Each gather unit (by
+default, every block of a ModuleList/Sequential and every other parameter-holding child of the
+model) keeps only this rank's shard of its flat buffers; its parameters' .data is an empty
+tensor except while the unit runs:
+  forward pre-hook     all-gather the unit's shards, point the parameters at the full buffer
+  forward post-hook    release; hook the outputs so the unit is gathered again when backward
+                       reaches them
+  gradients complete   GradientBuckets reduce-scatters the unit's gradients and calls release
+Parameters shared by two units (tied embeddings), directly on the root, frozen, or smaller than
+stage3_param_persistence_threshold stay whole and take the stage-2 path instead.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from zero_ext import comm
+from zero_ext.zero.partition import BucketLayout
+
+__all__ = ["UnitState", "GatherUnit", "PartitionedParameters", "find_units"]
+
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
+def find_units(model: nn.Module) -> list[nn.Module]:
+    """Modules whose parameters are gathered together, in registration order: the children of
+    every container (transformer blocks), and the root's other children that hold parameters
+    (embedding, head, final norm)."""
+    units: list[nn.Module] = []
+
+    def walk(module: nn.Module, in_container: bool) -> None:
+        for child in module.children():
+            if isinstance(child, _CONTAINERS):
+                walk(child, True)
+            elif in_container or (module is model and any(True for _ in child.parameters())):
+                units.append(child)
+                walk(child, False)
+            else:
+                walk(child, False)
+
+    walk(model, False)
+    return units
+
+
+class UnitState(enum.Enum):
+    SHARDED = "sharded"    # parameters hold empty tensors; only the shard exists
+    GATHERED = "gathered"  # parameters are views of the full buffers
+
+
+@dataclass(eq=False)
+class GatherUnit:
+    module: nn.Module
+    layouts: list[BucketLayout]              # one per optimizer group among its parameters
+    params: list[list[nn.Parameter]]         # per layout, in slot order
+    shards: list[torch.Tensor]               # per layout, this rank's slice (model dtype)
+    fulls: list[torch.Tensor | None] = field(default_factory=list)  # gathered buffers
+    state: UnitState = UnitState.SHARDED
+    reduced: int = 0                         # layouts reduced in the current backward
+
+
+class PartitionedParameters:
+    """The stage-3 units of a model: shard storage, gather/release, and the forward hooks."""
+
+    def __init__(self, units: list[tuple[nn.Module, list[BucketLayout]]],
+                 params: list[nn.Parameter], *, rank: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.rank, self.dtype, self.device = rank, dtype, device
+        self.units: list[GatherUnit] = []
+        self._unit_of_layout: dict[int, GatherUnit] = {}
+        with torch.no_grad():
+            for module, layouts in units:
+                unit_params = [[params[s.param_index] for s in layout.slots] for layout in layouts]
+                shards = []
+                for layout, members in zip(layouts, unit_params):
+                    flat = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
+                    for slot, param in zip(layout.slots, members):
+                        flat[slot.offset:slot.offset + slot.numel].copy_(param.data.reshape(-1))
+                    start, end = layout.shard_range(rank)
+                    shards.append(flat[start:end].clone())
+                unit = GatherUnit(module, layouts, unit_params, shards, [None] * len(layouts))
+                self.units.append(unit)
+                for layout in layouts:
+                    self._unit_of_layout[layout.index] = unit
+                self.release(unit)
+        self._handles = []
+        for unit in self.units:
+            self._handles.append(unit.module.register_forward_pre_hook(
+                lambda module, args, unit=unit: self.gather(unit)))
+            self._handles.append(unit.module.register_forward_hook(
+                lambda module, args, output, unit=unit: self._after_forward(unit, output)))
+
+    # -- gather / release ---------------------------------------------------------------------
+    @torch.no_grad()
+    def gather(self, unit: GatherUnit) -> None:
+        if unit.state is UnitState.GATHERED:
+            return
+        for i, (layout, shard) in enumerate(zip(unit.layouts, unit.shards)):
+            full = torch.empty(layout.padded_numel, dtype=self.dtype, device=self.device)
+            comm.all_gather(full, shard)
+            for slot, param in zip(layout.slots, unit.params[i]):
+                param.data = full[slot.offset:slot.offset + slot.numel].view(slot.shape)
+            unit.fulls[i] = full
+        unit.state = UnitState.GATHERED
+
+    def release(self, unit: GatherUnit) -> None:
+        empty = torch.empty(0, dtype=self.dtype, device=self.device)
+        for members in unit.params:
+            for param in members:
+                param.data = empty
+        unit.fulls = [None] * len(unit.layouts)
+        unit.state = UnitState.SHARDED
+
+    def _after_forward(self, unit: GatherUnit, output) -> None:
+        if torch.is_grad_enabled():
+            tensors = [t for t in tree_flatten(output)[0]
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
+            for tensor in tensors:
+                tensor.register_hook(lambda grad, unit=unit: self._before_backward(unit, grad))
+        self.release(unit)
+
+    def _before_backward(self, unit: GatherUnit, grad):
+        self.gather(unit)
+        return grad
+
+    def layout_reduced(self, layout_index: int) -> None:
+        """GradientBuckets has taken a unit layout's gradients: once all of the unit's layouts
+        are reduced, its full parameters are no longer needed in this backward."""
+        unit = self._unit_of_layout.get(layout_index)
+        if unit is None:
+            return
+        unit.reduced += 1
+        if unit.reduced == len(unit.layouts):
+            unit.reduced = 0
+            self.release(unit)
+
+    def owns(self, layout_index: int) -> bool:
+        return layout_index in self._unit_of_layout
+
+    def shard(self, layout_index: int) -> torch.Tensor:
+        unit = self._unit_of_layout[layout_index]
+        return unit.shards[[layout.index for layout in unit.layouts].index(layout_index)]
+
+    def nbytes(self) -> int:
+        """Shards plus whatever full buffers are gathered now."""
+        total = 0
+        for unit in self.units:
+            for t in unit.shards + [f for f in unit.fulls if f is not None]:
+                total += t.numel() * t.element_size()
+        return total
+
+    @torch.no_grad()
+    def full_values(self) -> dict[nn.Parameter, torch.Tensor]:
+        """Every partitioned parameter's full value on the CPU, one unit gathered at a time."""
+        values = {}
+        for unit in self.units:
+            was_gathered = unit.state is UnitState.GATHERED
+            self.gather(unit)
+            for members in unit.params:
+                for param in members:
+                    values[param] = param.data.detach().to("cpu", copy=True)
+            if not was_gathered:
+                self.release(unit)
+        return values
