@@ -427,3 +427,65 @@ def stage3_checks() -> dict:
         released_at_start, released_after_backward, released()),
         params_bytes=params_bytes_between_steps, eval_loss=eval_loss, plain_loss=plain_loss,
         steps=engine.global_steps)
+
+
+class TwiceNet(nn.Module):
+    """One linear applied twice in a forward (a stage-3 unit gathered and reduced once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.fc = nn.Linear(DIM, DIM)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens, targets):
+        x = self.fc(F.gelu(self.fc(self.embed(tokens))))
+        return F.cross_entropy(self.head(x).float().view(-1, VOCAB), targets.view(-1))
+
+
+def stage3_special_cases() -> dict:
+    """A module called twice per forward (against single-process training), and
+    GatheredParameters reading and modifying partitioned parameters (bf16 masters)."""
+    world_size, rank = comm.world_size(), comm.rank()
+    out = {}
+
+    torch.manual_seed(0)
+    model = TwiceNet()
+    torch.manual_seed(0)
+    reference = TwiceNet()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        tokens, targets = global_batch(step, world_size, 1)
+        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+        engine.step()
+        ref_opt.zero_grad()
+        reference(tokens.reshape(-1, SEQ), targets.reshape(-1, SEQ)).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        ref_opt.step()
+    out["twice"] = dict(got=host_params(model, engine), reference=host_params(reference))
+
+    model = build_model()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "bf16", 1, world_size))
+    full = engine.full_state_dict()
+    with zero_ext.GatheredParameters([model.fc1.weight, model.embed.weight]):
+        inside = (tuple(model.fc1.weight.shape), torch.equal(model.fc1.weight.cpu(),
+                                                             full["fc1.weight"]))
+    released = model.fc1.weight.numel() == 0
+    with zero_ext.GatheredParameters([model.fc1.weight, model.embed.weight], modifier_rank=0):
+        if rank == 0:
+            with torch.no_grad():
+                model.fc1.weight.fill_(0.5)
+                model.embed.weight[0].fill_(1.0)
+    after = engine.full_state_dict()
+    tokens, targets = global_batch(0, world_size, 1)
+    engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+    engine.step()
+    stepped = engine.full_state_dict()["fc1.weight"]
+    out["gathered"] = dict(
+        inside=inside, released=released, released_after=model.fc1.weight.numel() == 0,
+        fc1_all_half=bool((after["fc1.weight"] == 0.5).all()),
+        embed_row=bool((after["embed.weight"][0] == 1.0).all()),
+        # One AdamW step (lr 1e-2) from 0.5, not from the old random values.
+        stepped_near_half=bool(((stepped.float() - 0.5).abs() <= 0.02).all()))
+    return out

@@ -248,3 +248,25 @@ def test_stage3_traffic_is_two_gathers_and_one_reduce_scatter_per_unit(world_siz
 def test_stage3_eval_under_no_grad_matches_the_gathered_model():
     for result in _stage3(2):
         assert result["eval_loss"] == pytest.approx(result["plain_loss"], rel=1e-6)
+
+
+@functools.cache
+def _stage3_special(world_size):
+    return run_group(world_size, engine_cases.stage3_special_cases)
+
+
+def test_stage3_module_called_twice_matches_single_process():
+    for rank, result in enumerate(_stage3_special(2)):
+        for name, ref in result["twice"]["reference"].items():
+            got = result["twice"]["got"][name]
+            assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(),
+                         msg=f"rank {rank} {name}")
+
+
+def test_gathered_parameters_reads_and_scatters_modifications():
+    for result in _stage3_special(2):
+        gathered = result["gathered"]
+        assert gathered["inside"] == ((engine_cases.HIDDEN, engine_cases.DIM), True)
+        assert gathered["released"] and gathered["released_after"]
+        assert gathered["fc1_all_half"] and gathered["embed_row"]
+        assert gathered["stepped_near_half"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import weakref
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -184,6 +185,11 @@ class ZeroEngine(nn.Module):
                                                     slots=slots))
         self.persistent_layouts = self.layouts[sum(len(ls) for _, ls in unit_plan):]
         self.flat_params = self._flatten_parameters()
+        engine_ref = weakref.ref(self)
+        for layout in self.layouts:  # for GatheredParameters: param -> its engine and bucket
+            for slot in layout.slots:
+                param = self._params[slot.param_index]
+                param._zero_ext_engine, param._zero_ext_layout = engine_ref, layout.index
         self.partitioned = None
         if unit_plan:
             self.partitioned = PartitionedParameters(
@@ -420,6 +426,30 @@ class ZeroEngine(nn.Module):
                                        device=flat.device)
                 comm.all_gather(gathered.view(-1), views[self.rank, lo:hi].contiguous())
                 views[:, lo:hi].copy_(gathered)
+
+    # -- GatheredParameters -----------------------------------------------------------------
+    def gather_layouts(self, layout_indices: set[int]) -> list:
+        """Gathers the stage-3 units holding these buckets; returns the ones it gathered."""
+        if self.partitioned is None:
+            return []
+        return self.partitioned.gather_for(layout_indices)
+
+    @torch.no_grad()
+    def scatter_modified(self, layout_indices: set[int], modifier_rank: int) -> None:
+        """After GatheredParameters: rank `modifier_rank`'s values of these buckets become every
+        rank's, in the model's tensors, the shards and the fp32 master weights."""
+        flats = dict(zip((layout.index for layout in self.persistent_layouts), self.flat_params))
+        for index in sorted(layout_indices):  # the same order on every rank
+            if index in flats:
+                comm.broadcast(flats[index], src=modifier_rank)
+            else:
+                self.partitioned.broadcast_layout(index, src=modifier_rank)
+            if self.replicated_optimizer is None:
+                self.optimizer.refresh_master(index)
+
+    def release_units(self, units: list) -> None:
+        for unit in units:
+            self.partitioned.release(unit)
 
     # -- reporting --------------------------------------------------------------------------
     def get_global_grad_norm(self) -> float | None:

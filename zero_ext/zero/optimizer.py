@@ -69,6 +69,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # torch's LR schedulers check that the optimizer stepped before they do; this is our step.
         self._opt_called = True
 
+    @torch.no_grad()
+    def refresh_master(self, layout_index: int) -> None:
+        """The fp32 master weights of one bucket, re-read from the model's 16-bit values after
+        they were changed from outside (GatheredParameters with a modifier rank)."""
+        for shard in self.shards:
+            if shard.layout.index == layout_index and shard.weights_16bit is not None:
+                shard.master.copy_(shard.weights_16bit)
+
     def step(self, closure=None):
         raise RuntimeError("zero_ext: the sharded optimizer is stepped by engine.step(), which "
                            "reduces gradients first; call engine.step(), not optimizer.step()")

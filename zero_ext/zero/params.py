@@ -24,7 +24,8 @@ from torch.utils._pytree import tree_flatten
 from zero_ext import comm
 from zero_ext.zero.partition import BucketLayout
 
-__all__ = ["UnitState", "GatherUnit", "PartitionedParameters", "find_units"]
+__all__ = ["GatherUnit", "GatheredParameters", "PartitionedParameters", "UnitState",
+           "find_units"]
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
@@ -140,6 +141,27 @@ class PartitionedParameters:
             unit.reduced = 0
             self.release(unit)
 
+    def gather_for(self, layout_indices: set[int]) -> list[GatherUnit]:
+        """Gathers every sharded unit holding one of these buckets; returns those it gathered."""
+        gathered = []
+        for index in sorted(layout_indices):  # the same order on every rank
+            unit = self._unit_of_layout.get(index)
+            if unit is not None and unit.state is UnitState.SHARDED:
+                self.gather(unit)
+                gathered.append(unit)
+        return gathered
+
+    @torch.no_grad()
+    def broadcast_layout(self, layout_index: int, src: int) -> None:
+        """Rank `src`'s gathered values of one unit bucket into every rank's buffer and shard
+        (the unit must be gathered)."""
+        unit = self._unit_of_layout[layout_index]
+        i = [layout.index for layout in unit.layouts].index(layout_index)
+        full = unit.fulls[i]
+        comm.broadcast(full, src=src)
+        start, end = unit.layouts[i].shard_range(self.rank)
+        unit.shards[i].copy_(full[start:end])
+
     def owns(self, layout_index: int) -> bool:
         return layout_index in self._unit_of_layout
 
@@ -168,3 +190,38 @@ class PartitionedParameters:
             if not was_gathered:
                 self.release(unit)
         return values
+
+
+class GatheredParameters:
+    """`with zero_ext.GatheredParameters(params, modifier_rank=None):` the full values of
+    `params` inside, at any stage (collective: every rank enters with the same parameters).
+
+    With `modifier_rank=r`, what rank r changed inside is everyone's on exit: it is broadcast
+    into every rank's parameters, stage-3 shards and fp32 master weights. Parameters that no
+    engine manages are left as they are.
+    """
+
+    def __init__(self, params, modifier_rank: int | None = None, enabled: bool = True):
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        self.params = list(params) if enabled else []
+        self.modifier_rank = modifier_rank
+        self._by_engine: dict = {}
+        self._gathered: dict = {}
+
+    def __enter__(self):
+        for param in self.params:
+            ref = getattr(param, "_zero_ext_engine", None)
+            engine = ref() if ref is not None else None
+            if engine is not None:
+                self._by_engine.setdefault(engine, set()).add(param._zero_ext_layout)
+        for engine, layouts in self._by_engine.items():
+            self._gathered[engine] = engine.gather_layouts(layouts)
+        return self
+
+    def __exit__(self, *exc):
+        for engine, layouts in self._by_engine.items():
+            if self.modifier_rank is not None and exc[0] is None:
+                engine.scatter_modified(layouts, self.modifier_rank)
+            engine.release_units(self._gathered[engine])
+        return False
