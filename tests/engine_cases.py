@@ -406,8 +406,24 @@ def stage3_checks() -> dict:
                    for members in unit.params for p in members)
 
     released_at_start = released()
+    # A tensor autograd saves for backward that views a unit's gathered buffer (checked while
+    # that buffer is alive) would pin it: releasing the unit would then free nothing. Saved
+    # Parameters are fine: release points them elsewhere.
+    pinned, checked = [], [0]
+
+    def pack(tensor):
+        if not isinstance(tensor, nn.Parameter):
+            live = {f.untyped_storage().data_ptr() for unit in engine.partitioned.units
+                    for f in unit.fulls if f is not None}
+            checked[0] += bool(live)
+            if tensor.untyped_storage().data_ptr() in live:
+                pinned.append(tuple(tensor.shape))
+        return tensor
+
     comm.traffic.reset()
-    engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = run(engine, tokens[0, rank], targets[0, rank])
+    engine.backward(loss)
     released_after_backward = released()
     engine.step()
     traffic = comm.traffic.snapshot()
@@ -423,7 +439,8 @@ def stage3_checks() -> dict:
     run(engine, tokens[0, rank], targets[0, rank])  # forward only, the graph dropped
     engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
     engine.step()
-    return dict(layouts=layouts, traffic=traffic, released=(
+    return dict(layouts=layouts, traffic=traffic, pinned=pinned, checked=checked[0],
+                released=(
         released_at_start, released_after_backward, released()),
         params_bytes=params_bytes_between_steps, eval_loss=eval_loss, plain_loss=plain_loss,
         steps=engine.global_steps)

@@ -50,6 +50,39 @@ def find_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+class _PartitionedLinear(torch.autograd.Function):
+    """F.linear that saves the weight Parameter itself for backward, not `weight.t()`.
+
+    nn.Linear's own autograd saves a view of the weight, which would keep a released unit's
+    gathered buffer alive until backward; saving the Parameter lets the release free it, and
+    the unit's pre-backward gather points the Parameter at fresh full values before this
+    backward reads it.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias):
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_output.matmul(weight)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(
+                input.reshape(-1, input.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        return grad_input, grad_weight, grad_bias
+
+
+def _partitioned_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    return _PartitionedLinear.apply(input, self.weight, self.bias)
+
+
 class UnitState(enum.Enum):
     SHARDED = "sharded"    # parameters hold empty tensors; only the shard exists
     GATHERED = "gathered"  # parameters are views of the full buffers
@@ -90,6 +123,10 @@ class PartitionedParameters:
                 for layout in layouts:
                     self._unit_of_layout[layout.index] = unit
                 self.release(unit)
+        for unit in self.units:
+            for module in unit.module.modules():
+                if type(module) is nn.Linear:  # subclasses may override forward: left alone
+                    module.forward = _partitioned_linear_forward.__get__(module)
         self._handles = []
         for unit in self.units:
             self._handles.append(unit.module.register_forward_pre_hook(
