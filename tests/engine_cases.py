@@ -506,3 +506,44 @@ def stage3_special_cases() -> dict:
         # One AdamW step (lr 1e-2) from 0.5, not from the old random values.
         stepped_near_half=bool(((stepped.float() - 0.5).abs() <= 0.02).all()))
     return out
+
+
+def llama(stage: int) -> dict:
+    """A tiny transformers LlamaForCausalLM (random init, tied embeddings, built from a config)
+    trained with zero_ext; rank 0 adds single-process training on the whole batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    world_size, rank = comm.world_size(), comm.rank()
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=16, tie_word_embeddings=True)
+
+    def build():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg)
+
+    model = build()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(stage, "fp32", 1, world_size))
+    for step in range(3):
+        tokens, _ = global_batch(step, world_size, 1)
+        ids = tokens[0, rank].to(engine.device)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    out = {"params": host_params(model, engine), "units": len(engine.partitioned.units)
+           if engine.partitioned is not None else 0}
+    if rank == 0:
+        reference = build()
+        opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+        for step in range(3):
+            tokens, _ = global_batch(step, world_size, 1)
+            ids = tokens[0].reshape(-1, SEQ)
+            opt.zero_grad()
+            reference(input_ids=ids, labels=ids).loss.backward()
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+            opt.step()
+        out["reference"] = host_params(reference)
+    return out
+
+
+def llama_cases() -> dict:
+    return {stage: llama(stage) for stage in (2, 3)}

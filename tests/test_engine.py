@@ -272,3 +272,23 @@ def test_gathered_parameters_reads_and_scatters_modifications():
         assert gathered["released"] and gathered["released_after"]
         assert gathered["fc1_all_half"] and gathered["embed_row"]
         assert gathered["stepped_near_half"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_transformers_llama_with_tied_embeddings_matches_single_process(stage):
+    results = _llama(2)
+    reference = results[0][stage]["reference"]
+    for rank, result in enumerate(results):
+        got = result[stage]
+        if stage == 3:
+            # The two decoder layers and the model body (its final norm); the tied
+            # embedding / head weight stays whole, so the head is no unit.
+            assert got["units"] == 3
+        for name, ref in reference.items():
+            assert_close(got["params"][name], ref, rtol=1e-5,
+                         atol=1e-5 * ref.abs().max().item(), msg=f"rank {rank} {name}")
+
+
+@functools.cache
+def _llama(world_size):
+    return run_group(world_size, engine_cases.llama_cases)

@@ -14,12 +14,13 @@ stage3_param_persistence_threshold stay whole and take the stage-2 path instead.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from zero_ext import comm
 from zero_ext.zero.partition import BucketLayout
@@ -81,6 +82,29 @@ class _PartitionedLinear(torch.autograd.Function):
 
 def _partitioned_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     return _PartitionedLinear.apply(input, self.weight, self.bias)
+
+
+def _tensors_requiring_grad(output) -> list[torch.Tensor]:
+    """Tensors in a module's output (nested tuples, lists, dicts, dataclasses and transformers'
+    ModelOutput) that backward will reach."""
+    found = []
+
+    def walk(value) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                found.append(value)
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                walk(item)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name))
+
+    walk(output)
+    return found
 
 
 class UnitState(enum.Enum):
@@ -157,9 +181,7 @@ class PartitionedParameters:
 
     def _after_forward(self, unit: GatherUnit, output) -> None:
         if torch.is_grad_enabled():
-            tensors = [t for t in tree_flatten(output)[0]
-                       if isinstance(t, torch.Tensor) and t.requires_grad]
-            for tensor in tensors:
+            for tensor in _tensors_requiring_grad(output):
                 tensor.register_hook(lambda grad, unit=unit: self._before_backward(unit, grad))
         self.release(unit)
 
