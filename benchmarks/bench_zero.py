@@ -14,7 +14,7 @@ the other, each freed before the next:
   ddp             DistributedDataParallel (gradient_as_bucket_view) + torch.optim.AdamW, fused
                   when this torch supports it on the device, else foreach. The baseline.
   ddp+zero-redund DDP + torch.distributed.optim.ZeroRedundancyOptimizer(AdamW, same kind).
-  zero_ext s0-s2  zero_ext.initialize with zero_optimization.stage 0, 1, 2 and overlap_comm.
+  zero_ext s0-s3  zero_ext.initialize with zero_optimization.stage 0, 1, 2, 3 and overlap_comm.
                   At the default --bucket (5e7 elements) the default model is one bucket, so its
                   gradient reduction starts only after the whole backward, where DDP's default
                   buckets (25 MiB, the first 1 MiB) overlap part of it; --bucket 1e6 gives
@@ -573,7 +573,8 @@ def main() -> None:
         impls.append(("ddp+zero-redund", lambda: build_ddp(setup, shard_optimizer=True)))
     for family, build in (("zero_ext", build_zero_ext), ("deepspeed", build_deepspeed)):
         if family in families:
-            impls += [(f"{family} s{s}", lambda b=build, s=s: b(setup, s)) for s in range(3)]
+            stages = range(4) if family == "zero_ext" else range(3)  # DeepSpeed's 3: not here
+            impls += [(f"{family} s{s}", lambda b=build, s=s: b(setup, s)) for s in stages]
 
     if rank == 0:
         psi = num_params(GPT(cfg))
