@@ -547,3 +547,55 @@ def llama(stage: int) -> dict:
 
 def llama_cases() -> dict:
     return {stage: llama(stage) for stage in (2, 3)}
+
+
+class Blocks(nn.Module):
+    """An embedding, four blocks in a ModuleList, a head; `swap` runs blocks 1 and 2 out of
+    order (control flow that changes the module order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(4))
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens, targets, swap=False):
+        x = self.embed(tokens)
+        for i in ((0, 2, 1, 3) if swap else (0, 1, 2, 3)):
+            x = x + F.gelu(self.blocks[i](x))
+        return F.cross_entropy(self.head(x).float().view(-1, VOCAB), targets.view(-1))
+
+
+def prefetch_cases() -> dict:
+    """What the next block's state is when a block starts its forward, step by step, with
+    prefetch on and off; and what happens when the order changes."""
+    import warnings
+
+    world_size, rank = comm.world_size(), comm.rank()
+    out = {}
+    for name, prefetch in (("on", 10**9), ("off", 0)):
+        torch.manual_seed(0)
+        model = Blocks()
+        engine, _, _, _ = zero_ext.initialize(
+            model=model, config=config(3, "fp32", 1, world_size,
+                                       stage3_prefetch_bucket_size=prefetch))
+        units = {id(u.module): u for u in engine.partitioned.units}
+        seen = []
+        for i in range(3):
+            model.blocks[i].register_forward_pre_hook(
+                lambda module, args, i=i: seen.append(
+                    units[id(model.blocks[i + 1])].state.value))
+        steps = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(4):
+                seen.clear()
+                tokens, targets = global_batch(step, world_size, 1)
+                loss = engine(tokens[0, rank].to(engine.device),
+                              targets[0, rank].to(engine.device), swap=step >= 2)
+                engine.backward(loss)
+                engine.step()
+                steps.append(list(seen))
+        out[name] = dict(states=steps, warnings=[str(w.message) for w in caught],
+                         params=host_params(model, engine))
+    return out

@@ -292,3 +292,20 @@ def test_transformers_llama_with_tied_embeddings_matches_single_process(stage):
 @functools.cache
 def _llama(world_size):
     return run_group(world_size, engine_cases.llama_cases)
+
+
+def test_stage3_prefetch_gathers_the_next_block_ahead_and_falls_back_on_a_new_order():
+    for result in run_group(2, engine_cases.prefetch_cases):
+        on, off = result["on"], result["off"]
+        # Step 0 records the order: every gather on demand (the next block still sharded).
+        assert on["states"][0] == ["sharded"] * 3
+        # Step 1 follows the recorded order: the next block's gather is already issued.
+        assert all(state in ("gathering", "gathered") for state in on["states"][1])
+        # Step 2 runs blocks 0, 2, 1, 3: the departure is noticed at block 2, said once, and
+        # from then on gathers are on demand again.
+        assert len([w for w in on["warnings"] if "different order" in w]) == 1
+        assert on["states"][3] == ["sharded"] * 3
+        # Without prefetch nothing is gathered ahead, and both train the same weights.
+        assert all(states == ["sharded"] * 3 for states in off["states"])
+        for name, value in off["params"].items():
+            assert torch.equal(on["params"][name], value), name

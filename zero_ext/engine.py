@@ -192,9 +192,11 @@ class ZeroEngine(nn.Module):
                 param._zero_ext_engine, param._zero_ext_layout = engine_ref, layout.index
         self.partitioned = None
         if unit_plan:
+            zero = config.zero_optimization
             self.partitioned = PartitionedParameters(
                 unit_plan, self._params, rank=self.rank, dtype=self.model_dtype,
-                device=self.device)
+                device=self.device, prefetch_numel=zero.stage3_prefetch_bucket_size,
+                max_live_numel=zero.stage3_max_live_parameters)
 
         # Stage 0 may run any torch optimizer on the whole, replicated parameters; otherwise the
         # sharded AdamW.
@@ -332,6 +334,8 @@ class ZeroEngine(nn.Module):
             finally:
                 with self._timers.time("reduce"):
                     self.grad_buckets.end_backward()
+                if self.partitioned is not None:
+                    self.partitioned.end_backward()
 
     def step(self) -> None:
         """At an accumulation boundary: global norm, overflow check, clip, AdamW, all-gather.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -108,8 +109,9 @@ def _tensors_requiring_grad(output) -> list[torch.Tensor]:
 
 
 class UnitState(enum.Enum):
-    SHARDED = "sharded"    # parameters hold empty tensors; only the shard exists
-    GATHERED = "gathered"  # parameters are views of the full buffers
+    SHARDED = "sharded"      # parameters hold empty tensors; only the shard exists
+    GATHERING = "gathering"  # a prefetch all-gather is in flight into the full buffers
+    GATHERED = "gathered"    # parameters are views of the full buffers
 
 
 @dataclass(eq=False)
@@ -121,6 +123,70 @@ class GatherUnit:
     fulls: list[torch.Tensor | None] = field(default_factory=list)  # gathered buffers
     state: UnitState = UnitState.SHARDED
     reduced: int = 0                         # layouts reduced in the current backward
+    pending: list = field(default_factory=list)  # in-flight prefetch gathers (handles)
+
+    @property
+    def numel(self) -> int:
+        return sum(layout.padded_numel for layout in self.layouts)
+
+
+class _Prefetcher:
+    """Records the order units are gathered in during the first step (forward and backward
+    separately), checks it is the same on every rank, and afterwards names the units to gather
+    ahead of use, within stage3_prefetch_bucket_size elements in flight and
+    stage3_max_live_parameters gathered in all. When a step departs from the recorded order
+    (control flow changed), it says so once and gathers on demand from then on."""
+
+    def __init__(self, prefetch_numel: int, max_live_numel: int):
+        self.prefetch_numel, self.max_live_numel = prefetch_numel, max_live_numel
+        self.recording: dict[str, list[GatherUnit]] | None = {"forward": [], "backward": []}
+        self.order: dict[str, list[GatherUnit]] | None = None
+        self.cursor = {"forward": 0, "backward": 0}
+
+    def next_units(self, phase: str, unit: GatherUnit,
+                   params: PartitionedParameters) -> list[GatherUnit]:
+        if self.recording is not None:
+            self.recording[phase].append(unit)
+            return []
+        if self.order is None or self.prefetch_numel <= 0:
+            return []
+        order, at = self.order[phase], self.cursor[phase]
+        if at >= len(order) or order[at] is not unit:
+            at = 0  # a new pass starts at the top of the order
+        if order[at] is not unit:
+            warnings.warn("zero_ext stage 3: modules ran in a different order than in the first "
+                          "step; parameters are gathered on demand from now on (no prefetch)",
+                          stacklevel=2)
+            self.order = None
+            return []
+        self.cursor[phase] = at + 1
+        live = sum(u.numel for u in params.units if u.state is not UnitState.SHARDED)
+        in_flight = sum(u.numel for u in params.units if u.state is UnitState.GATHERING)
+        chosen = []
+        for upcoming in order[at + 1:]:
+            if upcoming.state is not UnitState.SHARDED or upcoming in chosen:
+                continue
+            if in_flight + upcoming.numel > self.prefetch_numel or \
+                    live + upcoming.numel > self.max_live_numel:
+                break
+            chosen.append(upcoming)
+            in_flight += upcoming.numel
+            live += upcoming.numel
+        return chosen
+
+    def end_step(self, params: PartitionedParameters) -> None:
+        self.cursor = {"forward": 0, "backward": 0}
+        if self.recording is None:
+            return
+        index = {id(u): i for i, u in enumerate(params.units)}
+        mine = {phase: [index[id(u)] for u in units] for phase, units in self.recording.items()}
+        everyone = comm.all_gather_object(mine)
+        self.recording = None
+        if all(order == mine for order in everyone):
+            self.order = {phase: [params.units[i] for i in seq] for phase, seq in mine.items()}
+        else:
+            warnings.warn("zero_ext stage 3: ranks ran their modules in different orders in the "
+                          "first step; prefetch is off (gathers stay on demand)", stacklevel=2)
 
 
 class PartitionedParameters:
@@ -128,8 +194,10 @@ class PartitionedParameters:
 
     def __init__(self, units: list[tuple[nn.Module, list[BucketLayout]]],
                  params: list[nn.Parameter], *, rank: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, prefetch_numel: int = 0,
+                 max_live_numel: int = 2**62):
         self.rank, self.dtype, self.device = rank, dtype, device
+        self.prefetch = _Prefetcher(prefetch_numel, max_live_numel)
         self.units: list[GatherUnit] = []
         self._unit_of_layout: dict[int, GatherUnit] = {}
         with torch.no_grad():
@@ -154,24 +222,57 @@ class PartitionedParameters:
         self._handles = []
         for unit in self.units:
             self._handles.append(unit.module.register_forward_pre_hook(
-                lambda module, args, unit=unit: self.gather(unit)))
+                lambda module, args, unit=unit: self._use(unit, "forward")))
             self._handles.append(unit.module.register_forward_hook(
                 lambda module, args, output, unit=unit: self._after_forward(unit, output)))
 
     # -- gather / release ---------------------------------------------------------------------
     @torch.no_grad()
+    def start_gather(self, unit: GatherUnit) -> None:
+        """Issues the unit's all-gathers without waiting (a prefetch)."""
+        if unit.state is not UnitState.SHARDED:
+            return
+        for i, (layout, shard) in enumerate(zip(unit.layouts, unit.shards)):
+            unit.fulls[i] = torch.empty(layout.padded_numel, dtype=self.dtype,
+                                        device=self.device)
+            unit.pending.append(comm.all_gather(unit.fulls[i], shard, async_op=True))
+        unit.state = UnitState.GATHERING
+
+    @torch.no_grad()
     def gather(self, unit: GatherUnit) -> None:
         if unit.state is UnitState.GATHERED:
             return
-        for i, (layout, shard) in enumerate(zip(unit.layouts, unit.shards)):
-            full = torch.empty(layout.padded_numel, dtype=self.dtype, device=self.device)
-            comm.all_gather(full, shard)
+        self.start_gather(unit)
+        for work in unit.pending:
+            if work is not None:
+                work.wait()
+        unit.pending.clear()
+        for i, layout in enumerate(unit.layouts):
             for slot, param in zip(layout.slots, unit.params[i]):
-                param.data = full[slot.offset:slot.offset + slot.numel].view(slot.shape)
-            unit.fulls[i] = full
+                param.data = unit.fulls[i][slot.offset:slot.offset + slot.numel].view(slot.shape)
         unit.state = UnitState.GATHERED
 
+    def _use(self, unit: GatherUnit, phase: str) -> None:
+        """A unit is needed now (its forward, or backward reached it): gather it, and let the
+        prefetcher start the units it expects next."""
+        was_sharded = unit.state is not UnitState.GATHERED
+        self.gather(unit)
+        if was_sharded:
+            for upcoming in self.prefetch.next_units(phase, unit, self):
+                self.start_gather(upcoming)
+
+    def end_backward(self) -> None:
+        """After engine.backward: fixes the recorded order after the first step, and drops any
+        prefetched unit that was not used."""
+        self.prefetch.end_step(self)
+        for unit in self.units:
+            if unit.state is UnitState.GATHERING:
+                self.gather(unit)
+                self.release(unit)
+
     def release(self, unit: GatherUnit) -> None:
+        if unit.state is UnitState.GATHERING:  # never leave a collective unwaited
+            self.gather(unit)
         empty = torch.empty(0, dtype=self.dtype, device=self.device)
         for members in unit.params:
             for param in members:
@@ -186,7 +287,7 @@ class PartitionedParameters:
         self.release(unit)
 
     def _before_backward(self, unit: GatherUnit, grad):
-        self.gather(unit)
+        self._use(unit, "backward")
         return grad
 
     def layout_reduced(self, layout_index: int) -> None:
