@@ -599,3 +599,59 @@ def prefetch_cases() -> dict:
         out[name] = dict(states=steps, warnings=[str(w.message) for w in caught],
                          params=host_params(model, engine))
     return out
+
+
+def init_cases() -> dict:
+    """Blocks built under zero_ext.Init at stage 3: nothing allocated while building, no tensor
+    as large as the model while initializing, then training as a plain model from the same
+    initial weights."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    world_size, rank = comm.world_size(), comm.rank()
+    torch.manual_seed(0)
+    with zero_ext.Init():
+        model = Blocks()
+    all_meta = all(p.is_meta for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    largest = LargestTensor()
+    with largest:
+        engine, _, _, _ = zero_ext.initialize(model=model,
+                                              config=config(3, "fp32", 1, world_size))
+    initial = engine.full_state_dict()
+    for step in range(3):
+        tokens, targets = global_batch(step, world_size, 1)
+        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+        engine.step()
+    out = dict(all_meta=all_meta, total=total, largest=largest.numel,
+               largest_layout=max(layout.padded_numel for layout in engine.layouts),
+               params=host_params(model, engine))
+    if rank == 0:
+        reference = Blocks()
+        reference.load_state_dict(initial)
+        opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+        for step in range(3):
+            tokens, targets = global_batch(step, world_size, 1)
+            opt.zero_grad()
+            reference(tokens[0].reshape(-1, SEQ), targets[0].reshape(-1, SEQ)).backward()
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+            opt.step()
+        out["reference"] = host_params(reference)
+    try:
+        with zero_ext.Init():
+            bad = TinyNet()  # frozen_shift: a bare nn.Parameter nothing initializes
+        zero_ext.initialize(model=bad, config=config(3, "fp32", 1, world_size))
+    except ValueError as error:
+        out["bare_parameter_error"] = str(error)
+    return out

@@ -309,3 +309,18 @@ def test_stage3_prefetch_gathers_the_next_block_ahead_and_falls_back_on_a_new_or
         assert all(states == ["sharded"] * 3 for states in off["states"])
         for name, value in off["params"].items():
             assert torch.equal(on["params"][name], value), name
+
+
+def test_init_builds_without_allocating_and_trains_like_a_plain_model():
+    results = run_group(4, engine_cases.init_cases)
+    reference = results[0]["reference"]
+    for rank, result in enumerate(results):
+        assert result["all_meta"]
+        # While initializing, no tensor was ever as large as the model: units come one at a
+        # time, and the largest tensor is one bucket.
+        assert result["largest"] <= result["largest_layout"] < result["total"]
+        for name, ref in reference.items():
+            assert_close(result["params"][name], ref, rtol=1e-5,
+                         atol=1e-5 * ref.abs().max().item(), msg=f"rank {rank} {name}")
+        assert "module <root> (TinyNet) has parameters created under zero_ext.Init but no " \
+            "reset_parameters()" in result["bare_parameter_error"]

@@ -21,7 +21,7 @@ except ImportError as error:  # pragma: no cover - only reached on a broken inst
 from zero_ext import ops, optim
 from zero_ext.config import ZeroConfig
 from zero_ext.engine import ZeroEngine, initialize
-from zero_ext.zero.params import GatheredParameters
+from zero_ext.zero.params import GatheredParameters, Init
 
 # The same function under the name DeepSpeed's examples use.
 initialize_engine = initialize
@@ -29,6 +29,7 @@ initialize_engine = initialize
 __version__ = "0.1.0"
 __all__ = [
     "GatheredParameters",
+    "Init",
     "ZeroConfig",
     "ZeroEngine",
     "__version__",

@@ -30,7 +30,8 @@ from zero_ext import comm, ops
 from zero_ext.config import ZeroConfig
 from zero_ext.zero.buckets import GradientBuckets
 from zero_ext.zero.optimizer import ZeroOptimizer
-from zero_ext.zero.params import PartitionedParameters, find_units
+from zero_ext.zero.params import (PartitionedParameters, check_initializers, find_units,
+                                  materialize)
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 
 __all__ = ["DynamicLossScaler", "ZeroEngine"]
@@ -139,9 +140,19 @@ class ZeroEngine(nn.Module):
 
         self.model_dtype = config.mixed_precision or torch.float32
         self.device = self._pick_device(model)
-        model.to(device=self.device)
-        if self.model_dtype != torch.float32:
-            model.to(dtype=self.model_dtype)
+        self.built_under_init = any(p.is_meta for p in model.parameters())
+        if self.built_under_init:
+            if self.stage != 3:
+                raise ValueError(
+                    "zero_ext.initialize: the model was built under zero_ext.Init, which "
+                    "leaves its parameters unallocated for stage 3 to materialize shard by "
+                    f"shard; set zero_optimization.stage to 3 (it is {self.stage}) or build the "
+                    "model outside zero_ext.Init")
+            check_initializers(model)
+        else:
+            model.to(device=self.device)
+            if self.model_dtype != torch.float32:
+                model.to(dtype=self.model_dtype)
         self.comm_dtype = config.comm_dtype or self.model_dtype
         self._timers = _Timers(config.wall_clock_breakdown, self.device)
 
@@ -169,6 +180,12 @@ class ZeroEngine(nn.Module):
         # parameter below stage 3) lives whole in flat buckets that the model's tensors view.
         unit_plan, persistent = self._plan_units(group_of) if self.stage == 3 else \
             ([], self._params)
+        if self.built_under_init:
+            # Everything but the units' parameters is allocated now, whole; the units follow
+            # one at a time as PartitionedParameters shards them.
+            members = {id(self._params[s.param_index]) for _, layouts in unit_plan
+                       for layout in layouts for s in layout.slots}
+            materialize(model, list(model.modules()), members, self.device, self.model_dtype)
         position = {id(p): i for i, p in enumerate(self._params)}
         persistent_index = [position[id(p)] for p in persistent]
         persistent_layouts = plan_buckets(
@@ -196,7 +213,7 @@ class ZeroEngine(nn.Module):
             self.partitioned = PartitionedParameters(
                 unit_plan, self._params, rank=self.rank, dtype=self.model_dtype,
                 device=self.device, prefetch_numel=zero.stage3_prefetch_bucket_size,
-                max_live_numel=zero.stage3_max_live_parameters)
+                max_live_numel=zero.stage3_max_live_parameters, root=model)
 
         # Stage 0 may run any torch optimizer on the whole, replicated parameters; otherwise the
         # sharded AdamW.
@@ -240,9 +257,11 @@ class ZeroEngine(nn.Module):
 
     @torch.no_grad()
     def _broadcast_from_rank0(self) -> None:
-        """Every rank starts from rank 0's weights and buffers, as DDP does."""
+        """Every rank starts from rank 0's weights and buffers, as DDP does (tensors still on
+        the meta device get rank 0's values as they are materialized)."""
         for tensor in list(self.module.parameters()) + list(self.module.buffers()):
-            comm.broadcast(tensor.data, src=0)
+            if not tensor.is_meta:
+                comm.broadcast(tensor.data, src=0)
 
     def _plan_units(self, group_of: dict[nn.Parameter, int]):
         """Stage 3: (unit module, its bucket layouts) for each gather unit, and the trainable

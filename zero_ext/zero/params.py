@@ -26,8 +26,8 @@ from torch import nn
 from zero_ext import comm
 from zero_ext.zero.partition import BucketLayout
 
-__all__ = ["GatherUnit", "GatheredParameters", "PartitionedParameters", "UnitState",
-           "find_units"]
+__all__ = ["GatherUnit", "GatheredParameters", "Init", "PartitionedParameters", "UnitState",
+           "check_initializers", "find_units", "materialize"]
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
@@ -195,14 +195,19 @@ class PartitionedParameters:
     def __init__(self, units: list[tuple[nn.Module, list[BucketLayout]]],
                  params: list[nn.Parameter], *, rank: int, dtype: torch.dtype,
                  device: torch.device, prefetch_numel: int = 0,
-                 max_live_numel: int = 2**62):
+                 max_live_numel: int = 2**62, root: nn.Module | None = None):
         self.rank, self.dtype, self.device = rank, dtype, device
         self.prefetch = _Prefetcher(prefetch_numel, max_live_numel)
         self.units: list[GatherUnit] = []
         self._unit_of_layout: dict[int, GatherUnit] = {}
+        model = root if root is not None else None
         with torch.no_grad():
             for module, layouts in units:
                 unit_params = [[params[s.param_index] for s in layout.slots] for layout in layouts]
+                if any(p.is_meta for members in unit_params for p in members):
+                    # Built under zero_ext.Init: this unit exists in full only from here to
+                    # the release below.
+                    materialize(model, list(module.modules()), set(), device, dtype)
                 shards = []
                 for layout, members in zip(layouts, unit_params):
                     flat = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
@@ -385,3 +390,73 @@ class GatheredParameters:
                 engine.scatter_modified(layouts, self.modifier_rank)
             engine.release_units(self._gathered[engine])
         return False
+
+
+class Init:
+    """`with zero_ext.Init(): model = build()` builds a model for stage 3 without allocating it.
+
+    Parameters and buffers created inside are placed on the meta device (shapes only).
+    zero_ext.initialize then materializes the model one gather unit at a time: it allocates the
+    unit's parameters, initializes them with each module's `reset_parameters()` (or the model's
+    `_init_weights(module)`, as transformers models have), takes rank 0's values, keeps this
+    rank's shard and frees the rest; parameters that stay whole are materialized the same way
+    up front. No rank ever holds more than one unit beyond its shards. Every module with
+    parameters must have such an initializer; initialize says which one does not.
+    """
+
+    def __init__(self, config=None, enabled: bool = True):
+        self.enabled = enabled
+        self._device = torch.device("meta")
+
+    def __enter__(self):
+        if self.enabled:
+            self._device.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._device.__exit__(*exc)
+        return False
+
+
+def check_initializers(model: nn.Module) -> None:
+    """Every module owning a meta parameter needs a way to give it values."""
+    init_weights = getattr(model, "_init_weights", None)
+    for name, module in model.named_modules():
+        owns_meta = any(p.is_meta for p in module.parameters(recurse=False))
+        if owns_meta and init_weights is None and not hasattr(module, "reset_parameters"):
+            raise ValueError(
+                f"zero_ext.Init: module {name or '<root>'} ({type(module).__name__}) has "
+                "parameters created under zero_ext.Init but no reset_parameters() to give them "
+                "values; add one, or build this model outside zero_ext.Init")
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, modules: list[nn.Module], keep_meta: set[int],
+                device: torch.device, dtype: torch.dtype) -> None:
+    """Allocates the meta parameters and buffers directly owned by `modules` (except the
+    parameters whose id is in `keep_meta`), initializes them, and broadcasts rank 0's values."""
+    init_weights = getattr(model, "_init_weights", None)
+    created = []
+    for module in modules:
+        touched = False
+        for tensors in (module._parameters, module._buffers):
+            for tensor in tensors.values():
+                if tensor is None or not tensor.is_meta or id(tensor) in keep_meta:
+                    continue
+                target = dtype if tensor.is_floating_point() else tensor.dtype
+                real = torch.empty(tensor.shape, dtype=target, device=device)
+                if isinstance(tensor, nn.Parameter):
+                    real = nn.Parameter(real, requires_grad=tensor.requires_grad)
+                # Swapped, not replaced: the same Python object (tied weights, the user's
+                # parameter groups) now holds real storage.
+                torch.utils.swap_tensors(tensor, real)
+                created.append(tensor)
+                touched = True
+        if touched:
+            if init_weights is not None:
+                init_weights(module)
+            elif hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    for tensor in created:
+        comm.broadcast(tensor.data, src=0)
