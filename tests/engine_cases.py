@@ -655,3 +655,33 @@ def init_cases() -> dict:
     except ValueError as error:
         out["bare_parameter_error"] = str(error)
     return out
+
+
+def unit_classes_cases() -> dict:
+    """stage3_unit_classes picks the units: here every Linear (the embedding stays whole)."""
+    world_size, rank = comm.world_size(), comm.rank()
+    torch.manual_seed(0)
+    model = Blocks()
+    torch.manual_seed(0)
+    reference = Blocks()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(
+        3, "fp32", 1, world_size, stage3_unit_classes=["Linear"]))
+    name_of = {m: n for n, m in model.named_modules()}
+    units = sorted(name_of[u.module] for u in engine.partitioned.units)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(2):
+        tokens, targets = global_batch(step, world_size, 1)
+        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+        engine.step()
+        opt.zero_grad()
+        reference(tokens[0].reshape(-1, SEQ), targets[0].reshape(-1, SEQ)).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        opt.step()
+    out = dict(units=units, params=host_params(model, engine),
+               reference=host_params(reference))
+    try:
+        zero_ext.initialize(model=Blocks(), config=config(
+            3, "fp32", 1, world_size, stage3_unit_classes=["LlamaDecoderLayer"]))
+    except ValueError as error:
+        out["missing_error"] = str(error)
+    return out

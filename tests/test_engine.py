@@ -324,3 +324,13 @@ def test_init_builds_without_allocating_and_trains_like_a_plain_model():
                          atol=1e-5 * ref.abs().max().item(), msg=f"rank {rank} {name}")
         assert "module <root> (TinyNet) has parameters created under zero_ext.Init but no " \
             "reset_parameters()" in result["bare_parameter_error"]
+
+
+def test_stage3_unit_classes_in_the_config_choose_the_units():
+    for rank, result in enumerate(run_group(2, engine_cases.unit_classes_cases)):
+        assert result["units"] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
+        for name, ref in result["reference"].items():
+            assert_close(result["params"][name], ref, rtol=1e-5,
+                         atol=1e-5 * ref.abs().max().item(), msg=f"rank {rank} {name}")
+        assert "no module of class ['LlamaDecoderLayer'] in the model; its classes are " \
+            "['Blocks', 'Embedding', 'Linear', 'ModuleList']" in result["missing_error"]

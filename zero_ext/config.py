@@ -735,6 +735,12 @@ class ZeroOptimizationConfig(_Section):
     """Stage 3: gather the full 16-bit weights when saving the model (old key:
     ``stage3_gather_fp16_weights_on_model_save``)."""
 
+    stage3_unit_classes: list[str] | None = None
+    """Stage 3 (zero_ext's key): class names of the modules whose parameters are gathered
+    together, e.g. ``["LlamaDecoderLayer"]``; parameters outside them stay whole. None picks
+    the units automatically (container blocks and the model's other parameter-holding
+    children)."""
+
     sub_group_size: int = 1_000_000_000
     """Elements of the optimizer state stepped at a time (bounds temporary memory)."""
 
@@ -848,6 +854,13 @@ class ZeroOptimizationConfig(_Section):
                      "stage3_max_reuse_distance", "sub_group_size"):
             setattr(self, name, _check_int(name, getattr(self, name), lo=0))
         self.overlap_comm = _optional(_check_bool, "overlap_comm", self.overlap_comm)
+        if self.stage3_unit_classes is not None:
+            names = self.stage3_unit_classes
+            if not isinstance(names, (list, tuple)) or not names or not all(
+                    isinstance(n, str) and n for n in names):
+                raise ConfigError("stage3_unit_classes", f"expected a non-empty list of module "
+                                  f"class names, {_got(names)}")
+            self.stage3_unit_classes = list(names)
         for name in ("contiguous_gradients", "reduce_scatter", "allgather_partitions",
                      "stage3_gather_16bit_weights_on_model_save", "round_robin_gradients",
                      "ignore_unused_parameters", "elastic_checkpoint"):

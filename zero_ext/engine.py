@@ -269,7 +269,7 @@ class ZeroEngine(nn.Module):
         unit, or below stage3_param_persistence_threshold."""
         threshold = self.config.zero_optimization.stage3_param_persistence_threshold
         owner: dict[nn.Parameter, list[nn.Module]] = {}
-        for unit in find_units(self.module):
+        for unit in find_units(self.module, self.config.zero_optimization.stage3_unit_classes):
             for p in unit.parameters():
                 owner.setdefault(p, []).append(unit)
         members: dict[nn.Module, list[nn.Parameter]] = {}

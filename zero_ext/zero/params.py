@@ -32,10 +32,19 @@ __all__ = ["GatherUnit", "GatheredParameters", "Init", "PartitionedParameters", 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
-def find_units(model: nn.Module) -> list[nn.Module]:
-    """Modules whose parameters are gathered together, in registration order: the children of
-    every container (transformer blocks), and the root's other children that hold parameters
-    (embedding, head, final norm)."""
+def find_units(model: nn.Module, class_names: list[str] | None = None) -> list[nn.Module]:
+    """Modules whose parameters are gathered together, in registration order: the instances of
+    `class_names` when given (stage3_unit_classes), else the children of every container
+    (transformer blocks) and the root's other children that hold parameters (embedding, head,
+    final norm)."""
+    if class_names is not None:
+        units = [m for m in model.modules() if type(m).__name__ in class_names and m is not model]
+        missing = set(class_names) - {type(m).__name__ for m in units}
+        if missing:
+            present = sorted({type(m).__name__ for m in model.modules()})
+            raise ValueError(f"zero_optimization.stage3_unit_classes: no module of class "
+                             f"{sorted(missing)} in the model; its classes are {present}")
+        return units
     units: list[nn.Module] = []
 
     def walk(module: nn.Module, in_container: bool) -> None:
