@@ -685,3 +685,24 @@ def unit_classes_cases() -> dict:
     except ValueError as error:
         out["missing_error"] = str(error)
     return out
+
+
+def reuse_cases() -> dict:
+    """TwiceNet's linear runs twice per forward: with stage3_max_reuse_distance it stays
+    gathered between the two calls (from the second step, once the order is known)."""
+    world_size, rank = comm.world_size(), comm.rank()
+    out = {}
+    for name, distance in (("reuse", 10**9), ("no_reuse", 0)):
+        torch.manual_seed(0)
+        model = TwiceNet()
+        engine, _, _, _ = zero_ext.initialize(model=model, config=config(
+            3, "fp32", 1, world_size, stage3_max_reuse_distance=distance))
+        calls = []
+        for step in range(2):
+            tokens, targets = global_batch(step, world_size, 1)
+            comm.traffic.reset()
+            engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+            calls.append(comm.traffic.calls["all_gather"])
+            engine.step()
+        out[name] = dict(calls=calls, params=host_params(model, engine))
+    return out

@@ -334,3 +334,14 @@ def test_stage3_unit_classes_in_the_config_choose_the_units():
                          atol=1e-5 * ref.abs().max().item(), msg=f"rank {rank} {name}")
         assert "no module of class ['LlamaDecoderLayer'] in the model; its classes are " \
             "['Blocks', 'Embedding', 'Linear', 'ModuleList']" in result["missing_error"]
+
+
+def test_stage3_keeps_a_unit_gathered_when_it_is_reused_within_max_reuse_distance():
+    for result in run_group(2, engine_cases.reuse_cases):
+        reuse, no_reuse = result["reuse"], result["no_reuse"]
+        # Forward gathers embed, fc (twice without reuse), head; backward gathers them again
+        # (fc once: it stays gathered until its gradients are reduced).
+        assert no_reuse["calls"] == [7, 7]
+        assert reuse["calls"] == [7, 6]  # the first step records the order
+        for name, value in no_reuse["params"].items():
+            assert torch.equal(reuse["params"][name], value), name

@@ -213,7 +213,8 @@ class ZeroEngine(nn.Module):
             self.partitioned = PartitionedParameters(
                 unit_plan, self._params, rank=self.rank, dtype=self.model_dtype,
                 device=self.device, prefetch_numel=zero.stage3_prefetch_bucket_size,
-                max_live_numel=zero.stage3_max_live_parameters, root=model)
+                max_live_numel=zero.stage3_max_live_parameters,
+                max_reuse_numel=zero.stage3_max_reuse_distance, root=model)
 
         # Stage 0 may run any torch optimizer on the whole, replicated parameters; otherwise the
         # sharded AdamW.

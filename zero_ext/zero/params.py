@@ -140,14 +140,16 @@ class GatherUnit:
 
 
 class _Prefetcher:
-    """Records the order units are gathered in during the first step (forward and backward
-    separately), checks it is the same on every rank, and afterwards names the units to gather
-    ahead of use, within stage3_prefetch_bucket_size elements in flight and
-    stage3_max_live_parameters gathered in all. When a step departs from the recorded order
+    """Records the order units are used in during the first step (forward calls and backward
+    arrivals, separately), checks it is the same on every rank, and afterwards names the units
+    to gather ahead of use, within stage3_prefetch_bucket_size elements in flight and
+    stage3_max_live_parameters gathered in all, and keeps a unit gathered when the order uses
+    it again within stage3_max_reuse_distance. When a step departs from the recorded order
     (control flow changed), it says so once and gathers on demand from then on."""
 
-    def __init__(self, prefetch_numel: int, max_live_numel: int):
+    def __init__(self, prefetch_numel: int, max_live_numel: int, max_reuse_numel: int):
         self.prefetch_numel, self.max_live_numel = prefetch_numel, max_live_numel
+        self.max_reuse_numel = max_reuse_numel
         self.recording: dict[str, list[GatherUnit]] | None = {"forward": [], "backward": []}
         self.order: dict[str, list[GatherUnit]] | None = None
         self.cursor = {"forward": 0, "backward": 0}
@@ -157,7 +159,7 @@ class _Prefetcher:
         if self.recording is not None:
             self.recording[phase].append(unit)
             return []
-        if self.order is None or self.prefetch_numel <= 0:
+        if self.order is None:
             return []
         order, at = self.order[phase], self.cursor[phase]
         if at >= len(order) or order[at] is not unit:
@@ -169,6 +171,8 @@ class _Prefetcher:
             self.order = None
             return []
         self.cursor[phase] = at + 1
+        if self.prefetch_numel <= 0:
+            return []
         live = sum(u.numel for u in params.units if u.state is not UnitState.SHARDED)
         in_flight = sum(u.numel for u in params.units if u.state is UnitState.GATHERING)
         chosen = []
@@ -182,6 +186,21 @@ class _Prefetcher:
             in_flight += upcoming.numel
             live += upcoming.numel
         return chosen
+
+    def reused_soon(self, unit: GatherUnit) -> bool:
+        """Whether the recorded forward order uses `unit` again within stage3_max_reuse_distance
+        elements of other units' parameters (then it stays gathered instead of re-gathered);
+        0 turns keeping off."""
+        if self.order is None or self.max_reuse_numel <= 0:
+            return False
+        distance = 0
+        for upcoming in self.order["forward"][self.cursor["forward"]:]:
+            if upcoming is unit:
+                return True
+            distance += upcoming.numel
+            if distance > self.max_reuse_numel:
+                return False
+        return False
 
     def end_step(self, params: PartitionedParameters) -> None:
         self.cursor = {"forward": 0, "backward": 0}
@@ -204,9 +223,10 @@ class PartitionedParameters:
     def __init__(self, units: list[tuple[nn.Module, list[BucketLayout]]],
                  params: list[nn.Parameter], *, rank: int, dtype: torch.dtype,
                  device: torch.device, prefetch_numel: int = 0,
-                 max_live_numel: int = 2**62, root: nn.Module | None = None):
+                 max_live_numel: int = 2**62, max_reuse_numel: int = 0,
+                 root: nn.Module | None = None):
         self.rank, self.dtype, self.device = rank, dtype, device
-        self.prefetch = _Prefetcher(prefetch_numel, max_live_numel)
+        self.prefetch = _Prefetcher(prefetch_numel, max_live_numel, max_reuse_numel)
         self.units: list[GatherUnit] = []
         self._unit_of_layout: dict[int, GatherUnit] = {}
         model = root if root is not None else None
@@ -268,12 +288,10 @@ class PartitionedParameters:
 
     def _use(self, unit: GatherUnit, phase: str) -> None:
         """A unit is needed now (its forward, or backward reached it): gather it, and let the
-        prefetcher start the units it expects next."""
-        was_sharded = unit.state is not UnitState.GATHERED
+        prefetcher note the use and start the units it expects next."""
         self.gather(unit)
-        if was_sharded:
-            for upcoming in self.prefetch.next_units(phase, unit, self):
-                self.start_gather(upcoming)
+        for upcoming in self.prefetch.next_units(phase, unit, self):
+            self.start_gather(upcoming)
 
     def end_backward(self) -> None:
         """After engine.backward: fixes the recorded order after the first step, and drops any
@@ -298,7 +316,8 @@ class PartitionedParameters:
         if torch.is_grad_enabled():
             for tensor in _tensors_requiring_grad(output):
                 tensor.register_hook(lambda grad, unit=unit: self._before_backward(unit, grad))
-        self.release(unit)
+        if not self.prefetch.reused_soon(unit):
+            self.release(unit)
 
     def _before_backward(self, unit: GatherUnit, grad):
         self._use(unit, "backward")
