@@ -706,3 +706,40 @@ def reuse_cases() -> dict:
             engine.step()
         out[name] = dict(calls=calls, params=host_params(model, engine))
     return out
+
+
+def resident_bytes_cases() -> dict:
+    """Parameter bytes this rank holds (unit shards, whole-kept buckets, gathered units) seen
+    from hooks all through forward and backward, prefetching one block ahead."""
+    world_size, rank = comm.world_size(), comm.rank()
+    torch.manual_seed(0)
+    model = Blocks()
+    probe = zero_ext.initialize(model=Blocks(), config=config(3, "fp32", 1, world_size))[0]
+    block = max(u.numel for u in probe.partitioned.units
+                if u.module in list(probe.module.blocks))
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(
+        3, "fp32", 1, world_size, stage3_prefetch_bucket_size=block))
+    seen = {"forward": [], "backward": []}
+
+    def sample(phase):
+        seen[phase].append(engine.memory_breakdown()["params"])
+
+    def after_forward(module, args, out):
+        sample("forward")
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda grad: sample("backward"))
+
+    for module in model.modules():
+        module.register_forward_pre_hook(lambda m, a: sample("forward"))
+        module.register_forward_hook(after_forward)
+    for step in range(2):
+        for phase in seen.values():
+            phase.clear()
+        tokens, targets = global_batch(step, world_size, 1)
+        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+        engine.step()
+    unit_bytes = [4 * u.numel for u in engine.partitioned.units]
+    shards = sum(4 * s.numel() for u in engine.partitioned.units for s in u.shards)
+    whole = sum(4 * f.numel() for f in engine.flat_params)
+    return dict(seen=seen, between=engine.memory_breakdown()["params"], base=shards + whole,
+                unit_bytes=unit_bytes, full_model=sum(unit_bytes) + whole)

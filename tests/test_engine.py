@@ -345,3 +345,15 @@ def test_stage3_keeps_a_unit_gathered_when_it_is_reused_within_max_reuse_distanc
         assert reuse["calls"] == [7, 6]  # the first step records the order
         for name, value in no_reuse["params"].items():
             assert torch.equal(reuse["params"][name], value), name
+
+
+def test_stage3_resident_parameter_bytes_stay_within_shards_plus_units_in_flight():
+    for result in run_group(2, engine_cases.resident_bytes_cases):
+        base = result["base"]  # unit shards + whole-kept buckets
+        assert result["between"] == base  # between steps nothing else is held
+        # With a prefetch budget of one block: the unit running plus the one gathered ahead.
+        bound = base + sum(sorted(result["unit_bytes"])[-2:])
+        assert bound < result["full_model"]  # the bound is below holding everything
+        for phase in ("forward", "backward"):
+            assert result["seen"][phase], phase
+            assert max(result["seen"][phase]) <= bound, phase
