@@ -743,3 +743,50 @@ def resident_bytes_cases() -> dict:
     whole = sum(4 * f.numel() for f in engine.flat_params)
     return dict(seen=seen, between=engine.memory_breakdown()["params"], base=shards + whole,
                 unit_bytes=unit_bytes, full_model=sum(unit_bytes) + whole)
+
+
+class Borrow(nn.Module):
+    """The model's own forward uses `a.weight` outside `a` (a parameter used by a module other
+    than its owner)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.a = nn.Linear(DIM, DIM)
+        self.b = nn.Linear(DIM, DIM)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens, targets):
+        x = self.a(self.embed(tokens))
+        x = self.b(x) + F.linear(x, self.a.weight)
+        return F.cross_entropy(self.head(x).float().view(-1, VOCAB), targets.view(-1))
+
+
+def external_parameter_cases() -> dict:
+    world_size, rank = comm.world_size(), comm.rank()
+    tokens, targets = global_batch(0, world_size, 1)
+    out = {}
+    torch.manual_seed(0)
+    engine, _, _, _ = zero_ext.initialize(model=Borrow(),
+                                          config=config(3, "fp32", 1, world_size))
+    try:
+        run(engine, tokens[0, rank], targets[0, rank])
+    except RuntimeError as error:
+        out["error"] = str(error)
+    torch.manual_seed(0)
+    model = Borrow()
+    torch.manual_seed(0)
+    reference = Borrow()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
+    zero_ext.register_external_parameter(model, model.a.weight)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        tokens, targets = global_batch(step, world_size, 1)
+        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+        engine.step()
+        opt.zero_grad()
+        reference(tokens[0].reshape(-1, SEQ), targets[0].reshape(-1, SEQ)).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        opt.step()
+    out.update(params=host_params(model, engine), reference=host_params(reference))
+    return out

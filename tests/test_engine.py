@@ -357,3 +357,12 @@ def test_stage3_resident_parameter_bytes_stay_within_shards_plus_units_in_flight
         for phase in ("forward", "backward"):
             assert result["seen"][phase], phase
             assert max(result["seen"][phase]) <= bound, phase
+
+
+def test_stage3_parameter_used_outside_its_unit_errors_clearly_or_is_registered():
+    for rank, result in enumerate(run_group(2, engine_cases.external_parameter_cases)):
+        assert "parameter a.weight is used while its unit (a) is not gathered" in \
+            result["error"] and "zero_ext.register_external_parameter" in result["error"]
+        for name, ref in result["reference"].items():
+            assert_close(result["params"][name], ref, rtol=1e-5,
+                         atol=1e-5 * ref.abs().max().item(), msg=f"rank {rank} {name}")

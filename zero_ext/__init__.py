@@ -21,7 +21,7 @@ except ImportError as error:  # pragma: no cover - only reached on a broken inst
 from zero_ext import ops, optim
 from zero_ext.config import ZeroConfig
 from zero_ext.engine import ZeroEngine, initialize
-from zero_ext.zero.params import GatheredParameters, Init
+from zero_ext.zero.params import GatheredParameters, Init, register_external_parameter
 
 # The same function under the name DeepSpeed's examples use.
 initialize_engine = initialize
@@ -37,4 +37,5 @@ __all__ = [
     "initialize_engine",
     "ops",
     "optim",
+    "register_external_parameter",
 ]

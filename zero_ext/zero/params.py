@@ -27,7 +27,7 @@ from zero_ext import comm
 from zero_ext.zero.partition import BucketLayout
 
 __all__ = ["GatherUnit", "GatheredParameters", "Init", "PartitionedParameters", "UnitState",
-           "check_initializers", "find_units", "materialize"]
+           "check_initializers", "find_units", "materialize", "register_external_parameter"]
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
@@ -133,6 +133,7 @@ class GatherUnit:
     state: UnitState = UnitState.SHARDED
     reduced: int = 0                         # layouts reduced in the current backward
     pending: list = field(default_factory=list)  # in-flight prefetch gathers (handles)
+    holders: int = 0                         # external users whose forward is running
 
     @property
     def numel(self) -> int:
@@ -217,6 +218,30 @@ class _Prefetcher:
                           "first step; prefetch is off (gathers stay on demand)", stacklevel=2)
 
 
+class _ReleasedParameterCheck(torch.overrides.TorchFunctionMode):
+    def __init__(self, params: PartitionedParameters, names: dict[int, str]):
+        super().__init__()
+        self.params, self.names = params, names
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        # Attribute access (zero_ext's own `param.data = ...` among it) is no use of the values.
+        if getattr(func, "__name__", "") in ("__get__", "__set__"):
+            return func(*args, **(kwargs or {}))
+        for value in list(args) + list((kwargs or {}).values()):
+            if isinstance(value, nn.Parameter) and value.numel() == 0 and \
+                    id(value) in self.params._unit_of_param:
+                unit = self.params._unit_of_param[id(value)]
+                owner = next((n for n, m in self.params.root.named_modules()
+                              if m is unit.module), type(unit.module).__name__)
+                raise RuntimeError(
+                    f"zero_ext stage 3: parameter {self.names.get(id(value), '?')} is used "
+                    f"while its unit ({owner}) is not gathered, by code outside that module. "
+                    "Declare the use with zero_ext.register_external_parameter(module, param) "
+                    "(module: the one whose forward uses it), or keep the parameter whole "
+                    "(stage3_param_persistence_threshold, stage3_unit_classes)")
+        return func(*args, **(kwargs or {}))
+
+
 class PartitionedParameters:
     """The stage-3 units of a model: shard storage, gather/release, and the forward hooks."""
 
@@ -226,6 +251,7 @@ class PartitionedParameters:
                  max_live_numel: int = 2**62, max_reuse_numel: int = 0,
                  root: nn.Module | None = None):
         self.rank, self.dtype, self.device = rank, dtype, device
+        self.root = root
         self.prefetch = _Prefetcher(prefetch_numel, max_live_numel, max_reuse_numel)
         self.units: list[GatherUnit] = []
         self._unit_of_layout: dict[int, GatherUnit] = {}
@@ -253,12 +279,42 @@ class PartitionedParameters:
             for module in unit.module.modules():
                 if type(module) is nn.Linear:  # subclasses may override forward: left alone
                     module.forward = _partitioned_linear_forward.__get__(module)
+        self._unit_of_param = {id(p): unit for unit in self.units for members in unit.params
+                               for p in members}
         self._handles = []
         for unit in self.units:
-            self._handles.append(unit.module.register_forward_pre_hook(
-                lambda module, args, unit=unit: self._use(unit, "forward")))
-            self._handles.append(unit.module.register_forward_hook(
-                lambda module, args, output, unit=unit: self._after_forward(unit, output)))
+            self._hook_module(unit.module, unit)
+
+    def _hook_module(self, module: nn.Module, unit: GatherUnit) -> None:
+        """Gather `unit` around `module`'s forward, and again when backward reaches it."""
+        self._handles.append(module.register_forward_pre_hook(
+            lambda module, args, unit=unit: self._use(unit, "forward")))
+        self._handles.append(module.register_forward_hook(
+            lambda module, args, output, unit=unit: self._after_forward(unit, output)))
+
+    def register_external_parameter(self, module: nn.Module, param: nn.Parameter) -> None:
+        """`module` uses `param`, which belongs to another unit: gather that unit around
+        `module` too."""
+        unit = self._unit_of_param.get(id(param))
+        if unit is None or unit.module is module:
+            return
+
+        def before(module, args):
+            self._use(unit, "forward")
+            unit.holders += 1  # the owner's own forward inside must not release it
+
+        def after(module, args, output):
+            unit.holders -= 1
+            self._after_forward(unit, output)
+
+        self._handles.append(module.register_forward_pre_hook(before))
+        self._handles.append(module.register_forward_hook(after))
+
+    def released_parameter_check(self, names: dict[int, str]):
+        """A TorchFunctionMode that turns a use of a released parameter (one used outside the
+        module that owns it) into an error that says what to do. The engine runs the first
+        forward under it."""
+        return _ReleasedParameterCheck(self, names)
 
     # -- gather / release ---------------------------------------------------------------------
     @torch.no_grad()
@@ -316,7 +372,7 @@ class PartitionedParameters:
         if torch.is_grad_enabled():
             for tensor in _tensors_requiring_grad(output):
                 tensor.register_hook(lambda grad, unit=unit: self._before_backward(unit, grad))
-        if not self.prefetch.reused_soon(unit):
+        if unit.holders == 0 and not self.prefetch.reused_soon(unit):
             self.release(unit)
 
     def _before_backward(self, unit: GatherUnit, grad):
@@ -488,3 +544,13 @@ def materialize(model: nn.Module, modules: list[nn.Module], keep_meta: set[int],
                 module.reset_parameters()
     for tensor in created:
         comm.broadcast(tensor.data, src=0)
+
+
+def register_external_parameter(module: nn.Module, param: nn.Parameter) -> None:
+    """Stage 3: `module`'s forward uses `param`, which another module owns (DeepSpeed's
+    function of the same name). zero_ext then gathers the owner's unit around `module` too.
+    Call it after zero_ext.initialize; a no-op for parameters that are not partitioned."""
+    ref = getattr(param, "_zero_ext_engine", None)
+    engine = ref() if ref is not None else None
+    if engine is not None and engine.partitioned is not None:
+        engine.partitioned.register_external_parameter(module, param)
