@@ -790,3 +790,37 @@ def external_parameter_cases() -> dict:
         opt.step()
     out.update(params=host_params(model, engine), reference=host_params(reference))
     return out
+
+
+class Wide(nn.Module):
+    """Eight wide linear blocks and tiny activations: parameter memory dominates."""
+
+    def __init__(self, width: int = 1024, depth: int = 8):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return x.pow(2).mean()
+
+
+def cuda_peak_memory() -> dict:
+    """Stage 3 on CUDA tensors: how far torch.cuda.max_memory_allocated rises above what a
+    rank holds between steps, during one forward and backward (one block prefetched)."""
+    world_size = comm.world_size()
+    torch.manual_seed(0)
+    model = Wide()
+    unit_bytes = 4 * (1024 * 1024 + 1024)
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(
+        3, "fp32", 1, world_size, stage3_prefetch_bucket_size=unit_bytes // 4))
+    x = torch.randn(2, 1024, device=engine.device)
+    for _ in range(2):  # the second step runs with the recorded order and prefetch
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        engine.backward(engine(x))
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        engine.step()
+    return dict(rise=peak - before, unit_bytes=unit_bytes, units=len(model.blocks))

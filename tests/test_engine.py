@@ -366,3 +366,12 @@ def test_stage3_parameter_used_outside_its_unit_errors_clearly_or_is_registered(
         for name, ref in result["reference"].items():
             assert_close(result["params"][name], ref, rtol=1e-5,
                          atol=1e-5 * ref.abs().max().item(), msg=f"rank {rank} {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_stage3_cuda_peak_memory_stays_near_the_units_in_flight():
+    for result in run_group(2, engine_cases.cuda_peak_memory):
+        # Gathered units (the one running, one prefetched), a unit's full gradient before its
+        # reduce-scatter and the communication buffer: a few units, never all eight.
+        assert result["rise"] <= 5 * result["unit_bytes"] < result["units"] * result["unit_bytes"]

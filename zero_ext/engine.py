@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import weakref
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -30,8 +30,7 @@ from zero_ext import comm, ops
 from zero_ext.config import ZeroConfig
 from zero_ext.zero.buckets import GradientBuckets
 from zero_ext.zero.optimizer import ZeroOptimizer
-from zero_ext.zero.params import (PartitionedParameters, check_initializers, find_units,
-                                  materialize)
+from zero_ext.zero.params import PartitionedParameters, check_initializers, find_units, materialize
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 
 __all__ = ["DynamicLossScaler", "ZeroEngine"]
