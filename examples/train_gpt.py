@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node=2 examples/train_gpt.py --config examples/configs/zero2.json
     torchrun --nproc_per_node=4 examples/train_gpt.py --config examples/configs/zero1.json
+    torchrun --nproc_per_node=2 examples/train_gpt.py --config examples/configs/zero3.json
     python examples/train_gpt.py --config examples/configs/zero0.json      # one process
 
 The text is examples/data/zen_of_python.txt (shipped; nothing is downloaded). Batch size,
