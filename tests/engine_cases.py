@@ -53,6 +53,34 @@ def host_params(model: nn.Module, engine=None) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters()}
 
 
+def model_loss(model, tokens, targets):
+    """The test models' forward: they return their loss."""
+    return model(tokens, targets)
+
+
+def train_steps(engine, steps: int, loss_fn=model_loss) -> None:
+    """`steps` optimizer steps of the engine on this rank's part of each global batch."""
+    world_size, rank = comm.world_size(), comm.rank()
+    for step in range(steps):
+        tokens, targets = global_batch(step, world_size, 1)
+        engine.backward(loss_fn(engine, tokens[0, rank].to(engine.device),
+                                targets[0, rank].to(engine.device)))
+        engine.step()
+
+
+def train_reference_steps(model: nn.Module, steps: int, loss_fn=model_loss) -> dict:
+    """The single-process reference of train_steps: the whole global batch of each step, torch
+    AdamW (lr 1e-2, weight decay 0.1, as config() sets) after clipping at 0.5."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(steps):
+        tokens, targets = global_batch(step, comm.world_size(), 1)
+        opt.zero_grad()
+        loss_fn(model, tokens[0].reshape(-1, SEQ), targets[0].reshape(-1, SEQ)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+    return host_params(model)
+
+
 def build_model(seed: int = 0) -> TinyNet:
     torch.manual_seed(seed)
     return TinyNet()
@@ -471,16 +499,9 @@ def stage3_special_cases() -> dict:
     torch.manual_seed(0)
     reference = TwiceNet()
     engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
-    for step in range(3):
-        tokens, targets = global_batch(step, world_size, 1)
-        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
-        engine.step()
-        ref_opt.zero_grad()
-        reference(tokens.reshape(-1, SEQ), targets.reshape(-1, SEQ)).backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
-        ref_opt.step()
-    out["twice"] = dict(got=host_params(model, engine), reference=host_params(reference))
+    train_steps(engine, 3)
+    out["twice"] = dict(got=host_params(model, engine),
+                        reference=train_reference_steps(reference, 3))
 
     model = build_model()
     engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "bf16", 1, world_size))
@@ -522,26 +543,16 @@ def llama(stage: int) -> dict:
         torch.manual_seed(0)
         return LlamaForCausalLM(cfg)
 
+    def lm_loss(model, tokens, _):
+        return model(input_ids=tokens, labels=tokens).loss
+
     model = build()
     engine, _, _, _ = zero_ext.initialize(model=model, config=config(stage, "fp32", 1, world_size))
-    for step in range(3):
-        tokens, _ = global_batch(step, world_size, 1)
-        ids = tokens[0, rank].to(engine.device)
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
+    train_steps(engine, 3, lm_loss)
     out = {"params": host_params(model, engine), "units": len(engine.partitioned.units)
            if engine.partitioned is not None else 0}
     if rank == 0:
-        reference = build()
-        opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
-        for step in range(3):
-            tokens, _ = global_batch(step, world_size, 1)
-            ids = tokens[0].reshape(-1, SEQ)
-            opt.zero_grad()
-            reference(input_ids=ids, labels=ids).loss.backward()
-            torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
-            opt.step()
-        out["reference"] = host_params(reference)
+        out["reference"] = train_reference_steps(build(), 3, lm_loss)
     return out
 
 
@@ -630,24 +641,14 @@ def init_cases() -> dict:
         engine, _, _, _ = zero_ext.initialize(model=model,
                                               config=config(3, "fp32", 1, world_size))
     initial = engine.full_state_dict()
-    for step in range(3):
-        tokens, targets = global_batch(step, world_size, 1)
-        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
-        engine.step()
+    train_steps(engine, 3)
     out = dict(all_meta=all_meta, total=total, largest=largest.numel,
                largest_layout=max(layout.padded_numel for layout in engine.layouts),
                params=host_params(model, engine))
     if rank == 0:
         reference = Blocks()
         reference.load_state_dict(initial)
-        opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
-        for step in range(3):
-            tokens, targets = global_batch(step, world_size, 1)
-            opt.zero_grad()
-            reference(tokens[0].reshape(-1, SEQ), targets[0].reshape(-1, SEQ)).backward()
-            torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
-            opt.step()
-        out["reference"] = host_params(reference)
+        out["reference"] = train_reference_steps(reference, 3)
     try:
         with zero_ext.Init():
             bad = TinyNet()  # frozen_shift: a bare nn.Parameter nothing initializes
@@ -659,7 +660,7 @@ def init_cases() -> dict:
 
 def unit_classes_cases() -> dict:
     """stage3_unit_classes picks the units: here every Linear (the embedding stays whole)."""
-    world_size, rank = comm.world_size(), comm.rank()
+    world_size = comm.world_size()
     torch.manual_seed(0)
     model = Blocks()
     torch.manual_seed(0)
@@ -668,17 +669,9 @@ def unit_classes_cases() -> dict:
         3, "fp32", 1, world_size, stage3_unit_classes=["Linear"]))
     name_of = {m: n for n, m in model.named_modules()}
     units = sorted(name_of[u.module] for u in engine.partitioned.units)
-    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
-    for step in range(2):
-        tokens, targets = global_batch(step, world_size, 1)
-        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
-        engine.step()
-        opt.zero_grad()
-        reference(tokens[0].reshape(-1, SEQ), targets[0].reshape(-1, SEQ)).backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
-        opt.step()
+    train_steps(engine, 2)
     out = dict(units=units, params=host_params(model, engine),
-               reference=host_params(reference))
+               reference=train_reference_steps(reference, 2))
     try:
         zero_ext.initialize(model=Blocks(), config=config(
             3, "fp32", 1, world_size, stage3_unit_classes=["LlamaDecoderLayer"]))
@@ -779,16 +772,8 @@ def external_parameter_cases() -> dict:
     reference = Borrow()
     engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
     zero_ext.register_external_parameter(model, model.a.weight)
-    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
-    for step in range(3):
-        tokens, targets = global_batch(step, world_size, 1)
-        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
-        engine.step()
-        opt.zero_grad()
-        reference(tokens[0].reshape(-1, SEQ), targets[0].reshape(-1, SEQ)).backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
-        opt.step()
-    out.update(params=host_params(model, engine), reference=host_params(reference))
+    train_steps(engine, 3)
+    out.update(params=host_params(model, engine), reference=train_reference_steps(reference, 3))
     return out
 
 
