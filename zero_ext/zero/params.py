@@ -255,14 +255,13 @@ class PartitionedParameters:
         self.prefetch = _Prefetcher(prefetch_numel, max_live_numel, max_reuse_numel)
         self.units: list[GatherUnit] = []
         self._unit_of_layout: dict[int, GatherUnit] = {}
-        model = root if root is not None else None
         with torch.no_grad():
             for module, layouts in units:
                 unit_params = [[params[s.param_index] for s in layout.slots] for layout in layouts]
                 if any(p.is_meta for members in unit_params for p in members):
                     # Built under zero_ext.Init: this unit exists in full only from here to
                     # the release below.
-                    materialize(model, list(module.modules()), set(), device, dtype)
+                    materialize(root, list(module.modules()), set(), device, dtype)
                 shards = []
                 for layout, members in zip(layouts, unit_params):
                     flat = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
