@@ -52,12 +52,16 @@ class GradientBuckets:
 
     def __init__(self, layouts: list[BucketLayout], params: list[torch.nn.Parameter], *,
                  stage: int, comm_dtype: torch.dtype, accumulation_steps: int,
-                 overlap_comm: bool, on_reduced: Callable[[int], None] | None = None):
+                 overlap_comm: bool, on_reduced: Callable[[int], None] | None = None,
+                 on_final: Callable[[int, torch.Tensor], None] | None = None):
         self.stage = stage
         self.comm_dtype = comm_dtype
         self.accumulation_steps = accumulation_steps
         self.overlap_comm = overlap_comm
         self._on_reduced = on_reduced  # told each bucket index whose gradients were taken
+        # Offload: told (bucket index, gradient) as soon as a bucket's gradient for the step is
+        # final, so its copy to the host starts while backward goes on.
+        self._on_final = on_final
         self.world_size = comm.world_size()
         self.rank = comm.rank()
         # Stage 0 keeps whole buckets; so does every stage on one rank, where a shard is the
@@ -74,6 +78,7 @@ class GradientBuckets:
         self._active = False       # inside engine.backward
         self._reduce_now = False   # this backward reduces (boundary, or every one in stage 2)
         self._micro_index = 0      # micro-step within the accumulation window (stage 2)
+        self._boundary = False     # this backward ends the accumulation window
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
     def remove_hooks(self) -> None:
@@ -86,6 +91,7 @@ class GradientBuckets:
         self._active = True
         self._reduce_now = boundary or self.stage >= 2
         self._micro_index = micro_index
+        self._boundary = boundary
         self._next_launch = 0
         for bucket in self.buckets:
             bucket.arrived.clear()
@@ -131,6 +137,11 @@ class GradientBuckets:
         bucket.state = BucketState.REDUCING
         if not self.overlap_comm:
             self._finish(bucket)
+        elif self._on_final is not None and self._boundary and self._next_launch > 0:
+            # One collective stays in flight while the one before it is finished and its
+            # gradient sent to the host, so the copies follow backward instead of waiting
+            # for its end.
+            self._finish(self.buckets[self._next_launch - 1])
 
     def _finish(self, bucket: GradientBucket) -> None:
         if bucket.state is not BucketState.REDUCING:
@@ -149,6 +160,9 @@ class GradientBuckets:
                               accumulate=self._micro_index > 0)
             bucket.grad = None
         bucket.state = BucketState.REDUCED
+        if self._on_final is not None and self._boundary:
+            self._on_final(bucket.layout.index,
+                           bucket.accumulated if bucket.accumulated is not None else bucket.grad)
 
     def end_backward(self) -> None:
         """Starts what has not started (parameters that got no gradient) and waits for all."""

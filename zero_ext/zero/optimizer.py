@@ -9,6 +9,7 @@ the model's flat buffer when the model computes in 16 bits; the engine then all-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,19 @@ class ShardState:
 
     layout: BucketLayout
     master: torch.Tensor             # fp32 weights; a view of the model's flat buffer if fp32
-    weights_16bit: torch.Tensor | None   # the model's 16-bit slice, written in the same pass
+    weights_16bit: torch.Tensor | None   # 16-bit weights written in the same pass: the model's
+    #                                      slice, or under offload a host staging buffer
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     step: torch.Tensor               # one-element fp32 CPU step count, as torch.optim keeps it
+    # Offload: the model's slice when it lives elsewhere than the optimizer state (on the
+    # device while the state is on the host); the step's result is copied into it.
+    model_weights: torch.Tensor | None = None
+
+    @property
+    def updated_weights(self) -> torch.Tensor:
+        """What the step produces in the model's dtype (the copy source under offload)."""
+        return self.weights_16bit if self.weights_16bit is not None else self.master
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -36,23 +46,42 @@ class ZeroOptimizer(torch.optim.Optimizer):
     bucket order: shards of the flat buffers, or whole buckets at stage 0)."""
 
     def __init__(self, param_groups: list[dict], layouts: list[BucketLayout],
-                 weights: list[torch.Tensor], *, defaults: dict):
+                 weights: list[torch.Tensor], *, defaults: dict,
+                 state_buffer: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None,
+                 staged: Callable[[BucketLayout], bool] | None = None):
+        """Under offload, `staged(layout)` says whether a layout's model weights live elsewhere
+        than its optimizer state (host vs device); those shards get their state from
+        `state_buffer(like, dtype)` (a buffer shaped like `like` where the state lives), and
+        each step's result is copied into the model's slice."""
         super().__init__(param_groups, defaults)
         self.shards: list[ShardState] = []
         for layout, view in zip(layouts, weights):
             fp32 = view.dtype == torch.float32
-            master = view if fp32 else view.detach().float()
-            self.shards.append(ShardState(
-                layout, master, None if fp32 else view,
-                torch.zeros_like(master), torch.zeros_like(master),
-                torch.tensor(0.0, dtype=torch.float32)))
+            if state_buffer is None or not staged(layout):
+                master = view if fp32 else view.detach().float()
+                self.shards.append(ShardState(
+                    layout, master, None if fp32 else view,
+                    torch.zeros_like(master), torch.zeros_like(master),
+                    torch.tensor(0.0, dtype=torch.float32)))
+                continue
+            master = state_buffer(view, torch.float32)
+            master.copy_(view)
+            staging = None if fp32 else state_buffer(view, view.dtype)
+            zeros = [state_buffer(view, torch.float32).zero_() for _ in range(2)]
+            self.shards.append(ShardState(layout, master, staging, *zeros,
+                                          torch.tensor(0.0, dtype=torch.float32),
+                                          model_weights=view))
 
     @torch.no_grad()
-    def sharded_step(self, grads: list[torch.Tensor], inv_scale: torch.Tensor | None) -> None:
-        """One update of every shard from its reduced gradient (`grads` in bucket order).
-        `inv_scale` multiplies every gradient (loss-scale and clipping factors)."""
+    def sharded_step(self, grads: list[torch.Tensor], inv_scale: torch.Tensor | None,
+                     only: list[ShardState] | None = None, copy_out: bool = True) -> None:
+        """One update of every shard from its reduced gradient (`grads` in bucket order), or of
+        the shards in `only` (offload steps them one at a time, as gradients arrive).
+        `inv_scale` multiplies every gradient (loss-scale and clipping factors). Shards whose
+        model weights live elsewhere get the result copied there, unless `copy_out` is False
+        (the optimizer offload copies asynchronously itself)."""
         by_group: dict[tuple[int, torch.dtype], list[tuple[ShardState, torch.Tensor]]] = {}
-        for shard, grad in zip(self.shards, grads):
+        for shard, grad in zip(self.shards if only is None else only, grads):
             by_group.setdefault((shard.layout.group, grad.dtype), []).append((shard, grad))
         for (group_index, _), pairs in by_group.items():
             group = self.param_groups[group_index]
@@ -66,6 +95,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 decoupled_weight_decay=group["decoupled_weight_decay"],
                 bias_correction=group["bias_correction"], maximize=group["maximize"],
                 inv_scale=inv_scale)
+            if copy_out:
+                for shard in shards:
+                    if shard.model_weights is not None:
+                        shard.model_weights.copy_(shard.updated_weights)
         # torch's LR schedulers check that the optimizer stepped before they do; this is our step.
         self._opt_called = True
 
@@ -74,8 +107,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """The fp32 master weights of one bucket, re-read from the model's 16-bit values after
         they were changed from outside (GatheredParameters with a modifier rank)."""
         for shard in self.shards:
-            if shard.layout.index == layout_index and shard.weights_16bit is not None:
+            if shard.layout.index != layout_index:
+                continue
+            if shard.model_weights is not None:
+                shard.master.copy_(shard.model_weights)
+            elif shard.weights_16bit is not None:
                 shard.master.copy_(shard.weights_16bit)
+
+    @torch.no_grad()
+    def write_model_weights(self) -> None:
+        """The model's weights (every shard this rank updates) re-derived from the fp32 master
+        weights, wherever either lives; e.g. after loading masters from a checkpoint. Stages
+        1-2 still need the engine's all-gather to spread the shards."""
+        for shard in self.shards:
+            if shard.weights_16bit is not None:
+                shard.weights_16bit.copy_(shard.master)
+            if shard.model_weights is not None:
+                shard.model_weights.copy_(shard.updated_weights)
 
     def step(self, closure=None):
         raise RuntimeError("zero_ext: the sharded optimizer is stepped by engine.step(), which "
@@ -93,7 +141,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         def size(ts):
             return sum(t.numel() * t.element_size() for t in ts)
         return {
-            "master": size([s.master for s in self.shards if s.weights_16bit is not None]),
+            "master": size([s.master for s in self.shards
+                            if s.weights_16bit is not None or s.model_weights is not None]),
             "exp_avg": size([s.exp_avg for s in self.shards]),
             "exp_avg_sq": size([s.exp_avg_sq for s in self.shards]),
         }
+
+    def staging_nbytes(self) -> int:
+        """Host 16-bit copies that offload moves to the model after each step."""
+        return sum(s.weights_16bit.numel() * s.weights_16bit.element_size() for s in self.shards
+                   if s.model_weights is not None and s.weights_16bit is not None)
