@@ -26,6 +26,16 @@ from zero_ext.zero.params import GatheredParameters, Init, register_external_par
 # The same function under the name DeepSpeed's examples use.
 initialize_engine = initialize
 
+
+def __getattr__(name):
+    # zero_ext.consolidate is the function; importing it lazily keeps the submodule of the
+    # same name (the CLI, `python -m zero_ext.consolidate`) from being imported first.
+    if name == "consolidate":
+        from zero_ext.checkpoint import consolidate
+        return consolidate
+    raise AttributeError(f"module 'zero_ext' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 __all__ = [
     "GatheredParameters",
@@ -33,6 +43,7 @@ __all__ = [
     "ZeroConfig",
     "ZeroEngine",
     "__version__",
+    "consolidate",
     "initialize",
     "initialize_engine",
     "ops",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -503,6 +504,55 @@ class ZeroEngine(nn.Module):
         if self.config.wall_clock_breakdown:
             line += "  | " + self._timers.report()
         print(line, flush=True)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir: str, tag=None, client_state=None,
+                        save_latest: bool = True) -> str:
+        """Collective. Writes every rank's shard of the training state to `<save_dir>/<tag>/`
+        (tag defaults to `global_step<N>`) and points `<save_dir>/latest` at it once complete.
+        `client_state` (any picklable object) comes back from load_checkpoint. Returns the
+        checkpoint's path. See zero_ext/checkpoint/format.py for the files."""
+        from zero_ext.checkpoint.engine_state import save_checkpoint
+        return save_checkpoint(self, save_dir, tag, client_state, save_latest)
+
+    def load_checkpoint(self, load_dir: str, tag=None, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False):
+        """Collective. Loads the checkpoint `tag` (default: the one `<load_dir>/latest` names),
+        saved at any world size and stage, after verifying its manifest and checksums.
+        Returns (checkpoint path, client_state)."""
+        from zero_ext.checkpoint.engine_state import load_checkpoint
+        return load_checkpoint(self, load_dir, tag, load_optimizer_states,
+                               load_lr_scheduler_states, load_module_only)
+
+    def save_16bit_model(self, save_dir: str, save_filename: str = "model.safetensors") -> str:
+        """Collective. The full model weights in the model's dtype, gathered from every rank
+        and written by rank 0 alone as one safetensors file (with config.json for a
+        transformers model, so `from_pretrained(save_dir)` loads it). Returns the file's path."""
+        from zero_ext.checkpoint.consolidate import write_model_file
+        state = self.full_state_dict()
+        path = os.path.join(os.path.abspath(save_dir), save_filename)
+        problem = None
+        if self.rank == 0:
+            try:
+                write_model_file(path, state, getattr(self.module, "config", None))
+            except Exception as error:  # noqa: BLE001 - every rank must hear of it
+                problem = f"{type(error).__name__}: {error}"
+        problems = comm.all_gather_object(problem)
+        if problems[0] is not None:
+            raise RuntimeError(f"zero_ext.save_16bit_model: rank 0 could not write {path}: "
+                               f"{problems[0]}")
+        return path
+
+    @torch.no_grad()
+    def _sync_weights_from_master(self) -> None:
+        """The model's weights re-derived from the fp32 master weights after they were loaded:
+        16-bit copies of this rank's shards, then the all-gather that spreads them."""
+        if self.replicated_optimizer is None:
+            for shard in self.optimizer.shards:
+                if shard.weights_16bit is not None:
+                    shard.weights_16bit.copy_(shard.master)
+        if self.stage >= 1:
+            self._all_gather_params()
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes held on this rank now: model parameters (flat buffers), gradients, and

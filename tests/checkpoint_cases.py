@@ -1,0 +1,221 @@
+"""What each rank runs in the checkpoint tests (tests/test_checkpoint.py).
+
+Phase "save" trains and writes checkpoints; phase "load" runs in new processes (as a resumed
+job does), loads them and trains on. The data of a step depends only on the step (and, for
+the exact-resume cases, on the world size, which does not change there).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+import zero_ext
+from zero_ext import comm
+
+from engine_cases import SEQ, VOCAB, build_model, config, global_batch, host_params, param_groups
+
+RESUME_STAGES = (0, 1, 2, 3)
+# (stage, dtype, accumulation): every stage in fp32; accumulation and fp16 (loss scale) at 2.
+RESUME_CASES = [(s, "fp32", 1) for s in RESUME_STAGES] + [(2, "fp32", 2), (2, "fp16", 1)]
+# Resharding: where a checkpoint is saved, as (world size, stage); each loads at the others.
+RESHARD_POINTS = [(3, 3), (2, 1), (1, 0)]
+GLOBAL_BATCH = 6  # samples per step, divisible by every world size used
+
+
+def resume_config(stage: int, dtype: str, accumulation: int) -> dict:
+    cfg = config(stage, dtype, accumulation, comm.world_size())
+    # An LR that changes every step, so a lost or doubled scheduler step shows.
+    cfg["scheduler"] = {"type": "WarmupDecayLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": 1e-2, "warmup_num_steps": 2,
+        "total_num_steps": 20}}
+    return cfg
+
+
+def new_engine(cfg: dict, model=None):
+    model = build_model() if model is None else model
+    engine, _, _, _ = zero_ext.initialize(model=model, config=cfg,
+                                          model_parameters=param_groups(model))
+    return engine
+
+
+def train(engine, first: int, steps: int, accumulation: int) -> None:
+    world_size, rank = comm.world_size(), comm.rank()
+    for step in range(first, first + steps):
+        tokens, targets = global_batch(step, world_size, accumulation)
+        for micro in range(accumulation):
+            engine.backward(engine(tokens[micro, rank], targets[micro, rank]))
+            engine.step()
+
+
+def snapshot(engine) -> dict:
+    """Everything exact resume must reproduce, from this rank."""
+    shards = [(s.master.clone(), s.exp_avg.clone(), s.exp_avg_sq.clone(), float(s.step))
+              for s in engine.optimizer.shards]
+    return {"params": host_params(engine.module, engine), "shards": shards,
+            "lr": engine.get_lr(), "counters": (engine.global_steps, engine.micro_steps,
+                                                 engine.skipped_steps),
+            "loss_scale": engine.loss_scaler.scale if engine.loss_scaler else None,
+            "rng": torch.get_rng_state()}
+
+
+def resume_save(root: str) -> dict:
+    """Per case: 6 uninterrupted steps (the reference), and 3 steps then a save."""
+    out = {}
+    for case in RESUME_CASES:
+        accumulation = case[2]
+        engine = new_engine(resume_config(*case))
+        train(engine, 0, 6, accumulation)
+        uninterrupted = snapshot(engine)
+        engine = new_engine(resume_config(*case))
+        train(engine, 0, 3, accumulation)
+        torch.manual_seed(1234 + comm.rank())  # RNG state that the load must bring back
+        path = engine.save_checkpoint(os.path.join(root, _case_dir(case)),
+                                      client_state={"epoch": 7, "note": [1, 2]})
+        out[case] = {"uninterrupted": uninterrupted, "path": path,
+                     "rng_at_save": torch.get_rng_state()}
+    return out
+
+
+def resume_load(root: str) -> dict:
+    out = {}
+    for case in RESUME_CASES:
+        accumulation = case[2]
+        torch.manual_seed(999)  # anything but the saved state
+        engine = new_engine(resume_config(*case))
+        path, client_state = engine.load_checkpoint(os.path.join(root, _case_dir(case)))
+        rng_after_load = torch.get_rng_state()
+        train(engine, 3, 3, accumulation)
+        out[case] = {"resumed": snapshot(engine), "client_state": client_state, "path": path,
+                     "rng_after_load": rng_after_load}
+    return out
+
+
+def _case_dir(case) -> str:
+    stage, dtype, accumulation = case
+    return f"resume_s{stage}_{dtype}_acc{accumulation}"
+
+
+# -- resharding: one global batch split over however many ranks there are --------------------
+def reshard_config(stage: int) -> dict:
+    cfg = config(stage, "fp32", 1, comm.world_size())
+    cfg["train_micro_batch_size_per_gpu"] = GLOBAL_BATCH // comm.world_size()
+    return cfg
+
+
+def train_split(engine, first: int, steps: int) -> list[float]:
+    world_size, rank = comm.world_size(), comm.rank()
+    per_rank = GLOBAL_BATCH // world_size
+    norms = []
+    for step in range(first, first + steps):
+        gen = torch.Generator().manual_seed(5000 + step)
+        tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=gen)
+        targets = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=gen)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        engine.backward(engine(tokens[mine], targets[mine]))
+        engine.step()
+        norms.append(engine.get_global_grad_norm())
+    return norms
+
+
+def reshard_save(root: str, stage: int) -> dict:
+    """3 steps at this world size and stage, saved; plus 6 uninterrupted steps."""
+    engine = new_engine(reshard_config(stage))
+    norms = train_split(engine, 0, 6)
+    uninterrupted = {"params": host_params(engine.module, engine), "norms": norms}
+    engine = new_engine(reshard_config(stage))
+    train_split(engine, 0, 3)
+    engine.save_checkpoint(os.path.join(root, f"reshard_{comm.world_size()}_s{stage}"),
+                           tag="step3")
+    return {"uninterrupted": uninterrupted, "full_state": engine.full_state_dict()}
+
+
+def reshard_load(root: str, stage: int) -> dict:
+    """Loads every checkpoint saved at another (world size, stage), trains 3 more steps."""
+    out = {}
+    for world_size, saved_stage in RESHARD_POINTS:
+        if (world_size, saved_stage) == (comm.world_size(), stage):
+            continue
+        engine = new_engine(reshard_config(stage))
+        engine.load_checkpoint(os.path.join(root, f"reshard_{world_size}_s{saved_stage}"))
+        loaded = host_params(engine.module, engine)
+        norms = train_split(engine, 3, 3)
+        out[(world_size, saved_stage)] = {"loaded": loaded, "norms": norms,
+                                          "params": host_params(engine.module, engine),
+                                          "steps": engine.global_steps}
+    return out
+
+
+# -- crash safety and corruption ----------------------------------------------------------------
+def crash_save(root: str) -> None:
+    """Saves 'good' after one step; during the save of 'bad' after another, rank 1 is killed
+    with SIGKILL in the middle of writing its shard."""
+    from zero_ext.checkpoint import engine_state
+    from zero_ext.checkpoint.files import TensorEntry, write_safetensors
+
+    engine = new_engine(config(3, "fp32", 1, comm.world_size()))
+    train(engine, 0, 1, 1)
+    engine.save_checkpoint(root, tag="good")
+    torch.save(host_params(engine.module, engine), os.path.join(root, f"good_params_"
+                                                                      f"{comm.rank()}.pt"))
+    train(engine, 1, 1, 1)
+    if comm.rank() == 1:
+        def killed_midway(path, entries, metadata=None):
+            entries = list(entries)
+            victim = entries[1]
+            entries[1] = TensorEntry(victim.name, victim.dtype, victim.shape,
+                                     lambda: os.kill(os.getpid(), signal.SIGKILL))
+            return write_safetensors(path, entries, metadata)
+        engine_state.write_safetensors = killed_midway
+    engine.save_checkpoint(root, tag="bad")
+
+
+def crash_load(root: str) -> dict:
+    import warnings
+
+    engine = new_engine(config(3, "fp32", 1, comm.world_size()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path, _ = engine.load_checkpoint(root)
+    out = {"path": path, "warnings": [str(w.message) for w in caught],
+           "params": host_params(engine.module, engine)}
+    try:
+        engine.load_checkpoint(root, tag="bad")
+        out["bad"] = "loaded"
+    except zero_ext.checkpoint.CheckpointError as error:
+        out["bad"] = str(error)
+    return out
+
+
+def corrupt_load(root: str, tags: list[str]) -> dict:
+    """Loads each damaged checkpoint; every rank must raise (none may hang or load)."""
+    out = {}
+    for tag in tags:
+        engine = new_engine(config(2, "fp32", 1, comm.world_size()))
+        try:
+            engine.load_checkpoint(root, tag=tag)
+            out[tag] = "loaded"
+        except zero_ext.checkpoint.CheckpointError as error:
+            out[tag] = str(error)
+    return out
+
+
+def hf_llama_save(root: str) -> dict:
+    """A tiny LlamaForCausalLM at stage 3: a checkpoint and save_16bit_model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=32, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    zcfg = config(3, "bf16", 1, comm.world_size())
+    engine = zero_ext.initialize(model=model, config=zcfg)[0]
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(comm.rank()))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    engine.save_checkpoint(os.path.join(root, "llama"), tag="t")
+    file = engine.save_16bit_model(os.path.join(root, "llama_16bit"))
+    return {"full_state": engine.full_state_dict(), "file": file}

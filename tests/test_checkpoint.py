@@ -1,0 +1,266 @@
+"""Checkpoints: exact resume, resharding across world sizes and stages, consolidation, crash
+safety and corruption (gloo on CPU).
+
+Saving and loading run in separate process groups, as a stopped and restarted job does. Exact
+resume compares bitwise with an uninterrupted run; resharding compares with an uninterrupted
+run within fp32 reduction-order tolerance (the sums of a different number of ranks round
+differently).
+"""
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import checkpoint_cases
+import pytest
+import torch
+from torch.testing import assert_close
+
+from zero_ext.checkpoint import CheckpointError, consolidate
+
+import engine_cases
+from dist_harness import run_group
+
+
+@functools.cache
+def _root() -> str:
+    return tempfile.mkdtemp(prefix="zero_ext_ckpt_")
+
+
+def teardown_module():
+    shutil.rmtree(_root(), ignore_errors=True)
+
+
+# -- exact resume ---------------------------------------------------------------------------
+@functools.cache
+def _resume(world_size: int):
+    root = os.path.join(_root(), f"resume{world_size}")
+    saved = run_group(world_size, checkpoint_cases.resume_save, root)
+    loaded = run_group(world_size, checkpoint_cases.resume_load, root)
+    return saved, loaded
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("case", checkpoint_cases.RESUME_CASES,
+                         ids=[f"stage{s}-{d}-acc{a}" for s, d, a in
+                              checkpoint_cases.RESUME_CASES])
+def test_resume_is_bitwise_exact(world_size, case):
+    saved, loaded = _resume(world_size)
+    for rank in range(world_size):
+        want = saved[rank][case]["uninterrupted"]
+        got = loaded[rank][case]["resumed"]
+        for name, value in want["params"].items():
+            assert torch.equal(got["params"][name], value), f"rank {rank} {name}"
+        assert len(got["shards"]) == len(want["shards"])
+        for index, (g, w) in enumerate(zip(got["shards"], want["shards"])):
+            for kind, a, b in zip(("master", "exp_avg", "exp_avg_sq"), g[:3], w[:3]):
+                assert torch.equal(a, b), f"rank {rank} bucket {index} {kind}"
+            # AdamW's step count: every optimizer step that was not skipped.
+            assert g[3] == w[3] == 6 - want["counters"][2], f"rank {rank} step count"
+        assert got["lr"] == want["lr"], rank
+        assert got["counters"] == want["counters"], rank
+        assert got["loss_scale"] == want["loss_scale"], rank
+        assert loaded[rank][case]["client_state"] == {"epoch": 7, "note": [1, 2]}
+        # Each rank's RNG comes back as it was at the save.
+        assert torch.equal(loaded[rank][case]["rng_after_load"],
+                           saved[rank][case]["rng_at_save"]), rank
+
+
+def test_resume_counts_fp16_loss_scale_and_schedule():
+    """The fp16 case must actually exercise a changing loss scale and LR, or the equalities
+    above would hold vacuously."""
+    saved, _ = _resume(2)
+    fp16 = saved[0][(2, "fp16", 1)]["uninterrupted"]
+    assert fp16["loss_scale"] == 2.0 ** 8 * 4  # doubled after steps 3 and 6 (window 3)
+    assert fp16["lr"][0] != 1e-2 and fp16["lr"][0] > 0  # decaying after 2 warmup steps
+
+
+def test_checkpoint_files_and_latest():
+    saved, _ = _resume(2)
+    path = saved[0][(1, "fp32", 1)]["path"]
+    save_dir = os.path.dirname(path)
+    assert os.path.basename(path) == "global_step3"
+    with open(os.path.join(save_dir, "latest")) as f:
+        assert f.read() == "global_step3"
+    names = sorted(os.listdir(path))
+    assert names == sorted(["manifest.json", "metadata.json", "engine_state.pt",
+                            "model_states.safetensors",
+                            "zero_shard_00000_of_00002.safetensors",
+                            "zero_shard_00001_of_00002.safetensors"])
+    with open(os.path.join(path, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert set(manifest["files"]) == set(names) - {"manifest.json"}
+    for name, record in manifest["files"].items():
+        assert os.path.getsize(os.path.join(path, name)) == record["bytes"]
+    # Each rank's shard holds 1/N of every bucket's fp32 master and two moments (+ RNG).
+    with open(os.path.join(path, "metadata.json")) as f:
+        meta = json.load(f)
+    padded = sum(layout["padded_numel"] for layout in meta["layouts"])
+    shard = os.path.getsize(os.path.join(path, "zero_shard_00001_of_00002.safetensors"))
+    assert 3 * 4 * padded // 2 < shard < 3 * 4 * padded // 2 + 32 * 1024
+
+
+# -- resharding -----------------------------------------------------------------------------
+@functools.cache
+def _reshard():
+    root = os.path.join(_root(), "reshard")
+    saved = {(n, s): run_group(n, checkpoint_cases.reshard_save, root, s)
+             for n, s in checkpoint_cases.RESHARD_POINTS}
+    loaded = {(n, s): run_group(n, checkpoint_cases.reshard_load, root, s)
+              for n, s in checkpoint_cases.RESHARD_POINTS}
+    return saved, loaded
+
+
+_RESHARDS = [(a, b) for a in checkpoint_cases.RESHARD_POINTS
+             for b in checkpoint_cases.RESHARD_POINTS if a != b]  # same: exact-resume tests
+
+
+@pytest.mark.parametrize("saved_at, loaded_at", _RESHARDS,
+                         ids=[f"ws{a[0]}-stage{a[1]}-to-ws{b[0]}-stage{b[1]}"
+                              for a, b in _RESHARDS])
+def test_reshard_world_size_and_stage(saved_at, loaded_at):
+    saved, loaded = _reshard()
+    at_save = saved[saved_at][0]["full_state"]
+    # The uninterrupted run at the loading configuration is the reference.
+    reference = saved[loaded_at][0]["uninterrupted"]
+    for rank, result in enumerate(loaded[loaded_at]):
+        got = result[saved_at]
+        assert got["steps"] == 6
+        # Right after the load the weights are exactly those saved: resharding is copying.
+        for name, value in got["loaded"].items():
+            assert torch.equal(value, at_save[name].float()), f"rank {rank} {name}"
+        assert_close(torch.tensor(got["norms"]), torch.tensor(reference["norms"][3:]),
+                     rtol=1e-5, atol=0)
+        for name, value in reference["params"].items():
+            assert_close(got["params"][name], value, rtol=1e-5,
+                         atol=1e-5 * value.abs().max().item(), msg=f"rank {rank} {name}")
+
+
+# -- consolidation --------------------------------------------------------------------------
+def test_consolidate_equals_full_state_dict_and_loads_into_a_plain_model(tmp_path):
+    saved, _ = _reshard()
+    full = saved[(3, 3)][0]["full_state"]
+    out = consolidate(os.path.join(_root(), "reshard", "reshard_3_s3"), tmp_path / "m")
+    assert out == str(tmp_path / "m" / "model.safetensors")
+    from safetensors.torch import load_file
+
+    tensors = load_file(out)
+    assert set(tensors) == set(full)
+    for key, value in full.items():
+        assert tensors[key].dtype == value.dtype and torch.equal(tensors[key], value), key
+    model = engine_cases.build_model(seed=5)
+    model.load_state_dict(tensors)  # strict: every key, no extra
+    assert torch.equal(model.fc1.weight, full["fc1.weight"])
+
+
+def test_consolidate_cli_bf16(tmp_path):
+    saved, _ = _reshard()
+    full = saved[(2, 1)][0]["full_state"]
+    result = subprocess.run(
+        [sys.executable, "-m", "zero_ext.consolidate",
+         os.path.join(_root(), "reshard", "reshard_2_s1"), str(tmp_path / "w.safetensors"),
+         "--dtype", "bf16"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == str(tmp_path / "w.safetensors")
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "w.safetensors")
+    for key, value in full.items():
+        assert torch.equal(tensors[key], value.to(torch.bfloat16)), key
+    missing = subprocess.run([sys.executable, "-m", "zero_ext.consolidate",
+                              str(tmp_path / "nothing"), str(tmp_path / "o")],
+                             capture_output=True, text=True, check=False)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+@functools.cache
+def _llama():
+    root = os.path.join(_root(), "hf")
+    return root, run_group(2, checkpoint_cases.hf_llama_save, root)
+
+
+def test_hf_model_consolidates_and_saves_for_from_pretrained(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    root, results = _llama()
+    full = results[0]["full_state"]
+    out_dir = tmp_path / "hf"
+    consolidate(os.path.join(root, "llama"), out_dir, dtype="bf16")
+    assert (out_dir / "config.json").exists()
+    for source in (out_dir, os.path.dirname(results[0]["file"])):
+        model = LlamaForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+        state = model.state_dict()
+        for key, value in full.items():
+            assert torch.equal(state[key], value), (source, key)
+
+
+# -- crash safety and corruption --------------------------------------------------------------
+def test_killed_rank_mid_save_leaves_the_previous_checkpoint_loadable():
+    root = os.path.join(_root(), "crash")
+    # Rank 0 may report the dead peer before the harness sees rank 1's exit code.
+    with pytest.raises(RuntimeError, match="rank 1 exited with code -9|Connection closed"):
+        run_group(2, checkpoint_cases.crash_save, root, timeout=300)
+    with open(os.path.join(root, "latest")) as f:
+        assert f.read() == "good"
+    assert not os.path.exists(os.path.join(root, "bad"))
+    # Killed mid-file: rank 1's shard exists only as its temporary, never under its name.
+    partial = sorted(os.listdir(os.path.join(root, "bad.partial")))
+    assert any(n.startswith("zero_shard_00001_of_00002.safetensors.tmp.") for n in partial)
+    assert "zero_shard_00001_of_00002.safetensors" not in partial
+    assert "manifest.json" not in partial
+    results = run_group(2, checkpoint_cases.crash_load, root)
+    for rank, result in enumerate(results):
+        assert result["path"] == os.path.join(root, "good")
+        want = torch.load(os.path.join(root, f"good_params_{rank}.pt"))
+        for name, value in want.items():
+            assert torch.equal(result["params"][name], value), name
+        assert "incomplete" in result["bad"] and "bad.partial" in result["bad"], result["bad"]
+    assert any("bad.partial" in w and "incomplete" in w for w in results[0]["warnings"])
+
+
+def _damaged_copies(root: str, source: str) -> dict[str, str]:
+    """Copies of one good checkpoint, each damaged one way; returns tag -> expected words."""
+    expected = {}
+
+    def copy(tag):
+        shutil.copytree(source, os.path.join(root, tag))
+        return os.path.join(root, tag)
+
+    shard = "zero_shard_00001_of_00002.safetensors"
+    path = os.path.join(copy("truncated"), shard)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    expected["truncated"] = f"{shard} is .* bytes, the manifest recorded"
+    path = os.path.join(copy("flipped"), shard)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+    expected["flipped"] = f"{shard} fails its checksum"
+    os.remove(os.path.join(copy("no_manifest"), "manifest.json"))
+    expected["no_manifest"] = "has no manifest.json"
+    os.remove(os.path.join(copy("missing_shard"), shard))
+    expected["missing_shard"] = f"{shard} is missing"
+    return expected
+
+
+def test_corrupt_checkpoints_raise_their_errors_on_every_rank():
+    saved, _ = _resume(2)
+    source = saved[0][(2, "fp32", 1)]["path"]
+    root = os.path.join(_root(), "corrupt")
+    os.makedirs(root)
+    expected = _damaged_copies(root, source)
+    results = run_group(2, checkpoint_cases.corrupt_load, root, sorted(expected))
+    import re
+
+    for tag, pattern in expected.items():
+        for rank, result in enumerate(results):
+            assert re.search(pattern, result[tag]), (tag, rank, result[tag])
+        # Consolidation reads the same files and refuses the same way.
+        with pytest.raises(CheckpointError, match=pattern):
+            consolidate(os.path.join(root, tag), os.path.join(root, tag + ".out"))
+        assert not os.path.exists(os.path.join(root, tag + ".out", "model.safetensors"))

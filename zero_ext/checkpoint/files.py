@@ -1,0 +1,215 @@
+"""Checkpoint files on disk: atomic writes, checksums, and a streaming safetensors reader/writer.
+
+Used by the checkpoint save/load code and by consolidation. Every tensor file is safetensors
+(an 8-byte little-endian header length, a JSON header of names, dtypes, shapes and byte
+offsets, then the raw bytes), so checkpoints hold no pickled code and any safetensors reader
+can open them. We write the format ourselves because a shard or a consolidated model must be
+produced one tensor at a time: the header is computed from shapes alone, then each tensor is
+produced, written, hashed and dropped before the next.
+
+Durability: a file is written under a temporary name, fsynced, renamed over its final name,
+and its directory is fsynced, so a crash leaves either the old file or the new one, never a
+torn one. Each writer returns the file's size and SHA-256, which go into the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["FileRecord", "SafetensorsReader", "TensorEntry", "atomic_write_bytes", "fsync_dir",
+           "sha256_file", "write_safetensors"]
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_HASH_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What the manifest keeps of one written file."""
+
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a file to be written: its header fields, and how to produce its values
+    when its turn comes (so only one tensor is materialized at a time)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+
+def fsync_dir(path: str) -> None:
+    """Makes a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: str, path: str) -> None:
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> FileRecord:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    _commit(tmp, path)
+    return FileRecord(len(data), hashlib.sha256(data).hexdigest())
+
+
+def _as_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def write_safetensors(path: str, entries: Iterable[TensorEntry],
+                      metadata: dict[str, str] | None = None) -> FileRecord:
+    """Writes `entries` to `path` atomically, producing one tensor at a time; returns the file's
+    size and SHA-256 (computed while writing, no second read)."""
+    entries = list(entries)
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for entry in entries:
+        if entry.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"zero_ext checkpoint: {entry.name} has dtype {entry.dtype}, which "
+                            f"safetensors cannot hold")
+        size = _numel(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
+        header[entry.name] = {"dtype": _DTYPE_NAMES[entry.dtype], "shape": list(entry.shape),
+                              "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    digest = hashlib.sha256()
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in (struct.pack("<Q", len(text)), text):
+                f.write(chunk)
+                digest.update(chunk)
+            for entry in entries:
+                tensor = entry.produce()
+                if tensor.dtype != entry.dtype or tuple(tensor.shape) != tuple(entry.shape):
+                    raise RuntimeError(
+                        f"zero_ext checkpoint: {entry.name} was announced as {entry.dtype} "
+                        f"{tuple(entry.shape)} but is {tensor.dtype} {tuple(tensor.shape)}")
+                data = _as_bytes(tensor)
+                f.write(data)
+                digest.update(data)
+                del tensor, data
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _commit(tmp, path)
+    return FileRecord(size, digest.hexdigest())
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class SafetensorsReader:
+    """Reads tensors, or element ranges of them, from a safetensors file without loading the
+    rest of it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError(f"zero_ext checkpoint: {path} is not a safetensors file (it is "
+                                 f"{len(raw)} bytes long)")
+            (length,) = struct.unpack("<Q", raw)
+            size = os.fstat(f.fileno()).st_size
+            if length > size - 8:
+                raise ValueError(f"zero_ext checkpoint: {path} is truncated or not a "
+                                 f"safetensors file (its header claims {length} bytes)")
+            try:
+                header = json.loads(f.read(length))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"zero_ext checkpoint: the header of {path} is corrupt "
+                                 f"({error})") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", {}) or {}
+        self._data_start = 8 + length
+        self._entries = header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self._data_start + end != size:
+            raise ValueError(f"zero_ext checkpoint: {path} is {size} bytes but its header "
+                             f"describes {self._data_start + end}: the file is truncated or "
+                             f"was extended")
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _DTYPES[self._entry(name)["dtype"]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)["shape"])
+
+    def _entry(self, name: str) -> dict:
+        if name not in self._entries:
+            raise KeyError(f"zero_ext checkpoint: {self.path} has no tensor {name!r}")
+        return self._entries[name]
+
+    def read(self, name: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Elements [start, end) of tensor `name`, flattened (the whole tensor, in its shape,
+        when no range is given)."""
+        entry = self._entry(name)
+        dtype, shape = _DTYPES[entry["dtype"]], tuple(entry["shape"])
+        numel = _numel(shape)
+        whole = start == 0 and end is None
+        end = numel if end is None else end
+        if not 0 <= start <= end <= numel:
+            raise IndexError(f"zero_ext checkpoint: range [{start}, {end}) outside {name!r} "
+                             f"({numel} elements) in {self.path}")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        out = torch.empty(end - start, dtype=dtype)
+        if end > start:
+            with open(self.path, "rb") as f:
+                f.seek(self._data_start + entry["data_offsets"][0] + start * itemsize)
+                view = memoryview(out.view(torch.uint8).numpy())
+                if f.readinto(view) != len(view):
+                    raise ValueError(f"zero_ext checkpoint: {self.path} ended inside {name!r}")
+        return out.view(shape) if whole else out

@@ -1,0 +1,219 @@
+"""The checkpoint directory: its files, its manifest, and reading parameters back from shards.
+
+Shared by save/load (zero_ext/checkpoint/engine_state.py) and consolidation
+(zero_ext/checkpoint/consolidate.py); neither needs the world size the checkpoint was written
+at. One checkpoint is a directory `<save_dir>/<tag>/`:
+
+    metadata.json                     layout of every bucket, parameter names/shapes, counters,
+                                      loss scale, config (rank 0)
+    engine_state.pt                   LR scheduler, optimizer hyperparameters, client_state,
+                                      a replicated (stage 0) torch optimizer's state (rank 0)
+    model_states.safetensors          buffers and frozen parameters, whole (rank 0)
+    zero_shard_<r>_of_<N>.safetensors rank r's slice of every bucket: fp32 master weights,
+                                      exp_avg, exp_avg_sq; its RNG states (every rank)
+    manifest.json                     every file's size and SHA-256, written last (rank 0)
+
+and `<save_dir>/latest` names the newest complete tag. Rank r's slice of a bucket of
+padded_numel elements is [r*S, (r+1)*S) with S = padded_numel / N, at every stage (stage 0
+ranks hold the whole bucket and each writes its slice), so a parameter's elements are found
+from its bucket offset alone: that is what makes loading at another world size or stage a
+matter of index arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from zero_ext.checkpoint.files import SafetensorsReader, sha256_file
+
+__all__ = [
+    "ENGINE_STATE",
+    "FORMAT",
+    "LATEST",
+    "MANIFEST",
+    "METADATA",
+    "MODEL_STATES",
+    "PARTIAL_SUFFIX",
+    "VERSION",
+    "CheckpointError",
+    "CheckpointIndex",
+    "resolve_tag",
+    "shard_file_name",
+]
+
+FORMAT = "zero_ext.checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+METADATA = "metadata.json"
+ENGINE_STATE = "engine_state.pt"
+MODEL_STATES = "model_states.safetensors"
+LATEST = "latest"
+PARTIAL_SUFFIX = ".partial"
+KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or does not fit the model."""
+
+
+def shard_file_name(rank: int, world_size: int) -> str:
+    return f"zero_shard_{rank:05d}_of_{world_size:05d}.safetensors"
+
+
+def partial_dirs(save_dir: str) -> list[str]:
+    """Directories of saves that never finished (a crash or a kill while writing)."""
+    if not os.path.isdir(save_dir):
+        return []
+    return sorted(os.path.join(save_dir, d) for d in os.listdir(save_dir)
+                  if d.endswith(PARTIAL_SUFFIX) and os.path.isdir(os.path.join(save_dir, d)))
+
+
+def looks_like_checkpoint(path: str) -> bool:
+    """A checkpoint directory (complete or not), as opposed to a save_dir holding them."""
+    return os.path.isdir(path) and any(
+        name in (MANIFEST, METADATA) or name.startswith("zero_shard_")
+        for name in os.listdir(path))
+
+
+def resolve_tag(load_dir: str, tag: str | None, caller: str = "zero_ext.load_checkpoint") -> str:
+    """The tag to load: `tag`, or the one `<load_dir>/latest` names."""
+    if tag is not None:
+        return str(tag)
+    latest = os.path.join(load_dir, LATEST)
+    if not os.path.isfile(latest):
+        partial = partial_dirs(load_dir)
+        hint = (f"; the only saves found never finished: {[os.path.basename(p) for p in partial]}"
+                if partial else "")
+        raise CheckpointError(
+            f"{caller}: {load_dir} has no '{LATEST}' file, so there is no "
+            f"complete checkpoint to pick{hint}. Pass tag= to name one, or check the directory")
+    with open(latest) as f:
+        return f.read().strip()
+
+
+@dataclass(frozen=True)
+class _ParamPlace:
+    layout: int    # bucket index in the checkpoint's metadata
+    offset: int    # first element in the bucket
+    shape: tuple[int, ...]
+
+
+class CheckpointIndex:
+    """A complete checkpoint directory, validated against its manifest, with reads of any
+    element range of any parameter's master weights or moments, from whichever shards hold it.
+
+    Opening checks that every file the manifest lists is present with its recorded size (cheap:
+    one stat each) and that metadata.json matches its checksum. A shard's full checksum is
+    verified the first time that shard is read (`verify_files` does it up front for a list)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        manifest_path = os.path.join(path, MANIFEST)
+        if not os.path.isdir(path):
+            partial = path.rstrip("/") + PARTIAL_SUFFIX
+            if os.path.isdir(partial):
+                raise CheckpointError(
+                    f"zero_ext checkpoint {path} is incomplete: its save never finished (the "
+                    f"files written so far are in {partial}, with no manifest). Load an earlier "
+                    f"tag (the '{LATEST}' file names the newest complete one)")
+            raise CheckpointError(f"zero_ext checkpoint {path} does not exist")
+        if not os.path.isfile(manifest_path):
+            raise CheckpointError(
+                f"zero_ext checkpoint {path} has no {MANIFEST}: it is incomplete (the manifest "
+                f"is written last, after every file) or was damaged. It cannot be verified, so "
+                f"it is not loaded; load an earlier tag")
+        try:
+            with open(manifest_path) as f:
+                self.manifest = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"zero_ext checkpoint: {manifest_path} is corrupt "
+                                  f"({error})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise CheckpointError(f"zero_ext checkpoint: {manifest_path} is not a zero_ext "
+                                  f"manifest (format {self.manifest.get('format')!r})")
+        if self.manifest.get("version", 0) > VERSION:
+            raise CheckpointError(
+                f"zero_ext checkpoint {path} has format version {self.manifest['version']}; this "
+                f"zero_ext reads up to version {VERSION}. Upgrade zero_ext to load it")
+        self.files: dict[str, dict] = self.manifest["files"]
+        problems = []
+        for name, record in self.files.items():
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                problems.append(f"{name} is missing")
+            elif os.path.getsize(file) != record["bytes"]:
+                problems.append(f"{name} is {os.path.getsize(file)} bytes, the manifest "
+                                f"recorded {record['bytes']} (truncated or overwritten)")
+        if problems:
+            raise CheckpointError(f"zero_ext checkpoint {path} is damaged: "
+                                  + "; ".join(problems))
+        self._verified: set[str] = set()
+        self.verify_files([METADATA])
+        with open(os.path.join(path, METADATA)) as f:
+            self.metadata = json.load(f)
+        self.world_size: int = self.metadata["world_size"]
+        self.layouts: list[dict] = self.metadata["layouts"]
+        self.params: dict[str, _ParamPlace] = {}
+        for layout in self.layouts:
+            for name, offset, shape in layout["slots"]:
+                self.params[name] = _ParamPlace(layout["index"], offset, tuple(shape))
+        self._readers: dict[str, SafetensorsReader] = {}
+
+    def verify_files(self, names: list[str]) -> None:
+        """Checks the SHA-256 of each named file against the manifest (once per file)."""
+        for name in names:
+            if name in self._verified:
+                continue
+            if name not in self.files:
+                raise CheckpointError(f"zero_ext checkpoint {self.path}: {name} is not in its "
+                                      f"manifest")
+            digest = sha256_file(os.path.join(self.path, name))
+            if digest != self.files[name]["sha256"]:
+                raise CheckpointError(
+                    f"zero_ext checkpoint {self.path}: {name} fails its checksum (SHA-256 "
+                    f"{digest[:16]}..., the manifest recorded {self.files[name]['sha256'][:16]}"
+                    f"...): the file is corrupt. Restore it or load an earlier tag")
+            self._verified.add(name)
+
+    def reader(self, name: str) -> SafetensorsReader:
+        self.verify_files([name])
+        if name not in self._readers:
+            try:
+                self._readers[name] = SafetensorsReader(os.path.join(self.path, name))
+            except ValueError as error:
+                raise CheckpointError(str(error)) from None
+        return self._readers[name]
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.params[name].shape:
+            n *= d
+        return n
+
+    def pieces(self, name: str, start: int, end: int) -> list[tuple[str, str, int, int]]:
+        """Where elements [start, end) of parameter `name` live: (shard file, tensor name
+        without its kind, first, last+1 element in that tensor), in element order."""
+        place = self.params[name]
+        layout = self.layouts[place.layout]
+        shard = layout["padded_numel"] // self.world_size
+        lo, hi = place.offset + start, place.offset + end
+        out = []
+        for rank in range(lo // shard, (hi - 1) // shard + 1):
+            a, b = max(lo, rank * shard), min(hi, (rank + 1) * shard)
+            out.append((shard_file_name(rank, self.world_size), str(layout["index"]),
+                        a - rank * shard, b - rank * shard))
+        return out
+
+    def read(self, kind: str, name: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """fp32 elements [start, end) of parameter `name`'s `kind` (master, exp_avg,
+        exp_avg_sq), flattened."""
+        end = self.numel(name) if end is None else end
+        if end <= start:
+            return torch.empty(0, dtype=torch.float32)
+        parts = [self.reader(file).read(f"{tensor}.{kind}", a, b)
+                 for file, tensor, a, b in self.pieces(name, start, end)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
