@@ -1,0 +1,594 @@
+"""Memory estimator: bytes of model states per rank, by ZeRO stage, world size and offload.
+
+Answers "how much memory does each rank need for parameters, gradients and Adam state?" before
+a run, as a Python API (users, and the offload code's host-memory budget check through
+`host_bytes_needed`) and as a command line:
+
+    python -m zero_ext.estimate --params 70B --world-sizes 8
+    python -m zero_ext.estimate --params 7B --world-sizes 1,8,64 --dtype bf16 --plot mem.png
+    python -m zero_ext.estimate --hf-config path/config.json --world-sizes 8,64 \\
+        --offload-optimizer --plot mem.png
+    python -m zero_ext.estimate --params 70B --stages 3 --offload-optimizer --offload-param \\
+        --largest-unit 1.05B
+
+Two ways to count:
+  a module (real or on the meta device; `--hf-config` builds one on the meta device) is exact:
+    the engine's own layout arithmetic (plan_buckets, find_units, the stage-3 persistence rule)
+    gives each bucket's padded size and each rank's shard, so the numbers are the bytes
+    `engine.memory_breakdown()` reports;
+  a bare parameter count uses the ZeRO paper's formulas (DESIGN.md's table) on the count
+    padded as one parameter group cut into reduce_bucket_size buckets. The per-parameter
+    alignment (under 16 elements per tensor) and stage-3 per-unit padding are unknown without
+    the model: a bare count underestimates by at most 16 elements per parameter tensor plus
+    world_size * 16 per stage-3 unit.
+
+What is counted (the moment each number describes):
+  params      the model-dtype flat buffers between steps: whole at stages 0-2; at stage 3 the
+              units' shards plus the parameters kept whole (tied, outside any unit, below
+              stage3_param_persistence_threshold)
+  grads       the most gradient storage held: stage 0 the whole all-reduced buckets; stage 1
+              whole .grad between accumulation boundaries (accumulation > 1), otherwise its
+              shard; stages 2-3 the shard, fp32 when accumulating over micro-steps
+  master      fp32 master weights; none when the model is fp32 (they alias its buffers),
+              except under optimizer offload, where the host copy is separate
+  exp_avg, exp_avg_sq   Adam's moments, fp32, for this rank's shards (whole at stage 0)
+  gathered    stage 3: the largest unit gathered in full plus what prefetch may have in
+              flight (stage3_prefetch_bucket_size, within stage3_max_live_parameters; only
+              units that fit in it): an upper bound
+  frozen      parameters with requires_grad=False, whole on every rank in the model dtype
+Not counted: activations, buffers (e.g. rotary tables), and the transient flat buffer of the
+gradient bucket being reduced (up to reduce_bucket_size elements).
+Offload follows DeepSpeed: offload_optimizer moves master and moments to the host (the master
+is a separate fp32 copy there even for an fp32 model, unless offload_param already keeps that
+fp32 shard on the host) and adds host buffers: a copy of each reduced gradient shard for the
+CPU step, and for a 16-bit model the new weights on their way back; offload_param (stage 3)
+moves the units' parameter shards to the host too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import textwrap
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from zero_ext.config import ZeroConfig
+from zero_ext.zero.partition import BucketLayout, plan_buckets
+
+__all__ = ["MemoryEstimate", "StateBytes", "estimate", "estimate_from_config",
+           "host_bytes_needed", "load_hf_model", "main", "parse_count"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes of each kind of model state in one place (a rank's device, or its host)."""
+
+    params: int = 0       # model-dtype parameters (flat buffers, stage-3 shards)
+    grads: int = 0        # gradient storage held (see the module docstring for the moment)
+    master: int = 0       # fp32 master weights that do not alias the model
+    exp_avg: int = 0      # Adam's first moment, fp32
+    exp_avg_sq: int = 0   # Adam's second moment, fp32
+    gathered: int = 0     # stage 3: full units gathered at once (upper bound)
+    frozen: int = 0       # requires_grad=False parameters, whole
+    offload_buffers: int = 0  # offload: host gradient copies and 16-bit weight upload buffers
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-rank bytes of model states for one (stage, world size, precision, offload) setup."""
+
+    stage: int
+    world_size: int
+    dtype: torch.dtype        # the model's training dtype (fp32, or bf16/fp16 mixed precision)
+    numel: int                # trainable parameter elements, unpadded
+    padded_numel: int         # trainable elements with alignment and bucket padding
+    device: StateBytes
+    host: StateBytes
+    exact: bool               # from a module's layout (True) or a bare count's formulas
+    largest_unit_numel: int | None   # stage 3's largest gather unit, None if unknown
+
+    @property
+    def total(self) -> int:
+        return self.device.total + self.host.total
+
+
+def estimate(model: nn.Module | int, *, stage: int, world_size: int,
+             dtype: str | torch.dtype = "bf16", offload_optimizer: bool = False,
+             offload_param: bool = False, gradient_accumulation_steps: int = 1,
+             param_groups: Iterable | None = None, largest_unit: int | None = None,
+             **zero_optimization) -> MemoryEstimate:
+    """Per-rank memory of `model` (an nn.Module, possibly on the meta device, or a trainable
+    parameter count) trained with ZeRO `stage` on `world_size` ranks.
+
+    `dtype` is the training dtype ("fp32", "bf16", "fp16" or a torch dtype); other
+    zero_optimization keys (reduce_bucket_size, stage3_param_persistence_threshold,
+    stage3_unit_classes, stage3_prefetch_bucket_size, ...) pass through as keyword arguments.
+    `param_groups` are the model_parameters given to initialize (groups split buckets).
+    `largest_unit` (elements) gives stage 3's largest gather unit for a bare count.
+    """
+    dtype = _as_dtype(dtype)
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "zero_optimization": {
+            "stage": stage, **zero_optimization,
+            "offload_optimizer": {"device": "cpu" if offload_optimizer else "none"},
+            "offload_param": {"device": "cpu" if offload_param else "none"}},
+    }
+    if dtype == torch.bfloat16:
+        config["bf16"] = {"enabled": True}
+    elif dtype == torch.float16:
+        config["fp16"] = {"enabled": True}
+    return estimate_from_config(model, config, world_size, param_groups=param_groups,
+                                largest_unit=largest_unit)
+
+
+def estimate_from_config(model: nn.Module | int, config, world_size: int, *,
+                         param_groups: Iterable | None = None,
+                         largest_unit: int | None = None) -> MemoryEstimate:
+    """The estimate for a zero_ext / DeepSpeed config (dict, JSON path or ZeroConfig): its
+    stage, precision, communication dtype, accumulation, buckets, stage-3 keys and offload.
+    With a module this is exactly what the engine built from the same config holds."""
+    config = ZeroConfig.load(config)
+    zero = config.zero_optimization
+    if world_size < 1:
+        raise ValueError(f"world_size must be a positive number of ranks, got {world_size}")
+    dtype = config.mixed_precision or torch.float32
+    comm_dtype = config.comm_dtype or dtype
+    accumulation = config.resolve_batch(world_size).gradient_accumulation_steps
+    if isinstance(model, nn.Module):
+        unit_layouts, whole_layouts, frozen_numel = _module_layouts(
+            model, param_groups, zero, world_size)
+        numel = sum(layout.used_numel for layouts in unit_layouts + [whole_layouts]
+                    for layout in layouts)
+        exact = True
+        unit_numels = _unit_numels(unit_layouts)
+        largest = max(unit_numels, default=None)
+    else:
+        numel = _check_count(model)
+        # One group in reduce_bucket_size buckets: plan_buckets pads them as the engine would.
+        sizes = [zero.reduce_bucket_size] * (numel // zero.reduce_bucket_size)
+        sizes += [numel % zero.reduce_bucket_size] if numel % zero.reduce_bucket_size else []
+        laid_out = plan_buckets(sizes, [torch.Size([n]) for n in sizes], [0] * len(sizes),
+                                world_size, zero.reduce_bucket_size)
+        # Stage 3 shards every unit; without the model, all of it counts as unit parameters.
+        unit_layouts, whole_layouts = ([laid_out], []) if zero.stage == 3 else ([], laid_out)
+        frozen_numel, exact = 0, False
+        largest = largest_unit
+        unit_numels = [largest] if largest else []
+    return _account(
+        stage=zero.stage, world_size=world_size, dtype=dtype, comm_dtype=comm_dtype,
+        accumulation=accumulation, unit_layouts=unit_layouts, whole_layouts=whole_layouts,
+        numel=numel, frozen_numel=frozen_numel, unit_numels=unit_numels, exact=exact,
+        largest=largest, prefetch_numel=zero.stage3_prefetch_bucket_size,
+        max_live_numel=zero.stage3_max_live_parameters,
+        offload_optimizer=zero.offload_optimizer.enabled, offload_param=zero.offload_param.enabled)
+
+
+def host_bytes_needed(model: nn.Module | int, config, world_size: int, *,
+                      param_groups: Iterable | None = None) -> int:
+    """Host bytes one rank's offloaded state takes under `config` (0 without offload): what the
+    offload code should find free before it allocates its host buffers. Multiply by the ranks
+    per node for a node's total."""
+    return estimate_from_config(model, config, world_size, param_groups=param_groups).host.total
+
+
+# -- exact layout of a module ------------------------------------------------------------------
+def _module_layouts(model: nn.Module, param_groups, zero, world_size: int):
+    """(stage-3 unit layouts, layouts of parameters kept whole, frozen elements): the buckets
+    ZeroEngine builds for this model, from the engine's own planning code."""
+    from zero_ext.engine import ZeroEngine
+
+    named = list(model.named_parameters())
+    group_of = _group_of(model, param_groups)
+    params = [p for _, p in named if p.requires_grad and p in group_of]
+    missing = [n for n, p in named if p.requires_grad and p not in group_of]
+    if missing:
+        raise ValueError(f"param_groups: trainable parameters missing from the groups: "
+                         f"{missing[:5]}; list every trainable parameter (or freeze it)")
+    frozen = sum(p.numel() for _, p in named if not p.requires_grad)
+    unit_plan, whole = [], params
+    if zero.stage == 3:
+        # ZeroEngine._plan_units holds the stage-3 rule (innermost unit, tied and root-level
+        # parameters and small ones kept whole); calling it with only the attributes it reads
+        # keeps one definition of that rule.
+        planner = SimpleNamespace(config=SimpleNamespace(zero_optimization=zero), module=model,
+                                  _params=params, world_size=world_size)
+        unit_plan, whole = ZeroEngine._plan_units(planner, group_of)
+    whole_layouts = plan_buckets([p.numel() for p in whole], [p.shape for p in whole],
+                                 [group_of[p] for p in whole], world_size,
+                                 zero.reduce_bucket_size)
+    return [layouts for _, layouts in unit_plan], whole_layouts, frozen
+
+
+def _group_of(model: nn.Module, param_groups) -> dict[nn.Parameter, int]:
+    if param_groups is None:
+        return {p: 0 for p in model.parameters() if p.requires_grad}
+    group_of = {}
+    for index, group in enumerate(param_groups):
+        members = group["params"] if isinstance(group, dict) else group
+        for p in ([members] if isinstance(members, torch.Tensor) else members):
+            if p.requires_grad:
+                group_of[p] = index
+    return group_of
+
+
+def _unit_numels(unit_layouts) -> list[int]:
+    return [sum(layout.padded_numel for layout in layouts) for layouts in unit_layouts]
+
+
+def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: torch.dtype,
+             accumulation: int, unit_layouts, whole_layouts: list[BucketLayout], numel: int,
+             frozen_numel: int, unit_numels: list[int], exact: bool, largest: int | None,
+             prefetch_numel: int, max_live_numel: int, offload_optimizer: bool,
+             offload_param: bool) -> MemoryEstimate:
+    """Bytes per kind from the layouts, following what the engine allocates."""
+    units = [layout for layouts in unit_layouts for layout in layouts]
+    layouts = units + whole_layouts
+    padded = sum(layout.padded_numel for layout in layouts)
+    shards = sum(layout.shard_numel for layout in layouts)
+    width, comm_width = _itemsize(dtype), _itemsize(comm_dtype)
+
+    unit_params = width * sum(layout.shard_numel for layout in units)
+    whole_params = width * sum(layout.padded_numel for layout in whole_layouts)
+    if stage == 0:
+        # All-reduced buckets are whole; between boundaries .grad accumulates unpadded.
+        grads = max(comm_width * padded, width * numel if accumulation > 1 else 0)
+    elif stage == 1:
+        # Stage 1 reduces only at the boundary: until then every .grad is whole.
+        grads = max(comm_width * shards, width * numel if accumulation > 1 else 0)
+    else:
+        grads = (4 if accumulation > 1 else comm_width) * shards
+    state = padded if stage == 0 else shards
+    unit_shards = sum(layout.shard_numel for layout in units)
+    fp32_model = dtype == torch.float32
+    if not offload_optimizer:
+        # An fp32 model's master weights are its own buffers.
+        master = 0 if fp32_model else 4 * state
+    else:
+        # On the host the master is a separate copy, except where it is the fp32 parameter
+        # shard that offload_param already keeps there.
+        master = 4 * (state - (unit_shards if offload_param and fp32_model else 0))
+    gathered = 0
+    if stage == 3:
+        biggest = max(unit_numels, default=0)
+        budget = min(prefetch_numel, max(max_live_numel - biggest, 0))
+        # Prefetch issues whole units within the budget: none if no other unit fits in it.
+        # A bare count knows no units, so any part of the model may be in flight.
+        others = unit_numels.copy()
+        if others:
+            others.remove(biggest)
+        ahead = min(budget, sum(n for n in others if n <= budget) if exact else numel)
+        gathered = width * (biggest + ahead)
+    optimizer = {"master": master, "exp_avg": 4 * state, "exp_avg_sq": 4 * state}
+    device = {"params": whole_params + unit_params, "grads": grads, "gathered": gathered,
+              "frozen": width * frozen_numel}
+    host = {}
+    if offload_optimizer:
+        host.update(optimizer)
+        # The CPU step reads a host copy of each reduced gradient shard, and a 16-bit model's
+        # new weights go back through a host buffer unless they already live there.
+        grad_width = 4 if stage >= 2 and accumulation > 1 else comm_width
+        uploads = 0 if fp32_model else width * (state - (unit_shards if offload_param else 0))
+        host["offload_buffers"] = grad_width * state + uploads
+    else:
+        device.update(optimizer)
+    if offload_param:
+        device["params"] = whole_params
+        host["params"] = unit_params
+    return MemoryEstimate(stage=stage, world_size=world_size, dtype=dtype, numel=numel,
+                          padded_numel=padded, device=StateBytes(**device),
+                          host=StateBytes(**host), exact=exact, largest_unit_numel=largest)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not a training dtype zero_ext supports; use "
+                             "torch.float32, torch.bfloat16 or torch.float16")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _check_count(numel) -> int:
+    if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
+        raise ValueError(f"expected an nn.Module or a positive parameter count, got {numel!r}")
+    return numel
+
+
+# -- inputs --------------------------------------------------------------------------------------
+_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_count(text: str) -> int:
+    """'70B', '6.7e9', '1.3M', '125000', '1_000' -> elements (K, M, B/G, T are powers of 1000)."""
+    match = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]?)\s*",
+                         str(text))
+    suffix = match.group(2).upper() if match else None
+    if match is None or suffix not in _SUFFIXES:
+        raise ValueError(f"{text!r} is not a parameter count; write a number with an optional "
+                         "K, M, B or T suffix, e.g. 70B, 6.7e9 or 125M")
+    value = float(match.group(1).replace("_", "")) * _SUFFIXES[suffix]
+    if value < 1:
+        raise ValueError(f"{text!r} is less than one parameter; give a positive count, e.g. 7B")
+    return round(value)
+
+
+def load_hf_model(path: str | os.PathLike) -> nn.Module:
+    """A transformers model built from a config.json on the meta device: exact parameter shapes
+    and module structure (its decoder layers become the stage-3 units), nothing allocated or
+    downloaded."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; pass the path of a transformers config.json "
+                         "(the one next to a model's weights)") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); pass a transformers config.json"
+                         ) from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ValueError(f"{path}: no \"model_type\" key, so transformers cannot tell which model "
+                         "it describes; pass a model's config.json (it has e.g. \"model_type\": "
+                         "\"llama\"), or use --params with a parameter count")
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("--hf-config needs the transformers package: pip install transformers"
+                         ) from None
+    transformers.logging.set_verbosity_error()
+    data = dict(data)
+    try:
+        config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    with torch.device("meta"):
+        try:
+            return transformers.AutoModelForCausalLM.from_config(config)
+        except ValueError:  # not a language model (e.g. an encoder): its base model
+            return transformers.AutoModel.from_config(config)
+
+
+# -- command line --------------------------------------------------------------------------------
+# Each kind counts wherever it lives; "device" and "host" split the total by place.
+_COLUMNS = [("params", lambda e: _both(e, "params") + _both(e, "frozen")),
+            ("grads", lambda e: _both(e, "grads")), ("master", lambda e: _both(e, "master")),
+            ("Adam m+v", lambda e: _both(e, "exp_avg") + _both(e, "exp_avg_sq")),
+            ("gathered", lambda e: _both(e, "gathered")),
+            ("staging", lambda e: _both(e, "offload_buffers")),
+            ("device", lambda e: e.device.total),
+            ("host", lambda e: e.host.total)]
+
+
+def _both(e: MemoryEstimate, kind: str) -> int:
+    return getattr(e.device, kind) + getattr(e.host, kind)
+
+
+def _unit(largest: int) -> tuple[str, int]:
+    for name, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if largest >= size:
+            return name, size
+    return "B", 1
+
+
+def _human(numel: int) -> str:
+    for suffix, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if numel >= size:
+            return f"{numel / size:.2f}{suffix}"
+    return str(numel)
+
+
+def format_table(estimates: Sequence[MemoryEstimate], title: str) -> str:
+    """A table of per-rank bytes, one row per (stage, world size)."""
+    unit, size = _unit(max(max(e.device.total, e.host.total) for e in estimates))
+    offload = any(e.host.total for e in estimates)
+    # Without offload everything is on the device: no host or staging columns.
+    columns = [(name, get) for name, get in _COLUMNS
+               if offload or name not in ("staging", "host")]
+    header = ["stage", "ranks"] + [name for name, _ in columns]
+    rows = [[str(e.stage), str(e.world_size)] +
+            [f"{get(e) / size:.2f}" for _, get in columns] for e in estimates]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    legend = f"per rank, {unit}" + ("; 'device' and 'host' split the total by where the state "
+                                    "lives (host: what offload moves to CPU memory)"
+                                    if offload else "")
+    lines = [title, textwrap.fill(legend, 100)]
+    lines += ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header] + rows]
+    return "\n".join(lines)
+
+
+def plot(estimates: Sequence[MemoryEstimate], title: str, path: str) -> None:
+    """Device memory per rank against world size, one line per stage (host dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    unit, size = _unit(max(max(e.device.total, e.host.total) for e in estimates))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    # Distinct markers: stages 1 and 2 coincide without accumulation and must stay visible.
+    markers = {0: "o", 1: "s", 2: "^", 3: "D"}
+    for stage in sorted({e.stage for e in estimates}):
+        rows = sorted((e for e in estimates if e.stage == stage), key=lambda e: e.world_size)
+        xs = [e.world_size for e in rows]
+        line, = axes.plot(xs, [e.device.total / size for e in rows], marker=markers[stage],
+                          fillstyle="none", label=f"stage {stage}")
+        if any(e.host.total for e in rows):
+            axes.plot(xs, [e.host.total / size for e in rows], linestyle="--",
+                      marker=markers[stage], fillstyle="none", color=line.get_color(),
+                      label=f"stage {stage} host")
+    # Memory falls by orders of magnitude from 1 rank to many: log scales on both axes.
+    axes.set_yscale("log")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(sorted({e.world_size for e in estimates}))
+    axes.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes.set_xlabel("data-parallel ranks")
+    axes.set_ylabel(f"model states per rank ({unit})")
+    axes.set_title(textwrap.fill(title, 80), fontsize=9)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m zero_ext.estimate",
+        description="Per-rank memory of model states (parameters, gradients, fp32 master "
+                    "weights and Adam moments) under ZeRO stages 0-3, for a parameter count or "
+                    "a transformers config. Activations are not included: leave room for them.",
+        epilog="examples:\n"
+               "  python -m zero_ext.estimate --params 70B --world-sizes 8\n"
+               "  python -m zero_ext.estimate --hf-config config.json --world-sizes 8,64 "
+               "--plot mem.png\n"
+               "  python -m zero_ext.estimate --params 7B --offload-optimizer\n"
+               "A config.json gives exact numbers (padding, units kept whole); a bare count "
+               "uses the ZeRO paper's formulas.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--params", type=_arg(parse_count), metavar="COUNT",
+                       help="trainable parameters, e.g. 70B, 6.7e9, 125M")
+    model.add_argument("--hf-config", metavar="PATH",
+                       help="a transformers config.json; the model is built on the meta device "
+                            "(nothing is downloaded or allocated)")
+    parser.add_argument("--world-sizes", type=_arg(_parse_sizes), default=[1, 8, 64],
+                        metavar="N,N,...", help="data-parallel ranks to tabulate (default "
+                                                "1,8,64)")
+    parser.add_argument("--stages", type=_arg(_parse_stages), default=None, metavar="S,S,...",
+                        help="ZeRO stages to tabulate (default: every stage the offload flags "
+                             "allow)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16",
+                        help="training dtype of the weights (default bf16; Adam state is fp32)")
+    parser.add_argument("--gradient-accumulation-steps", type=_arg(_parse_positive), default=1,
+                        metavar="K", help="micro-steps per optimizer step: stage 1 then keeps "
+                                          "whole gradients, stages 2-3 an fp32 shard (default 1)")
+    parser.add_argument("--offload-optimizer", action="store_true",
+                        help="fp32 master weights and Adam moments in host memory (stages 1-3)")
+    parser.add_argument("--offload-param", action="store_true",
+                        help="stage-3 parameter shards in host memory too")
+    parser.add_argument("--largest-unit", type=_arg(parse_count), metavar="COUNT",
+                        help="with --params: elements of the largest stage-3 gather unit (e.g. "
+                             "one decoder layer, or the embedding); --hf-config finds it")
+    parser.add_argument("--plot", metavar="PNG", help="also draw memory by stage and world size")
+    return parser
+
+
+def _arg(parse):
+    """An argparse type whose error message is the parser's own advice."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _parse_positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"{text!r} is not a positive whole number, e.g. 1 or 8")
+    return int(text)
+
+
+def _parse_sizes(text: str) -> list[int]:
+    try:
+        return sorted({_parse_positive(item) for item in text.split(",")})
+    except ValueError:
+        raise ValueError(f"{text!r} is not a list of rank counts; write them comma-separated, "
+                         "e.g. 1,8,64") from None
+
+
+def _parse_stages(text: str) -> list[int]:
+    items = text.split(",")
+    if not all(item.strip() in ("0", "1", "2", "3") for item in items):
+        raise ValueError(f"{text!r} is not a list of ZeRO stages; use 0-3 comma-separated, "
+                         "e.g. 1,2,3")
+    return sorted({int(item) for item in items})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    possible = [s for s in range(4) if (s >= 1 or not args.offload_optimizer)
+                and (s == 3 or not args.offload_param)]
+    stages = args.stages if args.stages is not None else possible
+    if set(stages) - set(possible):
+        parser.error(f"--stages {','.join(map(str, stages))}: "
+                     + ("--offload-param needs stage 3" if args.offload_param else
+                        "--offload-optimizer needs stage 1, 2 or 3")
+                     + f"; ask for --stages {','.join(map(str, possible))} or drop the flag")
+    if args.largest_unit is not None and args.params is None:
+        parser.error("--largest-unit goes with --params; --hf-config finds the units itself")
+    if args.hf_config is not None:
+        try:
+            model = load_hf_model(args.hf_config)
+        except ValueError as error:
+            parser.error(f"--hf-config {error}")
+        numel = sum(p.numel() for p in model.parameters())
+        source = f"{type(model).__name__} from {args.hf_config}, {_human(numel)} parameters"
+    else:
+        model = args.params
+        source = f"{_human(args.params)} parameters (ZeRO paper formulas)"
+    estimates = [estimate(model, stage=stage, world_size=n, dtype=args.dtype,
+                          offload_optimizer=args.offload_optimizer,
+                          offload_param=args.offload_param,
+                          gradient_accumulation_steps=args.gradient_accumulation_steps,
+                          largest_unit=args.largest_unit)
+                 for stage in stages for n in args.world_sizes]
+    options = [f"{args.dtype} weights", "fp32 Adam"]
+    options += ["optimizer offload"] if args.offload_optimizer else []
+    options += ["parameter offload"] if args.offload_param else []
+    options += [f"accumulation {args.gradient_accumulation_steps}"] \
+        if args.gradient_accumulation_steps > 1 else []
+    title = f"{source}; {', '.join(options)}"
+    notes = []
+    if 3 in stages:
+        largest = estimates[-1].largest_unit_numel
+        if largest is None:
+            notes.append("stage 3 'gathered' counts only the prefetch budget: give "
+                         "--largest-unit (or use --hf-config) to add the largest unit gathered "
+                         "in full")
+        else:
+            notes.append(f"stage 3 'gathered': the largest unit ({_human(largest)} elements) "
+                         "gathered in full plus the prefetch budget, an upper bound")
+    if 1 in stages and args.gradient_accumulation_steps == 1:
+        notes.append("stage 1 without accumulation reduce-scatters as buckets fill, so it holds "
+                     "what stage 2 holds; with --gradient-accumulation-steps 2 or more it keeps "
+                     "whole gradients between steps (the paper's 2 bytes per parameter)")
+    if args.offload_optimizer:
+        notes.append("'staging': the host copy of each gradient shard the CPU step reads, and "
+                     "the 16-bit weights on their way back to the device")
+    notes.append("not included: activations, module buffers (e.g. rotary tables), the gradient "
+                 "bucket being reduced")
+    print(format_table(estimates, title))
+    for note in notes:
+        print(textwrap.fill(note, 100, subsequent_indent="  "))
+    if args.plot:
+        plot(estimates, title, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
