@@ -117,6 +117,13 @@ def _tensors_requiring_grad(output) -> list[torch.Tensor]:
     return found
 
 
+def _replaying() -> bool:
+    """Whether a forward runs inside backward: activation checkpointing recomputing a segment
+    (torch.utils.checkpoint replays from within the autograd engine, reentrant or not). Its
+    units' hooks fire again there and must neither release them nor count as forward uses."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class UnitState(enum.Enum):
     SHARDED = "sharded"      # parameters hold empty tensors; only the shard exists
     GATHERING = "gathering"  # a prefetch all-gather is in flight into the full buffers
@@ -300,10 +307,12 @@ class PartitionedParameters:
 
         def before(module, args):
             self._use(unit, "forward")
-            unit.holders += 1  # the owner's own forward inside must not release it
+            # The owner's own forward inside must not release it. (A replay may stop early,
+            # before `after`: it counts nothing.)
+            unit.holders += not _replaying()
 
         def after(module, args, output):
-            unit.holders -= 1
+            unit.holders -= not _replaying()
             self._after_forward(unit, output)
 
         self._handles.append(module.register_forward_pre_hook(before))
@@ -345,6 +354,8 @@ class PartitionedParameters:
         """A unit is needed now (its forward, or backward reached it): gather it, and let the
         prefetcher note the use and start the units it expects next."""
         self.gather(unit)
+        if phase == "forward" and _replaying():
+            return  # no use in the forward order: the unit's backward is what comes next
         for upcoming in self.prefetch.next_units(phase, unit, self):
             self.start_gather(upcoming)
 
@@ -368,6 +379,10 @@ class PartitionedParameters:
         unit.state = UnitState.SHARDED
 
     def _after_forward(self, unit: GatherUnit, output) -> None:
+        if _replaying():
+            # The replay's outputs feed no backward, and its saved tensors alias the gathered
+            # buffers: the unit stays gathered until its gradients are reduced.
+            return
         if torch.is_grad_enabled():
             for tensor in _tensors_requiring_grad(output):
                 tensor.register_hook(lambda grad, unit=unit: self._before_backward(unit, grad))
