@@ -18,7 +18,7 @@ except ImportError as error:  # pragma: no cover - only reached on a broken inst
         "'zero_ext: building CPU kernels'."
     ) from error
 
-from zero_ext import ops, optim
+from zero_ext import checkpointing, ops, optim
 from zero_ext.config import ZeroConfig
 from zero_ext.engine import ZeroEngine, initialize
 from zero_ext.zero.params import GatheredParameters, Init, register_external_parameter

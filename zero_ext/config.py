@@ -884,27 +884,35 @@ class ZeroOptimizationConfig(_Section):
 
 @dataclass(kw_only=True)
 class ActivationCheckpointingConfig(_Section):
-    """``activation_checkpointing``: options of ``zero_ext.checkpointing.checkpoint``."""
+    """``activation_checkpointing``: options of ``zero_ext.checkpointing`` (``initialize``
+    passes the section to ``zero_ext.checkpointing.configure``)."""
 
     partition_activations: bool = False
     """Split checkpointed activations across model-parallel ranks (DeepSpeed's option for
-    model parallelism)."""
+    model parallelism). Accepted with one notice and no effect: zero_ext is data-parallel
+    only, with nothing to split."""
 
     cpu_checkpointing: bool = False
-    """Keep the saved inputs of checkpointed segments in host memory until backward."""
+    """Keep the saved inputs of checkpointed segments in (pinned) host memory between their
+    forward and their backward; copied on side streams, the copy back started when the next
+    segment's backward starts."""
 
     contiguous_memory_optimization: bool = False
-    """Copy checkpointed activations into one preallocated buffer (needs
-    ``number_checkpoints``)."""
+    """Copy partitioned activations into one preallocated buffer (DeepSpeed; needs
+    ``number_checkpoints``). Accepted with one notice and no effect, as nothing is
+    partitioned."""
 
     number_checkpoints: int | None = None
-    """Number of checkpointed segments, to size the contiguous buffer (>= 1)."""
+    """How many blocks ``zero_ext.checkpointing.apply`` checkpoints, counted from the first
+    (>= 1; unset: every block). DeepSpeed sizes its contiguous buffer with it, where it is
+    usually the number of layers: the same result here."""
 
     synchronize_checkpoint_boundary: bool = False
     """Synchronize the device at each checkpoint boundary (for debugging and timing)."""
 
     profile: bool = False
-    """Time the forward and backward of each checkpointed segment."""
+    """Time the forward and backward of each checkpointed segment
+    (``zero_ext.checkpointing.profile_report()``)."""
 
     def __post_init__(self):
         for name in ("partition_activations", "cpu_checkpointing",

@@ -638,6 +638,8 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
     """Wraps `model` for ZeRO data-parallel training. Returns
     (engine, optimizer, dataloader, lr_scheduler); dataloader is None without training_data."""
     config = ZeroConfig.load(config)
+    from zero_ext import checkpointing
+    checkpointing.configure(config.activation_checkpointing)
     comm.init_distributed()
     if config.zero_optimization.offload_optimizer.device != "none" or \
             config.zero_optimization.offload_param.device != "none":

@@ -1,0 +1,487 @@
+"""Activation checkpointing: a block keeps only its inputs in forward and recomputes the rest in
+backward.
+
+Models call `checkpoint(fn, *args, **kwargs)` around a block, or `apply(model)` once to
+checkpoint every block; `zero_ext.initialize` calls `configure()` with the config's
+`activation_checkpointing` section (a user may call it too, afterwards, to change a setting).
+Built on torch.utils.checkpoint's non-reentrant mode, which keeps a segment's inputs as tensors
+saved for backward (through the saved-tensor hooks in force when it is called) and replays the
+segment from them when backward first needs one of its activations. What this module adds:
+
+  cpu_checkpointing   the saved inputs go to (pinned) host memory while forward goes on, and
+                      come back ahead of the segment's backward: the copy back of segment k is
+                      started when segment k+1's backward starts
+  profile             per-segment forward and backward wall times (`profile_report()`)
+  apply(model)        every block of a model checkpointed, HF models through their own switch
+                      (which also turns their KV cache off, as a recomputed forward must not
+                      append to it a second time)
+
+Stage 3 needs nothing from here: its gather hooks tell a recomputation in backward apart from a
+forward (zero_ext/zero/params.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+import time
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from zero_ext.config import ActivationCheckpointingConfig, ZeroConfig
+
+__all__ = ["OffloadCounters", "SegmentTiming", "apply", "checkpoint", "configure", "counters",
+           "profile_report"]
+
+_config = ActivationCheckpointingConfig()
+_noticed: set[str] = set()  # notices given in this process (each once)
+_CONTAINERS = (nn.ModuleList, nn.Sequential)
+
+
+def configure(config=None, *, partition_activations: bool | None = None,
+              cpu_checkpointing: bool | None = None,
+              contiguous_memory_optimization: bool | None = None,
+              number_checkpoints: int | None = None,
+              synchronize_checkpoint_boundary: bool | None = None,
+              profile: bool | None = None) -> ActivationCheckpointingConfig:
+    """Sets how `checkpoint` works from now on, as DeepSpeed's
+    `deepspeed.checkpointing.configure`: `config` is an ActivationCheckpointingConfig, its JSON
+    object, a ZeroConfig or a whole config dict (its `activation_checkpointing` section is
+    used), or None for the defaults; keyword arguments override single keys. Returns the
+    settings now in force."""
+    if config is None:
+        section = ActivationCheckpointingConfig()
+    elif isinstance(config, ActivationCheckpointingConfig):
+        section = config
+    elif isinstance(config, ZeroConfig):
+        section = config.activation_checkpointing
+    elif isinstance(config, Mapping):
+        data = config.get("activation_checkpointing", config)
+        section = ActivationCheckpointingConfig._parse(data, "activation_checkpointing", [])
+    else:
+        raise TypeError("zero_ext.checkpointing.configure: config must be an "
+                        "ActivationCheckpointingConfig, a dict, a ZeroConfig or None, got "
+                        f"{type(config).__name__}")
+    overrides = {name: value for name, value in (
+        ("partition_activations", partition_activations),
+        ("cpu_checkpointing", cpu_checkpointing),
+        ("contiguous_memory_optimization", contiguous_memory_optimization),
+        ("number_checkpoints", number_checkpoints),
+        ("synchronize_checkpoint_boundary", synchronize_checkpoint_boundary),
+        ("profile", profile)) if value is not None}
+    section = dataclasses.replace(section, **overrides)  # a copy, validated again
+    if section.partition_activations:
+        _notice("partition_activations",
+                "activation_checkpointing.partition_activations: DeepSpeed splits checkpointed "
+                "activations across tensor-parallel ranks; zero_ext is data-parallel only, so "
+                "there is nothing to split and the option has no effect (each rank keeps its "
+                "own micro-batch's activations; cpu_checkpointing moves them off the device)")
+    if section.contiguous_memory_optimization:
+        _notice("contiguous_memory_optimization",
+                "activation_checkpointing.contiguous_memory_optimization: DeepSpeed lays out "
+                "partitioned activations in one buffer; with nothing partitioned (data "
+                "parallelism only) the option has no effect")
+    global _config
+    _config = section
+    return section
+
+
+def _notice(key: str, message: str) -> None:
+    if key not in _noticed:
+        _noticed.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+# -- counters and profile ---------------------------------------------------------------------
+@dataclass
+class OffloadCounters:
+    """What cpu_checkpointing moved since the last reset(), for tests and benchmarks."""
+
+    tensors_to_host: int = 0
+    bytes_to_host: int = 0
+    bytes_to_device: int = 0
+    prefetches: int = 0  # segments whose copy back was started by the next segment's backward
+
+    def reset(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, 0)
+
+
+counters = OffloadCounters()
+
+
+@dataclass
+class SegmentTiming:
+    """One checkpointed segment's times (with `profile`), in seconds; backward_s is None until
+    its backward has run, or when no input of the segment needs a gradient."""
+
+    name: str
+    forward_s: float
+    backward_s: float | None = None
+    _backward_start: float | None = dataclasses.field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        backward = "-" if self.backward_s is None else f"{self.backward_s * 1e3:.3f} ms"
+        return f"{self.name}: forward {self.forward_s * 1e3:.3f} ms, backward {backward}"
+
+
+_timings: list[SegmentTiming] = []
+
+
+def profile_report(reset: bool = True) -> list[SegmentTiming]:
+    """The timings of the segments run with `profile` on (in forward order, every call), and
+    with `reset`, a fresh start for the next ones. `str()` of each is one line of the report."""
+    report = list(_timings)
+    if reset:
+        _timings.clear()
+    return report
+
+
+def _clock(device: torch.device | None) -> float:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels are asynchronous: time what has run
+    return time.perf_counter()
+
+
+class _BackwardClock(torch.autograd.Function):
+    """Identity on a segment's outputs (its backward starts when their gradients are ready)
+    or inputs (its backward ends when theirs are); backward notes the time."""
+
+    @staticmethod
+    def forward(ctx, timing, edge, device, *tensors):
+        ctx.timing, ctx.edge, ctx.device = timing, edge, device
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads):
+        now = _clock(ctx.device)
+        if ctx.edge == "start":
+            ctx.timing._backward_start = now
+        elif ctx.timing._backward_start is not None:
+            ctx.timing.backward_s = now - ctx.timing._backward_start
+        return (None, None, None, *grads)
+
+
+def _mark(values, timing: SegmentTiming, edge: str, device):
+    """`values` (any nesting) with the tensors that need a gradient passed through a clock."""
+    leaves, spec = pytree.tree_flatten(values)
+    at = [i for i, leaf in enumerate(leaves)
+          if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+    if not at:
+        return values
+    marked = _BackwardClock.apply(timing, edge, device, *(leaves[i] for i in at))
+    for i, tensor in zip(at, marked):
+        leaves[i] = tensor
+    return pytree.tree_unflatten(leaves, spec)
+
+
+# -- cpu_checkpointing --------------------------------------------------------------------------
+_streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
+
+
+# Segments whose device originals are kept alive until their copies to the host finish.
+_copying: list[_HostInputs] = []
+
+
+def _side_stream(device: torch.device, purpose: str) -> torch.cuda.Stream:
+    key = (device, purpose)
+    if key not in _streams:
+        _streams[key] = torch.cuda.Stream(device)
+    return _streams[key]
+
+
+class _HostInputs:
+    """One checkpointed segment's saved inputs, kept in host memory between its forward and its
+    backward. Created per segment call; autograd owns it through the handles the pack hook
+    returns, so it lives exactly as long as the segment's graph."""
+
+    def __init__(self, device: torch.device, previous: _HostInputs | None):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host: list[torch.Tensor] = []
+        self.originals: list[torch.Tensor] = []  # until to_host_done (CUDA)
+        self.to_host_done = None
+        self.loaded: list[torch.Tensor | None] | None = None  # device copies for backward
+        self.to_device_done = None
+        self.fetched = False  # its backward has started at least once
+        # The segment before this one in forward order: its copy back starts when this
+        # segment's backward starts.
+        self.previous = weakref.ref(previous) if previous is not None else None
+
+    def __del__(self):
+        # Dropped before its backward fetched it (a graph freed early): its device buffers may
+        # still be written by the copy back; the compute stream, to which the allocator returns
+        # them, waits for that copy first.
+        if self.to_device_done is not None and self.loaded is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.to_device_done)
+
+    def pack(self, tensor: torch.Tensor):
+        if isinstance(tensor, nn.Parameter) or (self.cuda and tensor.device.type == "cpu"):
+            return tensor  # weights stay where they are; host tensors are there already
+        if self.cuda:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            stream = _side_stream(self.device, "to_host")
+            # The copy reads what the compute stream has written so far.
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                host.copy_(tensor, non_blocking=True)
+                self.to_host_done = torch.cuda.Event()
+                self.to_host_done.record(stream)
+            if not self.originals:
+                _copying.append(self)
+            self.originals.append(tensor)
+        else:
+            # A CPU-only run: the same path with the host as its own device (tests measure it).
+            host = torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
+        counters.tensors_to_host += 1
+        counters.bytes_to_host += host.numel() * host.element_size()
+        self.host.append(host)
+        return (self, len(self.host) - 1)
+
+    def load(self) -> None:
+        """Starts the copies back to the device (on a side stream on CUDA)."""
+        if self.originals:
+            # Its copies to the host may still run: the originals are right here.
+            self.loaded = list(self.originals)
+            return
+        self.loaded = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in self.host]
+        if self.cuda:
+            stream = _side_stream(self.device, "to_device")
+            # The buffers were just allocated on the compute stream: whatever used that memory
+            # before must be done before the side stream writes it.
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for buffer, host in zip(self.loaded, self.host):
+                    buffer.copy_(host, non_blocking=True)
+                self.to_device_done = torch.cuda.Event()
+                self.to_device_done.record(stream)
+        else:
+            for buffer, host in zip(self.loaded, self.host):
+                buffer.copy_(host)
+        counters.bytes_to_device += sum(h.numel() * h.element_size() for h in self.host)
+
+    def fetch(self, index: int) -> torch.Tensor:
+        """Saved input `index`, on the device: the segment's recomputation starts."""
+        if self.loaded is None:
+            self.load()
+        _finish_copies_to_host()
+        if not self.fetched:
+            self.fetched = True
+            previous = self.previous() if self.previous is not None else None
+            if previous is not None and previous.loaded is None and not previous.fetched:
+                previous.load()
+                counters.prefetches += 1
+        if self.to_device_done is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.to_device_done)
+            self.to_device_done = None
+        tensor, self.loaded[index] = self.loaded[index], None
+        if all(t is None for t in self.loaded):
+            self.loaded = None  # a second backward (retain_graph) copies them back again
+        return tensor
+
+
+def _finish_copies_to_host() -> None:
+    """Lets the device originals of finished segments go. The compute stream waits for their
+    copies first, so the allocator hands their memory out again only after the copies read it
+    (no record_stream)."""
+    for inputs in _copying:
+        torch.cuda.current_stream(inputs.device).wait_event(inputs.to_host_done)
+        inputs.originals.clear()
+    _copying.clear()
+
+
+def _unpack(packed):
+    if isinstance(packed, torch.Tensor):
+        return packed
+    inputs, index = packed
+    return inputs.fetch(index)
+
+
+_last_inputs: weakref.ref | None = None
+
+
+def _offload_hooks(device: torch.device):
+    """Saved-tensor hooks that move one segment's inputs to the host (its only tensors saved
+    outside torch.utils.checkpoint's own hooks, which take over inside the segment)."""
+    global _last_inputs
+    _finish_copies_to_host()  # the previous segments' copies ran while they computed
+    previous = _last_inputs() if _last_inputs is not None else None
+    inputs = _HostInputs(device, previous)
+    _last_inputs = weakref.ref(inputs)
+    return torch.autograd.graph.saved_tensors_hooks(inputs.pack, _unpack)
+
+
+# -- checkpoint -----------------------------------------------------------------------------------
+_local = threading.local()  # depth: checkpointed segments running on this thread
+
+
+def checkpoint(fn: Callable, *args, **kwargs):
+    """`fn(*args, **kwargs)`, keeping only its inputs for backward and recomputing the rest
+    there (non-reentrant: inputs may be keyword arguments or nested in tuples, lists and dicts,
+    outputs may be anything). Without gradients (eval, no_grad) it simply calls `fn`."""
+    return _checkpoint(fn, args, kwargs, None)
+
+
+def _checkpoint(fn: Callable, args: tuple, kwargs: dict, name: str | None):
+    if not torch.is_grad_enabled():
+        return fn(*args, **kwargs)
+    while isinstance(fn, functools.partial):
+        # Bound arguments become ordinary inputs: saved (and moved to the host) like the rest.
+        fn, args, kwargs = fn.func, fn.args + tuple(args), {**fn.keywords, **kwargs}
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    tensors = [leaves[i] for i in at]
+    # The replay rebuilds the arguments from the saved tensors; it must not hold the originals.
+    template = [None if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+    del leaves, args, kwargs
+
+    def run(*saved):
+        values = list(template)
+        for i, tensor in zip(at, saved):
+            values[i] = tensor
+        call_args, call_kwargs = pytree.tree_unflatten(values, spec)
+        _local.depth = getattr(_local, "depth", 0) + 1
+        try:
+            return fn(*call_args, **call_kwargs)
+        finally:
+            _local.depth -= 1
+
+    if getattr(_local, "depth", 0) > 0:  # nested: the outer segment saves and times
+        return torch.utils.checkpoint.checkpoint(run, *tensors, use_reentrant=False)
+    config = _config
+    device = next((t.device for t in tensors if t.device.type != "cpu"),
+                  tensors[0].device if tensors else torch.device("cpu"))
+    cuda = device if device.type == "cuda" else None
+    timing = None
+    if config.profile:
+        timing = SegmentTiming(name or _name_of(fn), 0.0)
+        tensors = list(_mark(tuple(tensors), timing, "end", cuda))
+        start = _clock(cuda)
+    elif config.synchronize_checkpoint_boundary and cuda is not None:
+        torch.cuda.synchronize(cuda)
+    if config.cpu_checkpointing:
+        with _offload_hooks(device):
+            output = torch.utils.checkpoint.checkpoint(run, *tensors, use_reentrant=False)
+    else:
+        output = torch.utils.checkpoint.checkpoint(run, *tensors, use_reentrant=False)
+    if timing is not None:
+        timing.forward_s = _clock(cuda) - start
+        _timings.append(timing)
+        output = _mark(output, timing, "start", cuda)
+    elif config.synchronize_checkpoint_boundary and cuda is not None:
+        torch.cuda.synchronize(cuda)
+    return output
+
+
+def _name_of(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+# -- apply ---------------------------------------------------------------------------------------
+@dataclass
+class _Block:
+    name: str
+    index: int  # in the model's block order: number_checkpoints counts from the first
+    inner: Callable | None  # an instance-level forward this replaced (else the class's)
+
+
+def _checkpoint_block(fn: Callable, args: tuple, kwargs: dict, block: _Block):
+    limit = _config.number_checkpoints
+    if limit is not None and block.index >= limit:
+        return fn(*args, **kwargs)
+    return _checkpoint(fn, args, kwargs, block.name)
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    block = self._zero_ext_block
+    forward = block.inner or types.MethodType(type(self).forward, self)
+    return _checkpoint_block(forward, args, kwargs, block)
+
+
+class _HFCheckpointFunction:
+    """What a transformers model calls as `_gradient_checkpointing_func(fn, *args)`."""
+
+    def __init__(self, block: _Block | None):
+        self.block = block
+
+    def __call__(self, fn: Callable, *args, **kwargs):
+        if self.block is None:
+            return _checkpoint(fn, args, kwargs, None)
+        return _checkpoint_block(fn, args, kwargs, self.block)
+
+
+def _find_blocks(model: nn.Module, block_classes) -> list[tuple[str, nn.Module]]:
+    if block_classes is not None:
+        names = {c for c in block_classes if isinstance(c, str)}
+        types_ = tuple(c for c in block_classes if isinstance(c, type))
+        found, inside = [], set()
+        for name, module in model.named_modules():
+            if module is model or any(name.startswith(p + ".") for p in inside):
+                continue
+            if type(module).__name__ in names or (types_ and isinstance(module, types_)):
+                found.append((name, module))
+                inside.add(name)
+        if not found:
+            present = sorted({type(m).__name__ for m in model.modules()})
+            raise ValueError(f"zero_ext.checkpointing.apply: no module of class "
+                             f"{sorted(c if isinstance(c, str) else c.__name__ for c in block_classes)} in the "
+                             f"model; its classes are "
+                             f"{present}")
+        return found
+    found = []
+
+    def walk(module: nn.Module, prefix: str, in_container: bool) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}{child_name}"
+            if isinstance(child, _CONTAINERS):
+                walk(child, name + ".", True)
+            elif in_container:
+                found.append((name, child))
+            else:
+                walk(child, name + ".", False)
+
+    walk(model, "", False)
+    if not found:
+        raise ValueError(f"zero_ext.checkpointing.apply: {type(model).__name__} has no "
+                         "nn.ModuleList or nn.Sequential of blocks; name the block classes, "
+                         "e.g. apply(model, block_classes=['DecoderLayer'])")
+    return found
+
+
+def apply(model: nn.Module, block_classes=None) -> list[str]:
+    """Checkpoints every block of `model`: the children of its ModuleList / Sequential
+    containers, or the modules of `block_classes` (classes or class names). With
+    `number_checkpoints` set, only the first that many blocks are checkpointed. Returns the
+    blocks' names. Call it once, before or after zero_ext.initialize.
+
+    transformers models (without `block_classes`) are switched with their own
+    `activation_checkpointing_enable` / `gradient_checkpointing_enable`, which also stops their
+    layers from writing the KV cache, then run this module's `checkpoint`."""
+    blocks = _find_blocks(model, block_classes)
+    index = {id(module): _Block(name, i, None) for i, (name, module) in enumerate(blocks)}
+    if block_classes is None and getattr(model, "supports_gradient_checkpointing", False):
+        enable = getattr(model, "activation_checkpointing_enable", None) or \
+            model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        for module in model.modules():
+            if hasattr(module, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = _HFCheckpointFunction(
+                    index.get(id(module)))
+        return [name for name, _ in blocks]
+    for name, module in blocks:
+        if isinstance(module.__dict__.get("_zero_ext_block"), _Block):
+            continue  # applied before
+        block = index[id(module)]
+        block.inner = module.__dict__.get("forward")
+        module._zero_ext_block = block
+        module.forward = types.MethodType(_checkpointed_forward, module)
+    return [name for name, _ in blocks]
