@@ -1,0 +1,228 @@
+"""zero_ext.checkpointing: gradients unchanged by checkpointing and cpu_checkpointing, saved
+activations cut, HF models through apply(), stage 2 and 3 under the engine (2 gloo ranks, one
+group for every engine case), configure() and profile."""
+
+import functools
+import warnings
+
+import checkpointing_cases as cases
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from zero_ext import checkpointing
+
+from dist_harness import run_group
+
+
+@pytest.fixture(autouse=True)
+def default_settings():
+    checkpointing.configure()
+    checkpointing.counters.reset()
+    checkpointing.profile_report()
+    yield
+    checkpointing.configure()
+
+
+class Step(nn.Module):
+    """A block with a keyword tensor argument, a non-tensor keyword, a nested input and a
+    non-tensor output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, pair, *, mask=None, scale=1.0):
+        h = torch.tanh(self.fc(x * pair[0] + pair[1])) * scale
+        if mask is not None:
+            h = h * mask
+        return x + h, {"aux": h.square().mean(), "note": "kept"}
+
+
+def _step_grads(mode: str):
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(Step() for _ in range(3))
+    x = torch.randn(4, 8, requires_grad=True)
+    pair = (torch.rand(4, 8) + 0.5, torch.randn(8, requires_grad=True))
+    mask = torch.rand(4, 8)
+    total, h = 0.0, x
+    for block in blocks:
+        if mode == "none":
+            h, extra = block(h, pair, mask=mask, scale=0.5)
+        elif mode == "nested":  # a segment inside a segment: only the outer one saves
+            def inner(y, block=block):
+                return checkpointing.checkpoint(block, y, pair, mask=mask, scale=0.5)
+
+            h, extra = checkpointing.checkpoint(inner, h)
+        else:
+            h, extra = checkpointing.checkpoint(block, h, pair, mask=mask, scale=0.5)
+        assert extra["note"] == "kept"
+        total = total + extra["aux"]
+    (h.square().mean() + total).backward()
+    return [p.grad for p in blocks.parameters()] + [x.grad, pair[1].grad]
+
+
+@pytest.mark.parametrize("mode, cpu", [("checkpoint", False), ("checkpoint", True),
+                                       ("nested", True)])
+def test_gradients_identical_with_checkpointing(mode, cpu):
+    reference = _step_grads("none")
+    checkpointing.configure(cpu_checkpointing=cpu)
+    got = _step_grads(mode)
+    for g, r in zip(got, reference):
+        assert torch.equal(g, r)
+    if cpu:
+        # Each segment's saved inputs went to the host and came back: h, pair's two and mask
+        # (4x8, 4x8, 8, 4x8 floats), or with nesting only the outer segment's h (the lambda
+        # holds the rest). Segment 2's backward started the copy back of segment 1's inputs,
+        # segment 1's that of segment 0's.
+        tensors, nbytes = (1, 128) if mode == "nested" else (4, 3 * 128 + 32)
+        counters = checkpointing.counters
+        assert counters.tensors_to_host == 3 * tensors
+        assert counters.bytes_to_host == counters.bytes_to_device == 3 * nbytes
+        assert counters.prefetches == 2
+    else:
+        assert checkpointing.counters.tensors_to_host == 0
+
+
+def test_without_gradients_checkpoint_just_calls():
+    block = Step()
+    checkpointing.configure(cpu_checkpointing=True)
+    with torch.no_grad():
+        _, extra = checkpointing.checkpoint(block, torch.ones(2, 8), (torch.ones(8),) * 2)
+    assert extra["note"] == "kept" and checkpointing.counters.tensors_to_host == 0
+
+
+@functools.cache
+def _saved(mode):
+    return cases.saved_activation_bytes(mode)
+
+
+def test_saved_activations_fall_by_half_and_cpu_checkpointing_leaves_none_on_the_device():
+    none, ckpt, cpu = _saved("none"), _saved("checkpoint"), _saved("cpu")
+    assert ckpt["saved"] <= none["saved"] / 2, (ckpt["saved"], none["saved"])
+    # What checkpointing keeps of the blocks is their inputs: cpu_checkpointing moves exactly
+    # those, and afterwards no block's input is alive on the device.
+    blocks = len(cases.build_gpt().blocks)
+    assert ckpt["saved"] - cpu["saved"] == blocks * ckpt["block_input_bytes"]
+    assert cpu["to_host"] == blocks * cpu["block_input_bytes"]
+    assert (none["inputs_alive"], ckpt["inputs_alive"], cpu["inputs_alive"]) == (4, 4, 0)
+    for name, grad in none["grads"].items():
+        assert torch.equal(ckpt["grads"][name], grad), name
+        assert torch.equal(cpu["grads"][name], grad), name
+
+
+def test_number_checkpoints_and_profile():
+    model = cases.build_gpt()
+    assert checkpointing.apply(model) == [f"blocks.{i}" for i in range(4)]
+    assert checkpointing.apply(model) == [f"blocks.{i}" for i in range(4)]  # once is enough
+    checkpointing.configure({"number_checkpoints": 2, "profile": True})
+    tokens, targets = cases.batch(0, 2)
+    model(tokens, targets).backward()
+    report = checkpointing.profile_report()
+    assert [t.name for t in report] == ["blocks.0", "blocks.1"]
+    assert all(t.forward_s > 0 and t.backward_s > 0 for t in report), report
+    assert str(report[0]).startswith("blocks.0: forward ")
+    assert checkpointing.profile_report() == []
+
+
+def test_apply_names_what_it_could_not_find():
+    with pytest.raises(ValueError, match=r"class \['Nothing'\] in the model; its classes are"):
+        checkpointing.apply(cases.build_gpt(), block_classes=["Nothing"])
+    with pytest.raises(ValueError, match="has no nn.ModuleList or nn.Sequential of blocks"):
+        checkpointing.apply(nn.Linear(2, 2))
+    assert checkpointing.apply(cases.build_gpt(), block_classes=[cases.Block]) == \
+        [f"blocks.{i}" for i in range(4)]
+
+
+def test_partition_activations_accepted_with_one_notice(monkeypatch):
+    monkeypatch.setattr(checkpointing, "_noticed", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            settings = checkpointing.configure({"partition_activations": True})
+    assert settings.partition_activations
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "nothing to split" in messages[0], messages
+    with pytest.raises(ValueError, match="number_checkpoints"):
+        checkpointing.configure(number_checkpoints=0)
+    with pytest.raises(TypeError, match="config must be an ActivationCheckpointingConfig"):
+        checkpointing.configure(3)
+
+
+def test_hf_llama_through_apply():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=cases.VOCAB, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=cases.SEQ)
+    tokens, _ = cases.batch(0, 2)
+    grads = {}
+    for mode in ("none", "apply", "cpu"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        if mode != "none":
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FutureWarning)
+                assert checkpointing.apply(model) == ["model.layers.0", "model.layers.1"]
+        checkpointing.configure(cpu_checkpointing=mode == "cpu", profile=True)
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters()}
+        names = [t.name for t in checkpointing.profile_report()]
+        assert names == ([] if mode == "none" else ["model.layers.0", "model.layers.1"])
+    assert checkpointing.counters.tensors_to_host > 0
+    for name, grad in grads["none"].items():
+        assert_close(grads["apply"][name], grad, rtol=0, atol=0, msg=name)
+        assert_close(grads["cpu"][name], grad, rtol=0, atol=0, msg=name)
+
+
+@functools.cache
+def _engine_results():
+    return run_group(2, cases.engine_cases)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("mode", ["apply", "explicit", "apply+cpu"])
+def test_engine_parameters_equal_without_checkpointing(stage, mode):
+    for rank, result in enumerate(_engine_results()):
+        runs = result[f"stage{stage}"]
+        got, reference = runs[mode], runs["none"]
+        for name, value in reference["params"].items():
+            assert torch.equal(got["params"][name], value), (rank, name)
+        assert (got["to_host"] > 0) == mode.endswith("cpu")
+        if stage == 3:
+            # Every unit released after each backward, and the prefetch order recorded in the
+            # first step is the one without checkpointing: the recomputations did not count.
+            assert got["released"] == reference["released"] == [True] * 3
+            assert got["order"] == reference["order"]
+        assert got["calls"] == reference["calls"]  # the same gathers, reductions
+        order_notes = [w for w in got["warnings"] if "different order" in w]
+        assert not order_notes, order_notes
+
+
+def test_engine_says_once_that_partition_activations_has_no_effect():
+    for result in _engine_results():
+        notes = [w for w in result["stage2"]["apply"]["warnings"] if "partition_activations" in w]
+        assert len(notes) == 1 and "nothing to split" in notes[0], notes
+
+
+def test_engine_stage3_hf_llama_through_apply_with_cpu_checkpointing():
+    for rank, result in enumerate(_engine_results()):
+        llama = result["llama"]
+        assert llama["blocks"] == ["model.layers.0", "model.layers.1"]
+        assert llama["apply+cpu"]["to_host"] > 0
+        assert llama["apply+cpu"]["released"] == [True, True]
+        for name, value in llama["none"]["params"].items():
+            assert torch.equal(llama["apply+cpu"]["params"][name], value), (rank, name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_peak_memory_halves_with_checkpointing_and_falls_further_on_the_host():
+    result = cases.cuda_peak_memory()
+    none, ckpt, cpu = result["none"], result["checkpoint"], result["cpu"]
+    assert ckpt["rise"] <= none["rise"] / 2, (ckpt["rise"], none["rise"])
+    assert cpu["rise"] < ckpt["rise"], (cpu["rise"], ckpt["rise"])
+    for name, grad in none["grads"].items():
+        assert_close(ckpt["grads"][name], grad, msg=name)
+        assert_close(cpu["grads"][name], grad, msg=name)
