@@ -7,9 +7,12 @@ torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW on fp32 master weights.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.testing import assert_close
 
 import zero_ext
 from zero_ext import comm
@@ -126,12 +129,14 @@ def config(stage: int, dtype: str, accumulation: int, world_size: int, clip: flo
     return cfg
 
 
-def train_engine(stage: int, dtype: str, accumulation: int, steps: int) -> dict:
-    """Trains with zero_ext on this rank; returns final params, norms and engine facts."""
+def train_engine(stage: int, dtype: str, accumulation: int, steps: int, clip: float = 0.5,
+                 **zero) -> dict:
+    """Trains with zero_ext on this rank; returns final params, norms and engine facts.
+    `zero` adds zero_optimization keys (e.g. offload sections)."""
     world_size, rank = comm.world_size(), comm.rank()
     model = build_model()
     engine, optimizer, _, _ = zero_ext.initialize(
-        model=model, config=config(stage, dtype, accumulation, world_size),
+        model=model, config=config(stage, dtype, accumulation, world_size, clip=clip, **zero),
         model_parameters=param_groups(model))
     norms = []
     for step in range(steps):
@@ -149,8 +154,10 @@ def train_engine(stage: int, dtype: str, accumulation: int, steps: int) -> dict:
     }
 
 
-def train_reference(dtype: str, accumulation: int, steps: int, world_size: int) -> dict:
-    """Single process, whole global batch per step, torch AdamW on fp32 master weights."""
+def train_reference(dtype: str, accumulation: int, steps: int, world_size: int,
+                    clip: float = 0.5) -> dict:
+    """Single process, whole global batch per step, torch AdamW on fp32 master weights
+    (clip 0: no clipping, as the engine's gradient_clipping)."""
     model = build_model()
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     model.to(torch_dtype)
@@ -174,13 +181,38 @@ def train_reference(dtype: str, accumulation: int, steps: int, world_size: int) 
             # A parameter that got no gradient steps with zeros, as the engine (and DeepSpeed)
             # treats it: decay and moments still move.
             m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
-        norms.append(torch.nn.utils.clip_grad_norm_(masters, 0.5).item())
+        norms.append(torch.nn.utils.clip_grad_norm_(masters, clip or math.inf).item())
         opt.step()
         with torch.no_grad():
             for p, m in zip(params, masters):
                 p.copy_(m)
     return {"params": {n: p.detach().float().clone() for n, p in model.named_parameters()},
             "norms": norms}
+
+
+def assert_matches_reference(got: dict, reference: dict, dtype: str, label: str) -> None:
+    """A train_engine result against train_reference's: grad norms and final parameters."""
+    # The pre-clip global norm checks the reduction itself (Adam's update barely depends on
+    # the gradient's scale, so a wrong averaging factor would hide in the parameters).
+    norm_rtol = 1e-5 if dtype == "fp32" else 2e-2
+    assert_close(torch.tensor(got["norms"], dtype=torch.float64),
+                 torch.tensor(reference["norms"], dtype=torch.float64), rtol=norm_rtol,
+                 atol=0.0, msg=f"{label} grad norms")
+    if dtype == "fp32":
+        for name, ref in reference["params"].items():
+            assert_close(got["params"][name], ref, rtol=1e-5,
+                         atol=1e-5 * ref.abs().max().item(), msg=f"{label} {name}")
+        return
+    # bf16: the reduction order differs (per-rank sums vs one backward) and Adam turns
+    # rounding noise in near-zero gradients into whole lr-sized steps of either sign, so
+    # single elements can differ by 2*lr. What must agree is the training update as a whole:
+    # its error is a small fraction of its size (a wrong shard, a lost micro-step or a
+    # missing all-gather each make it tens of percent).
+    initial = dict(build_model().to(torch.bfloat16).float().named_parameters())
+    update = torch.cat([(got["params"][n] - initial[n]).flatten() for n in initial])
+    ref_update = torch.cat([(reference["params"][n] - initial[n]).flatten() for n in initial])
+    error = ((update - ref_update).norm() / ref_update.norm()).item()
+    assert error < 0.05, f"{label}: relative error of the bf16 update {error:.3g}"
 
 
 def parity_cases(cases: list[tuple], steps: int) -> dict:
@@ -225,11 +257,12 @@ def memory_and_traffic(stage: int) -> dict:
     return out
 
 
-def fp16_overflow() -> dict:
+def fp16_overflow(stage: int = 2, **zero) -> dict:
     """fp16 with an inf injected into one gradient on rank 1 only, at the second step."""
     world_size, rank = comm.world_size(), comm.rank()
     model = build_model()
-    engine, _, _, _ = zero_ext.initialize(model=model, config=config(2, "fp16", 1, world_size))
+    engine, _, _, _ = zero_ext.initialize(model=model,
+                                          config=config(stage, "fp16", 1, world_size, **zero))
     record = []
     for step in range(6):
         tokens, targets = global_batch(step, world_size, 1)
@@ -529,9 +562,10 @@ def stage3_special_cases() -> dict:
     return out
 
 
-def llama(stage: int) -> dict:
+def llama(stage: int, **zero) -> dict:
     """A tiny transformers LlamaForCausalLM (random init, tied embeddings, built from a config)
-    trained with zero_ext; rank 0 adds single-process training on the whole batch."""
+    trained with zero_ext (`zero`: extra zero_optimization keys); rank 0 adds single-process
+    training on the whole batch."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     world_size, rank = comm.world_size(), comm.rank()
@@ -547,7 +581,8 @@ def llama(stage: int) -> dict:
         return model(input_ids=tokens, labels=tokens).loss
 
     model = build()
-    engine, _, _, _ = zero_ext.initialize(model=model, config=config(stage, "fp32", 1, world_size))
+    engine, _, _, _ = zero_ext.initialize(model=model,
+                                          config=config(stage, "fp32", 1, world_size, **zero))
     train_steps(engine, 3, lm_loss)
     out = {"params": host_params(model, engine), "units": len(engine.partitioned.units)
            if engine.partitioned is not None else 0}

@@ -26,6 +26,7 @@ pinning is skipped, and the logic is the same.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -141,8 +142,10 @@ class OptimizerOffload:
         self._arrived = [False] * n
         self._stepped = [False] * n
         self._futures: list[Future] = []
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="zero_ext-offload") \
-            if step_on_arrival else None
+        self._worker = None
+        if step_on_arrival:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="zero_ext-offload")
+            weakref.finalize(self, self._worker.shutdown, False)
 
     # -- gradients out -----------------------------------------------------------------------
     def grad_ready(self, index: int, grad: torch.Tensor) -> None:
