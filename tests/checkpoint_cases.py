@@ -129,7 +129,9 @@ def reshard_save(root: str, stage: int) -> dict:
     train_split(engine, 0, 3)
     engine.save_checkpoint(os.path.join(root, f"reshard_{comm.world_size()}_s{stage}"),
                            tag="step3")
-    return {"uninterrupted": uninterrupted, "full_state": engine.full_state_dict()}
+    model_file = engine.save_16bit_model(os.path.join(root, f"model_{comm.world_size()}_s{stage}"))
+    return {"uninterrupted": uninterrupted, "full_state": engine.full_state_dict(),
+            "model_file": model_file}
 
 
 def reshard_load(root: str, stage: int) -> dict:

@@ -157,6 +157,21 @@ def test_consolidate_equals_full_state_dict_and_loads_into_a_plain_model(tmp_pat
     assert torch.equal(model.fc1.weight, full["fc1.weight"])
 
 
+@pytest.mark.parametrize("saved_at", checkpoint_cases.RESHARD_POINTS,
+                         ids=[f"ws{n}-stage{s}" for n, s in checkpoint_cases.RESHARD_POINTS])
+def test_save_16bit_model_equals_full_state_dict(saved_at):
+    from safetensors.torch import load_file
+
+    saved, _ = _reshard()
+    files = {result["model_file"] for result in saved[saved_at]}
+    assert len(files) == 1  # every rank returns the path rank 0 wrote
+    tensors = load_file(files.pop())
+    full = saved[saved_at][0]["full_state"]
+    assert set(tensors) == set(full)
+    for key, value in full.items():
+        assert torch.equal(tensors[key], value), key
+
+
 def test_consolidate_cli_bf16(tmp_path):
     saved, _ = _reshard()
     full = saved[(2, 1)][0]["full_state"]

@@ -525,23 +525,12 @@ class ZeroEngine(nn.Module):
                                load_lr_scheduler_states, load_module_only)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "model.safetensors") -> str:
-        """Collective. The full model weights in the model's dtype, gathered from every rank
-        and written by rank 0 alone as one safetensors file (with config.json for a
-        transformers model, so `from_pretrained(save_dir)` loads it). Returns the file's path."""
-        from zero_ext.checkpoint.consolidate import write_model_file
-        state = self.full_state_dict()
-        path = os.path.join(os.path.abspath(save_dir), save_filename)
-        problem = None
-        if self.rank == 0:
-            try:
-                write_model_file(path, state, getattr(self.module, "config", None))
-            except Exception as error:  # noqa: BLE001 - every rank must hear of it
-                problem = f"{type(error).__name__}: {error}"
-        problems = comm.all_gather_object(problem)
-        if problems[0] is not None:
-            raise RuntimeError(f"zero_ext.save_16bit_model: rank 0 could not write {path}: "
-                               f"{problems[0]}")
-        return path
+        """Collective. The full model weights in the model's dtype, written by rank 0 alone as
+        one safetensors file (with config.json for a transformers model, so
+        `from_pretrained(save_dir)` loads it), gathering one stage-3 unit at a time. Returns
+        the file's path."""
+        from zero_ext.checkpoint.consolidate import save_engine_model
+        return save_engine_model(self, os.path.join(save_dir, save_filename))
 
     @torch.no_grad()
     def _sync_weights_from_master(self) -> None:
@@ -551,6 +540,8 @@ class ZeroEngine(nn.Module):
             for shard in self.optimizer.shards:
                 if shard.weights_16bit is not None:
                     shard.weights_16bit.copy_(shard.master)
+                if shard.model_weights is not None:  # offload: the model's slice is elsewhere
+                    shard.model_weights.copy_(shard.updated_weights)
         if self.stage >= 1:
             self._all_gather_params()
 

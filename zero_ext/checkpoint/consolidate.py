@@ -4,8 +4,8 @@
 zero_ext.consolidate`) reads a checkpoint written by engine.save_checkpoint at any world size
 and stage, on any machine, without torch.distributed or a GPU. It streams: the output header
 is computed from the metadata, then each tensor is assembled from the shards that hold it,
-written and dropped, so memory holds one tensor at a time. `engine.save_16bit_model` uses
-`write_model_file` for the live-engine case.
+written and dropped, so memory holds one tensor at a time. `engine.save_16bit_model` is
+`save_engine_model`, which streams the same way from a live engine.
 
 The file carries {"format": "pt"} metadata and, for a transformers model, a config.json beside
 it, so `Model.from_pretrained(directory)` loads the result.
@@ -18,7 +18,13 @@ import os
 
 import torch
 
-from zero_ext.checkpoint.files import TensorEntry, atomic_write_bytes, write_safetensors
+from zero_ext import comm
+from zero_ext.checkpoint.files import (
+    SafetensorsWriter,
+    TensorEntry,
+    atomic_write_bytes,
+    write_safetensors,
+)
 from zero_ext.checkpoint.format import (
     MODEL_STATES,
     CheckpointIndex,
@@ -26,20 +32,25 @@ from zero_ext.checkpoint.format import (
     resolve_tag,
 )
 
-__all__ = ["consolidate", "write_model_file"]
+__all__ = ["consolidate", "save_engine_model"]
 
 MODEL_FILE = "model.safetensors"
 
 
-def _output_file(output_path: str) -> str:
+def _output_path_name(output_path: str) -> str:
     """A directory (existing, or named without the .safetensors suffix) gets model.safetensors
     inside it, the name transformers looks for."""
     output_path = os.path.abspath(output_path)
-    if os.path.isdir(output_path) or not output_path.endswith(".safetensors"):
-        os.makedirs(output_path, exist_ok=True)
+    if os.path.isdir(output_path) or not str(output_path).endswith(".safetensors"):
         return os.path.join(output_path, MODEL_FILE)
-    os.makedirs(os.path.dirname(output_path), exist_ok=True)
     return output_path
+
+
+def _output_file(output_path: str) -> str:
+    """_output_path_name, with its directory created."""
+    file = _output_path_name(output_path)
+    os.makedirs(os.path.dirname(file), exist_ok=True)
+    return file
 
 
 def _write_config(file: str, config) -> None:
@@ -59,16 +70,64 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def write_model_file(output_path: str, state: dict[str, torch.Tensor], config=None,
-                     dtype: torch.dtype | None = None) -> str:
-    """Writes a full state dict (tensors already whole) as one safetensors file."""
-    file = _output_file(output_path)
-    entries = [TensorEntry(key, _cast(value, dtype).dtype, tuple(value.shape),
-                           lambda v=value: _cast(v.detach(), dtype).contiguous())
-               for key, value in state.items()]
-    write_safetensors(file, entries, metadata={"format": "pt"})
-    _write_config(file, config)
-    return file
+def save_engine_model(engine, output_path: str) -> str:
+    """engine.save_16bit_model: the live engine's full weights in the model's dtype, written by
+    rank 0 alone. Collective: stage 3 units are gathered one at a time on every rank and only
+    rank 0 keeps each, so no rank ever holds more than one unit beyond its shards."""
+    state = engine.module.state_dict(keep_vars=True)
+    # Shapes from the layouts: a released stage-3 parameter has no shape of its own.
+    shapes = {id(engine._params[s.param_index]): tuple(s.shape)
+              for layout in engine.layouts for s in layout.slots}
+    units = engine.partitioned.units if engine.partitioned is not None else []
+    unit_of = {id(p): position for position, unit in enumerate(units)
+               for members in unit.params for p in members}
+    keys = sorted(state, key=lambda k: unit_of.get(id(state[k]), len(units)))  # stable
+    writing = engine.rank == 0
+    file = _output_file(output_path) if writing else None
+    writer = SafetensorsWriter(
+        file, [(k, state[k].dtype, shapes.get(id(state[k]), tuple(state[k].shape)))
+               for k in keys], metadata={"format": "pt"}) if writing else None
+    problem = None
+
+    def put(key: str, tensor: torch.Tensor) -> None:
+        nonlocal problem
+        if writer is not None and problem is None:
+            try:
+                writer.write(key, tensor)
+            except Exception as error:  # noqa: BLE001 - the gathers go on; reported below
+                problem = f"{type(error).__name__}: {error}"
+
+    if writer is not None:
+        writer.__enter__()
+    try:
+        by_unit = {}
+        for key in keys:
+            by_unit.setdefault(unit_of.get(id(state[key])), []).append(key)
+        if engine.partitioned is not None:
+            for position, (_, values) in enumerate(
+                    engine.partitioned.iter_full_values(keep=writing)):
+                for key in by_unit.get(position, []):
+                    put(key, values[state[key]] if writing else None)
+        for key in by_unit.get(None, []):
+            put(key, state[key].detach())
+    except BaseException:
+        if writer is not None:
+            writer.__exit__(RuntimeError, None, None)
+        raise
+    if writer is not None:
+        if problem is not None:
+            writer.__exit__(RuntimeError, None, None)
+        else:
+            try:
+                writer.__exit__(None, None, None)
+                _write_config(file, getattr(engine.module, "config", None))
+            except Exception as error:  # noqa: BLE001 - reported to every rank
+                problem = f"{type(error).__name__}: {error}"
+    problems = comm.all_gather_object(problem)
+    if problems[0] is not None:
+        raise RuntimeError(f"zero_ext.save_16bit_model: rank 0 could not write "
+                           f"{output_path}: {problems[0]}")
+    return file if writing else _output_path_name(output_path)
 
 
 def _checkpoint_path(checkpoint_dir: str, tag: str | None) -> str:

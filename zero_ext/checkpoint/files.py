@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FileRecord", "SafetensorsReader", "TensorEntry", "atomic_write_bytes", "fsync_dir",
+__all__ = ["FileRecord", "SafetensorsReader", "SafetensorsWriter", "TensorEntry", "atomic_write_bytes", "fsync_dir",
            "sha256_file", "write_safetensors"]
 
 _DTYPE_NAMES = {
@@ -84,51 +84,92 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+class SafetensorsWriter:
+    """Writes a safetensors file atomically, one tensor at a time, in the order announced:
+
+        with SafetensorsWriter(path, [(name, dtype, shape), ...]) as writer:
+            writer.write(name, tensor)   # for each, in order
+        writer.record                    # FileRecord: size and SHA-256, hashed while writing
+
+    The header is computed from the announced shapes, so no tensor needs to exist before its
+    turn. Leaving the block early or with an error removes the temporary file; only a complete
+    file is renamed into place."""
+
+    def __init__(self, path: str, specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = path
+        self._specs = [(name, dtype, tuple(shape)) for name, dtype, shape in specs]
+        self._next = 0
+        self.record: FileRecord | None = None
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        offset = 0
+        for name, dtype, shape in self._specs:
+            if dtype not in _DTYPE_NAMES:
+                raise TypeError(f"zero_ext checkpoint: {name} has dtype {dtype}, which "
+                                f"safetensors cannot hold")
+            size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        self._header = text + b" " * (-len(text) % 8)  # data starts 8-byte aligned
+        self._digest = hashlib.sha256()
+        self._tmp = f"{path}.tmp.{os.getpid()}"
+        self._file = None
+
+    def __enter__(self) -> SafetensorsWriter:  # noqa: PYI034
+        self._file = open(self._tmp, "wb")
+        self._put(struct.pack("<Q", len(self._header)))
+        self._put(self._header)
+        return self
+
+    def _put(self, data) -> None:
+        self._file.write(data)
+        self._digest.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._specs):
+            raise RuntimeError(f"zero_ext checkpoint: {name} was not announced for {self.path}")
+        want, dtype, shape = self._specs[self._next]
+        if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise RuntimeError(
+                f"zero_ext checkpoint: expected {want} {dtype} {shape} next in {self.path}, "
+                f"got {name} {tensor.dtype} {tuple(tensor.shape)}")
+        self._put(_as_bytes(tensor))
+        self._next += 1
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            if kind is None and self._next != len(self._specs):
+                kind = RuntimeError
+                missing = [n for n, _, _ in self._specs[self._next:]]
+                raise RuntimeError(f"zero_ext checkpoint: {self.path} closed before "
+                                   f"{missing[:4]} were written")
+            if kind is None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                size = self._file.tell()
+        finally:
+            self._file.close()
+            if kind is not None:
+                os.remove(self._tmp)
+        if kind is not None:
+            return
+        _commit(self._tmp, self.path)
+        self.record = FileRecord(size, self._digest.hexdigest())
+
+
 def write_safetensors(path: str, entries: Iterable[TensorEntry],
                       metadata: dict[str, str] | None = None) -> FileRecord:
-    """Writes `entries` to `path` atomically, producing one tensor at a time; returns the file's
-    size and SHA-256 (computed while writing, no second read)."""
+    """Writes `entries` to `path` atomically, producing one tensor at a time."""
     entries = list(entries)
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for entry in entries:
-        if entry.dtype not in _DTYPE_NAMES:
-            raise TypeError(f"zero_ext checkpoint: {entry.name} has dtype {entry.dtype}, which "
-                            f"safetensors cannot hold")
-        size = _numel(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
-        header[entry.name] = {"dtype": _DTYPE_NAMES[entry.dtype], "shape": list(entry.shape),
-                              "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    digest = hashlib.sha256()
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in (struct.pack("<Q", len(text)), text):
-                f.write(chunk)
-                digest.update(chunk)
-            for entry in entries:
-                tensor = entry.produce()
-                if tensor.dtype != entry.dtype or tuple(tensor.shape) != tuple(entry.shape):
-                    raise RuntimeError(
-                        f"zero_ext checkpoint: {entry.name} was announced as {entry.dtype} "
-                        f"{tuple(entry.shape)} but is {tensor.dtype} {tuple(tensor.shape)}")
-                data = _as_bytes(tensor)
-                f.write(data)
-                digest.update(data)
-                del tensor, data
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _commit(tmp, path)
-    return FileRecord(size, digest.hexdigest())
+    with SafetensorsWriter(path, [(e.name, e.dtype, e.shape) for e in entries],
+                           metadata) as writer:
+        for entry in entries:
+            writer.write(entry.name, entry.produce())
+    return writer.record
 
 
 def sha256_file(path: str) -> str:

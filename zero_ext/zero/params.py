@@ -441,17 +441,24 @@ class PartitionedParameters:
         return total
 
     @torch.no_grad()
-    def full_values(self) -> dict[nn.Parameter, torch.Tensor]:
-        """Every partitioned parameter's full value on the CPU, one unit gathered at a time."""
-        values = {}
+    def iter_full_values(self, keep: bool = True):
+        """Per unit, in order, {parameter: its full value on the CPU}, with one unit gathered at
+        a time. Collective: every rank must run the iteration to its end; ranks with
+        keep=False take part in the gathers and get empty dicts."""
         for unit in self.units:
             was_gathered = unit.state is UnitState.GATHERED
             self.gather(unit)
-            for members in unit.params:
-                for param in members:
-                    values[param] = param.data.detach().to("cpu", copy=True)
+            values = {param: param.data.detach().to("cpu", copy=True)
+                      for members in unit.params for param in members} if keep else {}
             if not was_gathered:
                 self.release(unit)
+            yield unit, values
+
+    def full_values(self) -> dict[nn.Parameter, torch.Tensor]:
+        """Every partitioned parameter's full value on the CPU (collective)."""
+        values = {}
+        for _, unit_values in self.iter_full_values():
+            values.update(unit_values)
         return values
 
 
