@@ -157,7 +157,7 @@ def train(model: nn.Module, stage: int, steps: int, loss_fn, **activation_checkp
             engine.step()
     out = {"params": {n: v.float().clone() for n, v in engine.full_state_dict().items()},
            "released": released, "calls": calls, "to_host": checkpointing.counters.bytes_to_host,
-           "warnings": [str(w.message) for w in caught]}
+           "warnings": [str(w.message) for w in caught], "device": engine.device.type}
     if engine.partitioned is not None and engine.partitioned.prefetch.order is not None:
         units = {id(u.module): n for n, u in _unit_names(model, engine)}
         out["order"] = {phase: [units[id(u.module)] for u in seq]

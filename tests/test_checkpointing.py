@@ -85,6 +85,20 @@ def test_gradients_identical_with_checkpointing(mode, cpu):
         assert checkpointing.counters.tensors_to_host == 0
 
 
+def test_cpu_checkpointing_keeps_the_inputs_layout():
+    strides = []
+
+    def fn(x):
+        strides.append(x.stride())
+        return (x * 2).sin()
+
+    checkpointing.configure(cpu_checkpointing=True)
+    x = torch.randn(3, 5, requires_grad=True)
+    checkpointing.checkpoint(fn, x.t()).sum().backward()
+    assert strides == [(1, 5), (1, 5)]  # forward, then the replay from the host copy
+    assert torch.equal(x.grad, 2 * (2 * x).cos())
+
+
 def test_without_gradients_checkpoint_just_calls():
     block = Step()
     checkpointing.configure(cpu_checkpointing=True)
@@ -131,6 +145,7 @@ def test_apply_names_what_it_could_not_find():
         checkpointing.apply(cases.build_gpt(), block_classes=["Nothing"])
     with pytest.raises(ValueError, match="has no nn.ModuleList or nn.Sequential of blocks"):
         checkpointing.apply(nn.Linear(2, 2))
+    assert checkpointing.apply(nn.Sequential(nn.Linear(2, 2), nn.Tanh())) == ["0", "1"]
     assert checkpointing.apply(cases.build_gpt(), block_classes=[cases.Block]) == \
         [f"blocks.{i}" for i in range(4)]
 
@@ -181,14 +196,24 @@ def _engine_results():
     return run_group(2, cases.engine_cases)
 
 
+def _assert_same_params(got: dict, reference: dict, rank: int) -> None:
+    """Bitwise on the CPU, where a replay computes exactly what the forward did; on a GPU,
+    atomics in some backward kernels (embedding) make two runs differ in the last bits."""
+    for name, value in reference["params"].items():
+        if got["device"] == "cpu":
+            assert torch.equal(got["params"][name], value), (rank, name)
+        else:
+            assert_close(got["params"][name], value, rtol=1e-5,
+                         atol=1e-5 * value.abs().max().item(), msg=f"rank {rank} {name}")
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("mode", ["apply", "explicit", "apply+cpu"])
 def test_engine_parameters_equal_without_checkpointing(stage, mode):
     for rank, result in enumerate(_engine_results()):
         runs = result[f"stage{stage}"]
         got, reference = runs[mode], runs["none"]
-        for name, value in reference["params"].items():
-            assert torch.equal(got["params"][name], value), (rank, name)
+        _assert_same_params(got, reference, rank)
         assert (got["to_host"] > 0) == mode.endswith("cpu")
         if stage == 3:
             # Every unit released after each backward, and the prefetch order recorded in the
@@ -212,8 +237,7 @@ def test_engine_stage3_hf_llama_through_apply_with_cpu_checkpointing():
         assert llama["blocks"] == ["model.layers.0", "model.layers.1"]
         assert llama["apply+cpu"]["to_host"] > 0
         assert llama["apply+cpu"]["released"] == [True, True]
-        for name, value in llama["none"]["params"].items():
-            assert torch.equal(llama["apply+cpu"]["params"][name], value), (rank, name)
+        _assert_same_params(llama["apply+cpu"], llama["none"], rank)
 
 
 @pytest.mark.cuda
@@ -224,5 +248,6 @@ def test_cuda_peak_memory_halves_with_checkpointing_and_falls_further_on_the_hos
     assert ckpt["rise"] <= none["rise"] / 2, (ckpt["rise"], none["rise"])
     assert cpu["rise"] < ckpt["rise"], (cpu["rise"], ckpt["rise"])
     for name, grad in none["grads"].items():
-        assert_close(ckpt["grads"][name], grad, msg=name)
-        assert_close(cpu["grads"][name], grad, msg=name)
+        tolerance = {"rtol": 1e-4, "atol": 1e-5 * grad.abs().max().item()}
+        assert_close(ckpt["grads"][name], grad, **tolerance, msg=name)
+        assert_close(cpu["grads"][name], grad, **tolerance, msg=name)

@@ -22,6 +22,7 @@ forward (zero_ext/zero/params.py).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import threading
@@ -134,12 +135,14 @@ class SegmentTiming:
         return f"{self.name}: forward {self.forward_s * 1e3:.3f} ms, backward {backward}"
 
 
-_timings: list[SegmentTiming] = []
+# The most recent segments' timings (bounded: profile may stay on for a whole training run).
+_timings: collections.deque[SegmentTiming] = collections.deque(maxlen=4096)
 
 
 def profile_report(reset: bool = True) -> list[SegmentTiming]:
-    """The timings of the segments run with `profile` on (in forward order, every call), and
-    with `reset`, a fresh start for the next ones. `str()` of each is one line of the report."""
+    """The timings of the segments run with `profile` on (in forward order, every call, the
+    last 4096 at most), and with `reset`, a fresh start for the next ones. `str()` of each is
+    one line of the report."""
     report = list(_timings)
     if reset:
         _timings.clear()
@@ -228,7 +231,8 @@ class _HostInputs:
         if isinstance(tensor, nn.Parameter) or (self.cuda and tensor.device.type == "cpu"):
             return tensor  # weights stay where they are; host tensors are there already
         if self.cuda:
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            # Same strides: a replay on differently laid-out inputs may round differently.
+            host = torch.empty_like(tensor, device="cpu", pin_memory=True)
             stream = _side_stream(self.device, "to_host")
             # The copy reads what the compute stream has written so far.
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -241,7 +245,7 @@ class _HostInputs:
             self.originals.append(tensor)
         else:
             # A CPU-only run: the same path with the host as its own device (tests measure it).
-            host = torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
+            host = torch.empty_like(tensor).copy_(tensor)
         counters.tensors_to_host += 1
         counters.bytes_to_host += host.numel() * host.element_size()
         self.host.append(host)
@@ -253,7 +257,7 @@ class _HostInputs:
             # Its copies to the host may still run: the originals are right here.
             self.loaded = list(self.originals)
             return
-        self.loaded = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in self.host]
+        self.loaded = [torch.empty_like(h, device=self.device) for h in self.host]
         if self.cuda:
             stream = _side_stream(self.device, "to_device")
             # The buffers were just allocated on the compute stream: whatever used that memory
@@ -449,7 +453,7 @@ def _find_blocks(model: nn.Module, block_classes) -> list[tuple[str, nn.Module]]
             else:
                 walk(child, name + ".", False)
 
-    walk(model, "", False)
+    walk(model, "", isinstance(model, _CONTAINERS))
     if not found:
         raise ValueError(f"zero_ext.checkpointing.apply: {type(model).__name__} has no "
                          "nn.ModuleList or nn.Sequential of blocks; name the block classes, "
