@@ -72,10 +72,11 @@ def resume_save(root: str) -> dict:
         engine = new_engine(resume_config(*case))
         train(engine, 0, 3, accumulation)
         torch.manual_seed(1234 + comm.rank())  # RNG state that the load must bring back
+        params_at_save = host_params(engine.module, engine)
         path = engine.save_checkpoint(os.path.join(root, _case_dir(case)),
                                       client_state={"epoch": 7, "note": [1, 2]})
         out[case] = {"uninterrupted": uninterrupted, "path": path,
-                     "rng_at_save": torch.get_rng_state()}
+                     "rng_at_save": torch.get_rng_state(), "params_at_save": params_at_save}
     return out
 
 
@@ -191,8 +192,10 @@ def crash_load(root: str) -> dict:
     return out
 
 
-def corrupt_load(root: str, tags: list[str]) -> dict:
-    """Loads each damaged checkpoint; every rank must raise (none may hang or load)."""
+def load_checks(root: str, tags: list[str], good: str) -> dict:
+    """Loads each damaged checkpoint under `root` (every rank must raise; none may hang or
+    load), loads the good one at `good` without optimizer state, and saves with disagreeing
+    tags."""
     out = {}
     for tag in tags:
         engine = new_engine(config(2, "fp32", 1, comm.world_size()))
@@ -201,6 +204,20 @@ def corrupt_load(root: str, tags: list[str]) -> dict:
             out[tag] = "loaded"
         except zero_ext.checkpoint.CheckpointError as error:
             out[tag] = str(error)
+    engine = new_engine(config(1, "fp32", 1, comm.world_size()))
+    engine.load_checkpoint(os.path.dirname(good), tag=os.path.basename(good),
+                           load_optimizer_states=False)
+    out["weights_only"] = {"params": host_params(engine.module, engine),
+                           "moments_zero": all(not s.exp_avg.any() and not s.exp_avg_sq.any()
+                                               for s in engine.optimizer.shards),
+                           "steps": [float(s.step) for s in engine.optimizer.shards],
+                           "global_steps": engine.global_steps}
+    try:
+        engine.save_checkpoint(os.path.join(root, "disagree"), tag=f"t{comm.rank()}")
+        out["disagree"] = "saved"
+    except zero_ext.checkpoint.CheckpointError as error:
+        out["disagree"] = str(error)
+    out["disagree_written"] = os.path.exists(os.path.join(root, "disagree"))
     return out
 
 

@@ -10,6 +10,7 @@ differently).
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -269,9 +270,7 @@ def test_corrupt_checkpoints_raise_their_errors_on_every_rank():
     root = os.path.join(_root(), "corrupt")
     os.makedirs(root)
     expected = _damaged_copies(root, source)
-    results = run_group(2, checkpoint_cases.corrupt_load, root, sorted(expected))
-    import re
-
+    results = run_group(2, checkpoint_cases.load_checks, root, sorted(expected), source)
     for tag, pattern in expected.items():
         for rank, result in enumerate(results):
             assert re.search(pattern, result[tag]), (tag, rank, result[tag])
@@ -279,3 +278,16 @@ def test_corrupt_checkpoints_raise_their_errors_on_every_rank():
         with pytest.raises(CheckpointError, match=pattern):
             consolidate(os.path.join(root, tag), os.path.join(root, tag + ".out"))
         assert not os.path.exists(os.path.join(root, tag + ".out", "model.safetensors"))
+    # The intact checkpoint (stage 2) at stage 1, weights only: exactly the saved weights, a
+    # fresh optimizer.
+    want = saved[0][(2, "fp32", 1)]["params_at_save"]
+    for result in results:
+        got = result["weights_only"]
+        assert got["moments_zero"] and set(got["steps"]) == {0.0}
+        assert got["global_steps"] == 3
+        for name, value in want.items():
+            assert torch.equal(got["params"][name], value), name
+    for result in results:
+        assert "different tags" in result["disagree"] and "['t0', 't1']" in result["disagree"]
+        assert not result["disagree_written"]
+
