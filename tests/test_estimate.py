@@ -12,6 +12,8 @@ import sys
 
 import estimate_cases
 import pytest
+import torch
+from torch import nn
 
 from zero_ext.estimate import estimate, estimate_from_config, host_bytes_needed, main, parse_count
 
@@ -163,6 +165,21 @@ def test_offload_moves_optimizer_state_and_param_shards_to_the_host():
     assert host_bytes_needed(psi, {"zero_optimization": {"stage": 3}}, n) == 0
 
 
+def test_stage3_prefetch_counts_only_units_that_fit_its_budget():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 16, bias=False), nn.Linear(16, 32, bias=False),
+                              nn.Linear(32, 64, bias=False))
+    # Units of 256, 512 and 2048 elements, one rank (no padding beyond 16s), fp32.
+    def gathered(prefetch):
+        return estimate(model, stage=3, world_size=1, dtype="fp32",
+                        stage3_param_persistence_threshold=0,
+                        stage3_prefetch_bucket_size=prefetch).device.gathered
+    assert gathered(100) == 4 * 2048             # nothing fits: only the unit running
+    assert gathered(600) == 4 * (2048 + 600)     # 256 and 512 fit; in flight at most 600
+    assert gathered(10**6) == 4 * (2048 + 768)   # everything else prefetched
+    assert gathered(0) == 4 * 2048
+
+
 def test_api_errors_say_what_to_do():
     with pytest.raises(ValueError, match="parameter offload needs stage 3"):
         estimate(10**6, stage=2, world_size=2, offload_param=True)
@@ -170,6 +187,8 @@ def test_api_errors_say_what_to_do():
         estimate(10**6, stage=2, world_size=2, dtype="fp8")
     with pytest.raises(ValueError, match="positive parameter count"):
         estimate_from_config(-5, {}, 2)
+    with pytest.raises(ValueError, match="largest_unit is for a bare parameter count"):
+        estimate(nn.Linear(2, 2), stage=3, world_size=2, largest_unit=10)
 
 
 def _llama_config(path):
@@ -230,11 +249,37 @@ def test_cli_reads_a_transformers_config_and_plots(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_takes_precision_accumulation_and_stage3_keys_from_a_config(tmp_path, capsys):
+    config = {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 4,
+              "bf16": {"enabled": True},
+              "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                    "stage3_prefetch_bucket_size": 10**8}}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    assert main(["--params", "7B", "--largest-unit", "0.2B", "--config",
+                 str(tmp_path / "ds.json"), "--world-sizes", "8,16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "accumulation 1,2" in lines[0]  # 64 / (4 * 8) and 64 / (4 * 16)
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["stage", "ranks"])
+    rows = [line.split() for line in lines[header + 1:header + 3]]
+    assert [row[:2] for row in rows] == [["3", "8"], ["3", "16"]]  # the config's stage only
+    for row, n in zip(rows, (8, 16)):
+        est = estimate_from_config(7 * 10**9, config, n, largest_unit=2 * 10**8)
+        assert float(row[-2]) == pytest.approx(est.device.total / GiB, abs=0.01)
+        assert float(row[-1]) == pytest.approx(est.host.total / GiB, abs=0.01)
+    # Accumulating at 8 ranks: the gradient shard is fp32.
+    assert estimate_from_config(7 * 10**9, config, 8).device.grads == 4 * 7 * 10**9 // 8
+
+
 @pytest.mark.parametrize("args, advice", [
     (["--params", "7Q"], ["'7Q' is not a parameter count", "e.g. 70B"]),
     (["--params", "7B", "--world-sizes", "8,x"], ["not a list of rank counts", "1,8,64"]),
     (["--params", "7B", "--stages", "0", "--offload-optimizer"],
-     ["--offload-optimizer needs stage 1, 2 or 3", "--stages 1,2,3"]),
+     ["stage 0: optimizer offload needs stage 1, 2 or 3", "--stages 1,2,3"]),
+    (["--params", "7B", "--config", "missing.json"], ["missing.json: no such file"]),
+    (["--params", "7B", "--config", "{typo}"],
+     ["zero_optimization.stgae", "stage"]),
+    (["--hf-config", "c.json", "--largest-unit", "1B"],
+     ["--largest-unit goes with --params", "--hf-config finds the units"]),
     (["--hf-config", "missing.json"], ["missing.json: no such file", "config.json"]),
     (["--hf-config", "{bad}"], ["no \"model_type\" key", "--params"]),
     (["--world-sizes", "8"], ["one of the arguments --params --hf-config is required"]),
@@ -243,6 +288,9 @@ def test_cli_errors_name_the_problem_and_the_fix(args, advice, tmp_path, capsys)
     if args[-1] == "{bad}":
         (tmp_path / "bad.json").write_text('{"hidden_size": 8}')
         args = [*args[:-1], str(tmp_path / "bad.json")]
+    if args[-1] == "{typo}":
+        (tmp_path / "ds.json").write_text('{"zero_optimization": {"stgae": 3}}')
+        args = [*args[:-1], str(tmp_path / "ds.json")]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2

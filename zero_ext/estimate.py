@@ -1,8 +1,8 @@
 """Memory estimator: bytes of model states per rank, by ZeRO stage, world size and offload.
 
 Answers "how much memory does each rank need for parameters, gradients and Adam state?" before
-a run, as a Python API (users, and the offload code's host-memory budget check through
-`host_bytes_needed`) and as a command line:
+a run, as a Python API (`estimate`, `estimate_from_config`, and `host_bytes_needed` for the
+host memory offload takes) and as a command line:
 
     python -m zero_ext.estimate --params 70B --world-sizes 8
     python -m zero_ext.estimate --params 7B --world-sizes 1,8,64 --dtype bf16 --plot mem.png
@@ -10,6 +10,7 @@ a run, as a Python API (users, and the offload code's host-memory budget check t
         --offload-optimizer --plot mem.png
     python -m zero_ext.estimate --params 70B --stages 3 --offload-optimizer --offload-param \\
         --largest-unit 1.05B
+    python -m zero_ext.estimate --hf-config path/config.json --config ds_config.json
 
 Two ways to count:
   a module (real or on the meta device; `--hf-config` builds one on the meta device) is exact:
@@ -36,8 +37,9 @@ What is counted (the moment each number describes):
               flight (stage3_prefetch_bucket_size, within stage3_max_live_parameters; only
               units that fit in it): an upper bound
   frozen      parameters with requires_grad=False, whole on every rank in the model dtype
-Not counted: activations, buffers (e.g. rotary tables), and the transient flat buffer of the
-gradient bucket being reduced (up to reduce_bucket_size elements).
+  offload_buffers   ("staging" in the table) see offload below
+Not counted: activations, module buffers (e.g. rotary tables), and the transient flat buffer of
+the gradient bucket being reduced (up to reduce_bucket_size elements).
 Offload follows DeepSpeed: offload_optimizer moves master and moments to the host (the master
 is a separate fp32 copy there even for an fp32 model, unless offload_param already keeps that
 fp32 shard on the host) and adds host buffers: a copy of each reduced gradient shard for the
@@ -94,6 +96,7 @@ class MemoryEstimate:
     stage: int
     world_size: int
     dtype: torch.dtype        # the model's training dtype (fp32, or bf16/fp16 mixed precision)
+    gradient_accumulation_steps: int
     numel: int                # trainable parameter elements, unpadded
     padded_numel: int         # trainable elements with alignment and bucket padding
     device: StateBytes
@@ -120,21 +123,38 @@ def estimate(model: nn.Module | int, *, stage: int, world_size: int,
     `param_groups` are the model_parameters given to initialize (groups split buckets).
     `largest_unit` (elements) gives stage 3's largest gather unit for a bare count.
     """
-    dtype = _as_dtype(dtype)
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": gradient_accumulation_steps,
-        "zero_optimization": {
-            "stage": stage, **zero_optimization,
-            "offload_optimizer": {"device": "cpu" if offload_optimizer else "none"},
-            "offload_param": {"device": "cpu" if offload_param else "none"}},
-    }
-    if dtype == torch.bfloat16:
-        config["bf16"] = {"enabled": True}
-    elif dtype == torch.float16:
-        config["fp16"] = {"enabled": True}
+    config = _with_options({}, dtype=dtype, accumulation=gradient_accumulation_steps,
+                           offload_optimizer=offload_optimizer, offload_param=offload_param,
+                           stage=stage, **zero_optimization)
     return estimate_from_config(model, config, world_size, param_groups=param_groups,
                                 largest_unit=largest_unit)
+
+
+def _with_options(config: dict, *, dtype: str | torch.dtype | None = None,
+                  accumulation: int | None = None, offload_optimizer: bool = False,
+                  offload_param: bool = False, **zero_optimization) -> dict:
+    """A copy of the config dict `config` with these options set over its own (None and False
+    leave its setting as it is)."""
+    config = json.loads(json.dumps(config))  # a deep copy of plain JSON data
+    if dtype is not None:
+        dtype = _as_dtype(dtype)
+        config.pop("fp16", None)
+        config.pop("bf16", None)
+        if dtype == torch.bfloat16:
+            config["bf16"] = {"enabled": True}
+        elif dtype == torch.float16:
+            config["fp16"] = {"enabled": True}
+    if accumulation is not None:
+        config["gradient_accumulation_steps"] = accumulation
+        config.pop("train_batch_size", None)  # it would fix accumulation per world size
+        config.setdefault("train_micro_batch_size_per_gpu", 1)
+    zero = config.setdefault("zero_optimization", {})
+    zero.update(zero_optimization)
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if offload_param:
+        zero["offload_param"] = {"device": "cpu"}
+    return config
 
 
 def estimate_from_config(model: nn.Module | int, config, world_size: int, *,
@@ -151,6 +171,9 @@ def estimate_from_config(model: nn.Module | int, config, world_size: int, *,
     comm_dtype = config.comm_dtype or dtype
     accumulation = config.resolve_batch(world_size).gradient_accumulation_steps
     if isinstance(model, nn.Module):
+        if largest_unit is not None:
+            raise ValueError("largest_unit is for a bare parameter count; a module's gather "
+                             "units are found from its structure, leave it out")
         unit_layouts, whole_layouts, frozen_numel = _module_layouts(
             model, param_groups, zero, world_size)
         numel = sum(layout.used_numel for layouts in unit_layouts + [whole_layouts]
@@ -290,7 +313,8 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
     if offload_param:
         device["params"] = whole_params
         host["params"] = unit_params
-    return MemoryEstimate(stage=stage, world_size=world_size, dtype=dtype, numel=numel,
+    return MemoryEstimate(stage=stage, world_size=world_size, dtype=dtype,
+                          gradient_accumulation_steps=accumulation, numel=numel,
                           padded_numel=padded, device=StateBytes(**device),
                           host=StateBytes(**host), exact=exact, largest_unit_numel=largest)
 
@@ -478,11 +502,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", type=_arg(_parse_stages), default=None, metavar="S,S,...",
                         help="ZeRO stages to tabulate (default: every stage the offload flags "
                              "allow)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16",
-                        help="training dtype of the weights (default bf16; Adam state is fp32)")
-    parser.add_argument("--gradient-accumulation-steps", type=_arg(_parse_positive), default=1,
-                        metavar="K", help="micro-steps per optimizer step: stage 1 then keeps "
-                                          "whole gradients, stages 2-3 an fp32 shard (default 1)")
+    parser.add_argument("--config", metavar="JSON",
+                        help="a zero_ext / DeepSpeed config: its precision, accumulation, "
+                             "buckets, stage-3 keys and offload are used (the flags below "
+                             "override them) and the table shows its stage unless --stages "
+                             "says otherwise")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                        help="training dtype of the weights (default bf16, or the config's; "
+                             "Adam state is fp32)")
+    parser.add_argument("--gradient-accumulation-steps", type=_arg(_parse_positive),
+                        default=None, metavar="K",
+                        help="micro-steps per optimizer step: stage 1 then keeps whole "
+                             "gradients, stages 2-3 an fp32 shard (default 1, or the config's)")
     parser.add_argument("--offload-optimizer", action="store_true",
                         help="fp32 master weights and Adam moments in host memory (stages 1-3)")
     parser.add_argument("--offload-param", action="store_true",
@@ -530,16 +561,31 @@ def _parse_stages(text: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    possible = [s for s in range(4) if (s >= 1 or not args.offload_optimizer)
-                and (s == 3 or not args.offload_param)]
-    stages = args.stages if args.stages is not None else possible
-    if set(stages) - set(possible):
-        parser.error(f"--stages {','.join(map(str, stages))}: "
-                     + ("--offload-param needs stage 3" if args.offload_param else
-                        "--offload-optimizer needs stage 1, 2 or 3")
-                     + f"; ask for --stages {','.join(map(str, possible))} or drop the flag")
     if args.largest_unit is not None and args.params is None:
         parser.error("--largest-unit goes with --params; --hf-config finds the units itself")
+    base = _read_json_config(args.config, parser) if args.config is not None else {}
+    base = _with_options(base, dtype=args.dtype or (None if args.config else "bf16"),
+                         accumulation=args.gradient_accumulation_steps,
+                         offload_optimizer=args.offload_optimizer,
+                         offload_param=args.offload_param)
+    try:
+        # Stage 3 admits every offload setting, so this checks the rest of the config.
+        probe = ZeroConfig.load(_at_stage(base, 3)).zero_optimization
+    except ValueError as error:
+        parser.error(f"--config {args.config}: {error}" if args.config else str(error))
+    offload_optimizer, offload_param = probe.offload_optimizer.enabled, probe.offload_param.enabled
+    possible = [s for s in range(4) if (s >= 1 or not offload_optimizer)
+                and (s == 3 or not offload_param)]
+    stages = args.stages
+    if stages is None:
+        stages = [base["zero_optimization"]["stage"]] if "stage" in base["zero_optimization"] \
+            else possible
+    if set(stages) - set(possible):
+        parser.error(f"stage {','.join(map(str, sorted(set(stages) - set(possible))))}: "
+                     + ("parameter offload needs stage 3" if offload_param else
+                        "optimizer offload needs stage 1, 2 or 3")
+                     + f"; ask for --stages {','.join(map(str, possible))} or turn the offload "
+                       "off")
     if args.hf_config is not None:
         try:
             model = load_hf_model(args.hf_config)
@@ -550,18 +596,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         model = args.params
         source = f"{_human(args.params)} parameters (ZeRO paper formulas)"
-    estimates = [estimate(model, stage=stage, world_size=n, dtype=args.dtype,
-                          offload_optimizer=args.offload_optimizer,
-                          offload_param=args.offload_param,
-                          gradient_accumulation_steps=args.gradient_accumulation_steps,
-                          largest_unit=args.largest_unit)
-                 for stage in stages for n in args.world_sizes]
-    options = [f"{args.dtype} weights", "fp32 Adam"]
-    options += ["optimizer offload"] if args.offload_optimizer else []
-    options += ["parameter offload"] if args.offload_param else []
-    options += [f"accumulation {args.gradient_accumulation_steps}"] \
-        if args.gradient_accumulation_steps > 1 else []
+    try:
+        estimates = [estimate_from_config(model, _at_stage(base, stage), n,
+                                          largest_unit=args.largest_unit)
+                     for stage in stages for n in args.world_sizes]
+    except ValueError as error:  # e.g. the config's batch sizes do not divide by a world size
+        parser.error(f"--config {args.config}: {error}" if args.config else str(error))
+    name = {v: k for k, v in _DTYPES.items()}[estimates[0].dtype]
+    options = [f"{name} weights", "fp32 Adam"]
+    options += ["optimizer offload"] if offload_optimizer else []
+    options += ["parameter offload"] if offload_param else []
+    accumulations = sorted({e.gradient_accumulation_steps for e in estimates})
+    if accumulations != [1]:
+        options.append(f"accumulation {','.join(map(str, accumulations))}")
+    if args.config:
+        options.append(f"config {args.config}")
     title = f"{source}; {', '.join(options)}"
+    print(format_table(estimates, title))
+    for note in _notes(estimates, stages, offload_optimizer):
+        print(textwrap.fill(note, 100, subsequent_indent="  "))
+    if args.plot:
+        plot(estimates, title, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _notes(estimates: Sequence[MemoryEstimate], stages: list[int],
+           offload_optimizer: bool) -> list[str]:
+    """What the reader of the table needs to know to use its numbers."""
     notes = []
     if 3 in stages:
         largest = estimates[-1].largest_unit_numel
@@ -572,22 +634,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             notes.append(f"stage 3 'gathered': the largest unit ({_human(largest)} elements) "
                          "gathered in full plus the prefetch budget, an upper bound")
-    if 1 in stages and args.gradient_accumulation_steps == 1:
+    if any(e.stage == 1 and e.gradient_accumulation_steps == 1 for e in estimates):
         notes.append("stage 1 without accumulation reduce-scatters as buckets fill, so it holds "
                      "what stage 2 holds; with --gradient-accumulation-steps 2 or more it keeps "
                      "whole gradients between steps (the paper's 2 bytes per parameter)")
-    if args.offload_optimizer:
+    if offload_optimizer:
         notes.append("'staging': the host copy of each gradient shard the CPU step reads, and "
                      "the 16-bit weights on their way back to the device")
     notes.append("not included: activations, module buffers (e.g. rotary tables), the gradient "
                  "bucket being reduced")
-    print(format_table(estimates, title))
-    for note in notes:
-        print(textwrap.fill(note, 100, subsequent_indent="  "))
-    if args.plot:
-        plot(estimates, title, args.plot)
-        print(f"plot written to {args.plot}")
-    return 0
+    return notes
+
+
+def _at_stage(config: dict, stage: int) -> dict:
+    return {**config, "zero_optimization": {**config["zero_optimization"], "stage": stage}}
+
+
+def _read_json_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        parser.error(f"--config {path}: no such file; pass the JSON config you train with")
+    except json.JSONDecodeError as error:
+        parser.error(f"--config {path}: not valid JSON ({error})")
+    if not isinstance(config, dict):
+        parser.error(f"--config {path}: expected a JSON object of config keys, e.g. "
+                     '{"bf16": {"enabled": true}, "zero_optimization": {"stage": 3}}')
+    return config
 
 
 if __name__ == "__main__":
