@@ -479,16 +479,19 @@ def plot(estimates: Sequence[MemoryEstimate], title: str, path: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m zero_ext.estimate",
-        description="Per-rank memory of model states (parameters, gradients, fp32 master "
-                    "weights and Adam moments) under ZeRO stages 0-3, for a parameter count or "
-                    "a transformers config. Activations are not included: leave room for them.",
+        description=textwrap.fill(
+            "Per-rank memory of model states (parameters, gradients, fp32 master weights and "
+            "Adam moments) under ZeRO stages 0-3, for a parameter count or a transformers "
+            "config. Activations are not included: leave room for them.", 79),
         epilog="examples:\n"
                "  python -m zero_ext.estimate --params 70B --world-sizes 8\n"
                "  python -m zero_ext.estimate --hf-config config.json --world-sizes 8,64 "
                "--plot mem.png\n"
                "  python -m zero_ext.estimate --params 7B --offload-optimizer\n"
-               "A config.json gives exact numbers (padding, units kept whole); a bare count "
-               "uses the ZeRO paper's formulas.",
+               "  python -m zero_ext.estimate --hf-config config.json --config ds_config.json\n"
+               + textwrap.fill("A config.json gives exact numbers (padding, parameters "
+                               "kept whole at stage 3); a bare count uses the ZeRO paper's "
+                               "formulas.", 79),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--params", type=_arg(parse_count), metavar="COUNT",
@@ -546,8 +549,8 @@ def _parse_sizes(text: str) -> list[int]:
     try:
         return sorted({_parse_positive(item) for item in text.split(",")})
     except ValueError:
-        raise ValueError(f"{text!r} is not a list of rank counts; write them comma-separated, "
-                         "e.g. 1,8,64") from None
+        raise ValueError(f"{text!r} is not a list of rank counts; write positive whole numbers "
+                         "comma-separated, e.g. 1,8,64") from None
 
 
 def _parse_stages(text: str) -> list[int]:
