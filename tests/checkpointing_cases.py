@@ -213,8 +213,41 @@ def llama_runs() -> dict:
     return out
 
 
+class LinearBlocks(nn.Module):
+    """Blocks that are bare nn.Linear modules: stage 3 gives such a unit its own linear
+    function unless apply() replaced its forward first."""
+
+    def __init__(self, dim: int = 16, depth: int = 3):
+        super().__init__()
+        self.wte = nn.Embedding(VOCAB, dim)
+        self.blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(depth))
+        self.head = nn.Linear(dim, VOCAB)
+
+    def forward(self, tokens, targets):
+        x = self.wte(tokens)
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return F.cross_entropy(self.head(x).view(-1, VOCAB), targets.reshape(-1))
+
+
+def linear_block_runs() -> dict:
+    """LinearBlocks at stage 3 without checkpointing and with apply() before initialize, two
+    steps each; how many segments ran checkpointed."""
+    out = {}
+    for mode in ("none", "apply"):
+        torch.manual_seed(0)
+        model = LinearBlocks()
+        if mode == "apply":
+            checkpointing.apply(model)
+        checkpointing.profile_report()
+        out[mode] = train(model, 3, 2, gpt_loss, profile=True)
+        out[mode]["segments"] = len(checkpointing.profile_report())
+    return out
+
+
 def engine_cases() -> dict:
-    return {"stage2": gpt_runs(2), "stage3": gpt_runs(3), "llama": llama_runs()}
+    return {"stage2": gpt_runs(2), "stage3": gpt_runs(3), "llama": llama_runs(),
+            "linear_blocks": linear_block_runs()}
 
 
 def cuda_peak_memory() -> dict:

@@ -225,6 +225,13 @@ def test_engine_parameters_equal_without_checkpointing(stage, mode):
         assert not order_notes, order_notes
 
 
+def test_engine_stage3_checkpoints_blocks_that_are_bare_linears():
+    for rank, result in enumerate(_engine_results()):
+        runs = result["linear_blocks"]
+        assert runs["apply"]["segments"] == 2 * 3 and runs["none"]["segments"] == 0
+        _assert_same_params(runs["apply"], runs["none"], rank)
+
+
 def test_engine_says_once_that_partition_activations_has_no_effect():
     for result in _engine_results():
         notes = [w for w in result["stage2"]["apply"]["warnings"] if "partition_activations" in w]
