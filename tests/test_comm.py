@@ -2,6 +2,9 @@
 shared-memory transport and over gloo's own collectives."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import comm_cases
 import pytest
@@ -61,3 +64,35 @@ def test_traffic_counts_ring_elements(shm):
     expected = {"all_reduce": 2 * 10 * 2 / 3, "reduce_scatter": 30 * 2 / 3,
                 "all_gather": 30 * 2 / 3}
     assert traffic.elements == pytest.approx(expected, rel=1e-12)
+
+
+def _start(code: str, env: dict) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter with torchrun's variables replaced by `env`."""
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env},
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_partial_launch_environment_says_how_to_launch():
+    result = _start("from zero_ext import comm; comm.init_distributed()",
+                    {"RANK": "0", "WORLD_SIZE": "2"})
+    assert result.returncode != 0
+    assert "RANK, WORLD_SIZE set but MASTER_ADDR, MASTER_PORT missing" in result.stderr
+    assert "torchrun --nproc_per_node" in result.stderr
+
+
+def test_plain_python_runs_as_one_rank():
+    result = _start("from zero_ext import comm; comm.init_distributed(); "
+                    "print(comm.world_size(), comm.rank(), comm.backend())",
+                    {"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "0", "gloo"]
+
+
+def test_nccl_without_gpus_is_refused_with_the_fix():
+    result = _start("from zero_ext import comm; comm.init_distributed('nccl')",
+                    {"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode != 0
+    assert "NCCL backend needs CUDA GPUs and this process sees none" in result.stderr
+    assert "use gloo" in result.stderr

@@ -75,20 +75,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCH_HINT = ("launch with `torchrun --nproc_per_node=<ranks per node> your_script.py` (it "
+                "sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), or run "
+                "`python your_script.py` with none of them set for a single rank")
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
     """Joins the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT), unless
     the user already initialised one. Without torchrun's variables it starts a one-rank group,
     so a plain `python train.py` works. Backend: NCCL when CUDA is available, else gloo."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    present = [v for v in _TORCHRUN_VARS if v in os.environ]
+    if present and len(present) < len(_TORCHRUN_VARS):
+        missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+        raise RuntimeError(f"zero_ext: {', '.join(present)} set but {', '.join(missing)} "
+                           f"missing, so this process cannot find the others; {_LAUNCH_HINT}")
+    if not present:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus > 1:
+            print(f"[zero_ext] running as a single rank on 1 of {gpus} visible GPUs; to use "
+                  f"all of them, launch with `torchrun --nproc_per_node={gpus} ...`", flush=True)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+                          WORLD_SIZE="1", LOCAL_RANK="0")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if gpus == 0:
+            raise RuntimeError(
+                "zero_ext: the NCCL backend needs CUDA GPUs and this process sees none "
+                f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}); on CPU use gloo "
+                "(the default when no GPU is visible), or install a CUDA build of torch")
+        if local_rank >= gpus:
+            raise RuntimeError(
+                f"zero_ext: LOCAL_RANK is {local_rank} but this node has {gpus} visible GPU(s); "
+                f"NCCL needs one GPU per rank: pass --nproc_per_node={gpus} (or fewer) to "
+                "torchrun")
+        torch.cuda.set_device(local_rank)
+    elif backend != "gloo":
+        raise ValueError(f"zero_ext: backend {backend!r} is not supported; use 'nccl' (GPUs) "
+                         "or 'gloo' (CPU)")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
