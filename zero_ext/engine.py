@@ -29,6 +29,7 @@ from torch import nn
 
 from zero_ext import comm, ops
 from zero_ext.config import ZeroConfig
+from zero_ext.zero import offload
 from zero_ext.zero.buckets import GradientBuckets
 from zero_ext.zero.optimizer import ZeroOptimizer
 from zero_ext.zero.params import PartitionedParameters, check_initializers, find_units, materialize
@@ -207,26 +208,48 @@ class ZeroEngine(nn.Module):
             for slot in layout.slots:
                 param = self._params[slot.param_index]
                 param._zero_ext_engine, param._zero_ext_layout = engine_ref, layout.index
+        zero = config.zero_optimization
+        self.offload_optimizer = zero.offload_optimizer.enabled
+        self.offload_param = zero.offload_param.enabled
+        self.pin_memory = (zero.offload_optimizer.pin_memory and self.offload_optimizer) or (
+            zero.offload_param.pin_memory and self.offload_param)
+        unit_indices = {layout.index for _, layouts in unit_plan for layout in layouts}
+        if self.offload_optimizer or self.offload_param:
+            # Refused here, before any host buffer exists, rather than by the OOM killer.
+            offload.check_host_memory(self._host_memory_plan(unit_indices))
         self.partitioned = None
         if unit_plan:
-            zero = config.zero_optimization
             self.partitioned = PartitionedParameters(
                 unit_plan, self._params, rank=self.rank, dtype=self.model_dtype,
                 device=self.device, prefetch_numel=zero.stage3_prefetch_bucket_size,
                 max_live_numel=zero.stage3_max_live_parameters,
-                max_reuse_numel=zero.stage3_max_reuse_distance, root=model)
+                max_reuse_numel=zero.stage3_max_reuse_distance, root=model,
+                offload=self.offload_param, pin=zero.offload_param.pin_memory)
 
         # Stage 0 may run any torch optimizer on the whole, replicated parameters; otherwise the
         # sharded AdamW.
         self.replicated_optimizer = replicated_optimizer
         self.optimizer = replicated_optimizer or ZeroOptimizer(
             param_groups, self.layouts, self._weights_to_update(),
-            defaults=optimizer_defaults)
+            defaults=optimizer_defaults, state_buffer=self._state_buffer,
+            staged=lambda layout: self.offload_optimizer != self._weights_on_host(
+                layout.index, unit_indices))
+        self.offload = None
+        if self.offload_optimizer:
+            self.offload = offload.OptimizerOffload(
+                self.optimizer, self._grad_dtype(), self.device,
+                pin=zero.offload_optimizer.pin_memory,
+                # Clipping and the fp16 overflow skip need the global norm of every gradient
+                # before any shard may change; without them each shard steps on arrival.
+                step_on_arrival=config.gradient_clipping == 0 and not config.fp16.enabled,
+                before_host_write=self.partitioned.wait_host_reads if self.offload_param
+                else None)
         self.grad_buckets = GradientBuckets(
             self.layouts, self._params, stage=self.stage, comm_dtype=self.comm_dtype,
             accumulation_steps=self.batch.gradient_accumulation_steps,
             overlap_comm=config.zero_optimization.overlap,
-            on_reduced=self.partitioned.layout_reduced if self.partitioned else None)
+            on_reduced=self.partitioned.layout_reduced if self.partitioned else None,
+            on_final=self.offload.grad_ready if self.offload else None)
         fp16 = config.fp16
         self.loss_scaler = None
         if fp16.enabled:
@@ -298,6 +321,45 @@ class ZeroEngine(nn.Module):
                 next_index += 1
             plan.append((module, layouts))
         return plan, persistent
+
+    def _weights_on_host(self, layout_index: int, unit_indices: set[int]) -> bool:
+        """offload_param keeps the stage-3 units' shards in host memory."""
+        return self.offload_param and layout_index in unit_indices
+
+    def _state_buffer(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A flat buffer for optimizer state where the state lives (host under offload)."""
+        if self.offload_optimizer:
+            return offload.host_buffer(like.numel(), dtype,
+                                       self.config.zero_optimization.offload_optimizer.pin_memory)
+        return torch.empty(like.numel(), dtype=dtype, device=self.device)
+
+    def _grad_dtype(self) -> torch.dtype:
+        """The reduced gradient's dtype: fp32 when stage >= 2 accumulates over micro-steps."""
+        if self.stage >= 2 and self.batch.gradient_accumulation_steps > 1:
+            return torch.float32
+        return self.comm_dtype
+
+    def _host_memory_plan(self, unit_indices: set[int]) -> offload.HostMemoryPlan:
+        """What the allocations below will put in host memory, by the same rules they follow:
+        the optimizer's shards (state, staging copy, gradient copy) and stage-3 unit shards."""
+        plan = offload.HostMemoryPlan(local_ranks=offload.local_ranks(), pinned=self.pin_memory)
+        model_bytes = torch.empty((), dtype=self.model_dtype).element_size()
+        grad_bytes = torch.empty((), dtype=self._grad_dtype()).element_size()
+        fp32_model = self.model_dtype == torch.float32
+        for layout in self.layouts:
+            numel = layout.shard_numel
+            on_host = self._weights_on_host(layout.index, unit_indices)
+            if on_host:
+                plan.add("parameter shards", numel * model_bytes)
+            if not self.offload_optimizer:
+                continue
+            if not (on_host and fp32_model):  # else the master is the host shard itself
+                plan.add("fp32 master weights", 4 * numel)
+            plan.add("Adam moments", 8 * numel)
+            plan.add("gradient copies", numel * grad_bytes)
+            if not on_host and not fp32_model:
+                plan.add("16-bit upload buffers", numel * model_bytes)
+        return plan
 
     def _weights_to_update(self) -> list[torch.Tensor]:
         """Per layout, the model-dtype elements this rank's optimizer updates."""
@@ -379,7 +441,22 @@ class ZeroEngine(nn.Module):
 
     @torch.no_grad()
     def _optimizer_step(self) -> None:
-        grads = self.grad_buckets.reduced_grads()
+        if self.offload is not None:
+            try:  # the host gradients decide; the uploads are waited for even on an error
+                stepped = self._step_with(self.offload.host_gradients())
+            finally:
+                self.offload.finish()
+        else:
+            stepped = self._step_with(self.grad_buckets.reduced_grads())
+        if not stepped:
+            return
+        if self.stage >= 1:
+            self._all_gather_params()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+
+    def _step_with(self, grads: list[torch.Tensor]) -> bool:
+        """Norm, overflow skip, clipping and the optimizer step; False when skipped."""
         norm = self._global_norm(grads)
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         overflow = not math.isfinite(norm)
@@ -394,7 +471,7 @@ class ZeroEngine(nn.Module):
                     "fp16 loss scaling there is nothing to retry. Lower the learning rate, "
                     "enable gradient_clipping, or check the loss for inf/nan")
             self.skipped_steps += 1
-            return
+            return False
         norm /= scale
         self._global_grad_norm = norm
         factor = 1.0 / scale
@@ -405,16 +482,18 @@ class ZeroEngine(nn.Module):
                 factor *= clip_coef
         inv_scale = None
         if factor != 1.0:
-            inv_scale = torch.tensor(factor, dtype=torch.float32, device=self.device)
-        if self.replicated_optimizer is None:
+            # On the device of the fp32 master weights (the host under offload_optimizer).
+            inv_scale = torch.tensor(factor, dtype=torch.float32,
+                                     device=self.optimizer.shards[0].master.device
+                                     if self.replicated_optimizer is None else self.device)
+        if self.offload is not None:
+            self.offload.step(inv_scale)
+        elif self.replicated_optimizer is None:
             self.optimizer.sharded_step(grads, inv_scale)
         else:
             self._replicated_step(grads, factor)
         self.grad_buckets.clear()
-        if self.stage >= 1:
-            self._all_gather_params()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
+        return True
 
     def _replicated_step(self, grads: list[torch.Tensor], factor: float) -> None:
         """Stage 0 with the user's optimizer: the all-reduced buckets go back out to each
@@ -557,7 +636,24 @@ class ZeroEngine(nn.Module):
             state = {"optimizer": sum(t.numel() * t.element_size()
                                       for per_param in self.optimizer.state.values()
                                       for t in per_param.values() if torch.is_tensor(t))}
-        return {"params": params, "grads": self.grad_buckets.nbytes(), **state}
+        breakdown = {"params": params, "grads": self.grad_buckets.nbytes(), **state}
+        if self.offload is not None:
+            # Host gradient copies and 16-bit upload buffers: values still sum to the total.
+            breakdown["offload_buffers"] = (self.offload.host_nbytes()
+                                            + self.optimizer.staging_nbytes())
+        return breakdown
+
+    def memory_by_location(self) -> dict[str, int]:
+        """memory_breakdown()'s total split by where it lives: "host" (what offload_optimizer
+        and offload_param put in host memory) and "device" (the rest; on a machine without a
+        GPU both are CPU memory)."""
+        breakdown = self.memory_breakdown()
+        host = breakdown.get("offload_buffers", 0)
+        if self.offload_optimizer:
+            host += sum(self.optimizer.nbytes().values())
+        if self.offload_param:
+            host += self.partitioned.shard_nbytes()
+        return {"device": sum(breakdown.values()) - host, "host": host}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The complete model state dict as CPU tensors, on every rank (collective at stage 3,
@@ -632,10 +728,6 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
     from zero_ext import checkpointing
     checkpointing.configure(config.activation_checkpointing)
     comm.init_distributed()
-    if config.zero_optimization.offload_optimizer.device != "none" or \
-            config.zero_optimization.offload_param.device != "none":
-        raise NotImplementedError("zero_ext: offload_optimizer / offload_param are not available "
-                                  "in this version; set their device to 'none'")
     if optimizer is not None and model_parameters is not None:
         raise ValueError("zero_ext.initialize: pass either optimizer or model_parameters, not "
                          "both (the optimizer already names its parameters)")

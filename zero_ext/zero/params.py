@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from zero_ext import comm
+from zero_ext.zero.offload import host_buffer
 from zero_ext.zero.partition import BucketLayout
 
 __all__ = ["GatherUnit", "GatheredParameters", "Init", "PartitionedParameters", "UnitState",
@@ -141,6 +142,10 @@ class GatherUnit:
     reduced: int = 0                         # layouts reduced in the current backward
     pending: list = field(default_factory=list)  # in-flight prefetch gathers (handles)
     holders: int = 0                         # external users whose forward is running
+    # offload_param: device copies of the host shards feeding the in-flight all-gathers, and
+    # the event after their uploads (the host shards must not be rewritten before it).
+    uploads: list = field(default_factory=list)
+    uploaded: object | None = None
 
     @property
     def numel(self) -> int:
@@ -256,8 +261,9 @@ class PartitionedParameters:
                  params: list[nn.Parameter], *, rank: int, dtype: torch.dtype,
                  device: torch.device, prefetch_numel: int = 0,
                  max_live_numel: int = 2**62, max_reuse_numel: int = 0,
-                 root: nn.Module | None = None):
+                 root: nn.Module | None = None, offload: bool = False, pin: bool = False):
         self.rank, self.dtype, self.device = rank, dtype, device
+        self.offload = offload  # offload_param: shards live in host memory
         self.root = root
         self.prefetch = _Prefetcher(prefetch_numel, max_live_numel, max_reuse_numel)
         self.units: list[GatherUnit] = []
@@ -275,7 +281,11 @@ class PartitionedParameters:
                     for slot, param in zip(layout.slots, members):
                         flat[slot.offset:slot.offset + slot.numel].copy_(param.data.reshape(-1))
                     start, end = layout.shard_range(rank)
-                    shards.append(flat[start:end].clone())
+                    if offload:
+                        shard = host_buffer(layout.shard_numel, dtype, pin)
+                        shards.append(shard.copy_(flat[start:end]))
+                    else:
+                        shards.append(flat[start:end].clone())
                 unit = GatherUnit(module, layouts, unit_params, shards, [None] * len(layouts))
                 self.units.append(unit)
                 for layout in layouts:
@@ -335,7 +345,16 @@ class PartitionedParameters:
         for i, (layout, shard) in enumerate(zip(unit.layouts, unit.shards)):
             unit.fulls[i] = torch.empty(layout.padded_numel, dtype=self.dtype,
                                         device=self.device)
+            if self.offload:
+                # Issued with the all-gather, so a prefetch brings the shard over ahead of use.
+                on_device = torch.empty(shard.shape, dtype=shard.dtype, device=self.device)
+                on_device.copy_(shard, non_blocking=True)
+                unit.uploads.append(on_device)
+                shard = on_device
             unit.pending.append(comm.all_gather(unit.fulls[i], shard, async_op=True))
+        if self.offload and self.device.type == "cuda":
+            unit.uploaded = torch.cuda.Event()
+            unit.uploaded.record()
         unit.state = UnitState.GATHERING
 
     @torch.no_grad()
@@ -347,6 +366,7 @@ class PartitionedParameters:
             if work is not None:
                 work.wait()
         unit.pending.clear()
+        unit.uploads.clear()
         for i, layout in enumerate(unit.layouts):
             for slot, param in zip(layout.slots, unit.params[i]):
                 param.data = unit.fulls[i][slot.offset:slot.offset + slot.numel].view(slot.shape)
@@ -427,6 +447,14 @@ class PartitionedParameters:
         start, end = unit.layouts[i].shard_range(self.rank)
         unit.shards[i].copy_(full[start:end])
 
+    def wait_host_reads(self, layout_index: int) -> None:
+        """Before the host rewrites a unit's shard (offload_param with the CPU optimizer): the
+        last asynchronous upload from it has finished reading."""
+        unit = self._unit_of_layout.get(layout_index)
+        if unit is not None and unit.uploaded is not None:
+            unit.uploaded.synchronize()
+            unit.uploaded = None
+
     def owns(self, layout_index: int) -> bool:
         return layout_index in self._unit_of_layout
 
@@ -436,11 +464,12 @@ class PartitionedParameters:
 
     def nbytes(self) -> int:
         """Shards plus whatever full buffers are gathered now."""
-        total = 0
-        for unit in self.units:
-            for t in unit.shards + [f for f in unit.fulls if f is not None]:
-                total += t.numel() * t.element_size()
-        return total
+        return self.shard_nbytes() + sum(f.numel() * f.element_size() for unit in self.units
+                                         for f in unit.fulls if f is not None)
+
+    def shard_nbytes(self) -> int:
+        """The units' shards alone (in host memory under offload_param)."""
+        return sum(t.numel() * t.element_size() for unit in self.units for t in unit.shards)
 
     @torch.no_grad()
     def iter_full_values(self, keep: bool = True):

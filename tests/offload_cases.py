@@ -1,0 +1,278 @@
+"""What each rank runs in the offload tests (tests/test_offload.py).
+
+Every case trains the engine_cases model twice on the same batches, with and without offload,
+so the tests can ask for identical results, and rank 0 adds the single-process torch AdamW
+reference of engine_cases.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import zero_ext
+from zero_ext import comm
+from zero_ext.zero import offload
+
+import engine_cases
+
+OPTIMIZER = {"offload_optimizer": {"device": "cpu", "pin_memory": True}}
+PARAM = {"offload_param": {"device": "cpu", "pin_memory": True}}
+KINDS = {"optimizer": OPTIMIZER, "param": PARAM, "both": {**OPTIMIZER, **PARAM}}
+
+
+def parity_cases(cases: list[tuple], steps: int) -> dict:
+    """Each (stage, offload kind, dtype, accumulation, clip) trained with offload, without,
+    and (rank 0) by the reference."""
+    out = {}
+    for stage, kind, dtype, accumulation, clip in cases:
+        got = engine_cases.train_engine(stage, dtype, accumulation, steps, clip=clip,
+                                        **KINDS[kind])
+        got["plain"] = engine_cases.train_engine(stage, dtype, accumulation, steps, clip=clip)
+        if comm.rank() == 0:
+            got["reference"] = engine_cases.train_reference(dtype, accumulation, steps,
+                                                            comm.world_size(), clip=clip)
+        out[(stage, kind, dtype, accumulation, clip)] = got
+    return out
+
+
+def overflow_cases() -> dict:
+    """engine_cases.fp16_overflow (inf on rank 1 at the second step) with the optimizer
+    offloaded, and without for comparison."""
+    return {stage: {"offload": engine_cases.fp16_overflow(stage, **OPTIMIZER),
+                    "plain": engine_cases.fp16_overflow(stage)} for stage in (1, 2)}
+
+
+def _engine(stage: int, dtype: str, accumulation: int, clip: float = 0.5,
+            without_unused: bool = False, **zero):
+    model = engine_cases.build_model()
+    if without_unused:
+        # TinyNet.unused never gets a gradient, which holds its bucket, and every bucket
+        # after it, back until the end of backward.
+        model.unused = None
+    cfg = engine_cases.config(stage, dtype, accumulation, comm.world_size(), clip=clip, **zero)
+    engine, _, _, _ = zero_ext.initialize(model=model, config=cfg,
+                                          model_parameters=engine_cases.param_groups(model))
+    return model, engine
+
+
+def arrival_cases() -> dict:
+    """When shards step: with no clipping and no fp16 check, during the boundary backward (the
+    shard step counts have moved before engine.step()); with clipping, only in engine.step().
+    Also whether gradient copies started before backward's end (overlap_comm at stage 2)."""
+    rank, world_size = comm.rank(), comm.world_size()
+    out = {}
+    for clip in (0.0, 0.5):
+        _, engine = _engine(2, "bf16", 2, clip=clip, without_unused=True, **OPTIMIZER)
+        copies_before_end = []
+        end_backward = engine.grad_buckets.end_backward
+        grad_ready = engine.offload.grad_ready
+        calls = []
+
+        def counting_ready(index, grad, calls=calls, grad_ready=grad_ready):
+            calls.append(index)
+            grad_ready(index, grad)
+
+        def marking_end(calls=calls, end_backward=end_backward, seen=copies_before_end):
+            seen.append(len(calls))
+            end_backward()
+
+        engine.grad_buckets._on_final = counting_ready
+        engine.grad_buckets.end_backward = marking_end
+        steps_seen = []
+        for step in range(2):
+            tokens, targets = engine_cases.global_batch(step, world_size, 2)
+            for micro in range(2):
+                calls.clear()
+                engine.backward(engine_cases.run(engine, tokens[micro, rank],
+                                                 targets[micro, rank]))
+                if micro == 1:
+                    engine.offload.host_gradients()  # waits for any step still running
+                    steps_seen.append([s.step.item() for s in engine.optimizer.shards])
+                engine.step()
+        out[clip] = {"steps_seen": steps_seen, "copies_before_end": copies_before_end,
+                     "buckets": len(engine.layouts)}
+    return out
+
+
+def accounting_cases() -> dict:
+    """Host and device bytes after a step, the host plan made before allocating, and the
+    plain engine's bytes, for each offload configuration."""
+    captured = []
+    check = offload.check_host_memory
+
+    def capture(plan, available=None):
+        captured.append(plan)
+        return check(plan, available)
+
+    offload.check_host_memory = capture
+    out = {}
+    try:
+        for stage, kind, dtype, accumulation in [(1, "optimizer", "fp32", 1),
+                                                 (2, "optimizer", "bf16", 1),
+                                                 (2, "optimizer", "bf16", 4),
+                                                 (3, "optimizer", "bf16", 1),
+                                                 (3, "both", "fp32", 1),
+                                                 (3, "both", "bf16", 4),
+                                                 (3, "param", "bf16", 1)]:
+            row = {}
+            for label, zero in (("offload", KINDS[kind]), ("plain", {})):
+                captured.clear()
+                _, engine = _engine(stage, dtype, accumulation, **zero)
+                engine_cases.train_steps(engine, 1)
+                row[label] = {"breakdown": engine.memory_breakdown(),
+                              "location": engine.memory_by_location(),
+                              "plan": captured[0] if captured else None,
+                              "shards": sum(layout.shard_numel for layout in engine.layouts)}
+            out[(stage, kind, dtype, accumulation)] = row
+    finally:
+        offload.check_host_memory = check
+    return out
+
+
+def budget_cases() -> dict:
+    """initialize against a faked amount of available host memory: one byte short of what the
+    node's ranks need must be refused before any host buffer is allocated; exactly enough
+    must pass."""
+    real_available, real_buffer = offload.available_host_memory, offload.host_buffer
+    plans, allocations = [], []
+    check = offload.check_host_memory
+
+    def capture(plan, available=None):
+        plans.append(plan)
+        return check(plan, available)
+
+    def counting_buffer(numel, dtype, pin):
+        allocations.append(numel)
+        return real_buffer(numel, dtype, pin)
+
+    offload.check_host_memory, offload.host_buffer = capture, counting_buffer
+    out = {}
+    try:
+        offload.available_host_memory = lambda: 2**62
+        _engine(3, "bf16", 1, **KINDS["both"])
+        need = plans[-1].node_bytes
+        out["plan"] = plans[-1]
+        out["allocated_when_enough"] = len(allocations)
+        allocations.clear()
+        offload.available_host_memory = lambda: need - 1
+        try:
+            _engine(3, "bf16", 1, **KINDS["both"])
+            out["short"] = "no error"
+        except MemoryError as error:
+            out["short"] = str(error)
+        out["allocated_when_short"] = len(allocations)
+        offload.available_host_memory = lambda: need
+        _engine(3, "bf16", 1, **KINDS["both"])
+        out["exact"] = "ok"
+    finally:
+        offload.available_host_memory, offload.host_buffer = real_available, real_buffer
+        offload.check_host_memory = check
+    out["real_available"] = offload.available_host_memory()
+    return out
+
+
+def model_cases() -> dict:
+    """The ZeRO-3 issue's models with offload: transformers Llama (tied embeddings) at stages
+    2 and 3, and Blocks built under zero_ext.Init (unit shards created straight in host
+    memory); each against the same run without offload."""
+    out = {}
+    for stage, kind in ((2, "optimizer"), (3, "both")):
+        out[f"llama{stage}"] = {"offload": engine_cases.llama(stage, **KINDS[kind]),
+                                "plain": engine_cases.llama(stage)}
+    for label, zero in (("offload", KINDS["both"]), ("plain", {})):
+        torch.manual_seed(0)
+        with zero_ext.Init():
+            model = engine_cases.Blocks()
+        cfg = engine_cases.config(3, "bf16", 2, comm.world_size(), **zero)
+        engine, _, _, _ = zero_ext.initialize(model=model, config=cfg)
+        engine_cases.train_steps(engine, 3)
+        out.setdefault("init", {})[label] = engine_cases.host_params(model, engine)
+    return out
+
+
+def checks() -> dict:
+    return {"overflow": overflow_cases(), "arrival": arrival_cases(),
+            "accounting": accounting_cases(), "budget": budget_cases(),
+            "models": model_cases()}
+
+
+# -- GPU (tests marked cuda) -------------------------------------------------------------------
+class _Wide(torch.nn.Module):
+    """Eight 1024-wide blocks: enough backward work for copies and CPU steps to overlap."""
+
+    def __init__(self, width: int = 1024, depth: int = 8):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return x.square().mean()
+
+
+def cuda_overlap(clip: float) -> dict:
+    """On the GPU: host buffers pinned; when the first shard's CPU step and gradient copy
+    happened relative to the end of backward; and the result against the non-offloaded engine."""
+    results = {}
+    for label, zero in (("offload", KINDS["optimizer"]), ("plain", {})):
+        torch.manual_seed(0)
+        model = _Wide()
+        engine, _, _, _ = zero_ext.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": 64, "gradient_clipping": clip,
+            "bf16": {"enabled": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            "zero_optimization": {"stage": 2, "reduce_bucket_size": 2**20,
+                                  "overlap_comm": True, **zero}})
+        marks: dict[str, list[float]] = {"step": [], "backward_end": []}
+        if engine.offload is not None:
+            step_shard = engine.optimizer.sharded_step
+
+            def timed_step(*args, step_shard=step_shard, marks=marks, **kwargs):
+                marks["step"].append(time.perf_counter())
+                return step_shard(*args, **kwargs)
+
+            engine.optimizer.sharded_step = timed_step
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(64, 1024, generator=gen).to(engine.device)
+            engine.backward(engine(x))
+            torch.cuda.synchronize()
+            marks["backward_end"].append(time.perf_counter())
+            engine.step()
+        pinned = None
+        if engine.offload is not None:
+            shard = engine.optimizer.shards[0]
+            pinned = all(t.is_pinned() for t in (shard.master, shard.exp_avg, shard.exp_avg_sq,
+                                                 shard.weights_16bit,
+                                                 engine.offload.host_grads[0]))
+        results[label] = {"params": {n: p.detach().float().cpu()
+                                     for n, p in model.named_parameters()},
+                          "marks": marks, "pinned": pinned,
+                          "shards": len(engine.optimizer.shards)}
+    return results
+
+
+def cuda_param_offload() -> dict:
+    """Stage 3 with parameters and optimizer on the host, on the GPU: shards pinned, the same
+    result as without offload."""
+    results = {}
+    for label, zero in (("offload", KINDS["both"]), ("plain", {})):
+        torch.manual_seed(0)
+        model = _Wide(256, 4)
+        engine, _, _, _ = zero_ext.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                  **zero}})
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(8, 256, generator=gen).to(engine.device)
+            engine.backward(engine(x))
+            engine.step()
+        pinned = None
+        if engine.partitioned is not None and engine.offload_param:
+            pinned = all(s.is_pinned() for u in engine.partitioned.units for s in u.shards)
+        results[label] = {"params": engine_cases.host_params(model, engine), "pinned": pinned}
+    return results

@@ -1,0 +1,208 @@
+"""CPU offload of optimizer state and stage-3 parameters: parity, timing of the steps, bytes.
+
+On a machine without a GPU the "device" and the host are both CPU memory; the copies, events
+and CPU steps still run through the same code. Tests marked cuda need a GPU.
+"""
+
+import functools
+import os
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import engine_cases
+import offload_cases
+from dist_harness import run_group
+
+STEPS = 3
+KINDS = [(1, "optimizer"), (2, "optimizer"), (3, "optimizer"), (3, "both"), (3, "param")]
+# World size 2 runs every kind at both dtypes, accumulation 1 and 4, clipping on (shards step
+# after the global norm) and off (each shard steps as its gradient arrives).
+EVERY = [(stage, kind, dtype, accumulation, clip) for stage, kind in KINDS
+         for dtype in ("fp32", "bf16") for accumulation in (1, 4) for clip in (0.5, 0.0)]
+# The other world sizes a covering set: each kind meets both dtypes, both accumulations and
+# clipping on and off.
+COVERING = [
+    (1, "optimizer", "fp32", 1, 0.5), (1, "optimizer", "bf16", 4, 0.0),
+    (2, "optimizer", "fp32", 4, 0.0), (2, "optimizer", "bf16", 1, 0.5),
+    (3, "optimizer", "fp32", 1, 0.5), (3, "optimizer", "bf16", 4, 0.0),
+    (3, "both", "fp32", 4, 0.0), (3, "both", "bf16", 1, 0.5),
+    (3, "param", "fp32", 4, 0.5), (3, "param", "bf16", 1, 0.0),
+]
+# (world size, transport, cases): "gloo" runs gloo's asynchronous collectives, the path NCCL
+# shares, instead of comm's shared-memory arena.
+GROUPS = [(1, "shm", COVERING), (2, "shm", EVERY), (3, "shm", COVERING), (3, "gloo", COVERING)]
+PARAMS = [(w, t, case) for w, t, cases in GROUPS for case in cases]
+
+
+@functools.cache
+def _parity(world_size, transport):
+    cases = next(cases for w, t, cases in GROUPS if (w, t) == (world_size, transport))
+    os.environ["ZERO_EXT_CPU_SHM"] = "1" if transport == "shm" else "0"
+    try:
+        return run_group(world_size, offload_cases.parity_cases, cases, STEPS)
+    finally:
+        del os.environ["ZERO_EXT_CPU_SHM"]
+
+
+@pytest.mark.parametrize("world_size, transport, case", PARAMS, ids=[
+    f"w{w}-{t}-stage{s}-{k}-{d}-acc{a}-clip{c}" for w, t, (s, k, d, a, c) in PARAMS])
+def test_offload_matches_the_engine_without_offload_and_torch_adamw(world_size, transport,
+                                                                    case):
+    results = _parity(world_size, transport)
+    reference = results[0][case]["reference"]
+    _, _, dtype, accumulation, _ = case
+    for rank, result in enumerate(results):
+        got = result[case]
+        assert got["global_steps"] == STEPS and got["micro_steps"] == STEPS * accumulation
+        # The same arithmetic in the same order as without offload: bitwise equal.
+        assert got["norms"] == got["plain"]["norms"], rank
+        for name, value in got["plain"]["params"].items():
+            assert torch.equal(got["params"][name], value), (rank, name)
+        engine_cases.assert_matches_reference(got, reference, dtype, f"rank {rank}")
+
+
+@functools.cache
+def _checks(world_size):
+    return run_group(world_size, offload_cases.checks)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fp16_overflow_on_one_rank_skips_with_offload_as_without(stage):
+    for rank, result in enumerate(_checks(2)):
+        record = result["overflow"][stage]["offload"]["record"]
+        assert record == result["overflow"][stage]["plain"]["record"], rank
+        assert [r["skipped"] for r in record] == [0, 1, 1, 1, 1, 1], rank
+        assert record[1]["unchanged"] and not record[0]["unchanged"], rank
+        assert [r["scale"] for r in record] == [256, 128, 128, 128, 256, 256], rank
+
+
+def test_shards_step_during_backward_only_when_no_global_norm_decides():
+    for result in _checks(2):
+        arrival, deferred = result["arrival"][0.0], result["arrival"][0.5]
+        # Before engine.step() of step k (0-based) the counts read k + 1 when each shard
+        # stepped as its gradient arrived, k when clipping made them wait for the norm.
+        assert arrival["steps_seen"] == [[1.0] * arrival["buckets"], [2.0] * arrival["buckets"]]
+        assert deferred["steps_seen"] == [[0.0] * deferred["buckets"],
+                                          [1.0] * deferred["buckets"]]
+        # overlap_comm: at the boundary micro-step some buckets were already handed to the
+        # offload (their host copies started) before backward ended; none in between.
+        assert arrival["buckets"] > 2
+        assert arrival["copies_before_end"][1] > 0 and arrival["copies_before_end"][3] > 0
+        assert arrival["copies_before_end"][0] == arrival["copies_before_end"][2] == 0
+
+
+def test_llama_and_init_built_models_train_alike_with_offload():
+    for rank, result in enumerate(_checks(2)):
+        models = result["models"]
+        for stage in (2, 3):
+            got, plain = models[f"llama{stage}"]["offload"], models[f"llama{stage}"]["plain"]
+            assert got["units"] == plain["units"]
+            for name, value in plain["params"].items():
+                assert torch.equal(got["params"][name], value), (rank, stage, name)
+            for name, ref in models["llama2"]["plain"].get("reference", {}).items():
+                assert_close(got["params"][name], ref, rtol=1e-5,
+                             atol=1e-5 * ref.abs().max().item(), msg=f"rank {rank} {name}")
+        init = models["init"]
+        for name, value in init["plain"].items():
+            assert torch.equal(init["offload"][name], value), (rank, name)
+
+
+def test_memory_breakdown_splits_host_and_device_bytes():
+    for key, row in _checks(2)[0]["accounting"].items():
+        _, kind, dtype, accumulation = key
+        offloaded, plain = row["offload"], row["plain"]
+        assert plain["plan"] is None and plain["location"]["host"] == 0, key
+        # What was budgeted before allocating is exactly what the host holds.
+        assert offloaded["plan"].rank_bytes == offloaded["location"]["host"] > 0, key
+        total = sum(offloaded["breakdown"].values())
+        assert sum(offloaded["location"].values()) == total, key
+        shards = offloaded["shards"]
+        model_bytes = 4 if dtype == "fp32" else 2
+        if kind == "optimizer":
+            # Master and moments (12 bytes per shard element), the host gradient copy and,
+            # for a 16-bit model, the upload buffer: all of it in host memory ...
+            grad_bytes = 4 if accumulation > 1 else model_bytes
+            staging = 0 if dtype == "fp32" else model_bytes
+            assert offloaded["location"]["host"] == (12 + grad_bytes + staging) * shards, key
+            # ... and none of the optimizer state left on the device.
+            plain_state = sum(plain["breakdown"][k] for k in ("master", "exp_avg",
+                                                              "exp_avg_sq"))
+            assert offloaded["location"]["device"] == plain["location"]["device"] - plain_state
+        elif kind == "param":
+            # Only the units' shards move; the device keeps the persistent buckets.
+            assert offloaded["location"]["host"] < model_bytes * shards, key
+            assert offloaded["location"]["device"] < plain["location"]["device"], key
+
+
+def test_host_memory_budget_refuses_before_allocating_with_the_numbers():
+    for rank, result in enumerate(_checks(2)):
+        budget = result["budget"]
+        plan = budget["plan"]
+        assert plan.local_ranks == 2 and plan.pinned
+        assert plan.node_bytes == 2 * plan.rank_bytes > 0
+        assert budget["allocated_when_enough"] > 0  # the count would see allocations
+        assert budget["allocated_when_short"] == 0, rank
+        message = budget["short"]
+        assert message.startswith("zero_ext offload: host memory is short"), message
+        gib = f"{plan.node_bytes / 2**30:.2f} GiB"
+        assert f"2 ranks on this node need {gib}" in message
+        assert f"{(plan.node_bytes - 1) / 2**30:.2f} GiB is available" in message
+        for fix in ("more ranks", "fewer ranks per node", "pin_memory false", "stage 3"):
+            assert fix in message, fix
+        assert budget["exact"] == "ok"
+        assert budget["real_available"] > 0
+
+
+def test_host_memory_check_compares_the_node_total_not_one_rank():
+    from zero_ext.zero import offload
+
+    plan = offload.HostMemoryPlan(local_ranks=4, pinned=False)
+    plan.add("Adam moments", 3 * 2**30)
+    plan.add("fp32 master weights", 2**30)
+    offload.check_host_memory(plan, available=16 * 2**30)  # 4 ranks x 4 GiB: just fits
+    with pytest.raises(MemoryError) as error:
+        offload.check_host_memory(plan, available=16 * 2**30 - 1)
+    message = str(error.value)
+    assert "Each rank needs 4.00 GiB of host memory (Adam moments 3.00 GiB, fp32 master " \
+        "weights 1.00 GiB); 4 ranks on this node need 16.00 GiB" in message
+    assert "pin_memory" not in message  # nothing pinned, no such advice
+
+
+def test_the_real_available_figure_is_read_from_the_system():
+    from zero_ext.zero import offload
+
+    available = offload.available_host_memory()
+    with open("/proc/meminfo") as meminfo:
+        total = next(int(line.split()[1]) * 1024 for line in meminfo
+                     if line.startswith("MemTotal:"))
+    assert 0 < available <= total
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_cuda_offload_overlaps_cpu_steps_with_backward_and_pins_host_buffers(clip):
+    result = run_group(1, offload_cases.cuda_overlap, clip)[0]
+    offloaded, plain = result["offload"], result["plain"]
+    assert offloaded["pinned"] and offloaded["shards"] > 2
+    steps, ends = offloaded["marks"]["step"], offloaded["marks"]["backward_end"]
+    if clip == 0.0:
+        # The first shard's CPU step (after its gradient reached the host) ran before
+        # backward had finished on the GPU.
+        assert steps[0] < ends[0]
+    else:
+        assert steps[0] > ends[0]  # the norm needs every gradient first
+    # The CPU AdamW and the CUDA AdamW round each operation alike.
+    for name, value in plain["params"].items():
+        assert_close(offloaded["params"][name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_stage3_parameter_offload_pins_shards_and_matches():
+    result = run_group(1, offload_cases.cuda_param_offload)[0]
+    assert result["offload"]["pinned"]
+    for name, value in result["plain"]["params"].items():
+        assert_close(result["offload"]["params"][name], value, rtol=0, atol=0, msg=name)
