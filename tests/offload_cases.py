@@ -192,6 +192,36 @@ def model_cases() -> dict:
     return out
 
 
+def checkpoint_cases(root: str) -> dict:
+    """Checkpoints and offload: trained 2 steps, saved, trained 2 more; then a fresh engine
+    with offload and one without load the checkpoint and train the same 2 steps. Both must end
+    where the uninterrupted run did (the state lives on the host, the checkpoint does not
+    care)."""
+    out = {}
+    for stage, kind, dtype in ((2, "optimizer", "bf16"), (3, "both", "fp32")):
+        path = f"{root}/stage{stage}-{kind}"
+        _, engine = _engine(stage, dtype, 1, **KINDS[kind])
+        train_from(engine, 0, 2)
+        engine.save_checkpoint(path)
+        train_from(engine, 2, 2)
+        row = {"straight": engine_cases.host_params(engine.module, engine)}
+        for label, zero in (("offload", KINDS[kind]), ("plain", {})):
+            _, resumed = _engine(stage, dtype, 1, **zero)
+            resumed.load_checkpoint(path)
+            train_from(resumed, 2, 2)
+            row[label] = engine_cases.host_params(resumed.module, resumed)
+        out[(stage, kind)] = row
+    return out
+
+
+def train_from(engine, first: int, steps: int) -> None:
+    rank, world_size = comm.rank(), comm.world_size()
+    for step in range(first, first + steps):
+        tokens, targets = engine_cases.global_batch(step, world_size, 1)
+        engine.backward(engine_cases.run(engine, tokens[0, rank], targets[0, rank]))
+        engine.step()
+
+
 def checks() -> dict:
     return {"overflow": overflow_cases(), "arrival": arrival_cases(),
             "accounting": accounting_cases(), "budget": budget_cases(),

@@ -109,6 +109,14 @@ def test_llama_and_init_built_models_train_alike_with_offload():
             assert torch.equal(init["offload"][name], value), (rank, name)
 
 
+def test_checkpoints_resume_exactly_with_offload_and_load_without_it(tmp_path):
+    for rank, result in enumerate(run_group(2, offload_cases.checkpoint_cases, str(tmp_path))):
+        for case, row in result.items():
+            for label in ("offload", "plain"):
+                for name, value in row["straight"].items():
+                    assert torch.equal(row[label][name], value), (rank, case, label, name)
+
+
 def test_memory_breakdown_splits_host_and_device_bytes():
     for key, row in _checks(2)[0]["accounting"].items():
         _, kind, dtype, accumulation = key
