@@ -4,11 +4,14 @@
     torchrun --nproc_per_node=4 examples/train_gpt.py --config examples/configs/zero1.json
     torchrun --nproc_per_node=2 examples/train_gpt.py --config examples/configs/zero3.json
     python examples/train_gpt.py --config examples/configs/zero0.json      # one process
+    torchrun --nproc_per_node=2 examples/train_gpt.py --save-dir ckpt --steps 30   # then resume:
+    torchrun --nproc_per_node=3 examples/train_gpt.py --save-dir ckpt --resume --steps 60
 
 The text is examples/data/zen_of_python.txt (shipped; nothing is downloaded). Batch size,
 accumulation, optimizer, LR schedule and ZeRO stage come from the DeepSpeed-style config; the
-engine prints a line every steps_per_print optimizer steps, and rank 0 prints the loss before
-and after training.
+engine prints a line every steps_per_print optimizer steps (and a progress bar on a terminal),
+and rank 0 prints the loss before and after training. With --save-dir the run ends with a
+checkpoint; --resume continues from the latest one, at any number of ranks and any stage.
 """
 
 import argparse
@@ -88,6 +91,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--save-dir", help="write a checkpoint here at the end")
+    parser.add_argument("--resume", action="store_true", help="start from --save-dir's latest")
     args = parser.parse_args()
 
     with open(args.data, encoding="utf-8") as f:
@@ -101,6 +106,11 @@ def main() -> None:
         model_parameters=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
     accumulation = engine.batch.gradient_accumulation_steps
     device = engine.device
+    engine.monitor.total_steps = args.steps  # for the progress bar's ETA
+    if args.resume:
+        path, _ = engine.load_checkpoint(args.save_dir)
+        if engine.rank == 0:
+            print(f"resumed from {path} at step {engine.global_steps}")
 
     def evaluate() -> float:
         engine.eval()
@@ -125,6 +135,10 @@ def main() -> None:
         engine.backward(loss)
         engine.step()
     last = evaluate()
+    if args.save_dir:
+        path = engine.save_checkpoint(args.save_dir)
+        if engine.rank == 0:
+            print(f"saved {path}")
     if engine.rank == 0:
         print(f"stage {engine.stage}, {engine.world_size} rank(s), {engine.global_steps} steps of "
               f"{engine.batch.train_batch_size} samples ({accumulation} micro-steps each): "

@@ -105,8 +105,10 @@ def _notice(key: str, message: str) -> None:
 # -- counters and profile ---------------------------------------------------------------------
 @dataclass
 class OffloadCounters:
-    """What cpu_checkpointing moved since the last reset(), for tests and benchmarks."""
+    """What checkpointing ran and cpu_checkpointing moved since the last reset(), for tests,
+    benchmarks and the engine's FLOP estimate (a recomputed forward costs a forward again)."""
 
+    segments: int = 0  # outermost checkpointed segments run with gradients
     tensors_to_host: int = 0
     bytes_to_host: int = 0
     bytes_to_device: int = 0
@@ -361,6 +363,7 @@ def _checkpoint(fn: Callable, args: tuple, kwargs: dict, name: str | None):
 
     if getattr(_local, "depth", 0) > 0:  # nested: the outer segment saves and times
         return torch.utils.checkpoint.checkpoint(run, *tensors, use_reentrant=False)
+    counters.segments += 1
     config = _config
     device = next((t.device for t in tensors if t.device.type != "cpu"),
                   tensors[0].device if tensors else torch.device("cpu"))

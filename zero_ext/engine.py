@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from zero_ext import comm, ops
+from zero_ext import checkpointing, comm, ops
 from zero_ext.config import ZeroConfig
+from zero_ext.progress import TrainingMonitor
 from zero_ext.zero import offload
 from zero_ext.zero.buckets import GradientBuckets
 from zero_ext.zero.optimizer import ZeroOptimizer
@@ -136,8 +137,6 @@ class ZeroEngine(nn.Module):
         self.skipped_steps = 0
         self._global_grad_norm: float | None = None
         self._last_loss: torch.Tensor | None = None
-        self._samples_since_print = 0
-        self._time_of_print = time.perf_counter()
 
         self.model_dtype = config.mixed_precision or torch.float32
         self.device = self._pick_device(model)
@@ -259,6 +258,10 @@ class ZeroEngine(nn.Module):
                 dynamic=dynamic, window=fp16.loss_scale_window, hysteresis=fp16.hysteresis,
                 min_scale=fp16.min_loss_scale, consecutive_hysteresis=fp16.consecutive_hysteresis)
         self.lr_scheduler = None
+        self.monitor = TrainingMonitor(
+            rank=self.rank, world_size=self.world_size, device=self.device,
+            trainable_params=sum(layout.used_numel for layout in self.layouts),
+            samples_per_micro_step=self.batch.train_micro_batch_size_per_gpu * self.world_size)
 
     # -- setup ------------------------------------------------------------------------------
     @staticmethod
@@ -391,6 +394,16 @@ class ZeroEngine(nn.Module):
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # training forwards only: evaluation is not throughput
+            self.monitor.forward(args, kwargs)
+        segments = checkpointing.counters.segments
+        try:
+            return self._forward(args, kwargs)
+        finally:
+            if checkpointing.counters.segments != segments:
+                self.monitor.recompute = True  # backward recomputes checkpointed forwards
+
+    def _forward(self, args, kwargs):
         with self._timers.time("forward"):
             if self.partitioned is not None and self.partitioned.prefetch.recording is not None:
                 # The first stage-3 forward runs under a check that names a parameter used
@@ -430,12 +443,13 @@ class ZeroEngine(nn.Module):
         Between boundaries only counts the micro-step."""
         boundary = self.is_gradient_accumulation_boundary()
         self.micro_steps += 1
-        self._samples_since_print += self.batch.train_micro_batch_size_per_gpu * self.world_size
+        self.monitor.micro_step()
         if not boundary:
             return
         with self._timers.time("step"):
             self._optimizer_step()
         self.global_steps += 1
+        self.monitor.step(self.global_steps, self._last_loss, self.get_lr()[0])
         if self.global_steps % self.config.steps_per_print == 0:
             self._report()
 
@@ -569,20 +583,15 @@ class ZeroEngine(nn.Module):
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def _report(self) -> None:
-        now = time.perf_counter()
-        samples_per_s = self._samples_since_print / max(now - self._time_of_print, 1e-9)
-        self._samples_since_print, self._time_of_print = 0, now
+        """Collective (every rank gives its peak memory): rank 0 prints the report line."""
         loss = self._last_loss.float().item() if self._last_loss is not None else float("nan")
-        if self.rank != 0:
-            self._timers.report()
-            return
-        scale = f"  loss scale {self.loss_scaler.scale:g}" if self.loss_scaler else ""
-        line = (f"[zero_ext] step {self.global_steps}  loss {loss:.4f}  lr "
-                f"{self.get_lr()[0]:.3e}  grad norm {self._global_grad_norm:.4f}{scale}  "
-                f"{samples_per_s:.1f} samples/s")
-        if self.config.wall_clock_breakdown:
-            line += "  | " + self._timers.report()
-        print(line, flush=True)
+        breakdown = self._timers.report() if self.config.wall_clock_breakdown else None
+        line = self.monitor.report(
+            global_step=self.global_steps, loss=loss, lr=self.get_lr()[0],
+            grad_norm=self._global_grad_norm,
+            loss_scale=self.loss_scaler.scale if self.loss_scaler else None, breakdown=breakdown)
+        if line is not None:
+            print(line, flush=True)
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str, tag=None, client_state=None,
@@ -753,6 +762,8 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
     elif config.scheduler is not None:
         from zero_ext.lr_schedules import build_scheduler
         scheduler = build_scheduler(config.scheduler, engine.optimizer)
+        # The schedule's length is the run's, as far as the progress bar can tell.
+        engine.monitor.total_steps = config.scheduler.params.get("total_num_steps")
     engine.lr_scheduler = scheduler
 
     dataloader = None

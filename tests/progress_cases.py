@@ -1,0 +1,31 @@
+"""What each rank runs in tests/test_progress.py: a short run with the bar forced on and a
+report every 2 steps, with stdout and stderr captured."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+import zero_ext
+from zero_ext import comm
+
+from engine_cases import build_model, config, global_batch
+
+
+def captured_run() -> dict:
+    os.environ["ZERO_EXT_PROGRESS"] = "1"
+    cfg = config(2, "fp32", 1, comm.world_size())
+    cfg.update(steps_per_print=2, wall_clock_breakdown=True)
+    cfg["scheduler"] = {"type": "WarmupDecayLR", "params": {"total_num_steps": 4,
+                                                            "warmup_num_steps": 1}}
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        engine = zero_ext.initialize(model=build_model(), config=cfg)[0]
+        rank = comm.rank()
+        for step in range(4):
+            tokens, targets = global_batch(step, comm.world_size(), 1)
+            engine.backward(engine(tokens[0, rank], targets[0, rank]))
+            engine.step()
+    return {"stdout": out.getvalue(), "stderr": err.getvalue(),
+            "trainable": engine.monitor.trainable_params}

@@ -1,0 +1,58 @@
+"""The training experience: rank 0's progress bar and report line (zero_ext/progress.py)."""
+
+import functools
+import re
+
+import progress_cases
+import pytest
+import torch
+
+from zero_ext.progress import count_tokens, format_bytes, format_duration
+
+from dist_harness import run_group
+from engine_cases import SEQ
+
+
+def test_count_tokens_takes_the_first_integer_input():
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    assert count_tokens((torch.randn(2, 2), ids), {}) == 21
+    assert count_tokens((), {"input_ids": ids, "labels": ids[:, :2]}) == 21
+    assert count_tokens((torch.randn(4), torch.ones(2, dtype=torch.bool)), {}) == 0
+
+
+def test_formats():
+    assert format_bytes(512) == "512B" and format_bytes(3 * 2**20) == "3.0MiB"
+    assert format_bytes(5 * 2**40) == "5120.0GiB"
+    assert format_duration(75) == "1m15s" and format_duration(3 * 3600 + 120) == "3h02m"
+
+
+@functools.cache
+def _run():
+    return run_group(2, progress_cases.captured_run)
+
+
+def test_bar_on_rank_0_only_with_step_total_loss_lr_and_eta():
+    results = _run()
+    bar = results[0]["stderr"]
+    for step in range(1, 5):
+        assert f"step {step}/4 [" in bar
+    assert "ETA" in bar and "tok/s" in bar and "loss " in bar and "lr " in bar
+    assert "step 4/4 [####################]" in bar
+    assert results[1]["stderr"] == "" and results[1]["stdout"] == ""
+
+
+def test_report_line_every_steps_per_print_with_flops_and_every_rank_memory():
+    results = _run()
+    lines = [line for line in results[0]["stdout"].splitlines() if line.startswith("[zero_ext]")]
+    assert [re.search(r"step (\d+) ", line).group(1) for line in lines] == ["2", "4"]
+    for line in lines:
+        assert re.search(r"peak memory r0 [\d.]+MiB, r1 [\d.]+MiB", line), line
+        assert "grad norm" in line and "samples/s" in line
+        assert all(f" {phase} " in line for phase in ("forward", "backward", "step")), line
+        tokens_per_s = float(re.search(r"([\d.]+) tokens/s", line).group(1))
+        tflops = float(re.search(r"([\d.e+-]+) TFLOP/s per rank", line).group(1))
+        samples_per_s = float(re.search(r"([\d.]+) samples/s", line).group(1))
+        # Tokens are the ids of every rank's micro-batch: SEQ per sample.
+        assert tokens_per_s == pytest.approx(samples_per_s * SEQ, rel=0.02)
+        want = 6 * results[0]["trainable"] * tokens_per_s / 2 / 1e12
+        assert tflops == pytest.approx(want, rel=0.01)

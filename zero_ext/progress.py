@@ -1,0 +1,156 @@
+"""What a training run shows while it runs: a progress bar on rank 0 and a periodic report line.
+
+Owned by the engine (ZeroEngine.monitor), which tells it about every forward (to count tokens)
+and every optimizer step. On rank 0:
+
+  progress bar   step/total, loss, lr, tokens/s and ETA, redrawn in place on a terminal;
+                 ZERO_EXT_PROGRESS=1 forces it on (e.g. under a pipe), =0 off.
+  report line    every `steps_per_print` steps: samples/s, tokens/s, an estimate of model
+                 TFLOP/s per rank, grad norm, loss scale and every rank's peak memory; with
+                 `wall_clock_breakdown` the time spent per phase.
+
+The report gathers every rank's peak memory, so it is collective: the engine calls it on all
+ranks at the same step. The FLOP estimate is the usual 6 x trainable parameters per token
+(forward and backward, no attention term), 8 x when activation checkpointing recomputes the
+forward; tokens are the elements of the first integer tensor of each forward's inputs (the
+token ids of a language model), so it is absent for models fed no integer tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterable
+
+import torch
+
+from zero_ext import comm
+
+__all__ = ["TrainingMonitor", "count_tokens", "format_bytes", "format_duration", "peak_memory"]
+
+
+def count_tokens(args: Iterable, kwargs: dict) -> int:
+    """Elements of the first integer tensor among a forward's inputs (its token ids), else 0."""
+    for value in list(args) + list(kwargs.values()):
+        if torch.is_tensor(value) and not value.is_floating_point() and \
+                not value.is_complex() and value.dtype != torch.bool:
+            return value.numel()
+    return 0
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes this process used: allocated GPU memory on CUDA, resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _si(x: float) -> str:
+    return f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+class TrainingMonitor:
+    """Counts samples, tokens and time between reports; draws the bar; formats the line."""
+
+    def __init__(self, *, rank: int, world_size: int, device: torch.device,
+                 trainable_params: int, samples_per_micro_step: int,
+                 total_steps: int | None = None):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.trainable_params = trainable_params
+        self.samples_per_micro_step = samples_per_micro_step
+        self.total_steps = total_steps
+        self.recompute = False  # activation checkpointing: the forward runs twice
+        forced = os.environ.get("ZERO_EXT_PROGRESS")
+        self.bar = rank == 0 and (forced == "1" if forced in ("0", "1") else sys.stderr.isatty())
+        self._start = time.perf_counter()
+        self._steps_at_start: int | None = None
+        self._since = {"samples": 0, "tokens": 0, "time": time.perf_counter()}
+        self._tokens_total, self._time_bar = 0, time.perf_counter()
+        self._bar_tokens = 0
+
+    def forward(self, args, kwargs) -> None:
+        """One micro-batch forward on this rank."""
+        tokens = count_tokens(args, kwargs) * self.world_size  # the same shape on every rank
+        self._since["tokens"] += tokens
+        self._bar_tokens += tokens
+
+    def micro_step(self) -> None:
+        self._since["samples"] += self.samples_per_micro_step
+
+    def step(self, global_step: int, loss: torch.Tensor | None, lr: float) -> None:
+        """After an optimizer step (skipped or not): redraw the bar. `loss` is read (a device
+        sync) only when the bar is shown."""
+        if self._steps_at_start is None:
+            self._steps_at_start = global_step - 1
+        if not self.bar:
+            return
+        loss = loss.float().item() if loss is not None else float("nan")
+        now = time.perf_counter()
+        done = global_step - self._steps_at_start
+        elapsed = now - self._start
+        rate = self._bar_tokens / max(now - self._time_bar, 1e-9)
+        self._bar_tokens, self._time_bar = 0, now
+        parts = []
+        if self.total_steps:
+            fraction = min(global_step / self.total_steps, 1.0)
+            filled = int(20 * fraction)
+            parts.append(f"step {global_step}/{self.total_steps} "
+                         f"[{'#' * filled}{'.' * (20 - filled)}]")
+        else:
+            parts.append(f"step {global_step}")
+        parts.append(f"loss {loss:.4f}  lr {lr:.2e}")
+        if rate:
+            parts.append(f"{_si(rate)} tok/s")
+        if self.total_steps and done > 0 and global_step < self.total_steps:
+            parts.append(f"ETA {format_duration(elapsed / done * (self.total_steps - global_step))}")
+        end = "\n" if self.total_steps and global_step >= self.total_steps else ""
+        sys.stderr.write("\r[zero_ext] " + "  ".join(parts) + "\033[K" + end)
+        sys.stderr.flush()
+
+    def report(self, *, global_step: int, loss: float, lr: float, grad_norm: float | None,
+               loss_scale: float | None, breakdown: str | None) -> str | None:
+        """Collective: the report line (rank 0; None elsewhere)."""
+        peaks = comm.all_gather_object(peak_memory(self.device))
+        now = time.perf_counter()
+        seconds = max(now - self._since["time"], 1e-9)
+        samples_per_s = self._since["samples"] / seconds
+        tokens_per_s = self._since["tokens"] / seconds
+        self._since = {"samples": 0, "tokens": 0, "time": now}
+        if self.rank != 0:
+            return None
+        norm = f"{grad_norm:.4f}" if grad_norm is not None else "n/a"
+        line = (f"[zero_ext] step {global_step}  loss {loss:.4f}  lr {lr:.3e}  grad norm "
+                f"{norm}")
+        if loss_scale is not None:
+            line += f"  loss scale {loss_scale:g}"
+        line += f"  {samples_per_s:.1f} samples/s"
+        if tokens_per_s:
+            flops_per_token = (8 if self.recompute else 6) * self.trainable_params
+            per_rank = flops_per_token * tokens_per_s / self.world_size / 1e12
+            line += f"  {tokens_per_s:.0f} tokens/s  {per_rank:.3g} TFLOP/s per rank"
+        line += "  peak memory " + ", ".join(
+            f"r{r} {format_bytes(b)}" for r, b in enumerate(peaks))
+        if breakdown:
+            line += "  | " + breakdown
+        if self.bar:
+            sys.stderr.write("\r\033[K")  # the line replaces the bar, which redraws after it
+            sys.stderr.flush()
+        return line
