@@ -16,13 +16,13 @@ import subprocess
 import sys
 import tempfile
 
-import checkpoint_cases
 import pytest
 import torch
 from torch.testing import assert_close
 
 from zero_ext.checkpoint import CheckpointError, consolidate
 
+import checkpoint_cases
 import engine_cases
 from dist_harness import run_group
 

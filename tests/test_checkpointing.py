@@ -5,7 +5,6 @@ group for every engine case), configure() and profile."""
 import functools
 import warnings
 
-import checkpointing_cases as cases
 import pytest
 import torch
 from torch import nn
@@ -13,6 +12,7 @@ from torch.testing import assert_close
 
 from zero_ext import checkpointing
 
+import checkpointing_cases as cases
 from dist_harness import run_group
 
 

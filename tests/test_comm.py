@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
-import comm_cases
 import pytest
 import torch
 
+import comm_cases
 from dist_harness import run_group
 
 

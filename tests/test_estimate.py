@@ -10,13 +10,13 @@ import json
 import subprocess
 import sys
 
-import estimate_cases
 import pytest
 import torch
 from torch import nn
 
 from zero_ext.estimate import estimate, estimate_from_config, host_bytes_needed, main, parse_count
 
+import estimate_cases
 from dist_harness import run_group
 
 CASES = [(stage, dtype, acc, None, None) for stage in (0, 1, 2, 3)

@@ -3,12 +3,12 @@
 import functools
 import re
 
-import progress_cases
 import pytest
 import torch
 
 from zero_ext.progress import count_tokens, format_bytes, format_duration
 
+import progress_cases
 from dist_harness import run_group
 from engine_cases import SEQ
 
