@@ -88,7 +88,7 @@ def arrival_cases() -> dict:
                 engine.backward(engine_cases.run(engine, tokens[micro, rank],
                                                  targets[micro, rank]))
                 if micro == 1:
-                    engine.offload.host_gradients()  # waits for any step still running
+                    engine.offload.wait_for_gradients()  # and for any step still running
                     steps_seen.append([s.step.item() for s in engine.optimizer.shards])
                 engine.step()
         out[clip] = {"steps_seen": steps_seen, "copies_before_end": copies_before_end,

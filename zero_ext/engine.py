@@ -456,8 +456,11 @@ class ZeroEngine(nn.Module):
     @torch.no_grad()
     def _optimizer_step(self) -> None:
         if self.offload is not None:
-            try:  # the host gradients decide; the uploads are waited for even on an error
-                stepped = self._step_with(self.offload.host_gradients())
+            try:  # the uploads are waited for even on an error
+                self.offload.wait_for_gradients()
+                # The norm from the device's copies: the same reduction as without offload,
+                # so clipping and the overflow skip decide identically.
+                stepped = self._step_with(self.grad_buckets.reduced_grads())
             finally:
                 self.offload.finish()
         else:

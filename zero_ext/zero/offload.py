@@ -16,8 +16,9 @@ check_host_memory), allocates (pinned) host buffers, and runs the optimizer on t
 When nothing global decides the step (no gradient clipping, no fp16 overflow check), a worker
 thread steps each shard as soon as its gradient has reached the host, overlapping the CPU step
 with the rest of backward and the remaining copies. Otherwise the global norm needs every
-gradient first: the copies still overlap backward, and after the norm the shards are stepped
-one at a time in bucket order, each upload overlapping the next shard's CPU step.
+gradient first: the copies still overlap backward, the engine takes the norm from the
+device's copies (the same reduction as without offload), and then the shards are stepped one
+at a time in bucket order, each upload overlapping the next shard's CPU step.
 
 On a machine without CUDA the "device" is CPU memory too: the same copies run synchronously,
 pinning is skipped, and the logic is the same.
@@ -172,8 +173,8 @@ class OptimizerOffload:
             event.synchronize()
             self._in_copy[index] = None
 
-    def host_gradients(self) -> list[torch.Tensor]:
-        """Every shard's gradient on the host, after all copies (and arrival steps) finished."""
+    def wait_for_gradients(self) -> None:
+        """Until every shard's gradient is on the host and every arrival step has finished."""
         self._drain()
         missing = [i for i, arrived in enumerate(self._arrived) if not arrived]
         if missing:
@@ -181,7 +182,6 @@ class OptimizerOffload:
                                "accumulation boundary needs engine.backward() first")
         for index in range(len(self.shards)):
             self._wait_copy(index)
-        return self.host_grads
 
     # -- the CPU step and weights in ---------------------------------------------------------
     def step(self, inv_scale: torch.Tensor | None) -> None:
