@@ -638,7 +638,9 @@ class ZeroEngine(nn.Module):
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes held on this rank now: model parameters (flat buffers), gradients, and
-        optimizer state (fp32 master weights that do not alias the model, moments)."""
+        optimizer state (fp32 master weights that do not alias the model, moments), wherever
+        they live; under offload_optimizer also "offload_buffers". memory_by_location() splits
+        the total into host and device."""
         params = sum(f.numel() * f.element_size() for f in self.flat_params)
         if self.partitioned is not None:
             params += self.partitioned.nbytes()
