@@ -343,25 +343,17 @@ class ZeroEngine(nn.Module):
         return self.comm_dtype
 
     def _host_memory_plan(self, unit_indices: set[int]) -> offload.HostMemoryPlan:
-        """What the allocations below will put in host memory, by the same rules they follow:
-        the optimizer's shards (state, staging copy, gradient copy) and stage-3 unit shards."""
+        """What the allocations below will put in host memory (the rules of
+        offload.host_state_bytes, which the estimator shares)."""
         plan = offload.HostMemoryPlan(local_ranks=offload.local_ranks(), pinned=self.pin_memory)
-        model_bytes = torch.empty((), dtype=self.model_dtype).element_size()
-        grad_bytes = torch.empty((), dtype=self._grad_dtype()).element_size()
-        fp32_model = self.model_dtype == torch.float32
-        for layout in self.layouts:
-            numel = layout.shard_numel
-            on_host = self._weights_on_host(layout.index, unit_indices)
-            if on_host:
-                plan.add("parameter shards", numel * model_bytes)
-            if not self.offload_optimizer:
-                continue
-            if not (on_host and fp32_model):  # else the master is the host shard itself
-                plan.add("fp32 master weights", 4 * numel)
-            plan.add("Adam moments", 8 * numel)
-            plan.add("gradient copies", numel * grad_bytes)
-            if not on_host and not fp32_model:
-                plan.add("16-bit upload buffers", numel * model_bytes)
+        for kind, nbytes in offload.host_state_bytes(
+                shard_numel=sum(layout.shard_numel for layout in self.layouts),
+                unit_shard_numel=sum(layout.shard_numel for layout in self.layouts
+                                     if layout.index in unit_indices),
+                dtype=self.model_dtype, grad_dtype=self._grad_dtype(),
+                offload_optimizer=self.offload_optimizer,
+                offload_param=self.offload_param).items():
+            plan.add(kind, nbytes)
         return plan
 
     def _weights_to_update(self) -> list[torch.Tensor]:
@@ -628,11 +620,7 @@ class ZeroEngine(nn.Module):
         """The model's weights re-derived from the fp32 master weights after they were loaded:
         16-bit copies of this rank's shards, then the all-gather that spreads them."""
         if self.replicated_optimizer is None:
-            for shard in self.optimizer.shards:
-                if shard.weights_16bit is not None:
-                    shard.weights_16bit.copy_(shard.master)
-                if shard.model_weights is not None:  # offload: the model's slice is elsewhere
-                    shard.model_weights.copy_(shard.updated_weights)
+            self.optimizer.write_model_weights()
         if self.stage >= 1:
             self._all_gather_params()
 

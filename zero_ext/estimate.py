@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from zero_ext.config import ZeroConfig
+from zero_ext.zero import offload
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 
 __all__ = ["MemoryEstimate", "StateBytes", "estimate", "estimate_from_config",
@@ -279,13 +280,9 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
     state = padded if stage == 0 else shards
     unit_shards = sum(layout.shard_numel for layout in units)
     fp32_model = dtype == torch.float32
-    if not offload_optimizer:
-        # An fp32 model's master weights are its own buffers.
-        master = 0 if fp32_model else 4 * state
-    else:
-        # On the host the master is a separate copy, except where it is the fp32 parameter
-        # shard that offload_param already keeps there.
-        master = 4 * (state - (unit_shards if offload_param and fp32_model else 0))
+    # On the device an fp32 model's master weights are its own buffers (under offload the
+    # host side is offload.host_state_bytes).
+    master = 0 if fp32_model else 4 * state
     gathered = 0
     if stage == 3:
         biggest = max(unit_numels, default=0)
@@ -300,19 +297,14 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
     optimizer = {"master": master, "exp_avg": 4 * state, "exp_avg_sq": 4 * state}
     device = {"params": whole_params + unit_params, "grads": grads, "gathered": gathered,
               "frozen": width * frozen_numel}
-    host = {}
-    if offload_optimizer:
-        host.update(optimizer)
-        # The CPU step reads a host copy of each reduced gradient shard, and a 16-bit model's
-        # new weights go back through a host buffer unless they already live there.
-        grad_width = 4 if stage >= 2 and accumulation > 1 else comm_width
-        uploads = 0 if fp32_model else width * (state - (unit_shards if offload_param else 0))
-        host["offload_buffers"] = grad_width * state + uploads
-    else:
+    host = offload.host_state_bytes(
+        shard_numel=state, unit_shard_numel=unit_shards, dtype=dtype,
+        grad_dtype=torch.float32 if stage >= 2 and accumulation > 1 else comm_dtype,
+        offload_optimizer=offload_optimizer, offload_param=offload_param)
+    if not offload_optimizer:
         device.update(optimizer)
     if offload_param:
         device["params"] = whole_params
-        host["params"] = unit_params
     return MemoryEstimate(stage=stage, world_size=world_size, dtype=dtype,
                           gradient_accumulation_steps=accumulation, numel=numel,
                           padded_numel=padded, device=StateBytes(**device),

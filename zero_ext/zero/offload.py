@@ -66,6 +66,30 @@ class HostMemoryPlan:
         return self.rank_bytes * self.local_ranks
 
 
+def host_state_bytes(*, shard_numel: int, unit_shard_numel: int, dtype: torch.dtype,
+                     grad_dtype: torch.dtype, offload_optimizer: bool,
+                     offload_param: bool) -> dict[str, int]:
+    """Host bytes one rank's offloaded state takes, per kind, from the elements of its shards
+    (`unit_shard_numel` of them in stage-3 units): the rules the allocations follow, shared by
+    the engine's budget check and the estimator.
+
+    offload_param keeps unit shards on the host. offload_optimizer keeps the fp32 master (unless
+    it is an fp32 unit shard already there), both moments, a host copy of each reduced gradient
+    shard, and for a 16-bit model an upload buffer of the new weights (unless they are written
+    straight into a host unit shard)."""
+    width = torch.empty((), dtype=dtype, device="meta").element_size()
+    grad_width = torch.empty((), dtype=grad_dtype, device="meta").element_size()
+    fp32 = dtype == torch.float32
+    on_host_units = unit_shard_numel if offload_param else 0
+    out = {"params": width * on_host_units}
+    if offload_optimizer:
+        out.update(master=4 * (shard_numel - (on_host_units if fp32 else 0)),
+                   exp_avg=4 * shard_numel, exp_avg_sq=4 * shard_numel,
+                   offload_buffers=grad_width * shard_numel
+                   + (0 if fp32 else width * (shard_numel - on_host_units)))
+    return out
+
+
 def local_ranks() -> int:
     """Processes on this node that will each allocate their own host state (torchrun sets
     LOCAL_WORLD_SIZE)."""
