@@ -217,7 +217,7 @@ def test_hf_model_consolidates_and_saves_for_from_pretrained(tmp_path):
 def test_killed_rank_mid_save_leaves_the_previous_checkpoint_loadable():
     root = os.path.join(_root(), "crash")
     # Rank 0 may report the dead peer before the harness sees rank 1's exit code.
-    with pytest.raises(RuntimeError, match="rank 1 exited with code -9|Connection closed"):
+    with pytest.raises(RuntimeError, match="rank 1 exited with code -9|Connection (closed|reset) by peer"):
         run_group(2, checkpoint_cases.crash_save, root, timeout=300)
     with open(os.path.join(root, "latest")) as f:
         assert f.read() == "good"
