@@ -20,8 +20,9 @@ from engine_cases import SEQ, VOCAB, build_model, config, global_batch, host_par
 RESUME_STAGES = (0, 1, 2, 3)
 # (stage, dtype, accumulation): every stage in fp32; accumulation and fp16 (loss scale) at 2.
 RESUME_CASES = [(s, "fp32", 1) for s in RESUME_STAGES] + [(2, "fp32", 2), (2, "fp16", 1)]
-# Resharding: where a checkpoint is saved, as (world size, stage); each loads at the others.
-RESHARD_POINTS = [(3, 3), (2, 1), (1, 0)]
+# Resharding: where a checkpoint is saved, as (world size, stage, offload of optimizer state
+# and parameters); each loads at all the others.
+RESHARD_POINTS = [(3, 3, False), (2, 1, False), (1, 0, False), (2, 3, True)]
 GLOBAL_BATCH = 6  # samples per step, divisible by every world size used
 
 
@@ -100,8 +101,16 @@ def _case_dir(case) -> str:
 
 
 # -- resharding: one global batch split over however many ranks there are --------------------
-def reshard_config(stage: int) -> dict:
-    cfg = config(stage, "fp32", 1, comm.world_size())
+def point_name(point) -> str:
+    world_size, stage, offload = point
+    return f"ws{world_size}-stage{stage}{'-offload' if offload else ''}"
+
+
+def reshard_config(point) -> dict:
+    _, stage, offload = point
+    zero = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}} \
+        if offload else {}
+    cfg = config(stage, "fp32", 1, comm.world_size(), **zero)
     cfg["train_micro_batch_size_per_gpu"] = GLOBAL_BATCH // comm.world_size()
     return cfg
 
@@ -121,33 +130,31 @@ def train_split(engine, first: int, steps: int) -> list[float]:
     return norms
 
 
-def reshard_save(root: str, stage: int) -> dict:
-    """3 steps at this world size and stage, saved; plus 6 uninterrupted steps."""
-    engine = new_engine(reshard_config(stage))
+def reshard_save(root: str, point) -> dict:
+    """3 steps at this point (world size, stage, offload), saved; plus 6 uninterrupted steps."""
+    engine = new_engine(reshard_config(point))
     norms = train_split(engine, 0, 6)
     uninterrupted = {"params": host_params(engine.module, engine), "norms": norms}
-    engine = new_engine(reshard_config(stage))
+    engine = new_engine(reshard_config(point))
     train_split(engine, 0, 3)
-    engine.save_checkpoint(os.path.join(root, f"reshard_{comm.world_size()}_s{stage}"),
-                           tag="step3")
-    model_file = engine.save_16bit_model(os.path.join(root, f"model_{comm.world_size()}_s{stage}"))
+    engine.save_checkpoint(os.path.join(root, point_name(point)), tag="step3")
+    model_file = engine.save_16bit_model(os.path.join(root, "model-" + point_name(point)))
     return {"uninterrupted": uninterrupted, "full_state": engine.full_state_dict(),
             "model_file": model_file}
 
 
-def reshard_load(root: str, stage: int) -> dict:
-    """Loads every checkpoint saved at another (world size, stage), trains 3 more steps."""
+def reshard_load(root: str, point) -> dict:
+    """Loads every checkpoint saved at another point, trains 3 more steps."""
     out = {}
-    for world_size, saved_stage in RESHARD_POINTS:
-        if (world_size, saved_stage) == (comm.world_size(), stage):
+    for saved in RESHARD_POINTS:
+        if saved == point:
             continue
-        engine = new_engine(reshard_config(stage))
-        engine.load_checkpoint(os.path.join(root, f"reshard_{world_size}_s{saved_stage}"))
+        engine = new_engine(reshard_config(point))
+        engine.load_checkpoint(os.path.join(root, point_name(saved)))
         loaded = host_params(engine.module, engine)
         norms = train_split(engine, 3, 3)
-        out[(world_size, saved_stage)] = {"loaded": loaded, "norms": norms,
-                                          "params": host_params(engine.module, engine),
-                                          "steps": engine.global_steps}
+        out[saved] = {"loaded": loaded, "norms": norms,
+                      "params": host_params(engine.module, engine), "steps": engine.global_steps}
     return out
 
 

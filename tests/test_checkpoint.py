@@ -109,10 +109,10 @@ def test_checkpoint_files_and_latest():
 @functools.cache
 def _reshard():
     root = os.path.join(_root(), "reshard")
-    saved = {(n, s): run_group(n, checkpoint_cases.reshard_save, root, s)
-             for n, s in checkpoint_cases.RESHARD_POINTS}
-    loaded = {(n, s): run_group(n, checkpoint_cases.reshard_load, root, s)
-              for n, s in checkpoint_cases.RESHARD_POINTS}
+    saved = {point: run_group(point[0], checkpoint_cases.reshard_save, root, point)
+             for point in checkpoint_cases.RESHARD_POINTS}
+    loaded = {point: run_group(point[0], checkpoint_cases.reshard_load, root, point)
+              for point in checkpoint_cases.RESHARD_POINTS}
     return saved, loaded
 
 
@@ -121,9 +121,9 @@ _RESHARDS = [(a, b) for a in checkpoint_cases.RESHARD_POINTS
 
 
 @pytest.mark.parametrize("saved_at, loaded_at", _RESHARDS,
-                         ids=[f"ws{a[0]}-stage{a[1]}-to-ws{b[0]}-stage{b[1]}"
-                              for a, b in _RESHARDS])
-def test_reshard_world_size_and_stage(saved_at, loaded_at):
+                         ids=[f"{checkpoint_cases.point_name(a)}-to-"
+                              f"{checkpoint_cases.point_name(b)}" for a, b in _RESHARDS])
+def test_reshard_world_size_stage_and_offload(saved_at, loaded_at):
     saved, loaded = _reshard()
     at_save = saved[saved_at][0]["full_state"]
     # The uninterrupted run at the loading configuration is the reference.
@@ -144,8 +144,8 @@ def test_reshard_world_size_and_stage(saved_at, loaded_at):
 # -- consolidation --------------------------------------------------------------------------
 def test_consolidate_equals_full_state_dict_and_loads_into_a_plain_model(tmp_path):
     saved, _ = _reshard()
-    full = saved[(3, 3)][0]["full_state"]
-    out = consolidate(os.path.join(_root(), "reshard", "reshard_3_s3"), tmp_path / "m")
+    full = saved[(3, 3, False)][0]["full_state"]
+    out = consolidate(os.path.join(_root(), "reshard", "ws3-stage3"), tmp_path / "m")
     assert out == str(tmp_path / "m" / "model.safetensors")
     from safetensors.torch import load_file
 
@@ -159,7 +159,7 @@ def test_consolidate_equals_full_state_dict_and_loads_into_a_plain_model(tmp_pat
 
 
 @pytest.mark.parametrize("saved_at", checkpoint_cases.RESHARD_POINTS,
-                         ids=[f"ws{n}-stage{s}" for n, s in checkpoint_cases.RESHARD_POINTS])
+                         ids=[checkpoint_cases.point_name(p) for p in checkpoint_cases.RESHARD_POINTS])
 def test_save_16bit_model_equals_full_state_dict(saved_at):
     from safetensors.torch import load_file
 
@@ -175,10 +175,10 @@ def test_save_16bit_model_equals_full_state_dict(saved_at):
 
 def test_consolidate_cli_bf16(tmp_path):
     saved, _ = _reshard()
-    full = saved[(2, 1)][0]["full_state"]
+    full = saved[(2, 1, False)][0]["full_state"]
     result = subprocess.run(
         [sys.executable, "-m", "zero_ext.consolidate",
-         os.path.join(_root(), "reshard", "reshard_2_s1"), str(tmp_path / "w.safetensors"),
+         os.path.join(_root(), "reshard", "ws2-stage1"), str(tmp_path / "w.safetensors"),
          "--dtype", "bf16"], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == str(tmp_path / "w.safetensors")
     from safetensors.torch import load_file
