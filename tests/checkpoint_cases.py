@@ -22,8 +22,8 @@ RESUME_STAGES = (0, 1, 2, 3)
 RESUME_CASES = [(s, "fp32", 1) for s in RESUME_STAGES] + [(2, "fp32", 2), (2, "fp16", 1)]
 # Resharding: where a checkpoint is saved, as (world size, stage, offload of optimizer state
 # and parameters); each loads at all the others.
-RESHARD_POINTS = [(3, 3, False), (2, 1, False), (1, 0, False), (2, 3, True)]
-GLOBAL_BATCH = 6  # samples per step, divisible by every world size used
+RESHARD_POINTS = [(3, 3, False), (2, 1, False), (1, 0, False), (4, 2, False), (2, 3, True)]
+GLOBAL_BATCH = 12  # samples per step, divisible by every world size used
 
 
 def resume_config(stage: int, dtype: str, accumulation: int) -> dict:
