@@ -1,0 +1,226 @@
+"""ZeroTrainer: the Hugging Face Trainer on a zero_ext engine.
+
+The distributed cases share two launches (tests/trainer_script.py): one torchrun of 2 CPU
+ranks for stages 1-3 (uninterrupted, and stopped-then-resumed runs), then one process for the
+plain Trainer reference, a resume of a 2-rank checkpoint at 1 rank, and an fp16 run. Config
+filling and its errors are checked in this process.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+from zero_ext.integrations.transformers import ZeroTrainer, fill_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "trainer_script.py")
+STAGES = (1, 2, 3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cmd: list[str], timeout: float) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                                check=False)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"{' '.join(cmd)} ran past {timeout}s:\n{(error.stderr or b'')[-3000:]}")
+    assert result.returncode == 0, (f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n"
+                                    f"{result.stderr[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("trainer"))
+    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+             "--master_addr=127.0.0.1", f"--master_port={_free_port()}", SCRIPT, "distributed",
+             out], timeout=420)
+    _launch([sys.executable, SCRIPT, "single", out], timeout=240)
+
+    def result(name):
+        with open(os.path.join(out, f"{name}.json")) as f:
+            return json.load(f)
+
+    def weights(name):
+        return load_file(os.path.join(out, name, "model.safetensors"))
+
+    return result, weights
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_loss_goes_down_and_logs_match_the_plain_trainer(runs, stage):
+    result, _ = runs
+    zero, plain = result(f"zero{stage}"), result("plain")
+    assert zero["losses"][-1] < 0.9 * zero["losses"][0]
+    # Same global batch (2 ranks x micro 2 x accumulation 2 against 1 x 2 x 4), fp32.
+    torch.testing.assert_close(zero["losses"], plain["losses"], rtol=1e-5, atol=0)
+    # grad_norm is the engine's global norm over the shards, before clipping to 0.5.
+    torch.testing.assert_close(zero["grad_norms"], plain["grad_norms"], rtol=1e-5, atol=0)
+    assert zero["lrs"] == pytest.approx(plain["lrs"], rel=1e-12)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_final_weights_match_the_plain_trainer(runs, stage):
+    _, weights = runs
+    zero, plain = weights(f"zero{stage}"), weights("plain")
+    assert zero.keys() == plain.keys()
+    for key in plain:
+        torch.testing.assert_close(zero[key], plain[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_resumed_training_ends_with_the_uninterrupted_weights(runs, stage):
+    _, weights = runs
+    resumed, uninterrupted = weights(f"zero{stage}_resumed"), weights(f"zero{stage}")
+    for key in uninterrupted:  # same world size: bitwise
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
+
+
+def test_checkpoint_of_two_ranks_resumes_at_one(runs):
+    _, weights = runs
+    resumed, uninterrupted = weights("zero2_resumed_1rank"), weights("zero2")
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-4, atol=1e-5,
+                                   msg=key)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_ddp_and_each_rank_reads_its_own_samples(runs, stage):
+    result, _ = runs
+    zero = result(f"zero{stage}")
+    assert zero["world_size"] == 2 and not zero["ddp"]
+    first, second = (set(r) for r in zero["reads"])  # the first epoch of each rank
+    assert not first & second and len(first | second) == 32
+
+
+def test_stage3_evaluate_and_predict(runs):
+    result, _ = runs
+    zero3, plain = result("zero3"), result("plain_eval")
+    # The plain Trainer's evaluation of the saved weights (from_pretrained) agrees.
+    assert plain["dtype"] == "torch.float32"
+    assert zero3["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+    assert zero3["predictions_shape"][:2] == [8, 16]
+
+
+def test_skipped_fp16_steps_do_not_advance_the_schedule(runs):
+    result, _ = runs
+    fp16 = result("fp16")
+    skipped = fp16["skipped_steps"]
+    assert 0 < skipped < fp16["global_steps"] == 8
+    assert fp16["scheduler_steps"] == 8 - skipped
+    # The linear schedule (8 steps) starts over at the first step taken.
+    assert fp16["lrs"][:skipped + 1] == pytest.approx([1e-2] * (skipped + 1))
+    assert fp16["lrs"][skipped + 1] == pytest.approx(1e-2 * 7 / 8)
+
+
+# -- config filling (no processes launched) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def args(tmp_path_factory):
+    return TrainingArguments(
+        output_dir=str(tmp_path_factory.mktemp("args")), per_device_train_batch_size=4,
+        gradient_accumulation_steps=3, learning_rate=2e-4, adam_beta1=0.8, adam_beta2=0.95,
+        adam_epsilon=1e-6, weight_decay=0.05, max_grad_norm=0.7, warmup_steps=10,
+        report_to="none", use_cpu=True)
+
+
+def test_auto_values_are_filled_from_the_training_arguments(args):
+    config = {
+        "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                   "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto",
+            "total_num_steps": "auto"}},
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                              "stage3_prefetch_bucket_size": "auto",
+                              "stage3_param_persistence_threshold": "auto"},
+    }
+    filled = fill_config(config, args, world_size=2, max_steps=100, hidden_size=64)
+    assert config["train_batch_size"] == "auto"  # the caller's dict is left alone
+    assert filled["train_batch_size"] == 24
+    assert filled["train_micro_batch_size_per_gpu"] == 4
+    assert filled["gradient_accumulation_steps"] == 3
+    assert filled["gradient_clipping"] == 0.7
+    assert filled["bf16"] == {"enabled": False} and filled["fp16"] == {"enabled": False}
+    assert filled["optimizer"]["params"] == {"lr": 2e-4, "betas": [0.8, 0.95], "eps": 1e-6,
+                                             "weight_decay": 0.05}
+    assert filled["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 2e-4,
+                                             "warmup_num_steps": 10, "total_num_steps": 100}
+    assert filled["zero_optimization"] == {
+        "stage": 3, "reduce_bucket_size": 4096, "stage3_prefetch_bucket_size": 3686,
+        "stage3_param_persistence_threshold": 640}
+    zero_ext = pytest.importorskip("zero_ext")
+    zero_ext.ZeroConfig.load(filled)  # a valid config
+
+
+def test_absent_keys_take_the_training_arguments(args):
+    filled = fill_config({"zero_optimization": {"stage": 2}}, args, world_size=1)
+    assert filled["train_micro_batch_size_per_gpu"] == 4
+    assert filled["gradient_accumulation_steps"] == 3
+    assert filled["gradient_clipping"] == 0.7
+    assert filled["optimizer"] == {"type": "AdamW", "params": {
+        "lr": 2e-4, "betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.05}}
+    assert "scheduler" not in filled  # the Trainer's own schedule is used
+
+
+def test_contradictions_are_listed_in_one_error(args):
+    config = {
+        "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 3,
+        "gradient_clipping": 1.0, "bf16": {"enabled": True},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.8, 0.95]}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5,
+                                                     "warmup_type": "auto"}},
+    }
+    with pytest.raises(ValueError) as error:
+        fill_config(config, args, world_size=2, max_steps=100)
+    text = str(error.value)
+    for expected in (("train_micro_batch_size_per_gpu is 8 in the config, but "
+                      "TrainingArguments.per_device_train_batch_size is 4"),
+                     "gradient_clipping is 1.0",
+                     "bf16.enabled is True in the config, but TrainingArguments.bf16 is False",
+                     "optimizer.params.lr is 0.001",
+                     "scheduler.params.warmup_num_steps is 5",
+                     "scheduler.params.warmup_type is \"auto\", but no TrainingArguments value"):
+        assert expected in text, text
+    assert "gradient_accumulation_steps is" not in text and "betas" not in text
+    assert text.count("\n  - ") == 6
+
+
+def test_optimizers_other_than_adamw_are_refused(tmp_path):
+    sgd = TrainingArguments(output_dir=str(tmp_path), optim="sgd", report_to="none",
+                            use_cpu=True)
+    with pytest.raises(ValueError, match="optim is 'sgd'.*adamw_torch"):
+        fill_config({}, sgd, world_size=1)
+
+
+def test_epochs_must_hold_whole_accumulation_windows(tmp_path):
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+    data = [{"input_ids": torch.arange(4), "labels": torch.arange(4)}] * 6
+    trainer = ZeroTrainer(model=model, train_dataset=data, zero_config={},
+                          args=TrainingArguments(output_dir=str(tmp_path), max_steps=2,
+                                                 per_device_train_batch_size=2,
+                                                 gradient_accumulation_steps=2,
+                                                 report_to="none", use_cpu=True))
+    with pytest.raises(ValueError, match="3 batches per epoch, not a multiple of "
+                                         "gradient_accumulation_steps \\(2\\)"):
+        trainer.train()

@@ -1,0 +1,173 @@
+"""The runs tests/test_trainer.py compares, in as few process launches as possible.
+
+    torchrun --nproc_per_node=2 tests/trainer_script.py distributed OUT   # ZeroTrainer, 2 ranks
+    python tests/trainer_script.py single OUT                           # after `distributed`
+
+`distributed`, for stages 1, 2 and 3: an uninterrupted run of STEPS optimizer steps, and a run
+stopped after STOP_AT steps (with a checkpoint there) then resumed by a new ZeroTrainer to the
+end; stage 3 also evaluates and predicts. `single`, in one process: the plain Trainer (no
+zero_ext) on the same data and global batch, the stage-2 checkpoint resumed at one rank, an
+fp16 run whose first steps overflow, and the plain Trainer's evaluation of the stage-3 final
+weights. Rank 0 writes OUT/<name>.json
+(logged losses, grad norms, learning rates, metrics) and each run's final weights under
+OUT/<name>/ (model.safetensors).
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "examples"))
+from hf_trainer import TEXT, CharWindows, tiny_llama
+
+from zero_ext.integrations.transformers import ZeroTrainer
+
+STEPS, STOP_AT = 8, 5       # 32 samples, global batch 8: two epochs, stopped mid-epoch
+MICRO, GLOBAL_BATCH = 2, 8
+CONFIG = {  # "auto" wherever the Trainer has the value; absent keys are filled the same way
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
+    "zero_optimization": {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto"},
+}
+
+
+class RecordingWindows(CharWindows):
+    """Remembers which samples this rank read, to check that ranks read different ones."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read = []
+
+    def __getitem__(self, i):
+        self.read.append(int(i))
+        return super().__getitem__(i)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def data():
+    with open(TEXT, encoding="utf-8") as f:
+        text = f.read()
+    return RecordingWindows(text, 16, 32), CharWindows(text, 16, 8)
+
+
+def arguments(out, world_size, **kw):
+    kw = {"save_strategy": "no", **kw}
+    return TrainingArguments(
+        output_dir=out, max_steps=STEPS, learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.5,
+        per_device_train_batch_size=MICRO, per_device_eval_batch_size=2,
+        gradient_accumulation_steps=GLOBAL_BATCH // (MICRO * world_size), logging_steps=1,
+        report_to="none", disable_tqdm=True, seed=0, use_cpu=True, **kw)
+
+
+def record(trainer, out, name, **extra):
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    result = dict(losses=[e["loss"] for e in logs], grad_norms=[e["grad_norm"] for e in logs],
+                  lrs=[e["learning_rate"] for e in logs], **extra)
+    trainer.save_model(os.path.join(out, name))  # collective under ZeroTrainer
+    if trainer.is_world_process_zero():
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
+            json.dump(result, f)
+
+
+def zero_trainer(stage, run_dir, train, **kw):
+    vocab = len(train.vocab)
+    return ZeroTrainer(model=tiny_llama(vocab), args=arguments(run_dir, dist_world(), **kw),
+                       train_dataset=train,
+                       zero_config={**CONFIG, "zero_optimization": {
+                           **CONFIG["zero_optimization"], "stage": stage}})
+
+
+def dist_world():
+    # From torchrun's environment: the process group only exists once TrainingArguments do.
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def distributed(out):
+    for stage in (1, 2, 3):
+        train, evaluation = data()
+        trainer = zero_trainer(stage, os.path.join(out, f"scratch{stage}"), train)
+        trainer.train()
+        wrapped = [trainer.model_wrapped, *trainer.accelerator._models]
+        extra = {"ddp": any(isinstance(m, DistributedDataParallel) for m in wrapped),
+                 "world_size": trainer.args.world_size,
+                 # each rank's first epoch
+                 "reads": [r[:len(train) // 2] for r in gather(train.read)]}
+        if stage == 3:
+            extra["eval_loss"] = trainer.evaluate(evaluation)["eval_loss"]
+            prediction = trainer.predict(evaluation)
+            extra["predictions_shape"] = list(prediction.predictions.shape)
+        record(trainer, out, f"zero{stage}", **extra)
+
+        run_dir = os.path.join(out, f"run{stage}")
+        train, _ = data()
+        first = zero_trainer(stage, run_dir, train, save_strategy="steps",
+                             save_steps=STOP_AT)
+        first.add_callback(StopAt(STOP_AT))
+        first.train()
+        train, _ = data()
+        resumed = zero_trainer(stage, run_dir, train)
+        resumed.train(resume_from_checkpoint=os.path.join(run_dir, f"checkpoint-{STOP_AT}"))
+        record(resumed, out, f"zero{stage}_resumed")
+
+
+def gather(value):
+    values = [None] * dist_world()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def single(out):
+    train, evaluation = data()
+    reference = Trainer(model=tiny_llama(len(train.vocab)),
+                        args=arguments(os.path.join(out, "scratch_plain"), 1), train_dataset=train)
+    reference.train()
+    record(reference, out, "plain")
+
+    # Saved at two ranks, resumed at one.
+    train, _ = data()
+    resumed = zero_trainer(2, os.path.join(out, "run2"), train)
+    resumed.train(resume_from_checkpoint=os.path.join(out, "run2", f"checkpoint-{STOP_AT}"))
+    record(resumed, out, "zero2_resumed_1rank")
+
+    # fp16 with a loss scale that overflows the first steps: they are skipped, and the LR
+    # schedule starts with the first step taken.
+    train, _ = data()
+    fp16 = ZeroTrainer(model=tiny_llama(len(train.vocab)),
+                       args=arguments(os.path.join(out, "scratch_fp16"), 1, fp16=True),
+                       train_dataset=train, zero_config={
+                           "fp16": {"enabled": "auto", "initial_scale_power": 24, "hysteresis": 1},
+                           "zero_optimization": {"stage": 2}})
+    fp16.train()
+    engine = fp16.engine
+    record(fp16, out, "fp16", skipped_steps=engine.skipped_steps,
+           global_steps=engine.global_steps, scheduler_steps=engine.lr_scheduler.last_epoch)
+
+    model = LlamaForCausalLM.from_pretrained(os.path.join(out, "zero3"))
+    metrics = Trainer(model=model, args=arguments(os.path.join(out, "scratch_eval"), 1)).evaluate(
+        evaluation)
+    with open(os.path.join(out, "plain_eval.json"), "w") as f:
+        json.dump({"eval_loss": metrics["eval_loss"],
+                   "dtype": str(next(model.parameters()).dtype)}, f)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    mode, out = sys.argv[1], sys.argv[2]
+    {"distributed": distributed, "single": single}[mode](out)
