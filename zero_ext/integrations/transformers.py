@@ -373,6 +373,13 @@ class ZeroTrainer(Trainer):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _load_best_model(self) -> None:
+        if self.engine is None:
+            return super()._load_best_model()
+        # Collective: the best checkpoint's weights become the fp32 masters and the model's
+        # (sharded) weights; the optimizer state and step counts of the finished run stay.
+        self.engine.load_checkpoint(self.state.best_model_checkpoint, load_module_only=True)
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
             return
