@@ -8,6 +8,7 @@ filling and its errors are checked in this process.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from zero_ext.integrations.transformers import ZeroTrainer, fill_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "trainer_script.py")
+EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "hf_trainer.py")
 STAGES = (1, 2, 3)
 
 
@@ -34,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(cmd: list[str], timeout: float) -> None:
+def _launch(cmd: list[str], timeout: float) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
@@ -43,6 +45,7 @@ def _launch(cmd: list[str], timeout: float) -> None:
         pytest.fail(f"{' '.join(cmd)} ran past {timeout}s:\n{(error.stderr or b'')[-3000:]}")
     assert result.returncode == 0, (f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n"
                                     f"{result.stderr[-6000:]}")
+    return result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +121,15 @@ def test_stage3_evaluate_and_predict(runs):
     assert zero3["predictions_shape"][:2] == [8, 16]
 
 
+def test_load_best_model_at_end_restores_the_best_checkpoint(runs):
+    result, weights = runs
+    best = result("best")["best_checkpoint"]
+    assert best == "checkpoint-4"
+    final, saved = weights("best"), weights(os.path.join("best", best))
+    for key in saved:
+        torch.testing.assert_close(final[key], saved[key], rtol=0, atol=0, msg=key)
+
+
 def test_skipped_fp16_steps_do_not_advance_the_schedule(runs):
     result, _ = runs
     fp16 = result("fp16")
@@ -127,6 +139,20 @@ def test_skipped_fp16_steps_do_not_advance_the_schedule(runs):
     # The linear schedule (8 steps) starts over at the first step taken.
     assert fp16["lrs"][:skipped + 1] == pytest.approx([1e-2] * (skipped + 1))
     assert fp16["lrs"][skipped + 1] == pytest.approx(1e-2 * 7 / 8)
+
+
+def test_example_with_stage3_offload_under_torchrun(tmp_path):
+    config = os.path.join(os.path.dirname(EXAMPLE), "configs", "trainer", "zero3_offload.json")
+    stdout = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      "--master_addr=127.0.0.1", f"--master_port={_free_port()}", EXAMPLE,
+                      "--config", config, "--steps", "12", "--output_dir", str(tmp_path)],
+                     timeout=300)
+    match = re.search(r"stage 3, 2 rank\(s\): loss ([\d.]+) -> eval loss ([\d.]+)", stdout)
+    assert match, stdout[-3000:]
+    first, last = map(float, match.groups())
+    assert last < 0.95 * first
+    model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "final"))
+    assert model.config.num_hidden_layers == 2
 
 
 # -- config filling (no processes launched) ---------------------------------------------------

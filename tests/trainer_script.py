@@ -7,7 +7,8 @@
 stopped after STOP_AT steps (with a checkpoint there) then resumed by a new ZeroTrainer to the
 end; stage 3 also evaluates and predicts. `single`, in one process: the plain Trainer (no
 zero_ext) on the same data and global batch, the stage-2 checkpoint resumed at one rank, an
-fp16 run whose first steps overflow, and the plain Trainer's evaluation of the stage-3 final
+fp16 run whose first steps overflow, a stage-3 run that loads its best checkpoint at the end,
+and the plain Trainer's evaluation of the stage-3 final
 weights. Rank 0 writes OUT/<name>.json
 (logged losses, grad norms, learning rates, metrics) and each run's final weights under
 OUT/<name>/ (model.safetensors).
@@ -86,10 +87,10 @@ def record(trainer, out, name, **extra):
             json.dump(result, f)
 
 
-def zero_trainer(stage, run_dir, train, **kw):
+def zero_trainer(stage, run_dir, train, evaluation=None, **kw):
     vocab = len(train.vocab)
     return ZeroTrainer(model=tiny_llama(vocab), args=arguments(run_dir, dist_world(), **kw),
-                       train_dataset=train,
+                       train_dataset=train, eval_dataset=evaluation,
                        zero_config={**CONFIG, "zero_optimization": {
                            **CONFIG["zero_optimization"], "stage": stage}})
 
@@ -102,7 +103,10 @@ def dist_world():
 def distributed(out):
     for stage in (1, 2, 3):
         train, evaluation = data()
-        trainer = zero_trainer(stage, os.path.join(out, f"scratch{stage}"), train)
+        # Stage 3 also evaluates halfway: gathers without a backward, between training steps.
+        evaluating = {"eval_strategy": "steps", "eval_steps": STEPS // 2} if stage == 3 else {}
+        trainer = zero_trainer(stage, os.path.join(out, f"scratch{stage}"), train, evaluation,
+                               **evaluating)
         trainer.train()
         wrapped = [trainer.model_wrapped, *trainer.accelerator._models]
         extra = {"ddp": any(isinstance(m, DistributedDataParallel) for m in wrapped),
@@ -158,6 +162,15 @@ def single(out):
     engine = fp16.engine
     record(fp16, out, "fp16", skipped_steps=engine.skipped_steps,
            global_steps=engine.global_steps, scheduler_steps=engine.lr_scheduler.last_epoch)
+
+    # load_best_model_at_end with "higher loss is better": the halfway checkpoint wins.
+    train, evaluation = data()
+    best = zero_trainer(3, os.path.join(out, "best"), train, evaluation, eval_strategy="steps",
+                        eval_steps=STEPS // 2, save_strategy="steps", save_steps=STEPS // 2,
+                        load_best_model_at_end=True, metric_for_best_model="loss",
+                        greater_is_better=True)
+    best.train()
+    record(best, out, "best", best_checkpoint=os.path.basename(best.state.best_model_checkpoint))
 
     model = LlamaForCausalLM.from_pretrained(os.path.join(out, "zero3"))
     metrics = Trainer(model=model, args=arguments(os.path.join(out, "scratch_eval"), 1)).evaluate(
