@@ -121,6 +121,15 @@ def test_stage3_evaluate_and_predict(runs):
     assert zero3["predictions_shape"][:2] == [8, 16]
 
 
+def test_stage3_bf16_and_activation_checkpointing(runs):
+    result, weights = runs
+    plain = result("plain")["losses"]
+    # Recomputing activations changes nothing; bf16 weights stay near the fp32 run.
+    torch.testing.assert_close(result("zero3_ckpt")["losses"], plain, rtol=1e-5, atol=0)
+    torch.testing.assert_close(result("zero3_bf16")["losses"], plain, rtol=1e-2, atol=0)
+    assert {t.dtype for t in weights("zero3_bf16").values()} == {torch.bfloat16}
+
+
 def test_load_best_model_at_end_restores_the_best_checkpoint(runs):
     result, weights = runs
     best = result("best")["best_checkpoint"]

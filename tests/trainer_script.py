@@ -5,7 +5,8 @@
 
 `distributed`, for stages 1, 2 and 3: an uninterrupted run of STEPS optimizer steps, and a run
 stopped after STOP_AT steps (with a checkpoint there) then resumed by a new ZeroTrainer to the
-end; stage 3 also evaluates and predicts. `single`, in one process: the plain Trainer (no
+end; stage 3 also evaluates (halfway and after training) and predicts, and trains in bf16 and
+with activation checkpointing. `single`, in one process: the plain Trainer (no
 zero_ext) on the same data and global batch, the stage-2 checkpoint resumed at one rank, an
 fp16 run whose first steps overflow, a stage-3 run that loads its best checkpoint at the end,
 and the plain Trainer's evaluation of the stage-3 final
@@ -118,6 +119,16 @@ def distributed(out):
             prediction = trainer.predict(evaluation)
             extra["predictions_shape"] = list(prediction.predictions.shape)
         record(trainer, out, f"zero{stage}", **extra)
+
+        if stage == 3:
+            # The engine owns mixed precision (bf16 weights, fp32 masters); the model's own
+            # activation checkpointing replays forwards that gather their units again.
+            for name, option in (("bf16", {"bf16": True}),
+                                 ("ckpt", {"activation_checkpointing": True})):
+                train, _ = data()
+                variant = zero_trainer(stage, os.path.join(out, f"scratch_{name}"), train, **option)
+                variant.train()
+                record(variant, out, f"zero3_{name}")
 
         run_dir = os.path.join(out, f"run{stage}")
         train, _ = data()

@@ -328,7 +328,7 @@ class ZeroTrainer(Trainer):
             or self.compute_loss_func is not None)
         # engine.backward divides by gradient_accumulation_steps: the one 1/accumulation a
         # per-batch mean needs; a window-normalised loss is multiplied back first.
-        engine.backward(loss * gas if scaled else loss)
+        engine.backward(loss.float() * gas if scaled else loss)
         if boundary:
             self._lr_of_last_step = engine.get_lr()[0]
         engine.step()
