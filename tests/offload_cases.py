@@ -7,6 +7,8 @@ reference of engine_cases.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 
 import torch
@@ -226,6 +228,32 @@ def checks() -> dict:
     return {"overflow": overflow_cases(), "arrival": arrival_cases(),
             "accounting": accounting_cases(), "budget": budget_cases(),
             "models": model_cases()}
+
+
+def timing_cases() -> dict:
+    """OptimizerOffload.timings() after three steps of _Wide, with clipping off (each shard
+    steps as its gradient arrives) and on (every shard waits for the norm); the report line
+    that wall_clock_breakdown prints, and the timings after it."""
+    out = {}
+    for clip in (0.0, 0.5):
+        torch.manual_seed(0)
+        engine, _, _, _ = zero_ext.initialize(model=_Wide(512, 8), config={
+            "train_micro_batch_size_per_gpu": 64, "gradient_clipping": clip,
+            "steps_per_print": 100, "wall_clock_breakdown": True,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            "zero_optimization": {"stage": 2, "reduce_bucket_size": 2**18,
+                                  "overlap_comm": True, **OPTIMIZER}})
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            engine.backward(engine(torch.randn(64, 512, generator=gen)))
+            engine.step()
+        timings = engine.offload.timings(reset=False)
+        report = io.StringIO()
+        with contextlib.redirect_stdout(report):
+            engine._report()  # what every steps_per_print-th step prints
+        out[clip] = {"timings": timings, "shards": len(engine.optimizer.shards),
+                     "report": report.getvalue(), "after_report": engine.offload.timings()}
+    return out
 
 
 # -- GPU (tests marked cuda) -------------------------------------------------------------------

@@ -188,6 +188,28 @@ def test_the_real_available_figure_is_read_from_the_system():
     assert 0 < available <= total
 
 
+def test_timings_split_the_cpu_step_at_the_end_of_backward():
+    results = run_group(1, offload_cases.timing_cases)[0]
+    for clip, result in results.items():
+        timings, shards = result["timings"], result["shards"]
+        assert shards > 2
+        assert timings.steps == 3 and timings.shards_stepped == 3 * shards, clip
+        for name in ("grad_copy_s", "cpu_step_s", "cpu_step_hidden_s", "cpu_step_exposed_s",
+                     "upload_s"):
+            assert getattr(timings, name) >= 0.0, (clip, name)
+        assert timings.cpu_step_s > 0.0 and timings.grad_copy_s > 0.0, clip
+        assert timings.cpu_step_hidden_s + timings.cpu_step_exposed_s == pytest.approx(
+            timings.cpu_step_s, rel=1e-9), clip
+        # The report line carries the same figures, and takes them.
+        assert f"cpu step {1e3 * timings.cpu_step_s:.1f}ms" in result["report"], clip
+        assert "grad copy-out" in result["report"] and "upload" in result["report"], clip
+        assert result["after_report"].steps == 0 and result["after_report"].cpu_step_s == 0.0
+    # Without clipping shards step while backward goes on; with it, all in engine.step().
+    assert results[0.0]["timings"].cpu_step_hidden_s > 0.0
+    assert results[0.5]["timings"].cpu_step_hidden_s == 0.0
+    assert results[0.5]["timings"].hidden_fraction == 0.0
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("clip", [0.0, 1.0])

@@ -581,6 +581,8 @@ class ZeroEngine(nn.Module):
         """Collective (every rank gives its peak memory): rank 0 prints the report line."""
         loss = self._last_loss.float().item() if self._last_loss is not None else float("nan")
         breakdown = self._timers.report() if self.config.wall_clock_breakdown else None
+        if breakdown is not None and self.offload is not None:
+            breakdown += f"  {self.offload.timings()}"
         line = self.monitor.report(
             global_step=self.global_steps, loss=loss, lr=self.get_lr()[0],
             grad_norm=self._global_grad_norm,

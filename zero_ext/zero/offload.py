@@ -22,11 +22,22 @@ at a time in bucket order, each upload overlapping the next shard's CPU step.
 
 On a machine without CUDA the "device" is CPU memory too: the same copies run synchronously,
 pinning is skipped, and the logic is the same.
+
+`OptimizerOffload.timings()` says where the time went since it was last asked (the engine's
+`wall_clock_breakdown` report asks every `steps_per_print` steps): seconds of gradient copies
+out, CPU AdamW and uploads, and how much of the CPU step ran before backward ended (hidden)
+or after (exposed). "Backward ended" is when the last gradient shard reached the host, which
+needs no device sync to observe: the engine waits for that copy anyway at the start of
+engine.step(). On CUDA the copies are timed with events on their own streams (read when they
+have completed), the CPU step with the host clock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,8 +47,8 @@ import torch
 
 from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
 
-__all__ = ["HostMemoryPlan", "OptimizerOffload", "available_host_memory", "check_host_memory",
-           "host_buffer"]
+__all__ = ["HostMemoryPlan", "OffloadTimings", "OptimizerOffload", "available_host_memory",
+           "check_host_memory", "host_buffer"]
 
 
 def host_buffer(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
@@ -136,6 +147,73 @@ def check_host_memory(plan: HostMemoryPlan, available: int | None = None) -> Non
         "Fixes: " + "; ".join(fixes))
 
 
+@dataclass
+class OffloadTimings:
+    """Where an OptimizerOffload's time went over some steps (seconds, summed over shards)."""
+
+    steps: int = 0              # engine.step() calls at an accumulation boundary
+    shards_stepped: int = 0     # CPU AdamW calls, one per shard per step not skipped
+    grad_copy_s: float = 0.0    # device -> host copies of the reduced gradient shards
+    cpu_step_s: float = 0.0     # CPU AdamW (cpu_step_hidden_s + cpu_step_exposed_s)
+    cpu_step_hidden_s: float = 0.0   # ... of it while backward was still running
+    cpu_step_exposed_s: float = 0.0  # ... of it after backward ended, in engine.step()
+    upload_s: float = 0.0       # host -> device copies of the updated weights
+
+    @property
+    def hidden_fraction(self) -> float:
+        return self.cpu_step_hidden_s / self.cpu_step_s if self.cpu_step_s else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {**dataclasses.asdict(self), "hidden_fraction": self.hidden_fraction}
+
+    def __str__(self) -> str:
+        return (f"grad copy-out {1e3 * self.grad_copy_s:.1f}ms  cpu step "
+                f"{1e3 * self.cpu_step_s:.1f}ms ({100 * self.hidden_fraction:.0f}% hidden)  "
+                f"upload {1e3 * self.upload_s:.1f}ms")
+
+
+class _CopyClock:
+    """Durations of copies on a side stream: an event pair per copy, read once both have
+    completed, so timing adds no synchronization (CPU: the host clock around the copy)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.seconds = 0.0
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, start) -> torch.cuda.Event | None:
+        """Ends the span begun by `start`; on CUDA returns its end event (recorded on the
+        current stream, where the copy was queued)."""
+        if not self.cuda:
+            self.seconds += time.perf_counter() - start
+            return None
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.pending.append((start, end))
+        return end
+
+    def collect(self, wait: bool = False) -> float:
+        """Seconds of the spans completed so far (all of them with `wait`: a sync)."""
+        still = []
+        for start, end in self.pending:
+            if wait:
+                end.synchronize()
+            if end.query():
+                self.seconds += start.elapsed_time(end) / 1e3
+            else:
+                still.append((start, end))
+        self.pending = still
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 class OptimizerOffload:
     """The host side of offload_optimizer: gradient copies out, CPU AdamW, weight copies in.
 
@@ -167,6 +245,14 @@ class OptimizerOffload:
         self._arrived = [False] * n
         self._stepped = [False] * n
         self._futures: list[Future] = []
+        # Timing (see timings()): the host-clock spans of this step's CPU AdamW calls, and
+        # the host time the last gradient shard was seen on the host (backward's end).
+        self._lock = threading.Lock()
+        self._copy_clock, self._upload_clock = _CopyClock(self._cuda), _CopyClock(self._cuda)
+        self._cpu_spans: list[tuple[float, float]] = []
+        self._last_arrival: int | None = None
+        self._backward_end: float | None = None
+        self._totals = OffloadTimings()
         self._worker = None
         if step_on_arrival:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="zero_ext-offload")
@@ -176,17 +262,23 @@ class OptimizerOffload:
     def grad_ready(self, index: int, grad: torch.Tensor) -> None:
         """GradientBuckets' on_final: bucket `index`'s gradient shard for this step is final."""
         host = self.host_grads[index]
+        if all(self._arrived[:index]) and all(self._arrived[index + 1:]):
+            self._last_arrival = index
         if self._cuda:
             # The copy stream waits for what produced the gradient (reduce-scatter, fp32
             # accumulation) on the stream backward runs on.
             self._copy_stream.wait_stream(torch.cuda.current_stream(grad.device))
             with torch.cuda.stream(self._copy_stream):
+                start = self._copy_clock.start()
                 host.copy_(grad, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
+                event = self._copy_clock.stop(start)
             self._in_copy[index], self._copied[index] = grad, event
         else:
+            start = self._copy_clock.start()
             host.copy_(grad)
+            self._copy_clock.stop(start)
+            if index == self._last_arrival:
+                self._backward_end = time.perf_counter()
         self._arrived[index] = True
         if self._worker is not None:
             self._futures.append(self._worker.submit(self._step_shard, index, None))
@@ -196,16 +288,26 @@ class OptimizerOffload:
         if event is not None:
             event.synchronize()
             self._in_copy[index] = None
+            if index == self._last_arrival:
+                # Both threads may wait for the last copy; the earlier sighting is the closer
+                # bound on when it completed.
+                seen = time.perf_counter()
+                with self._lock:
+                    if self._backward_end is None or seen < self._backward_end:
+                        self._backward_end = seen
 
     def wait_for_gradients(self) -> None:
         """Until every shard's gradient is on the host and every arrival step has finished."""
-        self._drain()
         missing = [i for i, arrived in enumerate(self._arrived) if not arrived]
         if missing:
+            self._drain()
             raise RuntimeError("zero_ext: no reduced gradients: engine.step() at an "
                                "accumulation boundary needs engine.backward() first")
+        # The copies before the arrival steps: this thread is then free to see the last copy
+        # complete while the worker is still stepping (the end of backward, for timings()).
         for index in range(len(self.shards)):
             self._wait_copy(index)
+        self._drain()
 
     # -- the CPU step and weights in ---------------------------------------------------------
     def step(self, inv_scale: torch.Tensor | None) -> None:
@@ -224,21 +326,26 @@ class OptimizerOffload:
             self._uploaded[index] = None
         if self._before_host_write is not None and shard.model_weights is None:
             self._before_host_write(shard.layout.index)
+        start = time.perf_counter()
         self.optimizer.sharded_step([self.host_grads[index]], inv_scale, only=[shard],
                                     copy_out=False)
+        with self._lock:
+            self._cpu_spans.append((start, time.perf_counter()))
         self._stepped[index] = True
         if shard.model_weights is None:
             return
         if not self._cuda:
+            start = self._upload_clock.start()
             shard.model_weights.copy_(shard.updated_weights)
+            self._upload_clock.stop(start)
             return
         with torch.cuda.device(self.device), torch.cuda.stream(self._upload_stream):
             # The copy stream waited for backward's stream when this gradient was ready:
             # every kernel reading these weights in this backward was queued before that.
             self._upload_stream.wait_event(self._copied[index])
+            start = self._upload_clock.start()
             shard.model_weights.copy_(shard.updated_weights, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            event = self._upload_clock.stop(start)
         self._uploaded[index] = event
 
     def finish(self) -> None:
@@ -252,6 +359,35 @@ class OptimizerOffload:
                     stream.wait_event(event)
         self._arrived = [False] * len(self.shards)
         self._stepped = [False] * len(self.shards)
+        self._account_step()
+
+    def _account_step(self) -> None:
+        """Adds this step's CPU AdamW spans to the totals, split at backward's end."""
+        end = self._backward_end
+        totals = self._totals
+        totals.steps += 1
+        # Completed copies are read every step, so the event pairs do not pile up.
+        totals.grad_copy_s += self._copy_clock.collect()
+        totals.upload_s += self._upload_clock.collect()
+        for start, stop in self._cpu_spans:
+            hidden = max(0.0, min(stop, end) - start) if end is not None else 0.0
+            totals.shards_stepped += 1
+            totals.cpu_step_s += stop - start
+            totals.cpu_step_hidden_s += hidden
+            totals.cpu_step_exposed_s += (stop - start) - hidden
+        self._cpu_spans, self._backward_end, self._last_arrival = [], None, None
+
+    def timings(self, reset: bool = True) -> OffloadTimings:
+        """Where the time went since the last reset (on CUDA this waits for the uploads in
+        flight, to read their events: call it between steps, not inside one)."""
+        totals = self._totals
+        totals.grad_copy_s += self._copy_clock.collect(wait=True)
+        totals.upload_s += self._upload_clock.collect(wait=True)
+        if reset:
+            self._totals = OffloadTimings()
+        else:
+            totals = dataclasses.replace(totals)
+        return totals
 
     def _drain(self) -> None:
         futures, self._futures = self._futures, []
