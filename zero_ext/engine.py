@@ -135,6 +135,7 @@ class ZeroEngine(nn.Module):
         self.global_steps = 0
         self.micro_steps = 0
         self.skipped_steps = 0
+        self._window_ends_early = False  # set_gradient_accumulation_boundary
         self._global_grad_norm: float | None = None
         self._last_loss: torch.Tensor | None = None
 
@@ -406,7 +407,16 @@ class ZeroEngine(nn.Module):
             return self.module(*args, **kwargs)
 
     def is_gradient_accumulation_boundary(self) -> bool:
-        return (self.micro_steps + 1) % self.batch.gradient_accumulation_steps == 0
+        return self._window_ends_early or \
+            (self.micro_steps + 1) % self.batch.gradient_accumulation_steps == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool = True) -> None:
+        """Ends the accumulation window at the next micro-step (DeepSpeed's name): its backward
+        reduces as the window's last and its step() steps; the next window starts afresh. For
+        a data loader whose last window is short (the Hugging Face Trainer at an epoch's end).
+        backward still divides by gradient_accumulation_steps: for a window of k micro-steps,
+        multiply the loss by gradient_accumulation_steps / k."""
+        self._window_ends_early = is_boundary
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagates `loss` / gradient_accumulation_steps (times the fp16 loss scale) and
@@ -435,6 +445,11 @@ class ZeroEngine(nn.Module):
         Between boundaries only counts the micro-step."""
         boundary = self.is_gradient_accumulation_boundary()
         self.micro_steps += 1
+        if boundary and self._window_ends_early:
+            # Windows start at multiples of the accumulation steps (checkpoints rely on it).
+            accumulation = self.batch.gradient_accumulation_steps
+            self.micro_steps = -(-self.micro_steps // accumulation) * accumulation
+            self._window_ends_early = False
         self.monitor.micro_step()
         if not boundary:
             return
