@@ -247,14 +247,6 @@ class ZeroTrainer(Trainer):
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         """Replaces the Trainer's optimizer and scheduler creation and accelerate's prepare of
         the model (which would wrap it in DistributedDataParallel) with the engine."""
-        steps_in_epoch = len(train_dataloader) if hasattr(train_dataloader, "__len__") else None
-        gas = self.args.gradient_accumulation_steps
-        if steps_in_epoch is not None and steps_in_epoch % gas:
-            raise ValueError(
-                f"ZeroTrainer: each rank gets {steps_in_epoch} batches per epoch, not a multiple "
-                f"of gradient_accumulation_steps ({gas}); the Trainer would step on a shorter "
-                "last window, which the engine's accumulation does not follow. Change the "
-                "dataset size, per_device_train_batch_size or gradient_accumulation_steps")
         if self.engine is None:
             self._create_engine(max_steps)
         self.model_wrapped = self.engine
@@ -309,30 +301,39 @@ class ZeroTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         engine = self.engine
         boundary = self.accelerator.gradient_state.sync_gradients
-        if boundary != engine.is_gradient_accumulation_boundary():
+        if boundary and not engine.is_gradient_accumulation_boundary():
+            engine.set_gradient_accumulation_boundary()  # an epoch's short last window
+        elif not boundary and engine.is_gradient_accumulation_boundary():
             raise RuntimeError(
-                f"ZeroTrainer: the Trainer {'ends' if boundary else 'continues'} an "
-                f"accumulation window at micro-step {engine.micro_steps} where the engine "
-                f"{'continues' if boundary else 'ends'} one; use a dataset whose batches per "
-                "epoch are a multiple of gradient_accumulation_steps")
+                f"ZeroTrainer: the engine's accumulation window ends at micro-step "
+                f"{engine.micro_steps} but the Trainer's goes on; gradient_accumulation_steps "
+                f"is {engine.batch.gradient_accumulation_steps} in the engine and "
+                f"{self.args.gradient_accumulation_steps} in the TrainingArguments")
         model.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         del inputs
         gas = self.args.gradient_accumulation_steps
+        window = self.current_gradient_accumulation_steps  # shorter at an epoch's end
         # As in Trainer.training_step: a loss normalised by the window's item count is already
         # this micro-batch's share of the window's loss; otherwise it is a per-batch mean.
         scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
             (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
             or self.compute_loss_func is not None)
-        # engine.backward divides by gradient_accumulation_steps: the one 1/accumulation a
-        # per-batch mean needs; a window-normalised loss is multiplied back first.
-        engine.backward(loss.float() * gas if scaled else loss)
+        # engine.backward divides by gradient_accumulation_steps, which is the one
+        # 1/accumulation a per-batch mean needs in a whole window; otherwise the loss is
+        # multiplied back first.
+        if scaled:
+            engine.backward(loss.float() * gas)
+        elif window != gas:
+            engine.backward(loss.float() * (gas / window))
+        else:
+            engine.backward(loss)
         if boundary:
             self._lr_of_last_step = engine.get_lr()[0]
         engine.step()
-        return (loss if scaled else loss / gas).detach()
+        return (loss if scaled else loss / window).detach()
 
     def _clip_grad_norm(self, model):
         # The engine clipped to gradient_clipping (= max_grad_norm) with the global norm over
