@@ -3,16 +3,16 @@
     torchrun --nproc_per_node=2 tests/trainer_script.py distributed OUT   # ZeroTrainer, 2 ranks
     python tests/trainer_script.py single OUT                           # after `distributed`
 
-`distributed`, for stages 1, 2 and 3: an uninterrupted run of STEPS optimizer steps, and a run
-stopped after STOP_AT steps (with a checkpoint there) then resumed by a new ZeroTrainer to the
-end; stage 3 also evaluates (halfway and after training) and predicts, and trains in bf16 and
-with activation checkpointing. `single`, in one process: the plain Trainer (no
-zero_ext) on the same data and global batch, the stage-2 checkpoint resumed at one rank, an
+`distributed`, for stages 1, 2 and 3: an uninterrupted run of STEPS optimizer steps, runs
+whose epochs end with a short accumulation window, and a run stopped after STOP_AT steps (with
+a checkpoint there) then resumed by a new ZeroTrainer to the end; stage 3 also evaluates
+(halfway and after training) and predicts, and trains in bf16 and with activation
+checkpointing. `single`, in one process: the plain Trainer (no zero_ext) on the same data and
+global batch (and on the short-window data), the stage-2 checkpoint resumed at one rank, an
 fp16 run whose first steps overflow, a stage-3 run that loads its best checkpoint at the end,
-and the plain Trainer's evaluation of the stage-3 final
-weights. Rank 0 writes OUT/<name>.json
-(logged losses, grad norms, learning rates, metrics) and each run's final weights under
-OUT/<name>/ (model.safetensors).
+and the plain Trainer's evaluation of the stage-3 final weights. Rank 0 writes
+OUT/<name>.json (logged losses, grad norms, learning rates, metrics) and each run's final
+weights under OUT/<name>/ (model.safetensors).
 """
 
 import json
@@ -63,10 +63,26 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def data():
+def data(count=32):
     with open(TEXT, encoding="utf-8") as f:
         text = f.read()
-    return RecordingWindows(text, 16, 32), CharWindows(text, 16, 8)
+    return RecordingWindows(text, 16, count), CharWindows(text, 16, 8)
+
+
+# 28 samples: 7 micro-batches per rank and epoch at 2 ranks, so every epoch ends with a window
+# of one micro-batch (two of four in one process).
+SHORT = {"short": {}, "short_mean": {"model_accepts_loss_kwargs": False}}
+
+
+def short_window_run(make_trainer, name):
+    """A run over SHORT's dataset; `_mean` turns off the loss's normalisation by the window's
+    token count, so the Trainer divides each micro-batch's mean by the window's length."""
+    train, _ = data(28)
+    trainer = make_trainer(train)
+    for attribute, value in SHORT[name].items():
+        setattr(trainer, attribute, value)
+    trainer.train()
+    return trainer
 
 
 def arguments(out, world_size, **kw):
@@ -130,6 +146,13 @@ def distributed(out):
                 variant.train()
                 record(variant, out, f"zero3_{name}")
 
+        for name in SHORT:
+            trainer = short_window_run(
+                lambda train, stage=stage: zero_trainer(
+                    stage, os.path.join(out, "scratch_short"), train),
+                name)
+            record(trainer, out, f"zero{stage}_{name}")
+
         run_dir = os.path.join(out, f"run{stage}")
         train, _ = data()
         first = zero_trainer(stage, run_dir, train, save_strategy="steps",
@@ -154,6 +177,11 @@ def single(out):
                         args=arguments(os.path.join(out, "scratch_plain"), 1), train_dataset=train)
     reference.train()
     record(reference, out, "plain")
+    for name in SHORT:
+        trainer = short_window_run(lambda train: Trainer(
+            model=tiny_llama(len(train.vocab)), train_dataset=train,
+            args=arguments(os.path.join(out, "scratch_plain"), 1)), name)
+        record(trainer, out, f"plain_{name}")
 
     # Saved at two ranks, resumed at one.
     train, _ = data()
