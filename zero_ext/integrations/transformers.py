@@ -176,14 +176,23 @@ def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
     return cfg
 
 
-class _EngineOptimizer:
-    """What the Trainer sees as its optimizer. The engine's step already ran inside
-    training_step, because the Trainer reads the gradient norm before calling step() and the
-    engine computes that norm (across shards) in its step; so step() and zero_grad() do
-    nothing, and everything else is the engine's optimizer."""
+class _Forwarding:
+    """Forwards every attribute it does not define itself to `target`."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, target):
+        self.target = target
+
+    def __getattr__(self, name):
+        if name == "target":  # a copy that was never initialised: no recursion
+            raise AttributeError(name)
+        return getattr(self.target, name)
+
+
+class _EngineOptimizer(_Forwarding):
+    """What the Trainer sees as its optimizer: the engine's, except that step() and
+    zero_grad() do nothing. The engine's step already ran inside training_step, because the
+    Trainer reads the gradient norm before it calls step() and the engine computes that norm
+    (across shards) in its step."""
 
     def step(self, closure=None):
         return None
@@ -191,23 +200,14 @@ class _EngineOptimizer:
     def zero_grad(self, set_to_none: bool = True):
         return None
 
-    def __getattr__(self, name):
-        return getattr(self.engine.optimizer, name)
 
-
-class _EngineScheduler:
-    """What the Trainer sees as its LR scheduler: the engine steps the real one after each
-    optimizer step it did not skip (an fp16 overflow leaves the schedule where it was), so
-    step() does nothing here; everything else is the real scheduler's."""
-
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+class _EngineScheduler(_Forwarding):
+    """What the Trainer sees as its LR scheduler: the real one, except that step() does
+    nothing. The engine steps it after each optimizer step it did not skip (an fp16 overflow
+    leaves the schedule where it was)."""
 
     def step(self, *args, **kwargs):
         return None
-
-    def __getattr__(self, name):
-        return getattr(self.scheduler, name)
 
 
 class ZeroTrainer(Trainer):
@@ -283,7 +283,7 @@ class ZeroTrainer(Trainer):
         engine, _, _, scheduler = zero_ext.initialize(
             model=model, config=config, model_parameters=groups, lr_scheduler=lr_scheduler)
         self.engine = engine
-        self.optimizer = _EngineOptimizer(engine)
+        self.optimizer = _EngineOptimizer(engine.optimizer)
         if scheduler is None:  # a constant learning rate still has a scheduler for the Trainer
             scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda _: 1.0)
             engine.lr_scheduler = scheduler
