@@ -23,7 +23,7 @@ pytest.importorskip("accelerate")
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
-from zero_ext.integrations.transformers import fill_config
+from zero_ext.integrations.transformers import ZeroTrainer, fill_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "trainer_script.py")
@@ -258,3 +258,24 @@ def test_optimizers_other_than_adamw_are_refused(tmp_path):
                             use_cpu=True)
     with pytest.raises(ValueError, match="optim is 'sgd'.*adamw_torch"):
         fill_config({}, sgd, world_size=1)
+
+
+def _tiny_model():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1))
+
+
+def test_an_optimizer_of_ones_own_is_refused(args):
+    model = _tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="engine builds the optimizer"):
+        ZeroTrainer(model=model, args=args, zero_config={}, optimizers=(optimizer, None))
+
+
+def test_processes_the_training_arguments_do_not_see_are_refused(args, monkeypatch):
+    # torchrun's processes on a machine without GPUs, with TrainingArguments lacking use_cpu.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="2 processes were launched but the TrainingArguments "
+                                         "see 1; .*use_cpu=True"):
+        ZeroTrainer(model=_tiny_model(), args=args, zero_config={})
