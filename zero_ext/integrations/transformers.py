@@ -284,10 +284,7 @@ class ZeroTrainer(Trainer):
             model=model, config=config, model_parameters=groups, lr_scheduler=lr_scheduler)
         self.engine = engine
         self.optimizer = _EngineOptimizer(engine.optimizer)
-        if scheduler is None:  # a constant learning rate still has a scheduler for the Trainer
-            scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda _: 1.0)
-            engine.lr_scheduler = scheduler
-        self.lr_scheduler = _EngineScheduler(scheduler)
+        self.lr_scheduler = _EngineScheduler(scheduler)  # the config's, else the Trainer's
         self._lr_of_last_step: float | None = None
 
     def _wrap_model(self, model, training: bool = True, dataloader=None):
