@@ -25,7 +25,12 @@ import warnings
 import torch
 
 from zero_ext import comm
-from zero_ext.checkpoint.files import TensorEntry, atomic_write_bytes, write_safetensors
+from zero_ext.checkpoint.files import (
+    CHUNK_BYTES,
+    TensorEntry,
+    atomic_write_bytes,
+    write_safetensors,
+)
 from zero_ext.checkpoint.format import (
     ENGINE_STATE,
     FORMAT,
@@ -195,7 +200,8 @@ def _publish(save_dir: str, staging: str, tag: str, files: dict, save_latest: bo
     """Rank 0, once every file is on disk: manifest, then the directory's final name, then
     `latest`. Each step is atomic, so a crash between them leaves a loadable state."""
     manifest = {"format": FORMAT, "version": VERSION, "tag": tag,
-                "files": {name: {"bytes": r.bytes, "sha256": r.sha256}
+                "chunk_bytes": CHUNK_BYTES,
+                "files": {name: {"bytes": r.bytes, "sha256_chunks": list(r.sha256_chunks)}
                           for name, r in sorted(files.items())}}
     atomic_write_bytes(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1).encode())
     final = os.path.join(save_dir, tag)
@@ -340,7 +346,7 @@ def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool
     meta = index.metadata
 
     for target, at, name, a, b, kind in plan:
-        target[at:at + b - a].copy_(index.read(kind, name, a, b))
+        index.read_into(kind, name, a, target[at:at + b - a])
     _load_model_states(engine, index)
     engine._sync_weights_from_master()
 

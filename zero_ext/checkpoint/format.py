@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zero_ext.checkpoint.files import SafetensorsReader, sha256_file
+from zero_ext.checkpoint.files import SafetensorsReader, chunk_digests
 
 __all__ = [
     "ENGINE_STATE",
@@ -107,8 +107,9 @@ class CheckpointIndex:
     element range of any parameter's master weights or moments, from whichever shards hold it.
 
     Opening checks that every file the manifest lists is present with its recorded size (cheap:
-    one stat each) and that metadata.json matches its checksum. A shard's full checksum is
-    verified the first time that shard is read (`verify_files` does it up front for a list)."""
+    one stat each) and that metadata.json matches its checksums. A shard's checksums are
+    verified (in parallel, chunk by chunk) before it is first read; `verify_files` does it up
+    front for a list."""
 
     def __init__(self, path: str):
         self.path = path
@@ -171,12 +172,16 @@ class CheckpointIndex:
             if name not in self.files:
                 raise CheckpointError(f"zero_ext checkpoint {self.path}: {name} is not in its "
                                       f"manifest")
-            digest = sha256_file(os.path.join(self.path, name))
-            if digest != self.files[name]["sha256"]:
+            chunk = self.manifest["chunk_bytes"]
+            got = chunk_digests(os.path.join(self.path, name), chunk)
+            want = tuple(self.files[name]["sha256_chunks"])
+            bad = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+            if bad or len(got) != len(want):
+                first = bad[0] if bad else min(len(got), len(want))
                 raise CheckpointError(
-                    f"zero_ext checkpoint {self.path}: {name} fails its checksum (SHA-256 "
-                    f"{digest[:16]}..., the manifest recorded {self.files[name]['sha256'][:16]}"
-                    f"...): the file is corrupt. Restore it or load an earlier tag")
+                    f"zero_ext checkpoint {self.path}: {name} fails its checksum (SHA-256 of "
+                    f"bytes {first * chunk}..{(first + 1) * chunk} differs from the "
+                    f"manifest's): the file is corrupt. Restore it or load an earlier tag")
             self._verified.add(name)
 
     def reader(self, name: str) -> SafetensorsReader:
@@ -202,6 +207,8 @@ class CheckpointIndex:
         shard = layout["padded_numel"] // self.world_size
         lo, hi = place.offset + start, place.offset + end
         out = []
+        if hi <= lo:
+            return out
         for rank in range(lo // shard, (hi - 1) // shard + 1):
             a, b = max(lo, rank * shard), min(hi, (rank + 1) * shard)
             out.append((shard_file_name(rank, self.world_size), str(layout["index"]),
@@ -212,8 +219,14 @@ class CheckpointIndex:
         """fp32 elements [start, end) of parameter `name`'s `kind` (master, exp_avg,
         exp_avg_sq), flattened."""
         end = self.numel(name) if end is None else end
-        if end <= start:
-            return torch.empty(0, dtype=torch.float32)
-        parts = [self.reader(file).read(f"{tensor}.{kind}", a, b)
-                 for file, tensor, a, b in self.pieces(name, start, end)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = torch.empty(max(end - start, 0), dtype=torch.float32)
+        self.read_into(kind, name, start, out)
+        return out
+
+    def read_into(self, kind: str, name: str, start: int, out: torch.Tensor) -> None:
+        """Fills the 1-D `out` with elements [start, start + out.numel()) of parameter `name`'s
+        `kind`, piece by piece from the shards that hold them."""
+        at = 0
+        for file, tensor, a, b in self.pieces(name, start, start + out.numel()):
+            self.reader(file).read_into(f"{tensor}.{kind}", a, out[at:at + b - a])
+            at += b - a
