@@ -365,7 +365,9 @@ def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool
     if not load_module_only:
         counters = meta["counters"]
         engine.global_steps = counters["global_steps"]
-        engine.micro_steps = counters["micro_steps"]
+        # Checkpoints are taken at window boundaries, so the next micro-step opens a window,
+        # whatever the accumulation count was when the checkpoint was written.
+        engine.micro_steps = counters["global_steps"] * engine.batch.gradient_accumulation_steps
         engine.skipped_steps = counters["skipped_steps"]
         if engine.loss_scaler is not None and meta["loss_scaler"] is not None:
             engine.loss_scaler.load_state_dict(meta["loss_scaler"])

@@ -389,6 +389,3 @@ class ZeroTrainer(Trainer):
         # Collective; any world size and stage. The model weights are the loaded masters.
         engine = self.engine
         engine.load_checkpoint(checkpoint)
-        # Checkpoints are taken at accumulation boundaries; the micro-step count restored is in
-        # the saving run's accumulation steps, which differ when the world size changed.
-        engine.micro_steps = engine.global_steps * engine.batch.gradient_accumulation_steps
