@@ -121,6 +121,8 @@ def run_deepspeed(args, on: torch.device) -> dict:
 def _shape_flags(args) -> list[str]:
     flags = ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
              "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops)]
+    if args.threads:
+        flags += ["--threads", str(args.threads)]
     return flags + (["--tiny"] if args.tiny else [])
 
 

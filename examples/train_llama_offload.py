@@ -66,12 +66,17 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of figures")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="the device's dense bf16 peak, for MFU (H100 SXM: 989)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the CPU optimizer step (default: "
+                             "torch's choice, one per core)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
 
 
 def resolve_shape(args: argparse.Namespace) -> None:
     args.batch = args.batch or (2 if args.tiny else 4)
     args.seq = args.seq or (128 if args.tiny else 4096)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}): the "
                          "figures come from the steps after the warm-up")
@@ -95,8 +100,10 @@ def build_llama(tiny: bool, dtype: torch.dtype, on: torch.device):
 
 
 def token_batch(step: int, batch: int, seq: int, vocab: int, on: torch.device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(vocab, (batch, seq), generator=generator).to(on)
+    """Random tokens drawn on the device itself: a copy from pageable host memory could wait
+    for the device, inside the step being timed."""
+    generator = torch.Generator(device=on).manual_seed(1000 + step)
+    return torch.randint(vocab, (batch, seq), generator=generator, device=on)
 
 
 class PhaseClock:
@@ -210,7 +217,7 @@ def run_steps(args, on: torch.device, params: int, vocab: int, forward, backward
         "params": params, "batch": args.batch, "seq": args.seq, "timed_steps": timed,
         "s_per_step": per_step, "tokens_per_s": tokens_per_step / per_step,
         "mfu": 6 * params * tokens_per_step / per_step / (args.peak_tflops * 1e12),
-        "peak_tflops": args.peak_tflops,
+        "peak_tflops": args.peak_tflops, "threads": torch.get_num_threads(),
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(on) if on.type == "cuda" else None,
         "peak_host_rss_bytes": peak_rss(),
         "peak_node_bytes": node.peak,
@@ -226,7 +233,7 @@ def format_result(title: str, result: dict) -> str:
     lines = [title,
              (f"  tokens/s            {result['tokens_per_s']:,.0f}  ({result['batch']} x "
               f"{result['seq']} tokens per step, {result['timed_steps']} timed steps on "
-              f"{result['device']})"),
+              f"{result['device']}, {result['threads']} CPU threads)"),
              f"  s/step              {result['s_per_step']:.3f}",
              (f"  MFU                 {100 * result['mfu']:.3g}%  (6 x "
               f"{result['params'] / 1e9:.3f}B params x tokens / step time / "
