@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=2 examples/train_gpt.py --config examples/configs/zero2.json
     torchrun --nproc_per_node=4 examples/train_gpt.py --config examples/configs/zero1.json
     torchrun --nproc_per_node=2 examples/train_gpt.py --config examples/configs/zero3.json
+    torchrun --nproc_per_node=2 examples/train_gpt.py --config examples/configs/zero3_offload.json
     python examples/train_gpt.py --config examples/configs/zero0.json      # one process
     torchrun --nproc_per_node=2 examples/train_gpt.py --save-dir ckpt --steps 30   # then resume:
     torchrun --nproc_per_node=3 examples/train_gpt.py --save-dir ckpt --resume --steps 60
