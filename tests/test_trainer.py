@@ -126,6 +126,17 @@ def test_no_ddp_and_each_rank_reads_its_own_samples(runs, stage):
     assert not first & second and len(first | second) == 32
 
 
+def test_label_smoothing_shifts_labels_as_for_the_plain_trainer(runs):
+    result, _ = runs
+    plain, ours, unsmoothed = result("plain_smooth"), result("zero2_smooth"), result("plain")
+    # Smoothing is on: the losses move away from the unsmoothed run's as the model learns.
+    assert max(abs(a - b) for a, b in zip(plain["losses"], unsmoothed["losses"])) > 1e-2
+    # The same loss as the plain Trainer's, which shifts a causal LM's labels (unshifted labels
+    # would give a different loss from the first step on).
+    assert torch.allclose(torch.tensor(ours["losses"]), torch.tensor(plain["losses"]),
+                          rtol=1e-5, atol=0), (ours["losses"], plain["losses"])
+
+
 def test_stage3_evaluate_and_predict(runs):
     result, _ = runs
     zero3, plain = result("zero3"), result("plain_eval")

@@ -183,6 +183,19 @@ def single(out):
             args=arguments(os.path.join(out, "scratch_plain"), 1)), name)
         record(trainer, out, f"plain_{name}")
 
+    # Label smoothing: the Trainer shifts a causal LM's labels by the model's class name.
+    for name, make in (
+            ("plain_smooth", lambda train: Trainer(
+                model=tiny_llama(len(train.vocab)), train_dataset=train,
+                args=arguments(os.path.join(out, "scratch_plain"), 1,
+                               label_smoothing_factor=0.1))),
+            ("zero2_smooth", lambda train: zero_trainer(
+                2, os.path.join(out, "scratch_smooth"), train, label_smoothing_factor=0.1))):
+        train, _ = data()
+        smoothed = make(train)
+        smoothed.train()
+        record(smoothed, out, name)
+
     # Saved at two ranks, resumed at one.
     train, _ = data()
     resumed = zero_trainer(2, os.path.join(out, "run2"), train)

@@ -295,6 +295,22 @@ class ZeroTrainer(Trainer):
         return super()._wrap_model(model, training, dataloader)
 
     # -- training -----------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model is not self.engine or (self.label_smoother is None and
+                                        self.compute_loss_func is None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The Trainer shifts a causal LM's labels for the label smoother by the class name of
+        # accelerate's unwrapped model, which would be our engine: unwrap it to the user's
+        # model for that look-up.
+        accelerator = self.accelerator
+        unwrap = accelerator.unwrap_model
+        accelerator.unwrap_model = lambda m, *a, **k: (
+            self.engine.module if m is self.engine else unwrap(m, *a, **k))
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            del accelerator.unwrap_model  # back to the class's method
+
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         engine = self.engine
         boundary = self.accelerator.gradient_state.sync_gradients
