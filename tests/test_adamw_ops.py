@@ -152,6 +152,24 @@ def test_16bit_copies_equal_cast_of_fp32_result(device, grad_dtype, copy_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_copy_may_overwrite_its_own_gradient(device, dtype):
+    """Offload stages the new 16-bit weights in the gradient's buffer: the result must be the
+    same as with separate buffers."""
+    _needs_cuda_kernel(device)
+    sizes = [1, 7, 4095, 65537]
+    gen = torch.Generator().manual_seed(6)
+    grads = _random_grads(sizes, device, dtype, gen)
+    separate = OpState(sizes, device, copy_dtype=dtype)
+    separate.step([g.clone() for g in grads])
+    aliased = OpState(sizes, device, copy_dtype=dtype)
+    aliased.copies = grads  # written in place of the gradients they are computed from
+    aliased.step(grads)
+    for a, b, p_a, p_b in zip(aliased.copies, separate.copies, aliased.params, separate.params):
+        assert torch.equal(a, b) and torch.equal(p_a, p_b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_inverse_scale_undoes_a_loss_scale(device):
     _needs_cuda_kernel(device)
     sizes = [4095, 10]

@@ -130,9 +130,11 @@ def test_memory_breakdown_splits_host_and_device_bytes():
         model_bytes = 4 if dtype == "fp32" else 2
         if kind == "optimizer":
             # Master and moments (12 bytes per shard element), the host gradient copy and,
-            # for a 16-bit model, the upload buffer: all of it in host memory ...
+            # for a 16-bit model whose gradients are accumulated in fp32, a separate upload
+            # buffer (else the new weights are staged in the gradient copy): all of it in host
+            # memory ...
             grad_bytes = 4 if accumulation > 1 else model_bytes
-            staging = 0 if dtype == "fp32" else model_bytes
+            staging = 0 if dtype == "fp32" or grad_bytes == model_bytes else model_bytes
             assert offloaded["location"]["host"] == (12 + grad_bytes + staging) * shards, key
             # ... and none of the optimizer state left on the device.
             plain_state = sum(plain["breakdown"][k] for k in ("master", "exp_avg",

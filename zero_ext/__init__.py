@@ -43,6 +43,7 @@ __all__ = [
     "ZeroConfig",
     "ZeroEngine",
     "__version__",
+    "checkpointing",
     "consolidate",
     "initialize",
     "initialize_engine",

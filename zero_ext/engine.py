@@ -658,8 +658,7 @@ class ZeroEngine(nn.Module):
         breakdown = {"params": params, "grads": self.grad_buckets.nbytes(), **state}
         if self.offload is not None:
             # Host gradient copies and 16-bit upload buffers: values still sum to the total.
-            breakdown["offload_buffers"] = (self.offload.host_nbytes()
-                                            + self.optimizer.staging_nbytes())
+            breakdown["offload_buffers"] = self.offload.host_nbytes()
         return breakdown
 
     def memory_by_location(self) -> dict[str, int]:

@@ -634,8 +634,9 @@ def _notes(estimates: Sequence[MemoryEstimate], stages: list[int],
                      "what stage 2 holds; with --gradient-accumulation-steps 2 or more it keeps "
                      "whole gradients between steps (the paper's 2 bytes per parameter)")
     if offload_optimizer:
-        notes.append("'staging': the host copy of each gradient shard the CPU step reads, and "
-                     "the 16-bit weights on their way back to the device")
+        notes.append("'staging': the host copy of each gradient shard the CPU step reads, which "
+                     "then carries the 16-bit weights back to the device (a separate buffer "
+                     "for them when gradients accumulate in fp32)")
     notes.append("not included: activations, module buffers (e.g. rotary tables), the gradient "
                  "bucket being reduced")
     return notes

@@ -42,7 +42,10 @@ void adamw_span_typed(const AdamWSpan& span, const AdamWCoefficients<float>& c) 
   float* __restrict__ p = span.param;
   float* __restrict__ m = span.exp_avg;
   float* __restrict__ v = span.exp_avg_sq;
-  const Grad* __restrict__ g = static_cast<const Grad*>(span.grad);
+  // Not __restrict__: offload stages the new 16-bit weights in the gradient's own host buffer
+  // (same dtype), so param_16bit may alias g. Each vector of g is loaded before the same
+  // positions of the copy are stored, which the loop order keeps.
+  const Grad* g = static_cast<const Grad*>(span.grad);
   const int64_t n = span.numel;
   const AdamWCoefficients<Vec> cv = c.template as<Vec>();
   constexpr int64_t kWidth = Vec::size();

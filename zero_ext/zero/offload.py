@@ -87,7 +87,8 @@ def host_state_bytes(*, shard_numel: int, unit_shard_numel: int, dtype: torch.dt
     offload_param keeps unit shards on the host. offload_optimizer keeps the fp32 master (unless
     it is an fp32 unit shard already there), both moments, a host copy of each reduced gradient
     shard, and for a 16-bit model an upload buffer of the new weights (unless they are written
-    straight into a host unit shard)."""
+    straight into a host unit shard, or staged in the gradient copy, which has their dtype when
+    the gradients are not accumulated in fp32)."""
     width = torch.empty((), dtype=dtype, device="meta").element_size()
     grad_width = torch.empty((), dtype=grad_dtype, device="meta").element_size()
     fp32 = dtype == torch.float32
@@ -96,8 +97,9 @@ def host_state_bytes(*, shard_numel: int, unit_shard_numel: int, dtype: torch.dt
     if offload_optimizer:
         out.update(master=4 * (shard_numel - (on_host_units if fp32 else 0)),
                    exp_avg=4 * shard_numel, exp_avg_sq=4 * shard_numel,
-                   offload_buffers=grad_width * shard_numel
-                   + (0 if fp32 else width * (shard_numel - on_host_units)))
+                   offload_buffers=grad_width * shard_numel + (
+                       0 if fp32 or grad_dtype == dtype
+                       else width * (shard_numel - on_host_units)))
     return out
 
 
@@ -231,8 +233,14 @@ class OptimizerOffload:
         self.device = device
         self.step_on_arrival = step_on_arrival
         self._before_host_write = before_host_write
-        self.host_grads = [host_buffer(s.layout.shard_numel, grad_dtype, pin)
-                           for s in self.shards]
+        # A shard whose new 16-bit weights go back through a host staging buffer of the
+        # gradient's dtype receives its gradient in that buffer: the CPU step reads each
+        # gradient element before writing the weight at the same position, and the next
+        # gradient copy waits for the upload (2 bytes per parameter less host memory).
+        self.host_grads = [
+            s.weights_16bit if s.model_weights is not None and s.weights_16bit is not None
+            and s.weights_16bit.dtype == grad_dtype
+            else host_buffer(s.layout.shard_numel, grad_dtype, pin) for s in self.shards]
         n = len(self.shards)
         self._cuda = device.type == "cuda"
         if self._cuda:
@@ -268,6 +276,9 @@ class OptimizerOffload:
             # The copy stream waits for what produced the gradient (reduce-scatter, fp32
             # accumulation) on the stream backward runs on.
             self._copy_stream.wait_stream(torch.cuda.current_stream(grad.device))
+            if self._uploaded[index] is not None and host is self.shards[index].weights_16bit:
+                # The buffer is also last step's upload source: let that upload finish.
+                self._copy_stream.wait_event(self._uploaded[index])
             with torch.cuda.stream(self._copy_stream):
                 start = self._copy_clock.start()
                 host.copy_(grad, non_blocking=True)
@@ -395,4 +406,9 @@ class OptimizerOffload:
             future.result()  # re-raises what failed in the worker
 
     def host_nbytes(self) -> int:
-        return sum(g.numel() * g.element_size() for g in self.host_grads)
+        """Host gradient copies and 16-bit staging buffers (a shared one counted once)."""
+        buffers = {t.data_ptr(): t.numel() * t.element_size() for t in self.host_grads}
+        buffers.update({s.weights_16bit.data_ptr(): s.weights_16bit.numel()
+                        * s.weights_16bit.element_size() for s in self.shards
+                        if s.model_weights is not None and s.weights_16bit is not None})
+        return sum(buffers.values())

@@ -147,7 +147,3 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "exp_avg_sq": size([s.exp_avg_sq for s in self.shards]),
         }
 
-    def staging_nbytes(self) -> int:
-        """Host 16-bit copies that offload moves to the model after each step."""
-        return sum(s.weights_16bit.numel() * s.weights_16bit.element_size() for s in self.shards
-                   if s.model_weights is not None and s.weights_16bit is not None)
