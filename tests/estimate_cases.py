@@ -90,10 +90,7 @@ def measure(stage: int, dtype: str, accumulation: int, comm_dtype: str | None,
     groups = param_groups(model)
     same_for_real_model = estimate == estimate_from_config(model, cfg, world_size,
                                                            param_groups=groups)
-    try:
-        engine, _, _, _ = zero_ext.initialize(model=model, config=cfg, model_parameters=groups)
-    except NotImplementedError as error:  # an engine without offload
-        return {"unsupported": str(error)}
+    engine, _, _, _ = zero_ext.initialize(model=model, config=cfg, model_parameters=groups)
     seen = []
 
     def sample(*_):

@@ -16,13 +16,11 @@ import sys
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
-
+import transformers
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
+import zero_ext
 from zero_ext.integrations.transformers import ZeroTrainer, fill_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -227,7 +225,6 @@ def test_auto_values_are_filled_from_the_training_arguments(args):
     assert filled["zero_optimization"] == {
         "stage": 3, "reduce_bucket_size": 4096, "stage3_prefetch_bucket_size": 3686,
         "stage3_param_persistence_threshold": 640}
-    zero_ext = pytest.importorskip("zero_ext")
     zero_ext.ZeroConfig.load(filled)  # a valid config
 
 
