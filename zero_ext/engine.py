@@ -465,9 +465,9 @@ class ZeroEngine(nn.Module):
         if self.offload is not None:
             try:  # the uploads are waited for even on an error
                 self.offload.wait_for_gradients()
-                # The norm from the device's copies: the same reduction as without offload,
-                # so clipping and the overflow skip decide identically.
-                stepped = self._step_with(self.grad_buckets.reduced_grads())
+                # The device gradients are gone (copied, then freed); their norms, taken on
+                # the device before, decide clipping and the skip as without offload.
+                stepped = self._step_with(None)
             finally:
                 self.offload.finish()
         else:
@@ -479,9 +479,10 @@ class ZeroEngine(nn.Module):
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
 
-    def _step_with(self, grads: list[torch.Tensor]) -> bool:
-        """Norm, overflow skip, clipping and the optimizer step; False when skipped."""
-        norm = self._global_norm(grads)
+    def _step_with(self, grads: list[torch.Tensor] | None) -> bool:
+        """Norm, overflow skip, clipping and the optimizer step (with `grads`, or offload's host
+        copies when None); False when skipped."""
+        norm = self._global_norm(self.grad_buckets.reduced_norms())
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         overflow = not math.isfinite(norm)
         if self.loss_scaler is not None:
@@ -530,14 +531,15 @@ class ZeroEngine(nn.Module):
             torch._foreach_mul_([p.grad for p in self._params], factor)
         self.replicated_optimizer.step()
 
-    def _global_norm(self, grads: list[torch.Tensor]) -> float:
-        """L2 norm of the whole averaged gradient: local shards' squares, summed across ranks
-        (stage 0 buckets are already whole on every rank). inf/nan anywhere gives inf/nan on
-        every rank, which makes the skip decision collective."""
+    def _global_norm(self, bucket_norms: list[torch.Tensor]) -> float:
+        """L2 norm of the whole averaged gradient from each bucket's (local shard's) norm:
+        squares summed across ranks (stage 0 buckets are already whole on every rank).
+        inf/nan anywhere gives inf/nan on every rank, which makes the skip decision
+        collective."""
         # Squares summed in fp64: a loss-scaled fp16 gradient's squares can pass fp32's range.
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
-        for grad in grads:
-            squares += torch.linalg.vector_norm(grad, dtype=torch.float32).double() ** 2
+        for norm in bucket_norms:
+            squares += norm.double() ** 2
         if self.stage >= 1:
             comm.all_reduce(squares)
         return math.sqrt(squares.item())

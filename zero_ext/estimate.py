@@ -269,14 +269,14 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
 
     unit_params = width * sum(layout.shard_numel for layout in units)
     whole_params = width * sum(layout.padded_numel for layout in whole_layouts)
-    if stage == 0:
-        # All-reduced buckets are whole; between boundaries .grad accumulates unpadded.
-        grads = max(comm_width * padded, width * numel if accumulation > 1 else 0)
-    elif stage == 1:
-        # Stage 1 reduces only at the boundary: until then every .grad is whole.
-        grads = max(comm_width * shards, width * numel if accumulation > 1 else 0)
+    # The reduced gradient of a step: whole all-reduced buckets at stage 0, else this rank's
+    # shard; under offload_optimizer it is copied to the host and freed during backward.
+    final = 0 if offload_optimizer else comm_width * (padded if stage == 0 else shards)
+    if stage <= 1:
+        # Stage 0/1 reduce only at the boundary: until then every .grad is whole, unpadded.
+        grads = max(final, width * numel if accumulation > 1 else 0)
     else:
-        grads = (4 if accumulation > 1 else comm_width) * shards
+        grads = 4 * shards if accumulation > 1 else final
     state = padded if stage == 0 else shards
     unit_shards = sum(layout.shard_numel for layout in units)
     fp32_model = dtype == torch.float32

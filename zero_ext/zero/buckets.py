@@ -45,6 +45,7 @@ class GradientBucket:
     work: object | None = None         # the in-flight collective's handle
     grad: torch.Tensor | None = None   # what the optimizer reads: full (stage 0) or shard
     accumulated: torch.Tensor | None = None  # stage 2 with accumulation: fp32 shard sum
+    norm: torch.Tensor | None = None   # this step's final gradient's L2 norm (fp32, 0-dim)
 
 
 class GradientBuckets:
@@ -53,14 +54,15 @@ class GradientBuckets:
     def __init__(self, layouts: list[BucketLayout], params: list[torch.nn.Parameter], *,
                  stage: int, comm_dtype: torch.dtype, accumulation_steps: int,
                  overlap_comm: bool, on_reduced: Callable[[int], None] | None = None,
-                 on_final: Callable[[int, torch.Tensor], None] | None = None):
+                 on_final: Callable[[int, torch.Tensor], bool] | None = None):
         self.stage = stage
         self.comm_dtype = comm_dtype
         self.accumulation_steps = accumulation_steps
         self.overlap_comm = overlap_comm
         self._on_reduced = on_reduced  # told each bucket index whose gradients were taken
         # Offload: told (bucket index, gradient) as soon as a bucket's gradient for the step is
-        # final, so its copy to the host starts while backward goes on.
+        # final, so its copy to the host starts while backward goes on. Returning True takes
+        # the gradient: the bucket lets go of it (the taker keeps it until its copy is done).
         self._on_final = on_final
         self.world_size = comm.world_size()
         self.rank = comm.rank()
@@ -160,9 +162,15 @@ class GradientBuckets:
                               accumulate=self._micro_index > 0)
             bucket.grad = None
         bucket.state = BucketState.REDUCED
-        if self._on_final is not None and self._boundary:
-            self._on_final(bucket.layout.index,
-                           bucket.accumulated if bucket.accumulated is not None else bucket.grad)
+        if not self._boundary:
+            return
+        final = bucket.accumulated if bucket.accumulated is not None else bucket.grad
+        # Each bucket's norm is taken as soon as its gradient is final, so the global norm
+        # never needs the gradients themselves, which a taker may free before the step.
+        bucket.norm = torch.linalg.vector_norm(final, dtype=torch.float32)
+        if self._on_final is not None and self._on_final(bucket.layout.index, final) \
+                and bucket.accumulated is None:
+            bucket.grad = None
 
     def end_backward(self) -> None:
         """Starts what has not started (parameters that got no gradient) and waits for all."""
@@ -189,12 +197,20 @@ class GradientBuckets:
             grads.append(grad)
         return grads
 
+    def reduced_norms(self) -> list[torch.Tensor]:
+        """Per bucket, the L2 norm of the gradient reduced_grads() gives (fp32, 0-dim)."""
+        if any(bucket.norm is None for bucket in self.buckets):
+            raise RuntimeError("zero_ext: no reduced gradients: engine.step() at an "
+                               "accumulation boundary needs engine.backward() first")
+        return [bucket.norm for bucket in self.buckets]
+
     def clear(self) -> None:
         """Drops the gradients after a step (or a skipped step). The stage-2 fp32 accumulator
         stays allocated: the next window's first micro-step overwrites it."""
         for bucket in self.buckets:
             bucket.grad = None
             bucket.flat = None
+            bucket.norm = None
             for param in bucket.params:
                 param.grad = None
 

@@ -267,8 +267,10 @@ class OptimizerOffload:
             weakref.finalize(self, self._worker.shutdown, False)
 
     # -- gradients out -----------------------------------------------------------------------
-    def grad_ready(self, index: int, grad: torch.Tensor) -> None:
-        """GradientBuckets' on_final: bucket `index`'s gradient shard for this step is final."""
+    def grad_ready(self, index: int, grad: torch.Tensor) -> bool:
+        """GradientBuckets' on_final: bucket `index`'s gradient shard for this step is final.
+        Takes it (True): the device copy is held only until its copy to the host is done, so
+        the device does not keep a gradient shard until the step."""
         host = self.host_grads[index]
         if all(self._arrived[:index]) and all(self._arrived[index + 1:]):
             self._last_arrival = index
@@ -293,6 +295,7 @@ class OptimizerOffload:
         self._arrived[index] = True
         if self._worker is not None:
             self._futures.append(self._worker.submit(self._step_shard, index, None))
+        return True
 
     def _wait_copy(self, index: int) -> None:
         event = self._copied[index]
