@@ -595,6 +595,38 @@ def llama_cases() -> dict:
     return {stage: llama(stage) for stage in (2, 3)}
 
 
+def llama_under_init() -> dict:
+    """A tiny LlamaForCausalLM built under zero_ext.Init: its weights come from the model's own
+    _init_weights one unit at a time, its rotary buffers are computed, and it trains as the
+    same model built normally and given those initial weights (rank 0's reference)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=16, tie_word_embeddings=True)
+
+    def lm_loss(model, tokens, _):
+        return model(input_ids=tokens, labels=tokens).loss
+
+    torch.manual_seed(0)
+    with zero_ext.Init():
+        model = LlamaForCausalLM(cfg)
+    all_meta = all(p.is_meta for p in model.parameters())
+    engine, _, _, _ = zero_ext.initialize(model=model,
+                                          config=config(3, "fp32", 1, comm.world_size()))
+    initial = engine.full_state_dict()
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    train_steps(engine, 3, lm_loss)
+    out = {"all_meta": all_meta, "initial": initial, "buffers": buffers,
+           "params": host_params(model, engine)}
+    if comm.rank() == 0:
+        reference = LlamaForCausalLM(cfg)
+        out["plain_buffers"] = {n: b.detach().clone() for n, b in reference.named_buffers()}
+        reference.load_state_dict(initial)
+        out["reference"] = train_reference_steps(reference, 3, lm_loss)
+    return out
+
+
 class Blocks(nn.Module):
     """An embedding, four blocks in a ModuleList, a head; `swap` runs blocks 1 and 2 out of
     order (control flow that changes the module order)."""
@@ -684,6 +716,7 @@ def init_cases() -> dict:
         reference = Blocks()
         reference.load_state_dict(initial)
         out["reference"] = train_reference_steps(reference, 3)
+    out["llama"] = llama_under_init()
     try:
         with zero_ext.Init():
             bad = TinyNet()  # frozen_shift: a bare nn.Parameter nothing initializes

@@ -290,8 +290,13 @@ def test_stage3_prefetch_gathers_the_next_block_ahead_and_falls_back_on_a_new_or
             assert torch.equal(on["params"][name], value), name
 
 
+@functools.cache
+def _init_results():
+    return run_group(4, engine_cases.init_cases)
+
+
 def test_init_builds_without_allocating_and_trains_like_a_plain_model():
-    results = run_group(4, engine_cases.init_cases)
+    results = _init_results()
     reference = results[0]["reference"]
     for rank, result in enumerate(results):
         assert result["all_meta"]
@@ -303,6 +308,32 @@ def test_init_builds_without_allocating_and_trains_like_a_plain_model():
                          atol=1e-5 * ref.abs().max().item(), msg=f"rank {rank} {name}")
         assert "module <root> (TinyNet) has parameters created under zero_ext.Init but no " \
             "reset_parameters()" in result["bare_parameter_error"]
+
+
+def test_transformers_model_under_init_initializes_itself_and_trains():
+    results = _init_results()
+    reference = results[0]["llama"]["reference"]
+    for rank, result in enumerate(results):
+        llama = result["llama"]
+        assert llama["all_meta"]
+        initial = llama["initial"]
+        # The model's own _init_weights ran on every unit: norms at one, linear and embedding
+        # weights drawn with its std (0.02), the same on every rank.
+        assert torch.equal(initial["model.norm.weight"], torch.ones(32))
+        assert torch.equal(initial["model.layers.1.input_layernorm.weight"], torch.ones(32))
+        for name in ("model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+                     "model.layers.1.self_attn.q_proj.weight"):
+            assert 0.015 < initial[name].std().item() < 0.025, name
+            assert torch.equal(initial[name], results[0]["llama"]["initial"][name]), name
+        # Computed buffers (rotary frequencies) equal a normally built model's.
+        for name, value in results[0]["llama"]["plain_buffers"].items():
+            assert torch.equal(llama["buffers"][name], value), name
+        # Training from those weights matches the single-process run: the update as a whole
+        # (fp32 reduction order moves single near-zero-gradient elements by ~1e-6 through Adam).
+        update = torch.cat([(llama["params"][n] - initial[n]).flatten() for n in reference])
+        ref_update = torch.cat([(reference[n] - initial[n]).flatten() for n in reference])
+        error = ((update - ref_update).norm() / ref_update.norm()).item()
+        assert error < 1e-4, f"rank {rank}: relative error of the update {error:.3g}"
 
 
 def test_stage3_unit_classes_in_the_config_choose_the_units():
