@@ -245,3 +245,45 @@ def hf_llama_save(root: str) -> dict:
     engine.save_checkpoint(os.path.join(root, "llama"), tag="t")
     file = engine.save_16bit_model(os.path.join(root, "llama_16bit"))
     return {"full_state": engine.full_state_dict(), "file": file}
+
+
+def tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=32, tie_word_embeddings=True)
+
+
+def pretrained_load(pretrained: str, wrong: str) -> dict:
+    """Pretrained weights (save_pretrained, several files) loaded into engines at stages 3
+    (model built under zero_ext.Init; fp32 and bf16) and 1; then a file for another model."""
+    from transformers import LlamaForCausalLM
+
+    out = {}
+    for stage, dtype in ((3, "fp32"), (3, "bf16"), (1, "fp32")):
+        cfg = config(stage, dtype, 1, comm.world_size())
+        if stage == 3:
+            with zero_ext.Init():
+                model = LlamaForCausalLM(tiny_llama_config())
+        else:
+            model = LlamaForCausalLM(tiny_llama_config())
+        engine = zero_ext.initialize(model=model, config=cfg)[0]
+        unexpected = engine.load_weights(pretrained)
+        masters = [s.master.clone() for s in engine.optimizer.shards]
+        out[(stage, dtype)] = {"state": engine.full_state_dict(), "unexpected": unexpected,
+                               "masters_fp32": all(m.dtype == torch.float32 for m in masters)}
+        if (stage, dtype) == (3, "bf16"):
+            # The fp32 masters must hold the file's fp32 values, not their bf16 cast: the test
+            # consolidates this checkpoint's masters. Training then goes on from them.
+            engine.save_checkpoint(os.path.join(os.path.dirname(pretrained), "bf16_ckpt"))
+            ids = torch.arange(16).view(2, 8) % 64
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+            out["bf16_trained"] = True
+    try:
+        engine.load_weights(wrong)
+        out["wrong"] = "loaded"
+    except zero_ext.checkpoint.CheckpointError as error:
+        out["wrong"] = str(error)
+    return out

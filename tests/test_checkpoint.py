@@ -291,3 +291,33 @@ def test_corrupt_checkpoints_raise_their_errors_on_every_rank():
         assert "different tags" in result["disagree"] and "['t0', 't1']" in result["disagree"]
         assert not result["disagree_written"]
 
+
+# -- pretrained weights ------------------------------------------------------------------------
+def test_pretrained_weights_load_into_shards_at_any_stage(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(checkpoint_cases.tiny_llama_config())
+    # Small shards: several files and an index, as large models are saved.
+    model.save_pretrained(tmp_path / "pretrained", max_shard_size="20KB")
+    assert (tmp_path / "pretrained" / "model.safetensors.index.json").exists()
+    want = model.state_dict()
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "wrong.safetensors"))
+    results = run_group(3, checkpoint_cases.pretrained_load, str(tmp_path / "pretrained"),
+                        str(tmp_path / "wrong.safetensors"))
+    for rank, result in enumerate(results):
+        for (stage, dtype), got in ((k, v) for k, v in result.items() if isinstance(k, tuple)):
+            assert got["unexpected"] == [] and got["masters_fp32"]
+            assert set(got["state"]) == set(want), (stage, dtype)
+            for key, value in want.items():
+                expected = value if dtype == "fp32" else value.to(torch.bfloat16)
+                assert torch.equal(got["state"][key], expected), (rank, stage, dtype, key)
+        assert result["bf16_trained"]
+    masters = tmp_path / "masters.safetensors"
+    consolidate(str(tmp_path / "bf16_ckpt"), str(masters))
+    for key, value in load_file(masters).items():
+        assert value.dtype == torch.float32 and torch.equal(value, want[key]), key
+        assert "does not fit this model's trainable parameters: missing" in result["wrong"]
+        assert "model.embed_tokens.weight" in result["wrong"]
+

@@ -626,6 +626,15 @@ class ZeroEngine(nn.Module):
         return load_checkpoint(self, load_dir, tag, load_optimizer_states,
                                load_lr_scheduler_states, load_module_only)
 
+    def load_weights(self, path: str, strict: bool = True) -> list[str]:
+        """Collective. Loads full model weights from safetensors (a file, or a directory that
+        transformers' save_pretrained, save_16bit_model or zero_ext.consolidate wrote) into the
+        parameters and fp32 master weights, each rank reading only its own shards' elements:
+        with a model built under zero_ext.Init, no process ever holds the whole model. Returns
+        the file's tensors the model did not take (refused unless strict=False)."""
+        from zero_ext.checkpoint.pretrained import load_weights
+        return load_weights(self, path, strict)
+
     def save_16bit_model(self, save_dir: str, save_filename: str = "model.safetensors") -> str:
         """Collective. The full model weights in the model's dtype, written by rank 0 alone as
         one safetensors file (with config.json for a transformers model, so

@@ -261,21 +261,20 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None,
     return os.path.join(save_dir, tag)
 
 
-def _fill_plan(engine, index: CheckpointIndex, names: list[str], kinds) -> list:
-    """(target tensor, first element, checkpoint parameter, its first, last+1 element, kind)
-    for every piece of this rank's buckets, after checking that the parameters match."""
+def _fill_plan(engine, saved: dict[str, tuple[int, ...]], names: list[str], kinds,
+               what: str) -> list:
+    """(target tensor, first element, source name, its first, last+1 element, kind) for every
+    piece of this rank's buckets, reading parameter i as `names[i]` of a source holding
+    `saved` (name -> shape), after checking that every parameter is there with its shape."""
     # Shapes from the layouts: stage 3's released parameters have no shape of their own.
     mine = {names[s.param_index]: tuple(s.shape) for layout in engine.layouts
             for s in layout.slots}
-    saved = {n: place.shape for n, place in index.params.items()}
-    missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
-    shapes = [f"{n}: checkpoint {saved[n]}, model {mine[n]}" for n in mine
+    missing = sorted(set(mine) - set(saved))
+    shapes = [f"{n}: {saved[n]} there, {mine[n]} in the model" for n in mine
               if n in saved and saved[n] != mine[n]]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"zero_ext.load_checkpoint: {index.path} does not fit this model's trainable "
-            f"parameters: missing from the checkpoint {missing[:8]}, not in the model "
-            f"{unexpected[:8]}, shapes differ {shapes[:8]}")
+    if missing or shapes:
+        raise CheckpointError(f"{what} does not fit this model's trainable parameters: "
+                              f"missing {missing[:8]}, shapes differ {shapes[:8]}")
     plan = []
     for layout in engine.layouts:
         start, end = _held_range(engine, layout)
@@ -332,7 +331,12 @@ def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool
                 f"{type(engine.replicated_optimizer).__name__} cannot take; load it with "
                 f"load_optimizer_states=False")
         kinds = KINDS if load_optimizer_states else ("master",)
-        plan = _fill_plan(engine, index, names, kinds)
+        saved = {n: place.shape for n, place in index.params.items()}
+        unexpected = sorted(set(saved) - set(names))
+        if unexpected:
+            raise CheckpointError(f"zero_ext.load_checkpoint: {path} has parameters this model "
+                                  f"lacks: {unexpected[:8]}")
+        plan = _fill_plan(engine, saved, names, kinds, f"zero_ext.load_checkpoint: {path}")
         own_rng = shard_file_name(engine.rank, engine.world_size) \
             if index.world_size == engine.world_size else None
         needed = _files_of(index, plan) + [MODEL_STATES, ENGINE_STATE] + \

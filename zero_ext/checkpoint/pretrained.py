@@ -1,0 +1,118 @@
+"""engine.load_weights: full model weights from safetensors files, read straight into the shards.
+
+For fine-tuning a model too large to build whole on every rank: build it under zero_ext.Init,
+initialize the engine, then load the pretrained weights. Each rank reads, with ranged reads,
+only the elements of its own shards (and the whole-kept parameters and buffers), so no process
+ever holds the full model. The files are what transformers' save_pretrained writes (one
+model.safetensors, or shards listed in model.safetensors.index.json), what consolidation and
+save_16bit_model write, or any single safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from zero_ext.checkpoint.engine_state import _attempt, _fill_plan, _names, _raise_together
+from zero_ext.checkpoint.files import SafetensorsReader
+from zero_ext.checkpoint.format import CheckpointError
+
+__all__ = ["load_weights"]
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class _Weights:
+    """Tensor name -> the file holding it, for one file or an indexed set."""
+
+    def __init__(self, path: str):
+        path = os.path.abspath(path)
+        if os.path.isdir(path):
+            if os.path.isfile(os.path.join(path, INDEX)):
+                with open(os.path.join(path, INDEX)) as f:
+                    weight_map = json.load(f)["weight_map"]
+                files = {n: os.path.join(path, file) for n, file in weight_map.items()}
+            elif os.path.isfile(os.path.join(path, SINGLE)):
+                files = None
+                path = os.path.join(path, SINGLE)
+            else:
+                raise CheckpointError(f"zero_ext.load_weights: {path} has neither {SINGLE} nor "
+                                      f"{INDEX}; point at a safetensors file or a directory "
+                                      f"written by save_pretrained")
+        elif not os.path.isfile(path):
+            raise CheckpointError(f"zero_ext.load_weights: {path} does not exist")
+        else:
+            files = None
+        self.path = path
+        self._readers: dict[str, SafetensorsReader] = {}
+        if files is None:
+            reader = self._reader(path)
+            files = dict.fromkeys(reader.names(), path)
+        self.files = files
+
+    def _reader(self, file: str) -> SafetensorsReader:
+        if file not in self._readers:
+            try:
+                self._readers[file] = SafetensorsReader(file)
+            except (OSError, ValueError) as error:
+                raise CheckpointError(f"zero_ext.load_weights: {error}") from None
+        return self._readers[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._reader(self.files[name]).shape(name)
+
+    def read_into(self, kind: str, name: str, start: int, out: torch.Tensor) -> None:
+        """`kind` is always the weights themselves ("master": read and cast to fp32)."""
+        self._reader(self.files[name]).read_into(name, start, out)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._reader(self.files[name]).read(name)
+
+
+@torch.no_grad()
+def load_weights(engine, path: str, strict: bool = True) -> list[str]:
+    """Collective. Loads `path` into the engine's parameters and fp32 master weights (the
+    optimizer's moments are left as they are). Returns the names of file tensors the model did
+    not take (an error with strict=True)."""
+
+    def plan_and_check():
+        weights = _Weights(path)
+        state = engine.module.state_dict(keep_vars=True)
+        aliases: dict[int, list[str]] = {}
+        for key, value in state.items():
+            aliases.setdefault(id(value), []).append(key)
+        canonical = _names(engine)
+        # A tied parameter is read under whichever of its names the files have.
+        names = [next((k for k in [n, *aliases.get(id(p), [])] if k in weights.files), n)
+                 for n, p in zip(canonical, engine._params)]
+        saved = {n: weights.shape(n) for n in set(names) if n in weights.files}
+        plan = _fill_plan(engine, saved, names, ("master",), f"zero_ext.load_weights: {path}")
+        trainable = {id(p) for p in engine._params}
+        others = [(k, v) for k, v in state.items() if id(v) not in trainable]
+        missing = [k for k, _ in others if k not in weights.files]
+        used = set(names) | {k for k, _ in others} | {
+            k for p in engine._params for k in aliases.get(id(p), [])}
+        unexpected = sorted(set(weights.files) - used)
+        if missing or (strict and unexpected):
+            raise CheckpointError(
+                f"zero_ext.load_weights: {path} does not fit the model: buffers and frozen "
+                f"parameters missing {missing[:8]}, tensors the model lacks {unexpected[:8]} "
+                f"(strict=False loads anyway and returns the latter)")
+        for key, value in others:
+            if weights.shape(key) != tuple(value.shape):
+                raise CheckpointError(f"zero_ext.load_weights: {key} is {weights.shape(key)} in "
+                                      f"{path} and {tuple(value.shape)} in the model")
+        return weights, plan, others, unexpected
+
+    opened, problem = _attempt(plan_and_check)
+    _raise_together(problem, "load_weights")
+    weights, plan, others, unexpected = opened
+    for target, at, name, a, b, kind in plan:
+        weights.read_into(kind, name, a, target[at:at + b - a])
+    for key, value in others:
+        value.data.copy_(weights.read(key))
+    engine._sync_weights_from_master()
+    return unexpected
