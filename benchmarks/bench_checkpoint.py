@@ -51,8 +51,15 @@ def build_model(params: int, width: int) -> nn.Module:
     return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
 
 
+def device() -> torch.device:
+    """Where the engine puts the model (the GPU when there is one); the baselines match it."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def one_step(model_or_engine, width: int, engine: bool, optimizer=None) -> None:
-    x = torch.randn(4, width)
+    x = torch.randn(4, width, device=device())
     loss = model_or_engine(x).square().mean()
     if engine:
         model_or_engine.backward(loss)
@@ -109,7 +116,7 @@ def bench_torch(args, root: str) -> tuple[dict, dict]:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.nn.parallel import DistributedDataParallel
 
-    model = DistributedDataParallel(build_model(args.params, args.width))
+    model = DistributedDataParallel(build_model(args.params, args.width).to(device()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     one_step(model, args.width, engine=False, optimizer=optimizer)
 
