@@ -48,6 +48,7 @@ __all__ = [
     "SchedulerConfig",
     "ZeroConfig",
     "ZeroOptimizationConfig",
+    "read_json_config",
     "validate_scheduler_params",
 ]
 
@@ -1125,7 +1126,7 @@ class ZeroConfig(_Section):
         if isinstance(config, Mapping):
             return cls.from_dict(config)
         if isinstance(config, (str, os.PathLike)):
-            return cls.from_dict(_read_json(config))
+            return cls.from_dict(read_json_config(config))
         raise TypeError(
             "ZeroConfig.load: expected a dict, a path to a JSON file or a ZeroConfig, got "
             f"{type(config).__name__}")
@@ -1205,7 +1206,9 @@ def _divide_exactly(numerator: int, denominator: int, derived: str, arithmetic: 
     return quotient
 
 
-def _read_json(path: str | os.PathLike) -> dict:
+def read_json_config(path: str | os.PathLike) -> dict:
+    """A JSON config file as a dict; a key given twice in one object, or invalid JSON, is a
+    ValueError naming the file and the place."""
     def no_duplicates(pairs):
         seen: dict[str, Any] = {}
         for key, value in pairs:

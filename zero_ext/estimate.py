@@ -62,7 +62,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from zero_ext.config import ZeroConfig
+from zero_ext.config import ZeroConfig, read_json_config
 from zero_ext.zero import offload
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 
@@ -648,12 +648,11 @@ def _at_stage(config: dict, stage: int) -> dict:
 
 def _read_json_config(path: str, parser: argparse.ArgumentParser) -> dict:
     try:
-        with open(path) as f:
-            config = json.load(f)
+        config = read_json_config(path)
     except FileNotFoundError:
         parser.error(f"--config {path}: no such file; pass the JSON config you train with")
-    except json.JSONDecodeError as error:
-        parser.error(f"--config {path}: not valid JSON ({error})")
+    except ValueError as error:
+        parser.error(f"--config {path}: {error}")
     if not isinstance(config, dict):
         parser.error(f"--config {path}: expected a JSON object of config keys, e.g. "
                      '{"bf16": {"enabled": true}, "zero_optimization": {"stage": 3}}')

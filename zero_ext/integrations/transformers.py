@@ -28,7 +28,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import zero_ext
-from zero_ext.config import _read_json
+from zero_ext.config import read_json_config
 
 __all__ = ["ZeroTrainer", "fill_config"]
 
@@ -107,7 +107,7 @@ def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
     heuristics. Raises one ValueError listing every contradiction and every "auto" that has
     no counterpart among the arguments.
     """
-    raw = _read_json(config) if isinstance(config, (str, os.PathLike)) else config
+    raw = read_json_config(config) if isinstance(config, (str, os.PathLike)) else config
     if not isinstance(raw, Mapping):
         raise TypeError(f"ZeroTrainer: zero_config must be a dict or a path to a JSON file, got "
                         f"{type(config).__name__}")
