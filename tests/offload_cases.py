@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+import warnings
 
 import torch
 
@@ -191,6 +192,14 @@ def model_cases() -> dict:
         engine, _, _, _ = zero_ext.initialize(model=model, config=cfg)
         engine_cases.train_steps(engine, 3)
         out.setdefault("init", {})[label] = engine_cases.host_params(model, engine)
+    # offload_param where every parameter is kept whole (all below the persistence threshold):
+    # nothing to offload, said once on rank 0; trains as without it.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        whole = {label: engine_cases.llama(3, stage3_param_persistence_threshold=10**9, **zero)
+                 for label, zero in (("offload", KINDS["both"]), ("plain", {}))}
+    whole["warned"] = [str(w.message) for w in caught if "nothing to offload" in str(w.message)]
+    out["all_whole"] = whole
     return out
 
 

@@ -107,6 +107,11 @@ def test_llama_and_init_built_models_train_alike_with_offload():
         init = models["init"]
         for name, value in init["plain"].items():
             assert torch.equal(init["offload"][name], value), (rank, name)
+        whole = models["all_whole"]
+        assert whole["offload"]["units"] == whole["plain"]["units"] == 0
+        for name, value in whole["plain"]["params"].items():
+            assert torch.equal(whole["offload"]["params"][name], value), (rank, name)
+        assert len(whole["warned"]) == (1 if rank == 0 else 0), whole["warned"]
 
 
 def test_checkpoints_resume_exactly_with_offload_and_load_without_it(tmp_path):

@@ -20,6 +20,7 @@ import hashlib
 import math
 import os
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -210,7 +211,14 @@ class ZeroEngine(nn.Module):
                 param._zero_ext_engine, param._zero_ext_layout = engine_ref, layout.index
         zero = config.zero_optimization
         self.offload_optimizer = zero.offload_optimizer.enabled
-        self.offload_param = zero.offload_param.enabled
+        # Only stage-3 unit shards move to the host; with no units (every parameter kept whole,
+        # e.g. all below stage3_param_persistence_threshold) there is nothing to offload.
+        self.offload_param = zero.offload_param.enabled and bool(unit_plan)
+        if zero.offload_param.enabled and not unit_plan and self.rank == 0:
+            warnings.warn("zero_ext: offload_param has nothing to offload: no parameter is "
+                          "partitioned (each is below stage3_param_persistence_threshold or "
+                          "kept whole); lower the threshold to partition and offload them",
+                          stacklevel=3)
         self.pin_memory = (zero.offload_optimizer.pin_memory and self.offload_optimizer) or (
             zero.offload_param.pin_memory and self.offload_param)
         unit_indices = {layout.index for _, layouts in unit_plan for layout in layouts}
