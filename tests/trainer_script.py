@@ -10,7 +10,8 @@ a checkpoint there) then resumed by a new ZeroTrainer to the end; stage 3 also e
 checkpointing. `single`, in one process: the plain Trainer (no zero_ext) on the same data and
 global batch (and on the short-window data), the stage-2 checkpoint resumed at one rank, an
 fp16 run whose first steps overflow, a stage-3 run that loads its best checkpoint at the end,
-and the plain Trainer's evaluation of the stage-3 final weights. Rank 0 writes
+the plain Trainer's evaluation of the stage-3 final weights, and a model built under
+zero_ext.Init that reads pretrained weights into its shards. Rank 0 writes
 OUT/<name>.json (logged losses, grad norms, learning rates, metrics) and each run's final
 weights under OUT/<name>/ (model.safetensors).
 """
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "examples"))
 from hf_trainer import TEXT, CharWindows, tiny_llama
 
+import zero_ext
 from zero_ext.integrations.transformers import ZeroTrainer
 
 STEPS, STOP_AT = 8, 5       # 32 samples, global batch 8: two epochs, stopped mid-epoch
@@ -86,12 +88,13 @@ def short_window_run(make_trainer, name):
 
 
 def arguments(out, world_size, **kw):
-    kw = {"save_strategy": "no", **kw}
-    return TrainingArguments(
-        output_dir=out, max_steps=STEPS, learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.5,
-        per_device_train_batch_size=MICRO, per_device_eval_batch_size=2,
-        gradient_accumulation_steps=GLOBAL_BATCH // (MICRO * world_size), logging_steps=1,
-        report_to="none", disable_tqdm=True, seed=0, use_cpu=True, **kw)
+    return TrainingArguments(**{
+        "output_dir": out, "max_steps": STEPS, "learning_rate": 1e-2, "weight_decay": 0.1,
+        "max_grad_norm": 0.5, "per_device_train_batch_size": MICRO,
+        "per_device_eval_batch_size": 2,
+        "gradient_accumulation_steps": GLOBAL_BATCH // (MICRO * world_size), "logging_steps": 1,
+        "report_to": "none", "disable_tqdm": True, "seed": 0, "use_cpu": True,
+        "save_strategy": "no", **kw})
 
 
 def record(trainer, out, name, **extra):
@@ -195,6 +198,22 @@ def single(out):
         smoothed = make(train)
         smoothed.train()
         record(smoothed, out, name)
+
+    # A model built under zero_ext.Init, its weights read from save_pretrained's files into
+    # the shards; lr 0, so the saved model must equal the pretrained one.
+    torch.manual_seed(11)
+    train, _ = data()
+    source = tiny_llama(len(train.vocab))
+    source.save_pretrained(os.path.join(out, "pretrained"), max_shard_size="20KB")
+    with zero_ext.Init():
+        empty = tiny_llama(len(train.vocab))
+    loaded = ZeroTrainer(model=empty, train_dataset=train,
+                         args=arguments(os.path.join(out, "scratch_pre"), 1, learning_rate=0.0,
+                                        max_steps=1),
+                         pretrained_weights=os.path.join(out, "pretrained"),
+                         zero_config={"zero_optimization": {"stage": 3}})
+    loaded.train()
+    record(loaded, out, "zero3_pretrained")
 
     # Saved at two ranks, resumed at one.
     train, _ = data()

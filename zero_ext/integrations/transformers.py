@@ -215,9 +215,14 @@ class ZeroTrainer(Trainer):
     to a zero_ext engine. `zero_config` is a zero_ext (DeepSpeed-style) config dict or JSON
     path; see :func:`fill_config` for how it combines with the TrainingArguments. Under
     torchrun every rank runs the same script; `save_model` is collective (call it on every
-    rank), as are evaluation and saving under stage 3."""
+    rank), as are evaluation and saving under stage 3.
 
-    def __init__(self, *args, zero_config: Mapping | str | os.PathLike, **kwargs):
+    For a model too large to build whole on every rank, build it under `zero_ext.Init` and
+    pass `pretrained_weights` (a save_pretrained directory or a safetensors file): the engine
+    reads each rank's shards from it when it is created (engine.load_weights)."""
+
+    def __init__(self, *args, zero_config: Mapping | str | os.PathLike,
+                 pretrained_weights: str | os.PathLike | None = None, **kwargs):
         optimizers = kwargs.get("optimizers", (None, None))
         if any(o is not None for o in optimizers) or kwargs.get("optimizer_cls_and_kwargs"):
             raise ValueError(
@@ -225,6 +230,7 @@ class ZeroTrainer(Trainer):
                 "`optimizers=`/`optimizer_cls_and_kwargs=` and describe them in zero_config "
                 "(an \"optimizer\"/\"scheduler\" section) or in the TrainingArguments")
         self.zero_config = zero_config
+        self.pretrained_weights = pretrained_weights
         self.engine = None
         super().__init__(*args, **kwargs)
         if self.args.torch_compile:
@@ -243,6 +249,13 @@ class ZeroTrainer(Trainer):
         # The engine owns mixed precision (16-bit weights, fp32 masters, loss scaling); an
         # accelerate autocast or GradScaler on top would cast and scale a second time.
         return {**super()._build_accelerator_args(**kwargs), "mixed_precision": "no"}
+
+    def _move_model_to_device(self, model, device) -> None:
+        # A model built under zero_ext.Init has no storage yet: the engine allocates it shard
+        # by shard on the right device.
+        if any(p.is_meta for p in model.parameters()):
+            return
+        super()._move_model_to_device(model, device)
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         """Replaces the Trainer's optimizer and scheduler creation and accelerate's prepare of
@@ -283,6 +296,8 @@ class ZeroTrainer(Trainer):
         engine, _, _, scheduler = zero_ext.initialize(
             model=model, config=config, model_parameters=groups, lr_scheduler=lr_scheduler)
         self.engine = engine
+        if self.pretrained_weights is not None:  # a resumed checkpoint overrides them after
+            engine.load_weights(os.fspath(self.pretrained_weights))
         self.optimizer = _EngineOptimizer(engine.optimizer)
         self.lr_scheduler = _EngineScheduler(scheduler)  # the config's, else the Trainer's
         self._lr_of_last_step: float | None = None
