@@ -5,20 +5,23 @@ device "cpu". It budgets host memory before anything is allocated (HostMemoryPla
 check_host_memory), allocates (pinned) host buffers, and runs the optimizer on the host
 (OptimizerOffload):
 
-  backward   GradientBuckets reports each bucket's final gradient shard; its device-to-host
-             copy starts at once on a side stream (an event marks its end), while autograd
-             goes on with earlier layers
+  backward   GradientBuckets reports each bucket's final gradient shard (its norm already
+             taken on the device); its device-to-host copy starts at once on a side stream (an
+             event marks its end), while autograd goes on with earlier layers, and the device
+             shard is freed once the copy is done
   CPU step   zero_ext::adamw_step_ on the host shard: fp32 master and moments updated, the
-             model-dtype weights written in the same pass into a pinned staging buffer
+             model-dtype weights written in the same pass into the pinned host gradient
+             buffer just consumed (a separate staging buffer when gradients are fp32)
   upload     staging buffer -> the model's slice on the device, non_blocking on an upload
-             stream; the engine's stream waits for it before the all-gather or next forward
+             stream; the engine's stream waits for it before the all-gather or next forward,
+             and the next step's gradient copy into the same buffer waits for it too
 
 When nothing global decides the step (no gradient clipping, no fp16 overflow check), a worker
 thread steps each shard as soon as its gradient has reached the host, overlapping the CPU step
 with the rest of backward and the remaining copies. Otherwise the global norm needs every
-gradient first: the copies still overlap backward, the engine takes the norm from the
-device's copies (the same reduction as without offload), and then the shards are stepped one
-at a time in bucket order, each upload overlapping the next shard's CPU step.
+gradient first: the copies still overlap backward, the engine sums the norms the buckets took
+on the device (the same reduction as without offload), and then the shards are stepped one at
+a time in bucket order, each upload overlapping the next shard's CPU step.
 
 On a machine without CUDA the "device" is CPU memory too: the same copies run synchronously,
 pinning is skipped, and the logic is the same.
