@@ -298,6 +298,15 @@ def test_an_optimizer_of_ones_own_is_refused(args):
         ZeroTrainer(model=model, args=args, zero_config={}, optimizers=(optimizer, None))
 
 
+def test_evaluating_an_init_built_model_before_training_says_what_to_do(args):
+    with zero_ext.Init():
+        model = _tiny_model()
+    trainer = ZeroTrainer(model=model, args=args, zero_config={})
+    data = [{"input_ids": torch.arange(4), "labels": torch.arange(4)}] * 2
+    with pytest.raises(RuntimeError, match="built under zero_ext.Init.*after train"):
+        trainer.evaluate(data)
+
+
 def test_processes_the_training_arguments_do_not_see_are_refused(args, monkeypatch):
     # torchrun's processes on a machine without GPUs, with TrainingArguments lacking use_cpu.
     monkeypatch.setenv("WORLD_SIZE", "2")

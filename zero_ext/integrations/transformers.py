@@ -307,6 +307,11 @@ class ZeroTrainer(Trainer):
         # unit's parameters for the forward.
         if self.engine is not None:
             return self.engine
+        if any(p.is_meta for p in model.parameters()):
+            raise RuntimeError(
+                "ZeroTrainer: the model was built under zero_ext.Init and has no weights until "
+                "the engine exists, which train() creates; evaluate or predict after train() "
+                "has started (e.g. eval_strategy='steps'), or build the model normally")
         return super()._wrap_model(model, training, dataloader)
 
     # -- training -----------------------------------------------------------------------------
