@@ -11,6 +11,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import zero_ext
+from zero_ext.zero import offload
+
 import engine_cases
 import offload_cases
 from dist_harness import run_group
@@ -171,8 +174,6 @@ def test_host_memory_budget_refuses_before_allocating_with_the_numbers():
 
 
 def test_host_memory_check_compares_the_node_total_not_one_rank():
-    from zero_ext.zero import offload
-
     plan = offload.HostMemoryPlan(local_ranks=4, pinned=False)
     plan.add("Adam moments", 3 * 2**30)
     plan.add("fp32 master weights", 2**30)
@@ -186,8 +187,6 @@ def test_host_memory_check_compares_the_node_total_not_one_rank():
 
 
 def test_the_real_available_figure_is_read_from_the_system():
-    from zero_ext.zero import offload
-
     available = offload.available_host_memory()
     with open("/proc/meminfo") as meminfo:
         total = next(int(line.split()[1]) * 1024 for line in meminfo
@@ -243,3 +242,21 @@ def test_cuda_stage3_parameter_offload_pins_shards_and_matches():
     assert result["offload"]["pinned"]
     for name, value in result["plain"]["params"].items():
         assert_close(result["offload"]["params"][name], value, rtol=0, atol=0, msg=name)
+
+
+def test_cpu_step_threads_share_this_processes_cores_among_the_nodes_ranks(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert offload.cpu_step_threads(0.8) == 12       # int(16 * 0.8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert offload.cpu_step_threads(0.8) == 3        # int(16 / 4 * 0.8)
+    assert offload.cpu_step_threads(1.0) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert offload.cpu_step_threads(0.8) == 1        # never none
+
+
+@pytest.mark.parametrize("value", [0, 1.5, "half", True])
+def test_cpuadam_cores_perc_must_be_a_share(value):
+    with pytest.raises(ValueError, match="cpuadam_cores_perc.*must be a number in \\(0, 1\\]"):
+        zero_ext.ZeroConfig.load({"zero_optimization": {
+            "stage": 2, "offload_optimizer": {"device": "cpu", "cpuadam_cores_perc": value}}})

@@ -655,6 +655,11 @@ class OffloadConfig(_Section):
     """Put the host buffers in page-locked memory: faster, asynchronous copies, at the cost of
     memory the OS cannot swap. (DeepSpeed >= 0.18 defaults to true.)"""
 
+    cpuadam_cores_perc: float = 0.8
+    """offload_optimizer: the share (0 < x <= 1) of this rank's CPU cores (the process's cores
+    divided among the node's ranks) that run the CPU AdamW step. torchrun's default of one
+    OpenMP thread per process would otherwise leave the step one core."""
+
     _IGNORED: ClassVar[dict[str, str]] = {
         "nvme_path": "used only with device 'nvme'",
         "buffer_count": "used only with device 'nvme'",
@@ -663,7 +668,6 @@ class OffloadConfig(_Section):
         "fast_init": "used only with device 'nvme'",
         "pipeline_read": "used only with device 'nvme'",
         "pipeline_write": "used only with device 'nvme'",
-        "cpuadam_cores_perc": "",
     }
     _INERT: ClassVar[dict[str, _Unsupported]] = {
         "ratio": _Unsupported(
@@ -679,6 +683,10 @@ class OffloadConfig(_Section):
             raise ConfigError("device", "'nvme' is not supported (zero_ext offloads to host "
                               "memory only); use \"device\": \"cpu\"")
         self.pin_memory = _check_bool("pin_memory", self.pin_memory)
+        perc = self.cpuadam_cores_perc
+        if isinstance(perc, bool) or not isinstance(perc, (int, float)) or not 0 < perc <= 1:
+            raise ConfigError("cpuadam_cores_perc", f"must be a number in (0, 1], got {perc!r}")
+        self.cpuadam_cores_perc = float(perc)
 
     @property
     def enabled(self) -> bool:

@@ -244,6 +244,13 @@ class ZeroEngine(nn.Module):
                 layout.index, unit_indices))
         self.offload = None
         if self.offload_optimizer:
+            threads = offload.cpu_step_threads(zero.offload_optimizer.cpuadam_cores_perc)
+            if torch.get_num_threads() < threads:  # raise torchrun's 1, never lower a choice
+                torch.set_num_threads(threads)
+                if self.rank == 0:
+                    print(f"[zero_ext] offload: the CPU AdamW step runs on {threads} threads "
+                          f"per rank (cpuadam_cores_perc "
+                          f"{zero.offload_optimizer.cpuadam_cores_perc:g})", flush=True)
             self.offload = offload.OptimizerOffload(
                 self.optimizer, self._grad_dtype(), self.device,
                 pin=zero.offload_optimizer.pin_memory,

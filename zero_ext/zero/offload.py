@@ -51,7 +51,8 @@ import torch
 from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
 
 __all__ = ["HostMemoryPlan", "OffloadTimings", "OptimizerOffload", "available_host_memory",
-           "check_host_memory", "host_buffer"]
+           "check_host_memory", "cpu_step_threads", "host_buffer", "host_state_bytes",
+           "local_ranks"]
 
 
 def host_buffer(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
@@ -104,6 +105,16 @@ def host_state_bytes(*, shard_numel: int, unit_shard_numel: int, dtype: torch.dt
                        0 if fp32 or grad_dtype == dtype
                        else width * (shard_numel - on_host_units)))
     return out
+
+
+def cpu_step_threads(cores_perc: float) -> int:
+    """Threads for the CPU AdamW step: `cores_perc` of the cores this process may run on,
+    shared among the node's ranks (at least one)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, int(cores / local_ranks() * cores_perc))
 
 
 def local_ranks() -> int:
