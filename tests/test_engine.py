@@ -333,7 +333,8 @@ def test_transformers_model_under_init_initializes_itself_and_trains():
         update = torch.cat([(llama["params"][n] - initial[n]).flatten() for n in reference])
         ref_update = torch.cat([(reference[n] - initial[n]).flatten() for n in reference])
         error = ((update - ref_update).norm() / ref_update.norm()).item()
-        assert error < 1e-4, f"rank {rank}: relative error of the update {error:.3g}"
+        # Measured 6e-7 at 4 ranks; a wrong shard, averaging or step is percent-sized.
+        assert error < 1e-5, f"rank {rank}: relative error of the update {error:.3g}"
 
 
 def test_stage3_unit_classes_in_the_config_choose_the_units():

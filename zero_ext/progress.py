@@ -83,7 +83,7 @@ class TrainingMonitor:
         self._start = time.perf_counter()
         self._steps_at_start: int | None = None
         self._since = {"samples": 0, "tokens": 0, "time": time.perf_counter()}
-        self._tokens_total, self._time_bar = 0, time.perf_counter()
+        self._time_bar = time.perf_counter()
         self._bar_tokens = 0
 
     def forward(self, args, kwargs) -> None:

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from zero_ext import comm
+from zero_ext.checkpoint.engine_state import _raise_together
 from zero_ext.checkpoint.files import (
     SafetensorsWriter,
     TensorEntry,
@@ -123,10 +123,7 @@ def save_engine_model(engine, output_path: str) -> str:
                 _write_config(file, getattr(engine.module, "config", None))
             except Exception as error:  # noqa: BLE001 - reported to every rank
                 problem = f"{type(error).__name__}: {error}"
-    problems = comm.all_gather_object(problem)
-    if problems[0] is not None:
-        raise RuntimeError(f"zero_ext.save_16bit_model: rank 0 could not write "
-                           f"{output_path}: {problems[0]}")
+    _raise_together(problem, "save_16bit_model")
     return file if writing else _output_path_name(output_path)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import math
 import os
 import struct
 import threading
@@ -169,7 +170,7 @@ class SafetensorsWriter:
             if dtype not in _DTYPE_NAMES:
                 raise TypeError(f"zero_ext checkpoint: {name} has dtype {dtype}, which "
                                 f"safetensors cannot hold")
-            size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
                             "data_offsets": [offset, offset + size]}
             offset += size
@@ -245,13 +246,6 @@ def chunk_digests(path: str, chunk_bytes: int = CHUNK_BYTES) -> tuple[str, ...]:
     return tuple(_pool().map(chunk, range(count)))
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 class SafetensorsReader:
     """Reads tensors, or element ranges of them, from a safetensors file without loading the
     rest of it."""
@@ -303,7 +297,7 @@ class SafetensorsReader:
         """Elements [start, end) of tensor `name`, flattened (the whole tensor, in its shape,
         when no range is given)."""
         whole = start == 0 and end is None
-        end = _numel(self.shape(name)) if end is None else end
+        end = math.prod(self.shape(name)) if end is None else end
         out = torch.empty(max(end - start, 0), dtype=self.dtype(name))
         self.read_into(name, start, out)
         return out.view(self.shape(name)) if whole else out
@@ -313,7 +307,7 @@ class SafetensorsReader:
         straight from the file when `out` is contiguous host memory of the same dtype (no
         intermediate copy), else through one host buffer (casting, or to a device)."""
         entry = self._entry(name)
-        dtype, numel = _DTYPES[entry["dtype"]], _numel(entry["shape"])
+        dtype, numel = _DTYPES[entry["dtype"]], math.prod(entry["shape"])
         end = start + out.numel()
         if not 0 <= start <= end <= numel:
             raise IndexError(f"zero_ext checkpoint: range [{start}, {end}) outside {name!r} "

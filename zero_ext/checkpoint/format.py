@@ -23,6 +23,7 @@ matter of index arithmetic.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -194,10 +195,7 @@ class CheckpointIndex:
         return self._readers[name]
 
     def numel(self, name: str) -> int:
-        n = 1
-        for d in self.params[name].shape:
-            n *= d
-        return n
+        return math.prod(self.params[name].shape)
 
     def pieces(self, name: str, start: int, end: int) -> list[tuple[str, str, int, int]]:
         """Where elements [start, end) of parameter `name` live: (shard file, tensor name

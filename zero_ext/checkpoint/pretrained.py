@@ -46,7 +46,6 @@ class _Weights:
             raise CheckpointError(f"zero_ext.load_weights: {path} does not exist")
         else:
             files = None
-        self.path = path
         self._readers: dict[str, SafetensorsReader] = {}
         if files is None:
             reader = self._reader(path)
