@@ -83,11 +83,6 @@ class GradientBuckets:
         self._boundary = False     # this backward ends the accumulation window
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
-    def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
     # -- backward ---------------------------------------------------------------------------
     def begin_backward(self, boundary: bool, micro_index: int) -> None:
         self._active = True

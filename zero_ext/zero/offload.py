@@ -179,9 +179,6 @@ class OffloadTimings:
     def hidden_fraction(self) -> float:
         return self.cpu_step_hidden_s / self.cpu_step_s if self.cpu_step_s else 0.0
 
-    def as_dict(self) -> dict[str, float]:
-        return {**dataclasses.asdict(self), "hidden_fraction": self.hidden_fraction}
-
     def __str__(self) -> str:
         return (f"grad copy-out {1e3 * self.grad_copy_s:.1f}ms  cpu step "
                 f"{1e3 * self.cpu_step_s:.1f}ms ({100 * self.hidden_fraction:.0f}% hidden)  "
