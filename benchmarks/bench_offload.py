@@ -13,7 +13,8 @@ are warm-up, without gradient clipping:
   zero_ext   examples/train_llama_offload.py itself (its --json figures): bf16 weights, ZeRO
              stage 3 (--zero-stage), offload_optimizer with pinned buffers, zero_ext's
              activation checkpointing. The CPU AdamW of each shard runs as its gradient
-             reaches the host, while backward goes on.
+             reaches the host, while backward goes on. --zero-ratio R keeps only the share R
+             of the optimizer state on the host and steps the rest on the GPU.
   fsdp2      the anchor's setup: an fp32 model, fully_shard per decoder layer and at the root
              with CPUOffloadPolicy (sharded fp32 parameters, gradients and AdamW state on the
              host, pinned), MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32),
@@ -131,7 +132,7 @@ def run_row(impl: str, args, out_dir: str) -> dict:
     path = os.path.join(out_dir, f"{impl}.json")
     if impl == "zero_ext":
         cmd = [sys.executable, os.path.join(ROOT, "examples", "train_llama_offload.py"),
-               "--stage", str(args.zero_stage)]
+               "--stage", str(args.zero_stage), "--ratio", str(args.zero_ratio)]
     else:
         cmd = [sys.executable, os.path.abspath(__file__), "--run", impl,
                "--ds-stage", str(args.ds_stage)]
@@ -162,10 +163,11 @@ def table(rows: list[dict]) -> str:
         if "skipped" in r:
             lines.append(f"| {r['impl']} | not run: {r['skipped']} |||||||||")
             continue
+        name = r["impl"] + (f" (ratio {r['ratio']:g})" if r.get("ratio", 1.0) < 1.0 else "")
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
         gpu = f"{r['peak_gpu_bytes'] / gb:.1f}" if r["peak_gpu_bytes"] is not None else "n/a"
         lines.append(
-            f"| {r['impl']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:,.0f} | {ratio} | "
+            f"| {name} | {r['s_per_step']:.3f} | {r['tokens_per_s']:,.0f} | {ratio} | "
             f"{100 * r['mfu']:.3g}% | {gpu} | {r['peak_host_rss_bytes'] / gb:.2f} / "
             f"{r['peak_node_bytes'] / gb:.2f} | {r['forward_s']:.3f} | {r['backward_s']:.3f} | "
             f"{r['step_s']:.3f} |")
@@ -203,6 +205,9 @@ def main() -> None:
     parser.add_argument("--impls", default=",".join(IMPLS),
                         help=f"comma-separated, of {', '.join(IMPLS)}")
     parser.add_argument("--zero-stage", type=int, default=3, choices=(2, 3))
+    parser.add_argument("--zero-ratio", type=float, default=1.0,
+                        help="zero_ext row: offload_optimizer.ratio (share of the optimizer "
+                             "state on the host; the rest steps on the GPU)")
     parser.add_argument("--ds-stage", type=int, default=2, choices=(2, 3))
     parser.add_argument("--row-timeout", type=int, default=1800,
                         help="seconds one implementation may take")

@@ -7,6 +7,7 @@ where the time went.
     python examples/train_llama_offload.py --batch 16 --json llama7b_b16.json
     python examples/train_llama_offload.py --batch 16 --stage 2       # stage 2 instead of 3
     python examples/train_llama_offload.py --batch 4 --offload-param --cpu-checkpointing
+    python examples/train_llama_offload.py --batch 4 --ratio 0.5      # half the optimizer on GPU
     python examples/train_llama_offload.py --tiny                     # CPU smoke run (seconds)
 
 The model is transformers' LlamaForCausalLM built from Llama-2-7B's shape (hidden 4096,
@@ -16,6 +17,9 @@ randomly initialized on the GPU, which takes seconds where the host needs minute
 optimizer steps (default 10), of which the first --warmup (default 2) are left out of every
 figure. No gradient clipping by default: a clipping norm needs every gradient before any shard
 may step, so the CPU step could no longer overlap backward (--clip 1.0 to see the cost).
+--ratio R keeps only the share R of the optimizer state on the host (offload_optimizer.ratio,
+DeepSpeed's Twin-Flow): the rest, the buckets backward finishes last, steps on the GPU, whose
+free memory it uses (12 bytes per parameter moved), and the CPU step shrinks to R of itself.
 
 Figures (one block, and the same in --json):
   s/step, tokens/s  wall clock over the timed steps, one device sync at each end
@@ -271,6 +275,9 @@ def main() -> None:
                         help="checkpointed blocks' inputs go to host memory in forward")
     parser.add_argument("--no-pin", action="store_true", help="pageable host buffers")
     parser.add_argument("--clip", type=float, default=0.0, help="gradient clipping norm")
+    parser.add_argument("--ratio", type=float, default=1.0,
+                        help="offload_optimizer.ratio: the share of the optimizer state on the "
+                             "host (the rest steps on the GPU)")
     args = parser.parse_args()
     resolve_shape(args)
     if args.offload_param and args.stage != 3:
@@ -286,7 +293,7 @@ def main() -> None:
     checkpointing.apply(model)
     pin = not args.no_pin
     zero = {"stage": args.stage, "overlap_comm": True,
-            "offload_optimizer": {"device": "cpu", "pin_memory": pin}}
+            "offload_optimizer": {"device": "cpu", "pin_memory": pin, "ratio": args.ratio}}
     if args.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     engine, _, _, _ = zero_ext.initialize(model=model, config={
@@ -304,13 +311,14 @@ def main() -> None:
     offload = engine.offload.timings()
     timed = result["timed_steps"]
     result.update(impl="zero_ext", stage=args.stage, offload_param=args.offload_param,
-                  cpu_checkpointing=args.cpu_checkpointing, clip=args.clip,
-                  shards=len(engine.optimizer.shards),
+                  cpu_checkpointing=args.cpu_checkpointing, clip=args.clip, ratio=args.ratio,
+                  shards=len(engine.optimizer.shards), host_shards=len(engine.offload.shards),
                   grad_copy_s=offload.grad_copy_s / timed, cpu_step_s=offload.cpu_step_s / timed,
                   cpu_step_hidden_s=offload.cpu_step_hidden_s / timed,
                   cpu_step_exposed_s=offload.cpu_step_exposed_s / timed,
                   upload_s=offload.upload_s / timed, hidden_fraction=offload.hidden_fraction)
-    extras = [f"stage {args.stage}", "offload_optimizer" + (" (pin_memory)" if pin else "")]
+    extras = [f"stage {args.stage}", "offload_optimizer" + (" (pin_memory)" if pin else "")
+              + (f" ratio {args.ratio:g}" if args.ratio < 1 else "")]
     if args.offload_param:
         extras.append("offload_param")
     extras.append("activation checkpointing" + (" (cpu)" if args.cpu_checkpointing else ""))

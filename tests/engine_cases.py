@@ -151,6 +151,9 @@ def train_engine(stage: int, dtype: str, accumulation: int, steps: int, clip: fl
         "norms": norms,
         "global_steps": engine.global_steps,
         "micro_steps": engine.micro_steps,
+        # Buckets, and those whose optimizer state steps on the host (offload_optimizer).
+        "buckets": len(engine.layouts),
+        "host_stepped": len(engine.offload.shards) if engine.offload is not None else 0,
     }
 
 

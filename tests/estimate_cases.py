@@ -57,8 +57,8 @@ class Stack(nn.Module):
 
 def case_config(stage: int, dtype: str, accumulation: int, comm_dtype: str | None,
                 offload: str | None) -> dict:
-    """engine_cases.config with this module's stage-3 keys; `offload` is None, "optimizer" or
-    "both" (optimizer and parameters)."""
+    """engine_cases.config with this module's stage-3 keys; `offload` is None, "optimizer",
+    "ratio" (half the optimizer state offloaded) or "both" (optimizer and parameters)."""
     cfg = config(stage, dtype, accumulation, comm.world_size(),
                  stage3_param_persistence_threshold=PERSISTENCE,
                  stage3_prefetch_bucket_size=PREFETCH)
@@ -66,6 +66,8 @@ def case_config(stage: int, dtype: str, accumulation: int, comm_dtype: str | Non
         cfg["communication_data_type"] = comm_dtype
     if offload is not None:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if offload == "ratio":
+        cfg["zero_optimization"]["offload_optimizer"]["ratio"] = 0.5
     if offload == "both":
         cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
     return cfg

@@ -22,7 +22,10 @@ import engine_cases
 
 OPTIMIZER = {"offload_optimizer": {"device": "cpu", "pin_memory": True}}
 PARAM = {"offload_param": {"device": "cpu", "pin_memory": True}}
-KINDS = {"optimizer": OPTIMIZER, "param": PARAM, "both": {**OPTIMIZER, **PARAM}}
+# offload_optimizer.ratio: the first buckets' optimizer state on the host, the rest on the
+# device (DeepSpeed's Twin-Flow).
+RATIO = {"offload_optimizer": {"device": "cpu", "pin_memory": True, "ratio": 0.5}}
+KINDS = {"optimizer": OPTIMIZER, "param": PARAM, "both": {**OPTIMIZER, **PARAM}, "ratio": RATIO}
 
 
 def parity_cases(cases: list[tuple], steps: int) -> dict:
@@ -118,7 +121,9 @@ def accounting_cases() -> dict:
                                                  (3, "optimizer", "bf16", 1),
                                                  (3, "both", "fp32", 1),
                                                  (3, "both", "bf16", 4),
-                                                 (3, "param", "bf16", 1)]:
+                                                 (3, "param", "bf16", 1),
+                                                 (2, "ratio", "bf16", 1),
+                                                 (3, "ratio", "fp32", 4)]:
             row = {}
             for label, zero in (("offload", KINDS[kind]), ("plain", {})):
                 captured.clear()
@@ -127,7 +132,10 @@ def accounting_cases() -> dict:
                 row[label] = {"breakdown": engine.memory_breakdown(),
                               "location": engine.memory_by_location(),
                               "plan": captured[0] if captured else None,
-                              "shards": sum(layout.shard_numel for layout in engine.layouts)}
+                              "shards": sum(layout.shard_numel for layout in engine.layouts),
+                              "host_shards": sum(s.layout.shard_numel for s in
+                                                 engine.offload.shards) if engine.offload
+                              else 0}
             out[(stage, kind, dtype, accumulation)] = row
     finally:
         offload.check_host_memory = check
@@ -209,7 +217,8 @@ def checkpoint_cases(root: str) -> dict:
     where the uninterrupted run did (the state lives on the host, the checkpoint does not
     care)."""
     out = {}
-    for stage, kind, dtype in ((2, "optimizer", "bf16"), (3, "both", "fp32")):
+    for stage, kind, dtype in ((2, "optimizer", "bf16"), (3, "both", "fp32"),
+                               (3, "ratio", "bf16")):
         path = f"{root}/stage{stage}-{kind}"
         _, engine = _engine(stage, dtype, 1, **KINDS[kind])
         train_from(engine, 0, 2)
@@ -279,11 +288,12 @@ class _Wide(torch.nn.Module):
         return x.square().mean()
 
 
-def cuda_overlap(clip: float) -> dict:
-    """On the GPU: host buffers pinned; when the first shard's CPU step and gradient copy
-    happened relative to the end of backward; and the result against the non-offloaded engine."""
+def cuda_overlap(clip: float, kind: str = "optimizer") -> dict:
+    """On the GPU: host buffers pinned; where each shard's optimizer state lives; when the first
+    shard's CPU step and gradient copy happened relative to the end of backward; and the result
+    against the non-offloaded engine."""
     results = {}
-    for label, zero in (("offload", KINDS["optimizer"]), ("plain", {})):
+    for label, zero in (("offload", KINDS[kind]), ("plain", {})):
         torch.manual_seed(0)
         model = _Wide()
         engine, _, _, _ = zero_ext.initialize(model=model, config={
@@ -317,7 +327,8 @@ def cuda_overlap(clip: float) -> dict:
         results[label] = {"params": {n: p.detach().float().cpu()
                                      for n, p in model.named_parameters()},
                           "marks": marks, "pinned": pinned,
-                          "shards": len(engine.optimizer.shards)}
+                          "shards": len(engine.optimizer.shards),
+                          "state_on": [s.exp_avg.device.type for s in engine.optimizer.shards]}
     return results
 
 

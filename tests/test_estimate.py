@@ -25,7 +25,9 @@ CASES = [(stage, dtype, acc, None, None) for stage in (0, 1, 2, 3)
 CASES += [(0, "bf16", 2, "fp32", None), (3, "bf16", 1, "fp32", None)]
 OFFLOAD_CASES = [(1, "fp32", 2, None, "optimizer"), (2, "bf16", 2, None, "optimizer"),
                  (3, "bf16", 1, None, "optimizer"), (3, "fp32", 1, None, "both"),
-                 (3, "bf16", 2, None, "both")]
+                 (3, "bf16", 2, None, "both"),
+                 # offload_optimizer.ratio: half the optimizer state on the host.
+                 (2, "bf16", 1, None, "ratio"), (3, "fp32", 2, None, "ratio")]
 GiB = 2**30
 
 

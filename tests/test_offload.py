@@ -19,7 +19,8 @@ import offload_cases
 from dist_harness import run_group
 
 STEPS = 3
-KINDS = [(1, "optimizer"), (2, "optimizer"), (3, "optimizer"), (3, "both"), (3, "param")]
+KINDS = [(1, "optimizer"), (2, "optimizer"), (3, "optimizer"), (3, "both"), (3, "param"),
+         (1, "ratio"), (2, "ratio"), (3, "ratio")]
 # World size 2 runs every kind at both dtypes, accumulation 1 and 4, clipping on (shards step
 # after the global norm) and off (each shard steps as its gradient arrives).
 EVERY = [(stage, kind, dtype, accumulation, clip) for stage, kind in KINDS
@@ -32,6 +33,8 @@ COVERING = [
     (3, "optimizer", "fp32", 1, 0.5), (3, "optimizer", "bf16", 4, 0.0),
     (3, "both", "fp32", 4, 0.0), (3, "both", "bf16", 1, 0.5),
     (3, "param", "fp32", 4, 0.5), (3, "param", "bf16", 1, 0.0),
+    (1, "ratio", "bf16", 4, 0.5), (2, "ratio", "fp32", 1, 0.0), (2, "ratio", "bf16", 4, 0.5),
+    (3, "ratio", "bf16", 1, 0.0), (3, "ratio", "fp32", 4, 0.5),
 ]
 # (world size, transport, cases): "gloo" runs gloo's asynchronous collectives, the path NCCL
 # shares, instead of comm's shared-memory arena.
@@ -55,10 +58,14 @@ def test_offload_matches_the_engine_without_offload_and_torch_adamw(world_size, 
                                                                     case):
     results = _parity(world_size, transport)
     reference = results[0][case]["reference"]
-    _, _, dtype, accumulation, _ = case
+    _, kind, dtype, accumulation, _ = case
     for rank, result in enumerate(results):
         got = result[case]
         assert got["global_steps"] == STEPS and got["micro_steps"] == STEPS * accumulation
+        if kind == "ratio":  # some buckets step on the host and some on the device
+            assert 0 < got["host_stepped"] < got["buckets"], (rank, got["buckets"])
+        elif kind != "param":
+            assert got["host_stepped"] == got["buckets"], rank
         # The same arithmetic in the same order as without offload: bitwise equal.
         assert got["norms"] == got["plain"]["norms"], rank
         for name, value in got["plain"]["params"].items():
@@ -148,6 +155,18 @@ def test_memory_breakdown_splits_host_and_device_bytes():
             plain_state = sum(plain["breakdown"][k] for k in ("master", "exp_avg",
                                                               "exp_avg_sq"))
             assert offloaded["location"]["device"] == plain["location"]["device"] - plain_state
+        elif kind == "ratio":
+            # The first buckets' state and gradient copies on the host, as under full offload
+            # but for their elements only; the rest of the state stays where the plain engine
+            # keeps it.
+            host = offloaded["host_shards"]
+            assert 0 < host < shards, key
+            grad_bytes = 4 if accumulation > 1 else model_bytes
+            staging = 0 if dtype == "fp32" or grad_bytes == model_bytes else model_bytes
+            assert offloaded["location"]["host"] == (12 + grad_bytes + staging) * host, key
+            plain_master = 0 if dtype == "fp32" else 4
+            assert offloaded["location"]["device"] == \
+                plain["location"]["device"] - (plain_master + 8) * host, key
         elif kind == "param":
             # Only the units' shards move; the device keeps the persistent buckets.
             assert offloaded["location"]["host"] < model_bytes * shards, key
@@ -218,11 +237,18 @@ def test_timings_split_the_cpu_step_at_the_end_of_backward():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["optimizer", "ratio"])
 @pytest.mark.parametrize("clip", [0.0, 1.0])
-def test_cuda_offload_overlaps_cpu_steps_with_backward_and_pins_host_buffers(clip):
-    result = run_group(1, offload_cases.cuda_overlap, clip)[0]
+def test_cuda_offload_overlaps_cpu_steps_with_backward_and_pins_host_buffers(clip, kind):
+    result = run_group(1, offload_cases.cuda_overlap, clip, kind)[0]
     offloaded, plain = result["offload"], result["plain"]
     assert offloaded["pinned"] and offloaded["shards"] > 2
+    where = offloaded["state_on"]
+    if kind == "ratio":  # the first buckets on the host, the rest on the GPU
+        host = where.count("cpu")
+        assert 0 < host < len(where) and where == ["cpu"] * host + ["cuda"] * (len(where) - host)
+    else:
+        assert set(where) == {"cpu"}
     steps, ends = offloaded["marks"]["step"], offloaded["marks"]["backward_end"]
     if clip == 0.0:
         # The first shard's CPU step (after its gradient reached the host) ran before
@@ -260,3 +286,42 @@ def test_cpuadam_cores_perc_must_be_a_share(value):
     with pytest.raises(ValueError, match="cpuadam_cores_perc.*must be a number in \\(0, 1\\]"):
         zero_ext.ZeroConfig.load({"zero_optimization": {
             "stage": 2, "offload_optimizer": {"device": "cpu", "cpuadam_cores_perc": value}}})
+
+
+@pytest.mark.parametrize("numels, ratio, expected", [
+    ([10, 10, 10, 10], 1.0, 4),    # everything on the host
+    ([10, 10, 10, 10], 0.5, 2),    # 20 of 40 elements: exact
+    ([10, 10, 10, 10], 0.3, 1),    # target 12: 10 is 2 away, 20 is 8 away
+    ([10, 10, 10, 10], 0.01, 1),   # never no bucket at all
+    ([30, 10], 0.5, 1),            # target 20: 30 and 40 are 10 and 20 away
+    ([10, 10], 0.75, 2),           # target 15: a tie takes more to the host
+    ([], 0.5, 0),
+])
+def test_ratio_puts_the_first_buckets_closest_to_the_share_on_the_host(numels, ratio,
+                                                                        expected):
+    assert offload.host_stepped_buckets(numels, ratio) == expected
+
+
+@pytest.mark.parametrize("zero, message", [
+    ({"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0}},
+     "offload_optimizer.ratio: expected a number in \\(0, 1\\], got 0"),
+    ({"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 1.5}},
+     "offload_optimizer.ratio: expected a number in \\(0, 1\\], got 1.5"),
+    ({"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5},
+      "offload_param": {"device": "cpu"}},
+     "offload_optimizer.ratio: 0.5 keeps part of the optimizer on the device, but "
+     "offload_param keeps the weights it would update on the host"),
+    ({"stage": 3, "offload_param": {"device": "cpu", "ratio": 0.5}},
+     "offload_param.ratio: ratio splits the optimizer state .* belongs under "
+     "offload_optimizer"),
+])
+def test_ratio_errors_say_what_is_wrong(zero, message):
+    with pytest.raises(ValueError, match=message):
+        zero_ext.ZeroConfig.load({"zero_optimization": zero})
+
+
+def test_ratio_round_trips_as_deepspeed_writes_it():
+    zero = zero_ext.ZeroConfig.load({"zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}}).zero_optimization
+    assert zero.offload_optimizer.ratio == 0.3
+    assert zero.to_dict()["offload_optimizer"]["ratio"] == 0.3

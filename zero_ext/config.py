@@ -660,6 +660,15 @@ class OffloadConfig(_Section):
     divided among the node's ranks) that run the CPU AdamW step. torchrun's default of one
     OpenMP thread per process would otherwise leave the step one core."""
 
+    ratio: float = 1.0
+    """offload_optimizer: the share (0 < x <= 1) of this rank's optimizer state kept in host
+    memory and stepped there; the rest stays on the device and steps there (DeepSpeed's
+    ZeRO-Offload++ "Twin-Flow"). The host takes the buckets backward finishes first, whose CPU
+    step has the rest of backward to hide behind, so the split falls on bucket boundaries
+    (stage-3 units, reduce_bucket_size otherwise). Lower it while device memory allows: each
+    parameter moved back costs 12 bytes of device memory (16 when gradients are accumulated
+    in fp32) and takes its step off the CPU."""
+
     _IGNORED: ClassVar[dict[str, str]] = {
         "nvme_path": "used only with device 'nvme'",
         "buffer_count": "used only with device 'nvme'",
@@ -670,10 +679,6 @@ class OffloadConfig(_Section):
         "pipeline_write": "used only with device 'nvme'",
     }
     _INERT: ClassVar[dict[str, _Unsupported]] = {
-        "ratio": _Unsupported(
-            _is(1.0),
-            "partial optimizer offload is not supported; remove the key (the whole optimizer "
-            "state is offloaded)"),
         "super_offload": _Unsupported(_is(False), "true is not supported; remove the key"),
     }
 
@@ -687,6 +692,7 @@ class OffloadConfig(_Section):
         if isinstance(perc, bool) or not isinstance(perc, (int, float)) or not 0 < perc <= 1:
             raise ConfigError("cpuadam_cores_perc", f"must be a number in (0, 1], got {perc!r}")
         self.cpuadam_cores_perc = float(perc)
+        self.ratio = _check_number("ratio", self.ratio, lo=0, hi=1, lo_open=True)
 
     @property
     def enabled(self) -> bool:
@@ -883,6 +889,14 @@ class ZeroOptimizationConfig(_Section):
         if self.offload_optimizer.enabled and self.stage == 0:
             raise ConfigError("offload_optimizer.device", "optimizer offload needs stage 1, 2 "
                               "or 3, the stage is 0; set a stage or remove offload_optimizer")
+        if self.offload_param.ratio != 1.0:
+            raise ConfigError("offload_param.ratio", "ratio splits the optimizer state between "
+                              "host and device; it belongs under offload_optimizer")
+        if self.offload_optimizer.ratio != 1.0 and self.offload_param.enabled:
+            raise ConfigError(
+                "offload_optimizer.ratio", f"{self.offload_optimizer.ratio:g} keeps part of the "
+                "optimizer on the device, but offload_param keeps the weights it would update "
+                "on the host; use one of them (ratio 1, or no offload_param)")
 
     @property
     def overlap(self) -> bool:

@@ -33,7 +33,7 @@ from zero_ext.config import ZeroConfig
 from zero_ext.progress import TrainingMonitor
 from zero_ext.zero import offload
 from zero_ext.zero.buckets import GradientBuckets
-from zero_ext.zero.optimizer import ZeroOptimizer
+from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
 from zero_ext.zero.params import PartitionedParameters, check_initializers, find_units, materialize
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 
@@ -222,6 +222,18 @@ class ZeroEngine(nn.Module):
         self.pin_memory = (zero.offload_optimizer.pin_memory and self.offload_optimizer) or (
             zero.offload_param.pin_memory and self.offload_param)
         unit_indices = {layout.index for _, layouts in unit_plan for layout in layouts}
+        # The buckets whose optimizer state lives (and steps) on the host: all of them under
+        # offload_optimizer, or the first ones backward finishes under its ratio.
+        ratio = zero.offload_optimizer.ratio
+        self._host_stepped = set(range(offload.host_stepped_buckets(
+            [layout.shard_numel for layout in self.layouts], ratio))) \
+            if self.offload_optimizer else set()
+        if ratio < 1.0 and self.offload_optimizer and self.rank == 0:
+            host_numel = sum(self.layouts[i].shard_numel for i in self._host_stepped)
+            total_numel = sum(layout.shard_numel for layout in self.layouts)
+            print(f"[zero_ext] offload: optimizer ratio {ratio:g}: {len(self._host_stepped)} of "
+                  f"{len(self.layouts)} buckets ({100 * host_numel / total_numel:.1f}% of the "
+                  "elements) step on the host, the rest on the device", flush=True)
         if self.offload_optimizer or self.offload_param:
             # Refused here, before any host buffer exists, rather than by the OOM killer.
             offload.check_host_memory(self._host_memory_plan(unit_indices))
@@ -240,7 +252,7 @@ class ZeroEngine(nn.Module):
         self.optimizer = replicated_optimizer or ZeroOptimizer(
             param_groups, self.layouts, self._weights_to_update(),
             defaults=optimizer_defaults, state_buffer=self._state_buffer,
-            staged=lambda layout: self.offload_optimizer != self._weights_on_host(
+            staged=lambda layout: (layout.index in self._host_stepped) != self._weights_on_host(
                 layout.index, unit_indices))
         self.offload = None
         if self.offload_optimizer:
@@ -252,7 +264,9 @@ class ZeroEngine(nn.Module):
                           f"per rank (cpuadam_cores_perc "
                           f"{zero.offload_optimizer.cpuadam_cores_perc:g})", flush=True)
             self.offload = offload.OptimizerOffload(
-                self.optimizer, self._grad_dtype(), self.device,
+                self.optimizer, [s for s in self.optimizer.shards
+                                 if s.layout.index in self._host_stepped],
+                self._grad_dtype(), self.device,
                 pin=zero.offload_optimizer.pin_memory,
                 # Clipping and the fp16 overflow skip need the global norm of every gradient
                 # before any shard may change; without them each shard steps on arrival.
@@ -346,7 +360,9 @@ class ZeroEngine(nn.Module):
         return self.offload_param and layout_index in unit_indices
 
     def _state_buffer(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A flat buffer for optimizer state where the state lives (host under offload)."""
+        """A flat buffer for the optimizer state of a shard whose weights live elsewhere than
+        its state: host state for device weights under offload_optimizer (offload_param and a
+        ratio below 1 never meet), device state for host weights under offload_param alone."""
         if self.offload_optimizer:
             return offload.host_buffer(like.numel(), dtype,
                                        self.config.zero_optimization.offload_optimizer.pin_memory)
@@ -363,7 +379,7 @@ class ZeroEngine(nn.Module):
         offload.host_state_bytes, which the estimator shares)."""
         plan = offload.HostMemoryPlan(local_ranks=offload.local_ranks(), pinned=self.pin_memory)
         for kind, nbytes in offload.host_state_bytes(
-                shard_numel=sum(layout.shard_numel for layout in self.layouts),
+                shard_numel=sum(self.layouts[i].shard_numel for i in self._host_stepped),
                 unit_shard_numel=sum(layout.shard_numel for layout in self.layouts
                                      if layout.index in unit_indices),
                 dtype=self.model_dtype, grad_dtype=self._grad_dtype(),
@@ -520,18 +536,20 @@ class ZeroEngine(nn.Module):
             clip_coef = clip / (norm + 1e-6)
             if clip_coef < 1.0:
                 factor *= clip_coef
-        inv_scale = None
-        if factor != 1.0:
-            # On the device of the fp32 master weights (the host under offload_optimizer).
-            inv_scale = torch.tensor(factor, dtype=torch.float32,
-                                     device=self.optimizer.shards[0].master.device
-                                     if self.replicated_optimizer is None else self.device)
-        if self.offload is not None:
-            self.offload.step(inv_scale)
-        elif self.replicated_optimizer is None:
-            self.optimizer.sharded_step(grads, inv_scale)
-        else:
+        if self.replicated_optimizer is not None:
             self._replicated_step(grads, factor)
+        elif self.offload is None:
+            self.optimizer.sharded_step(grads, _scale_on(factor, self.optimizer.shards))
+        else:
+            # Under offload_optimizer.ratio the device's buckets step first: their kernels
+            # are queued at once and run while the host steps the rest.
+            on_device = [s for s in self.optimizer.shards
+                         if s.layout.index not in self._host_stepped]
+            if on_device:
+                self.optimizer.sharded_step(
+                    self.grad_buckets.reduced_grads(only=[s.layout.index for s in on_device]),
+                    _scale_on(factor, on_device), only=on_device)
+            self.offload.step(_scale_on(factor, self.offload.shards))
         self.grad_buckets.clear()
         return True
 
@@ -694,7 +712,7 @@ class ZeroEngine(nn.Module):
         breakdown = self.memory_breakdown()
         host = breakdown.get("offload_buffers", 0)
         if self.offload_optimizer:
-            host += sum(self.optimizer.nbytes().values())
+            host += sum(self.optimizer.nbytes(self.offload.shards).values())
         if self.offload_param:
             host += self.partitioned.shard_nbytes()
         return {"device": sum(breakdown.values()) - host, "host": host}
@@ -705,6 +723,14 @@ class ZeroEngine(nn.Module):
         gathered = self.partitioned.full_values() if self.partitioned is not None else {}
         return {k: gathered[v] if v in gathered else v.detach().to("cpu", copy=True)
                 for k, v in self.module.state_dict(keep_vars=True).items()}
+
+
+def _scale_on(factor: float, shards: list[ShardState]) -> torch.Tensor | None:
+    """The gradient factor (loss scale and clipping) as a tensor where these shards' fp32
+    master weights live, or None when it is 1."""
+    if factor == 1.0:
+        return None
+    return torch.tensor(factor, dtype=torch.float32, device=shards[0].master.device)
 
 
 def split_param_groups(model: nn.Module, model_parameters, defaults: dict) -> list[dict]:

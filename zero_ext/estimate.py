@@ -112,28 +112,31 @@ class MemoryEstimate:
 
 def estimate(model: nn.Module | int, *, stage: int, world_size: int,
              dtype: str | torch.dtype = "bf16", offload_optimizer: bool = False,
-             offload_param: bool = False, gradient_accumulation_steps: int = 1,
-             param_groups: Iterable | None = None, largest_unit: int | None = None,
-             **zero_optimization) -> MemoryEstimate:
+             offload_param: bool = False, offload_ratio: float | None = None,
+             gradient_accumulation_steps: int = 1, param_groups: Iterable | None = None,
+             largest_unit: int | None = None, **zero_optimization) -> MemoryEstimate:
     """Per-rank memory of `model` (an nn.Module, possibly on the meta device, or a trainable
     parameter count) trained with ZeRO `stage` on `world_size` ranks.
 
     `dtype` is the training dtype ("fp32", "bf16", "fp16" or a torch dtype); other
-    zero_optimization keys (reduce_bucket_size, stage3_param_persistence_threshold,
+    `offload_ratio` is offload_optimizer.ratio: the share of the optimizer state on the host
+    (it implies offload_optimizer). Other zero_optimization keys (reduce_bucket_size,
+    stage3_param_persistence_threshold,
     stage3_unit_classes, stage3_prefetch_bucket_size, ...) pass through as keyword arguments.
     `param_groups` are the model_parameters given to initialize (groups split buckets).
     `largest_unit` (elements) gives stage 3's largest gather unit for a bare count.
     """
     config = _with_options({}, dtype=dtype, accumulation=gradient_accumulation_steps,
                            offload_optimizer=offload_optimizer, offload_param=offload_param,
-                           stage=stage, **zero_optimization)
+                           offload_ratio=offload_ratio, stage=stage, **zero_optimization)
     return estimate_from_config(model, config, world_size, param_groups=param_groups,
                                 largest_unit=largest_unit)
 
 
 def _with_options(config: dict, *, dtype: str | torch.dtype | None = None,
                   accumulation: int | None = None, offload_optimizer: bool = False,
-                  offload_param: bool = False, **zero_optimization) -> dict:
+                  offload_param: bool = False, offload_ratio: float | None = None,
+                  **zero_optimization) -> dict:
     """A copy of the config dict `config` with these options set over its own (None and False
     leave its setting as it is)."""
     config = json.loads(json.dumps(config))  # a deep copy of plain JSON data
@@ -151,8 +154,10 @@ def _with_options(config: dict, *, dtype: str | torch.dtype | None = None,
         config.setdefault("train_micro_batch_size_per_gpu", 1)
     zero = config.setdefault("zero_optimization", {})
     zero.update(zero_optimization)
-    if offload_optimizer:
+    if offload_optimizer or offload_ratio is not None:
         zero["offload_optimizer"] = {"device": "cpu"}
+        if offload_ratio is not None:
+            zero["offload_optimizer"]["ratio"] = offload_ratio
     if offload_param:
         zero["offload_param"] = {"device": "cpu"}
     return config
@@ -200,7 +205,8 @@ def estimate_from_config(model: nn.Module | int, config, world_size: int, *,
         numel=numel, frozen_numel=frozen_numel, unit_numels=unit_numels, exact=exact,
         largest=largest, prefetch_numel=zero.stage3_prefetch_bucket_size,
         max_live_numel=zero.stage3_max_live_parameters,
-        offload_optimizer=zero.offload_optimizer.enabled, offload_param=zero.offload_param.enabled)
+        offload_optimizer=zero.offload_optimizer.enabled, offload_param=zero.offload_param.enabled,
+        offload_ratio=zero.offload_optimizer.ratio)
 
 
 def host_bytes_needed(model: nn.Module | int, config, world_size: int, *,
@@ -259,29 +265,37 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
              accumulation: int, unit_layouts, whole_layouts: list[BucketLayout], numel: int,
              frozen_numel: int, unit_numels: list[int], exact: bool, largest: int | None,
              prefetch_numel: int, max_live_numel: int, offload_optimizer: bool,
-             offload_param: bool) -> MemoryEstimate:
+             offload_param: bool, offload_ratio: float = 1.0) -> MemoryEstimate:
     """Bytes per kind from the layouts, following what the engine allocates."""
     units = [layout for layouts in unit_layouts for layout in layouts]
-    layouts = units + whole_layouts
+    layouts = units + whole_layouts  # the engine's bucket order
     padded = sum(layout.padded_numel for layout in layouts)
     shards = sum(layout.shard_numel for layout in layouts)
     width, comm_width = _itemsize(dtype), _itemsize(comm_dtype)
+    # The shard elements whose optimizer state (and reduced gradient) goes to the host: all of
+    # them under offload_optimizer, or the first buckets' under its ratio; the rest stay here.
+    host_shards = 0
+    if offload_optimizer:
+        on_host = offload.host_stepped_buckets([layout.shard_numel for layout in layouts],
+                                               offload_ratio)
+        host_shards = sum(layout.shard_numel for layout in layouts[:on_host])
+    device_shards = shards - host_shards
 
     unit_params = width * sum(layout.shard_numel for layout in units)
     whole_params = width * sum(layout.padded_numel for layout in whole_layouts)
     # The reduced gradient of a step: whole all-reduced buckets at stage 0, else this rank's
     # shard; under offload_optimizer it is copied to the host and freed during backward.
-    final = 0 if offload_optimizer else comm_width * (padded if stage == 0 else shards)
+    final = comm_width * (padded if stage == 0 else device_shards)
     if stage <= 1:
         # Stage 0/1 reduce only at the boundary: until then every .grad is whole, unpadded.
         grads = max(final, width * numel if accumulation > 1 else 0)
     else:
         grads = 4 * shards if accumulation > 1 else final
-    state = padded if stage == 0 else shards
+    state = padded if stage == 0 else device_shards
     unit_shards = sum(layout.shard_numel for layout in units)
     fp32_model = dtype == torch.float32
-    # On the device an fp32 model's master weights are its own buffers (under offload the
-    # host side is offload.host_state_bytes).
+    # On the device an fp32 model's master weights are its own buffers (the host side is
+    # offload.host_state_bytes).
     master = 0 if fp32_model else 4 * state
     gathered = 0
     if stage == 3:
@@ -298,11 +312,10 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
     device = {"params": whole_params + unit_params, "grads": grads, "gathered": gathered,
               "frozen": width * frozen_numel}
     host = offload.host_state_bytes(
-        shard_numel=state, unit_shard_numel=unit_shards, dtype=dtype,
+        shard_numel=host_shards, unit_shard_numel=unit_shards, dtype=dtype,
         grad_dtype=torch.float32 if stage >= 2 and accumulation > 1 else comm_dtype,
         offload_optimizer=offload_optimizer, offload_param=offload_param)
-    if not offload_optimizer:
-        device.update(optimizer)
+    device.update(optimizer)
     if offload_param:
         device["params"] = whole_params
     return MemoryEstimate(stage=stage, world_size=world_size, dtype=dtype,
@@ -513,6 +526,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="fp32 master weights and Adam moments in host memory (stages 1-3)")
     parser.add_argument("--offload-param", action="store_true",
                         help="stage-3 parameter shards in host memory too")
+    parser.add_argument("--offload-ratio", type=float, default=None, metavar="R",
+                        help="offload_optimizer.ratio: only this share (0 < R <= 1) of the "
+                             "optimizer state on the host, the rest on the device (implies "
+                             "--offload-optimizer)")
     parser.add_argument("--largest-unit", type=_arg(parse_count), metavar="COUNT",
                         help="with --params: elements of the largest stage-3 gather unit (e.g. "
                              "one decoder layer, or the embedding); --hf-config finds it")
@@ -562,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = _with_options(base, dtype=args.dtype or (None if args.config else "bf16"),
                          accumulation=args.gradient_accumulation_steps,
                          offload_optimizer=args.offload_optimizer,
-                         offload_param=args.offload_param)
+                         offload_param=args.offload_param, offload_ratio=args.offload_ratio)
     try:
         # Stage 3 admits every offload setting, so this checks the rest of the config.
         probe = ZeroConfig.load(_at_stage(base, 3)).zero_optimization
@@ -599,7 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--config {args.config}: {error}" if args.config else str(error))
     name = {v: k for k, v in _DTYPES.items()}[estimates[0].dtype]
     options = [f"{name} weights", "fp32 Adam"]
-    options += ["optimizer offload"] if offload_optimizer else []
+    ratio = probe.offload_optimizer.ratio
+    options += [f"optimizer offload{f' (ratio {ratio:g})' if ratio < 1 else ''}"] \
+        if offload_optimizer else []
     options += ["parameter offload"] if offload_param else []
     accumulations = sorted({e.gradient_accumulation_steps for e in estimates})
     if accumulations != [1]:

@@ -16,7 +16,7 @@ same sequence of collectives even when some parameters receive no gradient.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -180,11 +180,14 @@ class GradientBuckets:
             self._active = False
 
     # -- optimizer side ----------------------------------------------------------------------
-    def reduced_grads(self) -> list[torch.Tensor]:
-        """Per bucket, the averaged gradient this rank steps with: the whole bucket at stage 0,
-        this rank's shard otherwise (fp32 when accumulated over micro-steps at stage 2)."""
+    def reduced_grads(self, only: Collection[int] | None = None) -> list[torch.Tensor]:
+        """Per bucket (or per bucket index in `only`, in bucket order), the averaged gradient
+        this rank steps with: the whole bucket at stage 0, this rank's shard otherwise (fp32
+        when accumulated over micro-steps at stage 2)."""
         grads = []
         for bucket in self.buckets:
+            if only is not None and bucket.layout.index not in only:
+                continue
             grad = bucket.accumulated if bucket.accumulated is not None else bucket.grad
             if grad is None:
                 raise RuntimeError("zero_ext: no reduced gradients: engine.step() at an "

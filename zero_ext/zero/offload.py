@@ -23,6 +23,10 @@ gradient first: the copies still overlap backward, the engine sums the norms the
 on the device (the same reduction as without offload), and then the shards are stepped one at
 a time in bucket order, each upload overlapping the next shard's CPU step.
 
+Under offload_optimizer.ratio < 1 (DeepSpeed's Twin-Flow) only the first buckets, those backward
+finishes first (host_stepped_buckets), go through the host; the engine steps the rest where
+their gradients already are, on the device, before the host's steps.
+
 On a machine without CUDA the "device" is CPU memory too: the same copies run synchronously,
 pinning is skipped, and the logic is the same.
 
@@ -52,7 +56,7 @@ from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
 
 __all__ = ["HostMemoryPlan", "OffloadTimings", "OptimizerOffload", "available_host_memory",
            "check_host_memory", "cpu_step_threads", "host_buffer", "host_state_bytes",
-           "local_ranks"]
+           "host_stepped_buckets", "local_ranks"]
 
 
 def host_buffer(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
@@ -105,6 +109,23 @@ def host_state_bytes(*, shard_numel: int, unit_shard_numel: int, dtype: torch.dt
                        0 if fp32 or grad_dtype == dtype
                        else width * (shard_numel - on_host_units)))
     return out
+
+
+def host_stepped_buckets(shard_numels: list[int], ratio: float) -> int:
+    """How many buckets, counted from the first (the first backward finishes), keep their
+    optimizer state on the host under offload_optimizer.ratio: the count whose elements come
+    closest to `ratio` of all (the larger count on a tie), and at least one. The engine and the
+    estimator both split by it."""
+    if ratio >= 1.0 or not shard_numels:
+        return len(shard_numels)
+    target = ratio * sum(shard_numels)
+    best, best_gap, cumulative = 1, abs(shard_numels[0] - target), shard_numels[0]
+    for count in range(2, len(shard_numels) + 1):
+        cumulative += shard_numels[count - 1]
+        gap = abs(cumulative - target)
+        if gap <= best_gap:
+            best, best_gap = count, gap
+    return best
 
 
 def cpu_step_threads(cores_perc: float) -> int:
@@ -230,17 +251,22 @@ class _CopyClock:
 class OptimizerOffload:
     """The host side of offload_optimizer: gradient copies out, CPU AdamW, weight copies in.
 
-    `optimizer.shards[i]` (state in host memory) steps with `host_grads[i]`; shards whose
-    `model_weights` is set (the model's slice on the device) get the result uploaded.
+    `shards` are the optimizer's shards whose state is in host memory (all of them, or under
+    offload_optimizer.ratio the first buckets'), in bucket order; `shards[i]` steps with
+    `host_grads[i]`. The other buckets' gradients stay on the device for the engine to step
+    there. Shards whose `model_weights` is set (the model's slice on the device) get the
+    result uploaded.
     `before_host_write(layout_index)` is called before a shard's host weights are written, so
     an in-flight upload of a stage-3 host shard (offload_param) finishes reading it first.
     """
 
-    def __init__(self, optimizer: ZeroOptimizer, grad_dtype: torch.dtype, device: torch.device,
-                 *, pin: bool, step_on_arrival: bool,
-                 before_host_write: Callable[[int], None] | None = None):
+    def __init__(self, optimizer: ZeroOptimizer, shards: list[ShardState],
+                 grad_dtype: torch.dtype, device: torch.device, *, pin: bool,
+                 step_on_arrival: bool, before_host_write: Callable[[int], None] | None = None):
         self.optimizer = optimizer
-        self.shards: list[ShardState] = optimizer.shards
+        self.shards = shards
+        # Bucket (layout) index -> position in `shards`.
+        self._position = {shard.layout.index: i for i, shard in enumerate(shards)}
         self.device = device
         self.step_on_arrival = step_on_arrival
         self._before_host_write = before_host_write
@@ -278,10 +304,14 @@ class OptimizerOffload:
             weakref.finalize(self, self._worker.shutdown, False)
 
     # -- gradients out -----------------------------------------------------------------------
-    def grad_ready(self, index: int, grad: torch.Tensor) -> bool:
-        """GradientBuckets' on_final: bucket `index`'s gradient shard for this step is final.
-        Takes it (True): the device copy is held only until its copy to the host is done, so
-        the device does not keep a gradient shard until the step."""
+    def grad_ready(self, bucket: int, grad: torch.Tensor) -> bool:
+        """GradientBuckets' on_final: bucket `bucket`'s gradient shard for this step is final.
+        Takes it (True) when the bucket steps on the host: the device copy is held only until
+        its copy to the host is done, so the device does not keep a gradient shard until the
+        step. A bucket stepped on the device keeps its gradient (False)."""
+        index = self._position.get(bucket)
+        if index is None:
+            return False
         host = self.host_grads[index]
         if all(self._arrived[:index]) and all(self._arrived[index + 1:]):
             self._last_arrival = index

@@ -136,14 +136,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         raise RuntimeError("zero_ext: the sharded optimizer's state is spread over ranks; it is "
                            "saved with engine.save_checkpoint(), not optimizer.state_dict()")
 
-    def nbytes(self) -> dict[str, int]:
-        """Bytes held per kind of state: master weights not aliasing the model, and moments."""
+    def nbytes(self, shards: list[ShardState] | None = None) -> dict[str, int]:
+        """Bytes held per kind of state (of every shard, or of `shards`): master weights not
+        aliasing the model, and moments."""
+        shards = self.shards if shards is None else shards
+
         def size(ts):
             return sum(t.numel() * t.element_size() for t in ts)
         return {
-            "master": size([s.master for s in self.shards
+            "master": size([s.master for s in shards
                             if s.weights_16bit is not None or s.model_weights is not None]),
-            "exp_avg": size([s.exp_avg for s in self.shards]),
-            "exp_avg_sq": size([s.exp_avg_sq for s in self.shards]),
+            "exp_avg": size([s.exp_avg for s in shards]),
+            "exp_avg_sq": size([s.exp_avg_sq for s in shards]),
         }
 
