@@ -325,3 +325,55 @@ def test_ratio_round_trips_as_deepspeed_writes_it():
         "stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.3}}}).zero_optimization
     assert zero.offload_optimizer.ratio == 0.3
     assert zero.to_dict()["offload_optimizer"]["ratio"] == 0.3
+
+
+class _FakeCudart:
+    """cudaHostRegister / cudaHostUnregister as the CUDA runtime answers them, recorded."""
+
+    def __init__(self, error: int = 0):
+        self.error, self.registered, self.unregistered = error, [], []
+
+    def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 (the runtime's name)
+        self.registered.append((ptr, size, flags))
+        return self.error
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        self.unregistered.append(ptr)
+        return 0
+
+
+@pytest.mark.parametrize("numel, dtype", [(202_383_360 // 64, torch.float32), (1, torch.bfloat16),
+                                          (4096 // 2, torch.bfloat16), (12_345, torch.float32)])
+def test_pinned_host_buffers_lock_their_own_pages_not_a_power_of_two(monkeypatch, numel, dtype):
+    # The CUDA side is faked (no GPU here): what is checked is which bytes get registered.
+    import gc
+    import mmap
+
+    cudart = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    buffer = offload.host_buffer(numel, dtype, pin=True)
+    assert buffer.shape == (numel,) and buffer.dtype == dtype and buffer.is_contiguous()
+    nbytes = numel * buffer.element_size()
+    page = mmap.PAGESIZE
+    [(ptr, size, _)] = cudart.registered
+    # Whole pages, starting at the buffer, just enough of them (torch's pinned allocator would
+    # take the next power of two), all inside the buffer's own allocation.
+    assert ptr == buffer.data_ptr() and ptr % page == 0
+    assert size == -(-nbytes // page) * page < nbytes + page
+    storage = buffer.untyped_storage()
+    assert storage.data_ptr() <= ptr and ptr + size <= storage.data_ptr() + storage.nbytes()
+    buffer.fill_(1)  # usable as it is
+    del buffer, storage
+    gc.collect()
+    assert cudart.unregistered == [ptr]
+
+
+def test_a_refused_page_lock_says_how_to_do_without(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart(error=2))
+    with pytest.raises(RuntimeError, match="page-locking .* failed \\(cudaError 2\\).*"
+                                           "Set pin_memory false"):
+        offload.host_buffer(1000, torch.float32, pin=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not offload.host_buffer(1000, torch.float32, pin=True).is_pinned()
