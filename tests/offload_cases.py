@@ -45,8 +45,9 @@ def parity_cases(cases: list[tuple], steps: int) -> dict:
 
 def overflow_cases() -> dict:
     """engine_cases.fp16_overflow (inf on rank 1 at the second step) with the optimizer
-    offloaded, and without for comparison."""
+    offloaded, half of it (ratio), and without for comparison."""
     return {stage: {"offload": engine_cases.fp16_overflow(stage, **OPTIMIZER),
+                    "ratio": engine_cases.fp16_overflow(stage, **RATIO),
                     "plain": engine_cases.fp16_overflow(stage)} for stage in (1, 2)}
 
 

@@ -83,6 +83,7 @@ def test_fp16_overflow_on_one_rank_skips_with_offload_as_without(stage):
     for rank, result in enumerate(_checks(2)):
         record = result["overflow"][stage]["offload"]["record"]
         assert record == result["overflow"][stage]["plain"]["record"], rank
+        assert result["overflow"][stage]["ratio"]["record"] == record, rank
         assert [r["skipped"] for r in record] == [0, 1, 1, 1, 1, 1], rank
         assert record[1]["unchanged"] and not record[0]["unchanged"], rank
         assert [r["scale"] for r in record] == [256, 128, 128, 128, 256, 256], rank
@@ -309,11 +310,11 @@ def test_ratio_puts_the_first_buckets_closest_to_the_share_on_the_host(numels, r
      "offload_optimizer.ratio: expected a number in \\(0, 1\\], got 1.5"),
     ({"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5},
       "offload_param": {"device": "cpu"}},
-     "offload_optimizer.ratio: 0.5 keeps part of the optimizer on the device, but "
-     "offload_param keeps the weights it would update on the host"),
+     ("offload_optimizer.ratio: 0.5 keeps part of the optimizer on the device, but "
+      "offload_param keeps the weights it would update on the host")),
     ({"stage": 3, "offload_param": {"device": "cpu", "ratio": 0.5}},
-     "offload_param.ratio: ratio splits the optimizer state .* belongs under "
-     "offload_optimizer"),
+     ("offload_param.ratio: ratio splits the optimizer state .* belongs under "
+      "offload_optimizer")),
 ])
 def test_ratio_errors_say_what_is_wrong(zero, message):
     with pytest.raises(ValueError, match=message):
@@ -333,11 +334,11 @@ class _FakeCudart:
     def __init__(self, error: int = 0):
         self.error, self.registered, self.unregistered = error, [], []
 
-    def cudaHostRegister(self, ptr, size, flags):  # noqa: N802 (the runtime's name)
+    def cudaHostRegister(self, ptr, size, flags):
         self.registered.append((ptr, size, flags))
         return self.error
 
-    def cudaHostUnregister(self, ptr):  # noqa: N802
+    def cudaHostUnregister(self, ptr):
         self.unregistered.append(ptr)
         return 0
 
