@@ -5,17 +5,22 @@
 #
 #   bash benchmarks/gpu_runbook.sh tests     # build, python -m zero_ext.env, the test suite
 #   bash benchmarks/gpu_runbook.sh kernels   # bench_adamw (CUDA 256M; CPU 16 threads), bench_zero
-#   bash benchmarks/gpu_runbook.sh b4        # the issue-5 headline at batch 4: zero_ext
-#                                            # (ratio 1 and 0.5) and FSDP2
-#   bash benchmarks/gpu_runbook.sh b16       # the same at batch 16 (ratio 1 and 0.75)
+#   bash benchmarks/gpu_runbook.sh b4        # the issue-5 headline at batch 4: zero_ext at
+#                                            # ratio 1 and 0.5
+#   bash benchmarks/gpu_runbook.sh b4-base   # its baselines: FSDP2, DeepSpeed ZeRO-Offload
+#   bash benchmarks/gpu_runbook.sh b16       # zero_ext at batch 16, ratio 1 and 0.75
+#   bash benchmarks/gpu_runbook.sh b16-base  # the baselines at batch 16
 #   bash benchmarks/gpu_runbook.sh ckpt      # bench_checkpoint --params 1B
 #
+# The DeepSpeed rows need benchmarks/fetch_gpu_wheels.sh run here first and carry=["wheels"].
+# The parts' rows are then judged together, anywhere: python benchmarks/bench_offload.py
+# --from-json <files_at>/b16/*.json <files_at>/b16-base/*.json (table, ratios, the goals).
 # Every command's output goes to $OUT/<part>/<name>.log (or ./gpu_runs/ without $OUT); the
 # last lines printed are a summary of each command's exit code, time and closing lines, which
 # is what the device tool's reply carries. A command that overruns its share is stopped
 # (timeout) and the part goes on.
 set -u
-part=${1:?"which part: tests, kernels, b4, b16 or ckpt"}
+part=${1:?"which part: tests, kernels, b4, b4-base, b16, b16-base or ckpt"}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 out=${OUT:-$root/gpu_runs}/$part
@@ -57,17 +62,26 @@ case $part in
         # The ratio whose device-side state (python -m zero_ext.estimate --offload-ratio)
         # leaves room for the batch's activations: 57 GiB of state at 0.5, 36 at 0.75.
         ratio=$([ "$batch" = 4 ] && echo 0.5 || echo 0.75)
-        TAIL=16 run zero_ext_r1 170 python3 examples/train_llama_offload.py --batch "$batch" \
+        TAIL=16 run zero_ext_r1 200 python3 examples/train_llama_offload.py --batch "$batch" \
             --json "$out/zero_ext_r1.json"
-        TAIL=16 run "zero_ext_r$ratio" 170 python3 examples/train_llama_offload.py \
-            --batch "$batch" --ratio "$ratio" --json "$out/zero_ext_r$ratio.json"
-        TAIL=16 run fsdp2 200 python3 benchmarks/bench_offload.py --batch "$batch" \
-            --impls fsdp2 --json "$out/fsdp2.json" ;;
+        TAIL=16 run "zero_ext_r$ratio" 200 python3 examples/train_llama_offload.py \
+            --batch "$batch" --ratio "$ratio" --json "$out/zero_ext_r$ratio.json" ;;
+    b4-base|b16-base)
+        batch=${part%-base}
+        batch=${batch#b}
+        TAIL=16 run fsdp2 240 python3 benchmarks/bench_offload.py --batch "$batch" \
+            --impls fsdp2 --json "$out/fsdp2.json"
+        if [ -d wheels ]; then
+            run deepspeed_install 120 python3 -m pip install --no-index --find-links wheels \
+                --no-build-isolation deepspeed
+        fi
+        TAIL=16 run deepspeed 300 python3 benchmarks/bench_offload.py --batch "$batch" \
+            --impls deepspeed --json "$out/deepspeed.json" ;;
     ckpt)
         TAIL=20 run bench_checkpoint 500 torchrun --nproc_per_node=1 \
             benchmarks/bench_checkpoint.py --params 1B ;;
     *)
-        echo "unknown part $part: tests, kernels, b4, b16 or ckpt" >&2
+        echo "unknown part $part: tests, kernels, b4, b4-base, b16, b16-base or ckpt" >&2
         exit 2 ;;
 esac
 cat "$summary"

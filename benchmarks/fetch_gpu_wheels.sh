@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run HERE (where PyPI answers), before a device call: puts into wheels/ (git-ignored) what the
+# GPU machine lacks for the DeepSpeed row of bench_offload.py: DeepSpeed's source (it builds
+# there without its ops, which it compiles on first use with that machine's nvcc) and the
+# wheels of its dependencies missing from that image (Python 3.12, x86-64). Then pass
+# carry=["wheels"] to the device tool; gpu_runbook.sh installs from it when it is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p wheels
+pip download --quiet --no-deps --no-binary=:all: deepspeed==0.19.8 -d wheels
+pip download --quiet --python-version 3.12 --only-binary=:all: --platform any \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 pydantic hjson -d wheels
+ls -l wheels
