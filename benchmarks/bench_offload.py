@@ -230,7 +230,7 @@ def main() -> None:
         for path in args.from_json:
             with open(path) as f:
                 data = json.load(f)
-            rows += data["rows"] if "rows" in data else [data]
+            rows += data.get("rows", [data])
         print(table(rows))
         on_gpu = [r for r in rows if "skipped" not in r and r["device"] != "cpu"]
         for line in goals(rows, rows[0]["batch"]) if on_gpu else []:

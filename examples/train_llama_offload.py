@@ -16,7 +16,8 @@ randomly initialized on the GPU, which takes seconds where the host needs minute
 13.5 GB of bf16 weights out of host memory. Batches are random tokens. The run is --steps
 optimizer steps (default 10), of which the first --warmup (default 2) are left out of every
 figure. No gradient clipping by default: a clipping norm needs every gradient before any shard
-may step, so the CPU step could no longer overlap backward (--clip 1.0 to see the cost).
+may step, so the CPU step can no longer overlap backward; at stage 3 it then runs behind the
+next forward instead, each unit's step awaited by its gather (--clip 1.0 to see the cost).
 --ratio R keeps only the share R of the optimizer state on the host (offload_optimizer.ratio,
 DeepSpeed's Twin-Flow): the rest, the buckets backward finishes last, steps on the GPU, whose
 free memory it uses (12 bytes per parameter moved), and the CPU step shrinks to R of itself.
@@ -33,8 +34,9 @@ Figures (one block, and the same in --json):
                     node's peak in use (MemTotal - MemAvailable, sampled every 50 ms)
   breakdown         per step: forward, backward and engine.step() as the device's stream saw
                     them (CUDA events, no syncs inside a step); the offload's gradient copies
-                    out, CPU AdamW and uploads, and the part of the CPU step that ran before
-                    backward ended (hidden) rather than inside engine.step() (exposed)
+                    out, CPU AdamW and uploads, and the parts of the CPU step that ran before
+                    backward ended, after engine.step() returned (behind the next forward),
+                    and inside engine.step() (exposed)
 
 benchmarks/bench_offload.py runs this script as its zero_ext row and compares it with FSDP2 and
 DeepSpeed ZeRO-Offload on the same shape; it reuses the functions below.
@@ -251,8 +253,9 @@ def format_result(title: str, result: dict) -> str:
                  f"{result['backward_s']:.3f} s, step {result['step_s']:.3f} s")
     if "cpu_step_s" in result:
         lines.append(f"  offload per step    grad copy-out {result['grad_copy_s']:.3f} s, CPU "
-                     f"step {result['cpu_step_s']:.3f} s ({100 * result['hidden_fraction']:.0f}% "
-                     f"hidden behind backward, {result['cpu_step_exposed_s']:.3f} s exposed), "
+                     f"step {result['cpu_step_s']:.3f} s ({result['cpu_step_hidden_s']:.3f} s "
+                     f"behind backward, {result['cpu_step_deferred_s']:.3f} s behind the next "
+                     f"forward, {result['cpu_step_exposed_s']:.3f} s exposed), "
                      f"upload {result['upload_s']:.3f} s")
     lines.append(f"  loss                {result['first_loss']:.4f} -> "
                  f"{result['last_loss']:.4f}")
@@ -315,6 +318,7 @@ def main() -> None:
                   shards=len(engine.optimizer.shards), host_shards=len(engine.offload.shards),
                   grad_copy_s=offload.grad_copy_s / timed, cpu_step_s=offload.cpu_step_s / timed,
                   cpu_step_hidden_s=offload.cpu_step_hidden_s / timed,
+                  cpu_step_deferred_s=offload.cpu_step_deferred_s / timed,
                   cpu_step_exposed_s=offload.cpu_step_exposed_s / timed,
                   upload_s=offload.upload_s / timed, hidden_fraction=offload.hidden_fraction)
     extras = [f"stage {args.stage}", "offload_optimizer" + (" (pin_memory)" if pin else "")

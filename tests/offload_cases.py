@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import time
 import warnings
 
@@ -243,10 +244,54 @@ def train_from(engine, first: int, steps: int) -> None:
         engine.step()
 
 
-def checks() -> dict:
+def slow_cpu_steps(engine, seconds: float) -> None:
+    """Every CPU step the offload's worker thread runs starts `seconds` late, so that the next
+    forward meets deferred steps still running (a missing wait would read stale weights)."""
+    step = engine.optimizer.sharded_step
+
+    def slow(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(seconds)
+        return step(*args, **kwargs)
+
+    engine.optimizer.sharded_step = slow
+
+
+def deferred_cases(root: str) -> dict:
+    """Stage 3 with clipping: the units' CPU steps run behind the next forward. With every
+    worker step slowed, training must still equal the engine without offload bitwise; right
+    after engine.step() returns some unit has not stepped yet; a checkpoint saved right after
+    a step, loaded by an engine without offload, goes on as the uninterrupted run."""
+    out = {}
+    for kind in ("optimizer", "ratio", "both"):
+        _, engine = _engine(3, "bf16", 1, **KINDS[kind])
+        slow_cpu_steps(engine, 0.02)
+        lagging = []
+        for step in range(3):
+            train_from(engine, step, 1)
+            counts = [s.step.item() for s in engine.offload.shards]
+            lagging.append(min(counts) < engine.global_steps)
+        path = f"{root}/deferred-{kind}"
+        engine.save_checkpoint(path)  # right after a step: waits for the deferred ones
+        train_from(engine, 3, 2)
+        timings = engine.offload.timings()
+        _, plain = _engine(3, "bf16", 1)
+        train_from(plain, 0, 5)
+        _, resumed = _engine(3, "bf16", 1)
+        resumed.load_checkpoint(path)
+        train_from(resumed, 3, 2)
+        out[kind] = {"offload": engine_cases.host_params(engine.module, engine),
+                     "plain": engine_cases.host_params(plain.module, plain),
+                     "resumed": engine_cases.host_params(resumed.module, resumed),
+                     "lagging": lagging, "deferrable": len(engine._deferrable),
+                     "timings": timings}
+    return out
+
+
+def checks(root: str) -> dict:
     return {"overflow": overflow_cases(), "arrival": arrival_cases(),
             "accounting": accounting_cases(), "budget": budget_cases(),
-            "models": model_cases()}
+            "models": model_cases(), "deferred": deferred_cases(root)}
 
 
 def timing_cases() -> dict:

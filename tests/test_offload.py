@@ -4,8 +4,11 @@ On a machine without a GPU the "device" and the host are both CPU memory; the co
 and CPU steps still run through the same code. Tests marked cuda need a GPU.
 """
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -75,7 +78,9 @@ def test_offload_matches_the_engine_without_offload_and_torch_adamw(world_size, 
 
 @functools.cache
 def _checks(world_size):
-    return run_group(world_size, offload_cases.checks)
+    root = tempfile.mkdtemp(prefix="zero_ext-offload-")
+    atexit.register(shutil.rmtree, root, True)
+    return run_group(world_size, offload_cases.checks, root)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -123,6 +128,24 @@ def test_llama_and_init_built_models_train_alike_with_offload():
         for name, value in whole["plain"]["params"].items():
             assert torch.equal(whole["offload"]["params"][name], value), (rank, name)
         assert len(whole["warned"]) == (1 if rank == 0 else 0), whole["warned"]
+
+
+@pytest.mark.parametrize("kind", ["optimizer", "ratio", "both"])
+def test_stage3_cpu_steps_after_the_norm_run_behind_the_next_forward(kind):
+    for rank, result in enumerate(_checks(2)):
+        got = result["deferred"][kind]
+        assert got["deferrable"] > 0, rank
+        # engine.step() returned with unit steps still running (each was slowed by 20 ms) ...
+        assert all(got["lagging"]), (rank, got["lagging"])
+        timings = got["timings"]
+        assert timings.cpu_step_deferred_s > 0.0, (rank, timings)
+        assert timings.cpu_step_hidden_s + timings.cpu_step_deferred_s + \
+            timings.cpu_step_exposed_s == pytest.approx(timings.cpu_step_s, rel=1e-9)
+        # ... yet every gather waited for its unit: bitwise the engine without offload, and
+        # so is the run resumed from a checkpoint saved right after a step.
+        for name, value in got["plain"].items():
+            assert torch.equal(got["offload"][name], value), (rank, name)
+            assert torch.equal(got["resumed"][name], value), (rank, name)
 
 
 def test_checkpoints_resume_exactly_with_offload_and_load_without_it(tmp_path):

@@ -255,6 +255,10 @@ class ZeroEngine(nn.Module):
             staged=lambda layout: (layout.index in self._host_stepped) != self._weights_on_host(
                 layout.index, unit_indices))
         self.offload = None
+        # Stage-3 unit buckets stepped on the host after the global norm: their step may run
+        # behind the next forward, since their weights are read only through the gathers,
+        # which wait for it (OptimizerOffload.step, PartitionedParameters.before_read).
+        self._deferrable: frozenset[int] = frozenset()
         if self.offload_optimizer:
             threads = offload.cpu_step_threads(zero.offload_optimizer.cpuadam_cores_perc)
             if torch.get_num_threads() < threads:  # raise torchrun's 1, never lower a choice
@@ -273,6 +277,9 @@ class ZeroEngine(nn.Module):
                 step_on_arrival=config.gradient_clipping == 0 and not config.fp16.enabled,
                 before_host_write=self.partitioned.wait_host_reads if self.offload_param
                 else None)
+            if self.partitioned is not None and not self.offload.step_on_arrival:
+                self._deferrable = frozenset(unit_indices & self._host_stepped)
+                self.partitioned.before_read = self.offload.ready
         self.grad_buckets = GradientBuckets(
             self.layouts, self._params, stage=self.stage, comm_dtype=self.comm_dtype,
             accumulation_steps=self.batch.gradient_accumulation_steps,
@@ -455,6 +462,7 @@ class ZeroEngine(nn.Module):
         if loss.dim() != 0:
             raise ValueError(f"zero_ext: engine.backward expects a scalar loss, got shape "
                              f"{tuple(loss.shape)}; reduce it (e.g. .mean()) first")
+        self._settle_step()  # the step's gradient buffers are about to be reused
         self._last_loss = loss.detach()
         scaled = loss.float() / self.batch.gradient_accumulation_steps
         if self.loss_scaler is not None:
@@ -474,6 +482,7 @@ class ZeroEngine(nn.Module):
     def step(self) -> None:
         """At an accumulation boundary: global norm, overflow check, clip, AdamW, all-gather.
         Between boundaries only counts the micro-step."""
+        self._settle_step()
         boundary = self.is_gradient_accumulation_boundary()
         self.micro_steps += 1
         if boundary and self._window_ends_early:
@@ -549,7 +558,7 @@ class ZeroEngine(nn.Module):
                 self.optimizer.sharded_step(
                     self.grad_buckets.reduced_grads(only=[s.layout.index for s in on_device]),
                     _scale_on(factor, on_device), only=on_device)
-            self.offload.step(_scale_on(factor, self.offload.shards))
+            self.offload.step(_scale_on(factor, self.offload.shards), defer=self._deferrable)
         self.grad_buckets.clear()
         return True
 
@@ -648,6 +657,7 @@ class ZeroEngine(nn.Module):
         `client_state` (any picklable object) comes back from load_checkpoint. Returns the
         checkpoint's path. See zero_ext/checkpoint/format.py for the files."""
         from zero_ext.checkpoint.engine_state import save_checkpoint
+        self._settle_step()
         return save_checkpoint(self, save_dir, tag, client_state, save_latest)
 
     def load_checkpoint(self, load_dir: str, tag=None, load_optimizer_states: bool = True,
@@ -656,6 +666,7 @@ class ZeroEngine(nn.Module):
         saved at any world size and stage, after verifying its manifest and checksums.
         Returns (checkpoint path, client_state)."""
         from zero_ext.checkpoint.engine_state import load_checkpoint
+        self._settle_step()
         return load_checkpoint(self, load_dir, tag, load_optimizer_states,
                                load_lr_scheduler_states, load_module_only)
 
@@ -666,6 +677,7 @@ class ZeroEngine(nn.Module):
         with a model built under zero_ext.Init, no process ever holds the whole model. Returns
         the file's tensors the model did not take (refused unless strict=False)."""
         from zero_ext.checkpoint.pretrained import load_weights
+        self._settle_step()
         return load_weights(self, path, strict)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "model.safetensors") -> str:
@@ -674,6 +686,7 @@ class ZeroEngine(nn.Module):
         `from_pretrained(save_dir)` loads it), gathering one stage-3 unit at a time. Returns
         the file's path."""
         from zero_ext.checkpoint.consolidate import save_engine_model
+        self._settle_step()
         return save_engine_model(self, os.path.join(save_dir, save_filename))
 
     @torch.no_grad()
@@ -684,6 +697,12 @@ class ZeroEngine(nn.Module):
             self.optimizer.write_model_weights()
         if self.stage >= 1:
             self._all_gather_params()
+
+    def _settle_step(self) -> None:
+        """Waits for the CPU steps left running behind the forward (see _deferrable): what
+        follows reads or writes optimizer state or weights other than through a gather."""
+        if self.offload is not None:
+            self.offload.settle()
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes held on this rank now: model parameters (flat buffers), gradients, and
@@ -720,6 +739,7 @@ class ZeroEngine(nn.Module):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The complete model state dict as CPU tensors, on every rank (collective at stage 3,
         which gathers one unit at a time; at stages 0-2 every rank holds whole parameters)."""
+        self._settle_step()
         gathered = self.partitioned.full_values() if self.partitioned is not None else {}
         return {k: gathered[v] if v in gathered else v.detach().to("cpu", copy=True)
                 for k, v in self.module.state_dict(keep_vars=True).items()}

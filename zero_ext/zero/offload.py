@@ -21,7 +21,9 @@ thread steps each shard as soon as its gradient has reached the host, overlappin
 with the rest of backward and the remaining copies. Otherwise the global norm needs every
 gradient first: the copies still overlap backward, the engine sums the norms the buckets took
 on the device (the same reduction as without offload), and then the shards are stepped one at
-a time in bucket order, each upload overlapping the next shard's CPU step.
+a time in bucket order, each upload overlapping the next shard's CPU step. Stage-3 unit shards,
+whose weights are read only through their gathers, are instead left stepping on the worker
+behind the next forward; each gather waits for its unit (ready()).
 
 Under offload_optimizer.ratio < 1 (DeepSpeed's Twin-Flow) only the first buckets, those backward
 finishes first (host_stepped_buckets), go through the host; the engine steps the rest where
@@ -47,7 +49,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -222,14 +224,18 @@ class OffloadTimings:
     steps: int = 0              # engine.step() calls at an accumulation boundary
     shards_stepped: int = 0     # CPU AdamW calls, one per shard per step not skipped
     grad_copy_s: float = 0.0    # device -> host copies of the reduced gradient shards
-    cpu_step_s: float = 0.0     # CPU AdamW (cpu_step_hidden_s + cpu_step_exposed_s)
-    cpu_step_hidden_s: float = 0.0   # ... of it while backward was still running
-    cpu_step_exposed_s: float = 0.0  # ... of it after backward ended, in engine.step()
+    cpu_step_s: float = 0.0     # CPU AdamW (hidden + deferred + exposed)
+    cpu_step_hidden_s: float = 0.0    # ... of it while backward was still running
+    cpu_step_deferred_s: float = 0.0  # ... of it after engine.step() returned (next forward)
+    cpu_step_exposed_s: float = 0.0   # ... of it in between, inside engine.step()
     upload_s: float = 0.0       # host -> device copies of the updated weights
 
     @property
     def hidden_fraction(self) -> float:
-        return self.cpu_step_hidden_s / self.cpu_step_s if self.cpu_step_s else 0.0
+        """The share of the CPU step that ran behind compute: the rest of backward, or the
+        next forward."""
+        hidden = self.cpu_step_hidden_s + self.cpu_step_deferred_s
+        return hidden / self.cpu_step_s if self.cpu_step_s else 0.0
 
     def __str__(self) -> str:
         return (f"grad copy-out {1e3 * self.grad_copy_s:.1f}ms  cpu step "
@@ -328,11 +334,13 @@ class OptimizerOffload:
         self._cpu_spans: list[tuple[float, float]] = []
         self._last_arrival: int | None = None
         self._backward_end: float | None = None
+        self._step_returned: float | None = None
         self._totals = OffloadTimings()
-        self._worker = None
-        if step_on_arrival:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="zero_ext-offload")
-            weakref.finalize(self, self._worker.shutdown, False)
+        # Steps left running after engine.step() returned, by position (see step()).
+        self._deferred: dict[int, Future] = {}
+        # Steps on arrival, and deferred steps, run here (its thread starts on first use).
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="zero_ext-offload")
+        weakref.finalize(self, self._worker.shutdown, False)
 
     # -- gradients out -----------------------------------------------------------------------
     def grad_ready(self, bucket: int, grad: torch.Tensor) -> bool:
@@ -365,7 +373,7 @@ class OptimizerOffload:
             if index == self._last_arrival:
                 self._backward_end = time.perf_counter()
         self._arrived[index] = True
-        if self._worker is not None:
+        if self.step_on_arrival:
             self._futures.append(self._worker.submit(self._step_shard, index, None))
         return True
 
@@ -396,14 +404,53 @@ class OptimizerOffload:
         self._drain()
 
     # -- the CPU step and weights in ---------------------------------------------------------
-    def step(self, inv_scale: torch.Tensor | None) -> None:
+    def step(self, inv_scale: torch.Tensor | None, defer: Collection[int] = ()) -> None:
         """Steps every shard not stepped on arrival, in bucket order; each upload overlaps the
-        next shard's CPU step."""
-        for index in range(len(self.shards)):
-            if not self._stepped[index]:
-                self._step_shard(index, inv_scale)
+        next shard's CPU step.
 
-    def _step_shard(self, index: int, inv_scale: torch.Tensor | None) -> None:
+        The buckets in `defer` (those whose weights are read only through ready(): stage-3
+        units) are stepped on the worker instead, last bucket first, which is the order the
+        next forward needs them in; engine.step() returns without waiting for them, so their
+        CPU step runs behind the next forward. The hyperparameters are read now: the LR
+        scheduler moves on before they run."""
+        later = [i for i, shard in enumerate(self.shards)
+                 if not self._stepped[i] and shard.layout.index in defer]
+        for index in range(len(self.shards)):
+            if not self._stepped[index] and index not in later:
+                self._step_shard(index, inv_scale)
+        groups = [dict(group) for group in self.optimizer.param_groups]
+        for index in reversed(later):
+            self._deferred[index] = self._worker.submit(self._step_shard, index, inv_scale,
+                                                        groups)
+
+    def ready(self, bucket: int, wait: bool = True) -> bool:
+        """Whether bucket `bucket`'s weights are up to date for the device: True unless its
+        deferred step is still running (with `wait`, waits for it first). Once done, the
+        current stream is ordered after its upload."""
+        index = self._position.get(bucket)
+        future = self._deferred.get(index) if index is not None else None
+        if future is None:
+            return True
+        if not wait and not future.done():
+            return False
+        try:
+            future.result()  # re-raises what failed in the worker
+        finally:
+            del self._deferred[index]
+            if self._cuda and self._uploaded[index] is not None:
+                torch.cuda.current_stream(self.device).wait_event(self._uploaded[index])
+            if not self._deferred:
+                self._complete()
+        return True
+
+    def settle(self) -> None:
+        """Waits for every deferred step (anything that reads or writes the optimizer's state or
+        the weights other than through ready() calls this first)."""
+        for index in sorted(self._deferred, reverse=True):
+            self.ready(self.shards[index].layout.index)
+
+    def _step_shard(self, index: int, inv_scale: torch.Tensor | None,
+                    groups: list[dict] | None = None) -> None:
         self._wait_copy(index)
         shard = self.shards[index]
         if self._uploaded[index] is not None:
@@ -414,7 +461,7 @@ class OptimizerOffload:
             self._before_host_write(shard.layout.index)
         start = time.perf_counter()
         self.optimizer.sharded_step([self.host_grads[index]], inv_scale, only=[shard],
-                                    copy_out=False)
+                                    copy_out=False, groups=groups)
         with self._lock:
             self._cpu_spans.append((start, time.perf_counter()))
         self._stepped[index] = True
@@ -435,37 +482,50 @@ class OptimizerOffload:
         self._uploaded[index] = event
 
     def finish(self) -> None:
-        """End of engine.step(): all CPU steps done, and the engine's stream ordered after every
-        upload (the all-gather and the next forward read the model's slices)."""
+        """End of engine.step(): every CPU step done but the deferred ones, and the engine's
+        stream ordered after those shards' uploads (the all-gather and the next forward read
+        the model's slices); ready() does the same for each deferred shard."""
         self._drain()
+        self._step_returned = time.perf_counter()
         if self._cuda:
             stream = torch.cuda.current_stream(self.device)
-            for event in self._uploaded:
-                if event is not None:
+            for index, event in enumerate(self._uploaded):
+                if event is not None and index not in self._deferred:
                     stream.wait_event(event)
+        if not self._deferred:
+            self._complete()
+
+    def _complete(self) -> None:
+        """Every shard of the step is done: the next step may begin."""
         self._arrived = [False] * len(self.shards)
         self._stepped = [False] * len(self.shards)
         self._account_step()
 
     def _account_step(self) -> None:
-        """Adds this step's CPU AdamW spans to the totals, split at backward's end."""
-        end = self._backward_end
+        """Adds this step's CPU AdamW spans to the totals, split at backward's end and at
+        engine.step()'s return."""
+        end, returned = self._backward_end, self._step_returned
         totals = self._totals
         totals.steps += 1
         # Completed copies are read every step, so the event pairs do not pile up.
         totals.grad_copy_s += self._copy_clock.collect()
         totals.upload_s += self._upload_clock.collect()
-        for start, stop in self._cpu_spans:
+        with self._lock:
+            spans, self._cpu_spans = self._cpu_spans, []
+        for start, stop in spans:
             hidden = max(0.0, min(stop, end) - start) if end is not None else 0.0
+            deferred = max(0.0, stop - max(start, returned)) if returned is not None else 0.0
             totals.shards_stepped += 1
             totals.cpu_step_s += stop - start
             totals.cpu_step_hidden_s += hidden
-            totals.cpu_step_exposed_s += (stop - start) - hidden
-        self._cpu_spans, self._backward_end, self._last_arrival = [], None, None
+            totals.cpu_step_deferred_s += deferred
+            totals.cpu_step_exposed_s += (stop - start) - hidden - deferred
+        self._backward_end, self._last_arrival, self._step_returned = None, None, None
 
     def timings(self, reset: bool = True) -> OffloadTimings:
-        """Where the time went since the last reset (on CUDA this waits for the uploads in
-        flight, to read their events: call it between steps, not inside one)."""
+        """Where the time went since the last reset (this waits for any deferred step, and on
+        CUDA for the uploads in flight, to read their events: call it between steps)."""
+        self.settle()
         totals = self._totals
         totals.grad_copy_s += self._copy_clock.collect(wait=True)
         totals.upload_s += self._upload_clock.collect(wait=True)

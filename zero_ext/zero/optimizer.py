@@ -74,17 +74,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def sharded_step(self, grads: list[torch.Tensor], inv_scale: torch.Tensor | None,
-                     only: list[ShardState] | None = None, copy_out: bool = True) -> None:
+                     only: list[ShardState] | None = None, copy_out: bool = True,
+                     groups: list[dict] | None = None) -> None:
         """One update of every shard from its reduced gradient (`grads` in bucket order), or of
         the shards in `only` (offload steps them one at a time, as gradients arrive).
         `inv_scale` multiplies every gradient (loss-scale and clipping factors). Shards whose
         model weights live elsewhere get the result copied there, unless `copy_out` is False
-        (the optimizer offload copies asynchronously itself)."""
+        (the optimizer offload copies asynchronously itself). `groups` stands in for
+        param_groups (a copy taken when a step was deferred)."""
         by_group: dict[tuple[int, torch.dtype], list[tuple[ShardState, torch.Tensor]]] = {}
         for shard, grad in zip(self.shards if only is None else only, grads):
             by_group.setdefault((shard.layout.group, grad.dtype), []).append((shard, grad))
         for (group_index, _), pairs in by_group.items():
-            group = self.param_groups[group_index]
+            group = (self.param_groups if groups is None else groups)[group_index]
             shards = [s for s, _ in pairs]
             copies = [s.weights_16bit for s in shards if s.weights_16bit is not None]
             ops.adamw_step_(

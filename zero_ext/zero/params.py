@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -266,6 +266,10 @@ class PartitionedParameters:
         self.offload = offload  # offload_param: shards live in host memory
         self.root = root
         self.prefetch = _Prefetcher(prefetch_numel, max_live_numel, max_reuse_numel)
+        # Optimizer offload may leave a unit's step running behind the next forward:
+        # before_read(layout index, wait) says whether its shard is up to date (waiting for it
+        # with wait=True). Set by the engine; None when nothing is ever deferred.
+        self.before_read: Callable[[int, bool], bool] | None = None
         self.units: list[GatherUnit] = []
         self._unit_of_layout: dict[int, GatherUnit] = {}
         with torch.no_grad():
@@ -342,6 +346,7 @@ class PartitionedParameters:
         """Issues the unit's all-gathers without waiting (a prefetch)."""
         if unit.state is not UnitState.SHARDED:
             return
+        self._is_ready(unit, wait=True)
         for i, (layout, shard) in enumerate(zip(unit.layouts, unit.shards)):
             unit.fulls[i] = torch.empty(layout.padded_numel, dtype=self.dtype,
                                         device=self.device)
@@ -379,7 +384,17 @@ class PartitionedParameters:
         if phase == "forward" and _replaying():
             return  # no use in the forward order: the unit's backward is what comes next
         for upcoming in self.prefetch.next_units(phase, unit, self):
+            # A unit whose optimizer step still runs is gathered when it is used, not waited
+            # for here while the unit now needed has not launched its forward. Gathers keep
+            # the forward order on every rank, as collectives must: nothing after it either.
+            if not self._is_ready(upcoming, wait=False):
+                break
             self.start_gather(upcoming)
+
+    def _is_ready(self, unit: GatherUnit, wait: bool) -> bool:
+        if self.before_read is None:
+            return True
+        return all(self.before_read(layout.index, wait) for layout in unit.layouts)
 
     def end_backward(self) -> None:
         """After engine.backward: fixes the recorded order after the first step, and drops any
