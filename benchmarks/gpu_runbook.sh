@@ -6,9 +6,9 @@
 #   bash benchmarks/gpu_runbook.sh tests     # build, python -m zero_ext.env, the test suite
 #   bash benchmarks/gpu_runbook.sh kernels   # bench_adamw (CUDA 256M; CPU 16 threads), bench_zero
 #   bash benchmarks/gpu_runbook.sh b4        # the issue-5 headline at batch 4: zero_ext at
-#                                            # ratio 1 and 0.5
+#                                            # ratio 1 and 0.5, and 0.5 with clipping
 #   bash benchmarks/gpu_runbook.sh b4-base   # its baselines: FSDP2, DeepSpeed ZeRO-Offload
-#   bash benchmarks/gpu_runbook.sh b16       # zero_ext at batch 16, ratio 1 and 0.75
+#   bash benchmarks/gpu_runbook.sh b16       # zero_ext at batch 16, ratio 1 and 0.75 (+clip)
 #   bash benchmarks/gpu_runbook.sh b16-base  # the baselines at batch 16
 #   bash benchmarks/gpu_runbook.sh ckpt      # bench_checkpoint --params 1B
 #
@@ -65,7 +65,11 @@ case $part in
         TAIL=16 run zero_ext_r1 200 python3 examples/train_llama_offload.py --batch "$batch" \
             --json "$out/zero_ext_r1.json"
         TAIL=16 run "zero_ext_r$ratio" 200 python3 examples/train_llama_offload.py \
-            --batch "$batch" --ratio "$ratio" --json "$out/zero_ext_r$ratio.json" ;;
+            --batch "$batch" --ratio "$ratio" --json "$out/zero_ext_r$ratio.json"
+        # With clipping the CPU step waits for the norm and runs behind the next forward.
+        TAIL=16 run "zero_ext_r${ratio}_clip" 200 python3 examples/train_llama_offload.py \
+            --batch "$batch" --ratio "$ratio" --clip 1.0 \
+            --json "$out/zero_ext_r${ratio}_clip.json" ;;
     b4-base|b16-base)
         batch=${part%-base}
         batch=${batch#b}

@@ -359,7 +359,7 @@ def cuda_overlap(clip: float, kind: str = "optimizer") -> dict:
             engine.optimizer.sharded_step = timed_step
         gen = torch.Generator().manual_seed(1)
         for _ in range(3):
-            x = torch.randn(64, 1024, generator=gen).to(engine.device)
+            x = torch.randn(64, 1024, generator=gen).to(engine.device, torch.bfloat16)
             engine.backward(engine(x))
             torch.cuda.synchronize()
             marks["backward_end"].append(time.perf_counter())
@@ -392,11 +392,39 @@ def cuda_param_offload() -> dict:
                                   **zero}})
         gen = torch.Generator().manual_seed(1)
         for _ in range(3):
-            x = torch.randn(8, 256, generator=gen).to(engine.device)
+            x = torch.randn(8, 256, generator=gen).to(engine.device, torch.bfloat16)
             engine.backward(engine(x))
             engine.step()
         pinned = None
         if engine.partitioned is not None and engine.offload_param:
             pinned = all(s.is_pinned() for u in engine.partitioned.units for s in u.shards)
         results[label] = {"params": engine_cases.host_params(model, engine), "pinned": pinned}
+    return results
+
+
+def cuda_deferred() -> dict:
+    """On the GPU, stage 3 with clipping: the units' CPU steps run behind the next forward, each
+    slowed by 20 ms; the gathers must wait for them and for their uploads (stream order), so
+    the result equals the engine without offload bitwise."""
+    results = {}
+    for label, zero in (("optimizer", KINDS["optimizer"]), ("ratio", KINDS["ratio"]),
+                        ("plain", {})):
+        torch.manual_seed(0)
+        model = _Wide(512, 6)
+        engine, _, _, _ = zero_ext.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": 32, "gradient_clipping": 1.0,
+            "bf16": {"enabled": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                  **zero}})
+        if engine.offload is not None:
+            slow_cpu_steps(engine, 0.02)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x = torch.randn(32, 512, generator=gen).to(engine.device, torch.bfloat16)
+            engine.backward(engine(x))
+            engine.step()
+        results[label] = {"params": engine_cases.host_params(model, engine),
+                          "deferred": engine.offload.timings().cpu_step_deferred_s
+                          if engine.offload is not None else None}
     return results

@@ -294,6 +294,16 @@ def test_cuda_stage3_parameter_offload_pins_shards_and_matches():
         assert_close(result["offload"]["params"][name], value, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_stage3_deferred_cpu_steps_are_awaited_by_the_gathers():
+    result = run_group(1, offload_cases.cuda_deferred)[0]
+    for kind in ("optimizer", "ratio"):
+        assert result[kind]["deferred"] > 0.0, kind
+        for name, value in result["plain"]["params"].items():
+            assert_close(result[kind]["params"][name], value, rtol=0, atol=0, msg=(kind, name))
+
+
 def test_cpu_step_threads_share_this_processes_cores_among_the_nodes_ranks(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
