@@ -202,8 +202,10 @@ def goals(rows: list[dict], batch: int) -> list[str]:
 
 
 def _name(row: dict) -> str:
-    """A row's implementation, with its offload ratio when below 1."""
-    return row["impl"] + (f" (ratio {row['ratio']:g})" if row.get("ratio", 1.0) < 1.0 else "")
+    """A row's implementation, with its offload ratio when below 1 and its clipping norm."""
+    notes = [f"ratio {row['ratio']:g}"] if row.get("ratio", 1.0) < 1.0 else []
+    notes += [f"clip {row['clip']:g}"] if row.get("clip") else []
+    return row["impl"] + (f" ({', '.join(notes)})" if notes else "")
 
 
 def main() -> None:
