@@ -93,9 +93,19 @@ def _page_locked(numel: int, dtype: torch.dtype) -> torch.Tensor:
             f"{error}); the system may limit locked memory (ulimit -l). Set pin_memory false "
             "in offload_optimizer / offload_param to use pageable buffers")
     out = pages[:nbytes].view(dtype)
-    # Best effort: an error code (not an exception) if the pages are already gone.
-    weakref.finalize(out, cudart.cudaHostUnregister, pages.data_ptr())
+    weakref.finalize(out, _release_pages, cudart, pages.data_ptr())
     return out
+
+
+def _release_pages(cudart, ptr: int) -> None:
+    """Before a page-locked buffer's memory goes: no copy may still be reading or writing it
+    (torch's pinned allocator guards its own blocks with events; nothing guards these), then
+    the pages are unregistered (best effort: an error code, not an exception)."""
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:  # CUDA already torn down at interpreter exit
+        pass
+    cudart.cudaHostUnregister(ptr)
 
 
 @dataclass
@@ -255,7 +265,7 @@ class _CopyClock:
     def start(self):
         if not self.cuda:
             return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
+        event = torch.cuda.Event(enable_timing=True, blocking=True)
         event.record()
         return event
 
@@ -265,7 +275,9 @@ class _CopyClock:
         if not self.cuda:
             self.seconds += time.perf_counter() - start
             return None
-        end = torch.cuda.Event(enable_timing=True)
+        # Blocking: the host waits on these (the copy's end is also its completion event), and
+        # should sleep rather than spin a core the CPU optimizer step could use.
+        end = torch.cuda.Event(enable_timing=True, blocking=True)
         end.record()
         self.pending.append((start, end))
         return end

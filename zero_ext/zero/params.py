@@ -358,7 +358,9 @@ class PartitionedParameters:
                 shard = on_device
             unit.pending.append(comm.all_gather(unit.fulls[i], shard, async_op=True))
         if self.offload and self.device.type == "cuda":
-            unit.uploaded = torch.cuda.Event()
+            # Blocking: a host waiting on it (wait_host_reads) sleeps rather than spin a core
+            # the CPU optimizer step could use.
+            unit.uploaded = torch.cuda.Event(blocking=True)
             unit.uploaded.record()
         unit.state = UnitState.GATHERING
 
@@ -436,6 +438,10 @@ class PartitionedParameters:
         unit = self._unit_of_layout.get(layout_index)
         if unit is None:
             return
+        if unit.state is UnitState.GATHERING:
+            # Prefetched in this backward but never used: its all-gather may still read the
+            # shard that the optimizer (offload's upload) is about to rewrite.
+            self.gather(unit)
         unit.reduced += 1
         if unit.reduced == len(unit.layouts):
             unit.reduced = 0
