@@ -56,7 +56,11 @@ case $part in
     kernels)
         run adamw_cuda 120 python3 benchmarks/bench_adamw.py --device cuda --cuda-params 256M
         run adamw_cpu16 150 python3 benchmarks/bench_adamw.py --device cpu --threads 16
-        TAIL=20 run bench_zero 150 torchrun --nproc_per_node=1 benchmarks/bench_zero.py ;;
+        TAIL=20 run bench_zero 150 torchrun --nproc_per_node=1 benchmarks/bench_zero.py
+        # torch's CUDA sanitizer: unsynchronized cross-stream accesses in the offload paths
+        # (it does not model NCCL; these tests run at one rank).
+        TAIL=20 TORCH_CUDA_SANITIZER=1 run sanitizer 200 python3 -m pytest -q -x -m cuda \
+            -p no:cacheprovider tests/test_offload.py tests/test_checkpointing.py ;;
     b4|b16)
         batch=${part#b}
         # The ratio whose device-side state (python -m zero_ext.estimate --offload-ratio)
