@@ -202,9 +202,12 @@ def goals(rows: list[dict], batch: int) -> list[str]:
 
 
 def _name(row: dict) -> str:
-    """A row's implementation, with its offload ratio when below 1 and its clipping norm."""
+    """A row's implementation, with its offload ratio when below 1, its clipping norm and how
+    many layers it checkpointed, where set."""
     notes = [f"ratio {row['ratio']:g}"] if row.get("ratio", 1.0) < 1.0 else []
     notes += [f"clip {row['clip']:g}"] if row.get("clip") else []
+    notes += [f"{row['number_checkpoints']} layers checkpointed"] \
+        if row.get("number_checkpoints") else []
     return row["impl"] + (f" ({', '.join(notes)})" if notes else "")
 
 

@@ -8,6 +8,7 @@ where the time went.
     python examples/train_llama_offload.py --batch 16 --stage 2       # stage 2 instead of 3
     python examples/train_llama_offload.py --batch 4 --offload-param --cpu-checkpointing
     python examples/train_llama_offload.py --batch 4 --ratio 0.5      # half the optimizer on GPU
+    python examples/train_llama_offload.py --batch 4 --number-checkpoints 24  # 8 layers kept
     python examples/train_llama_offload.py --tiny                     # CPU smoke run (seconds)
 
 The model is transformers' LlamaForCausalLM built from Llama-2-7B's shape (hidden 4096,
@@ -278,6 +279,10 @@ def main() -> None:
                         help="checkpointed blocks' inputs go to host memory in forward")
     parser.add_argument("--no-pin", action="store_true", help="pageable host buffers")
     parser.add_argument("--clip", type=float, default=0.0, help="gradient clipping norm")
+    parser.add_argument("--number-checkpoints", type=int, default=None, metavar="N",
+                        help="checkpoint only the first N decoder layers (activation_checkpointing"
+                             ".number_checkpoints): the rest keep their activations, using "
+                             "spare GPU memory to skip their recomputation")
     parser.add_argument("--ratio", type=float, default=1.0,
                         help="offload_optimizer.ratio: the share of the optimizer state on the "
                              "host (the rest steps on the GPU)")
@@ -303,7 +308,8 @@ def main() -> None:
         "train_micro_batch_size_per_gpu": args.batch, "gradient_clipping": args.clip,
         "bf16": {"enabled": True}, "steps_per_print": 10**9,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
-        "activation_checkpointing": {"cpu_checkpointing": args.cpu_checkpointing},
+        "activation_checkpointing": {"cpu_checkpointing": args.cpu_checkpointing,
+                                     "number_checkpoints": args.number_checkpoints},
         "zero_optimization": zero})
 
     result = run_steps(
@@ -315,6 +321,7 @@ def main() -> None:
     timed = result["timed_steps"]
     result.update(impl="zero_ext", stage=args.stage, offload_param=args.offload_param,
                   cpu_checkpointing=args.cpu_checkpointing, clip=args.clip, ratio=args.ratio,
+                  number_checkpoints=args.number_checkpoints,
                   shards=len(engine.optimizer.shards), host_shards=len(engine.offload.shards),
                   grad_copy_s=offload.grad_copy_s / timed, cpu_step_s=offload.cpu_step_s / timed,
                   cpu_step_hidden_s=offload.cpu_step_hidden_s / timed,
@@ -325,7 +332,9 @@ def main() -> None:
               + (f" ratio {args.ratio:g}" if args.ratio < 1 else "")]
     if args.offload_param:
         extras.append("offload_param")
-    extras.append("activation checkpointing" + (" (cpu)" if args.cpu_checkpointing else ""))
+    extras.append("activation checkpointing" + (" (cpu)" if args.cpu_checkpointing else "")
+                  + (f" of the first {args.number_checkpoints} layers"
+                     if args.number_checkpoints else ""))
     if args.clip:
         extras.append(f"clip {args.clip:g}")
     name = "tiny Llama" if args.tiny else "Llama-2-7B shape"
