@@ -14,6 +14,7 @@ stage3_param_persistence_threshold stay whole and take the stage-2 path instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import warnings
@@ -143,7 +144,8 @@ class GatherUnit:
     pending: list = field(default_factory=list)  # in-flight prefetch gathers (handles)
     holders: int = 0                         # external users whose forward is running
     # offload_param: device copies of the host shards feeding the in-flight all-gathers, and
-    # the event after their uploads (the host shards must not be rewritten before it).
+    # (CUDA) the event on the upload stream after their copies and all-gathers: the host
+    # shards must not be rewritten before it, and the compute stream waits for it at use.
     uploads: list = field(default_factory=list)
     uploaded: object | None = None
 
@@ -270,6 +272,7 @@ class PartitionedParameters:
         # before_read(layout index, wait) says whether its shard is up to date (waiting for it
         # with wait=True). Set by the engine; None when nothing is ever deferred.
         self.before_read: Callable[[int, bool], bool] | None = None
+        self._upload = None  # offload_param's CUDA stream (see _upload_stream)
         self.units: list[GatherUnit] = []
         self._unit_of_layout: dict[int, GatherUnit] = {}
         with torch.no_grad():
@@ -347,22 +350,41 @@ class PartitionedParameters:
         if unit.state is not UnitState.SHARDED:
             return
         self._is_ready(unit, wait=True)
-        for i, (layout, shard) in enumerate(zip(unit.layouts, unit.shards)):
-            unit.fulls[i] = torch.empty(layout.padded_numel, dtype=self.dtype,
-                                        device=self.device)
-            if self.offload:
-                # Issued with the all-gather, so a prefetch brings the shard over ahead of use.
-                on_device = torch.empty(shard.shape, dtype=shard.dtype, device=self.device)
-                on_device.copy_(shard, non_blocking=True)
-                unit.uploads.append(on_device)
-                shard = on_device
-            unit.pending.append(comm.all_gather(unit.fulls[i], shard, async_op=True))
-        if self.offload and self.device.type == "cuda":
-            # Blocking: a host waiting on it (wait_host_reads) sleeps rather than spin a core
-            # the CPU optimizer step could use.
-            unit.uploaded = torch.cuda.Event(blocking=True)
-            unit.uploaded.record()
+        # Allocated on the compute stream, which frees them after use (gather() orders it
+        # after every stream that writes them).
+        unit.fulls = [torch.empty(layout.padded_numel, dtype=self.dtype, device=self.device)
+                      for layout in unit.layouts]
+        shards = unit.shards
+        if self.offload:
+            unit.uploads = [torch.empty(s.shape, dtype=s.dtype, device=self.device)
+                            for s in shards]
+            shards = unit.uploads
+        upload = self._upload_stream()
+        if upload is not None:
+            # offload_param on CUDA: the host-to-device copies and the all-gathers they feed
+            # run on a stream of their own, so a prefetch overlaps the compute queued after
+            # it; the stream first waits for what the compute stream queued so far (the
+            # buffers may reuse memory that work still uses).
+            upload.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(upload) if upload is not None else contextlib.nullcontext():
+            for i, (host, shard) in enumerate(zip(unit.shards, shards)):
+                if self.offload:
+                    shard.copy_(host, non_blocking=True)
+                unit.pending.append(comm.all_gather(unit.fulls[i], shard, async_op=True))
+            if upload is not None:
+                # Blocking: a host waiting on it (wait_host_reads) sleeps rather than spin a
+                # core the CPU optimizer step could use.
+                unit.uploaded = torch.cuda.Event(blocking=True)
+                unit.uploaded.record(upload)
         unit.state = UnitState.GATHERING
+
+    def _upload_stream(self):
+        """offload_param's side stream on CUDA (created on first use), else None."""
+        if not (self.offload and self.device.type == "cuda"):
+            return None
+        if self._upload is None:
+            self._upload = torch.cuda.Stream(self.device)
+        return self._upload
 
     @torch.no_grad()
     def gather(self, unit: GatherUnit) -> None:
@@ -372,6 +394,10 @@ class PartitionedParameters:
         for work in unit.pending:
             if work is not None:
                 work.wait()
+        uploaded = unit.uploaded  # read once: the offload worker may clear it (once complete)
+        if uploaded is not None:
+            # The copies (and at one rank the all-gather's own copy) ran on the upload stream.
+            torch.cuda.current_stream(self.device).wait_event(uploaded)
         unit.pending.clear()
         unit.uploads.clear()
         for i, layout in enumerate(unit.layouts):
