@@ -100,7 +100,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if copy_out:
                 for shard in shards:
                     if shard.model_weights is not None:
-                        shard.model_weights.copy_(shard.updated_weights)
+                        # offload_param alone: device results into the pinned host shard,
+                        # queued on this stream without a host sync; the next gather's upload
+                        # stream waits for this stream first, and nothing reads the host shard
+                        # on the CPU.
+                        shard.model_weights.copy_(shard.updated_weights, non_blocking=True)
         # torch's LR schedulers check that the optimizer stepped before they do; this is our step.
         self._opt_called = True
 
