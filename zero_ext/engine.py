@@ -556,7 +556,7 @@ class ZeroEngine(nn.Module):
                          if s.layout.index not in self._host_stepped]
             if on_device:
                 self.optimizer.sharded_step(
-                    self.grad_buckets.reduced_grads(only=[s.layout.index for s in on_device]),
+                    self.grad_buckets.reduced_grads(only={s.layout.index for s in on_device}),
                     _scale_on(factor, on_device), only=on_device)
             self.offload.step(_scale_on(factor, self.offload.shards), defer=self._deferrable)
         self.grad_buckets.clear()

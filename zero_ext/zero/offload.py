@@ -427,8 +427,8 @@ class OptimizerOffload:
         scheduler moves on before they run."""
         later = [i for i, shard in enumerate(self.shards)
                  if not self._stepped[i] and shard.layout.index in defer]
-        for index in range(len(self.shards)):
-            if not self._stepped[index] and index not in later:
+        for index in sorted(set(range(len(self.shards))) - set(later)):
+            if not self._stepped[index]:
                 self._step_shard(index, inv_scale)
         groups = [dict(group) for group in self.optimizer.param_groups]
         for index in reversed(later):
