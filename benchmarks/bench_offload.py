@@ -12,9 +12,10 @@ random weights from one seed) on the same random token batches, 10 steps of whic
 are warm-up, without gradient clipping:
   zero_ext   examples/train_llama_offload.py itself (its --json figures): bf16 weights, ZeRO
              stage 3 (--zero-stage), offload_optimizer with pinned buffers, zero_ext's
-             activation checkpointing. The CPU AdamW of each shard runs as its gradient
-             reaches the host, while backward goes on. --zero-ratio R keeps only the share R
-             of the optimizer state on the host and steps the rest on the GPU.
+             activation checkpointing. The CPU AdamW of each shard runs after the step's
+             all-rank decision, the stage-3 units' behind the next forward. --zero-ratio R
+             keeps only the share R of the optimizer state on the host and steps the rest on
+             the GPU.
   fsdp2      the anchor's setup: an fp32 model, fully_shard per decoder layer and at the root
              with CPUOffloadPolicy (sharded fp32 parameters, gradients and AdamW state on the
              host, pinned), MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32),

@@ -66,9 +66,9 @@ def _engine(stage: int, dtype: str, accumulation: int, clip: float = 0.5,
 
 
 def arrival_cases() -> dict:
-    """When shards step: with no clipping and no fp16 check, during the boundary backward (the
-    shard step counts have moved before engine.step()); with clipping, only in engine.step().
-    Also whether gradient copies started before backward's end (overlap_comm at stage 2)."""
+    """When shards step: only in engine.step(), after the all-rank decision, with clipping and
+    without (the shard step counts have not moved when backward returns). Also whether
+    gradient copies started before backward's end (overlap_comm at stage 2)."""
     rank, world_size = comm.rank(), comm.world_size()
     out = {}
     for clip in (0.0, 0.5):
@@ -258,13 +258,16 @@ def slow_cpu_steps(engine, seconds: float) -> None:
 
 
 def deferred_cases(root: str) -> dict:
-    """Stage 3 with clipping: the units' CPU steps run behind the next forward. With every
+    """Stage 3, with clipping and without ("optimizer-noclip"): the units' CPU steps run behind
+    the next forward, after the step's decision. With every
     worker step slowed, training must still equal the engine without offload bitwise; right
     after engine.step() returns some unit has not stepped yet; a checkpoint saved right after
     a step, loaded by an engine without offload, goes on as the uninterrupted run."""
     out = {}
-    for kind in ("optimizer", "ratio", "both"):
-        _, engine = _engine(3, "bf16", 1, **KINDS[kind])
+    for kind in ("optimizer", "ratio", "both", "optimizer-noclip"):
+        clip = 0.0 if kind.endswith("-noclip") else 0.5
+        zero = KINDS[kind.removesuffix("-noclip")]
+        _, engine = _engine(3, "bf16", 1, clip=clip, **zero)
         slow_cpu_steps(engine, 0.02)
         lagging = []
         for step in range(3):
@@ -275,9 +278,9 @@ def deferred_cases(root: str) -> dict:
         engine.save_checkpoint(path)  # right after a step: waits for the deferred ones
         train_from(engine, 3, 2)
         timings = engine.offload.timings()
-        _, plain = _engine(3, "bf16", 1)
+        _, plain = _engine(3, "bf16", 1, clip=clip)
         train_from(plain, 0, 5)
-        _, resumed = _engine(3, "bf16", 1)
+        _, resumed = _engine(3, "bf16", 1, clip=clip)
         resumed.load_checkpoint(path)
         train_from(resumed, 3, 2)
         out[kind] = {"offload": engine_cases.host_params(engine.module, engine),
@@ -295,8 +298,8 @@ def checks(root: str) -> dict:
 
 
 def timing_cases() -> dict:
-    """OptimizerOffload.timings() after three steps of _Wide, with clipping off (each shard
-    steps as its gradient arrives) and on (every shard waits for the norm); the report line
+    """OptimizerOffload.timings() after three steps of _Wide, with clipping off and on (every
+    shard waits for the norm either way); the report line
     that wall_clock_breakdown prints, and the timings after it."""
     out = {}
     for clip in (0.0, 0.5):

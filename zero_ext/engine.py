@@ -139,6 +139,8 @@ class ZeroEngine(nn.Module):
         self._window_ends_early = False  # set_gradient_accumulation_boundary
         self._global_grad_norm: float | None = None
         self._last_loss: torch.Tensor | None = None
+        # engine.backward() calls since the last engine.step(): the engine expects exactly one.
+        self._backwards_since_step = 0
 
         self.model_dtype = config.mixed_precision or torch.float32
         self.device = self._pick_device(model)
@@ -272,12 +274,9 @@ class ZeroEngine(nn.Module):
                                  if s.layout.index in self._host_stepped],
                 self._grad_dtype(), self.device,
                 pin=zero.offload_optimizer.pin_memory,
-                # Clipping and the fp16 overflow skip need the global norm of every gradient
-                # before any shard may change; without them each shard steps on arrival.
-                step_on_arrival=config.gradient_clipping == 0 and not config.fp16.enabled,
                 before_host_write=self.partitioned.wait_host_reads if self.offload_param
                 else None)
-            if self.partitioned is not None and not self.offload.step_on_arrival:
+            if self.partitioned is not None:
                 self._deferrable = frozenset(unit_indices & self._host_stepped)
                 self.partitioned.before_read = self.offload.ready
         self.grad_buckets = GradientBuckets(
@@ -435,6 +434,8 @@ class ZeroEngine(nn.Module):
                 self.monitor.recompute = True  # backward recomputes checkpointed forwards
 
     def _forward(self, args, kwargs):
+        if self.config.fp16.auto_cast:  # DeepSpeed casts the positional inputs only
+            args = _cast_floating_to_half(args)
         with self._timers.time("forward"):
             if self.partitioned is not None and self.partitioned.prefetch.recording is not None:
                 # The first stage-3 forward runs under a check that names a parameter used
@@ -459,6 +460,11 @@ class ZeroEngine(nn.Module):
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagates `loss` / gradient_accumulation_steps (times the fp16 loss scale) and
         reduces gradients as buckets fill."""
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(
+                f"zero_ext: engine.backward expects the loss tensor, got "
+                f"{type(loss).__name__}; pass the loss itself, e.g. outputs[\"loss\"] for a "
+                "dict or outputs.loss for a transformers ModelOutput")
         if loss.dim() != 0:
             raise ValueError(f"zero_ext: engine.backward expects a scalar loss, got shape "
                              f"{tuple(loss.shape)}; reduce it (e.g. .mean()) first")
@@ -478,12 +484,19 @@ class ZeroEngine(nn.Module):
                     self.grad_buckets.end_backward()
                 if self.partitioned is not None:
                     self.partitioned.end_backward()
+        self._backwards_since_step += 1
 
     def step(self) -> None:
         """At an accumulation boundary: global norm, overflow check, clip, AdamW, all-gather.
-        Between boundaries only counts the micro-step."""
+        Between boundaries only counts the micro-step. Expects exactly one engine.backward()
+        since the last step() (one backward per micro-step, as DeepSpeed's engine does)."""
         self._settle_step()
         boundary = self.is_gradient_accumulation_boundary()
+        backwards, self._backwards_since_step = self._backwards_since_step, 0
+        if not boundary and backwards != 1:
+            # No collective between boundaries to agree in; a loop that does this does it on
+            # every rank (two backwards per step(), PyTorch's accumulation style).
+            raise RuntimeError(_backward_count_error({self.rank: backwards}))
         self.micro_steps += 1
         if boundary and self._window_ends_early:
             # Windows start at multiples of the accumulation steps (checkpoints rely on it).
@@ -494,24 +507,27 @@ class ZeroEngine(nn.Module):
         if not boundary:
             return
         with self._timers.time("step"):
-            self._optimizer_step()
+            self._optimizer_step(backwards)
         self.global_steps += 1
         self.monitor.step(self.global_steps, self._last_loss, self.get_lr()[0])
-        if self.global_steps % self.config.steps_per_print == 0:
+        if self.config.steps_per_print and self.global_steps % self.config.steps_per_print == 0:
             self._report()
 
     @torch.no_grad()
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, backwards: int) -> None:
+        """`backwards`: engine.backward() calls since the last step (agreed on with the norm)."""
         if self.offload is not None:
             try:  # the uploads are waited for even on an error
-                self.offload.wait_for_gradients()
+                if backwards:
+                    self.offload.wait_for_gradients()
                 # The device gradients are gone (copied, then freed); their norms, taken on
                 # the device before, decide clipping and the skip as without offload.
-                stepped = self._step_with(None)
+                stepped = self._step_with(None, backwards)
             finally:
                 self.offload.finish()
         else:
-            stepped = self._step_with(self.grad_buckets.reduced_grads())
+            stepped = self._step_with(
+                self.grad_buckets.reduced_grads() if backwards else None, backwards)
         if not stepped:
             return
         if self.stage >= 1:
@@ -519,24 +535,35 @@ class ZeroEngine(nn.Module):
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
 
-    def _step_with(self, grads: list[torch.Tensor] | None) -> bool:
+    def _step_with(self, grads: list[torch.Tensor] | None, backwards: int) -> bool:
         """Norm, overflow skip, clipping and the optimizer step (with `grads`, or offload's host
-        copies when None); False when skipped."""
-        norm = self._global_norm(self.grad_buckets.reduced_norms())
+        copies when None); False when skipped. Nothing changes before every rank has agreed
+        that the step is the same step everywhere, finite, and how much to clip."""
+        norm = self._agreed_norm(self.grad_buckets.reduced_norms() if backwards else [],
+                                 backwards)
+        if not self.config.zero_optimization.ignore_unused_parameters:
+            self._refuse_unused_parameters()
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         overflow = not math.isfinite(norm)
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow)
-        if overflow:
+        nonfinite = self.config.nonfinite_gradients  # skip (fp16), raise, or apply (bf16)
+        if overflow and nonfinite != "apply":
             self._global_grad_norm = norm
             self.grad_buckets.clear()
-            if self.loss_scaler is None:
+            if nonfinite == "raise":
                 raise FloatingPointError(
                     f"zero_ext: the gradient norm is {norm} at step {self.global_steps}; without "
                     "fp16 loss scaling there is nothing to retry. Lower the learning rate, "
-                    "enable gradient_clipping, or check the loss for inf/nan")
+                    "enable gradient_clipping, or check the loss for inf/nan (with bf16, "
+                    "\"check_grad_overflow\": true skips such steps, as DeepSpeed does)")
             self.skipped_steps += 1
             return False
+        if overflow and self.rank == 0:
+            warnings.warn(
+                f"zero_ext: the gradient norm is {norm} at step {self.global_steps} and the update "
+                "is applied (bf16.check_grad_overflow is false): weights and optimizer state are "
+                "now inf/nan", RuntimeWarning, stacklevel=4)
         norm /= scale
         self._global_grad_norm = norm
         factor = 1.0 / scale
@@ -562,6 +589,25 @@ class ZeroEngine(nn.Module):
         self.grad_buckets.clear()
         return True
 
+    def _refuse_unused_parameters(self) -> None:
+        """ignore_unused_parameters false (collective): raises on every rank when a trainable
+        parameter got no gradient on some rank in this accumulation window."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        unused = comm.all_gather_object(
+            [names[id(p)] for p in self.grad_buckets.without_gradient()])
+        if not any(unused):
+            return
+        self.grad_buckets.clear()
+        where = "; ".join(f"rank {rank}: {', '.join(params[:10])}"
+                          f"{' ...' if len(params) > 10 else ''}"
+                          for rank, params in enumerate(unused) if params)
+        raise RuntimeError(
+            f"zero_ext: trainable parameters got no gradient in this accumulation window "
+            f"({where}), and zero_optimization.ignore_unused_parameters is false. Make every "
+            "trainable parameter take part in the loss, set requires_grad=False on the ones "
+            "that should not train, or set ignore_unused_parameters true (their gradient then "
+            "counts as zero)")
+
     def _replicated_step(self, grads: list[torch.Tensor], factor: float) -> None:
         """Stage 0 with the user's optimizer: the all-reduced buckets go back out to each
         parameter's .grad (one copy-out launch per bucket), scaled, and the optimizer steps."""
@@ -573,17 +619,39 @@ class ZeroEngine(nn.Module):
             torch._foreach_mul_([p.grad for p in self._params], factor)
         self.replicated_optimizer.step()
 
-    def _global_norm(self, bucket_norms: list[torch.Tensor]) -> float:
+    def _agreed_norm(self, bucket_norms: list[torch.Tensor], backwards: int) -> float:
         """L2 norm of the whole averaged gradient from each bucket's (local shard's) norm:
         squares summed across ranks (stage 0 buckets are already whole on every rank).
         inf/nan anywhere gives inf/nan on every rank, which makes the skip decision
-        collective."""
-        # Squares summed in fp64: a loss-scaled fp16 gradient's squares can pass fp32's range.
+        collective.
+
+        The same all-reduce carries the step's agreement: the sum and the sum of squares of
+        global_steps across ranks (equal only when every rank is at the same step: a rank
+        that skipped or repeated engine.step() would leave the replicas different), and the
+        count of ranks whose engine.backward() calls since the last step were not exactly
+        one. Any disagreement raises on every rank, before anything changes."""
+        # fp64: a loss-scaled fp16 gradient's squares can pass fp32's range, and step counts
+        # and their squares stay exact.
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
         for norm in bucket_norms:
             squares += norm.double() ** 2
+        steps = float(self.global_steps)
+        agreement = torch.tensor([0.0, steps, steps * steps, float(backwards != 1)],
+                                 dtype=torch.float64, device=self.device)
         if self.stage >= 1:
-            comm.all_reduce(squares)
+            agreement[0] = squares
+        comm.all_reduce(agreement)
+        step_sum, step_squares, miscounted = agreement[1:].tolist()
+        diverged = step_squares * self.world_size != step_sum * step_sum
+        if miscounted or diverged:
+            self.grad_buckets.clear()
+            per_rank = comm.all_gather_object((self.global_steps, backwards))
+            if diverged:
+                raise RuntimeError(_step_divergence_error(per_rank))
+            raise RuntimeError(_backward_count_error(
+                {rank: count for rank, (_, count) in enumerate(per_rank)}))
+        if self.stage >= 1:
+            squares = agreement[0]
         return math.sqrt(squares.item())
 
     def _all_gather_params(self) -> None:
@@ -743,6 +811,45 @@ class ZeroEngine(nn.Module):
         gathered = self.partitioned.full_values() if self.partitioned is not None else {}
         return {k: gathered[v] if v in gathered else v.detach().to("cpu", copy=True)
                 for k, v in self.module.state_dict(keep_vars=True).items()}
+
+
+def _cast_floating_to_half(value):
+    """fp16.auto_cast: `value` with every floating-point tensor in it (inside lists, tuples and
+    dicts too) cast to fp16, as DeepSpeed's engine casts a forward's positional inputs."""
+    if isinstance(value, (list, tuple)):
+        return value.__class__(_cast_floating_to_half(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floating_to_half(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.half()
+    return value
+
+
+def _backward_count_error(backwards: dict[int, int]) -> str:
+    """What to say when engine.backward() calls since the last step() were not exactly one on
+    some rank (`backwards`: rank -> count, of every rank or of this one)."""
+    wrong = ", ".join(f"rank {rank}: {count}" for rank, count in sorted(backwards.items())
+                      if count != 1)
+    return (
+        f"zero_ext: engine.step() expects exactly one engine.backward() since the previous "
+        f"step() (engine.backward() calls since then: {wrong}). The engine counts micro-steps "
+        "in step(): call engine.backward(loss) then engine.step() for every micro-batch, as "
+        "with DeepSpeed; step() only steps the optimizer at the accumulation boundary. To "
+        "accumulate over k micro-batches set gradient_accumulation_steps to k (two backwards "
+        "before one step would keep only the last gradient, or never step)")
+
+
+def _step_divergence_error(per_rank: list[tuple[int, int]]) -> str:
+    """What to say when ranks reach engine.step() at different optimizer steps (`per_rank`:
+    each rank's global_steps and engine.backward() calls since its last step())."""
+    where = ", ".join(f"rank {rank}: step {step} after {count} backward()"
+                      for rank, (step, count) in enumerate(per_rank))
+    return (
+        f"zero_ext: the ranks are at different optimizer steps ({where}): a rank skipped "
+        "or repeated engine.step() (e.g. a step() inside a rank-dependent branch, or an "
+        "exception caught on one rank), so the replicas' weights already differ. Every rank "
+        "must call engine.backward(loss) and then engine.step() for every micro-batch; "
+        "resume from the last checkpoint")
 
 
 def _scale_on(factor: float, shards: list[ShardState]) -> torch.Tensor | None:

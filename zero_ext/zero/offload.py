@@ -16,13 +16,13 @@ check_host_memory), allocates (pinned) host buffers, and runs the optimizer on t
              stream; the engine's stream waits for it before the all-gather or next forward,
              and the next step's gradient copy into the same buffer waits for it too
 
-When nothing global decides the step (no gradient clipping, no fp16 overflow check), a worker
-thread steps each shard as soon as its gradient has reached the host, overlapping the CPU step
-with the rest of backward and the remaining copies. Otherwise the global norm needs every
-gradient first: the copies still overlap backward, the engine sums the norms the buckets took
-on the device (the same reduction as without offload), and then the shards are stepped one at
-a time in bucket order, each upload overlapping the next shard's CPU step. Stage-3 unit shards,
-whose weights are read only through their gathers, are instead left stepping on the worker
+No shard steps before the step's all-rank decision: the global norm (is every gradient
+finite? the clipping factor) needs every gradient first, and a step taken before it could not
+be undone when the decision is to raise or skip (a NaN batch would leave NaN masters on every
+rank). So the copies overlap backward, the engine sums the norms the buckets took on the device
+(the same reduction as without offload), and then the shards are stepped one at a time in
+bucket order, each upload overlapping the next shard's CPU step. Stage-3 unit shards, whose
+weights are read only through their gathers, are instead left stepping on a worker thread
 behind the next forward; each gather waits for its unit (ready()).
 
 Under offload_optimizer.ratio < 1 (DeepSpeed's Twin-Flow) only the first buckets, those backward
@@ -235,7 +235,9 @@ class OffloadTimings:
     shards_stepped: int = 0     # CPU AdamW calls, one per shard per step not skipped
     grad_copy_s: float = 0.0    # device -> host copies of the reduced gradient shards
     cpu_step_s: float = 0.0     # CPU AdamW (hidden + deferred + exposed)
-    cpu_step_hidden_s: float = 0.0    # ... of it while backward was still running
+    cpu_step_hidden_s: float = 0.0    # ... of it while backward was still running (none
+    #                                     since shards wait for the step's decision; kept for
+    #                                     comparing with figures of earlier versions)
     cpu_step_deferred_s: float = 0.0  # ... of it after engine.step() returned (next forward)
     cpu_step_exposed_s: float = 0.0   # ... of it in between, inside engine.step()
     upload_s: float = 0.0       # host -> device copies of the updated weights
@@ -311,13 +313,12 @@ class OptimizerOffload:
 
     def __init__(self, optimizer: ZeroOptimizer, shards: list[ShardState],
                  grad_dtype: torch.dtype, device: torch.device, *, pin: bool,
-                 step_on_arrival: bool, before_host_write: Callable[[int], None] | None = None):
+                 before_host_write: Callable[[int], None] | None = None):
         self.optimizer = optimizer
         self.shards = shards
         # Bucket (layout) index -> position in `shards`.
         self._position = {shard.layout.index: i for i, shard in enumerate(shards)}
         self.device = device
-        self.step_on_arrival = step_on_arrival
         self._before_host_write = before_host_write
         # A shard whose new 16-bit weights go back through a host staging buffer of the
         # gradient's dtype receives its gradient in that buffer: the CPU step reads each
@@ -337,8 +338,6 @@ class OptimizerOffload:
         # Device gradients are kept alive until their copy has read them (no record_stream).
         self._in_copy: list[torch.Tensor | None] = [None] * n
         self._arrived = [False] * n
-        self._stepped = [False] * n
-        self._futures: list[Future] = []
         # Timing (see timings()): the host-clock spans of this step's CPU AdamW calls, and
         # the host time the last gradient shard was seen on the host (backward's end).
         self._lock = threading.Lock()
@@ -350,7 +349,7 @@ class OptimizerOffload:
         self._totals = OffloadTimings()
         # Steps left running after engine.step() returned, by position (see step()).
         self._deferred: dict[int, Future] = {}
-        # Steps on arrival, and deferred steps, run here (its thread starts on first use).
+        # Deferred steps run here (its thread starts on first use).
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="zero_ext-offload")
         weakref.finalize(self, self._worker.shutdown, False)
 
@@ -385,8 +384,6 @@ class OptimizerOffload:
             if index == self._last_arrival:
                 self._backward_end = time.perf_counter()
         self._arrived[index] = True
-        if self.step_on_arrival:
-            self._futures.append(self._worker.submit(self._step_shard, index, None))
         return True
 
     def _wait_copy(self, index: int) -> None:
@@ -403,33 +400,26 @@ class OptimizerOffload:
                         self._backward_end = seen
 
     def wait_for_gradients(self) -> None:
-        """Until every shard's gradient is on the host and every arrival step has finished."""
-        missing = [i for i, arrived in enumerate(self._arrived) if not arrived]
-        if missing:
-            self._drain()
+        """Until every shard's gradient is on the host."""
+        if not all(self._arrived):
             raise RuntimeError("zero_ext: no reduced gradients: engine.step() at an "
                                "accumulation boundary needs engine.backward() first")
-        # The copies before the arrival steps: this thread is then free to see the last copy
-        # complete while the worker is still stepping (the end of backward, for timings()).
         for index in range(len(self.shards)):
             self._wait_copy(index)
-        self._drain()
 
     # -- the CPU step and weights in ---------------------------------------------------------
     def step(self, inv_scale: torch.Tensor | None, defer: Collection[int] = ()) -> None:
-        """Steps every shard not stepped on arrival, in bucket order; each upload overlaps the
-        next shard's CPU step.
+        """Steps every shard, in bucket order, once the engine's all-rank decision allows it;
+        each upload overlaps the next shard's CPU step.
 
         The buckets in `defer` (those whose weights are read only through ready(): stage-3
         units) are stepped on the worker instead, last bucket first, which is the order the
         next forward needs them in; engine.step() returns without waiting for them, so their
         CPU step runs behind the next forward. The hyperparameters are read now: the LR
         scheduler moves on before they run."""
-        later = [i for i, shard in enumerate(self.shards)
-                 if not self._stepped[i] and shard.layout.index in defer]
+        later = [i for i, shard in enumerate(self.shards) if shard.layout.index in defer]
         for index in sorted(set(range(len(self.shards))) - set(later)):
-            if not self._stepped[index]:
-                self._step_shard(index, inv_scale)
+            self._step_shard(index, inv_scale)
         groups = [dict(group) for group in self.optimizer.param_groups]
         for index in reversed(later):
             self._deferred[index] = self._worker.submit(self._step_shard, index, inv_scale,
@@ -476,7 +466,6 @@ class OptimizerOffload:
                                     copy_out=False, groups=groups)
         with self._lock:
             self._cpu_spans.append((start, time.perf_counter()))
-        self._stepped[index] = True
         if shard.model_weights is None:
             return
         if not self._cuda:
@@ -497,7 +486,6 @@ class OptimizerOffload:
         """End of engine.step(): every CPU step done but the deferred ones, and the engine's
         stream ordered after those shards' uploads (the all-gather and the next forward read
         the model's slices); ready() does the same for each deferred shard."""
-        self._drain()
         self._step_returned = time.perf_counter()
         if self._cuda:
             stream = torch.cuda.current_stream(self.device)
@@ -510,7 +498,6 @@ class OptimizerOffload:
     def _complete(self) -> None:
         """Every shard of the step is done: the next step may begin."""
         self._arrived = [False] * len(self.shards)
-        self._stepped = [False] * len(self.shards)
         self._account_step()
 
     def _account_step(self) -> None:
@@ -546,11 +533,6 @@ class OptimizerOffload:
         else:
             totals = dataclasses.replace(totals)
         return totals
-
-    def _drain(self) -> None:
-        futures, self._futures = self._futures, []
-        for future in futures:
-            future.result()  # re-raises what failed in the worker
 
     def host_nbytes(self) -> int:
         """Host gradient copies and 16-bit staging buffers (a shared one counted once)."""
