@@ -343,9 +343,11 @@ class AdamParams(_Section):
     eps: float = 1e-8
     """Added to the denominator for numerical stability (>= 0)."""
 
-    weight_decay: float = 0.01
+    weight_decay: float | None = None
     """Weight decay coefficient (>= 0): decoupled (AdamW) or an L2 term, see ``adam_w_mode``.
-    The default is torch.optim.AdamW's; DeepSpeed's FusedAdam defaults to 0."""
+    Unset, it is what DeepSpeed's optimizer for these params defaults to: 0 for its FusedAdam
+    and DeepSpeedCPUAdam, 0.01 with ``torch_adam`` (torch.optim.AdamW's; torch.optim.Adam's is
+    0). After loading it always holds a number."""
 
     bias_correction: bool = True
     """Divide the moment estimates by ``1 - beta**step`` (DeepSpeed's option)."""
@@ -355,8 +357,10 @@ class AdamParams(_Section):
     adds it to the gradient as an L2 term (torch.optim.Adam). For type "AdamW" it must be true."""
 
     torch_adam: bool = False
-    """DeepSpeed's choice of its torch-backed Adam over its fused one. Accepted; it has no effect
-    here (zero_ext always steps with its own C++ Adam ops)."""
+    """DeepSpeed's switch from its fused Adam to torch.optim.AdamW (Adam when ``adam_w_mode`` is
+    false). Honoured where it changes training: ``weight_decay`` then defaults to torch's, and
+    ``bias_correction`` must stay true (torch has no such option, DeepSpeed fails on it). The
+    step itself runs zero_ext's C++ Adam, the same arithmetic as torch's."""
 
     _IGNORED: ClassVar[dict[str, str]] = {
         "set_grad_none": "zero_ext always frees gradients after the step",
@@ -389,10 +393,17 @@ class AdamParams(_Section):
             _check_number(f"betas[{i}]", beta, lo=0.0, hi=1.0, hi_open=True)
             for i, beta in enumerate(betas))
         self.eps = _check_number("eps", self.eps, lo=0.0)
-        self.weight_decay = _check_number("weight_decay", self.weight_decay, lo=0.0)
         self.bias_correction = _check_bool("bias_correction", self.bias_correction)
         self.adam_w_mode = _check_bool("adam_w_mode", self.adam_w_mode)
         self.torch_adam = _check_bool("torch_adam", self.torch_adam)
+        if self.weight_decay is None:
+            self.weight_decay = 0.01 if self.torch_adam and self.adam_w_mode else 0.0
+        self.weight_decay = _check_number("weight_decay", self.weight_decay, lo=0.0)
+        if self.torch_adam and not self.bias_correction:
+            raise ConfigError(
+                "bias_correction", "false needs DeepSpeed's own Adam; with torch_adam true the "
+                "optimizer is torch's, which always corrects the bias (DeepSpeed raises a "
+                "TypeError here). Remove bias_correction or torch_adam")
 
 
 _OPTIMIZER_TYPES = {"adamw": "AdamW", "adam": "Adam"}
@@ -413,6 +424,7 @@ class OptimizerConfig(_Section):
     _IGNORED: ClassVar[dict[str, str]] = {
         "legacy_fusion": "",
         "adam_w_mode": "DeepSpeed reads adam_w_mode only inside optimizer.params",
+        "torch_adam": "DeepSpeed reads torch_adam only inside optimizer.params",
     }
 
     def __post_init__(self):
@@ -560,25 +572,33 @@ class FP16Config(_Section):
     """Static loss scale (> 0), or 0 for dynamic loss scaling."""
 
     initial_scale_power: int = 16
-    """Dynamic scaling starts at a loss scale of ``2**initial_scale_power``."""
+    """Dynamic scaling starts at a loss scale of ``2**initial_scale_power`` (0..127: the scale
+    multiplies the fp32 loss, whose range ends at 2**128)."""
 
     loss_scale_window: int = 1000
-    """Dynamic scaling doubles the scale after this many consecutive steps without overflow."""
+    """Dynamic scaling doubles the scale on the clean step after ``loss_scale_window`` steps
+    without overflow (since the last overflow or the start), as DeepSpeed does."""
 
     hysteresis: int = 2
     """Dynamic scaling halves the scale only at the ``hysteresis``-th overflow (DeepSpeed's
-    delayed shift); earlier overflows only skip the step."""
+    delayed shift); earlier overflows only skip the step. At stage 0, as in DeepSpeed (whose
+    stage 0 uses its FP16_Optimizer), every overflow halves the scale."""
 
     consecutive_hysteresis: bool = False
     """Refill the hysteresis budget after every step without overflow, not only when the scale
-    grows."""
+    grows (stages 1-3, as in DeepSpeed)."""
 
     min_loss_scale: float = 1.0
     """Dynamic scaling never goes below this scale (> 0)."""
 
+    raise_error_at_min_scale: bool = True
+    """zero_ext's key (DeepSpeed's loss scaler argument of that name, always true at its stages
+    1-3): an overflow with the scale already at ``min_loss_scale`` raises, since every later
+    step would be skipped too. False skips such steps with a warning each."""
+
     auto_cast: bool = False
-    """DeepSpeed's option to cast floating-point forward inputs to fp16. Accepted so existing
-    configs load."""
+    """Cast the floating-point tensors among the forward's inputs to fp16 (DeepSpeed's
+    ``_cast_inputs_half``: tensors inside lists, tuples and dicts too)."""
 
     _INERT: ClassVar[dict[str, _Unsupported]] = {
         "fp16_master_weights_and_grads": _Unsupported(
@@ -589,11 +609,24 @@ class FP16Config(_Section):
     def __post_init__(self):
         self.enabled = _check_bool("enabled", self.enabled)
         self.loss_scale = _check_number("loss_scale", self.loss_scale, lo=0.0)
-        self.initial_scale_power = _check_int("initial_scale_power", self.initial_scale_power,
-                                             lo=0)
+        power = self.initial_scale_power
+        if not (_is_number(power) and math.isfinite(power) and float(power).is_integer()
+                and 0 <= power <= 127):
+            _reject_auto("initial_scale_power", power)
+            raise ConfigError(
+                "initial_scale_power", f"expected an integer in 0..127, {_got(power)}: the "
+                "initial loss scale 2**initial_scale_power multiplies the fp32 loss, whose range "
+                "ends at 2**128 (DeepSpeed's default is 16)")
+        self.initial_scale_power = int(power)
         self.consecutive_hysteresis = _check_bool("consecutive_hysteresis",
                                                  self.consecutive_hysteresis)
+        self.raise_error_at_min_scale = _check_bool("raise_error_at_min_scale",
+                                                   self.raise_error_at_min_scale)
         self.auto_cast = _check_bool("auto_cast", self.auto_cast)
+        if self.auto_cast and not self.enabled:
+            raise ConfigError("auto_cast", "true casts the forward's inputs to fp16, but fp16 is "
+                              "not enabled (the model stays in its own dtype); set \"enabled\": "
+                              "true or remove auto_cast")
         # As DeepSpeed does, the ranges of the dynamic-scaling knobs are enforced only when
         # dynamic scaling runs, so static-scale configs carrying unused values still load.
         dynamic = self.enabled and self.loss_scale == 0.0
@@ -626,7 +659,17 @@ class BF16Config(_Section):
     enabled: bool = False
     """Train with bf16 weights, activations and gradients."""
 
-    _IGNORED: ClassVar[dict[str, str]] = {"immediate_grad_update": "", "check_grad_overflow": ""}
+    check_grad_overflow: bool | None = None
+    """What a step does when the global gradient norm is inf or nan. True: the step is skipped
+    on every rank (counted in ``skipped_steps``), as DeepSpeed's stage 1-2 optimizer does;
+    false: the update is applied (the weights become inf/nan) with a warning each time, as
+    DeepSpeed does without the check. Unset (zero_ext's default, where DeepSpeed's is true):
+    the step raises FloatingPointError and leaves weights and optimizer state as they were."""
+
+    _IGNORED: ClassVar[dict[str, str]] = {
+        "immediate_grad_update": "when DeepSpeed's bf16 optimizer moves each gradient to fp32; "
+        "the result is the same",
+    }
     _INERT: ClassVar[dict[str, _Unsupported]] = {
         "bf16_master_weights_and_grads": _Unsupported(
             _is(False), "true is not supported: zero_ext keeps fp32 master weights and "
@@ -638,6 +681,8 @@ class BF16Config(_Section):
 
     def __post_init__(self):
         self.enabled = _check_bool("enabled", self.enabled)
+        self.check_grad_overflow = _optional(_check_bool, "check_grad_overflow",
+                                             self.check_grad_overflow)
 
 
 _OFFLOAD_DEVICES = {"none": "none", "cpu": "cpu", "nvme": "nvme"}
@@ -651,9 +696,10 @@ class OffloadConfig(_Section):
     device: str = "none"
     """"none" or "cpu". ("nvme" is DeepSpeed's ZeRO-Infinity, which zero_ext does not have.)"""
 
-    pin_memory: bool = False
+    pin_memory: bool = True
     """Put the host buffers in page-locked memory: faster, asynchronous copies, at the cost of
-    memory the OS cannot swap. (DeepSpeed >= 0.18 defaults to true.)"""
+    memory the OS cannot swap (DeepSpeed's default, true, since 0.18). Without CUDA there is
+    nothing to pin for, and it has no effect, as in DeepSpeed."""
 
     cpuadam_cores_perc: float = 0.8
     """offload_optimizer: the share (0 < x <= 1) of this rank's CPU cores (the process's cores
@@ -720,13 +766,17 @@ class ZeroOptimizationConfig(_Section):
     stage default: on for stage 3, off otherwise; ``overlap`` gives the effective value."""
 
     contiguous_gradients: bool = True
-    """Copy gradients into a contiguous buffer as they are produced."""
+    """DeepSpeed: copy gradients into a contiguous buffer as they are produced. No effect here:
+    zero_ext always does (each bucket's gradients are flattened into one buffer); the values
+    trained are the same either way."""
 
     reduce_scatter: bool = True
-    """Reduce gradients with reduce-scatter rather than all-reduce (stages 1 and 2)."""
+    """DeepSpeed: reduce gradients with reduce-scatter rather than all-reduce (stages 1-2). No
+    effect here: zero_ext always reduce-scatters at stages 1-3; the average is the same."""
 
     allgather_partitions: bool = True
-    """Gather updated parameters with all-gather rather than per-rank broadcasts."""
+    """DeepSpeed: gather updated parameters with all-gather rather than per-rank broadcasts. No
+    effect here: zero_ext always all-gathers; the values are the same."""
 
     offload_optimizer: OffloadConfig = field(default_factory=OffloadConfig)
     """Keep optimizer state in host memory and step it there (stages 1-3)."""
@@ -757,16 +807,23 @@ class ZeroOptimizationConfig(_Section):
     children)."""
 
     sub_group_size: int = 1_000_000_000
-    """Elements of the optimizer state stepped at a time (bounds temporary memory)."""
+    """DeepSpeed: elements of the optimizer state stepped at a time (bounds its temporary
+    memory). No effect here: zero_ext steps per bucket (``reduce_bucket_size``, stage-3 units);
+    the result is the same."""
 
     round_robin_gradients: bool = False
-    """DeepSpeed's stage 1/2 CPU-offload gradient copy ordering (performance only)."""
+    """DeepSpeed's stage 1/2 CPU-offload gradient copy ordering. No effect here (performance
+    only in DeepSpeed; the result is the same)."""
 
     ignore_unused_parameters: bool = True
-    """Tolerate parameters that get no gradient in a step instead of raising."""
+    """False: a step raises, on every rank, when a trainable parameter got no gradient on some
+    rank during the accumulation window, naming the parameter(s) and rank(s). True tolerates
+    them (their gradient counts as zero). DeepSpeed checks this only with CPU offload at
+    stages 1-2; zero_ext at every stage."""
 
     elastic_checkpoint: bool = False
-    """Accepted; no effect (zero_ext checkpoints always load at another world size)."""
+    """DeepSpeed's checkpoint layout that can be loaded at another data-parallel size. No effect
+    here: zero_ext checkpoints always load at any world size and stage."""
 
     _ALIASES: ClassVar[dict[str, str]] = {
         "stage3_gather_fp16_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
@@ -987,8 +1044,10 @@ class ZeroConfig(_Section):
     gradient_accumulation_steps: int | None = None
     """Micro-batches per optimizer step on each rank (>= 1), or None to derive it."""
 
-    gradient_clipping: float = 0.0
-    """Clip the global gradient norm to this value before each step; 0 turns clipping off."""
+    gradient_clipping: float = 1.0
+    """Clip the global gradient norm to this value before each step; 0 turns clipping off. The
+    default, 1.0, is DeepSpeed's (``GRADIENT_CLIPPING_DEFAULT``): a config without the key
+    clips."""
 
     fp16: FP16Config = field(default_factory=FP16Config)
     """fp16 mixed precision and loss scaling."""
@@ -1015,8 +1074,9 @@ class ZeroConfig(_Section):
     """Data type of gradient reductions: "fp32", "fp16" or "bf16" (also spelled "float32",
     "bfloat16", ...). None: the model's training dtype. See ``comm_dtype``."""
 
-    steps_per_print: int = 10
-    """Log progress every this many optimizer steps (>= 1)."""
+    steps_per_print: int | None = None
+    """Print the report line every this many optimizer steps (>= 1); None (DeepSpeed's default)
+    prints none."""
 
     wall_clock_breakdown: bool = False
     """Time forward, backward and step and log the breakdown."""
@@ -1133,7 +1193,8 @@ class ZeroConfig(_Section):
         self.communication_data_type = _optional(
             _check_choice, "communication_data_type", self.communication_data_type,
             spellings=_COMM_DTYPES)
-        self.steps_per_print = _check_int("steps_per_print", self.steps_per_print, lo=1)
+        self.steps_per_print = _optional(_check_int, "steps_per_print", self.steps_per_print,
+                                         lo=1)
         self.wall_clock_breakdown = _check_bool("wall_clock_breakdown", self.wall_clock_breakdown)
         if self.fp16.enabled and self.bf16.enabled:
             raise ConfigError("fp16.enabled", "fp16 and bf16 are both enabled; enable at most "
@@ -1212,6 +1273,18 @@ class ZeroConfig(_Section):
         return None
 
     @property
+    def nonfinite_gradients(self) -> str:
+        """What a step does with an inf/nan global gradient norm: "skip" (fp16, where the loss
+        scale is lowered, or bf16.check_grad_overflow true), "apply" (bf16.check_grad_overflow
+        false; warned about each time) or "raise" (otherwise: nothing changes, the step
+        raises)."""
+        if self.fp16.enabled:
+            return "skip"
+        if self.bf16.enabled and self.bf16.check_grad_overflow is not None:
+            return "skip" if self.bf16.check_grad_overflow else "apply"
+        return "raise"
+
+    @property
     def comm_dtype(self) -> torch.dtype | None:
         """``communication_data_type`` as a torch dtype, or None if not set."""
         if self.communication_data_type is None:
@@ -1240,6 +1313,13 @@ def read_json_config(path: str | os.PathLike) -> dict:
             seen[key] = value
         return seen
 
+    if not os.path.exists(path):
+        raise ValueError(f"zero_ext config {os.fspath(path)!r}: no such file; pass the path of a "
+                         "DeepSpeed JSON config file, or the config as a dict")
+    if os.path.isdir(path):
+        raise ValueError(f"zero_ext config {os.fspath(path)!r} is a directory; pass the path of "
+                         "a DeepSpeed JSON config file inside it (e.g. ds_config.json), or the "
+                         "config as a dict")
     try:
         with open(path, encoding="utf-8") as file:
             return json.load(file, object_pairs_hook=no_duplicates)

@@ -40,6 +40,7 @@ class GradientBucket:
     params: list[torch.nn.Parameter]   # in slot order
     offsets: list[int]                 # slot offsets, for the flatten op
     arrived: set[int] = field(default_factory=set)   # slot positions whose grad arrived
+    used: set[int] = field(default_factory=set)  # slot positions with a grad this window
     state: BucketState = BucketState.WAITING
     flat: torch.Tensor | None = None   # whole padded bucket in the communication dtype
     work: object | None = None         # the in-flight collective's handle
@@ -99,9 +100,10 @@ class GradientBuckets:
             raise RuntimeError(
                 "zero_ext: a gradient was produced outside engine.backward(); call "
                 "engine.backward(loss) instead of loss.backward() so gradients are reduced")
+        bucket, position = self._where[param]
+        bucket.used.add(position)
         if not self._reduce_now:
             return  # stage 0/1 between boundaries: autograd accumulates into .grad
-        bucket, position = self._where[param]
         bucket.arrived.add(position)
         if len(bucket.arrived) == len(bucket.params):
             bucket.state = BucketState.READY
@@ -202,10 +204,16 @@ class GradientBuckets:
                                "accumulation boundary needs engine.backward() first")
         return [bucket.norm for bucket in self.buckets]
 
+    def without_gradient(self) -> list[torch.nn.Parameter]:
+        """The parameters that got no gradient on this rank since the last clear() (the
+        accumulation window), in bucket order: ignore_unused_parameters false refuses them."""
+        return [p for b in self.buckets for i, p in enumerate(b.params) if i not in b.used]
+
     def clear(self) -> None:
         """Drops the gradients after a step (or a skipped step). The stage-2 fp32 accumulator
         stays allocated: the next window's first micro-step overwrites it."""
         for bucket in self.buckets:
+            bucket.used.clear()
             bucket.grad = None
             bucket.flat = None
             bucket.norm = None
