@@ -23,13 +23,13 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from zero_ext import checkpointing, comm, ops
 from zero_ext.config import ZeroConfig
+from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
 from zero_ext.zero import offload
 from zero_ext.zero.buckets import GradientBuckets
@@ -38,50 +38,6 @@ from zero_ext.zero.params import PartitionedParameters, check_initializers, find
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 
 __all__ = ["DynamicLossScaler", "ZeroEngine"]
-
-
-@dataclass
-class DynamicLossScaler:
-    """fp16 loss scale: halve on overflow (after `hysteresis` overflows), double after
-    `window` clean steps, never below `min_scale`. A static scale never changes."""
-
-    scale: float
-    dynamic: bool
-    window: int
-    hysteresis: int
-    min_scale: float
-    consecutive_hysteresis: bool = False
-    clean_steps: int = 0
-    hysteresis_left: int = 0
-
-    def __post_init__(self):
-        self.hysteresis_left = self.hysteresis
-
-    def update(self, overflow: bool) -> None:
-        if not self.dynamic:
-            return
-        if overflow:
-            self.clean_steps = 0
-            if self.hysteresis_left > 1:
-                self.hysteresis_left -= 1
-            else:
-                self.scale = max(self.scale / 2.0, self.min_scale)
-            return
-        self.clean_steps += 1
-        if self.consecutive_hysteresis:
-            self.hysteresis_left = self.hysteresis
-        if self.clean_steps % self.window == 0:
-            self.scale *= 2.0
-            self.hysteresis_left = self.hysteresis
-
-    def state_dict(self) -> dict:
-        return dict(scale=self.scale, clean_steps=self.clean_steps,
-                    hysteresis_left=self.hysteresis_left)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scale = state["scale"]
-        self.clean_steps = state["clean_steps"]
-        self.hysteresis_left = state["hysteresis_left"]
 
 
 class _Timers:
@@ -285,14 +241,7 @@ class ZeroEngine(nn.Module):
             overlap_comm=config.zero_optimization.overlap,
             on_reduced=self.partitioned.layout_reduced if self.partitioned else None,
             on_final=self.offload.grad_ready if self.offload else None)
-        fp16 = config.fp16
-        self.loss_scaler = None
-        if fp16.enabled:
-            dynamic = fp16.loss_scale == 0
-            self.loss_scaler = DynamicLossScaler(
-                scale=2.0 ** fp16.initial_scale_power if dynamic else fp16.loss_scale,
-                dynamic=dynamic, window=fp16.loss_scale_window, hysteresis=fp16.hysteresis,
-                min_scale=fp16.min_loss_scale, consecutive_hysteresis=fp16.consecutive_hysteresis)
+        self.loss_scaler: DynamicLossScaler | None = loss_scaler_for(config, self.rank)
         self.lr_scheduler = None
         self.monitor = TrainingMonitor(
             rank=self.rank, world_size=self.world_size, device=self.device,
