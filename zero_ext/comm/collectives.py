@@ -11,6 +11,10 @@ On CPU with every rank on one host (a laptop or one node under torchrun with glo
 collectives go through a shared-memory arena instead of gloo's loopback TCP, as DeepSpeed's
 CPU backend does: each rank writes its part, one barrier, each rank reads and sums what it
 needs. Set ZERO_EXT_CPU_SHM=0 to use gloo's own collectives.
+
+Every collective is recorded and its wait bounded by comm/watch.py: a rank that does not
+arrive, a rank that stops, or ranks in different collectives end in CollectiveStallError on
+every rank instead of a hang (see docs/architecture.md, "Stall detection").
 """
 
 from __future__ import annotations
@@ -18,12 +22,21 @@ from __future__ import annotations
 import datetime
 import mmap
 import os
+import pickle
 import socket
+import struct
 import uuid
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from zero_ext.comm.watch import (
+    CollectiveRecord,
+    CollectiveWatch,
+    set_stall_timeout,
+    watch_for_group,
+)
 
 __all__ = [
     "CollectiveTraffic",
@@ -81,11 +94,19 @@ _LAUNCH_HINT = ("launch with `torchrun --nproc_per_node=<ranks per node> your_sc
                 "`python your_script.py` with none of them set for a single rank")
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> None:
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
+                     stall_timeout_s: float | None = None) -> None:
     """Joins the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT), unless
     the user already initialised one. Without torchrun's variables it starts a one-rank group,
-    so a plain `python train.py` works. Backend: NCCL when CUDA is available, else gloo."""
+    so a plain `python train.py` works. Backend: NCCL when CUDA is available, else gloo.
+    `stall_timeout_s` (config key zero_ext.stall_timeout_s) bounds how long a collective may
+    make no progress before every rank raises CollectiveStallError (see comm/watch.py); the
+    watch starts here, so a rank that never issues a collective still reports where it is."""
+    if stall_timeout_s is not None:
+        set_stall_timeout(stall_timeout_s)
     if dist.is_initialized():
+        if world_size() > 1:
+            watch_for_group()
         return
     present = [v for v in _TORCHRUN_VARS if v in os.environ]
     if present and len(present) < len(_TORCHRUN_VARS):
@@ -120,6 +141,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> N
         raise ValueError(f"zero_ext: backend {backend!r} is not supported; use 'nccl' (GPUs) "
                          "or 'gloo' (CPU)")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if world_size() > 1:
+        watch_for_group()
 
 
 def rank() -> int:
@@ -148,28 +171,33 @@ class _SharedMemoryArena:
     while a slower rank still reads the previous one: only one barrier per piece), each with
     one slot of SLOT_BYTES per rank. Larger tensors move in pieces of one slot. Sums run in a
     fixed rank order in fp32 (or fp64 for fp64), so every rank computes bitwise-identical
-    results.
+    results. After the data, per half and rank, a header of (sequence number, fingerprint) of
+    the collective the rank wrote the piece for: each rank compares all headers after the
+    barrier, so ranks in different collectives of equal size (which would exchange garbage
+    without hanging) raise instead.
     """
 
     SLOT_BYTES = 8 << 20
+    _HEADER = struct.Struct("<qq")
 
     def __init__(self, size: int, rank: int):
         self.size, self.rank = size, rank
         self.half = 0
-        nbytes = 2 * size * self.SLOT_BYTES
+        self._data_bytes = 2 * size * self.SLOT_BYTES
+        nbytes = self._data_bytes + 2 * size * self._HEADER.size
         path = None
         if rank == 0:
             path = f"/dev/shm/zero_ext_{uuid.uuid4().hex}"
             with open(path, "wb") as f:
                 f.truncate(nbytes)
-        holder = [path]
-        dist.broadcast_object_list(holder, src=0)
-        with open(holder[0], "r+b") as f:
+        path = all_gather_object(path)[0]
+        with open(path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), nbytes)
-        dist.barrier()
+        barrier()
         if rank == 0:
-            os.unlink(holder[0])  # the mappings stay valid; nothing is left behind on exit
-        self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
+            os.unlink(path)  # the mappings stay valid; nothing is left behind on exit
+        self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)[:self._data_bytes]
+        self._headers = struct.Struct(f"<{2 * size}q")
 
     def _slots(self, dtype: torch.dtype) -> torch.Tensor:
         """[size, slot elements] view of the current half, in `dtype`."""
@@ -177,8 +205,16 @@ class _SharedMemoryArena:
         half = self.buffer[base:base + self.size * self.SLOT_BYTES]
         return half.view(dtype).view(self.size, -1)
 
-    def _flip(self) -> None:
-        dist.barrier()
+    def _flip(self, watch: CollectiveWatch, record: CollectiveRecord) -> None:
+        """The barrier after each rank wrote its piece, with the header check."""
+        base = self._data_bytes + self.half * self.size * self._HEADER.size
+        self._HEADER.pack_into(self._map, base + self.rank * self._HEADER.size, record.seq,
+                               record.fingerprint)
+        watch.wait(dist.barrier(async_op=True), record)
+        headers = self._headers.unpack_from(self._map, base)
+        if any(headers[2 * r] != record.seq or headers[2 * r + 1] != record.fingerprint
+               for r in range(self.size)):
+            watch.mismatch(record, [headers[2 * r:2 * r + 2] for r in range(self.size)])
         self.half ^= 1
 
     def _piece(self, dtype: torch.dtype) -> int:
@@ -188,7 +224,7 @@ class _SharedMemoryArena:
     def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if dtype == torch.float64 else torch.float32
 
-    def all_gather(self, output: torch.Tensor, input: torch.Tensor) -> None:
+    def all_gather(self, output: torch.Tensor, input: torch.Tensor, watch, record) -> None:
         n, out = input.numel(), output.view(self.size, -1)
         src = input.reshape(-1)
         piece = self._piece(input.dtype)
@@ -196,10 +232,10 @@ class _SharedMemoryArena:
             hi = min(lo + piece, n)
             slots = self._slots(input.dtype)
             slots[self.rank, :hi - lo].copy_(src[lo:hi])
-            self._flip()
+            self._flip(watch, record)
             out[:, lo:hi].copy_(slots[:, :hi - lo])
 
-    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor) -> None:
+    def reduce_scatter(self, output: torch.Tensor, input: torch.Tensor, watch, record) -> None:
         n = output.numel()
         chunks = input.reshape(self.size, n)
         piece = self._piece(input.dtype) // self.size
@@ -208,19 +244,19 @@ class _SharedMemoryArena:
             slots = self._slots(input.dtype)
             mine = slots[self.rank, :self.size * (hi - lo)].view(self.size, hi - lo)
             mine.copy_(chunks[:, lo:hi])
-            self._flip()
+            self._flip(watch, record)
             parts = slots[:, :self.size * (hi - lo)].view(self.size, self.size, hi - lo)
             total = parts[:, self.rank].to(self._sum_dtype(input.dtype)).sum(dim=0)
             output.reshape(-1)[lo:hi].copy_(total)
 
-    def all_reduce(self, tensor: torch.Tensor) -> None:
+    def all_reduce(self, tensor: torch.Tensor, watch, record) -> None:
         flat = tensor.reshape(-1)
         n, piece = flat.numel(), self._piece(tensor.dtype)
         for lo in range(0, n, piece):
             hi = min(lo + piece, n)
             slots = self._slots(tensor.dtype)
             slots[self.rank, :hi - lo].copy_(flat[lo:hi])
-            self._flip()
+            self._flip(watch, record)
             flat[lo:hi].copy_(slots[:, :hi - lo].to(self._sum_dtype(tensor.dtype)).sum(dim=0))
 
 
@@ -255,18 +291,49 @@ def _ring(n: int) -> float:
     return n * (size - 1) / size
 
 
-def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = False):
+class WatchedWork:
+    """The handle of an asynchronous collective: wait() is bounded by the stall timeout."""
+
+    __slots__ = ("_record", "_watch", "_work")
+
+    def __init__(self, watch: CollectiveWatch, work, record: CollectiveRecord):
+        self._watch, self._work, self._record = watch, work, record
+
+    def wait(self, timeout=None) -> bool:
+        self._watch.wait(self._work, self._record)
+        return True
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed()
+
+
+def _issued(watch: CollectiveWatch, record: CollectiveRecord, work, async_op: bool):
+    """A collective started with async_op=True: its handle when the caller asked for one,
+    else waited for here (bounded)."""
+    if async_op:
+        return WatchedWork(watch, work, record)
+    watch.wait(work, record)
+    return None
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = False,
+               bucket: int | None = None):
+    """Sum (or `op`) of `tensor` over ranks, in place. `bucket` names the bucket layout the
+    collective moves, so a rank reducing another bucket at the same point is caught."""
     traffic.record("all_reduce", 2 * _ring(tensor.numel()), tensor.element_size())
     if world_size() == 1:
         return None
     arena = _shared_memory_arena(tensor) if op == dist.ReduceOp.SUM else None
+    watch = watch_for_group()
+    record = watch.enter("all_reduce", tensor.numel(), tensor.dtype, bucket)
     if arena is not None:
-        arena.all_reduce(tensor)
+        arena.all_reduce(tensor, watch, record)
         return None
-    return dist.all_reduce(tensor, op=op, async_op=async_op)
+    return _issued(watch, record, dist.all_reduce(tensor, op=op, async_op=True), async_op)
 
 
-def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
+def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = False,
+                   bucket: int | None = None):
     """Sum `input` (world_size * output.numel() elements) across ranks; this rank receives
     chunk `rank` of the sum in `output`."""
     if input.numel() != output.numel() * world_size():
@@ -277,15 +344,20 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
         output.copy_(input)
         return None
     arena = _shared_memory_arena(input)
+    watch = watch_for_group()
+    record = watch.enter("reduce_scatter", input.numel(), input.dtype, bucket)
     if arena is not None and output.is_contiguous():
-        arena.reduce_scatter(output, input)
+        arena.reduce_scatter(output, input, watch, record)
         return None
     if _gloo_on_cpu(input):
-        return dist.reduce_scatter(output, list(input.chunk(world_size())), async_op=async_op)
-    return _reduce_scatter_flat(output, input, async_op=async_op)
+        work = dist.reduce_scatter(output, list(input.chunk(world_size())), async_op=True)
+    else:
+        work = _reduce_scatter_flat(output, input, async_op=True)
+    return _issued(watch, record, work, async_op)
 
 
-def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False):
+def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False,
+               bucket: int | None = None):
     """Concatenate every rank's `input` into `output` (rank order). `input` may be this rank's
     chunk of `output` itself (in place)."""
     if output.numel() != input.numel() * world_size():
@@ -297,30 +369,54 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
             output.copy_(input)
         return None
     arena = _shared_memory_arena(output)
+    watch = watch_for_group()
+    record = watch.enter("all_gather", output.numel(), output.dtype, bucket)
     if arena is not None and input.is_contiguous():
-        arena.all_gather(output, input)
+        arena.all_gather(output, input, watch, record)
         return None
     if _gloo_on_cpu(output):
-        return dist.all_gather(list(output.chunk(world_size())), input, async_op=async_op)
-    return _all_gather_flat(output, input, async_op=async_op)
+        work = dist.all_gather(list(output.chunk(world_size())), input, async_op=True)
+    else:
+        work = _all_gather_flat(output, input, async_op=True)
+    return _issued(watch, record, work, async_op)
 
 
-def broadcast(tensor: torch.Tensor, src: int = 0, async_op: bool = False):
+def broadcast(tensor: torch.Tensor, src: int = 0, async_op: bool = False,
+              bucket: int | None = None):
     traffic.record("broadcast", tensor.numel() if world_size() > 1 else 0, tensor.element_size())
     if world_size() == 1:
         return None
-    return dist.broadcast(tensor, src=src, async_op=async_op)
+    watch = watch_for_group()
+    record = watch.enter("broadcast", tensor.numel(), tensor.dtype, bucket, src)
+    return _issued(watch, record, dist.broadcast(tensor, src=src, async_op=True), async_op)
 
 
 def all_gather_object(obj) -> list:
-    """Every rank's `obj`, in rank order (pickled; for small metadata, not tensors)."""
+    """Every rank's `obj`, in rank order (pickled; for small metadata, not tensors). Two
+    all-gathers (sizes, then bytes) under one sequence number, each bounded like the rest."""
     if world_size() == 1:
         return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    watch = watch_for_group()
+    record = watch.enter("all_gather_object", -1, "bytes")
+    device = torch.device("cuda", torch.cuda.current_device()) if backend() == "nccl" \
+        else torch.device("cpu")
+    data = pickle.dumps(obj)
+    sizes = torch.zeros(world_size(), dtype=torch.int64, device=device)
+    mine = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    watch.wait(dist.all_gather(list(sizes.chunk(world_size())), mine, async_op=True), record)
+    lengths = sizes.tolist()
+    longest = max(lengths)
+    payload = torch.zeros(longest, dtype=torch.uint8, device=device)
+    payload[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    everyone = torch.empty(world_size() * longest, dtype=torch.uint8, device=device)
+    watch.wait(dist.all_gather(list(everyone.chunk(world_size())), payload, async_op=True),
+               record)
+    rows = everyone.cpu().view(world_size(), longest)
+    return [pickle.loads(rows[r, :n].numpy().tobytes()) for r, n in enumerate(lengths)]
 
 
 def barrier() -> None:
     if world_size() > 1:
-        dist.barrier()
+        watch = watch_for_group()
+        record = watch.enter("barrier", 0, "none")
+        watch.wait(dist.barrier(async_op=True), record)

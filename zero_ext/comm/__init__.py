@@ -1,0 +1,56 @@
+"""The single door to torch.distributed (callers write `from zero_ext import comm`).
+
+collectives.py: process-group setup, the collectives (gloo, NCCL, the shared-memory arena) and
+the traffic counters. watch.py: sequence numbers and fingerprints of every collective, bounded
+waits, heartbeats and the stall report.
+"""
+
+from zero_ext.comm.collectives import (
+    CollectiveTraffic,
+    WatchedWork,
+    all_gather,
+    all_gather_object,
+    all_reduce,
+    backend,
+    barrier,
+    broadcast,
+    init_distributed,
+    rank,
+    reduce_scatter,
+    traffic,
+    world_size,
+)
+from zero_ext.comm.collectives import (
+    _shared_memory_arena as _shared_memory_arena,
+)
+from zero_ext.comm.collectives import (
+    _SharedMemoryArena as _SharedMemoryArena,
+)
+from zero_ext.comm.watch import (
+    DEFAULT_STALL_TIMEOUT_S,
+    CollectiveStallError,
+    current_watch,
+    set_stall_timeout,
+    stall_timeout,
+)
+
+__all__ = [
+    "DEFAULT_STALL_TIMEOUT_S",
+    "CollectiveStallError",
+    "CollectiveTraffic",
+    "WatchedWork",
+    "all_gather",
+    "all_gather_object",
+    "all_reduce",
+    "backend",
+    "barrier",
+    "broadcast",
+    "current_watch",
+    "init_distributed",
+    "rank",
+    "reduce_scatter",
+    "set_stall_timeout",
+    "stall_timeout",
+    "traffic",
+    "world_size",
+]

@@ -1,0 +1,558 @@
+"""Sequence numbers, fingerprints and stall detection for every collective zero_ext issues.
+
+zero_ext.comm.collectives asks `watch_for_group()` for the current group's CollectiveWatch,
+calls `enter()` before each collective (a sequence number, a fingerprint, a ring-buffer record:
+PyTorch's NCCL flight recorder is the model) and `wait()` for its completion. The hot path
+touches no store: a counter, a CRC, a deque append and a walk up the stack to name the zero_ext
+call that issued the collective.
+
+Waiting is bounded. gloo's `Work.wait(timeout)` is called in slices of one heartbeat period;
+after `stall_timeout_s` without completion the waiting rank reads every rank's heartbeat from
+the process group's store (torchrun's TCPStore, or the harness's FileStore). A background thread
+per rank publishes one every period: sequence numbers entered and completed, the collective it
+waits in, where its main thread is (user code, or busy inside zero_ext), and its last few
+records. From two readings the waiting rank tells apart
+  * a rank whose heartbeat stopped (dead, frozen, cut off from the network),
+  * ranks at the same sequence number in different collectives (mismatched control flow),
+  * a rank that has not arrived and sits in user code (stuck, or skipped a collective),
+  * slowness: every rank in the same collective, or the late one busy inside zero_ext or
+    still issuing collectives; then it keeps waiting.
+On a real stall it writes ONE report under the store's abort key (first writer wins) and
+raises CollectiveStallError; every other rank's heartbeat thread sees the key, and its main
+thread raises the same error at its next wait slice, at its next collective, or at once when
+it sits in user code (a signal to the main thread).
+
+Mismatches that would not hang (units of equal size gathered in different orders) are caught
+too: the shared-memory arena compares every rank's (sequence number, fingerprint) header after
+each barrier, and on the gloo path each heartbeat compares a running hash of all fingerprints
+so far with the next rank's.
+"""
+
+from __future__ import annotations
+
+import array
+import atexit
+import collections
+import json
+import os
+import signal
+import sys
+import sysconfig
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+__all__ = [
+    "DEFAULT_STALL_TIMEOUT_S",
+    "CollectiveRecord",
+    "CollectiveStallError",
+    "CollectiveWatch",
+    "set_stall_timeout",
+    "stall_timeout",
+    "watch_for_group",
+]
+
+DEFAULT_STALL_TIMEOUT_S = 60.0
+RING_SIZE = 64          # records kept per rank, newest last
+_RECENT = 16            # records each heartbeat carries (what a stalled peer needs to compare)
+_CHAIN_WINDOW = 4096    # running fingerprint hashes kept, indexed by sequence number
+_INTERRUPT = signal.SIGUSR2
+# What a store call raises when the store is gone or slow (DistStoreError is a RuntimeError),
+# or a payload cannot be read.
+_STORE_ERRORS = (RuntimeError, ValueError, OSError)
+
+
+class CollectiveStallError(RuntimeError):
+    """A collective did not complete within the stall timeout, or ranks issued different
+    collectives; the message is the same report on every rank."""
+
+    def __reduce__(self):
+        return (type(self), self.args)
+
+
+@dataclass(slots=True, eq=False)
+class CollectiveRecord:
+    seq: int            # this process's count of zero_ext collectives, from 1
+    op: str
+    numel: int          # elements (the larger side of a gather/scatter); -1 for pickled objects
+    dtype: str
+    bucket: int | None  # the bucket layout the collective moves, when the caller says
+    src: int | None     # broadcast source
+    caller: str         # the zero_ext call that issued it: "inner in OuterPublicCall"
+    fingerprint: int    # CRC of (op, numel, dtype, bucket, src): equal on every rank
+    issued: float       # time.monotonic() at issue
+    done: bool = False
+
+    def describe(self) -> str:
+        size = f"{self.numel} x {self.dtype}" if self.numel >= 0 else "pickled objects"
+        extra = "".join([f", bucket {self.bucket}" if self.bucket is not None else "",
+                         f", from rank {self.src}" if self.src is not None else ""])
+        return f"#{self.seq} {self.op}({size}{extra}) issued by {self.caller}"
+
+
+# -- naming the zero_ext call on the stack --------------------------------------------------
+_ZERO_EXT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_COMM_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_LIBRARY_DIRS = tuple({os.path.abspath(sysconfig.get_paths()[k]) + os.sep
+                       for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+_code_names: dict = {}  # code object -> (kind, name): kind "comm", "zero_ext", "library", "user"
+
+
+def _code_name(code) -> tuple[str, str]:
+    known = _code_names.get(code)
+    if known is None:
+        path = os.path.abspath(code.co_filename)
+        if path.startswith(_COMM_DIR):
+            kind = "comm"
+        elif path.startswith(_ZERO_EXT_DIR):
+            kind = "zero_ext"
+        elif path.startswith(_LIBRARY_DIRS) or code.co_filename.startswith("<"):
+            kind = "library"
+        else:
+            kind = "user"
+        name = code.co_qualname
+        if kind == "zero_ext" and "." not in name:  # a module-level function: say which module
+            name = f"{os.path.splitext(os.path.basename(path))[0]}.{name}"
+        elif kind == "user":
+            name = f"{name} ({os.path.basename(path)}:{code.co_firstlineno})"
+        known = _code_names[code] = (kind, name)
+    return known
+
+
+def issuing_call(frame) -> str:
+    """The zero_ext functions on the stack from `frame` out: the innermost one and the
+    outermost one (the public call the user made), e.g. "PartitionedParameters.start_gather in
+    ZeroEngine.forward"."""
+    inner = outer = None
+    depth = 0
+    while frame is not None and depth < 200:
+        kind, name = _code_name(frame.f_code)
+        if kind == "zero_ext":
+            inner = inner or name
+            outer = name
+        frame, depth = frame.f_back, depth + 1
+    if outer is None:
+        return "a direct zero_ext.comm call"
+    return outer if inner == outer else f"{inner} in {outer}"
+
+
+def _where(frame) -> tuple[str, str]:
+    """Where a thread is, for the heartbeat: ("zero_ext", call) when the innermost frame that is
+    not the standard library or an installed package belongs to zero_ext (it is busy inside a
+    zero_ext call, e.g. writing a checkpoint), else ("user", "function (file:line)")."""
+    while frame is not None:
+        kind = _code_name(frame.f_code)[0]
+        if kind in ("zero_ext", "comm"):
+            return "zero_ext", issuing_call(frame)
+        if kind == "user":
+            base = os.path.basename(frame.f_code.co_filename)
+            return "user", f"{frame.f_code.co_qualname} ({base}:{frame.f_lineno})"
+        frame = frame.f_back
+    return "user", "outside any Python frame"
+
+
+# -- configuration ---------------------------------------------------------------------------
+_stall_timeout_s = DEFAULT_STALL_TIMEOUT_S
+
+
+def set_stall_timeout(seconds: float) -> None:
+    """Seconds without progress before a waiting rank diagnoses a stall (config key
+    zero_ext.stall_timeout_s; initialize() applies it). Takes effect on the current watch."""
+    global _stall_timeout_s
+    if not seconds > 0:
+        raise ValueError(f"zero_ext.comm: the stall timeout must be > 0 seconds, got {seconds!r}")
+    _stall_timeout_s = float(seconds)
+    if _watch is not None:
+        _watch.set_timeout(_stall_timeout_s)
+
+
+def stall_timeout() -> float:
+    return _stall_timeout_s
+
+
+_FIXES = {
+    "behind": (
+        "a collective zero_ext call (save_checkpoint, load_checkpoint, save_16bit_model, "
+        "full_state_dict, forward/backward/step at stage 3, step at stages 1-2) ran on some "
+        "ranks only, ranks ran different numbers of batches, or a rank is stuck. Make every "
+        "rank make the same zero_ext calls in the same order (call save_checkpoint on every "
+        "rank, not under `if rank == 0`; give every rank the same number of batches, e.g. a "
+        "DistributedSampler with drop_last=True). If a rank is legitimately busy for longer, "
+        "raise zero_ext.stall_timeout_s in the config"),
+    "mismatch": (
+        "control flow differs across ranks: a module or block that runs on some ranks only "
+        "(LayerDrop, MoE-style routing, a submodule used on one rank only), or a collective "
+        "zero_ext call made on some ranks only. Run the same modules and zero_ext calls on every "
+        "rank (at stage 3 every unit's forward must run on every rank: multiply a dropped "
+        "block's output by 0 instead of skipping it)"),
+    "stopped": (
+        "that rank's process died, is frozen (stopped, swapping, in a debugger) or its node lost "
+        "the network. Look at that rank's log and host for the first error"),
+}
+
+
+# -- the watch -------------------------------------------------------------------------------
+class CollectiveWatch:
+    """Sequence numbers, the ring buffer, bounded waits and the heartbeat of one process
+    group on this rank."""
+
+    def __init__(self, group, store, rank: int, size: int, prefix: str, timeout: float,
+                 bounded: bool):
+        self.group, self.store, self.rank, self.size = group, store, rank, size
+        self.prefix = prefix
+        self.bounded = bounded          # gloo: waits are bounded here (NCCL has its watchdog)
+        self.seq = 0                    # collectives entered
+        self.completed = 0              # highest sequence number waited for
+        self.ring: collections.deque[CollectiveRecord] = collections.deque(maxlen=RING_SIZE)
+        self.chain = 0                  # running CRC over every fingerprint so far
+        self.chains = array.array("q", [0]) * _CHAIN_WINDOW
+        self.waiting: CollectiveRecord | None = None
+        self.waiting_since = 0.0
+        self.last_done = time.monotonic()
+        self.abort_report: str | None = None
+        self.progress_checks = 0        # diagnoses that found only slowness (tests read it)
+        self._beat = 0
+        self._interrupt_pending = False
+        self._stop = threading.Event()
+        self.main_ident = threading.get_ident()
+        self.set_timeout(timeout)
+        self._thread = threading.Thread(target=self._run, name="zero_ext-watch", daemon=True)
+        self._thread.start()
+
+    def set_timeout(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.period = min(1.0, timeout / 4)
+        self._slice = timedelta(seconds=self.period)
+
+    # -- hot path ------------------------------------------------------------------------------
+    def enter(self, op: str, numel: int, dtype, bucket: int | None = None,
+              src: int | None = None) -> CollectiveRecord:
+        if self.abort_report is not None:
+            raise CollectiveStallError(self.abort_report)
+        dtype = str(dtype).removeprefix("torch.")
+        fingerprint = zlib.crc32(f"{op}|{numel}|{dtype}|{bucket}|{src}".encode())
+        seq = self.seq + 1
+        record = CollectiveRecord(seq, op, numel, dtype, bucket, src,
+                                  issuing_call(sys._getframe(2)), fingerprint, time.monotonic())
+        self.ring.append(record)
+        self.chain = zlib.crc32(fingerprint.to_bytes(4, "little"), self.chain)
+        self.chains[seq % _CHAIN_WINDOW] = self.chain
+        self.seq = seq
+        return record
+
+    def done(self, record: CollectiveRecord) -> None:
+        record.done = True
+        self.completed = max(self.completed, record.seq)
+        self.last_done = time.monotonic()
+
+    def wait(self, work, record: CollectiveRecord) -> None:
+        """Waits for `work` (a torch.distributed Work) of `record`, bounded by the stall
+        timeout of no progress; raises CollectiveStallError on a stall."""
+        if work is not None and not self.bounded:
+            work.wait()
+        elif work is not None:
+            self.waiting, self.waiting_since = record, time.monotonic()
+            try:
+                deadline = self.waiting_since + self.timeout
+                while True:
+                    try:
+                        work.wait(self._slice)
+                        break
+                    except RuntimeError as error:
+                        if "timed out" not in str(error):
+                            self._diagnose(record, None, cause=error)
+                    if self.abort_report is not None:
+                        raise CollectiveStallError(self.abort_report)
+                    if time.monotonic() >= deadline:
+                        if self._diagnose(record, work):
+                            break
+                        deadline = time.monotonic() + self.timeout
+            finally:
+                self.waiting = None
+        self.done(record)
+
+    # -- the heartbeat ---------------------------------------------------------------------------
+    def _key(self, *parts) -> str:
+        return "/".join((self.prefix, *map(str, parts)))
+
+    def _state(self) -> dict:
+        """This rank's heartbeat payload."""
+        now = time.monotonic()
+        waiting = self.waiting
+        if waiting is not None:
+            kind, where, since = "waiting", waiting.describe(), self.waiting_since
+        else:
+            frame = sys._current_frames().get(self.main_ident)
+            kind, where = _where(frame)
+            since = self.last_done
+        recent = [(r.seq, r.fingerprint, r.describe()) for r in list(self.ring)[-_RECENT:]]
+        seq = self.seq
+        return {"beat": self._beat, "seq": seq, "completed": self.completed,
+                "chain": [seq, self.chains[seq % _CHAIN_WINDOW]], "kind": kind,
+                "where": where, "for_s": round(now - since, 1), "recent": recent}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            if _watch is not self or not dist.is_initialized() or dist.group.WORLD is not self.group:
+                return
+            try:
+                self._beat += 1
+                self.store.set(self._key("hb", self.rank), json.dumps(self._state()))
+                if self.abort_report is None and self.store.check([self._key("abort")]):
+                    self._deliver(self.store.get(self._key("abort")).decode())
+                elif self.abort_report is None and self.size > 1:
+                    self._compare_with_next_rank()
+            except _STORE_ERRORS:  # a store hiccup must not kill the heartbeat
+                continue
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _deliver(self, report: str) -> None:
+        """Another rank aborted: raise on this rank too (the main thread's wait loop sees
+        abort_report; in user code it is interrupted by a signal)."""
+        self.abort_report = report
+        if self.waiting is None and _handler_installed:
+            self._interrupt_pending = True
+            signal.pthread_kill(self.main_ident, _INTERRUPT)
+
+    def _compare_with_next_rank(self) -> None:
+        """The running hash of fingerprints at the next rank's latest sequence number against
+        this rank's: a mismatch that did not hang (units of equal size in different orders)."""
+        peer = (self.rank + 1) % self.size
+        key = self._key("hb", peer)
+        if not self.store.check([key]):
+            return
+        theirs = json.loads(self.store.get(key))
+        seq, chain = theirs["chain"]
+        if seq == 0 or seq > self.seq or self.seq - seq >= _CHAIN_WINDOW:
+            return
+        if self.chains[seq % _CHAIN_WINDOW] == chain:
+            return
+        mine = {s: (fp, text) for s, fp, text in
+                ((r.seq, r.fingerprint, r.describe()) for r in list(self.ring))}
+        first = next(((s, fp, text) for s, fp, text in theirs["recent"]
+                      if s in mine and mine[s][0] != fp), None)
+        if first is None:
+            headline = (f"zero_ext: ranks {self.rank} and {peer} issued different sequences of "
+                        f"collectives before #{seq} (the first difference is older than the "
+                        f"last {RING_SIZE} records).")
+        else:
+            s, _, text = first
+            headline = (f"zero_ext: ranks issued different collectives at #{s}: rank "
+                        f"{self.rank} {mine[s][1]}; rank {peer} {text}.")
+        states = {self.rank: self._state(), peer: theirs}
+        self._abort(self._report(headline, states, "mismatch"))
+
+    # -- diagnosis -------------------------------------------------------------------------------
+    def _read_all(self) -> dict[int, dict | None]:
+        states: dict[int, dict | None] = {}
+        for r in range(self.size):
+            if r == self.rank:
+                states[r] = self._state()
+                continue
+            key = self._key("hb", r)
+            states[r] = json.loads(self.store.get(key)) if self.store.check([key]) else None
+        return states
+
+    def _diagnose(self, record: CollectiveRecord, work, cause: Exception | None = None) -> bool:
+        """After stall_timeout_s in `record` (or a transport error): reads every rank's
+        heartbeat twice, three periods apart, still waiting for `work`. True when the collective
+        completed meanwhile; False when it is only slow; raises on a stall."""
+        try:
+            first = self._read_all()
+            end = time.monotonic() + 3 * self.period
+            while time.monotonic() < end:
+                if work is None:
+                    time.sleep(self.period / 2)
+                    continue
+                try:
+                    work.wait(timedelta(seconds=max(end - time.monotonic(), 0.001)))
+                    return True
+                except RuntimeError as error:
+                    if "timed out" not in str(error):
+                        cause, work = error, None
+            if self.abort_report is not None:
+                raise CollectiveStallError(self.abort_report)
+            second = self._read_all()
+        except CollectiveStallError:
+            raise
+        except _STORE_ERRORS as error:  # the store itself is unreachable
+            raise CollectiveStallError(
+                f"zero_ext: rank {self.rank} waited {self.timeout:g} s in collective "
+                f"{record.describe()} and cannot reach the process group's store to find out "
+                f"why ({type(error).__name__}: {error}); the rank hosting the store (rank 0, "
+                "MASTER_ADDR) may have died or this node lost the network") from cause
+        verdict = self._verdict(record, first, second)
+        if verdict is None and cause is None:
+            self.progress_checks += 1
+            return False
+        if verdict is None:
+            headline = (f"zero_ext: collective {record.describe()} failed on rank {self.rank}: "
+                        f"{type(cause).__name__}: {cause}.")
+            verdict = self._report(headline, second, "stopped")
+        self._abort(verdict, cause)
+        return False  # not reached
+
+    def _verdict(self, record: CollectiveRecord, first: dict, second: dict) -> str | None:
+        """The report of a stall at `record`, or None when every rank still makes progress."""
+        s, mine = record.seq, record.fingerprint
+        stopped, mismatched, behind, progressing = [], [], [], []
+        for r in range(self.size):
+            if r == self.rank:
+                continue
+            before, now = first[r], second[r]
+            if now is None or before is None or now["beat"] == before["beat"]:
+                stopped.append(r)
+            elif now["seq"] >= s:
+                theirs = {q: (fp, text) for q, fp, text in now["recent"]}.get(s)
+                if theirs is not None and theirs[0] != mine:
+                    mismatched.append((r, theirs[1]))
+            elif now["seq"] != before["seq"] or now["kind"] == "zero_ext":
+                progressing.append(r)
+            else:
+                behind.append(r)
+        waited = time.monotonic() - self.waiting_since
+        if stopped:
+            headline = (f"zero_ext: rank(s) {_ranks(stopped)} stopped responding while rank "
+                        f"{self.rank} waited {waited:.1f} s in collective {record.describe()} "
+                        f"(stall_timeout_s={self.timeout:g}).")
+            return self._report(headline, second, "stopped")
+        if mismatched:
+            others = "; ".join(f"rank {r} {text}" for r, text in mismatched)
+            headline = (f"zero_ext: ranks issued different collectives at #{s}: rank "
+                        f"{self.rank} {record.describe()}; {others}.")
+            return self._report(headline, second, "mismatch")
+        if progressing or not behind:
+            return None
+        headline = (f"zero_ext: rank(s) {_ranks(behind)} did not arrive at collective "
+                    f"{record.describe()}; rank {self.rank} waited {waited:.1f} s for them "
+                    f"(stall_timeout_s={self.timeout:g}).")
+        return self._report(headline, second, "behind")
+
+    def _report(self, headline: str, states: dict, category: str) -> str:
+        lines = [headline]
+        for r in range(self.size):
+            state = states.get(r)
+            if state is None:
+                lines.append(f"  rank {r}: no heartbeat (it has not joined zero_ext's watch, or "
+                             "cannot reach the store)")
+                continue
+            last = state["recent"][-1][2] if state["recent"] else "none"
+            if state["kind"] == "waiting":
+                doing = f"waiting in collective {state['where']} for {state['for_s']} s"
+            elif state["kind"] == "zero_ext":
+                doing = (f"busy inside zero_ext ({state['where']}), not in a collective, for "
+                         f"{state['for_s']} s; last collective {last}")
+            else:
+                doing = (f"in user code at {state['where']} for {state['for_s']} s since its "
+                         f"last collective {last}")
+            lines.append(f"  rank {r} (entered {state['seq']} collectives, completed "
+                         f"{state['completed']}): {doing}")
+        lines.append(f"Likely cause: {_FIXES[category]}.")
+        return "\n".join(lines)
+
+    def _abort(self, report: str, cause: Exception | None = None):
+        """Publishes `report` as the group's one abort record (the first writer's stays) and
+        raises it here."""
+        try:
+            report = self.store.compare_set(self._key("abort"), "", report).decode()
+        except _STORE_ERRORS:  # raise this rank's own report then
+            pass
+        self.abort_report = report
+        raise CollectiveStallError(report) from cause
+
+    def mismatch(self, record: CollectiveRecord, headers: list[tuple[int, int]]) -> None:
+        """The shared-memory arena saw other (sequence number, fingerprint) headers than this
+        rank's after a barrier. Every rank sees the same headers, so every rank is here: each
+        publishes its record's description and builds the same report from all of them."""
+        self.store.set(self._key("desc", record.seq, self.rank), record.describe())
+        keys = [self._key("desc", record.seq, r) for r in range(self.size)]
+        try:
+            self.store.wait(keys, timedelta(seconds=self.timeout))
+            texts = [self.store.get(k).decode() for k in keys]
+        except _STORE_ERRORS:  # a rank that cannot say: report its header alone
+            texts = [f"#{seq} (fingerprint {fp:08x})" for seq, fp in headers]
+            texts[self.rank] = record.describe()
+        calls = "; ".join(f"rank {r} {text}" for r, text in enumerate(texts))
+        headline = (f"zero_ext: ranks issued different collectives at the same point "
+                    f"(shared-memory transport): {calls}.")
+        lines = [headline, f"Likely cause: {_FIXES['mismatch']}."]
+        report = "\n".join(lines)
+        self.abort_report = report
+        try:  # for ranks whose heartbeat looks before their next collective
+            self.store.compare_set(self._key("abort"), "", report)
+        except _STORE_ERRORS:  # every rank raises this report anyway
+            pass
+        raise CollectiveStallError(report)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks))
+
+
+# -- one watch per process group -------------------------------------------------------------
+_watch: CollectiveWatch | None = None
+_generation = 0
+_handler_installed = False
+_previous_handler = None
+
+
+def _on_interrupt(signum, frame):
+    watch = _watch
+    if watch is not None and watch._interrupt_pending:
+        watch._interrupt_pending = False
+        raise CollectiveStallError(watch.abort_report)
+    if callable(_previous_handler):
+        _previous_handler(signum, frame)
+
+
+def _install_handler() -> None:
+    """The signal that interrupts a main thread in user code when another rank aborted; only
+    from the main thread, and only where nobody else handles the signal."""
+    global _handler_installed, _previous_handler
+    if _handler_installed or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(_INTERRUPT)
+    if previous not in (signal.SIG_DFL, None) and not callable(previous):
+        return
+    _previous_handler = previous if callable(previous) else None
+    signal.signal(_INTERRUPT, _on_interrupt)
+    _handler_installed = True
+
+
+def watch_for_group() -> CollectiveWatch:
+    """The watch of the current default process group, started on first use (every rank
+    starts its own on its first collective or in initialize())."""
+    global _watch, _generation
+    group = dist.group.WORLD
+    watch = _watch
+    if watch is not None and watch.group is group:
+        return watch
+    if watch is not None:
+        watch.stop()
+    _generation += 1
+    store = dist.distributed_c10d._get_default_store()
+    bounded = dist.get_backend() == "gloo"
+    _install_handler()
+    _watch = CollectiveWatch(group, store, dist.get_rank(), dist.get_world_size(),
+                             f"zero_ext/watch/{_generation}", _stall_timeout_s, bounded)
+    return _watch
+
+
+def current_watch() -> CollectiveWatch | None:
+    """The running watch, if any (for tests and reports)."""
+    return _watch
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    # The heartbeat thread must not be inside a store call when the interpreter finalizes.
+    if _watch is not None:
+        _watch.stop()
