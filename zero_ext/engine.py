@@ -541,9 +541,9 @@ class ZeroEngine(nn.Module):
     def _refuse_unused_parameters(self) -> None:
         """ignore_unused_parameters false (collective): raises on every rank when a trainable
         parameter got no gradient on some rank in this accumulation window."""
-        names = {id(p): n for n, p in self.module.named_parameters()}
+        missing = {id(p) for p in self.grad_buckets.without_gradient()}
         unused = comm.all_gather_object(
-            [names[id(p)] for p in self.grad_buckets.without_gradient()])
+            [n for n, p in self.module.named_parameters() if id(p) in missing])
         if not any(unused):
             return
         self.grad_buckets.clear()
