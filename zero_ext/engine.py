@@ -668,21 +668,22 @@ class ZeroEngine(nn.Module):
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str, tag=None, client_state=None,
-                        save_latest: bool = True) -> str:
+                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> str:
         """Collective. Writes every rank's shard of the training state to `<save_dir>/<tag>/`
         (tag defaults to `global_step<N>`) and points `<save_dir>/latest` at it once complete.
-        `client_state` (any picklable object) comes back from load_checkpoint. Returns the
-        checkpoint's path. See zero_ext/checkpoint/format.py for the files."""
+        `client_state` (plain data: see zero_ext/checkpoint/data_only.py) comes back from
+        load_checkpoint. Returns the checkpoint's path. See zero_ext/checkpoint/format.py."""
         from zero_ext.checkpoint.engine_state import save_checkpoint
         self._settle_step()
-        return save_checkpoint(self, save_dir, tag, client_state, save_latest)
+        return save_checkpoint(self, save_dir, tag, client_state, save_latest,
+                               exclude_frozen_parameters)
 
     def load_checkpoint(self, load_dir: str, tag=None, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False):
         """Collective. Loads the checkpoint `tag` (default: the one `<load_dir>/latest` names),
         saved at any world size and stage, after verifying its manifest and checksums.
-        Returns (checkpoint path, client_state)."""
-        from zero_ext.checkpoint.engine_state import load_checkpoint
+        Returns (checkpoint path, client_state), or (None, None) when there is none."""
+        from zero_ext.checkpoint.loading import load_checkpoint
         self._settle_step()
         return load_checkpoint(self, load_dir, tag, load_optimizer_states,
                                load_lr_scheduler_states, load_module_only)
@@ -697,14 +698,16 @@ class ZeroEngine(nn.Module):
         self._settle_step()
         return load_weights(self, path, strict)
 
-    def save_16bit_model(self, save_dir: str, save_filename: str = "model.safetensors") -> str:
+    def save_16bit_model(self, save_dir: str, save_filename: str = "model.safetensors",
+                         exclude_frozen_parameters: bool = False) -> str:
         """Collective. The full model weights in the model's dtype, written by rank 0 alone as
         one safetensors file (with config.json for a transformers model, so
         `from_pretrained(save_dir)` loads it), gathering one stage-3 unit at a time. Returns
         the file's path."""
         from zero_ext.checkpoint.consolidate import save_engine_model
         self._settle_step()
-        return save_engine_model(self, os.path.join(save_dir, save_filename))
+        return save_engine_model(self, os.path.join(save_dir, save_filename),
+                                 exclude_frozen_parameters)
 
     @torch.no_grad()
     def _sync_weights_from_master(self) -> None:

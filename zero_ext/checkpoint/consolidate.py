@@ -15,20 +15,26 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 
-from zero_ext.checkpoint.engine_state import _raise_together
+from zero_ext.checkpoint.engine_state import _frozen_keys, _raise_together
 from zero_ext.checkpoint.files import (
     SafetensorsWriter,
     TensorEntry,
     atomic_write_bytes,
+    remove_stale_temporaries,
     write_safetensors,
 )
 from zero_ext.checkpoint.format import (
+    LATEST,
     MODEL_STATES,
+    CheckpointError,
     CheckpointIndex,
+    find_checkpoint,
     looks_like_checkpoint,
+    partial_dirs,
     resolve_tag,
 )
 
@@ -46,10 +52,16 @@ def _output_path_name(output_path: str) -> str:
     return output_path
 
 
-def _output_file(output_path: str) -> str:
-    """_output_path_name, with its directory created."""
+def _output_file(output_path: str, caller: str = "zero_ext.consolidate") -> str:
+    """_output_path_name, with its directory created, and the temporaries of an earlier write
+    of it that was killed (`<file>.tmp.<pid>`, the process gone) removed and named."""
     file = _output_path_name(output_path)
     os.makedirs(os.path.dirname(file), exist_ok=True)
+    for name in ("config.json", os.path.basename(file)):
+        removed = remove_stale_temporaries(os.path.join(os.path.dirname(file), name))
+        if removed:
+            warnings.warn(f"{caller}: removed {removed} from {os.path.dirname(file)}, left by an "
+                          f"earlier write of {name} that was killed", stacklevel=3)
     return file
 
 
@@ -70,11 +82,33 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
-def save_engine_model(engine, output_path: str) -> str:
+_WARNED_GATHER_KEY = False
+
+
+def _warn_gather_key(engine, file: str) -> None:
+    """DeepSpeed's save_16bit_model at stage 3 writes nothing (and returns False) unless
+    stage3_gather_16bit_weights_on_model_save is true, because its consolidation holds the whole
+    model on rank 0. zero_ext's streams one unit at a time, so it always writes; said once."""
+    global _WARNED_GATHER_KEY
+    if engine.stage != 3 or engine.rank != 0 or _WARNED_GATHER_KEY or \
+            engine.config.zero_optimization.stage3_gather_16bit_weights_on_model_save:
+        return
+    _WARNED_GATHER_KEY = True
+    warnings.warn(f"zero_ext.save_16bit_model: stage3_gather_16bit_weights_on_model_save is "
+                  f"false, with which DeepSpeed writes no model at stage 3; zero_ext writes "
+                  f"{file} anyway (it gathers one unit at a time, so no rank holds the whole "
+                  f"model). Set the key to true to silence this", stacklevel=4)
+
+
+def save_engine_model(engine, output_path: str, exclude_frozen_parameters: bool = False) -> str:
     """engine.save_16bit_model: the live engine's full weights in the model's dtype, written by
     rank 0 alone. Collective: stage 3 units are gathered one at a time on every rank and only
     rank 0 keeps each, so no rank ever holds more than one unit beyond its shards."""
     state = engine.module.state_dict(keep_vars=True)
+    if exclude_frozen_parameters:
+        for key in _frozen_keys(engine):
+            del state[key]
+    _warn_gather_key(engine, _output_path_name(output_path))
     # Shapes from the layouts: a released stage-3 parameter has no shape of its own.
     shapes = {id(engine._params[s.param_index]): tuple(s.shape)
               for layout in engine.layouts for s in layout.slots}
@@ -83,7 +117,7 @@ def save_engine_model(engine, output_path: str) -> str:
                for members in unit.params for p in members}
     keys = sorted(state, key=lambda k: unit_of.get(id(state[k]), len(units)))  # stable
     writing = engine.rank == 0
-    file = _output_file(output_path) if writing else None
+    file = _output_file(output_path, "zero_ext.save_16bit_model") if writing else None
     writer = SafetensorsWriter(
         file, [(k, state[k].dtype, shapes.get(id(state[k]), tuple(state[k].shape)))
                for k in keys], metadata={"format": "pt"}) if writing else None
@@ -134,7 +168,19 @@ def _checkpoint_path(checkpoint_dir: str, tag: str | None) -> str:
         raise FileNotFoundError(f"zero_ext.consolidate: {checkpoint_dir} does not exist")
     if tag is None and looks_like_checkpoint(checkpoint_dir):
         return checkpoint_dir
-    return os.path.join(checkpoint_dir, resolve_tag(checkpoint_dir, tag, "zero_ext.consolidate"))
+    resolved = resolve_tag(checkpoint_dir, tag, "zero_ext.consolidate")
+    if resolved is None:
+        partial = partial_dirs(checkpoint_dir)
+        hint = (f"; the only saves found never finished: "
+                f"{[os.path.basename(p) for p in partial]}" if partial else "")
+        raise CheckpointError(
+            f"zero_ext.consolidate: {checkpoint_dir} has no '{LATEST}' file, so there is no "
+            f"complete checkpoint to pick{hint}. Pass tag= (--tag) to name one, or check the "
+            f"directory")
+    path, note = find_checkpoint(checkpoint_dir, resolved)
+    if note is not None:
+        warnings.warn(f"zero_ext.consolidate: {note}", stacklevel=3)
+    return path
 
 
 def consolidate(checkpoint_dir: str, output_path: str, dtype: torch.dtype | str | None = None,

@@ -1,21 +1,22 @@
-"""engine.save_checkpoint / engine.load_checkpoint: every rank writes its shard, any world size and
-stage reads it back.
+"""engine.save_checkpoint: every rank writes its shard (loading.py reads them back at any world
+size and stage); plus what saving and loading share.
 
-Called by ZeroEngine's methods of those names (collective: every rank calls them). The format
-is described in zero_ext/checkpoint/format.py.
+Called by ZeroEngine.save_checkpoint (collective: every rank calls it). The format is described
+in zero_ext/checkpoint/format.py.
 
-Saving writes into `<save_dir>/<tag>.partial/`; when every rank reports its files written and
-fsynced, rank 0 writes the manifest (sizes and checksums), renames the directory to
-`<save_dir>/<tag>/` and only then points `latest` at it. A rank that dies mid-save leaves the
-`.partial` directory behind and `latest` where it was. Loading maps each parameter's elements
-from the saved bucket layout onto this engine's, so the world size and the stage may differ.
-Every check whose failure stops a save or a load is exchanged between ranks first, so all
-ranks raise together rather than some waiting in a collective for the others.
+Before anything is written, every rank's reasons not to save (its step counts, a non-finite
+optimizer state, a client_state that is not plain data, a save in the middle of an
+accumulation window) are exchanged in one all-gather. Then saving writes into
+`<save_dir>/<tag>.partial/` under a lock file naming this job; when every rank reports its
+files written and fsynced, rank 0 writes the manifest (sizes and checksums), renames the
+directory to `<save_dir>/<tag>/` (format.publish: a complete copy is always findable) and only
+then points `latest` at it. A rank that dies mid-save leaves the `.partial` directory behind
+and `latest` where it was. Every check whose failure stops a save is exchanged between ranks
+first, so all ranks raise together rather than some waiting in a collective for the others.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -25,8 +26,11 @@ import warnings
 import torch
 
 from zero_ext import comm
+from zero_ext.checkpoint import data_only
+from zero_ext.checkpoint.data_only import check_data_only, first_disallowed
 from zero_ext.checkpoint.files import (
     CHUNK_BYTES,
+    SaveLock,
     TensorEntry,
     atomic_write_bytes,
     write_safetensors,
@@ -34,31 +38,44 @@ from zero_ext.checkpoint.files import (
 from zero_ext.checkpoint.format import (
     ENGINE_STATE,
     FORMAT,
-    KINDS,
     LATEST,
     MANIFEST,
     METADATA,
     MODEL_STATES,
     PARTIAL_SUFFIX,
+    SAVE_LOCK,
     VERSION,
     CheckpointError,
     CheckpointIndex,
     partial_dirs,
-    resolve_tag,
+    publish,
+    recover_interrupted_replace,
     shard_file_name,
+    tag_problem,
 )
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["save_checkpoint"]
+
+
+def _describe(problems: list) -> str | None:
+    """Every rank's problem (None when fine), ranks with the same problem named together."""
+    by_problem: dict[str, list[int]] = {}
+    for rank, problem in enumerate(problems):
+        if problem is not None:
+            by_problem.setdefault(problem, []).append(rank)
+    if not by_problem:
+        return None
+    failed = sum(len(ranks) for ranks in by_problem.values())
+    return f"failed on {failed} of {len(problems)} ranks: " + "; ".join(
+        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {problem}"
+        for problem, ranks in by_problem.items())
 
 
 def _raise_together(problem: str | None, what: str) -> None:
     """Every rank's `problem` (None when fine) is exchanged; if any rank has one, all raise."""
-    problems = comm.all_gather_object(problem)
-    failed = [(r, p) for r, p in enumerate(problems) if p is not None]
-    if failed:
-        detail = "; ".join(f"rank {r}: {p}" for r, p in failed)
-        raise CheckpointError(f"zero_ext.{what} failed on {len(failed)} of {len(problems)} "
-                              f"ranks: {detail}")
+    detail = _describe(comm.all_gather_object(problem))
+    if detail is not None:
+        raise CheckpointError(f"zero_ext.{what} {detail}")
 
 
 def _attempt(fn, *args):
@@ -82,13 +99,25 @@ def _held_range(engine, layout) -> tuple[int, int]:
     return layout.shard_range(engine.rank)
 
 
-def _state_sources(engine, names: list[str]) -> list[list[str]]:
+def _frozen_keys(engine) -> set[str]:
+    """state_dict keys of parameters that do not train (requires_grad=False)."""
+    trainable = {id(p) for p in engine._params}
+    frozen = {id(p) for p in engine.module.parameters() if id(p) not in trainable}
+    return {key for key, value in engine.module.state_dict(keep_vars=True).items()
+            if id(value) in frozen}
+
+
+def _state_sources(engine, names: list[str], exclude_frozen: bool = False) -> list[list[str]]:
     """[state_dict key, "param" | "state", where]: trainable parameters come from the shards
-    (by parameter name; tied weights appear under every key), the rest from model_states."""
+    (by parameter name; tied weights appear under every key), the rest from model_states;
+    frozen parameters are left out with exclude_frozen (DeepSpeed's
+    exclude_frozen_parameters)."""
     trainable = {id(p): n for p, n in zip(engine._params, names)}
+    skip = _frozen_keys(engine) if exclude_frozen else set()
     return [[key, "param", trainable[id(value)]] if id(value) in trainable
             else [key, "state", key]
-            for key, value in engine.module.state_dict(keep_vars=True).items()]
+            for key, value in engine.module.state_dict(keep_vars=True).items()
+            if key not in skip]
 
 
 def _rng_entries() -> tuple[list[TensorEntry], dict[str, str]]:
@@ -142,7 +171,7 @@ def _write_shard(engine, path: str):
     return write_safetensors(path, entries + rng, metadata=rng_meta)
 
 
-def _metadata(engine, tag: str, names: list[str]) -> dict:
+def _metadata(engine, tag: str, names: list[str], exclude_frozen: bool = False) -> dict:
     steps = []
     if engine.replicated_optimizer is None:
         for index in range(len(engine.optimizer.param_groups)):
@@ -162,102 +191,249 @@ def _metadata(engine, tag: str, names: list[str]) -> dict:
                      "skipped_steps": engine.skipped_steps},
         "loss_scaler": engine.loss_scaler.state_dict() if engine.loss_scaler else None,
         "optimizer": "replicated" if engine.replicated_optimizer is not None else "sharded",
+        "optimizer_class": type(engine.optimizer).__name__,
         "optimizer_steps": steps,
         "layouts": [{"index": layout.index, "group": layout.group,
                      "padded_numel": layout.padded_numel,
                      "slots": [[names[s.param_index], s.offset, list(s.shape)]
                                for s in layout.slots]} for layout in engine.layouts],
-        "state_dict": _state_sources(engine, names),
+        "state_dict": _state_sources(engine, names, exclude_frozen),
+        "excluded_frozen": sorted(_frozen_keys(engine)) if exclude_frozen else [],
         "hf_config": hf_config,
     }
 
 
-def _write_rank0_files(engine, staging: str, tag: str, names: list[str], client_state) -> dict:
+def _write_rank0_files(engine, staging: str, tag: str, names: list[str],
+                       engine_state: bytes, exclude_frozen: bool) -> dict:
     records = {}
-    metadata = _metadata(engine, tag, names)
+    metadata = _metadata(engine, tag, names, exclude_frozen)
     state = engine.module.state_dict(keep_vars=True)
     entries = [TensorEntry(key, state[key].dtype, tuple(state[key].shape),
                            lambda v=state[key]: v.detach())
                for key, kind, _ in metadata["state_dict"] if kind == "state"]
     records[MODEL_STATES] = write_safetensors(os.path.join(staging, MODEL_STATES), entries)
-    buffer = io.BytesIO()
-    torch.save({
+    records[ENGINE_STATE] = atomic_write_bytes(os.path.join(staging, ENGINE_STATE),
+                                               engine_state)
+    records[METADATA] = atomic_write_bytes(os.path.join(staging, METADATA),
+                                           json.dumps(metadata, indent=1).encode())
+    return records
+
+
+def _engine_state(engine, client_state) -> dict:
+    """What engine_state.pt holds; checked to be plain data (data_only.py) before anything is
+    written, so that the checkpoint can be read back without running code."""
+    state = {
         "param_groups": [{k: v for k, v in g.items() if k != "params"}
                          for g in engine.optimizer.param_groups],
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None,
         "replicated_optimizer": (engine.replicated_optimizer.state_dict()
                                  if engine.replicated_optimizer is not None else None),
         "client_state": client_state,
-    }, buffer)
-    records[ENGINE_STATE] = atomic_write_bytes(os.path.join(staging, ENGINE_STATE),
-                                               buffer.getvalue())
-    records[METADATA] = atomic_write_bytes(os.path.join(staging, METADATA),
-                                           json.dumps(metadata, indent=1).encode())
-    return records
+    }
+    caller = "zero_ext.save_checkpoint"
+    check_data_only(client_state, "client_state", caller)
+    for key in ("param_groups", "lr_scheduler", "replicated_optimizer"):
+        found = first_disallowed(state[key], key)
+        if found is not None:
+            raise TypeError(
+                f"{caller}: the {key.replace('_', ' ')} state holds {found[0]}, a "
+                f"{type(found[1]).__qualname__}, which a checkpoint cannot hold (checkpoints are "
+                f"read back as data only). Its state_dict() must hold only plain data")
+    return state
+
+
+def _non_finite(engine, names: list[str]) -> str | None:
+    """Where this rank's fp32 master weights or moments are not finite, or None: a checkpoint
+    of them would replace a good one with weights that cannot train."""
+    for layout in engine.layouts:
+        held_start, _ = _held_range(engine, layout)
+        for kind, tensor in _layout_states(engine, layout.index).items():
+            finite = torch.isfinite(tensor)
+            if bool(finite.all()):
+                continue
+            first = held_start + int((~finite).nonzero()[0, 0])
+            bad = int((~finite).sum())
+            slot = next((s for s in layout.slots if s.offset <= first < s.offset + s.numel),
+                        None)
+            where = names[slot.param_index] if slot is not None else "padding"
+            return (f"bucket {layout.index} has {bad} non-finite {kind} value(s), the first in "
+                    f"{where} (element {first - slot.offset if slot else first})")
+    return None
+
+
+def _save_problem(engine, save_dir, client_state, names: list[str]) -> tuple[str | None, bytes]:
+    """This rank's reason not to save (None when fine), and rank 0's engine_state.pt bytes.
+    Checked before anything is written and exchanged, so every rank refuses together."""
+    caller = "zero_ext.save_checkpoint"
+    if not save_dir or not str(save_dir).strip():
+        return (f"save_dir is {save_dir!r}; pass the directory to save into "
+                f"(DeepSpeed refuses an empty one too, rather than write into the working "
+                f"directory)"), b""
+    accumulation = engine.batch.gradient_accumulation_steps
+    if engine.micro_steps % accumulation != 0:
+        return (f"called in the middle of a gradient accumulation window "
+                f"(micro-step {engine.micro_steps}, {accumulation} per step); the partial "
+                f"gradients would be lost. Save right after engine.step() completes an "
+                f"accumulation boundary"), b""
+    bad = _non_finite(engine, names)
+    if bad is not None:
+        return (f"the optimizer state is not finite ({bad}); a checkpoint of it would "
+                f"replace a good one with weights that cannot train. Nothing was written: "
+                f"resume from the last checkpoint"), b""
+    if engine.rank != 0:
+        return None, b""
+    state, problem = _attempt(_engine_state, engine, client_state)
+    if problem is not None:
+        return problem.removeprefix("TypeError: ").removeprefix(f"{caller}: "), b""
+    return None, data_only.dumps(state)
+
+
+def _check_steps_agree(views: list[dict], caller: str) -> None:
+    """All ranks must have taken the same optimizer and micro steps: otherwise their replicas
+    (stage 0) or shards have diverged and no single state exists to save or resume."""
+    for key, what in (("global_steps", "optimizer steps"), ("micro_steps", "micro-steps")):
+        counts = [v[key] for v in views]
+        if len(set(counts)) > 1:
+            detail = ", ".join(f"rank {r} {c}" for r, c in enumerate(counts))
+            raise CheckpointError(
+                f"{caller}: the ranks have taken different numbers of {what} ({detail}): a "
+                f"rank skipped engine.step() or engine.backward(), so their states have "
+                f"diverged and there is no single state to save. Nothing was written; call "
+                f"backward() and step() on every rank for every micro-batch")
+
+
+def _same_step_warning(final: str, engine) -> str | None:
+    """A warning when the default tag is about to replace a checkpoint written at the same step
+    counts: no optimizer step completed since, so if one failed in between (its error caught),
+    the state saved now may differ from that one under the same name."""
+    try:
+        with open(os.path.join(final, METADATA)) as f:
+            counters = json.load(f).get("counters", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    if counters.get("global_steps") != engine.global_steps or \
+            counters.get("micro_steps") != engine.micro_steps:
+        return None
+    return (f"zero_ext.save_checkpoint: replacing {final}, which was saved at the same step "
+            f"counts (global_steps {engine.global_steps}): no optimizer step completed since. If "
+            f"a step failed in between, the state saved now differs from that checkpoint's; pass "
+            f"tag= to keep both")
+
+
+def _no_space_detail(save_dir: str, staging: str, outcomes: list) -> str:
+    """For a save that ran out of disk: the bytes the checkpoint needs, the bytes free, and the
+    incomplete saves (their directories named) that hold space."""
+    needed = sum(planned for _, _, planned, _ in outcomes)
+    free = min(free for _, _, _, free in outcomes)
+    others = []
+    for partial in partial_dirs(save_dir):
+        if partial == staging:
+            continue
+        size = sum(os.path.getsize(os.path.join(root, f))
+                   for root, _, files in os.walk(partial) for f in files)
+        others.append(f"{partial} ({size:,} bytes)")
+    held = f"; incomplete earlier saves hold space: {', '.join(others)}" if others else ""
+    return (f"failed: the disk is full. The checkpoint needs about {needed:,} bytes and {free:,} "
+            f"were free on the filesystem of {save_dir}; the incomplete save in {staging} was "
+            f"removed{held}. Free space or save elsewhere")
 
 
 def _publish(save_dir: str, staging: str, tag: str, files: dict, save_latest: bool) -> str:
     """Rank 0, once every file is on disk: manifest, then the directory's final name, then
-    `latest`. Each step is atomic, so a crash between them leaves a loadable state."""
+    `latest`. Each step is atomic, and a complete copy is always where a load looks
+    (format.publish), so a crash between them leaves a loadable state."""
     manifest = {"format": FORMAT, "version": VERSION, "tag": tag,
                 "chunk_bytes": CHUNK_BYTES,
                 "files": {name: {"bytes": r.bytes, "sha256_chunks": list(r.sha256_chunks)}
                           for name, r in sorted(files.items())}}
     atomic_write_bytes(os.path.join(staging, MANIFEST), json.dumps(manifest, indent=1).encode())
-    final = os.path.join(save_dir, tag)
-    if os.path.exists(final):  # re-saving a tag: the old copy goes only once the new one is in
-        old = final + ".replaced"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, final)
+    final = publish(save_dir, staging, tag)
     if save_latest:
         atomic_write_bytes(os.path.join(save_dir, LATEST), tag.encode())
     return final
 
 
+def _planned_bytes(engine, rank0: bool) -> int:
+    """About how many bytes this rank's files take (for the error of a full disk)."""
+    total = sum(3 * 4 * layout.shard_numel for layout in engine.layouts)
+    if rank0:
+        total += sum(v.numel() * v.element_size()
+                     for v in engine.module.state_dict(keep_vars=True).values())
+    return total
+
+
 def save_checkpoint(engine, save_dir: str, tag=None, client_state=None,
-                    save_latest: bool = True) -> str:
+                    save_latest: bool = True, exclude_frozen_parameters: bool = False) -> str:
     """Collective. Writes the engine's complete training state to `<save_dir>/<tag>/` (tag
     defaults to `global_step<N>`); returns that path."""
-    if engine.micro_steps % engine.batch.gradient_accumulation_steps != 0:
-        raise CheckpointError(
-            f"zero_ext.save_checkpoint: called in the middle of a gradient accumulation window "
-            f"(micro-step {engine.micro_steps}, {engine.batch.gradient_accumulation_steps} per "
-            f"step); the partial gradients would be lost. Save right after engine.step() "
-            f"completes an accumulation boundary")
-    tag = f"global_step{engine.global_steps}" if tag is None else str(tag)
-    tags = comm.all_gather_object(tag)
+    caller = "zero_ext.save_checkpoint"
+    names = _names(engine)
+    problem, engine_state = _save_problem(engine, save_dir, client_state, names)
+    default_tag = tag is None
+    tag = f"global_step{engine.global_steps}" if default_tag else str(tag)
+    views = comm.all_gather_object({"tag": tag, "problem": problem,
+                                    "global_steps": engine.global_steps,
+                                    "micro_steps": engine.micro_steps})
+    _check_steps_agree(views, caller)
+    _raise_together(problem, "save_checkpoint")
+    tags = [v["tag"] for v in views]
     if len(set(tags)) > 1:
         raise CheckpointError(
-            f"zero_ext.save_checkpoint: the ranks passed different tags ({tags}); nothing was "
+            f"{caller}: the ranks passed different tags ({tags}); nothing was "
             f"written. Pass the same tag on every rank (or none: global_step<N> is the default)")
-    if os.sep in tag or tag in ("", ".", "..") or tag.endswith(PARTIAL_SUFFIX) or tag == LATEST:
-        raise CheckpointError(f"zero_ext.save_checkpoint: {tag!r} cannot be a tag (it becomes a "
+    bad_tag = tag_problem(tag)
+    if bad_tag is not None:
+        raise CheckpointError(f"{caller}: {bad_tag}, so it cannot be a tag (it becomes a "
                               f"directory name); use letters, digits, '_', '-' or '.'")
     save_dir = os.path.abspath(save_dir)
     staging = os.path.join(save_dir, tag + PARTIAL_SUFFIX)
+    lock = SaveLock(os.path.join(save_dir, SAVE_LOCK))
 
     def prepare():
+        if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+            raise NotADirectoryError(f"{save_dir} is a file, not a directory; pass a directory "
+                                     f"to save checkpoints into")
         os.makedirs(save_dir, exist_ok=True)
+        note = lock.acquire(caller)
+        if note is not None:
+            warnings.warn(note, stacklevel=4)
+        final = os.path.join(save_dir, tag)
+        if os.path.exists(final) and not os.path.isdir(final):
+            raise FileExistsError(f"{final} is a file, so tag {tag!r} cannot be saved there; "
+                                  f"pass another tag or move the file")
+        recover_interrupted_replace(save_dir, tag)
+        if default_tag and os.path.isdir(final):
+            warning = _same_step_warning(final, engine)
+            if warning is not None:
+                warnings.warn(warning, stacklevel=4)
         shutil.rmtree(staging, ignore_errors=True)  # an earlier, interrupted save of this tag
         os.makedirs(staging)
 
-    _raise_together(_attempt(prepare)[1] if engine.rank == 0 else None, "save_checkpoint")
-    names = _names(engine)
-    shard_name = shard_file_name(engine.rank, engine.world_size)
-    records, problem = _attempt(lambda: {
-        shard_name: _write_shard(engine, os.path.join(staging, shard_name)),
-        **(_write_rank0_files(engine, staging, tag, names, client_state)
-           if engine.rank == 0 else {})})
-    outcomes = comm.all_gather_object((records, problem))
-    _raise_together(problem, "save_checkpoint")
-    files = {name: record for r, _ in outcomes for name, record in r.items()}
-    _, problem = _attempt(_publish, save_dir, staging, tag, files, save_latest) \
-        if engine.rank == 0 else (None, None)
-    _raise_together(problem, "save_checkpoint")
+    try:
+        _raise_together(_attempt(prepare)[1] if engine.rank == 0 else None, "save_checkpoint")
+        shard_name = shard_file_name(engine.rank, engine.world_size)
+        records, problem = _attempt(lambda: {
+            shard_name: _write_shard(engine, os.path.join(staging, shard_name)),
+            **(_write_rank0_files(engine, staging, tag, names, engine_state,
+                                  exclude_frozen_parameters) if engine.rank == 0 else {})})
+        outcomes = comm.all_gather_object(
+            (records, problem, _planned_bytes(engine, engine.rank == 0),
+             shutil.disk_usage(save_dir).free))
+        detail = _describe([p for _, p, _, _ in outcomes])
+        if detail is not None:
+            if engine.rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            if "[Errno 28]" in detail or "No space left" in detail:
+                detail = f"{_no_space_detail(save_dir, staging, outcomes)} ({detail})"
+            else:
+                detail += f"; the incomplete save in {staging} was removed"
+            raise CheckpointError(f"{caller} {detail}")
+        files = {name: record for r, _, _, _ in outcomes for name, record in r.items()}
+        _, problem = _attempt(_publish, save_dir, staging, tag, files, save_latest) \
+            if engine.rank == 0 else (None, None)
+        _raise_together(problem, "save_checkpoint")
+    finally:
+        lock.release()
     return os.path.join(save_dir, tag)
 
 
@@ -293,128 +469,3 @@ def _fill_plan(engine, saved: dict[str, tuple[int, ...]], names: list[str], kind
 def _files_of(index: CheckpointIndex, plan) -> list[str]:
     files = {file for _, _, name, a, b, _ in plan for file, _, _, _ in index.pieces(name, a, b)}
     return sorted(files)
-
-
-@torch.no_grad()
-def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool = True,
-                    load_lr_scheduler_states: bool = True, load_module_only: bool = False):
-    """Collective. Restores what save_checkpoint wrote, at this engine's world size and stage;
-    returns (checkpoint path, client_state)."""
-    load_dir = os.path.abspath(load_dir)
-    tag, problem = _attempt(resolve_tag, load_dir, tag)
-    _raise_together(problem, "load_checkpoint")
-    tags = comm.all_gather_object(tag)
-    if len(set(tags)) > 1:
-        raise CheckpointError(f"zero_ext.load_checkpoint: the ranks resolved different tags "
-                              f"({tags}); pass tag= explicitly")
-    if engine.rank == 0:
-        for partial in partial_dirs(load_dir):
-            warnings.warn(f"zero_ext.load_checkpoint: {partial} is an incomplete checkpoint "
-                          f"(its save never finished); it was ignored and can be deleted",
-                          stacklevel=3)
-    path = os.path.join(load_dir, tag)
-    if load_module_only:
-        load_optimizer_states = load_lr_scheduler_states = False
-    names = _names(engine)
-
-    def open_and_plan():
-        index = CheckpointIndex(path)
-        if load_optimizer_states and engine.replicated_optimizer is None and \
-                index.metadata["optimizer"] == "replicated":
-            raise CheckpointError(
-                f"{path} holds a stage-0 torch optimizer's state, not AdamW moments for the "
-                f"sharded optimizer; load it with load_optimizer_states=False")
-        if load_optimizer_states and engine.replicated_optimizer is not None and \
-                index.metadata["optimizer"] != "replicated":
-            raise CheckpointError(
-                f"{path} holds sharded AdamW state, which this engine's "
-                f"{type(engine.replicated_optimizer).__name__} cannot take; load it with "
-                f"load_optimizer_states=False")
-        kinds = KINDS if load_optimizer_states else ("master",)
-        saved = {n: place.shape for n, place in index.params.items()}
-        unexpected = sorted(set(saved) - set(names))
-        if unexpected:
-            raise CheckpointError(f"zero_ext.load_checkpoint: {path} has parameters this model "
-                                  f"lacks: {unexpected[:8]}")
-        plan = _fill_plan(engine, saved, names, kinds, f"zero_ext.load_checkpoint: {path}")
-        own_rng = shard_file_name(engine.rank, engine.world_size) \
-            if index.world_size == engine.world_size else None
-        needed = _files_of(index, plan) + [MODEL_STATES, ENGINE_STATE] + \
-            ([own_rng] if own_rng else [])
-        index.verify_files(sorted(set(needed)))
-        return index, plan, own_rng
-
-    opened, problem = _attempt(open_and_plan)
-    _raise_together(problem, "load_checkpoint")
-    index, plan, own_rng = opened
-    meta = index.metadata
-
-    for target, at, name, a, b, kind in plan:
-        index.read_into(kind, name, a, target[at:at + b - a])
-    _load_model_states(engine, index)
-    engine._sync_weights_from_master()
-
-    extra = torch.load(os.path.join(path, ENGINE_STATE), map_location="cpu",
-                       weights_only=False)
-    if load_optimizer_states:
-        _load_optimizer(engine, meta, extra)
-    if load_lr_scheduler_states and engine.lr_scheduler is not None:
-        if extra["lr_scheduler"] is None:
-            raise CheckpointError(f"zero_ext.load_checkpoint: {path} has no LR scheduler state "
-                                  f"(it was saved without a scheduler); pass "
-                                  f"load_lr_scheduler_states=False")
-        engine.lr_scheduler.load_state_dict(extra["lr_scheduler"])
-        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
-    if not load_module_only:
-        counters = meta["counters"]
-        engine.global_steps = counters["global_steps"]
-        # Checkpoints are taken at window boundaries, so the next micro-step opens a window,
-        # whatever the accumulation count was when the checkpoint was written.
-        engine.micro_steps = counters["global_steps"] * engine.batch.gradient_accumulation_steps
-        engine.skipped_steps = counters["skipped_steps"]
-        if engine.loss_scaler is not None and meta["loss_scaler"] is not None:
-            engine.loss_scaler.load_state_dict(meta["loss_scaler"])
-        if own_rng is not None:
-            _restore_rng(index.reader(own_rng))
-        elif engine.rank == 0:
-            print(f"[zero_ext] {path} was saved by {index.world_size} ranks and is loaded by "
-                  f"{engine.world_size}: random-number states are not restored", flush=True)
-    return path, extra["client_state"]
-
-
-def _load_model_states(engine, index: CheckpointIndex) -> None:
-    """Buffers and frozen parameters, whole, from rank 0's file."""
-    reader = index.reader(MODEL_STATES)
-    current = engine.module.state_dict(keep_vars=True)
-    wanted = {key: where for key, kind, where in index.metadata["state_dict"] if kind == "state"}
-    trainable = {id(p) for p in engine._params}
-    mine = {key for key, value in current.items() if id(value) not in trainable}
-    if set(wanted) != mine:
-        raise CheckpointError(
-            f"zero_ext.load_checkpoint: {index.path} does not fit this model's buffers and "
-            f"frozen parameters: missing from the checkpoint {sorted(mine - set(wanted))[:8]}, "
-            f"not in the model {sorted(set(wanted) - mine)[:8]}")
-    for key in sorted(mine):
-        value = current[key]
-        saved = reader.read(wanted[key])
-        if tuple(saved.shape) != tuple(value.shape):
-            raise CheckpointError(f"zero_ext.load_checkpoint: {key} is {tuple(saved.shape)} in "
-                                  f"{index.path} and {tuple(value.shape)} in the model")
-        value.data.copy_(saved)
-
-
-def _load_optimizer(engine, meta: dict, extra: dict) -> None:
-    groups = extra["param_groups"]
-    if len(groups) != len(engine.optimizer.param_groups):
-        raise CheckpointError(
-            f"zero_ext.load_checkpoint: the checkpoint has {len(groups)} optimizer parameter "
-            f"groups, this engine {len(engine.optimizer.param_groups)}; build the same groups, "
-            f"or pass load_optimizer_states=False")
-    if engine.replicated_optimizer is not None:
-        engine.replicated_optimizer.load_state_dict(extra["replicated_optimizer"])
-        return
-    for group, saved in zip(engine.optimizer.param_groups, groups):
-        group.update(saved)
-    for shard in engine.optimizer.shards:
-        shard.step.fill_(meta["optimizer_steps"][shard.layout.group])

@@ -22,15 +22,18 @@ import hashlib
 import json
 import math
 import os
+import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CHUNK_BYTES", "FileRecord", "SafetensorsReader", "SafetensorsWriter", "TensorEntry",
-           "atomic_write_bytes", "chunk_digests", "fsync_dir", "write_safetensors"]
+__all__ = ["CHUNK_BYTES", "FileRecord", "SafetensorsReader", "SafetensorsWriter", "SaveLock",
+           "TensorEntry", "atomic_write_bytes", "chunk_digests", "fsync_dir",
+           "remove_stale_temporaries", "write_safetensors"]
 
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -130,14 +133,107 @@ def _commit(tmp: str, path: str) -> None:
 
 def atomic_write_bytes(path: str, data: bytes) -> FileRecord:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
     _commit(tmp, path)
     hasher = _ChunkHasher()
     hasher.update(data)
     return FileRecord(len(data), hasher.digests())
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Removes `<path>.tmp.<pid>` files that a writer killed on this machine left behind (its
+    process is gone; a live writer's file is left alone); returns their names."""
+    directory, base = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        pid = name[len(base) + len(".tmp."):]
+        if name.startswith(base + ".tmp.") and pid.isdigit() and not _pid_alive(int(pid)):
+            _remove_quietly(os.path.join(directory, name))
+            removed.append(name)
+    return removed
+
+
+class SaveLock:
+    """An exclusive marker file that one job holds while it saves into a directory, so that a
+    second job saving into the same directory (both would rewrite `latest` and may replace
+    each other's tags) is refused with the holder's host and process id, rather than the two
+    interleaving. Created with O_EXCL (atomic on local and NFSv3+ filesystems). A marker left
+    by a process that is gone from this host is taken over; one from another host cannot be
+    checked from here, and the error says how to remove it if that job is gone."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.held = False
+
+    def acquire(self, caller: str) -> str | None:
+        """Takes the lock; returns a warning to show when a stale lock was taken over.
+        Raises RuntimeError when another job holds it."""
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        note = None
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+                        and holder["pid"] != me["pid"] and not _pid_alive(holder["pid"]):
+                    _remove_quietly(self.path)
+                    note = (f"{caller}: took over {self.path}, left by process "
+                            f"{holder['pid']} on this host, which is gone (a save it made was "
+                            f"interrupted)")
+                    continue
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["time"])) \
+                    if isinstance(holder.get("time"), (int, float)) else "an unknown time"
+                raise RuntimeError(
+                    f"{caller}: another job is saving into {os.path.dirname(self.path)}: "
+                    f"process {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+                    f"holds {self.path} (since {since}). Two jobs saving into one directory "
+                    f"would overwrite each other's checkpoints and 'latest'; give each job its "
+                    f"own directory. If that job is no longer running, delete {self.path}")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return note
+        raise RuntimeError(f"{caller}: could not take {self.path}")
+
+    def _holder(self) -> dict:
+        try:
+            with open(self.path) as f:
+                holder = json.load(f)
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self.held:
+            _remove_quietly(self.path)
+            self.held = False
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
@@ -182,8 +278,13 @@ class SafetensorsWriter:
 
     def __enter__(self) -> SafetensorsWriter:  # noqa: PYI034
         self._file = open(self._tmp, "wb")
-        self._put(struct.pack("<Q", len(self._header)))
-        self._put(self._header)
+        try:
+            self._put(struct.pack("<Q", len(self._header)))
+            self._put(self._header)
+        except BaseException:
+            self._file.close()
+            _remove_quietly(self._tmp)
+            raise
         return self
 
     def _put(self, data) -> None:
@@ -202,20 +303,23 @@ class SafetensorsWriter:
         self._next += 1
 
     def __exit__(self, kind, error, trace) -> None:
+        failed = kind is not None
         try:
-            if kind is None and self._next != len(self._specs):
-                kind = RuntimeError
+            if not failed and self._next != len(self._specs):
+                failed = True
                 missing = [n for n, _, _ in self._specs[self._next:]]
                 raise RuntimeError(f"zero_ext checkpoint: {self.path} closed before "
                                    f"{missing[:4]} were written")
-            if kind is None:
+            if not failed:
+                failed = True  # until the data is on disk (a full disk fails the flush)
                 self._file.flush()
                 os.fsync(self._file.fileno())
                 size = self._file.tell()
+                failed = False
         finally:
             self._file.close()
-            if kind is not None:
-                os.remove(self._tmp)
+            if failed:
+                _remove_quietly(self._tmp)
         if kind is not None:
             return
         _commit(self._tmp, self.path)

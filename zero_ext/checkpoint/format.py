@@ -25,11 +25,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
 
-from zero_ext.checkpoint.files import SafetensorsReader, chunk_digests
+from zero_ext.checkpoint.files import SafetensorsReader, chunk_digests, fsync_dir
 
 __all__ = [
     "ENGINE_STATE",
@@ -39,11 +40,17 @@ __all__ = [
     "METADATA",
     "MODEL_STATES",
     "PARTIAL_SUFFIX",
+    "REPLACED_SUFFIX",
+    "SAVE_LOCK",
     "VERSION",
     "CheckpointError",
     "CheckpointIndex",
+    "find_checkpoint",
+    "publish",
+    "recover_interrupted_replace",
     "resolve_tag",
     "shard_file_name",
+    "tag_problem",
 ]
 
 FORMAT = "zero_ext.checkpoint"
@@ -54,6 +61,8 @@ ENGINE_STATE = "engine_state.pt"
 MODEL_STATES = "model_states.safetensors"
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
+REPLACED_SUFFIX = ".replaced"  # the old copy of a tag while a re-save replaces it
+SAVE_LOCK = ".zero_ext_save.lock"  # held by the job saving into a save_dir
 KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
@@ -80,20 +89,150 @@ def looks_like_checkpoint(path: str) -> bool:
         for name in os.listdir(path))
 
 
-def resolve_tag(load_dir: str, tag: str | None, caller: str = "zero_ext.load_checkpoint") -> str:
-    """The tag to load: `tag`, or the one `<load_dir>/latest` names."""
-    if tag is not None:
-        return str(tag)
-    latest = os.path.join(load_dir, LATEST)
-    if not os.path.isfile(latest):
-        partial = partial_dirs(load_dir)
-        hint = (f"; the only saves found never finished: {[os.path.basename(p) for p in partial]}"
-                if partial else "")
+def tag_problem(tag: str) -> str | None:
+    """Why `tag` cannot name a checkpoint directory inside a save_dir, or None. A tag is one
+    directory name: never a path, so neither a `latest` file nor an argument can point a load
+    or a save outside the directory it was given."""
+    if tag in ("", ".", ".."):
+        return f"{tag!r} is not a directory name"
+    if "/" in tag or "\\" in tag or os.sep in tag or "\0" in tag or os.path.isabs(tag):
+        return f"{tag!r} is a path, not a directory name (it would leave the save directory)"
+    if tag.endswith((PARTIAL_SUFFIX, REPLACED_SUFFIX)) or tag == LATEST or \
+            tag == SAVE_LOCK:
+        return f"{tag!r} is a name zero_ext uses for its own files"
+    return None
+
+
+def resolve_tag(load_dir: str, tag: str | None, caller: str = "zero_ext.load_checkpoint") \
+        -> str | None:
+    """The tag to load: `tag`, or the one `<load_dir>/latest` names; None when `tag` is None
+    and there is no `latest` (nothing was ever saved there: DeepSpeed's load returns
+    (None, None) then, and scripts start fresh on that)."""
+    if tag is None:
+        if looks_like_checkpoint(load_dir):
+            parent, name = os.path.split(os.path.abspath(load_dir).rstrip(os.sep))
+            raise CheckpointError(
+                f"{caller}: {load_dir} is itself a checkpoint (a tag directory), not the "
+                f"directory checkpoints are saved into; pass the parent directory {parent} "
+                f"and tag={name!r}")
+        latest = os.path.join(load_dir, LATEST)
+        if not os.path.isfile(latest):
+            return None
+        with open(latest, "rb") as f:
+            raw = f.read(4096)
+        try:
+            tag = raw.decode().strip()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{caller}: {latest} is not text ({raw[:32]!r}); it should "
+                                  f"name a tag. Fix or delete it, or pass tag=") from None
+        if not tag:
+            raise CheckpointError(
+                f"{caller}: {latest} is empty; it should name the newest complete tag. Write "
+                f"the tag's name into it, delete it to start fresh, or pass tag=")
+        where = f"{latest} names"
+    else:
+        tag = str(tag)
+        where = "tag"
+    problem = tag_problem(tag)
+    if problem is not None:
+        raise CheckpointError(f"{caller}: {where} {problem}; a checkpoint is loaded only from "
+                              f"a directory directly inside {load_dir}. Pass tag= with the "
+                              f"name of one")
+    return tag
+
+
+def has_manifest(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def find_checkpoint(save_dir: str, tag: str) -> tuple[str, str | None]:
+    """The complete copy of `tag` to load, and a note when it is not `<save_dir>/<tag>`.
+
+    Re-saving an existing tag renames the old copy to `<tag>.replaced`, then the new one from
+    `<tag>.partial` (complete once its manifest is in) to `<tag>`. A crash between the two
+    renames leaves no `<tag>`, but both copies complete: the new one is taken (it is what the
+    save was publishing), else the old one."""
+    path = os.path.join(save_dir, tag)
+    if os.path.exists(path):
+        return path, None
+    for suffix, which in ((PARTIAL_SUFFIX, "the new copy"), (REPLACED_SUFFIX, "the old copy")):
+        if has_manifest(path + suffix):
+            return path + suffix, (
+                f"the save that replaced {path} stopped between its two renames; {which} "
+                f"({path + suffix}), which is complete, is loaded. The next save of this tag "
+                f"puts it back in place")
+    return path, None
+
+
+def recover_interrupted_replace(save_dir: str, tag: str) -> None:
+    """Before a save of `tag`: finishes what an interrupted re-save of it left (see
+    find_checkpoint), so `<tag>` is a complete copy again, and drops the other copies."""
+    path = os.path.join(save_dir, tag)
+    partial, replaced = path + PARTIAL_SUFFIX, path + REPLACED_SUFFIX
+    if not os.path.exists(path):
+        for candidate in (partial, replaced):
+            if has_manifest(candidate):
+                os.replace(candidate, path)
+                break
+    # Only now, with <tag> complete (or never saved), may the other copies go.
+    for leftover in (replaced, partial):
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover)
+
+
+def publish(save_dir: str, staging: str, tag: str) -> str:
+    """Renames the complete `staging` (its manifest written) to `<save_dir>/<tag>`. At every
+    instant one complete copy of the tag exists where find_checkpoint looks: an existing
+    `<tag>` is renamed aside, the new copy renamed in, and only then the old one removed."""
+    final = os.path.join(save_dir, tag)
+    if os.path.isdir(final):
+        old = final + REPLACED_SUFFIX
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        os.replace(final, old)
+        fsync_dir(save_dir)
+        os.replace(staging, final)
+        fsync_dir(save_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final)
+        fsync_dir(save_dir)
+    return final
+
+
+def _check_manifest(manifest, manifest_path: str) -> None:
+    """The manifest's structure, checked before any of it is used, so that an edited or foreign
+    file is refused with what is wrong rather than a TypeError or KeyError."""
+    def bad(what: str):
+        return CheckpointError(f"zero_ext checkpoint: {manifest_path} is malformed: {what}. It "
+                               f"was edited or not written by zero_ext; restore it or load "
+                               f"another tag")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"it holds a {type(manifest).__name__}, not an object")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"zero_ext checkpoint: {manifest_path} is not a zero_ext "
+                              f"manifest (format {manifest.get('format')!r})")
+    version = manifest.get("version")
+    if type(version) is not int:
+        raise bad(f"'version' is {version!r} ({type(version).__name__}), expected an integer")
+    if version > VERSION:
         raise CheckpointError(
-            f"{caller}: {load_dir} has no '{LATEST}' file, so there is no "
-            f"complete checkpoint to pick{hint}. Pass tag= to name one, or check the directory")
-    with open(latest) as f:
-        return f.read().strip()
+            f"zero_ext checkpoint {os.path.dirname(manifest_path)} has format version {version}; "
+            f"this zero_ext reads up to version {VERSION}. Upgrade zero_ext to load it")
+    chunk = manifest.get("chunk_bytes")
+    if type(chunk) is not int or chunk <= 0:
+        raise bad(f"'chunk_bytes' is {chunk!r}, expected a positive integer")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise bad("it has no 'files' object listing the checkpoint's files" if files is None
+                  else f"'files' is a {type(files).__name__}, expected an object")
+    for name, record in files.items():
+        if tag_problem(name) is not None or name == MANIFEST:
+            raise bad(f"it lists {name!r}, which is not a file name inside the checkpoint")
+        if not isinstance(record, dict) or type(record.get("bytes")) is not int or \
+                not isinstance(record.get("sha256_chunks"), list):
+            raise bad(f"the record of {name} is not {{'bytes': int, 'sha256_chunks': [...]}}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +256,10 @@ class CheckpointIndex:
         manifest_path = os.path.join(path, MANIFEST)
         if not os.path.isdir(path):
             partial = path.rstrip("/") + PARTIAL_SUFFIX
+            if os.path.exists(path):
+                raise CheckpointError(f"zero_ext checkpoint {path} is a file, not a checkpoint "
+                                      f"directory; pass the directory a checkpoint was saved "
+                                      f"into and its tag")
             if os.path.isdir(partial):
                 raise CheckpointError(
                     f"zero_ext checkpoint {path} is incomplete: its save never finished (the "
@@ -134,13 +277,7 @@ class CheckpointIndex:
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"zero_ext checkpoint: {manifest_path} is corrupt "
                                   f"({error})") from None
-        if self.manifest.get("format") != FORMAT:
-            raise CheckpointError(f"zero_ext checkpoint: {manifest_path} is not a zero_ext "
-                                  f"manifest (format {self.manifest.get('format')!r})")
-        if self.manifest.get("version", 0) > VERSION:
-            raise CheckpointError(
-                f"zero_ext checkpoint {path} has format version {self.manifest['version']}; this "
-                f"zero_ext reads up to version {VERSION}. Upgrade zero_ext to load it")
+        _check_manifest(self.manifest, manifest_path)
         self.files: dict[str, dict] = self.manifest["files"]
         problems = []
         for name, record in self.files.items():

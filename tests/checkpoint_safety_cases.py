@@ -1,0 +1,430 @@
+"""What each rank runs in tests/test_checkpoint_safety.py: checkpoints that are data, never
+code; crashes between the renames of a re-save; loads that fail half way; misuse that must be
+refused with a clear error. Every case runs in one 2-rank group (`run_all`), each returning
+plain values the tests compare.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import warnings
+
+import torch
+
+import zero_ext
+from zero_ext import comm
+from zero_ext.checkpoint import engine_state, format
+from zero_ext.checkpoint.files import chunk_digests
+
+from engine_cases import build_model, config, host_params, param_groups, train_steps
+
+
+class RunsCode:
+    """A pickled object whose unpickling would run `touch <marker>`: what an attacker puts in a
+    checkpoint's client_state."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def new_engine(cfg: dict | None = None, model=None, groups=True):
+    cfg = cfg or config(2, "fp32", 1, comm.world_size())
+    model = build_model() if model is None else model
+    return zero_ext.initialize(model=model, config=cfg,
+                               model_parameters=param_groups(model) if groups else None)[0]
+
+
+def state(engine) -> dict:
+    """What a failed load must leave exactly as it was."""
+    shards = [(s.master.clone(), s.exp_avg.clone(), s.exp_avg_sq.clone(), float(s.step))
+              for s in engine.optimizer.shards] if engine.replicated_optimizer is None else []
+    return {"params": host_params(engine.module, engine), "shards": shards,
+            "lr": engine.get_lr(), "counters": (engine.global_steps, engine.micro_steps,
+                                                 engine.skipped_steps)}
+
+
+def unchanged(before: dict, after: dict) -> bool:
+    return (before["counters"] == after["counters"] and before["lr"] == after["lr"]
+            and all(torch.equal(a, b) for a, b in zip(before["params"].values(),
+                                                      after["params"].values()))
+            and all(torch.equal(x, y) for a, b in zip(before["shards"], after["shards"])
+                    for x, y in zip(a[:3], b[:3]))
+            and [s[3] for s in before["shards"]] == [s[3] for s in after["shards"]])
+
+
+def attempt(fn, *args, **kwargs) -> str:
+    """"ok" or the error's type and message."""
+    return caught(fn, *args, **kwargs)[0]
+
+
+def caught(fn, *args, **kwargs) -> tuple[str, list[str], object]:
+    """("ok" or the error's type and message, the warnings it gave, its value)."""
+    value = None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            value = fn(*args, **kwargs)
+            outcome = "ok"
+        except Exception as error:  # noqa: BLE001 - the tests read the message
+            outcome = f"{type(error).__name__}: {error}"
+    return outcome, [str(w.message) for w in seen], value
+
+
+def rewrite_manifest(path: str, edit) -> None:
+    """What an attacker (or an editor) does after changing a file: the manifest re-made to match,
+    so checksums pass. `edit(manifest)` changes it further."""
+    manifest_path = os.path.join(path, "manifest.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    for name, record in manifest["files"].items():
+        file = os.path.join(path, name)
+        record["bytes"] = os.path.getsize(file)
+        record["sha256_chunks"] = list(chunk_digests(file, manifest["chunk_bytes"]))
+    edit(manifest)
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+
+
+def on_rank0(fn, *args) -> None:
+    """Filesystem set-up by rank 0, seen by every rank after the barrier."""
+    if comm.rank() == 0:
+        fn(*args)
+    comm.barrier()
+
+
+# -- 1: checkpoints are data ----------------------------------------------------------------
+def crafted_checkpoints(root: str) -> dict:
+    out = {}
+    engine = new_engine()
+    train_steps(engine, 1)
+    good = engine.save_checkpoint(os.path.join(root, "good"), tag="t")
+    marker = os.path.join(root, "marker")
+
+    def craft():
+        evil = os.path.join(root, "evil")
+        shutil.copytree(os.path.join(root, "good"), evil)
+        path = os.path.join(evil, "t", "engine_state.pt")
+        saved = torch.load(path, weights_only=False)
+        saved["client_state"] = {"epoch": 1, "payload": RunsCode(marker)}
+        torch.save(saved, path)
+        rewrite_manifest(os.path.dirname(path), lambda m: None)
+        # `latest` values that leave the save directory.
+        for name, value in (("absolute", good), ("dotdot", "../good/t"),
+                            ("separator", "sub/t"), ("empty", "  \n")):
+            os.makedirs(os.path.join(root, name, "sub"))
+            with open(os.path.join(root, name, "latest"), "w") as f:
+                f.write(value)
+        os.symlink(os.path.join(root, "good", "t"), os.path.join(root, "separator", "sub", "t"))
+
+    on_rank0(craft)
+    fresh = new_engine()
+    before = state(fresh)
+    out["evil"] = attempt(fresh.load_checkpoint, os.path.join(root, "evil"))
+    out["evil_marker"] = os.path.exists(marker)
+    for name in ("absolute", "dotdot", "separator", "empty"):
+        out[name] = attempt(fresh.load_checkpoint, os.path.join(root, name))
+    out["unchanged"] = unchanged(before, state(fresh))
+    # A client_state that is not plain data is refused when saving, nothing written.
+    out["save_object"] = attempt(engine.save_checkpoint, os.path.join(root, "obj"),
+                                 client_state={"ok": [1, 2], "sampler": RunsCode(marker)})
+    import numpy as np
+    out["save_numpy"] = attempt(engine.save_checkpoint, os.path.join(root, "obj"),
+                                client_state={"rng": np.float64(1.5)})
+    out["obj_written"] = os.path.exists(os.path.join(root, "obj", "global_step1")) or \
+        os.path.exists(os.path.join(root, "obj", "global_step1.partial"))
+    # Every allowed type comes back as it was.
+    plain = {"none": None, "flag": True, "n": 3, "x": 1.5, "z": 2j, "s": "a", "b": b"x",
+             "ba": bytearray(b"y"), "list": [1, (2, 3)], "set": {4, 5},
+             "od": __import__("collections").OrderedDict(k=1), "t": torch.arange(3),
+             "size": torch.Size([2, 3]), "dtype": torch.bfloat16, "dev": torch.device("cpu"),
+             (1, "key"): "tuple key"}
+    engine.save_checkpoint(os.path.join(root, "plain"), client_state=plain)
+    _, client = new_engine().load_checkpoint(os.path.join(root, "plain"))
+    out["plain_back"] = client
+    out["plain"] = plain
+    return out
+
+
+# -- item 6: a re-save of a fixed tag, interrupted between its renames ---------------------------
+class Crash(Exception):
+    pass
+
+
+def _crash_at(point: str, save_dir: str):
+    """Patches the filesystem calls of a re-save so that it stops at `point`, as a killed job
+    would: nothing after it runs."""
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+    final = os.path.join(save_dir, "last")
+
+    def replace(src, dst, *a, **k):
+        if point == "before_first_rename" and os.fspath(src) == final:
+            raise Crash(point)
+        if point == "between_renames" and os.fspath(dst) == final:
+            raise Crash(point)
+        return real_replace(src, dst, *a, **k)
+
+    def rmtree(path, *a, **k):
+        if point == "before_removing_old" and os.fspath(path).endswith(".replaced"):
+            raise Crash(point)
+        return real_rmtree(path, *a, **k)
+
+    os.replace, shutil.rmtree = replace, rmtree
+    return lambda: (setattr(os, "replace", real_replace), setattr(shutil, "rmtree", real_rmtree))
+
+
+def interrupted_resave(root: str) -> dict:
+    out = {}
+    for point in ("before_first_rename", "between_renames", "before_removing_old"):
+        save_dir = os.path.join(root, point)
+        engine = new_engine()
+        train_steps(engine, 1)
+        engine.save_checkpoint(save_dir, tag="last")
+        old = host_params(engine.module, engine)
+        train_steps(engine, 1)
+        new = host_params(engine.module, engine)
+        restore = _crash_at(point, save_dir) if comm.rank() == 0 else (lambda: None)
+        try:
+            crashed = attempt(engine.save_checkpoint, save_dir, tag="last")
+        finally:
+            restore()
+        comm.barrier()
+        listing = sorted(os.listdir(save_dir))
+        fresh = new_engine()
+        loaded, seen, _ = caught(fresh.load_checkpoint, save_dir)
+        got = host_params(fresh.module, fresh)
+        which = "new" if all(torch.equal(got[k], new[k]) for k in new) else \
+            "old" if all(torch.equal(got[k], old[k]) for k in old) else "neither"
+        # The next save of the tag puts things back in order.
+        train_steps(engine, 1)
+        engine.save_checkpoint(save_dir, tag="last")
+        after = sorted(os.listdir(save_dir))
+        out[point] = {"crashed": crashed, "listing": listing, "loaded": loaded, "which": which,
+                      "warnings": seen, "after": after,
+                      "global_steps": fresh.global_steps}
+    return out
+
+
+# -- item 7: a load that fails half way changes nothing ---------------------------------------
+def failed_loads(root: str) -> dict:
+    out = {}
+    engine = new_engine()
+    train_steps(engine, 2)
+    engine.save_checkpoint(os.path.join(root, "plain"), tag="t")
+    # A config with a scheduler, the checkpoint without one.
+    cfg = config(2, "fp32", 1, comm.world_size())
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 3}}
+    fresh = new_engine(cfg)
+    train_steps(fresh, 1)
+    before = state(fresh)
+    out["scheduler"] = attempt(fresh.load_checkpoint, os.path.join(root, "plain"))
+    out["scheduler_unchanged"] = unchanged(before, state(fresh))
+    # One parameter group here, two in the checkpoint.
+    fresh = new_engine(groups=False)
+    train_steps(fresh, 1)
+    before = state(fresh)
+    out["groups"] = attempt(fresh.load_checkpoint, os.path.join(root, "plain"))
+    out["groups_unchanged"] = unchanged(before, state(fresh))
+    # A frozen parameter of another shape.
+    model = build_model()
+    model.frozen_shift = torch.nn.Parameter(torch.zeros(model.frozen_shift.numel() + 1),
+                                            requires_grad=False)
+    fresh = new_engine(model=model)
+    before = state(fresh)
+    out["shape"] = attempt(fresh.load_checkpoint, os.path.join(root, "plain"))
+    out["shape_unchanged"] = unchanged(before, state(fresh))
+    return out
+
+
+# -- item 9: resume with a changed config -------------------------------------------------------
+def changed_config(root: str) -> dict:
+    out = {}
+    engine = new_engine()
+    train_steps(engine, 2)
+    engine.save_checkpoint(os.path.join(root, "cfg"), tag="t")
+    saved_groups = [{k: v for k, v in g.items() if k != "params"}
+                    for g in engine.optimizer.param_groups]
+    cfg = config(2, "fp32", 1, comm.world_size())
+    cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.2,
+                                                    "betas": [0.8, 0.99], "eps": 1e-6}}
+    model = build_model()
+    fresh = zero_ext.initialize(
+        model=model, config=cfg,
+        model_parameters=[{"params": g["params"]} for g in param_groups(model)])[0]
+    out["values"] = caught(fresh.load_checkpoint, os.path.join(root, "cfg"))
+    out["groups_after"] = [{k: v for k, v in g.items() if k != "params"}
+                           for g in fresh.optimizer.param_groups]
+    out["saved_groups"] = saved_groups
+    # Adam (L2 weight decay) instead of AdamW: refused, unless the optimizer starts fresh.
+    cfg["optimizer"] = {"type": "Adam", "params": {"lr": 1e-2, "weight_decay": 0.1,
+                                                   "adam_w_mode": False}}
+    fresh = new_engine(cfg)
+    before = state(fresh)
+    out["adam"] = attempt(fresh.load_checkpoint, os.path.join(root, "cfg"))
+    out["adam_unchanged"] = unchanged(before, state(fresh))
+    out["adam_fresh"] = attempt(fresh.load_checkpoint, os.path.join(root, "cfg"),
+                                load_optimizer_states=False)
+    out["adam_fresh_params"] = host_params(fresh.module, fresh)
+    out["params_at_save"] = host_params(engine.module, engine)
+    return out
+
+
+# -- item 5: DeepSpeed's API around missing checkpoints, empty dirs, frozen parameters --------
+def api_cases(root: str) -> dict:
+    out = {}
+    engine = new_engine()
+    train_steps(engine, 1)
+    before = state(engine)
+    on_rank0(os.makedirs, os.path.join(root, "empty"))
+    for name in ("empty", "missing"):
+        out[name] = caught(engine.load_checkpoint, os.path.join(root, name))
+    out["none_unchanged"] = unchanged(before, state(engine))
+    cwd = os.getcwd()
+    os.makedirs(os.path.join(root, f"cwd{comm.rank()}"))
+    os.chdir(os.path.join(root, f"cwd{comm.rank()}"))
+    try:
+        out["empty_dir"] = attempt(engine.save_checkpoint, "")
+        out["cwd_listing"] = sorted(os.listdir("."))
+    finally:
+        os.chdir(cwd)
+    path = engine.save_checkpoint(os.path.join(root, "nofrozen"), tag="t",
+                                  exclude_frozen_parameters=True)
+    from safetensors import safe_open
+    with safe_open(os.path.join(path, "model_states.safetensors"), "pt") as f:
+        out["model_states_keys"] = sorted(f.keys())
+    fresh = new_engine()
+    with torch.no_grad():
+        fresh.module.frozen_shift.fill_(0.25)
+    out["nofrozen_load"] = attempt(fresh.load_checkpoint, os.path.join(root, "nofrozen"))
+    out["nofrozen_params"] = host_params(fresh.module, fresh)
+    out["params_at_save"] = host_params(engine.module, engine)
+    # The directory of one checkpoint passed instead of the directory holding them.
+    out["tag_dir"] = attempt(fresh.load_checkpoint, path)
+    return out
+
+
+# -- item 6 (issue item 2) and 4: never save a worse state, or a diverged one --------------------
+def never_worse(root: str) -> dict:
+    out = {}
+    engine = new_engine()
+    train_steps(engine, 1)
+    save_dir = os.path.join(root, "nan")
+    engine.save_checkpoint(save_dir)
+    out["same_step"] = caught(engine.save_checkpoint, save_dir)
+    if comm.rank() == 1:
+        shard = engine.optimizer.shards[-1]
+        shard.master[0] = float("nan")
+    out["nan"] = attempt(engine.save_checkpoint, save_dir, tag="later")
+    out["nan_listing"] = sorted(os.listdir(save_dir))
+    # Where rank 1's first element of the last bucket lies: the error must name it.
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    layout = engine.layouts[-1]
+    first = layout.shard_range(1)[0]
+    slot = next(s for s in layout.slots if s.offset <= first < s.offset + s.numel)
+    out["nan_param"] = names[id(engine._params[slot.param_index])]
+    out["nan_bucket"] = layout.index
+    # Stage 0, where each rank steps its own replica: rank 1 missed one engine.step(). (The
+    # engine's step now exchanges its decision, so a real skip is caught at the step's
+    # collective by zero_ext.comm's stall report; the save must still refuse diverged
+    # counters, whatever let them diverge.)
+    engine = new_engine(config(0, "fp32", 1, comm.world_size()))
+    train_steps(engine, 4)
+    if comm.rank() == 1:
+        engine.global_steps -= 1
+        engine.micro_steps -= 1
+    out["diverged"] = attempt(engine.save_checkpoint, os.path.join(root, "diverged"))
+    return out
+
+
+# -- item 12: clear errors ---------------------------------------------------------------------
+def clear_errors(root: str) -> dict:
+    out = {}
+    engine = new_engine()
+    train_steps(engine, 1)
+    good = engine.save_checkpoint(os.path.join(root, "src"), tag="t")
+
+    def craft():
+        for name, edit in (("version_str", lambda m: m.update(version="1")),
+                           ("no_files", lambda m: m.pop("files"))):
+            shutil.copytree(good, os.path.join(root, "bad", name))
+            manifest = os.path.join(root, "bad", name, "manifest.json")
+            with open(manifest) as f:
+                data = json.load(f)
+            edit(data)
+            with open(manifest, "w") as f:
+                json.dump(data, f)
+        with open(os.path.join(root, "a_file"), "w") as f:
+            f.write("x")
+        os.makedirs(os.path.join(root, "tagfile"))
+        with open(os.path.join(root, "tagfile", "t"), "w") as f:
+            f.write("x")
+        os.makedirs(os.path.join(root, "locked"))
+        # A lock held by a live process on this host (the test runner) ...
+        with open(os.path.join(root, "locked", format.SAVE_LOCK), "w") as f:
+            json.dump({"host": __import__("socket").gethostname(), "pid": os.getppid(),
+                       "time": 0}, f)
+        # ... and one left by a process that is gone.
+        os.makedirs(os.path.join(root, "stale"))
+        dead = __import__("subprocess").Popen(["true"])
+        dead.wait()
+        with open(os.path.join(root, "stale", format.SAVE_LOCK), "w") as f:
+            json.dump({"host": __import__("socket").gethostname(), "pid": dead.pid, "time": 0},
+                      f)
+        os.makedirs(os.path.join(root, "full", "global_step0.partial"))
+        with open(os.path.join(root, "full", "global_step0.partial", "junk"), "wb") as f:
+            f.write(b"0" * 1000)
+
+    on_rank0(craft)
+    fresh = new_engine()
+    for name in ("version_str", "no_files"):
+        out[name] = attempt(fresh.load_checkpoint, os.path.join(root, "bad"), tag=name)
+    out["save_into_file"] = attempt(engine.save_checkpoint, os.path.join(root, "a_file"))
+    out["tag_is_file"] = attempt(engine.save_checkpoint, os.path.join(root, "tagfile"), tag="t")
+    out["load_tag_file"] = attempt(fresh.load_checkpoint, os.path.join(root, "tagfile"), tag="t")
+    out["locked"] = attempt(engine.save_checkpoint, os.path.join(root, "locked"))
+    out["locked_written"] = os.path.exists(os.path.join(root, "locked", "global_step1"))
+    out["stale"] = caught(engine.save_checkpoint, os.path.join(root, "stale"))
+    out["stale_listing"] = sorted(os.listdir(os.path.join(root, "stale")))
+    # A full disk on rank 1.
+    real = engine_state.write_safetensors
+    if comm.rank() == 1:
+        def full(path, entries, metadata=None):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        engine_state.write_safetensors = full
+    try:
+        out["full"] = attempt(engine.save_checkpoint, os.path.join(root, "full"))
+    finally:
+        engine_state.write_safetensors = real
+    out["full_listing"] = sorted(os.listdir(os.path.join(root, "full")))
+    return out
+
+
+# -- stage3_gather_16bit_weights_on_model_save ---------------------------------------------------
+def model_save(root: str) -> dict:
+    out = {}
+    for gather in (False, True):
+        engine = new_engine(config(3, "bf16", 1, comm.world_size(),
+                                   stage3_gather_16bit_weights_on_model_save=gather))
+        train_steps(engine, 1)
+        out[gather] = caught(engine.save_16bit_model, os.path.join(root, f"m{gather}"))
+        out[f"{gather}_full"] = engine.full_state_dict()
+    return out
+
+
+def run_all(root: str, names: list[str] | None = None) -> dict:
+    cases = {"crafted": crafted_checkpoints, "resave": interrupted_resave,
+             "failed": failed_loads, "changed": changed_config, "api": api_cases,
+             "worse": never_worse, "errors": clear_errors, "model": model_save}
+    out = {}
+    for name, fn in cases.items():
+        if names is not None and name not in names:
+            continue
+        directory = os.path.join(root, name)
+        on_rank0(os.makedirs, directory)
+        out[name] = fn(directory)
+    return out

@@ -1,0 +1,273 @@
+"""Checkpoints never run code, never go silently wrong, and refuse misuse clearly (issue 13).
+
+The distributed cases run in one 2-rank gloo group (tests/checkpoint_safety_cases.py); the
+consolidation cases, which need no process group, run here. References: the values saved
+(weights, optimizer groups), DeepSpeed's documented behaviour (load_checkpoint without a
+`latest` returns (None, None); save_checkpoint refuses an empty directory; exclude_frozen_
+parameters leaves frozen parameters out), and the filesystem itself (files that must or must
+not exist).
+"""
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import checkpoint_safety_cases
+import pytest
+import torch
+
+from zero_ext.checkpoint import CheckpointError, consolidate
+from zero_ext.checkpoint.data_only import ALLOWED_TYPES
+
+from dist_harness import run_group
+
+
+@functools.cache
+def _root() -> str:
+    return tempfile.mkdtemp(prefix="zero_ext_safety_")
+
+
+def teardown_module():
+    shutil.rmtree(_root(), ignore_errors=True)
+
+
+@functools.cache
+def _results():
+    return run_group(2, checkpoint_safety_cases.run_all, _root())
+
+
+def _each(case: str, key: str):
+    return [result[case][key] for result in _results()]
+
+
+def _on_every_rank(case: str, key: str, *words: str) -> None:
+    for rank, message in enumerate(_each(case, key)):
+        assert message.startswith("CheckpointError"), (rank, message)
+        for word in words:
+            assert word in message, (rank, word, message)
+
+
+# -- 1: a checkpoint is data, never code --------------------------------------------------------
+def test_crafted_client_state_does_not_run_and_is_refused():
+    _on_every_rank("crafted", "evil", "engine_state.pt holds something other than plain data",
+                   "posix.system", "never runs code")
+    assert not any(_each("crafted", "evil_marker"))
+    assert not os.path.exists(os.path.join(_root(), "crafted", "marker"))
+    assert all(_each("crafted", "unchanged"))
+
+
+@pytest.mark.parametrize("name, words", [
+    ("absolute", ["is a path, not a directory name"]),
+    ("dotdot", ["'../good/t' is a path"]),
+    ("separator", ["'sub/t' is a path"]),
+    ("empty", ["latest is empty"]),
+])
+def test_latest_that_leaves_the_save_directory_is_refused(name, words):
+    _on_every_rank("crafted", name, *words)
+
+
+def test_client_state_that_is_not_data_is_refused_at_save():
+    for key, place, hint in (("save_object", "client_state['sampler']", "state_dict()"),
+                             ("save_numpy", "client_state['rng'] is a numpy.float64",
+                              ".tolist()")):
+        _on_every_rank("crafted", key, place, "Allowed: None, bool, int", hint,
+                       "Nothing was written")
+    assert not any(_each("crafted", "obj_written"))
+
+
+def test_every_allowed_type_round_trips():
+    result = _results()[0]["crafted"]
+    plain, back = result["plain"], result["plain_back"]
+    assert set(back) == set(plain)
+    for key, value in plain.items():
+        if torch.is_tensor(value):
+            assert torch.equal(back[key], value), key
+        else:
+            assert back[key] == value and type(back[key]) is type(value), key
+    # Every allowed type is among the values (dict and tuple as the containers around them).
+    covered = {type(v) for v in plain.values()} | {dict, tuple, torch.nn.Parameter}
+    assert set(ALLOWED_TYPES) <= covered
+
+
+# -- item 6: a re-save interrupted between its renames ------------------------------------------
+@pytest.mark.parametrize("point, listing, which", [
+    ("before_first_rename", ["last", "last.partial", "latest"], "old"),
+    ("between_renames", ["last.partial", "last.replaced", "latest"], "new"),
+    ("before_removing_old", ["last", "last.replaced", "latest"], "new"),
+])
+def test_crash_during_resave_leaves_a_complete_copy_that_loads(point, listing, which):
+    for rank, result in enumerate(_each("resave", point)):
+        assert "Crash" in result["crashed"], result["crashed"]
+        assert result["listing"] == listing, (rank, result["listing"])
+        assert result["loaded"] == "ok", (rank, result["loaded"])
+        assert result["which"] == which, rank
+        assert result["global_steps"] == (2 if which == "new" else 1)
+        # The next save of the tag cleans up.
+        assert [n for n in result["after"] if not n.startswith(".")] == ["last", "latest"]
+    if point == "between_renames":
+        assert any("stopped between its two renames" in w and "last.partial" in w
+                   for w in _each("resave", point)[0]["warnings"])
+
+
+# -- item 7: a failed load leaves the engine as it was ---------------------------------------------
+@pytest.mark.parametrize("case, words", [
+    ("scheduler", ["has no LR scheduler state", "load_lr_scheduler_states=False"]),
+    ("groups", ["2 optimizer parameter groups, this engine 1"]),
+    ("shape", ["frozen_shift is (24,)", "(25,) in the model"]),
+])
+def test_failed_load_changes_nothing(case, words):
+    _on_every_rank("failed", case, *words)
+    assert all(_each("failed", case + "_unchanged"))
+
+
+# -- item 9: resume with a changed config --------------------------------------------------------
+def test_changed_hyperparameters_are_named_once_and_the_checkpoints_win():
+    results = _results()
+    outcome, seen, _ = results[0]["changed"]["values"]
+    assert outcome == "ok" and len(seen) == 1, seen
+    for words in ("group 0 lr: 0.01 in the checkpoint, 0.003 configured",
+                  "group 0 weight_decay: 0.1 in the checkpoint, 0.2 configured",
+                  "group 0 betas: (0.9, 0.999) in the checkpoint, (0.8, 0.99) configured",
+                  "group 0 eps: 1e-08 in the checkpoint, 1e-06 configured"):
+        assert words in seen[0], words
+    assert results[1]["changed"]["values"][:2] == ("ok", [])  # rank 0 alone says it
+    for result in results:
+        assert result["changed"]["groups_after"] == result["changed"]["saved_groups"]
+
+
+def test_optimizer_type_change_is_refused_unless_the_optimizer_starts_fresh():
+    _on_every_rank("changed", "adam", "saved by AdamW (decoupled weight decay)",
+                   "runs Adam (L2 weight decay)", "load_optimizer_states=False")
+    assert all(_each("changed", "adam_unchanged"))
+    for result in _results():
+        assert result["changed"]["adam_fresh"] == "ok"
+        for name, value in result["changed"]["params_at_save"].items():
+            assert torch.equal(result["changed"]["adam_fresh_params"][name], value), name
+
+
+# -- item 5: DeepSpeed's API -------------------------------------------------------------------
+@pytest.mark.parametrize("name, where", [("empty", "latest does not exist"),
+                                         ("missing", "missing does not exist")])
+def test_load_without_a_checkpoint_returns_none_with_a_warning(name, where):
+    for rank, (outcome, seen, value) in enumerate(_each("api", name)):
+        assert outcome == "ok" and value == (None, None), rank
+        assert (rank == 0) == any(where in w and "(None, None)" in w for w in seen), (rank, seen)
+    assert all(_each("api", "none_unchanged"))
+
+
+def test_save_into_an_empty_directory_name_is_refused():
+    _on_every_rank("api", "empty_dir", "save_dir is ''")
+    assert _each("api", "cwd_listing") == [[], []]
+
+
+def test_exclude_frozen_parameters_leaves_them_out_and_loads():
+    for result in _results():
+        api = result["api"]
+        assert "frozen_shift" not in api["model_states_keys"]
+        assert api["nofrozen_load"] == "ok"
+        for name, value in api["params_at_save"].items():
+            if name == "frozen_shift":  # not in the checkpoint: the model's own value stays
+                assert torch.equal(api["nofrozen_params"][name], torch.full_like(value, 0.25))
+            else:
+                assert torch.equal(api["nofrozen_params"][name], value), name
+
+
+def test_tag_directory_passed_as_the_save_directory_is_named():
+    for message in _each("api", "tag_dir"):
+        assert "is itself a checkpoint" in message and "pass the parent directory" in message
+        assert message.rstrip().endswith("and tag='t'"), message
+
+
+# -- never save a worse or diverged state -------------------------------------------------------
+def test_non_finite_masters_are_refused_naming_bucket_and_parameter():
+    result = _results()[0]["worse"]
+    _on_every_rank("worse", "nan", "rank 1: the optimizer state is not finite",
+                   f"bucket {result['nan_bucket']}", f"the first in {result['nan_param']}",
+                   "Nothing was written")
+    assert _each("worse", "nan_listing") == [["global_step1", "latest"]] * 2
+
+
+def test_replacing_a_tag_at_the_same_step_is_said():
+    outcome, seen, _ = _results()[0]["worse"]["same_step"]
+    assert outcome == "ok"
+    assert any("replacing" in w and "global_step1" in w and "same step counts" in w
+               for w in seen), seen
+
+
+def test_diverged_step_counts_are_named_at_save():
+    for message in _each("worse", "diverged"):
+        assert "different numbers of optimizer steps (rank 0 4, rank 1 3)" in message, message
+        assert "tag" not in message
+
+
+# -- item 12: clear errors ---------------------------------------------------------------------
+@pytest.mark.parametrize("key, words", [
+    ("version_str", ["manifest.json is malformed", "'version' is '1' (str)"]),
+    ("no_files", ["manifest.json is malformed", "no 'files'"]),
+    ("save_into_file", ["a_file is a file, not a directory"]),
+    ("tag_is_file", ["tagfile/t is a file, so tag 't' cannot be saved"]),
+    ("load_tag_file", ["tagfile/t is a file, not a checkpoint directory"]),
+    ("locked", ["another job is saving into", "process", "on host", "give each job its own"]),
+    ("full", ["the disk is full", "global_step1.partial was removed",
+              "global_step0.partial (1,000 bytes)", "bytes and", "were free"]),
+])
+def test_misuse_errors_say_what_and_how(key, words):
+    _on_every_rank("errors", key, *words)
+
+
+def test_lock_of_a_running_job_blocks_and_a_dead_ones_is_taken_over():
+    assert not any(_each("errors", "locked_written"))
+    outcome, seen, _ = _results()[0]["errors"]["stale"]
+    assert outcome == "ok" and any("took over" in w and "which is gone" in w for w in seen)
+    assert _results()[0]["errors"]["stale_listing"] == ["global_step1", "latest"]
+
+
+def test_consolidate_removes_a_killed_runs_temporaries(tmp_path):
+    _results()  # wrote the checkpoint
+    source = os.path.join(_root(), "crafted", "good")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "model.safetensors"
+    leftover = tmp_path / f"model.safetensors.tmp.{dead.pid}"
+    leftover.write_bytes(b"half")
+    alive = tmp_path / f"model.safetensors.tmp.{os.getppid()}"  # a writer still running
+    alive.write_bytes(b"busy")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        consolidate(source, out)
+    assert out.exists() and not leftover.exists() and alive.exists()
+    assert any(leftover.name in str(w.message) and "killed" in str(w.message) for w in seen)
+
+
+def test_consolidate_that_fails_leaves_no_temporary(tmp_path):
+    _results()  # wrote the checkpoint
+    broken = tmp_path / "broken"
+    shutil.copytree(os.path.join(_root(), "crafted", "good", "t"), broken)
+    shard = broken / "zero_shard_00001_of_00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        consolidate(broken, tmp_path / "out.safetensors")
+    assert [p.name for p in tmp_path.iterdir() if ".tmp." in p.name] == []
+
+
+# -- stage3_gather_16bit_weights_on_model_save ----------------------------------------------------
+def test_save_16bit_model_writes_at_stage3_and_says_where_deepspeed_would_not():
+    from safetensors.torch import load_file
+
+    result = _results()[0]["model"]
+    for gather in (False, True):
+        outcome, seen, file = result[gather]
+        assert outcome == "ok"
+        named = any("stage3_gather_16bit_weights_on_model_save is false" in w for w in seen)
+        assert named == (not gather), seen
+        tensors = load_file(file)
+        assert set(tensors) == set(result[f"{gather}_full"])
+        for key, value in result[f"{gather}_full"].items():
+            assert torch.equal(tensors[key], value), key
+    assert _results()[1]["model"][False][1] == []  # rank 0 alone warns

@@ -1,0 +1,325 @@
+"""engine.load_checkpoint: reads what save_checkpoint (engine_state.py) wrote, at any world size
+and stage, in two phases.
+
+Called by ZeroEngine.load_checkpoint (collective: every rank calls it). First every rank checks
+everything it will use, changing nothing: the directory and tag, the manifest and the
+checksums of every file it reads, that each parameter, buffer and optimizer group fits, that
+engine_state.pt is plain data, that the optimizer's update rule is the same. The verdicts are
+exchanged; only if every rank may load does any rank start writing, so a load that fails
+leaves the engine exactly as it was, on every rank. Loading maps each parameter's elements from
+the saved bucket layout onto this engine's, so the world size and the stage may differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from zero_ext import comm
+from zero_ext.checkpoint import data_only
+from zero_ext.checkpoint.engine_state import (
+    _attempt,
+    _files_of,
+    _fill_plan,
+    _frozen_keys,
+    _names,
+    _raise_together,
+    _restore_rng,
+)
+from zero_ext.checkpoint.format import (
+    ENGINE_STATE,
+    KINDS,
+    LATEST,
+    MODEL_STATES,
+    CheckpointError,
+    CheckpointIndex,
+    find_checkpoint,
+    partial_dirs,
+    resolve_tag,
+    shard_file_name,
+)
+
+__all__ = ["load_checkpoint"]
+
+CALLER = "zero_ext.load_checkpoint"
+# Scheduler state entries that count progress rather than configure the schedule.
+_SCHEDULER_COUNTERS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step",
+                       "_is_initial", "verbose", "last_batch_iteration"}
+
+
+@dataclass
+class _Plan:
+    """Everything a load writes, read and checked before the first write."""
+
+    index: CheckpointIndex
+    fill: list                        # (target, first, name, a, b, kind), from _fill_plan
+    model_states: list                # (tensor in the model, saved key)
+    extra: dict                       # engine_state.pt
+    own_rng: str | None               # this rank's shard file, when its RNG states apply
+    differences: list[str]            # optimizer/scheduler settings the checkpoint replaces
+
+
+def _announce_missing(load_dir: str) -> None:
+    latest = os.path.join(load_dir, LATEST)
+    where = f"{load_dir} does not exist" if not os.path.exists(load_dir) else \
+        f"{latest} does not exist"
+    partial = partial_dirs(load_dir)
+    hint = (f"; the only saves found there never finished: "
+            f"{[os.path.basename(p) for p in partial]}" if partial else "")
+    warnings.warn(f"{CALLER}: {where}, so there is no checkpoint to load{hint}. Returning "
+                  f"(None, None) with the engine unchanged, as DeepSpeed does; pass tag= to load "
+                  f"a named checkpoint", stacklevel=4)
+
+
+def _model_states_plan(engine, index: CheckpointIndex) -> list:
+    """Buffers and frozen parameters to copy from rank 0's file, checked against the model
+    (names, shapes); the frozen parameters a save left out (exclude_frozen_parameters) keep
+    the model's values."""
+    reader = index.reader(MODEL_STATES)
+    current = engine.module.state_dict(keep_vars=True)
+    wanted = {key: where for key, kind, where in index.metadata["state_dict"] if kind == "state"}
+    trainable = {id(p) for p in engine._params}
+    mine = {key for key, value in current.items() if id(value) not in trainable}
+    excluded = set(index.metadata.get("excluded_frozen", [])) & _frozen_keys(engine)
+    missing, extra = sorted(mine - set(wanted) - excluded), sorted(set(wanted) - mine)
+    if missing or extra:
+        raise CheckpointError(
+            f"{CALLER}: {index.path} does not fit this model's buffers and frozen parameters: "
+            f"missing from the checkpoint {missing[:8]}, not in the model {extra[:8]}")
+    plan = []
+    for key in sorted(mine - excluded):
+        value, source = current[key], wanted[key]
+        if source not in reader:
+            raise CheckpointError(f"{CALLER}: {index.path}: {MODEL_STATES} has no {source!r}")
+        if tuple(reader.shape(source)) != tuple(value.shape):
+            raise CheckpointError(f"{CALLER}: {key} is {tuple(reader.shape(source))} in "
+                                  f"{index.path} and {tuple(value.shape)} in the model")
+        plan.append((value, source))
+    return plan
+
+
+def _update_rule(group: dict) -> str:
+    return "AdamW (decoupled weight decay)" if group.get("decoupled_weight_decay") else \
+        "Adam (L2 weight decay)"
+
+
+def _optimizer_differences(engine, meta: dict, extra: dict, path: str) -> list[str]:
+    """Checks that the checkpoint's optimizer state fits this engine's optimizer (refusing a
+    change of update rule, whose moments mean something else), and lists the hyperparameters
+    in which the two differ (the checkpoint's win, as in torch's Optimizer.load_state_dict)."""
+    groups = extra["param_groups"]
+    mine = engine.optimizer.param_groups
+    if not isinstance(groups, list) or len(groups) != len(mine):
+        raise CheckpointError(
+            f"{CALLER}: the checkpoint has {len(groups)} optimizer parameter groups, this "
+            f"engine {len(mine)}; build the same groups, or pass load_optimizer_states=False")
+    saved_class = meta.get("optimizer_class")
+    if engine.replicated_optimizer is not None:
+        if saved_class is not None and saved_class != type(engine.optimizer).__name__:
+            raise CheckpointError(
+                f"{CALLER}: {path} holds the state of a {saved_class}, this engine runs a "
+                f"{type(engine.optimizer).__name__}; pass load_optimizer_states=False to keep "
+                f"the weights and start this optimizer fresh")
+        saved = extra["replicated_optimizer"]
+        sizes = [len(g.get("params", [])) for g in saved.get("param_groups", [])] \
+            if isinstance(saved, dict) else None
+        if sizes != [len(g["params"]) for g in mine]:
+            raise CheckpointError(
+                f"{CALLER}: {path}'s optimizer state covers parameter groups of sizes {sizes}, "
+                f"this optimizer's are {[len(g['params']) for g in mine]}; pass "
+                f"load_optimizer_states=False")
+    else:
+        for index, (group, saved) in enumerate(zip(mine, groups)):
+            if bool(group.get("decoupled_weight_decay")) != \
+                    bool(saved.get("decoupled_weight_decay")):
+                raise CheckpointError(
+                    f"{CALLER}: {path} was saved by {_update_rule(saved)} and this engine runs "
+                    f"{_update_rule(group)} (parameter group {index}): the moments and weights "
+                    f"were made by the other update rule. Configure the checkpoint's optimizer "
+                    f"to resume it, or pass load_optimizer_states=False to keep its weights and "
+                    f"start this optimizer fresh")
+    differences = []
+    for index, (group, saved) in enumerate(zip(mine, groups)):
+        for key in sorted(set(group) | set(saved)):
+            if key in ("params", "initial_lr") or \
+                    (key == "lr" and engine.lr_scheduler is not None):
+                continue  # a schedule's lr follows its own state, compared below
+            if key in saved and key in group and _differs(saved[key], group[key]):
+                differences.append(f"group {index} {key}: {saved[key]!r} in the checkpoint, "
+                                   f"{group[key]!r} configured")
+    return differences
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return not torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    return a != b
+
+
+def _scheduler_differences(engine, saved: dict) -> list[str]:
+    if not isinstance(saved, dict):
+        return []
+    mine = engine.lr_scheduler.state_dict()
+    return [f"scheduler {key}: {saved[key]!r} in the checkpoint, {mine[key]!r} configured"
+            for key in sorted(set(saved) & set(mine) - _SCHEDULER_COUNTERS)
+            if _differs(saved[key], mine[key])]
+
+
+def _read_engine_state(index: CheckpointIndex) -> dict:
+    with open(os.path.join(index.path, ENGINE_STATE), "rb") as f:
+        raw = f.read()
+    try:
+        extra = data_only.loads(raw, os.path.join(index.path, ENGINE_STATE))
+    except ValueError as error:
+        raise CheckpointError(f"{CALLER}: {error}") from None
+    keys = {"param_groups", "lr_scheduler", "replicated_optimizer", "client_state"}
+    if not isinstance(extra, dict) or not keys <= set(extra):
+        raise CheckpointError(f"{CALLER}: {index.path}/{ENGINE_STATE} is not a zero_ext engine "
+                              f"state (expected a dict with {sorted(keys)})")
+    return extra
+
+
+def _plan_load(engine, path: str, load_optimizer_states: bool,
+               load_lr_scheduler_states: bool) -> _Plan:
+    """Every check of the load, without changing anything."""
+    names = _names(engine)
+    index = CheckpointIndex(path)
+    meta = index.metadata
+    if load_optimizer_states and engine.replicated_optimizer is None and \
+            meta["optimizer"] == "replicated":
+        raise CheckpointError(
+            f"{path} holds a stage-0 torch optimizer's state, not AdamW moments for the "
+            f"sharded optimizer; load it with load_optimizer_states=False")
+    if load_optimizer_states and engine.replicated_optimizer is not None and \
+            meta["optimizer"] != "replicated":
+        raise CheckpointError(
+            f"{path} holds sharded AdamW state, which this engine's "
+            f"{type(engine.replicated_optimizer).__name__} cannot take; load it with "
+            f"load_optimizer_states=False")
+    kinds = KINDS if load_optimizer_states else ("master",)
+    saved = {n: place.shape for n, place in index.params.items()}
+    unexpected = sorted(set(saved) - set(names))
+    if unexpected:
+        raise CheckpointError(f"{CALLER}: {path} has parameters this model lacks: "
+                              f"{unexpected[:8]}")
+    fill = _fill_plan(engine, saved, names, kinds, f"{CALLER}: {path}")
+    own_rng = shard_file_name(engine.rank, engine.world_size) \
+        if index.world_size == engine.world_size else None
+    needed = _files_of(index, fill) + [MODEL_STATES, ENGINE_STATE] + ([own_rng] if own_rng else [])
+    index.verify_files(sorted(set(needed)))
+    for file, tensor, kind in {(f, t, k) for _, _, name, a, b, k in fill
+                               for f, t, _, _ in index.pieces(name, a, b)}:
+        if f"{tensor}.{kind}" not in index.reader(file):
+            raise CheckpointError(f"{CALLER}: {path}/{file} has no {tensor}.{kind}")
+    extra = _read_engine_state(index)
+    model_states = _model_states_plan(engine, index)
+    differences = _optimizer_differences(engine, meta, extra, path) \
+        if load_optimizer_states else []
+    if load_lr_scheduler_states and engine.lr_scheduler is not None:
+        if extra["lr_scheduler"] is None:
+            raise CheckpointError(f"{CALLER}: {path} has no LR scheduler state (it was saved "
+                                  f"without a scheduler); pass load_lr_scheduler_states=False")
+        differences += _scheduler_differences(engine, extra["lr_scheduler"])
+    if own_rng is not None:
+        metadata = index.reader(own_rng).metadata
+        json.loads(metadata["python_random"])  # malformed: refused now, not half way
+        if "numpy_random" in metadata:
+            json.loads(metadata["numpy_random"])
+    return _Plan(index, fill, model_states, extra, own_rng, differences)
+
+
+@torch.no_grad()
+def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool = True,
+                    load_lr_scheduler_states: bool = True, load_module_only: bool = False):
+    """Collective. Restores what save_checkpoint wrote, at this engine's world size and stage;
+    returns (checkpoint path, client_state), or (None, None) when `load_dir` holds no
+    checkpoint and no tag was given (DeepSpeed's behaviour). A load that fails raises on every
+    rank and changes nothing."""
+    load_dir = os.path.abspath(load_dir)
+    resolved, problem = _attempt(resolve_tag, load_dir, tag, CALLER)
+    views = comm.all_gather_object((resolved, problem))
+    _raise_together(problem, "load_checkpoint")
+    tags = [v[0] for v in views]
+    if len(set(tags)) > 1:
+        raise CheckpointError(f"{CALLER}: the ranks resolved different tags ({tags}); each "
+                              f"rank reads {load_dir}/{LATEST} from its own filesystem. Pass "
+                              f"tag= explicitly, or save to a filesystem every rank shares")
+    if resolved is None:
+        if engine.rank == 0:
+            _announce_missing(load_dir)
+        return None, None
+    path, note = find_checkpoint(load_dir, resolved)
+    if engine.rank == 0:
+        if note is not None:
+            warnings.warn(f"{CALLER}: {note}", stacklevel=3)
+        for partial in partial_dirs(load_dir):
+            if partial != path:
+                warnings.warn(f"{CALLER}: {partial} is an incomplete checkpoint (its save never "
+                              f"finished); it was ignored and can be deleted", stacklevel=3)
+    if load_module_only:
+        load_optimizer_states = load_lr_scheduler_states = False
+
+    plan, problem = _attempt(_plan_load, engine, path, load_optimizer_states,
+                             load_lr_scheduler_states)
+    counters = plan.index.metadata["counters"] if plan is not None else None
+    views = comm.all_gather_object((problem, counters))
+    _raise_together(problem, "load_checkpoint")
+    if len({json.dumps(c, sort_keys=True) for _, c in views}) > 1:
+        detail = "; ".join(f"rank {r}: {c}" for r, (_, c) in enumerate(views))
+        raise CheckpointError(f"{CALLER}: the ranks read different step counts from {path} "
+                              f"({detail}): they see different copies of it. Load from a "
+                              f"filesystem every rank shares")
+    if plan.differences and engine.rank == 0:
+        warnings.warn(
+            f"{CALLER}: {path} was saved with other optimizer settings than this engine's "
+            f"config, and the checkpoint's are used (PyTorch's rule: loading an optimizer's "
+            f"state restores its hyperparameters): {'; '.join(plan.differences)}. To train "
+            f"with the configured values, set them in engine.optimizer.param_groups after "
+            f"loading, or pass load_optimizer_states=False (fresh moments)", stacklevel=3)
+    _apply(engine, plan, load_optimizer_states, load_lr_scheduler_states, load_module_only)
+    return path, plan.extra["client_state"]
+
+
+def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_states: bool,
+           load_module_only: bool) -> None:
+    """Writes what _plan_load checked into the engine."""
+    index, meta, extra = plan.index, plan.index.metadata, plan.extra
+    for target, at, name, a, b, kind in plan.fill:
+        index.read_into(kind, name, a, target[at:at + b - a])
+    reader = index.reader(MODEL_STATES)
+    for value, source in plan.model_states:
+        value.data.copy_(reader.read(source))
+    engine._sync_weights_from_master()
+    if load_optimizer_states:
+        if engine.replicated_optimizer is not None:
+            engine.replicated_optimizer.load_state_dict(extra["replicated_optimizer"])
+        else:
+            for group, saved in zip(engine.optimizer.param_groups, extra["param_groups"]):
+                group.update(saved)
+            for shard in engine.optimizer.shards:
+                shard.step.fill_(meta["optimizer_steps"][shard.layout.group])
+    if load_lr_scheduler_states and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(extra["lr_scheduler"])
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    if load_module_only:
+        return
+    counters = meta["counters"]
+    engine.global_steps = counters["global_steps"]
+    # Checkpoints are taken at window boundaries, so the next micro-step opens a window,
+    # whatever the accumulation count was when the checkpoint was written.
+    engine.micro_steps = counters["global_steps"] * engine.batch.gradient_accumulation_steps
+    engine.skipped_steps = counters["skipped_steps"]
+    if engine.loss_scaler is not None and meta["loss_scaler"] is not None:
+        engine.loss_scaler.load_state_dict(meta["loss_scaler"])
+    if plan.own_rng is not None:
+        _restore_rng(index.reader(plan.own_rng))
+    elif engine.rank == 0:
+        print(f"[zero_ext] {index.path} was saved by {index.world_size} ranks and is loaded by "
+              f"{engine.world_size}: random-number states are not restored", flush=True)
