@@ -20,7 +20,7 @@ import checkpoint_safety_cases
 import pytest
 import torch
 
-from zero_ext.checkpoint import CheckpointError, consolidate
+from zero_ext.checkpoint import consolidate
 from zero_ext.checkpoint.data_only import ALLOWED_TYPES
 
 from dist_harness import run_group
@@ -70,16 +70,14 @@ def test_latest_that_leaves_the_save_directory_is_refused(name, words):
     _on_every_rank("crafted", name, *words)
 
 
-def test_client_state_that_is_not_data_is_refused_at_save():
+def test_client_state_that_is_not_data_is_refused_at_save_and_data_round_trips():
     for key, place, hint in (("save_object", "client_state['sampler']", "state_dict()"),
                              ("save_numpy", "client_state['rng'] is a numpy.float64",
                               ".tolist()")):
         _on_every_rank("crafted", key, place, "Allowed: None, bool, int", hint,
                        "Nothing was written")
     assert not any(_each("crafted", "obj_written"))
-
-
-def test_every_allowed_type_round_trips():
+    # What the save check lets through, the data-only load reads back unchanged.
     result = _results()[0]["crafted"]
     plain, back = result["plain"], result["plain_back"]
     assert set(back) == set(plain)
@@ -241,19 +239,6 @@ def test_consolidate_removes_a_killed_runs_temporaries(tmp_path):
         consolidate(source, out)
     assert out.exists() and not leftover.exists() and alive.exists()
     assert any(leftover.name in str(w.message) and "killed" in str(w.message) for w in seen)
-
-
-def test_consolidate_that_fails_leaves_no_temporary(tmp_path):
-    _results()  # wrote the checkpoint
-    broken = tmp_path / "broken"
-    shutil.copytree(os.path.join(_root(), "crafted", "good", "t"), broken)
-    shard = broken / "zero_shard_00001_of_00002.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    shard.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="fails its checksum"):
-        consolidate(broken, tmp_path / "out.safetensors")
-    assert [p.name for p in tmp_path.iterdir() if ".tmp." in p.name] == []
 
 
 # -- stage3_gather_16bit_weights_on_model_save ----------------------------------------------------
