@@ -121,6 +121,13 @@ def test_checkpoint_of_two_ranks_resumes_at_one(runs):
                                    msg=key)
 
 
+def test_resume_from_a_crafted_checkpoint_runs_no_code(runs):
+    result, _ = runs
+    evil = result("evil")
+    assert not evil["marker"]
+    assert "engine_state.pt holds something other than plain data" in evil["outcome"], evil
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_no_ddp_and_each_rank_reads_its_own_samples(runs, stage):
     result, _ = runs

@@ -221,6 +221,30 @@ def single(out):
     resumed.train(resume_from_checkpoint=os.path.join(out, "run2", f"checkpoint-{STOP_AT}"))
     record(resumed, out, "zero2_resumed_1rank")
 
+    # resume_from_checkpoint on a checkpoint whose engine state would run a command when
+    # unpickled (its manifest re-made to match): refused, the command never runs.
+    import shutil
+
+    from checkpoint_safety_cases import RunsCode, rewrite_manifest
+
+    from zero_ext.checkpoint import CheckpointError
+    evil = os.path.join(out, "evil", f"checkpoint-{STOP_AT}")
+    shutil.copytree(os.path.join(out, "run2", f"checkpoint-{STOP_AT}"), evil)
+    marker = os.path.join(out, "evil_marker")
+    state = os.path.join(evil, f"global_step{STOP_AT}", "engine_state.pt")
+    crafted = torch.load(state, weights_only=False)
+    crafted["client_state"] = RunsCode(marker)
+    torch.save(crafted, state)
+    rewrite_manifest(os.path.dirname(state), lambda manifest: None)
+    train, _ = data()
+    try:
+        zero_trainer(2, os.path.join(out, "evil"), train).train(resume_from_checkpoint=evil)
+        outcome = "resumed"
+    except CheckpointError as error:
+        outcome = str(error)
+    with open(os.path.join(out, "evil.json"), "w") as f:
+        json.dump({"outcome": outcome, "marker": os.path.exists(marker)}, f)
+
     # fp16 with a loss scale that overflows the first steps: they are skipped, and the LR
     # schedule starts with the first step taken.
     train, _ = data()

@@ -158,7 +158,8 @@ def find_checkpoint(save_dir: str, tag: str) -> tuple[str, str | None]:
     for suffix, which in ((PARTIAL_SUFFIX, "the new copy"), (REPLACED_SUFFIX, "the old copy")):
         if has_manifest(path + suffix):
             return path + suffix, (
-                f"the save that replaced {path} stopped between its two renames; {which} "
+                f"the save of {path} stopped before renaming its files into place (between "
+                f"its two renames when it replaced an earlier copy); {which} "
                 f"({path + suffix}), which is complete, is loaded. The next save of this tag "
                 f"puts it back in place")
     return path, None
