@@ -71,11 +71,23 @@ def _describe(problems: list) -> str | None:
         for problem, ranks in by_problem.items())
 
 
-def _raise_together(problem: str | None, what: str) -> None:
-    """Every rank's `problem` (None when fine) is exchanged; if any rank has one, all raise."""
-    detail = _describe(comm.all_gather_object(problem))
+def _raise_if_any(problems: list, what: str) -> None:
+    """Raises on this rank if any rank's problem (already exchanged) is not None."""
+    detail = _describe(problems)
     if detail is not None:
         raise CheckpointError(f"zero_ext.{what} {detail}")
+
+
+def _raise_together(problem: str | None, what: str) -> None:
+    """Every rank's `problem` (None when fine) is exchanged; if any rank has one, all raise."""
+    _raise_if_any(comm.all_gather_object(problem), what)
+
+
+def _free_bytes(path: str) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:  # not there on this rank's filesystem: the error says what happened
+        return -1
 
 
 def _attempt(fn, *args):
@@ -324,7 +336,7 @@ def _no_space_detail(save_dir: str, staging: str, outcomes: list) -> str:
     """For a save that ran out of disk: the bytes the checkpoint needs, the bytes free, and the
     incomplete saves (their directories named) that hold space."""
     needed = sum(planned for _, _, planned, _ in outcomes)
-    free = min(free for _, _, _, free in outcomes)
+    free = min((free for _, _, _, free in outcomes if free >= 0), default=0)
     others = []
     for partial in partial_dirs(save_dir):
         if partial == staging:
@@ -375,7 +387,7 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None,
                                     "global_steps": engine.global_steps,
                                     "micro_steps": engine.micro_steps})
     _check_steps_agree(views, caller)
-    _raise_together(problem, "save_checkpoint")
+    _raise_if_any([v["problem"] for v in views], "save_checkpoint")
     tags = [v["tag"] for v in views]
     if len(set(tags)) > 1:
         raise CheckpointError(
@@ -418,7 +430,7 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None,
                                   exclude_frozen_parameters) if engine.rank == 0 else {})})
         outcomes = comm.all_gather_object(
             (records, problem, _planned_bytes(engine, engine.rank == 0),
-             shutil.disk_usage(save_dir).free))
+             _free_bytes(save_dir)))
         detail = _describe([p for _, p, _, _ in outcomes])
         if detail is not None:
             if engine.rank == 0:

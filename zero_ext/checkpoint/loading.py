@@ -27,7 +27,7 @@ from zero_ext.checkpoint.engine_state import (
     _fill_plan,
     _frozen_keys,
     _names,
-    _raise_together,
+    _raise_if_any,
     _restore_rng,
 )
 from zero_ext.checkpoint.format import (
@@ -244,7 +244,7 @@ def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool
     load_dir = os.path.abspath(load_dir)
     resolved, problem = _attempt(resolve_tag, load_dir, tag, CALLER)
     views = comm.all_gather_object((resolved, problem))
-    _raise_together(problem, "load_checkpoint")
+    _raise_if_any([p for _, p in views], "load_checkpoint")
     tags = [v[0] for v in views]
     if len(set(tags)) > 1:
         raise CheckpointError(f"{CALLER}: the ranks resolved different tags ({tags}); each "
@@ -269,7 +269,7 @@ def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool
                              load_lr_scheduler_states)
     counters = plan.index.metadata["counters"] if plan is not None else None
     views = comm.all_gather_object((problem, counters))
-    _raise_together(problem, "load_checkpoint")
+    _raise_if_any([p for p, _ in views], "load_checkpoint")
     if len({json.dumps(c, sort_keys=True) for _, c in views}) > 1:
         detail = "; ".join(f"rank {r}: {c}" for r, (_, c) in enumerate(views))
         raise CheckpointError(f"{CALLER}: the ranks read different step counts from {path} "
