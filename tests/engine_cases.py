@@ -696,7 +696,11 @@ def init_cases() -> dict:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor) and not t.is_meta:
+                # Floating-point tensors that fill their storage: new allocations of values
+                # (the CPU collectives view pieces of their shared arena; metadata goes
+                # through pickled byte tensors).
+                if isinstance(t, torch.Tensor) and not t.is_meta and t.is_floating_point() \
+                        and t.untyped_storage().nbytes() == t.numel() * t.element_size():
                     self.numel = max(self.numel, t.numel())
             return out
 
@@ -707,6 +711,7 @@ def init_cases() -> dict:
     all_meta = all(p.is_meta for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     largest = LargestTensor()
+    comm.all_gather(torch.zeros(world_size), torch.zeros(1))  # the CPU collectives' arena first
     with largest:
         engine, _, _, _ = zero_ext.initialize(model=model,
                                               config=config(3, "fp32", 1, world_size))
@@ -722,10 +727,12 @@ def init_cases() -> dict:
     out["llama"] = llama_under_init()
     try:
         with zero_ext.Init():
-            bad = TinyNet()  # frozen_shift: a bare nn.Parameter nothing initializes
+            bad = TinyNet()
+        # A parameter put on the meta device by hand has no values to take.
+        bad.unused.weight = nn.Parameter(torch.empty(5, 3, device="meta"))
         zero_ext.initialize(model=bad, config=config(3, "fp32", 1, world_size))
     except ValueError as error:
-        out["bare_parameter_error"] = str(error)
+        out["meta_parameter_error"] = str(error)
     return out
 
 
@@ -827,24 +834,23 @@ class Borrow(nn.Module):
 
 
 def external_parameter_cases() -> dict:
-    world_size, rank = comm.world_size(), comm.rank()
-    tokens, targets = global_batch(0, world_size, 1)
+    """Borrow's forward uses a.weight outside `a`: found and gathered by itself (as DeepSpeed
+    registers external parameters), or declared with register_external_parameter; both train
+    as single-process torch."""
+    world_size = comm.world_size()
     out = {}
-    torch.manual_seed(0)
-    engine, _, _, _ = zero_ext.initialize(model=Borrow(),
-                                          config=config(3, "fp32", 1, world_size))
-    try:
-        run(engine, tokens[0, rank], targets[0, rank])
-    except RuntimeError as error:
-        out["error"] = str(error)
-    torch.manual_seed(0)
-    model = Borrow()
-    torch.manual_seed(0)
-    reference = Borrow()
-    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
-    zero_ext.register_external_parameter(model, model.a.weight)
-    train_steps(engine, 3)
-    out.update(params=host_params(model, engine), reference=train_reference_steps(reference, 3))
+    for declared in (False, True):
+        torch.manual_seed(0)
+        model = Borrow()
+        torch.manual_seed(0)
+        reference = Borrow()
+        engine, _, _, _ = zero_ext.initialize(model=model,
+                                              config=config(3, "fp32", 1, world_size))
+        if declared:
+            zero_ext.register_external_parameter(model, model.a.weight)
+        train_steps(engine, 3)
+        out[declared] = dict(params=host_params(model, engine),
+                             reference=train_reference_steps(reference, 3))
     return out
 
 

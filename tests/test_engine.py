@@ -311,8 +311,8 @@ def test_init_builds_without_allocating_and_trains_like_a_plain_model():
         for name, ref in reference.items():
             assert_close(result["params"][name], ref, rtol=1e-5,
                          atol=1e-5 * ref.abs().max().item(), msg=f"rank {rank} {name}")
-        assert "module <root> (TinyNet) has parameters created under zero_ext.Init but no " \
-            "reset_parameters()" in result["bare_parameter_error"]
+        assert "parameter unused.weight is on the meta device without values" in \
+            result["meta_parameter_error"]
 
 
 def test_transformers_model_under_init_initializes_itself_and_trains():
@@ -375,13 +375,13 @@ def test_stage3_resident_parameter_bytes_stay_within_shards_plus_units_in_flight
             assert max(result["seen"][phase]) <= bound, phase
 
 
-def test_stage3_parameter_used_outside_its_unit_errors_clearly_or_is_registered():
+def test_stage3_parameter_used_outside_its_unit_is_gathered_or_is_registered():
     for rank, result in enumerate(run_group(2, engine_cases.external_parameter_cases)):
-        assert "parameter a.weight is used while its unit (a) is not gathered" in \
-            result["error"] and "zero_ext.register_external_parameter" in result["error"]
-        for name, ref in result["reference"].items():
-            assert_close(result["params"][name], ref, rtol=1e-5,
-                         atol=1e-5 * ref.abs().max().item(), msg=f"rank {rank} {name}")
+        for declared, run in result.items():
+            for name, ref in run["reference"].items():
+                assert_close(run["params"][name], ref, rtol=1e-5,
+                             atol=1e-5 * ref.abs().max().item(),
+                             msg=f"rank {rank} declared={declared} {name}")
 
 
 @pytest.mark.cuda

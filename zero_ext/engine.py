@@ -386,12 +386,8 @@ class ZeroEngine(nn.Module):
         if self.config.fp16.auto_cast:  # DeepSpeed casts the positional inputs only
             args = _cast_floating_to_half(args)
         with self._timers.time("forward"):
-            if self.partitioned is not None and self.partitioned.prefetch.recording is not None:
-                # The first stage-3 forward runs under a check that names a parameter used
-                # outside its unit, instead of the op's own shape error.
-                names = {id(p): n for n, p in self.module.named_parameters()}
-                with self.partitioned.released_parameter_check(names):
-                    return self.module(*args, **kwargs)
+            # Stage 3: a partitioned parameter used outside its unit is gathered (or named in
+            # an error) by its released placeholder itself (params.py, _ReleasedParameter).
             return self.module(*args, **kwargs)
 
     def is_gradient_accumulation_boundary(self) -> bool:

@@ -25,6 +25,17 @@ import torch
 from torch import nn
 
 from zero_ext import comm
+from zero_ext.zero.construction import (
+    METADATA_FUNCTIONS,
+    VALUE_ATTRIBUTES,
+    Init,
+    check_initializers,
+    gather_init_params,
+    materialize,
+    release_init_params,
+    tensor_attribute,
+    tensors_in,
+)
 from zero_ext.zero.offload import host_buffer
 from zero_ext.zero.partition import BucketLayout
 
@@ -232,28 +243,27 @@ class _Prefetcher:
                           "first step; prefetch is off (gathers stay on demand)", stacklevel=2)
 
 
-class _ReleasedParameterCheck(torch.overrides.TorchFunctionMode):
-    def __init__(self, params: PartitionedParameters, names: dict[int, str]):
-        super().__init__()
-        self.params, self.names = params, names
+class _ReleasedParameter(nn.Parameter):
+    """The class a partitioned nn.Parameter has while its unit is released (its values exist
+    only as shards): metadata reads pass, and any use of the values goes to the engine, which
+    gathers the unit when the use happens inside a forward (DeepSpeed's automatic external
+    parameters) and raises an error naming the parameter and the fix anywhere else, instead of
+    letting an operation compute silently on the empty placeholder. A gathered parameter is a
+    plain nn.Parameter again: it pays nothing per operation."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        # Attribute access (zero_ext's own `param.data = ...` among it) is no use of the values.
-        if getattr(func, "__name__", "") in ("__get__", "__set__"):
-            return func(*args, **(kwargs or {}))
-        for value in list(args) + list((kwargs or {}).values()):
-            if isinstance(value, nn.Parameter) and value.numel() == 0 and \
-                    id(value) in self.params._unit_of_param:
-                unit = self.params._unit_of_param[id(value)]
-                owner = next((n for n, m in self.params.root.named_modules()
-                              if m is unit.module), type(unit.module).__name__)
-                raise RuntimeError(
-                    f"zero_ext stage 3: parameter {self.names.get(id(value), '?')} is used "
-                    f"while its unit ({owner}) is not gathered, by code outside that module. "
-                    "Declare the use with zero_ext.register_external_parameter(module, param) "
-                    "(module: the one whose forward uses it), or keep the parameter whole "
-                    "(stage3_param_persistence_threshold, stage3_unit_classes)")
-        return func(*args, **(kwargs or {}))
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        attribute = tensor_attribute(func)
+        if getattr(func, "__name__", "") in METADATA_FUNCTIONS or func is torch.Tensor.__eq__ \
+                or (attribute is not None and attribute not in VALUE_ATTRIBUTES) \
+                or getattr(func, "__name__", "") == "__set__":
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        for value in dict.fromkeys(tensors_in((args, kwargs))):
+            if isinstance(value, _ReleasedParameter):
+                _engine_of(value).partitioned.use_released(value)
+        return func(*args, **kwargs)
 
 
 class PartitionedParameters:
@@ -307,8 +317,16 @@ class PartitionedParameters:
         self._unit_of_param = {id(p): unit for unit in self.units for members in unit.params
                                for p in members}
         self._handles = []
+        # The forwards running now (the model's, and units' inside it), innermost last, each
+        # with the units it gathered for parameters used inside it without a declaration.
+        self._running: list[tuple[nn.Module, list[GatherUnit]]] = []
         for unit in self.units:
             self._hook_module(unit.module, unit)
+        if root is not None:
+            self._track_running(root)
+            for module in root.modules():  # declared before initialize (e.g. in constructors)
+                for param in module.__dict__.pop("_zero_ext_external_params", []):
+                    self.register_external_parameter(module, param)
 
     def _hook_module(self, module: nn.Module, unit: GatherUnit) -> None:
         """Gather `unit` around `module`'s forward, and again when backward reaches it."""
@@ -316,6 +334,46 @@ class PartitionedParameters:
             lambda module, args, unit=unit: self._use(unit, "forward")))
         self._handles.append(module.register_forward_hook(
             lambda module, args, output, unit=unit: self._after_forward(unit, output)))
+        self._track_running(module)
+
+    def _track_running(self, module: nn.Module) -> None:
+        def enter(module, args):
+            self._running.append((module, []))
+
+        def leave(module, args, output):
+            # always_call: an exception inside the forward must not leave it "running".
+            if not self._running or self._running[-1][0] is not module:
+                return
+            _, borrowed = self._running.pop()
+            for unit in borrowed:
+                unit.holders -= not _replaying()
+                self._after_forward(unit, output)
+
+        self._handles.append(module.register_forward_pre_hook(enter))
+        self._handles.append(module.register_forward_hook(leave, always_call=True))
+
+    def use_released(self, param: nn.Parameter) -> None:
+        """A released parameter's values are used. Inside a forward, the code using them runs
+        in the innermost running unit (or the model's own forward): the owner's unit is gathered
+        now and held until that forward ends, and again for its backward, every step (DeepSpeed
+        registers such "external parameters" itself). Anywhere else nothing says when the use
+        ends, so it is an error that names the parameter and the fix."""
+        unit = self._unit_of_param[id(param)]
+        if self._running:
+            self._use(unit, "forward")
+            unit.holders += not _replaying()
+            self._running[-1][1].append(unit)
+            return
+        names = {id(p): n for n, p in self.root.named_parameters()} if self.root else {}
+        owner = next((n for n, m in self.root.named_modules() if m is unit.module),
+                     type(unit.module).__name__) if self.root else type(unit.module).__name__
+        raise RuntimeError(
+            f"zero_ext stage 3: parameter {names.get(id(param), '?')} is used outside any "
+            f"forward of the model while its unit ({owner}) is partitioned: it holds no values "
+            "here, and computing on it would silently use an empty tensor. Gather it around "
+            "the use: `with zero_ext.GatheredParameters(param): ...` (add modifier_rank=0 to "
+            "write to it), or move the use into a module's forward and declare it with "
+            "zero_ext.register_external_parameter(module, param)")
 
     def register_external_parameter(self, module: nn.Module, param: nn.Parameter) -> None:
         """`module` uses `param`, which belongs to another unit: gather that unit around
@@ -336,12 +394,6 @@ class PartitionedParameters:
 
         self._handles.append(module.register_forward_pre_hook(before))
         self._handles.append(module.register_forward_hook(after))
-
-    def released_parameter_check(self, names: dict[int, str]):
-        """A TorchFunctionMode that turns a use of a released parameter (one used outside the
-        module that owns it) into an error that says what to do. The engine runs the first
-        forward under it."""
-        return _ReleasedParameterCheck(self, names)
 
     # -- gather / release ---------------------------------------------------------------------
     @torch.no_grad()
@@ -370,7 +422,8 @@ class PartitionedParameters:
             for i, (host, shard) in enumerate(zip(unit.shards, shards)):
                 if self.offload:
                     shard.copy_(host, non_blocking=True)
-                unit.pending.append(comm.all_gather(unit.fulls[i], shard, async_op=True))
+                unit.pending.append(comm.all_gather(unit.fulls[i], shard, async_op=True,
+                                                    bucket=unit.layouts[i].index))
             if upload is not None:
                 # Blocking: a host waiting on it (wait_host_reads) sleeps rather than spin a
                 # core the CPU optimizer step could use.
@@ -402,6 +455,8 @@ class PartitionedParameters:
         unit.uploads.clear()
         for i, layout in enumerate(unit.layouts):
             for slot, param in zip(layout.slots, unit.params[i]):
+                if type(param) is _ReleasedParameter:
+                    param.__class__ = nn.Parameter
                 param.data = unit.fulls[i][slot.offset:slot.offset + slot.numel].view(slot.shape)
         unit.state = UnitState.GATHERED
 
@@ -440,6 +495,8 @@ class PartitionedParameters:
         for members in unit.params:
             for param in members:
                 param.data = empty
+                if type(param) is nn.Parameter:  # subclasses keep their class, unchecked
+                    param.__class__ = _ReleasedParameter
         unit.fulls = [None] * len(unit.layouts)
         unit.state = UnitState.SHARDED
 
@@ -542,11 +599,12 @@ class PartitionedParameters:
 
 class GatheredParameters:
     """`with zero_ext.GatheredParameters(params, modifier_rank=None):` the full values of
-    `params` inside, at any stage (collective: every rank enters with the same parameters).
+    `params` inside, at any stage, and before initialize for a model built under zero_ext.Init
+    (collective: every rank enters with the same parameters).
 
     With `modifier_rank=r`, what rank r changed inside is everyone's on exit: it is broadcast
-    into every rank's parameters, stage-3 shards and fp32 master weights. Parameters that no
-    engine manages are left as they are.
+    into every rank's parameters, stage-3 shards and fp32 master weights (or Init shards).
+    Parameters that neither an engine nor Init manages are left as they are.
     """
 
     def __init__(self, params, modifier_rank: int | None = None, enabled: bool = True):
@@ -556,100 +614,41 @@ class GatheredParameters:
         self.modifier_rank = modifier_rank
         self._by_engine: dict = {}
         self._gathered: dict = {}
+        self._init_gathered: list[nn.Parameter] = []
 
     def __enter__(self):
         for param in self.params:
-            ref = getattr(param, "_zero_ext_engine", None)
-            engine = ref() if ref is not None else None
+            engine = _engine_of(param)
             if engine is not None:
                 self._by_engine.setdefault(engine, set()).add(param._zero_ext_layout)
         for engine, layouts in self._by_engine.items():
             self._gathered[engine] = engine.gather_layouts(layouts)
+        self._init_gathered = gather_init_params(self.params)
         return self
 
     def __exit__(self, *exc):
+        modifier = self.modifier_rank if exc[0] is None else None
         for engine, layouts in self._by_engine.items():
-            if self.modifier_rank is not None and exc[0] is None:
-                engine.scatter_modified(layouts, self.modifier_rank)
+            if modifier is not None:
+                engine.scatter_modified(layouts, modifier)
             engine.release_units(self._gathered[engine])
+        release_init_params(self._init_gathered, modifier)
         return False
 
 
-class Init:
-    """`with zero_ext.Init(): model = build()` builds a model for stage 3 without allocating it.
-
-    Parameters and buffers created inside are placed on the meta device (shapes only).
-    zero_ext.initialize then materializes the model one gather unit at a time: it allocates the
-    unit's parameters, initializes them with each module's `reset_parameters()` (or the model's
-    `_init_weights(module)`, as transformers models have), takes rank 0's values, keeps this
-    rank's shard and frees the rest; parameters that stay whole are materialized the same way
-    up front. No rank ever holds more than one unit beyond its shards. Every module with
-    parameters must have such an initializer; initialize says which one does not.
-    """
-
-    def __init__(self, config=None, enabled: bool = True):
-        self.enabled = enabled
-        self._device = torch.device("meta")
-
-    def __enter__(self):
-        if self.enabled:
-            self._device.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._device.__exit__(*exc)
-        return False
-
-
-def check_initializers(model: nn.Module) -> None:
-    """Every module owning a meta parameter needs a way to give it values."""
-    init_weights = getattr(model, "_init_weights", None)
-    for name, module in model.named_modules():
-        owns_meta = any(p.is_meta for p in module.parameters(recurse=False))
-        if owns_meta and init_weights is None and not hasattr(module, "reset_parameters"):
-            raise ValueError(
-                f"zero_ext.Init: module {name or '<root>'} ({type(module).__name__}) has "
-                "parameters created under zero_ext.Init but no reset_parameters() to give them "
-                "values; add one, or build this model outside zero_ext.Init")
-
-
-@torch.no_grad()
-def materialize(model: nn.Module, modules: list[nn.Module], keep_meta: set[int],
-                device: torch.device, dtype: torch.dtype) -> None:
-    """Allocates the meta parameters and buffers directly owned by `modules` (except the
-    parameters whose id is in `keep_meta`), initializes them, and broadcasts rank 0's values."""
-    init_weights = getattr(model, "_init_weights", None)
-    created = []
-    for module in modules:
-        touched = False
-        for tensors in (module._parameters, module._buffers):
-            for tensor in tensors.values():
-                if tensor is None or not tensor.is_meta or id(tensor) in keep_meta:
-                    continue
-                target = dtype if tensor.is_floating_point() else tensor.dtype
-                real = torch.empty(tensor.shape, dtype=target, device=device)
-                if isinstance(tensor, nn.Parameter):
-                    real = nn.Parameter(real, requires_grad=tensor.requires_grad)
-                # Swapped, not replaced: the same Python object (tied weights, the user's
-                # parameter groups) now holds real storage.
-                torch.utils.swap_tensors(tensor, real)
-                created.append(tensor)
-                touched = True
-        if touched:
-            if init_weights is not None:
-                init_weights(module)
-            elif hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-    for tensor in created:
-        comm.broadcast(tensor.data, src=0)
+def _engine_of(param: torch.Tensor):
+    ref = param.__dict__.get("_zero_ext_engine")
+    return ref() if ref is not None else None
 
 
 def register_external_parameter(module: nn.Module, param: nn.Parameter) -> None:
     """Stage 3: `module`'s forward uses `param`, which another module owns (DeepSpeed's
-    function of the same name). zero_ext then gathers the owner's unit around `module` too.
-    Call it after zero_ext.initialize; a no-op for parameters that are not partitioned."""
-    ref = getattr(param, "_zero_ext_engine", None)
-    engine = ref() if ref is not None else None
-    if engine is not None and engine.partitioned is not None:
-        engine.partitioned.register_external_parameter(module, param)
+    function of the same name). zero_ext then gathers the owner's unit around `module`'s
+    forward (and backward) too. Before initialize (e.g. in the model's constructor, as with
+    DeepSpeed) the declaration is kept on `module` and honoured when the engine is built."""
+    engine = _engine_of(param)
+    if engine is not None:
+        if engine.partitioned is not None:
+            engine.partitioned.register_external_parameter(module, param)
+        return
+    module.__dict__.setdefault("_zero_ext_external_params", []).append(param)

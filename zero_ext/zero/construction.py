@@ -1,0 +1,456 @@
+"""zero_ext.Init: a model built with each module's parameters partitioned as its constructor ends.
+
+As in DeepSpeed's zero.Init, every module's constructor runs on real tensors (so its own
+initialization, random draws included, happens exactly as in a plain build), and when the
+outermost constructor call of an object returns, the parameters of its subtree that are still
+whole take rank 0's values and keep only this rank's slice: an "Init shard" of the flattened
+parameter, padded to a multiple of the world size. The Parameter object itself then holds a
+meta tensor of its full shape, so shapes, names and optimizer groups stay what they were.
+
+Initialization that touches a parameter after its module was partitioned (a parent's
+`nn.init.normal_(self.child.weight)`, `self.apply(init_fn)`, transformers' `post_init`) goes
+through a TorchFunctionMode active for the whole `with Init():` block: the operation runs on
+the gathered full values on the device the parameter was built on (the same random draws as a
+plain build), and what it wrote becomes rank 0's values again, re-sliced. An operation that
+returns a view of the values (`p.data`, `p[i]`) keeps them gathered until the constructor (or
+`apply` function) that took the view returns, since writes through the view may follow.
+
+zero_ext.initialize later turns Init shards into the engine's own layout one gather unit at a
+time (`materialize`), so no rank ever holds more than one module's full parameters beyond its
+shards. Callers: zero_ext.Init users, engine.py and params.py (materialize,
+check_initializers), GatheredParameters (gather_init_params / release_init_params).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zero_ext import comm
+
+__all__ = ["METADATA_FUNCTIONS", "VALUE_ATTRIBUTES", "Init", "check_initializers",
+           "gather_init_params", "is_init_partitioned", "materialize", "release_init_params",
+           "swap_tensor", "tensor_attribute", "tensors_in"]
+
+_SHARD = "_zero_ext_init"  # attribute of a parameter partitioned by Init: its _InitShard
+
+
+@dataclass(eq=False)
+class _InitShard:
+    shard: torch.Tensor   # this rank's slice of the flattened values, padded (build dtype)
+    home: torch.device    # where the parameter was built: gathered values are computed there
+    gathered: bool = False  # inside GatheredParameters: the parameter holds its full values
+
+
+def is_init_partitioned(tensor) -> bool:
+    """Whether `tensor` is a parameter Init partitioned that holds no values now."""
+    init = tensor.__dict__.get(_SHARD) if isinstance(tensor, nn.Parameter) else None
+    return init is not None and not init.gathered
+
+
+def swap_tensor(param: torch.Tensor, replacement: torch.Tensor) -> None:
+    """Gives the live object `param` (the one the model, tied modules and optimizer groups hold)
+    the tensor of `replacement`, keeping param's Python class and attributes: swap_tensors alone
+    would move those (zero_ext's tags among them) onto the discarded object."""
+    cls, attrs = type(param), dict(param.__dict__)
+    torch.utils.swap_tensors(param, replacement)
+    param.__class__ = cls
+    param.__dict__ = attrs
+
+
+def _comm_ready(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` on a device the process group's backend can move (NCCL: the current GPU)."""
+    if tensor.device.type == "cpu" and comm.backend() == "nccl":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    return tensor
+
+
+def _shard_range(numel: int) -> tuple[int, int, int]:
+    """(shard size, start, end) of this rank's slice of `numel` elements."""
+    size = math.ceil(numel / comm.world_size())
+    start = min(comm.rank() * size, numel)
+    return size, start, min(start + size, numel)
+
+
+@torch.no_grad()
+def _take_rank0_slice(values: torch.Tensor, shard: torch.Tensor | None) -> torch.Tensor:
+    """Broadcasts rank 0's `values` and returns this rank's padded slice (written into `shard`
+    when given)."""
+    moved = _comm_ready(values.detach().contiguous())
+    comm.broadcast(moved, src=0)
+    size, start, end = _shard_range(moved.numel())
+    if shard is None:
+        shard = torch.zeros(size, dtype=values.dtype, device=values.device)
+    shard[:end - start].copy_(moved.reshape(-1)[start:end])
+    return shard
+
+
+@torch.no_grad()
+def _partition(param: nn.Parameter) -> None:
+    """A whole parameter becomes an Init shard and a meta placeholder of its shape."""
+    shard = _take_rank0_slice(param.data, None)
+    placeholder = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                               requires_grad=param.requires_grad)
+    param.__dict__[_SHARD] = _InitShard(shard, param.device)
+    swap_tensor(param, placeholder)
+
+
+@torch.no_grad()
+def _gather(param: nn.Parameter, device: torch.device | None = None,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The full values of an Init-partitioned parameter (collective), on its home device unless
+    `device` is given."""
+    init = param.__dict__[_SHARD]
+    shard = _comm_ready(init.shard)
+    out = torch.empty(shard.numel() * comm.world_size(), dtype=shard.dtype, device=shard.device)
+    comm.all_gather(out, shard)
+    full = out[:param.numel()].view(param.shape)
+    return full.to(device=device or init.home, dtype=dtype or full.dtype, copy=True)
+
+
+def check_initializers(model: nn.Module) -> None:
+    """Every meta tensor of a model built under zero_ext.Init must have values to take: a
+    parameter its Init shard; a buffer or parameter put on the meta device by other means has
+    none, and training it would start from garbage."""
+    for name, param in model.named_parameters():
+        if param.is_meta and _SHARD not in param.__dict__:
+            raise ValueError(
+                f"zero_ext.Init: parameter {name} is on the meta device without values (it was "
+                "not created inside zero_ext.Init, e.g. built under torch.device('meta')); "
+                "build the model inside `with zero_ext.Init():` or outside any meta context")
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta:
+            raise ValueError(
+                f"zero_ext.Init: buffer {name} is on the meta device and has no values; "
+                "create it on a real device (zero_ext.Init builds buffers whole)")
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, modules: list[nn.Module], keep_meta: set[int],
+                device: torch.device, dtype: torch.dtype) -> None:
+    """Gives the Init-partitioned parameters directly owned by `modules` (except those whose id
+    is in `keep_meta`) their full values on `device` (floating point ones in `dtype`), in the
+    same Parameter objects; moves those modules' buffers there as `model.to` would. Collective:
+    every rank calls it with the same modules."""
+    for module in modules:
+        for param in module._parameters.values():
+            if param is None or id(param) in keep_meta or not is_init_partitioned(param):
+                continue
+            target = dtype if param.is_floating_point() else param.dtype
+            full = nn.Parameter(_gather(param, device, target), requires_grad=param.requires_grad)
+            del param.__dict__[_SHARD]
+            swap_tensor(param, full)
+        for key, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_meta:
+                target = dtype if buffer.is_floating_point() else buffer.dtype
+                module._buffers[key] = buffer.to(device=device, dtype=target)
+
+
+def gather_init_params(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """GatheredParameters before initialize: the Init-partitioned ones among `params` hold their
+    full values (on the device they were built on) until release_init_params. Collective."""
+    gathered = []
+    for param in params:
+        if is_init_partitioned(param):
+            full = nn.Parameter(_gather(param), requires_grad=param.requires_grad)
+            swap_tensor(param, full)
+            param.__dict__[_SHARD].gathered = True
+            gathered.append(param)
+    return gathered
+
+
+@torch.no_grad()
+def release_init_params(params: list[nn.Parameter], modifier_rank: int | None) -> None:
+    """Back to Init shards; with `modifier_rank`, that rank's values become everyone's."""
+    for param in params:
+        init = param.__dict__[_SHARD]
+        if modifier_rank is not None:
+            values = _comm_ready(param.data.contiguous())
+            comm.broadcast(values, src=modifier_rank)
+            _, start, end = _shard_range(values.numel())
+            init.shard[:end - start].copy_(values.reshape(-1)[start:end])
+        placeholder = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                   requires_grad=param.requires_grad)
+        try:
+            swap_tensor(param, placeholder)
+            init.gathered = False
+        except RuntimeError as error:
+            raise RuntimeError(
+                "zero_ext.GatheredParameters: a view of a parameter gathered inside the context "
+                "is still alive at its end, so the parameter cannot go back to its shard; drop "
+                f"views (e.g. of `p.data`) before leaving the context ({error})") from None
+
+
+# -- the context ------------------------------------------------------------------------------
+
+# Tensor methods that read only metadata: allowed on a parameter that holds no values.
+METADATA_FUNCTIONS = frozenset({
+    "__hash__", "__repr__", "__format__", "size", "dim", "numel", "nelement", "ndimension",
+    "element_size", "is_floating_point", "is_complex", "is_contiguous", "requires_grad_",
+    "get_device", "__reduce_ex__", "__deepcopy__", "__setstate__", "register_hook",
+    "register_post_accumulate_grad_hook", "is_pinned", "is_shared", "stride", "storage_offset",
+    "data_ptr", "untyped_storage", "_is_view"})
+# Attributes whose value is (a view of) the values: computed on the gathered tensor.
+VALUE_ATTRIBUTES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag"})
+
+
+def tensor_attribute(func) -> str | None:
+    """The attribute name when `func` is a tensor attribute's getter or setter."""
+    if getattr(func, "__name__", "") in ("__get__", "__set__"):
+        return getattr(getattr(func, "__self__", None), "__name__", "")
+    return None
+
+
+def tensors_in(value):
+    """The tensors in `value` and in the lists, tuples and dicts it nests."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
+
+
+def _substitute(value, fulls: dict[int, torch.Tensor]):
+    """`value` with the partitioned parameters in it replaced by their gathered values (plain
+    lists, tuples and dicts are rebuilt; anything else is passed as it is)."""
+    if isinstance(value, torch.Tensor):
+        return fulls.get(id(value), value)
+    if type(value) in (list, tuple):
+        return type(value)(_substitute(v, fulls) for v in value)
+    if type(value) is dict:
+        return {k: _substitute(v, fulls) for k, v in value.items()}
+    return value
+
+
+def _storage_key(tensor: torch.Tensor):
+    return tensor.untyped_storage().data_ptr() if tensor.numel() else None
+
+
+class _InitMode(torch.overrides.TorchFunctionMode):
+    """Runs each operation that touches an Init-partitioned parameter on its gathered values,
+    and re-partitions what the operation wrote (see the module docstring)."""
+
+    def __init__(self, state: _InitState):
+        super().__init__()
+        self.state = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        params = [t for t in tensors_in((args, kwargs)) if is_init_partitioned(t)]
+        attribute = tensor_attribute(func)
+        if params and attribute in ("is_meta", "device"):
+            # What a plain build would see: initialization code skips meta tensors
+            # (nn.init.trunc_normal_) and places new tensors by a parameter's device.
+            home = params[0].__dict__[_SHARD].home
+            return False if attribute == "is_meta" else home
+        if not params or getattr(func, "__name__", "") in METADATA_FUNCTIONS or (
+                attribute is not None and attribute not in VALUE_ATTRIBUTES):
+            return func(*args, **kwargs)
+        if attribute is not None and getattr(func, "__name__", "") == "__set__":
+            # `p.data = values`: the values become the parameter's (rank 0's, re-sliced).
+            param, values = args[0], args[1]
+            self.state.settle(param)
+            _take_rank0_slice(values.to(param.__dict__[_SHARD].home),
+                              param.__dict__[_SHARD].shard)
+            return None
+        fulls, versions = {}, {}
+        for param in dict.fromkeys(params):  # each once, in argument order on every rank
+            full = self.state.held_values(param)
+            if full is None:
+                full = nn.Parameter(_gather(param), requires_grad=param.requires_grad)
+            fulls[id(param)], versions[id(param)] = full, full._version
+        result = func(*_substitute(args, fulls), **_substitute(kwargs, fulls))
+        by_full = {id(full): param for param, full in
+                   ((p, fulls[id(p)]) for p in dict.fromkeys(params))}
+        escaped = {_storage_key(t) for t in tensors_in(result) if id(t) not in by_full}
+        for param in dict.fromkeys(params):
+            full = fulls[id(param)]
+            if _storage_key(full) in escaped or self.state.is_held(param):
+                # A view of the values went back to the caller: writes through it may follow.
+                self.state.hold(param, full)
+            elif full._version != versions[id(param)]:
+                _take_rank0_slice(full.data, param.__dict__[_SHARD].shard)
+        if isinstance(result, torch.Tensor) and id(result) in by_full:
+            return by_full[id(result)]  # an in-place operation returns its input
+        return result
+
+
+class _InitState:
+    """What one `with zero_ext.Init():` block tracks: constructors running, views held."""
+
+    def __init__(self):
+        self.constructing: set[int] = set()  # ids of objects inside their outermost __init__
+        self.depth = 0                       # constructors and apply() functions running
+        self.held: dict[int, tuple[nn.Parameter, torch.Tensor, int]] = {}
+
+    def held_values(self, param) -> torch.Tensor | None:
+        entry = self.held.get(id(param))
+        return entry[1] if entry is not None else None
+
+    def is_held(self, param) -> bool:
+        return id(param) in self.held
+
+    def hold(self, param: nn.Parameter, full: torch.Tensor) -> None:
+        entry = self.held.get(id(param))
+        self.held[id(param)] = (param, full, entry[2] if entry is not None else self.depth)
+
+    def settle(self, param) -> None:
+        """Writes through held views of `param` become its values now."""
+        entry = self.held.pop(id(param), None)
+        if entry is not None:
+            _take_rank0_slice(entry[1].data, entry[0].__dict__[_SHARD].shard)
+
+    def release_held(self, depth: int) -> None:
+        """The views taken at `depth` or deeper end with the call that took them; in the same
+        order on every rank (taken in program order)."""
+        for key in [k for k, (_, _, d) in self.held.items() if d >= depth]:
+            self.settle(self.held[key][0])
+
+    def enter_call(self) -> int:
+        self.depth += 1
+        return self.depth
+
+    def exit_call(self, depth: int) -> None:
+        self.release_held(depth)
+        self.depth = depth - 1
+
+    @staticmethod
+    def partition_subtree(module: nn.Module) -> None:
+        with torch._C.DisableTorchFunction():  # is_meta as it is, not as _InitMode shows it
+            for param in module.parameters():
+                if not param.is_meta and _SHARD not in param.__dict__:
+                    _partition(param)
+
+
+_active: list[tuple[_InitState, _InitMode]] = []  # the outermost Init block's state, if any
+
+
+def _all_module_classes() -> list[type]:
+    found, stack = [nn.Module], [nn.Module]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            if sub not in found:
+                found.append(sub)
+                stack.append(sub)
+    return found
+
+
+def _wrap_init(cls: type) -> None:
+    original = cls.__dict__.get("__init__")
+    if original is None or hasattr(original, "_zero_ext_original"):
+        return
+
+    @functools.wraps(original)
+    def __init__(module, *args, **kwargs):
+        state = _active[0][0] if _active else None
+        if state is None or id(module) in state.constructing:
+            return original(module, *args, **kwargs)  # a super().__init__ inside
+        state.constructing.add(id(module))
+        depth = state.enter_call()
+        try:
+            original(module, *args, **kwargs)
+        except BaseException:
+            state.depth = depth - 1
+            raise
+        finally:
+            state.constructing.discard(id(module))
+        state.exit_call(depth)
+        state.partition_subtree(module)
+
+    __init__._zero_ext_original = original
+    cls.__init__ = __init__
+
+
+def _unwrap_init(cls: type) -> None:
+    wrapped = cls.__dict__.get("__init__")
+    if wrapped is not None and hasattr(wrapped, "_zero_ext_original"):
+        cls.__init__ = wrapped._zero_ext_original
+
+
+def _apply_one_call_at_a_time(original_apply):
+    """Module.apply under Init: views that `fn(module)` takes of partitioned parameters are
+    settled when that call returns, so one module's parameters are held at a time."""
+
+    @functools.wraps(original_apply)
+    def apply(self, fn):
+        state = _active[0][0] if _active else None
+        if state is None or hasattr(fn, "_zero_ext_settles"):
+            return original_apply(self, fn)  # children's apply: fn is already wrapped
+
+        def one_module(module):
+            depth = state.enter_call()
+            fn(module)
+            state.exit_call(depth)
+
+        one_module._zero_ext_settles = True
+        return original_apply(self, one_module)
+
+    apply._zero_ext_original = original_apply
+    return apply
+
+
+class Init:
+    """`with zero_ext.Init(): model = build()` builds a model for stage 3 with each module's
+    parameters partitioned across the ranks as soon as its constructor returns (DeepSpeed's
+    zero.Init). The model's values are those of a plain build under the same seed (rank 0's),
+    whatever initialization its constructors do; zero_ext.initialize then lays the shards out
+    for training one gather unit at a time. Inside the block, and until initialize,
+    `zero_ext.GatheredParameters` gives the full values (and with `modifier_rank`, takes that
+    rank's changes). Every rank must run the same construction (it issues collectives).
+    """
+
+    def __init__(self, config=None, enabled: bool = True):
+        self.enabled = enabled
+        self._outermost = False
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+            comm.init_distributed()  # partitioning needs the other ranks, as in DeepSpeed
+        if not _active:
+            self._outermost = True
+            state = _InitState()
+            mode = _InitMode(state)
+            _active.append((state, mode))
+            for cls in _all_module_classes():
+                _wrap_init(cls)
+            self._init_subclass = nn.Module.__dict__.get("__init_subclass__")
+            nn.Module.__init_subclass__ = classmethod(_init_subclass)
+            nn.Module.apply = _apply_one_call_at_a_time(nn.Module.apply)
+            mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if not self._outermost:
+            return False
+        self._outermost = False
+        state, mode = _active[0]
+        try:
+            if exc[0] is None:
+                state.release_held(0)
+        finally:
+            mode.__exit__(None, None, None)
+            _active.clear()
+            nn.Module.apply = nn.Module.apply._zero_ext_original
+            if self._init_subclass is None:
+                del nn.Module.__init_subclass__
+            else:
+                nn.Module.__init_subclass__ = self._init_subclass
+            for cls in _all_module_classes():
+                _unwrap_init(cls)
+        return False
+
+
+def _init_subclass(cls, **kwargs):
+    """Classes defined inside an Init block are partitioned like the others."""
+    super(nn.Module, cls).__init_subclass__(**kwargs)
+    _wrap_init(cls)
