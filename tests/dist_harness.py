@@ -8,7 +8,8 @@ value each rank returns comes back in rank order. If any rank raises, the others
 once and the parent raises one error holding every failing rank's traceback; if the group is
 still running after `timeout` seconds, all ranks are killed and the parent says which were
 still running. Process start-up (importing torch) dominates on small machines, so callers run
-many cases inside one group rather than one group per case.
+many cases inside one group rather than one group per case; a case that leaves collectives
+pending (a stall test) calls `restart_group()` on every rank to continue in a fresh group.
 """
 
 from __future__ import annotations
@@ -23,8 +24,30 @@ from datetime import timedelta
 
 import torch.multiprocessing as mp
 
+_GROUP_TIMEOUT = timedelta(seconds=120)
+_restarts = {"init_file": None, "count": 0, "retired": []}
+
+
+def restart_group() -> None:
+    """Collective: aborts this process's gloo group (a stalled collective may still be pending
+    in it) and joins a fresh one through a new file store, so the next case starts clean. The
+    old group object is kept: freeing a gloo group with a collective pending blocks until its
+    timeout (its destructor joins the worker threads)."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    _restarts["retired"].append(dist.group.WORLD)
+    dist.group.WORLD._get_backend(torch.device("cpu")).abort()
+    dist.destroy_process_group()
+    _restarts["count"] += 1
+    dist.init_process_group("gloo", init_method=f"file://{_restarts['init_file']}."
+                            f"{_restarts['count']}", rank=rank, world_size=world_size,
+                            timeout=_GROUP_TIMEOUT)
+
 
 def _worker(rank, world_size, init_file, fn, args, results):
+    _restarts["init_file"] = init_file
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     try:
@@ -33,7 +56,7 @@ def _worker(rank, world_size, init_file, fn, args, results):
 
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=120))
+                                world_size=world_size, timeout=_GROUP_TIMEOUT)
         try:
             value = fn(*args)
         finally:

@@ -307,6 +307,33 @@ class WatchedWork:
         return self._work.is_completed()
 
 
+def _enter(in_arena: bool, *what) -> tuple[CollectiveWatch, CollectiveRecord]:
+    """The record of a collective about to be issued (`what`: CollectiveWatch.enter's
+    arguments). Under the debug switch ZERO_EXT_CHECK_COLLECTIVES=1, a collective outside the
+    arena (whose barrier checks headers anyway) is first compared across ranks: see _verify."""
+    watch = watch_for_group()
+    record = watch.enter(*what)
+    if watch.verify and not in_arena:
+        _verify(watch, record)
+    return watch, record
+
+
+def _verify(watch: CollectiveWatch, record: CollectiveRecord) -> None:
+    """Every rank's (sequence number, fingerprint), all-gathered and compared before the
+    collective itself: a mismatch raises here on every rank, before gloo meets collectives of
+    different sizes (which aborts the process inside gloo) or of equal sizes (garbage until the
+    heartbeats' running hashes disagree, within a heartbeat period). Doubles the latency of
+    small collectives, hence a debug switch, like TORCH_DISTRIBUTED_DEBUG=DETAIL."""
+    device = torch.device("cuda", torch.cuda.current_device()) if backend() == "nccl" \
+        else torch.device("cpu")
+    mine = torch.tensor([record.seq, record.fingerprint], dtype=torch.int64, device=device)
+    everyone = torch.empty(2 * world_size(), dtype=torch.int64, device=device)
+    watch.wait(dist.all_gather(list(everyone.chunk(world_size())), mine, async_op=True), record)
+    headers = [tuple(pair) for pair in everyone.view(-1, 2).tolist()]
+    if any(pair != (record.seq, record.fingerprint) for pair in headers):
+        watch.mismatch(record, headers)
+
+
 def _issued(watch: CollectiveWatch, record: CollectiveRecord, work, async_op: bool):
     """A collective started with async_op=True: its handle when the caller asked for one,
     else waited for here (bounded)."""
@@ -324,8 +351,7 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = Fals
     if world_size() == 1:
         return None
     arena = _shared_memory_arena(tensor) if op == dist.ReduceOp.SUM else None
-    watch = watch_for_group()
-    record = watch.enter("all_reduce", tensor.numel(), tensor.dtype, bucket)
+    watch, record = _enter(arena is not None, "all_reduce", tensor.numel(), tensor.dtype, bucket)
     if arena is not None:
         arena.all_reduce(tensor, watch, record)
         return None
@@ -344,9 +370,11 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
         output.copy_(input)
         return None
     arena = _shared_memory_arena(input)
-    watch = watch_for_group()
-    record = watch.enter("reduce_scatter", input.numel(), input.dtype, bucket)
-    if arena is not None and output.is_contiguous():
+    if arena is not None and not output.is_contiguous():
+        arena = None
+    watch, record = _enter(arena is not None, "reduce_scatter", input.numel(), input.dtype,
+                           bucket)
+    if arena is not None:
         arena.reduce_scatter(output, input, watch, record)
         return None
     if _gloo_on_cpu(input):
@@ -369,9 +397,10 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
             output.copy_(input)
         return None
     arena = _shared_memory_arena(output)
-    watch = watch_for_group()
-    record = watch.enter("all_gather", output.numel(), output.dtype, bucket)
-    if arena is not None and input.is_contiguous():
+    if arena is not None and not input.is_contiguous():
+        arena = None
+    watch, record = _enter(arena is not None, "all_gather", output.numel(), output.dtype, bucket)
+    if arena is not None:
         arena.all_gather(output, input, watch, record)
         return None
     if _gloo_on_cpu(output):
@@ -386,8 +415,7 @@ def broadcast(tensor: torch.Tensor, src: int = 0, async_op: bool = False,
     traffic.record("broadcast", tensor.numel() if world_size() > 1 else 0, tensor.element_size())
     if world_size() == 1:
         return None
-    watch = watch_for_group()
-    record = watch.enter("broadcast", tensor.numel(), tensor.dtype, bucket, src)
+    watch, record = _enter(False, "broadcast", tensor.numel(), tensor.dtype, bucket, src)
     return _issued(watch, record, dist.broadcast(tensor, src=src, async_op=True), async_op)
 
 
@@ -396,8 +424,7 @@ def all_gather_object(obj) -> list:
     all-gathers (sizes, then bytes) under one sequence number, each bounded like the rest."""
     if world_size() == 1:
         return [obj]
-    watch = watch_for_group()
-    record = watch.enter("all_gather_object", -1, "bytes")
+    watch, record = _enter(False, "all_gather_object", -1, "bytes")
     device = torch.device("cuda", torch.cuda.current_device()) if backend() == "nccl" \
         else torch.device("cpu")
     data = pickle.dumps(obj)
@@ -417,6 +444,5 @@ def all_gather_object(obj) -> list:
 
 def barrier() -> None:
     if world_size() > 1:
-        watch = watch_for_group()
-        record = watch.enter("barrier", 0, "none")
+        watch, record = _enter(False, "barrier", 0, "none")
         watch.wait(dist.barrier(async_op=True), record)

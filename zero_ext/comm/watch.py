@@ -205,6 +205,8 @@ class CollectiveWatch:
         self.group, self.store, self.rank, self.size = group, store, rank, size
         self.prefix = prefix
         self.bounded = bounded          # gloo: waits are bounded here (NCCL has its watchdog)
+        # The debug switch: compare fingerprints before each collective outside the arena.
+        self.verify = os.environ.get("ZERO_EXT_CHECK_COLLECTIVES", "0") == "1"
         self.seq = 0                    # collectives entered
         self.completed = 0              # highest sequence number waited for
         self.ring: collections.deque[CollectiveRecord] = collections.deque(maxlen=RING_SIZE)
@@ -217,6 +219,7 @@ class CollectiveWatch:
         self.progress_checks = 0        # diagnoses that found only slowness (tests read it)
         self._beat = 0
         self._interrupt_pending = False
+        self._raised = False            # the main thread raised this group's abort already
         self._stop = threading.Event()
         self.main_ident = threading.get_ident()
         self.set_timeout(timeout)
@@ -229,10 +232,14 @@ class CollectiveWatch:
         self._slice = timedelta(seconds=self.period)
 
     # -- hot path ------------------------------------------------------------------------------
+    def _raise(self, report: str, cause: Exception | None = None):
+        self.abort_report, self._raised = report, True
+        raise CollectiveStallError(report) from cause
+
     def enter(self, op: str, numel: int, dtype, bucket: int | None = None,
               src: int | None = None) -> CollectiveRecord:
         if self.abort_report is not None:
-            raise CollectiveStallError(self.abort_report)
+            self._raise(self.abort_report)
         dtype = str(dtype).removeprefix("torch.")
         fingerprint = zlib.crc32(f"{op}|{numel}|{dtype}|{bucket}|{src}".encode())
         seq = self.seq + 1
@@ -266,7 +273,7 @@ class CollectiveWatch:
                         if "timed out" not in str(error):
                             self._diagnose(record, None, cause=error)
                     if self.abort_report is not None:
-                        raise CollectiveStallError(self.abort_report)
+                        self._raise(self.abort_report)
                     if time.monotonic() >= deadline:
                         if self._diagnose(record, work):
                             break
@@ -379,16 +386,16 @@ class CollectiveWatch:
                     if "timed out" not in str(error):
                         cause, work = error, None
             if self.abort_report is not None:
-                raise CollectiveStallError(self.abort_report)
+                self._raise(self.abort_report)
             second = self._read_all()
         except CollectiveStallError:
             raise
         except _STORE_ERRORS as error:  # the store itself is unreachable
-            raise CollectiveStallError(
+            self._raise(
                 f"zero_ext: rank {self.rank} waited {self.timeout:g} s in collective "
                 f"{record.describe()} and cannot reach the process group's store to find out "
                 f"why ({type(error).__name__}: {error}); the rank hosting the store (rank 0, "
-                "MASTER_ADDR) may have died or this node lost the network") from cause
+                "MASTER_ADDR) may have died or this node lost the network", cause)
         verdict = self._verdict(record, first, second)
         if verdict is None and cause is None:
             self.progress_checks += 1
@@ -423,7 +430,7 @@ class CollectiveWatch:
             headline = (f"zero_ext: rank(s) {_ranks(stopped)} stopped responding while rank "
                         f"{self.rank} waited {waited:.1f} s in collective {record.describe()} "
                         f"(stall_timeout_s={self.timeout:g}).")
-            return self._report(headline, second, "stopped")
+            return self._report(headline, second, "stopped", stale=stopped)
         if mismatched:
             others = "; ".join(f"rank {r} {text}" for r, text in mismatched)
             headline = (f"zero_ext: ranks issued different collectives at #{s}: rank "
@@ -436,7 +443,10 @@ class CollectiveWatch:
                     f"(stall_timeout_s={self.timeout:g}).")
         return self._report(headline, second, "behind")
 
-    def _report(self, headline: str, states: dict, category: str) -> str:
+    def _report(self, headline: str, states: dict, category: str,
+                stale: list[int] = ()) -> str:
+        """`headline`, one line per rank saying what it does (for ranks in `stale`: what its
+        last heartbeat said), and the likely cause."""
         lines = [headline]
         for r in range(self.size):
             state = states.get(r)
@@ -453,8 +463,9 @@ class CollectiveWatch:
             else:
                 doing = (f"in user code at {state['where']} for {state['for_s']} s since its "
                          f"last collective {last}")
+            heard = "last heartbeat: " if r in stale else ""
             lines.append(f"  rank {r} (entered {state['seq']} collectives, completed "
-                         f"{state['completed']}): {doing}")
+                         f"{state['completed']}): {heard}{doing}")
         lines.append(f"Likely cause: {_FIXES[category]}.")
         return "\n".join(lines)
 
@@ -465,32 +476,32 @@ class CollectiveWatch:
             report = self.store.compare_set(self._key("abort"), "", report).decode()
         except _STORE_ERRORS:  # raise this rank's own report then
             pass
-        self.abort_report = report
-        raise CollectiveStallError(report) from cause
+        self._raise(report, cause)
 
     def mismatch(self, record: CollectiveRecord, headers: list[tuple[int, int]]) -> None:
-        """The shared-memory arena saw other (sequence number, fingerprint) headers than this
-        rank's after a barrier. Every rank sees the same headers, so every rank is here: each
-        publishes its record's description and builds the same report from all of them."""
+        """Other ranks' (sequence number, fingerprint) headers differ from this rank's (after
+        the shared-memory arena's barrier, or the debug switch's exchange). Ranks that compared
+        the same headers come here too: each publishes its record's description; a rank that does not (it is in
+        another collective) is described from its heartbeat."""
         self.store.set(self._key("desc", record.seq, self.rank), record.describe())
-        keys = [self._key("desc", record.seq, r) for r in range(self.size)]
-        try:
-            self.store.wait(keys, timedelta(seconds=self.timeout))
-            texts = [self.store.get(k).decode() for k in keys]
-        except _STORE_ERRORS:  # a rank that cannot say: report its header alone
-            texts = [f"#{seq} (fingerprint {fp:08x})" for seq, fp in headers]
-            texts[self.rank] = record.describe()
-        calls = "; ".join(f"rank {r} {text}" for r, text in enumerate(texts))
+        texts = {self.rank: record.describe()}
+        end = time.monotonic() + 3 * self.period
+        while time.monotonic() < end and len(texts) < self.size:
+            for r in range(self.size):
+                key = self._key("desc", record.seq, r)
+                if r not in texts and self.store.check([key]):
+                    texts[r] = self.store.get(key).decode()
+            time.sleep(self.period / 8)
+        if len(texts) < self.size:
+            for r, state in self._read_all().items():
+                if r not in texts:
+                    texts[r] = (f"{state['where']} ({state['kind']})" if state is not None
+                                else f"#{headers[r][0]} (no heartbeat)")
+        calls = "; ".join(f"rank {r} {texts[r]}" for r in range(self.size))
         headline = (f"zero_ext: ranks issued different collectives at the same point "
-                    f"(shared-memory transport): {calls}.")
-        lines = [headline, f"Likely cause: {_FIXES['mismatch']}."]
-        report = "\n".join(lines)
-        self.abort_report = report
-        try:  # for ranks whose heartbeat looks before their next collective
-            self.store.compare_set(self._key("abort"), "", report)
-        except _STORE_ERRORS:  # every rank raises this report anyway
-            pass
-        raise CollectiveStallError(report)
+                    f"(seen by rank {self.rank} comparing fingerprints at #{record.seq}): "
+                    f"{calls}.")
+        self._abort(f"{headline}\nLikely cause: {_FIXES['mismatch']}.")
 
 
 def _ranks(ranks: list[int]) -> str:
@@ -508,7 +519,9 @@ def _on_interrupt(signum, frame):
     watch = _watch
     if watch is not None and watch._interrupt_pending:
         watch._interrupt_pending = False
-        raise CollectiveStallError(watch.abort_report)
+        if not watch._raised:
+            watch._raise(watch.abort_report)
+        return
     if callable(_previous_handler):
         _previous_handler(signum, frame)
 

@@ -1,0 +1,215 @@
+"""What each rank runs in the stall tests: misuse that used to hang (or silently exchange
+garbage) for the 30-minute collective timeout, each now ending within seconds with the same
+CollectiveStallError (or, for differing settings, ValueError) on every rank.
+
+Every case returns this rank's outcome {"error": class name or None, "message", "seconds"} and
+the group is restarted after it (dist_harness.restart_group), since a stalled collective may
+still be pending in gloo.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+import zero_ext
+from zero_ext import comm
+
+from dist_harness import restart_group
+
+STALL_TIMEOUT_S = 1.5
+WATCH_SETTINGS = {"zero_ext": {"stall_timeout_s": STALL_TIMEOUT_S}}  # the old-code demo empties it
+DIM, BATCH = 8, 4
+
+
+class Blocks(nn.Module):
+    """Three blocks of equal size (stage-3 units of equal numel) and a head; `skip` and `aux`
+    make the forward differ across ranks as LayerDrop and rank-dependent routing do."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(3))
+        self.aux = nn.Linear(DIM, DIM)
+        self.head = nn.Linear(DIM, 1)
+
+    def forward(self, x, skip: int | None = None, use_aux: bool = False):
+        for i, block in enumerate(self.blocks):
+            if i != skip:
+                x = torch.tanh(block(x))
+        if use_aux:
+            x = x + self.aux(x)
+        return self.head(x).pow(2).mean()
+
+
+def config(stage: int, **top) -> dict:
+    return {"train_micro_batch_size_per_gpu": BATCH, "steps_per_print": 10**6,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+            **WATCH_SETTINGS, **top}
+
+
+def engine_for(stage: int, **top):
+    torch.manual_seed(0)
+    engine, _, _, _ = zero_ext.initialize(model=Blocks(), config=config(stage, **top))
+    return engine
+
+
+def train_step(engine, step: int = 0, **forward) -> None:
+    gen = torch.Generator().manual_seed(100 * step + comm.rank())
+    engine.backward(engine(torch.randn(BATCH, DIM, generator=gen), **forward))
+    engine.step()
+
+
+# -- the cases -------------------------------------------------------------------------------
+def save_checkpoint_on_rank0_only():
+    engine = engine_for(2)
+    train_step(engine)
+    if comm.rank() == 0:
+        engine.save_checkpoint(tempfile.mkdtemp())
+    else:
+        train_step(engine, 1)
+
+
+def load_checkpoint_on_rank0_only():
+    engine = engine_for(1)
+    train_step(engine)
+    path = comm.all_gather_object(tempfile.mkdtemp())[0]
+    engine.save_checkpoint(path)
+    if comm.rank() == 0:
+        engine.load_checkpoint(path)
+    else:
+        train_step(engine, 1)
+
+
+def save_16bit_model_on_rank0_only():
+    engine = engine_for(3)
+    train_step(engine)
+    if comm.rank() == 0:
+        engine.save_16bit_model(tempfile.mkdtemp())
+    else:
+        train_step(engine, 1)
+
+
+def uneven_batches_then_save():
+    engine = engine_for(2)
+    for step in range(3 if comm.rank() == 0 else 2):
+        train_step(engine, step)
+    engine.save_checkpoint(comm.all_gather_object(tempfile.mkdtemp())[0])
+
+
+def stage3_block_skipped_on_one_rank():
+    """LayerDrop on rank 1: it gathers block 2 where rank 0 gathers block 1, units of equal
+    size: without fingerprints this exchanges garbage without hanging."""
+    engine = engine_for(3)
+    for step in range(2):
+        train_step(engine, step, skip=1 if comm.rank() == 1 else None)
+
+
+def submodule_used_on_one_rank():
+    engine = engine_for(3)
+    for step in range(2):
+        train_step(engine, step, use_aux=comm.rank() == 0)
+
+
+def stuck_in_user_code():
+    """Rank 1 sits in its own loop after backward while rank 0 waits in step()."""
+    engine = engine_for(2)
+    train_step(engine)
+    gen = torch.Generator().manual_seed(7)
+    engine.backward(engine(torch.randn(BATCH, DIM, generator=gen)))
+    if comm.rank() == 1:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # interrupted by the other rank's abort
+            time.sleep(0.05)
+        return
+    engine.step()
+
+
+def accumulation_differs():
+    engine_for(2, gradient_accumulation_steps=1 + comm.rank())
+
+
+def lr_differs():
+    torch.manual_seed(0)
+    model = Blocks()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3 * (1 + comm.rank()))
+    zero_ext.initialize(model=model, optimizer=optimizer, config=config(2))
+
+
+def frozen_rank():
+    """Rank 1 stops itself (SIGSTOP: its heartbeat stops too) while rank 0 waits in a
+    collective; rank 0 resumes it after raising, and rank 1 then raises the same report."""
+    engine = engine_for(2)
+    train_step(engine)
+    pids = comm.all_gather_object(os.getpid())
+    if comm.rank() == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        comm.barrier()
+        return
+    try:
+        engine.save_checkpoint(tempfile.mkdtemp())
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+
+
+class SlowToPickle:
+    """An object whose pickling (inside all_gather_object, after the collective was entered)
+    takes `seconds`: a rank that has joined a collective and is slow in it, as with a large
+    object or a large checkpoint exchange."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __reduce__(self):
+        time.sleep(self.seconds)
+        return (str, ("slow",))
+
+
+def slow_collective_progresses():
+    """Rank 1 takes over twice the stall timeout inside a collective every rank has joined: the
+    waiting rank diagnoses, finds everyone at the same collective, and keeps waiting."""
+    started = time.monotonic()
+    values = comm.all_gather_object(SlowToPickle(2.2 * STALL_TIMEOUT_S) if comm.rank() == 1
+                                    else "fast")
+    return {"seconds": time.monotonic() - started, "values": values,
+            "progress_checks": comm.current_watch().progress_checks}
+
+
+STALLS = [save_checkpoint_on_rank0_only, load_checkpoint_on_rank0_only,
+          save_16bit_model_on_rank0_only, uneven_batches_then_save,
+          stage3_block_skipped_on_one_rank, submodule_used_on_one_rank, stuck_in_user_code,
+          accumulation_differs, lr_differs, frozen_rank, slow_collective_progresses]
+
+
+def run_case(case) -> dict:
+    started = time.monotonic()
+    try:
+        value = case()
+        outcome = {"error": None, "message": "", "value": value}
+    except Exception as error:  # noqa: BLE001 - the outcome is what the test checks
+        outcome = {"error": type(error).__name__, "message": str(error), "value": None}
+    outcome["seconds"] = time.monotonic() - started
+    return outcome
+
+
+def run_cases(names: list[str], gloo_variants: list[str]) -> dict:
+    """Each named case on this rank, then the ones in `gloo_variants` again with the
+    shared-memory transport off (the gloo path's checks), restarting the group after each."""
+    comm.set_stall_timeout(STALL_TIMEOUT_S)
+    cases = {case.__name__: case for case in STALLS}
+    out = {}
+    for transport, selected in (("shm", names), ("gloo", gloo_variants)):
+        os.environ["ZERO_EXT_CPU_SHM"] = "1" if transport == "shm" else "0"
+        # On gloo's own path the switch checks fingerprints before each collective: without
+        # it, ranks meeting in collectives of different sizes abort inside gloo.
+        os.environ["ZERO_EXT_CHECK_COLLECTIVES"] = "1" if transport == "gloo" else "0"
+        for name in selected:
+            restart_group()
+            out[(transport, name)] = run_case(cases[name])
+    restart_group()
+    return out

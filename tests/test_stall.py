@@ -1,0 +1,119 @@
+"""Misuse that used to hang until the 30-minute collective timeout (or exchange garbage without
+hanging) ends within seconds, with the same CollectiveStallError on every rank that names the
+rank, the collective (op, sequence number) and the zero_ext call that issued it.
+
+One group of two ranks runs every case (tests/stall_cases.py, stall timeout 1.5 s), restarting
+its process group after each; a few cases run again on gloo's own collectives (no shared-memory
+arena) with the ZERO_EXT_CHECK_COLLECTIVES debug switch.
+"""
+
+import functools
+
+import pytest
+import stall_cases
+
+from dist_harness import run_group
+
+SHM = ["save_checkpoint_on_rank0_only", "load_checkpoint_on_rank0_only",
+       "save_16bit_model_on_rank0_only", "uneven_batches_then_save",
+       "stage3_block_skipped_on_one_rank", "submodule_used_on_one_rank", "stuck_in_user_code",
+       "accumulation_differs", "lr_differs", "frozen_rank", "slow_collective_progresses"]
+GLOO = ["stage3_block_skipped_on_one_rank", "save_checkpoint_on_rank0_only", "stuck_in_user_code"]
+
+
+@functools.cache
+def _outcomes() -> list[dict]:
+    return run_group(2, stall_cases.run_cases, SHM, GLOO, timeout=300)
+
+
+def _raised_everywhere(key, error="CollectiveStallError") -> str:
+    """The one report every rank raised for case `key`, within a few stall timeouts."""
+    outcomes = [ranks[key] for ranks in _outcomes()]
+    assert [o["error"] for o in outcomes] == [error, error], outcomes
+    assert outcomes[0]["message"] == outcomes[1]["message"]
+    message = outcomes[0]["message"]
+    assert message.startswith("zero_ext")
+    return message
+
+
+def _names_collective(message: str, call: str) -> None:
+    assert call in message, message
+    assert "#" in message and "Likely cause" in message, message
+
+
+@pytest.mark.parametrize("case, call", [
+    ("save_checkpoint_on_rank0_only", "ZeroEngine.save_checkpoint"),
+    ("load_checkpoint_on_rank0_only", "ZeroEngine.load_checkpoint"),
+    ("save_16bit_model_on_rank0_only", "ZeroEngine.save_16bit_model"),
+])
+def test_a_collective_call_on_rank0_only_raises_on_every_rank(case, call):
+    message = _raised_everywhere(("shm", case))
+    _names_collective(message, call)
+    # Rank 1 went on training: the report names both sides of the mismatch.
+    assert "rank 0 #" in message and "rank 1 #" in message
+    assert "ZeroEngine.backward" in message or "ZeroEngine.forward" in message
+
+
+def test_uneven_batch_counts_then_save_raise_on_every_rank():
+    message = _raised_everywhere(("shm", "uneven_batches_then_save"))
+    assert "ranks issued different collectives" in message
+    assert "ZeroEngine.backward" in message  # rank 0's extra step
+    assert "all_gather_object" in message    # rank 1's save
+
+
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_stage3_block_skipped_on_one_rank_is_caught_at_the_first_differing_gather(transport):
+    # Units of equal size: the sizes agree, the buckets do not.
+    message = _raised_everywhere((transport, "stage3_block_skipped_on_one_rank"))
+    _names_collective(message, "PartitionedParameters.start_gather in ZeroEngine.forward")
+    assert "all_gather(96 x float32, bucket" in message
+    assert "LayerDrop" in message
+
+
+def test_a_submodule_used_on_one_rank_only_raises_on_every_rank():
+    message = _raised_everywhere(("shm", "submodule_used_on_one_rank"))
+    _names_collective(message, "ZeroEngine.forward")
+    assert "rank 0 #" in message and "rank 1 #" in message
+
+
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_a_rank_stuck_in_user_code_is_named_and_interrupted(transport):
+    key = (transport, "stuck_in_user_code")
+    message = _raised_everywhere(key)
+    assert message.startswith("zero_ext: rank(s) 1 did not arrive at collective #")
+    _names_collective(message, "in ZeroEngine.step")
+    assert "in user code at stuck_in_user_code (stall_cases.py" in message
+    # Rank 1 was interrupted in its sleep loop (60 s) soon after rank 0's stall timeout.
+    assert max(ranks[key]["seconds"] for ranks in _outcomes()) < 15
+
+
+def test_the_plain_gloo_path_with_the_debug_switch_names_both_collectives():
+    message = _raised_everywhere(("gloo", "save_checkpoint_on_rank0_only"))
+    assert "comparing fingerprints" in message
+    assert "ZeroEngine.save_checkpoint" in message and "ZeroEngine.backward" in message
+
+
+@pytest.mark.parametrize("case, key, values", [
+    ("accumulation_differs", "gradient_accumulation_steps", "rank 0 1, rank 1 2"),
+    ("lr_differs", "optimizer.param_groups[0].lr", "rank 0 0.001, rank 1 0.002"),
+])
+def test_settings_that_differ_across_ranks_are_refused_at_initialize(case, key, values):
+    message = _raised_everywhere(("shm", case), error="ValueError")
+    assert message.startswith("zero_ext.initialize: the settings differ across ranks")
+    assert f"{key}: {values}" in message
+
+
+def test_a_frozen_rank_is_reported_as_stopped():
+    message = _raised_everywhere(("shm", "frozen_rank"))
+    assert message.startswith("zero_ext: rank(s) 1 stopped responding while rank 0 waited")
+    _names_collective(message, "ZeroEngine.save_checkpoint")
+
+
+def test_a_slow_collective_every_rank_joined_does_not_trip():
+    outcomes = [ranks[("shm", "slow_collective_progresses")] for ranks in _outcomes()]
+    assert [o["error"] for o in outcomes] == [None, None], outcomes
+    for o in outcomes:
+        assert o["value"]["values"] == ["fast", "slow"]
+        assert o["value"]["seconds"] > 2 * stall_cases.STALL_TIMEOUT_S
+    # Rank 0 waited past the stall timeout, diagnosed, and found only slowness.
+    assert outcomes[0]["value"]["progress_checks"] >= 1
