@@ -59,6 +59,8 @@ def case(test_id: str, world_size: int = 2, **bound):
 def load_all_cases() -> None:
     """Imports the case modules, which register their cases (world size 0: no process group,
     run in the calling process)."""
+    import ds_conformance_cases_context  # noqa: F401
+    import ds_conformance_cases_precision  # noqa: F401
     import ds_conformance_cases_single  # noqa: F401
     import ds_conformance_cases_state  # noqa: F401
     import ds_conformance_cases_train  # noqa: F401
@@ -228,6 +230,14 @@ def ds_adam(params, config: dict):
         return torch.optim.Adam(params, **hp)
     hp.pop("adam_w_mode", None)
     return torch.optim.AdamW(params, **hp)
+
+
+def adam_config(stage: int = 0, lr: float = 1e-3, **extra) -> dict:
+    """DeepSpeed's usual test config at 2 samples per rank, with gradient_clipping and
+    weight_decay given explicitly (the cases that test DeepSpeed's defaults leave them out)."""
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+            "optimizer": {"type": "Adam", "params": {"lr": lr, "weight_decay": 0.0}},
+            "zero_optimization": {"stage": stage}, **extra}
 
 
 def ds_clip(config: dict) -> float:

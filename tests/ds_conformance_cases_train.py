@@ -1,9 +1,9 @@
-"""Ported cases: initialize patterns, configs, ZeRO training, fp16 loss scaling.
+"""Ported cases: initialize patterns, configs, ZeRO training.
 
-From DeepSpeed's tests/unit/runtime/test_ds_initialize.py, test_ds_config_dict.py,
-runtime/zero/test_zero.py and runtime/half_precision/{test_fp16,test_dynamic_loss_scale}.py.
-Every case trains against the single-process reference of ds_conformance_cases.parity (or
-checks DeepSpeed's own expected numbers); see that module for the rules.
+From DeepSpeed's tests/unit/runtime/test_ds_initialize.py, test_ds_config_dict.py and
+runtime/zero/{test_zero,test_ignore_unused_parameters}.py. Every case trains against the
+single-process reference of ds_conformance_cases.parity (or checks DeepSpeed's own expected
+numbers); see that module for the rules.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import zero_ext
 from ds_conformance_cases import (
     HIDDEN,
     SimpleModel,
+    adam_config,
     assert_params_close,
     batch,
     case,
@@ -42,16 +43,6 @@ from ds_conformance_cases import (
 INIT = "test_ds_initialize.py::"
 CONFIG = "test_ds_config_dict.py::"
 ZERO = "test_zero.py::"
-FP16 = "test_fp16.py::"
-SCALE = "test_dynamic_loss_scale.py::"
-
-
-def adam_config(stage: int = 0, lr: float = 1e-3, **extra) -> dict:
-    """DeepSpeed's usual test config at 2 samples per rank, with gradient_clipping given
-    explicitly (the cases that test DeepSpeed's default leave it out)."""
-    return {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
-            "optimizer": {"type": "Adam", "params": {"lr": lr, "weight_decay": 0.0}},
-            "zero_optimization": {"stage": stage}, **extra}
 
 
 # -- test_ds_initialize.py ------------------------------------------------------------------
@@ -764,289 +755,6 @@ for _client in (True, False):
                     assert torch.equal(value, result["initial"][name]), name
 
 
-# -- test_fp16.py -----------------------------------------------------------------------------
-for _stage in (1, 2, 3):
-    for _offload in (True, False):
-        @case(FP16 + f"TestZeroStaticScale[{_offload}-{_stage}]", stage=_stage,
-              offload=_offload)
-        def static_scale(tmp, stage, offload):
-            config = {"train_batch_size": 4 * world(), "gradient_clipping": 1.0,
-                      "optimizer": {"type": "Adam", "params": {"lr": 0.01, "weight_decay": 0.0}},
-                      "fp16": {"enabled": True, "loss_scale": 138.0},
-                      "zero_optimization": {"stage": stage}}
-            if offload:
-                config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-            result = parity(lambda: SimpleModel(4), config, steps=3, hidden=4)
-            engine = result["engine"]
-            assert engine.loss_scaler.scale == 138.0 and engine.skipped_steps == 0
-
-
-@case(FP16 + "TestAdamFP32EmptyGrad")
-def fp32_empty_grad(tmp):
-    # A layer forward never uses (empty_grad): with DeepSpeed's default
-    # ignore_unused_parameters (true) training goes on; the unused layer steps with a zero
-    # gradient, as DeepSpeed's ZeRO optimizers do.
-    config = {"train_batch_size": 2 * world(), "gradient_clipping": 1.0,
-              "optimizer": {"type": "Adam", "params": {"lr": 0.00015, "weight_decay": 0.01}},
-              "fp16": {"enabled": False}}
-    parity(lambda: SimpleModel(empty_grad=True), config, steps=3)
-
-
-for _stage in (1, 2, 3):
-    @case(FP16 + f"TestZeroEmptyGrad[{_stage}]", stage=_stage)
-    def zero_empty_grad(tmp, stage):
-        config = {"train_batch_size": world(), "gradient_clipping": 1.0,
-                  "zero_optimization": {"stage": stage}}
-        parity(lambda: SimpleModel(empty_grad=True), config, steps=2,
-               optimizer=model_fn(lambda m: torch.optim.Adam(m.parameters())),
-               ref_optimizer=lambda ps: torch.optim.Adam(ps))
-
-
-for _adam in ("Adam", "AdamW"):
-    for _torch_impl in (True, False):
-        @case(FP16 + f"TestFP16AdamTypes[{_torch_impl}-{_adam}]", adam=_adam,
-              torch_impl=_torch_impl)
-        def adam_types(tmp, adam, torch_impl):
-            # torch_adam picks DeepSpeed's kernel, not the math: both train the same way.
-            config = {"train_batch_size": world(), "gradient_clipping": 1.0,
-                      "fp16": {"enabled": True, "initial_scale_power": 10},
-                      "optimizer": {"type": adam, "torch_adam": torch_impl,
-                                    "params": {"lr": 0.01, "weight_decay": 0.0}}}
-            parity(SimpleModel, config, steps=3)
-
-
-@case(FP16 + "TestZero2ReduceScatterOff")
-def zero2_reduce_scatter_off(tmp):
-    config = {"train_batch_size": 2 * world(), "gradient_clipping": 1.0,
-              "optimizer": {"type": "Adam", "params": {"lr": 0.01, "weight_decay": 0.0}},
-              "zero_optimization": {"stage": 2, "contiguous_gradients": True,
-                                    "allgather_bucket_size": 2000000000,
-                                    "reduce_bucket_size": 200000000, "overlap_comm": False,
-                                    "reduce_scatter": False},
-              "fp16": {"enabled": True, "initial_scale_power": 8}}
-    parity(SimpleModel, config, steps=3)
-
-
-# -- test_dynamic_loss_scale.py -----------------------------------------------------------------
-class GradientProbe(nn.Module):
-    """DeepSpeed's run_model_step sets every gradient to a value; from the outside, the loss
-    sum(p * value) gives each parameter exactly that gradient (times the loss scale)."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(1, 1)
-
-    def forward(self, value):
-        return sum((p * value).sum() for p in self.parameters())
-
-
-def ds_loss_scales(initial: float, overflows: list[bool], window: int, hysteresis: int = 2,
-                   min_scale: float = 1.0, consecutive: bool = False) -> list[float]:
-    """The scale after each step by DeepSpeed's rule (runtime/fp16/loss_scaler.py): an overflow
-    spends one hysteresis, halving (not below min_scale) when the last one is spent; a clean
-    step doubles when the clean steps since the last overflow, not counting the first, reach
-    a multiple of the window (stable_interval = cur_iter - last_overflow_iter - 1)."""
-    scale, left, last_overflow, out = initial, hysteresis, -1, []
-    for iteration, overflow in enumerate(overflows):
-        if overflow:
-            if hysteresis == 1 or left == 1:
-                scale = max(scale / 2, min_scale)
-            else:
-                left -= 1
-            last_overflow = iteration
-        else:
-            if consecutive:
-                left = hysteresis
-            stable = iteration - last_overflow - 1
-            if stable > 0 and stable % window == 0:
-                if not consecutive:
-                    left = hysteresis
-                scale *= 2
-        out.append(scale)
-    return out
-
-
-def _scale_engine(fp16: dict, stage: int = 0):
-    model = GradientProbe()
-    config = {"train_batch_size": world(), "gradient_clipping": 0.0,
-              "zero_optimization": {"stage": stage},
-              "optimizer": {"type": "Adam", "params": {"lr": 0.00015, "weight_decay": 0.0}},
-              "fp16": {"enabled": True, "loss_scale": 0, **fp16}}
-    engine, _, _, _ = zero_ext.initialize(model=model, config=config,
-                                          model_parameters=list(model.parameters()))
-    return engine
-
-
-def _run_values(engine, values) -> list[float]:
-    scales = []
-    for value in values:
-        engine.backward(engine(torch.tensor(value, dtype=torch.float16)))
-        engine.step()
-        scales.append(engine.loss_scaler.scale)
-    return scales
-
-
-def _clean_values(n: int, seed: int = 0) -> list[float]:
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.rand(n, generator=gen) * 0.2 - 0.1).tolist()
-
-
-@case(SCALE + "TestFused::test_no_overflow")
-def no_overflow(tmp):
-    engine = _scale_engine({"initial_scale_power": 8, "loss_scale_window": 2})
-    assert engine.loss_scaler.scale == 2 ** 8
-    scales = _run_values(engine, _clean_values(10))
-    # DeepSpeed's test: 2**8 until step 2, then doubled after every 2 further steps.
-    assert scales == ds_loss_scales(256, [False] * 10, 2), scales
-    assert scales == [256, 256, 512, 512, 1024, 1024, 2048, 2048, 4096, 4096], scales
-    assert engine.global_steps == 10 and engine.skipped_steps == 0
-
-
-@case(SCALE + "TestFused::test_all_overflow")
-def all_overflow(tmp):
-    engine = _scale_engine({"initial_scale_power": 4, "loss_scale_window": 2,
-                            "hysteresis": 1})
-    values = [float("inf"), float("-inf"), float("nan"), float("nan")]
-    scales = _run_values(engine, values)
-    assert scales == [8, 4, 2, 1], scales
-    assert engine.skipped_steps == 4
-
-
-@case(SCALE + "TestFused::test_all_overflow[default hysteresis]")
-def all_overflow_stage0_hysteresis(tmp):
-    # Stage 0 is DeepSpeed's FP16_Optimizer, whose _update_scale halves on every overflow
-    # (fp16.hysteresis, default 2, is read by the ZeRO optimizers only).
-    engine = _scale_engine({"initial_scale_power": 8, "loss_scale_window": 2})
-    assert _run_values(engine, [float("inf")] * 3) == [128, 64, 32]
-
-
-@case(SCALE + "TestUnfused::test_all_overflow")
-def all_overflow_min_scale(tmp):
-    engine = _scale_engine({"initial_scale_power": 4, "loss_scale_window": 2,
-                            "min_loss_scale": 2.0, "hysteresis": 1})
-    scales = _run_values(engine, [float("inf"), float("-inf"), float("nan")])
-    assert scales == [8, 4, 2], scales
-
-
-@case(SCALE + "TestFused::test_some_overflow")
-def some_overflow(tmp):
-    engine = _scale_engine({"initial_scale_power": 8, "loss_scale_window": 2,
-                            "hysteresis": 1})
-    values = [float("inf"), float("nan")] + _clean_values(3) + [float("inf")]
-    scales = _run_values(engine, values)
-    # DeepSpeed's test: two overflows quarter the scale, window + 1 = 3 clean steps double it
-    # once (on the third), one overflow halves it again.
-    overflows = [not math.isfinite(v) for v in values]
-    assert scales == ds_loss_scales(256, overflows, 2, hysteresis=1), scales
-    assert scales == [128, 64, 64, 64, 128, 64], scales
-    assert engine.skipped_steps == 3 and engine.global_steps == 6
-
-
-@case(SCALE + "TestFused::test_some_overflow[window+1]")
-def doubling_waits_window_plus_one(tmp):
-    # The doubling after an overflow comes on clean step window + 1, also with a longer window.
-    engine = _scale_engine({"initial_scale_power": 8, "loss_scale_window": 3,
-                            "hysteresis": 1})
-    values = [float("inf")] + _clean_values(8)
-    scales = _run_values(engine, values)
-    assert scales == [128, 128, 128, 128, 256, 256, 256, 512, 512], scales
-
-
-@case(SCALE + "TestZeroStage0Hysteresis::test_hysteresis[ZeRO stage 1]")
-def hysteresis(tmp):
-    engine = _scale_engine({"initial_scale_power": 8, "hysteresis": 3}, stage=1)
-    scales = _run_values(engine, [float("inf")] * 4)
-    assert scales == [2 ** 8, 2 ** 8, 2 ** 7, 2 ** 6], scales
-
-
-@case(SCALE + "TestZeroStage0Hysteresis::test_consecutive_hysteresis[ZeRO stage 1]")
-def consecutive_hysteresis(tmp):
-    engine = _scale_engine({"initial_scale_power": 8, "hysteresis": 2,
-                            "consecutive_hysteresis": True}, stage=1)
-    values = [v for pair in zip([float("inf")] * 4, _clean_values(4)) for v in pair]
-    scales = _run_values(engine, values)
-    assert scales[-1] == 2 ** 8, scales
-
-
-@case(SCALE + "TestZeroStage0Hysteresis::test_hysteresis_through_the_engine[ZeRO stage 1]")
-def hysteresis_survives_checkpoint(tmp):
-    fp16 = {"initial_scale_power": 8, "loss_scale_window": 100, "hysteresis": 2}
-    engine = _scale_engine(fp16, stage=1)
-    _run_values(engine, _clean_values(1))
-    assert _run_values(engine, [float("inf")]) == [2 ** 8], "the first overflow is absorbed"
-    engine.save_checkpoint(tmp, tag="spent")
-    restored = _scale_engine(fp16, stage=1)
-    restored.load_checkpoint(tmp, tag="spent")
-    assert restored.loss_scaler.scale == 2 ** 8
-    assert _run_values(restored, [float("inf")]) == [2 ** 7], \
-        "one overflow was already spent before the checkpoint"
-
-
-@case(SCALE + "TestFused::test_some_overflow[skipped steps leave the weights]")
-def overflow_leaves_weights(tmp):
-    # A skipped step changes nothing but the scale (DeepSpeed's overflow check skips the
-    # optimizer step on every rank).
-    engine = _scale_engine({"initial_scale_power": 8, "hysteresis": 1})
-    _run_values(engine, _clean_values(1))
-    before = full_params(engine)
-    _run_values(engine, [float("inf")])
-    after = full_params(engine)
-    for name in before:
-        assert torch.equal(before[name], after[name]), name
-
-
-# -- test_zero_optim_overflow.py: the same loss-scale sequences through ZeRO stages 1-2 --------
-OVERFLOW = "test_zero_optim_overflow.py::TestZeROFloat16::"
-
-for _stage in (1, 2):
-    for _offload in (False, True):
-        @case(OVERFLOW + f"test_no_overflow[{_offload}-{_stage}]", stage=_stage,
-              offload=_offload)
-        def zero_no_overflow(tmp, stage, offload):
-            engine = _zero_scale_engine(stage, offload, {"initial_scale_power": 8,
-                                                         "loss_scale_window": 2})
-            scales = _run_values(engine, _clean_values(10, seed=stage))
-            assert scales == ds_loss_scales(256, [False] * 10, 2), scales
-
-        @case(OVERFLOW + f"test_all_overflow[{_offload}-{_stage}]", stage=_stage,
-              offload=_offload)
-        def zero_all_overflow(tmp, stage, offload):
-            values = [float("inf"), float("-inf")] + [float("nan")] * 6
-            engine = _zero_scale_engine(stage, offload, {"initial_scale_power": len(values),
-                                                         "loss_scale_window": 2,
-                                                         "hysteresis": 1})
-            before = full_params(engine)
-            scales = _run_values(engine, values)
-            after = full_params(engine)
-            assert scales == [2.0 ** (len(values) - i - 1) for i in range(len(values))], scales
-            assert engine.skipped_steps == len(values)
-            assert all(torch.equal(before[n], after[n]) for n in before)
-
-        @case(OVERFLOW + f"test_some_overflow[{_offload}-{_stage}]", stage=_stage,
-              offload=_offload)
-        def zero_some_overflow(tmp, stage, offload):
-            engine = _zero_scale_engine(stage, offload, {"initial_scale_power": 8,
-                                                         "loss_scale_window": 2,
-                                                         "hysteresis": 1})
-            values = [float("inf"), float("nan")] + _clean_values(3) + [float("inf")]
-            scales = _run_values(engine, values)
-            overflows = [not math.isfinite(v) for v in values]
-            assert scales == ds_loss_scales(256, overflows, 2, hysteresis=1), scales
-
-
-def _zero_scale_engine(stage: int, offload: bool, fp16: dict):
-    model = GradientProbe()
-    zero = {"stage": stage}
-    if offload:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0,
-              "optimizer": {"type": "Adam", "params": {"lr": 0.00015, "weight_decay": 0.0}},
-              "fp16": {"enabled": True, "loss_scale": 0, **fp16}, "zero_optimization": zero}
-    engine, _, _, _ = zero_ext.initialize(model=model, config=config,
-                                          model_parameters=list(model.parameters()))
-    return engine
-
-
 # -- test_ignore_unused_parameters.py ---------------------------------------------------------
 for _ignore in (False, True):
     @case(f"test_ignore_unused_parameters.py::TestStage2IgnoreUnusedParameters[{_ignore}]",
@@ -1074,89 +782,39 @@ for _ignore in (False, True):
                              "ignore_unused_parameters false")
 
 
-# -- test_zero_context_return.py --------------------------------------------------------------
-RETURN = "test_zero_context_return.py::TestReturnParam::"
 
 
-class DanglingBias(nn.Linear):
-    """Returns its own bias for the caller to use after this module's forward ended."""
+# -- test_ds_initialize.py::TestNoOptim ------------------------------------------------------
+for _stage in (0, 3):
+    @case(f"test_ds_initialize.py::TestNoOptim[{_stage}]", stage=_stage)
+    def no_optimizer_forward(tmp, stage):
+        # A deep model (Init at stage 3, parameters offloaded), forward passes only: the outputs
+        # are those of the same weights in plain PyTorch.
+        config = {"train_batch_size": world(),
+                  "zero_optimization": {"stage": stage, "offload_param": {"device": "cpu"}},
+                  "bf16": {"enabled": True}}
 
-    def forward(self, x):
-        return super().forward(x), self.bias
+        def factory():
+            return SimpleModel(4, nlayers=20)
 
-
-class DanglingAttention(nn.Linear):
-    def __init__(self, dim=16):
-        super().__init__(dim, dim)
-        self.d_linear = DanglingBias(dim, dim)
-
-    def forward(self, x):
-        out, bias = self.d_linear(super().forward(x))
-        return out, bias
-
-
-class DanglingExt(nn.Module):
-    def __init__(self, dim=16):
-        super().__init__()
-        self.linear1 = nn.Linear(dim, dim)
-        self.dangler = DanglingAttention(dim)
-
-    def forward(self, x, y):
-        act2, bias = self.dangler(self.linear1(x))
-        return nn.functional.cross_entropy(act2 + bias, y)
-
-
-_Z3_RETURN = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
-              "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "weight_decay": 0.0}},
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1}}
-
-
-@case(RETURN + "test_ext_param_return")
-def ext_param_return(tmp):
-    # A parameter returned from its module and used by the caller: DeepSpeed keeps it gathered
-    # for that use; zero_ext must train like plain PyTorch or refuse at the first use, naming
-    # the parameter, never compute on an empty placeholder.
-    try:
-        parity(DanglingExt, _Z3_RETURN, steps=3, hidden=16)
-    except Exception as error:  # noqa: BLE001 - a named refusal passes
-        text = str(error)
-        if not (text.startswith("zero_ext") and "dangler.d_linear.bias" in text):
-            raise
-
-
-class VariableOutput(nn.Module):
-    def __init__(self, output_type: str, dim=16):
-        super().__init__()
-        self.output_type = output_type
-        self.linear1 = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        act1 = self.linear1(x)
-        if self.output_type == "dict":
-            return {"loss": act1.sum()}
-        return act1.sum() if self.output_type == "tensor" else None
-
-
-for _output in ("tensor", "dict", "None"):
-    @case(RETURN + f"test_stage_3_output_type[{_output}]", output=_output)
-    def stage3_output_type(tmp, output):
-        torch.manual_seed(4)
-        model = VariableOutput(output)
-        engine, _, _, _ = zero_ext.initialize(model=model, config=_Z3_RETURN,
-                                              model_parameters=list(model.parameters()))
-        initial = full_params(engine)
-        x = torch.rand(16)
-        out = engine(x)
-        if output == "None":
-            assert out is None
+        if stage == 3:
+            with zero_ext.Init(config=config):
+                model = factory()
+        else:
+            model = factory()
+        try:
+            engine, _, _, _ = zero_ext.initialize(model=model, config=config)
+        except ValueError as error:
+            # DeepSpeed ignores offload_param below stage 3; refusing it, naming the key and
+            # the fix, is allowed (never accepted and ignored in silence).
+            assert stage < 3 and "offload_param" in str(error) and "stage" in str(error), \
+                str(error)
             return
-        engine.backward(out["loss"] if isinstance(out, dict) else out)
-        engine.step()
-        got = full_params(engine)
-        reference = reference_copy(lambda: VariableOutput(output), initial)
-        opt = ds_adam(list(reference.parameters()), _Z3_RETURN)
-        ref_out = reference(x)
-        (ref_out["loss"] if isinstance(ref_out, dict) else ref_out).backward()
-        torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)
-        opt.step()
-        assert_params_close(got, named(reference), output)
+        weights = full_params(engine)
+        reference = reference_copy(factory, weights).to(torch.bfloat16)
+        for step in range(3):
+            x, y = batch(step, 0, rank(), 1, torch.bfloat16, hidden=4)
+            with torch.no_grad():
+                got = engine(x, y)
+                want = reference(x, y)
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
