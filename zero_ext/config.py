@@ -1017,6 +1017,23 @@ class BatchSizes:
     """Micro-batches accumulated on each rank before an optimizer step."""
 
 
+@dataclass(kw_only=True)
+class ZeroExtSettings(_Section):
+    """``zero_ext``: settings of zero_ext's own, with no DeepSpeed counterpart."""
+
+    stall_timeout_s: float = 60.0
+    """Seconds a collective may make no progress before every rank raises
+    ``zero_ext.comm.CollectiveStallError`` naming the rank that did not arrive, the collective
+    (op, size, sequence number) and the zero_ext call that issued it (> 0). Slow collectives
+    that every rank has joined, and a rank busy inside a zero_ext call (writing a checkpoint),
+    count as progress; a rank in its own code while the others wait does not: raise this when
+    one rank legitimately works alone for longer (an evaluation on rank 0)."""
+
+    def __post_init__(self):
+        self.stall_timeout_s = _check_number("stall_timeout_s", self.stall_timeout_s, lo=0.0,
+                                             lo_open=True)
+
+
 _COMM_DTYPES = {
     "fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
     "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
@@ -1081,6 +1098,9 @@ class ZeroConfig(_Section):
     wall_clock_breakdown: bool = False
     """Time forward, backward and step and log the breakdown."""
 
+    zero_ext: ZeroExtSettings = field(default_factory=ZeroExtSettings)
+    """zero_ext's own settings (not DeepSpeed keys): ``{"zero_ext": {"stall_timeout_s": 60}}``."""
+
     _ALIASES: ClassVar[dict[str, str]] = {"bfloat16": "bf16"}
     _SECTIONS: ClassVar[dict[str, type]] = {
         "fp16": FP16Config,
@@ -1089,6 +1109,7 @@ class ZeroConfig(_Section):
         "scheduler": SchedulerConfig,
         "zero_optimization": ZeroOptimizationConfig,
         "activation_checkpointing": ActivationCheckpointingConfig,
+        "zero_ext": ZeroExtSettings,
     }
     _IGNORED: ClassVar[dict[str, str]] = {
         "tensorboard": "",
@@ -1196,6 +1217,7 @@ class ZeroConfig(_Section):
         self.steps_per_print = _optional(_check_int, "steps_per_print", self.steps_per_print,
                                          lo=1)
         self.wall_clock_breakdown = _check_bool("wall_clock_breakdown", self.wall_clock_breakdown)
+        self.zero_ext = _section("zero_ext", self.zero_ext, ZeroExtSettings)
         if self.fp16.enabled and self.bf16.enabled:
             raise ConfigError("fp16.enabled", "fp16 and bf16 are both enabled; enable at most "
                               "one of them")

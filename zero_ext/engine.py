@@ -607,14 +607,15 @@ class ZeroEngine(nn.Module):
             shard = layout.shard_numel
             start, _ = layout.shard_range(self.rank)
             if shard <= piece:
-                comm.all_gather(flat, flat[start:start + shard])
+                comm.all_gather(flat, flat[start:start + shard], bucket=layout.index)
                 continue
             views = flat.view(self.world_size, shard)
             for lo in range(0, shard, piece):
                 hi = min(lo + piece, shard)
                 gathered = torch.empty((self.world_size, hi - lo), dtype=flat.dtype,
                                        device=flat.device)
-                comm.all_gather(gathered.view(-1), views[self.rank, lo:hi].contiguous())
+                comm.all_gather(gathered.view(-1), views[self.rank, lo:hi].contiguous(),
+                                bucket=layout.index)
                 views[:, lo:hi].copy_(gathered)
 
     # -- GatheredParameters -----------------------------------------------------------------
@@ -864,6 +865,35 @@ def as_optimizer_defaults(config: ZeroConfig, optimizer) -> dict:
                 maximize=group.get("maximize", False))
 
 
+def _check_same_settings(config: ZeroConfig, optimizer) -> None:
+    """Collective: the config and a client optimizer's hyperparameters must be equal on every
+    rank. A different gradient_accumulation_steps issues a different number of collectives
+    (a hang), a different lr trains each shard at its own rate (silently); both are named here
+    with every rank's value before anything runs."""
+    def flatten(value, path: str, out: dict) -> dict:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                flatten(item, f"{path}.{key}" if path else str(key), out)
+        else:
+            out[path] = repr(value)
+        return out
+
+    mine = flatten(config.to_dict(), "", {})
+    for i, group in enumerate(getattr(optimizer, "param_groups", None) or []):
+        flatten({k: v for k, v in group.items() if k != "params"},
+                f"optimizer.param_groups[{i}]", mine)
+    everyone = comm.all_gather_object(mine)
+    keys = sorted({key for settings in everyone for key in settings})
+    differing = [key for key in keys if len({s.get(key, "<unset>") for s in everyone}) > 1]
+    if differing:
+        detail = "; ".join(f"{key}: " + ", ".join(f"rank {r} {s.get(key, '<unset>')}"
+                                                 for r, s in enumerate(everyone))
+                           for key in differing[:8])
+        raise ValueError(f"zero_ext.initialize: the settings differ across ranks ({detail}); "
+                         "every rank must get the same config and optimizer hyperparameters "
+                         "(build them from the same values on every rank, not from the rank)")
+
+
 def initialize(model: nn.Module, config, model_parameters: Iterable | None = None,
                optimizer=None, lr_scheduler=None, training_data=None,
                collate_fn: Callable | None = None):
@@ -872,7 +902,8 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
     config = ZeroConfig.load(config)
     from zero_ext import checkpointing
     checkpointing.configure(config.activation_checkpointing)
-    comm.init_distributed()
+    comm.init_distributed(stall_timeout_s=config.zero_ext.stall_timeout_s)
+    _check_same_settings(config, optimizer)
     if optimizer is not None and model_parameters is not None:
         raise ValueError("zero_ext.initialize: pass either optimizer or model_parameters, not "
                          "both (the optimizer already names its parameters)")

@@ -128,10 +128,11 @@ class GradientBuckets:
         if self._on_reduced is not None:
             self._on_reduced(layout.index)  # stage 3: the unit's full parameters can go
         if self._whole_buckets:
-            bucket.work = comm.all_reduce(bucket.flat, async_op=True)
+            bucket.work = comm.all_reduce(bucket.flat, async_op=True, bucket=layout.index)
         else:
             out = torch.empty(layout.shard_numel, dtype=self.comm_dtype, device=bucket.flat.device)
-            bucket.work = comm.reduce_scatter(out, bucket.flat, async_op=True)
+            bucket.work = comm.reduce_scatter(out, bucket.flat, async_op=True,
+                                              bucket=layout.index)
             bucket.grad = out
         bucket.state = BucketState.REDUCING
         if not self.overlap_comm:
