@@ -298,11 +298,11 @@ def test_initial_scale_power_out_of_range_is_a_clear_error():
 
 
 def test_config_path_missing_or_a_directory(tmp_path):
-    with pytest.raises(ValueError, match=r"zero_ext config '.*nope\.json': no such file; pass "
-                       "the path of a DeepSpeed JSON config file"):
+    with pytest.raises(FileNotFoundError, match=r"zero_ext config '.*nope\.json': no such "
+                       "file; pass the path of a DeepSpeed JSON config file"):
         ZeroConfig.load(tmp_path / "nope.json")
-    with pytest.raises(ValueError, match=r"zero_ext config '.*' is a directory; pass the path "
-                       "of a DeepSpeed JSON config file inside it"):
+    with pytest.raises(IsADirectoryError, match=r"zero_ext config '.*' is a directory; pass the "
+                       "path of a DeepSpeed JSON config file inside it"):
         ZeroConfig.load(str(tmp_path))
     (tmp_path / "ds.json").write_text(json.dumps({"gradient_clipping": 0.5}))
     assert ZeroConfig.load(tmp_path / "ds.json").gradient_clipping == 0.5

@@ -186,6 +186,13 @@ def test_stage3_prefetch_counts_only_units_that_fit_its_budget():
     assert gathered(0) == 4 * 2048
 
 
+def test_largest_count_is_laid_out_without_a_layout_per_bucket():
+    # 10**15 elements are 2 million reduce_bucket_size buckets (each a multiple of 8 * 16);
+    # the estimate lays out two and repeats the second, so it answers at once.
+    est = estimate_from_config(10**15, {"zero_optimization": {"stage": 2}}, 8)
+    assert est.padded_numel == 10**15 and est.device.exp_avg == 4 * 10**15 // 8
+
+
 def test_api_errors_say_what_to_do():
     with pytest.raises(ValueError, match="parameter offload needs stage 3"):
         estimate(10**6, stage=2, world_size=2, offload_param=True)
@@ -193,6 +200,9 @@ def test_api_errors_say_what_to_do():
         estimate(10**6, stage=2, world_size=2, dtype="fp8")
     with pytest.raises(ValueError, match="positive parameter count"):
         estimate_from_config(-5, {}, 2)
+    with pytest.raises(ValueError, match=r"^1e\+30 parameters is more than zero_ext.estimate "
+                       r"handles \(1e\+15, .*check the count"):
+        estimate_from_config(10**30, {}, 2)
     with pytest.raises(ValueError, match="largest_unit is for a bare parameter count"):
         estimate(nn.Linear(2, 2), stage=3, world_size=2, largest_unit=10)
 
@@ -279,6 +289,8 @@ def test_cli_takes_precision_accumulation_and_stage3_keys_from_a_config(tmp_path
 
 @pytest.mark.parametrize("args, advice", [
     (["--params", "7Q"], ["'7Q' is not a parameter count", "e.g. 70B"]),
+    (["--params", "1e30"], ["'1e30' parameters is more than zero_ext.estimate handles",
+                            "check the count"]),
     (["--params", "7B", "--world-sizes", "8,x"], ["not a list of rank counts", "1,8,64"]),
     (["--params", "7B", "--stages", "0", "--offload-optimizer"],
      ["stage 0: optimizer offload needs stage 1, 2 or 3", "--stages 1,2,3"]),

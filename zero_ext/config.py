@@ -1336,12 +1336,13 @@ def read_json_config(path: str | os.PathLike) -> dict:
         return seen
 
     if not os.path.exists(path):
-        raise ValueError(f"zero_ext config {os.fspath(path)!r}: no such file; pass the path of a "
-                         "DeepSpeed JSON config file, or the config as a dict")
+        raise FileNotFoundError(
+            f"zero_ext config {os.fspath(path)!r}: no such file; pass the path of a DeepSpeed "
+            "JSON config file, or the config as a dict")
     if os.path.isdir(path):
-        raise ValueError(f"zero_ext config {os.fspath(path)!r} is a directory; pass the path of "
-                         "a DeepSpeed JSON config file inside it (e.g. ds_config.json), or the "
-                         "config as a dict")
+        raise IsADirectoryError(
+            f"zero_ext config {os.fspath(path)!r} is a directory; pass the path of a DeepSpeed "
+            "JSON config file inside it (e.g. ds_config.json), or the config as a dict")
     try:
         with open(path, encoding="utf-8") as file:
             return json.load(file, object_pairs_hook=no_duplicates)

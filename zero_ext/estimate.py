@@ -190,10 +190,13 @@ def estimate_from_config(model: nn.Module | int, config, world_size: int, *,
     else:
         numel = _check_count(model)
         # One group in reduce_bucket_size buckets: plan_buckets pads them as the engine would.
-        sizes = [zero.reduce_bucket_size] * (numel // zero.reduce_bucket_size)
-        sizes += [numel % zero.reduce_bucket_size] if numel % zero.reduce_bucket_size else []
+        # Past the first two, the full buckets are alike: one layout stands for them all.
+        full, rest = divmod(numel, zero.reduce_bucket_size)
+        sizes = [zero.reduce_bucket_size] * min(full, 2) + ([rest] if rest else [])
         laid_out = plan_buckets(sizes, [torch.Size([n]) for n in sizes], [0] * len(sizes),
                                 world_size, zero.reduce_bucket_size)
+        if full > 2:
+            laid_out = laid_out[:1] + laid_out[1:2] * (full - 1)
         # Stage 3 shards every unit; without the model, all of it counts as unit parameters.
         unit_layouts, whole_layouts = ([laid_out], []) if zero.stage == 3 else ([], laid_out)
         frozen_numel, exact = 0, False
@@ -339,9 +342,21 @@ def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+# 10**15 parameters, a thousand times today's largest models: past it, a count is a typo (and
+# its bucket list would not fit in memory).
+MAX_PARAMS = 10**15
+
+
+def _too_many(text: str) -> str:
+    return (f"{text} parameters is more than zero_ext.estimate handles ({MAX_PARAMS:.0e}, a "
+            "thousand times the largest models trained); check the count, e.g. 70B or 7e10")
+
+
 def _check_count(numel) -> int:
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
         raise ValueError(f"expected an nn.Module or a positive parameter count, got {numel!r}")
+    if numel > MAX_PARAMS:
+        raise ValueError(_too_many(f"{numel:.3g}"))
     return numel
 
 
@@ -360,6 +375,8 @@ def parse_count(text: str) -> int:
     value = float(match.group(1).replace("_", "")) * _SUFFIXES[suffix]
     if value < 1:
         raise ValueError(f"{text!r} is less than one parameter; give a positive count, e.g. 7B")
+    if value > MAX_PARAMS:
+        raise ValueError(_too_many(repr(text)))
     return round(value)
 
 
@@ -670,7 +687,7 @@ def _read_json_config(path: str, parser: argparse.ArgumentParser) -> dict:
         config = read_json_config(path)
     except FileNotFoundError:
         parser.error(f"--config {path}: no such file; pass the JSON config you train with")
-    except ValueError as error:
+    except (OSError, ValueError) as error:  # a directory, unreadable, invalid JSON
         parser.error(f"--config {path}: {error}")
     if not isinstance(config, dict):
         parser.error(f"--config {path}: expected a JSON object of config keys, e.g. "
