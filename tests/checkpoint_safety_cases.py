@@ -384,6 +384,7 @@ def clear_errors(root: str) -> dict:
     for name in ("version_str", "no_files"):
         out[name] = attempt(fresh.load_checkpoint, os.path.join(root, "bad"), tag=name)
     out["save_into_file"] = attempt(engine.save_checkpoint, os.path.join(root, "a_file"))
+    out["load_from_file"] = attempt(fresh.load_checkpoint, os.path.join(root, "a_file"))
     out["tag_is_file"] = attempt(engine.save_checkpoint, os.path.join(root, "tagfile"), tag="t")
     out["load_tag_file"] = attempt(fresh.load_checkpoint, os.path.join(root, "tagfile"), tag="t")
     out["locked"] = attempt(engine.save_checkpoint, os.path.join(root, "locked"))

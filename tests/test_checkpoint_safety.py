@@ -207,6 +207,7 @@ def test_diverged_step_counts_are_named_at_save():
     ("version_str", ["manifest.json is malformed", "'version' is '1' (str)"]),
     ("no_files", ["manifest.json is malformed", "no 'files'"]),
     ("save_into_file", ["a_file is a file, not a directory"]),
+    ("load_from_file", ["a_file is a file, not a directory"]),
     ("tag_is_file", ["tagfile/t is a file, so tag 't' cannot be saved"]),
     ("load_tag_file", ["tagfile/t is a file, not a checkpoint directory"]),
     ("locked", ["another job is saving into", "process", "on host", "give each job its own"]),

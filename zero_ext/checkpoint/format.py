@@ -108,6 +108,9 @@ def resolve_tag(load_dir: str, tag: str | None, caller: str = "zero_ext.load_che
     """The tag to load: `tag`, or the one `<load_dir>/latest` names; None when `tag` is None
     and there is no `latest` (nothing was ever saved there: DeepSpeed's load returns
     (None, None) then, and scripts start fresh on that)."""
+    if os.path.exists(load_dir) and not os.path.isdir(load_dir):
+        raise CheckpointError(f"{caller}: {load_dir} is a file, not a directory; pass the "
+                              f"directory checkpoints were saved into")
     if tag is None:
         if looks_like_checkpoint(load_dir):
             parent, name = os.path.split(os.path.abspath(load_dir).rstrip(os.sep))
