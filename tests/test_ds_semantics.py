@@ -314,6 +314,28 @@ def test_auto_cast_needs_fp16():
         ZeroConfig.load({"fp16": {"auto_cast": True}})
 
 
+def test_keys_without_effect_warn_once_when_set_off_their_default():
+    performance_only = {"contiguous_gradients": False, "reduce_scatter": False,
+                        "allgather_partitions": False, "sub_group_size": 1000,
+                        "round_robin_gradients": True}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = ZeroConfig.load({"zero_optimization": {
+            "stage": 2, "elastic_checkpoint": True, **performance_only}})
+    assert len(caught) == 1
+    text = str(caught[0].message)
+    assert text.startswith("zero_ext config: these DeepSpeed keys have no effect in zero_ext")
+    for key, value in performance_only.items():
+        assert f"zero_optimization.{key} = {json.dumps(value)} (" in text, key
+    assert "elastic_checkpoint" not in text  # zero_ext's checkpoints are always elastic
+    assert config.zero_optimization.sub_group_size == 1000
+    with warnings.catch_warnings():  # DeepSpeed's defaults, written out: nothing to say
+        warnings.simplefilter("error")
+        ZeroConfig.load({"zero_optimization": {
+            "contiguous_gradients": True, "reduce_scatter": True, "allgather_partitions": True,
+            "sub_group_size": 1e9, "round_robin_gradients": False}})
+
+
 def test_nonfinite_policy_from_the_config():
     def policy(**sections):
         return ZeroConfig.load(sections).nonfinite_gradients

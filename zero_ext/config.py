@@ -228,13 +228,16 @@ class _Section:
     Subclasses describe their DeepSpeed keys beyond their fields in four class tables:
     ``_ALIASES`` (other spelling -> field), ``_SECTIONS`` (field -> nested section class),
     ``_IGNORED`` (key without effect -> note for the warning, may be empty) and ``_INERT``
-    (key of a feature zero_ext lacks -> :class:`_Unsupported`).
+    (key of a feature zero_ext lacks -> :class:`_Unsupported`). ``_NO_EFFECT`` names fields
+    kept for DeepSpeed's sake whose other values zero_ext does not act on (field -> note): a
+    value other than the default joins the warning about ignored keys.
     """
 
     _ALIASES: ClassVar[dict[str, str]] = {}
     _SECTIONS: ClassVar[dict[str, type]] = {}
     _IGNORED: ClassVar[dict[str, str]] = {}
     _INERT: ClassVar[dict[str, _Unsupported]] = {}
+    _NO_EFFECT: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
@@ -279,9 +282,15 @@ class _Section:
                     and f.default_factory is dataclasses.MISSING):
                 raise ConfigError(_join(path, f.name), "missing; this section requires it")
         try:
-            return cls(**kwargs)
+            section = cls(**kwargs)
         except ConfigError as error:
             raise error.under(path) from None
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for name, note in cls._NO_EFFECT.items():
+            value = getattr(section, name)
+            if name in kwargs and value != defaults[name]:
+                notes.append(f"{_join(path, given_as[name])} = {json.dumps(value)} ({note})")
+        return section
 
     @classmethod
     def _unknown_key_detail(cls, key: str, fields: set[str]) -> str:
@@ -825,6 +834,14 @@ class ZeroOptimizationConfig(_Section):
     """DeepSpeed's checkpoint layout that can be loaded at another data-parallel size. No effect
     here: zero_ext checkpoints always load at any world size and stage."""
 
+    _NO_EFFECT: ClassVar[dict[str, str]] = {
+        "contiguous_gradients": "zero_ext always flattens each bucket's gradients into one "
+        "buffer",
+        "reduce_scatter": "zero_ext always reduce-scatters at stages 1-3; the same average",
+        "allgather_partitions": "zero_ext always all-gathers; the same values",
+        "sub_group_size": "zero_ext steps the optimizer per bucket; the same result",
+        "round_robin_gradients": "a DeepSpeed CPU-offload copy order; the same result",
+    }
     _ALIASES: ClassVar[dict[str, str]] = {
         "stage3_gather_fp16_weights_on_model_save": "stage3_gather_16bit_weights_on_model_save",
         # DeepSpeed also accepts its pydantic field names for the stage-3 keys.
