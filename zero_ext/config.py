@@ -868,7 +868,9 @@ class ZeroOptimizationConfig(_Section):
         "allgather_sequential": "",
         "parameter_alignment": "",
         "log_trace_cache_warnings": "",
-        "enable_sanity_checks": "",
+        "enable_sanity_checks": "DeepSpeed's debugging checks: the same stage-3 buckets on "
+        "every rank, which zero_ext fixes at initialize, and no change inside "
+        "GatheredParameters(modifier_rank=None), which zero_ext does not check",
         "memory_efficient_linear": "",
         "override_module_apply": "",
         "pipeline_loading_checkpoint": "",
