@@ -177,8 +177,10 @@ class ZeroEngine(nn.Module):
                           "partitioned (each is below stage3_param_persistence_threshold or "
                           "kept whole); lower the threshold to partition and offload them",
                           stacklevel=3)
-        self.pin_memory = (zero.offload_optimizer.pin_memory and self.offload_optimizer) or (
-            zero.offload_param.pin_memory and self.offload_param)
+        # Host buffers are page-locked only where CUDA exists (offload.host_buffer).
+        self.pin_memory = torch.cuda.is_available() and (
+            (zero.offload_optimizer.pin_memory and self.offload_optimizer)
+            or (zero.offload_param.pin_memory and self.offload_param))
         unit_indices = {layout.index for _, layouts in unit_plan for layout in layouts}
         # The buckets whose optimizer state lives (and steps) on the host: all of them under
         # offload_optimizer, or the first ones backward finishes under its ratio.
