@@ -434,3 +434,115 @@ for _output in ("tensor", "dict", "None"):
         torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)
         opt.step()
         assert_params_close(got, named(reference), output)
+
+
+# -- test_zero_nesting_init.py, test_zero_dynamic_class.py ------------------------------------
+def _train_one_step(model: nn.Module, config: dict) -> int:
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config,
+                                          model_parameters=list(model.parameters()))
+    loss = engine(torch.ones(2, model.in_features)).square().mean()
+    engine.backward(loss)
+    engine.step()
+    return engine.global_steps
+
+
+_NESTED = {"train_batch_size": 2 * 2, "train_micro_batch_size_per_gpu": 2,
+           "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "weight_decay": 0.0}},
+           "zero_optimization": {"stage": 3}}
+
+
+@case("test_zero_nesting_init.py::TestNestingInit::test_nesting_init")
+def nesting_init(tmp):
+    # Init inside Init: one partitioning, the plain build's values, and the model trains.
+    config = {**_NESTED, "train_batch_size": 2 * world()}
+    torch.manual_seed(21)
+    expected = named(nn.Linear(4, 4))
+    torch.manual_seed(21)
+    with zero_ext.Init(config=config):
+        with zero_ext.Init(config=config):
+            model = nn.Linear(4, 4)
+    with zero_ext.GatheredParameters(list(model.parameters())):
+        seen = named(model)
+    for name, value in expected.items():
+        assert torch.equal(seen[name], value), name
+    assert _train_one_step(model, config) == 1
+
+
+@case("test_zero_nesting_init.py::TestShutdownInNestingInit::test_shutdown_in_nesting_init")
+def shutdown_in_nesting_init(tmp):
+    # An engine built inside an outer Init, then a second model built under Init after it.
+    config = {**_NESTED, "train_batch_size": 2 * world()}
+    with zero_ext.Init(config=config):
+        with zero_ext.Init(config=config):
+            model1 = nn.Linear(4, 4)
+        steps1 = _train_one_step(model1, config)
+        with zero_ext.Init(config=config):
+            model2 = nn.Linear(4, 4)
+    assert steps1 == 1 and _train_one_step(model2, config) == 1
+
+
+for _inside in (False, True):
+    _name = ("TestNewClassDeclaredInsideNestingInit::test_new_class_declared_inside_nesting_init"
+             if _inside else
+             "TestNewClassDeclaredNestingInit::test_new_class_declared_nesting_init")
+
+    @case(f"test_zero_dynamic_class.py::{_name}", inside=_inside)
+    def new_class_declared_in_init(tmp, inside):
+        # A module class defined inside the Init block is partitioned like any other.
+        config = {**_NESTED, "train_batch_size": 2 * world()}
+
+        def declare():
+            class MyModel(nn.Module):
+                in_features = 4
+
+                def __init__(self):
+                    super().__init__()
+                    self.fc = nn.Linear(4, 4)
+
+                def forward(self, x):
+                    return self.fc(x)
+            return MyModel
+
+        torch.manual_seed(22)
+        expected = named(declare()())
+        torch.manual_seed(22)
+        with zero_ext.Init(config=config):
+            cls = declare()
+            if inside:
+                model = cls()
+            else:
+                with zero_ext.Init(config=config):
+                    model = cls()
+        with zero_ext.GatheredParameters(list(model.parameters())):
+            seen = named(model)
+        for name, value in expected.items():
+            assert torch.equal(seen[name], value), name
+        assert _train_one_step(model, config) == 1
+
+
+# -- test_zero_linear_direct_init.py ----------------------------------------------------------
+@case("test_zero_linear_direct_init.py::TestZero3LinearDirectInit::"
+      "test_wrapper_and_parameter_storage_lifecycle")
+def linear_direct(tmp):
+    # A bare nn.Linear at stage 3 with a client AdamW(lr 0.1): the output, and the weights after
+    # the step, are plain PyTorch's (with DeepSpeed's default clipping at 1.0).
+    torch.manual_seed(20260728)
+    model = nn.Linear(4, 3)
+    reference = nn.Linear(4, 3)
+    reference.load_state_dict(model.state_dict())
+    config = {"train_micro_batch_size_per_gpu": 2,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                    "stage3_max_reuse_distance": 0}}
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config,
+                                          optimizer=torch.optim.AdamW(model.parameters(), lr=0.1))
+    inputs = torch.arange(8, dtype=torch.float32).reshape(2, 4) / 8
+    output = engine(inputs)
+    engine.backward(output.sum())
+    engine.step()
+    got = full_params(engine)
+    ref_out = reference(inputs)
+    ref_out.sum().backward()
+    torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)
+    torch.optim.AdamW(reference.parameters(), lr=0.1).step()
+    torch.testing.assert_close(output.detach(), ref_out.detach())
+    assert_params_close(got, named(reference), "after one step")

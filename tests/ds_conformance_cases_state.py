@@ -84,13 +84,14 @@ def round_trip(tmp: str, config: dict, *, tag="1", load_config: dict | None = No
     a = _build(config, seed=1)
     train_engine(a, STEPS, dtype=dtype)
     saved = {"params": full_params(a), "global_steps": a.global_steps,
-             "skipped_steps": a.skipped_steps, "lr": a.get_lr()}
+             "skipped_steps": a.skipped_steps, "lr": a.get_lr(), "scale": _scale(a)}
     a.save_checkpoint(os.path.join(tmp, "saved"), tag=tag)
     b = _build(load_config or config, seed=2)
     fresh = {"params": full_params(b), "lr": b.get_lr()}
     result = b.load_checkpoint(os.path.join(tmp, "saved"), tag=tag, **load_args)
     loaded = {"params": full_params(b), "global_steps": b.global_steps,
-              "skipped_steps": b.skipped_steps, "lr": b.get_lr(), "result": result}
+              "skipped_steps": b.skipped_steps, "lr": b.get_lr(), "scale": _scale(b),
+              "result": result}
     a_lrs, b_lrs = [], []
     for step in range(STEPS, STEPS + MORE):
         train_engine(a, 1, start=step, dtype=dtype)
@@ -99,6 +100,10 @@ def round_trip(tmp: str, config: dict, *, tag="1", load_config: dict | None = No
         b_lrs.append(b.get_lr())
     return {"saved": saved, "fresh": fresh, "loaded": loaded, "a_after": full_params(a),
             "b_after": full_params(b), "a_lrs": a_lrs, "b_lrs": b_lrs, "dtype": dtype}
+
+
+def _scale(engine) -> float | None:
+    return engine.loss_scaler.scale if engine.loss_scaler is not None else None
 
 
 def assert_loaded_as_saved(r: dict, counters: bool = True) -> None:
@@ -115,7 +120,10 @@ def assert_continues_like_saver(r: dict) -> None:
 
 
 def assert_continues_fresh(r: dict, config: dict) -> None:
-    """Optimizer state not restored: B trains on like a new Adam from the saved weights."""
+    """Optimizer state not restored: B trains on like a new Adam from the saved weights (and
+    so unlike A, which shows that assert_continues_like_saver can tell the two apart)."""
+    assert any(not torch.equal(r["b_after"][n], r["a_after"][n]) for n in r["a_after"]), \
+        "a fresh optimizer trained exactly like the restored one"
     reference = reference_copy(SimpleModel, r["saved"]["params"])
     optimizer = ds_adam(list(reference.parameters()), config)
     train_reference(reference, optimizer, MORE, start=STEPS, clip=ds_clip(config))
@@ -129,6 +137,9 @@ for _stage, _offload in _OPTIMIZER_STATE:
           offload=_offload)
     def load_optimizer_state(tmp, stage, offload):
         config = ckpt_config(stage, offload, "bf16", wall_clock_breakdown=True)
+        # lr 1e-2 (DeepSpeed's test: 1.5e-4): the further steps must move bf16 weights for a
+        # wrong optimizer state to show.
+        config["optimizer"]["params"]["lr"] = 1e-2
         r = round_trip(tmp, config, load_optimizer_states=True)
         assert_loaded_as_saved(r)
         assert_continues_like_saver(r)
@@ -233,6 +244,11 @@ for _dtype_name in ("bf16", "fp16"):
                 config["fp16"].update(initial_scale_power=8, loss_scale_window=2)
             r = round_trip(tmp, config, load_optimizer_states=load)
             assert_loaded_as_saved(r)
+            if dtype == "fp16" and load:
+                # DeepSpeed keeps the dynamic loss scale in the optimizer's state: restored
+                # with it (2**8, doubled on clean step 3 with a window of 2).
+                assert r["loaded"]["scale"] == r["saved"]["scale"] == 2 ** 9, \
+                    (r["loaded"]["scale"], r["saved"]["scale"])
             if load:
                 assert_continues_like_saver(r)
             else:

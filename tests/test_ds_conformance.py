@@ -133,6 +133,21 @@ def test_zero_context_ancestry_py(world_size, test_id):
     _run(world_size, test_id)
 
 
+@_ported("test_zero_nesting_init.py")
+def test_zero_nesting_init_py(world_size, test_id):
+    _run(world_size, test_id)
+
+
+@_ported("test_zero_dynamic_class.py")
+def test_zero_dynamic_class_py(world_size, test_id):
+    _run(world_size, test_id)
+
+
+@_ported("test_zero_linear_direct_init.py")
+def test_zero_linear_direct_init_py(world_size, test_id):
+    _run(world_size, test_id)
+
+
 @_ported("test_activation_checkpointing.py")
 def test_activation_checkpointing_py(world_size, test_id):
     _run(world_size, test_id)
