@@ -180,10 +180,23 @@ def slow_collective_progresses():
             "progress_checks": comm.current_watch().progress_checks}
 
 
+def equal_size_collectives_differ():
+    """Without the debug switch, on gloo's own path: the ranks all-reduce different buckets of
+    equal size, which completes with mixed data and never hangs; the heartbeats' running hashes
+    of fingerprints disagree within a period or two, and every rank raises."""
+    os.environ["ZERO_EXT_CHECK_COLLECTIVES"] = "0"  # read when the group's watch starts
+    tensor = torch.zeros(64)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        comm.all_reduce(tensor, bucket=comm.rank())
+        time.sleep(0.01)
+
+
 STALLS = [save_checkpoint_on_rank0_only, load_checkpoint_on_rank0_only,
           save_16bit_model_on_rank0_only, uneven_batches_then_save,
           stage3_block_skipped_on_one_rank, submodule_used_on_one_rank, stuck_in_user_code,
-          accumulation_differs, lr_differs, frozen_rank, slow_collective_progresses]
+          accumulation_differs, lr_differs, frozen_rank, slow_collective_progresses,
+          equal_size_collectives_differ]
 
 
 def run_case(case) -> dict:

@@ -18,7 +18,8 @@ SHM = ["save_checkpoint_on_rank0_only", "load_checkpoint_on_rank0_only",
        "save_16bit_model_on_rank0_only", "uneven_batches_then_save",
        "stage3_block_skipped_on_one_rank", "submodule_used_on_one_rank", "stuck_in_user_code",
        "accumulation_differs", "lr_differs", "frozen_rank", "slow_collective_progresses"]
-GLOO = ["stage3_block_skipped_on_one_rank", "save_checkpoint_on_rank0_only", "stuck_in_user_code"]
+GLOO = ["stage3_block_skipped_on_one_rank", "save_checkpoint_on_rank0_only", "stuck_in_user_code",
+        "equal_size_collectives_differ"]
 
 
 @functools.cache
@@ -85,6 +86,16 @@ def test_a_rank_stuck_in_user_code_is_named_and_interrupted(transport):
     assert "in user code at stuck_in_user_code (stall_cases.py" in message
     # Rank 1 was interrupted in its sleep loop (60 s) soon after rank 0's stall timeout.
     assert max(ranks[key]["seconds"] for ranks in _outcomes()) < 15
+
+
+def test_equal_size_collectives_that_differ_are_caught_by_the_heartbeats_on_gloo():
+    key = ("gloo", "equal_size_collectives_differ")
+    message = _raised_everywhere(key)
+    assert message.startswith("zero_ext: ranks issued different collectives at #")
+    assert "all_reduce(64 x float32, bucket 0)" in message
+    assert "all_reduce(64 x float32, bucket 1)" in message
+    # Within a few heartbeat periods, not the case's 30 s loop.
+    assert max(ranks[key]["seconds"] for ranks in _outcomes()) < 10
 
 
 def test_the_plain_gloo_path_with_the_debug_switch_names_both_collectives():
