@@ -18,6 +18,7 @@ in step for the next one.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 import traceback
@@ -133,6 +134,14 @@ class SimpleModel(nn.Module):
         return self.cross_entropy(x.float(), y)
 
 
+class LoudModel(SimpleModel):
+    """SimpleModel on inputs scaled by 20: gradient norms well above 1, so a clipping threshold
+    of 1.0 (DeepSpeed's default) acts on every step."""
+
+    def forward(self, x, y):
+        return super().forward(x * 20, y)
+
+
 def batch(step: int, micro: int, rank: int, size: int = 2, dtype=torch.float32,
           hidden: int = HIDDEN):
     """Rank `rank`'s micro-batch `micro` of optimizer step `step`: the same on every process."""
@@ -180,13 +189,15 @@ def train_engine(engine, steps: int, *, gas: int = 1, micro: int = 2, dtype=torc
 def train_reference(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, *,
                     gas: int = 1, micro: int = 2, clip: float = 0.0, start: int = 0,
                     loss_fn=loss_of, toggle=None, scheduler=None, hidden: int = HIDDEN,
-                    world_size: int | None = None) -> None:
+                    world_size: int | None = None) -> list[float]:
     """The single-process reference of train_engine: each micro-step's loss is the mean of every
     rank's micro-batch loss (what averaging gradients over ranks computes), divided by the
     accumulation steps. As in DeepSpeed's ZeRO optimizers, a parameter of the optimizer that
-    got no gradient in a window steps with a zero gradient."""
+    got no gradient in a window steps with a zero gradient. Returns each step's gradient norm
+    before clipping."""
     world_size = world_size or world()
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    norms = []
     for step in range(start, start + steps):
         optimizer.zero_grad(set_to_none=True)
         for m in range(gas):
@@ -198,11 +209,12 @@ def train_reference(model: nn.Module, optimizer: torch.optim.Optimizer, steps: i
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+        norms.append(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+                     .item())
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+    return norms
 
 
 def full_params(engine) -> dict[str, torch.Tensor]:
@@ -302,11 +314,12 @@ def parity(model_factory: Callable[[], nn.Module], config: dict, *, steps: int =
     groups = ref_groups(reference) if ref_groups is not None else [
         p for p in reference.parameters() if p.requires_grad]
     ref_opt = (ref_optimizer or (lambda ps: ds_adam(ps, config)))(groups)
-    train_reference(reference, ref_opt, steps, gas=gas, micro=micro, clip=ds_clip(config),
-                    loss_fn=loss_fn, toggle=toggle, hidden=hidden)
+    ref_norms = train_reference(reference, ref_opt, steps, gas=gas, micro=micro,
+                                clip=ds_clip(config), loss_fn=loss_fn, toggle=toggle,
+                                hidden=hidden)
     assert_params_close(got, named(reference), label, dtype, initial)
     return {"engine": engine, "optimizer": engine_optimizer, "scheduler": scheduler,
-                "initial": initial, "params": got, "reference": reference}
+            "initial": initial, "params": got, "reference": reference, "ref_norms": ref_norms}
 
 
 def model_fn(fn):

@@ -15,6 +15,7 @@ from torch import nn
 
 import zero_ext
 from ds_conformance_cases import (
+    LoudModel,
     SimpleModel,
     case,
     full_params,
@@ -310,3 +311,25 @@ def _zero_scale_engine(stage: int, offload: bool, fp16: dict):
     return engine
 
 
+
+
+# -- runtime/zero/test_zero_grad_clip.py ------------------------------------------------------
+for _precision, _offload in (("fp16", "cpu"), ("bf16", "cpu"), ("fp16", "none"),
+                             ("bf16", "none")):
+    @case(f"test_zero_grad_clip.py::TestZeroGradClip::test_grad_clip_and_norm_update"
+          f"[{_precision}-{_offload}]", precision=_precision, offload=_offload)
+    def grad_clip_and_norm(tmp, precision, offload):
+        # Stage 3, optimizer offloaded or not: the reported global norm is the pre-clip norm of
+        # the averaged, unscaled gradient, and the step applies the gradient clipped to 1.0.
+        config = {"train_batch_size": 8, "gradient_clipping": 1.0,
+                  "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "weight_decay": 0.0}},
+                  "zero_optimization": {"stage": 3, "offload_optimizer": {"device": offload},
+                                        "contiguous_gradients": True, "overlap_comm": False}}
+        config["fp16" if precision == "fp16" else "bf16"] = (
+            {"enabled": True, "loss_scale": 1024, "initial_scale_power": 10}
+            if precision == "fp16" else {"enabled": True})
+        result = parity(LoudModel, config, steps=2)
+        norm = result["engine"].get_global_grad_norm()
+        ref_norm = result["ref_norms"][-1]
+        assert ref_norm > 1.0, ref_norm
+        assert abs(norm - ref_norm) <= 2e-2 * ref_norm, (norm, ref_norm)

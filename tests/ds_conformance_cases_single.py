@@ -106,6 +106,48 @@ def unknown_key(tmp=None):
     assert "reduce_bucket_size" in str(info.value), str(info.value)
 
 
+# -- runtime/zero/test_zero_config.py ------------------------------------------------------------
+ZERO_CONFIG = "test_zero_config.py::"
+
+
+def _zero(section: dict):
+    return ZeroConfig.from_dict({"zero_optimization": section}).zero_optimization
+
+
+@case(ZERO_CONFIG + "test_zero_config_deprecatedfields", world_size=0)
+def zero_config_deprecated_fields():
+    # DeepSpeed's legacy switches turn the offload sections on (to the CPU).
+    assert _zero({"stage": 3, "cpu_offload_param": True}).offload_param.enabled
+    legacy = _zero({"stage": 2, "cpu_offload": True}).offload_optimizer
+    assert legacy.enabled and legacy.device == "cpu"
+
+
+@case(ZERO_CONFIG + "test_zero_config_aliasfields", world_size=0)
+def zero_config_alias_fields():
+    # DeepSpeed's field names and their stage3_ aliases set the same value.
+    for field, alias in (("prefetch_bucket_size", "stage3_prefetch_bucket_size"),
+                         ("param_persistence_threshold", "stage3_param_persistence_threshold"),
+                         ("max_reuse_distance", "stage3_max_reuse_distance")):
+        by_field = _zero({"stage": 3, field: 12345})
+        by_alias = _zero({"stage": 3, alias: 12345})
+        assert getattr(by_field, alias) == getattr(by_alias, alias) == 12345, field
+
+
+@case(ZERO_CONFIG + "test_zero_config_overlapcomm", world_size=0)
+def zero_config_overlap_comm():
+    assert [_zero({"stage": s}).overlap for s in range(4)] == [False, False, False, True]
+
+
+@case(ZERO_CONFIG + "test_zero_config_offload_configs", world_size=0)
+def zero_config_offload_configs():
+    # No section, a null one and an empty one all mean no offload (DeepSpeed's device default
+    # is "none").
+    for sections in ({}, {"offload_param": None, "offload_optimizer": None},
+                     {"offload_param": {}, "offload_optimizer": {}}):
+        zero = _zero({"stage": 3, **sections})
+        assert not zero.offload_param.enabled and not zero.offload_optimizer.enabled, sections
+
+
 # -- test_activation_checkpointing.py -----------------------------------------------------------
 HIDDEN_DIM = 20
 

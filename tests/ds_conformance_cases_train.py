@@ -21,6 +21,7 @@ from torch.optim.lr_scheduler import LambdaLR, StepLR
 import zero_ext
 from ds_conformance_cases import (
     HIDDEN,
+    LoudModel,
     SimpleModel,
     adam_config,
     assert_params_close,
@@ -46,14 +47,6 @@ ZERO = "test_zero.py::"
 
 
 # -- test_ds_initialize.py ------------------------------------------------------------------
-class LoudModel(SimpleModel):
-    """SimpleModel on inputs scaled by 20: gradient norms well above 1, so DeepSpeed's default
-    clipping (1.0) acts on every step."""
-
-    def forward(self, x, y):
-        return super().forward(x * 20, y)
-
-
 @case(INIT + "TestClientOptimizer[None]")
 def client_optimizer_none(tmp):
     # No client optimizer: the config's "Adam" (DeepSpeed: FusedAdam in adam_w_mode, weight

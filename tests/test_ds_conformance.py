@@ -148,6 +148,16 @@ def test_zero_linear_direct_init_py(world_size, test_id):
     _run(world_size, test_id)
 
 
+@_ported("test_zero_config.py")
+def test_zero_config_py(world_size, test_id):
+    _run(world_size, test_id)
+
+
+@_ported("test_zero_grad_clip.py")
+def test_zero_grad_clip_py(world_size, test_id):
+    _run(world_size, test_id)
+
+
 @_ported("test_activation_checkpointing.py")
 def test_activation_checkpointing_py(world_size, test_id):
     _run(world_size, test_id)
