@@ -16,9 +16,10 @@ intermediate 11008, 32 layers, 32 heads, vocab 32000); nothing is downloaded. It
 randomly initialized on the GPU, which takes seconds where the host needs minutes and keeps the
 13.5 GB of bf16 weights out of host memory. Batches are random tokens. The run is --steps
 optimizer steps (default 10), of which the first --warmup (default 2) are left out of every
-figure. No gradient clipping by default: a clipping norm needs every gradient before any shard
-may step, so the CPU step can no longer overlap backward; at stage 3 it then runs behind the
-next forward instead, each unit's step awaited by its gather (--clip 1.0 to see the cost).
+figure. No gradient clipping by default (--clip 1.0 to clip). No shard steps before the step's
+all-rank decision (are the gradients finite? the clipping factor), which needs every gradient:
+at stage 3 the CPU step runs behind the next forward, each unit's step awaited by its gather;
+at stage 2 it is exposed in engine.step().
 --ratio R keeps only the share R of the optimizer state on the host (offload_optimizer.ratio,
 DeepSpeed's Twin-Flow): the rest, the buckets backward finishes last, steps on the GPU, whose
 free memory it uses (12 bytes per parameter moved), and the CPU step shrinks to R of itself.

@@ -101,13 +101,17 @@ class ZeroEngine(nn.Module):
         self.model_dtype = config.mixed_precision or torch.float32
         self.device = self._pick_device(model)
         self.built_under_init = any(p.is_meta for p in model.parameters())
+        _check_parameter_dtypes(model, config.mixed_precision)
         if self.built_under_init:
             if self.stage != 3:
+                meta = [n for n, p in model.named_parameters() if p.is_meta]
                 raise ValueError(
-                    "zero_ext.initialize: the model was built under zero_ext.Init, which "
-                    "leaves its parameters unallocated for stage 3 to materialize shard by "
-                    f"shard; set zero_optimization.stage to 3 (it is {self.stage}) or build the "
-                    "model outside zero_ext.Init")
+                    f"zero_ext.initialize: the model's parameters are on the meta device (e.g. "
+                    f"{meta[:3]}): they hold no values. zero_ext gives meta parameters values "
+                    "only for a model built under zero_ext.Init, at zero_optimization.stage 3 "
+                    f"(it is {self.stage}): set stage 3 if that is how it was built; otherwise "
+                    "build the model with real tensors (not on torch.device('meta') or under "
+                    "init_empty_weights), or load its weights before initialize")
             check_initializers(model)
         else:
             model.to(device=self.device)
@@ -130,11 +134,16 @@ class ZeroEngine(nn.Module):
                 group_of[p] = index
         self._params = [p for _, p in named if p.requires_grad and p in group_of]
         missing = [n for n, p in named if p.requires_grad and p not in group_of]
-        if missing:
-            raise ValueError(
-                f"zero_ext.initialize: trainable parameters missing from model_parameters: "
-                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; pass all of them (or set "
-                f"requires_grad=False on the ones to freeze)")
+        if missing and self.rank == 0:
+            # As with a torch optimizer that lacks them: autograd still fills their .grad, the
+            # step leaves them as they are.
+            warnings.warn(
+                f"zero_ext.initialize: trainable parameters in no parameter group: "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; they are not optimized "
+                "and keep their values, as with a torch optimizer that lacks them. Add them to "
+                "model_parameters (or the optimizer's groups) to train them, or set "
+                "requires_grad=False to freeze them without computing their gradients",
+                stacklevel=3)
         bucket_numel = config.zero_optimization.reduce_bucket_size
         # Stage 3 partitions the parameters of its gather units; everything else (and every
         # parameter below stage 3) lives whole in flat buckets that the model's tensors view.
@@ -249,6 +258,19 @@ class ZeroEngine(nn.Module):
             rank=self.rank, world_size=self.world_size, device=self.device,
             trainable_params=sum(layout.used_numel for layout in self.layouts),
             samples_per_micro_step=self.batch.train_micro_batch_size_per_gpu * self.world_size)
+
+    def __getattr__(self, name: str):
+        """Attributes the engine does not have come from the user's model, as DeepSpeed's
+        engine forwards them (`engine.config` stays the engine's own)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None or not hasattr(module, name):
+                raise AttributeError(
+                    f"'{type(self).__name__}' object has no attribute '{name}', and neither "
+                    f"has its module ({type(module).__name__})") from None
+            return getattr(module, name)
 
     # -- setup ------------------------------------------------------------------------------
     @staticmethod
@@ -432,6 +454,11 @@ class ZeroEngine(nn.Module):
                 if self.partitioned is not None:
                     self.partitioned.end_backward()
         self._backwards_since_step += 1
+        if self.stage == 0 and self.is_gradient_accumulation_boundary():
+            # Stage 0's step has no collective of its own (the buckets were all-reduced whole),
+            # and one added there would pair with a backward's all-reduce on a rank that
+            # skipped step(): the agreement rides on every boundary backward instead.
+            self._agree(self._backwards_since_step)
 
     def step(self) -> None:
         """At an accumulation boundary: global norm, overflow check, clip, AdamW, all-gather.
@@ -570,22 +597,29 @@ class ZeroEngine(nn.Module):
         """L2 norm of the whole averaged gradient from each bucket's (local shard's) norm:
         squares summed across ranks (stage 0 buckets are already whole on every rank).
         inf/nan anywhere gives inf/nan on every rank, which makes the skip decision
-        collective.
-
-        The same all-reduce carries the step's agreement: the sum and the sum of squares of
-        global_steps across ranks (equal only when every rank is at the same step: a rank
-        that skipped or repeated engine.step() would leave the replicas different), and the
-        count of ranks whose engine.backward() calls since the last step were not exactly
-        one. Any disagreement raises on every rank, before anything changes."""
-        # fp64: a loss-scaled fp16 gradient's squares can pass fp32's range, and step counts
-        # and their squares stay exact.
+        collective. Above stage 0 the same all-reduce carries the ranks' agreement (_agree);
+        stage 0 agreed in backward."""
+        # fp64: a loss-scaled fp16 gradient's squares can pass fp32's range.
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
         for norm in bucket_norms:
             squares += norm.double() ** 2
-        steps = float(self.global_steps)
+        if self.stage >= 1:
+            squares = self._agree(backwards, squares)
+        elif backwards != 1:
+            raise RuntimeError(_backward_count_error({self.rank: backwards}))
+        return math.sqrt(squares.item())
+
+    def _agree(self, backwards: int, squares: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One all-reduce of the ranks' agreement, with the norm's `squares` when given
+        (returned summed): the sum and the sum of squares of global_steps across ranks (the
+        squares' sum is N times the square of the mean only when every rank is at the same
+        step: a rank that skipped or repeated engine.step() leaves the replicas different),
+        and the count of ranks whose engine.backward() calls since the last step were not
+        exactly one. Any disagreement raises on every rank, before anything changes."""
+        steps = float(self.global_steps)  # fp64: exact up to 2**26 steps, squares included
         agreement = torch.tensor([0.0, steps, steps * steps, float(backwards != 1)],
                                  dtype=torch.float64, device=self.device)
-        if self.stage >= 1:
+        if squares is not None:
             agreement[0] = squares
         comm.all_reduce(agreement)
         step_sum, step_squares, miscounted = agreement[1:].tolist()
@@ -597,9 +631,7 @@ class ZeroEngine(nn.Module):
                 raise RuntimeError(_step_divergence_error(per_rank))
             raise RuntimeError(_backward_count_error(
                 {rank: count for rank, (_, count) in enumerate(per_rank)}))
-        if self.stage >= 1:
-            squares = agreement[0]
-        return math.sqrt(squares.item())
+        return agreement[0] if squares is not None else None
 
     def _all_gather_params(self) -> None:
         """Every rank's updated slice of every bucket, into every rank's flat buffers.
@@ -776,16 +808,35 @@ def _cast_floating_to_half(value):
     return value
 
 
+def _check_parameter_dtypes(model: nn.Module, mixed_precision: torch.dtype | None) -> None:
+    """Without fp16/bf16 the model trains in fp32, in fp32 flat buffers: a trainable parameter
+    of another floating dtype would be cast silently and then meet its layer's other tensors
+    in a dtype error inside torch. (DeepSpeed leaves such a layer alone; its ZeRO flattening
+    then fails.) Under fp16/bf16 the whole model is cast, as DeepSpeed casts it."""
+    if mixed_precision is not None:
+        return
+    wrong = [f"{n} ({p.dtype})" for n, p in model.named_parameters()
+             if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32]
+    if wrong:
+        raise ValueError(
+            f"zero_ext.initialize: the model trains in torch.float32 (no fp16/bf16 section), "
+            f"but these trainable parameters are not fp32: {wrong[:5]}"
+            f"{' ...' if len(wrong) > 5 else ''}. zero_ext keeps one dtype per model; cast it "
+            "before initialize (model.float()), or enable bf16 or fp16 in the config to have "
+            "the whole model cast to that dtype")
+
+
 def _backward_count_error(backwards: dict[int, int]) -> str:
     """What to say when engine.backward() calls since the last step() were not exactly one on
     some rank (`backwards`: rank -> count, of every rank or of this one)."""
     wrong = ", ".join(f"rank {rank}: {count}" for rank, count in sorted(backwards.items())
                       if count != 1)
     return (
-        f"zero_ext: engine.step() expects exactly one engine.backward() since the previous "
-        f"step() (engine.backward() calls since then: {wrong}). The engine counts micro-steps "
-        "in step(): call engine.backward(loss) then engine.step() for every micro-batch, as "
-        "with DeepSpeed; step() only steps the optimizer at the accumulation boundary. To "
+        f"zero_ext: the engine expects exactly one engine.backward() before each "
+        f"engine.step() (engine.backward() calls since the last step(): {wrong}). The engine "
+        "counts micro-steps in step(): call engine.backward(loss) then engine.step() for every "
+        "micro-batch, as with DeepSpeed; step() only steps the optimizer at the accumulation "
+        "boundary. To "
         "accumulate over k micro-batches set gradient_accumulation_steps to k (two backwards "
         "before one step would keep only the last gradient, or never step)")
 
@@ -896,6 +947,22 @@ def _check_same_settings(config: ZeroConfig, optimizer) -> None:
                          "(build them from the same values on every rank, not from the rank)")
 
 
+def _rebind_scheduler(scheduler, client: torch.optim.Optimizer,
+                      engine_optimizer: torch.optim.Optimizer) -> None:
+    """A scheduler the user built on their optimizer drives the engine's instead: the engine's
+    parameter groups are theirs, one for one and in order (adopted at initialize), so the
+    schedule's per-group learning rates land where the step reads them. Chained / sequential
+    schedulers hold their parts in `_schedulers`."""
+    if len(client.param_groups) != len(engine_optimizer.param_groups):
+        raise ValueError(
+            f"zero_ext.initialize: lr_scheduler drives an optimizer of "
+            f"{len(client.param_groups)} parameter groups, the engine's has "
+            f"{len(engine_optimizer.param_groups)}; pass a callable optimizer -> scheduler")
+    for part in [scheduler, *getattr(scheduler, "_schedulers", [])]:
+        if getattr(part, "optimizer", None) is client:
+            part.optimizer = engine_optimizer
+
+
 def initialize(model: nn.Module, config, model_parameters: Iterable | None = None,
                optimizer=None, lr_scheduler=None, training_data=None,
                collate_fn: Callable | None = None):
@@ -905,10 +972,16 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
     from zero_ext import checkpointing
     checkpointing.configure(config.activation_checkpointing)
     comm.init_distributed(stall_timeout_s=config.zero_ext.stall_timeout_s)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        if not callable(optimizer):
+            raise TypeError(f"zero_ext.initialize: optimizer must be a torch.optim.Optimizer or "
+                            f"a callable params -> optimizer, got {type(optimizer).__name__}")
+        # DeepSpeed calls it with model_parameters, or with every parameter of the model.
+        optimizer = optimizer(list(model_parameters) if model_parameters is not None
+                              else list(model.parameters()))
     _check_same_settings(config, optimizer)
-    if optimizer is not None and model_parameters is not None:
-        raise ValueError("zero_ext.initialize: pass either optimizer or model_parameters, not "
-                         "both (the optimizer already names its parameters)")
+    # An optimizer instance names its own parameters: DeepSpeed then ignores model_parameters.
+    client_optimizer = optimizer
     if optimizer is not None and not isinstance(optimizer, _adam_types()) and \
             config.zero_optimization.stage == 0:
         # Stage 0 replicates the optimizer: any torch optimizer runs as it is.
@@ -925,9 +998,12 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
     if lr_scheduler is not None:
         scheduler = lr_scheduler(engine.optimizer) if callable(lr_scheduler) and not hasattr(
             lr_scheduler, "step") else lr_scheduler
+        if client_optimizer is not None and client_optimizer is not engine.optimizer:
+            _rebind_scheduler(scheduler, client_optimizer, engine.optimizer)
         if getattr(scheduler, "optimizer", None) is not engine.optimizer:
             raise ValueError("zero_ext.initialize: lr_scheduler must drive the optimizer that "
-                             "initialize returns; pass a callable optimizer -> scheduler")
+                             "initialize returns (or the optimizer passed with it); pass a "
+                             "callable optimizer -> scheduler")
     elif config.scheduler is not None:
         from zero_ext.lr_schedules import build_scheduler
         scheduler = build_scheduler(config.scheduler, engine.optimizer)

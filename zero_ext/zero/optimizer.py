@@ -156,3 +156,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "exp_avg_sq": size([s.exp_avg_sq for s in shards]),
         }
 
+
+# torch's LR schedulers wrap optimizer.step to see that it ran before them; this optimizer's
+# step is sharded_step, which says so itself (_opt_called). Marked here so a scheduler the
+# user built on their own optimizer, then moved to this one (initialize), does not warn.
+ZeroOptimizer.step._wrapped_by_lr_sched = True
