@@ -176,7 +176,7 @@ def all_overflow(tmp):
     assert engine.skipped_steps == 4
 
 
-@case(SCALE + "TestFused::test_all_overflow[default hysteresis]")
+@case(SCALE + "TestFused::test_all_overflow[stage0_default_hysteresis]")
 def all_overflow_stage0_hysteresis(tmp):
     # Stage 0 is DeepSpeed's FP16_Optimizer, whose _update_scale halves on every overflow
     # (fp16.hysteresis, default 2, is read by the ZeRO optimizers only).
@@ -216,14 +216,14 @@ def doubling_waits_window_plus_one(tmp):
     assert scales == [128, 128, 128, 128, 256, 256, 256, 512, 512], scales
 
 
-@case(SCALE + "TestZeroStage0Hysteresis::test_hysteresis[ZeRO stage 1]")
+@case(SCALE + "TestZeroStage0Hysteresis::test_hysteresis[zero_stage1]")
 def hysteresis(tmp):
     engine = _scale_engine({"initial_scale_power": 8, "hysteresis": 3}, stage=1)
     scales = _run_values(engine, [float("inf")] * 4)
     assert scales == [2 ** 8, 2 ** 8, 2 ** 7, 2 ** 6], scales
 
 
-@case(SCALE + "TestZeroStage0Hysteresis::test_consecutive_hysteresis[ZeRO stage 1]")
+@case(SCALE + "TestZeroStage0Hysteresis::test_consecutive_hysteresis[zero_stage1]")
 def consecutive_hysteresis(tmp):
     engine = _scale_engine({"initial_scale_power": 8, "hysteresis": 2,
                             "consecutive_hysteresis": True}, stage=1)
@@ -232,7 +232,7 @@ def consecutive_hysteresis(tmp):
     assert scales[-1] == 2 ** 8, scales
 
 
-@case(SCALE + "TestZeroStage0Hysteresis::test_hysteresis_through_the_engine[ZeRO stage 1]")
+@case(SCALE + "TestZeroStage0Hysteresis::test_hysteresis_through_the_engine[zero_stage1]")
 def hysteresis_survives_checkpoint(tmp):
     fp16 = {"initial_scale_power": 8, "loss_scale_window": 100, "hysteresis": 2}
     engine = _scale_engine(fp16, stage=1)
@@ -246,7 +246,7 @@ def hysteresis_survives_checkpoint(tmp):
         "one overflow was already spent before the checkpoint"
 
 
-@case(SCALE + "TestFused::test_some_overflow[skipped steps leave the weights]")
+@case(SCALE + "TestFused::test_some_overflow[skip_leaves_weights]")
 def overflow_leaves_weights(tmp):
     # A skipped step changes nothing but the scale (DeepSpeed's overflow check skips the
     # optimizer step on every rank).

@@ -97,7 +97,7 @@ for _key in ("stage3_gather_16bit_weights_on_model_save",
         assert ZeroConfig.from_dict(given).to_dict() == ZeroConfig.from_dict(current).to_dict()
 
 
-@case(CONFIG + "TestConfigLoad[unknown key]", world_size=0)
+@case(CONFIG + "TestConfigLoad[unknown_key]", world_size=0)
 def unknown_key(tmp=None):
     # DeepSpeed's zero_optimization model forbids extra keys; a misspelt key is an error that
     # names the key meant.
@@ -262,8 +262,8 @@ for _floating in (False, True):
 
 def _non_tensors():
     gen = torch.Generator().manual_seed(9)
-    return {"None": None, "2": 2, "True": True, "(None, 2.5)": (None, 2.5),
-            "(None, True, tensor)": (None, True, torch.randn(HIDDEN_DIM, generator=gen))}
+    return {"None": None, "2": 2, "True": True, "(None,2.5)": (None, 2.5),
+            "(None,True,tensor)": (None, True, torch.randn(HIDDEN_DIM, generator=gen))}
 
 
 for _label in _non_tensors():
@@ -283,9 +283,9 @@ for _label in _non_tensors():
 
 def _ordering_outputs():
     gen = torch.Generator().manual_seed(10)
-    return {"None": None, "(tensor, 2.5)": (torch.randn(HIDDEN_DIM, generator=gen), 2.5),
-            "(None, tensor, True)": (None, torch.randn(HIDDEN_DIM, generator=gen), True),
-            "(None, True, tensor)": (None, True, torch.randn(HIDDEN_DIM, generator=gen))}
+    return {"None": None, "(tensor,2.5)": (torch.randn(HIDDEN_DIM, generator=gen), 2.5),
+            "(None,tensor,True)": (None, torch.randn(HIDDEN_DIM, generator=gen), True),
+            "(None,True,tensor)": (None, True, torch.randn(HIDDEN_DIM, generator=gen))}
 
 
 for _label in _ordering_outputs():

@@ -165,7 +165,7 @@ for _stage in (0, 1, 2, 3):
         assert_continues_fresh(r, config)
 
 
-@case(ZERO_CKPT + "test_load_optimizer_state[change stage 1->3]")
+@case(ZERO_CKPT + "test_load_optimizer_state[change_stage_1_to_3]")
 def load_at_another_stage(tmp):
     # zero_ext's checkpoints load at any stage (DeepSpeed needs its universal checkpoint).
     r = round_trip(tmp, ckpt_config(1), load_config=ckpt_config(3))
@@ -433,7 +433,7 @@ def checkpoint_shared_weights(tmp):
     assert fresh.layer1.weight is fresh.layer2.weight
 
 
-for _save_dir in ("None", '""'):
+for _save_dir in ("None", "empty_string"):
     @case(f"test_tag_validation.py::TestSaveCheckpointInvalidDir::"
           f"test_save_checkpoint_empty_dir[{_save_dir}]", save_dir=_save_dir)
     def save_checkpoint_empty_dir(tmp, save_dir):
