@@ -554,3 +554,73 @@ def linear_direct(tmp):
     torch.optim.AdamW(reference.parameters(), lr=0.1).step()
     torch.testing.assert_close(output.detach(), ref_out.detach())
     assert_params_close(got, named(reference), "after one step")
+
+
+# -- test_zero_hook_attribute_delegation.py, test_zero_late_module_attach.py ------------------
+class AttributeDelegatingWrapper(nn.Module):
+    """A wrapper whose __getattr__ falls back to the wrapped module's attributes."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.wrapped = module
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("wrapped"), name)
+
+    def forward(self, inputs):
+        return self.wrapped(inputs)
+
+
+class DelegatingWrapperModel(nn.Module):
+    def __init__(self, hidden_dim=4):
+        super().__init__()
+        self.input = nn.Linear(hidden_dim, hidden_dim)
+        self.output = AttributeDelegatingWrapper(nn.Linear(hidden_dim, hidden_dim))
+
+    def forward(self, x, y):
+        return nn.functional.cross_entropy(self.output(self.input(x)), y)
+
+
+@case("test_zero_hook_attribute_delegation.py::TestHookAttributeDelegation")
+def hook_attribute_delegation(tmp):
+    # Stage 3's hooks on a module that delegates attribute lookups: training as plain PyTorch.
+    # "torch_adam": true builds torch.optim.AdamW in DeepSpeed, with its weight_decay 0.01
+    # (lr 0.1 instead of 1e-3 so that the decay shows in two steps).
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 1.0,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}}}
+    parity(DelegatingWrapperModel, config, steps=2, hidden=4,
+           ref_optimizer=lambda ps: torch.optim.AdamW(ps, lr=0.1))
+
+
+class Tiny(nn.Module):
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.fc = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x):
+        out = self.fc(x)
+        late = getattr(self, "late", None)  # attached after initialize
+        return late(out) if late is not None else out
+
+
+@case("test_zero_late_module_attach.py::TestZero3LateModuleAttach::"
+      "test_forward_after_late_submodule_attach")
+def late_module_attach(tmp):
+    # A submodule attached after initialize runs as plain PyTorch in the stage-3 forward.
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    torch.manual_seed(5)
+    model = Tiny()
+    engine, *_ = zero_ext.initialize(model=model, config=config,
+                                     model_parameters=list(model.parameters()))
+    weights = full_params(engine)
+    late = nn.Linear(16, 16, bias=False)
+    engine.module.late = late
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        got = engine(x)
+        want = late(nn.functional.linear(x, weights["fc.weight"]))
+    torch.testing.assert_close(got, want)

@@ -158,6 +158,16 @@ def test_zero_grad_clip_py(world_size, test_id):
     _run(world_size, test_id)
 
 
+@_ported("test_zero_hook_attribute_delegation.py")
+def test_zero_hook_attribute_delegation_py(world_size, test_id):
+    _run(world_size, test_id)
+
+
+@_ported("test_zero_late_module_attach.py")
+def test_zero_late_module_attach_py(world_size, test_id):
+    _run(world_size, test_id)
+
+
 @_ported("test_activation_checkpointing.py")
 def test_activation_checkpointing_py(world_size, test_id):
     _run(world_size, test_id)
