@@ -100,6 +100,7 @@ _COMM_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _LIBRARY_DIRS = tuple({os.path.abspath(sysconfig.get_paths()[k]) + os.sep
                        for k in ("stdlib", "platstdlib", "purelib", "platlib")})
 _code_names: dict = {}  # code object -> (kind, name): kind "comm", "zero_ext", "library", "user"
+_MAX_DEPTH = 64  # frames walked per collective: the public zero_ext call is well within them
 
 
 def _code_name(code) -> tuple[str, str]:
@@ -128,13 +129,16 @@ def issuing_call(frame) -> str:
     outermost one (the public call the user made), e.g. "PartitionedParameters.start_gather in
     ZeroEngine.forward"."""
     inner = outer = None
-    depth = 0
-    while frame is not None and depth < 200:
-        kind, name = _code_name(frame.f_code)
+    names = _code_names
+    for _ in range(_MAX_DEPTH):  # on the hot path: one cached dict lookup per frame
+        if frame is None:
+            break
+        code = frame.f_code
+        kind, name = names.get(code) or _code_name(code)
         if kind == "zero_ext":
             inner = inner or name
             outer = name
-        frame, depth = frame.f_back, depth + 1
+        frame = frame.f_back
     if outer is None:
         return "a direct zero_ext.comm call"
     return outer if inner == outer else f"{inner} in {outer}"
