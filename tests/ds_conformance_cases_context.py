@@ -201,14 +201,23 @@ def gather_update_after_initialize(tmp):
     assert_params_close(got, named(reference), "training from the written weights")
 
 
-@case(CONTEXT + "TestGatheredParametersAllRanksErrorOnModification")
-def modification_without_modifier_rank(tmp):
+for _threshold in (None, 0):
+    @case(CONTEXT + "TestGatheredParametersAllRanksErrorOnModification"
+          + ("[kept_whole]" if _threshold is None else "[partitioned]"), threshold=_threshold)
+    def modification_without_modifier_rank(tmp, threshold):
+        _modification_without_modifier_rank(threshold)
+
+
+def _modification_without_modifier_rank(threshold):
     # modifier_rank=None promises no change. DeepSpeed with enable_sanity_checks raises
-    # "in-place modification" on every rank; without the checks the change is dropped. zero_ext
-    # lists the key as having no effect (docs/deepspeed-compat.md), so either is allowed here,
-    # on every rank alike: never weights that differ across ranks.
+    # "in-place modification" on every rank. zero_ext lists the key as having no effect
+    # (docs/deepspeed-compat.md: the change is dropped), so either is allowed here, on every
+    # rank alike: never weights that differ across ranks. DeepSpeed's config leaves the
+    # 100-element weights below the persistence threshold (kept whole on every rank).
     config = {"train_micro_batch_size_per_gpu": 1,
               "zero_optimization": {"stage": 3, "enable_sanity_checks": True}}
+    if threshold is not None:
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
     with zero_ext.Init(config=config):
         model = TwoLinear()
     engine, _, _, _ = zero_ext.initialize(model=model, config=config,
