@@ -27,11 +27,15 @@ atexit.register(shutil.rmtree, _WORKDIR, True)
 def _group(world_size: int) -> list[dict]:
     if world_size == 3:
         _group(2)  # saves the checkpoints that the 3-rank group loads
+    previous = os.environ.get("ZERO_EXT_CPU_SHM")
     os.environ["ZERO_EXT_CPU_SHM"] = "0"  # gloo's collectives, the path NCCL shares
     try:
         return run_group(world_size, cases.run_cases, world_size, _WORKDIR)
     finally:
-        del os.environ["ZERO_EXT_CPU_SHM"]
+        if previous is None:
+            del os.environ["ZERO_EXT_CPU_SHM"]
+        else:
+            os.environ["ZERO_EXT_CPU_SHM"] = previous
 
 
 def _run(world_size: int, test_id: str) -> None:
