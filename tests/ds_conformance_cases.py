@@ -280,11 +280,12 @@ def named(model: nn.Module) -> dict[str, torch.Tensor]:
 def parity(model_factory: Callable[[], nn.Module], config: dict, *, steps: int = 3,
            init=False, model_parameters=None, optimizer=None, ref_optimizer=None,
            ref_groups=None, toggle=None, loss_fn=loss_of, dtype=None, label: str = "",
-           prepare=None, hidden: int = HIDDEN) -> dict:
+           prepare=None, hidden: int = HIDDEN, compare_as=None) -> dict:
     """Builds the model (under zero_ext.Init when `init`), initializes the engine with DeepSpeed's
     arguments, trains `steps` steps and compares the parameters with the single-process
     reference started from the engine's initial values. `model_parameters`/`optimizer`/
-    `ref_groups` may be callables of the model. Returns what the caller may check further."""
+    `ref_groups` may be callables of the model; `compare_as` is the precision to compare at
+    (default: the model's). Returns what the caller may check further."""
     gas = config.get("gradient_accumulation_steps", 1)
     micro = config.get("train_micro_batch_size_per_gpu")
     if micro is None:
@@ -317,7 +318,7 @@ def parity(model_factory: Callable[[], nn.Module], config: dict, *, steps: int =
     ref_norms = train_reference(reference, ref_opt, steps, gas=gas, micro=micro,
                                 clip=ds_clip(config), loss_fn=loss_fn, toggle=toggle,
                                 hidden=hidden)
-    assert_params_close(got, named(reference), label, dtype, initial)
+    assert_params_close(got, named(reference), label, compare_as or dtype, initial)
     return {"engine": engine, "optimizer": engine_optimizer, "scheduler": scheduler,
             "initial": initial, "params": got, "reference": reference, "ref_norms": ref_norms}
 

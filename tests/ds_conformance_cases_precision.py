@@ -1,7 +1,8 @@
 """Ported cases: fp16 training and DeepSpeed's dynamic loss scale, step by step.
 
 From DeepSpeed's tests/unit/runtime/half_precision/{test_fp16,test_dynamic_loss_scale,
-test_zero_optim_overflow}.py. DeepSpeed's tests set every gradient to a value and read the
+test_zero_optim_overflow}.py, runtime/zero/test_zero_grad_clip.py and
+v1/half_precision/test_bf16.py. DeepSpeed's tests set every gradient to a value and read the
 scaler's fields; here a loss whose gradient is that value goes through the engine, and the
 scale after each step is compared with the sequence DeepSpeed's rules give (ds_loss_scales).
 """
@@ -333,3 +334,22 @@ for _precision, _offload in (("fp16", "cpu"), ("bf16", "cpu"), ("fp16", "none"),
         ref_norm = result["ref_norms"][-1]
         assert ref_norm > 1.0, ref_norm
         assert abs(norm - ref_norm) <= 2e-2 * ref_norm, (norm, ref_norm)
+
+
+# -- v1/half_precision/test_bf16.py::TestZeroDtypeCocktail ------------------------------------
+for _comp in ("fp16", "bf16", "fp32"):
+    for _comm in ("fp16", "bf16", "default"):
+        @case(f"test_bf16.py::TestZeroDtypeCocktail[{_comm}-{_comp}]", comp=_comp, comm=_comm)
+        def dtype_cocktail(tmp, comp, comm):
+            # Every model dtype with every gradient-communication dtype at stage 2, a client
+            # Adam: training matches plain PyTorch (to 16-bit precision where one is 16-bit).
+            config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+                      "fp16": {"enabled": comp == "fp16", "initial_scale_power": 8},
+                      "bf16": {"enabled": comp == "bf16"}, "zero_optimization": {"stage": 2}}
+            if comm != "default":
+                config["communication_data_type"] = comm
+            sixteen = comp != "fp32" or comm != "default"
+            parity(SimpleModel, config, steps=2,
+                   optimizer=model_fn(lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)),
+                   ref_optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-2),
+                   compare_as=torch.bfloat16 if sixteen else torch.float32)

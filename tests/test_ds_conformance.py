@@ -172,6 +172,11 @@ def test_zero_late_module_attach_py(world_size, test_id):
     _run(world_size, test_id)
 
 
+@_ported("test_bf16.py")
+def test_bf16_py(world_size, test_id):
+    _run(world_size, test_id)
+
+
 @_ported("test_activation_checkpointing.py")
 def test_activation_checkpointing_py(world_size, test_id):
     _run(world_size, test_id)
