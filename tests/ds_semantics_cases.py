@@ -117,7 +117,7 @@ def unused_parameters(stage: int, accumulation: int, ignore: bool, b_on: str) ->
         "zero_optimization": {"stage": stage, "ignore_unused_parameters": ignore}})
     gen = torch.Generator().manual_seed(3)
     try:
-        for step in range(2):
+        for _ in range(2):
             for micro in range(accumulation):
                 model.use_b = (b_on == "all" or (b_on == "rank0" and rank == 0)
                                or (b_on == "first_micro" and micro == 0))

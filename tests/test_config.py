@@ -16,7 +16,6 @@ from zero_ext.config import (
     BatchSizes,
     BF16Config,
     ConfigError,
-    FP16Config,
     OffloadConfig,
     OptimizerConfig,
     SchedulerConfig,
