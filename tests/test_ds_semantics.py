@@ -213,9 +213,11 @@ def _fp16(stage, **fp16):
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_loss_scale_follows_deepspeed_step_for_step(stage, window, consecutive, hysteresis):
     rng = random.Random(hash((stage, window, consecutive, hysteresis)))
-    ours = loss_scaler_for(_fp16(stage, initial_scale_power=12, loss_scale_window=window,
-                                 hysteresis=hysteresis, consecutive_hysteresis=consecutive,
-                                 min_loss_scale=0.5), rank=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stage 0 names the hysteresis settings it cannot apply
+        ours = loss_scaler_for(_fp16(stage, initial_scale_power=12, loss_scale_window=window,
+                                     hysteresis=hysteresis, consecutive_hysteresis=consecutive,
+                                     min_loss_scale=0.5), rank=0)
     if stage == 0:
         theirs = DeepSpeedStage0Scaler(2.0**12, window, 0.5)
     else:
@@ -228,6 +230,17 @@ def test_loss_scale_follows_deepspeed_step_for_step(stage, window, consecutive, 
         ours.update(overflow)
         assert ours.scale == theirs.cur_scale, (i, overflow)
     assert ours.scale != 2.0**12  # the sequence moved the scale
+
+
+def test_hysteresis_at_stage_0_is_named_as_without_effect():
+    with pytest.warns(UserWarning, match="fp16.hysteresis and fp16.consecutive_hysteresis have no "
+                      "effect at stage 0"):
+        loss_scaler_for(_fp16(0, hysteresis=4), rank=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_scaler_for(_fp16(0), rank=0)  # DeepSpeed's default: nothing to say
+        loss_scaler_for(_fp16(0, hysteresis=4), rank=1)  # rank 0 speaks for all
+        loss_scaler_for(_fp16(1, hysteresis=4, consecutive_hysteresis=True), rank=0)
 
 
 def test_doubling_waits_for_clean_step_window_plus_one():

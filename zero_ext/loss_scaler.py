@@ -108,11 +108,18 @@ class DynamicLossScaler:
 
 def loss_scaler_for(config: ZeroConfig, rank: int) -> DynamicLossScaler | None:
     """The engine's loss scaler for `config` (None without fp16): DeepSpeed's ZeRO scaler at
-    stages 1-3, its stage-0 rule (every overflow halves) at stage 0."""
+    stages 1-3, its stage-0 rule (every overflow halves) at stage 0, where rank 0 warns once
+    about hysteresis settings off DeepSpeed's default, which cannot apply there."""
     fp16 = config.fp16
     if not fp16.enabled:
         return None
     stage0 = config.zero_optimization.stage == 0
+    if stage0 and fp16.dynamic_loss_scale and rank == 0 and (
+            fp16.hysteresis != 2 or fp16.consecutive_hysteresis):
+        warnings.warn(
+            "zero_ext: fp16.hysteresis and fp16.consecutive_hysteresis have no effect at stage 0: "
+            "there, as in DeepSpeed (its FP16_Optimizer), every overflow halves the loss scale. "
+            "Use stage 1-3 for the delayed halving", UserWarning, stacklevel=3)
     return DynamicLossScaler(
         scale=fp16.initial_loss_scale, dynamic=fp16.dynamic_loss_scale,
         window=fp16.loss_scale_window, hysteresis=1 if stage0 else fp16.hysteresis,
