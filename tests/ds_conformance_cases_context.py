@@ -9,7 +9,6 @@ training against plain PyTorch.
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -463,7 +462,7 @@ def _train_one_step(model: nn.Module, config: dict) -> int:
     return engine.global_steps
 
 
-_NESTED = {"train_batch_size": 2 * 2, "train_micro_batch_size_per_gpu": 2,
+_NESTED = {"train_micro_batch_size_per_gpu": 2,
            "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "weight_decay": 0.0}},
            "zero_optimization": {"stage": 3}}
 
@@ -471,7 +470,7 @@ _NESTED = {"train_batch_size": 2 * 2, "train_micro_batch_size_per_gpu": 2,
 @case("test_zero_nesting_init.py::TestNestingInit::test_nesting_init")
 def nesting_init(tmp):
     # Init inside Init: one partitioning, the plain build's values, and the model trains.
-    config = {**_NESTED, "train_batch_size": 2 * world()}
+    config = _NESTED
     torch.manual_seed(21)
     expected = named(nn.Linear(4, 4))
     torch.manual_seed(21)
@@ -488,7 +487,7 @@ def nesting_init(tmp):
 @case("test_zero_nesting_init.py::TestShutdownInNestingInit::test_shutdown_in_nesting_init")
 def shutdown_in_nesting_init(tmp):
     # An engine built inside an outer Init, then a second model built under Init after it.
-    config = {**_NESTED, "train_batch_size": 2 * world()}
+    config = _NESTED
     with zero_ext.Init(config=config):
         with zero_ext.Init(config=config):
             model1 = nn.Linear(4, 4)
@@ -506,7 +505,7 @@ for _inside in (False, True):
     @case(f"test_zero_dynamic_class.py::{_name}", inside=_inside)
     def new_class_declared_in_init(tmp, inside):
         # A module class defined inside the Init block is partitioned like any other.
-        config = {**_NESTED, "train_batch_size": 2 * world()}
+        config = _NESTED
 
         def declare():
             class MyModel(nn.Module):

@@ -312,8 +312,6 @@ def _zero_scale_engine(stage: int, offload: bool, fp16: dict):
     return engine
 
 
-
-
 # -- runtime/zero/test_zero_grad_clip.py ------------------------------------------------------
 for _precision, _offload in (("fp16", "cpu"), ("bf16", "cpu"), ("fp16", "none"),
                              ("bf16", "none")):

@@ -400,7 +400,6 @@ for _init in (True, False):
                                    atol=1e-5)
 
 
-
 # -- test_shared_weights.py and test_tag_validation.py ---------------------------------------
 class ModelWithSharedWeights(nn.Module):
     def __init__(self):
@@ -448,8 +447,6 @@ for _save_dir in ("None", "empty_string"):
         else:
             raise AssertionError(f"save_checkpoint({save_dir}) was accepted")
         assert set(os.listdir(".")) == before, "files appeared in the working directory"
-
-
 
 
 # -- test_zero_optimizer.py: edge cases and frozen weights ------------------------------------

@@ -775,8 +775,6 @@ for _ignore in (False, True):
                              "ignore_unused_parameters false")
 
 
-
-
 # -- test_ds_initialize.py::TestNoOptim ------------------------------------------------------
 for _stage in (0, 3):
     @case(f"test_ds_initialize.py::TestNoOptim[{_stage}]", stage=_stage)
