@@ -26,6 +26,7 @@ import pickle
 import socket
 import struct
 import uuid
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -261,7 +262,7 @@ class _SharedMemoryArena:
 
 
 _arena: _SharedMemoryArena | None = None
-_arena_group: object | None = None  # the process group the arena was decided for
+_arena_group: weakref.ref | None = None  # the process group the arena was decided for (weakly)
 
 
 def _shared_memory_arena(tensor: torch.Tensor) -> _SharedMemoryArena | None:
@@ -270,10 +271,10 @@ def _shared_memory_arena(tensor: torch.Tensor) -> _SharedMemoryArena | None:
     the first collective (which every rank issues), so all ranks agree."""
     global _arena, _arena_group
     group = dist.group.WORLD
-    if _arena_group is not group:
+    if _arena_group is None or _arena_group() is not group:
         # Before looking at the tensor: every rank reaches this on the same collective call.
         # A new process group (destroyed and re-created) decides afresh.
-        _arena, _arena_group = None, group
+        _arena, _arena_group = None, weakref.ref(group)
         if backend() == "gloo":
             hosts = all_gather_object(socket.gethostname())
             wanted = os.environ.get("ZERO_EXT_CPU_SHM", "1") != "0"

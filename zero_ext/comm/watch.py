@@ -40,6 +40,7 @@ import sys
 import sysconfig
 import threading
 import time
+import weakref
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -206,7 +207,10 @@ class CollectiveWatch:
 
     def __init__(self, group, store, rank: int, size: int, prefix: str, timeout: float,
                  bounded: bool):
-        self.group, self.store, self.rank, self.size = group, store, rank, size
+        # Weakly: zero_ext must not keep a destroyed group alive (its destructor, run later
+        # during interpreter teardown, can abort the process).
+        self._group = weakref.ref(group)
+        self.store, self.rank, self.size = store, rank, size
         self.prefix = prefix
         self.bounded = bounded          # gloo: waits are bounded here (NCCL has its watchdog)
         # The debug switch: compare fingerprints before each collective outside the arena.
@@ -229,6 +233,9 @@ class CollectiveWatch:
         self.set_timeout(timeout)
         self._thread = threading.Thread(target=self._run, name="zero_ext-watch", daemon=True)
         self._thread.start()
+
+    def belongs_to(self, group) -> bool:
+        return self._group() is group
 
     def set_timeout(self, timeout: float) -> None:
         self.timeout = timeout
@@ -308,7 +315,8 @@ class CollectiveWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
-            if _watch is not self or not dist.is_initialized() or dist.group.WORLD is not self.group:
+            if _watch is not self or not dist.is_initialized() or not self.belongs_to(
+                    dist.group.WORLD):
                 return
             try:
                 self._beat += 1
@@ -550,7 +558,7 @@ def watch_for_group() -> CollectiveWatch:
     global _watch, _generation
     group = dist.group.WORLD
     watch = _watch
-    if watch is not None and watch.group is group:
+    if watch is not None and watch.belongs_to(group):
         return watch
     if watch is not None:
         watch.stop()
