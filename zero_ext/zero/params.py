@@ -285,6 +285,7 @@ class PartitionedParameters:
         self._upload = None  # offload_param's CUDA stream (see _upload_stream)
         self.units: list[GatherUnit] = []
         self._unit_of_layout: dict[int, GatherUnit] = {}
+        self._grad_accumulators: list = []  # see _gather_before_accumulating
         with torch.no_grad():
             for module, layouts in units:
                 unit_params = [[params[s.param_index] for s in layout.slots] for layout in layouts]
@@ -307,6 +308,7 @@ class PartitionedParameters:
                 self.units.append(unit)
                 for layout in layouts:
                     self._unit_of_layout[layout.index] = unit
+                self._gather_before_accumulating(unit)
                 self.release(unit)
         for unit in self.units:
             for module in unit.module.modules():
@@ -327,6 +329,25 @@ class PartitionedParameters:
             for module in root.modules():  # declared before initialize (e.g. in constructors)
                 for param in module.__dict__.pop("_zero_ext_external_params", []):
                     self.register_external_parameter(module, param)
+
+    def _gather_before_accumulating(self, unit: GatherUnit) -> None:
+        """A gradient reaching a parameter of a released unit (its use was gathered outside any
+        forward, e.g. with GatheredParameters around a loss head, and its backward runs after)
+        gathers the unit first: autograd accumulates into a tensor of the parameter's current
+        shape. The hook sits on each parameter's gradient accumulator (held here, as
+        DeepSpeed holds them, so autograd keeps using the same node)."""
+        with torch.enable_grad():
+            for members in unit.params:
+                for param in members:
+                    if not param.requires_grad:
+                        continue
+                    node = param.view_as(param).grad_fn.next_functions[0][0]
+                    node.register_prehook(lambda grads, unit=unit: self._accumulating(unit))
+                    self._grad_accumulators.append(node)
+
+    def _accumulating(self, unit: GatherUnit) -> None:
+        if unit.state is not UnitState.GATHERED:
+            self.gather(unit)
 
     def _hook_module(self, module: nn.Module, unit: GatherUnit) -> None:
         """Gather `unit` around `module`'s forward, and again when backward reaches it."""
