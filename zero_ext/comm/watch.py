@@ -367,7 +367,8 @@ class CollectiveWatch:
             headline = (f"zero_ext: ranks issued different collectives at #{s}: rank "
                         f"{self.rank} {mine[s][1]}; rank {peer} {text}.")
         states = {self.rank: self._state(), peer: theirs}
-        self._abort(self._report(headline, states, "mismatch"))
+        # On the heartbeat thread: publish, then raise on the main thread like a peer's abort.
+        self._deliver(self._publish(self._report(headline, states, "mismatch")))
 
     # -- diagnosis -------------------------------------------------------------------------------
     def _read_all(self) -> dict[int, dict | None]:
@@ -380,26 +381,43 @@ class CollectiveWatch:
             states[r] = json.loads(self.store.get(key)) if self.store.check([key]) else None
         return states
 
+    def _watch_window(self, work, cause: Exception | None):
+        """Three heartbeat periods, still waiting for `work` (None: it failed with `cause`).
+        Returns (completed, work, cause)."""
+        end = time.monotonic() + 3 * self.period
+        while time.monotonic() < end:
+            if work is None:
+                time.sleep(self.period / 2)
+                continue
+            try:
+                work.wait(timedelta(seconds=max(end - time.monotonic(), 0.001)))
+                return True, work, cause
+            except RuntimeError as error:
+                if "timed out" not in str(error):
+                    cause, work = error, None
+        return False, work, cause
+
     def _diagnose(self, record: CollectiveRecord, work, cause: Exception | None = None) -> bool:
         """After stall_timeout_s in `record` (or a transport error): reads every rank's
-        heartbeat twice, three periods apart, still waiting for `work`. True when the collective
-        completed meanwhile; False when it is only slow; raises on a stall."""
+        heartbeat before and after a window of three periods, still waiting for `work`. True
+        when the collective completed meanwhile; False when it is only slow; raises on a
+        stall."""
         try:
             first = self._read_all()
-            end = time.monotonic() + 3 * self.period
-            while time.monotonic() < end:
-                if work is None:
-                    time.sleep(self.period / 2)
-                    continue
-                try:
-                    work.wait(timedelta(seconds=max(end - time.monotonic(), 0.001)))
-                    return True
-                except RuntimeError as error:
-                    if "timed out" not in str(error):
-                        cause, work = error, None
+            completed, work, cause = self._watch_window(work, cause)
+            if completed:
+                return True
             if self.abort_report is not None:
                 self._raise(self.abort_report)
             second = self._read_all()
+            if any(second[r] is None or first[r] is None or second[r]["beat"] == first[r]["beat"]
+                   for r in second if r != self.rank):
+                # A rank looks stopped: one more window before saying so (a heartbeat thread
+                # starved of CPU for a moment must not be reported as a dead rank).
+                completed, work, cause = self._watch_window(work, cause)
+                if completed:
+                    return True
+                second = self._read_all()
         except CollectiveStallError:
             raise
         except _STORE_ERRORS as error:  # the store itself is unreachable
@@ -481,14 +499,16 @@ class CollectiveWatch:
         lines.append(f"Likely cause: {_FIXES[category]}.")
         return "\n".join(lines)
 
-    def _abort(self, report: str, cause: Exception | None = None):
-        """Publishes `report` as the group's one abort record (the first writer's stays) and
-        raises it here."""
+    def _publish(self, report: str) -> str:
+        """`report` as the group's one abort record: the first writer's stays and is returned."""
         try:
-            report = self.store.compare_set(self._key("abort"), "", report).decode()
-        except _STORE_ERRORS:  # raise this rank's own report then
-            pass
-        self._raise(report, cause)
+            return self.store.compare_set(self._key("abort"), "", report).decode()
+        except _STORE_ERRORS:  # this rank's own report then
+            return report
+
+    def _abort(self, report: str, cause: Exception | None = None):
+        """Publishes `report` (see _publish) and raises the group's abort record here."""
+        self._raise(self._publish(report), cause)
 
     def mismatch(self, record: CollectiveRecord, headers: list[tuple[int, int]]) -> None:
         """Other ranks' (sequence number, fingerprint) headers differ from this rank's (after
