@@ -5,6 +5,10 @@ The cases run in one two-rank group (tests/misuse_cases.py); each test reads its
 """
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -150,3 +154,17 @@ def test_engine_forwards_unknown_attributes_to_the_module():
         assert got["flag"] == 7 and got["submodule_is"] and got["own_config"]
         assert got["missing"].startswith("AttributeError: "), got["missing"]
         assert "no_such_attribute" in got["missing"] and "TinyNet" in got["missing"]
+
+
+EXIT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_cases.py")
+
+
+@pytest.mark.parametrize("scenario, expected", [("train", 0), ("raise", 1), ("mixed", 1)])
+def test_no_rank_ends_in_sigabrt_at_exit(scenario, expected):
+    # Four two-rank jobs per scenario (a few seconds each): every rank leaves through the
+    # interpreter's normal exit with its script's own exit code, never SIGABRT (-6) from a
+    # thread outliving the process group, and never a hang.
+    run = subprocess.run([sys.executable, EXIT_SCRIPT, scenario, "4"], capture_output=True,
+                         text=True, timeout=600, check=True)
+    exits = json.loads(run.stdout.strip().splitlines()[-1])["exits"]
+    assert exits == [[expected, expected]] * 4, exits

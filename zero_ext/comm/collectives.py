@@ -19,6 +19,7 @@ every rank instead of a hang (see docs/architecture.md, "Stall detection").
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import mmap
 import os
@@ -35,6 +36,7 @@ import torch.distributed as dist
 from zero_ext.comm.watch import (
     CollectiveRecord,
     CollectiveWatch,
+    current_watch,
     set_stall_timeout,
     watch_for_group,
 )
@@ -144,6 +146,24 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     if world_size() > 1:
         watch_for_group()
+
+
+@atexit.register
+def _destroy_at_exit() -> None:
+    """At interpreter exit, while Python is still whole, the process group goes (the watch's
+    heartbeat first). Left to interpreter finalization, gloo's worker threads can outlive what
+    they use, and the process ends in SIGABRT, "terminate called without an active exception"
+    (pytorch/pytorch#65231, #190489), after the script itself ended well or with an exception.
+    Not while a collective is pending or the group aborted (a failed job): destroying would
+    wait for peers that will not come."""
+    if not dist.is_initialized():
+        return
+    watch = current_watch()
+    if watch is not None:
+        if watch.abort_report is not None or watch.completed < watch.seq:
+            return
+        watch.stop()
+    dist.destroy_process_group()
 
 
 def rank() -> int:
