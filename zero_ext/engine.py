@@ -33,6 +33,7 @@ from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
 from zero_ext.zero import offload
 from zero_ext.zero.buckets import GradientBuckets
+from zero_ext.zero.construction import outside_init
 from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
 from zero_ext.zero.params import PartitionedParameters, check_initializers, find_units, materialize
 from zero_ext.zero.partition import BucketLayout, plan_buckets
@@ -963,6 +964,7 @@ def _rebind_scheduler(scheduler, client: torch.optim.Optimizer,
             part.optimizer = engine_optimizer
 
 
+@outside_init  # called inside a zero_ext.Init block, the engine is built outside it
 def initialize(model: nn.Module, config, model_parameters: Iterable | None = None,
                optimizer=None, lr_scheduler=None, training_data=None,
                collate_fn: Callable | None = None):

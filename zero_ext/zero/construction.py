@@ -34,7 +34,7 @@ from torch import nn
 from zero_ext import comm
 
 __all__ = ["METADATA_FUNCTIONS", "VALUE_ATTRIBUTES", "Init", "check_initializers",
-           "gather_init_params", "is_init_partitioned", "materialize", "release_init_params",
+           "gather_init_params", "is_init_partitioned", "materialize", "outside_init", "release_init_params",
            "swap_tensor", "tensor_attribute", "tensors_in"]
 
 _SHARD = "_zero_ext_init"  # attribute of a parameter partitioned by Init: its _InitShard
@@ -419,35 +419,57 @@ class Init:
         if not _active:
             self._outermost = True
             state = _InitState()
-            mode = _InitMode(state)
-            _active.append((state, mode))
-            for cls in _all_module_classes():
-                _wrap_init(cls)
-            self._init_subclass = nn.Module.__dict__.get("__init_subclass__")
-            nn.Module.__init_subclass__ = classmethod(_init_subclass)
-            nn.Module.apply = _apply_one_call_at_a_time(nn.Module.apply)
-            mode.__enter__()
+            _patch(state, _InitMode(state))
         return self
 
     def __exit__(self, *exc):
         if not self._outermost:
             return False
         self._outermost = False
-        state, mode = _active[0]
+        state, _ = _active[0]
         try:
             if exc[0] is None:
                 state.release_held(0)
         finally:
-            mode.__exit__(None, None, None)
-            _active.clear()
-            nn.Module.apply = nn.Module.apply._zero_ext_original
-            if self._init_subclass is None:
-                del nn.Module.__init_subclass__
-            else:
-                nn.Module.__init_subclass__ = self._init_subclass
-            for cls in _all_module_classes():
-                _unwrap_init(cls)
+            _unpatch()
         return False
+
+
+def _patch(state: _InitState, mode: _InitMode) -> None:
+    _active.append((state, mode))
+    for cls in _all_module_classes():
+        _wrap_init(cls)
+    nn.Module.__init_subclass__ = classmethod(_init_subclass)
+    nn.Module.apply = _apply_one_call_at_a_time(nn.Module.apply)
+    mode.__enter__()
+
+
+def _unpatch() -> tuple[_InitState, _InitMode]:
+    entry = _active.pop()
+    entry[1].__exit__(None, None, None)
+    nn.Module.apply = nn.Module.apply._zero_ext_original
+    del nn.Module.__init_subclass__  # nn.Module defines none of its own
+    for cls in _all_module_classes():
+        _unwrap_init(cls)
+    return entry
+
+
+def outside_init(fn):
+    """Runs `fn` (zero_ext.initialize) with an open Init block suspended, as DeepSpeed's engine
+    does: the engine's own modules and tensors are built plainly, and parameters show what they
+    are (meta placeholders) to the code that materializes them."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not _active:
+            return fn(*args, **kwargs)
+        entry = _unpatch()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _patch(*entry)
+
+    return run
 
 
 def _init_subclass(cls, **kwargs):

@@ -636,25 +636,63 @@ class GatheredParameters:
         self._by_engine: dict = {}
         self._gathered: dict = {}
         self._init_gathered: list[nn.Parameter] = []
+        self._before: dict = {}
 
     def __enter__(self):
+        managed = []
         for param in self.params:
             engine = _engine_of(param)
             if engine is not None:
                 self._by_engine.setdefault(engine, set()).add(param._zero_ext_layout)
+                managed.append(param)
         for engine, layouts in self._by_engine.items():
             self._gathered[engine] = engine.gather_layouts(layouts)
+        if self.modifier_rank is None:
+            # No rank may change them: a change is found at exit (the version counter, or the
+            # values of whole-kept parameters, which no release would discard) and undone.
+            self._before = {id(p): (p, p._version, None if _is_partitioned(p) else
+                                    p.detach().clone()) for p in managed}
         self._init_gathered = gather_init_params(self.params)
         return self
 
     def __exit__(self, *exc):
         modifier = self.modifier_rank if exc[0] is None else None
+        changed = self._undo_changes() if self.modifier_rank is None and exc[0] is None else []
         for engine, layouts in self._by_engine.items():
             if modifier is not None:
                 engine.scatter_modified(layouts, modifier)
             engine.release_units(self._gathered[engine])
         release_init_params(self._init_gathered, modifier)
+        everyone = comm.all_gather_object(changed) if self.modifier_rank is None and \
+            self._by_engine and exc[0] is None else []
+        if any(everyone):
+            detail = "; ".join(f"rank {r}: {', '.join(c)}" for r, c in enumerate(everyone) if c)
+            raise RuntimeError(
+                "zero_ext.GatheredParameters: parameters were changed inside "
+                f"GatheredParameters(modifier_rank=None) ({detail}); the change is undone on "
+                "every rank. Pass modifier_rank=<the rank whose values to keep> to keep it")
         return False
+
+    def _undo_changes(self) -> list[str]:
+        changed = []
+        with torch.no_grad():
+            for param, version, values in self._before.values():
+                if param._version == version and (values is None or torch.equal(param, values)):
+                    continue
+                changed.append(_name_of(param))
+                if values is not None:
+                    param.copy_(values)
+        return changed
+
+
+def _is_partitioned(param: torch.Tensor) -> bool:
+    engine = _engine_of(param)
+    return engine.partitioned is not None and engine.partitioned.owns(param._zero_ext_layout)
+
+
+def _name_of(param: torch.Tensor) -> str:
+    engine = _engine_of(param)
+    return next((n for n, p in engine.module.named_parameters() if p is param), "?")
 
 
 def _engine_of(param: torch.Tensor):
