@@ -303,6 +303,31 @@ def used_outside_forward() -> dict:
     return out
 
 
+def changed_without_modifier() -> dict:
+    """A change inside GatheredParameters(modifier_rank=None) on rank 0 only: an error on every
+    rank and the change undone, for a partitioned parameter and a whole-kept one."""
+    world_size, rank = comm.world_size(), comm.rank()
+    out = {}
+    for kept, threshold in (("partitioned", 0), ("whole", 10**9)):
+        torch.manual_seed(0)
+        with zero_ext.Init():
+            model = Blocks()
+        engine, _, _, _ = zero_ext.initialize(model=model, config=config(
+            3, "fp32", 1, world_size, stage3_param_persistence_threshold=threshold))
+        before = engine.full_state_dict()["head.weight"]
+        error = None
+        try:
+            with zero_ext.GatheredParameters(model.head.weight):
+                if rank == 0:
+                    with torch.no_grad():
+                        model.head.weight.add_(1.0)
+        except RuntimeError as caught:
+            error = str(caught)
+        out[kept] = {"error": error,
+                     "unchanged": torch.equal(engine.full_state_dict()["head.weight"], before)}
+    return out
+
+
 def all_cases() -> dict:
     from transformers import LlamaForCausalLM
 
@@ -313,4 +338,5 @@ def all_cases() -> dict:
         "after": modified_after_initialize(),
         "before": modified_before_initialize(),
         "external": external_under_init(),
-        "outside": used_outside_forward()}
+        "outside": used_outside_forward(),
+        "unmodified": changed_without_modifier()}

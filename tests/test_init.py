@@ -98,3 +98,12 @@ def test_partitioned_parameter_used_outside_a_forward_errors_at_first_use(world_
         assert "zero_ext.register_external_parameter(module, param)" in error
         # Gathered around the use (TRL's pattern), it trains as single-process torch.
         _assert_trains_like(outside["params"], outside["reference"], f"rank {rank}")
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_a_change_without_modifier_rank_is_an_error_on_every_rank_and_undone(world_size):
+    for rank, result in enumerate(_results(world_size)):
+        for kept, case in result["unmodified"].items():
+            assert case["unchanged"], (rank, kept)
+            assert case["error"] is not None and "changed inside GatheredParameters(" \
+                "modifier_rank=None) (rank 0: head.weight)" in case["error"], (rank, kept)
