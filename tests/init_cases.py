@@ -220,8 +220,14 @@ def modified_before_initialize() -> dict:
                 model.head.weight[:, 0] = 0.75
     expected = plain.head.weight.detach().clone()
     expected[:, 0] = 0.75
+    try:  # outside GatheredParameters the values are not there: copying in would be lost
+        model.load_state_dict(plain.state_dict())
+        load_error = None
+    except RuntimeError as error:
+        load_error = str(error)
     engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
     return {"read": read, "plain": plain.head.weight.detach().clone(), "expected": expected,
+            "load_error": load_error,
                 "got": engine.full_state_dict()["head.weight"]}
 
 
@@ -242,7 +248,8 @@ def external_under_init() -> dict:
     reference = Borrow()
     reference.load_state_dict(initial)
     return {"gathered_at_start": all(n > 0 for n in seen) and bool(seen),
-                "params": host_params(model, engine), "reference": train_reference_steps(reference, 2)}
+            "params": host_params(model, engine),
+            "reference": train_reference_steps(reference, 2)}
 
 
 class Body(nn.Module):

@@ -78,6 +78,9 @@ def test_gathered_parameters_before_initialize_reads_and_keeps_rank0_writes(worl
         before = result["before"]
         assert torch.equal(before["read"], before["plain"]), rank
         assert torch.equal(before["got"], before["expected"]), rank
+        # A copy into the placeholders outside GatheredParameters would change nothing.
+        assert "holds no values until zero_ext.initialize" in before["load_error"], rank
+        assert "zero_ext.GatheredParameters(params, modifier_rank=0)" in before["load_error"]
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

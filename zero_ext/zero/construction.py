@@ -34,8 +34,8 @@ from torch import nn
 from zero_ext import comm
 
 __all__ = ["METADATA_FUNCTIONS", "VALUE_ATTRIBUTES", "Init", "check_initializers",
-           "gather_init_params", "is_init_partitioned", "materialize", "outside_init", "release_init_params",
-           "swap_tensor", "tensor_attribute", "tensors_in"]
+           "gather_init_params", "is_init_partitioned", "materialize", "outside_init",
+           "release_init_params", "swap_tensor", "tensor_attribute", "tensors_in"]
 
 _SHARD = "_zero_ext_init"  # attribute of a parameter partitioned by Init: its _InitShard
 
@@ -90,6 +90,38 @@ def _take_rank0_slice(values: torch.Tensor, shard: torch.Tensor | None) -> torch
     return shard
 
 
+class _PartitionedByInit(nn.Parameter):
+    """The class of a parameter Init partitioned while it holds no values (between its
+    module's constructor and initialize, outside GatheredParameters). Inside the Init block
+    _InitMode computes on its gathered values; anywhere else a use of the values (e.g.
+    `model.load_state_dict(...)`, which would copy into the meta placeholder and change
+    nothing) is an error that says what to do. Metadata (shape, dtype, requires_grad) reads
+    pass."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        attribute = tensor_attribute(func)
+        if getattr(func, "__name__", "") in METADATA_FUNCTIONS or func is torch.Tensor.__eq__ \
+                or (attribute is not None and attribute not in VALUE_ATTRIBUTES):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        raise RuntimeError(
+            f"zero_ext.Init: {getattr(func, '__name__', func)} on a parameter built under "
+            "zero_ext.Init, which holds no values until zero_ext.initialize (each rank keeps "
+            "a shard); read or write it inside `with zero_ext.GatheredParameters(params, "
+            "modifier_rank=0):` (writes from that rank), or load weights with "
+            "engine.load_weights / engine.load_checkpoint after initialize")
+
+
+def _set_partitioned(param: nn.Parameter, partitioned: bool) -> None:
+    """Parameters of subclasses keep their class (and go unchecked)."""
+    if partitioned and type(param) is nn.Parameter:
+        param.__class__ = _PartitionedByInit
+    elif not partitioned and type(param) is _PartitionedByInit:
+        param.__class__ = nn.Parameter
+
+
 @torch.no_grad()
 def _partition(param: nn.Parameter) -> None:
     """A whole parameter becomes an Init shard and a meta placeholder of its shape."""
@@ -98,6 +130,7 @@ def _partition(param: nn.Parameter) -> None:
                                requires_grad=param.requires_grad)
     param.__dict__[_SHARD] = _InitShard(shard, param.device)
     swap_tensor(param, placeholder)
+    _set_partitioned(param, True)
 
 
 @torch.no_grad()
@@ -145,6 +178,7 @@ def materialize(model: nn.Module, modules: list[nn.Module], keep_meta: set[int],
             full = nn.Parameter(_gather(param, device, target), requires_grad=param.requires_grad)
             del param.__dict__[_SHARD]
             swap_tensor(param, full)
+            _set_partitioned(param, False)
         for key, buffer in module._buffers.items():
             if buffer is not None and not buffer.is_meta:
                 target = dtype if buffer.is_floating_point() else buffer.dtype
@@ -159,6 +193,7 @@ def gather_init_params(params: list[nn.Parameter]) -> list[nn.Parameter]:
         if is_init_partitioned(param):
             full = nn.Parameter(_gather(param), requires_grad=param.requires_grad)
             swap_tensor(param, full)
+            _set_partitioned(param, False)
             param.__dict__[_SHARD].gathered = True
             gathered.append(param)
     return gathered
@@ -178,6 +213,7 @@ def release_init_params(params: list[nn.Parameter], modifier_rank: int | None) -
                                    requires_grad=param.requires_grad)
         try:
             swap_tensor(param, placeholder)
+            _set_partitioned(param, True)
             init.gathered = False
         except RuntimeError as error:
             raise RuntimeError(
