@@ -227,8 +227,7 @@ def modified_before_initialize() -> dict:
         load_error = str(error)
     engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
     return {"read": read, "plain": plain.head.weight.detach().clone(), "expected": expected,
-            "load_error": load_error,
-                "got": engine.full_state_dict()["head.weight"]}
+            "load_error": load_error, "got": engine.full_state_dict()["head.weight"]}
 
 
 def external_under_init() -> dict:
