@@ -970,6 +970,9 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
                collate_fn: Callable | None = None):
     """Wraps `model` for ZeRO data-parallel training. Returns
     (engine, optimizer, dataloader, lr_scheduler); dataloader is None without training_data."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"zero_ext.initialize: model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}; pass the model to train as model=")
     config = ZeroConfig.load(config)
     from zero_ext import checkpointing
     checkpointing.configure(config.activation_checkpointing)
