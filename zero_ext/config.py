@@ -956,9 +956,11 @@ class ZeroOptimizationConfig(_Section):
                      "stage3_gather_16bit_weights_on_model_save", "round_robin_gradients",
                      "ignore_unused_parameters", "elastic_checkpoint"):
             setattr(self, name, _check_bool(name, getattr(self, name)))
+        # A null section is no offload, as in DeepSpeed (so is an empty one: device "none").
         self.offload_optimizer = _section("offload_optimizer", self.offload_optimizer,
-                                          OffloadConfig)
-        self.offload_param = _section("offload_param", self.offload_param, OffloadConfig)
+                                          OffloadConfig, optional=True) or OffloadConfig()
+        self.offload_param = _section("offload_param", self.offload_param, OffloadConfig,
+                                      optional=True) or OffloadConfig()
         if self.offload_param.enabled and self.stage != 3:
             raise ConfigError("offload_param.device", f"parameter offload needs stage 3, the "
                               f"stage is {self.stage}; set \"stage\": 3 or remove offload_param")
