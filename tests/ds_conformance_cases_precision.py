@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import zero_ext
+
 from ds_conformance_cases import (
     LoudModel,
     SimpleModel,

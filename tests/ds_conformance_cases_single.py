@@ -18,6 +18,7 @@ from torch import nn
 
 from zero_ext import checkpointing
 from zero_ext.config import ZeroConfig
+
 from ds_conformance_cases import case
 
 CONFIG = "test_ds_config_dict.py::"

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 import zero_ext
+
 from ds_conformance_cases import (
     HIDDEN,
     SimpleModel,

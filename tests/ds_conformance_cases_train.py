@@ -19,6 +19,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, StepLR
 
 import zero_ext
+
 from ds_conformance_cases import (
     HIDDEN,
     LoudModel,
