@@ -47,10 +47,10 @@ def main() -> None:
     for numel in (int(s) for s in args.sizes.split(",")):
         tensor = torch.ones(numel)
         calls = max(10, min(args.calls, args.calls * 65536 // max(numel, 1)))
-        ours = time_per_call(lambda: comm.all_reduce(tensor), calls, args.repeats)
-        theirs = time_per_call(lambda: dist.all_reduce(tensor), calls, args.repeats)
+        ours = time_per_call(lambda t=tensor: comm.all_reduce(t), calls, args.repeats)
+        theirs = time_per_call(lambda t=tensor: dist.all_reduce(t), calls, args.repeats)
         scratch = torch.empty_like(tensor)
-        copy = time_per_call(lambda: scratch.copy_(tensor), calls, args.repeats)
+        copy = time_per_call(lambda s=scratch, t=tensor: s.copy_(t), calls, args.repeats)
         rows.append((numel, ours, theirs, copy))
     if rank == 0:
         print(f"[bench_collectives] {size} ranks, backend {comm.backend()}, torch "
