@@ -349,6 +349,16 @@ def test_keys_without_effect_warn_once_when_set_off_their_default():
             "sub_group_size": 1e9, "round_robin_gradients": False}})
 
 
+def test_keys_without_effect_warn_on_rank_0_only(monkeypatch):
+    # Every rank of a job parses the same config: one warning for the job, from rank 0.
+    for rank, expected in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ZeroConfig.load({"zero_optimization": {"round_robin_gradients": True}})
+        assert len(caught) == expected, rank
+
+
 def test_nonfinite_policy_from_the_config():
     def policy(**sections):
         return ZeroConfig.load(sections).nonfinite_gradients

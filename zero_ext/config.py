@@ -207,7 +207,9 @@ def _join(path: str, key: str) -> str:
 
 
 def _warn_ignored(notes: list[str]) -> None:
-    if not notes:
+    # Once per job, not once per rank: every rank parses the same config, rank 0 speaks
+    # (torchrun's RANK is set before the script runs, so this holds before init_distributed).
+    if not notes or os.environ.get("RANK", "0") != "0":
         return
     # Point the warning at the first caller outside zero_ext (the user's script).
     package_dir = os.path.dirname(os.path.abspath(__file__)) + os.sep
