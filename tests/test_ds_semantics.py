@@ -9,6 +9,7 @@ zero_ext's implementation.
 
 import functools
 import json
+import pathlib
 import random
 import warnings
 
@@ -149,57 +150,32 @@ def test_torch_adam_takes_torchs_weight_decay_default():
 # --------------------------------------------------------------------------------------------
 
 
-class DeepSpeedZeroScaler:
-    """deepspeed/runtime/fp16/loss_scaler.py DynamicLossScaler.update_scale (ZeRO 1-3)."""
-
-    def __init__(self, init_scale, scale_window, min_scale, delayed_shift,
-                 consecutive_hysteresis):
-        self.cur_scale = init_scale
-        self.cur_iter = 0
-        self.last_overflow_iter = -1
-        self.scale_factor = 2.0
-        self.scale_window = scale_window
-        self.min_scale = min_scale
-        self.delayed_shift = delayed_shift
-        self.cur_hysteresis = delayed_shift
-        self.consecutive_hysteresis = consecutive_hysteresis
-
-    def update_scale(self, overflow):
+def deepspeed_scales(overflows, scale, window, min_scale, hysteresis=1, consecutive=False,
+                     stage0=False):
+    """The loss scale after each step under DeepSpeed's rules (0.19: ZeRO's
+    runtime/fp16/loss_scaler.py DynamicLossScaler, stage 0's fused_optimizer.py
+    FP16_Optimizer), written as a sequence: the number of clean steps since the last overflow
+    (or the start) decides the doubling, which comes when that count, less one, is a positive
+    multiple of `window`; at ZeRO stages an overflow first spends the hysteresis budget (refilled
+    by a doubling, or by every clean step when `consecutive`), at stage 0 it always halves."""
+    out, budget, clean_run = [], hysteresis, 0
+    for overflow in overflows:
         if overflow:
-            if self.delayed_shift == 1 or self.cur_hysteresis == 1:
-                if self.cur_scale == self.min_scale:
-                    raise Exception("Current loss scale already at minimum")
-                self.cur_scale = max(self.cur_scale / self.scale_factor, self.min_scale)
+            if stage0 or hysteresis == 1 or budget == 1:
+                scale = max(scale / 2.0, min_scale)
             else:
-                self.cur_hysteresis -= 1
-            self.last_overflow_iter = self.cur_iter
+                budget -= 1
+            clean_run = 0
         else:
-            if self.consecutive_hysteresis:
-                self.cur_hysteresis = self.delayed_shift
-            stable_interval = (self.cur_iter - self.last_overflow_iter) - 1
-            if (stable_interval > 0) and (stable_interval % self.scale_window == 0):
-                if not self.consecutive_hysteresis:
-                    self.cur_hysteresis = self.delayed_shift
-                self.cur_scale *= self.scale_factor
-        self.cur_iter += 1
-
-
-class DeepSpeedStage0Scaler:
-    """deepspeed/runtime/fp16/fused_optimizer.py FP16_Optimizer._update_scale (stage 0)."""
-
-    def __init__(self, init_scale, scale_window, min_scale):
-        self.cur_scale, self.cur_iter, self.last_overflow_iter = init_scale, 0, -1
-        self.scale_window, self.min_loss_scale = scale_window, min_scale
-
-    def update_scale(self, skip):
-        if skip:
-            self.cur_scale = max(self.cur_scale / 2.0, self.min_loss_scale)
-            self.last_overflow_iter = self.cur_iter
-        else:
-            stable_interval = (self.cur_iter - self.last_overflow_iter) - 1
-            if (stable_interval > 0) and (stable_interval % self.scale_window == 0):
-                self.cur_scale *= 2.0
-        self.cur_iter += 1
+            clean_run += 1
+            if consecutive and not stage0:
+                budget = hysteresis
+            if clean_run > 1 and (clean_run - 1) % window == 0:
+                scale *= 2.0
+                if not stage0:
+                    budget = hysteresis
+        out.append(scale)
+    return out
 
 
 def _fp16(stage, **fp16):
@@ -218,17 +194,19 @@ def test_loss_scale_follows_deepspeed_step_for_step(stage, window, consecutive, 
         ours = loss_scaler_for(_fp16(stage, initial_scale_power=12, loss_scale_window=window,
                                      hysteresis=hysteresis, consecutive_hysteresis=consecutive,
                                      min_loss_scale=0.5), rank=0)
-    if stage == 0:
-        theirs = DeepSpeedStage0Scaler(2.0**12, window, 0.5)
-    else:
-        theirs = DeepSpeedZeroScaler(2.0**12, window, 0.5, hysteresis, consecutive)
+    # Runs of clean steps and bursts of overflows; the scale is kept off the minimum (where
+    # DeepSpeed's ZeRO scaler raises; tested below) by a budget of overflows.
+    overflows, halvings = [], 0
     for i in range(3000):
-        # Runs of clean steps and bursts of overflows, the scale kept off the minimum (where
-        # DeepSpeed's ZeRO scaler raises; tested below).
-        overflow = rng.random() < (0.6 if i % 200 < 20 else 0.04) and theirs.cur_scale > 8
-        theirs.update_scale(overflow)
+        overflow = rng.random() < (0.6 if i % 200 < 20 else 0.04) and halvings < 8
+        halvings += 1 if overflow else -0.05
+        halvings = max(halvings, 0)
+        overflows.append(overflow)
+    expected = deepspeed_scales(overflows, 2.0**12, window, 0.5, hysteresis, consecutive,
+                                stage0=stage == 0)
+    for i, overflow in enumerate(overflows):
         ours.update(overflow)
-        assert ours.scale == theirs.cur_scale, (i, overflow)
+        assert ours.scale == expected[i], (i, overflow)
     assert ours.scale != 2.0**12  # the sequence moved the scale
 
 
@@ -468,9 +446,8 @@ def test_fp16_auto_cast_casts_positional_inputs():
 
 def test_deepspeed_compat_doc_names_every_key_reading_here():
     # Every key this file tests is listed in docs/deepspeed-compat.md.
-    import os
-    doc = open(os.path.join(os.path.dirname(zero_ext.__file__), os.pardir, "docs",
-                            "deepspeed-compat.md")).read()
+    path = pathlib.Path(zero_ext.__file__).parent.parent / "docs" / "deepspeed-compat.md"
+    doc = path.read_text()
     for key in ("gradient_clipping", "check_grad_overflow", "ignore_unused_parameters",
                 "raise_error_at_min_scale", "auto_cast", "torch_adam", "pin_memory",
                 "loss_scale_window", "enable_sanity_checks", "sub_group_size",
