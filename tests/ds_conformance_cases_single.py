@@ -45,20 +45,20 @@ for _ranks, _batch, _micro, _gas, _ok in BATCH_TRIPLES:
         # DeepSpeed's cases: all three given, or two of them (any pair), or one (accumulation
         # then 1); a consistent triple resolves to itself, an inconsistent one is an error.
         if ok:
-            subsets = [dict(tbs=batch, micro=micro, gas=gas), dict(tbs=batch, micro=micro),
-                       dict(tbs=batch, gas=gas), dict(micro=micro, gas=gas)]
+            subsets = [{"tbs": batch, "micro": micro, "gas": gas}, {"tbs": batch, "micro": micro},
+                       {"tbs": batch, "gas": gas}, {"micro": micro, "gas": gas}]
             if gas == 1:
-                subsets += [dict(micro=micro), dict(tbs=batch)]
+                subsets += [{"micro": micro}, {"tbs": batch}]
             for given in subsets:
                 got = _triple(_resolve(ranks, train_batch_size=given.get("tbs"),
                                        train_micro_batch_size_per_gpu=given.get("micro"),
                                        gradient_accumulation_steps=given.get("gas")))
                 assert got == (batch, micro, gas), (given, got)
             return
-        refused = [dict(tbs=batch, micro=micro, gas=gas), dict(tbs=batch, micro=micro),
-                   dict(gas=gas)]
+        refused = [{"tbs": batch, "micro": micro, "gas": gas}, {"tbs": batch, "micro": micro},
+                   {"gas": gas}]
         if gas != 1:
-            refused.append(dict(tbs=batch, gas=gas))
+            refused.append({"tbs": batch, "gas": gas})
         for given in refused:
             with pytest.raises(ValueError) as info:
                 _resolve(ranks, train_batch_size=given.get("tbs"),
