@@ -6,6 +6,7 @@ namespaces can't be made (not root, no `ip`/`unshare`)."""
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 
@@ -42,11 +43,18 @@ def _weights(save_dir, out) -> dict[str, torch.Tensor]:
 
 @pytest.mark.skipif(not available()[0], reason=available()[1] or "two nodes available")
 def test_two_nodes_train_like_one_node(tmp_path):
-    host = subprocess.run(
+    # Its own session, so a timeout ends torchrun's workers too, not torchrun alone.
+    host = subprocess.Popen(
         f"{sys.executable} -m torch.distributed.run --nproc_per_node=2 "
-        f"{_train_args(tmp_path / 'one')}", shell=True, capture_output=True, text=True,
-        timeout=HOST_TIMEOUT_S, check=False, cwd=ROOT)
-    assert host.returncode == 0, f"one-node run failed:\n{host.stderr[-3000:]}"
+        f"{_train_args(tmp_path / 'one')}", shell=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+    try:
+        host_out, host_err = host.communicate(timeout=HOST_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(host.pid, signal.SIGKILL)
+        host.communicate()
+        pytest.fail(f"the one-node run was still running after {HOST_TIMEOUT_S} s")
+    assert host.returncode == 0, f"one-node run failed:\n{host_err[-3000:]}"
 
     rdzv = (f"--nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d "
             f"--rdzv_endpoint=$NODE0_ADDR:29511 --rdzv_id=zx2n-{secrets.token_hex(4)}")
@@ -69,7 +77,7 @@ def test_two_nodes_train_like_one_node(tmp_path):
     # of magnitude <= 1, 25 of 29 tensors not bitwise equal). torch's fp32 tolerance
     # (rtol 1.3e-6, atol 1e-5) leaves a 20x margin; a real divergence is orders larger.
     # Printed to 3 decimals: equal but for a rounding boundary.
-    assert _final_loss(results[0].stdout) == pytest.approx(_final_loss(host.stdout), abs=1e-3)
+    assert _final_loss(results[0].stdout) == pytest.approx(_final_loss(host_out), abs=1e-3)
     one = _weights(tmp_path / "one", tmp_path / "one.safetensors")
     two = _weights(tmp_path / "two", tmp_path / "two.safetensors")
     assert one.keys() == two.keys()
