@@ -76,6 +76,7 @@ class NodeResult:
     stdout: str
     stderr: str
     timed_out: bool    # killed because the run's timeout passed
+    seconds: float | None = None  # when it ended, from the start; None: killed at the end
 
 
 class TwoNodes:
@@ -127,39 +128,53 @@ class TwoNodes:
                                 "latency", self.latency],
                                capture_output=True, text=True, check=True, timeout=30)
 
+    def start(self, commands: list[str], env: dict[str, str] | None = None,
+              cwd: str | None = None) -> "Running":
+        """Starts commands[k] (a shell command line) on node k, all at once, and returns at
+        once: the handle waits, kills or freezes a node, and collects the output."""
+        assert len(commands) == 2, "one command per node"
+        return Running(self, commands, env, cwd)
+
     def run(self, commands: list[str], timeout: float, env: dict[str, str] | None = None,
             cwd: str | None = None) -> list[NodeResult]:
-        """Runs commands[k] (a shell command line) on node k, all at once; waits for all, up
-        to timeout seconds in total, then kills what is left. Returns one result per node."""
-        assert len(commands) == 2, "one command per node"
-        procs = []
-        with contextlib.ExitStack() as logs:
-            outputs = [(logs.enter_context(tempfile.TemporaryFile("w+", dir=self._tmp.name)),
-                        logs.enter_context(tempfile.TemporaryFile("w+", dir=self._tmp.name)))
-                       for _ in commands]
+        """Runs commands[k] on node k, all at once; waits for all, up to timeout seconds in
+        total, then kills what is left. Returns one result per node."""
+        with self.start(commands, env, cwd) as running:
+            return running.wait(timeout)
+
+    def _tc_root(self, *qdisc: str) -> None:
+        for ns, veth in zip(self.namespaces, self.veths):
+            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", veth,
+                            "root", *qdisc], capture_output=True, text=True, check=True,
+                           timeout=30)
+
+    def partition(self) -> None:
+        """Cuts the link both ways without a reset: every packet is dropped (a tbf of 8 bit/s
+        whose 1-byte bucket no packet fits), so sockets stay open and nothing reaches the other
+        node, as when a switch port or cable dies."""
+        self._tc_root("tbf", "rate", "8bit", "burst", "1", "limit", "1")
+
+    def heal(self) -> None:
+        """Undoes partition(): the link as it was made (capped or not)."""
+        if self.rate:
+            self._tc_root("tbf", "rate", self.rate, "burst", self.burst, "latency", self.latency)
+        else:
+            for ns, veth in zip(self.namespaces, self.veths):
+                subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", veth,
+                                "root"], capture_output=True, text=True, check=False, timeout=30)
+
+    def signal_node(self, node: int, sig: int) -> int:
+        """Sends sig to every process on node `node` (all of its namespace); returns how many.
+        SIGKILL: the node dies (its kernel closes the sockets); SIGSTOP/SIGCONT: it freezes and
+        thaws (sockets open, nothing answers)."""
+        count = 0
+        for pid in _ip("netns", "pids", self.namespaces[node], check=False).stdout.split():
             try:
-                for k, (command, (out, err)) in enumerate(zip(commands, outputs)):
-                    node_env = dict(os.environ if env is None else env)
-                    node_env.update(ZX_HOSTNAME=self.hostnames[k], ZX_HOSTS=self.hosts_file,
-                                    ZX_COMMAND=command, NODE_RANK=str(k),
-                                    NODE0_ADDR=self.addresses[0], NODE_ADDR=self.addresses[k])
-                    procs.append(subprocess.Popen(
-                        ["ip", "netns", "exec", self.namespaces[k], "unshare", "--uts",
-                         "--mount", "sh", "-c", _NODE_SHELL], stdin=subprocess.DEVNULL,
-                        stdout=out, stderr=err, env=node_env, cwd=cwd, start_new_session=True))
-                deadline = time.monotonic() + timeout
-                while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                timed_out = [p.poll() is None for p in procs]
-            finally:
-                self._kill_all(procs)
-            results = []
-            for k, (proc, (out, err)) in enumerate(zip(procs, outputs)):
-                out.seek(0)
-                err.seek(0)
-                results.append(NodeResult(k, proc.returncode, out.read(), err.read(),
-                                          timed_out[k]))
-        return results
+                os.kill(int(pid), sig)
+                count += 1
+            except (ProcessLookupError, ValueError):
+                pass
+        return count
 
     def _kill_all(self, procs: list[subprocess.Popen]) -> None:
         # The process groups first, then anything still inside a namespace (a worker that
@@ -203,6 +218,91 @@ class TwoNodes:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+class Running:
+    """Commands started on both nodes (TwoNodes.start). A context manager: on exit, whatever
+    still runs is killed."""
+
+    def __init__(self, nodes: TwoNodes, commands: list[str], env: dict[str, str] | None,
+                 cwd: str | None):
+        self.nodes = nodes
+        self._logs = contextlib.ExitStack()
+        self._outputs = [(self._log_file(), self._log_file()) for _ in commands]
+        self.procs: list[subprocess.Popen] = []
+        self.started = time.monotonic()
+        try:
+            for k, (command, (out, err)) in enumerate(zip(commands, self._outputs)):
+                node_env = dict(os.environ if env is None else env)
+                node_env.update(ZX_HOSTNAME=nodes.hostnames[k], ZX_HOSTS=nodes.hosts_file,
+                                ZX_COMMAND=command, NODE_RANK=str(k),
+                                NODE0_ADDR=nodes.addresses[0], NODE_ADDR=nodes.addresses[k])
+                self.procs.append(subprocess.Popen(
+                    ["ip", "netns", "exec", nodes.namespaces[k], "unshare", "--uts",
+                     "--mount", "sh", "-c", _NODE_SHELL], stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=err, env=node_env, cwd=cwd, start_new_session=True))
+        except BaseException:
+            self.close()
+            raise
+        self.ended: list[float | None] = [None] * len(self.procs)
+
+    def _log_file(self):
+        return self._logs.enter_context(tempfile.TemporaryFile("w+", dir=self.nodes._tmp.name))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _poll(self) -> None:
+        for k, proc in enumerate(self.procs):
+            if self.ended[k] is None and proc.poll() is not None:
+                self.ended[k] = time.monotonic() - self.started
+
+    def output(self, node: int) -> str:
+        """What node `node` printed so far (stdout then stderr). Read with pread: the files'
+        offset is shared with the writing processes and must not move."""
+        def read(f) -> str:
+            size = os.fstat(f.fileno()).st_size
+            return os.pread(f.fileno(), size, 0).decode(errors="replace")
+        return "".join(read(f) for f in self._outputs[node])
+
+    def wait_for(self, pattern: str, node: int, timeout: float) -> bool:
+        """Waits until node `node`'s output contains `pattern` (a substring); False on timeout
+        or when the node's command ended without printing it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pattern in self.output(node):
+                return True
+            self._poll()
+            if self.ended[node] is not None:
+                return pattern in self.output(node)
+            time.sleep(0.1)
+        return False
+
+    def wait(self, timeout: float) -> list[NodeResult]:
+        """Waits for both commands, up to timeout seconds from now, kills what is left, and
+        returns one result per node (`seconds`: when it ended, counted from the start)."""
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
+            self._poll()
+            time.sleep(0.1)
+        self._poll()
+        timed_out = [p.poll() is None for p in self.procs]
+        self.nodes._kill_all(self.procs)
+        results = []
+        for k, (proc, (out, err)) in enumerate(zip(self.procs, self._outputs)):
+            out.seek(0)
+            err.seek(0)
+            results.append(NodeResult(k, proc.returncode, out.read(), err.read(), timed_out[k],
+                                      self.ended[k]))
+        self._logs.close()
+        return results
+
+    def close(self) -> None:
+        self.nodes._kill_all(self.procs)
+        self._logs.close()
 
 
 def main() -> int:
