@@ -64,6 +64,13 @@ class CollectiveTraffic:
     elements: dict[str, float] = field(default_factory=dict)
     bytes: dict[str, float] = field(default_factory=dict)
 
+    def count(self, op: str, numel: int, element_size: int, size: int) -> None:
+        """One call of `op` over `numel` elements (all_reduce: the tensor; reduce_scatter: the
+        input; all_gather: the output; broadcast: the tensor) on a group of `size` ranks, in
+        the ring sense: the one accounting the collectives below and zero_ext.scaling's
+        step-time model both use."""
+        self.record(op, ring_elements(op, numel, size), element_size)
+
     def record(self, op: str, ring_elements: float, element_size: int) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
         self.elements[op] = self.elements.get(op, 0.0) + ring_elements
@@ -79,6 +86,18 @@ class CollectiveTraffic:
 
 
 traffic = CollectiveTraffic()
+
+_RING_FACTOR = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0}
+
+
+def ring_elements(op: str, numel: int, size: int) -> float:
+    """Elements one rank sends for `op` over `numel` elements among `size` ranks, in the
+    bandwidth-optimal ring sense (broadcast: n, pipelined; nothing on one rank)."""
+    if size == 1:
+        return 0.0
+    if op == "broadcast":
+        return float(numel)
+    return _RING_FACTOR[op] * numel * (size - 1) / size
 
 # torch 2.13 renamed the flat-tensor collectives; older releases only have the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -307,11 +326,6 @@ def _shared_memory_arena(tensor: torch.Tensor) -> _SharedMemoryArena | None:
     return _arena
 
 
-def _ring(n: int) -> float:
-    size = world_size()
-    return n * (size - 1) / size
-
-
 class WatchedWork:
     """The handle of an asynchronous collective: wait() is bounded by the stall timeout."""
 
@@ -368,7 +382,7 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = Fals
                bucket: int | None = None):
     """Sum (or `op`) of `tensor` over ranks, in place. `bucket` names the bucket layout the
     collective moves, so a rank reducing another bucket at the same point is caught."""
-    traffic.record("all_reduce", 2 * _ring(tensor.numel()), tensor.element_size())
+    traffic.count("all_reduce", tensor.numel(), tensor.element_size(), world_size())
     if world_size() == 1:
         return None
     arena = _shared_memory_arena(tensor) if op == dist.ReduceOp.SUM else None
@@ -386,7 +400,7 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
     if input.numel() != output.numel() * world_size():
         raise ValueError(f"zero_ext.comm.reduce_scatter: input has {input.numel()} elements, "
                          f"expected output ({output.numel()}) x world size ({world_size()})")
-    traffic.record("reduce_scatter", _ring(input.numel()), input.element_size())
+    traffic.count("reduce_scatter", input.numel(), input.element_size(), world_size())
     if world_size() == 1:
         output.copy_(input)
         return None
@@ -412,7 +426,7 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
     if output.numel() != input.numel() * world_size():
         raise ValueError(f"zero_ext.comm.all_gather: output has {output.numel()} elements, "
                          f"expected input ({input.numel()}) x world size ({world_size()})")
-    traffic.record("all_gather", _ring(output.numel()), output.element_size())
+    traffic.count("all_gather", output.numel(), output.element_size(), world_size())
     if world_size() == 1:
         if output.data_ptr() != input.data_ptr():
             output.copy_(input)
@@ -433,7 +447,7 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
 
 def broadcast(tensor: torch.Tensor, src: int = 0, async_op: bool = False,
               bucket: int | None = None):
-    traffic.record("broadcast", tensor.numel() if world_size() > 1 else 0, tensor.element_size())
+    traffic.count("broadcast", tensor.numel(), tensor.element_size(), world_size())
     if world_size() == 1:
         return None
     watch, record = _enter(False, "broadcast", tensor.numel(), tensor.dtype, bucket, src)
