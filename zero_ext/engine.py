@@ -78,6 +78,17 @@ def _structure_signature(params: list[tuple[str, nn.Parameter]]) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
 
 
+def allgather_pieces(shard_numel: int, world_size: int,
+                     allgather_bucket_size: int) -> list[tuple[int, int]]:
+    """The [lo, hi) ranges of a shard that the post-step all-gathers move, one collective each:
+    allgather_bucket_size bounds the elements of one all-gather (the whole shard when it fits).
+    The engine gathers by these; zero_ext.scaling plans a step's traffic by them."""
+    piece = max(allgather_bucket_size // world_size, 1)
+    if shard_numel <= piece:
+        return [(0, shard_numel)]
+    return [(lo, min(lo + piece, shard_numel)) for lo in range(0, shard_numel, piece)]
+
+
 class ZeroEngine(nn.Module):
     """The training engine for stages 0-2. Built by zero_ext.initialize()."""
 
@@ -637,16 +648,16 @@ class ZeroEngine(nn.Module):
     def _all_gather_params(self) -> None:
         """Every rank's updated slice of every bucket, into every rank's flat buffers.
         allgather_bucket_size bounds the elements of one collective."""
-        piece = max(self.config.zero_optimization.allgather_bucket_size // self.world_size, 1)
+        size = self.config.zero_optimization.allgather_bucket_size
         for layout, flat in zip(self.persistent_layouts, self.flat_params):
             shard = layout.shard_numel
             start, _ = layout.shard_range(self.rank)
-            if shard <= piece:
+            pieces = allgather_pieces(shard, self.world_size, size)
+            if len(pieces) == 1:
                 comm.all_gather(flat, flat[start:start + shard], bucket=layout.index)
                 continue
             views = flat.view(self.world_size, shard)
-            for lo in range(0, shard, piece):
-                hi = min(lo + piece, shard)
+            for lo, hi in pieces:
                 gathered = torch.empty((self.world_size, hi - lo), dtype=flat.dtype,
                                        device=flat.device)
                 comm.all_gather(gathered.view(-1), views[self.rank, lo:hi].contiguous(),
