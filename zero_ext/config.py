@@ -1041,6 +1041,42 @@ class BatchSizes:
 
 
 @dataclass(kw_only=True)
+class PeriodicCheckpointSettings(_Section):
+    """``zero_ext.checkpoint``: periodic checkpoints and auto-resume (zero_ext/elastic.py), for
+    jobs under ``torchrun --max-restarts=N``: ``{"dir": "ckpt", "every_n_steps": 100,
+    "auto_resume": true, "keep_last": 2}``."""
+
+    dir: str | None = None
+    """The directory checkpoints are saved to and resumed from (every rank must see the same
+    one: a shared filesystem across nodes)."""
+
+    every_n_steps: int | None = None
+    """Save a checkpoint after every this many optimizer steps (>= 1); None: only when the
+    script calls engine.save_checkpoint."""
+
+    auto_resume: bool = False
+    """``initialize`` loads the newest complete checkpoint in ``dir`` (the one ``latest``
+    names), at whatever world size the job now has; none there: training starts fresh."""
+
+    keep_last: int | None = None
+    """After each periodic save, delete all but this many newest ``global_step<N>`` checkpoints
+    (>= 1); None keeps them all."""
+
+    def __post_init__(self):
+        if self.dir is not None and (not isinstance(self.dir, str) or not self.dir):
+            raise ConfigError("dir", f"expected a directory path, {_got(self.dir)}")
+        self.every_n_steps = _optional(_check_int, "every_n_steps", self.every_n_steps, lo=1)
+        self.auto_resume = _check_bool("auto_resume", self.auto_resume)
+        self.keep_last = _optional(_check_int, "keep_last", self.keep_last, lo=1)
+        if self.keep_last is not None and self.every_n_steps is None:
+            raise ConfigError("keep_last", "applies to periodic checkpoints; also set "
+                              "every_n_steps, or remove keep_last")
+        if self.dir is None and (self.every_n_steps is not None or self.auto_resume):
+            raise ConfigError("dir", "missing: every_n_steps and auto_resume need the "
+                              "directory to save to and resume from")
+
+
+@dataclass(kw_only=True)
 class ZeroExtSettings(_Section):
     """``zero_ext``: settings of zero_ext's own, with no DeepSpeed counterpart."""
 
@@ -1052,9 +1088,16 @@ class ZeroExtSettings(_Section):
     count as progress; a rank in its own code while the others wait does not: raise this when
     one rank legitimately works alone for longer (an evaluation on rank 0)."""
 
+    checkpoint: PeriodicCheckpointSettings = field(default_factory=PeriodicCheckpointSettings)
+    """Periodic checkpoints and auto-resume after a restart (see PeriodicCheckpointSettings)."""
+
+    _SECTIONS: ClassVar[dict[str, type]] = {"checkpoint": PeriodicCheckpointSettings}
+
     def __post_init__(self):
         self.stall_timeout_s = _check_number("stall_timeout_s", self.stall_timeout_s, lo=0.0,
                                              lo_open=True)
+        self.checkpoint = _section("zero_ext.checkpoint", self.checkpoint,
+                                   PeriodicCheckpointSettings)
 
 
 _COMM_DTYPES = {
