@@ -1,12 +1,14 @@
 """The single door to torch.distributed (callers write `from zero_ext import comm`).
 
 collectives.py: process-group setup, the collectives (gloo, NCCL, the shared-memory arena) and
-the traffic counters. watch.py: sequence numbers and fingerprints of every collective, bounded
-waits, heartbeats and the stall report.
+the traffic counters (by link class). topology.py: which node each rank is on, the groups within
+and across nodes, the hierarchical all-gather. watch.py: sequence numbers and fingerprints of
+every collective, bounded waits, heartbeats and the stall report.
 """
 
 from zero_ext.comm.collectives import (
     CollectiveTraffic,
+    CommGroup,
     WatchedWork,
     all_gather,
     all_gather_object,
@@ -26,6 +28,13 @@ from zero_ext.comm.collectives import (
 from zero_ext.comm.collectives import (
     _SharedMemoryArena as _SharedMemoryArena,
 )
+from zero_ext.comm.topology import (
+    Topology,
+    TopologyError,
+    current_topology,
+    detect_topology,
+    hierarchical_all_gather,
+)
 from zero_ext.comm.watch import (
     DEFAULT_STALL_TIMEOUT_S,
     CollectiveStallError,
@@ -38,6 +47,9 @@ __all__ = [
     "DEFAULT_STALL_TIMEOUT_S",
     "CollectiveStallError",
     "CollectiveTraffic",
+    "CommGroup",
+    "Topology",
+    "TopologyError",
     "WatchedWork",
     "all_gather",
     "all_gather_object",
@@ -45,7 +57,10 @@ __all__ = [
     "backend",
     "barrier",
     "broadcast",
+    "current_topology",
     "current_watch",
+    "detect_topology",
+    "hierarchical_all_gather",
     "init_distributed",
     "rank",
     "reduce_scatter",

@@ -6,6 +6,11 @@ CPU or CUDA tensors) and counts, per collective, the calls and the elements each
 the bandwidth-optimal ring sense, so tests and benchmarks can check traffic against theory:
   all_reduce of n elements: 2n(N-1)/N   reduce_scatter of n (input): n(N-1)/N
   all_gather of n (output): n(N-1)/N    broadcast of n: n (pipelined) on N > 1
+N is the size of the group the collective runs in. Each rank's bytes are also counted by the
+link they cross: in the ring over the group's ranks in rank order (nodes hold contiguous rank
+blocks under torchrun), a rank sends everything to the next rank, so its bytes cross nodes when
+that rank is on another node. A ring over N ranks on M > 1 nodes thus crosses nodes on M of its
+N hops. The nodes come from comm/topology.py (detected in init_distributed).
 
 On CPU with every rank on one host (a laptop or one node under torchrun with gloo), the
 collectives go through a shared-memory arena instead of gloo's loopback TCP, as DeepSpeed's
@@ -63,26 +68,77 @@ class CollectiveTraffic:
     calls: dict[str, int] = field(default_factory=dict)
     elements: dict[str, float] = field(default_factory=dict)
     bytes: dict[str, float] = field(default_factory=dict)
+    intra_node_bytes: dict[str, float] = field(default_factory=dict)  # sent within the node
+    inter_node_bytes: dict[str, float] = field(default_factory=dict)  # sent to another node
 
-    def count(self, op: str, numel: int, element_size: int, size: int) -> None:
+    def count(self, op: str, numel: int, element_size: int, size: int,
+              crosses_nodes: bool = False) -> None:
         """One call of `op` over `numel` elements (all_reduce: the tensor; reduce_scatter: the
         input; all_gather: the output; broadcast: the tensor) on a group of `size` ranks, in
         the ring sense: the one accounting the collectives below and zero_ext.scaling's
-        step-time model both use."""
-        self.record(op, ring_elements(op, numel, size), element_size)
+        step-time model both use. `crosses_nodes`: this rank's ring successor is on another
+        node (its bytes count as inter-node)."""
+        self.record(op, ring_elements(op, numel, size), element_size, crosses_nodes)
 
-    def record(self, op: str, ring_elements: float, element_size: int) -> None:
+    def record(self, op: str, ring_elements: float, element_size: int,
+               crosses_nodes: bool = False) -> None:
+        nbytes = ring_elements * element_size
         self.calls[op] = self.calls.get(op, 0) + 1
         self.elements[op] = self.elements.get(op, 0.0) + ring_elements
-        self.bytes[op] = self.bytes.get(op, 0.0) + ring_elements * element_size
+        self.bytes[op] = self.bytes.get(op, 0.0) + nbytes
+        link = self.inter_node_bytes if crosses_nodes else self.intra_node_bytes
+        link[op] = link.get(op, 0.0) + nbytes
 
     def reset(self) -> None:
-        self.calls.clear()
-        self.elements.clear()
-        self.bytes.clear()
+        for counts in (self.calls, self.elements, self.bytes, self.intra_node_bytes,
+                       self.inter_node_bytes):
+            counts.clear()
 
     def snapshot(self) -> CollectiveTraffic:
-        return CollectiveTraffic(dict(self.calls), dict(self.elements), dict(self.bytes))
+        return CollectiveTraffic(dict(self.calls), dict(self.elements), dict(self.bytes),
+                                 dict(self.intra_node_bytes), dict(self.inter_node_bytes))
+
+
+@dataclass(frozen=True, eq=False)
+class CommGroup:
+    """A process group of some of the ranks (comm/topology.py makes them): pass it as
+    `group=` to a collective."""
+
+    ranks: tuple[int, ...]   # global ranks, ascending; index in it = rank in the group
+    handle: object           # the torch.distributed ProcessGroup
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+def new_groups(blocks: list[list[int]]) -> CommGroup:
+    """Collective (every rank, the same `blocks`): one process group per block of global
+    ranks; returns the one holding this rank."""
+    blocks = [sorted(b) for b in blocks]
+    mine, _ = dist.new_subgroups_by_enumeration(blocks)
+    return CommGroup(tuple(next(b for b in blocks if rank() in b)), mine)
+
+
+_node_of_rank: tuple[int, ...] | None = None
+
+
+def set_node_of_rank(nodes: tuple[int, ...]) -> None:
+    """Called by comm/topology.py: the node of each rank, for the link-class counters."""
+    global _node_of_rank
+    _node_of_rank = tuple(nodes)
+
+
+def _crosses_nodes(group: CommGroup | None) -> bool:
+    """Whether this rank's sends in the ring over `group` (None: every rank) go to another
+    node: the next rank of the ring is on another node. Before a topology is detected (or
+    after the world size changed) every rank counts as on one node."""
+    nodes = _node_of_rank
+    if nodes is None or len(nodes) != world_size():
+        return False
+    ranks = group.ranks if group is not None else tuple(range(world_size()))
+    me = ranks.index(rank())
+    return nodes[rank()] != nodes[ranks[(me + 1) % len(ranks)]]
 
 
 traffic = CollectiveTraffic()
@@ -129,6 +185,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
     if dist.is_initialized():
         if world_size() > 1:
             watch_for_group()
+        _detect_topology()
         return
     present = [v for v in _TORCHRUN_VARS if v in os.environ]
     if present and len(present) < len(_TORCHRUN_VARS):
@@ -165,6 +222,15 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     if world_size() > 1:
         watch_for_group()
+    _detect_topology()
+
+
+def _detect_topology() -> None:
+    """Every rank's node (comm/topology.py; one small collective), read again at each
+    initialize: the traffic counters split bytes by it and stage 3 builds its groups on it."""
+    from zero_ext.comm.topology import detect_topology  # it builds on this module
+
+    detect_topology()
 
 
 @atexit.register
@@ -382,7 +448,8 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = Fals
                bucket: int | None = None):
     """Sum (or `op`) of `tensor` over ranks, in place. `bucket` names the bucket layout the
     collective moves, so a rank reducing another bucket at the same point is caught."""
-    traffic.count("all_reduce", tensor.numel(), tensor.element_size(), world_size())
+    traffic.count("all_reduce", tensor.numel(), tensor.element_size(), world_size(),
+                  _crosses_nodes(None))
     if world_size() == 1:
         return None
     arena = _shared_memory_arena(tensor) if op == dist.ReduceOp.SUM else None
@@ -400,7 +467,8 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
     if input.numel() != output.numel() * world_size():
         raise ValueError(f"zero_ext.comm.reduce_scatter: input has {input.numel()} elements, "
                          f"expected output ({output.numel()}) x world size ({world_size()})")
-    traffic.count("reduce_scatter", input.numel(), input.element_size(), world_size())
+    traffic.count("reduce_scatter", input.numel(), input.element_size(), world_size(),
+                  _crosses_nodes(None))
     if world_size() == 1:
         output.copy_(input)
         return None
@@ -420,34 +488,42 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
 
 
 def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False,
-               bucket: int | None = None):
-    """Concatenate every rank's `input` into `output` (rank order). `input` may be this rank's
-    chunk of `output` itself (in place)."""
-    if output.numel() != input.numel() * world_size():
+               bucket: int | None = None, group: CommGroup | None = None):
+    """Concatenate every rank's `input` into `output` (rank order), over every rank or over
+    `group` (comm/topology.py's groups; its ranks in order). `input` may be this rank's chunk
+    of `output` itself (in place)."""
+    size = group.size if group is not None else world_size()
+    if output.numel() != input.numel() * size:
         raise ValueError(f"zero_ext.comm.all_gather: output has {output.numel()} elements, "
-                         f"expected input ({input.numel()}) x world size ({world_size()})")
-    traffic.count("all_gather", output.numel(), output.element_size(), world_size())
-    if world_size() == 1:
+                         f"expected input ({input.numel()}) x group size ({size})")
+    traffic.count("all_gather", output.numel(), output.element_size(), size,
+                  _crosses_nodes(group))
+    if size == 1:
         if output.data_ptr() != input.data_ptr():
             output.copy_(input)
         return None
     arena = _shared_memory_arena(output)
-    if arena is not None and not input.is_contiguous():
+    if arena is not None and (group is not None or not input.is_contiguous()):
         arena = None
-    watch, record = _enter(arena is not None, "all_gather", output.numel(), output.dtype, bucket)
+    # A group's collective is told apart from the world's of the same size by its name.
+    op = "all_gather" if group is None else f"all_gather[ranks {group.ranks[0]}.." \
+        f"{group.ranks[-1]}]"
+    watch, record = _enter(arena is not None, op, output.numel(), output.dtype, bucket)
     if arena is not None:
         arena.all_gather(output, input, watch, record)
         return None
+    handle = group.handle if group is not None else None
     if _gloo_on_cpu(output):
-        work = dist.all_gather(list(output.chunk(world_size())), input, async_op=True)
+        work = dist.all_gather(list(output.chunk(size)), input, group=handle, async_op=True)
     else:
-        work = _all_gather_flat(output, input, async_op=True)
+        work = _all_gather_flat(output, input, group=handle, async_op=True)
     return _issued(watch, record, work, async_op)
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0, async_op: bool = False,
               bucket: int | None = None):
-    traffic.count("broadcast", tensor.numel(), tensor.element_size(), world_size())
+    traffic.count("broadcast", tensor.numel(), tensor.element_size(), world_size(),
+                  _crosses_nodes(None))
     if world_size() == 1:
         return None
     watch, record = _enter(False, "broadcast", tensor.numel(), tensor.dtype, bucket, src)
