@@ -817,6 +817,19 @@ class ZeroOptimizationConfig(_Section):
     the units automatically (container blocks and the model's other parameter-holding
     children)."""
 
+    zero_hpz_partition_size: int = 1
+    """Stage 3, ZeRO++ hpZ (DeepSpeed's key): ranks per secondary partition group. Above 1,
+    each unit also keeps a copy of its parameters sharded over blocks of this many ranks of a
+    node (compute dtype, refreshed by each forward's gather), and backward gathers from it
+    within the block, never across nodes. Must be the ranks per node or a divisor of it; 0 and
+    1 turn it off."""
+
+    hierarchical_allgather: bool = False
+    """Stages 1-3 (zero_ext's key, after MiCS's ``mics_hierarchical_params_gather``): gather
+    parameters in two hops, across nodes among the ranks of one local index, then within each
+    node; over the slow link a node receives (M-1)/M of the parameters instead of (N-1)/N
+    (M nodes, N ranks). The values are the flat all-gather's, bit for bit."""
+
     sub_group_size: int = 1_000_000_000
     """DeepSpeed: elements of the optimizer state stepped at a time (bounds its temporary
     memory). No effect here: zero_ext steps per bucket (``reduce_bucket_size``, stage-3 units);
@@ -885,10 +898,6 @@ class ZeroOptimizationConfig(_Section):
             "false is not supported: zero_ext always restores the fp32 master weights from the "
             "checkpoint; remove the key"),
         "legacy_stage1": _Unsupported(_is(False), "true is not supported; remove the key"),
-        "zero_hpz_partition_size": _Unsupported(
-            _is(1),
-            "hierarchical partitioning (ZeRO++ hpZ) is not supported; remove the key or set "
-            "it to 1"),
         "zero_quantized_weights": _Unsupported(
             _is(False),
             "quantized communication (ZeRO++) is not supported; remove the key or set it to "
@@ -947,6 +956,14 @@ class ZeroOptimizationConfig(_Section):
                      "stage3_max_reuse_distance", "sub_group_size"):
             setattr(self, name, _check_int(name, getattr(self, name), lo=0))
         self.overlap_comm = _optional(_check_bool, "overlap_comm", self.overlap_comm)
+        self.zero_hpz_partition_size = _check_int(
+            "zero_hpz_partition_size", self.zero_hpz_partition_size, lo=0)
+        self.hierarchical_allgather = _check_bool("hierarchical_allgather",
+                                                  self.hierarchical_allgather)
+        if self.zero_hpz_partition_size > 1 and self.stage != 3:
+            raise ConfigError("zero_hpz_partition_size", f"hpZ partitions stage-3 parameters, "
+                              f"the stage is {self.stage}; set \"stage\": 3 or set "
+                              "zero_hpz_partition_size to 1")
         if self.stage3_unit_classes is not None:
             names = self.stage3_unit_classes
             if not isinstance(names, (list, tuple)) or not names or not all(
