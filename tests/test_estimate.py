@@ -301,7 +301,7 @@ def test_cli_takes_precision_accumulation_and_stage3_keys_from_a_config(tmp_path
      ["--largest-unit goes with --params", "--hf-config finds the units"]),
     (["--hf-config", "missing.json"], ["missing.json: no such file", "config.json"]),
     (["--hf-config", "{bad}"], ["no \"model_type\" key", "--params"]),
-    (["--world-sizes", "8"], ["one of the arguments --params --hf-config is required"]),
+    (["--world-sizes", "8"], ["one of the arguments --params --hf-config --measure-network is required"]),
 ])
 def test_cli_errors_name_the_problem_and_the_fix(args, advice, tmp_path, capsys):
     if args[-1] == "{bad}":

@@ -62,6 +62,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from zero_ext import scaling_cli
 from zero_ext.config import ZeroConfig, read_json_config
 from zero_ext.zero import offload
 from zero_ext.zero.partition import BucketLayout, plan_buckets
@@ -551,6 +552,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="with --params: elements of the largest stage-3 gather unit (e.g. "
                              "one decoder layer, or the embedding); --hf-config finds it")
     parser.add_argument("--plot", metavar="PNG", help="also draw memory by stage and world size")
+    scaling_cli.add_arguments(parser, model)
     return parser
 
 
@@ -590,6 +592,8 @@ def _parse_stages(text: str) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.measure_network:
+        return scaling_cli.measure(args)
     if args.largest_unit is not None and args.params is None:
         parser.error("--largest-unit goes with --params; --hf-config finds the units itself")
     base = _read_json_config(args.config, parser) if args.config is not None else {}
@@ -625,6 +629,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         model = args.params
         source = f"{_human(args.params)} parameters (ZeRO paper formulas)"
+    if scaling_cli.wanted(args):
+        return scaling_cli.run(args, parser, model, base, stages, source)
     try:
         estimates = [estimate_from_config(model, _at_stage(base, stage), n,
                                           largest_unit=args.largest_unit)
