@@ -219,13 +219,19 @@ class ZeroEngine(nn.Module):
             # Refused here, before any host buffer exists, rather than by the OOM killer.
             offload.check_host_memory(self._host_memory_plan(unit_indices))
         self.partitioned = None
+        # Parameter all-gathers in two hops (across nodes, then within): nodes checked now.
+        self._gather_params = comm.all_gather
+        if zero.hierarchical_allgather and comm.current_topology().hierarchical_groups():
+            self._gather_params = comm.hierarchical_all_gather
         if unit_plan:
             self.partitioned = PartitionedParameters(
                 unit_plan, self._params, rank=self.rank, dtype=self.model_dtype,
                 device=self.device, prefetch_numel=zero.stage3_prefetch_bucket_size,
                 max_live_numel=zero.stage3_max_live_parameters,
                 max_reuse_numel=zero.stage3_max_reuse_distance, root=model,
-                offload=self.offload_param, pin=zero.offload_param.pin_memory)
+                offload=self.offload_param, pin=zero.offload_param.pin_memory,
+                hpz_partition_size=zero.zero_hpz_partition_size,
+                hierarchical=zero.hierarchical_allgather)
 
         # Stage 0 may run any torch optimizer on the whole, replicated parameters; otherwise the
         # sharded AdamW.
@@ -654,14 +660,14 @@ class ZeroEngine(nn.Module):
             start, _ = layout.shard_range(self.rank)
             pieces = allgather_pieces(shard, self.world_size, size)
             if len(pieces) == 1:
-                comm.all_gather(flat, flat[start:start + shard], bucket=layout.index)
+                self._gather_params(flat, flat[start:start + shard], bucket=layout.index)
                 continue
             views = flat.view(self.world_size, shard)
             for lo, hi in pieces:
                 gathered = torch.empty((self.world_size, hi - lo), dtype=flat.dtype,
                                        device=flat.device)
-                comm.all_gather(gathered.view(-1), views[self.rank, lo:hi].contiguous(),
-                                bucket=layout.index)
+                self._gather_params(gathered.view(-1), views[self.rank, lo:hi].contiguous(),
+                                    bucket=layout.index)
                 views[:, lo:hi].copy_(gathered)
 
     # -- GatheredParameters -----------------------------------------------------------------

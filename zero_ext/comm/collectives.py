@@ -505,9 +505,9 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
     arena = _shared_memory_arena(output)
     if arena is not None and (group is not None or not input.is_contiguous()):
         arena = None
-    # A group's collective is told apart from the world's of the same size by its name.
-    op = "all_gather" if group is None else f"all_gather[ranks {group.ranks[0]}.." \
-        f"{group.ranks[-1]}]"
+    # A group's collective is told apart from the world's of the same size by its name, which
+    # is the same on every rank (each rank's group holds other ranks).
+    op = "all_gather" if group is None else f"all_gather[group of {size}]"
     watch, record = _enter(arena is not None, op, output.numel(), output.dtype, bucket)
     if arena is not None:
         arena.all_gather(output, input, watch, record)

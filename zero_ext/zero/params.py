@@ -36,6 +36,7 @@ from zero_ext.zero.construction import (
     tensor_attribute,
     tensors_in,
 )
+from zero_ext.zero.hpz import SecondaryPartition
 from zero_ext.zero.offload import host_buffer
 from zero_ext.zero.partition import BucketLayout
 
@@ -159,6 +160,7 @@ class GatherUnit:
     # shards must not be rewritten before it, and the compute stream waits for it at use.
     uploads: list = field(default_factory=list)
     uploaded: object | None = None
+    refreshes: bool = False                  # the gather in flight refreshes hpZ's copy
 
     @property
     def numel(self) -> int:
@@ -273,8 +275,11 @@ class PartitionedParameters:
                  params: list[nn.Parameter], *, rank: int, dtype: torch.dtype,
                  device: torch.device, prefetch_numel: int = 0,
                  max_live_numel: int = 2**62, max_reuse_numel: int = 0,
-                 root: nn.Module | None = None, offload: bool = False, pin: bool = False):
+                 root: nn.Module | None = None, offload: bool = False, pin: bool = False,
+                 hpz_partition_size: int = 1, hierarchical: bool = False):
         self.rank, self.dtype, self.device = rank, dtype, device
+        # Gathers over every rank: in two hops (across nodes, then within) or one ring.
+        self._gather_all = comm.hierarchical_all_gather if hierarchical else comm.all_gather
         self.offload = offload  # offload_param: shards live in host memory
         self.root = root
         self.prefetch = _Prefetcher(prefetch_numel, max_live_numel, max_reuse_numel)
@@ -318,6 +323,14 @@ class PartitionedParameters:
                     module.forward = _partitioned_linear_forward.__get__(module)
         self._unit_of_param = {id(p): unit for unit in self.units for members in unit.params
                                for p in members}
+        # hpZ: backward gathers from a copy sharded within a block of a node's ranks.
+        self.secondary = None
+        if hpz_partition_size > 1:
+            group = comm.current_topology().block_group(
+                hpz_partition_size, "zero_optimization.zero_hpz_partition_size")
+            self.secondary = SecondaryPartition(
+                group, rank, [layout for unit in self.units for layout in unit.layouts], dtype,
+                device, offload, pin)
         self._handles = []
         # The forwards running now (the model's, and units' inside it), innermost last, each
         # with the units it gathered for parameters used inside it without a declaration.
@@ -427,7 +440,9 @@ class PartitionedParameters:
         # after every stream that writes them).
         unit.fulls = [torch.empty(layout.padded_numel, dtype=self.dtype, device=self.device)
                       for layout in unit.layouts]
-        shards = unit.shards
+        secondary = self.secondary.sources(unit.layouts) if self.secondary is not None else None
+        unit.refreshes = self.secondary is not None and secondary is None
+        sources = shards = secondary if secondary is not None else unit.shards
         if self.offload:
             unit.uploads = [torch.empty(s.shape, dtype=s.dtype, device=self.device)
                             for s in shards]
@@ -440,11 +455,14 @@ class PartitionedParameters:
             # buffers may reuse memory that work still uses).
             upload.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(upload) if upload is not None else contextlib.nullcontext():
-            for i, (host, shard) in enumerate(zip(unit.shards, shards)):
+            for i, (host, shard) in enumerate(zip(sources, shards)):
                 if self.offload:
                     shard.copy_(host, non_blocking=True)
-                unit.pending.append(comm.all_gather(unit.fulls[i], shard, async_op=True,
-                                                    bucket=unit.layouts[i].index))
+                bucket = unit.layouts[i].index
+                unit.pending.append(
+                    comm.all_gather(unit.fulls[i], shard, async_op=True, bucket=bucket,
+                                    group=self.secondary.group) if secondary is not None else
+                    self._gather_all(unit.fulls[i], shard, async_op=True, bucket=bucket))
             if upload is not None:
                 # Blocking: a host waiting on it (wait_host_reads) sleeps rather than spin a
                 # core the CPU optimizer step could use.
@@ -474,6 +492,8 @@ class PartitionedParameters:
             torch.cuda.current_stream(self.device).wait_event(uploaded)
         unit.pending.clear()
         unit.uploads.clear()
+        if unit.refreshes:
+            self.secondary.refresh(unit.layouts, unit.fulls)
         for i, layout in enumerate(unit.layouts):
             for slot, param in zip(layout.slots, unit.params[i]):
                 if type(param) is _ReleasedParameter:
@@ -508,6 +528,9 @@ class PartitionedParameters:
             if unit.state is UnitState.GATHERING:
                 self.gather(unit)
                 self.release(unit)
+        if self.secondary is not None:
+            # The optimizer step may follow: the next forward refreshes the copies.
+            self.secondary.invalidate()
 
     def release(self, unit: GatherUnit) -> None:
         if unit.state is UnitState.GATHERING:  # never leave a collective unwaited
@@ -571,6 +594,8 @@ class PartitionedParameters:
         comm.broadcast(full, src=src)
         start, end = unit.layouts[i].shard_range(self.rank)
         unit.shards[i].copy_(full[start:end])
+        if self.secondary is not None:
+            self.secondary.invalidate(layout_index)
 
     def wait_host_reads(self, layout_index: int) -> None:
         """Before the host rewrites a unit's shard (offload_param with the CPU optimizer): the
@@ -593,8 +618,11 @@ class PartitionedParameters:
                                          for f in unit.fulls if f is not None)
 
     def shard_nbytes(self) -> int:
-        """The units' shards alone (in host memory under offload_param)."""
-        return sum(t.numel() * t.element_size() for unit in self.units for t in unit.shards)
+        """The units' shards alone, hpZ's secondary shards included (in host memory under
+        offload_param)."""
+        secondary = self.secondary.nbytes() if self.secondary is not None else 0
+        return secondary + sum(t.numel() * t.element_size() for unit in self.units
+                               for t in unit.shards)
 
     @torch.no_grad()
     def iter_full_values(self, keep: bool = True):
