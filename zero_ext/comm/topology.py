@@ -100,6 +100,15 @@ class Topology:
     def node_group(self, needed_for: str) -> CommGroup:
         return self.block_group(self.ranks_per_node(needed_for), needed_for)
 
+    def hierarchical_groups(self) -> tuple[CommGroup, CommGroup] | None:
+        """The two hops of hierarchical_all_gather (across nodes, within the node), or None
+        where it is the flat all-gather (one node, or one rank per node). Collective on first
+        use; raises for nodes of different sizes."""
+        if self.nodes == 1 or self.nodes == self.world_size:
+            return None
+        what = "zero_optimization.hierarchical_allgather"
+        return self.across_nodes_group(what), self.node_group(what)
+
     def across_nodes_group(self, needed_for: str) -> CommGroup:
         """The ranks with this rank's local index, one per node. Collective on first use."""
         per_node = self.ranks_per_node(needed_for)
@@ -212,13 +221,11 @@ def hierarchical_all_gather(output: torch.Tensor, input: torch.Tensor, async_op:
     receives (M-1)/M of the output instead of a flat ring's (N-1)/N (M nodes, N ranks); the
     bytes within nodes grow to make up the total. One node, or one rank per node: the flat
     all-gather."""
-    topology = current_topology()
-    if topology.nodes == 1 or topology.nodes == topology.world_size:
+    groups = current_topology().hierarchical_groups()
+    if groups is None:
         return all_gather(output, input, async_op=async_op, bucket=bucket)
-    what = "zero_optimization.hierarchical_allgather"
-    per_node = topology.ranks_per_node(what)
-    across, within = topology.across_nodes_group(what), topology.node_group(what)
-    nodes, n = topology.nodes, input.numel()
+    across, within = groups
+    nodes, per_node, n = across.size, within.size, input.numel()
     # first hop: [node][n] of this local index; second hop: [local][node][n]
     mine = torch.empty(nodes * n, dtype=input.dtype, device=input.device)
     first = all_gather(mine, input.reshape(-1), async_op=True, bucket=bucket, group=across)
