@@ -280,6 +280,11 @@ class PartitionedParameters:
         self.rank, self.dtype, self.device = rank, dtype, device
         # Gathers over every rank: in two hops (across nodes, then within) or one ring.
         self._gather_all = comm.hierarchical_all_gather if hierarchical else comm.all_gather
+        # hpZ: backward gathers from a copy sharded within a block of a node's ranks (the
+        # block checked against the nodes before anything is partitioned).
+        hpz_group = comm.current_topology().block_group(
+            hpz_partition_size, "zero_optimization.zero_hpz_partition_size") \
+            if hpz_partition_size > 1 else None
         self.offload = offload  # offload_param: shards live in host memory
         self.root = root
         self.prefetch = _Prefetcher(prefetch_numel, max_live_numel, max_reuse_numel)
@@ -323,14 +328,11 @@ class PartitionedParameters:
                     module.forward = _partitioned_linear_forward.__get__(module)
         self._unit_of_param = {id(p): unit for unit in self.units for members in unit.params
                                for p in members}
-        # hpZ: backward gathers from a copy sharded within a block of a node's ranks.
         self.secondary = None
-        if hpz_partition_size > 1:
-            group = comm.current_topology().block_group(
-                hpz_partition_size, "zero_optimization.zero_hpz_partition_size")
+        if hpz_group is not None:
             self.secondary = SecondaryPartition(
-                group, rank, [layout for unit in self.units for layout in unit.layouts], dtype,
-                device, offload, pin)
+                hpz_group, rank, [layout for unit in self.units for layout in unit.layouts],
+                dtype, device, offload, pin)
         self._handles = []
         # The forwards running now (the model's, and units' inside it), innermost last, each
         # with the units it gathered for parameters used inside it without a declaration.
