@@ -84,7 +84,8 @@ def measure_network(sizes: Sequence[int] = DEFAULT_SIZES, min_seconds: float = 0
 
 def fit(points: Sequence[tuple[float, float]]) -> dict:
     """Least squares t = alpha + beta x bytes; alpha >= 0 (a negative intercept, from noise,
-    refits through the origin)."""
+    refits through the origin) and beta > 0 (a flat or falling fit, from latency-bound sizes,
+    takes the fastest time as alpha and the largest size's excess as beta)."""
     n = len(points)
     mean_x = sum(x for x, _ in points) / n
     mean_y = sum(y for _, y in points) / n
@@ -93,6 +94,10 @@ def fit(points: Sequence[tuple[float, float]]) -> dict:
     alpha = mean_y - beta * mean_x
     if alpha < 0:
         alpha, beta = 0.0, sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    if beta <= 0:  # times flat or falling with size (latency-bound, noisy): the largest bounds
+        alpha = min(y for _, y in points)
+        x, y = max(points)
+        beta = max(y - alpha, 1e-3 * y) / x
     return {"alpha_s": alpha, "beta_s_per_byte": beta}
 
 
