@@ -1,11 +1,13 @@
 """What each rank runs in tests/test_scaling.py: real training steps at each stage, with
 zero_ext.comm's traffic counters read over one steady-state step, beside the scaling model's
-plan of that step for the same model (built on the meta device) and config."""
+plan of that step for the same model (built on the meta device) and config. 4 ranks as 2
+simulated nodes x 2 (tests/hierarchy_cases.py), so hpZ and hierarchical gathers run too."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from hierarchy_cases import simulate_nodes
 from torch import nn
 
 import zero_ext
@@ -46,7 +48,13 @@ CASES = {
     "stage2_bf16_fp32_reduce": (2, "bf16", 2, {}),
     "stage3": (3, "fp32", 1, {"stage3_param_persistence_threshold": 30}),
     "stage3_accumulating": (3, "bf16", 2, {"stage3_param_persistence_threshold": 0}),
+    "stage3_hpz": (3, "bf16", 1, {"stage3_param_persistence_threshold": 30,
+                                  "zero_hpz_partition_size": 2}),
+    "stage3_hierarchical": (3, "fp32", 1, {"stage3_param_persistence_threshold": 30,
+                                           "hierarchical_allgather": True}),
+    "stage1_hierarchical": (1, "fp32", 1, {"hierarchical_allgather": True}),
 }
+PER_NODE = 2
 
 
 def config(stage: int, dtype: str, accumulation: int, world_size: int, **zero) -> dict:
@@ -79,7 +87,7 @@ def measured_and_planned(name: str) -> dict:
     measured = comm.traffic.snapshot()
     with torch.device("meta"):
         model = Stack()
-    plan = scaling.plan_step(model, cfg, world_size)
+    plan = scaling.plan_step(model, cfg, world_size, gpus_per_node=PER_NODE)
     planned = scaling.planned_traffic(plan, world_size)
     return {"measured": measured, "planned": planned}
 
@@ -91,6 +99,7 @@ def network_fit() -> dict:
 
 
 def run_cases() -> dict:
+    simulate_nodes(PER_NODE)
     out = {name: measured_and_planned(name) for name in CASES}
     out["network"] = network_fit()
     return out

@@ -1,8 +1,9 @@
 """The scaling model (zero_ext/scaling.py, `python -m zero_ext.estimate --network`): its planned
-traffic equals zero_ext.comm's counters on real runs at every stage (one group of 3 gloo ranks,
-tests/scaling_cases.py); its alpha-beta times and overlap rules equal the formulas worked by
-hand; the pick moves from stage 3 to stage 1/2 as the network slows, where the analytic
-communication times say it must; the CLI names bad input and the fix."""
+traffic equals zero_ext.comm's counters on real runs at every stage, with hpZ and hierarchical
+gathers (one group of 4 gloo ranks as 2 nodes x 2, tests/scaling_cases.py); its alpha-beta
+times and overlap rules equal the formulas worked by hand; the pick moves from stage 3 to
+stage 1/2 as the network slows, where the analytic communication times say it must; the CLI
+names bad input and the fix."""
 
 import functools
 import math
@@ -17,7 +18,7 @@ from zero_ext.scaling_measure import cluster_from_measurement, fit
 import scaling_cases
 from dist_harness import run_group
 
-WORLD = 3
+WORLD = 4
 
 
 @functools.cache
@@ -76,16 +77,34 @@ def test_alpha_beta_of_a_ring_across_nodes(op, steps, factor):
     assert scaling.collective_seconds(c, CLUSTER) == pytest.approx(expected, rel=1e-12)
 
 
+def _bare_plan(**zero):
+    config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+              "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 10**6, **zero}}
+    return scaling.plan_step(32 * 8000, config, 32, gpus_per_node=8, largest_unit=8000)
+
+
 def test_hpz_gathers_run_within_the_node():
-    plan = [PlannedCollective("all_gather", 8000, 2, "backward", True),
-            PlannedCollective("all_gather", 8000, 2, "forward", True),
-            PlannedCollective("reduce_scatter", 8000, 2, "backward", True)]
-    hpz = scaling.with_hpz(plan, 8)
-    assert [c.group_size for c in hpz] == [8, None, None]
-    assert scaling.collective_seconds(hpz[0], CLUSTER) == pytest.approx(
-        7 * 2e-6 + 8000 * 2 * 7 / 8 / 450e9, rel=1e-12)
+    flat, hpz = _bare_plan(), _bare_plan(zero_hpz_partition_size=8)
+    backward = [c for c in hpz if c.op == "all_gather" and c.phase == "backward"]
+    assert len(backward) == 32 and {(c.group, c.group_size) for c in backward} == {("node", 8)}
+    assert [c for c in hpz if c not in backward] == [
+        c for c in flat if not (c.op == "all_gather" and c.phase == "backward")]
+    padded = backward[0].numel
+    assert padded == 8192  # 8000 padded to a multiple of 32 ranks x 16
+    assert scaling.collective_seconds(backward[0], CLUSTER) == pytest.approx(
+        7 * 2e-6 + padded * 2 * 7 / 8 / 450e9, rel=1e-12)
     assert scaling.planned_traffic(hpz, CLUSTER).bytes["all_gather"] == pytest.approx(
-        8000 * 2 * (7 / 8 + 31 / 32))
+        32 * padded * 2 * (7 / 8 + 31 / 32))
+
+
+def test_hierarchical_gathers_cross_nodes_once():
+    plan = _bare_plan(hierarchical_allgather=True)
+    forward = [c for c in plan if c.phase == "forward"]
+    assert [(c.group, c.group_size, c.numel) for c in forward[:2]] == [
+        ("across", 4, 8192 // 8), ("node", 8, 8192)]
+    # The first hop: 4 nodes, each local rank at 1/8 of the node's bandwidth.
+    assert scaling.collective_seconds(forward[0], CLUSTER) == pytest.approx(
+        3 * 5e-6 + 1024 * 2 * 3 / 4 / (12.5e9 / 8), rel=1e-12)
 
 
 def test_overlap_rules():

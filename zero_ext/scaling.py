@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -65,7 +65,10 @@ class PlannedCollective:
     element_size: int    # bytes per element on the wire
     phase: str           # "forward", "backward" or "step"
     hidden: bool         # may run behind compute (prefetched gathers, overlap_comm reductions)
-    group_size: int | None = None  # ranks it runs among: None for all; hpZ: a node's share
+    group: str = "world"  # "world": every rank; "node": ranks within one node (hpZ's block,
+    #                        a hierarchical gather's second hop); "across": one rank per node
+    #                        (a hierarchical gather's first hop; every local rank runs one)
+    group_size: int | None = None  # ranks in the group (None: every rank)
     micro_step: int = 0  # which micro-step of the accumulation window
 
 
@@ -181,14 +184,17 @@ def parse_network(text: str, default_latency: float = 5e-6) -> Link:
 
 
 # -- traffic -----------------------------------------------------------------------------------
-def plan_step(model: nn.Module | int, config, world_size: int, *, largest_unit: int | None = None,
+def plan_step(model: nn.Module | int, config, world_size: int, *, gpus_per_node: int | None = None,
+              largest_unit: int | None = None,
               param_groups: Iterable | None = None) -> list[PlannedCollective]:
     """The collectives one optimizer step (every micro-step of the accumulation window) issues
     for `model` (a module, possibly on the meta device, or a bare parameter count) under
-    `config` on `world_size` ranks, in the order the engine issues them. Assumes every stage-3
-    unit runs its forward once per micro-step. A bare count at stage 3 is cut into units of
-    `largest_unit` elements (default reduce_bucket_size). `with_hpz` turns a stage-3 plan into
-    hpZ's."""
+    `config` on `world_size` ranks, `gpus_per_node` of them per node (default: one node), in
+    the order the engine issues them. Follows the config's zero_hpz_partition_size (stage 3's
+    backward gathers within blocks of that many ranks) and hierarchical_allgather (parameter
+    gathers across nodes, then within). Assumes every stage-3 unit runs its forward once per
+    micro-step. A bare count at stage 3 is cut into units of `largest_unit` elements (default
+    reduce_bucket_size)."""
     from zero_ext.engine import allgather_pieces
     from zero_ext.estimate import _module_layouts
 
@@ -198,6 +204,16 @@ def plan_step(model: nn.Module | int, config, world_size: int, *, largest_unit: 
     size = torch.empty((), dtype=dtype).element_size()
     comm_size = torch.empty((), dtype=config.comm_dtype or dtype).element_size()
     accumulation = config.resolve_batch(world_size).gradient_accumulation_steps
+    per_node = gpus_per_node or world_size
+    if world_size % per_node:
+        raise ValueError(f"{world_size} ranks do not fill nodes of {per_node} GPUs; give a "
+                         "multiple of the GPUs per node")
+    nodes = world_size // per_node
+    hierarchical = zero.hierarchical_allgather and 1 < nodes < world_size
+    hpz = zero.zero_hpz_partition_size if zero.stage == 3 else 1
+    if hpz > 1 and per_node % hpz:
+        raise ValueError(f"zero_hpz_partition_size {hpz} must divide the GPUs per node "
+                         f"({per_node})")
     if isinstance(model, nn.Module):
         units, whole, _ = _module_layouts(model, param_groups, zero, world_size)
     else:
@@ -207,19 +223,30 @@ def plan_step(model: nn.Module | int, config, world_size: int, *, largest_unit: 
     for micro in range(accumulation):
         boundary = micro == accumulation - 1
 
-        def add(op, numel, element_size, phase, hidden, micro=micro):
-            plan.append(PlannedCollective(op, numel, element_size, phase, hidden,
-                                          micro_step=micro))
+        def add(op, numel, element_size, phase, hidden, group="world", group_size=None,
+                micro=micro):
+            plan.append(PlannedCollective(op, numel, element_size, phase, hidden, group,
+                                          group_size, micro))
+
+        def gather(numel, phase, hidden, hpz_block=1):
+            """A parameter all-gather of `numel` elements, as the engine moves it."""
+            if hpz_block > 1:
+                add("all_gather", numel, size, phase, hidden, "node", hpz_block)
+            elif hierarchical:  # comm.hierarchical_all_gather's two hops
+                add("all_gather", numel // per_node, size, phase, hidden, "across", nodes)
+                add("all_gather", numel, size, phase, hidden, "node", per_node)
+            else:
+                add("all_gather", numel, size, phase, hidden)
 
         for layouts in units:
             for layout in layouts:
-                add("all_gather", layout.padded_numel, size, "forward", prefetch)
+                gather(layout.padded_numel, "forward", prefetch)
         reduce = "all_reduce" if zero.stage == 0 else "reduce_scatter"
         reduce_now = boundary or zero.stage >= 2
         # Backward meets units and buckets in reverse; each unit is gathered, then reduced.
         for layouts in reversed(units):
             for layout in layouts:
-                add("all_gather", layout.padded_numel, size, "backward", prefetch)
+                gather(layout.padded_numel, "backward", prefetch, hpz)
             for layout in layouts:
                 add(reduce, layout.padded_numel, comm_size, "backward", zero.overlap)
         for layout in whole if reduce_now else []:
@@ -229,7 +256,7 @@ def plan_step(model: nn.Module | int, config, world_size: int, *, largest_unit: 
             for layout in whole if zero.stage >= 1 else []:
                 for lo, hi in allgather_pieces(layout.shard_numel, world_size,
                                                zero.allgather_bucket_size):
-                    add("all_gather", (hi - lo) * world_size, size, "step", False)
+                    gather((hi - lo) * world_size, "step", False)
     return plan
 
 
@@ -266,20 +293,25 @@ def _ranks(c: PlannedCollective, cluster_or_world: Cluster | int) -> int:
 # -- time --------------------------------------------------------------------------------------
 def collective_seconds(c: PlannedCollective, cluster: Cluster) -> float:
     """alpha-beta time of one collective: a ring over its ranks, at the network's (or the
-    fitted) link when they span nodes, at the intra-node link otherwise."""
+    fitted) link when they span nodes, at the intra-node link otherwise. A hop across nodes
+    (one rank per node) runs on every local rank at once: each has 1/P of the node's
+    network bandwidth."""
     ranks = _ranks(c, cluster)
     if ranks == 1:
         return 0.0
-    across = cluster.nodes > 1 and ranks > cluster.gpus_per_node
-    link = (cluster.fitted.get(c.op, cluster.network) if across else cluster.intra)
+    if c.group == "node" or cluster.nodes == 1:
+        link = cluster.intra
+    else:
+        link = cluster.fitted.get(c.op, cluster.network)
+        if c.group == "across":
+            link = Link(link.bandwidth / cluster.gpus_per_node, link.latency)
     steps = (ranks - 1) * (2 if c.op == "all_reduce" else 1)
     ring_bytes = ring_elements(c.op, c.numel, ranks) * c.element_size
     return steps * link.latency + ring_bytes / link.bandwidth
 
 
 def predict_step(plan: Sequence[PlannedCollective], cluster: Cluster, compute: Compute, *,
-                 stage: int, hpz: int = 1,
-                 transform: Callable[[list[PlannedCollective]], list[PlannedCollective]]
+                 stage: int, hpz: int = 1, transform: Callable[[list[PlannedCollective]], list[PlannedCollective]]
                  | None = None) -> StepPrediction:
     """Step time of `plan` on `cluster` with `compute` per micro-step, by the overlap rules of
     the module docstring. `transform` rewrites the plan into what goes on the wire (the hook
@@ -346,11 +378,3 @@ def recommend(predictions: Sequence[StepPrediction], memory: dict[str, int] | No
         ratio = sum(three.traffic.bytes.values()) / sum(one.traffic.bytes.values())
         reason += f" (stage 3 moves {ratio:.2f}x stage 1's bytes)"
     return pick.label, reason
-
-
-def with_hpz(plan: Sequence[PlannedCollective], hpz: int) -> list[PlannedCollective]:
-    """A stage-3 plan under ZeRO++ hpZ (zero_hpz_partition_size = `hpz`, a node's ranks or a
-    divisor): a secondary copy of each unit sharded over `hpz` ranks, so the backward gathers
-    run within the node. Forward gathers and the reductions stay over every rank."""
-    return [replace(c, group_size=hpz) if hpz > 1 and c.op == "all_gather"
-            and c.phase == "backward" else c for c in plan]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import textwrap
 
 from zero_ext import scaling
@@ -110,17 +111,19 @@ def run(args, parser, model, base: dict, stages: list[int], source: str) -> int:
         world = cluster.world_size
         predictions, memory = [], {}
         for stage in stages:
-            config = _at_stage(base, stage)
-            plan = scaling.plan_step(model, config, world, largest_unit=args.largest_unit)
-            micro = 1 + max(c.micro_step for c in plan)
-            compute = _compute(args, params, micro)
-            held = estimate_from_config(model, config, world, largest_unit=args.largest_unit)
-            variants = [1] + ([args.hpz] if stage == 3 and args.hpz and args.hpz > 1 else [])
-            for hpz in variants:
-                hpz = min(hpz, world)
-                p = scaling.predict_step(scaling.with_hpz(plan, hpz), cluster, compute,
-                                         stage=stage, hpz=hpz)
+            # hpZ's block is at most a node (a divisor of its GPUs, as the engine requires).
+            hpzs = [1] + ([math.gcd(args.hpz, args.gpus_per_node)]
+                          if stage == 3 and args.hpz and args.hpz > 1 else [])
+            for hpz in hpzs:
+                config = _at_stage(base, stage)
+                if hpz > 1:
+                    config["zero_optimization"]["zero_hpz_partition_size"] = hpz
+                plan = scaling.plan_step(model, config, world, gpus_per_node=args.gpus_per_node,
+                                         largest_unit=args.largest_unit)
+                compute = _compute(args, params, 1 + max(c.micro_step for c in plan))
+                p = scaling.predict_step(plan, cluster, compute, stage=stage, hpz=hpz)
                 predictions.append(p)
+                held = estimate_from_config(model, config, world, largest_unit=args.largest_unit)
                 # hpZ's secondary copy: the parameters sharded over hpz ranks, not all.
                 memory[p.label] = held.device.total + (held.device.params * world // hpz
                                                        if hpz > 1 else 0)
