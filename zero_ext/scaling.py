@@ -356,13 +356,13 @@ def recommend(predictions: Sequence[StepPrediction], memory: dict[str, int] | No
     fits = [p for p in predictions
             if capacity is None or memory is None or memory[p.label] <= capacity]
     if not fits:
-        return "none", (f"no configuration fits {capacity / 2**30:.0f} GiB per GPU: add GPUs, "
+        return "none", (f"no configuration fits {capacity / 1e9:.0f} GB per GPU: add GPUs, "
                         "offload the optimizer or parameters, or a larger GPU")
     best = min(p.seconds for p in fits)
     fast = [p for p in fits if p.seconds <= best * (1 + tolerance)]
     # Least memory: from the table when given, else the higher stage / larger hpZ last.
     pick = min(fast, key=lambda p: (memory[p.label] if memory else 0, -p.stage, p.hpz))
-    by_stage = {p.label: p for p in fits}
+    by_stage = {p.label: p for p in predictions}
     reason = f"{pick.label}: {pick.seconds:.3g} s/step"
     slower = [p for p in fits if p not in fast]
     if len(fast) > 1:
@@ -374,6 +374,10 @@ def recommend(predictions: Sequence[StepPrediction], memory: dict[str, int] | No
                                    f"({p.exposed:.3g} s of communication not hidden)"
                                    for p in slower)
     one, three = by_stage.get("stage 1"), by_stage.get("stage 3")
+    too_big = [p.label for p in predictions if p not in fits]
+    if too_big:
+        reason += (f"; {', '.join(too_big)} would not fit {capacity / 1e9:.0f} GB "
+                   "per GPU")
     if one is not None and three is not None and one.traffic.bytes and three.traffic.bytes:
         ratio = sum(three.traffic.bytes.values()) / sum(one.traffic.bytes.values())
         reason += f" (stage 3 moves {ratio:.2f}x stage 1's bytes)"

@@ -128,7 +128,8 @@ def run(args, parser, model, base: dict, stages: list[int], source: str) -> int:
                 memory[p.label] = held.device.total + (held.device.params * world // hpz
                                                        if hpz > 1 else 0)
         pick, reason = scaling.recommend(predictions, memory, capacity)
-        rows.append((nodes, world, predictions, pick))
+        rows.append((nodes, world, [(p, capacity is not None and memory[p.label] > capacity)
+                                    for p in predictions], pick))
         notes.append(f"{world} GPUs: {reason}")
     print(_table(rows, source, args))
     for note in notes:
@@ -160,13 +161,14 @@ def _compute(args, params: int, micro_steps: int) -> Compute:
 
 
 def _table(rows, source: str, args) -> str:
-    labels = [p.label for p in rows[0][2]]
+    labels = [p.label for p, _ in rows[0][2]]
     header = ["nodes", "GPUs"] + [f"{label} s" for label in labels] + \
         ["exposed comm (best)", "pick"]
     lines = []
     for nodes, world, predictions, pick in rows:
-        best = min(predictions, key=lambda p: p.seconds)
-        lines.append([str(nodes), str(world)] + [f"{p.seconds:.3f}" for p in predictions]
+        best = min((p for p, _ in predictions), key=lambda p: p.seconds)
+        lines.append([str(nodes), str(world)]
+                     + [f"{p.seconds:.3f}{'!' if too_big else ''}" for p, too_big in predictions]
                      + [f"{best.exposed / best.seconds:.0%}", pick])
     widths = [max(len(r[i]) for r in lines + [header]) for i in range(len(header))]
     compute = (f"compute {args.compute_time:g} s per micro-step" if args.compute_time is not None
@@ -175,7 +177,9 @@ def _table(rows, source: str, args) -> str:
     title = (f"{source}; network {args.network} per node, {args.gpus_per_node} GPUs/node, "
              f"intra-node {args.intra_node}; {compute}; overlap_comm "
              f"{'true unless the config says otherwise' if not args.config else 'as configured'}")
-    out = [textwrap.fill(title, 100), "seconds per optimizer step, predicted"]
+    legend = "seconds per optimizer step, predicted" + (
+        f" (!: model states do not fit {args.gpu_memory} per GPU)" if args.gpu_memory else "")
+    out = [textwrap.fill(title, 100), legend]
     out += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [header] + lines]
     return "\n".join(out)
 
