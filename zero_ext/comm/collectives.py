@@ -395,13 +395,16 @@ def _shared_memory_arena(tensor: torch.Tensor) -> _SharedMemoryArena | None:
 class WatchedWork:
     """The handle of an asynchronous collective: wait() is bounded by the stall timeout."""
 
-    __slots__ = ("_record", "_watch", "_work")
+    __slots__ = ("_record", "_then", "_watch", "_work")
 
-    def __init__(self, watch: CollectiveWatch, work, record: CollectiveRecord):
-        self._watch, self._work, self._record = watch, work, record
+    def __init__(self, watch: CollectiveWatch, work, record: CollectiveRecord, then=None):
+        self._watch, self._work, self._record, self._then = watch, work, record, then
 
     def wait(self, timeout=None) -> bool:
         self._watch.wait(self._work, self._record)
+        if self._then is not None:
+            self._then()
+            self._then = None
         return True
 
     def is_completed(self) -> bool:
@@ -435,12 +438,14 @@ def _verify(watch: CollectiveWatch, record: CollectiveRecord) -> None:
         watch.mismatch(record, headers)
 
 
-def _issued(watch: CollectiveWatch, record: CollectiveRecord, work, async_op: bool):
+def _issued(watch: CollectiveWatch, record: CollectiveRecord, work, async_op: bool,
+            then=None):
     """A collective started with async_op=True: its handle when the caller asked for one,
-    else waited for here (bounded)."""
+    else waited for here (bounded). `then` runs once the wait returned."""
+    handle = WatchedWork(watch, work, record, then)
     if async_op:
-        return WatchedWork(watch, work, record)
-    watch.wait(work, record)
+        return handle
+    handle.wait()
     return None
 
 
@@ -480,11 +485,16 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
     if arena is not None:
         arena.reduce_scatter(output, input, watch, record)
         return None
-    if _gloo_on_cpu(input):
-        work = dist.reduce_scatter(output, list(input.chunk(world_size())), async_op=True)
-    else:
-        work = _reduce_scatter_flat(output, input, async_op=True)
-    return _issued(watch, record, work, async_op)
+    if backend() == "gloo":
+        # gloo's reduce_scatter (both forms) is an all_reduce of a copy whose handle ignores
+        # wait()'s timeout (a LambdaWork): a rank would wait for a frozen node forever. The
+        # same all_reduce issued here keeps the wait bounded (measured as fast, bitwise equal);
+        # the copy of this rank's chunk follows it.
+        summed = input.clone()
+        chunk = summed.chunk(world_size())[rank()].view_as(output)
+        return _issued(watch, record, dist.all_reduce(summed, async_op=True), async_op,
+                       then=lambda: output.copy_(chunk))
+    return _issued(watch, record, _reduce_scatter_flat(output, input, async_op=True), async_op)
 
 
 def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False,
