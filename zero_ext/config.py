@@ -1097,10 +1097,11 @@ class PeriodicCheckpointSettings(_Section):
 class ZeroExtSettings(_Section):
     """``zero_ext``: settings of zero_ext's own, with no DeepSpeed counterpart."""
 
-    stall_timeout_s: float = 60.0
+    stall_timeout_s: float = 20.0
     """Seconds a collective may make no progress before every rank raises
-    ``zero_ext.comm.CollectiveStallError`` naming the rank that did not arrive, the collective
-    (op, size, sequence number) and the zero_ext call that issued it (> 0). Slow collectives
+    ``zero_ext.comm.CollectiveStallError`` naming the rank and node that did not arrive or
+    stopped answering, the collective (op, size, sequence number) and the zero_ext call that
+    issued it (> 0); the diagnosis adds 3-6 s, so the default reports within 30 s. Slow collectives
     that every rank has joined, and a rank busy inside a zero_ext call (writing a checkpoint),
     count as progress; a rank in its own code while the others wait does not: raise this when
     one rank legitimately works alone for longer (an evaluation on rank 0)."""
@@ -1182,7 +1183,7 @@ class ZeroConfig(_Section):
     """Time forward, backward and step and log the breakdown."""
 
     zero_ext: ZeroExtSettings = field(default_factory=ZeroExtSettings)
-    """zero_ext's own settings (not DeepSpeed keys): ``{"zero_ext": {"stall_timeout_s": 60}}``."""
+    """zero_ext's own settings (not DeepSpeed keys): ``{"zero_ext": {"stall_timeout_s": 20}}``."""
 
     _ALIASES: ClassVar[dict[str, str]] = {"bfloat16": "bf16"}
     _SECTIONS: ClassVar[dict[str, type]] = {
