@@ -126,6 +126,18 @@ def _predict(stage: int, measured_network: dict, compute: dict):
     return scaling.predict_step(plan, cluster, work, stage=stage)
 
 
+def _one_rank_compute(steps: int, env: dict) -> dict:
+    single = subprocess.run(_worker_command(steps), check=False, shell=True,
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    if single.returncode:
+        raise RuntimeError(f"the one-rank run failed:\n{single.stderr[-3000:]}")
+    compute = _parse(single.stdout)["stages"]
+    print("compute on one rank (s): " + "; ".join(
+        f"stage {s}: forward {c['forward']:.4f} backward {c['backward']:.4f} optimizer "
+        f"{c['optimizer']:.4f}" for s, c in compute.items()))
+    return compute
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", default="200mbit,1gbit,uncapped",
@@ -144,21 +156,15 @@ def main() -> int:
         return 1
     started = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(_worker_command(args.steps), check=False, shell=True,
-                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    if single.returncode:
-        raise RuntimeError(f"the one-rank run failed:\n{single.stderr[-3000:]}")
-    compute = _parse(single.stdout)["stages"]
     print(f"GPT {MODEL}, micro-batch {MICRO} x {MODEL['block']} tokens per rank, fp32, "
           "overlap_comm on; one thread per rank")
-    print("compute on one rank (s): " + "; ".join(
-        f"stage {s}: forward {c['forward']:.4f} backward {c['backward']:.4f} optimizer "
-        f"{c['optimizer']:.4f}" for s, c in compute.items()))
     header = (f"{'link':>9} {'stage':>5} {'measured s':>10} {'predicted s':>11} "
               f"{'measured/predicted':>18} {'bytes/step (counted = planned)':>31}")
     rows = []
     for rate in args.rates.split(","):
         cap = None if rate == "uncapped" else rate
+        # The baseline right before the two-node run, so both see the same machine.
+        compute = _one_rank_compute(args.steps, env)
         rdzv = (f"-m torch.distributed.run --nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d "
                 f"--rdzv_endpoint=$NODE0_ADDR:29531 --rdzv_id=zxb-{secrets.token_hex(4)}")
         command = _worker_command(args.steps).replace(
