@@ -7,17 +7,30 @@
     python examples/train_gpt.py --config examples/configs/zero0.json      # one process
     torchrun --nproc_per_node=2 examples/train_gpt.py --save-dir ckpt --steps 30   # then resume:
     torchrun --nproc_per_node=3 examples/train_gpt.py --save-dir ckpt --resume --steps 60
+    # Elastic: a checkpoint every 10 steps; a restarted job (a rank or a node lost) resumes by
+    # itself from the newest one, on however many nodes are left (1 to 2 here):
+    torchrun --nnodes=1:2 --nproc_per_node=2 --max-restarts=3 --rdzv-backend=c10d \
+        --rdzv-endpoint=node0:29500 --rdzv-id=gpt examples/train_gpt.py \
+        --config examples/configs/zero2_elastic.json --save-dir ckpt --save-every 10 --auto-resume
 
 The text is examples/data/zen_of_python.txt (shipped; nothing is downloaded). Batch size,
 accumulation, optimizer, LR schedule and ZeRO stage come from the DeepSpeed-style config; the
 engine prints a line every steps_per_print optimizer steps (and a progress bar on a terminal),
 and rank 0 prints the loss before and after training. With --save-dir the run ends with a
 checkpoint; --resume continues from the latest one, at any number of ranks and any stage.
+--save-every and --auto-resume set the config's zero_ext.checkpoint section (see
+zero_ext/elastic.py): the data position (epoch, samples consumed) is in every checkpoint, so a
+resumed run trains exactly the batches an uninterrupted one would. --sample-log DIR writes the
+dataset indices each rank trained on, one JSON line per micro-batch (tests/test_elastic.py).
 """
 
 import argparse
+import contextlib
+import json
 import math
 import os
+import signal
+import time
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +54,9 @@ class CharDataset(torch.utils.data.Dataset):
         return len(self.data) - self.block
 
     def __getitem__(self, i):
+        """(i, inputs, targets): the index comes along so a run can log what it trained on."""
         chunk = self.data[i:i + self.block + 1]
-        return chunk[:-1], chunk[1:]
+        return i, chunk[:-1], chunk[1:]
 
 
 class Block(nn.Module):
@@ -83,6 +97,52 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+def _config(args) -> dict:
+    """The JSON config with the checkpoint flags put into its zero_ext.checkpoint section."""
+    config = zero_ext.config.read_json_config(args.config)
+    flags = {"dir": args.save_dir, "every_n_steps": args.save_every,
+             "keep_last": args.keep_last, "auto_resume": args.auto_resume or None}
+    given = {key: value for key, value in flags.items() if value is not None}
+    if set(given) - {"dir"} or "checkpoint" in config.get("zero_ext", {}):
+        config.setdefault("zero_ext", {}).setdefault("checkpoint", {}).update(given)
+    return config
+
+
+@contextlib.contextmanager
+def _sample_log(directory, engine, sampler):
+    """Yields log(indices): with a directory, one JSON line per micro-batch in
+    <directory>/attempt<torchrun restart count>-rank<rank>.jsonl."""
+    if not directory:
+        yield lambda indices: None
+        return
+    os.makedirs(directory, exist_ok=True)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    with open(os.path.join(directory, f"attempt{attempt}-rank{engine.rank}.jsonl"), "a",
+              encoding="utf-8") as f:
+        def log(indices):
+            f.write(json.dumps({"step": engine.global_steps + 1, "rank": engine.rank,
+                                "world": engine.world_size, "epoch": sampler.epoch,
+                                "indices": indices.tolist()}) + "\n")
+            f.flush()
+        yield log
+
+
+def _test_fault(engine) -> None:
+    """For tests (tests/test_elastic.py), in the job's first attempt only:
+    ZERO_EXT_TEST_FAULT=kill:STEP:RANK SIGKILLs rank RANK after optimizer step STEP;
+    halt:STEP:RANK makes it print "halted" and sleep until something kills its node."""
+    fault = os.environ.get("ZERO_EXT_TEST_FAULT")
+    if not fault or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    action, step, rank = fault.split(":")
+    if engine.global_steps == int(step) and engine.rank == int(rank):
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        print(f"rank {engine.rank} halted after step {engine.global_steps}", flush=True)
+        while True:
+            time.sleep(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(HERE, "configs", "zero2.json"))
@@ -94,7 +154,15 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--save-dir", help="write a checkpoint here at the end")
     parser.add_argument("--resume", action="store_true", help="start from --save-dir's latest")
+    parser.add_argument("--save-every", type=int, help="also a checkpoint every N steps")
+    parser.add_argument("--keep-last", type=int, help="keep only the newest K periodic ones")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="resume from --save-dir's newest checkpoint if there is one "
+                             "(for torchrun --max-restarts)")
+    parser.add_argument("--sample-log", help="directory: each rank logs the samples it trains")
     args = parser.parse_args()
+    if (args.save_every or args.keep_last or args.auto_resume) and not args.save_dir:
+        parser.error("--save-every, --keep-last and --auto-resume need --save-dir")
 
     with open(args.data, encoding="utf-8") as f:
         dataset = CharDataset(f.read(), args.block)
@@ -103,7 +171,7 @@ def main() -> None:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     engine, _, loader, _ = zero_ext.initialize(
-        model=model, config=args.config, training_data=dataset,
+        model=model, config=_config(args), training_data=dataset,
         model_parameters=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
     accumulation = engine.batch.gradient_accumulation_steps
     device = engine.device
@@ -116,27 +184,28 @@ def main() -> None:
     def evaluate() -> float:
         engine.eval()
         with torch.no_grad():
-            x, y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=64)))
+            _, x, y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=64)))
             loss = engine(x.to(device), y.to(device)).item()
         engine.train()
         return loss
 
     first = evaluate()
-    batches = iter(loader)
-    epoch = 0
-    while engine.global_steps < args.steps:
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            epoch += 1
-            loader.sampler.set_epoch(epoch)
-            batches = iter(loader)
-            continue
-        loss = engine(x.to(device), y.to(device))
-        engine.backward(loss)
-        engine.step()
+    with _sample_log(args.sample_log, engine, loader.batch_sampler) as log:
+        batches = iter(loader)  # the sampler goes on to the next epoch by itself
+        while engine.global_steps < args.steps:
+            try:
+                index, x, y = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                continue
+            log(index)
+            loss = engine(x.to(device), y.to(device))
+            engine.backward(loss)
+            engine.step()
+            _test_fault(engine)
     last = evaluate()
-    if args.save_dir:
+    periodic = engine.config.zero_ext.checkpoint.every_n_steps
+    if args.save_dir and not (periodic and engine.global_steps % periodic == 0):
         path = engine.save_checkpoint(args.save_dir)
         if engine.rank == 0:
             print(f"saved {path}")

@@ -20,6 +20,7 @@ except ImportError as error:  # pragma: no cover - only reached on a broken inst
 
 from zero_ext import checkpointing, ops, optim
 from zero_ext.config import ZeroConfig
+from zero_ext.elastic_sampler import ElasticSampler
 from zero_ext.engine import ZeroEngine, initialize
 from zero_ext.zero.params import GatheredParameters, Init, register_external_parameter
 
@@ -38,6 +39,7 @@ def __getattr__(name):
 
 __version__ = "0.1.0"
 __all__ = [
+    "ElasticSampler",
     "GatheredParameters",
     "Init",
     "ZeroConfig",

@@ -27,8 +27,10 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from zero_ext import checkpointing, comm, ops
+from zero_ext import checkpointing, comm, elastic, ops
+from zero_ext.checkpoint.registered import RegisteredStates
 from zero_ext.config import ZeroConfig
+from zero_ext.elastic_sampler import ElasticSampler
 from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
 from zero_ext.zero import offload
@@ -131,6 +133,8 @@ class ZeroEngine(nn.Module):
                 model.to(dtype=self.model_dtype)
         self.comm_dtype = config.comm_dtype or self.model_dtype
         self._timers = _Timers(config.wall_clock_breakdown, self.device)
+        self.checkpoint_states = RegisteredStates()  # saved with every checkpoint
+        self._periodic_checkpoints = elastic.periodic_checkpoints(self)
 
         named = list(model.named_parameters())
         self._check_same_structure(named)
@@ -504,6 +508,8 @@ class ZeroEngine(nn.Module):
         self.monitor.step(self.global_steps, self._last_loss, self.get_lr()[0])
         if self.config.steps_per_print and self.global_steps % self.config.steps_per_print == 0:
             self._report()
+        if self._periodic_checkpoints is not None:
+            self._periodic_checkpoints.after_step()
 
     @torch.no_grad()
     def _optimizer_step(self, backwards: int) -> None:
@@ -726,6 +732,12 @@ class ZeroEngine(nn.Module):
         self._settle_step()
         return save_checkpoint(self, save_dir, tag, client_state, save_latest,
                                exclude_frozen_parameters)
+
+    def register_checkpoint_state(self, name: str, obj) -> None:
+        """Every later checkpoint saves `obj.state_dict()` (plain data) under `name`, and
+        load_checkpoint restores it with `obj.load_state_dict()` (a state loaded before `obj`
+        was registered is applied now). ElasticSampler registers its data position here."""
+        self.checkpoint_states.register(name, obj)
 
     def load_checkpoint(self, load_dir: str, tag=None, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False):
@@ -993,6 +1005,7 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
     config = ZeroConfig.load(config)
     from zero_ext import checkpointing
     checkpointing.configure(config.activation_checkpointing)
+    elastic.check_restartable_launch()
     comm.init_distributed(stall_timeout_s=config.zero_ext.stall_timeout_s)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         if not callable(optimizer):
@@ -1035,9 +1048,9 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
 
     dataloader = None
     if training_data is not None:
-        sampler = torch.utils.data.DistributedSampler(
-            training_data, num_replicas=engine.world_size, rank=engine.rank)
+        # The same global batches at any world size; its position is in every checkpoint.
         dataloader = torch.utils.data.DataLoader(
-            training_data, batch_size=engine.batch.train_micro_batch_size_per_gpu,
-            sampler=sampler, collate_fn=collate_fn, drop_last=True)
+            training_data, batch_sampler=ElasticSampler(training_data, engine),
+            collate_fn=collate_fn)
+    elastic.auto_resume(engine)
     return engine, engine.optimizer, dataloader, scheduler

@@ -241,10 +241,11 @@ def _engine_state(engine, client_state) -> dict:
         "replicated_optimizer": (engine.replicated_optimizer.state_dict()
                                  if engine.replicated_optimizer is not None else None),
         "client_state": client_state,
+        "registered_state": engine.checkpoint_states.state(),
     }
     caller = "zero_ext.save_checkpoint"
     check_data_only(client_state, "client_state", caller)
-    for key in ("param_groups", "lr_scheduler", "replicated_optimizer"):
+    for key in ("param_groups", "lr_scheduler", "replicated_optimizer", "registered_state"):
         found = first_disallowed(state[key], key)
         if found is not None:
             raise TypeError(

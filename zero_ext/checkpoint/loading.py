@@ -186,7 +186,7 @@ def _read_engine_state(index: CheckpointIndex) -> dict:
 
 
 def _plan_load(engine, path: str, load_optimizer_states: bool,
-               load_lr_scheduler_states: bool) -> _Plan:
+               load_lr_scheduler_states: bool, load_module_only: bool) -> _Plan:
     """Every check of the load, without changing anything."""
     names = _names(engine)
     index = CheckpointIndex(path)
@@ -226,6 +226,11 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
             raise CheckpointError(f"{CALLER}: {path} has no LR scheduler state (it was saved "
                                   f"without a scheduler); pass load_lr_scheduler_states=False")
         differences += _scheduler_differences(engine, extra["lr_scheduler"])
+    if not load_module_only:
+        # Saved before registered states existed: absent, which problems() reads as none.
+        problems = engine.checkpoint_states.problems(extra.get("registered_state"), path)
+        if problems:
+            raise CheckpointError(f"{CALLER}: {'; '.join(problems)}")
     if own_rng is not None:
         metadata = index.reader(own_rng).metadata
         json.loads(metadata["python_random"])  # malformed: refused now, not half way
@@ -266,7 +271,7 @@ def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool
         load_optimizer_states = load_lr_scheduler_states = False
 
     plan, problem = _attempt(_plan_load, engine, path, load_optimizer_states,
-                             load_lr_scheduler_states)
+                             load_lr_scheduler_states, load_module_only)
     counters = plan.index.metadata["counters"] if plan is not None else None
     views = comm.all_gather_object((problem, counters))
     _raise_if_any([p for p, _ in views], "load_checkpoint")
@@ -318,6 +323,8 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
     engine.skipped_steps = counters["skipped_steps"]
     if engine.loss_scaler is not None and meta["loss_scaler"] is not None:
         engine.loss_scaler.load_state_dict(meta["loss_scaler"])
+    # After global_steps: a data position anchors itself to the restored step count.
+    engine.checkpoint_states.apply(extra.get("registered_state"))
     if plan.own_rng is not None:
         _restore_rng(index.reader(plan.own_rng))
     elif engine.rank == 0:
