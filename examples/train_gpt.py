@@ -9,6 +9,7 @@
     torchrun --nproc_per_node=3 examples/train_gpt.py --save-dir ckpt --resume --steps 60
     # Elastic: a checkpoint every 10 steps; a restarted job (a rank or a node lost) resumes by
     # itself from the newest one, on however many nodes are left (1 to 2 here):
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \
     torchrun --nnodes=1:2 --nproc_per_node=2 --max-restarts=3 --rdzv-backend=c10d \
         --rdzv-endpoint=node0:29500 --rdzv-id=gpt examples/train_gpt.py \
         --config examples/configs/zero2_elastic.json --save-dir ckpt --save-every 10 --auto-resume

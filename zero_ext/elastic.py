@@ -68,8 +68,8 @@ def check_restartable_launch() -> None:
     with the workers (torch's default since 2.5): the store outlives an attempt, so a restarted
     group can read the previous attempt's keys (gloo's peer addresses: "connectFullMesh failed
     ... Connection refused"; zero_ext's stall reports) and fail or hang at start, at random.
-    PyTorch issue 135712; torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 starts a fresh
-    store for every attempt."""
+    PyTorch issue 135712; torchrun's c10d rendezvous with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    starts a fresh store for every attempt (the static rendezvous always shares)."""
     env = os.environ
     if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("RANK") == "0" and \
             int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
@@ -77,8 +77,10 @@ def check_restartable_launch() -> None:
             "zero_ext: torchrun may restart this job (--max-restarts "
             f"{env['TORCHELASTIC_MAX_RESTARTS']}) and shares its rendezvous store with the "
             "workers, where a restarted attempt can read the failed attempt's addresses and "
-            "fail to connect (PyTorch issue 135712). Launch torchrun with "
-            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment", stacklevel=3)
+            "fail to connect (PyTorch issue 135712). Launch torchrun with the c10d rendezvous "
+            "(--rdzv-backend=c10d, or --standalone on one node; the default static one always "
+            "shares its store) and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment",
+            stacklevel=3)
 
 
 def periodic_checkpoints(engine) -> PeriodicCheckpoints | None:
