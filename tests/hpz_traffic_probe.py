@@ -33,6 +33,8 @@ ZeroEngine.backward = backward
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 total = _all_gather_bytes(comm.traffic)
-print("traffic " + json.dumps({
+line = "traffic " + json.dumps({
     "rank": int(os.environ["RANK"]), "backward": in_backward,
-    "elsewhere": {link: total[link] - in_backward[link] for link in LINKS}}), flush=True)
+    "elsewhere": {link: total[link] - in_backward[link] for link in LINKS}}) + "\n"
+sys.stdout.flush()
+os.write(sys.stdout.fileno(), line.encode())  # one write: the node's ranks share the stream

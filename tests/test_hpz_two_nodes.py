@@ -44,9 +44,13 @@ def _errors(stderr: str) -> str:
 
 
 def _traffic(stdouts: list[str]) -> dict[int, dict]:
-    lines = [json.loads(m) for out in stdouts for m in re.findall(r"^traffic (\{.*\})$", out,
-                                                                  re.MULTILINE)]
-    return {line["rank"]: line for line in lines}
+    """Every rank's `traffic {json}` report (found wherever it starts: a node's two ranks
+    write to one stream)."""
+    decoder, reports = json.JSONDecoder(), []
+    for out in stdouts:
+        for match in re.finditer(r"traffic (?=\{)", out):
+            reports.append(decoder.raw_decode(out, match.end())[0])
+    return {report["rank"]: report for report in reports}
 
 
 def _final_loss(stdouts: list[str]) -> str:
