@@ -169,7 +169,7 @@ def test_lost_node_continues_on_the_remaining_one(tmp_path, reference):
     command = (f"{sys.executable} -m torch.distributed.run {rdzv} {_inputs(str(tmp_path))} "
                f"--save-dir {tmp_path}/ckpt --save-every {EVERY} --auto-resume "
                f"--sample-log {tmp_path}/log")
-    env = {**FRESH_STORE, "ZERO_EXT_TEST_FAULT": f"halt:{FAULT_STEP}:1"}
+    env = {**os.environ, **FRESH_STORE, "ZERO_EXT_TEST_FAULT": f"halt:{FAULT_STEP}:1"}
     with TwoNodes() as nodes, nodes.start([command, command], cwd=ROOT, env=env) as running:
         halted = running.wait_for(f"halted after step {FAULT_STEP}", 1, NODES_TIMEOUT_S / 2)
         assert halted, f"node 1 never reached step {FAULT_STEP}:\n{running.output(1)[-3000:]}"
