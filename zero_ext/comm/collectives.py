@@ -502,6 +502,8 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
     """Concatenate every rank's `input` into `output` (rank order), over every rank or over
     `group` (comm/topology.py's groups; its ranks in order). `input` may be this rank's chunk
     of `output` itself (in place)."""
+    if group is not None and group.size == world_size():
+        group = None  # every rank, in order: the world's own path (the arena where it exists)
     size = group.size if group is not None else world_size()
     if output.numel() != input.numel() * size:
         raise ValueError(f"zero_ext.comm.all_gather: output has {output.numel()} elements, "
