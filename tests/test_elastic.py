@@ -14,8 +14,10 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 
+import elastic_cases
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,6 +25,7 @@ from safetensors.torch import load_file
 import zero_ext
 from zero_ext.config import ConfigError, ZeroConfig
 
+from dist_harness import run_group
 from two_nodes import TwoNodes, available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,3 +215,47 @@ def test_checkpoint_settings_are_validated(section, path, words):
     with pytest.raises(ConfigError) as error:
         ZeroConfig.load({"zero_ext": {"checkpoint": section}})
     assert path in str(error.value) and words in str(error.value)
+
+
+@functools.cache
+def _cases() -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_group(2, elastic_cases.run_cases, tmp, timeout=120)
+
+
+def _reference_batch(step: int) -> list[int]:
+    """Step `step`'s (from 1) global batch: DistributedSampler's permutation of epoch e
+    (seed 0 + e), cut into batches of train_batch_size; rank 0's slice first."""
+    epoch, k = divmod(step - 1, elastic_cases.SAMPLES // elastic_cases.GLOBAL_BATCH)
+    order = torch.randperm(elastic_cases.SAMPLES, generator=torch.Generator().manual_seed(epoch))
+    return order[k * elastic_cases.GLOBAL_BATCH:(k + 1) * elastic_cases.GLOBAL_BATCH].tolist()
+
+
+def _position(epoch: int, offset: int) -> dict:
+    return {"epoch": epoch, "offset": offset, "num_samples": elastic_cases.SAMPLES, "seed": 0,
+            "shuffle": True}
+
+
+def test_sampler_trains_global_batches_of_the_epoch_permutation():
+    for result in _cases():
+        assert result["batches_per_epoch"] == 5 * 2  # steps x micro-batches per step and rank
+        assert result["trained"] == [_reference_batch(s) for s in range(1, 8)]
+        assert result["position"] == _position(1, 16)
+
+
+def test_keep_last_and_auto_resume_at_initialize():
+    for result in _cases():
+        assert result["kept"] == ["global_step6", "global_step7", "latest"]
+        assert result["resumed_step"] == 7
+        assert result["resumed_position"] == _position(1, 16)
+        assert result["next_resumed"] == result["next_first"] == [_reference_batch(8)]
+
+
+def test_data_position_errors_and_late_registration():
+    for result in _cases():
+        assert "ElasticSampler: the data position moved" in result["stale_iterator"]
+        assert result["after_load"] == _position(1, 16)
+        assert "41" in result["other_dataset"] and "40" in result["other_dataset"]
+        assert "CheckpointError" in result["missing_state"]
+        assert "'data_position'" in result["missing_state"]
+        assert result["registered_later"] == _position(1, 24)
