@@ -19,6 +19,7 @@ from torch import nn
 
 import zero_ext
 from zero_ext import comm
+from zero_ext.checkpoint import files
 
 from dist_harness import restart_group
 
@@ -180,6 +181,32 @@ def slow_collective_progresses():
             "progress_checks": comm.current_watch().progress_checks}
 
 
+def long_checkpoint_write_progresses():
+    """Rank 1 writes its checkpoint shard for 2.5 stall timeouts (its hashing thread slowed,
+    as a large shard on a slow disk is) while rank 0 waits for it in the save's next
+    collective. Rank 1's heartbeats keep beating and say it is busy inside zero_ext: rank 0
+    diagnoses, finds progress, and keeps waiting."""
+    engine = engine_for(2)
+    train_step(engine)
+    path = comm.all_gather_object(tempfile.mkdtemp())[0]
+    hash_pieces = files._sha256
+    slow = [2.5 * STALL_TIMEOUT_S] if comm.rank() == 1 else []
+
+    def slow_once(pieces):
+        if slow:
+            time.sleep(slow.pop())
+        return hash_pieces(pieces)
+
+    files._sha256 = slow_once
+    started = time.monotonic()
+    try:
+        engine.save_checkpoint(path)
+    finally:
+        files._sha256 = hash_pieces
+    return {"seconds": time.monotonic() - started,
+            "progress_checks": comm.current_watch().progress_checks}
+
+
 def equal_size_collectives_differ():
     """Without the debug switch, on gloo's own path: the ranks all-reduce different buckets of
     equal size, which completes with mixed data and never hangs; the heartbeats' running hashes
@@ -196,7 +223,7 @@ STALLS = [save_checkpoint_on_rank0_only, load_checkpoint_on_rank0_only,
           save_16bit_model_on_rank0_only, uneven_batches_then_save,
           stage3_block_skipped_on_one_rank, submodule_used_on_one_rank, stuck_in_user_code,
           accumulation_differs, lr_differs, frozen_rank, slow_collective_progresses,
-          equal_size_collectives_differ]
+          long_checkpoint_write_progresses, equal_size_collectives_differ]
 
 
 def run_case(case) -> dict:

@@ -8,6 +8,7 @@ arena) with the ZERO_EXT_CHECK_COLLECTIVES debug switch.
 """
 
 import functools
+import socket
 
 import pytest
 import stall_cases
@@ -17,7 +18,8 @@ from dist_harness import run_group
 SHM = ["save_checkpoint_on_rank0_only", "load_checkpoint_on_rank0_only",
        "save_16bit_model_on_rank0_only", "uneven_batches_then_save",
        "stage3_block_skipped_on_one_rank", "submodule_used_on_one_rank", "stuck_in_user_code",
-       "accumulation_differs", "lr_differs", "frozen_rank", "slow_collective_progresses"]
+       "accumulation_differs", "lr_differs", "frozen_rank", "slow_collective_progresses",
+       "long_checkpoint_write_progresses"]
 GLOO = ["stage3_block_skipped_on_one_rank", "save_checkpoint_on_rank0_only", "stuck_in_user_code",
         "equal_size_collectives_differ"]
 
@@ -81,7 +83,8 @@ def test_a_submodule_used_on_one_rank_only_raises_on_every_rank():
 def test_a_rank_stuck_in_user_code_is_named_and_interrupted(transport):
     key = (transport, "stuck_in_user_code")
     message = _raised_everywhere(key)
-    assert message.startswith("zero_ext: rank(s) 1 did not arrive at collective #")
+    host = socket.gethostname()
+    assert message.startswith(f"zero_ext: rank(s) 1 on {host} did not arrive at collective #")
     _names_collective(message, "in ZeroEngine.step")
     assert "in user code at stuck_in_user_code (stall_cases.py" in message
     # Rank 1 was interrupted in its sleep loop (60 s) soon after rank 0's stall timeout.
@@ -116,7 +119,8 @@ def test_settings_that_differ_across_ranks_are_refused_at_initialize(case, key, 
 
 def test_a_frozen_rank_is_reported_as_stopped():
     message = _raised_everywhere(("shm", "frozen_rank"))
-    assert message.startswith("zero_ext: rank(s) 1 stopped responding while rank 0 waited")
+    assert message.startswith(f"zero_ext: rank(s) 1 on {socket.gethostname()} stopped "
+                              "responding while rank 0")
     _names_collective(message, "ZeroEngine.save_checkpoint")
 
 
@@ -127,4 +131,12 @@ def test_a_slow_collective_every_rank_joined_does_not_trip():
         assert o["value"]["values"] == ["fast", "slow"]
         assert o["value"]["seconds"] > 2 * stall_cases.STALL_TIMEOUT_S
     # Rank 0 waited past the stall timeout, diagnosed, and found only slowness.
+    assert outcomes[0]["value"]["progress_checks"] >= 1
+
+
+def test_a_rank_busy_writing_a_long_checkpoint_does_not_trip():
+    # Progress, not a flat timeout: the waiting rank sees the busy rank's heartbeats go on.
+    outcomes = [ranks[("shm", "long_checkpoint_write_progresses")] for ranks in _outcomes()]
+    assert [o["error"] for o in outcomes] == [None, None], outcomes
+    assert outcomes[1]["value"]["seconds"] > 2 * stall_cases.STALL_TIMEOUT_S
     assert outcomes[0]["value"]["progress_checks"] >= 1

@@ -36,6 +36,7 @@ import collections
 import json
 import os
 import signal
+import socket
 import sys
 import sysconfig
 import threading
@@ -47,6 +48,9 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from zero_ext.comm.watch_store import STORE_ERRORS as _STORE_ERRORS
+from zero_ext.comm.watch_store import WatchStore
+
 __all__ = [
     "DEFAULT_STALL_TIMEOUT_S",
     "CollectiveRecord",
@@ -57,14 +61,15 @@ __all__ = [
     "watch_for_group",
 ]
 
-DEFAULT_STALL_TIMEOUT_S = 60.0
+# Detection takes the stall timeout plus a diagnosis of 3 to 6 heartbeat periods (1 s each):
+# within 30 s of a failure at the default.
+DEFAULT_STALL_TIMEOUT_S = 20.0
 RING_SIZE = 64          # records kept per rank, newest last
 _RECENT = 16            # records each heartbeat carries (what a stalled peer needs to compare)
 _CHAIN_WINDOW = 4096    # running fingerprint hashes kept, indexed by sequence number
 _INTERRUPT = signal.SIGUSR2
-# What a store call raises when the store is gone or slow (DistStoreError is a RuntimeError),
-# or a payload cannot be read.
-_STORE_ERRORS = (RuntimeError, ValueError, OSError)
+_STORE_CALL_TIMEOUT_S = 1.0  # per store call: a cut-off node's calls fail in a few seconds
+_HOSTS_PER_BEAT = 8          # other ranks' hostnames learnt per heartbeat, until all are known
 
 
 class CollectiveStallError(RuntimeError):
@@ -211,6 +216,9 @@ class CollectiveWatch:
         # during interpreter teardown, can abort the process).
         self._group = weakref.ref(group)
         self.store, self.rank, self.size = store, rank, size
+        self.host = socket.gethostname()
+        self.hosts = {rank: self.host}  # rank -> hostname, from the heartbeats (each carries it)
+        self._store_ranks: list[int] | None = None  # the ranks on the store's host, once known
         self.prefix = prefix
         self.bounded = bounded          # gloo: waits are bounded here (NCCL has its watchdog)
         # The debug switch: compare fingerprints before each collective outside the arena.
@@ -231,6 +239,10 @@ class CollectiveWatch:
         self._stop = threading.Event()
         self.main_ident = threading.get_ident()
         self.set_timeout(timeout)
+        try:
+            self._beat_once()  # from the start: a rank that freezes at once is still named
+        except _STORE_ERRORS:
+            pass  # the thread's next beat tries again
         self._thread = threading.Thread(target=self._run, name="zero_ext-watch", daemon=True)
         self._thread.start()
 
@@ -309,7 +321,7 @@ class CollectiveWatch:
             since = self.last_done
         recent = [(r.seq, r.fingerprint, r.describe()) for r in list(self.ring)[-_RECENT:]]
         seq = self.seq
-        return {"beat": self._beat, "seq": seq, "completed": self.completed,
+        return {"beat": self._beat, "host": self.host, "seq": seq, "completed": self.completed,
                 "chain": [seq, self.chains[seq % _CHAIN_WINDOW]], "kind": kind,
                 "where": where, "for_s": round(now - since, 1), "recent": recent}
 
@@ -319,14 +331,37 @@ class CollectiveWatch:
                     dist.group.WORLD):
                 return
             try:
-                self._beat += 1
-                self.store.set(self._key("hb", self.rank), json.dumps(self._state()))
+                self._beat_once()
                 if self.abort_report is None and self.store.check([self._key("abort")]):
                     self._deliver(self.store.get(self._key("abort")).decode())
                 elif self.abort_report is None and self.size > 1:
                     self._compare_with_next_rank()
+                if len(self.hosts) < self.size:
+                    self._learn_hosts()
             except _STORE_ERRORS:  # a store hiccup must not kill the heartbeat
                 continue
+
+    def _beat_once(self) -> None:
+        self._beat += 1
+        self.store.set(self._key("hb", self.rank), json.dumps(self._state()))
+
+    def _learn_hosts(self) -> None:
+        """A few more ranks' hostnames from their heartbeats, so that a report can name the
+        nodes even when the store can no longer be read."""
+        for r in [r for r in range(self.size) if r not in self.hosts][:_HOSTS_PER_BEAT]:
+            key = self._key("hb", r)
+            if self.store.check([key]):
+                self.hosts[r] = json.loads(self.store.get(key))["host"]
+
+    def _host(self, r: int) -> str:
+        return self.hosts.get(r, "an unknown host")
+
+    def _on_hosts(self, ranks: list[int]) -> str:
+        """"rank(s) 2, 3 on node1" (grouped by host)."""
+        by_host: dict[str, list[int]] = {}
+        for r in ranks:
+            by_host.setdefault(self._host(r), []).append(r)
+        return "; ".join(f"rank(s) {_ranks(rs)} on {host}" for host, rs in by_host.items())
 
     def stop(self) -> None:
         self._stop.set()
@@ -337,7 +372,7 @@ class CollectiveWatch:
         """Another rank aborted: raise on this rank too (the main thread's wait loop sees
         abort_report; in user code it is interrupted by a signal)."""
         self.abort_report = report
-        if self.waiting is None and _handler_installed:
+        if self.waiting is None and _INTERRUPT in _previous_handlers:
             self._interrupt_pending = True
             signal.pthread_kill(self.main_ident, _INTERRUPT)
 
@@ -372,14 +407,59 @@ class CollectiveWatch:
 
     # -- diagnosis -------------------------------------------------------------------------------
     def _read_all(self) -> dict[int, dict | None]:
-        states: dict[int, dict | None] = {}
-        for r in range(self.size):
-            if r == self.rank:
-                states[r] = self._state()
-                continue
-            key = self._key("hb", r)
-            states[r] = json.loads(self.store.get(key)) if self.store.check([key]) else None
-        return states
+        """Every rank's latest heartbeat (this rank's own state for itself). Failed store calls
+        are retried for three periods; after that the store's error is raised."""
+        deadline = time.monotonic() + 3 * self.period
+        while True:
+            try:
+                states: dict[int, dict | None] = {}
+                for r in range(self.size):
+                    key = self._key("hb", r)
+                    if r == self.rank:
+                        states[r] = self._state()
+                    elif self.store.check([key]):
+                        states[r] = json.loads(self.store.get(key))
+                        self.hosts.setdefault(r, states[r]["host"])
+                    else:
+                        states[r] = None
+                return states
+            except _STORE_ERRORS:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(self.period / 2)
+
+    def _store_host_ranks(self) -> list[int]:
+        """The ranks on the node that hosts the store (torchrun's: node 0), as far as known;
+        else every rank known to be on another node than this one."""
+        if self._store_ranks is None and len(self.hosts) == self.size and self.store.host:
+            try:
+                address = socket.gethostbyname(self.store.host)
+                addresses = {h: socket.gethostbyname(h) for h in set(self.hosts.values())}
+            except OSError:
+                address, addresses = None, {}
+            self._store_ranks = [r for r, h in sorted(self.hosts.items())
+                                 if h == self.store.host or addresses.get(h) == address]
+        return self._store_ranks or [r for r, h in sorted(self.hosts.items()) if h != self.host]
+
+    def _unreachable_report(self, doing: str) -> str:
+        """This node cannot reach the store: the node hosting it (its ranks named) is cut off,
+        frozen or dead, or this node lost the network. `doing`: what this rank was doing."""
+        store = self.store
+        node = store.host or "its host"
+        ranks = self._store_host_ranks()
+        error = store.last_error
+        cause = f"; {type(error).__name__}: {error}" if error is not None else ""
+        culprits = (f"{self._on_hosts(ranks)} stopped answering" if ranks else
+                    f"the ranks on {node} stopped answering")
+        return (f"zero_ext: {node} is unreachable from {self.host}: rank {self.rank} {doing}, "
+                f"and the process group's store on {node} ({store.address or 'not TCP'}) has "
+                f"not answered for {store.unreachable_for():.1f} s{cause}. {culprits}, or "
+                f"{self.host} lost the network (stall_timeout_s={self.timeout:g}).\n"
+                f"Likely cause: {_FIXES['stopped']}.")
+
+    def _waiting_text(self, record: CollectiveRecord) -> str:
+        return (f"waited {time.monotonic() - self.waiting_since:.1f} s in collective "
+                f"{record.describe()}")
 
     def _watch_window(self, work, cause: Exception | None):
         """Three heartbeat periods, still waiting for `work` (None: it failed with `cause`).
@@ -402,6 +482,8 @@ class CollectiveWatch:
         heartbeat before and after a window of three periods, still waiting for `work`. True
         when the collective completed meanwhile; False when it is only slow; raises on a
         stall."""
+        if self.store.unreachable_for() >= 2 * self.period:  # the heartbeat found it so
+            self._raise(self._unreachable_report(self._waiting_text(record)), cause)
         try:
             first = self._read_all()
             completed, work, cause = self._watch_window(work, cause)
@@ -421,11 +503,7 @@ class CollectiveWatch:
         except CollectiveStallError:
             raise
         except _STORE_ERRORS as error:  # the store itself is unreachable
-            self._raise(
-                f"zero_ext: rank {self.rank} waited {self.timeout:g} s in collective "
-                f"{record.describe()} and cannot reach the process group's store to find out "
-                f"why ({type(error).__name__}: {error}); the rank hosting the store (rank 0, "
-                "MASTER_ADDR) may have died or this node lost the network", cause)
+            self._raise(self._unreachable_report(self._waiting_text(record)), cause or error)
         verdict = self._verdict(record, first, second)
         if verdict is None and cause is None:
             self.progress_checks += 1
@@ -457,9 +535,9 @@ class CollectiveWatch:
                 behind.append(r)
         waited = time.monotonic() - self.waiting_since
         if stopped:
-            headline = (f"zero_ext: rank(s) {_ranks(stopped)} stopped responding while rank "
-                        f"{self.rank} waited {waited:.1f} s in collective {record.describe()} "
-                        f"(stall_timeout_s={self.timeout:g}).")
+            headline = (f"zero_ext: {self._on_hosts(stopped)} stopped responding while rank "
+                        f"{self.rank} on {self.host} waited {waited:.1f} s in collective "
+                        f"{record.describe()} (stall_timeout_s={self.timeout:g}).")
             return self._report(headline, second, "stopped", stale=stopped)
         if mismatched:
             others = "; ".join(f"rank {r} {text}" for r, text in mismatched)
@@ -468,9 +546,9 @@ class CollectiveWatch:
             return self._report(headline, second, "mismatch")
         if progressing or not behind:
             return None
-        headline = (f"zero_ext: rank(s) {_ranks(behind)} did not arrive at collective "
-                    f"{record.describe()}; rank {self.rank} waited {waited:.1f} s for them "
-                    f"(stall_timeout_s={self.timeout:g}).")
+        headline = (f"zero_ext: {self._on_hosts(behind)} did not arrive at collective "
+                    f"{record.describe()}; rank {self.rank} on {self.host} waited {waited:.1f} "
+                    f"s for them (stall_timeout_s={self.timeout:g}).")
         return self._report(headline, second, "behind")
 
     def _report(self, headline: str, states: dict, category: str,
@@ -494,8 +572,8 @@ class CollectiveWatch:
                 doing = (f"in user code at {state['where']} for {state['for_s']} s since its "
                          f"last collective {last}")
             heard = "last heartbeat: " if r in stale else ""
-            lines.append(f"  rank {r} (entered {state['seq']} collectives, completed "
-                         f"{state['completed']}): {heard}{doing}")
+            lines.append(f"  rank {r} on {state.get('host', '?')} (entered {state['seq']} "
+                         f"collectives, completed {state['completed']}): {heard}{doing}")
         lines.append(f"Likely cause: {_FIXES[category]}.")
         return "\n".join(lines)
 
@@ -544,7 +622,7 @@ def _ranks(ranks: list[int]) -> str:
 _watch: CollectiveWatch | None = None
 _generation = 0
 _handler_installed = False
-_previous_handler = None
+_previous_handlers: dict[int, object] = {}
 
 
 def _on_interrupt(signum, frame):
@@ -554,21 +632,55 @@ def _on_interrupt(signum, frame):
         if not watch._raised:
             watch._raise(watch.abort_report)
         return
-    if callable(_previous_handler):
-        _previous_handler(signum, frame)
+    previous = _previous_handlers.get(signum)
+    if callable(previous):
+        previous(signum, frame)
 
 
-def _install_handler() -> None:
-    """The signal that interrupts a main thread in user code when another rank aborted; only
-    from the main thread, and only where nobody else handles the signal."""
-    global _handler_installed, _previous_handler
+def _on_terminate(signum, frame):
+    """SIGTERM from the launcher (torchrun ends a node's workers when one of them failed, or
+    when it lost the rendezvous store on node 0, ~10 s into a partition, before any stall
+    timeout). A rank that waits in a collective raises what it knows, a rank in its own code
+    the group's abort report if there is one, instead of dying silently; otherwise SIGTERM
+    does what it did before."""
+    watch = _watch if _watch is not None and not _watch._raised else None
+    record = watch.waiting if watch is not None else None
+    if record is not None:
+        doing = (f"{watch._waiting_text(record)} when it was sent SIGTERM (by its launcher: "
+                 "torchrun ends a node's workers when it loses its store)")
+        if watch.store.unreachable_for() > 0:
+            watch._raise(watch._unreachable_report(doing))
+        watch._raise(f"zero_ext: rank {watch.rank} on {watch.host} {doing}; the store still "
+                     f"answered.\nLikely cause: {_FIXES['stopped']}.")
+    if watch is not None:
+        report = watch.abort_report
+        try:  # the heartbeat may not have seen another rank's report yet
+            if report is None and watch.store.check([watch._key("abort")]):
+                report = watch.store.get(watch._key("abort")).decode()
+        except _STORE_ERRORS:
+            pass
+        if report:
+            watch._raise(report)
+    previous = _previous_handlers.get(signum)
+    if callable(previous):
+        previous(signum, frame)
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _install_handlers() -> None:
+    """The signal that interrupts a main thread in user code when another rank aborted, and
+    SIGTERM's report; only from the main thread, and only where no C-level handler is set."""
+    global _handler_installed
     if _handler_installed or threading.current_thread() is not threading.main_thread():
         return
-    previous = signal.getsignal(_INTERRUPT)
-    if previous not in (signal.SIG_DFL, None) and not callable(previous):
-        return
-    _previous_handler = previous if callable(previous) else None
-    signal.signal(_INTERRUPT, _on_interrupt)
+    for signum, handler in ((_INTERRUPT, _on_interrupt), (signal.SIGTERM, _on_terminate)):
+        previous = signal.getsignal(signum)
+        if previous not in (signal.SIG_DFL, None) and not callable(previous):
+            continue
+        _previous_handlers[signum] = previous if callable(previous) else None
+        signal.signal(signum, handler)
     _handler_installed = True
 
 
@@ -583,11 +695,13 @@ def watch_for_group() -> CollectiveWatch:
     if watch is not None:
         watch.stop()
     _generation += 1
-    store = dist.distributed_c10d._get_default_store()
+    store = WatchStore(dist.distributed_c10d._get_default_store(), _STORE_CALL_TIMEOUT_S)
     bounded = dist.get_backend() == "gloo"
-    _install_handler()
+    _install_handlers()
+    # torchrun's store outlives a restart of the workers: keys of an earlier attempt stay.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     _watch = CollectiveWatch(group, store, dist.get_rank(), dist.get_world_size(),
-                             f"zero_ext/watch/{_generation}", _stall_timeout_s, bounded)
+                             f"zero_ext/watch/{attempt}/{_generation}", _stall_timeout_s, bounded)
     return _watch
 
 
@@ -598,6 +712,19 @@ def current_watch() -> CollectiveWatch | None:
 
 @atexit.register
 def _stop_at_exit() -> None:
-    # The heartbeat thread must not be inside a store call when the interpreter finalizes.
-    if _watch is not None:
-        _watch.stop()
+    """The heartbeat thread must not be inside a store call when the interpreter finalizes.
+    After a stall (or with a collective still pending) the process ends here, with status 1:
+    finalizing would destroy the process group, whose gloo threads wait for the peer that
+    stopped answering (up to the 30-minute collective timeout), and torchrun would wait too.
+    The last handler to run (registered first), so zero_ext's others have run."""
+    watch = _watch
+    if watch is None:
+        return
+    watch.stop()
+    if watch.abort_report is not None or watch.completed < watch.seq:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(1)
