@@ -163,11 +163,12 @@ def test_lost_node_continues_on_the_remaining_one(tmp_path, reference):
     # 2 nodes x 1 rank; rank 1 (node 1) stops after step 11 and the test kills node 1 for
     # good. Node 0's worker sees its peer's sockets close, torchrun restarts it, the
     # rendezvous drops the dead node (keep-alive 1 s x 2) and completes with node 0 alone
-    # (min 1 node), which resumes step 8's checkpoint at world size 1 with 4 micro-steps per
-    # step instead of 2: the same global batches.
+    # (min 1 node) after the last call (8 s: long enough that both nodes make the first
+    # round on a loaded machine), which resumes step 8's checkpoint at world size 1 with 4
+    # micro-steps per step instead of 2: the same global batches.
     rdzv = (f"--nnodes=1:2 --nproc_per_node=1 --max-restarts=1 --rdzv-backend=c10d "
             f"--rdzv-endpoint=$NODE0_ADDR:29513 --rdzv-id=zxel-{secrets.token_hex(4)} "
-            f"--rdzv-conf=join_timeout=60,last_call_timeout=4,keep_alive_interval=1,"
+            f"--rdzv-conf=join_timeout=60,last_call_timeout=8,keep_alive_interval=1,"
             f"keep_alive_max_attempt=2")
     command = (f"{sys.executable} -m torch.distributed.run {rdzv} {_inputs(str(tmp_path))} "
                f"--save-dir {tmp_path}/ckpt --save-every {EVERY} --auto-resume "
