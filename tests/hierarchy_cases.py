@@ -180,6 +180,27 @@ def resumed(root: str) -> dict:
     return out
 
 
+def host_plan() -> dict:
+    """offload_param with hpZ: the host-memory plan checked before allocating (captured)
+    against the host bytes the engine then holds (the secondary shards live there too)."""
+    from zero_ext.zero import offload
+
+    simulate_nodes(2)
+    captured, check = [], offload.check_host_memory
+    offload.check_host_memory = lambda plan, available=None: (captured.append(plan),
+                                                              check(plan, available))[1]
+    try:
+        model = engine_cases.build_model()
+        engine, _, _, _ = zero_ext.initialize(model=model, config=engine_cases.config(
+            3, "bf16", 1, comm.world_size(), offload_param={"device": "cpu"},
+            offload_optimizer={"device": "cpu"}, zero_hpz_partition_size=2))
+        engine_cases.train_steps(engine, 1)
+    finally:
+        offload.check_host_memory = check
+    return {"planned": captured[0].rank_bytes, "host": engine.memory_by_location()["host"],
+            "secondary": engine.partitioned.secondary.nbytes()}
+
+
 def run_cases(root: str) -> dict:
     return {"gathers": gathers(), "errors": errors(), "traffic": traffic(),
-            "parity": bitwise_and_parity(), "resumed": resumed(root)}
+            "parity": bitwise_and_parity(), "resumed": resumed(root), "host_plan": host_plan()}

@@ -99,6 +99,13 @@ def test_secondary_copy_costs_one_block_share_of_every_unit(outcomes):
         assert traffic["hpz"]["secondary_bytes"] == traffic["unit_numel"] / PER_NODE * BF16
 
 
+def test_host_memory_plan_counts_the_secondary_copy_under_offload_param(outcomes):
+    for out in outcomes:
+        plan = out["host_plan"]
+        assert plan["secondary"] > 0
+        assert plan["planned"] == plan["host"], plan
+
+
 @pytest.mark.parametrize("case", [(1, "hierarchical"), (2, "hierarchical"), (3, "hpz"),
                                   (3, "hpz+hierarchical+offload_param")])
 def test_bitwise_the_flat_path_and_parity_with_one_process(outcomes, case):

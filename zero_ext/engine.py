@@ -36,6 +36,7 @@ from zero_ext.progress import TrainingMonitor
 from zero_ext.zero import offload
 from zero_ext.zero.buckets import GradientBuckets
 from zero_ext.zero.construction import outside_init
+from zero_ext.zero.hpz import secondary_numel
 from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
 from zero_ext.zero.params import PartitionedParameters, check_initializers, find_units, materialize
 from zero_ext.zero.partition import BucketLayout, plan_buckets
@@ -379,10 +380,13 @@ class ZeroEngine(nn.Module):
         """What the allocations below will put in host memory (the rules of
         offload.host_state_bytes, which the estimator shares)."""
         plan = offload.HostMemoryPlan(local_ranks=offload.local_ranks(), pinned=self.pin_memory)
+        # Unit shards (offload_param), hpZ's secondary copies beside them.
+        unit_layouts = [layout for layout in self.layouts if layout.index in unit_indices]
+        zero = self.config.zero_optimization
         for kind, nbytes in offload.host_state_bytes(
                 shard_numel=sum(self.layouts[i].shard_numel for i in self._host_stepped),
-                unit_shard_numel=sum(layout.shard_numel for layout in self.layouts
-                                     if layout.index in unit_indices),
+                unit_shard_numel=sum(layout.shard_numel for layout in unit_layouts)
+                + secondary_numel(unit_layouts, zero.zero_hpz_partition_size),
                 dtype=self.model_dtype, grad_dtype=self._grad_dtype(),
                 offload_optimizer=self.offload_optimizer,
                 offload_param=self.offload_param).items():

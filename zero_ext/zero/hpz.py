@@ -27,7 +27,16 @@ from zero_ext.comm import CommGroup
 from zero_ext.zero.offload import host_buffer
 from zero_ext.zero.partition import BucketLayout
 
-__all__ = ["SecondaryPartition"]
+__all__ = ["SecondaryPartition", "secondary_numel"]
+
+
+def secondary_numel(layouts: list[BucketLayout], partition_size: int) -> int:
+    """Elements of the secondary shards of these unit buckets on one rank
+    (zero_hpz_partition_size = `partition_size`; 0 when hpZ is off). Engine and estimator
+    plan memory by it; SecondaryPartition allocates by it."""
+    if partition_size <= 1:
+        return 0
+    return sum(layout.padded_numel // partition_size for layout in layouts)
 
 
 def in_backward() -> bool:
@@ -44,13 +53,13 @@ class SecondaryPartition:
         self.index = group.ranks.index(rank)   # this rank's slice of each bucket
         self.shards: dict[int, torch.Tensor] = {}
         for layout in layouts:
-            numel = layout.padded_numel // group.size
+            numel = secondary_numel([layout], group.size)
             self.shards[layout.index] = host_buffer(numel, dtype, pin) if offload else \
                 torch.zeros(numel, dtype=dtype, device=device)
         self._current: set[int] = set()       # bucket indices refreshed since invalidate()
 
     def _range(self, layout: BucketLayout) -> tuple[int, int]:
-        numel = layout.padded_numel // self.group.size
+        numel = secondary_numel([layout], self.group.size)
         return self.index * numel, (self.index + 1) * numel
 
     def sources(self, layouts: list[BucketLayout]) -> list[torch.Tensor] | None:
