@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections import defaultdict
 
 import elastic_cases
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import zero_ext
+from zero_ext import elastic
 from zero_ext.config import ConfigError, ZeroConfig
 
 from dist_harness import run_group
@@ -260,3 +262,20 @@ def test_data_position_errors_and_late_registration():
         assert "CheckpointError" in result["missing_state"]
         assert "'data_position'" in result["missing_state"]
         assert result["registered_later"] == _position(1, 24)
+
+
+@pytest.mark.parametrize("shared, restarts, warns", [
+    ("True", "1", True), ("False", "1", False), ("True", "0", False)])
+def test_restartable_launch_with_the_shared_store_warns(monkeypatch, shared, restarts, warns):
+    # What torchrun's agent puts in a worker's environment (local_elastic_agent.py).
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", shared)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", restarts)
+    monkeypatch.setenv("RANK", "0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        elastic.check_restartable_launch()
+    messages = [str(w.message) for w in caught]
+    assert bool(messages) == warns, messages
+    if warns:
+        assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in messages[0]
+        assert "135712" in messages[0]
