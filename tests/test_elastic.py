@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 
 import zero_ext
 from zero_ext import elastic
+from zero_ext.checkpoint.files import SaveLock
+from zero_ext.checkpoint.format import SAVE_LOCK
 from zero_ext.config import ConfigError, ZeroConfig
 
 from dist_harness import run_group
@@ -279,3 +281,21 @@ def test_restartable_launch_with_the_shared_store_warns(monkeypatch, shared, res
     if warns:
         assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in messages[0]
         assert "135712" in messages[0]
+
+
+def test_a_save_lock_left_by_an_earlier_attempt_of_the_job_is_taken_over(tmp_path, monkeypatch):
+    # Rank 0 of the failed attempt died on another node in the middle of a save; the restarted
+    # job's rank 0 (here) must be able to save into the same directory.
+    path = str(tmp_path / SAVE_LOCK)
+    stale = {"host": "node-that-died", "pid": 4242, "time": 0.0, "job": "gpt-run"}
+    for job, taken in (("other-run", False), ("gpt-run", True)):
+        with open(path, "w") as f:
+            json.dump(stale, f)
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+        lock = SaveLock(path)
+        if taken:
+            assert "an earlier attempt of this torchrun job" in lock.acquire("save")
+            lock.release()
+        else:
+            with pytest.raises(RuntimeError, match="another job is saving"):
+                lock.acquire("save")

@@ -184,8 +184,11 @@ class SaveLock:
     second job saving into the same directory (both would rewrite `latest` and may replace
     each other's tags) is refused with the holder's host and process id, rather than the two
     interleaving. Created with O_EXCL (atomic on local and NFSv3+ filesystems). A marker left
-    by a process that is gone from this host is taken over; one from another host cannot be
-    checked from here, and the error says how to remove it if that job is gone."""
+    by a process that is gone from this host is taken over, and so is one left by an earlier
+    attempt of this torchrun job (the same TORCHELASTIC_RUN_ID: torchrun restarts a job only
+    after stopping all its workers, and the new rank 0 may be on another host; zero_ext/
+    elastic.py); one from another host and job cannot be checked from here, and the error says
+    how to remove it if that job is gone."""
 
     def __init__(self, path: str):
         self.path = path
@@ -194,7 +197,8 @@ class SaveLock:
     def acquire(self, caller: str) -> str | None:
         """Takes the lock; returns a warning to show when a stale lock was taken over.
         Raises RuntimeError when another job holds it."""
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+              "job": os.environ.get("TORCHELASTIC_RUN_ID")}
         note = None
         for _ in range(2):
             try:
@@ -207,6 +211,13 @@ class SaveLock:
                     note = (f"{caller}: took over {self.path}, left by process "
                             f"{holder['pid']} on this host, which is gone (a save it made was "
                             f"interrupted)")
+                    continue
+                if me["job"] is not None and holder.get("job") == me["job"] and \
+                        (holder.get("host"), holder.get("pid")) != (me["host"], me["pid"]):
+                    _remove_quietly(self.path)
+                    note = (f"{caller}: took over {self.path}, left by process "
+                            f"{holder.get('pid')} on {holder.get('host')}, an earlier attempt "
+                            f"of this torchrun job (run id {me['job']}) that torchrun stopped")
                     continue
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["time"])) \
                     if isinstance(holder.get("time"), (int, float)) else "an unknown time"
