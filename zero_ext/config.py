@@ -1265,7 +1265,10 @@ class ZeroConfig(_Section):
         "progressive_layer_drop": _Unsupported(
             _switched_off(), "progressive layer drop is not supported; remove the section"),
         "elasticity": _Unsupported(
-            _switched_off(), "elastic training is not supported; set the batch sizes directly"),
+            _switched_off(), "DeepSpeed's elasticity (choosing batch sizes for a range of GPU "
+            "counts) is not supported; remove the section. For restarts at another world size "
+            "give train_batch_size and train_micro_batch_size_per_gpu (the accumulation is "
+            "derived) and see zero_ext.checkpoint's auto_resume"),
         "nebula": _Unsupported(
             _switched_off(), "Nebula checkpointing is not supported; remove the section"),
         "sparse_attention": _Unsupported(
