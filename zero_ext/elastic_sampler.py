@@ -101,7 +101,9 @@ class ElasticSampler(torch.utils.data.Sampler):
         generation = self._generation
         order = self.epoch_order(epoch)
         per_rank = self.micro_batch * self.accumulation
-        for start in range(offset, self.steps_per_epoch * self.global_batch, self.global_batch):
+        # Whole global batches from the offset (a multiple of train_batch_size unless the
+        # checkpoint was saved with another one), as position() counts them.
+        for start in range(offset, self.num_samples - self.global_batch + 1, self.global_batch):
             if self._generation != generation:
                 raise RuntimeError(
                     "ElasticSampler: the data position moved (a checkpoint was loaded, or "
@@ -114,8 +116,7 @@ class ElasticSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         """Micro-batches left in the current epoch on this rank."""
         offset = self.position()[1]
-        steps = self.steps_per_epoch - offset // self.global_batch
-        return steps * self.accumulation
+        return (self.num_samples - offset) // self.global_batch * self.accumulation
 
     # -- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
