@@ -644,21 +644,22 @@ def _on_terminate(signum, frame):
     the group's abort report if there is one, instead of dying silently; otherwise SIGTERM
     does what it did before."""
     watch = _watch if _watch is not None and not _watch._raised else None
-    record = watch.waiting if watch is not None else None
-    if record is not None:
-        doing = (f"{watch._waiting_text(record)} when it was sent SIGTERM (by its launcher: "
-                 "torchrun ends a node's workers when it loses its store)")
-        if watch.store.unreachable_for() > 0:
-            watch._raise(watch._unreachable_report(doing))
-        watch._raise(f"zero_ext: rank {watch.rank} on {watch.host} {doing}; the store still "
-                     f"answered.\nLikely cause: {_FIXES['stopped']}.")
     if watch is not None:
-        report = watch.abort_report
-        try:  # the heartbeat may not have seen another rank's report yet
-            if report is None and watch.store.check([watch._key("abort")]):
-                report = watch.store.get(watch._key("abort")).decode()
-        except _STORE_ERRORS:
-            pass
+        report, record = watch.abort_report, watch.waiting
+        doing = "" if record is None else (
+            f"{watch._waiting_text(record)} when it was sent SIGTERM (by its launcher: torchrun "
+            "ends a node's workers when one failed or when it lost its store)")
+        if report is None and record is not None and watch.store.unreachable_for() > 0:
+            report = watch._unreachable_report(doing)
+        if report is None and watch.store.unreachable_for() == 0:
+            try:  # another rank's report that the heartbeat has not fetched yet
+                if watch.store.check([watch._key("abort")]):
+                    report = watch.store.get(watch._key("abort")).decode()
+            except _STORE_ERRORS:
+                pass
+        if report is None and record is not None:
+            report = (f"zero_ext: rank {watch.rank} on {watch.host} {doing}; the store still "
+                      f"answered.\nLikely cause: {_FIXES['stopped']}.")
         if report:
             watch._raise(report)
     previous = _previous_handlers.get(signum)

@@ -11,6 +11,7 @@ heals. Other stores (the test harness's FileStore) are local and used as they ar
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 
@@ -39,19 +40,26 @@ class WatchStore:
         self.address = f"{tcp.host}:{tcp.port}" if tcp is not None else None
         self.host = tcp.host if tcp is not None else None
         self._port = tcp.port if tcp is not None else None
-        self._timeout = timedelta(seconds=timeout_s)
+        self._timeout_s = timeout_s
         self._client = store if tcp is None else None
         self.failing_since: float | None = None  # time.monotonic() of the first failed call
         self.last_error: Exception | None = None
+        # Calls under way, by thread: when each started. A call on a cut link can take several
+        # times the timeout to fail (measured ~8 s at 1-2 s); one longer than the timeout
+        # already says the store does not answer.
+        self._calls: dict[int, float] = {}
 
     def _connected(self):
         client = self._client
         if client is None:
             client = self._client = dist.TCPStore(self.host, self._port, is_master=False,
-                                                  wait_for_workers=False, timeout=self._timeout)
+                                                  wait_for_workers=False,
+                                                  timeout=timedelta(seconds=self._timeout_s))
         return client
 
     def _call(self, name: str, *args):
+        thread = threading.get_ident()
+        self._calls[thread] = time.monotonic()
         try:
             result = getattr(self._connected(), name)(*args)
         except STORE_ERRORS as error:
@@ -61,14 +69,20 @@ class WatchStore:
             if self.address is not None:
                 self._client = None  # a timed-out connection stays broken: connect afresh
             raise
+        finally:
+            self._calls.pop(thread, None)
         self.failing_since = None
         return result
 
     def unreachable_for(self) -> float:
-        """Seconds since the first of the calls that failed in a row (0 when the last one
-        worked)."""
-        since = self.failing_since
-        return 0.0 if since is None else time.monotonic() - since
+        """Seconds the store has not answered: since the first of the calls that failed in a
+        row, or since the start of a call still under way after more than the timeout; 0 when
+        the last call worked and none is overdue."""
+        now = time.monotonic()
+        starts = [s for s in list(self._calls.values()) if now - s > self._timeout_s]
+        if self.failing_since is not None:
+            starts.append(self.failing_since)
+        return now - min(starts) if starts else 0.0
 
     def set(self, key: str, value: str) -> None:
         self._call("set", key, value)
