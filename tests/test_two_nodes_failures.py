@@ -12,7 +12,7 @@ be made.
 
 Also a measuring tool (seconds from the fault to each rank's error, and to each torchrun's end):
 
-    python tests/test_two_nodes_failures.py [--stall-timeout S] [partition frozen_node stuck_rank]
+    python tests/test_two_nodes_failures.py [--stall-timeout S] [SCENARIO ...]   # of SURVIVORS
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 STALL_TIMEOUT_S = 10.0
 BOUND_S = 30                          # issue 14: every surviving rank raises within 30 s
-SURVIVORS = {"partition": (0, 1), "frozen_node": (0,), "stuck_rank": (0, 1)}  # nodes that end
+SURVIVORS = {"partition": (0, 1), "frozen_node": (0,), "vanished_node": (0,),  # nodes that end
+             "stuck_rank": (0, 1)}
 STARTED = "[zero_ext] step 2 "        # rank 0's report line: training runs on both nodes
 _ERROR_LINE = re.compile(r"^\[default\d+\]:\[rank(\d+)\]: .*CollectiveStallError: (.*)$",
                          re.MULTILINE)
@@ -80,6 +81,9 @@ def run_scenario(scenario: str, workdir: str, stall_timeout_s: float | None,
             nodes.partition()
         elif scenario == "frozen_node":
             nodes.signal_node(1, signal.SIGSTOP)
+        elif scenario == "vanished_node":  # died without closing its sockets (no FIN, no RST)
+            nodes.partition()
+            nodes.signal_node(1, signal.SIGKILL)
         elif scenario == "stuck_rank":
             if not running.wait_for("rank 3 stuck", 1, 120):
                 raise RuntimeError(f"rank 3 never got stuck:\n{running.output(1)[-3000:]}")
@@ -164,7 +168,7 @@ def main() -> int:
     parser.add_argument("--limit", type=float, default=150, help="seconds to wait per run")
     parser.add_argument("--dump", help="write each node's output to DIR/<scenario>-node<k>.log")
     parser.add_argument("scenarios", nargs="*",
-                        default=["partition", "frozen_node", "stuck_rank"])
+                        default=["partition", "frozen_node", "vanished_node", "stuck_rank"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         for scenario in args.scenarios:

@@ -288,6 +288,7 @@ class CollectiveWatch:
             self.waiting, self.waiting_since = record, time.monotonic()
             try:
                 deadline = self.waiting_since + self.timeout
+                early = None  # the diagnosis's first reading, three periods before the deadline
                 while True:
                     try:
                         work.wait(self._slice)
@@ -297,10 +298,16 @@ class CollectiveWatch:
                             self._diagnose(record, None, cause=error)
                     if self.abort_report is not None:
                         self._raise(self.abort_report)
-                    if time.monotonic() >= deadline:
-                        if self._diagnose(record, work):
+                    now = time.monotonic()
+                    if early is None and now >= deadline - 3 * self.period:
+                        try:
+                            early = self._read_all()
+                        except _STORE_ERRORS:
+                            early = {}  # the diagnosis reads again, and says so if it can't
+                    if now >= deadline:
+                        if self._diagnose(record, work, first=early or None):
                             break
-                        deadline = time.monotonic() + self.timeout
+                        deadline, early = time.monotonic() + self.timeout, None
             finally:
                 self.waiting = None
         self.done(record)
@@ -477,18 +484,20 @@ class CollectiveWatch:
                     cause, work = error, None
         return False, work, cause
 
-    def _diagnose(self, record: CollectiveRecord, work, cause: Exception | None = None) -> bool:
+    def _diagnose(self, record: CollectiveRecord, work, cause: Exception | None = None,
+                  first: dict | None = None) -> bool:
         """After stall_timeout_s in `record` (or a transport error): reads every rank's
-        heartbeat before and after a window of three periods, still waiting for `work`. True
-        when the collective completed meanwhile; False when it is only slow; raises on a
-        stall."""
+        heartbeat before and after a window of three periods, still waiting for `work` (or
+        compares with `first`, read three periods ago while waiting). True when the collective
+        completed meanwhile; False when it is only slow; raises on a stall."""
         if self.store.unreachable_for() >= 2 * self.period:  # the heartbeat found it so
             self._raise(self._unreachable_report(self._waiting_text(record)), cause)
         try:
-            first = self._read_all()
-            completed, work, cause = self._watch_window(work, cause)
-            if completed:
-                return True
+            if first is None:
+                first = self._read_all()
+                completed, work, cause = self._watch_window(work, cause)
+                if completed:
+                    return True
             if self.abort_report is not None:
                 self._raise(self.abort_report)
             second = self._read_all()
