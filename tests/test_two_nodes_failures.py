@@ -5,10 +5,11 @@ CollectiveStallError on every surviving rank, not after the 30-minute collective
 timeout 10 s; one run per scenario (~30 s each): the link partitioned (every packet dropped, no
 reset) and node 1 frozen (SIGSTOP of every process on it). Every surviving rank must raise
 within 30 s of the fault, naming the other node's hostname and ranks and the collective (op,
-sequence number, call site), and its torchrun must end (no exit hang). A stuck rank is covered
-on one host by tests/test_stall.py (stuck_in_user_code), a long legitimate operation there by
-long_checkpoint_write_progresses and slow_collective_progresses. Skips where namespaces can't
-be made.
+sequence number, call site), and its torchrun must end (no exit hang). And a legitimately
+long exchange (a broadcast over a link capped to 20 Mbit/s, 2.5 stall timeouts long) does not
+trip it. A stuck rank is covered on one host by tests/test_stall.py (stuck_in_user_code), a rank
+busy writing a long checkpoint there by long_checkpoint_write_progresses. Skips where
+namespaces can't be made.
 
 Also a measuring tool (seconds from the fault to each rank's error, and to each torchrun's end):
 
@@ -159,6 +160,27 @@ def test_a_frozen_node_is_named_by_the_other_within_seconds(tmp_path):
         message = result["errors"][r][1]
         assert message.startswith("zero_ext: rank(s) 2, 3 on node1 stopped responding"), message
         _assert_names_the_collective(message)
+
+
+@needs_two_nodes
+def test_a_long_exchange_over_a_slow_link_does_not_trip():
+    # 24 MB broadcast between the nodes at 20 Mbit/s: ~10 s, 2.5 stall timeouts of 4 s, with
+    # the heartbeats crossing the same saturated link. Progress, not a flat timeout.
+    stall_timeout_s = 4.0
+    rdzv = (f"--nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d --rdzv_endpoint=$NODE0_ADDR:"
+            f"29513 --rdzv_id=zx2l-{secrets.token_hex(4)}")
+    command = (f"{sys.executable} -m torch.distributed.run {rdzv} "
+               f"{os.path.join(HERE, 'two_nodes_long_exchange.py')}")
+    env = dict(os.environ, ZX_STALL_TIMEOUT_S=str(stall_timeout_s), ZX_EXCHANGE_MB="24")
+    with TwoNodes(rate="20mbit") as nodes:
+        results = nodes.run([command, command], timeout=90, env=env, cwd=ROOT)
+    for r in results:
+        assert r.returncode == 0 and not r.timed_out, \
+            f"node{r.node} exited {r.returncode}:\n{r.stdout[-2000:]}{r.stderr[-4000:]}"
+        match = re.search(r"exchanged in ([\d.]+) s, progress checks (\d+)", r.stdout)
+        assert match, r.stdout[-2000:]
+        assert float(match.group(1)) > 2 * stall_timeout_s, match.group(0)
+        assert int(match.group(2)) >= 1, match.group(0)  # it diagnosed, and found progress
 
 
 def main() -> int:
