@@ -5,7 +5,8 @@ at link rates capped with tc tbf, next to the model's prediction from
   - the network as the shipped benchmark measures it over the same link, in the same job
     (zero_ext.scaling_measure, as `python -m zero_ext.estimate --measure-network` runs it),
   - the compute measured here first: the same model, config and micro-batch on one rank
-    (forward, backward and optimizer step timed apart, per stage),
+    (forward, backward and optimizer step timed apart, per stage; two such one-rank runs at
+    once, as the two nodes' ranks share this machine's cores),
   - the step's collectives as the scaling model plans them (checked against the traffic
     counters of the timed steps, printed).
 
@@ -127,12 +128,21 @@ def _predict(stage: int, measured_network: dict, compute: dict):
 
 
 def _one_rank_compute(steps: int, env: dict) -> dict:
-    single = subprocess.run(_worker_command(steps), check=False, shell=True,
-                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    if single.returncode:
-        raise RuntimeError(f"the one-rank run failed:\n{single.stderr[-3000:]}")
-    compute = _parse(single.stdout)["stages"]
-    print("compute on one rank (s): " + "; ".join(
+    """Each phase's compute on one rank alone (world size 1: no communication), two such
+    processes at once, as the two nodes' ranks share this machine's cores; their mean."""
+    procs = [subprocess.Popen(_worker_command(steps), shell=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+             for _ in range(2)]
+    runs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        if proc.returncode:
+            raise RuntimeError(f"the one-rank run failed:\n{err[-3000:]}")
+        runs.append(_parse(out)["stages"])
+    compute = {stage: {phase: statistics.mean(run[stage][phase] for run in runs)
+                       for phase in ("forward", "backward", "optimizer")}
+               for stage in runs[0]}
+    print("compute on one rank, two at once (s): " + "; ".join(
         f"stage {s}: forward {c['forward']:.4f} backward {c['backward']:.4f} optimizer "
         f"{c['optimizer']:.4f}" for s, c in compute.items()))
     return compute
@@ -142,7 +152,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", default="200mbit,1gbit,uncapped",
                         help="tbf rates of the link between the nodes (uncapped: no tbf)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per stage")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per stage")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -176,9 +186,9 @@ def main() -> int:
                 raise RuntimeError(f"node{r.node} failed ({r.returncode}):\n{r.stderr[-3000:]}")
         measured = _parse(results[0].stdout)
         fits = measured["network"]["fits"]
-        print(f"{rate}: network fit (all_gather) alpha "
-              f"{fits['all_gather']['alpha_s'] * 1e6:.0f} us, "
-              f"{8 / fits['all_gather']['beta_s_per_byte'] / 1e6:.0f} Mbit/s")
+        print(f"{rate}: network fit: " + "; ".join(
+            f"{op} alpha {f['alpha_s'] * 1e6:.0f} us, {8 / f['beta_s_per_byte'] / 1e6:.0f} "
+            "Mbit/s" for op, f in fits.items()))
         for stage in STAGES:
             got = measured["stages"][str(stage)]
             predicted = _predict(stage, measured["network"], compute[str(stage)])
