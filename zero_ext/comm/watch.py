@@ -36,7 +36,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import sys
 import sysconfig
 import threading
@@ -48,6 +47,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from zero_ext.comm.watch_nodes import RankHosts
 from zero_ext.comm.watch_store import STORE_ERRORS as _STORE_ERRORS
 from zero_ext.comm.watch_store import WatchStore
 
@@ -69,7 +69,6 @@ _RECENT = 16            # records each heartbeat carries (what a stalled peer ne
 _CHAIN_WINDOW = 4096    # running fingerprint hashes kept, indexed by sequence number
 _INTERRUPT = signal.SIGUSR2
 _STORE_CALL_TIMEOUT_S = 1.0  # per store call: a cut-off node's calls fail in a few seconds
-_HOSTS_PER_BEAT = 8          # other ranks' hostnames learnt per heartbeat, until all are known
 
 
 class CollectiveStallError(RuntimeError):
@@ -216,9 +215,7 @@ class CollectiveWatch:
         # during interpreter teardown, can abort the process).
         self._group = weakref.ref(group)
         self.store, self.rank, self.size = store, rank, size
-        self.host = socket.gethostname()
-        self.hosts = {rank: self.host}  # rank -> hostname, from the heartbeats (each carries it)
-        self._store_ranks: list[int] | None = None  # the ranks on the store's host, once known
+        self.nodes = RankHosts(rank, size, store, lambda r: self._key("hb", r))
         self.prefix = prefix
         self.bounded = bounded          # gloo: waits are bounded here (NCCL has its watchdog)
         # The debug switch: compare fingerprints before each collective outside the arena.
@@ -328,7 +325,7 @@ class CollectiveWatch:
             since = self.last_done
         recent = [(r.seq, r.fingerprint, r.describe()) for r in list(self.ring)[-_RECENT:]]
         seq = self.seq
-        return {"beat": self._beat, "host": self.host, "seq": seq, "completed": self.completed,
+        return {"beat": self._beat, "host": self.nodes.host, "seq": seq, "completed": self.completed,
                 "chain": [seq, self.chains[seq % _CHAIN_WINDOW]], "kind": kind,
                 "where": where, "for_s": round(now - since, 1), "recent": recent}
 
@@ -343,32 +340,14 @@ class CollectiveWatch:
                     self._deliver(self.store.get(self._key("abort")).decode())
                 elif self.abort_report is None and self.size > 1:
                     self._compare_with_next_rank()
-                if len(self.hosts) < self.size:
-                    self._learn_hosts()
+                if not self.nodes.complete():
+                    self.nodes.learn_some()
             except _STORE_ERRORS:  # a store hiccup must not kill the heartbeat
                 continue
 
     def _beat_once(self) -> None:
         self._beat += 1
         self.store.set(self._key("hb", self.rank), json.dumps(self._state()))
-
-    def _learn_hosts(self) -> None:
-        """A few more ranks' hostnames from their heartbeats, so that a report can name the
-        nodes even when the store can no longer be read."""
-        for r in [r for r in range(self.size) if r not in self.hosts][:_HOSTS_PER_BEAT]:
-            key = self._key("hb", r)
-            if self.store.check([key]):
-                self.hosts[r] = json.loads(self.store.get(key))["host"]
-
-    def _host(self, r: int) -> str:
-        return self.hosts.get(r, "an unknown host")
-
-    def _on_hosts(self, ranks: list[int]) -> str:
-        """"rank(s) 2, 3 on node1" (grouped by host)."""
-        by_host: dict[str, list[int]] = {}
-        for r in ranks:
-            by_host.setdefault(self._host(r), []).append(r)
-        return "; ".join(f"rank(s) {_ranks(rs)} on {host}" for host, rs in by_host.items())
 
     def stop(self) -> None:
         self._stop.set()
@@ -426,7 +405,7 @@ class CollectiveWatch:
                         states[r] = self._state()
                     elif self.store.check([key]):
                         states[r] = json.loads(self.store.get(key))
-                        self.hosts.setdefault(r, states[r]["host"])
+                        self.nodes.learn(r, states[r])
                     else:
                         states[r] = None
                 return states
@@ -435,34 +414,8 @@ class CollectiveWatch:
                     raise
                 time.sleep(self.period / 2)
 
-    def _store_host_ranks(self) -> list[int]:
-        """The ranks on the node that hosts the store (torchrun's: node 0), as far as known;
-        else every rank known to be on another node than this one."""
-        if self._store_ranks is None and len(self.hosts) == self.size and self.store.host:
-            try:
-                address = socket.gethostbyname(self.store.host)
-                addresses = {h: socket.gethostbyname(h) for h in set(self.hosts.values())}
-            except OSError:
-                address, addresses = None, {}
-            self._store_ranks = [r for r, h in sorted(self.hosts.items())
-                                 if h == self.store.host or addresses.get(h) == address]
-        return self._store_ranks or [r for r, h in sorted(self.hosts.items()) if h != self.host]
-
     def _unreachable_report(self, doing: str) -> str:
-        """This node cannot reach the store: the node hosting it (its ranks named) is cut off,
-        frozen or dead, or this node lost the network. `doing`: what this rank was doing."""
-        store = self.store
-        node = store.host or "its host"
-        ranks = self._store_host_ranks()
-        error = store.last_error
-        cause = f"; {type(error).__name__}: {error}" if error is not None else ""
-        culprits = (f"{self._on_hosts(ranks)} stopped answering" if ranks else
-                    f"the ranks on {node} stopped answering")
-        return (f"zero_ext: {node} is unreachable from {self.host}: rank {self.rank} {doing}, "
-                f"and the process group's store on {node} ({store.address or 'not TCP'}) has "
-                f"not answered for {store.unreachable_for():.1f} s{cause}. {culprits}, or "
-                f"{self.host} lost the network (stall_timeout_s={self.timeout:g}).\n"
-                f"Likely cause: {_FIXES['stopped']}.")
+        return self.nodes.unreachable_report(doing, self.timeout, _FIXES["stopped"])
 
     def _waiting_text(self, record: CollectiveRecord) -> str:
         return (f"waited {time.monotonic() - self.waiting_since:.1f} s in collective "
@@ -544,8 +497,8 @@ class CollectiveWatch:
                 behind.append(r)
         waited = time.monotonic() - self.waiting_since
         if stopped:
-            headline = (f"zero_ext: {self._on_hosts(stopped)} stopped responding while rank "
-                        f"{self.rank} on {self.host} waited {waited:.1f} s in collective "
+            headline = (f"zero_ext: {self.nodes.on_hosts(stopped)} stopped responding while rank "
+                        f"{self.rank} on {self.nodes.host} waited {waited:.1f} s in collective "
                         f"{record.describe()} (stall_timeout_s={self.timeout:g}).")
             return self._report(headline, second, "stopped", stale=stopped)
         if mismatched:
@@ -555,8 +508,8 @@ class CollectiveWatch:
             return self._report(headline, second, "mismatch")
         if progressing or not behind:
             return None
-        headline = (f"zero_ext: {self._on_hosts(behind)} did not arrive at collective "
-                    f"{record.describe()}; rank {self.rank} on {self.host} waited {waited:.1f} "
+        headline = (f"zero_ext: {self.nodes.on_hosts(behind)} did not arrive at collective "
+                    f"{record.describe()}; rank {self.rank} on {self.nodes.host} waited {waited:.1f} "
                     f"s for them (stall_timeout_s={self.timeout:g}).")
         return self._report(headline, second, "behind")
 
@@ -623,10 +576,6 @@ class CollectiveWatch:
         self._abort(f"{headline}\nLikely cause: {_FIXES['mismatch']}.")
 
 
-def _ranks(ranks: list[int]) -> str:
-    return ", ".join(map(str, ranks))
-
-
 # -- one watch per process group -------------------------------------------------------------
 _watch: CollectiveWatch | None = None
 _generation = 0
@@ -667,7 +616,7 @@ def _on_terminate(signum, frame):
             except _STORE_ERRORS:
                 pass
         if report is None and record is not None:
-            report = (f"zero_ext: rank {watch.rank} on {watch.host} {doing}; the store still "
+            report = (f"zero_ext: rank {watch.rank} on {watch.nodes.host} {doing}; the store still "
                       f"answered.\nLikely cause: {_FIXES['stopped']}.")
         if report:
             watch._raise(report)
