@@ -131,6 +131,24 @@ def stuck_in_user_code():
     engine.step()
 
 
+def busy_in_user_code_progresses():
+    """Rank 1 computes in its own code (a rank-0-only evaluation, say) for 2.5 stall timeouts
+    after backward while rank 0 waits in step(): its main thread keeps using CPU, so rank 0
+    diagnoses, finds progress, and keeps waiting."""
+    engine = engine_for(2)
+    train_step(engine)
+    gen = torch.Generator().manual_seed(7)
+    engine.backward(engine(torch.randn(BATCH, DIM, generator=gen)))
+    started = time.monotonic()
+    if comm.rank() == 1:
+        total = 0
+        while time.monotonic() < started + 2.5 * STALL_TIMEOUT_S:
+            total += sum(range(1000))
+    engine.step()
+    return {"seconds": time.monotonic() - started,
+            "progress_checks": comm.current_watch().progress_checks}
+
+
 def accumulation_differs():
     engine_for(2, gradient_accumulation_steps=1 + comm.rank())
 
@@ -222,7 +240,8 @@ def equal_size_collectives_differ():
 STALLS = [save_checkpoint_on_rank0_only, load_checkpoint_on_rank0_only,
           save_16bit_model_on_rank0_only, uneven_batches_then_save,
           stage3_block_skipped_on_one_rank, submodule_used_on_one_rank, stuck_in_user_code,
-          accumulation_differs, lr_differs, frozen_rank, slow_collective_progresses,
+          busy_in_user_code_progresses, accumulation_differs, lr_differs, frozen_rank,
+          slow_collective_progresses,
           long_checkpoint_write_progresses, equal_size_collectives_differ]
 
 

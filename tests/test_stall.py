@@ -18,7 +18,8 @@ from dist_harness import run_group
 SHM = ["save_checkpoint_on_rank0_only", "load_checkpoint_on_rank0_only",
        "save_16bit_model_on_rank0_only", "uneven_batches_then_save",
        "stage3_block_skipped_on_one_rank", "submodule_used_on_one_rank", "stuck_in_user_code",
-       "accumulation_differs", "lr_differs", "frozen_rank", "slow_collective_progresses",
+       "busy_in_user_code_progresses", "accumulation_differs", "lr_differs", "frozen_rank",
+       "slow_collective_progresses",
        "long_checkpoint_write_progresses"]
 GLOO = ["stage3_block_skipped_on_one_rank", "save_checkpoint_on_rank0_only", "stuck_in_user_code",
         "equal_size_collectives_differ"]
@@ -139,4 +140,13 @@ def test_a_rank_busy_writing_a_long_checkpoint_does_not_trip():
     outcomes = [ranks[("shm", "long_checkpoint_write_progresses")] for ranks in _outcomes()]
     assert [o["error"] for o in outcomes] == [None, None], outcomes
     assert outcomes[1]["value"]["seconds"] > 2 * stall_cases.STALL_TIMEOUT_S
+    assert outcomes[0]["value"]["progress_checks"] >= 1
+
+
+def test_a_rank_computing_in_its_own_code_does_not_trip():
+    # A rank busy in user code (its main thread using CPU) makes progress; one asleep in user
+    # code is stuck (test_a_rank_stuck_in_user_code_is_named_and_interrupted).
+    outcomes = [ranks[("shm", "busy_in_user_code_progresses")] for ranks in _outcomes()]
+    assert [o["error"] for o in outcomes] == [None, None], outcomes
+    assert outcomes[0]["value"]["seconds"] > 2 * stall_cases.STALL_TIMEOUT_S
     assert outcomes[0]["value"]["progress_checks"] >= 1

@@ -14,7 +14,9 @@ waits in, where its main thread is (user code, or busy inside zero_ext), and its
 records. From two readings the waiting rank tells apart
   * a rank whose heartbeat stopped (dead, frozen, cut off from the network),
   * ranks at the same sequence number in different collectives (mismatched control flow),
-  * a rank that has not arrived and sits in user code (stuck, or skipped a collective),
+  * a rank that has not arrived and sits idle in user code, its main thread using no CPU
+    (stuck, or skipped a collective); one that computes there (a rank-0-only evaluation)
+    makes progress,
   * slowness: every rank in the same collective, or the late one busy inside zero_ext or
     still issuing collectives; then it keeps waiting.
 On a real stall it writes ONE report under the store's abort key (first writer wins) and
@@ -190,8 +192,9 @@ _FIXES = {
         "ranks only, ranks ran different numbers of batches, or a rank is stuck. Make every "
         "rank make the same zero_ext calls in the same order (call save_checkpoint on every "
         "rank, not under `if rank == 0`; give every rank the same number of batches, e.g. a "
-        "DistributedSampler with drop_last=True). If a rank is legitimately busy for longer, "
-        "raise zero_ext.stall_timeout_s in the config"),
+        "DistributedSampler with drop_last=True). A rank computing in its own code (using CPU) "
+        "counts as progress; if one legitimately sits idle for longer (waiting for input or a "
+        "file), raise zero_ext.stall_timeout_s in the config"),
     "mismatch": (
         "control flow differs across ranks: a module or block that runs on some ranks only "
         "(LayerDrop, MoE-style routing, a submodule used on one rank only), or a collective "
@@ -327,7 +330,17 @@ class CollectiveWatch:
         seq = self.seq
         return {"beat": self._beat, "host": self.nodes.host, "seq": seq, "completed": self.completed,
                 "chain": [seq, self.chains[seq % _CHAIN_WINDOW]], "kind": kind,
-                "where": where, "for_s": round(now - since, 1), "recent": recent}
+                "where": where, "for_s": round(now - since, 1), "recent": recent,
+                "now": now, "cpu": self._main_cpu_s()}
+
+    def _main_cpu_s(self) -> float:
+        """CPU seconds the main thread has used: a rank in its own code that keeps using CPU
+        (an evaluation loop, a rank-0-only export) makes progress; a stuck one (asleep,
+        deadlocked, waiting for input) does not."""
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(self.main_ident))
+        except (AttributeError, OSError):  # no per-thread CPU clock here: never counts as busy
+            return 0.0
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
@@ -491,7 +504,7 @@ class CollectiveWatch:
                 theirs = {q: (fp, text) for q, fp, text in now["recent"]}.get(s)
                 if theirs is not None and theirs[0] != mine:
                     mismatched.append((r, theirs[1]))
-            elif now["seq"] != before["seq"] or now["kind"] == "zero_ext":
+            elif now["seq"] != before["seq"] or now["kind"] == "zero_ext" or _busy(before, now):
                 progressing.append(r)
             else:
                 behind.append(r)
@@ -532,7 +545,7 @@ class CollectiveWatch:
                          f"{state['for_s']} s; last collective {last}")
             else:
                 doing = (f"in user code at {state['where']} for {state['for_s']} s since its "
-                         f"last collective {last}")
+                         f"last collective {last}, its main thread idle (not using CPU)")
             heard = "last heartbeat: " if r in stale else ""
             lines.append(f"  rank {r} on {state.get('host', '?')} (entered {state['seq']} "
                          f"collectives, completed {state['completed']}): {heard}{doing}")
@@ -581,6 +594,18 @@ _watch: CollectiveWatch | None = None
 _generation = 0
 _handler_installed = False
 _previous_handlers: dict[int, object] = {}
+
+
+# A rank in its own code counts as making progress while its main thread uses at least this
+# share of one core between two heartbeat readings.
+_BUSY_CPU_SHARE = 0.2
+
+
+def _busy(before: dict, now: dict) -> bool:
+    """Whether a rank's main thread kept working (used CPU) between two of its heartbeats."""
+    elapsed = now.get("now", 0.0) - before.get("now", 0.0)
+    used = now.get("cpu", 0.0) - before.get("cpu", 0.0)
+    return elapsed > 0 and used >= _BUSY_CPU_SHARE * elapsed
 
 
 def _on_interrupt(signum, frame):
