@@ -124,6 +124,22 @@ def test_overlap_rules():
     assert p.compute == pytest.approx(3 + 1 + 0.25)
 
 
+def test_collectives_on_the_compute_cores_do_not_hide_behind_compute():
+    # gloo on CPU: the host link's time is work on the cores compute needs. Host as fast as
+    # the network: nothing hides; host 4x faster: a quarter of each hidden gather is core work.
+    gather = functools.partial(PlannedCollective, "all_gather", 10**6, 4)
+    plan = [gather("forward", True), gather("forward", True), gather("forward", True)]
+    compute = Compute(forward=3.5, backward=0.0)
+    link = Link(1e6, 0.0)
+    # (Without a host cost: 2 + max(3.5, 4) = 6.)
+    for host, expected in ((link, 2 + 3.5 + 2 + 2), (Link(4e6, 0.0), 2 + 3.5 + 2 * 0.5)):
+        cluster = Cluster(nodes=2, gpus_per_node=1, network=link, intra=link,
+                          host={"all_gather": host})
+        p = scaling.predict_step(plan, cluster, compute, stage=3)
+        assert p.seconds == pytest.approx(expected)
+        assert p.exposed == pytest.approx(expected - 3.5)
+
+
 def _predictions(network: str, nodes: int = 2) -> list:
     params, tokens = 7 * 10**9, 16384
     cluster = Cluster(nodes, 8, scaling.parse_network(network), Link(450e9, 2e-6))

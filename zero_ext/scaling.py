@@ -30,7 +30,8 @@ Overlap rules (what the engine does):
   step      the norm / agreement all-reduce and the post-step parameter all-gathers (stages
             1-3's buckets kept whole) run after the optimizer step, behind nothing.
   A phase takes max(compute, hidden collectives) + the exposed ones; collectives share one
-  link, so they add up among themselves.
+  link, so they add up among themselves. Where collectives run on the compute cores (gloo on
+  CPU: Cluster.host), their work there adds to the compute side of that max.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -96,6 +97,10 @@ class Cluster:
     # Per-collective links measured by the network benchmark; they replace `network` for that
     # collective (gloo's reduce-scatter and all-reduce are not the ideal ring).
     fitted: dict[str, Link] = field(default_factory=dict)
+    # Per-collective cost on the ranks' own cores (CPU transports: gloo moving bytes through
+    # the kernel): that part of a collective cannot hide behind compute, which needs the same
+    # cores. Measured as the collectives' fits over an uncapped link; none on GPUs (NCCL).
+    host: dict[str, Link] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -310,6 +315,14 @@ def collective_seconds(c: PlannedCollective, cluster: Cluster) -> float:
     return steps * link.latency + ring_bytes / link.bandwidth
 
 
+def _host_seconds(c: PlannedCollective, cluster: Cluster) -> float:
+    """The part of a collective that occupies the ranks' cores (Cluster.host), 0 without."""
+    if c.op not in cluster.host:
+        return 0.0
+    return collective_seconds(c, replace(cluster, network=cluster.host[c.op],
+                                         fitted={}, intra=cluster.host[c.op]))
+
+
 def predict_step(plan: Sequence[PlannedCollective], cluster: Cluster, compute: Compute, *,
                  stage: int, hpz: int = 1, transform: Callable[[list[PlannedCollective]], list[PlannedCollective]]
                  | None = None) -> StepPrediction:
@@ -325,17 +338,21 @@ def predict_step(plan: Sequence[PlannedCollective], cluster: Cluster, compute: C
         mine = [c for c in plan if c.micro_step == micro]
         for phase, work, edge in (("forward", compute.forward, 0), ("backward", compute.backward,
                                                                      -1)):
-            times = [(collective_seconds(c, cluster), c.hidden)
+            times = [(collective_seconds(c, cluster), c.hidden, _host_seconds(c, cluster))
                      for c in mine if c.phase == phase]
-            hidden = [t for t, h in times if h]
+            hidden = [(t, cores) for t, h, cores in times if h]
             # The first prefetched gather (forward) / the last reduction (backward) has no
             # compute left to hide behind.
-            edge_s = hidden[edge] if hidden else 0.0
-            exposed = sum(t for t, h in times if not h) + edge_s
-            behind = sum(hidden) - edge_s
-            seconds += max(work, behind) + exposed
-            exposed_total += exposed + max(0.0, behind - work)
-            communication += sum(t for t, _ in times)
+            edge_s = hidden[edge][0] if hidden else 0.0
+            exposed = sum(t for t, h, _ in times if not h) + edge_s
+            behind = sum(t for t, _ in hidden) - edge_s
+            # The cores are busy for the compute and the hidden collectives' own work on them;
+            # the link for the hidden collectives: the phase lasts the longer of the two.
+            busy = work + sum(min(t, cores) for t, cores in hidden) - (
+                min(hidden[edge]) if hidden else 0.0)
+            seconds += max(busy, behind) + exposed
+            exposed_total += exposed + max(busy, behind) - work
+            communication += sum(t for t, _, _ in times)
     step_comm = sum(collective_seconds(c, cluster) for c in plan if c.phase == "step")
     seconds += optimizer + step_comm
     communication += step_comm

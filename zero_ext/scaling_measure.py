@@ -101,19 +101,25 @@ def fit(points: Sequence[tuple[float, float]]) -> dict:
     return {"alpha_s": alpha, "beta_s_per_byte": beta}
 
 
-def cluster_from_measurement(measured: dict, nodes: int, gpus_per_node: int,
-                             intra: Link) -> Cluster:
+def cluster_from_measurement(measured: dict, nodes: int, gpus_per_node: int, intra: Link,
+                             host: dict | None = None) -> Cluster:
     """A Cluster whose network is the measured one: each collective's own fit, its alpha
     spread over its ring steps at the measured world size (so other world sizes scale by the
     ring's step count); the network's bandwidth and latency in general are all-gather's (the
-    plain ring)."""
+    plain ring). `host`: a measurement over a link that is not the bottleneck (CPU ranks on an
+    uncapped link), whose times are the collectives' work on the ranks' own cores."""
+    fitted = _links(measured)
+    return Cluster(nodes=nodes, gpus_per_node=gpus_per_node, network=fitted["all_gather"],
+                   intra=intra, fitted=fitted, host=_links(host) if host else {})
+
+
+def _links(measured: dict) -> dict[str, Link]:
     world = measured["world_size"]
-    fitted = {}
+    links = {}
     for op, f in measured["fits"].items():
         steps = (world - 1) * (2 if op == "all_reduce" else 1)
-        fitted[op] = Link(1 / f["beta_s_per_byte"], f["alpha_s"] / steps)
-    return Cluster(nodes=nodes, gpus_per_node=gpus_per_node, network=fitted["all_gather"],
-                   intra=intra, fitted=fitted)
+        links[op] = Link(1 / f["beta_s_per_byte"], f["alpha_s"] / steps)
+    return links
 
 
 def format_measurement(measured: dict) -> str:
