@@ -11,8 +11,8 @@ at link rates capped with tc tbf, next to the model's prediction from
     counters of the timed steps, printed),
   - the collectives' work on the ranks' own cores (Cluster.host): gloo moves every byte
     through the kernel on the cores the compute needs, so that part cannot hide behind
-    compute; measured as the network fit over the uncapped link, where the cores, not the
-    link, are the limit (run first).
+    compute; measured by the same network benchmark on the same link (the machine's CPU
+    seconds per collective, per rank: scaling_measure's host_fits).
 
     python benchmarks/bench_two_nodes.py                       # uncapped, 200mbit, 1gbit
     python benchmarks/bench_two_nodes.py --rates 200mbit --steps 4
@@ -116,7 +116,7 @@ def _worker_command(steps: int) -> str:
     return f"{sys.executable} {os.path.abspath(__file__)} --worker --steps {steps}"
 
 
-def _predict(stage: int, measured_network: dict, compute: dict, host: dict):
+def _predict(stage: int, measured_network: dict, compute: dict):
     import torch
 
     from zero_ext import scaling
@@ -125,8 +125,7 @@ def _predict(stage: int, measured_network: dict, compute: dict, host: dict):
     with torch.device("meta"):
         model = _build()
     plan = scaling.plan_step(model, _config(stage), 2, gpus_per_node=1)
-    cluster = cluster_from_measurement(measured_network, 2, 1, scaling.Link(1e12, 0.0),
-                                       host=host)
+    cluster = cluster_from_measurement(measured_network, 2, 1, scaling.Link(1e12, 0.0))
     work = scaling.Compute(forward=compute["forward"], backward=compute["backward"],
                            optimizer=compute["optimizer"])
     return scaling.predict_step(plan, cluster, work, stage=stage)
@@ -155,9 +154,8 @@ def _one_rank_compute(steps: int, env: dict) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rates", default="200mbit,1gbit,uncapped",
-                        help="tbf rates of the link between the nodes (uncapped: no tbf; "
-                             "always run, first)")
+    parser.add_argument("--rates", default="uncapped,200mbit,1gbit",
+                        help="tbf rates of the link between the nodes (uncapped: no tbf)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per stage")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -176,11 +174,8 @@ def main() -> int:
           "overlap_comm on; one thread per rank")
     header = (f"{'link':>9} {'stage':>5} {'measured s':>10} {'predicted s':>11} "
               f"{'measured/predicted':>18} {'bytes/step (counted = planned)':>31}")
-    rows, host = [], None
-    # Uncapped first: there the collectives' time is the ranks' own work moving the bytes (the
-    # cores, not the link, limit it), which the model needs at every rate (Cluster.host).
-    rates = ["uncapped"] + [r for r in args.rates.split(",") if r != "uncapped"]
-    for rate in rates:
+    rows = []
+    for rate in args.rates.split(","):
         cap = None if rate == "uncapped" else rate
         # The baseline right before the two-node run, so both see the same machine.
         compute = _one_rank_compute(args.steps, env)
@@ -199,15 +194,17 @@ def main() -> int:
                         or "Error" in line][:1]
                 print(f"note: node{r.node} exited {r.returncode} after the run ({last})")
         measured = _parse(results[0].stdout)
-        host = host or measured
-        fits = measured["network"]["fits"]
+        network = measured["network"]
         print(f"{rate}: network fit: " + "; ".join(
             f"{op} alpha {f['alpha_s'] * 1e6:.0f} us, {8 / f['beta_s_per_byte'] / 1e6:.0f} "
-            "Mbit/s" for op, f in fits.items()))
+            "Mbit/s" for op, f in network["fits"].items()))
+        print(f"{rate}: CPU per collective per rank: " + "; ".join(
+            f"{op} {f['alpha_s'] * 1e6:.0f} us + {f['beta_s_per_byte'] * 1e9:.2f} ns/B "
+            f"({f['beta_s_per_byte'] / network['fits'][op]['beta_s_per_byte']:.2f} "
+            "core at the fitted rate)" for op, f in network["host_fits"].items()))
         for stage in STAGES:
             got = measured["stages"][str(stage)]
-            predicted = _predict(stage, measured["network"], compute[str(stage)],
-                                 host["network"])
+            predicted = _predict(stage, network, compute[str(stage)])
             counted = sum(got["bytes"].values())
             planned = sum(predicted.traffic.bytes.values())
             rows.append((rate, stage, got["step"], predicted.seconds, counted, planned))

@@ -48,6 +48,33 @@ def test_the_shipped_network_benchmark_fits_every_collective():
         assert f["alpha_s"] >= 0 and f["beta_s_per_byte"] > 0, op
     cluster = cluster_from_measurement(measured, 1, WORLD, Link(1e9, 0))
     assert cluster.fitted["all_gather"] == cluster.network
+    # gloo on CPU: each collective's work on the cores, measured too; the 4 ranks share this
+    # machine's kernel (its cores), so each is charged a quarter of the machine's CPU seconds.
+    assert measured["ranks_per_kernel"] == WORLD
+    assert {op for op, _, _ in measured["host_samples"]} == set(measured["fits"])
+    assert all(seconds >= 0 for _, _, seconds in measured["host_samples"])
+    assert set(measured["host_fits"]) == set(measured["fits"])
+
+
+def test_the_measured_core_work_of_collectives_enters_the_prediction():
+    # A measurement as measure_network returns it over 2 ranks: all-gather moves 100 MB/s of
+    # ring bytes and costs each rank 0.5 s of CPU per 100 MB (a CPU transport on a capped
+    # link, where the kernel's TCP work per byte is several times an uncapped link's).
+    measured = {"world_size": 2, "fits": {"all_gather": {"alpha_s": 0.0, "beta_s_per_byte": 1e-8}},
+                "host_fits": {"all_gather": {"alpha_s": 0.0, "beta_s_per_byte": 5e-9}}}
+    cluster = cluster_from_measurement(measured, 2, 1, Link(1e12, 0.0))
+    assert cluster.host["all_gather"] == Link(2e8, 0.0)
+    # Three prefetched gathers of 10^6 fp32 (2 MB of ring bytes each: 0.02 s on the link,
+    # 0.01 s on the cores) in a forward of 0.03 s compute. The first is exposed (0.02); the
+    # other two run behind the compute, whose core also does their 2 x 0.01 s of CPU work:
+    # 0.02 + max(0.03 + 0.02, 0.04) = 0.07 (without the core work: 0.02 + 0.04 = 0.06).
+    plan = [PlannedCollective("all_gather", 10**6, 4, "forward", True) for _ in range(3)]
+    p = scaling.predict_step(plan, cluster, Compute(forward=0.03, backward=0.0), stage=3)
+    assert p.seconds == pytest.approx(0.07)
+    measured.pop("host_fits")  # NCCL / no CPU measured: the link alone
+    p = scaling.predict_step(plan, cluster_from_measurement(measured, 2, 1, Link(1e12, 0.0)),
+                             Compute(forward=0.03, backward=0.0), stage=3)
+    assert p.seconds == pytest.approx(0.06)
 
 
 def test_fit_recovers_alpha_and_beta():
