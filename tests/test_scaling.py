@@ -48,11 +48,10 @@ def test_the_shipped_network_benchmark_fits_every_collective():
         assert f["alpha_s"] >= 0 and f["beta_s_per_byte"] > 0, op
     cluster = cluster_from_measurement(measured, 1, WORLD, Link(1e9, 0))
     assert cluster.fitted["all_gather"] == cluster.network
-    # gloo on CPU: each collective's work on the cores, measured too; the 4 ranks share this
-    # machine's kernel (its cores), so each is charged a quarter of the machine's CPU seconds.
-    assert measured["ranks_per_kernel"] == WORLD
+    # gloo on CPU: each collective's work on the cores (its process's CPU seconds), measured
+    # too: every run costs its ranks CPU time.
     assert {op for op, _, _ in measured["host_samples"]} == set(measured["fits"])
-    assert all(seconds >= 0 for _, _, seconds in measured["host_samples"])
+    assert all(seconds > 0 for _, _, seconds in measured["host_samples"])
     assert set(measured["host_fits"]) == set(measured["fits"])
 
 

@@ -13,19 +13,18 @@ by least squares as alpha + beta x ring bytes (the bytes zero_ext.comm's traffic
 per rank). Rank 0 prints the fits and, with --save-network, writes them as JSON.
 
 With gloo (collectives on the CPU) it also measures each collective's work on the cores: the
-non-idle CPU seconds of the machine (/proc/stat: user, system, irq, softirq: gloo's threads and
-the kernel's network stack) while the runs go on, less the machine's background rate measured
-first, shared among the ranks on that kernel; fitted the same way (`host_fits`). That work
-competes with the compute for the same cores (zero_ext/scaling.py, Cluster.host), and it is
-per byte on the link the job really has: tbf-capped TCP costs ~3x the CPU per byte of an
-uncapped veth (docs/scaling.md).
+CPU seconds (user + system, every thread: gloo's and the kernel's TCP work done in them) the
+rank's process spends per run, the slowest rank's mean, fitted the same way (`host_fits`). That
+work competes with the compute for the same cores (zero_ext/scaling.py, Cluster.host), and it
+is per byte on the link the job really has: on the tbf-capped veth link of
+benchmarks/bench_two_nodes.py TCP costs several times the CPU per byte of the uncapped one
+(docs/scaling.md). Work the kernel does outside the rank's threads (ksoftirqd) is not counted.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -67,61 +66,19 @@ def _slowest(times: list[float]) -> list[float]:
     return everyone.tolist()
 
 
-def _machine_cpu() -> float | None:
-    """Non-idle CPU seconds of this machine since boot (every core), None without /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:9]]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _ranks_on_this_kernel() -> int:
-    """How many ranks share this rank's kernel (its cores): network namespaces on one machine
-    count as one; torchrun's local ranks on a node likewise."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            mine = f.read().strip()
-    except OSError:
-        return 1
-    return comm.all_gather_object(mine).count(mine)
-
-
-class _CoreMeter:
-    """The machine's CPU seconds spent per run of a collective, on this rank's share of the
-    cores: (non-idle seconds - background rate x wall) / runs / ranks sharing the kernel."""
-
-    def __init__(self, idle_seconds: float = 0.3):
-        self.sharing = _ranks_on_this_kernel()
-        comm.barrier()
-        cpu, start = _machine_cpu(), time.perf_counter()
-        time.sleep(idle_seconds)
-        self.background = (_machine_cpu() - cpu) / (time.perf_counter() - start)
-
-    def start(self) -> None:
-        self.cpu, self.wall = _machine_cpu(), time.perf_counter()
-
-    def per_run(self, runs: int) -> float:
-        wall = time.perf_counter() - self.wall
-        busy = _machine_cpu() - self.cpu - self.background * wall
-        return max(busy, 0.0) / runs / self.sharing
-
-
 def measure_network(sizes: Sequence[int] = DEFAULT_SIZES, min_seconds: float = 0.2,
                     min_runs: int = 3, max_runs: int = 20) -> dict:
     """Times every collective at every size on the current process group (collective: every
     rank calls it). Returns {"world_size", "samples": [[op, ring bytes, seconds]], "fits":
     {op: {"alpha_s", "beta_s_per_byte"}}}, the same on every rank; with gloo also
-    "host_samples" and "host_fits", the same for the CPU seconds each run costs a rank's
-    share of the cores (see the module docstring)."""
+    "host_samples" and "host_fits", the same for the CPU seconds each run costs a rank (see
+    the module docstring)."""
     world = comm.world_size()
     if world < 2:
         raise RuntimeError("zero_ext: --measure-network needs 2 or more ranks (it times "
                            "collectives between them); launch it with torchrun across the "
                            "nodes, e.g. torchrun --nnodes=2 --nproc_per_node=1 ...")
-    meter = _CoreMeter() if comm.backend() == "gloo" and _machine_cpu() is not None else None
+    on_cores = comm.backend() == "gloo"
     rows, host_rows = [], []
     for op in OPS:
         for nbytes in sizes:
@@ -129,10 +86,9 @@ def measure_network(sizes: Sequence[int] = DEFAULT_SIZES, min_seconds: float = 0
             # rank's time, so every rank runs the same number.
             first = _slowest([_timed(op, nbytes, world)])[0]
             runs = min(max(min_runs, math.ceil(min_seconds / max(first, 1e-9))), max_runs)
-            if meter is not None:
-                meter.start()
+            cpu = time.process_time()
             times = [_timed(op, nbytes, world) for _ in range(runs)]
-            core = meter.per_run(runs) if meter is not None else 0.0
+            core = (time.process_time() - cpu) / runs
             *times, core = _slowest(times + [core])
             numel = max(nbytes // 4 // world, 1) * world
             ring = ring_elements(op, numel, world) * 4
@@ -140,8 +96,7 @@ def measure_network(sizes: Sequence[int] = DEFAULT_SIZES, min_seconds: float = 0
             host_rows.append([op, ring, core])
     out = {"world_size": world, "samples": rows,
            "fits": {op: fit([(b, t) for o, b, t in rows if o == op]) for op in OPS}}
-    if meter is not None:
-        out["ranks_per_kernel"] = meter.sharing
+    if on_cores:
         out["host_samples"] = host_rows
         out["host_fits"] = {op: fit([(b, t) for o, b, t in host_rows if o == op])
                             for op in OPS}
