@@ -97,9 +97,10 @@ class Cluster:
     # Per-collective links measured by the network benchmark; they replace `network` for that
     # collective (gloo's reduce-scatter and all-reduce are not the ideal ring).
     fitted: dict[str, Link] = field(default_factory=dict)
-    # Per-collective cost on the ranks' own cores (CPU transports: gloo moving bytes through
-    # the kernel): that part of a collective cannot hide behind compute, which needs the same
-    # cores. Measured as the collectives' fits over an uncapped link; none on GPUs (NCCL).
+    # Per-collective CPU seconds on the ranks' own cores (CPU transports: gloo moving bytes
+    # through the kernel): that part of a collective cannot hide behind compute, which needs
+    # the same cores. Measured by scaling_measure on the job's own link (the rank's CPU time
+    # per run: host_fits; per byte it depends on the link); none on GPUs (NCCL).
     host: dict[str, Link] = field(default_factory=dict)
 
     def __post_init__(self):
