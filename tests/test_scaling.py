@@ -7,6 +7,7 @@ names bad input and the fix."""
 
 import functools
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -164,6 +165,29 @@ def test_collectives_on_the_compute_cores_do_not_hide_behind_compute():
         p = scaling.predict_step(plan, cluster, compute, stage=3)
         assert p.seconds == pytest.approx(expected)
         assert p.exposed == pytest.approx(expected - 3.5)
+
+
+def test_collectives_needing_more_than_their_share_of_the_core_slow_down():
+    # Three prefetched gathers of 10^6 fp32 over 2 ranks: 2 MB of ring bytes each, 0.05 s on a
+    # 40 MB/s link and 0.04 s of CPU (0.8 of a core at the link's rate); 0.04 s of forward
+    # compute on the same core. The first gather is exposed: 0.05. Behind compute, the other
+    # two (0.1 s of link, 0.08 s of CPU) and the compute share the core: the collectives get
+    # half of it (they need 0.8), so they move at 5/8 of the link's rate while the compute,
+    # at half a core, takes 0.08 s; by then 0.05 s of their link time is done, the other 0.05
+    # runs at full rate: 0.13. Phase: 0.05 + 0.13 = 0.18 (core and link as if shared
+    # perfectly: 0.05 + max(0.04 + 0.08, 0.1) = 0.17).
+    gather = functools.partial(PlannedCollective, "all_gather", 10**6, 4, "forward", True)
+    cluster = Cluster(nodes=2, gpus_per_node=1, network=Link(4e7, 0.0), intra=Link(4e7, 0.0),
+                      host={"all_gather": Link(5e7, 0.0)})
+    p = scaling.predict_step([gather(), gather(), gather()], cluster,
+                             Compute(forward=0.04, backward=0.0), stage=3)
+    assert p.seconds == pytest.approx(0.18)
+    # A transport that takes all the core it needs (share 1): the perfect sharing bound.
+    p = scaling.predict_step([gather(), gather(), gather()], replace(cluster, host_share=1.0),
+                             Compute(forward=0.04, backward=0.0), stage=3)
+    assert p.seconds == pytest.approx(0.17)
+    with pytest.raises(ValueError, match="host_share"):
+        replace(cluster, host_share=0.0)
 
 
 def _predictions(network: str, nodes: int = 2) -> list:

@@ -31,7 +31,9 @@ Overlap rules (what the engine does):
             1-3's buckets kept whole) run after the optimizer step, behind nothing.
   A phase takes max(compute, hidden collectives) + the exposed ones; collectives share one
   link, so they add up among themselves. Where collectives run on the compute cores (gloo on
-  CPU: Cluster.host), their work there adds to the compute side of that max.
+  CPU: Cluster.host, their CPU seconds), the core is shared fairly between the compute and
+  them (_shared_core): their CPU work adds to the compute's, and while both run they get at
+  most Cluster.host_share of the core, so a transport needing more slows below its link rate.
 """
 
 from __future__ import annotations
@@ -102,8 +104,15 @@ class Cluster:
     # the same cores. Measured by scaling_measure on the job's own link (the rank's CPU time
     # per run: host_fits; per byte it depends on the link); none on GPUs (NCCL).
     host: dict[str, Link] = field(default_factory=dict)
+    # The largest share of a core the collectives' transport gets while the compute also runs
+    # on it (a fair scheduler between the rank's one compute thread and the transport: 1/2);
+    # see _shared_core.
+    host_share: float = 0.5
 
     def __post_init__(self):
+        if not 0 < self.host_share <= 1:
+            raise ValueError(f"host_share is a share of a core, 0 < share <= 1, got "
+                             f"{self.host_share}")
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise ValueError(f"a cluster needs at least 1 node of at least 1 GPU, got "
                              f"{self.nodes} x {self.gpus_per_node}")
@@ -324,6 +333,24 @@ def _host_seconds(c: PlannedCollective, cluster: Cluster) -> float:
                                          fitted={}, intra=cluster.host[c.op]))
 
 
+def _shared_core(compute: float, host: float, link: float, share: float) -> float:
+    """Seconds until both the compute (`compute` seconds of one core) and a chain of
+    collectives (`link` seconds on the link, `host` seconds of CPU work on the same core) end,
+    the core shared fairly: the collectives take the share of the core they need (host / link
+    per second of link time), at most `share` while the compute runs (which gets the rest);
+    whichever ends first leaves the core to the other. Without host work: max(compute, link);
+    with host work at most `share` per second: max(compute + host, link)."""
+    if host <= 0 or link <= 0 or compute <= 0:
+        return max(compute + host, link)
+    need = host / link                      # the core the collectives use at the link's rate
+    taken = min(need, share)
+    compute_ends = compute / (1 - taken)    # both running throughout
+    link_ends = host / taken                # link time, slowed to taken / need of its rate
+    if link_ends <= compute_ends:
+        return compute + host               # the core never idles: its work, in a row
+    return compute_ends + link - compute_ends * taken / need
+
+
 def predict_step(plan: Sequence[PlannedCollective], cluster: Cluster, compute: Compute, *,
                  stage: int, hpz: int = 1, transform: Callable[[list[PlannedCollective]], list[PlannedCollective]]
                  | None = None) -> StepPrediction:
@@ -343,16 +370,15 @@ def predict_step(plan: Sequence[PlannedCollective], cluster: Cluster, compute: C
                      for c in mine if c.phase == phase]
             hidden = [(t, cores) for t, h, cores in times if h]
             # The first prefetched gather (forward) / the last reduction (backward) has no
-            # compute left to hide behind.
+            # compute left to hide behind (nor to share its core with).
             edge_s = hidden[edge][0] if hidden else 0.0
             exposed = sum(t for t, h, _ in times if not h) + edge_s
             behind = sum(t for t, _ in hidden) - edge_s
-            # The cores are busy for the compute and the hidden collectives' own work on them;
-            # the link for the hidden collectives: the phase lasts the longer of the two.
-            busy = work + sum(min(t, cores) for t, cores in hidden) - (
-                min(hidden[edge]) if hidden else 0.0)
-            seconds += max(busy, behind) + exposed
-            exposed_total += exposed + max(busy, behind) - work
+            # The hidden collectives' link time and their work on the compute's cores.
+            cores = sum(min(t, c) for t, c in hidden) - (min(hidden[edge]) if hidden else 0.0)
+            both = _shared_core(work, cores, behind, cluster.host_share)
+            seconds += both + exposed
+            exposed_total += exposed + both - work
             communication += sum(t for t, _, _ in times)
     step_comm = sum(collective_seconds(c, cluster) for c in plan if c.phase == "step")
     seconds += optimizer + step_comm
