@@ -18,7 +18,7 @@ at link rates capped with tc tbf, next to the model's prediction from
     python benchmarks/bench_two_nodes.py --rates 200mbit --steps 4
 
 Needs root (network namespaces). Each rank runs one thread (the two "nodes" share this
-machine's cores); run it on an otherwise idle machine. About 3-4 minutes on 2 cores.
+machine's cores); run it on an otherwise idle machine. About 90 s on 2 cores.
 """
 
 from __future__ import annotations

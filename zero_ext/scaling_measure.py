@@ -154,6 +154,12 @@ def format_measurement(measured: dict) -> str:
     for op, f in measured["fits"].items():
         lines.append(f"{op:>15}  alpha {f['alpha_s'] * 1e6:9.1f} us   bandwidth "
                      f"{8 / f['beta_s_per_byte'] / 1e9:8.3f} Gbit/s")
+    if "host_fits" in measured:
+        lines.append("CPU seconds per collective on each rank (gloo: work on the compute's "
+                     "cores): alpha + beta x ring bytes")
+        for op, f in measured["host_fits"].items():
+            lines.append(f"{op:>15}  alpha {f['alpha_s'] * 1e6:9.1f} us   "
+                         f"{f['beta_s_per_byte'] * 1e9:8.3f} ns per byte")
     return "\n".join(lines)
 
 
