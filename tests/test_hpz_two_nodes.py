@@ -25,7 +25,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 EXAMPLES = os.path.join(ROOT, "examples")
 STEPS = 3
-NODES_TIMEOUT_S = 75  # both runs, one after the other; ~30 s on 2 idle cores
+NODES_TIMEOUT_S = 150  # both runs, one after the other: ~30 s on 2 idle cores, ~75 s on loaded ones
 
 
 def _run(config: str, save_dir, port: int) -> str:
