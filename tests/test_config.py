@@ -269,8 +269,9 @@ def test_inert_values_of_unsupported_keys_are_accepted_silently():
     ({"zero_optimization": {"offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}},
      "zero_optimization.offload_optimizer.device: 'nvme' is not supported",
      "\"device\": \"cpu\""),
-    ({"zero_optimization": {"zero_quantized_gradients": True}},
-     "zero_optimization.zero_quantized_gradients: quantized communication", "set it to false"),
+    ({"zero_optimization": {"zero_quantized_nontrainable_weights": True}},
+     "zero_optimization.zero_quantized_nontrainable_weights: quantized frozen weights",
+     "set it to false"),
     ({"optimizer": {"params": {"max_grad_norm": 1.0}}},
      "optimizer.params.max_grad_norm: not an optimizer parameter", "gradient_clipping"),
     ({"optimizer": {"params": {"amsgrad": True}}}, "optimizer.params.amsgrad: true is not",
@@ -495,3 +496,89 @@ def test_derived_value_must_be_whole():
         batch(train_batch_size=8, gradient_accumulation_steps=4).resolve_batch(4)
     with pytest.raises(ValueError, match=r"^world_size: expected an integer >= 1"):
         batch().resolve_batch(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Compressed communication: zero_ext.compression and DeepSpeed's ZeRO++ keys.
+# --------------------------------------------------------------------------------------------
+
+
+def test_compression_is_off_by_default():
+    plan = ZeroConfig.load({}).compression()
+    assert (plan.gradients, plan.weights, plan.enabled) == ("none", "none", False)
+
+
+def test_deepspeed_zeropp_keys_mean_int4_gradients_and_int8_weights_at_stage_3():
+    # DeepSpeed's qgZ quantizes gradients to int4 (no error feedback), qwZ weights to int8.
+    plan = ZeroConfig.load({"zero_optimization": {
+        "stage": 3, "zero_quantized_gradients": True, "zero_quantized_weights": True}}
+    ).compression()
+    assert (plan.gradients, plan.grad_bits, plan.error_feedback, plan.weights) == \
+        ("int4", 4, False, "int8")
+
+
+@pytest.mark.parametrize("key", ["zero_quantized_gradients", "zero_quantized_weights"])
+def test_deepspeed_zeropp_keys_below_stage_3_warn_and_do_nothing(key):
+    # DeepSpeed reads them only in its stage-3 optimizer.
+    with pytest.warns(UserWarning, match=f"zero_optimization.{key} .DeepSpeed reads it only "
+                      "at stage 3, the stage is 2"):
+        plan = ZeroConfig.load({"zero_optimization": {"stage": 2, key: True}}).compression()
+    assert not plan.enabled
+
+
+def test_zero_ext_compression_section_resolves():
+    config = ZeroConfig.load({"zero_optimization": {"stage": 2}, "zero_ext": {"compression": {
+        "gradients": {"method": "Top-K", "density": 0.05, "momentum": 0.0, "warmup_steps": 10,
+                      "block_size": 128}}}})
+    plan = config.compression()
+    assert (plan.gradients, plan.density, plan.momentum, plan.warmup_steps, plan.grad_block,
+            plan.error_feedback) == ("topk", 0.05, 0.0, 10, 128, True)
+    assert plan.grad_bits is None
+    # The section round-trips under its own names.
+    assert ZeroConfig.load(config.to_dict()).compression() == plan
+    plan = ZeroConfig.load({"zero_optimization": {"stage": 3}, "zero_ext": {"compression": {
+        "gradients": {"method": "int8", "error_feedback": True},
+        "weights": {"method": "int8", "block_size": 512}}}}).compression()
+    assert (plan.gradients, plan.grad_bits, plan.error_feedback, plan.weights,
+            plan.weight_block) == ("int8", 8, True, "int8", 512)
+
+
+@pytest.mark.parametrize("config,prefix,fix", [
+    ({"zero_optimization": {"stage": 0},
+      "zero_ext": {"compression": {"gradients": {"method": "int8"}}}},
+     "zero_ext.compression.gradients.method: 'int8' quantizes the reduce-scatter of stages "
+     "1-3", "\"topk\" at stage 0"),
+    ({"zero_optimization": {"stage": 3},
+      "zero_ext": {"compression": {"gradients": {"method": "topk"}}}},
+     "zero_ext.compression.gradients.method: \"topk\" keeps a full-size fp32 residual",
+     "top-k at stages 0-2"),
+    ({"zero_optimization": {"stage": 1},
+      "zero_ext": {"compression": {"weights": {"method": "int8"}}}},
+     "zero_ext.compression.weights.method: 'int8' compresses stage 3's parameter gathers",
+     "stage to 3"),
+    ({"zero_optimization": {"stage": 3, "zero_quantized_gradients": True},
+      "zero_ext": {"compression": {"gradients": {"method": "int8"}}}},
+     "zero_ext.compression.gradients.method: 'int8' and "
+     "zero_optimization.zero_quantized_gradients", "keep one of them"),
+    ({"zero_optimization": {"stage": 3, "zero_quantized_weights": True},
+      "zero_ext": {"compression": {"weights": {"method": "int8"}}}},
+     "zero_ext.compression.weights.method: 'int8' and zero_optimization.zero_quantized_weights",
+     "keep one of them"),
+    ({"zero_ext": {"compression": {"gradients": {"method": "int2"}}}},
+     "zero_ext.compression.gradients.method: expected one of 'none', 'int8', 'int4', 'topk'",
+     "got 'int2'"),
+    ({"zero_ext": {"compression": {"gradients": {"block_size": 100}}}},
+     "zero_ext.compression.gradients.block_size: expected a multiple of 8", "got 100"),
+    ({"zero_ext": {"compression": {"weights": {"block_size": 4}}}},
+     "zero_ext.compression.weights.block_size: expected an integer >= 8", "got 4"),
+    ({"zero_ext": {"compression": {"gradients": {"density": 0}}}},
+     "zero_ext.compression.gradients.density: expected a number in (0, 1]", "got 0"),
+    ({"zero_ext": {"compression": {"gradients": {"momentum": 1.0}}}},
+     "zero_ext.compression.gradients.momentum: expected a number in [0, 1)", "got 1.0"),
+    ({"zero_ext": {"compression": {"gradient": {"method": "int8"}}}},
+     "zero_ext.compression.gradient: unknown key", "did you mean 'gradients'?"),
+])
+def test_compression_errors(config, prefix, fix):
+    msg = error_of(config)
+    assert msg.startswith(prefix), msg
+    assert fix in msg, msg

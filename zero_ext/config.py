@@ -41,11 +41,15 @@ __all__ = [
     "AdamParams",
     "BF16Config",
     "BatchSizes",
+    "CompressionPlan",
+    "CompressionSettings",
     "ConfigError",
     "FP16Config",
+    "GradientCompressionSettings",
     "OffloadConfig",
     "OptimizerConfig",
     "SchedulerConfig",
+    "WeightCompressionSettings",
     "ZeroConfig",
     "ZeroOptimizationConfig",
     "read_json_config",
@@ -830,6 +834,19 @@ class ZeroOptimizationConfig(_Section):
     node; over the slow link a node receives (M-1)/M of the parameters instead of (N-1)/N
     (M nodes, N ranks). The values are the flat all-gather's, bit for bit."""
 
+    zero_quantized_gradients: bool = False
+    """Stage 3, ZeRO++ qgZ (DeepSpeed's key): reduce gradients as int4 blockwise-quantized
+    chunks moved by all-to-all and summed in fp32, within each node first and then across
+    nodes, as DeepSpeed does; no error feedback (DeepSpeed has none). DeepSpeed reads it only
+    at stage 3, and so does zero_ext (below stage 3 it warns and has no effect): to compress at
+    stages 1-3 with int8, int4 or error feedback, or top-k at stages 0-2, use
+    ``zero_ext.compression.gradients``."""
+
+    zero_quantized_weights: bool = False
+    """Stage 3, ZeRO++ qwZ (DeepSpeed's key): all-gather parameters as int8 blockwise-quantized
+    chunks (bf16 read as bf16); the fp32 master weights stay exact. Same as
+    ``zero_ext.compression.weights.method = "int8"``; no effect below stage 3 (warned)."""
+
     sub_group_size: int = 1_000_000_000
     """DeepSpeed: elements of the optimizer state stepped at a time (bounds its temporary
     memory). No effect here: zero_ext steps per bucket (``reduce_bucket_size``, stage-3 units);
@@ -898,17 +915,10 @@ class ZeroOptimizationConfig(_Section):
             "false is not supported: zero_ext always restores the fp32 master weights from the "
             "checkpoint; remove the key"),
         "legacy_stage1": _Unsupported(_is(False), "true is not supported; remove the key"),
-        "zero_quantized_weights": _Unsupported(
-            _is(False),
-            "quantized communication (ZeRO++) is not supported; remove the key or set it to "
-            "false"),
         "zero_quantized_nontrainable_weights": _Unsupported(
             _is(False),
-            "quantized weights (ZeRO++) are not supported; remove the key or set it to false"),
-        "zero_quantized_gradients": _Unsupported(
-            _is(False),
-            "quantized communication (ZeRO++) is not supported; remove the key or set it to "
-            "false"),
+            "quantized frozen weights (ZeRO++) are not supported; remove the key or set it to "
+            "false (zero_quantized_weights quantizes every stage-3 gather)"),
         "zenflow": _Unsupported(_is(None), "ZenFlow is not supported; remove the key"),
     }
     # DeepSpeed's deprecated offload switches, read as the offload sections.
@@ -973,8 +983,16 @@ class ZeroOptimizationConfig(_Section):
             self.stage3_unit_classes = list(names)
         for name in ("contiguous_gradients", "reduce_scatter", "allgather_partitions",
                      "stage3_gather_16bit_weights_on_model_save", "round_robin_gradients",
-                     "ignore_unused_parameters", "elastic_checkpoint"):
+                     "ignore_unused_parameters", "elastic_checkpoint",
+                     "zero_quantized_gradients", "zero_quantized_weights"):
             setattr(self, name, _check_bool(name, getattr(self, name)))
+        if self.stage != 3:
+            why = {"zero_quantized_gradients": "zero_ext.compression.gradients compresses "
+                   "the reduction at stages 1-3 (top-k at 0-2)",
+                   "zero_quantized_weights": "only stage 3 gathers parameters while training"}
+            _warn_ignored([f"zero_optimization.{name} (DeepSpeed reads it only at stage 3, "
+                           f"the stage is {self.stage}; {detail})"
+                           for name, detail in why.items() if getattr(self, name)])
         # A null section is no offload, as in DeepSpeed (so is an empty one: device "none").
         self.offload_optimizer = _section("offload_optimizer", self.offload_optimizer,
                                           OffloadConfig, optional=True) or OffloadConfig()
@@ -1093,6 +1111,122 @@ class PeriodicCheckpointSettings(_Section):
                               "directory to save to and resume from")
 
 
+_GRADIENT_METHODS = {"none": "none", "int8": "int8", "int4": "int4", "topk": "topk",
+                     "top-k": "topk", "top_k": "topk"}
+_WEIGHT_METHODS = {"none": "none", "int8": "int8"}
+
+
+@dataclass(kw_only=True)
+class GradientCompressionSettings(_Section):
+    """``zero_ext.compression.gradients``: how the gradient reduction is compressed
+    (zero_ext/comm/compressed.py; docs/compression.md)."""
+
+    method: str = "none"
+    """"none"; "int8" or "int4": blockwise-quantized chunks moved by all-to-all and summed in
+    fp32 on the receiving rank (stages 1-3; ZeRO++'s qgZ); "topk": each rank sends the largest
+    ``density`` share of every chunk as (index, value) pairs, the rest stays in its residual
+    (stages 0-2; Deep Gradient Compression)."""
+
+    block_size: int = 256
+    """Elements per quantization block, each with one fp32 scale (a multiple of 8): smaller
+    blocks follow the gradient's local range more closely and cost 4 bytes per block."""
+
+    error_feedback: bool = False
+    """int8/int4: keep the rounding error of what this rank sent (1 byte per element, fp8) and
+    add it to its next send, so no part of a gradient is lost for good. Always on for topk."""
+
+    two_hop: bool = True
+    """int8/int4 on several nodes of several ranks: reduce within each node first, then across
+    nodes, so the slow link carries 1/(ranks per node) of the data."""
+
+    density: float = 0.01
+    """topk: the share of each chunk's elements sent per reduction, in (0, 1]."""
+
+    momentum: float = 0.9
+    """topk: momentum correction (DGC): the residual accumulates an exponential moving average
+    of the gradient with this factor instead of the gradient (0 turns it off), in [0, 1)."""
+
+    warmup_steps: int = 0
+    """topk: optimizer steps over which the density falls exponentially from 1 (dense) to
+    ``density``, as DGC's warm-up; 0 starts at ``density``."""
+
+    def __post_init__(self):
+        self.method = _check_choice("method", self.method, _GRADIENT_METHODS)
+        self.block_size = _check_int("block_size", self.block_size, lo=8)
+        if self.block_size % 8:
+            raise ConfigError("block_size", f"expected a multiple of 8, got {self.block_size}")
+        self.error_feedback = _check_bool("error_feedback", self.error_feedback)
+        self.two_hop = _check_bool("two_hop", self.two_hop)
+        self.density = _check_number("density", self.density, lo=0.0, hi=1.0, lo_open=True)
+        self.momentum = _check_number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
+        self.warmup_steps = _check_int("warmup_steps", self.warmup_steps, lo=0)
+
+
+@dataclass(kw_only=True)
+class WeightCompressionSettings(_Section):
+    """``zero_ext.compression.weights``: how stage 3 gathers parameters."""
+
+    method: str = "none"
+    """"none", or "int8": every rank's shard is quantized blockwise (bf16 read as bf16) and
+    gathered as int8 plus one fp32 scale per block (ZeRO++'s qwZ); every rank computes with
+    the same dequantized weights, and the fp32 master weights stay exact."""
+
+    block_size: int = 256
+    """Elements per quantization block (a multiple of 8)."""
+
+    def __post_init__(self):
+        self.method = _check_choice("method", self.method, _WEIGHT_METHODS)
+        self.block_size = _check_int("block_size", self.block_size, lo=8)
+        if self.block_size % 8:
+            raise ConfigError("block_size", f"expected a multiple of 8, got {self.block_size}")
+
+
+@dataclass(kw_only=True)
+class CompressionSettings(_Section):
+    """``zero_ext.compression``: compressed communication (docs/compression.md)."""
+
+    gradients: GradientCompressionSettings = field(
+        default_factory=GradientCompressionSettings)
+    """The gradient reduction (see GradientCompressionSettings)."""
+
+    weights: WeightCompressionSettings = field(default_factory=WeightCompressionSettings)
+    """Stage 3's parameter gathers (see WeightCompressionSettings)."""
+
+    _SECTIONS: ClassVar[dict[str, type]] = {"gradients": GradientCompressionSettings,
+                                            "weights": WeightCompressionSettings}
+
+    def __post_init__(self):
+        self.gradients = _section("zero_ext.compression.gradients", self.gradients,
+                                  GradientCompressionSettings)
+        self.weights = _section("zero_ext.compression.weights", self.weights,
+                                WeightCompressionSettings)
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """What the engine compresses, resolved from ``zero_ext.compression`` and DeepSpeed's
+    ZeRO++ keys (``ZeroConfig.compression()``)."""
+
+    gradients: str = "none"      # "none", "int8", "int4" or "topk"
+    grad_block: int = 256
+    error_feedback: bool = False
+    two_hop: bool = True
+    density: float = 0.01
+    momentum: float = 0.9
+    warmup_steps: int = 0
+    weights: str = "none"        # "none" or "int8"
+    weight_block: int = 256
+
+    @property
+    def grad_bits(self) -> int | None:
+        """8 or 4 for the quantized methods, else None."""
+        return {"int8": 8, "int4": 4}.get(self.gradients)
+
+    @property
+    def enabled(self) -> bool:
+        return self.gradients != "none" or self.weights != "none"
+
+
 @dataclass(kw_only=True)
 class ZeroExtSettings(_Section):
     """``zero_ext``: settings of zero_ext's own, with no DeepSpeed counterpart."""
@@ -1109,13 +1243,19 @@ class ZeroExtSettings(_Section):
     checkpoint: PeriodicCheckpointSettings = field(default_factory=PeriodicCheckpointSettings)
     """Periodic checkpoints and auto-resume after a restart (see PeriodicCheckpointSettings)."""
 
-    _SECTIONS: ClassVar[dict[str, type]] = {"checkpoint": PeriodicCheckpointSettings}
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
+    """Compressed gradient reductions and parameter gathers (see CompressionSettings)."""
+
+    _SECTIONS: ClassVar[dict[str, type]] = {"checkpoint": PeriodicCheckpointSettings,
+                                            "compression": CompressionSettings}
 
     def __post_init__(self):
         self.stall_timeout_s = _check_number("stall_timeout_s", self.stall_timeout_s, lo=0.0,
                                              lo_open=True)
         self.checkpoint = _section("zero_ext.checkpoint", self.checkpoint,
                                    PeriodicCheckpointSettings)
+        self.compression = _section("zero_ext.compression", self.compression,
+                                    CompressionSettings)
 
 
 _COMM_DTYPES = {
@@ -1308,6 +1448,7 @@ class ZeroConfig(_Section):
         if self.fp16.enabled and self.bf16.enabled:
             raise ConfigError("fp16.enabled", "fp16 and bf16 are both enabled; enable at most "
                               "one of them")
+        self.compression()  # its errors at load, not at initialize
 
     @classmethod
     def load(cls, config: dict | str | os.PathLike | ZeroConfig) -> ZeroConfig:
@@ -1399,6 +1540,52 @@ class ZeroConfig(_Section):
         if self.communication_data_type is None:
             return None
         return _TORCH_DTYPES[self.communication_data_type]
+
+    def compression(self) -> CompressionPlan:
+        """What to compress (``zero_ext.compression`` and DeepSpeed's ZeRO++ keys, resolved);
+        raises ConfigError for a combination that cannot run (checked at load)."""
+        zero = self.zero_optimization
+        grads, weights = self.zero_ext.compression.gradients, self.zero_ext.compression.weights
+        stage = zero.stage
+        plan = {"gradients": grads.method, "grad_block": grads.block_size,
+                "error_feedback": grads.error_feedback or grads.method == "topk",
+                "two_hop": grads.two_hop, "density": grads.density, "momentum": grads.momentum,
+                "warmup_steps": grads.warmup_steps, "weights": weights.method,
+                "weight_block": weights.block_size}
+        if stage == 3 and zero.zero_quantized_gradients:
+            if grads.method != "none":
+                raise ConfigError(
+                    "zero_ext.compression.gradients.method",
+                    f"{grads.method!r} and zero_optimization.zero_quantized_gradients (DeepSpeed's "
+                    "qgZ: int4 without error feedback) both say how gradients are compressed; "
+                    "keep one of them")
+            plan.update(gradients="int4", error_feedback=False)
+        if stage == 3 and zero.zero_quantized_weights:
+            if weights.method != "none":
+                raise ConfigError(
+                    "zero_ext.compression.weights.method",
+                    f"{weights.method!r} and zero_optimization.zero_quantized_weights (DeepSpeed's "
+                    "qwZ: int8) both say how weights are compressed; keep one of them")
+            plan["weights"] = "int8"
+        if plan["gradients"] in ("int8", "int4") and stage == 0:
+            raise ConfigError(
+                "zero_ext.compression.gradients.method",
+                f"{plan['gradients']!r} quantizes the reduce-scatter of stages 1-3; stage 0 "
+                "all-reduces whole buckets: set zero_optimization.stage to 1-3, or use \"topk\" "
+                "at stage 0")
+        if plan["gradients"] == "topk" and stage == 3:
+            raise ConfigError(
+                "zero_ext.compression.gradients.method",
+                "\"topk\" keeps a full-size fp32 residual (and momentum) of every gradient on "
+                "every rank, the memory stage 3 partitions gradients to save: use \"int8\" or "
+                "\"int4\" (with error_feedback) at stage 3, or top-k at stages 0-2")
+        if plan["weights"] != "none" and stage != 3:
+            raise ConfigError(
+                "zero_ext.compression.weights.method",
+                f"{plan['weights']!r} compresses stage 3's parameter gathers and the stage is "
+                f"{stage} (stages 0-2 keep every parameter on every rank): set "
+                "zero_optimization.stage to 3, or the method to \"none\"")
+        return CompressionPlan(**plan)
 
 
 def _divide_exactly(numerator: int, denominator: int, derived: str, arithmetic: str) -> int:
