@@ -35,6 +35,7 @@ from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
 from zero_ext.zero import offload
 from zero_ext.zero.buckets import GradientBuckets
+from zero_ext.zero.compression import GradientCompression
 from zero_ext.zero.construction import outside_init
 from zero_ext.zero.hpz import secondary_numel
 from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
@@ -228,6 +229,10 @@ class ZeroEngine(nn.Module):
         self._gather_params = comm.all_gather
         if zero.hierarchical_allgather and comm.current_topology().hierarchical_groups():
             self._gather_params = comm.hierarchical_all_gather
+        # Compressed communication (zero/compression.py): the gradient reductions' policy and
+        # error-feedback state, stage 3's quantized weight gathers.
+        self.compression = GradientCompression(config.compression(), self.layouts,
+                                               stage=self.stage, device=self.device)
         if unit_plan:
             self.partitioned = PartitionedParameters(
                 unit_plan, self._params, rank=self.rank, dtype=self.model_dtype,
@@ -236,7 +241,8 @@ class ZeroEngine(nn.Module):
                 max_reuse_numel=zero.stage3_max_reuse_distance, root=model,
                 offload=self.offload_param, pin=zero.offload_param.pin_memory,
                 hpz_partition_size=zero.zero_hpz_partition_size,
-                hierarchical=zero.hierarchical_allgather)
+                hierarchical=zero.hierarchical_allgather,
+                compute_gather=self.compression.weight_gather(zero.hierarchical_allgather))
 
         # Stage 0 may run any torch optimizer on the whole, replicated parameters; otherwise the
         # sharded AdamW.
@@ -274,7 +280,8 @@ class ZeroEngine(nn.Module):
             accumulation_steps=self.batch.gradient_accumulation_steps,
             overlap_comm=config.zero_optimization.overlap,
             on_reduced=self.partitioned.layout_reduced if self.partitioned else None,
-            on_final=self.offload.grad_ready if self.offload else None)
+            on_final=self.offload.grad_ready if self.offload else None,
+            compression=self.compression if self.compression.compresses_gradients else None)
         self.loss_scaler: DynamicLossScaler | None = loss_scaler_for(config, self.rank)
         self.lr_scheduler = None
         self.monitor = TrainingMonitor(
@@ -469,6 +476,8 @@ class ZeroEngine(nn.Module):
         if self.loss_scaler is not None:
             scaled = scaled * self.loss_scaler.scale
         micro_index = self.micro_steps % self.batch.gradient_accumulation_steps
+        self.compression.begin_backward(
+            self.global_steps, self.loss_scaler.scale if self.loss_scaler is not None else 1.0)
         with self._timers.time("backward"):
             self.grad_buckets.begin_backward(self.is_gradient_accumulation_boundary(),
                                              micro_index)
@@ -553,6 +562,7 @@ class ZeroEngine(nn.Module):
         if overflow and nonfinite != "apply":
             self._global_grad_norm = norm
             self.grad_buckets.clear()
+            self.compression.reset()  # the residuals hold parts of the discarded gradients
             if nonfinite == "raise":
                 raise FloatingPointError(
                     f"zero_ext: the gradient norm is {norm} at step {self.global_steps}; without "

@@ -10,7 +10,9 @@ and the bucket's collective starts asynchronously while autograd goes on with ea
   stage 2  reduce-scatter on every micro-step; the shard is accumulated in fp32 across them
   stage 3  as stage 2, per gather unit; then the unit's full parameters are released
 Collectives start in bucket order, whatever order gradients arrive in, so every rank issues the
-same sequence of collectives even when some parameters receive no gradient.
+same sequence of collectives even when some parameters receive no gradient. With compressed
+gradients (zero/compression.py) the bucket's reduction is the compressed one, started the same
+way; its handle's wait() finishes it (dequantize and sum, or scatter the top-k entries).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zero_ext import comm, ops
+from zero_ext.zero.compression import GradientCompression
 from zero_ext.zero.partition import BucketLayout
 
 __all__ = ["BucketState", "GradientBucket", "GradientBuckets"]
@@ -55,8 +58,11 @@ class GradientBuckets:
     def __init__(self, layouts: list[BucketLayout], params: list[torch.nn.Parameter], *,
                  stage: int, comm_dtype: torch.dtype, accumulation_steps: int,
                  overlap_comm: bool, on_reduced: Callable[[int], None] | None = None,
-                 on_final: Callable[[int, torch.Tensor], bool] | None = None):
+                 on_final: Callable[[int, torch.Tensor], bool] | None = None,
+                 compression: GradientCompression | None = None):
         self.stage = stage
+        # Compressed gradients: its reduce() replaces the exact collective (None: exact).
+        self.compression = compression
         self.comm_dtype = comm_dtype
         self.accumulation_steps = accumulation_steps
         self.overlap_comm = overlap_comm
@@ -127,12 +133,16 @@ class GradientBuckets:
             bucket.params[i].grad = None
         if self._on_reduced is not None:
             self._on_reduced(layout.index)  # stage 3: the unit's full parameters can go
-        if self._whole_buckets:
+        out = None if self._whole_buckets else \
+            torch.empty(layout.shard_numel, dtype=self.comm_dtype, device=bucket.flat.device)
+        if self.compression is not None:
+            bucket.work = self.compression.reduce(bucket.flat, out, layout.index)
+        elif out is None:
             bucket.work = comm.all_reduce(bucket.flat, async_op=True, bucket=layout.index)
         else:
-            out = torch.empty(layout.shard_numel, dtype=self.comm_dtype, device=bucket.flat.device)
             bucket.work = comm.reduce_scatter(out, bucket.flat, async_op=True,
                                               bucket=layout.index)
+        if out is not None:
             bucket.grad = out
         bucket.state = BucketState.REDUCING
         if not self.overlap_comm:

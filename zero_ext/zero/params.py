@@ -161,6 +161,7 @@ class GatherUnit:
     uploads: list = field(default_factory=list)
     uploaded: object | None = None
     refreshes: bool = False                  # the gather in flight refreshes hpZ's copy
+    quantized: bool = False                  # gathered with qwZ: the values are dequantized
 
     @property
     def numel(self) -> int:
@@ -276,10 +277,15 @@ class PartitionedParameters:
                  device: torch.device, prefetch_numel: int = 0,
                  max_live_numel: int = 2**62, max_reuse_numel: int = 0,
                  root: nn.Module | None = None, offload: bool = False, pin: bool = False,
-                 hpz_partition_size: int = 1, hierarchical: bool = False):
+                 hpz_partition_size: int = 1, hierarchical: bool = False,
+                 compute_gather: Callable | None = None):
         self.rank, self.dtype, self.device = rank, dtype, device
         # Gathers over every rank: in two hops (across nodes, then within) or one ring.
         self._gather_all = comm.hierarchical_all_gather if hierarchical else comm.all_gather
+        # qwZ (zero/compression.py): the gathers whose values only feed forward and backward
+        # are compressed; values read back or written (GatheredParameters, the full values of
+        # checkpoints) are gathered exactly. None: every gather is exact.
+        self._compute_gather = compute_gather
         # hpZ: backward gathers from a copy sharded within a block of a node's ranks (the
         # block checked against the nodes before anything is partitioned).
         hpz_group = comm.current_topology().block_group(
@@ -433,8 +439,9 @@ class PartitionedParameters:
 
     # -- gather / release ---------------------------------------------------------------------
     @torch.no_grad()
-    def start_gather(self, unit: GatherUnit) -> None:
-        """Issues the unit's all-gathers without waiting (a prefetch)."""
+    def start_gather(self, unit: GatherUnit, exact: bool = False) -> None:
+        """Issues the unit's all-gathers without waiting (a prefetch). `exact`: the values
+        will be read or written back, not only computed with (no qwZ)."""
         if unit.state is not UnitState.SHARDED:
             return
         self._is_ready(unit, wait=True)
@@ -442,7 +449,12 @@ class PartitionedParameters:
         # after every stream that writes them).
         unit.fulls = [torch.empty(layout.padded_numel, dtype=self.dtype, device=self.device)
                       for layout in unit.layouts]
-        secondary = self.secondary.sources(unit.layouts) if self.secondary is not None else None
+        unit.quantized = self._compute_gather is not None and not exact
+        gather_all = self._compute_gather if unit.quantized else self._gather_all
+        # hpZ's copies hold what the forward's gather gave (dequantized under qwZ, so exact
+        # values come from the primary shards).
+        secondary = self.secondary.sources(unit.layouts) if self.secondary is not None and \
+            not (exact and self._compute_gather is not None) else None
         unit.refreshes = self.secondary is not None and secondary is None
         sources = shards = secondary if secondary is not None else unit.shards
         if self.offload:
@@ -464,7 +476,7 @@ class PartitionedParameters:
                 unit.pending.append(
                     comm.all_gather(unit.fulls[i], shard, async_op=True, bucket=bucket,
                                     group=self.secondary.group) if secondary is not None else
-                    self._gather_all(unit.fulls[i], shard, async_op=True, bucket=bucket))
+                    gather_all(unit.fulls[i], shard, async_op=True, bucket=bucket))
             if upload is not None:
                 # Blocking: a host waiting on it (wait_host_reads) sleeps rather than spin a
                 # core the CPU optimizer step could use.
@@ -481,10 +493,12 @@ class PartitionedParameters:
         return self._upload
 
     @torch.no_grad()
-    def gather(self, unit: GatherUnit) -> None:
+    def gather(self, unit: GatherUnit, exact: bool = False) -> None:
+        if exact and unit.quantized and unit.state is not UnitState.SHARDED:
+            self.release(unit)  # gathered with qwZ for computing; the exact values are asked
         if unit.state is UnitState.GATHERED:
             return
-        self.start_gather(unit)
+        self.start_gather(unit, exact)
         for work in unit.pending:
             if work is not None:
                 work.wait()
@@ -545,6 +559,7 @@ class PartitionedParameters:
                     param.__class__ = _ReleasedParameter
         unit.fulls = [None] * len(unit.layouts)
         unit.state = UnitState.SHARDED
+        unit.quantized = False
 
     def _after_forward(self, unit: GatherUnit, output) -> None:
         if _replaying():
@@ -577,13 +592,16 @@ class PartitionedParameters:
             self.release(unit)
 
     def gather_for(self, layout_indices: set[int]) -> list[GatherUnit]:
-        """Gathers every sharded unit holding one of these buckets; returns those it gathered."""
+        """Gathers every sharded unit holding one of these buckets, exactly; returns those it
+        gathered. (A unit gathered with qwZ for a forward running now is gathered again,
+        exactly, and left to that forward to release.)"""
         gathered = []
         for index in sorted(layout_indices):  # the same order on every rank
             unit = self._unit_of_layout.get(index)
-            if unit is not None and unit.state is UnitState.SHARDED:
-                self.gather(unit)
-                gathered.append(unit)
+            if unit is not None and (unit.state is UnitState.SHARDED or unit.quantized):
+                if unit.state is UnitState.SHARDED:
+                    gathered.append(unit)
+                self.gather(unit, exact=True)
         return gathered
 
     @torch.no_grad()
@@ -633,7 +651,7 @@ class PartitionedParameters:
         keep=False take part in the gathers and get empty dicts."""
         for unit in self.units:
             was_gathered = unit.state is UnitState.GATHERED
-            self.gather(unit)
+            self.gather(unit, exact=True)
             values = {param: param.data.detach().to("cpu", copy=True)
                       for members in unit.params for param in members} if keep else {}
             if not was_gathered:

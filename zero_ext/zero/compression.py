@@ -1,0 +1,190 @@
+"""Compressed communication in the engine (issue 16): which reduction each gradient bucket runs,
+its error-feedback state, and which gather stage 3 uses for the weights it computes with.
+
+The engine builds one GradientCompression from `ZeroConfig.compression()` (a CompressionPlan).
+GradientBuckets calls `reduce` instead of comm.reduce_scatter / comm.all_reduce when gradients
+are compressed; PartitionedParameters takes `weight_gather` for its gathers over every rank.
+The collectives themselves are comm's (zero_ext/comm/compressed.py); this module holds what
+depends on the training run rather than on one call:
+
+  int8 / int4, stages 1-3  comm.quantized_reduce_scatter, two hops when the nodes allow it
+                           and the plan says so; with error feedback one QuantFeedback per
+                           bucket (1 byte per element and 4 per chunk: fp8 residuals)
+  topk, stage 0            comm.sparse_all_reduce (every rank ends with the same gradient)
+  topk, stages 1-2         comm.sparse_reduce_scatter; one TopkFeedback per bucket (fp32
+                           residual and momentum, DGC), at the density of the warm-up schedule
+  weights int8, stage 3    comm.quantized_all_gather for the gathers whose values only feed the
+                           forward and backward (qwZ)
+
+Residuals are kept in the units of the gradients that made them: loss-scaled under fp16. When
+the loss scale changes between two reductions of a bucket the stored residual is rescaled by
+current / stored scale (quantized feedback: the op's residual_factor; top-k: its state tensors
+in place), so an error made at scale 2**16 is not fed back 2x too large after an overflow halved
+the scale. A step the engine skips (fp16 overflow) resets everything: see `reset`.
+
+One rank sends nothing, so nothing is compressed there (the plan is kept, the state is empty).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from zero_ext import comm
+from zero_ext.config import CompressionPlan
+from zero_ext.zero.partition import BucketLayout
+
+__all__ = ["GradientCompression", "warmup_density"]
+
+
+def warmup_density(target: float, step: int, warmup_steps: int) -> float:
+    """Top-k density at optimizer step `step`: Deep Gradient Compression's exponential warm-up,
+    target ** min(1, step / warmup_steps): dense (1) at step 0, each step the same factor
+    sparser, `target` from `warmup_steps` on. Early gradients are large and change direction
+    quickly; sending them whole lets the residuals start from a trained-in state."""
+    if warmup_steps <= 0:
+        return target
+    return target ** min(1.0, step / warmup_steps)
+
+
+class GradientCompression:
+    """The gradient reduction of every bucket under the plan, and stage 3's weight gather.
+
+    State per bucket index (`feedback`): a comm.QuantFeedback (int8/int4 with error feedback)
+    or comm.TopkFeedback (topk), and the loss scale its residuals were stored at
+    (`residual_loss_scale`). The engine calls `begin_backward` before each backward (the
+    optimizer step for the density, the loss scale of the gradients about to be reduced) and
+    `reset` when it skips a step."""
+
+    def __init__(self, plan: CompressionPlan, layouts: list[BucketLayout], *, stage: int,
+                 device: torch.device):
+        self.plan = plan
+        self.stage = stage
+        self.world_size = comm.world_size()
+        # Only the wire is compressed: on one rank the reduction is a copy.
+        self.gradients = plan.gradients if self.world_size > 1 else "none"
+        self.weights = plan.weights if self.world_size > 1 else "none"
+        self.feedback: dict[int, comm.QuantFeedback | comm.TopkFeedback] = {}
+        self.residual_loss_scale: dict[int, float] = {}
+        self.density = 1.0 if plan.warmup_steps > 0 else plan.density
+        self._loss_scale = 1.0
+        if self.gradients in ("int8", "int4") and plan.error_feedback:
+            topology = comm.current_topology()
+            for layout in layouts:
+                self.feedback[layout.index] = comm.QuantFeedback.for_reduce_scatter(
+                    layout.padded_numel, self.world_size, topology, device)
+        elif self.gradients == "topk":
+            for layout in layouts:
+                self.feedback[layout.index] = comm.TopkFeedback(
+                    layout.padded_numel, self.world_size, momentum=plan.momentum,
+                    all_reduce=stage == 0, device=device)
+
+    @property
+    def compresses_gradients(self) -> bool:
+        return self.gradients != "none"
+
+    # -- the step's context --------------------------------------------------------------------
+    def begin_backward(self, step: int, loss_scale: float) -> None:
+        """Before a backward: `step` is the engine's optimizer step count (global_steps, which
+        checkpoints restore, so a resumed warm-up goes on where it was), `loss_scale` the scale
+        of the gradients this backward produces (1 without fp16)."""
+        self.density = warmup_density(self.plan.density, step, self.plan.warmup_steps)
+        self._loss_scale = float(loss_scale)
+
+    def reset(self) -> None:
+        """The engine skipped the step (fp16 overflow): every residual is zeroed. The residuals
+        now hold part of the discarded gradients (the error of what this step sent, and for
+        top-k the unsent rest), and the previous residuals went out inside the sends that were
+        discarded, so nothing in them belongs to a gradient the optimizer will see; a residual
+        of a non-finite chunk would also stay inf/nan for good. Collective in effect: the skip
+        is decided on every rank alike, so every rank resets."""
+        for feedback in self.feedback.values():
+            feedback.reset()
+        self.residual_loss_scale.clear()
+
+    def _residual_factor(self, bucket: int) -> float:
+        """current / stored loss scale of this bucket's residuals; they are stored at the
+        current scale from now on."""
+        stored = self.residual_loss_scale.get(bucket)
+        self.residual_loss_scale[bucket] = self._loss_scale
+        return 1.0 if stored is None else self._loss_scale / stored
+
+    # -- the reduction -------------------------------------------------------------------------
+    def reduce(self, flat: torch.Tensor, out: torch.Tensor | None, bucket: int):
+        """Starts bucket `bucket`'s compressed reduction of `flat` (this rank's gradients,
+        pre-divided by the world size): the sum's chunk of this rank into `out`, or the whole
+        sum into `flat` in place when `out` is None (stage 0). Returns the async handle; what
+        is left (dequantizing, scattering the received entries) runs in its wait()."""
+        feedback = self.feedback.get(bucket)
+        factor = self._residual_factor(bucket) if feedback is not None else 1.0
+        if self.gradients in ("int8", "int4"):
+            if out is None:
+                raise ValueError("zero_ext: quantized gradients reduce-scatter (stages 1-3); "
+                                 "stage 0 all-reduces: use zero_ext.compression.gradients."
+                                 "method \"topk\" there")
+            return comm.quantized_reduce_scatter(
+                out, flat, bits=self.plan.grad_bits, block_size=self.plan.grad_block,
+                feedback=feedback, residual_factor=factor, two_hop=self.plan.two_hop,
+                async_op=True, bucket=bucket)
+        if factor != 1.0:
+            # Residual and momentum are sums of loss-scaled gradients.
+            for tensor in feedback.tensors().values():
+                if tensor.is_floating_point():
+                    tensor.mul_(factor)
+        if out is None:
+            return comm.sparse_all_reduce(flat, state=feedback, density=self.density,
+                                          async_op=True, bucket=bucket)
+        return comm.sparse_reduce_scatter(out, flat, state=feedback, density=self.density,
+                                          async_op=True, bucket=bucket)
+
+    # -- stage 3's weights -----------------------------------------------------------------------
+    def weight_gather(self, hierarchical: bool) -> Callable | None:
+        """The all-gather over every rank for stage 3's weights used in forward and backward
+        (qwZ): comm.quantized_all_gather, int8 blocks of plan.weight_block, in two hops when
+        `hierarchical` (both carry the packed rows: the values are the flat gather's and the
+        bytes within the node halve too). None when weights are not compressed.
+
+        The values any rank computes with are the dequantized ones, its own shard's included,
+        so every rank holds the same weights. Gathers whose values are read back or written
+        (GatheredParameters, full_state_dict, checkpoints) stay exact (PartitionedParameters),
+        and so do hpZ's secondary gathers: the secondary shards are copied from the forward's
+        gathered (already dequantized) buffer, so backward computes with exactly the weights
+        the forward used, over the fast link inside the node, where quantizing again would
+        add a second rounding for little traffic."""
+        if self.weights == "none":
+            return None
+        return functools.partial(comm.quantized_all_gather, bits=8,
+                                 block_size=self.plan.weight_block, hierarchical=hierarchical)
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every residual of this rank by "<bucket>.<name>" (the feedback objects' own
+        tensors), and "<bucket>.loss_scale" (fp64, 1 element) where residuals were stored at
+        a loss scale. Resharding goes through each feedback object's flat_total()."""
+        out = {}
+        for bucket, feedback in self.feedback.items():
+            for name, tensor in feedback.tensors().items():
+                out[f"{bucket}.{name}"] = tensor
+            if bucket in self.residual_loss_scale:
+                out[f"{bucket}.loss_scale"] = torch.tensor(
+                    [self.residual_loss_scale[bucket]], dtype=torch.float64)
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of tensors() (the same buckets and world size)."""
+        per_bucket: dict[int, dict[str, torch.Tensor]] = {b: {} for b in self.feedback}
+        self.residual_loss_scale.clear()
+        for key, tensor in tensors.items():
+            bucket, name = key.split(".", 1)
+            if int(bucket) not in per_bucket:
+                raise ValueError(f"zero_ext: compression state for bucket {bucket}, which "
+                                 "this engine's compression does not have (another model, "
+                                 "bucket size or compression method)")
+            if name == "loss_scale":
+                self.residual_loss_scale[int(bucket)] = float(tensor.item())
+            else:
+                per_bucket[int(bucket)][name] = tensor
+        for bucket, state in per_bucket.items():
+            self.feedback[bucket].load_tensors(state)
