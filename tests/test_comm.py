@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from zero_ext import comm
+
 import comm_cases
 from dist_harness import run_group
 
@@ -20,7 +22,7 @@ def _results(world_size, shm):
     previous = os.environ.get("ZERO_EXT_CPU_SHM")
     os.environ["ZERO_EXT_CPU_SHM"] = "1" if shm else "0"  # inherited by the spawned ranks
     try:
-        return run_group(world_size, comm_cases.collectives)
+        return run_group(world_size, comm_cases.run_cases)
     finally:
         if previous is None:
             del os.environ["ZERO_EXT_CPU_SHM"]
@@ -31,7 +33,7 @@ def _results(world_size, shm):
 @pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "gloo"])
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_collectives_match_sums_of_every_rank_input(world_size, shm):
-    results = _results(world_size, shm)
+    results = [r["collectives"] for r in _results(world_size, shm)]
     assert all(r["arena"] == shm for r in results)
     for key in results[0]:
         if not isinstance(key, tuple):
@@ -58,12 +60,52 @@ def test_collectives_match_sums_of_every_rank_input(world_size, shm):
 
 @pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "gloo"])
 def test_traffic_counts_ring_elements(shm):
-    traffic = _results(3, shm)[0]["traffic"]
+    traffic = _results(3, shm)[0]["collectives"]["traffic"]
     assert traffic.calls == {"all_reduce": 1, "reduce_scatter": 1, "all_gather": 1}
     # Ring sense at 3 ranks: all-reduce 2n(N-1)/N, reduce-scatter and all-gather n(N-1)/N.
     expected = {"all_reduce": 2 * 10 * 2 / 3, "reduce_scatter": 30 * 2 / 3,
                 "all_gather": 30 * 2 / 3}
     assert traffic.elements == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "gloo"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_all_to_all_moves_chunk_j_to_rank_j(world_size, shm):
+    results = [r["all_to_all"] for r in _results(world_size, shm)]
+    for key in results[0]:
+        if not isinstance(key, tuple):
+            continue
+        chunks = [r[key]["input"].chunk(world_size) for r in results]
+        for rank, result in enumerate(results):
+            expected = torch.cat([chunks[sender][rank] for sender in range(world_size)])
+            assert torch.equal(result[key]["output"], expected), (key, rank)
+            assert torch.equal(result[key]["output_async"], expected), (key, rank)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_all_to_all_counts_each_chunk_on_the_link_it_crosses(world_size):
+    """The last rank alone on node 1: the others send it one chunk across nodes and their
+    other chunks within; it sends every chunk across. bf16 10 per chunk, then 3 bytes."""
+    for rank, result in enumerate(_results(world_size, True)):
+        traffic = result["all_to_all"]["traffic"]
+        chunk = 10 * 2 + 3
+        others = world_size - 1
+        inter = others * chunk if rank == world_size - 1 else chunk
+        assert traffic.calls == {"all_to_all": 2}
+        assert traffic.bytes == {"all_to_all": others * chunk}
+        assert traffic.inter_node_bytes == {"all_to_all": inter}
+        assert traffic.intra_node_bytes == ({"all_to_all": others * chunk - inter}
+                                            if others * chunk > inter else {})
+        assert traffic.elements == {"all_to_all": others * 13}
+
+
+def test_all_to_all_on_one_rank_copies():
+    x = torch.arange(12, dtype=torch.uint8)
+    y = torch.zeros_like(x)
+    assert comm.all_to_all(y, x) is None
+    assert torch.equal(y, x)
+    with pytest.raises(ValueError, match="zero_ext.comm.all_to_all: .* same numel"):
+        comm.all_to_all(torch.empty(5), torch.empty(6))
 
 
 def _start(code: str, env: dict) -> subprocess.CompletedProcess:

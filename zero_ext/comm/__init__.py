@@ -1,7 +1,8 @@
 """The single door to torch.distributed (callers write `from zero_ext import comm`).
 
 collectives.py: process-group setup, the collectives (gloo, NCCL, the shared-memory arena) and
-the traffic counters (by link class). topology.py: which node each rank is on, the groups within
+the traffic counters (by link class). compressed.py: quantized reduce-scatter and all-gather,
+top-k reduce-scatter and all-reduce with error feedback, over those collectives. topology.py: which node each rank is on, the groups within
 and across nodes, the hierarchical all-gather. watch.py: sequence numbers and fingerprints of
 every collective, bounded waits, heartbeats and the stall report.
 """
@@ -13,9 +14,11 @@ from zero_ext.comm.collectives import (
     all_gather,
     all_gather_object,
     all_reduce,
+    all_to_all,
     backend,
     barrier,
     broadcast,
+    counted_as,
     init_distributed,
     rank,
     reduce_scatter,
@@ -54,9 +57,11 @@ __all__ = [
     "all_gather",
     "all_gather_object",
     "all_reduce",
+    "all_to_all",
     "backend",
     "barrier",
     "broadcast",
+    "counted_as",
     "current_topology",
     "current_watch",
     "detect_topology",

@@ -6,11 +6,16 @@ CPU or CUDA tensors) and counts, per collective, the calls and the elements each
 the bandwidth-optimal ring sense, so tests and benchmarks can check traffic against theory:
   all_reduce of n elements: 2n(N-1)/N   reduce_scatter of n (input): n(N-1)/N
   all_gather of n (output): n(N-1)/N    broadcast of n: n (pipelined) on N > 1
+  all_to_all of n: n(N-1)/N, exactly the chunks sent to the other ranks
 N is the size of the group the collective runs in. Each rank's bytes are also counted by the
 link they cross: in the ring over the group's ranks in rank order (nodes hold contiguous rank
 blocks under torchrun), a rank sends everything to the next rank, so its bytes cross nodes when
 that rank is on another node. A ring over N ranks on M > 1 nodes thus crosses nodes on M of its
-N hops. The nodes come from comm/topology.py (detected in init_distributed).
+N hops. An all-to-all sends chunk j to group rank j: its bytes cross nodes when rank j is on
+another node. The nodes come from comm/topology.py (detected in init_distributed). The
+compressed collectives (comm/compressed.py) issue these collectives on packed bytes under
+`counted_as`, so the counters show the bytes that went on the wire under the name of the
+collective they stand for ("reduce_scatter", "all_gather", "all_reduce").
 
 On CPU with every rank on one host (a laptop or one node under torchrun with gloo), the
 collectives go through a shared-memory arena instead of gloo's loopback TCP, as DeepSpeed's
@@ -25,6 +30,7 @@ every rank instead of a hang (see docs/architecture.md, "Stall detection").
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import mmap
 import os
@@ -51,8 +57,10 @@ __all__ = [
     "all_gather",
     "all_gather_object",
     "all_reduce",
+    "all_to_all",
     "barrier",
     "broadcast",
+    "counted_as",
     "init_distributed",
     "rank",
     "reduce_scatter",
@@ -83,11 +91,20 @@ class CollectiveTraffic:
     def record(self, op: str, ring_elements: float, element_size: int,
                crosses_nodes: bool = False) -> None:
         nbytes = ring_elements * element_size
+        self.record_sends(op, ring_elements, 0.0 if crosses_nodes else nbytes,
+                          nbytes if crosses_nodes else 0.0)
+
+    def record_sends(self, op: str, elements: float, intra_node_bytes: float,
+                     inter_node_bytes: float) -> None:
+        """One call of `op` that sent `elements` elements: these bytes within the node and
+        these to other nodes (an all-to-all's chunks go to ranks on either)."""
         self.calls[op] = self.calls.get(op, 0) + 1
-        self.elements[op] = self.elements.get(op, 0.0) + ring_elements
-        self.bytes[op] = self.bytes.get(op, 0.0) + nbytes
-        link = self.inter_node_bytes if crosses_nodes else self.intra_node_bytes
-        link[op] = link.get(op, 0.0) + nbytes
+        self.elements[op] = self.elements.get(op, 0.0) + elements
+        self.bytes[op] = self.bytes.get(op, 0.0) + intra_node_bytes + inter_node_bytes
+        for link, nbytes in ((self.intra_node_bytes, intra_node_bytes),
+                             (self.inter_node_bytes, inter_node_bytes)):
+            if nbytes:
+                link[op] = link.get(op, 0.0) + nbytes
 
     def reset(self) -> None:
         for counts in (self.calls, self.elements, self.bytes, self.intra_node_bytes,
@@ -129,21 +146,50 @@ def set_node_of_rank(nodes: tuple[int, ...]) -> None:
     _node_of_rank = tuple(nodes)
 
 
-def _crosses_nodes(group: CommGroup | None) -> bool:
-    """Whether this rank's sends in the ring over `group` (None: every rank) go to another
-    node: the next rank of the ring is on another node. Before a topology is detected (or
-    after the world size changed) every rank counts as on one node."""
+def _other_node(group: CommGroup | None) -> list[bool]:
+    """For each rank of `group` (None: every rank), in group order, whether it is on another
+    node than this rank. Before a topology is detected (or after the world size changed)
+    every rank counts as on one node."""
+    ranks = group.ranks if group is not None else tuple(range(world_size()))
     nodes = _node_of_rank
     if nodes is None or len(nodes) != world_size():
-        return False
+        return [False] * len(ranks)
+    return [nodes[r] != nodes[rank()] for r in ranks]
+
+
+def _crosses_nodes(group: CommGroup | None) -> bool:
+    """Whether this rank's sends in the ring over `group` (None: every rank) go to another
+    node: the next rank of the ring is on another node."""
     ranks = group.ranks if group is not None else tuple(range(world_size()))
-    me = ranks.index(rank())
-    return nodes[rank()] != nodes[ranks[(me + 1) % len(ranks)]]
+    return _other_node(group)[(ranks.index(rank()) + 1) % len(ranks)]
 
 
 traffic = CollectiveTraffic()
+_count_label: str | None = None
 
-_RING_FACTOR = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0}
+
+@contextlib.contextmanager
+def counted_as(op: str):
+    """The collectives issued inside count under `op` (and name it in the watch's records):
+    comm/compressed.py moves a quantized reduce-scatter as an all-to-all of packed bytes, and
+    its bytes on the wire belong to "reduce_scatter" so that compressed and plain reductions
+    compare directly in `traffic`."""
+    global _count_label
+    previous, _count_label = _count_label, op
+    try:
+        yield
+    finally:
+        _count_label = previous
+
+
+def _count(op: str, numel: int, element_size: int, size: int, group: CommGroup | None) -> str:
+    """Counts one ring-sense collective; returns the name the watch records it under."""
+    traffic.record(_count_label or op, ring_elements(op, numel, size), element_size,
+                   _crosses_nodes(group) if size > 1 else False)
+    return op if _count_label is None else f"{op}[{_count_label}]"
+
+
+_RING_FACTOR = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0, "all_to_all": 1.0}
 
 
 def ring_elements(op: str, numel: int, size: int) -> float:
@@ -355,6 +401,19 @@ class _SharedMemoryArena:
             total = parts[:, self.rank].to(self._sum_dtype(input.dtype)).sum(dim=0)
             output.reshape(-1)[lo:hi].copy_(total)
 
+    def all_to_all(self, output: torch.Tensor, input: torch.Tensor, watch, record) -> None:
+        n = input.numel() // self.size
+        chunks, out = input.view(self.size, n), output.view(self.size, n)
+        piece = self._piece(input.dtype) // self.size
+        for lo in range(0, n, piece):
+            hi = min(lo + piece, n)
+            slots = self._slots(input.dtype)
+            slots[self.rank, :self.size * (hi - lo)].view(self.size, hi - lo).copy_(
+                chunks[:, lo:hi])
+            self._flip(watch, record)
+            parts = slots[:, :self.size * (hi - lo)].view(self.size, self.size, hi - lo)
+            out[:, lo:hi].copy_(parts[:, self.rank])
+
     def all_reduce(self, tensor: torch.Tensor, watch, record) -> None:
         flat = tensor.reshape(-1)
         n, piece = flat.numel(), self._piece(tensor.dtype)
@@ -370,10 +429,13 @@ _arena: _SharedMemoryArena | None = None
 _arena_group: weakref.ref | None = None  # the process group the arena was decided for (weakly)
 
 
-def _shared_memory_arena(tensor: torch.Tensor) -> _SharedMemoryArena | None:
-    """The arena when this collective can use one: contiguous floating-point CPU tensors, gloo,
-    every rank on this host, not disabled by ZERO_EXT_CPU_SHM=0. Decided once per process, on
-    the first collective (which every rank issues), so all ranks agree."""
+def _shared_memory_arena(tensor: torch.Tensor,
+                         reduces: bool = True) -> _SharedMemoryArena | None:
+    """The arena when this collective can use one: contiguous CPU tensors (floating point when
+    the collective `reduces`: the arena sums in fp32; any dtype, packed bytes included, when
+    it only moves data), gloo, every rank on this host, not disabled by ZERO_EXT_CPU_SHM=0.
+    Decided once per process, on the first collective (which every rank issues), so all ranks
+    agree."""
     global _arena, _arena_group
     group = dist.group.WORLD
     if _arena_group is None or _arena_group() is not group:
@@ -387,7 +449,7 @@ def _shared_memory_arena(tensor: torch.Tensor) -> _SharedMemoryArena | None:
             if len(set(hosts)) == 1 and all(enabled):
                 _arena = _SharedMemoryArena(world_size(), rank())
     if (tensor.device.type != "cpu" or not tensor.is_contiguous()
-            or not tensor.is_floating_point()):
+            or (reduces and not tensor.is_floating_point())):
         return None
     return _arena
 
@@ -453,12 +515,11 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = Fals
                bucket: int | None = None):
     """Sum (or `op`) of `tensor` over ranks, in place. `bucket` names the bucket layout the
     collective moves, so a rank reducing another bucket at the same point is caught."""
-    traffic.count("all_reduce", tensor.numel(), tensor.element_size(), world_size(),
-                  _crosses_nodes(None))
+    name = _count("all_reduce", tensor.numel(), tensor.element_size(), world_size(), None)
     if world_size() == 1:
         return None
     arena = _shared_memory_arena(tensor) if op == dist.ReduceOp.SUM else None
-    watch, record = _enter(arena is not None, "all_reduce", tensor.numel(), tensor.dtype, bucket)
+    watch, record = _enter(arena is not None, name, tensor.numel(), tensor.dtype, bucket)
     if arena is not None:
         arena.all_reduce(tensor, watch, record)
         return None
@@ -472,16 +533,14 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
     if input.numel() != output.numel() * world_size():
         raise ValueError(f"zero_ext.comm.reduce_scatter: input has {input.numel()} elements, "
                          f"expected output ({output.numel()}) x world size ({world_size()})")
-    traffic.count("reduce_scatter", input.numel(), input.element_size(), world_size(),
-                  _crosses_nodes(None))
+    name = _count("reduce_scatter", input.numel(), input.element_size(), world_size(), None)
     if world_size() == 1:
         output.copy_(input)
         return None
     arena = _shared_memory_arena(input)
     if arena is not None and not output.is_contiguous():
         arena = None
-    watch, record = _enter(arena is not None, "reduce_scatter", input.numel(), input.dtype,
-                           bucket)
+    watch, record = _enter(arena is not None, name, input.numel(), input.dtype, bucket)
     if arena is not None:
         arena.reduce_scatter(output, input, watch, record)
         return None
@@ -508,18 +567,18 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
     if output.numel() != input.numel() * size:
         raise ValueError(f"zero_ext.comm.all_gather: output has {output.numel()} elements, "
                          f"expected input ({input.numel()}) x group size ({size})")
-    traffic.count("all_gather", output.numel(), output.element_size(), size,
-                  _crosses_nodes(group))
+    op = _count("all_gather", output.numel(), output.element_size(), size, group)
     if size == 1:
         if output.data_ptr() != input.data_ptr():
             output.copy_(input)
         return None
-    arena = _shared_memory_arena(output)
+    arena = _shared_memory_arena(output, reduces=False)
     if arena is not None and (group is not None or not input.is_contiguous()):
         arena = None
     # A group's collective is told apart from the world's of the same size by its name, which
     # is the same on every rank (each rank's group holds other ranks).
-    op = "all_gather" if group is None else f"all_gather[group of {size}]"
+    if group is not None:
+        op = f"{op}[group of {size}]"
     watch, record = _enter(arena is not None, op, output.numel(), output.dtype, bucket)
     if arena is not None:
         arena.all_gather(output, input, watch, record)
@@ -532,13 +591,52 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
     return _issued(watch, record, work, async_op)
 
 
+def all_to_all(output: torch.Tensor, input: torch.Tensor, *, group: CommGroup | None = None,
+               async_op: bool = False, bucket: int | None = None):
+    """Chunk j of `input` goes to rank j of `group` (None: every rank); chunk i of `output`
+    comes from rank i. Both 1-D, contiguous, of the same numel, divisible by the group size;
+    any dtype (comm/compressed.py moves packed uint8 rows). Counted by the bytes it sends:
+    chunk j's to rank j, within or across nodes; nothing for this rank's own chunk (copied).
+    gloo's all-to-all handle honours wait()'s timeout, so the watch bounds it directly."""
+    if group is not None and group.size == world_size():
+        group = None
+    size = group.size if group is not None else world_size()
+    if (input.dim() != 1 or output.dim() != 1 or input.numel() != output.numel()
+            or input.numel() % size or not input.is_contiguous()
+            or not output.is_contiguous() or input.dtype != output.dtype):
+        raise ValueError(
+            f"zero_ext.comm.all_to_all: input and output must be 1-D contiguous tensors of one "
+            f"dtype and the same numel, divisible by the group size ({size}); got input "
+            f"{tuple(input.shape)} {input.dtype}, output {tuple(output.shape)} {output.dtype}")
+    chunk_bytes = input.numel() // size * input.element_size()
+    remote = _other_node(group)
+    inter = chunk_bytes * sum(remote)
+    intra = chunk_bytes * (size - 1) - inter
+    traffic.record_sends(_count_label or "all_to_all", input.numel() * (size - 1) / size,
+                         float(intra), float(inter))
+    op = "all_to_all" if _count_label is None else f"all_to_all[{_count_label}]"
+    if size == 1:
+        if output.data_ptr() != input.data_ptr():
+            output.copy_(input)
+        return None
+    arena = _shared_memory_arena(input, reduces=False) if group is None else None
+    if group is not None:
+        op = f"{op}[group of {size}]"
+    watch, record = _enter(arena is not None, op, input.numel(), input.dtype, bucket)
+    if arena is not None:
+        arena.all_to_all(output, input, watch, record)
+        return None
+    handle = group.handle if group is not None else None
+    work = dist.all_to_all_single(output, input, group=handle, async_op=True)
+    return _issued(watch, record, work, async_op)
+
+
 def broadcast(tensor: torch.Tensor, src: int = 0, async_op: bool = False,
               bucket: int | None = None):
-    traffic.count("broadcast", tensor.numel(), tensor.element_size(), world_size(),
-                  _crosses_nodes(None))
+    name = _count("broadcast", tensor.numel(), tensor.element_size(), world_size(), None)
     if world_size() == 1:
         return None
-    watch, record = _enter(False, "broadcast", tensor.numel(), tensor.dtype, bucket, src)
+    watch, record = _enter(False, name, tensor.numel(), tensor.dtype, bucket, src)
     return _issued(watch, record, dist.broadcast(tensor, src=src, async_op=True), async_op)
 
 
