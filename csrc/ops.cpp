@@ -35,6 +35,31 @@ TORCH_LIBRARY(zero_ext, m) {
   // to tensors[i]'s dtype (round to nearest even). Same dtypes, layout and range rules as
   // flatten_into_.
   m.def("unflatten_from(Tensor flat, Tensor(a!)[] tensors, int[] offsets) -> ()");
+  // Blockwise symmetric quantization for compressed collectives (layout and rounding in
+  // kernels/quant_math.h). x (1-D contiguous fp32 / bf16 / fp16, read in its own dtype) is cut
+  // into `chunks` chunks of m = numel / chunks elements; each chunk is quantized on its own, in
+  // blocks of block_size elements (a multiple of 8; the last block padded with zeros), to int8
+  // (bits=8) or packed int4 (bits=4) with one fp32 scale absmax / qmax per block (NaN for a block
+  // holding inf or NaN). Returns uint8 [chunks, row_bytes], each row [data][scales]. Rows in skip
+  // are neither computed nor written. Error feedback when residual (float8_e4m3fn [numel]) and
+  // residual_scale (fp32 [chunks]) are given: each computed chunk quantizes
+  // x + float(residual) * residual_scale[c] * residual_factor, then stores its quantization error
+  // e as residual = fp8(clamp(e / s, -448, 448)), residual_scale[c] = s = max block scale / 2 /
+  // 448 (0, and a zero residual, for a chunk with a non-finite block).
+  m.def(
+      "quantize_chunks(Tensor x, int chunks, int bits, int block_size, *, int[] skip=[], "
+      "Tensor(a!)? residual=None, Tensor(b!)? residual_scale=None, float residual_factor=1.0) "
+      "-> Tensor");
+  // out (1-D contiguous fp32 / bf16 / fp16, g * m elements) = round((accumulate ? out : 0)
+  // + v_0 + ... + v_{k-1}) in fp32, in order, where v_i is the dequantization (q * scale) of
+  // packed[i] (uint8 [k, g, row_bytes], k senders of g chunks of m elements), except that
+  // v_{exact_index} = exact (g * m elements, any of the three float dtypes) when exact is given.
+  m.def(
+      "dequantize_sum_(Tensor(a!) out, Tensor packed, int bits, int block_size, *, "
+      "Tensor? exact=None, int exact_index=-1, bool accumulate=False) -> ()");
+  // out (1-D contiguous fp32 / bf16 / fp16, g * m elements) = the dequantized chunks of packed
+  // (uint8 [g, row_bytes]) in order, each q * scale rounded to out's dtype.
+  m.def("dequantize_(Tensor(a!) out, Tensor packed, int bits, int block_size) -> ()");
 }
 
 namespace {

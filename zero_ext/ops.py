@@ -12,7 +12,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_step_", "flatten_into_", "unflatten_from"]
+__all__ = [
+    "adamw_step_",
+    "dequantize_",
+    "dequantize_sum_",
+    "flatten_into_",
+    "quantize_chunks",
+    "quantized_row_bytes",
+    "unflatten_from",
+]
 
 
 def adamw_step_(
@@ -109,4 +117,113 @@ def unflatten_from(flat: Tensor, tensors: Sequence[Tensor], offsets: Sequence[in
 @torch.library.register_fake("zero_ext::unflatten_from")
 def _unflatten_from_fake(flat, tensors, offsets):
     # Mutates tensors in place and returns nothing: no outputs to describe.
+    return None
+
+
+def quantized_row_bytes(m: int, bits: int, block_size: int) -> int:
+    """Bytes of one packed row of :func:`quantize_chunks` for a chunk of ``m`` elements.
+
+    ``[data][scales]``: ``nb * block_size * bits / 8`` data bytes then ``nb`` fp32 scales, with
+    ``nb = ceil(m / block_size)`` (the last block padded). Callers size all-to-all buffers and
+    count wire bytes with it; it is the op's own layout (kernels/quant_math.h).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"zero_ext.ops.quantized_row_bytes: expected bits 8 or 4, got {bits}")
+    if block_size < 8 or block_size % 8:
+        raise ValueError("zero_ext.ops.quantized_row_bytes: expected block_size to be a positive "
+                         f"multiple of 8, got {block_size}")
+    if m < 0:
+        raise ValueError(f"zero_ext.ops.quantized_row_bytes: expected m >= 0, got {m}")
+    blocks = -(-m // block_size)
+    return blocks * block_size * bits // 8 + 4 * blocks
+
+
+def quantize_chunks(
+    x: Tensor,
+    chunks: int,
+    bits: int,
+    block_size: int,
+    *,
+    skip: Sequence[int] = (),
+    residual: Tensor | None = None,
+    residual_scale: Tensor | None = None,
+    residual_factor: float = 1.0,
+) -> Tensor:
+    """Blockwise symmetric quantization of ``chunks`` equal chunks of ``x``, one packed row each.
+
+    ``x`` (1-D contiguous fp32, bf16 or fp16, read in its own dtype; ``numel`` divisible by
+    ``chunks``) is cut into chunks of ``m = numel / chunks`` elements, each quantized in blocks of
+    ``block_size`` (a multiple of 8; the last block padded with zeros) to int8 (``bits=8``) or
+    packed int4 (``bits=4``): per block ``scale = absmax / qmax`` (qmax 127 or 7) and
+    ``q = clamp(round_half_even(x * (qmax / absmax)), -qmax, qmax)`` in fp32; an all-zero block
+    has scale 0, a block holding inf or NaN scale NaN. Returns uint8 ``[chunks, row_bytes]``
+    (:func:`quantized_row_bytes`), each row the block data then the fp32 scales. Rows listed in
+    ``skip`` (the chunk a caller keeps exact) are left unwritten and cost nothing.
+
+    Error feedback: with ``residual`` (float8_e4m3fn ``[numel]``) and ``residual_scale`` (fp32
+    ``[chunks]``), each computed chunk quantizes ``x + float(residual) * residual_scale[c] *
+    residual_factor`` and stores, in place, its new quantization error ``e`` as
+    ``residual = fp8(clamp(e / s, -448, 448))`` with ``residual_scale[c] = s = max block scale
+    / 2 / 448``, one byte per element: what this call failed to send is added to the next one.
+    A chunk with a non-finite block drops its residual (zeros, scale 0): that step is skipped.
+    ``residual_factor`` rescales the stored residual when the loss scale changed.
+    """
+    return torch.ops.zero_ext.quantize_chunks(
+        x, chunks, bits, block_size, skip=list(skip), residual=residual,
+        residual_scale=residual_scale, residual_factor=residual_factor)
+
+
+@torch.library.register_fake("zero_ext::quantize_chunks")
+def _quantize_chunks_fake(x, chunks, bits, block_size, *, skip=(), residual=None,
+                          residual_scale=None, residual_factor=1.0):
+    torch._check(x.numel() % chunks == 0,
+                 lambda: "zero_ext::quantize_chunks: x's numel is not divisible by chunks")
+    m = x.numel() // chunks
+    return x.new_empty((chunks, quantized_row_bytes(m, bits, block_size)), dtype=torch.uint8)
+
+
+def dequantize_sum_(
+    out: Tensor,
+    packed: Tensor,
+    bits: int,
+    block_size: int,
+    *,
+    exact: Tensor | None = None,
+    exact_index: int = -1,
+    accumulate: bool = False,
+) -> None:
+    """Sums k senders' dequantized chunks into ``out`` in fp32, in place (the receive side of a
+    quantized reduce-scatter).
+
+    ``packed`` is uint8 ``[k, g, row_bytes]``: k senders, each g chunks of ``m = out.numel() / g``
+    elements quantized by :func:`quantize_chunks` with these ``bits`` and ``block_size``.
+    ``out`` (1-D contiguous fp32, bf16 or fp16) becomes ``round((out if accumulate else 0) + v_0
+    + ... + v_{k-1})``, summed in fp32 in sender order, where ``v_i = q * scale`` of packed[i],
+    except that ``v_{exact_index} = exact`` when ``exact`` is given (the caller's own chunk, never
+    quantized; any float dtype, ``out``'s numel, and it may be ``out`` itself).
+    """
+    torch.ops.zero_ext.dequantize_sum_(out, packed, bits, block_size, exact=exact,
+                                       exact_index=exact_index, accumulate=accumulate)
+
+
+@torch.library.register_fake("zero_ext::dequantize_sum_")
+def _dequantize_sum_fake(out, packed, bits, block_size, *, exact=None, exact_index=-1,
+                         accumulate=False):
+    # Mutates out in place and returns nothing: no outputs to describe.
+    return None
+
+
+def dequantize_(out: Tensor, packed: Tensor, bits: int, block_size: int) -> None:
+    """Dequantizes g packed rows (uint8 ``[g, row_bytes]``) into ``out``, in place.
+
+    ``out`` (1-D contiguous fp32, bf16 or fp16, g * m elements) receives the chunks in order,
+    each element ``q * scale`` (one fp32 multiply) rounded to ``out``'s dtype: what every rank of
+    a quantized all-gather uses, so all ranks hold identical values.
+    """
+    torch.ops.zero_ext.dequantize_(out, packed, bits, block_size)
+
+
+@torch.library.register_fake("zero_ext::dequantize_")
+def _dequantize_fake(out, packed, bits, block_size):
+    # Mutates out in place and returns nothing: no outputs to describe.
     return None

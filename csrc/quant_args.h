@@ -1,0 +1,59 @@
+// The arguments of zero_ext::quantize_chunks, zero_ext::dequantize_sum_ and zero_ext::dequantize_
+// as every backend receives them, and their validation.
+//
+// The CPU glue (csrc/quant_cpu.cpp) and the CUDA glue (csrc/quant_cuda.cu) validate through these
+// functions, so the same bad input raises the same message on every backend. The packed row
+// layout and its byte count: kernels/quant_math.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace zero_ext {
+
+struct QuantizeChunksArgs {
+  const at::Tensor& x;  // 1-D contiguous fp32 / bf16 / fp16, numel divisible by chunks
+  int64_t chunks;
+  int64_t bits;                                     // 4 or 8
+  int64_t block_size;                               // a positive multiple of 8
+  at::IntArrayRef skip;                             // rows neither computed nor written
+  const std::optional<at::Tensor>& residual;        // float8_e4m3fn [numel], or none
+  const std::optional<at::Tensor>& residual_scale;  // fp32 [chunks], given with residual
+  double residual_factor;
+};
+
+// Raises c10::Error (ValueError / TypeError in Python) naming the op, the argument and what was
+// expected versus what came.
+void check_quantize_chunks_args(const QuantizeChunksArgs& args);
+
+// Which rows of a quantize_chunks call are computed (not in skip), in order.
+std::vector<int64_t> rows_to_quantize(int64_t chunks, at::IntArrayRef skip);
+
+// zero_ext::dequantize_sum_ (sum == true) or zero_ext::dequantize_ (sum == false, packed is
+// [g, row_bytes] and there is no exact row and no accumulation).
+struct DequantizeArgs {
+  bool sum;
+  const at::Tensor& out;     // 1-D contiguous fp32 / bf16 / fp16, g * m elements
+  const at::Tensor& packed;  // uint8 [k, g, row_bytes] (sum) or [g, row_bytes]
+  int64_t bits;
+  int64_t block_size;
+  const std::optional<at::Tensor>& exact;  // g * m elements fp32 / bf16 / fp16, or none
+  int64_t exact_index;                     // in [0, k) when exact is given, else -1
+};
+
+void check_dequantize_args(const DequantizeArgs& args);
+
+// The shape [k, g, row_bytes] of a validated call's packed rows (k = 1 for dequantize_).
+struct PackedShape {
+  int64_t k;
+  int64_t g;
+  int64_t m;
+  int64_t row_bytes;
+};
+PackedShape packed_shape(const DequantizeArgs& args);
+
+}  // namespace zero_ext
