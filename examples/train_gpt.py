@@ -4,6 +4,10 @@
     torchrun --nproc_per_node=4 examples/train_gpt.py --config examples/configs/zero1.json
     torchrun --nproc_per_node=2 examples/train_gpt.py --config examples/configs/zero3.json
     torchrun --nproc_per_node=2 examples/train_gpt.py --config examples/configs/zero3_offload.json
+    # Compressed communication (bf16; int8 gradients + int8 weights, int4 gradients with error
+    # feedback, top-k 1%; benchmarks/compression_convergence.py compares them over 300 steps):
+    torchrun --nproc_per_node=2 examples/train_gpt.py --steps 300 \
+        --config examples/configs/zero3_compress_int8.json   # or zero2_compress_topk.json, ...
     python examples/train_gpt.py --config examples/configs/zero0.json      # one process
     torchrun --nproc_per_node=2 examples/train_gpt.py --save-dir ckpt --steps 30   # then resume:
     torchrun --nproc_per_node=3 examples/train_gpt.py --save-dir ckpt --resume --steps 60
@@ -213,7 +217,7 @@ def main() -> None:
     if engine.rank == 0:
         print(f"stage {engine.stage}, {engine.world_size} rank(s), {engine.global_steps} steps of "
               f"{engine.batch.train_batch_size} samples ({accumulation} micro-steps each): "
-              f"loss {first:.3f} -> {last:.3f} (uniform guess: {math.log(len(dataset.vocab)):.3f})")
+              f"loss {first:.4f} -> {last:.4f} (uniform guess: {math.log(len(dataset.vocab)):.3f})")
     torch.distributed.destroy_process_group()
 
 

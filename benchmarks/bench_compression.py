@@ -1,0 +1,384 @@
+"""Compressed communication (issue 16) where the network is the bottleneck: seconds per step of
+examples/train_gpt.py's GPT in bf16 on 2 namespaced nodes (tests/two_nodes.py: a veth pair,
+gloo between the nodes, torchrun's c10d rendezvous), with the link capped by tc tbf and
+uncapped, for
+  - stage 3: uncompressed bf16 vs int8 gradients + int8 weights (qgZ + qwZ),
+  - stage 2: uncompressed bf16 vs int8, int4 gradients and top-k 1% (error feedback, momentum),
+the speed-up over the uncompressed step of the same stage, and each step's traffic counters
+(bytes per rank per link class) next to the arithmetic: the collectives the uncompressed step
+issues (zero_ext.scaling.plan_step, which the counters of the uncompressed run match) with
+every compressed one replaced by what it puts on the wire (quantized rows: data + fp32 scales
+per block; top-k: int32 index + value per entry; own chunk not sent).
+
+    python benchmarks/bench_compression.py                       # uncapped, 1gbit, 300mbit
+    python benchmarks/bench_compression.py --quick               # smoke: 1gbit, 2 timed steps
+    python benchmarks/bench_compression.py --rates 1gbit --variants s3-bf16,s3-int8
+
+Needs root (network namespaces). One thread per rank; the two nodes share this machine's cores,
+so run it on an otherwise idle machine (it prints the load). About 5 minutes on 2 cores.
+
+What it can and cannot show: at stage 2 only the gradient reduction is compressed, while the
+parameter all-gather after the optimizer step stays bf16 (weights are compressed at stage 3
+only), so the byte ratio, and with it the speed-up, is bounded by
+(A + 1) / (A * r + 1) for A micro-steps per step and a gradient compression ratio r: the
+printout shows that bound per row. The model is sized so the capped link dominates the step;
+what else holds a row back (the rank's CPU: gloo's and the kernel's TCP work and the
+quantization, on 2 shared cores) is printed as the rank's process CPU seconds per step and the
+quantization ops' CPU seconds measured on the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import secrets
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "examples"), os.path.join(ROOT, "tests")]
+
+# ~12.7M parameters, a micro-batch of 2 x 32 tokens per rank: the bf16 gathers and reductions
+# of a step are ~38 MB per rank at stage 3 (~0.5 s at 1 Gbit/s), the compute ~0.1 s.
+MODEL = {"vocab": 64, "block": 32, "dim": 512, "layers": 4, "heads": 8}
+MICRO = 1            # sequences per rank per micro-step
+ACCUMULATION = 2     # micro-steps per optimizer step, as the example configs
+BLOCK = 256          # quantization block (the config's default)
+DENSITY = 0.01
+
+# name -> (stage, zero_ext.compression section or None)
+VARIANTS = {
+    "s3-bf16": (3, None),
+    "s3-int8": (3, {"gradients": {"method": "int8", "block_size": BLOCK},
+                    "weights": {"method": "int8", "block_size": BLOCK}}),
+    "s2-bf16": (2, None),
+    "s2-int8": (2, {"gradients": {"method": "int8", "block_size": BLOCK}}),
+    "s2-int4": (2, {"gradients": {"method": "int4", "block_size": BLOCK}}),
+    "s2-topk": (2, {"gradients": {"method": "topk", "density": DENSITY, "momentum": 0.9}}),
+}
+BASELINE = {3: "s3-bf16", 2: "s2-bf16"}
+SPEEDUP_GOAL, UNCAPPED_COST_GOAL = 1.7, 0.05
+
+
+def _config(variant: str, accumulation: int) -> dict:
+    stage, compression = VARIANTS[variant]
+    config = {"train_micro_batch_size_per_gpu": MICRO,
+              "gradient_accumulation_steps": accumulation, "bf16": {"enabled": True},
+              "zero_optimization": {"stage": stage, "overlap_comm": True,
+                                    "reduce_bucket_size": 50_000_000,
+                                    "stage3_param_persistence_threshold": 1000},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "steps_per_print": 10**9}
+    if compression:
+        config["zero_ext"] = {"compression": compression}
+    return config
+
+
+def _build():
+    import torch
+    from train_gpt import GPT
+
+    torch.manual_seed(0)
+    return GPT(**MODEL)
+
+
+# -- the rank's side (under torchrun) ----------------------------------------------------------
+def _train(variant: str, steps: int, accumulation: int, warmup: int = 2) -> dict:
+    """Times `steps` optimizer steps (after `warmup`): wall and process CPU seconds, the forward
+    / backward / optimizer-step phases, and the traffic counters of the timed steps."""
+    import torch
+
+    import zero_ext
+    from zero_ext import comm
+
+    engine, _, _, _ = zero_ext.initialize(model=_build(), config=_config(variant, accumulation))
+    generator = torch.Generator().manual_seed(comm.rank())
+    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    steps_s, cpu_s = [], []
+    for step in range(warmup + steps):
+        if step == warmup:
+            comm.traffic.reset()
+            phases = dict.fromkeys(phases, 0.0)
+        comm.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(accumulation):
+            tokens = torch.randint(0, MODEL["vocab"], (MICRO, MODEL["block"] + 1),
+                                   generator=generator)
+            t1 = time.perf_counter()
+            loss = engine(tokens[:, :-1], tokens[:, 1:])
+            t2 = time.perf_counter()
+            engine.backward(loss)
+            t3 = time.perf_counter()
+            engine.step()
+            t4 = time.perf_counter()
+            for name, seconds in (("forward", t2 - t1), ("backward", t3 - t2),
+                                  ("optimizer", t4 - t3)):
+                phases[name] += seconds
+        if step >= warmup:
+            steps_s.append(time.perf_counter() - t0)
+            cpu_s.append(time.process_time() - c0)
+    traffic = comm.traffic.snapshot()
+    per_step = {name: seconds / steps for name, seconds in phases.items()}
+    out = {"step": statistics.median(steps_s), "steps": steps_s, "cpu": statistics.median(cpu_s),
+           "loss": float(loss), "compression": str(getattr(engine, "compression", None)),
+           "intra": {op: b / steps for op, b in traffic.intra_node_bytes.items()},
+           "inter": {op: b / steps for op, b in traffic.inter_node_bytes.items()},
+           "calls": {op: c / steps for op, c in traffic.calls.items()}} | per_step
+    del engine
+    return out
+
+
+def _quant_op_seconds(numel: int = 1 << 22) -> dict:
+    """CPU seconds per element of the quantization ops on this rank's core, bf16 input, as the
+    compressed collectives call them (2 chunks: one per rank), median of 5; {} without them."""
+    import torch
+
+    ops = torch.ops.zero_ext
+    if not hasattr(ops, "quantize_chunks"):
+        return {}
+    x = torch.randn(numel).to(torch.bfloat16)
+    out = {}
+    for bits in (8, 4):
+        packed = ops.quantize_chunks(x, 2, bits, BLOCK)
+        target = torch.empty(numel // 2, dtype=torch.bfloat16)
+        calls = {f"quantize int{bits}": functools.partial(ops.quantize_chunks, x, 2, bits, BLOCK),
+                 f"dequantize-sum int{bits}": functools.partial(
+                     ops.dequantize_sum_, target, packed.view(2, 1, -1), bits, BLOCK)}
+        for name, fn in calls.items():
+            times = []
+            for _ in range(5):
+                start = time.process_time()
+                fn()
+                times.append(time.process_time() - start)
+            out[name] = statistics.median(times) / numel
+    v = torch.randn(numel).abs_()
+    start = time.process_time()
+    torch.topk(v, math.ceil(DENSITY * numel // 2))
+    out["topk select"] = (time.process_time() - start) / numel
+    return out
+
+
+def worker(args) -> None:
+    import torch
+
+    from zero_ext import comm
+
+    torch.set_num_threads(1)
+    comm.init_distributed()
+    out = {"variants": {name: _train(name, args.steps, args.accumulation)
+                        for name in args.variants.split(",")},
+           "quant_ops": _quant_op_seconds(), "world": comm.world_size()}
+    if comm.rank() == 0:
+        print("BENCH " + json.dumps(out), flush=True)
+
+
+# -- the arithmetic ----------------------------------------------------------------------------
+def row_bytes(m: int, bits: int, block: int) -> int:
+    """Bytes of one quantized chunk of m elements: the data of ceil(m / block) padded blocks,
+    then one fp32 scale each (the packed-row format of zero_ext.ops)."""
+    blocks = -(-m // block)
+    return blocks * block * bits // 8 + 4 * blocks
+
+
+def planned_bytes(variant: str, world: int, accumulation: int) -> tuple[float, float]:
+    """(bytes a rank sends per step, the same for the uncompressed step of that stage), from
+    the uncompressed step's collectives (scaling.plan_step) with every compressed collective
+    replaced by its wire bytes. Every peer sits on the other node here (1 rank per node)."""
+    import torch
+
+    from zero_ext import scaling
+    from zero_ext.comm.collectives import ring_elements
+
+    stage, compression = VARIANTS[variant]
+    with torch.device("meta"):
+        model = _build()
+    plan = scaling.plan_step(model, _config(BASELINE[stage], accumulation), world)
+    grads = (compression or {}).get("gradients", {}).get("method", "none")
+    weights = (compression or {}).get("weights", {}).get("method", "none")
+    total = dense = 0.0
+    for c in plan:
+        exact = ring_elements(c.op, c.numel, world) * c.element_size
+        dense += exact
+        m = c.numel // world  # the chunk each rank receives or contributes
+        if c.op == "reduce_scatter" and grads in ("int8", "int4"):
+            total += (world - 1) * row_bytes(m, 8 if grads == "int8" else 4, BLOCK)
+        elif c.op == "reduce_scatter" and grads == "topk":
+            sparse = math.ceil(DENSITY * m) * (4 + c.element_size)
+            total += (world - 1) * min(sparse, m * c.element_size)
+        elif c.op == "all_gather" and c.phase != "step" and weights == "int8":
+            total += (world - 1) * row_bytes(m, 8, BLOCK)
+        else:
+            total += exact
+    return total, dense
+
+
+# -- the driver --------------------------------------------------------------------------------
+def _parse(stdout: str) -> dict:
+    for line in stdout.splitlines():
+        if line.startswith("BENCH "):
+            return json.loads(line[6:])
+    raise RuntimeError(f"no result line in:\n{stdout[-3000:]}")
+
+
+def _run_two_nodes(rate: str | None, args, env: dict) -> dict:
+    from two_nodes import TwoNodes
+
+    rdzv = (f"-m torch.distributed.run --nnodes=2 --nproc_per_node=1 --rdzv_backend=c10d "
+            f"--rdzv_endpoint=$NODE0_ADDR:29541 --rdzv_id=zxc-{secrets.token_hex(4)}")
+    command = (f"{sys.executable} {rdzv} {os.path.abspath(__file__)} --worker "
+               f"--steps {args.steps} --accumulation {args.accumulation} "
+               f"--variants {args.variants}")
+    with TwoNodes(rate=rate) as nodes:
+        results = nodes.run([command, command], timeout=args.timeout, cwd=ROOT, env=env)
+    if any(r.timed_out for r in results) or "BENCH " not in results[0].stdout:
+        raise RuntimeError(f"the two-node run ({rate or 'uncapped'}) failed:\n" + "\n".join(
+            f"node{r.node} ({'timed out' if r.timed_out else r.returncode}):\n"
+            f"{r.stderr[-3000:]}" for r in results))
+    return _parse(results[0].stdout)
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _print_rate(rate: str, got: dict, args) -> list[tuple]:
+    """One table per link state; returns (rate, variant, speed-up) rows for the verdict."""
+    rows = []
+    print(f"\n{rate}: s/step = median of {args.steps} steps of {args.accumulation} micro-steps "
+          "(rank 0); CPU = rank 0's process CPU s per step; MB = 1e6 bytes per step per rank")
+    print(f"{'variant':>8} {'s/step':>7} {'speedup':>7} {'CPU s':>6} {'fwd':>6} {'bwd':>6} "
+          f"{'opt':>6} {'inter MB':>9} {'intra MB':>9} {'planned':>8} {'cnt/pln':>7} "
+          f"{'bytes x':>7} {'bound':>6}")
+    world = got["world"]
+    for name, r in got["variants"].items():
+        stage = VARIANTS[name][0]
+        base = got["variants"].get(BASELINE[stage])
+        speedup = base["step"] / r["step"] if base else float("nan")
+        inter, intra = sum(r["inter"].values()), sum(r["intra"].values())
+        planned, dense = planned_bytes(name, world, args.accumulation)
+        counted = inter + intra
+        base_bytes = (sum(base["inter"].values()) + sum(base["intra"].values())) if base \
+            else float("nan")
+        print(f"{name:>8} {r['step']:>7.3f} {speedup:>6.2f}x {r['cpu']:>6.3f} "
+              f"{r['forward']:>6.3f} {r['backward']:>6.3f} {r['optimizer']:>6.3f} "
+              f"{inter / 1e6:>9.3f} {intra / 1e6:>9.3f} {planned / 1e6:>8.3f} "
+              f"{counted / planned:>7.3f} {base_bytes / counted:>6.2f}x "
+              f"{dense / planned:>5.2f}x")
+        rows.append((rate, name, speedup, r))
+    ops = {op for r in got["variants"].values() for op in {**r["inter"], **r["intra"]}}
+    for name, r in got["variants"].items():
+        per_op = {op: r["inter"].get(op, 0) + r["intra"].get(op, 0) for op in sorted(ops)}
+        print(f"  {name}: bytes per step by op: " + ", ".join(
+            f"{op} {b / 1e6:.3f} MB ({r['calls'].get(op, 0):g} calls)"
+            for op, b in per_op.items() if b) + f"; engine.compression: {r['compression']}")
+    return rows
+
+
+def _verdict(rows: list[tuple], capped: list[str], quant_ops: dict, args) -> None:
+    """The issue's goals, and for a missed one the phase that holds it."""
+    print("\nGoals (issue 16):")
+    uncapped = {name: s for rate, name, s, _ in rows if rate == "uncapped"}
+    for rate in capped:
+        for stage, base in BASELINE.items():
+            mine = [(name, s, r) for rt, name, s, r in rows
+                    if rt == rate and VARIANTS[name][0] == stage and name != base]
+            for name, speedup, r in mine:
+                ok = speedup >= SPEEDUP_GOAL
+                planned, dense = planned_bytes(name, 2, args.accumulation)
+                line = (f"  {rate} stage {stage} {name}: {speedup:.2f}x "
+                        f"({'meets' if ok else 'misses'} >= {SPEEDUP_GOAL}x; the bytes allow "
+                        f"{dense / planned:.2f}x)")
+                if not ok:
+                    line += "; " + _held_by(name, r, [x for x in rows if x[0] == rate],
+                                            quant_ops)
+                print(line)
+    for name, speedup in uncapped.items():
+        if name in BASELINE.values():
+            continue
+        cost = 1 / speedup - 1
+        print(f"  uncapped {name}: {cost:+.1%} step time vs uncompressed "
+              f"({'meets' if cost < UNCAPPED_COST_GOAL else 'misses'} < +5%)")
+
+
+def _held_by(name: str, r: dict, rate_rows: list[tuple], quant_ops: dict) -> str:
+    """Where a missed speed-up went: the bytes bound, the rank's CPU, the quantization ops."""
+    stage = VARIANTS[name][0]
+    base = next(x[3] for x in rate_rows if x[1] == BASELINE[stage])
+    said = [(f"step {base['step']:.3f} -> {r['step']:.3f} s; rank CPU {base['cpu']:.3f} -> "
+             f"{r['cpu']:.3f} s/step")]
+    if r["cpu"] > 0.8 * r["step"]:
+        said.append("the rank is CPU-bound (process CPU >= 80% of the step: compute, gloo's and "
+                    "the kernel's TCP work and the compression share 2 cores)")
+    method = (VARIANTS[name][1] or {}).get("gradients", {}).get("method")
+    if quant_ops and method in ("int8", "int4"):
+        params = sum(p.numel() for p in _build().parameters())
+        per_step = (quant_ops[f"quantize {method}"] + quant_ops[f"dequantize-sum {method}"]) * params
+        said.append(f"quantize + dequantize-sum of the gradients ~{per_step:.3f} CPU s per "
+                    "micro-step (ops measured on these cores)")
+    if quant_ops and method == "topk":
+        params = sum(p.numel() for p in _build().parameters())
+        said.append(f"top-k selection ~{quant_ops['topk select'] * params:.3f} CPU s per "
+                    "micro-step (torch.topk measured on these cores)")
+    said.append(f"forward {base['forward']:.3f} -> {r['forward']:.3f}, backward "
+                f"{base['backward']:.3f} -> {r['backward']:.3f}, optimizer step "
+                f"{base['optimizer']:.3f} -> {r['optimizer']:.3f} s")
+    return "; ".join(said)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", default="uncapped,1gbit,300mbit",
+                        help="tbf rates of the link between the nodes (uncapped: no tbf)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant")
+    parser.add_argument("--accumulation", type=int, default=ACCUMULATION,
+                        help="micro-steps per optimizer step")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per two-node run")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: the 1gbit link only, 2 timed steps")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.rates, args.steps = "1gbit", 2
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.worker:
+        worker(args)
+        return 0
+    from two_nodes import available
+
+    ok, why = available()
+    if not ok:
+        print(f"two nodes cannot be made here: {why}")
+        return 1
+    started = time.time()
+    # PYTHONPATH: the ranks import this checkout's zero_ext whatever pip installed.
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    params = sum(p.numel() for p in _build().parameters())
+    print(f"GPT {MODEL} ({params / 1e6:.2f}M parameters), bf16, micro-batch {MICRO} x "
+          f"{MODEL['block']} tokens per rank, {args.accumulation} micro-steps per step, "
+          f"overlap_comm on, quantization block {BLOCK}; 2 nodes x 1 rank, one thread per rank; "
+          f"{_load()}")
+    rows, quant_ops = [], {}
+    for rate in args.rates.split(","):
+        got = _run_two_nodes(None if rate == "uncapped" else rate, args, env)
+        quant_ops = got["quant_ops"] or quant_ops
+        rows += _print_rate(rate, got, args)
+        print(f"  ({_load()}, {time.time() - started:.0f} s so far)")
+    if quant_ops:
+        print("\nquantization ops on rank 0's core (bf16, CPU ns per element): " + ", ".join(
+            f"{op} {s * 1e9:.2f}" for op, s in quant_ops.items()))
+    _verdict(rows, [r for r in args.rates.split(",") if r != "uncapped"], quant_ops, args)
+    print(f"{time.time() - started:.0f} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Does compressed communication (issue 16) train as well as uncompressed? examples/train_gpt.py
+for 300 steps in bf16 at 2 and 4 ranks (torchrun, gloo on CPU), ZeRO stages 2 and 3, with the
+example configs examples/configs/zero{2,3}_compress_*.json, against the same configs without
+their compression section:
+  - int8 gradients (+ int8 weights at stage 3)     goal: final loss within 1% of uncompressed
+  - int4 gradients with error feedback             goal: within 2%
+  - int4 gradients without error feedback          the gap error feedback closes (no goal)
+  - top-k 1% with error feedback and momentum (stage 2; top-k is refused at stage 3)
+                                                   goal: within 3%
+The final loss is train_gpt's evaluation after training (its first 64 windows, the same for
+every run); every run starts from the same seed and sees the same batches, so the gap is the
+compression's alone. For scale, the table also shows how far uncompressed stage 2 and stage 3
+end apart (the same mathematics, reduced in another order).
+
+    python benchmarks/compression_convergence.py                   # ~10 min on 2 cores
+    python benchmarks/compression_convergence.py --steps 60 --ranks 2 --stages 2
+
+Rows print as each run ends (2 ranks first), then the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CONFIGS = os.path.join(ROOT, "examples", "configs")
+TRAIN = os.path.join(ROOT, "examples", "train_gpt.py")
+
+# stage -> [(label, example config, how it is changed: None, "uncompressed" or "no_ef")]
+RUNS = {
+    2: [("bf16", "zero2_compress_int8.json", "uncompressed"),
+        ("int8", "zero2_compress_int8.json", None),
+        ("int4+EF", "zero2_compress_int4_ef.json", None),
+        ("int4", "zero2_compress_int4_ef.json", "no_ef"),
+        ("top-k 1%+EF+mom", "zero2_compress_topk.json", None)],
+    3: [("bf16", "zero3_compress_int8.json", "uncompressed"),
+        ("int8+w8", "zero3_compress_int8.json", None),
+        ("int4+EF", "zero3_compress_int4_ef.json", None),
+        ("int4", "zero3_compress_int4_ef.json", "no_ef")],
+}
+GOALS = {"int8": 0.01, "int8+w8": 0.01, "int4+EF": 0.02, "top-k 1%+EF+mom": 0.03}
+_FINAL = re.compile(r"stage (\d), (\d+) rank\(s\), (\d+) steps .*loss ([\d.]+) -> ([\d.]+)")
+
+
+def _config(name: str, change: str | None, steps: int, directory: str) -> str:
+    """The example config, changed as the run needs, with its LR schedule over `steps`; its
+    path."""
+    with open(os.path.join(CONFIGS, name), encoding="utf-8") as f:
+        config = json.load(f)
+    if change == "uncompressed":
+        del config["zero_ext"]["compression"]
+    elif change == "no_ef":
+        config["zero_ext"]["compression"]["gradients"]["error_feedback"] = False
+    schedule = config["scheduler"]["params"]
+    schedule["total_num_steps"] = steps
+    schedule["warmup_num_steps"] = min(schedule["warmup_num_steps"], steps // 10)
+    path = os.path.join(directory, f"{name[:-5]}-{change or 'as-shipped'}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    return path
+
+
+def _train(config: str, ranks: int, steps: int, timeout: float) -> tuple[float, float]:
+    """(final loss, seconds) of one torchrun job; raises with its output if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={ranks}", TRAIN, "--config", config, "--steps", str(steps)]
+    start = time.perf_counter()
+    # Its own session, so a timeout ends torchrun's workers too.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise RuntimeError(f"{config} at {ranks} ranks ran past {timeout:.0f} s:\n"
+                           f"{out[-1500:]}{err[-1500:]}") from None
+    seconds = time.perf_counter() - start
+    match = _FINAL.search(out)
+    if proc.returncode or not match:
+        raise RuntimeError(f"{config} at {ranks} ranks failed ({proc.returncode}):\n"
+                           f"{out[-1500:]}{err[-3000:]}")
+    return float(match.group(5)), seconds
+
+
+def _verdict(label: str, gap: float | None) -> str:
+    if gap is None:
+        return "(failed)"
+    goal = GOALS.get(label)
+    if goal is None:
+        return "" if label == "bf16" else "(no goal: shows what error feedback closes)"
+    return f"{'meets' if abs(gap) <= goal else 'misses'} <= {goal:.0%}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    parser.add_argument("--ranks", default="2,4", help="world sizes, in the order to run them")
+    parser.add_argument("--stages", default="2,3", help="ZeRO stages: 2, 3 or both")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    ranks = [int(r) for r in args.ranks.split(",")]
+    stages = [int(s) for s in args.stages.split(",")]
+    if set(stages) - set(RUNS):
+        parser.error(f"--stages: choose from {sorted(RUNS)}")
+    started = time.time()
+    print(f"examples/train_gpt.py (dim 128, 2 layers, micro-batch 8 x 64 characters, 2 "
+          f"micro-steps), bf16, {args.steps} steps, one thread per rank; load average "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="zx-convergence-") as tmp:
+        for world in ranks:
+            for stage in stages:
+                base = None
+                for label, name, change in RUNS[stage]:
+                    config = _config(name, change, args.steps, tmp)
+                    try:
+                        loss, seconds = _train(config, world, args.steps, args.timeout)
+                    except RuntimeError as error:
+                        print(f"  {world} ranks, stage {stage}, {label}: FAILED\n{error}",
+                              flush=True)
+                        rows.append({"ranks": world, "stage": stage, "run": label,
+                                     "config": name, "change": change, "loss": None})
+                        continue
+                    if change == "uncompressed":
+                        base = loss
+                    gap = None if base is None else loss / base - 1
+                    same = " (equal to uncompressed: was it compressed?)" \
+                        if change != "uncompressed" and loss == base else ""
+                    rows.append({"ranks": world, "stage": stage, "run": label, "config": name,
+                                 "change": change, "loss": loss, "gap": gap,
+                                 "seconds": seconds})
+                    print(f"  {world} ranks, stage {stage}, {label:<16} final loss {loss:.4f}"
+                          + ("" if gap is None else f", {gap:+.2%}") + f"  ({seconds:.0f} s)"
+                          + same, flush=True)
+    print(f"\n{'ranks':>5} {'stage':>5} {'run':<16} {'config':<40} {'final loss':>10} "
+          f"{'vs bf16':>8}  goal")
+    for r in rows:
+        loss = "failed" if r["loss"] is None else f"{r['loss']:.4f}"
+        gap = r.get("gap")
+        config = r["config"] + ("" if r["change"] is None else f" ({r['change']})")
+        print(f"{r['ranks']:>5} {r['stage']:>5} {r['run']:<16} {config:<40} {loss:>10} "
+              f"{'' if gap is None else f'{gap:+.2%}':>8}  {_verdict(r['run'], gap)}")
+    for world in ranks:
+        base = {r["stage"]: r["loss"] for r in rows
+                if r["ranks"] == world and r["change"] == "uncompressed" and r["loss"]}
+        if len(base) == 2:
+            print(f"for scale, {world} ranks: uncompressed stage 3 ends "
+                  f"{base[3] / base[2] - 1:+.2%} from stage 2")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    print("load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+          + f"; {time.time() - started:.0f} s in all")
+    return 0 if all(r["loss"] is not None for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
