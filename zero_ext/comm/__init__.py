@@ -31,6 +31,14 @@ from zero_ext.comm.collectives import (
 from zero_ext.comm.collectives import (
     _SharedMemoryArena as _SharedMemoryArena,
 )
+from zero_ext.comm.compressed import (
+    QuantFeedback,
+    TopkFeedback,
+    quantized_all_gather,
+    quantized_reduce_scatter,
+    sparse_all_reduce,
+    sparse_reduce_scatter,
+)
 from zero_ext.comm.topology import (
     Topology,
     TopologyError,
@@ -51,6 +59,8 @@ __all__ = [
     "CollectiveStallError",
     "CollectiveTraffic",
     "CommGroup",
+    "QuantFeedback",
+    "TopkFeedback",
     "Topology",
     "TopologyError",
     "WatchedWork",
@@ -67,9 +77,13 @@ __all__ = [
     "detect_topology",
     "hierarchical_all_gather",
     "init_distributed",
+    "quantized_all_gather",
+    "quantized_reduce_scatter",
     "rank",
     "reduce_scatter",
     "set_stall_timeout",
+    "sparse_all_reduce",
+    "sparse_reduce_scatter",
     "stall_timeout",
     "traffic",
     "world_size",

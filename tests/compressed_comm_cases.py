@@ -1,0 +1,201 @@
+"""What each rank runs in tests/test_compressed_comm.py: the compressed collectives (and the
+all-to-all under them) on seeded inputs; each case returns this rank's inputs, outputs, state
+and counters, and the test computes the references from every rank's inputs."""
+
+from __future__ import annotations
+
+import hierarchy_cases
+import torch
+
+from zero_ext import comm
+
+BLOCK = 32
+UNEVEN = 100  # elements per chunk: three full blocks of 32 and a partial one
+
+
+def _inputs(seed: int, numel: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed * 131 + comm.rank())
+    return (torch.randn(numel, generator=gen) * scale).to(dtype)
+
+
+def _traffic(collective, *args, **kwargs) -> comm.CollectiveTraffic:
+    """comm's counters over one call of `collective`."""
+    comm.traffic.reset()
+    collective(*args, **kwargs)
+    return comm.traffic.snapshot()
+
+
+def _wait(handle) -> None:
+    if handle is not None:
+        handle.wait()
+
+
+def quantized_reduce_scatters(two_hop: bool) -> dict:
+    """int8 / int4 over fp32 and bf16 inputs of uneven chunks, sync and async; bf16 inputs hold
+    values fp16 cannot (1e6 overflows it, 1e-7 is below its normal range)."""
+    size = comm.world_size()
+    out = {}
+    for bits in (8, 4):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = _inputs(bits, UNEVEN * size, dtype)
+            if dtype == torch.bfloat16:
+                x[::7] *= 1e6
+                x[3::11] *= 1e-7
+            y = torch.empty(UNEVEN, dtype=dtype)
+            traffic = _traffic(comm.quantized_reduce_scatter, y, x, bits=bits,
+                               block_size=BLOCK, two_hop=two_hop)
+            y_async = torch.full_like(y, 5)
+            handle = comm.quantized_reduce_scatter(y_async, x, bits=bits, block_size=BLOCK,
+                                                   two_hop=two_hop, async_op=True, bucket=3)
+            handle.wait()
+            out[(bits, str(dtype))] = {"input": x, "output": y, "output_async": y_async,
+                                       "traffic": traffic}
+    return out
+
+
+def error_feedback(two_hop: bool, steps: int = 12) -> dict:
+    """int4 reduce-scatter of one constant input, `steps` times, with and without error
+    feedback: the cumulative sums delivered, and the residuals left."""
+    size = comm.world_size()
+    x = _inputs(11, UNEVEN * size)
+    out = {"input": x}
+    for label in ("feedback", "none"):
+        feedback = comm.QuantFeedback.for_reduce_scatter(
+            x.numel(), size, comm.current_topology()) if label == "feedback" else None
+        delivered = torch.zeros(UNEVEN, dtype=torch.float64)
+        y = torch.empty(UNEVEN)
+        for _ in range(steps):
+            comm.quantized_reduce_scatter(y, x, bits=4, block_size=BLOCK, feedback=feedback,
+                                          two_hop=two_hop)
+            delivered += y.double()
+        out[label] = {"delivered": delivered,
+                      "flat_total": None if feedback is None else feedback.flat_total()}
+    return out
+
+
+def quantized_all_gathers() -> dict:
+    size = comm.world_size()
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _inputs(21, UNEVEN, dtype)
+        if dtype == torch.bfloat16:
+            x[::5] *= 1e6
+        y = torch.empty(UNEVEN * size, dtype=dtype)
+        traffic = _traffic(comm.quantized_all_gather, y, x, bits=8, block_size=BLOCK)
+        y_async = torch.zeros_like(y)
+        comm.quantized_all_gather(y_async, x, block_size=BLOCK, async_op=True).wait()
+        plain = torch.empty_like(y)
+        plain_traffic = _traffic(comm.all_gather, plain, x)
+        out[str(dtype)] = {"input": x, "output": y, "output_async": y_async,
+                           "traffic": traffic, "plain_traffic": plain_traffic}
+    return out
+
+
+def topk(all_reduce: bool, momentum: float, steps: int = 4, density: float = 0.1) -> dict:
+    """`steps` sparse reductions of fresh inputs (bf16) with one TopkFeedback; the outputs,
+    the state after each step."""
+    size = comm.world_size()
+    numel = UNEVEN * size
+    state = comm.TopkFeedback(numel, size, momentum=momentum, all_reduce=all_reduce)
+    out = {"inputs": [], "outputs": [], "states": []}
+    for step in range(steps):
+        x = _inputs(40 + step, numel, torch.bfloat16)
+        if all_reduce:
+            y = x.clone()
+            handle = comm.sparse_all_reduce(y, state=state, density=density, async_op=True)
+        else:  # fp32 output: the sum of the bf16 values delivered, unrounded
+            y = torch.empty(UNEVEN, dtype=torch.float32)
+            handle = comm.sparse_reduce_scatter(y, x, state=state, density=density,
+                                                async_op=True)
+        handle.wait()
+        out["inputs"].append(x)
+        out["outputs"].append(y)
+        out["states"].append({k: v.clone() for k, v in state.tensors().items()})
+    out["flat_total"] = state.flat_total()
+    return out
+
+
+def dense_fallback() -> dict:
+    """Density 0.5 on bf16: (index, value) pairs would not be smaller than the dense chunk,
+    so the dense collectives run on everything due (after one sparse step left residuals)."""
+    size = comm.world_size()
+    numel = UNEVEN * size
+    out = {}
+    for all_reduce in (False, True):
+        state = comm.TopkFeedback(numel, size, momentum=0.5, all_reduce=all_reduce)
+        xs, ys = [_inputs(60, numel, torch.bfloat16), _inputs(61, numel, torch.bfloat16)], []
+        before = None
+        for density in (0.05, 0.5):
+            before = {k: v.clone() for k, v in state.tensors().items()}
+            x = xs[len(ys)]
+            if all_reduce:
+                y = x.clone()
+                traffic = _traffic(comm.sparse_all_reduce, y, state=state, density=density)
+            else:
+                y = torch.empty(UNEVEN, dtype=torch.bfloat16)
+                traffic = _traffic(comm.sparse_reduce_scatter, y, x, state=state,
+                                   density=density)
+            ys.append(y)
+        out[all_reduce] = {"inputs": xs, "outputs": ys, "before_dense": before,
+                           "after": {k: v.clone() for k, v in state.tensors().items()},
+                           "traffic": traffic}
+    return out
+
+
+def wire_bytes(n: int = 4096) -> dict:
+    """Each reduction's counters for n elements per chunk: plain fp32 and bf16, int8, int4,
+    top-k at density 0.01 (reduce-scatter and all-reduce)."""
+    size = comm.world_size()
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _inputs(80, n * size, dtype)
+        y = torch.empty(n, dtype=dtype)
+        out[("plain", str(dtype))] = _traffic(comm.reduce_scatter, y, x)
+        out[("plain all_reduce", str(dtype))] = _traffic(comm.all_reduce, x.clone())
+    x = _inputs(80, n * size, torch.bfloat16)
+    y = torch.empty(n, dtype=torch.bfloat16)
+    for bits in (8, 4):
+        out[(f"int{bits}", "bf16")] = _traffic(comm.quantized_reduce_scatter, y, x,
+                                               bits=bits, block_size=256, two_hop=False)
+    state = comm.TopkFeedback(n * size, size)
+    out[("topk", "bf16")] = _traffic(comm.sparse_reduce_scatter, y, x, state=state,
+                                     density=0.01)
+    state = comm.TopkFeedback(n * size, size, all_reduce=True)
+    out[("topk all_reduce", "bf16")] = _traffic(comm.sparse_all_reduce, x.clone(),
+                                                state=state, density=0.01)
+    return out
+
+
+def all_to_all_groups() -> dict:
+    """all_to_all over every rank and over the node and across-node groups (4 ranks as 2
+    nodes x 2), with its counters."""
+    topology = comm.current_topology()
+    out = {}
+    x = torch.arange(12, dtype=torch.uint8) + 16 * comm.rank()
+    for label, group in (("world", None), ("node", topology.node_group("test")),
+                         ("across", topology.across_nodes_group("test"))):
+        y = torch.empty_like(x)
+        traffic = _traffic(comm.all_to_all, y, x, group=group)
+        out[label] = {"input": x, "output": y, "traffic": traffic,
+                      "ranks": None if group is None else group.ranks}
+    return out
+
+
+def run_cases(nodes: bool) -> dict:
+    if nodes:
+        hierarchy_cases.simulate_nodes(2)
+    out = {"flat": quantized_reduce_scatters(two_hop=False),
+           "ef": error_feedback(two_hop=False),
+           "gather": quantized_all_gathers(),
+           "topk_rs": topk(False, 0.0), "topk_rs_momentum": topk(False, 0.9),
+           "topk_ar": topk(True, 0.0), "topk_ar_momentum": topk(True, 0.9),
+           "dense": dense_fallback(), "bytes": wire_bytes()}
+    if nodes:
+        out["two_hop"] = quantized_reduce_scatters(two_hop=True)
+        out["ef_two_hop"] = error_feedback(two_hop=True)
+        out["a2a"] = all_to_all_groups()
+        y = torch.empty(UNEVEN * 4)
+        x = _inputs(21, UNEVEN)
+        comm.quantized_all_gather(y, x, block_size=BLOCK, hierarchical=True)
+        out["gather_hierarchical"] = y
+    return out
