@@ -1,18 +1,27 @@
-// Blockwise quantize, residual encode and dequantize-sum over ranges of one chunk.
+// Blockwise quantize, residual encode and dequantize-sum over ranges of one chunk: at::vec SIMD
+// for the fp32 math of each block, a scalar tail for what is left of a block, fp32 math for
+// 16-bit elements.
 //
 // setup.py compiles this file once per instruction set with -DCPU_CAPABILITY=<ISA> (and that ISA's
-// -m flags, with -ffp-contract=off); entry points are named <kernel>_<ISA>. Each block is first
-// loaded into an fp32 scratch of B values (x, or x plus its decoded residual), then reduced to its
-// absmax and quantized from the scratch, so the input is read once per pass.
+// -m flags, with -ffp-contract=off); entry points are named <kernel>_<ISA>. A block is first
+// converted into an fp32 scratch of B values (x, or x plus its decoded residual), reduced to its
+// absmax and quantized from there: each element goes through the operations of
+// kernels/quant_math.h in the same order in the SIMD body and the tail, so every variant is
+// bitwise equal to the scalar definition. The integer packing and unpacking loops are plain
+// loops the compiler vectorizes for the ISA at hand.
 #include "kernels/cpu/quant.h"
 
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cpu/isa_name.h"
@@ -20,72 +29,176 @@
 namespace zero_ext::kernels::cpu {
 namespace {
 
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kWidth = Vec::size();
+
+// dst[0, n) = src[0, n) as fp32 (exact for every input type).
 template <typename T>
-inline float load_float(const void* base, int64_t i) {
-  return static_cast<float>(static_cast<const T*>(base)[i]);
-}
-
-inline float load_element(const void* base, ElementType type, int64_t i) {
-  switch (type) {
-    case ElementType::kFloat32:
-      return load_float<float>(base, i);
-    case ElementType::kBFloat16:
-      return load_float<c10::BFloat16>(base, i);
-    case ElementType::kFloat16:
-      return load_float<c10::Half>(base, i);
-  }
-  return 0.0f;
-}
-
-inline void store_element(void* base, ElementType type, int64_t i, float v) {
-  switch (type) {
-    case ElementType::kFloat32:
-      static_cast<float*>(base)[i] = v;
-      return;
-    case ElementType::kBFloat16:
-      static_cast<c10::BFloat16*>(base)[i] = c10::BFloat16(v);
-      return;
-    case ElementType::kFloat16:
-      static_cast<c10::Half*>(base)[i] = c10::Half(v);
-      return;
+void load_floats(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    int64_t t = 0;
+    for (; t + 2 * kWidth <= n; t += 2 * kWidth) {
+      Vec lo, hi;
+      at::vec::load_to_float<T>(src + t, lo, hi);
+      lo.store(dst + t);
+      hi.store(dst + t + kWidth);
+    }
+    for (; t < n; ++t) dst[t] = static_cast<float>(src[t]);
   }
 }
 
-inline float fp8_to_float(uint8_t bits) {
-  return static_cast<float>(c10::Float8_e4m3fn(bits, c10::Float8_e4m3fn::from_bits()));
+void load_floats(const void* src, ElementType type, int64_t offset, float* dst, int64_t n) {
+  switch (type) {
+    case ElementType::kFloat32:
+      return load_floats(static_cast<const float*>(src) + offset, dst, n);
+    case ElementType::kBFloat16:
+      return load_floats(static_cast<const c10::BFloat16*>(src) + offset, dst, n);
+    case ElementType::kFloat16:
+      return load_floats(static_cast<const c10::Half*>(src) + offset, dst, n);
+  }
 }
 
-inline uint8_t fp8_from_float(float v) { return c10::Float8_e4m3fn(v).x; }
+// dst[0, n) = src[0, n) rounded to T (nearest even).
+template <typename T>
+void store_floats(const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    int64_t t = 0;
+    for (; t + 2 * kWidth <= n; t += 2 * kWidth) {
+      at::vec::convert_from_float<T>(Vec::loadu(src + t), Vec::loadu(src + t + kWidth))
+          .store(dst + t);
+    }
+    for (; t < n; ++t) dst[t] = static_cast<T>(src[t]);
+  }
+}
 
-// Block b's effective input, [0, B) of the scratch: x (+ residual), zeros past m.
-void load_block(const QuantizeBlocks& a, int64_t b, float* scratch) {
+void store_floats(const float* src, void* dst, ElementType type, int64_t offset, int64_t n) {
+  switch (type) {
+    case ElementType::kFloat32:
+      return store_floats(src, static_cast<float*>(dst) + offset, n);
+    case ElementType::kBFloat16:
+      return store_floats(src, static_cast<c10::BFloat16*>(dst) + offset, n);
+    case ElementType::kFloat16:
+      return store_floats(src, static_cast<c10::Half*>(dst) + offset, n);
+  }
+}
+
+// float8_e4m3fn bits -> fp32, every one of the 256 codes decoded once by c10.
+const std::array<float, 256>& fp8_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int b = 0; b < 256; ++b) {
+      t[b] = static_cast<float>(
+          c10::Float8_e4m3fn(static_cast<uint8_t>(b), c10::Float8_e4m3fn::from_bits()));
+    }
+    return t;
+  }();
+  return table;
+}
+
+// Per-thread fp32 scratch of one block, reused across calls.
+struct Scratch {
+  std::vector<float> a;
+  std::vector<float> b;
+  explicit Scratch(int64_t n) : a(n), b(n) {}
+};
+
+Scratch& thread_scratch(int64_t n) {
+  thread_local Scratch scratch(0);
+  if (static_cast<int64_t>(scratch.a.size()) < n) {
+    scratch.a.resize(n);
+    scratch.b.resize(n);
+  }
+  return scratch;
+}
+
+// Block b's effective input into v[0, B): x (+ residual * coefficient * factor), zeros past m.
+// tmp: B floats of scratch for the decoded residual.
+void load_block(const QuantizeBlocks& a, int64_t b, float* v, float* tmp) {
   const int64_t begin = b * a.block_size;
   const int64_t n = std::min(a.block_size, a.m - begin);
-  for (int64_t t = 0; t < n; ++t) {
-    float v = load_element(a.x, a.x_type, begin + t);
-    if (a.residual.residual != nullptr) {
-      float r = fp8_to_float(a.residual.residual[begin + t]) * a.residual.coefficient;
-      if (a.residual.factor != 1.0f) r = r * a.residual.factor;
-      v = v + r;
-    }
-    scratch[t] = v;
+  load_floats(a.x, a.x_type, begin, v, n);
+  std::fill(v + n, v + a.block_size, 0.0f);
+  if (a.residual.residual == nullptr) return;
+  const std::array<float, 256>& table = fp8_table();
+  const uint8_t* r = a.residual.residual + begin;
+  for (int64_t t = 0; t < n; ++t) tmp[t] = table[r[t]];
+  const float coefficient = a.residual.coefficient;
+  const float factor = a.residual.factor;
+  const bool scaled = factor != 1.0f;
+  const Vec vcoefficient(coefficient);
+  const Vec vfactor(factor);
+  int64_t t = 0;
+  for (; t + kWidth <= n; t += kWidth) {
+    Vec r_eff = Vec::loadu(tmp + t) * vcoefficient;
+    if (scaled) r_eff = r_eff * vfactor;
+    (Vec::loadu(v + t) + r_eff).store(v + t);
   }
-  for (int64_t t = n; t < a.block_size; ++t) scratch[t] = 0.0f;
+  for (; t < n; ++t) {
+    float r_eff = tmp[t] * coefficient;
+    if (scaled) r_eff = r_eff * factor;
+    v[t] = v[t] + r_eff;
+  }
 }
 
-// The max of |v|, NaN as soon as one element is NaN.
+// The max of |v[0, n)|, NaN when one of them is NaN (at::vec::maximum propagates NaN).
 float block_absmax(const float* v, int64_t n) {
+  int64_t t = 0;
   float absmax = 0.0f;
-  for (int64_t t = 0; t < n; ++t) {
+  if (n >= kWidth) {
+    Vec acc(0.0f);
+    for (; t + kWidth <= n; t += kWidth) acc = at::vec::maximum(acc, Vec::loadu(v + t).abs());
+    float lanes[kWidth];
+    acc.store(lanes);
+    for (int64_t l = 0; l < kWidth; ++l) {
+      if (lanes[l] > absmax || lanes[l] != lanes[l]) absmax = lanes[l];
+    }
+  }
+  for (; t < n; ++t) {
     const float a = std::fabs(v[t]);
     if (a > absmax || a != a) absmax = a;
-    if (absmax != absmax) break;
   }
   return absmax;
 }
 
-inline uint8_t* scales_of(const QuantizeBlocks& a) {
-  return a.row + quant_data_bytes(a.m, a.bits, a.block_size);
+// q[0, n) as fp32 integers: quantize_element of each v, in SIMD where a whole vector fits.
+void quantize_floats(const float* v, float* q, int64_t n, float inv, float qmax) {
+  const Vec vinv(inv);
+  const Vec vlo(-qmax);
+  const Vec vhi(qmax);
+  const Vec zero(0.0f);
+  int64_t t = 0;
+  for (; t + kWidth <= n; t += kWidth) {
+    const Vec y = Vec::loadu(v + t) * vinv;
+    const Vec r = Vec::blendv(y.round(), zero, y.isnan());
+    at::vec::minimum(at::vec::maximum(r, vlo), vhi).store(q + t);
+  }
+  for (; t < n; ++t) q[t] = static_cast<float>(quantize_element(v[t], inv, qmax));
+}
+
+// The fp32 values of the quantized integers of elements [begin, begin + n) of a row.
+void unpack_floats(const uint8_t* data, int bits, int64_t begin, int64_t n, float* dst) {
+  if (bits == 8) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(data) + begin;
+    for (int64_t t = 0; t < n; ++t) dst[t] = static_cast<float>(q[t]);
+    return;
+  }
+  int64_t t = 0;
+  if (begin & 1) {
+    dst[t++] = static_cast<float>(int4_from_nibble(data[begin >> 1] >> 4));
+  }
+  const uint8_t* bytes = data + ((begin + t) >> 1);
+  const int64_t pairs = (n - t) / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint8_t byte = bytes[p];
+    dst[t + 2 * p] = static_cast<float>(int4_from_nibble(byte));
+    dst[t + 2 * p + 1] = static_cast<float>(int4_from_nibble(byte >> 4));
+  }
+  t += 2 * pairs;
+  if (t < n) dst[t] = static_cast<float>(int4_from_nibble(bytes[pairs]));
 }
 
 inline float load_scale(const uint8_t* scales, int64_t b) {
@@ -94,84 +207,116 @@ inline float load_scale(const uint8_t* scales, int64_t b) {
   return s;
 }
 
-// The quantized integer of element t of block b of a row.
-inline int load_q(const uint8_t* data, int bits, int64_t index) {
-  if (bits == 8) return static_cast<int8_t>(data[index]);
-  const uint8_t byte = data[index >> 1];
-  return int4_from_nibble((index & 1) ? byte >> 4 : byte);
+inline int64_t scales_offset(int64_t m, int bits, int64_t block_size) {
+  return quant_data_bytes(m, bits, block_size);
 }
 
 }  // namespace
 
 void ZERO_EXT_ISA_FN(quantize_blocks)(const QuantizeBlocks& a) {
   const float qmax = static_cast<float>(quant_qmax(a.bits));
-  std::vector<float> scratch(a.block_size);
-  uint8_t* scales = scales_of(a);
+  const int64_t block = a.block_size;
+  Scratch& scratch = thread_scratch(block);
+  float* v = scratch.a.data();
+  float* q = scratch.b.data();
+  uint8_t* scales = a.row + scales_offset(a.m, a.bits, block);
   for (int64_t b = a.first_block; b < a.last_block; ++b) {
-    load_block(a, b, scratch.data());
-    const float absmax = block_absmax(scratch.data(), a.block_size);
+    load_block(a, b, v, q);
+    const float absmax = block_absmax(v, block);
     const float scale = quant_scale(absmax, qmax);
-    const float inv = quant_inverse(absmax, qmax);
     std::memcpy(scales + 4 * b, &scale, sizeof(float));
+    quantize_floats(v, q, block, quant_inverse(absmax, qmax), qmax);
     if (a.bits == 8) {
-      int8_t* q = reinterpret_cast<int8_t*>(a.row) + b * a.block_size;
-      for (int64_t t = 0; t < a.block_size; ++t) {
-        q[t] = static_cast<int8_t>(quantize_element(scratch[t], inv, qmax));
-      }
+      int8_t* out = reinterpret_cast<int8_t*>(a.row) + b * block;
+      for (int64_t t = 0; t < block; ++t) out[t] = static_cast<int8_t>(static_cast<int32_t>(q[t]));
     } else {
-      uint8_t* q = a.row + b * a.block_size / 2;
-      for (int64_t t = 0; t < a.block_size; t += 2) {
-        const unsigned lo = static_cast<unsigned>(quantize_element(scratch[t], inv, qmax)) & 0xFu;
-        const unsigned hi =
-            static_cast<unsigned>(quantize_element(scratch[t + 1], inv, qmax)) & 0xFu;
-        q[t / 2] = static_cast<uint8_t>(lo | (hi << 4));
+      uint8_t* out = a.row + b * block / 2;
+      for (int64_t p = 0; p < block / 2; ++p) {
+        const uint32_t lo = static_cast<uint32_t>(static_cast<int32_t>(q[2 * p])) & 0xFu;
+        const uint32_t hi = static_cast<uint32_t>(static_cast<int32_t>(q[2 * p + 1])) & 0xFu;
+        out[p] = static_cast<uint8_t>(lo | (hi << 4));
       }
     }
   }
 }
 
 void ZERO_EXT_ISA_FN(encode_residual)(const QuantizeBlocks& a, float new_scale) {
-  const uint8_t* scales = scales_of(a);
-  std::vector<float> scratch(a.block_size);
+  const int64_t block = a.block_size;
+  const uint8_t* scales = a.row + scales_offset(a.m, a.bits, block);
+  Scratch& scratch = thread_scratch(block);
+  float* v = scratch.a.data();
+  float* q = scratch.b.data();
+  const Vec vs(new_scale);
+  const Vec vlo(-kResidualRange);
+  const Vec vhi(kResidualRange);
   for (int64_t b = a.first_block; b < a.last_block; ++b) {
-    const int64_t begin = b * a.block_size;
-    const int64_t n = std::min(a.block_size, a.m - begin);
+    const int64_t begin = b * block;
+    const int64_t n = std::min(block, a.m - begin);
     uint8_t* residual = a.residual.residual + begin;
     if (new_scale == 0.0f) {
       std::memset(residual, 0, n);
       continue;
     }
-    load_block(a, b, scratch.data());
+    load_block(a, b, v, q);
+    unpack_floats(a.row, a.bits, begin, n, q);
     const float scale = load_scale(scales, b);
-    for (int64_t t = 0; t < n; ++t) {
-      const float e = scratch[t] - dequantize_element(load_q(a.row, a.bits, begin + t), scale);
-      residual[t] = fp8_from_float(residual_code(e, new_scale));
+    const Vec vscale(scale);
+    int64_t t = 0;
+    for (; t + kWidth <= n; t += kWidth) {
+      const Vec e = Vec::loadu(v + t) - Vec::loadu(q + t) * vscale;
+      at::vec::minimum(at::vec::maximum(e / vs, vlo), vhi).store(q + t);
     }
+    for (; t < n; ++t) {
+      q[t] = residual_code(v[t] - dequantize_element(static_cast<int>(q[t]), scale), new_scale);
+    }
+    for (t = 0; t < n; ++t) residual[t] = c10::Float8_e4m3fn(q[t]).x;
   }
 }
 
 void ZERO_EXT_ISA_FN(dequantize_sum_range)(const DequantizeSumRange& a) {
-  const int64_t scales_offset = quant_data_bytes(a.m, a.bits, a.block_size);
-  for (int64_t t = a.first; t < a.last; ++t) {
-    const int64_t b = t / a.block_size;
+  const int64_t block = a.block_size;
+  const int64_t offset = scales_offset(a.m, a.bits, block);
+  Scratch& scratch = thread_scratch(block);
+  float* acc = scratch.a.data();
+  float* v = scratch.b.data();
+  for (int64_t begin = a.first; begin < a.last;) {
+    const int64_t b = begin / block;
+    const int64_t n = std::min((b + 1) * block, a.last) - begin;
     if (!a.sum) {
-      const uint8_t* row = a.rows[0];
-      store_element(a.out, a.out_type, t,
-                    dequantize_element(load_q(row, a.bits, t), load_scale(row + scales_offset, b)));
-      continue;
-    }
-    float acc = a.accumulate ? load_element(a.out, a.out_type, t) : 0.0f;
-    for (int64_t i = 0; i < a.k; ++i) {
-      float v;
-      if (i == a.exact_index) {
-        v = load_element(a.exact, a.exact_type, t);
+      unpack_floats(a.rows[0], a.bits, begin, n, acc);
+      const float scale = load_scale(a.rows[0] + offset, b);
+      const Vec vscale(scale);
+      int64_t t = 0;
+      for (; t + kWidth <= n; t += kWidth) (Vec::loadu(acc + t) * vscale).store(acc + t);
+      for (; t < n; ++t) acc[t] = dequantize_element(static_cast<int>(acc[t]), scale);
+    } else {
+      if (a.accumulate) {
+        load_floats(a.out, a.out_type, begin, acc, n);
       } else {
-        const uint8_t* row = a.rows[i];
-        v = dequantize_element(load_q(row, a.bits, t), load_scale(row + scales_offset, b));
+        std::fill(acc, acc + n, 0.0f);
       }
-      acc = acc + v;
+      for (int64_t i = 0; i < a.k; ++i) {
+        if (i == a.exact_index) {
+          load_floats(a.exact, a.exact_type, begin, v, n);
+          int64_t t = 0;
+          for (; t + kWidth <= n; t += kWidth) {
+            (Vec::loadu(acc + t) + Vec::loadu(v + t)).store(acc + t);
+          }
+          for (; t < n; ++t) acc[t] = acc[t] + v[t];
+          continue;
+        }
+        unpack_floats(a.rows[i], a.bits, begin, n, v);
+        const float scale = load_scale(a.rows[i] + offset, b);
+        const Vec vscale(scale);
+        int64_t t = 0;
+        for (; t + kWidth <= n; t += kWidth) {
+          (Vec::loadu(acc + t) + Vec::loadu(v + t) * vscale).store(acc + t);
+        }
+        for (; t < n; ++t) acc[t] = acc[t] + dequantize_element(static_cast<int>(v[t]), scale);
+      }
     }
-    store_element(a.out, a.out_type, t, acc);
+    store_floats(acc, a.out, a.out_type, begin, n);
+    begin += n;
   }
 }
 
