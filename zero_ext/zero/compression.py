@@ -18,8 +18,8 @@ depends on the training run rather than on one call:
 
 Residuals are kept in the units of the gradients that made them: loss-scaled under fp16. When
 the loss scale changes between two reductions of a bucket the stored residual is rescaled by
-current / stored scale (quantized feedback: the op's residual_factor; top-k: its state tensors
-in place), so an error made at scale 2**16 is not fed back 2x too large after an overflow halved
+current / stored scale (comm's residual_factor, for quantized and top-k feedback alike), so an
+error made at scale 2**16 is not fed back 2x too large after an overflow halved
 the scale. A step the engine skips (fp16 overflow) resets everything: see `reset`.
 
 One rank sends nothing, so nothing is compressed there (the plan is kept, the state is empty).
@@ -128,16 +128,11 @@ class GradientCompression:
                 out, flat, bits=self.plan.grad_bits, block_size=self.plan.grad_block,
                 feedback=feedback, residual_factor=factor, two_hop=self.plan.two_hop,
                 async_op=True, bucket=bucket)
-        if factor != 1.0:
-            # Residual and momentum are sums of loss-scaled gradients.
-            for tensor in feedback.tensors().values():
-                if tensor.is_floating_point():
-                    tensor.mul_(factor)
         if out is None:
             return comm.sparse_all_reduce(flat, state=feedback, density=self.density,
-                                          async_op=True, bucket=bucket)
+                                          residual_factor=factor, async_op=True, bucket=bucket)
         return comm.sparse_reduce_scatter(out, flat, state=feedback, density=self.density,
-                                          async_op=True, bucket=bucket)
+                                          residual_factor=factor, async_op=True, bucket=bucket)
 
     # -- stage 3's weights -----------------------------------------------------------------------
     def weight_gather(self, hierarchical: bool) -> Callable | None:
