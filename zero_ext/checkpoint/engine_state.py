@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from zero_ext import comm
-from zero_ext.checkpoint import data_only
+from zero_ext.checkpoint import compression_state, data_only
 from zero_ext.checkpoint.data_only import check_data_only, first_disallowed
 from zero_ext.checkpoint.files import (
     CHUNK_BYTES,
@@ -170,8 +170,8 @@ def _layout_states(engine, layout_index: int) -> dict[str, torch.Tensor]:
     return {"master": shard.master, "exp_avg": shard.exp_avg, "exp_avg_sq": shard.exp_avg_sq}
 
 
-def _write_shard(engine, path: str):
-    entries = []
+def _write_shard(engine, path: str, compression_totals: dict[str, torch.Tensor]):
+    entries = compression_state.entries(engine, compression_totals)
     for layout in engine.layouts:
         held_start, _ = _held_range(engine, layout)
         start, end = layout.shard_range(engine.rank)
@@ -205,10 +205,8 @@ def _metadata(engine, tag: str, names: list[str], exclude_frozen: bool = False) 
         "optimizer": "replicated" if engine.replicated_optimizer is not None else "sharded",
         "optimizer_class": type(engine.optimizer).__name__,
         "optimizer_steps": steps,
-        "layouts": [{"index": layout.index, "group": layout.group,
-                     "padded_numel": layout.padded_numel,
-                     "slots": [[names[s.param_index], s.offset, list(s.shape)]
-                               for s in layout.slots]} for layout in engine.layouts],
+        "layouts": compression_state.layouts_metadata(engine, names),
+        "compression": compression_state.metadata(engine),
         "state_dict": _state_sources(engine, names, exclude_frozen),
         "excluded_frozen": sorted(_frozen_keys(engine)) if exclude_frozen else [],
         "hf_config": hf_config,
@@ -424,9 +422,13 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None,
 
     try:
         _raise_together(_attempt(prepare)[1] if engine.rank == 0 else None, "save_checkpoint")
+        # Collective, so before the writes (a rank whose write fails must not leave the
+        # others in a reduce-scatter).
+        compression_totals = compression_state.totals(engine)
         shard_name = shard_file_name(engine.rank, engine.world_size)
         records, problem = _attempt(lambda: {
-            shard_name: _write_shard(engine, os.path.join(staging, shard_name)),
+            shard_name: _write_shard(engine, os.path.join(staging, shard_name),
+                                     compression_totals),
             **(_write_rank0_files(engine, staging, tag, names, engine_state,
                                   exclude_frozen_parameters) if engine.rank == 0 else {})})
         outcomes = comm.all_gather_object(

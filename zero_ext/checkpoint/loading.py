@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from zero_ext import comm
-from zero_ext.checkpoint import data_only
+from zero_ext.checkpoint import compression_state, data_only
 from zero_ext.checkpoint.engine_state import (
     _attempt,
     _files_of,
@@ -231,6 +231,10 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
         problems = engine.checkpoint_states.problems(extra.get("registered_state"), path)
         if problems:
             raise CheckpointError(f"{CALLER}: {'; '.join(problems)}")
+    if load_optimizer_states:
+        problem = compression_state.check(engine, index, own_rng, names)
+        if problem is not None:
+            raise CheckpointError(f"{CALLER}: {path}: {problem}")
     if own_rng is not None:
         metadata = index.reader(own_rng).metadata
         json.loads(metadata["python_random"])  # malformed: refused now, not half way
@@ -309,6 +313,10 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
                 group.update(saved)
             for shard in engine.optimizer.shards:
                 shard.step.fill_(meta["optimizer_steps"][shard.layout.group])
+    if load_optimizer_states:
+        compression_state.restore(engine, index, plan.own_rng, _names(engine))
+    elif getattr(engine, "compression", None) is not None:
+        engine.compression.reset()  # fresh moments, fresh residuals
     if load_lr_scheduler_states and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(extra["lr_scheduler"])
         for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
