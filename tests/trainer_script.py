@@ -107,12 +107,29 @@ def record(trainer, out, name, **extra):
             json.dump(result, f)
 
 
-def zero_trainer(stage, run_dir, train, evaluation=None, **kw):
+def zero_trainer(stage, run_dir, train, evaluation=None, compression=None, **kw):
     vocab = len(train.vocab)
+    config = {**CONFIG, "zero_optimization": {**CONFIG["zero_optimization"], "stage": stage}}
+    if compression is not None:
+        config["zero_ext"] = {"compression": compression}
     return ZeroTrainer(model=tiny_llama(vocab), args=arguments(run_dir, dist_world(), **kw),
-                       train_dataset=train, eval_dataset=evaluation,
-                       zero_config={**CONFIG, "zero_optimization": {
-                           **CONFIG["zero_optimization"], "stage": stage}})
+                       train_dataset=train, eval_dataset=evaluation, zero_config=config)
+
+
+# Compressed communication under the Trainer: stage 2 with int8 gradients, stage 3 with int4
+# gradients and int8 weights, both with error feedback (docs/compression.md).
+COMPRESSED = {
+    2: {"gradients": {"method": "int8", "error_feedback": True}},
+    3: {"gradients": {"method": "int4", "error_feedback": True},
+        "weights": {"method": "int8"}},
+}
+
+
+def trained(trainer) -> dict:
+    """trainer.train(), and the bytes each collective put on the wire meanwhile (rank 0)."""
+    zero_ext.comm.traffic.reset()
+    trainer.train()
+    return {"wire": dict(zero_ext.comm.traffic.bytes)}
 
 
 def dist_world():
@@ -127,9 +144,9 @@ def distributed(out):
         evaluating = {"eval_strategy": "steps", "eval_steps": STEPS // 2} if stage == 3 else {}
         trainer = zero_trainer(stage, os.path.join(out, f"scratch{stage}"), train, evaluation,
                                **evaluating)
-        trainer.train()
+        wire = trained(trainer)
         wrapped = [trainer.model_wrapped, *trainer.accelerator._models]
-        extra = {"ddp": any(isinstance(m, DistributedDataParallel) for m in wrapped),
+        extra = {**wire, "ddp": any(isinstance(m, DistributedDataParallel) for m in wrapped),
                  "world_size": trainer.args.world_size,
                  # each rank's first epoch
                  "reads": [r[:len(train) // 2] for r in gather(train.read)]}
@@ -148,6 +165,12 @@ def distributed(out):
                 variant = zero_trainer(stage, os.path.join(out, f"scratch_{name}"), train, **option)
                 variant.train()
                 record(variant, out, f"zero3_{name}")
+
+        if stage in COMPRESSED:
+            train, _ = data()
+            variant = zero_trainer(stage, os.path.join(out, f"scratch_compressed{stage}"), train,
+                                   compression=COMPRESSED[stage])
+            record(variant, out, f"zero{stage}_compressed", **trained(variant))
 
         for name in SHORT:
             trainer = short_window_run(
