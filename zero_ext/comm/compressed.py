@@ -511,13 +511,14 @@ def sparse_reduce_scatter(output: Tensor, input: Tensor, *, state: TopkFeedback,
     _check_scatter("sparse_reduce_scatter", output, input, size)
     _check_state("sparse_reduce_scatter", state, input.numel(), size, owner=False)
     m = output.numel()
-    if size == 1 or not _sparse_pays(_topk_k(density, m), m, input.element_size()):
-        if size == 1:
-            reduce_scatter(output, input)
-        else:
-            state._scale(residual_factor)
-            reduce_scatter(output, _dense(state, input), bucket=bucket)
+    if size == 1:
+        reduce_scatter(output, input)
         return _complete(None, lambda: None, async_op)
+    if not _sparse_pays(_topk_k(density, m), m, input.element_size()):
+        state._scale(residual_factor)
+        due = _dense(state, input)
+        first = reduce_scatter(output, due, async_op=True, bucket=bucket)
+        return _complete(first, lambda due=due: None, async_op)
     with counted_as("reduce_scatter"):
         first, chunk_sum = _sparse_scatter_start(input, state, density, residual_factor, bucket)
     return _complete(first, lambda: output.copy_(chunk_sum()), async_op)
@@ -545,8 +546,8 @@ def sparse_all_reduce(tensor: Tensor, *, state: TopkFeedback, density: float,
     if not _sparse_pays(k, m, tensor.element_size()):
         state._scale(residual_factor)
         tensor.copy_(_dense(state, tensor))
-        all_reduce(tensor, bucket=bucket)
-        return _complete(None, lambda: None, async_op)
+        return _complete(all_reduce(tensor, async_op=True, bucket=bucket), lambda: None,
+                         async_op)
     with counted_as("all_reduce"):
         first, chunk_sum = _sparse_scatter_start(tensor, state, density, residual_factor, bucket)
 
