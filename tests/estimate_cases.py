@@ -55,10 +55,20 @@ class Stack(nn.Module):
         return F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
 
 
+# zero_ext.compression sections by name (a sixth element of a case).
+COMPRESSION = {
+    "int8_ef": {"gradients": {"method": "int8", "error_feedback": True}},
+    "int4": {"gradients": {"method": "int4"}},
+    "topk": {"gradients": {"method": "topk", "momentum": 0.9}},
+    "topk_no_momentum": {"gradients": {"method": "topk", "momentum": 0.0}},
+}
+
+
 def case_config(stage: int, dtype: str, accumulation: int, comm_dtype: str | None,
-                offload: str | None) -> dict:
+                offload: str | None, compression: str | None = None) -> dict:
     """engine_cases.config with this module's stage-3 keys; `offload` is None, "optimizer",
-    "ratio" (half the optimizer state offloaded) or "both" (optimizer and parameters)."""
+    "ratio" (half the optimizer state offloaded) or "both" (optimizer and parameters);
+    `compression` names a COMPRESSION section."""
     cfg = config(stage, dtype, accumulation, comm.world_size(),
                  stage3_param_persistence_threshold=PERSISTENCE,
                  stage3_prefetch_bucket_size=PREFETCH)
@@ -70,6 +80,8 @@ def case_config(stage: int, dtype: str, accumulation: int, comm_dtype: str | Non
         cfg["zero_optimization"]["offload_optimizer"]["ratio"] = 0.5
     if offload == "both":
         cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    if compression is not None:
+        cfg["zero_ext"] = {"compression": COMPRESSION[compression]}
     return cfg
 
 
@@ -79,12 +91,12 @@ def build(seed: int = 0) -> Stack:
 
 
 def measure(stage: int, dtype: str, accumulation: int, comm_dtype: str | None,
-            offload: str | None) -> dict:
+            offload: str | None, compression: str | None = None) -> dict:
     """The estimate (of a meta-device model and of the real one) and what the engine holds:
     grads after every engine.backward of the second step (before its engine.step), the rest
     after that step; at stage 3 also the parameter bytes seen inside forward and backward."""
     world_size, rank = comm.world_size(), comm.rank()
-    cfg = case_config(stage, dtype, accumulation, comm_dtype, offload)
+    cfg = case_config(stage, dtype, accumulation, comm_dtype, offload, compression)
     with torch.device("meta"):
         meta = build()
     estimate = estimate_from_config(meta, cfg, world_size, param_groups=param_groups(meta))

@@ -28,12 +28,41 @@ OFFLOAD_CASES = [(1, "fp32", 2, None, "optimizer"), (2, "bf16", 2, None, "optimi
                  (3, "bf16", 2, None, "both"),
                  # offload_optimizer.ratio: half the optimizer state on the host.
                  (2, "bf16", 1, None, "ratio"), (3, "fp32", 2, None, "ratio")]
+# Compressed communication's state: error feedback at stages 1-3, top-k at 0-2.
+COMPRESSION_CASES = [(1, "bf16", 2, None, None, "int8_ef"), (3, "bf16", 1, None, None, "int8_ef"),
+                     (2, "fp32", 1, None, None, "int4"), (0, "bf16", 1, None, None, "topk"),
+                     (2, "bf16", 2, None, None, "topk_no_momentum")]
 GiB = 2**30
 
 
 @functools.cache
 def _measured(world_size):
-    return run_group(world_size, estimate_cases.estimate_cases, CASES + OFFLOAD_CASES)
+    return run_group(world_size, estimate_cases.estimate_cases,
+                     CASES + OFFLOAD_CASES + COMPRESSION_CASES)
+
+
+@pytest.mark.parametrize("case", COMPRESSION_CASES, ids=lambda c: f"stage{c[0]}-{c[5]}")
+def test_compression_state_estimate_equals_the_engine(case):
+    for rank, results in enumerate(_measured(3)):
+        result = results[case]
+        est = result["estimate"]
+        held = result["after_step"].get("compression", 0)
+        assert est.device.compression == held, (rank, est.device.compression, held)
+        # The rest is what the same engine holds without compression.
+        for kind in ("params", "master", "exp_avg", "exp_avg_sq"):
+            assert getattr(est.device, kind) == result["after_step"][kind], (rank, kind)
+    stage, method = case[0], case[5]
+    est = _measured(3)[0][case]["estimate"]
+    padded = est.padded_numel
+    if method == "int4":  # no error feedback: nothing kept
+        assert est.device.compression == 0
+    elif method == "int8_ef":  # 1 byte per element, 4 per chunk (3 ranks) per bucket
+        assert padded < est.device.compression < padded + 4 * 3 * 64
+    else:  # fp32 residual (+ momentum) (+ stage 0's owned chunk)
+        copies = 2 if method == "topk" else 1
+        assert est.device.compression == 4 * copies * padded + (
+            4 * padded // 3 if stage == 0 else 0)
+    assert _measured(1)[0][case]["estimate"].device.compression == 0  # one rank sends nothing
 
 
 def _case_id(case):

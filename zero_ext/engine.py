@@ -814,6 +814,11 @@ class ZeroEngine(nn.Module):
                                       for per_param in self.optimizer.state.values()
                                       for t in per_param.values() if torch.is_tensor(t))}
         breakdown = {"params": params, "grads": self.grad_buckets.nbytes(), **state}
+        compression = sum(t.numel() * t.element_size()
+                          for feedback in self.compression.feedback.values()
+                          for t in feedback.tensors().values())
+        if compression:  # error-feedback residuals, top-k state (zero/compression.py)
+            breakdown["compression"] = compression
         if self.offload is not None:
             # Host gradient copies and 16-bit upload buffers: values still sum to the total.
             breakdown["offload_buffers"] = self.offload.host_nbytes()

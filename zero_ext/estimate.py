@@ -38,6 +38,10 @@ What is counted (the moment each number describes):
               units that fit in it): an upper bound
   frozen      parameters with requires_grad=False, whole on every rank in the model dtype
   offload_buffers   ("staging" in the table) see offload below
+  compression ("feedback" in the table) compressed communication's state (docs/compression.md):
+              error feedback, 1 byte per bucket element plus 4 per chunk (with two hops,
+              given ranks_per_node, 1/(ranks per node) more for the second hop); top-k, an
+              fp32 residual of every bucket element, its momentum, at stage 0 the owned chunk's
 Not counted: activations, module buffers (e.g. rotary tables), and the transient flat buffer of
 the gradient bucket being reduced (up to reduce_bucket_size elements).
 Offload follows DeepSpeed: offload_optimizer moves master and moments to the host (the master
@@ -85,6 +89,7 @@ class StateBytes:
     gathered: int = 0     # stage 3: full units gathered at once (upper bound)
     frozen: int = 0       # requires_grad=False parameters, whole
     offload_buffers: int = 0  # offload: host gradient copies and 16-bit weight upload buffers
+    compression: int = 0  # compressed communication: error-feedback residuals, top-k state
 
     @property
     def total(self) -> int:
@@ -166,10 +171,12 @@ def _with_options(config: dict, *, dtype: str | torch.dtype | None = None,
 
 def estimate_from_config(model: nn.Module | int, config, world_size: int, *,
                          param_groups: Iterable | None = None,
-                         largest_unit: int | None = None) -> MemoryEstimate:
+                         largest_unit: int | None = None,
+                         ranks_per_node: int | None = None) -> MemoryEstimate:
     """The estimate for a zero_ext / DeepSpeed config (dict, JSON path or ZeroConfig): its
-    stage, precision, communication dtype, accumulation, buckets, stage-3 keys and offload.
-    With a module this is exactly what the engine built from the same config holds."""
+    stage, precision, communication dtype, accumulation, buckets, stage-3 keys, offload and
+    compression. With a module this is exactly what the engine built from the same config
+    holds (given `ranks_per_node` where two-hop error feedback depends on the nodes)."""
     config = ZeroConfig.load(config)
     zero = config.zero_optimization
     if world_size < 1:
@@ -210,7 +217,38 @@ def estimate_from_config(model: nn.Module | int, config, world_size: int, *,
         largest=largest, prefetch_numel=zero.stage3_prefetch_bucket_size,
         max_live_numel=zero.stage3_max_live_parameters,
         offload_optimizer=zero.offload_optimizer.enabled, offload_param=zero.offload_param.enabled,
-        offload_ratio=zero.offload_optimizer.ratio)
+        offload_ratio=zero.offload_optimizer.ratio,
+        compression=_compression_bytes(config, layouts_of(unit_layouts, whole_layouts),
+                                       world_size, ranks_per_node))
+
+
+def layouts_of(unit_layouts, whole_layouts: list[BucketLayout]) -> list[BucketLayout]:
+    """Every bucket, in the engine's order."""
+    return [layout for layouts in unit_layouts for layout in layouts] + whole_layouts
+
+
+def _compression_bytes(config: ZeroConfig, layouts: list[BucketLayout], world_size: int,
+                       ranks_per_node: int | None) -> int:
+    """What zero/compression.py keeps per rank (comm.QuantFeedback / TopkFeedback)."""
+    plan = config.compression()
+    if world_size == 1:
+        return 0  # nothing is sent, nothing kept
+    total = 0
+    if plan.grad_bits is not None and plan.error_feedback:
+        nodes = world_size // ranks_per_node if ranks_per_node else 1
+        two_hop = 1 < nodes < world_size and world_size % ranks_per_node == 0
+        for layout in layouts:
+            total += layout.padded_numel + 4 * world_size
+            if two_hop:
+                total += layout.padded_numel // ranks_per_node + 4 * nodes
+    elif plan.gradients == "topk":
+        copies = 2 if plan.momentum > 0 else 1
+        stage = config.zero_optimization.stage
+        for layout in layouts:
+            total += 4 * copies * layout.padded_numel
+            if stage == 0:
+                total += 4 * layout.padded_numel // world_size
+    return total
 
 
 def host_bytes_needed(model: nn.Module | int, config, world_size: int, *,
@@ -269,10 +307,11 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
              accumulation: int, unit_layouts, whole_layouts: list[BucketLayout], numel: int,
              frozen_numel: int, unit_numels: list[int], exact: bool, largest: int | None,
              prefetch_numel: int, max_live_numel: int, offload_optimizer: bool,
-             offload_param: bool, offload_ratio: float = 1.0) -> MemoryEstimate:
+             offload_param: bool, offload_ratio: float = 1.0,
+             compression: int = 0) -> MemoryEstimate:
     """Bytes per kind from the layouts, following what the engine allocates."""
     units = [layout for layouts in unit_layouts for layout in layouts]
-    layouts = units + whole_layouts  # the engine's bucket order
+    layouts = layouts_of(unit_layouts, whole_layouts)
     padded = sum(layout.padded_numel for layout in layouts)
     shards = sum(layout.shard_numel for layout in layouts)
     width, comm_width = _itemsize(dtype), _itemsize(comm_dtype)
@@ -314,7 +353,7 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
         gathered = width * (biggest + ahead)
     optimizer = {"master": master, "exp_avg": 4 * state, "exp_avg_sq": 4 * state}
     device = {"params": whole_params + unit_params, "grads": grads, "gathered": gathered,
-              "frozen": width * frozen_numel}
+              "frozen": width * frozen_numel, "compression": compression}
     host = offload.host_state_bytes(
         shard_numel=host_shards, unit_shard_numel=unit_shards, dtype=dtype,
         grad_dtype=torch.float32 if stage >= 2 and accumulation > 1 else comm_dtype,
@@ -423,6 +462,7 @@ _COLUMNS = [("params", lambda e: _both(e, "params") + _both(e, "frozen")),
             ("Adam m+v", lambda e: _both(e, "exp_avg") + _both(e, "exp_avg_sq")),
             ("gathered", lambda e: _both(e, "gathered")),
             ("staging", lambda e: _both(e, "offload_buffers")),
+            ("feedback", lambda e: _both(e, "compression")),
             ("device", lambda e: e.device.total),
             ("host", lambda e: e.host.total)]
 
@@ -450,8 +490,10 @@ def format_table(estimates: Sequence[MemoryEstimate], title: str) -> str:
     unit, size = _unit(max(max(e.device.total, e.host.total) for e in estimates))
     offload = any(e.host.total for e in estimates)
     # Without offload everything is on the device: no host or staging columns.
+    compressed = any(e.device.compression for e in estimates)
     columns = [(name, get) for name, get in _COLUMNS
-               if offload or name not in ("staging", "host")]
+               if (offload or name not in ("staging", "host"))
+               and (compressed or name != "feedback")]
     header = ["stage", "ranks"] + [name for name, _ in columns]
     rows = [[str(e.stage), str(e.world_size)] +
             [f"{get(e) / size:.2f}" for _, get in columns] for e in estimates]
