@@ -116,29 +116,30 @@ def topk(all_reduce: bool, momentum: float, steps: int = 4, density: float = 0.1
 
 
 def dense_fallback() -> dict:
-    """Density 0.5 on bf16: (index, value) pairs would not be smaller than the dense chunk,
-    so the dense collectives run on everything due (after one sparse step left residuals)."""
+    """Density 0.5: (index, value) pairs would not be smaller than the dense chunk (bf16: 6
+    bytes against 2 a pair; fp32: 8 against 4), so the dense collectives run on everything due
+    (after one sparse step at 0.05 left residuals and momentum)."""
     size = comm.world_size()
     numel = UNEVEN * size
     out = {}
     for all_reduce in (False, True):
-        state = comm.TopkFeedback(numel, size, momentum=0.5, all_reduce=all_reduce)
-        xs, ys = [_inputs(60, numel, torch.bfloat16), _inputs(61, numel, torch.bfloat16)], []
-        before = None
-        for density in (0.05, 0.5):
-            before = {k: v.clone() for k, v in state.tensors().items()}
-            x = xs[len(ys)]
-            if all_reduce:
-                y = x.clone()
-                traffic = _traffic(comm.sparse_all_reduce, y, state=state, density=density)
-            else:
-                y = torch.empty(UNEVEN, dtype=torch.bfloat16)
-                traffic = _traffic(comm.sparse_reduce_scatter, y, x, state=state,
-                                   density=density)
-            ys.append(y)
-        out[all_reduce] = {"inputs": xs, "outputs": ys, "before_dense": before,
-                           "after": {k: v.clone() for k, v in state.tensors().items()},
-                           "traffic": traffic}
+        for dtype in (torch.bfloat16, torch.float32):
+            state = comm.TopkFeedback(numel, size, momentum=0.5, all_reduce=all_reduce)
+            xs, ys = [_inputs(60, numel, dtype), _inputs(61, numel, dtype)], []
+            for density in (0.05, 0.5):
+                before = {k: v.clone() for k, v in state.tensors().items()}
+                x = xs[len(ys)]
+                if all_reduce:
+                    y = x.clone()
+                    traffic = _traffic(comm.sparse_all_reduce, y, state=state, density=density)
+                else:
+                    y = torch.empty(UNEVEN, dtype=dtype)
+                    traffic = _traffic(comm.sparse_reduce_scatter, y, x, state=state,
+                                       density=density)
+                ys.append(y)
+            out[(all_reduce, str(dtype))] = {
+                "inputs": xs, "outputs": ys, "before_dense": before, "traffic": traffic,
+                "after": {k: v.clone() for k, v in state.tensors().items()}}
     return out
 
 

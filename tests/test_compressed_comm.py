@@ -327,12 +327,13 @@ def test_topk_accounts_for_every_input_exactly(world_size, all_reduce):
     assert residual.abs().max() > 0.5  # most of the mass is still waiting at density 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("all_reduce", [False, True], ids=["reduce_scatter", "all_reduce"])
 @pytest.mark.parametrize("world_size", WORLDS)
-def test_topk_falls_back_to_dense_with_every_residual(world_size, all_reduce):
-    """Density 0.5 with bf16: 3 bytes an element sparse, 2 dense: the dense collective runs on
-    gradient + residual + pending momentum (m / (1 - m) u), and only rounding stays behind."""
-    results = [r["dense"][all_reduce] for r in _results(world_size)]
+def test_topk_falls_back_to_dense_with_every_residual(world_size, all_reduce, dtype):
+    """Density 0.5: sparse would not be smaller, so the dense collective runs on gradient +
+    residual + pending momentum (m / (1 - m) u), and only rounding stays behind."""
+    results = [r["dense"][(all_reduce, str(dtype))] for r in _results(world_size)]
     due = []
     for rank, r in enumerate(results):
         before = r["before_dense"]
@@ -340,19 +341,21 @@ def test_topk_falls_back_to_dense_with_every_residual(world_size, all_reduce):
         if all_reduce:
             total.view(world_size, N)[rank] += before["owner_residual"]
         due.append(total)
-    sent = [d.to(torch.bfloat16).float() for d in due]
+    sent = [d.to(dtype).float() for d in due]
     exact = sum(sent)
     for rank, r in enumerate(results):
         output = r["outputs"][1].float()
         expected = exact if all_reduce else exact.view(world_size, N)[rank]
-        bound = world_size * torch.finfo(torch.bfloat16).eps * sum(s.abs() for s in sent)
+        bound = world_size * torch.finfo(dtype).eps * sum(s.abs() for s in sent)
         if not all_reduce:
             bound = bound.view(world_size, N)[rank]
         assert ((output - expected).abs() <= bound).all()
+        assert output.abs().max() > 1  # not the zeros an aliased residual would send
         torch.testing.assert_close(r["after"]["residual"], due[rank] - sent[rank])
         assert not r["after"]["momentum"].any()
         op = "all_reduce" if all_reduce else "reduce_scatter"
-        assert r["traffic"].bytes == {op: (2 if all_reduce else 1) * N * (world_size - 1) * 2}
+        size = torch.finfo(dtype).bits // 8
+        assert r["traffic"].bytes == {op: (2 if all_reduce else 1) * N * (world_size - 1) * size}
 
 
 # -- wire bytes ----------------------------------------------------------------------------------------

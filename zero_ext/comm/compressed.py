@@ -454,7 +454,7 @@ def _dense(state: TopkFeedback, input: Tensor) -> Tensor:
     if state.owner_residual is not None:
         state.residual.view(state.world, -1)[state.rank] += state.owner_residual
         state.owner_residual.zero_()
-    sent = state.residual.to(input.dtype)
+    sent = state.residual.to(input.dtype, copy=True)  # fp32: not the residual itself
     state.residual.sub_(sent.float())
     return sent
 
