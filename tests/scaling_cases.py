@@ -53,6 +53,16 @@ CASES = {
     "stage3_hierarchical": (3, "fp32", 1, {"stage3_param_persistence_threshold": 30,
                                            "hierarchical_allgather": True}),
     "stage1_hierarchical": (1, "fp32", 1, {"hierarchical_allgather": True}),
+    # Compressed communication (a fifth element: zero_ext.compression): int8 gradients in two
+    # hops and int8 weights at stage 3 (blocks that do not divide the chunks: padded rows),
+    # int4 flat at stage 2, top-k at stages 0 and 1.
+    "stage3_int8_two_hop_qwz": (3, "bf16", 1, {"stage3_param_persistence_threshold": 30}, {
+        "gradients": {"method": "int8", "error_feedback": True, "block_size": 48},
+        "weights": {"method": "int8", "block_size": 40}}),
+    "stage2_int4_flat": (2, "bf16", 2, {}, {
+        "gradients": {"method": "int4", "two_hop": False, "block_size": 64}}),
+    "stage0_topk": (0, "fp32", 1, {}, {"gradients": {"method": "topk", "density": 0.05}}),
+    "stage1_topk": (1, "bf16", 1, {}, {"gradients": {"method": "topk", "density": 0.05}}),
 }
 PER_NODE = 2
 
@@ -70,9 +80,11 @@ def config(stage: int, dtype: str, accumulation: int, world_size: int, **zero) -
 
 def measured_and_planned(name: str) -> dict:
     """Traffic of the second optimizer step of a real run, and the plan's, on this rank."""
-    stage, dtype, accumulation, zero = CASES[name]
+    stage, dtype, accumulation, zero, *compression = CASES[name]
     world_size, rank = comm.world_size(), comm.rank()
     cfg = config(stage, dtype, accumulation, world_size, **zero)
+    if compression:
+        cfg["zero_ext"] = {"compression": compression[0]}
     torch.manual_seed(0)
     engine, _, _, _ = zero_ext.initialize(model=Stack(), config=cfg)
     generator = torch.Generator().manual_seed(1)

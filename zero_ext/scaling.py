@@ -46,7 +46,9 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from zero_ext import ops
 from zero_ext.comm.collectives import CollectiveTraffic, ring_elements
+from zero_ext.comm.compressed import _sparse_pays, _topk_k
 from zero_ext.config import ZeroConfig
 from zero_ext.zero.partition import plan_buckets
 
@@ -234,6 +236,8 @@ def plan_step(model: nn.Module | int, config, world_size: int, *, gpus_per_node:
     else:
         units, whole = _count_layouts(int(model), zero, world_size, largest_unit)
     prefetch = zero.stage3_prefetch_bucket_size > 0
+    wire = _WireSizes(config, world_size, per_node, comm_size)
+    reduce = "all_reduce" if zero.stage == 0 else "reduce_scatter"
     plan = []
     for micro in range(accumulation):
         boundary = micro == accumulation - 1
@@ -244,28 +248,34 @@ def plan_step(model: nn.Module | int, config, world_size: int, *, gpus_per_node:
                                           group_size, micro))
 
         def gather(numel, phase, hidden, hpz_block=1):
-            """A parameter all-gather of `numel` elements, as the engine moves it."""
+            """A parameter all-gather of `numel` elements, as the engine moves it (stage 3's
+            gathers for compute quantized under qwZ; hpZ's and the post-step ones exact)."""
+            width = size if phase == "step" or hpz_block > 1 else wire.weights(numel, size)
             if hpz_block > 1:
-                add("all_gather", numel, size, phase, hidden, "node", hpz_block)
+                add("all_gather", numel, width, phase, hidden, "node", hpz_block)
             elif hierarchical:  # comm.hierarchical_all_gather's two hops
-                add("all_gather", numel // per_node, size, phase, hidden, "across", nodes)
-                add("all_gather", numel, size, phase, hidden, "node", per_node)
+                add("all_gather", numel // per_node, width, phase, hidden, "across", nodes)
+                add("all_gather", numel, width, phase, hidden, "node", per_node)
             else:
-                add("all_gather", numel, size, phase, hidden)
+                add("all_gather", numel, width, phase, hidden)
+
+        def reduction(numel):
+            """A bucket's gradient reduction, as zero/compression.py moves it."""
+            for op, n, width, group, group_size in wire.reduction(reduce, numel):
+                add(op, n, width, "backward", zero.overlap, group, group_size)
 
         for layouts in units:
             for layout in layouts:
                 gather(layout.padded_numel, "forward", prefetch)
-        reduce = "all_reduce" if zero.stage == 0 else "reduce_scatter"
         reduce_now = boundary or zero.stage >= 2
         # Backward meets units and buckets in reverse; each unit is gathered, then reduced.
         for layouts in reversed(units):
             for layout in layouts:
                 gather(layout.padded_numel, "backward", prefetch, hpz)
             for layout in layouts:
-                add(reduce, layout.padded_numel, comm_size, "backward", zero.overlap)
+                reduction(layout.padded_numel)
         for layout in whole if reduce_now else []:
-            add(reduce, layout.padded_numel, comm_size, "backward", zero.overlap)
+            reduction(layout.padded_numel)
         if boundary:
             add("all_reduce", *_AGREEMENT, "backward" if zero.stage == 0 else "step", False)
             for layout in whole if zero.stage >= 1 else []:
@@ -273,6 +283,49 @@ def plan_step(model: nn.Module | int, config, world_size: int, *, gpus_per_node:
                                                zero.allgather_bucket_size):
                     gather((hi - lo) * world_size, "step", False)
     return plan
+
+
+class _WireSizes:
+    """Bytes per element on the wire of the collectives compression changes (docs/compression.md),
+    exactly as comm/compressed.py sends them: packed quantized rows (ops.quantized_row_bytes of
+    a chunk, its last block padded) or top-k (index, value) rows, over the chunk's elements. The
+    plan counts them in comm's ring sense, which an all-to-all matches: n(N-1)/N of its input."""
+
+    def __init__(self, config: ZeroConfig, world_size: int, per_node: int, comm_size: int):
+        self.plan = config.compression()
+        self.world, self.per_node, self.comm_size = world_size, per_node, comm_size
+        self.on = world_size > 1  # one rank sends nothing, so nothing is compressed
+
+    def weights(self, numel: int, size: int) -> float:
+        """qwZ: each rank's shard (numel / world elements) as one int8 row."""
+        if not self.on or self.plan.weights == "none":
+            return size
+        m = numel // self.world
+        return ops.quantized_row_bytes(m, 8, self.plan.weight_block) / m
+
+    def reduction(self, op: str, numel: int) -> list[tuple]:
+        """(op, numel, bytes per element, group, group size) of each collective that moves a
+        bucket's reduction of `numel` elements."""
+        exact = [(op, numel, self.comm_size, "world", None)]
+        if not self.on or self.plan.gradients == "none":
+            return exact
+        m = numel // self.world
+        if self.plan.grad_bits is not None:
+            width = ops.quantized_row_bytes(m, self.plan.grad_bits, self.plan.grad_block) / m
+            nodes = self.world // self.per_node
+            if self.plan.two_hop and 1 < nodes < self.world:  # within the node, then across
+                return [(op, numel, width, "node", self.per_node),
+                        (op, numel // self.per_node, width, "across", nodes)]
+            return [(op, numel, width, "world", None)]
+        # top-k at the target density (after any warm-up): k (int32 index, value) pairs per
+        # chunk, unless that is not smaller than the chunk (then the exact collective).
+        k = _topk_k(self.plan.density, m)
+        if not _sparse_pays(k, m, self.comm_size):
+            return exact
+        width = k * (4 + self.comm_size) / m
+        if op == "all_reduce":  # stage 0: a sparse reduce-scatter, then a sparse all-gather
+            return [(op, numel, width / 2, "world", None)] * 2
+        return [(op, numel, width, "world", None)]
 
 
 def _count_layouts(numel: int, zero, world_size: int, largest_unit: int | None):
