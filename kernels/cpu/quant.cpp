@@ -14,11 +14,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
-#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -86,17 +84,37 @@ void store_floats(const float* src, void* dst, ElementType type, int64_t offset,
   }
 }
 
-// float8_e4m3fn bits -> fp32, every one of the 256 codes decoded once by c10.
-const std::array<float, 256>& fp8_table() {
-  static const std::array<float, 256> table = [] {
-    std::array<float, 256> t{};
-    for (int b = 0; b < 256; ++b) {
-      t[b] = static_cast<float>(
-          c10::Float8_e4m3fn(static_cast<uint8_t>(b), c10::Float8_e4m3fn::from_bits()));
-    }
-    return t;
-  }();
-  return table;
+// float8_e4m3fn bits -> fp32, exactly as c10::Float8_e4m3fn decodes them, in a loop the compiler
+// vectorizes: the 7 magnitude bits placed at the top of an fp32 mantissa, as a float, times
+// 2^(127 - 7) give both normal and subnormal values exactly; 0x7F is NaN.
+void fp8_to_floats(const uint8_t* src, float* dst, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) {
+    const uint32_t b = src[t];
+    const uint32_t magnitude_bits = (b & 0x7Fu) << 20;
+    float magnitude;
+    std::memcpy(&magnitude, &magnitude_bits, sizeof(float));
+    magnitude = (b & 0x7Fu) == 0x7Fu ? NAN : magnitude * 0x1p120f;
+    dst[t] = (b & 0x80u) ? -magnitude : magnitude;
+  }
+}
+
+// fp32 -> float8_e4m3fn bits, round to nearest even, bitwise as c10::Float8_e4m3fn(float) for
+// finite |v| <= 448 (callers clamp first), in a loop the compiler vectorizes. Below 2^-6 the code
+// is the subnormal count nearbyint(|v| * 2^9) (8 of them make the smallest normal, code 0x08);
+// above, the fp32 mantissa is rounded to 3 bits and the exponent rebased by 127 - 7.
+void floats_to_fp8(const float* src, uint8_t* dst, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) {
+    uint32_t bits;
+    std::memcpy(&bits, src + t, sizeof(float));
+    const uint32_t sign = (bits >> 24) & 0x80u;
+    const uint32_t abs_bits = bits & 0x7FFFFFFFu;
+    float magnitude;
+    std::memcpy(&magnitude, &abs_bits, sizeof(float));
+    const uint32_t subnormal = static_cast<uint32_t>(std::nearbyint(magnitude * 512.0f));
+    const uint32_t normal =
+        (abs_bits - (120u << 23) + 0x7FFFFu + ((abs_bits >> 20) & 1u)) >> 20;
+    dst[t] = static_cast<uint8_t>(sign | (abs_bits < (121u << 23) ? subnormal : normal));
+  }
 }
 
 // Per-thread fp32 scratch of one block, reused across calls.
@@ -123,9 +141,7 @@ void load_block(const QuantizeBlocks& a, int64_t b, float* v, float* tmp) {
   load_floats(a.x, a.x_type, begin, v, n);
   std::fill(v + n, v + a.block_size, 0.0f);
   if (a.residual.residual == nullptr) return;
-  const std::array<float, 256>& table = fp8_table();
-  const uint8_t* r = a.residual.residual + begin;
-  for (int64_t t = 0; t < n; ++t) tmp[t] = table[r[t]];
+  fp8_to_floats(a.residual.residual + begin, tmp, n);
   const float coefficient = a.residual.coefficient;
   const float factor = a.residual.factor;
   const bool scaled = factor != 1.0f;
@@ -151,11 +167,8 @@ float block_absmax(const float* v, int64_t n) {
   if (n >= kWidth) {
     Vec acc(0.0f);
     for (; t + kWidth <= n; t += kWidth) acc = at::vec::maximum(acc, Vec::loadu(v + t).abs());
-    float lanes[kWidth];
-    acc.store(lanes);
-    for (int64_t l = 0; l < kWidth; ++l) {
-      if (lanes[l] > absmax || lanes[l] != lanes[l]) absmax = lanes[l];
-    }
+    absmax = at::vec::vec_reduce_all<float>(
+        [](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, acc);
   }
   for (; t < n; ++t) {
     const float a = std::fabs(v[t]);
@@ -269,7 +282,7 @@ void ZERO_EXT_ISA_FN(encode_residual)(const QuantizeBlocks& a, float new_scale) 
     for (; t < n; ++t) {
       q[t] = residual_code(v[t] - dequantize_element(static_cast<int>(q[t]), scale), new_scale);
     }
-    for (t = 0; t < n; ++t) residual[t] = c10::Float8_e4m3fn(q[t]).x;
+    floats_to_fp8(q, residual, n);
   }
 }
 
