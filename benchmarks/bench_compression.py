@@ -5,10 +5,11 @@ uncapped, for
   - stage 3: uncompressed bf16 vs int8 gradients + int8 weights (qgZ + qwZ),
   - stage 2: uncompressed bf16 vs int8, int4 gradients and top-k 1% (error feedback, momentum),
 the speed-up over the uncompressed step of the same stage, and each step's traffic counters
-(bytes per rank per link class) next to the arithmetic: the collectives the uncompressed step
-issues (zero_ext.scaling.plan_step, which the counters of the uncompressed run match) with
-every compressed one replaced by what it puts on the wire (quantized rows: data + fp32 scales
-per block; top-k: int32 index + value per entry; own chunk not sent).
+(bytes per rank per link class) next to the arithmetic: the step's collectives as
+zero_ext.scaling.plan_step plans them, each compressed one by what it puts on the wire
+(quantized rows: data + one fp32 scale per block; top-k: int32 index + value per entry; a
+rank's own chunk not sent). "bound" is the uncompressed step's planned bytes over this one's:
+the speed-up a step made only of moving bytes would get.
 
     python benchmarks/bench_compression.py                       # uncapped, 1gbit, 300mbit
     python benchmarks/bench_compression.py --quick               # smoke: 1gbit, 2 timed steps
@@ -155,9 +156,9 @@ def _quant_op_seconds(numel: int = 1 << 22) -> dict:
                 fn()
                 times.append(time.process_time() - start)
             out[name] = statistics.median(times) / numel
-    v = torch.randn(numel).abs_()
+    v = torch.randn(2, numel // 2)
     start = time.process_time()
-    torch.topk(v, math.ceil(DENSITY * numel // 2))
+    v.abs().topk(math.ceil(DENSITY * numel / 2), dim=1, sorted=False)
     out["topk select"] = (time.process_time() - start) / numel
     return out
 
@@ -177,43 +178,18 @@ def worker(args) -> None:
 
 
 # -- the arithmetic ----------------------------------------------------------------------------
-def row_bytes(m: int, bits: int, block: int) -> int:
-    """Bytes of one quantized chunk of m elements: the data of ceil(m / block) padded blocks,
-    then one fp32 scale each (the packed-row format of zero_ext.ops)."""
-    blocks = -(-m // block)
-    return blocks * block * bits // 8 + 4 * blocks
-
-
-def planned_bytes(variant: str, world: int, accumulation: int) -> tuple[float, float]:
-    """(bytes a rank sends per step, the same for the uncompressed step of that stage), from
-    the uncompressed step's collectives (scaling.plan_step) with every compressed collective
-    replaced by its wire bytes. Every peer sits on the other node here (1 rank per node)."""
+def planned_bytes(variant: str, world: int, accumulation: int) -> float:
+    """Bytes a rank sends per step as zero_ext.scaling plans the step's collectives (packed
+    quantized rows, top-k pairs, qwZ gathers as comm/compressed.py moves them), in the ring
+    sense of comm's counters."""
     import torch
 
     from zero_ext import scaling
-    from zero_ext.comm.collectives import ring_elements
 
-    stage, compression = VARIANTS[variant]
     with torch.device("meta"):
         model = _build()
-    plan = scaling.plan_step(model, _config(BASELINE[stage], accumulation), world)
-    grads = (compression or {}).get("gradients", {}).get("method", "none")
-    weights = (compression or {}).get("weights", {}).get("method", "none")
-    total = dense = 0.0
-    for c in plan:
-        exact = ring_elements(c.op, c.numel, world) * c.element_size
-        dense += exact
-        m = c.numel // world  # the chunk each rank receives or contributes
-        if c.op == "reduce_scatter" and grads in ("int8", "int4"):
-            total += (world - 1) * row_bytes(m, 8 if grads == "int8" else 4, BLOCK)
-        elif c.op == "reduce_scatter" and grads == "topk":
-            sparse = math.ceil(DENSITY * m) * (4 + c.element_size)
-            total += (world - 1) * min(sparse, m * c.element_size)
-        elif c.op == "all_gather" and c.phase != "step" and weights == "int8":
-            total += (world - 1) * row_bytes(m, 8, BLOCK)
-        else:
-            total += exact
-    return total, dense
+    plan = scaling.plan_step(model, _config(variant, accumulation), world)
+    return sum(scaling.planned_traffic(plan, world).bytes.values())
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -259,7 +235,8 @@ def _print_rate(rate: str, got: dict, args) -> list[tuple]:
         base = got["variants"].get(BASELINE[stage])
         speedup = base["step"] / r["step"] if base else float("nan")
         inter, intra = sum(r["inter"].values()), sum(r["intra"].values())
-        planned, dense = planned_bytes(name, world, args.accumulation)
+        planned = planned_bytes(name, world, args.accumulation)
+        dense = planned_bytes(BASELINE[stage], world, args.accumulation)
         counted = inter + intra
         base_bytes = (sum(base["inter"].values()) + sum(base["intra"].values())) if base \
             else float("nan")
@@ -288,7 +265,8 @@ def _verdict(rows: list[tuple], capped: list[str], quant_ops: dict, args) -> Non
                     if rt == rate and VARIANTS[name][0] == stage and name != base]
             for name, speedup, r in mine:
                 ok = speedup >= SPEEDUP_GOAL
-                planned, dense = planned_bytes(name, 2, args.accumulation)
+                planned = planned_bytes(name, 2, args.accumulation)
+                dense = planned_bytes(base, 2, args.accumulation)
                 line = (f"  {rate} stage {stage} {name}: {speedup:.2f}x "
                         f"({'meets' if ok else 'misses'} >= {SPEEDUP_GOAL}x; the bytes allow "
                         f"{dense / planned:.2f}x)")

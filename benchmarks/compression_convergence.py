@@ -7,7 +7,8 @@ their compression section:
   - int4 gradients without error feedback          the gap error feedback closes (no goal)
   - top-k 1% with error feedback and momentum (stage 2; top-k is refused at stage 3)
                                                    goal: within 3%
-The final loss is train_gpt's evaluation after training (its first 64 windows, the same for
+A run meets its goal when its final loss is at most that much above the uncompressed one
+(ending lower is no miss). The final loss is train_gpt's evaluation after training (its first 64 windows, the same for
 every run); every run starts from the same seed and sees the same batches, so the gap is the
 compression's alone. For scale, the table also shows how far uncompressed stage 2 and stage 3
 end apart (the same mathematics, reduced in another order).
@@ -15,7 +16,11 @@ end apart (the same mathematics, reduced in another order).
     python benchmarks/compression_convergence.py                   # ~10 min on 2 cores
     python benchmarks/compression_convergence.py --steps 60 --ranks 2 --stages 2
 
-Rows print as each run ends (2 ranks first), then the table.
+Rows print as each run ends (2 ranks first), then the table. "vs bf16" is the issue's measure
+(final loss / uncompressed final loss - 1); "of drop" puts the same difference against how far
+the uncompressed run brought the loss down (first - final): after 300 steps the 857-character
+text is nearly memorized (loss ~0.08 against 3.8 at the start), where a difference of 0.001
+is already 1%.
 """
 
 from __future__ import annotations
@@ -69,8 +74,9 @@ def _config(name: str, change: str | None, steps: int, directory: str) -> str:
     return path
 
 
-def _train(config: str, ranks: int, steps: int, timeout: float) -> tuple[float, float]:
-    """(final loss, seconds) of one torchrun job; raises with its output if it fails."""
+def _train(config: str, ranks: int, steps: int, timeout: float) -> tuple[float, float, float]:
+    """(first loss, final loss, seconds) of one torchrun job; raises with its output if it
+    fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -91,7 +97,7 @@ def _train(config: str, ranks: int, steps: int, timeout: float) -> tuple[float, 
     if proc.returncode or not match:
         raise RuntimeError(f"{config} at {ranks} ranks failed ({proc.returncode}):\n"
                            f"{out[-1500:]}{err[-3000:]}")
-    return float(match.group(5)), seconds
+    return float(match.group(4)), float(match.group(5)), seconds
 
 
 def _verdict(label: str, gap: float | None) -> str:
@@ -100,7 +106,7 @@ def _verdict(label: str, gap: float | None) -> str:
     goal = GOALS.get(label)
     if goal is None:
         return "" if label == "bf16" else "(no goal: shows what error feedback closes)"
-    return f"{'meets' if abs(gap) <= goal else 'misses'} <= {goal:.0%}"
+    return f"{'meets' if gap <= goal else 'misses'} <= +{goal:.0%}"
 
 
 def main() -> int:
@@ -123,11 +129,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="zx-convergence-") as tmp:
         for world in ranks:
             for stage in stages:
-                base = None
+                base = base_first = None
                 for label, name, change in RUNS[stage]:
                     config = _config(name, change, args.steps, tmp)
                     try:
-                        loss, seconds = _train(config, world, args.steps, args.timeout)
+                        first, loss, seconds = _train(config, world, args.steps,
+                                                      args.timeout)
                     except RuntimeError as error:
                         print(f"  {world} ranks, stage {stage}, {label}: FAILED\n{error}",
                               flush=True)
@@ -135,24 +142,30 @@ def main() -> int:
                                      "config": name, "change": change, "loss": None})
                         continue
                     if change == "uncompressed":
-                        base = loss
+                        base, base_first = loss, first
                     gap = None if base is None else loss / base - 1
+                    # The gap as a share of how far training brought the loss down: at the
+                    # end of 300 steps the text is nearly memorized, where a tiny absolute
+                    # difference is a large relative one.
+                    of_drop = None if base is None else (loss - base) / (base_first - base)
                     same = " (equal to uncompressed: was it compressed?)" \
                         if change != "uncompressed" and loss == base else ""
                     rows.append({"ranks": world, "stage": stage, "run": label, "config": name,
-                                 "change": change, "loss": loss, "gap": gap,
-                                 "seconds": seconds})
+                                 "change": change, "first": first, "loss": loss, "gap": gap,
+                                 "of_drop": of_drop, "seconds": seconds})
                     print(f"  {world} ranks, stage {stage}, {label:<16} final loss {loss:.4f}"
-                          + ("" if gap is None else f", {gap:+.2%}") + f"  ({seconds:.0f} s)"
+                          + ("" if gap is None else f", {gap:+.2%} ({of_drop:+.3%} of the "
+                                                    "drop)") + f"  ({seconds:.0f} s)"
                           + same, flush=True)
     print(f"\n{'ranks':>5} {'stage':>5} {'run':<16} {'config':<40} {'final loss':>10} "
-          f"{'vs bf16':>8}  goal")
+          f"{'vs bf16':>8} {'of drop':>8}  goal")
     for r in rows:
         loss = "failed" if r["loss"] is None else f"{r['loss']:.4f}"
-        gap = r.get("gap")
+        gap, of_drop = r.get("gap"), r.get("of_drop")
         config = r["config"] + ("" if r["change"] is None else f" ({r['change']})")
         print(f"{r['ranks']:>5} {r['stage']:>5} {r['run']:<16} {config:<40} {loss:>10} "
-              f"{'' if gap is None else f'{gap:+.2%}':>8}  {_verdict(r['run'], gap)}")
+              f"{'' if gap is None else f'{gap:+.2%}':>8} "
+              f"{'' if of_drop is None else f'{of_drop:+.3%}':>8}  {_verdict(r['run'], gap)}")
     for world in ranks:
         base = {r["stage"]: r["loss"] for r in rows
                 if r["ranks"] == world and r["change"] == "uncompressed" and r["loss"]}
