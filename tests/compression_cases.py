@@ -2,8 +2,8 @@
 (zero_ext.compression), at 2 ranks, 4 ranks, and 4 ranks made to look like 2 nodes x 2.
 
 Each case returns raw facts (the buckets' inputs and reduced outputs, residual totals, traffic
-counters, gathered weights, trained parameters); the test computes the plain-torch references
-from them (quantize_dequantize below, the design's quantization rule written out in torch).
+counters, gathered weights, trained parameters), as CPU tensors; the test computes the
+plain-torch references from them (quantize_dequantize below, the design's quantization rule written out in torch).
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class ReductionSpy:
         def reduce(flat, out, bucket):
             feedback = compression.feedback.get(bucket)
             self.calls.append({
-                "bucket": bucket, "flat": flat.detach().float().clone(),
-                "total": feedback.flat_total().float().clone() if feedback is not None else None,
+                "bucket": bucket, "flat": flat.detach().float().cpu().clone(),
+                "total": feedback.flat_total().float().cpu() if feedback is not None else None,
                 "loss_scale": engine.loss_scaler.scale if engine.loss_scaler else 1.0,
                 "out": out if out is not None else flat, "step": engine.global_steps})
             return original(flat, out, bucket)
@@ -80,7 +80,7 @@ class ReductionSpy:
         """After a backward: the outputs are final; keep copies (the buckets are reused)."""
         for call in self.calls:
             if isinstance(call["out"], torch.Tensor):
-                call["out"] = call["out"].detach().float().clone()
+                call["out"] = call["out"].detach().float().cpu().clone()
 
 
 def _step(engine, step: int) -> None:
@@ -105,13 +105,14 @@ def train(stage: int, dtype: str, steps: int = STEPS, **compression) -> dict:
 
 
 def reductions(stage: int, dtype: str, steps: int = 3, overflow_at: int | None = None,
-               **compression) -> dict:
+               accumulation: int = 1, **compression) -> dict:
     """`steps` steps with every compressed reduction recorded; `overflow_at`: at that step an
     inf enters one gradient on rank 1 only (fp16: the step is skipped on every rank). Also the
     residual totals right after each step (zero after a skipped one: reset)."""
     model = build_model()
-    engine, _, _, _ = zero_ext.initialize(model=model, config=config(stage, dtype, **compression),
-                                          model_parameters=param_groups(model))
+    engine, _, _, _ = zero_ext.initialize(
+        model=model, config=config(stage, dtype, accumulation=accumulation, **compression),
+        model_parameters=param_groups(model))
     spy = ReductionSpy(engine)
     after_step = []
     for step in range(steps):
@@ -119,14 +120,17 @@ def reductions(stage: int, dtype: str, steps: int = 3, overflow_at: int | None =
         if step == overflow_at and comm.rank() == 1:
             handle = model.fc1.weight.register_hook(
                 lambda g: g.index_fill(0, torch.tensor([0], device=g.device), float("inf")))
-        _step(engine, step)
-        spy.settle()
+        for micro in range(accumulation):
+            _step(engine, step * accumulation + micro)
+            spy.settle()
+            if micro < accumulation - 1:
+                engine.step()
         if handle is not None:
             handle.remove()
         engine.step()
         after_step.append({
             "skipped": engine.skipped_steps,
-            "totals": {b: f.flat_total().float().clone()
+            "totals": {b: f.flat_total().float().cpu()
                        for b, f in engine.compression.feedback.items()},
             "residual_loss_scale": dict(engine.compression.residual_loss_scale)})
     return {"calls": spy.calls, "after_step": after_step, "world_size": comm.world_size(),
@@ -196,7 +200,7 @@ def quantized_weights(**zero) -> dict:
 
     def record(module, args):
         for param in module.parameters(recurse=False):
-            seen[names[id(param)]] = param.detach().clone()
+            seen[names[id(param)]] = param.detach().cpu().clone()
 
     handles = [m.register_forward_pre_hook(record) for m in model.body]
     x = torch.randn(4, 40, generator=torch.Generator().manual_seed(comm.rank()))
@@ -211,8 +215,8 @@ def quantized_weights(**zero) -> dict:
              for unit in engine.partitioned.units
              for layout, members in zip(unit.layouts, unit.params)]
     with zero_ext.GatheredParameters(list(model.parameters())):
-        inside = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"seen": seen, "full": {n: t.clone() for n, t in engine.full_state_dict().items()},
+        inside = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    return {"seen": seen, "full": engine.full_state_dict(),
             "gathered": inside, "initial": initial, "units": units, "traffic": gather_traffic,
             "loss_finite": math.isfinite(loss.float().item())}
 
@@ -229,7 +233,7 @@ def stage0_topk() -> dict:
     for step in range(3):
         _step(engine, step)
         spy.settle()
-        grads.append([g.clone() for g in engine.grad_buckets.reduced_grads()])
+        grads.append([g.cpu().clone() for g in engine.grad_buckets.reduced_grads()])
         engine.step()
     return {"grads": grads, "calls": spy.calls, "params": host_params(model, engine)}
 
@@ -251,7 +255,10 @@ PARITY = [
 ]
 
 PARITY_FOUR = [PARITY[1], PARITY[5], PARITY[7]]   # 4 ranks on one node
-PARITY_NODES = [PARITY[2], PARITY[5]]             # 2 simulated nodes x 2: two hops, qwZ
+PARITY_NODES = [PARITY[2], PARITY[5],             # 2 simulated nodes x 2: two hops, qwZ,
+                ("int8+qwZ+hpZ", 3, "bf16",        # and qwZ's gathers with hpZ's
+                 {"gradients": INT8, "weights": {"method": "int8"},
+                  "zero_hpz_partition_size": 2, "hierarchical_allgather": True})]
 
 
 def _parity(cases) -> dict:
@@ -285,6 +292,9 @@ def two_ranks() -> dict:
         "int4+ef": reductions(1, "fp32", steps=3, gradients=INT4_EF),
         "int8+ef bf16 stage 3": reductions(3, "bf16", steps=2,
                                            gradients={"method": "int8", "error_feedback": True}),
+        # Stage 2 reduces every micro-step: the residual carries from one to the next.
+        "int4+ef stage 2 accumulation 2": reductions(2, "fp32", steps=2, accumulation=2,
+                                                     gradients=INT4_EF),
         # fp16, initial scale 2**8, window 3: the overflow at step 1 is skipped (scale 128),
         # the scale doubles again before step 6's backward: residuals stored at 128 are fed
         # back at 256.
