@@ -155,16 +155,17 @@ class GradientCompression:
 
     # -- checkpoint state ----------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every residual of this rank by "<bucket>.<name>" (the feedback objects' own
-        tensors), and "<bucket>.loss_scale" (fp64, 1 element) where residuals were stored at
-        a loss scale. Resharding goes through each feedback object's flat_total()."""
+        """Every residual of this rank by "<bucket>.<name>" (the feedback objects' own, live
+        tensors), and per bucket "<bucket>.loss_scale" (a new fp64 CPU tensor of 1 element:
+        the loss scale its residuals are stored at, 0 before the first reduction or after a
+        reset), so the keys depend only on the buckets and the method. Resharding goes
+        through each feedback object's flat_total()."""
         out = {}
         for bucket, feedback in self.feedback.items():
             for name, tensor in feedback.tensors().items():
                 out[f"{bucket}.{name}"] = tensor
-            if bucket in self.residual_loss_scale:
-                out[f"{bucket}.loss_scale"] = torch.tensor(
-                    [self.residual_loss_scale[bucket]], dtype=torch.float64)
+            out[f"{bucket}.loss_scale"] = torch.tensor(
+                [self.residual_loss_scale.get(bucket, 0.0)], dtype=torch.float64)
         return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -178,7 +179,8 @@ class GradientCompression:
                                  "this engine's compression does not have (another model, "
                                  "bucket size or compression method)")
             if name == "loss_scale":
-                self.residual_loss_scale[int(bucket)] = float(tensor.item())
+                if tensor.item() > 0:
+                    self.residual_loss_scale[int(bucket)] = float(tensor.item())
             else:
                 per_bucket[int(bucket)][name] = tensor
         for bucket, state in per_bucket.items():
