@@ -19,8 +19,8 @@ depends on the training run rather than on one call:
 Residuals are kept in the units of the gradients that made them: loss-scaled under fp16. When
 the loss scale changes between two reductions of a bucket the stored residual is rescaled by
 current / stored scale (comm's residual_factor, for quantized and top-k feedback alike), so an
-error made at scale 2**16 is not fed back 2x too large after an overflow halved
-the scale. A step the engine skips (fp16 overflow) resets everything: see `reset`.
+error made at scale 2**16 is not fed back 2x too large once the scale is 2**15. A step the
+engine skips (fp16 overflow) resets everything: see `reset`.
 
 One rank sends nothing, so nothing is compressed there (the plan is kept, the state is empty).
 """
@@ -68,7 +68,7 @@ class GradientCompression:
         self.weights = plan.weights if self.world_size > 1 else "none"
         self.feedback: dict[int, comm.QuantFeedback | comm.TopkFeedback] = {}
         self.residual_loss_scale: dict[int, float] = {}
-        self.density = 1.0 if plan.warmup_steps > 0 else plan.density
+        self.density = warmup_density(plan.density, 0, plan.warmup_steps)
         self._loss_scale = 1.0
         if self.gradients in ("int8", "int4") and plan.error_feedback:
             topology = comm.current_topology()
@@ -119,11 +119,7 @@ class GradientCompression:
         is left (dequantizing, scattering the received entries) runs in its wait()."""
         feedback = self.feedback.get(bucket)
         factor = self._residual_factor(bucket) if feedback is not None else 1.0
-        if self.gradients in ("int8", "int4"):
-            if out is None:
-                raise ValueError("zero_ext: quantized gradients reduce-scatter (stages 1-3); "
-                                 "stage 0 all-reduces: use zero_ext.compression.gradients."
-                                 "method \"topk\" there")
+        if self.gradients in ("int8", "int4"):  # stages 1-3 (the config refuses stage 0)
             return comm.quantized_reduce_scatter(
                 out, flat, bits=self.plan.grad_bits, block_size=self.plan.grad_block,
                 feedback=feedback, residual_factor=factor, two_hop=self.plan.two_hop,
