@@ -4,10 +4,15 @@ and counters, and the test computes the references from every rank's inputs."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import hierarchy_cases
 import torch
 
 from zero_ext import comm
+
+from dist_harness import restart_group
 
 BLOCK = 32
 UNEVEN = 100  # elements per chunk: three full blocks of 32 and a partial one
@@ -182,6 +187,36 @@ def all_to_all_groups() -> dict:
     return out
 
 
+def stalled_reduce_scatter() -> dict:
+    """Rank 0 enters a quantized reduce-scatter (its all-to-all) that rank 1 never joins, over
+    the shared-memory arena and over gloo's all_to_all_single: both ranks raise within a few
+    stall timeouts (the group is restarted around it)."""
+    comm.set_stall_timeout(1.5)
+    out = {}
+    for transport in ("shm", "gloo"):
+        os.environ["ZERO_EXT_CPU_SHM"] = "1" if transport == "shm" else "0"
+        restart_group()  # a new group decides afresh whether to use the arena
+        # Both ranks' watches (and heartbeats) start on the new group, the arena and the
+        # topology decided.
+        comm.all_reduce(torch.zeros(1))
+        comm.current_topology()
+        started = time.monotonic()
+        try:
+            if comm.rank() == 0:
+                comm.quantized_reduce_scatter(torch.empty(64), torch.ones(128), bits=8,
+                                              block_size=BLOCK)
+            else:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:  # interrupted by rank 0's report
+                    time.sleep(0.05)
+            out[transport] = (None, "", time.monotonic() - started)
+        except comm.CollectiveStallError as error:
+            out[transport] = (type(error).__name__, str(error), time.monotonic() - started)
+    os.environ["ZERO_EXT_CPU_SHM"] = "1"
+    restart_group()
+    return out
+
+
 def run_cases(nodes: bool) -> dict:
     if nodes:
         hierarchy_cases.simulate_nodes(2)
@@ -191,6 +226,8 @@ def run_cases(nodes: bool) -> dict:
            "topk_rs": topk(False, 0.0), "topk_rs_momentum": topk(False, 0.9),
            "topk_ar": topk(True, 0.0), "topk_ar_momentum": topk(True, 0.9),
            "dense": dense_fallback(), "bytes": wire_bytes()}
+    if comm.world_size() == 2:
+        out["stall"] = stalled_reduce_scatter()
     if nodes:
         out["two_hop"] = quantized_reduce_scatters(two_hop=True)
         out["ef_two_hop"] = error_feedback(two_hop=True)

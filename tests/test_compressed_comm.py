@@ -103,6 +103,18 @@ def test_all_to_all_over_groups_of_two_simulated_nodes():
     assert [r["world"]["traffic"].inter_node_bytes["all_to_all"] for r in results] == [6] * 4
 
 
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_a_rank_missing_from_the_all_to_all_ends_on_both_ranks(transport):
+    """Bounded by the watch on both transports (gloo's all_to_all_single honours the wait's
+    timeout): the same report on both ranks, well before rank 1's 60 s loop ends."""
+    outcomes = [r["stall"][transport] for r in _results(2)]
+    assert [o[0] for o in outcomes] == ["CollectiveStallError"] * 2, outcomes
+    assert outcomes[0][1] == outcomes[1][1]
+    assert outcomes[0][1].startswith("zero_ext: rank(s) 1 on ")
+    assert "all_to_all[reduce_scatter]" in outcomes[0][1]
+    assert max(o[2] for o in outcomes) < 15
+
+
 # -- quantized reduce-scatter -------------------------------------------------------------------------
 @pytest.mark.parametrize("world_size", WORLDS)
 def test_quantized_reduce_scatter_sums_dequantized_chunks_own_exact(world_size):
