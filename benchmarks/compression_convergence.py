@@ -11,7 +11,8 @@ A run meets its goal when its final loss is at most that much above the uncompre
 (ending lower is no miss). The final loss is train_gpt's evaluation after training (its first 64 windows, the same for
 every run); every run starts from the same seed and sees the same batches, so the gap is the
 compression's alone. For scale, the table also shows how far uncompressed stage 2 and stage 3
-end apart (the same mathematics, reduced in another order).
+end apart (the same mathematics, reduced in another order), and uncompressed stage 2 started
+from other random weights (--noise-seeds).
 
     python benchmarks/compression_convergence.py                   # ~10 min on 2 cores
     python benchmarks/compression_convergence.py --steps 60 --ranks 2 --stages 2
@@ -74,13 +75,15 @@ def _config(name: str, change: str | None, steps: int, directory: str) -> str:
     return path
 
 
-def _train(config: str, ranks: int, steps: int, timeout: float) -> tuple[float, float, float]:
+def _train(config: str, ranks: int, steps: int, timeout: float,
+           seed: int = 0) -> tuple[float, float, float]:
     """(first loss, final loss, seconds) of one torchrun job; raises with its output if it
     fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={ranks}", TRAIN, "--config", config, "--steps", str(steps)]
+               f"--nproc_per_node={ranks}", TRAIN, "--config", config, "--steps", str(steps),
+               "--seed", str(seed)]
     start = time.perf_counter()
     # Its own session, so a timeout ends torchrun's workers too.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -115,6 +118,10 @@ def main() -> int:
     parser.add_argument("--ranks", default="2,4", help="world sizes, in the order to run them")
     parser.add_argument("--stages", default="2,3", help="ZeRO stages: 2, 3 or both")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    parser.add_argument("--noise-seeds", default="1,2",
+                        help="also train uncompressed stage 2 from these other initial weights, "
+                             "for how far runs that differ only in their seed end apart "
+                             "('' for none)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -125,7 +132,7 @@ def main() -> int:
     print(f"examples/train_gpt.py (dim 128, 2 layers, micro-batch 8 x 64 characters, 2 "
           f"micro-steps), bf16, {args.steps} steps, one thread per rank; load average "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()), flush=True)
-    rows = []
+    rows, noise = [], []
     with tempfile.TemporaryDirectory(prefix="zx-convergence-") as tmp:
         for world in ranks:
             for stage in stages:
@@ -148,7 +155,7 @@ def main() -> int:
                     # end of 300 steps the text is nearly memorized, where a tiny absolute
                     # difference is a large relative one.
                     of_drop = None if base is None else (loss - base) / (base_first - base)
-                    same = " (equal to uncompressed: was it compressed?)" \
+                    same = " (the same 4 decimals as uncompressed)" \
                         if change != "uncompressed" and loss == base else ""
                     rows.append({"ranks": world, "stage": stage, "run": label, "config": name,
                                  "change": change, "first": first, "loss": loss, "gap": gap,
@@ -157,6 +164,22 @@ def main() -> int:
                           + ("" if gap is None else f", {gap:+.2%} ({of_drop:+.3%} of the "
                                                     "drop)") + f"  ({seconds:.0f} s)"
                           + same, flush=True)
+        seeds = [int(x) for x in args.noise_seeds.split(",") if x]
+        for world in ranks if seeds else []:
+            config = _config(RUNS[2][0][1], "uncompressed", args.steps, tmp)
+            base = next((r["loss"] for r in rows if r["ranks"] == world and r["stage"] == 2
+                         and r["change"] == "uncompressed" and r["loss"]), None)
+            for seed in seeds:
+                try:
+                    _, loss, seconds = _train(config, world, args.steps, args.timeout, seed)
+                except RuntimeError as error:
+                    print(f"  {world} ranks, stage 2, bf16 seed {seed}: FAILED\n{error}")
+                    continue
+                gap = None if base is None else loss / base - 1
+                noise.append({"ranks": world, "seed": seed, "loss": loss, "gap": gap})
+                print(f"  {world} ranks, stage 2, bf16 seed {seed}  final loss {loss:.4f}"
+                      + ("" if gap is None else f", {gap:+.2%} from seed 0")
+                      + f"  ({seconds:.0f} s)", flush=True)
     print(f"\n{'ranks':>5} {'stage':>5} {'run':<16} {'config':<40} {'final loss':>10} "
           f"{'vs bf16':>8} {'of drop':>8}  goal")
     for r in rows:
@@ -172,9 +195,13 @@ def main() -> int:
         if len(base) == 2:
             print(f"for scale, {world} ranks: uncompressed stage 3 ends "
                   f"{base[3] / base[2] - 1:+.2%} from stage 2")
+        spread = [n["gap"] for n in noise if n["ranks"] == world and n["gap"] is not None]
+        if spread:
+            print(f"for scale, {world} ranks: uncompressed stage 2 from other seeds ends "
+                  + ", ".join(f"{g:+.2%}" for g in spread) + " from seed 0")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"rows": rows, "seeds": noise}, f, indent=1)
     print("load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
           + f"; {time.time() - started:.0f} s in all")
     return 0 if all(r["loss"] is not None for r in rows) else 1

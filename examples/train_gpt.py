@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model's initial weights")
     parser.add_argument("--save-dir", help="write a checkpoint here at the end")
     parser.add_argument("--resume", action="store_true", help="start from --save-dir's latest")
     parser.add_argument("--save-every", type=int, help="also a checkpoint every N steps")
@@ -171,7 +172,7 @@ def main() -> None:
 
     with open(args.data, encoding="utf-8") as f:
         dataset = CharDataset(f.read(), args.block)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = GPT(len(dataset.vocab), args.block, args.dim, args.layers, args.heads)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
