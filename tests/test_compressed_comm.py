@@ -445,3 +445,35 @@ def test_on_one_rank_the_reductions_are_copies():
     assert torch.equal(y, x)
     with pytest.raises(ValueError, match="zero_ext.comm.quantized_reduce_scatter: expected"):
         comm.quantized_reduce_scatter(torch.empty(3), x, bits=8, block_size=BLOCK)
+
+
+def _top_set(rows: torch.Tensor, k: int) -> list[set]:
+    return [set(r.tolist()) for r in rows.abs().topk(k, dim=1).indices]
+
+
+def test_top_magnitudes_is_torch_topks_set_on_large_rows():
+    """The sampled threshold (DGC's selection) picks exactly torch.topk's entries: on random
+    rows, when the sample sees only the large entries (fewer than k candidates: the row's own
+    topk), when it sees none of them (more candidates), on a row of mostly zeros, and a NaN
+    and an inf are sent like the largest values."""
+    from zero_ext.comm.compressed import top_magnitudes
+
+    gen = torch.Generator().manual_seed(9)
+    m, k = 50_000, 500
+    rows = torch.randn(3, m, generator=gen)
+    stride = m // 8192
+    # Row 1: only sampled entries are large, so 176 are above the threshold (< k): topk.
+    rows[1, ::stride] *= 100
+    rows[1, ::stride * 16] *= 1000
+    # Row 2: the sample sees zeros only (threshold 0, every entry a candidate), the 50 large
+    # entries and 1000 small ones off the sample.
+    rows[2] = 0
+    rows[2, 1::stride][:50] = torch.randn(50, generator=gen)
+    rows[2, 7 + torch.randperm(m - 7, generator=gen)[:1000]] += 1e-3
+    for case in (rows, rows[:1] * -1):
+        assert [set(r.tolist()) for r in top_magnitudes(case, k)] == _top_set(case, k)
+    spiky = torch.randn(2, m, generator=gen)
+    spiky[0, 3], spiky[1, 5] = float("nan"), float("inf")
+    picked = top_magnitudes(spiky, k)
+    assert 3 in picked[0].tolist() and 5 in picked[1].tolist()
+    assert [set(r.tolist()) for r in picked][1] == _top_set(spiky[1:], k)[0]

@@ -408,6 +408,37 @@ def _topk_k(density: float, m: int) -> int:
     return min(m, math.ceil(density * m))
 
 
+_SAMPLE = 8192  # elements of a chunk sampled for the threshold of its top-k
+
+
+def top_magnitudes(rows: Tensor, k: int) -> Tensor:
+    """Indices [chunks, k] of the k largest |x| in each row of `rows` [chunks, m], in no
+    particular order: torch.topk's set, found faster on large rows as Deep Gradient Compression
+    does. A strided sample of the row gives a threshold a little below the k-th largest
+    magnitude; the entries not below it (NaN included, so a non-finite gradient is still
+    sent and seen by the overflow check) are the candidates, and the top-k of the candidates is
+    the row's whenever there are at least k of them; else the row's own topk runs. On 6.35M
+    elements at density 0.01 that is ~5x faster than torch.topk over the row on one core."""
+    chunks, m = rows.shape
+    magnitudes = rows.abs()
+    stride = m // _SAMPLE
+    if stride < 2 or 4 * k > m:  # small rows, or a large share of the row wanted
+        return magnitudes.topk(k, dim=1, sorted=False).indices
+    sample = magnitudes[:, ::stride]
+    # About twice the row's expected count above the threshold, so that sampling noise rarely
+    # leaves fewer than k.
+    rank_in_sample = min(sample.shape[1], 2 * math.ceil(k * sample.shape[1] / m) + 8)
+    thresholds = sample.topk(rank_in_sample, dim=1).values[:, -1]
+    out = torch.empty(chunks, k, dtype=torch.long, device=rows.device)
+    for c in range(chunks):
+        candidates = (~(magnitudes[c] < thresholds[c])).nonzero().squeeze(1)
+        if candidates.numel() < k:
+            out[c] = magnitudes[c].topk(k, sorted=False).indices
+        else:
+            out[c] = candidates[magnitudes[c][candidates].topk(k, sorted=False).indices]
+    return out
+
+
 def _pack(index: Tensor, values: Tensor) -> Tensor:
     """[rows, k] indices and values -> uint8 [rows, k * (4 + value bytes)]: int32 indices,
     then the values in their dtype."""
@@ -434,7 +465,7 @@ def _select(state: TopkFeedback, chunks: int, k: int, dtype: torch.dtype) -> Ten
     """Top-k of |v| per chunk, packed (index within the chunk, value as rounded to `dtype`);
     those entries leave v (their rounding error stays) and the momentum (masking)."""
     v = state.residual.view(chunks, -1)
-    index = v.abs().topk(k, dim=1, sorted=False).indices
+    index = top_magnitudes(v, k)
     values = v.gather(1, index).to(dtype)
     v.scatter_add_(1, index, -values.float())
     if state.momentum is not None:
@@ -554,7 +585,7 @@ def sparse_all_reduce(tensor: Tensor, *, state: TopkFeedback, density: float,
     def finish() -> None:
         owned = state.owner_residual
         owned.add_(chunk_sum())
-        index = owned.abs().topk(k, sorted=False).indices
+        index = top_magnitudes(owned[None], k)[0]
         values = owned[index].to(tensor.dtype)
         owned.index_add_(0, index, -values.float())
         row = _pack(index[None], values[None])
