@@ -216,19 +216,22 @@ def test_quantize_matches_reference(device, dtype, bits):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantize_rounds_ties_to_even_and_keeps_zero_blocks_at_zero(device, bits):
+@pytest.mark.parametrize("block", [8, 32])  # 32: whole SIMD vectors on every ISA
+def test_quantize_rounds_ties_to_even_and_keeps_zero_blocks_at_zero(device, bits, block):
     _needs_cuda_kernel(device)
     qmax = QMAX[bits]
-    # Block 0: absmax qmax, so x * (qmax / absmax) == x exactly: ties at +-0.5, 1.5, 2.5.
-    # Block 1: all zeros (scale 0, q 0). Block 2: one large element, the rest round to 0.
-    x = torch.tensor([qmax, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, -qmax]
-                     + [0.0] * 8 + [1e6, 1.0, -1.0, 0.0, 3e3, 0.5, -7.0, 1e-3])
-    packed = ops.quantize_chunks(x.to(device), 1, bits, 8)
-    q, scale = _unpack(packed[0], 24, bits, 8)
-    assert q[:8].tolist() == [qmax, 0, 2, 2, 0, -2, -2, -qmax]
-    assert q[8:16].tolist() == [0] * 8 and scale[1].item() == 0.0
-    assert scale[0].item() == 1.0
-    rows, _, _ = _ref_quantize(x, 1, bits, 8)
+    # First 32: blocks whose absmax is qmax, so x * (qmax / absmax) == x exactly: ties at +-0.5,
+    # 1.5, 2.5. Next 32: all zeros (scale 0, q 0). Last 32: one large element per 8, the rest
+    # round to 0 or to small values.
+    ties = [qmax, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, -qmax]
+    x = torch.tensor(ties * 4 + [0.0] * 32 + [1e6, 1.0, -1.0, 0.0, 3e3, 0.5, -7.0, 1e-3] * 4)
+    packed = ops.quantize_chunks(x.to(device), 1, bits, block)
+    q, scale = _unpack(packed[0], 96, bits, block)
+    assert q[:32].tolist() == [qmax, 0, 2, 2, 0, -2, -2, -qmax] * 4
+    assert q[32:64].tolist() == [0] * 32
+    assert scale[:32 // block].tolist() == [1.0] * (32 // block)
+    assert scale[32 // block:64 // block].tolist() == [0.0] * (32 // block)
+    rows, _, _ = _ref_quantize(x, 1, bits, block)
     _assert_rows_equal(packed, rows)
 
 
