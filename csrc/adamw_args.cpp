@@ -66,8 +66,12 @@ void check_adamw_step_args(const AdamWStepArgs& a) {
   TORCH_CHECK_VALUE(h.lr >= 0.0, kOp, ": expected lr >= 0, got ", h.lr);
   TORCH_CHECK_VALUE(h.beta1 >= 0.0 && h.beta1 < 1.0, kOp, ": expected 0 <= beta1 < 1, got ",
                     h.beta1);
-  TORCH_CHECK_VALUE(h.beta2 >= 0.0 && h.beta2 < 1.0, kOp, ": expected 0 <= beta2 < 1, got ",
-                    h.beta2);
+  // beta2 = 1 keeps the second moment as it is (v * 1 + g^2 * 0): a frozen variance, which
+  // needs bias_correction off (1 - beta2^step would be 0).
+  TORCH_CHECK_VALUE(h.beta2 >= 0.0 && (h.beta2 < 1.0 || (h.beta2 == 1.0 && !h.bias_correction)),
+                    kOp, ": expected 0 <= beta2 < 1 (or beta2 = 1, a frozen second moment, with "
+                    "bias_correction=False), got ", h.beta2,
+                    h.bias_correction ? " with bias_correction=True" : "");
   TORCH_CHECK_VALUE(h.eps >= 0.0, kOp, ": expected eps >= 0, got ", h.eps);
   TORCH_CHECK_VALUE(h.weight_decay >= 0.0, kOp, ": expected weight_decay >= 0, got ",
                     h.weight_decay);

@@ -284,9 +284,33 @@ def _traffic_cases() -> dict:
     }
 
 
+def frozen_variance(stage: int, steps: int = 5) -> dict:
+    """Top-k with freeze_variance (2 dense warm-up steps): per step, the density, the first
+    shard's moments and the groups' hyperparameters after the step."""
+    model = build_model()
+    gradients = {"method": "topk", "density": 0.3, "momentum": 0.0, "warmup_steps": 2,
+                 "freeze_variance": True}
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(stage, "fp32",
+                                                                     gradients=gradients),
+                                          model_parameters=param_groups(model))
+    out = []
+    for step in range(steps):
+        _step(engine, step)
+        density = engine.compression.density
+        engine.step()
+        shard = engine.optimizer.shards[0]
+        out.append({"density": density, "exp_avg": shard.exp_avg.clone(),
+                    "exp_avg_sq": shard.exp_avg_sq.clone(), "step": float(shard.step),
+                    "groups": [(tuple(g["betas"]), g["bias_correction"],
+                                g.get("variance_frozen", False))
+                               for g in engine.optimizer.param_groups]})
+    return {"steps": out, "params": host_params(model, engine)}
+
+
 def two_ranks() -> dict:
     """Every case at world size 2."""
     return {
+        "frozen variance": frozen_variance(2),
         "parity": _parity(PARITY),
         "int8": reductions(2, "fp32", steps=2, gradients=INT8),
         "int4+ef": reductions(1, "fp32", steps=3, gradients=INT4_EF),

@@ -138,6 +138,29 @@ def test_without_bias_correction_matches_analytic_update(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_beta2_one_without_bias_correction_freezes_the_second_moment(device):
+    # Top-k's freeze_variance (ZeroOptimizer.freeze_variance): v stays bit for bit, m goes on,
+    # and the update is lr * m / (sqrt(v) + eps).
+    _needs_cuda_kernel(device)
+    n = 777
+    state = OpState([n], device)
+    gen = torch.Generator().manual_seed(5)
+    state.exp_avg_sqs[0].copy_(torch.rand(n, generator=gen).to(device) * 1e-4)
+    frozen = state.exp_avg_sqs[0].clone()
+    p = state.params[0].double().clone()
+    m = torch.zeros_like(p)
+    lr, b1, eps, wd = (HYPER[k] for k in ("lr", "beta1", "eps", "weight_decay"))
+    for _ in range(4):
+        grads = _random_grads([n], device, torch.float32, gen)
+        p = p * (1 - lr * wd)
+        m = b1 * m + (1 - b1) * grads[0].double()
+        p = p - lr * m / (frozen.double().sqrt() + eps)
+        state.step(grads, beta2=1.0, bias_correction=False)
+    assert torch.equal(state.exp_avg_sqs[0], frozen)
+    assert_close(state.params[0].double(), p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grad_dtype", GRAD_DTYPES)
 @pytest.mark.parametrize("copy_dtype", [torch.bfloat16, torch.float16])
 def test_16bit_copies_equal_cast_of_fp32_result(device, grad_dtype, copy_dtype):
@@ -328,6 +351,8 @@ def _bad_call(**overrides):
     (dict(found_inf=torch.tensor(0, dtype=torch.int32)), TypeError,
      "expected found_inf to be Float, got Int"),
     (dict(beta1=1.0), ValueError, "expected 0 <= beta1 < 1, got 1"),
+    (dict(beta2=1.0), ValueError, "(or beta2 = 1, a frozen second moment, with "
+     "bias_correction=False), got 1 with bias_correction=True"),
     (dict(lr=-1.0), ValueError, "expected lr >= 0, got -1"),
     (dict(eps=-1e-8), ValueError, "expected eps >= 0"),
     (dict(weight_decay=-0.1), ValueError, "expected weight_decay >= 0"),

@@ -61,6 +61,28 @@ def test_topk_density_warms_up_exponentially_from_dense():
     assert warmup_density(0.05, 0, 0) == 0.05  # no warm-up: the target from the start
 
 
+def test_freeze_variance_warm_up_is_dense_then_sparse():
+    assert [warmup_density(0.01, step, 3, freeze_variance=True) for step in range(5)] == \
+        [1.0, 1.0, 1.0, 0.01, 0.01]
+
+
+def test_freeze_variance_keeps_adams_second_moment_after_the_dense_warm_up():
+    for rank, result in enumerate(_results("2")):
+        steps = result["frozen variance"]["steps"]
+        assert [s["density"] for s in steps] == [1.0, 1.0, 0.3, 0.3, 0.3]
+        # Steps 0-1 are AdamW's (v follows the gradients); from step 2 on the groups step
+        # with betas (0.9, 1.0) and no bias correction, the moments corrected once.
+        assert not torch.equal(steps[1]["exp_avg_sq"], steps[0]["exp_avg_sq"])
+        assert all(g == ((0.9, 0.999), True, False) for g in steps[1]["groups"])
+        assert all(g == ((0.9, 1.0), False, True) for s in steps[2:] for g in s["groups"])
+        corrected = steps[1]["exp_avg_sq"].div(1.0 - 0.999 ** steps[1]["step"])
+        for s in steps[2:]:
+            assert torch.equal(s["exp_avg_sq"], corrected), rank
+        # The first moment goes on: an EMA of the (sparse) gradients from its corrected value.
+        assert not torch.equal(steps[4]["exp_avg"], steps[3]["exp_avg"])
+        assert all(torch.isfinite(v).all() for v in result["frozen variance"]["params"].values())
+
+
 def test_engine_follows_the_warm_up_by_optimizer_step():
     for where, label, stage, dtype in PARITY:
         if label == "topk":

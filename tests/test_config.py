@@ -577,8 +577,20 @@ def test_zero_ext_compression_section_resolves():
      "zero_ext.compression.gradients.momentum: expected a number in [0, 1)", "got 1.0"),
     ({"zero_ext": {"compression": {"gradient": {"method": "int8"}}}},
      "zero_ext.compression.gradient: unknown key", "did you mean 'gradients'?"),
+    ({"zero_ext": {"compression": {"gradients": {"method": "topk", "freeze_variance": True}}}},
+     "zero_ext.compression.gradients.freeze_variance: true needs warmup_steps >= 1",
+     "set warmup_steps"),
 ])
 def test_compression_errors(config, prefix, fix):
     msg = error_of(config)
     assert msg.startswith(prefix), msg
     assert fix in msg, msg
+
+
+def test_freeze_variance_belongs_to_topk():
+    def plan(method):
+        return ZeroConfig.load({"zero_optimization": {"stage": 2}, "zero_ext": {"compression": {
+            "gradients": {"method": method, "warmup_steps": 5, "freeze_variance": True}}}}
+        ).compression()
+    assert (plan("topk").freeze_variance, plan("topk").warmup_steps) == (True, 5)
+    assert plan("int8").freeze_variance is False  # quantized sends keep Adam as it is

@@ -1148,7 +1148,15 @@ class GradientCompressionSettings(_Section):
 
     warmup_steps: int = 0
     """topk: optimizer steps over which the density falls exponentially from 1 (dense) to
-    ``density``, as DGC's warm-up; 0 starts at ``density``."""
+    ``density``, as DGC's warm-up; with ``freeze_variance``, dense steps before the sparse
+    ones. 0 starts at ``density``."""
+
+    freeze_variance: bool = False
+    """topk with zero_ext's AdamW: dense reductions for ``warmup_steps``, then Adam's second
+    moment is frozen (1-bit Adam's remedy) and the reductions go sparse. Adam normalises each
+    coordinate, so an entry that arrives as one accumulated burst every ~1/density steps would
+    otherwise move about sqrt(density) as far as with dense gradients (docs/compression.md).
+    Needs warmup_steps >= 1 (the second moment comes from the dense steps)."""
 
     def __post_init__(self):
         self.method = _check_choice("method", self.method, _GRADIENT_METHODS)
@@ -1160,6 +1168,11 @@ class GradientCompressionSettings(_Section):
         self.density = _check_number("density", self.density, lo=0.0, hi=1.0, lo_open=True)
         self.momentum = _check_number("momentum", self.momentum, lo=0.0, hi=1.0, hi_open=True)
         self.warmup_steps = _check_int("warmup_steps", self.warmup_steps, lo=0)
+        self.freeze_variance = _check_bool("freeze_variance", self.freeze_variance)
+        if self.freeze_variance and self.warmup_steps == 0:
+            raise ConfigError("freeze_variance", "true needs warmup_steps >= 1: the frozen "
+                              "second moment is Adam's after the dense warm-up steps; set "
+                              "warmup_steps (e.g. a tenth of the run)")
 
 
 @dataclass(kw_only=True)
@@ -1214,6 +1227,7 @@ class CompressionPlan:
     density: float = 0.01
     momentum: float = 0.9
     warmup_steps: int = 0
+    freeze_variance: bool = False
     weights: str = "none"        # "none" or "int8"
     weight_block: int = 256
 
@@ -1550,7 +1564,9 @@ class ZeroConfig(_Section):
         plan = {"gradients": grads.method, "grad_block": grads.block_size,
                 "error_feedback": grads.error_feedback or grads.method == "topk",
                 "two_hop": grads.two_hop, "density": grads.density, "momentum": grads.momentum,
-                "warmup_steps": grads.warmup_steps, "weights": weights.method,
+                "warmup_steps": grads.warmup_steps,
+                "freeze_variance": grads.freeze_variance and grads.method == "topk",
+                "weights": weights.method,
                 "weight_block": weights.block_size}
         if stage == 3 and zero.zero_quantized_gradients:
             if grads.method != "none":

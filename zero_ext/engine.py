@@ -478,6 +478,8 @@ class ZeroEngine(nn.Module):
         micro_index = self.micro_steps % self.batch.gradient_accumulation_steps
         self.compression.begin_backward(
             self.global_steps, self.loss_scaler.scale if self.loss_scaler is not None else 1.0)
+        if micro_index == 0 and self.compression.freezes_variance_at(self.global_steps):
+            self._freeze_variance()
         with self._timers.time("backward"):
             self.grad_buckets.begin_backward(self.is_gradient_accumulation_boundary(),
                                              micro_index)
@@ -798,6 +800,24 @@ class ZeroEngine(nn.Module):
         follows reads or writes optimizer state or weights other than through a gather."""
         if self.offload is not None:
             self.offload.settle()
+
+    def _freeze_variance(self) -> None:
+        """Top-k's freeze_variance, at the first sparse step (every rank at the same step: it
+        follows global_steps). zero_ext's AdamW only; a torch optimizer is warned about."""
+        if self.replicated_optimizer is not None:
+            if not getattr(self, "_warned_freeze", False) and self.rank == 0:
+                warnings.warn(
+                    f"zero_ext: freeze_variance applies to zero_ext's AdamW; the "
+                    f"{type(self.replicated_optimizer).__name__} given to initialize keeps "
+                    "updating its second moment (top-k gradients then move rarely-sent entries "
+                    "less far); configure \"optimizer\": {\"type\": \"AdamW\"} instead",
+                    stacklevel=3)
+            self._warned_freeze = True
+            return
+        self._settle_step()  # a deferred CPU step still reads the moments
+        if self.optimizer.freeze_variance() and self.rank == 0:
+            print(f"[zero_ext] step {self.global_steps}: dense warm-up over, Adam's second "
+                  "moment frozen, top-k gradients from here on", flush=True)
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes held on this rank now: model parameters (flat buffers), gradients, and

@@ -39,13 +39,18 @@ from zero_ext.zero.partition import BucketLayout
 __all__ = ["GradientCompression", "warmup_density"]
 
 
-def warmup_density(target: float, step: int, warmup_steps: int) -> float:
+def warmup_density(target: float, step: int, warmup_steps: int,
+                   freeze_variance: bool = False) -> float:
     """Top-k density at optimizer step `step`: Deep Gradient Compression's exponential warm-up,
     target ** min(1, step / warmup_steps): dense (1) at step 0, each step the same factor
     sparser, `target` from `warmup_steps` on. Early gradients are large and change direction
-    quickly; sending them whole lets the residuals start from a trained-in state."""
+    quickly; sending them whole lets the residuals start from a trained-in state. With
+    `freeze_variance`, dense (1) for the first `warmup_steps` steps and `target` after them:
+    Adam's second moment is taken from dense steps only, then frozen (1-bit Adam)."""
     if warmup_steps <= 0:
         return target
+    if freeze_variance:
+        return 1.0 if step < warmup_steps else target
     return target ** min(1.0, step / warmup_steps)
 
 
@@ -68,7 +73,7 @@ class GradientCompression:
         self.weights = plan.weights if self.world_size > 1 else "none"
         self.feedback: dict[int, comm.QuantFeedback | comm.TopkFeedback] = {}
         self.residual_loss_scale: dict[int, float] = {}
-        self.density = warmup_density(plan.density, 0, plan.warmup_steps)
+        self.density = warmup_density(plan.density, 0, plan.warmup_steps, plan.freeze_variance)
         self._loss_scale = 1.0
         if self.gradients in ("int8", "int4") and plan.error_feedback:
             topology = comm.current_topology()
@@ -90,8 +95,16 @@ class GradientCompression:
         """Before a backward: `step` is the engine's optimizer step count (global_steps, which
         checkpoints restore, so a resumed warm-up goes on where it was), `loss_scale` the scale
         of the gradients this backward produces (1 without fp16)."""
-        self.density = warmup_density(self.plan.density, step, self.plan.warmup_steps)
+        self.density = warmup_density(self.plan.density, step, self.plan.warmup_steps,
+                                      self.plan.freeze_variance)
         self._loss_scale = float(loss_scale)
+
+    def freezes_variance_at(self, step: int) -> bool:
+        """Whether Adam's second moment is to be frozen before optimizer step `step`'s
+        reductions: freeze_variance, once the dense warm-up is over (the engine freezes it
+        once; the frozen state lives in the optimizer's param groups and checkpoints)."""
+        return self.gradients == "topk" and self.plan.freeze_variance and \
+            step >= self.plan.warmup_steps
 
     def reset(self) -> None:
         """The engine skipped the step (fp16 overflow): every residual is zeroed. The residuals

@@ -131,6 +131,34 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if shard.model_weights is not None:
                 shard.model_weights.copy_(shard.updated_weights)
 
+    @torch.no_grad()
+    def freeze_variance(self) -> bool:
+        """Adam's second moment stays as it is from now on (1-bit Adam's remedy for compressed
+        gradients; zero/compression.py's freeze_variance): each shard's moments are
+        bias-corrected once in place (exp_avg /= 1 - beta1^t, exp_avg_sq /= 1 - beta2^t at its
+        step t), and its group steps with betas (beta1, 1.0) and no bias correction, so the
+        kernel keeps v exactly (v * 1 + g^2 * 0) and steps lr * m / (sqrt(v) + eps): Adam's
+        update with v frozen. Marked in the group ("variance_frozen"), which checkpoints keep.
+        Returns whether anything was frozen now."""
+        groups = [g for g in self.param_groups if not g.get("variance_frozen")]
+        if not groups:
+            return False
+        frozen = {id(g) for g in groups}
+        for shard in self.shards:
+            group = self.param_groups[shard.layout.group]
+            if id(group) not in frozen or not group["bias_correction"]:
+                continue
+            beta1, beta2 = group["betas"]
+            t = float(shard.step)
+            if t > 0:
+                shard.exp_avg.div_(1.0 - beta1 ** t)
+                shard.exp_avg_sq.div_(1.0 - beta2 ** t)
+        for group in groups:
+            group["betas"] = (group["betas"][0], 1.0)
+            group["bias_correction"] = False
+            group["variance_frozen"] = True
+        return True
+
     def step(self, closure=None):
         raise RuntimeError("zero_ext: the sharded optimizer is stepped by engine.step(), which "
                            "reduces gradients first; call engine.step(), not optimizer.step()")
