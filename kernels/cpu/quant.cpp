@@ -165,8 +165,20 @@ float block_absmax(const float* v, int64_t n) {
   int64_t t = 0;
   float absmax = 0.0f;
   if (n >= kWidth) {
+    // Four independent accumulators: the maximum's latency, not its throughput, would bound a
+    // single chain.
     Vec acc(0.0f);
+    Vec acc1(0.0f);
+    Vec acc2(0.0f);
+    Vec acc3(0.0f);
+    for (; t + 4 * kWidth <= n; t += 4 * kWidth) {
+      acc = at::vec::maximum(acc, Vec::loadu(v + t).abs());
+      acc1 = at::vec::maximum(acc1, Vec::loadu(v + t + kWidth).abs());
+      acc2 = at::vec::maximum(acc2, Vec::loadu(v + t + 2 * kWidth).abs());
+      acc3 = at::vec::maximum(acc3, Vec::loadu(v + t + 3 * kWidth).abs());
+    }
     for (; t + kWidth <= n; t += kWidth) acc = at::vec::maximum(acc, Vec::loadu(v + t).abs());
+    acc = at::vec::maximum(at::vec::maximum(acc, acc1), at::vec::maximum(acc2, acc3));
     absmax = at::vec::vec_reduce_all<float>(
         [](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, acc);
   }
