@@ -5,8 +5,10 @@ their compression section:
   - int8 gradients (+ int8 weights at stage 3)     goal: final loss within 1% of uncompressed
   - int4 gradients with error feedback             goal: within 2%
   - int4 gradients without error feedback          the gap error feedback closes (no goal)
-  - top-k 1% with error feedback and momentum (stage 2; top-k is refused at stage 3)
+  - top-k 1% with error feedback and momentum (stage 2; top-k is refused at stage 3), after
+    30 dense steps with Adam's second moment then frozen (freeze_variance)
                                                    goal: within 3%
+  - the same top-k sparse from the first step, variance not frozen   (no goal)
 A run meets its goal when its final loss is at most that much above the uncompressed one
 (ending lower is no miss). The final loss is train_gpt's evaluation after training (its first 64 windows, the same for
 every run); every run starts from the same seed and sees the same batches, so the gap is the
@@ -47,7 +49,8 @@ RUNS = {
         ("int8", "zero2_compress_int8.json", None),
         ("int4+EF", "zero2_compress_int4_ef.json", None),
         ("int4", "zero2_compress_int4_ef.json", "no_ef"),
-        ("top-k 1%+EF+mom", "zero2_compress_topk.json", None)],
+        ("top-k 1%+EF+mom", "zero2_compress_topk.json", None),
+        ("top-k 1% plain", "zero2_compress_topk.json", "no_warmup")],
     3: [("bf16", "zero3_compress_int8.json", "uncompressed"),
         ("int8+w8", "zero3_compress_int8.json", None),
         ("int4+EF", "zero3_compress_int4_ef.json", None),
@@ -66,6 +69,9 @@ def _config(name: str, change: str | None, steps: int, directory: str) -> str:
         del config["zero_ext"]["compression"]
     elif change == "no_ef":
         config["zero_ext"]["compression"]["gradients"]["error_feedback"] = False
+    elif change == "no_warmup":  # sparse from the first step, Adam's variance not frozen
+        config["zero_ext"]["compression"]["gradients"].update(warmup_steps=0,
+                                                               freeze_variance=False)
     schedule = config["scheduler"]["params"]
     schedule["total_num_steps"] = steps
     schedule["warmup_num_steps"] = min(schedule["warmup_num_steps"], steps // 10)
