@@ -29,6 +29,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kWidth = Vec::size();
+constexpr int64_t kDequantizePiece = 512;
 
 // dst[0, n) = src[0, n) as fp32 (exact for every input type).
 template <typename T>
@@ -301,12 +302,15 @@ void ZERO_EXT_ISA_FN(encode_residual)(const QuantizeBlocks& a, float new_scale) 
 void ZERO_EXT_ISA_FN(dequantize_sum_range)(const DequantizeSumRange& a) {
   const int64_t block = a.block_size;
   const int64_t offset = scales_offset(a.m, a.bits, block);
-  Scratch& scratch = thread_scratch(block);
+  // Pieces of at most kDequantizePiece elements of one block: the sum's two fp32 scratch rows
+  // stay in L1 beside the k streams of packed rows, whatever the block size.
+  const int64_t piece = std::min(block, kDequantizePiece);
+  Scratch& scratch = thread_scratch(piece);
   float* acc = scratch.a.data();
   float* v = scratch.b.data();
   for (int64_t begin = a.first; begin < a.last;) {
     const int64_t b = begin / block;
-    const int64_t n = std::min((b + 1) * block, a.last) - begin;
+    const int64_t n = std::min({(b + 1) * block, a.last, begin + piece}) - begin;
     if (!a.sum) {
       unpack_floats(a.rows[0], a.bits, begin, n, acc);
       const float scale = load_scale(a.rows[0] + offset, b);
