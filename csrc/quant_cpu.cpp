@@ -41,7 +41,13 @@ at::Tensor quantize_chunks_cpu(const at::Tensor& x, int64_t chunks, int64_t bits
   at::Tensor packed = at::empty({chunks, row_bytes}, x.options().dtype(at::kByte));
   const std::vector<int64_t> rows = rows_to_quantize(chunks, skip);
   const int64_t nb = kernels::quant_blocks(m, block_size);
-  if (rows.empty() || nb == 0) return packed;
+  if (rows.empty()) return packed;
+  if (nb == 0) {  // empty chunks: no block scale, so a residual scale of 0
+    if (residual.has_value()) {
+      for (const int64_t c : rows) residual_scale->select(0, c).zero_();
+    }
+    return packed;
+  }
 
   const bool feedback = residual.has_value();
   // Rounded to fp32 as ATen rounds a Python scalar multiplying an fp32 tensor.

@@ -53,7 +53,13 @@ at::Tensor quantize_chunks_cuda(const at::Tensor& x, int64_t chunks, int64_t bit
   const int64_t row_bytes = kernels::quant_row_bytes(m, b, block_size);
   at::Tensor packed = at::empty({chunks, row_bytes}, x.options().dtype(at::kByte));
   const std::vector<std::pair<int64_t, int64_t>> runs = row_runs(rows_to_quantize(chunks, skip));
-  if (runs.empty() || m == 0) return packed;
+  if (runs.empty()) return packed;
+  if (m == 0) {  // empty chunks: no block scale, so a residual scale of 0
+    if (residual.has_value()) {
+      for (const auto& [first, count] : runs) residual_scale->narrow(0, first, count).zero_();
+    }
+    return packed;
+  }
 
   const bool feedback = residual.has_value();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();

@@ -184,6 +184,21 @@ def test_row_bytes(m, bits, block, expected):
         assert packed.shape == (3, expected) and packed.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_chunks(device):
+    _needs_cuda_kernel(device)
+    x = torch.zeros(0, device=device)
+    packed = ops.quantize_chunks(x, 3, 8, 8)
+    assert packed.shape == (3, 0)
+    r = torch.zeros(0, dtype=torch.float8_e4m3fn, device=device)
+    s = torch.ones(3, device=device)
+    ops.quantize_chunks(x, 3, 4, 8, skip=[1], residual=r, residual_scale=s)
+    assert s.tolist() == [0.0, 1.0, 0.0]  # no block, so no scale; the skipped row untouched
+    out = torch.zeros(0, device=device)
+    ops.dequantize_sum_(out, packed[None], 8, 8, accumulate=True)
+    ops.dequantize_(out, packed, 8, 8)
+
+
 def test_row_bytes_rejects_bad_format():
     with pytest.raises(ValueError, match="bits 8 or 4, got 2"):
         ops.quantized_row_bytes(8, 2, 8)
