@@ -319,6 +319,9 @@ def _held_by(name: str, r: dict, rate_rows: list[tuple], quant_ops: dict) -> str
         params = sum(p.numel() for p in _build().parameters())
         said.append(f"top-k selection ~{quant_ops['topk select'] * params:.3f} CPU s per "
                     "micro-step (torch.topk measured on these cores)")
+    if stage == 2:
+        said.append(f"the optimizer step with its bf16 parameter all-gather (not compressed at "
+                    f"stage 2) is {r['optimizer'] / r['step']:.0%} of the step")
     said.append(f"forward {base['forward']:.3f} -> {r['forward']:.3f}, backward "
                 f"{base['backward']:.3f} -> {r['backward']:.3f}, optimizer step "
                 f"{base['optimizer']:.3f} -> {r['optimizer']:.3f} s")
