@@ -1142,9 +1142,11 @@ class GradientCompressionSettings(_Section):
     density: float = 0.01
     """topk: the share of each chunk's elements sent per reduction, in (0, 1]."""
 
-    momentum: float = 0.9
+    momentum: float = 0.0
     """topk: momentum correction (DGC): the residual accumulates an exponential moving average
-    of the gradient with this factor instead of the gradient (0 turns it off), in [0, 1)."""
+    of the gradient with this factor instead of the gradient, in [0, 1). DGC uses 0.9 with
+    momentum SGD; with Adam (its own momentum) and DGC's momentum masking it measured worse
+    than none (benchmarks/RESULTS.md), hence 0: every gradient is then delivered exactly once."""
 
     warmup_steps: int = 0
     """topk: optimizer steps over which the density falls exponentially from 1 (dense) to
@@ -1225,7 +1227,7 @@ class CompressionPlan:
     error_feedback: bool = False
     two_hop: bool = True
     density: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.0
     warmup_steps: int = 0
     freeze_variance: bool = False
     weights: str = "none"        # "none" or "int8"
