@@ -56,6 +56,9 @@ case $part in
     kernels)
         run adamw_cuda 120 python3 benchmarks/bench_adamw.py --device cuda --cuda-params 256M
         run adamw_cpu16 150 python3 benchmarks/bench_adamw.py --device cpu --threads 16
+        # issue 16: quantize / dequantize-sum against the H200's copy_ bandwidth (goal >= 40%)
+        run quant_cuda 120 python3 benchmarks/bench_quant.py --device cuda --sizes 16M 256M \
+            --blocks 256 2048 --repeats 20
         TAIL=20 run bench_zero 150 torchrun --nproc_per_node=1 benchmarks/bench_zero.py
         # torch's CUDA sanitizer: unsynchronized cross-stream accesses in the offload paths
         # (it does not model NCCL; these tests run at one rank).
