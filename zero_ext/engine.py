@@ -814,6 +814,8 @@ class ZeroEngine(nn.Module):
                     stacklevel=3)
             self._warned_freeze = True
             return
+        if all(g.get("variance_frozen") for g in self.optimizer.param_groups):
+            return  # frozen at an earlier step (or in the checkpoint this run resumed)
         self._settle_step()  # a deferred CPU step still reads the moments
         if self.optimizer.freeze_variance() and self.rank == 0:
             print(f"[zero_ext] step {self.global_steps}: dense warm-up over, Adam's second "
