@@ -439,53 +439,58 @@ cudaError_t launch_dequantize_typed(const DequantizeRun& run, cudaStream_t strea
 
 }  // namespace
 
-cudaError_t launch_quantize_rows(const QuantizeRun& run, cudaStream_t stream) {
-  if (run.num_rows <= 0 || run.m == 0) return cudaSuccess;
-  switch (run.x_type) {
+namespace {
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+template <int Bits>
+struct BitsTag {
+  static constexpr int value = Bits;
+};
+
+// Calls launch(TypeTag<element type>{}, BitsTag<bits>{}) for the run's element type and
+// width: the one place the (dtype x bits) instantiations are spelled out.
+template <typename Launch>
+cudaError_t dispatch(ElementType type, int bits, Launch&& launch) {
+  switch (type) {
     case ElementType::kFloat32:
-      return run.bits == 8 ? launch_quantize_typed<float, 8>(run, stream)
-                           : launch_quantize_typed<float, 4>(run, stream);
+      return bits == 8 ? launch(TypeTag<float>{}, BitsTag<8>{})
+                       : launch(TypeTag<float>{}, BitsTag<4>{});
     case ElementType::kBFloat16:
-      return run.bits == 8 ? launch_quantize_typed<__nv_bfloat16, 8>(run, stream)
-                           : launch_quantize_typed<__nv_bfloat16, 4>(run, stream);
+      return bits == 8 ? launch(TypeTag<__nv_bfloat16>{}, BitsTag<8>{})
+                       : launch(TypeTag<__nv_bfloat16>{}, BitsTag<4>{});
     case ElementType::kFloat16:
-      return run.bits == 8 ? launch_quantize_typed<__half, 8>(run, stream)
-                           : launch_quantize_typed<__half, 4>(run, stream);
+      return bits == 8 ? launch(TypeTag<__half>{}, BitsTag<8>{})
+                       : launch(TypeTag<__half>{}, BitsTag<4>{});
   }
   return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t launch_quantize_rows(const QuantizeRun& run, cudaStream_t stream) {
+  if (run.num_rows <= 0 || run.m == 0) return cudaSuccess;
+  return dispatch(run.x_type, run.bits, [&](auto t, auto b) {
+    return launch_quantize_typed<typename decltype(t)::type, decltype(b)::value>(run, stream);
+  });
 }
 
 cudaError_t launch_encode_residual(const QuantizeRun& run, float* new_scale,
                                    cudaStream_t stream) {
   if (run.num_rows <= 0 || run.m == 0) return cudaSuccess;
-  switch (run.x_type) {
-    case ElementType::kFloat32:
-      return run.bits == 8 ? launch_encode_typed<float, 8>(run, new_scale, stream)
-                           : launch_encode_typed<float, 4>(run, new_scale, stream);
-    case ElementType::kBFloat16:
-      return run.bits == 8 ? launch_encode_typed<__nv_bfloat16, 8>(run, new_scale, stream)
-                           : launch_encode_typed<__nv_bfloat16, 4>(run, new_scale, stream);
-    case ElementType::kFloat16:
-      return run.bits == 8 ? launch_encode_typed<__half, 8>(run, new_scale, stream)
-                           : launch_encode_typed<__half, 4>(run, new_scale, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(run.x_type, run.bits, [&](auto t, auto b) {
+    return launch_encode_typed<typename decltype(t)::type, decltype(b)::value>(run, new_scale,
+                                                                              stream);
+  });
 }
 
 cudaError_t launch_dequantize(const DequantizeRun& run, cudaStream_t stream) {
   if (run.m == 0 || run.g == 0) return cudaSuccess;
-  switch (run.out_type) {
-    case ElementType::kFloat32:
-      return run.bits == 8 ? launch_dequantize_typed<float, 8>(run, stream)
-                           : launch_dequantize_typed<float, 4>(run, stream);
-    case ElementType::kBFloat16:
-      return run.bits == 8 ? launch_dequantize_typed<__nv_bfloat16, 8>(run, stream)
-                           : launch_dequantize_typed<__nv_bfloat16, 4>(run, stream);
-    case ElementType::kFloat16:
-      return run.bits == 8 ? launch_dequantize_typed<__half, 8>(run, stream)
-                           : launch_dequantize_typed<__half, 4>(run, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch(run.out_type, run.bits, [&](auto t, auto b) {
+    return launch_dequantize_typed<typename decltype(t)::type, decltype(b)::value>(run, stream);
+  });
 }
 
 }  // namespace zero_ext::kernels::cuda
