@@ -27,5 +27,16 @@ def captured_run() -> dict:
             tokens, targets = global_batch(step, comm.world_size(), 1)
             engine.backward(engine(tokens[0, rank], targets[0, rank]))
             engine.step()
-    return {"stdout": out.getvalue(), "stderr": err.getvalue(),
-            "trainable": engine.monitor.trainable_params}
+        printed = (len(out.getvalue()), len(err.getvalue()))
+        # A trainer takes over the output: two more steps (step 6 would print a report line),
+        # then its logger's figures.
+        engine.log_externally()
+        engine.training_metrics()  # the window starts here
+        for step in range(4, 6):
+            tokens, targets = global_batch(step, comm.world_size(), 1)
+            engine.backward(engine(tokens[0, rank], targets[0, rank]))
+            engine.step()
+        metrics = engine.training_metrics()
+    return {"stdout": out.getvalue(), "stderr": err.getvalue(), "printed": printed,
+            "trainable": engine.monitor.trainable_params, "metrics": metrics,
+            "grad_norm": engine.get_global_grad_norm(), "skipped": engine.skipped_steps}

@@ -56,3 +56,24 @@ def test_report_line_every_steps_per_print_with_flops_and_every_rank_memory():
         assert tokens_per_s == pytest.approx(samples_per_s * SEQ, rel=0.02)
         want = 6 * results[0]["trainable"] * tokens_per_s / 2 / 1e12
         assert tflops == pytest.approx(want, rel=0.01)
+
+
+def test_under_a_trainer_no_output_of_ours_and_the_figures_as_metrics():
+    results = _run()
+    # Nothing printed after log_externally(), although steps_per_print=2 reached step 6.
+    for r in results:
+        assert (len(r["stdout"]), len(r["stderr"])) == r["printed"]
+    metrics = results[0]["metrics"]
+    assert results[1]["metrics"].keys() == metrics.keys()
+    for key in ("zero_ext/peak_memory_gib", "zero_ext/peak_memory_gib_rank0",
+                "zero_ext/peak_memory_gib_rank1"):
+        assert results[1]["metrics"][key] == metrics[key]
+    assert metrics["zero_ext/peak_memory_gib"] == max(
+        metrics["zero_ext/peak_memory_gib_rank0"], metrics["zero_ext/peak_memory_gib_rank1"]) > 0
+    assert metrics["zero_ext/tokens_per_s"] == pytest.approx(
+        metrics["zero_ext/samples_per_s"] * SEQ, rel=0.02)
+    assert metrics["zero_ext/tflops_per_rank"] == pytest.approx(
+        6 * results[0]["trainable"] * metrics["zero_ext/tokens_per_s"] / 2 / 1e12, rel=1e-6)
+    assert metrics["zero_ext/grad_norm"] == results[0]["grad_norm"]
+    assert metrics["zero_ext/skipped_steps"] == results[0]["skipped"] == 0
+    assert "zero_ext/loss_scale" not in metrics  # fp32: no loss scaling

@@ -521,7 +521,8 @@ class ZeroEngine(nn.Module):
             self._optimizer_step(backwards)
         self.global_steps += 1
         self.monitor.step(self.global_steps, self._last_loss, self.get_lr()[0])
-        if self.config.steps_per_print and self.global_steps % self.config.steps_per_print == 0:
+        if (self.config.steps_per_print and not self.monitor.external
+                and self.global_steps % self.config.steps_per_print == 0):
             self._report()
         if self._periodic_checkpoints is not None:
             self._periodic_checkpoints.after_step()
@@ -723,6 +724,27 @@ class ZeroEngine(nn.Module):
 
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
+
+    def log_externally(self) -> None:
+        """A trainer (HF, Lightning, accelerate) shows the run's output: from now on this
+        engine draws no progress bar and prints no `steps_per_print` report line; the trainer
+        logs `training_metrics()` instead."""
+        self.monitor.external = True
+        self.monitor.bar = False
+
+    def training_metrics(self) -> dict[str, float]:
+        """Collective (every rank, at the same point: it gathers the peak memory of each).
+        The figures since the previous call or report line, keyed for a trainer's logger and
+        the same on every rank: zero_ext/samples_per_s, tokens_per_s and tflops_per_rank
+        (when token ids were counted), peak_memory_gib (the largest rank's) and
+        peak_memory_gib_rank<r>, loss_scale (fp16), skipped_steps, grad_norm (last step)."""
+        out = self.monitor.metrics()
+        if self.loss_scaler is not None:
+            out["zero_ext/loss_scale"] = float(self.loss_scaler.scale)
+        out["zero_ext/skipped_steps"] = float(self.skipped_steps)
+        if self._global_grad_norm is not None:
+            out["zero_ext/grad_norm"] = float(self._global_grad_norm)
+        return out
 
     def _report(self) -> None:
         """Collective (every rank gives its peak memory): rank 0 prints the report line."""

@@ -80,6 +80,9 @@ class TrainingMonitor:
         self.recompute = False  # activation checkpointing: the forward runs twice
         forced = os.environ.get("ZERO_EXT_PROGRESS")
         self.bar = rank == 0 and (forced == "1" if forced in ("0", "1") else sys.stderr.isatty())
+        # A trainer (HF, Lightning, accelerate) shows its own output and logs metrics(): no
+        # bar and no report line of ours on top of it.
+        self.external = False
         self._start = time.perf_counter()
         self._steps_at_start: int | None = None
         self._since = {"samples": 0, "tokens": 0, "time": time.perf_counter()}
@@ -125,15 +128,37 @@ class TrainingMonitor:
         sys.stderr.write("\r[zero_ext] " + "  ".join(parts) + "\033[K" + end)
         sys.stderr.flush()
 
-    def report(self, *, global_step: int, loss: float, lr: float, grad_norm: float | None,
-               loss_scale: float | None, breakdown: str | None) -> str | None:
-        """Collective: the report line (rank 0; None elsewhere)."""
+    def _window(self) -> tuple[float, float, float | None, list[int]]:
+        """Collective (every rank's peak memory): samples/s, tokens/s, model TFLOP/s per rank
+        (None without counted tokens) since the previous window, and the peaks by rank."""
         peaks = comm.all_gather_object(peak_memory(self.device))
         now = time.perf_counter()
         seconds = max(now - self._since["time"], 1e-9)
         samples_per_s = self._since["samples"] / seconds
         tokens_per_s = self._since["tokens"] / seconds
         self._since = {"samples": 0, "tokens": 0, "time": now}
+        tflops = None
+        if tokens_per_s:
+            flops_per_token = (8 if self.recompute else 6) * self.trainable_params
+            tflops = flops_per_token * tokens_per_s / self.world_size / 1e12
+        return samples_per_s, tokens_per_s, tflops, peaks
+
+    def metrics(self) -> dict[str, float]:
+        """Collective: the window's figures as a trainer's logger takes them (the same dict on
+        every rank), for trainers that show their own output (see `external`)."""
+        samples_per_s, tokens_per_s, tflops, peaks = self._window()
+        out = {"zero_ext/samples_per_s": samples_per_s}
+        if tflops is not None:
+            out["zero_ext/tokens_per_s"] = tokens_per_s
+            out["zero_ext/tflops_per_rank"] = tflops
+        out["zero_ext/peak_memory_gib"] = max(peaks) / 2**30
+        out.update({f"zero_ext/peak_memory_gib_rank{r}": b / 2**30 for r, b in enumerate(peaks)})
+        return out
+
+    def report(self, *, global_step: int, loss: float, lr: float, grad_norm: float | None,
+               loss_scale: float | None, breakdown: str | None) -> str | None:
+        """Collective: the report line (rank 0; None elsewhere)."""
+        samples_per_s, tokens_per_s, tflops, peaks = self._window()
         if self.rank != 0:
             return None
         norm = f"{grad_norm:.4f}" if grad_norm is not None else "n/a"
@@ -142,10 +167,8 @@ class TrainingMonitor:
         if loss_scale is not None:
             line += f"  loss scale {loss_scale:g}"
         line += f"  {samples_per_s:.1f} samples/s"
-        if tokens_per_s:
-            flops_per_token = (8 if self.recompute else 6) * self.trainable_params
-            per_rank = flops_per_token * tokens_per_s / self.world_size / 1e12
-            line += f"  {tokens_per_s:.0f} tokens/s  {per_rank:.3g} TFLOP/s per rank"
+        if tflops is not None:
+            line += f"  {tokens_per_s:.0f} tokens/s  {tflops:.3g} TFLOP/s per rank"
         line += "  peak memory " + ", ".join(
             f"r{r} {format_bytes(b)}" for r, b in enumerate(peaks))
         if breakdown:
