@@ -2,11 +2,14 @@
 
 Paste its output into bug reports. It reports torch and CUDA versions, which kernels were
 compiled (CPU instruction sets, CUDA architectures) and which one this CPU runs, OpenMP
-threads, and which torch.distributed backends are available.
+threads, which torch.distributed backends are available, and the versions of the libraries
+zero_ext integrates with (read from the installed packages' metadata: none of them is
+imported, so the report stays quick and works even where one of them is broken).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import sys
@@ -44,7 +47,27 @@ def collect() -> dict[str, str]:
         info["NCCL"] = str(dist.is_nccl_available()) + (
             f" (version {'.'.join(map(str, torch.cuda.nccl.version()))})"
             if dist.is_nccl_available() else "")
+    info.update(integration_versions())
     return info
+
+
+# The libraries zero_ext.integrations works with, and the ones their users mix in: one line
+# each. Lightning ships as `lightning` and as the older `pytorch_lightning`; DeepSpeed is named
+# because a script moving from it may still import it.
+INTEGRATIONS = ("transformers", "accelerate", "trl", "peft", "lightning", "pytorch_lightning",
+                "bitsandbytes", "deepspeed")
+
+
+def integration_versions(names=INTEGRATIONS) -> dict[str, str]:
+    """{distribution name: installed version, or "not installed"}, from package metadata
+    alone (importing transformers or lightning to ask would take seconds)."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def _ops_with_kernel(key: str, has_op) -> list[str]:
