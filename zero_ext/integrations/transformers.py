@@ -18,162 +18,22 @@ arguments, and explicit values that contradict them are refused together, in one
 
 from __future__ import annotations
 
-import copy
-import math
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+import transformers.trainer
+from transformers import Trainer
 
 import zero_ext
-from zero_ext.config import read_json_config
+from zero_ext.integrations._hf_apply import apply, find_training_arguments, resolve_config
+from zero_ext.integrations._hf_config import fill_config
 
-__all__ = ["ZeroTrainer", "fill_config"]
+__all__ = ["ZeroTrainer", "apply", "fill_config", "zero_trainer"]
 
-AUTO = "auto"
-_ABSENT = object()
 _LATEST = "latest"  # the engine checkpoint's pointer file: marks a folder zero_ext saved into
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
-    return a == b
-
-
-class _ConfigFiller:
-    """Fills one copy of a config dict and collects every contradiction before raising."""
-
-    def __init__(self, config: Mapping):
-        self.config = copy.deepcopy(dict(config))
-        self.mismatches: list[str] = []
-
-    def fill(self, path: str, value: Any, source: str, *, fill_absent: bool = True,
-             must_match: bool = True) -> None:
-        """`path` (dotted) becomes `value` when it is "auto", or absent and `fill_absent`;
-        an explicit value must equal `value` when `must_match`."""
-        *parents, key = path.split(".")
-        section = self.config
-        for name in parents:
-            if not isinstance(section.get(name), dict):
-                if not fill_absent or section.get(name, None) is not None:
-                    return
-                section[name] = {}
-            section = section[name]
-        current = section.get(key, _ABSENT)
-        if current == AUTO or (current is _ABSENT and fill_absent):
-            section[key] = value
-        elif current is not _ABSENT and must_match and not _same(current, value):
-            self.mismatches.append(f"{path} is {current!r} in the config, but {source} is "
-                                   f"{value!r}")
-
-    def leftover_autos(self) -> list[str]:
-        found = []
-
-        def walk(node, prefix):
-            for key, value in node.items():
-                path = f"{prefix}{key}"
-                if isinstance(value, dict):
-                    walk(value, path + ".")
-                elif value == AUTO:
-                    found.append(path)
-
-        walk(self.config, "")
-        return found
-
-
-def _optim_name(args: TrainingArguments) -> str:
-    return str(getattr(args.optim, "value", args.optim))
-
-
-def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
-                world_size: int, max_steps: int | None = None,
-                hidden_size: int | None = None) -> dict:
-    """The zero_ext config (dict or JSON path) completed from `args`, as a new dict.
-
-    Filled from the arguments when "auto" or absent (an explicit value must agree):
-    train_micro_batch_size_per_gpu, gradient_accumulation_steps, train_batch_size (with
-    `world_size`), gradient_clipping (max_grad_norm), fp16/bf16.enabled, and the AdamW
-    hyperparameters optimizer.params.lr/betas/eps/weight_decay (an absent optimizer section
-    becomes AdamW when args.optim is the Trainer's torch AdamW). Filled only when "auto": the
-    scheduler's warmup_min_lr (0), warmup_max_lr (lr), warmup_num_steps and total_num_steps
-    (from `max_steps`), and, from the model's `hidden_size`, DeepSpeed's bucket-size
-    heuristics. Raises one ValueError listing every contradiction and every "auto" that has
-    no counterpart among the arguments.
-    """
-    raw = read_json_config(config) if isinstance(config, (str, os.PathLike)) else config
-    if not isinstance(raw, Mapping):
-        raise TypeError(f"ZeroTrainer: zero_config must be a dict or a path to a JSON file, got "
-                        f"{type(config).__name__}")
-    filler = _ConfigFiller(raw)
-    cfg = filler.config
-    micro, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    filler.fill("train_micro_batch_size_per_gpu", micro,
-                "TrainingArguments.per_device_train_batch_size")
-    filler.fill("gradient_accumulation_steps", gas,
-                "TrainingArguments.gradient_accumulation_steps")
-    filler.fill("train_batch_size", micro * gas * world_size,
-                f"per_device_train_batch_size * gradient_accumulation_steps * world size "
-                f"({micro} * {gas} * {world_size})")
-    filler.fill("gradient_clipping", float(max(args.max_grad_norm or 0.0, 0.0)),
-                "TrainingArguments.max_grad_norm")
-    filler.fill("fp16.enabled", bool(args.fp16), "TrainingArguments.fp16")
-    bf16_key = "bfloat16" if "bfloat16" in cfg and "bf16" not in cfg else "bf16"
-    filler.fill(f"{bf16_key}.enabled", bool(args.bf16), "TrainingArguments.bf16")
-
-    if cfg.get("optimizer") is None:
-        # The Trainer's torch AdamW variants; zero_ext's sharded AdamW computes the same update.
-        if _optim_name(args) not in ("adamw_torch", "adamw_torch_fused"):
-            raise ValueError(
-                f"ZeroTrainer: TrainingArguments.optim is {_optim_name(args)!r}, but the zero_ext "
-                "engine shards AdamW/Adam only; set optim='adamw_torch' or add an \"optimizer\" "
-                "section to the zero_ext config")
-        cfg["optimizer"] = {"type": "AdamW", "params": {}}
-    filler.fill("optimizer.params.lr", args.learning_rate, "TrainingArguments.learning_rate")
-    filler.fill("optimizer.params.betas", [args.adam_beta1, args.adam_beta2],
-                "[TrainingArguments.adam_beta1, adam_beta2]")
-    filler.fill("optimizer.params.eps", args.adam_epsilon, "TrainingArguments.adam_epsilon")
-    filler.fill("optimizer.params.weight_decay", args.weight_decay,
-                "TrainingArguments.weight_decay")
-
-    if isinstance(cfg.get("scheduler"), dict) and max_steps is not None:
-        auto_only = {"fill_absent": False}
-        filler.fill("scheduler.params.warmup_min_lr", 0.0, "the Trainer's schedules (0)",
-                    must_match=False, **auto_only)
-        filler.fill("scheduler.params.warmup_max_lr", args.learning_rate,
-                    "TrainingArguments.learning_rate", **auto_only)
-        # DeepSpeed's schedules warm up over max(2, warmup_num_steps) steps, so 0 and 1 give
-        # the same schedule; the config requires >= 1.
-        filler.fill("scheduler.params.warmup_num_steps", max(args.get_warmup_steps(max_steps), 1),
-                    "TrainingArguments.warmup_steps (for max_steps "
-                    f"{max_steps})", **auto_only)
-        filler.fill("scheduler.params.total_num_steps", max_steps,
-                    "the Trainer's max_steps", **auto_only)
-    if hidden_size:
-        # DeepSpeed's Trainer integration sizes buckets from the model's width the same way.
-        heuristics = {"fill_absent": False, "must_match": False}
-        filler.fill("zero_optimization.reduce_bucket_size", hidden_size * hidden_size,
-                    "hidden_size**2", **heuristics)
-        filler.fill("zero_optimization.stage3_prefetch_bucket_size",
-                    int(0.9 * hidden_size * hidden_size), "0.9 * hidden_size**2", **heuristics)
-        filler.fill("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size,
-                    "10 * hidden_size", **heuristics)
-
-    problems = [f"  - {m}" for m in filler.mismatches]
-    problems += [f"  - {path} is \"auto\", but no TrainingArguments value corresponds to it; "
-                 "give a value" for path in filler.leftover_autos()]
-    if problems:
-        raise ValueError(
-            "ZeroTrainer: the zero_ext config does not agree with the TrainingArguments:\n"
-            + "\n".join(problems) + "\nSet the config keys to \"auto\" (or remove them) to take "
-            "the TrainingArguments' values, or change the arguments to match the config.")
-    return cfg
 
 
 class _Forwarding:
@@ -210,18 +70,11 @@ class _EngineScheduler(_Forwarding):
         return None
 
 
-class ZeroTrainer(Trainer):
-    """transformers.Trainer whose model, optimizer, scheduler, precision and checkpoints belong
-    to a zero_ext engine. `zero_config` is a zero_ext (DeepSpeed-style) config dict or JSON
-    path; see :func:`fill_config` for how it combines with the TrainingArguments. Under
-    torchrun every rank runs the same script; `save_model` is collective (call it on every
-    rank), as are evaluation and saving under stage 3.
+class _ZeroTrainerMixin:
+    """What makes a transformers.Trainer (or any subclass) run on a zero_ext engine: see
+    ZeroTrainer. Placed before the Trainer class in the MRO by :func:`zero_trainer`."""
 
-    For a model too large to build whole on every rank, build it under `zero_ext.Init` and
-    pass `pretrained_weights` (a save_pretrained directory or a safetensors file): the engine
-    reads each rank's shards from it when it is created (engine.load_weights)."""
-
-    def __init__(self, *args, zero_config: Mapping | str | os.PathLike,
+    def __init__(self, *args, zero_config: Mapping | str | os.PathLike | None = None,
                  pretrained_weights: str | os.PathLike | None = None, **kwargs):
         optimizers = kwargs.get("optimizers", (None, None))
         if any(o is not None for o in optimizers) or kwargs.get("optimizer_cls_and_kwargs"):
@@ -229,10 +82,14 @@ class ZeroTrainer(Trainer):
                 "ZeroTrainer: the zero_ext engine builds the optimizer and LR scheduler; drop "
                 "`optimizers=`/`optimizer_cls_and_kwargs=` and describe them in zero_config "
                 "(an \"optimizer\"/\"scheduler\" section) or in the TrainingArguments")
-        self.zero_config = zero_config
+        # Checked before the Trainer sets anything up: a second config is refused here.
+        resolved = resolve_config(zero_config, find_training_arguments(args, kwargs))
         self.pretrained_weights = pretrained_weights
         self.engine = None
         super().__init__(*args, **kwargs)
+        if resolved is None:  # the Trainer made default TrainingArguments
+            resolved = resolve_config(zero_config, self.args)
+        self.zero_config, self.zero_config_source = resolved
         if self.args.torch_compile:
             raise ValueError("ZeroTrainer: torch_compile=True is not supported; compile the "
                              "model's blocks yourself before passing it")
@@ -243,6 +100,7 @@ class ZeroTrainer(Trainer):
                 f"ZeroTrainer: {launched} processes were launched but the TrainingArguments see "
                 f"{self.args.world_size}; on a machine without GPUs pass use_cpu=True to "
                 "TrainingArguments so that accelerate joins the processes (gloo)")
+        _count_parameters_through_engines()
 
     # -- set-up -------------------------------------------------------------------------------
     def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
@@ -296,11 +154,15 @@ class ZeroTrainer(Trainer):
         engine, _, _, scheduler = zero_ext.initialize(
             model=model, config=config, model_parameters=groups, lr_scheduler=lr_scheduler)
         self.engine = engine
+        # One output: the Trainer's progress bar and logs; the engine's figures go into the
+        # Trainer's logs (log() below), so they reach report_to.
+        engine.log_externally()
+        from zero_ext.integrations.trl import adapt_trainer
+        adapt_trainer(self)
         if self.pretrained_weights is not None:  # a resumed checkpoint overrides them after
             engine.load_weights(os.fspath(self.pretrained_weights))
         self.optimizer = _EngineOptimizer(engine.optimizer)
         self.lr_scheduler = _EngineScheduler(scheduler)  # the config's, else the Trainer's
-        self._lr_of_last_step: float | None = None
 
     def _wrap_model(self, model, training: bool = True, dataloader=None):
         # Evaluation and prediction go through the engine too: under stage 3 it gathers each
@@ -363,8 +225,6 @@ class ZeroTrainer(Trainer):
             engine.backward(loss.float() * (gas / window))
         else:
             engine.backward(loss)
-        if boundary:
-            self._lr_of_last_step = engine.get_lr()[0]
         engine.step()
         return (loss if scaled else loss / window).detach()
 
@@ -376,11 +236,18 @@ class ZeroTrainer(Trainer):
     def _get_grad_norm(self, model, grad_norm=None):
         return self.engine.get_global_grad_norm()
 
-    def _get_learning_rate(self) -> float:
-        # The Trainer logs the rate the step used; the engine has already advanced the schedule.
-        if self.engine is not None and self._lr_of_last_step is not None:
-            return self._lr_of_last_step
-        return super()._get_learning_rate()
+    # The learning rate the Trainer logs is the base class's lr_scheduler.get_last_lr(), read
+    # after the engine's step has advanced the schedule: what the Trainer logs under DeepSpeed,
+    # whose engine steps the schedule inside accelerator.backward (a plain Trainer reads it
+    # before its scheduler step: one step earlier). See docs/integrations/transformers.md.
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Every rank logs each training logging step (the loss is averaged over ranks there):
+        # the engine's figures join the Trainer's logs at the same point on every rank
+        # (training_metrics is collective), and reach report_to's loggers with them.
+        if self.engine is not None and "loss" in logs:
+            logs.update(self.engine.training_metrics())
+        super().log(logs, start_time)
 
     # -- saving and resuming ------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -389,7 +256,9 @@ class ZeroTrainer(Trainer):
         if self.engine is None:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        self.engine.save_16bit_model(output_dir)
+        from zero_ext.integrations.peft import save_adapters
+        if not save_adapters(self.engine, output_dir, should_save=self.args.should_save):
+            self.engine.save_16bit_model(output_dir)
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
@@ -425,3 +294,69 @@ class ZeroTrainer(Trainer):
         # Collective; any world size and stage. The model weights are the loaded masters.
         engine = self.engine
         engine.load_checkpoint(checkpoint)
+
+
+class ZeroTrainer(_ZeroTrainerMixin, Trainer):
+    """transformers.Trainer whose model, optimizer, scheduler, precision and checkpoints belong
+    to a zero_ext engine. `zero_config` is a zero_ext (DeepSpeed-style) config dict or JSON
+    path; see :func:`fill_config` for how it combines with the TrainingArguments (without it,
+    the config comes from ZERO_EXT_CONFIG or, after :func:`apply`, from the arguments'
+    `deepspeed`; two different ones are an error). Under torchrun every rank runs the same
+    script; `save_model` is collective (call it on every rank), as are evaluation and saving
+    under stage 3.
+
+    For a model too large to build whole on every rank, build it under `zero_ext.Init` and
+    pass `pretrained_weights` (a save_pretrained directory or a safetensors file): the engine
+    reads each rank's shards from it when it is created (engine.load_weights)."""
+
+
+@functools.cache
+def _zero_subclass(cls: type) -> type:
+    return type(f"Zero{cls.__name__}", (_ZeroTrainerMixin, cls), {
+        "__module__": __name__, "__qualname__": f"Zero{cls.__name__}",
+        "__doc__": f"{cls.__module__}.{cls.__qualname__} on a zero_ext engine (see ZeroTrainer)."})
+
+
+def zero_trainer(cls: type) -> type:
+    """`cls` (transformers.Trainer or a subclass: TRL's SFTTrainer, DPOTrainer, GRPOTrainer,
+    RewardTrainer...) with ZeroTrainer's behaviour; the same class for the same `cls`, and
+    ZeroTrainer for Trainer itself. It takes ZeroTrainer's `zero_config=` and
+    `pretrained_weights=` besides `cls`'s own arguments:
+
+        trainer = zero_trainer(SFTTrainer)(model=model, args=SFTConfig(...), zero_config=cfg)
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Trainer)):
+        raise TypeError(f"zero_ext.zero_trainer: expected transformers.Trainer or a subclass of "
+                        f"it, got {cls!r}")
+    if issubclass(cls, _ZeroTrainerMixin):
+        return cls
+    return ZeroTrainer if cls is Trainer else _zero_subclass(cls)
+
+
+def _engine_parameter_count(model, trainable_only: bool = False) -> int | None:
+    """The parameter count of a zero_ext engine's model, with stage-3 parameters at their full
+    size (their tensors hold no elements while released); None for anything else."""
+    if not isinstance(model, zero_ext.ZeroEngine):
+        return None
+    # engine.monitor counts every parameter the engine trains at full size; the others
+    # (frozen, or in no optimizer group) stay whole in the model.
+    rest = sum(p.numel() for p in model.module.parameters()
+               if not hasattr(p, "_zero_ext_engine") and (p.requires_grad or not trainable_only))
+    return model.monitor.trainable_params + rest
+
+
+def _count_parameters_through_engines() -> None:
+    """The Trainer reports "Number of trainable parameters" with transformers'
+    get_model_param_count on the engine, which sees released stage-3 parameters as empty (it
+    counts full sizes only for DeepSpeed's). Once per process, that function learns zero_ext
+    engines; every other model is counted by the original."""
+    original = transformers.trainer.get_model_param_count
+    if getattr(original, "__zero_ext_original__", None) is not None:
+        return
+
+    def get_model_param_count(model, trainable_only=False):
+        count = _engine_parameter_count(model, trainable_only)
+        return original(model, trainable_only) if count is None else count
+
+    get_model_param_count.__zero_ext_original__ = original
+    transformers.trainer.get_model_param_count = get_model_param_count

@@ -1,0 +1,163 @@
+"""The zero_ext config of a Hugging Face Trainer run, completed from its TrainingArguments.
+
+The TrainingArguments are the single source of truth for what the Trainer's loop depends on:
+"auto" values (and batch sizes, clipping, precision and AdamW hyperparameters the config leaves
+out) are taken from the arguments, and explicit values that contradict them are refused
+together, in one error. Used by zero_ext.integrations.transformers (re-exported there).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from transformers import TrainingArguments
+
+from zero_ext.config import read_json_config
+
+__all__ = ["fill_config"]
+
+AUTO = "auto"
+_ABSENT = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+class _ConfigFiller:
+    """Fills one copy of a config dict and collects every contradiction before raising."""
+
+    def __init__(self, config: Mapping):
+        self.config = copy.deepcopy(dict(config))
+        self.mismatches: list[str] = []
+
+    def fill(self, path: str, value: Any, source: str, *, fill_absent: bool = True,
+             must_match: bool = True) -> None:
+        """`path` (dotted) becomes `value` when it is "auto", or absent and `fill_absent`;
+        an explicit value must equal `value` when `must_match`."""
+        *parents, key = path.split(".")
+        section = self.config
+        for name in parents:
+            if not isinstance(section.get(name), dict):
+                if not fill_absent or section.get(name, None) is not None:
+                    return
+                section[name] = {}
+            section = section[name]
+        current = section.get(key, _ABSENT)
+        if current == AUTO or (current is _ABSENT and fill_absent):
+            section[key] = value
+        elif current is not _ABSENT and must_match and not _same(current, value):
+            self.mismatches.append(f"{path} is {current!r} in the config, but {source} is "
+                                   f"{value!r}")
+
+    def leftover_autos(self) -> list[str]:
+        found = []
+
+        def walk(node, prefix):
+            for key, value in node.items():
+                path = f"{prefix}{key}"
+                if isinstance(value, dict):
+                    walk(value, path + ".")
+                elif value == AUTO:
+                    found.append(path)
+
+        walk(self.config, "")
+        return found
+
+
+def _optim_name(args: TrainingArguments) -> str:
+    return str(getattr(args.optim, "value", args.optim))
+
+
+def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
+                world_size: int, max_steps: int | None = None,
+                hidden_size: int | None = None) -> dict:
+    """The zero_ext config (dict or JSON path) completed from `args`, as a new dict.
+
+    Filled from the arguments when "auto" or absent (an explicit value must agree):
+    train_micro_batch_size_per_gpu, gradient_accumulation_steps, train_batch_size (with
+    `world_size`), gradient_clipping (max_grad_norm), fp16/bf16.enabled, and the AdamW
+    hyperparameters optimizer.params.lr/betas/eps/weight_decay (an absent optimizer section
+    becomes AdamW when args.optim is the Trainer's torch AdamW). Filled only when "auto": the
+    scheduler's warmup_min_lr (0), warmup_max_lr (lr), warmup_num_steps and total_num_steps
+    (from `max_steps`), and, from the model's `hidden_size`, DeepSpeed's bucket-size
+    heuristics. Raises one ValueError listing every contradiction and every "auto" that has
+    no counterpart among the arguments.
+    """
+    raw = read_json_config(config) if isinstance(config, (str, os.PathLike)) else config
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"ZeroTrainer: zero_config must be a dict or a path to a JSON file, got "
+                        f"{type(config).__name__}")
+    filler = _ConfigFiller(raw)
+    cfg = filler.config
+    micro, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    filler.fill("train_micro_batch_size_per_gpu", micro,
+                "TrainingArguments.per_device_train_batch_size")
+    filler.fill("gradient_accumulation_steps", gas,
+                "TrainingArguments.gradient_accumulation_steps")
+    filler.fill("train_batch_size", micro * gas * world_size,
+                f"per_device_train_batch_size * gradient_accumulation_steps * world size "
+                f"({micro} * {gas} * {world_size})")
+    filler.fill("gradient_clipping", float(max(args.max_grad_norm or 0.0, 0.0)),
+                "TrainingArguments.max_grad_norm")
+    filler.fill("fp16.enabled", bool(args.fp16), "TrainingArguments.fp16")
+    bf16_key = "bfloat16" if "bfloat16" in cfg and "bf16" not in cfg else "bf16"
+    filler.fill(f"{bf16_key}.enabled", bool(args.bf16), "TrainingArguments.bf16")
+
+    if cfg.get("optimizer") is None:
+        # The Trainer's torch AdamW variants; zero_ext's sharded AdamW computes the same update.
+        if _optim_name(args) not in ("adamw_torch", "adamw_torch_fused"):
+            raise ValueError(
+                f"ZeroTrainer: TrainingArguments.optim is {_optim_name(args)!r}, but the zero_ext "
+                "engine shards AdamW/Adam only; set optim='adamw_torch' or add an \"optimizer\" "
+                "section to the zero_ext config")
+        cfg["optimizer"] = {"type": "AdamW", "params": {}}
+    filler.fill("optimizer.params.lr", args.learning_rate, "TrainingArguments.learning_rate")
+    filler.fill("optimizer.params.betas", [args.adam_beta1, args.adam_beta2],
+                "[TrainingArguments.adam_beta1, adam_beta2]")
+    filler.fill("optimizer.params.eps", args.adam_epsilon, "TrainingArguments.adam_epsilon")
+    filler.fill("optimizer.params.weight_decay", args.weight_decay,
+                "TrainingArguments.weight_decay")
+
+    if isinstance(cfg.get("scheduler"), dict) and max_steps is not None:
+        auto_only = {"fill_absent": False}
+        filler.fill("scheduler.params.warmup_min_lr", 0.0, "the Trainer's schedules (0)",
+                    must_match=False, **auto_only)
+        filler.fill("scheduler.params.warmup_max_lr", args.learning_rate,
+                    "TrainingArguments.learning_rate", **auto_only)
+        # DeepSpeed's schedules warm up over max(2, warmup_num_steps) steps, so 0 and 1 give
+        # the same schedule; the config requires >= 1.
+        filler.fill("scheduler.params.warmup_num_steps", max(args.get_warmup_steps(max_steps), 1),
+                    "TrainingArguments.warmup_steps (for max_steps "
+                    f"{max_steps})", **auto_only)
+        filler.fill("scheduler.params.total_num_steps", max_steps,
+                    "the Trainer's max_steps", **auto_only)
+    if hidden_size:
+        # DeepSpeed's Trainer integration sizes buckets from the model's width the same way.
+        heuristics = {"fill_absent": False, "must_match": False}
+        filler.fill("zero_optimization.reduce_bucket_size", hidden_size * hidden_size,
+                    "hidden_size**2", **heuristics)
+        filler.fill("zero_optimization.stage3_prefetch_bucket_size",
+                    int(0.9 * hidden_size * hidden_size), "0.9 * hidden_size**2", **heuristics)
+        filler.fill("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size,
+                    "10 * hidden_size", **heuristics)
+
+    problems = [f"  - {m}" for m in filler.mismatches]
+    problems += [f"  - {path} is \"auto\", but no TrainingArguments value corresponds to it; "
+                 "give a value" for path in filler.leftover_autos()]
+    if problems:
+        raise ValueError(
+            "ZeroTrainer: the zero_ext config does not agree with the TrainingArguments:\n"
+            + "\n".join(problems) + "\nSet the config keys to \"auto\" (or remove them) to take "
+            "the TrainingArguments' values, or change the arguments to match the config.")
+    return cfg
