@@ -14,6 +14,11 @@ Scenarios (each rank runs, then leaves through the interpreter's normal exit):
   raise        as train, but rank 1 raises in its second forward (rank 0 is then left waiting
                in a collective until rank 1's exit ends it)
   mixed        rank 0 at stage 2, rank 1 at stage 3: refused at initialize, then exit
+  destroyed    as train, then destroy_process_group() (as examples/train_gpt.py ends) while
+               the engine still holds the group, and a last collective that the gloo worker
+               finishes while the main thread holds the GIL: the worker's release of its
+               tensors waits for the GIL until the interpreter exits (made certain here with a
+               long switch interval; in a plain run, ~1 exit in 10)
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ def _free_port() -> int:
 def _rank_main(scenario: str, rank: int) -> None:
     stage = 3 if scenario == "mixed" and rank == 1 else 2
     model = engine_cases.build_model()
-    cfg = engine_cases.config(stage, "fp32", 1, 2, clip=0.0,
-                              offload_optimizer={"device": "cpu"})
+    # Offload's worker thread is joined at exit, which would hand the GIL over in time.
+    offload = {} if scenario == "destroyed" else {"offload_optimizer": {"device": "cpu"}}
+    cfg = engine_cases.config(stage, "fp32", 1, 2, clip=0.0, **offload)
     cfg["zero_ext"] = {"stall_timeout_s": 5}  # the mixed job's ranks never meet
     engine, _, _, _ = zero_ext.initialize(model=model, config=cfg)
     for step in range(3):
@@ -53,6 +59,17 @@ def _rank_main(scenario: str, rank: int) -> None:
             raise RuntimeError("raised in forward on purpose")
         engine.backward(engine_cases.run(engine, tokens[0, rank], targets[0, rank]))
         engine.step()
+    if scenario == "destroyed":
+        group = torch.distributed.group.WORLD
+        torch.distributed.destroy_process_group()
+        time.sleep(1.2)  # the stall watch's heartbeat sees the group gone and ends
+        sys.setswitchinterval(30.0)  # the main thread keeps the GIL while it runs Python
+        if rank == 1:
+            time.sleep(0.2)  # rank 0's collective finishes later, while it runs Python
+        group.allgather([[torch.empty(1000) for _ in range(2)]], [torch.ones(1000)])
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            pass
 
 
 def _job(scenario: str) -> list[int]:

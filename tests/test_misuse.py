@@ -159,7 +159,8 @@ def test_engine_forwards_unknown_attributes_to_the_module():
 EXIT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_cases.py")
 
 
-@pytest.mark.parametrize("scenario, expected", [("train", 0), ("raise", 1), ("mixed", 1)])
+@pytest.mark.parametrize("scenario, expected",
+                         [("train", 0), ("raise", 1), ("mixed", 1), ("destroyed", 0)])
 def test_no_rank_ends_in_sigabrt_at_exit(scenario, expected):
     # Four two-rank jobs per scenario (a few seconds each): every rank leaves through the
     # interpreter's normal exit with its script's own exit code, never SIGABRT (-6) from a

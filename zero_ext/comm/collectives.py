@@ -32,11 +32,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import mmap
 import os
 import pickle
 import socket
 import struct
+import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
@@ -226,6 +228,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
     `stall_timeout_s` (config key zero_ext.stall_timeout_s) bounds how long a collective may
     make no progress before every rank raises CollectiveStallError (see comm/watch.py); the
     watch starts here, so a rank that never issues a collective still reports where it is."""
+    global _group_used
+    _group_used = True
     if stall_timeout_s is not None:
         set_stall_timeout(stall_timeout_s)
     if dist.is_initialized():
@@ -287,14 +291,35 @@ def _destroy_at_exit() -> None:
     (pytorch/pytorch#65231, #190489), after the script itself ended well or with an exception.
     Not while a collective is pending or the group aborted (a failed job): destroying would
     wait for peers that will not come."""
-    if not dist.is_initialized():
-        return
-    watch = current_watch()
-    if watch is not None:
-        if watch.abort_report is not None or watch.completed < watch.seq:
-            return
-        watch.stop()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        watch = current_watch()
+        if watch is not None:
+            if watch.abort_report is not None or watch.completed < watch.seq:
+                return
+            watch.stop()
+        dist.destroy_process_group()
+    if _group_used:
+        _settle_gloo_workers()
+
+
+_group_used = False  # init_distributed ran: this process had a process group
+
+# Long enough for a worker that waits for the GIL to take it and finish (microseconds).
+_SETTLE_S = 0.05
+
+
+def _settle_gloo_workers() -> None:
+    """A gloo worker thread drops its reference to a finished collective after the waiting
+    thread has returned; when that was the last reference, it frees the collective's tensors,
+    which takes the GIL. If the interpreter has begun to finalize by then (a script that ends
+    right after its last collective, even after destroy_process_group), taking the GIL ends
+    the thread inside C++ and the process aborts: "terminate called without an active
+    exception", SIGABRT, after a run that went well (torch's race, not the script's). Here,
+    while Python is still whole: collect the cycles that keep groups alive (an engine's), so
+    that their destructors join the workers; then give the GIL away for a moment so that a
+    worker of a group still referenced finishes its release."""
+    gc.collect()
+    time.sleep(_SETTLE_S)
 
 
 def rank() -> int:
