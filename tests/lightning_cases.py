@@ -1,0 +1,169 @@
+"""The Lightning runs tests/test_lightning.py compares, all in one launch of 2 CPU ranks.
+
+    torchrun --nproc_per_node=2 tests/lightning_cases.py OUT
+
+The same tiny LightningModule (an MLP regression, fp32) on the same data, 5 batches per rank
+and epoch with accumulate_grad_batches=2 (so each epoch ends with a one-batch window),
+gradient_clip_val small enough to clip, a StepLR schedule and max_steps=6 (two epochs):
+Lightning's own DDP strategy (the reference), then ZeroStrategy at stages 1, 2 (by its
+registered name, with a CSVLogger) and 3 (every parameter partitioned); a stage-3 run stopped
+at the end of the first epoch, saved with trainer.save_checkpoint and resumed by a new
+Trainer with ckpt_path; a bf16-mixed run; a config that contradicts the Trainer. Rank 0
+writes OUT/results.json: per run the losses of rank 0's micro-batches, the learning rate and
+global gradient norm at each optimizer step, trainer.global_step, the engine's step counts,
+and the final weights (as lists).
+"""
+
+import json
+import os
+import sys
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from zero_ext.integrations.lightning import ZeroStrategy
+
+BATCH, BATCHES_PER_EPOCH, ACCUMULATE, MAX_STEPS = 4, 5, 2, 6
+STEPS_PER_EPOCH = 3  # windows of 2, 2 and 1 batches
+CLIP = 0.05
+STAGE3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+
+
+def dataset() -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    n = BATCH * BATCHES_PER_EPOCH * 2  # two ranks
+    x = torch.randn(n, 8, generator=generator)
+    y = (x[:, :1] * 2 - x[:, 1:2]).tanh() + 0.1 * torch.randn(n, 1, generator=generator)
+    return TensorDataset(x, y)
+
+
+class Regression(pl.LightningModule):
+    def __init__(self, seed: int = 0, lr: float = 0.02):
+        super().__init__()
+        self.save_hyperparameters()  # an AttributeDict in the checkpoint
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                                 nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+
+class Record(pl.Callback):
+    """Per micro-batch loss, and per optimizer step the learning rate and the global gradient
+    norm before clipping (DDP: from the all-reduced .grad; zero_ext: the engine's)."""
+
+    def __init__(self):
+        self.losses, self.lrs, self.norms = [], [], []
+        self.engine_steps = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        if not isinstance(trainer.strategy, ZeroStrategy):
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            self.norms.append(torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Lightning's `loss` output is the loss divided by accumulate_grad_batches.
+        self.losses.append(outputs["loss"].item() * ACCUMULATE)
+        engine = getattr(trainer.strategy, "engine", None)
+        if engine is not None and engine.global_steps != self.engine_steps:
+            if self.engine_steps is not None:
+                self.norms.append(engine.get_global_grad_norm())
+            self.engine_steps = engine.global_steps
+
+    def on_train_start(self, trainer, pl_module):
+        engine = getattr(trainer.strategy, "engine", None)
+        self.engine_steps = engine.global_steps if engine is not None else None
+
+
+def trainer_for(strategy, max_steps=MAX_STEPS, callbacks=(), **kwargs):
+    record = Record()
+    kwargs.setdefault("logger", False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, num_nodes=1, strategy=strategy, max_steps=max_steps,
+        accumulate_grad_batches=ACCUMULATE, gradient_clip_val=CLIP,
+        callbacks=[record, *callbacks], enable_checkpointing=bool(callbacks),
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        **kwargs)
+    return trainer, record
+
+
+def loader() -> DataLoader:
+    return DataLoader(dataset(), batch_size=BATCH, shuffle=False)
+
+
+def final_weights(trainer, module) -> dict:
+    strategy = trainer.strategy
+    state = strategy.engine.full_state_dict() if isinstance(strategy, ZeroStrategy) \
+        else module.state_dict()
+    return {k: v.float().flatten().tolist() for k, v in state.items()}
+
+
+def summary(trainer, record, module) -> dict:
+    out = {"losses": record.losses, "lrs": record.lrs, "norms": record.norms,
+           "global_step": trainer.global_step, "weights": final_weights(trainer, module)}
+    if isinstance(trainer.strategy, ZeroStrategy):
+        engine = trainer.strategy.engine
+        out.update(engine_steps=engine.global_steps, engine_micro_steps=engine.micro_steps,
+                   stage=engine.stage, dtype=str(engine.model_dtype),
+                   partitioned=engine.partitioned is not None)
+    return out
+
+
+def fit(strategy, module=None, ckpt_path=None, **kwargs) -> dict:
+    module = module or Regression()
+    trainer, record = trainer_for(strategy, **kwargs)
+    trainer.fit(module, loader(), ckpt_path=ckpt_path)
+    return summary(trainer, record, module)
+
+
+def main(out: str) -> None:
+    # Stage 3 also saves a checkpoint after the first epoch's last step (where Lightning's own
+    # DDP resume is exact: from mid-epoch it replays the epoch's first batches, and from an
+    # on_train_epoch_end checkpoint it runs one batch more).
+    checkpoints = os.path.join(out, "checkpoints")
+    every_epoch = ModelCheckpoint(dirpath=checkpoints, filename="{step}", save_top_k=-1,
+                                  every_n_train_steps=STEPS_PER_EPOCH)
+    results = {"ddp": fit("ddp"),
+               "zero1": fit(ZeroStrategy(stage=1)),
+               "zero3": fit(ZeroStrategy(config=STAGE3), callbacks=[every_epoch])}
+    # The registered name, with Lightning's CSV logger receiving the engine's figures.
+    results["zero2"] = fit("zero_ext_stage_2", log_every_n_steps=1,
+                           logger=CSVLogger(os.path.join(out, "csv"), name="run", version=0))
+    # A new Trainer resumes from the first epoch's checkpoint, with a module whose own initial
+    # weights differ (the checkpoint must replace them).
+    ckpt = os.path.join(checkpoints, f"step={STEPS_PER_EPOCH}.ckpt")
+    results["ckpt_is_dir"] = os.path.isdir(ckpt)
+    results["resumed"] = fit(ZeroStrategy(config=STAGE3), Regression(seed=1), ckpt_path=ckpt)
+
+    results["bf16"] = fit(ZeroStrategy(stage=2), precision="bf16-mixed")
+
+    try:
+        fit(ZeroStrategy(config={"gradient_accumulation_steps": 4, "gradient_clipping": 1.0}))
+        results["contradiction"] = None
+    except ValueError as error:
+        results["contradiction"] = str(error)
+
+    if dist.get_rank() == 0:
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

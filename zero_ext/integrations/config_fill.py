@@ -1,0 +1,72 @@
+"""Completing a zero_ext config from a trainer's own settings, library-neutral.
+
+A trainer (the Hugging Face Trainer, Lightning) has its own batch size, accumulation, clipping
+and precision, which its loop depends on; the zero_ext config must agree with them. A
+:class:`ConfigFiller` takes a trainer's value where the config says "auto" (or leaves the key
+out) and collects every explicit value that contradicts one, so that the integration raises
+them together, in one error. No third-party import: every integration can use it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["AUTO", "ConfigFiller", "same"]
+
+AUTO = "auto"
+_ABSENT = object()
+
+
+def same(a: Any, b: Any) -> bool:
+    """Config equality: numbers compared with a relative tolerance, bools only to bools."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+class ConfigFiller:
+    """Fills one copy of a config dict and collects every contradiction before raising."""
+
+    def __init__(self, config: Mapping):
+        self.config = copy.deepcopy(dict(config))
+        self.mismatches: list[str] = []
+
+    def fill(self, path: str, value: Any, source: str, *, fill_absent: bool = True,
+             must_match: bool = True) -> None:
+        """`path` (dotted) becomes `value` when it is "auto", or absent and `fill_absent`;
+        an explicit value must equal `value` when `must_match`."""
+        *parents, key = path.split(".")
+        section = self.config
+        for name in parents:
+            if not isinstance(section.get(name), dict):
+                if not fill_absent or section.get(name, None) is not None:
+                    return
+                section[name] = {}
+            section = section[name]
+        current = section.get(key, _ABSENT)
+        if current == AUTO or (current is _ABSENT and fill_absent):
+            section[key] = value
+        elif current is not _ABSENT and must_match and not same(current, value):
+            self.mismatches.append(f"{path} is {current!r} in the config, but {source} is "
+                                   f"{value!r}")
+
+    def leftover_autos(self) -> list[str]:
+        found = []
+
+        def walk(node, prefix):
+            for key, value in node.items():
+                path = f"{prefix}{key}"
+                if isinstance(value, dict):
+                    walk(value, path + ".")
+                elif value == AUTO:
+                    found.append(path)
+
+        walk(self.config, "")
+        return found
