@@ -8,72 +8,15 @@ together, in one error. Used by zero_ext.integrations.transformers (re-exported 
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 from collections.abc import Mapping
-from typing import Any
 
 from transformers import TrainingArguments
 
 from zero_ext.config import read_json_config
+from zero_ext.integrations.config_fill import ConfigFiller
 
 __all__ = ["fill_config"]
-
-AUTO = "auto"
-_ABSENT = object()
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
-    return a == b
-
-
-class _ConfigFiller:
-    """Fills one copy of a config dict and collects every contradiction before raising."""
-
-    def __init__(self, config: Mapping):
-        self.config = copy.deepcopy(dict(config))
-        self.mismatches: list[str] = []
-
-    def fill(self, path: str, value: Any, source: str, *, fill_absent: bool = True,
-             must_match: bool = True) -> None:
-        """`path` (dotted) becomes `value` when it is "auto", or absent and `fill_absent`;
-        an explicit value must equal `value` when `must_match`."""
-        *parents, key = path.split(".")
-        section = self.config
-        for name in parents:
-            if not isinstance(section.get(name), dict):
-                if not fill_absent or section.get(name, None) is not None:
-                    return
-                section[name] = {}
-            section = section[name]
-        current = section.get(key, _ABSENT)
-        if current == AUTO or (current is _ABSENT and fill_absent):
-            section[key] = value
-        elif current is not _ABSENT and must_match and not _same(current, value):
-            self.mismatches.append(f"{path} is {current!r} in the config, but {source} is "
-                                   f"{value!r}")
-
-    def leftover_autos(self) -> list[str]:
-        found = []
-
-        def walk(node, prefix):
-            for key, value in node.items():
-                path = f"{prefix}{key}"
-                if isinstance(value, dict):
-                    walk(value, path + ".")
-                elif value == AUTO:
-                    found.append(path)
-
-        walk(self.config, "")
-        return found
-
 
 def _optim_name(args: TrainingArguments) -> str:
     return str(getattr(args.optim, "value", args.optim))
@@ -98,7 +41,7 @@ def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
     if not isinstance(raw, Mapping):
         raise TypeError(f"ZeroTrainer: zero_config must be a dict or a path to a JSON file, got "
                         f"{type(config).__name__}")
-    filler = _ConfigFiller(raw)
+    filler = ConfigFiller(raw)
     cfg = filler.config
     micro, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps
     filler.fill("train_micro_batch_size_per_gpu", micro,
