@@ -1108,6 +1108,8 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
         # The schedule's length is the run's, as far as the progress bar can tell.
         engine.monitor.total_steps = config.scheduler.params.get("total_num_steps")
     engine.lr_scheduler = scheduler
+    from zero_ext.integrations.peft import guard_save_pretrained
+    guard_save_pretrained(engine)  # PEFT's own save_pretrained would read stage-3 shards
 
     dataloader = None
     if training_data is not None:

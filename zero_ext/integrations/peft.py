@@ -1,10 +1,38 @@
-"""zero_ext.integrations.peft: PEFT (LoRA) models on a zero_ext engine, saved the PEFT way."""
+"""zero_ext.integrations.peft: PEFT (LoRA and the other tuners) models on a zero_ext engine,
+saved the PEFT way.
+
+    model = get_peft_model(base, LoraConfig(...))
+    engine, *_ = zero_ext.initialize(model=model, config=ds_config)
+    ...train...
+    save_adapters(engine, "out", should_save=engine.rank == 0)     # collective
+    PeftModel.from_pretrained(base, "out")                         # the trained adapters
+
+`ZeroTrainer.save_model` (and so every Trainer checkpoint, which saves through it) calls
+`save_adapters` first and writes no full weights when it returns True.
+
+Only the trainable parameters are gathered (the engine partitions nothing else: frozen base
+weights stay whole on every rank), exactly, then PEFT's own `PeftModel.save_pretrained` writes
+them on the saving rank: the same files (adapter_config.json, adapter_model.safetensors,
+README.md) and keys as a run without zero_ext.
+
+PEFT's `model.save_pretrained(dir)` called directly (usually on rank 0 alone) reads the
+parameters as this rank holds them; once stage 3 has partitioned an adapter they are empty
+here, so that call is refused with an error naming save_adapters (`guard_save_pretrained`,
+installed by zero_ext.initialize). Where every adapter is whole (stages 0-2, or stage 3 with
+the adapters under stage3_param_persistence_threshold) it works unchanged.
+
+Never imports peft itself: a PEFT model exists only if peft was imported already.
+"""
 
 from __future__ import annotations
 
+import functools
 import sys
+import types
 
-__all__ = ["is_peft_model", "save_adapters"]
+import torch
+
+__all__ = ["guard_save_pretrained", "is_peft_model", "save_adapters"]
 
 
 def is_peft_model(model) -> bool:
@@ -14,8 +42,68 @@ def is_peft_model(model) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-def save_adapters(engine, output_dir, *, should_save: bool) -> bool:
-    """Collective for PEFT models: writes only the trainable adapters. False for others."""
-    if not is_peft_model(engine.module):
+def save_adapters(engine, output_dir, *, should_save: bool, **save_pretrained_kwargs) -> bool:
+    """Collective for PEFT models (every rank calls it, the same way): gathers the trainable
+    parameters exactly, and the rank with `should_save` writes them with PEFT's
+    `save_pretrained(output_dir, **save_pretrained_kwargs)` (adapter_config.json +
+    adapter_model.safetensors, loadable with `PeftModel.from_pretrained`). Returns True.
+
+    For any other model it returns False at once, with no collective: the decision depends on
+    the model's type alone, the same on every rank."""
+    model = engine.module
+    if not is_peft_model(model):
         return False
-    raise NotImplementedError("zero_ext: saving PEFT adapters is being built")
+    from zero_ext.zero.params import GatheredParameters
+
+    if "state_dict" in save_pretrained_kwargs:
+        raise ValueError("zero_ext.integrations.peft.save_adapters: the state dict is gathered "
+                         "from the engine; drop state_dict=")
+    engine._settle_step()  # a deferred offloaded step may still be writing the weights
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    with GatheredParameters([p for _, p in trainable]):
+        if should_save:
+            # PEFT picks the adapter entries out of the whole state dict (its key naming, extra
+            # saved buffers, embedding layers): frozen entries go by reference, the gathered
+            # trainable ones as CPU copies (apart from the engine's flat buffers, which
+            # safetensors would see as shared memory). The other ranks wait at the gather's end.
+            names = {name for name, _ in trainable}
+            state = {key: value.to("cpu", copy=True) if key in names else value
+                     for key, value in model.state_dict().items()}
+            model.save_pretrained(output_dir, state_dict=state, **save_pretrained_kwargs)
+    return True
+
+
+def guard_save_pretrained(engine) -> None:
+    """Makes PEFT's `engine.module.save_pretrained(dir)` refuse, with an error naming
+    save_adapters, when the engine holds some adapter partitioned (stage 3) and no state_dict
+    is passed: it would otherwise read this rank's empty placeholders. zero_ext.initialize calls
+    it; it does nothing for a model that is not a PEFT model."""
+    model = engine.module
+    if not is_peft_model(model) or "save_pretrained" in model.__dict__:
+        return
+    original = model.save_pretrained
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if kwargs.get("state_dict") is None:
+            partitioned = _partitioned_trainable(self)
+            if partitioned:
+                raise RuntimeError(
+                    f"zero_ext: PeftModel.save_pretrained cannot save the adapters of a "
+                    f"zero_ext stage-3 engine from one rank: {len(partitioned)} of them "
+                    f"(e.g. {partitioned[0]}) are partitioned across the ranks. Call "
+                    "zero_ext.integrations.peft.save_adapters(engine, save_directory, "
+                    "should_save=engine.rank == 0) on every rank (ZeroTrainer.save_model does), "
+                    "or keep the adapters whole with a larger "
+                    "stage3_param_persistence_threshold")
+        return original(save_directory, *args, **kwargs)
+
+    model.save_pretrained = types.MethodType(save_pretrained, model)
+
+
+def _partitioned_trainable(model: torch.nn.Module) -> list[str]:
+    """The trainable parameters a stage-3 engine holds as shards on this rank."""
+    from zero_ext.zero.params import _is_partitioned
+
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and "_zero_ext_engine" in p.__dict__ and _is_partitioned(p)]
