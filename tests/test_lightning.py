@@ -1,0 +1,159 @@
+"""ZeroStrategy: Lightning's Trainer on a zero_ext engine, against Lightning's own DDP.
+
+Every run comes from one torchrun launch of 2 CPU ranks (tests/lightning_cases.py): the same
+module and data under strategy="ddp" and under ZeroStrategy at stages 1-3, with gradient
+accumulation (each epoch ending in a short window), clipping, a step-wise LR schedule and
+max_steps; a resume from a ModelCheckpoint directory; a CSVLogger; bf16-mixed; a config that
+contradicts the Trainer.
+"""
+
+import csv
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("lightning", reason="the Lightning integration needs lightning installed")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from lightning_cases import ACCUMULATE, BATCHES_PER_EPOCH, CLIP, MAX_STEPS
+
+STAGES = (1, 2, 3)
+EPOCHS = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@functools.cache
+def _runs(out: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           os.path.join(HERE, "lightning_cases.py"), out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                                check=False)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"{' '.join(cmd)} ran past 300s:\n{(error.stderr or '')[-3000:]}")
+    assert result.returncode == 0, f"lightning_cases.py failed:\n{result.stderr[-6000:]}"
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lightning"))
+    return _runs(out), out
+
+
+def _close(actual, expected, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(torch.tensor(actual, dtype=torch.float64),
+                               torch.tensor(expected, dtype=torch.float64), rtol=rtol, atol=atol)
+
+
+def test_the_reference_clips_and_accumulates(runs):
+    """The comparisons below exercise clipping and a short window in each epoch."""
+    results, _ = runs
+    ddp = results["ddp"]
+    assert min(ddp["norms"]) > CLIP
+    assert len(ddp["losses"]) == EPOCHS * BATCHES_PER_EPOCH
+    assert ddp["global_step"] == MAX_STEPS
+    assert len(set(ddp["lrs"])) > 1  # the schedule moves
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_losses_norms_and_lrs_equal_lightning_ddp(runs, stage):
+    results, _ = runs
+    zero, ddp = results[f"zero{stage}"], results["ddp"]
+    assert zero["stage"] == stage
+    _close(zero["losses"], ddp["losses"])
+    _close(zero["norms"], ddp["norms"])
+    _close(zero["lrs"], ddp["lrs"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_final_weights_equal_lightning_ddp(runs, stage):
+    results, _ = runs
+    zero, ddp = results[f"zero{stage}"], results["ddp"]
+    assert zero["weights"].keys() == ddp["weights"].keys()
+    for name, values in ddp["weights"].items():
+        _close(zero["weights"][name], values)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_max_steps_counts_optimizer_steps(runs, stage):
+    zero = runs[0][f"zero{stage}"]
+    assert zero["global_step"] == zero["engine_steps"] == MAX_STEPS
+    assert len(zero["losses"]) == EPOCHS * BATCHES_PER_EPOCH
+    # Each epoch's short last window is closed early; windows start at multiples of 2.
+    windows = -(-BATCHES_PER_EPOCH // ACCUMULATE)
+    assert zero["engine_micro_steps"] == EPOCHS * windows * ACCUMULATE
+
+
+def test_stage3_partitions_the_parameters(runs):
+    assert runs[0]["zero3"]["partitioned"]
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(runs):
+    results, _ = runs
+    resumed, uninterrupted, ddp = results["resumed"], results["zero3"], results["ddp"]
+    assert results["ckpt_is_dir"]  # every rank's shards in a directory at the .ckpt path
+    assert resumed["global_step"] == resumed["engine_steps"] == MAX_STEPS
+    done = BATCHES_PER_EPOCH  # the checkpoint was saved after the first epoch
+    _close(resumed["losses"], uninterrupted["losses"][done:])
+    _close(resumed["losses"], ddp["losses"][done:])
+    _close(resumed["lrs"], uninterrupted["lrs"][MAX_STEPS // EPOCHS:], rtol=0, atol=0)
+    for name, values in uninterrupted["weights"].items():
+        _close(resumed["weights"][name], values)
+
+
+def test_csv_logger_receives_the_engine_metrics(runs):
+    results, out = runs
+    with open(os.path.join(out, "csv", "run", "version_0", "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("zero_ext/samples_per_s")]
+    assert [int(r["step"]) for r in rows] == list(range(MAX_STEPS))  # log_every_n_steps=1
+    for key in ("zero_ext/samples_per_s", "zero_ext/peak_memory_gib",
+                "zero_ext/peak_memory_gib_rank0", "zero_ext/peak_memory_gib_rank1"):
+        assert all(float(r[key]) > 0 for r in rows), key
+    assert all(float(r["zero_ext/skipped_steps"]) == 0 for r in rows)
+    _close([float(r["zero_ext/grad_norm"]) for r in rows], results["ddp"]["norms"])
+
+
+def test_bf16_mixed_trains_bf16_weights_close_to_fp32(runs):
+    bf16, ddp = runs[0]["bf16"], runs[0]["ddp"]
+    assert bf16["dtype"] == "torch.bfloat16"
+    assert bf16["global_step"] == MAX_STEPS
+    _close(bf16["losses"], ddp["losses"], rtol=3e-2, atol=1e-2)
+
+
+def test_a_config_contradicting_the_trainer_is_one_error(runs):
+    message = runs[0]["contradiction"]
+    assert message is not None and message.startswith("zero_ext.integrations.lightning: ")
+    assert "gradient_accumulation_steps is 4 in the config, but " \
+           "Trainer(accumulate_grad_batches) is 2" in message
+    assert "gradient_clipping is 1.0 in the config, but Trainer(gradient_clip_val) is 0.05" \
+        in message
+
+
+def test_registered_strategy_names():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from zero_ext.integrations.lightning import ZeroStrategy
+
+    names = ["zero_ext", "zero_ext_stage_1", "zero_ext_stage_2", "zero_ext_stage_3",
+             "zero_ext_stage_2_offload", "zero_ext_stage_3_offload"]
+    assert set(names) <= set(StrategyRegistry.available_strategies())
+    strategy = StrategyRegistry.get("zero_ext_stage_3_offload")
+    assert isinstance(strategy, ZeroStrategy)
+    assert (strategy.stage, strategy.offload_optimizer, strategy.offload_parameters) == \
+        (3, True, True)
