@@ -1,0 +1,213 @@
+"""The runs tests/test_accelerate.py compares, in one launch of 2 CPU ranks.
+
+    torchrun --nproc_per_node=2 tests/accelerate_script.py OUT
+
+One training loop written for accelerate (`train` below: accumulate, backward, clip_grad_norm_,
+optimizer / scheduler step, gather) runs with plain `accelerate.Accelerator` (DDP over gloo,
+fp32: the reference) and with zero_ext's Accelerator given a DeepSpeed-style config through
+`DeepSpeedPlugin(hf_ds_config=...)`, at stages 1, 2 and 3: 44 samples, micro-batch 2 per
+rank, 2 accumulation steps, so each epoch ends with a one-micro-batch window, 2 epochs, AdamW
+with weight decay, a warm-up LambdaLR, clipping to 0.5. Stage 2 also stops after STOP_AT
+micro-batches of the second epoch with save_state, and a new model (other initial weights)
+and Accelerator load_state there and finish. The config-optimizer path (DummyOptim) runs
+against DDP with the same AdamW; stage 3 writes save_model and logs to TensorBoard; misuse
+cases record their error messages. Rank 0 writes OUT/results.json, the plain runs' final
+weights OUT/<name>.pt, and OUT/<name>/ for save_model and the event files.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator as PlainAccelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import DeepSpeedPlugin
+from accelerate.utils.deepspeed import DummyOptim
+from torch import nn
+
+from zero_ext.integrations.accelerate import Accelerator
+
+SAMPLES, MICRO, ACCUMULATION, EPOCHS, STOP_AT = 44, 2, 2, 2, 4
+CLIP = 0.5
+OPTIM = dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def build_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def dataset():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(SAMPLES, 8, generator=g)
+    return torch.utils.data.TensorDataset(x, torch.sin(x[:, :4] * 2) + x[:, 4:] ** 2)
+
+
+def ds_config(stage: int, **extra) -> dict:
+    """A config as a DeepSpeed + accelerate user writes it: "auto" where accelerate fills it."""
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": CLIP, "zero_optimization": {"stage": stage}, **extra}
+
+
+def fresh_state() -> None:
+    """A new Accelerator per run in this process (accelerate keeps one shared state)."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def train(make_accelerator, *, seed=0, config_optimizer=False, schedule=True, resume_from=None,
+          stop_at=None, save_to=None, log=False):
+    """The loop under test: exactly what an accelerate user writes (`make_accelerator` is the
+    one line that differs). Returns the record of losses, grad norms and learning rates."""
+    fresh_state()
+    accelerator = make_accelerator()
+    model = build_model(seed)
+    if config_optimizer:
+        optimizer = DummyOptim(model.parameters(), lr=OPTIM["lr"],
+                               weight_decay=OPTIM["weight_decay"])
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), **OPTIM)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 6)) if schedule else None
+    loader = torch.utils.data.DataLoader(dataset(), batch_size=MICRO, shuffle=False)
+    prepared = accelerator.prepare(model, optimizer, loader, *([scheduler] if scheduler else []))
+    model, optimizer, loader = prepared[:3]
+    scheduler = prepared[3] if scheduler else None
+    if log:
+        accelerator.init_trackers("run")
+    record = {"losses": [], "grad_norms": [], "lrs": []}
+    start_epoch, skip = 0, 0
+    if resume_from is not None:
+        accelerator.load_state(resume_from)
+        start_epoch, skip = 1, STOP_AT
+    batches = 0
+    for epoch in range(start_epoch, EPOCHS):
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        skip = 0
+        for x, y in epoch_loader:
+            with accelerator.accumulate(model):
+                loss = F.mse_loss(model(x), y)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(model.parameters(), CLIP)
+                    record["grad_norms"].append(float(norm))
+                    record["lrs"].append(optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                optimizer.zero_grad()
+            record["losses"].extend(accelerator.gather(loss.detach()[None]).tolist())
+            if log and accelerator.sync_gradients:
+                accelerator.log({"train/loss": loss.item()}, step=len(record["lrs"]))
+            batches += 1
+            if stop_at is not None and epoch == 1 and batches - len(loader) == stop_at:
+                accelerator.save_state(save_to)
+                return record, accelerator, model
+    if log:  # end_training() would also end the process group, which the next runs need
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    return record, accelerator, model
+
+
+def plain():
+    return PlainAccelerator(cpu=True, gradient_accumulation_steps=ACCUMULATION)
+
+
+def zero(stage, **kwargs):
+    """The changed line: zero_ext's Accelerator, a DeepSpeed plugin as with DeepSpeed."""
+    config = kwargs.pop("config", None) or ds_config(stage)
+    return lambda: Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATION,
+                               deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), **kwargs)
+
+
+def final_weights(accelerator, model) -> dict:
+    """Every rank's full weights (collective for the engine), as CPU tensors."""
+    return {k: v.detach().clone() for k, v in accelerator.get_state_dict(model).items()}
+
+
+def error_of(fn) -> str:
+    try:
+        fn()
+    except (ValueError, RuntimeError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def misuse(out: str) -> dict:
+    errors = {}
+    fresh_state()
+    errors["two_configs"] = error_of(lambda: Accelerator(
+        cpu=True, zero_config=ds_config(2), deepspeed_plugin=DeepSpeedPlugin(
+            hf_ds_config=ds_config(2))))
+    fresh_state()
+    errors["no_config"] = error_of(lambda: Accelerator(cpu=True))
+
+    def clip_mismatch():
+        fresh_state()
+        accelerator = zero(2)()
+        model = build_model(0)
+        optimizer = torch.optim.AdamW(model.parameters(), **OPTIM)
+        loader = torch.utils.data.DataLoader(dataset(), batch_size=MICRO)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        x, y = next(iter(loader))
+        accelerator.backward(F.mse_loss(model(x), y))
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+
+    errors["clip_mismatch"] = error_of(clip_mismatch)
+
+    def optimizer_twice():
+        fresh_state()
+        accelerator = zero(2, config=ds_config(2, optimizer={"type": "AdamW",
+                                                             "params": {"lr": 1e-3}}))()
+        model = build_model(0)
+        accelerator.prepare(model, torch.optim.AdamW(model.parameters()),
+                            torch.utils.data.DataLoader(dataset(), batch_size=MICRO))
+
+    errors["optimizer_twice"] = error_of(optimizer_twice)
+    return errors
+
+
+def main(out: str) -> None:
+    results, weights = {}, {}
+    record, accelerator, model = train(plain)
+    results["plain"], weights["plain"] = record, final_weights(accelerator, model)
+    for stage in (1, 2, 3):
+        logged = {"log_with": "tensorboard", "project_dir": os.path.join(out, "zero3_logs")}
+        record, accelerator, model = train(zero(stage, **(logged if stage == 3 else {})),
+                                           log=stage == 3)
+        results[f"zero{stage}"] = record
+        weights[f"zero{stage}"] = final_weights(accelerator, model)
+        results[f"zero{stage}_unwrapped"] = type(accelerator.unwrap_model(model)).__name__
+        if stage == 3:
+            accelerator.save_model(model, os.path.join(out, "zero3_saved"))
+
+    # Stopped with save_state mid-epoch, resumed by a new model and Accelerator.
+    checkpoint = os.path.join(out, "checkpoint")
+    record, _, _ = train(zero(2), stop_at=STOP_AT, save_to=checkpoint)
+    results["zero2_stopped"] = record
+    record, accelerator, model = train(zero(2), seed=5, resume_from=checkpoint)
+    results["zero2_resumed"] = record
+    weights["zero2_resumed"] = final_weights(accelerator, model)
+
+    # The optimizer from the config, a DummyOptim in the loop, against DDP with that AdamW.
+    adamw = {"type": "AdamW", "params": {"lr": "auto", "betas": list(OPTIM["betas"]),
+                                         "eps": OPTIM["eps"], "weight_decay": "auto"}}
+    record, accelerator, model = train(zero(2, config=ds_config(2, optimizer=adamw)),
+                                       config_optimizer=True, schedule=False)
+    results["zero2_config_optimizer"] = record
+    weights["zero2_config_optimizer"] = final_weights(accelerator, model)
+    record, accelerator, model = train(plain, schedule=False)
+    results["plain_config_optimizer"] = record
+    weights["plain_config_optimizer"] = final_weights(accelerator, model)
+
+    results["errors"] = misuse(out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f)
+        torch.save(weights, os.path.join(out, "weights.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,423 @@
+"""zero_ext.integrations.accelerate: a training loop written for `accelerate.Accelerator` with
+DeepSpeed, run on a zero_ext engine by changing its import line.
+
+    from zero_ext.integrations.accelerate import Accelerator    # was: from accelerate import ...
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config="ds.json"))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**batch).loss)   # backward, and the engine's step
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)  # the step's global norm
+            optimizer.step(); scheduler.step(); optimizer.zero_grad()
+
+The config comes from `deepspeed_plugin=`, `zero_config=` (dict or JSON path), the environment
+variable ZERO_EXT_CONFIG, or `accelerate launch --use_deepspeed --deepspeed_config_file ds.json`
+(exactly one of the first three, else the launcher's). Its "auto" values are filled the way
+accelerate fills them for DeepSpeed (accelerate's own DeepSpeedPlugin code does it).
+
+What each call does mirrors accelerate's DeepSpeed path (DeepSpeedEngineWrapper and its
+optimizer / scheduler wrappers): `prepare` builds the engine in place of DistributedDataParallel;
+`backward` runs engine.backward and engine.step, which steps the optimizer (clipping, AdamW,
+all-gather) at the end of each accumulation window; `optimizer.step()` / `zero_grad()` do
+nothing; `clip_grad_norm_` returns the global norm the engine clipped with. docs/integrations/
+accelerate.md lists the rules (optimizer, scheduler, clipping, checkpoints, logging).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from typing import Any
+
+import torch
+from accelerate import Accelerator as _Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
+from accelerate.utils import DeepSpeedPlugin
+from accelerate.utils.deepspeed import DummyOptim, DummyScheduler
+from accelerate.utils.constants import MODEL_NAME
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+import zero_ext
+from zero_ext.engine import _rebind_scheduler
+
+__all__ = ["Accelerator"]
+
+logger = logging.getLogger(__name__)
+_NAME = "zero_ext.integrations.accelerate.Accelerator"
+_HIDDEN_SIZE_KEYS = ("zero_optimization.reduce_bucket_size",
+                     "zero_optimization.stage3_prefetch_bucket_size",
+                     "zero_optimization.stage3_param_persistence_threshold")
+
+
+class _EngineOptimizer(AcceleratedOptimizer):
+    """What the loop holds as its optimizer: the engine's sharded one, whose step and zero_grad
+    already ran inside accelerator.backward (as accelerate's DeepSpeedOptimizerWrapper)."""
+
+    def __init__(self, optimizer):
+        super().__init__(optimizer, device_placement=False, scaler=None)
+        self.last_step_skipped = False  # set by Accelerator.backward at each window's end
+
+    def zero_grad(self, set_to_none=None):
+        pass
+
+    def step(self, closure=None):
+        pass
+
+    @property
+    def step_was_skipped(self) -> bool:
+        """An fp16 overflow skipped the engine's last step: accelerate's scheduler wrapper
+        then leaves the schedule where it was."""
+        return self.last_step_skipped
+
+
+class _EngineScheduler(AcceleratedScheduler):
+    """A schedule from the config's "scheduler" section (or a DummyScheduler's callable): the
+    engine steps it after each step it did not skip, and saves it in its checkpoints."""
+
+    def step(self, *args, **kwargs):
+        pass
+
+
+def _plugin_from(source) -> DeepSpeedPlugin:
+    if isinstance(source, DeepSpeedPlugin):
+        return source
+    config = copy.deepcopy(source) if isinstance(source, dict) else os.fspath(source)
+    return DeepSpeedPlugin(hf_ds_config=config)
+
+
+def _resolve_plugin(zero_config, deepspeed_plugin) -> DeepSpeedPlugin:
+    """The one config of this run, as a DeepSpeedPlugin (whose code fills "auto" values)."""
+    if isinstance(deepspeed_plugin, dict):
+        if len(deepspeed_plugin) != 1:
+            raise ValueError(f"{_NAME}: {len(deepspeed_plugin)} DeepSpeed plugins were given; "
+                             "one engine trains one model: pass a single deepspeed_plugin")
+        deepspeed_plugin = next(iter(deepspeed_plugin.values()))
+    env = os.environ.get("ZERO_EXT_CONFIG") or None
+    given = [(name, value) for name, value in (
+        ("zero_config=", zero_config), ("deepspeed_plugin=", deepspeed_plugin),
+        (f"ZERO_EXT_CONFIG={env}", env)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"{_NAME}: two configs were given ({' and '.join(n for n, _ in given)}); "
+                         "give exactly one of them")
+    if given:
+        return _plugin_from(given[0][1])
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # `accelerate launch --use_deepspeed [--deepspeed_config_file ds.json | --zero_stage N]`
+        return DeepSpeedPlugin()
+    raise ValueError(f"{_NAME}: no zero_ext config; pass deepspeed_plugin=DeepSpeedPlugin("
+                     "hf_ds_config='ds.json') or zero_config='ds.json', set ZERO_EXT_CONFIG, or "
+                     "launch with `accelerate launch --use_deepspeed --deepspeed_config_file ...`")
+
+
+def _engine_config(plugin: DeepSpeedPlugin, **values) -> dict:
+    """The plugin's config with its "auto" values filled from `values` (explicit values stay,
+    as accelerate does for DeepSpeed), as a dict for zero_ext.initialize."""
+    try:
+        plugin.deepspeed_config_process(must_match=False, **values)
+    except ValueError as error:  # an "auto" that nothing here determines
+        raise ValueError(f"{_NAME}: the config has an \"auto\" value that prepare() cannot "
+                         f"fill: {error}") from None
+    config = copy.deepcopy(plugin.deepspeed_config)
+    if config.get("steps_per_print") == float("inf"):  # accelerate's "never": the engine's None
+        del config["steps_per_print"]
+    return config
+
+
+class Accelerator(_Accelerator):
+    """accelerate.Accelerator whose prepared model is a zero_ext engine. Takes accelerate's
+    arguments, plus `zero_config` (a zero_ext / DeepSpeed config dict or JSON path); a
+    `deepspeed_plugin` is read for its config and never reaches DeepSpeed, which need not be
+    installed. One model per Accelerator, as with DeepSpeed."""
+
+    def __init__(self, *args, zero_config=None, deepspeed_plugin=None, deepspeed_plugins=None,
+                 mixed_precision=None, **kwargs):
+        if deepspeed_plugin is not None and deepspeed_plugins is not None:
+            raise ValueError(f"{_NAME}: pass deepspeed_plugin or deepspeed_plugins, not both")
+        self.zero_plugin = _resolve_plugin(zero_config, deepspeed_plugin or deepspeed_plugins)
+        precision = str(mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+        self.zero_plugin.set_mixed_precision(precision.lower())
+        # accelerate would build DeepSpeed's own plugin from the launcher's environment; the
+        # engine owns mixed precision (no autocast or GradScaler on top of it).
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+        super().__init__(*args, mixed_precision="no", **kwargs)
+        self.engine: zero_ext.ZeroEngine | None = None
+        self._engine_optimizer: _EngineOptimizer | None = None
+        self._last_metrics: dict[str, float] = {}
+
+    # -- prepare ------------------------------------------------------------------------------
+    def prepare(self, *args, device_placement=None):
+        """As accelerate's DeepSpeed path: data loaders prepared as usual; the model, optimizer
+        and scheduler (given in the same call) become the engine and its wrappers."""
+        models = [obj for obj in args if isinstance(obj, nn.Module)]
+        trained = [obj for obj in args if isinstance(
+            obj, (torch.optim.Optimizer, DummyOptim, LRScheduler, DummyScheduler))]
+        if not models:
+            if trained:
+                raise ValueError(f"{_NAME}: prepare the optimizer and scheduler in the same "
+                                 "call as their model: prepare(model, optimizer, ...)")
+            return super().prepare(*args, device_placement=device_placement)
+        if len(models) > 1 or self.engine is not None:
+            raise ValueError(f"{_NAME}: one model per Accelerator (as with DeepSpeed); create "
+                             "another Accelerator for another model")
+        if device_placement is not None:
+            raise ValueError(f"{_NAME}: device_placement is not supported; the engine places "
+                             "the model")
+        result = [self._prepare_one(obj, first_pass=True)
+                  if isinstance(obj, torch.utils.data.DataLoader) else obj for obj in args]
+        optimizer = next((o for o in args if isinstance(o, (torch.optim.Optimizer, DummyOptim))),
+                         None)
+        scheduler = next((o for o in args if isinstance(o, (LRScheduler, DummyScheduler))),
+                         None)
+        engine, engine_optimizer, engine_scheduler = self._create_engine(
+            models[0], optimizer, scheduler, args)
+        for i, obj in enumerate(result):
+            if obj is models[0]:
+                result[i] = engine
+            elif obj is optimizer:
+                result[i] = engine_optimizer
+            elif obj is scheduler:
+                result[i] = engine_scheduler
+        self._models.append(engine)
+        self._optimizers.append(engine_optimizer)
+        if engine_scheduler is not None:
+            self._schedulers.append(engine_scheduler)
+        for item in result:
+            if any(item in group for group in (self._dataloaders, self._models,
+                                               self._optimizers, self._schedulers)):
+                item._is_accelerate_prepared = True
+        return tuple(result) if len(result) > 1 else result[0]
+
+    def _micro_batch_size(self, args) -> int | None:
+        plugin = self.zero_plugin
+        if not plugin.is_auto("train_micro_batch_size_per_gpu"):
+            return plugin.get_value("train_micro_batch_size_per_gpu")
+        sizes = [obj.batch_size for obj in args if isinstance(obj, torch.utils.data.DataLoader)]
+        if not sizes or any(size is None for size in sizes):
+            raise ValueError(
+                f"{_NAME}: train_micro_batch_size_per_gpu is \"auto\", so prepare() needs a "
+                "DataLoader with an integer batch_size in the same call; pass one, or set the "
+                "value in the config")
+        if self.split_batches:
+            sizes = [size // self.num_processes for size in sizes]
+        return min(sizes) if plugin.is_train_batch_min else max(sizes)
+
+    def _create_engine(self, model, optimizer, scheduler, args):
+        """DeepSpeed's rules under accelerate: an optimizer (scheduler) comes from the config or
+        from the code, never both (DummyOptim / DummyScheduler stand for the config's)."""
+        plugin = self.zero_plugin
+        config = plugin.deepspeed_config
+        if isinstance(optimizer, torch.optim.Optimizer) and "optimizer" in config:
+            raise ValueError(f"{_NAME}: the config has an \"optimizer\" section and the code "
+                             "passes an optimizer; remove the section or pass "
+                             "accelerate.utils.DummyOptim")
+        if isinstance(optimizer, DummyOptim) and "optimizer" not in config:
+            raise ValueError(f"{_NAME}: a DummyOptim stands for the config's optimizer, but the "
+                             "config has no \"optimizer\" section")
+        if isinstance(scheduler, LRScheduler) and "scheduler" in config:
+            raise ValueError(f"{_NAME}: the config has a \"scheduler\" section and the code "
+                             "passes a scheduler; remove the section or pass "
+                             "accelerate.utils.DummyScheduler")
+        if isinstance(scheduler, DummyScheduler) and "scheduler" not in config and \
+                scheduler.lr_scheduler_callable is None:
+            raise ValueError(f"{_NAME}: a DummyScheduler stands for the config's scheduler, but "
+                             "the config has no \"scheduler\" section and no "
+                             "lr_scheduler_callable")
+
+        # The config's accumulation wins over the Accelerator's, as under DeepSpeed.
+        plugin.fill_match("gradient_accumulation_steps", must_match=False,
+                          gradient_accumulation_steps=self.gradient_accumulation_steps)
+        accumulation = plugin.get_value("gradient_accumulation_steps")
+        if accumulation is None:
+            accumulation = config["gradient_accumulation_steps"] = \
+                self.gradient_accumulation_steps
+        elif accumulation != self.gradient_accumulation_steps:
+            logger.warning("%s: gradient_accumulation_steps is %s in the config and %s in the "
+                           "Accelerator; using the config's", _NAME, accumulation,
+                           self.gradient_accumulation_steps)
+            self.gradient_accumulation_steps = accumulation
+        values: dict[str, Any] = {"gradient_clipping": 1.0}  # accelerate's DeepSpeed default
+        micro = self._micro_batch_size(args)
+        if micro is not None:
+            values["train_micro_batch_size_per_gpu"] = micro
+            values["train_batch_size"] = micro * accumulation * self.num_processes
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if hidden:
+            values.update(zip(_HIDDEN_SIZE_KEYS, (hidden * hidden, int(0.9 * hidden * hidden),
+                                                  10 * hidden)))
+        if isinstance(optimizer, DummyOptim):
+            values["optimizer.params.lr"] = optimizer.lr
+            values["optimizer.params.weight_decay"] = optimizer.weight_decay
+        if isinstance(scheduler, DummyScheduler) and scheduler.lr_scheduler_callable is None:
+            defaults = getattr(scheduler.optimizer, "defaults", None)
+            values.update({
+                "scheduler.params.warmup_min_lr": 0,
+                "scheduler.params.warmup_max_lr": (defaults or {}).get(
+                    "lr", getattr(scheduler.optimizer, "lr", None)),
+                "scheduler.params.warmup_num_steps": max(1, scheduler.warmup_num_steps)})
+            if scheduler.total_num_steps is not None:
+                values["scheduler.params.total_num_steps"] = (
+                    scheduler.total_num_steps if self.split_batches
+                    else math.ceil(scheduler.total_num_steps / self.num_processes))
+        engine_config = _engine_config(plugin, **values)
+
+        kwargs: dict[str, Any] = {}
+        if isinstance(optimizer, torch.optim.Optimizer):
+            kwargs["optimizer"] = optimizer  # its hyperparameters and groups are adopted
+        elif isinstance(optimizer, DummyOptim):
+            kwargs["model_parameters"] = optimizer.params
+        if isinstance(scheduler, DummyScheduler) and scheduler.lr_scheduler_callable is not None:
+            kwargs["lr_scheduler"] = scheduler.lr_scheduler_callable
+        engine, engine_optimizer, _, engine_scheduler = zero_ext.initialize(
+            model=model, config=engine_config, **kwargs)
+        engine.log_externally()
+        self.engine = engine
+        self._engine_optimizer = _EngineOptimizer(engine_optimizer)
+
+        wrapped_scheduler = None
+        if isinstance(scheduler, LRScheduler):
+            # A torch schedule the loop steps itself, with accelerate's rules (only after a
+            # step, num_processes times unless split_batches), as under DeepSpeed; it now drives
+            # the engine's parameter groups, which are the user optimizer's, in order.
+            if isinstance(optimizer, torch.optim.Optimizer):
+                _rebind_scheduler(scheduler, optimizer, engine_optimizer)
+            if scheduler.optimizer is not engine_optimizer:
+                raise ValueError(f"{_NAME}: the LR scheduler drives an optimizer that was not "
+                                 "passed to prepare(); pass its optimizer in the same call")
+            wrapped_scheduler = AcceleratedScheduler(
+                scheduler, self._engine_optimizer,
+                step_with_optimizer=self.step_scheduler_with_optimizer,
+                split_batches=self.split_batches)
+        elif scheduler is not None:
+            wrapped_scheduler = _EngineScheduler(engine_scheduler, self._engine_optimizer)
+        return engine, self._engine_optimizer, wrapped_scheduler
+
+    # -- training -----------------------------------------------------------------------------
+    def backward(self, loss, **kwargs):
+        """engine.backward (it divides by gradient_accumulation_steps, as accelerate does) and
+        engine.step, which steps at the end of accelerate's accumulation window."""
+        engine = self.engine
+        if engine is None:
+            return super().backward(loss, **kwargs)
+        if kwargs:
+            raise TypeError(f"{_NAME}.backward: {sorted(kwargs)} are not supported; the engine "
+                            "runs the backward of the loss alone")
+        window_ends = self.sync_gradients
+        if window_ends and not engine.is_gradient_accumulation_boundary():
+            engine.set_gradient_accumulation_boundary()  # a data loader's short last window
+        elif not window_ends and engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(
+                f"{_NAME}: the engine's accumulation window ends at micro-step "
+                f"{engine.micro_steps} but accelerate's goes on (step {self.step} of "
+                f"{self.gradient_accumulation_steps}); call accelerator.backward once per "
+                "batch, inside `with accelerator.accumulate(model)`")
+        skipped = engine.skipped_steps
+        engine.backward(loss)
+        engine.step()
+        if window_ends:
+            self._engine_optimizer.last_step_skipped = engine.skipped_steps != skipped
+            if self.log_with:  # collective, on every rank, at the same step
+                self._last_metrics = engine.training_metrics()
+
+    def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
+        """The global gradient norm (before clipping) of the engine's last step, which clipped
+        to the config's gradient_clipping; a different max_norm is refused rather than ignored
+        (DeepSpeed ignores it)."""
+        engine = self.engine
+        if engine is None:
+            return super().clip_grad_norm_(parameters, max_norm, norm_type)
+        clipping = float(engine.config.gradient_clipping or 0.0)
+        if float(norm_type) != 2.0 or not math.isclose(float(max_norm), clipping):
+            raise ValueError(
+                f"{_NAME}: clip_grad_norm_(max_norm={max_norm}, norm_type={norm_type}), but the "
+                f"engine clips the L2 norm inside its step, to the config's gradient_clipping "
+                f"({clipping}); set \"gradient_clipping\": {max_norm} in the config")
+        norm = engine.get_global_grad_norm()
+        return None if norm is None else torch.tensor(norm, dtype=torch.float32)
+
+    def clip_grad_value_(self, parameters, clip_value):
+        if self.engine is None:
+            return super().clip_grad_value_(parameters, clip_value)
+        raise ValueError(f"{_NAME}: clip_grad_value_ is not supported (nor under DeepSpeed); "
+                         "set gradient_clipping in the config and use clip_grad_norm_")
+
+    def log(self, values: dict, step: int | None = None, log_kwargs: dict | None = None):
+        """Also logs the engine's figures of its last step (zero_ext/samples_per_s, peak memory,
+        ...), taken on every rank at each step's end when the Accelerator has trackers."""
+        return super().log({**self._last_metrics, **values}, step=step, log_kwargs=log_kwargs)
+
+    # -- models and checkpoints ---------------------------------------------------------------
+    def _is_engine(self, model) -> bool:
+        return self.engine is not None and (model is self.engine or model is self.engine.module)
+
+    def unwrap_model(self, model, keep_fp32_wrapper: bool = True,
+                     keep_torch_compile: bool = True):
+        if self._is_engine(model):
+            return self.engine.module
+        return super().unwrap_model(model, keep_fp32_wrapper, keep_torch_compile)
+
+    def get_state_dict(self, model, unwrap=True):
+        """Collective for the engine's model: its full weights (CPU tensors) on every rank,
+        gathered one stage-3 unit at a time. save_model writes them on the main process."""
+        if self._is_engine(model):
+            return self.engine.full_state_dict()
+        return super().get_state_dict(model, unwrap)
+
+    def _without_engine_state(self):
+        """The lists save_state / load_state walk, less what the engine checkpoint holds (the
+        model, the optimizer and an engine-stepped schedule), as on accelerate's DeepSpeed path;
+        returns the full lists to put back."""
+        full = self._models, self._optimizers, self._schedulers
+        self._models = [m for m in full[0] if m is not self.engine]
+        self._optimizers = [o for o in full[1] if o is not self._engine_optimizer]
+        self._schedulers = [s for s in full[2] if not isinstance(s, _EngineScheduler)]
+        return full
+
+    def save_state(self, output_dir=None, safe_serialization: bool = True,
+                   **save_model_func_kwargs):
+        """Collective. accelerate's state (RNG, step, the loop's schedulers, data loaders,
+        registered objects) plus the engine checkpoint in `<dir>/pytorch_model/` (every rank's
+        shard; DeepSpeed's layout)."""
+        if self.engine is None:
+            return super().save_state(output_dir, safe_serialization, **save_model_func_kwargs)
+        full = self._without_engine_state()
+        try:
+            location = super().save_state(output_dir, safe_serialization)
+        finally:
+            self._models, self._optimizers, self._schedulers = full
+        self.engine.save_checkpoint(location, MODEL_NAME, **save_model_func_kwargs)
+        return location
+
+    def load_state(self, input_dir=None, load_kwargs=None, **load_model_func_kwargs):
+        """Collective. The counterpart of save_state; the engine checkpoint may come from another
+        world size or stage."""
+        if self.engine is None:
+            return super().load_state(input_dir, load_kwargs, **load_model_func_kwargs)
+        chosen: list[str] = []  # accelerate picks the folder (the newest, with automatic naming)
+        handle = self.register_load_state_pre_hook(lambda models, folder: chosen.append(folder))
+        full = self._without_engine_state()
+        try:
+            super().load_state(input_dir, load_kwargs)
+        finally:
+            self._models, self._optimizers, self._schedulers = full
+            handle.remove()
+        for wrapper in self._schedulers:
+            # The loop's own schedule, just loaded, sets the rate its groups had at the save,
+            # so the engine sees the checkpoint's rate as configured (no "other settings").
+            if getattr(wrapper.scheduler, "optimizer", None) is self.engine.optimizer:
+                for group, lr in zip(self.engine.optimizer.param_groups,
+                                     wrapper.scheduler.get_last_lr()):
+                    group["lr"] = lr
+        path, _ = self.engine.load_checkpoint(chosen[0], MODEL_NAME, **load_model_func_kwargs)
+        if path is None:
+            raise FileNotFoundError(f"{_NAME}.load_state: {chosen[0]} holds no zero_ext engine "
+                                    f"checkpoint ({MODEL_NAME}/); load a folder that this "
+                                    "Accelerator's save_state wrote")
+
+    def free_memory(self, *objects):
+        self.engine = self._engine_optimizer = None
+        self._last_metrics = {}
+        return super().free_memory(*objects)
