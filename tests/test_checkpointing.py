@@ -258,3 +258,98 @@ def test_cuda_peak_memory_halves_with_checkpointing_and_falls_further_on_the_hos
         tolerance = {"rtol": 1e-4, "atol": 1e-5 * grad.abs().max().item()}
         assert_close(ckpt["grads"][name], grad, **tolerance, msg=name)
         assert_close(cpu["grads"][name], grad, **tolerance, msg=name)
+
+
+# -- zero_ext's apply() and transformers' own switch: the one called last wins, with a warning
+HF_REPLACED = r"zero_ext.checkpointing.apply replaces .*gradient_checkpointing_enable"
+ZERO_EXT_REPLACED = r"gradient_checkpointing_enable\(\).* replaces zero_ext.checkpointing.apply"
+LAYERS = ["model.layers.0", "model.layers.1"]
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=cases.VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=cases.SEQ))
+
+
+def _llama_step(model):
+    """Gradients of one training step, how often the first layer's MLP ran (2: checkpointed
+    once; 3: twice, nested), and the segments zero_ext's checkpoint timed."""
+    checkpointing.configure(profile=True)
+    checkpointing.profile_report()
+    runs = []
+    hook = model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: runs.append(1))
+    tokens, _ = cases.batch(0, 2)
+    model.train()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    hook.remove()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return grads, len(runs), [t.name for t in checkpointing.profile_report()]
+
+
+@functools.cache
+def _plain_llama_grads():
+    grads, runs, timed = _llama_step(_tiny_llama())
+    assert runs == 1 and timed == []
+    return grads
+
+
+def _hf_switch(model, which):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing_enable's rename
+        getattr(model, which)()
+
+
+@pytest.mark.parametrize("blocks", [None, ["LlamaDecoderLayer"]])
+@pytest.mark.parametrize("switch", ["gradient_checkpointing_enable",
+                                    "activation_checkpointing_enable"])
+@pytest.mark.parametrize("order", ["hf_then_zero_ext", "zero_ext_then_hf"])
+def test_the_checkpointing_switch_called_last_wins_with_a_warning(order, switch, blocks):
+    model = _tiny_llama()
+    if order == "hf_then_zero_ext":
+        _hf_switch(model, switch)
+        with pytest.warns(UserWarning, match=HF_REPLACED):
+            checkpointing.apply(model, block_classes=blocks)
+    else:
+        checkpointing.apply(model, block_classes=blocks)
+        with pytest.warns(UserWarning, match=ZERO_EXT_REPLACED):
+            _hf_switch(model, switch)
+    grads, runs, timed = _llama_step(model)
+    # zero_ext's checkpoint times its segments; torch's (HF's) does not. Either way each
+    # layer is checkpointed exactly once, and the gradients are those of a plain step.
+    assert timed == (LAYERS if order == "hf_then_zero_ext" else [])
+    assert runs == 2
+    for name, grad in _plain_llama_grads().items():
+        assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_calling_the_same_switch_again_does_not_warn():
+    model = _tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        checkpointing.apply(model)
+        checkpointing.apply(model)
+    _, runs, timed = _llama_step(model)
+    assert runs == 2 and timed == LAYERS
+
+
+def test_training_arguments_gradient_checkpointing_after_apply_wins_with_a_warning(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _tiny_llama()
+    checkpointing.apply(model)
+    tokens, _ = cases.batch(0, 2)
+    data = [{"input_ids": row, "labels": row} for row in tokens]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the argument's rename
+        args = TrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True,
+                                 max_steps=1, per_device_train_batch_size=2, use_cpu=True,
+                                 report_to="none", disable_tqdm=True, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    with pytest.warns(UserWarning, match=ZERO_EXT_REPLACED):
+        trainer.train()
+    _, runs, timed = _llama_step(model)  # torch's checkpoint, once per layer
+    assert runs == 2 and timed == []

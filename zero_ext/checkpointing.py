@@ -16,6 +16,15 @@ segment from them when backward first needs one of its activations. What this mo
                       (which also turns their KV cache off, as a recomputed forward must not
                       append to it a second time)
 
+One rule between apply() and transformers' own switch (`model.gradient_checkpointing_enable()`,
+`activation_checkpointing_enable()`, TrainingArguments.gradient_checkpointing=True, which the
+Trainer turns into that call at train()): the switch called LAST wins, and when it replaces the
+other it warns, naming both and what no longer applies. apply() after HF's switch puts this
+module's checkpoint in place of torch's (HF's checkpoint arguments, offload and every_n_layers
+are dropped); HF's switch after apply() puts torch's back (the activation_checkpointing
+section's cpu_checkpointing, number_checkpoints and profile no longer apply) and undoes the
+block wrappers of apply(block_classes=...), so that no block is checkpointed twice.
+
 Stage 3 needs nothing from here: its gather hooks tell a recomputation in backward apart from a
 forward (zero_ext/zero/params.py).
 """
@@ -472,18 +481,38 @@ def apply(model: nn.Module, block_classes=None) -> list[str]:
 
     transformers models (without `block_classes`) are switched with their own
     `activation_checkpointing_enable` / `gradient_checkpointing_enable`, which also stops their
-    layers from writing the KV cache, then run this module's `checkpoint`."""
+    layers from writing the KV cache, then run this module's `checkpoint`. Checkpointing that
+    transformers' switch turned on before is replaced, with a warning; the switch called after
+    this replaces it in turn (the module docstring's rule)."""
     blocks = _find_blocks(model, block_classes)
     index = {id(module): _Block(name, i, None) for i, (name, module) in enumerate(blocks)}
-    if block_classes is None and getattr(model, "supports_gradient_checkpointing", False):
-        enable = getattr(model, "activation_checkpointing_enable", None) or \
-            model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-        for module in model.modules():
-            if hasattr(module, "_gradient_checkpointing_func"):
-                module._gradient_checkpointing_func = _HFCheckpointFunction(
-                    index.get(id(module)))
-        return [name for name, _ in blocks]
+    hf_modules = _hf_checkpointed(model)
+    if hf_modules:
+        warnings.warn(
+            f"zero_ext.checkpointing.apply replaces the activation checkpointing that "
+            f"transformers' model.gradient_checkpointing_enable() / "
+            f"activation_checkpointing_enable() (or TrainingArguments.gradient_checkpointing) "
+            f"turned on for {len(hf_modules)} modules: zero_ext's checkpoint now runs the "
+            "blocks, and that call's checkpoint arguments, offload and every_n_layers no "
+            "longer apply. The switch called last wins; call only one of them to silence this",
+            UserWarning, stacklevel=2)
+    global _applying
+    _applying = True
+    try:
+        if block_classes is None and getattr(model, "supports_gradient_checkpointing", False):
+            enable = getattr(model, "activation_checkpointing_enable", None) or \
+                model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+            for module in model.modules():
+                if hasattr(module, "_gradient_checkpointing_func"):
+                    module._gradient_checkpointing_func = _HFCheckpointFunction(
+                        index.get(id(module)))
+            _guard_hf_switch(model)
+            return [name for name, _ in blocks]
+    finally:
+        _applying = False
+    for module in hf_modules:
+        module.gradient_checkpointing = False  # the blocks below are checkpointed here, once
     for name, module in blocks:
         if isinstance(module.__dict__.get("_zero_ext_block"), _Block):
             continue  # applied before
@@ -491,4 +520,62 @@ def apply(model: nn.Module, block_classes=None) -> list[str]:
         block.inner = module.__dict__.get("forward")
         module._zero_ext_block = block
         module.forward = types.MethodType(_checkpointed_forward, module)
+    _guard_hf_switch(model)
     return [name for name, _ in blocks]
+
+
+# -- transformers' own switch ----------------------------------------------------------------
+_applying = False  # apply() is calling transformers' switch itself
+
+
+def _hf_checkpointed(model: nn.Module) -> list[nn.Module]:
+    """The modules on which transformers' switch put torch's checkpoint (not this module's)."""
+    return [m for m in model.modules()
+            if getattr(m, "gradient_checkpointing", False) is True
+            and not isinstance(getattr(m, "_gradient_checkpointing_func", None),
+                               _HFCheckpointFunction)]
+
+
+def _zero_ext_checkpointed(model: nn.Module) -> bool:
+    return any(isinstance(m.__dict__.get("_zero_ext_block"), _Block) or (
+        getattr(m, "gradient_checkpointing", False) is True
+        and isinstance(getattr(m, "_gradient_checkpointing_func", None), _HFCheckpointFunction))
+        for m in model.modules())
+
+
+def _guard_hf_switch(model: nn.Module) -> None:
+    """Wraps `_set_gradient_checkpointing` (where every transformers switch ends) of each
+    transformers model in `model`, so that switching transformers' checkpointing on after
+    apply() warns and takes over cleanly (the rule in the module docstring)."""
+    for module in model.modules():
+        setter = getattr(module, "_set_gradient_checkpointing", None)
+        if not callable(setter) or "_set_gradient_checkpointing" in module.__dict__:
+            continue
+
+        def guarded(*args, _setter=setter, _owner=module, **kwargs):
+            enable = kwargs.get("enable", args[0] if args else True)
+            if enable and not _applying and _zero_ext_checkpointed(_owner):
+                warnings.warn(
+                    "zero_ext: transformers' gradient_checkpointing_enable() / "
+                    "activation_checkpointing_enable() (or TrainingArguments."
+                    "gradient_checkpointing=True) replaces zero_ext.checkpointing.apply(): "
+                    "torch's checkpoint now runs the blocks, and the activation_checkpointing "
+                    "settings (cpu_checkpointing, number_checkpoints, profile) no longer apply. "
+                    "The switch called last wins; call only one of them to silence this",
+                    UserWarning, stacklevel=3)
+                _unwrap_blocks(_owner)
+            return _setter(*args, **kwargs)
+
+        module._set_gradient_checkpointing = guarded
+
+
+def _unwrap_blocks(model: nn.Module) -> None:
+    """Undoes apply(block_classes=...)'s forward wrappers."""
+    for module in model.modules():
+        block = module.__dict__.get("_zero_ext_block")
+        if isinstance(block, _Block):
+            del module._zero_ext_block
+            if block.inner is not None:
+                module.forward = block.inner
+            else:
+                del module.forward
