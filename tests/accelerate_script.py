@@ -1,6 +1,8 @@
 """The runs tests/test_accelerate.py compares, in one launch of 2 CPU ranks.
 
     torchrun --nproc_per_node=2 tests/accelerate_script.py OUT
+    ZERO_EXT_CONFIG=ds.json accelerate launch --multi_gpu --num_processes 2 \
+        tests/accelerate_script.py OUT --env-config
 
 One training loop written for accelerate (`train` below: accumulate, backward, clip_grad_norm_,
 optimizer / scheduler step, gather) runs with plain `accelerate.Accelerator` (DDP over gloo,
@@ -11,8 +13,10 @@ with weight decay, a warm-up LambdaLR, clipping to 0.5. Stage 2 also stops after
 micro-batches of the second epoch with save_state, and a new model (other initial weights)
 and Accelerator load_state there and finish. The config-optimizer path (DummyOptim) runs
 against DDP with the same AdamW; stage 3 writes save_model and logs to TensorBoard; misuse
-cases record their error messages. Rank 0 writes OUT/results.json, the plain runs' final
-weights OUT/<name>.pt, and OUT/<name>/ for save_model and the event files.
+cases record their error messages. Rank 0 writes OUT/results.json, every run's final weights
+in OUT/weights.pt, and OUT/zero3_saved/ (save_model), OUT/zero3_logs/ (TensorBoard).
+`--env-config` runs the stage-2 loop once more, its config from ZERO_EXT_CONFIG, into
+OUT/results_env.json.
 """
 
 import json
@@ -31,7 +35,7 @@ from zero_ext.integrations.accelerate import Accelerator
 
 SAMPLES, MICRO, ACCUMULATION, EPOCHS, STOP_AT = 44, 2, 2, 2, 4
 CLIP = 0.5
-OPTIM = dict(lr=2e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+OPTIM = {"lr": 2e-2, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 
 
 def build_model(seed: int) -> nn.Module:
@@ -179,7 +183,8 @@ def main(out: str) -> None:
                                            log=stage == 3)
         results[f"zero{stage}"] = record
         weights[f"zero{stage}"] = final_weights(accelerator, model)
-        results[f"zero{stage}_unwrapped"] = type(accelerator.unwrap_model(model)).__name__
+        results[f"zero{stage}_prepared"] = [type(model).__name__, model.stage,
+                                            type(accelerator.unwrap_model(model)).__name__]
         if stage == 3:
             accelerator.save_model(model, os.path.join(out, "zero3_saved"))
 
@@ -209,5 +214,19 @@ def main(out: str) -> None:
         torch.save(weights, os.path.join(out, "weights.pt"))
 
 
+def main_env_config(out: str) -> None:
+    """Under `accelerate launch --multi_gpu`, the config from ZERO_EXT_CONFIG: the loop's
+    Accelerator line carries no zero_ext argument at all."""
+    record, _, model = train(lambda: Accelerator(cpu=True,
+                                                 gradient_accumulation_steps=ACCUMULATION))
+    record["prepared"] = [type(model).__name__, model.stage]
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(os.path.join(out, "results_env.json"), "w") as f:
+            json.dump(record, f)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[2:] == ["--env-config"]:
+        main_env_config(sys.argv[1])
+    else:
+        main(sys.argv[1])

@@ -36,8 +36,8 @@ from accelerate import Accelerator as _Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DeepSpeedPlugin
-from accelerate.utils.deepspeed import DummyOptim, DummyScheduler
 from accelerate.utils.constants import MODEL_NAME
+from accelerate.utils.deepspeed import DummyOptim, DummyScheduler
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 

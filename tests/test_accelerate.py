@@ -1,0 +1,175 @@
+"""zero_ext.integrations.accelerate: an accelerate loop on a zero_ext engine.
+
+Two launches of tests/accelerate_script.py, both 2 CPU ranks: torchrun runs the same loop with
+plain accelerate (DDP, the reference) and with zero_ext's Accelerator at stages 1-3, a
+save_state / load_state resume, the config-optimizer path, save_model, TensorBoard logging and
+the misuse errors; `accelerate launch --multi_gpu` runs the stage-2 loop with its config from
+ZERO_EXT_CONFIG. Every test reads their JSON results.
+"""
+
+import functools
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("accelerate", reason="the accelerate integration needs accelerate")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "accelerate_script.py")
+STAGES = (1, 2, 3)
+STEPS, WINDOWS_PER_EPOCH = 12, 6  # 11 micro-batches per rank and epoch: the 6th window is short
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cmd: list[str], timeout: float, **env) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                                check=False)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"{' '.join(cmd)} ran past {timeout}s:\n{(error.stderr or b'')[-3000:]}")
+    assert result.returncode == 0, (f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n"
+                                    f"{result.stderr[-6000:]}")
+
+
+@functools.cache
+def _runs(out: str):
+    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+             "--master_addr=127.0.0.1", f"--master_port={_free_port()}", SCRIPT, out],
+            timeout=240)
+    config = os.path.join(out, "ds.json")
+    with open(config, "w") as f:  # the stage-2 config of the torchrun runs
+        json.dump({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                   "gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}, f)
+    _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+             "--num_processes=2", "--num_machines=1", "--mixed_precision=no",
+             "--dynamo_backend=no", f"--main_process_port={_free_port()}", SCRIPT, out,
+             "--env-config"], timeout=180, ZERO_EXT_CONFIG=config)
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(out, "results_env.json")) as f:
+        results["env"] = json.load(f)
+    return results, torch.load(os.path.join(out, "weights.pt"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("accelerate"))
+    results, weights = _runs(out)
+    return out, results, weights
+
+
+def _close(actual, expected, **tol):
+    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), **tol)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_loop_matches_plain_accelerate(runs, stage):
+    _, results, _ = runs
+    zero, plain = results[f"zero{stage}"], results["plain"]
+    assert results[f"zero{stage}_prepared"][:2] == ["ZeroEngine", stage]
+    assert len(zero["grad_norms"]) == STEPS  # every window stepped, the short ones too
+    _close(zero["losses"], plain["losses"], rtol=1e-5, atol=1e-6)
+    _close(zero["grad_norms"], plain["grad_norms"], rtol=1e-5, atol=0)
+    _close(zero["lrs"], plain["lrs"], rtol=1e-12, atol=0)  # the loop's LambdaLR, stepped by it
+    assert plain["lrs"][:4] == pytest.approx([0.02 / 6 * k for k in (1, 3, 5, 6)])
+    assert zero["losses"][-2:] < zero["losses"][:2]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_final_weights_match_plain_accelerate(runs, stage):
+    _, _, weights = runs
+    assert weights[f"zero{stage}"].keys() == weights["plain"].keys()
+    for name, value in weights["plain"].items():
+        torch.testing.assert_close(weights[f"zero{stage}"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_unwrap_model_is_the_users_module(runs):
+    _, results, _ = runs
+    assert all(results[f"zero{s}_prepared"][2] == "Sequential" for s in STAGES)
+
+
+def test_save_model_writes_the_full_weights(runs):
+    from safetensors.torch import load_file
+
+    out, _, weights = runs
+    saved = load_file(os.path.join(out, "zero3_saved", "model.safetensors"))
+    assert saved.keys() == weights["zero3"].keys()
+    for name, value in weights["zero3"].items():
+        torch.testing.assert_close(saved[name], value, rtol=0, atol=0)
+
+
+def test_load_state_continues_the_uninterrupted_run(runs):
+    """Stopped with save_state 4 micro-batches into epoch 2 (mid-window), resumed from other
+    initial weights by a new Accelerator: the same losses, norms, rates and final weights."""
+    _, results, weights = runs
+    whole, stopped, resumed = (results[k] for k in ("zero2", "zero2_stopped", "zero2_resumed"))
+    cut = len(stopped["losses"])
+    assert cut == 2 * (11 + 4)
+    assert stopped["losses"] == whole["losses"][:cut]
+    _close(resumed["losses"], whole["losses"][cut:], rtol=0, atol=0)
+    steps = len(stopped["grad_norms"])
+    _close(resumed["grad_norms"], whole["grad_norms"][steps:], rtol=0, atol=0)
+    _close(resumed["lrs"], whole["lrs"][steps:], rtol=0, atol=0)
+    for name, value in weights["zero2"].items():
+        torch.testing.assert_close(weights["zero2_resumed"][name], value, rtol=0, atol=0)
+
+
+def test_config_optimizer_with_dummy_optim_matches_the_same_adamw(runs):
+    _, results, weights = runs
+    zero, plain = results["zero2_config_optimizer"], results["plain_config_optimizer"]
+    assert zero["lrs"] == [0.02] * STEPS  # "auto" lr filled from DummyOptim(lr=...)
+    _close(zero["losses"], plain["losses"], rtol=1e-5, atol=1e-6)
+    for name, value in weights["plain_config_optimizer"].items():
+        torch.testing.assert_close(weights["zero2_config_optimizer"][name], value, rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_engine_figures_reach_the_trackers(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, results, _ = runs
+    (events,) = glob.glob(os.path.join(out, "zero3_logs", "run", "events.out.tfevents.*"))
+    reader = EventAccumulator(events)
+    reader.Reload()
+    tags = set(reader.Tags()["scalars"])
+    assert {"train/loss", "zero_ext/samples_per_s", "zero_ext/peak_memory_gib",
+            "zero_ext/peak_memory_gib_rank0", "zero_ext/peak_memory_gib_rank1",
+            "zero_ext/skipped_steps", "zero_ext/grad_norm"} <= tags
+    rates = reader.Scalars("zero_ext/samples_per_s")
+    assert [e.step for e in rates] == list(range(1, STEPS + 1))
+    assert all(e.value > 0 for e in rates)
+    norms = [e.value for e in reader.Scalars("zero_ext/grad_norm")]
+    _close(norms, results["zero3"]["grad_norms"], rtol=1e-6, atol=0)
+
+
+def test_accelerate_launch_with_the_config_in_the_environment(runs):
+    _, results, _ = runs
+    env = results["env"]
+    assert env["prepared"] == ["ZeroEngine", 2]
+    assert env["losses"] == results["zero2"]["losses"]
+    assert env["grad_norms"] == results["zero2"]["grad_norms"]
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("two_configs", "two configs were given (zero_config= and deepspeed_plugin=)"),
+    ("no_config", "no zero_ext config"),
+    ("clip_mismatch", "clip_grad_norm_(max_norm=1.0, norm_type=2), but the engine clips"),
+    ("optimizer_twice", "has an \"optimizer\" section and the code passes an optimizer"),
+])
+def test_misuse_is_one_clear_error(runs, case, fragment):
+    _, results, _ = runs
+    message = results["errors"][case]
+    assert message.startswith("ValueError: zero_ext.integrations.accelerate.Accelerator: ")
+    assert fragment in message
