@@ -57,6 +57,10 @@ class Regression(pl.LightningModule):
         x, y = batch
         return nn.functional.mse_loss(self(x), y)
 
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y), sync_dist=True)
+
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
@@ -151,6 +155,11 @@ def main(out: str) -> None:
     ckpt = os.path.join(checkpoints, f"step={STEPS_PER_EPOCH}.ckpt")
     results["ckpt_is_dir"] = os.path.isdir(ckpt)
     results["resumed"] = fit(ZeroStrategy(config=STAGE3), Regression(seed=1), ckpt_path=ckpt)
+    # validate() loads the final checkpoint's weights into a fresh module and engine.
+    trainer, _ = trainer_for(ZeroStrategy(config=STAGE3))
+    final = os.path.join(checkpoints, f"step={MAX_STEPS}.ckpt")
+    results["validated"] = trainer.validate(Regression(seed=1), loader(), ckpt_path=final,
+                                            verbose=False)[0]["val_loss"]
 
     results["bf16"] = fit(ZeroStrategy(stage=2), precision="bf16-mixed")
 

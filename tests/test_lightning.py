@@ -22,7 +22,7 @@ pytest.importorskip("lightning", reason="the Lightning integration needs lightni
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from lightning_cases import ACCUMULATE, BATCHES_PER_EPOCH, CLIP, MAX_STEPS
+from lightning_cases import ACCUMULATE, BATCHES_PER_EPOCH, CLIP, MAX_STEPS, Regression, dataset
 
 STAGES = (1, 2, 3)
 EPOCHS = 2
@@ -115,6 +115,20 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(runs):
     _close(resumed["lrs"], uninterrupted["lrs"][MAX_STEPS // EPOCHS:], rtol=0, atol=0)
     for name, values in uninterrupted["weights"].items():
         _close(resumed["weights"][name], values)
+
+
+def test_validate_with_ckpt_path_loads_the_checkpoint_weights(runs):
+    """validate(ckpt_path=) on a fresh module: the loss of the checkpoint's weights, computed
+    here in one process with plain torch."""
+    results, _ = runs
+    net = Regression().net
+    weights = results["zero3"]["weights"]  # the run that wrote the final checkpoint
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            param.copy_(torch.tensor(weights[f"net.{name}"]).view_as(param))
+        x, y = dataset().tensors
+        expected = torch.nn.functional.mse_loss(net(x), y).item()
+    _close(results["validated"], expected)
 
 
 def test_csv_logger_receives_the_engine_metrics(runs):

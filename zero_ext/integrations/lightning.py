@@ -216,6 +216,11 @@ class ZeroStrategy(DDPStrategy):
 
     def _create_engine(self, trainer, fitting: bool) -> None:
         module = self.lightning_module
+        if not module.automatic_optimization:
+            raise NotImplementedError(
+                "zero_ext.integrations.lightning: manual optimization (automatic_optimization = "
+                "False) is not supported by ZeroStrategy yet; use automatic optimization, or "
+                "call zero_ext.initialize and engine.backward / engine.step in a plain loop")
         config = self.engine_config(trainer)
         optimizer, scheduler_config = None, None
         if fitting and config.get("optimizer") is None:
@@ -268,8 +273,7 @@ class ZeroStrategy(DDPStrategy):
     def backward(self, closure_loss: torch.Tensor, optimizer, *args, **kwargs) -> torch.Tensor:
         module = self.lightning_module
         engine = self.engine
-        automatic = module.automatic_optimization
-        if automatic and not self._stepping and engine.is_gradient_accumulation_boundary():
+        if not self._stepping and engine.is_gradient_accumulation_boundary():
             raise RuntimeError(
                 f"zero_ext.integrations.lightning: the engine's accumulation window ends at "
                 f"micro-step {engine.micro_steps} but Lightning's goes on; "
@@ -278,21 +282,18 @@ class ZeroStrategy(DDPStrategy):
                 f"{module.trainer.accumulate_grad_batches} in the Trainer (a "
                 "GradientAccumulationScheduler is not supported)")
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
-        if automatic:
-            # Lightning divided the loss by accumulate_grad_batches and engine.backward
-            # divides by gradient_accumulation_steps, the same number: undo one.
-            engine.backward(closure_loss * module.trainer.accumulate_grad_batches)
-        else:
-            engine.backward(closure_loss)
+        # Lightning divided the loss by accumulate_grad_batches and engine.backward divides by
+        # gradient_accumulation_steps, the same number: undo one.
+        engine.backward(closure_loss * module.trainer.accumulate_grad_batches)
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
-        if automatic and not self._stepping:
+        if not self._stepping:
             engine.step()  # a micro-batch inside the window: the engine counts it
         return closure_loss
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs) -> Any:
         module = model if model is not None else self.lightning_module
         engine = self.engine
-        if module.automatic_optimization and not engine.is_gradient_accumulation_boundary():
+        if not engine.is_gradient_accumulation_boundary():
             engine.set_gradient_accumulation_boundary()  # an epoch's short last window
         self._stepping = True
         try:
@@ -300,7 +301,7 @@ class ZeroStrategy(DDPStrategy):
         finally:
             self._stepping = False
         self.precision_plugin._after_closure(module, optimizer)  # on_before_optimizer_step
-        if module.automatic_optimization and result is None:
+        if result is None:
             raise RuntimeError("zero_ext.integrations.lightning: training_step returned None; "
                                "every rank must run the same backward and step: return the loss")
         engine.step()
