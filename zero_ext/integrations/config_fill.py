@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["AUTO", "ConfigFiller", "same"]
+__all__ = ["AUTO", "ConfigFiller", "hidden_size_defaults", "same"]
 
 AUTO = "auto"
 _ABSENT = object()
@@ -29,6 +29,17 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
     return a == b
+
+
+def hidden_size_defaults(hidden_size: int) -> list[tuple[str, int, str]]:
+    """(dotted path, value, how it was derived) for the zero_optimization keys DeepSpeed's
+    Trainer integration sizes from the model's width when they are "auto"."""
+    return [("zero_optimization.reduce_bucket_size", hidden_size * hidden_size,
+             "hidden_size**2"),
+            ("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size),
+             "0.9 * hidden_size**2"),
+            ("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size,
+             "10 * hidden_size")]
 
 
 class ConfigFiller:
