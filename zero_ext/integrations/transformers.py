@@ -14,6 +14,11 @@ The TrainingArguments are the single source of truth for what the Trainer's loop
 :func:`fill_config` completes the zero_ext config from them: "auto" values (and batch sizes,
 clipping, precision and AdamW hyperparameters the config leaves out) are taken from the
 arguments, and explicit values that contradict them are refused together, in one error.
+
+:func:`zero_trainer` gives any Trainer subclass (TRL's trainers) the same behaviour, and
+:func:`apply` (what `python -m zero_ext.run script.py` calls) makes an unmodified script's
+`Trainer(args=TrainingArguments(deepspeed="ds.json"))` one of them: see
+docs/integrations/transformers.md.
 """
 
 from __future__ import annotations
