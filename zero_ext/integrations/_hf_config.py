@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from transformers import TrainingArguments
 
 from zero_ext.config import read_json_config
-from zero_ext.integrations.config_fill import ConfigFiller
+from zero_ext.integrations.config_fill import ConfigFiller, hidden_size_defaults
 
 __all__ = ["fill_config"]
 
@@ -87,13 +87,8 @@ def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
                     "the Trainer's max_steps", **auto_only)
     if hidden_size:
         # DeepSpeed's Trainer integration sizes buckets from the model's width the same way.
-        heuristics = {"fill_absent": False, "must_match": False}
-        filler.fill("zero_optimization.reduce_bucket_size", hidden_size * hidden_size,
-                    "hidden_size**2", **heuristics)
-        filler.fill("zero_optimization.stage3_prefetch_bucket_size",
-                    int(0.9 * hidden_size * hidden_size), "0.9 * hidden_size**2", **heuristics)
-        filler.fill("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size,
-                    "10 * hidden_size", **heuristics)
+        for path, value, source in hidden_size_defaults(hidden_size):
+            filler.fill(path, value, source, fill_absent=False, must_match=False)
 
     problems = [f"  - {m}" for m in filler.mismatches]
     problems += [f"  - {path} is \"auto\", but no TrainingArguments value corresponds to it; "
