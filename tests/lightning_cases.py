@@ -14,6 +14,7 @@ global gradient norm at each optimizer step, trainer.global_step, the engine's s
 and the final weights (as lists).
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -42,7 +43,9 @@ def dataset() -> TensorDataset:
     return TensorDataset(x, y)
 
 
-class Regression(pl.LightningModule):
+class RegressionSteps:
+    """The module's behaviour, on either package's LightningModule."""
+
     def __init__(self, seed: int = 0, lr: float = 0.02):
         super().__init__()
         self.save_hyperparameters()  # an AttributeDict in the checkpoint
@@ -65,6 +68,10 @@ class Regression(pl.LightningModule):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
         schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
         return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+
+class Regression(RegressionSteps, pl.LightningModule):
+    pass
 
 
 class Record(pl.Callback):
@@ -137,6 +144,27 @@ def fit(strategy, module=None, ckpt_path=None, **kwargs) -> dict:
     return summary(trainer, record, module)
 
 
+def fit_pytorch_lightning() -> dict:
+    """The standalone package's Trainer with its ZeroStrategy, by registered name (stage 2)."""
+    import pytorch_lightning as ptl
+
+    import zero_ext.integrations.pytorch_lightning  # noqa: F401 - registers the names there
+
+    class StandaloneRegression(RegressionSteps, ptl.LightningModule):
+        pass
+
+    module = StandaloneRegression()
+    trainer = ptl.Trainer(
+        accelerator="cpu", devices=2, num_nodes=1, strategy="zero_ext_stage_2",
+        max_steps=MAX_STEPS, accumulate_grad_batches=ACCUMULATE, gradient_clip_val=CLIP,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, loader())
+    return {"global_step": trainer.global_step, "strategy": type(trainer.strategy).__module__,
+            "weights": {k: v.float().flatten().tolist()
+                        for k, v in trainer.strategy.engine.full_state_dict().items()}}
+
+
 def main(out: str) -> None:
     # Stage 3 also saves a checkpoint after the first epoch's last step (where Lightning's own
     # DDP resume is exact: from mid-epoch it replays the epoch's first batches, and from an
@@ -168,6 +196,9 @@ def main(out: str) -> None:
         results["contradiction"] = None
     except ValueError as error:
         results["contradiction"] = str(error)
+
+    results["pytorch_lightning"] = fit_pytorch_lightning() \
+        if importlib.util.find_spec("pytorch_lightning") else None
 
     if dist.get_rank() == 0:
         with open(os.path.join(out, "results.json"), "w") as f:

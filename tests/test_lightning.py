@@ -171,3 +171,15 @@ def test_registered_strategy_names():
     assert isinstance(strategy, ZeroStrategy)
     assert (strategy.stage, strategy.offload_optimizer, strategy.offload_parameters) == \
         (3, True, True)
+
+
+def test_the_pytorch_lightning_package_trains_the_same(runs):
+    """`import pytorch_lightning` users: the same strategy, registered in that package."""
+    results, _ = runs
+    standalone, ddp = results["pytorch_lightning"], results["ddp"]
+    if standalone is None:
+        pytest.skip("the pytorch_lightning package is not installed")
+    assert standalone["strategy"] == "zero_ext.integrations.pytorch_lightning"
+    assert standalone["global_step"] == MAX_STEPS
+    for name, values in ddp["weights"].items():
+        _close(standalone["weights"][name], values)
