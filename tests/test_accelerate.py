@@ -85,6 +85,8 @@ def test_the_loop_matches_plain_accelerate(runs, stage):
     _close(zero["lrs"], plain["lrs"], rtol=1e-12, atol=0)  # the loop's LambdaLR, stepped by it
     assert plain["lrs"][:4] == pytest.approx([0.02 / 6 * k for k in (1, 3, 5, 6)])
     assert zero["losses"][-2:] < zero["losses"][:2]
+    assert len(zero["eval"]) == 10  # gather_for_metrics, a loader prepared after the model
+    _close(zero["eval"], plain["eval"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("stage", STAGES)
