@@ -400,12 +400,9 @@ class PartitionedParameters:
         now and held until that forward ends, and again for its backward, every step (DeepSpeed
         registers such "external parameters" itself). Anywhere else nothing says when the use
         ends, so it is an error that names the parameter and the fix."""
-        unit = self._unit_of_param[id(param)]
-        if self._running:
-            self._use(unit, "forward")
-            unit.holders += not _replaying()
-            self._running[-1][1].append(unit)
+        if self.hold_in_forward(param):
             return
+        unit = self._unit_of_param[id(param)]
         names = {id(p): n for n, p in self.root.named_parameters()} if self.root else {}
         owner = next((n for n, m in self.root.named_modules() if m is unit.module),
                      type(unit.module).__name__) if self.root else type(unit.module).__name__
@@ -416,6 +413,19 @@ class PartitionedParameters:
             "the use: `with zero_ext.GatheredParameters(param): ...` (add modifier_rank=0 to "
             "write to it), or move the use into a module's forward and declare it with "
             "zero_ext.register_external_parameter(module, param)")
+
+    def hold_in_forward(self, param: nn.Parameter) -> bool:
+        """Inside a forward of the model, `param`'s unit is gathered now, held until that forward
+        ends and gathered again for its backward (what a use of its values there does); for code
+        that reads a parameter's shape before its values, such as a custom autograd Function
+        sizing its loops from the weight. False, doing nothing, outside any forward."""
+        if not self._running:
+            return False
+        unit = self._unit_of_param[id(param)]
+        self._use(unit, "forward")
+        unit.holders += not _replaying()
+        self._running[-1][1].append(unit)
+        return True
 
     def register_external_parameter(self, module: nn.Module, param: nn.Parameter) -> None:
         """`module` uses `param`, which belongs to another unit: gather that unit around
