@@ -8,7 +8,7 @@ gradient_clip_val small enough to clip, a StepLR schedule and max_steps=6 (two e
 Lightning's own DDP strategy (the reference), then ZeroStrategy at stages 1, 2 (by its
 registered name, with a CSVLogger) and 3 (every parameter partitioned); a stage-3 run stopped
 at the end of the first epoch, saved with trainer.save_checkpoint and resumed by a new
-Trainer with ckpt_path; a bf16-mixed run; a config that contradicts the Trainer. Rank 0
+Trainer with ckpt_path; bf16-mixed and 16-true runs; a config that contradicts the Trainer. Rank 0
 writes OUT/results.json: per run the losses of rank 0's micro-batches, the learning rate and
 global gradient norm at each optimizer step, trainer.global_step, the engine's step counts,
 and the final weights (as lists).
@@ -190,6 +190,11 @@ def main(out: str) -> None:
                                             verbose=False)[0]["val_loss"]
 
     results["bf16"] = fit(ZeroStrategy(stage=2), precision="bf16-mixed")
+    # fp16 weights with dynamic loss scaling (Lightning turns "16-mixed" into "bf16-mixed" on
+    # CPU, so "16-true" here); a small initial scale, so that no step overflows.
+    results["fp16"] = fit(ZeroStrategy(config={"fp16": {"initial_scale_power": 4}}),
+                          precision="16-true", log_every_n_steps=1,
+                          logger=CSVLogger(os.path.join(out, "csv"), name="fp16", version=0))
 
     try:
         fit(ZeroStrategy(config={"gradient_accumulation_steps": 4, "gradient_clipping": 1.0}))

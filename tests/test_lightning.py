@@ -150,6 +150,19 @@ def test_bf16_mixed_trains_bf16_weights_close_to_fp32(runs):
     _close(bf16["losses"], ddp["losses"], rtol=3e-2, atol=1e-2)
 
 
+def test_16_true_trains_fp16_weights_with_loss_scaling(runs):
+    results, out = runs
+    fp16, ddp = results["fp16"], results["ddp"]
+    assert fp16["dtype"] == "torch.float16"
+    assert fp16["global_step"] == fp16["engine_steps"] == MAX_STEPS
+    _close(fp16["losses"], ddp["losses"], rtol=1e-2, atol=1e-3)
+    with open(os.path.join(out, "csv", "fp16", "version_0", "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("zero_ext/loss_scale")]
+    assert len(rows) == MAX_STEPS
+    assert float(rows[0]["zero_ext/loss_scale"]) == 2.0 ** 4
+    assert all(float(r["zero_ext/skipped_steps"]) == 0 for r in rows)
+
+
 def test_a_config_contradicting_the_trainer_is_one_error(runs):
     message = runs[0]["contradiction"]
     assert message is not None and message.startswith("zero_ext.integrations.lightning: ")
