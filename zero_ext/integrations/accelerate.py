@@ -20,12 +20,12 @@ optimizer / scheduler wrappers): `prepare` builds the engine in place of Distrib
 `backward` runs engine.backward and engine.step, which steps the optimizer (clipping, AdamW,
 all-gather) at the end of each accumulation window; `optimizer.step()` / `zero_grad()` do
 nothing; `clip_grad_norm_` returns the global norm the engine clipped with. docs/integrations/
-accelerate.md lists the rules (optimizer, scheduler, clipping, checkpoints, logging).
+accelerate.md lists the rules (optimizer, scheduler, clipping, checkpoints, logging); where the
+config comes from and how its "auto" values are filled is in _accelerate_config.py.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -35,7 +35,6 @@ import torch
 from accelerate import Accelerator as _Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
-from accelerate.utils import DeepSpeedPlugin
 from accelerate.utils.constants import MODEL_NAME
 from accelerate.utils.deepspeed import DummyOptim, DummyScheduler
 from torch import nn
@@ -43,14 +42,18 @@ from torch.optim.lr_scheduler import LRScheduler
 
 import zero_ext
 from zero_ext.engine import _rebind_scheduler
+from zero_ext.integrations._accelerate_config import (
+    NAME,
+    check_optimizer_and_scheduler,
+    complete_config,
+    config_accumulation,
+    micro_batch_size,
+    resolve_plugin,
+)
 
 __all__ = ["Accelerator"]
 
 logger = logging.getLogger(__name__)
-_NAME = "zero_ext.integrations.accelerate.Accelerator"
-_HIDDEN_SIZE_KEYS = ("zero_optimization.reduce_bucket_size",
-                     "zero_optimization.stage3_prefetch_bucket_size",
-                     "zero_optimization.stage3_param_persistence_threshold")
 
 
 class _EngineOptimizer(AcceleratedOptimizer):
@@ -82,51 +85,6 @@ class _EngineScheduler(AcceleratedScheduler):
         pass
 
 
-def _plugin_from(source) -> DeepSpeedPlugin:
-    if isinstance(source, DeepSpeedPlugin):
-        return source
-    config = copy.deepcopy(source) if isinstance(source, dict) else os.fspath(source)
-    return DeepSpeedPlugin(hf_ds_config=config)
-
-
-def _resolve_plugin(zero_config, deepspeed_plugin) -> DeepSpeedPlugin:
-    """The one config of this run, as a DeepSpeedPlugin (whose code fills "auto" values)."""
-    if isinstance(deepspeed_plugin, dict):
-        if len(deepspeed_plugin) != 1:
-            raise ValueError(f"{_NAME}: {len(deepspeed_plugin)} DeepSpeed plugins were given; "
-                             "one engine trains one model: pass a single deepspeed_plugin")
-        deepspeed_plugin = next(iter(deepspeed_plugin.values()))
-    env = os.environ.get("ZERO_EXT_CONFIG") or None
-    given = [(name, value) for name, value in (
-        ("zero_config=", zero_config), ("deepspeed_plugin=", deepspeed_plugin),
-        (f"ZERO_EXT_CONFIG={env}", env)) if value is not None]
-    if len(given) > 1:
-        raise ValueError(f"{_NAME}: two configs were given ({' and '.join(n for n, _ in given)}); "
-                         "give exactly one of them")
-    if given:
-        return _plugin_from(given[0][1])
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        # `accelerate launch --use_deepspeed [--deepspeed_config_file ds.json | --zero_stage N]`
-        return DeepSpeedPlugin()
-    raise ValueError(f"{_NAME}: no zero_ext config; pass deepspeed_plugin=DeepSpeedPlugin("
-                     "hf_ds_config='ds.json') or zero_config='ds.json', set ZERO_EXT_CONFIG, or "
-                     "launch with `accelerate launch --use_deepspeed --deepspeed_config_file ...`")
-
-
-def _engine_config(plugin: DeepSpeedPlugin, **values) -> dict:
-    """The plugin's config with its "auto" values filled from `values` (explicit values stay,
-    as accelerate does for DeepSpeed), as a dict for zero_ext.initialize."""
-    try:
-        plugin.deepspeed_config_process(must_match=False, **values)
-    except ValueError as error:  # an "auto" that nothing here determines
-        raise ValueError(f"{_NAME}: the config has an \"auto\" value that prepare() cannot "
-                         f"fill: {error}") from None
-    config = copy.deepcopy(plugin.deepspeed_config)
-    if config.get("steps_per_print") == float("inf"):  # accelerate's "never": the engine's None
-        del config["steps_per_print"]
-    return config
-
-
 class Accelerator(_Accelerator):
     """accelerate.Accelerator whose prepared model is a zero_ext engine. Takes accelerate's
     arguments, plus `zero_config` (a zero_ext / DeepSpeed config dict or JSON path); a
@@ -136,8 +94,8 @@ class Accelerator(_Accelerator):
     def __init__(self, *args, zero_config=None, deepspeed_plugin=None, deepspeed_plugins=None,
                  mixed_precision=None, **kwargs):
         if deepspeed_plugin is not None and deepspeed_plugins is not None:
-            raise ValueError(f"{_NAME}: pass deepspeed_plugin or deepspeed_plugins, not both")
-        self.zero_plugin = _resolve_plugin(zero_config, deepspeed_plugin or deepspeed_plugins)
+            raise ValueError(f"{NAME}: pass deepspeed_plugin or deepspeed_plugins, not both")
+        self.zero_plugin = resolve_plugin(zero_config, deepspeed_plugin or deepspeed_plugins)
         precision = str(mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
         self.zero_plugin.set_mixed_precision(precision.lower())
         # accelerate would build DeepSpeed's own plugin from the launcher's environment; the
@@ -157,14 +115,14 @@ class Accelerator(_Accelerator):
             obj, (torch.optim.Optimizer, DummyOptim, LRScheduler, DummyScheduler))]
         if not models:
             if trained:
-                raise ValueError(f"{_NAME}: prepare the optimizer and scheduler in the same "
+                raise ValueError(f"{NAME}: prepare the optimizer and scheduler in the same "
                                  "call as their model: prepare(model, optimizer, ...)")
             return super().prepare(*args, device_placement=device_placement)
         if len(models) > 1 or self.engine is not None:
-            raise ValueError(f"{_NAME}: one model per Accelerator (as with DeepSpeed); create "
+            raise ValueError(f"{NAME}: one model per Accelerator (as with DeepSpeed); create "
                              "another Accelerator for another model")
         if device_placement is not None:
-            raise ValueError(f"{_NAME}: device_placement is not supported; the engine places "
+            raise ValueError(f"{NAME}: device_placement is not supported; the engine places "
                              "the model")
         result = [self._prepare_one(obj, first_pass=True)
                   if isinstance(obj, torch.utils.data.DataLoader) else obj for obj in args]
@@ -191,78 +149,22 @@ class Accelerator(_Accelerator):
                 item._is_accelerate_prepared = True
         return tuple(result) if len(result) > 1 else result[0]
 
-    def _micro_batch_size(self, args) -> int | None:
-        plugin = self.zero_plugin
-        if not plugin.is_auto("train_micro_batch_size_per_gpu"):
-            return plugin.get_value("train_micro_batch_size_per_gpu")
-        sizes = [obj.batch_size for obj in args if isinstance(obj, torch.utils.data.DataLoader)]
-        if not sizes or any(size is None for size in sizes):
-            raise ValueError(
-                f"{_NAME}: train_micro_batch_size_per_gpu is \"auto\", so prepare() needs a "
-                "DataLoader with an integer batch_size in the same call; pass one, or set the "
-                "value in the config")
-        if self.split_batches:
-            sizes = [size // self.num_processes for size in sizes]
-        return min(sizes) if plugin.is_train_batch_min else max(sizes)
-
     def _create_engine(self, model, optimizer, scheduler, args):
-        """DeepSpeed's rules under accelerate: an optimizer (scheduler) comes from the config or
-        from the code, never both (DummyOptim / DummyScheduler stand for the config's)."""
-        plugin = self.zero_plugin
-        config = plugin.deepspeed_config
-        if isinstance(optimizer, torch.optim.Optimizer) and "optimizer" in config:
-            raise ValueError(f"{_NAME}: the config has an \"optimizer\" section and the code "
-                             "passes an optimizer; remove the section or pass "
-                             "accelerate.utils.DummyOptim")
-        if isinstance(optimizer, DummyOptim) and "optimizer" not in config:
-            raise ValueError(f"{_NAME}: a DummyOptim stands for the config's optimizer, but the "
-                             "config has no \"optimizer\" section")
-        if isinstance(scheduler, LRScheduler) and "scheduler" in config:
-            raise ValueError(f"{_NAME}: the config has a \"scheduler\" section and the code "
-                             "passes a scheduler; remove the section or pass "
-                             "accelerate.utils.DummyScheduler")
-        if isinstance(scheduler, DummyScheduler) and "scheduler" not in config and \
-                scheduler.lr_scheduler_callable is None:
-            raise ValueError(f"{_NAME}: a DummyScheduler stands for the config's scheduler, but "
-                             "the config has no \"scheduler\" section and no "
-                             "lr_scheduler_callable")
-
+        """The engine, its optimizer wrapper and the scheduler's wrapper (or None)."""
+        check_optimizer_and_scheduler(self.zero_plugin.deepspeed_config, optimizer, scheduler)
         # The config's accumulation wins over the Accelerator's, as under DeepSpeed.
-        plugin.fill_match("gradient_accumulation_steps", must_match=False,
-                          gradient_accumulation_steps=self.gradient_accumulation_steps)
-        accumulation = plugin.get_value("gradient_accumulation_steps")
-        if accumulation is None:
-            accumulation = config["gradient_accumulation_steps"] = \
-                self.gradient_accumulation_steps
-        elif accumulation != self.gradient_accumulation_steps:
+        accumulation = config_accumulation(self.zero_plugin, self.gradient_accumulation_steps)
+        if accumulation != self.gradient_accumulation_steps:
             logger.warning("%s: gradient_accumulation_steps is %s in the config and %s in the "
-                           "Accelerator; using the config's", _NAME, accumulation,
+                           "Accelerator; using the config's", NAME, accumulation,
                            self.gradient_accumulation_steps)
             self.gradient_accumulation_steps = accumulation
-        values: dict[str, Any] = {"gradient_clipping": 1.0}  # accelerate's DeepSpeed default
-        micro = self._micro_batch_size(args)
-        if micro is not None:
-            values["train_micro_batch_size_per_gpu"] = micro
-            values["train_batch_size"] = micro * accumulation * self.num_processes
-        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        if hidden:
-            values.update(zip(_HIDDEN_SIZE_KEYS, (hidden * hidden, int(0.9 * hidden * hidden),
-                                                  10 * hidden)))
-        if isinstance(optimizer, DummyOptim):
-            values["optimizer.params.lr"] = optimizer.lr
-            values["optimizer.params.weight_decay"] = optimizer.weight_decay
-        if isinstance(scheduler, DummyScheduler) and scheduler.lr_scheduler_callable is None:
-            defaults = getattr(scheduler.optimizer, "defaults", None)
-            values.update({
-                "scheduler.params.warmup_min_lr": 0,
-                "scheduler.params.warmup_max_lr": (defaults or {}).get(
-                    "lr", getattr(scheduler.optimizer, "lr", None)),
-                "scheduler.params.warmup_num_steps": max(1, scheduler.warmup_num_steps)})
-            if scheduler.total_num_steps is not None:
-                values["scheduler.params.total_num_steps"] = (
-                    scheduler.total_num_steps if self.split_batches
-                    else math.ceil(scheduler.total_num_steps / self.num_processes))
-        engine_config = _engine_config(plugin, **values)
+        loaders = [obj for obj in args if isinstance(obj, torch.utils.data.DataLoader)]
+        engine_config = complete_config(
+            self.zero_plugin, model, optimizer, scheduler, accumulation=accumulation,
+            micro_batch=micro_batch_size(self.zero_plugin, loaders, self.split_batches,
+                                         self.num_processes),
+            num_processes=self.num_processes, split_batches=self.split_batches)
 
         kwargs: dict[str, Any] = {}
         if isinstance(optimizer, torch.optim.Optimizer):
@@ -285,7 +187,7 @@ class Accelerator(_Accelerator):
             if isinstance(optimizer, torch.optim.Optimizer):
                 _rebind_scheduler(scheduler, optimizer, engine_optimizer)
             if scheduler.optimizer is not engine_optimizer:
-                raise ValueError(f"{_NAME}: the LR scheduler drives an optimizer that was not "
+                raise ValueError(f"{NAME}: the LR scheduler drives an optimizer that was not "
                                  "passed to prepare(); pass its optimizer in the same call")
             wrapped_scheduler = AcceleratedScheduler(
                 scheduler, self._engine_optimizer,
@@ -303,14 +205,14 @@ class Accelerator(_Accelerator):
         if engine is None:
             return super().backward(loss, **kwargs)
         if kwargs:
-            raise TypeError(f"{_NAME}.backward: {sorted(kwargs)} are not supported; the engine "
+            raise TypeError(f"{NAME}.backward: {sorted(kwargs)} are not supported; the engine "
                             "runs the backward of the loss alone")
         window_ends = self.sync_gradients
         if window_ends and not engine.is_gradient_accumulation_boundary():
             engine.set_gradient_accumulation_boundary()  # a data loader's short last window
         elif not window_ends and engine.is_gradient_accumulation_boundary():
             raise RuntimeError(
-                f"{_NAME}: the engine's accumulation window ends at micro-step "
+                f"{NAME}: the engine's accumulation window ends at micro-step "
                 f"{engine.micro_steps} but accelerate's goes on (step {self.step} of "
                 f"{self.gradient_accumulation_steps}); call accelerator.backward once per "
                 "batch, inside `with accelerator.accumulate(model)`")
@@ -332,7 +234,7 @@ class Accelerator(_Accelerator):
         clipping = float(engine.config.gradient_clipping or 0.0)
         if float(norm_type) != 2.0 or not math.isclose(float(max_norm), clipping):
             raise ValueError(
-                f"{_NAME}: clip_grad_norm_(max_norm={max_norm}, norm_type={norm_type}), but the "
+                f"{NAME}: clip_grad_norm_(max_norm={max_norm}, norm_type={norm_type}), but the "
                 f"engine clips the L2 norm inside its step, to the config's gradient_clipping "
                 f"({clipping}); set \"gradient_clipping\": {max_norm} in the config")
         norm = engine.get_global_grad_norm()
@@ -341,7 +243,7 @@ class Accelerator(_Accelerator):
     def clip_grad_value_(self, parameters, clip_value):
         if self.engine is None:
             return super().clip_grad_value_(parameters, clip_value)
-        raise ValueError(f"{_NAME}: clip_grad_value_ is not supported (nor under DeepSpeed); "
+        raise ValueError(f"{NAME}: clip_grad_value_ is not supported (nor under DeepSpeed); "
                          "set gradient_clipping in the config and use clip_grad_norm_")
 
     def log(self, values: dict, step: int | None = None, log_kwargs: dict | None = None):
@@ -413,7 +315,7 @@ class Accelerator(_Accelerator):
                     group["lr"] = lr
         path, _ = self.engine.load_checkpoint(chosen[0], MODEL_NAME, **load_model_func_kwargs)
         if path is None:
-            raise FileNotFoundError(f"{_NAME}.load_state: {chosen[0]} holds no zero_ext engine "
+            raise FileNotFoundError(f"{NAME}.load_state: {chosen[0]} holds no zero_ext engine "
                                     f"checkpoint ({MODEL_NAME}/); load a folder that this "
                                     "Accelerator's save_state wrote")
 
