@@ -7,6 +7,7 @@ cores); the per-case tests read its results.
 
 import functools
 import json
+import os
 import subprocess
 import sys
 
@@ -345,3 +346,132 @@ def test_cli_errors_name_the_problem_and_the_fix(args, advice, tmp_path, capsys)
     message = capsys.readouterr().err
     for text in advice:
         assert text in message, message
+
+
+# -- configs written for the Hugging Face Trainer ("auto" values) and the plot's layout -------
+HF_ZERO3 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "examples", "configs", "trainer", "zero3.json")
+
+
+def _table(out: str) -> tuple[float, dict]:
+    """The table's unit in bytes and its rows by (stage, ranks)."""
+    lines = out.splitlines()
+    unit = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[
+        next(line for line in lines if line.startswith("per rank,")).split()[2].rstrip(";")]
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["stage", "ranks"])
+    rows = {}
+    for line in lines[header + 1:]:
+        cells = line.split()
+        if not cells or not cells[0].isdigit():
+            break
+        rows[(int(cells[0]), int(cells[1]))] = [float(c) for c in cells[2:]]
+    return unit, rows
+
+
+def test_cli_fills_a_trainer_configs_autos_from_its_arguments(tmp_path, capsys):
+    from zero_ext.estimate import load_hf_model
+
+    _llama_config(tmp_path / "config.json")
+    assert main(["--hf-config", str(tmp_path / "config.json"), "--config", HF_ZERO3,
+                 "--micro-batch", "4", "--grad-accum", "2", "--dtype", "fp32",
+                 "--world-sizes", "2,4"]) == 0
+    out = capsys.readouterr().out
+    # What DeepSpeed's Trainer integration would run: the arguments' batch, accumulation and
+    # precision, the bucket sizes from hidden_size 32.
+    concrete = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+                "zero_optimization": {"stage": 3, "reduce_bucket_size": 32 * 32,
+                                      "stage3_prefetch_bucket_size": int(0.9 * 32 * 32),
+                                      "stage3_param_persistence_threshold": 320}}
+    unit, rows = _table(out)
+    model = load_hf_model(tmp_path / "config.json")
+    for ranks in (2, 4):
+        expected = estimate_from_config(model, concrete, ranks)
+        assert rows[(3, ranks)][-1] == pytest.approx(expected.device.total / unit, abs=0.006)
+    for said in ("train_micro_batch_size_per_gpu = 4: from --micro-batch",
+                 "gradient_accumulation_steps = 2: from --gradient-accumulation-steps",
+                 "bf16.enabled: from --dtype fp32",
+                 "zero_optimization.reduce_bucket_size = 1024: hidden_size**2",
+                 "zero_optimization.stage3_param_persistence_threshold = 320: 10 * hidden_size",
+                 "scheduler: left out", "optimizer.params.lr: zero_ext's default"):
+        assert said in out, out
+
+
+def test_cli_states_what_it_assumes_for_autos_without_arguments(capsys):
+    assert main(["--params", "7B", "--config", HF_ZERO3, "--world-sizes", "8"]) == 0
+    out = capsys.readouterr().out
+    for said in ("train_micro_batch_size_per_gpu = 1: assumed",
+                 "gradient_accumulation_steps = 1: assumed",
+                 "bf16.enabled = true: assumed bf16 weights (give --dtype)",
+                 "zero_optimization.reduce_bucket_size = 500000000: zero_ext's default"):
+        assert said in out, out
+    assert "bf16 weights" in out.splitlines()[0]
+    expected = estimate(7 * 10**9, stage=3, world_size=8, dtype="bf16")
+    unit, rows = _table(out)
+    assert rows[(3, 8)][-1] == pytest.approx(expected.device.total / unit, abs=0.006)
+
+
+def test_auto_accumulation_follows_an_explicit_train_batch_size(tmp_path, capsys):
+    (tmp_path / "ds.json").write_text(json.dumps({
+        "train_batch_size": 64, "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 2}}))
+    assert main(["--params", "7B", "--config", str(tmp_path / "ds.json"),
+                 "--world-sizes", "8,16"]) == 0
+    out = capsys.readouterr().out
+    assert "accumulation 1,2" in out.splitlines()[0]  # 64 / (4 * 16), 64 / (4 * 8)
+    assert "gradient_accumulation_steps: train_batch_size / (micro batch * world size)" in out
+
+
+def _drawn_figure(monkeypatch, argv):
+    """The figure `main(argv)` saved with --plot."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: saved.append(self))
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda *a, **k: None)
+    assert main(argv) == 0
+    (figure,) = saved
+    figure.canvas.draw()
+    return figure
+
+
+def _overlaps(figure) -> list:
+    """Pairs of drawn data marks that cover each other: markers closer than their size (in
+    pixels), bars whose extents intersect."""
+    axes = figure.axes[0]
+    points = []
+    for line in axes.get_lines():
+        if line.get_marker() not in (None, "", "None"):
+            diameter = line.get_markersize() * figure.dpi / 72
+            points += [(tuple(p), diameter) for p in axes.transData.transform(line.get_xydata())]
+    found = [(a, b) for i, (a, size) in enumerate(points) for b, _ in points[i + 1:]
+             if ((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5 < size]
+    boxes = [patch.get_window_extent() for patch in axes.patches]
+    found += [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+              if a.x0 < b.x1 - 0.5 and b.x0 < a.x1 - 0.5 and a.y0 < b.y1 and b.y0 < a.y1]
+    return found
+
+
+@pytest.mark.parametrize("offload", [[], ["--offload-optimizer"]])
+def test_plot_with_one_world_size_draws_no_marks_over_each_other(monkeypatch, tmp_path,
+                                                                  capsys, offload):
+    figure = _drawn_figure(monkeypatch, ["--params", "7B", "--world-sizes", "8", *offload,
+                                         "--plot", str(tmp_path / "m.png")])
+    assert _overlaps(figure) == []
+    # Every stage is drawn, device and (with offload) host, at the table's values.
+    stages = [1, 2, 3] if offload else [0, 1, 2, 3]
+    axes = figure.axes[0]
+    heights = sorted(round(p.get_height(), 6) for p in axes.patches)
+    unit, rows = _table(capsys.readouterr().out)
+    size = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[axes.get_ylabel().split("(")[1][:-1]]
+    expected = sorted(round(rows[(s, 8)][i] * unit / size, 2) for s in stages
+                      for i in ([-2, -1] if offload else [-1]))
+    assert [round(h, 2) for h in heights] == pytest.approx(expected, abs=0.011)
+
+
+def test_plot_over_world_sizes_draws_a_line_per_stage(monkeypatch, tmp_path):
+    figure = _drawn_figure(monkeypatch, ["--params", "7B", "--world-sizes", "2,8,64",
+                                         "--plot", str(tmp_path / "m.png")])
+    lines = figure.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == [f"stage {s}" for s in range(4)]
+    assert all(list(line.get_xdata()) == [2, 8, 64] for line in lines)

@@ -11,6 +11,13 @@ host memory offload takes) and as a command line:
     python -m zero_ext.estimate --params 70B --stages 3 --offload-optimizer --offload-param \\
         --largest-unit 1.05B
     python -m zero_ext.estimate --hf-config path/config.json --config ds_config.json
+    python -m zero_ext.estimate --hf-config config.json --config hf_ds.json --micro-batch 4 \
+        --grad-accum 8        # a Trainer config with "auto" values
+
+A config written for the Hugging Face Trainer says "auto" where the TrainingArguments decide:
+`fill_autos` gives each one a value, from the command line where it has one (--micro-batch,
+--grad-accum, --dtype; the bucket sizes from --hf-config's hidden_size, as DeepSpeed's Trainer
+integration does) and otherwise by a stated assumption; the output lists every one.
 
 Two ways to count:
   a module (real or on the meta device; `--hf-config` builds one on the meta device) is exact:
@@ -455,6 +462,85 @@ def load_hf_model(path: str | os.PathLike) -> nn.Module:
             return transformers.AutoModel.from_config(config)
 
 
+# -- "auto" values -----------------------------------------------------------------------------
+_PRECISION_AUTOS = ("fp16.enabled", "bf16.enabled", "bfloat16.enabled")
+
+
+def fill_autos(config: dict, *, micro_batch: int | None = None,
+               accumulation: int | None = None, dtype: str | None = None,
+               hidden_size: int | None = None) -> tuple[dict, list[str]]:
+    """`config` (a dict) with every "auto" value replaced, and one line per replacement saying
+    what it became and why. Never refuses: what the arguments do not give is assumed, and said.
+
+    train_micro_batch_size_per_gpu <- `micro_batch`, else 1 (model states do not depend on it);
+    gradient_accumulation_steps <- `accumulation`, else derived from an explicit
+    train_batch_size per world size, else 1; train_batch_size <- left to be derived; fp16/bf16
+    <- `dtype`, else bf16 weights; the bucket sizes <- DeepSpeed's heuristics from
+    `hidden_size`, else zero_ext's defaults; anything else (optimizer, scheduler, clipping)
+    does not change model-state memory and takes zero_ext's default."""
+    from zero_ext.integrations.config_fill import AUTO, ConfigFiller, hidden_size_defaults
+
+    cfg = ConfigFiller(config).config  # a deep copy
+    said: list[str] = []
+
+    def set_auto(path: str, value, why: str) -> None:
+        *parents, key = path.split(".")
+        section = cfg
+        for name in parents:
+            section = section.get(name)
+            if not isinstance(section, dict):
+                return
+        if section.get(key) != AUTO:
+            return
+        if value is None:
+            del section[key]
+        else:
+            section[key] = value
+        said.append(f"{path}: {why}" if value is None else
+                    f"{path} = {json.dumps(value)}: {why}")
+
+    set_auto("train_micro_batch_size_per_gpu", micro_batch or 1,
+             "from --micro-batch" if micro_batch else
+             "assumed (model states do not depend on it; give --micro-batch)")
+    explicit_total = isinstance(cfg.get("train_batch_size"), int)
+    if accumulation is not None:
+        set_auto("gradient_accumulation_steps", accumulation, "from --gradient-accumulation-steps")
+    elif explicit_total:
+        set_auto("gradient_accumulation_steps", None,
+                 "train_batch_size / (micro batch * world size), at each world size")
+    else:
+        set_auto("gradient_accumulation_steps", 1,
+                 "assumed (with accumulation stage 1 keeps whole gradients and stages 2-3 an "
+                 "fp32 shard; give --gradient-accumulation-steps)")
+    set_auto("train_batch_size", None, "micro batch * accumulation * world size, at each world "
+             "size")
+    before = len(said)
+    for path in _PRECISION_AUTOS:
+        if dtype is not None:
+            set_auto(path, None, f"from --dtype {dtype}")
+        else:
+            set_auto(path, not path.startswith("fp16"), "assumed bf16 weights (give --dtype)")
+    if dtype is None and len(said) > before and "bfloat16" not in cfg:
+        cfg.setdefault("bf16", {})["enabled"] = True  # also when only fp16 said "auto"
+    defaults = ZeroConfig().zero_optimization
+    for path, value, source in hidden_size_defaults(hidden_size or 1):
+        if hidden_size:
+            set_auto(path, value, f"{source}, hidden_size {hidden_size} from --hf-config, as "
+                                  "DeepSpeed's Trainer integration sizes it")
+        else:
+            key = path.split(".")[-1]
+            set_auto(path, getattr(defaults, key), "zero_ext's default (give --hf-config to "
+                                                   "size it from the model's hidden_size)")
+    scheduler = cfg.get("scheduler")
+    if isinstance(scheduler, dict) and ConfigFiller(scheduler).leftover_autos():
+        del cfg["scheduler"]  # its "auto" steps may be required keys; it holds no memory
+        said.append("scheduler: left out (its \"auto\" values come from the run's length; a "
+                    "schedule holds no model-state memory)")
+    for path in ConfigFiller(cfg).leftover_autos():
+        set_auto(path, None, "zero_ext's default: it does not change model-state memory")
+    return cfg, said
+
+
 # -- command line --------------------------------------------------------------------------------
 # Each kind counts wherever it lives; "device" and "host" split the total by place.
 _COLUMNS = [("params", lambda e: _both(e, "params") + _both(e, "frozen")),
@@ -507,17 +593,63 @@ def format_table(estimates: Sequence[MemoryEstimate], title: str) -> str:
 
 
 def plot(estimates: Sequence[MemoryEstimate], title: str, path: str) -> None:
-    """Device memory per rank against world size, one line per stage (host dashed)."""
+    """Writes `figure(estimates, title)` to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(estimates, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure(estimates: Sequence[MemoryEstimate], title: str):
+    """Memory per rank by stage: against world size, one line per stage (host dashed), or for
+    a single world size, side-by-side bars per stage (device, host), since points at one x
+    would be drawn on top of each other."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     unit, size = _unit(max(max(e.device.total, e.host.total) for e in estimates))
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    # Distinct markers: stages 1 and 2 coincide without accumulation and must stay visible.
+    fig, axes = plt.subplots(figsize=(7, 4.5))
+    stages = sorted({e.stage for e in estimates})
+    world_sizes = sorted({e.world_size for e in estimates})
+    with_host = any(e.host.total for e in estimates)
+    if len(world_sizes) == 1:
+        _draw_bars(axes, estimates, stages, with_host, size)
+        axes.set_xlabel(f"ZeRO stage, {world_sizes[0]} data-parallel ranks")
+    else:
+        _draw_lines(axes, estimates, stages, world_sizes, size)
+        axes.set_xlabel("data-parallel ranks")
+    axes.set_ylabel(f"model states per rank ({unit})")
+    axes.set_title(textwrap.fill(title, 80), fontsize=9)
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _draw_bars(axes, estimates, stages: list[int], with_host: bool, size: int) -> None:
+    width = 0.38 if with_host else 0.6
+    by_stage = {e.stage: e for e in estimates}
+    xs = list(range(len(stages)))
+    places = [("device", 0.0)] if not with_host else [("device", -width / 2),
+                                                      ("host", width / 2)]
+    for place, shift in places:
+        bars = axes.bar([x + shift for x in xs],
+                        [getattr(by_stage[s], place).total / size for s in stages],
+                        width=width, label=place, hatch="//" if place == "host" else None)
+        axes.bar_label(bars, fmt="%.3g", fontsize=8)
+    axes.set_xticks(xs, [f"stage {s}" for s in stages])
+
+
+def _draw_lines(axes, estimates, stages: list[int], world_sizes: list[int], size: int) -> None:
+    import matplotlib
+
+    # Distinct markers: stages 1 and 2 coincide without accumulation and must stay visible
+    # (drawn at the true world sizes; a single world size is drawn as bars instead).
     markers = {0: "o", 1: "s", 2: "^", 3: "D"}
-    for stage in sorted({e.stage for e in estimates}):
+    for stage in stages:
         rows = sorted((e for e in estimates if e.stage == stage), key=lambda e: e.world_size)
         xs = [e.world_size for e in rows]
         line, = axes.plot(xs, [e.device.total / size for e in rows], marker=markers[stage],
@@ -529,16 +661,8 @@ def plot(estimates: Sequence[MemoryEstimate], title: str, path: str) -> None:
     # Memory falls by orders of magnitude from 1 rank to many: log scales on both axes.
     axes.set_yscale("log")
     axes.set_xscale("log", base=2)
-    axes.set_xticks(sorted({e.world_size for e in estimates}))
+    axes.set_xticks(world_sizes)
     axes.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    axes.set_xlabel("data-parallel ranks")
-    axes.set_ylabel(f"model states per rank ({unit})")
-    axes.set_title(textwrap.fill(title, 80), fontsize=9)
-    axes.grid(True, alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -578,8 +702,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                         help="training dtype of the weights (default bf16, or the config's; "
                              "Adam state is fp32)")
-    parser.add_argument("--gradient-accumulation-steps", type=_arg(_parse_positive),
-                        default=None, metavar="K",
+    parser.add_argument("--micro-batch", type=_arg(_parse_positive), default=None, metavar="B",
+                        help="train_micro_batch_size_per_gpu where the config says \"auto\"")
+    parser.add_argument("--gradient-accumulation-steps", "--grad-accum",
+                        type=_arg(_parse_positive), default=None, metavar="K",
                         help="micro-steps per optimizer step: stage 1 then keeps whole "
                              "gradients, stages 2-3 an fp32 shard (default 1, or the config's)")
     parser.add_argument("--offload-optimizer", action="store_true",
@@ -638,7 +764,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return scaling_cli.measure(args)
     if args.largest_unit is not None and args.params is None:
         parser.error("--largest-unit goes with --params; --hf-config finds the units itself")
+    if args.hf_config is not None:
+        try:
+            model = load_hf_model(args.hf_config)
+        except ValueError as error:
+            parser.error(f"--hf-config {error}")
+        numel = sum(p.numel() for p in model.parameters())
+        source = f"{type(model).__name__} from {args.hf_config}, {_human(numel)} parameters"
+    else:
+        model = args.params
+        source = f"{_human(args.params)} parameters (ZeRO paper formulas)"
     base = _read_json_config(args.config, parser) if args.config is not None else {}
+    base, autos = fill_autos(
+        base, micro_batch=args.micro_batch, accumulation=args.gradient_accumulation_steps,
+        dtype=args.dtype, hidden_size=getattr(getattr(model, "config", None), "hidden_size",
+                                              None))
     base = _with_options(base, dtype=args.dtype or (None if args.config else "bf16"),
                          accumulation=args.gradient_accumulation_steps,
                          offload_optimizer=args.offload_optimizer,
@@ -661,16 +801,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "optimizer offload needs stage 1, 2 or 3")
                      + f"; ask for --stages {','.join(map(str, possible))} or turn the offload "
                        "off")
-    if args.hf_config is not None:
-        try:
-            model = load_hf_model(args.hf_config)
-        except ValueError as error:
-            parser.error(f"--hf-config {error}")
-        numel = sum(p.numel() for p in model.parameters())
-        source = f"{type(model).__name__} from {args.hf_config}, {_human(numel)} parameters"
-    else:
-        model = args.params
-        source = f"{_human(args.params)} parameters (ZeRO paper formulas)"
     if scaling_cli.wanted(args):
         return scaling_cli.run(args, parser, model, base, stages, source)
     try:
@@ -692,6 +822,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         options.append(f"config {args.config}")
     title = f"{source}; {', '.join(options)}"
     print(format_table(estimates, title))
+    if autos:
+        print(f'"auto" in {args.config}, as estimated:')
+        print("\n".join(f"  {line}" for line in autos))
     for note in _notes(estimates, stages, offload_optimizer):
         print(textwrap.fill(note, 100, subsequent_indent="  "))
     if args.plot:
