@@ -8,7 +8,8 @@ gradient_clip_val small enough to clip, a StepLR schedule and max_steps=6 (two e
 Lightning's own DDP strategy (the reference), then ZeroStrategy at stages 1, 2 (by its
 registered name, with a CSVLogger) and 3 (every parameter partitioned); a stage-3 run stopped
 at the end of the first epoch, saved with trainer.save_checkpoint and resumed by a new
-Trainer with ckpt_path; bf16-mixed and 16-true runs; a config that contradicts the Trainer. Rank 0
+Trainer with ckpt_path; bf16-mixed and 16-true runs; a config that contradicts the Trainer; manual optimization without clipping under
+DDP and ZeroStrategy. Rank 0
 writes OUT/results.json: per run the losses of rank 0's micro-batches, the learning rate and
 global gradient norm at each optimizer step, trainer.global_step, the engine's step counts,
 and the final weights (as lists).
@@ -74,6 +75,24 @@ class Regression(RegressionSteps, pl.LightningModule):
     pass
 
 
+class ManualRegression(Regression):
+    """Manual optimization: one manual_backward and one opt.step() per batch, the schedule
+    stepped by hand; Lightning then neither accumulates nor clips."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.lr_schedulers().step()
+        return loss
+
+
 class Record(pl.Callback):
     """Per micro-batch loss, and per optimizer step the learning rate and the global gradient
     norm before clipping (DDP: from the all-reduced .grad; zero_ext: the engine's)."""
@@ -105,10 +124,10 @@ class Record(pl.Callback):
 
 def trainer_for(strategy, max_steps=MAX_STEPS, callbacks=(), **kwargs):
     record = Record()
-    kwargs.setdefault("logger", False)
+    kwargs = {"logger": False, "accumulate_grad_batches": ACCUMULATE, "gradient_clip_val": CLIP,
+              **kwargs}
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, num_nodes=1, strategy=strategy, max_steps=max_steps,
-        accumulate_grad_batches=ACCUMULATE, gradient_clip_val=CLIP,
         callbacks=[record, *callbacks], enable_checkpointing=bool(callbacks),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         **kwargs)
@@ -188,6 +207,11 @@ def main(out: str) -> None:
     final = os.path.join(checkpoints, f"step={MAX_STEPS}.ckpt")
     results["validated"] = trainer.validate(Regression(seed=1), loader(), ckpt_path=final,
                                             verbose=False)[0]["val_loss"]
+
+    # Manual optimization, and no clipping (Lightning's default; zero_ext's would be 1.0).
+    manual = {"accumulate_grad_batches": 1, "gradient_clip_val": None}
+    results["ddp_manual"] = fit("ddp", ManualRegression(), **manual)
+    results["zero_manual"] = fit(ZeroStrategy(stage=2), ManualRegression(), **manual)
 
     results["bf16"] = fit(ZeroStrategy(stage=2), precision="bf16-mixed")
     # fp16 weights with dynamic loss scaling (Lightning turns "16-mixed" into "bf16-mixed" on

@@ -100,6 +100,18 @@ def test_max_steps_counts_optimizer_steps(runs, stage):
     assert zero["engine_micro_steps"] == EPOCHS * windows * ACCUMULATE
 
 
+def test_manual_optimization_without_clipping_equals_lightning_ddp(runs):
+    results, _ = runs
+    zero, ddp = results["zero_manual"], results["ddp_manual"]
+    assert max(ddp["norms"]) > 1.0  # zero_ext's own default would have clipped these
+    assert zero["global_step"] == zero["engine_steps"] == ddp["global_step"] == MAX_STEPS
+    _close(zero["losses"], ddp["losses"])
+    _close(zero["norms"], ddp["norms"])
+    _close(zero["lrs"], ddp["lrs"], rtol=0, atol=0)
+    for name, values in ddp["weights"].items():
+        _close(zero["weights"][name], values)
+
+
 def test_stage3_partitions_the_parameters(runs):
     assert runs[0]["zero3"]["partitioned"]
 

@@ -190,6 +190,10 @@ class ZeroStrategy(DDPStrategy):
         if trainer.gradient_clip_val is not None:
             filler.fill("gradient_clipping", float(trainer.gradient_clip_val),
                         "Trainer(gradient_clip_val)")
+        else:
+            # Lightning does not clip by default; zero_ext's default (DeepSpeed's) clips at 1.0.
+            filler.fill("gradient_clipping", 0.0, "Trainer(gradient_clip_val=None)",
+                        must_match=False)
         precision = self.precision_plugin.precision
         source = f"Trainer(precision={precision!r})"
         bf16_key = "bfloat16" if "bfloat16" in self.config and "bf16" not in self.config \
@@ -216,11 +220,6 @@ class ZeroStrategy(DDPStrategy):
 
     def _create_engine(self, trainer, fitting: bool) -> None:
         module = self.lightning_module
-        if not module.automatic_optimization:
-            raise NotImplementedError(
-                "zero_ext.integrations.lightning: manual optimization (automatic_optimization = "
-                "False) is not supported by ZeroStrategy yet; use automatic optimization, or "
-                "call zero_ext.initialize and engine.backward / engine.step in a plain loop")
         config = self.engine_config(trainer)
         optimizer, scheduler_config = None, None
         if fitting and config.get("optimizer") is None:
@@ -273,7 +272,9 @@ class ZeroStrategy(DDPStrategy):
     def backward(self, closure_loss: torch.Tensor, optimizer, *args, **kwargs) -> torch.Tensor:
         module = self.lightning_module
         engine = self.engine
-        if not self._stepping and engine.is_gradient_accumulation_boundary():
+        # Manual optimization: manual_backward, then opt.step() (accumulate_grad_batches is 1).
+        automatic = module.automatic_optimization
+        if automatic and not self._stepping and engine.is_gradient_accumulation_boundary():
             raise RuntimeError(
                 f"zero_ext.integrations.lightning: the engine's accumulation window ends at "
                 f"micro-step {engine.micro_steps} but Lightning's goes on; "
@@ -286,14 +287,15 @@ class ZeroStrategy(DDPStrategy):
         # gradient_accumulation_steps, the same number: undo one.
         engine.backward(closure_loss * module.trainer.accumulate_grad_batches)
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
-        if not self._stepping:
+        if automatic and not self._stepping:
             engine.step()  # a micro-batch inside the window: the engine counts it
         return closure_loss
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs) -> Any:
         module = model if model is not None else self.lightning_module
         engine = self.engine
-        if not engine.is_gradient_accumulation_boundary():
+        automatic = module.automatic_optimization
+        if automatic and not engine.is_gradient_accumulation_boundary():
             engine.set_gradient_accumulation_boundary()  # an epoch's short last window
         self._stepping = True
         try:
@@ -301,7 +303,7 @@ class ZeroStrategy(DDPStrategy):
         finally:
             self._stepping = False
         self.precision_plugin._after_closure(module, optimizer)  # on_before_optimizer_step
-        if result is None:
+        if automatic and result is None:
             raise RuntimeError("zero_ext.integrations.lightning: training_step returned None; "
                                "every rank must run the same backward and step: return the loss")
         engine.step()
