@@ -12,9 +12,10 @@ rank, 2 accumulation steps, so each epoch ends with a one-micro-batch window, 2 
 with weight decay, a warm-up LambdaLR, clipping to 0.5. Stage 2 also stops after STOP_AT
 micro-batches of the second epoch with save_state, and a new model (other initial weights)
 and Accelerator load_state there and finish. The config-optimizer path (DummyOptim) runs
-against DDP with the same AdamW; stage 3 writes save_model and logs to TensorBoard; misuse
-cases record their error messages. Rank 0 writes OUT/results.json, every run's final weights
-in OUT/weights.pt, and OUT/zero3_saved/ (save_model), OUT/zero3_logs/ (TensorBoard).
+against DDP with the same AdamW; stage 3 writes save_model and logs to TensorBoard; an fp16
+run skips its first steps on overflow; misuse cases record their error messages. Rank 0
+writes OUT/results.json, every run's final weights in OUT/weights.pt, and OUT/zero3_saved/
+(save_model), OUT/zero3_logs/ (TensorBoard).
 `--env-config` runs the stage-2 loop once more, its config from ZERO_EXT_CONFIG, into
 OUT/results_env.json.
 """
@@ -81,7 +82,7 @@ def train(make_accelerator, *, seed=0, config_optimizer=False, schedule=True, re
     scheduler = prepared[3] if scheduler else None
     if log:
         accelerator.init_trackers("run")
-    record = {"losses": [], "grad_norms": [], "lrs": []}
+    record = {"losses": [], "grad_norms": [], "lrs": [], "skipped": []}
     start_epoch, skip = 0, 0
     if resume_from is not None:
         accelerator.load_state(resume_from)
@@ -92,12 +93,13 @@ def train(make_accelerator, *, seed=0, config_optimizer=False, schedule=True, re
         skip = 0
         for x, y in epoch_loader:
             with accelerator.accumulate(model):
-                loss = F.mse_loss(model(x), y)
+                loss = F.mse_loss(model(x).float(), y)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(model.parameters(), CLIP)
                     record["grad_norms"].append(float(norm))
                     record["lrs"].append(optimizer.param_groups[0]["lr"])
+                    record["skipped"].append(optimizer.step_was_skipped)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
@@ -215,6 +217,12 @@ def main(out: str) -> None:
     record, accelerator, model = train(plain, schedule=False)
     results["plain_config_optimizer"] = record
     weights["plain_config_optimizer"] = final_weights(accelerator, model)
+
+    # fp16 with a loss scale too large at first: the engine skips those steps, and the loop's
+    # scheduler (accelerate's wrapper) stays where it was after each of them.
+    fp16 = {"enabled": "auto", "auto_cast": True, "initial_scale_power": 20, "hysteresis": 1}
+    record, _, _ = train(zero(2, config=ds_config(2, fp16=fp16), mixed_precision="fp16"))
+    results["zero2_fp16"] = record
 
     results["errors"] = misuse(out)
     if int(os.environ.get("RANK", "0")) == 0:

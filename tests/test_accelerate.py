@@ -138,6 +138,19 @@ def test_config_optimizer_with_dummy_optim_matches_the_same_adamw(runs):
                                    atol=1e-6)
 
 
+def test_fp16_skipped_steps_leave_the_loops_schedule(runs):
+    """accelerate's scheduler wrapper does not step after a step the engine skipped on
+    overflow (step_was_skipped); otherwise it steps num_processes (2) times per step."""
+    _, results, _ = runs
+    run = results["zero2_fp16"]
+    assert run["skipped"][0] and not all(run["skipped"])
+    taken = 0
+    for skipped, lr in zip(run["skipped"], run["lrs"]):
+        assert lr == pytest.approx(0.02 * min(1.0, (2 * taken + 1) / 6))
+        taken += not skipped
+    assert torch.isfinite(torch.tensor(run["losses"])).all()
+
+
 def test_engine_figures_reach_the_trackers(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
