@@ -6,7 +6,8 @@ The same tiny LightningModule (an MLP regression, fp32) on the same data, 5 batc
 and epoch with accumulate_grad_batches=2 (so each epoch ends with a one-batch window),
 gradient_clip_val small enough to clip, a StepLR schedule and max_steps=6 (two epochs):
 Lightning's own DDP strategy (the reference), then ZeroStrategy at stages 1, 2 (by its
-registered name, with a CSVLogger) and 3 (every parameter partitioned); a stage-3 run stopped
+registered name, with a CSVLogger) and 3 (every parameter partitioned; once more with the
+network built in configure_model, under zero_ext.Init); a stage-3 run stopped
 at the end of the first epoch, saved with trainer.save_checkpoint and resumed by a new
 Trainer with ckpt_path; bf16-mixed and 16-true runs; a config that contradicts the Trainer; manual optimization without clipping under
 DDP and ZeroStrategy. Rank 0
@@ -29,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from zero_ext.integrations.lightning import ZeroStrategy
+from zero_ext.zero.construction import is_init_partitioned
 
 BATCH, BATCHES_PER_EPOCH, ACCUMULATE, MAX_STEPS = 4, 5, 2, 6
 STEPS_PER_EPOCH = 3  # windows of 2, 2 and 1 batches
@@ -91,6 +93,23 @@ class ManualRegression(Regression):
         optimizer.step()
         self.lr_schedulers().step()
         return loss
+
+
+class LateRegression(Regression):
+    """The same network, built in configure_model (at stage 3 under zero_ext.Init)."""
+
+    def __init__(self):
+        super().__init__()
+        del self.net
+        self.built_partitioned = None
+
+    def configure_model(self):
+        if hasattr(self, "net"):
+            return
+        torch.manual_seed(self.hparams.seed)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                                 nn.Linear(16, 1))
+        self.built_partitioned = all(is_init_partitioned(p) for p in self.net.parameters())
 
 
 class Record(pl.Callback):
@@ -194,6 +213,9 @@ def main(out: str) -> None:
     results = {"ddp": fit("ddp"),
                "zero1": fit(ZeroStrategy(stage=1)),
                "zero3": fit(ZeroStrategy(config=STAGE3), callbacks=[every_epoch])}
+    late = LateRegression()
+    results["zero3_configure_model"] = fit(ZeroStrategy(config=STAGE3), late)
+    results["zero3_configure_model"]["built_partitioned"] = late.built_partitioned
     # The registered name, with Lightning's CSV logger receiving the engine's figures.
     results["zero2"] = fit("zero_ext_stage_2", log_every_n_steps=1,
                            logger=CSVLogger(os.path.join(out, "csv"), name="run", version=0))

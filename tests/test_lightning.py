@@ -112,6 +112,16 @@ def test_manual_optimization_without_clipping_equals_lightning_ddp(runs):
         _close(zero["weights"][name], values)
 
 
+def test_stage3_builds_configure_model_under_init(runs):
+    """The network built in configure_model is partitioned as it is built, with the values of
+    a plain build: training equals DDP's."""
+    late, ddp = runs[0]["zero3_configure_model"], runs[0]["ddp"]
+    assert late["built_partitioned"] is True
+    _close(late["losses"], ddp["losses"])
+    for name, values in ddp["weights"].items():
+        _close(late["weights"][name], values)
+
+
 def test_stage3_partitions_the_parameters(runs):
     assert runs[0]["zero3"]["partitioned"]
 

@@ -153,7 +153,8 @@ class ZeroStrategy(DDPStrategy):
         module = self.lightning_module
         fitting = trainer.state.fn == TrainerFn.FITTING
         if self.engine is None or self.engine.module is not module:
-            self.model_to_device()
+            if not any(p.is_meta for p in module.parameters()):
+                self.model_to_device()  # (zero_ext.Init's shards are placed by the engine)
             self._create_engine(trainer, fitting)
         self.model = self.engine
         if fitting:
@@ -377,7 +378,14 @@ class ZeroStrategy(DDPStrategy):
         self.checkpoint_io.teardown()
 
     def model_sharded_context(self):
-        return nullcontext()
+        """LightningModule.configure_model runs inside this: at stage 3 under zero_ext.Init,
+        so that no rank holds the whole model it builds there (values as a plain build's)."""
+        return zero_ext.Init() if self.configured_stage() == 3 else nullcontext()
+
+    def configured_stage(self) -> int:
+        if self.stage is not None:
+            return self.stage
+        return int((self.config.get("zero_optimization") or {}).get("stage", 2))
 
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:
