@@ -4,7 +4,8 @@ Two launches of tests/accelerate_script.py, both 2 CPU ranks: torchrun runs the 
 plain accelerate (DDP, the reference) and with zero_ext's Accelerator at stages 1-3, a
 save_state / load_state resume, the config-optimizer path, save_model, TensorBoard logging and
 the misuse errors; `accelerate launch --multi_gpu` runs the stage-2 loop with its config from
-ZERO_EXT_CONFIG. Every test reads their JSON results.
+ZERO_EXT_CONFIG. The distributed tests read their JSON results; the config's resolution and
+"auto" filling are checked in this process (no Accelerator is created here).
 """
 
 import functools
@@ -188,3 +189,95 @@ def test_misuse_is_one_clear_error(runs, case, fragment):
     message = results["errors"][case]
     assert message.startswith("ValueError: zero_ext.integrations.accelerate.Accelerator: ")
     assert fragment in message
+
+
+# -- the config, in this process ----------------------------------------------------------------
+HF_DOCS_CONFIG = {  # the shape of the Hugging Face DeepSpeed docs' ZeRO-3 config
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {
+        "warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto",
+        "total_num_steps": "auto"}},
+    "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                          "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto"},
+}
+
+
+def test_auto_values_are_filled_as_accelerate_fills_them_for_deepspeed():
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.deepspeed import DummyOptim, DummyScheduler
+
+    from zero_ext.config import ZeroConfig
+    from zero_ext.integrations._accelerate_config import (
+        complete_config,
+        config_accumulation,
+        micro_batch_size,
+    )
+
+    plugin = DeepSpeedPlugin(hf_ds_config=HF_DOCS_CONFIG)
+    model = torch.nn.Linear(4, 4)
+    model.config = type("Config", (), {"hidden_size": 32})()
+    optimizer = DummyOptim(model.parameters(), lr=3e-4, weight_decay=0.1)
+    scheduler = DummyScheduler(optimizer, total_num_steps=101, warmup_num_steps=10)
+    loader = torch.utils.data.DataLoader(range(10), batch_size=3)
+    assert config_accumulation(plugin, 4) == 4
+    micro = micro_batch_size(plugin, [loader], split_batches=False, num_processes=2)
+    config = complete_config(plugin, model, optimizer, scheduler, accumulation=4,
+                             micro_batch=micro, num_processes=2, split_batches=False)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"], config["gradient_clipping"]) == (3, 4, 3 * 4 * 2, 1.0)
+    assert config["optimizer"]["params"] == {"lr": 3e-4, "weight_decay": 0.1}
+    assert config["scheduler"]["params"] == {"warmup_min_lr": 0, "warmup_max_lr": 3e-4,
+                                             "warmup_num_steps": 10, "total_num_steps": 51}
+    zero = config["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (32 * 32, int(0.9 * 32 * 32), 320)
+    assert "steps_per_print" not in config  # accelerate's inf ("never") is the engine's default
+    ZeroConfig.load(config)  # the engine takes it as it is
+
+
+def test_explicit_values_stay_and_an_unfillable_auto_is_named():
+    from accelerate.utils import DeepSpeedPlugin
+
+    from zero_ext.integrations._accelerate_config import complete_config
+
+    plugin = DeepSpeedPlugin(hf_ds_config={"train_micro_batch_size_per_gpu": 5,
+                                           "gradient_clipping": 0.3,
+                                           "zero_optimization": {"stage": 2}})
+    config = complete_config(plugin, torch.nn.Linear(2, 2), None, None, accumulation=1,
+                             micro_batch=5, num_processes=2, split_batches=False)
+    assert (config["gradient_clipping"], config["train_micro_batch_size_per_gpu"]) == (0.3, 5)
+    assert "train_batch_size" not in config  # absent stays absent: the engine derives it
+    plugin = DeepSpeedPlugin(hf_ds_config={"optimizer": {"type": "AdamW", "params": {
+        "betas": "auto"}}, "zero_optimization": {"stage": 2}})
+    with pytest.raises(ValueError, match=r"^zero_ext.integrations.accelerate.Accelerator: the "
+                                         r"config has an \"auto\" value .*optimizer.params.betas"):
+        complete_config(plugin, torch.nn.Linear(2, 2), None, None, accumulation=1,
+                        micro_batch=2, num_processes=1, split_batches=False)
+
+
+def test_the_config_comes_from_exactly_one_place(tmp_path, monkeypatch):
+    from accelerate.utils import DeepSpeedPlugin
+
+    from zero_ext.integrations._accelerate_config import resolve_plugin
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    monkeypatch.delenv("ZERO_EXT_CONFIG", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    with pytest.raises(ValueError, match="no zero_ext config; pass deepspeed_plugin="):
+        resolve_plugin(None, None)
+    assert resolve_plugin(str(path), None).deepspeed_config["zero_optimization"] == {"stage": 1}
+    plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 3}})
+    assert resolve_plugin(None, {"only": plugin}) is plugin
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # `accelerate launch --use_deepspeed`
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    assert resolve_plugin(None, None).deepspeed_config["zero_optimization"] == {"stage": 1}
+    assert resolve_plugin(None, plugin) is plugin  # an explicit plugin wins, as in accelerate
+    monkeypatch.setenv("ZERO_EXT_CONFIG", str(path))
+    assert resolve_plugin(None, None).deepspeed_config["zero_optimization"] == {"stage": 1}
+    with pytest.raises(ValueError, match=r"two configs were given \(deepspeed_plugin= and "
+                                         r"ZERO_EXT_CONFIG="):
+        resolve_plugin(None, plugin)
