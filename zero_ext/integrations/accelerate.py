@@ -96,8 +96,9 @@ class Accelerator(_Accelerator):
         if deepspeed_plugin is not None and deepspeed_plugins is not None:
             raise ValueError(f"{NAME}: pass deepspeed_plugin or deepspeed_plugins, not both")
         self.zero_plugin = resolve_plugin(zero_config, deepspeed_plugin or deepspeed_plugins)
-        precision = str(mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
-        self.zero_plugin.set_mixed_precision(precision.lower())
+        precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        # Fills the config's fp16 / bf16 sections as AcceleratorState does for DeepSpeed.
+        self.zero_plugin.set_mixed_precision(str(getattr(precision, "value", precision)).lower())
         # accelerate would build DeepSpeed's own plugin from the launcher's environment; the
         # engine owns mixed precision (no autocast or GradScaler on top of it).
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
@@ -309,9 +310,10 @@ class Accelerator(_Accelerator):
         for wrapper in self._schedulers:
             # The loop's own schedule, just loaded, sets the rate its groups had at the save,
             # so the engine sees the checkpoint's rate as configured (no "other settings").
-            if getattr(wrapper.scheduler, "optimizer", None) is self.engine.optimizer:
+            schedule = getattr(wrapper, "scheduler", None)
+            if getattr(schedule, "optimizer", None) is self.engine.optimizer:
                 for group, lr in zip(self.engine.optimizer.param_groups,
-                                     wrapper.scheduler.get_last_lr()):
+                                     schedule.get_last_lr()):
                     group["lr"] = lr
         path, _ = self.engine.load_checkpoint(chosen[0], MODEL_NAME, **load_model_func_kwargs)
         if path is None:
