@@ -35,6 +35,7 @@ from zero_ext.zero.construction import is_init_partitioned
 BATCH, BATCHES_PER_EPOCH, ACCUMULATE, MAX_STEPS = 4, 5, 2, 6
 STEPS_PER_EPOCH = 3  # windows of 2, 2 and 1 batches
 CLIP = 0.05
+TOKENS_PER_SAMPLE = 6
 STAGE3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
 
@@ -110,6 +111,27 @@ class LateRegression(Regression):
         self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
                                  nn.Linear(16, 1))
         self.built_partitioned = all(is_init_partitioned(p) for p in self.net.parameters())
+
+
+class TokenRegression(pl.LightningModule):
+    """Token ids inside a dict batch (as a language model's): the engine counts them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = nn.Embedding(16, 8), nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.mse_loss(self.head(self.embed(batch["ids"])).mean(1), batch["y"])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+
+def token_loader() -> DataLoader:
+    x, y = dataset().tensors
+    ids = (x[:, :TOKENS_PER_SAMPLE].abs() * 5).long().clamp(max=15)
+    return DataLoader([{"ids": i, "y": t} for i, t in zip(ids, y)], batch_size=BATCH)
 
 
 class Record(pl.Callback):
@@ -219,6 +241,9 @@ def main(out: str) -> None:
     # The registered name, with Lightning's CSV logger receiving the engine's figures.
     results["zero2"] = fit("zero_ext_stage_2", log_every_n_steps=1,
                            logger=CSVLogger(os.path.join(out, "csv"), name="run", version=0))
+    trainer, _ = trainer_for(ZeroStrategy(stage=2), log_every_n_steps=1,
+                             logger=CSVLogger(os.path.join(out, "csv"), name="tokens", version=0))
+    trainer.fit(TokenRegression(), token_loader())
     # A new Trainer resumes from the first epoch's checkpoint, with a module whose own initial
     # weights differ (the checkpoint must replace them).
     ckpt = os.path.join(checkpoints, f"step={STEPS_PER_EPOCH}.ckpt")

@@ -22,7 +22,15 @@ pytest.importorskip("lightning", reason="the Lightning integration needs lightni
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from lightning_cases import ACCUMULATE, BATCHES_PER_EPOCH, CLIP, MAX_STEPS, Regression, dataset
+from lightning_cases import (
+    ACCUMULATE,
+    BATCHES_PER_EPOCH,
+    CLIP,
+    MAX_STEPS,
+    TOKENS_PER_SAMPLE,
+    Regression,
+    dataset,
+)
 
 STAGES = (1, 2, 3)
 EPOCHS = 2
@@ -163,6 +171,19 @@ def test_csv_logger_receives_the_engine_metrics(runs):
         assert all(float(r[key]) > 0 for r in rows), key
     assert all(float(r["zero_ext/skipped_steps"]) == 0 for r in rows)
     _close([float(r["zero_ext/grad_norm"]) for r in rows], results["ddp"]["norms"])
+
+
+def test_tokens_in_a_dict_batch_reach_the_logger(runs):
+    """A language model's batch (a dict holding token ids): tokens/s and TFLOP/s are logged,
+    tokens/s at TOKENS_PER_SAMPLE x samples/s (both over the same window)."""
+    _, out = runs
+    with open(os.path.join(out, "csv", "tokens", "version_0", "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("zero_ext/samples_per_s")]
+    assert len(rows) == MAX_STEPS
+    for row in rows:
+        assert float(row["zero_ext/tflops_per_rank"]) > 0
+        _close(float(row["zero_ext/tokens_per_s"]),
+               TOKENS_PER_SAMPLE * float(row["zero_ext/samples_per_s"]), rtol=1e-4)
 
 
 def test_bf16_mixed_trains_bf16_weights_close_to_fp32(runs):

@@ -32,9 +32,16 @@ __all__ = ["TrainingMonitor", "count_tokens", "format_bytes", "format_duration",
 
 
 def count_tokens(args: Iterable, kwargs: dict) -> int:
-    """Elements of the first integer tensor among a forward's inputs (its token ids), else 0."""
-    for value in list(args) + list(kwargs.values()):
-        if torch.is_tensor(value) and not value.is_floating_point() and \
+    """Elements of the first integer tensor among a forward's inputs (its token ids), else 0;
+    inside lists, tuples and dicts too (Lightning passes the whole batch as one argument)."""
+    stack = list(kwargs.values())[::-1] + list(args)[::-1]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(reversed(list(value.values())))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(reversed(value))
+        elif torch.is_tensor(value) and not value.is_floating_point() and \
                 not value.is_complex() and value.dtype != torch.bool:
             return value.numel()
     return 0
