@@ -94,7 +94,8 @@ class ZeroStrategy(DDPStrategy):
     `offload_parameters` set zero_optimization.stage (default 2, as DeepSpeed's strategy) and
     CPU offload; the config must not say otherwise. From the Trainer: gradient_accumulation_steps
     (accumulate_grad_batches), train_micro_batch_size_per_gpu (the train DataLoader's
-    batch_size), gradient_clipping (gradient_clip_val, when set) and fp16/bf16 (precision).
+    batch_size), gradient_clipping (gradient_clip_val; unset: the config's, else 0, as Lightning
+    does not clip by default) and fp16/bf16 (precision).
 
     Optimizer: the one LightningModule.configure_optimizers returns (torch.optim.AdamW or Adam:
     its parameter groups and hyperparameters are adopted; any torch optimizer at stage 0), with
@@ -104,7 +105,8 @@ class ZeroStrategy(DDPStrategy):
 
     Checkpoints: trainer.save_checkpoint(path) and ModelCheckpoint write a directory at `path`
     (every rank its shards, Lightning's own state inside), `fit(ckpt_path=path)` resumes it
-    exactly, at any world size and stage. zero_ext.consolidate(path, out) gives one file."""
+    exactly (the engine also loads it at another world size or stage).
+    zero_ext.consolidate(path, out) gives one weights file."""
 
     strategy_name = "zero_ext"
 
