@@ -24,7 +24,7 @@ import sys
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -166,12 +166,11 @@ class Record(pl.Callback):
 def trainer_for(strategy, max_steps=MAX_STEPS, callbacks=(), **kwargs):
     record = Record()
     kwargs = {"logger": False, "accumulate_grad_batches": ACCUMULATE, "gradient_clip_val": CLIP,
-              **kwargs}
+              "enable_model_summary": False, **kwargs}
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, num_nodes=1, strategy=strategy, max_steps=max_steps,
         callbacks=[record, *callbacks], enable_checkpointing=bool(callbacks),
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        **kwargs)
+        enable_progress_bar=False, num_sanity_val_steps=0, **kwargs)
     return trainer, record
 
 
@@ -189,6 +188,11 @@ def final_weights(trainer, module) -> dict:
 def summary(trainer, record, module) -> dict:
     out = {"losses": record.losses, "lrs": record.lrs, "norms": record.norms,
            "global_step": trainer.global_step, "weights": final_weights(trainer, module)}
+    summaries = [c for c in trainer.callbacks if isinstance(c, ModelSummary)]
+    if summaries:  # the table Lightning printed at the start, as numbers
+        table = summaries[0]._summary(trainer, module)
+        out["summary"] = {"trainable": table.trainable_parameters,
+                          "total": table.total_parameters, "per_layer": table.param_nums}
     if isinstance(trainer.strategy, ZeroStrategy):
         engine = trainer.strategy.engine
         out.update(engine_steps=engine.global_steps, engine_micro_steps=engine.micro_steps,
@@ -232,9 +236,10 @@ def main(out: str) -> None:
     checkpoints = os.path.join(out, "checkpoints")
     every_epoch = ModelCheckpoint(dirpath=checkpoints, filename="{step}", save_top_k=-1,
                                   every_n_train_steps=STEPS_PER_EPOCH)
-    results = {"ddp": fit("ddp"),
+    results = {"ddp": fit("ddp", enable_model_summary=True),
                "zero1": fit(ZeroStrategy(stage=1)),
-               "zero3": fit(ZeroStrategy(config=STAGE3), callbacks=[every_epoch])}
+               "zero3": fit(ZeroStrategy(config=STAGE3), callbacks=[every_epoch],
+                            enable_model_summary=True)}
     late = LateRegression()
     results["zero3_configure_model"] = fit(ZeroStrategy(config=STAGE3), late)
     results["zero3_configure_model"]["built_partitioned"] = late.built_partitioned

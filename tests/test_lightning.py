@@ -130,6 +130,14 @@ def test_stage3_builds_configure_model_under_init(runs):
         _close(late["weights"][name], values)
 
 
+def test_stage3_model_summary_counts_the_whole_parameters(runs):
+    """Lightning's summary table at stage 3 counts each partitioned parameter whole, as under
+    DDP (the released placeholders alone count 0)."""
+    zero, ddp = runs[0]["zero3"]["summary"], runs[0]["ddp"]["summary"]
+    assert ddp["trainable"] == sum(len(v) for v in runs[0]["ddp"]["weights"].values())
+    assert zero == ddp
+
+
 def test_stage3_partitions_the_parameters(runs):
     assert runs[0]["zero3"]["partitioned"]
 

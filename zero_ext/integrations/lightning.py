@@ -18,6 +18,7 @@ explicit config value that contradicts them is an error).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -26,12 +27,14 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.callbacks import ModelSummary as ModelSummaryCallback
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.model_summary import ModelSummary
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 
@@ -39,7 +42,7 @@ import zero_ext
 from zero_ext.config import read_json_config
 from zero_ext.integrations.config_fill import ConfigFiller
 
-__all__ = ["ZeroPrecision", "ZeroStrategy"]
+__all__ = ["EngineModelSummary", "ZeroPrecision", "ZeroStrategy"]
 
 CONFIG_ENV_VAR = "ZERO_EXT_CONFIG"
 _CHECKPOINT_TAG = "checkpoint"  # <ckpt path>/checkpoint/: one engine checkpoint per path
@@ -75,6 +78,11 @@ class ZeroPrecision(Precision):
         """The engine clips at its step (gradient_clipping = Trainer(gradient_clip_val))."""
 
 
+def _engine_summary(engine, max_depth: int, trainer, pl_module) -> ModelSummary:
+    """ModelSummary callback's summary (its `_summary` method) under a stage-3 engine."""
+    return EngineModelSummary(pl_module, engine, max_depth=max_depth)
+
+
 def _plain(value):
     """`value` with every mapping a plain dict (Lightning's AttributeDict hyperparameters, an
     OrderedDict of loop state), so that a data-only engine checkpoint can hold it; anything
@@ -84,6 +92,33 @@ def _plain(value):
     if type(value) in (list, tuple):
         return type(value)(_plain(v) for v in value)
     return value
+
+
+class EngineModelSummary(ModelSummary):
+    """Lightning's model summary with each parameter of a stage-3 engine counted whole: while
+    its unit is released, a partitioned parameter's own tensor is an empty placeholder (as
+    DeepSpeed's, for which Lightning has DeepSpeedSummary)."""
+
+    def __init__(self, model, engine, max_depth: int = 1):
+        # Every trainable parameter's size, from the engine's bucket layouts.
+        self._numels = {id(engine._params[slot.param_index]): slot.numel
+                        for layout in engine.layouts for slot in layout.slots}
+        super().__init__(model, max_depth)
+
+    def _count(self, params) -> int:
+        return sum(self._numels.get(id(p), p.numel()) for p in params)
+
+    @property
+    def param_nums(self) -> list[int]:
+        return [self._count(layer._module.parameters()) for layer in self._layer_summary.values()]
+
+    @property
+    def total_parameters(self) -> int:
+        return self._count(self._model.parameters())
+
+    @property
+    def trainable_parameters(self) -> int:
+        return self._count(p for p in self._model.parameters() if p.requires_grad)
 
 
 class ZeroStrategy(DDPStrategy):
@@ -161,6 +196,11 @@ class ZeroStrategy(DDPStrategy):
         self.model = self.engine
         if fitting:
             self.optimizers, self.lr_scheduler_configs = self._fit_state
+        if self.engine.partitioned is not None:
+            for callback in trainer.callbacks:  # the summary printed at on_fit_start
+                if isinstance(callback, ModelSummaryCallback):
+                    callback._summary = functools.partial(_engine_summary, self.engine,
+                                                          callback._max_depth)
         self.barrier()
 
     def engine_config(self, trainer) -> dict:
