@@ -10,7 +10,8 @@ registered name, with a CSVLogger) and 3 (every parameter partitioned; once more
 network built in configure_model, under zero_ext.Init); a stage-3 run stopped
 at the end of the first epoch, saved with trainer.save_checkpoint and resumed by a new
 Trainer with ckpt_path; bf16-mixed and 16-true runs; a config that contradicts the Trainer; manual optimization without clipping under
-DDP and ZeroStrategy. Rank 0
+DDP and ZeroStrategy; a config "optimizer" section against DDP with that AdamW; a dict batch of
+token ids (tokens/s); the standalone pytorch_lightning package. Rank 0
 writes OUT/results.json: per run the losses of rank 0's micro-batches, the learning rate and
 global gradient norm at each optimizer step, trainer.global_step, the engine's step counts,
 and the final weights (as lists).
@@ -94,6 +95,11 @@ class ManualRegression(Regression):
         optimizer.step()
         self.lr_schedulers().step()
         return loss
+
+
+class UnscheduledRegression(Regression):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
 
 
 class LateRegression(Regression):
@@ -259,6 +265,12 @@ def main(out: str) -> None:
     final = os.path.join(checkpoints, f"step={MAX_STEPS}.ckpt")
     results["validated"] = trainer.validate(Regression(seed=1), loader(), ckpt_path=final,
                                             verbose=False)[0]["val_loss"]
+
+    # A config with an "optimizer" section: that one trains, configure_optimizers (AdamW and a
+    # StepLR) is not called; the reference is DDP with the same AdamW and no schedule.
+    results["ddp_unscheduled"] = fit("ddp", UnscheduledRegression())
+    adamw = {"type": "AdamW", "params": {"lr": 0.02, "weight_decay": 0.1}}
+    results["zero_config_optimizer"] = fit(ZeroStrategy(config={"optimizer": adamw}))
 
     # Manual optimization, and no clipping (Lightning's default; zero_ext's would be 1.0).
     manual = {"accumulate_grad_batches": 1, "gradient_clip_val": None}

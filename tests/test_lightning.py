@@ -138,6 +138,15 @@ def test_stage3_model_summary_counts_the_whole_parameters(runs):
     assert zero == ddp
 
 
+def test_a_config_optimizer_replaces_configure_optimizers(runs):
+    results, _ = runs
+    zero, ddp = results["zero_config_optimizer"], results["ddp_unscheduled"]
+    assert set(zero["lrs"]) == {0.02}  # configure_optimizers' StepLR did not run
+    _close(zero["losses"], ddp["losses"])
+    for name, values in ddp["weights"].items():
+        _close(zero["weights"][name], values)
+
+
 def test_stage3_partitions_the_parameters(runs):
     assert runs[0]["zero3"]["partitioned"]
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.callbacks import ModelSummary as ModelSummaryCallback
-from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers, _MockOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
@@ -273,7 +273,8 @@ class ZeroStrategy(DDPStrategy):
                     f"{len(optimizers)} optimizers and {len(schedulers)} LR schedulers; the "
                     "engine steps one optimizer (with at most one scheduler): return one")
             optimizer = optimizers[0]
-            if not isinstance(optimizer, torch.optim.Optimizer):
+            if isinstance(optimizer, _MockOptimizer) or \
+                    not isinstance(optimizer, torch.optim.Optimizer):
                 raise ValueError("zero_ext.integrations.lightning: configure_optimizers returned "
                                  "no optimizer; return a torch.optim.AdamW (or add an "
                                  "\"optimizer\" section to the zero_ext config)")
