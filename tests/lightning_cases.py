@@ -4,17 +4,18 @@
 
 The same tiny LightningModule (an MLP regression, fp32) on the same data, 5 batches per rank
 and epoch with accumulate_grad_batches=2 (so each epoch ends with a one-batch window),
-gradient_clip_val small enough to clip, a StepLR schedule and max_steps=6 (two epochs):
+gradient_clip_val small enough to clip, a step-wise StepLR and max_steps=6 (two epochs):
 Lightning's own DDP strategy (the reference), then ZeroStrategy at stages 1, 2 (by its
-registered name, with a CSVLogger) and 3 (every parameter partitioned; once more with the
-network built in configure_model, under zero_ext.Init); a stage-3 run stopped
-at the end of the first epoch, saved with trainer.save_checkpoint and resumed by a new
-Trainer with ckpt_path; bf16-mixed and 16-true runs; a config that contradicts the Trainer; manual optimization without clipping under
-DDP and ZeroStrategy; a config "optimizer" section against DDP with that AdamW; a dict batch of
-token ids (tokens/s); the standalone pytorch_lightning package. Rank 0
-writes OUT/results.json: per run the losses of rank 0's micro-batches, the learning rate and
-global gradient norm at each optimizer step, trainer.global_step, the engine's step counts,
-and the final weights (as lists).
+registered name, with a CSVLogger) and 3 (every parameter partitioned; a ModelCheckpoint
+after the first epoch's last step, from which a new Trainer resumes with ckpt_path, and from
+the last one validate() loads; once more with the network built in configure_model, under
+zero_ext.Init). Also: bf16-mixed and 16-true runs; a config that contradicts the Trainer;
+manual optimization without clipping under DDP and ZeroStrategy; a config "optimizer" section
+against DDP with that AdamW; a dict batch of token ids (tokens/s in the logger); the
+standalone pytorch_lightning package. Rank 0 writes OUT/results.json: per run the losses of
+rank 0's micro-batches, the learning rate and global gradient norm at each optimizer step,
+trainer.global_step, the engine's step counts, the model summary's counts and the final
+weights (as lists).
 """
 
 import importlib.util
