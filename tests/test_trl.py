@@ -124,6 +124,17 @@ def test_fused_lm_head_outside_the_forward_is_gathered_or_refused(out):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_fused_lm_head_costs_the_gathers_of_the_lm_head_module(out):
+    # At stage 3 TRL's fused head holds lm_head's unit through the forward and its backward:
+    # the same all-gathers and reduce-scatters as the plain Trainer calling lm_head as a module
+    # for as many micro-steps (a gather per use instead would add lm_head's size at each one).
+    with open(os.path.join(out, "traffic.json")) as f:
+        sent = json.load(f)
+    fused, module = sent["sft_zero3"], sent["lm_head_module_zero3"]
+    assert fused["all_gather"] == module["all_gather"] > 2 * sent["sft_zero2"]["all_gather"]
+    assert fused["reduce_scatter"] == module["reduce_scatter"]
+
+
 def test_unmodified_trl_script_with_deepspeed_option_runs_on_zero_ext(out):
     # The script names a DeepSpeed config and imports nothing of zero_ext (DeepSpeed is not
     # installed); zero_ext.run trains it at stage 3, equal to TRL's DDP run of the same setup.

@@ -30,7 +30,10 @@ from transformers import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     PreTrainedTokenizerFast,
+    TrainingArguments,
 )
+
+import zero_ext
 
 STEPS = 3
 MICRO, ACCUMULATION = 2, 2  # x 2 ranks: a global batch of 8
@@ -175,16 +178,44 @@ def guard(trainer, out: str) -> None:
             json.dump(result, f)
 
 
+def lm_head_module_run(out: str) -> dict:
+    """The plain Trainer (ZeroTrainer) at stage 3 on the same model for as many micro-steps as
+    the SFT runs: its lm_head runs as a module, gathered by its own forward and backward."""
+    from zero_ext.integrations.transformers import ZeroTrainer
+
+    tokenizer = char_tokenizer()
+    rows = [tokenizer(phrase(i, 4))["input_ids"][:12] for i in range(16)]
+    data = [{"input_ids": torch.tensor(r), "labels": torch.tensor(r)} for r in rows]
+    config = {**ZERO_CONFIG, "zero_optimization": {**ZERO_CONFIG["zero_optimization"],
+                                                   "stage": 3}}
+    trainer = ZeroTrainer(model=tiny_llama(len(tokenizer)), train_dataset=data,
+                          args=arguments(TrainingArguments, os.path.join(out, "scratch", "lm")),
+                          zero_config=config)
+    return trained(trainer)
+
+
+def trained(trainer) -> dict:
+    """trainer.train(), and the elements each collective sent meanwhile (ring sense)."""
+    zero_ext.comm.traffic.reset()
+    trainer.train()
+    return dict(zero_ext.comm.traffic.elements)
+
+
 def main(out: str) -> None:
+    sent = {}
     for kind, stages in (("sft", (1, 2, 3)), ("dpo", (1, 2, 3)), ("grpo", (1, 2, 3)),
                          ("reward", (3,))):
         for stage in (None, *stages):
             name = f"{kind}_ddp" if stage is None else f"{kind}_zero{stage}"
             trainer = trainer_for(kind, stage, os.path.join(out, "scratch", name))
-            trainer.train()
+            sent[name] = trained(trainer)
             record(trainer, out, name)
             if kind == "sft" and stage == 3:
                 guard(trainer, out)
+    sent["lm_head_module_zero3"] = lm_head_module_run(out)
+    if dist.get_rank() == 0:
+        with open(os.path.join(out, "traffic.json"), "w") as f:
+            json.dump(sent, f)
     dist.barrier()
 
 
