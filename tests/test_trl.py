@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from trl_script import TRAINING, ZERO_CONFIG
 
-RUNS = [("sft", 1), ("sft", 2), ("sft", 3), ("dpo", 1), ("dpo", 2), ("dpo", 3),
+RUNS = [("sft", 1), ("sft", 2), ("sft", 3), ("dpo", 1), ("dpo", 2), ("dpo", 3), ("dpo_peft", 3),
         ("grpo", 1), ("grpo", 2), ("grpo", 3), ("reward", 3)]
 
 
@@ -78,6 +78,10 @@ def _result(out: str, name: str) -> dict:
 
 
 def _weights(out: str, name: str) -> dict:
+    """A run's saved model, or its adapters when it trained a PEFT adapter."""
+    adapters = os.path.join(out, name, "adapter_model.safetensors")
+    if os.path.exists(adapters):
+        return load_file(adapters)
     return load_file(os.path.join(out, name, "model.safetensors"))
 
 
@@ -88,15 +92,19 @@ def test_logged_losses_and_grad_norms_equal_trl_ddp(out, kind, stage):
     # GRPO's losses are near 0 at the first step (advantages average to 0): atol for those.
     torch.testing.assert_close(zero["losses"], ddp["losses"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(zero["grad_norms"], ddp["grad_norms"], rtol=1e-5, atol=0)
-    assert min(ddp["grad_norms"]) > 0.1  # something was trained
+    assert min(ddp["grad_norms"]) > 0.01  # something was trained
 
 
 @pytest.mark.parametrize("kind,stage", RUNS)
 def test_final_weights_equal_trl_ddp(out, kind, stage):
     zero, ddp = _weights(out, f"{kind}_zero{stage}"), _weights(out, f"{kind}_ddp")
     assert zero.keys() == ddp.keys()
-    initial = _initial_weights(kind)
-    assert max(float((ddp[k] - initial[k]).abs().max()) for k in ddp) > 1e-3  # it trained
+    if kind == "dpo_peft":  # LoRA's B matrices start at zero
+        moved = max(float(v.abs().max()) for k, v in ddp.items() if "lora_B" in k)
+    else:
+        initial = _initial_weights(kind)
+        moved = max(float((ddp[k] - initial[k]).abs().max()) for k in ddp)
+    assert moved > 1e-3  # the reference really trained
     for key in ddp:
         torch.testing.assert_close(zero[key], ddp[key], rtol=1e-4, atol=1e-5, msg=key)
 

@@ -2,13 +2,15 @@
 
     torchrun --nproc_per_node=2 tests/trl_script.py OUT
 
-For TRL's SFTTrainer, DPOTrainer (with a reference model and sync_ref_model), GRPOTrainer
-(generation and a reward function) and RewardTrainer: the TRL trainer itself under
+For TRL's SFTTrainer, DPOTrainer (with a reference model and sync_ref_model, and with a LoRA
+adapter and no reference model), GRPOTrainer (generation and a reward function) and
+RewardTrainer: the TRL trainer itself under
 DistributedDataParallel (TRL's own 2-rank run, the reference), and zero_trainer(<that class>)
-at ZeRO stages 1, 2 and 3 (the reward trainer at stage 3 only), all fp32 with the same seeds,
+at ZeRO stages 1, 2 and 3 (LoRA DPO and the reward trainer at stage 3 only), all fp32 with the same seeds,
 data and global batch. Every rank then runs the same generation RNG stream as under DDP, so
 GRPO samples the same completions. Rank 0 writes OUT/<name>.json (the logged losses and grad
-norms) and each run's final weights go to OUT/<name>/model.safetensors. OUT/guard.json holds
+norms) and each run's final weights go to OUT/<name>/model.safetensors (the LoRA run's adapters
+to OUT/<name>/adapter_model.safetensors). OUT/guard.json holds
 what a stage-3 read of lm_head.weight outside the model's forward does, with and without TRL's
 gather context.
 
@@ -124,6 +126,13 @@ def trainer_for(kind: str, stage: int | None, out: str):
             "args": arguments(trl.DPOConfig, out, sync_ref_model=True, ref_model_sync_steps=1,
                               ref_model_mixup_alpha=0.5),
             "ref_model": tiny_llama(vocab), "train_dataset": preference_dataset()}
+    elif kind == "dpo_peft":  # no reference model: the policy with its LoRA adapters off
+        from peft import LoraConfig
+
+        cls, kwargs = trl.DPOTrainer, {
+            "args": arguments(trl.DPOConfig, out), "train_dataset": preference_dataset(),
+            "peft_config": LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                      target_modules=["q_proj", "v_proj"])}
     elif kind == "grpo":
         cls, kwargs = trl.GRPOTrainer, {
             "args": arguments(trl.GRPOConfig, out, num_generations=4, max_completion_length=6),
@@ -203,8 +212,8 @@ def trained(trainer) -> dict:
 
 def main(out: str) -> None:
     sent = {}
-    for kind, stages in (("sft", (1, 2, 3)), ("dpo", (1, 2, 3)), ("grpo", (1, 2, 3)),
-                         ("reward", (3,))):
+    for kind, stages in (("sft", (1, 2, 3)), ("dpo", (1, 2, 3)), ("dpo_peft", (3,)),
+                         ("grpo", (1, 2, 3)), ("reward", (3,))):
         for stage in (None, *stages):
             name = f"{kind}_ddp" if stage is None else f"{kind}_zero{stage}"
             trainer = trainer_for(kind, stage, os.path.join(out, "scratch", name))
