@@ -12,12 +12,12 @@ import functools
 import glob
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from launch import free_port, launch, torchrun
 
 pytest.importorskip("accelerate", reason="the accelerate integration needs accelerate")
 
@@ -27,36 +27,17 @@ STAGES = (1, 2, 3)
 STEPS, WINDOWS_PER_EPOCH = 12, 6  # 11 micro-batches per rank and epoch: the 6th window is short
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(cmd: list[str], timeout: float, **env) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                                check=False)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{' '.join(cmd)} ran past {timeout}s:\n{(error.stderr or b'')[-3000:]}")
-    assert result.returncode == 0, (f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n"
-                                    f"{result.stderr[-6000:]}")
-
-
 @functools.cache
 def _runs(out: str):
-    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-             "--master_addr=127.0.0.1", f"--master_port={_free_port()}", SCRIPT, out],
-            timeout=240)
+    torchrun([SCRIPT, out], timeout=240)
     config = os.path.join(out, "ds.json")
     with open(config, "w") as f:  # the stage-2 config of the torchrun runs
         json.dump({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                    "gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}, f)
-    _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-             "--num_processes=2", "--num_machines=1", "--mixed_precision=no",
-             "--dynamo_backend=no", f"--main_process_port={_free_port()}", SCRIPT, out,
-             "--env-config"], timeout=180, ZERO_EXT_CONFIG=config)
+    launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+            "--num_processes=2", "--num_machines=1", "--mixed_precision=no",
+            "--dynamo_backend=no", f"--main_process_port={free_port()}", SCRIPT, out,
+            "--env-config"], timeout=180, env={"ZERO_EXT_CONFIG": config})
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     with open(os.path.join(out, "results_env.json")) as f:

@@ -11,8 +11,6 @@ this process.
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -24,34 +22,20 @@ from zero_ext.integrations import _hf_apply
 from zero_ext.integrations._hf_apply import ENV
 from zero_ext.integrations.transformers import ZeroTrainer, apply, zero_trainer
 
+from launch import torchrun
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = os.path.join(HERE, "hf_run_cases.py")
 ZERO_RUNS = ("stage2", "stage3", "env3")
 STEPS, WARMUP, LR = 6, 2, 1e-2  # as in hf_run_cases.py
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("hf_run"))
     # ZERO_EXT_PROGRESS=1 would force the engine's bar on: under the Trainer it must stay off.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ZERO_EXT_PROGRESS": "1"}
-    env.pop(ENV, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "zero_ext.run",
-           CASES, out]
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                                check=False)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{' '.join(cmd)} ran past 300s:\n{(error.stderr or b'')[-3000:]}")
-    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
-
+    result = torchrun(["-m", "zero_ext.run", CASES, out], timeout=300,
+                      env={"ZERO_EXT_PROGRESS": "1"}, unset=(ENV,))
     def load(name):
         with open(os.path.join(out, f"{name}.json")) as f:
             return json.load(f)

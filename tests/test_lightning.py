@@ -11,12 +11,12 @@ import csv
 import functools
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from launch import torchrun
 
 pytest.importorskip("lightning", reason="the Lightning integration needs lightning installed")
 
@@ -36,24 +36,9 @@ STAGES = (1, 2, 3)
 EPOCHS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @functools.cache
 def _runs(out: str) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-           os.path.join(HERE, "lightning_cases.py"), out]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                                check=False)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{' '.join(cmd)} ran past 300s:\n{(error.stderr or '')[-3000:]}")
-    assert result.returncode == 0, f"lightning_cases.py failed:\n{result.stderr[-6000:]}"
+    torchrun([os.path.join(HERE, "lightning_cases.py"), out], timeout=300)
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
 

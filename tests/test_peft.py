@@ -18,7 +18,8 @@ import torch
 pytest.importorskip("peft", reason="the PEFT integration needs peft")
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_trainer import _free_port, _launch
+
+from launch import launch, torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "peft_script.py")
@@ -36,10 +37,8 @@ def _out() -> str:
     import tempfile
     out = tempfile.mkdtemp(prefix="zero_ext_peft_")
     os.environ["HF_HUB_OFFLINE"] = "1"  # bitsandbytes would look for hub kernels otherwise
-    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-             "--master_addr=127.0.0.1", f"--master_port={_free_port()}", SCRIPT, "distributed",
-             out], timeout=420)
-    _launch([sys.executable, SCRIPT, "single", out], timeout=240)
+    torchrun([SCRIPT, "distributed", out], timeout=420)
+    launch([sys.executable, SCRIPT, "single", out], timeout=240)
     return out
 
 

@@ -10,8 +10,6 @@ process.
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -23,37 +21,19 @@ from transformers import TrainingArguments
 import zero_ext
 from zero_ext.integrations.transformers import ZeroTrainer, fill_config
 
+from launch import launch, torchrun
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "trainer_script.py")
 EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "hf_trainer.py")
 STAGES = (1, 2, 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(cmd: list[str], timeout: float) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                                check=False)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{' '.join(cmd)} ran past {timeout}s:\n{(error.stderr or b'')[-3000:]}")
-    assert result.returncode == 0, (f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n"
-                                    f"{result.stderr[-6000:]}")
-    return result.stdout
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("trainer"))
-    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-             "--master_addr=127.0.0.1", f"--master_port={_free_port()}", SCRIPT, "distributed",
-             out], timeout=420)
-    _launch([sys.executable, SCRIPT, "single", out], timeout=240)
+    torchrun([SCRIPT, "distributed", out], timeout=420)
+    launch([sys.executable, SCRIPT, "single", out], timeout=240)
 
     def result(name):
         with open(os.path.join(out, f"{name}.json")) as f:
@@ -220,10 +200,8 @@ def test_skipped_fp16_steps_do_not_advance_the_schedule(runs):
 
 def test_example_with_stage3_offload_under_torchrun(tmp_path):
     config = os.path.join(os.path.dirname(EXAMPLE), "configs", "trainer", "zero3_offload.json")
-    stdout = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                      "--master_addr=127.0.0.1", f"--master_port={_free_port()}", EXAMPLE,
-                      "--config", config, "--steps", "12", "--output_dir", str(tmp_path)],
-                     timeout=300)
+    stdout = torchrun([EXAMPLE, "--config", config, "--steps", "12", "--output_dir",
+                       str(tmp_path)], timeout=300).stdout
     match = re.search(r"stage 3, 2 rank\(s\): loss ([\d.]+) -> eval loss ([\d.]+)", stdout)
     assert match, stdout[-3000:]
     first, last = map(float, match.groups())
