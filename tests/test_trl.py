@@ -95,6 +95,12 @@ def test_logged_losses_and_grad_norms_equal_trl_ddp(out, kind, stage):
     assert min(ddp["grad_norms"]) > 0.01  # something was trained
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_sft_evaluation_equals_trl_ddp(out, stage):
+    zero, ddp = _result(out, f"sft_zero{stage}"), _result(out, "sft_ddp")
+    assert zero["eval_loss"] == pytest.approx(ddp["eval_loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("kind,stage", RUNS)
 def test_final_weights_equal_trl_ddp(out, kind, stage):
     zero, ddp = _weights(out, f"{kind}_zero{stage}"), _weights(out, f"{kind}_ddp")

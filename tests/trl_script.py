@@ -151,14 +151,14 @@ def trainer_for(kind: str, stage: int | None, out: str):
                              **kwargs)
 
 
-def record(trainer, out: str, name: str) -> None:
+def record(trainer, out: str, name: str, **extra) -> None:
     """The logged losses and grad norms (rank 0) and the final weights (collective)."""
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     trainer.save_model(os.path.join(out, name))
     if trainer.is_world_process_zero():
         with open(os.path.join(out, f"{name}.json"), "w") as f:
             json.dump({"losses": [e["loss"] for e in logs],
-                       "grad_norms": [e["grad_norm"] for e in logs]}, f)
+                       "grad_norms": [e["grad_norm"] for e in logs], **extra}, f)
 
 
 def guard(trainer, out: str) -> None:
@@ -218,7 +218,10 @@ def main(out: str) -> None:
             name = f"{kind}_ddp" if stage is None else f"{kind}_zero{stage}"
             trainer = trainer_for(kind, stage, os.path.join(out, "scratch", name))
             sent[name] = trained(trainer)
-            record(trainer, out, name)
+            extra = {}
+            if kind == "sft":  # forwards without backward: the fused head under no_grad
+                extra["eval_loss"] = trainer.evaluate(sft_dataset(8))["eval_loss"]
+            record(trainer, out, name, **extra)
             if kind == "sft" and stage == 3:
                 guard(trainer, out)
     sent["lm_head_module_zero3"] = lm_head_module_run(out)
