@@ -278,7 +278,8 @@ def test_contradictions_are_listed_in_one_error(args):
                      "bf16.enabled is True in the config, but TrainingArguments.bf16 is False",
                      "optimizer.params.lr is 0.001",
                      "scheduler.params.warmup_num_steps is 5",
-                     "scheduler.params.warmup_type is \"auto\", but no TrainingArguments value"):
+                     "scheduler.params.warmup_type is \"auto\", but no value of the "
+                     "TrainingArguments"):
         assert expected in text, text
     assert "gradient_accumulation_steps is" not in text and "betas" not in text
     assert text.count("\n  - ") == 6

@@ -90,12 +90,4 @@ def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
         for path, value, source in hidden_size_defaults(hidden_size):
             filler.fill(path, value, source, fill_absent=False, must_match=False)
 
-    problems = [f"  - {m}" for m in filler.mismatches]
-    problems += [f"  - {path} is \"auto\", but no TrainingArguments value corresponds to it; "
-                 "give a value" for path in filler.leftover_autos()]
-    if problems:
-        raise ValueError(
-            "ZeroTrainer: the zero_ext config does not agree with the TrainingArguments:\n"
-            + "\n".join(problems) + "\nSet the config keys to \"auto\" (or remove them) to take "
-            "the TrainingArguments' values, or change the arguments to match the config.")
-    return cfg
+    return filler.finish("ZeroTrainer", "the TrainingArguments")

@@ -81,3 +81,17 @@ class ConfigFiller:
 
         walk(self.config, "")
         return found
+
+    def finish(self, owner: str, settings: str) -> dict:
+        """The filled config; or one ValueError, from `owner` (e.g. "ZeroTrainer"), listing
+        every contradiction and every "auto" that none of the `settings` (e.g. "the
+        TrainingArguments") fills."""
+        problems = [f"  - {m}" for m in self.mismatches]
+        problems += [f"  - {path} is \"auto\", but no value of {settings} corresponds to it; "
+                     "give a value" for path in self.leftover_autos()]
+        if problems:
+            raise ValueError(
+                f"{owner}: the zero_ext config does not agree with {settings}:\n"
+                + "\n".join(problems) + f"\nSet those keys to \"auto\" (or remove them) to "
+                f"take the values of {settings}, or change {settings} to match the config.")
+        return self.config

@@ -243,15 +243,7 @@ class ZeroStrategy(DDPStrategy):
             else "bf16"
         filler.fill(f"{bf16_key}.enabled", precision.startswith("bf16"), source)
         filler.fill("fp16.enabled", precision.startswith("16"), source)
-        problems = [f"  - {m}" for m in filler.mismatches]
-        problems += [f"  - {path} is \"auto\", but no Trainer setting corresponds to it; give "
-                     "a value" for path in filler.leftover_autos()]
-        if problems:
-            raise ValueError(
-                "zero_ext.integrations.lightning: the zero_ext config does not agree with the "
-                "Trainer:\n" + "\n".join(problems) + "\nSet those keys to \"auto\" (or remove "
-                "them) to take the Trainer's values, or change the Trainer to match the config.")
-        return filler.config
+        return filler.finish("zero_ext.integrations.lightning", "the Lightning Trainer")
 
     def _loader_batch_size(self, trainer) -> int | None:
         # As Lightning's DeepSpeed strategy: the engine only counts samples/s with it.
