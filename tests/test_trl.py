@@ -14,8 +14,6 @@ gradient (what the fused head gave before) moves them by ~lr.
 import functools
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -28,42 +26,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from trl_script import TRAINING, ZERO_CONFIG
 
+from launch import torchrun
+
 RUNS = [("sft", 1), ("sft", 2), ("sft", 3), ("dpo", 1), ("dpo", 2), ("dpo", 3), ("dpo_peft", 3),
         ("grpo", 1), ("grpo", 2), ("grpo", 3), ("reward", 3)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(args: list[str], timeout: float) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                                cwd=os.path.dirname(HERE), check=False)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{' '.join(cmd)} ran past {timeout}s:\n{(error.stderr or b'')[-3000:]}")
-    assert result.returncode == 0, (f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n"
-                                    f"{result.stderr[-6000:]}")
 
 
 @functools.cache
 def _out(tmp_root: str) -> str:
     out = os.path.join(tmp_root, "trl")
     os.makedirs(out, exist_ok=True)
-    _torchrun([os.path.join(HERE, "trl_script.py"), out], timeout=420)
+    torchrun([os.path.join(HERE, "trl_script.py"), out], timeout=420)
     # The unmodified script: its own --deepspeed option names a HF-docs ZeRO-3 config.
     config = os.path.join(out, "ds_zero3.json")
     with open(config, "w") as f:
         json.dump({**ZERO_CONFIG, "zero_optimization": {**ZERO_CONFIG["zero_optimization"],
                                                         "stage": 3}}, f)
     cli = [f"--{key}={value}" for key, value in TRAINING.items()]
-    _torchrun(["-m", "zero_ext.run", os.path.join(HERE, "trl_sft_cli.py"), "--deepspeed", config,
-               "--output_dir", os.path.join(out, "cli"), *cli], timeout=240)
+    torchrun(["-m", "zero_ext.run", os.path.join(HERE, "trl_sft_cli.py"), "--deepspeed", config,
+              "--output_dir", os.path.join(out, "cli"), *cli], timeout=240,
+             cwd=os.path.dirname(HERE))
     return out
 
 
