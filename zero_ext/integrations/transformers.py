@@ -209,29 +209,24 @@ class _ZeroTrainerMixin:
                 f"{engine.micro_steps} but the Trainer's goes on; gradient_accumulation_steps "
                 f"is {engine.batch.gradient_accumulation_steps} in the engine and "
                 f"{self.args.gradient_accumulation_steps} in the TrainingArguments")
-        model.train()
-        inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        del inputs
         gas = self.args.gradient_accumulation_steps
-        window = self.current_gradient_accumulation_steps  # shorter at an epoch's end
-        # As in Trainer.training_step: a loss normalised by the window's item count is already
-        # this micro-batch's share of the window's loss; otherwise it is a per-batch mean.
-        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
-            (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-            or self.compute_loss_func is not None)
-        # engine.backward divides by gradient_accumulation_steps, which is the one
-        # 1/accumulation a per-batch mean needs in a whole window; otherwise the loss is
-        # multiplied back first.
-        if scaled:
+        accelerator = self.accelerator
+
+        def backward(loss, **kwargs):
+            # Trainer.training_step has made `loss` this micro-batch's share of the window's
+            # loss (divided by a short window's length where it is a per-batch mean);
+            # engine.backward divides by gradient_accumulation_steps, so multiply that back.
             engine.backward(loss.float() * gas)
-        elif window != gas:
-            engine.backward(loss.float() * (gas / window))
-        else:
-            engine.backward(loss)
-        engine.step()
-        return (loss if scaled else loss / window).detach()
+            engine.step()
+
+        # The Trainer's own training_step runs, under the subclass's overrides of it (TRL's
+        # GRPO counts its steps there, and DPO/SFT/KTO/reward enter their activation
+        # offloading); only its accelerator.backward becomes the engine's backward and step.
+        accelerator.backward = backward
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            del accelerator.backward  # back to the class's method
 
     def _clip_grad_norm(self, model):
         # The engine clipped to gradient_clipping (= max_grad_norm) with the global norm over
