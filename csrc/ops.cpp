@@ -60,6 +60,23 @@ TORCH_LIBRARY(zero_ext, m) {
   // out (1-D contiguous fp32 / bf16 / fp16, g * m elements) = the dequantized chunks of packed
   // (uint8 [g, row_bytes]) in order, each q * scale rounded to out's dtype.
   m.def("dequantize_(Tensor(a!) out, Tensor packed, int bits, int block_size) -> ()");
+  // Fused linear cross-entropy, per token, without the [N, V] logits (zero_ext/fused/
+  // cross_entropy.py reduces and differentiates it). hidden [N, H] and weight [V, H] (and bias
+  // [V]) fp32 / bf16 / fp64, target int64 [N]. Returns loss and lse, [N] in the accumulation dtype
+  // (fp64 for fp64 inputs, else fp32): lse_i = logsumexp_j(logit_ij), loss_i = lse_i
+  // - (1 - label_smoothing) * logit_i,target_i - label_smoothing / V * sum_j logit_ij
+  // + z_loss * lse_i^2, both 0 where target_i == ignore_index.
+  m.def(
+      "fused_linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
+      "*, int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0) "
+      "-> (Tensor, Tensor)");
+  // Its backward from grad_loss (d L / d loss_i, the accumulation dtype [N]) and the forward's
+  // lse, recomputing the logits: (grad_hidden, grad_weight, grad_bias), the last [V] with a bias
+  // and [0] without. Ignored tokens contribute nothing, whatever their grad_loss.
+  m.def(
+      "fused_linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, "
+      "Tensor target, Tensor? bias, Tensor lse, *, int ignore_index=-100, "
+      "float label_smoothing=0.0, float z_loss=0.0) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {
