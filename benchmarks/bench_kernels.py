@@ -1,0 +1,147 @@
+"""Time and peak memory of zero_ext's fused training ops against the unfused PyTorch they replace.
+
+    python benchmarks/bench_kernels.py                          # every size below, CPU, fp32
+    python benchmarks/bench_kernels.py --sizes 4096x128256x1024 --impls fused eager
+    python benchmarks/bench_kernels.py --peak fused 4096 16384 1024   # one JSON line (the test)
+
+Fused linear cross-entropy (zero_ext.fused.linear_cross_entropy) against eager
+``F.cross_entropy(hidden @ weight.T, target)`` and ``torch.compile`` of that eager function, for
+N tokens x V classes x H hidden, forward + backward (gradients of hidden and weight), mean
+reduction. Each (implementation, size) runs in a fresh Python process, so one run's freed memory
+cannot hide the next one's peak.
+
+Peak extra memory is read from the kernel, not from torch: torch's CPU allocator keeps no
+statistics, but it takes every tensor from malloc and frees it back, so the process's resident
+set is an upper bound on live tensors. In the child, after the inputs exist and a tiny warm-up
+has loaded the libraries, ``malloc_trim(0)`` hands freed heap pages back to the kernel (so
+reusing them later faults them in again and counts), writing 5 to ``/proc/self/clear_refs``
+resets the high-water mark VmHWM to the current RSS (the baseline), and after forward + backward
+``VmHWM - baseline - bytes(returned gradients)`` is the peak memory beyond the inputs and the
+results: logits, buffers and temporaries. Times are the fastest of --repeats runs (after one
+untimed run that also compiles), on the machine's default torch thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from zero_ext.fused import linear_cross_entropy
+
+SIZES = ["1024x32000x512", "2048x50257x768", "4096x128256x1024"]
+IMPLS = ["fused", "eager", "compile"]
+
+
+def _eager(hidden, weight, target):
+    return F.cross_entropy(hidden @ weight.T, target)
+
+
+def _loss_fn(impl: str):
+    if impl == "fused":
+        return linear_cross_entropy
+    if impl == "eager":
+        return _eager
+    if impl == "compile":
+        return torch.compile(_eager)
+    raise ValueError(f"bench_kernels: unknown implementation {impl!r}")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"bench_kernels: /proc/self/status has no {field}")
+
+
+def _inputs(n: int, v: int, h: int):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=gen).requires_grad_()
+    weight = torch.randn(v, h, generator=gen).mul_(h ** -0.5).requires_grad_()
+    target = torch.randint(0, v, (n,), generator=gen)
+    return hidden, weight, target
+
+
+def peak_and_time(impl: str, n: int, v: int, h: int, repeats: int) -> dict:
+    """In this process: forward + backward of one implementation; peak extra bytes and seconds.
+
+    Call it in a fresh process (``--peak``): see the module docstring for why and how."""
+    fn = _loss_fn(impl)
+    small = _inputs(8, 16, 8)
+    torch.autograd.grad(fn(*small), small[:2])  # loads kernels, thread pool, compiles
+    hidden, weight, target = _inputs(n, v, h)
+
+    def step():
+        return torch.autograd.grad(fn(hidden, weight, target), (hidden, weight))
+
+    if impl == "compile":
+        step()  # compiles for this shape before the measured call
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    grads = step()
+    seconds = time.perf_counter() - t0
+    peak = _status_kib("VmHWM")
+    returned = sum(g.numel() * g.element_size() for g in grads)
+    del grads
+    for _ in range(repeats - 1):
+        t0 = time.perf_counter()
+        step()
+        seconds = min(seconds, time.perf_counter() - t0)
+    return {"impl": impl, "n": n, "v": v, "h": h, "seconds": seconds,
+            "peak_extra_bytes": (peak - base) * 1024 - returned,
+            "hidden_bytes": hidden.numel() * hidden.element_size(),
+            "logits_bytes": n * v * 4}
+
+
+def measure(impl: str, n: int, v: int, h: int, repeats: int = 1) -> dict:
+    """peak_and_time in a fresh Python process (what the memory test calls)."""
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--peak", impl, str(n), str(v), str(h),
+         "--repeats", str(repeats)],
+        capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=SIZES, help="NxVxH")
+    parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--peak", nargs=4, metavar=("IMPL", "N", "V", "H"),
+                        help="measure one implementation in this process, print one JSON line")
+    args = parser.parse_args()
+    if args.peak:
+        impl, n, v, h = args.peak
+        print(json.dumps(peak_and_time(impl, int(n), int(v), int(h), args.repeats)))
+        return
+    print(f"linear cross-entropy, CPU fp32, forward + backward, {torch.get_num_threads()} "
+          "threads; peak = memory beyond inputs and returned gradients")
+    for size in args.sizes:
+        n, v, h = (int(x) for x in size.split("x"))
+        results = {impl: measure(impl, n, v, h, args.repeats) for impl in args.impls}
+        hidden_mb = results[args.impls[0]]["hidden_bytes"] / 2**20
+        print(f"N={n} V={v} H={h}: hidden {hidden_mb:.1f} MiB, logits {n * v * 4 / 2**20:.0f} "
+              "MiB")
+        for impl, r in results.items():
+            line = (f"  {impl:8s} {r['seconds'] * 1e3:9.1f} ms  peak {r['peak_extra_bytes'] / 2**20:8.1f}"
+                    f" MiB ({r['peak_extra_bytes'] / r['hidden_bytes']:.2f}x hidden)")
+            if impl != "fused" and "fused" in results:
+                f = results["fused"]
+                line += (f"  fused/{impl}: time {f['seconds'] / r['seconds']:.2f}x, memory "
+                         f"{f['peak_extra_bytes'] / max(r['peak_extra_bytes'], 1):.3f}x")
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
