@@ -134,8 +134,9 @@ def main() -> None:
         print(f"N={n} V={v} H={h}: hidden {hidden_mb:.1f} MiB, logits {n * v * 4 / 2**20:.0f} "
               "MiB")
         for impl, r in results.items():
-            line = (f"  {impl:8s} {r['seconds'] * 1e3:9.1f} ms  peak {r['peak_extra_bytes'] / 2**20:8.1f}"
-                    f" MiB ({r['peak_extra_bytes'] / r['hidden_bytes']:.2f}x hidden)")
+            peak = r["peak_extra_bytes"]
+            line = (f"  {impl:8s} {r['seconds'] * 1e3:9.1f} ms  peak {peak / 2**20:8.1f} MiB "
+                    f"({peak / r['hidden_bytes']:.2f}x hidden)")
             if impl != "fused" and "fused" in results:
                 f = results["fused"]
                 line += (f"  fused/{impl}: time {f['seconds'] / r['seconds']:.2f}x, memory "
