@@ -5,7 +5,8 @@ The reference materialises ``hidden @ weight.T + bias`` in fp32 (fp64 for fp64) 
 over the tokens not ignored; loss and the gradients of hidden, weight and bias must match it for
 every option combination on odd shapes, one block and many. Then gradcheck in fp64, opcheck,
 torch.compile, the Liger-968 case (reduction='none' with ignored tokens), every compiled CPU
-variant, argument errors, and the memory bound, measured by benchmarks/bench_kernels.py.
+variant, argument errors, and the memory bound, measured by benchmarks/bench_kernels.py. With a
+GPU, the many-block parity and opcheck also run on CUDA.
 """
 
 import itertools
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import zero_ext
 from zero_ext.fused import linear_cross_entropy
 
 from cpu_isas import run_under_each_isa
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_kernels
 
 IGNORE = -100
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SHAPES = list(itertools.product([1, 7, 33], [5, 131], [3, 17]))  # N, V, H
 TOL = {torch.float32: {"atol": 2e-5, "rtol": 2e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
        torch.float64: {"atol": 1e-12, "rtol": 1e-12}}
@@ -65,7 +68,7 @@ def _loss_and_grads(fn, hidden, weight, target, bias, upstream, **options):
 
 def _check_parity(hidden, weight, target, bias, gen, tol=None, **options):
     ref_shape = target.shape if options["reduction"] == "none" else ()
-    upstream = torch.randn(ref_shape, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(ref_shape, generator=gen, dtype=torch.float64).to(hidden.device)
     loss, grads = _loss_and_grads(linear_cross_entropy, hidden, weight, target, bias,
                                   upstream.to(hidden.dtype), **options)
     ref, ref_grads = _loss_and_grads(_reference, hidden, weight, target, bias,
@@ -90,14 +93,23 @@ def test_matches_torch_on_odd_shapes(dtype, reduction, ignore, label_smoothing, 
                       z_loss=z_loss)
 
 
+def _needs_cuda_kernel(device):
+    if device == "cuda" and zero_ext._C.cuda_archs_built() is None:
+        pytest.fail("a GPU is present but zero_ext was built without its CUDA kernels; "
+                    "rebuild with ZERO_EXT_CUDA=1")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_matches_torch_across_token_chunks_and_vocabulary_blocks(dtype, reduction):
+def test_matches_torch_across_token_chunks_and_vocabulary_blocks(device, dtype, reduction):
     # 1500 tokens: two chunks (1024 + 476); V = 4100: blocks of 2048, 2048 and 4 entries, so the
     # online log-sum-exp merges blocks and the targets fall in every block.
+    _needs_cuda_kernel(device)
     gen = torch.Generator().manual_seed(2)
     case = _case(1500, 4100, 24, dtype, bias=True, ignore=True, gen=gen)
     case[2][1::7] = 4099
+    case = [t.to(device) for t in case]
     _check_parity(*case, gen, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
 
 
@@ -186,18 +198,21 @@ def test_torch_compile_traces_forward_and_backward():
     torch.testing.assert_close(got, want)
 
 
-def _opcheck_samples():
+def _opcheck_samples(device):
     gen = torch.Generator().manual_seed(8)
     for dtype, bias, ignore in [(torch.float32, True, True), (torch.bfloat16, False, True),
                                 (torch.float64, True, False)]:
-        hidden, weight, target, b = _case(7, 131, 17, dtype, bias=bias, ignore=ignore, gen=gen)
+        hidden, weight, target, b = (None if t is None else t.to(device) for t in _case(
+            7, 131, 17, dtype, bias=bias, ignore=ignore, gen=gen))
         for t in (hidden, weight) + ((b,) if bias else ()):
             t.requires_grad_()
         yield hidden, weight, target, b
 
 
-def test_opcheck():
-    for hidden, weight, target, bias in _opcheck_samples():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    _needs_cuda_kernel(device)
+    for hidden, weight, target, bias in _opcheck_samples(device):
         options = {"ignore_index": IGNORE, "label_smoothing": 0.1, "z_loss": 1e-4}
         torch.library.opcheck(torch.ops.zero_ext.fused_linear_cross_entropy_fwd,
                               (hidden, weight, target, bias), options)
