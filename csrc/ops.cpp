@@ -77,6 +77,23 @@ TORCH_LIBRARY(zero_ext, m) {
       "fused_linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, "
       "Tensor target, Tensor? bias, Tensor lse, *, int ignore_index=-100, "
       "float label_smoothing=0.0, float z_loss=0.0) -> (Tensor, Tensor, Tensor)");
+  // RMSNorm (rms) or LayerNorm over the last dimension h of x ([..., h] contiguous fp32 / bf16 /
+  // fp16 / fp64), optionally fused with the residual add. With residual (x's shape and dtype):
+  // summed = x + residual rounded to x's dtype, and summed is normalized; otherwise summed is
+  // empty ([0]) and x is normalized. Statistics in fp32 (fp64 for fp64 x): mean [rows] (LayerNorm;
+  // [0] for RMSNorm), rstd [rows]. out = (v - mean) * rstd * weight (+ bias, LayerNorm only);
+  // weight and bias are [h] in x's dtype. Formulas: kernels/cpu/norm.h.
+  m.def(
+      "fused_norm(Tensor x, Tensor? residual, Tensor weight, Tensor? bias, float eps, bool rms) "
+      "-> (Tensor out, Tensor summed, Tensor mean, Tensor rstd)");
+  // The gradients of fused_norm from its saved input (summed, or x without residual), weight
+  // and statistics: grad_input (the gradient of x and of residual alike: grad_summed, the
+  // gradient of the summed output, is added to it), grad_weight and, with has_bias, grad_bias
+  // ([0] otherwise), both summed over rows in fp32 and rounded to weight's dtype.
+  m.def(
+      "fused_norm_backward(Tensor grad_out, Tensor? grad_summed, Tensor input, Tensor weight, "
+      "Tensor mean, Tensor rstd, bool rms, bool has_bias) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
 
 namespace {

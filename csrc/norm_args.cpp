@@ -1,0 +1,110 @@
+#include "csrc/norm_args.h"
+
+#include <c10/util/Exception.h>
+
+namespace zero_ext {
+namespace {
+
+constexpr const char* kForward = "zero_ext::fused_norm";
+constexpr const char* kBackward = "zero_ext::fused_norm_backward";
+
+void check_float_dtype(const char* op, const at::Tensor& t, const char* name) {
+  const at::ScalarType d = t.scalar_type();
+  TORCH_CHECK_TYPE(d == at::kFloat || d == at::kBFloat16 || d == at::kHalf || d == at::kDouble,
+                   op, ": expected ", name, " to be Float, BFloat16, Half or Double, got ", d,
+                   "; cast it with .float() or .bfloat16()");
+}
+
+// `t` (named `name`) alongside `like` (named `like_name`): same device, dtype and shape.
+void check_like(const char* op, const at::Tensor& t, const char* name, const at::Tensor& like,
+                const char* like_name, bool same_shape) {
+  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": expected ", name, " on ", like_name,
+                    "'s device (", like.device(), "), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": expected ", name, " to be ",
+                   like.scalar_type(), " like ", like_name, ", got ", t.scalar_type(),
+                   "; cast it with .to(", like_name, ".dtype)");
+  if (same_shape) {
+    TORCH_CHECK_VALUE(t.sizes().equals(like.sizes()), op, ": expected ", name,
+                      " to have the shape of ", like_name, " ", like.sizes(), ", got ",
+                      t.sizes());
+  }
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": expected ", name,
+                    " to be contiguous; call .contiguous() on it first");
+}
+
+void check_parameter(const char* op, const at::Tensor& p, const char* name, const at::Tensor& x,
+                     const char* x_name) {
+  const int64_t h = x.size(-1);
+  TORCH_CHECK_VALUE(p.dim() == 1 && p.size(0) == h, op, ": expected ", name,
+                    " to be 1-D of the last dimension of ", x_name, " (", h, "), got shape ",
+                    p.sizes());
+  check_like(op, p, name, x, x_name, false);
+}
+
+void check_stat(const at::Tensor& s, const char* name, int64_t rows, const at::Tensor& input) {
+  const at::ScalarType expected = norm_stat_dtype(input.scalar_type());
+  TORCH_CHECK_TYPE(s.scalar_type() == expected, kBackward, ": expected ", name, " to be ",
+                   expected, " (the forward's statistics), got ", s.scalar_type());
+  TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == rows, kBackward, ": expected ", name,
+                    " of shape [", rows, "] (one per row of input, as fused_norm returns it), got ",
+                    s.sizes());
+  TORCH_CHECK_VALUE(s.device() == input.device() && s.is_contiguous(), kBackward, ": expected ",
+                    name, " contiguous on input's device (", input.device(), ")");
+}
+
+}  // namespace
+
+void check_norm_forward_args(const NormForwardArgs& args) {
+  const at::Tensor& x = args.x;
+  check_float_dtype(kForward, x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, kForward,
+                    ": expected x with a nonempty last (normalized) dimension, got shape ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(x.is_contiguous(), kForward,
+                    ": expected x to be contiguous; call .contiguous() on it first");
+  if (args.residual.has_value()) check_like(kForward, *args.residual, "residual", x, "x", true);
+  check_parameter(kForward, args.weight, "weight", x, "x");
+  if (args.bias.has_value()) {
+    TORCH_CHECK_VALUE(!args.rms, kForward,
+                      ": RMSNorm takes no bias; pass bias=None or use LayerNorm (rms=False)");
+    check_parameter(kForward, *args.bias, "bias", x, "x");
+  }
+  TORCH_CHECK_VALUE(args.eps > 0, kForward, ": expected eps > 0, got ", args.eps);
+}
+
+void check_norm_backward_args(const NormBackwardArgs& args) {
+  const at::Tensor& input = args.input;
+  check_float_dtype(kBackward, input, "input");
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) > 0 && input.is_contiguous(), kBackward,
+                    ": expected a contiguous input with a nonempty last dimension, got shape ",
+                    input.sizes());
+  check_like(kBackward, args.grad_out, "grad_out", input, "input", true);
+  if (args.grad_summed.has_value()) {
+    check_like(kBackward, *args.grad_summed, "grad_summed", input, "input", true);
+  }
+  check_parameter(kBackward, args.weight, "weight", input, "input");
+  const int64_t rows = input.numel() / input.size(-1);
+  check_stat(args.rstd, "rstd", rows, input);
+  if (!args.rms) check_stat(args.mean, "mean", rows, input);
+}
+
+kernels::cpu::NormType norm_type(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return kernels::cpu::NormType::kFloat32;
+    case at::kBFloat16:
+      return kernels::cpu::NormType::kBFloat16;
+    case at::kHalf:
+      return kernels::cpu::NormType::kFloat16;
+    case at::kDouble:
+      return kernels::cpu::NormType::kFloat64;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "zero_ext norm: dtype ", dtype, " passed validation");
+  }
+}
+
+at::ScalarType norm_stat_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace zero_ext

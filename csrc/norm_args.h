@@ -1,0 +1,48 @@
+// The arguments of zero_ext::fused_norm and zero_ext::fused_norm_backward as every backend
+// receives them, and their validation.
+//
+// The CPU glue (csrc/norm_cpu.cpp) validates through these functions, so a bad input raises the
+// same message whatever the backend. Formulas: kernels/cpu/norm.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "kernels/cpu/norm.h"
+
+namespace zero_ext {
+
+struct NormForwardArgs {
+  const at::Tensor& x;                        // [..., h] contiguous fp32 / bf16 / fp16 / fp64
+  const std::optional<at::Tensor>& residual;  // x's shape and dtype, contiguous, or none
+  const at::Tensor& weight;                   // [h], x's dtype
+  const std::optional<at::Tensor>& bias;      // [h], x's dtype, or none; LayerNorm only
+  double eps;                                 // > 0
+  bool rms;
+};
+
+// Raises c10::Error (ValueError / TypeError in Python) naming the op, the argument and what was
+// expected versus what came.
+void check_norm_forward_args(const NormForwardArgs& args);
+
+struct NormBackwardArgs {
+  const at::Tensor& grad_out;                    // the input's shape and dtype
+  const std::optional<at::Tensor>& grad_summed;  // the same, or none
+  const at::Tensor& input;                       // the normalized input [..., h]
+  const at::Tensor& weight;                      // [h]
+  const at::Tensor& mean;                        // [rows] statistics (empty for RMSNorm)
+  const at::Tensor& rstd;                        // [rows] statistics
+  bool rms;
+};
+
+void check_norm_backward_args(const NormBackwardArgs& args);
+
+// The kernel element type of a validated tensor's dtype.
+kernels::cpu::NormType norm_type(at::ScalarType dtype);
+
+// The dtype of the mean and rstd statistics for inputs of `dtype`: fp64 for fp64, else fp32.
+at::ScalarType norm_stat_dtype(at::ScalarType dtype);
+
+}  // namespace zero_ext

@@ -1,0 +1,287 @@
+// RMSNorm / LayerNorm rows and parameter-gradient columns: at::vec SIMD body with a scalar tail,
+// fp32 math for 16-bit elements (fp64 for fp64). Interface and formulas: kernels/cpu/norm.h.
+//
+// setup.py compiles this file once per instruction set with -DCPU_CAPABILITY=<ISA>; the entry
+// points are named <kernel>_<ISA>, so the variants coexist in one library.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "kernels/cpu/isa_name.h"
+#include "kernels/cpu/norm.h"
+
+namespace zero_ext::kernels::cpu {
+namespace {
+
+// The arithmetic type of element type T: fp64 for fp64 (gradcheck), fp32 for the rest.
+template <typename T>
+using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Loads and stores of kStep elements as two vectors of Acc<T>: one 16-bit vector widens into
+// two fp32 vectors, so every element type steps by the same two vectors.
+template <typename T>
+struct Lanes {
+  using A = Acc<T>;
+  using V = at::vec::Vectorized<A>;
+  static constexpr int64_t kStep = 2 * V::size();
+
+  static void load(const T* p, V& lo, V& hi) {
+    if constexpr (std::is_same_v<T, A>) {
+      lo = V::loadu(p);
+      hi = V::loadu(p + V::size());
+    } else {
+      at::vec::load_to_float<T>(p, lo, hi);
+    }
+  }
+  static void store(T* p, const V& lo, const V& hi) {
+    if constexpr (std::is_same_v<T, A>) {
+      lo.store(p);
+      hi.store(p + V::size());
+    } else {
+      at::vec::convert_from_float<T>(lo, hi).store(p);
+    }
+  }
+  static A sum(const V& v) {
+    return at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, v);
+  }
+};
+
+template <typename T>
+void forward_rows(const NormForwardRows& args) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using V = typename L::V;
+  constexpr int64_t kStep = L::kStep;
+  const int64_t h = args.h;
+  const T* w = static_cast<const T*>(args.weight);
+  const T* b = static_cast<const T*>(args.bias);
+  for (int64_t r = args.first_row; r < args.last_row; ++r) {
+    const T* v = static_cast<const T*>(args.x) + r * h;
+    if (args.residual != nullptr) {
+      // The sum is rounded to T before the statistics, as the eager x + residual would be.
+      const T* x = v;
+      const T* res = static_cast<const T*>(args.residual) + r * h;
+      T* s = static_cast<T*>(args.summed) + r * h;
+      int64_t j = 0;
+      for (; j + kStep <= h; j += kStep) {
+        V x0, x1, r0, r1;
+        L::load(x + j, x0, x1);
+        L::load(res + j, r0, r1);
+        L::store(s + j, x0 + r0, x1 + r1);
+      }
+      for (; j < h; ++j) s[j] = static_cast<T>(static_cast<A>(x[j]) + static_cast<A>(res[j]));
+      v = s;
+    }
+
+    A mean = 0;
+    if (!args.rms) {
+      V acc0(0), acc1(0);
+      int64_t j = 0;
+      for (; j + kStep <= h; j += kStep) {
+        V v0, v1;
+        L::load(v + j, v0, v1);
+        acc0 += v0;
+        acc1 += v1;
+      }
+      A total = L::sum(acc0 + acc1);
+      for (; j < h; ++j) total += static_cast<A>(v[j]);
+      mean = total / static_cast<A>(h);
+    }
+    // Two passes (mean, then centred squares): no cancellation for rows far from zero.
+    const V vmean(mean);
+    V sq0(0), sq1(0);
+    int64_t j = 0;
+    for (; j + kStep <= h; j += kStep) {
+      V v0, v1;
+      L::load(v + j, v0, v1);
+      const V d0 = v0 - vmean, d1 = v1 - vmean;
+      sq0 += d0 * d0;
+      sq1 += d1 * d1;
+    }
+    A squares = L::sum(sq0 + sq1);
+    for (; j < h; ++j) {
+      const A d = static_cast<A>(v[j]) - mean;
+      squares += d * d;
+    }
+    const A rstd = A(1) / std::sqrt(squares / static_cast<A>(h) + static_cast<A>(args.eps));
+
+    T* out = static_cast<T*>(args.out) + r * h;
+    const V vrstd(rstd);
+    for (j = 0; j + kStep <= h; j += kStep) {
+      V v0, v1, w0, w1;
+      L::load(v + j, v0, v1);
+      L::load(w + j, w0, w1);
+      V o0 = (v0 - vmean) * vrstd * w0, o1 = (v1 - vmean) * vrstd * w1;
+      if (b != nullptr) {
+        V b0, b1;
+        L::load(b + j, b0, b1);
+        o0 += b0;
+        o1 += b1;
+      }
+      L::store(out + j, o0, o1);
+    }
+    for (; j < h; ++j) {
+      A o = (static_cast<A>(v[j]) - mean) * rstd * static_cast<A>(w[j]);
+      if (b != nullptr) o += static_cast<A>(b[j]);
+      out[j] = static_cast<T>(o);
+    }
+    static_cast<A*>(args.rstd)[r] = rstd;
+    if (!args.rms) static_cast<A*>(args.mean)[r] = mean;
+  }
+}
+
+template <typename T>
+void backward_rows(const NormBackwardRows& args) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using V = typename L::V;
+  constexpr int64_t kStep = L::kStep;
+  const int64_t h = args.h;
+  const T* w = static_cast<const T*>(args.weight);
+  for (int64_t r = args.first_row; r < args.last_row; ++r) {
+    const T* dy = static_cast<const T*>(args.grad_out) + r * h;
+    const T* v = static_cast<const T*>(args.input) + r * h;
+    const A mean = args.rms ? A(0) : static_cast<const A*>(args.mean)[r];
+    const A rstd = static_cast<const A*>(args.rstd)[r];
+    const V vmean(mean), vrstd(rstd);
+
+    // xhat and g are recomputed in the second pass rather than kept: one row of each would be
+    // as large as the row itself.
+    V sg0(0), sg1(0), sgx0(0), sgx1(0);
+    int64_t j = 0;
+    for (; j + kStep <= h; j += kStep) {
+      V dy0, dy1, v0, v1, w0, w1;
+      L::load(dy + j, dy0, dy1);
+      L::load(v + j, v0, v1);
+      L::load(w + j, w0, w1);
+      const V g0 = dy0 * w0, g1 = dy1 * w1;
+      sg0 += g0;
+      sg1 += g1;
+      sgx0 += g0 * ((v0 - vmean) * vrstd);
+      sgx1 += g1 * ((v1 - vmean) * vrstd);
+    }
+    A sum_g = L::sum(sg0 + sg1);
+    A sum_gx = L::sum(sgx0 + sgx1);
+    for (; j < h; ++j) {
+      const A g = static_cast<A>(dy[j]) * static_cast<A>(w[j]);
+      sum_g += g;
+      sum_gx += g * ((static_cast<A>(v[j]) - mean) * rstd);
+    }
+    const A mean_g = args.rms ? A(0) : sum_g / static_cast<A>(h);
+    const A mean_gx = sum_gx / static_cast<A>(h);
+    const V vmean_g(mean_g), vmean_gx(mean_gx);
+
+    const T* ds = static_cast<const T*>(args.grad_summed);
+    if (ds != nullptr) ds += r * h;
+    T* dx = static_cast<T*>(args.grad_input) + r * h;
+    for (j = 0; j + kStep <= h; j += kStep) {
+      V dy0, dy1, v0, v1, w0, w1;
+      L::load(dy + j, dy0, dy1);
+      L::load(v + j, v0, v1);
+      L::load(w + j, w0, w1);
+      V d0 = (dy0 * w0 - vmean_g - (v0 - vmean) * vrstd * vmean_gx) * vrstd;
+      V d1 = (dy1 * w1 - vmean_g - (v1 - vmean) * vrstd * vmean_gx) * vrstd;
+      if (ds != nullptr) {
+        V s0, s1;
+        L::load(ds + j, s0, s1);
+        d0 += s0;
+        d1 += s1;
+      }
+      L::store(dx + j, d0, d1);
+    }
+    for (; j < h; ++j) {
+      const A g = static_cast<A>(dy[j]) * static_cast<A>(w[j]);
+      A d = (g - mean_g - (static_cast<A>(v[j]) - mean) * rstd * mean_gx) * rstd;
+      if (ds != nullptr) d += static_cast<A>(ds[j]);
+      dx[j] = static_cast<T>(d);
+    }
+  }
+}
+
+template <typename T>
+void param_grad_columns(const NormParamGradColumns& args) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using V = typename L::V;
+  constexpr int64_t kStep = L::kStep;
+  constexpr int64_t kWidth = V::size();
+  const int64_t h = args.h;
+  const int64_t first = args.first_col, last = args.last_col;
+  A* gw = static_cast<A*>(args.grad_weight);
+  A* gb = static_cast<A*>(args.grad_bias);
+  for (int64_t j = first; j < last; ++j) {
+    gw[j] = 0;
+    if (gb != nullptr) gb[j] = 0;
+  }
+  for (int64_t r = 0; r < args.rows; ++r) {
+    const T* dy = static_cast<const T*>(args.grad_out) + r * h;
+    const T* v = static_cast<const T*>(args.input) + r * h;
+    const A mean = args.rms ? A(0) : static_cast<const A*>(args.mean)[r];
+    const A rstd = static_cast<const A*>(args.rstd)[r];
+    const V vmean(mean), vrstd(rstd);
+    int64_t j = first;
+    for (; j + kStep <= last; j += kStep) {
+      V dy0, dy1, v0, v1;
+      L::load(dy + j, dy0, dy1);
+      L::load(v + j, v0, v1);
+      (V::loadu(gw + j) + dy0 * ((v0 - vmean) * vrstd)).store(gw + j);
+      (V::loadu(gw + j + kWidth) + dy1 * ((v1 - vmean) * vrstd)).store(gw + j + kWidth);
+      if (gb != nullptr) {
+        (V::loadu(gb + j) + dy0).store(gb + j);
+        (V::loadu(gb + j + kWidth) + dy1).store(gb + j + kWidth);
+      }
+    }
+    for (; j < last; ++j) {
+      const A d = static_cast<A>(dy[j]);
+      gw[j] += d * ((static_cast<A>(v[j]) - mean) * rstd);
+      if (gb != nullptr) gb[j] += d;
+    }
+  }
+}
+
+template <template <typename> class Kernel, typename Args>
+void dispatch(NormType type, const Args& args) {
+  switch (type) {
+    case NormType::kFloat32:
+      return Kernel<float>::run(args);
+    case NormType::kBFloat16:
+      return Kernel<c10::BFloat16>::run(args);
+    case NormType::kFloat16:
+      return Kernel<c10::Half>::run(args);
+    case NormType::kFloat64:
+      return Kernel<double>::run(args);
+  }
+}
+
+template <typename T>
+struct Forward {
+  static void run(const NormForwardRows& a) { forward_rows<T>(a); }
+};
+template <typename T>
+struct Backward {
+  static void run(const NormBackwardRows& a) { backward_rows<T>(a); }
+};
+template <typename T>
+struct ParamGrad {
+  static void run(const NormParamGradColumns& a) { param_grad_columns<T>(a); }
+};
+
+}  // namespace
+
+void ZERO_EXT_ISA_FN(norm_forward_rows)(const NormForwardRows& args) {
+  dispatch<Forward>(args.type, args);
+}
+
+void ZERO_EXT_ISA_FN(norm_backward_rows)(const NormBackwardRows& args) {
+  dispatch<Backward>(args.type, args);
+}
+
+void ZERO_EXT_ISA_FN(norm_param_grad_columns)(const NormParamGradColumns& args) {
+  dispatch<ParamGrad>(args.type, args);
+}
+
+}  // namespace zero_ext::kernels::cpu

@@ -1,0 +1,96 @@
+// Raw-pointer RMSNorm / LayerNorm over a range of rows (forward, input gradient) or of columns
+// (weight and bias gradients), each optionally fused with the residual add; compiled once per
+// instruction set.
+//
+// csrc/norm_cpu.cpp validates the arguments of zero_ext::fused_norm and fused_norm_backward,
+// cuts the rows (or columns) into ranges, runs them on ATen's thread pool and calls the variant
+// that at::get_cpu_capability() selects. Statistics and all arithmetic are fp32 for fp32 / bf16 /
+// fp16 elements (fp64 for fp64, which gradcheck needs); only stored elements are rounded.
+#pragma once
+
+#include <cstdint>
+
+namespace zero_ext::kernels::cpu {
+
+// The element type of every tensor of one call but the statistics (fp64 for kFloat64, fp32
+// otherwise).
+enum class NormType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
+
+// Rows [first_row, last_row) of a [rows, h] row-major input. With residual: summed = round(x +
+// residual) is stored, and normalized; otherwise x is. For the normalized input v of a row:
+//   LayerNorm: mean = sum(v) / h, rstd = 1 / sqrt(sum((v - mean)^2) / h + eps),
+//              out = (v - mean) * rstd * weight + bias (bias may be nullptr)
+//   RMSNorm:   rstd = 1 / sqrt(sum(v^2) / h + eps), out = v * rstd * weight (mean not written)
+struct NormForwardRows {
+  const void* x;
+  const void* residual;  // nullptr: no residual add
+  const void* weight;    // [h]
+  const void* bias;      // [h] or nullptr (LayerNorm only)
+  void* out;
+  void* summed;  // written when residual is given
+  void* mean;    // [rows] statistics; LayerNorm only
+  void* rstd;    // [rows]
+  NormType type;
+  int64_t h;
+  int64_t first_row;
+  int64_t last_row;
+  double eps;
+  bool rms;
+};
+
+using NormForwardFn = void (*)(const NormForwardRows& args);
+
+// Rows [first_row, last_row) of the input gradient, with xhat = (v - mean) * rstd (mean = 0 for
+// RMSNorm) and g = grad_out * weight:
+//   LayerNorm: dv = rstd * (g - sum(g) / h - xhat * sum(g * xhat) / h)
+//   RMSNorm:   dv = rstd * (g - xhat * sum(g * xhat) / h)
+// plus grad_summed (the gradient of the residual stream output) when given.
+struct NormBackwardRows {
+  const void* grad_out;
+  const void* grad_summed;  // nullptr: none
+  const void* input;        // the normalized input v (summed, or x without residual)
+  const void* weight;
+  const void* mean;  // LayerNorm only
+  const void* rstd;
+  void* grad_input;
+  NormType type;
+  int64_t h;
+  int64_t first_row;
+  int64_t last_row;
+  bool rms;
+};
+
+using NormBackwardFn = void (*)(const NormBackwardRows& args);
+
+// Columns [first_col, last_col) of the parameter gradients, summed over all rows in row order
+// (so the result does not depend on the thread count): grad_weight[j] = sum(grad_out * xhat),
+// grad_bias[j] = sum(grad_out), in the statistics' type.
+struct NormParamGradColumns {
+  const void* grad_out;
+  const void* input;
+  const void* mean;
+  const void* rstd;
+  void* grad_weight;
+  void* grad_bias;  // nullptr: no bias
+  NormType type;
+  int64_t rows;
+  int64_t h;
+  int64_t first_col;
+  int64_t last_col;
+  bool rms;
+};
+
+using NormParamGradFn = void (*)(const NormParamGradColumns& args);
+
+// One definition per instruction set that setup.py compiled (CPU_CAPABILITY names them).
+void norm_forward_rows_DEFAULT(const NormForwardRows&);
+void norm_forward_rows_AVX2(const NormForwardRows&);
+void norm_forward_rows_AVX512(const NormForwardRows&);
+void norm_backward_rows_DEFAULT(const NormBackwardRows&);
+void norm_backward_rows_AVX2(const NormBackwardRows&);
+void norm_backward_rows_AVX512(const NormBackwardRows&);
+void norm_param_grad_columns_DEFAULT(const NormParamGradColumns&);
+void norm_param_grad_columns_AVX2(const NormParamGradColumns&);
+void norm_param_grad_columns_AVX512(const NormParamGradColumns&);
+
+}  // namespace zero_ext::kernels::cpu

@@ -1,0 +1,191 @@
+"""zero_ext.fused.rms_norm / layer_norm (zero_ext::fused_norm and its backward) against eager.
+
+The reference is eager PyTorch written here: ``h = x + residual`` then ``F.rms_norm`` /
+``F.layer_norm`` with weight (and bias), differentiated by autograd through both h and the
+normalized output. Checked: forward and every gradient (x, residual, weight, bias) in fp32 to
+1e-5 and in bf16 against eager bf16 over odd shapes, gradcheck in fp64, opcheck (schema, fake
+kernel, autograd registration), a torch.compile trace, and the argument errors.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+from zero_ext.fused import layer_norm, rms_norm
+
+ROWS = [1, 7, 33]
+HIDDEN = [3, 17, 1024, 4097]
+KINDS = ["rms", "layer"]
+FP32 = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _inputs(kind, rows, h, dtype, *, residual, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+
+    x = rand(rows, h, scale=2.0, shift=0.5)  # off-centre rows: the LayerNorm mean matters
+    w = rand(h, scale=0.5, shift=1.0)
+    b = rand(h, scale=0.5) if kind == "layer" else None
+    r = rand(rows, h) if residual else None
+    return x, r, w, b
+
+
+def _fused(kind, x, r, w, b, eps):
+    if kind == "rms":
+        return rms_norm(x, w, eps, residual=r)
+    return layer_norm(x, w, b, eps, residual=r)
+
+
+def _eager(kind, x, r, w, b, eps):
+    h = x if r is None else x + r
+    if kind == "rms":
+        out = F.rms_norm(h, (h.shape[-1],), w, eps)
+    else:
+        out = F.layer_norm(h, (h.shape[-1],), w, b, eps)
+    return out if r is None else (out, h)
+
+
+def _eager_bf16_sum(kind, x, r, w, b, eps):
+    """Eager on fp32 copies of bf16 inputs, with x + residual rounded to bf16 as both bf16 runs
+    round it: the exact result the bf16 runs approximate."""
+    if r is None:
+        return _eager(kind, x, r, w, b, eps)
+    h = (x + r).bfloat16().float()
+    return _eager(kind, h, None, w, b, eps), h
+
+
+def _run(fn, kind, inputs, grads, eps=1e-5):
+    """Outputs then input gradients of fn, backpropagating `grads` through every output."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    outs = fn(kind, *leaves, eps)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [g.to(outs[0].dtype) for g in grads[: len(outs)]])
+    return [o.detach() for o in outs] + [t.grad if t is not None else None for t in leaves]
+
+
+def _assert_bf16_parity(got, eager, exact, name):
+    """got (ours, bf16) is as close to the fp32 result as eager bf16 is, within one bf16 step.
+
+    Eager bf16 rounds in other places (its own reductions), so the two bf16 results can differ
+    by a step or more at ties; both are measured against the fp32 reference instead.
+    """
+    eager_error = (eager.float() - exact).abs().max().item()
+    step = 2 ** -8 * max(exact.abs().max().item(), 1e-3)
+    torch.testing.assert_close(got.float(), exact, atol=eager_error + step, rtol=2 ** -8,
+                               msg=lambda m: f"{name} (eager bf16 error {eager_error}): {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("h", HIDDEN)
+@pytest.mark.parametrize("rows", ROWS)
+def test_matches_eager(rows, h, kind, residual, dtype):
+    x, r, w, b = _inputs(kind, rows, h, dtype, residual=residual, seed=rows * 10007 + h)
+    g = torch.Generator().manual_seed(h)
+    grads = [torch.randn(rows, h, generator=g) for _ in range(2)]
+    got = _run(_fused, kind, (x, r, w, b), grads)
+    want = _run(_eager, kind, (x, r, w, b), grads)
+    exact = None
+    if dtype == torch.bfloat16:
+        upcast = [t.float() if t is not None else None for t in (x, r, w, b)]
+        exact = _run(_eager_bf16_sum, kind, upcast, grads)
+    outs = ["out", "summed"] if residual else ["out"]
+    names = outs + ["grad x", "grad residual", "grad weight", "grad bias"]
+    assert len(got) == len(names)
+    for i, (name, a, e) in enumerate(zip(names, got, want)):
+        assert (a is None) == (e is None), name
+        if e is None:
+            continue
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        if exact is None:
+            torch.testing.assert_close(a, e, **FP32, msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            _assert_bf16_parity(a, e, exact[i], name)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_fp64(kind, residual):
+    x, r, w, b = _inputs(kind, 3, 5, torch.float64, residual=residual)
+    leaves = [t.requires_grad_() for t in (x, r, w, b) if t is not None]
+
+    def fn(*args):
+        it = iter(args)
+        xx = next(it)
+        rr = next(it) if residual else None
+        ww = next(it)
+        bb = next(it) if kind == "layer" else None
+        return _fused(kind, xx, rr, ww, bb, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_3d_input_and_eps():
+    x, r, w, _ = _inputs("rms", 10, 40, torch.float32, residual=True)
+    x, r = x.view(2, 5, 40), r.view(2, 5, 40)
+    out, summed = rms_norm(x, w, 1e-2, residual=r)
+    want_out, want_summed = _eager("rms", x, r, w, None, 1e-2)
+    torch.testing.assert_close(out, want_out, **FP32)
+    torch.testing.assert_close(summed, want_summed, atol=0, rtol=0)
+
+
+def _op_sample(index):
+    dtype = (torch.float32, torch.bfloat16)[index // 4]
+    kind = KINDS[index // 2 % 2]
+    x, r, w, b = _inputs(kind, 7, 33, dtype, residual=bool(index % 2))
+    args = [t.requires_grad_() if t is not None else None for t in (x, r, w, b)]
+    return (*args, 1e-5, kind == "rms")
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_opcheck(index):
+    args = _op_sample(index)
+    opcheck(torch.ops.zero_ext.fused_norm.default, args)
+    x, r, w, b, eps, rms = args
+    with torch.no_grad():
+        out, summed, mean, rstd = torch.ops.zero_ext.fused_norm(x, r, w, b, eps, rms)
+    normalized = summed if r is not None else x.detach()
+    grad = torch.randn_like(out)
+    opcheck(torch.ops.zero_ext.fused_norm_backward.default,
+            (grad, grad if r is not None else None, normalized, w.detach(), mean, rstd, rms,
+             b is not None))
+
+
+def test_compile_traces_one_graph():
+    x, r, w, _ = _inputs("rms", 7, 64, torch.float32, residual=True)
+
+    def block(x, r, w):
+        out, summed = rms_norm(x, w, 1e-6, residual=r)
+        return (out * summed).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (x, r, w)]
+    loss = torch.compile(block, backend="aot_eager", fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    eager_leaves = [t.clone().requires_grad_() for t in (x, r, w)]
+    out, h = _eager("rms", eager_leaves[0], eager_leaves[1], eager_leaves[2], None, 1e-6)
+    want_loss = (out * h).sum()
+    want = torch.autograd.grad(want_loss, eager_leaves)
+    torch.testing.assert_close(loss, want_loss, **FP32)
+    for a, e in zip(grads, want):
+        torch.testing.assert_close(a, e, **FP32)
+
+
+def test_argument_errors():
+    x = torch.randn(4, 8)
+    w = torch.ones(8)
+    with pytest.raises(TypeError, match=r"zero_ext::fused_norm: expected weight to be Float"):
+        rms_norm(x, w.bfloat16())
+    with pytest.raises(ValueError, match=r"zero_ext::fused_norm: expected weight to be 1-D"):
+        rms_norm(x, torch.ones(9))
+    with pytest.raises(ValueError, match=r"expected residual to have the shape of x"):
+        layer_norm(x, w, residual=torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"RMSNorm takes no bias"):
+        torch.ops.zero_ext.fused_norm(x, None, w, w, 1e-5, True)
+    with pytest.raises(ValueError, match=r"expected eps > 0"):
+        layer_norm(x, w, eps=0.0)
+    with pytest.raises(TypeError, match=r"expected x to be Float, BFloat16, Half or Double"):
+        rms_norm(x.int(), w)
