@@ -88,6 +88,25 @@ void check_norm_backward_args(const NormBackwardArgs& args) {
   if (!args.rms) check_stat(args.mean, "mean", rows, input);
 }
 
+void check_activation_args(const ActivationArgs& args) {
+  const at::Tensor& a = args.a;
+  const char* a_name = args.bias_gelu ? "x" : "gate";
+  check_float_dtype(args.op, a, a_name);
+  TORCH_CHECK_VALUE(a.dim() >= 1 && a.is_contiguous(), args.op, ": expected ", a_name,
+                    " to be contiguous with at least one dimension, got shape ", a.sizes(),
+                    "; call .contiguous() on it first");
+  if (args.bias_gelu) {
+    TORCH_CHECK_VALUE(args.approximate == "none" || args.approximate == "tanh", args.op,
+                      ": expected approximate to be 'none' or 'tanh' (as F.gelu), got '",
+                      args.approximate, "'");
+    if (args.b.has_value()) check_parameter(args.op, *args.b, "bias", a, a_name);
+  } else {
+    TORCH_CHECK_VALUE(args.b.has_value(), args.op, ": up is required");
+    check_like(args.op, *args.b, "up", a, a_name, true);
+  }
+  if (args.grad_out.has_value()) check_like(args.op, *args.grad_out, "grad_out", a, a_name, true);
+}
+
 kernels::cpu::NormType norm_type(at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat:

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <optional>
@@ -38,6 +39,21 @@ struct NormBackwardArgs {
 };
 
 void check_norm_backward_args(const NormBackwardArgs& args);
+
+// zero_ext::swiglu / swiglu_backward (bias_gelu false) and bias_gelu / bias_gelu_backward
+// (bias_gelu true). a: gate or x, [..., h] contiguous fp32 / bf16 / fp16 / fp64; b: up (a's
+// shape, SwiGLU) or the bias ([h], or none); grad_out: a's shape (backward only); approximate:
+// "none" or "tanh" (GeLU only). The same dtype for all.
+struct ActivationArgs {
+  const char* op;
+  const at::Tensor& a;
+  const std::optional<at::Tensor>& b;
+  const std::optional<at::Tensor>& grad_out;
+  bool bias_gelu;
+  c10::string_view approximate;
+};
+
+void check_activation_args(const ActivationArgs& args);
 
 // The kernel element type of a validated tensor's dtype.
 kernels::cpu::NormType norm_type(at::ScalarType dtype);

@@ -94,6 +94,19 @@ TORCH_LIBRARY(zero_ext, m) {
       "fused_norm_backward(Tensor grad_out, Tensor? grad_summed, Tensor input, Tensor weight, "
       "Tensor mean, Tensor rstd, bool rms, bool has_bias) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // out = silu(gate) * up, elementwise (gate and up contiguous, one shape and dtype: fp32 / bf16 /
+  // fp16 / fp64), in fp32 (fp64 for fp64) and rounded once. The backward recomputes silu(gate)
+  // from gate: grad_gate = grad_out * up * sig * (1 + gate * (1 - sig)), grad_up = grad_out *
+  // silu(gate).
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad_out, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  // out = F.gelu(v, approximate) with v = x + bias rounded to x's dtype (bias [h] over the last
+  // dimension, or none); approximate "none" (erf) or "tanh". The backward recomputes v from x
+  // and bias and returns the gradient of x (the bias gradient is its sum over rows).
+  m.def("bias_gelu(Tensor x, Tensor? bias, str approximate='none') -> Tensor");
+  m.def(
+      "bias_gelu_backward(Tensor grad_out, Tensor x, Tensor? bias, str approximate='none') "
+      "-> Tensor");
 }
 
 namespace {

@@ -1,10 +1,13 @@
-"""zero_ext.fused.rms_norm / layer_norm (zero_ext::fused_norm and its backward) against eager.
+"""zero_ext.fused.rms_norm / layer_norm (zero_ext::fused_norm and its backward) and swiglu /
+bias_gelu against eager.
 
 The reference is eager PyTorch written here: ``h = x + residual`` then ``F.rms_norm`` /
 ``F.layer_norm`` with weight (and bias), differentiated by autograd through both h and the
 normalized output. Checked: forward and every gradient (x, residual, weight, bias) in fp32 to
 1e-5 and in bf16 against eager bf16 over odd shapes, gradcheck in fp64, opcheck (schema, fake
-kernel, autograd registration), a torch.compile trace, and the argument errors.
+kernel, autograd registration), a torch.compile trace, and the argument errors. SwiGLU and
+bias + GeLU (tanh and erf) likewise against ``F.silu(gate) * up`` and ``F.gelu(x + b)``, and
+their autograd saves the inputs only (the backward recomputes the activation).
 """
 
 import pytest
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
-from zero_ext.fused import layer_norm, rms_norm
+from zero_ext.fused import bias_gelu, layer_norm, rms_norm, swiglu
 
 ROWS = [1, 7, 33]
 HIDDEN = [3, 17, 1024, 4097]
@@ -189,3 +192,125 @@ def test_argument_errors():
         layer_norm(x, w, eps=0.0)
     with pytest.raises(TypeError, match=r"expected x to be Float, BFloat16, Half or Double"):
         rms_norm(x.int(), w)
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU and bias + GeLU
+
+ACTIVATIONS = ["swiglu", "gelu", "gelu_tanh", "gelu_nobias"]
+
+
+def _activation_inputs(kind, rows, h, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(rows, h, generator=g, dtype=torch.float64) * 3).to(dtype)
+    if kind == "swiglu":
+        b = torch.randn(rows, h, generator=g, dtype=torch.float64).to(dtype)
+    elif kind == "gelu_nobias":
+        b = None
+    else:
+        b = torch.randn(h, generator=g, dtype=torch.float64).to(dtype)
+    return a, b
+
+
+def _activation(kind, a, b):
+    if kind == "swiglu":
+        return swiglu(a, b)
+    return bias_gelu(a, b, "tanh" if kind == "gelu_tanh" else "none")
+
+
+def _activation_eager(kind, a, b, *, round_sum=False):
+    if kind == "swiglu":
+        return F.silu(a) * b
+    v = a if b is None else a + b
+    if round_sum:  # the fp32 reference of a bf16 run: x + bias held in bf16, as both runs hold it
+        v = v.bfloat16().float()
+    return F.gelu(v, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def _activation_run(fn, inputs, grad):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return [out.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ACTIVATIONS)
+@pytest.mark.parametrize("h", HIDDEN)
+@pytest.mark.parametrize("rows", ROWS)
+def test_activation_matches_eager(rows, h, kind, dtype):
+    a, b = _activation_inputs(kind, rows, h, dtype, seed=rows * 31 + h)
+    grad = torch.randn(rows, h, generator=torch.Generator().manual_seed(h))
+    got = _activation_run(lambda x, y: _activation(kind, x, y), (a, b), grad)
+    want = _activation_run(lambda x, y: _activation_eager(kind, x, y), (a, b), grad)
+    exact = None
+    if dtype == torch.bfloat16:
+        upcast = [t.float() if t is not None else None for t in (a, b)]
+        exact = _activation_run(lambda x, y: _activation_eager(kind, x, y, round_sum=True),
+                                upcast, grad)
+    for i, (name, x, e) in enumerate(zip(["out", "grad a", "grad b"], got, want)):
+        assert (x is None) == (e is None), name
+        if e is None:
+            continue
+        assert x.dtype == e.dtype and x.shape == e.shape, name
+        if exact is None:
+            torch.testing.assert_close(x, e, **FP32, msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            _assert_bf16_parity(x, e, exact[i], name)
+
+
+@pytest.mark.parametrize("kind", ACTIVATIONS)
+def test_activation_gradcheck_fp64(kind):
+    a, b = _activation_inputs(kind, 3, 37, torch.float64)
+    leaves = [t.requires_grad_() for t in (a, b) if t is not None]
+    fn = (lambda x: _activation(kind, x, None)) if b is None else \
+        (lambda x, y: _activation(kind, x, y))
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("kind", ACTIVATIONS)
+def test_activation_saves_inputs_only(kind):
+    """Autograd keeps the op's inputs (already alive in a model) and nothing activation-sized."""
+    a, b = _activation_inputs(kind, 8, 64, torch.float32)
+    leaves = [t.requires_grad_() if t is not None else None for t in (a, b)]
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _activation(kind, *leaves)
+    inputs = {t.data_ptr() for t in leaves if t is not None}
+    assert saved and all(t.data_ptr() in inputs for t in saved), [t.shape for t in saved]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ACTIVATIONS)
+def test_activation_opcheck(kind, dtype):
+    a, b = _activation_inputs(kind, 5, 33, dtype)
+    a.requires_grad_()
+    if b is not None:
+        b.requires_grad_()
+    grad = torch.randn(5, 33).to(dtype)
+    if kind == "swiglu":
+        opcheck(torch.ops.zero_ext.swiglu.default, (a, b))
+        opcheck(torch.ops.zero_ext.swiglu_backward.default, (grad, a.detach(), b.detach()))
+    else:
+        approximate = "tanh" if kind == "gelu_tanh" else "none"
+        bias = None if b is None else b.detach()
+        opcheck(torch.ops.zero_ext.bias_gelu.default, (a, b, approximate))
+        opcheck(torch.ops.zero_ext.bias_gelu_backward.default,
+                (grad, a.detach(), bias, approximate))
+
+
+def test_activation_argument_errors():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"zero_ext::swiglu: expected up to have the shape"):
+        swiglu(x, torch.randn(4, 9))
+    with pytest.raises(TypeError, match=r"zero_ext::swiglu: expected up to be Float"):
+        swiglu(x, x.bfloat16())
+    with pytest.raises(ValueError, match=r"zero_ext::bias_gelu: expected approximate to be"):
+        bias_gelu(x, None, "erf")
+    with pytest.raises(ValueError, match=r"zero_ext::bias_gelu: expected bias to be 1-D"):
+        bias_gelu(x, torch.randn(4))

@@ -1,0 +1,203 @@
+// SwiGLU and bias + GeLU rows: at::vec SIMD body with a scalar tail that share one formula each
+// (templated on scalar or vector), fp32 math for 16-bit elements. Interface: kernels/cpu/activation.h.
+//
+// setup.py compiles this file once per instruction set with -DCPU_CAPABILITY=<ISA>; the entry
+// points are named <kernel>_<ISA>.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+
+#include "kernels/cpu/activation.h"
+#include "kernels/cpu/isa_name.h"
+
+namespace zero_ext::kernels::cpu {
+namespace {
+
+template <typename T>
+using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// The elementary functions for scalars and for at::vec vectors, so each formula is written once.
+inline float exp_of(float x) { return std::exp(x); }
+inline double exp_of(double x) { return std::exp(x); }
+inline float tanh_of(float x) { return std::tanh(x); }
+inline double tanh_of(double x) { return std::tanh(x); }
+inline float erf_of(float x) { return std::erf(x); }
+inline double erf_of(double x) { return std::erf(x); }
+template <typename S>
+at::vec::Vectorized<S> exp_of(const at::vec::Vectorized<S>& x) { return x.exp(); }
+template <typename S>
+at::vec::Vectorized<S> tanh_of(const at::vec::Vectorized<S>& x) { return x.tanh(); }
+template <typename S>
+at::vec::Vectorized<S> erf_of(const at::vec::Vectorized<S>& x) { return x.erf(); }
+
+// X: Acc or a vector of Acc; K: the constants' scalar type.
+template <typename K, typename X>
+X sigmoid(const X& a) { return X(K(1)) / (X(K(1)) + exp_of(X(K(0)) - a)); }
+
+template <typename K, typename X>
+X gelu(const X& v, bool tanh_form) {
+  const X half(K(0.5)), one(K(1));
+  if (tanh_form) {
+    const X inner = X(K(M_SQRT2 * M_2_SQRTPI * 0.5)) * (v + X(K(0.044715)) * v * v * v);
+    return half * v * (one + tanh_of(inner));
+  }
+  return half * v * (one + erf_of(v * X(K(M_SQRT1_2))));
+}
+
+template <typename K, typename X>
+X gelu_derivative(const X& v, bool tanh_form) {
+  const X half(K(0.5)), one(K(1));
+  if (tanh_form) {
+    const X k0(K(M_SQRT2 * M_2_SQRTPI * 0.5)), k1(K(0.044715));
+    const X t = tanh_of(k0 * (v + k1 * v * v * v));
+    return half * (one + t) + half * v * (one - t * t) * k0 * (one + X(K(3)) * k1 * v * v);
+  }
+  const X pdf = exp_of(X(K(-0.5)) * v * v) * X(K(M_2_SQRTPI * M_SQRT1_2 * 0.5));
+  return half * (one + erf_of(v * X(K(M_SQRT1_2)))) + v * pdf;
+}
+
+template <typename T>
+struct Lanes {
+  using A = Acc<T>;
+  using V = at::vec::Vectorized<A>;
+  static constexpr int64_t kStep = 2 * V::size();
+
+  static void load(const T* p, V& lo, V& hi) {
+    if constexpr (std::is_same_v<T, A>) {
+      lo = V::loadu(p);
+      hi = V::loadu(p + V::size());
+    } else {
+      at::vec::load_to_float<T>(p, lo, hi);
+    }
+  }
+  static void store(T* p, const V& lo, const V& hi) {
+    if constexpr (std::is_same_v<T, A>) {
+      lo.store(p);
+      hi.store(p + V::size());
+    } else {
+      at::vec::convert_from_float<T>(lo, hi).store(p);
+    }
+  }
+  // x rounded to T and widened back: the value eager's x + bias holds in T.
+  static void round(V& lo, V& hi) {
+    if constexpr (!std::is_same_v<T, A>) {
+      std::tie(lo, hi) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(lo, hi));
+    }
+  }
+  static A round(A x) { return static_cast<A>(static_cast<T>(x)); }
+};
+
+// One element pair (or vector pair) of a row: forward or backward, for every kind.
+template <typename T>
+struct Element {
+  using L = Lanes<T>;
+  using A = typename L::A;
+
+  template <typename X>
+  static X forward(ActivationKind kind, const X& a, const X& b) {
+    if (kind == ActivationKind::kSwiGLU) return a * sigmoid<A>(a) * b;
+    return gelu<A>(a, kind == ActivationKind::kGeluTanh);
+  }
+  // grad_a into *ga and, for SwiGLU, grad_b into *gb.
+  template <typename X>
+  static void backward(ActivationKind kind, const X& a, const X& b, const X& dy, X* ga, X* gb) {
+    if (kind == ActivationKind::kSwiGLU) {
+      const X s = sigmoid<A>(a);
+      *gb = dy * a * s;
+      *ga = dy * b * s * (X(A(1)) + a * (X(A(1)) - s));
+      return;
+    }
+    *ga = dy * gelu_derivative<A>(a, kind == ActivationKind::kGeluTanh);
+  }
+};
+
+template <typename T, bool kBackward>
+void rows(const ActivationRows& args) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using V = typename L::V;
+  using E = Element<T>;
+  constexpr int64_t kStep = L::kStep;
+  const int64_t h = args.h;
+  const bool swiglu = args.kind == ActivationKind::kSwiGLU;
+  const T* bias = swiglu ? nullptr : static_cast<const T*>(args.b);
+  for (int64_t r = args.first_row; r < args.last_row; ++r) {
+    const int64_t offset = r * h;
+    const T* a = static_cast<const T*>(args.a) + offset;
+    const T* up = swiglu ? static_cast<const T*>(args.b) + offset : nullptr;
+    const T* dy = kBackward ? static_cast<const T*>(args.grad_out) + offset : nullptr;
+    T* out = static_cast<T*>(args.out) + offset;
+    T* gb = kBackward && swiglu ? static_cast<T*>(args.grad_b) + offset : nullptr;
+    int64_t j = 0;
+    for (; j + kStep <= h; j += kStep) {
+      V a0, a1, b0(0), b1(0);
+      L::load(a + j, a0, a1);
+      if (swiglu) {
+        L::load(up + j, b0, b1);
+      } else if (bias != nullptr) {
+        V c0, c1;
+        L::load(bias + j, c0, c1);
+        a0 += c0;
+        a1 += c1;
+        L::round(a0, a1);
+      }
+      if constexpr (kBackward) {
+        V d0, d1, ga0, ga1, gb0, gb1;
+        L::load(dy + j, d0, d1);
+        E::backward(args.kind, a0, b0, d0, &ga0, &gb0);
+        E::backward(args.kind, a1, b1, d1, &ga1, &gb1);
+        L::store(out + j, ga0, ga1);
+        if (gb != nullptr) L::store(gb + j, gb0, gb1);
+      } else {
+        L::store(out + j, E::forward(args.kind, a0, b0), E::forward(args.kind, a1, b1));
+      }
+    }
+    for (; j < h; ++j) {
+      A av = static_cast<A>(a[j]), bv = 0;
+      if (swiglu) {
+        bv = static_cast<A>(up[j]);
+      } else if (bias != nullptr) {
+        av = L::round(av + static_cast<A>(bias[j]));
+      }
+      if constexpr (kBackward) {
+        A ga, gbv = 0;
+        E::backward(args.kind, av, bv, static_cast<A>(dy[j]), &ga, &gbv);
+        out[j] = static_cast<T>(ga);
+        if (gb != nullptr) gb[j] = static_cast<T>(gbv);
+      } else {
+        out[j] = static_cast<T>(E::forward(args.kind, av, bv));
+      }
+    }
+  }
+}
+
+template <bool kBackward>
+void dispatch(const ActivationRows& args) {
+  switch (args.type) {
+    case NormType::kFloat32:
+      return rows<float, kBackward>(args);
+    case NormType::kBFloat16:
+      return rows<c10::BFloat16, kBackward>(args);
+    case NormType::kFloat16:
+      return rows<c10::Half, kBackward>(args);
+    case NormType::kFloat64:
+      return rows<double, kBackward>(args);
+  }
+}
+
+}  // namespace
+
+void ZERO_EXT_ISA_FN(activation_forward_rows)(const ActivationRows& args) {
+  dispatch<false>(args);
+}
+
+void ZERO_EXT_ISA_FN(activation_backward_rows)(const ActivationRows& args) {
+  dispatch<true>(args);
+}
+
+}  // namespace zero_ext::kernels::cpu
