@@ -1,5 +1,6 @@
 // SwiGLU and bias + GeLU rows: at::vec SIMD body with a scalar tail that share one formula each
-// (templated on scalar or vector), fp32 math for 16-bit elements. Interface: kernels/cpu/activation.h.
+// (templated on scalar or vector), fp32 math for 16-bit elements. Interface:
+// kernels/cpu/activation.h.
 //
 // setup.py compiles this file once per instruction set with -DCPU_CAPABILITY=<ISA>; the entry
 // points are named <kernel>_<ISA>.
