@@ -1,11 +1,12 @@
-"""Time zero_ext.fused.rms_norm / layer_norm (fused with the residual add) against eager PyTorch
-and torch.compile of the same eager code, forward and forward + backward, on CPU.
+"""Time zero_ext.fused's norms (fused with the residual add) and activations against eager
+PyTorch and torch.compile of the same eager code, forward and forward + backward, on CPU.
 
     python benchmarks/bench_norms.py                          # bf16, H = 1024 .. 16384
-    python benchmarks/bench_norms.py --dtype float32 --hidden 4096 --tokens 4M
+    python benchmarks/bench_norms.py --dtype float32 --hidden 4096 --tokens 4M --ops rms swiglu
 
-Every variant computes ``h = x + residual; y = norm(h)`` and returns (y, h), as a pre-norm
-transformer block uses them; the backward sends a gradient through both. The rows are
+The norms compute ``h = x + residual; y = norm(h)`` and return (y, h), as a pre-norm
+transformer block uses them, and the backward sends a gradient through both; swiglu is
+``silu(gate) * up`` and gelu ``gelu(x + bias, approximate="tanh")``. The rows are
 ``tokens / H`` so every H moves the same bytes. Each figure is the fastest of --repeats timed
 calls after warm-up (the slower runs are the ones disturbed by other jobs); ratios are
 eager / fused and compile / fused (above 1: the fused op is faster).
@@ -19,20 +20,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from zero_ext.fused import layer_norm, rms_norm
+from zero_ext.fused import bias_gelu, layer_norm, rms_norm, swiglu
 
-
-def _eager(kind, x, r, w, b):
-    h = x + r
-    if kind == "rms":
-        return F.rms_norm(h, (h.shape[-1],), w, 1e-6), h
-    return F.layer_norm(h, (h.shape[-1],), w, b, 1e-5), h
-
-
-def _fused(kind, x, r, w, b):
-    if kind == "rms":
-        return rms_norm(x, w, 1e-6, residual=r)
-    return layer_norm(x, w, b, 1e-5, residual=r)
+# name: (fused, eager, number of [rows, H] inputs, number of [H] inputs)
+OPS = {
+    "rms": (lambda x, r, w: rms_norm(x, w, 1e-6, residual=r),
+            lambda x, r, w: (F.rms_norm(x + r, (x.shape[-1],), w, 1e-6), x + r), 2, 1),
+    "layer": (lambda x, r, w, b: layer_norm(x, w, b, 1e-5, residual=r),
+              lambda x, r, w, b: (F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-5), x + r), 2, 2),
+    "swiglu": (swiglu, lambda g, u: F.silu(g) * u, 2, 0),
+    "gelu": (lambda x, b: bias_gelu(x, b, "tanh"),
+             lambda x, b: F.gelu(x + b, approximate="tanh"), 1, 1),
+}
 
 
 def _time(fn, repeats: int) -> float:
@@ -46,13 +45,14 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def _case(impl, kind, inputs, grads, backward: bool):
+def _case(impl, inputs, backward: bool):
     leaves = [t.detach().requires_grad_(backward) for t in inputs]
 
     def run():
-        y, h = impl(kind, *leaves)
+        outs = impl(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
         if backward:
-            torch.autograd.backward((y, h), grads)
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             for t in leaves:
                 t.grad = None
 
@@ -64,34 +64,38 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--tokens", default="4M", help="rows * H elements per call (K/M suffix)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (1 gives steadier figures on a shared machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     units = {"K": 1 << 10, "M": 1 << 20}
     tokens = int(args.tokens[:-1]) * units[args.tokens[-1]] if args.tokens[-1] in units \
         else int(args.tokens)
     dtype = getattr(torch, args.dtype)
     print(f"CPU, {torch.get_num_threads()} threads, {args.dtype}, {tokens} elements per call; "
           f"ms (fastest of {args.repeats}), ratios eager/fused and compile/fused")
-    print(f"{'op':<28}{'H':>6}{'rows':>6}{'fused':>9}{'eager':>9}{'compile':>9}"
+    print(f"{'op':<16}{'H':>6}{'rows':>6}{'fused':>9}{'eager':>9}{'compile':>9}"
           f"{'e/f':>7}{'c/f':>7}")
-    for kind in ("rms", "layer"):
+    for name in args.ops:
+        fused, eager, n_rows, n_vectors = OPS[name]
         for backward in (False, True):
             for hidden in args.hidden:
-                # One compiled function per case: each shape compiles its own kernels anyway,
-                # and a shared one would hit dynamo's recompile limit.
-                compiled = torch.compile(_eager, dynamic=False)
                 rows = max(1, tokens // hidden)
-                x, r = (torch.randn(rows, hidden).to(dtype) for _ in range(2))
-                w = (torch.rand(hidden) + 0.5).to(dtype)
-                b = torch.randn(hidden).to(dtype)
-                grads = [torch.randn(rows, hidden).to(dtype) for _ in range(2)]
-                inputs = (x, r, w, b)
-                times = [_time(_case(impl, kind, inputs, grads, backward), args.repeats)
-                         for impl in (_fused, _eager, compiled)]
-                name = f"{kind}_norm+residual {'fwd+bwd' if backward else 'fwd'}"
-                fused, eager, comp = (t * 1e3 for t in times)
-                print(f"{name:<28}{hidden:>6}{rows:>6}{fused:>9.3f}{eager:>9.3f}{comp:>9.3f}"
-                      f"{eager / fused:>7.2f}{comp / fused:>7.2f}", flush=True)
+                inputs = [torch.randn(rows, hidden).to(dtype) for _ in range(n_rows)]
+                inputs += [(torch.rand(hidden) + 0.5).to(dtype) for _ in range(n_vectors)]
+                # A fresh compile per case: each shape compiles its own kernels anyway, and
+                # dynamo's cache per function would hit its recompile limit.
+                torch._dynamo.reset()
+                compiled = torch.compile(eager, dynamic=False)
+                times = [_time(_case(impl, inputs, backward), args.repeats) * 1e3
+                         for impl in (fused, eager, compiled)]
+                label = f"{name} {'fwd+bwd' if backward else 'fwd'}"
+                print(f"{label:<16}{hidden:>6}{rows:>6}{times[0]:>9.3f}{times[1]:>9.3f}"
+                      f"{times[2]:>9.3f}{times[1] / times[0]:>7.2f}{times[2] / times[0]:>7.2f}",
+                      flush=True)
 
 
 if __name__ == "__main__":

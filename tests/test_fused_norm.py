@@ -314,3 +314,33 @@ def test_activation_argument_errors():
         bias_gelu(x, None, "erf")
     with pytest.raises(ValueError, match=r"zero_ext::bias_gelu: expected bias to be 1-D"):
         bias_gelu(x, torch.randn(4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("h", HIDDEN)
+def test_cuda_matches_eager(h, kind, residual, dtype):
+    """The CUDA kernels (csrc/norm_cuda.cu) against eager on the GPU, as the CPU ones are."""
+    import zero_ext
+
+    if zero_ext._C.cuda_archs_built() is None:
+        pytest.fail("a GPU is present but zero_ext was built without its CUDA kernels; "
+                    "rebuild with ZERO_EXT_CUDA=1")
+    inputs = [t.cuda() if t is not None else None
+              for t in _inputs(kind, 33, h, dtype, residual=residual, seed=h)]
+    grads = [torch.randn(33, h, device="cuda") for _ in range(2)]
+    got = _run(_fused, kind, inputs, grads)
+    want = _run(_eager, kind, inputs, grads)
+    exact = None
+    if dtype == torch.bfloat16:
+        exact = _run(_eager_bf16_sum, kind, [t.float() if t is not None else None
+                                             for t in inputs], grads)
+    for i, (a, e) in enumerate(zip(got, want)):
+        if e is None:
+            assert a is None
+        elif exact is None:
+            torch.testing.assert_close(a, e, **FP32)
+        else:
+            _assert_bf16_parity(a, e, exact[i], f"output {i}")
