@@ -94,20 +94,21 @@ struct Lanes {
 };
 
 // One element pair (or vector pair) of a row: forward or backward, for every kind.
-template <typename T>
+// The kind is a template parameter so each row loop holds one formula, branch-free.
+template <typename T, ActivationKind kind>
 struct Element {
   using L = Lanes<T>;
   using A = typename L::A;
 
   template <typename X>
-  static X forward(ActivationKind kind, const X& a, const X& b) {
-    if (kind == ActivationKind::kSwiGLU) return a * sigmoid<A>(a) * b;
+  static X forward(const X& a, const X& b) {
+    if constexpr (kind == ActivationKind::kSwiGLU) return a * sigmoid<A>(a) * b;
     return gelu<A>(a, kind == ActivationKind::kGeluTanh);
   }
   // grad_a into *ga and, for SwiGLU, grad_b into *gb.
   template <typename X>
-  static void backward(ActivationKind kind, const X& a, const X& b, const X& dy, X* ga, X* gb) {
-    if (kind == ActivationKind::kSwiGLU) {
+  static void backward(const X& a, const X& b, const X& dy, X* ga, X* gb) {
+    if constexpr (kind == ActivationKind::kSwiGLU) {
       const X s = sigmoid<A>(a);
       *gb = dy * a * s;
       *ga = dy * b * s * (X(A(1)) + a * (X(A(1)) - s));
@@ -117,15 +118,15 @@ struct Element {
   }
 };
 
-template <typename T, bool kBackward>
+template <typename T, bool kBackward, ActivationKind kind>
 void rows(const ActivationRows& args) {
   using L = Lanes<T>;
   using A = typename L::A;
   using V = typename L::V;
-  using E = Element<T>;
+  using E = Element<T, kind>;
   constexpr int64_t kStep = L::kStep;
   const int64_t h = args.h;
-  const bool swiglu = args.kind == ActivationKind::kSwiGLU;
+  constexpr bool swiglu = kind == ActivationKind::kSwiGLU;
   const T* bias = swiglu ? nullptr : static_cast<const T*>(args.b);
   for (int64_t r = args.first_row; r < args.last_row; ++r) {
     const int64_t offset = r * h;
@@ -150,12 +151,12 @@ void rows(const ActivationRows& args) {
       if constexpr (kBackward) {
         V d0, d1, ga0, ga1, gb0, gb1;
         L::load(dy + j, d0, d1);
-        E::backward(args.kind, a0, b0, d0, &ga0, &gb0);
-        E::backward(args.kind, a1, b1, d1, &ga1, &gb1);
+        E::backward(a0, b0, d0, &ga0, &gb0);
+        E::backward(a1, b1, d1, &ga1, &gb1);
         L::store(out + j, ga0, ga1);
         if (gb != nullptr) L::store(gb + j, gb0, gb1);
       } else {
-        L::store(out + j, E::forward(args.kind, a0, b0), E::forward(args.kind, a1, b1));
+        L::store(out + j, E::forward(a0, b0), E::forward(a1, b1));
       }
     }
     for (; j < h; ++j) {
@@ -167,13 +168,25 @@ void rows(const ActivationRows& args) {
       }
       if constexpr (kBackward) {
         A ga, gbv = 0;
-        E::backward(args.kind, av, bv, static_cast<A>(dy[j]), &ga, &gbv);
+        E::backward(av, bv, static_cast<A>(dy[j]), &ga, &gbv);
         out[j] = static_cast<T>(ga);
         if (gb != nullptr) gb[j] = static_cast<T>(gbv);
       } else {
-        out[j] = static_cast<T>(E::forward(args.kind, av, bv));
+        out[j] = static_cast<T>(E::forward(av, bv));
       }
     }
+  }
+}
+
+template <typename T, bool kBackward>
+void dispatch_kind(const ActivationRows& args) {
+  switch (args.kind) {
+    case ActivationKind::kSwiGLU:
+      return rows<T, kBackward, ActivationKind::kSwiGLU>(args);
+    case ActivationKind::kGeluTanh:
+      return rows<T, kBackward, ActivationKind::kGeluTanh>(args);
+    case ActivationKind::kGeluErf:
+      return rows<T, kBackward, ActivationKind::kGeluErf>(args);
   }
 }
 
@@ -181,13 +194,13 @@ template <bool kBackward>
 void dispatch(const ActivationRows& args) {
   switch (args.type) {
     case NormType::kFloat32:
-      return rows<float, kBackward>(args);
+      return dispatch_kind<float, kBackward>(args);
     case NormType::kBFloat16:
-      return rows<c10::BFloat16, kBackward>(args);
+      return dispatch_kind<c10::BFloat16, kBackward>(args);
     case NormType::kFloat16:
-      return rows<c10::Half, kBackward>(args);
+      return dispatch_kind<c10::Half, kBackward>(args);
     case NormType::kFloat64:
-      return rows<double, kBackward>(args);
+      return dispatch_kind<double, kBackward>(args);
   }
 }
 

@@ -71,8 +71,9 @@ def _bias_gelu_backward(ctx, grad_out):
         grad_out.contiguous(), x, bias, ctx.approximate)
     grad_bias = None
     if ctx.has_bias:
-        # The gradient of x + bias summed over rows, accumulated in fp32 as eager's sum does.
-        grad_bias = grad_x.reshape(-1, x.shape[-1]).sum(0, dtype=torch.float32).to(bias.dtype)
+        # The gradient of x + bias summed over rows, as eager's backward of the add sums it
+        # (ATen accumulates a bf16 / fp16 sum in fp32).
+        grad_bias = grad_x.reshape(-1, x.shape[-1]).sum(0)
     return grad_x, grad_bias, None
 
 
