@@ -15,12 +15,10 @@
 
 #include "kernels/cpu/activation.h"
 #include "kernels/cpu/isa_name.h"
+#include "kernels/cpu/vec_lanes.h"
 
 namespace zero_ext::kernels::cpu {
 namespace {
-
-template <typename T>
-using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // The elementary functions for scalars and for at::vec vectors, so each formula is written once.
 inline float exp_of(float x) { return std::exp(x); }
@@ -62,36 +60,6 @@ X gelu_derivative(const X& v, bool tanh_form) {
   return half * (one + erf_of(v * X(K(M_SQRT1_2)))) + v * pdf;
 }
 
-template <typename T>
-struct Lanes {
-  using A = Acc<T>;
-  using V = at::vec::Vectorized<A>;
-  static constexpr int64_t kStep = 2 * V::size();
-
-  static void load(const T* p, V& lo, V& hi) {
-    if constexpr (std::is_same_v<T, A>) {
-      lo = V::loadu(p);
-      hi = V::loadu(p + V::size());
-    } else {
-      at::vec::load_to_float<T>(p, lo, hi);
-    }
-  }
-  static void store(T* p, const V& lo, const V& hi) {
-    if constexpr (std::is_same_v<T, A>) {
-      lo.store(p);
-      hi.store(p + V::size());
-    } else {
-      at::vec::convert_from_float<T>(lo, hi).store(p);
-    }
-  }
-  // x rounded to T and widened back: the value eager's x + bias holds in T.
-  static void round(V& lo, V& hi) {
-    if constexpr (!std::is_same_v<T, A>) {
-      std::tie(lo, hi) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(lo, hi));
-    }
-  }
-  static A round(A x) { return static_cast<A>(static_cast<T>(x)); }
-};
 
 // One element pair (or vector pair) of a row: forward or backward, for every kind.
 // The kind is a template parameter so each row loop holds one formula, branch-free.

@@ -13,42 +13,10 @@
 
 #include "kernels/cpu/isa_name.h"
 #include "kernels/cpu/norm.h"
+#include "kernels/cpu/vec_lanes.h"
 
 namespace zero_ext::kernels::cpu {
 namespace {
-
-// The arithmetic type of element type T: fp64 for fp64 (gradcheck), fp32 for the rest.
-template <typename T>
-using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Loads and stores of kStep elements as two vectors of Acc<T>: one 16-bit vector widens into
-// two fp32 vectors, so every element type steps by the same two vectors.
-template <typename T>
-struct Lanes {
-  using A = Acc<T>;
-  using V = at::vec::Vectorized<A>;
-  static constexpr int64_t kStep = 2 * V::size();
-
-  static void load(const T* p, V& lo, V& hi) {
-    if constexpr (std::is_same_v<T, A>) {
-      lo = V::loadu(p);
-      hi = V::loadu(p + V::size());
-    } else {
-      at::vec::load_to_float<T>(p, lo, hi);
-    }
-  }
-  static void store(T* p, const V& lo, const V& hi) {
-    if constexpr (std::is_same_v<T, A>) {
-      lo.store(p);
-      hi.store(p + V::size());
-    } else {
-      at::vec::convert_from_float<T>(lo, hi).store(p);
-    }
-  }
-  static A sum(const V& v) {
-    return at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, v);
-  }
-};
 
 template <typename T>
 void forward_rows(const NormForwardRows& args) {
