@@ -5,10 +5,16 @@ torch.library, so eager code, torch.compile and the ZeRO engine all reach the sa
 (csrc/ + kernels/): :func:`linear_cross_entropy`, the language-model loss without logits;
 :func:`rms_norm` and :func:`layer_norm`, optionally fused with the residual add; :func:`swiglu`
 and :func:`bias_gelu`, whose backward recomputes the activation from the saved inputs.
+:func:`apply` swaps them into transformers' Llama-family and GPT-2 models (and other modules
+by class name), in place; ``zero_ext.initialize`` calls it when the config asks
+(``zero_ext.fused_kernels``).
 """
 
 from zero_ext.fused.activations import bias_gelu, swiglu
+
+# The function shadows its module's name in this package: zero_ext.fused.apply(model).
+from zero_ext.fused.apply import apply
 from zero_ext.fused.cross_entropy import linear_cross_entropy
 from zero_ext.fused.norms import layer_norm, rms_norm
 
-__all__ = ["bias_gelu", "layer_norm", "linear_cross_entropy", "rms_norm", "swiglu"]
+__all__ = ["apply", "bias_gelu", "layer_norm", "linear_cross_entropy", "rms_norm", "swiglu"]

@@ -27,6 +27,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``F.cross_entropy(hidden @ weight.T + bias, target, ...)`` plus an optional z-loss,
     computed without materialising the logits.
@@ -43,7 +44,8 @@ def linear_cross_entropy(
     of tokens not ignored; with none left that is 0 / 0 = NaN, as torch's ``cross_entropy``
     gives (and, as torch, zero gradients). ``"sum"`` sums; ``"none"`` returns the per-token
     losses in ``target``'s shape. The softmax math runs in fp32 (fp64 for fp64 inputs) and the
-    result comes back in ``hidden``'s dtype.
+    result comes back in ``out_dtype``, by default ``hidden``'s dtype (``torch.float32`` keeps a
+    bf16 model's loss in fp32, as transformers' loss functions return it).
     """
     api = "zero_ext.fused.linear_cross_entropy"
     if reduction not in _REDUCTIONS:
@@ -62,7 +64,7 @@ def linear_cross_entropy(
         out = loss.sum()
     else:
         out = loss.sum() / (target != ignore_index).sum()
-    return out.to(hidden.dtype)
+    return out.to(out_dtype or hidden.dtype)
 
 
 @torch.library.register_fake("zero_ext::fused_linear_cross_entropy_fwd")

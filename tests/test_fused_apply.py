@@ -1,0 +1,358 @@
+"""zero_ext.fused.apply(model): the fused ops swapped into transformers models, in one process.
+
+The reference is the same transformers model, a deep copy taken before apply(), run unfused:
+in fp32 the loss and every parameter's gradient agree to 1e-5 (Llama with tied and untied
+embeddings, GPT-2), in bf16 closely; in training with labels the fused model returns the loss
+without logits, in evaluation the logits as before. transformers' loss options go through:
+``num_items_in_batch`` (the HF Trainer's gradient accumulation), ``shift_labels``, ignored
+tokens and ``ignore_index``. A dispatch mode counts the zero_ext ops each forward runs, so a
+swap that silently fell back to the unfused forward fails. Also: idempotence, ``modules=`` by
+class name and its errors, the models and modules apply() must leave alone.
+"""
+
+import collections
+import copy
+import inspect
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import zero_ext.fused
+from zero_ext.fused import rms_norm
+
+VOCAB = 97
+FP32 = {"atol": 1e-5, "rtol": 1e-5}
+LAYERS = 2
+INIT = 0.2  # weights large enough that the activations reach where the GeLU variants differ
+
+
+class OpCalls(TorchDispatchMode):
+    """Counts the zero_ext ops dispatched inside the block (below autograd: forward kernels
+    and the backward kernels autograd calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name.startswith("zero_ext::"):
+            self.calls[name.removeprefix("zero_ext::")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def llama(tied=True, dtype=torch.float32, **overrides):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=tied, initializer_range=INIT, **overrides)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=0, eos_token_id=0, initializer_range=INIT)
+    return GPT2LMHeadModel(config)
+
+
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, 11), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100          # a prompt not trained on
+    labels[2, -3:] = -100         # padding
+    return ids, labels
+
+
+def fused_and_reference(model, **apply_kwargs):
+    reference = copy.deepcopy(model)
+    counts = zero_ext.fused.apply(model, **apply_kwargs)
+    return model, reference, counts
+
+
+def assert_same_gradients(model, reference, **tolerance):
+    pairs = list(zip(model.named_parameters(), reference.named_parameters(), strict=True))
+    assert pairs
+    for (name, p), (_, q) in pairs:
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def train_step(model, reference, ids, **kwargs):
+    model.train()
+    reference.train()
+    with OpCalls() as ops:
+        out = model(input_ids=ids, **kwargs)
+        out.loss.backward()
+    ref = reference(input_ids=ids, **kwargs)
+    ref.loss.backward()
+    return out, ref, ops.calls
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_llama_fp32_loss_and_every_gradient_match_unfused(tied):
+    model, reference, counts = fused_and_reference(llama(tied))
+    assert counts == {"cross_entropy": 1, "rms_norm": 2 * LAYERS + 1, "layer_norm": 0,
+                      "swiglu": LAYERS, "bias_gelu": 0}
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    ids, labels = batch()
+    out, ref, calls = train_step(model, reference, ids, labels=labels)
+    assert out.logits is None and ref.logits is not None
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    assert_same_gradients(model, reference, **FP32)
+    # Every swap ran its kernel (none fell back to the module's own forward).
+    assert calls["fused_norm"] == 2 * LAYERS + 1
+    assert calls["swiglu"] == LAYERS
+    assert calls["fused_linear_cross_entropy_fwd"] == 1
+
+
+def test_gpt2_fp32_loss_and_every_gradient_match_unfused():
+    model, reference, counts = fused_and_reference(gpt2())
+    assert counts == {"cross_entropy": 1, "rms_norm": 0, "layer_norm": 2 * LAYERS + 1,
+                      "swiglu": 0, "bias_gelu": LAYERS}
+    ids, labels = batch()
+    out, ref, calls = train_step(model, reference, ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    assert_same_gradients(model, reference, **FP32)
+    assert calls["fused_norm"] == 2 * LAYERS + 1
+    assert calls["bias_gelu"] == LAYERS
+    assert calls["fused_linear_cross_entropy_fwd"] == 1
+
+
+def test_bf16_model_close_to_unfused_with_an_fp32_loss():
+    model, reference, _ = fused_and_reference(llama(tied=False, dtype=torch.bfloat16))
+    ids, labels = batch()
+    out, ref, _ = train_step(model, reference, ids, labels=labels)
+    assert out.loss.dtype == ref.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss, atol=2e-2, rtol=1e-2)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        # Relative to the gradient's size: bf16 rounds each op; a wrong gradient is off by O(1).
+        scale = q.grad.float().abs().max()
+        err = (p.grad.float() - q.grad.float()).abs().max()
+        assert err <= 0.1 * scale + 1e-3, (name, err, scale)
+
+
+def test_eval_mode_and_training_without_labels_keep_the_logits():
+    model, reference, _ = fused_and_reference(llama())
+    ids, labels = batch()
+    model.eval()
+    reference.eval()
+    with torch.no_grad(), OpCalls() as ops:
+        out = model(input_ids=ids, labels=labels)
+    ref = reference(input_ids=ids, labels=labels)
+    assert ops.calls["fused_norm"] == 2 * LAYERS + 1
+    assert ops.calls["fused_linear_cross_entropy_fwd"] == 0
+    torch.testing.assert_close(out.logits, ref.logits, **FP32)
+    torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    model.train()
+    reference.train()
+    out = model(input_ids=ids)
+    assert out.loss is None
+    torch.testing.assert_close(out.logits, reference(input_ids=ids).logits, **FP32)
+
+
+def test_num_items_in_batch_divides_the_sum_as_transformers_does():
+    model, reference, _ = fused_and_reference(llama())
+    ids, labels = batch()
+    # The HF Trainer counts the tokens of all accumulated micro-batches: more than this one has.
+    items = torch.tensor(57)
+    out, ref, _ = train_step(model, reference, ids, labels=labels, num_items_in_batch=items)
+    torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    n = (labels[:, 1:] != -100).sum()
+    mean = reference(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(out.loss, mean * n / items, **FP32)  # not the mean
+    assert_same_gradients(model, reference, **FP32)
+
+
+def test_shift_labels_and_ignore_index_are_used_as_given():
+    model, reference, _ = fused_and_reference(gpt2())
+    ids, labels = batch()
+    # Targets already aligned with the positions (here: each position's own token, not the
+    # next), with -1 marking the ignored ones.
+    shifted = labels.masked_fill(labels == -100, -1)
+    out, ref, _ = train_step(model, reference, ids, labels=labels, shift_labels=shifted,
+                             ignore_index=-1)
+    torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    assert_same_gradients(model, reference, **FP32)
+    # The shifted labels are not shifted again: the loss differs from the labels' own.
+    other = reference(input_ids=ids, labels=labels).loss
+    assert (out.loss - other).abs() > 1e-3
+
+
+def test_return_dict_false_gives_the_loss_first():
+    model, reference, _ = fused_and_reference(llama())
+    ids, labels = batch()
+    model.train()
+    reference.train()
+    out = model(input_ids=ids, labels=labels, return_dict=False, use_cache=False)
+    ref = reference(input_ids=ids, labels=labels, return_dict=False, use_cache=False)
+    assert isinstance(out, tuple) and len(out) == len(ref) - 1  # no logits
+    torch.testing.assert_close(out[0], ref[0], **FP32)
+
+
+def test_second_apply_swaps_nothing_and_changes_nothing():
+    model, reference, first = fused_and_reference(llama())
+    again = zero_ext.fused.apply(model)
+    assert sum(first.values()) == 2 + 3 * LAYERS and set(again.values()) == {0}
+    ids, labels = batch()
+    out, ref, calls = train_step(model, reference, ids, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    assert calls["fused_linear_cross_entropy_fwd"] == 1 and calls["swiglu"] == LAYERS
+
+
+def test_switches_select_the_kinds():
+    counts = zero_ext.fused.apply(llama(), cross_entropy=False, activations=False)
+    assert counts == {"cross_entropy": 0, "rms_norm": 2 * LAYERS + 1, "layer_norm": 0,
+                      "swiglu": 0, "bias_gelu": 0}
+    model = gpt2()
+    assert zero_ext.fused.apply(model, norms=False)["layer_norm"] == 0
+    model.train()
+    ids, labels = batch()
+    assert model(input_ids=ids, labels=labels).logits is None
+
+
+def test_the_reference_model_and_a_deep_copy_are_their_own():
+    model, reference, _ = fused_and_reference(llama())
+    twin = copy.deepcopy(model)  # as TRL copies a reference model
+    assert twin.forward.__self__ is twin and twin.lm_head.forward.__self__ is twin.lm_head
+    assert "forward" not in reference.__dict__ and "forward" not in reference.lm_head.__dict__
+    ids, labels = batch()
+    twin.train()
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(2)  # the copy's head, not the original's, computes its loss
+        assert (twin(input_ids=ids, labels=labels).loss -
+                model(input_ids=ids, labels=labels).loss).abs() > 1e-3
+    # The HF Trainer reads the forward's signature to keep dataset columns.
+    assert "labels" in inspect.signature(model.forward).parameters
+
+
+class ScaledNorm(nn.Module):
+    """A user's RMSNorm under another name: apply() swaps it only when asked to."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, h))
+        self.eps = 1e-5
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class NoWeightNorm(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = ScaledNorm(16)
+        self.plain = NoWeightNorm()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.proj(self.plain(self.norm(x)))
+
+
+def test_modules_by_class_name():
+    model = Tiny()
+    reference = copy.deepcopy(model)
+    assert set(zero_ext.fused.apply(model).values()) == {0}  # not a class apply() knows
+    assert zero_ext.fused.apply(model, modules={"ScaledNorm": "rms_norm"})["rms_norm"] == 1
+    x = torch.randn(5, 16, requires_grad=True)
+    with OpCalls() as ops:
+        out = model(x)
+    assert ops.calls["fused_norm"] == 1
+    torch.testing.assert_close(out, reference(x), **FP32)
+
+
+@pytest.mark.parametrize("modules, match", [
+    ({"Linear": "rmsnorm"}, (r"modules\['Linear'\] = 'rmsnorm' is not a kind; expected one "
+                             r"of 'rms_norm', 'layer_norm', 'swiglu_mlp', 'bias_gelu_mlp', "
+                             r"'causal_lm'")),
+    ({"LlamaRMSNorm": "rms_norm"}, (r"modules names class 'LlamaRMSNorm', but the model has no "
+                                    r"module of that class; its classes are \['Linear', "
+                                    r"'NoWeightNorm', 'ScaledNorm', 'Tiny'\]")),
+    ({"NoWeightNorm": "layer_norm"}, (r"modules\['NoWeightNorm'\] = 'layer_norm', but "
+                                      r"NoWeightNorm has no `weight` tensor .*; remove the "
+                                      r"entry, or name a class that has it")),
+    ({"Linear": "swiglu_mlp"}, r"Linear has no `gate_proj`, `up_proj`, `down_proj` module"),
+    ({"Tiny": "causal_lm"}, r"Tiny has `lm_head` NoneType, not exactly torch.nn.Linear"),
+])
+def test_modules_errors_name_the_class_what_is_missing_and_the_fix(modules, match):
+    model = Tiny()
+    with pytest.raises(ValueError) as error:
+        zero_ext.fused.apply(model, modules={"ScaledNorm": "rms_norm", **modules})
+    assert str(error.value).startswith("zero_ext.fused.apply: ")
+    assert re.search(match, str(error.value)), str(error.value)
+    assert "forward" not in model.norm.__dict__  # nothing half-applied before the error
+
+
+def test_models_it_cannot_reproduce_are_left_alone():
+    # Gemma: (1 + weight) norms, GeLU-gated MLP; Llama with a non-SiLU gate; a soft-capped head.
+    torch.manual_seed(0)
+    gemma = GemmaForCausalLM(GemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    gelu_llama = llama(hidden_act="gelu")
+    for model in (gemma, gelu_llama):
+        reference = copy.deepcopy(model)
+        counts = zero_ext.fused.apply(model, norms=model is not gelu_llama)
+        assert counts["rms_norm"] == 0 and counts["swiglu"] == 0, type(model).__name__
+        ids, labels = batch()
+        model.train()
+        reference.train()
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss,
+                                   reference(input_ids=ids, labels=labels).loss, **FP32)
+    assert zero_ext.fused.apply(gemma)["cross_entropy"] == 0  # GemmaForCausalLM: not listed
+    capped = llama()
+    capped.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="transforms the logits "
+                                         r"\(config.final_logit_softcapping\)"):
+        zero_ext.fused.apply(capped, modules={"LlamaForCausalLM": "causal_lm"})
+    assert zero_ext.fused.apply(capped)["cross_entropy"] == 0
+
+
+def test_other_instances_and_wrapped_modules_are_untouched():
+    fused, other = llama(), llama()
+    zero_ext.fused.apply(fused)
+    assert not any("forward" in m.__dict__ for m in other.modules())  # instance-level swaps
+    # A module whose forward another wrapper replaced keeps that wrapper.
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    wrapped = model.model.norm
+    wrapped.forward = lambda x, inner=wrapped.forward: inner(x)
+    counts = zero_ext.fused.apply(model)
+    assert counts["rms_norm"] == 4  # input, post-attention, q and k norms; not the final one
+    assert "_zero_ext_fused" not in wrapped.__dict__
+
+
+def test_fallback_to_the_module_forward_where_the_kernel_does_not_take_the_call():
+    model = llama()
+    zero_ext.fused.apply(model)
+    norm = model.model.norm
+    x = torch.randn(4, 32, dtype=torch.float64)  # dtype differs from the fp32 weight
+    with OpCalls() as ops:
+        out = norm(x)
+    assert ops.calls["fused_norm"] == 0
+    assert out.dtype == torch.float64
+    expected = rms_norm(x.float(), norm.weight, norm.variance_epsilon).double()
+    torch.testing.assert_close(out, expected, **FP32)
