@@ -356,3 +356,97 @@ def test_fallback_to_the_module_forward_where_the_kernel_does_not_take_the_call(
     assert out.dtype == torch.float64
     expected = rms_norm(x.float(), norm.weight, norm.variance_epsilon).double()
     torch.testing.assert_close(out, expected, **FP32)
+
+
+# -- the config switch: zero_ext.fused_kernels, applied by zero_ext.initialize -----------------
+
+def initialize_cases():
+    """Runs in a one-rank group (dist_harness): initialize with the switch on, off, with its
+    options, and on a model with nothing to swap."""
+    import contextlib
+    import io
+    import warnings
+
+    import zero_ext
+
+    def start(model, fused=None):
+        config = {"train_micro_batch_size_per_gpu": 3}
+        if fused is not None:
+            config["zero_ext"] = {"fused_kernels": fused}
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine = zero_ext.initialize(model=model, config=config)[0]
+        return engine, log.getvalue(), [str(w.message) for w in caught]
+
+    def fused_kinds(model):
+        return collections.Counter(m.__dict__.get("_zero_ext_fused") for m in model.modules()
+                                   if m.__dict__.get("_zero_ext_fused"))
+
+    results = {}
+    model = llama()
+    reference = copy.deepcopy(model).train()
+    engine, log, _ = start(model, {"enabled": True})
+    ids, labels = batch()
+    out = engine(input_ids=ids, labels=labels)
+    results["on"] = {"log": log, "kinds": fused_kinds(model), "logits": out.logits,
+                     "loss": out.loss.item(),
+                     "reference": reference(input_ids=ids, labels=labels).loss.item()}
+    model = llama()
+    start(model)
+    results["off"] = fused_kinds(model)
+    model = llama()
+    start(model, {"enabled": True, "norms": False, "activations": False,
+                  "modules": {"LlamaMLP": "swiglu_mlp"}})
+    results["options"] = fused_kinds(model)
+    _, log, caught = start(nn.Sequential(nn.Linear(4, 4)), {"enabled": True})
+    results["nothing"] = {"log": log, "warnings": caught}
+    return results
+
+
+def test_initialize_applies_the_fused_kernels_when_the_config_asks():
+    from dist_harness import run_group
+
+    (results,) = run_group(1, initialize_cases)
+    on = results["on"]
+    assert "[zero_ext] fused kernels: 1 cross_entropy, 5 rms_norm, 0 layer_norm, 2 swiglu, " \
+           "0 bias_gelu" in on["log"]
+    assert on["kinds"] == {"causal_lm": 1, "lm_head": 1, "rms_norm": 5, "swiglu_mlp": 2}
+    assert on["logits"] is None
+    assert on["loss"] == pytest.approx(on["reference"], rel=1e-5)
+    assert results["off"] == {}  # off by default
+    assert results["options"] == {"causal_lm": 1, "lm_head": 1, "swiglu_mlp": 2}
+    nothing = results["nothing"]
+    assert "0 cross_entropy, 0 rms_norm" in nothing["log"]
+    assert any("zero_ext.fused_kernels.enabled is true, but no module of this Sequential"
+               in w for w in nothing["warnings"])
+
+
+@pytest.mark.parametrize("fused, message", [
+    ({"enable": True}, "zero_ext.fused_kernels.enable: unknown key; did you mean 'enabled'?"),
+    ({"cross_entropy_loss": True}, ("zero_ext.fused_kernels.cross_entropy_loss: unknown key; "
+                                    "did you mean 'cross_entropy'?")),
+    ({"enabled": "yes"}, "zero_ext.fused_kernels.enabled: expected true or false"),
+    ({"modules": ["LlamaMLP"]}, ("zero_ext.fused_kernels.modules: expected a JSON object of "
+                                 "class name -> kind")),
+    ({"modules": {"LlamaMLP": "swiglu"}}, ("zero_ext.fused_kernels.modules.LlamaMLP: expected "
+                                           "one of 'rms_norm', 'layer_norm', 'swiglu_mlp'")),
+])
+def test_config_section_refuses_unknown_keys_and_bad_values(fused, message):
+    from zero_ext.config import ConfigError, ZeroConfig
+
+    with pytest.raises(ConfigError) as error:
+        ZeroConfig.load({"zero_ext": {"fused_kernels": fused}})
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_config_section_defaults_and_round_trip():
+    from zero_ext.config import ZeroConfig
+
+    settings = ZeroConfig.load({}).zero_ext.fused_kernels
+    assert (settings.enabled, settings.cross_entropy, settings.norms, settings.activations,
+            settings.modules) == (False, True, True, True, {})
+    given = {"enabled": True, "norms": False, "modules": {"MyNorm": "rms_norm"}}
+    config = ZeroConfig.load({"zero_ext": {"fused_kernels": given}})
+    again = ZeroConfig.load(config.to_dict()).zero_ext.fused_kernels
+    assert again == config.zero_ext.fused_kernels and again.modules == {"MyNorm": "rms_norm"}

@@ -1244,6 +1244,49 @@ class CompressionPlan:
 
 
 @dataclass(kw_only=True)
+class FusedKernelsSettings(_Section):
+    """``zero_ext.fused_kernels``: zero_ext's fused training ops (docs/fused.md), swapped into
+    the model by ``initialize`` before it builds the engine, through ``zero_ext.fused.apply``:
+    ``{"enabled": true}``. DeepSpeed has no such switch (its fused kernels are its inference
+    engine's and its optimizers')."""
+
+    enabled: bool = False
+    """Swap the fused ops in: transformers' Llama, Mistral, Qwen2, Qwen3 and GPT-2 models (norms,
+    MLP activations, the causal-LM loss without logits in training) and torch.nn.LayerNorm.
+    Off by default: the swaps change the model's forwards (in training with labels its output
+    has no logits), which a script should ask for."""
+
+    cross_entropy: bool = True
+    """With ``enabled``: the causal-LM loss from the hidden states and the head, without the
+    logits (``zero_ext.fused.linear_cross_entropy``)."""
+
+    norms: bool = True
+    """With ``enabled``: RMSNorm and LayerNorm modules on the fused norm kernels."""
+
+    activations: bool = True
+    """With ``enabled``: SwiGLU MLPs (Llama family) and GPT-2's bias + GeLU."""
+
+    modules: dict[str, str] = field(default_factory=dict)
+    """With ``enabled``: further classes to swap, class name -> kind (``"rms_norm"``,
+    ``"layer_norm"``, ``"swiglu_mlp"``, ``"bias_gelu_mlp"`` or ``"causal_lm"``; what each needs:
+    ``zero_ext.fused.apply``), swapped whatever the three switches say."""
+
+    def __post_init__(self):
+        from zero_ext.fused.apply import MODULE_KINDS
+
+        for name in ("enabled", "cross_entropy", "norms", "activations"):
+            setattr(self, name, _check_bool(name, getattr(self, name)))
+        if not isinstance(self.modules, Mapping):
+            raise ConfigError("modules", "expected a JSON object of class name -> kind, e.g. "
+                              f"{{\"MyRMSNorm\": \"rms_norm\"}}, {_got(self.modules)}")
+        for name, kind in self.modules.items():
+            if kind not in MODULE_KINDS:
+                raise ConfigError(_join("modules", str(name)), "expected one of "
+                                  f"{', '.join(map(repr, MODULE_KINDS))}, {_got(kind)}")
+        self.modules = dict(self.modules)
+
+
+@dataclass(kw_only=True)
 class ZeroExtSettings(_Section):
     """``zero_ext``: settings of zero_ext's own, with no DeepSpeed counterpart."""
 
@@ -1262,8 +1305,12 @@ class ZeroExtSettings(_Section):
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     """Compressed gradient reductions and parameter gathers (see CompressionSettings)."""
 
+    fused_kernels: FusedKernelsSettings = field(default_factory=FusedKernelsSettings)
+    """zero_ext's fused training ops swapped into the model (see FusedKernelsSettings)."""
+
     _SECTIONS: ClassVar[dict[str, type]] = {"checkpoint": PeriodicCheckpointSettings,
-                                            "compression": CompressionSettings}
+                                            "compression": CompressionSettings,
+                                            "fused_kernels": FusedKernelsSettings}
 
     def __post_init__(self):
         self.stall_timeout_s = _check_number("stall_timeout_s", self.stall_timeout_s, lo=0.0,
@@ -1272,6 +1319,8 @@ class ZeroExtSettings(_Section):
                                    PeriodicCheckpointSettings)
         self.compression = _section("zero_ext.compression", self.compression,
                                     CompressionSettings)
+        self.fused_kernels = _section("zero_ext.fused_kernels", self.fused_kernels,
+                                      FusedKernelsSettings)
 
 
 _COMM_DTYPES = {

@@ -1056,6 +1056,25 @@ def _rebind_scheduler(scheduler, client: torch.optim.Optimizer,
             part.optimizer = engine_optimizer
 
 
+def _apply_fused_kernels(model: nn.Module, settings) -> None:
+    """``zero_ext.fused_kernels``: swaps the fused ops in before the engine wraps the model, so
+    the forwards stage 3's hooks run around are the fused ones; the counts go to rank 0's log."""
+    if not settings.enabled:
+        return
+    from zero_ext.fused import apply
+    counts = apply(model, cross_entropy=settings.cross_entropy, norms=settings.norms,
+                   activations=settings.activations, modules=settings.modules or None)
+    if comm.rank() == 0:
+        print("[zero_ext] fused kernels: " + ", ".join(f"{n} {kind}" for kind, n in
+                                                       counts.items()), flush=True)
+    if not any(counts.values()) and not any(
+            m.__dict__.get("_zero_ext_fused") for m in model.modules()):
+        warnings.warn(f"zero_ext.initialize: zero_ext.fused_kernels.enabled is true, but no module "
+                      f"of this {type(model).__name__} is one the fused kernels replace; name "
+                      "its classes in zero_ext.fused_kernels.modules (docs/fused.md) or turn "
+                      "the switch off", UserWarning, stacklevel=4)
+
+
 @outside_init  # called inside a zero_ext.Init block, the engine is built outside it
 def initialize(model: nn.Module, config, model_parameters: Iterable | None = None,
                optimizer=None, lr_scheduler=None, training_data=None,
@@ -1078,6 +1097,7 @@ def initialize(model: nn.Module, config, model_parameters: Iterable | None = Non
         optimizer = optimizer(list(model_parameters) if model_parameters is not None
                               else list(model.parameters()))
     _check_same_settings(config, optimizer)
+    _apply_fused_kernels(model, config.zero_ext.fused_kernels)  # settings equal on every rank
     # An optimizer instance names its own parameters: DeepSpeed then ignores model_parameters.
     client_optimizer = optimizer
     if optimizer is not None and not isinstance(optimizer, _adam_types()) and \
