@@ -196,6 +196,32 @@ def test_shift_labels_and_ignore_index_are_used_as_given():
     assert (out.loss - other).abs() > 1e-3
 
 
+def test_skip_logits_decides_as_liger_kernel_and_the_hf_trainer_pass_it():
+    model, reference, _ = fused_and_reference(llama())
+    ids, labels = batch()
+    reference.eval()
+    ref = reference(input_ids=ids, labels=labels)
+    model.eval()  # the Trainer's prediction_step with use_liger_kernel: loss only
+    with OpCalls() as ops:
+        out = model(input_ids=ids, labels=labels, skip_logits=True)
+    assert out.logits is None and ops.calls["fused_linear_cross_entropy_fwd"] == 1
+    torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    model.train()  # logits asked for in training: the unfused head and transformers' loss
+    seen = []
+    model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(set(kw)),
+                                          with_kwargs=True)
+    with OpCalls() as ops:
+        out = model(input_ids=ids, labels=labels, skip_logits=False)
+    assert ops.calls["fused_linear_cross_entropy_fwd"] == 0
+    assert "skip_logits" not in seen[0]  # the option is the fused forward's, not the model's
+    torch.testing.assert_close(out.logits, ref.logits, **FP32)
+    torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    with pytest.raises(ValueError, match="^zero_ext.fused.apply: skip_logits=True asks "
+                                         "LlamaForCausalLM for the loss without logits, but no "
+                                         "labels"):
+        model(input_ids=ids, skip_logits=True)
+
+
 def test_return_dict_false_gives_the_loss_first():
     model, reference, _ = fused_and_reference(llama())
     ids, labels = batch()

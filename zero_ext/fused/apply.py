@@ -11,9 +11,10 @@ gather a module's parameters around the fused forward. What is swapped (docs/fus
 * ``swiglu_mlp``: their MLPs, ``down(silu(gate(x)) * up(x))`` -> :func:`swiglu` between the
   projections, which stay module calls;
 * ``bias_gelu_mlp``: GPT-2's MLP, the ``c_fc`` bias folded into :func:`bias_gelu`;
-* ``causal_lm``: their ``*ForCausalLM`` / ``GPT2LMHeadModel``: in training with labels, the
-  ``lm_head`` call returns transformers' causal-LM loss from :func:`linear_cross_entropy`, and
-  the output's ``logits`` is None (the logits are never materialised). Because the loss is
+* ``causal_lm``: their ``*ForCausalLM`` / ``GPT2LMHeadModel``: in training with labels (or
+  with Liger-Kernel's ``skip_logits=True``, which the HF Trainer passes), the ``lm_head`` call
+  returns transformers' causal-LM loss from :func:`linear_cross_entropy`, and the output's
+  ``logits`` is None (the logits are never materialised). Because the loss is
   computed inside the head's own call, stage 3 gathers the head's weight (tied or not) for it,
   and its gradient reaches the buckets like any other.
 
@@ -254,34 +255,46 @@ def _var_keyword(signature: inspect.Signature) -> str | None:
                  if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
 
-def _fused_loss_call(model: nn.Module, args: tuple, kwargs: dict):
-    """``(args, kwargs, target)`` for a forward whose loss the head computes (training, labels
-    given, every logit kept, the head still ours and its kernel built), the labels replaced by
-    None in the arguments; None when the model's own forward runs as it is."""
+def _fusable_head(model: nn.Module) -> bool:
+    """Whether the model's head is still the plain Linear apply() gave the loss to (not wrapped
+    since, e.g. by a LoRA layer) and its device has the kernel."""
     head = model._modules.get("lm_head")
-    if not model.training or type(head) is not nn.Linear or \
-            head.__dict__.get(_FUSED) != _HEAD or \
-            not _has_kernel("fused_linear_cross_entropy_fwd", head.weight.device.type):
-        return None
+    return type(head) is nn.Linear and head.__dict__.get(_FUSED) == _HEAD and \
+        _has_kernel("fused_linear_cross_entropy_fwd", head.weight.device.type)
+
+
+def _fused_loss_call(model: nn.Module, args: tuple, kwargs: dict):
+    """``(args, kwargs, target)`` for the model's own forward. ``target`` is set when the head
+    computes the loss, which Liger-Kernel's ``skip_logits`` rule decides (the HF Trainer passes
+    the kwarg): True, or None in training with labels; every logit kept, the head fusable. The
+    labels are then None in the arguments; ``skip_logits`` never reaches the model's forward."""
+    kwargs = dict(kwargs)
+    skip = kwargs.pop("skip_logits", None)
+    if skip is False or (skip is None and not model.training) or not _fusable_head(model):
+        return args, kwargs, None
     signature = inspect.signature(_unfused(model))
     bound = signature.bind(*args, **kwargs)
     arguments = bound.arguments
-    keep = arguments.get("logits_to_keep", 0)
-    if arguments.get("labels") is None or not (keep is None or isinstance(keep, int) and
-                                               keep == 0):
-        return None
     extra = arguments.get(_var_keyword(signature), {})
-    target = _LossTarget(arguments["labels"], extra.get("shift_labels"),
-                         extra.get("ignore_index", -100), extra.get("num_items_in_batch"))
+    labels, shifted = arguments.get("labels"), extra.get("shift_labels")
+    if skip and labels is None and shifted is None:
+        raise ValueError(f"{_API}: skip_logits=True asks {type(model).__name__} for the loss "
+                         "without logits, but no labels (or shift_labels) were given; pass them, "
+                         "or skip_logits=False for the logits")
+    keep = arguments.get("logits_to_keep", 0)
+    if (skip is None and labels is None) or not (keep is None or isinstance(keep, int) and
+                                                 keep == 0):
+        return args, kwargs, None
+    target = _LossTarget(labels, shifted, extra.get("ignore_index", -100),
+                         extra.get("num_items_in_batch"))
     arguments["labels"] = None
     return bound.args, bound.kwargs, target
 
 
 def _causal_lm_forward(self, *args, **kwargs):
-    call = _fused_loss_call(self, args, kwargs)
-    if call is None:
+    args, kwargs, target = _fused_loss_call(self, args, kwargs)
+    if target is None:
         return _unfused(self)(*args, **kwargs)
-    args, kwargs, target = call
     head = self.lm_head
     setattr(head, _TARGET, target)
     try:
