@@ -16,10 +16,45 @@ from transformers import TrainingArguments
 from zero_ext.config import read_json_config
 from zero_ext.integrations.config_fill import ConfigFiller, hidden_size_defaults
 
-__all__ = ["fill_config"]
+__all__ = ["fill_config", "fused_kernels_from_liger"]
 
 def _optim_name(args: TrainingArguments) -> str:
     return str(getattr(args.optim, "value", args.optim))
+
+
+# Liger-Kernel's switches (TrainingArguments.liger_kernel_config, the keyword arguments of its
+# _apply_liger_kernel_to_instance) and zero_ext's fused_kernels keys taking their place. Liger
+# switches RMSNorm and LayerNorm (SwiGLU and GeGLU) apart; zero_ext's `norms` (`activations`)
+# covers both, so the two must agree. "rope" has no zero_ext kernel: rotary embeddings stay
+# eager whatever it says.
+_LIGER_KEYS = {"fused_linear_cross_entropy": "cross_entropy", "rms_norm": "norms",
+               "layer_norm": "norms", "swiglu": "activations", "geglu": "activations"}
+_LIGER_DEFAULTS = {"fused_linear_cross_entropy": True, "rms_norm": True, "layer_norm": True,
+                   "swiglu": True, "geglu": True, "rope": True, "cross_entropy": False}
+
+
+def fused_kernels_from_liger(liger_config: Mapping | None) -> dict:
+    """zero_ext's `zero_ext.fused_kernels` section for TrainingArguments(use_liger_kernel=True,
+    liger_kernel_config=`liger_config`): zero_ext's kernels take Liger's place (Liger needs
+    Triton, and its fused head reads lm_head.weight past ZeRO-3's gather)."""
+    given = dict(liger_config or {})
+    unknown = sorted(set(given) - set(_LIGER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"ZeroTrainer: liger_kernel_config has {unknown}, which zero_ext's "
+                         f"kernels do not provide; its keys are {sorted(_LIGER_DEFAULTS)}")
+    if given.get("cross_entropy"):
+        raise ValueError("ZeroTrainer: liger_kernel_config cross_entropy=True asks for a "
+                         "cross-entropy over materialised logits, which zero_ext does not "
+                         "provide; use fused_linear_cross_entropy=True (the default) instead")
+    switches = {**_LIGER_DEFAULTS, **given}
+    section = {"enabled": True}
+    for liger, ours in _LIGER_KEYS.items():
+        if section.setdefault(ours, bool(switches[liger])) != bool(switches[liger]):
+            pair = [k for k, v in _LIGER_KEYS.items() if v == ours]
+            raise ValueError(f"ZeroTrainer: liger_kernel_config sets {pair[0]} and {pair[1]} "
+                             f"differently, but zero_ext switches them together "
+                             f"(fused_kernels.{ours}); give both the same value")
+    return section
 
 
 def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
@@ -31,10 +66,11 @@ def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
     train_micro_batch_size_per_gpu, gradient_accumulation_steps, train_batch_size (with
     `world_size`), gradient_clipping (max_grad_norm), fp16/bf16.enabled, and the AdamW
     hyperparameters optimizer.params.lr/betas/eps/weight_decay (an absent optimizer section
-    becomes AdamW when args.optim is the Trainer's torch AdamW). Filled only when "auto": the
-    scheduler's warmup_min_lr (0), warmup_max_lr (lr), warmup_num_steps and total_num_steps
-    (from `max_steps`), and, from the model's `hidden_size`, DeepSpeed's bucket-size
-    heuristics. Raises one ValueError listing every contradiction and every "auto" that has
+    becomes AdamW when args.optim is the Trainer's torch AdamW), and with use_liger_kernel
+    the zero_ext.fused_kernels section (:func:`fused_kernels_from_liger`). Filled only when
+    "auto": the scheduler's warmup_min_lr (0), warmup_max_lr (lr), warmup_num_steps and
+    total_num_steps (from `max_steps`), and, from the model's `hidden_size`, DeepSpeed's
+    bucket-size heuristics. Raises one ValueError listing every contradiction and every "auto" that has
     no counterpart among the arguments.
     """
     raw = read_json_config(config) if isinstance(config, (str, os.PathLike)) else config
@@ -85,6 +121,10 @@ def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
                     f"{max_steps})", **auto_only)
         filler.fill("scheduler.params.total_num_steps", max_steps,
                     "the Trainer's max_steps", **auto_only)
+    if args.use_liger_kernel:
+        for key, value in fused_kernels_from_liger(args.liger_kernel_config).items():
+            filler.fill(f"zero_ext.fused_kernels.{key}", value,
+                        "TrainingArguments.use_liger_kernel / liger_kernel_config")
     if hidden_size:
         # DeepSpeed's Trainer integration sizes buckets from the model's width the same way.
         for path, value, source in hidden_size_defaults(hidden_size):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,6 +107,15 @@ class _ZeroTrainerMixin:
                 f"{self.args.world_size}; on a machine without GPUs pass use_cpu=True to "
                 "TrainingArguments so that accelerate joins the processes (gloo)")
         _count_parameters_through_engines()
+        _route_liger_kernel_to_engines()
+        if self.args.use_liger_kernel and self.model is not None:
+            _ENGINE_KERNELS.add(self.model)
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        if self.args.use_liger_kernel:
+            _ENGINE_KERNELS.add(model)
+        return model
 
     # -- set-up -------------------------------------------------------------------------------
     def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
@@ -343,6 +353,30 @@ def _engine_parameter_count(model, trainable_only: bool = False) -> int | None:
     rest = sum(p.numel() for p in model.module.parameters()
                if not hasattr(p, "_zero_ext_engine") and (p.requires_grad or not trainable_only))
     return model.monitor.trainable_params + rest
+
+
+# Models whose ZeroTrainer has use_liger_kernel=True: fill_config turned that into the config's
+# zero_ext.fused_kernels section, so the engine swaps zero_ext's kernels in when it is built.
+_ENGINE_KERNELS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _route_liger_kernel_to_engines() -> None:
+    """Trainer.train() applies Liger-Kernel to the model when use_liger_kernel is set (an
+    ImportError without Liger). For a ZeroTrainer's model zero_ext's kernels take its place
+    (the engine applies them, and under stage 3 they read the head's weight through its
+    gather, which Liger's fused head bypasses); every other model gets Liger as before. Once
+    per process."""
+    original = transformers.trainer.apply_liger_kernel
+    if getattr(original, "__zero_ext_original__", None) is not None:
+        return
+
+    def apply_liger_kernel(model, kernel_config):
+        if model not in _ENGINE_KERNELS:
+            return original(model, kernel_config)
+        return None
+
+    apply_liger_kernel.__zero_ext_original__ = original
+    transformers.trainer.apply_liger_kernel = apply_liger_kernel
 
 
 def _count_parameters_through_engines() -> None:
