@@ -12,6 +12,7 @@ class name and its errors, the models and modules apply() must leave alone.
 
 import collections
 import copy
+import functools
 import inspect
 import re
 
@@ -104,36 +105,34 @@ def train_step(model, reference, ids, **kwargs):
     return out, ref, ops.calls
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_llama_fp32_loss_and_every_gradient_match_unfused(tied):
-    model, reference, counts = fused_and_reference(llama(tied))
-    assert counts == {"cross_entropy": 1, "rms_norm": 2 * LAYERS + 1, "layer_norm": 0,
-                      "swiglu": LAYERS, "bias_gelu": 0}
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+NORMS = 2 * LAYERS + 1
+# model, the counts apply() returns, the zero_ext ops one forward must run (none fell back).
+PARITY = {
+    "llama-tied": (functools.partial(llama, tied=True),
+                   {"rms_norm": NORMS, "swiglu": LAYERS}, {"fused_norm": NORMS, "swiglu": LAYERS}),
+    "llama-untied": (functools.partial(llama, tied=False),
+                     {"rms_norm": NORMS, "swiglu": LAYERS},
+                     {"fused_norm": NORMS, "swiglu": LAYERS}),
+    "gpt2": (gpt2, {"layer_norm": NORMS, "bias_gelu": LAYERS},
+             {"fused_norm": NORMS, "bias_gelu": LAYERS}),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY))
+def test_fp32_loss_and_every_gradient_match_unfused(case):
+    build, counts, forward_ops = PARITY[case]
+    model, reference, swapped = fused_and_reference(build())
+    assert swapped == dict.fromkeys(swapped, 0) | {"cross_entropy": 1} | counts
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert (head.weight is embedding.weight) == (case != "llama-untied")
     ids, labels = batch()
     out, ref, calls = train_step(model, reference, ids, labels=labels)
     assert out.logits is None and ref.logits is not None
     assert out.loss.dtype == torch.float32
     torch.testing.assert_close(out.loss, ref.loss, **FP32)
     assert_same_gradients(model, reference, **FP32)
-    # Every swap ran its kernel (none fell back to the module's own forward).
-    assert calls["fused_norm"] == 2 * LAYERS + 1
-    assert calls["swiglu"] == LAYERS
-    assert calls["fused_linear_cross_entropy_fwd"] == 1
-
-
-def test_gpt2_fp32_loss_and_every_gradient_match_unfused():
-    model, reference, counts = fused_and_reference(gpt2())
-    assert counts == {"cross_entropy": 1, "rms_norm": 0, "layer_norm": 2 * LAYERS + 1,
-                      "swiglu": 0, "bias_gelu": LAYERS}
-    ids, labels = batch()
-    out, ref, calls = train_step(model, reference, ids, labels=labels)
-    assert out.logits is None
-    torch.testing.assert_close(out.loss, ref.loss, **FP32)
-    assert_same_gradients(model, reference, **FP32)
-    assert calls["fused_norm"] == 2 * LAYERS + 1
-    assert calls["bias_gelu"] == LAYERS
-    assert calls["fused_linear_cross_entropy_fwd"] == 1
+    for op, n in (forward_ops | {"fused_linear_cross_entropy_fwd": 1}).items():
+        assert calls[op] == n, op
 
 
 def test_bf16_model_close_to_unfused_with_an_fp32_loss():
