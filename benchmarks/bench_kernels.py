@@ -3,6 +3,7 @@
     python benchmarks/bench_kernels.py                          # every size below, CPU, fp32
     python benchmarks/bench_kernels.py --sizes 4096x128256x1024 --impls fused eager
     python benchmarks/bench_kernels.py --peak fused 4096 16384 1024   # one JSON line (the test)
+    python benchmarks/bench_kernels.py --step               # a Llama training step: on/off/compile
 
 Fused linear cross-entropy (zero_ext.fused.linear_cross_entropy) against eager
 ``F.cross_entropy(hidden @ weight.T, target)`` and ``torch.compile`` of that eager function, for
@@ -19,6 +20,11 @@ resets the high-water mark VmHWM to the current RSS (the baseline), and after fo
 ``VmHWM - baseline - bytes(returned gradients)`` is the peak memory beyond the inputs and the
 results: logits, buffers and temporaries. Times are the fastest of --repeats runs (after one
 untimed run that also compiles), on the machine's default torch thread count.
+
+``--step``: a whole training step (forward with labels, backward, torch AdamW) of a small
+transformers LlamaForCausalLM with a 32000-token vocabulary, unfused, with every kernel swapped
+in by zero_ext.fused.apply, and torch.compile'd unfused; tokens/s and peak memory beyond the
+model and optimizer state, each in a fresh process as above.
 """
 
 from __future__ import annotations
@@ -62,6 +68,15 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"bench_kernels: /proc/self/status has no {field}")
 
 
+def _reset_peak() -> int:
+    """Hands freed heap pages back to the kernel and restarts VmHWM from the current RSS (see the
+    module docstring); returns that baseline in bytes."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
 def _inputs(n: int, v: int, h: int):
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, h, generator=gen).requires_grad_()
@@ -84,14 +99,11 @@ def peak_and_time(impl: str, n: int, v: int, h: int, repeats: int) -> dict:
 
     if impl == "compile":
         step()  # compiles for this shape before the measured call
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS")
+    base = _reset_peak()
     t0 = time.perf_counter()
     grads = step()
     seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = _status_kib("VmHWM") * 1024
     returned = sum(g.numel() * g.element_size() for g in grads)
     del grads
     for _ in range(repeats - 1):
@@ -99,18 +111,89 @@ def peak_and_time(impl: str, n: int, v: int, h: int, repeats: int) -> dict:
         step()
         seconds = min(seconds, time.perf_counter() - t0)
     return {"impl": impl, "n": n, "v": v, "h": h, "seconds": seconds,
-            "peak_extra_bytes": (peak - base) * 1024 - returned,
+            "peak_extra_bytes": peak - base - returned,
             "hidden_bytes": hidden.numel() * hidden.element_size(),
             "logits_bytes": n * v * 4}
 
 
+def _in_fresh_process(*args: str) -> dict:
+    """This script run with `args` in a new Python process: the JSON line it prints last."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def measure(impl: str, n: int, v: int, h: int, repeats: int = 1) -> dict:
     """peak_and_time in a fresh Python process (what the memory test calls)."""
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--peak", impl, str(n), str(v), str(h),
-         "--repeats", str(repeats)],
-        capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _in_fresh_process("--peak", impl, str(n), str(v), str(h), "--repeats", str(repeats))
+
+
+# -- a Llama training step with the kernels on and off (--step) --------------------------------
+STEP_IMPLS = ["off", "on", "compile"]
+# Tiny, but with a real vocabulary: the logits (and their gradient) of 32000 classes dominate a
+# step's activations, as in a full-size model; runs on 2 CPU cores in a few seconds a step.
+STEP_SHAPE = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
+              "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 32000}
+
+
+def llama_step(impl: str, batch: int, seq: int, steps: int, dtype: str) -> dict:
+    """In this process: `steps` training steps (forward with labels, backward, AdamW) of a
+    STEP_SHAPE LlamaForCausalLM, unfused ("off"), with zero_ext.fused.apply ("on") or
+    torch.compile'd unfused ("compile"); tokens/s of the fastest step, peak memory beyond the
+    model and optimizer state (VmHWM over the timed steps), and the first timed step's loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import zero_ext.fused
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**STEP_SHAPE, max_position_embeddings=seq, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    swapped = zero_ext.fused.apply(model) if impl == "on" else {}
+    forward = torch.compile(model) if impl == "compile" else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, config.vocab_size, (batch, seq),
+                        generator=torch.Generator().manual_seed(1))
+
+    def step() -> float:
+        loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    step()  # allocates the optimizer state; compiles
+    base = _reset_peak()
+    times, losses = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t0)
+    return {"impl": impl, "dtype": dtype, "tokens": batch * seq, "swapped": swapped,
+            "tokens_per_s": batch * seq / min(times), "step_s": min(times),
+            "peak_extra_bytes": _status_kib("VmHWM") * 1024 - base, "loss": losses[0],
+            "logits_bytes": batch * seq * config.vocab_size * 4}
+
+
+def step_report(impls: list[str], batch: int, seq: int, steps: int, dtype: str) -> None:
+    """Each implementation's llama_step in a fresh process (its peak memory is its own)."""
+    print(f"Llama training step (hidden {STEP_SHAPE['hidden_size']}, "
+          f"{STEP_SHAPE['num_hidden_layers']} layers, vocabulary {STEP_SHAPE['vocab_size']}), "
+          f"batch {batch} x seq {seq}, CPU {dtype}, {torch.get_num_threads()} threads, "
+          f"fastest of {steps} steps; peak = memory beyond the model and AdamW state")
+    results = {}
+    for impl in impls:
+        r = results[impl] = _in_fresh_process("--step-one", impl, "--batch", str(batch),
+                                              "--seq", str(seq), "--steps", str(steps),
+                                              "--dtype", dtype)
+        line = (f"  {impl:8s} {r['tokens_per_s']:8.0f} tokens/s  step {r['step_s'] * 1e3:7.0f} "
+                f"ms  peak {r['peak_extra_bytes'] / 2**20:7.0f} MiB  loss {r['loss']:.6f}")
+        if impl != "off" and "off" in results:
+            off = results["off"]
+            line += (f"  vs off: speed {r['tokens_per_s'] / off['tokens_per_s']:.2f}x, memory "
+                     f"{r['peak_extra_bytes'] / max(off['peak_extra_bytes'], 1):.2f}x")
+        if r["swapped"]:
+            line += f"  swapped {r['swapped']}"
+        print(line, flush=True)
 
 
 def main() -> None:
@@ -120,7 +203,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--peak", nargs=4, metavar=("IMPL", "N", "V", "H"),
                         help="measure one implementation in this process, print one JSON line")
+    parser.add_argument("--step", nargs="*", choices=STEP_IMPLS, metavar="IMPL",
+                        help=f"time a Llama training step instead ({' '.join(STEP_IMPLS)}; "
+                             "all without a value)")
+    parser.add_argument("--step-one", choices=STEP_IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    if args.step_one:
+        print(json.dumps(llama_step(args.step_one, args.batch, args.seq, args.steps,
+                                    args.dtype)))
+        return
+    if args.step is not None:
+        step_report(args.step or STEP_IMPLS, args.batch, args.seq, args.steps, args.dtype)
+        return
     if args.peak:
         impl, n, v, h = args.peak
         print(json.dumps(peak_and_time(impl, int(n), int(v), int(h), args.repeats)))
