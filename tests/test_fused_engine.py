@@ -6,9 +6,12 @@ off, and ZeroTrainer runs at stage 3 with the kernels off, through use_liger_ker
 the config switch and through zero_ext.run's plain Trainer; many small tests read its results.
 
 Tolerances: fp32 throughout. The fused ops compute the same sums in another order (the
-cross-entropy's online log-sum-exp over vocabulary blocks, fp32 row statistics), ~1e-7 relative
-per op; three AdamW steps at lr 1e-2 keep the weights within ~1e-6, so 1e-5 leaves a margin
-while a lost, doubled or unreduced gradient (the head's under stage 3) moves them by ~lr.
+cross-entropy's online log-sum-exp over vocabulary blocks, fp32 row statistics): the gradients
+agree to ~5e-7 of their largest element, losses and grad norms to ~1e-7 relative. With Adam's
+eps above that noise (fused_engine_cases.ADAM_EPS) three AdamW steps at lr 1e-2 keep the weights
+within ~1.2e-7, so 1e-5 leaves a margin while a lost gradient moves them by ~lr: the head's
+weight detached inside the fused loss fails 31 of these tests, the Trainer's num_items_in_batch
+ignored fails the three Trainer comparisons.
 """
 
 import functools
