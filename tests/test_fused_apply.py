@@ -394,8 +394,8 @@ def initialize_cases():
 
     import zero_ext
 
-    def start(model, fused=None):
-        config = {"train_micro_batch_size_per_gpu": 3}
+    def start(model, fused=None, **more):
+        config = {"train_micro_batch_size_per_gpu": 3, **more}
         if fused is not None:
             config["zero_ext"] = {"fused_kernels": fused}
         log = io.StringIO()
@@ -426,7 +426,26 @@ def initialize_cases():
     results["options"] = fused_kinds(model)
     _, log, caught = start(nn.Sequential(nn.Linear(4, 4)), {"enabled": True})
     results["nothing"] = {"log": log, "warnings": caught}
+    results["stage3"] = stage3_head_case(start)
     return results
+
+
+def stage3_head_case(start):
+    """Stage 3 built after apply(): the untied head is a gathered unit; its fallback for logits
+    is the engine's partitioned Linear forward, and both paths match the unfused model."""
+    from zero_ext.zero.params import _partitioned_linear_forward
+
+    model = llama(tied=False)
+    reference = copy.deepcopy(model).train()
+    engine, _, _ = start(model, {"enabled": True}, zero_optimization={
+        "stage": 3, "stage3_param_persistence_threshold": 0})
+    ids, labels = batch()
+    fallback = model.lm_head.__dict__["_zero_ext_unfused_forward"]
+    loss = engine(input_ids=ids, labels=labels).loss
+    logits = engine(input_ids=ids).logits
+    return {"fallback_partitioned": fallback.__func__ is _partitioned_linear_forward,
+            "loss": (loss.item(), reference(input_ids=ids, labels=labels).loss.item()),
+            "logits_close": torch.allclose(logits, reference(input_ids=ids).logits, **FP32)}
 
 
 def test_initialize_applies_the_fused_kernels_when_the_config_asks():
@@ -445,6 +464,9 @@ def test_initialize_applies_the_fused_kernels_when_the_config_asks():
     assert "0 cross_entropy, 0 rms_norm" in nothing["log"]
     assert any("zero_ext.fused_kernels.enabled is true, but no module of this Sequential"
                in w for w in nothing["warnings"])
+    stage3 = results["stage3"]
+    assert stage3["fallback_partitioned"] and stage3["logits_close"]
+    assert stage3["loss"][0] == pytest.approx(stage3["loss"][1], rel=1e-5)
 
 
 @pytest.mark.parametrize("fused, message", [

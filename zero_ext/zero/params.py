@@ -332,6 +332,11 @@ class PartitionedParameters:
                 # whose forward saves nothing until its replay), keep their own.
                 if type(module) is nn.Linear and "forward" not in module.__dict__:
                     module.forward = _partitioned_linear_forward.__get__(module)
+                elif type(module) is nn.Linear and getattr(module.__dict__.get(
+                        "_zero_ext_unfused_forward"), "__func__", None) is nn.Linear.forward:
+                    # A head given zero_ext.fused's loss keeps it; the plain forward it falls
+                    # back to for logits becomes the one that lets the release free the weight.
+                    module._zero_ext_unfused_forward = _partitioned_linear_forward.__get__(module)
         self._unit_of_param = {id(p): unit for unit in self.units for members in unit.params
                                for p in members}
         self.secondary = None
