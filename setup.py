@@ -6,6 +6,10 @@ Environment switches:
     ZERO_EXT_CUDA=0 / 1     force the CUDA kernels off / on (default: on when torch was built
                             with CUDA and a toolkit is found, whether or not a GPU is present)
     ZERO_EXT_DEBUG=1        -O0 -g instead of -O3
+    ZERO_EXT_CPU_ISAS=...   which CPU kernel variants to compile: "all" (the default), "host"
+                            (DEFAULT plus the best one this machine runs, e.g. AVX512: a
+                            quicker build for the machine it runs on) or a comma list such
+                            as AVX512 (DEFAULT is always built: it is every kernel's fallback)
     MAX_JOBS=N              parallel compile jobs (ninja)
 
 CPU kernels in kernels/cpu/ are compiled once per instruction set (portable baseline, AVX2,
@@ -29,6 +33,29 @@ CPU_ISA_FLAGS = {"DEFAULT": []}
 if platform.machine() in ("x86_64", "AMD64"):
     CPU_ISA_FLAGS["AVX2"] = ["-mavx2", "-mfma", "-mf16c"]
     CPU_ISA_FLAGS["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+
+
+def _selected_cpu_isas(choice: str) -> dict[str, list[str]]:
+    """CPU_ISA_FLAGS narrowed to ZERO_EXT_CPU_ISAS. A build for one machine (the GPU check's,
+    benchmarks/gpu_check.sh) needs only the variant that machine runs; csrc/cpu_isa.cpp never
+    selects a variant that was not compiled, and DEFAULT always is (it is every dispatch's
+    fallback)."""
+    choice = choice.strip()
+    if choice.lower() in ("", "all"):
+        return dict(CPU_ISA_FLAGS)
+    if choice.lower() == "host":
+        wanted = {torch.backends.cpu.get_cpu_capability()}
+    else:
+        wanted = {name.strip().upper() for name in choice.split(",") if name.strip()}
+        unknown = sorted(wanted - set(CPU_ISA_FLAGS))
+        if unknown:
+            raise RuntimeError(
+                f"zero_ext setup: ZERO_EXT_CPU_ISAS={choice!r} names {', '.join(unknown)}, which "
+                f"this machine cannot compile; choose from all, host, {', '.join(CPU_ISA_FLAGS)}")
+    return {isa: flags for isa, flags in CPU_ISA_FLAGS.items() if isa == "DEFAULT" or isa in wanted}
+
+
+CPU_ISA_FLAGS = _selected_cpu_isas(os.environ.get("ZERO_EXT_CPU_ISAS", "all"))
 
 
 # No fused multiply-add contraction: every ISA variant then rounds each operation as ATen's
