@@ -72,19 +72,27 @@ def _hf_checkpointing(model) -> None:
     enable({"use_reentrant": False})
 
 
-def run_fsdp2(args, on: torch.device) -> dict:
+def shard_fsdp2(model, on: torch.device, offload: bool) -> None:
+    """The anchors' FSDP2 setup (also benchmarks/bench_step.py's FSDP2 row): fully_shard per
+    decoder layer and at the root, bf16 parameters in compute, fp32 gradient reduction; with
+    `offload`, CPUOffloadPolicy (pinned on a GPU)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                reduce_dtype=torch.float32)}
+    if offload:
+        policy["offload_policy"] = CPUOffloadPolicy(pin_memory=on.type == "cuda")
+    for layer in model.model.layers:
+        fully_shard(layer, **policy)
+    fully_shard(model, **policy)
+
+
+def run_fsdp2(args, on: torch.device) -> dict:
     _init_one_rank(on)
     model = llama.build_llama(args.tiny, torch.float32, on)
     params = sum(p.numel() for p in model.parameters())
     _hf_checkpointing(model)
-    policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                                reduce_dtype=torch.float32),
-              "offload_policy": CPUOffloadPolicy(pin_memory=on.type == "cuda")}
-    for layer in model.model.layers:
-        fully_shard(layer, **policy)
-    fully_shard(model, **policy)
+    shard_fsdp2(model, on, offload=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
 
     def step():
@@ -227,8 +235,8 @@ def main() -> None:
     parser.add_argument("--run", choices=IMPLS[1:], help=argparse.SUPPRESS)  # a row's process
     parser.add_argument("--from-json", nargs="+", metavar="FILE",
                         help="run nothing: the table and goals of rows written earlier (a "
-                             "row's --json, or this script's), e.g. the parts of "
-                             "benchmarks/gpu_runbook.sh")
+                             "row's --json, or this script's), e.g. rows run in separate "
+                             "device calls")
     args = parser.parse_args()
     llama.resolve_shape(args)
     if args.from_json:

@@ -3,7 +3,8 @@
 # GPU machine lacks for the DeepSpeed row of bench_offload.py: DeepSpeed's source (it builds
 # there without its ops, which it compiles on first use with that machine's nvcc) and the
 # wheels of its dependencies missing from that image (Python 3.12, x86-64). Then pass
-# carry=["wheels"] to the device tool; gpu_runbook.sh installs from it when it is there.
+# carry=["wheels"] to the device tool, and start the command with
+# `python3 -m pip install --no-index --find-links wheels --no-build-isolation deepspeed`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p wheels

@@ -95,11 +95,12 @@ def device() -> torch.device:
         else torch.device("cpu")
 
 
-def build_llama(tiny: bool, dtype: torch.dtype, on: torch.device):
-    """LlamaForCausalLM of the 7B (or tiny) shape, seeded random weights of `dtype` on `on`."""
+def build_llama(tiny: bool, dtype: torch.dtype, on: torch.device, shape: dict | None = None):
+    """LlamaForCausalLM of the 7B (or tiny, or another LlamaConfig `shape`) shape, seeded
+    random weights of `dtype` on `on`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = TINY if tiny else LLAMA2_7B
+    shape = shape or (TINY if tiny else LLAMA2_7B)
     config = LlamaConfig(**shape, use_cache=False)
     torch.manual_seed(0)
     with torch.device(on):

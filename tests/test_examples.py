@@ -78,7 +78,7 @@ def test_offload_benchmark_has_a_deepspeed_row_or_says_why_not():
 
 
 def test_offload_benchmark_judges_the_goals_from_saved_rows(tmp_path):
-    # Rows as the GPU parts of benchmarks/gpu_runbook.sh save them, judged without a GPU here.
+    # Rows as separate GPU calls save them, judged without a GPU here.
     def row(impl, tokens_per_s, mfu, host_gb, **extra):
         return {"impl": impl, "device": "NVIDIA H100 80GB HBM3", "batch": 16, "seq": 4096,
                 "s_per_step": 16 * 4096 / tokens_per_s, "tokens_per_s": tokens_per_s,

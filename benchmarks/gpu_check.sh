@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# The GPU check (issue 12): every CUDA path built, tested and measured in ONE call of the device
+# tool, at most 8 minutes on a fresh H200 machine (Python 3.12, torch 2.11+cu130, nvcc 13.0,
+# 16 cores, no network). The next GPU session runs exactly this (device tool `run`):
+#
+#   command:   bash benchmarks/gpu_check.sh "$OUT"
+#   carry:     []          (nothing: the build happens there, from the working tree)
+#   timeout_s: 540         (the script stops itself at 480 s; 60 s of margin)
+#
+# then reads the summary at the end of output_tail (each step's exit code, time, closing lines,
+# and a status table last); files_at holds summary.txt, logs.tar (every step's whole log) and the
+# JSON of the parity check and the benchmarks. With the 15-minute lease (machine start
+# included) that leaves one short rerun, on a fresh machine (a call finds the last one warm only
+# within 30 s), of what failed or was skipped, e.g.
+#
+#   command:   GPU_CHECK_ONLY=build,nccl_parity GPU_CHECK_BUDGET=170 \
+#              bash benchmarks/gpu_check.sh "$OUT"
+#   timeout_s: 200
+#
+# (a fresh machine rebuilds: keep `build` in the list). Call give_back unless rerunning at once.
+#
+# Steps, in priority order; each has its own timeout, and a global deadline (GPU_CHECK_BUDGET,
+# default 480 s) shortens a step's timeout to the time left, or skips the step (listed as such)
+# when less than its minimum is left. A failure never stops the run: every step runs, and the
+# summary says which failed.
+#   machine      nvidia-smi, cores, python and torch versions
+#   build        setup.py build_ext --inplace for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), MAX_JOBS
+#                = cores, only this CPU's kernel variant (ZERO_EXT_CPU_ISAS=host); timed
+#   env          python -m zero_ext.env
+#   cuda_tests   every CUDA test: pytest -k "$CUDA_TESTS" over tests/ selects the `-m cuda` tests
+#                and every test with a cuda parameter or "cuda" in its name (tests/test_gpu_check.py
+#                checks on CPU that this misses none), failures collected (no -x)
+#   nccl_parity  tests/gpu_nccl_parity.py: world size 2 on the one GPU over NCCL, each rank its
+#                own NCCL_HOSTID; gloo on CUDA tensors where NCCL fails (it says which worked)
+#   adamw_cuda   bench_adamw.py CUDA 256M, fp32 and the mixed (offload) case
+#   adamw_cpu16  bench_adamw.py on the host CPU with 16 threads
+#   quant_cuda   bench_quant.py --device cuda (issue 16: >= 40% of the copy bandwidth)
+#   bench_zero   bench_zero.py at world size 1 over NCCL (stage 2 vs DDP)
+#   sanitizer    the offload and checkpointing CUDA tests under TORCH_CUDA_SANITIZER=1
+#   bench_step   benchmarks/bench_step.py: zero_ext stages 2/3 vs FSDP2 vs plain torch on the
+#                Llama 1.3B shape, with as many steps (<= 50 timed) as the time left allows
+#
+# Environment: GPU_CHECK_ONLY=a,b (run only these steps), GPU_CHECK_BUDGET=seconds,
+# GPU_CHECK_DRY=1 (print the plan, run nothing: each step is taken to use its whole timeout, so
+# the plan shows the worst case and what it would skip).
+set -u
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root" || exit 2
+out=${1:-$root/gpu_runs}
+mkdir -p "$out/logs"
+out=$(cd "$out" && pwd)
+summary=$out/summary.txt
+: > "$summary"
+budget=${GPU_CHECK_BUDGET:-480}
+dry=${GPU_CHECK_DRY:-0}
+only=${GPU_CHECK_ONLY:-}
+grace=8                       # a step's kill-after plus the bookkeeping after it
+# The CUDA tests, by keyword: markers count as keywords, so `cuda` takes -m cuda too; the nvcc
+# compile checks (tests/test_cuda_sources.py) run on CPU machines already.
+CUDA_TESTS='cuda and not cuda_sources'
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+cores=$(nproc)
+started=$SECONDS
+simulated=0                   # the dry run's clock: every step takes its whole timeout
+status_lines=()
+
+elapsed() { if [ "$dry" = 1 ]; then echo "$simulated"; else echo $((SECONDS - started)); fi; }
+
+selected() { [ -z "$only" ] || [[ ",$only," == *",$1,"* ]]; }
+
+record() {  # record NAME STATUS SECONDS: one line of the closing table
+    status_lines+=("$(printf '%-12s %-34s %5s s' "$1" "$2" "$3")")
+}
+
+digest() {  # the closing lines of a step's log (TAIL=pytest: its failures and its last line)
+    local log=$1
+    if [ "${TAIL:-10}" = pytest ]; then
+        # A CUDA test skipped on the GPU machine is a failure of the check: show why.
+        grep -E '^(FAILED|ERROR|SKIPPED) ' "$log" | head -n 30
+        tail -n 1 "$log"
+    else
+        tail -n "${TAIL:-10}" "$log"
+    fi | cut -c1-200
+}
+
+step() {  # step NAME TIMEOUT MINIMUM COMMAND...: run under the deadline, logged and summarized
+    local name=$1 cap=$2 minimum=$3
+    shift 3
+    if ! selected "$name"; then
+        record "$name" "not selected (GPU_CHECK_ONLY)" 0
+        return
+    fi
+    local left=$((budget - $(elapsed) - grace))
+    if [ "$left" -lt "$minimum" ]; then
+        echo "== $name: SKIPPED: ${left} s left before the deadline, needs ${minimum} s" \
+            >> "$summary"
+        record "$name" "SKIPPED (deadline)" 0
+        return
+    fi
+    local limit=$((cap < left ? cap : left)) shown
+    shown=$(printf '%q ' "$@")
+    echo "[gpu_check] $(elapsed) s: $name (timeout $limit s): $shown"
+    if [ "$dry" = 1 ]; then
+        simulated=$((simulated + limit))
+        echo "== $name: planned, timeout $limit s: $shown" >> "$summary"
+        record "$name" "planned" "$limit"
+        return
+    fi
+    local log=$out/logs/$name.log begin=$SECONDS
+    # A step may be one of the functions below (exported): timeout runs it in a child bash.
+    if declare -F "$1" > /dev/null; then set -- bash -c '"$@"' "$1" "$@"; fi
+    timeout --signal=INT --kill-after=5 "$limit" "$@" > "$log" 2>&1
+    local rc=$? took=$((SECONDS - begin))
+    {
+        echo "== $name: exit $rc after $took s (timeout $limit s): $shown"
+        digest "$log"
+    } >> "$summary"
+    case $rc in
+        0) record "$name" "ok" "$took" ;;
+        124|137) record "$name" "TIMEOUT (exit $rc)" "$took" ;;
+        *) record "$name" "FAILED (exit $rc)" "$took" ;;
+    esac
+    # The device tool brings back at most 8 files: the logs travel as one archive.
+    tar -rf "$out/logs.tar" -C "$out" "logs/$name.log" && rm -f "$log"
+}
+
+machine_info() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    echo "cores: $cores; $(python3 --version); torch $(python3 -c 'import torch;
+print(torch.__version__, torch.version.cuda, torch.backends.cpu.get_cpu_capability())')"
+    nvcc --version | tail -n 2
+}
+
+run_bench_step() {  # as many timed steps (<= 50) as the time left allows, after 3 warm-up steps
+    # About 20 s of start, then per row ~15 s of model build, setup and warm-up and ~0.5 s a
+    # step (the anchor's FSDP2 ran 0.42 s a step on an H100) for the four rows.
+    local timed=$((($1 - 20 - 4 * 15) / 2))
+    timed=$((timed > 50 ? 50 : timed))
+    if [ "$timed" -lt 10 ]; then
+        echo "bench_step: ${1} s is too little for 10 timed steps of each row"
+        return 3
+    fi
+    python3 benchmarks/bench_step.py --steps $((timed + 3)) --warmup 3 --json "$out/bench_step.json"
+}
+export -f machine_info run_bench_step
+export out cores
+
+echo "[gpu_check] $(date -u +%H:%M:%S) UTC, deadline $budget s, logs in $out" \
+    "(dry run: $dry, only: ${only:-all})"
+TAIL=6 step machine 8 3 machine_info
+TAIL=4 step build 165 60 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$cores" ZERO_EXT_CUDA=1 \
+    ZERO_EXT_CPU_ISAS=host python3 setup.py build_ext --inplace
+TAIL=24 step env 12 5 python3 -m zero_ext.env
+TAIL=pytest step cuda_tests 100 40 python3 -m pytest -q -p no:cacheprovider -rfEs \
+    --durations=15 tests/ -k "$CUDA_TESTS"
+TAIL=12 step nccl_parity 55 30 python3 tests/gpu_nccl_parity.py --timeout 25 \
+    --json "$out/nccl_parity.json"
+TAIL=13 step adamw_cuda 20 12 python3 benchmarks/bench_adamw.py --device cuda \
+    --cuda-params 256M --no-deepspeed
+TAIL=13 step adamw_cpu16 25 15 python3 benchmarks/bench_adamw.py --device cpu --threads 16 \
+    --no-deepspeed
+TAIL=26 step quant_cuda 20 10 python3 benchmarks/bench_quant.py --device cuda --sizes 16M 256M \
+    --blocks 256 2048 --repeats 20 --error-numel 1M
+TAIL=16 step bench_zero 25 15 torchrun --nproc_per_node=1 benchmarks/bench_zero.py \
+    --impls ddp,zero_ext --rounds 2 --json "$out/bench_zero.json"
+TAIL=pytest step sanitizer 40 20 env TORCH_CUDA_SANITIZER=1 python3 -m pytest -q \
+    -p no:cacheprovider -rfEs tests/test_offload.py tests/test_checkpointing.py -k "$CUDA_TESTS"
+left=$((budget - $(elapsed) - grace))
+TAIL=12 step bench_step "$left" 100 run_bench_step "$left"
+
+{
+    echo
+    worst=$([ "$dry" = 1 ] && echo " (dry run: the worst case)")
+    echo "== gpu_check: $(elapsed) s of $budget$worst; step, status, seconds:"
+    printf '%s\n' "${status_lines[@]}"
+} >> "$summary"
+cat "$summary"
+# Exit 1 when a step failed, timed out or was skipped: the caller sees it without reading.
+! grep -q -E 'FAILED|TIMEOUT|SKIPPED' <(printf '%s\n' "${status_lines[@]}")

@@ -1,0 +1,153 @@
+"""benchmarks/gpu_check.sh, the one prepared call a GPU session gets, checked here on CPU so that
+its minutes go to the GPU: the script's plan fits the deadline, its CUDA-test selection misses no
+CUDA test, bench_step.py runs its rows and counts MFU right, and the world-size-2 parity script
+passes over gloo (and falls back to it when NCCL cannot start)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+# The issue's priority order; bench_step runs last, on whatever time is left.
+STEPS = ["machine", "build", "env", "cuda_tests", "nccl_parity", "adamw_cuda", "adamw_cpu16",
+         "quant_cuda", "bench_zero", "sanitizer", "bench_step"]
+
+
+def _gpu_check(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[tuple[str, str, int]]]:
+    """A dry run (nothing executed); its closing table as (step, status, seconds)."""
+    result = subprocess.run(["bash", SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "GPU_CHECK_DRY": "1", **env},
+                            check=False)
+    table = re.findall(r"^(\w+) +(.+?) +(\d+) s$", result.stdout, flags=re.MULTILINE)
+    return result, [(name, status, int(seconds)) for name, status, seconds in table]
+
+
+def test_gpu_check_parses_and_its_worst_case_fits_the_deadline(tmp_path):
+    subprocess.run(["bash", "-n", SCRIPT], check=True)
+    result, table = _gpu_check(tmp_path)
+    assert [name for name, _, _ in table] == STEPS, result.stdout
+    planned = {name: seconds for name, status, seconds in table if status == "planned"}
+    # Every step of the issue's list fits even if each used its whole timeout; the training
+    # benchmark gets the time the others leave.
+    assert set(STEPS[:-1]) <= planned.keys(), table
+    assert all(seconds > 0 for seconds in planned.values()), table
+    assert sum(planned.values()) <= 480, table
+    assert re.search(r"== gpu_check: (\d+) s of 480", result.stdout)
+    assert (tmp_path / "summary.txt").read_text() in result.stdout
+    # The summary comes last: the device tool returns only the output's last 12,000 characters.
+    assert result.stdout.rstrip().splitlines()[-1].startswith("bench_step ")
+
+
+def test_gpu_check_skips_what_the_deadline_leaves_no_room_for_and_reruns_a_selection(tmp_path):
+    result, table = _gpu_check(tmp_path / "short", GPU_CHECK_BUDGET="250")
+    status = {name: s for name, s, _ in table}
+    assert status["build"] == "planned" and status["sanitizer"] == "SKIPPED (deadline)", table
+    assert sum(seconds for _, _, seconds in table) <= 250
+    assert "== sanitizer: SKIPPED" in result.stdout and result.returncode == 1
+    result, table = _gpu_check(tmp_path / "rerun", GPU_CHECK_ONLY="build,nccl_parity")
+    assert [name for name, s, _ in table if s == "planned"] == ["build", "nccl_parity"], table
+
+
+def test_cuda_test_selection_collects_every_cuda_test(tmp_path):
+    """Collected here as on a GPU (torch.cuda.is_available() answers True to the test modules,
+    so their DEVICES lists and skipif marks read as they do there): every test with a cuda
+    marker, a cuda parameter or a GPU skip condition must be among those gpu_check.sh selects."""
+    with open(SCRIPT) as f:
+        expression = re.search(r"^CUDA_TESTS='(.+)'$", f.read(), flags=re.MULTILINE).group(1)
+    collector = r'''
+import json, os, sys, torch
+tests = os.path.join(os.getcwd(), "tests") + os.sep
+real = torch.cuda.is_available
+torch.cuda.is_available = lambda: sys._getframe(1).f_code.co_filename.startswith(tests) or real()
+import pytest
+
+def needs_cuda(item):
+    params = getattr(item, "callspec", None)
+    values = params.params.values() if params else ()
+    reasons = [str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")]
+    return (item.get_closest_marker("cuda") is not None
+            or any(str(v) == "cuda" or getattr(v, "type", None) == "cuda" for v in values)
+            or any("GPU" in r or "CUDA" in r for r in reasons))
+
+class Everything:
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, items):
+        self.ids = [i.nodeid for i in items if needs_cuda(i)]
+
+class Selected:
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items):
+        self.ids = [i.nodeid for i in items]
+
+everything, selected = Everything(), Selected()
+code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "tests/", "-k",
+                    sys.argv[1]], plugins=[everything, selected])
+json.dump({"code": int(code), "cuda": everything.ids, "selected": selected.ids},
+          open(sys.argv[2], "w"))
+'''
+    out = tmp_path / "collected.json"
+    subprocess.run([sys.executable, "-c", collector, expression, str(out)], cwd=ROOT,
+                   check=True, capture_output=True, timeout=300)
+    collected = json.loads(out.read_text())
+    assert collected["code"] == 0, collected["code"]
+    cuda, selected = set(collected["cuda"]), set(collected["selected"])
+    # The kernels' CUDA parametrizations and the -m cuda tests are all there (hundreds).
+    assert len(cuda) > 300 and any("[cuda" in i or "-cuda" in i for i in cuda), len(cuda)
+    assert cuda <= selected, sorted(cuda - selected)[:20]
+    # ...and nothing that needs no GPU beyond names mentioning it (no nvcc compile checks).
+    assert not [i for i in selected if "test_cuda_sources" in i]
+
+
+def test_bench_step_tiny_runs_every_row_and_counts_mfu_analytically(tmp_path):
+    out = tmp_path / "step.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"), "--tiny",
+                    "--steps", "2", "--json", str(out)], check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "OMP_NUM_THREADS": "2"})
+    report = json.loads(out.read_text())
+    shape, seq = report["shape"], report["seq"]
+    h, inter, layers, vocab = (shape[k] for k in ("hidden_size", "intermediate_size",
+                                                  "num_hidden_layers", "vocab_size"))
+    # Untied embedding and head, q/k/v/o (as many key-value heads as heads), gate/up/down, two
+    # RMSNorms per layer and the final one.
+    params = 2 * vocab * h + layers * (4 * h * h + 3 * h * inter + 2 * h) + h
+    assert report["params"] == params
+    rows = {r["impl"]: r for r in report["rows"]}
+    assert list(rows) == ["torch", "fsdp2", "zero_ext_s2", "zero_ext_s3"]
+    ran = {impl: r for impl, r in rows.items() if "skipped" not in r}
+    assert {"torch", "zero_ext_s2", "zero_ext_s3"} <= ran.keys(), rows
+    first = ran["torch"]["first_loss"]
+    for impl, r in ran.items():
+        seconds = r["s_per_step"]
+        assert abs(r["tokens_per_s"] * seconds - report["batch"] * seq) < 1e-6 * seq
+        peak = 989e12
+        assert abs(r["mfu"] - 6 * params * r["tokens_per_s"] / peak) <= 1e-12, impl
+        attention = 12 * layers * h * seq
+        assert abs(r["mfu_attention"] - (6 * params + attention) * r["tokens_per_s"] / peak) \
+            <= 1e-12, impl
+        # Same seeded model, same tokens: the same first loss (bf16 rounding apart), and a step
+        # that trains.
+        assert abs(r["first_loss"] - first) < 1e-2 * first and r["last_loss"] < r["first_loss"]
+    for impl in ("torch", "fsdp2", "zero_ext_s2"):  # freed before the next row starts
+        assert impl not in ran or ran[impl]["released"], impl
+
+
+def test_nccl_parity_script_falls_back_to_gloo_and_passes_at_two_ranks(tmp_path):
+    out = tmp_path / "parity.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_nccl_parity.py"),
+                             "--backends", "nccl,gloo", "--timeout", "240", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    attempts = json.loads(out.read_text())
+    if not torch.cuda.is_available():  # NCCL cannot start without a GPU: gloo takes over
+        assert attempts[0]["backend"] == "nccl" and not attempts[0]["ran"], attempts[0]
+    last = attempts[-1]
+    assert last["ran"] and len(last["cases"]) == 7, last
+    assert set(last["cases"].values()) == {"pass"}, last["cases"]
+    assert f"parity over {last['backend']}: PASS" in result.stdout
