@@ -268,6 +268,27 @@ def test_the_reference_model_and_a_deep_copy_are_their_own():
     assert "labels" in inspect.signature(model.forward).parameters
 
 
+def test_lora_adapters_added_after_apply_are_trained():
+    # LoRA on GPT-2's c_fc: the fused MLP sees a wrapped c_fc and runs the module's own forward
+    # (its product would skip the adapter); the head, not wrapped, still gives the fused loss.
+    from peft import LoraConfig, get_peft_model
+
+    model, reference, _ = fused_and_reference(gpt2())
+    config = LoraConfig(r=4, target_modules=["c_fc", "c_attn"], fan_in_fan_out=True,
+                        init_lora_weights=False)
+    torch.manual_seed(3)
+    model = get_peft_model(model, config)
+    torch.manual_seed(3)
+    reference = get_peft_model(reference, config)
+    ids, labels = batch()
+    out, ref, calls = train_step(model, reference, ids, labels=labels)
+    assert out.logits is None and calls["bias_gelu"] == 0
+    torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        if q.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, **FP32, msg=name)
+
+
 class ScaledNorm(nn.Module):
     """A user's RMSNorm under another name: apply() swaps it only when asked to."""
 

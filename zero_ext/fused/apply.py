@@ -66,10 +66,10 @@ _HEAD = "lm_head"                            # the kind marker of a causal LM's 
 
 # -- call-time guards ------------------------------------------------------------------------
 
-@functools.cache
 def _has_kernel(op: str, device_type: str) -> bool:
     """Whether zero_ext was built with ``op``'s kernel for this device type (the CPU build has
-    no CUDA kernels; SwiGLU and bias+GeLU have none on CUDA yet)."""
+    no CUDA kernels; SwiGLU and bias+GeLU have none on CUDA yet). A dispatcher table lookup,
+    cheap enough per call and traceable by torch.compile."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"zero_ext::{op}", device_type.upper())
 
 
