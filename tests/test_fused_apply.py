@@ -368,6 +368,11 @@ def test_models_it_cannot_reproduce_are_left_alone():
         torch.testing.assert_close(model(input_ids=ids, labels=labels).loss,
                                    reference(input_ids=ids, labels=labels).loss, **FP32)
     assert zero_ext.fused.apply(gemma)["cross_entropy"] == 0  # GemmaForCausalLM: not listed
+    # Named explicitly, Gemma's norm has the attributes but not the formula: refused.
+    with pytest.raises(ValueError, match=r"^zero_ext.fused.apply: modules\['GemmaRMSNorm'\] = "
+                       r"'rms_norm', but GemmaRMSNorm computes something else than the "
+                       r"'rms_norm' formula \(on a random input its forward differs"):
+        zero_ext.fused.apply(gemma, modules={"GemmaRMSNorm": "rms_norm"})
     capped = llama()
     capped.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="transforms the logits "

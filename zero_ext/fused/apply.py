@@ -401,6 +401,65 @@ def _auto_kind(module: nn.Module) -> str | None:
     return _AUTO_KINDS.get(type(module).__name__) if _is_hf(module, *_AUTO_KINDS) else None
 
 
+def _kind_formula(module: nn.Module, kind_name: str, x: Tensor) -> Tensor:
+    """What the fused forward of ``kind_name`` computes, in eager torch, on ``module``'s own
+    parameters and submodules."""
+    if kind_name == "rms_norm":
+        return F.rms_norm(x, (x.shape[-1],), module.weight, _eps(module))
+    if kind_name == "layer_norm":
+        return F.layer_norm(x, (x.shape[-1],), module.weight, getattr(module, "bias", None),
+                            _eps(module))
+    if kind_name == "swiglu_mlp":
+        return module.down_proj(F.silu(module.gate_proj(x)) * module.up_proj(x))
+    out = module.c_proj(F.gelu(module.c_fc(x), approximate=_gelu_approximate(module.act)))
+    dropout = getattr(module, "dropout", None)
+    return out if dropout is None else dropout(out)
+
+
+def _probe_input_width(module: nn.Module, kind_name: str) -> int:
+    if kind_name in ("rms_norm", "layer_norm"):
+        return module.weight.shape[-1]
+    if kind_name == "swiglu_mlp":
+        return module.gate_proj.weight.shape[1]
+    fc = module.c_fc
+    return fc.weight.shape[0] if _is_conv1d(fc) else fc.weight.shape[1]
+
+
+def _probe_mismatch(module: nn.Module, kind_name: str) -> str | None:
+    """For a class named in ``modules=``: whether its own forward computes the kind's formula,
+    compared on a random input (a Gemma-style ``(1 + weight)`` norm named "rms_norm" differs).
+    Not run where it cannot be: a causal LM (its forward is the whole model), parameters not
+    materialised (meta, stage-3 placeholders)."""
+    params = list(module.parameters())
+    if kind_name == "causal_lm" or not params or any(
+            p.is_meta or p.numel() == 0 for p in params):
+        return None
+    first = params[0]
+    width = _probe_input_width(module, kind_name)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, width, generator=g) * 2 + 0.5).to(first.device, first.dtype)
+    outputs = []
+    for compute in (lambda: module.forward(x), lambda: _kind_formula(module, kind_name, x)):
+        with torch.no_grad(), torch.random.fork_rng(devices=[first.device]
+                                                    if first.device.type == "cuda" else []):
+            torch.manual_seed(0)  # the same dropout mask in both
+            out = compute()
+        if not isinstance(out, Tensor):
+            return f"returns {type(out).__name__}, not one tensor"
+        outputs.append(out.float())
+    own, formula = outputs
+    if own.shape != formula.shape:
+        return (f"returns shape {tuple(own.shape)} where the {kind_name!r} formula gives "
+                f"{tuple(formula.shape)}")
+    tolerance = (1e-4 if first.dtype in (torch.float32, torch.float64) else 3e-2) * \
+        (1 + formula.abs().max().item())
+    difference = (own - formula).abs().max().item()
+    if difference <= tolerance:
+        return None
+    return (f"computes something else than the {kind_name!r} formula (on a random input its "
+            f"forward differs from it by {difference:.3g}; e.g. a (1 + weight) scale)")
+
+
 def _check_requested(model: nn.Module, modules: Mapping[str, str] | None) -> dict[str, str]:
     if modules is None:
         return {}
@@ -438,8 +497,10 @@ def apply(model: nn.Module, *, cross_entropy: bool = True, norms: bool = True,
     (Conv1D or nn.Linear, with bias), a GeLU ``act``, ``c_proj`` and optionally ``dropout``,
     computing ``dropout(c_proj(act(c_fc(x))))``; ``"causal_lm"``: an nn.Linear ``lm_head``
     whose output the forward passes unchanged to transformers' ``ForCausalLMLoss`` (the
-    ``self.loss_function``) with ``labels``. apply() checks the attributes; the formulas are
-    the caller's word.
+    ``self.loss_function``) with ``labels``. apply() checks the attributes, and runs each
+    named norm or MLP once on a random input against the kind's formula in eager torch (where
+    its parameters exist: not on the meta device, not as stage-3 placeholders); the causal LM's
+    formula is the caller's word.
     """
     requested = _check_requested(model, modules)
     switches = {"cross_entropy": cross_entropy, "norms": norms, "activations": activations}
@@ -466,6 +527,8 @@ def _planned(model: nn.Module, requested: Mapping[str, str], switches: Mapping[s
             continue
         kind = _KINDS[kind_name]
         missing = kind.missing(module) or _replaced(module)
+        if name in requested and not missing:
+            missing = _probe_mismatch(module, kind_name)
         if name in requested and missing:
             raise ValueError(f"{_API}: modules[{name!r}] = {kind_name!r}, but {name} {missing}; "
                              "remove the entry, or name a class that has it")
