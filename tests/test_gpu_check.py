@@ -23,7 +23,8 @@ STEPS = ["machine", "build", "env", "cuda_tests", "nccl_parity", "adamw_cuda", "
 def _gpu_check(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[tuple[str, str, int]]]:
     """A dry run (nothing executed); its closing table as (step, status, seconds)."""
     result = subprocess.run(["bash", SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                            timeout=60, env={**os.environ, "GPU_CHECK_DRY": "1", **env},
+                            timeout=60, env={**os.environ, "GPU_CHECK_DRY": "1", "GPU_CHECK_ONLY": "",
+                                             "GPU_CHECK_BUDGET": "480", **env},
                             check=False)
     table = re.findall(r"^(\w+) +(.+?) +(\d+) s$", result.stdout, flags=re.MULTILINE)
     return result, [(name, status, int(seconds)) for name, status, seconds in table]
