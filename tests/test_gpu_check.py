@@ -94,10 +94,12 @@ json.dump({"code": int(code), "cuda": everything.ids, "selected": selected.ids},
           open(sys.argv[2], "w"))
 '''
     out = tmp_path / "collected.json"
-    subprocess.run([sys.executable, "-c", collector, expression, str(out)], cwd=ROOT,
-                   check=True, capture_output=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", collector, expression, str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=False)
+    # A test module that does more with CUDA at import than ask whether it is there fails to
+    # collect here: the output says which.
+    assert run.returncode == 0 and json.loads(out.read_text())["code"] == 0, run.stdout[-3000:]
     collected = json.loads(out.read_text())
-    assert collected["code"] == 0, collected["code"]
     cuda, selected = set(collected["cuda"]), set(collected["selected"])
     # The kernels' CUDA parametrizations and the -m cuda tests are all there (hundreds).
     assert len(cuda) > 300 and any("[cuda" in i or "-cuda" in i for i in cuda), len(cuda)
