@@ -124,6 +124,14 @@ def _allocated(on: torch.device) -> int:
     return torch.cuda.memory_allocated(on) if on.type == "cuda" else 0
 
 
+def _free(on: torch.device) -> None:
+    """What the last row dropped goes back to the device before the next row is built."""
+    gc.collect()
+    if on.type == "cuda":
+        torch.cuda.synchronize(on)
+        torch.cuda.empty_cache()
+
+
 def measure_row(impl: str, args, on: torch.device, shape: dict, params: int) -> dict:
     """One row: build, run_steps, then tear down; `released` says whether the model and its
     wrappers were freed (else the rows after it carry its memory)."""
@@ -131,7 +139,12 @@ def measure_row(impl: str, args, on: torch.device, shape: dict, params: int) -> 
     try:
         model, forward, backward, step, keep = BUILDERS[impl](args, on, shape)
     except Exception as error:  # noqa: BLE001  (e.g. FSDP2 where this torch lacks it: say why)
-        return {"impl": impl, "skipped": f"setup failed: {type(error).__name__}: {error}"[:400]}
+        failed = f"setup failed: {type(error).__name__}: {error}"[:400]
+    else:
+        failed = None
+    if failed:  # outside the except clause, whose traceback holds what was built
+        _free(on)
+        return {"impl": impl, "skipped": failed}
     refs = [weakref.ref(model)] + [weakref.ref(k) for k in keep]
     try:
         result = llama.run_steps(args, on, params, shape["vocab_size"], forward=forward,
@@ -146,10 +159,7 @@ def measure_row(impl: str, args, on: torch.device, shape: dict, params: int) -> 
             result["reserved_over_allocated"] = (result["peak_reserved_bytes"]
                                                  / result["peak_gpu_bytes"])
     del model, forward, backward, step, keep
-    gc.collect()
-    if on.type == "cuda":
-        torch.cuda.synchronize(on)
-        torch.cuda.empty_cache()
+    _free(on)
     return {"impl": impl, **result, "allocated_before_bytes": before,
             "left_behind_bytes": _allocated(on) - before,
             "released": all(ref() is None for ref in refs)}
