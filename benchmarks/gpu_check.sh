@@ -74,8 +74,9 @@ record() {  # record NAME STATUS SECONDS: one line of the closing table
     status_lines+=("$(printf '%-12s %-34s %5s s' "$1" "$2" "$3")")
 }
 
-digest() {  # the closing lines of a step's log (TAIL=pytest: its failures and its last line)
-    local log=$1
+digest() {  # the closing lines of a step's log (TAIL=pytest: its failures and its last line),
+    local log=$1  # after its first lines matching KEEP, where set
+    if [ -n "${KEEP:-}" ]; then grep -E "$KEEP" "$log" | head -n 4; fi
     if [ "${TAIL:-10}" = pytest ]; then
         # A CUDA test skipped on the GPU machine is a failure of the check: show why.
         grep -E '^(FAILED|ERROR|SKIPPED) ' "$log" | head -n 30
@@ -150,17 +151,17 @@ export out cores
 echo "[gpu_check] $(date -u +%H:%M:%S) UTC, deadline $budget s, logs in $out" \
     "(dry run: $dry, only: ${only:-all})"
 TAIL=6 step machine 8 3 machine_info
-TAIL=4 step build 165 60 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$cores" ZERO_EXT_CUDA=1 \
-    ZERO_EXT_CPU_ISAS=host python3 setup.py build_ext --inplace
+KEEP='^zero_ext: building' TAIL=3 step build 165 60 env TORCH_CUDA_ARCH_LIST=9.0 \
+    MAX_JOBS="$cores" ZERO_EXT_CUDA=1 ZERO_EXT_CPU_ISAS=host python3 setup.py build_ext --inplace
 TAIL=24 step env 12 5 python3 -m zero_ext.env
 TAIL=pytest step cuda_tests 100 40 python3 -m pytest -q -p no:cacheprovider -rfEs \
     --durations=15 tests/ -k "$CUDA_TESTS"
 TAIL=12 step nccl_parity 55 30 python3 tests/gpu_nccl_parity.py --timeout 25 \
     --json "$out/nccl_parity.json"
-TAIL=13 step adamw_cuda 20 12 python3 benchmarks/bench_adamw.py --device cuda \
-    --cuda-params 256M --no-deepspeed
-TAIL=13 step adamw_cpu16 25 15 python3 benchmarks/bench_adamw.py --device cpu --threads 16 \
-    --no-deepspeed
+KEEP='bandwidth ceiling' TAIL=12 step adamw_cuda 20 12 python3 benchmarks/bench_adamw.py \
+    --device cuda --cuda-params 256M --no-deepspeed
+KEEP='bandwidth ceiling' TAIL=12 step adamw_cpu16 25 15 python3 benchmarks/bench_adamw.py \
+    --device cpu --threads 16 --no-deepspeed
 TAIL=26 step quant_cuda 20 10 python3 benchmarks/bench_quant.py --device cuda --sizes 16M 256M \
     --blocks 256 2048 --repeats 20 --error-numel 1M
 TAIL=16 step bench_zero 30 15 torchrun --nproc_per_node=1 benchmarks/bench_zero.py \
@@ -175,6 +176,12 @@ TAIL=12 step bench_step "$left" 100 run_bench_step "$left"
     worst=$([ "$dry" = 1 ] && echo " (dry run: the worst case)")
     echo "== gpu_check: $(elapsed) s of $budget$worst; step, status, seconds:"
     printf '%s\n' "${status_lines[@]}"
+    redo=$(printf '%s\n' "${status_lines[@]}" | awk '/FAILED|TIMEOUT|SKIPPED/ {print $1}' \
+        | grep -v '^build$' | paste -s -d, -)
+    if [ -n "$redo" ]; then
+        echo "rerun (fresh machine): GPU_CHECK_ONLY=build,$redo" \
+            "bash benchmarks/gpu_check.sh \"\$OUT\""
+    fi
 } >> "$summary"
 cat "$summary"
 # Exit 1 when a step failed, timed out or was skipped: the caller sees it without reading.

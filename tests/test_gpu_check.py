@@ -22,10 +22,10 @@ STEPS = ["machine", "build", "env", "cuda_tests", "nccl_parity", "adamw_cuda", "
 
 def _gpu_check(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[tuple[str, str, int]]]:
     """A dry run (nothing executed); its closing table as (step, status, seconds)."""
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "GPU_CHECK_ONLY": "", "GPU_CHECK_BUDGET": "480",
+           **env}
     result = subprocess.run(["bash", SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                            timeout=60, env={**os.environ, "GPU_CHECK_DRY": "1", "GPU_CHECK_ONLY": "",
-                                             "GPU_CHECK_BUDGET": "480", **env},
-                            check=False)
+                            timeout=60, env=env, check=False)
     table = re.findall(r"^(\w+) +(.+?) +(\d+) s$", result.stdout, flags=re.MULTILINE)
     return result, [(name, status, int(seconds)) for name, status, seconds in table]
 
@@ -42,8 +42,12 @@ def test_gpu_check_parses_and_its_worst_case_fits_the_deadline(tmp_path):
     assert sum(planned.values()) <= 480, table
     assert re.search(r"== gpu_check: (\d+) s of 480", result.stdout)
     assert (tmp_path / "summary.txt").read_text() in result.stdout
-    # The summary comes last: the device tool returns only the output's last 12,000 characters.
-    assert result.stdout.rstrip().splitlines()[-1].startswith("bench_step ")
+    # The summary comes last (the device tool returns only the output's last 12,000
+    # characters): the table, then the rerun of what did not run or failed.
+    lines = result.stdout.rstrip().splitlines()
+    assert lines[-2].startswith("bench_step ") and "SKIPPED" in lines[-2], lines[-2:]
+    assert lines[-1] == 'rerun (fresh machine): GPU_CHECK_ONLY=build,bench_step bash ' \
+                        'benchmarks/gpu_check.sh "$OUT"', lines[-1]
 
 
 def test_gpu_check_skips_what_the_deadline_leaves_no_room_for_and_reruns_a_selection(tmp_path):
@@ -111,8 +115,8 @@ json.dump({"code": int(code), "cuda": everything.ids, "selected": selected.ids},
 def test_bench_step_tiny_runs_every_row_and_counts_mfu_analytically(tmp_path):
     out = tmp_path / "step.json"
     subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_step.py"), "--tiny",
-                    "--steps", "2", "--json", str(out)], check=True, capture_output=True, timeout=300,
-                   env={**os.environ, "OMP_NUM_THREADS": "2"})
+                    "--steps", "2", "--json", str(out)], check=True, capture_output=True,
+                   timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
     report = json.loads(out.read_text())
     shape, seq = report["shape"], report["seq"]
     h, inter, layers, vocab = (shape[k] for k in ("hidden_size", "intermediate_size",
