@@ -179,8 +179,8 @@ TAIL=12 step bench_step "$left" 100 run_bench_step "$left"
     redo=$(printf '%s\n' "${status_lines[@]}" | awk '/FAILED|TIMEOUT|SKIPPED/ {print $1}' \
         | grep -v '^build$' | paste -s -d, -)
     if [ -n "$redo" ]; then
-        echo "rerun (fresh machine): GPU_CHECK_ONLY=build,$redo" \
-            "bash benchmarks/gpu_check.sh \"\$OUT\""
+        echo "rerun (fresh machine, timeout_s 200): GPU_CHECK_ONLY=build,$redo" \
+            "GPU_CHECK_BUDGET=170 bash benchmarks/gpu_check.sh \"\$OUT\""
     fi
 } >> "$summary"
 cat "$summary"

@@ -46,8 +46,8 @@ def test_gpu_check_parses_and_its_worst_case_fits_the_deadline(tmp_path):
     # characters): the table, then the rerun of what did not run or failed.
     lines = result.stdout.rstrip().splitlines()
     assert lines[-2].startswith("bench_step ") and "SKIPPED" in lines[-2], lines[-2:]
-    assert lines[-1] == 'rerun (fresh machine): GPU_CHECK_ONLY=build,bench_step bash ' \
-                        'benchmarks/gpu_check.sh "$OUT"', lines[-1]
+    assert lines[-1] == ('rerun (fresh machine, timeout_s 200): GPU_CHECK_ONLY=build,bench_step '
+                         'GPU_CHECK_BUDGET=170 bash benchmarks/gpu_check.sh "$OUT"'), lines[-1]
 
 
 def test_gpu_check_skips_what_the_deadline_leaves_no_room_for_and_reruns_a_selection(tmp_path):
