@@ -27,6 +27,10 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -63,6 +67,17 @@ def llama(tied=True, dtype=torch.float32, **overrides):
                          num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
                          tie_word_embeddings=tied, initializer_range=INIT, **overrides)
     return LlamaForCausalLM(config).to(dtype)
+
+
+def llama_family(config_class, model_class):
+    """A tiny Mistral / Qwen2 / Qwen3 (the Llama family's other members apply() knows)."""
+    def build():
+        torch.manual_seed(0)
+        return model_class(config_class(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, initializer_range=INIT,
+            tie_word_embeddings=False))
+    return build
 
 
 def gpt2():
@@ -117,6 +132,14 @@ PARITY = {
                      {"fused_norm": NORMS, "swiglu": LAYERS}),
     "gpt2": (gpt2, {"layer_norm": NORMS, "bias_gelu": LAYERS},
              {"fused_norm": NORMS, "bias_gelu": LAYERS}),
+    "mistral": (llama_family(MistralConfig, MistralForCausalLM),
+                {"rms_norm": NORMS, "swiglu": LAYERS}, {"fused_norm": NORMS, "swiglu": LAYERS}),
+    "qwen2": (llama_family(Qwen2Config, Qwen2ForCausalLM),
+              {"rms_norm": NORMS, "swiglu": LAYERS}, {"fused_norm": NORMS, "swiglu": LAYERS}),
+    # Qwen3 normalizes each head's queries and keys too: 4-D inputs.
+    "qwen3": (llama_family(Qwen3Config, Qwen3ForCausalLM),
+              {"rms_norm": NORMS + 2 * LAYERS, "swiglu": LAYERS},
+              {"fused_norm": NORMS + 2 * LAYERS, "swiglu": LAYERS}),
 }
 
 
@@ -126,7 +149,7 @@ def test_fp32_loss_and_every_gradient_match_unfused(case):
     model, reference, swapped = fused_and_reference(build())
     assert swapped == dict.fromkeys(swapped, 0) | {"cross_entropy": 1} | counts
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    assert (head.weight is embedding.weight) == (case != "llama-untied")
+    assert (head.weight is embedding.weight) == (case in ("llama-tied", "gpt2"))
     ids, labels = batch()
     out, ref, calls = train_step(model, reference, ids, labels=labels)
     assert out.logits is None and ref.logits is not None
