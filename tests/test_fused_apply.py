@@ -185,6 +185,10 @@ def test_eval_mode_and_training_without_labels_keep_the_logits():
     assert ops.calls["linear_cross_entropy"] == 0
     torch.testing.assert_close(out.logits, ref.logits, **FP32)
     torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    # Generation (eval, KV cache, one token a step) runs the fused norms and MLPs as well.
+    generate = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(model.generate(ids[:, :4], **generate),
+                       reference.generate(ids[:, :4], **generate))
     model.train()
     reference.train()
     out = model(input_ids=ids)
