@@ -35,6 +35,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+import zero_ext.checkpointing
 import zero_ext.fused
 from zero_ext.fused import rms_norm
 
@@ -158,6 +159,18 @@ def test_fp32_loss_and_every_gradient_match_unfused(case):
     assert_same_gradients(model, reference, **FP32)
     for op, n in (forward_ops | {"linear_cross_entropy": 1}).items():
         assert calls[op] == n, op
+
+
+def test_activation_checkpointing_recomputes_the_fused_modules():
+    model, reference, _ = fused_and_reference(llama())
+    for m in (model, reference):
+        zero_ext.checkpointing.apply(m)
+    ids, labels = batch()
+    out, ref, calls = train_step(model, reference, ids, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    assert_same_gradients(model, reference, **FP32)
+    # Each layer's two norms and MLP run again in backward; the final norm and the loss not.
+    assert calls["fused_norm"] == NORMS + 2 * LAYERS and calls["swiglu"] == 2 * LAYERS
 
 
 def test_bf16_model_close_to_unfused_with_an_fp32_loss():
