@@ -23,8 +23,8 @@ untimed run that also compiles), on the machine's default torch thread count.
 
 ``--step``: a whole training step (forward with labels, backward, torch AdamW) of a small
 transformers LlamaForCausalLM with a 32000-token vocabulary, unfused, with every kernel swapped
-in by zero_ext.fused.apply, and torch.compile'd unfused; tokens/s and peak memory beyond the
-model and optimizer state, each in a fresh process as above.
+in by zero_ext.fused.apply, and torch.compile'd unfused; tokens/s and the peak memory of forward
++ backward beyond the model and optimizer state, each in a fresh process as above.
 """
 
 from __future__ import annotations
@@ -139,8 +139,9 @@ STEP_SHAPE = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers"
 def llama_step(impl: str, batch: int, seq: int, steps: int, dtype: str) -> dict:
     """In this process: `steps` training steps (forward with labels, backward, AdamW) of a
     STEP_SHAPE LlamaForCausalLM, unfused ("off"), with zero_ext.fused.apply ("on") or
-    torch.compile'd unfused ("compile"); tokens/s of the fastest step, peak memory beyond the
-    model and optimizer state (VmHWM over the timed steps), and the first timed step's loss."""
+    torch.compile'd unfused ("compile"); tokens/s of the fastest step, the peak memory of a
+    forward + backward beyond the model and optimizer state (VmHWM reset before each step: the
+    activations, logits and gradients, what the kernels change), and the first timed loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import zero_ext.fused
@@ -154,23 +155,31 @@ def llama_step(impl: str, batch: int, seq: int, steps: int, dtype: str) -> dict:
     ids = torch.randint(0, config.vocab_size, (batch, seq),
                         generator=torch.Generator().manual_seed(1))
 
-    def step() -> float:
+    def step() -> tuple[float, int]:
+        """One step: its loss, and the peak resident bytes of its forward and backward."""
         loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
+        peak = _status_kib("VmHWM") * 1024
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.item(), peak
 
     step()  # allocates the optimizer state; compiles
-    base = _reset_peak()
-    times, losses = [], []
+    times, cpu_times, losses, peaks = [], [], [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        losses.append(step())
+        base = _reset_peak()  # the model, the AdamW state, no gradients
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss, peak = step()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+        losses.append(loss)
+        peaks.append(peak - base)
+    # CPU seconds (all threads) as well as wall time: on a machine shared with other jobs the
+    # wall time varies by 2x between runs, the work a step does much less.
     return {"impl": impl, "dtype": dtype, "tokens": batch * seq, "swapped": swapped,
             "tokens_per_s": batch * seq / min(times), "step_s": min(times),
-            "peak_extra_bytes": _status_kib("VmHWM") * 1024 - base, "loss": losses[0],
+            "cpu_s": min(cpu_times),
+            "peak_extra_bytes": max(peaks), "loss": losses[0],
             "logits_bytes": batch * seq * config.vocab_size * 4}
 
 
@@ -179,17 +188,19 @@ def step_report(impls: list[str], batch: int, seq: int, steps: int, dtype: str) 
     print(f"Llama training step (hidden {STEP_SHAPE['hidden_size']}, "
           f"{STEP_SHAPE['num_hidden_layers']} layers, vocabulary {STEP_SHAPE['vocab_size']}), "
           f"batch {batch} x seq {seq}, CPU {dtype}, {torch.get_num_threads()} threads, "
-          f"fastest of {steps} steps; peak = memory beyond the model and AdamW state")
+          f"fastest of {steps} steps; peak = forward + backward beyond the model and AdamW state")
     results = {}
     for impl in impls:
         r = results[impl] = _in_fresh_process("--step-one", impl, "--batch", str(batch),
                                               "--seq", str(seq), "--steps", str(steps),
                                               "--dtype", dtype)
-        line = (f"  {impl:8s} {r['tokens_per_s']:8.0f} tokens/s  step {r['step_s'] * 1e3:7.0f} "
-                f"ms  peak {r['peak_extra_bytes'] / 2**20:7.0f} MiB  loss {r['loss']:.6f}")
+        line = (f"  {impl:8s} {r['tokens_per_s']:6.0f} tokens/s  step {r['step_s']:6.2f} s "
+                f"({r['cpu_s']:6.2f} CPU s)  peak {r['peak_extra_bytes'] / 2**20:5.0f} MiB  loss "
+                f"{r['loss']:.6f}")
         if impl != "off" and "off" in results:
             off = results["off"]
-            line += (f"  vs off: speed {r['tokens_per_s'] / off['tokens_per_s']:.2f}x, memory "
+            line += (f"  vs off: speed {r['tokens_per_s'] / off['tokens_per_s']:.2f}x, CPU time "
+                     f"{r['cpu_s'] / off['cpu_s']:.2f}x, memory "
                      f"{r['peak_extra_bytes'] / max(off['peak_extra_bytes'], 1):.2f}x")
         if r["swapped"]:
             line += f"  swapped {r['swapped']}"
