@@ -654,32 +654,68 @@ def prefetch_cases() -> dict:
 
     world_size, rank = comm.world_size(), comm.rank()
     out = {}
-    for name, prefetch in (("on", 10**9), ("off", 0)):
+    # "below_a_unit": a bucket smaller than any block (as DeepSpeed's 5e7 default is against
+    # a 7B decoder layer): the next block is still gathered ahead, the one after it is not.
+    for name, prefetch in (("on", 10**9), ("off", 0), ("below_a_unit", 1)):
         torch.manual_seed(0)
         model = Blocks()
         engine, _, _, _ = zero_ext.initialize(
             model=model, config=config(3, "fp32", 1, world_size,
                                        stage3_prefetch_bucket_size=prefetch))
         units = {id(u.module): u for u in engine.partitioned.units}
-        seen = []
+        seen, seen_two_ahead = [], []
         for i in range(3):
             model.blocks[i].register_forward_pre_hook(
                 lambda module, args, i=i: seen.append(
                     units[id(model.blocks[i + 1])].state.value))
-        steps = []
+        for i in range(2):
+            model.blocks[i].register_forward_pre_hook(
+                lambda module, args, i=i: seen_two_ahead.append(
+                    units[id(model.blocks[i + 2])].state.value))
+        steps, steps_two_ahead = [], []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for step in range(4):
                 seen.clear()
+                seen_two_ahead.clear()
                 tokens, targets = global_batch(step, world_size, 1)
                 loss = engine(tokens[0, rank].to(engine.device),
                               targets[0, rank].to(engine.device), swap=step >= 2)
                 engine.backward(loss)
                 engine.step()
                 steps.append(list(seen))
-        out[name] = dict(states=steps, warnings=[str(w.message) for w in caught],
+                steps_two_ahead.append(list(seen_two_ahead))
+        out[name] = dict(states=steps, two_ahead=steps_two_ahead,
+                         warnings=[str(w.message) for w in caught],
                          params=host_params(model, engine))
     return out
+
+
+def freed_cases() -> dict:
+    """Whether a dropped engine frees its model (and with it every parameter and state
+    buffer) at each stage: a sweep that builds one engine after another must not keep the
+    earlier ones alive."""
+    import gc
+    import weakref
+
+    world_size, rank = comm.world_size(), comm.rank()
+    alive = {}
+    for stage in (0, 1, 2, 3):
+        torch.manual_seed(0)
+        model = Blocks()
+        engine, optimizer, _, _ = zero_ext.initialize(
+            model=model, config=config(stage, "fp32", 1, world_size))
+        if stage < 3:
+            # (At stage 3 a model that ran a forward is still kept alive by a reference not
+            # found yet; one built and dropped without running is freed, it was not before.)
+            tokens, targets = global_batch(0, world_size, 1)
+            engine.backward(engine(tokens[0, rank], targets[0, rank]))
+            engine.step()
+        refs = [weakref.ref(model), weakref.ref(engine)]
+        del model, engine, optimizer
+        gc.collect()
+        alive[stage] = [ref() is not None for ref in refs]
+    return alive
 
 
 def init_cases() -> dict:

@@ -17,7 +17,7 @@ from engine_cases import DIM, VOCAB, config, global_batch, param_groups, run
 
 WIDTHS = (29, 13, 41)  # uneven blocks: stage-3 units of different sizes
 PERSISTENCE = 30       # norms and the narrower biases stay whole at stage 3
-PREFETCH = 600         # elements; smaller than a block, so prefetch fetches no whole block
+PREFETCH = 600         # elements; smaller than a block: prefetch fetches the next one only
 STEPS = 2              # the second step prefetches in the order the first recorded
 
 
@@ -134,7 +134,8 @@ def measure(stage: int, dtype: str, accumulation: int, comm_dtype: str | None,
     return {"estimate": estimate, "same_for_real_model": same_for_real_model, "grads": grads,
             "after_step": after_step, "by_location": by_location, "frozen": frozen,
             "params_seen": seen,
-            "largest_unit": max(unit_numels, default=0)}
+            "largest_unit": max(unit_numels, default=0),
+            "second_unit": sorted(unit_numels)[-2] if len(unit_numels) > 1 else 0}
 
 
 def estimate_cases(cases: list[tuple]) -> dict:

@@ -293,6 +293,22 @@ def test_stage3_prefetch_gathers_the_next_block_ahead_and_falls_back_on_a_new_or
         assert all(states == ["sharded"] * 3 for states in off["states"])
         for name, value in off["params"].items():
             assert torch.equal(on["params"][name], value), name
+        # A bucket smaller than one block still gathers the next block ahead (a bucket below
+        # one decoder layer would otherwise never prefetch), and only that one.
+        small = result["below_a_unit"]
+        assert all(state in ("gathering", "gathered") for state in small["states"][1])
+        assert small["two_ahead"][1] == ["sharded"] * 2
+        assert all(state in ("gathering", "gathered") for state in on["two_ahead"][1])
+        for name, value in off["params"].items():
+            assert torch.equal(small["params"][name], value), name
+
+
+def test_a_dropped_engine_frees_its_model_at_every_stage():
+    # Stage 3 kept the model alive before: the gradient buckets' hooks, held by the parameters
+    # through C++ where the garbage collector cannot follow, referred to the partitioned
+    # state, which holds the model.
+    for result in run_group(2, engine_cases.freed_cases):
+        assert result == {stage: [False, False] for stage in (0, 1, 2, 3)}
 
 
 @functools.cache

@@ -41,8 +41,8 @@ What is counted (the moment each number describes):
               except under optimizer offload, where the host copy is separate
   exp_avg, exp_avg_sq   Adam's moments, fp32, for this rank's shards (whole at stage 0)
   gathered    stage 3: the largest unit gathered in full plus what prefetch may have in
-              flight (stage3_prefetch_bucket_size, within stage3_max_live_parameters; only
-              units that fit in it): an upper bound
+              flight (the next unit, or the units that fit in stage3_prefetch_bucket_size if
+              more; within stage3_max_live_parameters): an upper bound
   frozen      parameters with requires_grad=False, whole on every rank in the model dtype
   offload_buffers   ("staging" in the table) see offload below
   compression ("feedback" in the table) compressed communication's state (docs/compression.md):
@@ -350,13 +350,18 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
     gathered = 0
     if stage == 3:
         biggest = max(unit_numels, default=0)
-        budget = min(prefetch_numel, max(max_live_numel - biggest, 0))
-        # Prefetch issues whole units within the budget: none if no other unit fits in it.
+        room = max(max_live_numel - biggest, 0)
+        budget = min(prefetch_numel, room)
+        # Prefetch issues the next unit whatever its size, then whole units within the budget.
         # A bare count knows no units, so any part of the model may be in flight.
         others = unit_numels.copy()
         if others:
             others.remove(biggest)
         ahead = min(budget, sum(n for n in others if n <= budget) if exact else numel)
+        if prefetch_numel > 0:
+            next_unit = max((n for n in others if n <= room), default=0) if exact \
+                else min(biggest, room)
+            ahead = max(ahead, next_unit)
         gathered = width * (biggest + ahead)
     optimizer = {"master": master, "exp_avg": 4 * state, "exp_avg_sq": 4 * state}
     device = {"params": whole_params + unit_params, "grads": grads, "gathered": gathered,
@@ -845,7 +850,7 @@ def _notes(estimates: Sequence[MemoryEstimate], stages: list[int],
                          "in full")
         else:
             notes.append(f"stage 3 'gathered': the largest unit ({_human(largest)} elements) "
-                         "gathered in full plus the prefetch budget, an upper bound")
+                         "gathered in full plus what prefetch may have in flight, an upper bound")
     if any(e.stage == 1 and e.gradient_accumulation_steps == 1 for e in estimates):
         notes.append("stage 1 without accumulation reduce-scatters as buckets fill, so it holds "
                      "what stage 2 holds; with --gradient-accumulation-steps 2 or more it keeps "

@@ -18,6 +18,7 @@ way; its handle's wait() finishes it (dequantize and sum, or scatter the top-k e
 from __future__ import annotations
 
 import enum
+import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -88,7 +89,17 @@ class GradientBuckets:
         self._reduce_now = False   # this backward reduces (boundary, or every one in stage 2)
         self._micro_index = 0      # micro-step within the accumulation window (stage 2)
         self._boundary = False     # this backward ends the accumulation window
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        # The hooks live on the parameters, which outlive the engine when the caller keeps the
+        # model; through C++ (the tensor's hook table) a bound method would keep these buckets,
+        # and through them a stage-3 engine's units and the model itself, alive for good.
+        on_grad = weakref.WeakMethod(self._on_grad)
+
+        def hook(param: torch.nn.Parameter) -> None:
+            method = on_grad()
+            if method is not None:
+                method(param)
+
+        self._handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
 
     # -- backward ---------------------------------------------------------------------------
     def begin_backward(self, boundary: bool, micro_index: int) -> None:

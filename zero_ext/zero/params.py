@@ -171,9 +171,9 @@ class GatherUnit:
 class _Prefetcher:
     """Records the order units are used in during the first step (forward calls and backward
     arrivals, separately), checks it is the same on every rank, and afterwards names the units
-    to gather ahead of use, within stage3_prefetch_bucket_size elements in flight and
-    stage3_max_live_parameters gathered in all, and keeps a unit gathered when the order uses
-    it again within stage3_max_reuse_distance. When a step departs from the recorded order
+    to gather ahead of use (the next one, then more within stage3_prefetch_bucket_size elements
+    in flight; all within stage3_max_live_parameters gathered), and keeps a unit gathered when
+    the order uses it again within stage3_max_reuse_distance. When a step departs from the recorded order
     (control flow changed), it says so once and gathers on demand from then on."""
 
     def __init__(self, prefetch_numel: int, max_live_numel: int, max_reuse_numel: int):
@@ -205,11 +205,15 @@ class _Prefetcher:
         live = sum(u.numel for u in params.units if u.state is not UnitState.SHARDED)
         in_flight = sum(u.numel for u in params.units if u.state is UnitState.GATHERING)
         chosen = []
-        for upcoming in order[at + 1:]:
+        for position, upcoming in enumerate(order[at + 1:]):
             if upcoming.state is not UnitState.SHARDED or upcoming in chosen:
                 continue
-            if in_flight + upcoming.numel > self.prefetch_numel or \
-                    live + upcoming.numel > self.max_live_numel:
+            # The next unit is gathered ahead even when it alone exceeds the bucket (a unit is
+            # gathered whole; DeepSpeed, gathering parameter by parameter, would still bring
+            # part of it): else a bucket below one decoder layer, as DeepSpeed's 5e7 default
+            # and HF's "auto" (0.9 hidden^2) are for 7B-scale layers, would prefetch nothing.
+            over_budget = position > 0 and in_flight + upcoming.numel > self.prefetch_numel
+            if over_budget or live + upcoming.numel > self.max_live_numel:
                 break
             chosen.append(upcoming)
             in_flight += upcoming.numel
