@@ -107,6 +107,22 @@ TORCH_LIBRARY(zero_ext, m) {
   m.def(
       "bias_gelu_backward(Tensor grad_out, Tensor x, Tensor? bias, str approximate='none') "
       "-> Tensor");
+  // Scaled masked softmax + dropout over the last dimension of x ([..., q, k] contiguous fp32 /
+  // bf16 / fp16 / fp64): softmax(scale * x + mask) with mask bool (True = attend) or additive in
+  // x's dtype, broadcastable to x; causal masks keys after the query (SDPA's is_causal); a fully
+  // masked row gives zeros. Then dropout with probability dropout_p, its keep-mask drawn from
+  // Philox keyed by seed (a CPU int64 tensor of one element) and the element index. Returns out
+  // and probs, the softmax before dropout that the backward takes ([0] without dropout: out is
+  // the softmax then). Formulas: kernels/softmax_math.h.
+  m.def(
+      "scaled_masked_softmax(Tensor x, Tensor? mask, float scale, bool causal, float dropout_p, "
+      "Tensor seed) -> (Tensor out, Tensor probs)");
+  // The gradient of x from the forward's softmax, the keep-mask regenerated from seed.
+  m.def(
+      "scaled_masked_softmax_backward(Tensor grad_out, Tensor probs, float scale, "
+      "float dropout_p, Tensor seed) -> Tensor");
+  // The keep-mask (bool, x's shape) that scaled_masked_softmax draws for this seed and p.
+  m.def("dropout_keep_mask(Tensor x, float dropout_p, Tensor seed) -> Tensor");
 }
 
 namespace {

@@ -1,0 +1,225 @@
+// Scaled masked softmax + dropout rows: at::vec SIMD bodies with scalar tails over an fp32 (fp64
+// for fp64) row buffer, the dropout mask drawn from Philox per element index. Interface:
+// kernels/cpu/softmax.h; formulas: kernels/softmax_math.h.
+//
+// setup.py compiles this file once per instruction set with -DCPU_CAPABILITY=<ISA>; the entry
+// points are named <kernel>_<ISA>.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels/cpu/isa_name.h"
+#include "kernels/cpu/softmax.h"
+#include "kernels/cpu/vec_lanes.h"
+
+namespace zero_ext::kernels::cpu {
+namespace {
+
+// The keep-mask of one row, element by element: one Philox call per four consecutive elements
+// of the whole tensor (their global index is the counter).
+class KeepBits {
+ public:
+  KeepBits(const SoftmaxRun& run, int64_t row) : run_(run), base_(row * run.k) {}
+
+  bool kept(int64_t j) {
+    const uint64_t index = static_cast<uint64_t>(base_ + j);
+    if ((index >> 2) != block_) {
+      block_ = index >> 2;
+      bits_ = philox4x32_10(block_, run_.seed);
+    }
+    return bits_.v[index & 3] >= run_.threshold;
+  }
+
+ private:
+  const SoftmaxRun& run_;
+  int64_t base_;
+  uint64_t block_ = ~uint64_t{0};
+  Philox4 bits_{};
+};
+
+template <typename A>
+A row_max(const A* z, int64_t n) {
+  using V = at::vec::Vectorized<A>;
+  A m = -std::numeric_limits<A>::infinity();
+  int64_t j = 0;
+  if (n >= V::size()) {
+    V vm = V::loadu(z);
+    for (j = V::size(); j + V::size() <= n; j += V::size()) {
+      vm = at::vec::maximum(vm, V::loadu(z + j));
+    }
+    m = at::vec::vec_reduce_all<A>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; j < n; ++j) m = std::max(m, z[j]);
+  return m;
+}
+
+// z[j] = exp(z[j] - m) for j < n; returns their sum.
+template <typename A>
+A exp_in_place(A* z, int64_t n, A m) {
+  using V = at::vec::Vectorized<A>;
+  const V vm(m);
+  V acc(0);
+  int64_t j = 0;
+  for (; j + V::size() <= n; j += V::size()) {
+    const V e = (V::loadu(z + j) - vm).exp();
+    e.store(z + j);
+    acc += e;
+  }
+  A sum = at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, acc);
+  for (; j < n; ++j) {
+    z[j] = std::exp(z[j] - m);
+    sum += z[j];
+  }
+  return sum;
+}
+
+// z[0, n) = scale * x + mask over row r; elements masked by a bool mask become -inf.
+template <typename T>
+void load_logits(const SoftmaxRun& run, int64_t r, int64_t n, typename Lanes<T>::A* z) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using V = typename L::V;
+  const T* x = static_cast<const T*>(run.x) + r * run.k;
+  const T* add = run.mask_kind == SoftmaxMask::kAdditive
+                     ? static_cast<const T*>(run.mask) + softmax_mask_offset(run, r)
+                     : nullptr;
+  const V vscale(static_cast<A>(run.scale));
+  int64_t j = 0;
+  for (; j + L::kStep <= n; j += L::kStep) {
+    V a0, a1;
+    L::load(x + j, a0, a1);
+    a0 = a0 * vscale;
+    a1 = a1 * vscale;
+    if (add != nullptr) {
+      V m0, m1;
+      L::load(add + j, m0, m1);
+      a0 += m0;
+      a1 += m1;
+    }
+    a0.store(z + j);
+    a1.store(z + j + V::size());
+  }
+  for (; j < n; ++j) {
+    z[j] = static_cast<A>(x[j]) * static_cast<A>(run.scale);
+    if (add != nullptr) z[j] += static_cast<A>(add[j]);
+  }
+  if (run.mask_kind == SoftmaxMask::kBool) {
+    const bool* keep = static_cast<const bool*>(run.mask) + softmax_mask_offset(run, r);
+    for (j = 0; j < n; ++j) {
+      if (!keep[j]) z[j] = -std::numeric_limits<A>::infinity();
+    }
+  }
+}
+
+// dst[0, n) = round(z * c).
+template <typename T>
+void store_scaled(T* dst, const typename Lanes<T>::A* z, int64_t n, typename Lanes<T>::A c) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  const V vc(c);
+  int64_t j = 0;
+  for (; j + L::kStep <= n; j += L::kStep) {
+    L::store(dst + j, V::loadu(z + j) * vc, V::loadu(z + j + V::size()) * vc);
+  }
+  for (; j < n; ++j) dst[j] = static_cast<T>(z[j] * c);
+}
+
+template <typename T>
+void forward_rows(const SoftmaxRun& run) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  const int64_t k = run.k;
+  const A keep_scale = L::round(static_cast<A>(run.keep_scale));
+  std::vector<A> buffer(k);
+  A* z = buffer.data();
+  for (int64_t r = run.first_row; r < run.last_row; ++r) {
+    T* out = static_cast<T*>(run.out) + r * k;
+    T* probs = run.dropout ? static_cast<T*>(run.probs_out) + r * k : out;
+    const int64_t n = softmax_row_extent(run, r);
+    load_logits<T>(run, r, n, z);
+    const A m = row_max(z, n);
+    int64_t attended = 0;
+    if (m != -std::numeric_limits<A>::infinity()) {
+      store_scaled(probs, z, n, A(1) / exp_in_place(z, n, m));
+      attended = n;
+    }
+    std::fill(probs + attended, probs + k, T(0));
+    if (run.dropout) {
+      KeepBits keep(run, r);
+      for (int64_t j = 0; j < k; ++j) {
+        out[j] = keep.kept(j) ? static_cast<T>(static_cast<A>(probs[j]) * keep_scale) : T(0);
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_rows(const SoftmaxRun& run) {
+  using L = Lanes<T>;
+  using A = typename L::A;
+  using V = typename L::V;
+  constexpr int64_t kStep = L::kStep;
+  const int64_t k = run.k;
+  const A keep_scale = L::round(static_cast<A>(run.keep_scale));
+  const A scale = static_cast<A>(run.scale);
+  std::vector<A> buffer(k);
+  A* g = buffer.data();
+  for (int64_t r = run.first_row; r < run.last_row; ++r) {
+    const T* dy = static_cast<const T*>(run.grad_out) + r * k;
+    const T* s = static_cast<const T*>(run.probs) + r * k;
+    T* dx = static_cast<T*>(run.out) + r * k;
+    // g = the gradient at the softmax output, through the dropout.
+    KeepBits keep(run, r);
+    for (int64_t j = 0; j < k; ++j) {
+      g[j] = !run.dropout ? static_cast<A>(dy[j])
+             : keep.kept(j) ? L::round(static_cast<A>(dy[j]) * keep_scale)
+                            : A(0);
+    }
+    V acc0(0), acc1(0);
+    int64_t j = 0;
+    for (; j + kStep <= k; j += kStep) {
+      V s0, s1;
+      L::load(s + j, s0, s1);
+      acc0 += V::loadu(g + j) * s0;
+      acc1 += V::loadu(g + j + V::size()) * s1;
+    }
+    A dot = L::sum(acc0 + acc1);
+    for (int64_t i = j; i < k; ++i) dot += g[i] * static_cast<A>(s[i]);
+    const V vdot(dot), vscale(scale);
+    for (j = 0; j + kStep <= k; j += kStep) {
+      V s0, s1;
+      L::load(s + j, s0, s1);
+      L::store(dx + j, vscale * (s0 * (V::loadu(g + j) - vdot)),
+               vscale * (s1 * (V::loadu(g + j + V::size()) - vdot)));
+    }
+    for (; j < k; ++j) dx[j] = static_cast<T>(scale * (static_cast<A>(s[j]) * (g[j] - dot)));
+  }
+}
+
+template <bool kBackward>
+void dispatch(const SoftmaxRun& run) {
+  switch (run.type) {
+    case NormType::kFloat32:
+      return kBackward ? backward_rows<float>(run) : forward_rows<float>(run);
+    case NormType::kBFloat16:
+      return kBackward ? backward_rows<c10::BFloat16>(run) : forward_rows<c10::BFloat16>(run);
+    case NormType::kFloat16:
+      return kBackward ? backward_rows<c10::Half>(run) : forward_rows<c10::Half>(run);
+    case NormType::kFloat64:
+      return kBackward ? backward_rows<double>(run) : forward_rows<double>(run);
+  }
+}
+
+}  // namespace
+
+void ZERO_EXT_ISA_FN(softmax_forward_rows)(const SoftmaxRun& run) { dispatch<false>(run); }
+
+void ZERO_EXT_ISA_FN(softmax_backward_rows)(const SoftmaxRun& run) { dispatch<true>(run); }
+
+}  // namespace zero_ext::kernels::cpu
