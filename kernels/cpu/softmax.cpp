@@ -21,27 +21,23 @@
 namespace zero_ext::kernels::cpu {
 namespace {
 
-// The keep-mask of one row, element by element: one Philox call per four consecutive elements
-// of the whole tensor (their global index is the counter).
-class KeepBits {
- public:
-  KeepBits(const SoftmaxRun& run, int64_t row) : run_(run), base_(row * run.k) {}
+// Calls f(j0, j1, words) over consecutive spans [j0, j1) of row r's elements, words[j - j0]
+// being element j's Philox word (kept when >= run.threshold): each span is one batch of
+// kPhiloxGroups calls, four elements (consecutive global indices) per call.
+constexpr int kPhiloxGroups = 16;
 
-  bool kept(int64_t j) {
-    const uint64_t index = static_cast<uint64_t>(base_ + j);
-    if ((index >> 2) != block_) {
-      block_ = index >> 2;
-      bits_ = philox4x32_10(block_, run_.seed);
-    }
-    return bits_.v[index & 3] >= run_.threshold;
+template <typename F>
+void for_keep_spans(const SoftmaxRun& run, int64_t r, F f) {
+  uint32_t words[4 * kPhiloxGroups];
+  const uint64_t base = static_cast<uint64_t>(r * run.k);
+  for (int64_t j0 = 0; j0 < run.k;) {
+    const uint64_t first = (base + j0) & ~uint64_t{3};
+    philox4x32_10_batch<kPhiloxGroups>(first >> 2, run.seed, words);
+    const int64_t j1 = std::min<int64_t>(run.k, first + 4 * kPhiloxGroups - base);
+    f(j0, j1, words + (base + j0 - first));
+    j0 = j1;
   }
-
- private:
-  const SoftmaxRun& run_;
-  int64_t base_;
-  uint64_t block_ = ~uint64_t{0};
-  Philox4 bits_{};
-};
+}
 
 template <typename A>
 A row_max(const A* z, int64_t n) {
@@ -67,7 +63,7 @@ A exp_in_place(A* z, int64_t n, A m) {
   V acc(0);
   int64_t j = 0;
   for (; j + V::size() <= n; j += V::size()) {
-    const V e = (V::loadu(z + j) - vm).exp();
+    const V e = (V::loadu(z + j) - vm).exp_u20();
     e.store(z + j);
     acc += e;
   }
@@ -151,10 +147,12 @@ void forward_rows(const SoftmaxRun& run) {
     }
     std::fill(probs + attended, probs + k, T(0));
     if (run.dropout) {
-      KeepBits keep(run, r);
-      for (int64_t j = 0; j < k; ++j) {
-        out[j] = keep.kept(j) ? static_cast<T>(static_cast<A>(probs[j]) * keep_scale) : T(0);
-      }
+      for_keep_spans(run, r, [&](int64_t j0, int64_t j1, const uint32_t* words) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const A kept = words[j - j0] >= run.threshold ? keep_scale : A(0);
+          out[j] = static_cast<T>(static_cast<A>(probs[j]) * kept);
+        }
+      });
     }
   }
 }
@@ -175,11 +173,15 @@ void backward_rows(const SoftmaxRun& run) {
     const T* s = static_cast<const T*>(run.probs) + r * k;
     T* dx = static_cast<T*>(run.out) + r * k;
     // g = the gradient at the softmax output, through the dropout.
-    KeepBits keep(run, r);
-    for (int64_t j = 0; j < k; ++j) {
-      g[j] = !run.dropout ? static_cast<A>(dy[j])
-             : keep.kept(j) ? L::round(static_cast<A>(dy[j]) * keep_scale)
-                            : A(0);
+    if (run.dropout) {
+      for_keep_spans(run, r, [&](int64_t j0, int64_t j1, const uint32_t* words) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const A kept = words[j - j0] >= run.threshold ? keep_scale : A(0);
+          g[j] = L::round(static_cast<A>(dy[j]) * kept);
+        }
+      });
+    } else {
+      for (int64_t j = 0; j < k; ++j) g[j] = static_cast<A>(dy[j]);
     }
     V acc0(0), acc1(0);
     int64_t j = 0;
