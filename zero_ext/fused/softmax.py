@@ -87,6 +87,8 @@ def _setup_context(ctx, inputs, output):
     _x, mask, scale, _causal, dropout_p, seed = inputs
     out, probs = output
     ctx.mark_non_differentiable(probs)
+    # probs never receives a gradient: no zero-filled scores-sized tensor for it in backward.
+    ctx.set_materialize_grads(False)
     ctx.scale = scale
     ctx.dropout_p = dropout_p
     # Without dropout the output is the softmax itself: nothing else to save.
@@ -97,6 +99,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_probs):
+    if grad_out is None:
+        return None, None, None, None, None, None
     probs, seed = ctx.saved_tensors
     grad = grad_out.contiguous()
     if ctx.mask_shape is None:
