@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from test_fused_norm import _assert_bf16_parity
 from torch.library import opcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from zero_ext.fused.softmax import dropout_keep_mask, dropout_seed, scaled_masked_softmax
 
@@ -226,6 +227,18 @@ def test_same_seed_same_output_and_new_seed_each_call():
     assert torch.equal(state, torch.get_rng_state())
 
 
+class _OpLog(TorchDispatchMode):
+    """Records the aten / zero_ext ops that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
 def test_autograd_saves_the_softmax_only():
     """Eager softmax + dropout saves the softmax output and a mask; the op saves the former."""
     x = _rand(2, 4, 64, 64).requires_grad_()
@@ -236,9 +249,14 @@ def test_autograd_saves_the_softmax_only():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        scaled_masked_softmax(x, dropout_p=0.1)
+        out = scaled_masked_softmax(x, dropout_p=0.1)
     big = [t for t in saved if t.numel() == x.numel()]
     assert len(big) == 1 and big[0].dtype == x.dtype
+    # The backward is the one kernel: no zero-filled gradient for the internal probs output.
+    with _OpLog() as log:
+        out.backward(torch.ones_like(out))
+    assert [f for f in log.ops if "softmax" in str(f) or "zero" in str(f) or "fill" in str(f)] \
+        == [torch.ops.zero_ext.scaled_masked_softmax_backward.default], log.ops
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         F.dropout(torch.softmax(x, -1), 0.1)
