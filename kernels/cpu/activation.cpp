@@ -1,6 +1,6 @@
 // SwiGLU and bias + GeLU rows: at::vec SIMD body with a scalar tail that share one formula each
-// (templated on scalar or vector), fp32 math for 16-bit elements. Interface:
-// kernels/cpu/activation.h.
+// (kernels/activation_math.h, templated on scalar or vector), fp32 math for 16-bit elements.
+// Interface: kernels/cpu/activation.h.
 //
 // setup.py compiles this file once per instruction set with -DCPU_CAPABILITY=<ISA>; the entry
 // points are named <kernel>_<ISA>.
@@ -13,6 +13,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "kernels/activation_math.h"
 #include "kernels/cpu/activation.h"
 #include "kernels/cpu/isa_name.h"
 #include "kernels/cpu/vec_lanes.h"
@@ -20,70 +21,21 @@
 namespace zero_ext::kernels::cpu {
 namespace {
 
-// The elementary functions for scalars and for at::vec vectors, so each formula is written once.
-inline float exp_of(float x) { return std::exp(x); }
-inline double exp_of(double x) { return std::exp(x); }
-inline float tanh_of(float x) { return std::tanh(x); }
-inline double tanh_of(double x) { return std::tanh(x); }
-inline float erf_of(float x) { return std::erf(x); }
-inline double erf_of(double x) { return std::erf(x); }
-template <typename S>
-at::vec::Vectorized<S> exp_of(const at::vec::Vectorized<S>& x) { return x.exp(); }
-template <typename S>
-at::vec::Vectorized<S> tanh_of(const at::vec::Vectorized<S>& x) { return x.tanh(); }
-template <typename S>
-at::vec::Vectorized<S> erf_of(const at::vec::Vectorized<S>& x) { return x.erf(); }
-
-// X: Acc or a vector of Acc; K: the constants' scalar type.
-template <typename K, typename X>
-X sigmoid(const X& a) { return X(K(1)) / (X(K(1)) + exp_of(X(K(0)) - a)); }
-
-template <typename K, typename X>
-X gelu(const X& v, bool tanh_form) {
-  const X half(K(0.5)), one(K(1));
-  if (tanh_form) {
-    const X inner = X(K(M_SQRT2 * M_2_SQRTPI * 0.5)) * (v + X(K(0.044715)) * v * v * v);
-    return half * v * (one + tanh_of(inner));
-  }
-  return half * v * (one + erf_of(v * X(K(M_SQRT1_2))));
-}
-
-template <typename K, typename X>
-X gelu_derivative(const X& v, bool tanh_form) {
-  const X half(K(0.5)), one(K(1));
-  if (tanh_form) {
-    const X k0(K(M_SQRT2 * M_2_SQRTPI * 0.5)), k1(K(0.044715));
-    const X t = tanh_of(k0 * (v + k1 * v * v * v));
-    return half * (one + t) + half * v * (one - t * t) * k0 * (one + X(K(3)) * k1 * v * v);
-  }
-  const X pdf = exp_of(X(K(-0.5)) * v * v) * X(K(M_2_SQRTPI * M_SQRT1_2 * 0.5));
-  return half * (one + erf_of(v * X(K(M_SQRT1_2)))) + v * pdf;
-}
-
-
-// One element pair (or vector pair) of a row: forward or backward, for every kind.
-// The kind is a template parameter so each row loop holds one formula, branch-free.
-template <typename T, ActivationKind kind>
-struct Element {
-  using L = Lanes<T>;
-  using A = typename L::A;
-
-  template <typename X>
-  static X forward(const X& a, const X& b) {
-    if constexpr (kind == ActivationKind::kSwiGLU) return a * sigmoid<A>(a) * b;
-    return gelu<A>(a, kind == ActivationKind::kGeluTanh);
-  }
-  // grad_a into *ga and, for SwiGLU, grad_b into *gb.
-  template <typename X>
-  static void backward(const X& a, const X& b, const X& dy, X* ga, X* gb) {
-    if constexpr (kind == ActivationKind::kSwiGLU) {
-      const X s = sigmoid<A>(a);
-      *gb = dy * a * s;
-      *ga = dy * b * s * (X(A(1)) + a * (X(A(1)) - s));
-      return;
-    }
-    *ga = dy * gelu_derivative<A>(a, kind == ActivationKind::kGeluTanh);
-  }
+// The elementary functions of kernels/activation_math.h's formulas for scalars and for at::vec
+// vectors.
+struct VecMath {
+  static float exp(float x) { return std::exp(x); }
+  static double exp(double x) { return std::exp(x); }
+  static float tanh(float x) { return std::tanh(x); }
+  static double tanh(double x) { return std::tanh(x); }
+  static float erf(float x) { return std::erf(x); }
+  static double erf(double x) { return std::erf(x); }
+  template <typename S>
+  static at::vec::Vectorized<S> exp(const at::vec::Vectorized<S>& x) { return x.exp(); }
+  template <typename S>
+  static at::vec::Vectorized<S> tanh(const at::vec::Vectorized<S>& x) { return x.tanh(); }
+  template <typename S>
+  static at::vec::Vectorized<S> erf(const at::vec::Vectorized<S>& x) { return x.erf(); }
 };
 
 template <typename T, bool kBackward, ActivationKind kind>
@@ -91,7 +43,7 @@ void rows(const ActivationRows& args) {
   using L = Lanes<T>;
   using A = typename L::A;
   using V = typename L::V;
-  using E = Element<T, kind>;
+  using E = ActivationElement<VecMath, A, kind>;
   constexpr int64_t kStep = L::kStep;
   const int64_t h = args.h;
   constexpr bool swiglu = kind == ActivationKind::kSwiGLU;
