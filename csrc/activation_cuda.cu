@@ -13,6 +13,7 @@
 
 #include <tuple>
 
+#include "csrc/cuda_checks.h"
 #include "csrc/norm_args.h"
 #include "kernels/cuda/activation.cuh"
 
@@ -26,8 +27,7 @@ using kernels::cpu::ActivationRows;
 void run(ActivationRows args, const ActivationArgs& checked, bool backward) {
   check_activation_args(checked);
   const at::Tensor& a = checked.a;
-  TORCH_CHECK_TYPE(a.scalar_type() != at::kDouble, checked.op,
-                   ": Double runs on the CPU only; use Float, BFloat16 or Half on CUDA");
+  check_not_double(a, checked.op);
   const c10::cuda::CUDAGuard device_guard(a.device());
   args.h = a.size(-1);
   args.first_row = 0;
@@ -36,8 +36,7 @@ void run(ActivationRows args, const ActivationArgs& checked, bool backward) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
   const cudaError_t err = backward ? kernels::cuda::launch_activation_backward(args, stream)
                                    : kernels::cuda::launch_activation_forward(args, stream);
-  TORCH_CHECK(err == cudaSuccess, checked.op, ": CUDA kernel launch failed: ",
-              cudaGetErrorString(err));
+  check_launch(err, checked.op);
 }
 
 ActivationKind gelu_kind(c10::string_view approximate) {

@@ -12,20 +12,12 @@
 
 #include <tuple>
 
+#include "csrc/cuda_checks.h"
 #include "csrc/softmax_args.h"
 #include "kernels/cuda/softmax.cuh"
 
 namespace zero_ext {
 namespace {
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-void check_not_double(const at::Tensor& t, const char* op) {
-  TORCH_CHECK_TYPE(t.scalar_type() != at::kDouble, op,
-                   ": Double runs on the CPU only; use Float, BFloat16 or Half on CUDA");
-}
 
 cudaStream_t stream_of(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();

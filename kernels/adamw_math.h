@@ -9,11 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define ZERO_EXT_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define ZERO_EXT_HOST_DEVICE inline
-#endif
+#include "kernels/host_device.h"
 
 namespace zero_ext::kernels {
 

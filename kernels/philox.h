@@ -8,13 +8,7 @@
 
 #include <cstdint>
 
-#ifndef ZERO_EXT_HOST_DEVICE  // also defined, identically, by kernels/adamw_math.h
-#if defined(__CUDACC__)
-#define ZERO_EXT_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define ZERO_EXT_HOST_DEVICE inline
-#endif
-#endif
+#include "kernels/host_device.h"
 
 namespace zero_ext::kernels {
 
