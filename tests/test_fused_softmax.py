@@ -4,7 +4,7 @@ the zero_ext_eager attention against eager PyTorch.
 The reference is written here: ``softmax(scale * x + mask)`` with a bool mask turned into -inf
 and causal as SDPA's ``is_causal``, then dropout as ``keep / (1 - p)`` with the op's own
 keep-mask (zero_ext::dropout_keep_mask), differentiated by autograd. Checked: forward and the
-gradients of x and of an additive mask in fp32 to 1e-5 over odd shapes, bf16 against eager bf16,
+gradients of x and of an additive mask in fp32 to 1e-5 over odd shapes, bf16 / fp16 against eager,
 gradcheck in fp64 with dropout, opcheck, a torch.compile trace, the Philox generator against its
 published known-answer vector and a Python transcription, keep-mask statistics, seed
 reproducibility, what autograd saves, the argument errors, and a tiny GPT-2 / Llama trained
@@ -88,18 +88,20 @@ def test_matches_eager_fp32(shape, kind, p):
         torch.testing.assert_close(a, e, **FP32, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", MASKS)
-def test_matches_eager_bf16(kind):
+def test_matches_eager_16bit(kind, dtype):
+    """As close to the fp32 result on the 16-bit inputs as eager in that dtype, within a step."""
     shape = (2, 3, 17, 40)
-    got, eager = _fused_and_reference(shape, kind, torch.bfloat16, 0.0)
-    x = _rand(*shape, dtype=torch.bfloat16).float().requires_grad_()
-    mask = _mask(kind, shape, torch.bfloat16)
+    got, eager = _fused_and_reference(shape, kind, dtype, 0.0)
+    x = _rand(*shape, dtype=dtype).float().requires_grad_()
+    mask = _mask(kind, shape, dtype)
     exact_out = _reference(x, None if mask is None else
                            (mask if mask.dtype == torch.bool else mask.float()), 0.3,
                            kind == "causal")
-    exact_out.backward(_rand(*shape, dtype=torch.bfloat16, seed=7, scale=1.0).float())
+    exact_out.backward(_rand(*shape, dtype=dtype, seed=7, scale=1.0).float())
     for name, a, e, exact in zip(["out", "grad x"], got, eager, [exact_out.detach(), x.grad]):
-        assert a.dtype == torch.bfloat16
+        assert a.dtype == dtype
         _assert_bf16_parity(a, e, exact, name)
 
 
