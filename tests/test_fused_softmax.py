@@ -338,14 +338,15 @@ def test_sdpa_model_is_left_alone():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", MASKS)
-def test_cuda_matches_cpu(kind, dtype):
-    """The CUDA kernels draw the CPU kernels' keep-mask and compute the same values."""
+@pytest.mark.parametrize("shape", [(2, 3, 37, 300), (1, 2, 3, 9000)], ids=["staged", "long"])
+def test_cuda_matches_cpu(shape, kind, dtype):
+    """The CUDA kernels draw the CPU kernels' keep-mask and compute the same values, for rows
+    staged in shared memory and rows too long for it."""
     import zero_ext
 
     if zero_ext._C.cuda_archs_built() is None:
         pytest.fail("a GPU is present but zero_ext was built without its CUDA kernels; "
                     "rebuild with ZERO_EXT_CUDA=1")
-    shape = (2, 3, 37, 300)
     x = _rand(*shape, dtype=dtype)
     mask = _mask(kind, shape, dtype)
     grad = _rand(*shape, dtype=dtype, seed=7, scale=1.0)

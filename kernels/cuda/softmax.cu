@@ -1,8 +1,8 @@
 // Scaled masked softmax + dropout CUDA kernels: one block per row, fp32 math. The forward
-// recomputes the logits in each of its three sweeps (max, sum, write) rather than staging the
-// row; the dropout keep-mask is drawn one Philox call per four elements (a group of four
-// consecutive global indices per thread). Interface: kernels/cuda/softmax.cuh; formulas:
-// kernels/softmax_math.h.
+// stages a row of up to 8192 keys in shared memory across its three sweeps (max, sum, write),
+// and recomputes the logits in each sweep for longer rows. The dropout keep-mask is drawn one
+// Philox call per four elements (a group of four consecutive global indices per thread).
+// Interface: kernels/cuda/softmax.cuh; formulas: kernels/softmax_math.h.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -66,9 +66,12 @@ __device__ void for_row_groups(const SoftmaxRun& run, int64_t r, F f) {
   }
 }
 
-template <typename T>
+// kStaged: the row's logits, then exponentials, live in dynamic shared memory (k floats), so x
+// and the mask are read once; otherwise each sweep recomputes them from global memory.
+template <typename T, bool kStaged>
 __global__ void __launch_bounds__(kSoftmaxBlockThreads) softmax_forward_kernel(SoftmaxRun run) {
   __shared__ float smem[kWarps];
+  extern __shared__ float staged[];
   const float keep_scale = to_float(from_float<T>(static_cast<float>(run.keep_scale)));
   for (int64_t r = blockIdx.x; r < run.rows; r += gridDim.x) {
     const T* x = static_cast<const T*>(run.x) + r * run.k;
@@ -80,24 +83,35 @@ __global__ void __launch_bounds__(kSoftmaxBlockThreads) softmax_forward_kernel(S
     }
     const int64_t n = softmax_row_extent(run, r);
     float m = -INFINITY;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, logit(run, x, mask, j));
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float z = logit(run, x, mask, j);
+      if (kStaged) staged[j] = z;
+      m = fmaxf(m, z);
+    }
     m = block_reduce(m, smem, Max{});
+    const bool attended = m != -INFINITY;  // else a fully masked row: zeros
+    // Each thread reads back only the staged elements it wrote until the barrier in
+    // block_reduce; the write sweep below reads them in another order.
+    auto exp_of = [&](int64_t j) {
+      return kStaged ? staged[j] : expf(logit(run, x, mask, j) - m);
+    };
     float part = 0.0f;
-    if (m != -INFINITY) {
+    if (attended) {
       for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-        part += expf(logit(run, x, mask, j) - m);
+        const float e = expf((kStaged ? staged[j] : logit(run, x, mask, j)) - m);
+        if (kStaged) staged[j] = e;
+        part += e;
       }
     }
-    const float total = block_reduce(part, smem, Sum{});
-    const bool attended = m != -INFINITY;  // else a fully masked row: zeros
-    const float inv = 1.0f / total;
+    const float inv = 1.0f / block_reduce(part, smem, Sum{});
     T* out = static_cast<T*>(run.out) + r * run.k;
     T* probs = run.dropout ? static_cast<T*>(run.probs_out) + r * run.k : out;
     for_row_groups(run, r, [&](int64_t j, bool kept) {
-      const T s = from_float<T>(attended && j < n ? expf(logit(run, x, mask, j) - m) * inv : 0.0f);
+      const T s = from_float<T>(attended && j < n ? exp_of(j) * inv : 0.0f);
       probs[j] = s;
       if (run.dropout) out[j] = from_float<T>(kept ? to_float(s) * keep_scale : 0.0f);
     });
+    if (kStaged) __syncthreads();  // the next row overwrites staged
   }
 }
 
@@ -153,10 +167,19 @@ cudaError_t dispatch(const SoftmaxRun& run, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Rows up to this many keys are staged in shared memory (32 KiB of the 48 KiB a block may
+// take without opting in).
+constexpr int64_t kMaxStagedKeys = 8192;
+
 template <typename T>
 struct LaunchForward {
   static void run(dim3 grid, const SoftmaxRun& run, cudaStream_t stream) {
-    softmax_forward_kernel<T><<<grid, kSoftmaxBlockThreads, 0, stream>>>(run);
+    if (run.k <= kMaxStagedKeys) {
+      const size_t bytes = static_cast<size_t>(run.k) * sizeof(float);
+      softmax_forward_kernel<T, true><<<grid, kSoftmaxBlockThreads, bytes, stream>>>(run);
+    } else {
+      softmax_forward_kernel<T, false><<<grid, kSoftmaxBlockThreads, 0, stream>>>(run);
+    }
   }
 };
 
