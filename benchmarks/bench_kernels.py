@@ -4,12 +4,15 @@
     python benchmarks/bench_kernels.py --sizes 4096x128256x1024 --impls fused eager
     python benchmarks/bench_kernels.py --peak fused 4096 16384 1024   # one JSON line (the test)
     python benchmarks/bench_kernels.py --step               # a Llama training step: on/off/compile
+    python benchmarks/bench_kernels.py --impls fused --workspace-mib 8 64   # workspace choices
 
 Fused linear cross-entropy (zero_ext.fused.linear_cross_entropy) against eager
 ``F.cross_entropy(hidden @ weight.T, target)`` and ``torch.compile`` of that eager function, for
 N tokens x V classes x H hidden, forward + backward (gradients of hidden and weight), mean
-reduction. Each (implementation, size) runs in a fresh Python process, so one run's freed memory
-cannot hide the next one's peak.
+reduction. "fused" computes the gradients in the forward; "recompute" is the same op's
+recomputing backward (reduction="none", then the mean), the path before the one-pass one. Each
+(implementation, size) runs in a fresh Python process, so one run's freed memory cannot hide the
+next one's peak.
 
 Peak extra memory is read from the kernel, not from torch: torch's CPU allocator keeps no
 statistics, but it takes every tensor from malloc and frees it back, so the process's resident
@@ -43,16 +46,22 @@ import torch.nn.functional as F
 from zero_ext.fused import linear_cross_entropy
 
 SIZES = ["1024x32000x512", "2048x50257x768", "4096x128256x1024"]
-IMPLS = ["fused", "eager", "compile"]
+IMPLS = ["fused", "recompute", "eager", "compile"]
 
 
 def _eager(hidden, weight, target):
     return F.cross_entropy(hidden @ weight.T, target)
 
 
-def _loss_fn(impl: str):
+def _recompute(hidden, weight, target):
+    return linear_cross_entropy(hidden, weight, target, reduction="none").mean()
+
+
+def _loss_fn(impl: str, workspace_bytes: int | None = None):
     if impl == "fused":
-        return linear_cross_entropy
+        return lambda h, w, t: linear_cross_entropy(h, w, t, workspace_bytes=workspace_bytes)
+    if impl == "recompute":
+        return _recompute
     if impl == "eager":
         return _eager
     if impl == "compile":
@@ -85,11 +94,12 @@ def _inputs(n: int, v: int, h: int):
     return hidden, weight, target
 
 
-def peak_and_time(impl: str, n: int, v: int, h: int, repeats: int) -> dict:
+def peak_and_time(impl: str, n: int, v: int, h: int, repeats: int,
+                  workspace_bytes: int | None = None) -> dict:
     """In this process: forward + backward of one implementation; peak extra bytes and seconds.
 
     Call it in a fresh process (``--peak``): see the module docstring for why and how."""
-    fn = _loss_fn(impl)
+    fn = _loss_fn(impl, workspace_bytes)
     small = _inputs(8, 16, 8)
     torch.autograd.grad(fn(*small), small[:2])  # loads kernels, thread pool, compiles
     hidden, weight, target = _inputs(n, v, h)
@@ -110,7 +120,8 @@ def peak_and_time(impl: str, n: int, v: int, h: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         step()
         seconds = min(seconds, time.perf_counter() - t0)
-    return {"impl": impl, "n": n, "v": v, "h": h, "seconds": seconds,
+    return {"impl": impl, "n": n, "v": v, "h": h, "workspace_bytes": workspace_bytes,
+            "seconds": seconds,
             "peak_extra_bytes": peak - base - returned,
             "hidden_bytes": hidden.numel() * hidden.element_size(),
             "logits_bytes": n * v * 4}
@@ -123,9 +134,12 @@ def _in_fresh_process(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(impl: str, n: int, v: int, h: int, repeats: int = 1) -> dict:
+def measure(impl: str, n: int, v: int, h: int, repeats: int = 1,
+            workspace_bytes: int | None = None) -> dict:
     """peak_and_time in a fresh Python process (what the memory test calls)."""
-    return _in_fresh_process("--peak", impl, str(n), str(v), str(h), "--repeats", str(repeats))
+    workspace = [] if workspace_bytes is None else ["--workspace-bytes", str(workspace_bytes)]
+    return _in_fresh_process("--peak", impl, str(n), str(v), str(h), "--repeats", str(repeats),
+                             *workspace)
 
 
 # -- a Llama training step with the kernels on and off (--step) --------------------------------
@@ -212,6 +226,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=SIZES, help="NxVxH")
     parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workspace-mib", nargs="+", type=float, default=[None],
+                        help="fused's workspace_bytes in MiB, one run each (default: the op's)")
     parser.add_argument("--peak", nargs=4, metavar=("IMPL", "N", "V", "H"),
                         help="measure one implementation in this process, print one JSON line")
     parser.add_argument("--step", nargs="*", choices=STEP_IMPLS, metavar="IMPL",
@@ -222,6 +238,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--workspace-bytes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step_one:
         print(json.dumps(llama_step(args.step_one, args.batch, args.seq, args.steps,
@@ -232,19 +249,25 @@ def main() -> None:
         return
     if args.peak:
         impl, n, v, h = args.peak
-        print(json.dumps(peak_and_time(impl, int(n), int(v), int(h), args.repeats)))
+        print(json.dumps(peak_and_time(impl, int(n), int(v), int(h), args.repeats,
+                                       args.workspace_bytes)))
         return
     print(f"linear cross-entropy, CPU fp32, forward + backward, {torch.get_num_threads()} "
           "threads; peak = memory beyond inputs and returned gradients")
     for size in args.sizes:
         n, v, h = (int(x) for x in size.split("x"))
-        results = {impl: measure(impl, n, v, h, args.repeats) for impl in args.impls}
+        results = {}
+        for impl in args.impls:
+            for mib in args.workspace_mib if impl == "fused" else [None]:
+                name = impl if mib is None else f"{impl}@{mib:g}MiB"
+                workspace = None if mib is None else int(mib * 2**20)
+                results[name] = measure(impl, n, v, h, args.repeats, workspace)
         hidden_mb = results[args.impls[0]]["hidden_bytes"] / 2**20
         print(f"N={n} V={v} H={h}: hidden {hidden_mb:.1f} MiB, logits {n * v * 4 / 2**20:.0f} "
               "MiB")
         for impl, r in results.items():
             peak = r["peak_extra_bytes"]
-            line = (f"  {impl:8s} {r['seconds'] * 1e3:9.1f} ms  peak {peak / 2**20:8.1f} MiB "
+            line = (f"  {impl:14s} {r['seconds'] * 1e3:9.1f} ms  peak {peak / 2**20:8.1f} MiB "
                     f"({peak / r['hidden_bytes']:.2f}x hidden)")
             if impl != "fused" and "fused" in results:
                 f = results["fused"]

@@ -1,13 +1,15 @@
-// The device-independent driver of zero_ext::fused_linear_cross_entropy_fwd / _bwd: chunks of
-// tokens against blocks of the vocabulary, each block's logits from one ATen matmul into a
-// reused buffer, the per-token online log-sum-exp state kept as [chunk] tensors, and the gradient
-// matmuls. Each backend (csrc/fused_ce_cpu.cpp, csrc/fused_ce_cuda.cu) supplies only the two row
-// kernels, so every backend blocks, rounds and reduces the same way.
+// The device-independent driver of zero_ext::fused_linear_cross_entropy_fwd / _bwd / _fwd_grad:
+// chunks of tokens against blocks of the vocabulary, each block's logits from one ATen matmul
+// into a reused buffer, the per-token online log-sum-exp state kept as [chunk] tensors, and the
+// gradient matmuls. Each backend (csrc/fused_ce_cpu.cpp, csrc/fused_ce_cuda.cu) supplies only the
+// two row kernels, so every backend blocks, rounds and reduces the same way.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 #include "csrc/fused_ce_args.h"
@@ -44,5 +46,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ce_backward(const FusedCeAr
                                                                  const at::Tensor& grad_loss,
                                                                  const at::Tensor& lse,
                                                                  const CeRowKernels& kernels);
+
+// (loss, grad_hidden, grad_weight, grad_bias) of validated arguments, in one pass: loss is the
+// sum (or mean) of the per-token losses, 0-dim in the accumulation dtype, and the gradients are
+// those of that loss, in the inputs' dtypes. A chunk of tokens whose whole logit rows fit the
+// workspace costs one logits matmul (then softmax, d logits, grad_hidden = d @ W and
+// grad_weight += d^T @ h); otherwise the chunk sweeps the vocabulary twice (log-sum-exp, then
+// recomputed logits and the gradients).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_ce_forward_with_grads(
+    const FusedCeArgs& args, const CeGradOptions& options, const CeRowKernels& kernels);
+
+inline constexpr const char* kFusedCeForwardOp = "zero_ext::fused_linear_cross_entropy_fwd";
+inline constexpr const char* kFusedCeBackwardOp = "zero_ext::fused_linear_cross_entropy_bwd";
+inline constexpr const char* kFusedCeGradOp = "zero_ext::fused_linear_cross_entropy_fwd_grad";
+
+// One backend's three ops over its row kernels: each validates its arguments, holds a Guard (the
+// backend's device guard, built from hidden's device) and runs the driver.
+template <const CeRowKernels& kKernels, typename Guard>
+struct FusedCeOps {
+  static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& hidden,
+                                                    const at::Tensor& weight,
+                                                    const at::Tensor& target,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    int64_t ignore_index, double label_smoothing,
+                                                    double z_loss) {
+    const FusedCeArgs args{hidden, weight, target, bias, ignore_index, label_smoothing, z_loss};
+    check_fused_ce_args(kFusedCeForwardOp, args);
+    const Guard guard(hidden.device());
+    return fused_ce_forward(args, kKernels);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
+      const at::Tensor& target, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
+      int64_t ignore_index, double label_smoothing, double z_loss) {
+    const FusedCeArgs args{hidden, weight, target, bias, ignore_index, label_smoothing, z_loss};
+    check_fused_ce_backward_args(kFusedCeBackwardOp, args, grad_loss, lse);
+    const Guard guard(hidden.device());
+    return fused_ce_backward(args, grad_loss, lse, kKernels);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_with_grads(
+      const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
+      const std::optional<at::Tensor>& bias, int64_t ignore_index, double label_smoothing,
+      double z_loss, bool mean, bool hidden_grad, bool weight_grad, int64_t workspace_bytes) {
+    const FusedCeArgs args{hidden, weight, target, bias, ignore_index, label_smoothing, z_loss};
+    const CeGradOptions options{mean, hidden_grad, weight_grad, workspace_bytes};
+    check_fused_ce_grad_args(kFusedCeGradOp, args, options);
+    const Guard guard(hidden.device());
+    return fused_ce_forward_with_grads(args, options, kKernels);
+  }
+
+  // Called inside the backend's TORCH_LIBRARY_IMPL block.
+  static void register_ops(torch::Library& m) {
+    m.impl("fused_linear_cross_entropy_fwd", &forward);
+    m.impl("fused_linear_cross_entropy_bwd", &backward);
+    m.impl("fused_linear_cross_entropy_fwd_grad", &forward_with_grads);
+  }
+};
 
 }  // namespace zero_ext

@@ -89,4 +89,11 @@ void check_fused_ce_backward_args(const char* op, const FusedCeArgs& a,
   check_token_vector(op, lse, "lse", n, a.hidden);
 }
 
+void check_fused_ce_grad_args(const char* op, const FusedCeArgs& a, const CeGradOptions& o) {
+  check_fused_ce_args(op, a);
+  TORCH_CHECK_VALUE(o.workspace_bytes > 0, op,
+                    ": expected workspace_bytes > 0 (the memory for a chunk's logits), got ",
+                    o.workspace_bytes);
+}
+
 }  // namespace zero_ext

@@ -1,5 +1,6 @@
-// The arguments of zero_ext::fused_linear_cross_entropy_fwd / _bwd as every backend receives
-// them, and their validation, so the same bad input raises the same message on every backend.
+// The arguments of zero_ext::fused_linear_cross_entropy_fwd / _bwd / _fwd_grad as every backend
+// receives them, and their validation, so the same bad input raises the same message on every
+// backend.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -19,6 +20,14 @@ struct FusedCeArgs {
   double z_loss;           // >= 0
 };
 
+// What _fwd_grad computes beyond FusedCeArgs: the reduction and which gradients.
+struct CeGradOptions {
+  bool mean;                // the loss (and its gradients) divided by the tokens not ignored
+  bool hidden_grad;         // compute grad_hidden (else it comes back [0])
+  bool weight_grad;         // compute grad_weight (else it comes back [0])
+  int64_t workspace_bytes;  // the logits (and their copies) held at once
+};
+
 // The dtype of the per-token loss, lse and grad_loss, and of the softmax math: fp32 for fp32 and
 // bf16 inputs, fp64 for fp64 ones (so gradcheck sees fp64 throughout).
 at::ScalarType fused_ce_accumulation_dtype(at::ScalarType input);
@@ -32,5 +41,9 @@ void check_fused_ce_args(const char* op, const FusedCeArgs& args);
 // device.
 void check_fused_ce_backward_args(const char* op, const FusedCeArgs& args,
                                   const at::Tensor& grad_loss, const at::Tensor& lse);
+
+// check_fused_ce_args, and a positive workspace.
+void check_fused_ce_grad_args(const char* op, const FusedCeArgs& args,
+                              const CeGradOptions& options);
 
 }  // namespace zero_ext

@@ -1,6 +1,6 @@
-// CPU kernels of zero_ext::fused_linear_cross_entropy_fwd / _bwd: the driver of csrc/fused_ce.h
-// with the row math of kernels/cpu/fused_ce.h run over ranges of each block's rows on ATen's
-// thread pool, in the variant at::get_cpu_capability() selects.
+// CPU kernels of zero_ext::fused_linear_cross_entropy_fwd / _bwd / _fwd_grad: the driver of
+// csrc/fused_ce.h with the row math of kernels/cpu/fused_ce.h run over ranges of each block's rows
+// on ATen's thread pool, in the variant at::get_cpu_capability() selects.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,9 +16,6 @@
 
 namespace zero_ext {
 namespace {
-
-constexpr const char* kForward = "zero_ext::fused_linear_cross_entropy_fwd";
-constexpr const char* kBackward = "zero_ext::fused_linear_cross_entropy_bwd";
 
 // Rows per unit of parallel work over a block of `cols` columns.
 int64_t row_grain(int64_t cols) {
@@ -46,7 +43,7 @@ kernels::cpu::CeBackwardBlockFn<T> backward_kernel() {
 
 void forward_rows(const at::Tensor& logits, int64_t col0, const at::Tensor& target,
                   int64_t ignore_index, const CeRowState& s) {
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kForward, [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kFusedCeForwardOp, [&] {
     const auto kernel = forward_kernel<scalar_t>();
     const int64_t cols = logits.size(1);
     at::parallel_for(0, logits.size(0), row_grain(cols), [&](int64_t first, int64_t last) {
@@ -61,7 +58,7 @@ void forward_rows(const at::Tensor& logits, int64_t col0, const at::Tensor& targ
 void backward_rows(const at::Tensor& logits, int64_t col0, const at::Tensor& target,
                    int64_t ignore_index, const at::Tensor& lse, const at::Tensor& grad,
                    double label_smoothing, double z_loss, int64_t vocab) {
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kBackward, [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kFusedCeBackwardOp, [&] {
     const auto kernel = backward_kernel<scalar_t>();
     const auto eps = static_cast<scalar_t>(label_smoothing);
     const int64_t cols = logits.size(1);
@@ -76,31 +73,15 @@ void backward_rows(const at::Tensor& logits, int64_t col0, const at::Tensor& tar
 
 constexpr CeRowKernels kCpuKernels{&forward_rows, &backward_rows};
 
-std::tuple<at::Tensor, at::Tensor> fused_ce_fwd_cpu(const at::Tensor& hidden,
-                                                    const at::Tensor& weight,
-                                                    const at::Tensor& target,
-                                                    const std::optional<at::Tensor>& bias,
-                                                    int64_t ignore_index, double label_smoothing,
-                                                    double z_loss) {
-  const FusedCeArgs args{hidden, weight, target, bias, ignore_index, label_smoothing, z_loss};
-  check_fused_ce_args(kForward, args);
-  return fused_ce_forward(args, kCpuKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ce_bwd_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
-    const at::Tensor& target, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
-    int64_t ignore_index, double label_smoothing, double z_loss) {
-  const FusedCeArgs args{hidden, weight, target, bias, ignore_index, label_smoothing, z_loss};
-  check_fused_ce_backward_args(kBackward, args, grad_loss, lse);
-  return fused_ce_backward(args, grad_loss, lse, kCpuKernels);
-}
+// The CPU needs no device guard.
+struct NoDeviceGuard {
+  explicit NoDeviceGuard(const at::Device&) {}
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(zero_ext, CPU, m) {
-  m.impl("fused_linear_cross_entropy_fwd", &fused_ce_fwd_cpu);
-  m.impl("fused_linear_cross_entropy_bwd", &fused_ce_bwd_cpu);
+  FusedCeOps<kCpuKernels, NoDeviceGuard>::register_ops(m);
 }
 
 }  // namespace zero_ext

@@ -1,6 +1,6 @@
-// CUDA kernels of zero_ext::fused_linear_cross_entropy_fwd / _bwd: the driver of csrc/fused_ce.h
-// (cuBLAS matmuls through ATen) with the row kernels of kernels/cuda/fused_ce.cuh on the current
-// stream. setup.py compiles this file in a CUDA build only.
+// CUDA kernels of zero_ext::fused_linear_cross_entropy_fwd / _bwd / _fwd_grad: the driver of
+// csrc/fused_ce.h (cuBLAS matmuls through ATen) with the row kernels of kernels/cuda/fused_ce.cuh
+// on the current stream. setup.py compiles this file in a CUDA build only.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,9 +18,6 @@
 namespace zero_ext {
 namespace {
 
-constexpr const char* kForward = "zero_ext::fused_linear_cross_entropy_fwd";
-constexpr const char* kBackward = "zero_ext::fused_linear_cross_entropy_bwd";
-
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -31,59 +28,36 @@ cudaStream_t stream_of(const at::Tensor& t) {
 
 void forward_rows(const at::Tensor& logits, int64_t col0, const at::Tensor& target,
                   int64_t ignore_index, const CeRowState& s) {
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kForward, [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kFusedCeForwardOp, [&] {
     const kernels::cuda::CeForwardRun<scalar_t> run{
         logits.const_data_ptr<scalar_t>(), logits.size(0), logits.size(1), col0,
         target.const_data_ptr<int64_t>(), ignore_index, s.max.data_ptr<scalar_t>(),
         s.sumexp.data_ptr<scalar_t>(), s.logit_sum.data_ptr<scalar_t>(),
         s.target_logit.data_ptr<scalar_t>()};
-    check_launch(kernels::cuda::launch_ce_forward(run, stream_of(logits)), kForward);
+    check_launch(kernels::cuda::launch_ce_forward(run, stream_of(logits)), kFusedCeForwardOp);
   });
 }
 
 void backward_rows(const at::Tensor& logits, int64_t col0, const at::Tensor& target,
                    int64_t ignore_index, const at::Tensor& lse, const at::Tensor& grad,
                    double label_smoothing, double z_loss, int64_t vocab) {
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kBackward, [&] {
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kFusedCeBackwardOp, [&] {
     const auto eps = static_cast<scalar_t>(label_smoothing);
     const kernels::cuda::CeBackwardRun<scalar_t> run{
         logits.data_ptr<scalar_t>(), logits.size(0), logits.size(1), col0,
         target.const_data_ptr<int64_t>(), ignore_index, lse.const_data_ptr<scalar_t>(),
         grad.const_data_ptr<scalar_t>(), eps / static_cast<scalar_t>(vocab), scalar_t(1) - eps,
         static_cast<scalar_t>(2 * z_loss)};
-    check_launch(kernels::cuda::launch_ce_backward(run, stream_of(logits)), kBackward);
+    check_launch(kernels::cuda::launch_ce_backward(run, stream_of(logits)), kFusedCeBackwardOp);
   });
 }
 
 constexpr CeRowKernels kCudaKernels{&forward_rows, &backward_rows};
 
-std::tuple<at::Tensor, at::Tensor> fused_ce_fwd_cuda(const at::Tensor& hidden,
-                                                     const at::Tensor& weight,
-                                                     const at::Tensor& target,
-                                                     const std::optional<at::Tensor>& bias,
-                                                     int64_t ignore_index,
-                                                     double label_smoothing, double z_loss) {
-  const FusedCeArgs args{hidden, weight, target, bias, ignore_index, label_smoothing, z_loss};
-  check_fused_ce_args(kForward, args);
-  const c10::cuda::CUDAGuard device_guard(hidden.device());
-  return fused_ce_forward(args, kCudaKernels);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ce_bwd_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
-    const at::Tensor& target, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
-    int64_t ignore_index, double label_smoothing, double z_loss) {
-  const FusedCeArgs args{hidden, weight, target, bias, ignore_index, label_smoothing, z_loss};
-  check_fused_ce_backward_args(kBackward, args, grad_loss, lse);
-  const c10::cuda::CUDAGuard device_guard(hidden.device());
-  return fused_ce_backward(args, grad_loss, lse, kCudaKernels);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(zero_ext, CUDA, m) {
-  m.impl("fused_linear_cross_entropy_fwd", &fused_ce_fwd_cuda);
-  m.impl("fused_linear_cross_entropy_bwd", &fused_ce_bwd_cuda);
+  FusedCeOps<kCudaKernels, c10::cuda::CUDAGuard>::register_ops(m);
 }
 
 }  // namespace zero_ext

@@ -77,6 +77,18 @@ TORCH_LIBRARY(zero_ext, m) {
       "fused_linear_cross_entropy_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, "
       "Tensor target, Tensor? bias, Tensor lse, *, int ignore_index=-100, "
       "float label_smoothing=0.0, float z_loss=0.0) -> (Tensor, Tensor, Tensor)");
+  // Loss and gradients in one pass, for a mean or sum reduction (the per-token gradient scale is
+  // then one number, so the gradients can be computed before the backward asks for them): the
+  // loss, 0-dim in the accumulation dtype, the sum of _fwd's per-token losses (divided by the
+  // tokens not ignored with mean; NaN when there are none), and its gradients (grad_hidden,
+  // grad_weight, grad_bias) in the inputs' dtype, each [0] when not requested (grad_bias without
+  // a bias). workspace_bytes bounds the logits held at once: a chunk of tokens whose whole rows
+  // fit it costs one logits matmul, else two sweeps over the vocabulary (csrc/fused_ce.h).
+  m.def(
+      "fused_linear_cross_entropy_fwd_grad(Tensor hidden, Tensor weight, Tensor target, "
+      "Tensor? bias, *, int ignore_index=-100, float label_smoothing=0.0, float z_loss=0.0, "
+      "bool mean=True, bool hidden_grad=True, bool weight_grad=True, "
+      "int workspace_bytes=8388608) -> (Tensor, Tensor, Tensor, Tensor)");
   // RMSNorm (rms) or LayerNorm over the last dimension h of x ([..., h] contiguous fp32 / bf16 /
   // fp16 / fp64), optionally fused with the residual add. With residual (x's shape and dtype):
   // summed = x + residual rounded to x's dtype, and summed is normalized; otherwise summed is
