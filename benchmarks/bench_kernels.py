@@ -262,16 +262,17 @@ def main() -> None:
                 name = impl if mib is None else f"{impl}@{mib:g}MiB"
                 workspace = None if mib is None else int(mib * 2**20)
                 results[name] = measure(impl, n, v, h, args.repeats, workspace)
-        hidden_mb = results[args.impls[0]]["hidden_bytes"] / 2**20
+        hidden_mb = next(iter(results.values()))["hidden_bytes"] / 2**20
         print(f"N={n} V={v} H={h}: hidden {hidden_mb:.1f} MiB, logits {n * v * 4 / 2**20:.0f} "
               "MiB")
         for impl, r in results.items():
             peak = r["peak_extra_bytes"]
             line = (f"  {impl:14s} {r['seconds'] * 1e3:9.1f} ms  peak {peak / 2**20:8.1f} MiB "
                     f"({peak / r['hidden_bytes']:.2f}x hidden)")
-            if impl != "fused" and "fused" in results:
-                f = results["fused"]
-                line += (f"  fused/{impl}: time {f['seconds'] / r['seconds']:.2f}x, memory "
+            fused = next((name for name in results if name.startswith("fused")), None)
+            if fused is not None and impl != fused:
+                f = results[fused]
+                line += (f"  {fused}/{impl}: time {f['seconds'] / r['seconds']:.2f}x, memory "
                          f"{f['peak_extra_bytes'] / max(r['peak_extra_bytes'], 1):.3f}x")
             print(line, flush=True)
 
