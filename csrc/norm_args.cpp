@@ -1,5 +1,6 @@
 #include "csrc/norm_args.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 namespace zero_ext {
@@ -124,6 +125,28 @@ kernels::cpu::NormType norm_type(at::ScalarType dtype) {
 
 at::ScalarType norm_stat_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+NormForwardOutputs empty_norm_forward_outputs(const NormForwardArgs& a) {
+  const at::Tensor& x = a.x;
+  const int64_t rows = x.numel() / x.size(-1);
+  const at::TensorOptions stat = x.options().dtype(norm_stat_dtype(x.scalar_type()));
+  return {at::empty(x.sizes(), x.options()),
+          at::empty(a.residual.has_value() ? x.sizes() : at::IntArrayRef{0}, x.options()),
+          at::empty({a.rms ? 0 : rows}, stat), at::empty({rows}, stat)};
+}
+
+NormBackwardOutputs empty_norm_backward_outputs(const NormBackwardArgs& a, bool has_bias) {
+  const at::Tensor& input = a.input;
+  const int64_t h = input.size(-1);
+  const at::TensorOptions stat = input.options().dtype(norm_stat_dtype(input.scalar_type()));
+  return {at::empty(input.sizes(), input.options()), at::empty({h}, stat),
+          at::empty({has_bias ? h : 0}, stat)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> NormBackwardOutputs::result(
+    const at::Tensor& weight) const {
+  return {grad_input, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
 }
 
 }  // namespace zero_ext

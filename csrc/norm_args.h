@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 #include "kernels/cpu/norm.h"
 
@@ -54,6 +55,28 @@ struct ActivationArgs {
 };
 
 void check_activation_args(const ActivationArgs& args);
+
+// fused_norm's results for validated arguments, allocated and not yet written: out, summed
+// ([0] without a residual), mean ([0] for RMSNorm) and rstd ([rows], norm_stat_dtype).
+struct NormForwardOutputs {
+  at::Tensor out;
+  at::Tensor summed;
+  at::Tensor mean;
+  at::Tensor rstd;
+};
+NormForwardOutputs empty_norm_forward_outputs(const NormForwardArgs& args);
+
+// fused_norm_backward's: grad_input (input's shape and dtype) and the parameter gradients' sums,
+// grad_weight [h] and grad_bias ([h] with a bias, else [0]), in norm_stat_dtype.
+struct NormBackwardOutputs {
+  at::Tensor grad_input;
+  at::Tensor grad_weight;
+  at::Tensor grad_bias;
+
+  // The op's results: the parameter gradients, summed in fp32, rounded once to weight's dtype.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result(const at::Tensor& weight) const;
+};
+NormBackwardOutputs empty_norm_backward_outputs(const NormBackwardArgs& args, bool has_bias);
 
 // The kernel element type of a validated tensor's dtype.
 kernels::cpu::NormType norm_type(at::ScalarType dtype);

@@ -3,7 +3,6 @@
 // thread pool. Every output element is computed by one thread in a fixed order, so results do not
 // depend on the thread count.
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,60 +23,54 @@ constexpr int64_t kColumnsPerUnit = 256;
 
 int64_t rows_per_unit(int64_t h) { return std::max<int64_t>(1, kSpanElements / h); }
 
+// Runs a row kernel over rows [0, rows) of width h across the thread pool, each unit of work on
+// a copy of base with its own [first_row, last_row).
+template <typename Rows>
+void parallel_rows(void (*kernel)(const Rows&), const Rows& base, int64_t rows, int64_t h) {
+  at::parallel_for(0, rows, rows_per_unit(h), [&](int64_t first, int64_t last) {
+    Rows args = base;
+    args.first_row = first;
+    args.last_row = last;
+    kernel(args);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_norm_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, double eps, bool rms) {
-  check_norm_forward_args({x, residual, weight, bias, eps, rms});
+  const NormForwardArgs args{x, residual, weight, bias, eps, rms};
+  check_norm_forward_args(args);
   const int64_t h = x.size(-1);
-  const int64_t rows = x.numel() / h;
-  const at::TensorOptions stat = x.options().dtype(norm_stat_dtype(x.scalar_type()));
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor summed = at::empty(residual.has_value() ? x.sizes() : at::IntArrayRef{0},
-                                x.options());
-  at::Tensor mean = at::empty({rms ? 0 : rows}, stat);
-  at::Tensor rstd = at::empty({rows}, stat);
-
-  const kernels::cpu::NormForwardFn kernel =
-      ZERO_EXT_CPU_KERNEL(kernels::cpu::norm_forward_rows);
+  const NormForwardOutputs o = empty_norm_forward_outputs(args);
   const kernels::cpu::NormForwardRows base{
       x.const_data_ptr(),
       residual.has_value() ? residual->const_data_ptr() : nullptr,
       weight.const_data_ptr(),
       bias.has_value() ? bias->const_data_ptr() : nullptr,
-      out.data_ptr(),
-      residual.has_value() ? summed.data_ptr() : nullptr,
-      rms ? nullptr : mean.data_ptr(),
-      rstd.data_ptr(),
+      o.out.data_ptr(),
+      residual.has_value() ? o.summed.data_ptr() : nullptr,
+      rms ? nullptr : o.mean.data_ptr(),
+      o.rstd.data_ptr(),
       norm_type(x.scalar_type()),
       h,
       0,
       0,
       eps,
       rms};
-  at::parallel_for(0, rows, rows_per_unit(h), [&](int64_t first, int64_t last) {
-    kernels::cpu::NormForwardRows args = base;
-    args.first_row = first;
-    args.last_row = last;
-    kernel(args);
-  });
-  return {out, summed, mean, rstd};
+  parallel_rows(ZERO_EXT_CPU_KERNEL(kernels::cpu::norm_forward_rows), base, x.numel() / h, h);
+  return {o.out, o.summed, o.mean, o.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_summed,
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, bool rms, bool has_bias) {
-  check_norm_backward_args({grad_out, grad_summed, input, weight, mean, rstd, rms});
+  const NormBackwardArgs args{grad_out, grad_summed, input, weight, mean, rstd, rms};
+  check_norm_backward_args(args);
   const int64_t h = input.size(-1);
   const int64_t rows = input.numel() / h;
   const kernels::cpu::NormType type = norm_type(input.scalar_type());
-  const at::TensorOptions stat = input.options().dtype(norm_stat_dtype(input.scalar_type()));
-  at::Tensor grad_input = at::empty(input.sizes(), input.options());
-  at::Tensor grad_weight = at::empty({h}, stat);
-  at::Tensor grad_bias = at::empty({has_bias ? h : 0}, stat);
-
-  const kernels::cpu::NormBackwardFn rows_kernel =
-      ZERO_EXT_CPU_KERNEL(kernels::cpu::norm_backward_rows);
+  const NormBackwardOutputs o = empty_norm_backward_outputs(args, has_bias);
   const kernels::cpu::NormBackwardRows row_base{
       grad_out.const_data_ptr(),
       grad_summed.has_value() ? grad_summed->const_data_ptr() : nullptr,
@@ -85,25 +78,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward_cpu(
       weight.const_data_ptr(),
       rms ? nullptr : mean.const_data_ptr(),
       rstd.const_data_ptr(),
-      grad_input.data_ptr(),
+      o.grad_input.data_ptr(),
       type,
       h,
       0,
       0,
       rms};
-  at::parallel_for(0, rows, rows_per_unit(h), [&](int64_t first, int64_t last) {
-    kernels::cpu::NormBackwardRows args = row_base;
-    args.first_row = first;
-    args.last_row = last;
-    rows_kernel(args);
-  });
+  parallel_rows(ZERO_EXT_CPU_KERNEL(kernels::cpu::norm_backward_rows), row_base, rows, h);
 
   const kernels::cpu::NormParamGradFn columns_kernel =
       ZERO_EXT_CPU_KERNEL(kernels::cpu::norm_param_grad_columns);
   const kernels::cpu::NormParamGradColumns column_base{
       grad_out.const_data_ptr(), input.const_data_ptr(),
       rms ? nullptr : mean.const_data_ptr(), rstd.const_data_ptr(),
-      grad_weight.data_ptr(), has_bias ? grad_bias.data_ptr() : nullptr,
+      o.grad_weight.data_ptr(), has_bias ? o.grad_bias.data_ptr() : nullptr,
       type, rows, h, 0, 0, rms};
   const int64_t units = (h + kColumnsPerUnit - 1) / kColumnsPerUnit;
   at::parallel_for(0, units, 1, [&](int64_t first, int64_t last) {
@@ -112,8 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward_cpu(
     args.last_col = std::min(last * kColumnsPerUnit, h);
     columns_kernel(args);
   });
-  // Summed in fp32, rounded once to the parameters' dtype.
-  return {grad_input, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
+  return o.result(weight);
 }
 
 }  // namespace

@@ -3,7 +3,6 @@
 // on the current stream. fp32 / bf16 / fp16 (fp64, which only gradcheck uses, is CPU-only).
 // setup.py compiles this file in a CUDA build only.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -28,39 +27,36 @@ void check_not_double(const at::Tensor& t, const char* op) {
                    ": Double runs on the CPU only; use Float, BFloat16 or Half on CUDA");
 }
 
+cudaStream_t stream_of(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_norm_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, double eps, bool rms) {
   constexpr const char* kOp = "zero_ext::fused_norm";
-  check_norm_forward_args({x, residual, weight, bias, eps, rms});
+  const NormForwardArgs args{x, residual, weight, bias, eps, rms};
+  check_norm_forward_args(args);
   check_not_double(x, kOp);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t h = x.size(-1);
-  const int64_t rows = x.numel() / h;
-  const at::TensorOptions stat = x.options().dtype(at::kFloat);
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor summed = at::empty(residual.has_value() ? x.sizes() : at::IntArrayRef{0},
-                                x.options());
-  at::Tensor mean = at::empty({rms ? 0 : rows}, stat);
-  at::Tensor rstd = at::empty({rows}, stat);
+  const NormForwardOutputs o = empty_norm_forward_outputs(args);
   const kernels::cuda::NormForwardRun run{
       x.const_data_ptr(),
       residual.has_value() ? residual->const_data_ptr() : nullptr,
       weight.const_data_ptr(),
       bias.has_value() ? bias->const_data_ptr() : nullptr,
-      out.data_ptr(),
-      residual.has_value() ? summed.data_ptr() : nullptr,
-      rms ? nullptr : mean.data_ptr<float>(),
-      rstd.data_ptr<float>(),
+      o.out.data_ptr(),
+      residual.has_value() ? o.summed.data_ptr() : nullptr,
+      rms ? nullptr : o.mean.data_ptr<float>(),
+      o.rstd.data_ptr<float>(),
       element_type(x.scalar_type()),
-      rows,
+      x.numel() / h,
       h,
       static_cast<float>(eps),
       rms};
-  check_launch(kernels::cuda::launch_norm_forward(
-                   run, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
-               kOp);
-  return {out, summed, mean, rstd};
+  check_launch(kernels::cuda::launch_norm_forward(run, stream_of(x)), kOp);
+  return {o.out, o.summed, o.mean, o.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward_cuda(
@@ -68,15 +64,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward_cuda(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
     const at::Tensor& rstd, bool rms, bool has_bias) {
   constexpr const char* kOp = "zero_ext::fused_norm_backward";
-  check_norm_backward_args({grad_out, grad_summed, input, weight, mean, rstd, rms});
+  const NormBackwardArgs args{grad_out, grad_summed, input, weight, mean, rstd, rms};
+  check_norm_backward_args(args);
   check_not_double(input, kOp);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const int64_t h = input.size(-1);
-  const int64_t rows = input.numel() / h;
-  const at::TensorOptions stat = input.options().dtype(at::kFloat);
-  at::Tensor grad_input = at::empty(input.sizes(), input.options());
-  at::Tensor grad_weight = at::empty({h}, stat);
-  at::Tensor grad_bias = at::empty({has_bias ? h : 0}, stat);
+  const NormBackwardOutputs o = empty_norm_backward_outputs(args, has_bias);
   const kernels::cuda::NormBackwardRun run{
       grad_out.const_data_ptr(),
       grad_summed.has_value() ? grad_summed->const_data_ptr() : nullptr,
@@ -84,18 +77,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward_cuda(
       weight.const_data_ptr(),
       rms ? nullptr : mean.const_data_ptr<float>(),
       rstd.const_data_ptr<float>(),
-      grad_input.data_ptr(),
-      grad_weight.data_ptr<float>(),
-      has_bias ? grad_bias.data_ptr<float>() : nullptr,
+      o.grad_input.data_ptr(),
+      o.grad_weight.data_ptr<float>(),
+      has_bias ? o.grad_bias.data_ptr<float>() : nullptr,
       element_type(input.scalar_type()),
-      rows,
+      input.numel() / h,
       h,
       rms};
-  check_launch(kernels::cuda::launch_norm_backward(
-                   run, c10::cuda::getCurrentCUDAStream(input.device().index()).stream()),
-               kOp);
-  // Summed in fp32, rounded once to the parameters' dtype.
-  return {grad_input, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
+  check_launch(kernels::cuda::launch_norm_backward(run, stream_of(input)), kOp);
+  return o.result(weight);
 }
 
 }  // namespace

@@ -18,6 +18,26 @@
 namespace zero_ext::kernels::cpu {
 namespace {
 
+// out[j, j + 2 lanes) = (o0, o1), plus add's lanes at j when add is given (the bias; the residual
+// branch's gradient): one rounding to T after the sum.
+template <typename L, typename T, typename V>
+void store_plus(T* out, const T* add, int64_t j, V o0, V o1) {
+  if (add != nullptr) {
+    V a0, a1;
+    L::load(add + j, a0, a1);
+    o0 += a0;
+    o1 += a1;
+  }
+  L::store(out + j, o0, o1);
+}
+
+// The scalar tail's: out[j] = o (+ add[j]).
+template <typename T, typename A>
+void store_plus(T* out, const T* add, int64_t j, A o) {
+  if (add != nullptr) o += static_cast<A>(add[j]);
+  out[j] = static_cast<T>(o);
+}
+
 template <typename T>
 void forward_rows(const NormForwardRows& args) {
   using L = Lanes<T>;
@@ -83,19 +103,10 @@ void forward_rows(const NormForwardRows& args) {
       V v0, v1, w0, w1;
       L::load(v + j, v0, v1);
       L::load(w + j, w0, w1);
-      V o0 = (v0 - vmean) * vrstd * w0, o1 = (v1 - vmean) * vrstd * w1;
-      if (b != nullptr) {
-        V b0, b1;
-        L::load(b + j, b0, b1);
-        o0 += b0;
-        o1 += b1;
-      }
-      L::store(out + j, o0, o1);
+      store_plus<L>(out, b, j, (v0 - vmean) * vrstd * w0, (v1 - vmean) * vrstd * w1);
     }
     for (; j < h; ++j) {
-      A o = (static_cast<A>(v[j]) - mean) * rstd * static_cast<A>(w[j]);
-      if (b != nullptr) o += static_cast<A>(b[j]);
-      out[j] = static_cast<T>(o);
+      store_plus(out, b, j, (static_cast<A>(v[j]) - mean) * rstd * static_cast<A>(w[j]));
     }
     static_cast<A*>(args.rstd)[r] = rstd;
     if (!args.rms) static_cast<A*>(args.mean)[r] = mean;
@@ -151,21 +162,12 @@ void backward_rows(const NormBackwardRows& args) {
       L::load(dy + j, dy0, dy1);
       L::load(v + j, v0, v1);
       L::load(w + j, w0, w1);
-      V d0 = (dy0 * w0 - vmean_g - (v0 - vmean) * vrstd * vmean_gx) * vrstd;
-      V d1 = (dy1 * w1 - vmean_g - (v1 - vmean) * vrstd * vmean_gx) * vrstd;
-      if (ds != nullptr) {
-        V s0, s1;
-        L::load(ds + j, s0, s1);
-        d0 += s0;
-        d1 += s1;
-      }
-      L::store(dx + j, d0, d1);
+      store_plus<L>(dx, ds, j, (dy0 * w0 - vmean_g - (v0 - vmean) * vrstd * vmean_gx) * vrstd,
+                    (dy1 * w1 - vmean_g - (v1 - vmean) * vrstd * vmean_gx) * vrstd);
     }
     for (; j < h; ++j) {
       const A g = static_cast<A>(dy[j]) * static_cast<A>(w[j]);
-      A d = (g - mean_g - (static_cast<A>(v[j]) - mean) * rstd * mean_gx) * rstd;
-      if (ds != nullptr) d += static_cast<A>(ds[j]);
-      dx[j] = static_cast<T>(d);
+      store_plus(dx, ds, j, (g - mean_g - (static_cast<A>(v[j]) - mean) * rstd * mean_gx) * rstd);
     }
   }
 }
