@@ -112,7 +112,7 @@ def _workspace(dtype, logits):
 # the recomputing backward: chunks of 1024 + 476 tokens against vocabulary blocks of 2048, 2048
 # and 4 entries, so the online log-sum-exp merges blocks. "mean" / "sum" compute the gradients in
 # the forward: by default whole rows, 511 tokens a chunk (bf16: 341); under a 204800-logit
-# workspace (< 64 whole rows) two sweeps of 200-entry blocks over chunks of 1024 + 476 tokens.
+# workspace (< 256 whole rows) two sweeps of 200-entry blocks over chunks of 1024 + 476 tokens.
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction,workspace", [("none", None), ("mean", None), ("sum", None),
@@ -132,22 +132,28 @@ def test_matches_torch_across_token_chunks_and_vocabulary_blocks(device, dtype, 
 
 
 def test_bf16_weight_gradient_summed_in_bf16_beyond_the_workspace():
-    # 64 whole rows of V = 4100 fit the workspace but the fp32 copy of grad_weight ([4100, 128],
-    # 2.1 MB) does not: grad_weight sums its 24 chunks in bf16. Its error relative to the fp32
-    # reference's norm stays within 2x bf16's spacing at 1 (2^-8): eager bf16 autograd is at
-    # 1.3e-3, this at 5.7e-3, the fp32-summed default at 2.9e-3.
+    # 256 whole rows of V = 1000 fit the workspace (1.5 MB) but the fp32 copy of grad_weight
+    # ([1000, 512], 2 MB) does not: grad_weight sums its 6 chunks in bf16. Its error relative to
+    # the fp32 reference's norm stays within 1.6x eager bf16 autograd's (measured: eager 3.1e-3,
+    # fp32-summed 3.8e-3, bf16-summed 4.3e-3).
     gen = torch.Generator().manual_seed(10)
-    hidden, weight, target, _ = _case(1500, 4100, 128, torch.bfloat16, bias=False, ignore=True,
+    hidden, weight, target, _ = _case(1500, 1000, 512, torch.bfloat16, bias=False, ignore=True,
                                       gen=gen)
     upstream = torch.tensor(1.7)
     ref = _loss_and_grads(_reference, hidden.float(), weight.float(), target, None, upstream,
                           reduction="sum", label_smoothing=0.0, z_loss=0.0)
-    for workspace in (None, _workspace(torch.bfloat16, 64 * 4100)):
+    eager = _loss_and_grads(lambda h, w, t, b: F.cross_entropy(h @ w.T, t, reduction="sum"),
+                            hidden, weight, target, None, upstream.bfloat16())
+
+    def error(got, want):
+        return ((got.float() - want).norm() / want.norm()).item()
+
+    for workspace in (None, _workspace(torch.bfloat16, 256 * 1000)):
         got = _loss_and_grads(linear_cross_entropy, hidden, weight, target, None,
                               upstream.bfloat16(), reduction="sum", workspace_bytes=workspace)
         torch.testing.assert_close(got[0].float(), ref[0], rtol=1e-2, atol=0)
-        for g, r in zip(got[1], ref[1]):
-            assert (g.float() - r).norm() / r.norm() < 2 * 2 ** -8, workspace
+        for g, e, r in zip(got[1], eager[1], ref[1]):
+            assert error(g, r) < 1.6 * error(e, r), workspace
 
 
 def test_large_logits_do_not_overflow():

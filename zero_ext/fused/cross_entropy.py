@@ -23,9 +23,9 @@ _REDUCTIONS = ("mean", "sum", "none")
 _API = "zero_ext.fused.linear_cross_entropy"
 
 # Default workspace_bytes by device type. CPU: 8 MiB keeps the op's extra memory within the hidden
-# states of a 4096 x 1024 batch (the bound) and holds whole logit rows for vocabularies up
-# to 32768 at 64 tokens a chunk. CUDA: 256 MiB holds 348 whole rows of a 128256-entry bf16
-# vocabulary (fp32 copy included), so M=8192, H=4096 runs in 24 chunks under 512 MiB of extra.
+# states of a 4096 x 1024 batch (the bound). CUDA: 256 MiB holds 348 whole rows of a
+# 128256-entry bf16 vocabulary (fp32 copy included), so M=8192, H=4096 runs in 24 chunks of one
+# logits matmul each under 512 MiB of extra memory.
 _DEFAULT_WORKSPACE_BYTES = {"cuda": 256 << 20}
 _CPU_WORKSPACE_BYTES = 8 << 20
 
@@ -65,8 +65,10 @@ def linear_cross_entropy(
     backward (``grad_hidden`` and ``grad_weight`` are allocated here, not in the backward), which
     scales them in place: one backward per call (``retain_graph`` and ``create_graph`` are
     refused). ``workspace_bytes`` bounds the logits held at once: 8 MiB on CPU, 256 MiB on CUDA
-    by default. A chunk of tokens whose whole logit rows fit it (64 rows at least) costs one
+    by default. A chunk of tokens whose whole logit rows fit it (256 rows at least) costs one
     logits matmul; otherwise each chunk sweeps the vocabulary twice (the logits computed twice).
+    On CPU the default holds whole rows up to V = 8192; larger vocabularies gain from a larger
+    workspace where memory allows (``256 * V * 4`` bytes: 32 MiB at V = 32000).
     The weight gradient sums over the chunks in fp32, except for a bf16 weight whose fp32
     ``[V, H]`` copy would not fit the workspace: it then sums in bf16, each chunk's product
     computed in fp32 and rounded once.
