@@ -81,6 +81,20 @@ def _assert_bf16_parity(got, eager, exact, name):
                                msg=lambda m: f"{name} (eager bf16 error {eager_error}): {m}")
 
 
+def _assert_results_match(names, got, want, exact):
+    """Each named result (None where the op has none) of ours against eager's: fp32 to 1e-5, or,
+    given the fp32 results `exact` of bf16 inputs, bf16 parity against them."""
+    for i, (name, a, e) in enumerate(zip(names, got, want)):
+        assert (a is None) == (e is None), name
+        if e is None:
+            continue
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        if exact is None:
+            torch.testing.assert_close(a, e, **FP32, msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            _assert_bf16_parity(a, e, exact[i], name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("kind", KINDS)
@@ -99,15 +113,7 @@ def test_matches_eager(rows, h, kind, residual, dtype):
     outs = ["out", "summed"] if residual else ["out"]
     names = outs + ["grad x", "grad residual", "grad weight", "grad bias"]
     assert len(got) == len(names)
-    for i, (name, a, e) in enumerate(zip(names, got, want)):
-        assert (a is None) == (e is None), name
-        if e is None:
-            continue
-        assert a.dtype == e.dtype and a.shape == e.shape, name
-        if exact is None:
-            torch.testing.assert_close(a, e, **FP32, msg=lambda m, name=name: f"{name}: {m}")
-        else:
-            _assert_bf16_parity(a, e, exact[i], name)
+    _assert_results_match(names, got, want, exact)
 
 
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
@@ -248,15 +254,7 @@ def test_activation_matches_eager(rows, h, kind, dtype):
         upcast = [t.float() if t is not None else None for t in (a, b)]
         exact = _activation_run(lambda x, y: _activation_eager(kind, x, y, round_sum=True),
                                 upcast, grad)
-    for i, (name, x, e) in enumerate(zip(["out", "grad a", "grad b"], got, want)):
-        assert (x is None) == (e is None), name
-        if e is None:
-            continue
-        assert x.dtype == e.dtype and x.shape == e.shape, name
-        if exact is None:
-            torch.testing.assert_close(x, e, **FP32, msg=lambda m, name=name: f"{name}: {m}")
-        else:
-            _assert_bf16_parity(x, e, exact[i], name)
+    _assert_results_match(["out", "grad a", "grad b"], got, want, exact)
 
 
 @pytest.mark.parametrize("kind", ACTIVATIONS)
