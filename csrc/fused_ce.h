@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "csrc/fused_ce_args.h"
+#include "kernels/fused_ce_rows.h"
 
 namespace zero_ext {
 
@@ -36,6 +37,45 @@ struct CeRowKernels {
                    int64_t ignore_index, const at::Tensor& lse, const at::Tensor& grad,
                    double label_smoothing, double z_loss, int64_t vocab);
 };
+
+// The row kernels' view (kernels/fused_ce_rows.h) of CeRowKernels::forward's arguments, for
+// accumulation type T.
+template <typename T>
+kernels::CeForwardRows<T> forward_rows_of(const at::Tensor& logits, int64_t col0,
+                                          const at::Tensor& target, int64_t ignore_index,
+                                          const CeRowState& s) {
+  return {logits.const_data_ptr<T>(),
+          logits.size(0),
+          logits.size(1),
+          col0,
+          target.const_data_ptr<int64_t>(),
+          ignore_index,
+          s.max.data_ptr<T>(),
+          s.sumexp.data_ptr<T>(),
+          s.logit_sum.data_ptr<T>(),
+          s.target_logit.data_ptr<T>()};
+}
+
+// The same of CeRowKernels::backward's.
+template <typename T>
+kernels::CeBackwardRows<T> backward_rows_of(const at::Tensor& logits, int64_t col0,
+                                            const at::Tensor& target, int64_t ignore_index,
+                                            const at::Tensor& lse, const at::Tensor& grad,
+                                            double label_smoothing, double z_loss,
+                                            int64_t vocab) {
+  const auto eps = static_cast<T>(label_smoothing);
+  return {logits.data_ptr<T>(),
+          logits.size(0),
+          logits.size(1),
+          col0,
+          target.const_data_ptr<int64_t>(),
+          ignore_index,
+          lse.const_data_ptr<T>(),
+          grad.const_data_ptr<T>(),
+          eps / static_cast<T>(vocab),
+          T(1) - eps,
+          static_cast<T>(2 * z_loss)};
+}
 
 // (loss, lse) of validated arguments; see the schema in csrc/ops.cpp.
 std::tuple<at::Tensor, at::Tensor> fused_ce_forward(const FusedCeArgs& args,

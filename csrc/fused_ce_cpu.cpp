@@ -45,13 +45,9 @@ void forward_rows(const at::Tensor& logits, int64_t col0, const at::Tensor& targ
                   int64_t ignore_index, const CeRowState& s) {
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kFusedCeForwardOp, [&] {
     const auto kernel = forward_kernel<scalar_t>();
-    const int64_t cols = logits.size(1);
-    at::parallel_for(0, logits.size(0), row_grain(cols), [&](int64_t first, int64_t last) {
-      kernel({logits.const_data_ptr<scalar_t>(), cols, col0, target.const_data_ptr<int64_t>(),
-              ignore_index, s.max.data_ptr<scalar_t>(), s.sumexp.data_ptr<scalar_t>(),
-              s.logit_sum.data_ptr<scalar_t>(), s.target_logit.data_ptr<scalar_t>(), first,
-              last});
-    });
+    const auto block = forward_rows_of<scalar_t>(logits, col0, target, ignore_index, s);
+    at::parallel_for(0, block.rows, row_grain(block.cols),
+                     [&](int64_t first, int64_t last) { kernel(block, first, last); });
   });
 }
 
@@ -60,14 +56,10 @@ void backward_rows(const at::Tensor& logits, int64_t col0, const at::Tensor& tar
                    double label_smoothing, double z_loss, int64_t vocab) {
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kFusedCeBackwardOp, [&] {
     const auto kernel = backward_kernel<scalar_t>();
-    const auto eps = static_cast<scalar_t>(label_smoothing);
-    const int64_t cols = logits.size(1);
-    at::parallel_for(0, logits.size(0), row_grain(cols), [&](int64_t first, int64_t last) {
-      kernel({logits.data_ptr<scalar_t>(), cols, col0, target.const_data_ptr<int64_t>(),
-              ignore_index, lse.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-              eps / static_cast<scalar_t>(vocab), scalar_t(1) - eps,
-              static_cast<scalar_t>(2 * z_loss), first, last});
-    });
+    const auto block = backward_rows_of<scalar_t>(logits, col0, target, ignore_index, lse, grad,
+                                                  label_smoothing, z_loss, vocab);
+    at::parallel_for(0, block.rows, row_grain(block.cols),
+                     [&](int64_t first, int64_t last) { kernel(block, first, last); });
   });
 }
 

@@ -29,12 +29,8 @@ cudaStream_t stream_of(const at::Tensor& t) {
 void forward_rows(const at::Tensor& logits, int64_t col0, const at::Tensor& target,
                   int64_t ignore_index, const CeRowState& s) {
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kFusedCeForwardOp, [&] {
-    const kernels::cuda::CeForwardRun<scalar_t> run{
-        logits.const_data_ptr<scalar_t>(), logits.size(0), logits.size(1), col0,
-        target.const_data_ptr<int64_t>(), ignore_index, s.max.data_ptr<scalar_t>(),
-        s.sumexp.data_ptr<scalar_t>(), s.logit_sum.data_ptr<scalar_t>(),
-        s.target_logit.data_ptr<scalar_t>()};
-    check_launch(kernels::cuda::launch_ce_forward(run, stream_of(logits)), kFusedCeForwardOp);
+    const auto block = forward_rows_of<scalar_t>(logits, col0, target, ignore_index, s);
+    check_launch(kernels::cuda::launch_ce_forward(block, stream_of(logits)), kFusedCeForwardOp);
   });
 }
 
@@ -42,13 +38,10 @@ void backward_rows(const at::Tensor& logits, int64_t col0, const at::Tensor& tar
                    int64_t ignore_index, const at::Tensor& lse, const at::Tensor& grad,
                    double label_smoothing, double z_loss, int64_t vocab) {
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), kFusedCeBackwardOp, [&] {
-    const auto eps = static_cast<scalar_t>(label_smoothing);
-    const kernels::cuda::CeBackwardRun<scalar_t> run{
-        logits.data_ptr<scalar_t>(), logits.size(0), logits.size(1), col0,
-        target.const_data_ptr<int64_t>(), ignore_index, lse.const_data_ptr<scalar_t>(),
-        grad.const_data_ptr<scalar_t>(), eps / static_cast<scalar_t>(vocab), scalar_t(1) - eps,
-        static_cast<scalar_t>(2 * z_loss)};
-    check_launch(kernels::cuda::launch_ce_backward(run, stream_of(logits)), kFusedCeBackwardOp);
+    const auto block = backward_rows_of<scalar_t>(logits, col0, target, ignore_index, lse, grad,
+                                                  label_smoothing, z_loss, vocab);
+    check_launch(kernels::cuda::launch_ce_backward(block, stream_of(logits)),
+                 kFusedCeBackwardOp);
   });
 }
 

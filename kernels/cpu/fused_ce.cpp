@@ -44,8 +44,8 @@ void row_exp_sum(const T* x, int64_t n, T shift, T* exp_sum, T* sum) {
 }
 
 template <typename T>
-void forward_block(const CeForwardBlock<T>& a) {
-  for (int64_t r = a.first; r < a.last; ++r) {
+void forward_block(const CeForwardRows<T>& a, int64_t first, int64_t last) {
+  for (int64_t r = first; r < last; ++r) {
     const int64_t t = a.target[r];
     if (t == a.ignore_index) continue;
     const T* x = a.logits + r * a.cols;
@@ -64,9 +64,9 @@ void forward_block(const CeForwardBlock<T>& a) {
 }
 
 template <typename T>
-void backward_block(const CeBackwardBlock<T>& a) {
+void backward_block(const CeBackwardRows<T>& a, int64_t first, int64_t last) {
   using Vec = at::vec::Vectorized<T>;
-  for (int64_t r = a.first; r < a.last; ++r) {
+  for (int64_t r = first; r < last; ++r) {
     T* x = a.logits + r * a.cols;
     const int64_t t = a.target[r];
     if (t == a.ignore_index) {  // zero, whatever grad[r] is (inf when a mean has no token)
@@ -93,13 +93,21 @@ void backward_block(const CeBackwardBlock<T>& a) {
 
 }  // namespace
 
-void ZERO_EXT_ISA_FN(ce_forward_block_f32)(const CeForwardBlock<float>& a) { forward_block(a); }
-void ZERO_EXT_ISA_FN(ce_forward_block_f64)(const CeForwardBlock<double>& a) { forward_block(a); }
-void ZERO_EXT_ISA_FN(ce_backward_block_f32)(const CeBackwardBlock<float>& a) {
-  backward_block(a);
+void ZERO_EXT_ISA_FN(ce_forward_block_f32)(const CeForwardRows<float>& a, int64_t first,
+                                           int64_t last) {
+  forward_block(a, first, last);
 }
-void ZERO_EXT_ISA_FN(ce_backward_block_f64)(const CeBackwardBlock<double>& a) {
-  backward_block(a);
+void ZERO_EXT_ISA_FN(ce_forward_block_f64)(const CeForwardRows<double>& a, int64_t first,
+                                           int64_t last) {
+  forward_block(a, first, last);
+}
+void ZERO_EXT_ISA_FN(ce_backward_block_f32)(const CeBackwardRows<float>& a, int64_t first,
+                                            int64_t last) {
+  backward_block(a, first, last);
+}
+void ZERO_EXT_ISA_FN(ce_backward_block_f64)(const CeBackwardRows<double>& a, int64_t first,
+                                            int64_t last) {
+  backward_block(a, first, last);
 }
 
 }  // namespace zero_ext::kernels::cpu

@@ -46,7 +46,7 @@ __device__ T block_reduce(T value, T* shared, Op op) {
 }
 
 template <typename T>
-__global__ void ce_forward_kernel(CeForwardRun<T> run) {
+__global__ void ce_forward_kernel(CeForwardRows<T> run) {
   __shared__ T shared[kThreads];
   const int64_t r = blockIdx.x;
   const int64_t t = run.target[r];
@@ -75,7 +75,7 @@ __global__ void ce_forward_kernel(CeForwardRun<T> run) {
 }
 
 template <typename T>
-__global__ void ce_backward_kernel(CeBackwardRun<T> run) {
+__global__ void ce_backward_kernel(CeBackwardRows<T> run) {
   const int64_t r = blockIdx.x;
   T* x = run.logits + r * run.cols;
   const int64_t t = run.target[r];
@@ -103,16 +103,16 @@ cudaError_t launch(const Run& run, Kernel kernel, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t launch_ce_forward(const CeForwardRun<float>& run, cudaStream_t stream) {
+cudaError_t launch_ce_forward(const CeForwardRows<float>& run, cudaStream_t stream) {
   return launch(run, ce_forward_kernel<float>, stream);
 }
-cudaError_t launch_ce_forward(const CeForwardRun<double>& run, cudaStream_t stream) {
+cudaError_t launch_ce_forward(const CeForwardRows<double>& run, cudaStream_t stream) {
   return launch(run, ce_forward_kernel<double>, stream);
 }
-cudaError_t launch_ce_backward(const CeBackwardRun<float>& run, cudaStream_t stream) {
+cudaError_t launch_ce_backward(const CeBackwardRows<float>& run, cudaStream_t stream) {
   return launch(run, ce_backward_kernel<float>, stream);
 }
-cudaError_t launch_ce_backward(const CeBackwardRun<double>& run, cudaStream_t stream) {
+cudaError_t launch_ce_backward(const CeBackwardRows<double>& run, cudaStream_t stream) {
   return launch(run, ce_backward_kernel<double>, stream);
 }
 
