@@ -111,12 +111,13 @@ def _workspace(dtype, logits):
 # 1500 tokens, V = 4100 (targets in every block, the last entry included), H = 24. "none" runs
 # the recomputing backward: chunks of 1024 + 476 tokens against vocabulary blocks of 2048, 2048
 # and 4 entries, so the online log-sum-exp merges blocks. "mean" / "sum" compute the gradients in
-# the forward: by default whole rows, 511 tokens a chunk (bf16: 341); under a 204800-logit
-# workspace (< 256 whole rows) two sweeps of 200-entry blocks over chunks of 1024 + 476 tokens.
+# the forward: by default whole rows, 511 tokens a chunk (bf16: 341); under a workspace of
+# 1024000 logits (249 whole rows, < 256) two sweeps of 1000-entry blocks (the last of 100) over
+# chunks of 1024 + 476 tokens.
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction,workspace", [("none", None), ("mean", None), ("sum", None),
-                                                 ("mean", 204800)])
+                                                 ("mean", 1024000)])
 def test_matches_torch_across_token_chunks_and_vocabulary_blocks(device, dtype, reduction,
                                                                  workspace):
     _needs_cuda_kernel(device)
@@ -298,7 +299,7 @@ def test_torch_compile_traces_forward_and_backward():
         return linear_cross_entropy(h, w, t, b, label_smoothing=0.1, z_loss=1e-4)
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
-    upstream = torch.tensor(1.0)
+    upstream = torch.tensor(1.7)  # the saved gradients scaled by a traced multiply
     got = _loss_and_grads(lambda h, w, t, b, **_: compiled(h, w, t, b), hidden, weight, target,
                           bias, upstream)
     want = _loss_and_grads(lambda h, w, t, b, **_: fn(h, w, t, b), hidden, weight, target, bias,
