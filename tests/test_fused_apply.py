@@ -81,11 +81,11 @@ def llama_family(config_class, model_class):
     return build
 
 
-def gpt2():
+def gpt2(**overrides):
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=64,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=0, eos_token_id=0, initializer_range=INIT)
+                        bos_token_id=0, eos_token_id=0, initializer_range=INIT, **overrides)
     return GPT2LMHeadModel(config)
 
 
@@ -137,6 +137,13 @@ PARITY = {
                 {"rms_norm": NORMS, "swiglu": LAYERS}, {"fused_norm": NORMS, "swiglu": LAYERS}),
     "qwen2": (llama_family(Qwen2Config, Qwen2ForCausalLM),
               {"rms_norm": NORMS, "swiglu": LAYERS}, {"fused_norm": NORMS, "swiglu": LAYERS}),
+    # On eager attention the softmax is swapped too (SDPA, the default, is left alone).
+    "llama-eager": (functools.partial(llama, tied=False, attn_implementation="eager"),
+                    {"rms_norm": NORMS, "swiglu": LAYERS, "softmax": LAYERS},
+                    {"fused_norm": NORMS, "swiglu": LAYERS, "scaled_masked_softmax": LAYERS}),
+    "gpt2-eager": (functools.partial(gpt2, attn_implementation="eager"),
+                   {"layer_norm": NORMS, "bias_gelu": LAYERS, "softmax": LAYERS},
+                   {"fused_norm": NORMS, "bias_gelu": LAYERS, "scaled_masked_softmax": LAYERS}),
     # Qwen3 normalizes each head's queries and keys too: 4-D inputs.
     "qwen3": (llama_family(Qwen3Config, Qwen3ForCausalLM),
               {"rms_norm": NORMS + 2 * LAYERS, "swiglu": LAYERS},
@@ -150,7 +157,7 @@ def test_fp32_loss_and_every_gradient_match_unfused(case):
     model, reference, swapped = fused_and_reference(build())
     assert swapped == dict.fromkeys(swapped, 0) | {"cross_entropy": 1} | counts
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    assert (head.weight is embedding.weight) == (case in ("llama-tied", "gpt2"))
+    assert (head.weight is embedding.weight) == (case in ("llama-tied", "gpt2", "gpt2-eager"))
     ids, labels = batch()
     out, ref, calls = train_step(model, reference, ids, labels=labels)
     assert out.logits is None and ref.logits is not None
@@ -287,7 +294,7 @@ def test_second_apply_swaps_nothing_and_changes_nothing():
 def test_switches_select_the_kinds():
     counts = zero_ext.fused.apply(llama(), cross_entropy=False, activations=False)
     assert counts == {"cross_entropy": 0, "rms_norm": 2 * LAYERS + 1, "layer_norm": 0,
-                      "swiglu": 0, "bias_gelu": 0}
+                      "swiglu": 0, "bias_gelu": 0, "softmax": 0}
     model = gpt2()
     assert zero_ext.fused.apply(model, norms=False)["layer_norm"] == 0
     model.train()

@@ -1266,15 +1266,20 @@ class FusedKernelsSettings(_Section):
     activations: bool = True
     """With ``enabled``: SwiGLU MLPs (Llama family) and GPT-2's bias + GeLU."""
 
+    softmax: bool = True
+    """With ``enabled``: a model on transformers' eager attention computes its attention
+    probabilities with the fused scaled masked softmax + dropout (``"zero_ext_eager"``); SDPA
+    and flash attention, faster still, are left as they are."""
+
     modules: dict[str, str] = field(default_factory=dict)
     """With ``enabled``: further classes to swap, class name -> kind (``"rms_norm"``,
     ``"layer_norm"``, ``"swiglu_mlp"``, ``"bias_gelu_mlp"`` or ``"causal_lm"``; what each needs:
-    ``zero_ext.fused.apply``), swapped whatever the three switches say."""
+    ``zero_ext.fused.apply``), swapped whatever the switches say."""
 
     def __post_init__(self):
         from zero_ext.fused.apply import MODULE_KINDS
 
-        for name in ("enabled", "cross_entropy", "norms", "activations"):
+        for name in ("enabled", "cross_entropy", "norms", "activations", "softmax"):
             setattr(self, name, _check_bool(name, getattr(self, name)))
         if not isinstance(self.modules, Mapping):
             raise ConfigError("modules", "expected a JSON object of class name -> kind, e.g. "

@@ -1063,7 +1063,8 @@ def _apply_fused_kernels(model: nn.Module, settings) -> None:
         return
     from zero_ext.fused import apply
     counts = apply(model, cross_entropy=settings.cross_entropy, norms=settings.norms,
-                   activations=settings.activations, modules=settings.modules or None)
+                   activations=settings.activations, softmax=settings.softmax,
+                   modules=settings.modules or None)
     if comm.rank() == 0:
         print("[zero_ext] fused kernels: " + ", ".join(f"{n} {kind}" for kind, n in
                                                        counts.items()), flush=True)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zero_ext.fused.activations import bias_gelu, swiglu
+from zero_ext.fused.attention import ATTENTION_NAME, use_fused_softmax
 from zero_ext.fused.cross_entropy import linear_cross_entropy
 from zero_ext.fused.norms import layer_norm, rms_norm
 
@@ -45,7 +46,7 @@ __all__ = ["COUNT_KEYS", "MODULE_KINDS", "apply"]
 
 _API = "zero_ext.fused.apply"
 
-COUNT_KEYS = ("cross_entropy", "rms_norm", "layer_norm", "swiglu", "bias_gelu")
+COUNT_KEYS = ("cross_entropy", "rms_norm", "layer_norm", "swiglu", "bias_gelu", "softmax")
 """The keys of :func:`apply`'s result: modules swapped per fused op."""
 
 # transformers' classes apply() recognises by itself (the families whose math it reproduces).
@@ -68,7 +69,7 @@ _HEAD = "lm_head"                            # the kind marker of a causal LM's 
 
 def _has_kernel(op: str, device_type: str) -> bool:
     """Whether zero_ext was built with ``op``'s kernel for this device type (the CPU build has
-    no CUDA kernels; SwiGLU and bias+GeLU have none on CUDA yet). A dispatcher table lookup,
+    no CUDA kernels). A dispatcher table lookup,
     cheap enough per call and traceable by torch.compile."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"zero_ext::{op}", device_type.upper())
 
@@ -479,12 +480,16 @@ def _check_requested(model: nn.Module, modules: Mapping[str, str] | None) -> dic
 
 
 def apply(model: nn.Module, *, cross_entropy: bool = True, norms: bool = True,
-          activations: bool = True, modules: Mapping[str, str] | None = None) -> dict[str, int]:
+          activations: bool = True, softmax: bool = True,
+          modules: Mapping[str, str] | None = None) -> dict[str, int]:
     """Swaps zero_ext's fused ops into ``model``'s modules in place; returns how many modules
     each op took over, keyed by :data:`COUNT_KEYS`.
 
     ``cross_entropy``, ``norms`` and ``activations`` select the automatic swaps of the
-    transformers families above (and of ``torch.nn.LayerNorm``). ``modules`` maps further class
+    transformers families above (and of ``torch.nn.LayerNorm``); ``softmax`` switches a
+    transformers model on eager attention to :func:`zero_ext.fused.use_fused_softmax`'s (its
+    attention modules counted; SDPA and flash attention are left as they are). ``modules`` maps
+    further class
     names to a kind of :data:`MODULE_KINDS`, swapped whatever the switches say; a named class
     that lacks what its kind needs is a ValueError. A module swapped before is left as it is,
     so a second call swaps nothing more.
@@ -512,6 +517,11 @@ def apply(model: nn.Module, *, cross_entropy: bool = True, norms: bool = True,
             _install(module.lm_head, _HEAD, _lm_head_forward)
         _install(module, kind_name, kind.forward)
         counts[kind.count] += 1
+    if softmax:
+        config = getattr(model, "config", None)
+        switched_before = getattr(config, "_attn_implementation", None) == ATTENTION_NAME
+        switched = use_fused_softmax(model)
+        counts["softmax"] = 0 if switched_before else switched
     return counts
 
 
