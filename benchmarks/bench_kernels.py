@@ -5,6 +5,7 @@
     python benchmarks/bench_kernels.py --peak fused 4096 16384 1024   # one JSON line (the test)
     python benchmarks/bench_kernels.py --step               # a Llama training step: on/off/compile
     python benchmarks/bench_kernels.py --impls fused --workspace-mib 8 64   # workspace choices
+    python benchmarks/bench_kernels.py --device cuda --dtype bfloat16 --sizes 8192x128256x4096
 
 Fused linear cross-entropy (zero_ext.fused.linear_cross_entropy) against eager
 ``F.cross_entropy(hidden @ weight.T, target)`` and ``torch.compile`` of that eager function, for
@@ -22,7 +23,9 @@ reusing them later faults them in again and counts), writing 5 to ``/proc/self/c
 resets the high-water mark VmHWM to the current RSS (the baseline), and after forward + backward
 ``VmHWM - baseline - bytes(returned gradients)`` is the peak memory beyond the inputs and the
 results: logits, buffers and temporaries. Times are the fastest of --repeats runs (after one
-untimed run that also compiles), on the machine's default torch thread count.
+untimed run that also compiles), on the machine's default torch thread count. With ``--device
+cuda`` the peak comes from torch's CUDA allocator instead (``max_memory_allocated`` beyond what
+was allocated before the call, less the returned gradients) and the times are synchronized.
 
 ``--step``: a whole training step (forward with labels, backward, torch AdamW) of a small
 transformers LlamaForCausalLM with a 32000-token vocabulary, unfused, with every kernel swapped
@@ -86,41 +89,65 @@ def _reset_peak() -> int:
     return _status_kib("VmRSS") * 1024
 
 
-def _inputs(n: int, v: int, h: int):
+def _inputs(n: int, v: int, h: int, device: str = "cpu", dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, h, generator=gen).requires_grad_()
-    weight = torch.randn(v, h, generator=gen).mul_(h ** -0.5).requires_grad_()
-    target = torch.randint(0, v, (n,), generator=gen)
+    hidden = torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_()
+    weight = torch.randn(v, h, generator=gen).mul_(h ** -0.5).to(device, dtype).requires_grad_()
+    target = torch.randint(0, v, (n,), generator=gen).to(device)
     return hidden, weight, target
 
 
+def _peak_meter(device: str):
+    """(start, peak) for one measured call: on CPU VmHWM past the trimmed resident set (module
+    docstring), on CUDA the allocator's peak past what is allocated when it starts."""
+    if device == "cpu":
+        return _reset_peak, lambda: _status_kib("VmHWM") * 1024
+
+    def start() -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+
+    return start, torch.cuda.max_memory_allocated
+
+
+def _now(device: str) -> float:
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def peak_and_time(impl: str, n: int, v: int, h: int, repeats: int,
-                  workspace_bytes: int | None = None) -> dict:
+                  workspace_bytes: int | None = None, device: str = "cpu",
+                  dtype: str = "float32") -> dict:
     """In this process: forward + backward of one implementation; peak extra bytes and seconds.
 
     Call it in a fresh process (``--peak``): see the module docstring for why and how."""
     fn = _loss_fn(impl, workspace_bytes)
-    small = _inputs(8, 16, 8)
+    dtype_ = getattr(torch, dtype)
+    small = _inputs(8, 16, 8, device, dtype_)
     torch.autograd.grad(fn(*small), small[:2])  # loads kernels, thread pool, compiles
-    hidden, weight, target = _inputs(n, v, h)
+    hidden, weight, target = _inputs(n, v, h, device, dtype_)
 
     def step():
         return torch.autograd.grad(fn(hidden, weight, target), (hidden, weight))
 
-    if impl == "compile":
-        step()  # compiles for this shape before the measured call
-    base = _reset_peak()
-    t0 = time.perf_counter()
+    if impl == "compile" or device != "cpu":
+        step()  # compiles for this shape (on CUDA: warms cuBLAS) before the measured call
+    start, peak_now = _peak_meter(device)
+    base = start()
+    t0 = _now(device)
     grads = step()
-    seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM") * 1024
+    seconds = _now(device) - t0
+    peak = peak_now()
     returned = sum(g.numel() * g.element_size() for g in grads)
     del grads
     for _ in range(repeats - 1):
-        t0 = time.perf_counter()
+        t0 = _now(device)
         step()
-        seconds = min(seconds, time.perf_counter() - t0)
+        seconds = min(seconds, _now(device) - t0)
     return {"impl": impl, "n": n, "v": v, "h": h, "workspace_bytes": workspace_bytes,
+            "device": device, "dtype": dtype,
             "seconds": seconds,
             "peak_extra_bytes": peak - base - returned,
             "hidden_bytes": hidden.numel() * hidden.element_size(),
@@ -135,11 +162,12 @@ def _in_fresh_process(*args: str) -> dict:
 
 
 def measure(impl: str, n: int, v: int, h: int, repeats: int = 1,
-            workspace_bytes: int | None = None) -> dict:
+            workspace_bytes: int | None = None, device: str = "cpu",
+            dtype: str = "float32") -> dict:
     """peak_and_time in a fresh Python process (what the memory test calls)."""
     workspace = [] if workspace_bytes is None else ["--workspace-bytes", str(workspace_bytes)]
     return _in_fresh_process("--peak", impl, str(n), str(v), str(h), "--repeats", str(repeats),
-                             *workspace)
+                             "--device", device, "--dtype", dtype, *workspace)
 
 
 # -- a Llama training step with the kernels on and off (--step) --------------------------------
@@ -238,6 +266,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="the cross-entropy's device (--step runs on CPU)")
     parser.add_argument("--workspace-bytes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step_one:
@@ -250,10 +280,12 @@ def main() -> None:
     if args.peak:
         impl, n, v, h = args.peak
         print(json.dumps(peak_and_time(impl, int(n), int(v), int(h), args.repeats,
-                                       args.workspace_bytes)))
+                                       args.workspace_bytes, args.device, args.dtype)))
         return
-    print(f"linear cross-entropy, CPU fp32, forward + backward, {torch.get_num_threads()} "
-          "threads; peak = memory beyond inputs and returned gradients")
+    where = (f"CPU, {torch.get_num_threads()} threads" if args.device == "cpu"
+             else torch.cuda.get_device_name())
+    print(f"linear cross-entropy, {where}, {args.dtype}, forward + backward; peak = memory "
+          "beyond inputs and returned gradients")
     for size in args.sizes:
         n, v, h = (int(x) for x in size.split("x"))
         results = {}
@@ -261,10 +293,11 @@ def main() -> None:
             for mib in args.workspace_mib if impl == "fused" else [None]:
                 name = impl if mib is None else f"{impl}@{mib:g}MiB"
                 workspace = None if mib is None else int(mib * 2**20)
-                results[name] = measure(impl, n, v, h, args.repeats, workspace)
+                results[name] = measure(impl, n, v, h, args.repeats, workspace, args.device,
+                                        args.dtype)
         hidden_mb = next(iter(results.values()))["hidden_bytes"] / 2**20
-        print(f"N={n} V={v} H={h}: hidden {hidden_mb:.1f} MiB, logits {n * v * 4 / 2**20:.0f} "
-              "MiB")
+        print(f"N={n} V={v} H={h}: hidden {hidden_mb:.1f} MiB, fp32 logits "
+              f"{n * v * 4 / 2**20:.0f} MiB")
         for impl, r in results.items():
             peak = r["peak_extra_bytes"]
             line = (f"  {impl:14s} {r['seconds'] * 1e3:9.1f} ms  peak {peak / 2**20:8.1f} MiB "

@@ -1,15 +1,18 @@
 """Time zero_ext.fused's norms (fused with the residual add) and activations against eager
-PyTorch and torch.compile of the same eager code, forward and forward + backward, on CPU.
+PyTorch and torch.compile of the same eager code, forward and forward + backward, on CPU or
+CUDA.
 
     python benchmarks/bench_norms.py                          # bf16, H = 1024 .. 16384
     python benchmarks/bench_norms.py --dtype float32 --hidden 4096 --tokens 4M --ops rms swiglu
+    python benchmarks/bench_norms.py --device cuda --tokens 64M     # on the GPU (synchronized)
 
 The norms compute ``h = x + residual; y = norm(h)`` and return (y, h), as a pre-norm
 transformer block uses them, and the backward sends a gradient through both; swiglu is
 ``silu(gate) * up`` and gelu ``gelu(x + bias, approximate="tanh")``. The rows are
 ``tokens / H`` so every H moves the same bytes. Each figure is the fastest of --repeats timed
 calls after warm-up (the slower runs are the ones disturbed by other jobs); ratios are
-eager / fused and compile / fused (above 1: the fused op is faster).
+eager / fused and compile / fused (above 1: the fused op is faster); with --no-compile the
+compile column repeats eager.
 """
 
 from __future__ import annotations
@@ -34,14 +37,19 @@ OPS = {
 }
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fn, repeats: int, device: str) -> float:
+    def now() -> float:
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     fn()
     fn()
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, now() - start)
     return best
 
 
@@ -66,6 +74,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave torch.compile out (each case compiles anew: slow)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (1 gives steadier figures on a shared machine)")
     args = parser.parse_args()
@@ -75,7 +86,9 @@ def main() -> None:
     tokens = int(args.tokens[:-1]) * units[args.tokens[-1]] if args.tokens[-1] in units \
         else int(args.tokens)
     dtype = getattr(torch, args.dtype)
-    print(f"CPU, {torch.get_num_threads()} threads, {args.dtype}, {tokens} elements per call; "
+    where = (f"CPU, {torch.get_num_threads()} threads" if args.device == "cpu"
+             else torch.cuda.get_device_name())
+    print(f"{where}, {args.dtype}, {tokens} elements per call; "
           f"ms (fastest of {args.repeats}), ratios eager/fused and compile/fused")
     print(f"{'op':<16}{'H':>6}{'rows':>6}{'fused':>9}{'eager':>9}{'compile':>9}"
           f"{'e/f':>7}{'c/f':>7}")
@@ -84,13 +97,15 @@ def main() -> None:
         for backward in (False, True):
             for hidden in args.hidden:
                 rows = max(1, tokens // hidden)
-                inputs = [torch.randn(rows, hidden).to(dtype) for _ in range(n_rows)]
-                inputs += [(torch.rand(hidden) + 0.5).to(dtype) for _ in range(n_vectors)]
+                inputs = [torch.randn(rows, hidden).to(args.device, dtype)
+                          for _ in range(n_rows)]
+                inputs += [(torch.rand(hidden) + 0.5).to(args.device, dtype)
+                           for _ in range(n_vectors)]
                 # A fresh compile per case: each shape compiles its own kernels anyway, and
                 # dynamo's cache per function would hit its recompile limit.
                 torch._dynamo.reset()
-                compiled = torch.compile(eager, dynamic=False)
-                times = [_time(_case(impl, inputs, backward), args.repeats) * 1e3
+                compiled = eager if args.no_compile else torch.compile(eager, dynamic=False)
+                times = [_time(_case(impl, inputs, backward), args.repeats, args.device) * 1e3
                          for impl in (fused, eager, compiled)]
                 label = f"{name} {'fwd+bwd' if backward else 'fwd'}"
                 print(f"{label:<16}{hidden:>6}{rows:>6}{times[0]:>9.3f}{times[1]:>9.3f}"

@@ -41,6 +41,8 @@
 #   sanitizer    the offload and checkpointing CUDA tests under TORCH_CUDA_SANITIZER=1
 #   bench_step   benchmarks/bench_step.py: zero_ext stages 2/3 vs FSDP2 vs plain torch on the
 #                Llama 1.3B shape, with as many steps (<= 50 timed) as the time left allows
+#   fused_cuda   issue 18: the fused cross-entropy at M=8192, H=4096, V=128256 bf16 against
+#                eager (goal >= 1.0x at < 512 MiB extra), RMSNorm and SwiGLU against eager
 #
 # Environment: GPU_CHECK_ONLY=a,b (run only these steps), GPU_CHECK_BUDGET=seconds,
 # GPU_CHECK_DRY=1 (print the plan, run nothing: each step is taken to use its whole timeout, so
@@ -145,7 +147,13 @@ run_bench_step() {  # as many timed steps (<= 50) as the time left allows, after
     fi
     python3 benchmarks/bench_step.py --steps $((timed + 3)) --warmup 3 --json "$out/bench_step.json"
 }
-export -f machine_info run_bench_step
+run_fused_cuda() {  # issue 18's GPU figures, eager in the same run (no compile: its time)
+    python3 benchmarks/bench_kernels.py --device cuda --dtype bfloat16 \
+        --sizes 8192x128256x4096 --impls fused eager --repeats 3 || return
+    python3 benchmarks/bench_norms.py --device cuda --no-compile --tokens 64M --repeats 10 \
+        --hidden 1024 4096 8192 16384 --ops rms swiglu
+}
+export -f machine_info run_bench_step run_fused_cuda
 export out cores
 
 echo "[gpu_check] $(date -u +%H:%M:%S) UTC, deadline $budget s, logs in $out" \
@@ -169,7 +177,10 @@ TAIL=16 step bench_zero 30 15 torchrun --nproc_per_node=1 benchmarks/bench_zero.
 TAIL=pytest step sanitizer 40 20 env TORCH_CUDA_SANITIZER=1 python3 -m pytest -q \
     -p no:cacheprovider -rfEs tests/test_offload.py tests/test_checkpointing.py -k "$CUDA_TESTS"
 left=$((budget - $(elapsed) - grace))
+# bench_step (issue 12's) comes first; with time to spare 40 s of it are left to fused_cuda.
+[ "$left" -ge 140 ] && left=$((left - 40))
 TAIL=12 step bench_step "$left" 100 run_bench_step "$left"
+TAIL=20 step fused_cuda 40 20 run_fused_cuda
 
 {
     echo
