@@ -111,24 +111,26 @@ def _partitioned_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.T
 def _tensors_requiring_grad(output) -> list[torch.Tensor]:
     """Tensors in a module's output (nested tuples, lists, dicts, dataclasses and transformers'
     ModelOutput) that backward will reach."""
-    found = []
+    return [tensor for tensor in _output_tensors(output) if tensor.requires_grad]
 
-    def walk(value) -> None:
-        if isinstance(value, torch.Tensor):
-            if value.requires_grad:
-                found.append(value)
-        elif isinstance(value, Mapping):
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, (tuple, list)):
-            for item in value:
-                walk(item)
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            for f in dataclasses.fields(value):
-                walk(getattr(value, f.name))
 
-    walk(output)
-    return found
+def _output_tensors(value):
+    # A generator at module level, not a nested function calling itself: that closure is a
+    # reference cycle (function -> cell -> function) holding the outputs it found, and with
+    # them their hooks (which hold the units and the model) until the garbage collector runs,
+    # where torch resurrects an output still saved for backward by a later op: the model then
+    # outlived the first gc.collect() after the engine and the loss were dropped.
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _output_tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _output_tensors(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _output_tensors(getattr(value, f.name))
 
 
 def _replaying() -> bool:
