@@ -67,7 +67,10 @@ def _rank_main(scenario: str, rank: int) -> None:
         if rank == 1:
             time.sleep(0.2)  # rank 0's collective finishes later, while it runs Python
         group.allgather([[torch.empty(1000) for _ in range(2)]], [torch.ones(1000)])
-        end = time.monotonic() + 0.5
+        # Long enough that rank 1's part arrives inside the loop on a loaded machine too (at
+        # 0.5 s it once came after rank 0's exit: a collective still running at exit, which
+        # no exit handler can finish, not the race this scenario is about).
+        end = time.monotonic() + 1.5
         while time.monotonic() < end:
             pass
 
