@@ -70,8 +70,8 @@ def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
     the zero_ext.fused_kernels section (:func:`fused_kernels_from_liger`). Filled only when
     "auto": the scheduler's warmup_min_lr (0), warmup_max_lr (lr), warmup_num_steps and
     total_num_steps (from `max_steps`), and, from the model's `hidden_size`, DeepSpeed's
-    bucket-size heuristics. Raises one ValueError listing every contradiction and every "auto" that has
-    no counterpart among the arguments.
+    bucket-size heuristics. Raises one ValueError listing every contradiction and every "auto"
+    that has no counterpart among the arguments.
     """
     raw = read_json_config(config) if isinstance(config, (str, os.PathLike)) else config
     if not isinstance(raw, Mapping):

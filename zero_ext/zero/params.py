@@ -175,8 +175,9 @@ class _Prefetcher:
     arrivals, separately), checks it is the same on every rank, and afterwards names the units
     to gather ahead of use (the next one, then more within stage3_prefetch_bucket_size elements
     in flight; all within stage3_max_live_parameters gathered), and keeps a unit gathered when
-    the order uses it again within stage3_max_reuse_distance. When a step departs from the recorded order
-    (control flow changed), it says so once and gathers on demand from then on."""
+    the order uses it again within stage3_max_reuse_distance. When a step departs from the
+    recorded order (control flow changed), it says so once and gathers on demand from then on.
+    """
 
     def __init__(self, prefetch_numel: int, max_live_numel: int, max_reuse_numel: int):
         self.prefetch_numel, self.max_live_numel = prefetch_numel, max_live_numel
