@@ -133,12 +133,21 @@ def _train(variant: str, steps: int, accumulation: int, warmup: int = 2) -> dict
     traffic = comm.traffic.snapshot()
     per_step = {name: seconds / steps for name, seconds in phases.items()}
     out = {"step": statistics.median(steps_s), "steps": steps_s, "cpu": statistics.median(cpu_s),
-           "wire": wire, "loss": float(loss), "compression": str(getattr(engine, "compression", None)),
+           "wire": wire, "loss": float(loss), "compression": _engine_compression(engine),
            "intra": {op: b / steps for op, b in traffic.intra_node_bytes.items()},
            "inter": {op: b / steps for op, b in traffic.inter_node_bytes.items()},
            "calls": {op: c / steps for op, c in traffic.calls.items()}} | per_step
     del engine
     return out
+
+
+def _engine_compression(engine) -> str:
+    """What the engine really compresses (its resolved plan, after the one-rank rule), so that
+    a row's label cannot claim a compression the run did not do."""
+    compression = getattr(engine, "compression", None)
+    if compression is None:
+        return "none"
+    return f"gradients {compression.gradients}, weights {compression.weights}"
 
 
 def _link_tx_bytes() -> int:
