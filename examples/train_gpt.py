@@ -27,6 +27,8 @@ checkpoint; --resume continues from the latest one, at any number of ranks and a
 zero_ext/elastic.py): the data position (epoch, samples consumed) is in every checkpoint, so a
 resumed run trains exactly the batches an uninterrupted one would. --sample-log DIR writes the
 dataset indices each rank trained on, one JSON line per micro-batch (tests/test_elastic.py).
+The loss printed is over the text's first 64 windows; --eval-windows N spreads N windows over
+the whole text instead (a longer --data text: benchmarks/compression_convergence.py).
 """
 
 import argparse
@@ -166,6 +168,9 @@ def main() -> None:
                         help="resume from --save-dir's newest checkpoint if there is one "
                              "(for torchrun --max-restarts)")
     parser.add_argument("--sample-log", help="directory: each rank logs the samples it trains")
+    parser.add_argument("--eval-windows", type=int,
+                        help="evaluate on N windows spread evenly over the whole text (default: "
+                             "the first 64, which a long text's loss does not represent)")
     args = parser.parse_args()
     if (args.save_every or args.keep_last or args.auto_resume) and not args.save_dir:
         parser.error("--save-every, --keep-last and --auto-resume need --save-dir")
@@ -187,10 +192,15 @@ def main() -> None:
         if engine.rank == 0:
             print(f"resumed from {path} at step {engine.global_steps}")
 
+    if args.eval_windows:  # spread evenly, first and last window included
+        starts = torch.linspace(0, len(dataset) - 1, args.eval_windows).round().long().tolist()
+    else:
+        starts = range(min(64, len(dataset)))
+
     def evaluate() -> float:
         engine.eval()
         with torch.no_grad():
-            _, x, y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=64)))
+            _, x, y = torch.utils.data.default_collate([dataset[i] for i in starts])
             loss = engine(x.to(device), y.to(device)).item()
         engine.train()
         return loss

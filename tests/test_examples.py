@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +25,39 @@ def test_train_gpt_under_torchrun_lowers_the_loss():
     first, last = map(float, match.groups())
     assert last < 0.8 * first
     assert "[zero_ext] step 20" in result.stdout  # the engine's steps_per_print line
+
+
+def test_train_gpt_eval_windows_spreads_the_evaluation_over_the_text(tmp_path):
+    # No training (--steps 0): the printed loss is the seeded model's on the evaluated windows,
+    # which a plain forward of the same model reproduces here.
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        from train_gpt import GPT, CharDataset
+    finally:
+        sys.path.pop(0)
+    generator = torch.Generator().manual_seed(0)
+    text = "".join(chr(97 + int(i)) for i in torch.randint(0, 26, (1000,), generator=generator))
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    dataset = CharDataset(text, 16)
+    torch.manual_seed(0)
+    model = GPT(len(dataset.vocab), 16, 32, 1, 2).eval()
+
+    def loss(starts):
+        with torch.no_grad():
+            return model(torch.stack([dataset[i][1] for i in starts]),
+                         torch.stack([dataset[i][2] for i in starts])).item()
+
+    def printed(*flags):
+        out = _run(os.path.join("examples", "train_gpt.py"), "--config",
+                   os.path.join("examples", "configs", "zero0.json"), "--data",
+                   str(tmp_path / "text.txt"), "--block", "16", "--dim", "32", "--layers", "1",
+                   "--heads", "2", "--steps", "0", *flags)
+        return float(re.search(r"loss ([\d.]+) -> ", out).group(1))
+
+    spread, first = loss([0, 328, 655, 983]), loss(range(64))  # 984 windows of 17 characters
+    assert abs(spread - first) > 1e-3
+    assert printed("--eval-windows", "4") == pytest.approx(spread, abs=1e-4)
+    assert printed() == pytest.approx(first, abs=1e-4)
 
 
 def _run(*args: str) -> str:
