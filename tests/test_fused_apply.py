@@ -59,6 +59,8 @@ class OpCalls(TorchDispatchMode):
             name = "zero_ext::linear_cross_entropy"  # the forward op, with gradients or without
         if name.startswith("zero_ext::"):
             self.calls[name.removeprefix("zero_ext::")] += 1
+        if name == "zero_ext::fused_norm" and args[1] is not None:
+            self.calls["fused_norm_residual"] += 1  # the residual add in the norm's pass
         return func(*args, **(kwargs or {}))
 
 
@@ -124,30 +126,28 @@ def train_step(model, reference, ids, **kwargs):
 
 
 NORMS = 2 * LAYERS + 1
+# The Llama family's layers: the post-attention norm takes the residual add (the rest as GPT-2).
+SWIGLU_RMS = {"rms_norm": NORMS, "swiglu": LAYERS, "residual_norm": LAYERS}
+SWIGLU_RMS_OPS = {"fused_norm": NORMS, "swiglu": LAYERS, "fused_norm_residual": LAYERS}
 # model, the counts apply() returns, the zero_ext ops one forward must run (none fell back).
 PARITY = {
-    "llama-tied": (functools.partial(llama, tied=True),
-                   {"rms_norm": NORMS, "swiglu": LAYERS}, {"fused_norm": NORMS, "swiglu": LAYERS}),
-    "llama-untied": (functools.partial(llama, tied=False),
-                     {"rms_norm": NORMS, "swiglu": LAYERS},
-                     {"fused_norm": NORMS, "swiglu": LAYERS}),
+    "llama-tied": (functools.partial(llama, tied=True), SWIGLU_RMS, SWIGLU_RMS_OPS),
+    "llama-untied": (functools.partial(llama, tied=False), SWIGLU_RMS, SWIGLU_RMS_OPS),
     "gpt2": (gpt2, {"layer_norm": NORMS, "bias_gelu": LAYERS},
              {"fused_norm": NORMS, "bias_gelu": LAYERS}),
-    "mistral": (llama_family(MistralConfig, MistralForCausalLM),
-                {"rms_norm": NORMS, "swiglu": LAYERS}, {"fused_norm": NORMS, "swiglu": LAYERS}),
-    "qwen2": (llama_family(Qwen2Config, Qwen2ForCausalLM),
-              {"rms_norm": NORMS, "swiglu": LAYERS}, {"fused_norm": NORMS, "swiglu": LAYERS}),
+    "mistral": (llama_family(MistralConfig, MistralForCausalLM), SWIGLU_RMS, SWIGLU_RMS_OPS),
+    "qwen2": (llama_family(Qwen2Config, Qwen2ForCausalLM), SWIGLU_RMS, SWIGLU_RMS_OPS),
     # On eager attention the softmax is swapped too (SDPA, the default, is left alone).
     "llama-eager": (functools.partial(llama, tied=False, attn_implementation="eager"),
-                    {"rms_norm": NORMS, "swiglu": LAYERS, "softmax": LAYERS},
-                    {"fused_norm": NORMS, "swiglu": LAYERS, "scaled_masked_softmax": LAYERS}),
+                    SWIGLU_RMS | {"softmax": LAYERS},
+                    SWIGLU_RMS_OPS | {"scaled_masked_softmax": LAYERS}),
     "gpt2-eager": (functools.partial(gpt2, attn_implementation="eager"),
                    {"layer_norm": NORMS, "bias_gelu": LAYERS, "softmax": LAYERS},
                    {"fused_norm": NORMS, "bias_gelu": LAYERS, "scaled_masked_softmax": LAYERS}),
     # Qwen3 normalizes each head's queries and keys too: 4-D inputs.
     "qwen3": (llama_family(Qwen3Config, Qwen3ForCausalLM),
-              {"rms_norm": NORMS + 2 * LAYERS, "swiglu": LAYERS},
-              {"fused_norm": NORMS + 2 * LAYERS, "swiglu": LAYERS}),
+              SWIGLU_RMS | {"rms_norm": NORMS + 2 * LAYERS},
+              SWIGLU_RMS_OPS | {"fused_norm": NORMS + 2 * LAYERS}),
 }
 
 
@@ -177,7 +177,40 @@ def test_activation_checkpointing_recomputes_the_fused_modules():
     torch.testing.assert_close(out.loss, ref.loss, **FP32)
     assert_same_gradients(model, reference, **FP32)
     # Each layer's two norms and MLP run again in backward; the final norm and the loss not.
+    # transformers checkpoints in the layer class's forward, which apply() replaced on the
+    # instance: the fused layer itself goes through the checkpoint, residual add included.
     assert calls["fused_norm"] == NORMS + 2 * LAYERS and calls["swiglu"] == 2 * LAYERS
+    assert calls["fused_norm_residual"] == 2 * LAYERS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_residual_add_in_the_norm_changes_no_bit_of_the_layers_outputs(dtype):
+    # Against the same fused model whose layers run their own forward (h = residual + attention
+    # as a tensor add, then the fused norm of h): the kernel rounds the sum once, as the add
+    # does, and normalizes that rounded sum, so the hidden states are identical in both dtypes.
+    model = llama(tied=False, dtype=dtype)
+    zero_ext.fused.apply(model, cross_entropy=False)
+    layers_own = copy.deepcopy(model)
+    for layer in layers_own.model.layers:
+        del layer.forward
+    ids, _ = batch()
+    outputs = []
+    for m in (model, layers_own):
+        with OpCalls() as ops:
+            hidden = m.model(input_ids=ids).last_hidden_state
+            hidden.float().square().mean().backward()
+        outputs.append(hidden)
+        assert ops.calls["fused_norm_residual"] == (LAYERS if m is model else 0)
+    assert torch.equal(*outputs)
+    for (name, p), q in zip(model.named_parameters(), layers_own.parameters(), strict=True):
+        if name == "lm_head.weight":  # not used by the base model
+            continue
+        if dtype == torch.float32:  # the backward adds the two gradients of h in the same order
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
+        else:  # h's two gradients summed in fp32 and rounded once, not rounded twice: bf16
+            # rounding, grown through the attention's backward; a lost gradient is off by O(1)
+            err = (p.grad.float() - q.grad.float()).abs().max()
+            assert err <= 2**-4 * q.grad.float().abs().max(), (name, err)
 
 
 def test_bf16_model_close_to_unfused_with_an_fp32_loss():
@@ -281,10 +314,32 @@ def test_return_dict_false_gives_the_loss_first():
     torch.testing.assert_close(out[0], ref[0], **FP32)
 
 
+def test_a_forward_replaced_after_apply_is_bound_by_its_own_signature():
+    # The fused forward reads its fallback's signature once per function, not per call: a
+    # forward put in later (here labels first) is read anew, not bound by the class's.
+    from zero_ext._plain_forward import plain_forward, replace_plain_forward
+
+    model, reference, _ = fused_and_reference(llama())
+    ids, labels = batch()
+    model.train()
+    reference.train()
+    model(input_ids=ids, labels=labels)
+    own = plain_forward(model)
+
+    def labels_first(self, labels, input_ids, **kwargs):
+        return own(input_ids=input_ids, labels=labels, **kwargs)
+
+    replace_plain_forward(model, labels_first.__get__(model))
+    with OpCalls() as ops:
+        out = model(labels, ids)
+    assert ops.calls["linear_cross_entropy"] == 1 and out.logits is None
+    torch.testing.assert_close(out.loss, reference(input_ids=ids, labels=labels).loss, **FP32)
+
+
 def test_second_apply_swaps_nothing_and_changes_nothing():
     model, reference, first = fused_and_reference(llama())
     again = zero_ext.fused.apply(model)
-    assert sum(first.values()) == 2 + 3 * LAYERS and set(again.values()) == {0}
+    assert sum(first.values()) == 2 + 4 * LAYERS and set(again.values()) == {0}
     ids, labels = batch()
     out, ref, calls = train_step(model, reference, ids, labels=labels)
     torch.testing.assert_close(out.loss, ref.loss, **FP32)
@@ -294,7 +349,7 @@ def test_second_apply_swaps_nothing_and_changes_nothing():
 def test_switches_select_the_kinds():
     counts = zero_ext.fused.apply(llama(), cross_entropy=False, activations=False)
     assert counts == {"cross_entropy": 0, "rms_norm": 2 * LAYERS + 1, "layer_norm": 0,
-                      "swiglu": 0, "bias_gelu": 0, "softmax": 0}
+                      "swiglu": 0, "bias_gelu": 0, "softmax": 0, "residual_norm": LAYERS}
     model = gpt2()
     assert zero_ext.fused.apply(model, norms=False)["layer_norm"] == 0
     model.train()
@@ -430,6 +485,41 @@ def test_models_it_cannot_reproduce_are_left_alone():
     assert zero_ext.fused.apply(capped)["cross_entropy"] == 0
 
 
+def test_the_plain_forward_is_the_fallback_whichever_of_wrapper_and_substitute_comes_first():
+    # zero_ext._plain_forward, which apply() and stage 3's partitioned Linear go through.
+    from zero_ext._plain_forward import (
+        forward_is_plain,
+        plain_forward,
+        replace_plain_forward,
+        wrap_forward,
+    )
+
+    def wrapper(self, x):
+        return plain_forward(self)(x) + 1
+
+    def substitute(self, x):
+        return nn.Linear.forward(self, x) * 2
+
+    x = torch.ones(1, 2)
+    for order in ("wrap first", "substitute first"):
+        layer = nn.Linear(2, 2)
+        expected = 2 * nn.Linear.forward(layer, x) + 1
+        steps = [(wrap_forward, wrapper), (replace_plain_forward, substitute)]
+        for install, forward in steps if order == "wrap first" else steps[::-1]:
+            install(layer, forward.__get__(layer))
+        assert layer.forward.__func__ is wrapper and not forward_is_plain(layer), order
+        assert plain_forward(layer).__func__ is substitute, order
+        torch.testing.assert_close(layer(x), expected, msg=order)
+        twin = copy.deepcopy(layer)
+        assert plain_forward(twin).__self__ is twin, order
+    substituted = nn.Linear(2, 2)
+    replace_plain_forward(substituted, substitute.__get__(substituted))
+    assert forward_is_plain(substituted) and forward_is_plain(copy.deepcopy(substituted))
+    foreign = nn.Linear(2, 2)
+    foreign.forward = lambda x: x
+    assert not forward_is_plain(foreign) and plain_forward(foreign) is foreign.forward
+
+
 def test_other_instances_and_wrapped_modules_are_untouched():
     fused, other = llama(), llama()
     zero_ext.fused.apply(fused)
@@ -443,6 +533,17 @@ def test_other_instances_and_wrapped_modules_are_untouched():
     counts = zero_ext.fused.apply(model)
     assert counts["rms_norm"] == 4  # input, post-attention, q and k norms; not the final one
     assert "_zero_ext_fused" not in wrapped.__dict__
+
+
+def test_a_layer_whose_norm_was_wrapped_after_apply_adds_the_residual_itself():
+    model, reference, _ = fused_and_reference(llama())
+    norm = model.model.layers[0].post_attention_layernorm
+    norm.forward = lambda x, inner=norm.forward: inner(x)  # e.g. a logging shim
+    ids, labels = batch()
+    out, ref, calls = train_step(model, reference, ids, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    assert_same_gradients(model, reference, **FP32)
+    assert calls["fused_norm_residual"] == LAYERS - 1 and calls["fused_norm"] == NORMS
 
 
 def test_fallback_to_the_module_forward_where_the_kernel_does_not_take_the_call():
@@ -506,21 +607,29 @@ def initialize_cases():
 
 
 def stage3_head_case(start):
-    """Stage 3 built after apply(): the untied head is a gathered unit; its fallback for logits
-    is the engine's partitioned Linear forward, and both paths match the unfused model."""
+    """Stage 3 with the untied head a gathered unit, its fused forward applied before
+    initialize (the config switch) and after: either way the head's fallback for logits is the
+    engine's partitioned Linear forward, and the loss and logits match the unfused model."""
+    from zero_ext._plain_forward import plain_forward
     from zero_ext.zero.params import _partitioned_linear_forward
 
-    model = llama(tied=False)
-    reference = copy.deepcopy(model).train()
-    engine, _, _ = start(model, {"enabled": True}, zero_optimization={
-        "stage": 3, "stage3_param_persistence_threshold": 0})
-    ids, labels = batch()
-    fallback = model.lm_head.__dict__["_zero_ext_unfused_forward"]
-    loss = engine(input_ids=ids, labels=labels).loss
-    logits = engine(input_ids=ids).logits
-    return {"fallback_partitioned": fallback.__func__ is _partitioned_linear_forward,
+    stage3 = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    results = {}
+    for order in ("before", "after"):
+        model = llama(tied=False)
+        reference = copy.deepcopy(model).train()
+        engine, _, _ = start(model, {"enabled": order == "before"}, zero_optimization=stage3)
+        swapped = zero_ext.fused.apply(model) if order == "after" else None
+        ids, labels = batch()
+        fallback = plain_forward(model.lm_head)
+        loss = engine(input_ids=ids, labels=labels).loss
+        logits = engine(input_ids=ids).logits
+        results[order] = {
+            "swapped": swapped, "fused_head": model.lm_head.__dict__.get("_zero_ext_fused"),
+            "fallback_partitioned": fallback.__func__ is _partitioned_linear_forward,
             "loss": (loss.item(), reference(input_ids=ids, labels=labels).loss.item()),
             "logits_close": torch.allclose(logits, reference(input_ids=ids).logits, **FP32)}
+    return results
 
 
 def test_initialize_applies_the_fused_kernels_when_the_config_asks():
@@ -530,7 +639,8 @@ def test_initialize_applies_the_fused_kernels_when_the_config_asks():
     on = results["on"]
     assert "[zero_ext] fused kernels: 1 cross_entropy, 5 rms_norm, 0 layer_norm, 2 swiglu, " \
            "0 bias_gelu" in on["log"]
-    assert on["kinds"] == {"causal_lm": 1, "lm_head": 1, "rms_norm": 5, "swiglu_mlp": 2}
+    assert on["kinds"] == {"causal_lm": 1, "lm_head": 1, "rms_norm": 5, "swiglu_mlp": 2,
+                           "decoder_layer": 2}
     assert on["logits"] is None
     assert on["loss"] == pytest.approx(on["reference"], rel=1e-5)
     assert results["off"] == {}  # off by default
@@ -539,9 +649,11 @@ def test_initialize_applies_the_fused_kernels_when_the_config_asks():
     assert "0 cross_entropy, 0 rms_norm" in nothing["log"]
     assert any("zero_ext.fused_kernels.enabled is true, but no module of this Sequential"
                in w for w in nothing["warnings"])
-    stage3 = results["stage3"]
-    assert stage3["fallback_partitioned"] and stage3["logits_close"]
-    assert stage3["loss"][0] == pytest.approx(stage3["loss"][1], rel=1e-5)
+    for order, stage3 in results["stage3"].items():
+        assert stage3["fused_head"] == "lm_head", order
+        assert stage3["fallback_partitioned"] and stage3["logits_close"], order
+        assert stage3["loss"][0] == pytest.approx(stage3["loss"][1], rel=1e-5), order
+    assert results["stage3"]["after"]["swapped"]["cross_entropy"] == 1
 
 
 @pytest.mark.parametrize("fused, message", [

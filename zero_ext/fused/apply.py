@@ -11,6 +11,8 @@ gather a module's parameters around the fused forward. What is swapped (docs/fus
 * ``swiglu_mlp``: their MLPs, ``down(silu(gate(x)) * up(x))`` -> :func:`swiglu` between the
   projections, which stay module calls;
 * ``bias_gelu_mlp``: GPT-2's MLP, the ``c_fc`` bias folded into :func:`bias_gelu`;
+* ``residual_norm`` (with the norms): their decoder layers, whose residual add before the
+  post-attention norm becomes part of that norm's pass (:func:`rms_norm` with ``residual=``);
 * ``causal_lm``: their ``*ForCausalLM`` / ``GPT2LMHeadModel``: in training with labels (or
   with Liger-Kernel's ``skip_logits=True``, which the HF Trainer passes), the ``lm_head`` call
   returns transformers' causal-LM loss from :func:`linear_cross_entropy`, and the output's
@@ -31,12 +33,14 @@ import dataclasses
 import functools
 import inspect
 import types
+import weakref
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zero_ext._plain_forward import forward_is_plain, plain_forward, wrap_forward
 from zero_ext.fused.activations import bias_gelu, swiglu
 from zero_ext.fused.attention import ATTENTION_NAME, use_fused_softmax
 from zero_ext.fused.cross_entropy import linear_cross_entropy
@@ -46,7 +50,8 @@ __all__ = ["COUNT_KEYS", "MODULE_KINDS", "apply"]
 
 _API = "zero_ext.fused.apply"
 
-COUNT_KEYS = ("cross_entropy", "rms_norm", "layer_norm", "swiglu", "bias_gelu", "softmax")
+COUNT_KEYS = ("cross_entropy", "rms_norm", "layer_norm", "swiglu", "bias_gelu", "softmax",
+              "residual_norm")
 """The keys of :func:`apply`'s result: modules swapped per fused op."""
 
 # transformers' classes apply() recognises by itself (the families whose math it reproduces).
@@ -55,12 +60,12 @@ _AUTO_KINDS = {
     **{f"{family}RMSNorm": "rms_norm" for family in _LLAMA_FAMILY},
     **{f"{family}MLP": "swiglu_mlp" for family in _LLAMA_FAMILY},
     **{f"{family}ForCausalLM": "causal_lm" for family in _LLAMA_FAMILY},
+    **{f"{family}DecoderLayer": "decoder_layer" for family in _LLAMA_FAMILY},
     "GPT2MLP": "bias_gelu_mlp",
     "GPT2LMHeadModel": "causal_lm",
 }
 
 _FUSED = "_zero_ext_fused"                   # instance attribute: the kind a module was given
-_UNFUSED = "_zero_ext_unfused_forward"       # instance attribute: the forward it had before
 _TARGET = "_zero_ext_target"                 # lm_head attribute during a fused loss forward
 _HEAD = "lm_head"                            # the kind marker of a causal LM's head
 
@@ -82,10 +87,6 @@ def _runs(op: str, x: Tensor, *params: Tensor | None) -> bool:
             and all(p is None or p.dtype == x.dtype for p in params))
 
 
-def _unfused(module: nn.Module) -> Callable:
-    return module.__dict__[_UNFUSED]
-
-
 def _single_input(args: tuple, kwargs: dict) -> Tensor | None:
     """The input tensor of a call ``module(x)``; None for any other call (then the module's own
     forward runs, whatever its other arguments mean)."""
@@ -103,17 +104,30 @@ def _eps(module: nn.Module) -> float | None:
 
 
 def _rms_norm_forward(self, *args, **kwargs):
+    if _RESIDUAL in kwargs:
+        return _residual_rms_norm(self, *args, **kwargs)
     x = _single_input(args, kwargs)
     if x is None or not _runs("fused_norm", x, self.weight):
-        return _unfused(self)(*args, **kwargs)
+        return plain_forward(self)(*args, **kwargs)
     return rms_norm(x, self.weight, _eps(self))
+
+
+def _residual_rms_norm(self, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
+    """``(norm(residual + x), residual + x)``, the call a fused decoder layer makes: one pass
+    where the kernel takes it, else the add and the module's own forward."""
+    residual = kwargs.pop(_RESIDUAL)
+    if (kwargs or residual.shape != x.shape or
+            not _runs("fused_norm", x, self.weight, residual)):
+        summed = residual + x
+        return plain_forward(self)(summed, **kwargs), summed
+    return rms_norm(x, self.weight, _eps(self), residual=residual)
 
 
 def _layer_norm_forward(self, *args, **kwargs):
     x = _single_input(args, kwargs)
     bias = getattr(self, "bias", None)
     if x is None or not _runs("fused_norm", x, self.weight, bias):
-        return _unfused(self)(*args, **kwargs)
+        return plain_forward(self)(*args, **kwargs)
     return layer_norm(x, self.weight, bias, _eps(self))
 
 
@@ -128,6 +142,85 @@ def _norm_missing(module: nn.Module, *, layer: bool) -> str | None:
     eps = _eps(module)
     if eps is None or eps <= 0:
         return "has no `variance_epsilon` or `eps` number > 0"
+    return None
+
+
+# -- the residual add into a decoder layer's post-attention norm -----------------------------
+
+_RESIDUAL = "_zero_ext_residual"   # the keyword a fused layer passes the residual to its norm by
+
+
+def _takes_residual(norm: nn.Module) -> bool:
+    """Whether ``norm``'s forward is still apply()'s RMSNorm (which takes ``_RESIDUAL``): not
+    wrapped since by something that would not pass the keyword on."""
+    return getattr(getattr(norm.forward, "__func__", None), "fused", None) is _rms_norm_forward
+
+
+def _decoder_layer_forward(self, *args, **kwargs):
+    """A Llama-family decoder layer's forward with ``h = residual + attention`` fused into the
+    post-attention norm's pass: ``(norm(h), h) = post_attention_layernorm(attention,
+    residual)``; everything else as transformers 5's layer computes it.
+
+    Why the whole forward and not a narrower hook: the add is a tensor ``+`` in the layer's
+    own code, between two module calls; no module hook can skip it (only a tensor subclass or
+    a dispatch mode intercepting that ``+`` could, each a cost on every op of the layer and a
+    hazard for torch.compile). What changes between transformers releases is the arguments
+    (``past_key_values`` is becoming ``cache``), not this body: the layer's arguments pass to
+    ``self_attn`` exactly as given, never named here, and apply() takes only classes whose
+    forward returns one tensor (older releases' layers returned tuples). Submodules run as
+    module calls, so stage 3 gathers them and hooks (transformers' recording of attention
+    weights for ``output_attentions``) see them. A call with more than the hidden states
+    positional, or whose norm is no longer apply()'s, runs the layer's own forward.
+
+    Activation checkpointing: transformers 5 checkpoints a layer inside its class's
+    ``forward`` (``GradientCheckpointingLayer``), which this instance forward replaces; where
+    the layer would checkpoint, this runs the fused body through the layer's own
+    ``_gradient_checkpointing_func``, and with a KV cache in use there (transformers turns it
+    off first, which is not repeated here) the layer's own forward.
+    """
+    norm = self.post_attention_layernorm
+    if len(args) != 1 or not isinstance(args[0], Tensor) or not _takes_residual(norm):
+        return plain_forward(self)(*args, **kwargs)
+    if _checkpoints_in_forward(self):
+        if kwargs.get("use_cache") or any(kwargs.get(n) is not None for n in _CACHE_NAMES):
+            return plain_forward(self)(*args, **kwargs)
+        return self._gradient_checkpointing_func(
+            functools.partial(_decoder_layer_body, self, **kwargs), *args)
+    return _decoder_layer_body(self, *args, **kwargs)
+
+
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def _checkpoints_in_forward(layer: nn.Module) -> bool:
+    """Whether the layer's class forward would checkpoint this call: transformers'
+    ``GradientCheckpointingLayer`` wrapper, switched on, in training with gradients."""
+    forward_code = getattr(type(layer).forward, "__code__", None)
+    return (getattr(forward_code, "co_name", None) == "forward_with_checkpointing" and
+            getattr(layer, "gradient_checkpointing", False) and layer.training and
+            torch.is_grad_enabled())
+
+
+def _decoder_layer_body(self, residual: Tensor, **kwargs) -> Tensor:
+    norm = self.post_attention_layernorm
+    attention = self.self_attn(hidden_states=self.input_layernorm(residual), **kwargs)[0]
+    hidden, residual = norm(attention, **{_RESIDUAL: residual})
+    return residual + self.mlp(hidden)
+
+
+def _decoder_layer_missing(module: nn.Module) -> str | None:
+    absent = [n for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+              if not isinstance(getattr(module, n, None), nn.Module)]
+    if absent:
+        return f"has no {', '.join(f'`{n}`' for n in absent)} module"
+    returns = inspect.signature(type(module).forward).return_annotation
+    if returns not in (Tensor, "torch.Tensor"):
+        return f"has a forward returning {returns}, not one tensor (an older transformers)"
+    norm = module.post_attention_layernorm
+    if norm.__dict__.get(_FUSED) != "rms_norm" and (
+            _auto_kind(norm) != "rms_norm" or _norm_missing(norm, layer=False) or
+            _replaced(norm)):
+        return "has a `post_attention_layernorm` that apply() does not give the fused RMSNorm"
     return None
 
 
@@ -158,7 +251,7 @@ def _gelu_approximate(act) -> str | None:
 def _swiglu_mlp_forward(self, *args, **kwargs):
     x = _single_input(args, kwargs)
     if x is None or not _runs("swiglu", x):
-        return _unfused(self)(*args, **kwargs)
+        return plain_forward(self)(*args, **kwargs)
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -190,7 +283,7 @@ def _bias_gelu_mlp_forward(self, *args, **kwargs):
     # A c_fc wrapped after apply (a LoRA layer) must run as a module: the product below
     # would skip its adapter.
     if x is None or not _fc_weight_ok(fc) or not _runs("bias_gelu", x, fc.weight, fc.bias):
-        return _unfused(self)(*args, **kwargs)
+        return plain_forward(self)(*args, **kwargs)
     product = x.matmul(fc.weight) if _is_conv1d(fc) else F.linear(x, fc.weight)
     out = self.c_proj(bias_gelu(product, fc.bias, _gelu_approximate(self.act)))
     dropout = getattr(self, "dropout", None)
@@ -246,14 +339,45 @@ def _lm_head_forward(self, *args, **kwargs):
     target = self.__dict__.pop(_TARGET, None)
     hidden = _single_input(args, kwargs)
     if target is None or hidden is None:
-        return _unfused(self)(*args, **kwargs)
+        return plain_forward(self)(*args, **kwargs)
     target.loss = _causal_lm_loss(hidden, self.weight, self.bias, target)
     return target.loss
 
 
-def _var_keyword(signature: inspect.Signature) -> str | None:
-    return next((p.name for p in signature.parameters.values()
-                 if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+@dataclasses.dataclass(frozen=True)
+class _CallShape:
+    """What :func:`_fused_loss_call` reads of a forward's signature. inspect.signature of
+    transformers' decorated forwards costs ~50 us, binding ~12 us: a step's forward paid both."""
+
+    signature: inspect.Signature
+    named: frozenset[str]         # the parameters a keyword argument binds to by its name
+    var_keyword: str | None       # the ``**kwargs`` parameter, which takes the other keywords
+
+
+# Under the forward's function: a bound method's signature is its function's for every instance,
+# and a forward replaced since (a wrapper, a substitute plain forward) is another function, so
+# nothing goes stale. Weak keys: a dropped class or closure takes its entry with it.
+_CALL_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _call_shape(forward: Callable) -> _CallShape:
+    key = getattr(forward, "__func__", forward)
+    try:
+        return _CALL_SHAPES[key]
+    except (KeyError, TypeError):  # TypeError: a callable without weak references
+        pass
+    signature = inspect.signature(forward)
+    params = signature.parameters.values()
+    shape = _CallShape(
+        signature,
+        frozenset(p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                       inspect.Parameter.KEYWORD_ONLY)),
+        next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None))
+    try:
+        _CALL_SHAPES[key] = shape
+    except TypeError:
+        pass
+    return shape
 
 
 def _fusable_head(model: nn.Module) -> bool:
@@ -273,10 +397,15 @@ def _fused_loss_call(model: nn.Module, args: tuple, kwargs: dict):
     skip = kwargs.pop("skip_logits", None)
     if skip is False or (skip is None and not model.training) or not _fusable_head(model):
         return args, kwargs, None
-    signature = inspect.signature(_unfused(model))
-    bound = signature.bind(*args, **kwargs)
-    arguments = bound.arguments
-    extra = arguments.get(_var_keyword(signature), {})
+    shape = _call_shape(plain_forward(model))
+    if args:
+        bound = shape.signature.bind(*args, **kwargs)
+        arguments = bound.arguments
+        extra = arguments.get(shape.var_keyword, {})
+    else:  # keywords only (the HF Trainer's call): bound as they come
+        bound = None
+        arguments = kwargs
+        extra = {k: v for k, v in kwargs.items() if k not in shape.named}
     labels, shifted = arguments.get("labels"), extra.get("shift_labels")
     if skip and labels is None and shifted is None:
         raise ValueError(f"{_API}: skip_logits=True asks {type(model).__name__} for the loss "
@@ -289,17 +418,17 @@ def _fused_loss_call(model: nn.Module, args: tuple, kwargs: dict):
     target = _LossTarget(labels, shifted, extra.get("ignore_index", -100),
                          extra.get("num_items_in_batch"))
     arguments["labels"] = None
-    return bound.args, bound.kwargs, target
+    return (args, kwargs, target) if bound is None else (bound.args, bound.kwargs, target)
 
 
 def _causal_lm_forward(self, *args, **kwargs):
     args, kwargs, target = _fused_loss_call(self, args, kwargs)
     if target is None:
-        return _unfused(self)(*args, **kwargs)
+        return plain_forward(self)(*args, **kwargs)
     head = self.lm_head
     setattr(head, _TARGET, target)
     try:
-        output = _unfused(self)(*args, **kwargs)
+        output = plain_forward(self)(*args, **kwargs)
     finally:
         head.__dict__.pop(_TARGET, None)
     if target.loss is None:
@@ -337,26 +466,23 @@ def _causal_lm_missing(module: nn.Module) -> str | None:
 
 def _replaced(module: nn.Module, what: str = "it") -> str | None:
     """Why ``module`` cannot take a fused forward: another wrapper replaced its forward already
-    (wrapping that wrapper could skip what it does). The engine's own stage-3 Linear forward
-    is the one wrapper apply() knows to keep as the fallback."""
-    forward = module.__dict__.get("forward")
-    if forward is None or module.__dict__.get(_FUSED):
+    (wrapping that wrapper could skip what it does). A forward that computes the module's own
+    math (zero_ext._plain_forward: stage 3's partitioned Linear forward) is kept as the
+    fallback."""
+    if forward_is_plain(module) or module.__dict__.get(_FUSED):
         return None
-    from zero_ext.zero.params import _partitioned_linear_forward
-    if getattr(forward, "__func__", None) is _partitioned_linear_forward:
-        return None
+    forward = module.__dict__["forward"]
     return (f"has its forward replaced on the instance already ({what}: "
             f"{getattr(forward, '__qualname__', forward)!r}); apply the fused kernels before "
             "wrapping the module")
 
 
 def _install(module: nn.Module, kind: str, fused: Callable) -> None:
-    """Makes ``fused`` the forward of this instance; the forward it had stays the fallback.
-    Bound methods are copied with their instance by copy.deepcopy (a reference model copied
-    from a fused one runs its own modules); the signature stays the old forward's, which the
-    HF Trainer inspects."""
-    unfused = module.forward
-    signature = inspect.signature(unfused)
+    """Makes ``fused`` the forward of this instance; the forward it had stays the fallback
+    (:func:`zero_ext._plain_forward.plain_forward`). Bound methods are copied with their
+    instance by copy.deepcopy (a reference model copied from a fused one runs its own modules);
+    the signature stays the old forward's, which the HF Trainer inspects."""
+    signature = inspect.signature(module.forward)
 
     def forward(self, *args, **kwargs):
         return fused(self, *args, **kwargs)
@@ -365,9 +491,9 @@ def _install(module: nn.Module, kind: str, fused: Callable) -> None:
         inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
         *signature.parameters.values()])
     forward.__doc__ = f"zero_ext.fused ({kind}): {fused.__name__}, else the module's own forward"
-    setattr(module, _UNFUSED, unfused)
+    forward.fused = fused  # what _takes_residual reads
     setattr(module, _FUSED, kind)
-    module.forward = types.MethodType(forward, module)
+    wrap_forward(module, types.MethodType(forward, module))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,8 +517,11 @@ _KINDS = {
                            _bias_gelu_mlp_forward),
     "causal_lm": _Kind("cross_entropy", "cross_entropy", _causal_lm_missing,
                        _causal_lm_forward),
+    # Not nameable in modules=: the layer's forward is rewritten, which no probe can check.
+    "decoder_layer": _Kind("residual_norm", "norms", _decoder_layer_missing,
+                           _decoder_layer_forward),
 }
-MODULE_KINDS = tuple(_KINDS)
+MODULE_KINDS = tuple(kind for kind in _KINDS if kind != "decoder_layer")
 """The kinds ``modules=`` (and the config's ``zero_ext.fused_kernels.modules``) may name."""
 
 
@@ -469,7 +598,7 @@ def _check_requested(model: nn.Module, modules: Mapping[str, str] | None) -> dic
                         f"{{'MyRMSNorm': 'rms_norm'}}; got {type(modules).__name__}")
     present = {type(m).__name__ for m in model.modules()}
     for name, kind in modules.items():
-        if kind not in _KINDS:
+        if kind not in MODULE_KINDS:
             raise ValueError(f"{_API}: modules[{name!r}] = {kind!r} is not a kind; expected one "
                              f"of {', '.join(map(repr, MODULE_KINDS))}")
         if name not in present:

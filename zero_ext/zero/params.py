@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from zero_ext import comm
+from zero_ext._plain_forward import plain_forward, replace_plain_forward
 from zero_ext.zero.construction import (
     METADATA_FUNCTIONS,
     VALUE_ATTRIBUTES,
@@ -335,15 +336,13 @@ class PartitionedParameters:
                 self.release(unit)
         for unit in self.units:
             for module in unit.module.modules():
-                # Subclasses, and instances whose forward is replaced (a checkpointed block,
-                # whose forward saves nothing until its replay), keep their own.
-                if type(module) is nn.Linear and "forward" not in module.__dict__:
-                    module.forward = _partitioned_linear_forward.__get__(module)
-                elif type(module) is nn.Linear and getattr(module.__dict__.get(
-                        "_zero_ext_unfused_forward"), "__func__", None) is nn.Linear.forward:
-                    # A head given zero_ext.fused's loss keeps it; the plain forward it falls
-                    # back to for logits becomes the one that lets the release free the weight.
-                    module._zero_ext_unfused_forward = _partitioned_linear_forward.__get__(module)
+                # Subclasses, and instances whose forward something replaced (a checkpointed
+                # block, whose forward saves nothing until its replay), keep their own; under a
+                # wrapper that falls back to the plain forward (zero_ext.fused's loss head), the
+                # fallback is replaced.
+                if type(module) is nn.Linear and getattr(
+                        plain_forward(module), "__func__", None) is nn.Linear.forward:
+                    replace_plain_forward(module, _partitioned_linear_forward.__get__(module))
         self._unit_of_param = {id(p): unit for unit in self.units for members in unit.params
                                for p in members}
         self.secondary = None
