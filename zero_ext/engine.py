@@ -1,21 +1,22 @@
-"""ZeroEngine: forward, backward, step, accumulation, clipping, loss scaling; ZeRO stages 0-2.
+"""ZeroEngine: forward, backward, step, accumulation, clipping, loss scaling; ZeRO stages 0-3.
 
 zero_ext.initialize() builds one from the user's model and config. The engine lays the model's
-trainable parameters out in flat buckets (zero/partition.py) so that they become views of
-those buffers, installs the gradient hooks (zero/buckets.py) and creates the sharded optimizer
-(zero/optimizer.py). A training step is
+trainable parameters out in flat buckets (zero/placement.py decides where everything goes,
+zero/partition.py pads) so that they become views of those buffers, or, at stage 3, shards of
+them (zero/params.py), installs the gradient hooks (zero/buckets.py) and creates the sharded
+optimizer (zero/optimizer.py). A training step is
 
     loss = engine(batch)       # the user's forward
     engine.backward(loss)      # 1/accumulation (and the fp16 loss scale); reduces as it goes
     engine.step()              # at the accumulation boundary: norm, clip, AdamW, all-gather
 
 Every decision that must agree across ranks (skip on overflow, the clipping factor) is derived
-from values all ranks hold after a collective, so all ranks decide the same.
+from values all ranks hold after a collective, so all ranks decide the same
+(zero/agreement.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
@@ -33,14 +34,14 @@ from zero_ext.config import ZeroConfig
 from zero_ext.elastic_sampler import ElasticSampler
 from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
-from zero_ext.zero import offload
+from zero_ext.zero import offload, placement
+from zero_ext.zero.agreement import StepAgreement, backward_count_error
 from zero_ext.zero.buckets import GradientBuckets
 from zero_ext.zero.compression import GradientCompression
 from zero_ext.zero.construction import outside_init
 from zero_ext.zero.hpz import secondary_numel
 from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
-from zero_ext.zero.params import PartitionedParameters, check_initializers, find_units, materialize
-from zero_ext.zero.partition import BucketLayout, plan_buckets
+from zero_ext.zero.params import PartitionedParameters, check_initializers, materialize
 
 __all__ = ["DynamicLossScaler", "ZeroEngine"]
 
@@ -94,7 +95,7 @@ def allgather_pieces(shard_numel: int, world_size: int,
 
 
 class ZeroEngine(nn.Module):
-    """The training engine for stages 0-2. Built by zero_ext.initialize()."""
+    """The training engine for stages 0-3. Built by zero_ext.initialize()."""
 
     def __init__(self, model: nn.Module, config: ZeroConfig, param_groups: list[dict],
                  optimizer_defaults: dict | None,
@@ -105,34 +106,15 @@ class ZeroEngine(nn.Module):
         self.batch = config.resolve_batch(self.world_size)
         self.stage = config.zero_optimization.stage
         self.module = model
-        self.global_steps = 0
-        self.micro_steps = 0
-        self.skipped_steps = 0
+        self.global_steps = self.micro_steps = self.skipped_steps = 0
         self._window_ends_early = False  # set_gradient_accumulation_boundary
         self._global_grad_norm: float | None = None
         self._last_loss: torch.Tensor | None = None
         # engine.backward() calls since the last engine.step(): the engine expects exactly one.
         self._backwards_since_step = 0
-
         self.model_dtype = config.mixed_precision or torch.float32
         self.device = self._pick_device(model)
-        self.built_under_init = any(p.is_meta for p in model.parameters())
-        _check_parameter_dtypes(model, config.mixed_precision)
-        if self.built_under_init:
-            if self.stage != 3:
-                meta = [n for n, p in model.named_parameters() if p.is_meta]
-                raise ValueError(
-                    f"zero_ext.initialize: the model's parameters are on the meta device (e.g. "
-                    f"{meta[:3]}): they hold no values. zero_ext gives meta parameters values "
-                    "only for a model built under zero_ext.Init, at zero_optimization.stage 3 "
-                    f"(it is {self.stage}): set stage 3 if that is how it was built; otherwise "
-                    "build the model with real tensors (not on torch.device('meta') or under "
-                    "init_empty_weights), or load its weights before initialize")
-            check_initializers(model)
-        else:
-            model.to(device=self.device)
-            if self.model_dtype != torch.float32:
-                model.to(dtype=self.model_dtype)
+        self._place_model()
         self.comm_dtype = config.comm_dtype or self.model_dtype
         self._timers = _Timers(config.wall_clock_breakdown, self.device)
         self.checkpoint_states = RegisteredStates()  # saved with every checkpoint
@@ -141,147 +123,22 @@ class ZeroEngine(nn.Module):
         named = list(model.named_parameters())
         self._check_same_structure(named)
         self._broadcast_from_rank0()
-
-        # Trainable parameters in registration order, each tagged with its optimizer group.
-        group_of: dict[nn.Parameter, int] = {}
-        for index, group in enumerate(param_groups):
-            for p in group["params"]:
-                if p in group_of:
-                    raise ValueError("zero_ext.initialize: a parameter appears in two parameter "
-                                     "groups; give each parameter one group")
-                group_of[p] = index
-        self._params = [p for _, p in named if p.requires_grad and p in group_of]
-        missing = [n for n, p in named if p.requires_grad and p not in group_of]
-        if missing and self.rank == 0:
-            # As with a torch optimizer that lacks them: autograd still fills their .grad, the
-            # step leaves them as they are.
-            warnings.warn(
-                f"zero_ext.initialize: trainable parameters in no parameter group: "
-                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; they are not optimized "
-                "and keep their values, as with a torch optimizer that lacks them. Add them to "
-                "model_parameters (or the optimizer's groups) to train them, or set "
-                "requires_grad=False to freeze them without computing their gradients",
-                stacklevel=3)
-        bucket_numel = config.zero_optimization.reduce_bucket_size
-        # Stage 3 partitions the parameters of its gather units; everything else (and every
-        # parameter below stage 3) lives whole in flat buckets that the model's tensors view.
-        unit_plan, persistent = self._plan_units(group_of) if self.stage == 3 else \
-            ([], self._params)
+        self._params, group_of = placement.group_parameters(named, param_groups, self.rank)
+        layout = placement.lay_out(model, self._params, group_of, stage=self.stage,
+                                   zero=config.zero_optimization, world_size=self.world_size)
         if self.built_under_init:
             # Everything but the units' parameters is allocated now, whole; the units follow
             # one at a time as PartitionedParameters shards them.
-            members = {id(self._params[s.param_index]) for _, layouts in unit_plan
-                       for layout in layouts for s in layout.slots}
-            materialize(model, list(model.modules()), members, self.device, self.model_dtype)
-        position = {id(p): i for i, p in enumerate(self._params)}
-        persistent_index = [position[id(p)] for p in persistent]
-        persistent_layouts = plan_buckets(
-            [p.numel() for p in persistent], [p.shape for p in persistent],
-            [group_of[p] for p in persistent], self.world_size, bucket_numel)
-        # Unit buckets first (backward reaches them first); indices follow that order.
-        self.layouts: list[BucketLayout] = []
-        for _, layouts in unit_plan:
-            self.layouts += layouts
-        for layout in persistent_layouts:
-            slots = tuple(dataclasses.replace(s, param_index=persistent_index[s.param_index])
-                          for s in layout.slots)
-            self.layouts.append(dataclasses.replace(layout, index=len(self.layouts),
-                                                    slots=slots))
-        self.persistent_layouts = self.layouts[sum(len(ls) for _, ls in unit_plan):]
+            materialize(model, list(model.modules()), layout.unit_param_ids(self._params),
+                        self.device, self.model_dtype)
+        self.layouts, self.persistent_layouts = layout.layouts, layout.persistent_layouts
         self.flat_params = self._flatten_parameters()
-        engine_ref = weakref.ref(self)
-        for layout in self.layouts:  # for GatheredParameters: param -> its engine and bucket
-            for slot in layout.slots:
-                param = self._params[slot.param_index]
-                param._zero_ext_engine, param._zero_ext_layout = engine_ref, layout.index
-        zero = config.zero_optimization
-        self.offload_optimizer = zero.offload_optimizer.enabled
-        # Only stage-3 unit shards move to the host; with no units (every parameter kept whole,
-        # e.g. all below stage3_param_persistence_threshold) there is nothing to offload.
-        self.offload_param = zero.offload_param.enabled and bool(unit_plan)
-        if zero.offload_param.enabled and not unit_plan and self.rank == 0:
-            warnings.warn("zero_ext: offload_param has nothing to offload: no parameter is "
-                          "partitioned (each is below stage3_param_persistence_threshold or "
-                          "kept whole); lower the threshold to partition and offload them",
-                          stacklevel=3)
-        # Host buffers are page-locked only where CUDA exists (offload.host_buffer).
-        self.pin_memory = torch.cuda.is_available() and (
-            (zero.offload_optimizer.pin_memory and self.offload_optimizer)
-            or (zero.offload_param.pin_memory and self.offload_param))
-        unit_indices = {layout.index for _, layouts in unit_plan for layout in layouts}
-        # The buckets whose optimizer state lives (and steps) on the host: all of them under
-        # offload_optimizer, or the first ones backward finishes under its ratio.
-        ratio = zero.offload_optimizer.ratio
-        self._host_stepped = set(range(offload.host_stepped_buckets(
-            [layout.shard_numel for layout in self.layouts], ratio))) \
-            if self.offload_optimizer else set()
-        if ratio < 1.0 and self.offload_optimizer and self.rank == 0:
-            host_numel = sum(self.layouts[i].shard_numel for i in self._host_stepped)
-            total_numel = sum(layout.shard_numel for layout in self.layouts)
-            print(f"[zero_ext] offload: optimizer ratio {ratio:g}: {len(self._host_stepped)} of "
-                  f"{len(self.layouts)} buckets ({100 * host_numel / total_numel:.1f}% of the "
-                  "elements) step on the host, the rest on the device", flush=True)
-        if self.offload_optimizer or self.offload_param:
-            # Refused here, before any host buffer exists, rather than by the OOM killer.
-            offload.check_host_memory(self._host_memory_plan(unit_indices))
-        self.partitioned = None
-        # Parameter all-gathers in two hops (across nodes, then within): nodes checked now.
-        self._gather_params = comm.all_gather
-        if zero.hierarchical_allgather and comm.current_topology().hierarchical_groups():
-            self._gather_params = comm.hierarchical_all_gather
-        # Compressed communication (zero/compression.py): the gradient reductions' policy and
-        # error-feedback state, stage 3's quantized weight gathers.
-        self.compression = GradientCompression(config.compression(), self.layouts,
-                                               stage=self.stage, device=self.device)
-        if unit_plan:
-            self.partitioned = PartitionedParameters(
-                unit_plan, self._params, rank=self.rank, dtype=self.model_dtype,
-                device=self.device, prefetch_numel=zero.stage3_prefetch_bucket_size,
-                max_live_numel=zero.stage3_max_live_parameters,
-                max_reuse_numel=zero.stage3_max_reuse_distance, root=model,
-                offload=self.offload_param, pin=zero.offload_param.pin_memory,
-                hpz_partition_size=zero.zero_hpz_partition_size,
-                hierarchical=zero.hierarchical_allgather,
-                compute_gather=self.compression.weight_gather(zero.hierarchical_allgather))
-
-        # Stage 0 may run any torch optimizer on the whole, replicated parameters; otherwise the
-        # sharded AdamW.
-        self.replicated_optimizer = replicated_optimizer
-        self.optimizer = replicated_optimizer or ZeroOptimizer(
-            param_groups, self.layouts, self._weights_to_update(),
-            defaults=optimizer_defaults, state_buffer=self._state_buffer,
-            staged=lambda layout: (layout.index in self._host_stepped) != self._weights_on_host(
-                layout.index, unit_indices))
-        self.offload = None
-        # Stage-3 unit buckets stepped on the host after the global norm: their step may run
-        # behind the next forward, since their weights are read only through the gathers,
-        # which wait for it (OptimizerOffload.step, PartitionedParameters.before_read).
-        self._deferrable: frozenset[int] = frozenset()
-        if self.offload_optimizer:
-            threads = offload.cpu_step_threads(zero.offload_optimizer.cpuadam_cores_perc)
-            if torch.get_num_threads() < threads:  # raise torchrun's 1, never lower a choice
-                torch.set_num_threads(threads)
-                if self.rank == 0:
-                    print(f"[zero_ext] offload: the CPU AdamW step runs on {threads} threads "
-                          f"per rank (cpuadam_cores_perc "
-                          f"{zero.offload_optimizer.cpuadam_cores_perc:g})", flush=True)
-            self.offload = offload.OptimizerOffload(
-                self.optimizer, [s for s in self.optimizer.shards
-                                 if s.layout.index in self._host_stepped],
-                self._grad_dtype(), self.device,
-                pin=zero.offload_optimizer.pin_memory,
-                before_host_write=self.partitioned.wait_host_reads if self.offload_param
-                else None)
-            if self.partitioned is not None:
-                self._deferrable = frozenset(unit_indices & self._host_stepped)
-                self.partitioned.before_read = self.offload.ready
-        self.grad_buckets = GradientBuckets(
-            self.layouts, self._params, stage=self.stage, comm_dtype=self.comm_dtype,
-            accumulation_steps=self.batch.gradient_accumulation_steps,
-            overlap_comm=config.zero_optimization.overlap,
-            on_reduced=self.partitioned.layout_reduced if self.partitioned else None,
-            on_final=self.offload.grad_ready if self.offload else None,
-            compression=self.compression if self.compression.compresses_gradients else None)
+        self._tag_parameters()
+        self._place_offload(layout)
+        self._build_communication(layout)
+        self._build_optimizer(param_groups, optimizer_defaults, replicated_optimizer,
+                              layout.unit_indices)
+        self._build_gradients()
         self.loss_scaler: DynamicLossScaler | None = loss_scaler_for(config, self.rank)
         self.lr_scheduler = None
         self.monitor = TrainingMonitor(
@@ -329,40 +186,117 @@ class ZeroEngine(nn.Module):
             if not tensor.is_meta:
                 comm.broadcast(tensor.data, src=0)
 
-    def _plan_units(self, group_of: dict[nn.Parameter, int]):
-        """Stage 3: (unit module, its bucket layouts) for each gather unit, and the trainable
-        parameters that stay whole: shared by two units, directly on the root or outside any
-        unit, or below stage3_param_persistence_threshold."""
-        threshold = self.config.zero_optimization.stage3_param_persistence_threshold
-        owner: dict[nn.Parameter, list[nn.Module]] = {}
-        for unit in find_units(self.module, self.config.zero_optimization.stage3_unit_classes):
-            for p in unit.parameters():
-                owner.setdefault(p, []).append(unit)
-        members: dict[nn.Module, list[nn.Parameter]] = {}
-        persistent = []
-        for p in self._params:
-            # The innermost unit holding p (units nest: a model's body holds its blocks).
-            units = owner.get(p, [])
-            innermost = [u for u in units if not any(
-                v is not u and any(m is v for m in u.modules()) for v in units)]
-            if len(innermost) != 1 or p.numel() < threshold:
-                persistent.append(p)
-            else:
-                members.setdefault(innermost[0], []).append(p)
-        position = {id(p): i for i, p in enumerate(self._params)}
-        plan, next_index = [], 0
-        for module in reversed(list(members)):  # backward order
-            params = members[module]
-            local = plan_buckets([p.numel() for p in params], [p.shape for p in params],
-                                 [group_of[p] for p in params], self.world_size, 2**62)
-            layouts = []
-            for layout in local:
-                slots = tuple(dataclasses.replace(s, param_index=position[id(
-                    params[s.param_index])]) for s in layout.slots)
-                layouts.append(dataclasses.replace(layout, index=next_index, slots=slots))
-                next_index += 1
-            plan.append((module, layouts))
-        return plan, persistent
+    def _place_model(self) -> None:
+        """The model's tensors on the engine's device in the model dtype, or, for a model built
+        under zero_ext.Init (meta parameters), checked to be materializable."""
+        model = self.module
+        self.built_under_init = any(p.is_meta for p in model.parameters())
+        _check_parameter_dtypes(model, self.config.mixed_precision)
+        if not self.built_under_init:
+            model.to(device=self.device)
+            if self.model_dtype != torch.float32:
+                model.to(dtype=self.model_dtype)
+            return
+        if self.stage != 3:
+            meta = [n for n, p in model.named_parameters() if p.is_meta]
+            raise ValueError(
+                f"zero_ext.initialize: the model's parameters are on the meta device (e.g. "
+                f"{meta[:3]}): they hold no values. zero_ext gives meta parameters values "
+                "only for a model built under zero_ext.Init, at zero_optimization.stage 3 "
+                f"(it is {self.stage}): set stage 3 if that is how it was built; otherwise "
+                "build the model with real tensors (not on torch.device('meta') or under "
+                "init_empty_weights), or load its weights before initialize")
+        check_initializers(model)
+
+    def _tag_parameters(self) -> None:
+        """For GatheredParameters: each trainable parameter knows its engine and bucket."""
+        engine_ref = weakref.ref(self)
+        for layout in self.layouts:
+            for slot in layout.slots:
+                param = self._params[slot.param_index]
+                param._zero_ext_engine, param._zero_ext_layout = engine_ref, layout.index
+
+    def _place_offload(self, layout: placement.ParameterLayout) -> None:
+        placed = placement.place_offload(self.config.zero_optimization, layout, rank=self.rank,
+                                         cuda=torch.cuda.is_available())
+        self.offload_optimizer, self.offload_param = placed.optimizer, placed.param
+        self.pin_memory, self._host_stepped = placed.pin_memory, placed.host_stepped
+        if self.offload_optimizer or self.offload_param:
+            # Refused here, before any host buffer exists, rather than by the OOM killer.
+            offload.check_host_memory(self._host_memory_plan(layout.unit_indices))
+
+    def _build_communication(self, layout: placement.ParameterLayout) -> None:
+        """The parameter all-gather (two hops across nodes when asked and the nodes allow),
+        compressed communication's policy and state (zero/compression.py), and at stage 3 the
+        partitioned units with their gather hooks (zero/params.py)."""
+        zero = self.config.zero_optimization
+        self._gather_params = comm.all_gather
+        if zero.hierarchical_allgather and comm.current_topology().hierarchical_groups():
+            self._gather_params = comm.hierarchical_all_gather
+        self.compression = GradientCompression(self.config.compression(), self.layouts,
+                                               stage=self.stage, device=self.device)
+        self.partitioned = None
+        if layout.unit_plan:
+            self.partitioned = PartitionedParameters(
+                layout.unit_plan, self._params, rank=self.rank, dtype=self.model_dtype,
+                device=self.device, prefetch_numel=zero.stage3_prefetch_bucket_size,
+                max_live_numel=zero.stage3_max_live_parameters,
+                max_reuse_numel=zero.stage3_max_reuse_distance, root=self.module,
+                offload=self.offload_param, pin=zero.offload_param.pin_memory,
+                hpz_partition_size=zero.zero_hpz_partition_size,
+                hierarchical=zero.hierarchical_allgather,
+                compute_gather=self.compression.weight_gather(zero.hierarchical_allgather))
+
+    def _build_optimizer(self, param_groups: list[dict], optimizer_defaults: dict | None,
+                         replicated_optimizer: torch.optim.Optimizer | None,
+                         unit_indices: set[int]) -> None:
+        """Stage 0 may run any torch optimizer on the whole, replicated parameters; otherwise
+        the sharded AdamW, with its host-stepped buckets under offload_optimizer."""
+        zero = self.config.zero_optimization
+        self.replicated_optimizer = replicated_optimizer
+        self.optimizer = replicated_optimizer or ZeroOptimizer(
+            param_groups, self.layouts, self._weights_to_update(),
+            defaults=optimizer_defaults, state_buffer=self._state_buffer,
+            staged=lambda layout: (layout.index in self._host_stepped) != self._weights_on_host(
+                layout.index, unit_indices))
+        self.offload = None
+        # Stage-3 unit buckets stepped on the host after the global norm: their step may run
+        # behind the next forward, since their weights are read only through the gathers,
+        # which wait for it (OptimizerOffload.step, PartitionedParameters.before_read).
+        self._deferrable: frozenset[int] = frozenset()
+        if not self.offload_optimizer:
+            return
+        threads = offload.cpu_step_threads(zero.offload_optimizer.cpuadam_cores_perc)
+        if torch.get_num_threads() < threads:  # raise torchrun's 1, never lower a choice
+            torch.set_num_threads(threads)
+            if self.rank == 0:
+                print(f"[zero_ext] offload: the CPU AdamW step runs on {threads} threads "
+                      f"per rank (cpuadam_cores_perc "
+                      f"{zero.offload_optimizer.cpuadam_cores_perc:g})", flush=True)
+        self.offload = offload.OptimizerOffload(
+            self.optimizer, [s for s in self.optimizer.shards
+                             if s.layout.index in self._host_stepped],
+            self._grad_dtype(), self.device,
+            pin=zero.offload_optimizer.pin_memory,
+            before_host_write=self.partitioned.wait_host_reads if self.offload_param
+            else None)
+        if self.partitioned is not None:
+            self._deferrable = frozenset(unit_indices & self._host_stepped)
+            self.partitioned.before_read = self.offload.ready
+
+    def _build_gradients(self) -> None:
+        """The gradient buckets (hooks, reductions as they fill; stage 3's reduced shards go to
+        the partitioned units, offload's to the host copies) and the step's agreement, which
+        drops them when the ranks disagree."""
+        self.grad_buckets = GradientBuckets(
+            self.layouts, self._params, stage=self.stage, comm_dtype=self.comm_dtype,
+            accumulation_steps=self.batch.gradient_accumulation_steps,
+            overlap_comm=self.config.zero_optimization.overlap,
+            on_reduced=self.partitioned.layout_reduced if self.partitioned else None,
+            on_final=self.offload.grad_ready if self.offload else None,
+            compression=self.compression if self.compression.compresses_gradients else None)
+        self._agreement = StepAgreement(world_size=self.world_size, rank=self.rank,
+                                        device=self.device, on_disagree=self.grad_buckets.clear)
 
     def _weights_on_host(self, layout_index: int, unit_indices: set[int]) -> bool:
         """offload_param keeps the stage-3 units' shards in host memory."""
@@ -495,7 +429,7 @@ class ZeroEngine(nn.Module):
             # Stage 0's step has no collective of its own (the buckets were all-reduced whole),
             # and one added there would pair with a backward's all-reduce on a rank that
             # skipped step(): the agreement rides on every boundary backward instead.
-            self._agree(self._backwards_since_step)
+            self._agreement.agree(self.global_steps, self._backwards_since_step)
 
     def step(self) -> None:
         """At an accumulation boundary: global norm, overflow check, clip, AdamW, all-gather.
@@ -507,7 +441,7 @@ class ZeroEngine(nn.Module):
         if not boundary and backwards != 1:
             # No collective between boundaries to agree in; a loop that does this does it on
             # every rank (two backwards per step(), PyTorch's accumulation style).
-            raise RuntimeError(_backward_count_error({self.rank: backwards}))
+            raise RuntimeError(backward_count_error({self.rank: backwards}))
         self.micro_steps += 1
         if boundary and self._window_ends_early:
             # Windows start at multiples of the accumulation steps (checkpoints rely on it).
@@ -553,10 +487,10 @@ class ZeroEngine(nn.Module):
         """Norm, overflow skip, clipping and the optimizer step (with `grads`, or offload's host
         copies when None); False when skipped. Nothing changes before every rank has agreed
         that the step is the same step everywhere, finite, and how much to clip."""
-        norm = self._agreed_norm(self.grad_buckets.reduced_norms() if backwards else [],
-                                 backwards)
+        norm = self._agreement.norm(self.grad_buckets.reduced_norms() if backwards else [],
+                                    self.global_steps, backwards, sharded=self.stage >= 1)
         if not self.config.zero_optimization.ignore_unused_parameters:
-            self._refuse_unused_parameters()
+            self._agreement.refuse_unused(self.module, self.grad_buckets.without_gradient())
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         overflow = not math.isfinite(norm)
         if self.loss_scaler is not None:
@@ -604,25 +538,6 @@ class ZeroEngine(nn.Module):
         self.grad_buckets.clear()
         return True
 
-    def _refuse_unused_parameters(self) -> None:
-        """ignore_unused_parameters false (collective): raises on every rank when a trainable
-        parameter got no gradient on some rank in this accumulation window."""
-        missing = {id(p) for p in self.grad_buckets.without_gradient()}
-        unused = comm.all_gather_object(
-            [n for n, p in self.module.named_parameters() if id(p) in missing])
-        if not any(unused):
-            return
-        self.grad_buckets.clear()
-        where = "; ".join(f"rank {rank}: {', '.join(params[:10])}"
-                          f"{' ...' if len(params) > 10 else ''}"
-                          for rank, params in enumerate(unused) if params)
-        raise RuntimeError(
-            f"zero_ext: trainable parameters got no gradient in this accumulation window "
-            f"({where}), and zero_optimization.ignore_unused_parameters is false. Make every "
-            "trainable parameter take part in the loss, set requires_grad=False on the ones "
-            "that should not train, or set ignore_unused_parameters true (their gradient then "
-            "counts as zero)")
-
     def _replicated_step(self, grads: list[torch.Tensor], factor: float) -> None:
         """Stage 0 with the user's optimizer: the all-reduced buckets go back out to each
         parameter's .grad (one copy-out launch per bucket), scaled, and the optimizer steps."""
@@ -633,46 +548,6 @@ class ZeroEngine(nn.Module):
         if factor != 1.0:
             torch._foreach_mul_([p.grad for p in self._params], factor)
         self.replicated_optimizer.step()
-
-    def _agreed_norm(self, bucket_norms: list[torch.Tensor], backwards: int) -> float:
-        """L2 norm of the whole averaged gradient from each bucket's (local shard's) norm:
-        squares summed across ranks (stage 0 buckets are already whole on every rank).
-        inf/nan anywhere gives inf/nan on every rank, which makes the skip decision
-        collective. Above stage 0 the same all-reduce carries the ranks' agreement (_agree);
-        stage 0 agreed in backward."""
-        # fp64: a loss-scaled fp16 gradient's squares can pass fp32's range.
-        squares = torch.zeros((), dtype=torch.float64, device=self.device)
-        for norm in bucket_norms:
-            squares += norm.double() ** 2
-        if self.stage >= 1:
-            squares = self._agree(backwards, squares)
-        elif backwards != 1:
-            raise RuntimeError(_backward_count_error({self.rank: backwards}))
-        return math.sqrt(squares.item())
-
-    def _agree(self, backwards: int, squares: torch.Tensor | None = None) -> torch.Tensor | None:
-        """One all-reduce of the ranks' agreement, with the norm's `squares` when given
-        (returned summed): the sum and the sum of squares of global_steps across ranks (the
-        squares' sum is N times the square of the mean only when every rank is at the same
-        step: a rank that skipped or repeated engine.step() leaves the replicas different),
-        and the count of ranks whose engine.backward() calls since the last step were not
-        exactly one. Any disagreement raises on every rank, before anything changes."""
-        steps = float(self.global_steps)  # fp64: exact up to 2**26 steps, squares included
-        agreement = torch.tensor([0.0, steps, steps * steps, float(backwards != 1)],
-                                 dtype=torch.float64, device=self.device)
-        if squares is not None:
-            agreement[0] = squares
-        comm.all_reduce(agreement)
-        step_sum, step_squares, miscounted = agreement[1:].tolist()
-        diverged = step_squares * self.world_size != step_sum * step_sum
-        if miscounted or diverged:
-            self.grad_buckets.clear()
-            per_rank = comm.all_gather_object((self.global_steps, backwards))
-            if diverged:
-                raise RuntimeError(_step_divergence_error(per_rank))
-            raise RuntimeError(_backward_count_error(
-                {rank: count for rank, (_, count) in enumerate(per_rank)}))
-        return agreement[0] if squares is not None else None
 
     def _all_gather_params(self) -> None:
         """Every rank's updated slice of every bucket, into every rank's flat buffers.
@@ -919,34 +794,6 @@ def _check_parameter_dtypes(model: nn.Module, mixed_precision: torch.dtype | Non
             "the whole model cast to that dtype")
 
 
-def _backward_count_error(backwards: dict[int, int]) -> str:
-    """What to say when engine.backward() calls since the last step() were not exactly one on
-    some rank (`backwards`: rank -> count, of every rank or of this one)."""
-    wrong = ", ".join(f"rank {rank}: {count}" for rank, count in sorted(backwards.items())
-                      if count != 1)
-    return (
-        f"zero_ext: the engine expects exactly one engine.backward() before each "
-        f"engine.step() (engine.backward() calls since the last step(): {wrong}). The engine "
-        "counts micro-steps in step(): call engine.backward(loss) then engine.step() for every "
-        "micro-batch, as with DeepSpeed; step() only steps the optimizer at the accumulation "
-        "boundary. To "
-        "accumulate over k micro-batches set gradient_accumulation_steps to k (two backwards "
-        "before one step would keep only the last gradient, or never step)")
-
-
-def _step_divergence_error(per_rank: list[tuple[int, int]]) -> str:
-    """What to say when ranks reach engine.step() at different optimizer steps (`per_rank`:
-    each rank's global_steps and engine.backward() calls since its last step())."""
-    where = ", ".join(f"rank {rank}: step {step} after {count} backward()"
-                      for rank, (step, count) in enumerate(per_rank))
-    return (
-        f"zero_ext: the ranks are at different optimizer steps ({where}): a rank skipped "
-        "or repeated engine.step() (e.g. a step() inside a rank-dependent branch, or an "
-        "exception caught on one rank), so the replicas' weights already differ. Every rank "
-        "must call engine.backward(loss) and then engine.step() for every micro-batch; "
-        "resume from the last checkpoint")
-
-
 def _scale_on(factor: float, shards: list[ShardState]) -> torch.Tensor | None:
     """The gradient factor (loss scale and clipping) as a tensor where these shards' fp32
     master weights live, or None when it is 1."""
@@ -990,9 +837,9 @@ def as_optimizer_defaults(config: ZeroConfig, optimizer) -> dict:
             from zero_ext.config import OptimizerConfig
             opt = OptimizerConfig()
         p = opt.params
-        return dict(lr=p.lr, betas=tuple(p.betas), eps=p.eps, weight_decay=p.weight_decay,
-                    bias_correction=p.bias_correction,
-                    decoupled_weight_decay=opt.decoupled_weight_decay, maximize=False)
+        return {"lr": p.lr, "betas": tuple(p.betas), "eps": p.eps,
+                "weight_decay": p.weight_decay, "bias_correction": p.bias_correction,
+                "decoupled_weight_decay": opt.decoupled_weight_decay, "maximize": False}
     if not isinstance(optimizer, _adam_types()):
         raise TypeError(
             f"zero_ext.initialize: optimizer={type(optimizer).__name__} is not supported at "
@@ -1005,10 +852,10 @@ def as_optimizer_defaults(config: ZeroConfig, optimizer) -> dict:
         raise ValueError("zero_ext.initialize: amsgrad is not supported; use amsgrad=False")
     decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get(
         "decoupled_weight_decay", isinstance(optimizer, ZeroAdamW))
-    return dict(lr=group["lr"], betas=tuple(group["betas"]), eps=group["eps"],
-                weight_decay=group["weight_decay"], bias_correction=group.get(
-                    "bias_correction", True), decoupled_weight_decay=bool(decoupled),
-                maximize=group.get("maximize", False))
+    return {"lr": group["lr"], "betas": tuple(group["betas"]), "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "bias_correction": group.get("bias_correction", True),
+            "decoupled_weight_decay": bool(decoupled), "maximize": group.get("maximize", False)}
 
 
 def _check_same_settings(config: ZeroConfig, optimizer) -> None:

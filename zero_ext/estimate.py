@@ -68,7 +68,6 @@ import sys
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -77,6 +76,7 @@ from zero_ext import scaling_cli
 from zero_ext.config import ZeroConfig, read_json_config
 from zero_ext.zero import offload
 from zero_ext.zero.partition import BucketLayout, plan_buckets
+from zero_ext.zero.placement import lay_out
 
 __all__ = ["MemoryEstimate", "StateBytes", "estimate", "estimate_from_config",
            "host_bytes_needed", "load_hf_model", "main", "parse_count"]
@@ -270,8 +270,6 @@ def host_bytes_needed(model: nn.Module | int, config, world_size: int, *,
 def _module_layouts(model: nn.Module, param_groups, zero, world_size: int):
     """(stage-3 unit layouts, layouts of parameters kept whole, frozen elements): the buckets
     ZeroEngine builds for this model, from the engine's own planning code."""
-    from zero_ext.engine import ZeroEngine
-
     named = list(model.named_parameters())
     group_of = _group_of(model, param_groups)
     params = [p for _, p in named if p.requires_grad and p in group_of]
@@ -280,18 +278,11 @@ def _module_layouts(model: nn.Module, param_groups, zero, world_size: int):
         raise ValueError(f"param_groups: trainable parameters missing from the groups: "
                          f"{missing[:5]}; list every trainable parameter (or freeze it)")
     frozen = sum(p.numel() for _, p in named if not p.requires_grad)
-    unit_plan, whole = [], params
-    if zero.stage == 3:
-        # ZeroEngine._plan_units holds the stage-3 rule (innermost unit, tied and root-level
-        # parameters and small ones kept whole); calling it with only the attributes it reads
-        # keeps one definition of that rule.
-        planner = SimpleNamespace(config=SimpleNamespace(zero_optimization=zero), module=model,
-                                  _params=params, world_size=world_size)
-        unit_plan, whole = ZeroEngine._plan_units(planner, group_of)
-    whole_layouts = plan_buckets([p.numel() for p in whole], [p.shape for p in whole],
-                                 [group_of[p] for p in whole], world_size,
-                                 zero.reduce_bucket_size)
-    return [layouts for _, layouts in unit_plan], whole_layouts, frozen
+    # The engine's own planning (zero/placement.py): its stage-3 rule (innermost unit, tied and
+    # root-level parameters and small ones kept whole) and its bucket padding.
+    layout = lay_out(model, params, group_of, stage=zero.stage, zero=zero,
+                     world_size=world_size)
+    return [layouts for _, layouts in layout.unit_plan], layout.persistent_layouts, frozen
 
 
 def _group_of(model: nn.Module, param_groups) -> dict[nn.Parameter, int]:

@@ -57,7 +57,7 @@ __all__ = ["Cluster", "Compute", "Link", "PlannedCollective", "StepPrediction",
            "plan_step", "planned_traffic", "predict_step", "recommend"]
 
 # The step's one all-reduce of 4 fp64 elements: the norm's squares and the ranks' agreement
-# (ZeroEngine._agree).
+# (zero/agreement.py, StepAgreement.agree).
 _AGREEMENT = (4, 8)
 
 

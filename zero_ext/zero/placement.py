@@ -1,0 +1,176 @@
+"""Where the engine puts each trainable parameter and its training state, decided before any
+buffer is allocated.
+
+- `group_parameters`: the trainable parameters in registration order, each with its optimizer
+  group (a parameter in two groups is refused; one in none is warned about and left alone, as a
+  torch optimizer that lacks it would).
+- `lay_out`: the flat buckets. Below stage 3 every parameter lives whole in a persistent bucket
+  that the model's tensors view; at stage 3 the parameters of each gather unit get buckets of
+  their own (partitioned by params.py), listed first in backward order, and the rest (shared
+  by two units, on the root, or below stage3_param_persistence_threshold) stay persistent.
+- `place_offload`: which buckets' optimizer state steps on the host (offload_optimizer and its
+  ratio), whether unit shards live there (offload_param), and whether host buffers are
+  page-locked.
+
+ZeroEngine builds its buffers from these plans (engine.py); they hold decisions only, so the
+rules read in one place and the engine's constructor stays a list of steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+from torch import nn
+
+from zero_ext.config import ZeroOptimizationConfig
+from zero_ext.zero import offload
+from zero_ext.zero.params import find_units
+from zero_ext.zero.partition import BucketLayout, plan_buckets
+
+__all__ = ["OffloadPlacement", "ParameterLayout", "group_parameters", "lay_out",
+           "place_offload"]
+
+
+def group_parameters(named: list[tuple[str, nn.Parameter]], param_groups: list[dict],
+                     rank: int) -> tuple[list[nn.Parameter], dict[nn.Parameter, int]]:
+    """(trainable parameters in registration order that some group holds, group index of
+    each). Warns (rank 0) about trainable parameters in no group."""
+    group_of: dict[nn.Parameter, int] = {}
+    for index, group in enumerate(param_groups):
+        for p in group["params"]:
+            if p in group_of:
+                raise ValueError("zero_ext.initialize: a parameter appears in two parameter "
+                                 "groups; give each parameter one group")
+            group_of[p] = index
+    params = [p for _, p in named if p.requires_grad and p in group_of]
+    missing = [n for n, p in named if p.requires_grad and p not in group_of]
+    if missing and rank == 0:
+        # As with a torch optimizer that lacks them: autograd still fills their .grad, the
+        # step leaves them as they are.
+        warnings.warn(
+            f"zero_ext.initialize: trainable parameters in no parameter group: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; they are not optimized "
+            "and keep their values, as with a torch optimizer that lacks them. Add them to "
+            "model_parameters (or the optimizer's groups) to train them, or set "
+            "requires_grad=False to freeze them without computing their gradients",
+            stacklevel=4)
+    return params, group_of
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterLayout:
+    """The engine's buckets. `unit_plan`: (gather unit module, its bucket layouts) per stage-3
+    unit, in backward order; `layouts`: every bucket, the units' first (backward reaches them
+    first; indices follow that order); `persistent_layouts`: the buckets kept whole (all of
+    them below stage 3)."""
+
+    unit_plan: list[tuple[nn.Module, list[BucketLayout]]]
+    layouts: list[BucketLayout]
+    persistent_layouts: list[BucketLayout]
+
+    @property
+    def unit_indices(self) -> set[int]:
+        return {layout.index for _, layouts in self.unit_plan for layout in layouts}
+
+    def unit_param_ids(self, params: list[nn.Parameter]) -> set[int]:
+        """ids of the parameters that stage 3 partitions (the units' members)."""
+        return {id(params[s.param_index]) for _, layouts in self.unit_plan
+                for layout in layouts for s in layout.slots}
+
+
+def lay_out(model: nn.Module, params: list[nn.Parameter], group_of: dict[nn.Parameter, int],
+            *, stage: int, zero: ZeroOptimizationConfig, world_size: int) -> ParameterLayout:
+    """The buckets of `params` (shapes only: meta parameters are laid out as real ones)."""
+    unit_plan, persistent = _plan_units(model, params, group_of, zero, world_size) \
+        if stage == 3 else ([], params)
+    position = {id(p): i for i, p in enumerate(params)}
+    persistent_index = [position[id(p)] for p in persistent]
+    persistent_layouts = plan_buckets(
+        [p.numel() for p in persistent], [p.shape for p in persistent],
+        [group_of[p] for p in persistent], world_size, zero.reduce_bucket_size)
+    layouts: list[BucketLayout] = [layout for _, unit in unit_plan for layout in unit]
+    first_persistent = len(layouts)
+    for layout in persistent_layouts:
+        slots = tuple(dataclasses.replace(s, param_index=persistent_index[s.param_index])
+                      for s in layout.slots)
+        layouts.append(dataclasses.replace(layout, index=len(layouts), slots=slots))
+    return ParameterLayout(unit_plan, layouts, layouts[first_persistent:])
+
+
+def _plan_units(model: nn.Module, params: list[nn.Parameter],
+                group_of: dict[nn.Parameter, int], zero: ZeroOptimizationConfig,
+                world_size: int):
+    """Stage 3: (unit module, its bucket layouts) for each gather unit, and the trainable
+    parameters that stay whole: shared by two units, directly on the root or outside any
+    unit, or below stage3_param_persistence_threshold."""
+    threshold = zero.stage3_param_persistence_threshold
+    owner: dict[nn.Parameter, list[nn.Module]] = {}
+    for unit in find_units(model, zero.stage3_unit_classes):
+        for p in unit.parameters():
+            owner.setdefault(p, []).append(unit)
+    members: dict[nn.Module, list[nn.Parameter]] = {}
+    persistent = []
+    for p in params:
+        # The innermost unit holding p (units nest: a model's body holds its blocks).
+        units = owner.get(p, [])
+        innermost = [u for u in units if not any(
+            v is not u and any(m is v for m in u.modules()) for v in units)]
+        if len(innermost) != 1 or p.numel() < threshold:
+            persistent.append(p)
+        else:
+            members.setdefault(innermost[0], []).append(p)
+    position = {id(p): i for i, p in enumerate(params)}
+    plan, next_index = [], 0
+    for module in reversed(list(members)):  # backward order
+        unit_params = members[module]
+        local = plan_buckets([p.numel() for p in unit_params], [p.shape for p in unit_params],
+                             [group_of[p] for p in unit_params], world_size, 2**62)
+        layouts = []
+        for layout in local:
+            slots = tuple(dataclasses.replace(s, param_index=position[id(
+                unit_params[s.param_index])]) for s in layout.slots)
+            layouts.append(dataclasses.replace(layout, index=next_index, slots=slots))
+            next_index += 1
+        plan.append((module, layouts))
+    return plan, persistent
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadPlacement:
+    """`optimizer`: offload_optimizer is on; `param`: stage-3 unit shards live in host memory;
+    `host_stepped`: the bucket indices whose optimizer state lives (and steps) on the host;
+    `pin_memory`: host buffers are page-locked (only where CUDA exists)."""
+
+    optimizer: bool
+    param: bool
+    pin_memory: bool
+    host_stepped: frozenset[int]
+
+
+def place_offload(zero: ZeroOptimizationConfig, layout: ParameterLayout, *, rank: int,
+                  cuda: bool) -> OffloadPlacement:
+    """The offload decisions for `layout` (warnings and the ratio's line on rank 0)."""
+    optimizer = zero.offload_optimizer.enabled
+    # Only stage-3 unit shards move to the host; with no units (every parameter kept whole,
+    # e.g. all below stage3_param_persistence_threshold) there is nothing to offload.
+    param = zero.offload_param.enabled and bool(layout.unit_plan)
+    if zero.offload_param.enabled and not layout.unit_plan and rank == 0:
+        warnings.warn("zero_ext: offload_param has nothing to offload: no parameter is "
+                      "partitioned (each is below stage3_param_persistence_threshold or "
+                      "kept whole); lower the threshold to partition and offload them",
+                      stacklevel=5)
+    pin = cuda and ((zero.offload_optimizer.pin_memory and optimizer)
+                    or (zero.offload_param.pin_memory and param))
+    # All buckets under offload_optimizer, or the first ones backward finishes under its ratio.
+    ratio = zero.offload_optimizer.ratio
+    layouts = layout.layouts
+    host_stepped = frozenset(range(offload.host_stepped_buckets(
+        [b.shard_numel for b in layouts], ratio))) if optimizer else frozenset()
+    if ratio < 1.0 and optimizer and rank == 0:
+        host_numel = sum(layouts[i].shard_numel for i in host_stepped)
+        total_numel = sum(b.shard_numel for b in layouts)
+        print(f"[zero_ext] offload: optimizer ratio {ratio:g}: {len(host_stepped)} of "
+              f"{len(layouts)} buckets ({100 * host_numel / total_numel:.1f}% of the "
+              "elements) step on the host, the rest on the device", flush=True)
+    return OffloadPlacement(optimizer, param, pin, host_stepped)
