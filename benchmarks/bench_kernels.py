@@ -3,7 +3,7 @@
     python benchmarks/bench_kernels.py                          # every size below, CPU, fp32
     python benchmarks/bench_kernels.py --sizes 4096x128256x1024 --impls fused eager
     python benchmarks/bench_kernels.py --peak fused 4096 16384 1024   # one JSON line (the test)
-    python benchmarks/bench_kernels.py --step               # a Llama training step: on/off/compile
+    python benchmarks/bench_kernels.py --step               # a Llama step: off/on/compile/on-own-add
     python benchmarks/bench_kernels.py --impls fused --workspace-mib 8 64   # workspace choices
     python benchmarks/bench_kernels.py --device cuda --dtype bfloat16 --sizes 8192x128256x4096
 
@@ -171,7 +171,9 @@ def measure(impl: str, n: int, v: int, h: int, repeats: int = 1,
 
 
 # -- a Llama training step with the kernels on and off (--step) --------------------------------
-STEP_IMPLS = ["off", "on", "compile"]
+# "on-own-add": "on" with the decoder layers' own forwards (the residual add a tensor add before
+# the fused norm): what the residual add in the norm's pass changes, in the same run.
+STEP_IMPLS = ["off", "on", "compile", "on-own-add"]
 # Tiny, but with a real vocabulary: the logits (and their gradient) of 32000 classes dominate a
 # step's activations, as in a full-size model; runs on 2 CPU cores in a few seconds a step.
 STEP_SHAPE = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
@@ -180,10 +182,11 @@ STEP_SHAPE = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers"
 
 def llama_step(impl: str, batch: int, seq: int, steps: int, dtype: str) -> dict:
     """In this process: `steps` training steps (forward with labels, backward, AdamW) of a
-    STEP_SHAPE LlamaForCausalLM, unfused ("off"), with zero_ext.fused.apply ("on") or
-    torch.compile'd unfused ("compile"); tokens/s of the fastest step, the peak memory of a
-    forward + backward beyond the model and optimizer state (VmHWM reset before each step: the
-    activations, logits and gradients, what the kernels change), and the first timed loss."""
+    STEP_SHAPE LlamaForCausalLM, unfused ("off"), with zero_ext.fused.apply ("on"; "on-own-add"
+    without the residual add in the norm) or torch.compile'd unfused ("compile"); tokens/s of
+    the fastest step, the peak memory of a forward + backward beyond the model and optimizer
+    state (VmHWM reset before each step: the activations, logits and gradients, what the
+    kernels change), and the first timed loss."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import zero_ext.fused
@@ -191,7 +194,11 @@ def llama_step(impl: str, batch: int, seq: int, steps: int, dtype: str) -> dict:
     torch.manual_seed(0)
     config = LlamaConfig(**STEP_SHAPE, max_position_embeddings=seq, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))
-    swapped = zero_ext.fused.apply(model) if impl == "on" else {}
+    swapped = zero_ext.fused.apply(model) if impl.startswith("on") else {}
+    if impl == "on-own-add":
+        for layer in model.model.layers:
+            del layer.forward  # the instance forward apply() gave it
+        swapped["residual_norm"] = 0
     forward = torch.compile(model) if impl == "compile" else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, config.vocab_size, (batch, seq),
