@@ -249,6 +249,24 @@ def test_eval_mode_and_training_without_labels_keep_the_logits():
     torch.testing.assert_close(out.logits, reference(input_ids=ids).logits, **FP32)
 
 
+def test_output_attentions_and_hidden_states_come_through_the_fused_layers():
+    # transformers records them with hooks on the attention modules and layers, which the
+    # fused layer still calls as modules.
+    model, reference, _ = fused_and_reference(llama(attn_implementation="eager"), softmax=False)
+    ids, _ = batch()
+    model.eval()
+    reference.eval()
+    with torch.no_grad(), OpCalls() as ops:
+        out = model(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    ref = reference(input_ids=ids, output_attentions=True, output_hidden_states=True)
+    assert ops.calls["fused_norm_residual"] == LAYERS
+    for name in ("attentions", "hidden_states"):
+        got, expected = getattr(out, name), getattr(ref, name)
+        assert len(got) == len(expected) > 0, name
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, **FP32, msg=name)
+
+
 def test_num_items_in_batch_divides_the_sum_as_transformers_does():
     model, reference, _ = fused_and_reference(llama())
     ids, labels = batch()
