@@ -1,8 +1,10 @@
 """Throughput and error of the blockwise quantization ops (zero_ext.ops.quantize_chunks,
-dequantize_sum_), to pick the default block size by measurement.
+dequantize_sum_), to pick the default block size by measurement, and of top-k selection with
+error feedback (zero_ext.ops.topk_feedback_select).
 
     python benchmarks/bench_quant.py                       # CPU, and CUDA when a GPU is present
     python benchmarks/bench_quant.py --sizes 1M 16M --blocks 256 --device cpu
+    python benchmarks/bench_quant.py --only topk --sizes 12M --device cpu
 
 For each device, size and block size it prints GB/s of
   - quantize int8 / int4, without and with error feedback (fp8 residual read and written),
@@ -13,8 +15,13 @@ physical limit); ratios are op / copy and op / torch. quantize_chunks allocates 
 every call, as callers use it; on CPU that costs fresh pages (page faults) which copy_ into
 preallocated buffers does not pay. Then the relative L2 quantization error
 ||x - dequant(quant(x))|| / ||x|| per block size on Gaussian and heavy-tailed (Student t, 2
-degrees of freedom: rare huge gradients that inflate a block's scale) data. Run it on a quiet
-machine: every figure is the fastest of several timed runs after a warm-up.
+degrees of freedom: rare huge gradients that inflate a block's scale) data. The "topk select"
+rows (CPU: the op has no CUDA kernel) time one send of a bf16 gradient in 2 chunks at density
+1%, with and without momentum, as ns per element and GB/s of the bytes the op must move
+(gradient, residual and momentum read and written, the residual read again, the packed rows),
+against the same step in torch ops (compressed.py's path for other devices: accumulate, then
+top_magnitudes). Run it on a quiet machine: every figure is the fastest of several timed runs
+after a warm-up.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from functools import partial
 import torch
 
 from zero_ext import ops
+from zero_ext.comm import compressed
 
 QMAX = {8: 127, 4: 7}
 SENDERS = 4
@@ -131,6 +139,39 @@ def throughput(device: str, n: int, block: int, repeats: int) -> list[str]:
     return lines
 
 
+TOPK_CHUNKS = 2
+TOPK_DENSITY = 0.01
+
+
+def topk_throughput(n: int, repeats: int) -> list[str]:
+    """The op against the torch path on one send of steady-state residuals (a few sends first:
+    the residual's distribution after selections, not a fresh Gaussian's)."""
+    g = (torch.randn(n) * 1e-3).to(torch.bfloat16)
+    k = compressed._topk_k(TOPK_DENSITY, n // TOPK_CHUNKS)
+    lines = []
+    for momentum in (0.0, 0.9):
+        state = {}
+        for name in ("op", "torch"):
+            v = torch.randn(n) * 1e-3
+            u = torch.zeros(n) if momentum else None
+            if name == "op":
+                fn = partial(ops.topk_feedback_select, v, g, TOPK_CHUNKS, k, momentum=u,
+                             momentum_factor=momentum)
+            else:
+                fn = partial(compressed._select_with_feedback_torch, v, g, TOPK_CHUNKS, k,
+                             torch.bfloat16, u, momentum)
+            for _ in range(3):
+                fn()
+            state[name] = _time(fn, "cpu", repeats)
+        moved = n * (2 + 8 + 4 + (8 if momentum else 0)) + TOPK_CHUNKS * k * 6
+        t = state["op"]
+        lines.append(
+            f"  topk select {'momentum' if momentum else 'plain':<8} {t / n * 1e9:6.2f} ns/elem "
+            f"{moved / t / 1e9:6.2f} GB/s  torch {state['torch'] / n * 1e9:6.2f} ns/elem "
+            f"({state['torch'] / t:5.1f}x faster)")
+    return lines
+
+
 def _heavy_tailed(n: int, gen: torch.Generator) -> torch.Tensor:
     # Student t with 2 degrees of freedom: normal / sqrt(chi2_2 / 2), chi2_2 = -2 log U.
     z = torch.randn(n, generator=gen)
@@ -164,9 +205,20 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--error-numel", default="4M")
+    parser.add_argument("--only", choices=["quant", "topk"],
+                        help="only the quantization rows, or only the top-k rows")
     args = parser.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    if args.only != "quant" and "cpu" in devices:
+        print(f"== topk select, cpu ({torch.get_num_threads()} threads); bf16 gradient, "
+              f"{TOPK_CHUNKS} chunks, density {TOPK_DENSITY}")
+        for size in args.sizes:
+            print(f"{size} elements:")
+            for line in topk_throughput(_parse_size(size), args.repeats):
+                print(line)
+    if args.only == "topk":
+        return
     for device in devices:
         where = (f"{torch.get_num_threads()} threads" if device == "cpu"
                  else torch.cuda.get_device_name())

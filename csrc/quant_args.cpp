@@ -15,7 +15,15 @@ bool is_float_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
-// A 1-D contiguous fp32 / bf16 / fp16 tensor (x, out, exact).
+void check_format(const char* op, int64_t bits, int64_t block_size) {
+  TORCH_CHECK_VALUE(bits == 8 || bits == 4, op, ": expected bits 8 (int8) or 4 (int4), got ",
+                    bits);
+  TORCH_CHECK_VALUE(block_size >= 8 && block_size % 8 == 0, op,
+                    ": expected block_size to be a positive multiple of 8, got ", block_size);
+}
+
+}  // namespace
+
 void check_flat_float(const char* op, const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is undefined (None)");
   TORCH_CHECK_TYPE(is_float_dtype(t.scalar_type()), op, ": expected ", name,
@@ -26,20 +34,12 @@ void check_flat_float(const char* op, const at::Tensor& t, const char* name) {
                     " to be contiguous; call .contiguous() on it first");
 }
 
-void check_format(const char* op, int64_t bits, int64_t block_size) {
-  TORCH_CHECK_VALUE(bits == 8 || bits == 4, op, ": expected bits 8 (int8) or 4 (int4), got ",
-                    bits);
-  TORCH_CHECK_VALUE(block_size >= 8 && block_size % 8 == 0, op,
-                    ": expected block_size to be a positive multiple of 8, got ", block_size);
-}
-
 void check_same_device(const char* op, const at::Tensor& t, const char* name,
                        const at::Tensor& ref, const char* ref_name) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": expected ", name, " on ", ref_name,
                     "'s device (", ref.device(), "), got ", t.device());
 }
 
-// Whether two tensors' bytes overlap.
 bool share_memory(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0) return false;
   const auto a0 = reinterpret_cast<uintptr_t>(a.const_data_ptr());
@@ -48,8 +48,6 @@ bool share_memory(const at::Tensor& a, const at::Tensor& b) {
   const auto b1 = b0 + static_cast<uintptr_t>(b.numel()) * b.element_size();
   return a0 < b1 && b0 < a1;
 }
-
-}  // namespace
 
 void check_quantize_chunks_args(const QuantizeChunksArgs& a) {
   check_flat_float(kQuantize, a.x, "x");

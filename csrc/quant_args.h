@@ -15,6 +15,16 @@
 
 namespace zero_ext {
 
+// Checks shared by the compressed-communication ops (quantization here, top-k selection in
+// csrc/topk_cpu.cpp), each raising a message that starts with `op`.
+// A defined 1-D contiguous fp32 / bf16 / fp16 tensor.
+void check_flat_float(const char* op, const at::Tensor& t, const char* name);
+// t on ref's device.
+void check_same_device(const char* op, const at::Tensor& t, const char* name,
+                       const at::Tensor& ref, const char* ref_name);
+// Whether two tensors' bytes overlap.
+bool share_memory(const at::Tensor& a, const at::Tensor& b);
+
 struct QuantizeChunksArgs {
   const at::Tensor& x;  // 1-D contiguous fp32 / bf16 / fp16, numel divisible by chunks
   int64_t chunks;

@@ -238,6 +238,12 @@ def test_int8_all_gather_sends_about_half_of_bf16(world_size):
 
 
 # -- top-k ---------------------------------------------------------------------------------------------
+def top_magnitudes(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest |x|; of equal magnitudes the lowest indices, as the op sends
+    them (bf16 inputs tie often at the k-th, and torch.topk's choice among ties is arbitrary)."""
+    return torch.sort(x.abs(), descending=True, stable=True).indices[:k]
+
+
 def dgc_reference(inputs: list[list[torch.Tensor]], momentum: float, density: float,
                   all_reduce: bool):
     """DGC step by step for every rank: v += u (u = m u + (1 - m) g), per chunk the top-k of
@@ -262,7 +268,7 @@ def dgc_reference(inputs: list[list[torch.Tensor]], momentum: float, density: fl
             picks = []
             for c in range(size):
                 chunk = v[r][c * N:(c + 1) * N]
-                index = chunk.abs().topk(k).indices
+                index = top_magnitudes(chunk, k)
                 values = chunk[index].to(torch.bfloat16)
                 chunk[index] -= values.float()
                 u[r][c * N + index] = 0
@@ -279,7 +285,7 @@ def dgc_reference(inputs: list[list[torch.Tensor]], momentum: float, density: fl
             full = torch.zeros(size * N, dtype=torch.bfloat16)
             for c in range(size):
                 owner[c] += sums[c]
-                index = owner[c].abs().topk(k).indices
+                index = top_magnitudes(owner[c], k)
                 values = owner[c][index].to(torch.bfloat16)
                 owner[c][index] -= values.float()
                 full[c * N + index] = values

@@ -19,6 +19,7 @@ __all__ = [
     "flatten_into_",
     "quantize_chunks",
     "quantized_row_bytes",
+    "topk_feedback_select",
     "unflatten_from",
 ]
 
@@ -227,3 +228,40 @@ def dequantize_(out: Tensor, packed: Tensor, bits: int, block_size: int) -> None
 def _dequantize_fake(out, packed, bits, block_size):
     # Mutates out in place and returns nothing: no outputs to describe.
     return None
+
+
+def topk_feedback_select(
+    residual: Tensor,
+    grad: Tensor,
+    chunks: int,
+    k: int,
+    *,
+    momentum: Tensor | None = None,
+    momentum_factor: float = 0.0,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """One top-k send with error feedback (Deep Gradient Compression): accumulate, select, pack
+    and take out what is sent, in two passes over the residual (CPU).
+
+    ``residual`` (fp32, 1-D contiguous, updated in place) accumulates ``grad`` (fp32, bf16 or
+    fp16, same numel): ``v += g``, or with ``momentum`` (fp32, same numel, in place)
+    ``u = u * momentum_factor + g * (1 - momentum_factor); v += u``. Per chunk of
+    ``m = numel / chunks`` elements the ``k`` entries of largest ``|v|`` are sent (NaN and inf
+    first, so a non-finite gradient reaches the receiver's overflow check; equal magnitudes at
+    the k-th go to the lowest indices). Returns uint8 ``[chunks, k * (4 + value bytes)]``: per
+    row the k int32 indices within the chunk in ascending order, then their values rounded to
+    ``dtype`` (``grad``'s when None). The sent entries leave the state: ``v[i] -= float(value)``
+    (the rounding error stays) and ``u[i] = 0`` (momentum factor masking).
+    """
+    return torch.ops.zero_ext.topk_feedback_select(
+        residual, grad, chunks, k, momentum=momentum, momentum_factor=momentum_factor,
+        dtype=dtype)
+
+
+@torch.library.register_fake("zero_ext::topk_feedback_select")
+def _topk_feedback_select_fake(residual, grad, chunks, k, *, momentum=None, momentum_factor=0.0,
+                               dtype=None):
+    torch._check(residual.numel() % chunks == 0,
+                 lambda: "zero_ext::topk_feedback_select: numel is not divisible by chunks")
+    value_bytes = (grad.dtype if dtype is None else dtype).itemsize
+    return residual.new_empty((chunks, k * (4 + value_bytes)), dtype=torch.uint8)

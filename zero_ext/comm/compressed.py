@@ -450,26 +450,40 @@ def _unpack(rows: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return index, rows[:, 4 * k:].contiguous().view(dtype)
 
 
-def _accumulate(state: TopkFeedback, input: Tensor) -> None:
-    """v += the momentum-corrected gradient (v += g without momentum)."""
-    g = input.float()
-    if state.momentum is None:
-        state.residual.add_(g)
+def _select_with_feedback(residual: Tensor, grad: Tensor, chunks: int, k: int,
+                          dtype: torch.dtype, momentum: Tensor | None = None,
+                          momentum_factor: float = 0.0) -> Tensor:
+    """v += the momentum-corrected gradient (u = m u + (1 - m) g, v += u; v += g without
+    momentum), then the top-k of |v| per chunk, packed (_pack: ascending indices within the
+    chunk, values rounded to `dtype`); those entries leave v (their rounding error stays) and
+    the momentum (masking). On CPU one zero_ext.ops.topk_feedback_select call does it all in two
+    passes over v (the torch ops below took ~9 ns per element on one core, more than the bf16
+    reduction they replace); other devices take the torch path (there is no CUDA kernel yet)."""
+    if residual.device.type == "cpu":
+        return ops.topk_feedback_select(residual, grad, chunks, k, momentum=momentum,
+                                        momentum_factor=momentum_factor, dtype=dtype)
+    return _select_with_feedback_torch(residual, grad, chunks, k, dtype, momentum,
+                                       momentum_factor)
+
+
+def _select_with_feedback_torch(residual: Tensor, grad: Tensor, chunks: int, k: int,
+                                dtype: torch.dtype, momentum: Tensor | None,
+                                momentum_factor: float) -> Tensor:
+    """_select_with_feedback in torch ops, for devices without the op's kernel: the same
+    arithmetic and the same entries, but for which of several equal magnitudes at the k-th
+    are sent (the op sends those of lowest index)."""
+    g = grad.float()
+    if momentum is None:
+        residual.add_(g)
     else:
-        m = state.momentum_factor
-        state.momentum.mul_(m).add_(g, alpha=1.0 - m)
-        state.residual.add_(state.momentum)
-
-
-def _select(state: TopkFeedback, chunks: int, k: int, dtype: torch.dtype) -> Tensor:
-    """Top-k of |v| per chunk, packed (index within the chunk, value as rounded to `dtype`);
-    those entries leave v (their rounding error stays) and the momentum (masking)."""
-    v = state.residual.view(chunks, -1)
-    index = top_magnitudes(v, k)
+        momentum.mul_(momentum_factor).add_(g * (1.0 - momentum_factor))
+        residual.add_(momentum)
+    v = residual.view(chunks, -1)
+    index = top_magnitudes(v, k).sort(dim=1).values
     values = v.gather(1, index).to(dtype)
     v.scatter_add_(1, index, -values.float())
-    if state.momentum is not None:
-        state.momentum.view(chunks, -1).scatter_(1, index, 0.0)
+    if momentum is not None:
+        momentum.view(chunks, -1).scatter_(1, index, 0.0)
     return _pack(index, values)
 
 
@@ -512,8 +526,8 @@ def _sparse_scatter_start(input: Tensor, state: TopkFeedback, density: float,
     m = input.numel() // size
     k = _topk_k(density, m)
     state._scale(residual_factor)
-    _accumulate(state, input)
-    rows = _select(state, size, k, input.dtype)
+    rows = _select_with_feedback(state.residual, input, size, k, input.dtype, state.momentum,
+                                 state.momentum_factor)
     received = torch.empty_like(rows)
     first = all_to_all(received.view(-1), rows.view(-1), async_op=True, bucket=bucket)
 
@@ -583,12 +597,7 @@ def sparse_all_reduce(tensor: Tensor, *, state: TopkFeedback, density: float,
         first, chunk_sum = _sparse_scatter_start(tensor, state, density, residual_factor, bucket)
 
     def finish() -> None:
-        owned = state.owner_residual
-        owned.add_(chunk_sum())
-        index = top_magnitudes(owned[None], k)[0]
-        values = owned[index].to(tensor.dtype)
-        owned.index_add_(0, index, -values.float())
-        row = _pack(index[None], values[None])
+        row = _select_with_feedback(state.owner_residual, chunk_sum(), 1, k, tensor.dtype)
         gathered = torch.empty(size * row.numel(), dtype=torch.uint8, device=row.device)
         with counted_as("all_reduce"):
             all_gather(gathered, row.view(-1), bucket=bucket)
