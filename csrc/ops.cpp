@@ -61,14 +61,14 @@ TORCH_LIBRARY(zero_ext, m) {
   // (uint8 [g, row_bytes]) in order, each q * scale rounded to out's dtype.
   m.def("dequantize_(Tensor(a!) out, Tensor packed, int bits, int block_size) -> ()");
   // Top-k sparsification with error feedback (Deep Gradient Compression), one call per send.
-  // residual v (fp32, 1-D contiguous) accumulates grad g (fp32 / bf16 / fp16, v's numel): v = v + g,
-  // or with momentum u (fp32, v's numel): u = u * momentum_factor + g * (1 - momentum_factor),
-  // v = v + u, in fp32, each operation rounded on its own. Then per chunk (v viewed [chunks, m])
-  // the k entries of largest |v| (NaN above inf above every finite value: kernels/topk_math.h;
-  // of equal magnitudes at the k-th, those of lowest index) are sent: returns uint8
-  // [chunks, k * (4 + value bytes)], each row k int32 indices within the chunk, ascending, then
-  // their values rounded to dtype (grad's dtype when None); each sent entry leaves the state:
-  // v[i] = v[i] - float(value[i]) (the rounding error stays) and u[i] = 0.
+  // residual v (fp32, 1-D contiguous) accumulates grad g (fp32 / bf16 / fp16, v's numel):
+  // v = v + g, or with momentum u (fp32, v's numel): u = u * momentum_factor + g * (1 -
+  // momentum_factor), v = v + u, in fp32, each operation rounded on its own. Per chunk (v viewed
+  // [chunks, m]) the k entries of largest |v| (NaN above inf above every finite value:
+  // kernels/topk_math.h; of equal magnitudes at the k-th, those of lowest index) are sent:
+  // returns uint8 [chunks, k * (4 + value bytes)], each row k int32 indices within the chunk,
+  // ascending, then their values rounded to dtype (grad's dtype when None); each sent entry
+  // leaves the state: v[i] = v[i] - float(value[i]) (the rounding error stays) and u[i] = 0.
   m.def(
       "topk_feedback_select(Tensor(a!) residual, Tensor grad, int chunks, int k, *, "
       "Tensor(b!)? momentum=None, float momentum_factor=0.0, ScalarType? dtype=None) -> Tensor");

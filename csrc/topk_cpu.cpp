@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cmath>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -53,8 +52,9 @@ void check_args(const at::Tensor& residual, const at::Tensor& grad, int64_t chun
                 at::ScalarType value_dtype) {
   check_fp32_state(residual, "residual", residual);
   check_flat_float(kOp, grad, "grad");
-  TORCH_CHECK_VALUE(grad.numel() == residual.numel(), kOp, ": expected grad to have residual's numel ",
-                    residual.numel(), ", got ", grad.numel());
+  TORCH_CHECK_VALUE(grad.numel() == residual.numel(), kOp,
+                    ": expected grad to have residual's numel ", residual.numel(), ", got ",
+                    grad.numel());
   check_same_device(kOp, grad, "grad", residual, "residual");
   TORCH_CHECK_VALUE(!share_memory(grad, residual), kOp,
                     ": grad and residual must not share memory (residual is updated in place)");
@@ -148,9 +148,142 @@ Boundary find_boundary_bin(std::vector<Unit>& units, const std::vector<uint32_t>
 }
 
 template <typename Fn>
-void for_each_unit(int64_t count, const Fn& fn) {
-  at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
+void for_each_unit(const std::vector<Unit>& units, const Fn& fn) {
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) fn(i);
+  });
+}
+
+// One call's tensors as raw pointers, and its sizes.
+struct Call {
+  float* v;
+  float* u;  // nullptr: no momentum
+  const char* g;
+  int64_t g_bytes;
+  kernels::ElementType g_type;
+  int64_t chunks;
+  int64_t m;
+  int64_t k;
+  kernels::ElementType value_type;
+  int64_t value_bytes;
+  int64_t row_bytes;
+  uint8_t* rows;
+};
+
+// The entries each unit collects in step 3: its slice of each list starts at its offsets.
+struct Candidates {
+  std::unique_ptr<int32_t[]> above;
+  std::unique_ptr<int32_t[]> boundary_index;
+  std::unique_ptr<uint32_t[]> boundary_key;
+};
+
+// Step 1: the units' histograms (kTopkBins counters each, one after another).
+std::vector<uint32_t> accumulate_and_count(const Call& call, const std::vector<Unit>& units,
+                                           double momentum_factor) {
+  std::vector<uint32_t> hist(units.size() * kernels::kTopkBins, 0);
+  const kernels::cpu::TopkAccumulateFn accumulate =
+      ZERO_EXT_CPU_KERNEL(kernels::cpu::topk_accumulate);
+  // Rounded to fp32 as ATen rounds a Python scalar multiplying an fp32 tensor.
+  const float factor = static_cast<float>(momentum_factor);
+  const float grad_weight = static_cast<float>(1.0 - momentum_factor);
+  for_each_unit(units, [&](int64_t i) {
+    const Unit& unit = units[i];
+    const int64_t first = unit.chunk * call.m + unit.begin;
+    accumulate({call.v + first, call.g + first * call.g_bytes, call.g_type,
+                call.u == nullptr ? nullptr : call.u + first, factor, grad_weight,
+                unit.end - unit.begin, hist.data() + i * kernels::kTopkBins});
+  });
+  return hist;
+}
+
+// Steps 2 and 3: each chunk's boundary bin, the units' slots in the lists, and the lists.
+std::vector<Boundary> collect_candidates(const Call& call, std::vector<Unit>& units,
+                                         const std::vector<uint32_t>& hist,
+                                         Candidates& candidates) {
+  std::vector<Boundary> boundaries(call.chunks);
+  int64_t n_above = 0;
+  int64_t n_boundary = 0;
+  for (int64_t c = 0; c < call.chunks; ++c) {
+    boundaries[c] = find_boundary_bin(units, hist, c, call.k);
+    for (Unit& unit : units) {
+      if (unit.chunk != c) continue;
+      unit.above_offset = n_above;
+      unit.boundary_offset = n_boundary;
+      n_above += unit.n_above + 1;  // + 1: collect's branch-free append writes one past
+      n_boundary += unit.n_boundary + 1;
+    }
+  }
+  candidates.above.reset(new int32_t[n_above]);
+  candidates.boundary_index.reset(new int32_t[n_boundary]);
+  candidates.boundary_key.reset(new uint32_t[n_boundary]);
+  const kernels::cpu::TopkCollectFn collect = ZERO_EXT_CPU_KERNEL(kernels::cpu::topk_collect);
+  for_each_unit(units, [&](int64_t i) {
+    const Unit& unit = units[i];
+    collect({call.v + unit.chunk * call.m + unit.begin, unit.end - unit.begin, unit.begin,
+             boundaries[unit.chunk].bin, candidates.above.get() + unit.above_offset,
+             candidates.boundary_index.get() + unit.boundary_offset,
+             candidates.boundary_key.get() + unit.boundary_offset});
+  });
+  return boundaries;
+}
+
+// Step 4: each chunk's threshold within its boundary bin, how its units share the ties at the
+// threshold (in index order) and where each unit's entries go in the packed row.
+void settle_boundaries(const Call& call, std::vector<Unit>& units,
+                       std::vector<Boundary>& boundaries, const Candidates& candidates) {
+  for (int64_t c = 0; c < call.chunks; ++c) {
+    Boundary& boundary = boundaries[c];
+    std::vector<uint32_t> keys;
+    keys.reserve(boundary.count);
+    for (const Unit& unit : units) {
+      if (unit.chunk != c) continue;
+      const uint32_t* first = candidates.boundary_key.get() + unit.boundary_offset;
+      keys.insert(keys.end(), first, first + unit.n_boundary);
+    }
+    std::nth_element(keys.begin(), keys.begin() + (boundary.wanted - 1), keys.end(),
+                     std::greater<uint32_t>());
+    boundary.threshold = keys[boundary.wanted - 1];
+  }
+  for_each_unit(units, [&](int64_t i) {
+    Unit& unit = units[i];
+    const uint32_t threshold = boundaries[unit.chunk].threshold;
+    const uint32_t* keys = candidates.boundary_key.get() + unit.boundary_offset;
+    for (int64_t j = 0; j < unit.n_boundary; ++j) {
+      unit.n_greater += keys[j] > threshold;
+      unit.n_equal += keys[j] == threshold;
+    }
+  });
+  for (int64_t c = 0; c < call.chunks; ++c) {
+    int64_t greater = 0;
+    for (const Unit& unit : units) greater += unit.chunk == c ? unit.n_greater : 0;
+    int64_t ties_left = boundaries[c].wanted - greater;
+    int64_t out = 0;
+    for (Unit& unit : units) {
+      if (unit.chunk != c) continue;
+      unit.ties = std::min(ties_left, unit.n_equal);
+      ties_left -= unit.ties;
+      unit.out_offset = out;
+      out += unit.n_above + unit.n_greater + unit.ties;
+    }
+    TORCH_INTERNAL_ASSERT(out == call.k && ties_left == 0, kOp, ": selected ", out, " of k = ",
+                          call.k);
+  }
+}
+
+// Step 5.
+void emit_rows(const Call& call, const std::vector<Unit>& units,
+               const std::vector<Boundary>& boundaries, const Candidates& candidates) {
+  const kernels::cpu::TopkEmitFn emit = ZERO_EXT_CPU_KERNEL(kernels::cpu::topk_emit);
+  for_each_unit(units, [&](int64_t i) {
+    const Unit& unit = units[i];
+    const int64_t first = unit.chunk * call.m;
+    uint8_t* row = call.rows + unit.chunk * call.row_bytes;
+    emit({call.v + first, call.u == nullptr ? nullptr : call.u + first,
+          candidates.above.get() + unit.above_offset, unit.n_above,
+          candidates.boundary_index.get() + unit.boundary_offset,
+          candidates.boundary_key.get() + unit.boundary_offset, unit.n_boundary,
+          boundaries[unit.chunk].threshold, unit.ties, row + 4 * unit.out_offset,
+          row + 4 * call.k + call.value_bytes * unit.out_offset, call.value_type});
   });
 }
 
@@ -166,108 +299,25 @@ at::Tensor topk_feedback_select_cpu(const at::Tensor& residual, const at::Tensor
   const int64_t row_bytes = kernels::topk_row_bytes(k, value_bytes);
   at::Tensor packed = at::empty({chunks, row_bytes}, residual.options().dtype(at::kByte));
   if (m == 0) return packed;
-
-  float* v = residual.data_ptr<float>();
-  float* u = momentum.has_value() ? momentum->data_ptr<float>() : nullptr;
-  const char* g = static_cast<const char*>(grad.const_data_ptr());
-  const int64_t g_bytes = grad.element_size();
-  const kernels::ElementType g_type = element_type(grad.scalar_type());
+  const Call call{residual.data_ptr<float>(),
+                  momentum.has_value() ? momentum->data_ptr<float>() : nullptr,
+                  static_cast<const char*>(grad.const_data_ptr()),
+                  grad.element_size(),
+                  element_type(grad.scalar_type()),
+                  chunks,
+                  m,
+                  k,
+                  element_type(value_dtype),
+                  value_bytes,
+                  row_bytes,
+                  packed.data_ptr<uint8_t>()};
   std::vector<Unit> units = make_units(chunks, m);
-  const int64_t n_units = static_cast<int64_t>(units.size());
-
-  // 1. Accumulate and count.
-  std::vector<uint32_t> hist(units.size() * kernels::kTopkBins, 0);
-  const kernels::cpu::TopkAccumulateFn accumulate =
-      ZERO_EXT_CPU_KERNEL(kernels::cpu::topk_accumulate);
-  const float factor = static_cast<float>(momentum_factor);
-  const float grad_weight = static_cast<float>(1.0 - momentum_factor);
-  for_each_unit(n_units, [&](int64_t i) {
-    const Unit& unit = units[i];
-    const int64_t first = unit.chunk * m + unit.begin;
-    accumulate({v + first, g + first * g_bytes, g_type, u == nullptr ? nullptr : u + first, factor,
-                grad_weight, unit.end - unit.begin, hist.data() + i * kernels::kTopkBins});
-  });
-  if (k == 0) return packed;
-
-  // 2. Boundary bins, and each unit's slots in the shared lists.
-  std::vector<Boundary> boundaries(chunks);
-  int64_t n_above = 0;
-  int64_t n_boundary = 0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    boundaries[c] = find_boundary_bin(units, hist, c, k);
-    for (Unit& unit : units) {
-      if (unit.chunk != c) continue;
-      unit.above_offset = n_above;
-      unit.boundary_offset = n_boundary;
-      n_above += unit.n_above + 1;  // + 1: collect's branch-free append writes one past
-      n_boundary += unit.n_boundary + 1;
-    }
-  }
-  std::unique_ptr<int32_t[]> above(new int32_t[n_above]);
-  std::unique_ptr<int32_t[]> boundary_index(new int32_t[n_boundary]);
-  std::unique_ptr<uint32_t[]> boundary_key(new uint32_t[n_boundary]);
-
-  // 3. Collect.
-  const kernels::cpu::TopkCollectFn collect = ZERO_EXT_CPU_KERNEL(kernels::cpu::topk_collect);
-  for_each_unit(n_units, [&](int64_t i) {
-    const Unit& unit = units[i];
-    collect({v + unit.chunk * m + unit.begin, unit.end - unit.begin, unit.begin,
-             boundaries[unit.chunk].bin, above.get() + unit.above_offset,
-             boundary_index.get() + unit.boundary_offset,
-             boundary_key.get() + unit.boundary_offset});
-  });
-
-  // 4. Each chunk's threshold within its boundary bin, and how the units share its ties.
-  for (int64_t c = 0; c < chunks; ++c) {
-    Boundary& boundary = boundaries[c];
-    std::vector<uint32_t> keys;
-    keys.reserve(boundary.count);
-    for (const Unit& unit : units) {
-      if (unit.chunk != c) continue;
-      const uint32_t* first = boundary_key.get() + unit.boundary_offset;
-      keys.insert(keys.end(), first, first + unit.n_boundary);
-    }
-    std::nth_element(keys.begin(), keys.begin() + (boundary.wanted - 1), keys.end(),
-                     std::greater<uint32_t>());
-    boundary.threshold = keys[boundary.wanted - 1];
-  }
-  for_each_unit(n_units, [&](int64_t i) {
-    Unit& unit = units[i];
-    const uint32_t threshold = boundaries[unit.chunk].threshold;
-    const uint32_t* keys = boundary_key.get() + unit.boundary_offset;
-    for (int64_t j = 0; j < unit.n_boundary; ++j) {
-      unit.n_greater += keys[j] > threshold;
-      unit.n_equal += keys[j] == threshold;
-    }
-  });
-  for (int64_t c = 0; c < chunks; ++c) {
-    int64_t greater = 0;
-    for (const Unit& unit : units) greater += unit.chunk == c ? unit.n_greater : 0;
-    int64_t ties_left = boundaries[c].wanted - greater;
-    int64_t out = 0;
-    for (Unit& unit : units) {
-      if (unit.chunk != c) continue;
-      unit.ties = std::min(ties_left, unit.n_equal);
-      ties_left -= unit.ties;
-      unit.out_offset = out;
-      out += unit.n_above + unit.n_greater + unit.ties;
-    }
-    TORCH_INTERNAL_ASSERT(out == k && ties_left == 0, kOp, ": selected ", out, " of k = ", k);
-  }
-
-  // 5. Emit.
-  uint8_t* rows = packed.data_ptr<uint8_t>();
-  const kernels::ElementType value_type = element_type(value_dtype);
-  const kernels::cpu::TopkEmitFn emit = ZERO_EXT_CPU_KERNEL(kernels::cpu::topk_emit);
-  for_each_unit(n_units, [&](int64_t i) {
-    const Unit& unit = units[i];
-    uint8_t* row = rows + unit.chunk * row_bytes;
-    emit({v + unit.chunk * m, u == nullptr ? nullptr : u + unit.chunk * m,
-          above.get() + unit.above_offset, unit.n_above,
-          boundary_index.get() + unit.boundary_offset, boundary_key.get() + unit.boundary_offset,
-          unit.n_boundary, boundaries[unit.chunk].threshold, unit.ties,
-          row + 4 * unit.out_offset, row + 4 * k + value_bytes * unit.out_offset, value_type});
-  });
+  const std::vector<uint32_t> hist = accumulate_and_count(call, units, momentum_factor);
+  if (k == 0) return packed;  // the gradient is kept for a later send
+  Candidates candidates;
+  std::vector<Boundary> boundaries = collect_candidates(call, units, hist, candidates);
+  settle_boundaries(call, units, boundaries, candidates);
+  emit_rows(call, units, boundaries, candidates);
   return packed;
 }
 

@@ -86,7 +86,7 @@ def _state(n, gen, dtype=torch.bfloat16):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(dtype, momentum):
     gen = torch.Generator().manual_seed(1)
-    for chunks, m in [(1, 1237), (2, 1001), (3, 777), (4, 4099), (2, 70_001)]:
+    for chunks, m in [(1, 1237), (2, 1001), (3, 777), (4, 4099), (2, 20_011)]:
         v, g, u = _state(chunks * m, gen, dtype)
         u = u if momentum else None
         for k in sorted({1, math.ceil(0.01 * m), m // 3, m}):
@@ -164,8 +164,9 @@ def test_threads_and_units_do_not_change_results():
     gen = torch.Generator().manual_seed(4)
     chunks, m = 2, 300_007
     v, g, u = _state(chunks * m, gen)
-    v[::3] = 0.5
+    v[::3] = 0.5  # a third of the entries tie at 0.5 (k = 3000 takes the first of them)
     g[::3] = 0
+    u[::3] = 0
     previous = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
