@@ -1,5 +1,6 @@
 // The passes of top-k selection with error feedback over one unit: at::vec SIMD for the fp32
-// accumulation, plain loops the compiler vectorizes for the keys, scalar histogram counts.
+// accumulation and for the test that finds the few candidates of a vector (its lanes as a bit
+// mask), plain loops the compiler vectorizes for the keys, scalar histogram counts.
 //
 // setup.py compiles this file once per instruction set with -DCPU_CAPABILITY=<ISA> (and
 // -ffp-contract=off: u * m + g * w rounds each product and the sum, in the SIMD body and the
@@ -104,10 +105,6 @@ void accumulate_unit(const TopkAccumulate& a) {
   }
 }
 
-// Entries per test of a block for candidates (a vectorized or-reduction): at 1% density about
-// one block in five holds one, which then takes the branch-free appends below.
-constexpr int64_t kCollectBlock = 16;
-
 // How far ahead the emit loop prefetches the residual (and momentum) entries it will update:
 // at 1% density consecutive entries lie a few cache lines apart, beyond what the hardware
 // prefetchers follow.
@@ -191,15 +188,22 @@ void ZERO_EXT_ISA_FN(topk_collect)(const TopkCollect& a) {
     a.boundary_key[n_boundary] = key;
     n_boundary += (key >= low) & (key < high);
   };
-  int64_t begin = 0;
-  for (; begin + kCollectBlock <= a.n; begin += kCollectBlock) {
-    const float* v = a.v + begin;
-    uint32_t any = 0;
-    for (int64_t t = 0; t < kCollectBlock; ++t) any |= magnitude_key(v[t]) >= low;
-    if (!any) continue;
-    for (int64_t t = begin; t < begin + kCollectBlock; ++t) append(t);
+  // A vector at a time, the lanes that may hold a candidate as a bit mask: not |v| < the bin's
+  // smallest magnitude (NaN compares false, so it is a candidate). The integer keys decide:
+  // the mask only has to hold every candidate (with denormals flushed to zero it may hold a
+  // subnormal below the bin too, which then counts nowhere).
+  float smallest;
+  std::memcpy(&smallest, &low, sizeof(float));
+  const Vec vsmallest(smallest);
+  int64_t t = 0;
+  for (; t + kWidth <= a.n; t += kWidth) {
+    int mask = (Vec::loadu(a.v + t).abs() < vsmallest).zero_mask();
+    while (mask != 0) {
+      append(t + __builtin_ctz(mask));
+      mask &= mask - 1;
+    }
   }
-  for (; begin < a.n; ++begin) append(begin);
+  for (; t < a.n; ++t) append(t);
 }
 
 void ZERO_EXT_ISA_FN(topk_emit)(const TopkEmit& a) {
