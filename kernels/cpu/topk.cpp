@@ -153,9 +153,7 @@ void take_selected(const TopkEmit& a, int64_t count) {
     const T rounded = static_cast<T>(x);
     std::memcpy(a.value_out + sizeof(T) * j, &rounded, sizeof(T));
     a.v[i] = x - static_cast<float>(rounded);
-  }
-  if (a.u != nullptr) {
-    for (int64_t j = 0; j < count; ++j) a.u[index_at(j)] = 0.0f;
+    if (a.u != nullptr) a.u[i] = 0.0f;  // the same way every time: predicted
   }
 }
 
