@@ -21,7 +21,7 @@ as any small change of the run is: for that floor the table also shows how far u
 stage 2 and stage 3 end apart (the same mathematics, reduced in another order), and for scale
 uncompressed stage 2 started from other random weights (--noise-seeds).
 
-    python benchmarks/compression_convergence.py                   # ~30 min on 2 idle cores
+    python benchmarks/compression_convergence.py                   # ~20 min on 2 idle cores
     python benchmarks/compression_convergence.py --steps 60 --ranks 2 --stages 2
     python benchmarks/compression_convergence.py --only top-k --noise-seeds ''   # + bf16 rows
 
