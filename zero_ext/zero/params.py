@@ -310,39 +310,9 @@ class PartitionedParameters:
         self.units: list[GatherUnit] = []
         self._unit_of_layout: dict[int, GatherUnit] = {}
         self._grad_accumulators: list = []  # see _gather_before_accumulating
-        with torch.no_grad():
-            for module, layouts in units:
-                unit_params = [[params[s.param_index] for s in layout.slots] for layout in layouts]
-                if any(p.is_meta for members in unit_params for p in members):
-                    # Built under zero_ext.Init: this unit exists in full only from here to
-                    # the release below.
-                    materialize(root, list(module.modules()), set(), device, dtype)
-                shards = []
-                for layout, members in zip(layouts, unit_params):
-                    flat = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
-                    for slot, param in zip(layout.slots, members):
-                        flat[slot.offset:slot.offset + slot.numel].copy_(param.data.reshape(-1))
-                    start, end = layout.shard_range(rank)
-                    if offload:
-                        shard = host_buffer(layout.shard_numel, dtype, pin)
-                        shards.append(shard.copy_(flat[start:end]))
-                    else:
-                        shards.append(flat[start:end].clone())
-                unit = GatherUnit(module, layouts, unit_params, shards, [None] * len(layouts))
-                self.units.append(unit)
-                for layout in layouts:
-                    self._unit_of_layout[layout.index] = unit
-                self._gather_before_accumulating(unit)
-                self.release(unit)
-        for unit in self.units:
-            for module in unit.module.modules():
-                # Subclasses, and instances whose forward something replaced (a checkpointed
-                # block, whose forward saves nothing until its replay), keep their own; under a
-                # wrapper that falls back to the plain forward (zero_ext.fused's loss head), the
-                # fallback is replaced.
-                if type(module) is nn.Linear and getattr(
-                        plain_forward(module), "__func__", None) is nn.Linear.forward:
-                    replace_plain_forward(module, _partitioned_linear_forward.__get__(module))
+        for module, layouts in units:
+            self._partition_unit(module, layouts, params, pin)
+        self._partition_linear_forwards()
         self._unit_of_param = {id(p): unit for unit in self.units for members in unit.params
                                for p in members}
         self.secondary = None
@@ -361,6 +331,45 @@ class PartitionedParameters:
             for module in root.modules():  # declared before initialize (e.g. in constructors)
                 for param in module.__dict__.pop("_zero_ext_external_params", []):
                     self.register_external_parameter(module, param)
+
+    @torch.no_grad()
+    def _partition_unit(self, module: nn.Module, layouts: list[BucketLayout],
+                        params: list[nn.Parameter], pin: bool) -> None:
+        """One unit: its parameters flattened into its buckets, this rank's shard of each kept
+        (in host memory under offload_param), then released. A unit built under zero_ext.Init
+        exists in full only from its materialization here to that release."""
+        unit_params = [[params[s.param_index] for s in layout.slots] for layout in layouts]
+        if any(p.is_meta for members in unit_params for p in members):
+            materialize(self.root, list(module.modules()), set(), self.device, self.dtype)
+        shards = []
+        for layout, members in zip(layouts, unit_params):
+            flat = torch.zeros(layout.padded_numel, dtype=self.dtype, device=self.device)
+            for slot, param in zip(layout.slots, members):
+                flat[slot.offset:slot.offset + slot.numel].copy_(param.data.reshape(-1))
+            start, end = layout.shard_range(self.rank)
+            if self.offload:
+                shard = host_buffer(layout.shard_numel, self.dtype, pin)
+                shards.append(shard.copy_(flat[start:end]))
+            else:
+                shards.append(flat[start:end].clone())
+        unit = GatherUnit(module, layouts, unit_params, shards, [None] * len(layouts))
+        self.units.append(unit)
+        for layout in layouts:
+            self._unit_of_layout[layout.index] = unit
+        self._gather_before_accumulating(unit)
+        self.release(unit)
+
+    def _partition_linear_forwards(self) -> None:
+        """The units' plain nn.Linear modules compute through _partitioned_linear_forward, which
+        lets the release free the weight. Subclasses, and instances whose forward something
+        replaced (a checkpointed block, whose forward saves nothing until its replay), keep
+        their own; under a wrapper that falls back to the plain forward (zero_ext.fused's loss
+        head), the fallback is replaced."""
+        for unit in self.units:
+            for module in unit.module.modules():
+                if type(module) is nn.Linear and getattr(
+                        plain_forward(module), "__func__", None) is nn.Linear.forward:
+                    replace_plain_forward(module, _partitioned_linear_forward.__get__(module))
 
     def _gather_before_accumulating(self, unit: GatherUnit) -> None:
         """A gradient reaching a parameter of a released unit (its use was gathered outside any
