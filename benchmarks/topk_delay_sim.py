@@ -10,7 +10,9 @@ the residual r += g, the selected entries of r are the step's gradient and leave
 
 Selection (--mode): "global" (top-k of |r| over all parameters, what zero_ext's per-bucket
 selection approximates), "pertensor" (top-k within each tensor: DGC's per-layer choice),
-"precond" (top-k of |r| / sqrt(v): the entries Adam would move most), "dense" (plain AdamW
+"precond" (top-k of |r| / sqrt(v): the entries Adam would move most), "momentum" (as global,
+but the residual accumulates Adam's momentum and what is sent becomes the momentum: 1-bit
+Adam's compressed momentum with top-k for the sign), "dense" (plain AdamW
 throughout: no top-k, no frozen variance; "global" at --density 1 is dense with the variance
 frozen). --oracle-variance keeps v following the dense
 gradient after the freeze; --lr-mult scales the learning rate once sparse. Prints the loss over
@@ -56,7 +58,7 @@ def select(mode: str, residual: list[torch.Tensor], variance: list[torch.Tensor]
             k = max(1, math.ceil(density * r.numel()))
             masks.append(r.abs() >= r.abs().flatten().topk(k).values[-1])
         return masks
-    if mode == "precond":
+    if mode == "precond":  # "momentum" selects as "global", from its momentum residual
         score = torch.cat([(r / (v.sqrt() + EPS)).flatten().abs()
                            for r, v in zip(residual, variance)])
     else:
@@ -71,7 +73,7 @@ def select(mode: str, residual: list[torch.Tensor], variance: list[torch.Tensor]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("global", "pertensor", "precond", "dense"),
+    parser.add_argument("--mode", choices=("global", "pertensor", "precond", "momentum", "dense"),
                         default="global")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--dense-steps", type=int, default=30)
@@ -113,8 +115,11 @@ def main() -> None:
                     m[i] /= 1 - b1 ** step
                     v[i] /= 1 - b2 ** step
                 frozen = True
-            for r, g in zip(residual, dense):
-                r += g
+            for i, g in enumerate(dense):
+                # "momentum": the residual takes Adam's momentum as this step would make it,
+                # and what is sent becomes the momentum (1-bit Adam's error-compensated
+                # momentum, with top-k in place of the sign)
+                residual[i] += m[i] * b1 + g * (1 - b1) if args.mode == "momentum" else g
             masks = select(args.mode, residual, v, args.density)
             grads = [torch.where(mask, r, 0) for mask, r in zip(masks, residual)]
             for r, mask in zip(residual, masks):
@@ -127,7 +132,10 @@ def main() -> None:
                 g = grads[i] * clip
                 if p.dim() >= 2:
                     p.mul_(1 - lr * WEIGHT_DECAY)
-                m[i].mul_(b1).add_(g, alpha=1 - b1)
+                if args.mode == "momentum" and frozen:
+                    m[i].copy_(g)
+                else:
+                    m[i].mul_(b1).add_(g, alpha=1 - b1)
                 if frozen:
                     if args.oracle_variance:
                         v[i].mul_(b2).addcmul_(dense[i], dense[i], value=1 - b2)
