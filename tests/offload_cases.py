@@ -17,7 +17,7 @@ import torch
 
 import zero_ext
 from zero_ext import comm
-from zero_ext.zero import offload
+from zero_ext.zero import offload, reporting
 
 import engine_cases
 
@@ -317,7 +317,7 @@ def timing_cases() -> dict:
         timings = engine.offload.timings(reset=False)
         report = io.StringIO()
         with contextlib.redirect_stdout(report):
-            engine._report()  # what every steps_per_print-th step prints
+            reporting.report(engine)  # what every steps_per_print-th step prints
         out[clip] = {"timings": timings, "shards": len(engine.optimizer.shards),
                      "report": report.getvalue(), "after_report": engine.offload.timings()}
     return out

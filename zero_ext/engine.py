@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
@@ -34,7 +33,7 @@ from zero_ext.config import ZeroConfig
 from zero_ext.elastic_sampler import ElasticSampler
 from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
-from zero_ext.zero import offload, placement
+from zero_ext.zero import offload, placement, reporting
 from zero_ext.zero.agreement import StepAgreement, backward_count_error
 from zero_ext.zero.buckets import GradientBuckets
 from zero_ext.zero.compression import GradientCompression
@@ -44,38 +43,6 @@ from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
 from zero_ext.zero.params import PartitionedParameters, check_initializers, materialize
 
 __all__ = ["DynamicLossScaler", "ZeroEngine"]
-
-
-class _Timers:
-    """Wall-clock totals per phase since the last report (wall_clock_breakdown)."""
-
-    def __init__(self, enabled: bool, device: torch.device):
-        self.enabled = enabled
-        self.device = device
-        self.totals: dict[str, float] = {}
-
-    def time(self, name: str):
-        timers = self
-
-        class _Span:
-            def __enter__(self):
-                if timers.enabled and timers.device.type == "cuda":
-                    torch.cuda.synchronize(timers.device)
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if timers.enabled:
-                    if timers.device.type == "cuda":
-                        torch.cuda.synchronize(timers.device)
-                    timers.totals[name] = timers.totals.get(name, 0.0) + (
-                        time.perf_counter() - self.start)
-
-        return _Span()
-
-    def report(self) -> str:
-        text = "  ".join(f"{k} {1e3 * v:.1f}ms" for k, v in self.totals.items())
-        self.totals.clear()
-        return text
 
 
 def _structure_signature(params: list[tuple[str, nn.Parameter]]) -> int:
@@ -116,7 +83,7 @@ class ZeroEngine(nn.Module):
         self.device = self._pick_device(model)
         self._place_model()
         self.comm_dtype = config.comm_dtype or self.model_dtype
-        self._timers = _Timers(config.wall_clock_breakdown, self.device)
+        self._timers = reporting.PhaseTimers(config.wall_clock_breakdown, self.device)
         self.checkpoint_states = RegisteredStates()  # saved with every checkpoint
         self._periodic_checkpoints = elastic.periodic_checkpoints(self)
 
@@ -454,10 +421,7 @@ class ZeroEngine(nn.Module):
         with self._timers.time("step"):
             self._optimizer_step(backwards)
         self.global_steps += 1
-        self.monitor.step(self.global_steps, self._last_loss, self.get_lr()[0])
-        if (self.config.steps_per_print and not self.monitor.external
-                and self.global_steps % self.config.steps_per_print == 0):
-            self._report()
+        reporting.after_step(self)  # the bar, every steps_per_print steps the report line
         if self._periodic_checkpoints is not None:
             self._periodic_checkpoints.after_step()
 
@@ -592,7 +556,7 @@ class ZeroEngine(nn.Module):
         for unit in units:
             self.partitioned.release(unit)
 
-    # -- reporting --------------------------------------------------------------------------
+    # -- reporting (zero/reporting.py) ------------------------------------------------------
     def get_global_grad_norm(self) -> float | None:
         """The global gradient norm of the last boundary step (before clipping), or None."""
         return self._global_grad_norm
@@ -613,26 +577,20 @@ class ZeroEngine(nn.Module):
         the same on every rank: zero_ext/samples_per_s, tokens_per_s and tflops_per_rank
         (when token ids were counted), peak_memory_gib (the largest rank's) and
         peak_memory_gib_rank<r>, loss_scale (fp16), skipped_steps, grad_norm (last step)."""
-        out = self.monitor.metrics()
-        if self.loss_scaler is not None:
-            out["zero_ext/loss_scale"] = float(self.loss_scaler.scale)
-        out["zero_ext/skipped_steps"] = float(self.skipped_steps)
-        if self._global_grad_norm is not None:
-            out["zero_ext/grad_norm"] = float(self._global_grad_norm)
-        return out
+        return reporting.training_metrics(self)
 
-    def _report(self) -> None:
-        """Collective (every rank gives its peak memory): rank 0 prints the report line."""
-        loss = self._last_loss.float().item() if self._last_loss is not None else float("nan")
-        breakdown = self._timers.report() if self.config.wall_clock_breakdown else None
-        if breakdown is not None and self.offload is not None:
-            breakdown += f"  {self.offload.timings()}"
-        line = self.monitor.report(
-            global_step=self.global_steps, loss=loss, lr=self.get_lr()[0],
-            grad_norm=self._global_grad_norm,
-            loss_scale=self.loss_scaler.scale if self.loss_scaler else None, breakdown=breakdown)
-        if line is not None:
-            print(line, flush=True)
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes held on this rank now: model parameters (flat buffers), gradients, and
+        optimizer state (fp32 master weights that do not alias the model, moments), wherever
+        they live; under offload_optimizer also "offload_buffers". memory_by_location() splits
+        the total into host and device."""
+        return reporting.memory_breakdown(self)
+
+    def memory_by_location(self) -> dict[str, int]:
+        """memory_breakdown()'s total split by where it lives: "host" (what offload_optimizer
+        and offload_param put in host memory) and "device" (the rest; on a machine without a
+        GPU both are CPU memory)."""
+        return reporting.memory_by_location(self)
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, save_dir: str, tag=None, client_state=None,
@@ -717,43 +675,6 @@ class ZeroEngine(nn.Module):
         if self.optimizer.freeze_variance() and self.rank == 0:
             print(f"[zero_ext] step {self.global_steps}: dense warm-up over, Adam's second "
                   "moment frozen, top-k gradients from here on", flush=True)
-
-    def memory_breakdown(self) -> dict[str, int]:
-        """Bytes held on this rank now: model parameters (flat buffers), gradients, and
-        optimizer state (fp32 master weights that do not alias the model, moments), wherever
-        they live; under offload_optimizer also "offload_buffers". memory_by_location() splits
-        the total into host and device."""
-        params = sum(f.numel() * f.element_size() for f in self.flat_params)
-        if self.partitioned is not None:
-            params += self.partitioned.nbytes()
-        if self.replicated_optimizer is None:
-            state = self.optimizer.nbytes()
-        else:
-            state = {"optimizer": sum(t.numel() * t.element_size()
-                                      for per_param in self.optimizer.state.values()
-                                      for t in per_param.values() if torch.is_tensor(t))}
-        breakdown = {"params": params, "grads": self.grad_buckets.nbytes(), **state}
-        compression = sum(t.numel() * t.element_size()
-                          for feedback in self.compression.feedback.values()
-                          for t in feedback.tensors().values())
-        if compression:  # error-feedback residuals, top-k state (zero/compression.py)
-            breakdown["compression"] = compression
-        if self.offload is not None:
-            # Host gradient copies and 16-bit upload buffers: values still sum to the total.
-            breakdown["offload_buffers"] = self.offload.host_nbytes()
-        return breakdown
-
-    def memory_by_location(self) -> dict[str, int]:
-        """memory_breakdown()'s total split by where it lives: "host" (what offload_optimizer
-        and offload_param put in host memory) and "device" (the rest; on a machine without a
-        GPU both are CPU memory)."""
-        breakdown = self.memory_breakdown()
-        host = breakdown.get("offload_buffers", 0)
-        if self.offload_optimizer:
-            host += sum(self.optimizer.nbytes(self.offload.shards).values())
-        if self.offload_param:
-            host += self.partitioned.shard_nbytes()
-        return {"device": sum(breakdown.values()) - host, "host": host}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The complete model state dict as CPU tensors, on every rank (collective at stage 3,
