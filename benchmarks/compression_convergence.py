@@ -6,8 +6,9 @@ their compression section:
   - int4 gradients with error feedback             goal: within 2%
   - int4 gradients without error feedback          the gap error feedback closes (no goal)
   - top-k 1% with error feedback (stage 2; top-k is refused at stage 3), after 30 dense steps
-    with Adam's second moment then frozen (freeze_variance), momentum correction 0
-                                                   goal: within 3%
+    with Adam's second moment then frozen (freeze_variance), sending Adam's momentum
+    (compress_momentum)                            goal: within 3%
+  - the same top-k sending the gradient (compress_momentum off)      (no goal)
   - the same top-k sparse from the first step, variance not frozen   (no goal)
 A run meets its goal when its final loss is at most that much above the uncompressed one
 (ending lower is no miss). The text is this Python's own stdlib argparse.py (~100 KB of prose
@@ -57,6 +58,7 @@ RUNS = {
         ("int4+EF", "zero2_compress_int4_ef.json", None),
         ("int4", "zero2_compress_int4_ef.json", "no_ef"),
         ("top-k 1%+EF", "zero2_compress_topk.json", None),
+        ("top-k 1% gradient", "zero2_compress_topk.json", "gradient"),
         ("top-k 1% plain", "zero2_compress_topk.json", "no_warmup")],
     3: [("bf16", "zero3_compress_int8.json", "uncompressed"),
         ("int8+w8", "zero3_compress_int8.json", None),
@@ -65,6 +67,7 @@ RUNS = {
 }
 GOALS = {"int8": 0.01, "int8+w8": 0.01, "int4+EF": 0.02, "top-k 1%+EF": 0.03}
 NO_GOAL = {"int4": "(no goal: what error feedback closes)",
+           "top-k 1% gradient": "(no goal: what sending the momentum closes)",
            "top-k 1% plain": "(no goal: what the dense warm-up and frozen variance close)"}
 _FINAL = re.compile(r"stage (\d), (\d+) rank\(s\), (\d+) steps .*loss ([\d.]+) -> ([\d.]+)")
 
@@ -78,9 +81,11 @@ def _config(name: str, change: str | None, args, ranks: int, directory: str) -> 
         del config["zero_ext"]["compression"]
     elif change == "no_ef":
         config["zero_ext"]["compression"]["gradients"]["error_feedback"] = False
+    elif change == "gradient":  # the gradient sent, not Adam's momentum
+        config["zero_ext"]["compression"]["gradients"]["compress_momentum"] = False
     elif change == "no_warmup":  # sparse from the first step, Adam's variance not frozen
-        config["zero_ext"]["compression"]["gradients"].update(warmup_steps=0,
-                                                               freeze_variance=False)
+        config["zero_ext"]["compression"]["gradients"].update(
+            warmup_steps=0, freeze_variance=False, compress_momentum=False)
     micro, rest = divmod(args.batch, config["gradient_accumulation_steps"] * ranks)
     if rest or not micro:
         raise SystemExit(f"--batch {args.batch}: not a multiple of {ranks} ranks x "

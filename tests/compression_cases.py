@@ -307,6 +307,67 @@ def frozen_variance(stage: int, steps: int = 5) -> dict:
     return {"steps": out, "params": host_params(model, engine)}
 
 
+COMPRESSED_MOMENTUM = {"method": "topk", "density": 0.25, "warmup_steps": 2,
+                       "freeze_variance": True, "compress_momentum": True}
+
+
+def compressed_momentum(stage: int, accumulation: int, steps: int = 4) -> dict:
+    """Top-k sending Adam's momentum (2 dense steps, then sparse), every reduction recorded
+    with the sum of squares of the raw gradients it was made from (the gradients as autograd
+    left them, hooked before the engine's own hooks), and after each step the first moment of
+    every shard, the groups and the gradient norm."""
+    model = build_model()
+    latest: dict[int, torch.Tensor] = {}
+    for p in (p for p in model.parameters() if p.requires_grad):
+        p.register_post_accumulate_grad_hook(
+            lambda p: latest.__setitem__(id(p), p.grad.detach().clone()))
+    engine, _, _, _ = zero_ext.initialize(
+        model=model, config=config(stage, "fp32", accumulation=accumulation,
+                                   gradients=COMPRESSED_MOMENTUM),
+        model_parameters=param_groups(model))
+    spy = ReductionSpy(engine)
+    recorded = engine.compression.reduce
+
+    def reduce(flat, out, bucket):
+        params = engine.grad_buckets.buckets[bucket].params
+        spy_call = recorded(flat, out, bucket)
+        spy.calls[-1]["raw_sq"] = float(sum(latest[id(p)].double().square().sum()
+                                            for p in params if id(p) in latest))
+        return spy_call
+
+    engine.compression.reduce = reduce
+    after_step = []
+    for step in range(steps):
+        for micro in range(accumulation):
+            latest.clear()
+            _step(engine, step * accumulation + micro)
+            spy.settle()
+            if micro < accumulation - 1:
+                engine.step()
+        engine.step()
+        after_step.append({
+            "exp_avg": {s.layout.index: s.exp_avg.clone() for s in engine.optimizer.shards},
+            "groups": [(tuple(g["betas"]), g["bias_correction"], g.get("compressed_beta1"))
+                       for g in engine.optimizer.param_groups],
+            "norm": engine.get_global_grad_norm()})
+    return {"calls": spy.calls, "after_step": after_step, "world_size": comm.world_size(),
+            "rank": comm.rank()}
+
+
+def torch_optimizer_refused() -> str:
+    """compress_momentum with a torch optimizer stage 0 runs as it is (SGD; an AdamW would be
+    adopted): initialize's error."""
+    model = build_model()
+    cfg = config(0, "fp32", gradients=COMPRESSED_MOMENTUM)
+    del cfg["optimizer"]
+    try:
+        zero_ext.initialize(model=model, config=cfg,
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def two_ranks() -> dict:
     """Every case at world size 2."""
     return {
@@ -327,6 +388,9 @@ def two_ranks() -> dict:
         "topk": reductions(2, "fp32", steps=3,
                            gradients={"method": "topk", "density": 0.25, "momentum": 0.5}),
         "stage0 topk": stage0_topk(),
+        "momentum stage 2": compressed_momentum(2, accumulation=2),
+        "momentum stage 0": compressed_momentum(0, accumulation=1),
+        "momentum with a torch optimizer": torch_optimizer_refused(),
         "traffic": _traffic_cases(),
         "qwZ": quantized_weights(),
     }
@@ -353,3 +417,4 @@ def four_ranks() -> dict:
         "qwZ hierarchical": quantized_weights(hierarchical_allgather=True),
     }
     return out
+

@@ -28,6 +28,10 @@ CASES = {
                                                "momentum": 0.9}}, None),
     "topk_stage0": (0, {"gradients": {"method": "topk", "density": 0.1, "momentum": 0.0}},
                     None),
+    # Adam's momentum sent (2 dense steps, then sparse): the save follows one carried step.
+    "topk_compressed_momentum_stage2": (2, {"gradients": {
+        "method": "topk", "density": 0.1, "warmup_steps": 2, "freeze_variance": True,
+        "compress_momentum": True}}, None),
     # Last: two simulated nodes (two-hop residuals), stage 3 with quantized weights too.
     "int8_ef_stage3_two_nodes": (3, {"gradients": {"method": "int8", "error_feedback": True,
                                                    "block_size": 16},

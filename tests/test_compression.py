@@ -369,6 +369,109 @@ def test_stage0_topk_gives_every_rank_the_same_gradient():
             assert torch.equal(record["out"], expected), record["bucket"]
 
 
+def _momentum_reference(results: list[dict], key: str) -> list[tuple[dict, torch.Tensor]]:
+    """compress_momentum (COMPRESSED_MOMENTUM: density 0.25, 2 dense steps, beta1 0.9) in
+    plain torch, from each rank's recorded inputs: per rank a residual v; at the first sparse
+    step the owner of each chunk adds beta1 x its bias-corrected first moment; each reduction
+    v += input, per chunk the k largest |v| are sent and leave v (stage 0: to the chunk's
+    owner, who adds its own residual and sends on its k largest); after each step beta1 of all
+    that was delivered (at stage 0 by the owners) returns to where it left. Returns (record,
+    expected output) pairs for every rank's record."""
+    beta1, warmup, density = 0.9, 2, 0.25
+    world = len(results)
+    stage0 = key.endswith("0")
+    calls = _calls(results, key)
+    residual = [{} for _ in range(world)]
+    owner: dict[tuple[int, int], torch.Tensor] = {}
+    carries: list[tuple[dict, object, torch.Tensor]] = []
+    pairs, step, seeded = [], None, set()
+    for call in calls + [None]:
+        if call is None or call[0]["step"] != step:
+            for store, where, sent in carries:  # the step's end
+                store[where] += beta1 * sent
+            carries.clear()
+            if call is None:
+                break
+            step = call[0]["step"]
+        bucket = call[0]["bucket"]
+        n = call[0]["flat"].numel()
+        m = n // world
+        if step == warmup and bucket not in seeded:  # the freeze
+            seeded.add(bucket)
+            for rank in range(world):
+                moment = results[rank][key]["after_step"][warmup - 1]["exp_avg"][bucket]
+                moment = moment.view(-1) / (1 - beta1 ** warmup)
+                if stage0:
+                    owner[(bucket, rank)] = beta1 * moment.view(world, m)[rank]
+                else:
+                    residual[rank][bucket].view(world, m)[rank] += beta1 * moment
+        sends = []
+        for rank, record in enumerate(call):
+            v = residual[rank].setdefault(bucket, torch.zeros(n))
+            v += record["flat"]
+            sent = torch.zeros(n)
+            k = m if step < warmup else math.ceil(density * m)
+            for chunk in range(world):
+                part = v[chunk * m:(chunk + 1) * m]
+                index = part.abs().topk(k).indices
+                sent[chunk * m + index] = part[index]
+                part[index] = 0
+            if step >= warmup and not stage0:
+                carries.append((residual[rank], bucket, sent))
+            sends.append(sent)
+        expected = torch.zeros(n)
+        for chunk in range(world):
+            part = slice(chunk * m, (chunk + 1) * m)
+            total = sum(s[part] for s in sends)
+            if stage0 and step >= warmup:  # the owner's second selection
+                total = total + owner[(bucket, chunk)]
+                index = total.abs().topk(math.ceil(density * m)).indices
+                delivered = torch.zeros(m)
+                delivered[index] = total[index]
+                owner[(bucket, chunk)] = total - delivered
+                carries.append((owner, (bucket, chunk), delivered))
+                total = delivered
+            expected[part] = total
+        for rank, record in enumerate(call):
+            pairs.append((record, expected if stage0 else
+                          expected.view(world, m)[rank]))
+    return pairs
+
+
+@pytest.mark.parametrize("key", ["momentum stage 2", "momentum stage 0"])
+def test_compressed_momentum_sends_adams_momentum(key):
+    results = _results("2")
+    clip = 0.5  # engine_cases.config
+    for rank, result in enumerate(results):
+        steps = result[key]["after_step"]
+        # Dense AdamW steps, then betas (0, 1): the first moment is what arrives; beta1 moves
+        # to the reductions.
+        assert [s["groups"][0] for s in steps] == \
+            [((0.9, 0.999), True, None)] * 2 + [((0.0, 1.0), False, 0.9)] * 2, rank
+        # What each bucket hands over: the raw gradients / world size, x (1 - beta1) once
+        # sparse: the residual accumulates the momentum's (1 - beta1) g term.
+        for record in result[key]["calls"]:
+            factor = (1.0 if record["step"] < 2 else 0.1) / 2
+            assert math.isclose(record["flat"].double().square().sum().item(),
+                                factor ** 2 * record["raw_sq"], rel_tol=1e-5), record["step"]
+        # Each sparse step's first moment is that step's delivered sum, clipped.
+        for step in (2, 3):
+            clip_coef = min(1.0, clip / (steps[step]["norm"] + 1e-6))
+            for bucket, moment in steps[step]["exp_avg"].items():
+                arrived = sum(c["out"] for c in result[key]["calls"]
+                              if c["step"] == step and c["bucket"] == bucket)
+                assert_close(moment, arrived * clip_coef, rtol=1e-6, atol=1e-9)
+    for record, expected in _momentum_reference(results, key):
+        assert_close(record["out"], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_compressed_momentum_refuses_a_torch_optimizer():
+    message = _results("2")[0]["momentum with a torch optimizer"]
+    assert message.startswith("zero_ext.initialize: zero_ext.compression.gradients."
+                              "compress_momentum"), message
+    assert "AdamW" in message and "compress_momentum false" in message
+
+
 # -- qwZ -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("where, key", [("2", "qwZ"), ("2x2", "qwZ hierarchical")])
 def test_qwz_gathers_quantized_bf16_weights_beyond_fp16_range(where, key):

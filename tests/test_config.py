@@ -580,6 +580,13 @@ def test_zero_ext_compression_section_resolves():
     ({"zero_ext": {"compression": {"gradients": {"method": "topk", "freeze_variance": True}}}},
      "zero_ext.compression.gradients.freeze_variance: true needs warmup_steps >= 1",
      "set warmup_steps"),
+    ({"zero_ext": {"compression": {"gradients": {"method": "topk", "compress_momentum": True}}}},
+     "zero_ext.compression.gradients.compress_momentum: true needs freeze_variance true",
+     "set freeze_variance and warmup_steps"),
+    ({"zero_ext": {"compression": {"gradients": {
+        "method": "topk", "momentum": 0.9, "warmup_steps": 3, "freeze_variance": True,
+        "compress_momentum": True}}}},
+     "zero_ext.compression.gradients.compress_momentum: true and momentum 0.9", "keep one of them"),
 ])
 def test_compression_errors(config, prefix, fix):
     msg = error_of(config)
@@ -594,3 +601,12 @@ def test_freeze_variance_belongs_to_topk():
         ).compression()
     assert (plan("topk").freeze_variance, plan("topk").warmup_steps) == (True, 5)
     assert plan("int8").freeze_variance is False  # quantized sends keep Adam as it is
+
+
+def test_compress_momentum_belongs_to_topk():
+    def plan(method):
+        return ZeroConfig.load({"zero_optimization": {"stage": 2}, "zero_ext": {"compression": {
+            "gradients": {"method": method, "warmup_steps": 5, "freeze_variance": True,
+                          "compress_momentum": True}}}}).compression()
+    assert plan("topk").compress_momentum is True
+    assert plan("int4").compress_momentum is False

@@ -1160,6 +1160,15 @@ class GradientCompressionSettings(_Section):
     otherwise move about sqrt(density) as far as with dense gradients (docs/compression.md).
     Needs warmup_steps >= 1 (the second moment comes from the dense steps)."""
 
+    compress_momentum: bool = False
+    """topk with ``freeze_variance``: once sparse, what is sent is Adam's momentum instead of the
+    gradient (1-bit Adam's scheme, with top-k where 1-bit Adam sends signs): each rank's
+    residual takes (1 - beta1) of its gradient and keeps beta1 of what it delivered, the
+    delivered sum is the step's first moment, and the optimizer steps lr * m / sqrt(v). With
+    the variance frozen the update is linear in m, so error feedback delivers every part of
+    the momentum, late rather than never; sending the gradient, an entry's accumulated burst
+    passes through Adam's momentum again (benchmarks/RESULTS.md measures both)."""
+
     def __post_init__(self):
         self.method = _check_choice("method", self.method, _GRADIENT_METHODS)
         self.block_size = _check_int("block_size", self.block_size, lo=8)
@@ -1175,6 +1184,17 @@ class GradientCompressionSettings(_Section):
             raise ConfigError("freeze_variance", "true needs warmup_steps >= 1: the frozen "
                               "second moment is Adam's after the dense warm-up steps; set "
                               "warmup_steps (e.g. a tenth of the run)")
+        self.compress_momentum = _check_bool("compress_momentum", self.compress_momentum)
+        if self.compress_momentum and not self.freeze_variance:
+            raise ConfigError("compress_momentum", "true needs freeze_variance true: the "
+                              "delivered momentum is divided by Adam's frozen second moment "
+                              "(with a moving one the update is not linear in what is sent); "
+                              "set freeze_variance and warmup_steps")
+        if self.compress_momentum and self.momentum > 0:
+            raise ConfigError("compress_momentum", f"true and momentum {self.momentum} "
+                              "(DGC's momentum correction) both put a momentum into the "
+                              "residual; keep one of them (compress_momentum takes Adam's "
+                              "beta1)")
 
 
 @dataclass(kw_only=True)
@@ -1230,6 +1250,7 @@ class CompressionPlan:
     momentum: float = 0.0
     warmup_steps: int = 0
     freeze_variance: bool = False
+    compress_momentum: bool = False
     weights: str = "none"        # "none" or "int8"
     weight_block: int = 256
 
@@ -1622,6 +1643,7 @@ class ZeroConfig(_Section):
                 "two_hop": grads.two_hop, "density": grads.density, "momentum": grads.momentum,
                 "warmup_steps": grads.warmup_steps,
                 "freeze_variance": grads.freeze_variance and grads.method == "topk",
+                "compress_momentum": grads.compress_momentum and grads.method == "topk",
                 "weights": weights.method,
                 "weight_block": weights.block_size}
         if stage == 3 and zero.zero_quantized_gradients:

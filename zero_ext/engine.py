@@ -221,6 +221,13 @@ class ZeroEngine(nn.Module):
         the sharded AdamW, with its host-stepped buckets under offload_optimizer."""
         zero = self.config.zero_optimization
         self.replicated_optimizer = replicated_optimizer
+        if replicated_optimizer is not None and self.compression.compresses_momentum:
+            raise ValueError(
+                f"zero_ext.initialize: zero_ext.compression.gradients.compress_momentum sends "
+                f"Adam's momentum in place of the gradient, which zero_ext's AdamW steps with; "
+                f"the {type(replicated_optimizer).__name__} given would apply a momentum of its "
+                "own on top. Configure \"optimizer\": {\"type\": \"AdamW\"} instead, or set "
+                "compress_momentum false")
         self.optimizer = replicated_optimizer or ZeroOptimizer(
             param_groups, self.layouts, self._weights_to_update(),
             defaults=optimizer_defaults, state_buffer=self._state_buffer,
@@ -442,6 +449,7 @@ class ZeroEngine(nn.Module):
                 self.grad_buckets.reduced_grads() if backwards else None, backwards)
         if not stepped:
             return
+        self.compression.end_step()
         if self.stage >= 1:
             self._all_gather_params()
         if self.lr_scheduler is not None:
@@ -669,12 +677,26 @@ class ZeroEngine(nn.Module):
                     stacklevel=3)
             self._warned_freeze = True
             return
-        if all(g.get("variance_frozen") for g in self.optimizer.param_groups):
-            return  # frozen at an earlier step (or in the checkpoint this run resumed)
-        self._settle_step()  # a deferred CPU step still reads the moments
-        if self.optimizer.freeze_variance() and self.rank == 0:
+        groups, shards = self.optimizer.param_groups, self.optimizer.shards
+        momentum = self.compression.compresses_momentum
+        resumed = all(g.get("variance_frozen") for g in groups)  # or frozen at an earlier step
+        if not resumed:
+            self._settle_step()  # a deferred CPU step still reads the moments
+        frozen = not resumed and self.optimizer.freeze_variance(compressed_momentum=momentum)
+        if momentum:  # after a resume the residuals hold the momentum: no first moment again
+            if any("compressed_beta1" not in g for g in groups):
+                raise ValueError(
+                    "zero_ext: compress_momentum is on, but the optimizer's variance was frozen "
+                    "without it (the checkpoint this run resumed sent gradients, and its "
+                    "moments and residuals mean that); resume with compress_momentum false, "
+                    "or start the run again")
+            self.compression.start_momentum(
+                {s.layout.index: groups[s.layout.group]["compressed_beta1"] for s in shards},
+                None if resumed else {s.layout.index: s.exp_avg for s in shards})
+        if frozen and self.rank == 0:
             print(f"[zero_ext] step {self.global_steps}: dense warm-up over, Adam's second "
-                  "moment frozen, top-k gradients from here on", flush=True)
+                  f"moment frozen, top-k {'momentum' if momentum else 'gradients'} from here "
+                  "on", flush=True)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The complete model state dict as CPU tensors, on every rank (collective at stage 3,

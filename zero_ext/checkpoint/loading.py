@@ -149,7 +149,7 @@ def _optimizer_differences(engine, meta: dict, extra: dict, path: str) -> list[s
                     (key == "lr" and engine.lr_scheduler is not None):
                 continue  # a schedule's lr follows its own state, compared below
             if saved.get("variance_frozen") and key in ("betas", "bias_correction",
-                                                        "variance_frozen"):
+                                                        "variance_frozen", "compressed_beta1"):
                 continue  # top-k's freeze_variance set them (ZeroOptimizer.freeze_variance)
             if key in saved and key in group and _differs(saved[key], group[key]):
                 differences.append(f"group {index} {key}: {saved[key]!r} in the checkpoint, "

@@ -354,6 +354,11 @@ class TopkFeedback:
         self.momentum = torch.zeros_like(self.residual) if momentum > 0 else None
         self.owner_residual = torch.zeros(numel // world, dtype=torch.float32,
                                           device=device) if all_reduce else None
+        # Compressed momentum (zero/compression.py): beta1, and what this rank delivered since
+        # the last carry_momentum() as (state tensor it left, [rows, k] indices or None for
+        # all of it, values).
+        self.carry = 0.0
+        self._delivered: list[tuple[Tensor, Tensor | None, Tensor]] = []
 
     def tensors(self) -> dict[str, Tensor]:
         """The live state tensors by name (for checkpoints; scaling them in place is seen)."""
@@ -370,6 +375,33 @@ class TopkFeedback:
     def reset(self) -> None:
         for tensor in self.tensors().values():
             tensor.zero_()
+        self._delivered.clear()
+
+    def _note_delivery(self, target: Tensor, rows: Tensor | None, k: int,
+                       values: Tensor) -> None:
+        """Under compressed momentum, remembers what left `target` for good this reduction:
+        the packed `rows` ([chunks, k] entries of `target` viewed [chunks, -1]), or with rows
+        None all of `values` (the dense path)."""
+        if not self.carry:
+            return
+        if rows is None:
+            self._delivered.append((target, None, values.to(torch.float32, copy=True)))
+        else:
+            index, sent = _unpack(rows, k, values.dtype)
+            self._delivered.append((target.view(rows.shape[0], -1), index, sent.float()))
+
+    def carry_momentum(self) -> None:
+        """The end of an optimizer step under compressed momentum: beta1 (`carry`) of all this
+        rank delivered during the step goes back where it left from, to be sent again with the
+        next gradients (each times 1 - beta1): summed over the ranks, what is pending plus
+        what is delivered then follows 1-bit Adam's m = beta1 m + (1 - beta1) g. Once per
+        step, not per reduction, so the micro-steps of one step build one momentum."""
+        for target, index, values in self._delivered:
+            if index is None:
+                target.add_(values, alpha=self.carry)
+            else:
+                target.scatter_add_(1, index, values * self.carry)
+        self._delivered.clear()
 
     def _scale(self, factor: float) -> None:
         if factor != 1.0:
@@ -528,6 +560,8 @@ def _sparse_scatter_start(input: Tensor, state: TopkFeedback, density: float,
     state._scale(residual_factor)
     rows = _select_with_feedback(state.residual, input, size, k, input.dtype, state.momentum,
                                  state.momentum_factor)
+    if state.owner_residual is None:  # sparse_all_reduce's deliveries are its owners'
+        state._note_delivery(state.residual, rows, k, input)
     received = torch.empty_like(rows)
     first = all_to_all(received.view(-1), rows.view(-1), async_op=True, bucket=bucket)
 
@@ -562,6 +596,7 @@ def sparse_reduce_scatter(output: Tensor, input: Tensor, *, state: TopkFeedback,
     if not _sparse_pays(_topk_k(density, m), m, input.element_size()):
         state._scale(residual_factor)
         due = _dense(state, input)
+        state._note_delivery(state.residual, None, 0, due)
         first = reduce_scatter(output, due, async_op=True, bucket=bucket)
         return _complete(first, lambda due=due: None, async_op)
     with counted_as("reduce_scatter"):
@@ -591,6 +626,7 @@ def sparse_all_reduce(tensor: Tensor, *, state: TopkFeedback, density: float,
     if not _sparse_pays(k, m, tensor.element_size()):
         state._scale(residual_factor)
         tensor.copy_(_dense(state, tensor))
+        state._note_delivery(state.residual, None, 0, tensor)
         return _complete(all_reduce(tensor, async_op=True, bucket=bucket), lambda: None,
                          async_op)
     with counted_as("all_reduce"):
@@ -598,6 +634,7 @@ def sparse_all_reduce(tensor: Tensor, *, state: TopkFeedback, density: float,
 
     def finish() -> None:
         row = _select_with_feedback(state.owner_residual, chunk_sum(), 1, k, tensor.dtype)
+        state._note_delivery(state.owner_residual, row, k, tensor)
         gathered = torch.empty(size * row.numel(), dtype=torch.uint8, device=row.device)
         with counted_as("all_reduce"):
             all_gather(gathered, row.view(-1), bucket=bucket)

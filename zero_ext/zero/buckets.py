@@ -138,8 +138,11 @@ class GradientBuckets:
         bucket.flat = torch.zeros(layout.padded_numel, dtype=self.comm_dtype,
                                   device=bucket.params[0].device)
         present = [i for i, p in enumerate(bucket.params) if p.grad is not None]
+        scale = 1.0 / self.world_size
+        if self.compression is not None:  # compressed momentum: (1 - beta1) g
+            scale *= self.compression.gradient_scale(layout.index)
         ops.flatten_into_(bucket.flat, [bucket.params[i].grad for i in present],
-                          [bucket.offsets[i] for i in present], scale=1.0 / self.world_size)
+                          [bucket.offsets[i] for i in present], scale=scale)
         for i in present:
             bucket.params[i].grad = None
         if self._on_reduced is not None:

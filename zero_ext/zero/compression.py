@@ -16,6 +16,12 @@ depends on the training run rather than on one call:
   weights int8, stage 3    comm.quantized_all_gather for the gathers whose values only feed the
                            forward and backward (qwZ)
 
+Top-k with compress_momentum (after freeze_variance's dense warm-up) sends Adam's momentum
+instead of the gradient: the engine calls `start_momentum` when it freezes the variance (the
+optimizer's beta1 per bucket, Adam's first moment as it stands then), the buckets scale what
+they hand over by `gradient_scale` (1 - beta1), and `end_step` returns beta1 of the step's
+deliveries to the residuals.
+
 Residuals are kept in the units of the gradients that made them: loss-scaled under fp16. When
 the loss scale changes between two reductions of a bucket the stored residual is rescaled by
 current / stored scale (comm's residual_factor, for quantized and top-k feedback alike), so an
@@ -89,6 +95,48 @@ class GradientCompression:
     @property
     def compresses_gradients(self) -> bool:
         return self.gradients != "none"
+
+    @property
+    def compresses_momentum(self) -> bool:
+        return self.gradients == "topk" and self.plan.compress_momentum
+
+    def gradient_scale(self, bucket: int) -> float:
+        """The factor on what bucket `bucket` hands to its reduction besides 1 / world size:
+        1 - beta1 once the momentum is compressed (the residual accumulates the momentum's
+        (1 - beta1) g term), else 1."""
+        feedback = self.feedback.get(bucket)
+        return 1.0 - feedback.carry if isinstance(feedback, comm.TopkFeedback) else 1.0
+
+    def start_momentum(self, beta1: dict[int, float],
+                       first_moment: dict[int, torch.Tensor] | None = None) -> None:
+        """compress_momentum from here on (the first sparse step; on resume, the step after
+        the checkpoint): `beta1` per bucket index (its parameter group's). `first_moment`,
+        at the freeze only: this rank's first moment per bucket as the optimizer holds it
+        (its chunk at stages 1-2, the whole bucket at stage 0, replicated), of which beta1
+        enters the owner's state once, so the momentum goes on from the dense warm-up's
+        instead of from zero (after a resume the residuals already hold it)."""
+        if not self.compresses_momentum:
+            return
+        for bucket, feedback in self.feedback.items():
+            feedback.carry = float(beta1[bucket])
+            moment = None if first_moment is None else first_moment.get(bucket)
+            if moment is None:
+                continue
+            moment = moment.to(feedback.residual.device, torch.float32).view(-1)
+            if feedback.owner_residual is not None:  # stage 0: the owner's chunk of the whole
+                moment = moment.view(self.world_size, -1)[comm.rank()]
+                target = feedback.owner_residual
+            else:
+                target = feedback.residual.view(self.world_size, -1)[comm.rank()]
+            # residuals are in the units of the gradients, loss-scaled under fp16
+            target.add_(moment, alpha=feedback.carry * self._loss_scale)
+
+    def end_step(self) -> None:
+        """After an optimizer step's reductions (compress_momentum): beta1 of what each rank
+        delivered returns to its residuals (comm.TopkFeedback.carry_momentum)."""
+        for feedback in self.feedback.values():
+            if isinstance(feedback, comm.TopkFeedback):
+                feedback.carry_momentum()
 
     # -- the step's context --------------------------------------------------------------------
     def begin_backward(self, step: int, loss_scale: float) -> None:

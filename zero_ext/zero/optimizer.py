@@ -132,13 +132,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 shard.model_weights.copy_(shard.updated_weights)
 
     @torch.no_grad()
-    def freeze_variance(self) -> bool:
+    def freeze_variance(self, compressed_momentum: bool = False) -> bool:
         """Adam's second moment stays as it is from now on (1-bit Adam's remedy for compressed
         gradients; zero/compression.py's freeze_variance): each shard's moments are
         bias-corrected once in place (exp_avg /= 1 - beta1^t, exp_avg_sq /= 1 - beta2^t at its
         step t), and its group steps with betas (beta1, 1.0) and no bias correction, so the
         kernel keeps v exactly (v * 1 + g^2 * 0) and steps lr * m / (sqrt(v) + eps): Adam's
         update with v frozen. Marked in the group ("variance_frozen"), which checkpoints keep.
+        With `compressed_momentum` (top-k's compress_momentum) the gradients handed over from
+        now on are the momentum itself: the groups step with betas (0, 1.0), m = g, and keep
+        their beta1 as "compressed_beta1" for the reductions (zero/compression.py).
         Returns whether anything was frozen now."""
         groups = [g for g in self.param_groups if not g.get("variance_frozen")]
         if not groups:
@@ -154,7 +157,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 shard.exp_avg.div_(1.0 - beta1 ** t)
                 shard.exp_avg_sq.div_(1.0 - beta2 ** t)
         for group in groups:
-            group["betas"] = (group["betas"][0], 1.0)
+            if compressed_momentum:
+                group["compressed_beta1"] = group["betas"][0]
+            group["betas"] = (0.0 if compressed_momentum else group["betas"][0], 1.0)
             group["bias_correction"] = False
             group["variance_frozen"] = True
         return True
