@@ -1,7 +1,10 @@
-"""What each rank runs in the comm tests: every collective on uneven sizes and float dtypes."""
+"""What each rank runs in the comm tests: every collective on uneven sizes and float dtypes,
+and comm's counters beside the bytes this rank's sockets really sent."""
 
+import contextlib
 import os
 
+import tcp_bytes
 import torch
 
 from zero_ext import comm
@@ -34,14 +37,26 @@ def collectives() -> dict:
     return out
 
 
-def _nodes(node_of_rank: list[int]) -> None:
-    """torchrun's variables as on these nodes (contiguous rank blocks), detected again."""
+@contextlib.contextmanager
+def _on_nodes(node_of_rank: list[int]):
+    """torchrun's variables as on these nodes (contiguous rank blocks), the topology detected
+    again; as they were, and detected again, after."""
+    environment = {k: os.environ.get(k) for k in ("GROUP_RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK")}
     rank = comm.rank()
     node = node_of_rank[rank]
     members = [r for r, n in enumerate(node_of_rank) if n == node]
     os.environ.update(GROUP_RANK=str(node), LOCAL_WORLD_SIZE=str(len(members)),
                       LOCAL_RANK=str(members.index(rank)))
     comm.detect_topology()
+    try:
+        yield
+    finally:
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        comm.detect_topology()
 
 
 def all_to_alls() -> dict:
@@ -63,23 +78,82 @@ def all_to_alls() -> dict:
             if handle is not None:
                 handle.wait()
             out[(str(dtype), n)] = {"input": x, "output": y, "output_async": y_async}
-    environment = {k: os.environ.get(k)
-                   for k in ("GROUP_RANK", "LOCAL_WORLD_SIZE", "LOCAL_RANK")}
-    _nodes([0] * (size - 1) + [1])
-    comm.traffic.reset()
-    comm.all_to_all(torch.empty(10 * size, dtype=torch.bfloat16),
-                    torch.zeros(10 * size, dtype=torch.bfloat16))
-    comm.all_to_all(torch.empty(3 * size, dtype=torch.uint8),
-                    torch.zeros(3 * size, dtype=torch.uint8))
-    out["traffic"] = comm.traffic.snapshot()
-    for key, value in environment.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    comm.detect_topology()
+    with _on_nodes([0] * (size - 1) + [1]):
+        comm.traffic.reset()
+        comm.all_to_all(torch.empty(10 * size, dtype=torch.bfloat16),
+                        torch.zeros(10 * size, dtype=torch.bfloat16))
+        comm.all_to_all(torch.empty(3 * size, dtype=torch.uint8),
+                        torch.zeros(3 * size, dtype=torch.uint8))
+        out["traffic"] = comm.traffic.snapshot()
+    return out
+
+
+# Elements per collective for the counters against arithmetic: tiny, uneven, a few segments of
+# gloo's ring and, at 2.7M fp32 elements (10.8 MB), more than 2 segments per rank of 1 MiB.
+COUNTED_NUMELS = (1, 7, 1000, 4099, 2_700_001)
+# Bytes per collective measured on the sockets: large beside gloo's framing, small enough that
+# every message leaves the socket before the collective returns (loopback's windows hold it).
+MEASURED_BYTES = 24576
+
+
+def _one_call(op: str, numel: int, dtype: torch.dtype, root: int = 0):
+    """Runs `op` once on `numel` elements (reduce_scatter: its input; all_gather: its output;
+    rounded up to the world size where the collective needs it)."""
+    size = comm.world_size()
+    if op in ("reduce_scatter", "all_gather", "all_to_all"):
+        numel = -(-numel // size) * size
+    full = torch.ones(numel, dtype=dtype)
+    part = torch.ones(numel // size, dtype=dtype)
+    if op == "all_reduce":
+        comm.all_reduce(full)
+    elif op == "reduce_scatter":
+        comm.reduce_scatter(part, full)
+    elif op == "all_gather":
+        comm.all_gather(full, part)
+    elif op == "all_to_all":
+        comm.all_to_all(torch.empty_like(full), full)
+    else:
+        comm.broadcast(full, root)
+    return numel
+
+
+def wire() -> dict:
+    """Over gloo's own collectives (the arena off): comm's counters for each collective at
+    COUNTED_NUMELS (fp32, bf16; broadcast from every root), and at MEASURED_BYTES what this
+    rank's sockets sent, by the rank at the other end, beside the counters. Then the link
+    classes with the last rank alone on node 1."""
+    size = comm.world_size()
+    ops = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast")
+    out = {"counted": {}, "measured": {}}
+    for op in ops:
+        for root in (range(size) if op == "broadcast" else [0]):
+            for dtype in (torch.float32, torch.bfloat16):
+                for numel in COUNTED_NUMELS:
+                    comm.traffic.reset()
+                    done = _one_call(op, numel, dtype, root)
+                    out["counted"][(op, root, str(dtype), done)] = comm.traffic.snapshot()
+    for op in ops:  # every pair connected before the sockets are listed
+        _one_call(op, MEASURED_BYTES // 4, torch.float32)
+    addresses = comm.all_gather_object(tcp_bytes.local_addresses())
+    for op in ops:
+        for root in (range(size) if op == "broadcast" else [0]):
+            comm.barrier()
+            comm.traffic.reset()
+            before = tcp_bytes.sent_by_socket()
+            _one_call(op, MEASURED_BYTES // 4, torch.float32, root)
+            sent = tcp_bytes.by_rank(tcp_bytes.sent_since(before), addresses)
+            out["measured"][(op, root)] = (sent, comm.traffic.snapshot())
+    out["links"] = {}
+    with _on_nodes([0] * (size - 1) + [1]):
+        for op in ops:
+            comm.traffic.reset()
+            _one_call(op, 1200, torch.float32)
+            out["links"][op] = comm.traffic.snapshot()
     return out
 
 
 def run_cases() -> dict:
-    return {"collectives": collectives(), "all_to_all": all_to_alls()}
+    out = {"collectives": collectives(), "all_to_all": all_to_alls()}
+    if comm._shared_memory_arena(torch.zeros(1)) is None:
+        out["wire"] = wire()
+    return out

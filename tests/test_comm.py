@@ -2,6 +2,7 @@
 shared-memory transport and over gloo's own collectives."""
 
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from dist_harness import run_group
 
 @functools.cache
 def _results(world_size, shm):
+    """One group per (world size, transport): comm_cases.run_cases on every rank."""
     import os
 
     previous = os.environ.get("ZERO_EXT_CPU_SHM")
@@ -58,14 +60,104 @@ def test_collectives_match_sums_of_every_rank_input(world_size, shm):
                    for r in results)
 
 
-@pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "gloo"])
-def test_traffic_counts_ring_elements(shm):
-    traffic = _results(3, shm)[0]["collectives"]["traffic"]
+def test_shared_memory_counts_ring_elements():
+    traffic = _results(3, True)[0]["collectives"]["traffic"]
     assert traffic.calls == {"all_reduce": 1, "reduce_scatter": 1, "all_gather": 1}
     # Ring sense at 3 ranks: all-reduce 2n(N-1)/N, reduce-scatter and all-gather n(N-1)/N.
     expected = {"all_reduce": 2 * 10 * 2 / 3, "reduce_scatter": 30 * 2 / 3,
                 "all_gather": 30 * 2 / 3}
     assert traffic.elements == pytest.approx(expected, rel=1e-12)
+
+
+# -- gloo: the counters against gloo's algorithms and against the sockets ----------------------
+def _gloo_chunks(nbytes: int, esize: int, size: int) -> list[int]:
+    """The bytes of each rank's chunk in gloo's ring all-reduce (gloo/allreduce.cc): 2 or more
+    segments per rank, a multiple of `size` in all, each at most 1 MiB rounded to whole
+    elements, so the last chunks are short or empty."""
+    most = esize * max(1, (1 << 20) // esize)
+    segments = max(math.ceil(nbytes / most), 2 * size)
+    segments = math.ceil(segments / size) * size
+    segment = math.ceil(math.ceil(nbytes / segments) / esize) * esize
+    per_rank = segments // size
+    return [min(nbytes, (c + 1) * per_rank * segment) - min(nbytes, c * per_rank * segment)
+            for c in range(size)]
+
+
+def _gloo_sends(op: str, nbytes: int, esize: int, size: int, me: int, root: int = 0) -> dict:
+    """{receiving rank: bytes} of rank `me`, from the algorithms as gloo documents them: the
+    all-reduce's ring passes to rank - 1 every chunk but this rank's (reduce-scatter phase),
+    then every chunk but rank - 1's (all-gather phase); zero_ext's reduce-scatter is that
+    all-reduce of the input; the all-gather's ring passes N - 1 input chunks to rank + 1;
+    the broadcast's binomial tree sends the tensor to each rank whose parent this is (with
+    the root renumbered 0, rank v's parent is v less its highest bit)."""
+    if size == 1:
+        return {}
+    if op in ("all_reduce", "reduce_scatter"):
+        chunks = _gloo_chunks(nbytes, esize, size)
+        return {(me - 1) % size: 2 * nbytes - chunks[me] - chunks[(me - 1) % size]}
+    if op == "all_gather":
+        return {(me + 1) % size: nbytes * (size - 1) // size}
+    if op == "all_to_all":
+        return {peer: nbytes // size for peer in range(size) if peer != me}
+    virtual = (me - root) % size
+    children = [v for v in range(1, size) if v - (1 << (v.bit_length() - 1)) == virtual]
+    return {(v + root) % size: nbytes for v in children}
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_gloo_counters_follow_gloo_algorithms(world_size):
+    results = [r["wire"]["counted"] for r in _results(world_size, False)]
+    for key in results[0]:
+        op, root, dtype, numel = key
+        esize = 2 if dtype == "torch.bfloat16" else 4
+        for rank, counted in enumerate(r[key] for r in results):
+            expected = sum(_gloo_sends(op, numel * esize, esize, world_size, rank,
+                                       root).values())
+            assert counted.calls == {op: 1}, key
+            assert counted.bytes.get(op, 0) == expected, (key, rank)
+            assert counted.elements[op] == expected / esize, (key, rank)
+        if op == "all_reduce":  # each segment passes N - 1 hops in each phase
+            total = sum(r[key].bytes.get(op, 0) for r in results)
+            assert total == 2 * (world_size - 1) * numel * esize, key
+
+
+# gloo's TCP transport frames each message with 48-byte preambles (gloo/transport/tcp/
+# pair.cc): its sender writes two (the send notification, and the one before the data) and
+# its receiver one (the receive notification). A rank here sends and receives at most
+# 4(N - 1) messages per collective (the all-reduce of 24 KiB: 2N segments, 2N - 2 passed in
+# each of two phases), so at most 4(N - 1) x 3 x 48 bytes it sends are not the tensor's.
+def _framing_bound(world_size: int) -> int:
+    return 4 * (world_size - 1) * 3 * 48
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_gloo_counters_match_the_bytes_on_the_sockets(world_size):
+    """What each rank's TCP sockets sent in one collective (tcp_bytes: kernel counters, TCP
+    payload), by the rank at the other end, against the counters and the algorithms."""
+    results = [r["wire"]["measured"] for r in _results(world_size, False)]
+    for (op, root) in results[0]:
+        for rank, (sent, counted) in enumerate(r[(op, root)] for r in results):
+            expected = _gloo_sends(op, comm_cases.MEASURED_BYTES, 4, world_size, rank, root)
+            framing = sum(sent.values()) - counted.bytes.get(op, 0)
+            assert 0 <= framing <= _framing_bound(world_size), (op, root, rank, sent, counted)
+            for peer in range(world_size):
+                extra = sent.get(peer, 0) - expected.get(peer, 0)
+                assert 0 <= extra <= _framing_bound(world_size), (op, root, rank, peer, sent)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_gloo_counters_put_each_byte_on_the_link_to_its_receiver(world_size):
+    """The last rank alone on node 1: a byte crosses nodes when its receiver (rank - 1 for the
+    all-reduce, rank + 1 for the all-gather, the children of rank 0's broadcast) is on the
+    other side."""
+    node = [0] * (world_size - 1) + [1]
+    for rank, result in enumerate(_results(world_size, False)):
+        for op, counted in result["wire"]["links"].items():
+            numel = -(-1200 // world_size) * world_size if op != "all_reduce" else 1200
+            sends = _gloo_sends(op, numel * 4, 4, world_size, rank)
+            inter = sum(b for peer, b in sends.items() if node[peer] != node[rank])
+            assert counted.inter_node_bytes.get(op, 0) == inter, (op, rank)
+            assert counted.intra_node_bytes.get(op, 0) == sum(sends.values()) - inter, (op, rank)
 
 
 @pytest.mark.parametrize("shm", [True, False], ids=["shared-memory", "gloo"])

@@ -23,6 +23,7 @@ from zero_ext.comm.collectives import (
     rank,
     reduce_scatter,
     traffic,
+    wire_sends,
     world_size,
 )
 from zero_ext.comm.collectives import (
@@ -86,5 +87,6 @@ __all__ = [
     "sparse_reduce_scatter",
     "stall_timeout",
     "traffic",
+    "wire_sends",
     "world_size",
 ]

@@ -2,20 +2,37 @@
 
 Everything in zero_ext that talks to other ranks calls this module; nothing else imports
 torch.distributed's collectives. It picks the collective the backend supports (NCCL, or gloo on
-CPU or CUDA tensors) and counts, per collective, the calls and the elements each rank sends in
-the bandwidth-optimal ring sense, so tests and benchmarks can check traffic against theory:
-  all_reduce of n elements: 2n(N-1)/N   reduce_scatter of n (input): n(N-1)/N
-  all_gather of n (output): n(N-1)/N    broadcast of n: n (pipelined) on N > 1
-  all_to_all of n: n(N-1)/N, exactly the chunks sent to the other ranks
-N is the size of the group the collective runs in. Each rank's bytes are also counted by the
-link they cross: in the ring over the group's ranks in rank order (nodes hold contiguous rank
-blocks under torchrun), a rank sends everything to the next rank, so its bytes cross nodes when
-that rank is on another node. A ring over N ranks on M > 1 nodes thus crosses nodes on M of its
-N hops. An all-to-all sends chunk j to group rank j: its bytes cross nodes when rank j is on
-another node. The nodes come from comm/topology.py (detected in init_distributed). The
-compressed collectives (comm/compressed.py) issue these collectives on packed bytes under
-`counted_as`, so the counters show the bytes that went on the wire under the name of the
-collective they stand for ("reduce_scatter", "all_gather", "all_reduce").
+CPU or CUDA tensors) and counts, per collective, the calls and the bytes this rank sends, to
+which rank of the group, by the algorithm of the transport the call took (`wire_sends`, the one
+accounting; n is the collective's size in bytes, N the group's ranks):
+
+  collective (n: of)        NCCL, shared memory: ring    gloo (torch 2.13's algorithms)
+  all_reduce (tensor)       2n(N-1)/N to rank + 1        ~2n(N-1)/N to rank - 1: gloo's
+                                                         segmented ring, exact (_gloo_ring_bytes)
+  reduce_scatter (input)    n(N-1)/N to rank + 1         all_reduce's, of the input: gloo's
+                                                         reduce-scatter is that all-reduce
+                                                         (reduce_scatter issues it itself)
+  all_gather (output)       n(N-1)/N to rank + 1         n(N-1)/N to rank + 1 (a ring)
+  all_to_all (input)        n/N to each other rank       n/N to each other rank
+  broadcast (tensor)        n to rank + 1 (pipelined)    n to each child in a binomial tree
+                                                         (the root: ceil(log2 N) of them)
+
+On gloo these are the bytes of the tensors themselves. gloo's TCP transport adds 48-byte
+preambles per message (gloo/transport/tcp/pair.cc): two from its sender (the send notification,
+the data's header), one from its receiver (the receive notification); they are not counted
+(4(N-1) messages each way in an all-reduce of up to 2N MiB, the most: 576(N-1) bytes).
+benchmarks/gloo_wire.py measures all of it on the sockets (benchmarks/RESULTS.md, "gloo on the
+wire"). The shared-memory arena below has no wire: it is counted as the ring collective it
+stands in for. NCCL is counted as its ring; a tree or NVLS all-reduce, where NCCL picks one,
+moves other amounts, which NCCL does not report.
+
+Each byte is also counted by the link it crosses: within the node, or to a rank on another
+node (nodes hold contiguous rank blocks under torchrun; comm/topology.py detects them in
+init_distributed). The compressed collectives (comm/compressed.py) issue these collectives on
+packed bytes (payload, block scales, indices) under `counted_as`, so the counters show the
+bytes that went on the wire under the name of the collective they stand for
+("reduce_scatter", "all_gather", "all_reduce"). Not counted: all_gather_object and barrier
+(metadata and synchronization, a few hundred bytes) and the debug switch's header checks.
 
 On CPU with every rank on one host (a laptop or one node under torchrun with gloo), the
 collectives go through a shared-memory arena instead of gloo's loopback TCP, as DeepSpeed's
@@ -67,13 +84,15 @@ __all__ = [
     "rank",
     "reduce_scatter",
     "traffic",
+    "wire_sends",
     "world_size",
 ]
 
 
 @dataclass
 class CollectiveTraffic:
-    """Calls and ring-sense elements sent per rank, per collective, since the last reset."""
+    """Calls, and elements and bytes sent per rank (wire_sends), per collective, since the
+    last reset; the bytes also by the link they crossed."""
 
     calls: dict[str, int] = field(default_factory=dict)
     elements: dict[str, float] = field(default_factory=dict)
@@ -82,24 +101,21 @@ class CollectiveTraffic:
     inter_node_bytes: dict[str, float] = field(default_factory=dict)  # sent to another node
 
     def count(self, op: str, numel: int, element_size: int, size: int,
-              crosses_nodes: bool = False) -> None:
+              crosses_nodes: bool = False, transport: str = "ring") -> None:
         """One call of `op` over `numel` elements (all_reduce: the tensor; reduce_scatter: the
-        input; all_gather: the output; broadcast: the tensor) on a group of `size` ranks, in
-        the ring sense: the one accounting the collectives below and zero_ext.scaling's
-        step-time model both use. `crosses_nodes`: this rank's ring successor is on another
-        node (its bytes count as inter-node)."""
-        self.record(op, ring_elements(op, numel, size), element_size, crosses_nodes)
-
-    def record(self, op: str, ring_elements: float, element_size: int,
-               crosses_nodes: bool = False) -> None:
-        nbytes = ring_elements * element_size
-        self.record_sends(op, ring_elements, 0.0 if crosses_nodes else nbytes,
+        input; all_gather: the output; broadcast: the tensor) on a group of `size` ranks, as
+        group rank 0 (the root of a broadcast) sends it over `transport` (wire_sends):
+        zero_ext.scaling's step-time model counts its planned collectives so. `crosses_nodes`:
+        all of it is inter-node."""
+        nbytes = sum(b for _, b in wire_sends(op, numel * element_size, element_size, size, 0,
+                                              transport))
+        self.record_sends(op, nbytes / element_size, 0.0 if crosses_nodes else nbytes,
                           nbytes if crosses_nodes else 0.0)
 
     def record_sends(self, op: str, elements: float, intra_node_bytes: float,
                      inter_node_bytes: float) -> None:
         """One call of `op` that sent `elements` elements: these bytes within the node and
-        these to other nodes (an all-to-all's chunks go to ranks on either)."""
+        these to other nodes."""
         self.calls[op] = self.calls.get(op, 0) + 1
         self.elements[op] = self.elements.get(op, 0.0) + elements
         self.bytes[op] = self.bytes.get(op, 0.0) + intra_node_bytes + inter_node_bytes
@@ -159,13 +175,6 @@ def _other_node(group: CommGroup | None) -> list[bool]:
     return [nodes[r] != nodes[rank()] for r in ranks]
 
 
-def _crosses_nodes(group: CommGroup | None) -> bool:
-    """Whether this rank's sends in the ring over `group` (None: every rank) go to another
-    node: the next rank of the ring is on another node."""
-    ranks = group.ranks if group is not None else tuple(range(world_size()))
-    return _other_node(group)[(ranks.index(rank()) + 1) % len(ranks)]
-
-
 traffic = CollectiveTraffic()
 _count_label: str | None = None
 
@@ -184,11 +193,25 @@ def counted_as(op: str):
         _count_label = previous
 
 
-def _count(op: str, numel: int, element_size: int, size: int, group: CommGroup | None) -> str:
-    """Counts one ring-sense collective; returns the name the watch records it under."""
-    traffic.record(_count_label or op, ring_elements(op, numel, size), element_size,
-                   _crosses_nodes(group) if size > 1 else False)
+def _count(op: str, transport: str, nbytes: int, element_size: int,
+           group: CommGroup | None = None, root: int = 0) -> str:
+    """Counts one collective of `nbytes` over `group` (None: every rank) as `transport` moves
+    it (wire_sends), each byte on the link to the rank it goes to; returns the name the watch
+    records it under."""
+    ranks = group.ranks if group is not None else tuple(range(world_size()))
+    sends = wire_sends(op, nbytes, element_size, len(ranks), ranks.index(rank()), transport,
+                       root)
+    remote = _other_node(group)
+    inter = float(sum(b for peer, b in sends if remote[peer]))
+    total = float(sum(b for _, b in sends))
+    traffic.record_sends(_count_label or op, total / element_size, total - inter, inter)
     return op if _count_label is None else f"{op}[{_count_label}]"
+
+
+def _transport(arena: _SharedMemoryArena | None) -> str:
+    """The accounting of a collective about to run: the ring's on the arena and NCCL, gloo's
+    algorithms on gloo."""
+    return "gloo" if arena is None and backend() == "gloo" else "ring"
 
 
 _RING_FACTOR = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0, "all_to_all": 1.0}
@@ -202,6 +225,62 @@ def ring_elements(op: str, numel: int, size: int) -> float:
     if op == "broadcast":
         return float(numel)
     return _RING_FACTOR[op] * numel * (size - 1) / size
+
+
+# gloo's AllreduceOptions::kMaxSegmentSize (gloo/allreduce.h), which torch leaves as it is.
+GLOO_MAX_SEGMENT_BYTES = 1 << 20
+
+
+def wire_sends(op: str, nbytes: int, element_size: int, size: int, me: int,
+               transport: str, root: int = 0) -> list[tuple[int, float]]:
+    """(group rank, bytes) for each rank that rank `me` of a `size`-rank group sends to in one
+    `op` over `nbytes` (see the module's table for what n is of): the one accounting of every
+    counter. `transport` "ring" (NCCL, the shared-memory arena, scaling's model) or "gloo"
+    (torch 2.13's ProcessGroupGloo: gloo/allreduce.cc's ring, allgather.cc, alltoall.cc,
+    broadcast.cc; measured by benchmarks/gloo_wire.py). Nothing on one rank."""
+    if size == 1 or nbytes == 0:
+        return []
+    after, before = (me + 1) % size, (me - 1) % size
+    if op == "all_to_all":
+        return [(peer, nbytes / size) for peer in range(size) if peer != me]
+    if transport == "ring":
+        return [(after, ring_elements(op, nbytes, size))]
+    if transport != "gloo":
+        raise ValueError(f"zero_ext.comm.wire_sends: transport {transport!r} is not one of "
+                         "'ring', 'gloo'")
+    if op in ("all_reduce", "reduce_scatter"):
+        return [(before, float(_gloo_ring_bytes(nbytes, element_size, size, me)))]
+    if op == "all_gather":
+        return [(after, nbytes * (size - 1) / size)]
+    if op == "broadcast":
+        virtual = (me - root) % size  # the root is 0 in gloo's tree
+        children = [virtual + (1 << i) for i in range((size - 1).bit_length())
+                    if virtual < (1 << i) and virtual + (1 << i) < size]
+        return [((child + root) % size, float(nbytes)) for child in children]
+    raise ValueError(f"zero_ext.comm.wire_sends: unknown collective {op!r}")
+
+
+def _gloo_ring_bytes(nbytes: int, element_size: int, size: int, me: int) -> int:
+    """What rank `me` sends in gloo's ring all-reduce of `nbytes` (gloo/allreduce.cc, ring()):
+    the buffer cut into a multiple of `size` segments, at least 2 per rank and at most
+    GLOO_MAX_SEGMENT_BYTES each (rounded up to whole elements, so the last ones are short or
+    empty); the reduce-scatter phase sends the segments from (me + 1) * per_rank on, the
+    all-gather phase those from me * per_rank on, numSegments - per_rank of each, all to
+    rank me - 1. So 2n(N-1)/N, give or take the short segments, which fall on some ranks."""
+    def ceil_div(a: int, b: int) -> int:
+        return -(-a // b)
+
+    max_segment = element_size * max(1, GLOO_MAX_SEGMENT_BYTES // element_size)
+    segments = ceil_div(max(ceil_div(nbytes, max_segment), 2 * size), size) * size
+    per_rank = segments // size
+    segment = ceil_div(ceil_div(nbytes, segments), element_size) * element_size
+
+    def phase(first: int) -> int:
+        offsets = (((first + i) % segments) * segment for i in range(segments - per_rank))
+        return sum(max(0, min(segment, nbytes - offset)) for offset in offsets)
+
+    return phase((me + 1) * per_rank) + phase(me * per_rank)
+
 
 # torch 2.13 renamed the flat-tensor collectives; older releases only have the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -540,10 +619,12 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = Fals
                bucket: int | None = None):
     """Sum (or `op`) of `tensor` over ranks, in place. `bucket` names the bucket layout the
     collective moves, so a rank reducing another bucket at the same point is caught."""
-    name = _count("all_reduce", tensor.numel(), tensor.element_size(), world_size(), None)
     if world_size() == 1:
+        _count("all_reduce", "ring", 0, tensor.element_size())
         return None
     arena = _shared_memory_arena(tensor) if op == dist.ReduceOp.SUM else None
+    name = _count("all_reduce", _transport(arena), tensor.numel() * tensor.element_size(),
+                  tensor.element_size())
     watch, record = _enter(arena is not None, name, tensor.numel(), tensor.dtype, bucket)
     if arena is not None:
         arena.all_reduce(tensor, watch, record)
@@ -558,13 +639,15 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
     if input.numel() != output.numel() * world_size():
         raise ValueError(f"zero_ext.comm.reduce_scatter: input has {input.numel()} elements, "
                          f"expected output ({output.numel()}) x world size ({world_size()})")
-    name = _count("reduce_scatter", input.numel(), input.element_size(), world_size(), None)
     if world_size() == 1:
+        _count("reduce_scatter", "ring", 0, input.element_size())
         output.copy_(input)
         return None
     arena = _shared_memory_arena(input)
     if arena is not None and not output.is_contiguous():
         arena = None
+    name = _count("reduce_scatter", _transport(arena), input.numel() * input.element_size(),
+                  input.element_size())
     watch, record = _enter(arena is not None, name, input.numel(), input.dtype, bucket)
     if arena is not None:
         arena.reduce_scatter(output, input, watch, record)
@@ -592,14 +675,16 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
     if output.numel() != input.numel() * size:
         raise ValueError(f"zero_ext.comm.all_gather: output has {output.numel()} elements, "
                          f"expected input ({input.numel()}) x group size ({size})")
-    op = _count("all_gather", output.numel(), output.element_size(), size, group)
     if size == 1:
+        _count("all_gather", "ring", 0, output.element_size(), group)
         if output.data_ptr() != input.data_ptr():
             output.copy_(input)
         return None
     arena = _shared_memory_arena(output, reduces=False)
     if arena is not None and (group is not None or not input.is_contiguous()):
         arena = None
+    op = _count("all_gather", _transport(arena), output.numel() * output.element_size(),
+                output.element_size(), group)
     # A group's collective is told apart from the world's of the same size by its name, which
     # is the same on every rank (each rank's group holds other ranks).
     if group is not None:
@@ -633,18 +718,14 @@ def all_to_all(output: torch.Tensor, input: torch.Tensor, *, group: CommGroup | 
             f"zero_ext.comm.all_to_all: input and output must be 1-D contiguous tensors of one "
             f"dtype and the same numel, divisible by the group size ({size}); got input "
             f"{tuple(input.shape)} {input.dtype}, output {tuple(output.shape)} {output.dtype}")
-    chunk_bytes = input.numel() // size * input.element_size()
-    remote = _other_node(group)
-    inter = chunk_bytes * sum(remote)
-    intra = chunk_bytes * (size - 1) - inter
-    traffic.record_sends(_count_label or "all_to_all", input.numel() * (size - 1) / size,
-                         float(intra), float(inter))
-    op = "all_to_all" if _count_label is None else f"all_to_all[{_count_label}]"
     if size == 1:
+        _count("all_to_all", "ring", 0, input.element_size(), group)
         if output.data_ptr() != input.data_ptr():
             output.copy_(input)
         return None
     arena = _shared_memory_arena(input, reduces=False) if group is None else None
+    op = _count("all_to_all", _transport(arena), input.numel() * input.element_size(),
+                input.element_size(), group)
     if group is not None:
         op = f"{op}[group of {size}]"
     watch, record = _enter(arena is not None, op, input.numel(), input.dtype, bucket)
@@ -658,9 +739,11 @@ def all_to_all(output: torch.Tensor, input: torch.Tensor, *, group: CommGroup | 
 
 def broadcast(tensor: torch.Tensor, src: int = 0, async_op: bool = False,
               bucket: int | None = None):
-    name = _count("broadcast", tensor.numel(), tensor.element_size(), world_size(), None)
     if world_size() == 1:
+        _count("broadcast", "ring", 0, tensor.element_size())
         return None
+    name = _count("broadcast", _transport(None), tensor.numel() * tensor.element_size(),
+                  tensor.element_size(), None, src)
     watch, record = _enter(False, name, tensor.numel(), tensor.dtype, bucket, src)
     return _issued(watch, record, dist.broadcast(tensor, src=src, async_op=True), async_op)
 
