@@ -41,6 +41,7 @@ from zero_ext.zero.construction import outside_init
 from zero_ext.zero.hpz import secondary_numel
 from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
 from zero_ext.zero.params import PartitionedParameters, check_initializers, materialize
+from zero_ext.zero.persistent import PersistentParameters
 
 __all__ = ["DynamicLossScaler", "ZeroEngine"]
 
@@ -48,17 +49,6 @@ __all__ = ["DynamicLossScaler", "ZeroEngine"]
 def _structure_signature(params: list[tuple[str, nn.Parameter]]) -> int:
     text = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for n, p in params)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
-
-
-def allgather_pieces(shard_numel: int, world_size: int,
-                     allgather_bucket_size: int) -> list[tuple[int, int]]:
-    """The [lo, hi) ranges of a shard that the post-step all-gathers move, one collective each:
-    allgather_bucket_size bounds the elements of one all-gather (the whole shard when it fits).
-    The engine gathers by these; zero_ext.scaling plans a step's traffic by them."""
-    piece = max(allgather_bucket_size // world_size, 1)
-    if shard_numel <= piece:
-        return [(0, shard_numel)]
-    return [(lo, min(lo + piece, shard_numel)) for lo in range(0, shard_numel, piece)]
 
 
 class ZeroEngine(nn.Module):
@@ -99,7 +89,7 @@ class ZeroEngine(nn.Module):
             materialize(model, list(model.modules()), layout.unit_param_ids(self._params),
                         self.device, self.model_dtype)
         self.layouts, self.persistent_layouts = layout.layouts, layout.persistent_layouts
-        self.flat_params = self._flatten_parameters()
+        self._build_persistent()
         self._tag_parameters()
         self._place_offload(layout)
         self._build_communication(layout)
@@ -192,14 +182,22 @@ class ZeroEngine(nn.Module):
             # Refused here, before any host buffer exists, rather than by the OOM killer.
             offload.check_host_memory(self._host_memory_plan(layout.unit_indices))
 
-    def _build_communication(self, layout: placement.ParameterLayout) -> None:
-        """The parameter all-gather (two hops across nodes when asked and the nodes allow),
-        compressed communication's policy and state (zero/compression.py), and at stage 3 the
-        partitioned units with their gather hooks (zero/params.py)."""
+    def _build_persistent(self) -> None:
+        """The buckets kept whole (zero/persistent.py): their flat buffers, which the model's
+        parameters become views of, and the all-gathers after each step (two hops across
+        nodes when asked and the nodes allow)."""
         zero = self.config.zero_optimization
-        self._gather_params = comm.all_gather
-        if zero.hierarchical_allgather and comm.current_topology().hierarchical_groups():
-            self._gather_params = comm.hierarchical_all_gather
+        self._persistent = PersistentParameters(
+            self.persistent_layouts, self._params, rank=self.rank, world_size=self.world_size,
+            sharded=self.stage >= 1, dtype=self.model_dtype, device=self.device,
+            allgather_bucket_size=zero.allgather_bucket_size,
+            hierarchical=zero.hierarchical_allgather)
+        self.flat_params = self._persistent.flats  # their public name (checkpoints read it)
+
+    def _build_communication(self, layout: placement.ParameterLayout) -> None:
+        """Compressed communication's policy and state (zero/compression.py), and at stage 3
+        the partitioned units with their gather hooks (zero/params.py)."""
+        zero = self.config.zero_optimization
         self.compression = GradientCompression(self.config.compression(), self.layouts,
                                                stage=self.stage, device=self.device)
         self.partitioned = None
@@ -310,31 +308,9 @@ class ZeroEngine(nn.Module):
 
     def _weights_to_update(self) -> list[torch.Tensor]:
         """Per layout, the model-dtype elements this rank's optimizer updates."""
-        weights, flats = [], iter(self.flat_params)
-        for layout in self.layouts:
-            if self.partitioned is not None and self.partitioned.owns(layout.index):
-                weights.append(self.partitioned.shard(layout.index))
-                continue
-            flat = next(flats)
-            start, end = layout.shard_range(self.rank) if self.stage >= 1 else \
-                (0, layout.padded_numel)
-            weights.append(flat[start:end])
-        return weights
-
-    @torch.no_grad()
-    def _flatten_parameters(self) -> list[torch.Tensor]:
-        """Moves each whole-kept trainable parameter into its bucket's flat buffer and makes it
-        a view (the persistent layouts: every layout below stage 3)."""
-        flats = []
-        for layout in self.persistent_layouts:
-            flat = torch.zeros(layout.padded_numel, dtype=self.model_dtype, device=self.device)
-            for slot in layout.slots:
-                param = self._params[slot.param_index]
-                view = flat[slot.offset:slot.offset + slot.numel].view(param.shape)
-                view.copy_(param.data)
-                param.data = view
-            flats.append(flat)
-        return flats
+        return [self._persistent.to_update(layout.index)
+                if self._persistent.owns(layout.index)
+                else self.partitioned.shard(layout.index) for layout in self.layouts]
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -451,7 +427,7 @@ class ZeroEngine(nn.Module):
             return
         self.compression.end_step()
         if self.stage >= 1:
-            self._all_gather_params()
+            self._persistent.all_gather()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
 
@@ -521,25 +497,6 @@ class ZeroEngine(nn.Module):
             torch._foreach_mul_([p.grad for p in self._params], factor)
         self.replicated_optimizer.step()
 
-    def _all_gather_params(self) -> None:
-        """Every rank's updated slice of every bucket, into every rank's flat buffers.
-        allgather_bucket_size bounds the elements of one collective."""
-        size = self.config.zero_optimization.allgather_bucket_size
-        for layout, flat in zip(self.persistent_layouts, self.flat_params):
-            shard = layout.shard_numel
-            start, _ = layout.shard_range(self.rank)
-            pieces = allgather_pieces(shard, self.world_size, size)
-            if len(pieces) == 1:
-                self._gather_params(flat, flat[start:start + shard], bucket=layout.index)
-                continue
-            views = flat.view(self.world_size, shard)
-            for lo, hi in pieces:
-                gathered = torch.empty((self.world_size, hi - lo), dtype=flat.dtype,
-                                       device=flat.device)
-                self._gather_params(gathered.view(-1), views[self.rank, lo:hi].contiguous(),
-                                    bucket=layout.index)
-                views[:, lo:hi].copy_(gathered)
-
     # -- GatheredParameters -----------------------------------------------------------------
     def gather_layouts(self, layout_indices: set[int]) -> list:
         """Gathers the stage-3 units holding these buckets; returns the ones it gathered."""
@@ -551,10 +508,9 @@ class ZeroEngine(nn.Module):
     def scatter_modified(self, layout_indices: set[int], modifier_rank: int) -> None:
         """After GatheredParameters: rank `modifier_rank`'s values of these buckets become every
         rank's, in the model's tensors, the shards and the fp32 master weights."""
-        flats = dict(zip((layout.index for layout in self.persistent_layouts), self.flat_params))
         for index in sorted(layout_indices):  # the same order on every rank
-            if index in flats:
-                comm.broadcast(flats[index], src=modifier_rank)
+            if self._persistent.owns(index):
+                self._persistent.broadcast(index, src=modifier_rank)
             else:
                 self.partitioned.broadcast_layout(index, src=modifier_rank)
             if self.replicated_optimizer is None:
@@ -656,7 +612,7 @@ class ZeroEngine(nn.Module):
         if self.replicated_optimizer is None:
             self.optimizer.write_model_weights()
         if self.stage >= 1:
-            self._all_gather_params()
+            self._persistent.all_gather()
 
     def _settle_step(self) -> None:
         """Waits for the CPU steps left running behind the forward (see _deferrable): what

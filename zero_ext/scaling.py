@@ -8,7 +8,7 @@ two-node runs.
 Three parts, each stated so a reader can check it:
   traffic   `plan_step` lists the collectives one optimizer step issues (operation, elements,
             dtype, phase), from the engine's own bucket and unit layouts (estimate's
-            `_module_layouts`, the engine's `allgather_pieces`); `planned_traffic` counts them
+            `_module_layouts`, persistent's `allgather_pieces`); `planned_traffic` counts them
             with comm's own `CollectiveTraffic.count`, so the bytes equal what
             `zero_ext.comm.traffic` records on a real run (tests/test_scaling.py checks this).
   network   alpha-beta per collective: a ring over k ranks takes `steps * alpha + bytes * beta`
@@ -212,8 +212,8 @@ def plan_step(model: nn.Module | int, config, world_size: int, *, gpus_per_node:
     gathers across nodes, then within). Assumes every stage-3 unit runs its forward once per
     micro-step. A bare count at stage 3 is cut into units of `largest_unit` elements (default
     reduce_bucket_size)."""
-    from zero_ext.engine import allgather_pieces
     from zero_ext.estimate import _module_layouts
+    from zero_ext.zero.persistent import allgather_pieces
 
     config = ZeroConfig.load(config)
     zero = config.zero_optimization
