@@ -89,8 +89,10 @@ def all_to_alls() -> dict:
 
 
 # Elements per collective for the counters against arithmetic: tiny, uneven, a few segments of
-# gloo's ring and, at 2.7M fp32 elements (10.8 MB), more than 2 segments per rank of 1 MiB.
-COUNTED_NUMELS = (1, 7, 1000, 4099, 2_700_001)
+# gloo's ring; and for the all-reduce and reduce-scatter (whose segments depend on the size)
+# 2.7M fp32 elements (10.8 MB): more than 2 segments of 1 MiB per rank.
+COUNTED_NUMELS = (1, 7, 1000, 4099)
+SEGMENTED_NUMEL = 2_700_001
 # Bytes per collective measured on the sockets: large beside gloo's framing, small enough that
 # every message leaves the socket before the collective returns (loopback's windows hold it).
 MEASURED_BYTES = 24576
@@ -119,19 +121,21 @@ def _one_call(op: str, numel: int, dtype: torch.dtype, root: int = 0):
 
 def wire() -> dict:
     """Over gloo's own collectives (the arena off): comm's counters for each collective at
-    COUNTED_NUMELS (fp32, bf16; broadcast from every root), and at MEASURED_BYTES what this
+    COUNTED_NUMELS (fp32, bf16; broadcast from every root) and SEGMENTED_NUMEL, and at
+    MEASURED_BYTES what this
     rank's sockets sent, by the rank at the other end, beside the counters. Then the link
     classes with the last rank alone on node 1."""
     size = comm.world_size()
     ops = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast")
     out = {"counted": {}, "measured": {}}
-    for op in ops:
-        for root in (range(size) if op == "broadcast" else [0]):
-            for dtype in (torch.float32, torch.bfloat16):
-                for numel in COUNTED_NUMELS:
-                    comm.traffic.reset()
-                    done = _one_call(op, numel, dtype, root)
-                    out["counted"][(op, root, str(dtype), done)] = comm.traffic.snapshot()
+    cases = [(op, root, dtype, numel) for op in ops
+             for root in (range(size) if op == "broadcast" else [0])
+             for dtype in (torch.float32, torch.bfloat16) for numel in COUNTED_NUMELS]
+    cases += [(op, 0, torch.float32, SEGMENTED_NUMEL) for op in ("all_reduce", "reduce_scatter")]
+    for op, root, dtype, numel in cases:
+        comm.traffic.reset()
+        done = _one_call(op, numel, dtype, root)
+        out["counted"][(op, root, str(dtype), done)] = comm.traffic.snapshot()
     for op in ops:  # every pair connected before the sockets are listed
         _one_call(op, MEASURED_BYTES // 4, torch.float32)
     addresses = comm.all_gather_object(tcp_bytes.local_addresses())
