@@ -6,14 +6,15 @@ uncapped, for
   - stage 2: uncompressed bf16 vs int8, int4 gradients and top-k 1% (error feedback, momentum),
 the speed-up over the uncompressed step of the same stage, and each step's traffic counters
 (bytes per rank per link class: what gloo's algorithms send, comm.wire_sends) next to the
-arithmetic: the step's collectives as zero_ext.scaling.plan_step plans them in the ring sense
-(NCCL's), each compressed one by what it puts on the wire (quantized rows: data + one fp32
-scale per block; top-k: int32 index + value per entry; a rank's own chunk not sent). On gloo
-an uncompressed reduce-scatter is an all-reduce of the whole bucket (gloo's own reduce-scatter
-is one, and its wait cannot be bounded), twice the ring's bytes, so "cnt/pln" is near 2 for
-the gradient reduction's share of a bf16 step, and 1 where a compressed reduction (an
-all-to-all) replaced it. "bound" is the uncompressed step's counted bytes over this one's: the
-speed-up a step made only of moving bytes would get on this transport. "wire" is what node
+arithmetic: the step's collectives as zero_ext.scaling.plan_step plans them, counted as gloo
+sends them (planned_traffic(..., transport="gloo")), each compressed one by what it puts on
+the wire (quantized rows: data + one fp32 scale per block; top-k: int32 index + value per
+entry; a rank's own chunk not sent). On gloo an uncompressed reduce-scatter is an all-reduce
+of the whole bucket (gloo's own reduce-scatter is one, and its wait cannot be bounded): twice
+the ring's bytes, while a compressed reduction is an all-to-all, the ring's. "bound" is the
+uncompressed step's counted bytes over this one's: the speed-up a step made only of moving
+bytes would get on this transport (over NCCL's ring the uncompressed reduce-scatter halves,
+and so does its share of the bound). "wire" is what node
 0's veth really sent per step (its tx counter: TCP/IP headers, gloo's 48-byte message
 preambles, barriers and the rendezvous store included); "wire x" is the uncompressed step's
 wire bytes over this one's, which "bound" predicts.
@@ -215,8 +216,8 @@ def worker(args) -> None:
 # -- the arithmetic ----------------------------------------------------------------------------
 def planned_bytes(variant: str, world: int, accumulation: int) -> float:
     """Bytes a rank sends per step as zero_ext.scaling plans the step's collectives (packed
-    quantized rows, top-k pairs, qwZ gathers as comm/compressed.py moves them), in the ring
-    sense (NCCL's; on gloo the counters count gloo's algorithms, comm.wire_sends)."""
+    quantized rows, top-k pairs, qwZ gathers as comm/compressed.py moves them), as gloo's
+    algorithms send them (comm.wire_sends), as the counters count them here."""
     import torch
 
     from zero_ext import scaling
@@ -224,7 +225,7 @@ def planned_bytes(variant: str, world: int, accumulation: int) -> float:
     with torch.device("meta"):
         model = _build()
     plan = scaling.plan_step(model, _config(variant, accumulation), world)
-    return sum(scaling.planned_traffic(plan, world).bytes.values())
+    return sum(scaling.planned_traffic(plan, world, transport="gloo").bytes.values())
 
 
 # -- the driver --------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ at link rates capped with tc tbf, next to the model's prediction from
   - the compute measured here first: the same model, config and micro-batch on one rank
     (forward, backward and optimizer step timed apart, per stage; two such one-rank runs at
     once, as the two nodes' ranks share this machine's cores),
-  - the step's collectives as the scaling model plans them (checked against the traffic
-    counters of the timed steps, printed),
+  - the step's collectives as the scaling model plans them (their bytes as gloo's algorithms
+    send them checked against the traffic counters of the timed steps, printed),
   - the collectives' work on the ranks' own cores (Cluster.host): gloo moves every byte
     through the kernel on the cores the compute needs, so that part cannot hide behind
     compute; measured by the same network benchmark on the same link (the machine's CPU
@@ -128,7 +128,8 @@ def _predict(stage: int, measured_network: dict, compute: dict):
     cluster = cluster_from_measurement(measured_network, 2, 1, scaling.Link(1e12, 0.0))
     work = scaling.Compute(forward=compute["forward"], backward=compute["backward"],
                            optimizer=compute["optimizer"])
-    return scaling.predict_step(plan, cluster, work, stage=stage)
+    gloo = sum(scaling.planned_traffic(plan, 2, transport="gloo").bytes.values())
+    return scaling.predict_step(plan, cluster, work, stage=stage), gloo
 
 
 def _one_rank_compute(steps: int, env: dict) -> dict:
@@ -204,9 +205,8 @@ def main() -> int:
             "core at the fitted rate)" for op, f in network["host_fits"].items()))
         for stage in STAGES:
             got = measured["stages"][str(stage)]
-            predicted = _predict(stage, network, compute[str(stage)])
+            predicted, planned = _predict(stage, network, compute[str(stage)])
             counted = sum(got["bytes"].values())
-            planned = sum(predicted.traffic.bytes.values())
             rows.append((rate, stage, got["step"], predicted.seconds, counted, planned))
             print(f"  stage {stage}: measured forward {got['forward']:.4f} backward "
                   f"{got['backward']:.4f} optimizer step {got['optimizer']:.4f}; predicted "

@@ -256,3 +256,21 @@ def test_cli_prints_the_table_and_the_pick(capsys):
     rows = out.split(header)[1].splitlines()[1:3]
     assert [row.split()[:2] for row in rows] == [["1", "8"], ["2", "16"]]
     assert all(math.isfinite(float(cell)) for row in rows for cell in row.split()[2:6])
+
+
+def test_planned_traffic_over_gloo_counts_gloos_reduce_scatter_as_its_all_reduce():
+    """On gloo an uncompressed reduce-scatter is gloo's all-reduce of the input: 2n(N-1)/N
+    (exactly, 8 x 4096 fp32 over 4 ranks: 2 segments per rank of 4 KiB); a compressed one is an
+    all-to-all, the ring's n(N-1)/N on either transport; all-gathers are rings on both."""
+    def plan(gradients):
+        config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+                  "zero_ext": {"compression": {"gradients": gradients}}}
+        return scaling.plan_step(8 * 4096, config, 4)
+
+    n = 8 * 4096 * 4
+    dense, int8 = plan({"method": "none"}), plan({"method": "int8"})
+    ring, gloo = (scaling.planned_traffic(dense, 4, transport=t).bytes for t in ("ring", "gloo"))
+    assert ring["reduce_scatter"] == n * 3 / 4 and gloo["reduce_scatter"] == 2 * n * 3 / 4
+    assert gloo["all_gather"] == ring["all_gather"] == n * 3 / 4
+    ring, gloo = (scaling.planned_traffic(int8, 4, transport=t).bytes for t in ("ring", "gloo"))
+    assert gloo == ring and ring["reduce_scatter"] < n * 3 / 4 / 3.8

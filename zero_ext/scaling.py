@@ -75,6 +75,8 @@ class PlannedCollective:
     #                        (a hierarchical gather's first hop; every local rank runs one)
     group_size: int | None = None  # ranks in the group (None: every rank)
     micro_step: int = 0  # which micro-step of the accumulation window
+    compressed: bool = False  # moved as comm/compressed.py moves it (all-to-all, all-gather):
+    #                           the ring's bytes of `op` on every transport, gloo's included
 
 
 @dataclass(frozen=True)
@@ -243,9 +245,9 @@ def plan_step(model: nn.Module | int, config, world_size: int, *, gpus_per_node:
         boundary = micro == accumulation - 1
 
         def add(op, numel, element_size, phase, hidden, group="world", group_size=None,
-                micro=micro):
+                micro=micro, compressed=False):
             plan.append(PlannedCollective(op, numel, element_size, phase, hidden, group,
-                                          group_size, micro))
+                                          group_size, micro, compressed))
 
         def gather(numel, phase, hidden, hpz_block=1):
             """A parameter all-gather of `numel` elements, as the engine moves it (stage 3's
@@ -261,8 +263,9 @@ def plan_step(model: nn.Module | int, config, world_size: int, *, gpus_per_node:
 
         def reduction(numel):
             """A bucket's gradient reduction, as zero/compression.py moves it."""
-            for op, n, width, group, group_size in wire.reduction(reduce, numel):
-                add(op, n, width, "backward", zero.overlap, group, group_size)
+            for op, n, width, group, group_size, compressed in wire.reduction(reduce, numel):
+                add(op, n, width, "backward", zero.overlap, group, group_size,
+                    compressed=compressed)
 
         for layouts in units:
             for layout in layouts:
@@ -304,9 +307,9 @@ class _WireSizes:
         return ops.quantized_row_bytes(m, 8, self.plan.weight_block) / m
 
     def reduction(self, op: str, numel: int) -> list[tuple]:
-        """(op, numel, bytes per element, group, group size) of each collective that moves a
-        bucket's reduction of `numel` elements."""
-        exact = [(op, numel, self.comm_size, "world", None)]
+        """(op, numel, bytes per element, group, group size, compressed) of each collective
+        that moves a bucket's reduction of `numel` elements."""
+        exact = [(op, numel, self.comm_size, "world", None, False)]
         if not self.on or self.plan.gradients == "none":
             return exact
         m = numel // self.world
@@ -314,9 +317,9 @@ class _WireSizes:
             width = ops.quantized_row_bytes(m, self.plan.grad_bits, self.plan.grad_block) / m
             nodes = self.world // self.per_node
             if self.plan.two_hop and 1 < nodes < self.world:  # within the node, then across
-                return [(op, numel, width, "node", self.per_node),
-                        (op, numel // self.per_node, width, "across", nodes)]
-            return [(op, numel, width, "world", None)]
+                return [(op, numel, width, "node", self.per_node, True),
+                        (op, numel // self.per_node, width, "across", nodes, True)]
+            return [(op, numel, width, "world", None, True)]
         # top-k at the target density (after any warm-up): k (int32 index, value) pairs per
         # chunk, unless that is not smaller than the chunk (then the exact collective).
         k = _topk_k(self.plan.density, m)
@@ -324,8 +327,8 @@ class _WireSizes:
             return exact
         width = k * (4 + self.comm_size) / m
         if op == "all_reduce":  # stage 0: a sparse reduce-scatter, then a sparse all-gather
-            return [(op, numel, width / 2, "world", None)] * 2
-        return [(op, numel, width, "world", None)]
+            return [(op, numel, width / 2, "world", None, True)] * 2
+        return [(op, numel, width, "world", None, True)]
 
 
 def _count_layouts(numel: int, zero, world_size: int, largest_unit: int | None):
@@ -344,12 +347,15 @@ def _count_layouts(numel: int, zero, world_size: int, largest_unit: int | None):
 
 
 def planned_traffic(plan: Sequence[PlannedCollective], cluster_or_world: Cluster | int,
-                    ) -> CollectiveTraffic:
-    """The traffic counters a real step following `plan` would show on one rank: each
-    collective counted by comm's own CollectiveTraffic.count."""
+                    transport: str = "ring") -> CollectiveTraffic:
+    """The traffic counters a real step following `plan` would show on one rank (group rank
+    0) over `transport` (comm.wire_sends: "ring" for NCCL and one host's arena, "gloo" for
+    gloo's own collectives): each collective counted by comm's own CollectiveTraffic.count,
+    a compressed one (an all-to-all) as the ring on either."""
     traffic = CollectiveTraffic()
     for c in plan:
-        traffic.count(c.op, c.numel, c.element_size, _ranks(c, cluster_or_world))
+        traffic.count(c.op, c.numel, c.element_size, _ranks(c, cluster_or_world),
+                      transport="ring" if c.compressed else transport)
     return traffic
 
 
