@@ -126,15 +126,16 @@ def train_step(model, reference, ids, **kwargs):
 
 
 NORMS = 2 * LAYERS + 1
-# The Llama family's layers: the post-attention norm takes the residual add (the rest as GPT-2).
+# Each layer's norm after the attention takes the residual add (Llama family and GPT-2 alike).
 SWIGLU_RMS = {"rms_norm": NORMS, "swiglu": LAYERS, "residual_norm": LAYERS}
 SWIGLU_RMS_OPS = {"fused_norm": NORMS, "swiglu": LAYERS, "fused_norm_residual": LAYERS}
+GELU_LN = {"layer_norm": NORMS, "bias_gelu": LAYERS, "residual_norm": LAYERS}
+GELU_LN_OPS = {"fused_norm": NORMS, "bias_gelu": LAYERS, "fused_norm_residual": LAYERS}
 # model, the counts apply() returns, the zero_ext ops one forward must run (none fell back).
 PARITY = {
     "llama-tied": (functools.partial(llama, tied=True), SWIGLU_RMS, SWIGLU_RMS_OPS),
     "llama-untied": (functools.partial(llama, tied=False), SWIGLU_RMS, SWIGLU_RMS_OPS),
-    "gpt2": (gpt2, {"layer_norm": NORMS, "bias_gelu": LAYERS},
-             {"fused_norm": NORMS, "bias_gelu": LAYERS}),
+    "gpt2": (gpt2, GELU_LN, GELU_LN_OPS),
     "mistral": (llama_family(MistralConfig, MistralForCausalLM), SWIGLU_RMS, SWIGLU_RMS_OPS),
     "qwen2": (llama_family(Qwen2Config, Qwen2ForCausalLM), SWIGLU_RMS, SWIGLU_RMS_OPS),
     # On eager attention the softmax is swapped too (SDPA, the default, is left alone).
@@ -142,8 +143,8 @@ PARITY = {
                     SWIGLU_RMS | {"softmax": LAYERS},
                     SWIGLU_RMS_OPS | {"scaled_masked_softmax": LAYERS}),
     "gpt2-eager": (functools.partial(gpt2, attn_implementation="eager"),
-                   {"layer_norm": NORMS, "bias_gelu": LAYERS, "softmax": LAYERS},
-                   {"fused_norm": NORMS, "bias_gelu": LAYERS, "scaled_masked_softmax": LAYERS}),
+                   GELU_LN | {"softmax": LAYERS},
+                   GELU_LN_OPS | {"scaled_masked_softmax": LAYERS}),
     # Qwen3 normalizes each head's queries and keys too: 4-D inputs.
     "qwen3": (llama_family(Qwen3Config, Qwen3ForCausalLM),
               SWIGLU_RMS | {"rms_norm": NORMS + 2 * LAYERS},
@@ -168,10 +169,21 @@ def test_fp32_loss_and_every_gradient_match_unfused(case):
         assert calls[op] == n, op
 
 
-def test_activation_checkpointing_recomputes_the_fused_modules():
-    model, reference, _ = fused_and_reference(llama())
+# Two ways to checkpoint a transformers model: zero_ext's, and HF's own switch
+# (activation_checkpointing_enable, gradient_checkpointing_enable's new name: torch's checkpoint
+# through the same layer wrapper); the fused MLP op of the family.
+CHECKPOINTED = {
+    "llama-zero_ext": (llama, zero_ext.checkpointing.apply, "swiglu"),
+    "gpt2-hf": (gpt2, lambda m: m.activation_checkpointing_enable(), "bias_gelu"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINTED))
+def test_activation_checkpointing_recomputes_the_fused_modules(case):
+    build, checkpoint, activation = CHECKPOINTED[case]
+    model, reference, _ = fused_and_reference(build())
     for m in (model, reference):
-        zero_ext.checkpointing.apply(m)
+        checkpoint(m)
     ids, labels = batch()
     out, ref, calls = train_step(model, reference, ids, labels=labels)
     torch.testing.assert_close(out.loss, ref.loss, **FP32)
@@ -179,25 +191,33 @@ def test_activation_checkpointing_recomputes_the_fused_modules():
     # Each layer's two norms and MLP run again in backward; the final norm and the loss not.
     # transformers checkpoints in the layer class's forward, which apply() replaced on the
     # instance: the fused layer itself goes through the checkpoint, residual add included.
-    assert calls["fused_norm"] == NORMS + 2 * LAYERS and calls["swiglu"] == 2 * LAYERS
+    assert calls["fused_norm"] == NORMS + 2 * LAYERS and calls[activation] == 2 * LAYERS
     assert calls["fused_norm_residual"] == 2 * LAYERS
 
 
+# A model of each family, and its base model (without the head) and layers.
+FAMILIES = {"llama": (functools.partial(llama, tied=False),
+                      lambda m: (m.model, m.model.layers)),
+            "gpt2": (gpt2, lambda m: (m.transformer, m.transformer.h))}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_residual_add_in_the_norm_changes_no_bit_of_the_layers_outputs(dtype):
+def test_the_residual_add_in_the_norm_changes_no_bit_of_the_layers_outputs(family, dtype):
     # Against the same fused model whose layers run their own forward (h = residual + attention
     # as a tensor add, then the fused norm of h): the kernel rounds the sum once, as the add
     # does, and normalizes that rounded sum, so the hidden states are identical in both dtypes.
-    model = llama(tied=False, dtype=dtype)
+    build, layers_of = FAMILIES[family]
+    model = build().to(dtype)
     zero_ext.fused.apply(model, cross_entropy=False)
     layers_own = copy.deepcopy(model)
-    for layer in layers_own.model.layers:
+    for layer in layers_of(layers_own)[1]:
         del layer.forward
     ids, _ = batch()
     outputs = []
     for m in (model, layers_own):
         with OpCalls() as ops:
-            hidden = m.model(input_ids=ids).last_hidden_state
+            hidden = layers_of(m)[0](input_ids=ids).last_hidden_state
             hidden.float().square().mean().backward()
         outputs.append(hidden)
         assert ops.calls["fused_norm_residual"] == (LAYERS if m is model else 0)
@@ -226,8 +246,9 @@ def test_bf16_model_close_to_unfused_with_an_fp32_loss():
         assert err <= 0.1 * scale + 1e-3, (name, err, scale)
 
 
-def test_eval_mode_and_training_without_labels_keep_the_logits():
-    model, reference, _ = fused_and_reference(llama())
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_eval_mode_and_training_without_labels_keep_the_logits(family):
+    model, reference, _ = fused_and_reference(FAMILIES[family][0]())
     ids, labels = batch()
     model.eval()
     reference.eval()
@@ -238,10 +259,17 @@ def test_eval_mode_and_training_without_labels_keep_the_logits():
     assert ops.calls["linear_cross_entropy"] == 0
     torch.testing.assert_close(out.logits, ref.logits, **FP32)
     torch.testing.assert_close(out.loss, ref.loss, **FP32)
-    # Generation (eval, KV cache, one token a step) runs the fused norms and MLPs as well.
-    generate = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
-    assert torch.equal(model.generate(ids[:, :4], **generate),
-                       reference.generate(ids[:, :4], **generate))
+    # Generation (eval, KV cache, one token a step) runs the fused norms, MLPs and layers as
+    # well: each step's layers read and write the cache in the fused body.
+    generate = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0,
+                "return_dict_in_generate": True, "output_logits": True}
+    with OpCalls() as ops:
+        got = model.generate(ids[:, :4], **generate)
+    expected = reference.generate(ids[:, :4], **generate)
+    assert ops.calls["fused_norm_residual"] == 5 * LAYERS
+    assert torch.equal(got.sequences, expected.sequences)
+    for a, b in zip(got.logits, expected.logits, strict=True):
+        torch.testing.assert_close(a, b, **FP32)
     model.train()
     reference.train()
     out = model(input_ids=ids)
@@ -564,6 +592,59 @@ def test_a_layer_whose_norm_was_wrapped_after_apply_adds_the_residual_itself():
     assert calls["fused_norm_residual"] == LAYERS - 1 and calls["fused_norm"] == NORMS
 
 
+def test_gpt2_blocks_with_cross_attention_run_their_own_forward():
+    # Their add before ln_2 is the cross-attention branch's, when the call has encoder states:
+    # left to transformers' code (the branch's norm is still swapped, as any LayerNorm).
+    model, reference, counts = fused_and_reference(gpt2(add_cross_attention=True))
+    assert counts["residual_norm"] == 0 and counts["layer_norm"] == NORMS + LAYERS
+    ids, labels = batch()
+    encoder = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(2))
+    out, ref, calls = train_step(model, reference, ids, labels=labels,
+                                 encoder_hidden_states=encoder)
+    assert calls["fused_norm_residual"] == 0 and calls["fused_norm"] == NORMS + LAYERS
+    torch.testing.assert_close(out.loss, ref.loss, **FP32)
+    assert_same_gradients(model, reference, **FP32)
+    # A fused block without the branch, given encoder states: transformers' own error.
+    model = gpt2()
+    zero_ext.fused.apply(model)
+    with pytest.raises(ValueError, match="has to be instantiated with cross-attention layers"):
+        model(input_ids=ids, encoder_hidden_states=encoder)
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+def test_a_fused_block_takes_its_arguments_as_its_own_forward_does():
+    # GPT2Model passes a block its cache, mask and encoder states positionally, the rest by
+    # keyword; the fused body binds them to the block's signature. past_key_values, which the
+    # block's own forward renames to cache, sends the call to that forward.
+    from transformers import DynamicCache
+
+    model, reference, _ = fused_and_reference(gpt2())
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(5).expand(3, 5)
+    calls = {  # name: (args, kwargs, a cache given, the fused body takes it)
+        "positional": ((x, None, None, None), {"use_cache": False}, False, True),
+        "keywords": ((), {"hidden_states": x, "position_ids": positions}, False, True),
+        "cache positional": ((x, "cache"), {"use_cache": True}, True, True),
+        "cache keyword": ((x,), {"cache": "cache", "use_cache": True}, True, True),
+        "past_key_values": ((x,), {"past_key_values": "cache", "use_cache": True}, True, False),
+    }
+    for name, (args, kwargs, cached, fused) in calls.items():
+        outputs, caches = [], []
+        for m in (model, reference):
+            cache = DynamicCache(config=m.config)
+            given = [cache if a == "cache" else a for a in args]
+            named = {k: cache if isinstance(v, str) else v for k, v in kwargs.items()}
+            with torch.no_grad(), OpCalls() as ops:
+                outputs.append(m.transformer.h[0](*given, **named))
+            caches.append(cache)
+            if m is model:
+                assert ops.calls["fused_norm_residual"] == int(fused), name
+        torch.testing.assert_close(*outputs, **FP32, msg=name)
+        assert caches[0].get_seq_length() == caches[1].get_seq_length() == 5 * cached, name
+        if cached:
+            torch.testing.assert_close(caches[0].layers[0].keys, caches[1].layers[0].keys)
+
+
 def test_fallback_to_the_module_forward_where_the_kernel_does_not_take_the_call():
     model = llama()
     zero_ext.fused.apply(model)
@@ -618,6 +699,7 @@ def initialize_cases():
     start(model, {"enabled": True, "norms": False, "activations": False,
                   "modules": {"LlamaMLP": "swiglu_mlp"}})
     results["options"] = fused_kinds(model)
+    results["gpt2"] = start(gpt2(), {"enabled": True})[1]
     _, log, caught = start(nn.Sequential(nn.Linear(4, 4)), {"enabled": True})
     results["nothing"] = {"log": log, "warnings": caught}
     results["stage3"] = stage3_head_case(start)
@@ -661,6 +743,8 @@ def test_initialize_applies_the_fused_kernels_when_the_config_asks():
                            "decoder_layer": 2}
     assert on["logits"] is None
     assert on["loss"] == pytest.approx(on["reference"], rel=1e-5)
+    assert "[zero_ext] fused kernels: 1 cross_entropy, 0 rms_norm, 5 layer_norm, 0 swiglu, " \
+           "2 bias_gelu, 0 softmax, 2 residual_norm" in results["gpt2"]
     assert results["off"] == {}  # off by default
     assert results["options"] == {"causal_lm": 1, "lm_head": 1, "swiglu_mlp": 2}
     nothing = results["nothing"]

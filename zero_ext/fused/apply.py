@@ -11,8 +11,9 @@ gather a module's parameters around the fused forward. What is swapped (docs/fus
 * ``swiglu_mlp``: their MLPs, ``down(silu(gate(x)) * up(x))`` -> :func:`swiglu` between the
   projections, which stay module calls;
 * ``bias_gelu_mlp``: GPT-2's MLP, the ``c_fc`` bias folded into :func:`bias_gelu`;
-* ``residual_norm`` (with the norms): their decoder layers, whose residual add before the
-  post-attention norm becomes part of that norm's pass (:func:`rms_norm` with ``residual=``);
+* ``residual_norm`` (with the norms): their decoder layers and GPT-2's blocks without
+  cross-attention, whose residual add before the norm after the attention becomes part of that
+  norm's pass (:func:`rms_norm` / :func:`layer_norm` with ``residual=``; blocks.py);
 * ``causal_lm``: their ``*ForCausalLM`` / ``GPT2LMHeadModel``: in training with labels (or
   with Liger-Kernel's ``skip_logits=True``, which the HF Trainer passes), the ``lm_head`` call
   returns transformers' causal-LM loss from :func:`linear_cross_entropy`, and the output's
@@ -32,206 +33,49 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import types
-import weakref
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zero_ext._plain_forward import forward_is_plain, plain_forward, wrap_forward
+from zero_ext._plain_forward import plain_forward
 from zero_ext.fused.activations import bias_gelu, swiglu
 from zero_ext.fused.attention import ATTENTION_NAME, use_fused_softmax
+from zero_ext.fused.blocks import (
+    _BLOCKS,
+    _block_forward,
+    _block_missing,
+    _eps,
+    _layer_norm_forward,
+    _norm_missing,
+    _rms_norm_forward,
+)
 from zero_ext.fused.cross_entropy import linear_cross_entropy
-from zero_ext.fused.norms import layer_norm, rms_norm
+from zero_ext.fused.swap import (
+    _API,
+    _FUSED,
+    _auto_kind,
+    _call_shape,
+    _has_kernel,
+    _install,
+    _is_hf,
+    _replaced,
+    _runs,
+    _single_input,
+)
 
 __all__ = ["COUNT_KEYS", "MODULE_KINDS", "apply"]
-
-_API = "zero_ext.fused.apply"
 
 COUNT_KEYS = ("cross_entropy", "rms_norm", "layer_norm", "swiglu", "bias_gelu", "softmax",
               "residual_norm")
 """The keys of :func:`apply`'s result: modules swapped per fused op."""
 
-# transformers' classes apply() recognises by itself (the families whose math it reproduces).
-_LLAMA_FAMILY = ("Llama", "Mistral", "Qwen2", "Qwen3")
-_AUTO_KINDS = {
-    **{f"{family}RMSNorm": "rms_norm" for family in _LLAMA_FAMILY},
-    **{f"{family}MLP": "swiglu_mlp" for family in _LLAMA_FAMILY},
-    **{f"{family}ForCausalLM": "causal_lm" for family in _LLAMA_FAMILY},
-    **{f"{family}DecoderLayer": "decoder_layer" for family in _LLAMA_FAMILY},
-    "GPT2MLP": "bias_gelu_mlp",
-    "GPT2LMHeadModel": "causal_lm",
-}
-
-_FUSED = "_zero_ext_fused"                   # instance attribute: the kind a module was given
 _TARGET = "_zero_ext_target"                 # lm_head attribute during a fused loss forward
 _HEAD = "lm_head"                            # the kind marker of a causal LM's head
 
 
-# -- call-time guards ------------------------------------------------------------------------
-
-def _has_kernel(op: str, device_type: str) -> bool:
-    """Whether zero_ext was built with ``op``'s kernel for this device type (the CPU build has
-    no CUDA kernels). A dispatcher table lookup,
-    cheap enough per call and traceable by torch.compile."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"zero_ext::{op}", device_type.upper())
-
-
-def _runs(op: str, x: Tensor, *params: Tensor | None) -> bool:
-    """Whether ``op`` takes ``x`` with ``params`` as they come: its kernel exists on x's device,
-    the parameters share x's dtype (the kernels take one dtype), and autocast is off (the ops
-    have no autocast rules; the module's own forward knows what autocast should do)."""
-    return (_has_kernel(op, x.device.type) and not torch.is_autocast_enabled(x.device.type)
-            and all(p is None or p.dtype == x.dtype for p in params))
-
-
-def _single_input(args: tuple, kwargs: dict) -> Tensor | None:
-    """The input tensor of a call ``module(x)``; None for any other call (then the module's own
-    forward runs, whatever its other arguments mean)."""
-    return args[0] if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) else None
-
-
-# -- norms -----------------------------------------------------------------------------------
-
-def _eps(module: nn.Module) -> float | None:
-    for name in ("variance_epsilon", "eps"):
-        value = getattr(module, name, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
-
-
-def _rms_norm_forward(self, *args, **kwargs):
-    if _RESIDUAL in kwargs:
-        return _residual_rms_norm(self, *args, **kwargs)
-    x = _single_input(args, kwargs)
-    if x is None or not _runs("fused_norm", x, self.weight):
-        return plain_forward(self)(*args, **kwargs)
-    return rms_norm(x, self.weight, _eps(self))
-
-
-def _residual_rms_norm(self, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
-    """``(norm(residual + x), residual + x)``, the call a fused decoder layer makes: one pass
-    where the kernel takes it, else the add and the module's own forward."""
-    residual = kwargs.pop(_RESIDUAL)
-    if (kwargs or residual.shape != x.shape or
-            not _runs("fused_norm", x, self.weight, residual)):
-        summed = residual + x
-        return plain_forward(self)(summed, **kwargs), summed
-    return rms_norm(x, self.weight, _eps(self), residual=residual)
-
-
-def _layer_norm_forward(self, *args, **kwargs):
-    x = _single_input(args, kwargs)
-    bias = getattr(self, "bias", None)
-    if x is None or not _runs("fused_norm", x, self.weight, bias):
-        return plain_forward(self)(*args, **kwargs)
-    return layer_norm(x, self.weight, bias, _eps(self))
-
-
-def _norm_missing(module: nn.Module, *, layer: bool) -> str | None:
-    if not isinstance(getattr(module, "weight", None), Tensor):
-        return "has no `weight` tensor (an affine scale over the last dimension)"
-    if layer and isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
-        return f"normalizes over {len(module.normalized_shape)} dimensions; the kernel over one"
-    if layer and not (getattr(module, "bias", None) is None or
-                      isinstance(module.bias, Tensor)):
-        return "has a `bias` that is neither a tensor nor None"
-    eps = _eps(module)
-    if eps is None or eps <= 0:
-        return "has no `variance_epsilon` or `eps` number > 0"
-    return None
-
-
-# -- the residual add into a decoder layer's post-attention norm -----------------------------
-
-_RESIDUAL = "_zero_ext_residual"   # the keyword a fused layer passes the residual to its norm by
-
-
-def _takes_residual(norm: nn.Module) -> bool:
-    """Whether ``norm``'s forward is still apply()'s RMSNorm (which takes ``_RESIDUAL``): not
-    wrapped since by something that would not pass the keyword on."""
-    return getattr(getattr(norm.forward, "__func__", None), "fused", None) is _rms_norm_forward
-
-
-def _decoder_layer_forward(self, *args, **kwargs):
-    """A Llama-family decoder layer's forward with ``h = residual + attention`` fused into the
-    post-attention norm's pass: ``(norm(h), h) = post_attention_layernorm(attention,
-    residual)``; everything else as transformers 5's layer computes it.
-
-    Why the whole forward and not a narrower hook: the add is a tensor ``+`` in the layer's
-    own code, between two module calls; no module hook can skip it (only a tensor subclass or
-    a dispatch mode intercepting that ``+`` could, each a cost on every op of the layer and a
-    hazard for torch.compile). What changes between transformers releases is the arguments
-    (``past_key_values`` is becoming ``cache``), not this body: the layer's arguments pass to
-    ``self_attn`` exactly as given, never named here, and apply() takes only classes whose
-    forward returns one tensor (older releases' layers returned tuples). Submodules run as
-    module calls, so stage 3 gathers them and hooks (transformers' recording of attention
-    weights for ``output_attentions``) see them. A call with more than the hidden states
-    positional, or whose norm is no longer apply()'s, runs the layer's own forward.
-
-    Activation checkpointing: transformers 5 checkpoints a layer inside its class's
-    ``forward`` (``GradientCheckpointingLayer``), which this instance forward replaces; where
-    the layer would checkpoint, this runs the fused body through the layer's own
-    ``_gradient_checkpointing_func``, and with a KV cache in use there (transformers turns it
-    off first, which is not repeated here) the layer's own forward.
-    """
-    norm = self.post_attention_layernorm
-    if len(args) != 1 or not isinstance(args[0], Tensor) or not _takes_residual(norm):
-        return plain_forward(self)(*args, **kwargs)
-    if _checkpoints_in_forward(self):
-        if kwargs.get("use_cache") or any(kwargs.get(n) is not None for n in _CACHE_NAMES):
-            return plain_forward(self)(*args, **kwargs)
-        return self._gradient_checkpointing_func(
-            functools.partial(_decoder_layer_body, self, **kwargs), *args)
-    return _decoder_layer_body(self, *args, **kwargs)
-
-
-_CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
-
-
-def _checkpoints_in_forward(layer: nn.Module) -> bool:
-    """Whether the layer's class forward would checkpoint this call: transformers'
-    ``GradientCheckpointingLayer`` wrapper, switched on, in training with gradients."""
-    forward_code = getattr(type(layer).forward, "__code__", None)
-    return (getattr(forward_code, "co_name", None) == "forward_with_checkpointing" and
-            getattr(layer, "gradient_checkpointing", False) and layer.training and
-            torch.is_grad_enabled())
-
-
-def _decoder_layer_body(self, residual: Tensor, **kwargs) -> Tensor:
-    norm = self.post_attention_layernorm
-    attention = self.self_attn(hidden_states=self.input_layernorm(residual), **kwargs)[0]
-    hidden, residual = norm(attention, **{_RESIDUAL: residual})
-    return residual + self.mlp(hidden)
-
-
-def _decoder_layer_missing(module: nn.Module) -> str | None:
-    absent = [n for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-              if not isinstance(getattr(module, n, None), nn.Module)]
-    if absent:
-        return f"has no {', '.join(f'`{n}`' for n in absent)} module"
-    returns = inspect.signature(type(module).forward).return_annotation
-    if returns not in (Tensor, "torch.Tensor"):
-        return f"has a forward returning {returns}, not one tensor (an older transformers)"
-    norm = module.post_attention_layernorm
-    if norm.__dict__.get(_FUSED) != "rms_norm" and (
-            _auto_kind(norm) != "rms_norm" or _norm_missing(norm, layer=False) or
-            _replaced(norm)):
-        return "has a `post_attention_layernorm` that apply() does not give the fused RMSNorm"
-    return None
-
-
 # -- MLPs ------------------------------------------------------------------------------------
-
-def _is_hf(obj, *names: str) -> bool:
-    """Whether ``obj`` is an instance of one of transformers' classes ``names`` (by name and
-    package, so that transformers stays optional here)."""
-    cls = type(obj)
-    return cls.__name__ in names and cls.__module__.startswith("transformers.")
-
 
 def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or _is_hf(act, "SiLUActivation")
@@ -344,42 +188,6 @@ def _lm_head_forward(self, *args, **kwargs):
     return target.loss
 
 
-@dataclasses.dataclass(frozen=True)
-class _CallShape:
-    """What :func:`_fused_loss_call` reads of a forward's signature. inspect.signature of
-    transformers' decorated forwards costs ~50 us, binding ~12 us: a step's forward paid both."""
-
-    signature: inspect.Signature
-    named: frozenset[str]         # the parameters a keyword argument binds to by its name
-    var_keyword: str | None       # the ``**kwargs`` parameter, which takes the other keywords
-
-
-# Under the forward's function: a bound method's signature is its function's for every instance,
-# and a forward replaced since (a wrapper, a substitute plain forward) is another function, so
-# nothing goes stale. Weak keys: a dropped class or closure takes its entry with it.
-_CALL_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _call_shape(forward: Callable) -> _CallShape:
-    key = getattr(forward, "__func__", forward)
-    try:
-        return _CALL_SHAPES[key]
-    except (KeyError, TypeError):  # TypeError: a callable without weak references
-        pass
-    signature = inspect.signature(forward)
-    params = signature.parameters.values()
-    shape = _CallShape(
-        signature,
-        frozenset(p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                       inspect.Parameter.KEYWORD_ONLY)),
-        next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None))
-    try:
-        _CALL_SHAPES[key] = shape
-    except TypeError:
-        pass
-    return shape
-
-
 def _fusable_head(model: nn.Module) -> bool:
     """Whether the model's head is still the plain Linear apply() gave the loss to (not wrapped
     since, e.g. by a LoRA layer) and its device has the kernel."""
@@ -462,40 +270,6 @@ def _causal_lm_missing(module: nn.Module) -> str | None:
     return _replaced(head, "lm_head")
 
 
-# -- installing ------------------------------------------------------------------------------
-
-def _replaced(module: nn.Module, what: str = "it") -> str | None:
-    """Why ``module`` cannot take a fused forward: another wrapper replaced its forward already
-    (wrapping that wrapper could skip what it does). A forward that computes the module's own
-    math (zero_ext._plain_forward: stage 3's partitioned Linear forward) is kept as the
-    fallback."""
-    if forward_is_plain(module) or module.__dict__.get(_FUSED):
-        return None
-    forward = module.__dict__["forward"]
-    return (f"has its forward replaced on the instance already ({what}: "
-            f"{getattr(forward, '__qualname__', forward)!r}); apply the fused kernels before "
-            "wrapping the module")
-
-
-def _install(module: nn.Module, kind: str, fused: Callable) -> None:
-    """Makes ``fused`` the forward of this instance; the forward it had stays the fallback
-    (:func:`zero_ext._plain_forward.plain_forward`). Bound methods are copied with their
-    instance by copy.deepcopy (a reference model copied from a fused one runs its own modules);
-    the signature stays the old forward's, which the HF Trainer inspects."""
-    signature = inspect.signature(module.forward)
-
-    def forward(self, *args, **kwargs):
-        return fused(self, *args, **kwargs)
-
-    forward.__signature__ = signature.replace(parameters=[
-        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-        *signature.parameters.values()])
-    forward.__doc__ = f"zero_ext.fused ({kind}): {fused.__name__}, else the module's own forward"
-    forward.fused = fused  # what _takes_residual reads
-    setattr(module, _FUSED, kind)
-    wrap_forward(module, types.MethodType(forward, module))
-
-
 @dataclasses.dataclass(frozen=True)
 class _Kind:
     """One kind of swap: which result key counts it, which switch of apply() selects it, what
@@ -517,18 +291,12 @@ _KINDS = {
                            _bias_gelu_mlp_forward),
     "causal_lm": _Kind("cross_entropy", "cross_entropy", _causal_lm_missing,
                        _causal_lm_forward),
-    # Not nameable in modules=: the layer's forward is rewritten, which no probe can check.
-    "decoder_layer": _Kind("residual_norm", "norms", _decoder_layer_missing,
-                           _decoder_layer_forward),
+    # Not nameable in modules=: the block's forward is rewritten, which no probe can check.
+    **{name: _Kind("residual_norm", "norms", functools.partial(_block_missing, block=block),
+                   _block_forward) for name, block in _BLOCKS.items()},
 }
-MODULE_KINDS = tuple(kind for kind in _KINDS if kind != "decoder_layer")
+MODULE_KINDS = tuple(kind for kind in _KINDS if kind not in _BLOCKS)
 """The kinds ``modules=`` (and the config's ``zero_ext.fused_kernels.modules``) may name."""
-
-
-def _auto_kind(module: nn.Module) -> str | None:
-    if type(module) is nn.LayerNorm and module.elementwise_affine:
-        return "layer_norm"
-    return _AUTO_KINDS.get(type(module).__name__) if _is_hf(module, *_AUTO_KINDS) else None
 
 
 def _kind_formula(module: nn.Module, kind_name: str, x: Tensor) -> Tensor:
