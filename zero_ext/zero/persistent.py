@@ -7,8 +7,7 @@ slice goes to every rank (all-gathers of at most allgather_bucket_size elements,
 `allgather_pieces`, which zero_ext.scaling plans a step's traffic by), after
 GatheredParameters the modifying rank's values go to all (a broadcast). The stage-3 units'
 buckets have the same duties in PartitionedParameters (params.py); the engine (engine.py)
-holds one of each and asks the one that owns a bucket, so neither the step nor the
-checkpoint code needs to know which kind a bucket is.
+holds one of each and asks the one that `owns` a bucket.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ def allgather_pieces(shard_numel: int, world_size: int,
 class PersistentParameters:
     """`layouts`: the persistent buckets, in the order of `flats` (one buffer each, in the
     model dtype, padded to a multiple of the world size). `sharded`: each rank updates its
-    own slice (stages 1-2; at stage 0 every rank steps every element). `hierarchical`: the
+    own slice (stages 1-3; at stage 0 every rank steps every element). `hierarchical`: the
     all-gathers go across nodes first, then within (hierarchical_allgather)."""
 
     def __init__(self, layouts: list[BucketLayout], params: list[nn.Parameter], *, rank: int,
@@ -45,7 +44,10 @@ class PersistentParameters:
         self.layouts = layouts
         self.rank, self.world_size, self.sharded = rank, world_size, sharded
         self.allgather_bucket_size = allgather_bucket_size
-        self._gather = comm.hierarchical_all_gather if hierarchical else comm.all_gather
+        # Asked now, at the same point on every rank: the topology's groups are made
+        # collectively on first use, and nodes of different sizes are refused here.
+        two_hops = hierarchical and comm.current_topology().hierarchical_groups() is not None
+        self._gather = comm.hierarchical_all_gather if two_hops else comm.all_gather
         self.flats = [self._flatten(layout, params, dtype, device) for layout in layouts]
         self._by_index = {layout.index: (layout, flat)
                           for layout, flat in zip(layouts, self.flats)}
