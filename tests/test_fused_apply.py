@@ -6,8 +6,11 @@ embeddings, GPT-2), in bf16 closely; in training with labels the fused model ret
 without logits, in evaluation the logits as before. transformers' loss options go through:
 ``num_items_in_batch`` (the HF Trainer's gradient accumulation), ``shift_labels``, ignored
 tokens and ``ignore_index``. A dispatch mode counts the zero_ext ops each forward runs, so a
-swap that silently fell back to the unfused forward fails. Also: idempotence, ``modules=`` by
-class name and its errors, the models and modules apply() must leave alone.
+swap that silently fell back to the unfused forward fails. The residual add fused into the
+norm of Llama layers and GPT-2 blocks: bit-identical to the layers' own forwards, inside
+transformers' checkpoint, through generation's KV cache, bound as the block's own forward binds
+its arguments. Also: idempotence, ``modules=`` by class name and its errors, the models and
+modules apply() must leave alone (GPT-2 blocks with cross-attention among them).
 """
 
 import collections
