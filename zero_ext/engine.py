@@ -1,10 +1,12 @@
 """ZeroEngine: forward, backward, step, accumulation, clipping, loss scaling; ZeRO stages 0-3.
 
-zero_ext.initialize() builds one from the user's model and config. The engine lays the model's
-trainable parameters out in flat buckets (zero/placement.py decides where everything goes,
-zero/partition.py pads) so that they become views of those buffers, or, at stage 3, shards of
-them (zero/params.py), installs the gradient hooks (zero/buckets.py) and creates the sharded
-optimizer (zero/optimizer.py). A training step is
+zero_ext.initialize() builds one from the user's model and config. The engine takes every
+rank's replica of the model (zero/replicas.py: the same model, rank 0's values, its device and
+dtype), lays its trainable parameters out in flat buckets (zero/placement.py decides where
+everything goes, zero/partition.py pads) so that they become views of those buffers
+(zero/persistent.py), or, at stage 3, shards of them (zero/params.py), installs the gradient
+hooks (zero/buckets.py) and creates the sharded optimizer (zero/optimizer.py). A training step
+is
 
     loss = engine(batch)       # the user's forward
     engine.backward(loss)      # 1/accumulation (and the fp16 loss scale); reduces as it goes
@@ -12,12 +14,12 @@ optimizer (zero/optimizer.py). A training step is
 
 Every decision that must agree across ranks (skip on overflow, the clipping factor) is derived
 from values all ranks hold after a collective, so all ranks decide the same
-(zero/agreement.py).
+(zero/agreement.py). What the run shows and what the engine holds (the report line, training
+metrics, memory_breakdown) is counted in zero/reporting.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import warnings
@@ -33,22 +35,17 @@ from zero_ext.config import ZeroConfig
 from zero_ext.elastic_sampler import ElasticSampler
 from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
-from zero_ext.zero import offload, placement, reporting
+from zero_ext.zero import offload, placement, replicas, reporting
 from zero_ext.zero.agreement import StepAgreement, backward_count_error
 from zero_ext.zero.buckets import GradientBuckets
 from zero_ext.zero.compression import GradientCompression
 from zero_ext.zero.construction import outside_init
 from zero_ext.zero.hpz import secondary_numel
 from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
-from zero_ext.zero.params import PartitionedParameters, check_initializers, materialize
+from zero_ext.zero.params import PartitionedParameters, materialize
 from zero_ext.zero.persistent import PersistentParameters
 
 __all__ = ["DynamicLossScaler", "ZeroEngine"]
-
-
-def _structure_signature(params: list[tuple[str, nn.Parameter]]) -> int:
-    text = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for n, p in params)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
 
 
 class ZeroEngine(nn.Module):
@@ -70,16 +67,17 @@ class ZeroEngine(nn.Module):
         # engine.backward() calls since the last engine.step(): the engine expects exactly one.
         self._backwards_since_step = 0
         self.model_dtype = config.mixed_precision or torch.float32
-        self.device = self._pick_device(model)
-        self._place_model()
+        self.device = replicas.training_device()
+        self.built_under_init = replicas.place_model(model, self.device, self.model_dtype,
+                                                     config.mixed_precision, self.stage)
         self.comm_dtype = config.comm_dtype or self.model_dtype
         self._timers = reporting.PhaseTimers(config.wall_clock_breakdown, self.device)
         self.checkpoint_states = RegisteredStates()  # saved with every checkpoint
         self._periodic_checkpoints = elastic.periodic_checkpoints(self)
 
         named = list(model.named_parameters())
-        self._check_same_structure(named)
-        self._broadcast_from_rank0()
+        replicas.check_same_structure(named)
+        replicas.broadcast_from_rank0(model)
         self._params, group_of = placement.group_parameters(named, param_groups, self.rank)
         layout = placement.lay_out(model, self._params, group_of, stage=self.stage,
                                    zero=config.zero_optimization, world_size=self.world_size)
@@ -117,54 +115,6 @@ class ZeroEngine(nn.Module):
             return getattr(module, name)
 
     # -- setup ------------------------------------------------------------------------------
-    @staticmethod
-    def _pick_device(model: nn.Module) -> torch.device:
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
-    def _check_same_structure(self, named: list[tuple[str, nn.Parameter]]) -> None:
-        """Different parameter lists across ranks would make collectives mismatch and hang."""
-        signatures = comm.all_gather_object(_structure_signature(named))
-        if len(set(signatures)) > 1:
-            summaries = comm.all_gather_object(
-                f"{len(named)} parameters, {sum(p.numel() for _, p in named)} elements")
-            detail = "; ".join(f"rank {r}: {s}" for r, s in enumerate(summaries))
-            raise RuntimeError(
-                "zero_ext.initialize: the model's parameters (names, shapes, dtypes or "
-                f"requires_grad) differ across ranks ({detail}); every rank must build the same "
-                "model before initialize")
-
-    @torch.no_grad()
-    def _broadcast_from_rank0(self) -> None:
-        """Every rank starts from rank 0's weights and buffers, as DDP does (tensors still on
-        the meta device get rank 0's values as they are materialized)."""
-        for tensor in list(self.module.parameters()) + list(self.module.buffers()):
-            if not tensor.is_meta:
-                comm.broadcast(tensor.data, src=0)
-
-    def _place_model(self) -> None:
-        """The model's tensors on the engine's device in the model dtype, or, for a model built
-        under zero_ext.Init (meta parameters), checked to be materializable."""
-        model = self.module
-        self.built_under_init = any(p.is_meta for p in model.parameters())
-        _check_parameter_dtypes(model, self.config.mixed_precision)
-        if not self.built_under_init:
-            model.to(device=self.device)
-            if self.model_dtype != torch.float32:
-                model.to(dtype=self.model_dtype)
-            return
-        if self.stage != 3:
-            meta = [n for n, p in model.named_parameters() if p.is_meta]
-            raise ValueError(
-                f"zero_ext.initialize: the model's parameters are on the meta device (e.g. "
-                f"{meta[:3]}): they hold no values. zero_ext gives meta parameters values "
-                "only for a model built under zero_ext.Init, at zero_optimization.stage 3 "
-                f"(it is {self.stage}): set stage 3 if that is how it was built; otherwise "
-                "build the model with real tensors (not on torch.device('meta') or under "
-                "init_empty_weights), or load its weights before initialize")
-        check_initializers(model)
-
     def _tag_parameters(self) -> None:
         """For GatheredParameters: each trainable parameter knows its engine and bucket."""
         engine_ref = weakref.ref(self)
@@ -673,24 +623,6 @@ def _cast_floating_to_half(value):
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.half()
     return value
-
-
-def _check_parameter_dtypes(model: nn.Module, mixed_precision: torch.dtype | None) -> None:
-    """Without fp16/bf16 the model trains in fp32, in fp32 flat buffers: a trainable parameter
-    of another floating dtype would be cast silently and then meet its layer's other tensors
-    in a dtype error inside torch. (DeepSpeed leaves such a layer alone; its ZeRO flattening
-    then fails.) Under fp16/bf16 the whole model is cast, as DeepSpeed casts it."""
-    if mixed_precision is not None:
-        return
-    wrong = [f"{n} ({p.dtype})" for n, p in model.named_parameters()
-             if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32]
-    if wrong:
-        raise ValueError(
-            f"zero_ext.initialize: the model trains in torch.float32 (no fp16/bf16 section), "
-            f"but these trainable parameters are not fp32: {wrong[:5]}"
-            f"{' ...' if len(wrong) > 5 else ''}. zero_ext keeps one dtype per model; cast it "
-            "before initialize (model.float()), or enable bf16 or fp16 in the config to have "
-            "the whole model cast to that dtype")
 
 
 def _scale_on(factor: float, shards: list[ShardState]) -> torch.Tensor | None:
