@@ -419,6 +419,13 @@ class ZeroEngine(nn.Module):
             clip_coef = clip / (norm + 1e-6)
             if clip_coef < 1.0:
                 factor *= clip_coef
+        self._apply_update(grads, factor)
+        self.grad_buckets.clear()
+        return True
+
+    def _apply_update(self, grads: list[torch.Tensor] | None, factor: float) -> None:
+        """The update itself, the gradients times `factor` (the loss scale's inverse, times the
+        clipping coefficient), wherever each shard's optimizer state lives."""
         if self.replicated_optimizer is not None:
             self._replicated_step(grads, factor)
         elif self.offload is None:
@@ -433,8 +440,6 @@ class ZeroEngine(nn.Module):
                     self.grad_buckets.reduced_grads(only={s.layout.index for s in on_device}),
                     _scale_on(factor, on_device), only=on_device)
             self.offload.step(_scale_on(factor, self.offload.shards), defer=self._deferrable)
-        self.grad_buckets.clear()
-        return True
 
     def _replicated_step(self, grads: list[torch.Tensor], factor: float) -> None:
         """Stage 0 with the user's optimizer: the all-reduced buckets go back out to each
