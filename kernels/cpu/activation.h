@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "kernels/cpu/isa_decl.h"
 #include "kernels/cpu/norm.h"  // NormType: the element types of both families
 
 namespace zero_ext::kernels::cpu {
@@ -38,12 +39,7 @@ struct ActivationRows {
 };
 
 using ActivationFn = void (*)(const ActivationRows& args);
-
-void activation_forward_rows_DEFAULT(const ActivationRows&);
-void activation_forward_rows_AVX2(const ActivationRows&);
-void activation_forward_rows_AVX512(const ActivationRows&);
-void activation_backward_rows_DEFAULT(const ActivationRows&);
-void activation_backward_rows_AVX2(const ActivationRows&);
-void activation_backward_rows_AVX512(const ActivationRows&);
+ZERO_EXT_DECLARE_CPU_KERNEL(activation_forward_rows, ActivationFn);
+ZERO_EXT_DECLARE_CPU_KERNEL(activation_backward_rows, ActivationFn);
 
 }  // namespace zero_ext::kernels::cpu

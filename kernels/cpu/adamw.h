@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "kernels/adamw_math.h"
+#include "kernels/cpu/isa_decl.h"
 
 namespace zero_ext::kernels::cpu {
 
@@ -23,10 +24,6 @@ struct AdamWSpan {
 
 using AdamWSpanFn = void (*)(const AdamWSpan& span, const AdamWCoefficients<float>& coefficients,
                              ElementType grad_type, ElementType param_16bit_type);
-
-// One definition per instruction set that setup.py compiled (CPU_CAPABILITY names them).
-void adamw_span_DEFAULT(const AdamWSpan&, const AdamWCoefficients<float>&, ElementType, ElementType);
-void adamw_span_AVX2(const AdamWSpan&, const AdamWCoefficients<float>&, ElementType, ElementType);
-void adamw_span_AVX512(const AdamWSpan&, const AdamWCoefficients<float>&, ElementType, ElementType);
+ZERO_EXT_DECLARE_CPU_KERNEL(adamw_span, AdamWSpanFn);
 
 }  // namespace zero_ext::kernels::cpu

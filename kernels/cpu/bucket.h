@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "kernels/adamw_math.h"
+#include "kernels/cpu/isa_decl.h"
 
 namespace zero_ext::kernels::cpu {
 
@@ -26,10 +27,6 @@ struct BucketCopySpan {
 };
 
 using BucketCopySpanFn = void (*)(const BucketCopySpan& span, float scale, bool accumulate);
-
-// One definition per instruction set that setup.py compiled (CPU_CAPABILITY names them).
-void bucket_copy_span_DEFAULT(const BucketCopySpan&, float, bool);
-void bucket_copy_span_AVX2(const BucketCopySpan&, float, bool);
-void bucket_copy_span_AVX512(const BucketCopySpan&, float, bool);
+ZERO_EXT_DECLARE_CPU_KERNEL(bucket_copy_span, BucketCopySpanFn);
 
 }  // namespace zero_ext::kernels::cpu

@@ -7,24 +7,20 @@
 
 #include <cstdint>
 
+#include "kernels/cpu/isa_decl.h"
 #include "kernels/fused_ce_rows.h"
 
 namespace zero_ext::kernels::cpu {
 
+// Per accumulation type (f32 / f64) and instruction set (kernels/cpu/isa_decl.h).
 template <typename T>
 using CeForwardBlockFn = void (*)(const CeForwardRows<T>& block, int64_t first, int64_t last);
+ZERO_EXT_DECLARE_CPU_KERNEL(ce_forward_block_f32, CeForwardBlockFn<float>);
+ZERO_EXT_DECLARE_CPU_KERNEL(ce_forward_block_f64, CeForwardBlockFn<double>);
+
 template <typename T>
 using CeBackwardBlockFn = void (*)(const CeBackwardRows<T>& block, int64_t first, int64_t last);
-
-// One definition per accumulation type and instruction set that setup.py compiled.
-#define ZERO_EXT_DECLARE_CE_KERNELS(ISA)                                                    \
-  void ce_forward_block_f32_##ISA(const CeForwardRows<float>&, int64_t, int64_t);           \
-  void ce_forward_block_f64_##ISA(const CeForwardRows<double>&, int64_t, int64_t);          \
-  void ce_backward_block_f32_##ISA(const CeBackwardRows<float>&, int64_t, int64_t);         \
-  void ce_backward_block_f64_##ISA(const CeBackwardRows<double>&, int64_t, int64_t);
-ZERO_EXT_DECLARE_CE_KERNELS(DEFAULT)
-ZERO_EXT_DECLARE_CE_KERNELS(AVX2)
-ZERO_EXT_DECLARE_CE_KERNELS(AVX512)
-#undef ZERO_EXT_DECLARE_CE_KERNELS
+ZERO_EXT_DECLARE_CPU_KERNEL(ce_backward_block_f32, CeBackwardBlockFn<float>);
+ZERO_EXT_DECLARE_CPU_KERNEL(ce_backward_block_f64, CeBackwardBlockFn<double>);
 
 }  // namespace zero_ext::kernels::cpu

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "kernels/cpu/isa_decl.h"
+
 namespace zero_ext::kernels::cpu {
 
 // The element type of every tensor of one call but the statistics (fp64 for kFloat64, fp32
@@ -39,6 +41,7 @@ struct NormForwardRows {
 };
 
 using NormForwardFn = void (*)(const NormForwardRows& args);
+ZERO_EXT_DECLARE_CPU_KERNEL(norm_forward_rows, NormForwardFn);
 
 // Rows [first_row, last_row) of the input gradient, with xhat = (v - mean) * rstd (mean = 0 for
 // RMSNorm) and g = grad_out * weight:
@@ -61,6 +64,7 @@ struct NormBackwardRows {
 };
 
 using NormBackwardFn = void (*)(const NormBackwardRows& args);
+ZERO_EXT_DECLARE_CPU_KERNEL(norm_backward_rows, NormBackwardFn);
 
 // Columns [first_col, last_col) of the parameter gradients, summed over all rows in row order
 // (so the result does not depend on the thread count): grad_weight[j] = sum(grad_out * xhat),
@@ -81,16 +85,6 @@ struct NormParamGradColumns {
 };
 
 using NormParamGradFn = void (*)(const NormParamGradColumns& args);
-
-// One definition per instruction set that setup.py compiled (CPU_CAPABILITY names them).
-void norm_forward_rows_DEFAULT(const NormForwardRows&);
-void norm_forward_rows_AVX2(const NormForwardRows&);
-void norm_forward_rows_AVX512(const NormForwardRows&);
-void norm_backward_rows_DEFAULT(const NormBackwardRows&);
-void norm_backward_rows_AVX2(const NormBackwardRows&);
-void norm_backward_rows_AVX512(const NormBackwardRows&);
-void norm_param_grad_columns_DEFAULT(const NormParamGradColumns&);
-void norm_param_grad_columns_AVX2(const NormParamGradColumns&);
-void norm_param_grad_columns_AVX512(const NormParamGradColumns&);
+ZERO_EXT_DECLARE_CPU_KERNEL(norm_param_grad_columns, NormParamGradFn);
 
 }  // namespace zero_ext::kernels::cpu

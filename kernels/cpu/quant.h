@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kernels/adamw_math.h"  // ElementType
+#include "kernels/cpu/isa_decl.h"
 #include "kernels/quant_math.h"
 
 namespace zero_ext::kernels::cpu {
@@ -40,11 +41,13 @@ struct QuantizeBlocks {
 };
 
 using QuantizeBlocksFn = void (*)(const QuantizeBlocks& args);
+ZERO_EXT_DECLARE_CPU_KERNEL(quantize_blocks, QuantizeBlocksFn);
 
 // After quantize_blocks filled the row: the new residual of the same blocks,
 // fp8(clamp((x_eff - dequant(q)) / new_scale, -448, 448)), written over args.residual (read
 // first, element by element, to recompute x_eff); zeros when new_scale == 0.
 using EncodeResidualFn = void (*)(const QuantizeBlocks& args, float new_scale);
+ZERO_EXT_DECLARE_CPU_KERNEL(encode_residual, EncodeResidualFn);
 
 // out[t] for t in [first, last) of one chunk of m elements (out points at the chunk's first
 // element, of out_type): (accumulate ? out[t] : 0) + v_0[t] + ... + v_{k-1}[t] in fp32, in that
@@ -69,16 +72,6 @@ struct DequantizeSumRange {
 };
 
 using DequantizeSumFn = void (*)(const DequantizeSumRange& args);
-
-// One definition per instruction set that setup.py compiled (CPU_CAPABILITY names them).
-void quantize_blocks_DEFAULT(const QuantizeBlocks&);
-void quantize_blocks_AVX2(const QuantizeBlocks&);
-void quantize_blocks_AVX512(const QuantizeBlocks&);
-void encode_residual_DEFAULT(const QuantizeBlocks&, float);
-void encode_residual_AVX2(const QuantizeBlocks&, float);
-void encode_residual_AVX512(const QuantizeBlocks&, float);
-void dequantize_sum_range_DEFAULT(const DequantizeSumRange&);
-void dequantize_sum_range_AVX2(const DequantizeSumRange&);
-void dequantize_sum_range_AVX512(const DequantizeSumRange&);
+ZERO_EXT_DECLARE_CPU_KERNEL(dequantize_sum_range, DequantizeSumFn);
 
 }  // namespace zero_ext::kernels::cpu

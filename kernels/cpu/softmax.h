@@ -5,17 +5,13 @@
 // backward, cuts the rows into ranges (first_row, last_row) and runs them on ATen's thread pool.
 #pragma once
 
+#include "kernels/cpu/isa_decl.h"
 #include "kernels/softmax_math.h"
 
 namespace zero_ext::kernels::cpu {
 
 using SoftmaxFn = void (*)(const SoftmaxRun& run);
-
-void softmax_forward_rows_DEFAULT(const SoftmaxRun&);
-void softmax_forward_rows_AVX2(const SoftmaxRun&);
-void softmax_forward_rows_AVX512(const SoftmaxRun&);
-void softmax_backward_rows_DEFAULT(const SoftmaxRun&);
-void softmax_backward_rows_AVX2(const SoftmaxRun&);
-void softmax_backward_rows_AVX512(const SoftmaxRun&);
+ZERO_EXT_DECLARE_CPU_KERNEL(softmax_forward_rows, SoftmaxFn);
+ZERO_EXT_DECLARE_CPU_KERNEL(softmax_backward_rows, SoftmaxFn);
 
 }  // namespace zero_ext::kernels::cpu

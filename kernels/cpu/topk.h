@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "kernels/adamw_math.h"  // ElementType
+#include "kernels/cpu/isa_decl.h"
 #include "kernels/topk_math.h"
 
 namespace zero_ext::kernels::cpu {
@@ -31,6 +32,7 @@ struct TopkAccumulate {
 };
 
 using TopkAccumulateFn = void (*)(const TopkAccumulate& args);
+ZERO_EXT_DECLARE_CPU_KERNEL(topk_accumulate, TopkAccumulateFn);
 
 // Pass 2 over v[0, n) of a unit: the indices (base + t) of the entries whose bin is above `bin`
 // into above, and of those in `bin` into boundary_index with their keys into boundary_key, each
@@ -47,6 +49,7 @@ struct TopkCollect {
 };
 
 using TopkCollectFn = void (*)(const TopkCollect& args);
+ZERO_EXT_DECLARE_CPU_KERNEL(topk_collect, TopkCollectFn);
 
 // The last step of a unit: its selected entries in ascending index order are every entry of
 // above, the boundary entries whose key is above threshold, and the first `ties` boundary entries
@@ -69,16 +72,6 @@ struct TopkEmit {
 };
 
 using TopkEmitFn = void (*)(const TopkEmit& args);
-
-// One definition per instruction set that setup.py compiled (CPU_CAPABILITY names them).
-void topk_accumulate_DEFAULT(const TopkAccumulate&);
-void topk_accumulate_AVX2(const TopkAccumulate&);
-void topk_accumulate_AVX512(const TopkAccumulate&);
-void topk_collect_DEFAULT(const TopkCollect&);
-void topk_collect_AVX2(const TopkCollect&);
-void topk_collect_AVX512(const TopkCollect&);
-void topk_emit_DEFAULT(const TopkEmit&);
-void topk_emit_AVX2(const TopkEmit&);
-void topk_emit_AVX512(const TopkEmit&);
+ZERO_EXT_DECLARE_CPU_KERNEL(topk_emit, TopkEmitFn);
 
 }  // namespace zero_ext::kernels::cpu
