@@ -33,7 +33,7 @@ void run(ActivationRows args, const ActivationArgs& checked, bool backward) {
   args.first_row = 0;
   args.last_row = args.h == 0 ? 0 : a.numel() / args.h;
   args.type = norm_type(a.scalar_type());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.device().index()).stream();
+  const cudaStream_t stream = stream_of(a);
   const cudaError_t err = backward ? kernels::cuda::launch_activation_backward(args, stream)
                                    : kernels::cuda::launch_activation_forward(args, stream);
   check_launch(err, checked.op);

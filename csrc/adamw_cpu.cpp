@@ -1,5 +1,6 @@
-// CPU kernel of zero_ext::adamw_step_: validates, derives per-tensor coefficients, splits every
-// tensor into spans and runs them across ATen's intra-op thread pool (torch.get_num_threads()).
+// CPU kernel of zero_ext::adamw_step_, on calls AdamWOps (csrc/adamw_args.h) validated: derives
+// per-tensor coefficients, splits every tensor into spans and runs them across ATen's intra-op
+// thread pool (torch.get_num_threads()).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -28,53 +29,41 @@ T* offset_ptr(const at::Tensor& t, int64_t begin) {
   return static_cast<T*>(t.data_ptr()) + begin;
 }
 
-void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList exp_avg_sqs, at::TensorList state_steps,
-                    at::TensorList params_16bit, double lr, double beta1, double beta2,
-                    double eps, double weight_decay, bool decoupled_weight_decay,
-                    bool bias_correction, bool maximize, const std::optional<at::Tensor>& inv_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  const AdamWStepArgs args{params, grads, exp_avgs, exp_avg_sqs, state_steps, params_16bit,
-                           inv_scale, found_inf,
-                           {lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-                            bias_correction, maximize}};
-  check_adamw_step_args(args);
-  if (params.empty()) return;
-  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;
-  const double inv = inv_scale.has_value() ? inv_scale->item<float>() : 1.0;
+void adamw_step_cpu(const AdamWStepArgs& args) {
+  const double inv = args.inv_scale.has_value() ? args.inv_scale->item<float>() : 1.0;
 
-  const int64_t n = static_cast<int64_t>(params.size());
+  const int64_t n = static_cast<int64_t>(args.params.size());
   std::vector<kernels::AdamWCoefficients<float>> coefficients(n);
   std::vector<SpanWork> work;
   for (int64_t i = 0; i < n; ++i) {
-    float* step = state_steps[i].data_ptr<float>();
+    float* step = args.state_steps[i].data_ptr<float>();
     *step += 1.0f;
     coefficients[i] = kernels::adamw_coefficients(args.hyper, *step, inv);
-    const int64_t numel = params[i].numel();
+    const int64_t numel = args.params[i].numel();
     for (int64_t begin = 0; begin < numel; begin += kSpanElements) {
       work.push_back({i, begin, std::min(kSpanElements, numel - begin)});
     }
   }
 
-  const kernels::ElementType grad_type = element_type(grads[0].scalar_type());
+  const kernels::ElementType grad_type = element_type(args.grads[0].scalar_type());
   const kernels::ElementType copy_type =
-      params_16bit.empty() ? kernels::ElementType::kBFloat16
-                           : element_type(params_16bit[0].scalar_type());
-  const size_t grad_bytes = grads[0].element_size();
-  const size_t copy_bytes = params_16bit.empty() ? 0 : params_16bit[0].element_size();
+      args.params_16bit.empty() ? kernels::ElementType::kBFloat16
+                                : element_type(args.params_16bit[0].scalar_type());
+  const size_t grad_bytes = args.grads[0].element_size();
+  const size_t copy_bytes = args.params_16bit.empty() ? 0 : args.params_16bit[0].element_size();
   const kernels::cpu::AdamWSpanFn kernel = ZERO_EXT_CPU_KERNEL(kernels::cpu::adamw_span);
 
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t w = first; w < last; ++w) {
       const SpanWork& s = work[w];
       kernels::cpu::AdamWSpan span{
-          offset_ptr<float>(params[s.tensor], s.begin),
-          static_cast<const char*>(grads[s.tensor].data_ptr()) + s.begin * grad_bytes,
-          offset_ptr<float>(exp_avgs[s.tensor], s.begin),
-          offset_ptr<float>(exp_avg_sqs[s.tensor], s.begin),
-          params_16bit.empty()
+          offset_ptr<float>(args.params[s.tensor], s.begin),
+          static_cast<const char*>(args.grads[s.tensor].data_ptr()) + s.begin * grad_bytes,
+          offset_ptr<float>(args.exp_avgs[s.tensor], s.begin),
+          offset_ptr<float>(args.exp_avg_sqs[s.tensor], s.begin),
+          args.params_16bit.empty()
               ? nullptr
-              : static_cast<char*>(params_16bit[s.tensor].data_ptr()) + s.begin * copy_bytes,
+              : static_cast<char*>(args.params_16bit[s.tensor].data_ptr()) + s.begin * copy_bytes,
           s.numel};
       kernel(span, coefficients[s.tensor], grad_type, copy_type);
     }
@@ -83,6 +72,6 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(zero_ext, CPU, m) { m.impl("adamw_step_", &adamw_step_cpu); }
+TORCH_LIBRARY_IMPL(zero_ext, CPU, m) { AdamWOps<adamw_step_cpu>::impl(m); }
 
 }  // namespace zero_ext

@@ -11,20 +11,13 @@
 
 #include <tuple>
 
+#include "csrc/cuda_checks.h"
 #include "csrc/fused_ce.h"
 #include "csrc/fused_ce_args.h"
 #include "kernels/cuda/fused_ce.cuh"
 
 namespace zero_ext {
 namespace {
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-cudaStream_t stream_of(const at::Tensor& t) {
-  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
-}
 
 void forward_rows(const at::Tensor& logits, int64_t col0, const at::Tensor& target,
                   int64_t ignore_index, const CeRowState& s) {

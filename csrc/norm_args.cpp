@@ -136,12 +136,12 @@ NormForwardOutputs empty_norm_forward_outputs(const NormForwardArgs& a) {
           at::empty({a.rms ? 0 : rows}, stat), at::empty({rows}, stat)};
 }
 
-NormBackwardOutputs empty_norm_backward_outputs(const NormBackwardArgs& a, bool has_bias) {
+NormBackwardOutputs empty_norm_backward_outputs(const NormBackwardArgs& a) {
   const at::Tensor& input = a.input;
   const int64_t h = input.size(-1);
   const at::TensorOptions stat = input.options().dtype(norm_stat_dtype(input.scalar_type()));
   return {at::empty(input.sizes(), input.options()), at::empty({h}, stat),
-          at::empty({has_bias ? h : 0}, stat)};
+          at::empty({a.has_bias ? h : 0}, stat)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> NormBackwardOutputs::result(

@@ -1,12 +1,14 @@
 // The arguments of zero_ext::fused_norm and zero_ext::fused_norm_backward as every backend
 // receives them, and their validation.
 //
-// The CPU glue (csrc/norm_cpu.cpp) validates through these functions, so a bad input raises the
+// The CPU glue (csrc/norm_cpu.cpp) and the CUDA glue (csrc/norm_cuda.cu) register their kernels
+// through NormOps, which validates and allocates the results for both, so a bad input raises the
 // same message whatever the backend. Formulas: kernels/cpu/norm.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <optional>
@@ -37,6 +39,7 @@ struct NormBackwardArgs {
   const at::Tensor& mean;                        // [rows] statistics (empty for RMSNorm)
   const at::Tensor& rstd;                        // [rows] statistics
   bool rms;
+  bool has_bias;  // whether the bias gradient is wanted (LayerNorm with a bias)
 };
 
 void check_norm_backward_args(const NormBackwardArgs& args);
@@ -67,7 +70,7 @@ struct NormForwardOutputs {
 NormForwardOutputs empty_norm_forward_outputs(const NormForwardArgs& args);
 
 // fused_norm_backward's: grad_input (input's shape and dtype) and the parameter gradients' sums,
-// grad_weight [h] and grad_bias ([h] with a bias, else [0]), in norm_stat_dtype.
+// grad_weight [h] and grad_bias ([h] with has_bias, else [0]), in norm_stat_dtype.
 struct NormBackwardOutputs {
   at::Tensor grad_input;
   at::Tensor grad_weight;
@@ -76,12 +79,46 @@ struct NormBackwardOutputs {
   // The op's results: the parameter gradients, summed in fp32, rounded once to weight's dtype.
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result(const at::Tensor& weight) const;
 };
-NormBackwardOutputs empty_norm_backward_outputs(const NormBackwardArgs& args, bool has_bias);
+NormBackwardOutputs empty_norm_backward_outputs(const NormBackwardArgs& args);
 
 // The kernel element type of a validated tensor's dtype.
 kernels::cpu::NormType norm_type(at::ScalarType dtype);
 
 // The dtype of the mean and rstd statistics for inputs of `dtype`: fp64 for fp64, else fp32.
 at::ScalarType norm_stat_dtype(at::ScalarType dtype);
+
+// One backend's zero_ext::fused_norm and fused_norm_backward in their schemas' signatures: each
+// validates the call and allocates its results, then hands both to the backend's kernels,
+// forward(args, outputs) and backward(args, outputs), which write the outputs. impl() registers
+// the two under the backend's dispatch key (TORCH_LIBRARY_IMPL).
+template <void (*Forward)(const NormForwardArgs&, const NormForwardOutputs&),
+          void (*Backward)(const NormBackwardArgs&, const NormBackwardOutputs&)>
+struct NormOps {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_norm(
+      const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+      const std::optional<at::Tensor>& bias, double eps, bool rms) {
+    const NormForwardArgs args{x, residual, weight, bias, eps, rms};
+    check_norm_forward_args(args);
+    const NormForwardOutputs o = empty_norm_forward_outputs(args);
+    Forward(args, o);
+    return {o.out, o.summed, o.mean, o.rstd};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward(
+      const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_summed,
+      const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
+      const at::Tensor& rstd, bool rms, bool has_bias) {
+    const NormBackwardArgs args{grad_out, grad_summed, input, weight, mean, rstd, rms, has_bias};
+    check_norm_backward_args(args);
+    const NormBackwardOutputs o = empty_norm_backward_outputs(args);
+    Backward(args, o);
+    return o.result(weight);
+  }
+
+  static void impl(torch::Library& m) {
+    m.impl("fused_norm", &fused_norm);
+    m.impl("fused_norm_backward", &fused_norm_backward);
+  }
+};
 
 }  // namespace zero_ext

@@ -1,4 +1,5 @@
-// CPU kernels of zero_ext::fused_norm and zero_ext::fused_norm_backward: validate, then run rows
+// CPU kernels of zero_ext::fused_norm and zero_ext::fused_norm_backward, on calls NormOps
+// (csrc/norm_args.h) validated: run rows
 // (forward, input gradient) or column blocks (weight and bias gradients) across ATen's intra-op
 // thread pool. Every output element is computed by one thread in a fixed order, so results do not
 // depend on the thread count.
@@ -6,7 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <tuple>
 
 #include "csrc/cpu_isa.h"
 #include "csrc/norm_args.h"
@@ -35,49 +35,40 @@ void parallel_rows(void (*kernel)(const Rows&), const Rows& base, int64_t rows, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_norm_cpu(
-    const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool rms) {
-  const NormForwardArgs args{x, residual, weight, bias, eps, rms};
-  check_norm_forward_args(args);
+void fused_norm_cpu(const NormForwardArgs& args, const NormForwardOutputs& o) {
+  const at::Tensor& x = args.x;
   const int64_t h = x.size(-1);
-  const NormForwardOutputs o = empty_norm_forward_outputs(args);
   const kernels::cpu::NormForwardRows base{
       x.const_data_ptr(),
-      residual.has_value() ? residual->const_data_ptr() : nullptr,
-      weight.const_data_ptr(),
-      bias.has_value() ? bias->const_data_ptr() : nullptr,
+      args.residual.has_value() ? args.residual->const_data_ptr() : nullptr,
+      args.weight.const_data_ptr(),
+      args.bias.has_value() ? args.bias->const_data_ptr() : nullptr,
       o.out.data_ptr(),
-      residual.has_value() ? o.summed.data_ptr() : nullptr,
-      rms ? nullptr : o.mean.data_ptr(),
+      args.residual.has_value() ? o.summed.data_ptr() : nullptr,
+      args.rms ? nullptr : o.mean.data_ptr(),
       o.rstd.data_ptr(),
       norm_type(x.scalar_type()),
       h,
       0,
       0,
-      eps,
-      rms};
+      args.eps,
+      args.rms};
   parallel_rows(ZERO_EXT_CPU_KERNEL(kernels::cpu::norm_forward_rows), base, x.numel() / h, h);
-  return {o.out, o.summed, o.mean, o.rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward_cpu(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_summed,
-    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mean,
-    const at::Tensor& rstd, bool rms, bool has_bias) {
-  const NormBackwardArgs args{grad_out, grad_summed, input, weight, mean, rstd, rms};
-  check_norm_backward_args(args);
+void fused_norm_backward_cpu(const NormBackwardArgs& args, const NormBackwardOutputs& o) {
+  const at::Tensor& input = args.input;
+  const bool rms = args.rms;
   const int64_t h = input.size(-1);
   const int64_t rows = input.numel() / h;
   const kernels::cpu::NormType type = norm_type(input.scalar_type());
-  const NormBackwardOutputs o = empty_norm_backward_outputs(args, has_bias);
   const kernels::cpu::NormBackwardRows row_base{
-      grad_out.const_data_ptr(),
-      grad_summed.has_value() ? grad_summed->const_data_ptr() : nullptr,
+      args.grad_out.const_data_ptr(),
+      args.grad_summed.has_value() ? args.grad_summed->const_data_ptr() : nullptr,
       input.const_data_ptr(),
-      weight.const_data_ptr(),
-      rms ? nullptr : mean.const_data_ptr(),
-      rstd.const_data_ptr(),
+      args.weight.const_data_ptr(),
+      rms ? nullptr : args.mean.const_data_ptr(),
+      args.rstd.const_data_ptr(),
       o.grad_input.data_ptr(),
       type,
       h,
@@ -89,25 +80,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_norm_backward_cpu(
   const kernels::cpu::NormParamGradFn columns_kernel =
       ZERO_EXT_CPU_KERNEL(kernels::cpu::norm_param_grad_columns);
   const kernels::cpu::NormParamGradColumns column_base{
-      grad_out.const_data_ptr(), input.const_data_ptr(),
-      rms ? nullptr : mean.const_data_ptr(), rstd.const_data_ptr(),
-      o.grad_weight.data_ptr(), has_bias ? o.grad_bias.data_ptr() : nullptr,
+      args.grad_out.const_data_ptr(), input.const_data_ptr(),
+      rms ? nullptr : args.mean.const_data_ptr(), args.rstd.const_data_ptr(),
+      o.grad_weight.data_ptr(), args.has_bias ? o.grad_bias.data_ptr() : nullptr,
       type, rows, h, 0, 0, rms};
   const int64_t units = (h + kColumnsPerUnit - 1) / kColumnsPerUnit;
   at::parallel_for(0, units, 1, [&](int64_t first, int64_t last) {
-    kernels::cpu::NormParamGradColumns args = column_base;
-    args.first_col = first * kColumnsPerUnit;
-    args.last_col = std::min(last * kColumnsPerUnit, h);
-    columns_kernel(args);
+    kernels::cpu::NormParamGradColumns columns = column_base;
+    columns.first_col = first * kColumnsPerUnit;
+    columns.last_col = std::min(last * kColumnsPerUnit, h);
+    columns_kernel(columns);
   });
-  return o.result(weight);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(zero_ext, CPU, m) {
-  m.impl("fused_norm", &fused_norm_cpu);
-  m.impl("fused_norm_backward", &fused_norm_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(zero_ext, CPU, m) { NormOps<fused_norm_cpu, fused_norm_backward_cpu>::impl(m); }
 
 }  // namespace zero_ext

@@ -1,5 +1,6 @@
 #include "csrc/quant_args.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -88,6 +89,12 @@ void check_quantize_chunks_args(const QuantizeChunksArgs& a) {
                     kQuantize, ": residual, residual_scale and x must not share memory");
   TORCH_CHECK_VALUE(std::isfinite(a.residual_factor), kQuantize,
                     ": expected a finite residual_factor, got ", a.residual_factor);
+}
+
+QuantizeOutput empty_quantize_output(const QuantizeChunksArgs& a) {
+  const int64_t m = a.x.numel() / a.chunks;
+  const int64_t row_bytes = kernels::quant_row_bytes(m, static_cast<int>(a.bits), a.block_size);
+  return {m, row_bytes, at::empty({a.chunks, row_bytes}, a.x.options().dtype(at::kByte))};
 }
 
 std::vector<int64_t> rows_to_quantize(int64_t chunks, at::IntArrayRef skip) {

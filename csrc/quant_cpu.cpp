@@ -1,10 +1,10 @@
-// CPU kernels of zero_ext::quantize_chunks, zero_ext::dequantize_sum_ and zero_ext::dequantize_:
-// validate, cut every chunk into units of whole quantization blocks (about kSpanElements
-// elements each) and run the units across ATen's intra-op thread pool (torch.get_num_threads()).
-// The result does not depend on the thread count: each block is computed by one thread, and
-// error feedback's per-chunk residual scale is taken from the finished row between two passes.
+// CPU kernels of zero_ext::quantize_chunks, zero_ext::dequantize_sum_ and zero_ext::dequantize_,
+// on calls QuantOps (csrc/quant_args.h) validated: cut every chunk into units of whole
+// quantization blocks (about kSpanElements elements each) and run the units across ATen's
+// intra-op thread pool (torch.get_num_threads()). The result does not depend on the thread
+// count: each block is computed by one thread, and error feedback's per-chunk residual scale is
+// taken from the finished row between two passes.
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,35 +28,28 @@ int64_t blocks_per_unit(int64_t block_size) {
   return std::max<int64_t>(1, kSpanElements / block_size);
 }
 
-at::Tensor quantize_chunks_cpu(const at::Tensor& x, int64_t chunks, int64_t bits,
-                               int64_t block_size, at::IntArrayRef skip,
-                               const std::optional<at::Tensor>& residual,
-                               const std::optional<at::Tensor>& residual_scale,
-                               double residual_factor) {
-  check_quantize_chunks_args(
-      {x, chunks, bits, block_size, skip, residual, residual_scale, residual_factor});
-  const int64_t m = x.numel() / chunks;
-  const int b = static_cast<int>(bits);
-  const int64_t row_bytes = kernels::quant_row_bytes(m, b, block_size);
-  at::Tensor packed = at::empty({chunks, row_bytes}, x.options().dtype(at::kByte));
-  const std::vector<int64_t> rows = rows_to_quantize(chunks, skip);
+void quantize_chunks_cpu(const QuantizeChunksArgs& args, const QuantizeOutput& output) {
+  const std::optional<at::Tensor>& residual = args.residual;
+  const int64_t m = output.m, row_bytes = output.row_bytes, block_size = args.block_size;
+  const int b = static_cast<int>(args.bits);
+  const std::vector<int64_t> rows = rows_to_quantize(args.chunks, args.skip);
   const int64_t nb = kernels::quant_blocks(m, block_size);
-  if (rows.empty()) return packed;
+  if (rows.empty()) return;
   if (nb == 0) {  // empty chunks: no block scale, so a residual scale of 0
     if (residual.has_value()) {
-      for (const int64_t c : rows) residual_scale->select(0, c).zero_();
+      for (const int64_t c : rows) args.residual_scale->select(0, c).zero_();
     }
-    return packed;
+    return;
   }
 
   const bool feedback = residual.has_value();
   // Rounded to fp32 as ATen rounds a Python scalar multiplying an fp32 tensor.
-  const float factor = static_cast<float>(residual_factor);
-  float* coefficients = feedback ? residual_scale->data_ptr<float>() : nullptr;
-  const kernels::ElementType x_type = element_type(x.scalar_type());
-  const char* x_data = static_cast<const char*>(x.const_data_ptr());
-  const int64_t x_bytes = x.element_size();
-  uint8_t* out = packed.data_ptr<uint8_t>();
+  const float factor = static_cast<float>(args.residual_factor);
+  float* coefficients = feedback ? args.residual_scale->data_ptr<float>() : nullptr;
+  const kernels::ElementType x_type = element_type(args.x.scalar_type());
+  const char* x_data = static_cast<const char*>(args.x.const_data_ptr());
+  const int64_t x_bytes = args.x.element_size();
+  uint8_t* out = output.packed.data_ptr<uint8_t>();
   const int64_t per_unit = blocks_per_unit(block_size);
   const int64_t units_per_row = (nb + per_unit - 1) / per_unit;
   const int64_t units = static_cast<int64_t>(rows.size()) * units_per_row;
@@ -80,11 +73,11 @@ at::Tensor quantize_chunks_cpu(const at::Tensor& x, int64_t chunks, int64_t bits
   at::parallel_for(0, units, 1, [&](int64_t first, int64_t last) {
     for (int64_t u = first; u < last; ++u) quantize(unit_args(u));
   });
-  if (!feedback) return packed;
+  if (!feedback) return;
 
   // Each chunk's new residual scale from its finished scales: max / 2 / 448, or 0 (residual
   // dropped) for a chunk with a non-finite block.
-  std::vector<float> new_scale(chunks, 0.0f);
+  std::vector<float> new_scale(args.chunks, 0.0f);
   for (const int64_t c : rows) {
     const uint8_t* scales = out + c * row_bytes + kernels::quant_data_bytes(m, b, block_size);
     float max_scale = 0.0f;
@@ -106,11 +99,9 @@ at::Tensor quantize_chunks_cpu(const at::Tensor& x, int64_t chunks, int64_t bits
     for (int64_t u = first; u < last; ++u) encode(unit_args(u), new_scale[rows[u / units_per_row]]);
   });
   for (const int64_t c : rows) coefficients[c] = new_scale[c];
-  return packed;
 }
 
 void dequantize_cpu(const DequantizeArgs& args, bool accumulate) {
-  check_dequantize_args(args);
   const PackedShape shape = packed_shape(args);
   if (shape.m == 0) return;
   const int b = static_cast<int>(args.bits);
@@ -144,23 +135,8 @@ void dequantize_cpu(const DequantizeArgs& args, bool accumulate) {
   });
 }
 
-void dequantize_sum_cpu(const at::Tensor& out, const at::Tensor& packed, int64_t bits,
-                        int64_t block_size, const std::optional<at::Tensor>& exact,
-                        int64_t exact_index, bool accumulate) {
-  dequantize_cpu({true, out, packed, bits, block_size, exact, exact_index}, accumulate);
-}
-
-void dequantize_plain_cpu(const at::Tensor& out, const at::Tensor& packed, int64_t bits,
-                          int64_t block_size) {
-  dequantize_cpu({false, out, packed, bits, block_size, std::nullopt, -1}, false);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(zero_ext, CPU, m) {
-  m.impl("quantize_chunks", &quantize_chunks_cpu);
-  m.impl("dequantize_sum_", &dequantize_sum_cpu);
-  m.impl("dequantize_", &dequantize_plain_cpu);
-}
+TORCH_LIBRARY_IMPL(zero_ext, CPU, m) { QuantOps<quantize_chunks_cpu, dequantize_cpu>::impl(m); }
 
 }  // namespace zero_ext

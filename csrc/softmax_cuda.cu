@@ -19,10 +19,6 @@
 namespace zero_ext {
 namespace {
 
-cudaStream_t stream_of(const at::Tensor& t) {
-  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
-}
-
 std::tuple<at::Tensor, at::Tensor> scaled_masked_softmax_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& mask, double scale, bool causal,
     double dropout_p, const at::Tensor& seed) {
