@@ -112,16 +112,8 @@ void dispatch_kind(const ActivationRows& args) {
 
 template <bool kBackward>
 void dispatch(const ActivationRows& args) {
-  switch (args.type) {
-    case NormType::kFloat32:
-      return dispatch_kind<float, kBackward>(args);
-    case NormType::kBFloat16:
-      return dispatch_kind<c10::BFloat16, kBackward>(args);
-    case NormType::kFloat16:
-      return dispatch_kind<c10::Half, kBackward>(args);
-    case NormType::kFloat64:
-      return dispatch_kind<double, kBackward>(args);
-  }
+  visit_element_type(args.type,
+                     [&](auto t) { dispatch_kind<TypeOf<decltype(t)>, kBackward>(args); });
 }
 
 }  // namespace

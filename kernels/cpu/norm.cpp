@@ -18,32 +18,42 @@
 namespace zero_ext::kernels::cpu {
 namespace {
 
-// out[j, j + 2 lanes) = (o0, o1), plus add's lanes at j when add is given (the bias; the residual
-// branch's gradient): one rounding to T after the sum.
-template <typename L, typename T, typename V>
-void store_plus(T* out, const T* add, int64_t j, V o0, V o1) {
-  if (add != nullptr) {
-    V a0, a1;
-    L::load(add + j, a0, a1);
-    o0 += a0;
-    o1 += a1;
-  }
-  L::store(out + j, o0, o1);
-}
-
-// The scalar tail's: out[j] = o (+ add[j]).
-template <typename T, typename A>
-void store_plus(T* out, const T* add, int64_t j, A o) {
-  if (add != nullptr) o += static_cast<A>(add[j]);
-  out[j] = static_cast<T>(o);
-}
-
+// The three kernels for element type T, on T's lanes (kernels/cpu/vec_lanes.h).
 template <typename T>
-void forward_rows(const NormForwardRows& args) {
+struct NormKernels {
   using L = Lanes<T>;
   using A = typename L::A;
   using V = typename L::V;
-  constexpr int64_t kStep = L::kStep;
+  static constexpr int64_t kStep = L::kStep;
+
+  static void forward_rows(const NormForwardRows& args);
+  static void backward_rows(const NormBackwardRows& args);
+  static void param_grad_columns(const NormParamGradColumns& args);
+
+  // out[j, j + kStep) = (o0, o1), plus add's lanes at j when add is given (the bias; the residual
+  // branch's gradient): one rounding to T after the sum. The scalar tail's: out[j] = o (+ add[j]).
+  static void store_plus(T* out, const T* add, int64_t j, V o0, V o1) {
+    L::add_at(add, j, o0, o1);
+    L::store(out + j, o0, o1);
+  }
+  static void store_plus(T* out, const T* add, int64_t j, A o) {
+    L::add_at(add, j, o);
+    out[j] = static_cast<T>(o);
+  }
+
+  // Row r's statistics as the forward stored them (mean 0 for RMSNorm), for the backward kernels.
+  template <typename Args>
+  static A row_mean(const Args& args, int64_t r) {
+    return args.rms ? A(0) : static_cast<const A*>(args.mean)[r];
+  }
+  template <typename Args>
+  static A row_rstd(const Args& args, int64_t r) {
+    return static_cast<const A*>(args.rstd)[r];
+  }
+};
+
+template <typename T>
+void NormKernels<T>::forward_rows(const NormForwardRows& args) {
   const int64_t h = args.h;
   const T* w = static_cast<const T*>(args.weight);
   const T* b = static_cast<const T*>(args.bias);
@@ -67,43 +77,36 @@ void forward_rows(const NormForwardRows& args) {
 
     A mean = 0;
     if (!args.rms) {
-      V acc0(0), acc1(0);
-      int64_t j = 0;
-      for (; j + kStep <= h; j += kStep) {
-        V v0, v1;
-        L::load(v + j, v0, v1);
-        acc0 += v0;
-        acc1 += v1;
-      }
-      A total = L::sum(acc0 + acc1);
-      for (; j < h; ++j) total += static_cast<A>(v[j]);
+      const A total = L::row_sum(
+          h, [&](int64_t j, V& t0, V& t1) { L::load(v + j, t0, t1); },
+          [&](int64_t j) { return static_cast<A>(v[j]); });
       mean = total / static_cast<A>(h);
     }
     // Two passes (mean, then centred squares): no cancellation for rows far from zero.
     const V vmean(mean);
-    V sq0(0), sq1(0);
-    int64_t j = 0;
-    for (; j + kStep <= h; j += kStep) {
-      V v0, v1;
-      L::load(v + j, v0, v1);
-      const V d0 = v0 - vmean, d1 = v1 - vmean;
-      sq0 += d0 * d0;
-      sq1 += d1 * d1;
-    }
-    A squares = L::sum(sq0 + sq1);
-    for (; j < h; ++j) {
-      const A d = static_cast<A>(v[j]) - mean;
-      squares += d * d;
-    }
+    const A squares = L::row_sum(
+        h,
+        [&](int64_t j, V& t0, V& t1) {
+          V v0, v1;
+          L::load(v + j, v0, v1);
+          const V d0 = v0 - vmean, d1 = v1 - vmean;
+          t0 = d0 * d0;
+          t1 = d1 * d1;
+        },
+        [&](int64_t j) {
+          const A d = static_cast<A>(v[j]) - mean;
+          return d * d;
+        });
     const A rstd = A(1) / std::sqrt(squares / static_cast<A>(h) + static_cast<A>(args.eps));
 
     T* out = static_cast<T*>(args.out) + r * h;
     const V vrstd(rstd);
-    for (j = 0; j + kStep <= h; j += kStep) {
+    int64_t j = 0;
+    for (; j + kStep <= h; j += kStep) {
       V v0, v1, w0, w1;
       L::load(v + j, v0, v1);
       L::load(w + j, w0, w1);
-      store_plus<L>(out, b, j, (v0 - vmean) * vrstd * w0, (v1 - vmean) * vrstd * w1);
+      store_plus(out, b, j, (v0 - vmean) * vrstd * w0, (v1 - vmean) * vrstd * w1);
     }
     for (; j < h; ++j) {
       store_plus(out, b, j, (static_cast<A>(v[j]) - mean) * rstd * static_cast<A>(w[j]));
@@ -114,18 +117,13 @@ void forward_rows(const NormForwardRows& args) {
 }
 
 template <typename T>
-void backward_rows(const NormBackwardRows& args) {
-  using L = Lanes<T>;
-  using A = typename L::A;
-  using V = typename L::V;
-  constexpr int64_t kStep = L::kStep;
+void NormKernels<T>::backward_rows(const NormBackwardRows& args) {
   const int64_t h = args.h;
   const T* w = static_cast<const T*>(args.weight);
   for (int64_t r = args.first_row; r < args.last_row; ++r) {
     const T* dy = static_cast<const T*>(args.grad_out) + r * h;
     const T* v = static_cast<const T*>(args.input) + r * h;
-    const A mean = args.rms ? A(0) : static_cast<const A*>(args.mean)[r];
-    const A rstd = static_cast<const A*>(args.rstd)[r];
+    const A mean = row_mean(args, r), rstd = row_rstd(args, r);
     const V vmean(mean), vrstd(rstd);
 
     // xhat and g are recomputed in the second pass rather than kept: one row of each would be
@@ -162,8 +160,8 @@ void backward_rows(const NormBackwardRows& args) {
       L::load(dy + j, dy0, dy1);
       L::load(v + j, v0, v1);
       L::load(w + j, w0, w1);
-      store_plus<L>(dx, ds, j, (dy0 * w0 - vmean_g - (v0 - vmean) * vrstd * vmean_gx) * vrstd,
-                    (dy1 * w1 - vmean_g - (v1 - vmean) * vrstd * vmean_gx) * vrstd);
+      store_plus(dx, ds, j, (dy0 * w0 - vmean_g - (v0 - vmean) * vrstd * vmean_gx) * vrstd,
+                 (dy1 * w1 - vmean_g - (v1 - vmean) * vrstd * vmean_gx) * vrstd);
     }
     for (; j < h; ++j) {
       const A g = static_cast<A>(dy[j]) * static_cast<A>(w[j]);
@@ -173,11 +171,7 @@ void backward_rows(const NormBackwardRows& args) {
 }
 
 template <typename T>
-void param_grad_columns(const NormParamGradColumns& args) {
-  using L = Lanes<T>;
-  using A = typename L::A;
-  using V = typename L::V;
-  constexpr int64_t kStep = L::kStep;
+void NormKernels<T>::param_grad_columns(const NormParamGradColumns& args) {
   constexpr int64_t kWidth = V::size();
   const int64_t h = args.h;
   const int64_t first = args.first_col, last = args.last_col;
@@ -190,8 +184,7 @@ void param_grad_columns(const NormParamGradColumns& args) {
   for (int64_t r = 0; r < args.rows; ++r) {
     const T* dy = static_cast<const T*>(args.grad_out) + r * h;
     const T* v = static_cast<const T*>(args.input) + r * h;
-    const A mean = args.rms ? A(0) : static_cast<const A*>(args.mean)[r];
-    const A rstd = static_cast<const A*>(args.rstd)[r];
+    const A mean = row_mean(args, r), rstd = row_rstd(args, r);
     const V vmean(mean), vrstd(rstd);
     int64_t j = first;
     for (; j + kStep <= last; j += kStep) {
@@ -213,45 +206,21 @@ void param_grad_columns(const NormParamGradColumns& args) {
   }
 }
 
-template <template <typename> class Kernel, typename Args>
-void dispatch(NormType type, const Args& args) {
-  switch (type) {
-    case NormType::kFloat32:
-      return Kernel<float>::run(args);
-    case NormType::kBFloat16:
-      return Kernel<c10::BFloat16>::run(args);
-    case NormType::kFloat16:
-      return Kernel<c10::Half>::run(args);
-    case NormType::kFloat64:
-      return Kernel<double>::run(args);
-  }
-}
-
-template <typename T>
-struct Forward {
-  static void run(const NormForwardRows& a) { forward_rows<T>(a); }
-};
-template <typename T>
-struct Backward {
-  static void run(const NormBackwardRows& a) { backward_rows<T>(a); }
-};
-template <typename T>
-struct ParamGrad {
-  static void run(const NormParamGradColumns& a) { param_grad_columns<T>(a); }
-};
-
 }  // namespace
 
 void ZERO_EXT_ISA_FN(norm_forward_rows)(const NormForwardRows& args) {
-  dispatch<Forward>(args.type, args);
+  visit_element_type(args.type,
+                     [&](auto t) { NormKernels<TypeOf<decltype(t)>>::forward_rows(args); });
 }
 
 void ZERO_EXT_ISA_FN(norm_backward_rows)(const NormBackwardRows& args) {
-  dispatch<Backward>(args.type, args);
+  visit_element_type(args.type,
+                     [&](auto t) { NormKernels<TypeOf<decltype(t)>>::backward_rows(args); });
 }
 
 void ZERO_EXT_ISA_FN(norm_param_grad_columns)(const NormParamGradColumns& args) {
-  dispatch<ParamGrad>(args.type, args);
+  visit_element_type(args.type,
+                     [&](auto t) { NormKernels<TypeOf<decltype(t)>>::param_grad_columns(args); });
 }
 
 }  // namespace zero_ext::kernels::cpu

@@ -92,18 +92,13 @@ void load_logits(const SoftmaxRun& run, int64_t r, int64_t n, typename Lanes<T>:
     L::load(x + j, a0, a1);
     a0 = a0 * vscale;
     a1 = a1 * vscale;
-    if (add != nullptr) {
-      V m0, m1;
-      L::load(add + j, m0, m1);
-      a0 += m0;
-      a1 += m1;
-    }
+    L::add_at(add, j, a0, a1);
     a0.store(z + j);
     a1.store(z + j + V::size());
   }
   for (; j < n; ++j) {
     z[j] = static_cast<A>(x[j]) * static_cast<A>(run.scale);
-    if (add != nullptr) z[j] += static_cast<A>(add[j]);
+    L::add_at(add, j, z[j]);
   }
   if (run.mask_kind == SoftmaxMask::kBool) {
     const bool* keep = static_cast<const bool*>(run.mask) + softmax_mask_offset(run, r);
@@ -183,18 +178,17 @@ void backward_rows(const SoftmaxRun& run) {
     } else {
       for (int64_t j = 0; j < k; ++j) g[j] = static_cast<A>(dy[j]);
     }
-    V acc0(0), acc1(0);
+    const A dot = L::row_sum(
+        k,
+        [&](int64_t j, V& t0, V& t1) {
+          L::load(s + j, t0, t1);
+          t0 = V::loadu(g + j) * t0;
+          t1 = V::loadu(g + j + V::size()) * t1;
+        },
+        [&](int64_t j) { return g[j] * static_cast<A>(s[j]); });
+    const V vdot(dot), vscale(scale);
     int64_t j = 0;
     for (; j + kStep <= k; j += kStep) {
-      V s0, s1;
-      L::load(s + j, s0, s1);
-      acc0 += V::loadu(g + j) * s0;
-      acc1 += V::loadu(g + j + V::size()) * s1;
-    }
-    A dot = L::sum(acc0 + acc1);
-    for (int64_t i = j; i < k; ++i) dot += g[i] * static_cast<A>(s[i]);
-    const V vdot(dot), vscale(scale);
-    for (j = 0; j + kStep <= k; j += kStep) {
       V s0, s1;
       L::load(s + j, s0, s1);
       L::store(dx + j, vscale * (s0 * (V::loadu(g + j) - vdot)),
@@ -204,24 +198,14 @@ void backward_rows(const SoftmaxRun& run) {
   }
 }
 
-template <bool kBackward>
-void dispatch(const SoftmaxRun& run) {
-  switch (run.type) {
-    case NormType::kFloat32:
-      return kBackward ? backward_rows<float>(run) : forward_rows<float>(run);
-    case NormType::kBFloat16:
-      return kBackward ? backward_rows<c10::BFloat16>(run) : forward_rows<c10::BFloat16>(run);
-    case NormType::kFloat16:
-      return kBackward ? backward_rows<c10::Half>(run) : forward_rows<c10::Half>(run);
-    case NormType::kFloat64:
-      return kBackward ? backward_rows<double>(run) : forward_rows<double>(run);
-  }
-}
-
 }  // namespace
 
-void ZERO_EXT_ISA_FN(softmax_forward_rows)(const SoftmaxRun& run) { dispatch<false>(run); }
+void ZERO_EXT_ISA_FN(softmax_forward_rows)(const SoftmaxRun& run) {
+  visit_element_type(run.type, [&](auto t) { forward_rows<TypeOf<decltype(t)>>(run); });
+}
 
-void ZERO_EXT_ISA_FN(softmax_backward_rows)(const SoftmaxRun& run) { dispatch<true>(run); }
+void ZERO_EXT_ISA_FN(softmax_backward_rows)(const SoftmaxRun& run) {
+  visit_element_type(run.type, [&](auto t) { backward_rows<TypeOf<decltype(t)>>(run); });
+}
 
 }  // namespace zero_ext::kernels::cpu
