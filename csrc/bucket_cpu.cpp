@@ -1,6 +1,7 @@
-// CPU kernels of zero_ext::flatten_into_ and zero_ext::unflatten_from: validate, lay the call's
-// tensors end to end, cut that sequence into equal spans and run the spans across ATen's intra-op
-// thread pool (torch.get_num_threads()), whatever the mix of tensor sizes.
+// CPU kernels of zero_ext::flatten_into_ and zero_ext::unflatten_from, on calls BucketOps
+// (csrc/bucket_args.h) validated: lay the call's tensors end to end, cut that sequence into equal
+// spans and run the spans across ATen's intra-op thread pool (torch.get_num_threads()), whatever
+// the mix of tensor sizes.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -28,10 +29,7 @@ struct TensorRange {
 };
 
 void bucket_copy_cpu(const BucketCopyArgs& args, float scale, bool accumulate) {
-  check_bucket_copy_args(args);
   const int64_t n = static_cast<int64_t>(args.tensors.size());
-  if (n == 0) return;
-
   const kernels::ElementType flat_type = element_type(args.flat.scalar_type());
   const int64_t flat_element_size = args.flat.element_size();
   char* flat = static_cast<char*>(args.flat.data_ptr());
@@ -71,22 +69,8 @@ void bucket_copy_cpu(const BucketCopyArgs& args, float scale, bool accumulate) {
   });
 }
 
-void flatten_into_cpu(const at::Tensor& flat, at::TensorList tensors, at::IntArrayRef offsets,
-                      double scale, bool accumulate) {
-  // Rounded to fp32 as ATen rounds a Python scalar multiplying an fp32 tensor.
-  bucket_copy_cpu({BucketCopyDirection::kIntoFlat, flat, tensors, offsets},
-                  static_cast<float>(scale), accumulate);
-}
-
-void unflatten_from_cpu(const at::Tensor& flat, at::TensorList tensors, at::IntArrayRef offsets) {
-  bucket_copy_cpu({BucketCopyDirection::kFromFlat, flat, tensors, offsets}, 1.0f, false);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(zero_ext, CPU, m) {
-  m.impl("flatten_into_", &flatten_into_cpu);
-  m.impl("unflatten_from", &unflatten_from_cpu);
-}
+TORCH_LIBRARY_IMPL(zero_ext, CPU, m) { BucketOps<bucket_copy_cpu>::impl(m); }
 
 }  // namespace zero_ext

@@ -1,7 +1,8 @@
-// CUDA kernels of zero_ext::flatten_into_ and zero_ext::unflatten_from: validate with the shared
-// checks and hand every tensor, unsplit and whatever its dtype, to the multi-tensor launchers in
-// kernels/cuda/bucket.cu on the current stream (one launch per 128 tensors; a bucket of mixed
-// dtypes still shares its launches). setup.py compiles this file in a CUDA build only.
+// CUDA kernels of zero_ext::flatten_into_ and zero_ext::unflatten_from, on calls BucketOps
+// (csrc/bucket_args.h) validated: hand every tensor, unsplit and whatever its dtype, to the
+// multi-tensor launchers in kernels/cuda/bucket.cu on the current stream (one launch per 128
+// tensors; a bucket of mixed dtypes still shares its launches). setup.py compiles this file in a
+// CUDA build only.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -13,14 +14,13 @@
 
 #include "csrc/adamw_args.h"
 #include "csrc/bucket_args.h"
+#include "csrc/cuda_checks.h"
 #include "kernels/cuda/bucket.cuh"
 
 namespace zero_ext {
 namespace {
 
 void bucket_copy_cuda(const BucketCopyArgs& args, float scale, bool accumulate) {
-  check_bucket_copy_args(args);
-  if (args.tensors.empty()) return;
   const c10::cuda::CUDAGuard device_guard(args.flat.device());
 
   const int64_t n = static_cast<int64_t>(args.tensors.size());
@@ -30,33 +30,18 @@ void bucket_copy_cuda(const BucketCopyArgs& args, float scale, bool accumulate) 
     tensors[i] = {t.data_ptr(), args.offsets[i], t.numel(), element_type(t.scalar_type())};
   }
   const kernels::ElementType flat_type = element_type(args.flat.scalar_type());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(args.flat.device().index()).stream();
+  const cudaStream_t stream = stream_of(args.flat);
   const cudaError_t err =
       args.direction == BucketCopyDirection::kIntoFlat
           ? kernels::cuda::launch_flatten_into(args.flat.data_ptr(), flat_type, tensors.data(), n,
                                                scale, accumulate, stream)
           : kernels::cuda::launch_unflatten_from(args.flat.const_data_ptr(), flat_type,
                                                  tensors.data(), n, stream);
-  TORCH_CHECK(err == cudaSuccess, bucket_op_name(args.direction),
-              ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-void flatten_into_cuda(const at::Tensor& flat, at::TensorList tensors, at::IntArrayRef offsets,
-                       double scale, bool accumulate) {
-  // Rounded to fp32 as ATen rounds a Python scalar multiplying an fp32 tensor.
-  bucket_copy_cuda({BucketCopyDirection::kIntoFlat, flat, tensors, offsets},
-                   static_cast<float>(scale), accumulate);
-}
-
-void unflatten_from_cuda(const at::Tensor& flat, at::TensorList tensors, at::IntArrayRef offsets) {
-  bucket_copy_cuda({BucketCopyDirection::kFromFlat, flat, tensors, offsets}, 1.0f, false);
+  check_launch(err, bucket_op_name(args.direction));
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(zero_ext, CUDA, m) {
-  m.impl("flatten_into_", &flatten_into_cuda);
-  m.impl("unflatten_from", &unflatten_from_cuda);
-}
+TORCH_LIBRARY_IMPL(zero_ext, CUDA, m) { BucketOps<bucket_copy_cuda>::impl(m); }
 
 }  // namespace zero_ext
