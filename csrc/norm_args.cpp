@@ -144,6 +144,32 @@ NormBackwardOutputs empty_norm_backward_outputs(const NormBackwardArgs& a) {
           at::empty({a.has_bias ? h : 0}, stat)};
 }
 
+kernels::cpu::NormForwardTensors norm_forward_tensors(const NormForwardArgs& a,
+                                                      const NormForwardOutputs& o) {
+  const bool with_residual = a.residual.has_value();
+  return {a.x.const_data_ptr(),
+          with_residual ? a.residual->const_data_ptr() : nullptr,
+          a.weight.const_data_ptr(),
+          a.bias.has_value() ? a.bias->const_data_ptr() : nullptr,
+          o.out.data_ptr(),
+          with_residual ? o.summed.data_ptr() : nullptr,
+          a.rms ? nullptr : o.mean.data_ptr(),
+          o.rstd.data_ptr()};
+}
+
+kernels::cpu::NormBackwardTensors norm_backward_tensors(const NormBackwardArgs& a,
+                                                        const NormBackwardOutputs& o) {
+  return {a.grad_out.const_data_ptr(),
+          a.grad_summed.has_value() ? a.grad_summed->const_data_ptr() : nullptr,
+          a.input.const_data_ptr(),
+          a.weight.const_data_ptr(),
+          a.rms ? nullptr : a.mean.const_data_ptr(),
+          a.rstd.const_data_ptr(),
+          o.grad_input.data_ptr(),
+          o.grad_weight.data_ptr(),
+          a.has_bias ? o.grad_bias.data_ptr() : nullptr};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> NormBackwardOutputs::result(
     const at::Tensor& weight) const {
   return {grad_input, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};

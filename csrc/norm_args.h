@@ -81,6 +81,13 @@ struct NormBackwardOutputs {
 };
 NormBackwardOutputs empty_norm_backward_outputs(const NormBackwardArgs& args);
 
+// The raw pointers of a validated call and of its allocated results, as both backends' kernels
+// take them (nullptr for what the call lacks: residual, bias, LayerNorm's mean).
+kernels::cpu::NormForwardTensors norm_forward_tensors(const NormForwardArgs& args,
+                                                      const NormForwardOutputs& outputs);
+kernels::cpu::NormBackwardTensors norm_backward_tensors(const NormBackwardArgs& args,
+                                                        const NormBackwardOutputs& outputs);
+
 // The kernel element type of a validated tensor's dtype.
 kernels::cpu::NormType norm_type(at::ScalarType dtype);
 
@@ -88,11 +95,12 @@ kernels::cpu::NormType norm_type(at::ScalarType dtype);
 at::ScalarType norm_stat_dtype(at::ScalarType dtype);
 
 // One backend's zero_ext::fused_norm and fused_norm_backward in their schemas' signatures: each
-// validates the call and allocates its results, then hands both to the backend's kernels,
-// forward(args, outputs) and backward(args, outputs), which write the outputs. impl() registers
-// the two under the backend's dispatch key (TORCH_LIBRARY_IMPL).
-template <void (*Forward)(const NormForwardArgs&, const NormForwardOutputs&),
-          void (*Backward)(const NormBackwardArgs&, const NormBackwardOutputs&)>
+// validates the call and allocates its results, then hands the call and the raw pointers of its
+// tensors to the backend's kernels, forward(args, tensors) and backward(args, tensors), which
+// write the results. impl() registers the two under the backend's dispatch key
+// (TORCH_LIBRARY_IMPL).
+template <void (*Forward)(const NormForwardArgs&, const kernels::cpu::NormForwardTensors&),
+          void (*Backward)(const NormBackwardArgs&, const kernels::cpu::NormBackwardTensors&)>
 struct NormOps {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_norm(
       const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
@@ -100,7 +108,7 @@ struct NormOps {
     const NormForwardArgs args{x, residual, weight, bias, eps, rms};
     check_norm_forward_args(args);
     const NormForwardOutputs o = empty_norm_forward_outputs(args);
-    Forward(args, o);
+    Forward(args, norm_forward_tensors(args, o));
     return {o.out, o.summed, o.mean, o.rstd};
   }
 
@@ -111,7 +119,7 @@ struct NormOps {
     const NormBackwardArgs args{grad_out, grad_summed, input, weight, mean, rstd, rms, has_bias};
     check_norm_backward_args(args);
     const NormBackwardOutputs o = empty_norm_backward_outputs(args);
-    Backward(args, o);
+    Backward(args, norm_backward_tensors(args, o));
     return o.result(weight);
   }
 

@@ -35,55 +35,24 @@ void parallel_rows(void (*kernel)(const Rows&), const Rows& base, int64_t rows, 
   });
 }
 
-void fused_norm_cpu(const NormForwardArgs& args, const NormForwardOutputs& o) {
-  const at::Tensor& x = args.x;
-  const int64_t h = x.size(-1);
-  const kernels::cpu::NormForwardRows base{
-      x.const_data_ptr(),
-      args.residual.has_value() ? args.residual->const_data_ptr() : nullptr,
-      args.weight.const_data_ptr(),
-      args.bias.has_value() ? args.bias->const_data_ptr() : nullptr,
-      o.out.data_ptr(),
-      args.residual.has_value() ? o.summed.data_ptr() : nullptr,
-      args.rms ? nullptr : o.mean.data_ptr(),
-      o.rstd.data_ptr(),
-      norm_type(x.scalar_type()),
-      h,
-      0,
-      0,
-      args.eps,
-      args.rms};
-  parallel_rows(ZERO_EXT_CPU_KERNEL(kernels::cpu::norm_forward_rows), base, x.numel() / h, h);
+void fused_norm_cpu(const NormForwardArgs& args, const kernels::cpu::NormForwardTensors& t) {
+  const int64_t h = args.x.size(-1);
+  const kernels::cpu::NormForwardRows base{t, norm_type(args.x.scalar_type()), h, 0, 0, args.eps,
+                                           args.rms};
+  parallel_rows(ZERO_EXT_CPU_KERNEL(kernels::cpu::norm_forward_rows), base, args.x.numel() / h, h);
 }
 
-void fused_norm_backward_cpu(const NormBackwardArgs& args, const NormBackwardOutputs& o) {
-  const at::Tensor& input = args.input;
-  const bool rms = args.rms;
-  const int64_t h = input.size(-1);
-  const int64_t rows = input.numel() / h;
-  const kernels::cpu::NormType type = norm_type(input.scalar_type());
-  const kernels::cpu::NormBackwardRows row_base{
-      args.grad_out.const_data_ptr(),
-      args.grad_summed.has_value() ? args.grad_summed->const_data_ptr() : nullptr,
-      input.const_data_ptr(),
-      args.weight.const_data_ptr(),
-      rms ? nullptr : args.mean.const_data_ptr(),
-      args.rstd.const_data_ptr(),
-      o.grad_input.data_ptr(),
-      type,
-      h,
-      0,
-      0,
-      rms};
+void fused_norm_backward_cpu(const NormBackwardArgs& args,
+                             const kernels::cpu::NormBackwardTensors& t) {
+  const int64_t h = args.input.size(-1);
+  const int64_t rows = args.input.numel() / h;
+  const kernels::cpu::NormType type = norm_type(args.input.scalar_type());
+  const kernels::cpu::NormBackwardRows row_base{t, type, h, 0, 0, args.rms};
   parallel_rows(ZERO_EXT_CPU_KERNEL(kernels::cpu::norm_backward_rows), row_base, rows, h);
 
   const kernels::cpu::NormParamGradFn columns_kernel =
       ZERO_EXT_CPU_KERNEL(kernels::cpu::norm_param_grad_columns);
-  const kernels::cpu::NormParamGradColumns column_base{
-      args.grad_out.const_data_ptr(), input.const_data_ptr(),
-      rms ? nullptr : args.mean.const_data_ptr(), args.rstd.const_data_ptr(),
-      o.grad_weight.data_ptr(), args.has_bias ? o.grad_bias.data_ptr() : nullptr,
-      type, rows, h, 0, 0, rms};
+  const kernels::cpu::NormParamGradColumns column_base{t, type, rows, h, 0, 0, args.rms};
   const int64_t units = (h + kColumnsPerUnit - 1) / kColumnsPerUnit;
   at::parallel_for(0, units, 1, [&](int64_t first, int64_t last) {
     kernels::cpu::NormParamGradColumns columns = column_base;

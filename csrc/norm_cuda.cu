@@ -17,49 +17,26 @@
 namespace zero_ext {
 namespace {
 
-void fused_norm_cuda(const NormForwardArgs& args, const NormForwardOutputs& o) {
+void fused_norm_cuda(const NormForwardArgs& args, const kernels::cpu::NormForwardTensors& t) {
   constexpr const char* kOp = "zero_ext::fused_norm";
   const at::Tensor& x = args.x;
   check_not_double(x, kOp);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const int64_t h = x.size(-1);
-  const kernels::cuda::NormForwardRun run{
-      x.const_data_ptr(),
-      args.residual.has_value() ? args.residual->const_data_ptr() : nullptr,
-      args.weight.const_data_ptr(),
-      args.bias.has_value() ? args.bias->const_data_ptr() : nullptr,
-      o.out.data_ptr(),
-      args.residual.has_value() ? o.summed.data_ptr() : nullptr,
-      args.rms ? nullptr : o.mean.data_ptr<float>(),
-      o.rstd.data_ptr<float>(),
-      element_type(x.scalar_type()),
-      x.numel() / h,
-      h,
-      static_cast<float>(args.eps),
-      args.rms};
+  const kernels::cuda::NormForwardRun run{t, element_type(x.scalar_type()), x.numel() / h, h,
+                                          static_cast<float>(args.eps), args.rms};
   check_launch(kernels::cuda::launch_norm_forward(run, stream_of(x)), kOp);
 }
 
-void fused_norm_backward_cuda(const NormBackwardArgs& args, const NormBackwardOutputs& o) {
+void fused_norm_backward_cuda(const NormBackwardArgs& args,
+                              const kernels::cpu::NormBackwardTensors& t) {
   constexpr const char* kOp = "zero_ext::fused_norm_backward";
   const at::Tensor& input = args.input;
   check_not_double(input, kOp);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const int64_t h = input.size(-1);
-  const kernels::cuda::NormBackwardRun run{
-      args.grad_out.const_data_ptr(),
-      args.grad_summed.has_value() ? args.grad_summed->const_data_ptr() : nullptr,
-      input.const_data_ptr(),
-      args.weight.const_data_ptr(),
-      args.rms ? nullptr : args.mean.const_data_ptr<float>(),
-      args.rstd.const_data_ptr<float>(),
-      o.grad_input.data_ptr(),
-      o.grad_weight.data_ptr<float>(),
-      args.has_bias ? o.grad_bias.data_ptr<float>() : nullptr,
-      element_type(input.scalar_type()),
-      input.numel() / h,
-      h,
-      args.rms};
+  const kernels::cuda::NormBackwardRun run{t, element_type(input.scalar_type()),
+                                           input.numel() / h, h, args.rms};
   check_launch(kernels::cuda::launch_norm_backward(run, stream_of(input)), kOp);
 }
 

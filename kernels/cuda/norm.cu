@@ -59,8 +59,8 @@ __global__ void __launch_bounds__(kNormBlockThreads) norm_forward_kernel(NormFor
     out[j] = from_float<T>(o);
   }
   if (threadIdx.x == 0) {
-    run.rstd[r] = rstd;
-    if (!run.rms) run.mean[r] = mean;
+    static_cast<float*>(run.rstd)[r] = rstd;
+    if (!run.rms) static_cast<float*>(run.mean)[r] = mean;
   }
 }
 
@@ -73,8 +73,8 @@ __global__ void __launch_bounds__(kNormBlockThreads)
   const T* dy = static_cast<const T*>(run.grad_out) + r * h;
   const T* v = static_cast<const T*>(run.input) + r * h;
   const T* w = static_cast<const T*>(run.weight);
-  const float mean = run.rms ? 0.0f : run.mean[r];
-  const float rstd = run.rstd[r];
+  const float mean = run.rms ? 0.0f : static_cast<const float*>(run.mean)[r];
+  const float rstd = static_cast<const float*>(run.rstd)[r];
   float part_g = 0.0f, part_gx = 0.0f;
   for (int64_t j = threadIdx.x; j < h; j += blockDim.x) {
     const float g = to_float(dy[j]) * to_float(w[j]);
@@ -102,12 +102,12 @@ __global__ void __launch_bounds__(kNormBlockThreads) norm_param_grad_kernel(Norm
   float gw = 0.0f, gb = 0.0f;
   for (int64_t r = 0; r < run.rows; ++r) {
     const float d = to_float(dy[r * run.h + j]);
-    const float mean = run.rms ? 0.0f : run.mean[r];
-    gw += d * ((to_float(v[r * run.h + j]) - mean) * run.rstd[r]);
+    const float mean = run.rms ? 0.0f : static_cast<const float*>(run.mean)[r];
+    gw += d * ((to_float(v[r * run.h + j]) - mean) * static_cast<const float*>(run.rstd)[r]);
     gb += d;
   }
-  run.grad_weight[j] = gw;
-  if (run.grad_bias != nullptr) run.grad_bias[j] = gb;
+  static_cast<float*>(run.grad_weight)[j] = gw;
+  if (run.grad_bias != nullptr) static_cast<float*>(run.grad_bias)[j] = gb;
 }
 
 template <typename T>

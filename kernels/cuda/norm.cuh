@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "kernels/adamw_math.h"  // ElementType
+#include "kernels/cpu/norm.h"    // NormForwardTensors, NormBackwardTensors
 
 namespace zero_ext::kernels::cuda {
 
@@ -18,15 +19,8 @@ namespace zero_ext::kernels::cuda {
 // parameter gradients.
 inline constexpr int kNormBlockThreads = 256;
 
-struct NormForwardRun {
-  const void* x;
-  const void* residual;  // nullptr: no residual add
-  const void* weight;
-  const void* bias;  // nullptr: none
-  void* out;
-  void* summed;  // written when residual is given
-  float* mean;   // [rows], LayerNorm only
-  float* rstd;   // [rows]
+// The statistics (mean, rstd) and the parameter gradients are fp32.
+struct NormForwardRun : cpu::NormForwardTensors {
   ElementType type;
   int64_t rows;
   int64_t h;
@@ -36,16 +30,7 @@ struct NormForwardRun {
 
 cudaError_t launch_norm_forward(const NormForwardRun& run, cudaStream_t stream);
 
-struct NormBackwardRun {
-  const void* grad_out;
-  const void* grad_summed;  // nullptr: none
-  const void* input;
-  const void* weight;
-  const float* mean;  // LayerNorm only
-  const float* rstd;
-  void* grad_input;
-  float* grad_weight;  // [h], fp32
-  float* grad_bias;    // [h], fp32, or nullptr
+struct NormBackwardRun : cpu::NormBackwardTensors {
   ElementType type;
   int64_t rows;
   int64_t h;
