@@ -319,12 +319,24 @@ int group_size_of(int64_t block_size) {
   return g;
 }
 
-template <typename T, int kBits>
-cudaError_t launch_quantize_typed(const QuantizeRun& run, cudaStream_t stream) {
+// The grid of the quantize and encode kernels over a run's chunks: `group` threads per
+// quantization block, a CUDA block holding kQuantBlockThreads / group of them, grid_x CUDA blocks
+// along a chunk (its rows in grid y, kMaxGridY at a time).
+struct QuantGrid {
+  int group;
+  int64_t grid_x;
+};
+
+QuantGrid quant_grid(const QuantizeRun& run) {
   const int group = group_size_of(run.block_size);
   const int64_t groups = kQuantBlockThreads / group;
   const int64_t nb = quant_blocks(run.m, run.block_size);
-  const int64_t grid_x = (nb + groups - 1) / groups;
+  return {group, (nb + groups - 1) / groups};
+}
+
+template <typename T, int kBits>
+cudaError_t launch_quantize_typed(const QuantizeRun& run, cudaStream_t stream) {
+  const auto [group, grid_x] = quant_grid(run);
   if (grid_x > 0x7fffffff) return cudaErrorInvalidValue;
   for (int64_t offset = 0; offset < run.num_rows; offset += kMaxGridY) {
     const dim3 grid(static_cast<unsigned>(grid_x),
@@ -343,10 +355,7 @@ cudaError_t launch_quantize_typed(const QuantizeRun& run, cudaStream_t stream) {
 
 template <typename T, int kBits>
 cudaError_t launch_encode_typed(const QuantizeRun& run, float* new_scale, cudaStream_t stream) {
-  const int group = group_size_of(run.block_size);
-  const int64_t groups = kQuantBlockThreads / group;
-  const int64_t nb = quant_blocks(run.m, run.block_size);
-  const int64_t grid_x = (nb + groups - 1) / groups;
+  const auto [group, grid_x] = quant_grid(run);
   if (grid_x > 0x7fffffff) return cudaErrorInvalidValue;
   for (int64_t offset = 0; offset < run.num_rows; offset += kMaxGridY) {
     const unsigned rows = static_cast<unsigned>(std::min(kMaxGridY, run.num_rows - offset));
