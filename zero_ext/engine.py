@@ -5,8 +5,9 @@ rank's replica of the model (zero/replicas.py: the same model, rank 0's values, 
 dtype), lays its trainable parameters out in flat buckets (zero/placement.py decides where
 everything goes, zero/partition.py pads) so that they become views of those buffers
 (zero/persistent.py), or, at stage 3, shards of them (zero/params.py), installs the gradient
-hooks (zero/buckets.py) and creates the sharded optimizer (zero/optimizer.py). A training step
-is
+hooks (zero/buckets.py) and creates the optimizer with its state where it steps
+(zero/optimizer_placement.py: the sharded AdamW of zero/optimizer.py, its host side under
+offload). A training step is
 
     loss = engine(batch)       # the user's forward
     engine.backward(loss)      # 1/accumulation (and the fp16 loss scale); reduces as it goes
@@ -29,19 +30,17 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from zero_ext import checkpointing, comm, elastic, ops
+from zero_ext import checkpointing, comm, elastic
 from zero_ext.checkpoint.registered import RegisteredStates
 from zero_ext.config import ZeroConfig
 from zero_ext.elastic_sampler import ElasticSampler
 from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
-from zero_ext.zero import offload, placement, replicas, reporting
+from zero_ext.zero import offload, optimizer_placement, placement, replicas, reporting
 from zero_ext.zero.agreement import StepAgreement, backward_count_error
 from zero_ext.zero.buckets import GradientBuckets
 from zero_ext.zero.compression import GradientCompression
 from zero_ext.zero.construction import outside_init
-from zero_ext.zero.hpz import secondary_numel
-from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
 from zero_ext.zero.params import PartitionedParameters, materialize
 from zero_ext.zero.persistent import PersistentParameters
 
@@ -126,11 +125,15 @@ class ZeroEngine(nn.Module):
     def _place_offload(self, layout: placement.ParameterLayout) -> None:
         placed = placement.place_offload(self.config.zero_optimization, layout, rank=self.rank,
                                          cuda=torch.cuda.is_available())
+        self._offload_placement = placed
         self.offload_optimizer, self.offload_param = placed.optimizer, placed.param
-        self.pin_memory, self._host_stepped = placed.pin_memory, placed.host_stepped
+        self.pin_memory = placed.pin_memory
         if self.offload_optimizer or self.offload_param:
             # Refused here, before any host buffer exists, rather than by the OOM killer.
-            offload.check_host_memory(self._host_memory_plan(layout.unit_indices))
+            offload.check_host_memory(optimizer_placement.host_memory_plan(
+                placed, self.layouts, layout.unit_indices, dtype=self.model_dtype,
+                grad_dtype=self._grad_dtype(),
+                hpz_partition_size=self.config.zero_optimization.zero_hpz_partition_size))
 
     def _build_persistent(self) -> None:
         """The buckets kept whole (zero/persistent.py): their flat buffers, which the model's
@@ -166,45 +169,22 @@ class ZeroEngine(nn.Module):
                          replicated_optimizer: torch.optim.Optimizer | None,
                          unit_indices: set[int]) -> None:
         """Stage 0 may run any torch optimizer on the whole, replicated parameters; otherwise
-        the sharded AdamW, with its host-stepped buckets under offload_optimizer."""
-        zero = self.config.zero_optimization
+        the sharded AdamW over the elements this rank updates, with its host-stepped buckets
+        under offload_optimizer (zero/optimizer_placement.py)."""
+        weights = [self._persistent.to_update(layout.index)
+                   if self._persistent.owns(layout.index)
+                   else self.partitioned.shard(layout.index) for layout in self.layouts]
+        self._optimizers = optimizer_placement.OptimizerPlacement(
+            param_groups, self.layouts, weights, defaults=optimizer_defaults,
+            replicated=replicated_optimizer,
+            compresses_momentum=self.compression.compresses_momentum,
+            placed=self._offload_placement, unit_indices=unit_indices,
+            partitioned=self.partitioned, zero=self.config.zero_optimization,
+            grad_dtype=self._grad_dtype(), device=self.device, rank=self.rank)
+        # Their public names: the checkpoint code, reporting and tests read them here.
         self.replicated_optimizer = replicated_optimizer
-        if replicated_optimizer is not None and self.compression.compresses_momentum:
-            raise ValueError(
-                f"zero_ext.initialize: zero_ext.compression.gradients.compress_momentum sends "
-                f"Adam's momentum in place of the gradient, which zero_ext's AdamW steps with; "
-                f"the {type(replicated_optimizer).__name__} given would apply a momentum of its "
-                "own on top. Configure \"optimizer\": {\"type\": \"AdamW\"} instead, or set "
-                "compress_momentum false")
-        self.optimizer = replicated_optimizer or ZeroOptimizer(
-            param_groups, self.layouts, self._weights_to_update(),
-            defaults=optimizer_defaults, state_buffer=self._state_buffer,
-            staged=lambda layout: (layout.index in self._host_stepped) != self._weights_on_host(
-                layout.index, unit_indices))
-        self.offload = None
-        # Stage-3 unit buckets stepped on the host after the global norm: their step may run
-        # behind the next forward, since their weights are read only through the gathers,
-        # which wait for it (OptimizerOffload.step, PartitionedParameters.before_read).
-        self._deferrable: frozenset[int] = frozenset()
-        if not self.offload_optimizer:
-            return
-        threads = offload.cpu_step_threads(zero.offload_optimizer.cpuadam_cores_perc)
-        if torch.get_num_threads() < threads:  # raise torchrun's 1, never lower a choice
-            torch.set_num_threads(threads)
-            if self.rank == 0:
-                print(f"[zero_ext] offload: the CPU AdamW step runs on {threads} threads "
-                      f"per rank (cpuadam_cores_perc "
-                      f"{zero.offload_optimizer.cpuadam_cores_perc:g})", flush=True)
-        self.offload = offload.OptimizerOffload(
-            self.optimizer, [s for s in self.optimizer.shards
-                             if s.layout.index in self._host_stepped],
-            self._grad_dtype(), self.device,
-            pin=zero.offload_optimizer.pin_memory,
-            before_host_write=self.partitioned.wait_host_reads if self.offload_param
-            else None)
-        if self.partitioned is not None:
-            self._deferrable = frozenset(unit_indices & self._host_stepped)
-            self.partitioned.before_read = self.offload.ready
+        self.optimizer, self.offload = self._optimizers.optimizer, self._optimizers.offload
+        self._deferrable = self._optimizers.deferrable
 
     def _build_gradients(self) -> None:
         """The gradient buckets (hooks, reductions as they fill; stage 3's reduced shards go to
@@ -220,47 +200,10 @@ class ZeroEngine(nn.Module):
         self._agreement = StepAgreement(world_size=self.world_size, rank=self.rank,
                                         device=self.device, on_disagree=self.grad_buckets.clear)
 
-    def _weights_on_host(self, layout_index: int, unit_indices: set[int]) -> bool:
-        """offload_param keeps the stage-3 units' shards in host memory."""
-        return self.offload_param and layout_index in unit_indices
-
-    def _state_buffer(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A flat buffer for the optimizer state of a shard whose weights live elsewhere than
-        its state: host state for device weights under offload_optimizer (offload_param and a
-        ratio below 1 never meet), device state for host weights under offload_param alone."""
-        if self.offload_optimizer:
-            return offload.host_buffer(like.numel(), dtype,
-                                       self.config.zero_optimization.offload_optimizer.pin_memory)
-        return torch.empty(like.numel(), dtype=dtype, device=self.device)
-
     def _grad_dtype(self) -> torch.dtype:
-        """The reduced gradient's dtype: fp32 when stage >= 2 accumulates over micro-steps."""
-        if self.stage >= 2 and self.batch.gradient_accumulation_steps > 1:
-            return torch.float32
-        return self.comm_dtype
-
-    def _host_memory_plan(self, unit_indices: set[int]) -> offload.HostMemoryPlan:
-        """What the allocations below will put in host memory (the rules of
-        offload.host_state_bytes, which the estimator shares)."""
-        plan = offload.HostMemoryPlan(local_ranks=offload.local_ranks(), pinned=self.pin_memory)
-        # Unit shards (offload_param), hpZ's secondary copies beside them.
-        unit_layouts = [layout for layout in self.layouts if layout.index in unit_indices]
-        zero = self.config.zero_optimization
-        for kind, nbytes in offload.host_state_bytes(
-                shard_numel=sum(self.layouts[i].shard_numel for i in self._host_stepped),
-                unit_shard_numel=sum(layout.shard_numel for layout in unit_layouts)
-                + secondary_numel(unit_layouts, zero.zero_hpz_partition_size),
-                dtype=self.model_dtype, grad_dtype=self._grad_dtype(),
-                offload_optimizer=self.offload_optimizer,
-                offload_param=self.offload_param).items():
-            plan.add(kind, nbytes)
-        return plan
-
-    def _weights_to_update(self) -> list[torch.Tensor]:
-        """Per layout, the model-dtype elements this rank's optimizer updates."""
-        return [self._persistent.to_update(layout.index)
-                if self._persistent.owns(layout.index)
-                else self.partitioned.shard(layout.index) for layout in self.layouts]
+        """The reduced gradient's dtype (the host copies' under offload_optimizer)."""
+        return optimizer_placement.reduced_grad_dtype(
+            self.stage, self.batch.gradient_accumulation_steps, self.comm_dtype)
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -419,38 +362,9 @@ class ZeroEngine(nn.Module):
             clip_coef = clip / (norm + 1e-6)
             if clip_coef < 1.0:
                 factor *= clip_coef
-        self._apply_update(grads, factor)
+        self._optimizers.apply(grads, factor, self.grad_buckets)
         self.grad_buckets.clear()
         return True
-
-    def _apply_update(self, grads: list[torch.Tensor] | None, factor: float) -> None:
-        """The update itself, the gradients times `factor` (the loss scale's inverse, times the
-        clipping coefficient), wherever each shard's optimizer state lives."""
-        if self.replicated_optimizer is not None:
-            self._replicated_step(grads, factor)
-        elif self.offload is None:
-            self.optimizer.sharded_step(grads, _scale_on(factor, self.optimizer.shards))
-        else:
-            # Under offload_optimizer.ratio the device's buckets step first: their kernels
-            # are queued at once and run while the host steps the rest.
-            on_device = [s for s in self.optimizer.shards
-                         if s.layout.index not in self._host_stepped]
-            if on_device:
-                self.optimizer.sharded_step(
-                    self.grad_buckets.reduced_grads(only={s.layout.index for s in on_device}),
-                    _scale_on(factor, on_device), only=on_device)
-            self.offload.step(_scale_on(factor, self.offload.shards), defer=self._deferrable)
-
-    def _replicated_step(self, grads: list[torch.Tensor], factor: float) -> None:
-        """Stage 0 with the user's optimizer: the all-reduced buckets go back out to each
-        parameter's .grad (one copy-out launch per bucket), scaled, and the optimizer steps."""
-        for bucket, grad in zip(self.grad_buckets.buckets, grads):
-            for param in bucket.params:
-                param.grad = torch.empty_like(param)
-            ops.unflatten_from(grad, [p.grad for p in bucket.params], bucket.offsets)
-        if factor != 1.0:
-            torch._foreach_mul_([p.grad for p in self._params], factor)
-        self.replicated_optimizer.step()
 
     # -- GatheredParameters -----------------------------------------------------------------
     def gather_layouts(self, layout_indices: set[int]) -> list:
@@ -628,14 +542,6 @@ def _cast_floating_to_half(value):
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.half()
     return value
-
-
-def _scale_on(factor: float, shards: list[ShardState]) -> torch.Tensor | None:
-    """The gradient factor (loss scale and clipping) as a tensor where these shards' fp32
-    master weights live, or None when it is 1."""
-    if factor == 1.0:
-        return None
-    return torch.tensor(factor, dtype=torch.float32, device=shards[0].master.device)
 
 
 def split_param_groups(model: nn.Module, model_parameters, defaults: dict) -> list[dict]:
