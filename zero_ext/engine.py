@@ -38,7 +38,7 @@ from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
 from zero_ext.zero import offload, optimizer_placement, placement, replicas, reporting
 from zero_ext.zero.agreement import StepAgreement, backward_count_error
-from zero_ext.zero.buckets import GradientBuckets
+from zero_ext.zero.buckets import GradientBuckets, reduced_grad_dtype
 from zero_ext.zero.compression import GradientCompression
 from zero_ext.zero.construction import outside_init
 from zero_ext.zero.params import PartitionedParameters, materialize
@@ -202,7 +202,7 @@ class ZeroEngine(nn.Module):
 
     def _grad_dtype(self) -> torch.dtype:
         """The reduced gradient's dtype (the host copies' under offload_optimizer)."""
-        return optimizer_placement.reduced_grad_dtype(
+        return reduced_grad_dtype(
             self.stage, self.batch.gradient_accumulation_steps, self.comm_dtype)
 
     # -- training ---------------------------------------------------------------------------

@@ -75,6 +75,7 @@ from torch import nn
 from zero_ext import scaling_cli
 from zero_ext.config import ZeroConfig, read_json_config
 from zero_ext.zero import offload
+from zero_ext.zero.buckets import reduced_grad_dtype
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 from zero_ext.zero.placement import lay_out
 
@@ -359,7 +360,7 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
               "frozen": width * frozen_numel, "compression": compression}
     host = offload.host_state_bytes(
         shard_numel=host_shards, unit_shard_numel=unit_shards, dtype=dtype,
-        grad_dtype=torch.float32 if stage >= 2 and accumulation > 1 else comm_dtype,
+        grad_dtype=reduced_grad_dtype(stage, accumulation, comm_dtype),
         offload_optimizer=offload_optimizer, offload_param=offload_param)
     device.update(optimizer)
     if offload_param:

@@ -28,7 +28,21 @@ from zero_ext import comm, ops
 from zero_ext.zero.compression import GradientCompression
 from zero_ext.zero.partition import BucketLayout
 
-__all__ = ["BucketState", "GradientBucket", "GradientBuckets"]
+__all__ = ["BucketState", "GradientBucket", "GradientBuckets", "accumulates_shards",
+           "reduced_grad_dtype"]
+
+
+def accumulates_shards(stage: int, accumulation_steps: int) -> bool:
+    """Whether each rank sums its reduced shards over the micro-steps of a step (stages 2-3
+    reduce every micro-step; stages 0-1 let autograd accumulate and reduce once)."""
+    return stage >= 2 and accumulation_steps > 1
+
+
+def reduced_grad_dtype(stage: int, accumulation_steps: int,
+                       comm_dtype: torch.dtype) -> torch.dtype:
+    """The reduced gradient's dtype, which the update reads and offload copies: fp32 where
+    the shards are summed over micro-steps (accumulates_shards), else the reduction's."""
+    return torch.float32 if accumulates_shards(stage, accumulation_steps) else comm_dtype
 
 
 class BucketState(enum.Enum):
@@ -176,7 +190,7 @@ class GradientBuckets:
         if self._whole_buckets:
             bucket.grad = bucket.flat  # the all-reduced bucket itself
         bucket.flat = None
-        if self.stage >= 2 and self.accumulation_steps > 1:
+        if accumulates_shards(self.stage, self.accumulation_steps):
             if bucket.accumulated is None:
                 bucket.accumulated = torch.empty(bucket.layout.shard_numel, dtype=torch.float32,
                                                  device=bucket.grad.device)

@@ -8,7 +8,6 @@ parameters.
   behind the next forward, and applies one update to all of them.
 - `host_memory_plan`: what offload will put in host memory, for the check that refuses a run
   before the first host buffer is allocated.
-- `reduced_grad_dtype`: the dtype of the reduced gradient the update reads.
 
 ZeroEngine (engine.py) decides whether and how much to step (the norm, the overflow skip,
 clipping); this module applies the update it decided on. The engine exposes the pieces under
@@ -30,15 +29,7 @@ from zero_ext.zero.params import PartitionedParameters
 from zero_ext.zero.partition import BucketLayout
 from zero_ext.zero.placement import OffloadPlacement
 
-__all__ = ["OptimizerPlacement", "host_memory_plan", "reduced_grad_dtype"]
-
-
-def reduced_grad_dtype(stage: int, accumulation_steps: int,
-                       comm_dtype: torch.dtype) -> torch.dtype:
-    """The reduced gradient's dtype: fp32 when stage >= 2 accumulates over micro-steps."""
-    if stage >= 2 and accumulation_steps > 1:
-        return torch.float32
-    return comm_dtype
+__all__ = ["OptimizerPlacement", "host_memory_plan"]
 
 
 def host_memory_plan(placed: OffloadPlacement, layouts: list[BucketLayout],
