@@ -156,8 +156,42 @@ def wire() -> dict:
     return out
 
 
+def paired() -> dict:
+    """Over gloo, where all-to-all and all-gather are sends and receives in segments
+    (zero_ext/comm/pairs.py): chunks of several segments and a short last one, in three dtypes;
+    then four all-gathers and an all-to-all of equal sizes in flight at once, waited for in
+    reverse order (each must keep its own messages)."""
+    from zero_ext.comm import pairs
+
+    size, rank = comm.world_size(), comm.rank()
+    out = {}
+    for dtype in (torch.uint8, torch.bfloat16, torch.float32):
+        n = 2 * pairs.SEGMENT_BYTES // torch.empty((), dtype=dtype).element_size() + 1001
+        gen = torch.Generator().manual_seed(rank * 31 + n)
+        x = torch.randint(0, 100, (n * size,), generator=gen).to(dtype)
+        y, gathered = torch.empty_like(x), torch.empty_like(x)
+        comm.all_to_all(y, x)
+        comm.all_gather(gathered, x[:n])
+        out[str(dtype)] = {"input": x, "all_to_all": y, "all_gather": gathered}
+    n = pairs.SEGMENT_BYTES // 4 + 17
+    handles, outputs = [], []
+    for k in range(5):
+        x = torch.full((n * size,), float(1000 * rank + k))
+        y = torch.empty_like(x)
+        if k == 2:
+            handles.append(comm.all_to_all(y, x, async_op=True))
+        else:
+            handles.append(comm.all_gather(y, x[:n], async_op=True))
+        outputs.append(y)
+    for handle in reversed(handles):
+        handle.wait()
+    out["in_flight"] = outputs
+    return out
+
+
 def run_cases() -> dict:
     out = {"collectives": collectives(), "all_to_all": all_to_alls()}
     if comm._shared_memory_arena(torch.zeros(1)) is None:
         out["wire"] = wire()
+        out["paired"] = paired()
     return out

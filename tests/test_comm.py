@@ -191,6 +191,28 @@ def test_all_to_all_counts_each_chunk_on_the_link_it_crosses(world_size):
         assert traffic.elements == {"all_to_all": others * 13}
 
 
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_gloo_all_to_all_and_all_gather_in_segments(world_size):
+    """Chunks of several segments (comm/pairs.py) arrive whole, and collectives in flight at
+    once each get their own messages (seen failing, the process aborted in gloo, when every
+    collective used the same tag)."""
+    results = [r["paired"] for r in _results(world_size, False)]
+    for dtype in ("torch.uint8", "torch.bfloat16", "torch.float32"):
+        inputs = [r[dtype]["input"].view(world_size, -1) for r in results]
+        for rank, result in enumerate(results):
+            assert torch.equal(result[dtype]["all_to_all"].view(world_size, -1),
+                               torch.stack([x[rank] for x in inputs])), (dtype, rank)
+            assert torch.equal(result[dtype]["all_gather"],
+                               torch.cat([x[0] for x in inputs])), (dtype, rank)
+    for rank, result in enumerate(results):
+        for k, output in enumerate(result["in_flight"]):
+            # all-gather: every rank's value k; the all-to-all (k = 2): chunk i from rank i.
+            expected = torch.tensor([1000.0 * r + k for r in range(world_size)])
+            assert torch.equal(output.view(world_size, -1),
+                               expected[:, None].expand(world_size, output.numel()
+                                                        // world_size)), (rank, k)
+
+
 def test_all_to_all_on_one_rank_copies():
     x = torch.arange(12, dtype=torch.uint8)
     y = torch.zeros_like(x)

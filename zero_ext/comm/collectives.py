@@ -6,21 +6,24 @@ CPU or CUDA tensors) and counts, per collective, the calls and the bytes this ra
 which rank of the group, by the algorithm of the transport the call took (`wire_sends`, the one
 accounting; n is the collective's size in bytes, N the group's ranks):
 
-  collective (n: of)        NCCL, shared memory: ring    gloo (torch 2.13's algorithms)
+  collective (n: of)        NCCL, shared memory: ring    gloo (torch 2.13's, comm/pairs.py)
   all_reduce (tensor)       2n(N-1)/N to rank + 1        ~2n(N-1)/N to rank - 1: gloo's
                                                          segmented ring, exact (_gloo_ring_bytes)
   reduce_scatter (input)    n(N-1)/N to rank + 1         all_reduce's, of the input: gloo's
                                                          reduce-scatter is that all-reduce
                                                          (reduce_scatter issues it itself)
-  all_gather (output)       n(N-1)/N to rank + 1         n(N-1)/N to rank + 1 (a ring)
-  all_to_all (input)        n/N to each other rank       n/N to each other rank
+  all_gather (output)       n(N-1)/N to rank + 1         n(N-1)/N to rank + 1 (a ring of
+                                                         sends: comm/pairs.py)
+  all_to_all (input)        n/N to each other rank       n/N to each other rank (sends:
+                                                         comm/pairs.py)
   broadcast (tensor)        n to rank + 1 (pipelined)    n to each child in a binomial tree
                                                          (the root: ceil(log2 N) of them)
 
 On gloo these are the bytes of the tensors themselves. gloo's TCP transport adds 48-byte
 preambles per message (gloo/transport/tcp/pair.cc): two from its sender (the send notification,
 the data's header), one from its receiver (the receive notification); they are not counted
-(4(N-1) messages each way in an all-reduce of up to 2N MiB, the most: 576(N-1) bytes).
+(4(N-1) messages each way in an all-reduce of up to 2N MiB: 576(N-1) bytes; the all-to-all
+and all-gather of comm/pairs.py send one message per 256 KiB segment: 144 bytes each).
 benchmarks/gloo_wire.py measures all of it on the sockets (benchmarks/RESULTS.md, "gloo on the
 wire"). The shared-memory arena below has no wire: it is counted as the ring collective it
 stands in for. NCCL is counted as its ring; a tree or NVLS all-reduce, where NCCL picks one,
@@ -63,6 +66,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from zero_ext.comm.pairs import next_tag, paired_all_gather, paired_all_to_all
 from zero_ext.comm.watch import (
     CollectiveRecord,
     CollectiveWatch,
@@ -414,9 +418,8 @@ def backend() -> str:
 
 
 def _gloo_on_cpu(tensor: torch.Tensor) -> bool:
-    """gloo's list-of-chunks reduce-scatter and all-gather beat its flat-tensor forms on CPU
-    tensors (measured on 2 ranks, 3.7M fp32 elements: reduce-scatter 14-16 ms against 25 ms,
-    all-gather 11 ms against 13 ms); same data on the wire."""
+    """gloo with CPU tensors: its all-to-all and all-gather run as sends and receives in
+    segments (comm/pairs.py), which use both directions of a link at once."""
     return tensor.device.type == "cpu" and backend() == "gloo"
 
 
@@ -577,6 +580,14 @@ class WatchedWork:
         return self._work.is_completed()
 
 
+def _pair_args(watch: CollectiveWatch, group: CommGroup | None, size: int) -> tuple:
+    """(this rank's index in `group`, its size, its handle, the collective's tag) for the
+    paired collectives of comm/pairs.py."""
+    if group is None:
+        return rank(), size, None, next_tag(watch, None)
+    return group.ranks.index(rank()), size, group.handle, next_tag(watch, group.ranks)
+
+
 def _enter(in_arena: bool, *what) -> tuple[CollectiveWatch, CollectiveRecord]:
     """The record of a collective about to be issued (`what`: CollectiveWatch.enter's
     arguments). Under the debug switch ZERO_EXT_CHECK_COLLECTIVES=1, a collective outside the
@@ -694,8 +705,8 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
         arena.all_gather(output, input, watch, record)
         return None
     handle = group.handle if group is not None else None
-    if _gloo_on_cpu(output):
-        work = dist.all_gather(list(output.chunk(size)), input, group=handle, async_op=True)
+    if _gloo_on_cpu(output) and output.is_contiguous():
+        work = paired_all_gather(output, input, *_pair_args(watch, group, size))
     else:
         work = _all_gather_flat(output, input, group=handle, async_op=True)
     return _issued(watch, record, work, async_op)
@@ -707,7 +718,9 @@ def all_to_all(output: torch.Tensor, input: torch.Tensor, *, group: CommGroup | 
     comes from rank i. Both 1-D, contiguous, of the same numel, divisible by the group size;
     any dtype (comm/compressed.py moves packed uint8 rows). Counted by the bytes it sends:
     chunk j's to rank j, within or across nodes; nothing for this rank's own chunk (copied).
-    gloo's all-to-all handle honours wait()'s timeout, so the watch bounds it directly."""
+    On gloo with CPU tensors, sends and receives in segments, every pair's at once
+    (comm/pairs.py: gloo's all_to_all_single often used one direction of a link at a time);
+    their handle, and NCCL's, honour wait()'s timeout, so the watch bounds them directly."""
     if group is not None and group.size == world_size():
         group = None
     size = group.size if group is not None else world_size()
@@ -733,7 +746,10 @@ def all_to_all(output: torch.Tensor, input: torch.Tensor, *, group: CommGroup | 
         arena.all_to_all(output, input, watch, record)
         return None
     handle = group.handle if group is not None else None
-    work = dist.all_to_all_single(output, input, group=handle, async_op=True)
+    if _gloo_on_cpu(input):
+        work = paired_all_to_all(output, input, *_pair_args(watch, group, size))
+    else:
+        work = dist.all_to_all_single(output, input, group=handle, async_op=True)
     return _issued(watch, record, work, async_op)
 
 

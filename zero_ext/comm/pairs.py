@@ -1,0 +1,148 @@
+"""gloo's all-to-all and all-gather as sends and receives in segments, both directions at once.
+
+On a capped full-duplex link between two nodes, gloo's all_to_all_single, its all-gather and a
+single large isend + irecv pair moved 6.43 MB each way in either 0.18 s (the link's 300 Mbit/s
+both ways) or 0.36 s (one direction after the other), changing from call to call; its
+all-reduce, which sends segments, always took 0.18 s. The same bytes as sends and receives of
+256 KiB, all posted at once, took 0.18 s every time (benchmarks/gloo_duplex.py,
+benchmarks/RESULTS.md, "gloo's all-to-all uses one direction at a time"). So on gloo:
+  - all-to-all: chunk j to rank j, every segment of every peer posted at once (rank r starts
+    with r + 1 and r - 1, so no rank is everyone's first peer);
+  - all-gather: a ring, N - 1 steps each sending one chunk to rank + 1 while receiving one from
+    rank - 1, in segments;
+the same bytes on the same links as gloo's own algorithms (comm/collectives.py counts them).
+
+Tags. gloo matches a send to a receive by (peer, tag), in the order posted. Each collective
+here takes the next tag of its group's counter (every rank of a group issues its collectives
+in the same order, which collectives need anyway), so two in flight at once (stage 3's
+prefetch) never take each other's messages. The counters belong to the group's stall watch:
+a new process group starts them again on every rank.
+
+The wait. The stall watch (comm/watch.py) waits in short slices, so that it can diagnose a
+stall and read the other ranks' aborts while it waits. A gloo send or receive cannot be waited
+that way: when its wait(timeout) expires, gloo closes the pair ("Application timeout caused
+pair closure") and every later message on it fails. So a thread runs the exchange and waits
+without a timeout (bounded by the process group's own timeout), and the watch waits in slices
+for that thread: `PairedWork` is a Work whose wait(timeout) says "timed out" like gloo's
+collectives' handles do, and leaves the transfers alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+SEGMENT_BYTES = 256 << 10  # 1 MiB segments already lost 3% of the link; 4 MiB 26%
+
+# Above a user's point-to-point tags (0 by default); gloo's collectives use their own slots.
+_TAG_BASE = 1 << 24
+_TAG_SPAN = 1 << 24
+_tags: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # watch -> {group: count}
+
+
+def next_tag(watch, group_ranks: tuple[int, ...] | None) -> int:
+    """The tag of this rank's next paired collective on the group of `group_ranks` (None:
+    every rank), counted per group under `watch`, the current process group's stall watch."""
+    counts = _tags.setdefault(watch, {})
+    count = counts.get(group_ranks, 0)
+    counts[group_ranks] = count + 1
+    return _TAG_BASE + count % _TAG_SPAN
+
+
+class PairedWork:
+    """An exchange run by a daemon thread that waits for its transfers without a timeout.
+
+    wait(timeout) returns True once it completed, raises its first error, or raises
+    RuntimeError("... timed out ...") when `timeout` passed first (the transfers go on). A
+    thread per collective: a stalled exchange never holds up the next one, and a thread start
+    (~0.1 ms) is small against a transfer over the network."""
+
+    __slots__ = ("_done", "_error")
+
+    def __init__(self, exchange):
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(exchange,), name="zero_ext-pairs",
+                         daemon=True).start()
+
+    def _run(self, exchange) -> None:
+        try:
+            exchange()
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
+            self._error = error
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        seconds = None if timeout is None else timeout.total_seconds()
+        if not self._done.wait(seconds):
+            raise RuntimeError(f"zero_ext paired exchange: wait timed out after {seconds} s "
+                               "(its transfers go on)")
+        if self._error is not None:
+            # Not read as a slice of the wait (the watch retries those): gloo's own "timed
+            # out" here is the process group's timeout, a failure.
+            text = str(self._error).replace("timed out", "expired")
+            raise RuntimeError(f"zero_ext paired exchange failed: {text}") from self._error
+        return True
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+
+def _post(works: list, send: torch.Tensor | None, to: int, recv: torch.Tensor | None,
+          source: int, group, tag: int) -> None:
+    """Posts `send` to `to` and `recv` from `source` (group ranks), segment by segment,
+    alternating, onto `works`."""
+    sends = send.split(max(1, SEGMENT_BYTES // send.element_size())) if send is not None else ()
+    recvs = recv.split(max(1, SEGMENT_BYTES // recv.element_size())) if recv is not None else ()
+    for i in range(max(len(sends), len(recvs))):
+        if i < len(sends) and sends[i].numel():
+            works.append(dist.isend(sends[i], group=group, group_dst=to, tag=tag))
+        if i < len(recvs) and recvs[i].numel():
+            works.append(dist.irecv(recvs[i], group=group, group_src=source, tag=tag))
+
+
+def _wait_all(works: list) -> None:
+    for work in works:
+        work.wait()
+
+
+def paired_all_to_all(output: torch.Tensor, input: torch.Tensor, me: int, size: int, group,
+                      tag: int) -> PairedWork:
+    """Chunk j of `input` to rank j of `group` (a process group handle, None: the default one;
+    `me`: this rank's index in it), chunk i of `output` from rank i; this rank's own chunk is
+    copied. Both 1-D, contiguous, of the same dtype and numel, divisible by `size`."""
+    send, recv = input.view(size, -1), output.view(size, -1)
+
+    def exchange():
+        works = []
+        for step in range(1, size):
+            to, source = (me + step) % size, (me - step) % size
+            _post(works, send[to], to, recv[source], source, group, tag)
+        recv[me].copy_(send[me])
+        _wait_all(works)
+
+    return PairedWork(exchange)
+
+
+def paired_all_gather(output: torch.Tensor, input: torch.Tensor, me: int, size: int, group,
+                      tag: int) -> PairedWork:
+    """Every rank's `input` into `output` (contiguous, `size` x input's numel, rank order) by a
+    ring: at step s this rank sends chunk me - s to rank me + 1 and receives chunk me - s - 1
+    from rank me - 1."""
+    out = output.view(size, -1)
+    right, left = (me + 1) % size, (me - 1) % size
+
+    def exchange():
+        out[me].copy_(input.reshape(-1))
+        for step in range(size - 1):
+            works = []
+            _post(works, out[(me - step) % size], right, out[(me - step - 1) % size], left,
+                  group, tag)
+            _wait_all(works)
+
+    return PairedWork(exchange)
