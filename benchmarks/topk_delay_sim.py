@@ -12,7 +12,9 @@ Selection (--mode): "global" (top-k of |r| over all parameters, what zero_ext's 
 selection approximates), "pertensor" (top-k within each tensor: DGC's per-layer choice),
 "precond" (top-k of |r| / sqrt(v): the entries Adam would move most), "momentum" (as global,
 but the residual accumulates Adam's momentum and what is sent becomes the momentum: 1-bit
-Adam's compressed momentum with top-k for the sign), "dense" (plain AdamW
+Adam's compressed momentum with top-k for the sign), "ef21" (EF21, Richtarik et al. 2021: an
+estimate e of the gradient, updated by the top-k of g - e, is the step's gradient, and Adam's
+variance follows it, not frozen), "dense" (plain AdamW
 throughout: no top-k, no frozen variance; "global" at --density 1 is dense with the variance
 frozen). --oracle-variance keeps v following the dense
 gradient after the freeze; --lr-mult scales the learning rate once sparse. Prints the loss over
@@ -73,7 +75,8 @@ def select(mode: str, residual: list[torch.Tensor], variance: list[torch.Tensor]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("global", "pertensor", "precond", "momentum", "dense"),
+    parser.add_argument("--mode", choices=("global", "pertensor", "precond", "momentum", "ef21",
+                                           "dense"),
                         default="global")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--dense-steps", type=int, default=30)
@@ -109,7 +112,17 @@ def main() -> None:
               torch.stack([data[i][2] for i in index])).backward()
         dense = [p.grad.clone() for p in params]
         grads = dense
-        if step >= args.dense_steps and args.mode != "dense":
+        if args.mode == "ef21":  # residual: the estimate; dense steps set it, sparse ones move it
+            if step < args.dense_steps:
+                for r, g in zip(residual, dense):
+                    r.copy_(g)
+            else:
+                deltas = [g - r for r, g in zip(residual, dense)]
+                masks = select("global", deltas, v, args.density)
+                for r, mask, d in zip(residual, masks, deltas):
+                    r.add_(torch.where(mask, d, 0))
+            grads = [r.clone() for r in residual]
+        elif step >= args.dense_steps and args.mode != "dense":
             if not frozen:  # Adam's moments bias-corrected once, the variance frozen from here
                 for i in range(len(params)):
                     m[i] /= 1 - b1 ** step
