@@ -2,6 +2,8 @@
 
 import functools
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,6 +26,21 @@ def test_formats():
     assert format_bytes(512) == "512B" and format_bytes(3 * 2**20) == "3.0MiB"
     assert format_bytes(5 * 2**40) == "5120.0GiB"
     assert format_duration(75) == "1m15s" and format_duration(3 * 3600 + 120) == "3h02m"
+
+
+def test_cpu_peak_memory_is_this_process_not_its_parent():
+    """A rank started by a large process (pytest after many tests, a notebook) reported the
+    parent's peak: getrusage's ru_maxrss carries over exec. The parent here touches 1.5 GiB
+    and then starts a Python that imports zero_ext (a few hundred MiB) and reads its peak."""
+    child = ("import torch; from zero_ext.progress import peak_memory; "
+             "print(peak_memory(torch.device('cpu')))")
+    parent = ("import subprocess, sys; big = bytearray(1536 << 20); big[::4096] = b'x' * "
+              "len(big[::4096]); print(subprocess.run([sys.executable, '-c', sys.argv[1]], "
+              "capture_output=True, text=True, check=True).stdout.strip())")
+    out = subprocess.run([sys.executable, "-c", parent, child], capture_output=True, text=True,
+                         check=True).stdout
+    peak = int(out.strip())
+    assert 32 << 20 < peak < 1024 << 20, format_bytes(peak)
 
 
 @functools.cache

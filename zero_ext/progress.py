@@ -48,11 +48,22 @@ def count_tokens(args: Iterable, kwargs: dict) -> int:
 
 
 def peak_memory(device: torch.device) -> int:
-    """Peak bytes this process used: allocated GPU memory on CUDA, resident memory on CPU."""
+    """Peak bytes this process used: allocated GPU memory on CUDA, resident memory on CPU.
+
+    On Linux, the resident peak of this process's own memory (VmHWM in /proc/self/status), not
+    getrusage's ru_maxrss: that one carries over exec, so a rank started by a large process
+    (pytest, a notebook, multiprocessing's spawn from a big parent) reported its parent's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, else KiB
 
 
 def format_bytes(n: float) -> str:
