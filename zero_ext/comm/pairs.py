@@ -61,13 +61,14 @@ class PairedWork:
     thread per collective: a stalled exchange never holds up the next one, and a thread start
     (~0.1 ms) is small against a transfer over the network."""
 
-    __slots__ = ("_done", "_error")
+    __slots__ = ("_done", "_error", "_thread")
 
     def __init__(self, exchange):
         self._error: BaseException | None = None
         self._done = threading.Event()
-        threading.Thread(target=self._run, args=(exchange,), name="zero_ext-pairs",
-                         daemon=True).start()
+        self._thread = threading.Thread(target=self._run, args=(exchange,),
+                                        name="zero_ext-pairs", daemon=True)
+        self._thread.start()
 
     def _run(self, exchange) -> None:
         try:
@@ -82,6 +83,9 @@ class PairedWork:
         if not self._done.wait(seconds):
             raise RuntimeError(f"zero_ext paired exchange: wait timed out after {seconds} s "
                                "(its transfers go on)")
+        # Gone before the caller goes on: a script that ends right after its last collective
+        # leaves no thread to meet the interpreter's finalization.
+        self._thread.join()
         if self._error is not None:
             # Not read as a slice of the wait (the watch retries those): gloo's own "timed
             # out" here is the process group's timeout, a failure.
