@@ -41,7 +41,7 @@ Columns:
                is the same quantity as long as DeepSpeed keeps its buffers in Python attributes.
   peak MiB     GPU: torch.cuda.max_memory_allocated over warm-up and timed steps (activations
                included), reset between implementations. CPU: the process's peak RSS
-               (ru_maxrss) over the same span, per rank, after resetting the high-water mark
+               (VmHWM) over the same span, per rank, after resetting the high-water mark
                through /proc/self/clear_refs; it includes the ~0.3 GiB of libraries. From the
                first round, before DeepSpeed's import adds its own libraries.
   comm         elements (and MiB) each rank sends per step, ring-algorithm sense.
@@ -71,7 +71,6 @@ import gc
 import json
 import logging
 import os
-import resource
 import statistics
 import time
 import warnings
@@ -182,17 +181,11 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:  # "5" resets the process's RSS high-water mark, which ru_maxrss reports
+    try:  # "5" resets the process's RSS high-water mark (VmHWM, what peak_memory reads)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
-        pass  # then ru_maxrss is the peak since the process started
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        pass  # then it is the peak since the process started
 
 
 @dataclass
@@ -418,7 +411,7 @@ def measure(build: Callable[[], Trainer], setup: Setup, batches, args) -> dict:
     if errors:  # every rank skips together, or the next collective would hang
         return {"error": errors[0]}
     result = train(trainer, batches, args.warmup, args.steps, setup.device)
-    result.update(peak=peak_memory_bytes(setup.device), note=trainer.note,
+    result.update(peak=zero_ext.progress.peak_memory(setup.device), note=trainer.note,
                   threads=torch.get_num_threads())
     trainer.cleanup()
     del trainer
