@@ -626,6 +626,27 @@ def _issued(watch: CollectiveWatch, record: CollectiveRecord, work, async_op: bo
     return None
 
 
+def _entered(name: str, arena, counted: torch.Tensor, bucket: int | None,
+             group: CommGroup | None = None) -> tuple[CollectiveWatch, CollectiveRecord]:
+    """Counts collective `name` by the tensor it is counted by (`counted`: see _count) on the
+    transport it takes, and records it with the watch. A group's collective is told apart from
+    the world's of the same size by its name, which is the same on every rank (each rank's
+    group holds other ranks)."""
+    op = _count(name, _transport(arena), counted.numel() * counted.element_size(),
+                counted.element_size(), group)
+    if group is not None:
+        op = f"{op}[group of {group.size}]"
+    return _enter(arena is not None, op, counted.numel(), counted.dtype, bucket)
+
+
+def _on_one_rank(name: str, output: torch.Tensor, input: torch.Tensor,
+                 group: CommGroup | None = None) -> None:
+    """A collective over one rank: nothing on the wire (counted as such), `input` copied."""
+    _count(name, "ring", 0, input.element_size(), group)
+    if output.data_ptr() != input.data_ptr():
+        output.copy_(input)
+
+
 def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = False,
                bucket: int | None = None):
     """Sum (or `op`) of `tensor` over ranks, in place. `bucket` names the bucket layout the
@@ -634,9 +655,7 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, async_op: bool = Fals
         _count("all_reduce", "ring", 0, tensor.element_size())
         return None
     arena = _shared_memory_arena(tensor) if op == dist.ReduceOp.SUM else None
-    name = _count("all_reduce", _transport(arena), tensor.numel() * tensor.element_size(),
-                  tensor.element_size())
-    watch, record = _enter(arena is not None, name, tensor.numel(), tensor.dtype, bucket)
+    watch, record = _entered("all_reduce", arena, tensor, bucket)
     if arena is not None:
         arena.all_reduce(tensor, watch, record)
         return None
@@ -651,15 +670,12 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
         raise ValueError(f"zero_ext.comm.reduce_scatter: input has {input.numel()} elements, "
                          f"expected output ({output.numel()}) x world size ({world_size()})")
     if world_size() == 1:
-        _count("reduce_scatter", "ring", 0, input.element_size())
-        output.copy_(input)
+        _on_one_rank("reduce_scatter", output, input)
         return None
     arena = _shared_memory_arena(input)
     if arena is not None and not output.is_contiguous():
         arena = None
-    name = _count("reduce_scatter", _transport(arena), input.numel() * input.element_size(),
-                  input.element_size())
-    watch, record = _enter(arena is not None, name, input.numel(), input.dtype, bucket)
+    watch, record = _entered("reduce_scatter", arena, input, bucket)
     if arena is not None:
         arena.reduce_scatter(output, input, watch, record)
         return None
@@ -687,20 +703,12 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
         raise ValueError(f"zero_ext.comm.all_gather: output has {output.numel()} elements, "
                          f"expected input ({input.numel()}) x group size ({size})")
     if size == 1:
-        _count("all_gather", "ring", 0, output.element_size(), group)
-        if output.data_ptr() != input.data_ptr():
-            output.copy_(input)
+        _on_one_rank("all_gather", output, input, group)
         return None
     arena = _shared_memory_arena(output, reduces=False)
     if arena is not None and (group is not None or not input.is_contiguous()):
         arena = None
-    op = _count("all_gather", _transport(arena), output.numel() * output.element_size(),
-                output.element_size(), group)
-    # A group's collective is told apart from the world's of the same size by its name, which
-    # is the same on every rank (each rank's group holds other ranks).
-    if group is not None:
-        op = f"{op}[group of {size}]"
-    watch, record = _enter(arena is not None, op, output.numel(), output.dtype, bucket)
+    watch, record = _entered("all_gather", arena, output, bucket, group)
     if arena is not None:
         arena.all_gather(output, input, watch, record)
         return None
@@ -732,16 +740,10 @@ def all_to_all(output: torch.Tensor, input: torch.Tensor, *, group: CommGroup | 
             f"dtype and the same numel, divisible by the group size ({size}); got input "
             f"{tuple(input.shape)} {input.dtype}, output {tuple(output.shape)} {output.dtype}")
     if size == 1:
-        _count("all_to_all", "ring", 0, input.element_size(), group)
-        if output.data_ptr() != input.data_ptr():
-            output.copy_(input)
+        _on_one_rank("all_to_all", output, input, group)
         return None
     arena = _shared_memory_arena(input, reduces=False) if group is None else None
-    op = _count("all_to_all", _transport(arena), input.numel() * input.element_size(),
-                input.element_size(), group)
-    if group is not None:
-        op = f"{op}[group of {size}]"
-    watch, record = _enter(arena is not None, op, input.numel(), input.dtype, bucket)
+    watch, record = _entered("all_to_all", arena, input, bucket, group)
     if arena is not None:
         arena.all_to_all(output, input, watch, record)
         return None
