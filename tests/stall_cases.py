@@ -237,12 +237,23 @@ def equal_size_collectives_differ():
         time.sleep(0.01)
 
 
+def gathers_of_different_sizes():
+    """Without the debug switch, on gloo's paired all-gather (zero_ext/comm/pairs.py): the
+    ranks gather different sizes. Each posts the tag of its own size, so nothing meets (with
+    one tag gloo met a message longer than the buffer posted for it and aborted the process),
+    and the watch names both collectives."""
+    os.environ["ZERO_EXT_CHECK_COLLECTIVES"] = "0"  # read when the group's watch starts
+    numel = 1000 * (comm.rank() + 1)
+    comm.all_gather(torch.empty(2 * numel), torch.ones(numel))
+
+
 STALLS = [save_checkpoint_on_rank0_only, load_checkpoint_on_rank0_only,
           save_16bit_model_on_rank0_only, uneven_batches_then_save,
           stage3_block_skipped_on_one_rank, submodule_used_on_one_rank, stuck_in_user_code,
           busy_in_user_code_progresses, accumulation_differs, lr_differs, frozen_rank,
           slow_collective_progresses,
-          long_checkpoint_write_progresses, equal_size_collectives_differ]
+          long_checkpoint_write_progresses, equal_size_collectives_differ,
+          gathers_of_different_sizes]
 
 
 def run_case(case) -> dict:

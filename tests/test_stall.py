@@ -22,7 +22,7 @@ SHM = ["save_checkpoint_on_rank0_only", "load_checkpoint_on_rank0_only",
        "slow_collective_progresses",
        "long_checkpoint_write_progresses"]
 GLOO = ["stage3_block_skipped_on_one_rank", "save_checkpoint_on_rank0_only", "stuck_in_user_code",
-        "equal_size_collectives_differ"]
+        "equal_size_collectives_differ", "gathers_of_different_sizes"]
 
 
 @functools.cache
@@ -100,6 +100,13 @@ def test_equal_size_collectives_that_differ_are_caught_by_the_heartbeats_on_gloo
     assert "all_reduce(64 x float32, bucket 1)" in message
     # Within a few heartbeat periods, not the case's 30 s loop.
     assert max(ranks[key]["seconds"] for ranks in _outcomes()) < 10
+
+
+def test_gloo_gathers_of_different_sizes_are_named_instead_of_aborting_the_process():
+    message = _raised_everywhere(("gloo", "gathers_of_different_sizes"))
+    assert message.startswith("zero_ext: ranks issued different collectives at #")
+    assert "all_gather(2000 x float32)" in message
+    assert "all_gather(4000 x float32)" in message
 
 
 def test_the_plain_gloo_path_with_the_debug_switch_names_both_collectives():

@@ -580,12 +580,14 @@ class WatchedWork:
         return self._work.is_completed()
 
 
-def _pair_args(watch: CollectiveWatch, group: CommGroup | None, size: int) -> tuple:
+def _pair_args(watch: CollectiveWatch, record: CollectiveRecord, group: CommGroup | None,
+               size: int) -> tuple:
     """(this rank's index in `group`, its size, its handle, the collective's tag) for the
     paired collectives of comm/pairs.py."""
+    what = f"{record.numel}|{record.dtype}"
     if group is None:
-        return rank(), size, None, next_tag(watch, None)
-    return group.ranks.index(rank()), size, group.handle, next_tag(watch, group.ranks)
+        return rank(), size, None, next_tag(watch, None, what)
+    return group.ranks.index(rank()), size, group.handle, next_tag(watch, group.ranks, what)
 
 
 def _enter(in_arena: bool, *what) -> tuple[CollectiveWatch, CollectiveRecord]:
@@ -714,7 +716,7 @@ def all_gather(output: torch.Tensor, input: torch.Tensor, async_op: bool = False
         return None
     handle = group.handle if group is not None else None
     if _gloo_on_cpu(output) and output.is_contiguous():
-        work = paired_all_gather(output, input, *_pair_args(watch, group, size))
+        work = paired_all_gather(output, input, *_pair_args(watch, record, group, size))
     else:
         work = _all_gather_flat(output, input, group=handle, async_op=True)
     return _issued(watch, record, work, async_op)
@@ -749,7 +751,7 @@ def all_to_all(output: torch.Tensor, input: torch.Tensor, *, group: CommGroup | 
         return None
     handle = group.handle if group is not None else None
     if _gloo_on_cpu(input):
-        work = paired_all_to_all(output, input, *_pair_args(watch, group, size))
+        work = paired_all_to_all(output, input, *_pair_args(watch, record, group, size))
     else:
         work = dist.all_to_all_single(output, input, group=handle, async_op=True)
     return _issued(watch, record, work, async_op)

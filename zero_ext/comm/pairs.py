@@ -16,7 +16,9 @@ Tags. gloo matches a send to a receive by (peer, tag), in the order posted. Each
 here takes the next tag of its group's counter (every rank of a group issues its collectives
 in the same order, which collectives need anyway), so two in flight at once (stage 3's
 prefetch) never take each other's messages. The counters belong to the group's stall watch:
-a new process group starts them again on every rank.
+a new process group starts them again on every rank. The tag also carries a hash of the
+collective's size and dtype: ranks that meet in collectives of different sizes wait, and the
+watch names both, where gloo would abort the process (tests/test_stall.py).
 
 The wait. The stall watch (comm/watch.py) waits in short slices, so that it can diagnose a
 stall and read the other ranks' aborts while it waits. A gloo send or receive cannot be waited
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+import zlib
 from datetime import timedelta
 
 import torch
@@ -39,18 +42,21 @@ import torch.distributed as dist
 SEGMENT_BYTES = 256 << 10  # 1 MiB segments already lost 3% of the link; 4 MiB 26%
 
 # Above a user's point-to-point tags (0 by default); gloo's collectives use their own slots.
-_TAG_BASE = 1 << 24
-_TAG_SPAN = 1 << 24
+_TAG_BASE = 1 << 30
 _tags: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # watch -> {group: count}
 
 
-def next_tag(watch, group_ranks: tuple[int, ...] | None) -> int:
+def next_tag(watch, group_ranks: tuple[int, ...] | None, what: str) -> int:
     """The tag of this rank's next paired collective on the group of `group_ranks` (None:
-    every rank), counted per group under `watch`, the current process group's stall watch."""
+    every rank), counted per group under `watch`, the current process group's stall watch:
+    the count's low 16 bits, and above them 14 bits of a hash of `what` (the collective's
+    size and dtype). Ranks that meet in collectives of different sizes then post different
+    tags and wait, and the watch names the mismatch; with equal tags gloo would meet a message
+    longer than the buffer posted for it and abort the process."""
     counts = _tags.setdefault(watch, {})
     count = counts.get(group_ranks, 0)
     counts[group_ranks] = count + 1
-    return _TAG_BASE + count % _TAG_SPAN
+    return _TAG_BASE + ((zlib.crc32(what.encode()) & 0x3FFF) << 16) + (count & 0xFFFF)
 
 
 class PairedWork:
