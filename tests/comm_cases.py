@@ -157,8 +157,9 @@ def wire() -> dict:
 
 
 def paired() -> dict:
-    """Over gloo, where all-to-all and all-gather are sends and receives in segments
-    (zero_ext/comm/pairs.py): chunks of several segments and a short last one, in three dtypes;
+    """Over gloo, where all-to-all and all-gather of a MiB or more per peer are sends and
+    receives in segments (zero_ext/comm/pairs.py): chunks of several segments and a short last
+    one, in three dtypes;
     then four all-gathers and an all-to-all of equal sizes in flight at once, waited for in
     reverse order (each must keep its own messages)."""
     from zero_ext.comm import pairs
@@ -166,14 +167,15 @@ def paired() -> dict:
     size, rank = comm.world_size(), comm.rank()
     out = {}
     for dtype in (torch.uint8, torch.bfloat16, torch.float32):
-        n = 2 * pairs.SEGMENT_BYTES // torch.empty((), dtype=dtype).element_size() + 1001
+        n = (pairs.MIN_PAIRED_BYTES + 2 * pairs.SEGMENT_BYTES) \
+            // torch.empty((), dtype=dtype).element_size() + 1001
         gen = torch.Generator().manual_seed(rank * 31 + n)
         x = torch.randint(0, 100, (n * size,), generator=gen).to(dtype)
         y, gathered = torch.empty_like(x), torch.empty_like(x)
         comm.all_to_all(y, x)
         comm.all_gather(gathered, x[:n])
         out[str(dtype)] = {"input": x, "all_to_all": y, "all_gather": gathered}
-    n = pairs.SEGMENT_BYTES // 4 + 17
+    n = pairs.MIN_PAIRED_BYTES // 4 + 17
     handles, outputs = [], []
     for k in range(5):
         x = torch.full((n * size,), float(1000 * rank + k))

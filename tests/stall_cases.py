@@ -242,8 +242,10 @@ def gathers_of_different_sizes():
     ranks gather different sizes. Each posts the tag of its own size, so nothing meets (with
     one tag gloo met a message longer than the buffer posted for it and aborted the process),
     and the watch names both collectives."""
+    from zero_ext.comm import pairs
+
     os.environ["ZERO_EXT_CHECK_COLLECTIVES"] = "0"  # read when the group's watch starts
-    numel = 1000 * (comm.rank() + 1)
+    numel = pairs.MIN_PAIRED_BYTES // 4 * (comm.rank() + 1)
     comm.all_gather(torch.empty(2 * numel), torch.ones(numel))
 
 

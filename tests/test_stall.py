@@ -105,8 +105,8 @@ def test_equal_size_collectives_that_differ_are_caught_by_the_heartbeats_on_gloo
 def test_gloo_gathers_of_different_sizes_are_named_instead_of_aborting_the_process():
     message = _raised_everywhere(("gloo", "gathers_of_different_sizes"))
     assert message.startswith("zero_ext: ranks issued different collectives at #")
-    assert "all_gather(2000 x float32)" in message
-    assert "all_gather(4000 x float32)" in message
+    assert "all_gather(524288 x float32)" in message  # 1 MiB from each of 2 ranks
+    assert "all_gather(1048576 x float32)" in message
 
 
 def test_the_plain_gloo_path_with_the_debug_switch_names_both_collectives():

@@ -1,6 +1,7 @@
 """gloo's all-to-all and all-gather as sends and receives in segments, both directions at once.
 
-On a capped full-duplex link between two nodes, gloo's all_to_all_single, its all-gather and a
+Collectives of at least MIN_PAIRED_BYTES per peer. On a capped full-duplex link between two
+nodes, gloo's all_to_all_single, its all-gather and a
 single large isend + irecv pair moved 6.43 MB each way in either 0.18 s (the link's 300 Mbit/s
 both ways) or 0.36 s (one direction after the other), changing from call to call; its
 all-reduce, which sends segments, always took 0.18 s. The same bytes as sends and receives of
@@ -40,6 +41,17 @@ import torch
 import torch.distributed as dist
 
 SEGMENT_BYTES = 256 << 10  # 1 MiB segments already lost 3% of the link; 4 MiB 26%
+# Messages shorter than this go through gloo's own collectives: a one-way wait costs them little
+# on the wire (2 ms at 1 Gbit/s), and gloo's point-to-point messages cost more in latency (on
+# 2 ranks of a busy 2-core host, 8 KiB each way: a median of 1.6-3.9 ms against 0.2 ms for
+# its all_to_all_single).
+MIN_PAIRED_BYTES = 1 << 20
+
+
+def worth_pairing(peer_bytes: int) -> bool:
+    """Whether a collective that sends `peer_bytes` to each peer (all-to-all: its chunk;
+    all-gather's ring: this rank's input) runs here rather than as gloo's own."""
+    return peer_bytes >= MIN_PAIRED_BYTES
 
 # Above a user's point-to-point tags (0 by default); gloo's collectives use their own slots.
 _TAG_BASE = 1 << 30
