@@ -714,7 +714,7 @@ def stage3_head_case(start):
     initialize (the config switch) and after: either way the head's fallback for logits is the
     engine's partitioned Linear forward, and the loss and logits match the unfused model."""
     from zero_ext._plain_forward import plain_forward
-    from zero_ext.zero.params import _partitioned_linear_forward
+    from zero_ext.zero.unit_hooks import _partitioned_linear_forward
 
     stage3 = {"stage": 3, "stage3_param_persistence_threshold": 0}
     results = {}

@@ -71,7 +71,7 @@ def gathered_lm_head(*params):
     if not ours:
         return _trl_lm_head_ctx(*params)
     for param in ours.values():
-        _engine_of(param).partitioned.hold_in_forward(param)
+        _engine_of(param).partitioned.hooks.hold_in_forward(param)
     released = [p for p in ours.values() if p.numel() == 0]  # a partitioned, released unit
     if not released:
         return contextlib.nullcontext()

@@ -10,22 +10,24 @@ tensor except while the unit runs:
   gradients complete   GradientBuckets reduce-scatters the unit's gradients and calls release
 Parameters shared by two units (tied embeddings), directly on the root, frozen, or smaller than
 stage3_param_persistence_threshold stay whole and take the stage-2 path instead.
+
+PartitionedParameters holds the shards and does the gathers, releases and prefetches; the
+module hooks that call them as the model runs, and the external parameters, are its
+UnitHooks (zero/unit_hooks.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from zero_ext import comm
-from zero_ext._plain_forward import plain_forward, replace_plain_forward
 from zero_ext.zero.construction import (
     METADATA_FUNCTIONS,
     VALUE_ATTRIBUTES,
@@ -40,6 +42,7 @@ from zero_ext.zero.construction import (
 from zero_ext.zero.hpz import SecondaryPartition
 from zero_ext.zero.offload import host_buffer
 from zero_ext.zero.partition import BucketLayout
+from zero_ext.zero.unit_hooks import UnitHooks, replaying
 
 __all__ = ["GatherUnit", "GatheredParameters", "Init", "PartitionedParameters", "UnitState",
            "check_initializers", "find_units", "materialize", "register_external_parameter"]
@@ -74,71 +77,6 @@ def find_units(model: nn.Module, class_names: list[str] | None = None) -> list[n
 
     walk(model, False)
     return units
-
-
-class _PartitionedLinear(torch.autograd.Function):
-    """F.linear that saves the weight Parameter itself for backward, not `weight.t()`.
-
-    nn.Linear's own autograd saves a view of the weight, which would keep a released unit's
-    gathered buffer alive until backward; saving the Parameter lets the release free it, and
-    the unit's pre-backward gather points the Parameter at fresh full values before this
-    backward reads it.
-    """
-
-    @staticmethod
-    def forward(ctx, input, weight, bias):
-        ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
-        return torch.nn.functional.linear(input, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_input = grad_output.matmul(weight)
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(
-                input.reshape(-1, input.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
-        return grad_input, grad_weight, grad_bias
-
-
-def _partitioned_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    return _PartitionedLinear.apply(input, self.weight, self.bias)
-
-
-def _tensors_requiring_grad(output) -> list[torch.Tensor]:
-    """Tensors in a module's output (nested tuples, lists, dicts, dataclasses and transformers'
-    ModelOutput) that backward will reach."""
-    return [tensor for tensor in _output_tensors(output) if tensor.requires_grad]
-
-
-def _output_tensors(value):
-    # A generator at module level, not a nested function calling itself: that closure is a
-    # reference cycle (function -> cell -> function) holding the outputs it found, and with
-    # them their hooks (which hold the units and the model) until the garbage collector runs,
-    # where torch resurrects an output still saved for backward by a later op: the model then
-    # outlived the first gc.collect() after the engine and the loss were dropped.
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from _output_tensors(item)
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _output_tensors(item)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            yield from _output_tensors(getattr(value, f.name))
-
-
-def _replaying() -> bool:
-    """Whether a forward runs inside backward: activation checkpointing recomputing a segment
-    (torch.utils.checkpoint replays from within the autograd engine, reentrant or not). Its
-    units' hooks fire again there and must neither release them nor count as forward uses."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class UnitState(enum.Enum):
@@ -273,12 +211,13 @@ class _ReleasedParameter(nn.Parameter):
                 return func(*args, **kwargs)
         for value in dict.fromkeys(tensors_in((args, kwargs))):
             if isinstance(value, _ReleasedParameter):
-                _engine_of(value).partitioned.use_released(value)
+                _engine_of(value).partitioned.hooks.use_released(value)
         return func(*args, **kwargs)
 
 
 class PartitionedParameters:
-    """The stage-3 units of a model: shard storage, gather/release, and the forward hooks."""
+    """The stage-3 units of a model: shard storage, gather/release, prefetch and shard access;
+    `hooks` (zero/unit_hooks.py) gathers and releases them as the model runs."""
 
     def __init__(self, units: list[tuple[nn.Module, list[BucketLayout]]],
                  params: list[nn.Parameter], *, rank: int, dtype: torch.dtype,
@@ -312,25 +251,13 @@ class PartitionedParameters:
         self._grad_accumulators: list = []  # see _gather_before_accumulating
         for module, layouts in units:
             self._partition_unit(module, layouts, params, pin)
-        self._partition_linear_forwards()
-        self._unit_of_param = {id(p): unit for unit in self.units for members in unit.params
-                               for p in members}
         self.secondary = None
         if hpz_group is not None:
             self.secondary = SecondaryPartition(
                 hpz_group, rank, [layout for unit in self.units for layout in unit.layouts],
                 dtype, device, offload, pin)
-        self._handles = []
-        # The forwards running now (the model's, and units' inside it), innermost last, each
-        # with the units it gathered for parameters used inside it without a declaration.
-        self._running: list[tuple[nn.Module, list[GatherUnit]]] = []
-        for unit in self.units:
-            self._hook_module(unit.module, unit)
-        if root is not None:
-            self._track_running(root)
-            for module in root.modules():  # declared before initialize (e.g. in constructors)
-                for param in module.__dict__.pop("_zero_ext_external_params", []):
-                    self.register_external_parameter(module, param)
+        # When the units are needed as the model runs (zero/unit_hooks.py).
+        self.hooks = UnitHooks(self, root)
 
     @torch.no_grad()
     def _partition_unit(self, module: nn.Module, layouts: list[BucketLayout],
@@ -359,18 +286,6 @@ class PartitionedParameters:
         self._gather_before_accumulating(unit)
         self.release(unit)
 
-    def _partition_linear_forwards(self) -> None:
-        """The units' plain nn.Linear modules compute through _partitioned_linear_forward, which
-        lets the release free the weight. Subclasses, and instances whose forward something
-        replaced (a checkpointed block, whose forward saves nothing until its replay), keep
-        their own; under a wrapper that falls back to the plain forward (zero_ext.fused's loss
-        head), the fallback is replaced."""
-        for unit in self.units:
-            for module in unit.module.modules():
-                if type(module) is nn.Linear and getattr(
-                        plain_forward(module), "__func__", None) is nn.Linear.forward:
-                    replace_plain_forward(module, _partitioned_linear_forward.__get__(module))
-
     def _gather_before_accumulating(self, unit: GatherUnit) -> None:
         """A gradient reaching a parameter of a released unit (its use was gathered outside any
         forward, e.g. with GatheredParameters around a loss head, and its backward runs after)
@@ -389,83 +304,6 @@ class PartitionedParameters:
     def _accumulating(self, unit: GatherUnit) -> None:
         if unit.state is not UnitState.GATHERED:
             self.gather(unit)
-
-    def _hook_module(self, module: nn.Module, unit: GatherUnit) -> None:
-        """Gather `unit` around `module`'s forward, and again when backward reaches it."""
-        self._handles.append(module.register_forward_pre_hook(
-            lambda module, args, unit=unit: self._use(unit, "forward")))
-        self._handles.append(module.register_forward_hook(
-            lambda module, args, output, unit=unit: self._after_forward(unit, output)))
-        self._track_running(module)
-
-    def _track_running(self, module: nn.Module) -> None:
-        def enter(module, args):
-            self._running.append((module, []))
-
-        def leave(module, args, output):
-            # always_call: an exception inside the forward must not leave it "running".
-            if not self._running or self._running[-1][0] is not module:
-                return
-            _, borrowed = self._running.pop()
-            for unit in borrowed:
-                unit.holders -= not _replaying()
-                self._after_forward(unit, output)
-
-        self._handles.append(module.register_forward_pre_hook(enter))
-        self._handles.append(module.register_forward_hook(leave, always_call=True))
-
-    def use_released(self, param: nn.Parameter) -> None:
-        """A released parameter's values are used. Inside a forward, the code using them runs
-        in the innermost running unit (or the model's own forward): the owner's unit is gathered
-        now and held until that forward ends, and again for its backward, every step (DeepSpeed
-        registers such "external parameters" itself). Anywhere else nothing says when the use
-        ends, so it is an error that names the parameter and the fix."""
-        if self.hold_in_forward(param):
-            return
-        unit = self._unit_of_param[id(param)]
-        names = {id(p): n for n, p in self.root.named_parameters()} if self.root else {}
-        owner = next((n for n, m in self.root.named_modules() if m is unit.module),
-                     type(unit.module).__name__) if self.root else type(unit.module).__name__
-        raise RuntimeError(
-            f"zero_ext stage 3: parameter {names.get(id(param), '?')} is used outside any "
-            f"forward of the model while its unit ({owner}) is partitioned: it holds no values "
-            "here, and computing on it would silently use an empty tensor. Gather it around "
-            "the use: `with zero_ext.GatheredParameters(param): ...` (add modifier_rank=0 to "
-            "write to it), or move the use into a module's forward and declare it with "
-            "zero_ext.register_external_parameter(module, param)")
-
-    def hold_in_forward(self, param: nn.Parameter) -> bool:
-        """Inside a forward of the model, `param`'s unit is gathered now, held until that forward
-        ends and gathered again for its backward (what a use of its values there does); for code
-        that reads a parameter's shape before its values, such as a custom autograd Function
-        sizing its loops from the weight. False, doing nothing, outside any forward."""
-        if not self._running:
-            return False
-        unit = self._unit_of_param[id(param)]
-        self._use(unit, "forward")
-        unit.holders += not _replaying()
-        self._running[-1][1].append(unit)
-        return True
-
-    def register_external_parameter(self, module: nn.Module, param: nn.Parameter) -> None:
-        """`module` uses `param`, which belongs to another unit: gather that unit around
-        `module` too."""
-        unit = self._unit_of_param.get(id(param))
-        if unit is None or unit.module is module:
-            return
-
-        def before(module, args):
-            self._use(unit, "forward")
-            # The owner's own forward inside must not release it. (A replay may stop early,
-            # before `after`: it counts nothing.)
-            unit.holders += not _replaying()
-
-        def after(module, args, output):
-            unit.holders -= not _replaying()
-            self._after_forward(unit, output)
-
-        self._handles.append(module.register_forward_pre_hook(before))
-        self._handles.append(module.register_forward_hook(after))
 
     # -- gather / release ---------------------------------------------------------------------
     @torch.no_grad()
@@ -547,11 +385,11 @@ class PartitionedParameters:
                 param.data = unit.fulls[i][slot.offset:slot.offset + slot.numel].view(slot.shape)
         unit.state = UnitState.GATHERED
 
-    def _use(self, unit: GatherUnit, phase: str) -> None:
+    def use(self, unit: GatherUnit, phase: str) -> None:
         """A unit is needed now (its forward, or backward reached it): gather it, and let the
         prefetcher note the use and start the units it expects next."""
         self.gather(unit)
-        if phase == "forward" and _replaying():
+        if phase == "forward" and replaying():
             return  # no use in the forward order: the unit's backward is what comes next
         for upcoming in self.prefetch.next_units(phase, unit, self):
             # A unit whose optimizer step still runs is gathered when it is used, not waited
@@ -590,21 +428,6 @@ class PartitionedParameters:
         unit.fulls = [None] * len(unit.layouts)
         unit.state = UnitState.SHARDED
         unit.quantized = False
-
-    def _after_forward(self, unit: GatherUnit, output) -> None:
-        if _replaying():
-            # The replay's outputs feed no backward, and its saved tensors alias the gathered
-            # buffers: the unit stays gathered until its gradients are reduced.
-            return
-        if torch.is_grad_enabled():
-            for tensor in _tensors_requiring_grad(output):
-                tensor.register_hook(lambda grad, unit=unit: self._before_backward(unit, grad))
-        if unit.holders == 0 and not self.prefetch.reused_soon(unit):
-            self.release(unit)
-
-    def _before_backward(self, unit: GatherUnit, grad):
-        self._use(unit, "backward")
-        return grad
 
     def layout_reduced(self, layout_index: int) -> None:
         """GradientBuckets has taken a unit layout's gradients: once all of the unit's layouts
@@ -786,6 +609,6 @@ def register_external_parameter(module: nn.Module, param: nn.Parameter) -> None:
     engine = _engine_of(param)
     if engine is not None:
         if engine.partitioned is not None:
-            engine.partitioned.register_external_parameter(module, param)
+            engine.partitioned.hooks.register_external_parameter(module, param)
         return
     module.__dict__.setdefault("_zero_ext_external_params", []).append(param)

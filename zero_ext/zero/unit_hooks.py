@@ -1,0 +1,225 @@
+"""Stage 3: when a gather unit's parameters are needed, as the model runs.
+
+PartitionedParameters (zero/params.py) keeps each unit's shards and gathers and releases them;
+the `UnitHooks` it builds once its units are partitioned say when, from module hooks:
+  forward pre-hook     the unit is used: gathered, and the prefetcher starts the next ones
+  forward post-hook    released (unless something holds it or it is used again soon); its
+                       outputs hooked so that backward reaching them gathers it again
+  a released parameter used inside a forward
+                       its unit gathered on the spot and held until that forward ends
+                       (tracked per module), as for a declared external parameter
+  register_external_parameter
+                       the owner's unit gathered around another module's forward too
+UnitHooks also points the units' nn.Linear modules at `_PartitionedLinear`, so that a release
+frees the gathered weight. The hooks act on the units only through their PartitionedParameters
+(`use`, `release`, the prefetcher's `reused_soon`), which holds its UnitHooks as `hooks`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from zero_ext._plain_forward import plain_forward, replace_plain_forward
+
+if TYPE_CHECKING:
+    from zero_ext.zero.params import GatherUnit, PartitionedParameters
+
+__all__ = ["UnitHooks", "replaying"]
+
+
+class _PartitionedLinear(torch.autograd.Function):
+    """F.linear that saves the weight Parameter itself for backward, not `weight.t()`.
+
+    nn.Linear's own autograd saves a view of the weight, which would keep a released unit's
+    gathered buffer alive until backward; saving the Parameter lets the release free it, and
+    the unit's pre-backward gather points the Parameter at fresh full values before this
+    backward reads it.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias):
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_output.matmul(weight)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(
+                input.reshape(-1, input.shape[-1]))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        return grad_input, grad_weight, grad_bias
+
+
+def _partitioned_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    return _PartitionedLinear.apply(input, self.weight, self.bias)
+
+
+def _partition_linear_forwards(units: list[GatherUnit]) -> None:
+    """The units' plain nn.Linear modules compute through _partitioned_linear_forward, which
+    lets the release free the weight. Subclasses, and instances whose forward something
+    replaced (a checkpointed block, whose forward saves nothing until its replay), keep
+    their own; under a wrapper that falls back to the plain forward (zero_ext.fused's loss
+    head), the fallback is replaced."""
+    for unit in units:
+        for module in unit.module.modules():
+            if type(module) is nn.Linear and getattr(
+                    plain_forward(module), "__func__", None) is nn.Linear.forward:
+                replace_plain_forward(module, _partitioned_linear_forward.__get__(module))
+
+
+def _tensors_requiring_grad(output) -> list[torch.Tensor]:
+    """Tensors in a module's output (nested tuples, lists, dicts, dataclasses and transformers'
+    ModelOutput) that backward will reach."""
+    return [tensor for tensor in _output_tensors(output) if tensor.requires_grad]
+
+
+def _output_tensors(value):
+    # A generator at module level, not a nested function calling itself: that closure is a
+    # reference cycle (function -> cell -> function) holding the outputs it found, and with
+    # them their hooks (which hold the units and the model) until the garbage collector runs,
+    # where torch resurrects an output still saved for backward by a later op: the model then
+    # outlived the first gc.collect() after the engine and the loss were dropped.
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _output_tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _output_tensors(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _output_tensors(getattr(value, f.name))
+
+
+def replaying() -> bool:
+    """Whether a forward runs inside backward: activation checkpointing recomputing a segment
+    (torch.utils.checkpoint replays from within the autograd engine, reentrant or not). Its
+    units' hooks fire again there and must neither release them nor count as forward uses."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class UnitHooks:
+    """The forward hooks of `params`' units and of `root` (the model), and the external
+    parameters: declared with register_external_parameter (also before initialize, kept on
+    the module), or found when a released parameter is used inside a forward."""
+
+    def __init__(self, params: PartitionedParameters, root: nn.Module | None):
+        self.params, self.root = params, root
+        _partition_linear_forwards(params.units)
+        self._unit_of_param = {id(p): unit for unit in params.units
+                               for members in unit.params for p in members}
+        self._handles = []
+        # The forwards running now (the model's, and units' inside it), innermost last, each
+        # with the units it gathered for parameters used inside it without a declaration.
+        self._running: list[tuple[nn.Module, list[GatherUnit]]] = []
+        for unit in params.units:
+            self._hook_module(unit.module, unit)
+        if root is not None:
+            self._track_running(root)
+            for module in root.modules():  # declared before initialize (e.g. in constructors)
+                for param in module.__dict__.pop("_zero_ext_external_params", []):
+                    self.register_external_parameter(module, param)
+
+    def _hook_module(self, module: nn.Module, unit: GatherUnit) -> None:
+        """Gather `unit` around `module`'s forward, and again when backward reaches it."""
+        self._handles.append(module.register_forward_pre_hook(
+            lambda module, args, unit=unit: self.params.use(unit, "forward")))
+        self._handles.append(module.register_forward_hook(
+            lambda module, args, output, unit=unit: self._after_forward(unit, output)))
+        self._track_running(module)
+
+    def _track_running(self, module: nn.Module) -> None:
+        def enter(module, args):
+            self._running.append((module, []))
+
+        def leave(module, args, output):
+            # always_call: an exception inside the forward must not leave it "running".
+            if not self._running or self._running[-1][0] is not module:
+                return
+            _, borrowed = self._running.pop()
+            for unit in borrowed:
+                unit.holders -= not replaying()
+                self._after_forward(unit, output)
+
+        self._handles.append(module.register_forward_pre_hook(enter))
+        self._handles.append(module.register_forward_hook(leave, always_call=True))
+
+    def use_released(self, param: nn.Parameter) -> None:
+        """A released parameter's values are used. Inside a forward, the code using them runs
+        in the innermost running unit (or the model's own forward): the owner's unit is gathered
+        now and held until that forward ends, and again for its backward, every step (DeepSpeed
+        registers such "external parameters" itself). Anywhere else nothing says when the use
+        ends, so it is an error that names the parameter and the fix."""
+        if self.hold_in_forward(param):
+            return
+        unit = self._unit_of_param[id(param)]
+        names = {id(p): n for n, p in self.root.named_parameters()} if self.root else {}
+        owner = next((n for n, m in self.root.named_modules() if m is unit.module),
+                     type(unit.module).__name__) if self.root else type(unit.module).__name__
+        raise RuntimeError(
+            f"zero_ext stage 3: parameter {names.get(id(param), '?')} is used outside any "
+            f"forward of the model while its unit ({owner}) is partitioned: it holds no values "
+            "here, and computing on it would silently use an empty tensor. Gather it around "
+            "the use: `with zero_ext.GatheredParameters(param): ...` (add modifier_rank=0 to "
+            "write to it), or move the use into a module's forward and declare it with "
+            "zero_ext.register_external_parameter(module, param)")
+
+    def hold_in_forward(self, param: nn.Parameter) -> bool:
+        """Inside a forward of the model, `param`'s unit is gathered now, held until that forward
+        ends and gathered again for its backward (what a use of its values there does); for code
+        that reads a parameter's shape before its values, such as a custom autograd Function
+        sizing its loops from the weight. False, doing nothing, outside any forward."""
+        if not self._running:
+            return False
+        unit = self._unit_of_param[id(param)]
+        self.params.use(unit, "forward")
+        unit.holders += not replaying()
+        self._running[-1][1].append(unit)
+        return True
+
+    def register_external_parameter(self, module: nn.Module, param: nn.Parameter) -> None:
+        """`module` uses `param`, which belongs to another unit: gather that unit around
+        `module` too."""
+        unit = self._unit_of_param.get(id(param))
+        if unit is None or unit.module is module:
+            return
+
+        def before(module, args):
+            self.params.use(unit, "forward")
+            # The owner's own forward inside must not release it. (A replay may stop early,
+            # before `after`: it counts nothing.)
+            unit.holders += not replaying()
+
+        def after(module, args, output):
+            unit.holders -= not replaying()
+            self._after_forward(unit, output)
+
+        self._handles.append(module.register_forward_pre_hook(before))
+        self._handles.append(module.register_forward_hook(after))
+
+    def _after_forward(self, unit: GatherUnit, output) -> None:
+        if replaying():
+            # The replay's outputs feed no backward, and its saved tensors alias the gathered
+            # buffers: the unit stays gathered until its gradients are reduced.
+            return
+        if torch.is_grad_enabled():
+            for tensor in _tensors_requiring_grad(output):
+                tensor.register_hook(lambda grad, unit=unit: self._before_backward(unit, grad))
+        if unit.holders == 0 and not self.params.prefetch.reused_soon(unit):
+            self.params.release(unit)
+
+    def _before_backward(self, unit: GatherUnit, grad):
+        self.params.use(unit, "backward")
+        return grad
