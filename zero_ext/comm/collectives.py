@@ -12,10 +12,11 @@ accounting; n is the collective's size in bytes, N the group's ranks):
   reduce_scatter (input)    n(N-1)/N to rank + 1         all_reduce's, of the input: gloo's
                                                          reduce-scatter is that all-reduce
                                                          (reduce_scatter issues it itself)
-  all_gather (output)       n(N-1)/N to rank + 1         n(N-1)/N to rank + 1 (a ring of
-                                                         sends: comm/pairs.py)
-  all_to_all (input)        n/N to each other rank       n/N to each other rank (sends:
-                                                         comm/pairs.py)
+  all_gather (output)       n(N-1)/N to rank + 1         n(N-1)/N to rank + 1 (a ring; from
+                                                         1 MiB per rank, of comm/pairs.py's
+                                                         sends)
+  all_to_all (input)        n/N to each other rank       n/N to each other rank (from 1 MiB
+                                                         per peer, comm/pairs.py's sends)
   broadcast (tensor)        n to rank + 1 (pipelined)    n to each child in a binomial tree
                                                          (the root: ceil(log2 N) of them)
 
