@@ -1,7 +1,7 @@
 """Does gloo use both directions of a capped link at once? Times, on the two namespaced nodes of
 tests/two_nodes.py (one rank each, the link capped per direction with tc tbf), collectives that
 send the same bytes each way: gloo's all-to-all, zero_ext's all-to-all and all-gather (sends
-and receives in 256 KiB segments, zero_ext/comm/pairs.py), one isend / irecv pair of the whole
+and receives in 512 KiB segments, zero_ext/comm/pairs.py), one isend / irecv pair of the whole
 size, gloo's all-reduce and all-gather. Why: stage 2's int8 reduce-scatter is an all-to-all
 (zero_ext/comm/compressed.py), and over gloo's all_to_all_single its step at 300 Mbit/s took
 about twice the wire time of its bytes (benchmarks/RESULTS.md, "gloo's all-to-all uses one

@@ -24,7 +24,7 @@ On gloo these are the bytes of the tensors themselves. gloo's TCP transport adds
 preambles per message (gloo/transport/tcp/pair.cc): two from its sender (the send notification,
 the data's header), one from its receiver (the receive notification); they are not counted
 (4(N-1) messages each way in an all-reduce of up to 2N MiB: 576(N-1) bytes; the all-to-all
-and all-gather of comm/pairs.py send one message per 256 KiB segment: 144 bytes each).
+and all-gather of comm/pairs.py send one message per 512 KiB segment: 144 bytes each).
 benchmarks/gloo_wire.py measures all of it on the sockets (benchmarks/RESULTS.md, "gloo on the
 wire"). The shared-memory arena below has no wire: it is counted as the ring collective it
 stands in for. NCCL is counted as its ring; a tree or NVLS all-reduce, where NCCL picks one,

@@ -1,12 +1,12 @@
 """gloo's all-to-all and all-gather as sends and receives in segments, both directions at once.
 
 Collectives of at least MIN_PAIRED_BYTES per peer. On a capped full-duplex link between two
-nodes, gloo's all_to_all_single, its all-gather and a
-single large isend + irecv pair moved 6.43 MB each way in either 0.18 s (the link's 300 Mbit/s
-both ways) or 0.36 s (one direction after the other), changing from call to call; its
-all-reduce, which sends segments, always took 0.18 s. The same bytes as sends and receives of
-256 KiB, all posted at once, took 0.18 s every time (benchmarks/gloo_duplex.py,
-benchmarks/RESULTS.md, "gloo's all-to-all uses one direction at a time"). So on gloo:
+nodes, gloo's all_to_all_single, its all-gather and a single large isend + irecv pair moved
+6.43 MB each way in either 0.18 s (the link's 300 Mbit/s both ways) or 0.36 s (one direction
+after the other), changing from call to call; its all-reduce, which sends segments, always
+took 0.18 s. The same bytes as sends and receives of 256 KiB to 1 MiB, all posted at once,
+took 0.18-0.23 s (benchmarks/gloo_duplex.py, benchmarks/RESULTS.md, "gloo's all-to-all uses
+one direction at a time"). So on gloo:
   - all-to-all: chunk j to rank j, every segment of every peer posted at once (rank r starts
     with r + 1 and r - 1, so no rank is everyone's first peer);
   - all-gather: a ring, N - 1 steps each sending one chunk to rank + 1 while receiving one from
@@ -40,9 +40,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-SEGMENT_BYTES = 256 << 10  # 1 MiB segments already lost 3% of the link; 4 MiB 26%
-# Messages shorter than this go through gloo's own collectives: a one-way wait costs them little
-# on the wire (2 ms at 1 Gbit/s), and gloo's point-to-point messages cost more in latency (on
+# 300 Mbit/s, 6.43 MB each way, 10 calls: 256 KiB 0.181-0.220 s, 512 KiB 0.181-0.199, 1 MiB
+# 0.182-0.230, 4 MiB 0.230-0.298; fewer segments, fewer messages for gloo's event loop.
+SEGMENT_BYTES = 512 << 10
+# Below this per peer, gloo's own collectives: sending one direction after the other costs
+# them at most 8 ms at 1 Gbit/s, and gloo's point-to-point messages cost more in latency (on
 # 2 ranks of a busy 2-core host, 8 KiB each way: a median of 1.6-3.9 ms against 0.2 ms for
 # its all_to_all_single).
 MIN_PAIRED_BYTES = 1 << 20
