@@ -55,6 +55,7 @@ def worth_pairing(peer_bytes: int) -> bool:
     all-gather's ring: this rank's input) runs here rather than as gloo's own."""
     return peer_bytes >= MIN_PAIRED_BYTES
 
+
 # Above a user's point-to-point tags (0 by default); gloo's collectives use their own slots.
 _TAG_BASE = 1 << 30
 _tags: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # watch -> {group: count}
@@ -117,17 +118,15 @@ class PairedWork:
         return self._done.is_set()
 
 
-def _post(works: list, send: torch.Tensor | None, to: int, recv: torch.Tensor | None,
-          source: int, group, tag: int) -> None:
-    """Posts `send` to `to` and `recv` from `source` (group ranks), segment by segment,
-    alternating, onto `works`."""
-    sends = send.split(max(1, SEGMENT_BYTES // send.element_size())) if send is not None else ()
-    recvs = recv.split(max(1, SEGMENT_BYTES // recv.element_size())) if recv is not None else ()
-    for i in range(max(len(sends), len(recvs))):
-        if i < len(sends) and sends[i].numel():
-            works.append(dist.isend(sends[i], group=group, group_dst=to, tag=tag))
-        if i < len(recvs) and recvs[i].numel():
-            works.append(dist.irecv(recvs[i], group=group, group_src=source, tag=tag))
+def _post(works: list, send: torch.Tensor, to: int, recv: torch.Tensor, source: int, group,
+          tag: int) -> None:
+    """Posts `send` to `to` and `recv` from `source` (group ranks; the two of one size),
+    segment by segment, alternating, onto `works`."""
+    step = max(1, SEGMENT_BYTES // send.element_size())
+    for out, back in zip(send.split(step), recv.split(step)):
+        if out.numel():
+            works.append(dist.isend(out, group=group, group_dst=to, tag=tag))
+            works.append(dist.irecv(back, group=group, group_src=source, tag=tag))
 
 
 def _wait_all(works: list) -> None:
