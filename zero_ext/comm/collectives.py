@@ -734,9 +734,10 @@ def all_to_all(output: torch.Tensor, input: torch.Tensor, *, group: CommGroup | 
     comes from rank i. Both 1-D, contiguous, of the same numel, divisible by the group size;
     any dtype (comm/compressed.py moves packed uint8 rows). Counted by the bytes it sends:
     chunk j's to rank j, within or across nodes; nothing for this rank's own chunk (copied).
-    On gloo with CPU tensors, sends and receives in segments, every pair's at once
-    (comm/pairs.py: gloo's all_to_all_single often used one direction of a link at a time);
-    their handle, and NCCL's, honour wait()'s timeout, so the watch bounds them directly."""
+    On gloo with CPU tensors of a MiB or more per peer, sends and receives in segments, every
+    pair's at once (comm/pairs.py: gloo's all_to_all_single often used one direction of a link
+    at a time); their handle, gloo's and NCCL's honour wait()'s timeout, so the watch bounds
+    them directly."""
     if group is not None and group.size == world_size():
         group = None
     size = group.size if group is not None else world_size()
