@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from zero_ext.fused import linear_cross_entropy
+from zero_ext.progress import peak_memory
 
 SIZES = ["1024x32000x512", "2048x50257x768", "4096x128256x1024"]
 IMPLS = ["fused", "recompute", "eager", "compile"]
@@ -101,7 +102,7 @@ def _peak_meter(device: str):
     """(start, peak) for one measured call: on CPU VmHWM past the trimmed resident set (module
     docstring), on CUDA the allocator's peak past what is allocated when it starts."""
     if device == "cpu":
-        return _reset_peak, lambda: _status_kib("VmHWM") * 1024
+        return _reset_peak, lambda: peak_memory(torch.device("cpu"))
 
     def start() -> int:
         torch.cuda.synchronize()
@@ -208,7 +209,7 @@ def llama_step(impl: str, batch: int, seq: int, steps: int, dtype: str) -> dict:
         """One step: its loss, and the peak resident bytes of its forward and backward."""
         loss = forward(input_ids=ids, labels=ids).loss
         loss.backward()
-        peak = _status_kib("VmHWM") * 1024
+        peak = peak_memory(torch.device("cpu"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item(), peak
