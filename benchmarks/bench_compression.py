@@ -9,12 +9,12 @@ the speed-up over the uncompressed step of the same stage, and each step's traff
 arithmetic: the step's collectives as zero_ext.scaling.plan_step plans them, counted as gloo
 sends them (planned_traffic(..., transport="gloo")), each compressed one by what it puts on
 the wire (quantized rows: data + one fp32 scale per block; top-k: int32 index + value per
-entry; a rank's own chunk not sent). On gloo an uncompressed reduce-scatter is an all-reduce
-of the whole bucket (gloo's own reduce-scatter is one, and its wait cannot be bounded): twice
-the ring's bytes, while a compressed reduction is an all-to-all, the ring's. "bound" is the
-uncompressed step's counted bytes over this one's: the speed-up a step made only of moving
-bytes would get on this transport (over NCCL's ring the uncompressed reduce-scatter halves,
-and so does its share of the bound). "wire" is what node
+entry; a rank's own chunk not sent). The uncompressed reduce-scatter sends the ring's bytes,
+(N-1)/N of the bucket (comm/pairs.py's sends from a MiB per rank, every bucket here but
+stage 3's 62K-element one; gloo's own is an all-reduce, twice that), and a compressed
+reduction is an all-to-all of the compressed chunks. "bound" is the uncompressed step's
+counted bytes over this one's: the speed-up a step made only of moving bytes would get.
+"wire" is what node
 0's veth really sent per step (its tx counter: TCP/IP headers, gloo's 48-byte message
 preambles, barriers and the rendezvous store included); "wire x" is the uncompressed step's
 wire bytes over this one's, which "bound" predicts.
@@ -29,9 +29,9 @@ so run it on an otherwise idle machine (it prints the load). About 5 minutes on 
 What it can and cannot show: at stage 2 only the gradient reduction is compressed, while the
 parameter all-gather after the optimizer step stays bf16 (weights are compressed at stage 3
 only), so the byte ratio, and with it the speed-up, is bounded by
-(2A + 1) / (A * r + 1) on gloo (A + 1 over the same on NCCL's ring) for A micro-steps per step
-and a gradient compression ratio r against the ring's reduce-scatter bytes: the printout shows
-that bound per row. The model is sized so the capped link dominates the step;
+(A + 1) / (A * r + 1) for A micro-steps per step and a gradient compression ratio r against
+the reduce-scatter's bytes (int8: r = 0.51, 1.49x at A = 2): the printout shows that bound per
+row. The model is sized so the capped link dominates the step;
 what else holds a row back (the rank's CPU: gloo's and the kernel's TCP work and the
 quantization, on 2 shared cores) is printed as the rank's process CPU seconds per step and the
 quantization ops' CPU seconds measured on the same cores.

@@ -157,16 +157,16 @@ def wire() -> dict:
 
 
 def paired() -> dict:
-    """Over gloo, where all-to-all and all-gather of a MiB or more per peer are sends and
-    receives in segments (zero_ext/comm/pairs.py): chunks of several segments and a short last
-    one, in three dtypes;
-    then four all-gathers and an all-to-all of equal sizes in flight at once, waited for in
-    reverse order (each must keep its own messages)."""
+    """Over gloo, where all-to-all, all-gather and reduce-scatter of a MiB or more per peer are
+    sends and receives in segments (zero_ext/comm/pairs.py): chunks of several segments and a
+    short last one, in four dtypes (the reduce-scatter in the floating ones, and in fp32 of
+    random values); then three all-gathers, an all-to-all and a reduce-scatter of equal sizes
+    in flight at once, waited for in reverse order (each must keep its own messages)."""
     from zero_ext.comm import pairs
 
     size, rank = comm.world_size(), comm.rank()
     out = {}
-    for dtype in (torch.uint8, torch.bfloat16, torch.float32):
+    for dtype in (torch.uint8, torch.bfloat16, torch.float16, torch.float32):
         n = (pairs.MIN_PAIRED_BYTES + 2 * pairs.SEGMENT_BYTES) \
             // torch.empty((), dtype=dtype).element_size() + 1001
         gen = torch.Generator().manual_seed(rank * 31 + n)
@@ -175,13 +175,21 @@ def paired() -> dict:
         comm.all_to_all(y, x)
         comm.all_gather(gathered, x[:n])
         out[str(dtype)] = {"input": x, "all_to_all": y, "all_gather": gathered}
+        if dtype.is_floating_point:
+            out[str(dtype)]["reduce_scatter"] = torch.empty(n, dtype=dtype)
+            comm.reduce_scatter(out[str(dtype)]["reduce_scatter"], x)
     n = pairs.MIN_PAIRED_BYTES // 4 + 17
+    x = torch.randn(n * size, generator=torch.Generator().manual_seed(rank))
+    out["random"] = {"input": x, "reduce_scatter": torch.empty(n)}
+    comm.reduce_scatter(out["random"]["reduce_scatter"], x)
     handles, outputs = [], []
     for k in range(5):
         x = torch.full((n * size,), float(1000 * rank + k))
-        y = torch.empty_like(x)
+        y = torch.empty_like(x) if k != 4 else torch.empty(n)
         if k == 2:
             handles.append(comm.all_to_all(y, x, async_op=True))
+        elif k == 4:
+            handles.append(comm.reduce_scatter(y, x, async_op=True))
         else:
             handles.append(comm.all_gather(y, x[:n], async_op=True))
         outputs.append(y)

@@ -87,11 +87,14 @@ def _gloo_sends(op: str, nbytes: int, esize: int, size: int, me: int, root: int 
     """{receiving rank: bytes} of rank `me`, from the algorithms as gloo documents them: the
     all-reduce's ring passes to rank - 1 every chunk but this rank's (reduce-scatter phase),
     then every chunk but rank - 1's (all-gather phase); zero_ext's reduce-scatter is that
-    all-reduce of the input; the all-gather's ring passes N - 1 input chunks to rank + 1;
+    all-reduce of the input below 1 MiB per rank, and from there sends chunk j to rank j
+    (comm/pairs.py); the all-gather's ring passes N - 1 input chunks to rank + 1;
     the broadcast's binomial tree sends the tensor to each rank whose parent this is (with
     the root renumbered 0, rank v's parent is v less its highest bit)."""
     if size == 1:
         return {}
+    if op == "reduce_scatter" and nbytes // size >= 1 << 20:
+        return {peer: nbytes // size for peer in range(size) if peer != me}
     if op in ("all_reduce", "reduce_scatter"):
         chunks = _gloo_chunks(nbytes, esize, size)
         return {(me - 1) % size: 2 * nbytes - chunks[me] - chunks[(me - 1) % size]}
@@ -192,22 +195,35 @@ def test_all_to_all_counts_each_chunk_on_the_link_it_crosses(world_size):
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_gloo_all_to_all_and_all_gather_in_segments(world_size):
-    """Chunks of several segments (comm/pairs.py) arrive whole, and collectives in flight at
-    once each get their own messages (seen failing, the process aborted in gloo, when every
-    collective used the same tag)."""
+def test_gloo_collectives_in_segments(world_size):
+    """Chunks of several segments (comm/pairs.py) arrive whole, reduce-scatter's sums are the
+    sums (integers: exactly, as fp64 sums rounded once to the dtype), and collectives in
+    flight at once each get their own messages (seen failing, the process aborted in gloo,
+    when every collective used the same tag)."""
     results = [r["paired"] for r in _results(world_size, False)]
-    for dtype in ("torch.uint8", "torch.bfloat16", "torch.float32"):
+    for dtype in ("torch.uint8", "torch.bfloat16", "torch.float16", "torch.float32"):
         inputs = [r[dtype]["input"].view(world_size, -1) for r in results]
+        total = sum(x.double() for x in inputs)
         for rank, result in enumerate(results):
             assert torch.equal(result[dtype]["all_to_all"].view(world_size, -1),
                                torch.stack([x[rank] for x in inputs])), (dtype, rank)
             assert torch.equal(result[dtype]["all_gather"],
                                torch.cat([x[0] for x in inputs])), (dtype, rank)
+            if dtype != "torch.uint8":
+                assert torch.equal(result[dtype]["reduce_scatter"],
+                                   total[rank].to(inputs[0].dtype)), (dtype, rank)
+    total = sum(r["random"]["input"].double() for r in results).view(world_size, -1)
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result["random"]["reduce_scatter"].double(), total[rank],
+                                   rtol=1e-6, atol=1e-5)
     for rank, result in enumerate(results):
         for k, output in enumerate(result["in_flight"]):
-            # all-gather: every rank's value k; the all-to-all (k = 2): chunk i from rank i.
+            # all-gather: every rank's value k; the all-to-all (k = 2): chunk i from rank i;
+            # the reduce-scatter (k = 4): the sum of every rank's value.
             expected = torch.tensor([1000.0 * r + k for r in range(world_size)])
+            if k == 4:
+                assert torch.equal(output, torch.full_like(output, float(expected.sum())))
+                continue
             assert torch.equal(output.view(world_size, -1),
                                expected[:, None].expand(world_size, output.numel()
                                                         // world_size)), (rank, k)

@@ -9,9 +9,11 @@ accounting; n is the collective's size in bytes, N the group's ranks):
   collective (n: of)        NCCL, shared memory: ring    gloo (torch 2.13's, comm/pairs.py)
   all_reduce (tensor)       2n(N-1)/N to rank + 1        ~2n(N-1)/N to rank - 1: gloo's
                                                          segmented ring, exact (_gloo_ring_bytes)
-  reduce_scatter (input)    n(N-1)/N to rank + 1         all_reduce's, of the input: gloo's
-                                                         reduce-scatter is that all-reduce
-                                                         (reduce_scatter issues it itself)
+  reduce_scatter (input)    n(N-1)/N to rank + 1         n/N to each other rank from 1 MiB
+                                                         per rank (comm/pairs.py's sends);
+                                                         below, and on CUDA tensors, the
+                                                         all_reduce's, of the input (gloo
+                                                         has no reduce-scatter of its own)
   all_gather (output)       n(N-1)/N to rank + 1         n(N-1)/N to rank + 1 (a ring; from
                                                          1 MiB per rank, of comm/pairs.py's
                                                          sends)
@@ -67,7 +69,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from zero_ext.comm.pairs import next_tag, paired_all_gather, paired_all_to_all, worth_pairing
+from zero_ext.comm.pairs import (
+    next_tag,
+    paired_all_gather,
+    paired_all_to_all,
+    paired_reduce_scatter,
+    worth_pairing,
+)
 from zero_ext.comm.watch import (
     CollectiveRecord,
     CollectiveWatch,
@@ -213,10 +221,13 @@ def _count(op: str, transport: str, nbytes: int, element_size: int,
     return op if _count_label is None else f"{op}[{_count_label}]"
 
 
-def _transport(arena: _SharedMemoryArena | None) -> str:
-    """The accounting of a collective about to run: the ring's on the arena and NCCL, gloo's
-    algorithms on gloo."""
-    return "gloo" if arena is None and backend() == "gloo" else "ring"
+def _transport(arena: _SharedMemoryArena | None, tensor: torch.Tensor) -> str:
+    """The accounting of a collective about to run: the ring's on the arena and NCCL; on gloo,
+    its algorithms and comm/pairs.py's ("gloo": CPU tensors), or its algorithms alone
+    ("gloo-device": CUDA tensors, which gloo's sends and receives do not take)."""
+    if arena is not None or backend() != "gloo":
+        return "ring"
+    return "gloo" if tensor.device.type == "cpu" else "gloo-device"
 
 
 _RING_FACTOR = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0, "all_to_all": 1.0}
@@ -240,9 +251,11 @@ def wire_sends(op: str, nbytes: int, element_size: int, size: int, me: int,
                transport: str, root: int = 0) -> list[tuple[int, float]]:
     """(group rank, bytes) for each rank that rank `me` of a `size`-rank group sends to in one
     `op` over `nbytes` (see the module's table for what n is of): the one accounting of every
-    counter. `transport` "ring" (NCCL, the shared-memory arena, scaling's model) or "gloo"
-    (torch 2.13's ProcessGroupGloo: gloo/allreduce.cc's ring, allgather.cc, alltoall.cc,
-    broadcast.cc; measured by benchmarks/gloo_wire.py). Nothing on one rank."""
+    counter. `transport` "ring" (NCCL, the shared-memory arena, scaling's model), "gloo" (CPU
+    tensors on torch 2.13's ProcessGroupGloo: gloo/allreduce.cc's ring, allgather.cc,
+    alltoall.cc, broadcast.cc, and comm/pairs.py's reduce-scatter from 1 MiB per rank;
+    measured by benchmarks/gloo_wire.py) or "gloo-device" (CUDA tensors on gloo: its own
+    algorithms throughout). Nothing on one rank."""
     if size == 1 or nbytes == 0:
         return []
     after, before = (me + 1) % size, (me - 1) % size
@@ -250,9 +263,11 @@ def wire_sends(op: str, nbytes: int, element_size: int, size: int, me: int,
         return [(peer, nbytes / size) for peer in range(size) if peer != me]
     if transport == "ring":
         return [(after, ring_elements(op, nbytes, size))]
-    if transport != "gloo":
+    if transport not in ("gloo", "gloo-device"):
         raise ValueError(f"zero_ext.comm.wire_sends: transport {transport!r} is not one of "
-                         "'ring', 'gloo'")
+                         "'ring', 'gloo', 'gloo-device'")
+    if op == "reduce_scatter" and transport == "gloo" and worth_pairing(nbytes // size):
+        return [(peer, nbytes / size) for peer in range(size) if peer != me]
     if op in ("all_reduce", "reduce_scatter"):
         return [(before, float(_gloo_ring_bytes(nbytes, element_size, size, me)))]
     if op == "all_gather":
@@ -637,7 +652,7 @@ def _entered(name: str, arena, counted: torch.Tensor, bucket: int | None,
     transport it takes, and records it with the watch. A group's collective is told apart from
     the world's of the same size by its name, which is the same on every rank (each rank's
     group holds other ranks)."""
-    op = _count(name, _transport(arena), counted.numel() * counted.element_size(),
+    op = _count(name, _transport(arena, counted), counted.numel() * counted.element_size(),
                 counted.element_size(), group)
     if group is not None:
         op = f"{op}[group of {group.size}]"
@@ -684,6 +699,10 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
     if arena is not None:
         arena.reduce_scatter(output, input, watch, record)
         return None
+    if _gloo_on_cpu(input) and worth_pairing(output.numel() * output.element_size()):
+        work = paired_reduce_scatter(output, input.contiguous(),
+                                     *_pair_args(watch, record, None, world_size()))
+        return _issued(watch, record, work, async_op)
     if backend() == "gloo":
         # gloo's reduce_scatter (both forms) is an all_reduce of a copy whose handle ignores
         # wait()'s timeout (a LambdaWork): a rank would wait for a frozen node forever. The
@@ -769,7 +788,7 @@ def broadcast(tensor: torch.Tensor, src: int = 0, async_op: bool = False,
     if world_size() == 1:
         _count("broadcast", "ring", 0, tensor.element_size())
         return None
-    name = _count("broadcast", _transport(None), tensor.numel() * tensor.element_size(),
+    name = _count("broadcast", _transport(None, tensor), tensor.numel() * tensor.element_size(),
                   tensor.element_size(), None, src)
     watch, record = _enter(False, name, tensor.numel(), tensor.dtype, bucket, src)
     return _issued(watch, record, dist.broadcast(tensor, src=src, async_op=True), async_op)

@@ -1,4 +1,5 @@
-"""gloo's all-to-all and all-gather as sends and receives in segments, both directions at once.
+"""gloo's all-to-all, all-gather and reduce-scatter as sends and receives in segments, both
+directions at once.
 
 Collectives of at least MIN_PAIRED_BYTES per peer. On a capped full-duplex link between two
 nodes, gloo's all_to_all_single, its all-gather and a single large isend + irecv pair moved
@@ -11,7 +12,12 @@ one direction at a time"). So on gloo:
     with r + 1 and r - 1, so no rank is everyone's first peer);
   - all-gather: a ring, N - 1 steps each sending one chunk to rank + 1 while receiving one from
     rank - 1, in segments;
-the same bytes on the same links as gloo's own algorithms (comm/collectives.py counts them).
+the same bytes on the same links as gloo's own algorithms (comm/collectives.py counts them);
+  - reduce-scatter: the all-to-all's sends, then each rank sums the N chunks of its own part in
+    rank order (fp32 for 16-bit dtypes, as the shared-memory arena sums). gloo has no
+    reduce-scatter of its own: torch's is an all-reduce of the whole input, twice these bytes
+    (n(N-1)/N per rank here, 2n(N-1)/N there). 2 ranks, 300 Mbit/s, a 12.9 MB fp32 input:
+    see benchmarks/RESULTS.md.
 
 Tags. gloo matches a send to a receive by (peer, tag), in the order posted. Each collective
 here takes the next tag of its group's counter (every rank of a group issues its collectives
@@ -51,8 +57,9 @@ MIN_PAIRED_BYTES = 1 << 20
 
 
 def worth_pairing(peer_bytes: int) -> bool:
-    """Whether a collective that sends `peer_bytes` to each peer (all-to-all: its chunk;
-    all-gather's ring: this rank's input) runs here rather than as gloo's own."""
+    """Whether a collective that sends `peer_bytes` to each peer (all-to-all and
+    reduce-scatter: a chunk of the input; all-gather's ring: this rank's input) runs here
+    rather than as gloo's own."""
     return peer_bytes >= MIN_PAIRED_BYTES
 
 
@@ -167,5 +174,38 @@ def paired_all_gather(output: torch.Tensor, input: torch.Tensor, me: int, size: 
             _post(works, out[(me - step) % size], right, out[(me - step - 1) % size], left,
                   group, tag)
             _wait_all(works)
+
+    return PairedWork(exchange)
+
+
+def paired_reduce_scatter(output: torch.Tensor, input: torch.Tensor, me: int, size: int, group,
+                          tag: int) -> PairedWork:
+    """The sum over ranks of chunk `me` of `input` (1-D, contiguous, `size` chunks) into
+    `output` (its numel): chunk j goes to rank j as in paired_all_to_all, and the chunks that
+    arrive are summed in rank order as they do, in fp32 for 16-bit dtypes (fp64 for fp64, the
+    dtype itself for integers), so every rank's result is the same function of the inputs."""
+    send = input.view(size, -1)
+    floating = input.is_floating_point()
+    wide = torch.float64 if input.dtype == torch.float64 else torch.float32
+
+    def exchange():
+        received = torch.empty((size - 1, send.shape[1]), dtype=input.dtype)
+        works = {}
+        for step in range(1, size):  # received[step - 1] comes from rank me - step
+            to, source = (me + step) % size, (me - step) % size
+            works[source] = []
+            _post(works[source], send[to], to, received[step - 1], source, group, tag)
+        total = None
+        for source in range(size):
+            if source == me:
+                part = send[me]
+            else:
+                _wait_all(works[source])
+                part = received[(me - source) % size - 1]
+            if total is None:
+                total = part.to(wide if floating else part.dtype, copy=True)
+            else:
+                total.add_(part)
+        output.copy_(total.view_as(output))
 
     return PairedWork(exchange)
