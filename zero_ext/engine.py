@@ -21,7 +21,6 @@ metrics, memory_breakdown) is counted in zero/reporting.py.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 import weakref
@@ -36,7 +35,14 @@ from zero_ext.config import ZeroConfig
 from zero_ext.elastic_sampler import ElasticSampler
 from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
-from zero_ext.zero import offload, optimizer_placement, placement, replicas, reporting
+from zero_ext.zero import (
+    offload,
+    optimizer_placement,
+    placement,
+    replicas,
+    reporting,
+    stepping,
+)
 from zero_ext.zero.agreement import StepAgreement, backward_count_error
 from zero_ext.zero.buckets import GradientBuckets, reduced_grad_dtype
 from zero_ext.zero.compression import GradientCompression
@@ -256,7 +262,7 @@ class ZeroEngine(nn.Module):
         self.compression.begin_backward(
             self.global_steps, self.loss_scaler.scale if self.loss_scaler is not None else 1.0)
         if micro_index == 0 and self.compression.freezes_variance_at(self.global_steps):
-            self._freeze_variance()
+            stepping.freeze_variance(self)
         with self._timers.time("backward"):
             self.grad_buckets.begin_backward(self.is_gradient_accumulation_boundary(),
                                              micro_index)
@@ -295,76 +301,11 @@ class ZeroEngine(nn.Module):
         if not boundary:
             return
         with self._timers.time("step"):
-            self._optimizer_step(backwards)
+            stepping.boundary_step(self, backwards)
         self.global_steps += 1
         reporting.after_step(self)  # the bar, every steps_per_print steps the report line
         if self._periodic_checkpoints is not None:
             self._periodic_checkpoints.after_step()
-
-    @torch.no_grad()
-    def _optimizer_step(self, backwards: int) -> None:
-        """`backwards`: engine.backward() calls since the last step (agreed on with the norm)."""
-        if self.offload is not None:
-            try:  # the uploads are waited for even on an error
-                if backwards:
-                    self.offload.wait_for_gradients()
-                # The device gradients are gone (copied, then freed); their norms, taken on
-                # the device before, decide clipping and the skip as without offload.
-                stepped = self._step_with(None, backwards)
-            finally:
-                self.offload.finish()
-        else:
-            stepped = self._step_with(
-                self.grad_buckets.reduced_grads() if backwards else None, backwards)
-        if not stepped:
-            return
-        self.compression.end_step()
-        if self.stage >= 1:
-            self._persistent.all_gather()
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-
-    def _step_with(self, grads: list[torch.Tensor] | None, backwards: int) -> bool:
-        """Norm, overflow skip, clipping and the optimizer step (with `grads`, or offload's host
-        copies when None); False when skipped. Nothing changes before every rank has agreed
-        that the step is the same step everywhere, finite, and how much to clip."""
-        norm = self._agreement.norm(self.grad_buckets.reduced_norms() if backwards else [],
-                                    self.global_steps, backwards, sharded=self.stage >= 1)
-        if not self.config.zero_optimization.ignore_unused_parameters:
-            self._agreement.refuse_unused(self.module, self.grad_buckets.without_gradient())
-        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
-        overflow = not math.isfinite(norm)
-        if self.loss_scaler is not None:
-            self.loss_scaler.update(overflow)
-        nonfinite = self.config.nonfinite_gradients  # skip (fp16), raise, or apply (bf16)
-        if overflow and nonfinite != "apply":
-            self._global_grad_norm = norm
-            self.grad_buckets.clear()
-            self.compression.reset()  # the residuals hold parts of the discarded gradients
-            if nonfinite == "raise":
-                raise FloatingPointError(
-                    f"zero_ext: the gradient norm is {norm} at step {self.global_steps}; without "
-                    "fp16 loss scaling there is nothing to retry. Lower the learning rate, "
-                    "enable gradient_clipping, or check the loss for inf/nan (with bf16, "
-                    "\"check_grad_overflow\": true skips such steps, as DeepSpeed does)")
-            self.skipped_steps += 1
-            return False
-        if overflow and self.rank == 0:
-            warnings.warn(
-                f"zero_ext: the gradient norm is {norm} at step {self.global_steps} and the update "
-                "is applied (bf16.check_grad_overflow is false): weights and optimizer state are "
-                "now inf/nan", RuntimeWarning, stacklevel=4)
-        norm /= scale
-        self._global_grad_norm = norm
-        factor = 1.0 / scale
-        clip = self.config.gradient_clipping
-        if clip > 0:
-            clip_coef = clip / (norm + 1e-6)
-            if clip_coef < 1.0:
-                factor *= clip_coef
-        self._optimizers.apply(grads, factor, self.grad_buckets)
-        self.grad_buckets.clear()
-        return True
 
     # -- GatheredParameters -----------------------------------------------------------------
     def gather_layouts(self, layout_indices: set[int]) -> list:
@@ -488,40 +429,6 @@ class ZeroEngine(nn.Module):
         follows reads or writes optimizer state or weights other than through a gather."""
         if self.offload is not None:
             self.offload.settle()
-
-    def _freeze_variance(self) -> None:
-        """Top-k's freeze_variance, at the first sparse step (every rank at the same step: it
-        follows global_steps). zero_ext's AdamW only; a torch optimizer is warned about."""
-        if self.replicated_optimizer is not None:
-            if not getattr(self, "_warned_freeze", False) and self.rank == 0:
-                warnings.warn(
-                    f"zero_ext: freeze_variance applies to zero_ext's AdamW; the "
-                    f"{type(self.replicated_optimizer).__name__} given to initialize keeps "
-                    "updating its second moment (top-k gradients then move rarely-sent entries "
-                    "less far); configure \"optimizer\": {\"type\": \"AdamW\"} instead",
-                    stacklevel=3)
-            self._warned_freeze = True
-            return
-        groups, shards = self.optimizer.param_groups, self.optimizer.shards
-        momentum = self.compression.compresses_momentum
-        resumed = all(g.get("variance_frozen") for g in groups)  # or frozen at an earlier step
-        if not resumed:
-            self._settle_step()  # a deferred CPU step still reads the moments
-        frozen = not resumed and self.optimizer.freeze_variance(compressed_momentum=momentum)
-        if momentum:  # after a resume the residuals hold the momentum: no first moment again
-            if any("compressed_beta1" not in g for g in groups):
-                raise ValueError(
-                    "zero_ext: compress_momentum is on, but the optimizer's variance was frozen "
-                    "without it (the checkpoint this run resumed sent gradients, and its "
-                    "moments and residuals mean that); resume with compress_momentum false, "
-                    "or start the run again")
-            self.compression.start_momentum(
-                {s.layout.index: groups[s.layout.group]["compressed_beta1"] for s in shards},
-                None if resumed else {s.layout.index: s.exp_avg for s in shards})
-        if frozen and self.rank == 0:
-            print(f"[zero_ext] step {self.global_steps}: dense warm-up over, Adam's second "
-                  f"moment frozen, top-k {'momentum' if momentum else 'gradients'} from here "
-                  "on", flush=True)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The complete model state dict as CPU tensors, on every rank (collective at stage 3,
