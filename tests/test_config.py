@@ -200,9 +200,15 @@ def test_adam_types():
 
 
 def test_legacy_cpu_offload_is_read_as_offload_optimizer():
-    with pytest.warns(UserWarning, match=r"zero_optimization\.cpu_offload \(deprecated"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         c = ZeroConfig.load({"zero_optimization": {"stage": 2, "cpu_offload": True,
                                                    "cpu_offload_use_pin_memory": True}})
+    # Applied, and said so: not listed among keys that "have no effect" (it used to be).
+    assert [str(w.message) for w in caught] == [(
+        "zero_ext config: DeepSpeed's deprecated offload switch, applied; write the section "
+        "instead: zero_optimization.cpu_offload is read as offload_optimizer: "
+        "{\"device\": \"cpu\", \"pin_memory\": true}")]
     assert c.zero_optimization.offload_optimizer == OffloadConfig(device="cpu", pin_memory=True)
     msg = error_of({"zero_optimization": {"stage": 2, "cpu_offload": True,
                                           "offload_optimizer": {"device": "cpu"}}})

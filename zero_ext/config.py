@@ -210,7 +210,9 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _warn_ignored(notes: list[str]) -> None:
+def _warn_ignored(notes: list[str],
+                  headline: str = "these DeepSpeed keys have no effect in zero_ext and are "
+                                  "ignored") -> None:
     # Once per job, not once per rank: every rank parses the same config, rank 0 speaks
     # (torchrun's RANK is set before the script runs, so this holds before init_distributed).
     if not notes or os.environ.get("RANK", "0") != "0":
@@ -220,12 +222,8 @@ def _warn_ignored(notes: list[str]) -> None:
     frame, level = sys._getframe(1), 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package_dir):
         frame, level = frame.f_back, level + 1
-    warnings.warn(
-        "zero_ext config: these DeepSpeed keys have no effect in zero_ext and are ignored: "
-        + "; ".join(notes),
-        UserWarning,
-        stacklevel=level,
-    )
+    warnings.warn(f"zero_ext config: {headline}: " + "; ".join(notes), UserWarning,
+                  stacklevel=level)
 
 
 class _Section:
@@ -953,7 +951,11 @@ class ZeroOptimizationConfig(_Section):
                                   f"{section}")
             data[section] = {"device": "cpu", "pin_memory": bool(pin)}
             used_pin = True
-            notes.append(f"{legacy_path} (deprecated; read as {section}.device = 'cpu')")
+            # Applied, so not among the ignored keys' notes: a warning of its own.
+            read_as = json.dumps({"device": "cpu", "pin_memory": bool(pin)})
+            _warn_ignored([f"{legacy_path} is read as {section}: {read_as}"],
+                          headline="DeepSpeed's deprecated offload switch, applied; write the "
+                                   "section instead")
         if pin is not None and not used_pin:
             notes.append(f"{pin_path} (applies only with cpu_offload or cpu_offload_param)")
         return data
