@@ -229,6 +229,23 @@ def test_gloo_collectives_in_segments(world_size):
                                                         // world_size)), (rank, k)
 
 
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_gloo_reduce_scatter_is_counted_by_the_path_it_takes(size):
+    """From a MiB per rank, gloo's reduce-scatter of CPU tensors sends chunk j to rank j
+    (comm/pairs.py): n/N to each peer. CUDA tensors on gloo ("gloo-device") and smaller
+    chunks take gloo's all-reduce: its ring, 2n(N-1)/N, all to rank - 1."""
+    esize = 4
+    for nbytes, paired in ((size << 20, True), ((size << 20) - size * esize, False)):
+        for me in range(size):
+            ring = _gloo_sends("all_reduce", nbytes, esize, size, me)
+            device = dict(comm.wire_sends("reduce_scatter", nbytes, esize, size, me,
+                                          "gloo-device"))
+            cpu = dict(comm.wire_sends("reduce_scatter", nbytes, esize, size, me, "gloo"))
+            assert device == ring, (nbytes, me)
+            assert cpu == ({peer: nbytes / size for peer in range(size) if peer != me}
+                           if paired else ring), (nbytes, me)
+
+
 def test_all_to_all_on_one_rank_copies():
     x = torch.arange(12, dtype=torch.uint8)
     y = torch.zeros_like(x)
