@@ -130,14 +130,17 @@ def config(stage: int, dtype: str, accumulation: int, world_size: int, clip: flo
 
 
 def train_engine(stage: int, dtype: str, accumulation: int, steps: int, clip: float = 0.5,
-                 **zero) -> dict:
+                 compile_backend: str | None = None, **zero) -> dict:
     """Trains with zero_ext on this rank; returns final params, norms and engine facts.
-    `zero` adds zero_optimization keys (e.g. offload sections)."""
+    `zero` adds zero_optimization keys (e.g. offload sections); `compile_backend`: the model
+    is compiled with engine.compile(backend=...) after initialize."""
     world_size, rank = comm.world_size(), comm.rank()
     model = build_model()
     engine, optimizer, _, _ = zero_ext.initialize(
         model=model, config=config(stage, dtype, accumulation, world_size, clip=clip, **zero),
         model_parameters=param_groups(model))
+    if compile_backend is not None:
+        engine.compile(backend=compile_backend)
     norms = []
     for step in range(steps):
         tokens, targets = global_batch(step, world_size, accumulation)
@@ -154,6 +157,8 @@ def train_engine(stage: int, dtype: str, accumulation: int, steps: int, clip: fl
         # Buckets, and those whose optimizer state steps on the host (offload_optimizer).
         "buckets": len(engine.layouts),
         "host_stepped": len(engine.offload.shards) if engine.offload is not None else 0,
+        # Stage 3: the order units ran in was the same every step, so prefetch stayed on.
+        "prefetching": engine.partitioned is None or engine.partitioned.prefetch.order is not None,
     }
 
 

@@ -168,11 +168,17 @@ def test_stage3_evaluate_and_predict(runs):
     assert zero3["predictions_shape"][:2] == [8, 16]
 
 
-def test_stage3_bf16_and_activation_checkpointing(runs):
+def test_stage3_bf16_activation_checkpointing_and_torch_compile(runs):
     result, weights = runs
     plain = result("plain")["losses"]
-    # Recomputing activations changes nothing; bf16 weights stay near the fp32 run.
+    # Recomputing activations changes nothing, nor does torch_compile (the engine compiles the
+    # model: aot_eager, the same kernels); bf16 weights stay near the fp32 run.
     torch.testing.assert_close(result("zero3_ckpt")["losses"], plain, rtol=1e-5, atol=0)
+    torch.testing.assert_close(result("zero3_compiled")["losses"], plain, rtol=1e-5, atol=0)
+    assert result("zero3_compiled")["compiled"] is True
+    for key, value in weights("plain").items():
+        torch.testing.assert_close(weights("zero3_compiled")[key], value, rtol=1e-4, atol=1e-5,
+                                   msg=key)
     torch.testing.assert_close(result("zero3_bf16")["losses"], plain, rtol=1e-2, atol=0)
     assert {t.dtype for t in weights("zero3_bf16").values()} == {torch.bfloat16}
 

@@ -6,8 +6,8 @@
 `distributed`, for stages 1, 2 and 3: an uninterrupted run of STEPS optimizer steps, runs
 whose epochs end with a short accumulation window, and a run stopped after STOP_AT steps (with
 a checkpoint there) then resumed by a new ZeroTrainer to the end; stage 3 also evaluates
-(halfway and after training) and predicts, and trains in bf16 and with activation
-checkpointing. `single`, in one process: the plain Trainer (no zero_ext) on the same data and
+(halfway and after training) and predicts, and trains in bf16, with activation
+checkpointing and torch.compile'd (torch_compile_backend). `single`, in one process: the plain Trainer (no zero_ext) on the same data and
 global batch (and on the short-window data), the stage-2 checkpoint resumed at one rank, an
 fp16 run whose first steps overflow, a stage-3 run that loads its best checkpoint at the end,
 the plain Trainer's evaluation of the stage-3 final weights, and a model built under
@@ -160,11 +160,12 @@ def distributed(out):
             # The engine owns mixed precision (bf16 weights, fp32 masters); the model's own
             # activation checkpointing replays forwards that gather their units again.
             for name, option in (("bf16", {"bf16": True}),
-                                 ("ckpt", {"activation_checkpointing": True})):
+                                 ("ckpt", {"activation_checkpointing": True}),
+                                 ("compiled", {"torch_compile_backend": "aot_eager"})):
                 train, _ = data()
                 variant = zero_trainer(stage, os.path.join(out, f"scratch_{name}"), train, **option)
                 variant.train()
-                record(variant, out, f"zero3_{name}")
+                record(variant, out, f"zero3_{name}", compiled=variant.engine.is_compiled)
 
         if stage in COMPRESSED:
             train, _ = data()

@@ -230,6 +230,36 @@ class ZeroEngine(nn.Module):
             # an error) by its released placeholder itself (params.py, _ReleasedParameter).
             return self.module(*args, **kwargs)
 
+    def compile(self, backend="inductor", compile_kwargs: dict | None = None, schedule=None,
+                compiled_autograd_enabled: bool = False) -> None:
+        """torch.compile's the user's model in place (`module.compile(backend=...,
+        **compile_kwargs)`), as DeepSpeed's engine.compile does; the engine's own step, hooks
+        and collectives stay eager. Once per engine: a second call does nothing. DeepCompile's
+        `schedule` and compiled autograd are DeepSpeed's and not implemented here."""
+        if schedule is not None:
+            raise ValueError("zero_ext: engine.compile(schedule=...) is DeepCompile's pass "
+                             "schedule, which zero_ext does not implement; call "
+                             "engine.compile() without it (the model is torch.compile'd)")
+        if compiled_autograd_enabled:
+            raise ValueError("zero_ext: engine.compile(compiled_autograd_enabled=True) is not "
+                             "supported: backward runs eagerly, through the engine's gradient "
+                             "hooks; compile without it (the forward and its backward graph "
+                             "are still compiled)")
+        if self.is_compiled:
+            return
+        kwargs = dict(compile_kwargs or {})
+        if "backend" in kwargs and self.rank == 0:
+            warnings.warn("zero_ext: engine.compile: the `backend` in compile_kwargs is "
+                          "overridden by the backend argument", stacklevel=2)
+        kwargs["backend"] = backend
+        self.module.compile(**kwargs)
+        self._compiled = True
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether engine.compile() compiled the model."""
+        return self.__dict__.get("_compiled", False)
+
     def is_gradient_accumulation_boundary(self) -> bool:
         return self._window_ends_early or \
             (self.micro_steps + 1) % self.batch.gradient_accumulation_steps == 0

@@ -96,9 +96,6 @@ class _ZeroTrainerMixin:
         if resolved is None:  # the Trainer made default TrainingArguments
             resolved = resolve_config(zero_config, self.args)
         self.zero_config, self.zero_config_source = resolved
-        if self.args.torch_compile:
-            raise ValueError("ZeroTrainer: torch_compile=True is not supported; compile the "
-                             "model's blocks yourself before passing it")
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.args.world_size:
             # Otherwise every rank would train on the whole dataset as its own one-rank run.
@@ -169,6 +166,10 @@ class _ZeroTrainerMixin:
         engine, _, _, scheduler = zero_ext.initialize(
             model=model, config=config, model_parameters=groups, lr_scheduler=lr_scheduler)
         self.engine = engine
+        if self.args.torch_compile:  # the model, in place, as DeepSpeed's engine.compile
+            mode = self.args.torch_compile_mode
+            engine.compile(backend=self.args.torch_compile_backend,
+                           compile_kwargs={"mode": mode} if mode is not None else None)
         # One output: the Trainer's progress bar and logs; the engine's figures go into the
         # Trainer's logs (log() below), so they reach report_to.
         engine.log_externally()

@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 __all__ = ["UnitHooks", "replaying"]
 
 
+def _eager(hook):
+    """`hook` run as Python even inside a torch.compile'd model: the graph breaks around it
+    (it gathers, releases and issues collectives, and keeps per-step counts), instead of
+    Dynamo tracing into it, which re-ran its bookkeeping while tracing and so broke the
+    prefetcher's record of the order units run in."""
+    return torch.compiler.disable(hook, recursive=True)
+
+
 class _PartitionedLinear(torch.autograd.Function):
     """F.linear that saves the weight Parameter itself for backward, not `weight.t()`.
 
@@ -134,10 +142,10 @@ class UnitHooks:
 
     def _hook_module(self, module: nn.Module, unit: GatherUnit) -> None:
         """Gather `unit` around `module`'s forward, and again when backward reaches it."""
-        self._handles.append(module.register_forward_pre_hook(
-            lambda module, args, unit=unit: self.params.use(unit, "forward")))
-        self._handles.append(module.register_forward_hook(
-            lambda module, args, output, unit=unit: self._after_forward(unit, output)))
+        self._handles.append(module.register_forward_pre_hook(_eager(
+            lambda module, args, unit=unit: self.params.use(unit, "forward"))))
+        self._handles.append(module.register_forward_hook(_eager(
+            lambda module, args, output, unit=unit: self._after_forward(unit, output))))
         self._track_running(module)
 
     def _track_running(self, module: nn.Module) -> None:
@@ -153,8 +161,8 @@ class UnitHooks:
                 unit.holders -= not replaying()
                 self._after_forward(unit, output)
 
-        self._handles.append(module.register_forward_pre_hook(enter))
-        self._handles.append(module.register_forward_hook(leave, always_call=True))
+        self._handles.append(module.register_forward_pre_hook(_eager(enter)))
+        self._handles.append(module.register_forward_hook(_eager(leave), always_call=True))
 
     def use_released(self, param: nn.Parameter) -> None:
         """A released parameter's values are used. Inside a forward, the code using them runs
@@ -206,8 +214,8 @@ class UnitHooks:
             unit.holders -= not replaying()
             self._after_forward(unit, output)
 
-        self._handles.append(module.register_forward_pre_hook(before))
-        self._handles.append(module.register_forward_hook(after))
+        self._handles.append(module.register_forward_pre_hook(_eager(before)))
+        self._handles.append(module.register_forward_hook(_eager(after)))
 
     def _after_forward(self, unit: GatherUnit, output) -> None:
         if replaying():
