@@ -22,7 +22,8 @@ records. From two readings the waiting rank tells apart
 On a real stall it writes ONE report under the store's abort key (first writer wins) and
 raises CollectiveStallError; every other rank's heartbeat thread sees the key, and its main
 thread raises the same error at its next wait slice, at its next collective, or at once when
-it sits in user code (a signal to the main thread).
+it sits in user code (a signal to the main thread). The readings, the verdict and the report
+are comm/watch_diagnosis.py's (StallDiagnosis, one per watch).
 
 Mismatches that would not hang (units of equal size gathered in different orders) are caught
 too: the shared-memory arena compares every rank's (sequence number, fingerprint) header after
@@ -49,6 +50,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from zero_ext.comm.watch_diagnosis import StallDiagnosis
 from zero_ext.comm.watch_nodes import RankHosts
 from zero_ext.comm.watch_store import STORE_ERRORS as _STORE_ERRORS
 from zero_ext.comm.watch_store import WatchStore
@@ -185,28 +187,6 @@ def stall_timeout() -> float:
     return _stall_timeout_s
 
 
-_FIXES = {
-    "behind": (
-        "a collective zero_ext call (save_checkpoint, load_checkpoint, save_16bit_model, "
-        "full_state_dict, forward/backward/step at stage 3, step at stages 1-2) ran on some "
-        "ranks only, ranks ran different numbers of batches, or a rank is stuck. Make every "
-        "rank make the same zero_ext calls in the same order (call save_checkpoint on every "
-        "rank, not under `if rank == 0`; give every rank the same number of batches, e.g. a "
-        "DistributedSampler with drop_last=True). A rank computing in its own code (using CPU) "
-        "counts as progress; if one legitimately sits idle for longer (waiting for input or a "
-        "file), raise zero_ext.stall_timeout_s in the config"),
-    "mismatch": (
-        "control flow differs across ranks: a module or block that runs on some ranks only "
-        "(LayerDrop, MoE-style routing, a submodule used on one rank only), or a collective "
-        "zero_ext call made on some ranks only. Run the same modules and zero_ext calls on every "
-        "rank (at stage 3 every unit's forward must run on every rank: multiply a dropped "
-        "block's output by 0 instead of skipping it)"),
-    "stopped": (
-        "that rank's process died, is frozen (stopped, swapping, in a debugger) or its node lost "
-        "the network. Look at that rank's log and host for the first error"),
-}
-
-
 # -- the watch -------------------------------------------------------------------------------
 class CollectiveWatch:
     """Sequence numbers, the ring buffer, bounded waits and the heartbeat of one process
@@ -238,6 +218,7 @@ class CollectiveWatch:
         self._raised = False            # the main thread raised this group's abort already
         self._stop = threading.Event()
         self.main_ident = threading.get_ident()
+        self.diagnosis = StallDiagnosis(self)  # reads this watch's state when a wait stalls
         self.set_timeout(timeout)
         try:
             self._beat_once()  # from the start: a rank that freezes at once is still named
@@ -295,22 +276,28 @@ class CollectiveWatch:
                         break
                     except RuntimeError as error:
                         if "timed out" not in str(error):
-                            self._diagnose(record, None, cause=error)
+                            self.diagnosis.diagnose(record, None, cause=error)
                     if self.abort_report is not None:
                         self._raise(self.abort_report)
                     now = time.monotonic()
                     if early is None and now >= deadline - 3 * self.period:
                         try:
-                            early = self._read_all()
+                            early = self.diagnosis.read_all()
                         except _STORE_ERRORS:
                             early = {}  # the diagnosis reads again, and says so if it can't
                     if now >= deadline:
-                        if self._diagnose(record, work, first=early or None):
+                        if self.diagnosis.diagnose(record, work, first=early or None):
                             break
                         deadline, early = time.monotonic() + self.timeout, None
             finally:
                 self.waiting = None
         self.done(record)
+
+    def mismatch(self, record: CollectiveRecord, headers: list[tuple[int, int]]) -> None:
+        """Other ranks' (sequence number, fingerprint) headers differ from this rank's, seen by
+        the shared-memory arena or the debug switch: raises the report (see
+        StallDiagnosis.mismatch)."""
+        self.diagnosis.mismatch(record, headers)
 
     # -- the heartbeat ---------------------------------------------------------------------------
     def _key(self, *parts) -> str:
@@ -388,205 +375,8 @@ class CollectiveWatch:
             return
         if self.chains[seq % _CHAIN_WINDOW] == chain:
             return
-        mine = {s: (fp, text) for s, fp, text in
-                ((r.seq, r.fingerprint, r.describe()) for r in list(self.ring))}
-        first = next(((s, fp, text) for s, fp, text in theirs["recent"]
-                      if s in mine and mine[s][0] != fp), None)
-        if first is None:
-            headline = (f"zero_ext: ranks {self.rank} and {peer} issued different sequences of "
-                        f"collectives before #{seq} (the first difference is older than the "
-                        f"last {RING_SIZE} records).")
-        else:
-            s, _, text = first
-            headline = (f"zero_ext: ranks issued different collectives at #{s}: rank "
-                        f"{self.rank} {mine[s][1]}; rank {peer} {text}.")
-        states = {self.rank: self._state(), peer: theirs}
         # On the heartbeat thread: publish, then raise on the main thread like a peer's abort.
-        self._deliver(self._publish(self._report(headline, states, "mismatch")))
-
-    # -- diagnosis -------------------------------------------------------------------------------
-    def _read_all(self) -> dict[int, dict | None]:
-        """Every rank's latest heartbeat (this rank's own state for itself). Failed store calls
-        are retried for three periods; after that the store's error is raised."""
-        deadline = time.monotonic() + 3 * self.period
-        while True:
-            try:
-                states: dict[int, dict | None] = {}
-                for r in range(self.size):
-                    key = self._key("hb", r)
-                    if r == self.rank:
-                        states[r] = self._state()
-                    elif self.store.check([key]):
-                        states[r] = json.loads(self.store.get(key))
-                        self.nodes.learn(r, states[r])
-                    else:
-                        states[r] = None
-                return states
-            except _STORE_ERRORS:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(self.period / 2)
-
-    def _unreachable_report(self, doing: str) -> str:
-        return self.nodes.unreachable_report(doing, self.timeout, _FIXES["stopped"])
-
-    def _waiting_text(self, record: CollectiveRecord) -> str:
-        return (f"waited {time.monotonic() - self.waiting_since:.1f} s in collective "
-                f"{record.describe()}")
-
-    def _watch_window(self, work, cause: Exception | None):
-        """Three heartbeat periods, still waiting for `work` (None: it failed with `cause`).
-        Returns (completed, work, cause)."""
-        end = time.monotonic() + 3 * self.period
-        while time.monotonic() < end:
-            if work is None:
-                time.sleep(self.period / 2)
-                continue
-            try:
-                work.wait(timedelta(seconds=max(end - time.monotonic(), 0.001)))
-                return True, work, cause
-            except RuntimeError as error:
-                if "timed out" not in str(error):
-                    cause, work = error, None
-        return False, work, cause
-
-    def _diagnose(self, record: CollectiveRecord, work, cause: Exception | None = None,
-                  first: dict | None = None) -> bool:
-        """After stall_timeout_s in `record` (or a transport error): reads every rank's
-        heartbeat before and after a window of three periods, still waiting for `work` (or
-        compares with `first`, read three periods ago while waiting). True when the collective
-        completed meanwhile; False when it is only slow; raises on a stall."""
-        if self.store.unreachable_for() >= 2 * self.period:  # the heartbeat found it so
-            self._raise(self._unreachable_report(self._waiting_text(record)), cause)
-        try:
-            if first is None:
-                first = self._read_all()
-                completed, work, cause = self._watch_window(work, cause)
-                if completed:
-                    return True
-            if self.abort_report is not None:
-                self._raise(self.abort_report)
-            second = self._read_all()
-            if any(second[r] is None or first[r] is None or second[r]["beat"] == first[r]["beat"]
-                   for r in second if r != self.rank):
-                # A rank looks stopped: one more window before saying so (a heartbeat thread
-                # starved of CPU for a moment must not be reported as a dead rank).
-                completed, work, cause = self._watch_window(work, cause)
-                if completed:
-                    return True
-                second = self._read_all()
-        except CollectiveStallError:
-            raise
-        except _STORE_ERRORS as error:  # the store itself is unreachable
-            self._raise(self._unreachable_report(self._waiting_text(record)), cause or error)
-        verdict = self._verdict(record, first, second)
-        if verdict is None and cause is None:
-            self.progress_checks += 1
-            return False
-        if verdict is None:
-            headline = (f"zero_ext: collective {record.describe()} failed on rank {self.rank}: "
-                        f"{type(cause).__name__}: {cause}.")
-            verdict = self._report(headline, second, "stopped")
-        self._abort(verdict, cause)
-        return False  # not reached
-
-    def _verdict(self, record: CollectiveRecord, first: dict, second: dict) -> str | None:
-        """The report of a stall at `record`, or None when every rank still makes progress."""
-        s, mine = record.seq, record.fingerprint
-        stopped, mismatched, behind, progressing = [], [], [], []
-        for r in range(self.size):
-            if r == self.rank:
-                continue
-            before, now = first[r], second[r]
-            if now is None or before is None or now["beat"] == before["beat"]:
-                stopped.append(r)
-            elif now["seq"] >= s:
-                theirs = {q: (fp, text) for q, fp, text in now["recent"]}.get(s)
-                if theirs is not None and theirs[0] != mine:
-                    mismatched.append((r, theirs[1]))
-            elif now["seq"] != before["seq"] or now["kind"] == "zero_ext" or _busy(before, now):
-                progressing.append(r)
-            else:
-                behind.append(r)
-        waited = time.monotonic() - self.waiting_since
-        if stopped:
-            headline = (f"zero_ext: {self.nodes.on_hosts(stopped)} stopped responding while rank "
-                        f"{self.rank} on {self.nodes.host} waited {waited:.1f} s in collective "
-                        f"{record.describe()} (stall_timeout_s={self.timeout:g}).")
-            return self._report(headline, second, "stopped", stale=stopped)
-        if mismatched:
-            others = "; ".join(f"rank {r} {text}" for r, text in mismatched)
-            headline = (f"zero_ext: ranks issued different collectives at #{s}: rank "
-                        f"{self.rank} {record.describe()}; {others}.")
-            return self._report(headline, second, "mismatch")
-        if progressing or not behind:
-            return None
-        headline = (f"zero_ext: {self.nodes.on_hosts(behind)} did not arrive at collective "
-                    f"{record.describe()}; rank {self.rank} on {self.nodes.host} waited {waited:.1f} "
-                    f"s for them (stall_timeout_s={self.timeout:g}).")
-        return self._report(headline, second, "behind")
-
-    def _report(self, headline: str, states: dict, category: str,
-                stale: list[int] = ()) -> str:
-        """`headline`, one line per rank saying what it does (for ranks in `stale`: what its
-        last heartbeat said), and the likely cause."""
-        lines = [headline]
-        for r in range(self.size):
-            state = states.get(r)
-            if state is None:
-                lines.append(f"  rank {r}: no heartbeat (it has not joined zero_ext's watch, or "
-                             "cannot reach the store)")
-                continue
-            last = state["recent"][-1][2] if state["recent"] else "none"
-            if state["kind"] == "waiting":
-                doing = f"waiting in collective {state['where']} for {state['for_s']} s"
-            elif state["kind"] == "zero_ext":
-                doing = (f"busy inside zero_ext ({state['where']}), not in a collective, for "
-                         f"{state['for_s']} s; last collective {last}")
-            else:
-                doing = (f"in user code at {state['where']} for {state['for_s']} s since its "
-                         f"last collective {last}, its main thread idle (not using CPU)")
-            heard = "last heartbeat: " if r in stale else ""
-            lines.append(f"  rank {r} on {state.get('host', '?')} (entered {state['seq']} "
-                         f"collectives, completed {state['completed']}): {heard}{doing}")
-        lines.append(f"Likely cause: {_FIXES[category]}.")
-        return "\n".join(lines)
-
-    def _publish(self, report: str) -> str:
-        """`report` as the group's one abort record: the first writer's stays and is returned."""
-        try:
-            return self.store.compare_set(self._key("abort"), "", report).decode()
-        except _STORE_ERRORS:  # this rank's own report then
-            return report
-
-    def _abort(self, report: str, cause: Exception | None = None):
-        """Publishes `report` (see _publish) and raises the group's abort record here."""
-        self._raise(self._publish(report), cause)
-
-    def mismatch(self, record: CollectiveRecord, headers: list[tuple[int, int]]) -> None:
-        """Other ranks' (sequence number, fingerprint) headers differ from this rank's (after
-        the shared-memory arena's barrier, or the debug switch's exchange). Ranks that compared
-        the same headers come here too: each publishes its record's description; a rank that does not (it is in
-        another collective) is described from its heartbeat."""
-        self.store.set(self._key("desc", record.seq, self.rank), record.describe())
-        texts = {self.rank: record.describe()}
-        end = time.monotonic() + 3 * self.period
-        while time.monotonic() < end and len(texts) < self.size:
-            for r in range(self.size):
-                key = self._key("desc", record.seq, r)
-                if r not in texts and self.store.check([key]):
-                    texts[r] = self.store.get(key).decode()
-            time.sleep(self.period / 8)
-        if len(texts) < self.size:
-            for r, state in self._read_all().items():
-                if r not in texts:
-                    texts[r] = (f"{state['where']} ({state['kind']})" if state is not None
-                                else f"#{headers[r][0]} (no heartbeat)")
-        calls = "; ".join(f"rank {r} {texts[r]}" for r in range(self.size))
-        headline = (f"zero_ext: ranks issued different collectives at the same point "
-                    f"(seen by rank {self.rank} comparing fingerprints at #{record.seq}): "
-                    f"{calls}.")
-        self._abort(f"{headline}\nLikely cause: {_FIXES['mismatch']}.")
+        self._deliver(self.diagnosis.publish(self.diagnosis.sequence_mismatch(peer, theirs)))
 
 
 # -- one watch per process group -------------------------------------------------------------
@@ -594,18 +384,6 @@ _watch: CollectiveWatch | None = None
 _generation = 0
 _handler_installed = False
 _previous_handlers: dict[int, object] = {}
-
-
-# A rank in its own code counts as making progress while its main thread uses at least this
-# share of one core between two heartbeat readings.
-_BUSY_CPU_SHARE = 0.2
-
-
-def _busy(before: dict, now: dict) -> bool:
-    """Whether a rank's main thread kept working (used CPU) between two of its heartbeats."""
-    elapsed = now.get("now", 0.0) - before.get("now", 0.0)
-    used = now.get("cpu", 0.0) - before.get("cpu", 0.0)
-    return elapsed > 0 and used >= _BUSY_CPU_SHARE * elapsed
 
 
 def _on_interrupt(signum, frame):
@@ -628,21 +406,7 @@ def _on_terminate(signum, frame):
     does what it did before."""
     watch = _watch if _watch is not None and not _watch._raised else None
     if watch is not None:
-        report, record = watch.abort_report, watch.waiting
-        doing = "" if record is None else (
-            f"{watch._waiting_text(record)} when it was sent SIGTERM (by its launcher: torchrun "
-            "ends a node's workers when one failed or when it lost its store)")
-        if report is None and record is not None and watch.store.unreachable_for() > 0:
-            report = watch._unreachable_report(doing)
-        if report is None and watch.store.unreachable_for() == 0:
-            try:  # another rank's report that the heartbeat has not fetched yet
-                if watch.store.check([watch._key("abort")]):
-                    report = watch.store.get(watch._key("abort")).decode()
-            except _STORE_ERRORS:
-                pass
-        if report is None and record is not None:
-            report = (f"zero_ext: rank {watch.rank} on {watch.nodes.host} {doing}; the store still "
-                      f"answered.\nLikely cause: {_FIXES['stopped']}.")
+        report = watch.diagnosis.terminate_report()
         if report:
             watch._raise(report)
     previous = _previous_handlers.get(signum)
