@@ -2,10 +2,12 @@
 
 collectives.py: process-group setup, the collectives (gloo, NCCL, the shared-memory arena) and
 the traffic counters (by link class). compressed.py: quantized reduce-scatter and all-gather,
-top-k reduce-scatter and all-reduce with error feedback, over those collectives. topology.py: which node each rank is on, the groups within
-and across nodes, the hierarchical all-gather. watch.py: sequence numbers and fingerprints of
-every collective, bounded waits, heartbeats and the stall report. pairs.py: gloo's all-to-all and
-all-gather of a MiB or more per peer as sends and receives in segments, both directions at once.
+top-k reduce-scatter and all-reduce with error feedback, over those collectives. topology.py:
+which node each rank is on, the groups within and across nodes, the hierarchical all-gather.
+watch.py: sequence numbers and fingerprints of every collective, bounded waits, heartbeats;
+watch_diagnosis.py: the stall report. pairs.py: gloo's all-to-all, all-gather and
+reduce-scatter of a MiB or more per peer as sends and receives in segments, both directions at
+once.
 """
 
 from zero_ext.comm.collectives import (
