@@ -7,6 +7,7 @@ ZeroRedundancyOptimizer and DeepSpeed, on a small GPT, all in one torchrun launc
     torchrun --nproc_per_node=1 benchmarks/bench_zero.py --json zero_ws1.json   # on a GPU: NCCL
     torchrun --nproc_per_node=2 benchmarks/bench_zero.py --layers 8 --d-model 512 --breakdown
     torchrun --nproc_per_node=2 benchmarks/bench_zero.py --impls ddp,zero_ext --bucket 1e6
+    torchrun --nproc_per_node=2 benchmarks/bench_zero.py --impls ddp,zero_ext --compile inductor
 
 Every implementation trains the same model (same seed, same initial weights) on the same
 synthetic token batches (seeded per rank) with AdamW at lr 1e-4, weight decay 0.01, one after
@@ -21,6 +22,9 @@ the other, each freed before the next:
                   zero_ext four buckets.
   deepspeed s0-s2 deepspeed.initialize with the same config, where it runs here (else the row
                   says why not). Imported last: importing DeepSpeed reconfigures the process.
+With --compile BACKEND every implementation's model is torch.compile'd in place before it
+trains (DDP: model.compile() inside the DDP wrapper; zero_ext and DeepSpeed: engine.compile()),
+so compiled rows compare with compiled rows; the compilation falls in the warm-up steps.
 Each runs --warmup steps, then --steps timed steps, and the whole sequence repeats --rounds times
 (rebuilt each time), so that load from elsewhere on a shared machine falls on several
 implementations rather than on one. A step is forward + backward + optimizer step. Ranks meet at
@@ -245,6 +249,7 @@ class Setup:
     torch_adamw: dict          # {"fused": True} or {"foreach": True}
     breakdown: bool
     total_steps: int           # warm-up + timed: where the engines' own progress lines go
+    compile: str | None = None  # torch.compile backend for every implementation's model
 
     def model(self) -> GPT:
         torch.manual_seed(0)  # every implementation starts from the same weights
@@ -257,6 +262,8 @@ def num_params(model: nn.Module) -> int:
 
 def build_ddp(setup: Setup, shard_optimizer: bool) -> Trainer:
     model = setup.model()
+    if setup.compile:
+        model.compile(backend=setup.compile)
     psi, world = num_params(model), dist.get_world_size()
     ddp = DistributedDataParallel(
         model, device_ids=[setup.device.index] if setup.device.type == "cuda" else None,
@@ -314,6 +321,8 @@ def build_zero_ext(setup: Setup, stage: int) -> Trainer:
         config["wall_clock_breakdown"] = True  # totals over all steps, printed after the last
     engine, _, _, _ = zero_ext.initialize(model=setup.model(), config=config,
                                           model_parameters=None)
+    if setup.compile:
+        engine.compile(backend=setup.compile)
 
     def forward_backward(tokens, targets):
         loss = engine(tokens, targets)
@@ -340,6 +349,8 @@ def build_deepspeed(setup: Setup, stage: int) -> Trainer:
     psi, world = num_params(model), dist.get_world_size()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=zero_config(setup, stage))
+    if setup.compile:
+        engine.compile(backend=setup.compile)
 
     def forward_backward(tokens, targets):
         loss = engine(tokens, targets)
@@ -529,6 +540,8 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="zero_ext wall_clock_breakdown: its phase totals at the last step")
     parser.add_argument("--json", help="write the rows here (rank 0)")
+    parser.add_argument("--compile", metavar="BACKEND",
+                        help="torch.compile every implementation's model with this backend")
     args = parser.parse_args()
     if min(args.steps, args.rounds) < 1 or args.warmup < 2:
         parser.error("--steps and --rounds must be >= 1, --warmup >= 2 (model state is measured "
@@ -547,7 +560,7 @@ def main() -> None:
     setup = Setup(cfg=cfg, device=device, micro_batch=args.micro_batch, bf16=args.dtype == "bf16",
                   bucket_numel=int(args.bucket), torch_adamw=pick_torch_adamw(device),
                   breakdown=args.breakdown,
-                  total_steps=args.warmup + args.steps)
+                  total_steps=args.warmup + args.steps, compile=args.compile)
     gen = torch.Generator(device=device).manual_seed(1000 + rank)  # each rank its own data
     batches = []
     for _ in range(args.warmup + args.steps):
@@ -577,7 +590,8 @@ def main() -> None:
               f"{cfg.vocab}, seq {cfg.seq}: {psi / 1e6:.2f}M params; micro batch "
               f"{args.micro_batch} x {world} rank(s), {args.dtype}, "
               f"{dist.get_backend()}, {where}; torch {torch.__version__}; "
-              f"{args.rounds} round(s) of {args.warmup} warm-up + {args.steps} timed steps",
+              f"{args.rounds} round(s) of {args.warmup} warm-up + {args.steps} timed steps"
+              + (f"; every model torch.compile'd ({args.compile})" if args.compile else ""),
               flush=True)
     # Rounds interleave the implementations in time, so a burst of load from elsewhere on
     # the machine lands on several of them rather than on one.

@@ -9,6 +9,7 @@
     torchrun --nproc_per_node=2 examples/train_gpt.py --steps 300 \
         --config examples/configs/zero3_compress_int8.json   # or zero2_compress_topk.json, ...
     python examples/train_gpt.py --config examples/configs/zero0.json      # one process
+    torchrun --nproc_per_node=2 examples/train_gpt.py --compile inductor   # torch.compile'd
     torchrun --nproc_per_node=2 examples/train_gpt.py --save-dir ckpt --steps 30   # then resume:
     torchrun --nproc_per_node=3 examples/train_gpt.py --save-dir ckpt --resume --steps 60
     # Elastic: a checkpoint every 10 steps; a restarted job (a rank or a node lost) resumes by
@@ -168,6 +169,8 @@ def main() -> None:
                         help="resume from --save-dir's newest checkpoint if there is one "
                              "(for torchrun --max-restarts)")
     parser.add_argument("--sample-log", help="directory: each rank logs the samples it trains")
+    parser.add_argument("--compile", metavar="BACKEND",
+                        help="torch.compile the model with this backend (engine.compile)")
     parser.add_argument("--eval-windows", type=int,
                         help="evaluate on N windows spread evenly over the whole text (default: "
                              "the first 64, which a long text's loss does not represent)")
@@ -184,6 +187,8 @@ def main() -> None:
     engine, _, loader, _ = zero_ext.initialize(
         model=model, config=_config(args), training_data=dataset,
         model_parameters=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+    if args.compile:
+        engine.compile(backend=args.compile)
     accumulation = engine.batch.gradient_accumulation_steps
     device = engine.device
     engine.monitor.total_steps = args.steps  # for the progress bar's ETA
