@@ -3,14 +3,26 @@ eager (engine_cases' TinyNet: a tied head, a frozen and an unused parameter)."""
 
 from __future__ import annotations
 
+import gc
+import sys
 import warnings
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import zero_ext
-from zero_ext import comm
+from zero_ext import checkpointing, comm
 
-from engine_cases import build_model, config, train_engine, train_reference
+from engine_cases import (
+    VOCAB,
+    build_model,
+    config,
+    global_batch,
+    host_params,
+    train_engine,
+    train_reference,
+)
 
 STEPS, ACCUMULATION = 3, 2
 # (stage, dtype, backend): aot_eager traces the forward and its backward graph as inductor
@@ -45,9 +57,59 @@ def _calls() -> dict:
     return out
 
 
+class Checkpointed(nn.Module):
+    """Three residual MLP blocks, each a zero_ext.checkpointing.checkpoint segment."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, 3 * dim), nn.GELU(),
+                                                  nn.Linear(3 * dim, dim)) for _ in range(3))
+        self.head = nn.Linear(dim, VOCAB)
+
+    def forward(self, tokens, targets):
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = h + checkpointing.checkpoint(block, h)
+        return F.cross_entropy(self.head(h).view(-1, VOCAB), targets.view(-1))
+
+
+CHECKPOINTED = [(3, False), (3, True)]  # (stage, cpu_checkpointing), compiled with aot_eager
+
+
+def checkpointed(stage: int, cpu: bool, compiled: bool) -> dict:
+    """3 steps of Checkpointed; what checkpointing counted (segments run, bytes to the host)."""
+    torch.manual_seed(0)
+    model = Checkpointed()
+    cfg = config(stage, "fp32", 1, comm.world_size())
+    cfg["activation_checkpointing"] = {"cpu_checkpointing": cpu}
+    engine, _, _, _ = zero_ext.initialize(model=model, config=cfg)
+    if compiled:
+        engine.compile(backend="aot_eager")
+    checkpointing.counters.reset()
+    unraisable, hook = [], sys.unraisablehook  # errors in __del__ and the like, else only printed
+    sys.unraisablehook = lambda info: unraisable.append(f"{info.exc_type.__name__}: "
+                                                        f"{info.exc_value} in {info.object}")
+    try:
+        for step in range(STEPS):
+            tokens, targets = global_batch(step, comm.world_size(), 1)
+            rank = comm.rank()
+            engine.backward(engine(tokens[0, rank], targets[0, rank]))
+            engine.step()
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    counted = checkpointing.counters
+    return {"params": host_params(model, engine), "segments": counted.segments,
+            "bytes_to_host": counted.bytes_to_host, "unraisable": unraisable}
+
+
 def run() -> dict:
     torch._dynamo.config.cache_size_limit = 64  # one model instance per case
     out = {"calls": _calls()}
+    for stage, cpu in CHECKPOINTED:
+        out[("checkpointed", stage, cpu)] = {compiled: checkpointed(stage, cpu, compiled)
+                                             for compiled in (False, True)}
     for stage, dtype, backend in CASES:
         eager = train_engine(stage, dtype, ACCUMULATION, STEPS)
         compiled = train_engine(stage, dtype, ACCUMULATION, STEPS, compile_backend=backend)

@@ -385,8 +385,7 @@ def _checkpoint(fn: Callable, args: tuple, kwargs: dict, name: str | None):
     elif config.synchronize_checkpoint_boundary and cuda is not None:
         torch.cuda.synchronize(cuda)
     if config.cpu_checkpointing:
-        with _offload_hooks(device):
-            output = torch.utils.checkpoint.checkpoint(run, *tensors, use_reentrant=False)
+        output = _offloaded(run, tensors, device)
     else:
         output = torch.utils.checkpoint.checkpoint(run, *tensors, use_reentrant=False)
     if timing is not None:
@@ -396,6 +395,16 @@ def _checkpoint(fn: Callable, args: tuple, kwargs: dict, name: str | None):
     elif config.synchronize_checkpoint_boundary and cuda is not None:
         torch.cuda.synchronize(cuda)
     return output
+
+
+@torch.compiler.disable
+def _offloaded(run: Callable, tensors: list, device: torch.device):
+    """A segment whose saved inputs go to the host, run as Python even inside a
+    torch.compile'd model (the segment's own computation then runs eagerly too): Dynamo does
+    not follow the saved-tensor hooks that move them, and tracing their bookkeeping objects
+    left them half-built."""
+    with _offload_hooks(device):
+        return torch.utils.checkpoint.checkpoint(run, *tensors, use_reentrant=False)
 
 
 def _name_of(fn) -> str:
