@@ -199,6 +199,12 @@ def main(out: str) -> None:
         if stage == 3:
             accelerator.save_model(model, os.path.join(out, "zero3_saved"))
 
+    # The Accelerator's dynamo_backend: the engine compiles the model (aot_eager: torch's
+    # kernels, so the losses are the eager run's).
+    record, accelerator, model = train(zero(3, dynamo_backend="aot_eager"))
+    results["zero3_compiled"] = record
+    results["zero3_compiled_is_compiled"] = model.is_compiled
+
     # Stopped with save_state mid-epoch, resumed by a new model and Accelerator.
     checkpoint = os.path.join(out, "checkpoint")
     record, _, _ = train(zero(2), stop_at=STOP_AT, save_to=checkpoint)

@@ -79,6 +79,15 @@ def test_final_weights_match_plain_accelerate(runs, stage):
         torch.testing.assert_close(weights[f"zero{stage}"][name], value, rtol=1e-5, atol=1e-6)
 
 
+def test_dynamo_backend_compiles_the_model_through_the_engine(runs):
+    """Accelerator(dynamo_backend=...): engine.compile, as accelerate does for DeepSpeed (before,
+    the backend was dropped without a word)."""
+    _, results, _ = runs
+    assert results["zero3_compiled_is_compiled"] is True
+    for key in ("losses", "grad_norms"):
+        _close(results["zero3_compiled"][key], results["zero3"][key], rtol=1e-6, atol=0)
+
+
 def test_unwrap_model_is_the_users_module(runs):
     _, results, _ = runs
     assert all(results[f"zero{s}_prepared"][2] == "Sequential" for s in STAGES)

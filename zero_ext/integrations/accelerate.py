@@ -176,6 +176,7 @@ class Accelerator(_Accelerator):
             kwargs["lr_scheduler"] = scheduler.lr_scheduler_callable
         engine, engine_optimizer, _, engine_scheduler = zero_ext.initialize(
             model=model, config=engine_config, **kwargs)
+        self._compile(engine)
         engine.log_externally()
         self.engine = engine
         self._engine_optimizer = _EngineOptimizer(engine_optimizer)
@@ -197,6 +198,23 @@ class Accelerator(_Accelerator):
         elif scheduler is not None:
             wrapped_scheduler = _EngineScheduler(engine_scheduler, self._engine_optimizer)
         return engine, self._engine_optimizer, wrapped_scheduler
+
+    def _compile(self, engine) -> None:
+        """The Accelerator's dynamo_backend (`--dynamo_backend`, TorchDynamoPlugin), as
+        accelerate applies it to a DeepSpeed engine: engine.compile, or its regional
+        compilation of the model's repeated blocks."""
+        from accelerate.utils import DynamoBackend
+
+        plugin = self.state.dynamo_plugin
+        if plugin.backend == DynamoBackend.NO:
+            return
+        compile_kwargs = plugin.to_kwargs()
+        if plugin.use_regional_compilation:
+            from accelerate.utils import compile_regions_deepspeed
+
+            compile_regions_deepspeed(engine.module, **compile_kwargs)
+        else:
+            engine.compile(backend=compile_kwargs.pop("backend"), compile_kwargs=compile_kwargs)
 
     # -- training -----------------------------------------------------------------------------
     def backward(self, loss, **kwargs):
