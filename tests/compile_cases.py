@@ -20,6 +20,7 @@ from engine_cases import (
     config,
     global_batch,
     host_params,
+    run,
     train_engine,
     train_reference,
 )
@@ -94,7 +95,7 @@ def checkpointed(stage: int, cpu: bool, compiled: bool) -> dict:
         for step in range(STEPS):
             tokens, targets = global_batch(step, comm.world_size(), 1)
             rank = comm.rank()
-            engine.backward(engine(tokens[0, rank], targets[0, rank]))
+            engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
             engine.step()
         gc.collect()
     finally:
@@ -104,7 +105,7 @@ def checkpointed(stage: int, cpu: bool, compiled: bool) -> dict:
             "bytes_to_host": counted.bytes_to_host, "unraisable": unraisable}
 
 
-def run() -> dict:
+def cases() -> dict:
     torch._dynamo.config.cache_size_limit = 64  # one model instance per case
     out = {"calls": _calls()}
     for stage, cpu in CHECKPOINTED:

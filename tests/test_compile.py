@@ -14,7 +14,7 @@ from engine_cases import assert_matches_reference
 
 @functools.cache
 def _results():
-    return run_group(2, compile_cases.run, timeout=600)
+    return run_group(2, compile_cases.cases, timeout=600)
 
 
 @pytest.mark.parametrize("case", compile_cases.CASES, ids=lambda c: "-".join(map(str, c)))
