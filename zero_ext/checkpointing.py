@@ -100,8 +100,11 @@ def configure(config=None, *, partition_activations: bool | None = None,
                 "activation_checkpointing.contiguous_memory_optimization: DeepSpeed lays out "
                 "partitioned activations in one buffer; with nothing partitioned (data "
                 "parallelism only) the option has no effect")
-    global _config
+    global _config, _offloaded
     _config = section
+    if section.cpu_checkpointing and _offloaded is None:
+        # Made here rather than at import: torch.compiler.disable imports torch._dynamo (~1 s).
+        _offloaded = torch.compiler.disable(_offload_segment)
     return section
 
 
@@ -397,14 +400,17 @@ def _checkpoint(fn: Callable, args: tuple, kwargs: dict, name: str | None):
     return output
 
 
-@torch.compiler.disable
-def _offloaded(run: Callable, tensors: list, device: torch.device):
-    """A segment whose saved inputs go to the host, run as Python even inside a
-    torch.compile'd model (the segment's own computation then runs eagerly too): Dynamo does
-    not follow the saved-tensor hooks that move them, and tracing their bookkeeping objects
-    left them half-built."""
+def _offload_segment(run: Callable, tensors: list, device: torch.device):
+    """A segment whose saved inputs go to the host. Called as `_offloaded`, its
+    torch.compiler.disable'd form (configure() makes it): it runs as Python even inside a
+    torch.compile'd model (the segment's own computation then runs eagerly too), since Dynamo
+    does not follow the saved-tensor hooks that move the inputs, and tracing their bookkeeping
+    objects left them half-built."""
     with _offload_hooks(device):
         return torch.utils.checkpoint.checkpoint(run, *tensors, use_reentrant=False)
+
+
+_offloaded: Callable | None = None
 
 
 def _name_of(fn) -> str:
