@@ -199,6 +199,16 @@ def paired() -> dict:
     return out
 
 
+def hosts_at_start() -> dict:
+    """Right after init_distributed, before the watch's first heartbeat period: which ranks'
+    hosts the watch knows (a stall report names them)."""
+    from zero_ext.comm.watch import current_watch
+
+    comm.init_distributed()
+    watch = current_watch()
+    return {"hosts": dict(watch.nodes.hosts), "beats": watch._beat}
+
+
 def run_cases() -> dict:
     out = {"collectives": collectives(), "all_to_all": all_to_alls()}
     if comm._shared_memory_arena(torch.zeros(1)) is None:

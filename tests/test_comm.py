@@ -4,6 +4,7 @@ shared-memory transport and over gloo's own collectives."""
 import functools
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -244,6 +245,17 @@ def test_gloo_reduce_scatter_is_counted_by_the_path_it_takes(size):
             assert device == ring, (nbytes, me)
             assert cpu == ({peer: nbytes / size for peer in range(size) if peer != me}
                            if paired else ring), (nbytes, me)
+
+
+def test_every_ranks_host_is_known_from_the_start():
+    """init_distributed's topology all-gather tells the watch every rank's host, so a node cut
+    off in the first seconds is named (the heartbeats learn a few hosts per period: before, a
+    partition at step 2 left node 1 knowing only itself)."""
+    results = run_group(3, comm_cases.hosts_at_start)
+    host = socket.gethostname()
+    for result in results:
+        assert result["beats"] == 1, result  # only the beat at the watch's creation
+        assert result["hosts"] == {0: host, 1: host, 2: host}, result
 
 
 def test_all_to_all_on_one_rank_copies():

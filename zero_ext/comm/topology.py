@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from zero_ext.comm import collectives
 from zero_ext.comm.collectives import CommGroup, all_gather, all_gather_object, new_groups
+from zero_ext.comm.watch import current_watch
 
 __all__ = ["Topology", "TopologyError", "current_topology", "detect_topology",
            "hierarchical_all_gather"]
@@ -133,6 +134,12 @@ def detect_topology() -> Topology:
                                                    "LOCAL_WORLD_SIZE")}
     reports = all_gather_object((socket.gethostname(), env)) if size > 1 else \
         [(socket.gethostname(), env)]
+    watch = current_watch()
+    if watch is not None:
+        # Every rank's host known from the start: a stall report names the ranks of a node cut
+        # off in the first seconds, before the heartbeats (a few hosts each) have told them.
+        for r, (host, _) in enumerate(reports):
+            watch.nodes.learn(r, {"host": host})
     topology = Topology(rank, _nodes_from(reports), _source(reports))
     _current = topology
     _current_group = weakref.ref(dist.group.WORLD) if dist.is_initialized() else None
