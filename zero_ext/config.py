@@ -210,9 +210,11 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _warn_ignored(notes: list[str],
-                  headline: str = "these DeepSpeed keys have no effect in zero_ext and are "
-                                  "ignored") -> None:
+_IGNORED = "these DeepSpeed keys have no effect in zero_ext and are ignored"
+
+
+def _warn_keys(notes: list[str], headline: str = _IGNORED) -> None:
+    """One warning about config keys, `headline`: then each of `notes`."""
     # Once per job, not once per rank: every rank parses the same config, rank 0 speaks
     # (torchrun's RANK is set before the script runs, so this holds before init_distributed).
     if not notes or os.environ.get("RANK", "0") != "0":
@@ -248,7 +250,7 @@ class _Section:
         """Build the section from its JSON object; ``data`` is not modified."""
         notes: list[str] = []
         section = cls._parse(data, "", notes)
-        _warn_ignored(notes)
+        _warn_keys(notes)
         return section
 
     @classmethod
@@ -953,9 +955,9 @@ class ZeroOptimizationConfig(_Section):
             used_pin = True
             # Applied, so not among the ignored keys' notes: a warning of its own.
             read_as = json.dumps({"device": "cpu", "pin_memory": bool(pin)})
-            _warn_ignored([f"{legacy_path} is read as {section}: {read_as}"],
-                          headline="DeepSpeed's deprecated offload switch, applied; write the "
-                                   "section instead")
+            _warn_keys([f"{legacy_path} is read as {section}: {read_as}"],
+                       headline="DeepSpeed's deprecated offload switch, applied; write the "
+                                "section instead")
         if pin is not None and not used_pin:
             notes.append(f"{pin_path} (applies only with cpu_offload or cpu_offload_param)")
         return data
@@ -992,9 +994,9 @@ class ZeroOptimizationConfig(_Section):
             why = {"zero_quantized_gradients": "zero_ext.compression.gradients compresses "
                    "the reduction at stages 1-3 (top-k at 0-2)",
                    "zero_quantized_weights": "only stage 3 gathers parameters while training"}
-            _warn_ignored([f"zero_optimization.{name} (DeepSpeed reads it only at stage 3, "
-                           f"the stage is {self.stage}; {detail})"
-                           for name, detail in why.items() if getattr(self, name)])
+            _warn_keys([f"zero_optimization.{name} (DeepSpeed reads it only at stage 3, "
+                        f"the stage is {self.stage}; {detail})"
+                        for name, detail in why.items() if getattr(self, name)])
         # A null section is no offload, as in DeepSpeed (so is an empty one: device "none").
         self.offload_optimizer = _section("offload_optimizer", self.offload_optimizer,
                                           OffloadConfig, optional=True) or OffloadConfig()

@@ -259,15 +259,16 @@ def wire_sends(op: str, nbytes: int, element_size: int, size: int, me: int,
     if size == 1 or nbytes == 0:
         return []
     after, before = (me + 1) % size, (me - 1) % size
-    if op == "all_to_all":
+    # Chunk j to rank j: the all-to-all everywhere, comm/pairs.py's reduce-scatter on gloo.
+    paired_reduce = op == "reduce_scatter" and transport == "gloo" and \
+        worth_pairing(nbytes // size)
+    if op == "all_to_all" or paired_reduce:
         return [(peer, nbytes / size) for peer in range(size) if peer != me]
     if transport == "ring":
         return [(after, ring_elements(op, nbytes, size))]
     if transport not in ("gloo", "gloo-device"):
         raise ValueError(f"zero_ext.comm.wire_sends: transport {transport!r} is not one of "
                          "'ring', 'gloo', 'gloo-device'")
-    if op == "reduce_scatter" and transport == "gloo" and worth_pairing(nbytes // size):
-        return [(peer, nbytes / size) for peer in range(size) if peer != me]
     if op in ("all_reduce", "reduce_scatter"):
         return [(before, float(_gloo_ring_bytes(nbytes, element_size, size, me)))]
     if op == "all_gather":

@@ -139,7 +139,7 @@ def detect_topology() -> Topology:
         # Every rank's host known from the start: a stall report names the ranks of a node cut
         # off in the first seconds, before the heartbeats (a few hosts each) have told them.
         for r, (host, _) in enumerate(reports):
-            watch.nodes.learn(r, {"host": host})
+            watch.nodes.learn(r, host)
     topology = Topology(rank, _nodes_from(reports), _source(reports))
     _current = topology
     _current_group = weakref.ref(dist.group.WORLD) if dist.is_initialized() else None

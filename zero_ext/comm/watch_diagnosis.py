@@ -79,7 +79,7 @@ class StallDiagnosis:
                         states[r] = watch._state()
                     elif watch.store.check([key]):
                         states[r] = json.loads(watch.store.get(key))
-                        watch.nodes.learn(r, states[r])
+                        watch.nodes.learn(r, states[r]["host"])
                     else:
                         states[r] = None
                 return states

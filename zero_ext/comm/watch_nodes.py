@@ -36,14 +36,14 @@ class RankHosts:
     def complete(self) -> bool:
         return len(self.hosts) == self.size
 
-    def learn(self, r: int, heartbeat: dict) -> None:
-        self.hosts.setdefault(r, heartbeat["host"])
+    def learn(self, r: int, host: str) -> None:
+        self.hosts.setdefault(r, host)
 
     def learn_some(self) -> None:
         """A few more ranks' hostnames from their heartbeats (store calls: may raise)."""
         for r in [r for r in range(self.size) if r not in self.hosts][:_HOSTS_PER_BEAT]:
             if self.store.check([self._key(r)]):
-                self.learn(r, json.loads(self.store.get(self._key(r))))
+                self.learn(r, json.loads(self.store.get(self._key(r)))["host"])
 
     def on_hosts(self, ranks: list[int]) -> str:
         """"rank(s) 2, 3 on node1", grouped by host."""
