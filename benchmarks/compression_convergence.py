@@ -65,6 +65,7 @@ RUNS = {
         ("int4+EF", "zero3_compress_int4_ef.json", None),
         ("int4", "zero3_compress_int4_ef.json", "no_ef")],
 }
+TOPK = "top-k 1%+EF"
 GOALS = {"int8": 0.01, "int8+w8": 0.01, "int4+EF": 0.02, "top-k 1%+EF": 0.03}
 NO_GOAL = {"int4": "(no goal: what error feedback closes)",
            "top-k 1% gradient": "(no goal: what sending the momentum closes)",
@@ -154,9 +155,9 @@ def main() -> int:
                         help="run only the rows whose label starts with one of these "
                              "(comma-separated; the uncompressed rows always run)")
     parser.add_argument("--noise-seeds", default="1,2",
-                        help="also train uncompressed stage 2 from these other initial weights, "
-                             "for how far runs that differ only in their seed end apart "
-                             "('' for none)")
+                        help="also train uncompressed stage 2 (and the top-k row, when it "
+                             "runs) from these other initial weights, for how far runs that "
+                             "differ only in their seed end apart ('' for none)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -206,20 +207,30 @@ def main() -> int:
                                                     "drop)") + f"  ({seconds:.0f} s)"
                           + same, flush=True)
         seeds = [int(x) for x in args.noise_seeds.split(",") if x]
+        # The top-k row moves by several per cent with as little as another rounding (its
+        # discrete selections amplify it): it is also trained from the other seeds, each
+        # against uncompressed from the same seed.
+        topk = next((r for r in rows if r["run"] == TOPK and r["stage"] == 2), None)
         for world in ranks if seeds else []:
             config = _config(RUNS[2][0][1], "uncompressed", args, world, tmp)
+            topk_config = _config(topk["config"], None, args, world, tmp) if topk else None
             base = next((r["loss"] for r in rows if r["ranks"] == world and r["stage"] == 2
                          and r["change"] == "uncompressed" and r["loss"]), None)
             for seed in seeds:
                 try:
                     _, loss, seconds = _train(config, world, args, seed)
+                    topk_loss = _train(topk_config, world, args, seed)[1] if topk else None
                 except RuntimeError as error:
-                    print(f"  {world} ranks, stage 2, bf16 seed {seed}: FAILED\n{error}")
+                    print(f"  {world} ranks, stage 2, seed {seed}: FAILED\n{error}")
                     continue
                 gap = None if base is None else loss / base - 1
-                noise.append({"ranks": world, "seed": seed, "loss": loss, "gap": gap})
+                noise.append({"ranks": world, "seed": seed, "loss": loss, "gap": gap,
+                              "topk_loss": topk_loss,
+                              "topk_gap": None if topk_loss is None else topk_loss / loss - 1})
                 print(f"  {world} ranks, stage 2, bf16 seed {seed}  final loss {loss:.4f}"
                       + ("" if gap is None else f", {gap:+.2%} from seed 0")
+                      + ("" if topk_loss is None else f"; {TOPK} {topk_loss:.4f}, "
+                         f"{topk_loss / loss - 1:+.2%} vs bf16")
                       + f"  ({seconds:.0f} s)", flush=True)
     print(f"\n{'ranks':>5} {'stage':>5} {'run':<16} {'config':<40} {'final loss':>10} "
           f"{'vs bf16':>8} {'of drop':>8}  goal")
@@ -240,6 +251,14 @@ def main() -> int:
         if spread:
             print(f"for scale, {world} ranks: uncompressed stage 2 from other seeds ends "
                   + ", ".join(f"{g:+.2%}" for g in spread) + " from seed 0")
+        gaps = [r["gap"] for r in rows if r["ranks"] == world and r["run"] == TOPK
+                and r.get("gap") is not None]
+        gaps += [n["topk_gap"] for n in noise if n["ranks"] == world and n["topk_gap"] is not None]
+        if len(gaps) > 1:
+            mean = sum(gaps) / len(gaps)
+            print(f"{TOPK}, {world} ranks, over {len(gaps)} seeds: "
+                  + ", ".join(f"{g:+.2%}" for g in gaps) + f"; mean {mean:+.2%} "
+                  + _verdict(TOPK, mean))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"rows": rows, "seeds": noise}, f, indent=1)

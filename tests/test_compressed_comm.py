@@ -247,7 +247,9 @@ def top_magnitudes(x: torch.Tensor, k: int) -> torch.Tensor:
 def dgc_reference(inputs: list[list[torch.Tensor]], momentum: float, density: float,
                   all_reduce: bool):
     """DGC step by step for every rank: v += u (u = m u + (1 - m) g), per chunk the top-k of
-    |v| sent as bf16 and taken out of v, u masked; each chunk's sum of what arrived, and for
+    |v| sent as bf16 and taken out of v, u masked, but the rank's own chunk, which never goes on
+    the wire, delivered whole in fp32 (v and u zeroed there); each chunk's sum of what arrived
+    and its owner's own chunk, and for
     all-reduce the owner's top-k of (owner residual + sum). Returns per step the outputs by
     rank, and the states by rank."""
     size = len(inputs)
@@ -268,6 +270,11 @@ def dgc_reference(inputs: list[list[torch.Tensor]], momentum: float, density: fl
             picks = []
             for c in range(size):
                 chunk = v[r][c * N:(c + 1) * N]
+                if c == r:
+                    picks.append((torch.arange(N), chunk.clone()))
+                    chunk.zero_()
+                    u[r][c * N:(c + 1) * N] = 0
+                    continue
                 index = top_magnitudes(chunk, k)
                 values = chunk[index].to(torch.bfloat16)
                 chunk[index] -= values.float()

@@ -308,7 +308,8 @@ def test_fp16_error_feedback_follows_the_loss_scale_and_resets_on_a_skipped_step
 def _topk_sends(states: list[dict], call: list[dict], density: float, momentum: float,
                 world: int) -> list[torch.Tensor]:
     """DGC, per rank: u = m u + (1 - m) g; v += u; per chunk the ceil(density * m) largest |v|
-    are sent and leave v, their u is zeroed. Returns each rank's dense tensor of what it sent."""
+    are sent and leave v, their u is zeroed; all of the rank's own chunk (it never goes on the
+    wire). Returns each rank's dense tensor of what it sent."""
     sends = []
     for rank, record in enumerate(call):
         state = states[rank].setdefault(record["bucket"], {
@@ -320,7 +321,7 @@ def _topk_sends(states: list[dict], call: list[dict], density: float, momentum: 
         sent = torch.zeros_like(record["flat"])
         for chunk in range(world):
             v, u = state["v"][chunk * m:(chunk + 1) * m], state["u"][chunk * m:(chunk + 1) * m]
-            index = v.abs().topk(k).indices
+            index = torch.arange(m) if chunk == rank else v.abs().topk(k).indices
             sent[chunk * m + index] = v[index]
             v[index] = 0
             u[index] = 0
@@ -338,7 +339,6 @@ def test_topk_reduce_scatter_equals_dgc_reference():
         for me, record in enumerate(call):
             expected = sum(s[me * m:(me + 1) * m] for s in sends)
             assert torch.equal(record["out"], expected), (record["bucket"], me)
-            assert (record["out"] != 0).sum() <= 2 * math.ceil(0.25 * m)
 
 
 def test_stage0_topk_gives_every_rank_the_same_gradient():
@@ -413,7 +413,7 @@ def _momentum_reference(results: list[dict], key: str) -> list[tuple[dict, torch
             k = m if step < warmup else math.ceil(density * m)
             for chunk in range(world):
                 part = v[chunk * m:(chunk + 1) * m]
-                index = part.abs().topk(k).indices
+                index = torch.arange(m) if chunk == rank else part.abs().topk(k).indices
                 sent[chunk * m + index] = part[index]
                 part[index] = 0
             if step >= warmup and not stage0:
@@ -460,7 +460,10 @@ def test_compressed_momentum_sends_adams_momentum(key):
             for bucket, moment in steps[step]["exp_avg"].items():
                 arrived = sum(c["out"] for c in result[key]["calls"]
                               if c["step"] == step and c["bucket"] == bucket)
-                assert_close(moment, arrived * clip_coef, rtol=1e-6, atol=1e-9)
+                # Up to fp32 rounding of another summation order (the micro-steps summed
+                # into the gradient, then clipped; own chunks arrive unrounded, in fp32).
+                scale = moment.abs().max().item()
+                assert_close(moment, arrived * clip_coef, rtol=1e-6, atol=1e-7 * scale)
     for record, expected in _momentum_reference(results, key):
         assert torch.equal(record["out"], expected), (key, record["step"], record["bucket"])
 

@@ -397,8 +397,8 @@ class TopkFeedback:
         what is delivered then follows 1-bit Adam's m = beta1 m + (1 - beta1) g. Once per
         step, not per reduction, so the micro-steps of one step build one momentum."""
         for target, index, values in self._delivered:
-            if index is None:
-                target.add_(values, alpha=self.carry)
+            if index is None:  # rounded as the sparse rows' carry (add_'s alpha may fuse)
+                target.add_(values * self.carry)
             else:
                 target.scatter_add_(1, index, values * self.carry)
         self._delivered.clear()
@@ -422,8 +422,8 @@ class TopkFeedback:
 
     def from_flat_total(self, total: Tensor, world: int, momentum: Tensor | None = None) -> None:
         """The inverse of summing flat_total() (and flat_momentum()) over the ranks: this
-        rank's share total / world (every rank can carry any entry: its own chunk's top-k runs
-        locally), the owner residual empty."""
+        rank's share total / world (every rank can carry any entry: its own chunk's share is
+        delivered whole with its next reduction), the owner residual empty."""
         if world != self.world or total.numel() != self.numel:
             raise ValueError(f"zero_ext.comm.TopkFeedback.from_flat_total: expected "
                              f"{self.numel} elements for world {self.world}, got "
@@ -550,18 +550,57 @@ def _check_state(api: str, state: TopkFeedback, numel: int, size: int, owner: bo
             "for this bucket")
 
 
+def _take_own_chunk(state: TopkFeedback, input: Tensor) -> Tensor:
+    """This rank's own chunk, delivered whole (fp32): it never goes on the wire, so nothing is
+    gained by holding any of it back. The chunk's residual and its momentum-corrected gradient
+    (as _select_with_feedback adds it) leave the state; its momentum is masked as every entry
+    sent is."""
+    size, r = state.world, state.rank
+    residual = state.residual.view(size, -1)[r]
+    gradient = input.view(size, -1)[r].float()
+    if state.momentum is None:
+        residual.add_(gradient)
+    else:
+        momentum = state.momentum.view(size, -1)[r]
+        momentum.mul_(state.momentum_factor).add_(gradient, alpha=1.0 - state.momentum_factor)
+        residual.add_(momentum)
+        momentum.zero_()
+    own = residual.clone()
+    residual.zero_()
+    return own
+
+
+def _select_others(state: TopkFeedback, input: Tensor, k: int) -> Tensor:
+    """_select_with_feedback on every chunk but this rank's own: packed rows [world, bytes]
+    whose own row is zeros (the all-to-all hands it back to this rank unread)."""
+    size, r = state.world, state.rank
+    m = input.numel() // size
+    rows = torch.zeros(size, k * (4 + input.element_size()), dtype=torch.uint8,
+                       device=input.device)
+    for first, last in ((0, r), (r + 1, size)):  # the chunks before and after its own
+        if first < last:
+            span = slice(first * m, last * m)
+            momentum = None if state.momentum is None else state.momentum[span]
+            rows[first:last] = _select_with_feedback(
+                state.residual[span], input[span], last - first, k, input.dtype, momentum,
+                state.momentum_factor)
+    return rows
+
+
 def _sparse_scatter_start(input: Tensor, state: TopkFeedback, density: float,
                           residual_factor: float, bucket: int | None):
     """The reduce-scatter half: selects and sends; returns (first handle, chunk_sum) where
-    chunk_sum(), after the handle's wait, gives this rank's chunk of the sum (fp32)."""
+    chunk_sum(), after the handle's wait, gives this rank's chunk of the sum (fp32): what the
+    others sent of it, and all of this rank's own, in rank order."""
     size = world_size()
     m = input.numel() // size
     k = _topk_k(density, m)
     state._scale(residual_factor)
-    rows = _select_with_feedback(state.residual, input, size, k, input.dtype, state.momentum,
-                                 state.momentum_factor)
+    own = _take_own_chunk(state, input)
+    rows = _select_others(state, input, k)
     if state.owner_residual is None:  # sparse_all_reduce's deliveries are its owners'
         state._note_delivery(state.residual, rows, k, input)
+        state._note_delivery(state.residual.view(size, -1)[state.rank], None, 0, own)
     received = torch.empty_like(rows)
     first = all_to_all(received.view(-1), rows.view(-1), async_op=True, bucket=bucket)
 
@@ -569,7 +608,10 @@ def _sparse_scatter_start(input: Tensor, state: TopkFeedback, density: float,
         total = torch.zeros(m, dtype=torch.float32, device=input.device)
         index, values = _unpack(received.view(size, -1), k, input.dtype)
         for sender in range(size):  # in rank order, in fp32: deterministic
-            total.index_add_(0, index[sender], values[sender].float())
+            if sender == state.rank:
+                total.add_(own)
+            else:
+                total.index_add_(0, index[sender], values[sender].float())
         return total
 
     return first, chunk_sum
@@ -581,8 +623,9 @@ def sparse_reduce_scatter(output: Tensor, input: Tensor, *, state: TopkFeedback,
     """comm.reduce_scatter's result from top-k sparsified sends with error feedback and
     momentum correction (DGC): v += u (momentum-corrected gradient), each rank sends per
     destination chunk its k = ceil(density * chunk) largest |v| entries as (int32 index, value
-    in input's dtype) rows in one all-to-all (its own chunk's the same, locally), and keeps the
-    rest in v; the receiver adds what arrived into a zeroed fp32 chunk, in rank order. When
+    in input's dtype) rows in one all-to-all, and keeps the rest in v; its own chunk never goes
+    on the wire, so all of it is delivered at once, in fp32. The receiver adds what arrived and
+    its own chunk into a zeroed fp32 chunk, in rank order. When
     that would not be smaller than the dense chunk (a high warm-up density) the dense
     reduce-scatter runs on everything due, residual included. `residual_factor` scales the
     stored state first (the loss scale changed)."""
