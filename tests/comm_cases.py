@@ -182,6 +182,9 @@ def paired() -> dict:
     x = torch.randn(n * size, generator=torch.Generator().manual_seed(rank))
     out["random"] = {"input": x, "reduce_scatter": torch.empty(n)}
     comm.reduce_scatter(out["random"]["reduce_scatter"], x)
+    shard = x.clone()  # the output a shard of the input, as a bucket's own partition is
+    comm.reduce_scatter(shard.view(size, -1)[rank], shard)
+    out["random"]["into_its_shard"] = shard.view(size, -1)[rank].clone()
     handles, outputs = [], []
     for k in range(5):
         x = torch.full((n * size,), float(1000 * rank + k))

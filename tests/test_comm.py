@@ -217,6 +217,9 @@ def test_gloo_collectives_in_segments(world_size):
     for rank, result in enumerate(results):
         torch.testing.assert_close(result["random"]["reduce_scatter"].double(), total[rank],
                                    rtol=1e-6, atol=1e-5)
+        # Into the input's own shard: the same sum (its chunk read before it is written).
+        assert torch.equal(result["random"]["into_its_shard"],
+                           result["random"]["reduce_scatter"]), rank
     for rank, result in enumerate(results):
         for k, output in enumerate(result["in_flight"]):
             # all-gather: every rank's value k; the all-to-all (k = 2): chunk i from rank i;

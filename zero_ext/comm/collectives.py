@@ -260,9 +260,8 @@ def wire_sends(op: str, nbytes: int, element_size: int, size: int, me: int,
         return []
     after, before = (me + 1) % size, (me - 1) % size
     # Chunk j to rank j: the all-to-all everywhere, comm/pairs.py's reduce-scatter on gloo.
-    paired_reduce = op == "reduce_scatter" and transport == "gloo" and \
-        worth_pairing(nbytes // size)
-    if op == "all_to_all" or paired_reduce:
+    if op == "all_to_all" or (op == "reduce_scatter" and
+                              _pairs_reduce_scatter(transport, nbytes // size)):
         return [(peer, nbytes / size) for peer in range(size) if peer != me]
     if transport == "ring":
         return [(after, ring_elements(op, nbytes, size))]
@@ -279,6 +278,12 @@ def wire_sends(op: str, nbytes: int, element_size: int, size: int, me: int,
                     if virtual < (1 << i) and virtual + (1 << i) < size]
         return [((child + root) % size, float(nbytes)) for child in children]
     raise ValueError(f"zero_ext.comm.wire_sends: unknown collective {op!r}")
+
+
+def _pairs_reduce_scatter(transport: str, peer_bytes: int) -> bool:
+    """Whether a reduce-scatter sending `peer_bytes` to each peer on `transport` (_transport's)
+    is comm/pairs.py's: the one rule, for running it and for counting it."""
+    return transport == "gloo" and worth_pairing(peer_bytes)
 
 
 def _gloo_ring_bytes(nbytes: int, element_size: int, size: int, me: int) -> int:
@@ -700,7 +705,7 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, async_op: bool = F
     if arena is not None:
         arena.reduce_scatter(output, input, watch, record)
         return None
-    if _gloo_on_cpu(input) and worth_pairing(output.numel() * output.element_size()):
+    if _pairs_reduce_scatter(_transport(None, input), output.numel() * output.element_size()):
         work = paired_reduce_scatter(output, input.contiguous(),
                                      *_pair_args(watch, record, None, world_size()))
         return _issued(watch, record, work, async_op)

@@ -185,8 +185,15 @@ def paired_reduce_scatter(output: torch.Tensor, input: torch.Tensor, me: int, si
     arrive are summed in rank order as they do, in fp32 for 16-bit dtypes (fp64 for fp64, the
     dtype itself for integers), so every rank's result is the same function of the inputs."""
     send = input.view(size, -1)
-    floating = input.is_floating_point()
-    wide = torch.float64 if input.dtype == torch.float64 else torch.float32
+    wide = input.dtype
+    if input.is_floating_point():
+        wide = torch.float64 if input.dtype == torch.float64 else torch.float32
+    # The sum runs in the output itself where it has the summing dtype and layout and is not
+    # part of the input (a shard of the bucket it reduces: its own chunk is read last but one).
+    start, end = input.data_ptr(), input.data_ptr() + input.numel() * input.element_size()
+    at = output.data_ptr()
+    apart = at >= end or at + output.numel() * output.element_size() <= start
+    in_place = output.dtype == wide and output.is_contiguous() and apart
 
     def exchange():
         received = torch.empty((size - 1, send.shape[1]), dtype=input.dtype)
@@ -203,9 +210,11 @@ def paired_reduce_scatter(output: torch.Tensor, input: torch.Tensor, me: int, si
                 _wait_all(works[source])
                 part = received[(me - source) % size - 1]
             if total is None:
-                total = part.to(wide if floating else part.dtype, copy=True)
+                total = output.view(-1) if in_place else torch.empty_like(part, dtype=wide)
+                total.copy_(part)
             else:
                 total.add_(part)
-        output.copy_(total.view_as(output))
+        if not in_place:
+            output.copy_(total.view_as(output))
 
     return PairedWork(exchange)
