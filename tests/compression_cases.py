@@ -9,6 +9,7 @@ plain-torch references from them (quantize_dequantize below, the design's quanti
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -336,6 +337,10 @@ def compressed_momentum(stage: int, accumulation: int, steps: int = 4) -> dict:
         return spy_call
 
     engine.compression.reduce = reduce
+    starts = []  # the engine freezes the variance and starts the momentum once
+    start_momentum = engine.compression.start_momentum
+    engine.compression.start_momentum = lambda *a: (starts.append(engine.global_steps),
+                                                    start_momentum(*a))
     after_step = []
     for step in range(steps):
         for micro in range(accumulation):
@@ -351,7 +356,26 @@ def compressed_momentum(stage: int, accumulation: int, steps: int = 4) -> dict:
                        for g in engine.optimizer.param_groups],
             "norm": engine.get_global_grad_norm()})
     return {"calls": spy.calls, "after_step": after_step, "world_size": comm.world_size(),
-            "rank": comm.rank()}
+            "rank": comm.rank(), "starts": starts}
+
+
+def torch_optimizer_frozen() -> list[str]:
+    """freeze_variance with a torch SGD at stage 0 (kept, replicated; an AdamW would be
+    adopted): 4 steps, 2 dense; the warnings the engine gave (rank 0 warns, at the first
+    sparse step only)."""
+    model = build_model()
+    cfg = config(0, "fp32", gradients={"method": "topk", "density": 0.25, "warmup_steps": 2,
+                                       "freeze_variance": True})
+    del cfg["optimizer"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine, _, _, _ = zero_ext.initialize(
+            model=model, config=cfg,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        for step in range(4):
+            _step(engine, step)
+            engine.step()
+    return [str(w.message) for w in caught if "freeze_variance" in str(w.message)]
 
 
 def torch_optimizer_refused() -> str:
@@ -391,6 +415,7 @@ def two_ranks() -> dict:
         "momentum stage 2": compressed_momentum(2, accumulation=2),
         "momentum stage 0": compressed_momentum(0, accumulation=1),
         "momentum with a torch optimizer": torch_optimizer_refused(),
+        "frozen with a torch optimizer": torch_optimizer_frozen(),
         "traffic": _traffic_cases(),
         "qwZ": quantized_weights(),
     }

@@ -466,6 +466,13 @@ def test_compressed_momentum_sends_adams_momentum(key):
                 assert_close(moment, arrived * clip_coef, rtol=1e-6, atol=1e-7 * scale)
     for record, expected in _momentum_reference(results, key):
         assert torch.equal(record["out"], expected), (key, record["step"], record["bucket"])
+    assert [r[key]["starts"] for r in results] == [[2], [2]]  # at the freeze, not every step
+
+
+def test_freeze_variance_warns_once_of_a_torch_optimizer():
+    first, second = (r["frozen with a torch optimizer"] for r in _results("2"))
+    assert len(first) == 1 and not second, (first, second)  # rank 0, at the freeze only
+    assert "SGD" in first[0] and '"optimizer": {"type": "AdamW"}' in first[0], first[0]
 
 
 def test_compressed_momentum_refuses_a_torch_optimizer():

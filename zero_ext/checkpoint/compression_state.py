@@ -128,6 +128,7 @@ def restore(engine, index, own_file: str | None, names: list[str]) -> str:
     if not feedback:
         return "empty"
     compression = engine.compression
+    compression.variance_settled = False  # the loaded optimizer's, found at the next step
     if own_file is not None and _exact_fits(engine, index, names):
         reader = index.reader(own_file)
         compression.load_tensors({key: reader.read(_EXACT + key).to(tensor.device)

@@ -81,6 +81,9 @@ class GradientCompression:
         self.residual_loss_scale: dict[int, float] = {}
         self.density = warmup_density(plan.density, 0, plan.warmup_steps, plan.freeze_variance)
         self._loss_scale = 1.0
+        # Whether this engine has frozen Adam's variance (or, resumed, found it frozen) and
+        # started the momentum: once per run, and again after a checkpoint is loaded.
+        self.variance_settled = False
         if self.gradients in ("int8", "int4") and plan.error_feedback:
             topology = comm.current_topology()
             for layout in layouts:
@@ -149,10 +152,11 @@ class GradientCompression:
 
     def freezes_variance_at(self, step: int) -> bool:
         """Whether Adam's second moment is to be frozen before optimizer step `step`'s
-        reductions: freeze_variance, once the dense warm-up is over (the engine freezes it
-        once; the frozen state lives in the optimizer's param groups and checkpoints)."""
+        reductions: freeze_variance, at the first step after the dense warm-up that this
+        engine runs (the frozen state lives in the optimizer's param groups and checkpoints;
+        the engine sets `variance_settled` once it has frozen or found it frozen)."""
         return self.gradients == "topk" and self.plan.freeze_variance and \
-            step >= self.plan.warmup_steps
+            step >= self.plan.warmup_steps and not self.variance_settled
 
     def reset(self) -> None:
         """The engine skipped the step (fp16 overflow): every residual is zeroed. The residuals

@@ -90,17 +90,18 @@ def _step_with(engine, grads: list[torch.Tensor] | None, backwards: int) -> bool
 
 
 def freeze_variance(engine) -> None:
-    """Top-k's freeze_variance, at the first sparse step (every rank at the same step: it
-    follows global_steps). zero_ext's AdamW only; a torch optimizer is warned about."""
+    """Top-k's freeze_variance, at the engine's first sparse step (every rank at the same
+    step: it follows global_steps), once. zero_ext's AdamW only; a torch optimizer is warned
+    about."""
+    engine.compression.variance_settled = True
     if engine.replicated_optimizer is not None:
-        if not getattr(engine, "_warned_freeze", False) and engine.rank == 0:
+        if engine.rank == 0:
             warnings.warn(
                 f"zero_ext: freeze_variance applies to zero_ext's AdamW; the "
                 f"{type(engine.replicated_optimizer).__name__} given to initialize keeps "
                 "updating its second moment (top-k gradients then move rarely-sent entries "
                 "less far); configure \"optimizer\": {\"type\": \"AdamW\"} instead",
                 stacklevel=3)
-        engine._warned_freeze = True
         return
     optimizer, compression = engine.optimizer, engine.compression
     groups, shards = optimizer.param_groups, optimizer.shards
