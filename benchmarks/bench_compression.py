@@ -72,6 +72,7 @@ VARIANTS = {
     "s2-topk": (2, {"gradients": {"method": "topk", "density": DENSITY, "momentum": 0.9}}),
 }
 BASELINE = {3: "s3-bf16", 2: "s2-bf16"}
+REDUCE_BUCKET = 50_000_000  # elements: the whole model in one bucket (--bucket)
 SPEEDUP_GOAL, UNCAPPED_COST_GOAL = 1.7, 0.05
 
 
@@ -80,7 +81,7 @@ def _config(variant: str, accumulation: int) -> dict:
     config = {"train_micro_batch_size_per_gpu": MICRO,
               "gradient_accumulation_steps": accumulation, "bf16": {"enabled": True},
               "zero_optimization": {"stage": stage, "overlap_comm": True,
-                                    "reduce_bucket_size": 50_000_000,
+                                    "reduce_bucket_size": REDUCE_BUCKET,
                                     "stage3_param_persistence_threshold": 1000},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "steps_per_print": 10**9}
     if compression:
@@ -243,6 +244,7 @@ def _run_two_nodes(rate: str | None, args, env: dict) -> dict:
             f"--rdzv_endpoint=$NODE0_ADDR:29541 --rdzv_id=zxc-{secrets.token_hex(4)}")
     command = (f"{sys.executable} {rdzv} {os.path.abspath(__file__)} --worker "
                f"--steps {_steps(rate, args)} --accumulation {args.accumulation} "
+               f"--bucket {args.bucket} "
                f"--variants {args.variants}")
     with TwoNodes(rate=rate) as nodes:
         results = nodes.run([command, command], timeout=args.timeout, cwd=ROOT, env=env)
@@ -370,11 +372,16 @@ def main() -> int:
                         help="timed steps per variant on the uncapped link")
     parser.add_argument("--accumulation", type=int, default=ACCUMULATION,
                         help="micro-steps per optimizer step")
+    parser.add_argument("--bucket", type=int, default=REDUCE_BUCKET,
+                        help="reduce_bucket_size (elements) of every variant; the default puts "
+                             "the whole model in one bucket, so a micro-step's reduction starts "
+                             "after its backward")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per two-node run")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: the 1gbit link only, 2 timed steps")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    globals()["REDUCE_BUCKET"] = args.bucket  # what _config reads, here and in the workers
     if args.quick:
         args.rates, args.steps, args.uncapped_steps = "1gbit", 2, 2
     unknown = set(args.variants.split(",")) - set(VARIANTS)
@@ -396,7 +403,7 @@ def main() -> int:
     params = sum(p.numel() for p in _build().parameters())
     print(f"GPT {MODEL} ({params / 1e6:.2f}M parameters), bf16, micro-batch {MICRO} x "
           f"{MODEL['block']} tokens per rank, {args.accumulation} micro-steps per step, "
-          f"overlap_comm on, quantization block {BLOCK}; 2 nodes x 1 rank, one thread per rank; "
+          f"overlap_comm on, reduce_bucket_size {args.bucket}, quantization block {BLOCK}; 2 nodes x 1 rank, one thread per rank; "
           f"{_load()}")
     rows, quant_ops = [], {}
     for rate in args.rates.split(","):

@@ -378,14 +378,16 @@ class TopkFeedback:
         self._delivered.clear()
 
     def _note_delivery(self, target: Tensor, rows: Tensor | None, k: int,
-                       values: Tensor) -> None:
+                       values: Tensor, kept: bool = False) -> None:
         """Under compressed momentum, remembers what left `target` for good this reduction:
         the packed `rows` ([chunks, k] entries of `target` viewed [chunks, -1]), or with rows
-        None all of `values` (the dense path)."""
+        None all of `values` (the dense path; `kept`: fp32 values nobody changes, kept
+        as they are rather than copied)."""
         if not self.carry:
             return
         if rows is None:
-            self._delivered.append((target, None, values.to(torch.float32, copy=True)))
+            self._delivered.append((target, None, values if kept else
+                                    values.to(torch.float32, copy=True)))
         else:
             index, sent = _unpack(rows, k, values.dtype)
             self._delivered.append((target.view(rows.shape[0], -1), index, sent.float()))
@@ -557,15 +559,14 @@ def _take_own_chunk(state: TopkFeedback, input: Tensor) -> Tensor:
     sent is."""
     size, r = state.world, state.rank
     residual = state.residual.view(size, -1)[r]
-    gradient = input.view(size, -1)[r].float()
+    gradient = input.view(size, -1)[r]  # read as fp32 by the adds, never copied to it
     if state.momentum is None:
-        residual.add_(gradient)
+        own = residual.add(gradient)
     else:
         momentum = state.momentum.view(size, -1)[r]
         momentum.mul_(state.momentum_factor).add_(gradient, alpha=1.0 - state.momentum_factor)
-        residual.add_(momentum)
+        own = residual.add(momentum)
         momentum.zero_()
-    own = residual.clone()
     residual.zero_()
     return own
 
@@ -600,7 +601,8 @@ def _sparse_scatter_start(input: Tensor, state: TopkFeedback, density: float,
     rows = _select_others(state, input, k)
     if state.owner_residual is None:  # sparse_all_reduce's deliveries are its owners'
         state._note_delivery(state.residual, rows, k, input)
-        state._note_delivery(state.residual.view(size, -1)[state.rank], None, 0, own)
+        state._note_delivery(state.residual.view(size, -1)[state.rank], None, 0, own,
+                             kept=True)
     received = torch.empty_like(rows)
     first = all_to_all(received.view(-1), rows.view(-1), async_op=True, bucket=bucket)
 
