@@ -283,10 +283,11 @@ def dgc_reference(inputs: list[list[torch.Tensor]], momentum: float, density: fl
             sent.append(picks)
         sums = []
         for c in range(size):
-            total = torch.zeros(N)
+            total = sent[c][c][1].clone()  # the owner's own chunk, then the others in rank order
             for r in range(size):
-                index, values = sent[r][c]
-                total.index_add_(0, index, values.float())
+                if r != c:
+                    index, values = sent[r][c]
+                    total.index_add_(0, index, values.float())
             sums.append(total)
         if all_reduce:
             full = torch.zeros(size * N, dtype=torch.bfloat16)

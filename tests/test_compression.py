@@ -337,7 +337,8 @@ def test_topk_reduce_scatter_equals_dgc_reference():
         sends = _topk_sends(states, call, 0.25, 0.5, 2)
         m = call[0]["flat"].numel() // 2
         for me, record in enumerate(call):
-            expected = sum(s[me * m:(me + 1) * m] for s in sends)
+            part = slice(me * m, (me + 1) * m)  # its own chunk, then the others in rank order
+            expected = sends[me][part] + sum(s[part] for r, s in enumerate(sends) if r != me)
             assert torch.equal(record["out"], expected), (record["bucket"], me)
 
 
@@ -360,7 +361,8 @@ def test_stage0_topk_gives_every_rank_the_same_gradient():
         expected = torch.zeros_like(call[0]["flat"])
         for chunk in range(2):
             part = slice(chunk * m, (chunk + 1) * m)
-            dense = sum(s[part] for s in sends) + owner.get((call[0]["bucket"], chunk), 0)
+            dense = sends[chunk][part] + sum(s[part] for r, s in enumerate(sends) if r != chunk) \
+                + owner.get((call[0]["bucket"], chunk), 0)
             index = dense.abs().topk(k).indices
             expected[chunk * m + index] = dense[index]
             dense[index] = 0
@@ -422,7 +424,7 @@ def _momentum_reference(results: list[dict], key: str) -> list[tuple[dict, torch
         expected = torch.zeros(n)
         for chunk in range(world):
             part = slice(chunk * m, (chunk + 1) * m)
-            total = sum(s[part] for s in sends)
+            total = sends[chunk][part] + sum(s[part] for r, s in enumerate(sends) if r != chunk)
             if stage0 and step >= warmup:  # the owner's second selection
                 total = total + owner[(bucket, chunk)]
                 index = total.abs().topk(math.ceil(density * m)).indices

@@ -591,8 +591,8 @@ def _select_others(state: TopkFeedback, input: Tensor, k: int) -> Tensor:
 def _sparse_scatter_start(input: Tensor, state: TopkFeedback, density: float,
                           residual_factor: float, bucket: int | None):
     """The reduce-scatter half: selects and sends; returns (first handle, chunk_sum) where
-    chunk_sum(), after the handle's wait, gives this rank's chunk of the sum (fp32): what the
-    others sent of it, and all of this rank's own, in rank order."""
+    chunk_sum(), after the handle's wait, gives this rank's chunk of the sum (fp32): all of this
+    rank's own, then what the others sent of it, in rank order."""
     size = world_size()
     m = input.numel() // size
     k = _topk_k(density, m)
@@ -607,12 +607,12 @@ def _sparse_scatter_start(input: Tensor, state: TopkFeedback, density: float,
     first = all_to_all(received.view(-1), rows.view(-1), async_op=True, bucket=bucket)
 
     def chunk_sum(rows=rows) -> Tensor:
-        total = torch.zeros(m, dtype=torch.float32, device=input.device)
+        # This rank's own chunk, then what the others sent in rank order, in fp32:
+        # deterministic. The own chunk is the sum's buffer unless the carry keeps it.
+        total = own.clone() if state.carry else own
         index, values = _unpack(received.view(size, -1), k, input.dtype)
-        for sender in range(size):  # in rank order, in fp32: deterministic
-            if sender == state.rank:
-                total.add_(own)
-            else:
+        for sender in range(size):
+            if sender != state.rank:
                 total.index_add_(0, index[sender], values[sender].float())
         return total
 
@@ -626,8 +626,8 @@ def sparse_reduce_scatter(output: Tensor, input: Tensor, *, state: TopkFeedback,
     momentum correction (DGC): v += u (momentum-corrected gradient), each rank sends per
     destination chunk its k = ceil(density * chunk) largest |v| entries as (int32 index, value
     in input's dtype) rows in one all-to-all, and keeps the rest in v; its own chunk never goes
-    on the wire, so all of it is delivered at once, in fp32. The receiver adds what arrived and
-    its own chunk into a zeroed fp32 chunk, in rank order. When
+    on the wire, so all of it is delivered at once, in fp32. The receiver adds what arrived to
+    its own chunk, in fp32, in rank order. When
     that would not be smaller than the dense chunk (a high warm-up density) the dense
     reduce-scatter runs on everything due, residual included. `residual_factor` scales the
     stored state first (the loss scale changed)."""
