@@ -120,6 +120,41 @@ def topk(all_reduce: bool, momentum: float, steps: int = 4, density: float = 0.1
     return out
 
 
+def topk_torch_path() -> dict:
+    """The same fp32 top-k reductions (no ties at the k-th) through the C++ op and through the
+    torch ops that devices without the op's kernel take (CUDA), both with momentum, for
+    reduce-scatter and all-reduce: each path's outputs and final state."""
+    from zero_ext.comm import compressed
+
+    size = comm.world_size()
+    numel = UNEVEN * size
+    out = {}
+    op_path = compressed._select_with_feedback
+    for path in ("op", "torch"):
+        if path == "torch":
+            compressed._select_with_feedback = \
+                lambda residual, grad, chunks, k, dtype, momentum=None, momentum_factor=0.0: \
+                compressed._select_with_feedback_torch(residual, grad, chunks, k, dtype,
+                                                       momentum, momentum_factor)
+        try:
+            for all_reduce in (False, True):
+                state = comm.TopkFeedback(numel, size, momentum=0.5, all_reduce=all_reduce)
+                outputs = []
+                for step in range(3):
+                    x = _inputs(60 + step, numel)
+                    if all_reduce:
+                        y = x.clone()
+                        comm.sparse_all_reduce(y, state=state, density=0.1)
+                    else:
+                        y = torch.empty(UNEVEN)
+                        comm.sparse_reduce_scatter(y, x, state=state, density=0.1)
+                    outputs.append(y)
+                out[(path, all_reduce)] = {"outputs": outputs, "state": state.tensors()}
+        finally:
+            compressed._select_with_feedback = op_path
+    return out
+
+
 def dense_fallback() -> dict:
     """Density 0.5: (index, value) pairs would not be smaller than the dense chunk (bf16: 6
     bytes against 2 a pair; fp32: 8 against 4), so the dense collectives run on everything due
@@ -225,6 +260,7 @@ def run_cases(nodes: bool) -> dict:
            "gather": quantized_all_gathers(),
            "topk_rs": topk(False, 0.0), "topk_rs_momentum": topk(False, 0.9),
            "topk_ar": topk(True, 0.0), "topk_ar_momentum": topk(True, 0.9),
+           "topk_torch_path": topk_torch_path(),
            "dense": dense_fallback(), "bytes": wire_bytes()}
     if comm.world_size() == 2:
         out["stall"] = stalled_reduce_scatter()

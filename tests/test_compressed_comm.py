@@ -337,6 +337,21 @@ def test_topk_delivers_the_top_k_of_each_residual(world_size, all_reduce, moment
                                                          results[0]["outputs"]))
 
 
+@pytest.mark.parametrize("world_size", WORLDS)
+def test_topk_torch_path_equals_the_op(world_size):
+    """The torch ops CUDA tensors take (no CUDA kernel) reduce as the C++ op does, own chunk
+    and slices of the residual included: fp32 inputs, so no ties decide the set."""
+    for result in _results(world_size):
+        paths = result["topk_torch_path"]
+        for all_reduce in (False, True):
+            op, torch_path = paths[("op", all_reduce)], paths[("torch", all_reduce)]
+            for a, b in zip(op["outputs"], torch_path["outputs"]):
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+            for name, tensor in op["state"].items():
+                torch.testing.assert_close(torch_path["state"][name], tensor, rtol=1e-6,
+                                           atol=1e-7)
+
+
 @pytest.mark.parametrize("all_reduce", [False, True], ids=["reduce_scatter", "all_reduce"])
 @pytest.mark.parametrize("world_size", WORLDS)
 def test_topk_accounts_for_every_input_exactly(world_size, all_reduce):
