@@ -627,9 +627,9 @@ def sparse_reduce_scatter(output: Tensor, input: Tensor, *, state: TopkFeedback,
     destination chunk its k = ceil(density * chunk) largest |v| entries as (int32 index, value
     in input's dtype) rows in one all-to-all, and keeps the rest in v; its own chunk never goes
     on the wire, so all of it is delivered at once, in fp32. The receiver adds what arrived to
-    its own chunk, in fp32, in rank order. When
-    that would not be smaller than the dense chunk (a high warm-up density) the dense
-    reduce-scatter runs on everything due, residual included. `residual_factor` scales the
+    its own chunk, in fp32, in rank order. When that would not be smaller than the dense chunk
+    (a high warm-up density) the dense reduce-scatter runs on everything due, residual
+    included. `residual_factor` scales the
     stored state first (the loss scale changed)."""
     size = world_size()
     _check_scatter("sparse_reduce_scatter", output, input, size)
