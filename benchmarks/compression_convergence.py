@@ -20,7 +20,10 @@ windows spread evenly over the whole text (the same for every run); every run st
 same seed and sees the same batches, so the gap comes from the compression alone, amplified
 as any small change of the run is: for that floor the table also shows how far uncompressed
 stage 2 and stage 3 end apart (the same mathematics, reduced in another order), and for scale
-uncompressed stage 2 started from other random weights (--noise-seeds).
+uncompressed stage 2 started from other random weights (--noise-seeds). The top-k row is also
+trained from those seeds, each against uncompressed from the same seed, and its goal judged on
+the mean gap: a top-k run's final loss moves by several per cent with as little as another
+rounding (benchmarks/RESULTS.md).
 
     python benchmarks/compression_convergence.py                   # ~20 min on 2 idle cores
     python benchmarks/compression_convergence.py --steps 60 --ranks 2 --stages 2
