@@ -84,3 +84,24 @@ def test_two_nodes_train_like_one_node(tmp_path):
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1.3e-6, atol=1e-5,
                                    msg=lambda m, name=name: f"{name}: two nodes vs one: {m}")
+
+
+def test_tbf_burst_follows_tc_tbf_rule():
+    # tc-tbf(8): at least rate / HZ bytes (HZ 250 here: 1 Gbit/s -> 500,000), and a whole
+    # 64 KiB TCP segmentation packet with its headers (below that tbf segments in software).
+    from two_nodes import tbf_burst
+
+    assert tbf_burst("1gbit") == "500000b"
+    assert tbf_burst("300mbit") == "150000b"
+    assert tbf_burst("20mbit") == f"{128 << 10}b"
+    with pytest.raises(ValueError, match="300mbit"):
+        tbf_burst("300mbps")
+
+
+@pytest.mark.skipif(not available()[0], reason=available()[1] or "two nodes available")
+def test_a_capped_link_gets_the_rates_bucket():
+    with TwoNodes(rate="1gbit") as nodes:
+        for ns, veth in zip(nodes.namespaces, nodes.veths):
+            shown = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev",
+                                    veth], capture_output=True, text=True, check=True).stdout
+            assert re.search(r"\btbf\b.* rate 1Gbit burst 500000b ", shown), shown

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import secrets
 import shutil
@@ -69,6 +70,29 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+# tc's rate units (bits per second); "bps" would be bytes, which nothing here uses.
+_RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
+_HZ = 250  # this kernel's CONFIG_HZ, for tc-tbf(8)'s rule below
+
+
+def tbf_burst(rate: str) -> str:
+    """The tbf bucket for `rate`: the larger of tc-tbf(8)'s minimum, rate / HZ bytes (the
+    tokens of one timer tick), and 128 KiB. The floor keeps a whole 64 KiB TCP segmentation
+    packet (plus headers) within the bucket: tbf segments a larger one in software, on the
+    cores the ranks compute on. With the former fixed 64 KiB bucket at 1 Gbit/s (below both),
+    that segmentation, its drops and the retransmissions cost each rank 0.2-0.4 CPU s per step
+    of bench_compression's GPT, 4% more bytes on the wire, and a stage-3 bf16 step 0.88 s
+    against 0.70 s (benchmarks/RESULTS.md, "the link's emulation"): the emulator, not the
+    link, held the step back."""
+    number = rate.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = rate[len(number):]
+    if unit not in _RATE_UNITS or not number:
+        raise ValueError(f"two_nodes: rate {rate!r} is not a number with one of the units "
+                         f"{', '.join(_RATE_UNITS)} (tc's syntax, e.g. 300mbit)")
+    tick = float(number) * _RATE_UNITS[unit] / 8 / _HZ
+    return f"{max(128 << 10, math.ceil(tick))}b"
+
+
 @dataclasses.dataclass
 class NodeResult:
     node: int          # node rank, 0 or 1
@@ -82,14 +106,17 @@ class NodeResult:
 class TwoNodes:
     """A context manager: two namespaced nodes while inside, nothing left after."""
 
-    def __init__(self, rate: str | None = None, burst: str = "64kb", latency: str = "100ms"):
-        """rate (tc syntax, e.g. "200mbit"): cap each direction of the link with tbf."""
+    def __init__(self, rate: str | None = None, burst: str | None = None,
+                 latency: str = "100ms"):
+        """rate (tc syntax, e.g. "200mbit"): cap each direction of the link with tbf; burst
+        (tc syntax) None: tbf_burst(rate)."""
         self.suffix = secrets.token_hex(3)
         self.namespaces = [f"zx2n-{self.suffix}-{k}" for k in range(2)]
         self.veths = [f"zx{self.suffix}n{k}" for k in range(2)]  # at most 15 characters
         self.addresses = [f"{SUBNET}.{k + 1}" for k in range(2)]
         self.hostnames = [f"node{k}" for k in range(2)]
-        self.rate, self.burst, self.latency = rate, burst, latency
+        self.rate, self.latency = rate, latency
+        self.burst = burst or (tbf_burst(rate) if rate else None)
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.hosts_file = ""
 
@@ -308,7 +335,7 @@ class Running:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", help="cap the link with tbf at this rate, e.g. 200mbit")
-    parser.add_argument("--burst", default="64kb", help="tbf burst (with --rate)")
+    parser.add_argument("--burst", help="tbf burst (with --rate; default: tbf_burst(rate))")
     parser.add_argument("--latency", default="100ms", help="tbf latency (with --rate)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds for both commands")
     parser.add_argument("--node1", help="node 1's command (default: the same as node 0's)")
