@@ -80,10 +80,11 @@ def tbf_burst(rate: str) -> str:
     tokens of one timer tick), and 128 KiB. The floor keeps a whole 64 KiB TCP segmentation
     packet (plus headers) within the bucket: tbf segments a larger one in software, on the
     cores the ranks compute on. With the former fixed 64 KiB bucket at 1 Gbit/s (below both),
-    that segmentation, its drops and the retransmissions cost each rank 0.2-0.4 CPU s per step
-    of bench_compression's GPT, 4% more bytes on the wire, and a stage-3 bf16 step 0.88 s
-    against 0.70 s (benchmarks/RESULTS.md, "the link's emulation"): the emulator, not the
-    link, held the step back."""
+    that segmentation and the per-packet work after it cost each rank 0.2-0.4 CPU s per step of
+    bench_compression's GPT (the veth's counters saw 4.5% more bytes: a header per 1500-byte
+    packet instead of per 64 KiB one), and a stage-3 bf16 step took 0.88 s against 0.70 s
+    (benchmarks/RESULTS.md, "the link's emulation"): the emulator, not the link, held the step
+    back."""
     number = rate.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = rate[len(number):]
     if unit not in _RATE_UNITS or not number:
