@@ -16,9 +16,8 @@ With gloo (collectives on the CPU) it also measures each collective's work on th
 CPU seconds (user + system, every thread: gloo's and the kernel's TCP work done in them) the
 rank's process spends per run, the slowest rank's mean, fitted the same way (`host_fits`). That
 work competes with the compute for the same cores (zero_ext/scaling.py, Cluster.host), and it
-is per byte on the link the job really has: on the tbf-capped veth link of
-benchmarks/bench_two_nodes.py TCP costs several times the CPU per byte of the uncapped one
-(docs/scaling.md). Work the kernel does outside the rank's threads (ksoftirqd) is not counted.
+is per byte on the link the job really has: how the link is shaped changes it severalfold (on
+benchmarks/bench_two_nodes.py's tbf-capped veth link, docs/scaling.md). Work the kernel does outside the rank's threads (ksoftirqd) is not counted.
 """
 
 from __future__ import annotations
