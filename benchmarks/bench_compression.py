@@ -34,7 +34,11 @@ the reduce-scatter's bytes (int8: r = 0.51, 1.49x at A = 2): the printout shows 
 row. The model is sized so the capped link dominates the step;
 what else holds a row back (the rank's CPU: gloo's and the kernel's TCP work and the
 quantization, on 2 shared cores) is printed as the rank's process CPU seconds per step and the
-quantization ops' CPU seconds measured on the same cores.
+quantization ops' CPU seconds measured on the same cores. "kflt" is the page faults per step
+of the rank with most: glibc hands large freed buffers back to the kernel when enough of them
+are freed at once, and the next step faults them in again, zeroed (4 KiB each); whether it
+does depends on the layout of the whole heap, so it changes from run to run and is the main
+reason the uncapped rows swing between runs (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import functools
 import json
 import math
 import os
+import resource
 import secrets
 import statistics
 import sys
@@ -116,6 +121,7 @@ def _train(variant: str, steps: int, accumulation: int, warmup: int = 2) -> dict
             comm.traffic.reset()
             phases = dict.fromkeys(phases, 0.0)
             sent = _link_tx_bytes()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         comm.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(accumulation):
@@ -136,9 +142,12 @@ def _train(variant: str, steps: int, accumulation: int, warmup: int = 2) -> dict
             cpu_s.append(time.process_time() - c0)
     wire = (_link_tx_bytes() - sent) / steps
     traffic = comm.traffic.snapshot()
+    # Page faults per step of the rank with most (after the counters' snapshot: not counted).
+    most = torch.tensor([(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps])
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
     per_step = {name: seconds / steps for name, seconds in phases.items()}
     out = {"step": statistics.median(steps_s), "steps": steps_s, "cpu": statistics.median(cpu_s),
-           "wire": wire, "loss": float(loss), "compression": _engine_compression(engine),
+           "wire": wire, "faults": float(most), "loss": float(loss), "compression": _engine_compression(engine),
            "intra": {op: b / steps for op, b in traffic.intra_node_bytes.items()},
            "inter": {op: b / steps for op, b in traffic.inter_node_bytes.items()},
            "calls": {op: c / steps for op, c in traffic.calls.items()}} | per_step
@@ -282,10 +291,10 @@ def _print_rate(rate: str, got: dict, args) -> list[tuple]:
     rows = []
     print(f"\n{rate}: s/step = median of {_steps(rate, args)} steps of {args.accumulation} "
           "micro-steps (rank 0); CPU = rank 0's process CPU s per step; MB = 1e6 bytes per "
-          "step per rank")
+          "step per rank; kflt = thousands of page faults per step, the rank with most")
     print(f"{'variant':>8} {'s/step':>7} {'speedup':>7} {'CPU s':>6} {'fwd':>6} {'bwd':>6} "
           f"{'opt':>6} {'inter MB':>9} {'intra MB':>9} {'planned':>8} {'cnt/pln':>7} "
-          f"{'bound':>6} {'wire MB':>8} {'wire x':>6}")
+          f"{'bound':>6} {'wire MB':>8} {'wire x':>6} {'kflt':>5}")
     world = got["world"]
     for name, r in got["variants"].items():
         stage = VARIANTS[name][0]
@@ -299,7 +308,8 @@ def _print_rate(rate: str, got: dict, args) -> list[tuple]:
               f"{r['forward']:>6.3f} {r['backward']:>6.3f} {r['optimizer']:>6.3f} "
               f"{inter / 1e6:>9.3f} {intra / 1e6:>9.3f} {planned / 1e6:>8.3f} "
               f"{counted / planned:>7.3f} {dense / counted:>5.2f}x {r['wire'] / 1e6:>8.3f} "
-              f"{(base['wire'] if base else float('nan')) / r['wire']:>5.2f}x")
+              f"{(base['wire'] if base else float('nan')) / r['wire']:>5.2f}x "
+              f"{r['faults'] / 1e3:>5.1f}")
         rows.append((rate, name, speedup, r))
     ops = {op for r in got["variants"].values() for op in {**r["inter"], **r["intra"]}}
     for name, r in got["variants"].items():

@@ -359,6 +359,22 @@ class TopkFeedback:
         # all of it, values).
         self.carry = 0.0
         self._delivered: list[tuple[Tensor, Tensor | None, Tensor]] = []
+        self._own_sum: Tensor | None = None
+
+    def own_sum_buffer(self) -> Tensor:
+        """The fp32 buffer [numel / world] of one reduction's chunk sum. On CPU one buffer,
+        kept from reduction to reduction (the reductions of a bucket never overlap): a new
+        one of this size each time is new pages from the kernel as often as not (glibc trims
+        the heap as two such buffers are freed together), zeroed and faulted in, which took
+        one rank ~108 MB of page faults per step in bench_compression's top-k row. Elsewhere
+        (CUDA's caching allocator reuses memory itself), and where the carry keeps the sum
+        until the step ends, a new one."""
+        shape, device = (self.numel // self.world,), self.residual.device
+        if self.carry or device.type != "cpu":
+            return torch.empty(shape, dtype=torch.float32, device=device)
+        if self._own_sum is None:
+            self._own_sum = torch.empty(shape, dtype=torch.float32)
+        return self._own_sum
 
     def tensors(self) -> dict[str, Tensor]:
         """The live state tensors by name (for checkpoints; scaling them in place is seen)."""
@@ -525,7 +541,7 @@ def _dense(state: TopkFeedback, input: Tensor) -> Tensor:
     """Everything due, as `input`'s dtype (the dense path, when sparse would not be smaller):
     the gradient, the residual and the momentum still pending (m / (1 - m) u), which leave the
     state but for the rounding error."""
-    state.residual.add_(input.float())
+    ops.flatten_into_(state.residual, [input], [0], accumulate=True)  # no fp32 copy of input
     if state.momentum is not None:
         m = state.momentum_factor
         state.residual.add_(state.momentum, alpha=m / (1.0 - m))
@@ -559,13 +575,17 @@ def _take_own_chunk(state: TopkFeedback, input: Tensor) -> Tensor:
     sent is."""
     size, r = state.world, state.rank
     residual = state.residual.view(size, -1)[r]
-    gradient = input.view(size, -1)[r]  # read as fp32 by the adds, never copied to it
+    gradient = input.view(size, -1)[r]
+    # The gradient is read into fp32 once, into the result's buffer: fp32 += a 16-bit tensor
+    # (add_) would first copy it to a temporary fp32 tensor of its size.
+    own = state.own_sum_buffer()
+    own.copy_(gradient)
     if state.momentum is None:
-        own = residual.add(gradient)
+        own.add_(residual)
     else:
         momentum = state.momentum.view(size, -1)[r]
-        momentum.mul_(state.momentum_factor).add_(gradient, alpha=1.0 - state.momentum_factor)
-        own = residual.add(momentum)
+        momentum.mul_(state.momentum_factor).add_(own, alpha=1.0 - state.momentum_factor)
+        torch.add(residual, momentum, out=own)
         momentum.zero_()
     residual.zero_()
     return own
