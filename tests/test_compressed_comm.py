@@ -506,3 +506,31 @@ def test_top_magnitudes_is_torch_topks_set_on_large_rows():
     picked = top_magnitudes(spiky, k)
     assert 3 in picked[0].tolist() and 5 in picked[1].tolist()
     assert [set(r.tolist()) for r in picked][1] == _top_set(spiky[1:], k)[0]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_topk_own_chunk_allocates_nothing_of_its_size_after_the_first(momentum):
+    """A top-k reduction's own chunk (fp32 sum) reuses one buffer on CPU, and a bf16 gradient is
+    read into it: fp32.add_(bf16) would first copy the gradient to a new fp32 tensor of its
+    size, and a new chunk-sized buffer each reduction was page faults on every micro-step
+    (benchmarks/RESULTS.md). After the first reduction, taking the own chunk and selecting the
+    others allocate only the packed rows (seen failing with `residual.add(gradient)`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from zero_ext.comm import compressed
+
+    numel, k = 1 << 20, 1000
+    state = compressed.TopkFeedback(numel, 2, momentum=momentum)
+    gradient = torch.randn(numel).to(torch.bfloat16)
+
+    def reduce_once():
+        compressed._take_own_chunk(state, gradient)
+        compressed._select_others(state, gradient, k)
+
+    reduce_once()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        reduce_once()
+    chunk_bytes = numel // 2 * 4
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert allocated < chunk_bytes // 8, (allocated, [
+        (e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage > 0])
