@@ -17,7 +17,8 @@ CPU seconds (user + system, every thread: gloo's and the kernel's TCP work done 
 rank's process spends per run, the slowest rank's mean, fitted the same way (`host_fits`). That
 work competes with the compute for the same cores (zero_ext/scaling.py, Cluster.host), and it
 is per byte on the link the job really has: how the link is shaped changes it severalfold (on
-benchmarks/bench_two_nodes.py's tbf-capped veth link, docs/scaling.md). Work the kernel does outside the rank's threads (ksoftirqd) is not counted.
+benchmarks/bench_two_nodes.py's tbf-capped veth link, docs/scaling.md). Work the kernel does
+outside the rank's threads (ksoftirqd) is not counted.
 """
 
 from __future__ import annotations
