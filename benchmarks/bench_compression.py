@@ -22,6 +22,8 @@ wire bytes over this one's, which "bound" predicts.
     python benchmarks/bench_compression.py                       # uncapped, 1gbit, 300mbit
     python benchmarks/bench_compression.py --quick               # smoke: 1gbit, 2 timed steps
     python benchmarks/bench_compression.py --rates 1gbit --variants s3-bf16,s3-int8
+    MALLOC_TRIM_THRESHOLD_=17179869184 MALLOC_MMAP_THRESHOLD_=4294967296 \
+        python benchmarks/bench_compression.py --rates uncapped   # no page faults (kflt)
 
 Needs root (network namespaces). One thread per rank; the two nodes share this machine's cores,
 so run it on an otherwise idle machine (it prints the load). About 5 minutes on 2 cores.
@@ -277,6 +279,12 @@ def _steps(rate: str | None, args) -> int:
     return args.uncapped_steps if rate in (None, "uncapped") else args.steps
 
 
+def _malloc_settings() -> str:
+    """The glibc tunables the ranks inherit (README, "Training on CPU"), or "defaults"."""
+    set_ = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
+    return ", ".join(set_) or "defaults"
+
+
 def _load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -420,7 +428,8 @@ def main() -> int:
     params = sum(p.numel() for p in _build().parameters())
     print(f"GPT {MODEL} ({params / 1e6:.2f}M parameters), bf16, micro-batch {MICRO} x "
           f"{MODEL['block']} tokens per rank, {args.accumulation} micro-steps per step, "
-          f"overlap_comm on, reduce_bucket_size {args.bucket}, quantization block {BLOCK}; 2 nodes x 1 rank, one thread per rank; "
+          f"overlap_comm on, reduce_bucket_size {args.bucket}, quantization block {BLOCK}; 2 "
+          f"nodes x 1 rank, one thread per rank; glibc malloc: {_malloc_settings()}; "
           f"{_load()}")
     rows, quant_ops = [], {}
     for rate in args.rates.split(","):
