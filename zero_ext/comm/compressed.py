@@ -356,9 +356,10 @@ class TopkFeedback:
                                           device=device) if all_reduce else None
         # Compressed momentum (zero/compression.py): beta1, and what this rank delivered since
         # the last carry_momentum() as (state tensor it left, [rows, k] indices or None for
-        # all of it, values).
+        # all of it, values); of its own chunk, beta1 x what it delivered, summed.
         self.carry = 0.0
         self._delivered: list[tuple[Tensor, Tensor | None, Tensor]] = []
+        self._own_carry: Tensor | None = None
         self._own_sum: Tensor | None = None
 
     def own_sum_buffer(self) -> Tensor:
@@ -367,10 +368,9 @@ class TopkFeedback:
         one of this size each time is new pages from the kernel as often as not (glibc trims
         the heap as two such buffers are freed together), zeroed and faulted in, which took
         one rank ~108 MB of page faults per step in bench_compression's top-k row. Elsewhere
-        (CUDA's caching allocator reuses memory itself), and where the carry keeps the sum
-        until the step ends, a new one."""
+        (CUDA's caching allocator reuses memory itself) a new one."""
         shape, device = (self.numel // self.world,), self.residual.device
-        if self.carry or device.type != "cpu":
+        if device.type != "cpu":
             return torch.empty(shape, dtype=torch.float32, device=device)
         if self._own_sum is None:
             self._own_sum = torch.empty(shape, dtype=torch.float32)
@@ -392,21 +392,35 @@ class TopkFeedback:
         for tensor in self.tensors().values():
             tensor.zero_()
         self._delivered.clear()
+        if self._own_carry is not None:
+            self._own_carry.zero_()
 
     def _note_delivery(self, target: Tensor, rows: Tensor | None, k: int,
-                       values: Tensor, kept: bool = False) -> None:
+                       values: Tensor) -> None:
         """Under compressed momentum, remembers what left `target` for good this reduction:
         the packed `rows` ([chunks, k] entries of `target` viewed [chunks, -1]), or with rows
-        None all of `values` (the dense path; `kept`: fp32 values nobody changes, kept
-        as they are rather than copied)."""
+        None all of `values` (the dense path)."""
         if not self.carry:
             return
         if rows is None:
-            self._delivered.append((target, None, values if kept else
-                                    values.to(torch.float32, copy=True)))
+            self._delivered.append((target, None, values.to(torch.float32, copy=True)))
         else:
             index, sent = _unpack(rows, k, values.dtype)
             self._delivered.append((target.view(rows.shape[0], -1), index, sent.float()))
+
+    def _note_own_delivery(self, own: Tensor) -> None:
+        """Under compressed momentum, beta1 of this rank's own chunk just delivered (fp32),
+        added to the step's own carry: each product rounded, then summed, as the rows' carry
+        is made, a segment at a time (no temporary of the chunk's size). The own chunk of the
+        residual is empty at the step's end (every reduction takes all of it), so adding
+        the sum there equals adding each product in turn."""
+        if not self.carry:
+            return
+        if self._own_carry is None:
+            self._own_carry = torch.zeros_like(own)
+        step = 1 << 17
+        for begin in range(0, own.numel(), step):
+            self._own_carry[begin:begin + step].add_(own[begin:begin + step] * self.carry)
 
     def carry_momentum(self) -> None:
         """The end of an optimizer step under compressed momentum: beta1 (`carry`) of all this
@@ -420,6 +434,9 @@ class TopkFeedback:
             else:
                 target.scatter_add_(1, index, values * self.carry)
         self._delivered.clear()
+        if self._own_carry is not None:
+            self.residual.view(self.world, -1)[self.rank].add_(self._own_carry)
+            self._own_carry.zero_()
 
     def _scale(self, factor: float) -> None:
         if factor != 1.0:
@@ -621,15 +638,14 @@ def _sparse_scatter_start(input: Tensor, state: TopkFeedback, density: float,
     rows = _select_others(state, input, k)
     if state.owner_residual is None:  # sparse_all_reduce's deliveries are its owners'
         state._note_delivery(state.residual, rows, k, input)
-        state._note_delivery(state.residual.view(size, -1)[state.rank], None, 0, own,
-                             kept=True)
+        state._note_own_delivery(own)
     received = torch.empty_like(rows)
     first = all_to_all(received.view(-1), rows.view(-1), async_op=True, bucket=bucket)
 
     def chunk_sum(rows=rows) -> Tensor:
         # This rank's own chunk, then what the others sent in rank order, in fp32:
-        # deterministic. The own chunk is the sum's buffer unless the carry keeps it.
-        total = own.clone() if state.carry else own
+        # deterministic. The own chunk is the sum's buffer.
+        total = own
         index, values = _unpack(received.view(size, -1), k, input.dtype)
         for sender in range(size):
             if sender != state.rank:
