@@ -508,23 +508,27 @@ def test_top_magnitudes_is_torch_topks_set_on_large_rows():
     assert [set(r.tolist()) for r in picked][1] == _top_set(spiky[1:], k)[0]
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_topk_own_chunk_allocates_nothing_of_its_size_after_the_first(momentum):
+@pytest.mark.parametrize(("momentum", "carry"), [(0.0, 0.0), (0.9, 0.0), (0.0, 0.9)])
+def test_topk_own_chunk_allocates_nothing_of_its_size_after_the_first(momentum, carry):
     """A top-k reduction's own chunk (fp32 sum) reuses one buffer on CPU, and a bf16 gradient is
     read into it: fp32.add_(bf16) would first copy the gradient to a new fp32 tensor of its
     size, and a new chunk-sized buffer each reduction was page faults on every micro-step
-    (benchmarks/RESULTS.md). After the first reduction, taking the own chunk and selecting the
-    others allocate only the packed rows (seen failing with `residual.add(gradient)`)."""
+    (benchmarks/RESULTS.md). Compressed momentum's carry (beta1 of what the own chunk
+    delivered) is summed in one buffer, not kept as each reduction's own chunk. After the
+    first reduction, taking the own chunk, noting its carry and selecting the others allocate
+    only the packed rows (seen failing with `residual.add(gradient)`, and with the carry
+    keeping each own chunk)."""
     from torch.profiler import ProfilerActivity, profile
 
     from zero_ext.comm import compressed
 
     numel, k = 1 << 20, 1000
     state = compressed.TopkFeedback(numel, 2, momentum=momentum)
+    state.carry = carry
     gradient = torch.randn(numel).to(torch.bfloat16)
 
     def reduce_once():
-        compressed._take_own_chunk(state, gradient)
+        state._note_own_delivery(compressed._take_own_chunk(state, gradient))
         compressed._select_others(state, gradient, k)
 
     reduce_once()

@@ -360,6 +360,7 @@ class TopkFeedback:
         self.carry = 0.0
         self._delivered: list[tuple[Tensor, Tensor | None, Tensor]] = []
         self._own_carry: Tensor | None = None
+        self._product: Tensor | None = None  # a segment of beta1 x the own chunk
         self._own_sum: Tensor | None = None
 
     def own_sum_buffer(self) -> Tensor:
@@ -418,9 +419,13 @@ class TopkFeedback:
             return
         if self._own_carry is None:
             self._own_carry = torch.zeros_like(own)
-        step = 1 << 17
+            self._product = torch.empty(min(own.numel(), 1 << 17), dtype=own.dtype,
+                                        device=own.device)
+        step = self._product.numel()
         for begin in range(0, own.numel(), step):
-            self._own_carry[begin:begin + step].add_(own[begin:begin + step] * self.carry)
+            segment = own[begin:begin + step]
+            product = torch.mul(segment, self.carry, out=self._product[:segment.numel()])
+            self._own_carry[begin:begin + step].add_(product)
 
     def carry_momentum(self) -> None:
         """The end of an optimizer step under compressed momentum: beta1 (`carry`) of all this
