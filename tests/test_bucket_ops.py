@@ -417,3 +417,24 @@ def test_one_launch_per_128_tensors_whatever_their_dtypes(num_tensors, launches)
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if "bucket_copy_kernel" in e.name]
     assert len(kernels) == 2 * launches, kernels
+
+
+def test_bucket_norm_makes_no_fp32_copy_of_a_large_bf16_bucket():
+    """A bucket's fp32 norm (gradient clipping) takes a 16-bit bucket in pieces:
+    vector_norm(x, dtype=float32) copies x to fp32 whole first (seen failing with it: one
+    allocation of 4 bytes per element). The value is the norm to fp32 summation's accuracy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from zero_ext.zero.buckets import NORM_PIECE, fp32_norm
+
+    x = torch.randn(2 * NORM_PIECE + 7, generator=torch.Generator().manual_seed(0))
+    x = x.to(torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        norm = fp32_norm(x)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert largest < 4 * x.numel() // 2, largest
+    assert norm.dtype == torch.float32 and norm.dim() == 0
+    torch.testing.assert_close(norm.double(), x.double().norm(), rtol=3e-4, atol=0)
+    # Up to NORM_PIECE elements, and for fp32, vector_norm itself (the same bits as before).
+    small = x[:NORM_PIECE]
+    assert torch.equal(fp32_norm(small), torch.linalg.vector_norm(small, dtype=torch.float32))
