@@ -40,9 +40,9 @@ def fp32_norm(x: torch.Tensor) -> torch.Tensor:
     """The 2-norm of a 1-D tensor computed in fp32 (a 0-d fp32 tensor). On CPU
     vector_norm(x, dtype=fp32) first copies a 16-bit x to fp32 whole (torch's profiler: one
     allocation of 4 bytes per element; CUDA's norm kernel reads 16-bit input into fp32 itself),
-    which for a bucket of DeepSpeed's default 5e8 elements at stages 0-1 would be 2 GB; above
-    NORM_PIECE elements the pieces' norms are taken one at a time and combined."""
-    if x.dtype == torch.float32 or x.numel() <= NORM_PIECE:
+    which for a bucket of DeepSpeed's default 5e8 elements at stages 0-1 would be 2 GB. So on
+    CPU, above NORM_PIECE elements, the pieces' norms are taken one at a time and combined."""
+    if x.dtype == torch.float32 or x.numel() <= NORM_PIECE or x.device.type != "cpu":
         return torch.linalg.vector_norm(x, dtype=torch.float32)
     pieces = [torch.linalg.vector_norm(piece, dtype=torch.float32)
               for piece in x.split(NORM_PIECE)]
