@@ -149,7 +149,8 @@ def _train(variant: str, steps: int, accumulation: int, warmup: int = 2) -> dict
     torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
     per_step = {name: seconds / steps for name, seconds in phases.items()}
     out = {"step": statistics.median(steps_s), "steps": steps_s, "cpu": statistics.median(cpu_s),
-           "wire": wire, "faults": float(most), "loss": float(loss), "compression": _engine_compression(engine),
+           "wire": wire, "faults": float(most), "loss": float(loss),
+           "compression": _engine_compression(engine),
            "intra": {op: b / steps for op, b in traffic.intra_node_bytes.items()},
            "inter": {op: b / steps for op, b in traffic.inter_node_bytes.items()},
            "calls": {op: c / steps for op, c in traffic.calls.items()}} | per_step
