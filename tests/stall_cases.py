@@ -199,6 +199,33 @@ def slow_collective_progresses():
             "progress_checks": comm.current_watch().progress_checks}
 
 
+def heartbeat_error_keeps_beating():
+    """Rank 1's heartbeat thread meets an error that is not the store's (a bug in it, say), once;
+    then rank 1 is slow inside a collective for over twice the stall timeout. Its heartbeat
+    must go on: rank 0 finds progress, where a dead heartbeat would read as a stopped rank."""
+    comm.barrier()  # the group's watch runs from here
+    watch = comm.current_watch()
+    failed = []
+    if comm.rank() == 1:
+        state = watch._state
+
+        def failing_once() -> dict:
+            if not failed:
+                failed.append(True)
+                raise TypeError("a bug in the heartbeat's payload")
+            return state()
+
+        watch._state = failing_once
+        deadline = time.monotonic() + 10 * watch.period
+        while not failed and time.monotonic() < deadline:  # until the heartbeat met it
+            time.sleep(watch.period / 4)
+    started = time.monotonic()
+    values = comm.all_gather_object(SlowToPickle(2.2 * STALL_TIMEOUT_S) if comm.rank() == 1
+                                    else "fast")
+    return {"seconds": time.monotonic() - started, "values": values, "failed": failed,
+            "errors": watch._heartbeat_errors, "progress_checks": watch.progress_checks}
+
+
 def long_checkpoint_write_progresses():
     """Rank 1 writes its checkpoint shard for 2.5 stall timeouts (its hashing thread slowed,
     as a large shard on a slow disk is) while rank 0 waits for it in the save's next
@@ -253,7 +280,7 @@ STALLS = [save_checkpoint_on_rank0_only, load_checkpoint_on_rank0_only,
           save_16bit_model_on_rank0_only, uneven_batches_then_save,
           stage3_block_skipped_on_one_rank, submodule_used_on_one_rank, stuck_in_user_code,
           busy_in_user_code_progresses, accumulation_differs, lr_differs, frozen_rank,
-          slow_collective_progresses,
+          slow_collective_progresses, heartbeat_error_keeps_beating,
           long_checkpoint_write_progresses, equal_size_collectives_differ,
           gathers_of_different_sizes]
 

@@ -19,7 +19,7 @@ SHM = ["save_checkpoint_on_rank0_only", "load_checkpoint_on_rank0_only",
        "save_16bit_model_on_rank0_only", "uneven_batches_then_save",
        "stage3_block_skipped_on_one_rank", "submodule_used_on_one_rank", "stuck_in_user_code",
        "busy_in_user_code_progresses", "accumulation_differs", "lr_differs", "frozen_rank",
-       "slow_collective_progresses",
+       "slow_collective_progresses", "heartbeat_error_keeps_beating",
        "long_checkpoint_write_progresses"]
 GLOO = ["stage3_block_skipped_on_one_rank", "save_checkpoint_on_rank0_only", "stuck_in_user_code",
         "equal_size_collectives_differ", "gathers_of_different_sizes"]
@@ -139,6 +139,17 @@ def test_a_slow_collective_every_rank_joined_does_not_trip():
         assert o["value"]["values"] == ["fast", "slow"]
         assert o["value"]["seconds"] > 2 * stall_cases.STALL_TIMEOUT_S
     # Rank 0 waited past the stall timeout, diagnosed, and found only slowness.
+    assert outcomes[0]["value"]["progress_checks"] >= 1
+
+
+def test_a_heartbeat_that_meets_an_unexpected_error_keeps_beating():
+    # A heartbeat thread that died would make its live rank read as stopped (a rank in CI was
+    # once reported stopped while it still took part in collectives).
+    outcomes = [ranks[("shm", "heartbeat_error_keeps_beating")] for ranks in _outcomes()]
+    assert [o["error"] for o in outcomes] == [None, None], outcomes
+    assert outcomes[1]["value"]["failed"] == [True] and outcomes[1]["value"]["errors"] == 1
+    assert outcomes[0]["value"]["values"] == ["fast", "slow"]
+    assert outcomes[0]["value"]["seconds"] > 2 * stall_cases.STALL_TIMEOUT_S
     assert outcomes[0]["value"]["progress_checks"] >= 1
 
 

@@ -43,6 +43,7 @@ import sys
 import sysconfig
 import threading
 import time
+import traceback
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -214,6 +215,7 @@ class CollectiveWatch:
         self.abort_report: str | None = None
         self.progress_checks = 0        # diagnoses that found only slowness (tests read it)
         self._beat = 0
+        self._heartbeat_errors = 0      # errors met by the heartbeat thread that were not the store's
         self._interrupt_pending = False
         self._raised = False            # the main thread raised this group's abort already
         self._stop = threading.Event()
@@ -344,6 +346,18 @@ class CollectiveWatch:
                     self.nodes.learn_some()
             except _STORE_ERRORS:  # a store hiccup must not kill the heartbeat
                 continue
+            except Exception as error:  # noqa: BLE001 - nor anything else: a dead heartbeat
+                self._heartbeat_error(error)  # makes this rank look stopped to the others
+
+    def _heartbeat_error(self, error: Exception) -> None:
+        """An error in the heartbeat that is not the store's (a bug): said once, on stderr, and
+        the heartbeat goes on."""
+        if self._heartbeat_errors == 0:
+            text = "".join(traceback.format_exception(error)).rstrip()
+            print(f"zero_ext: the stall watch's heartbeat on rank {self.rank} met an error; it "
+                  f"goes on beating, and says no more of such errors:\n{text}", file=sys.stderr,
+                  flush=True)
+        self._heartbeat_errors += 1
 
     def _beat_once(self) -> None:
         self._beat += 1
