@@ -34,8 +34,13 @@ __device__ float block_reduce(float v, float* smem, Op op) {
   __syncthreads();  // smem may still be read by a previous call
   if (lane == 0) smem[warp] = v;
   __syncthreads();
-  float total = smem[lane < kWarps ? lane : 0];
-  for (int o = 16; o > 0; o >>= 1) total = op(total, __shfl_xor_sync(0xffffffffu, total, o));
+  // Each aligned group of kWarps lanes reduces the kWarps partials (a power of two): every lane
+  // ends with the whole block's value, each partial counted once.
+  static_assert((kWarps & (kWarps - 1)) == 0 && kWarps <= 32, "kWarps: a power of two <= 32");
+  float total = smem[lane % kWarps];
+  for (int o = kWarps / 2; o > 0; o >>= 1) {
+    total = op(total, __shfl_xor_sync(0xffffffffu, total, o));
+  }
   return total;
 }
 
