@@ -3,6 +3,7 @@
 // on the current stream. fp32 / bf16 / fp16 (fp64, which only gradcheck uses, is CPU-only).
 // setup.py compiles this file in a CUDA build only.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -35,8 +36,19 @@ void fused_norm_backward_cuda(const NormBackwardArgs& args,
   check_not_double(input, kOp);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const int64_t h = input.size(-1);
-  const kernels::cuda::NormBackwardRun run{t, element_type(input.scalar_type()),
-                                           input.numel() / h, h, args.rms};
+  kernels::cuda::NormBackwardRun run{t, element_type(input.scalar_type()), input.numel() / h, h,
+                                     args.rms};
+  int multiprocessors = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount,
+                                                 input.device().index());
+  TORCH_CHECK(err == cudaSuccess, kOp, ": reading the device's multiprocessor count failed: ",
+              cudaGetErrorString(err));
+  run.chunks = kernels::cuda::norm_param_grad_chunks(run.rows, h, multiprocessors);
+  at::Tensor partial;  // the chunks' sums, freed (stream-ordered) after the launch
+  if (run.chunks > 1) {
+    partial = at::empty({2, run.chunks, h}, input.options().dtype(at::kFloat));
+    run.partial = partial.data_ptr<float>();
+  }
   check_launch(kernels::cuda::launch_norm_backward(run, stream_of(input)), kOp);
 }
 

@@ -15,9 +15,13 @@
 
 namespace zero_ext::kernels::cuda {
 
-// Threads per CUDA block: one block per row for the row kernels, one thread per column for the
+// Threads per CUDA block: one block per row for the row kernels; 32 columns by 8 rows for the
 // parameter gradients.
 inline constexpr int kNormBlockThreads = 256;
+// The parameter gradients sum their rows in chunks (a grid dimension), each chunk of at least
+// kNormMinChunkRows rows.
+inline constexpr int64_t kNormMaxChunks = 1024;
+inline constexpr int64_t kNormMinChunkRows = 64;
 
 // The statistics (mean, rstd) and the parameter gradients are fp32.
 struct NormForwardRun : cpu::NormForwardTensors {
@@ -35,10 +39,17 @@ struct NormBackwardRun : cpu::NormBackwardTensors {
   int64_t rows;
   int64_t h;
   bool rms;
+  int64_t chunks = 1;        // norm_param_grad_chunks(rows, h, the device's multiprocessors)
+  float* partial = nullptr;  // chunks > 1: fp32 scratch of 2 * chunks * h (the chunks' sums)
 };
 
-// The input gradient (one block per row), then the parameter gradients (one thread per column,
-// rows summed in order: deterministic).
+// How many row chunks the parameter gradients are summed in: enough blocks to fill the GPU's
+// multiprocessors (about four each), none under kNormMinChunkRows rows, at most kNormMaxChunks.
+int64_t norm_param_grad_chunks(int64_t rows, int64_t h, int multiprocessors);
+
+// The input gradient (one block per row), then the parameter gradients: each row chunk's
+// column sums (rows in a fixed order), then the chunks' sums in chunk order. Deterministic for
+// a given chunk count.
 cudaError_t launch_norm_backward(const NormBackwardRun& run, cudaStream_t stream);
 
 }  // namespace zero_ext::kernels::cuda
