@@ -26,11 +26,14 @@ void adamw_step_cuda(const AdamWStepArgs& args) {
   const bool has_param_16bit = !args.params_16bit.empty();
   std::vector<kernels::cuda::AdamWCudaTensor> tensors(n);
   kernels::AdamWCoefficients<float> common{};
+  // The step counts (host tensors) move on only once the kernels are launched: a failed launch
+  // leaves them as they were.
+  std::vector<float> next_steps(n);
   for (int64_t i = 0; i < n; ++i) {
-    float* step = args.state_steps[i].data_ptr<float>();
-    *step += 1.0f;
+    next_steps[i] = *args.state_steps[i].data_ptr<float>() + 1.0f;
     // inv_scale = 1 here; the kernel multiplies grad_factor by *inv_scale on the device.
-    const kernels::AdamWCoefficients<float> c = kernels::adamw_coefficients(args.hyper, *step, 1.0);
+    const kernels::AdamWCoefficients<float> c =
+        kernels::adamw_coefficients(args.hyper, next_steps[i], 1.0);
     if (i == 0) common = c;  // only step_size and bias_correction2_sqrt vary with the step
     tensors[i] = {args.params[i].data_ptr<float>(), args.grads[i].const_data_ptr(),
                   args.exp_avgs[i].data_ptr<float>(), args.exp_avg_sqs[i].data_ptr<float>(),
@@ -50,6 +53,7 @@ void adamw_step_cuda(const AdamWStepArgs& args) {
       args.found_inf.has_value() ? args.found_inf->const_data_ptr<float>() : nullptr,
       stream_of(args.params[0]));
   check_launch(err, "zero_ext::adamw_step_");
+  for (int64_t i = 0; i < n; ++i) *args.state_steps[i].data_ptr<float>() = next_steps[i];
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <vector>
 
 #include "csrc/adamw_args.h"  // element_type
@@ -91,6 +92,11 @@ void quantize_chunks_cuda(const QuantizeChunksArgs& args, const QuantizeOutput& 
 }
 
 void dequantize_cuda(const DequantizeArgs& args, bool accumulate) {
+  // The kernels read the packed rows' codes and scales as 4-byte words.
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(args.packed.const_data_ptr()) % 4 == 0,
+                    "zero_ext dequantize: on CUDA the packed rows must start 4-byte aligned; got "
+                    "a view at an offset that is not a multiple of 4 bytes: pass the tensor "
+                    "quantize_chunks returned (or a .clone() of the view)");
   const c10::cuda::CUDAGuard device_guard(args.out.device());
   const PackedShape shape = packed_shape(args);
   const bool has_exact = args.exact.has_value();

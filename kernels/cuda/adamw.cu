@@ -97,10 +97,13 @@ __global__ void __launch_bounds__(kBlockThreads)
   const AdamWCoefficients<RnFloat> c = cf.template as<RnFloat>();
 
   float* __restrict__ p = meta.param[slot] + begin;
-  const Grad* __restrict__ g = static_cast<const Grad*>(meta.grad[slot]) + begin;
+  // Not __restrict__: the 16-bit copy may be written into the gradient's own memory (the op
+  // allows it; each element is read before the same thread overwrites it), so the gradient must
+  // not be read through the read-only cache, which assumes nothing writes it during the kernel.
+  const Grad* g = static_cast<const Grad*>(meta.grad[slot]) + begin;
   float* __restrict__ m = meta.exp_avg[slot] + begin;
   float* __restrict__ v = meta.exp_avg_sq[slot] + begin;
-  Copy* __restrict__ copy = nullptr;
+  Copy* copy = nullptr;
   bool aligned =
       vec_aligned<kIlp>(p) && vec_aligned<kIlp>(g) && vec_aligned<kIlp>(m) && vec_aligned<kIlp>(v);
   if constexpr (!std::is_void_v<Copy>) {
