@@ -319,16 +319,18 @@ def test_activation_argument_errors():
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("h", HIDDEN)
-def test_cuda_matches_eager(h, kind, residual, dtype):
-    """The CUDA kernels (csrc/norm_cuda.cu) against eager on the GPU, as the CPU ones are."""
+@pytest.mark.parametrize("rows", [33, 3000])
+def test_cuda_matches_eager(rows, h, kind, residual, dtype):
+    """The CUDA kernels (csrc/norm_cuda.cu) against eager on the GPU, as the CPU ones are; at
+    3000 rows the parameter gradients are summed in several row chunks."""
     import zero_ext
 
     if zero_ext._C.cuda_archs_built() is None:
         pytest.fail("a GPU is present but zero_ext was built without its CUDA kernels; "
                     "rebuild with ZERO_EXT_CUDA=1")
     inputs = [t.cuda() if t is not None else None
-              for t in _inputs(kind, 33, h, dtype, residual=residual, seed=h)]
-    grads = [torch.randn(33, h, device="cuda") for _ in range(2)]
+              for t in _inputs(kind, rows, h, dtype, residual=residual, seed=h)]
+    grads = [torch.randn(rows, h, device="cuda") for _ in range(2)]
     got = _run(_fused, kind, inputs, grads)
     want = _run(_eager, kind, inputs, grads)
     exact = None
