@@ -192,6 +192,46 @@ def test_16bit_copy_may_overwrite_its_own_gradient(device, dtype):
         assert torch.equal(a, b) and torch.equal(p_a, p_b)
 
 
+def _odd_offset_views(tensors):
+    """Each tensor as a view one element into a buffer of its own: misaligned for vectors."""
+    views = []
+    for t in tensors:
+        buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        views.append(buffer[1:].copy_(t))
+    return views
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("layout", ["odd-offset-views", "several-launches"])
+def test_cuda_matches_the_cpu_kernel_off_the_common_path(layout):
+    """Paths the other CUDA tests never take: every tensor misaligned for vector loads (the
+    scalar fallback), and more tensors and chunks than one launch carries (36 tensors, 320
+    blocks of 64K elements), with bf16 gradients and 16-bit copies."""
+    _needs_cuda_kernel("cuda")
+    sizes = [1, 7, 4095, 65537] if layout == "odd-offset-views" else [7] * 40 + [320 * 65536 + 5]
+    gen = torch.Generator().manual_seed(11)
+    grads = [_random_grads(sizes, "cpu", torch.bfloat16, gen) for _ in range(3)]
+    states = {}
+    for device in ("cpu", "cuda"):
+        state = OpState(sizes, device, copy_dtype=torch.bfloat16)
+        if layout == "odd-offset-views":
+            state.params, state.exp_avgs, state.exp_avg_sqs, state.copies = (
+                _odd_offset_views(ts) for ts in (state.params, state.exp_avgs, state.exp_avg_sqs,
+                                                  state.copies))
+        for step_grads in grads:
+            step_grads = [g.to(device) for g in step_grads]
+            state.step(_odd_offset_views(step_grads) if layout == "odd-offset-views"
+                       else step_grads)
+        states[device] = state
+    cpu, cuda = states["cpu"], states["cuda"]
+    for name in ("params", "exp_avgs", "exp_avg_sqs"):
+        _assert_matches_reference([t.cpu() for t in getattr(cuda, name)], getattr(cpu, name))
+    for a, b in zip(cuda.copies, cuda.params):
+        assert torch.equal(a, b.to(torch.bfloat16))
+    assert [s.item() for s in cuda.steps] == [3.0] * len(sizes)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_inverse_scale_undoes_a_loss_scale(device):
     _needs_cuda_kernel(device)
