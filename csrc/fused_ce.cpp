@@ -39,10 +39,15 @@ struct Blocking {
   int64_t block;  // vocabulary entries per block; v: whole rows, one logits matmul per chunk
 };
 
-// Chunks of up to kMaxChunk tokens against blocks of `elements / chunk` vocabulary entries.
+// Chunks of up to kMaxChunk tokens against blocks of `elements / chunk` vocabulary entries, a
+// multiple of 16 when the vocabulary takes several: each block's slices of the weight and the
+// bias then start 16-byte aligned (cuBLASLt's bias epilogue may assume it of the bias; aligned
+// matmul operands are faster anyway).
 Blocking swept_blocking(int64_t n, int64_t v, int64_t elements) {
   const int64_t chunk = std::max<int64_t>(1, std::min(n, kMaxChunk));
-  return {chunk, std::max<int64_t>(1, std::min(v, elements / chunk))};
+  int64_t block = std::max<int64_t>(1, std::min(v, elements / chunk));
+  if (block < v && block >= 16) block = block / 16 * 16;
+  return {chunk, block};
 }
 
 // Whole logit rows when the workspace holds enough of them, else swept_blocking.
