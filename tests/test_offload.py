@@ -376,8 +376,8 @@ class _FakeCudart:
         self.unregistered.append(("unregister", ptr))
         return 0
 
-    def synchronize(self):  # stands in for torch.cuda.synchronize
-        self.unregistered.append("synchronize")
+    def synchronize(self, device=None):  # stands in for torch.cuda.synchronize
+        self.unregistered.append(("synchronize", device))
 
 
 @pytest.mark.parametrize("numel, dtype", [(202_383_360 // 64, torch.float32), (1, torch.bfloat16),
@@ -391,11 +391,13 @@ def test_pinned_host_buffers_lock_their_own_pages_not_a_power_of_two(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
     monkeypatch.setattr(torch.cuda, "synchronize", cudart.synchronize)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # the training device
     buffer = offload.host_buffer(numel, dtype, pin=True)
     assert buffer.shape == (numel,) and buffer.dtype == dtype and buffer.is_contiguous()
     nbytes = numel * buffer.element_size()
     page = mmap.PAGESIZE
-    [(ptr, size, _)] = cudart.registered
+    [(ptr, size, flags)] = cudart.registered
+    assert flags == 1  # cudaHostRegisterPortable: pinned for every device's context
     # Whole pages, starting at the buffer, just enough of them (torch's pinned allocator would
     # take the next power of two), all inside the buffer's own allocation.
     assert ptr == buffer.data_ptr() and ptr % page == 0
@@ -405,8 +407,9 @@ def test_pinned_host_buffers_lock_their_own_pages_not_a_power_of_two(monkeypatch
     buffer.fill_(1)  # usable as it is
     del buffer, storage
     gc.collect()
-    # No copy may still use the pages when they go: the device is synchronized first.
-    assert cudart.unregistered == ["synchronize", ("unregister", ptr)]
+    # No copy may still use the pages when they go: the training device (current when the
+    # buffer was made; the finalizer may run on another thread) is synchronized first.
+    assert cudart.unregistered == [("synchronize", 3), ("unregister", ptr)]
 
 
 def test_a_refused_page_lock_says_how_to_do_without(monkeypatch):

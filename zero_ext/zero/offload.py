@@ -86,23 +86,29 @@ def _page_locked(numel: int, dtype: torch.dtype) -> torch.Tensor:
     skip = -raw.data_ptr() % page
     pages = raw[skip:skip + span]
     cudart = torch.cuda.cudart()
-    error = int(cudart.cudaHostRegister(pages.data_ptr(), span, 0))
+    # Portable: pinned for every device's context, not only the one current now.
+    error = int(cudart.cudaHostRegister(pages.data_ptr(), span, _HOST_REGISTER_PORTABLE))
     if error != 0:
         raise RuntimeError(
             f"zero_ext offload: page-locking {_gib(span)} of host memory failed (cudaError "
             f"{error}); the system may limit locked memory (ulimit -l). Set pin_memory false "
             "in offload_optimizer / offload_param to use pageable buffers")
     out = pages[:nbytes].view(dtype)
-    weakref.finalize(out, _release_pages, cudart, pages.data_ptr())
+    weakref.finalize(out, _release_pages, cudart, pages.data_ptr(), torch.cuda.current_device())
     return out
 
 
-def _release_pages(cudart, ptr: int) -> None:
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
+
+
+def _release_pages(cudart, ptr: int, device: int) -> None:
     """Before a page-locked buffer's memory goes: no copy may still be reading or writing it
     (torch's pinned allocator guards its own blocks with events; nothing guards these), then
-    the pages are unregistered (best effort: an error code, not an exception)."""
+    the pages are unregistered (best effort: an error code, not an exception). `device`: the
+    training device, current when the buffer was made (the finalizer may run on any thread,
+    whose current device may be another)."""
     try:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     except RuntimeError:  # CUDA already torn down at interpreter exit
         pass
     cudart.cudaHostUnregister(ptr)
@@ -350,7 +356,11 @@ class OptimizerOffload:
         # Steps left running after engine.step() returned, by position (see step()).
         self._deferred: dict[int, Future] = {}
         # Deferred steps run here (its thread starts on first use).
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="zero_ext-offload")
+        # On CUDA its thread works on the training device: a new thread's current device is
+        # device 0, where its first CUDA call (an event's synchronize) would make a context.
+        self._worker = ThreadPoolExecutor(
+            1, thread_name_prefix="zero_ext-offload",
+            **(dict(initializer=torch.cuda.set_device, initargs=(device,)) if self._cuda else {}))
         weakref.finalize(self, self._worker.shutdown, False)
 
     # -- gradients out -----------------------------------------------------------------------
@@ -366,6 +376,7 @@ class OptimizerOffload:
         if all(self._arrived[:index]) and all(self._arrived[index + 1:]):
             self._last_arrival = index
         if self._cuda:
+            self._drop_copied()
             # The copy stream waits for what produced the gradient (reduce-scatter, fp32
             # accumulation) on the stream backward runs on.
             self._copy_stream.wait_stream(torch.cuda.current_stream(grad.device))
@@ -385,6 +396,14 @@ class OptimizerOffload:
                 self._backward_end = time.perf_counter()
         self._arrived[index] = True
         return True
+
+    def _drop_copied(self) -> None:
+        """Lets go of the device gradients whose copy to the host has completed: their memory
+        goes back to the compute stream's pool while backward still runs, instead of every
+        reduced shard of the step staying on the device until engine.step()."""
+        for index, grad in enumerate(self._in_copy):
+            if grad is not None and self._copied[index].query():
+                self._in_copy[index] = None
 
     def _wait_copy(self, index: int) -> None:
         event = self._copied[index]
