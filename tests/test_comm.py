@@ -298,3 +298,36 @@ def test_nccl_without_gpus_is_refused_with_the_fix():
     assert result.returncode != 0
     assert "NCCL backend needs CUDA GPUs and this process sees none" in result.stderr
     assert "use gloo" in result.stderr
+
+
+@pytest.mark.parametrize("bound, local_rank, current, gpus, expected", [
+    (None, "1", 0, 2, 1),      # init_process_group("nccl") without set_device: LOCAL_RANK's GPU
+    (None, "0", 0, 2, None),   # rank 0 is on its GPU already
+    (None, "1", 1, 2, None),   # the user set the device
+    (None, "3", 0, 1, None),   # one GPU per process (CUDA_VISIBLE_DEVICES): stays on it
+    (None, None, 0, 2, None),  # no LOCAL_RANK: nothing to go by
+    (0, "1", 0, 2, 0),         # the group is bound to a device: that one, whatever LOCAL_RANK
+])
+def test_a_users_process_group_puts_each_rank_on_its_local_ranks_gpu(
+        monkeypatch, bound, local_rank, current, gpus, expected):
+    # DeepSpeed's engine sets the device from LOCAL_RANK; a script written for it may call
+    # init_process_group("nccl") and never torch.cuda.set_device. (CUDA faked: no GPU here.)
+    import types
+
+    import torch.distributed as dist
+
+    from zero_ext.comm import collectives
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "group", types.SimpleNamespace(
+        WORLD=types.SimpleNamespace(bound_device_id=bound)))
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    collectives._use_local_rank_device()
+    assert chosen == ([] if expected is None else [expected])

@@ -325,6 +325,26 @@ _LAUNCH_HINT = ("launch with `torchrun --nproc_per_node=<ranks per node> your_sc
                 "`python your_script.py` with none of them set for a single rank")
 
 
+def _use_local_rank_device() -> None:
+    """A process group the user started: like DeepSpeed's engine, put this rank on its
+    LOCAL_RANK's GPU, so a script that called init_process_group("nccl") without
+    torch.cuda.set_device does not run every rank of a node on GPU 0 (NCCL then fails with
+    "Duplicate GPU detected" or hangs). The device the group is bound to
+    (init_process_group(device_id=...)) wins; a device the user set (not 0) is kept, as is 0
+    where LOCAL_RANK names no visible GPU (one GPU per process, CUDA_VISIBLE_DEVICES)."""
+    if not torch.cuda.is_available():
+        return
+    bound = getattr(dist.group.WORLD, "bound_device_id", None)
+    if bound is not None:
+        torch.cuda.set_device(bound)
+        return
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None or torch.cuda.current_device() != 0:
+        return
+    if 0 < int(local_rank) < torch.cuda.device_count():
+        torch.cuda.set_device(int(local_rank))
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
                      stall_timeout_s: float | None = None) -> None:
     """Joins the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT), unless
@@ -338,6 +358,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
     if stall_timeout_s is not None:
         set_stall_timeout(stall_timeout_s)
     if dist.is_initialized():
+        _use_local_rank_device()
         if world_size() > 1:
             watch_for_group()
         _detect_topology()
