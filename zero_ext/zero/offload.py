@@ -358,9 +358,9 @@ class OptimizerOffload:
         # Deferred steps run here (its thread starts on first use).
         # On CUDA its thread works on the training device: a new thread's current device is
         # device 0, where its first CUDA call (an event's synchronize) would make a context.
-        self._worker = ThreadPoolExecutor(
-            1, thread_name_prefix="zero_ext-offload",
-            **(dict(initializer=torch.cuda.set_device, initargs=(device,)) if self._cuda else {}))
+        on_device = {"initializer": torch.cuda.set_device, "initargs": (device,)} \
+            if self._cuda else {}
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="zero_ext-offload", **on_device)
         weakref.finalize(self, self._worker.shutdown, False)
 
     # -- gradients out -----------------------------------------------------------------------
