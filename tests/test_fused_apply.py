@@ -661,6 +661,27 @@ def test_fallback_to_the_module_forward_where_the_kernel_does_not_take_the_call(
     torch.testing.assert_close(out, expected, **FP32)
 
 
+def test_an_fp16_model_keeps_its_own_loss_and_trains():
+    # The fused cross-entropy has no fp16 kernel: the head is left to the model's own loss
+    # (decided before the labels are taken from the call), the layers still fused.
+    model, reference, _ = fused_and_reference(llama(dtype=torch.float16))
+    ids, labels = batch()
+    out, ref, calls = train_step(model, reference, ids, labels=labels)
+    assert calls["linear_cross_entropy"] == 0 and calls["fused_norm"] > 0
+    assert out.logits is not None and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, ref.loss, atol=2e-3, rtol=2e-3)
+
+
+def test_the_kernels_take_fp64_on_the_cpu_only():
+    from zero_ext.fused.swap import _device_takes
+
+    dtypes = (torch.float32, torch.float64)
+    assert _device_takes(torch.empty(2, dtype=torch.float64), dtypes)
+    assert not _device_takes(torch.empty(2, dtype=torch.float64, device="meta"), dtypes)
+    assert _device_takes(torch.empty(2, device="meta"), dtypes)
+    assert not _device_takes(torch.empty(2, dtype=torch.float16), dtypes)
+
+
 # -- the config switch: zero_ext.fused_kernels, applied by zero_ext.initialize -----------------
 
 def initialize_cases():

@@ -326,6 +326,25 @@ def test_transformers_model_matches_eager(kind):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_under_autocast_the_attention_runs_eagers_own_steps():
+    # The scores come in bf16 from autocast's matmul while the query stays fp32: the fused op
+    # (no autocast rule) is not called, and the model matches eager attention under autocast.
+    import copy
+
+    from zero_ext.fused.attention import use_fused_softmax
+
+    eager = _tiny_model("llama")
+    fused = copy.deepcopy(eager)
+    assert use_fused_softmax(fused) == 2
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones(2, 12, dtype=torch.long)
+    attention_mask[1, :3] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = eager(ids, attention_mask=attention_mask).logits
+        got = fused(ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_sdpa_model_is_left_alone():
     from zero_ext.fused.attention import use_fused_softmax
 

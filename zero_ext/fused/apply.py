@@ -57,6 +57,7 @@ from zero_ext.fused.swap import (
     _FUSED,
     _auto_kind,
     _call_shape,
+    _device_takes,
     _has_kernel,
     _install,
     _is_hf,
@@ -188,11 +189,17 @@ def _lm_head_forward(self, *args, **kwargs):
     return target.loss
 
 
+# The fused cross-entropy's dtypes (fp16 has no kernel: an fp16 model keeps its own loss).
+_HEAD_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
 def _fusable_head(model: nn.Module) -> bool:
     """Whether the model's head is still the plain Linear apply() gave the loss to (not wrapped
-    since, e.g. by a LoRA layer) and its device has the kernel."""
+    since, e.g. by a LoRA layer) and its device has the kernel for its dtype. Decided before
+    the labels are taken from the call: after, the model's own loss cannot run any more."""
     head = model._modules.get("lm_head")
     return type(head) is nn.Linear and head.__dict__.get(_FUSED) == _HEAD and \
+        _device_takes(head.weight, _HEAD_DTYPES) and \
         _has_kernel("fused_linear_cross_entropy_fwd", head.weight.device.type)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from zero_ext.fused.softmax import scaled_masked_softmax
+from zero_ext.fused.swap import _runs
 
 __all__ = ["ATTENTION_NAME", "use_fused_softmax", "zero_ext_eager_attention"]
 
@@ -52,17 +53,32 @@ def zero_ext_eager_attention(
         value = value.repeat_interleave(groups, dim=1)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, : key.shape[-2]]
-        if mask.dtype != torch.bool:
-            mask = mask.to(query.dtype)
-    weights = scaled_masked_softmax(
-        torch.matmul(query, key.transpose(2, 3)), mask, scale=scaling, dropout_p=dropout,
-        training=module.training)
+    mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+    scores = torch.matmul(query, key.transpose(2, 3))
+    if _runs("scaled_masked_softmax", scores):
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(scores.dtype)
+        weights = scaled_masked_softmax(scores, mask, scale=scaling, dropout_p=dropout,
+                                        training=module.training)
+    else:
+        # No kernel for this device or dtype, or autocast on (the scores then come in another
+        # dtype than the query): eager attention's own steps.
+        weights = _eager_softmax(scores, mask, scaling, query.dtype, dropout, module.training)
     weights = weights.to(value.dtype)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights
+
+
+def _eager_softmax(scores: Tensor, mask: Tensor | None, scaling: float, dtype: torch.dtype,
+                   dropout: float, training: bool) -> Tensor:
+    """transformers' eager steps: scores * scaling + mask, softmax in fp32 cast to the query's
+    dtype, dropout."""
+    scores = scores * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
+            else scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    return torch.nn.functional.dropout(weights, p=dropout, training=training)
 
 
 def _register() -> None:

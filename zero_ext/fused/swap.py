@@ -63,12 +63,24 @@ def _has_kernel(op: str, device_type: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"zero_ext::{op}", device_type.upper())
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _device_takes(x: Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Whether the kernels take ``x``'s dtype on its device: one of ``dtypes``, and fp64 only on
+    the CPU (the CUDA kernels are fp32 / bf16 / fp16; fp64 is for gradcheck)."""
+    return x.dtype in dtypes and not (x.dtype == torch.float64 and x.device.type != "cpu")
+
+
 def _runs(op: str, x: Tensor, *params: Tensor | None) -> bool:
-    """Whether ``op`` takes ``x`` with ``params`` as they come: its kernel exists on x's device,
-    the parameters share x's dtype (the kernels take one dtype), and autocast is off (the ops
-    have no autocast rules; the module's own forward knows what autocast should do)."""
-    return (_has_kernel(op, x.device.type) and not torch.is_autocast_enabled(x.device.type)
+    """Whether ``op`` takes ``x`` with ``params`` as they come: its kernel exists on x's device
+    for x's dtype, the parameters share x's dtype (the kernels take one dtype), and autocast is
+    off (the ops have no autocast rules; the module's own forward knows what autocast should
+    do)."""
+    return (_device_takes(x, _KERNEL_DTYPES) and _has_kernel(op, x.device.type)
+            and not torch.is_autocast_enabled(x.device.type)
             and all(p is None or p.dtype == x.dtype for p in params))
+
 
 
 def _single_input(args: tuple, kwargs: dict) -> Tensor | None:
