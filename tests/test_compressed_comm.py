@@ -508,6 +508,22 @@ def test_top_magnitudes_is_torch_topks_set_on_large_rows():
     assert [set(r.tolist()) for r in picked][1] == _top_set(spiky[1:], k)[0]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_top_magnitudes_on_cuda_is_torch_topks_set_without_a_host_sync():
+    """On a GPU the selection runs from the gradient hook while backward is queued: it must not
+    wait for the device (the CPU path's per-chunk nonzero() would, once per chunk)."""
+    from zero_ext.comm.compressed import top_magnitudes
+
+    rows = torch.randn(3, 50_000, generator=torch.Generator().manual_seed(9)).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        picked = top_magnitudes(rows, 500)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [set(r.tolist()) for r in picked.cpu()] == _top_set(rows.cpu(), 500)
+
+
 @pytest.mark.parametrize(("momentum", "carry"), [(0.0, 0.0), (0.9, 0.0), (0.0, 0.9)])
 def test_topk_own_chunk_allocates_nothing_of_its_size_after_the_first(momentum, carry):
     """A top-k reduction's own chunk (fp32 sum) reuses one buffer on CPU, and a bf16 gradient is
