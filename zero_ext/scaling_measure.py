@@ -41,27 +41,44 @@ OPS = ("all_reduce", "all_gather", "reduce_scatter")
 DEFAULT_SIZES = tuple(2**k for k in (14, 16, 18, 20, 22, 23))  # bytes per collective
 
 
+def _device() -> torch.device:
+    """Where the collectives' tensors live: the rank's GPU under NCCL (it takes no CPU
+    tensors), else the host."""
+    if comm.backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _settle() -> None:
+    """Under NCCL a collective's wait() only orders streams: the device's work must be done
+    before the clock is read."""
+    if comm.backend() == "nccl":
+        torch.cuda.synchronize()
+
+
 def _run(op: str, nbytes: int, world: int) -> None:
     numel = max(nbytes // 4 // world, 1) * world
-    full = torch.ones(numel)
+    full = torch.ones(numel, device=_device())
+    _settle()
     if op == "all_reduce":
         comm.all_reduce(full)
     elif op == "all_gather":
         comm.all_gather(full, full[:numel // world].clone())
     else:
-        comm.reduce_scatter(torch.empty(numel // world), full)
+        comm.reduce_scatter(torch.empty(numel // world, device=full.device), full)
 
 
 def _timed(op: str, nbytes: int, world: int) -> float:
     comm.barrier()
     start = time.perf_counter()
     _run(op, nbytes, world)
+    _settle()
     return time.perf_counter() - start
 
 
 def _slowest(times: list[float]) -> list[float]:
     """Each run's time on the slowest rank."""
-    everyone = torch.tensor(times, dtype=torch.float64)
+    everyone = torch.tensor(times, dtype=torch.float64, device=_device())
     comm.all_reduce(everyone, op=torch.distributed.ReduceOp.MAX)
     return everyone.tolist()
 
