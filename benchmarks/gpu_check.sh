@@ -10,16 +10,21 @@
 #   timeout_s: 510         (the script stops itself at 480 s)
 #
 # then reads the summary at the end of output_tail (each step's exit code, time, closing lines,
-# and a status table last); files_at holds summary.txt, logs.tar (every step's whole log) and the
-# JSON of the parity check and the benchmarks. With the 15-minute lease (machine start
-# included) that leaves one short rerun, on a fresh machine (a call finds the last one warm only
-# within 30 s), of what failed or was skipped, e.g.
+# and a status table last); files_at holds summary.txt, logs.tar (every step's whole log), the
+# JSON of the parity check and the benchmarks, and _C.abi3.so: the extension the build step
+# made, stripped. With the 15-minute lease (machine start included) that leaves one short
+# rerun, on a fresh machine (a call finds the last one warm only within 30 s), of what failed or
+# was skipped, without building again: here, copy the returned extension into the ignored
+# gpu_runs/ folder, then
 #
-#   command:   GPU_CHECK_ONLY=build,nccl_parity GPU_CHECK_BUDGET=170 \
-#              bash benchmarks/gpu_check.sh "$OUT"
+#   (here)     mkdir -p gpu_runs && cp <files_at>/_C.abi3.so gpu_runs/
+#   command:   GPU_CHECK_PREBUILT=gpu_runs/_C.abi3.so GPU_CHECK_ONLY=nccl_parity,bench_step \
+#              GPU_CHECK_BUDGET=170 bash benchmarks/gpu_check.sh "$OUT"
+#   carry:     ["gpu_runs/_C.abi3.so"]
 #   timeout_s: 200
 #
-# (a fresh machine rebuilds: keep `build` in the list). Call give_back unless rerunning at once.
+# (the summary prints this line with the steps to redo; without the prebuilt extension keep
+# `build` in the list). Call give_back unless rerunning at once.
 #
 # Steps, in priority order; each has its own timeout, and a global deadline (GPU_CHECK_BUDGET,
 # default 480 s) shortens a step's timeout to the time left, or skips the step (listed as such)
@@ -45,8 +50,9 @@
 #                eager (goal >= 1.0x at < 512 MiB extra), RMSNorm and SwiGLU against eager
 #
 # Environment: GPU_CHECK_ONLY=a,b (run only these steps), GPU_CHECK_BUDGET=seconds,
-# GPU_CHECK_DRY=1 (print the plan, run nothing: each step is taken to use its whole timeout, so
-# the plan shows the worst case and what it would skip).
+# GPU_CHECK_PREBUILT=path (an extension an earlier run built on the same machine kind, put in
+# place of building), GPU_CHECK_DRY=1 (print the plan, run nothing: each step is taken to use
+# its whole timeout, so the plan shows the worst case and what it would skip).
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root" || exit 2
@@ -58,10 +64,12 @@ summary=$out/summary.txt
 budget=${GPU_CHECK_BUDGET:-480}
 dry=${GPU_CHECK_DRY:-0}
 only=${GPU_CHECK_ONLY:-}
+prebuilt=${GPU_CHECK_PREBUILT:-}
 grace=8                       # a step's kill-after plus the bookkeeping after it
 # The CUDA tests, by keyword: markers count as keywords, so `cuda` takes -m cuda too; the nvcc
-# compile checks (tests/test_cuda_sources.py) run on CPU machines already.
-CUDA_TESTS='cuda and not cuda_sources'
+# compile checks (tests/test_cuda_sources.py) and this script's own checks (tests/
+# test_gpu_check.py, which collects the whole suite again) run on CPU machines already.
+CUDA_TESTS='cuda and not cuda_sources and not test_gpu_check'
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cores=$(nproc)
 started=$SECONDS
@@ -153,17 +161,32 @@ run_fused_cuda() {  # issue 18's GPU figures, eager in the same run (no compile:
     python3 benchmarks/bench_norms.py --device cuda --no-compile --tokens 64M --repeats 10 \
         --hidden 1024 4096 8192 16384 --ops rms swiglu
 }
-export -f machine_info run_bench_step run_fused_cuda
-export out cores
+build_extension() {  # the extension for sm_90 and this CPU, and a stripped copy to bring back
+    if [ -n "$prebuilt" ]; then
+        cp "$prebuilt" zero_ext/_C.abi3.so && echo "zero_ext: building: no, using $prebuilt"
+        return
+    fi
+    env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$cores" ZERO_EXT_CUDA=1 ZERO_EXT_CPU_ISAS=host \
+        python3 setup.py build_ext --inplace || return
+    strip -g -o "$out/_C.abi3.so" zero_ext/_C.abi3.so 2> /dev/null \
+        || cp zero_ext/_C.abi3.so "$out/_C.abi3.so"
+    ls -l "$out/_C.abi3.so"
+}
+export -f machine_info run_bench_step run_fused_cuda build_extension
+export out cores prebuilt
 
 echo "[gpu_check] $(date -u +%H:%M:%S) UTC, deadline $budget s, logs in $out" \
     "(dry run: $dry, only: ${only:-all})"
-TAIL=6 step machine 8 3 machine_info
-KEEP='^zero_ext: building' TAIL=3 step build 165 60 env TORCH_CUDA_ARCH_LIST=9.0 \
-    MAX_JOBS="$cores" ZERO_EXT_CUDA=1 ZERO_EXT_CPU_ISAS=host python3 setup.py build_ext --inplace
+TAIL=6 step machine 20 3 machine_info
+if [ -n "$prebuilt" ] && ! selected build; then
+    only="$only,build"  # the prebuilt extension is put in place by the build step
+fi
+build_cap=165
+[ -n "$prebuilt" ] && build_cap=10  # a copy
+KEEP='^zero_ext: building' TAIL=3 step build "$build_cap" 1 build_extension
 TAIL=24 step env 12 5 python3 -m zero_ext.env
 TAIL=pytest step cuda_tests 100 40 python3 -m pytest -q -p no:cacheprovider -rfEs \
-    --durations=15 tests/ -k "$CUDA_TESTS"
+    --continue-on-collection-errors --durations=15 tests/ -k "$CUDA_TESTS"
 TAIL=12 step nccl_parity 55 30 python3 tests/gpu_nccl_parity.py --timeout 25 \
     --json "$out/nccl_parity.json"
 KEEP='bandwidth ceiling' TAIL=12 step adamw_cuda 20 12 python3 benchmarks/bench_adamw.py \
@@ -172,7 +195,8 @@ KEEP='bandwidth ceiling' TAIL=12 step adamw_cpu16 25 15 python3 benchmarks/bench
     --device cpu --threads 16 --no-deepspeed
 TAIL=26 step quant_cuda 20 10 python3 benchmarks/bench_quant.py --device cuda --sizes 16M 256M \
     --blocks 256 2048 --repeats 20 --error-numel 1M
-TAIL=16 step bench_zero 30 15 torchrun --nproc_per_node=1 benchmarks/bench_zero.py \
+TAIL=16 step bench_zero 30 15 python3 -m torch.distributed.run --nproc_per_node=1 \
+    benchmarks/bench_zero.py \
     --impls ddp,zero_ext --rounds 2 --json "$out/bench_zero.json"
 TAIL=pytest step sanitizer 40 20 env TORCH_CUDA_SANITIZER=1 python3 -m pytest -q \
     -p no:cacheprovider -rfEs tests/test_offload.py tests/test_checkpointing.py -k "$CUDA_TESTS"
@@ -189,7 +213,12 @@ TAIL=20 step fused_cuda 40 20 run_fused_cuda
     printf '%s\n' "${status_lines[@]}"
     redo=$(printf '%s\n' "${status_lines[@]}" | awk '/FAILED|TIMEOUT|SKIPPED/ {print $1}' \
         | grep -v '^build$' | paste -s -d, -)
-    if [ -n "$redo" ]; then
+    if [ -n "$redo" ] && [ -f "$out/_C.abi3.so" ]; then
+        echo "rerun (fresh machine, timeout_s 200; here: mkdir -p gpu_runs && cp" \
+            "<files_at>/_C.abi3.so gpu_runs/; carry [\"gpu_runs/_C.abi3.so\"]):" \
+            "GPU_CHECK_PREBUILT=gpu_runs/_C.abi3.so GPU_CHECK_ONLY=$redo" \
+            "GPU_CHECK_BUDGET=170 bash benchmarks/gpu_check.sh \"\$OUT\""
+    elif [ -n "$redo" ]; then
         echo "rerun (fresh machine, timeout_s 200): GPU_CHECK_ONLY=build,$redo" \
             "GPU_CHECK_BUDGET=170 bash benchmarks/gpu_check.sh \"\$OUT\""
     fi

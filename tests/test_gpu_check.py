@@ -60,6 +60,12 @@ def test_gpu_check_skips_what_the_deadline_leaves_no_room_for_and_reruns_a_selec
     assert "== sanitizer: SKIPPED" in result.stdout and result.returncode == 1
     result, table = _gpu_check(tmp_path / "rerun", GPU_CHECK_ONLY="build,nccl_parity")
     assert [name for name, s, _ in table if s == "planned"] == ["build", "nccl_parity"], table
+    # A rerun with the extension the first run brought back: the build step only puts it in
+    # place (selected whether named or not), leaving the budget to the steps named.
+    result, table = _gpu_check(tmp_path / "prebuilt", GPU_CHECK_ONLY="nccl_parity",
+                               GPU_CHECK_PREBUILT="gpu_runs/_C.abi3.so", GPU_CHECK_BUDGET="170")
+    planned = {name: seconds for name, s, seconds in table if s == "planned"}
+    assert planned == {"build": 10, "nccl_parity": 55}, table
 
 
 def test_cuda_test_selection_collects_every_cuda_test(tmp_path):
