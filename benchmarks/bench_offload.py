@@ -230,8 +230,9 @@ def main() -> None:
                         help="zero_ext row: offload_optimizer.ratio (share of the optimizer "
                              "state on the host; the rest steps on the GPU)")
     parser.add_argument("--ds-stage", type=int, default=2, choices=(2, 3))
-    parser.add_argument("--row-timeout", type=int, default=1800,
-                        help="seconds one implementation may take")
+    parser.add_argument("--row-timeout", type=int, default=540,
+                        help="seconds one implementation may take (the default leaves a "
+                             "device call's 600 s room to write what was measured)")
     parser.add_argument("--run", choices=IMPLS[1:], help=argparse.SUPPRESS)  # a row's process
     parser.add_argument("--from-json", nargs="+", metavar="FILE",
                         help="run nothing: the table and goals of rows written earlier (a "
@@ -277,6 +278,8 @@ def main() -> None:
                 print(f"[bench_offload] {impl}: not run: {row['skipped']}", flush=True)
             else:
                 print(llama.format_result(f"[bench_offload] {impl}", row), flush=True)
+            if args.json:  # the rows so far: a call killed later keeps them
+                llama.write_json(args.json, {"rows": rows})
     print()
     print(table(rows))
     if torch.cuda.is_available():
