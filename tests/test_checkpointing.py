@@ -99,6 +99,21 @@ def test_cpu_checkpointing_keeps_the_inputs_layout():
     assert torch.equal(x.grad, 2 * (2 * x).cos())
 
 
+@pytest.mark.parametrize("cpu", [False, True], ids=["checkpoint", "cpu_checkpointing"])
+def test_an_input_modified_in_place_after_its_segment_raises_as_torch_does(cpu):
+    # With the inputs moved to the host autograd's own version check is bypassed (the saved-
+    # tensor hooks take the tensors): the host copies must not hide the change, and on CUDA
+    # the copy could race it.
+    checkpointing.configure(cpu_checkpointing=cpu)
+    x = torch.randn(4, 8, requires_grad=True)
+    h = x * 2
+    out = checkpointing.checkpoint(lambda a: (a.sin() * 3).sum(), h)
+    with torch.no_grad():
+        h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an in-?place operation"):
+        out.backward()
+
+
 def test_without_gradients_checkpoint_just_calls():
     block = Step()
     checkpointing.configure(cpu_checkpointing=True)

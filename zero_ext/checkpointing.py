@@ -225,6 +225,9 @@ class _HostInputs:
         self.device = device
         self.cuda = device.type == "cuda"
         self.host: list[torch.Tensor] = []
+        # Each saved input (weakly) and its version counter at the save: the hooks take the
+        # place of autograd's own check that it was not modified in place since.
+        self.versions: list[tuple[weakref.ref, int]] = []
         self.originals: list[torch.Tensor] = []  # until to_host_done (CUDA)
         self.to_host_done = None
         self.loaded: list[torch.Tensor | None] | None = None  # device copies for backward
@@ -263,7 +266,23 @@ class _HostInputs:
         counters.tensors_to_host += 1
         counters.bytes_to_host += host.numel() * host.element_size()
         self.host.append(host)
+        self.versions.append((weakref.ref(tensor), tensor._version))
         return (self, len(self.host) - 1)
+
+    def _check_unmodified(self, index: int) -> None:
+        """Raises as autograd does when a saved input was modified in place after the segment's
+        forward: the backward would replay the segment on other values than the forward saw
+        (on CUDA its copy to the host may even race the in-place write)."""
+        ref, saved = self.versions[index]
+        tensor = ref()
+        if tensor is not None and tensor._version != saved:
+            raise RuntimeError(
+                f"zero_ext checkpointing: an input of a checkpointed segment "
+                f"({tuple(tensor.shape)}, {tensor.dtype}) was modified by an in-place operation "
+                f"after the segment's forward (its version went from {saved} to "
+                f"{tensor._version}), so its backward would recompute from other values than "
+                "the forward used; torch.utils.checkpoint raises the same. Change it out of "
+                "place, or clone it first (x = x.clone()) and modify the clone")
 
     def load(self) -> None:
         """Starts the copies back to the device (on a side stream on CUDA)."""
@@ -289,6 +308,7 @@ class _HostInputs:
 
     def fetch(self, index: int) -> torch.Tensor:
         """Saved input `index`, on the device: the segment's recomputation starts."""
+        self._check_unmodified(index)
         if self.loaded is None:
             self.load()
         _finish_copies_to_host()
