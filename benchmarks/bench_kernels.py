@@ -91,6 +91,14 @@ def _reset_peak() -> int:
 
 
 def _inputs(n: int, v: int, h: int, device: str = "cpu", dtype=torch.float32):
+    if torch.device(device).type != "cpu":
+        # Drawn on the device in the target dtype: CPU randn of the largest case (525M
+        # elements), then an upload, takes seconds of a short GPU session.
+        gen = torch.Generator(device).manual_seed(0)
+        hidden = torch.randn(n, h, generator=gen, device=device, dtype=dtype).requires_grad_()
+        weight = torch.randn(v, h, generator=gen, device=device, dtype=dtype).mul_(h ** -0.5)
+        target = torch.randint(0, v, (n,), generator=gen, device=device)
+        return hidden, weight.requires_grad_(), target
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, h, generator=gen).to(device, dtype).requires_grad_()
     weight = torch.randn(v, h, generator=gen).mul_(h ** -0.5).to(device, dtype).requires_grad_()
@@ -158,7 +166,12 @@ def peak_and_time(impl: str, n: int, v: int, h: int, repeats: int,
 def _in_fresh_process(*args: str) -> dict:
     """This script run with `args` in a new Python process: the JSON line it prints last."""
     out = subprocess.run([sys.executable, os.path.abspath(__file__), *args],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:  # show why: captured, the child's traceback would be lost
+        tail = "\n".join(out.stderr.splitlines()[-40:])
+        print(f"bench_kernels: child {' '.join(args)} exited {out.returncode}; last lines of "
+              f"its stderr:\n{tail}", file=sys.stderr, flush=True)
+        raise RuntimeError(f"bench_kernels: child {' '.join(args)} exited {out.returncode}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -67,6 +67,19 @@ def _case(impl, inputs, backward: bool):
     return run
 
 
+def _inputs(rows: int, hidden: int, n_rows: int, n_vectors: int, device: str,
+            dtype: torch.dtype, gen: torch.Generator | None) -> list[torch.Tensor]:
+    """n_rows [rows, hidden] inputs and n_vectors [hidden] ones. On CUDA drawn on the device in
+    `dtype` with `gen` (a CPU randn of 64M elements, then an upload, costs seconds each)."""
+    if device == "cpu":
+        return ([torch.randn(rows, hidden).to(device, dtype) for _ in range(n_rows)]
+                + [(torch.rand(hidden) + 0.5).to(device, dtype) for _ in range(n_vectors)])
+    return ([torch.randn(rows, hidden, device=device, dtype=dtype, generator=gen)
+             for _ in range(n_rows)]
+            + [torch.rand(hidden, device=device, dtype=dtype, generator=gen).add_(0.5)
+               for _ in range(n_vectors)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -92,15 +105,13 @@ def main() -> None:
           f"ms (fastest of {args.repeats}), ratios eager/fused and compile/fused")
     print(f"{'op':<16}{'H':>6}{'rows':>6}{'fused':>9}{'eager':>9}{'compile':>9}"
           f"{'e/f':>7}{'c/f':>7}")
+    gen = torch.Generator(args.device).manual_seed(0) if args.device != "cpu" else None
     for name in args.ops:
         fused, eager, n_rows, n_vectors = OPS[name]
         for backward in (False, True):
             for hidden in args.hidden:
                 rows = max(1, tokens // hidden)
-                inputs = [torch.randn(rows, hidden).to(args.device, dtype)
-                          for _ in range(n_rows)]
-                inputs += [(torch.rand(hidden) + 0.5).to(args.device, dtype)
-                           for _ in range(n_vectors)]
+                inputs = _inputs(rows, hidden, n_rows, n_vectors, args.device, dtype, gen)
                 # A fresh compile per case: each shape compiles its own kernels anyway, and
                 # dynamo's cache per function would hit its recompile limit.
                 torch._dynamo.reset()

@@ -96,12 +96,19 @@ def _row_bytes(n: int, bits: int, block: int) -> int:
 
 def throughput(device: str, n: int, block: int, repeats: int) -> list[str]:
     x = torch.randn(n, device=device, dtype=torch.bfloat16)
-    copy_src = torch.empty(n * 2 + n, dtype=torch.uint8, device=device)
+    # copy_gbs(nbytes) copies nbytes // 2 bytes (read + written: nbytes moved); the largest
+    # request is the dequant-sum's (SENDERS int8 rows and the fp32 output) or quantize's with EF.
+    rows = [_row_bytes(n, bits, block) for bits in (8, 4)]
+    largest = max(max(SENDERS * row + 4 * n, n * 2 + row + 2 * n) for row in rows)
+    copy_src = torch.empty(largest // 2 + 1, dtype=torch.uint8, device=device)
     copy_dst = torch.empty_like(copy_src)
     lines = []
 
     def copy_gbs(nbytes: int) -> float:
         src, dst = copy_src[: nbytes // 2], copy_dst[: nbytes // 2]
+        # A slice past the buffer's end is cut short silently: the figure would count bytes
+        # never copied.
+        assert src.numel() == dst.numel() == nbytes // 2, (nbytes, copy_src.numel())
         return nbytes / _time(lambda: dst.copy_(src), device, repeats) / 1e9
 
     for bits in (8, 4):

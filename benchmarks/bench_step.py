@@ -32,6 +32,9 @@ Figures per row, over the steps after --warmup (examples/train_llama_offload.run
   reserved/alloc       the two peaks' ratio after all the steps: the caching allocator's
                        overhead (fragmentation, blocks cached) at the peak
 On CPU the peak is the process's resident high-water mark (VmHWM), and no goal is judged.
+--json is rewritten after each row (the rows so far); SIGINT (a caller's timeout) ends the row
+under way, recorded as interrupted, and the table and JSON of what completed are still written
+(exit code 130).
 Goals (issue 12): stage 2's step within 5% of plain PyTorch's; stage 3 at least FSDP2's tokens/s
 at no more peak allocated memory; reserved/allocated at most 1.15 for the zero_ext rows.
 """
@@ -40,7 +43,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
+import signal
 import sys
 import weakref
 
@@ -238,8 +243,24 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def _interrupt_once(signum, frame) -> None:
+    """SIGINT (the caller's timeout) raises KeyboardInterrupt once; later ones are ignored while
+    main writes out what completed (timeout(1) may signal the process and then its group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    """Through a temporary file: a kill while writing leaves the previous (complete) JSON."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
 def main() -> None:
     args = parse_args()
+    signal.signal(signal.SIGINT, _interrupt_once)
     on = llama.device()
     shape = TINY if args.tiny else SHAPE_1B3
     for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", None), ("RANK", "0"),
@@ -256,17 +277,35 @@ def main() -> None:
           f"after {args.warmup}; on {on}; torch {torch.__version__}; FLOPs/token "
           f"{flops['6P']:.4g} (6P), {flops['6P+attention']:.4g} (+attention)", flush=True)
     rows = []
-    for impl in args.impls:
-        rows.append(measure_row(impl, args, on, shape, params))
-        print(f"  {impl}: " + (rows[-1].get("skipped") or
-                               f"{rows[-1]['tokens_per_s']:,.0f} tokens/s"), flush=True)
-    report = {"shape": shape, "params": params, "batch": args.batch, "seq": args.seq,
-              "warmup": args.warmup, "steps": args.steps, "device": str(on),
-              "torch": torch.__version__, "peak_tflops": args.peak_tflops,
-              "flops_per_token": flops, "rows": rows, "goals": goals(rows, on.type == "cuda")}
+
+    def report() -> dict:
+        return {"shape": shape, "params": params, "batch": args.batch, "seq": args.seq,
+                "warmup": args.warmup, "steps": args.steps, "device": str(on),
+                "torch": torch.__version__, "peak_tflops": args.peak_tflops,
+                "flops_per_token": flops, "rows": rows, "goals": goals(rows, on.type == "cuda")}
+
+    interrupted = False
+    try:
+        for impl in args.impls:
+            rows.append(measure_row(impl, args, on, shape, params))
+            print(f"  {impl}: " + (rows[-1].get("skipped") or
+                                   f"{rows[-1]['tokens_per_s']:,.0f} tokens/s"), flush=True)
+            _write_json(args.json, report())  # the rows so far: a kill later leaves them
+    except KeyboardInterrupt:  # the caller's timeout: keep what completed, say what did not
+        interrupted = True
+        done = {r["impl"] for r in rows}
+        pending = [impl for impl in args.impls if impl not in done]
+        rows += [{"impl": impl, "interrupted": True,
+                  "skipped": ("interrupted (SIGINT, e.g. the caller's timeout) while running"
+                              if i == 0 else "not started (interrupted)")}
+                 for i, impl in enumerate(pending)]
+        print(f"  {pending[0] if pending else 'bench_step'}: interrupted", flush=True)
+    final = report()
     print(table(rows))
-    print("\n".join(report["goals"]))
-    llama.write_json(args.json, report)
+    print("\n".join(final["goals"]), flush=True)
+    _write_json(args.json, final)
+    if interrupted:  # the process group may be mid-collective: no orderly teardown
+        sys.exit(130)
     torch.distributed.destroy_process_group()
 
 

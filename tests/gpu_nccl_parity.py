@@ -14,8 +14,10 @@ Inside each attempt both ranks train engine_cases.TinyNet with zero_ext (stages 
 bf16, with offload_optimizer / offload_param, gradient accumulation) and rank 0 compares every
 case with the single-process reference on the whole batch (engine_cases.train_reference, on
 CPU): fp32 parameters and gradient norms at 1e-5 relative, bf16 within its rounding
-(engine_cases.assert_matches_reference). It prints one line per attempt and writes every
-case's result to --json; exit code 0 when an attempt ran and every case in it passed.
+(engine_cases.assert_matches_reference). It prints one line per attempt as it ends, and rewrites
+--json after each (the attempts so far; one under way stands there as not run), so a kill at any
+point leaves what was measured; SIGINT (a caller's timeout) ends the attempt under way, recorded
+as interrupted. Exit code 0 when an attempt ran and every case in it passed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -101,12 +104,21 @@ def attempt(backend: str, timeout: float, workdir: str) -> dict:
                                            backend, out_path], env=env, stdout=logs[-1],
                                           stderr=subprocess.STDOUT))
         start = time.monotonic()
-        codes = _wait_all(procs, start + timeout)
+        try:
+            codes = _wait_all(procs, start + timeout)
+        except KeyboardInterrupt:  # the caller's timeout (SIGINT): say how far this one got
+            codes, interrupted = None, True
+            _kill(procs)
+        else:
+            interrupted = False
         seconds = time.monotonic() - start
         tails = []
         for log in logs:
             log.seek(0)
             tails.append(log.read()[-1500:])
+    if interrupted:
+        return {"backend": backend, "ran": False, "seconds": seconds, "interrupted": True,
+                "why": "interrupted (SIGINT, e.g. the caller's timeout)", "log_tails": tails}
     if codes is None:
         return {"backend": backend, "ran": False, "seconds": seconds,
                 "why": f"no result within {timeout:.0f} s (killed)", "log_tails": tails}
@@ -130,16 +142,52 @@ def _wait_all(procs, deadline: float) -> list[int] | None:
         if failed_at is not None and time.monotonic() - failed_at > 5:
             break
         time.sleep(0.2)
-    for p in procs:
-        p.kill()
-        p.wait()
+    _kill(procs)
     return None if failed_at is None else [p.returncode for p in procs]
+
+
+def _kill(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def _report(a: dict, on_gpu: bool) -> None:
+    """The one-line result of an attempt (and its failed cases), printed as soon as it ends."""
+    tensors = "CUDA tensors, one GPU" if on_gpu else "CPU tensors"
+    if not a["ran"]:
+        print(f"{a['backend']} ({tensors}): did not run: {a['why']} after "
+              f"{a['seconds']:.0f} s; last output of rank 0:\n{a['log_tails'][0][-800:]}",
+              flush=True)
+        return
+    failed = {k: v for k, v in a["cases"].items() if v != "pass"}
+    print(f"{a['backend']} ({tensors}, {a['device']}): ran in {a['seconds']:.0f} s, "
+          f"{len(a['cases']) - len(failed)}/{len(a['cases'])} cases pass", flush=True)
+    for label, outcome in failed.items():
+        print(f"  {label}: {outcome}", flush=True)
+
+
+def _write(path: str | None, attempts: list[dict]) -> None:
+    """The attempts so far, rewritten after each one: a kill later leaves what was measured."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(attempts, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def _interrupt_once(signum, frame) -> None:
+    """SIGINT raises KeyboardInterrupt once; later ones are ignored while it cleans up and
+    writes out (timeout(1) signals this process and then its whole group: two in a row)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--rank":
         rank_main(sys.argv[2], sys.argv[3])
         return 0
+    signal.signal(signal.SIGINT, _interrupt_once)
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -154,23 +202,15 @@ def main() -> int:
     attempts = []
     with tempfile.TemporaryDirectory() as workdir:
         for backend in backends:
+            # Until it ends, the attempt under way stands in the JSON as not (yet) run.
+            _write(args.json, attempts + [{"backend": backend, "ran": False, "seconds": None,
+                                           "why": "still running when the JSON was last "
+                                                  "written (killed?)", "log_tails": [""]}])
             attempts.append(attempt(backend, args.timeout, workdir))
-            if attempts[-1]["ran"]:
+            _write(args.json, attempts)
+            _report(attempts[-1], on_gpu)
+            if attempts[-1]["ran"] or attempts[-1].get("interrupted"):
                 break  # it ran: its failures, if any, are the engine's, not the transport's
-    for a in attempts:
-        tensors = "CUDA tensors, one GPU" if on_gpu else "CPU tensors"
-        if not a["ran"]:
-            print(f"{a['backend']} ({tensors}): did not run: {a['why']} after "
-                  f"{a['seconds']:.0f} s; last output of rank 0:\n{a['log_tails'][0][-800:]}")
-            continue
-        failed = {k: v for k, v in a["cases"].items() if v != "pass"}
-        print(f"{a['backend']} ({tensors}, {a['device']}): ran in {a['seconds']:.0f} s, "
-              f"{len(a['cases']) - len(failed)}/{len(a['cases'])} cases pass")
-        for label, outcome in failed.items():
-            print(f"  {label}: {outcome}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(attempts, f, indent=1)
     ok = attempts[-1]["ran"] and all(v == "pass" for v in attempts[-1]["cases"].values())
     print(f"parity over {attempts[-1]['backend'] if attempts[-1]['ran'] else 'no backend'}: "
           f"{'PASS' if ok else 'FAIL'}")
