@@ -42,6 +42,14 @@ def gathers() -> dict:
         comm.traffic.reset()
         comm.all_gather(within, mine, group=topology.node_group("test"))
         out[("node", str(dtype))] = (within, comm.traffic.snapshot())
+    # Detected again (another initialize) on the same group and layout: the same groups, not
+    # new communicators each time; another layout gets its own.
+    node_group = topology.node_group("test")
+    again = simulate_nodes(2)
+    out["same_groups"] = (again is topology, again.node_group("test") is node_group)
+    other = simulate_nodes(1)
+    out["other_layout"] = other is not topology and other.nodes == 4
+    simulate_nodes(2)
     return out
 
 

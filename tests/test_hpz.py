@@ -35,6 +35,7 @@ def test_node_groups_and_hierarchical_gather_equal_the_flat_gather(outcomes):
     for rank, out in enumerate(outcomes):
         gathers = out["gathers"]
         assert gathers["nodes"] == (0, 0, 1, 1)
+        assert gathers["same_groups"] == (True, True) and gathers["other_layout"]
         for dtype in ("torch.float32", "torch.bfloat16"):
             flat, flat_traffic = gathers[("flat", dtype)]
             hier, hier_traffic = gathers[("hierarchical", dtype)]

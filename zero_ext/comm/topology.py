@@ -140,9 +140,17 @@ def detect_topology() -> Topology:
         # off in the first seconds, before the heartbeats (a few hosts each) have told them.
         for r, (host, _) in enumerate(reports):
             watch.nodes.learn(r, host)
-    topology = Topology(rank, _nodes_from(reports), _source(reports))
+    nodes, group = _nodes_from(reports), dist.group.WORLD if dist.is_initialized() else None
+    if (_current is not None and group is not None and _current_group is not None
+            and _current_group() is group and _current.node_of_rank == nodes):
+        # The same group and layout (another initialize): keep its subgroups, made on first
+        # use; new ones each time would leave the old communicators (NCCL: device memory)
+        # behind. Every rank decides alike: the reports are the same everywhere.
+        topology = _current
+    else:
+        topology = Topology(rank, nodes, _source(reports))
     _current = topology
-    _current_group = weakref.ref(dist.group.WORLD) if dist.is_initialized() else None
+    _current_group = weakref.ref(group) if group is not None else None
     collectives.set_node_of_rank(topology.node_of_rank)
     return topology
 
