@@ -89,7 +89,7 @@ def shard_fsdp2(model, on: torch.device, offload: bool) -> None:
 
 def run_fsdp2(args, on: torch.device) -> dict:
     _init_one_rank(on)
-    model = llama.build_llama(args.tiny, torch.float32, on)
+    model = llama.build_llama(args.tiny, torch.float32, on, llama.shape_of(args)[1])
     params = sum(p.numel() for p in model.parameters())
     _hf_checkpointing(model)
     shard_fsdp2(model, on, offload=True)
@@ -110,7 +110,7 @@ def run_deepspeed(args, on: torch.device) -> dict:
     except Exception as error:  # noqa: BLE001  (any import failure: the row says which)
         return {"impl": "deepspeed", "skipped": f"import deepspeed failed: "
                 f"{type(error).__name__}: {error}"}
-    model = llama.build_llama(args.tiny, torch.bfloat16, on)
+    model = llama.build_llama(args.tiny, torch.bfloat16, on, llama.shape_of(args)[1])
     params = sum(p.numel() for p in model.parameters())
     _hf_checkpointing(model)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
@@ -133,7 +133,7 @@ def _shape_flags(args) -> list[str]:
              "--warmup", str(args.warmup), "--peak-tflops", str(args.peak_tflops)]
     if args.threads:
         flags += ["--threads", str(args.threads)]
-    return flags + (["--tiny"] if args.tiny else [])
+    return flags + (["--tiny"] if args.tiny else ["--model", args.model])
 
 
 def run_row(impl: str, args, out_dir: str) -> dict:
@@ -264,7 +264,7 @@ def main() -> None:
     unknown = sorted(set(impls) - set(IMPLS))
     if unknown:
         parser.error(f"--impls: unknown {unknown}; choose from {', '.join(IMPLS)}")
-    shape = "tiny Llama (2 layers, hidden 256)" if args.tiny else "Llama-2-7B shape"
+    shape = "tiny Llama (2 layers, hidden 256)" if args.tiny else llama.shape_of(args)[0]
     print(f"[bench_offload] {shape}, batch {args.batch} x {args.seq}, {args.steps} steps "
           f"({args.warmup} warm-up), torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}",

@@ -9,6 +9,8 @@ where the time went.
     python examples/train_llama_offload.py --batch 4 --offload-param --cpu-checkpointing
     python examples/train_llama_offload.py --batch 4 --ratio 0.5      # half the optimizer on GPU
     python examples/train_llama_offload.py --batch 4 --number-checkpoints 24  # 8 layers kept
+    python examples/train_llama_offload.py --batch 8 --no-offload     # the all-on-GPU ceiling
+    python examples/train_llama_offload.py --model 13b --batch 8 --ratio 0.6  # Llama-2-13B
     python examples/train_llama_offload.py --tiny                     # CPU smoke run (seconds)
 
 The model is transformers' LlamaForCausalLM built from Llama-2-7B's shape (hidden 4096,
@@ -34,6 +36,9 @@ Figures (one block, and the same in --json):
   peak host memory  over the training steps too: this process's peak resident set (VmHWM,
                     reset through /proc/self/clear_refs; pinned buffers included) and the
                     node's peak in use (MemTotal - MemAvailable, sampled every 50 ms)
+  model state       zero_ext.estimate's device and host bytes for this configuration (model
+                    states only, no activations), beside what setup left allocated on the
+                    device and the process's resident peak after setup
   breakdown         per step: forward, backward and engine.step() as the device's stream saw
                     them (CUDA events, no syncs inside a step); the offload's gradient copies
                     out, CPU AdamW and uploads, and the parts of the CPU step that ran before
@@ -56,6 +61,10 @@ import torch
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
              "max_position_embeddings": 4096}
+LLAMA2_13B = {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+              "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000,
+              "max_position_embeddings": 4096}
+MODELS = {"7b": ("Llama-2-7B shape", LLAMA2_7B), "13b": ("Llama-2-13B shape", LLAMA2_13B)}
 # The CPU smoke shape: the same code paths in seconds.
 TINY = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 4096,
@@ -66,6 +75,8 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     """The run's shape and measurement options, shared with benchmarks/bench_offload.py."""
     parser.add_argument("--tiny", action="store_true",
                         help="2-layer, hidden-256 Llama, seq 128, batch 2: a CPU smoke run")
+    parser.add_argument("--model", choices=sorted(MODELS), default="7b",
+                        help="the Llama-2 shape (random weights; ignored with --tiny)")
     parser.add_argument("--batch", type=int, default=None,
                         help="micro batch (default 4; 2 with --tiny)")
     parser.add_argument("--seq", type=int, default=None,
@@ -88,6 +99,11 @@ def resolve_shape(args: argparse.Namespace) -> None:
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}): the "
                          "figures come from the steps after the warm-up")
+
+
+def shape_of(args: argparse.Namespace) -> tuple[str, dict]:
+    """The run's model: its name and LlamaConfig shape."""
+    return ("tiny Llama", TINY) if args.tiny else MODELS[args.model]
 
 
 def device() -> torch.device:
@@ -260,6 +276,14 @@ def format_result(title: str, result: dict) -> str:
                      f"behind backward, {result['cpu_step_deferred_s']:.3f} s behind the next "
                      f"forward, {result['cpu_step_exposed_s']:.3f} s exposed), "
                      f"upload {result['upload_s']:.3f} s")
+    if "estimate_device_bytes" in result:
+        measured = result["device_state_bytes"]
+        lines.append(
+            "  model state         estimator: device "
+            f"{result['estimate_device_bytes'] / gb:.2f} GB, host "
+            f"{result['estimate_host_bytes'] / gb:.2f} GB; measured after setup: device "
+            + (f"{measured / gb:.2f} GB allocated" if measured is not None else "n/a")
+            + f", host {result['host_rss_after_setup_bytes'] / gb:.2f} GB process (VmHWM)")
     lines.append(f"  loss                {result['first_loss']:.4f} -> "
                  f"{result['last_loss']:.4f}")
     return "\n".join(lines)
@@ -288,49 +312,73 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=1.0,
                         help="offload_optimizer.ratio: the share of the optimizer state on the "
                              "host (the rest steps on the GPU)")
+    parser.add_argument("--no-offload", action="store_true",
+                        help="every state on the device: the ceiling the offload runs are "
+                             "judged against")
     args = parser.parse_args()
     resolve_shape(args)
+    if args.no_offload and (args.offload_param or args.ratio != 1.0 or args.cpu_checkpointing):
+        parser.error("--no-offload keeps every state on the device: leave out --offload-param, "
+                     "--ratio and --cpu-checkpointing")
     if args.offload_param and args.stage != 3:
         parser.error("--offload-param needs --stage 3 (stage 2 keeps parameters whole on the "
                      "device)")
 
     import zero_ext
     from zero_ext import checkpointing
+    from zero_ext.estimate import estimate_from_config
 
     on = device()
-    model = build_llama(args.tiny, torch.bfloat16, on)
+    name, shape = shape_of(args)
+    model = build_llama(args.tiny, torch.bfloat16, on, shape)
     params = sum(p.numel() for p in model.parameters())
     checkpointing.apply(model)
     pin = not args.no_pin
-    zero = {"stage": args.stage, "overlap_comm": True,
-            "offload_optimizer": {"device": "cpu", "pin_memory": pin, "ratio": args.ratio}}
+    zero = {"stage": args.stage, "overlap_comm": True}
+    if not args.no_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin, "ratio": args.ratio}
     if args.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
-    engine, _, _, _ = zero_ext.initialize(model=model, config={
+    config = {
         "train_micro_batch_size_per_gpu": args.batch, "gradient_clipping": args.clip,
         "bf16": {"enabled": True}, "steps_per_print": 10**9,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
         "activation_checkpointing": {"cpu_checkpointing": args.cpu_checkpointing,
                                      "number_checkpoints": args.number_checkpoints},
-        "zero_optimization": zero})
+        "zero_optimization": zero}
+    # The estimator's model-state bytes for this configuration, before the engine exists (its
+    # figures do not count activations: compare them with the state measured after setup).
+    predicted = estimate_from_config(model, config, 1)
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config)
+    state = {"device_state_bytes": torch.cuda.memory_allocated(on) if on.type == "cuda"
+             else None, "host_rss_after_setup_bytes": peak_rss(),
+             "estimate_device_bytes": predicted.device.total,
+             "estimate_host_bytes": predicted.host.total}
+    offloaded = engine.offload is not None
 
     result = run_steps(
         args, on, params, model.config.vocab_size,
         forward=lambda tokens: engine(input_ids=tokens, labels=tokens).loss,
         backward=engine.backward, step=engine.step,
-        after_warmup=engine.offload.timings)  # the warm-up's figures are dropped
-    offload = engine.offload.timings()
-    timed = result["timed_steps"]
-    result.update(impl="zero_ext", stage=args.stage, offload_param=args.offload_param,
-                  cpu_checkpointing=args.cpu_checkpointing, clip=args.clip, ratio=args.ratio,
+        # the warm-up's figures are dropped
+        after_warmup=engine.offload.timings if offloaded else None)
+    result.update(impl="zero_ext", model=name, stage=args.stage, offload=offloaded,
+                  offload_param=args.offload_param, cpu_checkpointing=args.cpu_checkpointing,
+                  clip=args.clip, ratio=args.ratio if offloaded else 0.0,
                   number_checkpoints=args.number_checkpoints,
-                  shards=len(engine.optimizer.shards), host_shards=len(engine.offload.shards),
-                  grad_copy_s=offload.grad_copy_s / timed, cpu_step_s=offload.cpu_step_s / timed,
-                  cpu_step_hidden_s=offload.cpu_step_hidden_s / timed,
-                  cpu_step_deferred_s=offload.cpu_step_deferred_s / timed,
-                  cpu_step_exposed_s=offload.cpu_step_exposed_s / timed,
-                  upload_s=offload.upload_s / timed, hidden_fraction=offload.hidden_fraction)
-    extras = [f"stage {args.stage}", "offload_optimizer" + (" (pin_memory)" if pin else "")
+                  shards=len(engine.optimizer.shards), **state)
+    if offloaded:
+        offload = engine.offload.timings()
+        timed = result["timed_steps"]
+        result.update(host_shards=len(engine.offload.shards),
+                      grad_copy_s=offload.grad_copy_s / timed,
+                      cpu_step_s=offload.cpu_step_s / timed,
+                      cpu_step_hidden_s=offload.cpu_step_hidden_s / timed,
+                      cpu_step_deferred_s=offload.cpu_step_deferred_s / timed,
+                      cpu_step_exposed_s=offload.cpu_step_exposed_s / timed,
+                      upload_s=offload.upload_s / timed, hidden_fraction=offload.hidden_fraction)
+    extras = [f"stage {args.stage}", "no offload" if not offloaded else
+              "offload_optimizer" + (" (pin_memory)" if pin else "")
               + (f" ratio {args.ratio:g}" if args.ratio < 1 else "")]
     if args.offload_param:
         extras.append("offload_param")
@@ -339,7 +387,6 @@ def main() -> None:
                      if args.number_checkpoints else ""))
     if args.clip:
         extras.append(f"clip {args.clip:g}")
-    name = "tiny Llama" if args.tiny else "Llama-2-7B shape"
     print(format_result(f"[train_llama_offload] zero_ext, {name}: {', '.join(extras)}", result),
           flush=True)
     write_json(args.json, result)

@@ -87,6 +87,21 @@ def test_llama_offload_example_prints_its_figures(tmp_path):
         result["cpu_step_hidden_s"] + result["cpu_step_deferred_s"]
         + result["cpu_step_exposed_s"])
     assert result["shards"] > 2 and result["last_loss"] < 1.5 * result["first_loss"]
+    # The estimator's model-state figures for the same configuration, beside the measured.
+    assert "model state         estimator: device" in out, out
+    assert result["estimate_host_bytes"] > 0 and result["host_rss_after_setup_bytes"] > 0
+
+
+def test_llama_example_without_offload_is_the_ceiling_row(tmp_path):
+    out = _run(os.path.join("examples", "train_llama_offload.py"), "--tiny", "--steps", "3",
+               "--warmup", "1", "--no-offload", "--json", str(tmp_path / "result.json"))
+    assert "zero_ext, tiny Llama: stage 3, no offload, activation checkpointing" in out, out
+    assert "offload per step" not in out
+    with open(tmp_path / "result.json") as f:
+        result = json.load(f)
+    # Nothing on the host: the estimator says so, and the run trains.
+    assert result["offload"] is False and result["estimate_host_bytes"] == 0
+    assert result["last_loss"] < 1.5 * result["first_loss"]
 
 
 def _bench_rows(*impls: str) -> dict[str, str]:
