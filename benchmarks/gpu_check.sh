@@ -48,6 +48,19 @@
 #                Llama 1.3B shape, with as many steps (<= 50 timed) as the time left allows
 #   fused_cuda   issue 18: the fused cross-entropy at M=8192, H=4096, V=128256 bf16 against
 #                eager (goal >= 1.0x at < 512 MiB extra), RMSNorm and SwiGLU against eager
+# Issue 15's rows (the largest model on one GPU), run only when named in GPU_CHECK_ONLY, in a
+# call of their own once the check above passes (each row's JSON comes back; fetch it here and
+# judge them together with `bench_offload.py --from-json`):
+#   offload_b16     Llama-2-7B shape, batch 16: zero_ext (stage 3, optimizer offload at
+#                   GPU_OFFLOAD_RATIO, default 0.25, activation checkpointing) and FSDP2 with
+#                   CPUOffloadPolicy, 6 steps each
+#   offload_b4      the same at batch 4
+#   offload_ceiling zero_ext with every state on the GPU, batch 8 (batch 16 does not fit)
+#   offload_13b     Llama-2-13B shape, batch 8, offload_optimizer.ratio 0.6, with the
+#                   estimator's model-state figures beside the measured
+# e.g. GPU_CHECK_PREBUILT=gpu_runs/_C.abi3.so GPU_CHECK_ONLY=offload_b16,offload_b4,\
+#      offload_ceiling,offload_13b GPU_CHECK_BUDGET=560 bash benchmarks/gpu_check.sh "$OUT"
+#      (timeout_s 595, carry ["gpu_runs/_C.abi3.so"])
 #
 # Environment: GPU_CHECK_ONLY=a,b (run only these steps), GPU_CHECK_BUDGET=seconds,
 # GPU_CHECK_PREBUILT=path (an extension an earlier run built on the same machine kind, put in
@@ -80,8 +93,10 @@ elapsed() { if [ "$dry" = 1 ]; then echo "$simulated"; else echo $((SECONDS - st
 
 selected() { [ -z "$only" ] || [[ ",$only," == *",$1,"* ]]; }
 
+named() { [[ ",$only," == *",$1,"* ]]; }  # steps that run only when named
+
 record() {  # record NAME STATUS SECONDS: one line of the closing table
-    status_lines+=("$(printf '%-12s %-34s %5s s' "$1" "$2" "$3")")
+    status_lines+=("$(printf '%-15s %-34s %5s s' "$1" "$2" "$3")")
 }
 
 digest() {  # the closing lines of a step's log (TAIL=pytest: its failures and its last line),
@@ -205,6 +220,21 @@ left=$((budget - $(elapsed) - grace))
 [ "$left" -ge 140 ] && left=$((left - 40))
 TAIL=12 step bench_step "$left" 100 run_bench_step "$left"
 TAIL=20 step fused_cuda 40 20 run_fused_cuda
+ratio=${GPU_OFFLOAD_RATIO:-0.25}
+offload_rows="python3 benchmarks/bench_offload.py --impls zero_ext,fsdp2 --steps 6"
+# shellcheck disable=SC2086  # offload_rows is a command line
+{
+    named offload_b16 && TAIL=16 step offload_b16 250 150 $offload_rows --batch 16 \
+        --zero-ratio "$ratio" --row-timeout 120 --json "$out/offload_b16.json"
+    named offload_b4 && TAIL=16 step offload_b4 160 100 $offload_rows --batch 4 \
+        --zero-ratio "$ratio" --row-timeout 75 --json "$out/offload_b4.json"
+    named offload_ceiling && TAIL=12 step offload_ceiling 100 60 python3 \
+        examples/train_llama_offload.py --batch 8 --no-offload --steps 6 \
+        --json "$out/offload_ceiling_b8.json"
+    named offload_13b && TAIL=12 step offload_13b 160 100 python3 \
+        examples/train_llama_offload.py --model 13b --batch 8 --ratio 0.6 --steps 6 \
+        --json "$out/offload_13b_b8.json"
+} || true
 
 {
     echo
@@ -213,7 +243,11 @@ TAIL=20 step fused_cuda 40 20 run_fused_cuda
     printf '%s\n' "${status_lines[@]}"
     redo=$(printf '%s\n' "${status_lines[@]}" | awk '/FAILED|TIMEOUT|SKIPPED/ {print $1}' \
         | grep -v '^build$' | paste -s -d, -)
-    if [ -n "$redo" ] && [ -f "$out/_C.abi3.so" ]; then
+    if [ -n "$redo" ] && [ -n "$prebuilt" ]; then
+        echo "rerun (fresh machine, timeout_s 200; carry [\"$prebuilt\"]):" \
+            "GPU_CHECK_PREBUILT=$prebuilt GPU_CHECK_ONLY=$redo" \
+            "GPU_CHECK_BUDGET=170 bash benchmarks/gpu_check.sh \"\$OUT\""
+    elif [ -n "$redo" ] && [ -f "$out/_C.abi3.so" ]; then
         echo "rerun (fresh machine, timeout_s 200; here: mkdir -p gpu_runs && cp" \
             "<files_at>/_C.abi3.so gpu_runs/; carry [\"gpu_runs/_C.abi3.so\"]):" \
             "GPU_CHECK_PREBUILT=gpu_runs/_C.abi3.so GPU_CHECK_ONLY=$redo" \

@@ -66,6 +66,14 @@ def test_gpu_check_skips_what_the_deadline_leaves_no_room_for_and_reruns_a_selec
                                GPU_CHECK_PREBUILT="gpu_runs/_C.abi3.so", GPU_CHECK_BUDGET="170")
     planned = {name: seconds for name, s, seconds in table if s == "planned"}
     assert planned == {"build": 10, "nccl_parity": 55}, table
+    # Issue 15's rows run only when named, in a call of their own.
+    result, table = _gpu_check(tmp_path / "offload", GPU_CHECK_ONLY="offload_b16,offload_13b",
+                               GPU_CHECK_PREBUILT="gpu_runs/_C.abi3.so", GPU_CHECK_BUDGET="560")
+    planned = {name: seconds for name, s, seconds in table if s == "planned"}
+    assert planned == {"build": 10, "offload_b16": 250, "offload_13b": 160}, table
+    assert "--model 13b --batch 8 --ratio 0.6" in result.stdout
+    result, table = _gpu_check(tmp_path / "default")
+    assert not [name for name, _, _ in table if name.startswith("offload_")], table
 
 
 def test_cuda_test_selection_collects_every_cuda_test(tmp_path):
