@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import signal
 import sys
@@ -250,14 +249,6 @@ def _interrupt_once(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _write_json(path: str | None, report: dict) -> None:
-    """Through a temporary file: a kill while writing leaves the previous (complete) JSON."""
-    if path:
-        with open(path + ".tmp", "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(path + ".tmp", path)
-
-
 def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGINT, _interrupt_once)
@@ -290,7 +281,7 @@ def main() -> None:
             rows.append(measure_row(impl, args, on, shape, params))
             print(f"  {impl}: " + (rows[-1].get("skipped") or
                                    f"{rows[-1]['tokens_per_s']:,.0f} tokens/s"), flush=True)
-            _write_json(args.json, report())  # the rows so far: a kill later leaves them
+            llama.write_json(args.json, report())  # the rows so far: a kill later leaves them
     except KeyboardInterrupt:  # the caller's timeout: keep what completed, say what did not
         interrupted = True
         done = {r["impl"] for r in rows}
@@ -303,7 +294,7 @@ def main() -> None:
     final = report()
     print(table(rows))
     print("\n".join(final["goals"]), flush=True)
-    _write_json(args.json, final)
+    llama.write_json(args.json, final)
     if interrupted:  # the process group may be mid-collective: no orderly teardown
         sys.exit(130)
     torch.distributed.destroy_process_group()

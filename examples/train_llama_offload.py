@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 
@@ -290,9 +291,12 @@ def format_result(title: str, result: dict) -> str:
 
 
 def write_json(path: str | None, result: dict) -> None:
+    """Through a temporary file: a run killed while writing leaves the previous (complete)
+    JSON, which the benchmarks rewrite after each row."""
     if path:
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 def main() -> None:

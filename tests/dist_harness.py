@@ -9,9 +9,10 @@ once and the parent raises one error holding every failing rank's traceback; if 
 still running after `timeout` seconds, all ranks are killed and the parent says which were
 still running. Before killing a rank that is still running, the parent has it write every
 thread's Python stack (faulthandler, on SIGUSR1) and puts them in the error: a rank that hung
-or froze shows where. Process start-up (importing torch) dominates on small machines, so callers run
-many cases inside one group rather than one group per case; a case that leaves collectives
-pending (a stall test) calls `restart_group()` on every rank to continue in a fresh group.
+or froze shows where. Process start-up (importing torch) dominates on small machines, so
+callers run many cases inside one group rather than one group per case; a case that leaves
+collectives pending (a stall test) calls `restart_group()` on every rank to continue in a fresh
+group.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def _stacks_path(init_file: str, rank: int) -> str:
 def _worker(rank, world_size, init_file, fn, args, results):
     global _stacks_file
     _restarts["init_file"] = init_file
-    _stacks_file = open(_stacks_path(init_file, rank), "w")  # noqa: SIM115 (for the life of the process)
+    # Open for the life of the process: faulthandler writes to it on the signal.
+    _stacks_file = open(_stacks_path(init_file, rank), "w")  # noqa: SIM115
     faulthandler.register(_STACKS_SIGNAL, file=_stacks_file, all_threads=True)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")

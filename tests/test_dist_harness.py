@@ -16,7 +16,8 @@ def test_a_failed_group_reports_the_stacks_of_the_ranks_still_running():
     assert "ValueError: rank 1 gives up" in text
     assert "--- rank 0 was still running; its threads' stacks ---" in text
     rank0 = text.split("--- rank 0 was still running")[1]
-    assert "in sleeping_until_killed" in rank0 and "in one_rank_raises_while_the_other_sleeps" in rank0
+    assert "in sleeping_until_killed" in rank0
+    assert "in one_rank_raises_while_the_other_sleeps" in rank0
     assert "rank 1 was still running" not in text  # it ended with its error
 
 

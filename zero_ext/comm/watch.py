@@ -215,7 +215,7 @@ class CollectiveWatch:
         self.abort_report: str | None = None
         self.progress_checks = 0        # diagnoses that found only slowness (tests read it)
         self._beat = 0
-        self._heartbeat_errors = 0      # errors met by the heartbeat thread that were not the store's
+        self._heartbeat_errors = 0      # heartbeat errors that were not the store's
         self._interrupt_pending = False
         self._raised = False            # the main thread raised this group's abort already
         self._stop = threading.Event()

@@ -82,7 +82,6 @@ def _runs(op: str, x: Tensor, *params: Tensor | None) -> bool:
             and all(p is None or p.dtype == x.dtype for p in params))
 
 
-
 def _single_input(args: tuple, kwargs: dict) -> Tensor | None:
     """The input tensor of a call ``module(x)``; None for any other call (then the module's own
     forward runs, whatever its other arguments mean)."""
