@@ -243,17 +243,18 @@ offload_rows="python3 benchmarks/bench_offload.py --impls zero_ext,fsdp2 --steps
     printf '%s\n' "${status_lines[@]}"
     redo=$(printf '%s\n' "${status_lines[@]}" | awk '/FAILED|TIMEOUT|SKIPPED/ {print $1}' \
         | grep -v '^build$' | paste -s -d, -)
-    if [ -n "$redo" ] && [ -n "$prebuilt" ]; then
-        echo "rerun (fresh machine, timeout_s 200; carry [\"$prebuilt\"]):" \
-            "GPU_CHECK_PREBUILT=$prebuilt GPU_CHECK_ONLY=$redo" \
-            "GPU_CHECK_BUDGET=170 bash benchmarks/gpu_check.sh \"\$OUT\""
-    elif [ -n "$redo" ] && [ -f "$out/_C.abi3.so" ]; then
-        echo "rerun (fresh machine, timeout_s 200; here: mkdir -p gpu_runs && cp" \
-            "<files_at>/_C.abi3.so gpu_runs/; carry [\"gpu_runs/_C.abi3.so\"]):" \
-            "GPU_CHECK_PREBUILT=gpu_runs/_C.abi3.so GPU_CHECK_ONLY=$redo" \
-            "GPU_CHECK_BUDGET=170 bash benchmarks/gpu_check.sh \"\$OUT\""
-    elif [ -n "$redo" ]; then
-        echo "rerun (fresh machine, timeout_s 200): GPU_CHECK_ONLY=build,$redo" \
+    if [ -n "$redo" ]; then
+        # With an extension to carry (given, or built here and brought back) the rerun only puts
+        # it in place; without one it builds again.
+        how="" with="" steps="build,$redo"
+        if [ -n "$prebuilt" ]; then
+            how="; carry [\"$prebuilt\"]" with="GPU_CHECK_PREBUILT=$prebuilt " steps=$redo
+        elif [ -f "$out/_C.abi3.so" ]; then
+            how="; here: mkdir -p gpu_runs && cp <files_at>/_C.abi3.so gpu_runs/; carry"
+            how="$how [\"gpu_runs/_C.abi3.so\"]"
+            with="GPU_CHECK_PREBUILT=gpu_runs/_C.abi3.so " steps=$redo
+        fi
+        echo "rerun (fresh machine, timeout_s 200$how): ${with}GPU_CHECK_ONLY=$steps" \
             "GPU_CHECK_BUDGET=170 bash benchmarks/gpu_check.sh \"\$OUT\""
     fi
 } >> "$summary"
