@@ -177,7 +177,9 @@ def test_fp32_loss_and_every_gradient_match_unfused(case):
 # through the same layer wrapper); the fused MLP op of the family.
 CHECKPOINTED = {
     "llama-zero_ext": (llama, zero_ext.checkpointing.apply, "swiglu"),
-    "gpt2-hf": (gpt2, lambda m: m.activation_checkpointing_enable(), "bias_gelu"),
+    # (the old name where the new one does not exist: transformers 5.17, the GPU machine's)
+    "gpt2-hf": (gpt2, lambda m: getattr(m, "activation_checkpointing_enable",
+                                        m.gradient_checkpointing_enable)(), "bias_gelu"),
 }
 
 
@@ -617,19 +619,25 @@ def test_gpt2_blocks_with_cross_attention_run_their_own_forward():
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 def test_a_fused_block_takes_its_arguments_as_its_own_forward_does():
     # GPT2Model passes a block its cache, mask and encoder states positionally, the rest by
-    # keyword; the fused body binds them to the block's signature. past_key_values, which the
-    # block's own forward renames to cache, sends the call to that forward.
+    # keyword; the fused body binds them to the block's signature. The cache's other name
+    # sends the call to the block's own forward, which does with it what it does: transformers
+    # 5.25 renames past_key_values to its cache argument; 5.17 (the GPU machine's) names it
+    # past_key_values and ignores a `cache` keyword.
     from transformers import DynamicCache
 
     model, reference, _ = fused_and_reference(gpt2())
     x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(2))
     positions = torch.arange(5).expand(3, 5)
+    own = next(n for n in ("cache", "past_key_values")
+               if n in inspect.signature(type(model.transformer.h[0]).forward).parameters)
+    other = {"cache": "past_key_values", "past_key_values": "cache"}[own]
+    renamed = other == "past_key_values"  # the old name, which the block takes as its own
     calls = {  # name: (args, kwargs, a cache given, the fused body takes it)
         "positional": ((x, None, None, None), {"use_cache": False}, False, True),
         "keywords": ((), {"hidden_states": x, "position_ids": positions}, False, True),
         "cache positional": ((x, "cache"), {"use_cache": True}, True, True),
-        "cache keyword": ((x,), {"cache": "cache", "use_cache": True}, True, True),
-        "past_key_values": ((x,), {"past_key_values": "cache", "use_cache": True}, True, False),
+        f"{own} keyword": ((x,), {own: "cache", "use_cache": True}, True, True),
+        f"{other} keyword": ((x,), {other: "cache", "use_cache": True}, renamed, False),
     }
     for name, (args, kwargs, cached, fused) in calls.items():
         outputs, caches = [], []

@@ -16,6 +16,7 @@ OUT/<name>.json (logged losses, grad norms, learning rates, metrics) and each ru
 weights under OUT/<name>/ (model.safetensors).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -85,6 +86,13 @@ def short_window_run(make_trainer, name):
         setattr(trainer, attribute, value)
     trainer.train()
     return trainer
+
+
+# The model's activation checkpointing switch: gradient_checkpointing's new name where this
+# transformers has it (5.17, the GPU machine's, has only the old one).
+CHECKPOINTING_ARGUMENT = next(
+    name for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in {f.name for f in dataclasses.fields(TrainingArguments)})
 
 
 def arguments(out, world_size, **kw):
@@ -160,7 +168,7 @@ def distributed(out):
             # The engine owns mixed precision (bf16 weights, fp32 masters); the model's own
             # activation checkpointing replays forwards that gather their units again.
             for name, option in (("bf16", {"bf16": True}),
-                                 ("ckpt", {"activation_checkpointing": True}),
+                                 ("ckpt", {CHECKPOINTING_ARGUMENT: True}),
                                  ("compiled", {"torch_compile_backend": "aot_eager"})):
                 train, _ = data()
                 variant = zero_trainer(stage, os.path.join(out, f"scratch_{name}"), train, **option)

@@ -247,6 +247,9 @@ class _HostInputs:
     def pack(self, tensor: torch.Tensor):
         if isinstance(tensor, nn.Parameter) or (self.cuda and tensor.device.type == "cpu"):
             return tensor  # weights stay where they are; host tensors are there already
+        if tensor.numel() == 0:
+            # Nothing to move; torch's own checkpoint saves an empty placeholder (2.11 does).
+            return tensor
         if self.cuda:
             # Same strides: a replay on differently laid-out inputs may round differently.
             host = torch.empty_like(tensor, device="cpu", pin_memory=True)
