@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
 # The GPU check (issue 12): every CUDA path built, tested and measured in ONE call of the device
 # tool, at most 8 minutes on a fresh H200 machine (Python 3.12, torch 2.11+cu130, nvcc 13.0,
-# 16 cores, no network). The next GPU session runs exactly this (device tool `run`):
+# 16 cores, no network). The next GPU session first builds the extension here, on the CPU
+# machine, against that torch (benchmarks/gpu_prebuild.sh, ~5 minutes of the session, none of
+# the lease), then runs exactly this (device tool `run`):
 #
-#   command:   bash benchmarks/gpu_check.sh "$OUT"
+#   command:   GPU_CHECK_PREBUILT=gpu_runs/_C.abi3.so bash benchmarks/gpu_check.sh "$OUT"
 #   kind:      nvidia-h200 (the issue's card; an H100 runs it as well: every figure is judged
 #              against a baseline measured in the same run, and the machine step names the card)
-#   carry:     []          (nothing: the build happens there, from the working tree)
+#   carry:     ["gpu_runs/_C.abi3.so", "gpu_runs/_C.abi3.so.json"]
 #   timeout_s: 510         (the script stops itself at 480 s)
+#
+# (Without the prebuilt extension, or where its record does not match the tree and torch there,
+# the build step builds, up to 165 s: `bash benchmarks/gpu_check.sh "$OUT"`, carry [].)
 #
 # then reads the summary at the end of output_tail (each step's exit code, time, closing lines,
 # and a status table last); files_at holds summary.txt, logs.tar (every step's whole log), the
 # JSON of the parity check and the benchmarks, and _C.abi3.so: the extension the build step
-# made, stripped. With the 15-minute lease (machine start included) that leaves one short
+# made, stripped, with its record. With the 15-minute lease (machine start included) that leaves one short
 # rerun, on a fresh machine (a call finds the last one warm only within 30 s), of what failed or
 # was skipped, without building again: here, copy the returned extension into the ignored
 # gpu_runs/ folder, then
 #
-#   (here)     mkdir -p gpu_runs && cp <files_at>/_C.abi3.so gpu_runs/
+#   (here)     mkdir -p gpu_runs && cp <files_at>/_C.abi3.so* gpu_runs/
 #   command:   GPU_CHECK_PREBUILT=gpu_runs/_C.abi3.so GPU_CHECK_ONLY=nccl_parity,bench_step \
 #              GPU_CHECK_BUDGET=170 bash benchmarks/gpu_check.sh "$OUT"
-#   carry:     ["gpu_runs/_C.abi3.so"]
+#   carry:     ["gpu_runs/_C.abi3.so", "gpu_runs/_C.abi3.so.json"]
 #   timeout_s: 200
 #
 # (the summary prints this line with the steps to redo; without the prebuilt extension keep
@@ -60,7 +65,7 @@
 #                   estimator's model-state figures beside the measured
 # e.g. GPU_CHECK_PREBUILT=gpu_runs/_C.abi3.so GPU_CHECK_ONLY=offload_b16,offload_b4,\
 #      offload_ceiling,offload_13b GPU_CHECK_BUDGET=560 bash benchmarks/gpu_check.sh "$OUT"
-#      (timeout_s 595, carry ["gpu_runs/_C.abi3.so"])
+#      (timeout_s 595, carry ["gpu_runs/_C.abi3.so", "gpu_runs/_C.abi3.so.json"])
 #
 # Environment: GPU_CHECK_ONLY=a,b (run only these steps), GPU_CHECK_BUDGET=seconds,
 # GPU_CHECK_PREBUILT=path (an extension an earlier run built on the same machine kind, put in
@@ -185,6 +190,7 @@ build_extension() {  # the extension for sm_90 and this CPU, and a stripped copy
         python3 setup.py build_ext --inplace || return
     strip -g -o "$out/_C.abi3.so" zero_ext/_C.abi3.so 2> /dev/null \
         || cp zero_ext/_C.abi3.so "$out/_C.abi3.so"
+    python3 benchmarks/extension_digest.py --record "$out/_C.abi3.so.json"
     ls -l "$out/_C.abi3.so"
 }
 export -f machine_info run_bench_step run_fused_cuda build_extension
@@ -193,8 +199,26 @@ export out cores prebuilt
 echo "[gpu_check] $(date -u +%H:%M:%S) UTC, deadline $budget s, logs in $out" \
     "(dry run: $dry, only: ${only:-all})"
 TAIL=6 step machine 20 3 machine_info
-if [ -n "$prebuilt" ] && ! selected build; then
-    only="$only,build"  # the prebuilt extension is put in place by the build step
+# An extension is used only where its record (benchmarks/extension_digest.py) says it was built
+# from this tree's sources for this torch; otherwise the build step builds.
+# The build step is selected whenever an extension was given: it puts it in place, or builds.
+# One built on a CPU machine (gpu_prebuild.sh) may also fail to load on this image (other
+# system libraries): it is imported once here, and built instead where that fails.
+if [ -n "$prebuilt" ]; then
+    selected build || only="$only,build"
+    if ! why=$(python3 benchmarks/extension_digest.py --check "$prebuilt.json"); then
+        echo "[gpu_check] not using $prebuilt: $why; building instead" | tee -a "$summary"
+        prebuilt=""
+    elif [ "$dry" != 1 ]; then
+        load_log=$out/logs/prebuilt_load.log
+        if ! { cp "$prebuilt" zero_ext/_C.abi3.so > "$load_log" 2>&1 &&
+                timeout 60 python3 -c "import zero_ext" >> "$load_log" 2>&1; }; then
+            echo "[gpu_check] not using $prebuilt: it does not load here ($(tail -n 2 \
+                "$load_log" | tr '\n' ' ' | cut -c1-300)); building instead" | tee -a "$summary"
+            rm -f zero_ext/_C.abi3.so
+            prebuilt=""
+        fi
+    fi
 fi
 build_cap=165
 [ -n "$prebuilt" ] && build_cap=10  # a copy
@@ -248,10 +272,11 @@ offload_rows="python3 benchmarks/bench_offload.py --impls zero_ext,fsdp2 --steps
         # it in place; without one it builds again.
         how="" with="" steps="build,$redo"
         if [ -n "$prebuilt" ]; then
-            how="; carry [\"$prebuilt\"]" with="GPU_CHECK_PREBUILT=$prebuilt " steps=$redo
+            how="; carry [\"$prebuilt\", \"$prebuilt.json\"]"
+            with="GPU_CHECK_PREBUILT=$prebuilt " steps=$redo
         elif [ -f "$out/_C.abi3.so" ]; then
-            how="; here: mkdir -p gpu_runs && cp <files_at>/_C.abi3.so gpu_runs/; carry"
-            how="$how [\"gpu_runs/_C.abi3.so\"]"
+            how="; here: mkdir -p gpu_runs && cp <files_at>/_C.abi3.so* gpu_runs/; carry"
+            how="$how [\"gpu_runs/_C.abi3.so\", \"gpu_runs/_C.abi3.so.json\"]"
             with="GPU_CHECK_PREBUILT=gpu_runs/_C.abi3.so " steps=$redo
         fi
         echo "rerun (fresh machine, timeout_s 200$how): ${with}GPU_CHECK_ONLY=$steps" \

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -62,18 +63,79 @@ def test_gpu_check_skips_what_the_deadline_leaves_no_room_for_and_reruns_a_selec
     assert [name for name, s, _ in table if s == "planned"] == ["build", "nccl_parity"], table
     # A rerun with the extension the first run brought back: the build step only puts it in
     # place (selected whether named or not), leaving the budget to the steps named.
+    prebuilt = _prebuilt(tmp_path)
     result, table = _gpu_check(tmp_path / "prebuilt", GPU_CHECK_ONLY="nccl_parity",
-                               GPU_CHECK_PREBUILT="gpu_runs/_C.abi3.so", GPU_CHECK_BUDGET="170")
+                               GPU_CHECK_PREBUILT=prebuilt, GPU_CHECK_BUDGET="170")
     planned = {name: seconds for name, s, seconds in table if s == "planned"}
     assert planned == {"build": 10, "nccl_parity": 55}, table
     # Issue 15's rows run only when named, in a call of their own.
     result, table = _gpu_check(tmp_path / "offload", GPU_CHECK_ONLY="offload_b16,offload_13b",
-                               GPU_CHECK_PREBUILT="gpu_runs/_C.abi3.so", GPU_CHECK_BUDGET="560")
+                               GPU_CHECK_PREBUILT=prebuilt, GPU_CHECK_BUDGET="560")
     planned = {name: seconds for name, s, seconds in table if s == "planned"}
     assert planned == {"build": 10, "offload_b16": 250, "offload_13b": 160}, table
     assert "--model 13b --batch 8 --ratio 0.6" in result.stdout
     result, table = _gpu_check(tmp_path / "default")
     assert not [name for name, _, _ in table if name.startswith("offload_")], table
+
+
+def _prebuilt(folder, **record_changes) -> str:
+    """An extension file with the record gpu_prebuild.sh writes beside it (for this tree and the
+    torch of the script's python3), with `record_changes` made to the record."""
+    path = folder / "_C.abi3.so"
+    path.write_bytes(b"")
+    subprocess.run(["python3", os.path.join(ROOT, "benchmarks", "extension_digest.py"),
+                    "--record", f"{path}.json"], check=True, capture_output=True)
+    record = json.loads((folder / "_C.abi3.so.json").read_text())
+    (folder / "_C.abi3.so.json").write_text(json.dumps({**record, **record_changes}))
+    return str(path)
+
+
+def test_gpu_check_builds_instead_of_using_an_extension_built_from_other_sources(tmp_path):
+    """An extension brought along is used only where its record matches the tree and the torch
+    it would run with: a stale one (sources changed since) or one for another torch is never
+    loaded; the build step builds, with its full timeout, and the summary says why."""
+    one = {"GPU_CHECK_ONLY": "nccl_parity", "GPU_CHECK_BUDGET": "480"}
+    for folder, changes, why in [
+            ("stale", {"sources": "0123456789abcdef"}, "built from sources '0123456789abcdef'"),
+            ("torch", {"torch": "2.10.0+cu128 (CUDA 12.8)"}, "built from torch '2.10.0+cu128"),
+            ("unrecorded", None, "its record")]:
+        (tmp_path / folder).mkdir()
+        prebuilt = _prebuilt(tmp_path / folder, **(changes or {}))
+        if changes is None:
+            os.remove(f"{prebuilt}.json")
+        result, table = _gpu_check(tmp_path / folder / "out", GPU_CHECK_PREBUILT=prebuilt, **one)
+        planned = {name: seconds for name, s, seconds in table if s == "planned"}
+        assert planned == {"build": 165, "nccl_parity": 55}, (folder, table)
+        assert f"not using {prebuilt}: the extension does not match" in result.stdout, folder
+        assert why in result.stdout, (folder, result.stdout)
+    # The matching one is put in place: a copy, 10 s at most.
+    result, table = _gpu_check(tmp_path / "out", GPU_CHECK_PREBUILT=_prebuilt(tmp_path), **one)
+    assert {name: seconds for name, s, seconds in table if s == "planned"} == \
+        {"build": 10, "nccl_parity": 55}, table
+    assert "not using" not in result.stdout
+
+
+def test_gpu_check_builds_where_a_matching_extension_does_not_load(tmp_path):
+    """A record that matches is not enough: an extension built on another machine's image may
+    not load on the GPU machine's. The script imports it once and builds where that fails.
+    Run for real (not dry) in a copy of the tree, with an extension file that is no library:
+    the build step then builds (here it stops at once: this torch has no CUDA)."""
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
+        ".git", "tests", "examples", "docs", "build", "gpu_runs", "*.so", "*.o", "__pycache__"))
+    (tmp_path / "ext").mkdir()
+    prebuilt = _prebuilt(tmp_path / "ext")
+    result = subprocess.run(
+        ["bash", str(tree / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "GPU_CHECK_ONLY": "none", "GPU_CHECK_PREBUILT": prebuilt,
+             "GPU_CHECK_DRY": "0", "GPU_CHECK_BUDGET": "480"})
+    assert f"not using {prebuilt}: it does not load here (" in result.stdout, result.stdout
+    assert "compiled core (zero_ext._C) failed to load" in result.stdout, result.stdout
+    assert re.search(r"\[gpu_check\] \d+ s: build \(timeout 165 s\): build_extension",
+                     result.stdout), result.stdout
+    assert re.search(r"^build +FAILED", result.stdout, flags=re.MULTILINE), result.stdout
+    assert not (tree / "zero_ext" / "_C.abi3.so").exists()  # not left for the steps after
 
 
 def test_cuda_test_selection_collects_every_cuda_test(tmp_path):
