@@ -10,6 +10,8 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <atomic>
+
 #include "csrc/adamw_args.h"  // element_type
 #include "csrc/cuda_checks.h"
 #include "csrc/norm_args.h"
@@ -17,6 +19,26 @@
 
 namespace zero_ext {
 namespace {
+
+// The device's multiprocessor count, read from the driver once per device and kept (every norm
+// backward sizes its chunks by it). Two threads racing on the first read store the same value.
+// (ATen's cached device properties would do, but their header needs the cuSPARSE and cuBLAS
+// headers, which a CUDA toolkit need not have.)
+int multiprocessor_count(c10::DeviceIndex device) {
+  static std::atomic<int> known[C10_COMPILE_TIME_MAX_GPUS] = {};
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS,
+              "zero_ext::fused_norm_backward: device index ", static_cast<int>(device),
+              " is out of range");
+  int count = known[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    const cudaError_t err =
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    TORCH_CHECK(err == cudaSuccess, "zero_ext::fused_norm_backward: reading the device's "
+                "multiprocessor count failed: ", cudaGetErrorString(err));
+    known[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
 
 void fused_norm_cuda(const NormForwardArgs& args, const kernels::cpu::NormForwardTensors& t) {
   constexpr const char* kOp = "zero_ext::fused_norm";
@@ -38,12 +60,8 @@ void fused_norm_backward_cuda(const NormBackwardArgs& args,
   const int64_t h = input.size(-1);
   kernels::cuda::NormBackwardRun run{t, element_type(input.scalar_type()), input.numel() / h, h,
                                      args.rms};
-  int multiprocessors = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount,
-                                                 input.device().index());
-  TORCH_CHECK(err == cudaSuccess, kOp, ": reading the device's multiprocessor count failed: ",
-              cudaGetErrorString(err));
-  run.chunks = kernels::cuda::norm_param_grad_chunks(run.rows, h, multiprocessors);
+  run.chunks = kernels::cuda::norm_param_grad_chunks(run.rows, h,
+                                                     multiprocessor_count(input.device().index()));
   at::Tensor partial;  // the chunks' sums, freed (stream-ordered) after the launch
   if (run.chunks > 1) {
     partial = at::empty({2, run.chunks, h}, input.options().dtype(at::kFloat));
