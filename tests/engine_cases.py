@@ -512,7 +512,29 @@ def stage3_checks() -> dict:
                 released=(
         released_at_start, released_after_backward, released()),
         params_bytes=params_bytes_between_steps, eval_loss=eval_loss, plain_loss=plain_loss,
-        steps=engine.global_steps)
+        steps=engine.global_steps, autocast_error=_autocast_update_error())
+
+
+def _autocast_loss(model, tokens, targets):
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16):
+        return model(tokens, targets)
+
+
+def _autocast_update_error(steps: int = 2) -> float:
+    """An fp32 model at stage 3 with the forward under torch.autocast (bf16), as the config's
+    error for `torch_autocast` tells users to run it: two steps against single-process
+    training under the same autocast. Returns the relative error of the whole update (its
+    linears compute in bf16, so elements differ by rounding)."""
+    model = build_model()
+    engine, _, _, _ = zero_ext.initialize(model=model,
+                                          config=config(3, "fp32", 1, comm.world_size()))
+    train_steps(engine, steps, loss_fn=_autocast_loss)
+    got = host_params(model, engine)
+    reference = train_reference_steps(build_model(), steps, loss_fn=_autocast_loss)
+    initial = host_params(build_model())
+    update = torch.cat([(got[n] - initial[n]).flatten() for n in initial])
+    ref_update = torch.cat([(reference[n] - initial[n]).flatten() for n in initial])
+    return ((update - ref_update).norm() / ref_update.norm()).item()
 
 
 class TwiceNet(nn.Module):

@@ -58,6 +58,11 @@ class _PartitionedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
+        # Under torch.autocast the forward computed in the autocast dtype (the output, and so
+        # its gradient, is bf16) from the fp32 tensors saved here: the backward computes in
+        # that dtype too, as autocast's own linear does; autograd casts the gradients back to
+        # the parameter's and the input's dtypes. Without autocast these casts do nothing.
+        input, weight = input.to(grad_output.dtype), weight.to(grad_output.dtype)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_input = grad_output.matmul(weight)
