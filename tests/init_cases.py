@@ -6,6 +6,8 @@ process, and single-process torch training (engine_cases) from the same values.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -106,10 +108,36 @@ def built_alike(build, seed: int) -> dict:
     torch.manual_seed(seed)
     with zero_ext.Init():
         model = build()
-    engine, _, _, _ = zero_ext.initialize(model=model,
-                                          config=config(3, "bf16", 1, comm.world_size()))
+    with _recording_broadcasts() as sent:
+        engine, _, _, _ = zero_ext.initialize(model=model,
+                                              config=config(3, "bf16", 1, comm.world_size()))
     out["bf16"] = engine.full_state_dict()
+    # Rank 0's buffers reach every rank as the model keeps them: on the training device, in
+    # the model dtype (a broadcast of the buffers as built, before they were moved and cast,
+    # sent CPU tensors, which an NCCL group refuses).
+    storages = {t.untyped_storage().data_ptr() for t in sent}
+    out["buffers"] = [n for n, b in model.named_buffers() if b.is_floating_point()]
+    out["buffers_not_broadcast"] = [n for n, b in model.named_buffers()
+                                    if b.untyped_storage().data_ptr() not in storages]
+    out["broadcast_off_device"] = [tuple(t.shape) for t in sent if t.device != engine.device]
     return out
+
+
+@contextlib.contextmanager
+def _recording_broadcasts():
+    """The tensors comm.broadcast is called with meanwhile (kept alive, so their storages
+    are not reused)."""
+    sent, original = [], comm.broadcast
+
+    def recording(tensor, *args, **kwargs):
+        sent.append(tensor)
+        return original(tensor, *args, **kwargs)
+
+    comm.broadcast = recording
+    try:
+        yield sent
+    finally:
+        comm.broadcast = original
 
 
 class _LiveBytes(TorchDispatchMode):

@@ -46,6 +46,17 @@ def test_init_gives_the_values_of_a_plain_build_with_the_same_seed(world_size, m
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_an_init_model_broadcasts_its_buffers_as_placed_on_the_training_device(world_size):
+    # Its buffers were broadcast as built (on the CPU, in fp32) and only then moved and cast:
+    # an NCCL group refuses CPU tensors, so initialize failed on GPUs at more than one rank.
+    for rank, result in enumerate(_results(world_size)):
+        case = result["llama"]
+        assert case["buffers"], rank  # the rotary embedding's inv_freq, cast to bf16
+        assert case["buffers_not_broadcast"] == [], rank
+        assert case["broadcast_off_device"] == [], rank
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_init_holds_shards_and_about_one_module_while_building(world_size):
     for rank, result in enumerate(_results(world_size)):
         memory = result["memory"]

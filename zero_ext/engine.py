@@ -82,7 +82,6 @@ class ZeroEngine(nn.Module):
 
         named = list(model.named_parameters())
         replicas.check_same_structure(named)
-        replicas.broadcast_from_rank0(model)
         self._params, group_of = placement.group_parameters(named, param_groups, self.rank)
         layout = placement.lay_out(model, self._params, group_of, stage=self.stage,
                                    zero=config.zero_optimization, world_size=self.world_size)
@@ -91,6 +90,9 @@ class ZeroEngine(nn.Module):
             # one at a time as PartitionedParameters shards them.
             materialize(model, list(model.modules()), layout.unit_param_ids(self._params),
                         self.device, self.model_dtype)
+        # After materialize: an Init model's buffers are then on the training device (built on
+        # the CPU, they would go to NCCL, which refuses CPU tensors), in the model dtype.
+        replicas.broadcast_from_rank0(model)
         self.layouts, self.persistent_layouts = layout.layouts, layout.persistent_layouts
         self._build_persistent()
         self._tag_parameters()
