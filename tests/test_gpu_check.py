@@ -78,12 +78,12 @@ def test_gpu_check_skips_what_the_deadline_leaves_no_room_for_and_reruns_a_selec
     assert not [name for name, _, _ in table if name.startswith("offload_")], table
 
 
-def _prebuilt(folder, **record_changes) -> str:
-    """An extension file with the record gpu_prebuild.sh writes beside it (for this tree and the
-    torch of the script's python3), with `record_changes` made to the record."""
+def _prebuilt(folder, root=ROOT, **record_changes) -> str:
+    """An extension file with the record gpu_prebuild.sh writes beside it (for the tree at
+    `root` and the torch of the script's python3), with `record_changes` made to the record."""
     path = folder / "_C.abi3.so"
     path.write_bytes(b"")
-    subprocess.run(["python3", os.path.join(ROOT, "benchmarks", "extension_digest.py"),
+    subprocess.run(["python3", os.path.join(root, "benchmarks", "extension_digest.py"),
                     "--record", f"{path}.json"], check=True, capture_output=True)
     record = json.loads((folder / "_C.abi3.so.json").read_text())
     (folder / "_C.abi3.so.json").write_text(json.dumps({**record, **record_changes}))
@@ -119,12 +119,14 @@ def test_gpu_check_builds_where_a_matching_extension_does_not_load(tmp_path):
     """A record that matches is not enough: an extension built on another machine's image may
     not load on the GPU machine's. The script imports it once and builds where that fails.
     Run for real (not dry) in a copy of the tree, with an extension file that is no library:
-    the build step then builds (here it stops at once: this torch has no CUDA)."""
+    the build step then builds (the copy's setup.py only says so and fails, whatever torch
+    runs this: a CUDA build of torch would otherwise compile for minutes)."""
     tree = tmp_path / "tree"
     shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
         ".git", "tests", "examples", "docs", "build", "gpu_runs", "*.so", "*.o", "__pycache__"))
+    (tree / "setup.py").write_text("import sys\nsys.exit('setup.py: building')\n")
     (tmp_path / "ext").mkdir()
-    prebuilt = _prebuilt(tmp_path / "ext")
+    prebuilt = _prebuilt(tmp_path / "ext", root=str(tree))
     result = subprocess.run(
         ["bash", str(tree / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
         capture_output=True, text=True, timeout=120, check=False,
@@ -135,6 +137,7 @@ def test_gpu_check_builds_where_a_matching_extension_does_not_load(tmp_path):
     assert re.search(r"\[gpu_check\] \d+ s: build \(timeout 165 s\): build_extension",
                      result.stdout), result.stdout
     assert re.search(r"^build +FAILED", result.stdout, flags=re.MULTILINE), result.stdout
+    assert "setup.py: building" in result.stdout, result.stdout
     assert not (tree / "zero_ext" / "_C.abi3.so").exists()  # not left for the steps after
 
 
