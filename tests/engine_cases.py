@@ -7,6 +7,7 @@ torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW on fp32 master weights.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -252,17 +253,38 @@ def memory_and_traffic(stage: int) -> dict:
             model=model, config=config(stage, "bf16", accumulation, world_size))
         tokens, targets = global_batch(0, world_size, accumulation)
         comm.traffic.reset()
-        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+        with _whole_buckets_alive(engine) as alive:
+            engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
         after_backward = engine.memory_breakdown()
         engine.step()
         if accumulation == 1:
             out["traffic"] = comm.traffic.snapshot()
+            out["whole_buckets_alive"] = alive[0]
         out[accumulation] = {"after_backward": after_backward,
                              "after_step": engine.memory_breakdown(),
                              "numels": layout_numels(engine)}
         out["buckets"] = len(engine.layouts)
         out["shards"] = [layout.shard_numel for layout in engine.layouts]
     return out
+
+
+@contextlib.contextmanager
+def _whole_buckets_alive(engine):
+    """Yields a list whose one item becomes the most gradient buckets held whole at once (their
+    flat buffer, before the reduction's result is taken) during the backward run meanwhile,
+    counted after each bucket's launch."""
+    buckets, alive = engine.grad_buckets, [0]
+    launch = buckets._launch
+
+    def counting(bucket):
+        launch(bucket)
+        alive[0] = max(alive[0], sum(b.flat is not None for b in buckets.buckets))
+
+    buckets._launch = counting
+    try:
+        yield alive
+    finally:
+        del buckets._launch
 
 
 def fp16_overflow(stage: int = 2, **zero) -> dict:
@@ -492,7 +514,8 @@ def stage3_checks() -> dict:
     comm.traffic.reset()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = run(engine, tokens[0, rank], targets[0, rank])
-    engine.backward(loss)
+    with _whole_buckets_alive(engine) as whole_buckets_alive:
+        engine.backward(loss)
     released_after_backward = released()
     engine.step()
     traffic = comm.traffic.snapshot()
@@ -512,7 +535,8 @@ def stage3_checks() -> dict:
                 released=(
         released_at_start, released_after_backward, released()),
         params_bytes=params_bytes_between_steps, eval_loss=eval_loss, plain_loss=plain_loss,
-        steps=engine.global_steps, autocast_error=_autocast_update_error())
+        steps=engine.global_steps, autocast_error=_autocast_update_error(),
+        whole_buckets_alive=whole_buckets_alive[0], buckets=len(engine.grad_buckets.buckets))
 
 
 def _autocast_loss(model, tokens, targets):

@@ -109,6 +109,18 @@ def test_memory_per_rank_follows_the_stage_table(world_size, stage):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("stage", [0, 1, 2])
+def test_backward_holds_at_most_two_buckets_whole(world_size, stage):
+    # A bucket is whole (its flat buffer) from its launch until its reduction is taken; with
+    # overlap_comm each launch takes the one before's, so one reduction stays in flight. They
+    # were all taken at the end of backward: at stage 2 (and 3) a rank then held the whole
+    # model's gradient at its peak, which partitioning gradients exists to avoid.
+    memory = _memory(world_size)[stage]
+    assert memory["buckets"] >= 3
+    assert memory["whole_buckets_alive"] <= 2, memory["whole_buckets_alive"]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_traffic_of_one_step_matches_the_stage_table(world_size, stage):
     memory = _memory(world_size)[stage]
     padded, _ = memory[1]["numels"]
@@ -234,6 +246,13 @@ def test_stage3_traffic_is_two_gathers_and_one_reduce_scatter_per_unit(world_siz
 def test_stage3_eval_under_no_grad_matches_the_gathered_model():
     for result in _stage3(2):
         assert result["eval_loss"] == pytest.approx(result["plain_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_stage3_backward_holds_at_most_two_buckets_whole(world_size):
+    for rank, result in enumerate(_stage3(world_size)):
+        assert result["buckets"] >= 3, rank
+        assert result["whole_buckets_alive"] <= 2, (rank, result["whole_buckets_alive"])
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

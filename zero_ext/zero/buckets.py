@@ -192,10 +192,12 @@ class GradientBuckets:
         bucket.state = BucketState.REDUCING
         if not self.overlap_comm:
             self._finish(bucket)
-        elif self._on_final is not None and self._boundary and self._next_launch > 0:
-            # One collective stays in flight while the one before it is finished and its
-            # gradient sent to the host, so the copies follow backward instead of waiting
-            # for its end.
+        elif self._next_launch > 0:
+            # One collective stays in flight while the one before it is finished: its whole
+            # bucket is freed (holding them all to the end of backward held the whole model's
+            # gradient, which stages 2 and 3 partition to avoid) and, with offload, its
+            # gradient goes to the host while backward goes on. On NCCL the wait only orders
+            # the compute stream after that earlier collective; it does not block the host.
             self._finish(self.buckets[self._next_launch - 1])
 
     def _finish(self, bucket: GradientBucket) -> None:
