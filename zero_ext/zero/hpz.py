@@ -73,7 +73,11 @@ class SecondaryPartition:
         """After a gather over every rank: this rank's slice of the gathered buckets."""
         for layout, full in zip(layouts, fulls):
             start, end = self._range(layout)
-            self.shards[layout.index].copy_(full[start:end])
+            # Asynchronous into pinned host shards (offload_param): a blocking copy would stall
+            # the host once per unit in every forward. Only the backward's gather reads them,
+            # through the upload stream, which waits for the compute stream (this copy) first;
+            # `full` goes back to the allocator on the compute stream, after this copy.
+            self.shards[layout.index].copy_(full[start:end], non_blocking=True)
             self._current.add(layout.index)
 
     def invalidate(self, layout_index: int | None = None) -> None:
