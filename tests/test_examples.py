@@ -156,16 +156,16 @@ def test_offload_benchmark_judges_the_goals_from_saved_rows(tmp_path):
     goals = [line for line in out.splitlines() if line.startswith("goal: ")]
     assert goals == [
         "goal: zero_ext, batch 4: tokens/s >= 1.5x FSDP2: 2.00x PASS",
-        "goal: zero_ext, batch 4: host peak <= 100 GB (process or node, the larger): "
-        "70.0 GB PASS",
+        ("goal: zero_ext, batch 4: host peak <= 100 GB (process or node, the larger): "
+         "70.0 GB PASS"),
         "goal: zero_ext, batch 16: tokens/s >= 1.5x FSDP2: 1.36x FAIL",
         "goal: zero_ext, batch 16: MFU >= 40% at batch 16: 36.7% FAIL",
-        "goal: zero_ext, batch 16: host peak <= 100 GB (process or node, the larger): "
-        "96.0 GB PASS",
+        ("goal: zero_ext, batch 16: host peak <= 100 GB (process or node, the larger): "
+         "96.0 GB PASS"),
         "goal: zero_ext, batch 16: faster than DeepSpeed ZeRO-Offload: 1.80x PASS",
         "goal: zero_ext (ratio 0.75), batch 16: tokens/s >= 1.5x FSDP2: 1.51x PASS",
         "goal: zero_ext (ratio 0.75), batch 16: MFU >= 40% at batch 16: 40.8% PASS",
-        "goal: zero_ext (ratio 0.75), batch 16: host peak <= 100 GB (process or node, the "
-        "larger): 80.0 GB PASS",
-        "goal: zero_ext (ratio 0.75), batch 16: faster than DeepSpeed ZeRO-Offload: 2.00x "
-        "PASS"], out
+        ("goal: zero_ext (ratio 0.75), batch 16: host peak <= 100 GB (process or node, the "
+         "larger): 80.0 GB PASS"),
+        ("goal: zero_ext (ratio 0.75), batch 16: faster than DeepSpeed ZeRO-Offload: 2.00x "
+         "PASS")], out
