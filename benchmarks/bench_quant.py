@@ -49,16 +49,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CUDA_CALLS = 10  # calls per timing on CUDA (one call of a 16M row is ~10 us)
+
+
 def _time(fn, device: str, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls after a warm-up call: on a machine shared with
-    other jobs the slower runs are the disturbed ones."""
+    """Seconds of one call, the fastest of `repeats` timings after a warm-up call: on a machine
+    shared with other jobs the slower runs are the disturbed ones. On CUDA each timing is
+    CUDA_CALLS calls back to back between two events (one call between host clock reads and a
+    synchronize would time the launch and the synchronize as much as the kernel)."""
     fn()
     _sync(device)
     times = []
     for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(CUDA_CALLS):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / CUDA_CALLS)
+            continue
         start = time.perf_counter()
         fn()
-        _sync(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
