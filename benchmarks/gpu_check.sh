@@ -219,6 +219,7 @@ if [ -n "$prebuilt" ]; then
             rm -f zero_ext/_C.abi3.so
             prebuilt=""
         fi
+        tar -rf "$out/logs.tar" -C "$out" logs/prebuilt_load.log && rm -f "$load_log"
     fi
 fi
 build_cap=165

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import torch
 
@@ -151,6 +152,10 @@ def test_gpu_check_builds_where_a_matching_extension_does_not_load(tmp_path):
     assert re.search(r"^build +FAILED", result.stdout, flags=re.MULTILINE), result.stdout
     assert "setup.py: building" in result.stdout, result.stdout
     assert not (tree / "zero_ext" / "_C.abi3.so").exists()  # not left for the steps after
+    # The import's log travels in the logs' archive (the device tool brings back few files).
+    with tarfile.open(tmp_path / "out" / "logs.tar") as logs:
+        assert "logs/prebuilt_load.log" in logs.getnames()
+    assert not (tmp_path / "out" / "logs" / "prebuilt_load.log").exists()
 
 
 def test_cuda_test_selection_collects_every_cuda_test(tmp_path):
