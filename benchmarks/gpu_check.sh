@@ -228,7 +228,7 @@ KEEP='^zero_ext: building' TAIL=3 step build "$build_cap" 1 build_extension
 TAIL=24 step env 12 5 python3 -m zero_ext.env
 TAIL=pytest step cuda_tests 100 40 python3 -m pytest -q -p no:cacheprovider -rfEs \
     --continue-on-collection-errors --durations=15 tests/ -k "$CUDA_TESTS"
-TAIL=12 step nccl_parity 55 30 python3 tests/gpu_nccl_parity.py --timeout 20 \
+TAIL=12 step nccl_parity 55 30 python3 tests/gpu_nccl_parity.py --timeout 25 \
     --json "$out/nccl_parity.json"
 KEEP='bandwidth ceiling' TAIL=12 step adamw_cuda 20 12 python3 benchmarks/bench_adamw.py \
     --device cuda --cuda-params 256M --no-deepspeed

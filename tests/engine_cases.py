@@ -218,10 +218,16 @@ def assert_matches_reference(got: dict, reference: dict, dtype: str, label: str)
     # its error is a small fraction of its size (a wrong shard, a lost micro-step or a
     # missing all-gather each make it tens of percent).
     initial = dict(build_model().to(torch.bfloat16).float().named_parameters())
-    update = torch.cat([(got["params"][n] - initial[n]).flatten() for n in initial])
-    ref_update = torch.cat([(reference["params"][n] - initial[n]).flatten() for n in initial])
-    error = ((update - ref_update).norm() / ref_update.norm()).item()
+    error = relative_update_error(got["params"], reference["params"], initial)
     assert error < 0.05, f"{label}: relative error of the bf16 update {error:.3g}"
+
+
+def relative_update_error(got: dict, reference: dict, initial: dict) -> float:
+    """|update - reference update| / |reference update| over all parameters, each update the
+    final values (by name) minus `initial`."""
+    update = torch.cat([(got[n] - initial[n]).flatten() for n in initial])
+    ref_update = torch.cat([(reference[n] - initial[n]).flatten() for n in initial])
+    return ((update - ref_update).norm() / ref_update.norm()).item()
 
 
 def parity_cases(cases: list[tuple], steps: int) -> dict:
@@ -553,12 +559,9 @@ def _autocast_update_error(steps: int = 2) -> float:
     engine, _, _, _ = zero_ext.initialize(model=model,
                                           config=config(3, "fp32", 1, comm.world_size()))
     train_steps(engine, steps, loss_fn=_autocast_loss)
-    got = host_params(model, engine)
     reference = train_reference_steps(build_model(), steps, loss_fn=_autocast_loss)
-    initial = host_params(build_model())
-    update = torch.cat([(got[n] - initial[n]).flatten() for n in initial])
-    ref_update = torch.cat([(reference[n] - initial[n]).flatten() for n in initial])
-    return ((update - ref_update).norm() / ref_update.norm()).item()
+    return relative_update_error(host_params(model, engine), reference,
+                                 host_params(build_model()))
 
 
 class TwiceNet(nn.Module):

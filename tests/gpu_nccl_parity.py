@@ -14,10 +14,13 @@ Inside each attempt both ranks train engine_cases.TinyNet with zero_ext (stages 
 bf16, with offload_optimizer / offload_param, gradient accumulation) and rank 0 compares every
 case with the single-process reference on the whole batch (engine_cases.train_reference, on
 CPU): fp32 parameters and gradient norms at 1e-5 relative, bf16 within its rounding
-(engine_cases.assert_matches_reference). It prints one line per attempt as it ends, and rewrites
---json after each (the attempts so far; one under way stands there as not run), so a kill at any
-point leaves what was measured; SIGINT (a caller's timeout) ends the attempt under way, recorded
-as interrupted. Exit code 0 when an attempt ran and every case in it passed.
+(engine_cases.assert_matches_reference); then four with compressed communication (int8, int8
+with qwZ, int4 with error feedback, top-k), each within its CPU test's bound on the relative
+error of the update (compression_cases.UPDATE_ERROR). It prints one line per attempt as it
+ends, and rewrites --json after each (the attempts so far; one under way stands there as not
+run), so a kill at any point leaves what was measured; SIGINT (a caller's timeout) ends the
+attempt under way, recorded as interrupted. Exit code 0 when an attempt ran and every case in
+it passed.
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ OFFLOAD_BOTH = {**OFFLOAD_OPTIMIZER, "offload_param": {"device": "cpu", "pin_mem
 CASES = [(1, "fp32", 1, {}), (2, "fp32", 2, {}), (3, "fp32", 1, {}),
          (3, "fp32", 1, OFFLOAD_OPTIMIZER), (1, "bf16", 1, OFFLOAD_OPTIMIZER),
          (2, "bf16", 1, OFFLOAD_OPTIMIZER), (3, "bf16", 2, OFFLOAD_BOTH)]
+
+
+# Compressed communication (issue 16) over the same group, each against single-process
+# training by the bound its CPU test holds it to (compression_cases.UPDATE_ERROR): int8
+# gradients, int8 gradients + int8 weights (qwZ), int4 with error feedback, top-k.
+COMPRESSED = [("int8", 2, "bf16"), ("int8+qwZ", 3, "bf16"), ("int4+ef", 3, "bf16"),
+              ("topk", 2, "bf16")]
 
 
 def case_label(stage: int, dtype: str, accumulation: int, zero: dict) -> str:
@@ -74,11 +84,30 @@ def rank_main(backend: str, out_path: str) -> None:
             results[label] = "pass"
         except AssertionError as error:
             results[label] = f"FAIL: {str(error)[:600]}"
+    results.update(_compressed_cases())
     if rank == 0:
         where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
         with open(out_path, "w") as f:
             json.dump({"backend": backend, "device": where, "cases": results}, f, indent=1)
     dist.destroy_process_group()
+
+
+def _compressed_cases() -> dict[str, str]:
+    """COMPRESSED's cases trained on this rank; on rank 0 each one's outcome by label."""
+    import compression_cases as cases
+
+    chosen = [case for case in cases.PARITY if case[:3] in COMPRESSED]
+    trained = cases._parity(chosen)
+    if "reference" not in trained:
+        return {}
+    outcomes = {}
+    for label, stage, dtype, _ in chosen:
+        error = cases.update_error(trained[(label, stage, dtype)]["params"],
+                                   trained["reference"][dtype]["params"], dtype)
+        bound = cases.UPDATE_ERROR[label][1]
+        outcomes[f"compressed {label} stage {stage} {dtype}"] = "pass" if error < bound else \
+            f"FAIL: relative error of the update {error:.3g}, bound {bound}"
+    return outcomes
 
 
 def attempt(backend: str, timeout: float, workdir: str) -> dict:

@@ -91,30 +91,9 @@ def test_engine_follows_the_warm_up_by_optimizer_step():
 
 
 # -- training against single-process torch -----------------------------------------------------
-# Relative error of the whole training update (final minus initial parameters, all of them)
-# against the reference's, after 6 AdamW steps (lr 1e-2, clip 0.5). Adam divides each
-# element's step by its own gradient scale, so an element whose gradient is small next to its
-# block's absmax (quantized to a few levels or to 0, or left in a top-k residual) moves by a
-# whole lr of another size or sign: single elements may differ by 2 lr, while the update as a
-# whole stays close. Measured (2, 4 and 2x2 ranks): int8 0.055-0.078, int4 with error feedback
-# 0.125-0.143, top-k 30% (2 warm-up steps, momentum 0.5) 0.081-0.176; the bounds are about
-# twice that. The floors say that compression did something (uncompressed fp32: 1e-5).
-UPDATE_ERROR = {"int8": (1e-3, 0.15), "int8+qwZ": (1e-3, 0.15), "int8+qwZ+hpZ": (1e-3, 0.15),
-                "int4+ef": (1e-3, 0.3),
-                "topk": (1e-3, 0.35)}
 PARITY = [(where, *case[:3]) for where, group in
           (("2", cases.PARITY), ("4", cases.PARITY_FOUR), ("2x2", cases.PARITY_NODES))
           for case in group]
-
-
-def _update_error(got: dict, reference: dict, dtype: str) -> float:
-    model = cases.build_model()
-    if dtype == "bf16":
-        model.to(torch.bfloat16)  # the reference starts from the bf16 weights
-    initial = {n: p.detach().float() for n, p in model.named_parameters()}
-    update = torch.cat([(got[n] - initial[n]).flatten() for n in initial])
-    ref = torch.cat([(reference[n] - initial[n]).flatten() for n in initial])
-    return ((update - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize("where, label, stage, dtype", PARITY,
@@ -123,10 +102,10 @@ def test_training_stays_close_to_single_process_torch(where, label, stage, dtype
     results = _results(where)
     key = (label, stage, dtype)
     reference = results[0]["parity"]["reference"][dtype]
-    low, high = UPDATE_ERROR[label]
+    low, high = cases.UPDATE_ERROR[label]
     for rank, result in enumerate(results):
         got = result["parity"][key]
-        error = _update_error(got["params"], reference["params"], dtype)
+        error = cases.update_error(got["params"], reference["params"], dtype)
         print(f"{where} {key} rank {rank}: update error {error:.4g}")
         assert error < high, f"rank {rank}: relative error of the update {error:.3g}"
         if dtype == "fp32":
