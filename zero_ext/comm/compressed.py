@@ -419,6 +419,12 @@ class TopkFeedback:
             return
         if self._own_carry is None:
             self._own_carry = torch.zeros_like(own)
+        if own.device.type != "cpu":
+            # One product of the chunk's size (the same roundings): segments would cost two
+            # kernel launches per 128K elements, hundreds per bucket.
+            self._own_carry.add_(own * self.carry)
+            return
+        if self._product is None:
             self._product = torch.empty(min(own.numel(), 1 << 17), dtype=own.dtype,
                                         device=own.device)
         step = self._product.numel()
