@@ -63,6 +63,10 @@
 #   offload_ceiling zero_ext with every state on the GPU, batch 8 (batch 16 does not fit)
 #   offload_13b     Llama-2-13B shape, batch 8, offload_optimizer.ratio 0.6, with the
 #                   estimator's model-state figures beside the measured
+#   offload_ds      DeepSpeed ZeRO-Offload (stage 3, offload_optimizer cpu) on offload_b16's
+#                   shape, installed first from the carried wheels/ (benchmarks/
+#                   fetch_gpu_wheels.sh; carry ["wheels"] too); its CPU Adam's compile timed
+#                   apart (initialize_s)
 # e.g. GPU_CHECK_PREBUILT=gpu_runs/_C.abi3.so GPU_CHECK_ONLY=offload_b16,offload_b4,\
 #      offload_ceiling,offload_13b GPU_CHECK_BUDGET=560 bash benchmarks/gpu_check.sh "$OUT"
 #      (kind nvidia-h200: an H100 cannot hold these rows, which then say so; timeout_s 595,
@@ -90,6 +94,9 @@ grace=8                       # a step's kill-after plus the bookkeeping after i
 # test_gpu_check.py, which collects the whole suite again) run on CPU machines already.
 CUDA_TESTS='cuda and not cuda_sources and not test_gpu_check'
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# torch (and DeepSpeed's op builder) guess the toolkit from the nvcc on the PATH; on the CPU
+# machines that is a wrapper in /usr/local/bin, whose folder has no libcudart: name it.
+if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
 cores=$(nproc)
 started=$SECONDS
 simulated=0                   # the dry run's clock: every step takes its whole timeout
@@ -194,7 +201,21 @@ build_extension() {  # the extension for sm_90 and this CPU, and a stripped copy
     python3 benchmarks/extension_digest.py --record "$out/_C.abi3.so.json"
     ls -l "$out/_C.abi3.so"
 }
-export -f machine_info run_bench_step run_fused_cuda build_extension
+run_offload_ds() {  # issue 15's DeepSpeed row (ZeRO-Offload, stage 3) on row 1's shape
+    if ! python3 -c "import deepspeed" 2> /dev/null; then
+        if [ ! -d wheels ]; then
+            echo "offload_ds: DeepSpeed is not installed and there is no wheels/ folder: run" \
+                "benchmarks/fetch_gpu_wheels.sh on the CPU machine and carry [\"wheels\"]"
+            return 3
+        fi
+        python3 -m pip install --no-index --find-links wheels --no-build-isolation deepspeed \
+            || return
+    fi
+    # Its first initialize compiles DeepSpeed's CPU Adam: the row's initialize_s says how long.
+    python3 benchmarks/bench_offload.py --impls deepspeed --ds-stage 3 --batch 16 --steps 6 \
+        --row-timeout $(($1 - 40)) --json "$out/offload_ds_b16.json"
+}
+export -f machine_info run_bench_step run_fused_cuda build_extension run_offload_ds
 export out cores prebuilt
 
 echo "[gpu_check] $(date -u +%H:%M:%S) UTC, deadline $budget s, logs in $out" \
@@ -274,6 +295,12 @@ offload_row() {  # offload_row NAME ARGS...: step NAME ARGS... where the GPU can
     named offload_13b && TAIL=12 offload_row offload_13b 160 100 python3 \
         examples/train_llama_offload.py --model 13b --batch 8 --ratio 0.6 --steps 6 \
         --json "$out/offload_13b_b8.json"
+    # The row's own timeout leaves it 40 s of the step's to write what it measured.
+    named offload_ds && {
+        ds_cap=$((budget - $(elapsed) - grace))
+        ds_cap=$((ds_cap < 300 ? ds_cap : 300))
+        TAIL=12 offload_row offload_ds "$ds_cap" 150 run_offload_ds "$ds_cap"
+    }
 } || true
 
 {

@@ -80,14 +80,18 @@ def test_gpu_check_skips_what_the_deadline_leaves_no_room_for_and_reruns_a_selec
     planned = {name: seconds for name, s, seconds in table if s == "planned"}
     assert planned == {"build": 10, "offload_b16": 250, "offload_13b": 160}, table
     assert "--model 13b --batch 8 --ratio 0.6" in result.stdout
+    result, table = _gpu_check(tmp_path / "deepspeed", GPU_CHECK_ONLY="offload_ds",
+                               GPU_CHECK_PREBUILT=prebuilt, GPU_CHECK_BUDGET="560")
+    planned = {name: seconds for name, s, seconds in table if s == "planned"}
+    assert planned == {"build": 10, "offload_ds": 300}, table
     result, table = _gpu_check(tmp_path / "default")
     assert not [name for name, _, _ in table if name.startswith("offload_")], table
     # Run for real where the GPU is smaller than an H200 (here: none), the rows are skipped
     # with the reason, not run out of memory.
-    result, table = _gpu_check(tmp_path / "small", GPU_CHECK_ONLY="offload_b16,offload_13b",
-                               GPU_CHECK_DRY="0")
-    assert ("offload_b16", "SKIPPED (GPU memory)", 0) in table, table
-    assert ("offload_13b", "SKIPPED (GPU memory)", 0) in table, table
+    result, table = _gpu_check(tmp_path / "small", GPU_CHECK_DRY="0",
+                               GPU_CHECK_ONLY="offload_b16,offload_13b,offload_ds")
+    for row in ("offload_b16", "offload_13b", "offload_ds"):
+        assert (row, "SKIPPED (GPU memory)", 0) in table, table
     assert "== offload_b16: SKIPPED: it needs an H200" in result.stdout
 
 
