@@ -29,6 +29,7 @@ want=${GPU_TORCH:-2.11.0}
 venv=${GPU_PREBUILD_VENV:-/tmp/zero_ext_gpu_venv}
 out=$root/gpu_runs
 mkdir -p "$out"
+rm -f "$out/_C.abi3.so" "$out/_C.abi3.so.json"  # a failed run leaves nothing to carry
 
 have=$("$venv/bin/python" -c 'import torch; print(torch.__version__)' 2> /dev/null || true)
 if [ "${have%%+*}" != "$want" ]; then
