@@ -109,8 +109,14 @@ def run_scenario(scenario: str, workdir: str, stall_timeout_s: float | None,
 
 
 def _tails(result: dict) -> str:
-    return "".join(f"\n--- node{k} ---\n{output[-4000:]}"
-                   for k, output in enumerate(result["outputs"]))
+    """Each node's output: its ranks' own lines (torchrun prefixes them [defaultN]) apart
+    from the agent's, whose rendezvous errors after a fault would fill the tail."""
+    tails = []
+    for k, output in enumerate(result["outputs"]):
+        ranks = "\n".join(line for line in output.splitlines() if line.startswith("[default"))
+        tails.append(f"\n--- node{k}: its ranks ---\n{ranks[-6000:]}"
+                     f"\n--- node{k}: all output ---\n{output[-1500:]}")
+    return "".join(tails)
 
 
 def _assert_in_time(result: dict, ranks: list[int], nodes: list[int]) -> None:
