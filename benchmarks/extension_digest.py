@@ -78,9 +78,10 @@ def main() -> int:
     parser.add_argument("--check", metavar="JSON")
     args = parser.parse_args()
     if args.record:
+        written = record()
         with open(args.record, "w") as f:
-            json.dump(record(), f, indent=1)
-        print(f"{args.record}: {record()}")
+            json.dump(written, f, indent=1)
+        print(f"{args.record}: {written}")
     elif args.check:
         why = mismatch(args.check)
         if why:

@@ -284,7 +284,7 @@ def update_error(got: dict, reference: dict, dtype: str) -> float:
     return engine_cases.relative_update_error(got, reference, initial)
 
 
-def _parity(cases) -> dict:
+def parity(cases) -> dict:
     out = {}
     for label, stage, dtype, compression in cases:
         out[(label, stage, dtype)] = train(stage, dtype, **compression)
@@ -418,7 +418,7 @@ def two_ranks() -> dict:
     """Every case at world size 2."""
     return {
         "frozen variance": frozen_variance(2),
-        "parity": _parity(PARITY),
+        "parity": parity(PARITY),
         "int8": reductions(2, "fp32", steps=2, gradients=INT8),
         "int4+ef": reductions(1, "fp32", steps=3, gradients=INT4_EF),
         "int8+ef bf16 stage 3": reductions(3, "bf16", steps=2,
@@ -449,13 +449,13 @@ def four_ranks() -> dict:
     from hierarchy_cases import simulate_nodes
 
     out = {
-        "parity": _parity(PARITY_FOUR),
+        "parity": parity(PARITY_FOUR),
         "int8": reductions(2, "fp32", steps=2, gradients=INT8),
         "traffic": _traffic_cases(),
     }
     simulate_nodes(2)
     out["nodes"] = {
-        "parity": _parity(PARITY_NODES),
+        "parity": parity(PARITY_NODES),
         "int8": reductions(2, "fp32", steps=2, gradients=INT8),
         "int8 one hop": reductions(2, "fp32", steps=2, gradients={**INT8, "two_hop": False}),
         "traffic": _traffic_cases(),

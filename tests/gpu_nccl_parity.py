@@ -97,7 +97,7 @@ def _compressed_cases() -> dict[str, str]:
     import compression_cases as cases
 
     chosen = [case for case in cases.PARITY if case[:3] in COMPRESSED]
-    trained = cases._parity(chosen)
+    trained = cases.parity(chosen)
     if "reference" not in trained:
         return {}
     outcomes = {}
