@@ -209,6 +209,44 @@ def host_plan() -> dict:
             "secondary": engine.partitioned.secondary.nbytes()}
 
 
+def groups_made_when_built() -> dict:
+    """Process groups made while initialize() builds the engine and while it trains 2 steps,
+    counted at torch.distributed's door, on a freshly detected 2 x 2 topology (no group made
+    yet): the two hops of qgZ's reduce-scatter and of the stage-3 gathers. Under NCCL a group
+    made mid-step is a communicator set up inside a backward hook, outside the stall watch."""
+    import torch.distributed as dist
+
+    made, phase = [], ["build"]
+    original = dist.new_subgroups_by_enumeration
+
+    def counting(blocks, *args, **kwargs):
+        made.append((phase[0], [list(b) for b in blocks]))
+        return original(blocks, *args, **kwargs)
+
+    out = {}
+    dist.new_subgroups_by_enumeration = counting
+    try:
+        for label, stage, keys, compression in (
+                ("int8 two-hop", 2, {}, {"gradients": {"method": "int8"}}),
+                ("stage 3 hierarchical", 3, {"hierarchical_allgather": True}, {})):
+            simulate_nodes(1)  # another layout: the 2 x 2 one below starts without groups
+            simulate_nodes(2)
+            made.clear()
+            phase[0] = "build"
+            model = engine_cases.build_model()
+            cfg = engine_cases.config(stage, "bf16", 1, comm.world_size(), **keys)
+            cfg["zero_ext"] = {"compression": compression}
+            engine, _, _, _ = zero_ext.initialize(model=model, config=cfg)
+            phase[0] = "train"
+            engine_cases.train_steps(engine, 2)
+            out[label] = list(made)
+    finally:
+        dist.new_subgroups_by_enumeration = original
+        simulate_nodes(2)
+    return out
+
+
 def run_cases(root: str) -> dict:
     return {"gathers": gathers(), "errors": errors(), "traffic": traffic(),
-            "parity": bitwise_and_parity(), "resumed": resumed(root), "host_plan": host_plan()}
+            "parity": bitwise_and_parity(), "resumed": resumed(root), "host_plan": host_plan(),
+            "groups": groups_made_when_built()}

@@ -144,3 +144,12 @@ def test_layouts_hpz_cannot_serve_are_refused_on_every_rank(outcomes):
             "with 3, 1 rank(s)" in e[key], e[key]
     assert "disagree on node 1" in e["inconsistent torchrun"] and \
         "LOCAL_WORLD_SIZE [2, 3]" in e["inconsistent torchrun"]
+
+
+def test_two_hop_groups_are_made_when_the_engine_is_built_not_mid_step(outcomes):
+    # Within a node: [0, 1], [2, 3]; across nodes: one rank of each local index, [0, 2], [1, 3].
+    expected = [("build", [[0, 1], [2, 3]]), ("build", [[0, 2], [1, 3]])]
+    for out in outcomes:
+        groups = out["groups"]
+        assert sorted(groups["int8 two-hop"]) == expected, groups
+        assert sorted(groups["stage 3 hierarchical"]) == expected, groups

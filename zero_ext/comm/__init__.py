@@ -42,6 +42,7 @@ from zero_ext.comm.compressed import (
     quantized_reduce_scatter,
     sparse_all_reduce,
     sparse_reduce_scatter,
+    two_hop_groups,
 )
 from zero_ext.comm.topology import (
     Topology,
@@ -90,6 +91,7 @@ __all__ = [
     "sparse_reduce_scatter",
     "stall_timeout",
     "traffic",
+    "two_hop_groups",
     "wire_sends",
     "world_size",
 ]

@@ -86,6 +86,16 @@ def _two_hop_layout(topology: Topology) -> tuple[int, int] | None:
         return None
 
 
+def two_hop_groups(topology: Topology) -> tuple[CommGroup, CommGroup] | None:
+    """The groups of the two-hop reduce-scatter (within the node, across nodes), or None where
+    it is one all-to-all (_two_hop_layout). Collective the first time: the engine asks when it
+    is built, at the same point on every rank, so that no group (under NCCL, a communicator) is
+    made in the middle of a backward, outside the stall watch's bounded waits."""
+    if _two_hop_layout(topology) is None:
+        return None
+    return topology.node_group(_NEEDED_FOR), topology.across_nodes_group(_NEEDED_FOR)
+
+
 # -- error feedback for the quantized reduce-scatter ----------------------------------------------
 def _encode_fp8(rows: Tensor, residual: Tensor, scale: Tensor) -> None:
     """fp32 `rows` [chunks, m] stored as fp8 `residual` with one fp32 `scale` per row (the
@@ -264,7 +274,7 @@ def quantized_reduce_scatter(output: Tensor, input: Tensor, *, bits: int, block_
 
     nodes, per_node = layout
     node, local = me // per_node, me % per_node
-    within, across = topology.node_group(_NEEDED_FOR), topology.across_nodes_group(_NEEDED_FOR)
+    within, across = two_hop_groups(topology)
     # Hop 1: rows in the input's chunk order [node][local]; the rows for local rank l (the
     # chunks n * per_node + l of every node n) go to it together.
     packed = ops.quantize_chunks(input, size, bits, block_size,

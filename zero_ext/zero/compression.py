@@ -84,6 +84,8 @@ class GradientCompression:
         # Whether this engine has frozen Adam's variance (or, resumed, found it frozen) and
         # started the momentum: once per run, and again after a checkpoint is loaded.
         self.variance_settled = False
+        if self.gradients in ("int8", "int4") and plan.two_hop:
+            comm.two_hop_groups(comm.current_topology())  # made now, not mid-backward
         if self.gradients in ("int8", "int4") and plan.error_feedback:
             topology = comm.current_topology()
             for layout in layouts:

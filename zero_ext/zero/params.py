@@ -227,7 +227,10 @@ class PartitionedParameters:
                  hpz_partition_size: int = 1, hierarchical: bool = False,
                  compute_gather: Callable | None = None):
         self.rank, self.dtype, self.device = rank, dtype, device
-        # Gathers over every rank: in two hops (across nodes, then within) or one ring.
+        # Gathers over every rank: in two hops (across nodes, then within) or one ring. The two
+        # hops' groups are made now, at the same point on every rank, not in the first forward.
+        if hierarchical:
+            comm.current_topology().hierarchical_groups()
         self._gather_all = comm.hierarchical_all_gather if hierarchical else comm.all_gather
         # qwZ (zero/compression.py): the gathers whose values only feed forward and backward
         # are compressed; values read back or written (GatheredParameters, the full values of
