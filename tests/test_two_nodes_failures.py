@@ -34,6 +34,7 @@ from two_nodes import TwoNodes, available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "two_nodes_worker.py")  # train_gpt.py with the tests' hooks
 STALL_TIMEOUT_S = 10.0
 BOUND_S = 30                          # issue 14: every surviving rank raises within 30 s
 SURVIVORS = {"partition": (0, 1), "frozen_node": (0,), "vanished_node": (0,),  # nodes that end
@@ -68,12 +69,10 @@ def run_scenario(scenario: str, workdir: str, stall_timeout_s: float | None,
     fault: per rank, when its CollectiveStallError appeared (and the first line of its
     message); per node, when its torchrun ended; and each node's output."""
     config = _config(os.path.join(workdir, f"{scenario}.json"), stall_timeout_s)
-    script = os.path.join(ROOT, "examples", "train_gpt.py")
-    env = dict(os.environ)
+    env = dict(os.environ, ZX_STACKS_DIR=workdir)
     if scenario == "stuck_rank":
-        script = os.path.join(HERE, "two_nodes_stuck_rank.py")
         env.update(ZX_STUCK_RANK="3", ZX_STUCK_STEP="3")
-    command = _command(script, config)
+    command = _command(WORKER, config)
     with TwoNodes() as nodes, nodes.start([command, command], env=env, cwd=ROOT) as running:
         if not running.wait_for(STARTED, 0, 120):
             raise RuntimeError(f"training did not start:\n{running.output(0)[-3000:]}"
@@ -103,9 +102,37 @@ def run_scenario(scenario: str, workdir: str, stall_timeout_s: float | None,
             time.sleep(0.2)
         offset = fault - running.started
         ended = [None if e is None else round(e - offset, 1) for e in running.ended]
+        stacks = {} if all(ended[k] is not None for k in SURVIVORS[scenario]) else \
+            _worker_stacks(nodes, SURVIVORS[scenario], workdir)
         outputs = [running.output(0), running.output(1)]
     return {"errors": {r: (round(t, 1), m) for r, (t, m) in sorted(errors.items())},
-            "ended": ended, "outputs": outputs}
+            "ended": ended, "outputs": outputs, "stacks": stacks}
+
+
+def _worker_stacks(nodes: TwoNodes, node_ids, workdir: str) -> dict[int, str]:
+    """Every thread's Python stack of each rank still running on `node_ids` (the surviving
+    nodes of a run that did not end in time), which tests/two_nodes_worker.py writes on
+    SIGUSR1: where a rank that never raised was. Not the torchrun agents (SIGUSR1 would end
+    them). What the ranks wrote within 3 s, once their files stopped growing."""
+    def is_worker(argv: list[str]) -> bool:
+        return WORKER in argv and "torch.distributed.run" not in argv
+
+    asked = sum(nodes.signal_node(k, signal.SIGUSR1, where=is_worker) for k in node_ids)
+    sizes: dict[str, int] = {}
+    stacks: dict[int, str] = {}
+    deadline = time.monotonic() + 3.0
+    while len(stacks) < asked and time.monotonic() < deadline:
+        time.sleep(0.3)
+        for name in os.listdir(workdir):
+            match = re.fullmatch(r"stacks-rank(\d+)\.txt", name)
+            if match is None or int(match.group(1)) in stacks:
+                continue
+            size = os.path.getsize(os.path.join(workdir, name))
+            if size and sizes.get(name) == size:
+                with open(os.path.join(workdir, name), encoding="utf-8", errors="replace") as f:
+                    stacks[int(match.group(1))] = f.read()
+            sizes[name] = size
+    return stacks
 
 
 def _tails(result: dict) -> str:
@@ -116,6 +143,8 @@ def _tails(result: dict) -> str:
         ranks = "\n".join(line for line in output.splitlines() if line.startswith("[default"))
         tails.append(f"\n--- node{k}: its ranks ---\n{ranks[-6000:]}"
                      f"\n--- node{k}: all output ---\n{output[-1500:]}")
+    tails += [f"\n--- rank {r} was still running; its threads' stacks ---\n{text[-4000:]}"
+              for r, text in sorted(result.get("stacks", {}).items())]
     return "".join(tails)
 
 

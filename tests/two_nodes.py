@@ -191,16 +191,21 @@ class TwoNodes:
                 subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", veth,
                                 "root"], capture_output=True, text=True, check=False, timeout=30)
 
-    def signal_node(self, node: int, sig: int) -> int:
-        """Sends sig to every process on node `node` (all of its namespace); returns how many.
-        SIGKILL: the node dies (its kernel closes the sockets); SIGSTOP/SIGCONT: it freezes and
-        thaws (sockets open, nothing answers)."""
+    def signal_node(self, node: int, sig: int, where=None) -> int:
+        """Sends sig to every process on node `node` (all of its namespace), or to those whose
+        argument list `where(argv)` accepts; returns how many. SIGKILL: the node dies (its
+        kernel closes the sockets); SIGSTOP/SIGCONT: it freezes and thaws (sockets open,
+        nothing answers)."""
         count = 0
         for pid in _ip("netns", "pids", self.namespaces[node], check=False).stdout.split():
             try:
+                if where is not None:
+                    with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+                        if not where(f.read().decode(errors="replace").split("\0")):
+                            continue
                 os.kill(int(pid), sig)
                 count += 1
-            except (ProcessLookupError, ValueError):
+            except (ProcessLookupError, FileNotFoundError, ValueError):
                 pass
         return count
 
