@@ -8,7 +8,12 @@ arena) with the ZERO_EXT_CHECK_COLLECTIVES debug switch.
 """
 
 import functools
+import json
+import os
+import re
 import socket
+import subprocess
+import sys
 
 import pytest
 import stall_cases
@@ -168,3 +173,61 @@ def test_a_rank_computing_in_its_own_code_does_not_trip():
     assert [o["error"] for o in outcomes] == [None, None], outcomes
     assert outcomes[0]["value"]["seconds"] > 2 * stall_cases.STALL_TIMEOUT_S
     assert outcomes[0]["value"]["progress_checks"] >= 1
+
+
+UNBOUNDED_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                "unbounded_watch_cases.py")
+
+
+@functools.cache
+def _unbounded() -> dict[str, dict]:
+    """tests/unbounded_watch_cases.py's four scenarios in one process (~35 s)."""
+    run = subprocess.run([sys.executable, UNBOUNDED_SCRIPT, "blocked", "host_free", "frozen",
+                          "busy"], capture_output=True, text=True, timeout=400, check=True)
+    results = [json.loads(line) for line in run.stdout.strip().splitlines()]
+    return {r["scenario"]: r for r in results}
+
+
+def _report(text: str) -> str:
+    """The stall report's headline in a rank's stderr (raised, or written as it ended)."""
+    match = re.search(r"^(?:RAISED|CollectiveStallError): (zero_ext: .*)$", text, re.MULTILINE)
+    assert match, text[-3000:]
+    return match.group(1)
+
+
+def test_unbounded_backend_a_rank_blocked_outside_python_ends_with_the_report():
+    # NCCL's semantics: the rank's main thread is blocked in C++ behind the stalled collective
+    # (a CUDA synchronize), where no signal handler runs: the watch ends the process itself.
+    result = _unbounded()["blocked"]
+    rank0, rank1 = result["stderr"]
+    assert result["exits"][0] == 1 and result["seconds"][0] < 30, result
+    assert "main thread did not return to Python within 5 s" in rank0, rank0[-3000:]
+    assert "ending the process with status 1" in rank0
+    headline = _report(rank0)
+    assert re.match(r"zero_ext: rank\(s\) 1 on \S+ did not arrive at collective #\d+ "
+                    r"all_reduce\(.*\) issued by StepAgreement.agree in ZeroEngine.step", headline)
+    assert _report(rank1) == headline  # the idle rank raised the same report
+
+
+def test_unbounded_backend_a_rank_free_on_the_host_raises_the_report():
+    result = _unbounded()["host_free"]
+    rank0, rank1 = result["stderr"]
+    assert rank0.startswith("RAISED: ") and rank1.startswith("RAISED: "), result
+    assert _report(rank0) == _report(rank1)
+    assert "rank(s) 1 on" in _report(rank0) and "did not arrive" in _report(rank0)
+    assert all(s is not None and s < 30 for s in result["seconds"]), result
+
+
+def test_unbounded_backend_a_frozen_rank_is_named_and_the_waiting_rank_ends():
+    result = _unbounded()["frozen"]
+    assert result["exits"][0] == 1 and result["seconds"][0] < 30, result
+    assert re.match(r"zero_ext: rank\(s\) 1 on \S+ stopped responding while rank 0",
+                    _report(result["stderr"][0]))
+
+
+def test_unbounded_backend_a_rank_computing_in_its_code_is_progress_not_a_stall():
+    result = _unbounded()["busy"]
+    assert result["exits"] == [0, 0], result
+    assert "zero_ext: rank" not in "".join(result["stderr"]), result["stderr"]
+    checks = int(re.search(r"PROGRESS_CHECKS (\d+)", result["stderr"][0]).group(1))
+    assert checks >= 1, result["stderr"]

@@ -91,19 +91,23 @@ class StallDiagnosis:
     def unreachable_report(self, doing: str) -> str:
         return self.watch.nodes.unreachable_report(doing, self.watch.timeout, _FIXES["stopped"])
 
-    def waiting_text(self, record: CollectiveRecord) -> str:
-        return (f"waited {time.monotonic() - self.watch.waiting_since:.1f} s in collective "
-                f"{record.describe()}")
+    def waiting_text(self, record: CollectiveRecord, since: float | None = None) -> str:
+        """How long this rank has waited in `record`: since `since` (time.monotonic()), by
+        default since the main thread's bounded wait began."""
+        since = self.watch.waiting_since if since is None else since
+        return f"waited {time.monotonic() - since:.1f} s in collective {record.describe()}"
 
-    def _raise_unreachable(self, record: CollectiveRecord, cause: Exception | None):
-        self.watch._raise(self.unreachable_report(self.waiting_text(record)), cause)
+    def _raise_unreachable(self, record: CollectiveRecord, cause: Exception | None,
+                           since: float | None):
+        self.watch._raise(self.unreachable_report(self.waiting_text(record, since)), cause)
 
-    def _read_all_or_raise(self, record: CollectiveRecord, cause: Exception | None) -> dict:
+    def _read_all_or_raise(self, record: CollectiveRecord, cause: Exception | None,
+                           since: float | None) -> dict:
         """read_all, or the store itself is unreachable: raises the report that says so."""
         try:
             return self.read_all()
         except _STORE_ERRORS as error:
-            self._raise_unreachable(record, cause or error)
+            self._raise_unreachable(record, cause or error, since)
 
     def _watch_window(self, work, cause: Exception | None):
         """Three heartbeat periods, still waiting for `work` (None: it failed with `cause`).
@@ -123,22 +127,24 @@ class StallDiagnosis:
         return False, work, cause
 
     def diagnose(self, record: CollectiveRecord, work, cause: Exception | None = None,
-                 first: dict | None = None) -> bool:
+                 first: dict | None = None, since: float | None = None) -> bool:
         """After stall_timeout_s in `record` (or a transport error): reads every rank's
         heartbeat before and after a window of three periods, still waiting for `work` (or
         compares with `first`, read three periods ago while waiting). True when the collective
-        completed meanwhile; False when it is only slow; raises on a stall."""
+        completed meanwhile; False when it is only slow; raises on a stall. `since`: when the
+        wait began (default: the main thread's bounded wait; the in-flight check of an
+        unbounded backend passes its own)."""
         watch = self.watch
         if watch.store.unreachable_for() >= 2 * watch.period:  # the heartbeat found it so
-            self._raise_unreachable(record, cause)
+            self._raise_unreachable(record, cause, since)
         if first is None:
-            first = self._read_all_or_raise(record, cause)
+            first = self._read_all_or_raise(record, cause, since)
             completed, work, cause = self._watch_window(work, cause)
             if completed:
                 return True
         if watch.abort_report is not None:
             watch._raise(watch.abort_report)
-        second = self._read_all_or_raise(record, cause)
+        second = self._read_all_or_raise(record, cause, since)
         if any(second[r] is None or first[r] is None or second[r]["beat"] == first[r]["beat"]
                for r in second if r != watch.rank):
             # A rank looks stopped: one more window before saying so (a heartbeat thread
@@ -146,8 +152,8 @@ class StallDiagnosis:
             completed, work, cause = self._watch_window(work, cause)
             if completed:
                 return True
-            second = self._read_all_or_raise(record, cause)
-        verdict = self._verdict(record, first, second)
+            second = self._read_all_or_raise(record, cause, since)
+        verdict = self._verdict(record, first, second, since)
         if verdict is None and cause is None:
             watch.progress_checks += 1
             return False
@@ -158,7 +164,8 @@ class StallDiagnosis:
         self._abort(verdict, cause)
         return False  # not reached
 
-    def _verdict(self, record: CollectiveRecord, first: dict, second: dict) -> str | None:
+    def _verdict(self, record: CollectiveRecord, first: dict, second: dict,
+                 since: float | None) -> str | None:
         """The report of a stall at `record`, or None when every rank still makes progress."""
         watch = self.watch
         s, mine = record.seq, record.fingerprint
@@ -177,7 +184,7 @@ class StallDiagnosis:
                 progressing.append(r)
             else:
                 behind.append(r)
-        waited = time.monotonic() - watch.waiting_since
+        waited = time.monotonic() - (watch.waiting_since if since is None else since)
         nodes = watch.nodes
         if stopped:
             headline = (f"zero_ext: {nodes.on_hosts(stopped)} stopped responding while rank "

@@ -1,0 +1,158 @@
+"""Stalls under an unbounded backend (NCCL's semantics) on two gloo ranks, and how each rank's
+process ends.
+
+    python tests/unbounded_watch_cases.py SCENARIO ...   # one JSON line per scenario
+
+NCCL's Work.wait() does not block the host (it orders the CUDA stream), so the stall watch
+cannot bound it; it lists each collective in flight and its heartbeat thread diagnoses the
+oldest one that has not completed within the stall timeout (comm/watch.py, _check_in_flight).
+Here the watch is switched to that path (`bounded = False`) on gloo, whose Work is then the
+completion probe. Rank 1 skips the optimizer step's collectives; rank 0 enters them.
+Scenarios:
+  blocked    rank 0's wait blocks inside gloo (as a CUDA synchronize behind the stalled
+             collective would): no signal handler can run there, so the process must end
+             itself with the report; rank 1 sits idle in its own code and raises it (and then
+             stays, as NCCL would not see it gone).
+  host_free  rank 0's wait for an all-reduce returns at once, as NCCL's does, and rank 0
+             goes on into its own code: both ranks raise the same report.
+  frozen     rank 1 stops itself (SIGSTOP): rank 0 names it as stopped and ends.
+  busy       rank 1 computes in its own code for 2.5 stall timeouts before the step: progress,
+             not a stall; both ranks finish the step and print PROGRESS_CHECKS <diagnoses
+             that found only slowness>.
+A rank that raises CollectiveStallError writes "RAISED: <report>" on stderr and leaves (status
+1, from the watch's exit handler; in "blocked" rank 1 stays until killed).
+The parent forks the two ranks (torch and zero_ext imported once) and prints, per scenario,
+each rank's exit code (-9: killed here once rank 0 ended; "timeout": still running after
+JOB_TIMEOUT_S), the seconds until it ended, and the end of its stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+import torch
+
+import zero_ext
+from zero_ext import comm
+
+import engine_cases  # the tests' model and batches (this script's directory is on sys.path)
+
+STALL_TIMEOUT_S = 1.5
+JOB_TIMEOUT_S = 60.0
+
+
+def _idle(seconds: float) -> None:
+    """A rank idle in its own code (interrupted by the group's abort)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _rank_main(scenario: str, rank: int) -> None:
+    model = engine_cases.build_model()
+    cfg = engine_cases.config(2, "fp32", 1, 2)
+    cfg["zero_ext"] = {"stall_timeout_s": STALL_TIMEOUT_S}
+    engine, _, _, _ = zero_ext.initialize(model=model, config=cfg)
+    watch = comm.current_watch()
+    watch.bounded = False  # NCCL's path: the in-flight list, bounded by the heartbeat thread
+    engine_cases.train_steps(engine, 1)
+    tokens, targets = engine_cases.global_batch(1, 2, 1)
+    engine.backward(engine_cases.run(engine, tokens[0, rank], targets[0, rank]))
+    if scenario == "busy":  # rank 1 computes in its own code for 2.5 stall timeouts
+        end = time.monotonic() + (2.5 * STALL_TIMEOUT_S if rank == 1 else 0)
+        total = 0
+        while time.monotonic() < end:
+            total += sum(range(1000))
+        engine.step()
+        print(f"PROGRESS_CHECKS {watch.progress_checks}", file=sys.stderr, flush=True)
+        return
+    if rank == 1:
+        if scenario == "frozen":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        try:
+            _idle(JOB_TIMEOUT_S)
+        except comm.CollectiveStallError as error:
+            if scenario != "blocked":
+                raise
+            # Kept alive: its exit would close rank 0's gloo pairs and end rank 0's wait
+            # with an error, which NCCL would not do.
+            print(f"RAISED: {error}", file=sys.stderr, flush=True)
+            time.sleep(JOB_TIMEOUT_S)
+        return
+    if scenario == "host_free":  # the wait returns at once, as NCCL's does
+        watch._wait_unbounded = lambda work, record: watch._in_flight.append(
+            (record, work, time.monotonic()))
+        comm.all_reduce(torch.ones(8))  # what a step would reduce; rank 1 never joins
+        _idle(JOB_TIMEOUT_S)
+        return
+    engine.step()
+
+
+def _rank(scenario: str, rank: int, store_path: str, stderr_path: str) -> None:
+    """The forked rank: its stderr into `stderr_path`; never returns. The group's store is a
+    file, as torchrun's lives in its agent: it outlives a rank that ends first."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE="2",
+                      ZERO_EXT_CPU_SHM="0")  # gloo's own collectives: their Work is the probe
+    err = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(err, 2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                                         world_size=2)
+    try:
+        _rank_main(scenario, rank)
+    except comm.CollectiveStallError as error:
+        print(f"RAISED: {error}", file=sys.stderr, flush=True)
+    sys.exit(0)  # the interpreter's normal exit: atexit handlers, finalization
+
+
+def run(scenario: str) -> dict:
+    # Not a context manager: a forked rank's exit unwinds through this frame too.
+    tmp = tempfile.mkdtemp()
+    paths = [os.path.join(tmp, f"rank{r}.err") for r in range(2)]
+    pids = []
+    started = time.monotonic()
+    for rank in range(2):
+        pid = os.fork()
+        if pid == 0:
+            _rank(scenario, rank, os.path.join(tmp, "store"), paths[rank])
+        pids.append(pid)
+    codes: dict[int, int | str] = {}
+    seconds: dict[int, float] = {}
+    deadline = started + JOB_TIMEOUT_S
+    while len(codes) < 2:
+        for r, pid in enumerate(pids):
+            if r not in codes:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[r] = os.waitstatus_to_exitcode(status)
+                    seconds[r] = round(time.monotonic() - started, 1)
+        if scenario in ("frozen", "blocked") and 0 in codes and 1 not in codes:
+            os.kill(pids[1], signal.SIGKILL)  # frozen, or kept alive: nothing else ends it
+        if time.monotonic() > deadline:  # a hang is reported as "timeout"
+            for r, pid in enumerate(pids):
+                if r not in codes:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    codes[r] = "timeout"
+        time.sleep(0.02)
+    stderr = []
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            stderr.append(f.read()[-6000:])
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"scenario": scenario, "exits": [codes[0], codes[1]],
+            "seconds": [seconds.get(0), seconds.get(1)], "stderr": stderr}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    for name in sys.argv[1:]:
+        print(json.dumps(run(name)), flush=True)
