@@ -53,6 +53,11 @@
 #                Llama 1.3B shape, with as many steps (<= 50 timed) as the time left allows
 #   fused_cuda   issue 18: the fused cross-entropy at M=8192, H=4096, V=128256 bf16 against
 #                eager (goal >= 1.0x at < 512 MiB extra), RMSNorm and SwiGLU against eager
+#   nccl_stall   (only when named in GPU_CHECK_ONLY, e.g. in the rerun) the stall watch over
+#                NCCL: tests/test_stall.py's unbounded-backend tests with both ranks on the GPU
+#                over NCCL (a rank blocked in CUDA behind a stalled collective ends with the
+#                report; one free on the host raises it; a frozen rank is named; a busy one
+#                trips nothing)
 # Issue 15's rows (the largest model on one GPU), run only when named in GPU_CHECK_ONLY, in a
 # call of their own once the check above passes (each row's JSON comes back; fetch it here and
 # judge them together with `bench_offload.py --from-json`):
@@ -267,6 +272,9 @@ left=$((budget - $(elapsed) - grace))
 [ "$left" -ge 140 ] && left=$((left - 40))
 TAIL=12 step bench_step "$left" 100 run_bench_step "$left"
 TAIL=20 step fused_cuda 40 20 run_fused_cuda
+# Named only (bench_step takes what the check leaves): the stall watch over NCCL.
+named nccl_stall && TAIL=pytest step nccl_stall 90 45 env ZERO_EXT_TEST_UNBOUNDED_BACKEND=nccl \
+    python3 -m pytest -q -p no:cacheprovider -rfEs tests/test_stall.py -k unbounded
 ratio=${GPU_OFFLOAD_RATIO:-0.25}
 offload_rows="python3 benchmarks/bench_offload.py --impls zero_ext,fsdp2 --steps 6"
 # The rows keep 84-109 GB of model state on the GPU (the estimator: the 7B at ratio 0.25

@@ -84,8 +84,14 @@ def test_gpu_check_skips_what_the_deadline_leaves_no_room_for_and_reruns_a_selec
                                GPU_CHECK_PREBUILT=prebuilt, GPU_CHECK_BUDGET="560")
     planned = {name: seconds for name, s, seconds in table if s == "planned"}
     assert planned == {"build": 10, "offload_ds": 300}, table
+    result, table = _gpu_check(tmp_path / "stall", GPU_CHECK_ONLY="nccl_stall",
+                               GPU_CHECK_PREBUILT=prebuilt, GPU_CHECK_BUDGET="170")
+    planned = {name: seconds for name, s, seconds in table if s == "planned"}
+    assert planned == {"build": 10, "nccl_stall": 90}, table
+    assert "ZERO_EXT_TEST_UNBOUNDED_BACKEND=nccl" in result.stdout
     result, table = _gpu_check(tmp_path / "default")
-    assert not [name for name, _, _ in table if name.startswith("offload_")], table
+    assert not [name for name, _, _ in table if name.startswith("offload_")
+                or name == "nccl_stall"], table
     # Run for real where the GPU is smaller than an H200 (here: none), the rows are skipped
     # with the reason, not run out of memory.
     result, table = _gpu_check(tmp_path / "small", GPU_CHECK_DRY="0",

@@ -181,9 +181,12 @@ UNBOUNDED_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 
 @functools.cache
 def _unbounded() -> dict[str, dict]:
-    """tests/unbounded_watch_cases.py's four scenarios in one process (~35 s)."""
-    run = subprocess.run([sys.executable, UNBOUNDED_SCRIPT, "blocked", "host_free", "frozen",
-                          "busy"], capture_output=True, text=True, timeout=400, check=True)
+    """tests/unbounded_watch_cases.py's four scenarios in one process (~35 s), on gloo with the
+    watch on NCCL's path; ZERO_EXT_TEST_UNBOUNDED_BACKEND=nccl runs them over NCCL (a GPU)."""
+    backend = os.environ.get("ZERO_EXT_TEST_UNBOUNDED_BACKEND", "gloo")
+    run = subprocess.run([sys.executable, UNBOUNDED_SCRIPT, "--backend", backend, "blocked",
+                          "host_free", "frozen", "busy"],
+                         capture_output=True, text=True, timeout=400, check=True)
     results = [json.loads(line) for line in run.stdout.strip().splitlines()]
     return {r["scenario"]: r for r in results}
 

@@ -1,13 +1,14 @@
 """Stalls under an unbounded backend (NCCL's semantics) on two gloo ranks, and how each rank's
 process ends.
 
-    python tests/unbounded_watch_cases.py SCENARIO ...   # one JSON line per scenario
+    python tests/unbounded_watch_cases.py [--backend nccl] SCENARIO ...   # a JSON line each
 
 NCCL's Work.wait() does not block the host (it orders the CUDA stream), so the stall watch
 cannot bound it; it lists each collective in flight and its heartbeat thread diagnoses the
 oldest one that has not completed within the stall timeout (comm/watch.py, _check_in_flight).
 Here the watch is switched to that path (`bounded = False`) on gloo, whose Work is then the
-completion probe. Rank 1 skips the optimizer step's collectives; rank 0 enters them.
+completion probe; with --backend nccl (a GPU: both ranks on GPU 0, each its own NCCL host over
+loopback sockets) it is NCCL's own path, with CUDA events as the probes. Rank 1 skips the optimizer step's collectives; rank 0 enters them.
 Scenarios:
   blocked    rank 0's wait blocks inside gloo (as a CUDA synchronize behind the stalled
              collective would): no signal handler can run there, so the process must end
@@ -44,6 +45,7 @@ from zero_ext import comm
 import engine_cases  # the tests' model and batches (this script's directory is on sys.path)
 
 STALL_TIMEOUT_S = 1.5
+BACKEND = "gloo"  # --backend
 JOB_TIMEOUT_S = 60.0
 
 
@@ -61,6 +63,7 @@ def _rank_main(scenario: str, rank: int) -> None:
     engine, _, _, _ = zero_ext.initialize(model=model, config=cfg)
     watch = comm.current_watch()
     watch.bounded = False  # NCCL's path: the in-flight list, bounded by the heartbeat thread
+    assert watch._events == (BACKEND == "nccl")
     engine_cases.train_steps(engine, 1)
     tokens, targets = engine_cases.global_batch(1, 2, 1)
     engine.backward(engine_cases.run(engine, tokens[0, rank], targets[0, rank]))
@@ -88,7 +91,7 @@ def _rank_main(scenario: str, rank: int) -> None:
     if scenario == "host_free":  # the wait returns at once, as NCCL's does
         watch._wait_unbounded = lambda work, record: watch._in_flight.append(
             (record, work, time.monotonic()))
-        comm.all_reduce(torch.ones(8))  # what a step would reduce; rank 1 never joins
+        comm.all_reduce(torch.ones(8, device=engine.device))  # rank 1 never joins
         _idle(JOB_TIMEOUT_S)
         return
     engine.step()
@@ -104,7 +107,12 @@ def _rank(scenario: str, rank: int, store_path: str, stderr_path: str) -> None:
     os.dup2(err, 2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+    if BACKEND == "nccl":  # one GPU: a host of its own per rank, reached over loopback sockets
+        os.environ.update(LOCAL_RANK="0", NCCL_HOSTID=f"zero_ext-watch-rank{rank}",
+                          NCCL_IB_DISABLE="1")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        torch.cuda.set_device(0)
+    torch.distributed.init_process_group(BACKEND, init_method=f"file://{store_path}", rank=rank,
                                          world_size=2)
     try:
         _rank_main(scenario, rank)
@@ -154,5 +162,8 @@ def run(scenario: str) -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    for name in sys.argv[1:]:
+    names = sys.argv[1:]
+    if names[:1] == ["--backend"]:
+        BACKEND, names = names[1], names[2:]
+    for name in names:
         print(json.dumps(run(name)), flush=True)

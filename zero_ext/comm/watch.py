@@ -425,6 +425,8 @@ class CollectiveWatch:
                     dist.group.WORLD):
                 return
             try:
+                if not self.bounded:  # first: no store call, so a store that fails can't skip it
+                    self._check_in_flight()
                 self._beat_once()
                 if self.abort_report is None and self.store.check([self._key("abort")]):
                     self._deliver(self.store.get(self._key("abort")).decode())
@@ -432,8 +434,6 @@ class CollectiveWatch:
                     self._compare_with_next_rank()
                 if not self.nodes.complete():
                     self.nodes.learn_some()
-                if not self.bounded:
-                    self._check_in_flight()
             except _STORE_ERRORS:  # a store hiccup must not kill the heartbeat
                 continue
             except Exception as error:  # noqa: BLE001 - nor anything else: a dead heartbeat
