@@ -6,7 +6,12 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <exception>
+#include <vector>
+
 #include "csrc/cpu_isa.h"
+#include "csrc/probes.h"
 
 TORCH_LIBRARY(zero_ext, m) {
   // Multi-tensor AdamW / Adam step, in place. Each i indexes one parameter: fp32 master weights
@@ -166,6 +171,72 @@ PyObject* cpu_isa_selected(PyObject*, PyObject*) {
   return PyUnicode_FromString(zero_ext::cpu_isa_name(zero_ext::selected_cpu_isa()));
 }
 
+#ifdef ZERO_EXT_WITH_CUDA
+// Runs fn without the GIL (the watch calls these from its heartbeat thread: a CUDA call that
+// blocks must not stop every Python thread); a C++ exception becomes a RuntimeError.
+template <typename Fn>
+bool without_gil(Fn fn) {
+  std::exception_ptr error;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    fn();
+  } catch (...) {
+    error = std::current_exception();
+  }
+  Py_END_ALLOW_THREADS
+  if (!error) return true;
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError, "zero_ext: unknown C++ exception");
+  }
+  return false;
+}
+#endif
+
+// cuda_probe_record(device) -> handle; cuda_probes_completed(device, handles) -> count: see
+// csrc/probes.h. A CPU-only build raises.
+PyObject* cuda_probe_record(PyObject*, PyObject* args) {
+  int device = 0;
+  if (!PyArg_ParseTuple(args, "i", &device)) return nullptr;
+#ifdef ZERO_EXT_WITH_CUDA
+  std::uintptr_t handle = 0;
+  if (!without_gil([&] { handle = zero_ext::record_probe(device); })) return nullptr;
+  return PyLong_FromVoidPtr(reinterpret_cast<void*>(handle));
+#else
+  PyErr_SetString(PyExc_RuntimeError, "zero_ext: this build has no CUDA kernels");
+  return nullptr;
+#endif
+}
+
+PyObject* cuda_probes_completed(PyObject*, PyObject* args) {
+  int device = 0;
+  PyObject* sequence = nullptr;
+  if (!PyArg_ParseTuple(args, "iO", &device, &sequence)) return nullptr;
+#ifdef ZERO_EXT_WITH_CUDA
+  const Py_ssize_t n = PySequence_Size(sequence);
+  if (n < 0) return nullptr;
+  std::vector<std::uintptr_t> handles;
+  handles.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PySequence_GetItem(sequence, i);
+    if (item == nullptr) return nullptr;
+    void* handle = PyLong_AsVoidPtr(item);
+    Py_DECREF(item);
+    if (handle == nullptr && PyErr_Occurred()) return nullptr;
+    handles.push_back(reinterpret_cast<std::uintptr_t>(handle));
+  }
+  int64_t done = 0;
+  if (!without_gil([&] { done = zero_ext::probes_completed(device, handles); })) return nullptr;
+  return PyLong_FromLongLong(done);
+#else
+  PyErr_SetString(PyExc_RuntimeError, "zero_ext: this build has no CUDA kernels");
+  return nullptr;
+#endif
+}
+
 PyMethodDef module_methods[] = {
     {"cpu_isa_selected", cpu_isa_selected, METH_NOARGS,
      "Instruction set of the CPU kernels this process runs (DEFAULT, AVX2 or AVX512)."},
@@ -173,6 +244,12 @@ PyMethodDef module_methods[] = {
      "Instruction sets the CPU kernels were compiled for, comma-separated."},
     {"cuda_archs_built", cuda_archs_built, METH_NOARGS,
      "CUDA architectures the GPU kernels were compiled for, or None in a CPU-only build."},
+    {"cuda_probe_record", cuda_probe_record, METH_VARARGS,
+     "cuda_probe_record(device) -> handle: a stall-watch probe (a pooled CUDA event) recorded on "
+     "the device's current stream of the calling thread, without the GIL."},
+    {"cuda_probes_completed", cuda_probes_completed, METH_VARARGS,
+     "cuda_probes_completed(device, handles) -> how many of the probes, oldest first, completed "
+     "(up to the first that has not); those go back to the pool. Without the GIL."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "zero_ext compiled ops", -1,

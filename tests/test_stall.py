@@ -204,12 +204,20 @@ def test_unbounded_backend_a_rank_blocked_outside_python_ends_with_the_report():
     result = _unbounded()["blocked"]
     rank0, rank1 = result["stderr"]
     assert result["exits"][0] == 1 and result["seconds"][0] < 30, result
-    assert "main thread did not return to Python within 5 s" in rank0, rank0[-3000:]
+    assert "main thread did not raise this stall report within 5 s" in rank0, rank0[-3000:]
+    assert "(it is at StepAgreement.agree in ZeroEngine.step, blocked outside Python" in rank0
     assert "ending the process with status 1" in rank0
     headline = _report(rank0)
     assert re.match(r"zero_ext: rank\(s\) 1 on \S+ did not arrive at collective #\d+ "
                     r"all_reduce\(.*\) issued by StepAgreement.agree in ZeroEngine.step", headline)
-    assert _report(rank1) == headline  # the idle rank raised the same report
+    # The waiting rank's line says which collective it has in flight.
+    assert re.search(r"rank 0 on \S+ \(entered \d+ collectives, completed \d+\): inside "
+                     r"zero_ext \(StepAgreement.agree in ZeroEngine.step\) for [\d.]+ s; its "
+                     r"collective #\d+ in flight \(issued, not completed\) for [\d.]+ s", rank0)
+    # The idle rank raised the same report, and handling it (it stays alive here) ended
+    # nothing: it was still running when killed, seconds after rank 0 ended.
+    assert _report(rank1) == headline
+    assert result["exits"][1] == -9 and "did not raise this stall report" not in rank1, result
 
 
 def test_unbounded_backend_a_rank_free_on_the_host_raises_the_report():

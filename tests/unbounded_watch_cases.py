@@ -5,7 +5,7 @@ process ends.
 
 NCCL's Work.wait() does not block the host (it orders the CUDA stream), so the stall watch
 cannot bound it; it lists each collective in flight and its heartbeat thread diagnoses the
-oldest one that has not completed within the stall timeout (comm/watch.py, _check_in_flight).
+oldest one that has not completed within the stall timeout (comm/watch_inflight.py).
 Here the watch is switched to that path (`bounded = False`) on gloo, whose Work is then the
 completion probe; with --backend nccl (a GPU: both ranks on GPU 0, each its own NCCL host over
 loopback sockets) it is NCCL's own path, with CUDA events as the probes. Rank 1 skips the optimizer step's collectives; rank 0 enters them.
@@ -63,7 +63,7 @@ def _rank_main(scenario: str, rank: int) -> None:
     engine, _, _, _ = zero_ext.initialize(model=model, config=cfg)
     watch = comm.current_watch()
     watch.bounded = False  # NCCL's path: the in-flight list, bounded by the heartbeat thread
-    assert watch._events == (BACKEND == "nccl")
+    assert watch.in_flight.events == (BACKEND == "nccl")
     engine_cases.train_steps(engine, 1)
     tokens, targets = engine_cases.global_batch(1, 2, 1)
     engine.backward(engine_cases.run(engine, tokens[0, rank], targets[0, rank]))
@@ -89,8 +89,8 @@ def _rank_main(scenario: str, rank: int) -> None:
             time.sleep(JOB_TIMEOUT_S)
         return
     if scenario == "host_free":  # the wait returns at once, as NCCL's does
-        watch._wait_unbounded = lambda work, record: watch._in_flight.append(
-            (record, work, time.monotonic()))
+        watch.in_flight.wait = lambda work, record: watch.in_flight.entries.append(
+            [record, work, time.monotonic(), False])
         comm.all_reduce(torch.ones(8, device=engine.device))  # rank 1 never joins
         _idle(JOB_TIMEOUT_S)
         return
@@ -142,8 +142,11 @@ def run(scenario: str) -> dict:
                 if done:
                     codes[r] = os.waitstatus_to_exitcode(status)
                     seconds[r] = round(time.monotonic() - started, 1)
-        if scenario in ("frozen", "blocked") and 0 in codes and 1 not in codes:
-            os.kill(pids[1], signal.SIGKILL)  # frozen, or kept alive: nothing else ends it
+        # Frozen, or kept alive (7 s more, past the grace of an exit it must not take):
+        # nothing else ends rank 1.
+        if (scenario in ("frozen", "blocked") and 0 in codes and 1 not in codes
+                and time.monotonic() > started + seconds[0] + (7 if scenario == "blocked" else 0)):
+            os.kill(pids[1], signal.SIGKILL)
         if time.monotonic() > deadline:  # a hang is reported as "timeout"
             for r, pid in enumerate(pids):
                 if r not in codes:

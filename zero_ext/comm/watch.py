@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from zero_ext.comm.watch_diagnosis import StallDiagnosis
+from zero_ext.comm.watch_inflight import InFlight
 from zero_ext.comm.watch_nodes import RankHosts
 from zero_ext.comm.watch_store import STORE_ERRORS as _STORE_ERRORS
 from zero_ext.comm.watch_store import WatchStore
@@ -75,9 +76,6 @@ _RECENT = 16            # records each heartbeat carries (what a stalled peer ne
 _CHAIN_WINDOW = 4096    # running fingerprint hashes kept, indexed by sequence number
 _INTERRUPT = signal.SIGUSR2
 _STORE_CALL_TIMEOUT_S = 1.0  # per store call: a cut-off node's calls fail in a few seconds
-# Unbounded backends (NCCL): after a stall is reported, seconds the main thread has to raise it
-# before the process ends with it (blocked in CUDA behind the stalled collective, it cannot).
-_EXIT_GRACE_S = 5.0
 
 
 class CollectiveStallError(RuntimeError):
@@ -222,15 +220,11 @@ class CollectiveWatch:
         self._heartbeat_errors = 0      # heartbeat errors that were not the store's
         self._interrupt_pending = False
         self._raised = False            # the main thread raised this group's abort already
-        # Unbounded backends: (record, completion probe, since) of each collective the main
-        # thread has waited for (NCCL: ordered its stream after) and that may not have
-        # completed; the heartbeat thread retires completed ones and diagnoses the oldest one
-        # after the stall timeout (_check_in_flight).
-        self._in_flight: collections.deque[tuple[CollectiveRecord, object, float]] = \
-            collections.deque()
-        self._events = dist.get_backend(group) == "nccl"  # probes: CUDA events, not the Work
-        self._diagnosing = False
-        self._next_diagnosis = 0.0
+        # Unbounded backends (NCCL): the collectives in flight, bounded by the heartbeat thread
+        # (comm/watch_inflight.py); probes are CUDA events on NCCL, else the Work.
+        nccl = "nccl" in dist.get_backend(group) and torch.cuda.is_available()
+        self.in_flight = InFlight(self, events=nccl,
+                                  device=torch.cuda.current_device() if nccl else None)
         self._stop = threading.Event()
         self.main_ident = threading.get_ident()
         self.diagnosis = StallDiagnosis(self)  # reads this watch's state when a wait stalls
@@ -253,8 +247,8 @@ class CollectiveWatch:
     # -- hot path ------------------------------------------------------------------------------
     def _raise(self, report: str, cause: Exception | None = None):
         self.abort_report = report
-        if threading.get_ident() == self.main_ident:
-            self._raised = True
+        if threading.get_ident() != self.in_flight.diagnosis_ident:  # raised to the user (on
+            self._raised = True          # the main thread, or an autograd thread's hook)
         raise CollectiveStallError(report) from cause
 
     def enter(self, op: str, numel: int, dtype, bucket: int | None = None,
@@ -281,7 +275,7 @@ class CollectiveWatch:
         """Waits for `work` (a torch.distributed Work) of `record`, bounded by the stall
         timeout of no progress; raises CollectiveStallError on a stall."""
         if work is not None and not self.bounded:
-            self._wait_unbounded(work, record)
+            self.in_flight.wait(work, record)
         elif work is not None:
             self.waiting, self.waiting_since = record, time.monotonic()
             try:
@@ -310,72 +304,6 @@ class CollectiveWatch:
                 self.waiting = None
         self.done(record)
 
-    def _wait_unbounded(self, work, record: CollectiveRecord) -> None:
-        """An unbounded backend's wait. NCCL's orders the current CUDA stream after the
-        collective and returns: the host blocks later (a synchronize, a copy to the host) or
-        not at all, so no wait here could be bounded. The collective goes on the in-flight
-        list with a completion probe instead, a CUDA event recorded after it (not the Work,
-        which would keep its tensors alive), and the heartbeat thread bounds it. Other
-        backends' Work is its own probe, listed before its wait (which may block)."""
-        if self._events:
-            work.wait()
-            probe = torch.cuda.Event()
-            probe.record()
-            self._in_flight.append((record, probe, time.monotonic()))
-        else:
-            self._in_flight.append((record, work, time.monotonic()))
-            work.wait()
-
-    def _check_in_flight(self) -> None:
-        """On the heartbeat thread: retires the in-flight collectives that completed; when the
-        oldest has not completed within the stall timeout, diagnoses it on a thread of its own
-        (the heartbeat must go on beating meanwhile, or the other ranks' diagnoses would see
-        this rank stopped)."""
-        pending = self._in_flight
-        while pending and _probe_completed(pending[0][1]):
-            pending.popleft()
-        if not pending or self._diagnosing or self.abort_report is not None:
-            return
-        record, probe, since = pending[0]
-        now = time.monotonic()
-        if now - since < self.timeout or now < self._next_diagnosis:
-            return
-        self._diagnosing = True
-        threading.Thread(target=self._diagnose_in_flight, args=(record, probe, since),
-                         name="zero_ext-watch-diagnosis", daemon=True).start()
-
-    def _diagnose_in_flight(self, record: CollectiveRecord, probe, since: float) -> None:
-        try:
-            if not self.diagnosis.diagnose(record, _PolledProbe(probe), since=since):
-                self._next_diagnosis = time.monotonic() + self.timeout  # only slow
-        except CollectiveStallError as error:  # published; now the main thread raises it
-            self._deliver(str(error))
-        except Exception as error:  # noqa: BLE001 - a bug here must not kill the watch
-            self._heartbeat_error(error)
-            self._next_diagnosis = time.monotonic() + self.timeout
-        finally:
-            self._diagnosing = False
-
-    def _end_unless_raised(self, report: str) -> None:
-        """Unbounded backends, after a stall was reported: the main thread has _EXIT_GRACE_S
-        to raise it (at once where it runs Python: the signal, or its next collective). One
-        blocked in CUDA behind the stalled collective never returns; then the process ends
-        here with the report on stderr and status 1, as NCCL's watchdog would end it after
-        the process group's timeout (30 minutes), and torchrun sees the rank fail."""
-        deadline = time.monotonic() + _EXIT_GRACE_S
-        while time.monotonic() < deadline:
-            if self._raised:
-                return
-            time.sleep(0.05)
-        frame = sys._current_frames().get(self.main_ident)
-        where = _where(frame)[1] if frame is not None else "an unknown place"
-        print(f"zero_ext: rank {self.rank}'s main thread did not return to Python within "
-              f"{_EXIT_GRACE_S:g} s of this stall report (it is at {where}, blocked outside "
-              f"Python, e.g. in a CUDA synchronize behind the stalled collective); ending the "
-              f"process with status 1.\n{CollectiveStallError.__name__}: {report}",
-              file=sys.stderr, flush=True)
-        os._exit(1)
-
     def mismatch(self, record: CollectiveRecord, headers: list[tuple[int, int]]) -> None:
         """Other ranks' (sequence number, fingerprint) headers differ from this rank's, seen by
         the shared-memory arena or the debug switch: raises the report (see
@@ -389,16 +317,9 @@ class CollectiveWatch:
     def _state(self) -> dict:
         """This rank's heartbeat payload."""
         now = time.monotonic()
-        waiting, since = self.waiting, self.waiting_since
-        if waiting is None and self._in_flight:  # unbounded: the oldest one still running
-            try:
-                record, _, started = self._in_flight[0]
-            except IndexError:  # the heartbeat thread retired it meanwhile
-                record = None
-            if record is not None and now - started >= self.period:
-                waiting, since = record, started
+        waiting = self.waiting
         if waiting is not None:
-            kind, where = "waiting", waiting.describe()
+            kind, where, since = "waiting", waiting.describe(), self.waiting_since
         else:
             frame = sys._current_frames().get(self.main_ident)
             kind, where = _where(frame)
@@ -408,7 +329,8 @@ class CollectiveWatch:
         return {"beat": self._beat, "host": self.nodes.host, "seq": seq, "completed": self.completed,
                 "chain": [seq, self.chains[seq % _CHAIN_WINDOW]], "kind": kind,
                 "where": where, "for_s": round(now - since, 1), "recent": recent,
-                "now": now, "cpu": self._main_cpu_s()}
+                "now": now, "cpu": self._main_cpu_s(),
+                "in_flight": None if self.bounded else self.in_flight.oldest(self.period)}
 
     def _main_cpu_s(self) -> float:
         """CPU seconds the main thread has used: a rank in its own code that keeps using CPU
@@ -425,8 +347,6 @@ class CollectiveWatch:
                     dist.group.WORLD):
                 return
             try:
-                if not self.bounded:  # first: no store call, so a store that fails can't skip it
-                    self._check_in_flight()
                 self._beat_once()
                 if self.abort_report is None and self.store.check([self._key("abort")]):
                     self._deliver(self.store.get(self._key("abort")).decode())
@@ -435,9 +355,14 @@ class CollectiveWatch:
                 if not self.nodes.complete():
                     self.nodes.learn_some()
             except _STORE_ERRORS:  # a store hiccup must not kill the heartbeat
-                continue
+                pass
             except Exception as error:  # noqa: BLE001 - nor anything else: a dead heartbeat
                 self._heartbeat_error(error)  # makes this rank look stopped to the others
+            if not self.bounded:  # after the beat, and whatever the store did
+                try:
+                    self.in_flight.check()
+                except Exception as error:  # noqa: BLE001 - as above
+                    self._heartbeat_error(error)
 
     def _heartbeat_error(self, error: Exception) -> None:
         """An error in the heartbeat that is not the store's (a bug): said once, on stderr, and
@@ -466,8 +391,7 @@ class CollectiveWatch:
             self._interrupt_pending = True
             signal.pthread_kill(self.main_ident, _INTERRUPT)
         if not self.bounded and not self._raised:
-            threading.Thread(target=self._end_unless_raised, args=(report,),
-                             name="zero_ext-watch-exit", daemon=True).start()
+            self.in_flight.end_unless_raised(report)
 
     def _compare_with_next_rank(self) -> None:
         """The running hash of fingerprints at the next rank's latest sequence number against
@@ -484,28 +408,6 @@ class CollectiveWatch:
             return
         # On the heartbeat thread: publish, then raise on the main thread like a peer's abort.
         self._deliver(self.diagnosis.publish(self.diagnosis.sequence_mismatch(peer, theirs)))
-
-
-def _probe_completed(probe) -> bool:
-    """Whether an in-flight collective's probe (a CUDA event, or a Work) says it completed."""
-    return probe.query() if isinstance(probe, torch.cuda.Event) else probe.is_completed()
-
-
-class _PolledProbe:
-    """A probe as the diagnosis waits for a Work: wait(timeout) returns True once completed,
-    or raises "timed out" (never NCCL's own wait with a timeout, which would block the host
-    and may abort the communicator)."""
-
-    def __init__(self, probe):
-        self.probe = probe
-
-    def wait(self, timeout: timedelta) -> bool:
-        end = time.monotonic() + timeout.total_seconds()
-        while not _probe_completed(self.probe):
-            if time.monotonic() >= end:
-                raise RuntimeError("zero_ext: the in-flight collective timed out")
-            time.sleep(0.02)
-        return True
 
 
 # -- one watch per process group -------------------------------------------------------------

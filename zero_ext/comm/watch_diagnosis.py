@@ -217,12 +217,18 @@ class StallDiagnosis:
             last = state["recent"][-1][2] if state["recent"] else "none"
             if state["kind"] == "waiting":
                 doing = f"waiting in collective {state['where']} for {state['for_s']} s"
+            elif state["kind"] == "zero_ext" and state.get("in_flight"):
+                doing = f"inside zero_ext ({state['where']}) for {state['for_s']} s"
             elif state["kind"] == "zero_ext":
                 doing = (f"busy inside zero_ext ({state['where']}), not in a collective, for "
                          f"{state['for_s']} s; last collective {last}")
             else:
                 doing = (f"in user code at {state['where']} for {state['for_s']} s since its "
                          f"last collective {last}, its main thread idle (not using CPU)")
+            in_flight = state.get("in_flight")  # unbounded backends: NCCL's stream side
+            if in_flight:
+                doing += (f"; its collective #{in_flight[0]} in flight (issued, not completed) "
+                          f"for {in_flight[1]} s")
             heard = "last heartbeat: " if r in stale else ""
             lines.append(f"  rank {r} on {state.get('host', '?')} (entered {state['seq']} "
                          f"collectives, completed {state['completed']}): {heard}{doing}")

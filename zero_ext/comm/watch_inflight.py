@@ -1,0 +1,175 @@
+"""The stall watch for unbounded backends (NCCL): collectives in flight, bounded from the side.
+
+NCCL's Work.wait() orders the current CUDA stream after the collective and returns at once:
+the host blocks later (a synchronize, a copy to the host) or never, so comm/watch.py cannot
+bound the wait itself. Instead each collective the main thread waits for is listed here with a
+completion probe: a CUDA event recorded after the wait (zero_ext._C.cuda_probe_record: pooled,
+and queried without the GIL in thread-local capture mode, csrc/probes_cuda.cu); other
+unbounded backends' Work is its own probe. An entry is listed before its wait, as a barrier's
+blocks the host. The heartbeat thread retires completed entries every period; when the oldest
+has not completed within the stall timeout of its wait, a diagnosis thread (the heartbeat must
+keep beating meanwhile, or other ranks would take this rank for stopped) runs the watch's
+StallDiagnosis, with completion seen as retirement. A stall's report reaches the main thread as
+any peer's abort does; a main thread blocked outside Python (a CUDA synchronize behind the
+stalled collective) cannot raise it, so after a grace the process ends with the report on
+stderr and status 1, as NCCL's watchdog would end it after the process group's timeout.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zero_ext.comm.watch import CollectiveRecord, CollectiveWatch
+
+__all__ = ["EXIT_GRACE_S", "InFlight"]
+
+EXIT_GRACE_S = 5.0   # after a stall report: the main thread's time to raise it
+_QUERY_AT_ONCE = 256  # probes queried per heartbeat at most (the oldest ones)
+
+
+class InFlight:
+    """One watch's collectives in flight (unbounded backends). `events`: probes are CUDA events
+    on `device` (NCCL); else the Work itself."""
+
+    def __init__(self, watch: CollectiveWatch, events: bool, device: int | None):
+        self.watch = watch
+        self.events, self.device = events, device
+        # [record, probe, since, retired], oldest first: the main thread appends, the
+        # heartbeat thread pops from the left (a deque does both safely) and marks retired.
+        self.entries: collections.deque[list] = collections.deque()
+        self.diagnosis_ident: int | None = None  # the diagnosis thread while one runs
+        self.next_diagnosis = 0.0
+        self._exit_lock = threading.Lock()
+        self._exit_armed = False
+
+    # -- the main thread -----------------------------------------------------------------------
+    def wait(self, work, record: CollectiveRecord) -> None:
+        entry = [record, work, time.monotonic(), False]
+        self.entries.append(entry)  # before the wait: a barrier's blocks the host
+        work.wait()
+        if self.events:  # the Work would keep the collective's tensors alive until retired
+            from zero_ext import _C
+
+            entry[1] = _C.cuda_probe_record(self.device)
+
+    # -- the heartbeat thread ------------------------------------------------------------------
+    def oldest(self, min_age: float) -> list | None:
+        """[sequence number, seconds] of the oldest collective in flight for at least min_age
+        seconds, for the heartbeat; None when there is none."""
+        try:
+            record, _, since, _ = self.entries[0]
+        except IndexError:
+            return None
+        age = time.monotonic() - since
+        return [record.seq, round(age, 1)] if age >= min_age else None
+
+    def retire(self) -> None:
+        """Drops the entries that completed, oldest first, up to the first that has not."""
+        entries = list(itertools.islice(self.entries, _QUERY_AT_ONCE))  # one step under the GIL
+        handles = [entry[1] for entry in itertools.takewhile(
+            lambda entry: isinstance(entry[1], int), entries)]
+        done = 0
+        if handles:
+            from zero_ext import _C
+
+            done = _C.cuda_probes_completed(self.device, handles)  # those go back to the pool
+        if done == len(handles):  # then Works: another backend's, or a wait under way
+            for entry in entries[done:]:
+                if isinstance(entry[1], int) or not entry[1].is_completed():
+                    break
+                done += 1
+        for _ in range(done):
+            self.entries.popleft()[3] = True
+
+    def check(self) -> None:
+        """Each heartbeat: retires what completed; when the oldest entry has waited past the
+        stall timeout, diagnoses it on a thread of its own."""
+        self.retire()
+        watch = self.watch
+        try:
+            entry = self.entries[0]
+        except IndexError:
+            return
+        since = entry[2]
+        now = time.monotonic()
+        if (self.diagnosis_ident is not None or watch.abort_report is not None
+                or now - since < watch.timeout or now < self.next_diagnosis):
+            return
+        self.diagnosis_ident = -1  # taken: the thread sets its own
+        threading.Thread(target=self._diagnose, args=(entry,), name="zero_ext-watch-diagnosis",
+                         daemon=True).start()
+
+    def _diagnose(self, entry: list) -> None:
+        from zero_ext.comm.watch import CollectiveStallError
+
+        watch = self.watch
+        record, since = entry[0], entry[2]
+        self.diagnosis_ident = threading.get_ident()
+        try:
+            if not watch.diagnosis.diagnose(record, _Retirement(entry), since=since):
+                self.next_diagnosis = time.monotonic() + watch.timeout  # only slow
+        except CollectiveStallError as error:  # published; now the main thread raises it
+            watch._deliver(str(error))
+        except Exception as error:  # noqa: BLE001 - a bug here must not kill the watch
+            watch._heartbeat_error(error)
+            self.next_diagnosis = time.monotonic() + watch.timeout
+        finally:
+            self.diagnosis_ident = None
+
+    # -- after a stall report ------------------------------------------------------------------
+    def end_unless_raised(self, report: str) -> None:
+        """Once per watch: gives the main thread EXIT_GRACE_S to raise `report` (at once where
+        it runs Python: the signal, or its next collective), then ends the process with it."""
+        with self._exit_lock:
+            if self._exit_armed:
+                return
+            self._exit_armed = True
+        threading.Thread(target=self._end_unless_raised, args=(report,),
+                         name="zero_ext-watch-exit", daemon=True).start()
+
+    def _end_unless_raised(self, report: str) -> None:
+        from zero_ext.comm.watch import CollectiveStallError, _where
+
+        watch = self.watch
+        deadline = time.monotonic() + EXIT_GRACE_S
+        while time.monotonic() < deadline:
+            if watch._raised:
+                return
+            time.sleep(0.05)
+        frame = sys._current_frames().get(watch.main_ident)
+        at = _where(frame)[1] if frame is not None else "an unknown place"
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        print(f"zero_ext: rank {watch.rank}'s main thread did not raise this stall report within "
+              f"{EXIT_GRACE_S:g} s (it is at {at}, blocked outside Python: a CUDA synchronize "
+              f"behind the stalled collective, or a long call into C++); ending the process "
+              f"with status 1.\n{CollectiveStallError.__name__}: {report}",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+class _Retirement:
+    """An entry in flight as the diagnosis waits for it: wait(timeout) returns True once the
+    heartbeat retired it as completed, or raises "timed out"."""
+
+    def __init__(self, entry: list):
+        self.entry = entry
+
+    def wait(self, timeout: timedelta) -> bool:
+        end = time.monotonic() + timeout.total_seconds()
+        while not self.entry[3]:
+            if time.monotonic() >= end:
+                raise RuntimeError("zero_ext: the collective in flight timed out")
+            time.sleep(0.05)
+        return True
