@@ -1,0 +1,163 @@
+"""comm/watch_inflight.py's bookkeeping on NCCL's path, in one process: the CUDA probes
+(zero_ext._C.cuda_probe_record / cuda_probes_completed, csrc/probes_cuda.cu) replaced by a
+recording fake with the same contract, the Works by fakes, the watch by the few fields it reads.
+The whole path over gloo processes is tests/test_stall.py's; over NCCL, gpu_check's nccl_stall.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+import zero_ext._C
+
+from zero_ext.comm.watch import CollectiveRecord
+from zero_ext.comm.watch_inflight import InFlight, _Retirement
+
+
+class FakeProbes:
+    """Events by handle: record takes one from the pool or a new one; completed counts the
+    leading completed handles and returns them to the pool, as the C++ does."""
+
+    def __init__(self):
+        self.done: dict[int, bool] = {}
+        self.pool: list[int] = []
+        self.devices: list[int] = []
+        self.next = 1000
+
+    def record(self, device: int) -> int:
+        self.devices.append(device)
+        if self.pool:
+            handle = self.pool.pop()
+        else:
+            handle, self.next = self.next, self.next + 8
+        self.done[handle] = False
+        return handle
+
+    def completed(self, device: int, handles: list[int]) -> int:
+        count = 0
+        for handle in handles:
+            if not self.done[handle]:
+                break
+            count += 1
+        self.pool += handles[:count]
+        return count
+
+
+class FakeWork:
+    def __init__(self, in_flight: InFlight | None = None):
+        self.in_flight, self.finished, self.listed_before_wait = in_flight, False, None
+
+    def wait(self):
+        if self.in_flight is not None:  # the entry is listed while the wait runs
+            self.listed_before_wait = self.in_flight.entries[-1][1] is self
+
+    def is_completed(self) -> bool:
+        return self.finished
+
+
+class FakeWatch:
+    def __init__(self, timeout: float = 10.0):
+        self.timeout, self.abort_report, self.diagnoses = timeout, None, []
+        self.diagnosis = self
+
+    def diagnose(self, record, work, since=None):  # as StallDiagnosis.diagnose: slow
+        self.diagnoses.append((record.seq, since))
+        return False
+
+
+def _record(seq: int) -> CollectiveRecord:
+    return CollectiveRecord(seq, "all_reduce", 4, "float32", None, None, "test", 0, 0.0)
+
+
+@pytest.fixture
+def probes(monkeypatch):
+    fake = FakeProbes()
+    monkeypatch.setattr(zero_ext._C, "cuda_probe_record", fake.record, raising=False)
+    monkeypatch.setattr(zero_ext._C, "cuda_probes_completed", fake.completed, raising=False)
+    return fake
+
+
+def test_an_entry_is_listed_before_the_wait_and_keeps_an_event_not_the_work(probes):
+    in_flight = InFlight(FakeWatch(), events=True, device=3)
+    work = FakeWork(in_flight)
+    in_flight.wait(work, _record(1))
+    assert work.listed_before_wait  # a barrier's wait blocks the host: it is listed first
+    entry = in_flight.entries[0]
+    assert entry[1] == 1000 and probes.devices == [3]  # the Work is dropped for the event
+    assert entry[0].seq == 1 and entry[3] is False
+
+
+def test_retire_drops_the_completed_prefix_and_pools_its_events(probes):
+    in_flight = InFlight(FakeWatch(), events=True, device=0)
+    for seq in (1, 2, 3):
+        in_flight.wait(FakeWork(), _record(seq))
+    handles = [entry[1] for entry in in_flight.entries]
+    entries = list(in_flight.entries)
+    probes.done[handles[0]] = probes.done[handles[2]] = True  # the 3rd done, the 2nd not yet
+    in_flight.retire()
+    assert [e[0].seq for e in in_flight.entries] == [2, 3]
+    assert entries[0][3] and not entries[1][3] and not entries[2][3]
+    assert probes.pool == [handles[0]]
+    probes.done[handles[1]] = True
+    in_flight.retire()
+    assert not in_flight.entries and all(e[3] for e in entries)
+    in_flight.wait(FakeWork(), _record(4))  # a pooled event is reused
+    assert in_flight.entries[0][1] in handles
+
+
+def test_a_work_still_waited_for_is_retired_by_its_own_completion(probes):
+    # On NCCL the newest entry holds its Work while the main thread is in the wait (a
+    # barrier); other backends' entries always do.
+    in_flight = InFlight(FakeWatch(), events=False, device=None)
+    works = [FakeWork(), FakeWork()]
+    for seq, work in enumerate(works, 1):
+        in_flight.wait(work, _record(seq))
+    works[1].finished = True
+    in_flight.retire()
+    assert len(in_flight.entries) == 2  # in order: the first has not completed
+    works[0].finished = True
+    in_flight.retire()
+    assert not in_flight.entries
+
+
+def test_retirement_is_per_entry_not_by_sequence_number(probes):
+    # Handles are waited in another order than issued (a prefetch waited late): #12 retired
+    # says nothing of #11.
+    in_flight = InFlight(FakeWatch(), events=True, device=0)
+    in_flight.wait(FakeWork(), _record(12))
+    in_flight.wait(FakeWork(), _record(11))
+    first, second = list(in_flight.entries)
+    probes.done[first[1]] = True
+    in_flight.retire()
+    with pytest.raises(RuntimeError, match="timed out"):
+        _Retirement(second).wait(timedelta(seconds=0.1))
+    assert _Retirement(first).wait(timedelta(seconds=0.1))
+
+
+def test_a_diagnosis_starts_after_the_stall_timeout_once_and_again_after_another(probes):
+    watch = FakeWatch(timeout=0.3)
+    in_flight = InFlight(watch, events=True, device=0)
+    in_flight.wait(FakeWork(), _record(5))
+    in_flight.check()
+    assert not watch.diagnoses  # younger than the timeout
+    in_flight.entries[0][2] -= 0.5
+    in_flight.check()
+    in_flight.check()  # one at a time
+    deadline = time.monotonic() + 5
+    while in_flight.diagnosis_ident is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [seq for seq, _ in watch.diagnoses] == [5]
+    assert watch.diagnoses[0][1] == in_flight.entries[0][2]  # since the wait began
+    in_flight.check()  # found only slow: not again before another timeout
+    assert len(watch.diagnoses) == 1
+    in_flight.next_diagnosis = 0.0
+    in_flight.check()
+    while in_flight.diagnosis_ident is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(watch.diagnoses) == 2
+    watch.abort_report = "reported"  # after a report nothing more is diagnosed
+    in_flight.next_diagnosis = 0.0
+    in_flight.check()
+    assert in_flight.diagnosis_ident is None and len(watch.diagnoses) == 2
