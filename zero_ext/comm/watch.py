@@ -221,8 +221,12 @@ class CollectiveWatch:
         self._interrupt_pending = False
         self._raised = False            # the main thread raised this group's abort already
         # Unbounded backends (NCCL): the collectives in flight, bounded by the heartbeat thread
-        # (comm/watch_inflight.py); probes are CUDA events on NCCL, else the Work.
-        nccl = "nccl" in dist.get_backend(group) and torch.cuda.is_available()
+        # (comm/watch_inflight.py); probes are CUDA events on NCCL, else the Work (also where
+        # the extension was built without CUDA: its first CUDA op will say so).
+        from zero_ext import _C
+
+        nccl = ("nccl" in dist.get_backend(group) and torch.cuda.is_available()
+                and _C.cuda_archs_built() is not None)
         self.in_flight = InFlight(self, events=nccl,
                                   device=torch.cuda.current_device() if nccl else None)
         self._stop = threading.Event()
