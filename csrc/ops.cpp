@@ -10,6 +10,8 @@
 #include <exception>
 #include <vector>
 
+#include <c10/util/Exception.h>
+
 #include "csrc/cpu_isa.h"
 #include "csrc/probes.h"
 
@@ -187,6 +189,8 @@ bool without_gil(Fn fn) {
   if (!error) return true;
   try {
     std::rethrow_exception(error);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
   } catch (...) {

@@ -11,7 +11,8 @@
 
 namespace zero_ext {
 
-// Records a probe on `device`'s current stream of the calling thread; returns its handle.
+// Records a probe on `device`'s current stream of the calling thread; returns its handle, or 0
+// (no probe) while that stream is being captured into a CUDA graph.
 std::uintptr_t record_probe(int device);
 
 // How many of `handles` (probes of `device`, oldest first) have completed, counting up to the

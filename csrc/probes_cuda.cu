@@ -17,14 +17,21 @@ std::mutex pool_mutex;
 std::unordered_map<int, std::vector<cudaEvent_t>> pools;  // per device: events free for reuse
 
 void check(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "zero_ext: stall-watch probe: ", what, " failed: ",
-              cudaGetErrorString(err));
+  if (err == cudaSuccess) return;
+  (void)cudaGetLastError();  // reported here: not left for the next kernel launch's check
+  TORCH_CHECK(false, "zero_ext: stall-watch probe: ", what, " failed: ", cudaGetErrorString(err));
 }
 
 }  // namespace
 
 std::uintptr_t record_probe(int device) {
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaStream_t stream =
+      c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+  // An event recorded into a CUDA graph being captured could never be queried: no probe.
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(stream, &capturing), "capture status");
+  if (capturing != cudaStreamCaptureStatusNone) return 0;
   cudaEvent_t event = nullptr;
   {
     std::lock_guard<std::mutex> lock(pool_mutex);
@@ -35,8 +42,7 @@ std::uintptr_t record_probe(int device) {
     }
   }
   if (event == nullptr) check(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "create");
-  const cudaError_t err = cudaEventRecord(
-      event, c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream());
+  const cudaError_t err = cudaEventRecord(event, stream);
   if (err != cudaSuccess) {
     cudaEventDestroy(event);
     check(err, "record");

@@ -61,6 +61,10 @@ class FakeWatch:
     def __init__(self, timeout: float = 10.0):
         self.timeout, self.abort_report, self.diagnoses = timeout, None, []
         self.diagnosis = self
+        self.errors: list[Exception] = []
+
+    def _heartbeat_error(self, error: Exception) -> None:
+        self.errors.append(error)
 
     def diagnose(self, record, work, since=None):  # as StallDiagnosis.diagnose: slow
         self.diagnoses.append((record.seq, since))
@@ -107,9 +111,67 @@ def test_retire_drops_the_completed_prefix_and_pools_its_events(probes):
     assert in_flight.entries[0][1] in handles
 
 
+def test_every_completed_entry_is_retired_however_many_came_in_one_period(probes):
+    in_flight = InFlight(FakeWatch(), events=True, device=0)
+    for seq in range(1, 1001):  # stage 3 issues hundreds of collectives a second
+        in_flight.wait(FakeWork(), _record(seq))
+    for handle in probes.done:
+        probes.done[handle] = True
+    in_flight.retire()
+    assert not in_flight.entries and len(probes.pool) == 1000
+
+
+def test_on_nccl_an_entry_still_holding_its_work_waits_for_its_event(probes):
+    # The main thread is in the entry's wait (a barrier blocks the host): whatever the Work
+    # says, the entry stays until its event is recorded and completes, so the event recorded
+    # then cannot be left outside the pool, nor a probe be read half replaced.
+    in_flight = InFlight(FakeWatch(), events=True, device=0)
+    in_flight.wait(FakeWork(), _record(1))
+    work = FakeWork()
+    work.finished = True
+    entry = [_record(2), work, time.monotonic(), False]
+    in_flight.entries.append(entry)
+    probes.done[in_flight.entries[0][1]] = True
+    in_flight.retire()
+    assert list(in_flight.entries) == [entry] and not entry[3]
+    entry[1] = probes.record(0)
+    probes.done[entry[1]] = True
+    in_flight.retire()
+    assert not in_flight.entries and entry[3] and probes.pool == [entry[1]]  # reused, once
+
+
+def test_an_entry_without_a_probe_is_not_waited_for(probes, monkeypatch):
+    # Recorded inside a CUDA graph capture the C++ gives no probe (0): nothing to watch.
+    monkeypatch.setattr(zero_ext._C, "cuda_probe_record", lambda device: 0, raising=False)
+    in_flight = InFlight(FakeWatch(), events=True, device=0)
+    in_flight.wait(FakeWork(), _record(1))
+    assert in_flight.entries[0][1] is None
+    in_flight.retire()
+    assert not in_flight.entries
+
+
+def test_a_failing_probe_query_is_reported_and_the_stall_check_goes_on(probes, monkeypatch):
+    watch = FakeWatch(timeout=0.2)
+    in_flight = InFlight(watch, events=True, device=0)
+    in_flight.wait(FakeWork(), _record(7))
+
+    def failing(device, handles):
+        raise RuntimeError("zero_ext: stall-watch probe: query failed: an illegal access")
+
+    monkeypatch.setattr(zero_ext._C, "cuda_probes_completed", failing, raising=False)
+    in_flight.entries[0][2] -= 1.0
+    in_flight.check()
+    deadline = time.monotonic() + 5
+    while in_flight.diagnosis_ident is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [str(e) for e in watch.errors] == [
+        "zero_ext: stall-watch probe: query failed: an illegal access"]
+    assert [seq for seq, _ in watch.diagnoses] == [7]
+    assert len(in_flight.entries) == 1 and probes.pool == []
+
+
 def test_a_work_still_waited_for_is_retired_by_its_own_completion(probes):
-    # On NCCL the newest entry holds its Work while the main thread is in the wait (a
-    # barrier); other backends' entries always do.
+    # Other backends' entries hold their Work (no event).
     in_flight = InFlight(FakeWatch(), events=False, device=None)
     works = [FakeWork(), FakeWork()]
     for seq, work in enumerate(works, 1):

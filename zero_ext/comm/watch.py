@@ -329,8 +329,10 @@ class CollectiveWatch:
             kind, where = _where(frame)
             since = self.last_done
         recent = [(r.seq, r.fingerprint, r.describe()) for r in list(self.ring)[-_RECENT:]]
-        seq = self.seq
-        return {"beat": self._beat, "host": self.nodes.host, "seq": seq, "completed": self.completed,
+        seq, completed = self.seq, self.completed
+        if not self.bounded:  # waited for is not completed: not past the oldest in flight
+            completed = min(completed, self.in_flight.oldest_seq() - 1)
+        return {"beat": self._beat, "host": self.nodes.host, "seq": seq, "completed": completed,
                 "chain": [seq, self.chains[seq % _CHAIN_WINDOW]], "kind": kind,
                 "where": where, "for_s": round(now - since, 1), "recent": recent,
                 "now": now, "cpu": self._main_cpu_s(),

@@ -222,6 +222,9 @@ class StallDiagnosis:
             elif state["kind"] == "zero_ext":
                 doing = (f"busy inside zero_ext ({state['where']}), not in a collective, for "
                          f"{state['for_s']} s; last collective {last}")
+            elif state.get("in_flight"):  # its main thread may be in a CUDA synchronize
+                doing = (f"in user code at {state['where']} for {state['for_s']} s since its "
+                         f"last collective {last}")
             else:
                 doing = (f"in user code at {state['where']} for {state['for_s']} s since its "
                          f"last collective {last}, its main thread idle (not using CPU)")

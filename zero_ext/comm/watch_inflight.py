@@ -18,7 +18,6 @@ stderr and status 1, as NCCL's watchdog would end it after the process group's t
 from __future__ import annotations
 
 import collections
-import itertools
 import os
 import sys
 import threading
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["EXIT_GRACE_S", "InFlight"]
 
 EXIT_GRACE_S = 5.0   # after a stall report: the main thread's time to raise it
-_QUERY_AT_ONCE = 256  # probes queried per heartbeat at most (the oldest ones)
 
 
 class InFlight:
@@ -44,6 +42,8 @@ class InFlight:
         self.events, self.device = events, device
         # [record, probe, since, retired], oldest first: the main thread appends, the
         # heartbeat thread pops from the left (a deque does both safely) and marks retired.
+        # The probe: a Work (while its wait runs, or on other backends), then on NCCL an event
+        # handle, or None where none could be recorded (inside a CUDA graph capture).
         self.entries: collections.deque[list] = collections.deque()
         self.diagnosis_ident: int | None = None  # the diagnosis thread while one runs
         self.next_diagnosis = 0.0
@@ -58,9 +58,16 @@ class InFlight:
         if self.events:  # the Work would keep the collective's tensors alive until retired
             from zero_ext import _C
 
-            entry[1] = _C.cuda_probe_record(self.device)
+            entry[1] = _C.cuda_probe_record(self.device) or None
 
     # -- the heartbeat thread ------------------------------------------------------------------
+    def oldest_seq(self) -> int:
+        """The sequence number of the oldest collective in flight (a large one when none)."""
+        try:
+            return self.entries[0][0].seq
+        except IndexError:
+            return 1 << 62
+
     def oldest(self, min_age: float) -> list | None:
         """[sequence number, seconds] of the oldest collective in flight for at least min_age
         seconds, for the heartbeat; None when there is none."""
@@ -73,27 +80,40 @@ class InFlight:
 
     def retire(self) -> None:
         """Drops the entries that completed, oldest first, up to the first that has not."""
-        entries = list(itertools.islice(self.entries, _QUERY_AT_ONCE))  # one step under the GIL
-        handles = [entry[1] for entry in itertools.takewhile(
-            lambda entry: isinstance(entry[1], int), entries)]
-        done = 0
-        if handles:
-            from zero_ext import _C
+        from zero_ext import _C
 
-            done = _C.cuda_probes_completed(self.device, handles)  # those go back to the pool
-        if done == len(handles):  # then Works: another backend's, or a wait under way
-            for entry in entries[done:]:
-                if isinstance(entry[1], int) or not entry[1].is_completed():
-                    break
-                done += 1
-        for _ in range(done):
+        probes = [entry[1] for entry in list(self.entries)]  # each read once; the list made
+        i = 0                                                # in one step under the GIL
+        while i < len(probes):
+            probe = probes[i]
+            if isinstance(probe, int):
+                end = i
+                while end < len(probes) and isinstance(probes[end], int):
+                    end += 1
+                counted = _C.cuda_probes_completed(self.device, probes[i:end])
+                self._drop(counted)  # their events are back in the pool: drop them at once
+                i += counted
+                if i < end:
+                    return
+            elif probe is None or (not self.events and probe.is_completed()):
+                self._drop(1)  # None: no probe (recorded inside a graph capture)
+                i += 1
+            else:  # not completed; on NCCL its wait is under way (the event comes next)
+                return
+
+    def _drop(self, count: int) -> None:
+        for _ in range(count):
             self.entries.popleft()[3] = True
 
     def check(self) -> None:
         """Each heartbeat: retires what completed; when the oldest entry has waited past the
-        stall timeout, diagnoses it on a thread of its own."""
-        self.retire()
+        stall timeout, diagnoses it on a thread of its own (a failed retirement, said once, does
+        not stop that)."""
         watch = self.watch
+        try:
+            self.retire()
+        except Exception as error:  # noqa: BLE001 - e.g. a CUDA error from a probe's query
+            watch._heartbeat_error(error)
         try:
             entry = self.entries[0]
         except IndexError:
