@@ -150,6 +150,20 @@ def test_an_entry_without_a_probe_is_not_waited_for(probes, monkeypatch):
     assert not in_flight.entries
 
 
+def test_a_wait_that_failed_leaves_nothing_to_wait_for(probes):
+    class FailingWork(FakeWork):
+        def wait(self):
+            raise RuntimeError("NCCL error: remote process exited")
+
+    in_flight = InFlight(FakeWatch(), events=True, device=0)
+    with pytest.raises(RuntimeError, match="NCCL error"):
+        in_flight.wait(FailingWork(), _record(1))
+    in_flight.wait(FakeWork(), _record(2))
+    probes.done[in_flight.entries[1][1]] = True
+    in_flight.retire()  # the failed one holds no Work that the later ones would wait behind
+    assert not in_flight.entries
+
+
 def test_a_failing_probe_query_is_reported_and_the_stall_check_goes_on(probes, monkeypatch):
     watch = FakeWatch(timeout=0.2)
     in_flight = InFlight(watch, events=True, device=0)

@@ -54,11 +54,17 @@ class InFlight:
     def wait(self, work, record: CollectiveRecord) -> None:
         entry = [record, work, time.monotonic(), False]
         self.entries.append(entry)  # before the wait: a barrier's blocks the host
-        work.wait()
-        if self.events:  # the Work would keep the collective's tensors alive until retired
-            from zero_ext import _C
+        try:
+            work.wait()
+            probe = work
+            if self.events:  # the Work would keep the collective's tensors alive until retired
+                from zero_ext import _C
 
-            entry[1] = _C.cuda_probe_record(self.device) or None
+                probe = _C.cuda_probe_record(self.device) or None
+        except BaseException:
+            entry[1] = None  # failed: nothing to wait for (the error is the caller's), and the
+            raise            # entries after it must not wait behind it
+        entry[1] = probe
 
     # -- the heartbeat thread ------------------------------------------------------------------
     def oldest_seq(self) -> int:
