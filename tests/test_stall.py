@@ -181,11 +181,11 @@ UNBOUNDED_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 
 @functools.cache
 def _unbounded() -> dict[str, dict]:
-    """tests/unbounded_watch_cases.py's four scenarios in one process (~35 s), on gloo with the
+    """tests/unbounded_watch_cases.py's five scenarios in one process (~55 s), on gloo with the
     watch on NCCL's path; ZERO_EXT_TEST_UNBOUNDED_BACKEND=nccl runs them over NCCL (a GPU)."""
     backend = os.environ.get("ZERO_EXT_TEST_UNBOUNDED_BACKEND", "gloo")
     run = subprocess.run([sys.executable, UNBOUNDED_SCRIPT, "--backend", backend, "blocked",
-                          "host_free", "frozen", "busy"],
+                          "host_free", "sigterm", "frozen", "busy"],
                          capture_output=True, text=True, timeout=400, check=True)
     results = [json.loads(line) for line in run.stdout.strip().splitlines()]
     return {r["scenario"]: r for r in results}
@@ -227,6 +227,17 @@ def test_unbounded_backend_a_rank_free_on_the_host_raises_the_report():
     assert _report(rank0) == _report(rank1)
     assert "rank(s) 1 on" in _report(rank0) and "did not arrive" in _report(rank0)
     assert all(s is not None and s < 30 for s in result["seconds"]), result
+
+
+def test_unbounded_backend_sigterm_names_the_collective_in_flight():
+    # torchrun ends a node's workers with SIGTERM when one failed: a rank whose collective is
+    # in flight says so instead of dying silently.
+    result = _unbounded()["sigterm"]
+    rank0 = result["stderr"][0]
+    assert result["exits"][0] == 1, result
+    assert re.search(r"RAISED: zero_ext: rank 0 on \S+ waited [\d.]+ s in collective #\d+ "
+                     r"all_reduce\(8 x float32\) issued by a direct zero_ext.comm call when it "
+                     r"was sent SIGTERM", rank0), rank0[-3000:]
 
 
 def test_unbounded_backend_a_frozen_rank_is_named_and_the_waiting_rank_ends():

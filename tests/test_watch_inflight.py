@@ -237,3 +237,21 @@ def test_a_diagnosis_starts_after_the_stall_timeout_once_and_again_after_another
     in_flight.next_diagnosis = 0.0
     in_flight.check()
     assert in_flight.diagnosis_ident is None and len(watch.diagnoses) == 2
+
+
+def test_unfinished_names_the_oldest_collective_known_not_to_have_completed(probes):
+    # For SIGTERM's report, from the main thread: nothing is retired or queried there.
+    in_flight = InFlight(FakeWatch(), events=False, device=None)
+    done, open_ = FakeWork(), FakeWork()
+    done.finished = True
+    in_flight.wait(done, _record(1))
+    in_flight.wait(open_, _record(2))
+    assert in_flight.unfinished(1.0)[0].seq == 2  # a Work says whether it completed
+    open_.finished = True
+    assert in_flight.unfinished(1.0) is None
+    events = InFlight(FakeWatch(), events=True, device=0)
+    events.wait(FakeWork(), _record(3))
+    assert events.unfinished(1.0) is None  # an event: only once listed for min_age
+    events.entries[0][2] -= 1.5
+    record, since = events.unfinished(1.0)
+    assert record.seq == 3 and since == events.entries[0][2]

@@ -16,6 +16,9 @@ Scenarios:
              stays, as NCCL would not see it gone).
   host_free  rank 0's wait for an all-reduce returns at once, as NCCL's does, and rank 0
              goes on into its own code: both ranks raise the same report.
+  sigterm    as host_free, but rank 0 is sent SIGTERM (torchrun's, when a peer failed) 0.9 s
+             later, before the stall timeout: it raises that it was waiting in its collective
+             in flight; rank 1 is then killed here.
   frozen     rank 1 stops itself (SIGSTOP): rank 0 names it as stopped and ends.
   busy       rank 1 computes in its own code for 4 stall timeouts before the step: progress,
              not a stall; both ranks finish the step and print PROGRESS_CHECKS <diagnoses
@@ -89,10 +92,13 @@ def _rank_main(scenario: str, rank: int) -> None:
             print(f"RAISED: {error}", file=sys.stderr, flush=True)
             time.sleep(JOB_TIMEOUT_S)
         return
-    if scenario == "host_free":  # the wait returns at once, as NCCL's does
+    if scenario in ("host_free", "sigterm"):  # the wait returns at once, as NCCL's does
         watch.in_flight.wait = lambda work, record: watch.in_flight.entries.append(
             [record, work, time.monotonic(), False])
         comm.all_reduce(torch.ones(8, device=engine.device))  # rank 1 never joins
+        if scenario == "sigterm":  # what torchrun sends when a peer failed, here before the
+            time.sleep(0.6 * STALL_TIMEOUT_S)  # stall timeout (an event counts as in flight
+            os.kill(os.getpid(), signal.SIGTERM)  # after 2 heartbeat periods: 0.75 s)
         _idle(JOB_TIMEOUT_S)
         return
     engine.step()
@@ -145,7 +151,7 @@ def run(scenario: str) -> dict:
                     seconds[r] = round(time.monotonic() - started, 1)
         # Frozen, or kept alive (7 s more, past the grace of an exit it must not take):
         # nothing else ends rank 1.
-        if (scenario in ("frozen", "blocked") and 0 in codes and 1 not in codes
+        if (scenario in ("frozen", "blocked", "sigterm") and 0 in codes and 1 not in codes
                 and time.monotonic() > started + seconds[0] + (7 if scenario == "blocked" else 0)):
             os.kill(pids[1], signal.SIGKILL)
         if time.monotonic() > deadline:  # a hang is reported as "timeout"

@@ -299,13 +299,15 @@ class StallDiagnosis:
 
     def terminate_report(self) -> str | None:
         """What this rank raises on SIGTERM from its launcher: the group's abort report, else,
-        waiting in a collective, that the store is unreachable or that it was waiting; None
-        when it knows of no stall (see watch._on_terminate)."""
+        waiting in a collective (under NCCL: with one in flight), that the store is unreachable
+        or that it was waiting; None when it knows of no stall (see watch._on_terminate)."""
         watch = self.watch
-        report, record = watch.abort_report, watch.waiting
+        report, record, since = watch.abort_report, watch.waiting, watch.waiting_since
+        if record is None and not watch.bounded:  # NCCL: the oldest collective in flight
+            record, since = watch.in_flight.unfinished(2 * watch.period) or (None, since)
         doing = "" if record is None else (
-            f"{self.waiting_text(record)} when it was sent SIGTERM (by its launcher: torchrun "
-            "ends a node's workers when one failed or when it lost its store)")
+            f"{self.waiting_text(record, since)} when it was sent SIGTERM (by its launcher: "
+            "torchrun ends a node's workers when one failed or when it lost its store)")
         if report is None and record is not None and watch.store.unreachable_for() > 0:
             report = self.unreachable_report(doing)
         if report is None and watch.store.unreachable_for() == 0:

@@ -84,6 +84,18 @@ class InFlight:
         age = time.monotonic() - since
         return [record.seq, round(age, 1)] if age >= min_age else None
 
+    def unfinished(self, min_age: float) -> tuple[CollectiveRecord, float] | None:
+        """(record, since) of the oldest collective known not to have completed, from any
+        thread (without retiring anything): a Work that says so, or an event listed for at
+        least min_age (the heartbeat retires completed events each period); None if none."""
+        now = time.monotonic()
+        for record, probe, since, _ in list(self.entries):
+            if isinstance(probe, int):
+                return (record, since) if now - since >= min_age else None
+            if probe is not None and not probe.is_completed():
+                return record, since
+        return None
+
     def retire(self) -> None:
         """Drops the entries that completed, oldest first, up to the first that has not."""
         from zero_ext import _C
