@@ -32,6 +32,11 @@ def _gpu_check(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[tuple
     return result, [(name, status, int(seconds)) for name, status, seconds in table]
 
 
+def _planned(table) -> dict[str, int]:
+    """The steps a dry run's table plans, with their timeouts."""
+    return {name: seconds for name, status, seconds in table if status == "planned"}
+
+
 def test_gpu_check_parses_and_its_worst_case_fits_the_deadline(tmp_path):
     subprocess.run(["bash", "-n", SCRIPT], check=True)
     # The first call, with the extension gpu_prebuild.sh built (its record matches): every
@@ -46,7 +51,7 @@ def test_gpu_check_parses_and_its_worst_case_fits_the_deadline(tmp_path):
     # Building there instead (no extension, or one that does not match or load) costs up to
     # 165 s: the two benchmarks on the time left are then left to the rerun.
     result, table = _gpu_check(tmp_path / "building")
-    planned = {name: seconds for name, status, seconds in table if status == "planned"}
+    planned = _planned(table)
     assert list(planned) == STEPS[:-2] and planned["build"] == 165, table
     assert sum(planned.values()) <= 480, table
     # The summary comes last (the device tool returns only the output's last 12,000
@@ -70,25 +75,20 @@ def test_gpu_check_skips_what_the_deadline_leaves_no_room_for_and_reruns_a_selec
     # A rerun with the extension the first run brought back: the build step only puts it in
     # place (selected whether named or not), leaving the budget to the steps named.
     prebuilt = _prebuilt(tmp_path)
-    result, table = _gpu_check(tmp_path / "prebuilt", GPU_CHECK_ONLY="nccl_parity",
-                               GPU_CHECK_PREBUILT=prebuilt, GPU_CHECK_BUDGET="170")
-    planned = {name: seconds for name, s, seconds in table if s == "planned"}
-    assert planned == {"build": 10, "nccl_parity": 55}, table
-    # Issue 15's rows run only when named, in a call of their own.
-    result, table = _gpu_check(tmp_path / "offload", GPU_CHECK_ONLY="offload_b16,offload_13b",
-                               GPU_CHECK_PREBUILT=prebuilt, GPU_CHECK_BUDGET="560")
-    planned = {name: seconds for name, s, seconds in table if s == "planned"}
-    assert planned == {"build": 10, "offload_b16": 250, "offload_13b": 160}, table
-    assert "--model 13b --batch 8 --ratio 0.6" in result.stdout
-    result, table = _gpu_check(tmp_path / "deepspeed", GPU_CHECK_ONLY="offload_ds",
-                               GPU_CHECK_PREBUILT=prebuilt, GPU_CHECK_BUDGET="560")
-    planned = {name: seconds for name, s, seconds in table if s == "planned"}
-    assert planned == {"build": 10, "offload_ds": 300}, table
-    result, table = _gpu_check(tmp_path / "stall", GPU_CHECK_ONLY="nccl_stall",
-                               GPU_CHECK_PREBUILT=prebuilt, GPU_CHECK_BUDGET="170")
-    planned = {name: seconds for name, s, seconds in table if s == "planned"}
-    assert planned == {"build": 10, "nccl_stall": 90}, table
-    assert "ZERO_EXT_TEST_UNBOUNDED_BACKEND=nccl" in result.stdout
+    # (folder, GPU_CHECK_ONLY, budget, the steps planned, a line of the command shown): the
+    # rerun; issue 15's rows and the stall watch over NCCL, run only when named.
+    for folder, only, budget, planned, shown in (
+            ("prebuilt", "nccl_parity", "170", {"build": 10, "nccl_parity": 55}, ""),
+            ("offload", "offload_b16,offload_13b", "560",
+             {"build": 10, "offload_b16": 250, "offload_13b": 160},
+             "--model 13b --batch 8 --ratio 0.6"),
+            ("deepspeed", "offload_ds", "560", {"build": 10, "offload_ds": 300}, ""),
+            ("stall", "nccl_stall", "170", {"build": 10, "nccl_stall": 90},
+             "ZERO_EXT_TEST_UNBOUNDED_BACKEND=nccl")):
+        result, table = _gpu_check(tmp_path / folder, GPU_CHECK_ONLY=only,
+                                   GPU_CHECK_PREBUILT=prebuilt, GPU_CHECK_BUDGET=budget)
+        assert _planned(table) == planned, table
+        assert shown in result.stdout
     result, table = _gpu_check(tmp_path / "default")
     assert not [name for name, _, _ in table if name.startswith("offload_")
                 or name == "nccl_stall"], table
@@ -127,7 +127,7 @@ def test_gpu_check_builds_instead_of_using_an_extension_built_from_other_sources
         if changes is None:
             os.remove(f"{prebuilt}.json")
         result, table = _gpu_check(tmp_path / folder / "out", GPU_CHECK_PREBUILT=prebuilt, **one)
-        planned = {name: seconds for name, s, seconds in table if s == "planned"}
+        planned = _planned(table)
         assert planned == {"build": 165, "nccl_parity": 55}, (folder, table)
         assert f"not using {prebuilt}: the extension does not match" in result.stdout, folder
         assert why in result.stdout, (folder, result.stdout)

@@ -129,8 +129,7 @@ def test_on_nccl_an_entry_still_holding_its_work_waits_for_its_event(probes):
     in_flight.wait(FakeWork(), _record(1))
     work = FakeWork()
     work.finished = True
-    entry = [_record(2), work, time.monotonic(), False]
-    in_flight.entries.append(entry)
+    entry = in_flight.add(_record(2), work)
     probes.done[in_flight.entries[0][1]] = True
     in_flight.retire()
     assert list(in_flight.entries) == [entry] and not entry[3]

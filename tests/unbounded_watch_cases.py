@@ -93,8 +93,7 @@ def _rank_main(scenario: str, rank: int) -> None:
             time.sleep(JOB_TIMEOUT_S)
         return
     if scenario in ("host_free", "sigterm"):  # the wait returns at once, as NCCL's does
-        watch.in_flight.wait = lambda work, record: watch.in_flight.entries.append(
-            [record, work, time.monotonic(), False])
+        watch.in_flight.wait = lambda work, record: watch.in_flight.add(record, work)
         comm.all_reduce(torch.ones(8, device=engine.device))  # rank 1 never joins
         if scenario == "sigterm":  # what torchrun sends when a peer failed, here before the
             time.sleep(0.6 * STALL_TIMEOUT_S)  # stall timeout (an event counts as in flight

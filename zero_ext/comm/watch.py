@@ -330,13 +330,14 @@ class CollectiveWatch:
             since = self.last_done
         recent = [(r.seq, r.fingerprint, r.describe()) for r in list(self.ring)[-_RECENT:]]
         seq, completed = self.seq, self.completed
-        if not self.bounded:  # waited for is not completed: not past the oldest in flight
-            completed = min(completed, self.in_flight.oldest_seq() - 1)
+        oldest = None if self.bounded else self.in_flight.oldest(0.0)  # [seq, seconds]
+        if oldest is not None:  # waited for is not completed: not past the oldest in flight
+            completed = min(completed, oldest[0] - 1)
         return {"beat": self._beat, "host": self.nodes.host, "seq": seq, "completed": completed,
                 "chain": [seq, self.chains[seq % _CHAIN_WINDOW]], "kind": kind,
                 "where": where, "for_s": round(now - since, 1), "recent": recent,
                 "now": now, "cpu": self._main_cpu_s(),
-                "in_flight": None if self.bounded else self.in_flight.oldest(self.period)}
+                "in_flight": oldest if oldest is not None and oldest[1] >= self.period else None}
 
     def _main_cpu_s(self) -> float:
         """CPU seconds the main thread has used: a rank in its own code that keeps using CPU

@@ -51,9 +51,14 @@ class InFlight:
         self._exit_armed = False
 
     # -- the main thread -----------------------------------------------------------------------
+    def add(self, record: CollectiveRecord, probe) -> list:
+        """Lists `record` as in flight from now, with `probe`; returns its entry."""
+        entry = [record, probe, time.monotonic(), False]
+        self.entries.append(entry)
+        return entry
+
     def wait(self, work, record: CollectiveRecord) -> None:
-        entry = [record, work, time.monotonic(), False]
-        self.entries.append(entry)  # before the wait: a barrier's blocks the host
+        entry = self.add(record, work)  # before the wait: a barrier's blocks the host
         try:
             work.wait()
             probe = work
@@ -67,13 +72,6 @@ class InFlight:
         entry[1] = probe
 
     # -- the heartbeat thread ------------------------------------------------------------------
-    def oldest_seq(self) -> int:
-        """The sequence number of the oldest collective in flight (a large one when none)."""
-        try:
-            return self.entries[0][0].seq
-        except IndexError:
-            return 1 << 62
-
     def oldest(self, min_age: float) -> list | None:
         """[sequence number, seconds] of the oldest collective in flight for at least min_age
         seconds, for the heartbeat; None when there is none."""
