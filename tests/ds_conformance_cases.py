@@ -61,6 +61,7 @@ def load_all_cases() -> None:
     """Imports the case modules, which register their cases (world size 0: no process group,
     run in the calling process)."""
     import ds_conformance_cases_context  # noqa: F401
+    import ds_conformance_cases_fragment  # noqa: F401
     import ds_conformance_cases_precision  # noqa: F401
     import ds_conformance_cases_single  # noqa: F401
     import ds_conformance_cases_state  # noqa: F401
@@ -215,6 +216,20 @@ def train_reference(model: nn.Module, optimizer: torch.optim.Optimizer, steps: i
         if scheduler is not None:
             scheduler.step()
     return norms
+
+
+def build_engine(config: dict, seed: int, factory: Callable[[], nn.Module] = SimpleModel):
+    """The model built from `seed` (under zero_ext.Init at stage 3), initialized with
+    DeepSpeed's arguments; the engine."""
+    torch.manual_seed(seed)
+    if config.get("zero_optimization", {}).get("stage") == 3:
+        with zero_ext.Init(config=config):
+            model = factory()
+    else:
+        model = factory()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config,
+                                          model_parameters=list(model.parameters()))
+    return engine
 
 
 def full_params(engine) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from ds_conformance_cases import (
     SimpleModel,
     assert_params_close,
     batch,
+    build_engine,
     case,
     ds_adam,
     ds_clip,
@@ -65,30 +66,18 @@ def _dtype(config: dict):
     return torch.float16 if config.get("fp16", {}).get("enabled") else torch.float32
 
 
-def _build(config: dict, seed: int, factory=SimpleModel):
-    torch.manual_seed(seed)
-    if config.get("zero_optimization", {}).get("stage") == 3:
-        with zero_ext.Init(config=config):
-            model = factory()
-    else:
-        model = factory()
-    engine, _, _, _ = zero_ext.initialize(model=model, config=config,
-                                          model_parameters=list(model.parameters()))
-    return engine
-
-
 def round_trip(tmp: str, config: dict, *, tag="1", load_config: dict | None = None,
                factory=SimpleModel, **load_args) -> dict:
     """DeepSpeed's checkpoint_correctness_verification from the outside: engine A trains STEPS
     steps and saves; engine B (other initial weights) loads; both then train MORE steps on the
     same batches. Collective; returns what each side saw."""
     dtype = _dtype(config)
-    a = _build(config, seed=1, factory=factory)
+    a = build_engine(config, seed=1, factory=factory)
     train_engine(a, STEPS, dtype=dtype)
     saved = {"params": full_params(a), "global_steps": a.global_steps,
              "skipped_steps": a.skipped_steps, "lr": a.get_lr(), "scale": _scale(a)}
     a.save_checkpoint(os.path.join(tmp, "saved"), tag=tag)
-    b = _build(load_config or config, seed=2, factory=factory)
+    b = build_engine(load_config or config, seed=2, factory=factory)
     fresh = {"params": full_params(b), "lr": b.get_lr()}
     result = b.load_checkpoint(os.path.join(tmp, "saved"), tag=tag, **load_args)
     loaded = {"params": full_params(b), "global_steps": b.global_steps,
@@ -191,7 +180,7 @@ def existing_latest(tmp):
 def missing_latest(tmp):
     # No checkpoint in the directory: DeepSpeed warns and returns (None, None); the script
     # starts fresh.
-    engine = _build({"train_batch_size": 2 * world(), "zero_optimization": {"stage": 0},
+    engine = build_engine({"train_batch_size": 2 * world(), "zero_optimization": {"stage": 0},
                      "optimizer": {"type": "Adam",
                                    "params": {"lr": 0.00015, "weight_decay": 0.0}}}, seed=1)
     before = full_params(engine)
@@ -281,7 +270,7 @@ def _elastic_config(stage):
 for _stage in (2, 3):
     @case(ELASTIC + f"test_elastic_checkpoint_change_dp[save-stage{_stage}]", stage=_stage)
     def elastic_save(tmp, stage):
-        engine = _build(_elastic_config(stage), seed=5)
+        engine = build_engine(_elastic_config(stage), seed=5)
         initial = full_params(engine)
         train_engine(engine, STEPS)
         trained = full_params(engine)
@@ -299,7 +288,7 @@ for _stage in (2, 3):
         # one uninterrupted single-process run (Adam state included) would.
         directory = elastic_dir(tmp, stage)
         saved = torch.load(os.path.join(directory, "reference.pt"), weights_only=True)
-        engine = _build(_elastic_config(stage), seed=6)
+        engine = build_engine(_elastic_config(stage), seed=6)
         engine.load_checkpoint(directory)
         loaded = full_params(engine)
         train_engine(engine, MORE, start=STEPS)
@@ -438,7 +427,7 @@ for _save_dir in ("None", "empty_string"):
           f"test_save_checkpoint_empty_dir[{_save_dir}]", save_dir=_save_dir)
     def save_checkpoint_empty_dir(tmp, save_dir):
         # DeepSpeed: ValueError; nothing may be written into the working directory.
-        engine = _build({"train_batch_size": 2 * world(), "zero_optimization": {"stage": 0}},
+        engine = build_engine({"train_batch_size": 2 * world(), "zero_optimization": {"stage": 0}},
                         seed=1)
         before = set(os.listdir("."))
         try:
@@ -465,7 +454,7 @@ for _stage in (0, 1, 2, 3):
     @case(EDGE + f"test_immediate_save_load[{_stage}]", stage=_stage)
     def immediate_save_load(tmp, stage):
         # A checkpoint of an engine that never stepped loads back into it unchanged.
-        engine = _build(_edge_config(stage), seed=1)
+        engine = build_engine(_edge_config(stage), seed=1)
         before = full_params(engine)
         engine.save_checkpoint(tmp)
         engine.load_checkpoint(tmp, load_optimizer_states=False,
@@ -479,15 +468,15 @@ for _stage in (0, 1, 2, 3):
         # Train one step and save; a fresh engine loads it and saves again at once (the same
         # default tag, global_step1): the second checkpoint holds the same weights.
         config = _edge_config(stage)
-        first = _build(config, seed=1)
+        first = build_engine(config, seed=1)
         train_engine(first, 1, dtype=torch.bfloat16)
         trained = full_params(first)
         first.save_checkpoint(tmp)
-        second = _build(config, seed=2)
+        second = build_engine(config, seed=2)
         second.load_checkpoint(tmp, load_optimizer_states=False,
                                load_lr_scheduler_states=False, load_module_only=False)
         second.save_checkpoint(tmp)
-        third = _build(config, seed=3)
+        third = build_engine(config, seed=3)
         third.load_checkpoint(tmp)
         reloaded = full_params(third)
         assert all(torch.equal(trained[n], reloaded[n]) for n in trained)
@@ -501,7 +490,7 @@ for _stage in (0, 1, 2, 3):
         config = {**_edge_config(stage), "train_batch_size": 2 * world(),
                   "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2}
         config["zero_optimization"]["stage3_gather_fp16_weights_on_model_save"] = True
-        engine = _build(config, seed=1)
+        engine = build_engine(config, seed=1)
         x, y = batch(0, 0, rank(), 1, torch.bfloat16)
         engine.backward(engine(x, y))
         engine.step()
@@ -561,7 +550,7 @@ for _stage in (1, 2):
         # parameters; without it, all of them (seen through zero_ext.consolidate).
         config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
                   "optimizer": {"type": "Adam"}}
-        engine = _build(config, seed=1, factory=SimpleFrozenModel)
+        engine = build_engine(config, seed=1, factory=SimpleFrozenModel)
         model = engine.module
         every = os.path.join(tmp, "all_params")
         trainable_only = os.path.join(tmp, "no_frozen_params")

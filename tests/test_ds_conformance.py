@@ -189,3 +189,8 @@ def test_every_ported_file_has_its_test():
         for test_id in table:
             ds_file = test_id.split("::")[0]
             assert ds_file.replace(".", "_") in here, test_id
+
+
+@_ported("test_zero_tensor_fragment.py")
+def test_zero_tensor_fragment_py(world_size, test_id):
+    _run(world_size, test_id)

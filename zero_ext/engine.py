@@ -33,6 +33,7 @@ from zero_ext import checkpointing, comm, elastic
 from zero_ext.checkpoint.registered import RegisteredStates
 from zero_ext.config import ZeroConfig
 from zero_ext.elastic_sampler import ElasticSampler
+from zero_ext.engine_accessors import DeepSpeedAccessors
 from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
 from zero_ext.zero import (
@@ -53,7 +54,7 @@ from zero_ext.zero.persistent import PersistentParameters
 __all__ = ["DynamicLossScaler", "ZeroEngine"]
 
 
-class ZeroEngine(nn.Module):
+class ZeroEngine(DeepSpeedAccessors, nn.Module):
     """The training engine for stages 0-3. Built by zero_ext.initialize()."""
 
     def __init__(self, model: nn.Module, config: ZeroConfig, param_groups: list[dict],
@@ -66,7 +67,10 @@ class ZeroEngine(nn.Module):
         self.stage = config.zero_optimization.stage
         self.module = model
         self.global_steps = self.micro_steps = self.skipped_steps = 0
-        self._window_ends_early = False  # set_gradient_accumulation_boundary
+        self._step_applied = False  # was_step_applied()
+        # set_gradient_accumulation_boundary's value while set (None: the count decides).
+        self._boundary_override: bool | None = None
+        self._window_micro = 0  # micro-steps of the current accumulation window so far
         self._global_grad_norm: float | None = None
         self._last_loss: torch.Tensor | None = None
         # engine.backward() calls since the last engine.step(): the engine expects exactly one.
@@ -263,20 +267,28 @@ class ZeroEngine(nn.Module):
         return self.__dict__.get("_compiled", False)
 
     def is_gradient_accumulation_boundary(self) -> bool:
-        return self._window_ends_early or \
-            (self.micro_steps + 1) % self.batch.gradient_accumulation_steps == 0
+        """Whether the next micro-step ends an accumulation window: the value given to
+        set_gradient_accumulation_boundary while one is set, else every
+        gradient_accumulation_steps micro-steps."""
+        if self._boundary_override is not None:
+            return self._boundary_override
+        return (self.micro_steps + 1) % self.batch.gradient_accumulation_steps == 0
 
-    def set_gradient_accumulation_boundary(self, is_boundary: bool = True) -> None:
-        """Ends the accumulation window at the next micro-step (DeepSpeed's name): its backward
-        reduces as the window's last and its step() steps; the next window starts afresh. For
-        a data loader whose last window is short (the Hugging Face Trainer at an epoch's end).
-        backward still divides by gradient_accumulation_steps: for a window of k micro-steps,
-        multiply the loss by gradient_accumulation_steps / k."""
-        self._window_ends_early = is_boundary
+    def set_gradient_accumulation_boundary(self, is_boundary: bool | None) -> None:
+        """From now on, whether each micro-step ends the accumulation window, as DeepSpeed's
+        engine: True makes the next backward reduce as the window's last and its step() step
+        (a data loader's short last window), False keeps the window open past
+        gradient_accumulation_steps; it holds until set again. None (zero_ext's) hands the
+        choice back to the count, windows starting again at multiples of
+        gradient_accumulation_steps. backward still divides by gradient_accumulation_steps
+        unless told scale_wrt_gas=False: for a window of k micro-steps, scale the loss."""
+        self._boundary_override = None if is_boundary is None else bool(is_boundary)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagates `loss` / gradient_accumulation_steps (times the fp16 loss scale) and
-        reduces gradients as buckets fill."""
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False,
+                 scale_wrt_gas: bool = True) -> None:
+        """Backpropagates `loss` / gradient_accumulation_steps (`loss` itself with
+        scale_wrt_gas False; times the fp16 loss scale) and reduces gradients as buckets fill.
+        DeepSpeed's signature."""
         if not isinstance(loss, torch.Tensor):
             raise TypeError(
                 f"zero_ext: engine.backward expects the loss tensor, got "
@@ -287,10 +299,12 @@ class ZeroEngine(nn.Module):
                              f"{tuple(loss.shape)}; reduce it (e.g. .mean()) first")
         self._settle_step()  # the step's gradient buffers are about to be reused
         self._last_loss = loss.detach()
-        scaled = loss.float() / self.batch.gradient_accumulation_steps
+        scaled = loss.float()
+        if scale_wrt_gas:
+            scaled = scaled / self.batch.gradient_accumulation_steps
         if self.loss_scaler is not None:
             scaled = scaled * self.loss_scaler.scale
-        micro_index = self.micro_steps % self.batch.gradient_accumulation_steps
+        micro_index = self._window_micro
         self.compression.begin_backward(
             self.global_steps, self.loss_scaler.scale if self.loss_scaler is not None else 1.0)
         if micro_index == 0 and self.compression.freezes_variance_at(self.global_steps):
@@ -299,7 +313,7 @@ class ZeroEngine(nn.Module):
             self.grad_buckets.begin_backward(self.is_gradient_accumulation_boundary(),
                                              micro_index)
             try:
-                scaled.backward()
+                scaled.backward(retain_graph=retain_graph)
             finally:
                 with self._timers.time("reduce"):
                     self.grad_buckets.end_backward()
@@ -312,10 +326,12 @@ class ZeroEngine(nn.Module):
             # skipped step(): the agreement rides on every boundary backward instead.
             self._agreement.agree(self.global_steps, self._backwards_since_step)
 
-    def step(self) -> None:
-        """At an accumulation boundary: global norm, overflow check, clip, AdamW, all-gather.
-        Between boundaries only counts the micro-step. Expects exactly one engine.backward()
-        since the last step() (one backward per micro-step, as DeepSpeed's engine does)."""
+    def step(self, lr_kwargs: dict | None = None) -> None:
+        """At an accumulation boundary: global norm, overflow check, clip, AdamW, all-gather,
+        then the LR schedule's step (given `lr_kwargs`, as DeepSpeed's engine passes them;
+        not after a skipped step). Between boundaries only counts the micro-step. Expects
+        exactly one engine.backward() since the last step() (one backward per micro-step, as
+        DeepSpeed's engine does)."""
         self._settle_step()
         boundary = self.is_gradient_accumulation_boundary()
         backwards, self._backwards_since_step = self._backwards_since_step, 0
@@ -324,16 +340,17 @@ class ZeroEngine(nn.Module):
             # every rank (two backwards per step(), PyTorch's accumulation style).
             raise RuntimeError(backward_count_error({self.rank: backwards}))
         self.micro_steps += 1
-        if boundary and self._window_ends_early:
+        self._window_micro = 0 if boundary else self._window_micro + 1
+        if boundary and self._boundary_override is not None:
             # Windows start at multiples of the accumulation steps (checkpoints rely on it).
             accumulation = self.batch.gradient_accumulation_steps
             self.micro_steps = -(-self.micro_steps // accumulation) * accumulation
-            self._window_ends_early = False
         self.monitor.micro_step()
+        self._step_applied = False
         if not boundary:
             return
         with self._timers.time("step"):
-            stepping.boundary_step(self, backwards)
+            self._step_applied = stepping.boundary_step(self, backwards, lr_kwargs)
         self.global_steps += 1
         reporting.after_step(self)  # the bar, every steps_per_print steps the report line
         if self._periodic_checkpoints is not None:

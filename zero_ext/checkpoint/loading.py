@@ -331,6 +331,7 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
     # Checkpoints are taken at window boundaries, so the next micro-step opens a window,
     # whatever the accumulation count was when the checkpoint was written.
     engine.micro_steps = counters["global_steps"] * engine.batch.gradient_accumulation_steps
+    engine._window_micro = 0
     engine.skipped_steps = counters["skipped_steps"]
     if engine.loss_scaler is not None and meta["loss_scaler"] is not None:
         engine.loss_scaler.load_state_dict(meta["loss_scaler"])

@@ -227,8 +227,9 @@ class Accelerator(_Accelerator):
             raise TypeError(f"{NAME}.backward: {sorted(kwargs)} are not supported; the engine "
                             "runs the backward of the loss alone")
         window_ends = self.sync_gradients
-        if window_ends and not engine.is_gradient_accumulation_boundary():
-            engine.set_gradient_accumulation_boundary()  # a data loader's short last window
+        short = window_ends and not engine.is_gradient_accumulation_boundary()
+        if short:
+            engine.set_gradient_accumulation_boundary(True)  # a data loader's short last window
         elif not window_ends and engine.is_gradient_accumulation_boundary():
             raise RuntimeError(
                 f"{NAME}: the engine's accumulation window ends at micro-step "
@@ -238,6 +239,8 @@ class Accelerator(_Accelerator):
         skipped = engine.skipped_steps
         engine.backward(loss)
         engine.step()
+        if short:
+            engine.set_gradient_accumulation_boundary(None)  # the count decides again
         if window_ends:
             self._engine_optimizer.last_step_skipped = engine.skipped_steps != skipped
             if self.log_with:  # collective, on every rank, at the same step

@@ -331,8 +331,9 @@ class ZeroStrategy(DDPStrategy):
         module = model if model is not None else self.lightning_module
         engine = self.engine
         automatic = module.automatic_optimization
-        if automatic and not engine.is_gradient_accumulation_boundary():
-            engine.set_gradient_accumulation_boundary()  # an epoch's short last window
+        short = automatic and not engine.is_gradient_accumulation_boundary()
+        if short:
+            engine.set_gradient_accumulation_boundary(True)  # an epoch's short last window
         self._stepping = True
         try:
             result = closure()
@@ -343,6 +344,8 @@ class ZeroStrategy(DDPStrategy):
             raise RuntimeError("zero_ext.integrations.lightning: training_step returned None; "
                                "every rank must run the same backward and step: return the loss")
         engine.step()
+        if short:
+            engine.set_gradient_accumulation_boundary(None)  # the count decides again
         self._log_engine_metrics(module)
         return result
 

@@ -212,8 +212,9 @@ class _ZeroTrainerMixin:
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         engine = self.engine
         boundary = self.accelerator.gradient_state.sync_gradients
-        if boundary and not engine.is_gradient_accumulation_boundary():
-            engine.set_gradient_accumulation_boundary()  # an epoch's short last window
+        short = boundary and not engine.is_gradient_accumulation_boundary()
+        if short:
+            engine.set_gradient_accumulation_boundary(True)  # an epoch's short last window
         elif not boundary and engine.is_gradient_accumulation_boundary():
             raise RuntimeError(
                 f"ZeroTrainer: the engine's accumulation window ends at micro-step "
@@ -238,6 +239,8 @@ class _ZeroTrainerMixin:
             return super().training_step(model, inputs, num_items_in_batch)
         finally:
             del accelerator.backward  # back to the class's method
+            if short:
+                engine.set_gradient_accumulation_boundary(None)  # the count decides again
 
     def _clip_grad_norm(self, model):
         # The engine clipped to gradient_clipping (= max_grad_norm) with the global norm over

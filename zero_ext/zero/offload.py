@@ -426,6 +426,15 @@ class OptimizerOffload:
         for index in range(len(self.shards)):
             self._wait_copy(index)
 
+    def host_grad(self, bucket: int) -> torch.Tensor | None:
+        """Bucket `bucket`'s reduced gradient on the host, its copy waited for, where the step
+        will read it; None for a bucket stepped on the device or not yet arrived."""
+        index = self._position.get(bucket)
+        if index is None or not self._arrived[index]:
+            return None
+        self._wait_copy(index)
+        return self.host_grads[index]
+
     # -- the CPU step and weights in ---------------------------------------------------------
     def step(self, inv_scale: torch.Tensor | None, defer: Collection[int] = ()) -> None:
         """Steps every shard, in bucket order, once the engine's all-rank decision allows it;

@@ -40,6 +40,15 @@ class ShardState:
         """What the step produces in the model's dtype (the copy source under offload)."""
         return self.weights_16bit if self.weights_16bit is not None else self.master
 
+    @torch.no_grad()
+    def write_model_weights(self, start: int = 0, end: int | None = None) -> None:
+        """The model's weights of elements [start, end) of this shard (all of it by default)
+        re-derived from the fp32 master weights, wherever either lives."""
+        if self.weights_16bit is not None:
+            self.weights_16bit[start:end].copy_(self.master[start:end])
+        if self.model_weights is not None:
+            self.model_weights[start:end].copy_(self.updated_weights[start:end])
+
 
 class ZeroOptimizer(torch.optim.Optimizer):
     """AdamW / Adam over the model-dtype slices of the buckets this rank updates (`weights`, in
@@ -126,10 +135,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         weights, wherever either lives; e.g. after loading masters from a checkpoint. Stages
         1-2 still need the engine's all-gather to spread the shards."""
         for shard in self.shards:
-            if shard.weights_16bit is not None:
-                shard.weights_16bit.copy_(shard.master)
-            if shard.model_weights is not None:
-                shard.model_weights.copy_(shard.updated_weights)
+            shard.write_model_weights()
 
     @torch.no_grad()
     def freeze_variance(self, compressed_momentum: bool = False) -> bool:

@@ -470,6 +470,11 @@ class PartitionedParameters:
         comm.broadcast(full, src=src)
         start, end = unit.layouts[i].shard_range(self.rank)
         unit.shards[i].copy_(full[start:end])
+        self.weights_changed(layout_index)
+
+    def weights_changed(self, layout_index: int) -> None:
+        """A unit bucket's shard was written outside a step: hpZ's secondary copy of it is
+        stale (the next backward's gather reads the shards again)."""
         if self.secondary is not None:
             self.secondary.invalidate(layout_index)
 

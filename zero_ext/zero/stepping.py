@@ -22,8 +22,10 @@ __all__ = ["boundary_step", "freeze_variance"]
 
 
 @torch.no_grad()
-def boundary_step(engine, backwards: int) -> None:
-    """`backwards`: engine.backward() calls since the last step (agreed on with the norm)."""
+def boundary_step(engine, backwards: int, lr_kwargs: dict | None = None) -> bool:
+    """`backwards`: engine.backward() calls since the last step (agreed on with the norm);
+    `lr_kwargs`: for the LR schedule's step. Whether the step was applied (False: skipped on a
+    non-finite gradient norm)."""
     if engine.offload is not None:
         try:  # the uploads are waited for even on an error
             if backwards:
@@ -37,12 +39,13 @@ def boundary_step(engine, backwards: int) -> None:
         stepped = _step_with(
             engine, engine.grad_buckets.reduced_grads() if backwards else None, backwards)
     if not stepped:
-        return
+        return False
     engine.compression.end_step()
     if engine.stage >= 1:
         engine._persistent.all_gather()
     if engine.lr_scheduler is not None:
-        engine.lr_scheduler.step()
+        engine.lr_scheduler.step(**(lr_kwargs or {}))
+    return True
 
 
 def _step_with(engine, grads: list[torch.Tensor] | None, backwards: int) -> bool:

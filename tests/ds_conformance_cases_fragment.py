@@ -1,0 +1,537 @@
+"""Ported cases: a parameter's fp32 weights, optimizer state and gradient by DeepSpeed's
+deepspeed.utils functions (zero_ext.utils), and the engine's DeepSpeed accessors.
+
+From DeepSpeed's tests/unit/runtime/zero/test_zero_tensor_fragment.py. DeepSpeed's cases check
+that the getters return something (None for frozen parameters) and that what a setter wrote is
+read back; the ports check that too and, against single-process plain PyTorch (torch.optim.AdamW
+on the whole batch), that the values are the right ones: the gradient the step will apply, the
+master weights, Adam's moments after each step, and that what the setters write is what the
+next step reads (weights, moments, gradients seen by clipping).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.testing import assert_close
+
+import zero_ext
+from zero_ext.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_grad,
+    safe_get_full_optimizer_state,
+    safe_get_local_fp32_param,
+    safe_get_local_grad,
+    safe_get_local_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_grad,
+    safe_set_full_optimizer_state,
+    safe_set_local_fp32_param,
+    safe_set_local_grad,
+    safe_set_local_optimizer_state,
+    safe_update_full_grad_vectorized,
+)
+
+from ds_conformance_cases import (
+    HIDDEN,
+    SimpleModel,
+    batch,
+    build_engine,
+    case,
+    collectively,
+    ds_adam,
+    expect_zero_ext_error,
+    rank,
+    reference_copy,
+    world,
+)
+from ds_conformance_cases_precision import GradientProbe
+
+FRAGMENT = "test_zero_tensor_fragment.py::"
+ZERO = "test_zero.py::"
+MANAGED = ZERO + "TestUnmanagedGradientAccumulation::"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class MyModel(nn.Module):
+    """DeepSpeed's test model: three linears (hidden -> 1 -> 1 -> hidden) with ReLU, then
+    cross-entropy; `frozen` freezes the first."""
+
+    def __init__(self, hidden: int = HIDDEN, frozen: bool = False):
+        super().__init__()
+        self.linears = nn.ModuleList([nn.Linear(hidden, 1), nn.Linear(1, 1),
+                                      nn.Linear(1, hidden)])
+        if frozen:
+            self.linears[0].requires_grad_(False)
+        self.cross_entropy = nn.CrossEntropyLoss()
+
+    def forward(self, x, y):
+        for linear in self.linears:
+            x = torch.relu(linear(x))
+        return self.cross_entropy(x.float(), y)
+
+
+def fragment_config(stage: int, dtype: str = "fp32", offload: str = "none", **extra) -> dict:
+    """DeepSpeed's fragment-test config: Adam at lr 1e-3 (its 1e-6 moves nothing a test could
+    see), 2 samples per rank; stage 3 partitions every parameter; fp16 starts at scale 2**8 as
+    its set test does."""
+    zero = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+    if offload in ("optimizer", "both"):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if offload == "both":
+        zero["offload_param"] = {"device": "cpu"}
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+              "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "weight_decay": 0.0}},
+              "zero_optimization": zero, **extra}
+    if dtype == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 8}
+    elif dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def build(model_factory, config: dict):
+    """The engine (under zero_ext.Init at stage 3) and a plain fp32 copy of its initial model."""
+    engine = build_engine(config, 1234, model_factory)
+    initial = {n: v.float().clone() for n, v in engine.full_state_dict().items()}
+    return engine, reference_copy(model_factory, initial)
+
+
+def engine_backward(engine, step: int, dtype=torch.float32) -> None:
+    x, y = batch(step, 0, rank(), 2, dtype)
+    engine.backward(engine(x, y))
+
+
+def reference_backward(reference: nn.Module, step: int) -> None:
+    """The whole batch's gradient (the mean of every rank's micro-batch loss), in fp32."""
+    reference.zero_grad(set_to_none=True)
+    losses = [reference(*batch(step, 0, r, 2)) for r in range(world())]
+    (sum(losses) / world()).backward()
+    for p in reference.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def reference_step(reference: nn.Module, optimizer, clip: float = 1.0) -> None:
+    params = [p for p in reference.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, label: str) -> None:
+    """fp32 element-wise; 16-bit as a whole (relative error of the tensor under 5%)."""
+    assert got is not None, f"{label}: None"
+    got = got.detach().float().cpu()
+    want = want.detach().float().cpu()
+    assert got.shape == want.shape, f"{label}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if dtype == torch.float32:
+        assert_close(got, want, rtol=1e-5, atol=1e-6, msg=label)
+        return
+    error = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+    assert error < 0.05, f"{label}: relative error {error:.3g}"
+
+
+# -- TestTensorFragmentGet ---------------------------------------------------------------------
+def _get(tmp, stage: int, dtype: str, offload: str, frozen: bool) -> None:
+    """DeepSpeed's test: after backward the weights and gradients of every trainable parameter,
+    after step its moments, are there (None for the frozen ones). Here also: each equals the
+    single-process reference's (gradient before clipping, master weights, AdamW's exp_avg and
+    exp_avg_sq), whole and, at stage 3, as the concatenation of every rank's fragment."""
+    torch_dtype = DTYPES[dtype]
+    engine, reference = build(lambda: MyModel(frozen=frozen), fragment_config(stage, dtype,
+                                                                             offload))
+    optimizer = ds_adam([p for p in reference.parameters() if p.requires_grad],
+                        fragment_config(stage))
+    named = dict(engine.module.named_parameters())
+    ref = dict(reference.named_parameters())
+    problems = []
+    for step in range(2):
+        engine_backward(engine, step, torch_dtype)
+        reference_backward(reference, step)
+        before = {n: p.detach().clone() for n, p in ref.items()}
+        got = {n: (safe_get_full_grad(p), safe_get_full_fp32_param(p)) for n, p in named.items()}
+        local = _gather_local(engine, named, stage, ("grad", "fp32"))
+        engine.step()
+        reference_step(reference, optimizer)
+        states = {n: [safe_get_full_optimizer_state(p, key) for key in KEYS]
+                  for n, p in named.items()}
+        local_states = _gather_local(engine, named, stage, KEYS)
+        for name, (grad, weight) in got.items():
+            try:
+                if not named[name].requires_grad:
+                    assert grad is None and weight is None and states[name] == [None, None], \
+                        f"{name} (frozen) gave a value"
+                    continue
+                close(grad, ref[name].grad, torch_dtype, f"step {step} grad {name}")
+                close(weight, before[name], torch_dtype, f"step {step} fp32 {name}")
+                for key, value in zip(KEYS, states[name]):
+                    close(value, optimizer.state[ref[name]][key], torch_dtype,
+                          f"step {step} {key} {name}")
+                for what, value in {**local.get(name, {}), **local_states.get(name, {})}.items():
+                    whole = {"grad": grad, "fp32": weight, **dict(zip(KEYS, states[name]))}
+                    assert torch.equal(value, whole[what].flatten().cpu()), \
+                        f"step {step}: the ranks' local {what} of {name} != the full one"
+            except AssertionError as error:
+                problems.append(str(error))
+    assert not problems, "\n".join(problems[:6])
+
+
+def _gather_local(engine, named: dict, stage: int, whats) -> dict:
+    """At stage 3: {name: {what: every rank's local fragment, concatenated in rank order}}."""
+    if stage != 3:
+        return {}
+    out = {}
+    for name, param in named.items():
+        if not param.requires_grad:
+            continue
+        out[name] = {}
+        for what in whats:
+            mine = safe_get_local_grad(param) if what == "grad" else \
+                safe_get_local_fp32_param(param) if what == "fp32" else \
+                safe_get_local_optimizer_state(param, what)
+            pieces = [None] * world()
+            dist.all_gather_object(pieces, mine.cpu())
+            out[name][what] = torch.cat(pieces)
+    return out
+
+
+for _stage in (1, 2, 3):
+    for _dtype in DTYPES:
+        for _offload in ("none", "optimizer"):
+            for _frozen in (True, False):
+                case(FRAGMENT + f"TestTensorFragmentGet::test_zero_fragments[{_frozen}-"
+                     f"{_offload}-{_stage}-{_dtype}]", stage=_stage, dtype=_dtype,
+                     offload=_offload, frozen=_frozen)(_get)
+# Beyond DeepSpeed's parametrization: stage 0, offload_param, and 3 ranks (uneven shards).
+case(FRAGMENT + "TestTensorFragmentGet::test_zero_fragments[False-none-0-fp32]", stage=0,
+     dtype="fp32", offload="none", frozen=False)(_get)
+case(FRAGMENT + "TestTensorFragmentGet::test_zero_fragments[False-both-3-bf16]", stage=3,
+     dtype="bf16", offload="both", frozen=False)(_get)
+for _stage in (1, 2, 3):
+    case(FRAGMENT + f"TestTensorFragmentGet::test_zero_fragments[True-none-{_stage}-fp32]",
+         world_size=3, stage=_stage, dtype="fp32", offload="none", frozen=True)(_get)
+
+
+# -- TestTensorFragmentSet ---------------------------------------------------------------------
+def _random_like(named: dict, seed: int, dtype=torch.float32, local: bool = False) -> dict:
+    """A random value per trainable parameter: whole and the same on every rank, or (`local`)
+    shaped as this rank's fragment and different on each."""
+    gen = torch.Generator().manual_seed(seed + (1000 * rank() if local else 0))
+    out = {}
+    for name, param in named.items():
+        if param.requires_grad:
+            shape = safe_get_local_fp32_param(param).shape if local else \
+                safe_get_full_fp32_param(param).shape
+            out[name] = torch.rand(shape, generator=gen).to(dtype)
+    return out
+
+
+def _set(tmp, stage: int, dtype: str, offload: str, api: str) -> None:
+    """DeepSpeed's test: random weights and gradients set after backward, random weights and
+    moments after step, each read back equal. Here also (fp32, whole values): the next step
+    continues from exactly what was set, as torch.optim.AdamW does from the same weights and
+    moments, and the model computes with the weights set."""
+    torch_dtype = DTYPES[dtype]
+    local = api == "local"
+    set_weight = safe_set_local_fp32_param if local else safe_set_full_fp32_param
+    get_weight = safe_get_local_fp32_param if local else safe_get_full_fp32_param
+    set_grad = safe_set_local_grad if local else safe_set_full_grad
+    get_grad = safe_get_local_grad if local else safe_get_full_grad
+    set_state = safe_set_local_optimizer_state if local else safe_set_full_optimizer_state
+    get_state = safe_get_local_optimizer_state if local else safe_get_full_optimizer_state
+    engine, reference = build(MyModel, fragment_config(stage, dtype, offload))
+    named = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    problems = []
+
+    def check(what: str, got, want) -> None:
+        if not torch.equal(got.cpu(), want.float()):
+            problems.append(f"{what}: read back {got.flatten()[:4].tolist()} where "
+                            f"{want.flatten()[:4].tolist()} was set")
+
+    engine_backward(engine, 0, torch_dtype)
+    weights, grads = _random_like(named, 1, local=local), _random_like(named, 2, torch_dtype,
+                                                                          local=local)
+    for name, param in named.items():
+        set_weight(param, weights[name])
+        set_grad(param, grads[name])
+    for name, param in named.items():
+        check(f"after backward: weight {name}", get_weight(param), weights[name])
+        check(f"after backward: grad {name}", get_grad(param), grads[name])
+    engine.step()
+    values = {what: _random_like(named, seed, local=local)
+              for seed, what in enumerate(("fp32",) + KEYS, start=3)}
+    for name, param in named.items():
+        set_weight(param, values["fp32"][name])
+        for key in KEYS:
+            set_state(param, values[key][name], key)
+    for name, param in named.items():
+        check(f"after step: weight {name}", get_weight(param), values["fp32"][name])
+        for key in KEYS:
+            check(f"after step: {key} {name}", get_state(param, key), values[key][name])
+    assert not problems, "\n".join(problems[:6])
+    model_weights = engine.full_state_dict()
+    for name, param in named.items():
+        whole = safe_get_full_fp32_param(param).cpu() if local else values["fp32"][name]
+        assert torch.equal(model_weights[name], whole.to(torch_dtype)), \
+            f"the model's {name} is not the fp32 weights set"
+    if local or torch_dtype != torch.float32:
+        return
+    # One more step from the set state, against torch.optim.AdamW from the same state.
+    ref = dict(reference.named_parameters())
+    optimizer = ds_adam([p for p in reference.parameters() if p.requires_grad],
+                        fragment_config(stage))
+    reference_backward(reference, 0)
+    optimizer.step()  # creates the state (its step count matches the engine's: 1)
+    with torch.no_grad():
+        for name in named:
+            ref[name].copy_(values["fp32"][name])
+            for key in KEYS:
+                optimizer.state[ref[name]][key].copy_(values[key][name])
+    engine_backward(engine, 1)
+    engine.step()
+    reference_backward(reference, 1)
+    reference_step(reference, optimizer)
+    for name, param in named.items():
+        close(safe_get_full_fp32_param(param), ref[name], torch.float32,
+              f"the step after the set state: {name}")
+
+
+for _stage in (0, 1, 2, 3):
+    for _dtype in DTYPES:
+        for _offload in ("none", "optimizer") if _stage else ("none",):
+            for _api in ("local", "full") if _stage == 3 else ("full",):
+                case(FRAGMENT + f"TestTensorFragmentSet::test_zero_fragments[{_dtype}-"
+                     f"{_offload}-{_stage}-{_api}]", stage=_stage, dtype=_dtype,
+                     offload=_offload, api=_api)(_set)
+for _stage in (1, 3):
+    case(FRAGMENT + f"TestTensorFragmentSet::test_zero_fragments[fp32-none-{_stage}-full]",
+         world_size=3, stage=_stage, dtype="fp32", offload="none", api="full")(_set)
+case(FRAGMENT + "TestTensorFragmentSet::test_zero_fragments[bf16-both-3-full]", stage=3,
+     dtype="bf16", offload="both", api="full")(_set)
+
+
+# -- TestTensorFragmentUpdate ------------------------------------------------------------------
+def _update(tmp, stage: int, dtype: str, offload: str) -> None:
+    """DeepSpeed's test: safe_update_full_grad_vectorized replaces the gradients, read back
+    equal. Here also (fp32): the step applies them, clipped by their own norm (DeepSpeed's
+    default clipping of 1.0; these random gradients' norm is well above it), as
+    torch.optim.AdamW applies the same gradients."""
+    torch_dtype = DTYPES[dtype]
+    engine, reference = build(MyModel, fragment_config(stage, dtype, offload))
+    named = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    new = _random_like(named, 7, torch_dtype)
+    by_param = {named[n]: v for n, v in new.items()}
+    engine_backward(engine, 0, torch_dtype)
+    seen = {}
+
+    def update(old, param):
+        seen[param] = old
+        return by_param[param]
+
+    safe_update_full_grad_vectorized(list(named.values()), update)
+    assert len(seen) == len(named) and all(g.dtype == torch.float32 for g in seen.values())
+    for name, param in named.items():
+        assert torch.equal(safe_get_full_grad(param).cpu(), new[name].float()), name
+    engine.step()
+    if torch_dtype != torch.float32:
+        return
+    ref = dict(reference.named_parameters())
+    optimizer = ds_adam([p for p in reference.parameters() if p.requires_grad],
+                        fragment_config(stage))
+    for name in named:
+        ref[name].grad = new[name].clone()
+    reference_step(reference, optimizer)
+    total = torch.cat([v.flatten() for v in new.values()]).norm().item()
+    assert total > 2, f"the new gradients' norm {total} does not make clipping act"
+    assert abs(engine.get_global_grad_norm() - total) < 1e-4 * total, \
+        f"clipping saw norm {engine.get_global_grad_norm()}, the gradients set have {total}"
+    for name, param in named.items():
+        close(safe_get_full_fp32_param(param), ref[name], torch.float32, f"after step: {name}")
+
+
+for _stage in (0, 1, 2, 3):
+    for _dtype in DTYPES:
+        for _offload in ("none", "optimizer") if _stage else ("none",):
+            case(FRAGMENT + f"TestTensorFragmentUpdate::test_zero_fragments[{_dtype}-"
+                 f"{_offload}-{_stage}-False]", stage=_stage, dtype=_dtype,
+                 offload=_offload)(_update)
+case(FRAGMENT + "TestTensorFragmentUpdate::test_zero_fragments[fp32-none-2-False]",
+     world_size=3, stage=2, dtype="fp32", offload="none")(_update)
+
+
+# -- TestZeroBf16Fp32GradAccum -----------------------------------------------------------------
+class ScaleModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return (self.weight * x).sum()
+
+
+def _fp32_average(tmp, stage: int) -> None:
+    """bf16 gradients reduced in fp32 (communication_data_type): the gradient read is the exact
+    fp32 average, not rounded back to bf16 (1.0 and 1.0078125 average to 1.00390625, which
+    bf16 cannot hold). DeepSpeed also sets data_types.grad_accum_dtype fp32, which zero_ext
+    refuses (it accumulates in fp32 where it accumulates at all)."""
+    model = ScaleModel()
+    engine, _, _, _ = zero_ext.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": 1, "communication_data_type": "fp32",
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-6, "torch_adam": True}},
+        "bf16": {"enabled": True}, "zero_optimization": {"stage": stage}},
+        model_parameters=list(model.parameters()))
+    local_grad = 1.0 if rank() == 0 else 1.0078125
+    engine.backward(engine(torch.full((4,), local_grad, dtype=torch.bfloat16)))
+    grad = safe_get_full_grad(engine.module.weight)
+    assert grad.dtype == torch.float32
+    assert torch.equal(grad, torch.full((4,), 1.00390625)), grad
+
+
+for _stage in (2, 3):
+    case(FRAGMENT + f"TestZeroBf16Fp32GradAccum::"
+         f"test_safe_get_full_grad_preserves_fp32_reduced_average[{_stage}]",
+         stage=_stage)(_fp32_average)
+
+
+# -- zero_ext's errors -------------------------------------------------------------------------
+@case(FRAGMENT + "zero_ext::misuse_is_named")
+def misuse_is_named(tmp):
+    """Each misuse is an error naming it, raised on every rank alike (no rank is left in a
+    collective): a gradient before backward, between accumulation boundaries and after step;
+    the local functions below stage 3; a value of the wrong shape; an unknown state key."""
+    engine, _ = build(MyModel, fragment_config(2, gradient_accumulation_steps=2))
+    weight = engine.module.linears[0].weight
+    collectively(lambda: expect_zero_ext_error(lambda: safe_get_full_grad(weight),
+                                               "after the backward", "accumulation"))
+    engine_backward(engine, 0)
+    collectively(lambda: expect_zero_ext_error(lambda: safe_get_full_grad(weight),
+                                               "after the backward"))
+    engine.step()
+    engine_backward(engine, 0)
+    grad = safe_get_full_grad(weight)
+    assert grad is not None and grad.shape == weight.shape
+    engine.step()
+    collectively(lambda: expect_zero_ext_error(lambda: safe_get_full_grad(weight),
+                                               "before engine.step()"))
+    collectively(lambda: expect_zero_ext_error(lambda: safe_get_local_fp32_param(weight),
+                                               "stage-3", "stage 2", "safe_*_full_*"))
+    collectively(lambda: expect_zero_ext_error(
+        lambda: safe_set_full_fp32_param(weight, torch.zeros(3)), "whole parameter",
+        str(tuple(weight.shape))))
+    collectively(lambda: expect_zero_ext_error(
+        lambda: safe_get_full_optimizer_state(weight, "momentum_buffer"), "momentum_buffer",
+        "exp_avg_sq"))
+
+
+# -- the engine's DeepSpeed accessors -----------------------------------------------------------
+@case(ZERO + "zero_ext::accessors_and_was_step_applied")
+def accessors(tmp):
+    """train_batch_size(), train_micro_batch_size_per_gpu(), gradient_accumulation_steps(),
+    zero_optimization_stage(), fp16_enabled(), bfloat16_enabled() read the config as resolved;
+    was_step_applied() is False before any step, between accumulation boundaries and after a
+    step skipped on an fp16 overflow, True after an applied step; global_samples counts
+    train_batch_size per optimizer step, skipped ones included (DeepSpeed's engine);
+    step(lr_kwargs=...) passes them to the LR schedule's step, after applied steps only."""
+    model = GradientProbe()
+    engine, _, _, scheduler = zero_ext.initialize(model=model, lr_scheduler=IncrementLR.of,
+                                                  config={
+        "train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2,
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}, "gradient_clipping": 0.0,
+        "fp16": {"enabled": True, "initial_scale_power": 4},
+        "zero_optimization": {"stage": 1}}, model_parameters=list(model.parameters()))
+    assert (engine.train_batch_size(), engine.train_micro_batch_size_per_gpu(),
+            engine.gradient_accumulation_steps()) == (6 * world(), 3, 2)
+    assert engine.zero_optimization_stage() == 1
+    assert engine.fp16_enabled() and not engine.bfloat16_enabled()
+    applied = [engine.was_step_applied()]
+    for micro, value in enumerate((0.1, 0.2, float("inf"), 0.3, 0.1, 0.2)):
+        engine.backward(engine(torch.tensor(value, dtype=torch.float16)))
+        engine.step(lr_kwargs={"increment": 10 + micro})
+        applied.append(engine.was_step_applied())
+    # Micro-steps 1, 3, 5 end the windows: (0.1, 0.2) applied, (inf, 0.3) skipped, (0.1, 0.2).
+    assert applied == [False, False, True, False, False, False, True], applied
+    assert engine.global_steps == 3 and engine.skipped_steps == 1
+    assert engine.global_samples == 3 * 6 * world(), engine.global_samples
+    assert scheduler.increments == [11, 15], scheduler.increments
+
+
+class IncrementLR(torch.optim.lr_scheduler.LambdaLR):
+    """A schedule whose step takes a keyword, as Megatron-DeepSpeed's AnnealingLR
+    (`engine.step(lr_kwargs={"increment": ...})`)."""
+
+    def __init__(self, optimizer):
+        self.increments = []
+        super().__init__(optimizer, lambda step: 1.0)
+
+    @classmethod
+    def of(cls, optimizer):
+        return cls(optimizer)
+
+    def step(self, increment=None):
+        if increment is not None:
+            self.increments.append(increment)
+        super().step()
+
+
+# -- test_zero.py's TestUnmanagedGradientAccumulation: the managed halves ----------------------
+def _gas_config(stage: int) -> dict:
+    """DeepSpeed's build_managed_gas_config (managed): micro-batch 1, 4 micro-steps per step,
+    Adam at lr 1e-3, its defaults otherwise (gradient_clipping 1.0)."""
+    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4,
+            "zero_optimization": {"stage": stage},
+            "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
+
+
+def _managed_baseline(tmp, stage: int) -> None:
+    """Only every 4th micro-step (the boundary) applies an update; global_samples counts
+    train_batch_size per step."""
+    engine = build_engine(_gas_config(stage), 42, lambda: SimpleModel(4, nlayers=2))
+    applied = []
+    for micro in range(8):
+        engine.backward(engine(*batch(0, micro, rank(), 1, hidden=4)))
+        engine.step()
+        applied.append(engine.was_step_applied())
+    assert applied == [False, False, False, True, False, False, False, True], applied
+    assert engine.global_samples == 2 * engine.train_batch_size() == 2 * 4 * world()
+
+
+def _varying_backward_count(tmp, stage: int) -> None:
+    """DeepSpeed's managed reference of its unmanaged test: windows of 2, 5 and 3 micro-steps
+    (5 past gradient_accumulation_steps) ended by set_gradient_accumulation_boundary(micro ==
+    n - 1), each loss divided by n with scale_wrt_gas=False. (Its unmanaged half, with
+    managed_gradient_accumulation false, is refused here.) Against plain PyTorch stepping on
+    each window's mean gradient over every rank's micro-batches."""
+    config = _gas_config(stage)
+    engine = build_engine(config, 42, lambda: SimpleModel(4, nlayers=2))
+    initial = {n: v.float().clone() for n, v in engine.full_state_dict().items()}
+    counts = (2, 5, 3)
+    for step, n in enumerate(counts):
+        for micro in range(n):
+            engine.set_gradient_accumulation_boundary(micro == n - 1)
+            loss = engine(*batch(step, micro, rank(), 1, hidden=4))
+            engine.backward(loss / n, scale_wrt_gas=False)
+            engine.step()
+    assert engine.global_steps == len(counts), engine.global_steps
+    got = {n: v.float() for n, v in engine.full_state_dict().items()}
+    reference = reference_copy(lambda: SimpleModel(4, nlayers=2), initial)
+    optimizer = ds_adam(list(reference.parameters()), config)
+    for step, n in enumerate(counts):
+        optimizer.zero_grad(set_to_none=True)
+        losses = [reference(*batch(step, m, r, 1, hidden=4))
+                  for m in range(n) for r in range(world())]
+        (sum(losses) / (n * world())).backward()
+        torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)
+        optimizer.step()
+    for name, param in reference.named_parameters():
+        close(got[name], param, torch.float32, name)
+
+
+for _stage in (0, 1, 2, 3):
+    case(MANAGED + f"test_managed_baseline_applies_only_on_boundary[{_stage}]",
+         stage=_stage)(_managed_baseline)
+    case(MANAGED + f"test_unmanaged_varying_backward_count[{_stage}]",
+         stage=_stage)(_varying_backward_count)
