@@ -431,7 +431,8 @@ def misuse_is_named(tmp):
 @case(ZERO + "zero_ext::accessors_and_was_step_applied")
 def accessors(tmp):
     """train_batch_size(), train_micro_batch_size_per_gpu(), gradient_accumulation_steps(),
-    zero_optimization_stage(), fp16_enabled(), bfloat16_enabled() read the config as resolved;
+    zero_optimization_stage(), gradient_clipping(), fp16_enabled(), bfloat16_enabled(),
+    global_rank and local_rank read the config as resolved and the process's place;
     was_step_applied() is False before any step, between accumulation boundaries and after a
     step skipped on an fp16 overflow, True after an applied step; global_samples counts
     train_batch_size per optimizer step, skipped ones included (DeepSpeed's engine);
@@ -445,7 +446,8 @@ def accessors(tmp):
         "zero_optimization": {"stage": 1}}, model_parameters=list(model.parameters()))
     assert (engine.train_batch_size(), engine.train_micro_batch_size_per_gpu(),
             engine.gradient_accumulation_steps()) == (6 * world(), 3, 2)
-    assert engine.zero_optimization_stage() == 1
+    assert engine.zero_optimization_stage() == 1 and engine.gradient_clipping() == 0.0
+    assert engine.global_rank == rank() and engine.local_rank == rank()  # one node
     assert engine.fp16_enabled() and not engine.bfloat16_enabled()
     applied = [engine.was_step_applied()]
     for micro, value in enumerate((0.1, 0.2, float("inf"), 0.3, 0.1, 0.2)):

@@ -4,12 +4,14 @@ and the like. ZeroEngine inherits them; each reads the engine's own state."""
 
 from __future__ import annotations
 
+import os
+
 __all__ = ["DeepSpeedAccessors"]
 
 
 class DeepSpeedAccessors:
-    """Mixed into ZeroEngine (which sets `batch`, `config`, `stage`, `global_steps` and
-    `_step_applied`)."""
+    """Mixed into ZeroEngine (which sets `batch`, `config`, `stage`, `rank`, `global_steps`
+    and `_step_applied`)."""
 
     def train_batch_size(self) -> int:
         """Samples per optimizer step over all ranks."""
@@ -25,6 +27,19 @@ class DeepSpeedAccessors:
 
     def zero_optimization_stage(self) -> int:
         return self.stage
+
+    def gradient_clipping(self) -> float:
+        """The global-norm clipping threshold (0: off)."""
+        return self.config.gradient_clipping
+
+    @property
+    def global_rank(self) -> int:
+        return self.rank
+
+    @property
+    def local_rank(self) -> int:
+        """This rank's index on its node, as torchrun gives it (LOCAL_RANK; 0 without it)."""
+        return int(os.environ.get("LOCAL_RANK", 0))
 
     def fp16_enabled(self) -> bool:
         return self.config.fp16.enabled
