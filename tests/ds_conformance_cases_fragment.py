@@ -11,6 +11,11 @@ next step reads (weights, moments, gradients seen by clipping).
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -44,6 +49,7 @@ from ds_conformance_cases import (
     expect_zero_ext_error,
     rank,
     reference_copy,
+    train_engine,
     world,
 )
 from ds_conformance_cases_precision import GradientProbe
@@ -255,8 +261,12 @@ def _set(tmp, stage: int, dtype: str, offload: str, api: str) -> None:
     engine_backward(engine, 0, torch_dtype)
     weights, grads = _random_like(named, 1, local=local), _random_like(named, 2, torch_dtype,
                                                                           local=local)
+    reduced = {name: get_grad(param) for name, param in named.items()}
     for name, param in named.items():
         set_weight(param, weights[name])
+    for name, param in named.items():  # the weights set left the gradients alone
+        check(f"after setting the weights: grad {name}", get_grad(param), reduced[name])
+    for name, param in named.items():
         set_grad(param, grads[name])
     for name, param in named.items():
         check(f"after backward: weight {name}", get_weight(param), weights[name])
@@ -418,13 +428,85 @@ def misuse_is_named(tmp):
     collectively(lambda: expect_zero_ext_error(lambda: safe_get_full_grad(weight),
                                                "before engine.step()"))
     collectively(lambda: expect_zero_ext_error(lambda: safe_get_local_fp32_param(weight),
-                                               "stage-3", "stage 2", "safe_*_full_*"))
+                                               "stage 3", "stage 2", "safe_*_full_*"))
     collectively(lambda: expect_zero_ext_error(
         lambda: safe_set_full_fp32_param(weight, torch.zeros(3)), "whole parameter",
         str(tuple(weight.shape))))
     collectively(lambda: expect_zero_ext_error(
         lambda: safe_get_full_optimizer_state(weight, "momentum_buffer"), "momentum_buffer",
         "exp_avg_sq"))
+
+
+@case(FRAGMENT + "zero_ext::fp16_gradient_past_the_loss_scale_is_refused")
+def fp16_gradient_overflow(tmp):
+    """An fp16 gradient is held times the loss scale: a value that would not fit is refused on
+    every rank (the step would silently be skipped as an overflow), nothing written."""
+    engine, _ = build(MyModel, fragment_config(1, "fp16") | {"fp16": {"enabled": True}})
+    assert engine.loss_scaler.scale == 2 ** 16
+    engine_backward(engine, 0, torch.float16)
+    weight = engine.module.linears[2].weight
+    before = safe_get_full_grad(weight)
+    collectively(lambda: expect_zero_ext_error(
+        lambda: safe_set_full_grad(weight, torch.ones_like(before)), "loss scale", "65536",
+        "initial_scale_power"))
+    assert torch.equal(safe_get_full_grad(weight), before)
+    safe_set_full_grad(weight, torch.full_like(before, 0.5))  # 32768 fits
+    engine.step()
+    assert engine.was_step_applied() and engine.skipped_steps == 0
+
+
+@case(FRAGMENT + "zero_ext::local_functions_on_whole_kept_stage3_parameters")
+def local_on_persistent(tmp):
+    """At stage 3 a parameter kept whole (the default persistence threshold keeps all of
+    MyModel's) is still sharded in the optimizer: its local fragments, concatenated over the
+    ranks, are its full values, and its moments and gradient can be set locally; its weights
+    cannot (every rank holds them whole), an error naming the full function."""
+    config = fragment_config(3)
+    del config["zero_optimization"]["stage3_param_persistence_threshold"]
+    engine, _ = build(MyModel, config)
+    named = dict(engine.module.named_parameters())
+    engine_backward(engine, 0)
+    grads = _gather_local(engine, named, 3, ("grad",))
+    for name, param in named.items():
+        assert torch.equal(grads[name]["grad"], safe_get_full_grad(param).flatten().cpu()), name
+    engine.step()
+    local = _gather_local(engine, named, 3, ("fp32",) + KEYS)
+    for name, param in named.items():
+        assert torch.equal(local[name]["fp32"], safe_get_full_fp32_param(param).flatten()), name
+        for key in KEYS:
+            assert torch.equal(local[name][key],
+                               safe_get_full_optimizer_state(param, key).flatten()), name
+    weight = named["linears.0.weight"]
+    mine = safe_get_local_optimizer_state(weight, "exp_avg")
+    safe_set_local_optimizer_state(weight, torch.full_like(mine, 0.25), "exp_avg")
+    assert torch.equal(safe_get_local_optimizer_state(weight, "exp_avg"),
+                       torch.full_like(mine, 0.25))
+    collectively(lambda: expect_zero_ext_error(
+        lambda: safe_set_local_fp32_param(weight, safe_get_local_fp32_param(weight)),
+        "kept whole", "safe_set_full_fp32_param"))
+
+
+for _stage in (1, 3):
+    @case(ZERO + f"zero_ext::destroy[{_stage}]", stage=_stage)
+    def destroy(tmp, stage):
+        """engine.destroy() (DeepSpeed's tests end with it): the model's gradient and module
+        hooks are gone, backward and step are refused; below stage 3 the model trains on its
+        own again with autograd's gradients, from the weights the engine left."""
+        engine = build_engine(fragment_config(stage), 3, lambda: SimpleModel(4, nlayers=2))
+        model = engine.module
+        engine.backward(engine(*batch(0, 0, rank(), 2, hidden=4)))
+        engine.step()
+        trained = {n: v.float() for n, v in engine.full_state_dict().items()}
+        engine.destroy()
+        assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+        collectively(lambda: expect_zero_ext_error(
+            lambda: engine.backward(torch.zeros((), requires_grad=True)), "destroyed"))
+        collectively(lambda: expect_zero_ext_error(engine.step, "destroyed"))
+        if stage == 3:
+            return
+        assert all(torch.equal(p.detach(), trained[n]) for n, p in model.named_parameters())
+        model(*batch(1, 0, rank(), 2, hidden=4)).backward()
+        assert all(p.grad is not None for p in model.parameters())
 
 
 # -- the engine's DeepSpeed accessors -----------------------------------------------------------
@@ -480,10 +562,10 @@ class IncrementLR(torch.optim.lr_scheduler.LambdaLR):
 
 
 # -- test_zero.py's TestUnmanagedGradientAccumulation: the managed halves ----------------------
-def _gas_config(stage: int) -> dict:
+def _gas_config(stage: int, gas: int = 4) -> dict:
     """DeepSpeed's build_managed_gas_config (managed): micro-batch 1, 4 micro-steps per step,
     Adam at lr 1e-3, its defaults otherwise (gradient_clipping 1.0)."""
-    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4,
+    return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": gas,
             "zero_optimization": {"stage": stage},
             "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
 
@@ -501,13 +583,15 @@ def _managed_baseline(tmp, stage: int) -> None:
     assert engine.global_samples == 2 * engine.train_batch_size() == 2 * 4 * world()
 
 
-def _varying_backward_count(tmp, stage: int) -> None:
+def _varying_backward_count(tmp, stage: int, gas: int = 4) -> None:
     """DeepSpeed's managed reference of its unmanaged test: windows of 2, 5 and 3 micro-steps
     (5 past gradient_accumulation_steps) ended by set_gradient_accumulation_boundary(micro ==
     n - 1), each loss divided by n with scale_wrt_gas=False. (Its unmanaged half, with
     managed_gradient_accumulation false, is refused here.) Against plain PyTorch stepping on
-    each window's mean gradient over every rank's micro-batches."""
-    config = _gas_config(stage)
+    each window's mean gradient over every rank's micro-batches. Also with
+    gradient_accumulation_steps 1, DeepSpeed users' usual config for windows set by hand
+    (stages 2-3 then have no accumulator unless a window is held open)."""
+    config = _gas_config(stage, gas)
     engine = build_engine(config, 42, lambda: SimpleModel(4, nlayers=2))
     initial = {n: v.float().clone() for n, v in engine.full_state_dict().items()}
     counts = (2, 5, 3)
@@ -537,3 +621,117 @@ for _stage in (0, 1, 2, 3):
          stage=_stage)(_managed_baseline)
     case(MANAGED + f"test_unmanaged_varying_backward_count[{_stage}]",
          stage=_stage)(_varying_backward_count)
+    case(MANAGED + f"test_unmanaged_varying_backward_count[{_stage}-gas1]",
+         stage=_stage, gas=1)(_varying_backward_count)
+
+
+@case(ZERO + "zero_ext::save_refused_inside_a_window_held_open")
+def save_inside_held_window(tmp):
+    """A window held open by set_gradient_accumulation_boundary(False) is mid-window even where
+    the micro-step count is a multiple of gradient_accumulation_steps: a save is refused."""
+    engine = build_engine(_gas_config(2, gas=2), 42, lambda: SimpleModel(4, nlayers=2))
+    engine.set_gradient_accumulation_boundary(False)
+    for micro in range(2):
+        engine.backward(engine(*batch(0, micro, rank(), 1, hidden=4)))
+        engine.step()
+    assert engine.micro_steps == 2 and engine.global_steps == 0
+    collectively(lambda: expect_zero_ext_error(
+        lambda: engine.save_checkpoint(tmp), "middle of a gradient accumulation window"))
+
+
+# -- test_ds_config_dict.py: initialize's DeepSpeed arguments ----------------------------------
+CONFIG = "test_ds_config_dict.py::"
+
+
+def _args_config() -> dict:
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+            "optimizer": {"type": "Adam", "params": {"lr": 0.01, "weight_decay": 0.0}},
+            "bf16": {"enabled": True}}
+
+
+def _write_config(tmp: str, config: dict) -> str:
+    path = os.path.join(tmp, "ds_config.json")
+    if rank() == 0:
+        with open(path, "w") as f:
+            json.dump(config, f)
+    dist.barrier()
+    return path
+
+
+def _trained(engine, steps: int = 2) -> dict:
+    train_engine(engine, steps, dtype=torch.bfloat16)
+    return {n: v.float() for n, v in engine.full_state_dict().items()}
+
+
+def _with_args(config_path: str | None = None, **kwargs):
+    """initialize(args=..., model=...) on SimpleModel from seed 5."""
+    torch.manual_seed(5)
+    model = SimpleModel()
+    return zero_ext.initialize(model=model, model_parameters=list(model.parameters()),
+                               **kwargs)[0]
+
+
+@case(CONFIG + "TestArgs::test_none_args")
+def none_args(tmp):
+    """args=None with config=: trains as config= alone (test_no_args)."""
+    one = _trained(_with_args(args=None, config=_args_config()))
+    two = _trained(_with_args(config=_args_config()))
+    assert all(torch.equal(one[n], two[n]) for n in one)
+
+
+@case(CONFIG + "TestDeprecatedDeepScaleConfig::test")
+def deepscale_config(tmp):
+    """args.deepscale_config (deprecated) is the config, with a DeprecationWarning; as
+    DeepSpeed's engine, args.local_rank becomes this process's LOCAL_RANK."""
+    path = _write_config(tmp, _args_config())
+    args = argparse.ArgumentParser().parse_args(args=[])
+    args.deepscale_config, args.local_rank = path, -1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = _with_args(args=args)
+    assert any("deepscale_config is deprecated" in str(w.message) for w in caught)
+    assert args.local_rank == rank(), args.local_rank  # one node: LOCAL_RANK == RANK
+    assert _trained(engine).keys() and engine.bfloat16_enabled()
+
+
+@case(CONFIG + "TestDistInit::test")
+def dist_init(tmp):
+    """dist_init_required=True (or False, the group being up) trains; zero_ext.init_distributed
+    with a group already up leaves it as it is."""
+    zero_ext.init_distributed()
+    assert dist.get_world_size() == world()
+    for required in (True, False):
+        engine = _with_args(config=_args_config(), dist_init_required=required)
+        assert engine.global_steps == 0 and _trained(engine, 1)
+
+
+@case(CONFIG + "zero_ext::deepspeed_config_argument")
+def deepspeed_config_argument(tmp):
+    """A DeepSpeed script's arguments: add_config_arguments, --deepspeed --deepspeed_config
+    FILE, initialize(args=args) trains as initialize(config=the same dict); every misuse of
+    the config sources is an error naming it."""
+    path = _write_config(tmp, _args_config())
+    parser = zero_ext.add_config_arguments(argparse.ArgumentParser())
+    parser.add_argument("--local_rank", type=int, default=-1)
+    args = parser.parse_args(["--deepspeed", "--deepspeed_config", path])
+    assert args.deepspeed and args.deepspeed_config == path
+    from_args = _trained(_with_args(args=args))
+    assert args.local_rank == rank()
+    from_dict = _trained(_with_args(config=_args_config()))
+    assert all(torch.equal(from_args[n], from_dict[n]) for n in from_dict)
+    assert all(torch.equal(from_args[n], v) for n, v in
+               _trained(_with_args(config_params=_args_config())).items())
+    model = SimpleModel()
+    for kwargs, words in (
+            ({"args": args, "config": _args_config()}, ("deepspeed_config", "one of them")),
+            ({"args": parser.parse_args([])}, ("no config", "--deepspeed_config")),
+            ({"config": _args_config(), "config_params": _args_config()}, ("config_params",)),
+            ({"config": _args_config(), "mpu": object()}, ("mpu", "data parallel"))):
+        collectively(lambda kwargs=kwargs, words=words: expect_zero_ext_error(
+            lambda: zero_ext.initialize(model=model, **kwargs), *words))
+    both = parser.parse_args(["--deepspeed_config", path, "--deepscale_config", path])
+    collectively(lambda: expect_zero_ext_error(
+        lambda: zero_ext.initialize(model=model, args=both), "deepscale_config",
+        "deepspeed_config"))
+    collectively(lambda: expect_zero_ext_error(
+        lambda: zero_ext.init_distributed(rank=0), "torchrun"))

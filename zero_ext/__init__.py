@@ -19,6 +19,7 @@ except ImportError as error:  # pragma: no cover - only reached on a broken inst
     ) from error
 
 from zero_ext import checkpointing, ops, optim
+from zero_ext.arguments import add_config_arguments, init_distributed
 from zero_ext.config import ZeroConfig
 from zero_ext.elastic_sampler import ElasticSampler
 from zero_ext.engine import ZeroEngine, initialize
@@ -45,8 +46,10 @@ __all__ = [
     "ZeroConfig",
     "ZeroEngine",
     "__version__",
+    "add_config_arguments",
     "checkpointing",
     "consolidate",
+    "init_distributed",
     "initialize",
     "initialize_engine",
     "ops",

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from zero_ext import checkpointing, comm, elastic
+from zero_ext import arguments, checkpointing, comm, elastic
 from zero_ext.checkpoint.registered import RegisteredStates
 from zero_ext.config import ZeroConfig
 from zero_ext.elastic_sampler import ElasticSampler
@@ -297,6 +297,7 @@ class ZeroEngine(DeepSpeedAccessors, nn.Module):
         if loss.dim() != 0:
             raise ValueError(f"zero_ext: engine.backward expects a scalar loss, got shape "
                              f"{tuple(loss.shape)}; reduce it (e.g. .mean()) first")
+        self._check_alive()
         self._settle_step()  # the step's gradient buffers are about to be reused
         self._last_loss = loss.detach()
         scaled = loss.float()
@@ -332,6 +333,7 @@ class ZeroEngine(DeepSpeedAccessors, nn.Module):
         not after a skipped step). Between boundaries only counts the micro-step. Expects
         exactly one engine.backward() since the last step() (one backward per micro-step, as
         DeepSpeed's engine does)."""
+        self._check_alive()
         self._settle_step()
         boundary = self.is_gradient_accumulation_boundary()
         backwards, self._backwards_since_step = self._backwards_since_step, 0
@@ -374,6 +376,24 @@ class ZeroEngine(DeepSpeedAccessors, nn.Module):
                 self.partitioned.broadcast_layout(index, src=modifier_rank)
             if self.replicated_optimizer is None:
                 self.optimizer.refresh_master(index)
+
+    def destroy(self) -> None:
+        """DeepSpeed's engine.destroy(): the engine lets go of the model, removing its gradient
+        hooks (and stage 3's module hooks), and refuses backward() and step() from then on. At
+        stages 0-2 the model stays whole and usable alone; at stage 3 its parameters stay
+        partitioned, as in DeepSpeed (save them first: full_state_dict(), save_16bit_model()).
+        Not a collective."""
+        self._settle_step()
+        self.grad_buckets.remove_hooks()
+        self.grad_buckets.clear()
+        if self.partitioned is not None:
+            self.partitioned.hooks.remove()
+        self._destroyed = True
+
+    def _check_alive(self) -> None:
+        if self.__dict__.get("_destroyed"):
+            raise RuntimeError("zero_ext: this engine was destroyed (engine.destroy()); build "
+                               "a new one with zero_ext.initialize to train again")
 
     def release_units(self, units: list) -> None:
         for unit in units:
@@ -622,15 +642,22 @@ def _apply_fused_kernels(model: nn.Module, settings) -> None:
 
 
 @outside_init  # called inside a zero_ext.Init block, the engine is built outside it
-def initialize(model: nn.Module, config, model_parameters: Iterable | None = None,
-               optimizer=None, lr_scheduler=None, training_data=None,
-               collate_fn: Callable | None = None):
+def initialize(model: nn.Module | None = None, config=None,
+               model_parameters: Iterable | None = None, optimizer=None, lr_scheduler=None,
+               training_data=None, collate_fn: Callable | None = None, *, args=None,
+               config_params=None, dist_init_required: bool | None = None, mpu=None,
+               distributed_port: int | None = None, mesh_param=None):
     """Wraps `model` for ZeRO data-parallel training. Returns
-    (engine, optimizer, dataloader, lr_scheduler); dataloader is None without training_data."""
+    (engine, optimizer, dataloader, lr_scheduler); dataloader is None without training_data.
+    DeepSpeed's keywords too: the config may come as config_params or in args
+    (--deepspeed_config, zero_ext/arguments.py); dist_init_required False expects a process
+    group already; distributed_port changes nothing (torchrun's variables place the group);
+    mpu and mesh_param (model parallelism) are refused."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"zero_ext.initialize: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}; pass the model to train as model=")
-    config = ZeroConfig.load(config)
+    arguments.check_launch(dist_init_required, mpu, mesh_param)
+    config = ZeroConfig.load(arguments.config_from(args, config, config_params))
     from zero_ext import checkpointing
     checkpointing.configure(config.activation_checkpointing)
     elastic.check_restartable_launch()

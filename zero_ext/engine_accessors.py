@@ -39,7 +39,7 @@ class DeepSpeedAccessors:
     @property
     def local_rank(self) -> int:
         """This rank's index on its node, as torchrun gives it (LOCAL_RANK; 0 without it)."""
-        return int(os.environ.get("LOCAL_RANK", 0))
+        return int(os.environ.get("LOCAL_RANK", "0"))
 
     def fp16_enabled(self) -> bool:
         return self.config.fp16.enabled

@@ -281,9 +281,10 @@ def _save_problem(engine, save_dir, client_state, names: list[str]) -> tuple[str
                 f"(DeepSpeed refuses an empty one too, rather than write into the working "
                 f"directory)"), b""
     accumulation = engine.batch.gradient_accumulation_steps
-    if engine.micro_steps % accumulation != 0:
+    if engine.micro_steps % accumulation != 0 or engine._window_micro != 0:
         return (f"called in the middle of a gradient accumulation window "
-                f"(micro-step {engine.micro_steps}, {accumulation} per step); the partial "
+                f"(micro-step {engine.micro_steps}, {accumulation} per step, "
+                f"{engine._window_micro} in this window so far); the partial "
                 f"gradients would be lost. Save right after engine.step() completes an "
                 f"accumulation boundary"), b""
     bad = _non_finite(engine, names)

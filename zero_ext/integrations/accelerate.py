@@ -237,10 +237,12 @@ class Accelerator(_Accelerator):
                 f"{self.gradient_accumulation_steps}); call accelerator.backward once per "
                 "batch, inside `with accelerator.accumulate(model)`")
         skipped = engine.skipped_steps
-        engine.backward(loss)
-        engine.step()
-        if short:
-            engine.set_gradient_accumulation_boundary(None)  # the count decides again
+        try:
+            engine.backward(loss)
+            engine.step()
+        finally:
+            if short:
+                engine.set_gradient_accumulation_boundary(None)  # the count decides again
         if window_ends:
             self._engine_optimizer.last_step_skipped = engine.skipped_steps != skipped
             if self.log_with:  # collective, on every rank, at the same step

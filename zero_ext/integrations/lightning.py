@@ -334,6 +334,16 @@ class ZeroStrategy(DDPStrategy):
         short = automatic and not engine.is_gradient_accumulation_boundary()
         if short:
             engine.set_gradient_accumulation_boundary(True)  # an epoch's short last window
+        try:
+            result = self._closure_and_step(module, optimizer, closure, automatic)
+        finally:
+            if short:
+                engine.set_gradient_accumulation_boundary(None)  # the count decides again
+        self._log_engine_metrics(module)
+        return result
+
+    def _closure_and_step(self, module, optimizer, closure, automatic: bool):
+        """The closure (forward and backward, the engine's micro-step) and the engine's step."""
         self._stepping = True
         try:
             result = closure()
@@ -343,10 +353,7 @@ class ZeroStrategy(DDPStrategy):
         if automatic and result is None:
             raise RuntimeError("zero_ext.integrations.lightning: training_step returned None; "
                                "every rank must run the same backward and step: return the loss")
-        engine.step()
-        if short:
-            engine.set_gradient_accumulation_boundary(None)  # the count decides again
-        self._log_engine_metrics(module)
+        self.engine.step()
         return result
 
     def _log_engine_metrics(self, module) -> None:

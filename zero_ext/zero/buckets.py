@@ -132,6 +132,12 @@ class GradientBuckets:
 
         self._handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
 
+    def remove_hooks(self) -> None:
+        """engine.destroy(): the parameters' gradients are autograd's own again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     # -- backward ---------------------------------------------------------------------------
     def begin_backward(self, boundary: bool, micro_index: int) -> None:
         self._active = True
@@ -209,13 +215,15 @@ class GradientBuckets:
         if self._whole_buckets:
             bucket.grad = bucket.flat  # the all-reduced bucket itself
         bucket.flat = None
-        if accumulates_shards(self.stage, self.accumulation_steps):
+        if self._accumulates():
             if bucket.accumulated is None:
                 bucket.accumulated = torch.empty(bucket.layout.shard_numel, dtype=torch.float32,
                                                  device=bucket.grad.device)
             ops.flatten_into_(bucket.accumulated, [bucket.grad], [0],
                               accumulate=self._micro_index > 0)
             bucket.grad = None
+        else:
+            bucket.accumulated = None  # an earlier window's (one held open): not this one's
         bucket.state = BucketState.REDUCED
         if not self._boundary:
             return
@@ -226,6 +234,13 @@ class GradientBuckets:
         if self._on_final is not None and self._on_final(bucket.layout.index, final) \
                 and bucket.accumulated is None:
             bucket.grad = None
+
+    def _accumulates(self) -> bool:
+        """Whether this backward's reduced shards are summed in fp32 over the window: at stages
+        2-3 with several micro-steps per step, and also in a window that
+        set_gradient_accumulation_boundary(False) holds open past a single one."""
+        return self.stage >= 2 and (accumulates_shards(self.stage, self.accumulation_steps)
+                                    or not self._boundary or self._micro_index > 0)
 
     def end_backward(self) -> None:
         """Starts what has not started (parameters that got no gradient) and waits for all."""

@@ -112,7 +112,7 @@ def read(engine, param: torch.nn.Parameter, what: str, local: bool = False) -> t
     whole and shaped as the parameter (a collective at stages 1-3 on several ranks), or this
     rank's fragment, flat (`local`)."""
     _check_what(what)
-    _check_local(engine, param, local)
+    _check_local(engine, param, local, writes_weights=False)
     engine._settle_step()
     if engine.replicated_optimizer is not None and what != "grad":
         return _replicated(engine, param, what).detach().float().clone().to(engine.device)
@@ -137,35 +137,49 @@ def write(engine, param: torch.nn.Parameter, value: torch.Tensor, what: str,
     collective. The model's weights follow fp32 weights at once; a gradient's bucket norm
     (clipping, the overflow check) is taken again."""
     _check_what(what)
-    _check_local(engine, param, local)
+    _check_local(engine, param, local, writes_weights=what == "fp32")
     engine._settle_step()
     if engine.replicated_optimizer is not None and what != "grad":
         target = param.data if what == "fp32" else _replicated(engine, param, what)
         target.copy_(_checked(value, target.shape, what, local))
         return
     fragment = fragment_of(engine, param)
-    if local:
-        piece = _checked(value, torch.Size([fragment.numel]), what, local)
-    else:
-        whole = _checked(value, fragment.slot.shape, what, local)
-        piece = whole.reshape(-1)[fragment.start:fragment.end]
+    index = fragment.layout.index
+    given = _checked(value, torch.Size([fragment.numel]) if local else fragment.slot.shape,
+                     what, local)
+    piece = given if local else given.reshape(-1)[fragment.start:fragment.end]
+    # Host buffers written below are no longer read or written by a copy in flight.
+    host_grad = engine.offload.before_host_write(index) if engine.offload is not None else None
+    partitioned = engine.partitioned is not None and engine.partitioned.owns(index)
+    if partitioned:
+        engine.partitioned.wait_host_reads(index)
     target = _local_tensor(engine, fragment, what)
     if what == "grad":
-        target.copy_(piece.to(torch.float32) * _grad_scale(engine))
+        scaled = given.to(torch.float32) * _grad_scale(engine)
+        if not torch.isfinite(scaled.to(target.dtype)).all():  # the same on every rank
+            raise ValueError(
+                f"zero_ext: the gradient given, times the fp16 loss scale "
+                f"({_grad_scale(engine):g}), does not fit the {target.dtype} it is reduced in "
+                f"(largest {torch.finfo(target.dtype).max:g}); the step would be skipped as an "
+                f"overflow. Give a smaller gradient, or lower fp16.initial_scale_power")
+        target.copy_(scaled if local else scaled.reshape(-1)[fragment.start:fragment.end])
         _renorm(engine, fragment)
         return
-    if what == "fp32" and engine.partitioned is not None \
-            and engine.partitioned.owns(fragment.layout.index):
-        engine.partitioned.wait_host_reads(fragment.layout.index)
     target.copy_(piece)
     if what != "fp32":
         return
     shard = _shard(engine, fragment.layout)
-    shard.write_model_weights(fragment.tensor_start, fragment.tensor_start + fragment.numel)
-    if engine.partitioned is not None and engine.partitioned.owns(fragment.layout.index):
-        engine.partitioned.weights_changed(fragment.layout.index)
+    start, end = fragment.tensor_start, fragment.tensor_start + fragment.numel
+    if host_grad is not None and host_grad is shard.weights_16bit:
+        # The 16-bit staging buffer holds this step's gradient now: the model's weights are
+        # written from the master directly.
+        shard.model_weights[start:end].copy_(shard.master[start:end])
     else:
-        param.data.copy_(whole)  # every rank holds the whole parameter (stages 0-2)
+        shard.write_model_weights(start, end)
+    if partitioned:
+        engine.partitioned.weights_changed(index)
+    else:
+        param.data.copy_(given)  # every rank holds the whole parameter (stages 0-2)
 
 
 def _renorm(engine, fragment: Fragment) -> None:
@@ -187,15 +201,21 @@ def _replicated(engine, param: torch.nn.Parameter, what: str) -> torch.Tensor:
     return state[what]
 
 
-def _check_local(engine, param: torch.nn.Parameter, local: bool) -> None:
-    """The local functions are stage 3's, as in DeepSpeed: below it, every rank holds the whole
-    parameter, which a fragment written on one rank alone would leave different across ranks."""
-    if local and not (engine.partitioned is not None
-                      and engine.partitioned.owns(param._zero_ext_layout)):
+def _check_local(engine, param: torch.nn.Parameter, local: bool, writes_weights: bool) -> None:
+    """The local functions are stage 3's, as in DeepSpeed. A stage-3 parameter kept whole
+    (below stage3_param_persistence_threshold) is held by every rank, as below stage 3: its
+    weights written as one rank's fragment would leave the ranks' copies apart."""
+    if not local:
+        return
+    if engine.stage != 3:
+        raise ValueError("zero_ext: the safe_*_local_* functions are for ZeRO stage 3 (this "
+                         f"engine is at stage {engine.stage}); use the safe_*_full_* ones")
+    if writes_weights and not (engine.partitioned is not None
+                               and engine.partitioned.owns(param._zero_ext_layout)):
         raise ValueError(
-            "zero_ext: the safe_*_local_* functions are for ZeRO stage-3 partitioned "
-            f"parameters (this one is at stage {engine.stage}"
-            f"{'' if engine.stage < 3 else ', kept whole'}); use the safe_*_full_* ones")
+            "zero_ext: safe_set_local_fp32_param: this parameter is kept whole on every rank "
+            "(below stage3_param_persistence_threshold), so a fragment set on one rank would "
+            "leave the ranks' copies apart; use safe_set_full_fp32_param")
 
 
 def _checked(value: torch.Tensor, shape: torch.Size, what: str, local: bool) -> torch.Tensor:

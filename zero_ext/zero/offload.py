@@ -426,6 +426,17 @@ class OptimizerOffload:
         for index in range(len(self.shards)):
             self._wait_copy(index)
 
+    def before_host_write(self, bucket: int) -> torch.Tensor | None:
+        """Before bucket `bucket`'s host buffers are written from outside a step: its last
+        upload has finished reading them and its gradient copy writing them. Its host gradient,
+        as host_grad() (which may share the 16-bit staging buffer)."""
+        index = self._position.get(bucket)
+        if index is None:
+            return None
+        if self._uploaded[index] is not None:
+            self._uploaded[index].synchronize()
+        return self.host_grad(bucket)
+
     def host_grad(self, bucket: int) -> torch.Tensor | None:
         """Bucket `bucket`'s reduced gradient on the host, its copy waited for, where the step
         will read it; None for a bucket stepped on the device or not yet arrived."""

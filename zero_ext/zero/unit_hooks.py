@@ -145,6 +145,12 @@ class UnitHooks:
                 for param in module.__dict__.pop("_zero_ext_external_params", []):
                     self.register_external_parameter(module, param)
 
+    def remove(self) -> None:
+        """engine.destroy(): the modules' hooks removed (the units stay partitioned)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     def _hook_module(self, module: nn.Module, unit: GatherUnit) -> None:
         """Gather `unit` around `module`'s forward, and again when backward reaches it."""
         self._handles.append(module.register_forward_pre_hook(_eager(
