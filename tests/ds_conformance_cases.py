@@ -218,11 +218,15 @@ def train_reference(model: nn.Module, optimizer: torch.optim.Optimizer, steps: i
     return norms
 
 
-def build_engine(config: dict, seed: int, factory: Callable[[], nn.Module] = SimpleModel):
-    """The model built from `seed` (under zero_ext.Init at stage 3), initialized with
-    DeepSpeed's arguments; the engine."""
-    torch.manual_seed(seed)
-    if config.get("zero_optimization", {}).get("stage") == 3:
+def build_engine(config: dict, seed: int | None, factory: Callable[[], nn.Module] = SimpleModel,
+                 init: bool | None = None):
+    """The model built from `seed` (None: the RNG as it is) under zero_ext.Init when `init`
+    (by default at stage 3), initialized with DeepSpeed's arguments; the engine."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    if init is None:
+        init = config.get("zero_optimization", {}).get("stage") == 3
+    if init:
         with zero_ext.Init(config=config):
             model = factory()
     else:

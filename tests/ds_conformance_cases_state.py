@@ -359,13 +359,7 @@ for _init in (True, False):
                                         "overlap_comm": True},
                   "optimizer": {"type": "Adam", "params": {"lr": 1.0, "weight_decay": 0.0}}}
         try:
-            if init:
-                with zero_ext.Init(config=config):
-                    model = LargeParamModel()
-            else:
-                model = LargeParamModel()
-            engine, _, _, _ = zero_ext.initialize(model=model, config=config,
-                                                  model_parameters=list(model.parameters()))
+            engine = build_engine(config, None, LargeParamModel, init=init)
         except Exception as error:  # noqa: BLE001 - Init may refuse loudly
             assert init and str(error).startswith("zero_ext"), repr(error)
             return

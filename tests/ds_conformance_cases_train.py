@@ -27,6 +27,7 @@ from ds_conformance_cases import (
     adam_config,
     assert_params_close,
     batch,
+    build_engine,
     case,
     collectively,
     ds_adam,
@@ -594,13 +595,7 @@ for _init in (True, False):
         config = {"train_micro_batch_size_per_gpu": 1,
                   "zero_optimization": {"stage": 3, "stage3_max_reuse_distance": 0},
                   "optimizer": {"type": "Adam", "params": {"lr": 1.0, "weight_decay": 0.0}}}
-        if init:
-            with zero_ext.Init(config=config):
-                model = ManyParamModel()
-        else:
-            model = ManyParamModel()
-        engine, _, _, _ = zero_ext.initialize(model=model, config=config,
-                                              model_parameters=list(model.parameters()))
+        engine = build_engine(config, None, ManyParamModel, init=init)
         activations = engine(torch.ones(10))
         engine.backward(activations[-1].sum())
         engine.step()
