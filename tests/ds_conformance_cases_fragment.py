@@ -509,6 +509,28 @@ for _stage in (1, 3):
         assert all(p.grad is not None for p in model.parameters())
 
 
+@case(ZERO + "zero_ext::empty_partition_cache")
+def empty_partition_cache(tmp):
+    """An evaluation that runs part of a stage-3 model (the first layer alone, as an early
+    exit) leaves the units prefetched after it gathered; engine.empty_partition_cache()
+    releases them all, and training goes on exactly as an engine that did not empty it."""
+    config = fragment_config(3, gradient_accumulation_steps=1)
+    twins = [build_engine(config, 11, lambda: SimpleModel(4, nlayers=4)) for _ in range(2)]
+    for engine in twins:
+        train_engine(engine, 2, hidden=4)
+        with torch.no_grad():
+            engine.module.linears[0](batch(9, 0, rank(), 2, hidden=4)[0])
+    units = twins[0].partitioned.units
+    left = sum(unit.state.value != "sharded" for unit in units)
+    twins[0].empty_partition_cache()
+    assert left > 0, "nothing was left gathered: the case tests nothing"
+    assert all(unit.state.value == "sharded" for unit in units)
+    for engine in twins:
+        train_engine(engine, 2, start=2, hidden=4)
+    one, two = (e.full_state_dict() for e in twins)
+    assert all(torch.equal(one[n], two[n]) for n in one)
+
+
 # -- the engine's DeepSpeed accessors -----------------------------------------------------------
 @case(ZERO + "zero_ext::accessors_and_was_step_applied")
 def accessors(tmp):

@@ -390,6 +390,17 @@ class ZeroEngine(DeepSpeedAccessors, nn.Module):
             self.partitioned.hooks.remove()
         self._destroyed = True
 
+    def empty_partition_cache(self) -> None:
+        """DeepSpeed's: at stage 3, releases every unit left gathered (prefetched, or gathered
+        by an evaluation forward for a backward that did not follow), freeing its full
+        parameters; the next forward gathers them again. Nothing below stage 3. Call it
+        between steps, e.g. after generating."""
+        if self.grad_buckets._active:
+            raise RuntimeError("zero_ext: engine.empty_partition_cache() inside backward; call "
+                               "it between steps")
+        if self.partitioned is not None:
+            self.partitioned.release_all()
+
     def _check_alive(self) -> None:
         if self.__dict__.get("_destroyed"):
             raise RuntimeError("zero_ext: this engine was destroyed (engine.destroy()); build "

@@ -432,6 +432,13 @@ class PartitionedParameters:
         unit.state = UnitState.SHARDED
         unit.quantized = False
 
+    def release_all(self) -> None:
+        """Every unit not held by a running forward released: prefetched ones, and those an
+        evaluation forward left gathered for a backward that never came."""
+        for unit in self.units:
+            if unit.state is not UnitState.SHARDED and unit.holders == 0:
+                self.release(unit)
+
     def layout_reduced(self, layout_index: int) -> None:
         """GradientBuckets has taken a unit layout's gradients: once all of the unit's layouts
         are reduced, its full parameters are no longer needed in this backward."""
