@@ -33,7 +33,7 @@ from zero_ext import arguments, checkpointing, comm, elastic
 from zero_ext.checkpoint.registered import RegisteredStates
 from zero_ext.config import ZeroConfig
 from zero_ext.elastic_sampler import ElasticSampler
-from zero_ext.engine_accessors import DeepSpeedAccessors
+from zero_ext.engine_api import DeepSpeedEngineAPI
 from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
 from zero_ext.zero import (
@@ -54,7 +54,7 @@ from zero_ext.zero.persistent import PersistentParameters
 __all__ = ["DynamicLossScaler", "ZeroEngine"]
 
 
-class ZeroEngine(DeepSpeedAccessors, nn.Module):
+class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
     """The training engine for stages 0-3. Built by zero_ext.initialize()."""
 
     def __init__(self, model: nn.Module, config: ZeroConfig, param_groups: list[dict],
@@ -66,15 +66,7 @@ class ZeroEngine(DeepSpeedAccessors, nn.Module):
         self.batch = config.resolve_batch(self.world_size)
         self.stage = config.zero_optimization.stage
         self.module = model
-        self.global_steps = self.micro_steps = self.skipped_steps = 0
-        self._step_applied = False  # was_step_applied()
-        # set_gradient_accumulation_boundary's value while set (None: the count decides).
-        self._boundary_override: bool | None = None
-        self._window_micro = 0  # micro-steps of the current accumulation window so far
-        self._global_grad_norm: float | None = None
-        self._last_loss: torch.Tensor | None = None
-        # engine.backward() calls since the last engine.step(): the engine expects exactly one.
-        self._backwards_since_step = 0
+        self._init_step_state()
         self.model_dtype = config.mixed_precision or torch.float32
         self.device = replicas.training_device()
         self.built_under_init = replicas.place_model(model, self.device, self.model_dtype,
@@ -126,6 +118,18 @@ class ZeroEngine(DeepSpeedAccessors, nn.Module):
             return getattr(module, name)
 
     # -- setup ------------------------------------------------------------------------------
+    def _init_step_state(self) -> None:
+        """The step counters and the accumulation window's state."""
+        self.global_steps = self.micro_steps = self.skipped_steps = 0
+        self._step_applied = False  # was_step_applied()
+        # set_gradient_accumulation_boundary's value while set (None: the count decides).
+        self._boundary_override: bool | None = None
+        self._window_micro = 0  # micro-steps of the current accumulation window so far
+        self._global_grad_norm: float | None = None
+        self._last_loss: torch.Tensor | None = None
+        # engine.backward() calls since the last engine.step(): the engine expects exactly one.
+        self._backwards_since_step = 0
+
     def _tag_parameters(self) -> None:
         """For GatheredParameters: each trainable parameter knows its engine and bucket."""
         engine_ref = weakref.ref(self)
@@ -376,35 +380,6 @@ class ZeroEngine(DeepSpeedAccessors, nn.Module):
                 self.partitioned.broadcast_layout(index, src=modifier_rank)
             if self.replicated_optimizer is None:
                 self.optimizer.refresh_master(index)
-
-    def destroy(self) -> None:
-        """DeepSpeed's engine.destroy(): the engine lets go of the model, removing its gradient
-        hooks (and stage 3's module hooks), and refuses backward() and step() from then on. At
-        stages 0-2 the model stays whole and usable alone; at stage 3 its parameters stay
-        partitioned, as in DeepSpeed (save them first: full_state_dict(), save_16bit_model()).
-        Not a collective."""
-        self._settle_step()
-        self.grad_buckets.remove_hooks()
-        self.grad_buckets.clear()
-        if self.partitioned is not None:
-            self.partitioned.hooks.remove()
-        self._destroyed = True
-
-    def empty_partition_cache(self) -> None:
-        """DeepSpeed's: at stage 3, releases every unit left gathered (prefetched, or gathered
-        by an evaluation forward for a backward that did not follow), freeing its full
-        parameters; the next forward gathers them again. Nothing below stage 3. Call it
-        between steps, e.g. after generating."""
-        if self.grad_buckets._active:
-            raise RuntimeError("zero_ext: engine.empty_partition_cache() inside backward; call "
-                               "it between steps")
-        if self.partitioned is not None:
-            self.partitioned.release_all()
-
-    def _check_alive(self) -> None:
-        if self.__dict__.get("_destroyed"):
-            raise RuntimeError("zero_ext: this engine was destroyed (engine.destroy()); build "
-                               "a new one with zero_ext.initialize to train again")
 
     def release_units(self, units: list) -> None:
         for unit in units:
