@@ -647,6 +647,39 @@ for _stage in (0, 1, 2, 3):
          stage=_stage, gas=1)(_varying_backward_count)
 
 
+for _offload in ("none", "optimizer"):
+    @case(ZERO + f"zero_ext::fp16_window_held_open_past_one_micro_step[{_offload}]",
+          offload=_offload)
+    def held_fp16(tmp, offload):
+        """gradient_accumulation_steps 1, fp16 at scale 2**8, windows of 2 micro-steps held
+        open at stage 2: each micro-step's gradient fits fp16, a window's sum may not. It goes
+        on in fp16, as every step of such a run (offload's host buffers are fp16): a sum past
+        fp16 skips the step, with and without offload_optimizer (the weights stay finite and
+        unchanged), and a sum that fits is applied."""
+        zero = {"stage": 2}
+        if offload == "optimizer":
+            zero["offload_optimizer"] = {"device": "cpu"}
+        engine = build_engine({"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0,
+                               "optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+                               "fp16": {"enabled": True, "initial_scale_power": 8},
+                               "zero_optimization": zero},
+                              0, GradientProbe)
+        weights = [safe_get_full_fp32_param(p) for p in engine.module.parameters()]
+        applied = []
+        for value in (200.0, 100.0):  # 2 x 200 x 2**8 > 65504 > 2 x 100 x 2**8
+            for micro in range(2):
+                engine.set_gradient_accumulation_boundary(micro == 1)
+                engine.backward(engine(torch.tensor(value, dtype=torch.float16)))
+                engine.step()
+            applied.append(engine.was_step_applied())
+            if value == 200.0:
+                assert all(torch.equal(safe_get_full_fp32_param(p), w)
+                           for p, w in zip(engine.module.parameters(), weights))
+        assert applied == [False, True], applied
+        assert all(torch.isfinite(safe_get_full_fp32_param(p)).all()
+                   for p in engine.module.parameters())
+
+
 @case(ZERO + "zero_ext::save_refused_inside_a_window_held_open")
 def save_inside_held_window(tmp):
     """A window held open by set_gradient_accumulation_boundary(False) is mid-window even where

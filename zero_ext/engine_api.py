@@ -85,5 +85,7 @@ class DeepSpeedEngineAPI:
 
     def _check_alive(self) -> None:
         if self.__dict__.get("_destroyed"):
-            raise RuntimeError("zero_ext: this engine was destroyed (engine.destroy()); build "
-                               "a new one with zero_ext.initialize to train again")
+            raise RuntimeError(
+                "zero_ext: this engine was destroyed (engine.destroy()); to train again, build "
+                "a new one with zero_ext.initialize (at stage 3 from a new model, or from "
+                "weights saved before destroy: its parameters stay partitioned)")

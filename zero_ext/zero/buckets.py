@@ -96,6 +96,8 @@ class GradientBuckets:
         # Compressed gradients: its reduce() replaces the exact collective (None: exact).
         self.compression = compression
         self.comm_dtype = comm_dtype
+        # What a step reads (and offload's host buffers hold): fp32 when shards accumulate.
+        self._reduced_dtype = reduced_grad_dtype(stage, accumulation_steps, comm_dtype)
         self.accumulation_steps = accumulation_steps
         self.overlap_comm = overlap_comm
         self._on_reduced = on_reduced  # told each bucket index whose gradients were taken
@@ -228,6 +230,12 @@ class GradientBuckets:
         if not self._boundary:
             return
         final = bucket.accumulated if bucket.accumulated is not None else bucket.grad
+        if final.dtype != self._reduced_dtype:
+            # A window held open at one micro-step per step: its fp32 sum goes on in the dtype
+            # every other step of the run has (offload's host buffers hold it), so an fp16
+            # overflow of the sum shows in the norm and the step is skipped.
+            bucket.grad, bucket.accumulated = final.to(self._reduced_dtype), None
+            final = bucket.grad
         # Each bucket's norm is taken as soon as its gradient is final, so the global norm
         # never needs the gradients themselves, which a taker may free before the step.
         bucket.norm = fp32_norm(final)

@@ -155,13 +155,16 @@ def write(engine, param: torch.nn.Parameter, value: torch.Tensor, what: str,
         engine.partitioned.wait_host_reads(index)
     target = _local_tensor(engine, fragment, what)
     if what == "grad":
-        scaled = given.to(torch.float32) * _grad_scale(engine)
-        if not torch.isfinite(scaled.to(target.dtype)).all():  # the same on every rank
+        scale = _grad_scale(engine)
+        scaled = given.to(torch.float32) * scale
+        # Checked whole: a full value is the same on every rank, so they all raise alike.
+        if not torch.isfinite(scaled.to(target.dtype)).all():
+            held = f", times the fp16 loss scale ({scale:g})," if scale != 1.0 else ""
             raise ValueError(
-                f"zero_ext: the gradient given, times the fp16 loss scale "
-                f"({_grad_scale(engine):g}), does not fit the {target.dtype} it is reduced in "
-                f"(largest {torch.finfo(target.dtype).max:g}); the step would be skipped as an "
-                f"overflow. Give a smaller gradient, or lower fp16.initial_scale_power")
+                f"zero_ext: the gradient given{held} is not finite in the {target.dtype} it is "
+                f"held in (largest {torch.finfo(target.dtype).max:g}); the step would be "
+                f"skipped as an overflow or its weights made inf/nan. Give a finite, smaller "
+                f"gradient{', or lower fp16.initial_scale_power' if held else ''}")
         target.copy_(scaled if local else scaled.reshape(-1)[fragment.start:fragment.end])
         _renorm(engine, fragment)
         return
