@@ -405,6 +405,44 @@ def cuda_param_offload() -> dict:
     return results
 
 
+def fragments_under_offload() -> dict:
+    """zero_ext.utils on offloaded state (on the GPU: pinned host buffers, side-stream copies):
+    per configuration, the gradients read after backward, the same gradients read again after
+    fp32 weights were set (the 16-bit staging buffer may hold the gradient then), whether the
+    model's weights became the ones set, and the weights after the step that follows. Every
+    configuration must give what the one without offload gives."""
+    from zero_ext.utils import safe_get_full_fp32_param, safe_get_full_grad, \
+        safe_set_full_fp32_param
+    results = {}
+    for label, stage, zero in (("plain-2", 2, {}), ("optimizer-2", 2, KINDS["optimizer"]),
+                               ("ratio-2", 2, KINDS["ratio"]), ("plain-3", 3, {}),
+                               ("both-3", 3, KINDS["both"])):
+        torch.manual_seed(0)
+        model = _Wide(256, 4)
+        engine, _, _, _ = zero_ext.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
+                                  **zero}})
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(8, 256, generator=gen).to(engine.device, torch.bfloat16)
+        engine.backward(engine(x))
+        named = dict(model.named_parameters())
+        grads = {n: safe_get_full_grad(p).cpu() for n, p in named.items()}
+        new = {n: safe_get_full_fp32_param(p) + 0.01 for n, p in named.items()}
+        for name, param in named.items():
+            safe_set_full_fp32_param(param, new[name])
+        again = {n: safe_get_full_grad(p).cpu() for n, p in named.items()}
+        state = engine.full_state_dict()
+        engine.step()
+        results[label] = {
+            "grads": grads, "grads_after_set": again,
+            "model_is_set": all(torch.equal(state[n], new[n].cpu().to(torch.bfloat16))
+                                for n in named),
+            "after_step": {n: safe_get_full_fp32_param(p).cpu() for n, p in named.items()}}
+    return results
+
+
 def cuda_deferred() -> dict:
     """On the GPU, stage 3 with clipping: the units' CPU steps run behind the next forward, each
     slowed by 20 ms; the gathers must wait for them and for their uploads (stream order), so

@@ -297,6 +297,23 @@ def test_cuda_stage3_parameter_offload_pins_shards_and_matches():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensor_fragments_under_offload_match_the_engine_without():
+    """zero_ext.utils reads and writes offloaded state through pinned buffers and side-stream
+    copies: the gradients read, read again after fp32 weights were set, the model's weights
+    and the step after equal the engine's without offload (tests/offload_cases.py)."""
+    result = run_group(1, offload_cases.fragments_under_offload)[0]
+    for label, got in result.items():
+        plain = result["plain-" + label[-1]]
+        assert got["model_is_set"], label
+        for key in ("grads", "grads_after_set", "after_step"):
+            for name, value in plain[key].items():
+                assert torch.equal(got[key][name], value), (label, key, name)
+        for name, value in got["grads"].items():
+            assert torch.equal(got["grads_after_set"][name], value), (label, name)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_stage3_deferred_cpu_steps_are_awaited_by_the_gathers():
     result = run_group(1, offload_cases.cuda_deferred)[0]
     for kind in ("optimizer", "ratio"):
