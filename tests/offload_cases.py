@@ -17,6 +17,7 @@ import torch
 
 import zero_ext
 from zero_ext import comm
+from zero_ext.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_set_full_fp32_param
 from zero_ext.zero import offload, reporting
 
 import engine_cases
@@ -411,8 +412,6 @@ def fragments_under_offload() -> dict:
     fp32 weights were set (the 16-bit staging buffer may hold the gradient then), whether the
     model's weights became the ones set, and the weights after the step that follows. Every
     configuration must give what the one without offload gives."""
-    from zero_ext.utils import safe_get_full_fp32_param, safe_get_full_grad, \
-        safe_set_full_fp32_param
     results = {}
     for label, stage, zero in (("plain-2", 2, {}), ("optimizer-2", 2, KINDS["optimizer"]),
                                ("ratio-2", 2, KINDS["ratio"]), ("plain-3", 3, {}),
