@@ -746,7 +746,8 @@ def deepscale_config(tmp):
         engine = _with_args(args=args)
     assert any("deepscale_config is deprecated" in str(w.message) for w in caught)
     assert args.local_rank == rank(), args.local_rank  # one node: LOCAL_RANK == RANK
-    assert _trained(engine).keys() and engine.bfloat16_enabled()
+    got, want = _trained(engine), _trained(_with_args(config=_args_config()))
+    assert all(torch.equal(got[n], want[n]) for n in want)
 
 
 @case(CONFIG + "TestDistInit::test")
@@ -755,9 +756,10 @@ def dist_init(tmp):
     with a group already up leaves it as it is."""
     zero_ext.init_distributed()
     assert dist.get_world_size() == world()
+    want = _trained(_with_args(config=_args_config()), 1)
     for required in (True, False):
-        engine = _with_args(config=_args_config(), dist_init_required=required)
-        assert engine.global_steps == 0 and _trained(engine, 1)
+        got = _trained(_with_args(config=_args_config(), dist_init_required=required), 1)
+        assert all(torch.equal(got[n], want[n]) for n in want), required
 
 
 @case(CONFIG + "zero_ext::deepspeed_config_argument")

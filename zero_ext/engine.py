@@ -21,6 +21,7 @@ metrics, memory_breakdown) is counted in zero/reporting.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 import weakref
@@ -287,6 +288,20 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         gradient_accumulation_steps. backward still divides by gradient_accumulation_steps
         unless told scale_wrt_gas=False: for a window of k micro-steps, scale the loss."""
         self._boundary_override = None if is_boundary is None else bool(is_boundary)
+
+    @contextlib.contextmanager
+    def window_ending_here(self, ends: bool = True):
+        """For trainers that own the accumulation window: when `ends`, the engine's window ends
+        at this micro-step even if short (an epoch's last), once; the count decides again
+        after (set_gradient_accumulation_boundary's True, then None)."""
+        short = ends and not self.is_gradient_accumulation_boundary()
+        if short:
+            self.set_gradient_accumulation_boundary(True)
+        try:
+            yield
+        finally:
+            if short:
+                self.set_gradient_accumulation_boundary(None)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False,
                  scale_wrt_gas: bool = True) -> None:

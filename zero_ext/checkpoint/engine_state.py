@@ -281,7 +281,7 @@ def _save_problem(engine, save_dir, client_state, names: list[str]) -> tuple[str
                 f"(DeepSpeed refuses an empty one too, rather than write into the working "
                 f"directory)"), b""
     accumulation = engine.batch.gradient_accumulation_steps
-    if engine.micro_steps % accumulation != 0 or engine._window_micro != 0:
+    if engine._window_micro != 0:  # (windows also start at multiples of `accumulation`)
         return (f"called in the middle of a gradient accumulation window "
                 f"(micro-step {engine.micro_steps}, {accumulation} per step, "
                 f"{engine._window_micro} in this window so far); the partial "

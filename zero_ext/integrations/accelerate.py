@@ -227,22 +227,16 @@ class Accelerator(_Accelerator):
             raise TypeError(f"{NAME}.backward: {sorted(kwargs)} are not supported; the engine "
                             "runs the backward of the loss alone")
         window_ends = self.sync_gradients
-        short = window_ends and not engine.is_gradient_accumulation_boundary()
-        if short:
-            engine.set_gradient_accumulation_boundary(True)  # a data loader's short last window
-        elif not window_ends and engine.is_gradient_accumulation_boundary():
+        if not window_ends and engine.is_gradient_accumulation_boundary():
             raise RuntimeError(
                 f"{NAME}: the engine's accumulation window ends at micro-step "
                 f"{engine.micro_steps} but accelerate's goes on (step {self.step} of "
                 f"{self.gradient_accumulation_steps}); call accelerator.backward once per "
                 "batch, inside `with accelerator.accumulate(model)`")
         skipped = engine.skipped_steps
-        try:
+        with engine.window_ending_here(window_ends):  # a data loader's short last window too
             engine.backward(loss)
             engine.step()
-        finally:
-            if short:
-                engine.set_gradient_accumulation_boundary(None)  # the count decides again
         if window_ends:
             self._engine_optimizer.last_step_skipped = engine.skipped_steps != skipped
             if self.log_with:  # collective, on every rank, at the same step

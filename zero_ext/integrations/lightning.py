@@ -331,29 +331,19 @@ class ZeroStrategy(DDPStrategy):
         module = model if model is not None else self.lightning_module
         engine = self.engine
         automatic = module.automatic_optimization
-        short = automatic and not engine.is_gradient_accumulation_boundary()
-        if short:
-            engine.set_gradient_accumulation_boundary(True)  # an epoch's short last window
-        try:
-            result = self._closure_and_step(module, optimizer, closure, automatic)
-        finally:
-            if short:
-                engine.set_gradient_accumulation_boundary(None)  # the count decides again
+        with engine.window_ending_here(automatic):  # an epoch's short last window too
+            self._stepping = True
+            try:
+                result = closure()
+            finally:
+                self._stepping = False
+            self.precision_plugin._after_closure(module, optimizer)  # on_before_optimizer_step
+            if automatic and result is None:
+                raise RuntimeError(
+                    "zero_ext.integrations.lightning: training_step returned None; every rank "
+                    "must run the same backward and step: return the loss")
+            engine.step()
         self._log_engine_metrics(module)
-        return result
-
-    def _closure_and_step(self, module, optimizer, closure, automatic: bool):
-        """The closure (forward and backward, the engine's micro-step) and the engine's step."""
-        self._stepping = True
-        try:
-            result = closure()
-        finally:
-            self._stepping = False
-        self.precision_plugin._after_closure(module, optimizer)  # on_before_optimizer_step
-        if automatic and result is None:
-            raise RuntimeError("zero_ext.integrations.lightning: training_step returned None; "
-                               "every rank must run the same backward and step: return the loss")
-        self.engine.step()
         return result
 
     def _log_engine_metrics(self, module) -> None:

@@ -212,10 +212,7 @@ class _ZeroTrainerMixin:
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         engine = self.engine
         boundary = self.accelerator.gradient_state.sync_gradients
-        short = boundary and not engine.is_gradient_accumulation_boundary()
-        if short:
-            engine.set_gradient_accumulation_boundary(True)  # an epoch's short last window
-        elif not boundary and engine.is_gradient_accumulation_boundary():
+        if not boundary and engine.is_gradient_accumulation_boundary():
             raise RuntimeError(
                 f"ZeroTrainer: the engine's accumulation window ends at micro-step "
                 f"{engine.micro_steps} but the Trainer's goes on; gradient_accumulation_steps "
@@ -236,11 +233,10 @@ class _ZeroTrainerMixin:
         # offloading); only its accelerator.backward becomes the engine's backward and step.
         accelerator.backward = backward
         try:
-            return super().training_step(model, inputs, num_items_in_batch)
+            with engine.window_ending_here(boundary):  # an epoch's short last window too
+                return super().training_step(model, inputs, num_items_in_batch)
         finally:
             del accelerator.backward  # back to the class's method
-            if short:
-                engine.set_gradient_accumulation_boundary(None)  # the count decides again
 
     def _clip_grad_norm(self, model):
         # The engine clipped to gradient_clipping (= max_grad_norm) with the global norm over

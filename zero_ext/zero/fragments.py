@@ -115,7 +115,8 @@ def read(engine, param: torch.nn.Parameter, what: str, local: bool = False) -> t
     _check_local(engine, param, local, writes_weights=False)
     engine._settle_step()
     if engine.replicated_optimizer is not None and what != "grad":
-        return _replicated(engine, param, what).detach().float().clone().to(engine.device)
+        return _replicated(engine, param, what).detach().to(engine.device, torch.float32,
+                                                             copy=True)
     fragment = fragment_of(engine, param)
     values = _local_tensor(engine, fragment, what).to(engine.device, torch.float32, copy=True)
     if what == "grad":
