@@ -62,10 +62,12 @@ def load_all_cases() -> None:
     run in the calling process)."""
     import ds_conformance_cases_context  # noqa: F401
     import ds_conformance_cases_fragment  # noqa: F401
+    import ds_conformance_cases_no_sync  # noqa: F401
     import ds_conformance_cases_precision  # noqa: F401
     import ds_conformance_cases_single  # noqa: F401
     import ds_conformance_cases_state  # noqa: F401
     import ds_conformance_cases_train  # noqa: F401
+    import ds_conformance_cases_zero_to_fp32  # noqa: F401
 
 
 def run_cases(world_size: int, workdir: str, only: str = "") -> dict[str, str | None]:

@@ -194,3 +194,13 @@ def test_every_ported_file_has_its_test():
 @_ported("test_zero_tensor_fragment.py")
 def test_zero_tensor_fragment_py(world_size, test_id):
     _run(world_size, test_id)
+
+
+@_ported("test_no_sync_ctxt.py")
+def test_no_sync_ctxt_py(world_size, test_id):
+    _run(world_size, test_id)
+
+
+@_ported("test_convert_checkpoint.py")
+def test_convert_checkpoint_py(world_size, test_id):
+    _run(world_size, test_id)

@@ -99,6 +99,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                               layout.unit_indices)
         self._build_gradients()
         self.loss_scaler: DynamicLossScaler | None = loss_scaler_for(config, self.rank)
+        if self.replicated_optimizer is None:
+            self.optimizer.loss_scaler = self.loss_scaler  # its DeepSpeed attributes read it
         self.lr_scheduler = None
         self.monitor = TrainingMonitor(
             rank=self.rank, world_size=self.world_size, device=self.device,
@@ -130,6 +132,10 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self._last_loss: torch.Tensor | None = None
         # engine.backward() calls since the last engine.step(): the engine expects exactly one.
         self._backwards_since_step = 0
+        self._no_sync = False  # inside engine.no_sync()
+        # backward() calls under no_sync since the last one that reduced: their gradients wait
+        # in .grad for the window's last backward (not counted in _backwards_since_step).
+        self._unsynced_backwards = 0
 
     def _tag_parameters(self) -> None:
         """For GatheredParameters: each trainable parameter knows its engine and bucket."""
@@ -329,9 +335,9 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             self.global_steps, self.loss_scaler.scale if self.loss_scaler is not None else 1.0)
         if micro_index == 0 and self.compression.freezes_variance_at(self.global_steps):
             stepping.freeze_variance(self)
+        reduces = self.is_gradient_accumulation_boundary() and not self._no_sync
         with self._timers.time("backward"):
-            self.grad_buckets.begin_backward(self.is_gradient_accumulation_boundary(),
-                                             micro_index)
+            self.grad_buckets.begin_backward(reduces, micro_index)
             try:
                 scaled.backward(retain_graph=retain_graph)
             finally:
@@ -339,8 +345,13 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                     self.grad_buckets.end_backward()
                 if self.partitioned is not None:
                     self.partitioned.end_backward()
+        if self._no_sync:
+            self._unsynced_backwards += 1
+            return
         self._backwards_since_step += 1
-        if self.stage == 0 and self.is_gradient_accumulation_boundary():
+        if reduces:
+            self._unsynced_backwards = 0  # reduced with this one's
+        if self.stage == 0 and reduces:
             # Stage 0's step has no collective of its own (the buckets were all-reduced whole),
             # and one added there would pair with a backward's all-reduce on a rank that
             # skipped step(): the agreement rides on every boundary backward instead.
@@ -353,9 +364,21 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         exactly one engine.backward() since the last step() (one backward per micro-step, as
         DeepSpeed's engine does)."""
         self._check_alive()
+        if self._no_sync:
+            raise RuntimeError(
+                "zero_ext: engine.step() inside engine.no_sync(): the gradients there are not "
+                "reduced yet. Leave the context, run the window's last engine.backward() "
+                "outside it (it reduces them with its own), then call engine.step()")
         self._settle_step()
         boundary = self.is_gradient_accumulation_boundary()
         backwards, self._backwards_since_step = self._backwards_since_step, 0
+        if boundary:
+            # A backward under no_sync after the window's last one would never be reduced: it
+            # counts as another backward, which every rank refuses together (with none at all
+            # the count is already wrong, and reduced_grads() must not be reached).
+            if backwards:
+                backwards += self._unsynced_backwards
+            self._unsynced_backwards = 0
         if not boundary and backwards != 1:
             # No collective between boundaries to agree in; a loop that does this does it on
             # every rank (two backwards per step(), PyTorch's accumulation style).

@@ -1,10 +1,12 @@
 """The DeepSpeed engine's methods beside training, by its names, for scripts written against
 it: the accessors (`engine.train_batch_size()`, `engine.gradient_accumulation_steps()`,
-`engine.was_step_applied()` and the like, each reading the engine's own state), and the
-lifecycle calls `destroy()` and `empty_partition_cache()`. ZeroEngine inherits them."""
+`engine.was_step_applied()` and the like, each reading the engine's own state), `no_sync()`
+and `zero_grad()`, and the lifecycle calls `destroy()` and `empty_partition_cache()`.
+ZeroEngine inherits them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 __all__ = ["DeepSpeedEngineAPI"]
@@ -58,6 +60,46 @@ class DeepSpeedEngineAPI:
         """Samples trained on so far: train_batch_size per optimizer step, skipped steps
         included (as DeepSpeed counts them)."""
         return self.global_steps * self.batch.train_batch_size
+
+    def get_mom(self) -> list:
+        """Per parameter group, its momentum as DeepSpeed reports it: `momentum` for SGD and
+        RMSprop, else the group's `betas` (0.0 where the group has neither). Under top-k's
+        freeze_variance the groups step with the betas they show, (beta1, 1.0)."""
+        name = type(self.optimizer).__name__
+        key = "momentum" if name in ("SGD", "RMSprop") else "betas"
+        return [group.get(key, 0.0) for group in self.optimizer.param_groups]
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """DeepSpeed's (and DDP's) no_sync, at stages 0-1: engine.backward() inside reduces
+        nothing, its gradients stay on this rank (in .grad), and the next backward outside
+        that ends an accumulation window reduces them with its own. The micro-step count does
+        not move (these backwards are not micro-steps) and the loss is still divided by
+        gradient_accumulation_steps. Refused: at stages 2-3 (each backward reduces into the
+        partitioned gradient), inside itself, engine.step() inside, and a step() whose
+        window ended with a backward inside (its gradient would never be reduced)."""
+        self._check_alive()
+        if self.stage >= 2:
+            raise RuntimeError(
+                f"zero_ext: engine.no_sync() is incompatible with ZeRO stage {self.stage}, "
+                "which partitions gradients by reducing every backward's (DeepSpeed refuses "
+                "it too). To accumulate, set gradient_accumulation_steps, or hold the window "
+                "open with engine.set_gradient_accumulation_boundary(False)")
+        if self._no_sync:
+            raise RuntimeError("zero_ext: engine.no_sync() inside engine.no_sync(): re-entry "
+                               "is not supported (DeepSpeed's neither); use one context")
+        self._no_sync = True
+        try:
+            yield
+        finally:
+            self._no_sync = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """DeepSpeed's: drops the gradients backward left in the model's .grad and not reduced
+        yet (stages 0-1 between accumulation boundaries, and under no_sync). A window's reduced
+        gradients stay for its step()."""
+        self.module.zero_grad(set_to_none=set_to_none)
+        self._unsynced_backwards = 0
 
     def destroy(self) -> None:
         """DeepSpeed's engine.destroy(): the engine lets go of the model, removing its gradient

@@ -38,7 +38,7 @@ from zero_ext.checkpoint.format import (
     resolve_tag,
 )
 
-__all__ = ["consolidate", "save_engine_model"]
+__all__ = ["checkpoint_tensors", "consolidate", "save_engine_model"]
 
 MODEL_FILE = "model.safetensors"
 
@@ -161,26 +161,63 @@ def save_engine_model(engine, output_path: str, exclude_frozen_parameters: bool 
     return file if writing else _output_path_name(output_path)
 
 
-def _checkpoint_path(checkpoint_dir: str, tag: str | None) -> str:
+def _checkpoint_path(checkpoint_dir: str, tag: str | None,
+                     caller: str = "zero_ext.consolidate") -> str:
     """`checkpoint_dir` itself when it is one checkpoint, else its tag (or `latest`)."""
     checkpoint_dir = os.path.abspath(checkpoint_dir)
     if not os.path.isdir(checkpoint_dir):
-        raise FileNotFoundError(f"zero_ext.consolidate: {checkpoint_dir} does not exist")
+        raise FileNotFoundError(f"{caller}: {checkpoint_dir} does not exist")
     if tag is None and looks_like_checkpoint(checkpoint_dir):
         return checkpoint_dir
-    resolved = resolve_tag(checkpoint_dir, tag, "zero_ext.consolidate")
+    resolved = resolve_tag(checkpoint_dir, tag, caller)
     if resolved is None:
         partial = partial_dirs(checkpoint_dir)
         hint = (f"; the only saves found never finished: "
                 f"{[os.path.basename(p) for p in partial]}" if partial else "")
         raise CheckpointError(
-            f"zero_ext.consolidate: {checkpoint_dir} has no '{LATEST}' file, so there is no "
+            f"{caller}: {checkpoint_dir} has no '{LATEST}' file, so there is no "
             f"complete checkpoint to pick{hint}. Pass tag= (--tag) to name one, or check the "
             f"directory")
     path, note = find_checkpoint(checkpoint_dir, resolved)
     if note is not None:
-        warnings.warn(f"zero_ext.consolidate: {note}", stacklevel=3)
+        warnings.warn(f"{caller}: {note}", stacklevel=3)
     return path
+
+
+def checkpoint_tensors(checkpoint_dir: str, dtype: torch.dtype | None = None, *,
+                       tag: str | None = None, exclude_frozen: bool = False,
+                       caller: str = "zero_ext.consolidate") -> tuple[CheckpointIndex,
+                                                                      list[TensorEntry]]:
+    """The checkpoint's index and one lazily read entry per key of the model's state_dict:
+    trainable parameters from the fp32 master shards, buffers and frozen parameters as saved
+    (cast to `dtype` when given, floating ones only); frozen parameters left out with
+    `exclude_frozen`. The keys of tied weights share one `produce`."""
+    index = CheckpointIndex(_checkpoint_path(checkpoint_dir, tag, caller))
+    model_states = index.reader(MODEL_STATES)
+    frozen = set()
+    if exclude_frozen:
+        if "frozen" not in index.metadata:
+            raise CheckpointError(
+                f"{caller}: {index.path} does not record which of its entries are frozen "
+                "parameters (saved by an older zero_ext), so they cannot be told from buffers; "
+                "convert without exclude_frozen_parameters")
+        frozen = set(index.metadata["frozen"])
+    entries, producers = [], {}
+    for key, kind, source in index.metadata["state_dict"]:
+        if kind == "param":
+            shape = index.params[source].shape
+            # Tied weights (one parameter under several keys) share one producer.
+            produce = producers.setdefault(
+                source, lambda s=source, shape=shape: _cast(index.read("master", s),
+                                                            dtype).view(shape))
+            entries.append(TensorEntry(key, dtype or torch.float32, shape, produce))
+        elif key not in frozen:
+            saved_dtype = model_states.dtype(source)
+            out_dtype = dtype if dtype is not None and saved_dtype.is_floating_point \
+                else saved_dtype
+            entries.append(TensorEntry(key, out_dtype, model_states.shape(source),
+                                       lambda s=source: _cast(model_states.read(s), dtype)))
+    return index, entries
 
 
 def consolidate(checkpoint_dir: str, output_path: str, dtype: torch.dtype | str | None = None,
@@ -195,21 +232,7 @@ def consolidate(checkpoint_dir: str, output_path: str, dtype: torch.dtype | str 
                     one saved with the checkpoint, if the model had one.
     """
     dtype = _parse_dtype(dtype)
-    index = CheckpointIndex(_checkpoint_path(checkpoint_dir, tag))
-    model_states = index.reader(MODEL_STATES)
-    entries = []
-    for key, kind, source in index.metadata["state_dict"]:
-        if kind == "param":
-            shape = index.params[source].shape
-            entries.append(TensorEntry(
-                key, dtype or torch.float32, shape,
-                lambda s=source, shape=shape: _cast(index.read("master", s), dtype).view(shape)))
-        else:
-            saved_dtype = model_states.dtype(source)
-            out_dtype = dtype if dtype is not None and saved_dtype.is_floating_point \
-                else saved_dtype
-            entries.append(TensorEntry(key, out_dtype, model_states.shape(source),
-                                       lambda s=source: _cast(model_states.read(s), dtype)))
+    index, entries = checkpoint_tensors(checkpoint_dir, dtype, tag=tag)
     file = _output_file(output_path)
     write_safetensors(file, entries, metadata={"format": "pt"})
     _write_config(file, config if config is not None else index.metadata.get("hf_config"))

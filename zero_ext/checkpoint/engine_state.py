@@ -209,6 +209,9 @@ def _metadata(engine, tag: str, names: list[str], exclude_frozen: bool = False) 
         "compression": compression_state.metadata(engine),
         "state_dict": _state_sources(engine, names, exclude_frozen),
         "excluded_frozen": sorted(_frozen_keys(engine)) if exclude_frozen else [],
+        # The frozen parameters saved among model_states' entries (the rest are buffers), for
+        # zero_ext.utils.zero_to_fp32's exclude_frozen_parameters.
+        "frozen": [] if exclude_frozen else sorted(_frozen_keys(engine)),
         "hf_config": hf_config,
     }
 
@@ -287,6 +290,10 @@ def _save_problem(engine, save_dir, client_state, names: list[str]) -> tuple[str
                 f"{engine._window_micro} in this window so far); the partial "
                 f"gradients would be lost. Save right after engine.step() completes an "
                 f"accumulation boundary"), b""
+    if engine._no_sync or engine._unsynced_backwards:
+        return ("called with gradients of engine.no_sync() not reduced yet (inside it, or "
+                "before the window's last backward); they would be lost. Save right after "
+                "engine.step() completes an accumulation boundary"), b""
     bad = _non_finite(engine, names)
     if bad is not None:
         return (f"the optimizer state is not finite ({bad}); a checkpoint of it would "

@@ -104,7 +104,9 @@ def backward_count_error(backwards: dict[int, int]) -> str:
         "micro-batch, as with DeepSpeed; step() only steps the optimizer at the accumulation "
         "boundary. To "
         "accumulate over k micro-batches set gradient_accumulation_steps to k (two backwards "
-        "before one step would keep only the last gradient, or never step)")
+        "before one step would keep only the last gradient, or never step), or, at stages 0-1, "
+        "run all but the window's last backward inside engine.no_sync() (a backward there after the "
+        "window's last one counts: its gradient would never be reduced)")
 
 
 def step_divergence_error(per_rank: list[tuple[int, int]]) -> str:

@@ -84,7 +84,7 @@ def _grad_tensor(engine, fragment: Fragment) -> torch.Tensor:
         raise ValueError(
             "zero_ext: gradients are only available after the backward that ends an "
             "accumulation window and before engine.step() (is_gradient_accumulation_boundary() "
-            "was False, or step() already used them)")
+            "was False, the backward ran inside engine.no_sync(), or step() already used them)")
     if engine.offload is not None:
         host = engine.offload.host_grad(fragment.layout.index)
         if host is not None:

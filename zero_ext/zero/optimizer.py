@@ -54,6 +54,28 @@ class ZeroOptimizer(torch.optim.Optimizer):
     """AdamW / Adam over the model-dtype slices of the buckets this rank updates (`weights`, in
     bucket order: shards of the flat buffers, or whole buckets at stage 0)."""
 
+    # What DeepSpeed's ZeRO optimizer shows of the step, which training scripts log from
+    # engine.optimizer: `loss_scale` / `cur_scale` (1.0 without fp16), `overflow` (the last
+    # boundary step found a non-finite gradient norm) and `_global_grad_norm` (its norm, the
+    # loss scale divided out). The engine hands over its fp16 `loss_scaler` and records each
+    # boundary step's outcome (zero/stepping.py).
+    loss_scaler = None
+    overflow = False
+    _global_grad_norm: float | None = None
+
+    @property
+    def loss_scale(self) -> float:
+        return 1.0 if self.loss_scaler is None else self.loss_scaler.scale
+
+    @loss_scale.setter
+    def loss_scale(self, value: float) -> None:
+        if self.loss_scaler is None:
+            raise ValueError("zero_ext: there is no loss scale to set: it is 1.0 unless fp16 "
+                             "is enabled in the config")
+        self.loss_scaler.scale = float(value)
+
+    cur_scale = loss_scale
+
     def __init__(self, param_groups: list[dict], layouts: list[BucketLayout],
                  weights: list[torch.Tensor], *, defaults: dict,
                  state_buffer: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None,

@@ -62,8 +62,8 @@ def _step_with(engine, grads: list[torch.Tensor] | None, backwards: int) -> bool
     if scaler is not None:
         scaler.update(overflow)
     nonfinite = config.nonfinite_gradients  # skip (fp16), raise, or apply (bf16)
+    _record(engine, norm / scale, overflow)
     if overflow and nonfinite != "apply":
-        engine._global_grad_norm = norm
         buckets.clear()
         engine.compression.reset()  # the residuals hold parts of the discarded gradients
         if nonfinite == "raise":
@@ -80,7 +80,6 @@ def _step_with(engine, grads: list[torch.Tensor] | None, backwards: int) -> bool
             "is applied (bf16.check_grad_overflow is false): weights and optimizer state are "
             "now inf/nan", RuntimeWarning, stacklevel=4)
     norm /= scale
-    engine._global_grad_norm = norm
     factor = 1.0 / scale
     clip = config.gradient_clipping
     if clip > 0:
@@ -90,6 +89,14 @@ def _step_with(engine, grads: list[torch.Tensor] | None, backwards: int) -> bool
     engine._optimizers.apply(grads, factor, buckets)
     buckets.clear()
     return True
+
+
+def _record(engine, norm: float, overflow: bool) -> None:
+    """The step's gradient norm (the loss scale divided out) and whether it was non-finite,
+    where get_global_grad_norm() and DeepSpeed's optimizer attributes read them."""
+    engine._global_grad_norm = norm
+    if engine.replicated_optimizer is None:
+        engine.optimizer._global_grad_norm, engine.optimizer.overflow = norm, overflow
 
 
 def freeze_variance(engine) -> None:
