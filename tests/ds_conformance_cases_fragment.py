@@ -386,11 +386,11 @@ class ScaleModel(nn.Module):
 def _fp32_average(tmp, stage: int) -> None:
     """bf16 gradients reduced in fp32 (communication_data_type): the gradient read is the exact
     fp32 average, not rounded back to bf16 (1.0 and 1.0078125 average to 1.00390625, which
-    bf16 cannot hold). DeepSpeed also sets data_types.grad_accum_dtype fp32, which zero_ext
-    refuses (it accumulates in fp32 where it accumulates at all)."""
+    bf16 cannot hold). With DeepSpeed's data_types.grad_accum_dtype fp32, as its test sets."""
     model = ScaleModel()
     engine, _, _, _ = zero_ext.initialize(model=model, config={
         "train_micro_batch_size_per_gpu": 1, "communication_data_type": "fp32",
+        "data_types": {"grad_accum_dtype": "fp32"},
         "optimizer": {"type": "Adam", "params": {"lr": 1e-6, "torch_adam": True}},
         "bf16": {"enabled": True}, "zero_optimization": {"stage": stage}},
         model_parameters=list(model.parameters()))

@@ -1,6 +1,6 @@
-"""Ported cases: the engine's no_sync() context, zero_grad(), get_mom(), and the step's loss
-scale and outcome as DeepSpeed's optimizer shows them (engine.optimizer.loss_scale,
-.cur_scale, .overflow, ._global_grad_norm).
+"""Ported cases: the engine's no_sync() context, zero_grad(), get_mom(), the step's loss scale
+and outcome as DeepSpeed's optimizer shows them (engine.optimizer.loss_scale, .cur_scale,
+.overflow, ._global_grad_norm), and data_types.grad_accum_dtype.
 
 From DeepSpeed's tests/unit/runtime/test_no_sync_ctxt.py, whose cases check that no_sync is
 refused at stages 2-3, inside itself and around step(), and that two contexts separated by
@@ -16,7 +16,7 @@ import torch
 from torch.testing import assert_close
 
 import zero_ext
-from zero_ext.utils import safe_get_full_fp32_param
+from zero_ext.utils import safe_get_full_fp32_param, safe_get_full_grad
 
 from ds_conformance_cases import (
     SimpleModel,
@@ -301,3 +301,61 @@ def get_mom(tmp):
         model=plain, optimizer=torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.5),
         config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 0}})
     assert engine.get_mom() == [0.5], engine.get_mom()
+
+
+# -- data_types.grad_accum_dtype ----------------------------------------------------------------
+def _accumulated_gradient(stage: int, accum: str | None, gas: int = 8) -> float:
+    """GradientProbe in bf16 (every gradient is the value given, over gas): a window of 1.0
+    then gas - 1 micro-steps of 2**-9, reduced in fp32; the gradient the step would apply."""
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": gas,
+              "optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+              "bf16": {"enabled": True}, "communication_data_type": "fp32",
+              "zero_optimization": {"stage": stage}}
+    if accum is not None:
+        config["data_types"] = {"grad_accum_dtype": accum}
+    engine = build_engine(config, 0, GradientProbe)
+    for micro in range(gas):
+        value = 1.0 if micro == 0 else 2.0 ** -9
+        engine.backward(engine(torch.tensor(value, dtype=torch.bfloat16)))
+        if micro < gas - 1:
+            engine.step()
+    grad = safe_get_full_grad(engine.module.linear.weight).item()
+    engine.step()
+    return grad
+
+
+def _grad_accum_fp32(tmp, stage: int) -> None:
+    """DeepSpeed's data_types.grad_accum_dtype "fp32" with bf16: the window's gradients sum in
+    fp32, (1 + 7 x 2**-9) / 8 exactly. bf16 .grad (the default at stages 0-1, DeepSpeed's too)
+    rounds each 2**-12 added to 0.125 away (a quarter of bf16's spacing there): 0.125; stage 2
+    sums its shards in fp32 either way."""
+    exact = (1 + 7 * 2.0 ** -9) / 8
+    assert _accumulated_gradient(stage, "fp32") == exact
+    assert _accumulated_gradient(stage, None) == (exact if stage >= 2 else 0.125)
+
+
+for _stage in (0, 1, 2):
+    case(f"test_bf16.py::zero_ext::grad_accum_dtype_fp32[{_stage}]",
+         stage=_stage)(_grad_accum_fp32)
+
+
+@case("test_bf16.py::zero_ext::grad_accum_dtype_fp32_with_no_sync_and_zero_grad")
+def fp32_window_dropped(tmp):
+    """Stage 1, fp32 accumulation, gradient_accumulation_steps 1: a backward of 1.0 inside
+    no_sync goes into the fp32 window, engine.zero_grad() drops it, and the next backward's
+    0.5 is the whole gradient; without zero_grad the window's 1.0 is added (1.5)."""
+    config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+              "optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+              "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1}}
+    engine = build_engine(config, 0, GradientProbe)
+    seen = []
+    for drop in (True, False):
+        with engine.no_sync():
+            engine.backward(engine(torch.tensor(1.0, dtype=torch.bfloat16)))
+        assert all(p.grad is None for p in engine.module.parameters())  # in the window
+        if drop:
+            engine.zero_grad()
+        engine.backward(engine(torch.tensor(0.5, dtype=torch.bfloat16)))
+        seen.append(safe_get_full_grad(engine.module.linear.weight).item())
+        engine.step()
+    assert seen == [0.5, 1.5], seen

@@ -64,11 +64,15 @@ COMPRESSION = {
 }
 
 
+# data_types sections by name (a sixth element of a case, in place of a compression name).
+DATA_TYPES = {"fp32_accum": {"grad_accum_dtype": "fp32"}}
+
+
 def case_config(stage: int, dtype: str, accumulation: int, comm_dtype: str | None,
                 offload: str | None, compression: str | None = None) -> dict:
     """engine_cases.config with this module's stage-3 keys; `offload` is None, "optimizer",
     "ratio" (half the optimizer state offloaded) or "both" (optimizer and parameters);
-    `compression` names a COMPRESSION section."""
+    `compression` names a COMPRESSION section (or a DATA_TYPES one)."""
     cfg = config(stage, dtype, accumulation, comm.world_size(),
                  stage3_param_persistence_threshold=PERSISTENCE,
                  stage3_prefetch_bucket_size=PREFETCH)
@@ -80,7 +84,9 @@ def case_config(stage: int, dtype: str, accumulation: int, comm_dtype: str | Non
         cfg["zero_optimization"]["offload_optimizer"]["ratio"] = 0.5
     if offload == "both":
         cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
-    if compression is not None:
+    if compression in DATA_TYPES:
+        cfg["data_types"] = DATA_TYPES[compression]
+    elif compression is not None:
         cfg["zero_ext"] = {"compression": COMPRESSION[compression]}
     return cfg
 

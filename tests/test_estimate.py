@@ -33,13 +33,15 @@ OFFLOAD_CASES = [(1, "fp32", 2, None, "optimizer"), (2, "bf16", 2, None, "optimi
 COMPRESSION_CASES = [(1, "bf16", 2, None, None, "int8_ef"), (3, "bf16", 1, None, None, "int8_ef"),
                      (2, "fp32", 1, None, None, "int4"), (0, "bf16", 1, None, None, "topk"),
                      (2, "bf16", 2, None, None, "topk_no_momentum")]
+# data_types.grad_accum_dtype fp32: stages 0-1 hold padded fp32 windows between boundaries.
+ACCUM_CASES = [(0, "bf16", 2, None, None, "fp32_accum"), (1, "bf16", 2, None, None, "fp32_accum")]
 GiB = 2**30
 
 
 @functools.cache
 def _measured(world_size):
     return run_group(world_size, estimate_cases.estimate_cases,
-                     CASES + OFFLOAD_CASES + COMPRESSION_CASES)
+                     CASES + OFFLOAD_CASES + COMPRESSION_CASES + ACCUM_CASES)
 
 
 @pytest.mark.parametrize("case", COMPRESSION_CASES, ids=lambda c: f"stage{c[0]}-{c[5]}")
@@ -73,7 +75,9 @@ def _case_id(case):
 
 
 @pytest.mark.parametrize("world_size", [1, 3])
-@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES + ACCUM_CASES,
+                         ids=[_case_id(c[:5]) + "".join(f"-{x}" for x in c[5:])
+                              for c in CASES + ACCUM_CASES])
 def test_estimate_equals_engine_memory_breakdown(world_size, case):
     for rank, results in enumerate(_measured(world_size)):
         result = results[case]

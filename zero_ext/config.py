@@ -1066,6 +1066,24 @@ class ActivationCheckpointingConfig(_Section):
 
 
 @dataclass(kw_only=True)
+class DataTypesConfig(_Section):
+    """``data_types``: DeepSpeed's per-purpose data types."""
+
+    grad_accum_dtype: str | None = None
+    """The dtype gradients are summed in over an accumulation window's micro-steps: "fp32",
+    "bf16" or "fp16" (DeepSpeed's spellings). None (DeepSpeed's default): the training dtype
+    at stages 0-1; stages 2-3 always sum their reduced shards in fp32 (whatever is set here,
+    so a 16-bit value there is more precise than asked). "fp32" at stages 0-1 keeps an fp32
+    copy of the window's gradients (4 bytes per parameter) instead of 16-bit ``.grad``
+    (DeepSpeed's BF16_Optimizer with fp32 accumulation). A 16-bit value other than the
+    training dtype is refused, as DeepSpeed refuses the mix."""
+
+    def __post_init__(self):
+        self.grad_accum_dtype = _optional(_check_choice, "grad_accum_dtype",
+                                          self.grad_accum_dtype, spellings=_COMM_DTYPES)
+
+
+@dataclass(kw_only=True)
 class BatchSizes:
     """The batch-size triple resolved for a world size (see ``ZeroConfig.resolve_batch``)."""
 
@@ -1410,6 +1428,9 @@ class ZeroConfig(_Section):
     """Data type of gradient reductions: "fp32", "fp16" or "bf16" (also spelled "float32",
     "bfloat16", ...). None: the model's training dtype. See ``comm_dtype``."""
 
+    data_types: DataTypesConfig = field(default_factory=DataTypesConfig)
+    """DeepSpeed's ``data_types`` (``grad_accum_dtype``). See ``fp32_accumulation``."""
+
     steps_per_print: int | None = None
     """Print the report line every this many optimizer steps (>= 1); None (DeepSpeed's default)
     prints none."""
@@ -1428,6 +1449,7 @@ class ZeroConfig(_Section):
         "scheduler": SchedulerConfig,
         "zero_optimization": ZeroOptimizationConfig,
         "activation_checkpointing": ActivationCheckpointingConfig,
+        "data_types": DataTypesConfig,
         "zero_ext": ZeroExtSettings,
     }
     _IGNORED: ClassVar[dict[str, str]] = {
@@ -1476,10 +1498,6 @@ class ZeroConfig(_Section):
         "torch_autocast": _Unsupported(
             _switched_off(), "torch.autocast integration is not supported; use \"bf16\" or "
             "\"fp16\", or wrap the forward in torch.autocast yourself"),
-        "data_types": _Unsupported(
-            lambda value: isinstance(value, Mapping) and all(v is None for v in value.values()),
-            "per-purpose data types are not supported; remove the section (gradients are "
-            "accumulated in the training dtype; see communication_data_type for reductions)"),
         "tensor_parallel": _Unsupported(
             lambda value: isinstance(value, Mapping) and value.get("autotp_size", 0) in (0, 1),
             "tensor parallelism is not supported; remove the section"),
@@ -1536,6 +1554,7 @@ class ZeroConfig(_Section):
         self.communication_data_type = _optional(
             _check_choice, "communication_data_type", self.communication_data_type,
             spellings=_COMM_DTYPES)
+        self.data_types = _section("data_types", self.data_types, DataTypesConfig)
         self.steps_per_print = _optional(_check_int, "steps_per_print", self.steps_per_print,
                                          lo=1)
         self.wall_clock_breakdown = _check_bool("wall_clock_breakdown", self.wall_clock_breakdown)
@@ -1543,6 +1562,13 @@ class ZeroConfig(_Section):
         if self.fp16.enabled and self.bf16.enabled:
             raise ConfigError("fp16.enabled", "fp16 and bf16 are both enabled; enable at most "
                               "one of them")
+        accum, training = self.data_types.grad_accum_dtype, self.training_dtype_name
+        if accum is not None and accum not in ("fp32", training):
+            also = "" if training == "fp32" else f" or \"{training}\""
+            raise ConfigError(
+                "data_types.grad_accum_dtype",
+                f"{accum} with {training} training is not supported (DeepSpeed refuses the mix "
+                f"at stage 0 and ignores it above); use \"fp32\"{also}, or remove the key")
         self.compression()  # its errors at load, not at initialize
 
     @classmethod
@@ -1628,6 +1654,17 @@ class ZeroConfig(_Section):
         if self.bf16.enabled and self.bf16.check_grad_overflow is not None:
             return "skip" if self.bf16.check_grad_overflow else "apply"
         return "raise"
+
+    @property
+    def training_dtype_name(self) -> str:
+        """"fp16", "bf16" or "fp32": the dtype the model trains in."""
+        return "fp16" if self.fp16.enabled else "bf16" if self.bf16.enabled else "fp32"
+
+    @property
+    def fp32_accumulation(self) -> bool:
+        """Whether stages 0-1 sum a window's gradients in fp32 (data_types.grad_accum_dtype
+        "fp32" with 16-bit training); stages 2-3 always do."""
+        return self.data_types.grad_accum_dtype == "fp32" and self.training_dtype_name != "fp32"
 
     @property
     def comm_dtype(self) -> torch.dtype | None:

@@ -216,6 +216,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self.grad_buckets = GradientBuckets(
             self.layouts, self._params, stage=self.stage, comm_dtype=self.comm_dtype,
             accumulation_steps=self.batch.gradient_accumulation_steps,
+            fp32_accumulation=self.config.fp32_accumulation,
             overlap_comm=self.config.zero_optimization.overlap,
             on_reduced=self.partitioned.layout_reduced if self.partitioned else None,
             on_final=self.offload.grad_ready if self.offload else None,

@@ -96,9 +96,10 @@ class DeepSpeedEngineAPI:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """DeepSpeed's: drops the gradients backward left in the model's .grad and not reduced
-        yet (stages 0-1 between accumulation boundaries, and under no_sync). A window's reduced
-        gradients stay for its step()."""
+        yet (stages 0-1 between accumulation boundaries, and under no_sync; with fp32
+        accumulation their fp32 sums). A window's reduced gradients stay for its step()."""
         self.module.zero_grad(set_to_none=set_to_none)
+        self.grad_buckets.drop_windows()
         self._unsynced_backwards = 0
 
     def destroy(self) -> None:

@@ -35,8 +35,9 @@ What is counted (the moment each number describes):
               units' shards plus the parameters kept whole (tied, outside any unit, below
               stage3_param_persistence_threshold)
   grads       the most gradient storage held: stage 0 the whole all-reduced buckets; stage 1
-              whole .grad between accumulation boundaries (accumulation > 1), otherwise its
-              shard; stages 2-3 the shard, fp32 when accumulating over micro-steps
+              whole .grad between accumulation boundaries (accumulation > 1; the padded fp32
+              buckets with data_types.grad_accum_dtype fp32), otherwise its shard; stages 2-3
+              the shard, fp32 when accumulating over micro-steps
   master      fp32 master weights; none when the model is fp32 (they alias its buffers),
               except under optimizer offload, where the host copy is separate
   exp_avg, exp_avg_sq   Adam's moments, fp32, for this rank's shards (whole at stage 0)
@@ -225,7 +226,7 @@ def estimate_from_config(model: nn.Module | int, config, world_size: int, *,
         largest=largest, prefetch_numel=zero.stage3_prefetch_bucket_size,
         max_live_numel=zero.stage3_max_live_parameters,
         offload_optimizer=zero.offload_optimizer.enabled, offload_param=zero.offload_param.enabled,
-        offload_ratio=zero.offload_optimizer.ratio,
+        offload_ratio=zero.offload_optimizer.ratio, fp32_accumulation=config.fp32_accumulation,
         compression=_compression_bytes(config, layouts_of(unit_layouts, whole_layouts),
                                        world_size, ranks_per_node))
 
@@ -307,7 +308,7 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
              frozen_numel: int, unit_numels: list[int], exact: bool, largest: int | None,
              prefetch_numel: int, max_live_numel: int, offload_optimizer: bool,
              offload_param: bool, offload_ratio: float = 1.0,
-             compression: int = 0) -> MemoryEstimate:
+             compression: int = 0, fp32_accumulation: bool = False) -> MemoryEstimate:
     """Bytes per kind from the layouts, following what the engine allocates."""
     units = [layout for layouts in unit_layouts for layout in layouts]
     layouts = layouts_of(unit_layouts, whole_layouts)
@@ -329,8 +330,10 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
     # shard; under offload_optimizer it is copied to the host and freed during backward.
     final = comm_width * (padded if stage == 0 else device_shards)
     if stage <= 1:
-        # Stage 0/1 reduce only at the boundary: until then every .grad is whole, unpadded.
-        grads = max(final, width * numel if accumulation > 1 else 0)
+        # Stage 0/1 reduce only at the boundary: until then every .grad is whole, unpadded
+        # (with fp32 accumulation, the buckets' fp32 windows instead, padded).
+        between = 4 * padded if fp32_accumulation else width * numel
+        grads = max(final, between if accumulation > 1 else 0)
     else:
         grads = 4 * shards if accumulation > 1 else final
     state = padded if stage == 0 else device_shards

@@ -6,7 +6,8 @@ bucket exists, one zero_ext::flatten_into_ launch copies them (cast to the commu
 pre-divided by the world size) into the bucket's flat buffer, the parameters' .grad are freed,
 and the bucket's collective starts asynchronously while autograd goes on with earlier layers:
   stage 0  all-reduce of the whole bucket (every rank keeps every gradient)
-  stage 1  reduce-scatter at the accumulation boundary only (.grad accumulates in between)
+  stage 1  reduce-scatter at the accumulation boundary only (.grad accumulates in between,
+           or, with data_types.grad_accum_dtype fp32, the bucket's fp32 `window`)
   stage 2  reduce-scatter on every micro-step; the shard is accumulated in fp32 across them
   stage 3  as stage 2, per gather unit; then the unit's full parameters are released
 Collectives start in bucket order, whatever order gradients arrive in, so every rank issues the
@@ -81,6 +82,7 @@ class GradientBucket:
     work: object | None = None         # the in-flight collective's handle
     grad: torch.Tensor | None = None   # what the optimizer reads: full (stage 0) or shard
     accumulated: torch.Tensor | None = None  # stage 2 with accumulation: fp32 shard sum
+    window: torch.Tensor | None = None  # stages 0-1, fp32 accumulation: the window's sum so far
     norm: torch.Tensor | None = None   # this step's final gradient's L2 norm (fp32, 0-dim)
 
 
@@ -89,7 +91,7 @@ class GradientBuckets:
 
     def __init__(self, layouts: list[BucketLayout], params: list[torch.nn.Parameter], *,
                  stage: int, comm_dtype: torch.dtype, accumulation_steps: int,
-                 overlap_comm: bool, on_reduced: Callable[[int], None] | None = None,
+                 overlap_comm: bool, fp32_accumulation: bool = False, on_reduced: Callable[[int], None] | None = None,
                  on_final: Callable[[int, torch.Tensor], bool] | None = None,
                  compression: GradientCompression | None = None):
         self.stage = stage
@@ -99,6 +101,9 @@ class GradientBuckets:
         # What a step reads (and offload's host buffers hold): fp32 when shards accumulate.
         self._reduced_dtype = reduced_grad_dtype(stage, accumulation_steps, comm_dtype)
         self.accumulation_steps = accumulation_steps
+        # Stages 0-1 between boundaries: each gradient goes into its bucket's fp32 window (and
+        # leaves .grad) instead of autograd's 16-bit sum in .grad.
+        self.fp32_accumulation = fp32_accumulation and stage <= 1
         self.overlap_comm = overlap_comm
         self._on_reduced = on_reduced  # told each bucket index whose gradients were taken
         # Offload: told (bucket index, gradient) as soon as a bucket's gradient for the step is
@@ -158,8 +163,15 @@ class GradientBuckets:
                 "engine.backward(loss) instead of loss.backward() so gradients are reduced")
         bucket, position = self._where[param]
         bucket.used.add(position)
-        if not self._reduce_now:
-            return  # stage 0/1 between boundaries: autograd accumulates into .grad
+        if not self._reduce_now:  # stage 0/1 between boundaries
+            if self.fp32_accumulation:
+                if bucket.window is None:
+                    bucket.window = torch.zeros(bucket.layout.padded_numel, dtype=torch.float32,
+                                                device=param.device)
+                ops.flatten_into_(bucket.window, [param.grad], [bucket.offsets[position]],
+                                  accumulate=True)
+                param.grad = None
+            return  # else autograd accumulates into .grad
         bucket.arrived.add(position)
         if len(bucket.arrived) == len(bucket.params):
             bucket.state = BucketState.READY
@@ -180,8 +192,12 @@ class GradientBuckets:
         scale = 1.0 / self.world_size
         if self.compression is not None:  # compressed momentum: (1 - beta1) g
             scale *= self.compression.gradient_scale(layout.index)
-        ops.flatten_into_(bucket.flat, [bucket.params[i].grad for i in present],
-                          [bucket.offsets[i] for i in present], scale=scale)
+        grads = [bucket.params[i].grad for i in present]
+        offsets = [bucket.offsets[i] for i in present]
+        if bucket.window is not None:  # the window's fp32 sum, this backward's added last
+            ops.flatten_into_(bucket.window, grads, offsets, accumulate=True)
+            grads, offsets, bucket.window = [bucket.window], [0], None
+        ops.flatten_into_(bucket.flat, grads, offsets, scale=scale)
         for i in present:
             bucket.params[i].grad = None
         if self._on_reduced is not None:
@@ -298,14 +314,21 @@ class GradientBuckets:
             bucket.grad = None
             bucket.flat = None
             bucket.norm = None
+            bucket.window = None
             for param in bucket.params:
                 param.grad = None
+
+    def drop_windows(self) -> None:
+        """engine.zero_grad(): the fp32 sums of a window's gradients not reduced yet (stages
+        0-1 with fp32 accumulation; the model's .grad are the caller's to drop)."""
+        for bucket in self.buckets:
+            bucket.window = None
 
     def nbytes(self) -> int:
         """Bytes of gradient storage held now (buckets and any .grad of our parameters)."""
         seen = set()
         total = 0
-        tensors = [t for b in self.buckets for t in (b.flat, b.grad, b.accumulated)]
+        tensors = [t for b in self.buckets for t in (b.flat, b.grad, b.accumulated, b.window)]
         tensors += [p.grad for b in self.buckets for p in b.params]
         for t in tensors:
             if t is not None and t.data_ptr() not in seen:
