@@ -71,21 +71,28 @@ def _windows(engine, dtype: torch.dtype, gas: int, quiet: int, steps: int = 2) -
             engine.step()
 
 
-def _reference(initial: dict, config: dict, gas: int, quiet: int, steps: int = 2) -> dict:
-    """The same windows in one process: every rank's micro-batches, each loss over gas (the
-    engine's backward divides by gradient_accumulation_steps) and averaged over the ranks."""
+def _windows_of(gas: int, quiet: int, steps: int = 2) -> list[tuple[int, list[int]]]:
+    """What _windows trains: per step, its batch index and the micro-batches of its window."""
+    return [(step, [m for micro in range(gas)
+                    for m in [10 + 10 * micro + e for e in range(quiet)] + [micro]])
+            for step in range(steps)]
+
+
+def _reference(initial: dict, config: dict, gas: int, windows) -> tuple[dict, float]:
+    """`windows` ((step, micro-batches) each) in one process: every rank's micro-batches, each
+    loss over gas (the engine's backward divides by gradient_accumulation_steps) and averaged
+    over the ranks. The parameters after, and the last window's gradient norm before
+    clipping."""
     reference = reference_copy(_model, initial)
     optimizer = ds_adam(list(reference.parameters()), config)
-    for step in range(steps):
+    for step, micros in windows:
         optimizer.zero_grad(set_to_none=True)
-        micros = [m for micro in range(gas)
-                  for m in [10 + 10 * micro + e for e in range(quiet)] + [micro]]
         losses = [reference(*batch(step, m, r, 2, hidden=HIDDEN))
                   for m in micros for r in range(world())]
         (sum(losses) / (gas * world())).backward()
-        torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)  # DeepSpeed's 1.0
+        norm = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 1.0)  # DeepSpeed's
         optimizer.step()
-    return dict(reference.named_parameters())
+    return dict(reference.named_parameters()), norm.item()
 
 
 def _check(engine, initial: dict, want: dict, dtype: torch.dtype) -> None:
@@ -119,7 +126,10 @@ def _zero_stage(tmp, stage: int, dtype: str) -> None:
     _windows(engine, DTYPES[dtype], gas=1, quiet=2)
     assert engine.global_steps == 2 and engine.micro_steps == 2, \
         (engine.global_steps, engine.micro_steps)  # no_sync's backwards are not micro-steps
-    _check(engine, initial, _reference(initial, config, gas=1, quiet=2), DTYPES[dtype])
+    want, norm = _reference(initial, config, 1, _windows_of(gas=1, quiet=2))
+    _check(engine, initial, want, DTYPES[dtype])
+    if dtype == "fp32":  # the gradient's scale too (Adam and clipping hide a uniform one)
+        assert_close(engine.get_global_grad_norm(), norm, rtol=1e-5, atol=0)
 
 
 for _stage in (0, 1, 2, 3):
@@ -137,8 +147,10 @@ def _accumulation(tmp, stage: int) -> None:
     _windows(engine, torch.float32, gas=2, quiet=1)
     assert engine.global_steps == 2 and engine.micro_steps == 4
     got = engine.full_state_dict()
-    for name, want in _reference(initial, config, gas=2, quiet=1).items():
-        close(got[name], want, torch.float32, name)
+    want, norm = _reference(initial, config, 2, _windows_of(gas=2, quiet=1))
+    for name, value in want.items():
+        close(got[name], value, torch.float32, name)
+    assert_close(engine.get_global_grad_norm(), norm, rtol=1e-5, atol=0)
 
 
 for _stage in (0, 1):
@@ -183,7 +195,7 @@ def _multiple_ctxts(tmp, stage: int, dtype: str) -> None:
     assert all(torch.equal(a, b) for x, y in zip(runs[0][1], runs[1][1]) for a, b in zip(x, y))
     engine.backward(_loss(engine, 0, 0, dt))
     engine.step()
-    _check(engine, initial, _reference(initial, config, gas=1, quiet=2, steps=1), dt)
+    _check(engine, initial, _reference(initial, config, 1, _windows_of(1, 2, steps=1))[0], dt)
 
 
 for _stage in (0, 1):
@@ -211,25 +223,33 @@ def reentry(tmp):
 
 
 def _unreduced_last(tmp, stage: int) -> None:
-    """zero_ext's: a backward inside no_sync after the window's last backward would never be
-    reduced; step() refuses it on every rank (the count of backwards, no_sync named) and
-    changes nothing, and save_checkpoint refuses while such gradients wait. The engine trains
-    on after engine.zero_grad(), as plain PyTorch on the windows that stepped."""
+    """zero_ext's: a backward inside no_sync after the backward that ended the window (and
+    reduced it) is refused before it runs, naming no_sync (its gradient would never be
+    reduced); the window's step is then as if it had not been tried. A save while no_sync's
+    gradients wait is refused. A step whose window had backwards inside no_sync only (none
+    reduced them) is refused on every rank with the count of backwards, and drops their
+    gradients: the next window trains as plain PyTorch on its own micro-batches alone."""
     config = _config(stage, "fp32")
     engine = build_engine(config, 42, _model)
     initial = {n: v.float().clone() for n, v in engine.full_state_dict().items()}
     engine.backward(_loss(engine, 0, 0, torch.float32))
     with engine.no_sync():
-        engine.backward(_loss(engine, 0, 1, torch.float32))
-    collectively(lambda: expect_zero_ext_error(lambda: engine.save_checkpoint(tmp),
-                                               "engine.no_sync()"))
-    collectively(lambda: expect_zero_ext_error(engine.step, "backward", "no_sync"))
-    assert engine.global_steps == 0
-    engine.zero_grad()
-    _windows(engine, torch.float32, gas=1, quiet=2, steps=2)
+        collectively(lambda: expect_zero_ext_error(
+            lambda: engine.backward(_loss(engine, 0, 1, torch.float32)), "no_sync",
+            "never be reduced"))
+    engine.step()
+    with engine.no_sync():
+        engine.backward(_loss(engine, 1, 5, torch.float32))
+        collectively(lambda: expect_zero_ext_error(lambda: engine.save_checkpoint(tmp),
+                                                   "engine.no_sync()"))
+    collectively(lambda: expect_zero_ext_error(engine.step, "exactly one engine.backward()"))
+    assert engine.global_steps == 1
+    engine.backward(_loss(engine, 1, 0, torch.float32))
+    engine.step()
     got = engine.full_state_dict()
-    for name, want in _reference(initial, config, gas=1, quiet=2).items():
-        close(got[name], want, torch.float32, name)
+    want, _ = _reference(initial, config, 1, [(0, [0]), (1, [0])])
+    for name, value in want.items():
+        close(got[name], value, torch.float32, name)
 
 
 for _stage in (0, 1):

@@ -109,10 +109,9 @@ def _to_fp32(tmp, stage: int, freeze: bool, groups: bool) -> None:
             assert torch.equal(param.detach().float(), want), name
         assert torch.equal(fresh.seen, seen.cpu()) and fresh.seen.item() == 4
         state = get_fp32_state_dict_from_zero_checkpoint(tmp)
-        for name, value in state.items():
-            if name in masters and masters[name] is not None:
-                assert value.dtype == torch.float32, (name, value.dtype)
-            assert torch.equal(value.float(), fresh.state_dict()[name].float()), name
+        for name, value in state.items():  # DeepSpeed's: every floating tensor in fp32
+            assert value.dtype == torch.float32, (name, value.dtype)
+            assert torch.equal(value, fresh.state_dict()[name].float()), name
 
     collectively(check)
 
@@ -150,6 +149,17 @@ def convert(tmp):
         fresh.load_state_dict(loaded, strict=True)
         for name, value in fresh.state_dict().items():
             assert torch.equal(value, state[name].float()), name
+        # Sharded: the tied keys share a shard, and the index counts their tensor once.
+        sharded = out + "-sharded"
+        convert_zero_checkpoint_to_fp32_state_dict(os.path.join(tmp, "checkpoint_ds"), sharded,
+                                                   max_shard_size="1KB")
+        with open(os.path.join(sharded, "pytorch_model.bin.index.json")) as f:
+            index = json.load(f)
+        where = index["weight_map"]
+        assert len(set(where.values())) > 1 and where["layer1.weight"] == where["layer2.weight"]
+        assert index["metadata"]["total_size"] == 4 * sum(p.numel() for p in fresh.parameters())
+        shard = torch.load(os.path.join(sharded, where["layer1.weight"]), weights_only=True)
+        assert shard["layer1.weight"] is shard["layer2.weight"]
 
     collectively(check)
 

@@ -136,6 +136,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         # backward() calls under no_sync since the last one that reduced: their gradients wait
         # in .grad for the window's last backward (not counted in _backwards_since_step).
         self._unsynced_backwards = 0
+        self._window_reduced = False  # a backward reduced this window's gradients (no step yet)
 
     def _tag_parameters(self) -> None:
         """For GatheredParameters: each trainable parameter knows its engine and bucket."""
@@ -324,6 +325,12 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             raise ValueError(f"zero_ext: engine.backward expects a scalar loss, got shape "
                              f"{tuple(loss.shape)}; reduce it (e.g. .mean()) first")
         self._check_alive()
+        if self._no_sync and self._window_reduced:
+            raise RuntimeError(
+                "zero_ext: engine.backward() inside engine.no_sync() after the backward that "
+                "ended this accumulation window and reduced its gradients: this one's would "
+                "never be reduced. Call engine.step() first; the next window's backwards may "
+                "run inside no_sync")
         self._settle_step()  # the step's gradient buffers are about to be reused
         self._last_loss = loss.detach()
         scaled = loss.float()
@@ -352,6 +359,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self._backwards_since_step += 1
         if reduces:
             self._unsynced_backwards = 0  # reduced with this one's
+            self._window_reduced = True
         if self.stage == 0 and reduces:
             # Stage 0's step has no collective of its own (the buckets were all-reduced whole),
             # and one added there would pair with a backward's all-reduce on a rank that
@@ -374,12 +382,9 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         boundary = self.is_gradient_accumulation_boundary()
         backwards, self._backwards_since_step = self._backwards_since_step, 0
         if boundary:
-            # A backward under no_sync after the window's last one would never be reduced: it
-            # counts as another backward, which every rank refuses together (with none at all
-            # the count is already wrong, and reduced_grads() must not be reached).
-            if backwards:
-                backwards += self._unsynced_backwards
-            self._unsynced_backwards = 0
+            # Backwards under no_sync with no reducing one after them leave a count of 0, which
+            # the step refuses (dropping their gradients).
+            self._window_reduced, self._unsynced_backwards = False, 0
         if not boundary and backwards != 1:
             # No collective between boundaries to agree in; a loop that does this does it on
             # every rank (two backwards per step(), PyTorch's accumulation style).

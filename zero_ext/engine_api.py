@@ -76,8 +76,9 @@ class DeepSpeedEngineAPI:
         that ends an accumulation window reduces them with its own. The micro-step count does
         not move (these backwards are not micro-steps) and the loss is still divided by
         gradient_accumulation_steps. Refused: at stages 2-3 (each backward reduces into the
-        partitioned gradient), inside itself, engine.step() inside, and a step() whose
-        window ended with a backward inside (its gradient would never be reduced)."""
+        partitioned gradient), inside itself, engine.step() inside, a backward inside after
+        the one that ended the window (its gradient would never be reduced), and a step()
+        whose window's backwards all ran inside."""
         self._check_alive()
         if self.stage >= 2:
             raise RuntimeError(

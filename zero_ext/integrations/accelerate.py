@@ -26,6 +26,7 @@ config comes from and how its "auto" values are filled is in _accelerate_config.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -268,6 +269,16 @@ class Accelerator(_Accelerator):
         """Also logs the engine's figures of its last step (zero_ext/samples_per_s, peak memory,
         ...), taken on every rank at each step's end when the Accelerator has trackers."""
         return super().log({**self._last_metrics, **values}, step=step, log_kwargs=log_kwargs)
+
+    def no_sync(self, model):
+        """accelerate's no_sync(model) enters the model's own (DDP's) on a multi-process run,
+        and accumulate() enters it for every micro-batch but a window's last. The engine is no
+        DDP: it reduces at its own accumulation boundaries and steps inside backward, so its
+        no_sync (stages 0-1, step() refused inside) is not entered here, as accelerate enters
+        none under DeepSpeed."""
+        if self._is_engine(model):
+            return contextlib.nullcontext()
+        return super().no_sync(model)
 
     # -- models and checkpoints ---------------------------------------------------------------
     def _is_engine(self, model) -> bool:

@@ -23,6 +23,7 @@ docs/integrations/transformers.md.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import weakref
@@ -119,6 +120,22 @@ class _ZeroTrainerMixin:
         # The engine owns mixed precision (16-bit weights, fp32 masters, loss scaling); an
         # accelerate autocast or GradScaler on top would cast and scale a second time.
         return {**super()._build_accelerator_args(**kwargs), "mixed_precision": "no"}
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # The Trainer enters accelerator.no_sync(model) for every micro-batch but a window's
+        # last, which on a multi-process run enters the model's own no_sync (DDP's). The engine
+        # reduces at its own boundaries and steps inside the backward: its no_sync (stages 0-1,
+        # step() refused inside) is not for this loop, as the Trainer enters none under
+        # DeepSpeed.
+        accelerator_no_sync = self.accelerator.no_sync
+
+        def no_sync(model):
+            if model is not None and model is self.engine:
+                return contextlib.nullcontext()
+            return accelerator_no_sync(model)
+
+        self.accelerator.no_sync = no_sync
 
     def _move_model_to_device(self, model, device) -> None:
         # A model built under zero_ext.Init has no storage yet: the engine allocates it shard

@@ -12,7 +12,7 @@ torch.distributed.
 The functions keep DeepSpeed's signatures and defaults: `convert_zero_checkpoint_to_fp32_state_dict`
 writes `pytorch_model.bin` (`model.safetensors` with safe_serialization), split into shards of at
 most max_shard_size with transformers' index file when larger. Trainable parameters come from
-the fp32 master weights, buffers and frozen parameters as saved. Where zero_ext differs
+the fp32 master weights; buffers and frozen parameters are cast to fp32 (integer ones kept). Where zero_ext differs
 (docs/deepspeed-compat.md): `checkpoint_dir` may also be one checkpoint (`<save_dir>/<tag>`);
 shards are written one at a time from the checkpoint, so memory holds one shard, not the
 model; `load_state_dict_from_zero_checkpoint` loads strictly (a missing or unexpected key is
@@ -63,15 +63,22 @@ class LazyTensor:
         return f"LazyTensor(shape={tuple(self.shape)}, dtype={self.dtype})"
 
 
+def _entries(checkpoint_dir: str, tag: str | None, exclude_frozen: bool) -> list[TensorEntry]:
+    """Every tensor of the state_dict, floating ones in fp32 (trainable parameters from the
+    master weights; buffers and frozen parameters cast, as DeepSpeed's .float()); integer
+    buffers as saved."""
+    return checkpoint_tensors(checkpoint_dir, torch.float32, tag=tag,
+                              exclude_frozen=exclude_frozen, caller=CALLER)[1]
+
+
 def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: str | None = None,
                                              exclude_frozen_parameters: bool = False,
                                              lazy_mode: bool = False) -> dict:
-    """The model's full state_dict from a checkpoint, on the CPU: trainable parameters in fp32
-    (the master weights), buffers and frozen parameters as saved (frozen ones left out with
-    exclude_frozen_parameters). `checkpoint_dir`: a save_dir (its `latest` tag, or `tag`) or one
+    """The model's full state_dict from a checkpoint, on the CPU, floating tensors in fp32:
+    trainable parameters from the master weights, buffers and frozen parameters cast (frozen
+    ones left out with exclude_frozen_parameters). `checkpoint_dir`: a save_dir (its `latest` tag, or `tag`) or one
     checkpoint. lazy_mode: values are LazyTensor, read by `.contiguous()`."""
-    _, entries = checkpoint_tensors(checkpoint_dir, tag=tag,
-                                    exclude_frozen=exclude_frozen_parameters, caller=CALLER)
+    entries = _entries(checkpoint_dir, tag, exclude_frozen_parameters)
     if lazy_mode:
         return {entry.name: LazyTensor(entry) for entry in entries}
     return _materialize(entries)
@@ -105,18 +112,29 @@ def _nbytes(entry: TensorEntry) -> int:
 
 def _split(entries: list[TensorEntry], max_bytes: int | None) -> list[list[TensorEntry]]:
     """Consecutive entries into shards of at most max_bytes (a larger tensor alone in its
-    own), as transformers splits a state_dict."""
+    own), as transformers splits a state_dict; the keys of one tied tensor go into the shard
+    of its first key and count once."""
     if max_bytes is None:
         return [entries]
-    shards, current, size = [], [], 0
+    shards: list[list[TensorEntry]] = [[]]
+    size, placed = 0, {}
     for entry in entries:
+        if id(entry.produce) in placed:
+            placed[id(entry.produce)].append(entry)
+            continue
         nbytes = _nbytes(entry)
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(entry)
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        placed[id(entry.produce)] = shards[-1]
         size += nbytes
-    return shards + [current] if current or not shards else shards
+    return shards
+
+
+def _total_size(entries: list[TensorEntry]) -> int:
+    """Bytes of the distinct tensors (a tied one once), transformers' index total_size."""
+    return sum(_nbytes(e) for e in {id(e.produce): e for e in entries}.values())
 
 
 def _write_bin(path: str, entries: list[TensorEntry]) -> None:
@@ -136,8 +154,7 @@ def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir: str, output_dir: 
     `model.safetensors` with safe_serialization; above max_shard_size (None: never) as
     `pytorch_model-00001-of-0000N.bin` ... with `pytorch_model.bin.index.json` (or the
     safetensors names), the layout transformers' from_pretrained reads."""
-    _, entries = checkpoint_tensors(checkpoint_dir, tag=tag,
-                                    exclude_frozen=exclude_frozen_parameters, caller=CALLER)
+    entries = _entries(checkpoint_dir, tag, exclude_frozen_parameters)
     shards = _split(entries, None if max_shard_size is None else _size_in_bytes(max_shard_size))
     stem, suffix = ("model", ".safetensors") if safe_serialization else ("pytorch_model", ".bin")
     os.makedirs(output_dir, exist_ok=True)
@@ -150,7 +167,7 @@ def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir: str, output_dir: 
         else:
             _write_bin(path, shard)
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(_nbytes(e) for e in entries)},
+        index = {"metadata": {"total_size": _total_size(entries)},
                  "weight_map": {e.name: name for name, shard in zip(names, shards)
                                 for e in shard}}
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"

@@ -69,6 +69,7 @@ class StepAgreement:
         if sharded:
             squares = self.agree(global_steps, backwards, squares)
         elif backwards != 1:
+            self.on_disagree()
             raise RuntimeError(backward_count_error({self.rank: backwards}))
         return math.sqrt(squares.item())
 
@@ -105,8 +106,7 @@ def backward_count_error(backwards: dict[int, int]) -> str:
         "boundary. To "
         "accumulate over k micro-batches set gradient_accumulation_steps to k (two backwards "
         "before one step would keep only the last gradient, or never step), or, at stages 0-1, "
-        "run all but the window's last backward inside engine.no_sync() (a backward there after the "
-        "window's last one counts: its gradient would never be reduced)")
+        "run all but the window's last backward inside engine.no_sync() (those are not counted)")
 
 
 def step_divergence_error(per_rank: list[tuple[int, int]]) -> str:
