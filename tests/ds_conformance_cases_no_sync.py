@@ -257,6 +257,58 @@ for _stage in (0, 1):
          stage=_stage)(_unreduced_last)
 
 
+@case(NO_SYNC + "zero_ext::boundary_changed_between_backward_and_step")
+def boundary_changed(tmp):
+    """gradient_accumulation_steps 2, stage 1: a backward made the window's last by
+    window_ending_here, then step() outside it (no boundary any more) is refused, consuming
+    nothing; stepping inside the context then applies that window: plain PyTorch on the one
+    micro-batch (its loss over 2)."""
+    config = _config(1, "fp32", gas=2)
+    engine = build_engine(config, 42, _model)
+    initial = {n: v.float().clone() for n, v in engine.full_state_dict().items()}
+    with engine.window_ending_here(True):
+        engine.backward(_loss(engine, 0, 0, torch.float32))
+    collectively(lambda: expect_zero_ext_error(engine.step, "boundary changed"))
+    with engine.window_ending_here(True):
+        engine.step()
+    assert engine.global_steps == 1
+    want, _ = _reference(initial, config, 2, [(0, [0])])
+    got = engine.full_state_dict()
+    for name, value in want.items():
+        close(got[name], value, torch.float32, name)
+
+
+class Switched(torch.nn.Module):
+    """Two linears; the second takes part only while `both`."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.Linear(HIDDEN, HIDDEN)
+        self.both = True
+
+    def forward(self, x, y):
+        x = self.first(x)
+        if self.both:
+            x = self.second(x)
+        return torch.nn.functional.cross_entropy(x, y)
+
+
+@case(NO_SYNC + "zero_ext::zero_grad_forgets_which_parameters_had_gradients")
+def zero_grad_unused(tmp):
+    """ignore_unused_parameters false, stage 0: a backward inside no_sync gives both linears a
+    gradient, zero_grad() drops it, and the window's own backward reaches the first alone:
+    the step refuses, naming the second (its only gradient was dropped)."""
+    config = {**_config(0, "fp32"),
+              "zero_optimization": {"stage": 0, "ignore_unused_parameters": False}}
+    engine = build_engine(config, 42, Switched)
+    with engine.no_sync():
+        engine.backward(engine(*batch(0, 1, rank(), 2, hidden=HIDDEN)))
+    engine.zero_grad()
+    engine.module.both = False
+    engine.backward(engine(*batch(0, 0, rank(), 2, hidden=HIDDEN)))
+    collectively(lambda: expect_zero_ext_error(engine.step, "no gradient", "second.weight"))
+
+
 # -- the optimizer's loss scale and step outcome, get_mom ---------------------------------------
 @case("test_ds_initialize.py::zero_ext::optimizer_loss_scale_overflow_and_norm")
 def optimizer_step_outcome(tmp):

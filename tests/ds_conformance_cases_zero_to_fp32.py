@@ -96,7 +96,7 @@ def _to_fp32(tmp, stage: int, freeze: bool, groups: bool) -> None:
     """load_state_dict_from_zero_checkpoint(fresh model, save_dir) gives every trainable
     parameter its fp32 master weights exactly, the frozen ones their initial values, the
     buffer the engine's; get_fp32_state_dict_from_zero_checkpoint the same values, trainable
-    ones in fp32."""
+    ones and the buffer in fp32, frozen ones in bf16 as saved (DeepSpeed's)."""
     engine, initial = _trained(stage, freeze, groups, tmp)
     masters = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
     seen = engine.module.seen.clone()
@@ -109,9 +109,10 @@ def _to_fp32(tmp, stage: int, freeze: bool, groups: bool) -> None:
             assert torch.equal(param.detach().float(), want), name
         assert torch.equal(fresh.seen, seen.cpu()) and fresh.seen.item() == 4
         state = get_fp32_state_dict_from_zero_checkpoint(tmp)
-        for name, value in state.items():  # DeepSpeed's: every floating tensor in fp32
-            assert value.dtype == torch.float32, (name, value.dtype)
-            assert torch.equal(value, fresh.state_dict()[name].float()), name
+        for name, value in state.items():  # DeepSpeed's: frozen ones as saved (bf16)
+            frozen = name in masters and masters[name] is None
+            assert value.dtype == (torch.bfloat16 if frozen else torch.float32), (name, value)
+            assert torch.equal(value.float(), fresh.state_dict()[name].float()), name
 
     collectively(check)
 

@@ -380,6 +380,15 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                 "outside it (it reduces them with its own), then call engine.step()")
         self._settle_step()
         boundary = self.is_gradient_accumulation_boundary()
+        if not boundary and self._window_reduced:
+            # The backward ended the window (and reduced it); the step would leave that
+            # gradient for the next boundary to overwrite. Deterministic on every rank;
+            # nothing is consumed, so setting the boundary and stepping again completes it.
+            raise RuntimeError(
+                "zero_ext: engine.step() is not at an accumulation boundary, but the backward "
+                "before it was and reduced the window's gradients: the boundary changed between "
+                "them (set_gradient_accumulation_boundary or window_ending_here). Set it before "
+                "the backward and keep it until step() returns")
         backwards, self._backwards_since_step = self._backwards_since_step, 0
         if boundary:
             # Backwards under no_sync with no reducing one after them leave a count of 0, which

@@ -100,7 +100,8 @@ class DeepSpeedEngineAPI:
         yet (stages 0-1 between accumulation boundaries, and under no_sync; with fp32
         accumulation their fp32 sums). A window's reduced gradients stay for its step()."""
         self.module.zero_grad(set_to_none=set_to_none)
-        self.grad_buckets.drop_windows()
+        # Before a reduction (stages 0-1, window not ended) nothing of the window is left.
+        self.grad_buckets.drop_windows(forget_used=self.stage <= 1 and not self._window_reduced)
         self._unsynced_backwards = 0
 
     def destroy(self) -> None:

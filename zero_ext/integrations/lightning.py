@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -303,6 +303,14 @@ class ZeroStrategy(DDPStrategy):
 
     def _setup_model(self, model):
         return model  # no DistributedDataParallel: the engine reduces the gradients
+
+    @contextmanager
+    def block_backward_sync(self):
+        """Lightning enters the model's no_sync for the micro-batches inside an accumulation
+        window when the model looks like DDP (has a no_sync, as the engine does). The engine
+        owns the window: it reduces at its own boundary and steps inside backward, so its
+        no_sync (step() refused inside) is not entered."""
+        yield None
 
     # -- training -----------------------------------------------------------------------------
     def backward(self, closure_loss: torch.Tensor, optimizer, *args, **kwargs) -> torch.Tensor:

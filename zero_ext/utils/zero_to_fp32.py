@@ -12,7 +12,7 @@ torch.distributed.
 The functions keep DeepSpeed's signatures and defaults: `convert_zero_checkpoint_to_fp32_state_dict`
 writes `pytorch_model.bin` (`model.safetensors` with safe_serialization), split into shards of at
 most max_shard_size with transformers' index file when larger. Trainable parameters come from
-the fp32 master weights; buffers and frozen parameters are cast to fp32 (integer ones kept). Where zero_ext differs
+the fp32 master weights, floating buffers are cast to fp32, frozen parameters stay as saved. Where zero_ext differs
 (docs/deepspeed-compat.md): `checkpoint_dir` may also be one checkpoint (`<save_dir>/<tag>`);
 shards are written one at a time from the checkpoint, so memory holds one shard, not the
 model; `load_state_dict_from_zero_checkpoint` loads strictly (a missing or unexpected key is
@@ -64,19 +64,26 @@ class LazyTensor:
 
 
 def _entries(checkpoint_dir: str, tag: str | None, exclude_frozen: bool) -> list[TensorEntry]:
-    """Every tensor of the state_dict, floating ones in fp32 (trainable parameters from the
-    master weights; buffers and frozen parameters cast, as DeepSpeed's .float()); integer
-    buffers as saved."""
-    return checkpoint_tensors(checkpoint_dir, torch.float32, tag=tag,
-                              exclude_frozen=exclude_frozen, caller=CALLER)[1]
+    """Every tensor of the state_dict as DeepSpeed's zero_to_fp32 gives it: trainable
+    parameters from the fp32 master weights, floating buffers cast to fp32 (its .float()),
+    frozen parameters and integer buffers as saved. (A checkpoint that does not record its
+    frozen keys has its frozen parameters cast with the buffers.)"""
+    index, entries = checkpoint_tensors(checkpoint_dir, tag=tag, exclude_frozen=exclude_frozen,
+                                        caller=CALLER)
+    frozen = set(index.metadata.get("frozen", []))
+    return [entry if entry.name in frozen or entry.dtype == torch.float32
+            or not entry.dtype.is_floating_point
+            else TensorEntry(entry.name, torch.float32, entry.shape,
+                             lambda produce=entry.produce: produce().float())
+            for entry in entries]
 
 
 def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: str | None = None,
                                              exclude_frozen_parameters: bool = False,
                                              lazy_mode: bool = False) -> dict:
-    """The model's full state_dict from a checkpoint, on the CPU, floating tensors in fp32:
-    trainable parameters from the master weights, buffers and frozen parameters cast (frozen
-    ones left out with exclude_frozen_parameters). `checkpoint_dir`: a save_dir (its `latest` tag, or `tag`) or one
+    """The model's full state_dict from a checkpoint, on the CPU: trainable parameters in fp32
+    (the master weights), floating buffers cast to fp32, frozen parameters as saved (left out
+    with exclude_frozen_parameters). `checkpoint_dir`: a save_dir (its `latest` tag, or `tag`) or one
     checkpoint. lazy_mode: values are LazyTensor, read by `.contiguous()`."""
     entries = _entries(checkpoint_dir, tag, exclude_frozen_parameters)
     if lazy_mode:

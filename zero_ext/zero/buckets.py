@@ -318,11 +318,14 @@ class GradientBuckets:
             for param in bucket.params:
                 param.grad = None
 
-    def drop_windows(self) -> None:
+    def drop_windows(self, forget_used: bool = False) -> None:
         """engine.zero_grad(): the fp32 sums of a window's gradients not reduced yet (stages
-        0-1 with fp32 accumulation; the model's .grad are the caller's to drop)."""
+        0-1 with fp32 accumulation; the model's .grad are the caller's to drop), and with
+        `forget_used` which parameters got a gradient (ignore_unused_parameters' check)."""
         for bucket in self.buckets:
             bucket.window = None
+            if forget_used:
+                bucket.used.clear()
 
     def nbytes(self) -> int:
         """Bytes of gradient storage held now (buckets and any .grad of our parameters)."""
