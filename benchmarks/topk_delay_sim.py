@@ -17,9 +17,10 @@ estimate e of the gradient, updated by the top-k of g - e, is the step's gradien
 variance follows it, not frozen), "dense" (plain AdamW
 throughout: no top-k, no frozen variance; "global" at --density 1 is dense with the variance
 frozen). --oracle-variance keeps v following the dense
-gradient after the freeze; --lr-mult scales the learning rate once sparse. Prints the loss over
+gradient after the freeze; --lr-mult scales the learning rate once sparse; --sparse-beta1 sets
+the sent momentum's beta1 once sparse ("momentum"). Prints the loss over
 1024 windows spread over the text, before and after (the evaluation of
-compression_convergence.py).
+compression_convergence.py), and the share of a sparse step's entries sent the step before too.
 
     python benchmarks/topk_delay_sim.py --mode global            # ~80 s on one core
     python benchmarks/topk_delay_sim.py --mode global --density 1   # only the frozen variance
@@ -84,9 +85,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--oracle-variance", action="store_true")
     parser.add_argument("--lr-mult", type=float, default=1.0)
+    parser.add_argument("--sparse-beta1", type=float, default=None,
+                        help="momentum mode: the beta1 of the sent momentum once sparse "
+                             "(default: Adam's 0.9)")
+    parser.add_argument("--data", default=None, help="the text (default: this Python's "
+                                                     "argparse.py)")
+    parser.add_argument("--batch", type=int, default=BATCH, help="windows per step")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with open(os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py"),
+    with open(args.data or os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py"),
               encoding="utf-8") as f:
         data = CharDataset(f.read(), 64)
     torch.manual_seed(args.seed)
@@ -105,8 +112,10 @@ def main() -> None:
 
     first, began, frozen = evaluate(), time.time(), False
     b1, b2 = BETAS
+    sent_b1 = b1 if args.sparse_beta1 is None else args.sparse_beta1
+    last_sent, repeats = None, []  # share of each sparse step's entries also sent the step before
     for step in range(args.steps):
-        index = torch.randint(0, len(data), (BATCH,), generator=batches)
+        index = torch.randint(0, len(data), (args.batch,), generator=batches)
         model.zero_grad()
         model(torch.stack([data[i][1] for i in index]),
               torch.stack([data[i][2] for i in index])).backward()
@@ -132,8 +141,13 @@ def main() -> None:
                 # "momentum": the residual takes Adam's momentum as this step would make it,
                 # and what is sent becomes the momentum (1-bit Adam's error-compensated
                 # momentum, with top-k in place of the sign)
-                residual[i] += m[i] * b1 + g * (1 - b1) if args.mode == "momentum" else g
+                residual[i] += m[i] * sent_b1 + g * (1 - sent_b1) \
+                    if args.mode == "momentum" else g
             masks = select(args.mode, residual, v, args.density)
+            if last_sent is not None:
+                repeats.append(sum((a & b).sum().item() for a, b in zip(masks, last_sent))
+                               / sum(mask.sum().item() for mask in masks))
+            last_sent = masks
             grads = [torch.where(mask, r, 0) for mask, r in zip(masks, residual)]
             for r, mask in zip(residual, masks):
                 r[mask] = 0
@@ -159,7 +173,8 @@ def main() -> None:
                            / ((v[i] / (1 - b2 ** (step + 1))).sqrt() + EPS), alpha=-lr)
     print(f"{args.mode} density {args.density} dense steps {args.dense_steps} "
           f"oracle variance {args.oracle_variance} lr x {args.lr_mult} seed {args.seed}: "
-          f"loss {first:.4f} -> {evaluate():.4f} ({time.time() - began:.0f} s)", flush=True)
+          f"loss {first:.4f} -> {evaluate():.4f} ({time.time() - began:.0f} s); sent again the "
+          f"next step: {sum(repeats) / max(1, len(repeats)):.1%}", flush=True)
 
 
 if __name__ == "__main__":
