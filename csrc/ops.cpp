@@ -198,6 +198,12 @@ bool without_gil(Fn fn) {
   }
   return false;
 }
+#else
+// What the CUDA-only entry points do in a CPU-only build.
+PyObject* no_cuda_kernels() {
+  PyErr_SetString(PyExc_RuntimeError, "zero_ext: this build has no CUDA kernels");
+  return nullptr;
+}
 #endif
 
 // cuda_probe_record(device) -> handle; cuda_probes_completed(device, handles) -> count: see
@@ -210,8 +216,7 @@ PyObject* cuda_probe_record(PyObject*, PyObject* args) {
   if (!without_gil([&] { handle = zero_ext::record_probe(device); })) return nullptr;
   return PyLong_FromVoidPtr(reinterpret_cast<void*>(handle));
 #else
-  PyErr_SetString(PyExc_RuntimeError, "zero_ext: this build has no CUDA kernels");
-  return nullptr;
+  return no_cuda_kernels();
 #endif
 }
 
@@ -236,8 +241,7 @@ PyObject* cuda_probes_completed(PyObject*, PyObject* args) {
   if (!without_gil([&] { done = zero_ext::probes_completed(device, handles); })) return nullptr;
   return PyLong_FromLongLong(done);
 #else
-  PyErr_SetString(PyExc_RuntimeError, "zero_ext: this build has no CUDA kernels");
-  return nullptr;
+  return no_cuda_kernels();
 #endif
 }
 
