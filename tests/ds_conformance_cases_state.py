@@ -10,6 +10,7 @@ restored) or as a fresh optimizer from the saved weights (optimizer state not lo
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -26,8 +27,10 @@ from ds_conformance_cases import (
     batch,
     build_engine,
     case,
+    collectively,
     ds_adam,
     ds_clip,
+    expect_zero_ext_error,
     full_params,
     named,
     parity,
@@ -588,3 +591,73 @@ def _load_mid_window(tmp, stage: int) -> None:
 for _stage in (0, 1, 2, 3):
     case(ZERO_CKPT + f"zero_ext::load_mid_window_drops_its_gradients[{_stage}]",
          stage=_stage)(_load_mid_window)
+
+
+def _positional(tmp, stage: int) -> None:
+    """DeepSpeed's load_checkpoint(load_dir, tag, load_module_strict, load_optimizer_states,
+    ...): a script's positional (dir, tag, True, False) loads without the optimizer state,
+    exactly as load_optimizer_states=False by keyword; the next step of both is the same, and
+    differs from a load with it (the check sees the state)."""
+    config = ckpt_config(stage)
+    saver = build_engine(config, seed=1)
+    train_engine(saver, STEPS)
+    saver.save_checkpoint(os.path.join(tmp, "saved"), tag="t")
+    after = []
+    for args, kwargs in ((("t", True, False), {}), (("t",), {"load_optimizer_states": False}),
+                         (("t",), {})):
+        engine = build_engine(config, seed=2)
+        engine.load_checkpoint(os.path.join(tmp, "saved"), *args, **kwargs)
+        train_engine(engine, 1, start=STEPS)
+        after.append(full_params(engine))
+    assert all(torch.equal(after[0][n], after[1][n]) for n in after[0])
+    assert not all(torch.equal(after[0][n], after[2][n]) for n in after[0])
+
+
+for _stage in (1, 3):
+    case(ZERO_CKPT + f"zero_ext::load_checkpoint_positional_arguments[{_stage}]",
+         stage=_stage)(_positional)
+
+
+class _Counted(SimpleModel):
+    """SimpleModel with a buffer, and optionally one more trainable layer, for what a
+    checkpoint and a model may not share."""
+
+    def __init__(self, buffer: bool = True, extra: bool = False):
+        super().__init__()
+        if buffer:
+            self.register_buffer("seen", torch.full((3,), 7.0))
+        if extra:
+            self.extra = nn.Linear(HIDDEN, HIDDEN)
+
+
+def _strict(tmp, stage: int) -> None:
+    """load_module_strict: a checkpoint without the model's buffer, and with a layer the model
+    lacks, is refused by default (naming the layer and the way out) and loaded with
+    load_module_strict=False: the
+    shared trainable parameters are the saver's, the buffer keeps the model's value, and the
+    loaded engine trains on exactly as the saver does. custom_load_fn is refused."""
+    config = ckpt_config(stage)
+    saver = build_engine(config, seed=1, factory=lambda: _Counted(buffer=False, extra=True))
+    train_engine(saver, STEPS)
+    saved = full_params(saver)
+    saver.save_checkpoint(os.path.join(tmp, "saved"), tag="t")
+    loader = build_engine(config, seed=2, factory=_Counted)
+    with torch.no_grad():
+        loader.module.seen.fill_(5.0)
+    load = functools.partial(loader.load_checkpoint, os.path.join(tmp, "saved"), "t")
+    collectively(lambda: expect_zero_ext_error(load, "extra.weight", "load_module_strict"))
+    collectively(lambda: expect_zero_ext_error(
+        lambda: load(load_module_strict=False, custom_load_fn=lambda src, dst: None),
+        "custom_load_fn"))
+    load(load_module_strict=False)
+    got = full_params(loader)
+    assert all(torch.equal(got[n], saved[n]) for n in got), sorted(got)
+    assert torch.equal(loader.module.seen, torch.full((3,), 5.0))
+    train_engine(saver, 1, start=STEPS)
+    train_engine(loader, 1, start=STEPS)
+    ours, theirs = full_params(loader), full_params(saver)
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+for _stage in (0, 2, 3):
+    case(ZERO_CKPT + f"zero_ext::load_module_strict[{_stage}]", stage=_stage)(_strict)

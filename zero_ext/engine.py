@@ -492,15 +492,28 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         was registered is applied now). ElasticSampler registers its data position here."""
         self.checkpoint_states.register(name, obj)
 
-    def load_checkpoint(self, load_dir: str, tag=None, load_optimizer_states: bool = True,
-                        load_lr_scheduler_states: bool = True, load_module_only: bool = False):
+    def load_checkpoint(self, load_dir: str, tag=None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False,
+                        custom_load_fn=None):
         """Collective. Loads the checkpoint `tag` (default: the one `<load_dir>/latest` names),
         saved at any world size and stage, after verifying its manifest and checksums.
-        Returns (checkpoint path, client_state), or (None, None) when there is none."""
+        Returns (checkpoint path, client_state), or (None, None) when there is none.
+        DeepSpeed's signature: load_module_strict False lets buffers and frozen parameters the
+        checkpoint lacks keep the model's values and passes over what it has beyond the model
+        (every trainable parameter the model has must be there: its optimizer state is);
+        custom_load_fn is refused (there is no module state_dict to hand it)."""
         from zero_ext.checkpoint.loading import load_checkpoint
+        if custom_load_fn is not None:
+            raise ValueError(
+                "zero_ext: load_checkpoint(custom_load_fn=...) is not supported: a zero_ext "
+                "checkpoint is shards, with no module state_dict to hand the function. Load "
+                "the checkpoint, then change the weights (zero_ext.utils.safe_set_full_fp32_param"
+                "), or load full weights with engine.load_weights")
         self._settle_step()
         return load_checkpoint(self, load_dir, tag, load_optimizer_states,
-                               load_lr_scheduler_states, load_module_only)
+                               load_lr_scheduler_states, load_module_only,
+                               strict=load_module_strict)
 
     def load_weights(self, path: str, strict: bool = True) -> list[str]:
         """Collective. Loads full model weights from safetensors (a file, or a directory that

@@ -75,10 +75,11 @@ def _announce_missing(load_dir: str) -> None:
                   f"a named checkpoint", stacklevel=4)
 
 
-def _model_states_plan(engine, index: CheckpointIndex) -> list:
+def _model_states_plan(engine, index: CheckpointIndex, strict: bool = True) -> list:
     """Buffers and frozen parameters to copy from rank 0's file, checked against the model
     (names, shapes); the frozen parameters a save left out (exclude_frozen_parameters) keep
-    the model's values."""
+    the model's values, and so, when not `strict`, does anything else the checkpoint lacks
+    (what it has beyond the model is then passed over)."""
     reader = index.reader(MODEL_STATES)
     current = engine.module.state_dict(keep_vars=True)
     wanted = {key: where for key, kind, where in index.metadata["state_dict"] if kind == "state"}
@@ -86,10 +87,14 @@ def _model_states_plan(engine, index: CheckpointIndex) -> list:
     mine = {key for key, value in current.items() if id(value) not in trainable}
     excluded = set(index.metadata.get("excluded_frozen", [])) & _frozen_keys(engine)
     missing, extra = sorted(mine - set(wanted) - excluded), sorted(set(wanted) - mine)
-    if missing or extra:
+    if not strict:
+        excluded |= set(missing)
+    elif missing or extra:
         raise CheckpointError(
             f"{CALLER}: {index.path} does not fit this model's buffers and frozen parameters: "
-            f"missing from the checkpoint {missing[:8]}, not in the model {extra[:8]}")
+            f"missing from the checkpoint {missing[:8]}, not in the model {extra[:8]} "
+            f"(load_module_strict=False keeps the model's values of what is missing and "
+            f"passes over the rest)")
     plan = []
     for key in sorted(mine - excluded):
         value, source = current[key], wanted[key]
@@ -189,7 +194,8 @@ def _read_engine_state(index: CheckpointIndex) -> dict:
 
 
 def _plan_load(engine, path: str, load_optimizer_states: bool,
-               load_lr_scheduler_states: bool, load_module_only: bool) -> _Plan:
+               load_lr_scheduler_states: bool, load_module_only: bool,
+               strict: bool = True) -> _Plan:
     """Every check of the load, without changing anything."""
     names = _names(engine)
     index = CheckpointIndex(path)
@@ -208,9 +214,9 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
     kinds = KINDS if load_optimizer_states else ("master",)
     saved = {n: place.shape for n, place in index.params.items()}
     unexpected = sorted(set(saved) - set(names))
-    if unexpected:
+    if unexpected and strict:
         raise CheckpointError(f"{CALLER}: {path} has parameters this model lacks: "
-                              f"{unexpected[:8]}")
+                              f"{unexpected[:8]} (load_module_strict=False passes over them)")
     fill = _fill_plan(engine, saved, names, kinds, f"{CALLER}: {path}")
     own_rng = shard_file_name(engine.rank, engine.world_size) \
         if index.world_size == engine.world_size else None
@@ -221,7 +227,7 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
         if f"{tensor}.{kind}" not in index.reader(file):
             raise CheckpointError(f"{CALLER}: {path}/{file} has no {tensor}.{kind}")
     extra = _read_engine_state(index)
-    model_states = _model_states_plan(engine, index)
+    model_states = _model_states_plan(engine, index, strict)
     differences = _optimizer_differences(engine, meta, extra, path) \
         if load_optimizer_states else []
     if load_lr_scheduler_states and engine.lr_scheduler is not None:
@@ -248,7 +254,8 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
 
 @torch.no_grad()
 def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool = True,
-                    load_lr_scheduler_states: bool = True, load_module_only: bool = False):
+                    load_lr_scheduler_states: bool = True, load_module_only: bool = False,
+                    strict: bool = True):
     """Collective. Restores what save_checkpoint wrote, at this engine's world size and stage;
     returns (checkpoint path, client_state), or (None, None) when `load_dir` holds no
     checkpoint and no tag was given (DeepSpeed's behaviour). A load that fails raises on every
@@ -278,7 +285,7 @@ def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool
         load_optimizer_states = load_lr_scheduler_states = False
 
     plan, problem = _attempt(_plan_load, engine, path, load_optimizer_states,
-                             load_lr_scheduler_states, load_module_only)
+                             load_lr_scheduler_states, load_module_only, strict)
     counters = plan.index.metadata["counters"] if plan is not None else None
     views = comm.all_gather_object((problem, counters))
     _raise_if_any([p for p, _ in views], "load_checkpoint")
