@@ -661,3 +661,34 @@ def _strict(tmp, stage: int) -> None:
 
 for _stage in (0, 2, 3):
     case(ZERO_CKPT + f"zero_ext::load_module_strict[{_stage}]", stage=_stage)(_strict)
+
+
+def _frozen_since(tmp, stage: int) -> None:
+    """A checkpoint of a model that trained every layer, loaded (strictly, and with
+    load_module_strict=False) into the same model with its first layer frozen (phase two of a
+    run that freezes the embeddings): the frozen layer gets its saved fp32 master weights, the
+    others theirs, exactly."""
+    config = ckpt_config(stage)
+    two = functools.partial(SimpleModel, nlayers=2)
+    saver = build_engine(config, seed=1, factory=two)
+    train_engine(saver, STEPS)
+    saved = full_params(saver)
+    saver.save_checkpoint(os.path.join(tmp, "saved"), tag="t")
+
+    def frozen_first():
+        model = two()
+        model.linears[0].requires_grad_(False)
+        return model
+
+    for strict in (True, False):
+        loader = build_engine(config, seed=2, factory=frozen_first)
+        loader.load_checkpoint(os.path.join(tmp, "saved"), "t", strict)
+        got = full_params(loader)
+        assert sorted(got) == sorted(saved)
+        wrong = [n for n in got if not torch.equal(got[n], saved[n])]
+        assert not wrong, (strict, wrong)
+
+
+for _stage in (0, 2, 3):
+    case(ZERO_CKPT + f"zero_ext::load_into_a_model_that_froze_a_trained_layer[{_stage}]",
+         stage=_stage)(_frozen_since)

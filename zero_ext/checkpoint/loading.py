@@ -57,7 +57,7 @@ class _Plan:
 
     index: CheckpointIndex
     fill: list                        # (target, first, name, a, b, kind), from _fill_plan
-    model_states: list                # (tensor in the model, saved key)
+    model_states: list                # (tensor in the model, producer of its saved value)
     extra: dict                       # engine_state.pt
     own_rng: str | None               # this rank's shard file, when its RNG states apply
     differences: list[str]            # optimizer/scheduler settings the checkpoint replaces
@@ -77,16 +77,20 @@ def _announce_missing(load_dir: str) -> None:
 
 def _model_states_plan(engine, index: CheckpointIndex, strict: bool = True) -> list:
     """Buffers and frozen parameters to copy from rank 0's file, checked against the model
-    (names, shapes); the frozen parameters a save left out (exclude_frozen_parameters) keep
+    (names, shapes), and frozen parameters that trained when saved from the checkpoint's fp32
+    master weights; the frozen parameters a save left out (exclude_frozen_parameters) keep
     the model's values, and so, when not `strict`, does anything else the checkpoint lacks
     (what it has beyond the model is then passed over)."""
     reader = index.reader(MODEL_STATES)
     current = engine.module.state_dict(keep_vars=True)
-    wanted = {key: where for key, kind, where in index.metadata["state_dict"] if kind == "state"}
+    entries = index.metadata["state_dict"]
+    wanted = {key: where for key, kind, where in entries if kind == "state"}
+    trained = {key: where for key, kind, where in entries if kind == "param"}
     trainable = {id(p) for p in engine._params}
     mine = {key for key, value in current.items() if id(value) not in trainable}
     excluded = set(index.metadata.get("excluded_frozen", [])) & _frozen_keys(engine)
-    missing, extra = sorted(mine - set(wanted) - excluded), sorted(set(wanted) - mine)
+    missing = sorted(mine - set(wanted) - set(trained) - excluded)
+    extra = sorted(set(wanted) - mine)
     if not strict:
         excluded |= set(missing)
     elif missing or extra:
@@ -97,13 +101,22 @@ def _model_states_plan(engine, index: CheckpointIndex, strict: bool = True) -> l
             f"passes over the rest)")
     plan = []
     for key in sorted(mine - excluded):
-        value, source = current[key], wanted[key]
+        value = current[key]
+        if key not in wanted:  # trained when saved, frozen now: from the master weights
+            source = trained[key]
+            if tuple(index.params[source].shape) != tuple(value.shape):
+                raise CheckpointError(f"{CALLER}: {key} is {tuple(index.params[source].shape)}"
+                                      f" in {index.path} and {tuple(value.shape)} in the model")
+            plan.append((value, lambda s=source, shape=value.shape:
+                         index.read("master", s).view(shape)))
+            continue
+        source = wanted[key]
         if source not in reader:
             raise CheckpointError(f"{CALLER}: {index.path}: {MODEL_STATES} has no {source!r}")
         if tuple(reader.shape(source)) != tuple(value.shape):
             raise CheckpointError(f"{CALLER}: {key} is {tuple(reader.shape(source))} in "
                                   f"{index.path} and {tuple(value.shape)} in the model")
-        plan.append((value, source))
+        plan.append((value, lambda s=source: reader.read(s)))
     return plan
 
 
@@ -213,7 +226,8 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
             f"load_optimizer_states=False")
     kinds = KINDS if load_optimizer_states else ("master",)
     saved = {n: place.shape for n, place in index.params.items()}
-    unexpected = sorted(set(saved) - set(names))
+    # A parameter that trained when saved and is frozen now is read by _model_states_plan.
+    unexpected = sorted(set(saved) - set(names) - set(engine.module.state_dict(keep_vars=True)))
     if unexpected and strict:
         raise CheckpointError(f"{CALLER}: {path} has parameters this model lacks: "
                               f"{unexpected[:8]} (load_module_strict=False passes over them)")
@@ -311,9 +325,8 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
     index, meta, extra = plan.index, plan.index.metadata, plan.extra
     for target, at, name, a, b, kind in plan.fill:
         index.read_into(kind, name, a, target[at:at + b - a])
-    reader = index.reader(MODEL_STATES)
-    for value, source in plan.model_states:
-        value.data.copy_(reader.read(source))
+    for value, produce in plan.model_states:
+        value.data.copy_(produce())
     engine._sync_weights_from_master()
     if load_optimizer_states:
         if engine.replicated_optimizer is not None:
