@@ -132,11 +132,9 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self._last_loss: torch.Tensor | None = None
         # engine.backward() calls since the last engine.step(): the engine expects exactly one.
         self._backwards_since_step = 0
-        self._no_sync = False  # inside engine.no_sync()
-        # backward() calls under no_sync since the last one that reduced: their gradients wait
-        # in .grad for the window's last backward (not counted in _backwards_since_step).
-        self._unsynced_backwards = 0
-        self._window_reduced = False  # a backward reduced this window's gradients (no step yet)
+        # Inside engine.no_sync(): backwards there are not counted, their gradients wait in
+        # .grad (or the fp32 windows) for the window's last backward.
+        self._no_sync = False
 
     def _tag_parameters(self) -> None:
         """For GatheredParameters: each trainable parameter knows its engine and bucket."""
@@ -325,7 +323,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             raise ValueError(f"zero_ext: engine.backward expects a scalar loss, got shape "
                              f"{tuple(loss.shape)}; reduce it (e.g. .mean()) first")
         self._check_alive()
-        if self._no_sync and self._window_reduced:
+        if self._no_sync and self.grad_buckets.reduced():
             raise RuntimeError(
                 "zero_ext: engine.backward() inside engine.no_sync() after the backward that "
                 "ended this accumulation window and reduced its gradients: this one's would "
@@ -354,12 +352,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                 if self.partitioned is not None:
                     self.partitioned.end_backward()
         if self._no_sync:
-            self._unsynced_backwards += 1
             return
         self._backwards_since_step += 1
-        if reduces:
-            self._unsynced_backwards = 0  # reduced with this one's
-            self._window_reduced = True
         if self.stage == 0 and reduces:
             # Stage 0's step has no collective of its own (the buckets were all-reduced whole),
             # and one added there would pair with a backward's all-reduce on a rank that
@@ -380,7 +374,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                 "outside it (it reduces them with its own), then call engine.step()")
         self._settle_step()
         boundary = self.is_gradient_accumulation_boundary()
-        if not boundary and self._window_reduced:
+        if not boundary and self.grad_buckets.reduced():
             # The backward ended the window (and reduced it); the step would leave that
             # gradient for the next boundary to overwrite. Deterministic on every rank;
             # nothing is consumed, so setting the boundary and stepping again completes it.
@@ -389,11 +383,9 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                 "before it was and reduced the window's gradients: the boundary changed between "
                 "them (set_gradient_accumulation_boundary or window_ending_here). Set it before "
                 "the backward and keep it until step() returns")
+        # Backwards under no_sync with no reducing one after them leave a count of 0 at a
+        # boundary, which the step refuses (dropping their gradients).
         backwards, self._backwards_since_step = self._backwards_since_step, 0
-        if boundary:
-            # Backwards under no_sync with no reducing one after them leave a count of 0, which
-            # the step refuses (dropping their gradients).
-            self._window_reduced, self._unsynced_backwards = False, 0
         if not boundary and backwards != 1:
             # No collective between boundaries to agree in; a loop that does this does it on
             # every rank (two backwards per step(), PyTorch's accumulation style).

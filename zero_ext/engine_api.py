@@ -101,8 +101,8 @@ class DeepSpeedEngineAPI:
         accumulation their fp32 sums). A window's reduced gradients stay for its step()."""
         self.module.zero_grad(set_to_none=set_to_none)
         # Before a reduction (stages 0-1, window not ended) nothing of the window is left.
-        self.grad_buckets.drop_windows(forget_used=self.stage <= 1 and not self._window_reduced)
-        self._unsynced_backwards = 0
+        self.grad_buckets.drop_windows(
+            forget_used=self.stage <= 1 and not self.grad_buckets.reduced())
 
     def destroy(self) -> None:
         """DeepSpeed's engine.destroy(): the engine lets go of the model, removing its gradient

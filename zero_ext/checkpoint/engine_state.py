@@ -290,7 +290,7 @@ def _save_problem(engine, save_dir, client_state, names: list[str]) -> tuple[str
                 f"{engine._window_micro} in this window so far); the partial "
                 f"gradients would be lost. Save right after engine.step() completes an "
                 f"accumulation boundary"), b""
-    if engine._no_sync or engine._unsynced_backwards:
+    if engine._no_sync or engine.grad_buckets.unreduced():
         return ("called with gradients of engine.no_sync() not reduced yet (inside it, or "
                 "before the window's last backward); they would be lost. Save right after "
                 "engine.step() completes an accumulation boundary"), b""

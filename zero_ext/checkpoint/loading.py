@@ -355,8 +355,7 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
     # A window this engine had begun (backwards before the load) belongs to the weights it
     # had: its gradients go, or the loaded run's first window would sum them in.
     engine.grad_buckets.clear()
-    engine._backwards_since_step = engine._unsynced_backwards = 0
-    engine._window_reduced = False
+    engine._backwards_since_step = 0
     engine.skipped_steps = counters["skipped_steps"]
     if engine.loss_scaler is not None and meta["loss_scaler"] is not None:
         engine.loss_scaler.load_state_dict(meta["loss_scaler"])

@@ -318,6 +318,17 @@ class GradientBuckets:
             for param in bucket.params:
                 param.grad = None
 
+    def reduced(self) -> bool:
+        """Whether the backward that ended the window has reduced its gradients (their norms
+        are taken; until step() or clear() drops them)."""
+        return any(bucket.norm is not None for bucket in self.buckets)
+
+    def unreduced(self) -> bool:
+        """Whether gradients wait for a reduction: stages 0-1 between boundaries (.grad, or the
+        fp32 windows), backwards under engine.no_sync() included."""
+        return any(bucket.window is not None or any(p.grad is not None for p in bucket.params)
+                   for bucket in self.buckets)
+
     def drop_windows(self, forget_used: bool = False) -> None:
         """engine.zero_grad(): the fp32 sums of a window's gradients not reduced yet (stages
         0-1 with fp32 accumulation; the model's .grad are the caller's to drop), and with
