@@ -1,0 +1,377 @@
+"""zero_ext trained side by side with DeepSpeed itself, in the same processes, on the same data.
+
+The DeepSpeed conformance suite (ds_conformance_cases*.py) ports DeepSpeed's own tests and
+checks their intent against plain PyTorch; these cases run DeepSpeed (the version the README's
+test command installs, on its CPU accelerator over the same gloo group) and zero_ext from one
+ds_config and compare what a user sees: the loss, the learning rate, the loss scale, skipped
+steps, the reported gradient norm at every step, and at the end the fp32 master weights and
+Adam's two moments of every parameter (`safe_get_full_fp32_param` /
+`safe_get_full_optimizer_state`, DeepSpeed's and zero_ext's of the same name).
+
+Where the two differ on purpose (docs/deepspeed-compat.md), the case checks the difference as
+documented: `fp16_scale_growth_step` measures DeepSpeed dividing the gradient of a step on
+which the loss scale grows by twice the scale its backward used, and zero_ext not.
+
+DeepSpeed refuses fp16 on a CPU without oneDNN fp16 (`is_fp16_supported`); the cases lift that
+check, so DeepSpeed's fp16 path runs on torch's CPU fp16 kernels, the ones zero_ext runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import zero_ext
+from zero_ext import utils as zx_utils
+
+# world size -> {case id: case()}
+CASES: dict[int, dict[str, Callable[[], None]]] = {}
+
+IN, HIDDEN, OUT, MICRO = 12, 16, 5, 3
+# fp32 masters and Adam's moments after a few steps: DeepSpeed's and zero_ext's AdamW are the
+# same arithmetic, the reductions run in another order (measured: 1.7e-7 relative)
+STATE_RTOL = 2e-6
+
+
+def deepspeed():
+    """DeepSpeed, with its CPU accelerator's fp16 check lifted (see the module's docstring)."""
+    import deepspeed as ds  # the README's test command installs it: a missing one fails here
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        accelerator.is_fp16_supported = lambda: True
+        accelerator.supported_dtypes = lambda: [torch.float32, torch.bfloat16, torch.float16]
+    return ds
+
+
+class Model(nn.Module):
+    """Three linear layers (376 + 272 + 85 elements: no chunk of a world size of 2 or 3 divides
+    them evenly) with GELU, and the loss inside forward as DeepSpeed's examples have it."""
+
+    def __init__(self, frozen_first_bias: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(IN, HIDDEN), nn.Linear(HIDDEN, HIDDEN),
+                                     nn.Linear(HIDDEN, OUT)])
+        if frozen_first_bias:
+            self.layers[0].bias.requires_grad_(False)
+
+    def forward(self, x, y):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = nn.functional.gelu(x)
+        return (x.float() - y).pow(2).mean()
+
+
+@dataclass
+class Trace:
+    losses: list = field(default_factory=list)
+    lrs: list = field(default_factory=list)
+    scales: list = field(default_factory=list)
+    grad_norms: list = field(default_factory=list)
+    skipped: int = 0
+    global_steps: int = 0
+    # per parameter name: (fp32 master, exp_avg, exp_avg_sq), at the end (and after each
+    # step where asked)
+    state: dict = field(default_factory=dict)
+    states: list = field(default_factory=list)
+
+
+def batches(micro_steps: int, spikes: dict[int, float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's micro-batches: drawn for every rank from one seed, so that both frameworks
+    and the whole-batch view agree; `spikes` scales a micro-step's inputs (fp16 overflow)."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    generator = torch.Generator().manual_seed(100 + world_size)
+    out = []
+    for step in range(micro_steps):
+        x = torch.randn(world_size, MICRO, IN, generator=generator)[rank]
+        y = torch.randn(world_size, MICRO, OUT, generator=generator)[rank]
+        out.append((x * spikes.get(step, 1.0), y))
+    return out
+
+
+def _dtype(config: dict) -> torch.dtype:
+    if config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    if config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _full_state(framework: str, engine, moments: bool) -> dict:
+    if framework == "deepspeed":
+        from deepspeed import utils as api
+    else:
+        api = zx_utils
+    state = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            state[name] = (param.detach().float().clone(),)
+            continue
+        master = api.safe_get_full_fp32_param(param)  # collective at stages 1-3
+        if master is None:  # DeepSpeed at stage 0: the torch optimizer holds the state
+            opt_state = engine.optimizer.state[param]
+            state[name] = (param.detach().float().clone(), opt_state["exp_avg"].clone(),
+                           opt_state["exp_avg_sq"].clone())
+            continue
+        tensors = [master]
+        if moments:
+            tensors += [api.safe_get_full_optimizer_state(param, "exp_avg"),
+                        api.safe_get_full_optimizer_state(param, "exp_avg_sq")]
+        state[name] = tuple(t.detach().float().clone() for t in tensors)
+    return state
+
+
+def train(framework: str, config: dict, data, model_kwargs: dict | None = None,
+          every_step_state: bool = False, client_optimizer: Callable | None = None) -> Trace:
+    """Trains Model() under `framework` ("deepspeed" or "zero_ext") on this rank's `data`.
+
+    `client_optimizer(model)`: what `initialize` is given instead of the config's optimizer;
+    Adam's moments are then not compared: with a client optimizer of two param groups at stages
+    1-2, DeepSpeed's `safe_get_full_optimizer_state` raised "exp_avg not found in optimizer state
+    fragment" for a bias on one rank while the other waited in its all-reduce."""
+    moments = client_optimizer is None
+    initialize = deepspeed().initialize if framework == "deepspeed" else zero_ext.initialize
+    model = Model(**(model_kwargs or {}))
+    optimizer = client_optimizer(model) if client_optimizer else None
+    engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=copy.deepcopy(config))
+    dtype = _dtype(config)
+    trace = Trace()
+    for x, y in data:
+        loss = engine(x.to(dtype), y)
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        trace.losses.append(loss.item())
+        if not boundary:
+            continue
+        trace.lrs.append(engine.get_lr()[0])
+        trace.scales.append(getattr(engine.optimizer, "loss_scale", None)
+                            if dtype == torch.float16 else None)
+        norm = engine.get_global_grad_norm()
+        trace.grad_norms.append(None if norm is None else float(norm))
+        if every_step_state:
+            trace.states.append(_full_state(framework, engine, moments))
+    trace.skipped, trace.global_steps = engine.skipped_steps, engine.global_steps
+    trace.state = _full_state(framework, engine, moments)
+    return trace
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def compare(ds: Trace, zx: Trace) -> None:
+    """Asserts that zero_ext's run `zx` is DeepSpeed's `ds`."""
+    assert len(ds.losses) == len(zx.losses)
+    for step, (a, b) in enumerate(zip(ds.losses, zx.losses)):
+        assert abs(a - b) <= 1e-6 * abs(a), f"micro-step {step}: loss {b} != DeepSpeed's {a}"
+    assert len(zx.lrs) == len(ds.lrs) and all(
+        abs(a - b) <= 1e-12 * abs(a) for a, b in zip(ds.lrs, zx.lrs)), (
+        f"learning rates {zx.lrs} != DeepSpeed's {ds.lrs}")
+    assert zx.scales == ds.scales, f"loss scales {zx.scales} != DeepSpeed's {ds.scales}"
+    assert (zx.skipped, zx.global_steps) == (ds.skipped, ds.global_steps), (
+        f"skipped/global steps {zx.skipped}/{zx.global_steps} != DeepSpeed's "
+        f"{ds.skipped}/{ds.global_steps}")
+    for step, (a, b) in enumerate(zip(ds.grad_norms, zx.grad_norms)):
+        if a is None or not torch.isfinite(torch.tensor(a)):
+            continue  # DeepSpeed reports none (stage 0) or inf on an overflow
+        assert b is not None and abs(a - b) <= 1e-5 * abs(a), (
+            f"step {step}: gradient norm {b} != DeepSpeed's {a}")
+    assert ds.state.keys() == zx.state.keys()
+    for name, tensors in ds.state.items():
+        for what, a, b in zip(("weight", "exp_avg", "exp_avg_sq"), tensors, zx.state[name]):
+            assert a.shape == b.shape, (name, what, a.shape, b.shape)
+            error = _relative(b, a)
+            assert error <= STATE_RTOL, f"{name} {what}: {error:.2e} relative to DeepSpeed's"
+
+
+def case(case_id: str, world_sizes: tuple[int, ...] = (2, 3)):
+    def register(fn):
+        for world_size in world_sizes:
+            table = CASES.setdefault(world_size, {})
+            assert case_id not in table, f"duplicate case id {case_id}"
+            table[case_id] = fn
+        return fn
+
+    return register
+
+
+def side_by_side(config: dict, micro_steps: int = 8, spikes: dict | None = None,
+                 deepspeed_keys: dict | None = None,
+                 **kwargs) -> tuple[Trace, Trace]:
+    """Trains `config` under both; `deepspeed_keys` are added to DeepSpeed's config only (what
+    zero_ext does by default and DeepSpeed when asked)."""
+    data = batches(micro_steps, spikes or {})
+    ds = train("deepspeed", dict(config, **(deepspeed_keys or {})), data, **kwargs)
+    zx = train("zero_ext", config, data, **kwargs)
+    compare(ds, zx)
+    return ds, zx
+
+
+def run_cases(world_size: int, only: str = "") -> dict[str, str | None]:
+    """Every case of this world size on this rank: None where it passed, else the traceback."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    results = {}
+    for case_id, fn in CASES[world_size].items():
+        if only not in case_id:
+            continue
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fn()
+            results[case_id] = None
+        except BaseException:  # noqa: BLE001 - the case's failure is its result
+            results[case_id] = traceback.format_exc()
+        dist.barrier()
+        if os.environ.get("ZERO_EXT_CASE_TIMES") and dist.get_rank() == 0:
+            print(f"{time.perf_counter() - start:6.2f}s {case_id}", flush=True)
+    return results
+
+
+# -- the cases --------------------------------------------------------------------------------
+ADAMW = {"type": "AdamW", "params": {"lr": 2e-2, "weight_decay": 0.1, "torch_adam": True}}
+BASE = {"train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 1.0, "optimizer": ADAMW,
+        "scheduler": {"type": "WarmupDecayLR",
+                      "params": {"warmup_num_steps": 3, "total_num_steps": 20,
+                                 "warmup_max_lr": 2e-2}}}
+# Differs on purpose: at stages 2-3 zero_ext sums a window's reduced gradient shards in fp32
+# whatever data_types.grad_accum_dtype says, which DeepSpeed does when it is "fp32" (its
+# default is the model's dtype); stage 1 accumulates .grad in the model's dtype in both.
+SUMS_IN_FP32 = {0: {}, 1: {}, 2: {"data_types": {"grad_accum_dtype": "fp32"}},
+                3: {"data_types": {"grad_accum_dtype": "fp32"}}}
+# micro-step 3's inputs x50: a gradient norm near 120, where clipping at 1.0 binds
+CLIP_SPIKE = {3: 50.0}
+
+
+def _fp32(stage: int):
+    side_by_side(dict(BASE, zero_optimization={"stage": stage}), spikes=CLIP_SPIKE)
+
+
+for _stage in range(4):
+    case(f"fp32_stage{_stage}")(lambda stage=_stage: _fp32(stage))
+
+
+# 16-bit cases run at 2 ranks only: at 3 the two frameworks sum three 16-bit gradients in
+# another order, which rounds differently (fp32 cases run at 3 as well, for uneven chunks).
+PRECISIONS = {"fp32": ({}, (2, 3)), "bf16": ({"bf16": {"enabled": True}}, (2,))}
+
+
+def _accumulation(stage: int, precision: str):
+    config = dict(BASE, zero_optimization={"stage": stage}, **PRECISIONS[precision][0],
+                  gradient_accumulation_steps=2,
+                  scheduler={"type": "WarmupCosineLR",
+                             "params": {"warmup_num_steps": 2, "total_num_steps": 10}})
+    side_by_side(config, micro_steps=12, spikes=CLIP_SPIKE, deepspeed_keys=SUMS_IN_FP32[stage])
+
+
+for _precision, (_, _sizes) in PRECISIONS.items():
+    for _stage in (1, 2, 3):
+        case(f"{_precision}_accumulation_cosine_stage{_stage}", _sizes)(
+            lambda stage=_stage, precision=_precision: _accumulation(stage, precision))
+
+
+def _fp16_overflows(stage: int, accumulation: int):
+    # fp16 inputs x1e3 overflow the scaled gradients: with DeepSpeed's default hysteresis of 2
+    # the first overflow skips the step and keeps the scale, the second halves it
+    config = dict(BASE, zero_optimization={"stage": stage}, gradient_accumulation_steps=accumulation,
+                  fp16={"enabled": True, "initial_scale_power": 12, "loss_scale_window": 100})
+    micro_steps = 8 * accumulation
+    spikes = {2 * accumulation: 1e3, 5 * accumulation - 1: 1e3, 3 * accumulation: 50.0}
+    ds, _ = side_by_side(config, micro_steps=micro_steps, spikes=spikes,
+                         deepspeed_keys=SUMS_IN_FP32[stage] if accumulation > 1 else {})
+    assert ds.skipped >= 2 and min(ds.scales) < 4096, (ds.skipped, ds.scales)  # it overflowed
+
+
+for _stage in (1, 2, 3):
+    case(f"fp16_overflow_hysteresis_stage{_stage}", (2,))(
+        lambda stage=_stage: _fp16_overflows(stage, 1))
+case("fp16_overflow_hysteresis_accumulation_stage2", (2,))(lambda: _fp16_overflows(2, 2))
+
+
+def _offload(stage: int, precision: str):
+    # torch's AdamW on DeepSpeed's side too (zero_force_ds_cpu_optimizer false): DeepSpeed's own
+    # CPU Adam is other arithmetic (up to 1e-3 apart from torch's AdamW in exp_avg here)
+    config = dict(BASE, zero_optimization={"stage": stage, "offload_optimizer": {"device": "cpu"}},
+                  zero_force_ds_cpu_optimizer=False, **PRECISIONS[precision][0])
+    side_by_side(config, spikes=CLIP_SPIKE)
+
+
+for _precision, (_, _sizes) in PRECISIONS.items():
+    for _stage in (2, 3):
+        case(f"{_precision}_offload_optimizer_stage{_stage}", _sizes)(
+            lambda stage=_stage, precision=_precision: _offload(stage, precision))
+
+
+def _client_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """Biases without weight decay, as the HF Trainer groups them."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=1e-2)
+
+
+def _client_optimizer_groups(stage: int, frozen: bool, precision: str):
+    config = {"train_batch_size": MICRO * dist.get_world_size() * 2,
+              "gradient_accumulation_steps": 2, "zero_optimization": {"stage": stage},
+              **PRECISIONS[precision][0], "gradient_clipping": 0.5,
+              "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 3}}}
+    side_by_side(config, micro_steps=10, client_optimizer=_client_optimizer,
+                 model_kwargs={"frozen_first_bias": frozen}, deepspeed_keys=SUMS_IN_FP32[stage])
+
+
+for _precision, (_, _sizes) in PRECISIONS.items():
+    for _stage in (1, 2, 3):
+        for _frozen in (False, True):
+            case(f"{_precision}_client_optimizer_groups{'_frozen_bias' * _frozen}_stage{_stage}",
+                 _sizes)(lambda stage=_stage, frozen=_frozen, precision=_precision:
+                         _client_optimizer_groups(stage, frozen, precision))
+
+
+def _fp16_scale_growth_step(stage: int):
+    """Differs on purpose (docs/deepspeed-compat.md): on the step where the dynamic loss scale
+    grows, DeepSpeed (stages 1-3) updates the scale before unscaling, so that step's gradient
+    is divided by twice the scale its backward multiplied by; zero_ext unscales by the scale
+    the backward used. Clipping off, so nothing cancels it."""
+    config = dict(BASE, zero_optimization={"stage": stage}, gradient_clipping=0.0,
+                  fp16={"enabled": True, "initial_scale_power": 8, "loss_scale_window": 2})
+    data = batches(4, {})
+    ds = train("deepspeed", config, data, every_step_state=True)
+    zx = train("zero_ext", config, data, every_step_state=True)
+    assert ds.scales == zx.scales == [256.0, 256.0, 512.0, 512.0], (ds.scales, zx.scales)
+    growth = 2
+    beta1 = 0.9
+    for name, before in zx.states[growth - 1].items():
+        if len(before) < 3:
+            continue
+        ds_before = ds.states[growth - 1][name][1]
+        assert _relative(ds_before, before[1]) <= STATE_RTOL, (name, "before the growth step")
+        m_prev, m_zx, m_ds = before[1], zx.states[growth][name][1], ds.states[growth][name][1]
+        # zero_ext: m = b1 m_prev + (1 - b1) g; DeepSpeed: the same with g / 2
+        predicted_ds = (m_zx + beta1 * m_prev) / 2
+        assert _relative(m_ds, predicted_ds) <= 1e-5, (name, "DeepSpeed's halved gradient")
+        assert _relative(m_ds, m_zx) > 1e-2, (name, "the growth step does not differ")
+    # zero_ext's gradient at the growth step is the true one: its reported norm is DeepSpeed's
+    # (stages 1-2 report it with the scale the backward used; stage 3 with the grown scale)
+    expected = ds.grad_norms[growth] * (2 if stage == 3 else 1)
+    assert abs(zx.grad_norms[growth] - expected) <= 1e-5 * expected, (
+        zx.grad_norms[growth], ds.grad_norms[growth])
+    for step in range(growth):
+        assert abs(zx.grad_norms[step] - ds.grad_norms[step]) <= 1e-5 * ds.grad_norms[step]
+
+
+for _stage in (1, 2, 3):
+    case(f"fp16_scale_growth_step_differs_stage{_stage}", world_sizes=(2,))(
+        lambda stage=_stage: _fp16_scale_growth_step(stage))

@@ -1,0 +1,34 @@
+"""zero_ext against DeepSpeed itself: one ds_config, the same data, compared step by step.
+
+The cases (deepspeed_reference_cases.py) run inside one gloo process group per world size (2,
+and 3 for chunks that do not divide evenly); each test reads its case's result.
+"""
+
+import functools
+import os
+
+import deepspeed_reference_cases as cases
+import pytest
+
+from dist_harness import run_group
+
+
+@functools.cache
+def _group(world_size: int) -> list[dict]:
+    previous = os.environ.get("ZERO_EXT_CPU_SHM")
+    os.environ["ZERO_EXT_CPU_SHM"] = "0"  # gloo's collectives, which DeepSpeed also runs on
+    try:
+        return run_group(world_size, cases.run_cases, world_size)
+    finally:
+        if previous is None:
+            del os.environ["ZERO_EXT_CPU_SHM"]
+        else:
+            os.environ["ZERO_EXT_CPU_SHM"] = previous
+
+
+@pytest.mark.parametrize("world_size, case_id",
+                         [(ws, cid) for ws, table in sorted(cases.CASES.items()) for cid in table])
+def test_trains_as_deepspeed(world_size, case_id):
+    failures = [f"--- rank {r} ---\n{result[case_id]}"
+                for r, result in enumerate(_group(world_size)) if result[case_id] is not None]
+    assert not failures, f"{case_id} failed:\n" + "\n".join(failures)
