@@ -65,7 +65,27 @@ def scalars(logdir):
             for tag in accumulator.Tags()["scalars"]}
 
 
+def _record_deepspeed_engines() -> list:
+    """A list that every DeepSpeed engine built from here on is appended to (none while
+    DeepSpeed is not installed). accelerate imports deepspeed whenever it is installed
+    (`extract_model_from_parallel`), so the import alone says nothing; an engine would."""
+    built = []
+    try:
+        from deepspeed.runtime.engine import DeepSpeedEngine
+    except ImportError:
+        return built
+    original = DeepSpeedEngine.__init__
+
+    def init(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        original(self, *args, **kwargs)
+
+    DeepSpeedEngine.__init__ = init
+    return built
+
+
 def run(out, name, extra_args=(), env=None):
+    deepspeed_engines = _record_deepspeed_engines()
     run_dir = os.path.join(out, name)
     args = [SCRIPT, "--train_file", TEXT, "--output_dir", run_dir, "--use_cpu",
             "--max_steps", str(STEPS), "--learning_rate", str(LR), "--warmup_steps", str(WARMUP),
@@ -94,7 +114,7 @@ def run(out, name, extra_args=(), env=None):
         history = json.load(f)["log_history"]
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     result = {"history": history, "param_counts": handler.counts,
-              "deepspeed_imported": "deepspeed" in sys.modules,
+              "deepspeed_engines": deepspeed_engines,
               "zero3_enabled": is_deepspeed_zero3_enabled()}
     if "tensorboard" in extra_args:
         result["tensorboard"] = scalars(run_dir)  # under output_dir/runs/

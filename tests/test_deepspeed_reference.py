@@ -14,11 +14,15 @@ from dist_harness import run_group
 
 
 @functools.cache
-def _group(world_size: int) -> list[dict]:
+def _group(world_size: int) -> list[dict] | Exception:
+    """The group's per-rank results, or its failure: kept, so that a group that failed (or
+    timed out) fails each of its tests at once instead of running again for each."""
     previous = os.environ.get("ZERO_EXT_CPU_SHM")
     os.environ["ZERO_EXT_CPU_SHM"] = "0"  # gloo's collectives, which DeepSpeed also runs on
     try:
         return run_group(world_size, cases.run_cases, world_size)
+    except Exception as error:  # noqa: BLE001 - re-raised by every test of the group
+        return error
     finally:
         if previous is None:
             del os.environ["ZERO_EXT_CPU_SHM"]
@@ -29,6 +33,9 @@ def _group(world_size: int) -> list[dict]:
 @pytest.mark.parametrize("world_size, case_id",
                          [(ws, cid) for ws, table in sorted(cases.CASES.items()) for cid in table])
 def test_trains_as_deepspeed(world_size, case_id):
+    group = _group(world_size)
+    if isinstance(group, Exception):
+        raise group
     failures = [f"--- rank {r} ---\n{result[case_id]}"
-                for r, result in enumerate(_group(world_size)) if result[case_id] is not None]
+                for r, result in enumerate(group) if result[case_id] is not None]
     assert not failures, f"{case_id} failed:\n" + "\n".join(failures)
