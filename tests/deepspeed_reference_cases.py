@@ -21,6 +21,8 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import shutil
+import tempfile
 import time
 import traceback
 import warnings
@@ -140,8 +142,12 @@ def _full_state(framework: str, engine, moments: bool) -> dict:
 
 
 def train(framework: str, config: dict, data, model_kwargs: dict | None = None,
-          every_step_state: bool = False, client_optimizer: Callable | None = None) -> Trace:
+          every_step_state: bool = False, client_optimizer: Callable | None = None,
+          load_dir: str | None = None, save: tuple[int, str] | None = None) -> Trace:
     """Trains Model() under `framework` ("deepspeed" or "zero_ext") on this rank's `data`.
+
+    `load_dir`: engine.load_checkpoint(load_dir) first. `save` (micro-steps, directory):
+    engine.save_checkpoint(directory) after that many micro-steps, the trace starting after it.
 
     `client_optimizer(model)`: what `initialize` is given instead of the config's optimizer;
     Adam's moments are then not compared: with a client optimizer of two param groups at stages
@@ -152,9 +158,14 @@ def train(framework: str, config: dict, data, model_kwargs: dict | None = None,
     model = Model(**(model_kwargs or {}))
     optimizer = client_optimizer(model) if client_optimizer else None
     engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=copy.deepcopy(config))
+    if load_dir is not None:
+        engine.load_checkpoint(load_dir)
     dtype = _dtype(config)
     trace = Trace()
-    for x, y in data:
+    for index, (x, y) in enumerate(data):
+        if save is not None and index == save[0]:
+            engine.save_checkpoint(save[1])
+            trace = Trace()
         loss = engine(x.to(dtype), y)
         engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()
@@ -449,3 +460,44 @@ for _precision, (_, _sizes) in PRECISIONS.items():
     for _stage in (0, 1) if _precision == "fp32" else (1,):
         case(f"{_precision}_no_sync_stage{_stage}", _sizes)(
             lambda stage=_stage, precision=_precision: _no_sync(stage, precision))
+
+
+def _shared_dir() -> str:
+    """A new directory, the same on every rank (rank 0 makes it)."""
+    made = [tempfile.mkdtemp(prefix="zero-ext-ds-ckpt-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(made, src=0)
+    return made[0]
+
+
+def _resume(stage: int, precision: str, **kwargs):
+    """A DeepSpeed run saved after 4 steps and resumed by zero_ext (engine.load_checkpoint on
+    DeepSpeed's directory) trains the next 4 as DeepSpeed goes on: losses, learning rates,
+    loss scales, counters, norms, and the final masters and moments."""
+    config = dict(BASE, zero_optimization={"stage": stage}, **PRECISIONS[precision][0])
+    config.update(kwargs.pop("config", {}))
+    spikes = kwargs.pop("spikes", CLIP_SPIKE)
+    data = batches(8, spikes)
+    directory = _shared_dir()
+    try:
+        ds = train("deepspeed", config, data, save=(4, directory), **kwargs)
+        zx = train("zero_ext", config, data[4:], load_dir=directory, **kwargs)
+        compare(ds, zx)
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+for _precision, (_, _sizes) in PRECISIONS.items():
+    for _stage in (1, 2, 3):
+        case(f"{_precision}_resumes_deepspeed_checkpoint_stage{_stage}", _sizes)(
+            lambda stage=_stage, precision=_precision: _resume(stage, precision))
+for _stage in (2, 3):
+    case(f"bf16_resumes_deepspeed_checkpoint_frozen_bias_stage{_stage}", (2,))(
+        lambda stage=_stage: _resume(stage, "bf16", model_kwargs={"frozen_first_bias": True}))
+# the loss scaler's state: an overflow before the save leaves one hysteresis; the overflow
+# after it halves the scale only if that was restored
+case("fp16_resumes_deepspeed_checkpoint_loss_scaler_stage2", (2,))(
+    lambda: _resume(2, "fp32", config={"fp16": {"enabled": True, "initial_scale_power": 12,
+                                                "loss_scale_window": 100}},
+                    spikes={1: 1e3, 6: 1e3}))

@@ -83,7 +83,10 @@ class _DeepSpeedSchedule(LRScheduler):
         """Load a state dict of this class, or DeepSpeed's ``{"last_batch_iteration": i}``
         (from a DeepSpeed checkpoint), which resumes at the same position in the schedule."""
         if "last_epoch" not in state_dict and "last_batch_iteration" in state_dict:
-            state_dict = {"last_epoch": int(state_dict["last_batch_iteration"]) + 1}
+            super().load_state_dict({"last_epoch": int(state_dict["last_batch_iteration"]) + 1})
+            # DeepSpeed's dict has no learning rates: those of the position it resumes at
+            self._last_lr = self.get_lr()
+            return
         super().load_state_dict(state_dict)
 
 

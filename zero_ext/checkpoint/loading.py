@@ -7,7 +7,8 @@ checksums of every file it reads, that each parameter, buffer and optimizer grou
 engine_state.pt is plain data, that the optimizer's update rule is the same. The verdicts are
 exchanged; only if every rank may load does any rank start writing, so a load that fails
 leaves the engine exactly as it was, on every rank. Loading maps each parameter's elements from
-the saved bucket layout onto this engine's, so the world size and the stage may differ.
+the saved bucket layout onto this engine's, so the world size and the stage may differ. A tag
+directory DeepSpeed wrote (ZeRO stages 1-3) is read by from_deepspeed.py instead.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from zero_ext import comm
-from zero_ext.checkpoint import compression_state, data_only
+from zero_ext.checkpoint import compression_state, data_only, from_deepspeed
 from zero_ext.checkpoint.engine_state import (
     _attempt,
     _files_of,
@@ -295,6 +296,9 @@ def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool
             if partial != path:
                 warnings.warn(f"{CALLER}: {partial} is an incomplete checkpoint (its save never "
                               f"finished); it was ignored and can be deleted", stacklevel=3)
+    if from_deepspeed.is_deepspeed_checkpoint(path):
+        return from_deepspeed.load_deepspeed_checkpoint(
+            engine, path, load_optimizer_states, load_lr_scheduler_states, load_module_only)
     if load_module_only:
         load_optimizer_states = load_lr_scheduler_states = False
 

@@ -1,0 +1,360 @@
+"""engine.load_checkpoint on a DeepSpeed ZeRO checkpoint: a DeepSpeed run resumed in zero_ext.
+
+A tag directory that DeepSpeed's `engine.save_checkpoint` wrote at ZeRO stage 1, 2 or 3 (fp32,
+bf16 or fp16; optimizer offload or not) holds, for a data-parallel world of N ranks:
+
+    mp_rank_00_model_states.pt                 stages 1-2: the 16-bit module state dict,
+                                               parameter names and shapes per optimizer
+                                               group, the counters, the LR scheduler's state
+    zero_pp_rank_<r>_mp_rank_00_model_states.pt stage 3, one per rank: the same, with frozen
+                                               parameters as per-rank fragments
+    [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt  rank r's partition of each group's
+                                               flat fp32 master weights and Adam moments, the
+                                               Adam step and the loss scaler
+
+Stages 1-2 cut each group's flat buffer (parameters back to back in `param_shapes` order) into
+N equal partitions; stage 3 cuts each parameter into N pieces of ceil(numel / N) elements and
+lays a rank's pieces back to back (DeepSpeed's zero_to_fp32.py reads them so too). Each
+parameter is assembled from the partitions' memory maps, one at a time, and written with the
+fragment API, so the zero_ext engine may run at any world size and stage.
+
+Files are read with `torch.load(weights_only=True)`: the four DeepSpeed classes a checkpoint
+pickles (its loss scalers, ZeroStageEnum, fragment_address) are read as inert records, so no
+DeepSpeed code runs and DeepSpeed need not be installed. As in load_checkpoint, everything is
+read and checked on every rank before any rank writes. Not read (an error says so): model- or
+pipeline-parallel checkpoints, expert (MoE) files, DeepSpeed's stage 0, universal checkpoints.
+Data-sampler and random-number states are not restored.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from zero_ext import comm
+from zero_ext.checkpoint.format import CheckpointError
+from zero_ext.zero import fragments
+
+__all__ = ["is_deepspeed_checkpoint", "load_deepspeed_checkpoint"]
+
+CALLER = "zero_ext.load_checkpoint"
+_MODEL_FILE = "mp_rank_00_model_states.pt"
+_STAGE3_MODEL = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")
+_OPTIM = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+# DeepSpeed's own entries of a model-states file; the others are the script's client_state.
+_DS_KEYS = {"module", "buffer_names", "optimizer", "param_shapes", "frozen_param_shapes",
+            "shared_params", "frozen_param_fragments", "lr_scheduler", "data_sampler",
+            "random_ltd", "sparse_tensor_module_names", "skipped_steps", "global_steps",
+            "global_samples", "dp_world_size", "mp_world_size", "ds_config", "ds_version",
+            "checkpoint_parallel_dimensions"}
+
+
+class _Record:
+    """An object of a DeepSpeed class, kept as its pickled fields: nothing of it runs."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
+
+
+_DEEPSPEED_CLASSES = [
+    (type(name.rsplit(".", 1)[1], (_Record,), {}), name)
+    for name in ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                 "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                 "deepspeed.runtime.zero.config.ZeroStageEnum",
+                 "deepspeed.utils.tensor_fragment.fragment_address")]
+
+
+def _load(path: str) -> dict:
+    try:
+        with torch.serialization.safe_globals(_DEEPSPEED_CLASSES):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - named with the file below
+        raise CheckpointError(
+            f"{CALLER}: {path} could not be read as plain data ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). zero_ext reads DeepSpeed "
+            f"ZeRO checkpoints without running code from them; one holding other objects "
+            f"(another DeepSpeed version or feature) is not read. Convert it with DeepSpeed's "
+            f"zero_to_fp32.py and load the weights with load_module_only") from None
+
+
+def is_deepspeed_checkpoint(path: str) -> bool:
+    """Whether the tag directory `path` is one DeepSpeed's save_checkpoint wrote."""
+    return os.path.isfile(os.path.join(path, _MODEL_FILE)) or os.path.isfile(
+        os.path.join(path, "zero_pp_rank_0_mp_rank_00_model_states.pt"))
+
+
+def _ranked(path: str, pattern: re.Pattern) -> list[str]:
+    found = {}
+    for name in os.listdir(path):
+        match = pattern.match(name)
+        if match:
+            found[int(match.group(1))] = os.path.join(path, name)
+    if sorted(found) != list(range(len(found))):
+        raise CheckpointError(f"{CALLER}: {path} has DeepSpeed files for ranks {sorted(found)}; "
+                              f"some are missing (a save that did not finish on every rank?)")
+    return [found[r] for r in range(len(found))]
+
+
+@dataclass
+class _Checkpoint:
+    path: str
+    stage: int
+    world_size: int
+    model: dict                  # rank 0's model-states file
+    optim: list[dict]            # each rank's optimizer_state_dict
+    frozen_fragments: list       # stage 3: each rank's frozen_param_fragments
+    shapes: list[dict]           # per optimizer group: name -> shape, in flat order
+
+    def flat(self, rank: int, kind: str) -> list[torch.Tensor]:
+        """Rank `rank`'s flat partition of each group: "master", "exp_avg" or "exp_avg_sq"."""
+        state = self.optim[rank]
+        if kind == "master":
+            return list(state["fp32_flat_groups" if self.stage == 3
+                              else "single_partition_of_fp32_groups"])
+        base = state["optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"]
+        return [base["state"][g][kind] for g in range(len(self.shapes))]
+
+    def steps(self) -> list[float]:
+        base = self.optim[0]["optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"]
+        return [float(base["state"][g]["step"]) for g in range(len(self.shapes))]
+
+    def param_groups(self) -> list[dict]:
+        base = self.optim[0]["optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"]
+        return base["param_groups"]
+
+
+def _read(path: str) -> _Checkpoint:
+    if os.path.isfile(os.path.join(path, _MODEL_FILE)):
+        model_files = [os.path.join(path, _MODEL_FILE)]
+    else:
+        model_files = _ranked(path, _STAGE3_MODEL)
+    if glob.glob(os.path.join(path, "*expp_rank_*")) or glob.glob(
+            os.path.join(path, "mp_rank_01_*")):
+        raise CheckpointError(f"{CALLER}: {path} is a DeepSpeed checkpoint with expert (MoE) or "
+                              f"model-parallel files; zero_ext reads data-parallel ZeRO "
+                              f"checkpoints only")
+    optim_files = _ranked(path, _OPTIM)
+    if not optim_files:
+        raise CheckpointError(f"{CALLER}: {path} is a DeepSpeed checkpoint without ZeRO "
+                              f"optimizer files (DeepSpeed's stage 0?); zero_ext resumes stages "
+                              f"1-3. Load its weights with load_module_only=True")
+    model = _load(model_files[0])
+    if model.get("mp_world_size", 1) != 1:
+        raise CheckpointError(f"{CALLER}: {path} was saved with model parallelism "
+                              f"(mp_world_size {model['mp_world_size']}); not supported")
+    optim = [_load(f)["optimizer_state_dict"] for f in optim_files]
+    stage_record = optim[0].get("zero_stage")
+    stage = stage_record.args[0] if isinstance(stage_record, _Record) else stage_record
+    if stage not in (1, 2, 3):
+        raise CheckpointError(f"{CALLER}: {optim_files[0]} has ZeRO stage {stage!r}; zero_ext "
+                              f"resumes DeepSpeed stages 1-3")
+    counts = optim[0].get("partition_count")
+    world_size = max(counts) if isinstance(counts, list) else counts
+    if world_size != len(optim_files):
+        raise CheckpointError(f"{CALLER}: {path} holds {len(optim_files)} optimizer files for a "
+                              f"world of {world_size} ranks; the save did not finish on every "
+                              f"rank")
+    paddings = [p for rank in optim for group in rank.get("param_alignment_paddings", [])
+                for p in group]
+    if any(paddings):
+        raise CheckpointError(f"{CALLER}: {path} pads parameters inside its groups "
+                              f"(param_alignment_paddings), a layout zero_ext does not read")
+    fragments_ = [_load(f).get("frozen_param_fragments") or {} for f in model_files] \
+        if stage == 3 else []
+    return _Checkpoint(path, stage, world_size, model, optim, fragments_,
+                       [dict(group) for group in model["param_shapes"]])
+
+
+class _Assembler:
+    """Whole parameters out of the ranks' flat partitions (memory-mapped), one at a time."""
+
+    def __init__(self, ckpt: _Checkpoint):
+        self.ckpt = ckpt
+        self.where = {}  # name -> (group, offset in the group's flat order, shape)
+        running = 0  # stage 3: offset in a rank's concatenated groups
+        for group, shapes in enumerate(ckpt.shapes):
+            offset = 0
+            for name, shape in shapes.items():
+                numel = math.prod(shape)
+                if ckpt.stage == 3:
+                    self.where[name] = (group, running, torch.Size(shape))
+                    running += math.ceil(numel / ckpt.world_size)
+                else:
+                    self.where[name] = (group, offset, torch.Size(shape))
+                    offset += numel
+        self._flats = {}
+
+    def _flat(self, rank: int, kind: str) -> list[torch.Tensor]:
+        key = (rank, kind)
+        if key not in self._flats:
+            self._flats[key] = self.ckpt.flat(rank, kind)
+        return self._flats[key]
+
+    def check(self) -> None:
+        """The flat partitions hold what the shapes say, in every rank's file and kind."""
+        ckpt, n = self.ckpt, self.ckpt.world_size
+        for kind in ("master", "exp_avg", "exp_avg_sq"):
+            sizes = [[t.numel() for t in self._flat(r, kind)] for r in range(n)]
+            if ckpt.stage == 3:
+                if any(s != sizes[0] for s in sizes):
+                    raise CheckpointError(f"{CALLER}: {ckpt.path}: the ranks' {kind} "
+                                          f"partitions differ in size ({sizes})")
+                need = sum(math.ceil(math.prod(s) / n) for g in ckpt.shapes for s in g.values())
+                if sum(sizes[0]) != need:
+                    raise CheckpointError(f"{CALLER}: {ckpt.path}: stage-3 {kind} partitions "
+                                          f"hold {sum(sizes[0])} elements per rank, the "
+                                          f"parameters need {need}")
+                continue
+            for group, shapes in enumerate(ckpt.shapes):
+                # each rank's partition of the group padded to a multiple of 2 x N; the
+                # masters are saved with the padding cut from the last ranks, the moments not
+                need = sum(math.prod(s) for s in shapes.values())
+                lengths = [sizes[r][group] for r in range(n)]
+                if not need <= sum(lengths) < need + 2 * n or max(lengths) != lengths[0]:
+                    raise CheckpointError(f"{CALLER}: {ckpt.path}: group {group}'s {kind} "
+                                          f"partitions hold {lengths} elements for {need}")
+
+    def full(self, name: str, kind: str) -> torch.Tensor:
+        group, offset, shape = self.where[name]
+        numel, n = shape.numel(), self.ckpt.world_size
+        if self.ckpt.stage == 3:
+            piece = math.ceil(numel / n)
+            pieces = []
+            for rank in range(n):
+                flats = self._flat(rank, kind)
+                joined = flats[0] if len(flats) == 1 else torch.cat(flats)
+                pieces.append(joined[offset:offset + piece])
+            return torch.cat(pieces)[:numel].float().view(shape).clone()
+        size = self._flat(0, kind)[group].numel()
+        pieces = []
+        for rank in range(offset // size, (offset + numel - 1) // size + 1):
+            part = self._flat(rank, kind)[group]
+            lo, hi = max(offset, rank * size), min(offset + numel, (rank + 1) * size)
+            pieces.append(part[lo - rank * size:hi - rank * size])
+        return torch.cat(pieces).float().view(shape).clone()
+
+
+def _frozen_value(ckpt: _Checkpoint, name: str) -> torch.Tensor:
+    if ckpt.stage != 3:
+        return ckpt.model["module"][name]
+    shape = torch.Size(ckpt.model["frozen_param_shapes"][name])
+    joined = torch.cat([fragments_[name].reshape(-1) for fragments_ in ckpt.frozen_fragments])
+    return joined[:shape.numel()].view(shape)
+
+
+def _scaler_state(record) -> dict | None:
+    fields = getattr(record, "__dict__", {})
+    if "cur_scale" not in fields:
+        return None
+    if not fields.get("dynamic", False):
+        return {"scale": float(fields["cur_scale"]), "clean_steps": 0, "hysteresis_left": 1}
+    # DeepSpeed's next update reads stable_interval = cur_iter - last_overflow_iter - 1
+    return {"scale": float(fields["cur_scale"]),
+            "clean_steps": int(fields["cur_iter"]) - int(fields["last_overflow_iter"]) - 1,
+            "hysteresis_left": int(fields["cur_hysteresis"])}
+
+
+def _plan(engine, path: str, load_optimizer_states: bool, load_lr_scheduler_states: bool):
+    ckpt = _read(path)
+    assembler = _Assembler(ckpt)
+    assembler.check()
+    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    frozen = [(n, p) for n, p in engine.module.named_parameters() if not p.requires_grad]
+    saved_frozen = dict(ckpt.model.get("frozen_param_shapes") or {})
+    problems = []
+    mine = {n for n, _ in trainable}
+    if mine != set(assembler.where):
+        problems.append(f"trainable parameters differ: only in this model "
+                        f"{sorted(mine - set(assembler.where))[:8]}, only in the checkpoint "
+                        f"{sorted(set(assembler.where) - mine)[:8]}")
+    for name, param in trainable:
+        shape = param.shape if engine.replicated_optimizer is not None else \
+            fragments.fragment_of(engine, param).slot.shape
+        if name in assembler.where and assembler.where[name][2] != shape:
+            problems.append(f"{name}: shape {tuple(assembler.where[name][2])} in the "
+                            f"checkpoint, {tuple(shape)} here")
+    if {n for n, _ in frozen} != set(saved_frozen):
+        problems.append(f"frozen parameters differ: here {sorted(n for n, _ in frozen)[:8]}, "
+                        f"in the checkpoint {sorted(saved_frozen)[:8]}")
+    groups = engine.optimizer.param_groups
+    if load_optimizer_states and len(groups) != len(ckpt.shapes):
+        problems.append(f"{len(ckpt.shapes)} optimizer param groups in the checkpoint, "
+                        f"{len(groups)} here")
+    if load_lr_scheduler_states and engine.lr_scheduler is not None and \
+            ckpt.model.get("lr_scheduler") is None:
+        problems.append("no LR scheduler state in the checkpoint; pass "
+                        "load_lr_scheduler_states=False")
+    if problems:
+        raise CheckpointError(f"{CALLER}: the DeepSpeed checkpoint {path} does not fit this "
+                              f"model: " + "; ".join(problems))
+    return ckpt, assembler, trainable, frozen
+
+
+def load_deepspeed_checkpoint(engine, path: str, load_optimizer_states: bool,
+                              load_lr_scheduler_states: bool, load_module_only: bool):
+    """Collective. Resumes the DeepSpeed ZeRO checkpoint in the tag directory `path`; returns
+    (path, client_state). Everything is read and checked on every rank before any rank
+    writes."""
+    from zero_ext.checkpoint.engine_state import _attempt, _raise_if_any
+    from zero_ext.zero.params import GatheredParameters
+
+    if load_module_only:
+        load_optimizer_states = load_lr_scheduler_states = False
+    plan, problem = _attempt(_plan, engine, path, load_optimizer_states,
+                             load_lr_scheduler_states)
+    _raise_if_any(comm.all_gather_object(problem), "load_checkpoint")
+    ckpt, assembler, trainable, frozen = plan
+    for name, param in trainable:
+        fragments.write(engine, param, assembler.full(name, "master"), "fp32")
+        if load_optimizer_states:
+            for kind in ("exp_avg", "exp_avg_sq"):
+                fragments.write(engine, param, assembler.full(name, kind), kind)
+    if frozen:
+        with GatheredParameters([p for _, p in frozen], modifier_rank=0):
+            for name, param in frozen:
+                param.data.copy_(_frozen_value(ckpt, name))
+    buffers = dict(engine.module.named_buffers())
+    for name in ckpt.model.get("buffer_names") or []:
+        if name in buffers:
+            buffers[name].copy_(ckpt.model["module"][name])
+    if load_optimizer_states:
+        steps = ckpt.steps()
+        for group, saved in zip(engine.optimizer.param_groups, ckpt.param_groups()):
+            group.update({k: saved[k] for k in ("lr", "betas", "eps", "weight_decay")
+                          if k in saved and k in group})
+        if engine.replicated_optimizer is not None:
+            for g, group in enumerate(engine.replicated_optimizer.param_groups):
+                for param in group["params"]:
+                    engine.replicated_optimizer.state[param]["step"] = torch.tensor(steps[g])
+        else:
+            for shard in engine.optimizer.shards:
+                shard.step.fill_(steps[shard.layout.group])
+    if load_lr_scheduler_states and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(ckpt.model["lr_scheduler"])
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    client_state = {k: v for k, v in ckpt.model.items() if k not in _DS_KEYS}
+    if load_module_only:
+        return path, client_state
+    engine.global_steps = int(ckpt.model["global_steps"])
+    engine.micro_steps = engine.global_steps * engine.batch.gradient_accumulation_steps
+    engine._window_micro = 0
+    engine.grad_buckets.clear()
+    engine._backwards_since_step = 0
+    engine.skipped_steps = int(ckpt.model.get("skipped_steps", 0))
+    scaler = _scaler_state(ckpt.optim[0].get("loss_scaler"))
+    if engine.loss_scaler is not None and scaler is not None:
+        engine.loss_scaler.load_state_dict(scaler)
+    if engine.rank == 0:
+        print(f"[zero_ext] resumed DeepSpeed's ZeRO-{ckpt.stage} checkpoint {path} (saved by "
+              f"{ckpt.world_size} ranks, DeepSpeed {ckpt.model.get('ds_version')}); its data "
+              f"sampler and random-number states are not restored", flush=True)
+    return path, client_state
