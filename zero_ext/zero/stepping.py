@@ -93,7 +93,10 @@ def _step_with(engine, grads: list[torch.Tensor] | None, backwards: int) -> bool
 
 def _record(engine, norm: float, overflow: bool) -> None:
     """The step's gradient norm (the loss scale divided out) and whether it was non-finite,
-    where get_global_grad_norm() and DeepSpeed's optimizer attributes read them."""
+    where get_global_grad_norm() and DeepSpeed's optimizer attributes read them. A non-finite
+    norm (inf, or nan from a nan gradient) reads inf, as DeepSpeed reports an overflow."""
+    if overflow:
+        norm = math.inf
     engine._global_grad_norm = norm
     if engine.replicated_optimizer is None:
         engine.optimizer._global_grad_norm, engine.optimizer.overflow = norm, overflow
