@@ -183,6 +183,8 @@ def train(framework: str, config: dict, data, model_kwargs: dict | None = None,
             trace.states.append(_full_state(framework, engine, moments))
     trace.skipped, trace.global_steps = engine.skipped_steps, engine.global_steps
     trace.state = _full_state(framework, engine, moments)
+    if save is not None and save[0] == len(data):
+        engine.save_checkpoint(save[1])
     return trace
 
 
@@ -479,6 +481,7 @@ def _resume(stage: int, precision: str, **kwargs):
     loss scales, counters, norms, and the final masters and moments."""
     config = dict(BASE, zero_optimization={"stage": stage}, **PRECISIONS[precision][0])
     config.update(kwargs.pop("config", {}))
+    config = {k: v for k, v in config.items() if v is not None}
     spikes = kwargs.pop("spikes", CLIP_SPIKE)
     data = batches(8, spikes)
     directory = _shared_dir()
@@ -496,12 +499,48 @@ for _precision, (_, _sizes) in PRECISIONS.items():
     for _stage in (1, 2, 3):
         case(f"{_precision}_resumes_deepspeed_checkpoint_stage{_stage}", _sizes)(
             lambda stage=_stage, precision=_precision: _resume(stage, precision))
-for _stage in (2, 3):
+for _stage in (1, 2, 3):
+    # DeepSpeed records frozen parameters' shapes from stage 2 on; at 1 only the module has them
     case(f"bf16_resumes_deepspeed_checkpoint_frozen_bias_stage{_stage}", (2,))(
         lambda stage=_stage: _resume(stage, "bf16", model_kwargs={"frozen_first_bias": True}))
+    # two param groups; at stage 3 split into sub-groups of 100 elements, each its own flat
+    case(f"fp32_resumes_deepspeed_checkpoint_two_groups_stage{_stage}")(
+        lambda stage=_stage: _resume(stage, "fp32", client_optimizer=_client_optimizer,
+                                     config={"optimizer": None, "zero_optimization": {
+                                         "stage": stage, "sub_group_size": 100}}))
 # the loss scaler's state: an overflow before the save leaves one hysteresis; the overflow
 # after it halves the scale only if that was restored
 case("fp16_resumes_deepspeed_checkpoint_loss_scaler_stage2", (2,))(
     lambda: _resume(2, "fp32", config={"fp16": {"enabled": True, "initial_scale_power": 12,
                                                 "loss_scale_window": 100}},
                     spikes={1: 1e3, 6: 1e3}))
+
+
+def _resume_weights_only():
+    """load_optimizer_states=False on a DeepSpeed fp16 checkpoint: the weights are DeepSpeed's
+    fp32 masters; the moments, step counts and loss scaler stay as a fresh engine's (DeepSpeed
+    skips its optimizer files then, scaler included)."""
+    config = dict(BASE, zero_optimization={"stage": 2},
+                  fp16={"enabled": True, "initial_scale_power": 12, "loss_scale_window": 100})
+    data = batches(4, {1: 1e3})  # an overflow: DeepSpeed's scaler has one hysteresis left
+    directory = _shared_dir()
+    try:
+        ds = train("deepspeed", config, data, save=(4, directory))  # saved after the 4th
+        engine, _, _, _ = zero_ext.initialize(model=Model(), config=copy.deepcopy(config))
+        fresh_scaler = dict(engine.loss_scaler.state_dict())
+        engine.load_checkpoint(directory, load_optimizer_states=False)
+        state = _full_state("zero_ext", engine, True)
+        steps = {float(shard.step) for shard in engine.optimizer.shards}
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+    assert ds.skipped == 1 and engine.loss_scaler.state_dict() == fresh_scaler, (
+        ds.skipped, engine.loss_scaler.state_dict(), fresh_scaler)
+    assert steps == {0.0} and engine.global_steps == 4, (steps, engine.global_steps)
+    for name, (master, exp_avg, exp_avg_sq) in state.items():
+        assert _relative(master, ds.state[name][0]) <= STATE_RTOL, name
+        assert exp_avg.abs().max() == 0 and exp_avg_sq.abs().max() == 0, name
+
+
+case("fp16_resumes_deepspeed_checkpoint_weights_only_stage2", (2,))(_resume_weights_only)

@@ -81,8 +81,9 @@ def _load(path: str) -> dict:
             f"{CALLER}: {path} could not be read as plain data ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}). zero_ext reads DeepSpeed "
             f"ZeRO checkpoints without running code from them; one holding other objects "
-            f"(another DeepSpeed version or feature) is not read. Convert it with DeepSpeed's "
-            f"zero_to_fp32.py and load the weights with load_module_only") from None
+            f"(another DeepSpeed version or feature) is not read. DeepSpeed's zero_to_fp32.py "
+            f"writes its fp32 weights as a state dict: load that into the model before "
+            f"zero_ext.initialize") from None
 
 
 def is_deepspeed_checkpoint(path: str) -> bool:
@@ -111,24 +112,43 @@ class _Checkpoint:
     model: dict                  # rank 0's model-states file
     optim: list[dict]            # each rank's optimizer_state_dict
     frozen_fragments: list       # stage 3: each rank's frozen_param_fragments
-    shapes: list[dict]           # per optimizer group: name -> shape, in flat order
+    shapes: list[dict]           # per flat (a group; a sub-group at stage 3): name -> shape
+
+    def _base(self) -> dict:
+        return self.optim[0]["optimizer_state_dict" if self.stage == 3 else
+                             "base_optimizer_state"]
 
     def flat(self, rank: int, kind: str) -> list[torch.Tensor]:
-        """Rank `rank`'s flat partition of each group: "master", "exp_avg" or "exp_avg_sq"."""
+        """Rank `rank`'s partition of each flat: "master", "exp_avg" or "exp_avg_sq"."""
         state = self.optim[rank]
         if kind == "master":
             return list(state["fp32_flat_groups" if self.stage == 3
                               else "single_partition_of_fp32_groups"])
         base = state["optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"]
-        return [base["state"][g][kind] for g in range(len(self.shapes))]
-
-    def steps(self) -> list[float]:
-        base = self.optim[0]["optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"]
-        return [float(base["state"][g]["step"]) for g in range(len(self.shapes))]
+        return [base["state"][i][kind] for i in range(len(self.shapes))]
 
     def param_groups(self) -> list[dict]:
-        base = self.optim[0]["optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"]
-        return base["param_groups"]
+        return self._base()["param_groups"]
+
+    def flats_of_groups(self) -> list[list[int]]:
+        """The flats of each optimizer param group: stage 3 splits a group into sub-groups of
+        `sub_group_size` elements, each its own flat and optimizer state entry."""
+        if self.stage == 3:
+            return [list(group["params"]) for group in self.param_groups()]
+        return [[g] for g in range(len(self.param_groups()))]
+
+    def steps(self) -> list[float]:
+        """Each param group's Adam step count (in its state, or, as older FusedAdam saves it,
+        in the group)."""
+        state, steps = self._base()["state"], []
+        for group, flats in zip(self.param_groups(), self.flats_of_groups()):
+            entry = state.get(flats[0], {}) if flats else {}
+            step = entry.get("step", group.get("step"))
+            if step is None:
+                raise CheckpointError(f"{CALLER}: {self.path} has no Adam step count for a "
+                                      f"param group")
+            steps.append(float(step))
+        return steps
 
 
 def _read(path: str) -> _Checkpoint:
@@ -145,7 +165,8 @@ def _read(path: str) -> _Checkpoint:
     if not optim_files:
         raise CheckpointError(f"{CALLER}: {path} is a DeepSpeed checkpoint without ZeRO "
                               f"optimizer files (DeepSpeed's stage 0?); zero_ext resumes stages "
-                              f"1-3. Load its weights with load_module_only=True")
+                              f"1-3. Its module state dict ({_MODEL_FILE}, key 'module') can "
+                              f"be loaded into the model before zero_ext.initialize")
     model = _load(model_files[0])
     if model.get("mp_world_size", 1) != 1:
         raise CheckpointError(f"{CALLER}: {path} was saved with model parallelism "
@@ -169,8 +190,14 @@ def _read(path: str) -> _Checkpoint:
                               f"(param_alignment_paddings), a layout zero_ext does not read")
     fragments_ = [_load(f).get("frozen_param_fragments") or {} for f in model_files] \
         if stage == 3 else []
-    return _Checkpoint(path, stage, world_size, model, optim, fragments_,
+    ckpt = _Checkpoint(path, stage, world_size, model, optim, fragments_,
                        [dict(group) for group in model["param_shapes"]])
+    flats = sorted(i for group in ckpt.flats_of_groups() for i in group)
+    if flats != list(range(len(ckpt.shapes))):
+        raise CheckpointError(f"{CALLER}: {path}: its param groups hold flats {flats}, its "
+                              f"parameter shapes {len(ckpt.shapes)} (an elastic or universal "
+                              f"checkpoint?); not read")
+    return ckpt
 
 
 class _Assembler:
@@ -178,18 +205,13 @@ class _Assembler:
 
     def __init__(self, ckpt: _Checkpoint):
         self.ckpt = ckpt
-        self.where = {}  # name -> (group, offset in the group's flat order, shape)
-        running = 0  # stage 3: offset in a rank's concatenated groups
-        for group, shapes in enumerate(ckpt.shapes):
-            offset = 0
+        self.where = {}  # name -> (flat, offset in it, shape)
+        for flat, shapes in enumerate(ckpt.shapes):
+            offset = 0  # stages 1-2: in the whole flat; stage 3: in each rank's partition
             for name, shape in shapes.items():
                 numel = math.prod(shape)
-                if ckpt.stage == 3:
-                    self.where[name] = (group, running, torch.Size(shape))
-                    running += math.ceil(numel / ckpt.world_size)
-                else:
-                    self.where[name] = (group, offset, torch.Size(shape))
-                    offset += numel
+                self.where[name] = (flat, offset, torch.Size(shape))
+                offset += math.ceil(numel / ckpt.world_size) if ckpt.stage == 3 else numel
         self._flats = {}
 
     def _flat(self, rank: int, kind: str) -> list[torch.Tensor]:
@@ -204,13 +226,11 @@ class _Assembler:
         for kind in ("master", "exp_avg", "exp_avg_sq"):
             sizes = [[t.numel() for t in self._flat(r, kind)] for r in range(n)]
             if ckpt.stage == 3:
-                if any(s != sizes[0] for s in sizes):
-                    raise CheckpointError(f"{CALLER}: {ckpt.path}: the ranks' {kind} "
-                                          f"partitions differ in size ({sizes})")
-                need = sum(math.ceil(math.prod(s) / n) for g in ckpt.shapes for s in g.values())
-                if sum(sizes[0]) != need:
+                need = [sum(math.ceil(math.prod(s) / n) for s in g.values())
+                        for g in ckpt.shapes]
+                if any(s != need for s in sizes):
                     raise CheckpointError(f"{CALLER}: {ckpt.path}: stage-3 {kind} partitions "
-                                          f"hold {sum(sizes[0])} elements per rank, the "
+                                          f"hold {sizes} elements per rank and flat, the "
                                           f"parameters need {need}")
                 continue
             for group, shapes in enumerate(ckpt.shapes):
@@ -227,11 +247,7 @@ class _Assembler:
         numel, n = shape.numel(), self.ckpt.world_size
         if self.ckpt.stage == 3:
             piece = math.ceil(numel / n)
-            pieces = []
-            for rank in range(n):
-                flats = self._flat(rank, kind)
-                joined = flats[0] if len(flats) == 1 else torch.cat(flats)
-                pieces.append(joined[offset:offset + piece])
+            pieces = [self._flat(rank, kind)[group][offset:offset + piece] for rank in range(n)]
             return torch.cat(pieces)[:numel].float().view(shape).clone()
         size = self._flat(0, kind)[group].numel()
         pieces = []
@@ -242,12 +258,20 @@ class _Assembler:
         return torch.cat(pieces).float().view(shape).clone()
 
 
-def _frozen_value(ckpt: _Checkpoint, name: str) -> torch.Tensor:
-    if ckpt.stage != 3:
-        return ckpt.model["module"][name]
-    shape = torch.Size(ckpt.model["frozen_param_shapes"][name])
-    joined = torch.cat([fragments_[name].reshape(-1) for fragments_ in ckpt.frozen_fragments])
-    return joined[:shape.numel()].view(shape)
+def _frozen_values(ckpt: _Checkpoint) -> dict[str, torch.Tensor]:
+    """Frozen parameters as saved: stage 3 keeps them as per-rank fragments; stages 1-2 in the
+    module state dict, named there only (DeepSpeed records their shapes from stage 2 on)."""
+    if ckpt.stage == 3:
+        values = {}
+        for name, shape in (ckpt.model.get("frozen_param_shapes") or {}).items():
+            shape = torch.Size(shape)
+            joined = torch.cat([f[name].reshape(-1) for f in ckpt.frozen_fragments])
+            values[name] = joined[:shape.numel()].view(shape)
+        return values
+    trained = {name for shapes in ckpt.shapes for name in shapes}
+    buffers = set(ckpt.model.get("buffer_names") or [])
+    return {name: value for name, value in ckpt.model["module"].items()
+            if name not in trained and name not in buffers}
 
 
 def _scaler_state(record) -> dict | None:
@@ -262,14 +286,35 @@ def _scaler_state(record) -> dict | None:
             "hysteresis_left": int(fields["cur_hysteresis"])}
 
 
-def _plan(engine, path: str, load_optimizer_states: bool, load_lr_scheduler_states: bool):
+@dataclass
+class _Plan:
+    """Everything the load writes, read and checked before the first write."""
+
+    ckpt: _Checkpoint
+    assembler: _Assembler
+    trainable: list              # (name, parameter)
+    frozen: list                 # (parameter, saved value)
+    buffers: list                # (buffer, saved value)
+    steps: list[float] | None    # per param group
+    hyperparameters: list[dict] | None
+    scheduler: dict | None
+    scaler: dict | None
+    client_state: dict
+
+
+def _fits(what: str, name: str, saved: torch.Tensor, mine: torch.Tensor, problems: list):
+    if tuple(saved.shape) != tuple(mine.shape):
+        problems.append(f"{what} {name}: shape {tuple(saved.shape)} in the checkpoint, "
+                        f"{tuple(mine.shape)} here")
+
+
+def _plan(engine, path: str, load_optimizer_states: bool, load_lr_scheduler_states: bool,
+          load_module_only: bool) -> _Plan:
     ckpt = _read(path)
     assembler = _Assembler(ckpt)
     assembler.check()
-    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    frozen = [(n, p) for n, p in engine.module.named_parameters() if not p.requires_grad]
-    saved_frozen = dict(ckpt.model.get("frozen_param_shapes") or {})
     problems = []
+    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     mine = {n for n, _ in trainable}
     if mine != set(assembler.where):
         problems.append(f"trainable parameters differ: only in this model "
@@ -281,21 +326,49 @@ def _plan(engine, path: str, load_optimizer_states: bool, load_lr_scheduler_stat
         if name in assembler.where and assembler.where[name][2] != shape:
             problems.append(f"{name}: shape {tuple(assembler.where[name][2])} in the "
                             f"checkpoint, {tuple(shape)} here")
+    saved_frozen = _frozen_values(ckpt)
+    frozen = [(n, p) for n, p in engine.module.named_parameters() if not p.requires_grad]
     if {n for n, _ in frozen} != set(saved_frozen):
         problems.append(f"frozen parameters differ: here {sorted(n for n, _ in frozen)[:8]}, "
                         f"in the checkpoint {sorted(saved_frozen)[:8]}")
-    groups = engine.optimizer.param_groups
-    if load_optimizer_states and len(groups) != len(ckpt.shapes):
-        problems.append(f"{len(ckpt.shapes)} optimizer param groups in the checkpoint, "
-                        f"{len(groups)} here")
-    if load_lr_scheduler_states and engine.lr_scheduler is not None and \
-            ckpt.model.get("lr_scheduler") is None:
-        problems.append("no LR scheduler state in the checkpoint; pass "
-                        "load_lr_scheduler_states=False")
+    for name, param in frozen:  # whole on every rank, at every stage
+        if name in saved_frozen:
+            _fits("frozen parameter", name, saved_frozen[name], param, problems)
+    frozen = [(p, saved_frozen[n]) for n, p in frozen if n in saved_frozen]
+    buffers, mine_buffers = [], dict(engine.module.named_buffers())
+    for name in ckpt.model.get("buffer_names") or []:
+        if name in mine_buffers and name in ckpt.model["module"]:
+            _fits("buffer", name, ckpt.model["module"][name], mine_buffers[name], problems)
+            buffers.append((mine_buffers[name], ckpt.model["module"][name]))
+    steps = hyperparameters = scheduler = scaler = None
+    if load_optimizer_states:
+        replicated = engine.replicated_optimizer
+        if replicated is not None and not isinstance(replicated,
+                                                     (torch.optim.Adam, torch.optim.AdamW)):
+            problems.append(f"the checkpoint holds Adam's moments and this engine's optimizer "
+                            f"is a {type(replicated).__name__}; pass "
+                            f"load_optimizer_states=False")
+        groups = engine.optimizer.param_groups
+        if len(groups) != len(ckpt.param_groups()):
+            problems.append(f"{len(ckpt.param_groups())} optimizer param groups in the "
+                            f"checkpoint, {len(groups)} here")
+        steps = ckpt.steps()
+        hyperparameters = [{k: saved[k] for k in ("lr", "betas", "eps", "weight_decay")
+                            if k in saved} for saved in ckpt.param_groups()]
+        scaler = _scaler_state(ckpt.optim[0].get("loss_scaler"))
+    if load_lr_scheduler_states and engine.lr_scheduler is not None:
+        scheduler = ckpt.model.get("lr_scheduler")
+        if not isinstance(scheduler, dict):
+            problems.append("no LR scheduler state in the checkpoint; pass "
+                            "load_lr_scheduler_states=False")
     if problems:
         raise CheckpointError(f"{CALLER}: the DeepSpeed checkpoint {path} does not fit this "
                               f"model: " + "; ".join(problems))
-    return ckpt, assembler, trainable, frozen
+    # DeepSpeed's load_module_only returns all of the file but the module
+    client_state = {k: v for k, v in ckpt.model.items()
+                    if k != "module" and (load_module_only or k not in _DS_KEYS)}
+    return _Plan(ckpt, assembler, trainable, frozen, buffers, steps, hyperparameters,
+                 scheduler, scaler, client_state)
 
 
 def load_deepspeed_checkpoint(engine, path: str, load_optimizer_states: bool,
@@ -304,57 +377,49 @@ def load_deepspeed_checkpoint(engine, path: str, load_optimizer_states: bool,
     (path, client_state). Everything is read and checked on every rank before any rank
     writes."""
     from zero_ext.checkpoint.engine_state import _attempt, _raise_if_any
-    from zero_ext.zero.params import GatheredParameters
 
     if load_module_only:
         load_optimizer_states = load_lr_scheduler_states = False
     plan, problem = _attempt(_plan, engine, path, load_optimizer_states,
-                             load_lr_scheduler_states)
+                             load_lr_scheduler_states, load_module_only)
     _raise_if_any(comm.all_gather_object(problem), "load_checkpoint")
-    ckpt, assembler, trainable, frozen = plan
-    for name, param in trainable:
-        fragments.write(engine, param, assembler.full(name, "master"), "fp32")
+    for name, param in plan.trainable:
+        fragments.write(engine, param, plan.assembler.full(name, "master"), "fp32")
         if load_optimizer_states:
             for kind in ("exp_avg", "exp_avg_sq"):
-                fragments.write(engine, param, assembler.full(name, kind), kind)
-    if frozen:
-        with GatheredParameters([p for _, p in frozen], modifier_rank=0):
-            for name, param in frozen:
-                param.data.copy_(_frozen_value(ckpt, name))
-    buffers = dict(engine.module.named_buffers())
-    for name in ckpt.model.get("buffer_names") or []:
-        if name in buffers:
-            buffers[name].copy_(ckpt.model["module"][name])
+                fragments.write(engine, param, plan.assembler.full(name, kind), kind)
+    for param, value in plan.frozen:
+        param.data.copy_(value)
+    for buffer, value in plan.buffers:
+        buffer.copy_(value)
     if load_optimizer_states:
-        steps = ckpt.steps()
-        for group, saved in zip(engine.optimizer.param_groups, ckpt.param_groups()):
-            group.update({k: saved[k] for k in ("lr", "betas", "eps", "weight_decay")
-                          if k in saved and k in group})
+        for group, saved in zip(engine.optimizer.param_groups, plan.hyperparameters):
+            group.update({k: v for k, v in saved.items() if k in group})
         if engine.replicated_optimizer is not None:
             for g, group in enumerate(engine.replicated_optimizer.param_groups):
                 for param in group["params"]:
-                    engine.replicated_optimizer.state[param]["step"] = torch.tensor(steps[g])
+                    engine.replicated_optimizer.state[param]["step"] = \
+                        torch.tensor(plan.steps[g])
         else:
             for shard in engine.optimizer.shards:
-                shard.step.fill_(steps[shard.layout.group])
-    if load_lr_scheduler_states and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(ckpt.model["lr_scheduler"])
+                shard.step.fill_(plan.steps[shard.layout.group])
+        if engine.loss_scaler is not None and plan.scaler is not None:
+            engine.loss_scaler.load_state_dict(plan.scaler)
+    if plan.scheduler is not None:
+        engine.lr_scheduler.load_state_dict(plan.scheduler)
         for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
-    client_state = {k: v for k, v in ckpt.model.items() if k not in _DS_KEYS}
     if load_module_only:
-        return path, client_state
-    engine.global_steps = int(ckpt.model["global_steps"])
+        return path, plan.client_state
+    engine.global_steps = int(plan.ckpt.model["global_steps"])
     engine.micro_steps = engine.global_steps * engine.batch.gradient_accumulation_steps
     engine._window_micro = 0
     engine.grad_buckets.clear()
     engine._backwards_since_step = 0
-    engine.skipped_steps = int(ckpt.model.get("skipped_steps", 0))
-    scaler = _scaler_state(ckpt.optim[0].get("loss_scaler"))
-    if engine.loss_scaler is not None and scaler is not None:
-        engine.loss_scaler.load_state_dict(scaler)
+    engine.skipped_steps = int(plan.ckpt.model.get("skipped_steps", 0))
     if engine.rank == 0:
-        print(f"[zero_ext] resumed DeepSpeed's ZeRO-{ckpt.stage} checkpoint {path} (saved by "
-              f"{ckpt.world_size} ranks, DeepSpeed {ckpt.model.get('ds_version')}); its data "
-              f"sampler and random-number states are not restored", flush=True)
-    return path, client_state
+        print(f"[zero_ext] resumed DeepSpeed's ZeRO-{plan.ckpt.stage} checkpoint {path} "
+              f"(saved by {plan.ckpt.world_size} ranks, DeepSpeed "
+              f"{plan.ckpt.model.get('ds_version')}); its data sampler and random-number "
+              f"states are not restored", flush=True)
+    return path, plan.client_state
