@@ -39,3 +39,35 @@ def test_trains_as_deepspeed(world_size, case_id):
     failures = [f"--- rank {r} ---\n{result[case_id]}"
                 for r, result in enumerate(group) if result[case_id] is not None]
     assert not failures, f"{case_id} failed:\n" + "\n".join(failures)
+
+
+class _RunsCode:
+    """Unpickling this would create a file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_deepspeed_checkpoint_is_read_as_data_never_code(tmp_path):
+    import argparse
+
+    import torch
+
+    from zero_ext.checkpoint import from_deepspeed
+    from zero_ext.checkpoint.format import CheckpointError
+
+    tag = tmp_path / "global_step1"
+    tag.mkdir()
+    marker = tmp_path / "ran"
+    torch.save({"module": {}, "param_shapes": [], "hook": _RunsCode(str(marker))},
+               tag / "mp_rank_00_model_states.pt")
+    assert from_deepspeed.is_deepspeed_checkpoint(str(tag))
+    with pytest.raises(CheckpointError, match="could not be read as plain data"):
+        from_deepspeed._load(str(tag / "mp_rank_00_model_states.pt"))
+    assert not marker.exists()
+    # Megatron-DeepSpeed's arguments in the client state are data: read as they were saved
+    torch.save({"args": argparse.Namespace(lr=0.1)}, tag / "client.pt")
+    assert from_deepspeed._load(str(tag / "client.pt"))["args"] == argparse.Namespace(lr=0.1)

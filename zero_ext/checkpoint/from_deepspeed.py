@@ -19,8 +19,9 @@ parameter is assembled from the partitions' memory maps, one at a time, and writ
 fragment API, so the zero_ext engine may run at any world size and stage.
 
 Files are read with `torch.load(weights_only=True)`: the four DeepSpeed classes a checkpoint
-pickles (its loss scalers, ZeroStageEnum, fragment_address) are read as inert records, so no
-DeepSpeed code runs and DeepSpeed need not be installed. As in load_checkpoint, everything is
+pickles (its loss scalers, ZeroStageEnum, fragment_address) are read as inert records, and
+argparse.Namespace (Megatron-DeepSpeed's arguments in the client state) as itself, so no code
+from the file runs and DeepSpeed need not be installed; any other object fails the load, named. As in load_checkpoint, everything is
 read and checked on every rank before any rank writes. Not read (an error says so): model- or
 pipeline-parallel checkpoints, expert (MoE) files, DeepSpeed's stage 0, universal checkpoints.
 Data-sampler and random-number states are not restored.
@@ -28,6 +29,7 @@ Data-sampler and random-number states are not restored.
 
 from __future__ import annotations
 
+import argparse
 import glob
 import math
 import os
@@ -69,7 +71,8 @@ _DEEPSPEED_CLASSES = [
     for name in ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                  "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
                  "deepspeed.runtime.zero.config.ZeroStageEnum",
-                 "deepspeed.utils.tensor_fragment.fragment_address")]
+                 "deepspeed.utils.tensor_fragment.fragment_address")] + [
+    argparse.Namespace]  # Megatron-DeepSpeed keeps its arguments in the client state: data
 
 
 def _load(path: str) -> dict:
@@ -174,6 +177,10 @@ def _read(path: str) -> _Checkpoint:
     optim = [_load(f)["optimizer_state_dict"] for f in optim_files]
     stage_record = optim[0].get("zero_stage")
     stage = stage_record.args[0] if isinstance(stage_record, _Record) else stage_record
+    if stage is None:
+        raise CheckpointError(f"{CALLER}: {optim_files[0]} names no ZeRO stage: DeepSpeed's "
+                              f"BF16_Optimizer wrote it (bf16 at stage 0-1 with "
+                              f"grad_accum_dtype fp32), a layout zero_ext does not read")
     if stage not in (1, 2, 3):
         raise CheckpointError(f"{CALLER}: {optim_files[0]} has ZeRO stage {stage!r}; zero_ext "
                               f"resumes DeepSpeed stages 1-3")
