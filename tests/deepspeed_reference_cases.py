@@ -545,3 +545,89 @@ def _resume_weights_only():
 
 
 case("fp16_resumes_deepspeed_checkpoint_weights_only_stage2", (2,))(_resume_weights_only)
+
+
+def _set_train_batch_size(stage: int, precision: str):
+    """engine.set_train_batch_size between steps, as a batch-size ramp-up does: 4 steps of one
+    micro-batch per rank, then 2 of two, then 3 of one (DeepSpeed's engine alike). The changes
+    come where DeepSpeed's micro-step count is a multiple of the new accumulation: elsewhere
+    its next window is shorter (docs/deepspeed-compat.md), zero_ext's whole."""
+    config = dict(BASE, zero_optimization={"stage": stage}, **PRECISIONS[precision][0])
+    world = dist.get_world_size()
+    data = batches(11, CLIP_SPIKE)
+    traces, samples = [], []
+    for framework in ("deepspeed", "zero_ext"):
+        initialize = deepspeed().initialize if framework == "deepspeed" else zero_ext.initialize
+        engine, _, _, _ = initialize(model=Model(),
+                                     config=copy.deepcopy(dict(config, **SUMS_IN_FP32[stage]) if
+                                                          framework == "deepspeed" else config))
+        trace = Trace()
+        for index, (x, y) in enumerate(data):
+            if index in (4, 8):
+                engine.set_train_batch_size(MICRO * world * (2 if index == 4 else 1))
+            loss = engine(x.to(_dtype(config)), y)
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            trace.losses.append(loss.item())
+            if boundary:
+                trace.lrs.append(list(engine.get_lr()))
+                trace.scales.append(None)
+                norm = engine.get_global_grad_norm()
+                trace.grad_norms.append(None if norm is None else float(norm))
+        trace.skipped, trace.global_steps = engine.skipped_steps, engine.global_steps
+        trace.state = _full_state(framework, engine, True)
+        traces.append(trace)
+        samples.append((engine.global_samples, engine.gradient_accumulation_steps(),
+                        engine.train_batch_size()))
+    compare(*traces)
+    assert traces[1].global_steps == 4 + 2 + 3, traces[1].global_steps
+    assert samples[0] == samples[1], samples
+
+
+for _precision, (_, _sizes) in PRECISIONS.items():
+    for _stage in (1, 2, 3):
+        case(f"{_precision}_set_train_batch_size_stage{_stage}", _sizes)(
+            lambda stage=_stage, precision=_precision: _set_train_batch_size(stage, precision))
+
+
+def _set_train_batch_size_refusals():
+    """Refused as DeepSpeed refuses (a batch that is no multiple of micro x world size), and
+    where zero_ext cannot keep its word: inside a window, and under the ElasticSampler that
+    initialize(training_data=...) builds for the old global batch."""
+    world = dist.get_world_size()
+    config = dict(BASE, zero_optimization={"stage": 2})
+    for framework in ("deepspeed", "zero_ext"):
+        initialize = deepspeed().initialize if framework == "deepspeed" else zero_ext.initialize
+        engine, _, _, _ = initialize(model=Model(), config=copy.deepcopy(config))
+        try:
+            engine.set_train_batch_size(MICRO * world + 1)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"{framework} took a batch of {MICRO * world + 1}")
+    x, y = batches(1, {})[0]
+    engine.set_train_batch_size(MICRO * world * 2)
+    engine.backward(engine(x, y))  # the first micro-batch of a window of two
+    engine.step()
+    try:
+        engine.set_train_batch_size(MICRO * world)
+    except RuntimeError as error:
+        assert "inside an accumulation window" in str(error), error
+    else:
+        raise AssertionError("set_train_batch_size inside a window was taken")
+    engine.backward(engine(x, y))
+    engine.step()
+    assert engine.global_steps == 1 and engine.gradient_accumulation_steps() == 2
+    data = [(torch.randn(IN), torch.randn(OUT)) for _ in range(8 * MICRO * world)]
+    engine, _, _, _ = zero_ext.initialize(model=Model(), config=copy.deepcopy(config),
+                                          training_data=data)
+    try:
+        engine.set_train_batch_size(MICRO * world * 2)
+    except RuntimeError as error:
+        assert "ElasticSampler" in str(error), error
+    else:
+        raise AssertionError("set_train_batch_size under an ElasticSampler was taken")
+
+
+case("set_train_batch_size_refusals", (2,))(_set_train_batch_size_refusals)

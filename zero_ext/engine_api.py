@@ -7,6 +7,7 @@ ZeroEngine inherits them."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 __all__ = ["DeepSpeedEngineAPI"]
@@ -58,8 +59,45 @@ class DeepSpeedEngineAPI:
     @property
     def global_samples(self) -> int:
         """Samples trained on so far: train_batch_size per optimizer step, skipped steps
-        included (as DeepSpeed counts them)."""
-        return self.global_steps * self.batch.train_batch_size
+        included (as DeepSpeed counts them), each step at the batch size it had."""
+        steps, samples = getattr(self, "_samples_anchor", (0, 0))
+        if self.global_steps < steps:  # a checkpoint of an earlier step was loaded since
+            steps, samples = 0, 0
+        return samples + (self.global_steps - steps) * self.batch.train_batch_size
+
+    def set_train_batch_size(self, train_batch_size: int) -> None:
+        """DeepSpeed's: a new global batch size from the next step on, by another number of
+        micro-batches per step (gradient_accumulation_steps); the micro batch stays. Between
+        steps only. Refused while an ElasticSampler (initialize's training_data loader) cuts
+        global batches of the old size."""
+        from zero_ext.elastic_sampler import ElasticSampler
+
+        micro, world = self.batch.train_micro_batch_size_per_gpu, self.world_size
+        if isinstance(train_batch_size, bool) or not isinstance(train_batch_size, int) or \
+                train_batch_size <= 0 or train_batch_size % (micro * world):
+            raise ValueError(
+                f"zero_ext: set_train_batch_size({train_batch_size!r}): the global batch must be "
+                f"a positive multiple of train_micro_batch_size_per_gpu x world size ({micro} x "
+                f"{world} = {micro * world}), as DeepSpeed requires")
+        if self._window_micro or self._backwards_since_step:
+            raise RuntimeError(
+                "zero_ext: set_train_batch_size inside an accumulation window (backwards since "
+                "the last step()); call it right after engine.step() at a boundary")
+        samplers = [name for name, obj in self.checkpoint_states._objects.items()
+                    if isinstance(obj, ElasticSampler)]
+        if samplers:
+            raise RuntimeError(
+                f"zero_ext: set_train_batch_size: the ElasticSampler {samplers} (the loader "
+                f"initialize(training_data=...) built) cuts global batches of "
+                f"{self.batch.train_batch_size} samples; change train_batch_size in the config "
+                f"and resume from a checkpoint instead")
+        accumulation = train_batch_size // (micro * world)
+        self._samples_anchor = (self.global_steps, self.global_samples)
+        self.batch = dataclasses.replace(self.batch, train_batch_size=train_batch_size,
+                                         gradient_accumulation_steps=accumulation)
+        self.grad_buckets.set_accumulation_steps(accumulation,
+                                                 fixed_dtype=self.offload is not None)
+        self.micro_steps = self.global_steps * accumulation
 
     def get_mom(self) -> list:
         """Per parameter group, its momentum as DeepSpeed reports it: `momentum` for SGD and

@@ -259,6 +259,14 @@ class GradientBuckets:
                 and bucket.accumulated is None:
             bucket.grad = None
 
+    def set_accumulation_steps(self, steps: int, fixed_dtype: bool) -> None:
+        """engine.set_train_batch_size, between windows. The reduced gradient's dtype follows
+        (fp32 when stage-2/3 shards are summed) unless `fixed_dtype` (offload's host buffers
+        were sized for the old one: the sum is then rounded to it, as in a held-open window)."""
+        self.accumulation_steps = steps
+        if not fixed_dtype:
+            self._reduced_dtype = reduced_grad_dtype(self.stage, steps, self.comm_dtype)
+
     def _accumulates(self) -> bool:
         """Whether this backward's reduced shards are summed in fp32 over the window: at stages
         2-3 with several micro-steps per step, and also in a window that
