@@ -142,6 +142,29 @@ def _full_state(framework: str, engine, moments: bool) -> dict:
     return state
 
 
+def _micro_step(engine, x, y, dtype: torch.dtype, trace: Trace) -> bool:
+    """One forward, backward and step() on (x, y), recorded in `trace`; whether the step ended
+    an accumulation window."""
+    loss = engine(x.to(dtype), y)
+    engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.step()
+    trace.losses.append(loss.item())
+    if boundary:
+        trace.lrs.append(list(engine.get_lr()))
+        trace.scales.append(getattr(engine.optimizer, "loss_scale", None)
+                            if dtype == torch.float16 else None)
+        norm = engine.get_global_grad_norm()
+        trace.grad_norms.append(None if norm is None else float(norm))
+    return boundary
+
+
+def _finish(trace: Trace, framework: str, engine, moments: bool = True) -> Trace:
+    trace.skipped, trace.global_steps = engine.skipped_steps, engine.global_steps
+    trace.state = _full_state(framework, engine, moments)
+    return trace
+
+
 def train(framework: str, config: dict, data, model_kwargs: dict | None = None,
           every_step_state: bool = False, client_optimizer: Callable | None = None,
           load_dir: str | None = None, save: tuple[int, str] | None = None) -> Trace:
@@ -167,22 +190,9 @@ def train(framework: str, config: dict, data, model_kwargs: dict | None = None,
         if save is not None and index == save[0]:
             engine.save_checkpoint(save[1])
             trace = Trace()
-        loss = engine(x.to(dtype), y)
-        engine.backward(loss)
-        boundary = engine.is_gradient_accumulation_boundary()
-        engine.step()
-        trace.losses.append(loss.item())
-        if not boundary:
-            continue
-        trace.lrs.append(list(engine.get_lr()))
-        trace.scales.append(getattr(engine.optimizer, "loss_scale", None)
-                            if dtype == torch.float16 else None)
-        norm = engine.get_global_grad_norm()
-        trace.grad_norms.append(None if norm is None else float(norm))
-        if every_step_state:
+        if _micro_step(engine, x, y, dtype, trace) and every_step_state:
             trace.states.append(_full_state(framework, engine, moments))
-    trace.skipped, trace.global_steps = engine.skipped_steps, engine.global_steps
-    trace.state = _full_state(framework, engine, moments)
+    _finish(trace, framework, engine, moments)
     if save is not None and save[0] == len(data):
         engine.save_checkpoint(save[1])
     return trace
@@ -448,17 +458,8 @@ def _no_sync(stage: int, precision: str):
                     engine.backward(loss)
                 trace.losses.append(loss.item())
                 continue
-            loss = engine(x.to(_dtype(config)), y)
-            engine.backward(loss)
-            engine.step()
-            trace.losses.append(loss.item())
-            trace.lrs.append(list(engine.get_lr()))
-            trace.scales.append(None)
-            norm = engine.get_global_grad_norm()
-            trace.grad_norms.append(None if norm is None else float(norm))
-        trace.skipped, trace.global_steps = engine.skipped_steps, engine.global_steps
-        trace.state = _full_state(framework, engine, True)
-        traces.append(trace)
+            _micro_step(engine, x, y, _dtype(config), trace)
+        traces.append(_finish(trace, framework, engine))
     compare(*traces)
 
 
@@ -565,19 +566,8 @@ def _set_train_batch_size(stage: int, precision: str):
         for index, (x, y) in enumerate(data):
             if index in (4, 8):
                 engine.set_train_batch_size(MICRO * world * (2 if index == 4 else 1))
-            loss = engine(x.to(_dtype(config)), y)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            trace.losses.append(loss.item())
-            if boundary:
-                trace.lrs.append(list(engine.get_lr()))
-                trace.scales.append(None)
-                norm = engine.get_global_grad_norm()
-                trace.grad_norms.append(None if norm is None else float(norm))
-        trace.skipped, trace.global_steps = engine.skipped_steps, engine.global_steps
-        trace.state = _full_state(framework, engine, True)
-        traces.append(trace)
+            _micro_step(engine, x, y, _dtype(config), trace)
+        traces.append(_finish(trace, framework, engine))
         samples.append((engine.global_samples, engine.gradient_accumulation_steps(),
                         engine.train_batch_size()))
     compare(*traces)
