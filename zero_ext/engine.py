@@ -132,6 +132,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self._last_loss: torch.Tensor | None = None
         # engine.backward() calls since the last engine.step(): the engine expects exactly one.
         self._backwards_since_step = 0
+        # (global steps, global samples) when set_train_batch_size last changed the batch
+        self._samples_anchor = (0, 0)
         # Inside engine.no_sync(): backwards there are not counted, their gradients wait in
         # .grad (or the fp32 windows) for the window's last backward.
         self._no_sync = False

@@ -60,9 +60,7 @@ class DeepSpeedEngineAPI:
     def global_samples(self) -> int:
         """Samples trained on so far: train_batch_size per optimizer step, skipped steps
         included (as DeepSpeed counts them), each step at the batch size it had."""
-        steps, samples = getattr(self, "_samples_anchor", (0, 0))
-        if self.global_steps < steps:  # a checkpoint of an earlier step was loaded since
-            steps, samples = 0, 0
+        steps, samples = self._samples_anchor  # set_train_batch_size's (a load's: 0, 0)
         return samples + (self.global_steps - steps) * self.batch.train_batch_size
 
     def set_train_batch_size(self, train_batch_size: int) -> None:
@@ -83,8 +81,7 @@ class DeepSpeedEngineAPI:
             raise RuntimeError(
                 "zero_ext: set_train_batch_size inside an accumulation window (backwards since "
                 "the last step()); call it right after engine.step() at a boundary")
-        samplers = [name for name, obj in self.checkpoint_states._objects.items()
-                    if isinstance(obj, ElasticSampler)]
+        samplers = self.checkpoint_states.names_of(ElasticSampler)
         if samplers:
             raise RuntimeError(
                 f"zero_ext: set_train_batch_size: the ElasticSampler {samplers} (the loader "

@@ -117,9 +117,10 @@ class _Checkpoint:
     frozen_fragments: list       # stage 3: each rank's frozen_param_fragments
     shapes: list[dict]           # per flat (a group; a sub-group at stage 3): name -> shape
 
-    def _base(self) -> dict:
-        return self.optim[0]["optimizer_state_dict" if self.stage == 3 else
-                             "base_optimizer_state"]
+    def _base(self, rank: int = 0) -> dict:
+        """Rank `rank`'s torch optimizer state dict (its moments' partitions, the groups)."""
+        return self.optim[rank]["optimizer_state_dict" if self.stage == 3 else
+                                "base_optimizer_state"]
 
     def flat(self, rank: int, kind: str) -> list[torch.Tensor]:
         """Rank `rank`'s partition of each flat: "master", "exp_avg" or "exp_avg_sq"."""
@@ -127,8 +128,7 @@ class _Checkpoint:
         if kind == "master":
             return list(state["fp32_flat_groups" if self.stage == 3
                               else "single_partition_of_fp32_groups"])
-        base = state["optimizer_state_dict" if self.stage == 3 else "base_optimizer_state"]
-        return [base["state"][i][kind] for i in range(len(self.shapes))]
+        return [self._base(rank)["state"][i][kind] for i in range(len(self.shapes))]
 
     def param_groups(self) -> list[dict]:
         return self._base()["param_groups"]
@@ -384,6 +384,7 @@ def load_deepspeed_checkpoint(engine, path: str, load_optimizer_states: bool,
     (path, client_state). Everything is read and checked on every rank before any rank
     writes."""
     from zero_ext.checkpoint.engine_state import _attempt, _raise_if_any
+    from zero_ext.checkpoint.loading import restore_counters, restore_scheduler
 
     if load_module_only:
         load_optimizer_states = load_lr_scheduler_states = False
@@ -413,17 +414,11 @@ def load_deepspeed_checkpoint(engine, path: str, load_optimizer_states: bool,
         if engine.loss_scaler is not None and plan.scaler is not None:
             engine.loss_scaler.load_state_dict(plan.scaler)
     if plan.scheduler is not None:
-        engine.lr_scheduler.load_state_dict(plan.scheduler)
-        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
+        restore_scheduler(engine, plan.scheduler)
     if load_module_only:
         return path, plan.client_state
-    engine.global_steps = int(plan.ckpt.model["global_steps"])
-    engine.micro_steps = engine.global_steps * engine.batch.gradient_accumulation_steps
-    engine._window_micro = 0
-    engine.grad_buckets.clear()
-    engine._backwards_since_step = 0
-    engine.skipped_steps = int(plan.ckpt.model.get("skipped_steps", 0))
+    restore_counters(engine, int(plan.ckpt.model["global_steps"]),
+                     int(plan.ckpt.model.get("skipped_steps", 0)))
     if engine.rank == 0:
         print(f"[zero_ext] resumed DeepSpeed's ZeRO-{plan.ckpt.stage} checkpoint {path} "
               f"(saved by {plan.ckpt.world_size} ranks, DeepSpeed "

@@ -323,6 +323,28 @@ def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool
     return path, plan.extra["client_state"]
 
 
+def restore_scheduler(engine, state: dict) -> None:
+    """The LR scheduler's saved state, and the learning rates of its position in the groups."""
+    engine.lr_scheduler.load_state_dict(state)
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
+def restore_counters(engine, global_steps: int, skipped_steps: int) -> None:
+    """The step counters of a loaded checkpoint, with the window they imply."""
+    engine.global_steps = global_steps
+    # Checkpoints are taken at window boundaries, so the next micro-step opens a window,
+    # whatever the accumulation count was when the checkpoint was written.
+    engine.micro_steps = global_steps * engine.batch.gradient_accumulation_steps
+    engine._window_micro = 0
+    engine._samples_anchor = (0, 0)  # global_samples: train_batch_size per step from here
+    # A window this engine had begun (backwards before the load) belongs to the weights it
+    # had: its gradients go, or the loaded run's first window would sum them in.
+    engine.grad_buckets.clear()
+    engine._backwards_since_step = 0
+    engine.skipped_steps = skipped_steps
+
+
 def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_states: bool,
            load_module_only: bool) -> None:
     """Writes what _plan_load checked into the engine."""
@@ -345,22 +367,11 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
     elif getattr(engine, "compression", None) is not None:
         engine.compression.reset()  # fresh moments, fresh residuals
     if load_lr_scheduler_states and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(extra["lr_scheduler"])
-        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
+        restore_scheduler(engine, extra["lr_scheduler"])
     if load_module_only:
         return
     counters = meta["counters"]
-    engine.global_steps = counters["global_steps"]
-    # Checkpoints are taken at window boundaries, so the next micro-step opens a window,
-    # whatever the accumulation count was when the checkpoint was written.
-    engine.micro_steps = counters["global_steps"] * engine.batch.gradient_accumulation_steps
-    engine._window_micro = 0
-    # A window this engine had begun (backwards before the load) belongs to the weights it
-    # had: its gradients go, or the loaded run's first window would sum them in.
-    engine.grad_buckets.clear()
-    engine._backwards_since_step = 0
-    engine.skipped_steps = counters["skipped_steps"]
+    restore_counters(engine, counters["global_steps"], counters["skipped_steps"])
     if engine.loss_scaler is not None and meta["loss_scaler"] is not None:
         engine.loss_scaler.load_state_dict(meta["loss_scaler"])
     # After global_steps: a data position anchors itself to the restored step count.

@@ -49,6 +49,10 @@ class RegisteredStates:
                                  f"fit this object: {problem}")
             obj.load_state_dict(state)
 
+    def names_of(self, kind: type) -> list[str]:
+        """The names of the registered objects of class `kind`."""
+        return [name for name, obj in self._objects.items() if isinstance(obj, kind)]
+
     def state(self) -> dict[str, Any]:
         """What a checkpoint saves: every registered object's state_dict()."""
         return {name: obj.state_dict() for name, obj in self._objects.items()}
