@@ -581,10 +581,49 @@ for _precision, (_, _sizes) in PRECISIONS.items():
             lambda stage=_stage, precision=_precision: _set_train_batch_size(stage, precision))
 
 
+def _set_train_micro_batch_size(stage: int, precision: str):
+    """engine.set_train_micro_batch_size between steps: 4 steps of micro-batches of MICRO, 3 of
+    2 x MICRO (two of the same data joined), then 2 of MICRO, two micro-batches per step
+    throughout (DeepSpeed's engine alike)."""
+    config = dict(BASE, gradient_accumulation_steps=2, zero_optimization={"stage": stage},
+                  **PRECISIONS[precision][0])
+    data = batches(26, CLIP_SPIKE)
+    joined = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
+              for a, b in zip(data[8:20:2], data[9:20:2])]
+    data = data[:8] + joined + data[20:24]
+    traces, sizes = [], []
+    for framework in ("deepspeed", "zero_ext"):
+        initialize = deepspeed().initialize if framework == "deepspeed" else zero_ext.initialize
+        engine, _, _, _ = initialize(model=Model(),
+                                     config=copy.deepcopy(dict(config, **SUMS_IN_FP32[stage]) if
+                                                          framework == "deepspeed" else config))
+        trace = Trace()
+        for index, (x, y) in enumerate(data):
+            if index in (8, 14):
+                engine.set_train_micro_batch_size(MICRO * (2 if index == 8 else 1))
+            _micro_step(engine, x, y, _dtype(config), trace)
+        traces.append(_finish(trace, framework, engine))
+        sizes.append((engine.train_micro_batch_size_per_gpu(),
+                      engine.gradient_accumulation_steps(), engine.train_batch_size(),
+                      engine.global_samples))
+    compare(*traces)
+    world = dist.get_world_size()
+    assert traces[1].global_steps == 4 + 3 + 2, traces[1].global_steps
+    # 4 steps of 2 x MICRO x world samples, 3 of 4 x MICRO x world, 2 of 2 x MICRO x world
+    assert sizes[0] == sizes[1] == (MICRO, 2, MICRO * 2 * world,
+                                    (4 * 2 + 3 * 4 + 2 * 2) * MICRO * world), sizes
+
+
+for _stage in (1, 2, 3):
+    case(f"fp32_set_train_micro_batch_size_stage{_stage}", PRECISIONS["fp32"][1])(
+        lambda stage=_stage: _set_train_micro_batch_size(stage, "fp32"))
+
+
 def _set_train_batch_size_refusals():
     """Refused as DeepSpeed refuses (a batch that is no multiple of micro x world size), and
     where zero_ext cannot keep its word: inside a window, and under the ElasticSampler that
-    initialize(training_data=...) builds for the old global batch."""
+    initialize(training_data=...) builds for the old batch sizes (set_train_micro_batch_size
+    too, and a micro batch that is no positive int, which DeepSpeed takes as it comes)."""
     world = dist.get_world_size()
     config = dict(BASE, zero_optimization={"stage": 2})
     for framework in ("deepspeed", "zero_ext"):
@@ -612,12 +651,21 @@ def _set_train_batch_size_refusals():
     data = [(torch.randn(IN), torch.randn(OUT)) for _ in range(8 * MICRO * world)]
     engine, _, _, _ = zero_ext.initialize(model=Model(), config=copy.deepcopy(config),
                                           training_data=data)
-    try:
-        engine.set_train_batch_size(MICRO * world * 2)
-    except RuntimeError as error:
-        assert "ElasticSampler" in str(error), error
-    else:
-        raise AssertionError("set_train_batch_size under an ElasticSampler was taken")
+    for resize in (lambda: engine.set_train_batch_size(MICRO * world * 2),
+                   lambda: engine.set_train_micro_batch_size(MICRO * 2)):
+        try:
+            resize()
+        except RuntimeError as error:
+            assert "ElasticSampler" in str(error), error
+        else:
+            raise AssertionError("a batch resize under an ElasticSampler was taken")
+    for bad in (0, True, 2.0):
+        try:
+            engine.set_train_micro_batch_size(bad)
+        except ValueError as error:
+            assert "positive int" in str(error), error
+        else:
+            raise AssertionError(f"set_train_micro_batch_size({bad!r}) was taken")
 
 
 case("set_train_batch_size_refusals", (2,))(_set_train_batch_size_refusals)

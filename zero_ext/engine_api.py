@@ -13,6 +13,10 @@ import os
 __all__ = ["DeepSpeedEngineAPI"]
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 class DeepSpeedEngineAPI:
     """Mixed into ZeroEngine (which sets `batch`, `config`, `stage`, `rank`, `global_steps`,
     `_step_applied`, `grad_buckets` and `partitioned`)."""
@@ -68,33 +72,51 @@ class DeepSpeedEngineAPI:
         micro-batches per step (gradient_accumulation_steps); the micro batch stays. Between
         steps only. Refused while an ElasticSampler (initialize's training_data loader) cuts
         global batches of the old size."""
-        from zero_ext.elastic_sampler import ElasticSampler
-
         micro, world = self.batch.train_micro_batch_size_per_gpu, self.world_size
-        if isinstance(train_batch_size, bool) or not isinstance(train_batch_size, int) or \
-                train_batch_size <= 0 or train_batch_size % (micro * world):
+        if not _positive_int(train_batch_size) or train_batch_size % (micro * world):
             raise ValueError(
                 f"zero_ext: set_train_batch_size({train_batch_size!r}): the global batch must be "
                 f"a positive multiple of train_micro_batch_size_per_gpu x world size ({micro} x "
                 f"{world} = {micro * world}), as DeepSpeed requires")
+        self._resize_batch("set_train_batch_size", micro, train_batch_size // (micro * world))
+
+    def set_train_micro_batch_size(self, micro_batch_size: int) -> None:
+        """DeepSpeed's: a new micro batch per rank from the next step on, the number of
+        micro-batches per step (gradient_accumulation_steps) kept, so the global batch becomes
+        micro x accumulation x world size. The engine does not cut batches itself: the caller
+        feeds micro-batches of the new size. Between steps only; refused under an
+        ElasticSampler, as set_train_batch_size is."""
+        if not _positive_int(micro_batch_size):
+            raise ValueError(f"zero_ext: set_train_micro_batch_size({micro_batch_size!r}): the "
+                             "micro batch must be a positive int")
+        self._resize_batch("set_train_micro_batch_size", micro_batch_size,
+                           self.batch.gradient_accumulation_steps)
+
+    def _resize_batch(self, caller: str, micro: int, accumulation: int) -> None:
+        """From the next step on, `micro` samples per micro-batch and `accumulation`
+        micro-batches per step; global_samples keeps what the steps so far counted."""
+        from zero_ext.elastic_sampler import ElasticSampler
+
         if self._window_micro or self._backwards_since_step:
             raise RuntimeError(
-                "zero_ext: set_train_batch_size inside an accumulation window (backwards since "
-                "the last step()); call it right after engine.step() at a boundary")
+                f"zero_ext: {caller} inside an accumulation window (backwards since the last "
+                "step()); call it right after engine.step() at a boundary")
         samplers = self.checkpoint_states.names_of(ElasticSampler)
         if samplers:
             raise RuntimeError(
-                f"zero_ext: set_train_batch_size: the ElasticSampler {samplers} (the loader "
-                f"initialize(training_data=...) built) cuts global batches of "
-                f"{self.batch.train_batch_size} samples; change train_batch_size in the config "
+                f"zero_ext: {caller}: the ElasticSampler {samplers} (the loader "
+                f"initialize(training_data=...) built) cuts batches of "
+                f"{self.batch.train_micro_batch_size_per_gpu} samples per rank, "
+                f"{self.batch.train_batch_size} per step; change the batch sizes in the config "
                 f"and resume from a checkpoint instead")
-        accumulation = train_batch_size // (micro * world)
         self._samples_anchor = (self.global_steps, self.global_samples)
-        self.batch = dataclasses.replace(self.batch, train_batch_size=train_batch_size,
-                                         gradient_accumulation_steps=accumulation)
+        self.batch = dataclasses.replace(
+            self.batch, train_batch_size=micro * accumulation * self.world_size,
+            train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accumulation)
         self.grad_buckets.set_accumulation_steps(accumulation,
                                                  fixed_dtype=self.offload is not None)
         self.micro_steps = self.global_steps * accumulation
+        self.monitor.samples_per_micro_step = micro * self.world_size  # its samples/s
 
     def get_mom(self) -> list:
         """Per parameter group, its momentum as DeepSpeed reports it: `momentum` for SGD and
