@@ -65,21 +65,34 @@ def deepspeed():
 
 class Model(nn.Module):
     """Three linear layers (376 + 272 + 85 elements: no chunk of a world size of 2 or 3 divides
-    them evenly) with GELU, and the loss inside forward as DeepSpeed's examples have it."""
+    them evenly) with GELU, and the loss inside forward as DeepSpeed's examples have it.
 
-    def __init__(self, frozen_first_bias: bool = False):
+    `buffers`: also an fp32 buffer `scale` (1 + k/1000: 16-bit dtypes round it) multiplying the
+    first activations, as rotary `inv_freq` enters a forward, and a buffer `offset` made in
+    bf16 that the class lists for fp32 (transformers' `_keep_in_fp32_modules_strict`)."""
+
+    _keep_in_fp32_modules_strict = ("offset",)
+
+    def __init__(self, frozen_first_bias: bool = False, buffers: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.layers = nn.ModuleList([nn.Linear(IN, HIDDEN), nn.Linear(HIDDEN, HIDDEN),
                                      nn.Linear(HIDDEN, OUT)])
         if frozen_first_bias:
             self.layers[0].bias.requires_grad_(False)
+        self.register_buffer("scale", 1 + torch.arange(HIDDEN) / 1000 if buffers else None)
+        self.register_buffer("offset",
+                             torch.linspace(-0.3, 0.3, OUT).bfloat16() if buffers else None)
 
     def forward(self, x, y):
         for i, layer in enumerate(self.layers):
             x = layer(x)
+            if i == 0 and self.scale is not None:
+                x = (x * self.scale).to(x.dtype)
             if i < len(self.layers) - 1:
                 x = nn.functional.gelu(x)
+        if self.offset is not None:
+            x = x.float() + self.offset
         return (x.float() - y).pow(2).mean()
 
 
@@ -91,6 +104,7 @@ class Trace:
     grad_norms: list = field(default_factory=list)
     skipped: int = 0
     global_steps: int = 0
+    buffers: dict = field(default_factory=dict)  # the model's, by name, at the end
     # per parameter name: (fp32 master, exp_avg, exp_avg_sq), at the end (and after each
     # step where asked)
     state: dict = field(default_factory=dict)
@@ -161,17 +175,21 @@ def _micro_step(engine, x, y, dtype: torch.dtype, trace: Trace) -> bool:
 
 def _finish(trace: Trace, framework: str, engine, moments: bool = True) -> Trace:
     trace.skipped, trace.global_steps = engine.skipped_steps, engine.global_steps
+    trace.buffers = {name: buffer.detach().clone()
+                     for name, buffer in engine.module.named_buffers()}
     trace.state = _full_state(framework, engine, moments)
     return trace
 
 
 def train(framework: str, config: dict, data, model_kwargs: dict | None = None,
           every_step_state: bool = False, client_optimizer: Callable | None = None,
-          load_dir: str | None = None, save: tuple[int, str] | None = None) -> Trace:
+          load_dir: str | None = None, save: tuple[int, str] | None = None,
+          zero_ext_init: bool = False) -> Trace:
     """Trains Model() under `framework` ("deepspeed" or "zero_ext") on this rank's `data`.
 
     `load_dir`: engine.load_checkpoint(load_dir) first. `save` (micro-steps, directory):
     engine.save_checkpoint(directory) after that many micro-steps, the trace starting after it.
+    `zero_ext_init`: zero_ext's model is built under zero_ext.Init (DeepSpeed's plainly).
 
     `client_optimizer(model)`: what `initialize` is given instead of the config's optimizer;
     Adam's moments are then not compared: with a client optimizer of two param groups at stages
@@ -179,7 +197,8 @@ def train(framework: str, config: dict, data, model_kwargs: dict | None = None,
     fragment" for a bias on one rank while the other waited in its all-reduce."""
     moments = client_optimizer is None
     initialize = deepspeed().initialize if framework == "deepspeed" else zero_ext.initialize
-    model = Model(**(model_kwargs or {}))
+    with zero_ext.Init(enabled=zero_ext_init and framework == "zero_ext"):
+        model = Model(**(model_kwargs or {}))
     optimizer = client_optimizer(model) if client_optimizer else None
     engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=copy.deepcopy(config))
     if load_dir is not None:
@@ -226,6 +245,11 @@ def compare(ds: Trace, zx: Trace) -> None:
             f"step {step}: gradient norm {b} != DeepSpeed's {a}")
         compared += 1
     assert compared or all(a is None for a in ds.grad_norms), "no finite gradient norm compared"
+    assert ds.buffers.keys() == zx.buffers.keys(), (ds.buffers.keys(), zx.buffers.keys())
+    for name, a in ds.buffers.items():
+        b = zx.buffers[name]
+        assert a.dtype == b.dtype and torch.equal(a, b), (
+            f"buffer {name}: {b.dtype} {b} where DeepSpeed has {a.dtype} {a}")
     assert ds.state.keys() == zx.state.keys()
     for name, tensors in ds.state.items():
         assert len(tensors) == len(zx.state[name]), (name, len(tensors), len(zx.state[name]))
@@ -546,6 +570,36 @@ def _resume_weights_only():
 
 
 case("fp16_resumes_deepspeed_checkpoint_weights_only_stage2", (2,))(_resume_weights_only)
+
+
+def _buffers(stage: int, precision: str, data_types: dict, scale: str, offset: str,
+             zero_ext_init: bool = False):
+    """Under fp16/bf16 the parameters are cast, the buffers kept as they came or cast to
+    data_types.buffer_dtype, and the ones a model lists for fp32 (or keep_in_fp32_modules
+    names) held in fp32 (`offset`, made in bf16, brought up): the two buffers' dtypes end
+    `scale` and `offset`, in both frameworks. zero_ext.Init builds buffers as the model's code
+    makes them, then the same rules apply."""
+    config = dict(BASE, zero_optimization={"stage": stage}, data_types=data_types,
+                  **{precision: {"enabled": True, "initial_scale_power": 12}
+                     if precision == "fp16" else {"enabled": True}})
+    _, zx = side_by_side(config, model_kwargs={"buffers": True}, zero_ext_init=zero_ext_init)
+    assert (zx.buffers["scale"].dtype, zx.buffers["offset"].dtype) == (
+        getattr(torch, scale), getattr(torch, offset)), zx.buffers
+
+
+for _stage in (1, 3):
+    for _precision in ("bf16", "fp16"):
+        case(f"{_precision}_buffers_kept_stage{_stage}", (2,))(
+            lambda stage=_stage, precision=_precision:
+            _buffers(stage, precision, {}, "float32", "float32"))
+case("bf16_buffers_kept_zero_ext_init_stage3", (2,))(
+    lambda: _buffers(3, "bf16", {}, "float32", "float32", zero_ext_init=True))
+case("bf16_buffer_dtype_stage2", (2,))(
+    lambda: _buffers(2, "bf16", {"buffer_dtype": "bf16", "param_dtype": "bf16"},
+                     "bfloat16", "float32"))
+case("fp16_buffer_dtype_keep_in_fp32_modules_stage2", (2,))(
+    lambda: _buffers(2, "fp16", {"buffer_dtype": "fp16", "keep_in_fp32_modules": ["sc*le"]},
+                     "float32", "float16"))
 
 
 def _set_train_batch_size(stage: int, precision: str):

@@ -1078,9 +1078,35 @@ class DataTypesConfig(_Section):
     (DeepSpeed's BF16_Optimizer with fp32 accumulation). A 16-bit value other than the
     training dtype is refused, as DeepSpeed refuses the mix."""
 
+    param_dtype: str | None = None
+    """The parameters' dtype under fp16/bf16: accepted when it names the training dtype (the
+    fp16/bf16 sections decide it), refused otherwise, as DeepSpeed refuses the mismatch."""
+
+    buffer_dtype: str | None = None
+    """Under fp16/bf16, the dtype every floating buffer is cast to at initialize (except those
+    kept in fp32, below). None (DeepSpeed's default): buffers keep the dtype they came in, so
+    rotary ``inv_freq`` or BatchNorm statistics stay fp32 while the parameters train in 16 bits.
+    No effect under fp32 training."""
+
+    keep_in_fp32_modules: str | list[str] = "auto"
+    """Under fp16/bf16, the buffers held in fp32 whatever ``buffer_dtype`` says (and brought
+    back to fp32 if they came in 16 bits): "auto" (default) the ones a transformers model lists
+    in ``_keep_in_fp32_modules_strict`` (and ``_keep_in_fp32_modules`` under fp16), e.g. MoE
+    routing biases; or a list of name patterns (``*`` any characters, matched anywhere in a
+    buffer's dotted name); ``[]`` none. Parameters always train in the training dtype."""
+
     def __post_init__(self):
         self.grad_accum_dtype = _optional(_check_choice, "grad_accum_dtype",
                                           self.grad_accum_dtype, spellings=_COMM_DTYPES)
+        self.param_dtype = _optional(_check_choice, "param_dtype", self.param_dtype,
+                                     spellings=_COMM_DTYPES)
+        self.buffer_dtype = _optional(_check_choice, "buffer_dtype", self.buffer_dtype,
+                                      spellings=_COMM_DTYPES)
+        keep = self.keep_in_fp32_modules
+        if keep != "auto" and not (isinstance(keep, list)
+                                   and all(isinstance(name, str) for name in keep)):
+            raise ConfigError("keep_in_fp32_modules",
+                              f'expected "auto" or a list of name patterns, {_got(keep)}')
 
 
 @dataclass(kw_only=True)
@@ -1563,6 +1589,12 @@ class ZeroConfig(_Section):
             raise ConfigError("fp16.enabled", "fp16 and bf16 are both enabled; enable at most "
                               "one of them")
         accum, training = self.data_types.grad_accum_dtype, self.training_dtype_name
+        if self.data_types.param_dtype not in (None, training):
+            raise ConfigError(
+                "data_types.param_dtype",
+                f"{self.data_types.param_dtype} conflicts with {training} training (the fp16 / "
+                f"bf16 sections set the parameters' dtype); enable the matching section or "
+                f"remove the key")
         if accum is not None and accum not in ("fp32", training):
             also = "" if training == "fp32" else f" or \"{training}\""
             raise ConfigError(
@@ -1659,6 +1691,13 @@ class ZeroConfig(_Section):
     def training_dtype_name(self) -> str:
         """"fp16", "bf16" or "fp32": the dtype the model trains in."""
         return "fp16" if self.fp16.enabled else "bf16" if self.bf16.enabled else "fp32"
+
+    @property
+    def buffer_dtype(self) -> torch.dtype | None:
+        """data_types.buffer_dtype under fp16/bf16 (None: buffers keep the dtype they came
+        in; under fp32 training always None, as in DeepSpeed)."""
+        name = self.data_types.buffer_dtype
+        return None if name is None or self.mixed_precision is None else _TORCH_DTYPES[name]
 
     @property
     def fp32_accumulation(self) -> bool:

@@ -41,6 +41,7 @@ from zero_ext.zero import (
     offload,
     optimizer_placement,
     placement,
+    precision,
     replicas,
     reporting,
     stepping,
@@ -70,7 +71,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self._init_step_state()
         self.model_dtype = config.mixed_precision or torch.float32
         self.device = replicas.training_device()
-        self.built_under_init = replicas.place_model(model, self.device, self.model_dtype,
+        self.built_under_init = replicas.place_model(model, self.device,
                                                      config.mixed_precision, self.stage)
         self.comm_dtype = config.comm_dtype or self.model_dtype
         self._timers = reporting.PhaseTimers(config.wall_clock_breakdown, self.device)
@@ -88,7 +89,11 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             materialize(model, list(model.modules()), layout.unit_param_ids(self._params),
                         self.device, self.model_dtype)
         # After materialize: an Init model's buffers are then on the training device (built on
-        # the CPU, they would go to NCCL, which refuses CPU tensors), in the model dtype.
+        # the CPU, they would go to NCCL, which refuses CPU tensors).
+        if config.mixed_precision is not None:
+            keep = precision.keep_in_fp32_pattern(
+                model, config.data_types.keep_in_fp32_modules, config.mixed_precision)
+            precision.set_buffer_dtypes(model, config.buffer_dtype, keep)
         replicas.broadcast_from_rank0(model)
         self.layouts, self.persistent_layouts = layout.layouts, layout.persistent_layouts
         self._build_persistent()

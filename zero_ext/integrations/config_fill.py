@@ -17,6 +17,8 @@ from typing import Any
 __all__ = ["AUTO", "ConfigFiller", "hidden_size_defaults", "same"]
 
 AUTO = "auto"
+# Keys whose "auto" is DeepSpeed's own value, not a placeholder for a trainer to fill
+AUTO_IS_A_VALUE = {"data_types.keep_in_fp32_modules"}
 _ABSENT = object()
 
 
@@ -76,7 +78,7 @@ class ConfigFiller:
                 path = f"{prefix}{key}"
                 if isinstance(value, dict):
                     walk(value, path + ".")
-                elif value == AUTO:
+                elif value == AUTO and path not in AUTO_IS_A_VALUE:
                     found.append(path)
 
         walk(self.config, "")

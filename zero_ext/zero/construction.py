@@ -168,7 +168,8 @@ def materialize(model: nn.Module, modules: list[nn.Module], keep_meta: set[int],
                 device: torch.device, dtype: torch.dtype) -> None:
     """Gives the Init-partitioned parameters directly owned by `modules` (except those whose id
     is in `keep_meta`) their full values on `device` (floating point ones in `dtype`), in the
-    same Parameter objects; moves those modules' buffers there as `model.to` would. Collective:
+    same Parameter objects; moves those modules' buffers there, in their dtype (the engine then
+    sets buffers' dtypes: zero_ext/zero/precision.py). Collective:
     every rank calls it with the same modules."""
     for module in modules:
         for param in module._parameters.values():
@@ -181,8 +182,7 @@ def materialize(model: nn.Module, modules: list[nn.Module], keep_meta: set[int],
             _set_partitioned(param, False)
         for key, buffer in module._buffers.items():
             if buffer is not None and not buffer.is_meta:
-                target = dtype if buffer.is_floating_point() else buffer.dtype
-                module._buffers[key] = buffer.to(device=device, dtype=target)
+                module._buffers[key] = buffer.to(device=device)
 
 
 def gather_init_params(params: list[nn.Parameter]) -> list[nn.Parameter]:

@@ -1,8 +1,9 @@
 """Every rank's replica of the user's model, made ready for the engine to lay out.
 
 - `training_device`: where the engine trains (this process's CUDA device, else the CPU).
-- `place_model`: the model's tensors on that device in the model dtype, after checking that
-  no trainable parameter is in a dtype the engine would cast silently; a model built under
+- `place_model`: the model's tensors on that device, its parameters in the training dtype
+  (buffers as zero/precision.py sets them), after checking that no trainable parameter is in
+  a dtype the engine would cast silently; a model built under
   zero_ext.Init (meta parameters) is left where it is, checked to be one stage 3 can
   materialize.
 - `check_same_structure` / `broadcast_from_rank0` (collective): every rank holds the same
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from zero_ext import comm
+from zero_ext.zero import precision
 from zero_ext.zero.params import check_initializers
 
 __all__ = ["broadcast_from_rank0", "check_same_structure", "place_model", "training_device"]
@@ -34,17 +36,17 @@ def training_device() -> torch.device:
     return torch.device("cpu")
 
 
-def place_model(model: nn.Module, device: torch.device, dtype: torch.dtype,
-                mixed_precision: torch.dtype | None, stage: int) -> bool:
-    """The model's tensors on `device` in `dtype` (the model dtype), or, for a model built
-    under zero_ext.Init (meta parameters), checked to be materializable. Returns whether it
-    was built under Init."""
+def place_model(model: nn.Module, device: torch.device, mixed_precision: torch.dtype | None,
+                stage: int) -> bool:
+    """The model's tensors on `device`, its parameters in `mixed_precision` if any, or, for a
+    model built under zero_ext.Init (meta parameters), checked to be materializable. Returns
+    whether it was built under Init."""
     built_under_init = any(p.is_meta for p in model.parameters())
     _check_parameter_dtypes(model, mixed_precision)
     if not built_under_init:
         model.to(device=device)
-        if dtype != torch.float32:
-            model.to(dtype=dtype)
+        if mixed_precision is not None:
+            precision.cast_parameters(model, mixed_precision)  # buffers: set_buffer_dtypes
         return False
     if stage != 3:
         meta = [n for n, p in model.named_parameters() if p.is_meta]
