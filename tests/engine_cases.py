@@ -72,10 +72,11 @@ def train_steps(engine, steps: int, loss_fn=model_loss) -> None:
         engine.step()
 
 
-def train_reference_steps(model: nn.Module, steps: int, loss_fn=model_loss) -> dict:
+def train_reference_steps(model: nn.Module, steps: int, loss_fn=model_loss,
+                          eps: float = 1e-8) -> dict:
     """The single-process reference of train_steps: the whole global batch of each step, torch
     AdamW (lr 1e-2, weight decay 0.1, as config() sets) after clipping at 0.5."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, eps=eps)
     for step in range(steps):
         tokens, targets = global_batch(step, comm.world_size(), 1)
         opt.zero_grad()
@@ -669,8 +670,13 @@ def llama_under_init() -> dict:
     with zero_ext.Init():
         model = LlamaForCausalLM(cfg)
     all_meta = all(p.is_meta for p in model.parameters())
-    engine, _, _, _ = zero_ext.initialize(model=model,
-                                          config=config(3, "fp32", 1, comm.world_size()))
+    # Adam's eps at 1e-5, not 1e-8: with transformers 5.25 some of layer 1's MLP gradients are
+    # near zero, where m / (sqrt(v) + 1e-8) turns the reduction order's 1e-7 into moves of a
+    # few per cent of lr (the update 1.4e-5 from the reference at 4 ranks; 4.9e-7 at 1e-5).
+    adam_eps = 1e-5
+    cfg_engine = config(3, "fp32", 1, comm.world_size())
+    cfg_engine["optimizer"]["params"]["eps"] = adam_eps
+    engine, _, _, _ = zero_ext.initialize(model=model, config=cfg_engine)
     initial = engine.full_state_dict()
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     train_steps(engine, 3, lm_loss)
@@ -680,7 +686,7 @@ def llama_under_init() -> dict:
         reference = LlamaForCausalLM(cfg)
         out["plain_buffers"] = {n: b.detach().clone() for n, b in reference.named_buffers()}
         reference.load_state_dict(initial)
-        out["reference"] = train_reference_steps(reference, 3, lm_loss)
+        out["reference"] = train_reference_steps(reference, 3, lm_loss, eps=adam_eps)
     return out
 
 
