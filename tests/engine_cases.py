@@ -579,6 +579,35 @@ class TwiceNet(nn.Module):
         return F.cross_entropy(self.head(x).float().view(-1, VOCAB), targets.view(-1))
 
 
+class PassThroughNet(nn.Module):
+    """Blocks that return a tensor they were given along with their output, as every T5Block
+    returns the position bias: its gradient is complete only after the last block's backward,
+    when the earlier blocks' gradients have long been reduced."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.bias = nn.Linear(DIM, DIM)
+        self.blocks = nn.ModuleList(_PassThroughBlock() for _ in range(3))
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens, targets):
+        x = self.embed(tokens)
+        bias = self.bias(x)
+        for block in self.blocks:
+            x, bias = block(x, bias)
+        return F.cross_entropy(self.head(x).float().view(-1, VOCAB), targets.view(-1))
+
+
+class _PassThroughBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(DIM, DIM)
+
+    def forward(self, x, bias):
+        return torch.tanh(self.fc(x)) + bias, bias
+
+
 def stage3_special_cases() -> dict:
     """A module called twice per forward (against single-process training), and
     GatheredParameters reading and modifying partitioned parameters (bf16 masters)."""
@@ -593,6 +622,42 @@ def stage3_special_cases() -> dict:
     train_steps(engine, 3)
     out["twice"] = dict(got=host_params(model, engine),
                         reference=train_reference_steps(reference, 3))
+
+    torch.manual_seed(0)
+    model = PassThroughNet()
+    torch.manual_seed(0)
+    reference = PassThroughNet()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
+    left_gathered = []
+    for step in range(3):
+        tokens, targets = global_batch(step, world_size, 1)
+        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+        left_gathered.append(sum(unit.state.value != "sharded"
+                                 for unit in engine.partitioned.units))
+        engine.step()
+    out["pass_through"] = dict(got=host_params(model, engine), left_gathered=left_gathered,
+                               reference=train_reference_steps(reference, 3))
+
+    # Evaluation (no_grad, inference_mode: generation before RL training) before the first
+    # step and between steps: nothing stays gathered after it, and training is unchanged.
+    torch.manual_seed(0)
+    model = Blocks()
+    torch.manual_seed(0)
+    reference = Blocks()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
+    after_eval = []
+    for step in range(3):
+        tokens, targets = global_batch(step, world_size, 1)
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                for _ in range(2):
+                    run(engine, tokens[0, rank], targets[0, rank])
+            after_eval.append(sum(unit.state.value != "sharded"
+                                  for unit in engine.partitioned.units))
+        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+        engine.step()
+    out["evaluation"] = dict(got=host_params(model, engine), after_eval=after_eval,
+                             reference=train_reference_steps(reference, 3))
 
     model = build_model()
     engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "bf16", 1, world_size))
@@ -617,6 +682,22 @@ def stage3_special_cases() -> dict:
         embed_row=bool((after["embed.weight"][0] == 1.0).all()),
         # One AdamW step (lr 1e-2) from 0.5, not from the old random values.
         stepped_near_half=bool(((stepped.float() - 0.5).abs() <= 0.02).all()))
+
+    # Rank 0 loads values into every parameter, as DeepSpeed's loading pattern does: the
+    # frozen one (a LoRA base weight; kept whole, outside the optimizer) is everyone's too.
+    for stage in (1, 3):
+        model = build_model()
+        model.fc1.weight.requires_grad_(False)
+        engine, _, _, _ = zero_ext.initialize(model=model,
+                                              config=config(stage, "fp32", 1, world_size))
+        with zero_ext.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            if rank == 0:
+                with torch.no_grad():
+                    for param in model.parameters():
+                        param.fill_(0.25)
+        out[f"loaded_stage{stage}"] = {
+            name: bool((value == 0.25).all()) for name, value in
+            engine.full_state_dict().items()}
     return out
 
 
@@ -944,6 +1025,13 @@ def external_parameter_cases() -> dict:
         train_steps(engine, 3)
         out[declared] = dict(params=host_params(model, engine),
                              reference=train_reference_steps(reference, 3))
+        # A forward that raises (a target out of range) leaves no unit held for the next one.
+        tokens, targets = global_batch(0, world_size, 1)
+        try:
+            run(engine, tokens[0, comm.rank()], targets[0, comm.rank()] + VOCAB)
+        except (IndexError, RuntimeError):
+            pass
+        out[declared]["holders_after_error"] = [u.holders for u in engine.partitioned.units]
     return out
 
 

@@ -258,23 +258,56 @@ def slow_cpu_steps(engine, seconds: float) -> None:
     engine.optimizer.sharded_step = slow
 
 
+@contextlib.contextmanager
+def gather_order(engine):
+    """Records, in order, each unit the stage-3 hooks use and each all-gather they start:
+    [("use", unit), ("gather", bucket), ...]. Another collective inside a forward (a
+    SyncBatchNorm's all-reduce) meets the same gather on every rank only if these agree."""
+    partitioned = engine.partitioned
+    events, gather_all, use = [], partitioned._gather_all, partitioned.use
+    units = {id(unit): index for index, unit in enumerate(partitioned.units)}
+
+    def recorded_use(unit, phase):
+        events.append(("use", units[id(unit)]))
+        return use(unit, phase)
+
+    def recorded_gather(*args, bucket, **kwargs):
+        events.append(("gather", bucket))
+        return gather_all(*args, bucket=bucket, **kwargs)
+
+    partitioned.use, partitioned._gather_all = recorded_use, recorded_gather
+    try:
+        yield events
+    finally:
+        partitioned._gather_all = gather_all
+        del partitioned.use
+
+
 def deferred_cases(root: str) -> dict:
     """Stage 3, with clipping and without ("optimizer-noclip"): the units' CPU steps run behind
     the next forward, after the step's decision. With every
     worker step slowed, training must still equal the engine without offload bitwise; right
     after engine.step() returns some unit has not stepped yet; a checkpoint saved right after
-    a step, loaded by an engine without offload, goes on as the uninterrupted run."""
+    a step, loaded by an engine without offload, goes on as the uninterrupted run.
+
+    Rank 0 then waits 0.2 s before each next forward, so its CPU steps are done when it
+    prefetches, and rank 1's (slowed 50 ms each) are not: the gathers must still start at the
+    same points on both (`order`), as they do when whether to prefetch never depends on a
+    rank's timing."""
     out = {}
     for kind in ("optimizer", "ratio", "both", "optimizer-noclip"):
         clip = 0.0 if kind.endswith("-noclip") else 0.5
         zero = KINDS[kind.removesuffix("-noclip")]
         _, engine = _engine(3, "bf16", 1, clip=clip, **zero)
-        slow_cpu_steps(engine, 0.02)
+        slow_cpu_steps(engine, 0.02 if comm.rank() == 0 else 0.05)
         lagging = []
-        for step in range(3):
-            train_from(engine, step, 1)
-            counts = [s.step.item() for s in engine.offload.shards]
-            lagging.append(min(counts) < engine.global_steps)
+        with gather_order(engine) as order:
+            for step in range(3):
+                train_from(engine, step, 1)
+                counts = [s.step.item() for s in engine.offload.shards]
+                lagging.append(min(counts) < engine.global_steps)
+                if comm.rank() == 0:
+                    time.sleep(0.2)
         path = f"{root}/deferred-{kind}"
         engine.save_checkpoint(path)  # right after a step: waits for the deferred ones
         train_from(engine, 3, 2)
@@ -288,14 +321,32 @@ def deferred_cases(root: str) -> dict:
                      "plain": engine_cases.host_params(plain.module, plain),
                      "resumed": engine_cases.host_params(resumed.module, resumed),
                      "lagging": lagging, "deferrable": len(engine._deferrable),
-                     "timings": timings}
+                     "timings": timings, "order": order}
     return out
+
+
+def scheduler_warnings() -> list[str]:
+    """torch's LR scheduler given to initialize, with every host shard's step deferred (and
+    slowed, so it runs after the scheduler's step): the warnings torch's schedulers give."""
+    torch.manual_seed(0)
+    model = engine_cases.Blocks()  # no parameter kept whole: every host shard is deferred
+    cfg = engine_cases.config(3, "bf16", 1, comm.world_size(), **OPTIMIZER)
+    engine, _, _, _ = zero_ext.initialize(
+        model=model, config=cfg,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s)))
+    assert len(engine._deferrable) == len(engine.offload.shards)
+    slow_cpu_steps(engine, 0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_from(engine, 0, 2)
+    return [str(w.message) for w in caught if "lr_scheduler" in str(w.message)]
 
 
 def checks(root: str) -> dict:
     return {"overflow": overflow_cases(), "arrival": arrival_cases(),
             "accounting": accounting_cases(), "budget": budget_cases(),
-            "models": model_cases(), "deferred": deferred_cases(root)}
+            "models": model_cases(), "deferred": deferred_cases(root),
+            "scheduler_warnings": scheduler_warnings()}
 
 
 def timing_cases() -> dict:

@@ -277,6 +277,34 @@ def test_stage3_module_called_twice_matches_single_process():
                          msg=f"rank {rank} {name}")
 
 
+def test_stage3_blocks_passing_a_tensor_through_train_as_single_process():
+    """T5's blocks return the position bias they were given: the gradient reaching it after
+    the blocks' own were reduced must neither gather a block again nor leave it gathered
+    (with the weights of before the step) into the next forward."""
+    for rank, result in enumerate(_stage3_special(2)):
+        got = result["pass_through"]
+        assert got["left_gathered"] == [0, 0, 0], (rank, got["left_gathered"])
+        for name, ref in got["reference"].items():
+            assert_close(got["got"][name], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(),
+                         msg=f"rank {rank} {name}")
+
+
+def test_stage3_evaluation_before_and_between_steps_leaves_nothing_gathered():
+    for rank, result in enumerate(_stage3_special(2)):
+        got = result["evaluation"]
+        assert got["after_eval"] == [0] * 6, (rank, got["after_eval"])
+        for name, ref in got["reference"].items():
+            assert_close(got["got"][name], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(),
+                         msg=f"rank {rank} {name}")
+
+
+def test_gathered_parameters_modifier_rank_reaches_frozen_parameters():
+    for rank, result in enumerate(_stage3_special(2)):
+        for stage in (1, 3):
+            loaded = result[f"loaded_stage{stage}"]
+            assert "fc1.weight" in loaded and all(loaded.values()), (rank, stage, loaded)
+
+
 def test_gathered_parameters_reads_and_scatters_modifications():
     for result in _stage3_special(2):
         gathered = result["gathered"]
@@ -428,6 +456,7 @@ def test_stage3_parameter_used_outside_its_unit_is_gathered_or_is_registered():
                 assert_close(run["params"][name], ref, rtol=1e-5,
                              atol=1e-5 * ref.abs().max().item(),
                              msg=f"rank {rank} declared={declared} {name}")
+            assert not any(run["holders_after_error"]), (rank, declared, run)
 
 
 @pytest.mark.cuda

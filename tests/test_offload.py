@@ -145,6 +145,15 @@ def test_stage3_cpu_steps_after_the_norm_run_behind_the_next_forward(kind):
         for name, value in got["plain"].items():
             assert torch.equal(got["offload"][name], value), (rank, name)
             assert torch.equal(got["resumed"][name], value), (rank, name)
+        # Every rank started the same gathers at the same points, rank 0's CPU steps done
+        # before its forwards and rank 1's still running.
+        assert got["order"] == _checks(2)[0]["deferred"][kind]["order"], rank
+        assert {event for event, _ in got["order"]} == {"use", "gather"}, got["order"]
+
+
+def test_deferred_steps_do_not_make_torch_schedulers_warn_of_a_skipped_step():
+    for rank, result in enumerate(_checks(2)):
+        assert result["scheduler_warnings"] == [], (rank, result["scheduler_warnings"])
 
 
 def test_checkpoints_resume_exactly_with_offload_and_load_without_it(tmp_path):

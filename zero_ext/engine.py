@@ -144,12 +144,19 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self._no_sync = False
 
     def _tag_parameters(self) -> None:
-        """For GatheredParameters: each trainable parameter knows its engine and bucket."""
+        """For GatheredParameters: each trained parameter knows its engine and bucket; the
+        others (frozen, or in no optimizer group), whole on every rank, know their engine as
+        `_zero_ext_whole` (a modifier rank's changes to them are broadcast)."""
         engine_ref = weakref.ref(self)
+        tagged = set()
         for layout in self.layouts:
             for slot in layout.slots:
                 param = self._params[slot.param_index]
                 param._zero_ext_engine, param._zero_ext_layout = engine_ref, layout.index
+                tagged.add(id(param))
+        for param in self.module.parameters():
+            if id(param) not in tagged:
+                param._zero_ext_whole = engine_ref
 
     def _place_offload(self, layout: placement.ParameterLayout) -> None:
         placed = placement.place_offload(self.config.zero_optimization, layout, rank=self.rank,
@@ -407,6 +414,10 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self._step_applied = False
         if not boundary:
             return
+        if self.partitioned is not None:
+            # The step rewrites the shards: a unit still gathered now would go into the next
+            # forward with the weights of before it.
+            self.partitioned.release_all()
         with self._timers.time("step"):
             self._step_applied = stepping.boundary_step(self, backwards, lr_kwargs)
         self.global_steps += 1

@@ -465,14 +465,16 @@ class OptimizerOffload:
                                                         groups)
 
     def ready(self, bucket: int, wait: bool = True) -> bool:
-        """Whether bucket `bucket`'s weights are up to date for the device: True unless its
-        deferred step is still running (with `wait`, waits for it first). Once done, the
-        current stream is ordered after its upload."""
+        """Whether bucket `bucket`'s weights are up to date for the device. With `wait`, waits
+        for its deferred step (if any) and says True; once done, the current stream is
+        ordered after its upload. Without, says False for a deferred step not waited for yet,
+        finished or not: the answer decides whether a gather starts now (a prefetch), and
+        every rank must start its collectives at the same points, whatever its CPU's timing."""
         index = self._position.get(bucket)
         future = self._deferred.get(index) if index is not None else None
         if future is None:
             return True
-        if not wait and not future.done():
+        if not wait:
             return False
         try:
             future.result()  # re-raises what failed in the worker

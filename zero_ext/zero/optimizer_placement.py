@@ -139,6 +139,9 @@ class OptimizerPlacement:
                     buckets.reduced_grads(only={s.layout.index for s in on_device}),
                     _scale_on(factor, on_device), only=on_device)
             self.offload.step(_scale_on(factor, self.offload.shards), defer=self.deferrable)
+            # Deferred shards step on the worker after the LR scheduler's step, which checks
+            # that the optimizer stepped first: it has, as far as the schedule is concerned.
+            self.optimizer._opt_called = True
 
     def _replicated_step(self, grads: list[torch.Tensor], factor: float,
                          buckets: GradientBuckets) -> None:

@@ -94,6 +94,7 @@ class GatherUnit:
     fulls: list[torch.Tensor | None] = field(default_factory=list)  # gathered buffers
     state: UnitState = UnitState.SHARDED
     reduced: int = 0                         # layouts reduced in the current backward
+    backward_done: bool = False              # all of them reduced: its backward is over
     pending: list = field(default_factory=list)  # in-flight prefetch gathers (handles)
     holders: int = 0                         # external users whose forward is running
     # offload_param: device copies of the host shards feeding the in-flight all-gathers, and
@@ -128,7 +129,11 @@ class _Prefetcher:
     def next_units(self, phase: str, unit: GatherUnit,
                    params: PartitionedParameters) -> list[GatherUnit]:
         if self.recording is not None:
-            self.recording[phase].append(unit)
+            # The training step's order: a forward without autograd (an evaluation, a
+            # generation before the first step) is not part of it, and counted in it, would
+            # make every unit look reused soon and keep it gathered.
+            if phase == "backward" or torch.is_grad_enabled():
+                self.recording[phase].append(unit)
             return []
         if self.order is None:
             return []
@@ -395,9 +400,12 @@ class PartitionedParameters:
         if phase == "forward" and replaying():
             return  # no use in the forward order: the unit's backward is what comes next
         for upcoming in self.prefetch.next_units(phase, unit, self):
-            # A unit whose optimizer step still runs is gathered when it is used, not waited
-            # for here while the unit now needed has not launched its forward. Gathers keep
-            # the forward order on every rank, as collectives must: nothing after it either.
+            # A unit whose deferred optimizer step was not waited for yet is gathered when it
+            # is used, not waited for here while the unit now needed has not launched its
+            # forward; nor prefetched if that step happens to be done (this rank's timing:
+            # every rank must start the same gathers at the same points, or a collective of
+            # the model's own inside a forward meets another gather on each rank). Gathers
+            # keep the forward order on every rank: nothing after it either.
             if not self._is_ready(upcoming, wait=False):
                 break
             self.start_gather(upcoming)
@@ -412,6 +420,7 @@ class PartitionedParameters:
         prefetched unit that was not used."""
         self.prefetch.end_step(self)
         for unit in self.units:
+            unit.backward_done = False
             if unit.state is UnitState.GATHERING:
                 self.gather(unit)
                 self.release(unit)
@@ -452,6 +461,7 @@ class PartitionedParameters:
         unit.reduced += 1
         if unit.reduced == len(unit.layouts):
             unit.reduced = 0
+            unit.backward_done = True
             self.release(unit)
 
     def gather_for(self, layout_indices: set[int]) -> list[GatherUnit]:
@@ -461,9 +471,10 @@ class PartitionedParameters:
         gathered = []
         for index in sorted(layout_indices):  # the same order on every rank
             unit = self._unit_of_layout.get(index)
-            if unit is not None and (unit.state is UnitState.SHARDED or unit.quantized):
+            if unit is not None and (unit.state is not UnitState.GATHERED or unit.quantized):
                 if unit.state is UnitState.SHARDED:
                     gathered.append(unit)
+                # (A prefetch in flight is waited for, and left to its forward to release.)
                 self.gather(unit, exact=True)
         return gathered
 
@@ -540,8 +551,9 @@ class GatheredParameters:
     (collective: every rank enters with the same parameters).
 
     With `modifier_rank=r`, what rank r changed inside is everyone's on exit: it is broadcast
-    into every rank's parameters, stage-3 shards and fp32 master weights (or Init shards).
-    Parameters that neither an engine nor Init manages are left as they are.
+    into every rank's parameters, stage-3 shards and fp32 master weights (or Init shards), and
+    into the parameters an engine keeps whole without training them (frozen, or in no
+    optimizer group). Parameters that neither an engine nor Init manages are left as they are.
     """
 
     def __init__(self, params, modifier_rank: int | None = None, enabled: bool = True):
@@ -552,6 +564,7 @@ class GatheredParameters:
         self._by_engine: dict = {}
         self._gathered: dict = {}
         self._init_gathered: list[nn.Parameter] = []
+        self._whole: list[nn.Parameter] = []  # untrained parameters of an engine's model
         self._before: dict = {}
 
     def __enter__(self):
@@ -560,6 +573,9 @@ class GatheredParameters:
             engine = _engine_of(param)
             if engine is not None:
                 self._by_engine.setdefault(engine, set()).add(param._zero_ext_layout)
+                managed.append(param)
+            elif _engine_of(param, "_zero_ext_whole") is not None:
+                self._whole.append(param)
                 managed.append(param)
         for engine, layouts in self._by_engine.items():
             self._gathered[engine] = engine.gather_layouts(layouts)
@@ -578,9 +594,13 @@ class GatheredParameters:
             if modifier is not None:
                 engine.scatter_modified(layouts, modifier)
             engine.release_units(self._gathered[engine])
+        if modifier is not None:
+            with torch.no_grad():
+                for param in self._whole:  # in the caller's order, the same on every rank
+                    comm.broadcast(param.data, src=modifier)
         release_init_params(self._init_gathered, modifier)
         everyone = comm.all_gather_object(changed) if self.modifier_rank is None and \
-            self._by_engine and exc[0] is None else []
+            (self._by_engine or self._whole) and exc[0] is None else []
         if any(everyone):
             detail = "; ".join(f"rank {r}: {', '.join(c)}" for r, c in enumerate(everyone) if c)
             raise RuntimeError(
@@ -603,16 +623,17 @@ class GatheredParameters:
 
 def _is_partitioned(param: torch.Tensor) -> bool:
     engine = _engine_of(param)
-    return engine.partitioned is not None and engine.partitioned.owns(param._zero_ext_layout)
+    return engine is not None and engine.partitioned is not None and \
+        engine.partitioned.owns(param._zero_ext_layout)
 
 
 def _name_of(param: torch.Tensor) -> str:
-    engine = _engine_of(param)
+    engine = _engine_of(param) or _engine_of(param, "_zero_ext_whole")
     return next((n for n, p in engine.module.named_parameters() if p is param), "?")
 
 
-def _engine_of(param: torch.Tensor):
-    ref = param.__dict__.get("_zero_ext_engine")
+def _engine_of(param: torch.Tensor, tag: str = "_zero_ext_engine"):
+    ref = param.__dict__.get(tag)
     return ref() if ref is not None else None
 
 

@@ -226,7 +226,8 @@ class UnitHooks:
             self._after_forward(unit, output)
 
         self._handles.append(module.register_forward_pre_hook(_eager(before)))
-        self._handles.append(module.register_forward_hook(_eager(after)))
+        # always_call: a forward that raises must not leave the unit held (and gathered).
+        self._handles.append(module.register_forward_hook(_eager(after), always_call=True))
 
     def _after_forward(self, unit: GatherUnit, output) -> None:
         if replaying():
@@ -240,5 +241,9 @@ class UnitHooks:
             self.params.release(unit)
 
     def _before_backward(self, unit: GatherUnit, grad):
-        self.params.use(unit, "backward")
+        # The gradient of an output the unit passed through unchanged (T5's blocks return the
+        # position bias they were given) completes after the unit's own were reduced: its
+        # backward is over, and gathering it again would leave it gathered.
+        if not unit.backward_done:
+            self.params.use(unit, "backward")
         return grad
