@@ -638,19 +638,21 @@ for _precision, (_, _sizes) in PRECISIONS.items():
 def _set_train_micro_batch_size(stage: int, precision: str):
     """engine.set_train_micro_batch_size between steps: 4 steps of micro-batches of MICRO, 3 of
     2 x MICRO (two of the same data joined), then 2 of MICRO, two micro-batches per step
-    throughout (DeepSpeed's engine alike)."""
+    throughout (DeepSpeed's engine alike); then both engines' checkpoints resumed by zero_ext
+    keep global_samples."""
     config = dict(BASE, gradient_accumulation_steps=2, zero_optimization={"stage": stage},
                   **PRECISIONS[precision][0])
     data = batches(26, CLIP_SPIKE)
     joined = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]))
               for a, b in zip(data[8:20:2], data[9:20:2])]
     data = data[:8] + joined + data[20:24]
-    traces, sizes = [], []
+    traces, sizes, engines = [], [], {}
     for framework in ("deepspeed", "zero_ext"):
         initialize = deepspeed().initialize if framework == "deepspeed" else zero_ext.initialize
         engine, _, _, _ = initialize(model=Model(),
                                      config=copy.deepcopy(dict(config, **SUMS_IN_FP32[stage]) if
                                                           framework == "deepspeed" else config))
+        engines[framework] = engine
         trace = Trace()
         for index, (x, y) in enumerate(data):
             if index in (8, 14):
@@ -664,8 +666,22 @@ def _set_train_micro_batch_size(stage: int, precision: str):
     world = dist.get_world_size()
     assert traces[1].global_steps == 4 + 3 + 2, traces[1].global_steps
     # 4 steps of 2 x MICRO x world samples, 3 of 4 x MICRO x world, 2 of 2 x MICRO x world
-    assert sizes[0] == sizes[1] == (MICRO, 2, MICRO * 2 * world,
-                                    (4 * 2 + 3 * 4 + 2 * 2) * MICRO * world), sizes
+    samples = (4 * 2 + 3 * 4 + 2 * 2) * MICRO * world
+    assert sizes[0] == sizes[1] == (MICRO, 2, MICRO * 2 * world, samples), sizes
+    # Resumed from either framework's checkpoint, zero_ext counts on from the saved count
+    # (not 9 steps x the config's batch).
+    for framework, saved in engines.items():
+        directory = _shared_dir()
+        try:
+            saved.save_checkpoint(directory)
+            resumed, _, _, _ = zero_ext.initialize(model=Model(), config=copy.deepcopy(config))
+            resumed.load_checkpoint(directory)
+            assert (resumed.global_steps, resumed.global_samples) == (9, samples), (
+                framework, resumed.global_steps, resumed.global_samples)
+        finally:
+            dist.barrier()
+            if dist.get_rank() == 0:
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 for _stage in (1, 2, 3):

@@ -663,6 +663,32 @@ for _stage in (0, 2, 3):
     case(ZERO_CKPT + f"zero_ext::load_module_strict[{_stage}]", stage=_stage)(_strict)
 
 
+def _tied_since(tmp, stage: int) -> None:
+    """A checkpoint whose two layers trained apart, loaded strictly into the model with the
+    second layer's weight tied to the first's: refused, naming the tie (it was loaded with
+    the second layer's training thrown away)."""
+    config = ckpt_config(stage)
+    two = functools.partial(SimpleModel, nlayers=2)
+    saver = build_engine(config, seed=1, factory=two)
+    train_engine(saver, STEPS)
+    saver.save_checkpoint(os.path.join(tmp, "saved"), tag="t")
+
+    def tied():
+        model = two()
+        model.linears[1].weight = model.linears[0].weight
+        return model
+
+    loader = build_engine(config, seed=2, factory=tied)
+    load = functools.partial(loader.load_checkpoint, os.path.join(tmp, "saved"), "t")
+    collectively(lambda: expect_zero_ext_error(
+        load, "linears.1.weight is tied to linears.0.weight", "load_module_strict"))
+
+
+for _stage in (1, 3):
+    case(ZERO_CKPT + f"zero_ext::load_refuses_a_layer_tied_since[{_stage}]",
+         stage=_stage)(_tied_since)
+
+
 def _frozen_since(tmp, stage: int) -> None:
     """A checkpoint of a model that trained every layer, loaded (strictly, and with
     load_module_strict=False) into the same model with its first layer frozen (phase two of a

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from zero_ext.checkpoint import consolidate
+from zero_ext.checkpoint import format as checkpoint_format
 from zero_ext.checkpoint.data_only import ALLOWED_TYPES
 
 from dist_harness import run_group
@@ -68,6 +69,17 @@ def test_crafted_client_state_does_not_run_and_is_refused():
 ])
 def test_latest_that_leaves_the_save_directory_is_refused(name, words):
     _on_every_rank("crafted", name, *words)
+
+
+@pytest.mark.parametrize("tag, problem", [
+    (" run1", "white space"), ("run1\n", "white space"),
+    ("metadata.json", "its own files"), ("zero_shard_0_of_2.safetensors", "its own files"),
+    ("latest", "its own files"), ("run.1-b_2", None)])
+def test_tags_that_could_not_be_loaded_back_are_refused(tag, problem):
+    # `latest` is read back stripped, and a save_dir holding a tag named like a checkpoint's
+    # own file looks like a checkpoint itself: such tags were saved and never found again.
+    found = checkpoint_format.tag_problem(tag)
+    assert (found is None) if problem is None else (problem in found), found
 
 
 def test_client_state_that_is_not_data_is_refused_at_save_and_data_round_trips():

@@ -84,23 +84,38 @@ def partial_dirs(save_dir: str) -> list[str]:
 
 def looks_like_checkpoint(path: str) -> bool:
     """A checkpoint directory (complete or not), as opposed to a save_dir holding them."""
-    return os.path.isdir(path) and any(
-        name in (MANIFEST, METADATA) or name.startswith("zero_shard_")
-        for name in os.listdir(path))
+    return os.path.isdir(path) and any(looks_like_checkpoint_file(name)
+                                       for name in os.listdir(path))
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be one file or directory name inside a directory, or None: never a
+    path, so neither a `latest` file, a manifest nor an argument can point a load or a save
+    outside the directory it was given."""
+    if name in ("", ".", ".."):
+        return f"{name!r} is not a directory name"
+    if "/" in name or "\\" in name or os.sep in name or "\0" in name or os.path.isabs(name):
+        return f"{name!r} is a path, not a directory name (it would leave the save directory)"
+    if name.endswith((PARTIAL_SUFFIX, REPLACED_SUFFIX)) or name in (LATEST, SAVE_LOCK):
+        return f"{name!r} is a name zero_ext uses for its own files"
+    return None
 
 
 def tag_problem(tag: str) -> str | None:
-    """Why `tag` cannot name a checkpoint directory inside a save_dir, or None. A tag is one
-    directory name: never a path, so neither a `latest` file nor an argument can point a load
-    or a save outside the directory it was given."""
-    if tag in ("", ".", ".."):
-        return f"{tag!r} is not a directory name"
-    if "/" in tag or "\\" in tag or os.sep in tag or "\0" in tag or os.path.isabs(tag):
-        return f"{tag!r} is a path, not a directory name (it would leave the save directory)"
-    if tag.endswith((PARTIAL_SUFFIX, REPLACED_SUFFIX)) or tag == LATEST or \
-            tag == SAVE_LOCK:
-        return f"{tag!r} is a name zero_ext uses for its own files"
-    return None
+    """Why `tag` cannot name a checkpoint directory inside a save_dir, or None."""
+    problem = name_problem(tag)
+    if problem is None and looks_like_checkpoint_file(tag):
+        # the save_dir would look like a checkpoint itself, and `latest` be refused
+        problem = f"{tag!r} is a name zero_ext uses for its own files"
+    if problem is None and tag != tag.strip():
+        # `latest` is read back stripped: the tag would be saved and never found again
+        problem = f"{tag!r} begins or ends with white space"
+    return problem
+
+
+def looks_like_checkpoint_file(name: str) -> bool:
+    """A file name inside a checkpoint directory (which looks_like_checkpoint goes by)."""
+    return name in (MANIFEST, METADATA) or name.startswith("zero_shard_")
 
 
 def resolve_tag(load_dir: str, tag: str | None, caller: str = "zero_ext.load_checkpoint") \
@@ -232,7 +247,7 @@ def _check_manifest(manifest, manifest_path: str) -> None:
         raise bad("it has no 'files' object listing the checkpoint's files" if files is None
                   else f"'files' is a {type(files).__name__}, expected an object")
     for name, record in files.items():
-        if tag_problem(name) is not None or name == MANIFEST:
+        if name_problem(name) is not None or name == MANIFEST:
             raise bad(f"it lists {name!r}, which is not a file name inside the checkpoint")
         if not isinstance(record, dict) or type(record.get("bytes")) is not int or \
                 not isinstance(record.get("sha256_chunks"), list):

@@ -417,8 +417,10 @@ def load_deepspeed_checkpoint(engine, path: str, load_optimizer_states: bool,
         restore_scheduler(engine, plan.scheduler)
     if load_module_only:
         return path, plan.client_state
+    samples = plan.ckpt.model.get("global_samples")
     restore_counters(engine, int(plan.ckpt.model["global_steps"]),
-                     int(plan.ckpt.model.get("skipped_steps", 0)))
+                     int(plan.ckpt.model.get("skipped_steps", 0)),
+                     None if samples is None else int(samples))
     if engine.rank == 0:
         print(f"[zero_ext] resumed DeepSpeed's ZeRO-{plan.ckpt.stage} checkpoint {path} "
               f"(saved by {plan.ckpt.world_size} ranks, DeepSpeed "

@@ -227,11 +227,19 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
             f"load_optimizer_states=False")
     kinds = KINDS if load_optimizer_states else ("master",)
     saved = {n: place.shape for n, place in index.params.items()}
-    # A parameter that trained when saved and is frozen now is read by _model_states_plan.
-    unexpected = sorted(set(saved) - set(names) - set(engine.module.state_dict(keep_vars=True)))
+    # A parameter that trained when saved and is frozen now is read by _model_states_plan; one
+    # that is another name of a trained parameter here (tied to it) has nowhere to go.
+    trained = {id(p): name for p, name in zip(engine._params, names)}
+    current = engine.module.state_dict(keep_vars=True)
+    untrained = {key for key, value in current.items() if id(value) not in trained}
+    unexpected = sorted(set(saved) - set(names) - untrained)
     if unexpected and strict:
+        aliases = {key: trained[id(current[key])] for key in unexpected if key in current}
+        tied = "".join(f"; {key} is tied to {owner} in this model but was trained on its own "
+                       f"when saved" for key, owner in list(aliases.items())[:4])
         raise CheckpointError(f"{CALLER}: {path} has parameters this model lacks: "
-                              f"{unexpected[:8]} (load_module_strict=False passes over them)")
+                              f"{unexpected[:8]}{tied} (load_module_strict=False passes over "
+                              f"them)")
     fill = _fill_plan(engine, saved, names, kinds, f"{CALLER}: {path}")
     own_rng = shard_file_name(engine.rank, engine.world_size) \
         if index.world_size == engine.world_size else None
@@ -330,14 +338,18 @@ def restore_scheduler(engine, state: dict) -> None:
         group["lr"] = lr
 
 
-def restore_counters(engine, global_steps: int, skipped_steps: int) -> None:
-    """The step counters of a loaded checkpoint, with the window they imply."""
+def restore_counters(engine, global_steps: int, skipped_steps: int,
+                     global_samples: int | None) -> None:
+    """The step counters of a loaded checkpoint, with the window they imply. `global_samples`
+    None (a checkpoint that lacks it): train_batch_size per step so far."""
     engine.global_steps = global_steps
     # Checkpoints are taken at window boundaries, so the next micro-step opens a window,
     # whatever the accumulation count was when the checkpoint was written.
     engine.micro_steps = global_steps * engine.batch.gradient_accumulation_steps
     engine._window_micro = 0
-    engine._samples_anchor = (0, 0)  # global_samples: train_batch_size per step from here
+    # global_samples: the saved count, then train_batch_size per step from here
+    engine._samples_anchor = (0, 0) if global_samples is None else (global_steps,
+                                                                    int(global_samples))
     # A window this engine had begun (backwards before the load) belongs to the weights it
     # had: its gradients go, or the loaded run's first window would sum them in.
     engine.grad_buckets.clear()
@@ -371,7 +383,8 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
     if load_module_only:
         return
     counters = meta["counters"]
-    restore_counters(engine, counters["global_steps"], counters["skipped_steps"])
+    restore_counters(engine, counters["global_steps"], counters["skipped_steps"],
+                     counters.get("global_samples"))
     if engine.loss_scaler is not None and meta["loss_scaler"] is not None:
         engine.loss_scaler.load_state_dict(meta["loss_scaler"])
     # After global_steps: a data position anchors itself to the restored step count.
