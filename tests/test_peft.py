@@ -76,9 +76,13 @@ def test_saved_adapters_are_peft_files_with_the_plain_runs_values(case, where):
     assert all(not k.startswith("base_model.model.base_model") and ".default." not in k
                for k in mine)
     assert any(plain[k].abs().max() > 1e-3 for k in plain if "lora_B" in k)  # trained
+    # QLoRA's base computes in bf16 from 4-bit weights: the two ranks' sums in another order
+    # moved one of 256 adapter elements by 1.4e-6 (|max| 0.03) with transformers 5.25 and
+    # bitsandbytes 0.50.2, against the fp32 cases' 1e-6.
+    atol = 3e-6 if case == "zero3_qlora" else 1e-6
     for key in plain:
         assert mine[key].dtype == plain[key].dtype, key
-        torch.testing.assert_close(mine[key], plain[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine[key], plain[key], rtol=1e-5, atol=atol)
     assert _adapter_config(*ours) == _adapter_config(*theirs)
 
 
