@@ -683,6 +683,31 @@ def stage3_special_cases() -> dict:
         # One AdamW step (lr 1e-2) from 0.5, not from the old random values.
         stepped_near_half=bool(((stepped.float() - 0.5).abs() <= 0.02).all()))
 
+    # A forward inside GatheredParameters keeps the gathered values readable after it, and a
+    # modifier context nested in a read-only one keeps its change without an error.
+    model = build_model()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
+    tokens, targets = global_batch(0, world_size, 1)
+    with zero_ext.GatheredParameters([model.fc1.weight]):
+        before = model.fc1.weight.detach().clone()
+        with torch.no_grad():
+            run(engine, tokens[0, rank], targets[0, rank])
+        read_after_forward = torch.equal(model.fc1.weight, before)
+    nested_error = None
+    try:
+        with zero_ext.GatheredParameters([model.fc1.weight, model.fc2.weight]):
+            with zero_ext.GatheredParameters([model.fc1.weight], modifier_rank=0):
+                if rank == 0:
+                    with torch.no_grad():
+                        model.fc1.weight.fill_(0.75)
+    except RuntimeError as error:
+        nested_error = str(error)
+    out["contexts"] = dict(read_after_forward=read_after_forward, nested_error=nested_error,
+                           nested_kept=bool((engine.full_state_dict()["fc1.weight"] == 0.75)
+                                            .all()),
+                           left_gathered=sum(unit.state.value != "sharded"
+                                             for unit in engine.partitioned.units))
+
     # Rank 0 loads values into every parameter, as DeepSpeed's loading pattern does: the
     # frozen one (a LoRA base weight; kept whole, outside the optimizer) is everyone's too.
     for stage in (1, 3):

@@ -298,6 +298,13 @@ def test_stage3_evaluation_before_and_between_steps_leaves_nothing_gathered():
                          msg=f"rank {rank} {name}")
 
 
+def test_gathered_parameters_survive_a_forward_inside_and_nest():
+    for rank, result in enumerate(_stage3_special(2)):
+        got = result["contexts"]
+        assert got == dict(read_after_forward=True, nested_error=None, nested_kept=True,
+                           left_gathered=0), (rank, got)
+
+
 def test_gathered_parameters_modifier_rank_reaches_frozen_parameters():
     for rank, result in enumerate(_stage3_special(2)):
         for stage in (1, 3):

@@ -426,11 +426,11 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             self._periodic_checkpoints.after_step()
 
     # -- GatheredParameters -----------------------------------------------------------------
-    def gather_layouts(self, layout_indices: set[int]) -> list:
-        """Gathers the stage-3 units holding these buckets; returns the ones it gathered."""
+    def hold_layouts(self, layout_indices: set[int]) -> list:
+        """Gathers and holds the stage-3 units holding these buckets (GatheredParameters)."""
         if self.partitioned is None:
             return []
-        return self.partitioned.gather_for(layout_indices)
+        return self.partitioned.hold(layout_indices)
 
     @torch.no_grad()
     def scatter_modified(self, layout_indices: set[int], modifier_rank: int) -> None:
@@ -444,9 +444,9 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             if self.replicated_optimizer is None:
                 self.optimizer.refresh_master(index)
 
-    def release_units(self, units: list) -> None:
-        for unit in units:
-            self.partitioned.release(unit)
+    def unhold_layouts(self, held: list) -> None:
+        if held:
+            self.partitioned.unhold(held)
 
     # -- reporting (zero/reporting.py) ------------------------------------------------------
     def get_global_grad_norm(self) -> float | None:

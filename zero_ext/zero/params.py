@@ -464,19 +464,30 @@ class PartitionedParameters:
             unit.backward_done = True
             self.release(unit)
 
-    def gather_for(self, layout_indices: set[int]) -> list[GatherUnit]:
-        """Gathers every sharded unit holding one of these buckets, exactly; returns those it
-        gathered. (A unit gathered with qwZ for a forward running now is gathered again,
-        exactly, and left to that forward to release.)"""
-        gathered = []
+    def hold(self, layout_indices: set[int]) -> list[tuple[GatherUnit, bool]]:
+        """GatheredParameters: gathers every unit holding one of these buckets, exactly, and
+        holds it (a forward run meanwhile does not release it) until `unhold`. Returns each
+        unit with whether this gathered it. (A unit gathered with qwZ for a forward running now
+        is gathered again, exactly, and a prefetch in flight waited for: both left to their
+        forward to release.)"""
+        held = []
         for index in sorted(layout_indices):  # the same order on every rank
             unit = self._unit_of_layout.get(index)
-            if unit is not None and (unit.state is not UnitState.GATHERED or unit.quantized):
-                if unit.state is UnitState.SHARDED:
-                    gathered.append(unit)
-                # (A prefetch in flight is waited for, and left to its forward to release.)
+            if unit is None or any(unit is other for other, _ in held):
+                continue
+            mine = unit.state is UnitState.SHARDED
+            if unit.state is not UnitState.GATHERED or unit.quantized:
                 self.gather(unit, exact=True)
-        return gathered
+            unit.holders += 1
+            held.append((unit, mine))
+        return held
+
+    def unhold(self, held: list[tuple[GatherUnit, bool]]) -> None:
+        """Ends `hold`: the units it gathered are released unless something else holds them."""
+        for unit, mine in held:
+            unit.holders -= 1
+            if mine and unit.holders == 0:
+                self.release(unit)
 
     @torch.no_grad()
     def broadcast_layout(self, layout_index: int, src: int) -> None:
@@ -562,7 +573,7 @@ class GatheredParameters:
         self.params = list(params) if enabled else []
         self.modifier_rank = modifier_rank
         self._by_engine: dict = {}
-        self._gathered: dict = {}
+        self._held: dict = {}  # per engine, the stage-3 units held open (PartitionedParameters)
         self._init_gathered: list[nn.Parameter] = []
         self._whole: list[nn.Parameter] = []  # untrained parameters of an engine's model
         self._before: dict = {}
@@ -578,26 +589,33 @@ class GatheredParameters:
                 self._whole.append(param)
                 managed.append(param)
         for engine, layouts in self._by_engine.items():
-            self._gathered[engine] = engine.gather_layouts(layouts)
+            self._held[engine] = engine.hold_layouts(layouts)
         if self.modifier_rank is None:
             # No rank may change them: a change is found at exit (the version counter, or the
             # values of whole-kept parameters, which no release would discard) and undone.
-            self._before = {id(p): (p, p._version, None if _is_partitioned(p) else
-                                    p.detach().clone()) for p in managed}
+            self._before = {id(p): _snapshot(p) for p in managed}
         self._init_gathered = gather_init_params(self.params)
+        _open_contexts.append(self)
         return self
 
     def __exit__(self, *exc):
+        _open_contexts.remove(self)
         modifier = self.modifier_rank if exc[0] is None else None
         changed = self._undo_changes() if self.modifier_rank is None and exc[0] is None else []
         for engine, layouts in self._by_engine.items():
             if modifier is not None:
                 engine.scatter_modified(layouts, modifier)
-            engine.release_units(self._gathered[engine])
+            engine.unhold_layouts(self._held[engine])
         if modifier is not None:
             with torch.no_grad():
                 for param in self._whole:  # in the caller's order, the same on every rank
                     comm.broadcast(param.data, src=modifier)
+            # An enclosing read-only context takes these values as its own starting point:
+            # the change was made the way that keeps it, on every rank alike.
+            for outer in _open_contexts:
+                for param in self.params:
+                    if id(param) in outer._before:
+                        outer._before[id(param)] = _snapshot(param)
         release_init_params(self._init_gathered, modifier)
         everyone = comm.all_gather_object(changed) if self.modifier_rank is None and \
             (self._by_engine or self._whole) and exc[0] is None else []
@@ -619,6 +637,15 @@ class GatheredParameters:
                 if values is not None:
                     param.copy_(values)
         return changed
+
+
+_open_contexts: list[GatheredParameters] = []  # entered and not exited, innermost last
+
+
+def _snapshot(param: torch.Tensor) -> tuple:
+    """What a read-only GatheredParameters compares at exit: the version counter, and the
+    values of a parameter no release would discard (kept whole)."""
+    return param, param._version, None if _is_partitioned(param) else param.detach().clone()
 
 
 def _is_partitioned(param: torch.Tensor) -> bool:
