@@ -112,11 +112,39 @@ def test_json_path_str_and_pathlike(tmp_path):
 def test_bad_json_file(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{"train_batch_size": 8,,}')
-    with pytest.raises(ValueError, match=r"broken\.json.* not valid JSON: line 1"):
+    with pytest.raises(ValueError, match=r"broken\.json.* valid JSON \(line 1.* nor Hjson"):
         ZeroConfig.load(path)
     path.write_text('{"train_batch_size": 8, "train_batch_size": 16}')
     with pytest.raises(ValueError, match="'train_batch_size' appears twice"):
         ZeroConfig.load(path)
+
+
+def test_config_files_are_read_as_deepspeed_reads_them_hjson(tmp_path):
+    pytest.importorskip("hjson", reason="DeepSpeed reads config files with hjson")
+    # DeepSpeed reads config files with hjson: comments and trailing commas are its users'
+    path = tmp_path / "ds_config.json"
+    path.write_text('{\n  // ZeRO-2\n  "train_batch_size": 8,\n  "zero_optimization": '
+                    '{"stage": 2,},\n}\n')
+    config = ZeroConfig.load(path)
+    assert (config.train_batch_size, config.zero_optimization.stage) == (8, 2)
+    # (DeepSpeedConfig(path) reads it as 8 and stage 2 too, checked by hand: importing
+    # deepspeed here would change what the in-process integration tests see)
+
+
+def test_deepspeed_spellings_read_as_deepspeed_reads_them():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        on = ZeroConfig.load({"train_batch_size": 8, "zero_optimization": True,
+                              "gradient_allreduce_op": "MEAN", "vocabulary_size": 50257})
+        off = ZeroConfig.load({"train_batch_size": 8, "zero_optimization": False})
+    # DeepSpeed's deprecated boolean: true is stage 1, false stage 0, with a warning
+    assert (on.zero_optimization.stage, off.zero_optimization.stage) == (1, 0)
+    text = " ".join(str(w.message) for w in caught)
+    assert "deprecated ZeRO switch" in text and "vocabulary_size" in text, text
+    # DeepSpeed compares warmup_type's exact spelling ("Linear" warms up as "log" there)
+    with pytest.raises(ConfigError, match="'Linear': write 'linear'"):
+        ZeroConfig.load({"train_batch_size": 8, "scheduler": {
+            "type": "WarmupLR", "params": {"warmup_type": "Linear"}}})
 
 
 def test_dict_is_not_mutated():

@@ -538,6 +538,11 @@ def validate_scheduler_params(type_name: str, params: Mapping[str, Any], *,
             value = _check_int(key_path, value, lo=1)
         elif name == "warmup_type":
             value = _check_choice(key_path, value, _WARMUP_TYPES)
+            if params[name] != value:
+                # DeepSpeed compares the exact spelling: "Linear" would warm up as "log" there
+                raise ConfigError(key_path, f"{params[name]!r}: write {value!r} (DeepSpeed "
+                                  f"reads only the lower-case spelling and would warm up "
+                                  f"logarithmically, with a warning)")
         else:  # warmup_min_ratio, cos_min_ratio
             value = _check_number(key_path, value, lo=0.0, hi=1.0)
         out[name] = value
@@ -1496,6 +1501,11 @@ class ZeroConfig(_Section):
         "aio": "used only by NVMe offload",
         "checkpoint": "zero_ext checkpoints need no tag validation and load at any world size",
         "seq_parallel_communication_data_type": "zero_ext has no sequence parallelism",
+        "vocabulary_size": "",
+        "use_data_before_expert_parallelism": "zero_ext has no expert parallelism",
+        "datastates_ckpt": "zero_ext writes its own checkpoints",
+        "allgather_size": "read by DeepSpeed only with zero_optimization: true; zero_ext's "
+                          "allgather bucket size applies",
     }
     _INERT: ClassVar[dict[str, _Unsupported]] = {
         "prescale_gradients": _Unsupported(
@@ -1505,7 +1515,8 @@ class ZeroConfig(_Section):
             _is(1.0), "values other than 1.0 are not supported (zero_ext averages gradients in "
             "the reduction itself); remove the key or set it to 1.0"),
         "gradient_allreduce_op": _Unsupported(
-            lambda value: value == "mean", "only \"mean\" is supported (gradients are averaged "
+            lambda value: isinstance(value, str) and value.lower() == "mean",
+            "only \"mean\" is supported (gradients are averaged "
             "over ranks); for a sum, scale the loss by the world size"),
         "sparse_gradients": _Unsupported(
             _is(False), "true is not supported (gradients are reduced dense); remove the key or "
@@ -1572,6 +1583,14 @@ class ZeroConfig(_Section):
         self.bf16 = _section("bf16", self.bf16, BF16Config)
         self.optimizer = _section("optimizer", self.optimizer, OptimizerConfig, optional=True)
         self.scheduler = _section("scheduler", self.scheduler, SchedulerConfig, optional=True)
+        if isinstance(self.zero_optimization, bool):
+            # DeepSpeed's deprecated form: true is stage 1, false stage 0
+            stage = int(self.zero_optimization)
+            _warn_keys([f"zero_optimization = {json.dumps(self.zero_optimization)} is read as "
+                        f"{{\"stage\": {stage}}}"],
+                       headline="DeepSpeed's deprecated ZeRO switch, applied; write the section "
+                       "instead")
+            self.zero_optimization = {"stage": stage}
         self.zero_optimization = _section("zero_optimization", self.zero_optimization,
                                           ZeroOptimizationConfig)
         self.activation_checkpointing = _section(
@@ -1791,9 +1810,23 @@ def read_json_config(path: str | os.PathLike) -> dict:
         raise IsADirectoryError(
             f"zero_ext config {os.fspath(path)!r} is a directory; pass the path of a DeepSpeed "
             "JSON config file inside it (e.g. ds_config.json), or the config as a dict")
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
     try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file, object_pairs_hook=no_duplicates)
+        return json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as error:
-        raise ValueError(f"zero_ext config {os.fspath(path)!r} is not valid JSON: line "
-                         f"{error.lineno}, column {error.colno}: {error.msg}") from None
+        problem = (f"line {error.lineno}, column {error.colno}: {error.msg}")
+    # DeepSpeed reads its config files as Hjson (comments, trailing commas, unquoted keys),
+    # with the hjson package it depends on.
+    try:
+        import hjson
+    except ImportError:
+        raise ValueError(f"zero_ext config {os.fspath(path)!r} is not valid JSON: {problem} "
+                         f"(DeepSpeed reads Hjson, with comments and trailing commas: "
+                         f"`pip install hjson` to read it as DeepSpeed does)") from None
+    try:
+        return hjson.loads(text, object_pairs_hook=no_duplicates)
+    except hjson.HjsonDecodeError as error:
+        raise ValueError(f"zero_ext config {os.fspath(path)!r} is neither valid JSON ({problem}) "
+                         f"nor Hjson (line {error.lineno}, column {error.colno}: "
+                         f"{error.msg})") from None
