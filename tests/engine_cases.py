@@ -8,7 +8,9 @@ torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW on fp32 master weights.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -659,6 +661,19 @@ def stage3_special_cases() -> dict:
     out["evaluation"] = dict(got=host_params(model, engine), after_eval=after_eval,
                              reference=train_reference_steps(reference, 3))
 
+    # torch's reentrant checkpoint runs the blocks without autograd in the forward: still the
+    # training step's order, recorded whole, so prefetch stays on (and no warning says not).
+    torch.manual_seed(0)
+    model = ReentrantBlocks()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_steps(engine, 3)
+    order = engine.partitioned.prefetch.order
+    out["reentrant"] = dict(forward=None if order is None else len(order["forward"]),
+                            units=len(engine.partitioned.units),
+                            warned=[str(w.message) for w in caught if "order" in str(w.message)])
+
     model = build_model()
     engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "bf16", 1, world_size))
     full = engine.full_state_dict()
@@ -810,6 +825,18 @@ class Blocks(nn.Module):
         x = self.embed(tokens)
         for i in ((0, 2, 1, 3) if swap else (0, 1, 2, 3)):
             x = x + F.gelu(self.blocks[i](x))
+        return F.cross_entropy(self.head(x).float().view(-1, VOCAB), targets.view(-1))
+
+
+class ReentrantBlocks(Blocks):
+    """Blocks whose linear blocks run under torch.utils.checkpoint(use_reentrant=True), as
+    transformers' gradient checkpointing does."""
+
+    def forward(self, tokens, targets, swap=False):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = x + torch.utils.checkpoint.checkpoint(
+                lambda h, block=block: F.gelu(block(h)), x, use_reentrant=True)
         return F.cross_entropy(self.head(x).float().view(-1, VOCAB), targets.view(-1))
 
 
@@ -1092,3 +1119,28 @@ def cuda_peak_memory() -> dict:
         peak = torch.cuda.max_memory_allocated()
         engine.step()
     return dict(rise=peak - before, unit_bytes=unit_bytes, units=len(model.blocks))
+
+
+def batch_norm_cases() -> dict:
+    """A BatchNorm model under bf16: its parameters cast, its running statistics kept fp32
+    (DeepSpeed's casting), which torch's batch_norm refuses on the CPU: initialize says so
+    with the fix, and with data_types.buffer_dtype "bf16" the model trains."""
+    out = {}
+    for data_types in ({}, {"buffer_dtype": "bf16"}):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(DIM, DIM), nn.BatchNorm1d(DIM), nn.Linear(DIM, 1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine, _, _, _ = zero_ext.initialize(model=model, config={
+                "train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
+                "data_types": data_types, "zero_optimization": {"stage": 2}})
+        try:
+            engine.backward(engine(torch.randn(4, DIM).bfloat16()).float().pow(2).mean())
+            engine.step()
+            trained = None
+        except RuntimeError as error:
+            trained = str(error)
+        out[json.dumps(data_types)] = dict(
+            warned=[str(w.message) for w in caught if "batch_norm" in str(w.message)],
+            error=trained, stats=str(model[1].running_mean.dtype))
+    return out

@@ -260,15 +260,16 @@ def slow_cpu_steps(engine, seconds: float) -> None:
 
 @contextlib.contextmanager
 def gather_order(engine):
-    """Records, in order, each unit the stage-3 hooks use and each all-gather they start:
-    [("use", unit), ("gather", bucket), ...]. Another collective inside a forward (a
+    """Records, in order, each unit the stage-3 hooks use (and whether a prefetch had gathered
+    it) and each all-gather they start: [("use", unit, prefetched), ("gather", bucket), ...]. Another collective inside a forward (a
     SyncBatchNorm's all-reduce) meets the same gather on every rank only if these agree."""
     partitioned = engine.partitioned
     events, gather_all, use = [], partitioned._gather_all, partitioned.use
     units = {id(unit): index for index, unit in enumerate(partitioned.units)}
 
     def recorded_use(unit, phase):
-        events.append(("use", units[id(unit)]))
+        # ("use", unit, whether a prefetch had gathered it or started to)
+        events.append(("use", units[id(unit)], unit.state.value != "sharded"))
         return use(unit, phase)
 
     def recorded_gather(*args, bucket, **kwargs):

@@ -240,6 +240,12 @@ def test_explicit_values_stay_and_an_unfillable_auto_is_named():
                              micro_batch=5, num_processes=2, split_batches=False)
     assert (config["gradient_clipping"], config["train_micro_batch_size_per_gpu"]) == (0.3, 5)
     assert "train_batch_size" not in config  # absent stays absent: the engine derives it
+    # DeepSpeed's own "auto" (keep the model's listed buffers in fp32) is a value, kept
+    plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 2},
+                                           "data_types": {"keep_in_fp32_modules": "auto"}})
+    config = complete_config(plugin, torch.nn.Linear(2, 2), None, None, accumulation=1,
+                             micro_batch=5, num_processes=2, split_batches=False)
+    assert config["data_types"] == {"keep_in_fp32_modules": "auto"}, config
     plugin = DeepSpeedPlugin(hf_ds_config={"optimizer": {"type": "AdamW", "params": {
         "betas": "auto"}}, "zero_optimization": {"stage": 2}})
     with pytest.raises(ValueError, match=r"^zero_ext.integrations.accelerate.Accelerator: the "

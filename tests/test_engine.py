@@ -305,6 +305,12 @@ def test_gathered_parameters_survive_a_forward_inside_and_nest():
                            left_gathered=0), (rank, got)
 
 
+def test_stage3_prefetch_stays_on_under_reentrant_checkpointing():
+    for rank, result in enumerate(_stage3_special(2)):
+        got = result["reentrant"]
+        assert got["forward"] == got["units"] and not got["warned"], (rank, got)
+
+
 def test_gathered_parameters_modifier_rank_reaches_frozen_parameters():
     for rank, result in enumerate(_stage3_special(2)):
         for stage in (1, 3):
@@ -473,3 +479,11 @@ def test_stage3_cuda_peak_memory_stays_near_the_units_in_flight():
         # Gathered units (the one running, one prefetched), a unit's full gradient before its
         # reduce-scatter and the communication buffer: a few units, never all eight.
         assert result["rise"] <= 5 * result["unit_bytes"] < result["units"] * result["unit_bytes"]
+
+
+def test_batch_norm_under_bf16_is_named_at_initialize_with_the_fix():
+    (result,) = run_group(1, engine_cases.batch_norm_cases)
+    kept, cast = result["{}"], result['{"buffer_dtype": "bf16"}']
+    assert len(kept["warned"]) == 1 and '"buffer_dtype": "bf16"' in kept["warned"][0], kept
+    assert kept["stats"] == "torch.float32" and "expected scalar type" in kept["error"], kept
+    assert cast == dict(warned=[], error=None, stats="torch.bfloat16"), cast

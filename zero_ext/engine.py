@@ -94,6 +94,14 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             keep = precision.keep_in_fp32_pattern(
                 model, config.data_types.keep_in_fp32_modules, config.mixed_precision)
             precision.set_buffer_dtypes(model, config.buffer_dtype, keep)
+            mixed = precision.mixed_batch_norms(model)
+            if mixed and self.rank == 0:
+                warnings.warn(
+                    f"zero_ext: under {config.training_dtype_name} the parameters of "
+                    f"{mixed[:4]} are cast and their running statistics kept fp32, as "
+                    "DeepSpeed does; torch's batch_norm refuses that mix on the CPU. Set "
+                    f"\"data_types\": {{\"buffer_dtype\": \"{config.training_dtype_name}\"}} "
+                    "to cast buffers too", stacklevel=3)
         replicas.broadcast_from_rank0(model)
         self.layouts, self.persistent_layouts = layout.layouts, layout.persistent_layouts
         self._build_persistent()
@@ -153,10 +161,13 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             for slot in layout.slots:
                 param = self._params[slot.param_index]
                 param._zero_ext_engine, param._zero_ext_layout = engine_ref, layout.index
+                param.__dict__.pop("_zero_ext_whole", None)  # an earlier engine's
                 tagged.add(id(param))
         for param in self.module.parameters():
             if id(param) not in tagged:
                 param._zero_ext_whole = engine_ref
+                for earlier in ("_zero_ext_engine", "_zero_ext_layout"):
+                    param.__dict__.pop(earlier, None)
 
     def _place_offload(self, layout: placement.ParameterLayout) -> None:
         placed = placement.place_offload(self.config.zero_optimization, layout, rank=self.rank,
@@ -247,9 +258,15 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         if torch.is_grad_enabled():  # training forwards only: evaluation is not throughput
             self.monitor.forward(args, kwargs)
         segments = checkpointing.counters.segments
+        if self.partitioned is not None:
+            # Whether this forward trains, read here: a reentrant checkpoint runs its part of
+            # the model without autograd, and that part is still the training step's.
+            self.partitioned.prefetch.training_forward = torch.is_grad_enabled()
         try:
             return self._forward(args, kwargs)
         finally:
+            if self.partitioned is not None:
+                self.partitioned.prefetch.training_forward = None
             if checkpointing.counters.segments != segments:
                 self.monitor.recompute = True  # backward recomputes checkpointed forwards
 

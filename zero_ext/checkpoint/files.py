@@ -185,9 +185,9 @@ class SaveLock:
     each other's tags) is refused with the holder's host and process id, rather than the two
     interleaving. Created with O_EXCL (atomic on local and NFSv3+ filesystems). A marker left
     by a process that is gone from this host is taken over, and so is one left by an earlier
-    attempt of this torchrun job (the same TORCHELASTIC_RUN_ID, not torchrun's default "none",
-    and a lower TORCHELASTIC_RESTART_COUNT: torchrun restarts a job only after stopping all
-    its workers, and the new rank 0 may be on another host; zero_ext/elastic.py); one from
+    attempt of this torchrun job (the same TORCHELASTIC_RUN_ID, not torchrun's default "none":
+    torchrun restarts a job only after stopping all its workers, and the new rank 0 may be on
+    another host; zero_ext/elastic.py); one from
     another host and job cannot be checked from here, and the error says how to remove it if
     that job is gone."""
 
@@ -199,8 +199,7 @@ class SaveLock:
         """Takes the lock; returns a warning to show when a stale lock was taken over.
         Raises RuntimeError when another job holds it."""
         me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-              "job": os.environ.get("TORCHELASTIC_RUN_ID"),
-              "restart": _int_or_none(os.environ.get("TORCHELASTIC_RESTART_COUNT"))}
+              "job": os.environ.get("TORCHELASTIC_RUN_ID")}
         note = None
         for _ in range(2):
             try:
@@ -236,15 +235,13 @@ class SaveLock:
 
     @staticmethod
     def _earlier_attempt(holder: dict, me: dict) -> bool:
-        """Whether the holder is an earlier attempt of this torchrun job: the same run id, one
-        that names a job (torchrun's default "none", which static and --master_port launches
-        keep, names none), and an earlier restart count where both are known."""
-        if me["job"] in (None, "", "none") or holder.get("job") != me["job"] or \
-                (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"]):
-            return False
-        theirs = holder.get("restart")
-        return not (isinstance(theirs, int) and me["restart"] is not None
-                    and theirs >= me["restart"])
+        """Whether the holder is an earlier attempt of this torchrun job: another process with
+        the same run id, one that names a job (torchrun's default "none", which static and
+        --master_port launches keep, names none). (Not the restart count: torchrun's agents
+        keep their own, a membership change does not raise it, and a replacement node starts
+        at 0.)"""
+        return me["job"] not in (None, "", "none") and holder.get("job") == me["job"] and \
+            (holder.get("host"), holder.get("pid")) != (me["host"], me["pid"])
 
     def _holder(self) -> dict:
         try:
@@ -258,10 +255,6 @@ class SaveLock:
         if self.held:
             _remove_quietly(self.path)
             self.held = False
-
-
-def _int_or_none(text: str | None) -> int | None:
-    return int(text) if text is not None and text.isdigit() else None
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:

@@ -19,7 +19,7 @@ from accelerate.utils import DeepSpeedPlugin
 from accelerate.utils.deepspeed import DummyOptim, DummyScheduler
 from torch.optim.lr_scheduler import LRScheduler
 
-from zero_ext.integrations.config_fill import hidden_size_defaults
+from zero_ext.integrations.config_fill import AUTO, AUTO_IS_A_VALUE, hidden_size_defaults
 
 NAME = "zero_ext.integrations.accelerate.Accelerator"
 
@@ -127,6 +127,8 @@ def complete_config(plugin: DeepSpeedPlugin, model, optimizer, scheduler, *, acc
             values["scheduler.params.total_num_steps"] = (
                 scheduler.total_num_steps if split_batches
                 else math.ceil(scheduler.total_num_steps / num_processes))
+    # Keys whose "auto" is DeepSpeed's own value: passed as themselves, so accelerate keeps them
+    values.update(dict.fromkeys(AUTO_IS_A_VALUE, AUTO))
     try:
         plugin.deepspeed_config_process(must_match=False, **values)
     except ValueError as error:  # an "auto" that nothing here determines

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["AUTO", "ConfigFiller", "hidden_size_defaults", "same"]
+__all__ = ["AUTO", "AUTO_IS_A_VALUE", "ConfigFiller", "hidden_size_defaults", "same"]
 
 AUTO = "auto"
 # Keys whose "auto" is DeepSpeed's own value, not a placeholder for a trainer to fill

@@ -464,18 +464,15 @@ class OptimizerOffload:
             self._deferred[index] = self._worker.submit(self._step_shard, index, inv_scale,
                                                         groups)
 
-    def ready(self, bucket: int, wait: bool = True) -> bool:
-        """Whether bucket `bucket`'s weights are up to date for the device. With `wait`, waits
-        for its deferred step (if any) and says True; once done, the current stream is
-        ordered after its upload. Without, says False for a deferred step not waited for yet,
-        finished or not: the answer decides whether a gather starts now (a prefetch), and
-        every rank must start its collectives at the same points, whatever its CPU's timing."""
+    def ready(self, bucket: int) -> None:
+        """Waits until bucket `bucket`'s weights are up to date for the device: for its
+        deferred step, if one is left; once done, the current stream is ordered after its
+        upload. (Whether to wait is PartitionedParameters' decision, the same on every rank,
+        never whether the step happens to be done.)"""
         index = self._position.get(bucket)
         future = self._deferred.get(index) if index is not None else None
         if future is None:
-            return True
-        if not wait:
-            return False
+            return
         try:
             future.result()  # re-raises what failed in the worker
         finally:
@@ -484,7 +481,6 @@ class OptimizerOffload:
                 torch.cuda.current_stream(self.device).wait_event(self._uploaded[index])
             if not self._deferred:
                 self._complete()
-        return True
 
     def settle(self) -> None:
         """Waits for every deferred step (anything that reads or writes the optimizer's state or

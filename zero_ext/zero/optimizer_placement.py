@@ -93,6 +93,7 @@ class OptimizerPlacement:
             if partitioned is not None:
                 self.deferrable = frozenset(unit_indices & self.host_stepped)
                 partitioned.before_read = self.offload.ready
+        self._partitioned = partitioned
 
     def _state_buffer(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A flat buffer for the optimizer state of a shard whose weights live elsewhere than
@@ -139,6 +140,8 @@ class OptimizerPlacement:
                     buckets.reduced_grads(only={s.layout.index for s in on_device}),
                     _scale_on(factor, on_device), only=on_device)
             self.offload.step(_scale_on(factor, self.offload.shards), defer=self.deferrable)
+            if self.deferrable:
+                self._partitioned.steps_deferred(self.deferrable)
             # Deferred shards step on the worker after the LR scheduler's step, which checks
             # that the optimizer stepped first: it has, as far as the schedule is concerned.
             self.optimizer._opt_called = True

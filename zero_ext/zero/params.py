@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -125,14 +125,19 @@ class _Prefetcher:
         self.recording: dict[str, list[GatherUnit]] | None = {"forward": [], "backward": []}
         self.order: dict[str, list[GatherUnit]] | None = None
         self.cursor = {"forward": 0, "backward": 0}
+        # Set by the engine's forward while it runs: whether it trains (autograd on)
+        self.training_forward: bool | None = None
 
     def next_units(self, phase: str, unit: GatherUnit,
                    params: PartitionedParameters) -> list[GatherUnit]:
         if self.recording is not None:
             # The training step's order: a forward without autograd (an evaluation, a
             # generation before the first step) is not part of it, and counted in it, would
-            # make every unit look reused soon and keep it gathered.
-            if phase == "backward" or torch.is_grad_enabled():
+            # make every unit look reused soon and keep it gathered. The engine's forward says
+            # which it is (inside it, a reentrant checkpoint runs without autograd).
+            training = self.training_forward
+            if phase == "backward" or (torch.is_grad_enabled() if training is None
+                                       else training):
                 self.recording[phase].append(unit)
             return []
         if self.order is None:
@@ -250,9 +255,12 @@ class PartitionedParameters:
         self.root = root
         self.prefetch = _Prefetcher(prefetch_numel, max_live_numel, max_reuse_numel)
         # Optimizer offload may leave a unit's step running behind the next forward:
-        # before_read(layout index, wait) says whether its shard is up to date (waiting for it
-        # with wait=True). Set by the engine; None when nothing is ever deferred.
-        self.before_read: Callable[[int, bool], bool] | None = None
+        # before_read(layout index) waits until its shard is up to date. Set by the engine;
+        # None when nothing is ever deferred. `stepping`: the layouts whose step was deferred
+        # and that no gather has waited for since (steps_deferred), the same on every rank.
+        self.before_read: Callable[[int], object] | None = None
+        self.stepping: set[int] = set()
+        self._prefetch_after: GatherUnit | None = None  # see use() and after_forward()
         self._upload = None  # offload_param's CUDA stream (see _upload_stream)
         self.units: list[GatherUnit] = []
         self._unit_of_layout: dict[int, GatherUnit] = {}
@@ -320,7 +328,7 @@ class PartitionedParameters:
         will be read or written back, not only computed with (no qwZ)."""
         if unit.state is not UnitState.SHARDED:
             return
-        self._is_ready(unit, wait=True)
+        self._wait_steps(unit)
         # Allocated on the compute stream, which frees them after use (gather() orders it
         # after every stream that writes them).
         unit.fulls = [torch.empty(layout.padded_numel, dtype=self.dtype, device=self.device)
@@ -400,25 +408,40 @@ class PartitionedParameters:
         if phase == "forward" and replaying():
             return  # no use in the forward order: the unit's backward is what comes next
         for upcoming in self.prefetch.next_units(phase, unit, self):
-            # A unit whose deferred optimizer step was not waited for yet is gathered when it
-            # is used, not waited for here while the unit now needed has not launched its
-            # forward; nor prefetched if that step happens to be done (this rank's timing:
-            # every rank must start the same gathers at the same points, or a collective of
-            # the model's own inside a forward meets another gather on each rank). Gathers
-            # keep the forward order on every rank: nothing after it either.
-            if not self._is_ready(upcoming, wait=False):
+            # A unit whose deferred optimizer step no gather waited for yet is not waited for
+            # here, while the unit now needed has not launched its forward: it is prefetched
+            # once that forward is queued (after_forward), and nothing after it before. Not
+            # whether the step happens to be done: every rank must start the same gathers at
+            # the same points, or a collective of the model's own inside a forward meets
+            # another gather on each rank.
+            if any(layout.index in self.stepping for layout in upcoming.layouts):
+                self._prefetch_after = upcoming if phase == "forward" else None
                 break
             self.start_gather(upcoming)
 
-    def _is_ready(self, unit: GatherUnit, wait: bool) -> bool:
-        if self.before_read is None:
-            return True
-        return all(self.before_read(layout.index, wait) for layout in unit.layouts)
+    def after_forward(self) -> None:
+        """A unit's forward is queued: the unit use() held back for its deferred step is
+        gathered now, after waiting for that step (the same point on every rank)."""
+        upcoming, self._prefetch_after = self._prefetch_after, None
+        if upcoming is not None:
+            self.start_gather(upcoming)
+
+    def steps_deferred(self, layout_indices: Collection[int]) -> None:
+        """The optimizer step left these layouts' steps running (OptimizerOffload.step)."""
+        self.stepping = set(layout_indices)
+
+    def _wait_steps(self, unit: GatherUnit) -> None:
+        """Before reading a unit's shards: waits for deferred steps still writing them."""
+        for layout in unit.layouts:
+            if layout.index in self.stepping:
+                self.stepping.discard(layout.index)
+                self.before_read(layout.index)
 
     def end_backward(self) -> None:
         """After engine.backward: fixes the recorded order after the first step, and drops any
         prefetched unit that was not used."""
         self.prefetch.end_step(self)
+        self._prefetch_after = None
         for unit in self.units:
             unit.backward_done = False
             if unit.state is UnitState.GATHERING:

@@ -18,7 +18,8 @@ import re
 import torch
 from torch import nn
 
-__all__ = ["cast_parameters", "keep_in_fp32_pattern", "set_buffer_dtypes"]
+__all__ = ["cast_parameters", "keep_in_fp32_pattern", "mixed_batch_norms",
+           "set_buffer_dtypes"]
 
 # What is cast (DeepSpeed's list): fp8 and other dtypes are left as they are
 _CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -75,3 +76,16 @@ def set_buffer_dtypes(model: nn.Module, buffer_dtype: torch.dtype | None,
         if buffer.dtype != target:
             buffer.data = buffer.data.to(target)
     return kept
+
+
+def mixed_batch_norms(model: nn.Module) -> list[str]:
+    """The BatchNorm modules whose parameters and running statistics now differ in dtype:
+    torch's batch_norm refuses the mix on the CPU ("expected scalar type BFloat16 but found
+    Float"), as under DeepSpeed, whose casting this follows."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.weight is not None \
+                and module.running_mean is not None \
+                and module.weight.dtype != module.running_mean.dtype:
+            found.append(name or type(module).__name__)
+    return found

@@ -93,7 +93,7 @@ def _check_parameter_dtypes(model: nn.Module, mixed_precision: torch.dtype | Non
     """Without fp16/bf16 the model trains in fp32, in fp32 flat buffers: a trainable parameter
     of another floating dtype would be cast silently and then meet its layer's other tensors
     in a dtype error inside torch. (DeepSpeed leaves such a layer alone; its ZeRO flattening
-    then fails.) Under fp16/bf16 the whole model is cast, as DeepSpeed casts it."""
+    then fails.) Under fp16/bf16 the parameters are cast, as DeepSpeed casts them."""
     if mixed_precision is not None:
         return
     wrong = [f"{n} ({p.dtype})" for n, p in model.named_parameters()
@@ -104,4 +104,4 @@ def _check_parameter_dtypes(model: nn.Module, mixed_precision: torch.dtype | Non
             f"but these trainable parameters are not fp32: {wrong[:5]}"
             f"{' ...' if len(wrong) > 5 else ''}. zero_ext keeps one dtype per model; cast it "
             "before initialize (model.float()), or enable bf16 or fp16 in the config to have "
-            "the whole model cast to that dtype")
+            "the parameters cast to that dtype")

@@ -230,6 +230,7 @@ class UnitHooks:
         self._handles.append(module.register_forward_hook(_eager(after), always_call=True))
 
     def _after_forward(self, unit: GatherUnit, output) -> None:
+        self.params.after_forward()  # a prefetch held back for a deferred step starts now
         if replaying():
             # The replay's outputs feed no backward, and its saved tensors alias the gathered
             # buffers: the unit stays gathered until its gradients are reduced.
