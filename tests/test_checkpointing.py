@@ -155,6 +155,26 @@ def test_number_checkpoints_and_profile():
     assert checkpointing.profile_report() == []
 
 
+@pytest.mark.parametrize("cpu", [False, True])
+def test_profile_leaves_the_segments_outputs_writable_in_place(cpu):
+    # A model that adds its residual into a segment's output in place (h = ckpt(f, x);
+    # h += x) trains with profile on as without it, and its segment is timed.
+    linear = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    grads = []
+    for profile in (False, True):
+        checkpointing.configure(profile=profile, cpu_checkpointing=cpu)
+        checkpointing.profile_report()
+        linear.zero_grad()
+        h = checkpointing.checkpoint(lambda t: torch.tanh(linear(t)), x.requires_grad_())
+        h += x
+        h.sum().backward()
+        grads.append(linear.weight.grad.clone())
+    report = checkpointing.profile_report()
+    assert len(report) == 1 and report[0].backward_s is not None and report[0].backward_s > 0
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_apply_names_what_it_could_not_find():
     with pytest.raises(ValueError, match=r"class \['Nothing'\] in the model; its classes are"):
         checkpointing.apply(cases.build_gpt(), block_classes=["Nothing"])

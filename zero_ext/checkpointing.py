@@ -169,36 +169,25 @@ def _clock(device: torch.device | None) -> float:
     return time.perf_counter()
 
 
-class _BackwardClock(torch.autograd.Function):
-    """Identity on a segment's outputs (its backward starts when their gradients are ready)
-    or inputs (its backward ends when theirs are); backward notes the time."""
+def _time_backward(timing: SegmentTiming, inputs: list, output, device) -> None:
+    """Notes when the segment's backward starts (the first gradient of its outputs) and ends
+    (all of its inputs' gradients), with autograd hooks: the tensors stay the caller's own (a
+    Function passing them through made them views, which an in-place write then refused)."""
+    outputs = [t for t in pytree.tree_leaves(output)
+               if isinstance(t, torch.Tensor) and t.requires_grad]
+    inputs = [t for t in inputs if t.requires_grad]
+    if not outputs or not inputs:
+        return
 
-    @staticmethod
-    def forward(ctx, timing, edge, device, *tensors):
-        ctx.timing, ctx.edge, ctx.device = timing, edge, device
-        return tensors
+    def started(_grads) -> None:
+        timing._backward_start = _clock(device)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        now = _clock(ctx.device)
-        if ctx.edge == "start":
-            ctx.timing._backward_start = now
-        elif ctx.timing._backward_start is not None:
-            ctx.timing.backward_s = now - ctx.timing._backward_start
-        return (None, None, None, *grads)
+    def ended(_grads) -> None:
+        if timing._backward_start is not None:
+            timing.backward_s = _clock(device) - timing._backward_start
 
-
-def _mark(values, timing: SegmentTiming, edge: str, device):
-    """`values` (any nesting) with the tensors that need a gradient passed through a clock."""
-    leaves, spec = pytree.tree_flatten(values)
-    at = [i for i, leaf in enumerate(leaves)
-          if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
-    if not at:
-        return values
-    marked = _BackwardClock.apply(timing, edge, device, *(leaves[i] for i in at))
-    for i, tensor in zip(at, marked):
-        leaves[i] = tensor
-    return pytree.tree_unflatten(leaves, spec)
+    torch.autograd.graph.register_multi_grad_hook(outputs, started, mode="any")
+    torch.autograd.graph.register_multi_grad_hook(inputs, ended, mode="all")
 
 
 # -- cpu_checkpointing --------------------------------------------------------------------------
@@ -406,7 +395,6 @@ def _checkpoint(fn: Callable, args: tuple, kwargs: dict, name: str | None):
     timing = None
     if config.profile:
         timing = SegmentTiming(name or _name_of(fn), 0.0)
-        tensors = list(_mark(tuple(tensors), timing, "end", cuda))
         start = _clock(cuda)
     elif config.synchronize_checkpoint_boundary and cuda is not None:
         torch.cuda.synchronize(cuda)
@@ -417,7 +405,7 @@ def _checkpoint(fn: Callable, args: tuple, kwargs: dict, name: str | None):
     if timing is not None:
         timing.forward_s = _clock(cuda) - start
         _timings.append(timing)
-        output = _mark(output, timing, "start", cuda)
+        _time_backward(timing, tensors, output, cuda)
     elif config.synchronize_checkpoint_boundary and cuda is not None:
         torch.cuda.synchronize(cuda)
     return output

@@ -345,9 +345,14 @@ def _probe_mismatch(module: nn.Module, kind_name: str) -> str | None:
     x = (torch.randn(3, width, generator=g) * 2 + 0.5).to(first.device, first.dtype)
     outputs = []
     for compute in (lambda: module.forward(x), lambda: _kind_formula(module, kind_name, x)):
-        with torch.no_grad(), torch.random.fork_rng(devices=[first.device]
-                                                    if first.device.type == "cuda" else []):
-            torch.manual_seed(0)  # the same dropout mask in both
+        cuda = [first.device] if first.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            # The same dropout mask in both, from the generators forked here only
+            # (torch.manual_seed would also reseed every other CUDA device, for good)
+            torch.default_generator.manual_seed(0)
+            for device in cuda:
+                index = device.index if device.index is not None else torch.cuda.current_device()
+                torch.cuda.default_generators[index].manual_seed(0)
             out = compute()
         if not isinstance(out, Tensor):
             return f"returns {type(out).__name__}, not one tensor"
