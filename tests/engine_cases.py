@@ -610,56 +610,59 @@ class _PassThroughBlock(nn.Module):
         return torch.tanh(self.fc(x)) + bias, bias
 
 
+def _model_and_reference(cls):
+    """Two instances of `cls` from seed 0: one for the engine, one for the torch reference."""
+    torch.manual_seed(0)
+    model = cls()
+    torch.manual_seed(0)
+    return model, cls()
+
+
+def _gathered_units(engine) -> int:
+    return sum(unit.state.value != "sharded" for unit in engine.partitioned.units)
+
+
+def _trained_alike(cls, before_backward=None, after_backward=None) -> dict:
+    """Three steps of `cls` at stage 3 and of its single-process reference; `seen`: what
+    before_backward(engine, tokens, targets) (a list) and after_backward(engine) returned at
+    each step."""
+    world_size, rank = comm.world_size(), comm.rank()
+    model, reference = _model_and_reference(cls)
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
+    seen = []
+    for step in range(3):
+        tokens, targets = global_batch(step, world_size, 1)
+        if before_backward is not None:
+            seen += before_backward(engine, tokens[0, rank], targets[0, rank])
+        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+        if after_backward is not None:
+            seen.append(after_backward(engine))
+        engine.step()
+    return dict(got=host_params(model, engine), seen=seen,
+                reference=train_reference_steps(reference, 3))
+
+
 def stage3_special_cases() -> dict:
     """A module called twice per forward (against single-process training), and
     GatheredParameters reading and modifying partitioned parameters (bf16 masters)."""
     world_size, rank = comm.world_size(), comm.rank()
     out = {}
 
-    torch.manual_seed(0)
-    model = TwiceNet()
-    torch.manual_seed(0)
-    reference = TwiceNet()
-    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
-    train_steps(engine, 3)
-    out["twice"] = dict(got=host_params(model, engine),
-                        reference=train_reference_steps(reference, 3))
-
-    torch.manual_seed(0)
-    model = PassThroughNet()
-    torch.manual_seed(0)
-    reference = PassThroughNet()
-    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
-    left_gathered = []
-    for step in range(3):
-        tokens, targets = global_batch(step, world_size, 1)
-        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
-        left_gathered.append(sum(unit.state.value != "sharded"
-                                 for unit in engine.partitioned.units))
-        engine.step()
-    out["pass_through"] = dict(got=host_params(model, engine), left_gathered=left_gathered,
-                               reference=train_reference_steps(reference, 3))
+    out["twice"] = _trained_alike(TwiceNet)
+    out["pass_through"] = _trained_alike(PassThroughNet, after_backward=_gathered_units)
 
     # Evaluation (no_grad, inference_mode: generation before RL training) before the first
     # step and between steps: nothing stays gathered after it, and training is unchanged.
-    torch.manual_seed(0)
-    model = Blocks()
-    torch.manual_seed(0)
-    reference = Blocks()
-    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
-    after_eval = []
-    for step in range(3):
-        tokens, targets = global_batch(step, world_size, 1)
+    def evaluate(engine, tokens, targets):
+        gathered = []
         for mode in (torch.no_grad, torch.inference_mode):
             with mode():
                 for _ in range(2):
-                    run(engine, tokens[0, rank], targets[0, rank])
-            after_eval.append(sum(unit.state.value != "sharded"
-                                  for unit in engine.partitioned.units))
-        engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
-        engine.step()
-    out["evaluation"] = dict(got=host_params(model, engine), after_eval=after_eval,
-                             reference=train_reference_steps(reference, 3))
+                    run(engine, tokens, targets)
+            gathered.append(_gathered_units(engine))
+        return gathered
+
+    out["evaluation"] = _trained_alike(Blocks, before_backward=evaluate)
 
     # torch's reentrant checkpoint runs the blocks without autograd in the forward: still the
     # training step's order, recorded whole, so prefetch stays on (and no warning says not).
@@ -720,8 +723,7 @@ def stage3_special_cases() -> dict:
     out["contexts"] = dict(read_after_forward=read_after_forward, nested_error=nested_error,
                            nested_kept=bool((engine.full_state_dict()["fc1.weight"] == 0.75)
                                             .all()),
-                           left_gathered=sum(unit.state.value != "sharded"
-                                             for unit in engine.partitioned.units))
+                           left_gathered=_gathered_units(engine))
 
     # Rank 0 loads values into every parameter, as DeepSpeed's loading pattern does: the
     # frozen one (a LoRA base weight; kept whole, outside the optimizer) is everyone's too.

@@ -269,12 +269,15 @@ def _stage3_special(world_size):
     return run_group(world_size, engine_cases.stage3_special_cases)
 
 
+def _assert_trained_as_reference(got: dict, rank: int) -> None:
+    for name, ref in got["reference"].items():
+        assert_close(got["got"][name], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(),
+                     msg=f"rank {rank} {name}")
+
+
 def test_stage3_module_called_twice_matches_single_process():
     for rank, result in enumerate(_stage3_special(2)):
-        for name, ref in result["twice"]["reference"].items():
-            got = result["twice"]["got"][name]
-            assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(),
-                         msg=f"rank {rank} {name}")
+        _assert_trained_as_reference(result["twice"], rank)
 
 
 def test_stage3_blocks_passing_a_tensor_through_train_as_single_process():
@@ -283,19 +286,15 @@ def test_stage3_blocks_passing_a_tensor_through_train_as_single_process():
     (with the weights of before the step) into the next forward."""
     for rank, result in enumerate(_stage3_special(2)):
         got = result["pass_through"]
-        assert got["left_gathered"] == [0, 0, 0], (rank, got["left_gathered"])
-        for name, ref in got["reference"].items():
-            assert_close(got["got"][name], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(),
-                         msg=f"rank {rank} {name}")
+        assert got["seen"] == [0, 0, 0], (rank, got["seen"])  # units gathered after backward
+        _assert_trained_as_reference(got, rank)
 
 
 def test_stage3_evaluation_before_and_between_steps_leaves_nothing_gathered():
     for rank, result in enumerate(_stage3_special(2)):
         got = result["evaluation"]
-        assert got["after_eval"] == [0] * 6, (rank, got["after_eval"])
-        for name, ref in got["reference"].items():
-            assert_close(got["got"][name], ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(),
-                         msg=f"rank {rank} {name}")
+        assert got["seen"] == [0] * 6, (rank, got["seen"])  # units gathered after evaluating
+        _assert_trained_as_reference(got, rank)
 
 
 def test_gathered_parameters_survive_a_forward_inside_and_nest():
