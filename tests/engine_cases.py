@@ -1146,3 +1146,24 @@ def batch_norm_cases() -> dict:
             warned=[str(w.message) for w in caught if "batch_norm" in str(w.message)],
             error=trained, stats=str(model[1].running_mean.dtype))
     return out
+
+
+def generation_cases() -> dict:
+    """transformers' generate() at stage 3 with ranks finishing at different lengths (as
+    sampled completions do): every rank keeps forwarding until all have finished, else the
+    one still generating waits in a gather for the others (a stall, here after 15 s)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    conf = config(3, "fp32", 1, comm.world_size())
+    conf["zero_ext"] = {"stall_timeout_s": 15}
+    engine, _, _, _ = zero_ext.initialize(model=model, config=conf)
+    prompt = torch.arange(4).view(1, 4) + comm.rank()
+    new = 2 + 4 * comm.rank()
+    out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         pad_token_id=0)
+    return {"generated": out.shape[1] - prompt.shape[1], "asked": new}

@@ -486,3 +486,8 @@ def test_batch_norm_under_bf16_is_named_at_initialize_with_the_fix():
     assert len(kept["warned"]) == 1 and '"buffer_dtype": "bf16"' in kept["warned"][0], kept
     assert kept["stats"] == "torch.float32" and "expected scalar type" in kept["error"], kept
     assert cast == dict(warned=[], error=None, stats="torch.bfloat16"), cast
+
+
+def test_stage3_generation_keeps_ranks_that_finish_first_in_step():
+    for rank, result in enumerate(run_group(2, engine_cases.generation_cases)):
+        assert result["generated"] == result["asked"], (rank, result)

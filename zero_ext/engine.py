@@ -211,6 +211,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                 hpz_partition_size=zero.zero_hpz_partition_size,
                 hierarchical=zero.hierarchical_allgather,
                 compute_gather=self.compression.weight_gather(zero.hierarchical_allgather))
+            _sync_generation(self.module)
 
     def _build_optimizer(self, param_groups: list[dict], optimizer_defaults: dict | None,
                          replicated_optimizer: torch.optim.Optimizer | None,
@@ -585,6 +586,17 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         gathered = self.partitioned.full_values() if self.partitioned is not None else {}
         return {k: gathered[v] if v in gathered else v.detach().to("cpu", copy=True)
                 for k, v in self.module.state_dict(keep_vars=True).items()}
+
+
+def _sync_generation(model: nn.Module) -> None:
+    """Stage 3: transformers' generate() keeps every rank forwarding until all have finished
+    (synced_gpus) only under DeepSpeed's ZeRO-3 or FSDP, which it recognizes by this attribute
+    (transformers.distributed.fsdp.is_fsdp_managed_module); without it, a rank whose sequences
+    end first stops gathering, and the others wait in their all-gathers for it (GRPO, RLOO,
+    predict_with_generate). Set on every module of the model that generates."""
+    for module in model.modules():
+        if callable(getattr(type(module), "generate", None)):
+            module._is_fsdp_managed_module = True
 
 
 def _cast_floating_to_half(value):
