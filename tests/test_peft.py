@@ -84,6 +84,14 @@ def test_saved_adapters_are_peft_files_with_the_plain_runs_values(case, where):
         assert mine[key].dtype == plain[key].dtype, key
         torch.testing.assert_close(mine[key], plain[key], rtol=1e-5, atol=atol)
     assert _adapter_config(*ours) == _adapter_config(*theirs)
+    if where == "checkpoint":
+        # The engine's checkpoint leaves the frozen base out, as the Trainer's DeepSpeed path
+        # does for PEFT models (exclude_frozen_parameters): else every save holds the base.
+        with open(os.path.join(_out(), *ours, "latest")) as f:
+            tag = f.read().strip()
+        with open(os.path.join(_out(), *ours, tag, "metadata.json")) as f:
+            excluded = json.load(f)["excluded_frozen"]
+        assert any("base_layer" in name or "embed_tokens" in name for name in excluded), excluded
 
 
 def _adapter_config(*path):

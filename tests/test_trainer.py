@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+import types
 
 import pytest
 import torch
@@ -309,6 +310,32 @@ def test_an_optimizer_of_ones_own_is_refused(args):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="engine builds the optimizer"):
         ZeroTrainer(model=model, args=args, zero_config={}, optimizers=(optimizer, None))
+
+
+def test_load_best_model_from_model_only_checkpoints_is_refused(tmp_path):
+    # As the Trainer refuses it under DeepSpeed: the best checkpoint would hold no engine state
+    # and the last weights would silently stay.
+    args = TrainingArguments(output_dir=str(tmp_path), save_only_model=True,
+                             load_best_model_at_end=True, eval_strategy="steps",
+                             save_strategy="steps", report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="save_only_model=True with load_best_model_at_end"):
+        ZeroTrainer(model=_tiny_model(), args=args, zero_config={})
+
+
+def test_auto_buckets_follow_a_multimodal_models_text_width():
+    # transformers' DeepSpeed integration reads hidden_size, hidden_sizes, then text_config's
+    from zero_ext.integrations.config_fill import model_hidden_size
+
+    def holder(**config):
+        return types.SimpleNamespace(config=types.SimpleNamespace(**config))
+
+    text = types.SimpleNamespace(hidden_size=2304)
+    assert model_hidden_size(holder(hidden_size=64, text_config=text)) == 64
+    assert model_hidden_size(holder(hidden_sizes=[32, 96, 64])) == 96
+    assert model_hidden_size(holder(text_config=text)) == 2304
+    assert model_hidden_size(holder(text_config=types.SimpleNamespace(hidden_sizes=[8, 16]))) \
+        == 16
+    assert model_hidden_size(holder()) is None
 
 
 def test_evaluating_an_init_built_model_before_training_says_what_to_do(args):

@@ -19,7 +19,12 @@ from accelerate.utils import DeepSpeedPlugin
 from accelerate.utils.deepspeed import DummyOptim, DummyScheduler
 from torch.optim.lr_scheduler import LRScheduler
 
-from zero_ext.integrations.config_fill import AUTO, AUTO_IS_A_VALUE, hidden_size_defaults
+from zero_ext.integrations.config_fill import (
+    AUTO,
+    AUTO_IS_A_VALUE,
+    hidden_size_defaults,
+    model_hidden_size,
+)
 
 NAME = "zero_ext.integrations.accelerate.Accelerator"
 
@@ -110,7 +115,7 @@ def complete_config(plugin: DeepSpeedPlugin, model, optimizer, scheduler, *, acc
     if micro_batch is not None:
         values["train_micro_batch_size_per_gpu"] = micro_batch
         values["train_batch_size"] = micro_batch * accumulation * num_processes
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    hidden = model_hidden_size(model)
     if hidden:
         values.update({path: value for path, value, _ in hidden_size_defaults(hidden)})
     if isinstance(optimizer, DummyOptim):

@@ -14,7 +14,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["AUTO", "AUTO_IS_A_VALUE", "ConfigFiller", "hidden_size_defaults", "same"]
+__all__ = ["AUTO", "AUTO_IS_A_VALUE", "ConfigFiller", "hidden_size_defaults",
+           "model_hidden_size", "same"]
 
 AUTO = "auto"
 # Keys whose "auto" is DeepSpeed's own value, not a placeholder for a trainer to fill
@@ -31,6 +32,21 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
     return a == b
+
+
+def model_hidden_size(model) -> int | None:
+    """The width HF's DeepSpeed integration sizes "auto" buckets from: the model config's
+    `hidden_size`, else the largest of its `hidden_sizes`, else the same of its `text_config`
+    (multimodal models: Gemma 3, LLaVA, Qwen2-VL); None where there is none."""
+    config = getattr(model, "config", None)
+    for source in (config, getattr(config, "text_config", None)):
+        if source is None:
+            continue
+        if getattr(source, "hidden_size", None):
+            return source.hidden_size
+        if getattr(source, "hidden_sizes", None):
+            return max(source.hidden_sizes)
+    return None
 
 
 def hidden_size_defaults(hidden_size: int) -> list[tuple[str, int, str]]:

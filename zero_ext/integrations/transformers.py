@@ -37,6 +37,7 @@ from transformers import Trainer
 import zero_ext
 from zero_ext.integrations._hf_apply import apply, find_training_arguments, resolve_config
 from zero_ext.integrations._hf_config import fill_config
+from zero_ext.integrations.config_fill import model_hidden_size
 
 __all__ = ["ZeroTrainer", "apply", "fill_config", "zero_trainer"]
 
@@ -90,7 +91,16 @@ class _ZeroTrainerMixin:
                 "`optimizers=`/`optimizer_cls_and_kwargs=` and describe them in zero_config "
                 "(an \"optimizer\"/\"scheduler\" section) or in the TrainingArguments")
         # Checked before the Trainer sets anything up: a second config is refused here.
-        resolved = resolve_config(zero_config, find_training_arguments(args, kwargs))
+        training_args = find_training_arguments(args, kwargs)
+        if training_args is not None and training_args.save_only_model and \
+                training_args.load_best_model_at_end:
+            # Refused as the Trainer refuses it under DeepSpeed: such checkpoints hold no engine
+            # state to load the best one from, and the last weights would stay silently.
+            raise ValueError(
+                "ZeroTrainer: save_only_model=True with load_best_model_at_end=True is not "
+                "supported (the checkpoints would hold no engine state to load the best model "
+                "from); set save_only_model=False, or load_best_model_at_end=False")
+        resolved = resolve_config(zero_config, training_args)
         self.pretrained_weights = pretrained_weights
         self.engine = None
         super().__init__(*args, **kwargs)
@@ -159,9 +169,8 @@ class _ZeroTrainerMixin:
 
     def _create_engine(self, max_steps: int) -> None:
         model = self.model
-        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         config = fill_config(self.zero_config, self.args, world_size=self.args.world_size,
-                             max_steps=max_steps, hidden_size=hidden)
+                             max_steps=max_steps, hidden_size=model_hidden_size(model))
         # The Trainer's weight-decay split: no decay on biases and norm weights.
         decay = set(self.get_decay_parameter_names(model))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -293,8 +302,12 @@ class _ZeroTrainerMixin:
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # Collective: every rank writes its shard of the master weights and optimizer state
-        # (the LR scheduler and loss scale go with them) into output_dir/global_step<N>/.
-        self.engine.save_checkpoint(output_dir)
+        # (the LR scheduler and loss scale go with them) into output_dir/global_step<N>/. A
+        # PEFT model's frozen base is left out, as the Trainer does under DeepSpeed: the
+        # checkpoint would otherwise hold the whole base model at every save.
+        from zero_ext.integrations.peft import is_peft_model
+        self.engine.save_checkpoint(output_dir,
+                                    exclude_frozen_parameters=is_peft_model(self.engine.module))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         # An engine checkpoint is loaded whole once the engine exists (_prepare_for_training);
