@@ -237,6 +237,9 @@ def hf_llama_save(root: str) -> dict:
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=32, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
+    # An instruct model's own generation settings (end-of-turn tokens, sampling)
+    model.generation_config.eos_token_id = [1, 5]
+    model.generation_config.do_sample, model.generation_config.temperature = True, 0.6
     zcfg = config(3, "bf16", 1, comm.world_size())
     engine = zero_ext.initialize(model=model, config=zcfg)[0]
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(comm.rank()))

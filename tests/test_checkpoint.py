@@ -213,6 +213,16 @@ def test_hf_model_consolidates_and_saves_for_from_pretrained(tmp_path):
         state = model.state_dict()
         for key, value in full.items():
             assert torch.equal(state[key], value), (source, key)
+    # save_16bit_model writes what save_pretrained writes beside the weights: the class and
+    # dtype in config.json, and the generation settings
+    saved = os.path.dirname(results[0]["file"])
+    with open(os.path.join(saved, "config.json")) as f:
+        written = json.load(f)
+    assert (written["architectures"], written["dtype"]) == (["LlamaForCausalLM"], "bfloat16")
+    model = LlamaForCausalLM.from_pretrained(saved)
+    generation = model.generation_config
+    assert (generation.eos_token_id, generation.do_sample, generation.temperature) == (
+        [1, 5], True, 0.6), generation
 
 
 # -- crash safety and corruption --------------------------------------------------------------

@@ -78,6 +78,25 @@ def _write_config(file: str, config) -> None:
     atomic_write_bytes(os.path.join(os.path.dirname(file), "config.json"), text.encode())
 
 
+def _write_model_config(file: str, model, dtype: torch.dtype | None) -> None:
+    """What transformers' save_pretrained writes beside the weights of a model: config.json
+    with the model's class as `architectures` and the saved weights' `dtype`, and
+    generation_config.json for a model that generates (its end-of-turn tokens and sampling
+    settings: without it, a fine-tuned instruct model reloads with its class defaults)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return _write_config(file, config)
+    config.architectures = [type(model).__name__]
+    if dtype is not None:
+        config.dtype = str(dtype).removeprefix("torch.")
+    _write_config(file, config)
+    generation = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", None)
+    if generation is not None and callable(can_generate) and can_generate():
+        atomic_write_bytes(os.path.join(os.path.dirname(file), "generation_config.json"),
+                           generation.to_json_string().encode())
+
+
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
@@ -154,7 +173,7 @@ def save_engine_model(engine, output_path: str, exclude_frozen_parameters: bool 
         else:
             try:
                 writer.__exit__(None, None, None)
-                _write_config(file, getattr(engine.module, "config", None))
+                _write_model_config(file, engine.module, engine.model_dtype)
             except Exception as error:  # noqa: BLE001 - reported to every rank
                 problem = f"{type(error).__name__}: {error}"
     _raise_together(problem, "save_16bit_model")
