@@ -138,8 +138,10 @@ def zero(stage, **kwargs):
 
 
 def final_weights(accelerator, model) -> dict:
-    """Every rank's full weights (collective for the engine), as CPU tensors."""
-    return {k: v.detach().clone() for k, v in accelerator.get_state_dict(model).items()}
+    """The full weights (collective for the engine), as CPU tensors; {} on the ranks that get
+    None (zero_ext, as DeepSpeed's ZeRO-3, returns them on the main process only)."""
+    state = accelerator.get_state_dict(model)
+    return {} if state is None else {k: v.detach().clone() for k, v in state.items()}
 
 
 def error_of(fn) -> str:
@@ -194,6 +196,10 @@ def main(out: str) -> None:
                                            log=stage == 3)
         results[f"zero{stage}"] = record
         weights[f"zero{stage}"] = final_weights(accelerator, model)
+        # Which ranks got the weights: the main process alone (one host copy, not one per rank)
+        held = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(held, bool(weights[f"zero{stage}"]))
+        results[f"zero{stage}_weights_on"] = [rank for rank, got in enumerate(held) if got]
         results[f"zero{stage}_prepared"] = [type(model).__name__, model.stage,
                                             type(accelerator.unwrap_model(model)).__name__]
         if stage == 3:

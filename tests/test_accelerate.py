@@ -73,7 +73,8 @@ def test_the_loop_matches_plain_accelerate(runs, stage):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_final_weights_match_plain_accelerate(runs, stage):
-    _, _, weights = runs
+    _, results, weights = runs
+    assert results[f"zero{stage}_weights_on"] == [0]  # get_state_dict: the main process only
     assert weights[f"zero{stage}"].keys() == weights["plain"].keys()
     for name, value in weights["plain"].items():
         torch.testing.assert_close(weights[f"zero{stage}"][name], value, rtol=1e-5, atol=1e-6)

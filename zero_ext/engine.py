@@ -579,11 +579,16 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         if self.offload is not None:
             self.offload.settle()
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The complete model state dict as CPU tensors, on every rank (collective at stage 3,
-        which gathers one unit at a time; at stages 0-2 every rank holds whole parameters)."""
+    def full_state_dict(self, only_rank: int | None = None) -> dict[str, torch.Tensor]:
+        """The complete model state dict as CPU tensors, on every rank, or with `only_rank` on
+        that rank alone (the others take part and get {}: one host copy of the model, not one
+        per rank). Collective at stage 3, which gathers one unit at a time; at stages 0-2
+        every rank holds whole parameters."""
         self._settle_step()
-        gathered = self.partitioned.full_values() if self.partitioned is not None else {}
+        keep = only_rank is None or only_rank == self.rank
+        gathered = self.partitioned.full_values(keep) if self.partitioned is not None else {}
+        if not keep:
+            return {}
         return {k: gathered[v] if v in gathered else v.detach().to("cpu", copy=True)
                 for k, v in self.module.state_dict(keep_vars=True).items()}
 

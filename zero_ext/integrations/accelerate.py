@@ -291,10 +291,13 @@ class Accelerator(_Accelerator):
         return super().unwrap_model(model, keep_fp32_wrapper, keep_torch_compile)
 
     def get_state_dict(self, model, unwrap=True):
-        """Collective for the engine's model: its full weights (CPU tensors) on every rank,
-        gathered one stage-3 unit at a time. save_model writes them on the main process."""
+        """Collective for the engine's model: its full weights (CPU tensors) on the main
+        process, gathered one stage-3 unit at a time, and None on the others, as accelerate's
+        DeepSpeed ZeRO-3 path returns them (one host copy of a 70B model, not one per rank).
+        save_model writes them on the main process."""
         if self._is_engine(model):
-            return self.engine.full_state_dict()
+            state = self.engine.full_state_dict(only_rank=0)
+            return state if self.engine.rank == 0 else None
         return super().get_state_dict(model, unwrap)
 
     def _without_engine_state(self):

@@ -571,10 +571,11 @@ class PartitionedParameters:
                 self.release(unit)
             yield unit, values
 
-    def full_values(self) -> dict[nn.Parameter, torch.Tensor]:
-        """Every partitioned parameter's full value on the CPU (collective)."""
+    def full_values(self, keep: bool = True) -> dict[nn.Parameter, torch.Tensor]:
+        """Every partitioned parameter's full value on the CPU (collective; empty where
+        `keep` is False)."""
         values = {}
-        for _, unit_values in self.iter_full_values():
+        for _, unit_values in self.iter_full_values(keep):
             values.update(unit_values)
         return values
 
