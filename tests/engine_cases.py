@@ -1167,3 +1167,46 @@ def generation_cases() -> dict:
     out = model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          pad_token_id=0)
     return {"generated": out.shape[1] - prompt.shape[1], "asked": new}
+
+
+def retrain_cases(out_dir: str) -> dict:
+    """ZeroTrainer.train() twice on one model (the learning rates each run logged, and whether
+    the second moved the weights), and twice with model_init (whether each train() trained the
+    model it built, and how many it built)."""
+    import transformers
+
+    from zero_ext.integrations.transformers import ZeroTrainer
+
+    def tiny():
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1))
+
+    rates = []
+
+    class Logged(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "learning_rate" in logs:
+                rates[-1].append(logs["learning_rate"])
+
+    data = [{"input_ids": torch.arange(8) % 16, "labels": torch.arange(8) % 16}] * 8
+    args = transformers.TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
+        lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=True, disable_tqdm=True)
+    trainer = ZeroTrainer(model=tiny(), args=args, train_dataset=data,
+                          zero_config={"zero_optimization": {"stage": 2}}, callbacks=[Logged()])
+    before = None
+    for _ in range(2):
+        rates.append([])
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.train()
+    moved = any(not torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
+    built = []
+    trainer = ZeroTrainer(model_init=lambda: built.append(tiny()) or built[-1], args=args,
+                          train_dataset=data, zero_config={})
+    model_init = []
+    for _ in range(2):
+        trainer.train()
+        model_init.append(trainer.engine.module is trainer.model is built[-1])
+    return {"rates": rates, "moved": moved, "model_init": model_init, "built": len(built)}

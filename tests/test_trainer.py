@@ -20,6 +20,9 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 import zero_ext
+
+import engine_cases
+from dist_harness import run_group
 from zero_ext.integrations.transformers import ZeroTrainer, fill_config
 
 from launch import launch, torchrun
@@ -336,6 +339,17 @@ def test_auto_buckets_follow_a_multimodal_models_text_width():
     assert model_hidden_size(holder(text_config=types.SimpleNamespace(hidden_sizes=[8, 16]))) \
         == 16
     assert model_hidden_size(holder()) is None
+
+
+def test_a_second_train_restarts_the_schedule_and_model_init_gets_its_own_engine(tmp_path):
+    # As the Trainer: a second train() keeps the optimizer state and starts the schedule it
+    # made again (the engine's had ended at 0 and the weights stood still); with model_init
+    # each train() trains the model it builds (it crashed on the first engine's optimizer).
+    # In a process of its own: training sets the process group up (and torchrun's variables).
+    (result,) = run_group(1, engine_cases.retrain_cases, str(tmp_path))
+    first, second = result["rates"]
+    assert second == first and first[0] > 0, result
+    assert result["moved"] and result["model_init"] == [True, True] and result["built"] == 3
 
 
 def test_evaluating_an_init_built_model_before_training_says_what_to_do(args):

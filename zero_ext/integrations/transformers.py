@@ -157,8 +157,21 @@ class _ZeroTrainerMixin:
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         """Replaces the Trainer's optimizer and scheduler creation and accelerate's prepare of
         the model (which would wrap it in DistributedDataParallel) with the engine."""
+        if self.engine is not None and self.engine.module is not self.model:
+            # model_init (hyperparameter_search) built a new model for this train(): its own
+            # engine (the old one lets go of the old model)
+            self.engine.destroy()
+            self.engine = None
         if self.engine is None:
             self._create_engine(max_steps)
+        else:
+            # Another train() on the same model: the optimizer state stays, and the schedule
+            # starts again over this run's steps, as the Trainer recreates the one it made.
+            scheduler = self._schedule(self._filled_config(max_steps), max_steps)(
+                self.engine.optimizer)
+            self.engine.lr_scheduler = scheduler
+            self.lr_scheduler = _EngineScheduler(scheduler)
+            self.optimizer = _EngineOptimizer(self.engine.optimizer)
         self.model_wrapped = self.engine
         if resume_from_checkpoint is not None:
             self._load_optimizer_and_scheduler(resume_from_checkpoint)
@@ -167,10 +180,28 @@ class _ZeroTrainerMixin:
         self.callback_handler.train_dataloader = train_dataloader
         return self.engine, train_dataloader
 
+    def _filled_config(self, max_steps: int) -> dict:
+        return fill_config(self.zero_config, self.args, world_size=self.args.world_size,
+                           max_steps=max_steps, hidden_size=model_hidden_size(self.model))
+
+    def _schedule(self, config: dict, max_steps: int):
+        """optimizer -> the LR schedule: the config's (DeepSpeed's schedulers, "auto" steps
+        filled from this run), else the Trainer's own (lr_scheduler_type, warmup)."""
+        if config.get("scheduler") is not None:
+            from zero_ext.config import ZeroConfig
+            from zero_ext.lr_schedules import build_scheduler
+            schedule = ZeroConfig.load(config).scheduler
+            return lambda optimizer: build_scheduler(schedule, optimizer)
+        from transformers.optimization import get_scheduler
+
+        return lambda optimizer: get_scheduler(
+            self.args.lr_scheduler_type, optimizer=optimizer,
+            num_warmup_steps=self.args.get_warmup_steps(max_steps),
+            num_training_steps=max_steps, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+
     def _create_engine(self, max_steps: int) -> None:
         model = self.model
-        config = fill_config(self.zero_config, self.args, world_size=self.args.world_size,
-                             max_steps=max_steps, hidden_size=model_hidden_size(model))
+        config = self._filled_config(max_steps)
         # The Trainer's weight-decay split: no decay on biases and norm weights.
         decay = set(self.get_decay_parameter_names(model))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -178,19 +209,10 @@ class _ZeroTrainerMixin:
                    "weight_decay": config["optimizer"]["params"]["weight_decay"]},
                   {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
-        lr_scheduler = None
-        if config.get("scheduler") is None:
-            # No DeepSpeed schedule configured: the Trainer's own (lr_scheduler_type, warmup).
-            from transformers.optimization import get_scheduler
-
-            def lr_scheduler(optimizer):
-                return get_scheduler(
-                    self.args.lr_scheduler_type, optimizer=optimizer,
-                    num_warmup_steps=self.args.get_warmup_steps(max_steps),
-                    num_training_steps=max_steps,
-                    scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+        # No DeepSpeed schedule configured: the Trainer's own (else initialize builds it)
         engine, _, _, scheduler = zero_ext.initialize(
-            model=model, config=config, model_parameters=groups, lr_scheduler=lr_scheduler)
+            model=model, config=config, model_parameters=groups,
+            lr_scheduler=None if config.get("scheduler") else self._schedule(config, max_steps))
         self.engine = engine
         if self.args.torch_compile:  # the model, in place, as DeepSpeed's engine.compile
             mode = self.args.torch_compile_mode
