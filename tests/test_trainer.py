@@ -20,11 +20,10 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 import zero_ext
+from zero_ext.integrations.transformers import ZeroTrainer, fill_config
 
 import engine_cases
 from dist_harness import run_group
-from zero_ext.integrations.transformers import ZeroTrainer, fill_config
-
 from launch import launch, torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
