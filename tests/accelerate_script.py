@@ -139,9 +139,9 @@ def zero(stage, **kwargs):
 
 def final_weights(accelerator, model) -> dict:
     """The full weights (collective for the engine), as CPU tensors; {} on the ranks that get
-    None (zero_ext, as DeepSpeed's ZeRO-3, returns them on the main process only)."""
-    state = accelerator.get_state_dict(model)
-    return {} if state is None else {k: v.detach().clone() for k, v in state.items()}
+    none (at stage 3 zero_ext, as DeepSpeed, returns them on the main process only)."""
+    return {k: v.detach().to("cpu", copy=True)
+            for k, v in (accelerator.get_state_dict(model) or {}).items()}
 
 
 def error_of(fn) -> str:

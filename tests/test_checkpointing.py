@@ -175,6 +175,22 @@ def test_profile_leaves_the_segments_outputs_writable_in_place(cpu):
     assert torch.equal(grads[0], grads[1])
 
 
+def test_profile_hooks_do_not_pile_up_on_inputs_that_outlive_the_step():
+    # A parameter passed into a segment lives on: the hook that notes the end of the
+    # segment's backward goes once fired, or every step would add one, timing old segments.
+    checkpointing.configure(profile=True)
+    checkpointing.profile_report()
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    for _ in range(3):
+        x = torch.randn(2, 4, requires_grad=True)
+        checkpointing.checkpoint(lambda a, b: torch.tanh(a @ b), x, weight).sum().backward()
+        assert not weight._backward_hooks
+    first = checkpointing.profile_report(reset=False)[0].backward_s
+    x = torch.randn(2, 4, requires_grad=True)
+    checkpointing.checkpoint(lambda a, b: torch.tanh(a @ b), x, weight).sum().backward()
+    assert checkpointing.profile_report()[0].backward_s == first
+
+
 def test_apply_names_what_it_could_not_find():
     with pytest.raises(ValueError, match=r"class \['Nothing'\] in the model; its classes are"):
         checkpointing.apply(cases.build_gpt(), block_classes=["Nothing"])

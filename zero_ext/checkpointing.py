@@ -185,9 +185,12 @@ def _time_backward(timing: SegmentTiming, inputs: list, output, device) -> None:
     def ended(_grads) -> None:
         if timing._backward_start is not None:
             timing.backward_s = _clock(device) - timing._backward_start
+        # Once: an input that outlives the step (a parameter passed in) would otherwise gather
+        # one more hook every step, each timing its old segment again.
+        handle.remove()
 
     torch.autograd.graph.register_multi_grad_hook(outputs, started, mode="any")
-    torch.autograd.graph.register_multi_grad_hook(inputs, ended, mode="all")
+    handle = torch.autograd.graph.register_multi_grad_hook(inputs, ended, mode="all")
 
 
 # -- cpu_checkpointing --------------------------------------------------------------------------

@@ -83,8 +83,11 @@ def _write_model_config(file: str, model, dtype: torch.dtype | None) -> None:
     with the model's class as `architectures` and the saved weights' `dtype`, and
     generation_config.json for a model that generates (its end-of-turn tokens and sampling
     settings: without it, a fine-tuned instruct model reloads with its class defaults)."""
+    from zero_ext.integrations.peft import is_peft_model
+
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_json_string"):
+    if config is None or not hasattr(config, "to_json_string") or is_peft_model(model):
+        # (A PEFT model's config is its base's: its class would name no loadable model)
         return _write_config(file, config)
     config.architectures = [type(model).__name__]
     if dtype is not None:

@@ -291,13 +291,15 @@ class Accelerator(_Accelerator):
         return super().unwrap_model(model, keep_fp32_wrapper, keep_torch_compile)
 
     def get_state_dict(self, model, unwrap=True):
-        """Collective for the engine's model: its full weights (CPU tensors) on the main
-        process, gathered one stage-3 unit at a time, and None on the others, as accelerate's
-        DeepSpeed ZeRO-3 path returns them (one host copy of a 70B model, not one per rank).
-        save_model writes them on the main process."""
+        """The engine model's full weights, as accelerate's DeepSpeed path gives them: at stage
+        3 collective, gathered one unit at a time, as CPU tensors on the main process and {}
+        on the others (one host copy of a 70B model, not one per rank; {} rather than
+        DeepSpeed's None, so that `save_pretrained(..., state_dict=...)` off the main process
+        does not read the partitioned parameters); below stage 3 on every rank, as there (CPU
+        copies: the model's own tensors are views of flat buffers, which safetensors would
+        take as one shared tensor). save_model writes them on the main process."""
         if self._is_engine(model):
-            state = self.engine.full_state_dict(only_rank=0)
-            return state if self.engine.rank == 0 else None
+            return self.engine.full_state_dict(only_rank=0 if self.engine.stage == 3 else None)
         return super().get_state_dict(model, unwrap)
 
     def _without_engine_state(self):
