@@ -258,6 +258,13 @@ def test_auto_values_are_filled_from_the_training_arguments(args):
         "stage": 3, "reduce_bucket_size": 4096, "stage3_prefetch_bucket_size": 3686,
         "stage3_param_persistence_threshold": 640}
     zero_ext.ZeroConfig.load(filled)  # a valid config
+    # bf16_full_eval fills "auto" as transformers does (fp16|fp16_full_eval, bf16|bf16_full_eval),
+    # and adds no section the config lacks
+    full_eval = TrainingArguments(output_dir=args.output_dir, bf16_full_eval=True,
+                                  report_to="none", use_cpu=True)
+    assert fill_config({"bf16": {"enabled": "auto"}}, full_eval, world_size=1, max_steps=10,
+                       hidden_size=64)["bf16"] == {"enabled": True}
+    assert "bf16" not in fill_config({}, full_eval, world_size=1, max_steps=10, hidden_size=64)
 
 
 def test_absent_keys_take_the_training_arguments(args):
@@ -284,7 +291,8 @@ def test_contradictions_are_listed_in_one_error(args):
     for expected in (("train_micro_batch_size_per_gpu is 8 in the config, but "
                       "TrainingArguments.per_device_train_batch_size is 4"),
                      "gradient_clipping is 1.0",
-                     "bf16.enabled is True in the config, but TrainingArguments.bf16 is False",
+                     ("bf16.enabled is True in the config, but "
+                      "TrainingArguments.bf16|bf16_full_eval is False"),
                      "optimizer.params.lr is 0.001",
                      "scheduler.params.warmup_num_steps is 5",
                      "scheduler.params.warmup_type is \"auto\", but no value of the "

@@ -89,9 +89,13 @@ def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
                 f"({micro} * {gas} * {world_size})")
     filler.fill("gradient_clipping", float(max(args.max_grad_norm or 0.0, 0.0)),
                 "TrainingArguments.max_grad_norm")
-    filler.fill("fp16.enabled", bool(args.fp16), "TrainingArguments.fp16")
+    # "auto" as transformers fills it (fp16 or fp16_full_eval: the engine evaluates in the
+    # dtype it trains in); an absent section only from fp16 / bf16 themselves
+    filler.fill("fp16.enabled", bool(args.fp16 or args.fp16_full_eval),
+                "TrainingArguments.fp16|fp16_full_eval", fill_absent=bool(args.fp16))
     bf16_key = "bfloat16" if "bfloat16" in cfg and "bf16" not in cfg else "bf16"
-    filler.fill(f"{bf16_key}.enabled", bool(args.bf16), "TrainingArguments.bf16")
+    filler.fill(f"{bf16_key}.enabled", bool(args.bf16 or args.bf16_full_eval),
+                "TrainingArguments.bf16|bf16_full_eval", fill_absent=bool(args.bf16))
 
     if cfg.get("optimizer") is None:
         # The Trainer's torch AdamW variants; zero_ext's sharded AdamW computes the same update.
