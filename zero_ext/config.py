@@ -1815,7 +1815,7 @@ def read_json_config(path: str | os.PathLike) -> dict:
     try:
         return json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as error:
-        problem = (f"line {error.lineno}, column {error.colno}: {error.msg}")
+        problem = f"line {error.lineno}, column {error.colno}: {error.msg}"
     # DeepSpeed reads its config files as Hjson (comments, trailing commas, unquoted keys),
     # with the hjson package it depends on.
     try:

@@ -90,18 +90,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                         self.device, self.model_dtype)
         # After materialize: an Init model's buffers are then on the training device (built on
         # the CPU, they would go to NCCL, which refuses CPU tensors).
-        if config.mixed_precision is not None:
-            keep = precision.keep_in_fp32_pattern(
-                model, config.data_types.keep_in_fp32_modules, config.mixed_precision)
-            precision.set_buffer_dtypes(model, config.buffer_dtype, keep)
-            mixed = precision.mixed_batch_norms(model)
-            if mixed and self.rank == 0:
-                warnings.warn(
-                    f"zero_ext: under {config.training_dtype_name} the parameters of "
-                    f"{mixed[:4]} are cast and their running statistics kept fp32, as "
-                    "DeepSpeed does; torch's batch_norm refuses that mix on the CPU. Set "
-                    f"\"data_types\": {{\"buffer_dtype\": \"{config.training_dtype_name}\"}} "
-                    "to cast buffers too", stacklevel=3)
+        precision.place_buffers(model, config, self.rank)
         replicas.broadcast_from_rank0(model)
         self.layouts, self.persistent_layouts = layout.layouts, layout.persistent_layouts
         self._build_persistent()
@@ -262,12 +251,12 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         if self.partitioned is not None:
             # Whether this forward trains, read here: a reentrant checkpoint runs its part of
             # the model without autograd, and that part is still the training step's.
-            self.partitioned.prefetch.training_forward = torch.is_grad_enabled()
+            self.partitioned.begin_forward(training=torch.is_grad_enabled())
         try:
             return self._forward(args, kwargs)
         finally:
             if self.partitioned is not None:
-                self.partitioned.prefetch.training_forward = None
+                self.partitioned.end_forward()
             if checkpointing.counters.segments != segments:
                 self.monitor.recompute = True  # backward recomputes checkpointed forwards
 

@@ -187,9 +187,8 @@ class SaveLock:
     by a process that is gone from this host is taken over, and so is one left by an earlier
     attempt of this torchrun job (the same TORCHELASTIC_RUN_ID, not torchrun's default "none":
     torchrun restarts a job only after stopping all its workers, and the new rank 0 may be on
-    another host; zero_ext/elastic.py); one from
-    another host and job cannot be checked from here, and the error says how to remove it if
-    that job is gone."""
+    another host; zero_ext/elastic.py); one from another host and job cannot be checked from
+    here, and the error says how to remove it if that job is gone."""
 
     def __init__(self, path: str):
         self.path = path

@@ -209,10 +209,9 @@ class _ZeroTrainerMixin:
                    "weight_decay": config["optimizer"]["params"]["weight_decay"]},
                   {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
-        # No DeepSpeed schedule configured: the Trainer's own (else initialize builds it)
         engine, _, _, scheduler = zero_ext.initialize(
             model=model, config=config, model_parameters=groups,
-            lr_scheduler=None if config.get("scheduler") else self._schedule(config, max_steps))
+            lr_scheduler=self._schedule(config, max_steps))
         self.engine = engine
         if self.args.torch_compile:  # the model, in place, as DeepSpeed's engine.compile
             mode = self.args.torch_compile_mode

@@ -426,6 +426,15 @@ class PartitionedParameters:
         if upcoming is not None:
             self.start_gather(upcoming)
 
+    def begin_forward(self, training: bool) -> None:
+        """The engine's forward starts; `training`: whether autograd records it."""
+        self.prefetch.training_forward = training
+
+    def end_forward(self) -> None:
+        """The engine's forward ended (or raised): a prefetch still held back is dropped."""
+        self.prefetch.training_forward = None
+        self._prefetch_after = None
+
     def steps_deferred(self, layout_indices: Collection[int]) -> None:
         """The optimizer step left these layouts' steps running (OptimizerOffload.step)."""
         self.stepping = set(layout_indices)
@@ -493,11 +502,12 @@ class PartitionedParameters:
         unit with whether this gathered it. (A unit gathered with qwZ for a forward running now
         is gathered again, exactly, and a prefetch in flight waited for: both left to their
         forward to release.)"""
-        held = []
+        held, seen = [], set()
         for index in sorted(layout_indices):  # the same order on every rank
             unit = self._unit_of_layout.get(index)
-            if unit is None or any(unit is other for other, _ in held):
+            if unit is None or id(unit) in seen:
                 continue
+            seen.add(id(unit))
             mine = unit.state is UnitState.SHARDED
             if unit.state is not UnitState.GATHERED or unit.quantized:
                 self.gather(unit, exact=True)

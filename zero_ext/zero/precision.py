@@ -14,11 +14,12 @@ Under fp32 training nothing is cast.
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import nn
 
-__all__ = ["cast_parameters", "keep_in_fp32_pattern", "mixed_batch_norms",
+__all__ = ["cast_parameters", "keep_in_fp32_pattern", "mixed_batch_norms", "place_buffers",
            "set_buffer_dtypes"]
 
 # What is cast (DeepSpeed's list): fp8 and other dtypes are left as they are
@@ -89,3 +90,21 @@ def mixed_batch_norms(model: nn.Module) -> list[str]:
                 and module.weight.dtype != module.running_mean.dtype:
             found.append(name or type(module).__name__)
     return found
+
+
+def place_buffers(model: nn.Module, config, rank: int) -> None:
+    """The buffers' dtypes under the config's fp16/bf16 (nothing under fp32), then a warning
+    on rank 0 naming the BatchNorms whose statistics stay fp32 under 16-bit parameters."""
+    if config.mixed_precision is None:
+        return
+    keep = keep_in_fp32_pattern(model, config.data_types.keep_in_fp32_modules,
+                                config.mixed_precision)
+    set_buffer_dtypes(model, config.buffer_dtype, keep)
+    mixed = mixed_batch_norms(model)
+    if mixed and rank == 0:
+        name = config.training_dtype_name
+        warnings.warn(
+            f"zero_ext: under {name} the parameters of {mixed[:4]} are cast and their running "
+            "statistics kept fp32, as DeepSpeed does; torch's batch_norm refuses that mix on "
+            f"the CPU. Set \"data_types\": {{\"buffer_dtype\": \"{name}\"}} to cast buffers "
+            "too", stacklevel=4)
