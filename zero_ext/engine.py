@@ -82,7 +82,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         replicas.check_same_structure(named)
         self._params, group_of = placement.group_parameters(named, param_groups, self.rank)
         layout = placement.lay_out(model, self._params, group_of, stage=self.stage,
-                                   zero=config.zero_optimization, world_size=self.world_size)
+                                   zero=config.zero_optimization, world_size=self.world_size,
+                                   dtype=self.model_dtype)
         if self.built_under_init:
             # Everything but the units' parameters is allocated now, whole; the units follow
             # one at a time as PartitionedParameters shards them.
@@ -93,6 +94,9 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         precision.place_buffers(model, config, self.rank)
         replicas.broadcast_from_rank0(model)
         self.layouts, self.persistent_layouts = layout.layouts, layout.persistent_layouts
+        # Stage 3's buckets of frozen parameters (no gradients, no optimizer state), and the
+        # parameters their slots index (counting on from self._params).
+        self.frozen_layouts, self._frozen_params = layout.frozen_layouts, layout.frozen_params
         self._build_persistent()
         self._tag_parameters()
         self._place_offload(layout)
@@ -141,14 +145,16 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self._no_sync = False
 
     def _tag_parameters(self) -> None:
-        """For GatheredParameters: each trained parameter knows its engine and bucket; the
-        others (frozen, or in no optimizer group), whole on every rank, know their engine as
-        `_zero_ext_whole` (a modifier rank's changes to them are broadcast)."""
+        """For GatheredParameters: each parameter in a bucket (trained, or frozen and
+        partitioned at stage 3) knows its engine and bucket; the others (frozen, or in no
+        optimizer group), whole on every rank, know their engine as `_zero_ext_whole` (a
+        modifier rank's changes to them are broadcast)."""
         engine_ref = weakref.ref(self)
         tagged = set()
-        for layout in self.layouts:
+        every = self._params + self._frozen_params
+        for layout in self.layouts + self.frozen_layouts:
             for slot in layout.slots:
-                param = self._params[slot.param_index]
+                param = every[slot.param_index]
                 param._zero_ext_engine, param._zero_ext_layout = engine_ref, layout.index
                 param.__dict__.pop("_zero_ext_whole", None)  # an earlier engine's
                 tagged.add(id(param))
@@ -167,7 +173,9 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         if self.offload_optimizer or self.offload_param:
             # Refused here, before any host buffer exists, rather than by the OOM killer.
             offload.check_host_memory(optimizer_placement.host_memory_plan(
-                placed, self.layouts, layout.unit_indices, dtype=self.model_dtype,
+                placed, self.layouts + self.frozen_layouts,
+                layout.unit_indices | {f.index for f in self.frozen_layouts},
+                dtype=self.model_dtype,
                 grad_dtype=self._grad_dtype(),
                 hpz_partition_size=self.config.zero_optimization.zero_hpz_partition_size))
 
@@ -192,7 +200,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self.partitioned = None
         if layout.unit_plan:
             self.partitioned = PartitionedParameters(
-                layout.unit_plan, self._params, rank=self.rank, dtype=self.model_dtype,
+                layout.unit_plan, self._params + self._frozen_params, rank=self.rank, dtype=self.model_dtype,
                 device=self.device, prefetch_numel=zero.stage3_prefetch_bucket_size,
                 max_live_numel=zero.stage3_max_live_parameters,
                 max_reuse_numel=zero.stage3_max_reuse_distance, root=self.module,
@@ -448,7 +456,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                 self._persistent.broadcast(index, src=modifier_rank)
             else:
                 self.partitioned.broadcast_layout(index, src=modifier_rank)
-            if self.replicated_optimizer is None:
+            if self.replicated_optimizer is None and index < len(self.layouts):  # not frozen
                 self.optimizer.refresh_master(index)
 
     def unhold_layouts(self, held: list) -> None:

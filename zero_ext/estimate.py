@@ -78,7 +78,7 @@ from zero_ext.config import ZeroConfig, read_json_config
 from zero_ext.zero import offload
 from zero_ext.zero.buckets import reduced_grad_dtype
 from zero_ext.zero.partition import BucketLayout, plan_buckets
-from zero_ext.zero.placement import lay_out
+from zero_ext.zero.placement import FROZEN, lay_out
 
 __all__ = ["MemoryEstimate", "StateBytes", "estimate", "estimate_from_config",
            "host_bytes_needed", "load_hf_model", "main", "parse_count"]
@@ -198,9 +198,8 @@ def estimate_from_config(model: nn.Module | int, config, world_size: int, *,
             raise ValueError("largest_unit is for a bare parameter count; a module's gather "
                              "units are found from its structure, leave it out")
         unit_layouts, whole_layouts, frozen_numel = _module_layouts(
-            model, param_groups, zero, world_size)
-        numel = sum(layout.used_numel for layouts in unit_layouts + [whole_layouts]
-                    for layout in layouts)
+            model, param_groups, zero, world_size, dtype)
+        numel = sum(layout.used_numel for layout in layouts_of(unit_layouts, whole_layouts))
         exact = True
         unit_numels = _unit_numels(unit_layouts)
         largest = max(unit_numels, default=None)
@@ -232,8 +231,10 @@ def estimate_from_config(model: nn.Module | int, config, world_size: int, *,
 
 
 def layouts_of(unit_layouts, whole_layouts: list[BucketLayout]) -> list[BucketLayout]:
-    """Every bucket, in the engine's order."""
-    return [layout for layouts in unit_layouts for layout in layouts] + whole_layouts
+    """Every trainable bucket, in the engine's order (not stage 3's frozen ones: no
+    gradients, no optimizer state)."""
+    return [layout for layouts in unit_layouts for layout in layouts
+            if layout.group != FROZEN] + whole_layouts
 
 
 def _compression_bytes(config: ZeroConfig, layouts: list[BucketLayout], world_size: int,
@@ -269,9 +270,11 @@ def host_bytes_needed(model: nn.Module | int, config, world_size: int, *,
 
 
 # -- exact layout of a module ------------------------------------------------------------------
-def _module_layouts(model: nn.Module, param_groups, zero, world_size: int):
-    """(stage-3 unit layouts, layouts of parameters kept whole, frozen elements): the buckets
-    ZeroEngine builds for this model, from the engine's own planning code."""
+def _module_layouts(model: nn.Module, param_groups, zero, world_size: int,
+                    dtype: torch.dtype):
+    """(stage-3 unit layouts, frozen ones included, layouts of trainable parameters kept
+    whole, elements of frozen parameters kept whole): the buckets ZeroEngine builds for this
+    model, from the engine's own planning code."""
     named = list(model.named_parameters())
     group_of = _group_of(model, param_groups)
     params = [p for _, p in named if p.requires_grad and p in group_of]
@@ -279,11 +282,13 @@ def _module_layouts(model: nn.Module, param_groups, zero, world_size: int):
     if missing:
         raise ValueError(f"param_groups: trainable parameters missing from the groups: "
                          f"{missing[:5]}; list every trainable parameter (or freeze it)")
-    frozen = sum(p.numel() for _, p in named if not p.requires_grad)
     # The engine's own planning (zero/placement.py): its stage-3 rule (innermost unit, tied and
     # root-level parameters and small ones kept whole) and its bucket padding.
     layout = lay_out(model, params, group_of, stage=zero.stage, zero=zero,
-                     world_size=world_size)
+                     world_size=world_size, dtype=dtype)
+    partitioned = layout.unit_param_ids(params)
+    frozen = sum(p.numel() for p in dict.fromkeys(p for _, p in named)
+                 if not p.requires_grad and id(p) not in partitioned)
     return [layouts for _, layouts in layout.unit_plan], layout.persistent_layouts, frozen
 
 

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from zero_ext.checkpoint.engine_state import _frozen_keys, _raise_together
+from zero_ext.checkpoint.engine_state import _bucket_shapes, _frozen_keys, _raise_together
 from zero_ext.checkpoint.files import (
     SafetensorsWriter,
     TensorEntry,
@@ -131,9 +131,7 @@ def save_engine_model(engine, output_path: str, exclude_frozen_parameters: bool 
         for key in _frozen_keys(engine):
             del state[key]
     _warn_gather_key(engine, _output_path_name(output_path))
-    # Shapes from the layouts: a released stage-3 parameter has no shape of its own.
-    shapes = {id(engine._params[s.param_index]): tuple(s.shape)
-              for layout in engine.layouts for s in layout.slots}
+    shapes = _bucket_shapes(engine)  # a released stage-3 parameter has no shape of its own
     units = engine.partitioned.units if engine.partitioned is not None else []
     unit_of = {id(p): position for position, unit in enumerate(units)
                for members in unit.params for p in members}
@@ -233,6 +231,15 @@ def checkpoint_tensors(checkpoint_dir: str, dtype: torch.dtype | None = None, *,
                 source, lambda s=source, shape=shape: _cast(index.read("master", s),
                                                             dtype).view(shape))
             entries.append(TensorEntry(key, dtype or torch.float32, shape, produce))
+        elif kind == "frozen":  # stage 3's partitioned frozen parameters, in the model dtype
+            if key in frozen:
+                continue
+            shape = index.params[source].shape
+            saved_dtype = getattr(torch, index.metadata["model_dtype"])
+            produce = producers.setdefault(
+                source, lambda s=source, shape=shape, d=saved_dtype:
+                    _cast(index.read("frozen", s, dtype=d), dtype).view(shape))
+            entries.append(TensorEntry(key, dtype or saved_dtype, shape, produce))
         elif key not in frozen:
             saved_dtype = model_states.dtype(source)
             out_dtype = dtype if dtype is not None and saved_dtype.is_floating_point \

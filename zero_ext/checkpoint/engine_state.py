@@ -119,17 +119,63 @@ def _frozen_keys(engine) -> set[str]:
             if id(value) in frozen}
 
 
+def _bucket_shapes(engine) -> dict[int, tuple[int, ...]]:
+    """id -> shape of every parameter in a bucket (trainable, and stage 3's frozen ones):
+    stage 3's released parameters have no shape of their own."""
+    every = engine._params + engine._frozen_params
+    return {id(every[s.param_index]): tuple(s.shape)
+            for layout in engine.layouts + engine.frozen_layouts for s in layout.slots}
+
+
+@torch.no_grad()
+def set_value(engine, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Sets a parameter kept outside the optimizer (frozen) to the whole `value`: into this
+    rank's shard where stage 3 partitions it."""
+    if engine.partitioned is not None and id(param) in _partitioned_frozen(engine):
+        flat = value.reshape(-1)
+        engine.partitioned.write_value(
+            param, lambda first, out: out.copy_(flat[first:first + out.numel()]))
+    else:
+        param.data.copy_(value)
+
+
+def _frozen_names(engine) -> list[str]:
+    """The name of each of stage 3's frozen parameters (engine._frozen_params order)."""
+    by_id = {id(p): n for n, p in engine.module.named_parameters()}
+    return [by_id[id(p)] for p in engine._frozen_params]
+
+
 def _state_sources(engine, names: list[str], exclude_frozen: bool = False) -> list[list[str]]:
-    """[state_dict key, "param" | "state", where]: trainable parameters come from the shards
-    (by parameter name; tied weights appear under every key), the rest from model_states;
-    frozen parameters are left out with exclude_frozen (DeepSpeed's
-    exclude_frozen_parameters)."""
+    """[state_dict key, "param" | "frozen" | "state", where]: trainable parameters come from
+    the shards' master weights (by parameter name; tied weights appear under every key),
+    stage 3's partitioned frozen parameters from the shards' model-dtype values ("frozen"),
+    the rest from model_states; frozen parameters are left out with exclude_frozen
+    (DeepSpeed's exclude_frozen_parameters)."""
     trainable = {id(p): n for p, n in zip(engine._params, names)}
+    partitioned = _partitioned_frozen(engine)
     skip = _frozen_keys(engine) if exclude_frozen else set()
     return [[key, "param", trainable[id(value)]] if id(value) in trainable
+            else [key, "frozen", partitioned[id(value)]] if id(value) in partitioned
             else [key, "state", key]
             for key, value in engine.module.state_dict(keep_vars=True).items()
             if key not in skip]
+
+
+def _partitioned_frozen(engine) -> dict[int, str]:
+    """id -> name of the frozen parameters stage 3 partitions (in engine.frozen_layouts)."""
+    names, base = _frozen_names(engine), len(engine._params)
+    return {id(engine._frozen_params[s.param_index - base]): names[s.param_index - base]
+            for layout in engine.frozen_layouts for s in layout.slots}
+
+
+def frozen_layouts_metadata(engine) -> list[dict]:
+    """Stage 3's frozen buckets as checkpoint metadata records them (parameters by name,
+    offsets); their shards are saved in the model's dtype as "<index>.frozen"."""
+    names, base = _frozen_names(engine), len(engine._params)
+    return [{"index": layout.index, "padded_numel": layout.padded_numel,
+             "slots": [[names[s.param_index - base], s.offset, list(s.shape)]
+                       for s in layout.slots]}
+            for layout in engine.frozen_layouts]
 
 
 def _rng_entries() -> tuple[list[TensorEntry], dict[str, str]]:
@@ -179,6 +225,10 @@ def _write_shard(engine, path: str, compression_totals: dict[str, torch.Tensor])
             entries.append(TensorEntry(
                 f"{layout.index}.{kind}", torch.float32, (end - start,),
                 lambda t=tensor, a=start - held_start, b=end - held_start: t[a:b].float()))
+    for layout in engine.frozen_layouts:  # stage 3's frozen shards, in the model's dtype
+        shard = engine.partitioned.shard(layout.index)
+        entries.append(TensorEntry(f"{layout.index}.frozen", shard.dtype, tuple(shard.shape),
+                                   lambda t=shard: t))
     rng, rng_meta = _rng_entries()
     return write_safetensors(path, entries + rng, metadata=rng_meta)
 
@@ -207,6 +257,7 @@ def _metadata(engine, tag: str, names: list[str], exclude_frozen: bool = False) 
         "optimizer_class": type(engine.optimizer).__name__,
         "optimizer_steps": steps,
         "layouts": compression_state.layouts_metadata(engine, names),
+        "frozen_layouts": frozen_layouts_metadata(engine),
         "compression": compression_state.metadata(engine),
         "state_dict": _state_sources(engine, names, exclude_frozen),
         "excluded_frozen": sorted(_frozen_keys(engine)) if exclude_frozen else [],

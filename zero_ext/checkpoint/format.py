@@ -315,8 +315,12 @@ class CheckpointIndex:
             self.metadata = json.load(f)
         self.world_size: int = self.metadata["world_size"]
         self.layouts: list[dict] = self.metadata["layouts"]
+        # Stage 3's frozen buckets (model-dtype "<index>.frozen" shards), absent before them.
+        self.frozen_layouts: list[dict] = self.metadata.get("frozen_layouts", [])
+        self._layout_at = {layout["index"]: layout
+                           for layout in self.layouts + self.frozen_layouts}
         self.params: dict[str, _ParamPlace] = {}
-        for layout in self.layouts:
+        for layout in self.layouts + self.frozen_layouts:
             for name, offset, shape in layout["slots"]:
                 self.params[name] = _ParamPlace(layout["index"], offset, tuple(shape))
         self._readers: dict[str, SafetensorsReader] = {}
@@ -357,7 +361,7 @@ class CheckpointIndex:
         """Where elements [start, end) of parameter `name` live: (shard file, tensor name
         without its kind, first, last+1 element in that tensor), in element order."""
         place = self.params[name]
-        layout = self.layouts[place.layout]
+        layout = self._layout_at[place.layout]
         shard = layout["padded_numel"] // self.world_size
         lo, hi = place.offset + start, place.offset + end
         out = []
@@ -369,11 +373,13 @@ class CheckpointIndex:
                         a - rank * shard, b - rank * shard))
         return out
 
-    def read(self, kind: str, name: str, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """fp32 elements [start, end) of parameter `name`'s `kind` (master, exp_avg,
-        exp_avg_sq), flattened."""
+    def read(self, kind: str, name: str, start: int = 0, end: int | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Elements [start, end) of parameter `name`'s `kind` (master, exp_avg, exp_avg_sq;
+        "frozen" for stage 3's frozen parameters, saved in the model's dtype), flattened, in
+        `dtype`."""
         end = self.numel(name) if end is None else end
-        out = torch.empty(max(end - start, 0), dtype=torch.float32)
+        out = torch.empty(max(end - start, 0), dtype=dtype)
         self.read_into(kind, name, start, out)
         return out
 

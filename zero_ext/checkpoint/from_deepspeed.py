@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from zero_ext import comm
+from zero_ext.checkpoint.engine_state import _bucket_shapes, set_value
 from zero_ext.checkpoint.format import CheckpointError
 from zero_ext.zero import fragments
 
@@ -338,9 +339,13 @@ def _plan(engine, path: str, load_optimizer_states: bool, load_lr_scheduler_stat
     if {n for n, _ in frozen} != set(saved_frozen):
         problems.append(f"frozen parameters differ: here {sorted(n for n, _ in frozen)[:8]}, "
                         f"in the checkpoint {sorted(saved_frozen)[:8]}")
-    for name, param in frozen:  # whole on every rank, at every stage
-        if name in saved_frozen:
-            _fits("frozen parameter", name, saved_frozen[name], param, problems)
+    shapes = _bucket_shapes(engine)  # stage 3 partitions frozen parameters too
+    for name, param in frozen:
+        if name in saved_frozen and tuple(saved_frozen[name].shape) != \
+                shapes.get(id(param), tuple(param.shape)):
+            problems.append(f"frozen parameter {name}: shape {tuple(saved_frozen[name].shape)} "
+                            f"in the checkpoint, {shapes.get(id(param), tuple(param.shape))} "
+                            "here")
     frozen = [(p, saved_frozen[n]) for n, p in frozen if n in saved_frozen]
     buffers, mine_buffers = [], dict(engine.module.named_buffers())
     for name in ckpt.model.get("buffer_names") or []:
@@ -397,7 +402,7 @@ def load_deepspeed_checkpoint(engine, path: str, load_optimizer_states: bool,
             for kind in ("exp_avg", "exp_avg_sq"):
                 fragments.write(engine, param, plan.assembler.full(name, kind), kind)
     for param, value in plan.frozen:
-        param.data.copy_(value)
+        set_value(engine, param, value)
     for buffer, value in plan.buffers:
         buffer.copy_(value)
     if load_optimizer_states:

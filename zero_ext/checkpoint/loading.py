@@ -24,6 +24,7 @@ from zero_ext import comm
 from zero_ext.checkpoint import compression_state, data_only, from_deepspeed
 from zero_ext.checkpoint.engine_state import (
     _attempt,
+    _bucket_shapes,
     _files_of,
     _fill_plan,
     _frozen_keys,
@@ -58,7 +59,7 @@ class _Plan:
 
     index: CheckpointIndex
     fill: list                        # (target, first, name, a, b, kind), from _fill_plan
-    model_states: list                # (tensor in the model, producer of its saved value)
+    model_states: list                # writers of buffers and frozen parameters
     extra: dict                       # engine_state.pt
     own_rng: str | None               # this rank's shard file, when its RNG states apply
     differences: list[str]            # optimizer/scheduler settings the checkpoint replaces
@@ -78,19 +79,23 @@ def _announce_missing(load_dir: str) -> None:
 
 def _model_states_plan(engine, index: CheckpointIndex, strict: bool = True) -> list:
     """Buffers and frozen parameters to copy from rank 0's file, checked against the model
-    (names, shapes), and frozen parameters that trained when saved from the checkpoint's fp32
-    master weights; the frozen parameters a save left out (exclude_frozen_parameters) keep
-    the model's values, and so, when not `strict`, does anything else the checkpoint lacks
-    (what it has beyond the model is then passed over)."""
+    (names, shapes), frozen parameters that trained when saved from the checkpoint's fp32
+    master weights, and stage 3's partitioned frozen ones from the shards' frozen values; the
+    frozen parameters a save left out (exclude_frozen_parameters) keep the model's values, and
+    so, when not `strict`, does anything else the checkpoint lacks (what it has beyond the
+    model is then passed over). Returns one writer per value (called by _apply); a parameter
+    this engine partitions reads only the elements of its shard."""
     reader = index.reader(MODEL_STATES)
     current = engine.module.state_dict(keep_vars=True)
     entries = index.metadata["state_dict"]
     wanted = {key: where for key, kind, where in entries if kind == "state"}
-    trained = {key: where for key, kind, where in entries if kind == "param"}
+    # Read from the shards: (kind of tensor there, parameter name there).
+    sharded = {key: ("master" if kind == "param" else "frozen", where)
+               for key, kind, where in entries if kind in ("param", "frozen")}
     trainable = {id(p) for p in engine._params}
     mine = {key for key, value in current.items() if id(value) not in trainable}
     excluded = set(index.metadata.get("excluded_frozen", [])) & _frozen_keys(engine)
-    missing = sorted(mine - set(wanted) - set(trained) - excluded)
+    missing = sorted(mine - set(wanted) - set(sharded) - excluded)
     extra = sorted(set(wanted) - mine)
     if not strict:
         excluded |= set(missing)
@@ -100,24 +105,35 @@ def _model_states_plan(engine, index: CheckpointIndex, strict: bool = True) -> l
             f"missing from the checkpoint {missing[:8]}, not in the model {extra[:8]} "
             f"(load_module_strict=False keeps the model's values of what is missing and "
             f"passes over the rest)")
+    shapes = _bucket_shapes(engine)  # a released stage-3 parameter has no shape of its own
+    partitioned = engine.partitioned
     plan = []
     for key in sorted(mine - excluded):
         value = current[key]
-        if key not in wanted:  # trained when saved, frozen now: from the master weights
-            source = trained[key]
-            if tuple(index.params[source].shape) != tuple(value.shape):
-                raise CheckpointError(f"{CALLER}: {key} is {tuple(index.params[source].shape)}"
-                                      f" in {index.path} and {tuple(value.shape)} in the model")
-            plan.append((value, lambda s=source, shape=value.shape:
-                         index.read("master", s).view(shape)))
-            continue
-        source = wanted[key]
-        if source not in reader:
-            raise CheckpointError(f"{CALLER}: {index.path}: {MODEL_STATES} has no {source!r}")
-        if tuple(reader.shape(source)) != tuple(value.shape):
-            raise CheckpointError(f"{CALLER}: {key} is {tuple(reader.shape(source))} in "
-                                  f"{index.path} and {tuple(value.shape)} in the model")
-        plan.append((value, lambda s=source: reader.read(s)))
+        shape = shapes.get(id(value), tuple(value.shape))
+        if key in wanted:
+            source = wanted[key]
+            if source not in reader:
+                raise CheckpointError(f"{CALLER}: {index.path}: {MODEL_STATES} has no "
+                                      f"{source!r}")
+            saved_shape = tuple(reader.shape(source))
+            read_range = (lambda first, out, s=source: reader.read_into(s, first, out))
+            read_whole = (lambda s=source: reader.read(s))
+        else:  # from the shards: trained when saved (master weights), or a frozen shard
+            kind, source = sharded[key]
+            saved_shape = tuple(index.params[source].shape)
+            index.verify_files(sorted({file for file, _, _, _ in index.pieces(
+                source, 0, index.numel(source))}))
+            read_range = (lambda first, out, k=kind, s=source: index.read_into(k, s, first, out))
+            read_whole = (lambda k=kind, s=source, v=value, shape=shape:
+                          index.read(k, s, dtype=v.dtype).view(shape))
+        if saved_shape != shape:
+            raise CheckpointError(f"{CALLER}: {key} is {saved_shape} in {index.path} and "
+                                  f"{shape} in the model")
+        if id(value) in shapes and partitioned is not None:
+            plan.append(lambda v=value, r=read_range: partitioned.write_value(v, r))
+        else:
+            plan.append(lambda v=value, r=read_whole: v.data.copy_(r()))
     return plan
 
 
@@ -363,8 +379,8 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
     index, meta, extra = plan.index, plan.index.metadata, plan.extra
     for target, at, name, a, b, kind in plan.fill:
         index.read_into(kind, name, a, target[at:at + b - a])
-    for value, produce in plan.model_states:
-        value.data.copy_(produce())
+    for write in plan.model_states:
+        write()
     engine._sync_weights_from_master()
     if load_optimizer_states:
         if engine.replicated_optimizer is not None:

@@ -15,7 +15,14 @@ import os
 
 import torch
 
-from zero_ext.checkpoint.engine_state import _attempt, _fill_plan, _names, _raise_together
+from zero_ext.checkpoint.engine_state import (
+    _attempt,
+    _bucket_shapes,
+    _fill_plan,
+    _names,
+    _raise_together,
+    set_value,
+)
 from zero_ext.checkpoint.files import SafetensorsReader
 from zero_ext.checkpoint.format import CheckpointError
 
@@ -100,10 +107,12 @@ def load_weights(engine, path: str, strict: bool = True) -> list[str]:
                 f"zero_ext.load_weights: {path} does not fit the model: buffers and frozen "
                 f"parameters missing {missing[:8]}, tensors the model lacks {unexpected[:8]} "
                 f"(strict=False loads anyway and returns the latter)")
+        shapes = _bucket_shapes(engine)  # stage 3's partitioned frozen ones have none here
         for key, value in others:
-            if weights.shape(key) != tuple(value.shape):
+            shape = shapes.get(id(value), tuple(value.shape))
+            if weights.shape(key) != shape:
                 raise CheckpointError(f"zero_ext.load_weights: {key} is {weights.shape(key)} in "
-                                      f"{path} and {tuple(value.shape)} in the model")
+                                      f"{path} and {shape} in the model")
         return weights, plan, others, unexpected
 
     opened, problem = _attempt(plan_and_check)
@@ -112,6 +121,6 @@ def load_weights(engine, path: str, strict: bool = True) -> list[str]:
     for target, at, name, a, b, kind in plan:
         weights.read_into(kind, name, a, target[at:at + b - a])
     for key, value in others:
-        value.data.copy_(weights.read(key))
+        set_value(engine, value, weights.read(key))
     engine._sync_weights_from_master()
     return unexpected

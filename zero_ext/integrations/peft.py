@@ -63,12 +63,13 @@ def save_adapters(engine, output_dir, *, should_save: bool, **save_pretrained_kw
     with GatheredParameters([p for _, p in trainable]):
         if should_save:
             # PEFT picks the adapter entries out of the whole state dict (its key naming, extra
-            # saved buffers, embedding layers): frozen entries go by reference, the gathered
-            # trainable ones as CPU copies (apart from the engine's flat buffers, which
-            # safetensors would see as shared memory). The other ranks wait at the gather's end.
+            # saved buffers, embedding layers): frozen entries go by reference (stage 3's
+            # partitioned ones unread: reading one raises, naming it), the gathered trainable
+            # ones as CPU copies (apart from the engine's flat buffers, which safetensors would
+            # see as shared memory). The other ranks wait at the gather's end.
             names = {name for name, _ in trainable}
             state = {key: value.to("cpu", copy=True) if key in names else value
-                     for key, value in model.state_dict().items()}
+                     for key, value in _state_dict_unread_partitioned(model).items()}
             model.save_pretrained(output_dir, state_dict=state, **save_pretrained_kwargs)
     return True
 
@@ -96,9 +97,21 @@ def guard_save_pretrained(engine) -> None:
                     "should_save=engine.rank == 0) on every rank (ZeroTrainer.save_model does), "
                     "or keep the adapters whole with a larger "
                     "stage3_param_persistence_threshold")
+            # The adapters are whole: PEFT picks them out of the state dict, in which the
+            # frozen base weights stage 3 partitions go unread, by reference.
+            kwargs["state_dict"] = _state_dict_unread_partitioned(self)
         return original(save_directory, *args, **kwargs)
 
     model.save_pretrained = types.MethodType(save_pretrained, model)
+
+
+def _state_dict_unread_partitioned(model: torch.nn.Module) -> dict:
+    """model.state_dict() without reading stage 3's partitioned parameters (they hold no
+    values here: an entry of one is the parameter itself, and reading it raises, naming it)."""
+    from zero_ext.zero.params import _is_partitioned
+
+    return {key: value if "_zero_ext_engine" in value.__dict__ and _is_partitioned(value)
+            else value.detach() for key, value in model.state_dict(keep_vars=True).items()}
 
 
 def _partitioned_trainable(model: torch.nn.Module) -> list[str]:

@@ -399,11 +399,13 @@ def _engine_parameter_count(model, trainable_only: bool = False) -> int | None:
     size (their tensors hold no elements while released); None for anything else."""
     if not isinstance(model, zero_ext.ZeroEngine):
         return None
-    # engine.monitor counts every parameter the engine trains at full size; the others
-    # (frozen, or in no optimizer group) stay whole in the model.
+    # engine.monitor counts every parameter the engine trains at full size, and stage 3's
+    # frozen buckets hold the frozen parameters it partitions; the others (frozen, or in no
+    # optimizer group) stay whole in the model.
     rest = sum(p.numel() for p in model.module.parameters()
                if not hasattr(p, "_zero_ext_engine") and (p.requires_grad or not trainable_only))
-    return model.monitor.trainable_params + rest
+    frozen = 0 if trainable_only else sum(layout.used_numel for layout in model.frozen_layouts)
+    return model.monitor.trainable_params + rest + frozen
 
 
 # Models whose ZeroTrainer has use_liger_kernel=True: fill_config turned that into the config's

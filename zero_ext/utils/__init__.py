@@ -53,6 +53,8 @@ def _engine(param: torch.nn.Parameter):
     engine = ref() if ref is not None else None
     if ref is not None and engine is None:
         raise ValueError("zero_ext: this parameter's engine no longer exists")
+    if engine is not None and param._zero_ext_layout >= len(engine.layouts):
+        return None  # stage 3 partitions it in a frozen bucket: no optimizer state
     return engine
 
 

@@ -35,7 +35,7 @@ from zero_ext import comm
 
 __all__ = ["METADATA_FUNCTIONS", "VALUE_ATTRIBUTES", "Init", "check_initializers",
            "gather_init_params", "is_init_partitioned", "materialize", "outside_init",
-           "release_init_params", "swap_tensor", "tensor_attribute", "tensors_in"]
+           "partitionable_class", "release_init_params", "swap_tensor", "tensor_attribute", "tensors_in"]
 
 _SHARD = "_zero_ext_init"  # attribute of a parameter partitioned by Init: its _InitShard
 
@@ -112,6 +112,13 @@ class _PartitionedByInit(nn.Parameter):
             "a shard); read or write it inside `with zero_ext.GatheredParameters(params, "
             "modifier_rank=0):` (writes from that rank), or load weights with "
             "engine.load_weights / engine.load_checkpoint after initialize")
+
+
+def partitionable_class(param: nn.Parameter) -> bool:
+    """Whether stage 3 may keep `param` as shards of a flat buffer: a plain nn.Parameter (or
+    one Init holds). Subclasses carry state of their own beside the values (bitsandbytes'
+    quantized weights) that a flat buffer would not."""
+    return type(param) in (nn.Parameter, _PartitionedByInit)
 
 
 def _set_partitioned(param: nn.Parameter, partitioned: bool) -> None:

@@ -8,8 +8,11 @@ tensor except while the unit runs:
   forward post-hook    release; hook the outputs so the unit is gathered again when backward
                        reaches them
   gradients complete   GradientBuckets reduce-scatters the unit's gradients and calls release
-Parameters shared by two units (tied embeddings), directly on the root, frozen, or smaller than
-stage3_param_persistence_threshold stay whole and take the stage-2 path instead.
+                       (a unit with frozen parameters also waits for the gradients of its
+                       forward's inputs: its frozen weights' backward computes only those)
+Parameters shared by two units (tied embeddings), directly on the root, or smaller than
+stage3_param_persistence_threshold stay whole and take the stage-2 path instead (frozen ones
+just stay whole), as do frozen parameters of another class or dtype (quantized weights).
 
 PartitionedParameters holds the shards and does the gathers, releases and prefetches; the
 module hooks that call them as the model runs, and the external parameters, are its
@@ -88,12 +91,16 @@ class UnitState(enum.Enum):
 @dataclass(eq=False)
 class GatherUnit:
     module: nn.Module
-    layouts: list[BucketLayout]              # one per optimizer group among its parameters
+    layouts: list[BucketLayout]              # one per optimizer group among its parameters,
+                                             # then one of its frozen parameters (if any)
     params: list[list[nn.Parameter]]         # per layout, in slot order
     shards: list[torch.Tensor]               # per layout, this rank's slice (model dtype)
     fulls: list[torch.Tensor | None] = field(default_factory=list)  # gathered buffers
     state: UnitState = UnitState.SHARDED
     reduced: int = 0                         # layouts reduced in the current backward
+    # Frozen parameters' backward (their inputs' gradients) reduces nothing: the forwards
+    # whose inputs' gradients this backward has not computed yet (see UnitHooks).
+    inputs_pending: int = 0
     backward_done: bool = False              # all of them reduced: its backward is over
     pending: list = field(default_factory=list)  # in-flight prefetch gathers (handles)
     holders: int = 0                         # external users whose forward is running
@@ -108,6 +115,15 @@ class GatherUnit:
     @property
     def numel(self) -> int:
         return sum(layout.padded_numel for layout in self.layouts)
+
+    @property
+    def trainable_layouts(self) -> int:
+        """Its first layouts, those with gradients (the rest hold frozen parameters)."""
+        return sum(layout.group >= 0 for layout in self.layouts)
+
+    @property
+    def has_frozen(self) -> bool:
+        return self.trainable_layouts < len(self.layouts)
 
 
 class _Prefetcher:
@@ -456,6 +472,12 @@ class PartitionedParameters:
             if unit.state is UnitState.GATHERING:
                 self.gather(unit)
                 self.release(unit)
+            if unit.has_frozen:
+                # A forward whose inputs backward never reached (its output unused, or a
+                # forward with autograd on and no backward) left its count behind.
+                unit.inputs_pending = unit.reduced = 0
+                if unit.state is UnitState.GATHERED and unit.holders == 0:
+                    self.release(unit)
         if self.secondary is not None:
             # The optimizer step may follow: the next forward refreshes the copies.
             self.secondary.invalidate()
@@ -491,10 +513,25 @@ class PartitionedParameters:
             # shard that the optimizer (offload's upload) is about to rewrite.
             self.gather(unit)
         unit.reduced += 1
-        if unit.reduced == len(unit.layouts):
-            unit.reduced = 0
-            unit.backward_done = True
-            self.release(unit)
+        self._backward_progress(unit)
+
+    def inputs_reduced(self, unit: GatherUnit) -> None:
+        """Backward has computed the gradients of the inputs of one of `unit`'s forwards: the
+        frozen weights' part of that forward's backward is over (UnitHooks)."""
+        unit.inputs_pending -= 1
+        self._backward_progress(unit)
+
+    def _backward_progress(self, unit: GatherUnit) -> None:
+        """Released once its backward is over: every trainable layout reduced and, with frozen
+        parameters, every forward's inputs given their gradients. (Its trainable weights'
+        gradients are computed by the same nodes that read them; its frozen weights' backward
+        computes only input gradients, and may run after its trainable ones reduced: a LoRA
+        adapter's gradients are ready before the base weight's input-gradient matmul.)"""
+        if unit.reduced < unit.trainable_layouts or unit.inputs_pending > 0:
+            return
+        unit.reduced = 0
+        unit.backward_done = True
+        self.release(unit)
 
     def hold(self, layout_indices: set[int]) -> list[tuple[GatherUnit, bool]]:
         """GatheredParameters: gathers every unit holding one of these buckets, exactly, and
@@ -550,6 +587,38 @@ class PartitionedParameters:
 
     def owns(self, layout_index: int) -> bool:
         return layout_index in self._unit_of_layout
+
+    def _slot_of(self, param: nn.Parameter):
+        """(unit, layout position in it, slot) of a partitioned parameter, or None."""
+        for unit in self.units:
+            for i, (layout, members) in enumerate(zip(unit.layouts, unit.params)):
+                for slot, member in zip(layout.slots, members):
+                    if member is param:
+                        return unit, i, slot
+        return None
+
+    def shard_piece(self, param: nn.Parameter) -> tuple[torch.Tensor, int] | None:
+        """(view of this rank's shard, first element of `param` it holds) for the part of a
+        partitioned `param` this rank holds, or None where it holds none."""
+        found = self._slot_of(param)
+        if found is None:
+            return None
+        unit, i, slot = found
+        start, end = unit.layouts[i].shard_range(self.rank)
+        lo, hi = max(slot.offset, start), min(slot.offset + slot.numel, end)
+        return (unit.shards[i][lo - start:hi - start], lo - slot.offset) if lo < hi else None
+
+    @torch.no_grad()
+    def write_value(self, param: nn.Parameter, read: Callable[[int, torch.Tensor], None]) -> None:
+        """Sets a partitioned parameter (between steps, its unit released) from `read(first,
+        out)`, which fills `out` with the flat full value's elements from `first` on: only the
+        elements this rank's shard holds are read."""
+        piece = self.shard_piece(param)
+        if piece is not None:
+            read(piece[1], piece[0])
+        found = self._slot_of(param)
+        if found is not None:
+            self.weights_changed(found[0].layouts[found[1]].index)
 
     def shard(self, layout_index: int) -> torch.Tensor:
         unit = self._unit_of_layout[layout_index]

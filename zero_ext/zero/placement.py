@@ -8,6 +8,9 @@ buffer is allocated.
   that the model's tensors view; at stage 3 the parameters of each gather unit get buckets of
   their own (partitioned by params.py), listed first in backward order, and the rest (shared
   by two units, on the root, or below stage3_param_persistence_threshold) stay persistent.
+  Frozen parameters (requires_grad=False) of a unit are partitioned too, as DeepSpeed does
+  (a LoRA fine-tune's base model is most of its memory), in buckets of their own numbered
+  after every trainable one: they have no gradients and no optimizer state.
 - `place_offload`: which buckets' optimizer state steps on the host (offload_optimizer and its
   ratio), whether unit shards live there (offload_param), and whether host buffers are
   page-locked.
@@ -21,15 +24,20 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import torch
 from torch import nn
 
 from zero_ext.config import ZeroOptimizationConfig
 from zero_ext.zero import offload
+from zero_ext.zero.construction import is_init_partitioned, partitionable_class
 from zero_ext.zero.params import find_units
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 
-__all__ = ["OffloadPlacement", "ParameterLayout", "group_parameters", "lay_out",
+__all__ = ["FROZEN", "OffloadPlacement", "ParameterLayout", "group_parameters", "lay_out",
            "place_offload"]
+
+# The group of a bucket of frozen parameters (no optimizer group steps it).
+FROZEN = -1
 
 
 def group_parameters(named: list[tuple[str, nn.Parameter]], param_groups: list[dict],
@@ -60,50 +68,86 @@ def group_parameters(named: list[tuple[str, nn.Parameter]], param_groups: list[d
 
 @dataclasses.dataclass(frozen=True)
 class ParameterLayout:
-    """The engine's buckets. `unit_plan`: (gather unit module, its bucket layouts) per stage-3
-    unit, in backward order; `layouts`: every bucket, the units' first (backward reaches them
-    first; indices follow that order); `persistent_layouts`: the buckets kept whole (all of
-    them below stage 3)."""
+    """The engine's buckets. `unit_plan`: (gather unit module, its bucket layouts: trainable
+    ones first, then its frozen parameters' if any) per stage-3 unit, in backward order;
+    `layouts`: every trainable bucket, the units' first (backward reaches them first; indices
+    follow that order); `persistent_layouts`: the trainable buckets kept whole (all of them
+    below stage 3); `frozen_layouts`: the units' frozen buckets (group FROZEN), indices after
+    every trainable one, their slots' param_index counting on from the trainable parameters
+    into `frozen_params`."""
 
     unit_plan: list[tuple[nn.Module, list[BucketLayout]]]
     layouts: list[BucketLayout]
     persistent_layouts: list[BucketLayout]
+    frozen_layouts: list[BucketLayout] = dataclasses.field(default_factory=list)
+    frozen_params: list[nn.Parameter] = dataclasses.field(default_factory=list)
 
     @property
     def unit_indices(self) -> set[int]:
-        return {layout.index for _, layouts in self.unit_plan for layout in layouts}
+        """The trainable unit buckets (those with optimizer state)."""
+        return {layout.index for _, layouts in self.unit_plan for layout in layouts
+                if layout.group != FROZEN}
 
     def unit_param_ids(self, params: list[nn.Parameter]) -> set[int]:
-        """ids of the parameters that stage 3 partitions (the units' members)."""
-        return {id(params[s.param_index]) for _, layouts in self.unit_plan
+        """ids of the parameters that stage 3 partitions (the units' members, frozen ones
+        included); `params`: the trainable parameters the slots index."""
+        every = params + self.frozen_params
+        return {id(every[s.param_index]) for _, layouts in self.unit_plan
                 for layout in layouts for s in layout.slots}
 
 
 def lay_out(model: nn.Module, params: list[nn.Parameter], group_of: dict[nn.Parameter, int],
-            *, stage: int, zero: ZeroOptimizationConfig, world_size: int) -> ParameterLayout:
-    """The buckets of `params` (shapes only: meta parameters are laid out as real ones)."""
-    unit_plan, persistent = _plan_units(model, params, group_of, zero, world_size) \
+            *, stage: int, zero: ZeroOptimizationConfig, world_size: int,
+            dtype: torch.dtype = torch.float32) -> ParameterLayout:
+    """The buckets of `params` (shapes only: meta parameters are laid out as real ones); at
+    stage 3 also of the frozen parameters a unit holds that are in the model's `dtype`."""
+    frozen = _partitionable_frozen(model, dtype) if stage == 3 else []
+    unit_plan, persistent = _plan_units(model, params, frozen, group_of, zero, world_size) \
         if stage == 3 else ([], params)
     position = {id(p): i for i, p in enumerate(params)}
     persistent_index = [position[id(p)] for p in persistent]
     persistent_layouts = plan_buckets(
         [p.numel() for p in persistent], [p.shape for p in persistent],
         [group_of[p] for p in persistent], world_size, zero.reduce_bucket_size)
-    layouts: list[BucketLayout] = [layout for _, unit in unit_plan for layout in unit]
+    layouts: list[BucketLayout] = [layout for _, unit in unit_plan for layout in unit
+                                   if layout.group != FROZEN]
     first_persistent = len(layouts)
     for layout in persistent_layouts:
         slots = tuple(dataclasses.replace(s, param_index=persistent_index[s.param_index])
                       for s in layout.slots)
         layouts.append(dataclasses.replace(layout, index=len(layouts), slots=slots))
-    return ParameterLayout(unit_plan, layouts, layouts[first_persistent:])
+    # The frozen buckets: numbered after every trainable one (the optimizer, the gradient
+    # buckets and the checkpoints' optimizer state index the trainable ones from 0).
+    frozen_layouts, plan = [], []
+    for module, unit_layouts in unit_plan:
+        renumbered = []
+        for layout in unit_layouts:
+            if layout.group == FROZEN:
+                layout = dataclasses.replace(layout, index=len(layouts) + len(frozen_layouts))
+                frozen_layouts.append(layout)
+            renumbered.append(layout)
+        plan.append((module, renumbered))
+    return ParameterLayout(plan, layouts, layouts[first_persistent:], frozen_layouts, frozen)
 
 
-def _plan_units(model: nn.Module, params: list[nn.Parameter],
+def _partitionable_frozen(model: nn.Module, dtype: torch.dtype) -> list[nn.Parameter]:
+    """The frozen parameters stage 3 may partition: plain parameters in the model's dtype (the
+    flat buffers' one), or that Init holds and the engine materializes in it (its floating
+    ones). Subclasses (bitsandbytes' quantized weights) and parameters of another dtype (a
+    bf16 base model under an fp32 engine's LoRA adapters) stay whole, computing as they are."""
+    return [p for p in model.parameters() if not p.requires_grad and partitionable_class(p)
+            and (p.dtype == dtype or (is_init_partitioned(p) and p.is_floating_point()))]
+
+
+def _plan_units(model: nn.Module, params: list[nn.Parameter], frozen: list[nn.Parameter],
                 group_of: dict[nn.Parameter, int], zero: ZeroOptimizationConfig,
                 world_size: int):
     """Stage 3: (unit module, its bucket layouts) for each gather unit, and the trainable
     parameters that stay whole: shared by two units, directly on the root or outside any
-    unit, or below stage3_param_persistence_threshold."""
+    unit, or below stage3_param_persistence_threshold. `frozen` parameters follow the same
+    rule, in buckets of group FROZEN after each unit's trainable ones (temporary indices:
+    lay_out renumbers them after every trainable bucket), their slots indexing `params +
+    frozen`."""
     threshold = zero.stage3_param_persistence_threshold
     owner: dict[nn.Parameter, list[nn.Module]] = {}
     for unit in find_units(model, zero.stage3_unit_classes):
@@ -111,27 +155,33 @@ def _plan_units(model: nn.Module, params: list[nn.Parameter],
             owner.setdefault(p, []).append(unit)
     members: dict[nn.Module, list[nn.Parameter]] = {}
     persistent = []
-    for p in params:
+    trainable = {id(p) for p in params}
+    for p in params + frozen:
         # The innermost unit holding p (units nest: a model's body holds its blocks).
         units = owner.get(p, [])
         innermost = [u for u in units if not any(
             v is not u and any(m is v for m in u.modules()) for v in units)]
         if len(innermost) != 1 or p.numel() < threshold:
-            persistent.append(p)
+            if id(p) in trainable:
+                persistent.append(p)
         else:
             members.setdefault(innermost[0], []).append(p)
-    position = {id(p): i for i, p in enumerate(params)}
+    position = {id(p): i for i, p in enumerate(params + frozen)}
     plan, next_index = [], 0
     for module in reversed(list(members)):  # backward order
         unit_params = members[module]
         local = plan_buckets([p.numel() for p in unit_params], [p.shape for p in unit_params],
-                             [group_of[p] for p in unit_params], world_size, 2**62)
+                             [group_of[p] if id(p) in trainable else FROZEN
+                              for p in unit_params], world_size, 2**62)
+        # Trainable buckets first: a unit's first layouts are the ones its gradients reduce.
+        local.sort(key=lambda layout: layout.group == FROZEN)
         layouts = []
         for layout in local:
             slots = tuple(dataclasses.replace(s, param_index=position[id(
                 unit_params[s.param_index])]) for s in layout.slots)
-            layouts.append(dataclasses.replace(layout, index=next_index, slots=slots))
-            next_index += 1
+            index = -1 if layout.group == FROZEN else next_index  # see lay_out
+            layouts.append(dataclasses.replace(layout, index=index, slots=slots))
+            next_index += layout.group != FROZEN
         plan.append((module, layouts))
     return plan, persistent
 

@@ -4,7 +4,9 @@ PartitionedParameters (zero/params.py) keeps each unit's shards and gathers and 
 the `UnitHooks` it builds once its units are partitioned say when, from module hooks:
   forward pre-hook     the unit is used: gathered, and the prefetcher starts the next ones
   forward post-hook    released (unless something holds it or it is used again soon); its
-                       outputs hooked so that backward reaching them gathers it again
+                       outputs hooked so that backward reaching them gathers it again, and,
+                       for a unit with frozen parameters, its inputs, so that backward
+                       having computed their gradients releases it
   a released parameter used inside a forward
                        its unit gathered on the spot and held until that forward ends
                        (tracked per module), as for a declared external parameter
@@ -156,24 +158,26 @@ class UnitHooks:
         self._handles.append(module.register_forward_pre_hook(_eager(
             lambda module, args, unit=unit: self.params.use(unit, "forward"))))
         self._handles.append(module.register_forward_hook(_eager(
-            lambda module, args, output, unit=unit: self._after_forward(unit, output))))
+            lambda module, args, kwargs, output, unit=unit:
+                self._after_forward(unit, (args, kwargs), output)), with_kwargs=True))
         self._track_running(module)
 
     def _track_running(self, module: nn.Module) -> None:
         def enter(module, args):
             self._running.append((module, []))
 
-        def leave(module, args, output):
+        def leave(module, args, kwargs, output):
             # always_call: an exception inside the forward must not leave it "running".
             if not self._running or self._running[-1][0] is not module:
                 return
             _, borrowed = self._running.pop()
             for unit in borrowed:
                 unit.holders -= not replaying()
-                self._after_forward(unit, output)
+                self._after_forward(unit, (args, kwargs), output)
 
         self._handles.append(module.register_forward_pre_hook(_eager(enter)))
-        self._handles.append(module.register_forward_hook(_eager(leave), always_call=True))
+        self._handles.append(module.register_forward_hook(_eager(leave), always_call=True,
+                                                          with_kwargs=True))
 
     def use_released(self, param: nn.Parameter) -> None:
         """A released parameter's values are used. Inside a forward, the code using them runs
@@ -221,16 +225,20 @@ class UnitHooks:
             # before `after`: it counts nothing.)
             unit.holders += not replaying()
 
-        def after(module, args, output):
+        def after(module, args, kwargs, output):
             unit.holders -= not replaying()
-            self._after_forward(unit, output)
+            self._after_forward(unit, (args, kwargs), output)
 
         self._handles.append(module.register_forward_pre_hook(_eager(before)))
         # always_call: a forward that raises must not leave the unit held (and gathered).
-        self._handles.append(module.register_forward_hook(_eager(after), always_call=True))
+        self._handles.append(module.register_forward_hook(_eager(after), always_call=True,
+                                                          with_kwargs=True))
 
-    def _after_forward(self, unit: GatherUnit, output) -> None:
+    def _after_forward(self, unit: GatherUnit, inputs, output) -> None:
+        """A forward that used `unit` has run, on `inputs` (args, kwargs), giving `output`."""
         self.params.after_forward()  # a prefetch held back for a deferred step starts now
+        if unit.has_frozen and torch.is_grad_enabled():
+            self._release_after_inputs(unit, inputs)
         if replaying():
             # The replay's outputs feed no backward, and its saved tensors alias the gathered
             # buffers: the unit stays gathered until its gradients are reduced.
@@ -240,6 +248,20 @@ class UnitHooks:
                 tensor.register_hook(lambda grad, unit=unit: self._before_backward(unit, grad))
         if unit.holders == 0 and not self.params.prefetch.reused_soon(unit):
             self.params.release(unit)
+
+    def _release_after_inputs(self, unit: GatherUnit, inputs) -> None:
+        """A unit with frozen parameters: its backward is over (for them) once the gradients of
+        this forward's inputs are computed. A replay (activation checkpointing recomputing the
+        forward inside backward) counts only where the original forward ran without autograd
+        (torch's reentrant checkpoint: the replay's own backward follows); otherwise the
+        original forward's inputs are what backward reaches, and the replay's graph is
+        discarded."""
+        tensors = [t for t in _output_tensors(inputs) if t.requires_grad]
+        if not tensors or (replaying() and unit.inputs_pending > 0):
+            return
+        unit.inputs_pending += 1
+        torch.autograd.graph.register_multi_grad_hook(
+            tensors, lambda grads, unit=unit: self.params.inputs_reduced(unit), mode="all")
 
     def _before_backward(self, unit: GatherUnit, grad):
         # The gradient of an output the unit passed through unchanged (T5's blocks return the
