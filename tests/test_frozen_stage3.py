@@ -10,12 +10,12 @@ import functools
 import os
 import tempfile
 
+import frozen_cases
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-import frozen_cases
 from dist_harness import run_group
 
 _DIR = tempfile.mkdtemp(prefix="zero_ext_frozen_")
