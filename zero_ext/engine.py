@@ -151,18 +151,23 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         modifier rank's changes to them are broadcast)."""
         engine_ref = weakref.ref(self)
         tagged = set()
-        every = self._params + self._frozen_params
-        for layout in self.layouts + self.frozen_layouts:
-            for slot in layout.slots:
-                param = every[slot.param_index]
-                param._zero_ext_engine, param._zero_ext_layout = engine_ref, layout.index
-                param.__dict__.pop("_zero_ext_whole", None)  # an earlier engine's
-                tagged.add(id(param))
+        for param, layout, _ in self.bucket_slots():
+            param._zero_ext_engine, param._zero_ext_layout = engine_ref, layout.index
+            param.__dict__.pop("_zero_ext_whole", None)  # an earlier engine's
+            tagged.add(id(param))
         for param in self.module.parameters():
             if id(param) not in tagged:
                 param._zero_ext_whole = engine_ref
                 for earlier in ("_zero_ext_engine", "_zero_ext_layout"):
                     param.__dict__.pop(earlier, None)
+
+    def bucket_slots(self):
+        """(parameter, its bucket, its slot) for every parameter in a bucket: the trained
+        ones, and stage 3's partitioned frozen ones (engine.frozen_layouts)."""
+        every = self._params + self._frozen_params
+        for layout in self.layouts + self.frozen_layouts:
+            for slot in layout.slots:
+                yield every[slot.param_index], layout, slot
 
     def _place_offload(self, layout: placement.ParameterLayout) -> None:
         placed = placement.place_offload(self.config.zero_optimization, layout, rank=self.rank,

@@ -44,7 +44,8 @@ What is counted (the moment each number describes):
   gathered    stage 3: the largest unit gathered in full plus what prefetch may have in
               flight (the next unit, or the units that fit in stage3_prefetch_bucket_size if
               more; within stage3_max_live_parameters): an upper bound
-  frozen      parameters with requires_grad=False, whole on every rank in the model dtype
+  frozen      parameters with requires_grad=False kept whole on every rank (stage 3
+              partitions those in a unit, in the model dtype: they count in params)
   offload_buffers   ("staging" in the table) see offload below
   compression ("feedback" in the table) compressed communication's state (docs/compression.md):
               error feedback, 1 byte per bucket element plus 4 per chunk (with two hops,
@@ -96,7 +97,7 @@ class StateBytes:
     exp_avg: int = 0      # Adam's first moment, fp32
     exp_avg_sq: int = 0   # Adam's second moment, fp32
     gathered: int = 0     # stage 3: full units gathered at once (upper bound)
-    frozen: int = 0       # requires_grad=False parameters, whole
+    frozen: int = 0       # requires_grad=False parameters kept whole
     offload_buffers: int = 0  # offload: host gradient copies and 16-bit weight upload buffers
     compression: int = 0  # compressed communication: error-feedback residuals, top-k state
 

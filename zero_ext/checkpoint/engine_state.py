@@ -122,9 +122,7 @@ def _frozen_keys(engine) -> set[str]:
 def _bucket_shapes(engine) -> dict[int, tuple[int, ...]]:
     """id -> shape of every parameter in a bucket (trainable, and stage 3's frozen ones):
     stage 3's released parameters have no shape of their own."""
-    every = engine._params + engine._frozen_params
-    return {id(every[s.param_index]): tuple(s.shape)
-            for layout in engine.layouts + engine.frozen_layouts for s in layout.slots}
+    return {id(param): tuple(slot.shape) for param, _, slot in engine.bucket_slots()}
 
 
 @torch.no_grad()
@@ -137,12 +135,6 @@ def set_value(engine, param: torch.nn.Parameter, value: torch.Tensor) -> None:
             param, lambda first, out: out.copy_(flat[first:first + out.numel()]))
     else:
         param.data.copy_(value)
-
-
-def _frozen_names(engine) -> list[str]:
-    """The name of each of stage 3's frozen parameters (engine._frozen_params order)."""
-    by_id = {id(p): n for n, p in engine.module.named_parameters()}
-    return [by_id[id(p)] for p in engine._frozen_params]
 
 
 def _state_sources(engine, names: list[str], exclude_frozen: bool = False) -> list[list[str]]:
@@ -163,17 +155,18 @@ def _state_sources(engine, names: list[str], exclude_frozen: bool = False) -> li
 
 def _partitioned_frozen(engine) -> dict[int, str]:
     """id -> name of the frozen parameters stage 3 partitions (in engine.frozen_layouts)."""
-    names, base = _frozen_names(engine), len(engine._params)
-    return {id(engine._frozen_params[s.param_index - base]): names[s.param_index - base]
-            for layout in engine.frozen_layouts for s in layout.slots}
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return {id(param): names[id(param)] for param, layout, _ in engine.bucket_slots()
+            if layout.index >= len(engine.layouts)}
 
 
 def frozen_layouts_metadata(engine) -> list[dict]:
     """Stage 3's frozen buckets as checkpoint metadata records them (parameters by name,
     offsets); their shards are saved in the model's dtype as "<index>.frozen"."""
-    names, base = _frozen_names(engine), len(engine._params)
+    names = _partitioned_frozen(engine)
+    every = engine._params + engine._frozen_params
     return [{"index": layout.index, "padded_numel": layout.padded_numel,
-             "slots": [[names[s.param_index - base], s.offset, list(s.shape)]
+             "slots": [[names[id(every[s.param_index])], s.offset, list(s.shape)]
                        for s in layout.slots]}
             for layout in engine.frozen_layouts]
 

@@ -100,9 +100,9 @@ class EngineModelSummary(ModelSummary):
     DeepSpeed's, for which Lightning has DeepSpeedSummary)."""
 
     def __init__(self, model, engine, max_depth: int = 1):
-        # Every trainable parameter's size, from the engine's bucket layouts.
-        self._numels = {id(engine._params[slot.param_index]): slot.numel
-                        for layout in engine.layouts for slot in layout.slots}
+        # Every bucketed parameter's size (trained, and stage 3's partitioned frozen ones),
+        # from the engine's bucket layouts.
+        self._numels = {id(param): slot.numel for param, _, slot in engine.bucket_slots()}
         super().__init__(model, max_depth)
 
     def _count(self, params) -> int:
