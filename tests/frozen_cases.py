@@ -45,7 +45,9 @@ class Block(nn.Module):
 
 class LoraNet(nn.Module):
     """A frozen embedding, three blocks (block 1 entirely frozen: a unit with no gradients of
-    its own, whose input gradients still flow), a trainable head. `checkpoint`: None, or
+    its own, whose input gradients still flow; block 2 trains only its adapters, whose
+    gradients are reduced before backward reaches its base weight's input-gradient matmul),
+    a trainable head. `checkpoint`: None, or
     "reentrant" / "non_reentrant" activation checkpointing of each block (the embedding's
     output then requires grad, as transformers' enable_input_require_grads sets it)."""
 
@@ -56,7 +58,7 @@ class LoraNet(nn.Module):
         self.blocks = nn.ModuleList(Block() for _ in range(3))
         self.head = nn.Linear(DIM, VOCAB)
         for name, param in self.named_parameters():
-            if name.startswith(("embed.", "blocks.1.")) or ".base." in name \
+            if name.startswith(("embed.", "blocks.1.", "blocks.2.norm.")) or ".base." in name \
                     or ".out." in name:
                 param.requires_grad_(False)
         self.seen_in_backward: list[int] = []  # gathered units when backward reaches embed
