@@ -157,6 +157,7 @@ def frozen_cases(save_dir: str | None = None, load_dir: str | None = None,
                 n for n in frozen if model.get_parameter(n).numel() == 0]
             out["frozen_names"] = frozen
             out["params_bytes"] = engine.memory_breakdown()["params"]
+            out["monitor"] = (engine.monitor.model_params, engine.monitor.trainable_params)
             out["estimated_params"] = estimate_from_config(
                 _build(), _config(world_size), world_size).device.params
             out["frozen_shard_numel"] = sum(

@@ -38,5 +38,6 @@ def captured_run() -> dict:
             engine.step()
         metrics = engine.training_metrics()
     return {"stdout": out.getvalue(), "stderr": err.getvalue(), "printed": printed,
-            "trainable": engine.monitor.trainable_params, "metrics": metrics,
+            "trainable": engine.monitor.trainable_params,
+            "model_params": engine.monitor.model_params, "metrics": metrics,
             "grad_norm": engine.get_global_grad_norm(), "skipped": engine.skipped_steps}

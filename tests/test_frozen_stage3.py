@@ -62,6 +62,10 @@ def test_each_rank_holds_a_shard_of_the_frozen_weights(world_size):
     assert result["frozen_padded_numel"] >= numel
     assert result["frozen_shard_numel"] * world_size == result["frozen_padded_numel"]
     assert result["frozen_shard_numel"] < numel / world_size + 16 * 8  # padding only
+    # The TFLOP/s estimate counts every parameter at its full size (4 FLOPs per token) and
+    # the trained ones twice more, not only the adapters.
+    total = sum(value.numel() for value in result["reference"].values())
+    assert result["monitor"] == (total, total - numel)
     # The estimator counts what the engine holds: its shards, frozen ones included.
     assert result["estimated_params"] == result["params_bytes"]
 

@@ -108,9 +108,11 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         if self.replicated_optimizer is None:
             self.optimizer.loss_scaler = self.loss_scaler  # its DeepSpeed attributes read it
         self.lr_scheduler = None
+        bucketed = {id(param): slot.numel for param, _, slot in self.bucket_slots()}
         self.monitor = TrainingMonitor(
             rank=self.rank, world_size=self.world_size, device=self.device,
             trainable_params=sum(layout.used_numel for layout in self.layouts),
+            model_params=sum(bucketed.get(id(p), p.numel()) for p in model.parameters()),
             samples_per_micro_step=self.batch.train_micro_batch_size_per_gpu * self.world_size)
 
     def __getattr__(self, name: str):

@@ -90,9 +90,11 @@ class TrainingMonitor:
 
     def __init__(self, *, rank: int, world_size: int, device: torch.device,
                  trainable_params: int, samples_per_micro_step: int,
-                 total_steps: int | None = None):
+                 model_params: int | None = None, total_steps: int | None = None):
         self.rank, self.world_size, self.device = rank, world_size, device
+        # Every parameter the model computes with (frozen ones too), and those it trains.
         self.trainable_params = trainable_params
+        self.model_params = trainable_params if model_params is None else model_params
         self.samples_per_micro_step = samples_per_micro_step
         self.total_steps = total_steps
         self.recompute = False  # activation checkpointing: the forward runs twice
@@ -157,7 +159,11 @@ class TrainingMonitor:
         self._since = {"samples": 0, "tokens": 0, "time": now}
         tflops = None
         if tokens_per_s:
-            flops_per_token = (8 if self.recompute else 6) * self.trainable_params
+            # Per parameter and token: 2 FLOPs forward, 2 for its input's gradient, 2 more for
+            # its own gradient where it trains (6N when every parameter trains, 4N + 2N_trained
+            # for a LoRA fine-tune), and the forward again under activation checkpointing.
+            flops_per_token = (6 if self.recompute else 4) * self.model_params \
+                + 2 * self.trainable_params
             tflops = flops_per_token * tokens_per_s / self.world_size / 1e12
         return samples_per_s, tokens_per_s, tflops, peaks
 
