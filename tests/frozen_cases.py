@@ -43,40 +43,56 @@ class Block(nn.Module):
         return x + self.out(torch.tanh(self.fc(self.norm(x))))
 
 
-class LoraNet(nn.Module):
-    """A frozen embedding, three blocks (block 1 entirely frozen: a unit with no gradients of
-    its own, whose input gradients still flow; block 2 trains only its adapters, whose
-    gradients are reduced before backward reaches its base weight's input-gradient matmul),
-    a trainable head. `checkpoint`: None, or
-    "reentrant" / "non_reentrant" activation checkpointing of each block (the embedding's
-    output then requires grad, as transformers' enable_input_require_grads sets it)."""
+class Body(nn.Module):
+    """A frozen embedding, three blocks, a frozen final norm: a unit holding units (as a
+    PeftModel's base_model holds the model), whose own forward the model bypasses, calling its
+    parts directly (as PEFT does), so its frozen parameters need units of their own."""
 
-    def __init__(self, checkpoint: str | None = None):
+    def __init__(self):
         super().__init__()
-        self.checkpoint = checkpoint
         self.embed = nn.Embedding(VOCAB, DIM)
         self.blocks = nn.ModuleList(Block() for _ in range(3))
+        self.norm = nn.LayerNorm(DIM)
+
+    def forward(self, tokens):
+        raise AssertionError("bypassed, as PeftModel bypasses its base_model's forward")
+
+
+class LoraNet(nn.Module):
+    """The body's blocks: block 1 entirely frozen (a unit with no gradients of its own, whose
+    input gradients still flow), block 2 training only its adapters (whose gradients are
+    reduced before backward reaches its base weight's input-gradient matmul); a trainable
+    head. `checkpoint`: None, or "reentrant" / "non_reentrant" activation checkpointing of
+    each block. `input_grads`: the embedding's output requires grad (as transformers'
+    enable_input_require_grads sets it for reentrant checkpointing)."""
+
+    def __init__(self, checkpoint: str | None = None, input_grads: bool = True):
+        super().__init__()
+        self.checkpoint, self.input_grads = checkpoint, input_grads
+        self.body = Body()
         self.head = nn.Linear(DIM, VOCAB)
         for name, param in self.named_parameters():
-            if name.startswith(("embed.", "blocks.1.", "blocks.2.norm.")) or ".base." in name \
-                    or ".out." in name:
+            if name.startswith(("body.embed.", "body.norm.", "body.blocks.1.",
+                                "body.blocks.2.norm.")) or ".base." in name or ".out." in name:
                 param.requires_grad_(False)
         self.seen_in_backward: list[int] = []  # gathered units when backward reaches embed
 
     def forward(self, tokens, targets):
-        # Its output requires grad, as transformers' enable_input_require_grads sets it for
-        # reentrant checkpointing; the hook on it runs after the first block's input hooks.
-        x = self.embed(tokens).requires_grad_(torch.is_grad_enabled())
-        if torch.is_grad_enabled() and hasattr(self, "engine_units"):
-            x.register_hook(self._count_gathered)
-        x = x * 1.0
-        for block in self.blocks:
+        x = self.body.embed(tokens)
+        if self.input_grads:
+            x = x.requires_grad_(torch.is_grad_enabled())
+            if torch.is_grad_enabled() and hasattr(self, "engine_units"):
+                # Runs after the first block's input hooks (they are on x * 1.0).
+                x.register_hook(self._count_gathered)
+            x = x * 1.0
+        self.embedded = x  # what an adversarial step takes the gradient of
+        for block in self.body.blocks:
             if self.checkpoint is None:
                 x = block(x)
             else:
                 x = torch.utils.checkpoint.checkpoint(
                     block, x, use_reentrant=self.checkpoint == "reentrant")
-        return F.cross_entropy(self.head(x).view(-1, VOCAB), targets.view(-1))
+        return F.cross_entropy(self.head(self.body.norm(x)).view(-1, VOCAB), targets.view(-1))
 
     def _count_gathered(self, grad):
         self.seen_in_backward.append(
@@ -84,10 +100,11 @@ class LoraNet(nn.Module):
         return grad
 
 
-def _config(world_size: int) -> dict:
+def _config(world_size: int, **zero) -> dict:
     return {"train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 0.0,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.0}},
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                  **zero},
             "steps_per_print": 10**6}
 
 
@@ -98,25 +115,31 @@ def _batch(step: int, world_size: int):
         torch.randint(0, VOCAB, shape, generator=gen)
 
 
-def _build(checkpoint=None) -> LoraNet:
+def _build(checkpoint=None, input_grads: bool = True) -> LoraNet:
     torch.manual_seed(0)
-    return LoraNet(checkpoint)
+    return LoraNet(checkpoint, input_grads)
 
 
-def _engine(model: LoraNet, world_size: int):
+def _engine(model: LoraNet, world_size: int, config: dict | None = None):
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, _ = zero_ext.initialize(model=model, config=_config(world_size),
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config or _config(world_size),
                                           model_parameters=trainable)
     model.engine_units = lambda: engine.partitioned.units
     return engine
 
 
-def _train(engine, steps: range, world_size: int, rank: int) -> list[list[int]]:
-    """Trains; returns, per step, the units still gathered after backward and after step."""
+def _train(engine, steps: range, world_size: int, rank: int,
+           grad_first: bool = False) -> list[list[int]]:
+    """Trains; returns, per step, the units still gathered after backward and after step.
+    `grad_first`: each step first takes torch.autograd.grad of a forward's loss (as an
+    adversarial-perturbation step does), which must change nothing."""
     left = []
     for step in steps:
         tokens, targets = _batch(step, world_size)
         mine = slice(rank * MICRO, (rank + 1) * MICRO)
+        if grad_first:
+            loss = engine(tokens[mine], targets[mine])
+            torch.autograd.grad(loss, [engine.module.embedded])
         engine.backward(engine(tokens[mine], targets[mine]))
         after_backward = sum(u.state.value != "sharded" for u in engine.partitioned.units)
         engine.step()
@@ -164,11 +187,19 @@ def frozen_cases(save_dir: str | None = None, load_dir: str | None = None,
                 layout.shard_numel for layout in engine.frozen_layouts)
             out["frozen_padded_numel"] = sum(
                 layout.padded_numel for layout in engine.frozen_layouts)
+            # A frozen part of the body runs outside any forward (as generate() calls a
+            # PeftModel's embedding): its own unit is gathered around it.
+            tokens, _ = _batch(0, world_size)
+            with torch.no_grad():
+                out["embedded_outside"] = model.body.embed(tokens).cpu()
+            out["tokens"] = tokens
             if save_dir is not None:
                 engine.save_checkpoint(save_dir, tag="frozen")
+                engine.save_checkpoint(save_dir, tag="excluded", exclude_frozen_parameters=True)
                 path = os.path.join(save_dir, "16bit")
                 engine.save_16bit_model(path)
                 out["saved"] = engine.full_state_dict()
+    out.update(_special_cases(world_size, rank))
     if load_dir is not None:
         # Saved at another world size: load, compare, and train on as the uninterrupted run.
         model = _build()
@@ -186,4 +217,62 @@ def frozen_cases(save_dir: str | None = None, load_dir: str | None = None,
         engine = _engine(model, world_size)
         engine.load_weights(os.path.join(load_dir, "16bit"))
         out["pretrained"] = engine.full_state_dict()
-    return out if rank == 0 else {"left": out["trained_None"]["left"]}
+        # Saved without the frozen shards: they keep the model's values, the rest loads.
+        model = _build()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(1.0)
+        engine = _engine(model, world_size)
+        engine.load_checkpoint(load_dir, tag="excluded")
+        out["loaded_excluded"] = engine.full_state_dict()
+        # A block frozen when saved and trained now: its saved values, fresh moments.
+        model = _build()
+        model.body.blocks[1].requires_grad_(True)
+        engine = _engine(model, world_size)
+        engine.load_checkpoint(load_dir, tag="frozen")
+        out["loaded_unfrozen"] = engine.full_state_dict()
+    if rank == 0:
+        return out
+    return {"left": out["trained_None"]["left"], "gathered_raise": out["gathered_raise"],
+            "threshold_left": out["threshold_left"], "grad_first_left": out["grad_first_left"]}
+
+
+def _special_cases(world_size: int, rank: int) -> dict:
+    out = {}
+    # Small trainable parameters kept whole (norms, LoRA matrices under the threshold) need
+    # the frozen base weights' backward: with the embedding's output not requiring grad, no
+    # input gradient tells when the first block's backward ends.
+    model = _build(input_grads=False)
+    engine = _engine(model, world_size, _config(world_size,
+                                                stage3_param_persistence_threshold=50))
+    out["threshold_left"] = _train(engine, range(STEPS), world_size, rank)
+    out["threshold"] = engine.full_state_dict()
+    # torch.autograd.grad through the model before each engine.backward ends no backward.
+    model = _build()
+    engine = _engine(model, world_size)
+    out["grad_first_left"] = _train(engine, range(STEPS), world_size, rank, grad_first=True)
+    out["grad_first"] = engine.full_state_dict()
+    # The estimator, for a bf16 run of the fp32-built model, and for fp32 with both offloads.
+    for name, extra in (("bf16", {"bf16": {"enabled": True}}),
+                        ("offload", {"zero_optimization": {
+                            "stage": 3, "stage3_param_persistence_threshold": 0,
+                            "offload_param": {"device": "cpu"},
+                            "offload_optimizer": {"device": "cpu"}}})):
+        config = {**_config(world_size), **extra}
+        engine = _engine(_build(), world_size, config)
+        estimate = estimate_from_config(_build(), config, world_size)
+        out[f"estimate_{name}"] = (estimate.device.params + estimate.host.params,
+                                   estimate.host.total,
+                                   engine.memory_breakdown()["params"],
+                                   engine.memory_by_location()["host"])
+    # A rank raising inside GatheredParameters: the others raise too, instead of waiting in
+    # the context's exit for it.
+    model = _build()
+    engine = _engine(model, world_size)
+    try:
+        with zero_ext.GatheredParameters([model.body.embed.weight]):
+            if rank == 0:
+                raise KeyError("raised on rank 0 inside")
+    except (KeyError, RuntimeError) as error:
+        out["gathered_raise"] = f"{type(error).__name__}: {error}"
+    return out

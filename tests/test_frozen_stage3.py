@@ -7,12 +7,14 @@ frozen shards to another world size. Cases in tests/frozen_cases.py: one group o
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import tempfile
 
 import frozen_cases
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -51,6 +53,52 @@ def test_nothing_stays_gathered_after_backward_or_step(world_size):
     for rank, result in enumerate(_run(world_size)):
         left = result["trained_None"]["left"] if rank == 0 else result["left"]
         assert left == [[0, 0]] * frozen_cases.STEPS, (rank, left)
+        assert result["threshold_left"] == result["grad_first_left"] == left, rank
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_trainable_parameters_kept_whole_wait_for_the_frozen_backward(world_size):
+    """Norms and LoRA matrices below stage3_param_persistence_threshold stay whole; the first
+    block's unit (whose input needs no gradient) waited only for its bucketed ones and was
+    released before its base weight's backward ran (an error naming the weight)."""
+    result = _run(world_size)[0]
+    _close(result["threshold"], result["reference"], f"{world_size} ranks, threshold 50")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_autograd_grad_through_the_model_before_backward_changes_nothing(world_size):
+    """A gradient taken before engine.backward (adversarial perturbation) had ended the units'
+    backward: engine.backward then found them released and not gathered again."""
+    result = _run(world_size)[0]
+    _close(result["grad_first"], result["reference"], f"{world_size} ranks, grad first")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_bypassed_body_gives_its_frozen_parts_units_of_their_own(world_size):
+    """PeftModel's base_model holds the decoder layers (units) and its frozen embedding, norm
+    and LM head, and PEFT calls past its forward: those parts are units of their own, so the
+    embedding runs outside any forward (as in generate()) with its values."""
+    result = _run(world_size)[0]
+    want = torch.nn.functional.embedding(result["tokens"], result["reference"]["body.embed.weight"])
+    assert torch.equal(result["embedded_outside"], want)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_the_estimator_counts_partitioned_frozen_parameters(world_size):
+    """bf16 from an fp32-built model (the engine casts first; the estimator saw fp32 frozen
+    parameters and counted them whole), and the host side under both offloads (the frozen
+    shards were subtracted from the fp32 master's bytes)."""
+    result = _run(world_size)[0]
+    for name in ("bf16", "offload"):
+        est_params, est_host, params, host = result[f"estimate_{name}"]
+        assert (est_params, est_host) == (params, host), name
+
+
+def test_a_rank_raising_inside_gathered_parameters_does_not_leave_the_others_waiting():
+    results = _run(2)
+    assert results[0]["gathered_raise"] == "KeyError: 'raised on rank 0 inside'"
+    assert results[1]["gathered_raise"].startswith(
+        "RuntimeError: zero_ext.GatheredParameters: rank 0 raised inside"), results[1]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -76,7 +124,23 @@ def test_checkpoint_of_the_frozen_shards_loads_at_another_world_size():
     for name, value in saved.items():
         assert torch.equal(result["loaded"][name], value), name
         assert torch.equal(result["pretrained"][name], value), name  # engine.load_weights
+        # A block frozen when saved and trained now reads its saved values.
+        assert torch.equal(result["loaded_unfrozen"][name], value), name
     _close(result["resumed"], result["reference_resumed"], "resumed at 2 ranks")
+
+
+def test_exclude_frozen_parameters_leaves_the_frozen_shards_out():
+    """As DeepSpeed leaves its frozen fragments out: the shard files hold no frozen values,
+    and a load keeps the model's own frozen values."""
+    saved = _run(3)[0]["saved"]
+    frozen = set(_run(3)[0]["frozen_names"])
+    for path in glob.glob(os.path.join(_DIR, "excluded", "zero_shard_*.safetensors")):
+        with safe_open(path, "pt") as f:
+            assert not [k for k in f.keys() if k.endswith(".frozen")], path  # noqa: SIM118
+    result = _run(2)[0]
+    for name, value in saved.items():
+        want = value + 1.0 if name in frozen else value  # the fresh model's (+1) values
+        assert torch.equal(result["loaded_excluded"][name], want), name
 
 
 def test_consolidated_and_16bit_models_hold_the_frozen_weights():

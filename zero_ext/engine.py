@@ -180,8 +180,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         if self.offload_optimizer or self.offload_param:
             # Refused here, before any host buffer exists, rather than by the OOM killer.
             offload.check_host_memory(optimizer_placement.host_memory_plan(
-                placed, self.layouts + self.frozen_layouts,
-                layout.unit_indices | {f.index for f in self.frozen_layouts},
+                placed, self.layouts, layout.unit_indices, frozen_layouts=self.frozen_layouts,
                 dtype=self.model_dtype,
                 grad_dtype=self._grad_dtype(),
                 hpz_partition_size=self.config.zero_optimization.zero_hpz_partition_size))
@@ -207,8 +206,9 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self.partitioned = None
         if layout.unit_plan:
             self.partitioned = PartitionedParameters(
-                layout.unit_plan, self._params + self._frozen_params, rank=self.rank, dtype=self.model_dtype,
-                device=self.device, prefetch_numel=zero.stage3_prefetch_bucket_size,
+                layout.unit_plan, self._params + self._frozen_params, rank=self.rank,
+                dtype=self.model_dtype, device=self.device,
+                prefetch_numel=zero.stage3_prefetch_bucket_size,
                 max_live_numel=zero.stage3_max_live_parameters,
                 max_reuse_numel=zero.stage3_max_reuse_distance, root=self.module,
                 offload=self.offload_param, pin=zero.offload_param.pin_memory,
@@ -380,6 +380,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         reduces = self.is_gradient_accumulation_boundary() and not self._no_sync
         with self._timers.time("backward"):
             self.grad_buckets.begin_backward(reduces, micro_index)
+            if self.partitioned is not None:
+                self.partitioned.begin_backward()
             try:
                 scaled.backward(retain_graph=retain_graph)
             finally:

@@ -343,7 +343,8 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
     else:
         grads = 4 * shards if accumulation > 1 else final
     state = padded if stage == 0 else device_shards
-    unit_shards = sum(layout.shard_numel for layout in units)
+    unit_shards = sum(layout.shard_numel for layout in units if layout.group != FROZEN)
+    frozen_shards = sum(layout.shard_numel for layout in units if layout.group == FROZEN)
     fp32_model = dtype == torch.float32
     # On the device an fp32 model's master weights are its own buffers (the host side is
     # offload.host_state_bytes).
@@ -368,7 +369,8 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
     device = {"params": whole_params + unit_params, "grads": grads, "gathered": gathered,
               "frozen": width * frozen_numel, "compression": compression}
     host = offload.host_state_bytes(
-        shard_numel=host_shards, unit_shard_numel=unit_shards, dtype=dtype,
+        shard_numel=host_shards, unit_shard_numel=unit_shards,
+        frozen_shard_numel=frozen_shards, dtype=dtype,
         grad_dtype=reduced_grad_dtype(stage, accumulation, comm_dtype),
         offload_optimizer=offload_optimizer, offload_param=offload_param)
     device.update(optimizer)

@@ -216,6 +216,7 @@ def plan_step(model: nn.Module | int, config, world_size: int, *, gpus_per_node:
     reduce_bucket_size)."""
     from zero_ext.estimate import _module_layouts
     from zero_ext.zero.persistent import allgather_pieces
+    from zero_ext.zero.placement import FROZEN
 
     config = ZeroConfig.load(config)
     zero = config.zero_optimization
@@ -234,7 +235,7 @@ def plan_step(model: nn.Module | int, config, world_size: int, *, gpus_per_node:
         raise ValueError(f"zero_hpz_partition_size {hpz} must divide the GPUs per node "
                          f"({per_node})")
     if isinstance(model, nn.Module):
-        units, whole, _ = _module_layouts(model, param_groups, zero, world_size)
+        units, whole, _ = _module_layouts(model, param_groups, zero, world_size, dtype)
     else:
         units, whole = _count_layouts(int(model), zero, world_size, largest_unit)
     prefetch = zero.stage3_prefetch_bucket_size > 0
@@ -276,7 +277,8 @@ def plan_step(model: nn.Module | int, config, world_size: int, *, gpus_per_node:
             for layout in layouts:
                 gather(layout.padded_numel, "backward", prefetch, hpz)
             for layout in layouts:
-                reduction(layout.padded_numel)
+                if layout.group != FROZEN:  # stage 3's frozen buckets have no gradients
+                    reduction(layout.padded_numel)
         for layout in whole if reduce_now else []:
             reduction(layout.padded_numel)
         if boundary:

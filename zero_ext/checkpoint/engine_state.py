@@ -209,7 +209,8 @@ def _layout_states(engine, layout_index: int) -> dict[str, torch.Tensor]:
     return {"master": shard.master, "exp_avg": shard.exp_avg, "exp_avg_sq": shard.exp_avg_sq}
 
 
-def _write_shard(engine, path: str, compression_totals: dict[str, torch.Tensor]):
+def _write_shard(engine, path: str, compression_totals: dict[str, torch.Tensor],
+                 exclude_frozen: bool = False):
     entries = compression_state.entries(engine, compression_totals)
     for layout in engine.layouts:
         held_start, _ = _held_range(engine, layout)
@@ -218,7 +219,9 @@ def _write_shard(engine, path: str, compression_totals: dict[str, torch.Tensor])
             entries.append(TensorEntry(
                 f"{layout.index}.{kind}", torch.float32, (end - start,),
                 lambda t=tensor, a=start - held_start, b=end - held_start: t[a:b].float()))
-    for layout in engine.frozen_layouts:  # stage 3's frozen shards, in the model's dtype
+    # Stage 3's frozen shards, in the model's dtype (left out, as DeepSpeed leaves its frozen
+    # fragments out, with exclude_frozen_parameters).
+    for layout in [] if exclude_frozen else engine.frozen_layouts:
         shard = engine.partitioned.shard(layout.index)
         entries.append(TensorEntry(f"{layout.index}.frozen", shard.dtype, tuple(shard.shape),
                                    lambda t=shard: t))
@@ -250,7 +253,7 @@ def _metadata(engine, tag: str, names: list[str], exclude_frozen: bool = False) 
         "optimizer_class": type(engine.optimizer).__name__,
         "optimizer_steps": steps,
         "layouts": compression_state.layouts_metadata(engine, names),
-        "frozen_layouts": frozen_layouts_metadata(engine),
+        "frozen_layouts": [] if exclude_frozen else frozen_layouts_metadata(engine),
         "compression": compression_state.metadata(engine),
         "state_dict": _state_sources(engine, names, exclude_frozen),
         "excluded_frozen": sorted(_frozen_keys(engine)) if exclude_frozen else [],
@@ -420,6 +423,8 @@ def _publish(save_dir: str, staging: str, tag: str, files: dict, save_latest: bo
 def _planned_bytes(engine, rank0: bool) -> int:
     """About how many bytes this rank's files take (for the error of a full disk)."""
     total = sum(3 * 4 * layout.shard_numel for layout in engine.layouts)
+    total += sum(layout.shard_numel for layout in engine.frozen_layouts) * \
+        torch.empty((), dtype=engine.model_dtype).element_size()
     if rank0:
         total += sum(v.numel() * v.element_size()
                      for v in engine.module.state_dict(keep_vars=True).values())
@@ -481,7 +486,7 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None,
         shard_name = shard_file_name(engine.rank, engine.world_size)
         records, problem = _attempt(lambda: {
             shard_name: _write_shard(engine, os.path.join(staging, shard_name),
-                                     compression_totals),
+                                     compression_totals, exclude_frozen_parameters),
             **(_write_rank0_files(engine, staging, tag, names, engine_state,
                                   exclude_frozen_parameters) if engine.rank == 0 else {})})
         outcomes = comm.all_gather_object(

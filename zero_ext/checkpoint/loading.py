@@ -137,6 +137,17 @@ def _model_states_plan(engine, index: CheckpointIndex, strict: bool = True) -> l
     return plan
 
 
+def _unfrozen_since(index: CheckpointIndex, fill: list) -> list:
+    """A parameter stage 3 held frozen when saved and that trains now: its master weights are
+    the saved (model-dtype) values, its Adam moments start at zero (there were none)."""
+    frozen = {name for layout in index.frozen_layouts for name, _, _ in layout["slots"]}
+    if not frozen:
+        return fill
+    return [(target, at, name, a, b, kind if name not in frozen
+             else "frozen" if kind == "master" else "zero")
+            for target, at, name, a, b, kind in fill]
+
+
 def _update_rule(group: dict) -> str:
     return "AdamW (decoupled weight decay)" if group.get("decoupled_weight_decay") else \
         "Adam (L2 weight decay)"
@@ -256,12 +267,13 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
         raise CheckpointError(f"{CALLER}: {path} has parameters this model lacks: "
                               f"{unexpected[:8]}{tied} (load_module_strict=False passes over "
                               f"them)")
-    fill = _fill_plan(engine, saved, names, kinds, f"{CALLER}: {path}")
+    fill = _unfrozen_since(index, _fill_plan(engine, saved, names, kinds,
+                                             f"{CALLER}: {path}"))
     own_rng = shard_file_name(engine.rank, engine.world_size) \
         if index.world_size == engine.world_size else None
     needed = _files_of(index, fill) + [MODEL_STATES, ENGINE_STATE] + ([own_rng] if own_rng else [])
     index.verify_files(sorted(set(needed)))
-    for file, tensor, kind in {(f, t, k) for _, _, name, a, b, k in fill
+    for file, tensor, kind in {(f, t, k) for _, _, name, a, b, k in fill if k != "zero"
                                for f, t, _, _ in index.pieces(name, a, b)}:
         if f"{tensor}.{kind}" not in index.reader(file):
             raise CheckpointError(f"{CALLER}: {path}/{file} has no {tensor}.{kind}")
@@ -378,7 +390,10 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
     """Writes what _plan_load checked into the engine."""
     index, meta, extra = plan.index, plan.index.metadata, plan.extra
     for target, at, name, a, b, kind in plan.fill:
-        index.read_into(kind, name, a, target[at:at + b - a])
+        if kind == "zero":
+            target[at:at + b - a].zero_()
+        else:
+            index.read_into(kind, name, a, target[at:at + b - a])
     for write in plan.model_states:
         write()
     engine._sync_weights_from_master()

@@ -10,10 +10,11 @@ saved the PEFT way.
 `ZeroTrainer.save_model` (and so every Trainer checkpoint, which saves through it) calls
 `save_adapters` first and writes no full weights when it returns True.
 
-Only the trainable parameters are gathered (the engine partitions nothing else: frozen base
-weights stay whole on every rank), exactly, then PEFT's own `PeftModel.save_pretrained` writes
-them on the saving rank: the same files (adapter_config.json, adapter_model.safetensors,
-README.md) and keys as a run without zero_ext.
+The trainable parameters are gathered, exactly, with any frozen one stage 3 partitions that
+PEFT saves beside them (an embedding's base weight when the embeddings are saved), then
+PEFT's own `PeftModel.save_pretrained` writes them on the saving rank: the same files
+(adapter_config.json, adapter_model.safetensors, README.md) and keys as a run without
+zero_ext.
 
 PEFT's `model.save_pretrained(dir)` called directly (usually on rank 0 alone) reads the
 parameters as this rank holds them; once stage 3 has partitioned an adapter they are empty
@@ -29,6 +30,7 @@ from __future__ import annotations
 import functools
 import sys
 import types
+import weakref
 
 import torch
 
@@ -60,18 +62,51 @@ def save_adapters(engine, output_dir, *, should_save: bool, **save_pretrained_kw
                          "from the engine; drop state_dict=")
     engine._settle_step()  # a deferred offloaded step may still be writing the weights
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    with GatheredParameters([p for _, p in trainable]):
+    # The same on every rank (it depends on the model and the arguments alone).
+    saved_partitioned = _partitioned_peft_saves(engine, save_pretrained_kwargs)
+    with GatheredParameters([p for _, p in trainable] + list(saved_partitioned.values())):
         if should_save:
             # PEFT picks the adapter entries out of the whole state dict (its key naming, extra
-            # saved buffers, embedding layers): frozen entries go by reference (stage 3's
-            # partitioned ones unread: reading one raises, naming it), the gathered trainable
-            # ones as CPU copies (apart from the engine's flat buffers, which safetensors would
-            # see as shared memory). The other ranks wait at the gather's end.
-            names = {name for name, _ in trainable}
-            state = {key: value.to("cpu", copy=True) if key in names else value
+            # saved buffers, embedding layers): the other frozen entries go by reference
+            # (unread), the gathered ones as CPU copies (apart from the engine's flat buffers,
+            # which safetensors would see as shared memory). The other ranks wait at the
+            # gather's end.
+            names = {name for name, _ in trainable} | set(saved_partitioned)
+            state = {key: value.detach().to("cpu", copy=True) if key in names else value
                      for key, value in _state_dict_unread_partitioned(model).items()}
             model.save_pretrained(output_dir, state_dict=state, **save_pretrained_kwargs)
     return True
+
+
+def _partitioned_peft_saves(engine, kwargs: dict) -> dict:
+    """{state_dict key: parameter} of the parameters stage 3 holds partitioned that PEFT's
+    save_pretrained(**kwargs) would write: PEFT's own selection, run on placeholders of their
+    shapes (no values read)."""
+    from peft.utils import get_peft_model_state_dict
+
+    from zero_ext.checkpoint.engine_state import _bucket_shapes
+    from zero_ext.zero.params import _is_partitioned
+
+    model = engine.module
+    shapes = _bucket_shapes(engine)
+    probe, partitioned = {}, {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if "_zero_ext_engine" in value.__dict__ and _is_partitioned(value):
+            placeholder = torch.empty(shapes[id(value)], dtype=value.dtype, device="meta")
+            partitioned[id(placeholder)] = (key, value)
+            probe[key] = placeholder
+        else:
+            probe[key] = value.detach()
+    selected = {}
+    for adapter in kwargs.get("selected_adapters") or list(model.peft_config):
+        chosen = get_peft_model_state_dict(
+            model, state_dict=probe, adapter_name=adapter,
+            save_embedding_layers=kwargs.get("save_embedding_layers", "auto"))
+        for value in chosen.values():
+            if id(value) in partitioned:
+                key, param = partitioned[id(value)]
+                selected[key] = param
+    return dict(sorted(selected.items()))
 
 
 def guard_save_pretrained(engine) -> None:
@@ -83,16 +118,20 @@ def guard_save_pretrained(engine) -> None:
     if not is_peft_model(model) or "save_pretrained" in model.__dict__:
         return
     original = model.save_pretrained
+    engine_ref = weakref.ref(engine)  # the model (which holds this method) outlives it
 
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
-        if kwargs.get("state_dict") is None:
-            partitioned = _partitioned_trainable(self)
+        live = engine_ref()
+        if kwargs.get("state_dict") is None and live is not None:
+            partitioned = _partitioned_trainable(self) + list(_partitioned_peft_saves(
+                live, {k: v for k, v in kwargs.items() if k != "state_dict"}))
             if partitioned:
                 raise RuntimeError(
                     f"zero_ext: PeftModel.save_pretrained cannot save the adapters of a "
-                    f"zero_ext stage-3 engine from one rank: {len(partitioned)} of them "
-                    f"(e.g. {partitioned[0]}) are partitioned across the ranks. Call "
+                    f"zero_ext stage-3 engine from one rank: {len(partitioned)} of the "
+                    f"tensors it saves (e.g. {partitioned[0]}) are partitioned across the "
+                    "ranks. Call "
                     "zero_ext.integrations.peft.save_adapters(engine, save_directory, "
                     "should_save=engine.rank == 0) on every rank (ZeroTrainer.save_model does), "
                     "or keep the adapters whole with a larger "

@@ -136,10 +136,11 @@ class HostMemoryPlan:
 
 def host_state_bytes(*, shard_numel: int, unit_shard_numel: int, dtype: torch.dtype,
                      grad_dtype: torch.dtype, offload_optimizer: bool,
-                     offload_param: bool) -> dict[str, int]:
+                     offload_param: bool, frozen_shard_numel: int = 0) -> dict[str, int]:
     """Host bytes one rank's offloaded state takes, per kind, from the elements of its shards
-    (`unit_shard_numel` of them in stage-3 units): the rules the allocations follow, shared by
-    the engine's budget check and the estimator.
+    (`unit_shard_numel` of them in stage-3 units; `frozen_shard_numel` more, of stage 3's
+    frozen parameters, which have no optimizer state): the rules the allocations follow,
+    shared by the engine's budget check and the estimator.
 
     offload_param keeps unit shards on the host. offload_optimizer keeps the fp32 master (unless
     it is an fp32 unit shard already there), both moments, a host copy of each reduced gradient
@@ -150,7 +151,7 @@ def host_state_bytes(*, shard_numel: int, unit_shard_numel: int, dtype: torch.dt
     grad_width = torch.empty((), dtype=grad_dtype, device="meta").element_size()
     fp32 = dtype == torch.float32
     on_host_units = unit_shard_numel if offload_param else 0
-    out = {"params": width * on_host_units}
+    out = {"params": width * (on_host_units + (frozen_shard_numel if offload_param else 0))}
     if offload_optimizer:
         out.update(master=4 * (shard_numel - (on_host_units if fp32 else 0)),
                    exp_avg=4 * shard_numel, exp_avg_sq=4 * shard_numel,

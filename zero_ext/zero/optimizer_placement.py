@@ -34,16 +34,21 @@ __all__ = ["OptimizerPlacement", "host_memory_plan"]
 
 def host_memory_plan(placed: OffloadPlacement, layouts: list[BucketLayout],
                      unit_indices: set[int], *, dtype: torch.dtype, grad_dtype: torch.dtype,
-                     hpz_partition_size: int) -> offload.HostMemoryPlan:
+                     hpz_partition_size: int,
+                     frozen_layouts: list[BucketLayout] = ()) -> offload.HostMemoryPlan:
     """What the allocations will put in host memory (the rules of offload.host_state_bytes,
     which the estimator shares): the host-stepped buckets' optimizer state, and the unit
-    shards (offload_param) with hpZ's secondary copies beside them."""
+    shards (offload_param; stage 3's frozen ones too) with hpZ's secondary copies beside
+    them."""
     plan = offload.HostMemoryPlan(local_ranks=offload.local_ranks(), pinned=placed.pin_memory)
     unit_layouts = [layout for layout in layouts if layout.index in unit_indices]
+    frozen_layouts = list(frozen_layouts)
     for kind, nbytes in offload.host_state_bytes(
             shard_numel=sum(layouts[i].shard_numel for i in placed.host_stepped),
             unit_shard_numel=sum(layout.shard_numel for layout in unit_layouts)
             + secondary_numel(unit_layouts, hpz_partition_size),
+            frozen_shard_numel=sum(layout.shard_numel for layout in frozen_layouts)
+            + secondary_numel(frozen_layouts, hpz_partition_size),
             dtype=dtype, grad_dtype=grad_dtype, offload_optimizer=placed.optimizer,
             offload_param=placed.param).items():
         plan.add(kind, nbytes)

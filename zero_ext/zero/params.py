@@ -99,8 +99,13 @@ class GatherUnit:
     state: UnitState = UnitState.SHARDED
     reduced: int = 0                         # layouts reduced in the current backward
     # Frozen parameters' backward (their inputs' gradients) reduces nothing: the forwards
-    # whose inputs' gradients this backward has not computed yet (see UnitHooks).
+    # whose inputs' gradients this backward has not computed yet, and the trainable parameters
+    # in its modules outside its buckets (kept whole, or an inner unit's: their gradients may
+    # need the frozen weights' backward) and how many of them have their gradient so far
+    # (see UnitHooks).
     inputs_pending: int = 0
+    outside_trainable: int = 0
+    outside_seen: int = 0
     backward_done: bool = False              # all of them reduced: its backward is over
     pending: list = field(default_factory=list)  # in-flight prefetch gathers (handles)
     holders: int = 0                         # external users whose forward is running
@@ -276,6 +281,7 @@ class PartitionedParameters:
         # and that no gather has waited for since (steps_deferred), the same on every rank.
         self.before_read: Callable[[int], object] | None = None
         self.stepping: set[int] = set()
+        self.in_backward = False  # inside engine.backward (begin_backward to end_backward)
         self._prefetch_after: GatherUnit | None = None  # see use() and after_forward()
         self._upload = None  # offload_param's CUDA stream (see _upload_stream)
         self.units: list[GatherUnit] = []
@@ -442,6 +448,14 @@ class PartitionedParameters:
         if upcoming is not None:
             self.start_gather(upcoming)
 
+    def begin_backward(self) -> None:
+        """engine.backward starts: a gradient computed before it (torch.autograd.grad through
+        the model) released nothing and ended no unit's backward."""
+        self.in_backward = True
+        for unit in self.units:
+            unit.backward_done = False
+            unit.reduced = unit.outside_seen = 0
+
     def begin_forward(self, training: bool) -> None:
         """The engine's forward starts; `training`: whether autograd records it."""
         self.prefetch.training_forward = training
@@ -465,6 +479,7 @@ class PartitionedParameters:
     def end_backward(self) -> None:
         """After engine.backward: fixes the recorded order after the first step, and drops any
         prefetched unit that was not used."""
+        self.in_backward = False
         self.prefetch.end_step(self)
         self._prefetch_after = None
         for unit in self.units:
@@ -475,7 +490,7 @@ class PartitionedParameters:
             if unit.has_frozen:
                 # A forward whose inputs backward never reached (its output unused, or a
                 # forward with autograd on and no backward) left its count behind.
-                unit.inputs_pending = unit.reduced = 0
+                unit.inputs_pending = unit.reduced = unit.outside_seen = 0
                 if unit.state is UnitState.GATHERED and unit.holders == 0:
                     self.release(unit)
         if self.secondary is not None:
@@ -517,9 +532,18 @@ class PartitionedParameters:
 
     def inputs_reduced(self, unit: GatherUnit) -> None:
         """Backward has computed the gradients of the inputs of one of `unit`'s forwards: the
-        frozen weights' part of that forward's backward is over (UnitHooks)."""
-        unit.inputs_pending -= 1
-        self._backward_progress(unit)
+        frozen weights' part of that forward's backward is over (UnitHooks). Only inside
+        engine.backward: a torch.autograd.grad through the model before it ends nothing."""
+        if self.in_backward:
+            unit.inputs_pending -= 1
+            self._backward_progress(unit)
+
+    def outside_grad(self, unit: GatherUnit) -> None:
+        """One of the trainable parameters in `unit`'s modules outside its buckets has its
+        gradient (UnitHooks)."""
+        if self.in_backward:
+            unit.outside_seen += 1
+            self._backward_progress(unit)
 
     def _backward_progress(self, unit: GatherUnit) -> None:
         """Released once its backward is over: every trainable layout reduced and, with frozen
@@ -527,7 +551,8 @@ class PartitionedParameters:
         gradients are computed by the same nodes that read them; its frozen weights' backward
         computes only input gradients, and may run after its trainable ones reduced: a LoRA
         adapter's gradients are ready before the base weight's input-gradient matmul.)"""
-        if unit.reduced < unit.trainable_layouts or unit.inputs_pending > 0:
+        if unit.reduced < unit.trainable_layouts or unit.inputs_pending > 0 or \
+                unit.outside_seen < unit.outside_trainable:
             return
         unit.reduced = 0
         unit.backward_done = True
@@ -703,8 +728,15 @@ class GatheredParameters:
 
     def __exit__(self, *exc):
         _open_contexts.remove(self)
-        modifier = self.modifier_rank if exc[0] is None else None
-        changed = self._undo_changes() if self.modifier_rank is None and exc[0] is None else []
+        raised = exc[0] is not None
+        changed = self._undo_changes() if self.modifier_rank is None else []
+        views = [(raised, changed)]
+        if (self._by_engine or self._whole) and not _broken_group(exc[0]):
+            # Every rank learns whether another raised inside (then no rank keeps a change,
+            # and no broadcast waits for the rank that left) or changed what it only read.
+            views = comm.all_gather_object((raised, changed))
+        failed = [rank for rank, (r, _) in enumerate(views) if r]
+        modifier = self.modifier_rank if not failed else None
         for engine, layouts in self._by_engine.items():
             if modifier is not None:
                 engine.scatter_modified(layouts, modifier)
@@ -720,10 +752,15 @@ class GatheredParameters:
                     if id(param) in outer._before:
                         outer._before[id(param)] = _snapshot(param)
         release_init_params(self._init_gathered, modifier)
-        everyone = comm.all_gather_object(changed) if self.modifier_rank is None and \
-            (self._by_engine or self._whole) and exc[0] is None else []
-        if any(everyone):
-            detail = "; ".join(f"rank {r}: {', '.join(c)}" for r, c in enumerate(everyone) if c)
+        if raised:
+            return False
+        if failed:
+            raise RuntimeError(
+                f"zero_ext.GatheredParameters: rank {failed[0]} raised inside the context (its "
+                "error says why); this rank left it too, keeping no change")
+        if any(c for _, c in views):
+            detail = "; ".join(f"rank {r}: {', '.join(c)}" for r, (_, c) in enumerate(views)
+                               if c)
             raise RuntimeError(
                 "zero_ext.GatheredParameters: parameters were changed inside "
                 f"GatheredParameters(modifier_rank=None) ({detail}); the change is undone on "
@@ -743,6 +780,14 @@ class GatheredParameters:
 
 
 _open_contexts: list[GatheredParameters] = []  # entered and not exited, innermost last
+
+
+def _broken_group(error_type) -> bool:
+    """Whether an error says the process group itself failed (a collective stalled): no
+    further collective could complete."""
+    from zero_ext.comm.watch import CollectiveStallError
+
+    return error_type is not None and issubclass(error_type, CollectiveStallError)
 
 
 def _snapshot(param: torch.Tensor) -> tuple:

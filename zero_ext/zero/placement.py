@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from zero_ext.config import ZeroOptimizationConfig
-from zero_ext.zero import offload
+from zero_ext.zero import offload, precision
 from zero_ext.zero.construction import is_init_partitioned, partitionable_class
 from zero_ext.zero.params import find_units
 from zero_ext.zero.partition import BucketLayout, plan_buckets
@@ -135,8 +135,12 @@ def _partitionable_frozen(model: nn.Module, dtype: torch.dtype) -> list[nn.Param
     flat buffers' one), or that Init holds and the engine materializes in it (its floating
     ones). Subclasses (bitsandbytes' quantized weights) and parameters of another dtype (a
     bf16 base model under an fp32 engine's LoRA adapters) stay whole, computing as they are."""
+    # Under fp16/bf16 the engine casts every floating parameter first (precision.py); the
+    # estimator lays out the model before that cast.
+    cast = precision.CASTABLE if dtype in (torch.float16, torch.bfloat16) else ()
     return [p for p in model.parameters() if not p.requires_grad and partitionable_class(p)
-            and (p.dtype == dtype or (is_init_partitioned(p) and p.is_floating_point()))]
+            and (p.dtype == dtype or p.dtype in cast
+                 or (is_init_partitioned(p) and p.is_floating_point()))]
 
 
 def _plan_units(model: nn.Module, params: list[nn.Parameter], frozen: list[nn.Parameter],
@@ -150,12 +154,20 @@ def _plan_units(model: nn.Module, params: list[nn.Parameter], frozen: list[nn.Pa
     frozen`."""
     threshold = zero.stage3_param_persistence_threshold
     owner: dict[nn.Parameter, list[nn.Module]] = {}
-    for unit in find_units(model, zero.stage3_unit_classes):
+    found = find_units(model, zero.stage3_unit_classes)
+    for unit in found:
         for p in unit.parameters():
             owner.setdefault(p, []).append(unit)
     members: dict[nn.Module, list[nn.Parameter]] = {}
     persistent = []
     trainable = {id(p) for p in params}
+    unit_ids = {id(u) for u in found}
+    bodies = _bodies(found)
+    direct = {}  # parameter id -> the module holding it directly (the first one)
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                direct.setdefault(id(p), module)
     for p in params + frozen:
         # The innermost unit holding p (units nest: a model's body holds its blocks).
         units = owner.get(p, [])
@@ -164,8 +176,17 @@ def _plan_units(model: nn.Module, params: list[nn.Parameter], frozen: list[nn.Pa
         if len(innermost) != 1 or p.numel() < threshold:
             if id(p) in trainable:
                 persistent.append(p)
-        else:
-            members.setdefault(innermost[0], []).append(p)
+            continue
+        unit = innermost[0]
+        if id(unit) in bodies and id(p) not in trainable:
+            # A frozen parameter of a body (a module whose blocks are units of their own: a
+            # PeftModel's base_model, which its forward and generate() bypass) goes to the
+            # module holding it (the frozen embedding, final norm, LM head), a unit of its own
+            # whose forward runs when it is used; kept whole where that is a body too.
+            unit = direct[id(p)]
+            if any(id(m) in unit_ids for m in unit.modules() if m is not unit):
+                continue
+        members.setdefault(unit, []).append(p)
     position = {id(p): i for i, p in enumerate(params + frozen)}
     plan, next_index = [], 0
     for module in reversed(list(members)):  # backward order
@@ -184,6 +205,12 @@ def _plan_units(model: nn.Module, params: list[nn.Parameter], frozen: list[nn.Pa
             next_index += layout.group != FROZEN
         plan.append((module, layouts))
     return plan, persistent
+
+
+def _bodies(units: list[nn.Module]) -> set[int]:
+    """ids of the units that hold other units."""
+    inner = {id(u) for u in units}
+    return {id(u) for u in units if any(id(m) in inner for m in u.modules() if m is not u)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,11 +19,11 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["cast_parameters", "keep_in_fp32_pattern", "mixed_batch_norms", "place_buffers",
-           "set_buffer_dtypes"]
+__all__ = ["CASTABLE", "cast_parameters", "keep_in_fp32_pattern", "mixed_batch_norms",
+           "place_buffers", "set_buffer_dtypes"]
 
 # What is cast (DeepSpeed's list): fp8 and other dtypes are left as they are
-_CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """Every floating parameter in `dtype`, in place (the same Parameter objects, so tied
     parameters stay tied and the caller's references stay valid)."""
     for param in model.parameters():
-        if param.dtype in _CASTABLE and param.dtype != dtype:
+        if param.dtype in CASTABLE and param.dtype != dtype:
             param.data = param.data.to(dtype)
 
 
@@ -65,7 +65,7 @@ def set_buffer_dtypes(model: nn.Module, buffer_dtype: torch.dtype | None,
     Returns the names kept in fp32."""
     kept = []
     for name, buffer in model.named_buffers(remove_duplicate=False):
-        if buffer.dtype not in _CASTABLE:
+        if buffer.dtype not in CASTABLE:
             continue
         if keep is not None and keep.search(name):
             target = torch.float32

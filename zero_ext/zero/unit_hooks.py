@@ -20,6 +20,7 @@ frees the gathered weight. The hooks act on the units only through their Partiti
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -141,6 +142,7 @@ class UnitHooks:
         self._running: list[tuple[nn.Module, list[GatherUnit]]] = []
         for unit in params.units:
             self._hook_module(unit.module, unit)
+        self._watch_outside_trainable(params.units)
         if root is not None:
             self._track_running(root)
             for module in root.modules():  # declared before initialize (e.g. in constructors)
@@ -152,6 +154,37 @@ class UnitHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def _watch_outside_trainable(self, units: list[GatherUnit]) -> None:
+        """A unit with frozen parameters also waits, in backward, for the gradients of the
+        trainable parameters in its modules that its buckets do not hold (kept whole by
+        stage3_param_persistence_threshold, such as small LoRA matrices and norms, or an inner
+        unit's): a frozen weight's backward may be what computes them (a trainable norm before
+        a frozen linear)."""
+        watchers: dict[int, list[int]] = {}  # parameter id -> positions of its units
+        watched = []
+        for position, unit in enumerate(units):
+            if not unit.has_frozen:
+                continue
+            own = {id(p) for members in unit.params for p in members}
+            outside = [p for p in unit.module.parameters() if p.requires_grad
+                       and id(p) not in own]
+            unit.outside_trainable = len(outside)
+            for param in outside:
+                if id(param) not in watchers:
+                    watched.append(param)
+                watchers.setdefault(id(param), []).append(position)
+        # The hooks live on the parameters, beyond the engine when the caller keeps the model:
+        # they reach the units through a weak reference only.
+        ref = weakref.ref(self.params)
+
+        def accumulated(param: nn.Parameter) -> None:
+            params = ref()
+            if params is not None:
+                for position in watchers.get(id(param), ()):
+                    params.outside_grad(params.units[position])
+
+        self._handles += [p.register_post_accumulate_grad_hook(accumulated) for p in watched]
 
     def _hook_module(self, module: nn.Module, unit: GatherUnit) -> None:
         """Gather `unit` around `module`'s forward, and again when backward reaches it."""
@@ -245,6 +278,10 @@ class UnitHooks:
             return
         if torch.is_grad_enabled():
             for tensor in _tensors_requiring_grad(output):
+                if tensor.grad_fn is None:
+                    # A leaf (a frozen embedding's output set to require grad, as
+                    # enable_input_require_grads does): no backward runs through the unit.
+                    continue
                 tensor.register_hook(lambda grad, unit=unit: self._before_backward(unit, grad))
         if unit.holders == 0 and not self.params.prefetch.reused_soon(unit):
             self.params.release(unit)
