@@ -126,15 +126,22 @@ def _bucket_shapes(engine) -> dict[int, tuple[int, ...]]:
 
 
 @torch.no_grad()
-def set_value(engine, param: torch.nn.Parameter, value: torch.Tensor) -> None:
-    """Sets a parameter kept outside the optimizer (frozen) to the whole `value`: into this
-    rank's shard where stage 3 partitions it."""
-    if engine.partitioned is not None and id(param) in _partitioned_frozen(engine):
+def set_value(engine, param: torch.nn.Parameter, value: torch.Tensor | None = None, *,
+              read_range=None) -> None:
+    """Sets a parameter kept outside the optimizer (frozen) to the whole `value`, or to what
+    `read_range(first, out)` reads (the flat value's elements from `first` on into `out`):
+    into this rank's shard where stage 3 partitions it, reading only that."""
+    if read_range is None:
         flat = value.reshape(-1)
-        engine.partitioned.write_value(
-            param, lambda first, out: out.copy_(flat[first:first + out.numel()]))
+
+        def read_range(first: int, out: torch.Tensor) -> None:
+            out.copy_(flat[first:first + out.numel()])
+    if engine.partitioned is not None and id(param) in _partitioned_frozen(engine):
+        engine.partitioned.write_value(param, read_range)
     else:
-        param.data.copy_(value)
+        whole = torch.empty(param.numel(), dtype=param.dtype)
+        read_range(0, whole)
+        param.data.copy_(whole.view(param.shape))
 
 
 def _state_sources(engine, names: list[str], exclude_frozen: bool = False) -> list[list[str]]:

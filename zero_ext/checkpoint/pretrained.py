@@ -121,6 +121,7 @@ def load_weights(engine, path: str, strict: bool = True) -> list[str]:
     for target, at, name, a, b, kind in plan:
         weights.read_into(kind, name, a, target[at:at + b - a])
     for key, value in others:
-        set_value(engine, value, weights.read(key))
+        set_value(engine, value, read_range=lambda first, out, k=key:
+                  weights.read_into("master", k, first, out))
     engine._sync_weights_from_master()
     return unexpected
