@@ -547,10 +547,11 @@ class PartitionedParameters:
 
     def _backward_progress(self, unit: GatherUnit) -> None:
         """Released once its backward is over: every trainable layout reduced and, with frozen
-        parameters, every forward's inputs given their gradients. (Its trainable weights'
-        gradients are computed by the same nodes that read them; its frozen weights' backward
-        computes only input gradients, and may run after its trainable ones reduced: a LoRA
-        adapter's gradients are ready before the base weight's input-gradient matmul.)"""
+        parameters, every forward's inputs and every trainable parameter in its modules
+        outside its buckets given their gradients. (Its trainable weights' gradients are
+        computed by the same nodes that read them; its frozen weights' backward computes only
+        the gradients of what comes before them, and may run after its trainable ones reduced:
+        a LoRA adapter's gradients are ready before the base weight's input-gradient matmul.)"""
         if unit.reduced < unit.trainable_layouts or unit.inputs_pending > 0 or \
                 unit.outside_seen < unit.outside_trainable:
             return
