@@ -234,6 +234,7 @@ def frozen_cases(save_dir: str | None = None, load_dir: str | None = None,
     if rank == 0:
         return out
     return {"left": out["trained_None"]["left"], "gathered_raise": out["gathered_raise"],
+            "modifier_raise": out["modifier_raise"],
             "threshold_left": out["threshold_left"], "grad_first_left": out["grad_first_left"]}
 
 
@@ -275,4 +276,30 @@ def _special_cases(world_size: int, rank: int) -> dict:
                 raise KeyError("raised on rank 0 inside")
     except (KeyError, RuntimeError) as error:
         out["gathered_raise"] = f"{type(error).__name__}: {error}"
+    # The same where rank 0 modifies a parameter kept whole and rank 1 raises: every rank
+    # keeps rank 0's value (rank 0 kept it alone before).
+    model = _build()
+    engine = _engine(model, world_size, _config(world_size,
+                                                stage3_param_persistence_threshold=1000))
+    whole = model.body.blocks[0].norm.weight
+    try:
+        with zero_ext.GatheredParameters([whole], modifier_rank=0):
+            if rank == 0:
+                with torch.no_grad():
+                    whole.fill_(7.0)
+            else:
+                raise KeyError("raised on rank 1 inside")
+    except (KeyError, RuntimeError):
+        pass
+    out["modifier_raise"] = whole.detach().clone()
+    # A frozen weight of the body that two of its modules hold (an output projection tied to
+    # the embedding, as a PeftModel's base_model holds both) stays whole: the projection's
+    # forward, outside the model's (as generate() runs it), reads it.
+    model = _build()
+    model.body.tied = nn.Linear(DIM, VOCAB, bias=False)
+    model.body.tied.weight = model.body.embed.weight
+    _engine(model, world_size)
+    with torch.no_grad():
+        out["tied_head"] = model.body.tied(torch.ones(1, DIM)).cpu()
+    out["tied_embed"] = model.body.embed.weight.detach().clone()
     return out

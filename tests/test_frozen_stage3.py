@@ -99,6 +99,16 @@ def test_a_rank_raising_inside_gathered_parameters_does_not_leave_the_others_wai
     assert results[0]["gathered_raise"] == "KeyError: 'raised on rank 0 inside'"
     assert results[1]["gathered_raise"].startswith(
         "RuntimeError: zero_ext.GatheredParameters: rank 0 raised inside"), results[1]
+    # With a modifier rank that got through, every rank keeps its values.
+    assert bool((results[0]["modifier_raise"] == 7.0).all())
+    assert torch.equal(results[0]["modifier_raise"], results[1]["modifier_raise"])
+
+
+def test_a_frozen_weight_two_modules_hold_stays_whole():
+    result = _run(2)[0]
+    assert result["tied_embed"].numel() == frozen_cases.VOCAB * frozen_cases.DIM
+    want = torch.ones(1, frozen_cases.DIM) @ result["tied_embed"].t()
+    assert_close(result["tied_head"], want)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

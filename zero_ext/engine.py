@@ -388,7 +388,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                 with self._timers.time("reduce"):
                     self.grad_buckets.end_backward()
                 if self.partitioned is not None:
-                    self.partitioned.end_backward()
+                    self.partitioned.end_backward(retain_graph=bool(retain_graph))
         if self._no_sync:
             return
         self._backwards_since_step += 1

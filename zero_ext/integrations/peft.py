@@ -98,14 +98,25 @@ def _partitioned_peft_saves(engine, kwargs: dict) -> dict:
         else:
             probe[key] = value.detach()
     selected = {}
-    for adapter in kwargs.get("selected_adapters") or list(model.peft_config):
-        chosen = get_peft_model_state_dict(
-            model, state_dict=probe, adapter_name=adapter,
-            save_embedding_layers=kwargs.get("save_embedding_layers", "auto"))
-        for value in chosen.values():
-            if id(value) in partitioned:
-                key, param = partitioned[id(value)]
-                selected[key] = param
+    # PEFT lists a modules_to_save copy's keys from the copy's own state_dict(), which would
+    # read its (perhaps partitioned) values: keys only here (keep_vars), nothing read.
+    copies = [copy for module in model.modules() if hasattr(module, "modules_to_save")
+              and isinstance(module.modules_to_save, torch.nn.ModuleDict)
+              for copy in module.modules_to_save.values()]
+    for copy in copies:
+        copy.state_dict = functools.partial(torch.nn.Module.state_dict, copy, keep_vars=True)
+    try:
+        for adapter in kwargs.get("selected_adapters") or list(model.peft_config):
+            chosen = get_peft_model_state_dict(
+                model, state_dict=probe, adapter_name=adapter,
+                save_embedding_layers=kwargs.get("save_embedding_layers", "auto"))
+            for value in chosen.values():
+                if id(value) in partitioned:
+                    key, param = partitioned[id(value)]
+                    selected[key] = param
+    finally:
+        for copy in copies:
+            del copy.state_dict
     return dict(sorted(selected.items()))
 
 

@@ -104,6 +104,7 @@ class GatherUnit:
     # need the frozen weights' backward) and how many of them have their gradient so far
     # (see UnitHooks).
     inputs_pending: int = 0
+    inputs_registered: int = 0  # forwards hooked since the last backward that freed its graph
     outside_trainable: int = 0
     outside_seen: int = 0
     backward_done: bool = False              # all of them reduced: its backward is over
@@ -455,6 +456,9 @@ class PartitionedParameters:
         for unit in self.units:
             unit.backward_done = False
             unit.reduced = unit.outside_seen = 0
+            # Every forward hooked since the last backward that freed its graph: a backward
+            # again through a retained graph (retain_graph=True) meets its hooks again.
+            unit.inputs_pending = unit.inputs_registered
 
     def begin_forward(self, training: bool) -> None:
         """The engine's forward starts; `training`: whether autograd records it."""
@@ -476,7 +480,7 @@ class PartitionedParameters:
                 self.stepping.discard(layout.index)
                 self.before_read(layout.index)
 
-    def end_backward(self) -> None:
+    def end_backward(self, retain_graph: bool = False) -> None:
         """After engine.backward: fixes the recorded order after the first step, and drops any
         prefetched unit that was not used."""
         self.in_backward = False
@@ -491,6 +495,8 @@ class PartitionedParameters:
                 # A forward whose inputs backward never reached (its output unused, or a
                 # forward with autograd on and no backward) left its count behind.
                 unit.inputs_pending = unit.reduced = unit.outside_seen = 0
+                if not retain_graph:
+                    unit.inputs_registered = 0
                 if unit.state is UnitState.GATHERED and unit.holders == 0:
                     self.release(unit)
         if self.secondary is not None:
@@ -732,12 +738,20 @@ class GatheredParameters:
         raised = exc[0] is not None
         changed = self._undo_changes() if self.modifier_rank is None else []
         views = [(raised, changed)]
-        if (self._by_engine or self._whole) and not _broken_group(exc[0]):
-            # Every rank learns whether another raised inside (then no rank keeps a change,
-            # and no broadcast waits for the rank that left) or changed what it only read.
-            views = comm.all_gather_object((raised, changed))
+        collective = bool(self._by_engine or self._whole or self._init_gathered)
+        broken = _broken_group(exc[0])
+        if collective and not broken:
+            # Every rank learns whether another raised inside (no broadcast then waits for
+            # a rank that left) or changed what it only read: one all-reduce of two flags,
+            # and the details only when there are some.
+            views = _exchange(raised, changed)
         failed = [rank for rank, (r, _) in enumerate(views) if r]
-        modifier = self.modifier_rank if not failed else None
+        modifier = self.modifier_rank
+        if modifier is not None and (broken or modifier in failed):
+            # Every rank keeps the same values: the modifier's where it got through the
+            # context, else those of the first rank that did (none: no broadcast at all).
+            survivors = [] if broken else [r for r in range(len(views)) if r not in failed]
+            modifier = survivors[0] if survivors else None
         for engine, layouts in self._by_engine.items():
             if modifier is not None:
                 engine.scatter_modified(layouts, modifier)
@@ -755,6 +769,19 @@ class GatheredParameters:
         release_init_params(self._init_gathered, modifier)
         if raised:
             return False
+        if failed:
+            kept = "" if modifier is None else f"; every rank kept rank {modifier}'s values"
+            raise RuntimeError(
+                f"zero_ext.GatheredParameters: rank {failed[0]} raised inside the context (its "
+                f"error says why), so this rank raises too{kept}")
+        if any(c for _, c in views):
+            detail = "; ".join(f"rank {r}: {', '.join(c)}" for r, (_, c) in enumerate(views)
+                               if c)
+            raise RuntimeError(
+                "zero_ext.GatheredParameters: parameters were changed inside "
+                f"GatheredParameters(modifier_rank=None) ({detail}); the change is undone on "
+                "every rank. Pass modifier_rank=<the rank whose values to keep> to keep it")
+        return False
         if failed:
             raise RuntimeError(
                 f"zero_ext.GatheredParameters: rank {failed[0]} raised inside the context (its "
@@ -781,6 +808,18 @@ class GatheredParameters:
 
 
 _open_contexts: list[GatheredParameters] = []  # entered and not exited, innermost last
+
+
+def _exchange(raised: bool, changed: list[str]) -> list[tuple[bool, list[str]]]:
+    """Every rank's (raised, changed) in rank order: one all-reduce of two flags when no rank
+    raised or changed anything (then every rank's is (False, [])), else gathered."""
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if comm.backend() == "nccl" else torch.device("cpu")
+    flags = torch.tensor([float(raised), float(bool(changed))], device=device)
+    comm.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    if not bool(flags.any()):
+        return [(False, [])] * comm.world_size()
+    return comm.all_gather_object((raised, changed))
 
 
 def _broken_group(error_type) -> bool:

@@ -161,13 +161,6 @@ def _plan_units(model: nn.Module, params: list[nn.Parameter], frozen: list[nn.Pa
     members: dict[nn.Module, list[nn.Parameter]] = {}
     persistent = []
     trainable = {id(p) for p in params}
-    unit_ids = {id(u) for u in found}
-    bodies = _bodies(found)
-    direct = {}  # parameter id -> the module holding it directly (the first one)
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                direct.setdefault(id(p), module)
     for p in params + frozen:
         # The innermost unit holding p (units nest: a model's body holds its blocks).
         units = owner.get(p, [])
@@ -176,17 +169,9 @@ def _plan_units(model: nn.Module, params: list[nn.Parameter], frozen: list[nn.Pa
         if len(innermost) != 1 or p.numel() < threshold:
             if id(p) in trainable:
                 persistent.append(p)
-            continue
-        unit = innermost[0]
-        if id(unit) in bodies and id(p) not in trainable:
-            # A frozen parameter of a body (a module whose blocks are units of their own: a
-            # PeftModel's base_model, which its forward and generate() bypass) goes to the
-            # module holding it (the frozen embedding, final norm, LM head), a unit of its own
-            # whose forward runs when it is used; kept whole where that is a body too.
-            unit = direct[id(p)]
-            if any(id(m) in unit_ids for m in unit.modules() if m is not unit):
-                continue
-        members.setdefault(unit, []).append(p)
+        else:
+            members.setdefault(innermost[0], []).append(p)
+    _move_frozen_out_of_bodies(model, members, trainable)
     position = {id(p): i for i, p in enumerate(params + frozen)}
     plan, next_index = [], 0
     for module in reversed(list(members)):  # backward order
@@ -207,10 +192,32 @@ def _plan_units(model: nn.Module, params: list[nn.Parameter], frozen: list[nn.Pa
     return plan, persistent
 
 
-def _bodies(units: list[nn.Module]) -> set[int]:
-    """ids of the units that hold other units."""
-    inner = {id(u) for u in units}
-    return {id(u) for u in units if any(id(m) in inner for m in u.modules() if m is not u)}
+def _move_frozen_out_of_bodies(model: nn.Module, members: dict[nn.Module, list],
+                               trainable: set[int]) -> None:
+    """A frozen parameter of a body (a unit holding other units that hold parameters: a
+    PeftModel's base_model, whose forward PEFT and generate() bypass) goes to the module
+    holding it directly (the frozen embedding, final norm, LM head), a unit of its own whose
+    forward runs where it is used; it stays whole where several modules hold it (tied
+    embeddings: the other one's forward would use it released) or that module holds
+    parameter-holding units too."""
+    holders: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append(module)
+
+    def holds_units(module: nn.Module) -> bool:
+        return any(m is not module and m in members for m in module.modules())
+
+    for body in [u for u in members if holds_units(u)]:
+        frozen = [p for p in members[body] if id(p) not in trainable]
+        members[body] = [p for p in members[body] if id(p) in trainable]
+        if not members[body]:
+            del members[body]
+        for p in frozen:
+            owners = holders[id(p)]
+            if len(owners) == 1 and owners[0] is not body and not holds_units(owners[0]):
+                members.setdefault(owners[0], []).append(p)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -145,6 +145,11 @@ class UnitHooks:
         self._watch_outside_trainable(params.units)
         if root is not None:
             self._track_running(root)
+            # The models generate() calls directly (a PeftModel's inner transformers model):
+            # a released parameter used in their forwards is gathered there as in the root's.
+            for module in root.modules():
+                if module is not root and callable(getattr(type(module), "generate", None)):
+                    self._track_running(module)
             for module in root.modules():  # declared before initialize (e.g. in constructors)
                 for param in module.__dict__.pop("_zero_ext_external_params", []):
                     self.register_external_parameter(module, param)
@@ -240,7 +245,10 @@ class UnitHooks:
         if not self._running:
             return False
         unit = self._unit_of_param[id(param)]
-        self.params.use(unit, "forward")
+        # Gathered, not counted as a use in the prefetch order: where the order keeps the
+        # unit gathered (reused soon), the next step reads it with no such use, and the order
+        # would look changed.
+        self.params.gather(unit)
         unit.holders += not replaying()
         self._running[-1][1].append(unit)
         return True
@@ -297,6 +305,7 @@ class UnitHooks:
         if not tensors or (replaying() and unit.inputs_pending > 0):
             return
         unit.inputs_pending += 1
+        unit.inputs_registered += 1
         torch.autograd.graph.register_multi_grad_hook(
             tensors, lambda grads, unit=unit: self.params.inputs_reduced(unit), mode="all")
 
