@@ -112,7 +112,9 @@ def distributed(out):
             zero["stage3_param_persistence_threshold"] = threshold
         config = {"train_micro_batch_size_per_gpu": "auto",
                   "gradient_accumulation_steps": "auto", "zero_optimization": zero}
-        trainer = ZeroTrainer(model=lora_model(len(train.vocab), base_dtype, out),
+        model = lora_model(len(train.vocab), base_dtype, out)
+        peft_total = model.get_nb_trainable_parameters()[1]  # before stage 3 partitions it
+        trainer = ZeroTrainer(model=model,
                               args=arguments(os.path.join(out, f"run_{name}"), world),
                               train_dataset=train, zero_config=config)
         trainer.train()
@@ -124,7 +126,9 @@ def distributed(out):
                 own = "saved"
             except RuntimeError as error:
                 own = str(error)
-        record(trainer, out, name, own=own)
+        # The FLOP estimate's parameter count against PEFT's own (4-bit weights unpacked).
+        record(trainer, out, name, own=own, counted=trainer.engine.monitor.model_params,
+               peft_total=peft_total)
 
 
 def single(out):

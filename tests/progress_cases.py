@@ -41,3 +41,24 @@ def captured_run() -> dict:
             "trainable": engine.monitor.trainable_params,
             "model_params": engine.monitor.model_params, "metrics": metrics,
             "grad_norm": engine.get_global_grad_norm(), "skipped": engine.skipped_steps}
+
+
+def recompute_flags() -> dict:
+    """The FLOP estimate's recompute flag after one training forward of a tiny transformers
+    Llama, with and without its gradient checkpointing (which recomputes each layer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = {}
+    for enabled in (False, True):
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
+        if enabled:
+            model.gradient_checkpointing_enable()
+        engine = zero_ext.initialize(model=model, config=config(2, "fp32", 1,
+                                                                comm.world_size()))[0]
+        tokens = global_batch(0, comm.world_size(), 1)[0][0, comm.rank()]
+        engine.backward(engine(input_ids=tokens, labels=tokens).loss)
+        engine.step()
+        out[enabled] = engine.monitor.recompute
+    return out

@@ -137,3 +137,11 @@ def test_peft_save_pretrained_on_one_rank_names_save_adapters_when_partitioned(c
     assert "save_adapters(engine" in message and "ZeroTrainer.save_model" in message
     assert "partitioned" in message
     assert not os.path.exists(os.path.join(_out(), f"{case}_own", "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("case", list(peft_script.CASES))
+def test_the_flop_estimate_counts_every_base_weight(case):
+    """The TFLOP/s figure counts the frozen base at full size: partitioned ones by their
+    layout, and QLoRA's 4-bit weights unpacked (two per byte), as PEFT counts them."""
+    result = _result(case)
+    assert result["counted"] == result["peft_total"]

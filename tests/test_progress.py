@@ -10,9 +10,9 @@ import torch
 
 from zero_ext.progress import count_tokens, format_bytes, format_duration
 
+import engine_cases
 import progress_cases
 from dist_harness import run_group
-import engine_cases
 from engine_cases import SEQ
 
 
@@ -103,3 +103,9 @@ def test_under_a_trainer_no_output_of_ours_and_the_figures_as_metrics():
     assert metrics["zero_ext/grad_norm"] == results[0]["grad_norm"]
     assert metrics["zero_ext/skipped_steps"] == results[0]["skipped"] == 0
     assert "zero_ext/loss_scale" not in metrics  # fp32: no loss scaling
+
+
+def test_transformers_gradient_checkpointing_counts_the_recomputed_forward():
+    # A recomputed forward costs a forward again (6N, not 4N, per token and parameter): only
+    # zero_ext's own checkpointing said so before.
+    assert run_group(2, progress_cases.recompute_flags) == [{False: False, True: True}] * 2

@@ -112,7 +112,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self.monitor = TrainingMonitor(
             rank=self.rank, world_size=self.world_size, device=self.device,
             trainable_params=sum(layout.used_numel for layout in self.layouts),
-            model_params=sum(bucketed.get(id(p), p.numel()) for p in model.parameters()),
+            model_params=sum(bucketed.get(id(p), _weights_in(p)) for p in model.parameters()),
             samples_per_micro_step=self.batch.train_micro_batch_size_per_gpu * self.world_size)
 
     def __getattr__(self, name: str):
@@ -272,7 +272,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         finally:
             if self.partitioned is not None:
                 self.partitioned.end_forward()
-            if checkpointing.counters.segments != segments:
+            if checkpointing.counters.segments != segments or (
+                    not self.monitor.recompute and _hf_checkpointing(self.module)):
                 self.monitor.recompute = True  # backward recomputes checkpointed forwards
 
     def _forward(self, args, kwargs):
@@ -597,6 +598,21 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             return {}
         return {k: gathered[v] if v in gathered else v.detach().to("cpu", copy=True)
                 for k, v in self.module.state_dict(keep_vars=True).items()}
+
+
+def _weights_in(param: nn.Parameter) -> int:
+    """How many weights a parameter holds: bitsandbytes' 4-bit weights pack two (per byte of
+    their storage dtype) into each stored element, as PEFT counts them."""
+    if type(param).__name__ == "Params4bit":
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
+
+
+def _hf_checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient checkpointing is on in `model` (its layers recompute
+    their forward in backward): it sets `gradient_checkpointing` on the modules it covers."""
+    return any(getattr(module, "gradient_checkpointing", False) is True
+               for module in model.modules())
 
 
 def _sync_generation(model: nn.Module) -> None:
