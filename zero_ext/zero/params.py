@@ -782,18 +782,6 @@ class GatheredParameters:
                 f"GatheredParameters(modifier_rank=None) ({detail}); the change is undone on "
                 "every rank. Pass modifier_rank=<the rank whose values to keep> to keep it")
         return False
-        if failed:
-            raise RuntimeError(
-                f"zero_ext.GatheredParameters: rank {failed[0]} raised inside the context (its "
-                "error says why); this rank left it too, keeping no change")
-        if any(c for _, c in views):
-            detail = "; ".join(f"rank {r}: {', '.join(c)}" for r, (_, c) in enumerate(views)
-                               if c)
-            raise RuntimeError(
-                "zero_ext.GatheredParameters: parameters were changed inside "
-                f"GatheredParameters(modifier_rank=None) ({detail}); the change is undone on "
-                "every rank. Pass modifier_rank=<the rank whose values to keep> to keep it")
-        return False
 
     def _undo_changes(self) -> list[str]:
         changed = []
