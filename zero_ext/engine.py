@@ -273,8 +273,17 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             if self.partitioned is not None:
                 self.partitioned.end_forward()
             if checkpointing.counters.segments != segments or (
-                    not self.monitor.recompute and _hf_checkpointing(self.module)):
+                    not self.monitor.recompute and self._hf_checkpointing()):
                 self.monitor.recompute = True  # backward recomputes checkpointed forwards
+
+    def _hf_checkpointing(self) -> bool:
+        """Whether transformers' gradient checkpointing is on (its layers recompute their
+        forward in backward): it sets `gradient_checkpointing` on the modules that declare
+        it, found once, so a forward reads a few flags rather than walking the model."""
+        if not hasattr(self, "_checkpointing_modules"):
+            self._checkpointing_modules = [m for m in self.module.modules()
+                                           if "gradient_checkpointing" in m.__dict__]
+        return any(m.gradient_checkpointing is True for m in self._checkpointing_modules)
 
     def _forward(self, args, kwargs):
         if self.config.fp16.auto_cast:  # DeepSpeed casts the positional inputs only
@@ -606,13 +615,6 @@ def _weights_in(param: nn.Parameter) -> int:
     if type(param).__name__ == "Params4bit":
         return param.numel() * 2 * param.element_size()
     return param.numel()
-
-
-def _hf_checkpointing(model: nn.Module) -> bool:
-    """Whether transformers' gradient checkpointing is on in `model` (its layers recompute
-    their forward in backward): it sets `gradient_checkpointing` on the modules it covers."""
-    return any(getattr(module, "gradient_checkpointing", False) is True
-               for module in model.modules())
 
 
 def _sync_generation(model: nn.Module) -> None:

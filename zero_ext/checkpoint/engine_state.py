@@ -136,7 +136,7 @@ def set_value(engine, param: torch.nn.Parameter, value: torch.Tensor | None = No
 
         def read_range(first: int, out: torch.Tensor) -> None:
             out.copy_(flat[first:first + out.numel()])
-    if engine.partitioned is not None and id(param) in _partitioned_frozen(engine):
+    if engine.partitioned is not None and id(param) in engine.partitioned.unit_of_param:
         engine.partitioned.write_value(param, read_range)
     else:
         whole = torch.empty(param.numel(), dtype=param.dtype)

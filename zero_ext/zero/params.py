@@ -290,6 +290,9 @@ class PartitionedParameters:
         self._grad_accumulators: list = []  # see _gather_before_accumulating
         for module, layouts in units:
             self._partition_unit(module, layouts, params, pin)
+        # id of each partitioned parameter -> its unit
+        self.unit_of_param = {id(p): unit for unit in self.units
+                              for members in unit.params for p in members}
         self.secondary = None
         if hpz_group is not None:
             self.secondary = SecondaryPartition(
@@ -622,35 +625,24 @@ class PartitionedParameters:
 
     def _slot_of(self, param: nn.Parameter):
         """(unit, layout position in it, slot) of a partitioned parameter, or None."""
-        for unit in self.units:
-            for i, (layout, members) in enumerate(zip(unit.layouts, unit.params)):
-                for slot, member in zip(layout.slots, members):
-                    if member is param:
-                        return unit, i, slot
+        unit = self.unit_of_param.get(id(param))
+        for i, (layout, members) in enumerate(zip(unit.layouts, unit.params) if unit else ()):
+            for slot, member in zip(layout.slots, members):
+                if member is param:
+                    return unit, i, slot
         return None
-
-    def shard_piece(self, param: nn.Parameter) -> tuple[torch.Tensor, int] | None:
-        """(view of this rank's shard, first element of `param` it holds) for the part of a
-        partitioned `param` this rank holds, or None where it holds none."""
-        found = self._slot_of(param)
-        if found is None:
-            return None
-        unit, i, slot = found
-        start, end = unit.layouts[i].shard_range(self.rank)
-        lo, hi = max(slot.offset, start), min(slot.offset + slot.numel, end)
-        return (unit.shards[i][lo - start:hi - start], lo - slot.offset) if lo < hi else None
 
     @torch.no_grad()
     def write_value(self, param: nn.Parameter, read: Callable[[int, torch.Tensor], None]) -> None:
         """Sets a partitioned parameter (between steps, its unit released) from `read(first,
         out)`, which fills `out` with the flat full value's elements from `first` on: only the
         elements this rank's shard holds are read."""
-        piece = self.shard_piece(param)
-        if piece is not None:
-            read(piece[1], piece[0])
-        found = self._slot_of(param)
-        if found is not None:
-            self.weights_changed(found[0].layouts[found[1]].index)
+        unit, i, slot = self._slot_of(param)
+        start, end = unit.layouts[i].shard_range(self.rank)
+        lo, hi = max(slot.offset, start), min(slot.offset + slot.numel, end)
+        if lo < hi:
+            read(lo - slot.offset, unit.shards[i][lo - start:hi - start])
+        self.weights_changed(unit.layouts[i].index)
 
     def shard(self, layout_index: int) -> torch.Tensor:
         unit = self._unit_of_layout[layout_index]

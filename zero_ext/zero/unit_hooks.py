@@ -134,8 +134,6 @@ class UnitHooks:
     def __init__(self, params: PartitionedParameters, root: nn.Module | None):
         self.params, self.root = params, root
         _partition_linear_forwards(params.units)
-        self._unit_of_param = {id(p): unit for unit in params.units
-                               for members in unit.params for p in members}
         self._handles = []
         # The forwards running now (the model's, and units' inside it), innermost last, each
         # with the units it gathered for parameters used inside it without a declaration.
@@ -225,7 +223,7 @@ class UnitHooks:
         ends, so it is an error that names the parameter and the fix."""
         if self.hold_in_forward(param):
             return
-        unit = self._unit_of_param[id(param)]
+        unit = self.params.unit_of_param[id(param)]
         names = {id(p): n for n, p in self.root.named_parameters()} if self.root else {}
         owner = next((n for n, m in self.root.named_modules() if m is unit.module),
                      type(unit.module).__name__) if self.root else type(unit.module).__name__
@@ -244,7 +242,7 @@ class UnitHooks:
         sizing its loops from the weight. False, doing nothing, outside any forward."""
         if not self._running:
             return False
-        unit = self._unit_of_param[id(param)]
+        unit = self.params.unit_of_param[id(param)]
         # Gathered, not counted as a use in the prefetch order: where the order keeps the
         # unit gathered (reused soon), the next step reads it with no such use, and the order
         # would look changed.
@@ -256,7 +254,7 @@ class UnitHooks:
     def register_external_parameter(self, module: nn.Module, param: nn.Parameter) -> None:
         """`module` uses `param`, which belongs to another unit: gather that unit around
         `module` too."""
-        unit = self._unit_of_param.get(id(param))
+        unit = self.params.unit_of_param.get(id(param))
         if unit is None or unit.module is module:
             return
 
