@@ -883,6 +883,43 @@ def prefetch_cases() -> dict:
         out[name] = dict(states=steps, two_ahead=steps_two_ahead,
                          warnings=[str(w.message) for w in caught],
                          params=host_params(model, engine))
+
+    # Inference between training steps (an evaluation in another order, a generation calling
+    # part of the model, an evaluation in the training order) runs on its own cursor: the
+    # training forwards after it still prefetch, and the in-order evaluation prefetches too.
+    # "plain": the same training, without prefetch or inference.
+    for name, prefetch in (("inference", 10**9), ("plain", 0)):
+        torch.manual_seed(0)
+        model = Blocks()
+        engine, _, _, _ = zero_ext.initialize(
+            model=model, config=config(3, "fp32", 1, world_size,
+                                       stage3_prefetch_bucket_size=prefetch))
+        units = {id(u.module): u for u in engine.partitioned.units}
+        seen = []
+        for i in range(3):
+            model.blocks[i].register_forward_pre_hook(
+                lambda module, args, i=i: seen.append(
+                    units[id(model.blocks[i + 1])].state.value))
+        training, inference = [], []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(4):
+                tokens, targets = global_batch(step, world_size, 1)
+                tokens, targets = tokens[0, rank], targets[0, rank]
+                seen.clear()
+                engine.backward(engine(tokens, targets))
+                engine.step()
+                training.append(list(seen))
+                if prefetch:
+                    with torch.no_grad():
+                        engine(tokens, targets, swap=True)
+                        model.blocks[2](torch.zeros(DIM))
+                        seen.clear()
+                        engine(tokens, targets)
+                        inference.append(list(seen))
+        out[name] = dict(training=training, inference=inference,
+                         warnings=[str(w.message) for w in caught],
+                         params=host_params(model, engine))
     return out
 
 

@@ -369,6 +369,15 @@ def test_stage3_prefetch_gathers_the_next_block_ahead_and_falls_back_on_a_new_or
         assert all(state in ("gathering", "gathered") for state in on["two_ahead"][1])
         for name, value in off["params"].items():
             assert torch.equal(small["params"][name], value), name
+        # Inference between steps, in another order or on part of the model, neither warns
+        # nor turns prefetch off; an in-order evaluation prefetches as training does.
+        inference = result["inference"]
+        assert not [w for w in inference["warnings"] if "order" in w]
+        assert inference["training"][0] == ["sharded"] * 3
+        for states in inference["training"][1:] + inference["inference"]:
+            assert all(state in ("gathering", "gathered") for state in states), states
+        for name, value in result["plain"]["params"].items():
+            assert torch.equal(inference["params"][name], value), name
 
 
 def test_a_dropped_engine_frees_its_model_at_every_stage():
