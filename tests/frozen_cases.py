@@ -5,6 +5,7 @@ group per world size."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -100,6 +101,47 @@ class LoraNet(nn.Module):
         return grad
 
 
+class CrossNet(LoraNet):
+    """Every block also takes the embedding's output through a frozen linear of its own (a
+    decoder block's cross-attention on the encoder's output, as in T5): that tensor's gradient
+    completes only with the first block's backward. `later_gathered`: per block, once backward
+    computed the gradient of its input x, how many of it and the blocks after it are still
+    gathered (hooked after the engine's hooks, by `watch`)."""
+
+    def __init__(self):
+        super().__init__()
+        for block in self.body.blocks:
+            block.cross = nn.Linear(DIM, DIM).requires_grad_(False)
+            block.forward = functools.partial(self._cross_forward, block)
+        self.later_gathered: list[int] = []
+
+    @staticmethod
+    def _cross_forward(block, x, memory):
+        return Block.forward(block, x) + block.cross(memory)
+
+    def forward(self, tokens, targets):
+        memory = self.body.embed(tokens).requires_grad_(torch.is_grad_enabled()) * 1.0
+        x = memory
+        for block in self.body.blocks:
+            x = block(x, memory)
+        return F.cross_entropy(self.head(self.body.norm(x)).view(-1, VOCAB), targets.view(-1))
+
+    def watch(self, units) -> None:
+        blocks = self.body.blocks
+        for i, block in enumerate(blocks):
+            later = {id(b) for b in blocks[i:]}
+
+            def count(grad, later=later):
+                self.later_gathered.append(sum(u.state.value != "sharded" for u in units
+                                               if id(u.module) in later))
+
+            def hook(module, args, count=count):
+                if torch.is_grad_enabled():
+                    args[0].register_hook(count)
+
+            block.register_forward_pre_hook(hook)
+
+
 def _config(world_size: int, **zero) -> dict:
     return {"train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 0.0,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.0}},
@@ -118,6 +160,11 @@ def _batch(step: int, world_size: int):
 def _build(checkpoint=None, input_grads: bool = True) -> LoraNet:
     torch.manual_seed(0)
     return LoraNet(checkpoint, input_grads)
+
+
+def _build_cross() -> CrossNet:
+    torch.manual_seed(0)
+    return CrossNet()
 
 
 def _engine(model: LoraNet, world_size: int, config: dict | None = None):
@@ -148,10 +195,10 @@ def _train(engine, steps: range, world_size: int, rank: int,
     return left
 
 
-def _reference(world_sizes: list[int]) -> dict[str, torch.Tensor]:
+def _reference(world_sizes: list[int], build=_build) -> dict[str, torch.Tensor]:
     """Single-process training on the whole batch of each step (its global batch at the
     step's world size), torch AdamW."""
-    model = _build()
+    model = build()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                             weight_decay=0.0)
     for step, world_size in enumerate(world_sizes):
@@ -235,7 +282,8 @@ def frozen_cases(save_dir: str | None = None, load_dir: str | None = None,
         return out
     return {"left": out["trained_None"]["left"], "gathered_raise": out["gathered_raise"],
             "modifier_raise": out["modifier_raise"],
-            "threshold_left": out["threshold_left"], "grad_first_left": out["grad_first_left"]}
+            "threshold_left": out["threshold_left"], "grad_first_left": out["grad_first_left"],
+            "cross_left": out["cross_left"]}
 
 
 def _special_cases(world_size: int, rank: int) -> dict:
@@ -248,6 +296,14 @@ def _special_cases(world_size: int, rank: int) -> dict:
                                                 stage3_param_persistence_threshold=50))
     out["threshold_left"] = _train(engine, range(STEPS), world_size, rank)
     out["threshold"] = engine.full_state_dict()
+    # An input every block takes (an encoder's output): each block is released once its own
+    # share of that input's gradient is computed, not after the first block's backward.
+    model = _build_cross()
+    engine = _engine(model, world_size)
+    model.watch(engine.partitioned.units)
+    out["cross_left"] = _train(engine, range(STEPS), world_size, rank)
+    out["cross"] = dict(got=engine.full_state_dict(), later=model.later_gathered,
+                        reference=_reference([world_size] * STEPS, _build_cross))
     # torch.autograd.grad through the model before each engine.backward ends no backward.
     model = _build()
     engine = _engine(model, world_size)

@@ -54,6 +54,18 @@ def test_nothing_stays_gathered_after_backward_or_step(world_size):
         left = result["trained_None"]["left"] if rank == 0 else result["left"]
         assert left == [[0, 0]] * frozen_cases.STEPS, (rank, left)
         assert result["threshold_left"] == result["grad_first_left"] == left, rank
+        assert result["cross_left"] == left, rank
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_an_input_every_block_takes_releases_each_block_after_its_own_backward(world_size):
+    """An encoder's output feeding every block's cross-attention: its gradient is complete only
+    after the first block's backward, and every block waiting for it stayed gathered until
+    then (all of a T5 decoder at once)."""
+    cross = _run(world_size)[0]["cross"]
+    _close(cross["got"], cross["reference"], f"{world_size} ranks, shared input")
+    assert len(cross["later"]) == 3 * frozen_cases.STEPS
+    assert not any(cross["later"]), cross["later"]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -477,6 +477,7 @@ class PartitionedParameters:
         """engine.backward starts: a gradient computed before it (torch.autograd.grad through
         the model) released nothing and ended no unit's backward."""
         self.in_backward = True
+        self.hooks.begin_backward()
         for unit in self.units:
             unit.backward_done = False
             unit.reduced = unit.outside_seen = 0

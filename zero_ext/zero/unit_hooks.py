@@ -119,6 +119,23 @@ def _output_tensors(value):
             yield from _output_tensors(getattr(value, f.name))
 
 
+class _SharedInput(torch.autograd.Function):
+    """The identity, on a unit's inputs that an earlier unit of the same forward took too (a
+    T5 encoder's output, fed to every cross-attention block): a tensor's gradient is complete
+    only after its last consumer's backward, which is the first unit's; through this node,
+    each later unit sees its own share of the gradient as soon as its backward computed it.
+    (Only on such inputs: an input a module modifies in place cannot pass a custom Function.)
+    """
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads
+
+
 def replaying() -> bool:
     """Whether a forward runs inside backward: activation checkpointing recomputing a segment
     (torch.utils.checkpoint replays from within the autograd engine, reentrant or not). Its
@@ -138,6 +155,9 @@ class UnitHooks:
         # The forwards running now (the model's, and units' inside it), innermost last, each
         # with the units it gathered for parameters used inside it without a declaration.
         self._running: list[tuple[nn.Module, list[GatherUnit]]] = []
+        # The inputs that units with frozen parameters took in the forwards since the last
+        # backward began (see _SharedInput).
+        self._taken = torch.utils.weak.WeakIdKeyDictionary()
         for unit in params.units:
             self._hook_module(unit.module, unit)
         self._watch_outside_trainable(params.units)
@@ -191,12 +211,20 @@ class UnitHooks:
 
     def _hook_module(self, module: nn.Module, unit: GatherUnit) -> None:
         """Gather `unit` around `module`'s forward, and again when backward reaches it."""
-        self._handles.append(module.register_forward_pre_hook(_eager(
-            lambda module, args, unit=unit: self.params.use(unit, "forward"))))
+        def before(module, args, kwargs):
+            self.params.use(unit, "forward")
+            if unit.has_frozen and torch.is_grad_enabled():
+                return self._release_after_inputs(unit, args, kwargs)
+            return None
+
+        self._handles.append(module.register_forward_pre_hook(_eager(before), with_kwargs=True))
         self._handles.append(module.register_forward_hook(_eager(
             lambda module, args, kwargs, output, unit=unit:
-                self._after_forward(unit, (args, kwargs), output)), with_kwargs=True))
+                self._after_forward(unit, None, output)), with_kwargs=True))
         self._track_running(module)
+
+    def begin_backward(self) -> None:
+        self._taken.clear()
 
     def _track_running(self, module: nn.Module) -> None:
         def enter(module, args):
@@ -274,10 +302,12 @@ class UnitHooks:
                                                           with_kwargs=True))
 
     def _after_forward(self, unit: GatherUnit, inputs, output) -> None:
-        """A forward that used `unit` has run, on `inputs` (args, kwargs), giving `output`."""
+        """A forward that used `unit` has run, giving `output`: the unit's own, or another
+        module's, on `inputs` (args, kwargs), whose gradients a unit with frozen parameters
+        then waits for (its own forward hooked them before it ran: None)."""
         self.params.after_forward()  # a prefetch held back for a deferred step starts now
-        if unit.has_frozen and torch.is_grad_enabled():
-            self._release_after_inputs(unit, inputs)
+        if inputs is not None and unit.has_frozen and torch.is_grad_enabled():
+            self._release_after_inputs(unit, *inputs)
         if replaying():
             # The replay's outputs feed no backward, and its saved tensors alias the gathered
             # buffers: the unit stays gathered until its gradients are reduced.
@@ -292,20 +322,35 @@ class UnitHooks:
         if unit.holders == 0 and not self.params.prefetch.reused_soon(unit):
             self.params.release(unit)
 
-    def _release_after_inputs(self, unit: GatherUnit, inputs) -> None:
+    def _release_after_inputs(self, unit: GatherUnit, args, kwargs):
         """A unit with frozen parameters: its backward is over (for them) once the gradients of
-        this forward's inputs are computed. A replay (activation checkpointing recomputing the
-        forward inside backward) counts only where the original forward ran without autograd
-        (torch's reentrant checkpoint: the replay's own backward follows); otherwise the
-        original forward's inputs are what backward reaches, and the replay's graph is
-        discarded."""
-        tensors = [t for t in _output_tensors(inputs) if t.requires_grad]
+        this forward's inputs (`args`, `kwargs`) are computed. A replay (activation
+        checkpointing recomputing the forward inside backward) counts only where the original
+        forward ran without autograd (torch's reentrant checkpoint: the replay's own backward
+        follows); otherwise the original forward's inputs are what backward reaches, and the
+        replay's graph is discarded. Returns the inputs to run on, when it passed some of them
+        through _SharedInput (a forward pre-hook's result), else None."""
+        tensors = [t for t in _output_tensors((args, kwargs)) if t.requires_grad]
         if not tensors or (replaying() and unit.inputs_pending > 0):
-            return
+            return None
+        changed = None
+        if not replaying():
+            # Only top-level arguments are replaced (a nested one keeps its longer wait).
+            top = {id(a): a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+            shared = [t for t in top.values() if t.requires_grad and t in self._taken]
+            if shared:
+                alias = dict(zip(map(id, shared), _SharedInput.apply(*shared)))
+                args = tuple(alias.get(id(a), a) for a in args)
+                kwargs = {k: alias.get(id(v), v) for k, v in kwargs.items()}
+                changed = args, kwargs
+                tensors = [t for t in _output_tensors(changed) if t.requires_grad]
+            for tensor in tensors:
+                self._taken[tensor] = True
         unit.inputs_pending += 1
         unit.inputs_registered += 1
         torch.autograd.graph.register_multi_grad_hook(
             tensors, lambda grads, unit=unit: self.params.inputs_reduced(unit), mode="all")
+        return changed
 
     def _before_backward(self, unit: GatherUnit, grad):
         # The gradient of an output the unit passed through unchanged (T5's blocks return the
