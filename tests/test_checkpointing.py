@@ -99,18 +99,37 @@ def test_cpu_checkpointing_keeps_the_inputs_layout():
     assert torch.equal(x.grad, 2 * (2 * x).cos())
 
 
+@pytest.mark.parametrize("view", [False, True], ids=["tensor", "temporary_view"])
 @pytest.mark.parametrize("cpu", [False, True], ids=["checkpoint", "cpu_checkpointing"])
-def test_an_input_modified_in_place_after_its_segment_raises_as_torch_does(cpu):
+def test_an_input_modified_in_place_after_its_segment_raises_as_torch_does(cpu, view):
     # With the inputs moved to the host autograd's own version check is bypassed (the saved-
     # tensor hooks take the tensors): the host copies must not hide the change, and on CUDA
-    # the copy could race it.
+    # the copy could race it. A temporary view is gone by backward; its base is modified.
     checkpointing.configure(cpu_checkpointing=cpu)
     x = torch.randn(4, 8, requires_grad=True)
+    h = x * 2
+    out = checkpointing.checkpoint(lambda a: (a.sin() * 3).sum(), h[:, :4] if view else h)
+    with torch.no_grad():
+        h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an in-?place operation"):
+        out.backward()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_an_input_modified_then_dropped_while_its_copy_ran_raises():
+    # The write was queued on the compute stream while the side stream's copy to the host
+    # could still read the tensor, and by backward nothing holds it (the weak reference the
+    # backward checks is dead): seen when the next segment lets the original go.
+    checkpointing.configure(cpu_checkpointing=True)
+    x = torch.randn(256, 256, device="cuda", requires_grad=True)
     h = x * 2
     out = checkpointing.checkpoint(lambda a: (a.sin() * 3).sum(), h)
     with torch.no_grad():
         h.add_(1)
-    with pytest.raises(RuntimeError, match="modified by an in-?place operation"):
+    del h
+    out = out + checkpointing.checkpoint(lambda a: a.cos().sum(), x * 3)
+    with pytest.raises(RuntimeError, match="modified by an in-place operation"):
         out.backward()
 
 

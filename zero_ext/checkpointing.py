@@ -221,6 +221,9 @@ class _HostInputs:
         # place of autograd's own check that it was not modified in place since.
         self.versions: list[tuple[weakref.ref, int]] = []
         self.originals: list[torch.Tensor] = []  # until to_host_done (CUDA)
+        # Saved inputs modified in place while their copies to the host could still run (seen
+        # while the originals were held; the weak references may be gone by backward).
+        self.modified: set[int] = set()
         self.to_host_done = None
         self.loaded: list[torch.Tensor | None] | None = None  # device copies for backward
         self.to_device_done = None
@@ -261,7 +264,10 @@ class _HostInputs:
         counters.tensors_to_host += 1
         counters.bytes_to_host += host.numel() * host.element_size()
         self.host.append(host)
-        self.versions.append((weakref.ref(tensor), tensor._version))
+        # A view shares its base's version counter, and the base outlives it: a temporary view
+        # (f(x[:, :4])) is gone by backward while x can still be modified.
+        base = tensor._base if tensor._base is not None else tensor
+        self.versions.append((weakref.ref(base), tensor._version))
         return (self, len(self.host) - 1)
 
     def _check_unmodified(self, index: int) -> None:
@@ -270,14 +276,16 @@ class _HostInputs:
         (on CUDA its copy to the host may even race the in-place write)."""
         ref, saved = self.versions[index]
         tensor = ref()
-        if tensor is not None and tensor._version != saved:
+        if index in self.modified or (tensor is not None and tensor._version != saved):
+            host = self.host[index]
             raise RuntimeError(
                 f"zero_ext checkpointing: an input of a checkpointed segment "
-                f"({tuple(tensor.shape)}, {tensor.dtype}) was modified by an in-place operation "
-                f"after the segment's forward (its version went from {saved} to "
-                f"{tensor._version}), so its backward would recompute from other values than "
-                "the forward used; torch.utils.checkpoint raises the same. Change it out of "
-                "place, or clone it first (x = x.clone()) and modify the clone")
+                f"({tuple(host.shape)}, {host.dtype}) was modified by an in-place operation "
+                f"after the segment's forward (its version changed from {saved}), so its "
+                "backward would recompute from other values than the forward used (on CUDA its "
+                "copy to the host may even have read them half-written); "
+                "torch.utils.checkpoint raises the same. Change it out of place, or clone it "
+                "first (x = x.clone()) and modify the clone")
 
     def load(self) -> None:
         """Starts the copies back to the device (on a side stream on CUDA)."""
@@ -328,6 +336,11 @@ def _finish_copies_to_host() -> None:
     (no record_stream)."""
     for inputs in _copying:
         torch.cuda.current_stream(inputs.device).wait_event(inputs.to_host_done)
+        # A write queued on the compute stream since the save may have raced the copy; the
+        # weak reference the backward checks may be dead by then (the tensor modified, then
+        # dropped): checked now, while the originals are held.
+        inputs.modified.update(i for i, tensor in enumerate(inputs.originals)
+                               if tensor._version != inputs.versions[i][1])
         inputs.originals.clear()
     _copying.clear()
 
