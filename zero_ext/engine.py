@@ -821,8 +821,9 @@ def initialize(model: nn.Module | None = None, config=None,
         # The schedule's length is the run's, as far as the progress bar can tell.
         engine.monitor.total_steps = config.scheduler.params.get("total_num_steps")
     engine.lr_scheduler = scheduler
-    from zero_ext.integrations.peft import guard_save_pretrained
+    from zero_ext.integrations.peft import gather_dora_lora_weights, guard_save_pretrained
     guard_save_pretrained(engine)  # PEFT's own save_pretrained would read stage-3 shards
+    gather_dora_lora_weights(engine)  # DoRA's magnitude reads LoRA weights of other units
 
     dataloader = None
     if training_data is not None:

@@ -90,18 +90,22 @@ def load_weights(engine, path: str, strict: bool = True) -> list[str]:
         aliases: dict[int, list[str]] = {}
         for key, value in state.items():
             aliases.setdefault(id(value), []).append(key)
-        canonical = _names(engine)
-        # A tied parameter is read under whichever of its names the files have.
-        names = [next((k for k in [n, *aliases.get(id(p), [])] if k in weights.files), n)
-                 for n, p in zip(canonical, engine._params)]
+
+        def in_files(keys: list[str]) -> str:
+            # A tied tensor is read under whichever of its names the files have (transformers'
+            # save_pretrained writes it once).
+            return next((k for k in keys if k in weights.files), keys[0])
+
+        names = [in_files([n, *aliases.get(id(p), [])])
+                 for n, p in zip(_names(engine), engine._params)]
         saved = {n: weights.shape(n) for n in set(names) if n in weights.files}
         plan = _fill_plan(engine, saved, names, ("master",), f"zero_ext.load_weights: {path}")
         trainable = {id(p) for p in engine._params}
-        others = [(k, v) for k, v in state.items() if id(v) not in trainable]
+        # Buffers and frozen parameters, each once (a frozen tied embedding and LM head is one).
+        others = list({id(v): (in_files(aliases[id(v)]), v) for v in state.values()
+                       if id(v) not in trainable}.values())
         missing = [k for k, _ in others if k not in weights.files]
-        used = set(names) | {k for k, _ in others} | {
-            k for p in engine._params for k in aliases.get(id(p), [])}
-        unexpected = sorted(set(weights.files) - used)
+        unexpected = sorted(set(weights.files) - set(state))
         if missing or (strict and unexpected):
             raise CheckpointError(
                 f"zero_ext.load_weights: {path} does not fit the model: buffers and frozen "

@@ -27,6 +27,7 @@ Never imports peft itself: a PEFT model exists only if peft was imported already
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import types
@@ -34,7 +35,8 @@ import weakref
 
 import torch
 
-__all__ = ["guard_save_pretrained", "is_peft_model", "save_adapters"]
+__all__ = ["gather_dora_lora_weights", "guard_save_pretrained", "is_peft_model",
+           "save_adapters"]
 
 
 def is_peft_model(model) -> bool:
@@ -98,14 +100,7 @@ def _partitioned_peft_saves(engine, kwargs: dict) -> dict:
         else:
             probe[key] = value.detach()
     selected = {}
-    # PEFT lists a modules_to_save copy's keys from the copy's own state_dict(), which would
-    # read its (perhaps partitioned) values: keys only here (keep_vars), nothing read.
-    copies = [copy for module in model.modules() if hasattr(module, "modules_to_save")
-              and isinstance(module.modules_to_save, torch.nn.ModuleDict)
-              for copy in module.modules_to_save.values()]
-    for copy in copies:
-        copy.state_dict = functools.partial(torch.nn.Module.state_dict, copy, keep_vars=True)
-    try:
+    with _copies_list_keys_only(model):
         for adapter in kwargs.get("selected_adapters") or list(model.peft_config):
             chosen = get_peft_model_state_dict(
                 model, state_dict=probe, adapter_name=adapter,
@@ -114,10 +109,24 @@ def _partitioned_peft_saves(engine, kwargs: dict) -> dict:
                 if id(value) in partitioned:
                     key, param = partitioned[id(value)]
                     selected[key] = param
+    return dict(sorted(selected.items()))
+
+
+@contextlib.contextmanager
+def _copies_list_keys_only(model: torch.nn.Module):
+    """PEFT lists a modules_to_save copy's keys from the copy's own state_dict(), which reads
+    its values (a partitioned copy's raise) though the values come from the state dict PEFT
+    was given: inside, those calls list keys only (keep_vars), reading nothing."""
+    copies = [copy for module in model.modules() if hasattr(module, "modules_to_save")
+              and isinstance(module.modules_to_save, torch.nn.ModuleDict)
+              for copy in module.modules_to_save.values()]
+    for copy in copies:
+        copy.state_dict = functools.partial(torch.nn.Module.state_dict, copy, keep_vars=True)
+    try:
+        yield
     finally:
         for copy in copies:
             del copy.state_dict
-    return dict(sorted(selected.items()))
 
 
 def guard_save_pretrained(engine) -> None:
@@ -150,9 +159,32 @@ def guard_save_pretrained(engine) -> None:
             # The adapters are whole: PEFT picks them out of the state dict, in which the
             # frozen base weights stage 3 partitions go unread, by reference.
             kwargs["state_dict"] = _state_dict_unread_partitioned(self)
-        return original(save_directory, *args, **kwargs)
+        with _copies_list_keys_only(self):  # e.g. state_dict=engine.full_state_dict()
+            return original(save_directory, *args, **kwargs)
 
     model.save_pretrained = types.MethodType(save_pretrained, model)
+
+
+def gather_dora_lora_weights(engine) -> None:
+    """Stage 3: DoRA's magnitude module (`lora_magnitude_vector[adapter]`) computes its weight
+    norm from `lora_A[adapter]` and `lora_B[adapter]` in its own forward, sizing an identity
+    from `lora_A.weight.shape` before calling them, which a partitioned parameter reports as
+    (0,): their parameters are declared its external parameters (DeepSpeed's mechanism), so
+    their units are gathered around its forward and backward. zero_ext.initialize calls it; it
+    does nothing below stage 3 or for a model that is not a PEFT model."""
+    if engine.partitioned is None or not is_peft_model(engine.module):
+        return
+    from zero_ext.zero.params import register_external_parameter
+
+    for module in engine.module.modules():
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if not isinstance(magnitudes, torch.nn.ModuleDict):
+            continue
+        for adapter, magnitude in magnitudes.items():
+            for lora in (module.lora_A, module.lora_B):
+                if adapter in lora:
+                    for param in lora[adapter].parameters():
+                        register_external_parameter(magnitude, param)
 
 
 def _state_dict_unread_partitioned(model: torch.nn.Module) -> dict:

@@ -1,0 +1,83 @@
+"""PEFT models (and a frozen tied embedding) on a zero_ext engine driven directly, against
+independent references: transformers' own loading of the pretrained files, single-process
+torch training, PEFT's own save_pretrained. Cases in tests/peft_engine_cases.py: one group of
+2 ranks."""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+pytest.importorskip("peft", reason="the PEFT cases need peft")
+import peft_engine_cases
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dist_harness import run_group
+
+_DIR = tempfile.mkdtemp(prefix="zero_ext_peft_engine_")
+
+
+@functools.cache
+def _run() -> dict:
+    return run_group(2, peft_engine_cases.peft_engine_cases, _DIR)[0]
+
+
+def _case(*key) -> dict:
+    result = _run()[key]
+    assert not isinstance(result, str), result  # the case's traceback
+    return result
+
+
+@pytest.mark.parametrize("stage", peft_engine_cases.STAGES)
+@pytest.mark.parametrize("files", ["once", "twice"])
+def test_load_weights_takes_a_frozen_tied_embedding_stored_once_or_twice(files, stage):
+    """A tied embedding and LM head are one tensor; transformers' files hold it under one
+    name, a plain save of the state dict under both. Frozen (as LoRA leaves it), it is read
+    once, under the name the files have."""
+    from transformers import LlamaForCausalLM
+
+    got = _case("tied", files, stage)
+    path = os.path.join(_DIR, f"tied_{files}")
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert ("lm_head.weight" in names) == (files == "twice")
+    # transformers' own loading of its files (both files hold the same model).
+    want = LlamaForCausalLM.from_pretrained(os.path.join(_DIR, "tied_once")).state_dict()
+    assert got["unexpected"] == []
+    assert sorted(got["state"]) == sorted(want)
+    for key, value in want.items():
+        assert torch.equal(got["state"][key], value), key
+
+
+@pytest.mark.parametrize("stage", peft_engine_cases.STAGES)
+def test_dora_trains_as_single_process(stage):
+    """DoRA's magnitude module reads lora_A's shape and runs lora_A and lora_B in its own
+    forward: at stage 3 their units are gathered around it."""
+    got, want = _case("dora", stage), _case("dora", "reference")
+    assert sorted(got["trainable"]) == sorted(want["trainable"])
+    assert any("lora_magnitude_vector" in name for name in want["trainable"])
+    for name, value in want["trainable"].items():
+        assert_close(got["trainable"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("stage", peft_engine_cases.STAGES)
+def test_save_pretrained_of_the_full_state_dict_saves_modules_to_save(stage):
+    """model.save_pretrained(dir, state_dict=engine.full_state_dict()) on rank 0 writes what
+    PEFT writes for the same training in one process, the partitioned lm_head copy included."""
+    _case("modules_to_save", stage)
+    _case("modules_to_save", "reference")
+    mine = load_file(os.path.join(_DIR, f"modules_to_save_zero{stage}",
+                                  "adapter_model.safetensors"))
+    theirs = load_file(os.path.join(_DIR, "modules_to_save_reference",
+                                    "adapter_model.safetensors"))
+    assert sorted(mine) == sorted(theirs)
+    assert any("lm_head" in key for key in theirs), sorted(theirs)
+    for key, value in theirs.items():
+        assert mine[key].dtype == value.dtype, key
+        assert_close(mine[key], value, rtol=1e-5, atol=1e-6, msg=key)
