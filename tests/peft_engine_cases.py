@@ -86,8 +86,10 @@ def _train(kind: str, stage: int, save_dir: str) -> dict:
     state = engine.full_state_dict()
     if rank == 0:
         model.save_pretrained(save_dir, state_dict=state)
-    return {"losses": losses, "trainable": {n: state[n] for n, p in model.named_parameters()
-                                            if p.requires_grad}}
+    names = {module: name for name, module in model.named_modules()}
+    units = [names[u.module] for u in engine.partitioned.units] if engine.partitioned else []
+    return {"losses": losses, "units": units,
+            "trainable": {n: state[n] for n, p in model.named_parameters() if p.requires_grad}}
 
 
 def _reference(kind: str, world_size: int, save_dir: str) -> dict:

@@ -57,7 +57,10 @@ def find_units(model: nn.Module, class_names: list[str] | None = None) -> list[n
     """Modules whose parameters are gathered together, in registration order: the instances of
     `class_names` when given (stage3_unit_classes), else the children of every container
     (transformer blocks) and the root's other children that hold parameters (embedding, head,
-    final norm)."""
+    final norm). Inside a block, a ModuleDict's children are part of the block: PEFT keys its
+    per-adapter layers by name in ModuleDicts (lora_A, lora_B, DoRA's magnitudes), and units
+    of their own would split a LoRA block into one unit per linear (its frozen base weights
+    then leave a block holding units, see placement._move_frozen_out_of_bodies)."""
     if class_names is not None:
         units = [m for m in model.modules() if type(m).__name__ in class_names and m is not model]
         missing = set(class_names) - {type(m).__name__ for m in units}
@@ -68,17 +71,17 @@ def find_units(model: nn.Module, class_names: list[str] | None = None) -> list[n
         return units
     units: list[nn.Module] = []
 
-    def walk(module: nn.Module, in_container: bool) -> None:
+    def walk(module: nn.Module, in_container: bool, in_block: bool) -> None:
         for child in module.children():
             if isinstance(child, _CONTAINERS):
-                walk(child, True)
+                walk(child, not (in_block and isinstance(child, nn.ModuleDict)), in_block)
             elif in_container or (module is model and any(True for _ in child.parameters())):
                 units.append(child)
-                walk(child, False)
+                walk(child, False, in_block or in_container)
             else:
-                walk(child, False)
+                walk(child, False, in_block)
 
-    walk(model, False)
+    walk(model, False, False)
     return units
 
 
