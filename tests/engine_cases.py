@@ -842,6 +842,24 @@ class ReentrantBlocks(Blocks):
         return F.cross_entropy(self.head(x).float().view(-1, VOCAB), targets.view(-1))
 
 
+def _blocks_watching_ahead(world_size: int, prefetch: int, aheads: tuple[int, ...]):
+    """Blocks at stage 3 with this stage3_prefetch_bucket_size, and per distance in `aheads` a
+    list to which each block's forward appends the state of the block that far ahead."""
+    torch.manual_seed(0)
+    model = Blocks()
+    engine, _, _, _ = zero_ext.initialize(
+        model=model, config=config(3, "fp32", 1, world_size,
+                                   stage3_prefetch_bucket_size=prefetch))
+    units = {id(u.module): u for u in engine.partitioned.units}
+    seen = tuple([] for _ in aheads)
+    for states, ahead in zip(seen, aheads):
+        for i in range(len(model.blocks) - ahead):
+            model.blocks[i].register_forward_pre_hook(
+                lambda module, args, states=states, ahead=ahead, i=i: states.append(
+                    units[id(model.blocks[i + ahead])].state.value))
+    return model, engine, seen
+
+
 def prefetch_cases() -> dict:
     """What the next block's state is when a block starts its forward, step by step, with
     prefetch on and off; and what happens when the order changes."""
@@ -852,21 +870,8 @@ def prefetch_cases() -> dict:
     # "below_a_unit": a bucket smaller than any block (as DeepSpeed's 5e7 default is against
     # a 7B decoder layer): the next block is still gathered ahead, the one after it is not.
     for name, prefetch in (("on", 10**9), ("off", 0), ("below_a_unit", 1)):
-        torch.manual_seed(0)
-        model = Blocks()
-        engine, _, _, _ = zero_ext.initialize(
-            model=model, config=config(3, "fp32", 1, world_size,
-                                       stage3_prefetch_bucket_size=prefetch))
-        units = {id(u.module): u for u in engine.partitioned.units}
-        seen, seen_two_ahead = [], []
-        for i in range(3):
-            model.blocks[i].register_forward_pre_hook(
-                lambda module, args, i=i: seen.append(
-                    units[id(model.blocks[i + 1])].state.value))
-        for i in range(2):
-            model.blocks[i].register_forward_pre_hook(
-                lambda module, args, i=i: seen_two_ahead.append(
-                    units[id(model.blocks[i + 2])].state.value))
+        model, engine, (seen, seen_two_ahead) = _blocks_watching_ahead(world_size, prefetch,
+                                                                       (1, 2))
         steps, steps_two_ahead = [], []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -889,17 +894,7 @@ def prefetch_cases() -> dict:
     # training forwards after it still prefetch, and the in-order evaluation prefetches too.
     # "plain": the same training, without prefetch or inference.
     for name, prefetch in (("inference", 10**9), ("plain", 0)):
-        torch.manual_seed(0)
-        model = Blocks()
-        engine, _, _, _ = zero_ext.initialize(
-            model=model, config=config(3, "fp32", 1, world_size,
-                                       stage3_prefetch_bucket_size=prefetch))
-        units = {id(u.module): u for u in engine.partitioned.units}
-        seen = []
-        for i in range(3):
-            model.blocks[i].register_forward_pre_hook(
-                lambda module, args, i=i: seen.append(
-                    units[id(model.blocks[i + 1])].state.value))
+        model, engine, (seen,) = _blocks_watching_ahead(world_size, prefetch, (1,))
         training, inference = [], []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
