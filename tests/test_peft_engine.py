@@ -87,3 +87,27 @@ def test_save_pretrained_of_the_full_state_dict_saves_modules_to_save(stage):
     for key, value in theirs.items():
         assert mine[key].dtype == value.dtype, key
         assert_close(mine[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_qlora_base_stored_in_16_bits_is_not_cast():
+    """QLoRA for ZeRO-3 stores its 4-bit codes in bf16 elements (bnb_4bit_quant_storage): an
+    fp16 engine casting parameters must leave those codes as they are (a cast turned them into
+    other codes, silently: another base model), and still cast the model's other weights."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from zero_ext.zero.precision import cast_parameters
+
+    path = os.path.join(_DIR, "qlora_base")
+    peft_engine_cases.tiny_llama(tied=False).save_pretrained(path)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16,
+        bnb_4bit_quant_storage=torch.bfloat16)
+    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quantization,
+                                             device_map="cpu", dtype=torch.bfloat16)
+    packed = model.model.layers[0].self_attn.q_proj.weight
+    assert type(packed).__name__ == "Params4bit" and packed.dtype == torch.bfloat16
+    codes = packed.detach().view(torch.int16).clone()
+    cast_parameters(model, torch.float16)
+    assert packed.dtype == torch.bfloat16
+    assert torch.equal(packed.detach().view(torch.int16), codes)
+    assert model.model.embed_tokens.weight.dtype == torch.float16

@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["CASTABLE", "cast_parameters", "keep_in_fp32_pattern", "mixed_batch_norms",
+__all__ = ["CASTABLE", "cast_parameters", "keep_in_fp32_pattern", "mixed_batch_norms", "packed",
            "place_buffers", "set_buffer_dtypes"]
 
 # What is cast (DeepSpeed's list): fp8 and other dtypes are left as they are
@@ -29,10 +29,17 @@ CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 @torch.no_grad()
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """Every floating parameter in `dtype`, in place (the same Parameter objects, so tied
-    parameters stay tied and the caller's references stay valid)."""
+    parameters stay tied and the caller's references stay valid), except bitsandbytes'
+    quantized weights: their elements are packed codes in a storage dtype (QLoRA's
+    bnb_4bit_quant_storage, bf16 for ZeRO-3), which a cast would turn into other codes."""
     for param in model.parameters():
-        if param.dtype in CASTABLE and param.dtype != dtype:
+        if param.dtype in CASTABLE and param.dtype != dtype and not packed(param):
             param.data = param.data.to(dtype)
+
+
+def packed(param: torch.Tensor) -> bool:
+    """Whether `param` is a bitsandbytes quantized weight (Params4bit, Int8Params)."""
+    return type(param).__module__.startswith("bitsandbytes")
 
 
 def keep_in_fp32_pattern(model: nn.Module, setting: str | list[str],
