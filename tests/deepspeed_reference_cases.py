@@ -503,8 +503,9 @@ def _shared_dir() -> str:
 
 def _resume(stage: int, precision: str, **kwargs):
     """A DeepSpeed run saved after 4 steps and resumed by zero_ext (engine.load_checkpoint on
-    DeepSpeed's directory) trains the next 4 as DeepSpeed goes on: losses, learning rates,
-    loss scales, counters, norms, and the final masters and moments."""
+    DeepSpeed's directory) trains the next 4 as DeepSpeed goes on, and as DeepSpeed resuming
+    the same checkpoint does: losses, learning rates, loss scales, counters, norms, and the
+    final masters and moments."""
     config = dict(BASE, zero_optimization={"stage": stage}, **PRECISIONS[precision][0])
     config.update(kwargs.pop("config", {}))
     config = {k: v for k, v in config.items() if v is not None}
@@ -513,8 +514,10 @@ def _resume(stage: int, precision: str, **kwargs):
     directory = _shared_dir()
     try:
         ds = train("deepspeed", config, data, save=(4, directory), **kwargs)
+        ds_resumed = train("deepspeed", config, data[4:], load_dir=directory, **kwargs)
         zx = train("zero_ext", config, data[4:], load_dir=directory, **kwargs)
         compare(ds, zx)
+        compare(ds_resumed, zx)
     finally:
         dist.barrier()
         if dist.get_rank() == 0:
@@ -534,12 +537,110 @@ for _stage in (1, 2, 3):
         lambda stage=_stage: _resume(stage, "fp32", client_optimizer=_client_optimizer,
                                      config={"optimizer": None, "zero_optimization": {
                                          "stage": stage, "sub_group_size": 100}}))
-# the loss scaler's state: an overflow before the save leaves one hysteresis; the overflow
-# after it halves the scale only if that was restored
-case("fp16_resumes_deepspeed_checkpoint_loss_scaler_stage2", (2,))(
-    lambda: _resume(2, "fp32", config={"fp16": {"enabled": True, "initial_scale_power": 12,
-                                                "loss_scale_window": 100}},
-                    spikes={1: 1e3, 6: 1e3}))
+for _stage in (1, 2, 3):
+    # the loss scaler's state: an overflow before the save leaves one hysteresis; the overflow
+    # after it halves the scale only if that was restored
+    case(f"fp16_resumes_deepspeed_checkpoint_loss_scaler_stage{_stage}", (2,))(
+        lambda stage=_stage: _resume(stage, "fp32", config={"fp16": {
+            "enabled": True, "initial_scale_power": 12, "loss_scale_window": 100}},
+            spikes={1: 1e3, 6: 1e3}))
+
+
+def _resume_loss_scale_sequence(stage: int):
+    """The loss scales and skipped steps of 11 steps after a DeepSpeed fp16 checkpoint, resumed
+    by zero_ext, by DeepSpeed and as DeepSpeed went on: saved 3 clean steps after an overflow
+    (window 3: the scale grows on the first step after the save only if those clean steps
+    were restored; the growth refills the hysteresis, so of the overflows at steps 7, 9 and 10
+    the first only skips), growing again after 3 clean steps. Only the scales and counters: on
+    a growth step DeepSpeed halves the gradient (docs/deepspeed-compat.md,
+    `fp16_scale_growth_step_differs`)."""
+    config = dict(BASE, zero_optimization={"stage": stage},
+                  fp16={"enabled": True, "initial_scale_power": 12, "loss_scale_window": 3})
+    data = batches(16, {1: 1e3, 7: 1e3, 9: 1e3, 10: 1e3})
+    directory = _shared_dir()
+    try:
+        ds = train("deepspeed", config, data, save=(5, directory))
+        ds_resumed = train("deepspeed", config, data[5:], load_dir=directory)
+        zx = train("zero_ext", config, data[5:], load_dir=directory)
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+    assert zx.scales == ds_resumed.scales == ds.scales, (zx.scales, ds_resumed.scales, ds.scales)
+    assert ds.scales == [8192.0] * 4 + [4096.0] + [2048.0] * 4 + [4096.0] * 2, ds.scales
+    assert (zx.skipped, zx.global_steps) == (ds_resumed.skipped, ds_resumed.global_steps) == (
+        ds.skipped, ds.global_steps), (zx.skipped, ds_resumed.skipped, ds.skipped)
+
+
+for _stage in (1, 2, 3):
+    case(f"fp16_resumes_deepspeed_loss_scale_sequence_stage{_stage}", (2,))(
+        lambda stage=_stage: _resume_loss_scale_sequence(stage))
+
+
+def _fp16_resumes_unscaled_checkpoint(precision: str):
+    """A bf16 or fp32 DeepSpeed checkpoint holds a static LossScaler of 1.0, no fp16 state:
+    zero_ext's fp16 engine keeps the scaler its config makes (it started at 1.0, growing once
+    per loss_scale_window clean steps), as when it loads a zero_ext checkpoint without fp16.
+    DeepSpeed would train on at a static 1.0 (docs/deepspeed-compat.md)."""
+    directory = _shared_dir()
+    try:
+        train("deepspeed", dict(BASE, zero_optimization={"stage": 2}, **PRECISIONS[precision][0]),
+              batches(3, {}), save=(3, directory))
+        config = dict(BASE, zero_optimization={"stage": 2},
+                      fp16={"enabled": True, "initial_scale_power": 12})
+        engine, _, _, _ = zero_ext.initialize(model=Model(), config=copy.deepcopy(config))
+        fresh = dict(engine.loss_scaler.state_dict())
+        engine.load_checkpoint(directory)
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+    assert engine.global_steps == 3 and engine.loss_scaler.state_dict() == fresh == {
+        "scale": 4096.0, "clean_steps": 0, "hysteresis_left": 2}, engine.loss_scaler.state_dict()
+
+
+for _precision in PRECISIONS:
+    case(f"fp16_resumes_{_precision}_deepspeed_checkpoint_with_its_own_loss_scaler", (2,))(
+        lambda precision=_precision: _fp16_resumes_unscaled_checkpoint(precision))
+
+
+def _data_position_and_deepspeed_checkpoint():
+    """DeepSpeed saves no data position (its data_sampler entry is curriculum learning's), so
+    an engine whose ElasticSampler (initialize(training_data=...)) is registered refuses the
+    load, unchanged, instead of going on from its own step count (3 global batches into its
+    order, silently). Built after the load, the sampler starts at the first batch, as
+    DeepSpeed's loader does after a resume."""
+    from zero_ext.checkpoint.format import CheckpointError
+
+    config = dict(BASE, zero_optimization={"stage": 2})
+    data = [(torch.randn(IN), torch.randn(OUT)) for _ in range(8 * MICRO * dist.get_world_size())]
+    directory = _shared_dir()
+    try:
+        train("deepspeed", config, batches(3, {}), save=(3, directory))
+        engine, _, loader, _ = zero_ext.initialize(model=Model(), config=copy.deepcopy(config),
+                                                   training_data=data)
+        try:
+            engine.load_checkpoint(directory)
+        except CheckpointError as error:
+            refused = str(error)
+        else:
+            refused = None
+        unchanged = (engine.global_steps, loader.batch_sampler.position())
+        engine, _, _, _ = zero_ext.initialize(model=Model(), config=copy.deepcopy(config))
+        engine.load_checkpoint(directory)
+        sampler = zero_ext.ElasticSampler(data, engine)
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+    assert refused is not None and "'data_position'" in refused and \
+        "after load_checkpoint" in refused, refused
+    assert unchanged == (0, (0, 0)), unchanged
+    assert (engine.global_steps, sampler.position()) == (3, (0, 0))
+
+
+case("deepspeed_checkpoint_refused_by_a_registered_data_position", (2,))(
+    _data_position_and_deepspeed_checkpoint)
 
 
 def _resume_weights_only():

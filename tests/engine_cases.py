@@ -1204,7 +1204,9 @@ def generation_cases() -> dict:
 def retrain_cases(out_dir: str) -> dict:
     """ZeroTrainer.train() twice on one model (the learning rates each run logged, and whether
     the second moved the weights), and twice with model_init (whether each train() trained the
-    model it built, and how many it built)."""
+    model it built, and how many it built); a run of 6 steps saved at step 3 and resumed with
+    max_steps=9, and an uninterrupted run of 9 (the learning rates each logged, and the length
+    of the resumed run's schedule)."""
     import transformers
 
     from zero_ext.integrations.transformers import ZeroTrainer
@@ -1241,4 +1243,23 @@ def retrain_cases(out_dir: str) -> dict:
     for _ in range(2):
         trainer.train()
         model_init.append(trainer.engine.module is trainer.model is built[-1])
-    return {"rates": rates, "moved": moved, "model_init": model_init, "built": len(built)}
+    # The config's schedule, its length "auto": the Trainer's max_steps.
+    schedule = {"zero_optimization": {"stage": 2}, "scheduler": {
+        "type": "WarmupDecayLR",
+        "params": {"total_num_steps": "auto", "warmup_num_steps": 1, "warmup_max_lr": "auto"}}}
+    resumed_total = None
+    for max_steps, resume, run in ((6, None, "saved"), (9, "saved/checkpoint-3", "saved"),
+                                   (9, None, "uninterrupted")):
+        rates.append([])
+        args = transformers.TrainingArguments(
+            output_dir=f"{out_dir}/{run}", per_device_train_batch_size=2, max_steps=max_steps,
+            learning_rate=1e-2, logging_steps=1, save_strategy="steps", save_steps=3,
+            report_to="none", use_cpu=True, disable_tqdm=True)
+        trainer = ZeroTrainer(model=tiny(), args=args, train_dataset=data, zero_config=schedule,
+                              callbacks=[Logged()])
+        trainer.train(resume_from_checkpoint=resume and f"{out_dir}/{resume}")
+        if resume:
+            resumed_total = trainer.engine.lr_scheduler.total_num_steps
+    return {"rates": rates[:2], "moved": moved, "model_init": model_init, "built": len(built),
+            "resumed_rates": rates[3], "uninterrupted_rates": rates[4],
+            "resumed_total": resumed_total}

@@ -11,8 +11,8 @@ after the first epoch's last step, from which a new Trainer resumes with ckpt_pa
 the last one validate() loads; once more with the network built in configure_model, under
 zero_ext.Init). Also: bf16-mixed and 16-true runs; a config that contradicts the Trainer;
 manual optimization without clipping under DDP and ZeroStrategy; a config "optimizer" section
-against DDP with that AdamW; a dict batch of token ids (tokens/s in the logger); the
-standalone pytorch_lightning package. Rank 0 writes OUT/results.json: per run the losses of
+against DDP with that AdamW; a second fit() on one Trainer; a dict batch of token ids (tokens/s
+in the logger); the standalone pytorch_lightning package. Rank 0 writes OUT/results.json: per run the losses of
 rank 0's micro-batches, the learning rate and global gradient norm at each optimizer step,
 trainer.global_step, the engine's step counts, the model summary's counts and the final
 weights (as lists).
@@ -215,6 +215,16 @@ def fit(strategy, module=None, ckpt_path=None, **kwargs) -> dict:
     return summary(trainer, record, module)
 
 
+def refit(strategy) -> dict:
+    """fit() twice on one Trainer, the second up to twice max_steps."""
+    module = Regression()
+    trainer, record = trainer_for(strategy)
+    trainer.fit(module, loader())
+    trainer.fit_loop.epoch_loop.max_steps = 2 * MAX_STEPS
+    trainer.fit(module, loader())
+    return {"lrs": record.lrs, "global_step": trainer.global_step}
+
+
 def fit_pytorch_lightning() -> dict:
     """The standalone package's Trainer with its ZeroStrategy, by registered name (stage 2)."""
     import pytorch_lightning as ptl
@@ -277,6 +287,11 @@ def main(out: str) -> None:
     manual = {"accumulate_grad_batches": 1, "gradient_clip_val": None}
     results["ddp_manual"] = fit("ddp", ManualRegression(), **manual)
     results["zero_manual"] = fit(ZeroStrategy(stage=2), ManualRegression(), **manual)
+
+    # A second fit() builds the optimizer and its schedule again under DDP: the schedule starts
+    # again (ZeroStrategy's engine keeps its optimizer state, so only the rates compare).
+    results["ddp_refit"] = refit("ddp")
+    results["zero_refit"] = refit(ZeroStrategy(stage=2))
 
     results["bf16"] = fit(ZeroStrategy(stage=2), precision="bf16-mixed")
     # fp16 weights with dynamic loss scaling (Lightning turns "16-mixed" into "bf16-mixed" on

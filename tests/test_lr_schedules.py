@@ -198,6 +198,32 @@ def test_loads_deepspeed_state_dict():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)  # i = 5
 
 
+@pytest.mark.parametrize("cls", [WarmupDecayLR, WarmupCosineLR])
+def test_a_resumed_schedule_keeps_its_own_length(cls):
+    # A run resumed with a longer max_steps (the Trainer fills total_num_steps from it) decays
+    # over the new length, as under DeepSpeed, whose schedules load their position only: the
+    # checkpoint's total of 10 made the resumed run's rate reach its end at step 10 of 16.
+    def make(optimizer, total):
+        return cls(optimizer, total_num_steps=total, warmup_num_steps=2)
+
+    optimizer = make_optimizer("adamw")
+    short = make(optimizer, 10)
+    lr_sequence(short, optimizer, steps=6)
+    resumed_optimizer = make_optimizer("adamw")
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    resumed = make(resumed_optimizer, 16)
+    # zero_ext checkpoints written before held the settings too; both load the position only
+    for saved in (short.state_dict(), {**short.__dict__, "optimizer": None}):
+        resumed.load_state_dict({k: v for k, v in saved.items() if k != "optimizer"})
+        assert resumed.total_num_steps == 16 and resumed.last_epoch == 6
+    uninterrupted_optimizer = make_optimizer("adamw")
+    uninterrupted = make(uninterrupted_optimizer, 16)
+    full = lr_sequence(uninterrupted, uninterrupted_optimizer, steps=16)
+    assert resumed.get_last_lr() == pytest.approx([full[6]], rel=1e-12)
+    rest = lr_sequence(resumed, resumed_optimizer, steps=10)
+    assert rest[1:] == pytest.approx(full[7:], rel=1e-12) and rest[-1] < rest[-2]
+
+
 def test_build_scheduler_from_config():
     optimizer = make_optimizer()
     config = SchedulerConfig(type="warmupcosinelr", params={"total_num_steps": 30,

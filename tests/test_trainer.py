@@ -348,15 +348,31 @@ def test_auto_buckets_follow_a_multimodal_models_text_width():
     assert model_hidden_size(holder()) is None
 
 
-def test_a_second_train_restarts_the_schedule_and_model_init_gets_its_own_engine(tmp_path):
+@pytest.fixture(scope="module")
+def retrained(tmp_path_factory):
+    # In a process of its own: training sets the process group up (and torchrun's variables).
+    (result,) = run_group(1, engine_cases.retrain_cases, str(tmp_path_factory.mktemp("retrain")))
+    return result
+
+
+def test_a_second_train_restarts_the_schedule_and_model_init_gets_its_own_engine(retrained):
     # As the Trainer: a second train() keeps the optimizer state and starts the schedule it
     # made again (the engine's had ended at 0 and the weights stood still); with model_init
     # each train() trains the model it builds (it crashed on the first engine's optimizer).
-    # In a process of its own: training sets the process group up (and torchrun's variables).
-    (result,) = run_group(1, engine_cases.retrain_cases, str(tmp_path))
+    result = retrained
     first, second = result["rates"]
     assert second == first and first[0] > 0, result
     assert result["moved"] and result["model_init"] == [True, True] and result["built"] == 3
+
+
+def test_a_run_resumed_with_more_steps_decays_over_them(retrained):
+    # Saved at step 3 of 6 and resumed with max_steps=9: the config's schedule ("auto" length)
+    # runs over 9 steps, as the uninterrupted run of 9 (and as under DeepSpeed); the
+    # checkpoint's length of 6 had brought the rate to 0 at step 6.
+    assert retrained["resumed_total"] == 9
+    resumed, uninterrupted = retrained["resumed_rates"], retrained["uninterrupted_rates"]
+    assert len(resumed) == 6 and len(uninterrupted) == 9
+    assert resumed == pytest.approx(uninterrupted[3:], rel=1e-12) and resumed[-2] > 0
 
 
 def test_evaluating_an_init_built_model_before_training_says_what_to_do(args):

@@ -79,15 +79,24 @@ class _DeepSpeedSchedule(LRScheduler):
         """DeepSpeed's step counter: ``last_epoch - 1`` (-1 right after construction)."""
         return self.last_epoch - 1
 
+    # As DeepSpeed's schedules, a state dict is the position in the schedule only: the
+    # settings (total_num_steps, warmup, learning rates) are the config's, so a run resumed with
+    # another length (a Trainer's new max_steps) follows it instead of the checkpoint's.
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict of this class, or DeepSpeed's ``{"last_batch_iteration": i}``
-        (from a DeepSpeed checkpoint), which resumes at the same position in the schedule."""
-        if "last_epoch" not in state_dict and "last_batch_iteration" in state_dict:
-            super().load_state_dict({"last_epoch": int(state_dict["last_batch_iteration"]) + 1})
-            # DeepSpeed's dict has no learning rates: those of the position it resumes at
-            self._last_lr = self.get_lr()
-            return
-        super().load_state_dict(state_dict)
+        """Resume at the position of a state dict of this class (older ones, which also hold
+        the settings, too) or of DeepSpeed's ``{"last_batch_iteration": i}`` (a DeepSpeed
+        checkpoint), at the learning rates of that position in this schedule."""
+        if "last_epoch" in state_dict:
+            last_epoch = int(state_dict["last_epoch"])
+        else:
+            last_epoch = int(state_dict["last_batch_iteration"]) + 1
+        super().load_state_dict({"last_epoch": last_epoch,
+                                 "_step_count": int(state_dict.get("_step_count",
+                                                                   last_epoch + 1))})
+        self._last_lr = self.get_lr()
 
 
 class WarmupLR(_DeepSpeedSchedule):

@@ -24,7 +24,12 @@ argparse.Namespace (Megatron-DeepSpeed's arguments in the client state) as itsel
 from the file runs and DeepSpeed need not be installed; any other object fails the load, named. As in load_checkpoint, everything is
 read and checked on every rank before any rank writes. Not read (an error says so): model- or
 pipeline-parallel checkpoints, expert (MoE) files, DeepSpeed's stage 0, universal checkpoints.
-Data-sampler and random-number states are not restored.
+As by DeepSpeed's own load_checkpoint, random-number states (it saves none) and a data
+position (its data_sampler entry is curriculum learning's) are not restored; an engine with
+a registered data position (an ElasticSampler) refuses the load, as for a zero_ext
+checkpoint without one. The fp16 loss scaler takes the state of DeepSpeed's dynamic one
+(scale, clean steps, hysteresis left), never its settings; a static one (a fixed scale, or
+a bf16 or fp32 run's 1.0) leaves it as this config makes it.
 """
 
 from __future__ import annotations
@@ -283,11 +288,12 @@ def _frozen_values(ckpt: _Checkpoint) -> dict[str, torch.Tensor]:
 
 
 def _scaler_state(record) -> dict | None:
+    """The state of DeepSpeed's dynamic loss scaler for ours; None for its static LossScaler,
+    which holds a setting only: a fixed fp16 scale, or the 1.0 of a bf16 or fp32 run (whose
+    scale would have made this config's fp16 scaler start at 1)."""
     fields = getattr(record, "__dict__", {})
-    if "cur_scale" not in fields:
+    if "cur_scale" not in fields or not fields.get("dynamic", False):
         return None
-    if not fields.get("dynamic", False):
-        return {"scale": float(fields["cur_scale"]), "clean_steps": 0, "hysteresis_left": 1}
     # DeepSpeed's next update reads stable_interval = cur_iter - last_overflow_iter - 1
     return {"scale": float(fields["cur_scale"]),
             "clean_steps": int(fields["cur_iter"]) - int(fields["last_overflow_iter"]) - 1,
@@ -373,6 +379,15 @@ def _plan(engine, path: str, load_optimizer_states: bool, load_lr_scheduler_stat
         if not isinstance(scheduler, dict):
             problems.append("no LR scheduler state in the checkpoint; pass "
                             "load_lr_scheduler_states=False")
+    if not load_module_only:
+        # DeepSpeed saves no state of ours: a registered data position would otherwise go on
+        # from this engine's step count silently (zero_ext's own checkpoints refuse so too).
+        missing = engine.checkpoint_states.problems(None, path)
+        if missing:
+            problems.append("; ".join(missing) + ". A DeepSpeed checkpoint holds no such "
+                            "state: build the ElasticSampler (or register the object) after "
+                            "load_checkpoint, where it starts from the beginning, as "
+                            "DeepSpeed's own loader does after a resume")
     if problems:
         raise CheckpointError(f"{CALLER}: the DeepSpeed checkpoint {path} does not fit this "
                               f"model: " + "; ".join(problems))

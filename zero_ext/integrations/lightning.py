@@ -40,7 +40,9 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 
 import zero_ext
 from zero_ext.config import read_json_config
+from zero_ext.engine import _rebind_scheduler
 from zero_ext.integrations.config_fill import ConfigFiller
+from zero_ext.lr_schedules import build_scheduler
 
 __all__ = ["EngineModelSummary", "ZeroPrecision", "ZeroStrategy"]
 
@@ -193,6 +195,8 @@ class ZeroStrategy(DDPStrategy):
             if not any(p.is_meta for p in module.parameters()):
                 self.model_to_device()  # (zero_ext.Init's shards are placed by the engine)
             self._create_engine(trainer, fitting)
+        elif fitting:
+            self._restart_schedule()
         self.model = self.engine
         if fitting:
             self.optimizers, self.lr_scheduler_configs = self._fit_state
@@ -253,29 +257,58 @@ class ZeroStrategy(DDPStrategy):
         sampler = getattr(source.dataloader(), "batch_sampler", None)
         return getattr(sampler, "batch_size", None)
 
+    def _configured_optimizer(self, has_optimizer: bool, has_scheduler: bool):
+        """(optimizer, its LRSchedulerConfig or None) from LightningModule.configure_optimizers,
+        checked; (None, None) when the zero_ext config has an "optimizer" section."""
+        if has_optimizer:
+            return None, None
+        optimizers, schedulers = _init_optimizers_and_lr_schedulers(self.lightning_module)
+        if len(optimizers) != 1 or len(schedulers) > 1:
+            raise ValueError(
+                f"zero_ext.integrations.lightning: configure_optimizers returned "
+                f"{len(optimizers)} optimizers and {len(schedulers)} LR schedulers; the "
+                "engine steps one optimizer (with at most one scheduler): return one")
+        optimizer = optimizers[0]
+        if isinstance(optimizer, _MockOptimizer) or \
+                not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError("zero_ext.integrations.lightning: configure_optimizers returned "
+                             "no optimizer; return a torch.optim.AdamW (or add an "
+                             "\"optimizer\" section to the zero_ext config)")
+        scheduler_config = schedulers[0] if schedulers else None
+        if scheduler_config is not None and has_scheduler:
+            raise ValueError("zero_ext.integrations.lightning: both configure_optimizers and "
+                             "the zero_ext config's \"scheduler\" section give an LR "
+                             "schedule; keep one")
+        return optimizer, scheduler_config
+
+    def _restart_schedule(self) -> None:
+        """Another fit() on this engine: Lightning builds the optimizer and its LR schedule anew
+        for every fit (configure_optimizers; its DeepSpeed strategy, a new engine), so the
+        schedule starts again, over this fit's steps, instead of going on from where the last
+        fit left it (ended, at 0 for one that decays). The engine's optimizer keeps its state,
+        as in ZeroTrainer's second train()."""
+        engine = self.engine
+        optimizer, scheduler_config = self._configured_optimizer(
+            engine.config.optimizer is not None, engine.config.scheduler is not None)
+        if scheduler_config is not None:  # configure_optimizers' schedule, on our optimizer
+            _rebind_scheduler(scheduler_config.scheduler, optimizer, engine.optimizer)
+        elif engine.config.scheduler is not None:  # the config's
+            scheduler_config = LRSchedulerConfig(
+                build_scheduler(engine.config.scheduler, engine.optimizer), interval="step")
+        if scheduler_config is not None:  # the rates of the schedule's start
+            for group, lr in zip(engine.optimizer.param_groups,
+                                 scheduler_config.scheduler.get_last_lr()):
+                group["lr"] = lr
+        self._fit_state = ([engine.optimizer], [scheduler_config] if scheduler_config else [])
+
     def _create_engine(self, trainer, fitting: bool) -> None:
         module = self.lightning_module
         config = self.engine_config(trainer)
         optimizer, scheduler_config = None, None
-        if fitting and config.get("optimizer") is None:
-            optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
-            if len(optimizers) != 1 or len(schedulers) > 1:
-                raise ValueError(
-                    f"zero_ext.integrations.lightning: configure_optimizers returned "
-                    f"{len(optimizers)} optimizers and {len(schedulers)} LR schedulers; the "
-                    "engine steps one optimizer (with at most one scheduler): return one")
-            optimizer = optimizers[0]
-            if isinstance(optimizer, _MockOptimizer) or \
-                    not isinstance(optimizer, torch.optim.Optimizer):
-                raise ValueError("zero_ext.integrations.lightning: configure_optimizers returned "
-                                 "no optimizer; return a torch.optim.AdamW (or add an "
-                                 "\"optimizer\" section to the zero_ext config)")
-            scheduler_config = schedulers[0] if schedulers else None
-            if scheduler_config is not None and config.get("scheduler") is not None:
-                raise ValueError("zero_ext.integrations.lightning: both configure_optimizers and "
-                                 "the zero_ext config's \"scheduler\" section give an LR "
-                                 "schedule; keep one")
-        elif fitting and is_overridden("configure_optimizers", module):
+        if fitting:
+            optimizer, scheduler_config = self._configured_optimizer(
+                config.get("optimizer") is not None, config.get("scheduler") is not None)
+        if fitting and optimizer is None and is_overridden("configure_optimizers", module):
             rank_zero_info("zero_ext: the config's \"optimizer\" section is used; "
                            "LightningModule.configure_optimizers is not called")
         if is_overridden("backward", module):
