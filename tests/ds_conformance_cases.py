@@ -63,6 +63,7 @@ def load_all_cases() -> None:
     import ds_conformance_cases_context  # noqa: F401
     import ds_conformance_cases_fragment  # noqa: F401
     import ds_conformance_cases_no_sync  # noqa: F401
+    import ds_conformance_cases_offload_states  # noqa: F401
     import ds_conformance_cases_precision  # noqa: F401
     import ds_conformance_cases_single  # noqa: F401
     import ds_conformance_cases_state  # noqa: F401

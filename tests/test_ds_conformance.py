@@ -204,3 +204,8 @@ def test_no_sync_ctxt_py(world_size, test_id):
 @_ported("test_convert_checkpoint.py")
 def test_convert_checkpoint_py(world_size, test_id):
     _run(world_size, test_id)
+
+
+@_ported("test_offload_states.py")
+def test_offload_states_py(world_size, test_id):
+    _run(world_size, test_id)

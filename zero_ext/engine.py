@@ -50,6 +50,7 @@ from zero_ext.zero.agreement import StepAgreement, backward_count_error
 from zero_ext.zero.buckets import GradientBuckets, reduced_grad_dtype
 from zero_ext.zero.compression import GradientCompression
 from zero_ext.zero.construction import outside_init
+from zero_ext.zero.offload_states import OffloadedStates
 from zero_ext.zero.params import PartitionedParameters, materialize
 from zero_ext.zero.persistent import PersistentParameters
 
@@ -69,6 +70,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self.stage = config.zero_optimization.stage
         self.module = model
         self._init_step_state()
+        self._offloaded_states = OffloadedStates()  # offload_states() until reload_states()
         self.model_dtype = config.mixed_precision or torch.float32
         self.device = replicas.training_device()
         self.built_under_init = replicas.place_model(model, self.device,
@@ -236,6 +238,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         # Their public names: the checkpoint code, reporting and tests read them here.
         self.replicated_optimizer = replicated_optimizer
         self.optimizer, self.offload = self._optimizers.optimizer, self._optimizers.offload
+        if replicated_optimizer is None:
+            self.optimizer.engine = weakref.ref(self)  # its offload_states() is the engine's
         self._deferrable = self._optimizers.deferrable
 
     def _build_gradients(self) -> None:
@@ -260,6 +264,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        self._offloaded_states.check("a forward", needs=("lp_params",))
         if torch.is_grad_enabled():  # training forwards only: evaluation is not throughput
             self.monitor.forward(args, kwargs)
         segments = checkpointing.counters.segments
@@ -369,6 +374,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             raise ValueError(f"zero_ext: engine.backward expects a scalar loss, got shape "
                              f"{tuple(loss.shape)}; reduce it (e.g. .mean()) first")
         self._check_alive()
+        self._offloaded_states.check("engine.backward()")
         if self._no_sync and self.grad_buckets.reduced():
             raise RuntimeError(
                 "zero_ext: engine.backward() inside engine.no_sync() after the backward that "
@@ -415,6 +421,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         exactly one engine.backward() since the last step() (one backward per micro-step, as
         DeepSpeed's engine does)."""
         self._check_alive()
+        self._offloaded_states.check("engine.step()")
         if self._no_sync:
             raise RuntimeError(
                 "zero_ext: engine.step() inside engine.no_sync(): the gradients there are not "
@@ -462,6 +469,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
     # -- GatheredParameters -----------------------------------------------------------------
     def hold_layouts(self, layout_indices: set[int]) -> list:
         """Gathers and holds the stage-3 units holding these buckets (GatheredParameters)."""
+        self._offloaded_states.check("GatheredParameters", needs=("lp_params",))
         if self.partitioned is None:
             return []
         return self.partitioned.hold(layout_indices)
@@ -514,8 +522,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
 
     def memory_by_location(self) -> dict[str, int]:
         """memory_breakdown()'s total split by where it lives: "host" (what offload_optimizer
-        and offload_param put in host memory) and "device" (the rest; on a machine without a
-        GPU both are CPU memory)."""
+        and offload_param put in host memory, and offload_states() moved there) and "device"
+        (the rest; on a machine without a GPU both are CPU memory)."""
         return reporting.memory_by_location(self)
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -526,6 +534,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         `client_state` (plain data: see zero_ext/checkpoint/data_only.py) comes back from
         load_checkpoint. Returns the checkpoint's path. See zero_ext/checkpoint/format.py."""
         from zero_ext.checkpoint.engine_state import save_checkpoint
+        self._offloaded_states.check("engine.save_checkpoint()")
         self._settle_step()
         return save_checkpoint(self, save_dir, tag, client_state, save_latest,
                                exclude_frozen_parameters)
@@ -554,6 +563,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                 "checkpoint is shards, with no module state_dict to hand the function. Load "
                 "the checkpoint, then change the weights (zero_ext.utils.safe_set_full_fp32_param"
                 "), or load full weights with engine.load_weights")
+        self._offloaded_states.check("engine.load_checkpoint()")
         self._settle_step()
         return load_checkpoint(self, load_dir, tag, load_optimizer_states,
                                load_lr_scheduler_states, load_module_only,
@@ -566,6 +576,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         with a model built under zero_ext.Init, no process ever holds the whole model. Returns
         the file's tensors the model did not take (refused unless strict=False)."""
         from zero_ext.checkpoint.pretrained import load_weights
+        self._offloaded_states.check("engine.load_weights()")
         self._settle_step()
         return load_weights(self, path, strict)
 
@@ -576,6 +587,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         `from_pretrained(save_dir)` loads it), gathering one stage-3 unit at a time. Returns
         the file's path."""
         from zero_ext.checkpoint.consolidate import save_engine_model
+        self._offloaded_states.check("engine.save_16bit_model()")
         self._settle_step()
         return save_engine_model(self, os.path.join(save_dir, save_filename),
                                  exclude_frozen_parameters)
@@ -600,6 +612,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         that rank alone (the others take part and get {}: one host copy of the model, not one
         per rank). Collective at stage 3, which gathers one unit at a time; at stages 0-2
         every rank holds whole parameters."""
+        self._offloaded_states.check("engine.full_state_dict()")
         self._settle_step()
         keep = only_rank is None or only_rank == self.rank
         gathered = self.partitioned.full_values(keep) if self.partitioned is not None else {}

@@ -1,14 +1,16 @@
 """The DeepSpeed engine's methods beside training, by its names, for scripts written against
 it: the accessors (`engine.train_batch_size()`, `engine.gradient_accumulation_steps()`,
 `engine.was_step_applied()` and the like, each reading the engine's own state), `no_sync()`
-and `zero_grad()`, and the lifecycle calls `destroy()` and `empty_partition_cache()`.
-ZeroEngine inherits them."""
+and `zero_grad()`, the lifecycle calls `destroy()` and `empty_partition_cache()`, and
+`offload_states()` / `reload_states()` (zero/offload_states.py). ZeroEngine inherits them."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
+
+from zero_ext.zero.offload_states import move_back, move_to_host
 
 __all__ = ["DeepSpeedEngineAPI"]
 
@@ -184,6 +186,24 @@ class DeepSpeedEngineAPI:
                                "it between steps")
         if self.partitioned is not None:
             self.partitioned.release_all()
+
+    def offload_states(self, include=None, device="cpu", pin_memory: bool = True,
+                       non_blocking: bool = False) -> None:
+        """DeepSpeed's: moves the engine's device-resident state to host memory (pinned where
+        CUDA is) and frees it on the device, e.g. while a colocated inference engine generates.
+        `include`: the states to move (OffloadStateTypeEnum members or their names:
+        optim_states, hp_params, lp_params, lp_grads, contiguous_grad_buffer; default all);
+        state already on the host (offload_optimizer's) stays. `device`: "cpu" only
+        ("none" moves nothing, "nvme" is refused). Between steps, or between a backward and
+        its step; not a collective, but call it on every rank. Until reload_states(), a
+        forward runs unless lp_params were moved, and everything else that reads the state
+        (backward, step, checkpoints) is refused. Refused with offload_param, as in DeepSpeed."""
+        move_to_host(self, include, device, pin_memory, non_blocking)
+
+    def reload_states(self, non_blocking: bool = False) -> None:
+        """DeepSpeed's: everything offload_states() moved, back on the device (bit for bit);
+        training goes on as if it had never left. Nothing to do when nothing is offloaded."""
+        move_back(self, non_blocking)
 
     def _check_alive(self) -> None:
         if self.__dict__.get("_destroyed"):

@@ -76,6 +76,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     cur_scale = loss_scale
 
+    # DeepSpeed's ZeRO optimizers have offload_states / reload_states too, and RLHF frameworks
+    # call them there (OpenRLHF: `engine.optimizer.offload_states(...)`): here they are the
+    # engine's, which holds every buffer they move (`engine`, a weak reference it sets).
+    engine = None
+
+    def offload_states(self, include=None, device="cpu", pin_memory: bool = True,
+                       non_blocking: bool = False) -> None:
+        """engine.offload_states(), called on the optimizer as DeepSpeed's ZeRO ones allow."""
+        self.engine().offload_states(include, device, pin_memory, non_blocking)
+
+    def reload_states(self, non_blocking: bool = False) -> None:
+        """engine.reload_states(), called on the optimizer."""
+        self.engine().reload_states(non_blocking)
+
     def __init__(self, param_groups: list[dict], layouts: list[BucketLayout],
                  weights: list[torch.Tensor], *, defaults: dict,
                  state_buffer: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None,

@@ -124,4 +124,5 @@ def memory_by_location(engine) -> dict[str, int]:
         host += sum(engine.optimizer.nbytes(engine.offload.shards).values())
     if engine.offload_param:
         host += engine.partitioned.shard_nbytes()
+    host += engine._offloaded_states.nbytes()  # engine.offload_states() until reloaded
     return {"device": sum(breakdown.values()) - host, "host": host}
