@@ -417,10 +417,146 @@ def model_save(root: str) -> dict:
     return out
 
 
+# -- a parameter frozen when saved and trainable now -----------------------------------------
+def _full_states(engine) -> dict:
+    """name -> (fp32 master, exp_avg, exp_avg_sq) of every trainable parameter (collective)."""
+    from zero_ext.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    return {name: (safe_get_full_fp32_param(p).clone(),
+                   safe_get_full_optimizer_state(p, "exp_avg").clone(),
+                   safe_get_full_optimizer_state(p, "exp_avg_sq").clone())
+            for name, p in engine.module.named_parameters() if p.requires_grad}
+
+
+def unfrozen_since(root: str) -> dict:
+    """fc1 and frozen_shift frozen when saved (kept whole, in model_states, at stages 0-2; at
+    stage 3 fc1 is partitioned into the frozen shards, frozen_shift still whole), trainable in
+    the loading model: loaded with their saved values and zero moments, the rest as saved;
+    then two steps on. The test compares with torch AdamW started from the loaded state."""
+    out = {}
+    for stage in (0, 2, 3):
+        cfg = config(stage, "fp32", 1, comm.world_size())
+        model = build_model()
+        model.fc1.requires_grad_(False)
+        saver = new_engine(cfg, model)
+        train_steps(saver, 2)
+        saved = {"params": host_params(saver.module, saver), "states": _full_states(saver),
+                 "steps": [float(s.step) for s in saver.optimizer.shards]}
+        path = saver.save_checkpoint(os.path.join(root, f"stage{stage}"), tag="t")
+        with open(os.path.join(path, "metadata.json")) as f:
+            sources = {key: kind for key, kind, _ in json.load(f)["state_dict"]}
+        model = build_model(seed=1)
+        model.frozen_shift.requires_grad_(True)
+        loader = new_engine(cfg, model)
+        loaded, seen, _ = caught(loader.load_checkpoint, os.path.dirname(path), "t")
+        result = {"saved": saved, "sources": sources, "loaded": loaded, "warnings": seen}
+        if loaded == "ok":
+            result["states"] = _full_states(loader)
+            result["steps"] = [float(s.step) for s in loader.optimizer.shards]
+            train_steps(loader, 2)
+            result["trained"] = host_params(loader.module, loader)
+        out[stage] = result
+    return out
+
+
+# -- `latest`'s temporaries ----------------------------------------------------------------------
+def latest_temporaries(root: str) -> dict:
+    """`latest.tmp.<pid>` files: none after a normal save; leftovers of an interrupted save
+    (its process gone, or on another host: here a live process) ignored by a load and removed
+    by the next save; a rename of `latest` that fails leaves none either."""
+    out = {}
+    save_dir = os.path.join(root, "dir")
+    engine = new_engine()
+    train_steps(engine, 1)
+    engine.save_checkpoint(save_dir, tag="first")
+    out["normal"] = sorted(os.listdir(save_dir))
+    comm.barrier()  # every rank listed it before rank 0 adds to it
+
+    def leave_temporaries():
+        dead = __import__("subprocess").Popen(["true"])
+        dead.wait()
+        for pid in (dead.pid, os.getppid()):
+            with open(os.path.join(save_dir, f"latest.tmp.{pid}"), "w") as f:
+                f.write("never_saved")
+
+    on_rank0(leave_temporaries)
+    out["left"] = sorted(os.listdir(save_dir))
+    fresh = new_engine()
+    out["load"] = caught(fresh.load_checkpoint, save_dir)[:2]
+    train_steps(engine, 1)
+    out["save"] = caught(engine.save_checkpoint, save_dir, tag="second")[:2]
+    out["after_save"] = sorted(os.listdir(save_dir))
+    # The rename of `latest` fails (a directory in the way, an interrupt) on rank 0.
+    real = os.replace
+    if comm.rank() == 0:
+        def replace(src, dst, *a, **k):
+            if os.fspath(dst).endswith(os.sep + "latest"):
+                raise OSError(errno.EIO, os.strerror(errno.EIO), dst)
+            return real(src, dst, *a, **k)
+        os.replace = replace
+    try:
+        out["failed_rename"] = attempt(engine.save_checkpoint, save_dir, tag="third")
+    finally:
+        os.replace = real
+    comm.barrier()
+    out["after_failed_rename"] = sorted(os.listdir(save_dir))
+    return out
+
+
+# -- load_weights from files without checksums ------------------------------------------------
+def _edit_header(path: str, edit) -> None:
+    """Rewrites a safetensors file's JSON header in place (same length, so the data stays where
+    it is): what a bit flip or a broken writer leaves."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length, (len(text), length)
+    with open(path, "wb") as f:
+        f.write(raw[:8] + text + b" " * (length - len(text)) + raw[8 + length:])
+
+
+def unchecksummed_weights(root: str) -> dict:
+    """engine.load_weights reads safetensors files that carry no checksum. A corrupt header
+    (a dtype zero_ext cannot read, a dtype whose size does not match the tensor's bytes) in
+    the tensor read last (frozen_shift, after the trainable weights) is refused on every rank
+    before anything is written, the engine as it was; so is a truncated file."""
+    out = {}
+    engine = new_engine()
+    train_steps(engine, 1)
+    good = engine.save_16bit_model(os.path.join(root, "good"))
+
+    def retype(dtype):
+        return lambda header: header["frozen_shift"].update(dtype=dtype)
+
+    def corrupt():
+        for name, edit in (("unknown_dtype", retype("F17")), ("wrong_dtype", retype("F16"))):
+            os.makedirs(os.path.join(root, name))
+            shutil.copy(good, os.path.join(root, name, "model.safetensors"))
+            _edit_header(os.path.join(root, name, "model.safetensors"), edit)
+        os.makedirs(os.path.join(root, "truncated"))
+        with open(good, "rb") as f:
+            data = f.read()
+        with open(os.path.join(root, "truncated", "model.safetensors"), "wb") as f:
+            f.write(data[:-8])
+
+    on_rank0(corrupt)
+    fresh = new_engine()
+    for name in ("unknown_dtype", "wrong_dtype", "truncated"):
+        before = state(fresh)
+        out[name] = attempt(fresh.load_weights, os.path.join(root, name))
+        out[f"{name}_unchanged"] = unchanged(before, state(fresh))
+    out["good"] = attempt(fresh.load_weights, good)
+    return out
+
+
 def run_all(root: str, names: list[str] | None = None) -> dict:
     cases = {"crafted": crafted_checkpoints, "resave": interrupted_resave,
              "failed": failed_loads, "changed": changed_config, "api": api_cases,
-             "worse": never_worse, "errors": clear_errors, "model": model_save}
+             "worse": never_worse, "errors": clear_errors, "model": model_save,
+             "unfrozen": unfrozen_since, "latest_tmp": latest_temporaries,
+             "weights": unchecksummed_weights}
     out = {}
     for name, fn in cases.items():
         if names is not None and name not in names:

@@ -673,6 +673,59 @@ def _resume_weights_only():
 case("fp16_resumes_deepspeed_checkpoint_weights_only_stage2", (2,))(_resume_weights_only)
 
 
+def flip_record_byte(path: str) -> None:
+    """Inverts one byte in the middle of the largest tensor storage record of a torch.save zip
+    file, as bit rot or a bad copy would."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        record = max((r for r in archive.infolist() if "/data/" in r.filename),
+                     key=lambda r: r.file_size)
+    with open(path, "r+b") as f:
+        f.seek(record.header_offset + 26)  # the local header: name and extra field lengths
+        name, extra = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        f.seek(record.header_offset + 30 + name + extra + record.file_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+def _corrupted_checkpoint():
+    """A byte of rank 1's optimizer file changed: DeepSpeed writes no checksums, but torch's zip
+    records carry CRC-32s. Refused on every rank before anything is written (the engine as it
+    was), instead of resuming from wrong moments."""
+    from zero_ext.checkpoint.format import CheckpointError
+
+    config = dict(BASE, zero_optimization={"stage": 2})
+    directory = _shared_dir()
+    try:
+        train("deepspeed", config, batches(4, {}), save=(4, directory))
+        engine, _, _, _ = zero_ext.initialize(model=Model(), config=copy.deepcopy(config))
+        before = _full_state("zero_ext", engine, True)
+        if dist.get_rank() == 0:
+            flip_record_byte(os.path.join(directory, "global_step4",
+                                          "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+        dist.barrier()
+        try:
+            engine.load_checkpoint(directory)
+            outcome = "loaded"
+        except CheckpointError as error:
+            outcome = str(error)
+        after = _full_state("zero_ext", engine, True)
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt is corrupt" in outcome, outcome
+    assert "fails its CRC-32 check" in outcome and "failed on 2 of 2 ranks" in outcome, outcome
+    for name, tensors in before.items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, after[name])), name
+    assert engine.global_steps == 0
+
+
+case("fp32_refuses_a_corrupted_deepspeed_checkpoint_stage2", (2,))(_corrupted_checkpoint)
+
+
 def _buffers(stage: int, precision: str, data_types: dict, scale: str, offset: str,
              zero_ext_init: bool = False):
     """Under fp16/bf16 the parameters are cast, the buffers kept as they came or cast to

@@ -269,3 +269,97 @@ def test_save_16bit_model_writes_at_stage3_and_says_where_deepspeed_would_not():
         for key, value in result[f"{gather}_full"].items():
             assert torch.equal(tensors[key], value), key
     assert _results()[1]["model"][False][1] == []  # rank 0 alone warns
+
+
+# -- a parameter frozen when saved and trainable now ----------------------------------------------
+def _adamw_from(states: dict, step: float) -> dict:
+    """The loading model (fc1 and frozen_shift trainable) set to the loaded fp32 masters, with
+    the loaded moments and step count, trained two steps by torch AdamW on the whole batch."""
+    from engine_cases import SEQ, build_model, global_batch, host_params, param_groups
+
+    model = build_model(seed=1)
+    model.frozen_shift.requires_grad_(True)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, (master, _, _) in states.items():
+            params[name].copy_(master)
+    opt = torch.optim.AdamW(param_groups(model), lr=1e-2, eps=1e-8)
+    for name, (_, exp_avg, exp_avg_sq) in states.items():
+        opt.state[params[name]] = {"step": torch.tensor(step), "exp_avg": exp_avg.clone(),
+                                   "exp_avg_sq": exp_avg_sq.clone()}
+    for step_index in range(2):
+        tokens, targets = global_batch(step_index, 2, 1)
+        opt.zero_grad()
+        model(tokens[0].reshape(-1, SEQ), targets[0].reshape(-1, SEQ)).backward()
+        for param in params.values():  # no gradient: steps with zeros, as the engine
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+    return host_params(model)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_a_parameter_frozen_when_saved_trains_on_from_its_saved_values(stage):
+    """Kept whole when saved (model_states: every frozen parameter at stages 0-2, and
+    frozen_shift at 3) or partitioned (fc1 at stage 3, the frozen shards), a parameter that
+    trains now loads its saved values with zero moments, the others their saved state, and
+    trains on as torch AdamW started from that state does, and as at stage 3."""
+    unfrozen = {"fc1.weight", "fc1.bias", "frozen_shift"}
+    result = _results()[0]["unfrozen"][stage]
+    assert result["loaded"] == "ok", result["loaded"]
+    kept = "frozen" if stage == 3 else "state"
+    assert [result["sources"][k] for k in ("fc1.weight", "fc1.bias", "frozen_shift")] == \
+        [kept, kept, "state"]
+    saved = result["saved"]
+    assert set(result["steps"]) == set(saved["steps"]) == {2.0}
+    for name, (master, exp_avg, exp_avg_sq) in result["states"].items():
+        if name in unfrozen:
+            assert torch.equal(master, saved["params"][name]), name
+            assert not exp_avg.any() and not exp_avg_sq.any(), name
+        else:
+            for got, want in zip((master, exp_avg, exp_avg_sq), saved["states"][name]):
+                assert torch.equal(got, want), name
+    want = _adamw_from(result["states"], saved["steps"][0])
+    for name, value in result["trained"].items():
+        torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(value, _results()[0]["unfrozen"][3]["trained"][name],
+                                   rtol=1e-5, atol=1e-6, msg=name)
+    assert _results()[1]["unfrozen"][stage]["loaded"] == "ok"
+
+
+# -- `latest`'s temporaries ----------------------------------------------------------------------
+def _temporaries(listing: list[str]) -> list[str]:
+    return [name for name in listing if name.startswith("latest.tmp.")]
+
+
+def test_no_temporary_of_latest_outlives_a_save():
+    for rank, result in enumerate(_each("latest_tmp", "normal")):
+        # (the lock: rank 0 may not have released it yet when rank 1 lists)
+        assert [n for n in result if not n.startswith(".")] == ["first", "latest"], rank
+    left = _results()[0]["latest_tmp"]["left"]
+    assert len(_temporaries(left)) == 2, left
+    # A load goes by `latest` alone; the next save removes what the interrupted one left.
+    for rank, result in enumerate(_results()):
+        assert result["latest_tmp"]["load"] == ("ok", []), (rank, result["latest_tmp"]["load"])
+        assert result["latest_tmp"]["save"][0] == "ok"
+        assert _temporaries(result["latest_tmp"]["after_save"]) == [], rank
+    seen = _results()[0]["latest_tmp"]["save"][1]
+    assert any("removed" in w and all(n in w for n in _temporaries(left)) for w in seen), seen
+    # A rename of `latest` that fails: an error on every rank, and no temporary left.
+    _on_every_rank("latest_tmp", "failed_rename", "Input/output error")
+    for rank, result in enumerate(_each("latest_tmp", "after_failed_rename")):
+        assert _temporaries(result) == [], (rank, result)
+
+
+# -- load_weights from files without checksums ------------------------------------------------
+@pytest.mark.parametrize("case, words", [
+    ("unknown_dtype", ["'frozen_shift'", "has dtype F17, which zero_ext does not read"]),
+    ("wrong_dtype", ["header of", "is corrupt", "'frozen_shift' is F16 of shape [24] (48 bytes)",
+                     "span 96 bytes"]),
+    ("truncated", ["is truncated"]),
+])
+def test_load_weights_refuses_a_corrupt_unchecksummed_file_before_writing(case, words):
+    _on_every_rank("weights", case, *words)
+    assert all(_each("weights", case + "_unchanged"))
+    assert _each("weights", "good") == ["ok", "ok"]

@@ -71,3 +71,18 @@ def test_a_deepspeed_checkpoint_is_read_as_data_never_code(tmp_path):
     # Megatron-DeepSpeed's arguments in the client state are data: read as they were saved
     torch.save({"args": argparse.Namespace(lr=0.1)}, tag / "client.pt")
     assert from_deepspeed._load(str(tag / "client.pt"))["args"] == argparse.Namespace(lr=0.1)
+
+
+def test_a_corrupted_deepspeed_file_is_refused_not_loaded(tmp_path):
+    """torch.load(mmap=True) does not check the CRC-32 of a zip record: a changed byte of a
+    tensor loaded as a wrong value until zero_ext checked them."""
+    import torch
+
+    from zero_ext.checkpoint import from_deepspeed
+    from zero_ext.checkpoint.format import CheckpointError
+
+    path = str(tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    torch.save({"optimizer_state_dict": {"fp32": torch.arange(1000.0)}}, path)
+    cases.flip_record_byte(path)
+    with pytest.raises(CheckpointError, match="optim_states/data/0 fails its CRC-32 check"):
+        from_deepspeed._load(path)

@@ -139,6 +139,8 @@ def restore(engine, index, own_file: str | None, names: list[str]) -> str:
     kinds = saved["totals"] if saved is not None else []
     if "ef_total" not in kinds:
         return "empty"
+    # A parameter frozen when saved had no residual (loading.py's _unfrozen_since): zero.
+    trained = {name for layout in index.layouts for name, _, _ in layout["slots"]}
     for layout in engine.layouts:
         fb = feedback.get(layout.index)
         if fb is None:
@@ -147,6 +149,8 @@ def restore(engine, index, own_file: str | None, names: list[str]) -> str:
         for kind in kinds:
             flat = torch.zeros(layout.padded_numel, dtype=torch.float32)
             for slot in layout.slots:
+                if names[slot.param_index] not in trained:
+                    continue
                 index.read_into(kind, names[slot.param_index], 0,
                                 flat[slot.offset:slot.offset + slot.numel])
             flats[kind] = flat

@@ -33,6 +33,7 @@ from zero_ext.checkpoint.files import (
     SaveLock,
     TensorEntry,
     atomic_write_bytes,
+    remove_stale_temporaries,
     write_safetensors,
 )
 from zero_ext.checkpoint.format import (
@@ -473,6 +474,11 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None,
         note = lock.acquire(caller)
         if note is not None:
             warnings.warn(note, stacklevel=4)
+        # What a save killed between writing `latest`'s temporary and renaming it left.
+        removed = remove_stale_temporaries(os.path.join(save_dir, LATEST), every=True)
+        if removed:
+            warnings.warn(f"{caller}: removed {removed} from {save_dir}, left by an earlier "
+                          f"save that was interrupted while it wrote '{LATEST}'", stacklevel=4)
         final = os.path.join(save_dir, tag)
         if os.path.exists(final) and not os.path.isdir(final):
             raise FileExistsError(f"{final} is a file, so tag {tag!r} cannot be saved there; "
@@ -547,5 +553,8 @@ def _fill_plan(engine, saved: dict[str, tuple[int, ...]], names: list[str], kind
 
 
 def _files_of(index: CheckpointIndex, plan) -> list[str]:
-    files = {file for _, _, name, a, b, _ in plan for file, _, _, _ in index.pieces(name, a, b)}
+    """The shard files a fill plan reads (a parameter frozen and kept whole when saved is in
+    none: model_states holds it)."""
+    files = {file for _, _, name, a, b, _ in plan if name in index.params
+             for file, _, _, _ in index.pieces(name, a, b)}
     return sorted(files)

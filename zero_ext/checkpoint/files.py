@@ -127,7 +127,11 @@ def fsync_dir(path: str) -> None:
 
 
 def _commit(tmp: str, path: str) -> None:
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:  # (a directory in the way, an interrupt): no temporary stays
+        _remove_quietly(tmp)
+        raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
@@ -164,16 +168,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path: str) -> list[str]:
+def remove_stale_temporaries(path: str, every: bool = False) -> list[str]:
     """Removes `<path>.tmp.<pid>` files that a writer killed on this machine left behind (its
-    process is gone; a live writer's file is left alone); returns their names."""
+    process is gone; a live writer's file is left alone), or, with `every` (the caller holds
+    the directory's SaveLock, so no one else writes there), those of any writer on any host;
+    returns their names."""
     directory, base = os.path.split(os.path.abspath(path))
     if not os.path.isdir(directory):
         return []
     removed = []
     for name in sorted(os.listdir(directory)):
         pid = name[len(base) + len(".tmp."):]
-        if name.startswith(base + ".tmp.") and pid.isdigit() and not _pid_alive(int(pid)):
+        if name.startswith(base + ".tmp.") and pid.isdigit() and \
+                (every or not _pid_alive(int(pid))):
             _remove_quietly(os.path.join(directory, name))
             removed.append(name)
     return removed
@@ -370,6 +377,42 @@ def chunk_digests(path: str, chunk_bytes: int = CHUNK_BYTES) -> tuple[str, ...]:
     return tuple(_pool().map(chunk, range(count)))
 
 
+def _header_problem(header) -> str | None:
+    """What breaks the safetensors format's rules in a parsed header, or None: a JSON object,
+    each tensor a shape of non-negative integers and a byte range as long as its shape and
+    dtype make it, the ranges following one another from the data's first byte. A file without
+    checksums (model weights for engine.load_weights) is so refused when opened, before
+    anything is written, rather than failing, or reading another tensor's bytes, half way."""
+    if not isinstance(header, dict):
+        return f"a JSON {type(header).__name__}, not an object"
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+            return f"{name!r} has no dtype"
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            return f"{name!r} has shape {shape!r}"
+        if not isinstance(offsets, list) or len(offsets) != 2 or \
+                not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+            return f"{name!r} has data_offsets {offsets!r}"
+        dtype = _DTYPES.get(entry["dtype"])  # another one is refused only if read (dtype())
+        size = None if dtype is None else \
+            math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if size is not None and offsets[1] - offsets[0] != size:
+            return (f"{name!r} is {entry['dtype']} of shape {shape} ({size} bytes) and its "
+                    f"data_offsets span {offsets[1] - offsets[0]} bytes")
+        spans.append((offsets[0], offsets[1], name))
+    at = 0
+    for start, end, name in sorted(spans):
+        if start != at:
+            return (f"{name!r} starts at byte {start} of the data, where the tensor before it "
+                    f"ends at {at}")
+        at = end
+    return None
+
+
 class SafetensorsReader:
     """Reads tensors, or element ranges of them, from a safetensors file without loading the
     rest of it."""
@@ -391,6 +434,9 @@ class SafetensorsReader:
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise ValueError(f"zero_ext checkpoint: the header of {path} is corrupt "
                                  f"({error})") from None
+        problem = _header_problem(header)
+        if problem is not None:
+            raise ValueError(f"zero_ext checkpoint: the header of {path} is corrupt: {problem}")
         self.metadata: dict[str, str] = header.pop("__metadata__", {}) or {}
         self._data_start = 8 + length
         self._entries = header
@@ -407,7 +453,11 @@ class SafetensorsReader:
         return name in self._entries
 
     def dtype(self, name: str) -> torch.dtype:
-        return _DTYPES[self._entry(name)["dtype"]]
+        dtype = self._entry(name)["dtype"]
+        if dtype not in _DTYPES:
+            raise ValueError(f"zero_ext checkpoint: {name!r} in {self.path} has dtype {dtype}, "
+                             f"which zero_ext does not read")
+        return _DTYPES[dtype]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)["shape"])
@@ -430,8 +480,8 @@ class SafetensorsReader:
         """Fills the 1-D tensor `out` with elements [start, start + out.numel()) of `name`,
         straight from the file when `out` is contiguous host memory of the same dtype (no
         intermediate copy), else through one host buffer (casting, or to a device)."""
+        dtype, numel = self.dtype(name), math.prod(self.shape(name))
         entry = self._entry(name)
-        dtype, numel = _DTYPES[entry["dtype"]], math.prod(entry["shape"])
         end = start + out.numel()
         if not 0 <= start <= end <= numel:
             raise IndexError(f"zero_ext checkpoint: range [{start}, {end}) outside {name!r} "

@@ -39,6 +39,7 @@ import glob
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,22 @@ _DEEPSPEED_CLASSES = [
     argparse.Namespace]  # Megatron-DeepSpeed keeps its arguments in the client state: data
 
 
+def _check_crc(path: str) -> None:
+    """DeepSpeed writes no checksums, but torch.save's zip records carry a CRC-32 each, which a
+    memory-mapped torch.load does not check: checked here, so a corrupted file is refused
+    before anything is written instead of loading as wrong values."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        return  # not a zip archive (or truncated): torch.load below says so
+    if bad is not None:
+        raise CheckpointError(f"{CALLER}: {path} is corrupt: its record {bad} fails its CRC-32 "
+                              f"check. Restore the file or load another checkpoint")
+
+
 def _load(path: str) -> dict:
+    _check_crc(path)
     try:
         with torch.serialization.safe_globals(_DEEPSPEED_CLASSES):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -96,7 +96,8 @@ def _model_states_plan(engine, index: CheckpointIndex, strict: bool = True) -> l
     mine = {key for key, value in current.items() if id(value) not in trainable}
     excluded = set(index.metadata.get("excluded_frozen", [])) & _frozen_keys(engine)
     missing = sorted(mine - set(wanted) - set(sharded) - excluded)
-    extra = sorted(set(wanted) - mine)
+    # (A key the model has that trains now was frozen when saved: _unfrozen_since reads it.)
+    extra = sorted(set(wanted) - set(current))
     if not strict:
         excluded |= set(missing)
     elif missing or extra:
@@ -137,14 +138,30 @@ def _model_states_plan(engine, index: CheckpointIndex, strict: bool = True) -> l
     return plan
 
 
-def _unfrozen_since(index: CheckpointIndex, fill: list) -> list:
-    """A parameter stage 3 held frozen when saved and that trains now: its master weights are
-    the saved (model-dtype) values, its Adam moments start at zero (there were none)."""
+def _kept_whole(index: CheckpointIndex, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """name -> shape of the parameters that train here and were frozen and kept whole when
+    saved (in model_states: any frozen parameter at stages 0-2, one stage 3 did not
+    partition)."""
+    saved = {key for key, kind, _ in index.metadata["state_dict"] if kind == "state"}
+    whole = [name for name in names if name in saved and name not in index.params]
+    reader = index.reader(MODEL_STATES) if whole else None
+    return {name: tuple(reader.shape(name)) for name in whole}
+
+
+def _unfrozen_since(index: CheckpointIndex, fill: list, whole: dict) -> list:
+    """A parameter held frozen when saved and that trains now: its master weights are the
+    saved (model-dtype) values, from stage 3's frozen shards ("frozen") or from model_states
+    ("state": kept whole), and its Adam moments start at zero (there were none)."""
     frozen = {name for layout in index.frozen_layouts for name, _, _ in layout["slots"]}
-    if not frozen:
-        return fill
-    return [(target, at, name, a, b, kind if name not in frozen
-             else "frozen" if kind == "master" else "zero")
+
+    def source(name: str, kind: str) -> str:
+        if name not in frozen and name not in whole:
+            return kind
+        if kind != "master":
+            return "zero"
+        return "frozen" if name in frozen else "state"
+
+    return [(target, at, name, a, b, source(name, kind))
             for target, at, name, a, b, kind in fill]
 
 
@@ -267,13 +284,15 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
         raise CheckpointError(f"{CALLER}: {path} has parameters this model lacks: "
                               f"{unexpected[:8]}{tied} (load_module_strict=False passes over "
                               f"them)")
-    fill = _unfrozen_since(index, _fill_plan(engine, saved, names, kinds,
-                                             f"{CALLER}: {path}"))
+    whole = _kept_whole(index, names)
+    fill = _unfrozen_since(index, _fill_plan(engine, {**saved, **whole}, names, kinds,
+                                             f"{CALLER}: {path}"), whole)
     own_rng = shard_file_name(engine.rank, engine.world_size) \
         if index.world_size == engine.world_size else None
     needed = _files_of(index, fill) + [MODEL_STATES, ENGINE_STATE] + ([own_rng] if own_rng else [])
     index.verify_files(sorted(set(needed)))
-    for file, tensor, kind in {(f, t, k) for _, _, name, a, b, k in fill if k != "zero"
+    for file, tensor, kind in {(f, t, k) for _, _, name, a, b, k in fill
+                               if k not in ("zero", "state")
                                for f, t, _, _ in index.pieces(name, a, b)}:
         if f"{tensor}.{kind}" not in index.reader(file):
             raise CheckpointError(f"{CALLER}: {path}/{file} has no {tensor}.{kind}")
@@ -392,6 +411,8 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
     for target, at, name, a, b, kind in plan.fill:
         if kind == "zero":
             target[at:at + b - a].zero_()
+        elif kind == "state":
+            index.reader(MODEL_STATES).read_into(name, a, target[at:at + b - a])
         else:
             index.read_into(kind, name, a, target[at:at + b - a])
     for write in plan.model_states:

@@ -68,7 +68,14 @@ class _Weights:
         return self._readers[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._reader(self.files[name]).shape(name)
+        """Its shape, once its dtype is known to be one zero_ext reads (asked of every tensor
+        the load reads, before it writes anything)."""
+        reader = self._reader(self.files[name])
+        try:
+            reader.dtype(name)
+        except ValueError as error:
+            raise CheckpointError(f"zero_ext.load_weights: {error}") from None
+        return reader.shape(name)
 
     def read_into(self, kind: str, name: str, start: int, out: torch.Tensor) -> None:
         """`kind` is always the weights themselves ("master": read and cast to fp32)."""
