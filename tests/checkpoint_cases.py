@@ -247,7 +247,10 @@ def hf_llama_save(root: str) -> dict:
     engine.step()
     engine.save_checkpoint(os.path.join(root, "llama"), tag="t")
     file = engine.save_16bit_model(os.path.join(root, "llama_16bit"))
-    return {"full_state": engine.full_state_dict(), "file": file}
+    # Every rank writing its own copy (nodes without shared storage: save_on_each_node).
+    each = engine.save_16bit_model(os.path.join(root, f"llama_16bit_rank{comm.rank()}"),
+                                   writes=True)
+    return {"full_state": engine.full_state_dict(), "file": file, "each": each}
 
 
 def tiny_llama_config():

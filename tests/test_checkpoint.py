@@ -208,7 +208,9 @@ def test_hf_model_consolidates_and_saves_for_from_pretrained(tmp_path):
     out_dir = tmp_path / "hf"
     consolidate(os.path.join(root, "llama"), out_dir, dtype="bf16")
     assert (out_dir / "config.json").exists()
-    for source in (out_dir, os.path.dirname(results[0]["file"])):
+    each = [os.path.dirname(result["each"]) for result in results]
+    assert len(set(each)) == len(results)
+    for source in (out_dir, os.path.dirname(results[0]["file"]), *each):
         model = LlamaForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
         state = model.state_dict()
         for key, value in full.items():

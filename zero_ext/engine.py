@@ -581,16 +581,20 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         return load_weights(self, path, strict)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "model.safetensors",
-                         exclude_frozen_parameters: bool = False) -> str:
+                         exclude_frozen_parameters: bool = False, *,
+                         writes: bool | None = None) -> str:
         """Collective. The full model weights in the model's dtype, written by rank 0 alone as
         one safetensors file (with config.json for a transformers model, so
         `from_pretrained(save_dir)` loads it), gathering one stage-3 unit at a time. Returns
-        the file's path."""
+        the file's path. `writes` (zero_ext's): whether this rank writes it, for nodes that
+        do not share storage (the HF Trainer's save_on_each_node: each node's first rank);
+        default rank 0 alone, as DeepSpeed."""
         from zero_ext.checkpoint.consolidate import save_engine_model
         self._offloaded_states.check("engine.save_16bit_model()")
         self._settle_step()
         return save_engine_model(self, os.path.join(save_dir, save_filename),
-                                 exclude_frozen_parameters)
+                                 exclude_frozen_parameters,
+                                 self.rank == 0 if writes is None else writes)
 
     @torch.no_grad()
     def _sync_weights_from_master(self) -> None:

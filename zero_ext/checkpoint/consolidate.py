@@ -122,10 +122,12 @@ def _warn_gather_key(engine, file: str) -> None:
                   f"model). Set the key to true to silence this", stacklevel=4)
 
 
-def save_engine_model(engine, output_path: str, exclude_frozen_parameters: bool = False) -> str:
+def save_engine_model(engine, output_path: str, exclude_frozen_parameters: bool = False,
+                      writing: bool | None = None) -> str:
     """engine.save_16bit_model: the live engine's full weights in the model's dtype, written by
-    rank 0 alone. Collective: stage 3 units are gathered one at a time on every rank and only
-    rank 0 keeps each, so no rank ever holds more than one unit beyond its shards."""
+    the ranks `writing` (default: rank 0 alone). Collective: stage 3 units are gathered one at
+    a time on every rank and only the writing ranks keep each, so no rank ever holds more than
+    one unit beyond its shards."""
     state = engine.module.state_dict(keep_vars=True)
     if exclude_frozen_parameters:
         for key in _frozen_keys(engine):
@@ -136,7 +138,7 @@ def save_engine_model(engine, output_path: str, exclude_frozen_parameters: bool 
     unit_of = {id(p): position for position, unit in enumerate(units)
                for members in unit.params for p in members}
     keys = sorted(state, key=lambda k: unit_of.get(id(state[k]), len(units)))  # stable
-    writing = engine.rank == 0
+    writing = engine.rank == 0 if writing is None else writing
     file = _output_file(output_path, "zero_ext.save_16bit_model") if writing else None
     writer = SafetensorsWriter(
         file, [(k, state[k].dtype, shapes.get(id(state[k]), tuple(state[k].shape)))

@@ -315,7 +315,8 @@ class _ZeroTrainerMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         from zero_ext.integrations.peft import save_adapters
         if not save_adapters(self.engine, output_dir, should_save=self.args.should_save):
-            self.engine.save_16bit_model(output_dir)
+            # save_on_each_node: the rank that saves on each node writes the weights too.
+            self.engine.save_16bit_model(output_dir, writes=self.args.should_save)
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
