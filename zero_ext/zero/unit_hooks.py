@@ -307,7 +307,7 @@ class UnitHooks:
         then waits for (its own forward hooked them before it ran: None)."""
         self.params.after_forward()  # a prefetch held back for a deferred step starts now
         if inputs is not None and unit.has_frozen and torch.is_grad_enabled():
-            self._release_after_inputs(unit, *inputs)
+            self._release_after_inputs(unit, *inputs, replace=False)
         if replaying():
             # The replay's outputs feed no backward, and its saved tensors alias the gathered
             # buffers: the unit stays gathered until its gradients are reduced.
@@ -322,14 +322,15 @@ class UnitHooks:
         if unit.holders == 0 and not self.params.prefetch.reused_soon(unit):
             self.params.release(unit)
 
-    def _release_after_inputs(self, unit: GatherUnit, args, kwargs):
+    def _release_after_inputs(self, unit: GatherUnit, args, kwargs, replace: bool = True):
         """A unit with frozen parameters: its backward is over (for them) once the gradients of
         this forward's inputs (`args`, `kwargs`) are computed. A replay (activation
         checkpointing recomputing the forward inside backward) counts only where the original
         forward ran without autograd (torch's reentrant checkpoint: the replay's own backward
         follows); otherwise the original forward's inputs are what backward reaches, and the
-        replay's graph is discarded. Returns the inputs to run on, when it passed some of them
-        through _SharedInput (a forward pre-hook's result), else None."""
+        replay's graph is discarded. `replace`: before the forward, which may run on other
+        inputs; returns them, when it passed some through _SharedInput (a forward pre-hook's
+        result), else None."""
         tensors = [t for t in _output_tensors((args, kwargs)) if t.requires_grad]
         if not tensors or (replaying() and unit.inputs_pending > 0):
             return None
@@ -338,7 +339,7 @@ class UnitHooks:
             # Only top-level arguments are replaced (a nested one keeps its longer wait).
             top = {id(a): a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
             shared = [t for t in top.values() if t.requires_grad and t in self._taken]
-            if shared:
+            if shared and replace:
                 alias = dict(zip(map(id, shared), _SharedInput.apply(*shared)))
                 args = tuple(alias.get(id(a), a) for a in args)
                 kwargs = {k: alias.get(id(v), v) for k, v in kwargs.items()}
