@@ -215,12 +215,14 @@ def fit(strategy, module=None, ckpt_path=None, **kwargs) -> dict:
     return summary(trainer, record, module)
 
 
-def refit(strategy) -> dict:
-    """fit() twice on one Trainer, the second up to twice max_steps."""
-    module = Regression()
+def refit(strategy, module=None) -> dict:
+    """fit() twice on one Trainer, the second up to twice max_steps, with a module rate halved
+    in between (a second phase, or lr_find's suggestion)."""
+    module = module or Regression()
     trainer, record = trainer_for(strategy)
     trainer.fit(module, loader())
     trainer.fit_loop.epoch_loop.max_steps = 2 * MAX_STEPS
+    module.hparams.lr /= 2
     trainer.fit(module, loader())
     return {"lrs": record.lrs, "global_step": trainer.global_step}
 
@@ -292,6 +294,9 @@ def main(out: str) -> None:
     # again (ZeroStrategy's engine keeps its optimizer state, so only the rates compare).
     results["ddp_refit"] = refit("ddp")
     results["zero_refit"] = refit(ZeroStrategy(stage=2))
+    # Without a schedule, the second fit's optimizer alone carries the new rate.
+    results["ddp_refit_unscheduled"] = refit("ddp", UnscheduledRegression())
+    results["zero_refit_unscheduled"] = refit(ZeroStrategy(stage=2), UnscheduledRegression())
 
     results["bf16"] = fit(ZeroStrategy(stage=2), precision="bf16-mixed")
     # fp16 weights with dynamic loss scaling (Lightning turns "16-mixed" into "bf16-mixed" on

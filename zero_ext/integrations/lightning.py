@@ -286,10 +286,19 @@ class ZeroStrategy(DDPStrategy):
         for every fit (configure_optimizers; its DeepSpeed strategy, a new engine), so the
         schedule starts again, over this fit's steps, instead of going on from where the last
         fit left it (ended, at 0 for one that decays). The engine's optimizer keeps its state,
-        as in ZeroTrainer's second train()."""
+        as in ZeroTrainer's second train(), and takes the new optimizer's settings (a second
+        phase's rate, lr_find's suggestion), group for group."""
         engine = self.engine
         optimizer, scheduler_config = self._configured_optimizer(
             engine.config.optimizer is not None, engine.config.scheduler is not None)
+        if optimizer is not None:
+            if len(optimizer.param_groups) != len(engine.optimizer.param_groups):
+                raise ValueError(
+                    f"zero_ext.integrations.lightning: configure_optimizers returned "
+                    f"{len(optimizer.param_groups)} parameter groups in this fit, the engine "
+                    f"has {len(engine.optimizer.param_groups)} from the first; keep the groups")
+            for mine, theirs in zip(engine.optimizer.param_groups, optimizer.param_groups):
+                mine.update({k: v for k, v in theirs.items() if k != "params" and k in mine})
         if scheduler_config is not None:  # configure_optimizers' schedule, on our optimizer
             _rebind_scheduler(scheduler_config.scheduler, optimizer, engine.optimizer)
         elif engine.config.scheduler is not None:  # the config's
