@@ -11,6 +11,7 @@ not exist).
 import functools
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -243,14 +244,21 @@ def test_consolidate_removes_a_killed_runs_temporaries(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     out = tmp_path / "model.safetensors"
-    leftover = tmp_path / f"model.safetensors.tmp.{dead.pid}"
+    leftover = tmp_path / f"model.safetensors.tmp.{dead.pid}"  # an older version's name
     leftover.write_bytes(b"half")
+    named = tmp_path / f"model.safetensors.tmp.{socket.gethostname()}.{dead.pid}"
+    named.write_bytes(b"half")
     alive = tmp_path / f"model.safetensors.tmp.{os.getppid()}"  # a writer still running
     alive.write_bytes(b"busy")
+    # A writer on another host (shared storage, save_on_each_node): its pid means nothing
+    # here, so its file stays (it was removed mid-write, and that save failed).
+    elsewhere = tmp_path / f"model.safetensors.tmp.other-node.example.{dead.pid}"
+    elsewhere.write_bytes(b"busy")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         consolidate(source, out)
-    assert out.exists() and not leftover.exists() and alive.exists()
+    assert out.exists() and not leftover.exists() and not named.exists()
+    assert alive.exists() and elsewhere.exists()
     assert any(leftover.name in str(w.message) and "killed" in str(w.message) for w in seen)
 
 

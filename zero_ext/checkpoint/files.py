@@ -135,8 +135,14 @@ def _commit(tmp: str, path: str) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def temporary_name(path: str) -> str:
+    """`<path>.tmp.<host>.<pid>`: unique among writers on several hosts (the same pid on two
+    of them, as containers give), and telling remove_stale_temporaries whose it is."""
+    return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+
+
 def atomic_write_bytes(path: str, data: bytes) -> FileRecord:
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -169,18 +175,23 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(path: str, every: bool = False) -> list[str]:
-    """Removes `<path>.tmp.<pid>` files that a writer killed on this machine left behind (its
-    process is gone; a live writer's file is left alone), or, with `every` (the caller holds
-    the directory's SaveLock, so no one else writes there), those of any writer on any host;
-    returns their names."""
+    """Removes the temporaries (temporary_name; `<path>.tmp.<pid>` from older versions) that a
+    writer killed on this machine left behind (its process is gone; a live writer's file, and
+    one of another host, whose process cannot be checked from here, are left alone), or, with
+    `every` (the caller holds the directory's SaveLock, so no one else writes there), those of
+    any writer on any host; returns their names."""
     directory, base = os.path.split(os.path.abspath(path))
     if not os.path.isdir(directory):
         return []
+    host = socket.gethostname()
     removed = []
     for name in sorted(os.listdir(directory)):
-        pid = name[len(base) + len(".tmp."):]
-        if name.startswith(base + ".tmp.") and pid.isdigit() and \
-                (every or not _pid_alive(int(pid))):
+        if not name.startswith(base + ".tmp."):
+            continue
+        writer, _, pid = name[len(base) + len(".tmp."):].rpartition(".")
+        if not pid.isdigit():
+            continue
+        if every or (writer in ("", host) and not _pid_alive(int(pid))):
             _remove_quietly(os.path.join(directory, name))
             removed.append(name)
     return removed
@@ -300,7 +311,7 @@ class SafetensorsWriter:
         text = json.dumps(header, separators=(",", ":")).encode()
         self._header = text + b" " * (-len(text) % 8)  # data starts 8-byte aligned
         self._digest = _ChunkHasher()
-        self._tmp = f"{path}.tmp.{os.getpid()}"
+        self._tmp = temporary_name(path)
         self._file = None
 
     def __enter__(self) -> SafetensorsWriter:  # noqa: PYI034
