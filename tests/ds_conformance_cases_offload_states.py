@@ -259,6 +259,34 @@ def offload_refusals(scratch: str) -> None:
     assert engine.memory_by_location()["host"] > 0
     engine.reload_states()
     assert engine.memory_by_location()["host"] == 0
+    # Host memory running out part-way (the third buffer): what moved is recorded, refused
+    # and reloaded; nothing stays re-pointed at a host buffer behind the engine's back.
+    import zero_ext.zero.offload_states as offloading
+
+    placed = [s.exp_avg.untyped_storage().data_ptr() for s in engine.optimizer.shards]
+    real, calls = offloading.host_buffer, [0]
+
+    def exhausted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("out of memory (cudaHostAlloc)")
+        return real(*args, **kwargs)
+
+    offloading.host_buffer = exhausted
+    try:
+        engine.offload_states(include=["optim_states"])
+        raise AssertionError("no error was raised")
+    except RuntimeError as error:
+        assert "out of memory" in str(error), error
+    finally:
+        offloading.host_buffer = real
+    hosted = {s.exp_avg.untyped_storage().data_ptr() for s in engine.optimizer.shards} - \
+        set(placed)
+    assert hosted and engine.memory_by_location()["host"] > 0
+    expect_zero_ext_error(engine.step, "optim_states are offloaded")
+    engine.reload_states()
+    assert engine.memory_by_location()["host"] == 0
+    assert not hosted & {s.exp_avg.untyped_storage().data_ptr() for s in engine.optimizer.shards}
     config = _config(3, "bf16", offload_param={"device": "cpu"})
     offloaded = build_engine(config, seed=3)
     expect_zero_ext_error(offloaded.offload_states, "offload_param", "DeepSpeed refuses")

@@ -126,10 +126,18 @@ def move_to_host(engine, include, device, pin_memory: bool, non_blocking: bool) 
         torch.cuda.synchronize(engine.device)
     record = engine._offloaded_states
     for kind in kinds:
-        if kind not in record.moved:
-            record.moved[kind] = [_move(group, host_buffer(group.buffer.numel(), torch.uint8,
-                                                           pin_memory), non_blocking)
-                                  for group in _storages(_tensors(engine, kind))]
+        if kind in record.moved:
+            continue
+        moved = record.moved[kind] = []
+        # Recorded as each storage moves: a failure part-way (host memory exhausted) leaves
+        # what moved refused and reloadable, not re-pointed and forgotten.
+        try:
+            for group in _storages(_tensors(engine, kind)):
+                moved.append(_move(group, host_buffer(group.buffer.numel(), torch.uint8,
+                                                      pin_memory), non_blocking))
+        finally:
+            if not moved:
+                del record.moved[kind]
     if engine.device.type == "cuda":
         torch.cuda.empty_cache()  # the freed blocks go back to the driver, for others to use
 
