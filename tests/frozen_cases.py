@@ -1,11 +1,12 @@
 """Stage 3 with frozen parameters (a LoRA fine-tune): the frozen base weights are partitioned
 like the trained ones, gathered around their unit's forward and backward, and released once
 backward has computed their inputs' gradients. Run by tests/test_frozen_stage3.py, one process
-group per world size."""
+group per world size; qlora_cases does the same for a QLoRA base's 4-bit weights."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
@@ -17,6 +18,7 @@ from zero_ext import comm
 from zero_ext.estimate import estimate_from_config
 
 VOCAB, DIM, RANK, SEQ, MICRO, STEPS = 37, 24, 4, 5, 2, 4
+HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 
 
 class LoraLinear(nn.Module):
@@ -247,6 +249,7 @@ def frozen_cases(save_dir: str | None = None, load_dir: str | None = None,
                 engine.save_16bit_model(path)
                 out["saved"] = engine.full_state_dict()
     out.update(_special_cases(world_size, rank))
+    out["qlora"] = qlora_cases(save_dir, load_dir) if HAS_BITSANDBYTES else None
     if load_dir is not None:
         # Saved at another world size: load, compare, and train on as the uninterrupted run.
         model = _build()
@@ -283,7 +286,7 @@ def frozen_cases(save_dir: str | None = None, load_dir: str | None = None,
     return {"left": out["trained_None"]["left"], "gathered_raise": out["gathered_raise"],
             "modifier_raise": out["modifier_raise"],
             "threshold_left": out["threshold_left"], "grad_first_left": out["grad_first_left"],
-            "cross_left": out["cross_left"]}
+            "cross_left": out["cross_left"], "qlora": out["qlora"]}
 
 
 def _special_cases(world_size: int, rank: int) -> dict:
@@ -358,4 +361,110 @@ def _special_cases(world_size: int, rank: int) -> dict:
     with torch.no_grad():
         out["tied_head"] = model.body.tied(torch.ones(1, DIM)).cpu()
     out["tied_embed"] = model.body.embed.weight.detach().clone()
+    return out
+
+
+
+def qlora_cases(save_dir: str | None = None, load_dir: str | None = None) -> dict:
+    """QLoRA at stage 3, the base's 4-bit codes stored in the training dtype
+    (bnb_4bit_quant_storage), fp32 and bf16: training as at stage 2 (which keeps the base
+    whole), the bytes of codes each rank holds, evaluation and generate() with the base
+    partitioned, the estimator, and (bf16) a checkpoint saved to `save_dir` and loaded from
+    `load_dir` (saved there at another world size)."""
+    out = {name: _qlora(dtype, save_dir, load_dir) for name, dtype in (
+        ("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    out["uint8_warnings"] = _qlora(torch.uint8, save_dir, load_dir)
+    return out
+
+
+def _qlora(dtype: torch.dtype, save_dir: str | None = None, load_dir: str | None = None):
+    """One QLoRA run per stage (see qlora_cases); `dtype` uint8: the warning a bf16 engine
+    gives for codes stored in uint8 (kept whole)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from peft_script import LORA, quantized_base
+
+    world_size, rank = comm.world_size(), comm.rank()
+    vocab, scratch = 64, os.path.join(save_dir or load_dir, f"qlora_{world_size}")
+    config = {**_config(world_size), "bf16": {"enabled": dtype != torch.float32}}
+
+    def build(storage=dtype):  # in training mode, as Trainer puts it (from_pretrained: eval)
+        torch.manual_seed(0)
+        return get_peft_model(quantized_base(vocab, scratch, storage), LoraConfig(**LORA)).train()
+
+    def engine_for(model, stage):
+        zero = {**config["zero_optimization"], "stage": stage}
+        return _engine(model, world_size, {**config, "zero_optimization": zero})
+
+    if dtype == torch.uint8:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine_for(build(), 3)
+        return [str(w.message) for w in caught if "quant_storage" in str(w.message)]
+
+    def batch(step):
+        tokens = torch.randint(0, vocab, (world_size * MICRO, 12),
+                               generator=torch.Generator().manual_seed(700 + step))
+        return tokens[rank * MICRO:(rank + 1) * MICRO]
+
+    def split(engine):  # the 4-bit codes (bit for bit) and the adapters of a full state dict
+        state = engine.full_state_dict()
+        codes = {k: state[k].view(torch.uint8) for k, p in engine.module.named_parameters()
+                 if type(p).__name__ == "Params4bit"}
+        return codes, {k: v.float() for k, v in state.items() if "lora" in k}
+
+    def gathered(engine):
+        return sum(u.state.value != "sharded" for u in engine.partitioned.units) \
+            if engine.partitioned is not None else 0
+
+    out = {}
+    for stage in (2, 3):
+        model = build()
+        engine = engine_for(model, stage)
+        packed = {id(p) for p in model.parameters() if type(p).__name__ == "Params4bit"}
+        # Bytes of 4-bit codes this rank holds: whole parameters, and its part of each shard.
+        held = sum(p.numel() * p.element_size() for p in model.parameters()
+                   if id(p) in packed)
+        for param, layout, slot in engine.bucket_slots():
+            if id(param) in packed and stage == 3:
+                start, end = layout.shard_range(rank)
+                overlap = min(end, slot.offset + slot.numel) - max(start, slot.offset)
+                held += max(overlap, 0) * param.element_size()
+        losses, left = [], []
+        for step in range(STEPS):
+            tokens = batch(step)
+            loss = engine(input_ids=tokens, labels=tokens).loss
+            engine.backward(loss)
+            after_backward = gathered(engine)
+            engine.step()
+            left.append([after_backward, gathered(engine)])
+            losses.append(loss.item())
+        tokens = batch(STEPS)
+        with torch.no_grad():  # training mode: bitsandbytes' own kernel, not its CPU repacking
+            logits = engine(input_ids=tokens).logits.float()
+        engine.eval()
+        with torch.no_grad():
+            eval_logits = engine(input_ids=tokens).logits.float()
+        generated = model.generate(input_ids=tokens[:1, :4], max_new_tokens=4, do_sample=False)
+        engine.train()
+        codes, adapters = split(engine)
+        out[stage] = {"losses": losses, "left": left, "logits": logits, "codes": codes,
+                      "eval_logits": eval_logits, "generated": generated, "held": held,
+                      "adapters": adapters, "monitor": engine.monitor.model_params}
+        if stage == 3:
+            out[stage].update(
+                estimated=estimate_from_config(build(), config, world_size).device.params,
+                params_bytes=engine.memory_breakdown()["params"])
+            if save_dir is not None and dtype == torch.bfloat16:
+                engine.save_checkpoint(save_dir, tag="qlora")
+    if load_dir is not None and dtype == torch.bfloat16:
+        model = build()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora" in name:
+                    param.add_(1.0)
+        engine = engine_for(model, 3)
+        engine.load_checkpoint(load_dir, tag="qlora")
+        out["loaded"], out["loaded_adapters"] = split(engine)
     return out

@@ -63,9 +63,10 @@ def lora_model(vocab: int, base_dtype, scratch: str):
     return get_peft_model(base, LoraConfig(**LORA))
 
 
-def quantized_base(vocab: int, scratch: str):
-    """A 4-bit NF4 Llama, as QLoRA loads it. bitsandbytes' CPU 4-bit matmul needs layers at
-    least one quantization block (64) wide, hence this wider model."""
+def quantized_base(vocab: int, scratch: str, storage: torch.dtype = torch.uint8):
+    """A 4-bit NF4 Llama, as QLoRA loads it, its codes packed in `storage` elements
+    (bnb_4bit_quant_storage). bitsandbytes' CPU 4-bit matmul needs layers at least one
+    quantization block (64) wide, hence this wider model."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -76,7 +77,8 @@ def quantized_base(vocab: int, scratch: str):
     if dist.is_initialized():
         dist.barrier()
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=torch.float32)
+                                      bnb_4bit_compute_dtype=torch.float32,
+                                      bnb_4bit_quant_storage=storage)
     return LlamaForCausalLM.from_pretrained(path, quantization_config=quantization,
                                             device_map="cpu")
 

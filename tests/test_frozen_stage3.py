@@ -2,7 +2,7 @@
 training equals single-process torch AdamW, each rank holds 1/N of the frozen weights, units
 are released in backward once their inputs' gradients are computed, and checkpoints carry the
 frozen shards to another world size. Cases in tests/frozen_cases.py: one group of 3 ranks
-(saves), then one of 2 (loads what the 3 saved)."""
+(saves), then one of 2 (loads what the 3 saved); a QLoRA base's 4-bit weights among them."""
 
 from __future__ import annotations
 
@@ -175,3 +175,60 @@ def test_consolidated_and_16bit_models_hold_the_frozen_weights():
     for name, value in saved.items():
         assert torch.equal(written[name], value), name
         assert torch.equal(merged[name], value), name
+
+
+def _qlora(world_size: int, rank: int = 0) -> dict:
+    qlora = _run(world_size)[rank]["qlora"]
+    if qlora is None:
+        pytest.skip("bitsandbytes is not installed")
+    return qlora
+
+
+# fp32 trains as stage 2 within fp rounding; bf16 differs by the sums' rounding order only.
+_QLORA_TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_qlora_base_stored_in_the_training_dtype_is_partitioned(world_size, dtype):
+    """BitsAndBytesConfig(bnb_4bit_quant_storage=<training dtype>): each rank holds 1/N of the
+    packed 4-bit codes (stage 2, and stage 3 before, kept them whole on every rank), trains as
+    stage 2, leaves nothing gathered, evaluates and generates with them (evaluation mode
+    without bitsandbytes' CPU repacking of a gathered view), and gives back the same codes."""
+    runs = [_qlora(world_size, rank)[dtype] for rank in range(world_size)]
+    stage2, stage3 = runs[0][2], runs[0][3]
+    full = stage2["held"]
+    held = [run[3]["held"] for run in runs]
+    assert sum(held) == full and max(held) <= full // world_size + 1024, (held, full)
+    tolerance = _QLORA_TOLERANCE[dtype]
+    assert_close(torch.tensor(stage3["losses"]), torch.tensor(stage2["losses"]),
+                 rtol=tolerance, atol=tolerance)
+    for name, value in stage2["adapters"].items():
+        assert_close(stage3["adapters"][name], value, rtol=tolerance, atol=tolerance, msg=name)
+    assert_close(stage3["logits"], stage2["logits"], rtol=tolerance, atol=tolerance)
+    assert torch.equal(stage3["eval_logits"], stage3["logits"])
+    assert torch.equal(stage3["generated"], stage2["generated"])
+    assert stage3["codes"].keys() == stage2["codes"].keys() and stage3["codes"]
+    for name, codes in stage2["codes"].items():
+        assert torch.equal(stage3["codes"][name], codes), name
+    for run in runs:
+        assert run[3]["left"] == [[0, 0]] * frozen_cases.STEPS
+    # PEFT's count of the base (two weights per byte) is the full model's, and the estimator
+    # counts what the engine holds.
+    assert stage3["monitor"] == stage2["monitor"]
+    assert stage3["estimated"] == stage3["params_bytes"]
+
+
+def test_a_qlora_checkpoint_loads_the_codes_bit_exactly_at_another_world_size():
+    saved = _qlora(3)["bf16"][3]
+    loaded = _qlora(2)["bf16"]
+    assert loaded["loaded"].keys() == saved["codes"].keys()
+    for name, codes in saved["codes"].items():
+        assert torch.equal(loaded["loaded"][name], codes), name
+    for name, value in saved["adapters"].items():
+        assert torch.equal(loaded["loaded_adapters"][name], value), name
+
+
+def test_a_qlora_base_stored_as_uint8_stays_whole_with_a_warning():
+    warned = _qlora(2)["uint8_warnings"]
+    assert len(warned) == 1 and "bnb_4bit_quant_storage=torch.bfloat16" in warned[0], warned

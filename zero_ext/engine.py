@@ -86,6 +86,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         layout = placement.lay_out(model, self._params, group_of, stage=self.stage,
                                    zero=config.zero_optimization, world_size=self.world_size,
                                    dtype=self.model_dtype)
+        if self.stage == 3 and self.rank == 0:
+            placement.warn_packed_kept_whole(model, self.model_dtype)
         if self.built_under_init:
             # Everything but the units' parameters is allocated now, whole; the units follow
             # one at a time as PartitionedParameters shards them.
@@ -114,7 +116,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self.monitor = TrainingMonitor(
             rank=self.rank, world_size=self.world_size, device=self.device,
             trainable_params=sum(layout.used_numel for layout in self.layouts),
-            model_params=sum(bucketed.get(id(p), _weights_in(p)) for p in model.parameters()),
+            model_params=sum(_weights_in(p, bucketed.get(id(p), p.numel()))
+                             for p in model.parameters()),
             samples_per_micro_step=self.batch.train_micro_batch_size_per_gpu * self.world_size)
 
     def __getattr__(self, name: str):
@@ -626,12 +629,13 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                 for k, v in self.module.state_dict(keep_vars=True).items()}
 
 
-def _weights_in(param: nn.Parameter) -> int:
-    """How many weights a parameter holds: bitsandbytes' 4-bit weights pack two (per byte of
-    their storage dtype) into each stored element, as PEFT counts them."""
-    if type(param).__name__ == "Params4bit":
-        return param.numel() * 2 * param.element_size()
-    return param.numel()
+def _weights_in(param: nn.Parameter, numel: int) -> int:
+    """How many weights `numel` stored elements of a parameter hold (its full size, also when
+    stage 3 partitions it): bitsandbytes' 4-bit weights pack two (per byte of their storage
+    dtype) into each stored element, as PEFT counts them."""
+    if precision.packed_4bit(param):
+        return numel * 2 * param.element_size()
+    return numel
 
 
 def _sync_generation(model: nn.Module) -> None:

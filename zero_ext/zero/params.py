@@ -12,7 +12,8 @@ tensor except while the unit runs:
                        forward's inputs: its frozen weights' backward computes only those)
 Parameters shared by two units (tied embeddings), directly on the root, or smaller than
 stage3_param_persistence_threshold stay whole and take the stage-2 path instead (frozen ones
-just stay whole), as do frozen parameters of another class or dtype (quantized weights).
+just stay whole), as do frozen parameters of another class or dtype (quantized weights but
+bitsandbytes' 4-bit ones stored in the model's dtype, which keep their class and state).
 
 PartitionedParameters holds the shards and does the gathers, releases and prefetches; the
 module hooks that call them as the model runs, and the external parameters, are its
@@ -45,6 +46,7 @@ from zero_ext.zero.construction import (
 from zero_ext.zero.hpz import SecondaryPartition
 from zero_ext.zero.offload import host_buffer
 from zero_ext.zero.partition import BucketLayout
+from zero_ext.zero.precision import packed
 from zero_ext.zero.unit_hooks import UnitHooks, replaying
 
 __all__ = ["GatherUnit", "GatheredParameters", "Init", "PartitionedParameters", "UnitState",
@@ -120,6 +122,7 @@ class GatherUnit:
     uploaded: object | None = None
     refreshes: bool = False                  # the gather in flight refreshes hpZ's copy
     quantized: bool = False                  # gathered with qwZ: the values are dequantized
+    codes: bool = False                      # holds packed 4-bit codes: gathered exactly
 
     @property
     def numel(self) -> int:
@@ -345,7 +348,8 @@ class PartitionedParameters:
                 shards.append(shard.copy_(flat[start:end]))
             else:
                 shards.append(flat[start:end].clone())
-        unit = GatherUnit(module, layouts, unit_params, shards, [None] * len(layouts))
+        unit = GatherUnit(module, layouts, unit_params, shards, [None] * len(layouts),
+                          codes=any(packed(p) for members in unit_params for p in members))
         self.units.append(unit)
         for layout in layouts:
             self._unit_of_layout[layout.index] = unit
@@ -383,6 +387,8 @@ class PartitionedParameters:
         # after every stream that writes them).
         unit.fulls = [torch.empty(layout.padded_numel, dtype=self.dtype, device=self.device)
                       for layout in unit.layouts]
+        # qwZ would turn packed 4-bit codes into other codes: such a unit is gathered exactly.
+        exact = exact or unit.codes
         unit.quantized = self._compute_gather is not None and not exact
         gather_all = self._compute_gather if unit.quantized else self._gather_all
         # hpZ's copies hold what the forward's gather gave (dequantized under qwZ, so exact

@@ -34,7 +34,7 @@ from zero_ext.zero.params import find_units
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 
 __all__ = ["FROZEN", "OffloadPlacement", "ParameterLayout", "group_parameters", "lay_out",
-           "place_offload"]
+           "place_offload", "warn_packed_kept_whole"]
 
 # The group of a bucket of frozen parameters (no optimizer group steps it).
 FROZEN = -1
@@ -133,14 +133,34 @@ def lay_out(model: nn.Module, params: list[nn.Parameter], group_of: dict[nn.Para
 def _partitionable_frozen(model: nn.Module, dtype: torch.dtype) -> list[nn.Parameter]:
     """The frozen parameters stage 3 may partition: plain parameters in the model's dtype (the
     flat buffers' one), or that Init holds and the engine materializes in it (its floating
-    ones). Subclasses (bitsandbytes' quantized weights) and parameters of another dtype (a
-    bf16 base model under an fp32 engine's LoRA adapters) stay whole, computing as they are."""
+    ones), and bitsandbytes' 4-bit weights stored in it (QLoRA's bnb_4bit_quant_storage: the
+    packed codes move as that dtype's elements, never cast; the quantization state stays on
+    the parameter, whole). Other subclasses, 4-bit weights in another storage dtype (uint8 by
+    default) or repacked by an inference forward on the CPU (bitsandbytes' own layout, which
+    only its inference kernel reads) and parameters of another dtype (a bf16 base model under an fp32 engine's LoRA
+    adapters) stay whole, computing as they are."""
     # Under fp16/bf16 the engine casts every floating parameter first (precision.py); the
     # estimator lays out the model before that cast.
     cast = precision.CASTABLE if dtype in (torch.float16, torch.bfloat16) else ()
-    return [p for p in model.parameters() if not p.requires_grad and partitionable_class(p)
-            and (p.dtype == dtype or p.dtype in cast
-                 or (is_init_partitioned(p) and p.is_floating_point()))]
+    return [p for p in model.parameters() if not p.requires_grad and (
+        partitionable_class(p) and (p.dtype == dtype or p.dtype in cast
+                                    or (is_init_partitioned(p) and p.is_floating_point()))
+        or precision.packed_4bit(p) and p.dtype == dtype
+        and not getattr(p.quant_state, "packing_format_for_cpu", False))]
+
+
+def warn_packed_kept_whole(model: nn.Module, dtype: torch.dtype) -> None:
+    """Stage 3: one warning naming the frozen 4-bit weights that stay whole on every rank
+    because their storage dtype is not the model's."""
+    whole = [(name, p.dtype) for name, p in model.named_parameters()
+             if not p.requires_grad and precision.packed_4bit(p) and p.dtype != dtype]
+    if whole:
+        name, stored = whole[0]
+        warnings.warn(
+            f"zero_ext stage 3: {len(whole)} bitsandbytes 4-bit weights ({name}, ...) are "
+            f"stored as {stored}, not the model's {dtype}, and stay whole on every rank; load "
+            f"the model with BitsAndBytesConfig(..., bnb_4bit_quant_storage={dtype}) "
+            "to partition them", stacklevel=4)
 
 
 def _plan_units(model: nn.Module, params: list[nn.Parameter], frozen: list[nn.Parameter],

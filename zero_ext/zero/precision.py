@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 __all__ = ["CASTABLE", "cast_parameters", "keep_in_fp32_pattern", "mixed_batch_norms", "packed",
-           "place_buffers", "set_buffer_dtypes"]
+           "packed_4bit", "place_buffers", "set_buffer_dtypes"]
 
 # What is cast (DeepSpeed's list): fp8 and other dtypes are left as they are
 CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -40,6 +40,12 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
 def packed(param: torch.Tensor) -> bool:
     """Whether `param` is a bitsandbytes quantized weight (Params4bit, Int8Params)."""
     return type(param).__module__.startswith("bitsandbytes")
+
+
+def packed_4bit(param: torch.Tensor) -> bool:
+    """Whether `param` is a bitsandbytes 4-bit weight (Params4bit): two codes per byte of its
+    storage dtype, its quantization state (absmax, shape) beside the values, whole."""
+    return packed(param) and type(param).__name__ == "Params4bit"
 
 
 def keep_in_fp32_pattern(model: nn.Module, setting: str | list[str],

@@ -12,14 +12,16 @@ the `UnitHooks` it builds once its units are partitioned say when, from module h
                        (tracked per module), as for a declared external parameter
   register_external_parameter
                        the owner's unit gathered around another module's forward too
-UnitHooks also points the units' nn.Linear modules at `_PartitionedLinear`, so that a release
-frees the gathered weight. The hooks act on the units only through their PartitionedParameters
+UnitHooks also points the units' nn.Linear modules at `_PartitionedLinear` (bitsandbytes'
+Linear4bit with a partitioned weight at `_PartitionedLinear4bit`), so that a release frees the
+gathered weight. The hooks act on the units only through their PartitionedParameters
 (`use`, `release`, the prefetcher's `reused_soon`), which holds its UnitHooks as `hooks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -81,17 +83,71 @@ def _partitioned_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.T
     return _PartitionedLinear.apply(input, self.weight, self.bias)
 
 
+class _PartitionedLinear4bit(torch.autograd.Function):
+    """bitsandbytes' 4-bit linear as its MatMul4Bit computes it for a batch (the weight
+    dequantized, then a matmul; so is the input gradient), saving the weight Parameter for
+    backward: MatMul4Bit saves a view of the packed weight, which would keep every released
+    unit's gathered 4-bit buffer alive until backward. dequantize_4bit reads the weight's
+    shape from its quantization state whatever layout a bitsandbytes version passes it in.
+    The weight is frozen: only the input's (and a trained bias's) gradients are computed."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias):
+        import bitsandbytes as bnb  # a model holding a Linear4bit has imported it
+
+        ctx.save_for_backward(weight)
+        ctx.state = weight.quant_state
+        dequantized = bnb.functional.dequantize_4bit(weight.view(-1, 1), ctx.state)
+        return torch.nn.functional.linear(input, dequantized.to(input.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        import bitsandbytes as bnb
+
+        weight, = ctx.saved_tensors
+        grad_input = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            dequantized = bnb.functional.dequantize_4bit(weight.view(-1, 1), ctx.state)
+            grad_input = torch.matmul(grad_output, dequantized.to(grad_output.dtype))
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        return grad_input, None, grad_bias
+
+
+def _partitioned_linear4bit_forward(self, input: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' Linear4bit.forward (its compute dtype) through _PartitionedLinear4bit, and
+    never its CPU inference path, which repacks `weight.data` (a view of the gathered buffer,
+    released after the forward) into another layout and marks the shared quantization state
+    so; the bias is cast for the product, not in place."""
+    if not self.compute_type_is_set:
+        self.set_compute_type(input)
+        self.compute_type_is_set = True
+    dtype = input.dtype
+    if self.compute_dtype is not None:
+        input = input.to(self.compute_dtype)
+    bias = None if self.bias is None else self.bias.to(input.dtype)
+    return _PartitionedLinear4bit.apply(input, self.weight, bias).to(dtype)
+
+
 def _partition_linear_forwards(units: list[GatherUnit]) -> None:
     """The units' plain nn.Linear modules compute through _partitioned_linear_forward, which
-    lets the release free the weight. Subclasses, and instances whose forward something
-    replaced (a checkpointed block, whose forward saves nothing until its replay), keep
-    their own; under a wrapper that falls back to the plain forward (zero_ext.fused's loss
-    head), the fallback is replaced."""
+    lets the release free the weight, and bitsandbytes' Linear4bit modules whose weight the
+    unit partitions through _partitioned_linear4bit_forward. Subclasses (but Linear4bit's
+    that keep its forward), and instances whose forward something replaced (a checkpointed
+    block, whose forward saves nothing until its replay), keep their own; under a wrapper
+    that falls back to the plain forward (zero_ext.fused's loss head), the fallback is
+    replaced."""
+    bnb_modules = sys.modules.get("bitsandbytes.nn.modules")
+    linear4bit = bnb_modules.Linear4bit.forward if bnb_modules is not None else None
     for unit in units:
+        members = {id(p) for params in unit.params for p in params}
         for module in unit.module.modules():
-            if type(module) is nn.Linear and getattr(
-                    plain_forward(module), "__func__", None) is nn.Linear.forward:
+            forward = getattr(plain_forward(module), "__func__", None)
+            if type(module) is nn.Linear and forward is nn.Linear.forward:
                 replace_plain_forward(module, _partitioned_linear_forward.__get__(module))
+            elif forward is not None and forward is linear4bit \
+                    and id(module._parameters.get("weight")) in members:
+                replace_plain_forward(module, _partitioned_linear4bit_forward.__get__(module))
 
 
 def _tensors_requiring_grad(output) -> list[torch.Tensor]:
