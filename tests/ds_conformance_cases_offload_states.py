@@ -259,16 +259,17 @@ def offload_refusals(scratch: str) -> None:
     assert engine.memory_by_location()["host"] > 0
     engine.reload_states()
     assert engine.memory_by_location()["host"] == 0
-    # Host memory running out part-way (the third buffer): what moved is recorded, refused
+    # Host memory running out part-way (the second buffer): what moved is recorded, refused
     # and reloaded; nothing stays re-pointed at a host buffer behind the engine's back.
     import zero_ext.zero.offload_states as offloading
 
+    assert len(offloading._storages(offloading._tensors(engine, "optim_states"))) >= 2
     placed = [s.exp_avg.untyped_storage().data_ptr() for s in engine.optimizer.shards]
     real, calls = offloading.host_buffer, [0]
 
     def exhausted(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == 3:
+        if calls[0] == 2:
             raise RuntimeError("out of memory (cudaHostAlloc)")
         return real(*args, **kwargs)
 
