@@ -108,22 +108,26 @@ class CrossNet(LoraNet):
     decoder block's cross-attention on the encoder's output, as in T5): that tensor's gradient
     completes only with the first block's backward. `later_gathered`: per block, once backward
     computed the gradient of its input x, how many of it and the blocks after it are still
-    gathered (hooked after the engine's hooks, by `watch`)."""
+    gathered (hooked after the engine's hooks, by `watch`). `in_place`: the second block halves
+    that input in place first (legal: no one saved it), as a block may modify its inputs."""
 
-    def __init__(self):
+    def __init__(self, in_place: bool = False):
         super().__init__()
-        for block in self.body.blocks:
+        self.in_place = in_place
+        for i, block in enumerate(self.body.blocks):
             block.cross = nn.Linear(DIM, DIM).requires_grad_(False)
-            block.forward = functools.partial(self._cross_forward, block)
+            block.forward = functools.partial(self._cross_forward, block, in_place and i == 1)
         self.later_gathered: list[int] = []
 
     @staticmethod
-    def _cross_forward(block, x, memory):
+    def _cross_forward(block, halves, x, memory):
+        if halves:
+            memory.mul_(0.5)
         return Block.forward(block, x) + block.cross(memory)
 
     def forward(self, tokens, targets):
         memory = self.body.embed(tokens).requires_grad_(torch.is_grad_enabled()) * 1.0
-        x = memory
+        x = memory * 1.0 if self.in_place else memory
         for block in self.body.blocks:
             x = block(x, memory)
         return F.cross_entropy(self.head(self.body.norm(x)).view(-1, VOCAB), targets.view(-1))
@@ -164,9 +168,9 @@ def _build(checkpoint=None, input_grads: bool = True) -> LoraNet:
     return LoraNet(checkpoint, input_grads)
 
 
-def _build_cross() -> CrossNet:
+def _build_cross(in_place: bool = False) -> CrossNet:
     torch.manual_seed(0)
-    return CrossNet()
+    return CrossNet(in_place)
 
 
 def _engine(model: LoraNet, world_size: int, config: dict | None = None):
@@ -307,6 +311,11 @@ def _special_cases(world_size: int, rank: int) -> dict:
     out["cross_left"] = _train(engine, range(STEPS), world_size, rank)
     out["cross"] = dict(got=engine.full_state_dict(), later=model.later_gathered,
                         reference=_reference([world_size] * STEPS, _build_cross))
+    engine = _engine(_build_cross(in_place=True), world_size)
+    _train(engine, range(STEPS), world_size, rank)
+    out["cross_in_place"] = dict(
+        got=engine.full_state_dict(),
+        reference=_reference([world_size] * STEPS, functools.partial(_build_cross, True)))
     # torch.autograd.grad through the model before each engine.backward ends no backward.
     model = _build()
     engine = _engine(model, world_size)

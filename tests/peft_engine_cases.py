@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import warnings
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -76,19 +77,25 @@ def _train(kind: str, stage: int, save_dir: str) -> dict:
     rank, world_size = comm.rank(), comm.world_size()
     model = peft_model(kind)
     engine = zero_ext.initialize(model=model, config=_config(stage))[0]
-    losses = []
-    for step in range(STEPS):
-        ids = _batch(step, world_size)[rank * MICRO:(rank + 1) * MICRO]
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    losses, gathers = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(STEPS):
+            ids = _batch(step, world_size)[rank * MICRO:(rank + 1) * MICRO]
+            before = comm.traffic.calls["all_gather"]
+            loss = engine(input_ids=ids, labels=ids).loss
+            gathers.append(comm.traffic.calls["all_gather"] - before)  # in the forward
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
     state = engine.full_state_dict()
     if rank == 0:
         model.save_pretrained(save_dir, state_dict=state)
     names = {module: name for name, module in model.named_modules()}
     units = [names[u.module] for u in engine.partitioned.units] if engine.partitioned else []
-    return {"losses": losses, "units": units,
+    layouts = sum(len(u.layouts) for u in engine.partitioned.units) if engine.partitioned else 0
+    return {"losses": losses, "units": units, "gathers": gathers, "layouts": layouts,
+            "warnings": [str(w.message) for w in caught if "order" in str(w.message)],
             "trainable": {n: state[n] for n, p in model.named_parameters() if p.requires_grad}}
 
 

@@ -66,6 +66,10 @@ def test_an_input_every_block_takes_releases_each_block_after_its_own_backward(w
     _close(cross["got"], cross["reference"], f"{world_size} ranks, shared input")
     assert len(cross["later"]) == 3 * frozen_cases.STEPS
     assert not any(cross["later"]), cross["later"]
+    # A block that modifies that input in place still may (a custom Function's output could
+    # not be modified in place: it raised).
+    in_place = _run(world_size)[0]["cross_in_place"]
+    _close(in_place["got"], in_place["reference"], f"{world_size} ranks, modified in place")
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

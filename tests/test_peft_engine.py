@@ -66,6 +66,11 @@ def test_dora_trains_as_single_process(stage):
         layers = [u for u in got["units"] if u.endswith(tuple(f"layers.{i}" for i in range(2)))]
         assert len(layers) == 2 and not [u for u in got["units"] if "lora_" in u or
                                          "base_layer" in u or "proj" in u], got["units"]
+        # Each unit gathered once per forward, one all-gather per bucket (DoRA's magnitude,
+        # declaring its block's own LoRA matrices external, released and gathered its block
+        # again inside its forward), in the recorded order every step.
+        assert got["gathers"] == [got["layouts"]] * peft_engine_cases.STEPS, got["gathers"]
+        assert not got["warnings"], got["warnings"]
     assert sorted(got["trainable"]) == sorted(want["trainable"])
     assert any("lora_magnitude_vector" in name for name in want["trainable"])
     for name, value in want["trainable"].items():

@@ -56,7 +56,10 @@ class _PartitionedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias):
-        ctx.save_for_backward(input, weight)
+        # Only what a gradient needs, as torch's own linear saves: a frozen weight (a LoRA
+        # base) keeps no input alive, and may see its input modified in place after.
+        ctx.save_for_backward(input if ctx.needs_input_grad[1] else None,
+                              weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
         return torch.nn.functional.linear(input, weight, bias)
 
@@ -67,11 +70,12 @@ class _PartitionedLinear(torch.autograd.Function):
         # its gradient, is bf16) from the fp32 tensors saved here: the backward computes in
         # that dtype too, as autocast's own linear does; autograd casts the gradients back to
         # the parameter's and the input's dtypes. Without autocast these casts do nothing.
-        input, weight = input.to(grad_output.dtype), weight.to(grad_output.dtype)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
+            weight = weight.to(grad_output.dtype)
             grad_input = grad_output.matmul(weight)
         if ctx.needs_input_grad[1]:
+            input = input.to(grad_output.dtype)
             grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(
                 input.reshape(-1, input.shape[-1]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -175,23 +179,6 @@ def _output_tensors(value):
             yield from _output_tensors(getattr(value, f.name))
 
 
-class _SharedInput(torch.autograd.Function):
-    """The identity, on a unit's inputs that an earlier unit of the same forward took too (a
-    T5 encoder's output, fed to every cross-attention block): a tensor's gradient is complete
-    only after its last consumer's backward, which is the first unit's; through this node,
-    each later unit sees its own share of the gradient as soon as its backward computed it.
-    (Only on such inputs: an input a module modifies in place cannot pass a custom Function.)
-    """
-
-    @staticmethod
-    def forward(ctx, *tensors):
-        return tensors
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return grads
-
-
 def replaying() -> bool:
     """Whether a forward runs inside backward: activation checkpointing recomputing a segment
     (torch.utils.checkpoint replays from within the autograd engine, reentrant or not). Its
@@ -212,7 +199,7 @@ class UnitHooks:
         # with the units it gathered for parameters used inside it without a declaration.
         self._running: list[tuple[nn.Module, list[GatherUnit]]] = []
         # The inputs that units with frozen parameters took in the forwards since the last
-        # backward began (see _SharedInput).
+        # backward began (see _release_after_inputs).
         self._taken = torch.utils.weak.WeakIdKeyDictionary()
         for unit in params.units:
             self._hook_module(unit.module, unit)
@@ -339,8 +326,8 @@ class UnitHooks:
         """`module` uses `param`, which belongs to another unit: gather that unit around
         `module` too."""
         unit = self.params.unit_of_param.get(id(param))
-        if unit is None or unit.module is module:
-            return
+        if unit is None or any(m is module for m in unit.module.modules()):
+            return  # the owner's own unit holds the module: gathered around it already
 
         def before(module, args):
             self.params.use(unit, "forward")
@@ -385,8 +372,8 @@ class UnitHooks:
         forward ran without autograd (torch's reentrant checkpoint: the replay's own backward
         follows); otherwise the original forward's inputs are what backward reaches, and the
         replay's graph is discarded. `replace`: before the forward, which may run on other
-        inputs; returns them, when it passed some through _SharedInput (a forward pre-hook's
-        result), else None."""
+        inputs; returns them, when it passed some through a view of its own (a forward
+        pre-hook's result), else None."""
         tensors = [t for t in _output_tensors((args, kwargs)) if t.requires_grad]
         if not tensors or (replaying() and unit.inputs_pending > 0):
             return None
@@ -396,7 +383,11 @@ class UnitHooks:
             top = {id(a): a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
             shared = [t for t in top.values() if t.requires_grad and t in self._taken]
             if shared and replace:
-                alias = dict(zip(map(id, shared), _SharedInput.apply(*shared)))
+                # A tensor's gradient is complete only after its last consumer's backward (in
+                # backward order, the first unit's): the view this unit takes instead gets
+                # its own share as soon as this unit's backward computed it. (A view made here,
+                # not in a custom Function: the unit may still modify its input in place.)
+                alias = {id(t): t.view_as(t) for t in shared}
                 args = tuple(alias.get(id(a), a) for a in args)
                 kwargs = {k: alias.get(id(v), v) for k, v in kwargs.items()}
                 changed = args, kwargs
