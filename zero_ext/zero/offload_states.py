@@ -135,9 +135,10 @@ def move_to_host(engine, include, device, pin_memory: bool, non_blocking: bool) 
             for group in _storages(_tensors(engine, kind)):
                 moved.append(_move(group, host_buffer(group.buffer.numel(), torch.uint8,
                                                       pin_memory), non_blocking))
-        finally:
+        except BaseException:
             if not moved:
                 del record.moved[kind]
+            raise
     if engine.device.type == "cuda":
         torch.cuda.empty_cache()  # the freed blocks go back to the driver, for others to use
 
