@@ -1155,6 +1155,40 @@ def cuda_peak_memory() -> dict:
     return dict(rise=peak - before, unit_bytes=unit_bytes, units=len(model.blocks))
 
 
+def cuda_offload_states() -> dict:
+    """engine.offload_states() on CUDA tensors, stages 2 and 3 in bf16: how far
+    torch.cuda.memory_allocated falls (against the bytes moved), whether the host copies are
+    pinned, and whether training goes on bit for bit as a twin engine that never offloaded."""
+    out = {}
+    for stage in (2, 3):
+        engines = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            engine, _, _, _ = zero_ext.initialize(model=Wide(), config=config(
+                stage, "bf16", 1, comm.world_size()))
+            engines.append(engine)
+        engine, twin = engines
+        x = torch.randn(2, 1024, device=engine.device, dtype=torch.bfloat16)
+        for e in engines:
+            e.backward(e(x))
+            e.step()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        engine.offload_states(non_blocking=True)
+        torch.cuda.synchronize()
+        freed = before - torch.cuda.memory_allocated()
+        moved = engine.memory_by_location()["host"]
+        pinned = all(s.exp_avg.is_pinned() for s in engine.optimizer.shards)
+        engine.reload_states(non_blocking=True)
+        for e in engines:
+            e.backward(e(x))
+            e.step()
+        same = all(torch.equal(a, b) for a, b in zip(engine.full_state_dict().values(),
+                                                     twin.full_state_dict().values()))
+        out[stage] = dict(freed=freed, moved=moved, pinned=pinned, same=same)
+    return out
+
+
 def batch_norm_cases() -> dict:
     """A BatchNorm model under bf16: its parameters cast, its running statistics kept fp32
     (DeepSpeed's casting), which torch's batch_norm refuses on the CPU: initialize says so

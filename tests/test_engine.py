@@ -482,6 +482,16 @@ def test_stage3_parameter_used_outside_its_unit_is_gathered_or_is_registered():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_offload_states_frees_the_device_memory_and_reloads_bit_for_bit():
+    for result in run_group(2, engine_cases.cuda_offload_states):
+        for stage, got in result.items():
+            # What moved leaves the device (the caching allocator's count), pinned on the host.
+            assert got["moved"] > 0 and got["freed"] >= got["moved"], (stage, got)
+            assert got["pinned"] and got["same"], (stage, got)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_stage3_cuda_peak_memory_stays_near_the_units_in_flight():
     for result in run_group(2, engine_cases.cuda_peak_memory):
         # Gathered units (the one running, one prefetched), a unit's full gradient before its
