@@ -170,8 +170,10 @@ def gather_dora_lora_weights(engine) -> None:
     norm from `lora_A[adapter]` and `lora_B[adapter]` in its own forward, sizing an identity
     from `lora_A.weight.shape` before calling them, which a partitioned parameter reports as
     (0,): their parameters are declared its external parameters (DeepSpeed's mechanism), so
-    their units are gathered around its forward and backward. zero_ext.initialize calls it; it
-    does nothing below stage 3 or for a model that is not a PEFT model."""
+    their units are gathered around its forward and backward. With zero_ext's own units they
+    are in the magnitude's block (find_units), and the declarations change nothing; with
+    stage3_unit_classes naming the LoRA layers' class they are needed. zero_ext.initialize
+    calls it; it does nothing below stage 3 or for a model that is not a PEFT model."""
     if engine.partitioned is None or not is_peft_model(engine.module):
         return
     from zero_ext.zero.params import register_external_parameter

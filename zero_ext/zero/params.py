@@ -46,7 +46,7 @@ from zero_ext.zero.construction import (
 from zero_ext.zero.hpz import SecondaryPartition
 from zero_ext.zero.offload import host_buffer
 from zero_ext.zero.partition import BucketLayout
-from zero_ext.zero.precision import packed
+from zero_ext.zero.precision import packed_4bit
 from zero_ext.zero.unit_hooks import UnitHooks, replaying
 
 __all__ = ["GatherUnit", "GatheredParameters", "Init", "PartitionedParameters", "UnitState",
@@ -349,7 +349,7 @@ class PartitionedParameters:
             else:
                 shards.append(flat[start:end].clone())
         unit = GatherUnit(module, layouts, unit_params, shards, [None] * len(layouts),
-                          codes=any(packed(p) for members in unit_params for p in members))
+                          codes=any(packed_4bit(p) for members in unit_params for p in members))
         self.units.append(unit)
         for layout in layouts:
             self._unit_of_layout[layout.index] = unit

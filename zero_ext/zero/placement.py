@@ -137,8 +137,8 @@ def _partitionable_frozen(model: nn.Module, dtype: torch.dtype) -> list[nn.Param
     packed codes move as that dtype's elements, never cast; the quantization state stays on
     the parameter, whole). Other subclasses, 4-bit weights in another storage dtype (uint8 by
     default) or repacked by an inference forward on the CPU (bitsandbytes' own layout, which
-    only its inference kernel reads) and parameters of another dtype (a bf16 base model under an fp32 engine's LoRA
-    adapters) stay whole, computing as they are."""
+    only its inference kernel reads), and parameters of another dtype (a bf16 base model under
+    an fp32 engine's LoRA adapters) stay whole, computing as they are."""
     # Under fp16/bf16 the engine casts every floating parameter first (precision.py); the
     # estimator lays out the model before that cast.
     cast = precision.CASTABLE if dtype in (torch.float16, torch.bfloat16) else ()
