@@ -23,6 +23,7 @@ from zero_ext.arguments import add_config_arguments, init_distributed
 from zero_ext.config import ZeroConfig
 from zero_ext.elastic_sampler import ElasticSampler
 from zero_ext.engine import ZeroEngine, initialize
+from zero_ext.zero.leaves import set_z3_leaf_modules
 from zero_ext.zero.params import GatheredParameters, Init, register_external_parameter
 
 # The same function under the name DeepSpeed's examples use.
@@ -55,4 +56,5 @@ __all__ = [
     "ops",
     "optim",
     "register_external_parameter",
+    "set_z3_leaf_modules",
 ]

@@ -766,6 +766,48 @@ class OffloadConfig(_Section):
         return self.device != "none"
 
 
+# DeepSpeed's default leaf classes (its runtime/zero/leaf_module_config.py): transformers'
+# sparse MoE blocks, whose experts run only where tokens are routed to them.
+DEEPSPEED_LEAF_MODULE_CLASSES = (
+    "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock",
+    "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
+    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
+)
+
+
+@dataclass(kw_only=True)
+class LeafModuleConfig(_Section):
+    """``zero_optimization.leaf_module`` (DeepSpeed's section): stage 3's leaf modules, gathered
+    whole when they run and never split into units of their own (zero_ext.set_z3_leaf_modules
+    and DeepSpeed's deepspeed.utils.set_z3_leaf_modules mark more). For modules whose inner
+    modules run on some ranks only: a mixture of experts running only the experts its tokens
+    were routed to. A leaf's backward is over once its inputs' gradients are computed; its
+    parameters that got no gradient then count as zero, on every rank alike. Entries that match
+    no module are warned about, as in DeepSpeed."""
+
+    classes: list[str] = field(default_factory=lambda: list(DEEPSPEED_LEAF_MODULE_CLASSES))
+    """Class names, plain (``"MixtralSparseMoeBlock"``) or with their module
+    (``"transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock"``). Default:
+    DeepSpeed's, transformers' Mixtral, Qwen2-MoE and Qwen3-MoE sparse blocks."""
+
+    names: list[str] = field(default_factory=list)
+    """Module names as ``model.named_modules()`` gives them (``"model.layers.0.mlp"``)."""
+
+    name_suffixes: list[str] = field(default_factory=list)
+    """Endings of module names (``"mlp"``, ``"block_sparse_moe"``)."""
+
+    def __post_init__(self):
+        for name in ("classes", "names", "name_suffixes"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [value]  # DeepSpeed reads one string as a list of one
+            _reject_auto(name, value)
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, str) and v for v in value):
+                raise ConfigError(name, f"expected a list of non-empty strings, {_got(value)}")
+            setattr(self, name, list(dict.fromkeys(value)))
+
+
 @dataclass(kw_only=True)
 class ZeroOptimizationConfig(_Section):
     """``zero_optimization``: which ZeRO stage shards what, and the bucket sizes of its
@@ -803,6 +845,11 @@ class ZeroOptimizationConfig(_Section):
 
     offload_param: OffloadConfig = field(default_factory=OffloadConfig)
     """Keep parameter shards in host memory (stage 3 only)."""
+
+    leaf_module: LeafModuleConfig = field(default_factory=LeafModuleConfig)
+    """Stage 3 (DeepSpeed's section): modules gathered whole, whose parameters without a
+    gradient count as zero once their backward is over (mixtures of experts); see
+    :class:`LeafModuleConfig`."""
 
     stage3_prefetch_bucket_size: int = 50_000_000
     """Stage 3: elements of parameters gathered ahead of their use."""
@@ -891,6 +938,7 @@ class ZeroOptimizationConfig(_Section):
     _SECTIONS: ClassVar[dict[str, type]] = {
         "offload_optimizer": OffloadConfig,
         "offload_param": OffloadConfig,
+        "leaf_module": LeafModuleConfig,
     }
     _IGNORED: ClassVar[dict[str, str]] = {
         "use_multi_rank_bucket_allreduce": "",
@@ -911,7 +959,6 @@ class ZeroOptimizationConfig(_Section):
         "memory_efficient_linear": "",
         "override_module_apply": "",
         "pipeline_loading_checkpoint": "",
-        "leaf_module": "",
         "save_muon_momentum_buffer_in_memory": "",
     }
     _INERT: ClassVar[dict[str, _Unsupported]] = {
@@ -1007,6 +1054,8 @@ class ZeroOptimizationConfig(_Section):
                                           OffloadConfig, optional=True) or OffloadConfig()
         self.offload_param = _section("offload_param", self.offload_param, OffloadConfig,
                                       optional=True) or OffloadConfig()
+        self.leaf_module = _section("leaf_module", self.leaf_module, LeafModuleConfig,
+                                    optional=True) or LeafModuleConfig()
         if self.offload_param.enabled and self.stage != 3:
             raise ConfigError("offload_param.device", f"parameter offload needs stage 3, the "
                               f"stage is {self.stage}; set \"stage\": 3 or remove offload_param")

@@ -257,6 +257,12 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             on_reduced=self.partitioned.layout_reduced if self.partitioned else None,
             on_final=self.offload.grad_ready if self.offload else None,
             compression=self.compression if self.compression.compresses_gradients else None)
+        if self.partitioned is not None:  # weakly: the buckets hold the units already
+            reduce_now = weakref.WeakMethod(self.grad_buckets.reduce_now)
+            self.partitioned.on_backward_over = lambda indices: reduce_now()(indices)
+            self.grad_buckets.held = {layout.index for unit in self.partitioned.units
+                                      if unit.leaf for layout in unit.layouts
+                                      if layout.group >= 0}
         self._agreement = StepAgreement(world_size=self.world_size, rank=self.rank,
                                         device=self.device, on_disagree=self.grad_buckets.clear)
 

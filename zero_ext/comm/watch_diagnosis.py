@@ -39,7 +39,10 @@ _FIXES = {
         "(LayerDrop, MoE-style routing, a submodule used on one rank only), or a collective "
         "zero_ext call made on some ranks only. Run the same modules and zero_ext calls on every "
         "rank (at stage 3 every unit's forward must run on every rank: multiply a dropped "
-        "block's output by 0 instead of skipping it)"),
+        "block's output by 0 instead of skipping it; mark a mixture-of-experts block whose "
+        "experts run only where tokens are routed as a leaf module, gathered whole: "
+        "zero_ext.set_z3_leaf_modules(model, [BlockClass]) before initialize, or "
+        "zero_optimization.leaf_module.classes in the config)"),
     "stopped": (
         "that rank's process died, is frozen (stopped, swapping, in a debugger) or its node lost "
         "the network. Look at that rank's log and host for the first error"),

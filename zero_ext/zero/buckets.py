@@ -122,6 +122,10 @@ class GradientBuckets:
         for bucket in self.buckets:
             for position, param in enumerate(bucket.params):
                 self._where[param] = (bucket, position)
+        # Stage 3's leaf units' buckets: reduced by reduce_now when the unit's backward is over,
+        # not when their gradients are all there (on a rank where they are, the reduction would
+        # come earlier than on one where an expert got no token: another collective order).
+        self.held: set[int] = set()
         self._next_launch = 0
         self._active = False       # inside engine.backward
         self._reduce_now = False   # this backward reduces (boundary, or every one in stage 2)
@@ -162,6 +166,15 @@ class GradientBuckets:
                 "zero_ext: a gradient was produced outside engine.backward(); call "
                 "engine.backward(loss) instead of loss.backward() so gradients are reduced")
         bucket, position = self._where[param]
+        if self._reduce_now and bucket.state in (BucketState.REDUCING, BucketState.REDUCED):
+            raise RuntimeError(
+                f"zero_ext: a parameter of bucket {bucket.layout.index} ({tuple(param.shape)}) "
+                "got a gradient after its bucket was reduced in this backward; the gradient "
+                "would be lost. This happens when a parameter is used again outside the module "
+                "whose backward reduced it (a stage-3 leaf module's parameter used by another "
+                "module: declare it with zero_ext.register_external_parameter(module, param)), "
+                "or inside and outside a reentrant activation-checkpointed block (use "
+                "use_reentrant=False)")
         bucket.used.add(position)
         if not self._reduce_now:  # stage 0/1 between boundaries
             if self.fp32_accumulation:
@@ -173,9 +186,21 @@ class GradientBuckets:
                 param.grad = None
             return  # else autograd accumulates into .grad
         bucket.arrived.add(position)
-        if len(bucket.arrived) == len(bucket.params):
+        if len(bucket.arrived) == len(bucket.params) and bucket.layout.index not in self.held:
             bucket.state = BucketState.READY
             self._launch_ready()
+
+    def reduce_now(self, indices: list[int]) -> None:
+        """Stage 3, a leaf unit's backward is over (its inputs have their gradients): its
+        buckets are reduced now, their parameters without a gradient on this rank (experts no
+        token was routed to) counting as zero; every rank reaches this at the same point."""
+        if not self._reduce_now:
+            return
+        for index in indices:
+            bucket = self.buckets[index]
+            if bucket.state is BucketState.WAITING:
+                bucket.state = BucketState.READY
+        self._launch_ready()
 
     def _launch_ready(self) -> None:
         while (self._next_launch < len(self.buckets)

@@ -44,6 +44,7 @@ from zero_ext.zero.construction import (
     tensors_in,
 )
 from zero_ext.zero.hpz import SecondaryPartition
+from zero_ext.zero.leaves import is_leaf
 from zero_ext.zero.offload import host_buffer
 from zero_ext.zero.partition import BucketLayout
 from zero_ext.zero.precision import packed_4bit
@@ -62,9 +63,13 @@ def find_units(model: nn.Module, class_names: list[str] | None = None) -> list[n
     final norm). Inside a block, a ModuleDict's children are part of the block: PEFT keys its
     per-adapter layers by name in ModuleDicts (lora_A, lora_B, DoRA's magnitudes), and units
     of their own would split a LoRA block into one unit per linear (its frozen base weights
-    then leave a block holding units, see placement._move_frozen_out_of_bodies)."""
+    then leave a block holding units, see placement._move_frozen_out_of_bodies). No module
+    inside a leaf (zero/leaves.py: a mixture of experts) is a unit."""
     if class_names is not None:
-        units = [m for m in model.modules() if type(m).__name__ in class_names and m is not model]
+        inside_leaves = {id(m) for leaf in model.modules() if is_leaf(leaf) and leaf is not model
+                         for m in leaf.modules() if m is not leaf}
+        units = [m for m in model.modules() if type(m).__name__ in class_names
+                 and m is not model and id(m) not in inside_leaves]
         missing = set(class_names) - {type(m).__name__ for m in units}
         if missing:
             present = sorted({type(m).__name__ for m in model.modules()})
@@ -74,6 +79,8 @@ def find_units(model: nn.Module, class_names: list[str] | None = None) -> list[n
     units: list[nn.Module] = []
 
     def walk(module: nn.Module, in_container: bool, in_block: bool) -> None:
+        if is_leaf(module) and module is not model:
+            return  # gathered whole: in one unit, itself or the one holding it
         for child in module.children():
             if isinstance(child, _CONTAINERS):
                 walk(child, not (in_block and isinstance(child, nn.ModuleDict)), in_block)
@@ -85,6 +92,13 @@ def find_units(model: nn.Module, class_names: list[str] | None = None) -> list[n
 
     walk(model, False, False)
     return units
+
+
+def _holds_leaf(module: nn.Module, unit_params: list[list[nn.Parameter]]) -> bool:
+    """Whether a unit holds parameters of a leaf module (a body holding leaf units does not)."""
+    held = {id(p) for members in unit_params for p in members}
+    return any(is_leaf(m) and any(id(p) in held for p in m.parameters())
+               for m in module.modules())
 
 
 class UnitState(enum.Enum):
@@ -123,6 +137,10 @@ class GatherUnit:
     refreshes: bool = False                  # the gather in flight refreshes hpZ's copy
     quantized: bool = False                  # gathered with qwZ: the values are dequantized
     codes: bool = False                      # holds packed 4-bit codes: gathered exactly
+    # Holds a leaf module (zero/leaves.py: a mixture of experts): its backward is over once its
+    # forwards' inputs have their gradients; its trainable buckets are then reduced, the
+    # parameters without a gradient counting as zero (on_backward_over).
+    leaf: bool = False
 
     @property
     def numel(self) -> int:
@@ -136,6 +154,12 @@ class GatherUnit:
     @property
     def has_frozen(self) -> bool:
         return self.trainable_layouts < len(self.layouts)
+
+    @property
+    def waits_for_inputs(self) -> bool:
+        """Whether its backward ends with its inputs' gradients (UnitHooks hooks them): frozen
+        parameters reduce nothing, and a leaf's parameters may get no gradient."""
+        return self.has_frozen or self.leaf
 
 
 class _Prefetcher:
@@ -310,6 +334,9 @@ class PartitionedParameters:
         self.before_read: Callable[[int], object] | None = None
         self.stepping: set[int] = set()
         self.in_backward = False  # inside engine.backward (begin_backward to end_backward)
+        # Set by the engine: reduces the given trainable buckets now, gradients missing counting
+        # as zero (GradientBuckets.reduce_now), when a leaf unit's backward is over.
+        self.on_backward_over: Callable[[list[int]], None] | None = None
         self._prefetch_after: GatherUnit | None = None  # see use() and after_forward()
         self._upload = None  # offload_param's CUDA stream (see _upload_stream)
         self.units: list[GatherUnit] = []
@@ -349,7 +376,8 @@ class PartitionedParameters:
             else:
                 shards.append(flat[start:end].clone())
         unit = GatherUnit(module, layouts, unit_params, shards, [None] * len(layouts),
-                          codes=any(packed_4bit(p) for members in unit_params for p in members))
+                          codes=any(packed_4bit(p) for members in unit_params for p in members),
+                          leaf=_holds_leaf(module, unit_params))
         self.units.append(unit)
         for layout in layouts:
             self._unit_of_layout[layout.index] = unit
@@ -525,7 +553,7 @@ class PartitionedParameters:
             if unit.state is UnitState.GATHERING:
                 self.gather(unit)
                 self.release(unit)
-            if unit.has_frozen:
+            if unit.waits_for_inputs:
                 # A forward whose inputs backward never reached (its output unused, or a
                 # forward with autograd on and no backward) left its count behind.
                 unit.inputs_pending = unit.reduced = unit.outside_seen = 0
@@ -570,13 +598,28 @@ class PartitionedParameters:
         unit.reduced += 1
         self._backward_progress(unit)
 
-    def inputs_reduced(self, unit: GatherUnit) -> None:
+    def inputs_reduced(self, unit: GatherUnit, leaf_input: bool = False) -> None:
         """Backward has computed the gradients of the inputs of one of `unit`'s forwards: the
-        frozen weights' part of that forward's backward is over (UnitHooks). Only inside
-        engine.backward: a torch.autograd.grad through the model before it ends nothing."""
-        if self.in_backward:
-            unit.inputs_pending -= 1
-            self._backward_progress(unit)
+        frozen weights' part of that forward's backward is over (UnitHooks), and once every
+        forward's is, a leaf's trainable buckets are reduced (on_backward_over), whichever of
+        its parameters got a gradient on this rank; after the backward running now where an
+        input is a leaf tensor (`leaf_input`: its parameters' gradients may come after). Only
+        inside engine.backward: a torch.autograd.grad through the model before it ends
+        nothing."""
+        if not self.in_backward:
+            return
+        unit.inputs_pending -= 1
+        if unit.leaf and unit.inputs_pending == 0 and self.on_backward_over is not None:
+            if leaf_input:
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    lambda: self._leaf_backward_over(unit))
+                return
+            self._leaf_backward_over(unit)
+        self._backward_progress(unit)
+
+    def _leaf_backward_over(self, unit: GatherUnit) -> None:
+        self.on_backward_over([layout.index for layout in unit.layouts if layout.group >= 0])
+        self._backward_progress(unit)
 
     def outside_grad(self, unit: GatherUnit) -> None:
         """One of the trainable parameters in `unit`'s modules outside its buckets has its

@@ -30,6 +30,7 @@ from torch import nn
 from zero_ext.config import ZeroOptimizationConfig
 from zero_ext.zero import offload, precision
 from zero_ext.zero.construction import is_init_partitioned, partitionable_class
+from zero_ext.zero.leaves import mark_configured_leaves
 from zero_ext.zero.params import find_units
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 
@@ -174,6 +175,7 @@ def _plan_units(model: nn.Module, params: list[nn.Parameter], frozen: list[nn.Pa
     frozen`."""
     threshold = zero.stage3_param_persistence_threshold
     owner: dict[nn.Parameter, list[nn.Module]] = {}
+    mark_configured_leaves(model, zero.leaf_module)
     found = find_units(model, zero.stage3_unit_classes)
     for unit in found:
         for p in unit.parameters():

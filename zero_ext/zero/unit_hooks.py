@@ -256,7 +256,7 @@ class UnitHooks:
         """Gather `unit` around `module`'s forward, and again when backward reaches it."""
         def before(module, args, kwargs):
             self.params.use(unit, "forward")
-            if unit.has_frozen and torch.is_grad_enabled():
+            if unit.waits_for_inputs and torch.is_grad_enabled():
                 return self._release_after_inputs(unit, args, kwargs)
             return None
 
@@ -347,9 +347,9 @@ class UnitHooks:
     def _after_forward(self, unit: GatherUnit, inputs, output) -> None:
         """A forward that used `unit` has run, giving `output`: the unit's own, or another
         module's, on `inputs` (args, kwargs), whose gradients a unit with frozen parameters
-        then waits for (its own forward hooked them before it ran: None)."""
+        or a leaf then waits for (its own forward hooked them before it ran: None)."""
         self.params.after_forward()  # a prefetch held back for a deferred step starts now
-        if inputs is not None and unit.has_frozen and torch.is_grad_enabled():
+        if inputs is not None and unit.waits_for_inputs and torch.is_grad_enabled():
             self._release_after_inputs(unit, *inputs, replace=False)
         if replaying():
             # The replay's outputs feed no backward, and its saved tensors alias the gathered
@@ -366,8 +366,9 @@ class UnitHooks:
             self.params.release(unit)
 
     def _release_after_inputs(self, unit: GatherUnit, args, kwargs, replace: bool = True):
-        """A unit with frozen parameters: its backward is over (for them) once the gradients of
-        this forward's inputs (`args`, `kwargs`) are computed. A replay (activation
+        """A unit with frozen parameters, or a leaf's: its backward is over (for them; for
+        every parameter of a leaf) once the gradients of this forward's inputs (`args`,
+        `kwargs`) are computed. A replay (activation
         checkpointing recomputing the forward inside backward) counts only where the original
         forward ran without autograd (torch's reentrant checkpoint: the replay's own backward
         follows); otherwise the original forward's inputs are what backward reaches, and the
@@ -396,8 +397,14 @@ class UnitHooks:
                 self._taken[tensor] = True
         unit.inputs_pending += 1
         unit.inputs_registered += 1
+        # A leaf input's hook runs on its gradient accumulator, which autograd may run before
+        # the unit's parameters' own (the same priority): what ends a leaf unit's backward
+        # then waits for the end of the backward running it (torch's reentrant checkpoint
+        # replays a block on leaf inputs in a backward of its own).
+        leaf_input = any(t.grad_fn is None for t in tensors)
         torch.autograd.graph.register_multi_grad_hook(
-            tensors, lambda grads, unit=unit: self.params.inputs_reduced(unit), mode="all")
+            tensors, lambda grads, unit=unit: self.params.inputs_reduced(unit, leaf_input),
+            mode="all")
         return changed
 
     def _before_backward(self, unit: GatherUnit, grad):

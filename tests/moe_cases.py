@@ -1,0 +1,229 @@
+"""Stage 3 with a mixture of experts whose routing differs between ranks: an expert runs only
+where tokens are routed to it (transformers' Mixtral before 5.0, most research code), so one
+rank runs experts another does not. Marked as a leaf module (zero_optimization.leaf_module,
+zero_ext.set_z3_leaf_modules, or DeepSpeed's deepspeed.utils.set_z3_leaf_modules), the block is
+gathered whole and reduced once its backward is over, the experts without a gradient counting
+as zero, as DeepSpeed does. Run by tests/test_moe_stage3.py, one process group per world size;
+rank 0 also trains the single-process references (torch AdamW on the whole batch, a gradient
+that no token produced counted as zero, DeepSpeed's rule)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zero_ext
+from zero_ext import comm
+
+VOCAB, DIM, EXPERTS, SEQ, MICRO, STEPS, LR = 29, 16, 4, 6, 2, 4, 1e-2
+
+
+class Expert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(DIM, 2 * DIM)
+        self.down = nn.Linear(2 * DIM, DIM)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class MoE(nn.Module):
+    """Top-1 routing; an expert runs only on the tokens routed to it (none: not at all).
+    `routed` records, per forward, how many tokens each expert got."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(DIM, EXPERTS, bias=False)
+        self.experts = nn.ModuleList(Expert() for _ in range(EXPERTS))
+        self.routed: list[list[int]] = []
+
+    def forward(self, x):
+        flat = x.reshape(-1, DIM)
+        weights = self.gate(flat).softmax(-1)
+        top = weights.argmax(-1)
+        out = torch.zeros_like(flat)
+        counts = []
+        for i, expert in enumerate(self.experts):
+            index = (top == i).nonzero().flatten()
+            counts.append(index.numel())
+            if index.numel():
+                out = out.index_add(0, index, expert(flat[index]) * weights[index, i, None])
+        if torch.is_grad_enabled():
+            self.routed.append(counts)
+        return out.view_as(x)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(DIM)
+        self.moe = MoE()
+
+    def forward(self, x):
+        return x + self.moe(self.norm(x))
+
+
+class Net(nn.Module):
+    """`checkpoint`: None, "reentrant" or "non_reentrant" activation checkpointing of each
+    block. `gathered`: units still gathered when backward reaches the embedding's output."""
+
+    def __init__(self, checkpoint: str | None = None):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+        self.head = nn.Linear(DIM, VOCAB)
+        self.units = None
+        self.gathered: list[int] = []
+
+    def forward(self, tokens, targets):
+        x = self.embed(tokens)
+        if torch.is_grad_enabled() and self.units is not None:
+            units = self.units
+            x.register_hook(lambda grad: self.gathered.append(
+                sum(u.state.value != "sharded" for u in units())))
+        for block in self.blocks:
+            if self.checkpoint is None:
+                x = block(x)
+            else:
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, use_reentrant=self.checkpoint == "reentrant")
+        return F.cross_entropy(self.head(x).view(-1, VOCAB), targets.view(-1))
+
+
+def _build(checkpoint: str | None = None) -> Net:
+    torch.manual_seed(0)
+    return Net(checkpoint)
+
+
+def _batch(step: int, world_size: int, micro: int = MICRO):
+    gen = torch.Generator().manual_seed(700 + step)
+    shape = (world_size * micro, SEQ)
+    return torch.randint(0, VOCAB, shape, generator=gen), \
+        torch.randint(0, VOCAB, shape, generator=gen)
+
+
+def _config(threshold: int = 0, accumulation: int = 1, **zero) -> dict:
+    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 0.0,
+            "gradient_accumulation_steps": accumulation,
+            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0}},
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": threshold,
+                                  **zero},
+            "steps_per_print": 10**6}
+
+
+def _reference(accumulation: int = 1, world_size: int | None = None,
+               build=_build) -> dict[str, torch.Tensor]:
+    """Single-process training on each step's whole batch; a parameter no token reached gets
+    a zero gradient (DeepSpeed's rule: its moments decay, its update goes on)."""
+    world_size = world_size or comm.world_size()
+    model = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    for step in range(STEPS):
+        opt.zero_grad()
+        tokens, targets = _batch(step, world_size, MICRO * accumulation)
+        model(tokens, targets).backward()
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _train(model: Net, config: dict, accumulation: int = 1) -> dict:
+    world_size, rank = comm.world_size(), comm.rank()
+    engine, *_ = zero_ext.initialize(model=model, config=config)
+    model.units = lambda: engine.partitioned.units
+    for step in range(STEPS):
+        tokens, targets = _batch(step, world_size, MICRO * accumulation)
+        for micro in range(accumulation):
+            mine = slice((rank * accumulation + micro) * MICRO,
+                         (rank * accumulation + micro + 1) * MICRO)
+            engine.backward(engine(tokens[mine], targets[mine]))
+            engine.step()
+    routed = [block.moe.routed for block in model.blocks]
+    return dict(got=engine.full_state_dict(), gathered=model.gathered,
+                units=len(engine.partitioned.units),
+                leaves=[u.leaf for u in engine.partitioned.units],
+                left=sum(u.state.value != "sharded" for u in engine.partitioned.units),
+                routed=comm.all_gather_object(routed))
+
+
+def _marked(how: str) -> Net:
+    model = _build()
+    if how == "zero_ext":
+        zero_ext.set_z3_leaf_modules(model, [MoE])
+    elif how == "deepspeed":
+        from deepspeed.utils import set_z3_leaf_modules
+        set_z3_leaf_modules(model, ["MoE"])
+    return model
+
+
+def _mixtral(seed: int = 0):
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=32, router_jitter_noise=0.0))
+
+
+def _mixtral_case() -> dict:
+    """transformers' Mixtral (its experts one module of 3-D weights, DeepSpeed's default leaf
+    class): trained at stage 3 against torch AdamW on the whole batch."""
+    world_size, rank = comm.world_size(), comm.rank()
+
+    def step_loss(model, tokens):
+        return model(input_ids=tokens, labels=tokens).loss
+
+    reference = None
+    if rank == 0:
+        model = _mixtral()
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+        for step in range(STEPS):
+            opt.zero_grad()
+            tokens, _ = _batch(step, world_size)
+            # The mean over each rank's tokens, averaged over the ranks: what the engine sees.
+            sum(step_loss(model, part) for part in tokens.chunk(world_size)).div(
+                world_size).backward()
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            opt.step()
+        reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model = _mixtral()
+    engine, *_ = zero_ext.initialize(model=model, config=_config())
+    for step in range(STEPS):
+        tokens, _ = _batch(step, world_size)
+        mine = tokens[rank * MICRO:(rank + 1) * MICRO]
+        engine.backward(engine(input_ids=mine, labels=mine).loss)
+        engine.step()
+    names = {id(m): n for n, m in model.named_modules()}
+    return dict(reference=reference, got=engine.full_state_dict(),
+                leaves=[names[id(u.module)] for u in engine.partitioned.units if u.leaf])
+
+
+def moe_cases() -> dict:
+    """Every case on this rank; the references on rank 0 only."""
+    rank = comm.rank()
+    out: dict = {}
+    leaf = {"leaf_module": {"classes": ["MoE"]}}
+    out["reference"] = _reference() if rank == 0 else None
+    out["reference_accumulated"] = _reference(accumulation=2) if rank == 0 else None
+    for threshold in (0, 40):  # 40: the biases stay whole, the weights are partitioned
+        out[f"config_{threshold}"] = _train(_build(), _config(threshold, **leaf))
+    for how in ("zero_ext", "deepspeed"):
+        if how == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+            continue
+        out[f"marked_{how}"] = _train(_marked(how), _config())
+    out["by_name"] = _train(_build(), _config(leaf_module={
+        "classes": [], "names": ["blocks.0.moe", "blocks.1.moe"], "name_suffixes": ["2.moe"]}))
+    for checkpoint in ("reentrant", "non_reentrant"):
+        out[f"checkpoint_{checkpoint}"] = _train(_build(checkpoint), _config(**leaf))
+    out["accumulated"] = _train(_build(), _config(accumulation=2, **leaf), accumulation=2)
+    out["mixtral"] = _mixtral_case()
+    return out
