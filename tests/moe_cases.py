@@ -69,11 +69,13 @@ class Block(nn.Module):
 
 class Net(nn.Module):
     """`checkpoint`: None, "reentrant" or "non_reentrant" activation checkpointing of each
-    block. `gathered`: units still gathered when backward reaches the embedding's output."""
+    block. `gathered`: units still gathered when backward reaches the embedding's output.
+    `twice`: the first block also runs first on the embedding's output detached (a forward of a
+    leaf whose inputs need no gradient, its output feeding its second forward's input)."""
 
-    def __init__(self, checkpoint: str | None = None):
+    def __init__(self, checkpoint: str | None = None, twice: bool = False):
         super().__init__()
-        self.checkpoint = checkpoint
+        self.checkpoint, self.twice = checkpoint, twice
         self.embed = nn.Embedding(VOCAB, DIM)
         self.blocks = nn.ModuleList(Block() for _ in range(3))
         self.head = nn.Linear(DIM, VOCAB)
@@ -82,6 +84,8 @@ class Net(nn.Module):
 
     def forward(self, tokens, targets):
         x = self.embed(tokens)
+        if self.twice:
+            x = x + self.blocks[0](x.detach())
         if torch.is_grad_enabled() and self.units is not None:
             units = self.units
             x.register_hook(lambda grad: self.gathered.append(
@@ -95,9 +99,16 @@ class Net(nn.Module):
         return F.cross_entropy(self.head(x).view(-1, VOCAB), targets.view(-1))
 
 
-def _build(checkpoint: str | None = None) -> Net:
+def _build(checkpoint: str | None = None, twice: bool = False, frozen: bool = False) -> Net:
+    """`frozen`: the experts' weights frozen, their biases trained (as LoRA trains small
+    matrices beside a frozen base)."""
     torch.manual_seed(0)
-    return Net(checkpoint)
+    model = Net(checkpoint, twice)
+    if frozen:
+        for name, param in model.named_parameters():
+            if ".experts." in name and name.endswith(".weight"):
+                param.requires_grad_(False)
+    return model
 
 
 def _batch(step: int, world_size: int, micro: int = MICRO):
@@ -122,12 +133,13 @@ def _reference(accumulation: int = 1, world_size: int | None = None,
     a zero gradient (DeepSpeed's rule: its moments decay, its update goes on)."""
     world_size = world_size or comm.world_size()
     model = build()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=LR, weight_decay=0.0)
     for step in range(STEPS):
         opt.zero_grad()
         tokens, targets = _batch(step, world_size, MICRO * accumulation)
         model(tokens, targets).backward()
-        for p in model.parameters():
+        for p in trained:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         opt.step()
@@ -136,7 +148,8 @@ def _reference(accumulation: int = 1, world_size: int | None = None,
 
 def _train(model: Net, config: dict, accumulation: int = 1) -> dict:
     world_size, rank = comm.world_size(), comm.rank()
-    engine, *_ = zero_ext.initialize(model=model, config=config)
+    engine, *_ = zero_ext.initialize(model=model, config=config, model_parameters=[
+        p for p in model.parameters() if p.requires_grad])
     model.units = lambda: engine.partitioned.units
     for step in range(STEPS):
         tokens, targets = _batch(step, world_size, MICRO * accumulation)
@@ -225,5 +238,15 @@ def moe_cases() -> dict:
     for checkpoint in ("reentrant", "non_reentrant"):
         out[f"checkpoint_{checkpoint}"] = _train(_build(checkpoint), _config(**leaf))
     out["accumulated"] = _train(_build(), _config(accumulation=2, **leaf), accumulation=2)
+    # Experts with no token give no gradient, and ignore_unused_parameters false must not
+    # refuse them: they count as zero.
+    out["strict"] = _train(_build(), _config(ignore_unused_parameters=False, **leaf))
+    # Frozen expert weights partitioned, their biases kept whole and trained: a block whose
+    # expert got no token on a rank is released with its backward there too.
+    out["reference_frozen"] = _reference(build=lambda: _build(frozen=True)) \
+        if rank == 0 else None
+    out["frozen"] = _train(_build(frozen=True), _config(40, **leaf))
+    out["reference_twice"] = _reference(build=lambda: _build(twice=True)) if rank == 0 else None
+    out["twice"] = _train(_build(twice=True), _config(**leaf))
     out["mixtral"] = _mixtral_case()
     return out

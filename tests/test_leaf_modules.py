@@ -54,9 +54,17 @@ def test_experts_in_a_leaf_are_not_units_of_their_own():
     # Named unit classes: none inside a leaf.
     units = _names(model, find_units(model, ["Linear"]))
     assert units == ["head"], units
+    zero_ext.set_z3_leaf_modules(model, [Block])
+    with pytest.raises(ValueError, match=r"every module of class \['Experts'\] is inside a "
+                       "leaf module"):
+        find_units(model, ["Block", "Experts"])
 
 
 def test_set_z3_leaf_modules_takes_names_and_refuses_what_matches_nothing():
+    model = Net()
+    zero_ext.set_z3_leaf_modules(model, {Net})
+    with pytest.raises(ValueError, match="the model itself is marked as a leaf module"):
+        find_units(model)
     model = Net()
     assert len(zero_ext.set_z3_leaf_modules(model, [f"{__name__}.Experts"])) == 2
     assert len(zero_ext.set_z3_leaf_modules(model, ["Block"])) == 2

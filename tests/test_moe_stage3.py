@@ -66,6 +66,22 @@ def test_each_block_is_released_once_its_backward_is_over(world_size):
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("case", ["strict", "frozen", "twice"])
+def test_unused_experts_frozen_experts_and_a_block_run_twice(world_size, case):
+    """ignore_unused_parameters false counts an expert without a token as zero, as DeepSpeed
+    does; frozen expert weights with trained biases kept whole; the first block run twice, once
+    on inputs that need no gradient (its backward then ends with backward's end: its second
+    run's inputs get their gradients before its first run's backward)."""
+    results = _run(world_size)
+    want = results[0][{"strict": "reference"}.get(case, f"reference_{case}")]
+    _close(results[0][case]["got"], want, f"{world_size} ranks, {case}")
+    if case == "frozen":
+        for rank, result in enumerate(results):
+            gathered = result[case]["gathered"]
+            assert gathered == [2] * moe_cases.STEPS, (rank, gathered)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_accumulated_micro_steps_train_as_the_whole_batch(world_size):
     result = _run(world_size)[0]
     _close(result["accumulated"]["got"], result["reference_accumulated"],

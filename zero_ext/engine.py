@@ -260,9 +260,10 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         if self.partitioned is not None:  # weakly: the buckets hold the units already
             reduce_now = weakref.WeakMethod(self.grad_buckets.reduce_now)
             self.partitioned.on_backward_over = lambda indices: reduce_now()(indices)
-            self.grad_buckets.held = {layout.index for unit in self.partitioned.units
-                                      if unit.leaf for layout in unit.layouts
-                                      if layout.group >= 0}
+            leaves = [unit for unit in self.partitioned.units if unit.leaf]
+            self.grad_buckets.hold_for_leaves(
+                {layout.index for unit in leaves for layout in unit.layouts if layout.group >= 0},
+                [p for unit in leaves for p in unit.leaf_whole])
         self._agreement = StepAgreement(world_size=self.world_size, rank=self.rank,
                                         device=self.device, on_disagree=self.grad_buckets.clear)
 

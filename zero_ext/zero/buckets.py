@@ -122,10 +122,8 @@ class GradientBuckets:
         for bucket in self.buckets:
             for position, param in enumerate(bucket.params):
                 self._where[param] = (bucket, position)
-        # Stage 3's leaf units' buckets: reduced by reduce_now when the unit's backward is over,
-        # not when their gradients are all there (on a rank where they are, the reduction would
-        # come earlier than on one where an expert got no token: another collective order).
-        self.held: set[int] = set()
+        self.held: set[int] = set()  # see hold_for_leaves
+        self._counted_as_zero: set[int] = set()
         self._next_launch = 0
         self._active = False       # inside engine.backward
         self._reduce_now = False   # this backward reduces (boundary, or every one in stage 2)
@@ -169,12 +167,14 @@ class GradientBuckets:
         if self._reduce_now and bucket.state in (BucketState.REDUCING, BucketState.REDUCED):
             raise RuntimeError(
                 f"zero_ext: a parameter of bucket {bucket.layout.index} ({tuple(param.shape)}) "
-                "got a gradient after its bucket was reduced in this backward; the gradient "
-                "would be lost. This happens when a parameter is used again outside the module "
-                "whose backward reduced it (a stage-3 leaf module's parameter used by another "
-                "module: declare it with zero_ext.register_external_parameter(module, param)), "
-                "or inside and outside a reentrant activation-checkpointed block (use "
-                "use_reentrant=False)")
+                "got a second gradient in this backward, after its bucket was reduced: it would "
+                "be lost (DeepSpeed refuses this too). Autograd accumulates a parameter twice "
+                "when it is used in a reentrant activation-checkpointed segment and again "
+                "outside it, or in two such segments (two forwards of a checkpointed model "
+                "before one backward): checkpoint with use_reentrant=False "
+                "(gradient_checkpointing_kwargs={'use_reentrant': False} in transformers). At "
+                "stage 3 a leaf module's parameter used by another module also does: declare it "
+                "with zero_ext.register_external_parameter(module, param)")
         bucket.used.add(position)
         if not self._reduce_now:  # stage 0/1 between boundaries
             if self.fp32_accumulation:
@@ -190,10 +190,21 @@ class GradientBuckets:
             bucket.state = BucketState.READY
             self._launch_ready()
 
+    def hold_for_leaves(self, indices: set[int], whole: list[torch.nn.Parameter]) -> None:
+        """Stage 3's leaf units (zero/leaves.py): their buckets (`indices`) are reduced by
+        reduce_now when the unit's backward is over, not when their gradients are all there (on
+        a rank where they are, the reduction would come earlier than on one where an expert got
+        no token: another collective order). Their parameters, and the leaves' trainable ones
+        kept whole (`whole`), count as having a gradient (zero where none came, as DeepSpeed
+        gives them zeros) for ignore_unused_parameters false."""
+        self.held = set(indices)
+        self._counted_as_zero = {id(p) for i in indices for p in self.buckets[i].params}
+        self._counted_as_zero.update(id(p) for p in whole)
+
     def reduce_now(self, indices: list[int]) -> None:
         """Stage 3, a leaf unit's backward is over (its inputs have their gradients): its
-        buckets are reduced now, their parameters without a gradient on this rank (experts no
-        token was routed to) counting as zero; every rank reaches this at the same point."""
+        buckets are reduced now, their parameters without a gradient on this rank counting as
+        zero; every rank reaches this at the same point."""
         if not self._reduce_now:
             return
         for index in indices:
@@ -337,7 +348,8 @@ class GradientBuckets:
     def without_gradient(self) -> list[torch.nn.Parameter]:
         """The parameters that got no gradient on this rank since the last clear() (the
         accumulation window), in bucket order: ignore_unused_parameters false refuses them."""
-        return [p for b in self.buckets for i, p in enumerate(b.params) if i not in b.used]
+        return [p for b in self.buckets for i, p in enumerate(b.params)
+                if i not in b.used and id(p) not in self._counted_as_zero]
 
     def clear(self) -> None:
         """Drops the gradients after a step (or a skipped step). The stage-2 fp32 accumulator

@@ -47,7 +47,7 @@ def set_z3_leaf_modules(model: nn.Module, leaf_module_classes: list[type | str],
     DeepSpeed's function of the same name and meaning (it sets the same attribute, so either
     one's marks count). Call it before zero_ext.initialize. A mixture-of-experts block whose
     experts run only where tokens are routed must be a leaf at stage 3."""
-    if not isinstance(leaf_module_classes, (list, tuple)) or not all(
+    if not isinstance(leaf_module_classes, (list, tuple, set)) or not all(
             isinstance(c, (type, str)) for c in leaf_module_classes):
         raise TypeError(f"zero_ext.set_z3_leaf_modules: expected a list of module classes or "
                         f"class names, got {leaf_module_classes!r}")

@@ -65,21 +65,32 @@ def find_units(model: nn.Module, class_names: list[str] | None = None) -> list[n
     of their own would split a LoRA block into one unit per linear (its frozen base weights
     then leave a block holding units, see placement._move_frozen_out_of_bodies). No module
     inside a leaf (zero/leaves.py: a mixture of experts) is a unit."""
+    if is_leaf(model):
+        raise ValueError("zero_ext stage 3: the model itself is marked as a leaf module "
+                         "(set_z3_leaf_modules, zero_optimization.leaf_module); gathered whole it "
+                         "would never be partitioned. Mark the blocks that must be gathered whole "
+                         "(a mixture of experts' block) instead")
     if class_names is not None:
-        inside_leaves = {id(m) for leaf in model.modules() if is_leaf(leaf) and leaf is not model
+        inside_leaves = {id(m) for leaf in model.modules() if is_leaf(leaf)
                          for m in leaf.modules() if m is not leaf}
         units = [m for m in model.modules() if type(m).__name__ in class_names
                  and m is not model and id(m) not in inside_leaves]
         missing = set(class_names) - {type(m).__name__ for m in units}
         if missing:
             present = sorted({type(m).__name__ for m in model.modules()})
+            in_leaves = sorted(missing & set(present))
+            if in_leaves:
+                raise ValueError(f"zero_optimization.stage3_unit_classes: every module of class "
+                                 f"{in_leaves} is inside a leaf module (leaf_module, "
+                                 "set_z3_leaf_modules), which is gathered whole; name the leaf's "
+                                 "class instead, or unmark the leaf")
             raise ValueError(f"zero_optimization.stage3_unit_classes: no module of class "
                              f"{sorted(missing)} in the model; its classes are {present}")
         return units
     units: list[nn.Module] = []
 
     def walk(module: nn.Module, in_container: bool, in_block: bool) -> None:
-        if is_leaf(module) and module is not model:
+        if is_leaf(module):
             return  # gathered whole: in one unit, itself or the one holding it
         for child in module.children():
             if isinstance(child, _CONTAINERS):
@@ -141,6 +152,8 @@ class GatherUnit:
     # forwards' inputs have their gradients; its trainable buckets are then reduced, the
     # parameters without a gradient counting as zero (on_backward_over).
     leaf: bool = False
+    leaf_whole: list = field(default_factory=list)  # its leaves' trainable parameters kept whole
+    untracked_use: bool = False  # a forward since the last backward whose inputs need no grad
 
     @property
     def numel(self) -> int:
@@ -378,6 +391,10 @@ class PartitionedParameters:
         unit = GatherUnit(module, layouts, unit_params, shards, [None] * len(layouts),
                           codes=any(packed_4bit(p) for members in unit_params for p in members),
                           leaf=_holds_leaf(module, unit_params))
+        if unit.leaf:
+            held = {id(p) for members in unit_params for p in members}
+            unit.leaf_whole = [p for m in module.modules() if is_leaf(m)
+                               for p in m.parameters() if p.requires_grad and id(p) not in held]
         self.units.append(unit)
         for layout in layouts:
             self._unit_of_layout[layout.index] = unit
@@ -559,6 +576,7 @@ class PartitionedParameters:
                 unit.inputs_pending = unit.reduced = unit.outside_seen = 0
                 if not retain_graph:
                     unit.inputs_registered = 0
+                    unit.untracked_use = False
                 if unit.state is UnitState.GATHERED and unit.holders == 0:
                     self.release(unit)
         if self.secondary is not None:
@@ -609,7 +627,8 @@ class PartitionedParameters:
         if not self.in_backward:
             return
         unit.inputs_pending -= 1
-        if unit.leaf and unit.inputs_pending == 0 and self.on_backward_over is not None:
+        if unit.leaf and unit.inputs_pending == 0 and not unit.untracked_use \
+                and self.on_backward_over is not None:
             if leaf_input:
                 torch.autograd.Variable._execution_engine.queue_callback(
                     lambda: self._leaf_backward_over(unit))

@@ -226,11 +226,13 @@ class UnitHooks:
         trainable parameters in its modules that its buckets do not hold (kept whole by
         stage3_param_persistence_threshold, such as small LoRA matrices and norms, or an inner
         unit's): a frozen weight's backward may be what computes them (a trainable norm before
-        a frozen linear)."""
+        a frozen linear). A leaf's unit does not: its backward is over with its inputs'
+        gradients, and an expert that got no token on this rank never gives its parameters
+        one (waiting for them kept it gathered on that rank only)."""
         watchers: dict[int, list[int]] = {}  # parameter id -> positions of its units
         watched = []
         for position, unit in enumerate(units):
-            if not unit.has_frozen:
+            if not unit.has_frozen or unit.leaf:
                 continue
             own = {id(p) for members in unit.params for p in members}
             outside = [p for p in unit.module.parameters() if p.requires_grad
@@ -376,6 +378,10 @@ class UnitHooks:
         inputs; returns them, when it passed some through a view of its own (a forward
         pre-hook's result), else None."""
         tensors = [t for t in _output_tensors((args, kwargs)) if t.requires_grad]
+        if not tensors and not replaying():
+            # Nothing tells when this forward's backward is over: a leaf's buckets wait for
+            # the end of backward (another forward's inputs may get their gradients first).
+            unit.untracked_use = True
         if not tensors or (replaying() and unit.inputs_pending > 0):
             return None
         changed = None
