@@ -315,6 +315,10 @@ class PartitionedParameters:
     """The stage-3 units of a model: shard storage, gather/release, prefetch and shard access;
     `hooks` (zero/unit_hooks.py) gathers and releases them as the model runs."""
 
+    # Set by the engine: reduces the given trainable buckets now, gradients missing counting as
+    # zero (GradientBuckets.reduce_now), when a leaf unit's backward is over.
+    on_backward_over: Callable[[list[int]], None] | None = None
+
     def __init__(self, units: list[tuple[nn.Module, list[BucketLayout]]],
                  params: list[nn.Parameter], *, rank: int, dtype: torch.dtype,
                  device: torch.device, prefetch_numel: int = 0,
@@ -347,9 +351,6 @@ class PartitionedParameters:
         self.before_read: Callable[[int], object] | None = None
         self.stepping: set[int] = set()
         self.in_backward = False  # inside engine.backward (begin_backward to end_backward)
-        # Set by the engine: reduces the given trainable buckets now, gradients missing counting
-        # as zero (GradientBuckets.reduce_now), when a leaf unit's backward is over.
-        self.on_backward_over: Callable[[list[int]], None] | None = None
         self._prefetch_after: GatherUnit | None = None  # see use() and after_forward()
         self._upload = None  # offload_param's CUDA stream (see _upload_stream)
         self.units: list[GatherUnit] = []
