@@ -16,7 +16,9 @@ case with the single-process reference on the whole batch (engine_cases.train_re
 CPU): fp32 parameters and gradient norms at 1e-5 relative, bf16 within its rounding
 (engine_cases.assert_matches_reference); then four with compressed communication (int8, int8
 with qwZ, int4 with error feedback, top-k), each within its CPU test's bound on the relative
-error of the update (compression_cases.UPDATE_ERROR). It prints one line per attempt as it
+error of the update (compression_cases.UPDATE_ERROR); and two with a mixture of experts
+routed differently per rank, its blocks leaf modules (moe_cases, stage 3, fp32 at 1e-5). It
+prints one line per attempt as it
 ends, and rewrites --json after each (the attempts so far; one under way stands there as not
 run), so a kill at any point leaves what was measured; SIGINT (a caller's timeout) ends the
 attempt under way, recorded as interrupted. Exit code 0 when an attempt ran and every case in
@@ -85,11 +87,36 @@ def rank_main(backend: str, out_path: str) -> None:
         except AssertionError as error:
             results[label] = f"FAIL: {str(error)[:600]}"
     results.update(_compressed_cases())
+    results.update(_moe_cases())
     if rank == 0:
         where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
         with open(out_path, "w") as f:
             json.dump({"backend": backend, "device": where, "cases": results}, f, indent=1)
     dist.destroy_process_group()
+
+
+def _moe_cases() -> dict[str, str]:
+    """A mixture of experts routed differently per rank, its blocks leaf modules (stage 3,
+    fp32; moe_cases), against single-process training; on rank 0 each one's outcome."""
+    import moe_cases
+    from torch.testing import assert_close
+
+    leaf = {"leaf_module": {"classes": ["MoE"]}}
+    trained = {"moe leaf stage 3 fp32": moe_cases._train(
+        moe_cases._build(), moe_cases._config(**leaf)),
+        "moe leaf stage 3 fp32 non-reentrant checkpointing": moe_cases._train(
+        moe_cases._build("non_reentrant"), moe_cases._config(**leaf))}
+    if int(os.environ["RANK"]) != 0:
+        return {}
+    reference, outcomes = moe_cases._reference(), {}
+    for label, got in trained.items():
+        try:
+            for name, value in reference.items():
+                assert_close(got["got"][name], value, rtol=1e-5, atol=1e-5, msg=name)
+            outcomes[label] = "pass"
+        except AssertionError as error:
+            outcomes[label] = f"FAIL: {str(error)[:600]}"
+    return outcomes
 
 
 def _compressed_cases() -> dict[str, str]:

@@ -156,10 +156,13 @@ def _train(model: Net, config: dict, accumulation: int = 1) -> dict:
         for micro in range(accumulation):
             mine = slice((rank * accumulation + micro) * MICRO,
                          (rank * accumulation + micro + 1) * MICRO)
-            engine.backward(engine(tokens[mine], targets[mine]))
+            # On the engine's device: tests/gpu_nccl_parity.py runs these on a GPU too.
+            engine.backward(engine(tokens[mine].to(engine.device),
+                                   targets[mine].to(engine.device)))
             engine.step()
     routed = [block.moe.routed for block in model.blocks]
-    return dict(got=engine.full_state_dict(), gathered=model.gathered,
+    got = {name: value.cpu() for name, value in engine.full_state_dict().items()}
+    return dict(got=got, gathered=model.gathered,
                 units=len(engine.partitioned.units),
                 leaves=[u.leaf for u in engine.partitioned.units],
                 left=sum(u.state.value != "sharded" for u in engine.partitioned.units),

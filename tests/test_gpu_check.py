@@ -263,6 +263,6 @@ def test_nccl_parity_script_falls_back_to_gloo_and_passes_at_two_ranks(tmp_path)
     if not torch.cuda.is_available():  # NCCL cannot start without a GPU: gloo takes over
         assert attempts[0]["backend"] == "nccl" and not attempts[0]["ran"], attempts[0]
     last = attempts[-1]
-    assert last["ran"] and len(last["cases"]) == 7 + 4, last  # 4 with compression
+    assert last["ran"] and len(last["cases"]) == 7 + 4 + 2, last  # compression 4, MoE 2
     assert set(last["cases"].values()) == {"pass"}, last["cases"]
     assert f"parity over {last['backend']}: PASS" in result.stdout
