@@ -18,9 +18,8 @@ CPU): fp32 parameters and gradient norms at 1e-5 relative, bf16 within its round
 with qwZ, int4 with error feedback, top-k), each within its CPU test's bound on the relative
 error of the update (compression_cases.UPDATE_ERROR); and two with a mixture of experts
 routed differently per rank, its blocks leaf modules (moe_cases, stage 3, fp32 at 1e-5). It
-prints one line per attempt as it
-ends, and rewrites --json after each (the attempts so far; one under way stands there as not
-run), so a kill at any point leaves what was measured; SIGINT (a caller's timeout) ends the
+prints one line per attempt as it ends, and rewrites --json after each (the attempts so far;
+one under way stands there as not run), so a kill at any point leaves what was measured; SIGINT (a caller's timeout) ends the
 attempt under way, recorded as interrupted. Exit code 0 when an attempt ran and every case in
 it passed.
 """
