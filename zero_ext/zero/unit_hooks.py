@@ -370,11 +370,10 @@ class UnitHooks:
     def _release_after_inputs(self, unit: GatherUnit, args, kwargs, replace: bool = True):
         """A unit with frozen parameters, or a leaf's: its backward is over (for them; for
         every parameter of a leaf) once the gradients of this forward's inputs (`args`,
-        `kwargs`) are computed. A replay (activation
-        checkpointing recomputing the forward inside backward) counts only where the original
-        forward ran without autograd (torch's reentrant checkpoint: the replay's own backward
-        follows); otherwise the original forward's inputs are what backward reaches, and the
-        replay's graph is discarded. `replace`: before the forward, which may run on other
+        `kwargs`) are computed. A replay (activation checkpointing recomputing the forward
+        inside backward) counts only where the original forward ran without autograd (torch's
+        reentrant checkpoint: the replay's own backward follows); otherwise the original
+        forward's inputs are what backward reaches, and the replay's graph is discarded. `replace`: before the forward, which may run on other
         inputs; returns them, when it passed some through a view of its own (a forward
         pre-hook's result), else None."""
         tensors = [t for t in _output_tensors((args, kwargs)) if t.requires_grad]
