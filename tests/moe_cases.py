@@ -22,13 +22,21 @@ VOCAB, DIM, EXPERTS, SEQ, MICRO, STEPS, LR = 29, 16, 4, 6, 2, 4, 1e-2
 
 
 class Expert(nn.Module):
+    """`borrowed`: a module of another unit whose weight the expert also uses (as a tied
+    projection would), held in a list so that it is not registered as the expert's child."""
+
     def __init__(self):
         super().__init__()
         self.up = nn.Linear(DIM, 2 * DIM)
         self.down = nn.Linear(2 * DIM, DIM)
+        self.borrowed: list[nn.Module] = []
 
     def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
+        out = self.down(F.gelu(self.up(x)))
+        if self.borrowed:
+            weight = self.borrowed[0].weight  # (VOCAB, DIM): the head's
+            out = out + 0.1 * torch.tanh(x @ weight.t()) @ weight
+        return out
 
 
 class MoE(nn.Module):
@@ -99,11 +107,16 @@ class Net(nn.Module):
         return F.cross_entropy(self.head(x).view(-1, VOCAB), targets.view(-1))
 
 
-def _build(checkpoint: str | None = None, twice: bool = False, frozen: bool = False) -> Net:
+def _build(checkpoint: str | None = None, twice: bool = False, frozen: bool = False,
+           borrowing: bool = False) -> Net:
     """`frozen`: the experts' weights frozen, their biases trained (as LoRA trains small
-    matrices beside a frozen base)."""
+    matrices beside a frozen base). `borrowing`: every expert also uses the head's weight."""
     torch.manual_seed(0)
     model = Net(checkpoint, twice)
+    if borrowing:
+        for block in model.blocks:
+            for expert in block.moe.experts:
+                expert.borrowed.append(model.head)
     if frozen:
         for name, param in model.named_parameters():
             if ".experts." in name and name.endswith(".weight"):
@@ -150,7 +163,8 @@ def _train(model: Net, config: dict, accumulation: int = 1) -> dict:
     world_size, rank = comm.world_size(), comm.rank()
     engine, *_ = zero_ext.initialize(model=model, config=config, model_parameters=[
         p for p in model.parameters() if p.requires_grad])
-    model.units = lambda: engine.partitioned.units
+    units = engine.partitioned.units if engine.partitioned is not None else []
+    model.units = lambda: units
     for step in range(STEPS):
         tokens, targets = _batch(step, world_size, MICRO * accumulation)
         for micro in range(accumulation):
@@ -163,9 +177,8 @@ def _train(model: Net, config: dict, accumulation: int = 1) -> dict:
     routed = [block.moe.routed for block in model.blocks]
     got = {name: value.cpu() for name, value in engine.full_state_dict().items()}
     return dict(got=got, gathered=model.gathered,
-                units=len(engine.partitioned.units),
-                leaves=[u.leaf for u in engine.partitioned.units],
-                left=sum(u.state.value != "sharded" for u in engine.partitioned.units),
+                units=len(units), leaves=[u.leaf for u in units],
+                left=sum(u.state.value != "sharded" for u in units),
                 routed=comm.all_gather_object(routed))
 
 
@@ -251,5 +264,41 @@ def moe_cases() -> dict:
     out["frozen"] = _train(_build(frozen=True), _config(40, **leaf))
     out["reference_twice"] = _reference(build=lambda: _build(twice=True)) if rank == 0 else None
     out["twice"] = _train(_build(twice=True), _config(**leaf))
+    # Every parameter below stage3_param_persistence_threshold: no unit holds the leaves, and
+    # ignore_unused_parameters false still counts an expert without a token as zero.
+    out["strict_whole"] = _train(_build(), _config(10**6, ignore_unused_parameters=False,
+                                                   **leaf))
+    # Experts using another unit's weight (the head's): declared on an expert, it is gathered
+    # around the leaf on every rank; undeclared, it is refused, naming the declaration.
+    out["reference_borrowing"] = _reference(build=lambda: _build(borrowing=True)) \
+        if rank == 0 else None
+    model = _build(borrowing=True)
+    for block in model.blocks:
+        zero_ext.register_external_parameter(block.moe.experts[0], model.head.weight)
+    out["borrowing"] = _train(model, _config(**leaf))
+    try:
+        _train(_build(borrowing=True), _config(**leaf))
+        out["undeclared"] = None
+    except RuntimeError as error:
+        out["undeclared"] = str(error)
     out["mixtral"] = _mixtral_case()
+    out["twice_reentrant"] = _twice_reentrant()
     return out
+
+
+def _twice_reentrant() -> str | None:
+    """Stage 2: one model run twice under reentrant checkpointing before one backward (two
+    towers of a contrastive loss): each replay's backward accumulates the weights' gradients
+    apart, and the second arrived after the first was reduced, and was lost. Now refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh(), nn.Linear(DIM, 1))
+    engine, *_ = zero_ext.initialize(model=model, config={
+        **_config(), "zero_optimization": {"stage": 2}})
+    x = torch.randn(2 * MICRO, DIM, requires_grad=True)
+    towers = [torch.utils.checkpoint.checkpoint(engine, half, use_reentrant=True)
+              for half in x.chunk(2)]
+    try:
+        engine.backward((towers[0] * towers[1]).sum())
+    except RuntimeError as error:
+        return str(error)
+    return None

@@ -14,6 +14,7 @@ import zero_ext
 from zero_ext.config import ConfigError, LeafModuleConfig, ZeroConfig
 from zero_ext.zero.leaves import mark_configured_leaves
 from zero_ext.zero.params import find_units
+from zero_ext.zero.placement import lay_out
 
 
 class Experts(nn.Module):
@@ -114,3 +115,40 @@ def test_configured_leaves_are_marked_and_unmatched_entries_named():
     with pytest.warns(UserWarning, match=r"\['Gone', 'blocks.9', 'nope'\] match no module"):
         mark_configured_leaves(Net(), LeafModuleConfig(
             classes=["Gone", "Experts"], names=["blocks.9"], name_suffixes=["nope"]))
+
+
+class Body(nn.Module):
+    """A unit holding units (a PeftModel's base model: its forward bypassed) with a mixture of
+    experts directly in it, beside its blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(Block() for _ in range(2))
+        self.moe = Experts()
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = Body()
+        self.head = nn.Linear(4, 5)
+
+
+def _unit_names(model: nn.Module, leaf_classes: list[str]) -> list[str]:
+    for name, p in model.named_parameters():  # frozen expert weights (a LoRA base)
+        p.requires_grad_(not (".experts." in name and name.endswith("weight")))
+    params = [p for p in model.parameters() if p.requires_grad]
+    zero = ZeroConfig.from_dict({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0,
+        "leaf_module": {"classes": leaf_classes}}}).zero_optimization
+    layout = lay_out(model, params, {p: 0 for p in params}, stage=3, zero=zero, world_size=2)
+    return _names(model, [module for module, _ in layout.unit_plan])
+
+
+def test_frozen_parameters_of_a_leaf_in_a_body_stay_in_the_leaf():
+    """A body's frozen parameters go to the modules holding them, each a unit whose forward runs
+    where it is used: inside a leaf that made each expert a unit, gathered by the ranks that
+    route tokens to it only. They go to the leaf instead."""
+    assert "model.moe.experts.0" in _unit_names(Outer(), [])
+    units = _unit_names(Outer(), ["Experts"])
+    assert "model.moe" in units and not any(".experts." in n for n in units), units

@@ -21,10 +21,10 @@ def _run(world_size: int):
     return run_group(world_size, moe_cases.moe_cases)
 
 
-def _close(got: dict, want: dict, what: str) -> None:
+def _close(got: dict, want: dict, what: str, atol: float = 1e-5) -> None:
     assert set(got) == set(want), what
     for name, value in want.items():
-        assert_close(got[name].float(), value.float(), rtol=1e-5, atol=1e-5,
+        assert_close(got[name].float(), value.float(), rtol=1e-5, atol=atol,
                      msg=f"{what}: {name}")
 
 
@@ -58,7 +58,7 @@ def test_each_block_is_released_once_its_backward_is_over(world_size):
     in backward order with it: the whole model gathered at once."""
     for rank, result in enumerate(_run(world_size)):
         for case in CASES:
-            if case in result and "reentrant" not in case:
+            if case in result and case != "checkpoint_reentrant":
                 gathered = result[case]["gathered"]
                 assert gathered == [2] * moe_cases.STEPS, (rank, case, gathered)
             if case in result:
@@ -66,19 +66,41 @@ def test_each_block_is_released_once_its_backward_is_over(world_size):
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("case", ["strict", "frozen", "twice"])
-def test_unused_experts_frozen_experts_and_a_block_run_twice(world_size, case):
+@pytest.mark.parametrize("case", ["strict", "strict_whole", "frozen", "twice", "borrowing"])
+def test_unused_experts_frozen_experts_a_block_run_twice_and_borrowed_weights(world_size, case):
     """ignore_unused_parameters false counts an expert without a token as zero, as DeepSpeed
-    does; frozen expert weights with trained biases kept whole; the first block run twice, once
-    on inputs that need no gradient (its backward then ends with backward's end: its second
-    run's inputs get their gradients before its first run's backward)."""
+    does, partitioned or kept whole; frozen expert weights with trained biases kept whole; the
+    first block run twice, once on inputs that need no gradient (its backward then ends with
+    backward's end: its second run's inputs get their gradients before its first run's
+    backward); experts using the head's weight, declared on an expert."""
     results = _run(world_size)
-    want = results[0][{"strict": "reference"}.get(case, f"reference_{case}")]
-    _close(results[0][case]["got"], want, f"{world_size} ranks, {case}")
+    want = results[0][{"strict": "reference", "strict_whole": "reference"}.get(
+        case, f"reference_{case}")]
+    # Borrowing: an element of an expert's weight whose gradient is near zero moves by up to
+    # 3e-5 at 3 ranks (Adam normalizes its rounding); a gradient lost or wrong moves whole
+    # weights by about the learning rate, 1e-2.
+    _close(results[0][case]["got"], want, f"{world_size} ranks, {case}",
+           atol=1e-4 if case == "borrowing" else 1e-5)
     if case == "frozen":
         for rank, result in enumerate(results):
             gathered = result[case]["gathered"]
             assert gathered == [2] * moe_cases.STEPS, (rank, gathered)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_another_units_weight_used_in_a_leaf_undeclared_is_refused(world_size):
+    """Gathered where an expert runs, on some ranks only, it would pair collectives wrongly."""
+    for result in _run(world_size):
+        assert "used inside the leaf module MoE without a declaration" in result["undeclared"]
+        assert "register_external_parameter(leaf_module, param)" in result["undeclared"]
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_a_second_gradient_after_its_bucket_was_reduced_is_refused(world_size):
+    for result in _run(world_size):
+        message = result["twice_reentrant"]
+        assert message is not None and "got a second gradient in this backward" in message
+        assert "use_reentrant=False" in message
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -90,6 +112,9 @@ def test_accumulated_micro_steps_train_as_the_whole_batch(world_size):
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_transformers_mixtral_trains_with_deepspeeds_default_leaf_class(world_size):
+    """transformers 5's Mixtral keeps its experts in 3-D weights that get a gradient whenever
+    any expert runs: its decoder layers train as units either way; this checks that DeepSpeed's
+    default classes mark them, and that they then train as single-process torch."""
     mixtral = _run(world_size)[0]["mixtral"]
     _close(mixtral["got"], mixtral["reference"], f"{world_size} ranks, Mixtral")
     assert sorted(mixtral["leaves"]) == ["model.layers.0", "model.layers.1"], mixtral["leaves"]

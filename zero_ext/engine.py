@@ -50,6 +50,7 @@ from zero_ext.zero.agreement import StepAgreement, backward_count_error
 from zero_ext.zero.buckets import GradientBuckets, reduced_grad_dtype
 from zero_ext.zero.compression import GradientCompression
 from zero_ext.zero.construction import outside_init
+from zero_ext.zero.leaves import leaf_parameters
 from zero_ext.zero.offload_states import OffloadedStates
 from zero_ext.zero.params import PartitionedParameters, materialize
 from zero_ext.zero.persistent import PersistentParameters
@@ -260,10 +261,11 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         if self.partitioned is not None:  # weakly: the buckets hold the units already
             reduce_now = weakref.WeakMethod(self.grad_buckets.reduce_now)
             self.partitioned.on_backward_over = lambda indices: reduce_now()(indices)
-            leaves = [unit for unit in self.partitioned.units if unit.leaf]
-            self.grad_buckets.hold_for_leaves(
-                {layout.index for unit in leaves for layout in unit.layouts if layout.group >= 0},
-                [p for unit in leaves for p in unit.leaf_whole])
+            self.grad_buckets.hold_for_leaves({
+                layout.index for unit in self.partitioned.units if unit.leaf
+                for layout in unit.layouts if layout.group >= 0})
+        if self.stage == 3:  # whether partitioned or kept whole, as DeepSpeed zero-fills them
+            self.grad_buckets.count_as_zero(leaf_parameters(self.module))
         self._agreement = StepAgreement(world_size=self.world_size, rank=self.rank,
                                         device=self.device, on_disagree=self.grad_buckets.clear)
 

@@ -190,16 +190,17 @@ class GradientBuckets:
             bucket.state = BucketState.READY
             self._launch_ready()
 
-    def hold_for_leaves(self, indices: set[int], whole: list[torch.nn.Parameter]) -> None:
+    def hold_for_leaves(self, indices: set[int]) -> None:
         """Stage 3's leaf units (zero/leaves.py): their buckets (`indices`) are reduced by
         reduce_now when the unit's backward is over, not when their gradients are all there (on
         a rank where they are, the reduction would come earlier than on one where an expert got
-        no token: another collective order). Their parameters, and the leaves' trainable ones
-        kept whole (`whole`), count as having a gradient (zero where none came, as DeepSpeed
-        gives them zeros) for ignore_unused_parameters false."""
+        no token: another collective order)."""
         self.held = set(indices)
-        self._counted_as_zero = {id(p) for i in indices for p in self.buckets[i].params}
-        self._counted_as_zero.update(id(p) for p in whole)
+
+    def count_as_zero(self, params: list[torch.nn.Parameter]) -> None:
+        """Stage 3's leaves' parameters: one without a gradient counts as having a zero one
+        (as DeepSpeed gives them zeros), also for ignore_unused_parameters false."""
+        self._counted_as_zero = {id(p) for p in params if p in self._where}
 
     def reduce_now(self, indices: list[int]) -> None:
         """Stage 3, a leaf unit's backward is over (its inputs have their gradients): its

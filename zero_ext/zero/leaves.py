@@ -23,11 +23,37 @@ from torch import nn
 
 from zero_ext.config import DEEPSPEED_LEAF_MODULE_CLASSES, LeafModuleConfig
 
-__all__ = ["is_leaf", "mark_configured_leaves", "set_z3_leaf_modules"]
+__all__ = ["enclosing_leaves", "is_leaf", "leaf_parameters", "mark_configured_leaves",
+           "set_z3_leaf_modules"]
 
 
 def is_leaf(module: nn.Module) -> bool:
     return bool(getattr(module, "_z3_leaf", False))
+
+
+def enclosing_leaves(model: nn.Module) -> dict[int, nn.Module]:
+    """id of every module inside a leaf (the leaf itself included) -> the outermost leaf
+    holding it: where a hook must sit to run on every rank (an expert inside runs on some)."""
+    outer: dict[int, nn.Module] = {}
+    for module in model.modules():  # parents before their children
+        if is_leaf(module) and id(module) not in outer:
+            for inner in module.modules():
+                outer[id(inner)] = module
+    return outer
+
+
+def leaf_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of the model's leaves: a gradient none of them got on a rank
+    (an expert without a token) counts as zero, as DeepSpeed gives them zeros."""
+    seen: set[int] = set()
+    out = []
+    for module in model.modules():
+        if is_leaf(module):
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
 
 
 def _qualified_name(module: nn.Module) -> str:

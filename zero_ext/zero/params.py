@@ -152,7 +152,6 @@ class GatherUnit:
     # forwards' inputs have their gradients; its trainable buckets are then reduced, the
     # parameters without a gradient counting as zero (on_backward_over).
     leaf: bool = False
-    leaf_whole: list = field(default_factory=list)  # its leaves' trainable parameters kept whole
     untracked_use: bool = False  # a forward since the last backward whose inputs need no grad
 
     @property
@@ -392,10 +391,6 @@ class PartitionedParameters:
         unit = GatherUnit(module, layouts, unit_params, shards, [None] * len(layouts),
                           codes=any(packed_4bit(p) for members in unit_params for p in members),
                           leaf=_holds_leaf(module, unit_params))
-        if unit.leaf:
-            held = {id(p) for members in unit_params for p in members}
-            unit.leaf_whole = [p for m in module.modules() if is_leaf(m)
-                               for p in m.parameters() if p.requires_grad and id(p) not in held]
         self.units.append(unit)
         for layout in layouts:
             self._unit_of_layout[layout.index] = unit

@@ -30,7 +30,7 @@ from torch import nn
 from zero_ext.config import ZeroOptimizationConfig
 from zero_ext.zero import offload, precision
 from zero_ext.zero.construction import is_init_partitioned, partitionable_class
-from zero_ext.zero.leaves import mark_configured_leaves
+from zero_ext.zero.leaves import enclosing_leaves, mark_configured_leaves
 from zero_ext.zero.params import find_units
 from zero_ext.zero.partition import BucketLayout, plan_buckets
 
@@ -221,7 +221,9 @@ def _move_frozen_out_of_bodies(model: nn.Module, members: dict[nn.Module, list],
     holding it directly (the frozen embedding, final norm, LM head), a unit of its own whose
     forward runs where it is used; it stays whole where several modules hold it (tied
     embeddings: the other one's forward would use it released) or that module holds
-    parameter-holding units too."""
+    parameter-holding units too. Inside a leaf module (a mixture of experts, whose experts run
+    on some ranks only) it goes to the outermost leaf instead, gathered whole."""
+    leaf_of = enclosing_leaves(model)
     holders: dict[int, list[nn.Module]] = {}
     for module in model.modules():
         for p in module._parameters.values():
@@ -238,8 +240,9 @@ def _move_frozen_out_of_bodies(model: nn.Module, members: dict[nn.Module, list],
             del members[body]
         for p in frozen:
             owners = holders[id(p)]
-            if len(owners) == 1 and owners[0] is not body and not holds_units(owners[0]):
-                members.setdefault(owners[0], []).append(p)
+            owner = leaf_of.get(id(owners[0]), owners[0])
+            if len(owners) == 1 and owner is not body and not holds_units(owner):
+                members.setdefault(owner, []).append(p)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from zero_ext._plain_forward import plain_forward, replace_plain_forward
+from zero_ext.zero.leaves import enclosing_leaves, is_leaf
 
 if TYPE_CHECKING:
     from zero_ext.zero.params import GatherUnit, PartitionedParameters
@@ -204,6 +205,14 @@ class UnitHooks:
         for unit in params.units:
             self._hook_module(unit.module, unit)
         self._watch_outside_trainable(params.units)
+        # Leaf modules (zero/leaves.py) run on every rank, their inner modules (experts) maybe
+        # not: a declaration inside one moves to its outermost leaf, and a use found inside
+        # one is refused (see hold_in_forward).
+        self._leaf_of = enclosing_leaves(root) if root is not None else {}
+        unit_modules = {id(unit.module) for unit in params.units}
+        for leaf in {id(m): m for m in self._leaf_of.values()}.values():
+            if id(leaf) not in unit_modules:
+                self._track_running(leaf)
         if root is not None:
             self._track_running(root)
             # The models generate() calls directly (a PeftModel's inner transformers model):
@@ -316,6 +325,15 @@ class UnitHooks:
         if not self._running:
             return False
         unit = self.params.unit_of_param[id(param)]
+        running = self._running[-1][0]
+        if is_leaf(running):
+            names = {id(p): n for n, p in self.root.named_parameters()} if self.root else {}
+            raise RuntimeError(
+                f"zero_ext stage 3: parameter {names.get(id(param), '?')} of another unit is "
+                f"used inside the leaf module {type(running).__name__} without a declaration. "
+                "A leaf's inner modules (experts) may run on some ranks only, and gathering it "
+                "there would make the ranks issue different collectives. Declare it before "
+                "initialize: zero_ext.register_external_parameter(leaf_module, param)")
         # Gathered, not counted as a use in the prefetch order: where the order keeps the
         # unit gathered (reused soon), the next step reads it with no such use, and the order
         # would look changed.
@@ -328,6 +346,8 @@ class UnitHooks:
         """`module` uses `param`, which belongs to another unit: gather that unit around
         `module` too."""
         unit = self.params.unit_of_param.get(id(param))
+        # Inside a leaf, around the leaf: its inner modules may run on some ranks only.
+        module = self._leaf_of.get(id(module), module)
         if unit is None or any(m is module for m in unit.module.modules()):
             return  # the owner's own unit holds the module: gathered around it already
 
