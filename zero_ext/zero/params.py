@@ -628,11 +628,13 @@ class PartitionedParameters:
             if leaf_input:
                 torch.autograd.Variable._execution_engine.queue_callback(
                     lambda: self._leaf_backward_over(unit))
-                return
-            self._leaf_backward_over(unit)
+            else:
+                self._leaf_backward_over(unit)
+            return
         self._backward_progress(unit)
 
     def _leaf_backward_over(self, unit: GatherUnit) -> None:
+        """Reduces a leaf unit's buckets, which releases it once all of them are taken."""
         self.on_backward_over([layout.index for layout in unit.layouts if layout.group >= 0])
         self._backward_progress(unit)
 
