@@ -140,6 +140,16 @@ def _config(threshold: int = 0, accumulation: int = 1, **zero) -> dict:
             "steps_per_print": 10**6}
 
 
+def _step_with_zeros(opt: torch.optim.Optimizer) -> None:
+    """torch AdamW's step with DeepSpeed's rule: a parameter no token reached has a zero
+    gradient (torch would skip it), so its moments decay and its update goes on."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+    opt.step()
+
+
 def _reference(accumulation: int = 1, world_size: int | None = None,
                build=_build) -> dict[str, torch.Tensor]:
     """Single-process training on each step's whole batch; a parameter no token reached gets
@@ -152,10 +162,7 @@ def _reference(accumulation: int = 1, world_size: int | None = None,
         opt.zero_grad()
         tokens, targets = _batch(step, world_size, MICRO * accumulation)
         model(tokens, targets).backward()
-        for p in trained:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        opt.step()
+        _step_with_zeros(opt)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -219,10 +226,7 @@ def _mixtral_case() -> dict:
             # The mean over each rank's tokens, averaged over the ranks: what the engine sees.
             sum(step_loss(model, part) for part in tokens.chunk(world_size)).div(
                 world_size).backward()
-            for p in model.parameters():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            opt.step()
+            _step_with_zeros(opt)
         reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model = _mixtral()
     engine, *_ = zero_ext.initialize(model=model, config=_config())

@@ -24,7 +24,7 @@ from torch import nn
 from zero_ext.config import DEEPSPEED_LEAF_MODULE_CLASSES, LeafModuleConfig
 
 __all__ = ["enclosing_leaves", "is_leaf", "leaf_parameters", "mark_configured_leaves",
-           "set_z3_leaf_modules"]
+           "outermost_leaves", "set_z3_leaf_modules"]
 
 
 def is_leaf(module: nn.Module) -> bool:
@@ -42,18 +42,16 @@ def enclosing_leaves(model: nn.Module) -> dict[int, nn.Module]:
     return outer
 
 
+def outermost_leaves(model: nn.Module) -> list[nn.Module]:
+    """The leaves not inside another leaf."""
+    return list({id(leaf): leaf for leaf in enclosing_leaves(model).values()}.values())
+
+
 def leaf_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters of the model's leaves: a gradient none of them got on a rank
     (an expert without a token) counts as zero, as DeepSpeed gives them zeros."""
-    seen: set[int] = set()
-    out = []
-    for module in model.modules():
-        if is_leaf(module):
-            for p in module.parameters():
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-    return out
+    return list({id(p): p for leaf in outermost_leaves(model) for p in leaf.parameters()
+                 if p.requires_grad}.values())
 
 
 def _qualified_name(module: nn.Module) -> str:

@@ -44,7 +44,7 @@ from zero_ext.zero.construction import (
     tensors_in,
 )
 from zero_ext.zero.hpz import SecondaryPartition
-from zero_ext.zero.leaves import is_leaf
+from zero_ext.zero.leaves import enclosing_leaves, is_leaf
 from zero_ext.zero.offload import host_buffer
 from zero_ext.zero.partition import BucketLayout
 from zero_ext.zero.precision import packed_4bit
@@ -71,10 +71,9 @@ def find_units(model: nn.Module, class_names: list[str] | None = None) -> list[n
                          "would never be partitioned. Mark the blocks that must be gathered whole "
                          "(a mixture of experts' block) instead")
     if class_names is not None:
-        inside_leaves = {id(m) for leaf in model.modules() if is_leaf(leaf)
-                         for m in leaf.modules() if m is not leaf}
+        leaf_of = enclosing_leaves(model)  # a leaf itself may be a unit, nothing inside it
         units = [m for m in model.modules() if type(m).__name__ in class_names
-                 and m is not model and id(m) not in inside_leaves]
+                 and m is not model and leaf_of.get(id(m), m) is m]
         missing = set(class_names) - {type(m).__name__ for m in units}
         if missing:
             present = sorted({type(m).__name__ for m in model.modules()})
@@ -152,7 +151,8 @@ class GatherUnit:
     # forwards' inputs have their gradients; its trainable buckets are then reduced, the
     # parameters without a gradient counting as zero (on_backward_over).
     leaf: bool = False
-    untracked_use: bool = False  # a forward since the last backward whose inputs need no grad
+    untracked_use: bool = False  # a leaf's forward since the last backward on inputs needing
+                                 # no gradient: its buckets wait for the end of backward
 
     @property
     def numel(self) -> int:

@@ -210,7 +210,7 @@ class UnitHooks:
         # one is refused (see hold_in_forward).
         self._leaf_of = enclosing_leaves(root) if root is not None else {}
         unit_modules = {id(unit.module) for unit in params.units}
-        for leaf in {id(m): m for m in self._leaf_of.values()}.values():
+        for leaf in {id(m): m for m in self._leaf_of.values()}.values():  # the outermost
             if id(leaf) not in unit_modules:
                 self._track_running(leaf)
         if root is not None:
@@ -397,8 +397,8 @@ class UnitHooks:
         inputs; returns them, when it passed some through a view of its own (a forward
         pre-hook's result), else None."""
         tensors = [t for t in _output_tensors((args, kwargs)) if t.requires_grad]
-        if not tensors and not replaying():
-            # Nothing tells when this forward's backward is over: a leaf's buckets wait for
+        if unit.leaf and not tensors and not replaying():
+            # Nothing tells when this forward's backward is over: the leaf's buckets wait for
             # the end of backward (another forward's inputs may get their gradients first).
             unit.untracked_use = True
         if not tensors or (replaying() and unit.inputs_pending > 0):
