@@ -268,7 +268,7 @@ def test_unknown_key_without_near_match_lists_valid_keys():
 def test_harmless_keys_warn_once_naming_them():
     config = dict(DS_EXAMPLE, tensorboard={"enabled": True, "output_path": "logs"},
                   wandb={"enabled": False}, flops_profiler={"enabled": True},
-                  zero_allow_untested_optimizer=True, memory_breakdown=False, dump_state=False)
+                  memory_breakdown=False, dump_state=False)
     config["zero_optimization"] = {"stage": 3, "stage3_module_granularity_threshold": 0,
                                    "offload_param": {"device": "cpu", "buffer_count": 5}}
     with warnings.catch_warnings(record=True) as caught:
@@ -276,7 +276,7 @@ def test_harmless_keys_warn_once_naming_them():
         c = ZeroConfig.load(config)
     assert len(caught) == 1
     text = str(caught[0].message)
-    for name in ["tensorboard", "wandb", "flops_profiler", "zero_allow_untested_optimizer",
+    for name in ["tensorboard", "wandb", "flops_profiler",
                  "memory_breakdown", "dump_state",
                  "zero_optimization.stage3_module_granularity_threshold",
                  "zero_optimization.offload_param.buffer_count"]:

@@ -1518,6 +1518,11 @@ class ZeroConfig(_Section):
     wall_clock_breakdown: bool = False
     """Time forward, backward and step and log the breakdown."""
 
+    zero_allow_untested_optimizer: bool = False
+    """At stages 1-3, run an optimizer passed to ``initialize`` that is neither AdamW / Adam nor
+    one of torch's element-wise optimizers (which zero_ext runs exactly on shards) on flat fp32
+    shards anyway, as DeepSpeed's key of this name does (zero/client_optimizer.py)."""
+
     zero_ext: ZeroExtSettings = field(default_factory=ZeroExtSettings)
     """zero_ext's own settings (not DeepSpeed keys): ``{"zero_ext": {"stall_timeout_s": 20}}``."""
 
@@ -1545,7 +1550,6 @@ class ZeroConfig(_Section):
         "timers": "",
         "log_level": "",
         "disable_python_gc": "",
-        "zero_allow_untested_optimizer": "",
         "zero_force_ds_cpu_optimizer": "",
         "aio": "used only by NVMe offload",
         "checkpoint": "zero_ext checkpoints need no tag validation and load at any world size",

@@ -48,6 +48,7 @@ from zero_ext.zero import (
 )
 from zero_ext.zero.agreement import StepAgreement, backward_count_error
 from zero_ext.zero.buckets import GradientBuckets, reduced_grad_dtype
+from zero_ext.zero.client_optimizer import check_client_optimizer
 from zero_ext.zero.compression import GradientCompression
 from zero_ext.zero.construction import outside_init
 from zero_ext.zero.leaves import leaf_parameters
@@ -63,7 +64,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
 
     def __init__(self, model: nn.Module, config: ZeroConfig, param_groups: list[dict],
                  optimizer_defaults: dict | None,
-                 replicated_optimizer: torch.optim.Optimizer | None = None):
+                 replicated_optimizer: torch.optim.Optimizer | None = None,
+                 client_optimizer: torch.optim.Optimizer | None = None):
         super().__init__()
         self.config = config
         self.rank, self.world_size = comm.rank(), comm.world_size()
@@ -107,7 +109,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self._place_offload(layout)
         self._build_communication(layout)
         self._build_optimizer(param_groups, optimizer_defaults, replicated_optimizer,
-                              layout.unit_indices)
+                              client_optimizer, layout.unit_indices)
         self._build_gradients()
         self.loss_scaler: DynamicLossScaler | None = loss_scaler_for(config, self.rank)
         if self.replicated_optimizer is None:
@@ -225,16 +227,18 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
 
     def _build_optimizer(self, param_groups: list[dict], optimizer_defaults: dict | None,
                          replicated_optimizer: torch.optim.Optimizer | None,
+                         client_optimizer: torch.optim.Optimizer | None,
                          unit_indices: set[int]) -> None:
         """Stage 0 may run any torch optimizer on the whole, replicated parameters; otherwise
-        the sharded AdamW over the elements this rank updates, with its host-stepped buckets
-        under offload_optimizer (zero/optimizer_placement.py)."""
+        the sharded AdamW (or the user's `client_optimizer` on fp32 shards) over the elements
+        this rank updates, with its host-stepped buckets under offload_optimizer
+        (zero/optimizer_placement.py)."""
         weights = [self._persistent.to_update(layout.index)
                    if self._persistent.owns(layout.index)
                    else self.partitioned.shard(layout.index) for layout in self.layouts]
         self._optimizers = optimizer_placement.OptimizerPlacement(
             param_groups, self.layouts, weights, defaults=optimizer_defaults,
-            replicated=replicated_optimizer,
+            replicated=replicated_optimizer, client=client_optimizer,
             compresses_momentum=self.compression.compresses_momentum,
             placed=self._offload_placement, unit_indices=unit_indices,
             partitioned=self.partitioned, zero=self.config.zero_optimization,
@@ -708,16 +712,7 @@ def as_optimizer_defaults(config: ZeroConfig, optimizer) -> dict:
         return {"lr": p.lr, "betas": tuple(p.betas), "eps": p.eps,
                 "weight_decay": p.weight_decay, "bias_correction": p.bias_correction,
                 "decoupled_weight_decay": opt.decoupled_weight_decay, "maximize": False}
-    if not isinstance(optimizer, _adam_types()):
-        raise TypeError(
-            f"zero_ext.initialize: optimizer={type(optimizer).__name__} is not supported at "
-            f"stage {config.zero_optimization.stage}: stages 1-2 shard AdamW/Adam state in C++. "
-            "Pass a torch.optim.AdamW or Adam (its hyperparameters and parameter groups are "
-            "adopted) or an 'optimizer' config section, or use stage 0, which runs any torch "
-            "optimizer")
     group = optimizer.param_groups[0]
-    if group.get("amsgrad", False):
-        raise ValueError("zero_ext.initialize: amsgrad is not supported; use amsgrad=False")
     decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get(
         "decoupled_weight_decay", isinstance(optimizer, ZeroAdamW))
     return {"lr": group["lr"], "betas": tuple(group["betas"]), "eps": group["eps"],
@@ -823,11 +818,21 @@ def initialize(model: nn.Module | None = None, config=None,
     _apply_fused_kernels(model, config.zero_ext.fused_kernels)  # settings equal on every rank
     # An optimizer instance names its own parameters: DeepSpeed then ignores model_parameters.
     client_optimizer = optimizer
-    if optimizer is not None and not isinstance(optimizer, _adam_types()) and \
-            config.zero_optimization.stage == 0:
+    zero = config.zero_optimization
+    own_rule = optimizer is None or (isinstance(optimizer, _adam_types()) and not any(
+        g.get("amsgrad") for g in optimizer.param_groups))
+    if not own_rule and zero.stage == 0:
         # Stage 0 replicates the optimizer: any torch optimizer runs as it is.
         groups = [dict(g) for g in optimizer.param_groups]
         engine = ZeroEngine(model, config, groups, None, replicated_optimizer=optimizer)
+    elif not own_rule:
+        # Stages 1-3: the user's optimizer steps this rank's fp32 master shards.
+        check_client_optimizer(optimizer, zero.stage, config.zero_allow_untested_optimizer,
+                               zero.offload_optimizer.enabled)
+        groups = split_param_groups(model, [dict(g) for g in optimizer.param_groups],
+                                    dict(optimizer.defaults))
+        engine = ZeroEngine(model, config, groups, dict(optimizer.defaults),
+                            client_optimizer=optimizer)
     else:
         defaults = as_optimizer_defaults(config, optimizer)
         if optimizer is not None:

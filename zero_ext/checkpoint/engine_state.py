@@ -214,7 +214,20 @@ def _layout_states(engine, layout_index: int) -> dict[str, torch.Tensor]:
         flat = dict(zip((lo.index for lo in engine.persistent_layouts), engine.flat_params))
         return {"master": flat[layout_index]}
     shard = engine.optimizer.shards[layout_index]
+    if engine.optimizer.client is not None:  # the user's optimizer: its per-element state
+        return {"master": shard.master, **engine.optimizer.client.elementwise_state(shard)}
     return {"master": shard.master, "exp_avg": shard.exp_avg, "exp_avg_sq": shard.exp_avg_sq}
+
+
+def client_optimizer_metadata(engine) -> dict | None:
+    """A client optimizer's class, per-element state kinds and scalars (zero/
+    client_optimizer.py), for metadata.json; None for zero_ext's AdamW or stage 0's torch
+    optimizer."""
+    client = getattr(engine.optimizer, "client", None)
+    if client is None:
+        return None
+    kinds, scalars, _ = client.saved_state()
+    return {"class": type(client.client).__name__, "kinds": kinds, "scalars": scalars}
 
 
 def _write_shard(engine, path: str, compression_totals: dict[str, torch.Tensor],
@@ -259,6 +272,7 @@ def _metadata(engine, tag: str, names: list[str], exclude_frozen: bool = False) 
         "loss_scaler": engine.loss_scaler.state_dict() if engine.loss_scaler else None,
         "optimizer": "replicated" if engine.replicated_optimizer is not None else "sharded",
         "optimizer_class": type(engine.optimizer).__name__,
+        "client_optimizer": client_optimizer_metadata(engine),
         "optimizer_steps": steps,
         "layouts": compression_state.layouts_metadata(engine, names),
         "frozen_layouts": [] if exclude_frozen else frozen_layouts_metadata(engine),
@@ -350,6 +364,12 @@ def _save_problem(engine, save_dir, client_state, names: list[str]) -> tuple[str
         return ("called with gradients of engine.no_sync() not reduced yet (inside it, or "
                 "before the window's last backward); they would be lost. Save right after "
                 "engine.step() completes an accumulation boundary"), b""
+    client = getattr(engine.optimizer, "client", None)
+    unsaved = client.saved_state()[2] if client is not None else None
+    if unsaved is not None:
+        return (f"the {type(client.client).__name__} given to initialize cannot be saved: "
+                f"{unsaved}. Save with an optimizer whose state is per element or scalar, or "
+                f"keep the weights with save_16bit_model()"), b""
     bad = _non_finite(engine, names)
     if bad is not None:
         return (f"the optimizer state is not finite ({bad}); a checkpoint of it would "
@@ -524,10 +544,11 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None,
 
 
 def _fill_plan(engine, saved: dict[str, tuple[int, ...]], names: list[str], kinds,
-               what: str) -> list:
+               what: str, states_of=None) -> list:
     """(target tensor, first element, source name, its first, last+1 element, kind) for every
     piece of this rank's buckets, reading parameter i as `names[i]` of a source holding
-    `saved` (name -> shape), after checking that every parameter is there with its shape."""
+    `saved` (name -> shape), after checking that every parameter is there with its shape.
+    `states_of(layout index)`: the tensors to fill (default: the engine's own)."""
     # Shapes from the layouts: stage 3's released parameters have no shape of their own.
     mine = {names[s.param_index]: tuple(s.shape) for layout in engine.layouts
             for s in layout.slots}
@@ -540,7 +561,7 @@ def _fill_plan(engine, saved: dict[str, tuple[int, ...]], names: list[str], kind
     plan = []
     for layout in engine.layouts:
         start, end = _held_range(engine, layout)
-        states = _layout_states(engine, layout.index)
+        states = (states_of or (lambda i: _layout_states(engine, i)))(layout.index)
         for kind in kinds:
             if kind not in states:
                 continue

@@ -380,12 +380,11 @@ def _plan(engine, path: str, load_optimizer_states: bool, load_lr_scheduler_stat
             buffers.append((mine_buffers[name], ckpt.model["module"][name]))
     steps = hyperparameters = scheduler = scaler = None
     if load_optimizer_states:
-        replicated = engine.replicated_optimizer
-        if replicated is not None and not isinstance(replicated,
-                                                     (torch.optim.Adam, torch.optim.AdamW)):
+        user = engine.replicated_optimizer or getattr(engine.optimizer, "optimizer", None)
+        if user is not None and (not isinstance(user, (torch.optim.Adam, torch.optim.AdamW))
+                                 or engine.replicated_optimizer is None):
             problems.append(f"the checkpoint holds Adam's moments and this engine's optimizer "
-                            f"is a {type(replicated).__name__}; pass "
-                            f"load_optimizer_states=False")
+                            f"is a {type(user).__name__}; pass load_optimizer_states=False")
         groups = engine.optimizer.param_groups
         if len(groups) != len(ckpt.param_groups()):
             problems.append(f"{len(ckpt.param_groups())} optimizer param groups in the "

@@ -63,6 +63,9 @@ class _Plan:
     extra: dict                       # engine_state.pt
     own_rng: str | None               # this rank's shard file, when its RNG states apply
     differences: list[str]            # optimizer/scheduler settings the checkpoint replaces
+    # A client optimizer's state (zero/client_optimizer.py): per-element tensors the fill
+    # writes, then installed with the saved scalars.
+    client_state: tuple[dict, list] | None = None
 
 
 def _announce_missing(load_dir: str) -> None:
@@ -270,6 +273,25 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
             f"{type(engine.replicated_optimizer).__name__} cannot take; load it with "
             f"load_optimizer_states=False")
     kinds = KINDS if load_optimizer_states else ("master",)
+    states_of = client_state = None
+    client = getattr(engine.optimizer, "client", None)
+    if load_optimizer_states and engine.replicated_optimizer is None:
+        saved_client = meta.get("client_optimizer")
+        mine = type(client.client).__name__ if client is not None else None
+        if (saved_client or {}).get("class") != mine:
+            held = f"{saved_client['class']} state" if saved_client else \
+                "zero_ext's AdamW moments"
+            runs = f"the {mine} given to initialize" if mine else "zero_ext's AdamW"
+            raise CheckpointError(
+                f"{CALLER}: {path} holds {held}, and this engine runs {runs}; pass "
+                f"load_optimizer_states=False to keep the weights and start this optimizer "
+                f"fresh")
+        if client is not None:
+            staged = client.staged_state(saved_client["kinds"])
+            kinds = ("master", *saved_client["kinds"])
+            masters = {s.layout.index: s.master for s in engine.optimizer.shards}
+            states_of = (lambda i: {"master": masters[i], **staged[i]})
+            client_state = (staged, saved_client["scalars"])
     saved = {n: place.shape for n, place in index.params.items()}
     # A parameter that trained when saved and is frozen now is read by _model_states_plan; one
     # that is another name of a trained parameter here (tied to it) has nowhere to go.
@@ -286,7 +308,7 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
                               f"them)")
     whole = _kept_whole(index, names)
     fill = _unfrozen_since(index, _fill_plan(engine, {**saved, **whole}, names, kinds,
-                                             f"{CALLER}: {path}"), whole)
+                                             f"{CALLER}: {path}", states_of), whole)
     own_rng = shard_file_name(engine.rank, engine.world_size) \
         if index.world_size == engine.world_size else None
     needed = _files_of(index, fill) + [MODEL_STATES, ENGINE_STATE] + ([own_rng] if own_rng else [])
@@ -319,7 +341,7 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
         json.loads(metadata["python_random"])  # malformed: refused now, not half way
         if "numpy_random" in metadata:
             json.loads(metadata["numpy_random"])
-    return _Plan(index, fill, model_states, extra, own_rng, differences)
+    return _Plan(index, fill, model_states, extra, own_rng, differences, client_state)
 
 
 @torch.no_grad()
@@ -426,6 +448,8 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
                 group.update(saved)
             for shard in engine.optimizer.shards:
                 shard.step.fill_(meta["optimizer_steps"][shard.layout.group])
+            if plan.client_state is not None:
+                engine.optimizer.client.install(*plan.client_state)
     if load_optimizer_states:
         compression_state.restore(engine, index, plan.own_rng, _names(engine))
     elif getattr(engine, "compression", None) is not None:

@@ -65,8 +65,16 @@ def _shard(engine, layout: BucketLayout) -> ShardState:
     return next(s for s in engine.optimizer.shards if s.layout.index == layout.index)
 
 
-def _check_what(what: str) -> None:
-    if what not in WHAT:
+def _check_what(engine, what: str) -> None:
+    client = getattr(engine.optimizer, "client", None)
+    if client is not None and what not in ("fp32", "grad"):
+        keys = sorted({k for s in client.shards for k in client.elementwise_state(s)})
+        if what not in keys:
+            raise ValueError(
+                f"zero_ext: no optimizer state {what!r}: the {type(client.client).__name__} "
+                f"given to initialize keeps {', '.join(map(repr, keys)) or 'none yet'} per "
+                f"element (torch optimizers create their state at their first step)")
+    elif what not in WHAT:
         raise ValueError(f"zero_ext: no optimizer state {what!r}: zero_ext's AdamW keeps "
                          f"{', '.join(map(repr, STATE_KEYS))} per parameter")
 
@@ -97,7 +105,10 @@ def _local_tensor(engine, fragment: Fragment, what: str) -> torch.Tensor:
     if what == "grad":
         whole = _grad_tensor(engine, fragment)
     else:
-        whole = getattr(_shard(engine, fragment.layout), "master" if what == "fp32" else what)
+        shard = _shard(engine, fragment.layout)
+        client = getattr(engine.optimizer, "client", None)
+        whole = shard.master if what == "fp32" else \
+            client.elementwise_state(shard)[what] if client is not None else getattr(shard, what)
     return whole[fragment.tensor_start:fragment.tensor_start + fragment.numel]
 
 
@@ -111,7 +122,7 @@ def read(engine, param: torch.nn.Parameter, what: str, local: bool = False) -> t
     """`param`'s fp32 weights, moment or reduced gradient (fp32, on the training device):
     whole and shaped as the parameter (a collective at stages 1-3 on several ranks), or this
     rank's fragment, flat (`local`)."""
-    _check_what(what)
+    _check_what(engine, what)
     _check_local(engine, param, local, writes_weights=False)
     engine._settle_step()
     if engine.replicated_optimizer is not None and what != "grad":
@@ -137,7 +148,7 @@ def write(engine, param: torch.nn.Parameter, value: torch.Tensor, what: str,
     every rank; each keeps its fragment), or this rank's fragment (`local`, flat). Not a
     collective. The model's weights follow fp32 weights at once; a gradient's bucket norm
     (clipping, the overflow check) is taken again."""
-    _check_what(what)
+    _check_what(engine, what)
     _check_local(engine, param, local, writes_weights=what == "fp32")
     engine._settle_step()
     if engine.replicated_optimizer is not None and what != "grad":

@@ -190,8 +190,9 @@ def _tensors(engine, kind: str) -> list[torch.Tensor]:
     on_host = {id(s) for s in engine.offload.shards} if engine.offload is not None else set()
     stepped_here = [s for s in shards if id(s) not in on_host]
     if kind == "optim_states":
-        if replicated:
-            found = [t for state in engine.optimizer.state.values() for t in state.values()
+        user = engine.optimizer if replicated else getattr(engine.optimizer, "optimizer", None)
+        if user is not None:  # a torch optimizer's own state (client_optimizer.py's too)
+            found = [t for state in user.state.values() for t in state.values()
                      if torch.is_tensor(t)]
         else:
             found = [t for s in stepped_here for t in (s.exp_avg, s.exp_avg_sq)]

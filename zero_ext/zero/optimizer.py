@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from zero_ext import ops
+from zero_ext.zero.client_optimizer import ClientShards
 from zero_ext.zero.partition import BucketLayout
 
 __all__ = ["ShardState", "ZeroOptimizer"]
@@ -61,6 +62,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     # boundary step's outcome (zero/stepping.py).
     loss_scaler = None
     overflow = False
+    # The user's optimizer when it is not AdamW (zero/client_optimizer.py), stepping the shards;
+    # `optimizer` as DeepSpeed's ZeRO optimizers name the optimizer they wrap.
+    client: ClientShards | None = None
+    optimizer: torch.optim.Optimizer | None = None
     _global_grad_norm: float | None = None
 
     @property
@@ -93,29 +98,39 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, param_groups: list[dict], layouts: list[BucketLayout],
                  weights: list[torch.Tensor], *, defaults: dict,
                  state_buffer: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None,
-                 staged: Callable[[BucketLayout], bool] | None = None):
+                 staged: Callable[[BucketLayout], bool] | None = None,
+                 client: torch.optim.Optimizer | None = None, rank: int = 0):
         """Under offload, `staged(layout)` says whether a layout's model weights live elsewhere
         than its optimizer state (host vs device); those shards get their state from
         `state_buffer(like, dtype)` (a buffer shaped like `like` where the state lives), and
-        each step's result is copied into the model's slice."""
+        each step's result is copied into the model's slice. `client`: the user's optimizer
+        (not AdamW), which then steps the master shards and keeps its own state
+        (zero/client_optimizer.py); the shards hold no moments."""
         super().__init__(param_groups, defaults)
         self.shards: list[ShardState] = []
+
+        def moments(make) -> list[torch.Tensor]:
+            return [torch.empty(0) for _ in range(2)] if client is not None else \
+                [make() for _ in range(2)]
         for layout, view in zip(layouts, weights):
             fp32 = view.dtype == torch.float32
             if state_buffer is None or not staged(layout):
                 master = view if fp32 else view.detach().float()
                 self.shards.append(ShardState(
                     layout, master, None if fp32 else view,
-                    torch.zeros_like(master), torch.zeros_like(master),
+                    *moments(lambda m=master: torch.zeros_like(m)),
                     torch.tensor(0.0, dtype=torch.float32)))
                 continue
             master = state_buffer(view, torch.float32)
             master.copy_(view)
             staging = None if fp32 else state_buffer(view, view.dtype)
-            zeros = [state_buffer(view, torch.float32).zero_() for _ in range(2)]
-            self.shards.append(ShardState(layout, master, staging, *zeros,
-                                          torch.tensor(0.0, dtype=torch.float32),
-                                          model_weights=view))
+            self.shards.append(ShardState(
+                layout, master, staging,
+                *moments(lambda v=view: state_buffer(v, torch.float32).zero_()),
+                torch.tensor(0.0, dtype=torch.float32), model_weights=view))
+        if client is not None:
+            self.client = ClientShards(client, self.shards, rank)
+            self.optimizer = client
 
     @torch.no_grad()
     def sharded_step(self, grads: list[torch.Tensor], inv_scale: torch.Tensor | None,
@@ -130,6 +145,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         by_group: dict[tuple[int, torch.dtype], list[tuple[ShardState, torch.Tensor]]] = {}
         for shard, grad in zip(self.shards if only is None else only, grads):
             by_group.setdefault((shard.layout.group, grad.dtype), []).append((shard, grad))
+        if self.client is not None:
+            pairs = [pair for group_pairs in by_group.values() for pair in group_pairs]
+            self.client.step([s for s, _ in pairs], [g for _, g in pairs], inv_scale,
+                             self.param_groups if groups is None else groups)
+            by_group = {}  # stepped; the copies out below
+            for shard, _ in pairs:
+                if copy_out and shard.model_weights is not None:
+                    shard.model_weights.copy_(shard.updated_weights, non_blocking=True)
         for (group_index, _), pairs in by_group.items():
             group = (self.param_groups if groups is None else groups)[group_index]
             shards = [s for s, _ in pairs]
@@ -219,17 +242,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def nbytes(self, shards: list[ShardState] | None = None) -> dict[str, int]:
         """Bytes held per kind of state (of every shard, or of `shards`): master weights not
-        aliasing the model, and moments."""
+        aliasing the model, and moments (a client optimizer's state: "optimizer")."""
         shards = self.shards if shards is None else shards
 
         def size(ts):
             return sum(t.numel() * t.element_size() for t in ts)
-        return {
-            "master": size([s.master for s in shards
-                            if s.weights_16bit is not None or s.model_weights is not None]),
-            "exp_avg": size([s.exp_avg for s in shards]),
-            "exp_avg_sq": size([s.exp_avg_sq for s in shards]),
-        }
+        master = {"master": size([s.master for s in shards
+                                  if s.weights_16bit is not None or s.model_weights is not None])}
+        if self.client is not None:
+            return {**master, "optimizer": size([t for s in shards
+                                                 for t in self.client.state_of(s).values()
+                                                 if torch.is_tensor(t)])}
+        return {**master, "exp_avg": size([s.exp_avg for s in shards]),
+                "exp_avg_sq": size([s.exp_avg_sq for s in shards])}
 
 
 # torch's LR schedulers wrap optimizer.step to see that it ran before them; this optimizer's

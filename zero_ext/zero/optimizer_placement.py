@@ -59,7 +59,7 @@ class OptimizerPlacement:
     """The engine's optimizer and where its state lives.
 
     `replicated`: the user's torch optimizer (stage 0), adopted as it is; otherwise the sharded
-    AdamW over `weights` (per bucket, the model-dtype elements this rank updates) with
+    AdamW, or the user's other optimizer (`client`, zero/client_optimizer.py), over `weights` (per bucket, the model-dtype elements this rank updates) with
     `param_groups` and `defaults`. `placed` says which buckets' state lives on the host
     (offload_optimizer, its ratio) and whether the stage-3 units' shards (`unit_indices`) do
     (offload_param): a bucket whose weights and state live apart gets its state where it
@@ -69,14 +69,15 @@ class OptimizerPlacement:
     def __init__(self, param_groups: list[dict], layouts: list[BucketLayout],
                  weights: list[torch.Tensor], *, defaults: dict | None,
                  replicated: torch.optim.Optimizer | None, compresses_momentum: bool,
+                 client: torch.optim.Optimizer | None,
                  placed: OffloadPlacement, unit_indices: set[int],
                  partitioned: PartitionedParameters | None, zero: ZeroOptimizationConfig,
                  grad_dtype: torch.dtype, device: torch.device, rank: int):
-        if replicated is not None and compresses_momentum:
+        if (replicated or client) is not None and compresses_momentum:
             raise ValueError(
                 f"zero_ext.initialize: zero_ext.compression.gradients.compress_momentum sends "
                 f"Adam's momentum in place of the gradient, which zero_ext's AdamW steps with; "
-                f"the {type(replicated).__name__} given would apply a momentum of its "
+                f"the {type(replicated or client).__name__} given would apply a momentum of its "
                 "own on top. Configure \"optimizer\": {\"type\": \"AdamW\"} instead, or set "
                 "compress_momentum false")
         self.replicated = replicated
@@ -87,7 +88,7 @@ class OptimizerPlacement:
         self.optimizer = replicated or ZeroOptimizer(
             param_groups, layouts, weights, defaults=defaults, state_buffer=self._state_buffer,
             staged=lambda layout: (layout.index in self.host_stepped) != (
-                layout.index in weights_on_host))
+                layout.index in weights_on_host), client=client, rank=rank)
         self.offload: offload.OptimizerOffload | None = None
         # Stage-3 unit buckets stepped on the host after the global norm: their step may run
         # behind the next forward, since their weights are read only through the gathers,

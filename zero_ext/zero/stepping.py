@@ -107,11 +107,12 @@ def freeze_variance(engine) -> None:
     step: it follows global_steps), once. zero_ext's AdamW only; a torch optimizer is warned
     about."""
     engine.compression.variance_settled = True
-    if engine.replicated_optimizer is not None:
+    user = engine.replicated_optimizer or getattr(engine.optimizer, "optimizer", None)
+    if user is not None:
         if engine.rank == 0:
             warnings.warn(
                 f"zero_ext: freeze_variance applies to zero_ext's AdamW; the "
-                f"{type(engine.replicated_optimizer).__name__} given to initialize keeps "
+                f"{type(user).__name__} given to initialize keeps "
                 "updating its second moment (top-k gradients then move rarely-sent entries "
                 "less far); configure \"optimizer\": {\"type\": \"AdamW\"} instead",
                 stacklevel=3)

@@ -1,0 +1,123 @@
+"""Optimizers other than AdamW at stages 1-3 (zero/client_optimizer.py; cases in
+tests/client_optimizer_cases.py, one process group per world size): torch's element-wise
+optimizers on this rank's fp32 master shards train as the same optimizer on the whole batch in
+one process; their state is checkpointed and resumed at another world size; what cannot run
+or be resharded is refused, naming the fix."""
+
+from __future__ import annotations
+
+import functools
+
+import client_optimizer_cases as cases
+import pytest
+import torch
+from torch.testing import assert_close
+
+from dist_harness import run_group
+
+WORLD_SIZES = [2, 3]  # 2 saves the checkpoint that 3 (uneven shards) resumes
+
+
+@functools.cache
+def _run(world_size: int, directory: str):
+    if world_size != 2:
+        _run(2, directory)  # writes the checkpoint the others resume
+    return run_group(world_size, cases.client_optimizer_cases, directory)[0]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("client_optimizer"))
+    return lambda world_size: _run(world_size, directory)
+
+
+def _close(got: dict, want: dict, what: str) -> None:
+    assert set(got) == set(want), what
+    for name, value in want.items():
+        assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=f"{what}: {name}")
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("name", list(cases.OPTIMIZERS))
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_torch_optimizer_on_shards_trains_as_on_whole_parameters(results, world_size, name,
+                                                                 stage):
+    out = results(world_size)
+    _close(out["got"][f"{name}_stage{stage}"], out["reference"][name],
+           f"{name} at stage {stage}, {world_size} ranks")
+    # It moved the weights (the reference did too): not a comparison of two untrained models.
+    assert any(not torch.equal(w, cases._model().state_dict()[n])
+               for n, w in out["reference"][name].items())
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("stage", [1, 3])
+def test_bf16_weights_are_written_from_the_stepped_masters(results, world_size, stage):
+    out = results(world_size)
+    bf16 = out[f"bf16_stage{stage}"]
+    reference = out["reference"]["sgd_nesterov"]
+    initial = cases._model().state_dict()
+    for name, master in bf16["masters"].items():
+        # The model's weight is its master rounded to bf16, after the last step.
+        assert bf16["weights"][name].dtype == torch.bfloat16
+        assert torch.equal(bf16["weights"][name], master.to(torch.bfloat16)), name
+        # Trained as fp32 SGD is, within bf16's rounding of the forward and the gradients.
+        assert_close(master, reference[name], rtol=0, atol=2e-2, msg=name)
+    moved = max((reference[n] - initial[n]).abs().max().item() for n in reference)
+    assert moved > 0.1  # the tolerance above tells trained from untrained
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_clipping_accumulation_and_a_schedule_on_the_users_optimizer(results, world_size):
+    out = results(world_size)
+    _close(out["got"]["clip_accumulate_schedule"], out["reference"]["clip_accumulate_schedule"],
+           "SGD, clipped, 2 micro-steps, LambdaLR")
+    lr = cases.OPTIMIZERS["sgd_nesterov"][1]["lr"]
+    # LambdaLR's factor after 4 steps, on each group's own lr.
+    assert out["lr"] == pytest.approx([lr / 5, lr / 2 / 5])
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_state_is_sharded_and_read_back_whole(results, world_size):
+    out = results(world_size)
+    # Centered RMSprop with momentum: square_avg, grad_avg, momentum_buffer per element, an
+    # fp32 step per shard; this rank's share only.
+    assert out["state_bytes"] == 3 * 4 * out["shard_numel"] + 4 * out["shards"]
+    assert out["shard_numel"] < sum(p.numel() for p in cases._model().parameters())
+    model = cases._model()
+    opt = torch.optim.RMSprop(cases._groups(model, 0.01), **cases.OPTIMIZERS["rmsprop"][1])
+    x, y = cases._batch(0, world_size)
+    model(x, y).backward()
+    opt.step()
+    assert_close(out["square_avg"], opt.state[model.mid.weight]["square_avg"], rtol=1e-5,
+                 atol=1e-7)
+
+
+def test_adagrad_state_resumes_at_another_world_size(results):
+    out = results(3)
+    # Saved by 2 ranks at stage 2 after 2 steps, resumed by 3 at stage 3 for 2 more.
+    _close(out["got"]["resumed"], out["reference"]["resumed"], "Adagrad resumed 2 -> 3 ranks")
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_what_cannot_run_or_be_saved_is_refused(results, world_size):
+    errors = results(world_size)["errors"]
+    assert errors["lbfgs"].startswith("TypeError") and "closure" in errors["lbfgs"]
+    assert "zero_allow_untested_optimizer" in errors["untested"]
+    assert "BlockScaled" in errors["untested"]
+    assert "offload_optimizer" in errors["offload"] and "SGD" in errors["offload"]
+    assert "compress_momentum" in errors["compress_momentum"] and "SGD" in \
+        errors["compress_momentum"]
+    # With DeepSpeed's key it runs (and says what running on shards means), but its per-block
+    # state cannot be resharded: the save is refused on every rank, naming the state.
+    assert "flat fp32 shards" in errors["untested_warning"]
+    assert errors["untested_moved"] is True
+    # Said at its first step (rank 0), not first found at the first save hours later.
+    assert "'absmax'" in errors["unsaveable_warning"]
+    assert "'absmax'" in errors["unsaveable"] and f"ranks {', '.join(map(str, range(world_size)))}" \
+        in errors["unsaveable"]
+    assert "AdamW moments" in errors["adamw_into_rmsprop"] and "RMSprop" in \
+        errors["adamw_into_rmsprop"]
+    assert "RMSprop state" in errors["rmsprop_into_adamw"]
+    assert "load_optimizer_states=False" in errors["rmsprop_into_adamw"]
+    assert errors["weights_only"] == "loaded"
