@@ -63,15 +63,18 @@ def fresh_state() -> None:
 
 
 def train(make_accelerator, *, seed=0, config_optimizer=False, schedule=True, resume_from=None,
-          stop_at=None, save_to=None, log=False):
+          stop_at=None, save_to=None, log=False, rmsprop=False):
     """The loop under test: exactly what an accelerate user writes (`make_accelerator` is the
-    one line that differs). Returns the record of losses, grad norms and learning rates."""
+    one line that differs). Returns the record of losses, grad norms and learning rates.
+    `rmsprop`: a torch RMSprop in place of the AdamW (run on the engine's shards)."""
     fresh_state()
     accelerator = make_accelerator()
     model = build_model(seed)
     if config_optimizer:
         optimizer = DummyOptim(model.parameters(), lr=OPTIM["lr"],
                                weight_decay=OPTIM["weight_decay"])
+    elif rmsprop:
+        optimizer = torch.optim.RMSprop(model.parameters(), lr=OPTIM["lr"] / 4, momentum=0.5)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), **OPTIM)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -204,6 +207,11 @@ def main(out: str) -> None:
                                             type(accelerator.unwrap_model(model)).__name__]
         if stage == 3:
             accelerator.save_model(model, os.path.join(out, "zero3_saved"))
+
+    # A torch RMSprop: no sharded AdamW to adopt it, it steps the engine's fp32 shards.
+    for name, make in (("zero3_rmsprop", zero(3)), ("plain_rmsprop", plain)):
+        record, accelerator, model = train(make, rmsprop=True)
+        results[name], weights[name] = record, final_weights(accelerator, model)
 
     # The Accelerator's dynamo_backend: the engine compiles the model (aot_eager: torch's
     # kernels, so the losses are the eager run's).

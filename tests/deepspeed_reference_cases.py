@@ -5,8 +5,9 @@ checks their intent against plain PyTorch; these cases run DeepSpeed (the versio
 test command installs, on its CPU accelerator over the same gloo group) and zero_ext from one
 ds_config and compare what a user sees: the loss, the learning rate, the loss scale, skipped
 steps, the reported gradient norm at every step, and at the end the fp32 master weights and
-Adam's two moments of every parameter (`safe_get_full_fp32_param` /
-`safe_get_full_optimizer_state`, DeepSpeed's and zero_ext's of the same name).
+Adam's two moments (or a client optimizer's own state) of every parameter
+(`safe_get_full_fp32_param` / `safe_get_full_optimizer_state`, DeepSpeed's and zero_ext's of
+the same name).
 
 Where the two differ on purpose (docs/deepspeed-compat.md), the case checks the difference as
 documented: `fp16_scale_growth_step` measures DeepSpeed dividing the gradient of a step on
@@ -44,6 +45,7 @@ IN, HIDDEN, OUT, MICRO = 12, 16, 5, 3
 # fp32 masters and Adam's moments after a few steps: DeepSpeed's and zero_ext's AdamW are the
 # same arithmetic, the reductions run in another order (measured: 1.7e-7 relative)
 STATE_RTOL = 2e-6
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's, read by safe_get_full_optimizer_state
 
 
 def deepspeed():
@@ -105,10 +107,11 @@ class Trace:
     skipped: int = 0
     global_steps: int = 0
     buffers: dict = field(default_factory=dict)  # the model's, by name, at the end
-    # per parameter name: (fp32 master, exp_avg, exp_avg_sq), at the end (and after each
-    # step where asked)
+    # per parameter name: (fp32 master, *its optimizer state of `state_keys`: Adam's moments
+    # unless asked otherwise), at the end (and after each step where asked)
     state: dict = field(default_factory=dict)
     states: list = field(default_factory=list)
+    state_keys: tuple = MOMENTS
 
 
 def batches(micro_steps: int, spikes: dict[int, float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -132,7 +135,7 @@ def _dtype(config: dict) -> torch.dtype:
     return torch.float32
 
 
-def _full_state(framework: str, engine, moments: bool) -> dict:
+def _full_state(framework: str, engine, keys: tuple[str, ...] = MOMENTS) -> dict:
     if framework == "deepspeed":
         from deepspeed import utils as api
     else:
@@ -145,13 +148,10 @@ def _full_state(framework: str, engine, moments: bool) -> dict:
         master = api.safe_get_full_fp32_param(param)  # collective at stages 1-3
         if master is None:  # DeepSpeed at stage 0: the torch optimizer holds the state
             opt_state = engine.optimizer.state[param]
-            state[name] = (param.detach().float().clone(), opt_state["exp_avg"].clone(),
-                           opt_state["exp_avg_sq"].clone())
+            state[name] = (param.detach().float().clone(),
+                           *(opt_state[key].clone() for key in keys))
             continue
-        tensors = [master]
-        if moments:
-            tensors += [api.safe_get_full_optimizer_state(param, "exp_avg"),
-                        api.safe_get_full_optimizer_state(param, "exp_avg_sq")]
+        tensors = [master] + [api.safe_get_full_optimizer_state(param, key) for key in keys]
         state[name] = tuple(t.detach().float().clone() for t in tensors)
     return state
 
@@ -173,18 +173,18 @@ def _micro_step(engine, x, y, dtype: torch.dtype, trace: Trace) -> bool:
     return boundary
 
 
-def _finish(trace: Trace, framework: str, engine, moments: bool = True) -> Trace:
+def _finish(trace: Trace, framework: str, engine, keys: tuple[str, ...] = MOMENTS) -> Trace:
     trace.skipped, trace.global_steps = engine.skipped_steps, engine.global_steps
     trace.buffers = {name: buffer.detach().clone()
                      for name, buffer in engine.module.named_buffers()}
-    trace.state = _full_state(framework, engine, moments)
+    trace.state, trace.state_keys = _full_state(framework, engine, keys), keys
     return trace
 
 
 def train(framework: str, config: dict, data, model_kwargs: dict | None = None,
           every_step_state: bool = False, client_optimizer: Callable | None = None,
           load_dir: str | None = None, save: tuple[int, str] | None = None,
-          zero_ext_init: bool = False) -> Trace:
+          zero_ext_init: bool = False, state_keys: tuple[str, ...] | None = None) -> Trace:
     """Trains Model() under `framework` ("deepspeed" or "zero_ext") on this rank's `data`.
 
     `load_dir`: engine.load_checkpoint(load_dir) first. `save` (micro-steps, directory):
@@ -194,8 +194,10 @@ def train(framework: str, config: dict, data, model_kwargs: dict | None = None,
     `client_optimizer(model)`: what `initialize` is given instead of the config's optimizer;
     Adam's moments are then not compared: with a client optimizer of two param groups at stages
     1-2, DeepSpeed's `safe_get_full_optimizer_state` raised "exp_avg not found in optimizer state
-    fragment" for a bias on one rank while the other waited in its all-reduce."""
-    moments = client_optimizer is None
+    fragment" for a bias on one rank while the other waited in its all-reduce. `state_keys`:
+    the optimizer state read at the end instead (a client optimizer's own keys)."""
+    if state_keys is None:
+        state_keys = () if client_optimizer else MOMENTS
     initialize = deepspeed().initialize if framework == "deepspeed" else zero_ext.initialize
     with zero_ext.Init(enabled=zero_ext_init and framework == "zero_ext"):
         model = Model(**(model_kwargs or {}))
@@ -210,8 +212,8 @@ def train(framework: str, config: dict, data, model_kwargs: dict | None = None,
             engine.save_checkpoint(save[1])
             trace = Trace()
         if _micro_step(engine, x, y, dtype, trace) and every_step_state:
-            trace.states.append(_full_state(framework, engine, moments))
-    _finish(trace, framework, engine, moments)
+            trace.states.append(_full_state(framework, engine, state_keys))
+    _finish(trace, framework, engine, state_keys)
     if save is not None and save[0] == len(data):
         engine.save_checkpoint(save[1])
     return trace
@@ -250,10 +252,10 @@ def compare(ds: Trace, zx: Trace) -> None:
         b = zx.buffers[name]
         assert a.dtype == b.dtype and torch.equal(a, b), (
             f"buffer {name}: {b.dtype} {b} where DeepSpeed has {a.dtype} {a}")
-    assert ds.state.keys() == zx.state.keys()
+    assert ds.state.keys() == zx.state.keys() and ds.state_keys == zx.state_keys
     for name, tensors in ds.state.items():
         assert len(tensors) == len(zx.state[name]), (name, len(tensors), len(zx.state[name]))
-        for what, a, b in zip(("weight", "exp_avg", "exp_avg_sq"), tensors, zx.state[name]):
+        for what, a, b in zip(("weight", *ds.state_keys), tensors, zx.state[name]):
             assert a.shape == b.shape, (name, what, a.shape, b.shape)
             error = _relative(b, a)
             assert error <= STATE_RTOL, f"{name} {what}: {error:.2e} relative to DeepSpeed's"
@@ -400,6 +402,41 @@ for _precision, (_, _sizes) in PRECISIONS.items():
             case(f"{_precision}_client_optimizer_groups{'_frozen_bias' * _frozen}_stage{_stage}",
                  _sizes)(lambda stage=_stage, frozen=_frozen, precision=_precision:
                          _client_optimizer_groups(stage, frozen, precision))
+
+
+def _adagrad(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adagrad(model.parameters(), lr=5e-2, lr_decay=1e-2, weight_decay=1e-2,
+                               initial_accumulator_value=0.1)
+
+
+def _sgd_nesterov(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=5e-2, momentum=0.9, nesterov=True,
+                           weight_decay=1e-2)
+
+
+# name -> (the client optimizer, its per-element state compared at the end)
+CLIENT_OPTIMIZERS = {"adagrad": (_adagrad, ("sum",)),
+                     "sgd_nesterov": (_sgd_nesterov, ("momentum_buffer",))}
+
+
+def _client_optimizer_not_adam(stage: int, name: str):
+    """A torch optimizer other than Adam passed to initialize steps the fp32 master shards in
+    both: Adagrad, which DeepSpeed's ZeRO takes as it is (and rebuilds on its flat partitions
+    from the optimizer's defaults: one param group here), and SGD with Nesterov momentum, which
+    it takes with zero_allow_untested_optimizer (zero_ext without: the key is harmless there).
+    Clipping binds at the spike; the masters and the optimizer's own state are compared."""
+    build, keys = CLIENT_OPTIMIZERS[name]
+    config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 1.0,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+    ds, _ = side_by_side(config, micro_steps=5, spikes=CLIP_SPIKE, client_optimizer=build,
+                         state_keys=keys)
+    assert max(ds.grad_norms) > 2 * config["gradient_clipping"], ds.grad_norms  # it clipped
+
+
+for _stage in (2, 3):
+    for _name in CLIENT_OPTIMIZERS:
+        case(f"fp32_client_optimizer_{_name}_stage{_stage}")(
+            lambda stage=_stage, name=_name: _client_optimizer_not_adam(stage, name))
 
 
 def _fp16_scale_growth_step(stage: int):
@@ -656,7 +693,7 @@ def _resume_weights_only():
         engine, _, _, _ = zero_ext.initialize(model=Model(), config=copy.deepcopy(config))
         fresh_scaler = dict(engine.loss_scaler.state_dict())
         engine.load_checkpoint(directory, load_optimizer_states=False)
-        state = _full_state("zero_ext", engine, True)
+        state = _full_state("zero_ext", engine)
         steps = {float(shard.step) for shard in engine.optimizer.shards}
     finally:
         dist.barrier()
@@ -701,7 +738,7 @@ def _corrupted_checkpoint():
     try:
         train("deepspeed", config, batches(4, {}), save=(4, directory))
         engine, _, _, _ = zero_ext.initialize(model=Model(), config=copy.deepcopy(config))
-        before = _full_state("zero_ext", engine, True)
+        before = _full_state("zero_ext", engine)
         if dist.get_rank() == 0:
             flip_record_byte(os.path.join(directory, "global_step4",
                                           "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
@@ -711,7 +748,7 @@ def _corrupted_checkpoint():
             outcome = "loaded"
         except CheckpointError as error:
             outcome = str(error)
-        after = _full_state("zero_ext", engine, True)
+        after = _full_state("zero_ext", engine)
     finally:
         dist.barrier()
         if dist.get_rank() == 0:

@@ -98,6 +98,16 @@ class ManualRegression(Regression):
         return loss
 
 
+class SGDRegression(Regression):
+    """A torch SGD with its StepLR: run on the engine's fp32 shards (no AdamW to adopt)."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9,
+                                    weight_decay=0.1)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+
 class UnscheduledRegression(Regression):
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
@@ -284,6 +294,9 @@ def main(out: str) -> None:
     results["ddp_unscheduled"] = fit("ddp", UnscheduledRegression())
     adamw = {"type": "AdamW", "params": {"lr": 0.02, "weight_decay": 0.1}}
     results["zero_config_optimizer"] = fit(ZeroStrategy(config={"optimizer": adamw}))
+
+    results["ddp_sgd"] = fit("ddp", SGDRegression())
+    results["zero_sgd"] = fit(ZeroStrategy(stage=2), SGDRegression())
 
     # Manual optimization, and no clipping (Lightning's default; zero_ext's would be 1.0).
     manual = {"accumulate_grad_batches": 1, "gradient_clip_val": None}

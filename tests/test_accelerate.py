@@ -81,6 +81,16 @@ def test_final_weights_match_plain_accelerate(runs, stage):
         torch.testing.assert_close(weights[f"zero{stage}"][name], value, rtol=1e-5, atol=1e-6)
 
 
+def test_a_torch_rmsprop_runs_on_the_shards_as_under_plain_accelerate(runs):
+    _, results, weights = runs
+    zero, plain = results["zero3_rmsprop"], results["plain_rmsprop"]
+    _close(zero["losses"], plain["losses"], rtol=1e-5, atol=1e-6)
+    _close(zero["grad_norms"], plain["grad_norms"], rtol=1e-5, atol=0)
+    assert zero["losses"] != results["zero3"]["losses"]  # not the AdamW run
+    for name, value in weights["plain_rmsprop"].items():
+        torch.testing.assert_close(weights["zero3_rmsprop"][name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_dynamo_backend_compiles_the_model_through_the_engine(runs):
     """Accelerator(dynamo_backend=...): engine.compile, as accelerate does for DeepSpeed (before,
     the backend was dropped without a word)."""

@@ -74,6 +74,17 @@ def test_losses_norms_and_lrs_equal_lightning_ddp(runs, stage):
     _close(zero["lrs"], ddp["lrs"], rtol=0, atol=0)
 
 
+def test_a_torch_sgd_runs_on_the_shards_as_under_ddp(runs):
+    results, _ = runs
+    zero, ddp = results["zero_sgd"], results["ddp_sgd"]
+    _close(zero["losses"], ddp["losses"])
+    _close(zero["norms"], ddp["norms"])
+    _close(zero["lrs"], ddp["lrs"], rtol=0, atol=0)
+    assert zero["losses"] != results["zero2"]["losses"]  # not the AdamW run
+    for name, values in ddp["weights"].items():
+        _close(zero["weights"][name], values)
+
+
 def test_a_second_fit_starts_the_schedule_again(runs):
     # As under DDP, where configure_optimizers runs again for every fit(): the StepLR of the
     # second fit starts from the module's rate (it went on from the first fit's, halved).

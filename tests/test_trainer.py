@@ -302,11 +302,32 @@ def test_contradictions_are_listed_in_one_error(args):
     assert text.count("\n  - ") == 6
 
 
-def test_optimizers_other_than_adamw_are_refused(tmp_path):
+@pytest.mark.parametrize("name", ["adagrad", "sgd"])
+def test_the_trainers_own_optimizer_runs_on_the_shards(runs, name):
+    # No optimizer section: TrainingArguments.optim (Adagrad), or optimizers=(SGD, StepLR),
+    # runs on the engine's fp32 shards, as under transformers' DeepSpeed integration.
+    result, weights = runs
+    zero, plain = result(f"zero2_{name}"), result(f"plain_{name}")
+    assert zero["inner"] == {"adagrad": "Adagrad", "sgd": "SGD"}[name]
+    assert zero["losses"][-1] < 0.9 * zero["losses"][0]
+    torch.testing.assert_close(zero["losses"], plain["losses"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(zero["grad_norms"], plain["grad_norms"], rtol=1e-5, atol=0)
+    assert zero["lrs"] == pytest.approx(plain["lrs"][1:] + zero["lrs"][-1:], rel=1e-12)
+    zero_weights, plain_weights = weights(f"zero2_{name}"), weights(f"plain_{name}")
+    for key in plain_weights:
+        torch.testing.assert_close(zero_weights[key], plain_weights[key], rtol=1e-4, atol=1e-5,
+                                   msg=key)
+
+
+def test_the_trainers_optimizer_section_stays_out_of_an_optimizer_section(tmp_path):
+    # TrainingArguments.optim other than AdamW leaves the section out (the Trainer's optimizer
+    # runs); the AdamW default fills one in, unless the Trainer has an optimizer of its own.
     sgd = TrainingArguments(output_dir=str(tmp_path), optim="sgd", report_to="none",
                             use_cpu=True)
-    with pytest.raises(ValueError, match="optim is 'sgd'.*adamw_torch"):
-        fill_config({}, sgd, world_size=1)
+    assert "optimizer" not in fill_config({}, sgd, world_size=1)
+    adamw = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    assert fill_config({}, adamw, world_size=1)["optimizer"]["type"] == "AdamW"
+    assert "optimizer" not in fill_config({}, adamw, world_size=1, own_optimizer=True)
 
 
 def _tiny_model():
@@ -315,11 +336,19 @@ def _tiny_model():
         num_attention_heads=2, num_key_value_heads=1))
 
 
-def test_an_optimizer_of_ones_own_is_refused(args):
+def test_an_optimizer_of_ones_own_beside_an_optimizer_section_is_refused(args):
+    # One of the two would be dropped silently.
     model = _tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="engine builds the optimizer"):
-        ZeroTrainer(model=model, args=args, zero_config={}, optimizers=(optimizer, None))
+    config = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    with pytest.raises(ValueError, match="its own optimizer.*\"optimizer\" section"):
+        ZeroTrainer(model=model, args=args, zero_config=config, optimizers=(optimizer, None))
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    with pytest.raises(ValueError, match="its own scheduler"):
+        ZeroTrainer(model=model, args=args, optimizers=(optimizer, schedule),
+                    zero_config={"scheduler": {"type": "WarmupLR", "params": {}}})
+    with pytest.raises(ValueError, match="without the optimizer it drives"):
+        ZeroTrainer(model=model, args=args, zero_config={}, optimizers=(None, schedule))
 
 
 def test_load_best_model_from_model_only_checkpoints_is_refused(tmp_path):

@@ -115,13 +115,31 @@ def record(trainer, out, name, **extra):
             json.dump(result, f)
 
 
-def zero_trainer(stage, run_dir, train, evaluation=None, compression=None, **kw):
+def zero_trainer(stage, run_dir, train, evaluation=None, compression=None, own=None, **kw):
+    """`own`: None (the config's AdamW), "args" (no optimizer section: TrainingArguments.optim
+    runs, as under transformers' DeepSpeed integration) or a function model -> (optimizer,
+    scheduler) given as the Trainer's `optimizers`."""
     vocab = len(train.vocab)
     config = {**CONFIG, "zero_optimization": {**CONFIG["zero_optimization"], "stage": stage}}
+    if own is not None:
+        del config["optimizer"]
     if compression is not None:
         config["zero_ext"] = {"compression": compression}
-    return ZeroTrainer(model=tiny_llama(vocab), args=arguments(run_dir, dist_world(), **kw),
-                       train_dataset=train, eval_dataset=evaluation, zero_config=config)
+    model = tiny_llama(vocab)
+    optimizers = own(model) if callable(own) else (None, None)
+    return ZeroTrainer(model=model, args=arguments(run_dir, dist_world(), **kw),
+                       train_dataset=train, eval_dataset=evaluation, zero_config=config,
+                       optimizers=optimizers)
+
+
+# Optimizers of the Trainer's own, without an optimizer section in the config: Adagrad from
+# TrainingArguments.optim, and an SGD with a StepLR passed as `optimizers`.
+def own_sgd(model):
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, nesterov=True)
+    return sgd, torch.optim.lr_scheduler.StepLR(sgd, step_size=3, gamma=0.5)
+
+
+OWN = {"adagrad": ("args", {"optim": "adagrad"}), "sgd": (own_sgd, {})}
 
 
 # Compressed communication under the Trainer: stage 2 with int8 gradients, stage 3 with int4
@@ -175,6 +193,15 @@ def distributed(out):
                 variant.train()
                 record(variant, out, f"zero3_{name}", compiled=variant.engine.is_compiled)
 
+        if stage == 2:
+            for name, (own, kw) in OWN.items():
+                train, _ = data()
+                variant = zero_trainer(stage, os.path.join(out, f"scratch_{name}"), train,
+                                       own=own, **kw)
+                variant.train()
+                record(variant, out, f"zero2_{name}",
+                       inner=type(variant.engine.optimizer.optimizer).__name__)
+
         if stage in COMPRESSED:
             train, _ = data()
             variant = zero_trainer(stage, os.path.join(out, f"scratch_compressed{stage}"), train,
@@ -217,6 +244,15 @@ def single(out):
             model=tiny_llama(len(train.vocab)), train_dataset=train,
             args=arguments(os.path.join(out, "scratch_plain"), 1)), name)
         record(trainer, out, f"plain_{name}")
+
+    for name, (own, kw) in OWN.items():
+        train, _ = data()
+        model = tiny_llama(len(train.vocab))
+        plain = Trainer(model=model, train_dataset=train,
+                        args=arguments(os.path.join(out, "scratch_plain"), 1, **kw),
+                        optimizers=own(model) if callable(own) else (None, None))
+        plain.train()
+        record(plain, out, f"plain_{name}")
 
     # Label smoothing: the Trainer shifts a causal LM's labels by the model's class name.
     for name, make in (

@@ -59,14 +59,17 @@ def fused_kernels_from_liger(liger_config: Mapping | None) -> dict:
 
 def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
                 world_size: int, max_steps: int | None = None,
-                hidden_size: int | None = None) -> dict:
+                hidden_size: int | None = None, own_optimizer: bool = False) -> dict:
     """The zero_ext config (dict or JSON path) completed from `args`, as a new dict.
 
     Filled from the arguments when "auto" or absent (an explicit value must agree):
     train_micro_batch_size_per_gpu, gradient_accumulation_steps, train_batch_size (with
     `world_size`), gradient_clipping (max_grad_norm), fp16/bf16.enabled, and the AdamW
     hyperparameters optimizer.params.lr/betas/eps/weight_decay (an absent optimizer section
-    becomes AdamW when args.optim is the Trainer's torch AdamW), and with use_liger_kernel
+    becomes AdamW when args.optim is the Trainer's torch AdamW and the Trainer was given no
+    optimizer of its own (`own_optimizer`); otherwise it stays absent, and the Trainer's
+    optimizer runs on the shards, as under transformers' DeepSpeed integration), and with
+    use_liger_kernel
     the zero_ext.fused_kernels section (:func:`fused_kernels_from_liger`). Filled only when
     "auto": the scheduler's warmup_min_lr (0), warmup_max_lr (lr), warmup_num_steps and
     total_num_steps (from `max_steps`), and, from the model's `hidden_size`, DeepSpeed's
@@ -97,20 +100,17 @@ def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
     filler.fill(f"{bf16_key}.enabled", bool(args.bf16 or args.bf16_full_eval),
                 "TrainingArguments.bf16|bf16_full_eval", fill_absent=bool(args.bf16))
 
-    if cfg.get("optimizer") is None:
+    if cfg.get("optimizer") is None and not own_optimizer and \
+            _optim_name(args) in ("adamw_torch", "adamw_torch_fused"):
         # The Trainer's torch AdamW variants; zero_ext's sharded AdamW computes the same update.
-        if _optim_name(args) not in ("adamw_torch", "adamw_torch_fused"):
-            raise ValueError(
-                f"ZeroTrainer: TrainingArguments.optim is {_optim_name(args)!r}, but the zero_ext "
-                "engine shards AdamW/Adam only; set optim='adamw_torch' or add an \"optimizer\" "
-                "section to the zero_ext config")
         cfg["optimizer"] = {"type": "AdamW", "params": {}}
-    filler.fill("optimizer.params.lr", args.learning_rate, "TrainingArguments.learning_rate")
-    filler.fill("optimizer.params.betas", [args.adam_beta1, args.adam_beta2],
-                "[TrainingArguments.adam_beta1, adam_beta2]")
-    filler.fill("optimizer.params.eps", args.adam_epsilon, "TrainingArguments.adam_epsilon")
-    filler.fill("optimizer.params.weight_decay", args.weight_decay,
-                "TrainingArguments.weight_decay")
+    if cfg.get("optimizer") is not None:
+        filler.fill("optimizer.params.lr", args.learning_rate, "TrainingArguments.learning_rate")
+        filler.fill("optimizer.params.betas", [args.adam_beta1, args.adam_beta2],
+                    "[TrainingArguments.adam_beta1, adam_beta2]")
+        filler.fill("optimizer.params.eps", args.adam_epsilon, "TrainingArguments.adam_epsilon")
+        filler.fill("optimizer.params.weight_decay", args.weight_decay,
+                    "TrainingArguments.weight_decay")
 
     if isinstance(cfg.get("scheduler"), dict) and max_steps is not None:
         auto_only = {"fill_absent": False}

@@ -170,7 +170,10 @@ class Accelerator(_Accelerator):
 
         kwargs: dict[str, Any] = {}
         if isinstance(optimizer, torch.optim.Optimizer):
-            kwargs["optimizer"] = optimizer  # its hyperparameters and groups are adopted
+            # AdamW/Adam: adopted by the sharded AdamW; any other runs on the shards, "untested"
+            # allowed as accelerate allows it for DeepSpeed.
+            kwargs["optimizer"] = optimizer
+            engine_config["zero_allow_untested_optimizer"] = True
         elif isinstance(optimizer, DummyOptim):
             kwargs["model_parameters"] = optimizer.params
         if isinstance(scheduler, DummyScheduler) and scheduler.lr_scheduler_callable is not None:

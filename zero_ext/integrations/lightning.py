@@ -135,7 +135,8 @@ class ZeroStrategy(DDPStrategy):
     does not clip by default) and fp16/bf16 (precision).
 
     Optimizer: the one LightningModule.configure_optimizers returns (torch.optim.AdamW or Adam:
-    its parameter groups and hyperparameters are adopted; any torch optimizer at stage 0), with
+    its parameter groups and hyperparameters are adopted; any other torch optimizer runs on the
+    fp32 shards, zero_allow_untested_optimizer true unless the config says false), with
     its LR scheduler, which Lightning keeps stepping (interval, frequency, ReduceLROnPlateau).
     A config with an "optimizer" section uses that one instead and configure_optimizers is not
     called (DeepSpeed's rule); its "scheduler" is then stepped by Lightning every step.
@@ -327,6 +328,11 @@ class ZeroStrategy(DDPStrategy):
             rank_zero_warn("zero_ext: the engine clips gradients at Trainer(gradient_clip_val) "
                            "by the global norm; LightningModule.configure_gradient_clipping "
                            "is called but clips nothing")
+        if optimizer is not None:
+            # Lightning's DeepSpeedStrategy allows any optimizer by default
+            # (zero_allow_untested_optimizer=True): AdamW/Adam are adopted, others run on the
+            # shards (zero/client_optimizer.py).
+            config.setdefault("zero_allow_untested_optimizer", True)
         engine, _, _, scheduler = zero_ext.initialize(
             model=module, config=config, optimizer=optimizer,
             lr_scheduler=scheduler_config.scheduler if scheduler_config else None)

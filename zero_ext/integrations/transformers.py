@@ -35,6 +35,7 @@ import transformers.trainer
 from transformers import Trainer
 
 import zero_ext
+from zero_ext.config import read_json_config
 from zero_ext.integrations._hf_apply import apply, find_training_arguments, resolve_config
 from zero_ext.integrations._hf_config import fill_config
 from zero_ext.integrations.config_fill import model_hidden_size
@@ -84,12 +85,6 @@ class _ZeroTrainerMixin:
 
     def __init__(self, *args, zero_config: Mapping | str | os.PathLike | None = None,
                  pretrained_weights: str | os.PathLike | None = None, **kwargs):
-        optimizers = kwargs.get("optimizers", (None, None))
-        if any(o is not None for o in optimizers) or kwargs.get("optimizer_cls_and_kwargs"):
-            raise ValueError(
-                "ZeroTrainer: the zero_ext engine builds the optimizer and LR scheduler; drop "
-                "`optimizers=`/`optimizer_cls_and_kwargs=` and describe them in zero_config "
-                "(an \"optimizer\"/\"scheduler\" section) or in the TrainingArguments")
         # Checked before the Trainer sets anything up: a second config is refused here.
         training_args = find_training_arguments(args, kwargs)
         if training_args is not None and training_args.save_only_model and \
@@ -101,6 +96,7 @@ class _ZeroTrainerMixin:
                 "supported (the checkpoints would hold no engine state to load the best model "
                 "from); set save_only_model=False, or load_best_model_at_end=False")
         resolved = resolve_config(zero_config, training_args)
+        _check_own_optimizer(kwargs, resolved)
         self.pretrained_weights = pretrained_weights
         self.engine = None
         super().__init__(*args, **kwargs)
@@ -182,7 +178,9 @@ class _ZeroTrainerMixin:
 
     def _filled_config(self, max_steps: int) -> dict:
         return fill_config(self.zero_config, self.args, world_size=self.args.world_size,
-                           max_steps=max_steps, hidden_size=model_hidden_size(self.model))
+                           max_steps=max_steps, hidden_size=model_hidden_size(self.model),
+                           own_optimizer=self.optimizer is not None
+                           or self.optimizer_cls_and_kwargs is not None)
 
     def _schedule(self, config: dict, max_steps: int):
         """optimizer -> the LR schedule: the config's (DeepSpeed's schedulers, "auto" steps
@@ -202,16 +200,26 @@ class _ZeroTrainerMixin:
     def _create_engine(self, max_steps: int) -> None:
         model = self.model
         config = self._filled_config(max_steps)
-        # The Trainer's weight-decay split: no decay on biases and norm weights.
-        decay = set(self.get_decay_parameter_names(model))
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = [{"params": [p for n, p in named if n in decay],
-                   "weight_decay": config["optimizer"]["params"]["weight_decay"]},
-                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
+        schedule = self._schedule(config, max_steps)
+        if config.get("optimizer") is None:
+            # As transformers' DeepSpeed integration does without an optimizer section: the
+            # Trainer's own (optimizers=, optimizer_cls_and_kwargs=, else TrainingArguments.
+            # optim, with its weight-decay split) runs on the shards, "untested" allowed.
+            client, groups = self.create_optimizer(), None
+            config["zero_allow_untested_optimizer"] = True
+            if self.lr_scheduler is not None:  # optimizers=(optimizer, scheduler)
+                schedule = self.lr_scheduler
+        else:
+            # The Trainer's weight-decay split: no decay on biases and norm weights.
+            decay = set(self.get_decay_parameter_names(model))
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            groups = [{"params": [p for n, p in named if n in decay],
+                       "weight_decay": config["optimizer"]["params"]["weight_decay"]},
+                      {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+            groups, client = [g for g in groups if g["params"]], None
         engine, _, _, scheduler = zero_ext.initialize(
-            model=model, config=config, model_parameters=groups,
-            lr_scheduler=self._schedule(config, max_steps))
+            model=model, config=config, model_parameters=groups, optimizer=client,
+            lr_scheduler=schedule)
         self.engine = engine
         if self.args.torch_compile:  # the model, in place, as DeepSpeed's engine.compile
             mode = self.args.torch_compile_mode
@@ -448,3 +456,29 @@ def _count_parameters_through_engines() -> None:
 
     get_model_param_count.__zero_ext_original__ = original
     transformers.trainer.get_model_param_count = get_model_param_count
+
+
+def _check_own_optimizer(kwargs: dict, resolved) -> None:
+    """An optimizer (or scheduler) given to the Trainer runs when the zero_ext config has no
+    section for it, as under transformers' DeepSpeed integration; given both, one would be
+    dropped silently, so it is refused."""
+    optimizer, scheduler = kwargs.get("optimizers", (None, None))
+    if resolved is None or (optimizer is None and scheduler is None
+                            and not kwargs.get("optimizer_cls_and_kwargs")):
+        return
+    config = resolved[0]
+    if isinstance(config, (str, os.PathLike)):
+        config = read_json_config(config)
+    if not isinstance(config, Mapping):
+        return
+    for given, section in (((optimizer, kwargs.get("optimizer_cls_and_kwargs")), "optimizer"),
+                           ((scheduler,), "scheduler")):
+        if any(g is not None for g in given) and config.get(section) is not None:
+            raise ValueError(
+                f"ZeroTrainer: the Trainer was given its own {section} and the zero_ext config "
+                f"({resolved[1]}) has an \"{section}\" section too; keep one (without the "
+                f"section the Trainer's {section} runs, as under transformers' DeepSpeed "
+                f"integration)")
+    if scheduler is not None and optimizer is None:
+        raise ValueError("ZeroTrainer: optimizers=(None, scheduler) gives a scheduler without "
+                         "the optimizer it drives; pass optimizers=(optimizer, scheduler)")
