@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -290,7 +291,8 @@ def frozen_cases(save_dir: str | None = None, load_dir: str | None = None,
     return {"left": out["trained_None"]["left"], "gathered_raise": out["gathered_raise"],
             "modifier_raise": out["modifier_raise"],
             "threshold_left": out["threshold_left"], "grad_first_left": out["grad_first_left"],
-            "cross_left": out["cross_left"], "qlora": out["qlora"]}
+            "cross_left": out["cross_left"], "qlora": out["qlora"],
+            "stale_eval": out["stale_eval"]}
 
 
 def _special_cases(world_size: int, rank: int) -> dict:
@@ -321,6 +323,19 @@ def _special_cases(world_size: int, rank: int) -> dict:
     engine = _engine(model, world_size)
     out["grad_first_left"] = _train(engine, range(STEPS), world_size, rank, grad_first=True)
     out["grad_first"] = engine.full_state_dict()
+    # An evaluation forward with autograd on and no backward: the next backward cannot tell it
+    # from a forward it will still reach, so the frozen units stay gathered to its end; rank 0
+    # says so once, with the count (and never in the steps around it).
+    model = _build()
+    engine = _engine(model, world_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(engine, range(1), world_size, rank)
+        tokens, targets = _batch(9, world_size)
+        engine(tokens[rank * MICRO:(rank + 1) * MICRO], targets[rank * MICRO:(rank + 1) * MICRO])
+        _train(engine, range(1, 4), world_size, rank)
+    out["stale_eval"] = dict(seen=model.seen_in_backward, warnings=[
+        str(w.message) for w in caught if "stayed gathered" in str(w.message)])
     # The estimator, for a bf16 run of the fp32-built model, and for fp32 with both offloads.
     for name, extra in (("bf16", {"bf16": {"enabled": True}}),
                         ("offload", {"zero_optimization": {

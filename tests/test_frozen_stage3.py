@@ -90,6 +90,20 @@ def test_autograd_grad_through_the_model_before_backward_changes_nothing(world_s
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
+def test_an_evaluation_forward_with_autograd_on_is_named_once(world_size):
+    # Steps 0 and 2-3 release every frozen unit before backward reaches the embedding; step 1,
+    # after a forward with autograd on that no backward reached, cannot, and rank 0 says so
+    # once, naming that many units; the other ranks stay quiet.
+    results = _run(world_size)
+    stale = results[0]["stale_eval"]
+    assert stale["seen"][0] == stale["seen"][2] == stale["seen"][3] == 0, stale["seen"]
+    assert stale["seen"][1] > 0
+    assert len(stale["warnings"]) == 1 and "torch.no_grad()" in stale["warnings"][0]
+    assert stale["warnings"][0].startswith(f"zero_ext stage 3: {stale['seen'][1]} of ")
+    assert all(not r["stale_eval"]["warnings"] for r in results[1:])
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
 def test_a_bypassed_body_gives_its_frozen_parts_units_of_their_own(world_size):
     """PeftModel's base_model holds the decoder layers (units) and its frozen embedding, norm
     and LM head, and PEFT calls past its forward: those parts are units of their own, so the

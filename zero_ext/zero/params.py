@@ -326,6 +326,7 @@ class PartitionedParameters:
                  hpz_partition_size: int = 1, hierarchical: bool = False,
                  compute_gather: Callable | None = None):
         self.rank, self.dtype, self.device = rank, dtype, device
+        self._warned_stale = False  # _warn_held_for_stale_forwards
         # Gathers over every rank: in two hops (across nodes, then within) or one ring. The two
         # hops' groups are made now, at the same point on every rank, not in the first forward.
         if hierarchical:
@@ -561,6 +562,7 @@ class PartitionedParameters:
         self.in_backward = False
         self.prefetch.end_step(self)
         self._prefetch_after = None
+        self._warn_held_for_stale_forwards(retain_graph)
         for unit in self.units:
             unit.backward_done = False
             if unit.state is UnitState.GATHERING:
@@ -578,6 +580,25 @@ class PartitionedParameters:
         if self.secondary is not None:
             # The optimizer step may follow: the next forward refreshes the copies.
             self.secondary.invalidate()
+
+    def _warn_held_for_stale_forwards(self, retain_graph: bool) -> None:
+        """Once: units with frozen weights (or leaves) whose release waited for the end of this
+        backward because a forward of theirs since the last backward was never reached by it
+        (an evaluation forward with autograd on): at stage 3 on a large model, every such
+        unit stays gathered through the backward."""
+        if self._warned_stale or retain_graph or self.rank != 0:
+            return
+        held = sum(1 for unit in self.units if unit.waits_for_inputs and unit.inputs_pending > 0)
+        if held:
+            self._warned_stale = True
+            warnings.warn(
+                f"zero_ext stage 3: {held} of {len(self.units)} units (those with frozen "
+                f"weights, or leaf modules) stayed gathered until the end of this backward: a "
+                f"forward ran on them since the last backward with autograd on and this "
+                f"backward did not reach it (an evaluation forward outside torch.no_grad(), "
+                f"or a torch.autograd.grad through the model). Run evaluation under "
+                f"torch.no_grad(); otherwise the next backward after such a forward holds the "
+                f"whole model's parameters again (said once)", UserWarning, stacklevel=4)
 
     def release(self, unit: GatherUnit) -> None:
         if unit.state is UnitState.GATHERING:  # never leave a collective unwaited
