@@ -49,6 +49,12 @@ OPTIMIZERS = {
 }
 
 
+# Stage 1 steps the same shards as stage 2 (only the gradients' reduction differs): two
+# optimizers there suffice.
+STAGES = {name: (1, 2, 3) if name in ("sgd_nesterov", "adagrad") else (2, 3)
+          for name in OPTIMIZERS}
+
+
 def _model() -> Net:
     torch.manual_seed(0)
     return Net()
@@ -135,7 +141,7 @@ def client_optimizer_cases(checkpoint_dir: str) -> dict:
     world_size = comm.world_size()
     out: dict = {"got": {}, "reference": {}}
     for name in OPTIMIZERS:
-        for stage in (1, 2, 3):
+        for stage in STAGES[name]:
             engine, _, _ = _engine(name, _config(stage))
             _train(engine, STEPS)
             out["got"][f"{name}_stage{stage}"] = _weights(engine)

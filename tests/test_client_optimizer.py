@@ -38,8 +38,8 @@ def _close(got: dict, want: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("name", list(cases.OPTIMIZERS))
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize(("name", "stage"), [(name, stage) for name, stages in
+                                             cases.STAGES.items() for stage in stages])
 def test_torch_optimizer_on_shards_trains_as_on_whole_parameters(results, world_size, name,
                                                                  stage):
     out = results(world_size)
