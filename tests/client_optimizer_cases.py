@@ -161,6 +161,7 @@ def client_optimizer_cases(checkpoint_dir: str) -> dict:
     _train(engine, STEPS, accumulation=2)
     out["got"]["clip_accumulate_schedule"] = _weights(engine)
     out["lr"] = [g["lr"] for g in optimizer.param_groups]
+    out["mom"] = engine.get_mom()  # SGD's momentum, as DeepSpeed reports it
     if comm.rank() == 0:
         out["reference"]["clip_accumulate_schedule"] = _reference(
             "sgd_nesterov", world_size, clip=0.05, accumulation=2, schedule=True)
@@ -175,6 +176,7 @@ def client_optimizer_cases(checkpoint_dir: str) -> dict:
     from zero_ext.utils import safe_get_full_optimizer_state
     out["square_avg"] = safe_get_full_optimizer_state(engine.module.mid.weight, "square_avg")
     out["errors"] = _refusals(engine, checkpoint_dir)
+    out["counting"] = counting_cases(checkpoint_dir)
     # A checkpoint: the group of world size 2 saves after 2 steps, the others resume it.
     save = os.path.join(checkpoint_dir, "adagrad")
     if world_size == 2:
@@ -191,9 +193,8 @@ def client_optimizer_cases(checkpoint_dir: str) -> dict:
     return out
 
 
-class BlockScaled(torch.optim.Optimizer):
-    """Sign descent with one scale per block of 4 elements: state that is neither per element
-    nor a scalar (as a blockwise-quantized moment's scales are)."""
+class _PerParameter(torch.optim.Optimizer):
+    """A toy optimizer: `update(p, group)` for each parameter with a gradient."""
 
     def __init__(self, params, lr=0.01):
         super().__init__(params, {"lr": lr})
@@ -202,13 +203,157 @@ class BlockScaled(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             for p in group["params"]:
+                if p.grad is not None:
+                    self.update(p, group)
+
+
+class BlockScaled(_PerParameter):
+    """Sign descent with one scale per block of 4 elements: state that is neither per element
+    nor a scalar (as a blockwise-quantized moment's scales are)."""
+
+    def update(self, p, group):
+        flat = p.grad.reshape(-1)
+        blocks = torch.cat([flat, flat.new_zeros((-flat.numel()) % 4)]).view(-1, 4)
+        self.state[p]["absmax"] = blocks.abs().amax(1)
+        p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+class CountingSGD(torch.optim.Optimizer):
+    """Element-wise, but not one of torch's: SGD with a bf16 momentum, whose rate falls with a
+    counter it keeps in its own parameter groups (as Prodigy keeps `d` there), and scalar
+    state of three kinds (a Python int, a 0-d and a 1-element 1-d tensor)."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr, "k": 0})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["k"] += 1
+            for p in group["params"]:
                 if p.grad is None:
                     continue
-                flat = p.grad.reshape(-1)
-                pad = (-flat.numel()) % 4
-                blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 4)
-                self.state[p]["absmax"] = blocks.abs().amax(1)
-                p.add_(p.grad.sign(), alpha=-group["lr"])
+                state = self.state[p]
+                if not state:
+                    state["buf"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["n"], state["t0"] = 0, torch.zeros(())
+                    state["t1"] = torch.zeros(1, dtype=torch.float64)
+                state["buf"].mul_(0.5).add_(p.grad.to(torch.bfloat16))
+                state["n"] += 1
+                state["t0"] += 1
+                state["t1"] += 0.5
+                p.add_(state["buf"].float(), alpha=-group["lr"] / group["k"])
+
+
+class PerShardNorm(_PerParameter):
+    """Keeps each tensor's gradient norm, a per-tensor statistic: one per shard under ZeRO."""
+
+    def update(self, p, group):
+        self.state[p]["norm"] = torch.linalg.vector_norm(p.grad)
+        p.add_(p.grad, alpha=-group["lr"])
+
+
+class Lars(torch.optim.SGD):
+    """A subclass with a step of its own (a per-tensor trust ratio): not SGD on shards."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    trust = p.norm() / (p.grad.norm() + 1e-9)
+                    p.add_(p.grad, alpha=-group["lr"] * float(trust))
+
+
+class NamedSGD(torch.optim.SGD):
+    """A subclass that only names SGD differently: SGD's step, exact on shards."""
+
+
+def _counting_reference(world_sizes: list[int], zero_lr_after: int) -> dict:
+    """CountingSGD on the whole batch; the second group's lr set to 0 by the user after
+    `zero_lr_after` steps."""
+    model = _model()
+    opt = CountingSGD(_groups(model, 0.1), lr=0.1)
+    for step, world_size in enumerate(world_sizes):
+        if step == zero_lr_after:
+            opt.param_groups[1]["lr"] = 0.0
+        opt.zero_grad()
+        model(*_batch(step, world_size)).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def counting_cases(checkpoint_dir: str) -> dict:
+    """CountingSGD (with zero_allow_untested_optimizer) at stage 3: its own group counter and
+    the user's write to its groups after initialize reach the step; its bf16 and scalar state
+    saved by 2 ranks resumes at this world size. Rank 0 holds the references."""
+    world_size = comm.world_size()
+    config = {**_config(3), "zero_allow_untested_optimizer": True}
+    out: dict = {}
+    model = _model()
+    user = CountingSGD(_groups(model, 0.1), lr=0.1)
+    engine, optimizer, _, _ = zero_ext.initialize(model=model, optimizer=user, config=config)
+    _train(engine, 2)
+    user.param_groups[1]["lr"] = 0.0  # the object the user passed, now on the shards
+    _train(engine, 2, first_step=2)
+    out["got"] = _weights(engine)
+    out["k"] = [g["k"] for g in optimizer.param_groups]
+    save = os.path.join(checkpoint_dir, "counting")
+    if world_size == 2:
+        model = _model()
+        engine, _, _, _ = zero_ext.initialize(model=model, config=config,
+                                              optimizer=CountingSGD(_groups(model, 0.1)))
+        _train(engine, 2)
+        engine.save_checkpoint(save, tag="t")
+    else:
+        model = _model()
+        engine, optimizer, _, _ = zero_ext.initialize(model=model, config=config,
+                                                      optimizer=CountingSGD(_groups(model, 0.1)))
+        engine.load_checkpoint(save, tag="t")
+        state = next(iter(optimizer.optimizer.state.values()))
+        out["loaded_state"] = {k: (type(v).__name__, str(getattr(v, "dtype", "")),
+                                   tuple(getattr(v, "shape", ())), float(v))
+                               if not torch.is_tensor(v) or v.numel() == 1 else
+                               (type(v).__name__, str(v.dtype))
+                               for k, v in state.items()}
+        _train(engine, 2, first_step=2)
+        out["resumed"] = _weights(engine)
+    if comm.rank() == 0:
+        out["reference"] = _counting_reference([world_size] * 4, zero_lr_after=2)
+        out["reference_resumed"] = _counting_reference([2, 2] + [world_size] * 2,
+                                                       zero_lr_after=99)
+    # A per-tensor statistic differs from shard to shard: the save is refused, whether the
+    # shards are on one rank (stage 3: several buckets) or each rank has one (stage 2, one
+    # bucket: rank 0 alone writes the metadata, so the ranks compare theirs first).
+    for stage, bucket in ((3, 200), (2, 10**6)):
+        model = _model()
+        single = {**config, "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket,
+                                                  "stage3_param_persistence_threshold": 0}}
+        engine, _, _, _ = zero_ext.initialize(model=model, config=single,
+                                              optimizer=PerShardNorm(model.parameters()))
+        _train(engine, 1)
+        out[f"per_shard_{stage}"] = _error(lambda e=engine: e.save_checkpoint(
+            os.path.join(checkpoint_dir, f"norm{world_size}"), tag="t"))
+    # Subclasses: one with a step of its own needs the key; one without runs as SGD.
+    out["lars"] = _error(lambda: zero_ext.initialize(
+        model=_model(), config=_config(2), optimizer=Lars(_model().parameters(), lr=0.1)))
+    model = _model()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=_config(2),
+                                          optimizer=NamedSGD(model.parameters(), lr=0.1))
+    out["named_sgd"] = type(engine.optimizer.optimizer).__name__
+    # A parameter frozen when saved and trained now has no state for its optimizer.
+    model = _model()
+    model.norm.requires_grad_(False)
+    engine, _, _, _ = zero_ext.initialize(model=model, config=_config(2), optimizer=torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9))
+    _train(engine, 1)
+    path = os.path.join(checkpoint_dir, f"frozen{world_size}")
+    engine.save_checkpoint(path, tag="t")
+    model = _model()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=_config(2), optimizer=torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9))
+    out["unfrozen"] = _error(lambda: engine.load_checkpoint(path, tag="t"))
+    return out
 
 
 def _error(fn) -> str:

@@ -108,6 +108,18 @@ class SGDRegression(Regression):
         return [optimizer], [{"scheduler": schedule, "interval": "step"}]
 
 
+class SwitchingRegression(Regression):
+    """AdamW in the first fit, SGD in the second: the engine kept the first one's state."""
+
+    fits = 0
+
+    def configure_optimizers(self):
+        self.fits += 1
+        if self.fits == 1:
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
 class UnscheduledRegression(Regression):
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
@@ -297,6 +309,11 @@ def main(out: str) -> None:
 
     results["ddp_sgd"] = fit("ddp", SGDRegression())
     results["zero_sgd"] = fit(ZeroStrategy(stage=2), SGDRegression())
+    try:
+        refit(ZeroStrategy(stage=2), SwitchingRegression())
+        results["switched"] = "no error"
+    except ValueError as error:
+        results["switched"] = str(error)
 
     # Manual optimization, and no clipping (Lightning's default; zero_ext's would be 1.0).
     manual = {"accumulate_grad_batches": 1, "gradient_clip_val": None}

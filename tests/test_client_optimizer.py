@@ -75,6 +75,7 @@ def test_clipping_accumulation_and_a_schedule_on_the_users_optimizer(results, wo
     lr = cases.OPTIMIZERS["sgd_nesterov"][1]["lr"]
     # LambdaLR's factor after 4 steps, on each group's own lr.
     assert out["lr"] == pytest.approx([lr / 5, lr / 2 / 5])
+    assert out["mom"] == [0.9, 0.9]  # engine.get_mom(): SGD's momentum, as in DeepSpeed
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -121,3 +122,37 @@ def test_what_cannot_run_or_be_saved_is_refused(results, world_size):
     assert "RMSprop state" in errors["rmsprop_into_adamw"]
     assert "load_optimizer_states=False" in errors["rmsprop_into_adamw"]
     assert errors["weights_only"] == "loaded"
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_the_optimizers_own_group_settings_and_the_users_writes_reach_its_step(results,
+                                                                               world_size):
+    # CountingSGD keeps a step counter in its groups (as Prodigy keeps `d`); the user sets a
+    # group's lr to 0 on the optimizer they passed, after initialize. Both as in one process.
+    counting = results(world_size)["counting"]
+    _close(counting["got"], counting["reference"], "CountingSGD")
+    assert counting["k"] == [4, 4]  # the engine's groups show the optimizer's counter
+
+
+def test_bf16_int_and_1d_scalar_state_resumes_at_another_world_size(results):
+    counting = results(3)["counting"]
+    # Saved by 2 ranks after 2 steps, resumed by 3: each kind of state as it was kept.
+    assert counting["loaded_state"] == {
+        "buf": ("Tensor", "torch.bfloat16"), "n": ("int", "", (), 2.0),
+        "t0": ("Tensor", "torch.float32", (), 2.0), "t1": ("Tensor", "torch.float64", (1,), 1.0)}
+    _close(counting["resumed"], counting["reference_resumed"], "CountingSGD resumed 2 -> 3")
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_subclasses_per_shard_statistics_and_unfrozen_parameters(results, world_size):
+    counting = results(world_size)["counting"]
+    # One statistic per tensor is one per shard: refused, on one rank or across ranks.
+    assert "'norm' differs between the shards of parameter group 0" in counting["per_shard_3"]
+    assert "'norm' of parameter group 0 differs between ranks 0 and 1" in \
+        counting["per_shard_2"]
+    # A subclass with a step of its own is not SGD on shards; one without is.
+    assert "zero_allow_untested_optimizer" in counting["lars"] and "Lars" in counting["lars"]
+    assert counting["named_sgd"] == "NamedSGD"
+    # Frozen when saved, trained now: no state to give it.
+    assert "['norm.bias', 'norm.weight'] were frozen when" in counting["unfrozen"]
+    assert "load_optimizer_states=False" in counting["unfrozen"]

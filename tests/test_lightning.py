@@ -85,6 +85,14 @@ def test_a_torch_sgd_runs_on_the_shards_as_under_ddp(runs):
         _close(zero["weights"][name], values)
 
 
+def test_a_second_fit_with_another_optimizer_class_is_refused(runs):
+    # The engine keeps the first fit's optimizer and its state; an SGD in the second fit
+    # would otherwise be ignored (trained on as AdamW at SGD's rate).
+    results, _ = runs
+    assert "returned a SGD in this fit" in results["switched"]
+    assert "runs the AdamW of the first fit" in results["switched"]
+
+
 def test_a_second_fit_starts_the_schedule_again(runs):
     # As under DDP, where configure_optimizers runs again for every fit(): the StepLR of the
     # second fit starts from the module's rate (it went on from the first fit's, halved).

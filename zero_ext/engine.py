@@ -48,7 +48,7 @@ from zero_ext.zero import (
 )
 from zero_ext.zero.agreement import StepAgreement, backward_count_error
 from zero_ext.zero.buckets import GradientBuckets, reduced_grad_dtype
-from zero_ext.zero.client_optimizer import check_client_optimizer
+from zero_ext.zero.client_optimizer import check_client_optimizer, runs_as
 from zero_ext.zero.compression import GradientCompression
 from zero_ext.zero.construction import outside_init
 from zero_ext.zero.leaves import leaf_parameters
@@ -698,6 +698,14 @@ def _adam_types() -> tuple[type, ...]:
     return (torch.optim.AdamW, torch.optim.Adam, ZeroAdamW)
 
 
+def adopted_by_sharded_adamw(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether the optimizer given to initialize (None: the config's) becomes zero_ext's
+    sharded AdamW: a torch AdamW / Adam (not a subclass with a step of its own) without
+    amsgrad. Any other runs as it is (stage 0) or on the shards (zero/client_optimizer.py)."""
+    return optimizer is None or (runs_as(optimizer, _adam_types()) and not any(
+        g.get("amsgrad") for g in optimizer.param_groups))
+
+
 def as_optimizer_defaults(config: ZeroConfig, optimizer) -> dict:
     """Hyperparameters for the sharded AdamW: from the config's optimizer section, or adopted
     from a torch.optim.AdamW / Adam (or zero_ext.optim.AdamW) instance the user passed."""
@@ -819,8 +827,7 @@ def initialize(model: nn.Module | None = None, config=None,
     # An optimizer instance names its own parameters: DeepSpeed then ignores model_parameters.
     client_optimizer = optimizer
     zero = config.zero_optimization
-    own_rule = optimizer is None or (isinstance(optimizer, _adam_types()) and not any(
-        g.get("amsgrad") for g in optimizer.param_groups))
+    own_rule = adopted_by_sharded_adamw(optimizer)
     if not own_rule and zero.stage == 0:
         # Stage 0 replicates the optimizer: any torch optimizer runs as it is.
         groups = [dict(g) for g in optimizer.param_groups]

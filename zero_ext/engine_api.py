@@ -124,7 +124,8 @@ class DeepSpeedEngineAPI:
         """Per parameter group, its momentum as DeepSpeed reports it: `momentum` for SGD and
         RMSprop, else the group's `betas` (0.0 where the group has neither). Under top-k's
         freeze_variance the groups step with the betas they show, (beta1, 1.0)."""
-        name = type(self.optimizer).__name__
+        # The optimizer the user gave (run on the shards, or at stage 0 as it is).
+        name = type(getattr(self.optimizer, "optimizer", None) or self.optimizer).__name__
         key = "momentum" if name in ("SGD", "RMSprop") else "betas"
         return [group.get(key, 0.0) for group in self.optimizer.param_groups]
 

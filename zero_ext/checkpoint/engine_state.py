@@ -215,8 +215,14 @@ def _layout_states(engine, layout_index: int) -> dict[str, torch.Tensor]:
         return {"master": flat[layout_index]}
     shard = engine.optimizer.shards[layout_index]
     if engine.optimizer.client is not None:  # the user's optimizer: its per-element state
-        return {"master": shard.master, **engine.optimizer.client.elementwise_state(shard)}
+        return {"master": shard.master, **{CLIENT_KIND + k: v for k, v in
+                                           engine.optimizer.client.elementwise_state(shard).items()}}
     return {"master": shard.master, "exp_avg": shard.exp_avg, "exp_avg_sq": shard.exp_avg_sq}
+
+
+# A client optimizer's per-element state is saved as kind "client.<its key>": apart from the
+# kinds of zero_ext's own (master, exp_avg, ...) and of the load plan (zero, state, frozen).
+CLIENT_KIND = "client."
 
 
 def client_optimizer_metadata(engine) -> dict | None:
@@ -237,9 +243,12 @@ def _write_shard(engine, path: str, compression_totals: dict[str, torch.Tensor],
         held_start, _ = _held_range(engine, layout)
         start, end = layout.shard_range(engine.rank)
         for kind, tensor in _layout_states(engine, layout.index).items():
+            # A client optimizer's state in its own dtype; zero_ext's in fp32.
+            dtype = tensor.dtype if kind.startswith(CLIENT_KIND) else torch.float32
             entries.append(TensorEntry(
-                f"{layout.index}.{kind}", torch.float32, (end - start,),
-                lambda t=tensor, a=start - held_start, b=end - held_start: t[a:b].float()))
+                f"{layout.index}.{kind}", dtype, (end - start,),
+                lambda t=tensor, a=start - held_start, b=end - held_start, d=dtype:
+                t[a:b].to(d)))
     # Stage 3's frozen shards, in the model's dtype (left out, as DeepSpeed leaves its frozen
     # fragments out, with exclude_frozen_parameters).
     for layout in [] if exclude_frozen else engine.frozen_layouts:
@@ -397,6 +406,32 @@ def _check_steps_agree(views: list[dict], caller: str) -> None:
                 f"backward() and step() on every rank for every micro-batch")
 
 
+def _check_client_state_agrees(views: list[dict], client, caller: str) -> None:
+    """Rank 0 writes a client optimizer's state kinds and scalars for every rank: they must be
+    the same on every rank (a per-tensor statistic is one per shard, and differs)."""
+    if client is None:
+        return
+    (kinds, scalars), name = views[0]["client"], type(client.client).__name__
+    for rank, view in enumerate(views[1:], start=1):
+        their_kinds, their_scalars = view["client"]
+        if their_kinds != kinds:
+            raise CheckpointError(
+                f"{caller}: the {name}'s per-element state differs between ranks 0 and {rank} "
+                f"({sorted(kinds)} and {sorted(their_kinds)}), so it cannot be resharded. "
+                f"Nothing was written; save_16bit_model() keeps the weights")
+        for group, (mine, theirs) in enumerate(zip(scalars, their_scalars)):
+            for key in sorted(set(mine) | set(theirs)):
+                if mine.get(key) != theirs.get(key):
+                    values = [record[0] if record else "absent"
+                              for record in (mine.get(key), theirs.get(key))]
+                    raise CheckpointError(
+                        f"{caller}: the {name}'s scalar state {key!r} of parameter group "
+                        f"{group} differs between ranks 0 and {rank} ({values[0]} and "
+                        f"{values[1]}): a per-tensor statistic, one per shard here, "
+                        f"which cannot be resharded. Nothing was written; save_16bit_model() "
+                        f"keeps the weights")
+
+
 def _same_step_warning(final: str, engine) -> str | None:
     """A warning when the default tag is about to replace a checkpoint written at the same step
     counts: no optimizer step completed since, so if one failed in between (its error caught),
@@ -468,11 +503,14 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None,
     problem, engine_state = _save_problem(engine, save_dir, client_state, names)
     default_tag = tag is None
     tag = f"global_step{engine.global_steps}" if default_tag else str(tag)
+    client = getattr(engine.optimizer, "client", None)
     views = comm.all_gather_object({"tag": tag, "problem": problem,
                                     "global_steps": engine.global_steps,
-                                    "micro_steps": engine.micro_steps})
+                                    "micro_steps": engine.micro_steps,
+                                    "client": client.saved_state()[:2] if client else None})
     _check_steps_agree(views, caller)
     _raise_if_any([v["problem"] for v in views], "save_checkpoint")
+    _check_client_state_agrees(views, client, caller)
     tags = [v["tag"] for v in views]
     if len(set(tags)) > 1:
         raise CheckpointError(

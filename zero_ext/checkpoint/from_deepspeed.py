@@ -383,8 +383,9 @@ def _plan(engine, path: str, load_optimizer_states: bool, load_lr_scheduler_stat
         user = engine.replicated_optimizer or getattr(engine.optimizer, "optimizer", None)
         if user is not None and (not isinstance(user, (torch.optim.Adam, torch.optim.AdamW))
                                  or engine.replicated_optimizer is None):
-            problems.append(f"the checkpoint holds Adam's moments and this engine's optimizer "
-                            f"is a {type(user).__name__}; pass load_optimizer_states=False")
+            problems.append(f"the checkpoint holds Adam's moments for zero_ext's AdamW, and "
+                            f"this engine runs the {type(user).__name__} given to initialize "
+                            f"(as it is); pass load_optimizer_states=False")
         groups = engine.optimizer.param_groups
         if len(groups) != len(ckpt.param_groups()):
             problems.append(f"{len(ckpt.param_groups())} optimizer param groups in the "

@@ -23,6 +23,7 @@ import torch
 from zero_ext import comm
 from zero_ext.checkpoint import compression_state, data_only, from_deepspeed
 from zero_ext.checkpoint.engine_state import (
+    CLIENT_KIND,
     _attempt,
     _bucket_shapes,
     _files_of,
@@ -264,12 +265,12 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
     if load_optimizer_states and engine.replicated_optimizer is None and \
             meta["optimizer"] == "replicated":
         raise CheckpointError(
-            f"{path} holds a stage-0 torch optimizer's state, not AdamW moments for the "
-            f"sharded optimizer; load it with load_optimizer_states=False")
+            f"{path} holds a stage-0 torch optimizer's state (whole parameters), not the "
+            f"sharded state this engine keeps; load it with load_optimizer_states=False")
     if load_optimizer_states and engine.replicated_optimizer is not None and \
             meta["optimizer"] != "replicated":
         raise CheckpointError(
-            f"{path} holds sharded AdamW state, which this engine's "
+            f"{path} holds sharded optimizer state (stages 1-3), which this engine's stage-0 "
             f"{type(engine.replicated_optimizer).__name__} cannot take; load it with "
             f"load_optimizer_states=False")
     kinds = KINDS if load_optimizer_states else ("master",)
@@ -288,9 +289,10 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
                 f"fresh")
         if client is not None:
             staged = client.staged_state(saved_client["kinds"])
-            kinds = ("master", *saved_client["kinds"])
+            kinds = ("master", *(CLIENT_KIND + k for k in saved_client["kinds"]))
             masters = {s.layout.index: s.master for s in engine.optimizer.shards}
-            states_of = (lambda i: {"master": masters[i], **staged[i]})
+            states_of = (lambda i: {"master": masters[i],
+                                    **{CLIENT_KIND + k: t for k, t in staged[i].items()}})
             client_state = (staged, saved_client["scalars"])
     saved = {n: place.shape for n, place in index.params.items()}
     # A parameter that trained when saved and is frozen now is read by _model_states_plan; one
@@ -309,6 +311,13 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
     whole = _kept_whole(index, names)
     fill = _unfrozen_since(index, _fill_plan(engine, {**saved, **whole}, names, kinds,
                                              f"{CALLER}: {path}", states_of), whole)
+    unfrozen = sorted({name for _, _, name, _, _, kind in fill if kind == "zero"})
+    if client_state is not None and unfrozen:
+        raise CheckpointError(
+            f"{CALLER}: {unfrozen[:8]} were frozen when {path} was saved and train now, and "
+            f"the {type(client.client).__name__}'s state has no value for them (zero is not "
+            f"every optimizer's start); pass load_optimizer_states=False to keep the weights "
+            f"and start the optimizer fresh")
     own_rng = shard_file_name(engine.rank, engine.world_size) \
         if index.world_size == engine.world_size else None
     needed = _files_of(index, fill) + [MODEL_STATES, ENGINE_STATE] + ([own_rng] if own_rng else [])

@@ -40,7 +40,7 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 
 import zero_ext
 from zero_ext.config import read_json_config
-from zero_ext.engine import _rebind_scheduler
+from zero_ext.engine import _rebind_scheduler, adopted_by_sharded_adamw
 from zero_ext.integrations.config_fill import ConfigFiller
 from zero_ext.lr_schedules import build_scheduler
 
@@ -293,6 +293,16 @@ class ZeroStrategy(DDPStrategy):
         optimizer, scheduler_config = self._configured_optimizer(
             engine.config.optimizer is not None, engine.config.scheduler is not None)
         if optimizer is not None:
+            running = engine.replicated_optimizer or engine.optimizer.optimizer
+            adopted = adopted_by_sharded_adamw(optimizer)
+            if adopted != (running is None) or (not adopted and type(running) is not
+                                                type(optimizer)):
+                first = type(running).__name__ if running is not None else "AdamW"
+                raise ValueError(
+                    f"zero_ext.integrations.lightning: configure_optimizers returned a "
+                    f"{type(optimizer).__name__} in this fit, and the engine runs the {first} "
+                    f"of the first fit, whose state it keeps; return the same optimizer class "
+                    f"(and amsgrad setting), or fit a new Trainer and strategy")
             if len(optimizer.param_groups) != len(engine.optimizer.param_groups):
                 raise ValueError(
                     f"zero_ext.integrations.lightning: configure_optimizers returned "

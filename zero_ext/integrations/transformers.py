@@ -97,6 +97,9 @@ class _ZeroTrainerMixin:
                 "from); set save_only_model=False, or load_best_model_at_end=False")
         resolved = resolve_config(zero_config, training_args)
         _check_own_optimizer(kwargs, resolved)
+        # A scheduler given with optimizers= stays over later train() calls (the Trainer
+        # recreates only the one it made).
+        self._given_scheduler = kwargs.get("optimizers", (None, None))[1] is not None
         self.pretrained_weights = pretrained_weights
         self.engine = None
         super().__init__(*args, **kwargs)
@@ -162,11 +165,13 @@ class _ZeroTrainerMixin:
             self._create_engine(max_steps)
         else:
             # Another train() on the same model: the optimizer state stays, and the schedule
-            # starts again over this run's steps, as the Trainer recreates the one it made.
-            scheduler = self._schedule(self._filled_config(max_steps), max_steps)(
-                self.engine.optimizer)
-            self.engine.lr_scheduler = scheduler
-            self.lr_scheduler = _EngineScheduler(scheduler)
+            # starts again over this run's steps, as the Trainer recreates the one it made
+            # (one given with optimizers= goes on).
+            if not self._given_scheduler:
+                scheduler = self._schedule(self._filled_config(max_steps), max_steps)(
+                    self.engine.optimizer)
+                self.engine.lr_scheduler = scheduler
+                self.lr_scheduler = _EngineScheduler(scheduler)
             self.optimizer = _EngineOptimizer(self.engine.optimizer)
         self.model_wrapped = self.engine
         if resume_from_checkpoint is not None:
@@ -180,7 +185,8 @@ class _ZeroTrainerMixin:
         return fill_config(self.zero_config, self.args, world_size=self.args.world_size,
                            max_steps=max_steps, hidden_size=model_hidden_size(self.model),
                            own_optimizer=self.optimizer is not None
-                           or self.optimizer_cls_and_kwargs is not None)
+                           or self.optimizer_cls_and_kwargs is not None
+                           or type(self).create_optimizer is not Trainer.create_optimizer)
 
     def _schedule(self, config: dict, max_steps: int):
         """optimizer -> the LR schedule: the config's (DeepSpeed's schedulers, "auto" steps
@@ -207,7 +213,7 @@ class _ZeroTrainerMixin:
             # optim, with its weight-decay split) runs on the shards, "untested" allowed.
             client, groups = self.create_optimizer(), None
             config["zero_allow_untested_optimizer"] = True
-            if self.lr_scheduler is not None:  # optimizers=(optimizer, scheduler)
+            if self._given_scheduler:  # optimizers=(optimizer, scheduler)
                 schedule = self.lr_scheduler
         else:
             # The Trainer's weight-decay split: no decay on biases and norm weights.

@@ -21,12 +21,13 @@ refused at save, naming it.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import defaultdict
 
 import torch
 
-__all__ = ["ELEMENTWISE", "ClientShards", "check_client_optimizer"]
+__all__ = ["ELEMENTWISE", "ClientShards", "check_client_optimizer", "runs_as"]
 
 # torch.optim classes whose update is element by element: exact on shards.
 ELEMENTWISE = (torch.optim.SGD, torch.optim.Adagrad, torch.optim.Adadelta, torch.optim.Adamax,
@@ -39,6 +40,15 @@ _REFUSED = {
 }
 
 
+def runs_as(optimizer: torch.optim.Optimizer, classes: tuple[type, ...]) -> bool:
+    """Whether `optimizer` steps as one of `classes` does: an instance whose `step` is that
+    class's own (a subclass that overrides step, as LARS over SGD, computes something else;
+    torch wraps each class's step for profiling, hence the unwrapping)."""
+    step = inspect.unwrap(type(optimizer).step)
+    return any(isinstance(optimizer, cls) and step is inspect.unwrap(cls.step)
+               for cls in classes)
+
+
 def check_client_optimizer(optimizer: torch.optim.Optimizer, stage: int,
                            allow_untested: bool, offload_optimizer: bool) -> None:
     """Refuses, naming the fix, a client optimizer the sharded path cannot run as asked."""
@@ -47,26 +57,38 @@ def check_client_optimizer(optimizer: torch.optim.Optimizer, stage: int,
         if isinstance(optimizer, cls):
             raise TypeError(f"zero_ext.initialize: optimizer={name} cannot run under ZeRO: "
                             f"{why}. Pass another optimizer")
+    if callable(getattr(optimizer, "train", None)) or callable(getattr(optimizer, "eval", None)):
+        raise TypeError(
+            f"zero_ext.initialize: optimizer={name} has train()/eval() (a schedule-free "
+            f"optimizer, whose evaluation weights differ from its training ones): zero_ext "
+            f"cannot switch the model's sharded weights with it. Pass another optimizer")
+    amsgrad = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and any(
+        g.get("amsgrad") for g in optimizer.param_groups)
     if offload_optimizer:
+        fix = ("set amsgrad=False (zero_ext's AdamW has no amsgrad)" if amsgrad else
+               "use AdamW / Adam (passed or configured)")
         raise ValueError(
             f"zero_ext.initialize: offload_optimizer steps zero_ext's AdamW on the host, and "
-            f"does not run the {name} given there. DeepSpeed refuses a client optimizer with "
-            f"offload too (unless zero_force_ds_cpu_optimizer is false, which zero_ext does not "
-            f"take). Use AdamW / Adam (passed or configured) with offload_optimizer, or train "
-            f"the {name} without offload_optimizer")
-    if not isinstance(optimizer, ELEMENTWISE) and not allow_untested:
+            f"does not run the {name}{' with amsgrad' if amsgrad else ''} given there. "
+            f"DeepSpeed refuses a client optimizer with offload too (unless "
+            f"zero_force_ds_cpu_optimizer is false, which zero_ext does not take). To offload, "
+            f"{fix}; or train without offload_optimizer")
+    if not runs_as(optimizer, ELEMENTWISE) and not allow_untested:
         raise ValueError(
             f"zero_ext.initialize: optimizer={name} at stage {stage} would run on flat fp32 "
             f"shards of the parameters, and zero_ext knows it to be exact there only for "
-            f"torch's element-wise optimizers ({', '.join(c.__name__ for c in ELEMENTWISE)}). "
-            f"Set \"zero_allow_untested_optimizer\": true to run it anyway (DeepSpeed's key, "
-            f"with its meaning), or use stage 0, which runs any optimizer on whole parameters")
+            f"torch's element-wise optimizers ({', '.join(c.__name__ for c in ELEMENTWISE)}; "
+            f"a subclass overriding step() is not one of them). Set "
+            f"\"zero_allow_untested_optimizer\": true to run it anyway (DeepSpeed's key, with "
+            f"its meaning), or use stage 0, which runs any optimizer on whole parameters")
 
 
 class ClientShards:
-    """The user's optimizer over the master shards (`shards`, ShardState in bucket order):
-    its parameter groups follow the engine's (`groups`: the hyperparameters a scheduler sets
-    there reach it before every step)."""
+    """The user's optimizer over the master shards (`shards`, ShardState in bucket order).
+    Its parameter groups and the engine's hold the same hyperparameters: before each step,
+    what changed on the engine's side (an LR scheduler) goes to the optimizer's; after it,
+    the optimizer's groups (what it or the user wrote there: Prodigy's `d`, a new lr) come
+    back."""
 
     def __init__(self, client: torch.optim.Optimizer, shards: list, rank: int):
         self.client = client
@@ -80,7 +102,8 @@ class ClientShards:
         client.param_groups = []
         for index, settings in enumerate(hyper):
             client.add_param_group({**settings, "params": by_group.get(index, [])})
-        if rank == 0 and not isinstance(client, ELEMENTWISE):
+        self._synced = [_settings(g) for g in client.param_groups]  # as of the last step
+        if rank == 0 and not runs_as(client, ELEMENTWISE):
             warnings.warn(
                 f"zero_ext: {type(client).__name__} runs on flat fp32 shards of the parameters "
                 f"(zero_allow_untested_optimizer): an update that reads a parameter as a whole "
@@ -91,11 +114,15 @@ class ClientShards:
     def step(self, shards: list, grads: list[torch.Tensor], inv_scale: torch.Tensor | None,
              groups: list[dict]) -> None:
         """One update of `shards` from their reduced gradients (`grads`, any float dtype),
-        each multiplied by `inv_scale` (the loss scale's and clipping's factor)."""
-        for group, inner in zip(groups, self.client.param_groups):
-            inner.update({k: v for k, v in group.items() if k != "params"})
+        each multiplied by `inv_scale` (the loss scale's and clipping's factor); `groups`: the
+        engine's parameter groups."""
+        for group, inner, synced in zip(groups, self.client.param_groups, self._synced):
+            inner.update({k: v for k, v in _settings(group).items()
+                          if k not in synced or _differs(v, synced[k])})
         for shard, grad in zip(shards, grads):
-            grad = grad.float() if grad.dtype != torch.float32 else grad.clone()
+            # The reduced gradient is the engine's, dropped after the step: scaled in place
+            # (no second fp32 copy of this rank's gradients); a 16-bit one becomes fp32.
+            grad = grad.float() if grad.dtype != torch.float32 else grad
             if inv_scale is not None:
                 grad.mul_(inv_scale.to(grad.device))
             shard.master.grad = grad
@@ -104,6 +131,9 @@ class ClientShards:
         finally:
             for shard in shards:
                 shard.master.grad = None
+        self._synced = [_settings(g) for g in self.client.param_groups]
+        for group, settings in zip(groups, self._synced):
+            group.update(settings)
         for shard in shards:
             shard.step += 1
             if shard.weights_16bit is not None:
@@ -129,9 +159,9 @@ class ClientShards:
                 if torch.is_tensor(v) and v.dim() > 0 and v.numel() == numel}
 
     def saved_state(self) -> tuple[dict[str, str], list[dict], str | None]:
-        """What a checkpoint keeps: the per-element state's names with their dtypes (saved as
-        fp32, which holds any of them exactly), each group's scalars ({name: [value, dtype, on
-        the shard's device]}), and the reason the state cannot be saved (None)."""
+        """What a checkpoint keeps: the per-element state's names with their dtypes (saved in
+        them), each group's scalars ({name: [value, dtype, on
+        the shard's device, ndim]}), and the reason the state cannot be saved (None)."""
         kinds: dict[str, str] = {}
         scalars: list[dict] = [{} for _ in self.client.param_groups]
         seen: list[dict] = [{} for _ in self.client.param_groups]
@@ -152,18 +182,26 @@ class ClientShards:
                 if key in seen[group] and seen[group][key] != scalar:
                     return {}, [], (f"its scalar state {key!r} differs between the shards of "
                                     f"parameter group {group} ({seen[group][key][0]} and "
-                                    f"{scalar[0]})")
+                                    f"{scalar[0]}): a per-tensor statistic, one per shard "
+                                    f"here, which cannot be resharded")
                 seen[group][key] = scalar
         for group, values in enumerate(seen):
             scalars[group] = {k: list(v) for k, v in values.items()}
         return dict(sorted(kinds.items())), scalars, None
 
     def staged_state(self, kinds: dict[str, str]) -> dict[int, dict[str, torch.Tensor]]:
-        """Zeroed per-element state for every shard (layout index -> kind -> tensor, `kinds`
-        naming each one's dtype), for a load to fill before `install` puts it in place."""
-        return {shard.layout.index: {k: torch.zeros_like(shard.master, dtype=getattr(torch, d))
-                                     for k, d in kinds.items()}
-                for shard in self.shards}
+        """Per-element state for every shard (layout index -> kind -> tensor, `kinds` naming
+        each one's dtype) for a load to fill before `install` puts it in place: the
+        optimizer's own tensor where it has one of that dtype (filled in place, as the AdamW
+        moments are: no second copy of the state), else a new zeroed one."""
+        staged = {}
+        for shard in self.shards:
+            live = self.elementwise_state(shard)
+            staged[shard.layout.index] = {
+                k: live[k] if k in live and live[k].dtype == getattr(torch, d)
+                else torch.zeros_like(shard.master, dtype=getattr(torch, d))
+                for k, d in kinds.items()}
+        return staged
 
     def install(self, staged: dict[int, dict[str, torch.Tensor]],
                 scalars: list[dict]) -> None:
@@ -172,12 +210,13 @@ class ClientShards:
         self.client.state = defaultdict(dict)
         for shard in self.shards:
             state = dict(staged.get(shard.layout.index, {}))
-            for key, (value, dtype, on_param) in scalars[shard.layout.group].items():
+            for key, (value, dtype, on_param, ndim) in scalars[shard.layout.group].items():
                 if dtype in ("int", "float"):
                     state[key] = int(value) if dtype == "int" else value
                 else:
                     state[key] = torch.tensor(value, dtype=getattr(torch, dtype),
-                                              device=shard.master.device if on_param else "cpu")
+                                              device=shard.master.device if on_param else "cpu"
+                                              ).reshape((1,) * ndim)
             if state:
                 self.client.state[shard.master] = state
 
@@ -186,14 +225,32 @@ class ClientShards:
                    for v in self.state_of(shard).values() if torch.is_tensor(v))
 
 
-def _scalar(value, device: torch.device) -> tuple[float, str, bool] | None:
+def _scalar(value, device: torch.device) -> tuple[float, str, bool, int] | None:
     """(value, its torch dtype's name or "int" / "float", whether a tensor on the shard's
-    `device` rather than the host) of a scalar state entry, else None."""
+    `device` rather than the host, its number of dimensions) of a scalar state entry, else
+    None."""
     if torch.is_tensor(value):
         if value.numel() != 1 or value.dim() > 1:
             return None
-        return (float(value.item()), str(value.dtype).removeprefix("torch."),
-                value.device == device and device.type != "cpu")
+        return (value.item(), str(value.dtype).removeprefix("torch."),
+                value.device == device and device.type != "cpu", value.dim())
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value), type(value).__name__, False
+        return value, type(value).__name__, False, 0
     return None
+
+
+def _settings(group: dict) -> dict:
+    """A parameter group's hyperparameters (all but its parameters), a shallow copy."""
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def _differs(a, b) -> bool:
+    if a is b:
+        return False
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return not (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
+                    and torch.equal(a, b))
+    try:
+        return bool(a != b)
+    except (TypeError, ValueError, RuntimeError):
+        return True

@@ -107,8 +107,16 @@ def _local_tensor(engine, fragment: Fragment, what: str) -> torch.Tensor:
     else:
         shard = _shard(engine, fragment.layout)
         client = getattr(engine.optimizer, "client", None)
-        whole = shard.master if what == "fp32" else \
-            client.elementwise_state(shard)[what] if client is not None else getattr(shard, what)
+        if what == "fp32" or client is None:
+            whole = shard.master if what == "fp32" else getattr(shard, what)
+        else:
+            state = client.elementwise_state(shard)
+            if what not in state:
+                raise ValueError(
+                    f"zero_ext: the {type(client.client).__name__} keeps no {what!r} for this "
+                    f"parameter's group (it has {sorted(state) or 'none'}: its groups differ, "
+                    f"or it has not stepped yet)")
+            whole = state[what]
     return whole[fragment.tensor_start:fragment.tensor_start + fragment.numel]
 
 

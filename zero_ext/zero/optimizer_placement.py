@@ -77,9 +77,10 @@ class OptimizerPlacement:
             raise ValueError(
                 f"zero_ext.initialize: zero_ext.compression.gradients.compress_momentum sends "
                 f"Adam's momentum in place of the gradient, which zero_ext's AdamW steps with; "
-                f"the {type(replicated or client).__name__} given would apply a momentum of its "
-                "own on top. Configure \"optimizer\": {\"type\": \"AdamW\"} instead, or set "
-                "compress_momentum false")
+                f"the {type(replicated or client).__name__} given (run as it is: not "
+                f"zero_ext's AdamW, or with amsgrad) would apply a momentum of its own on top. "
+                "Configure \"optimizer\": {\"type\": \"AdamW\"} (or pass an AdamW without "
+                "amsgrad) instead, or set compress_momentum false")
         self.replicated = replicated
         self.host_stepped = placed.host_stepped
         self._state_on_host, self._pin = placed.optimizer, zero.offload_optimizer.pin_memory
