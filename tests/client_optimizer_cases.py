@@ -245,6 +245,14 @@ class CountingSGD(torch.optim.Optimizer):
                 p.add_(state["buf"].float(), alpha=-group["lr"] / group["k"])
 
 
+class Listing(_PerParameter):
+    """Keeps a list in its state: not a tensor, not a number."""
+
+    def update(self, p, group):
+        self.state[p].setdefault("seen", []).append(1)
+        p.add_(p.grad, alpha=-group["lr"])
+
+
 class PerShardNorm(_PerParameter):
     """Keeps each tensor's gradient norm, a per-tensor statistic: one per shard under ZeRO."""
 
@@ -322,18 +330,37 @@ def counting_cases(checkpoint_dir: str) -> dict:
         out["reference"] = _counting_reference([world_size] * 4, zero_lr_after=2)
         out["reference_resumed"] = _counting_reference([2, 2] + [world_size] * 2,
                                                        zero_lr_after=99)
-    # A per-tensor statistic differs from shard to shard: the save is refused, whether the
-    # shards are on one rank (stage 3: several buckets) or each rank has one (stage 2, one
-    # bucket: rank 0 alone writes the metadata, so the ranks compare theirs first).
-    for stage, bucket in ((3, 200), (2, 10**6)):
-        model = _model()
+    # State bound to the shards: a per-tensor statistic (one per shard, on one rank at stage 3
+    # with several buckets, or one per rank at stage 2 with one bucket, where only the ranks'
+    # comparison finds it) and per-block scales. Saved by each rank as it is: resumed at the
+    # same world size and buckets, it trains on as the uninterrupted run; at another world
+    # size, refused.
+    for name, cls, stage, bucket in (("norm3", PerShardNorm, 3, 200),
+                                     ("norm2", PerShardNorm, 2, 10**6),
+                                     ("block3", BlockScaled, 3, 200)):
         single = {**config, "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket,
                                                   "stage3_param_persistence_threshold": 0}}
-        engine, _, _, _ = zero_ext.initialize(model=model, config=single,
-                                              optimizer=PerShardNorm(model.parameters()))
-        _train(engine, 1)
-        out[f"per_shard_{stage}"] = _error(lambda e=engine: e.save_checkpoint(
-            os.path.join(checkpoint_dir, f"norm{world_size}"), tag="t"))
+
+        def start(single=single, cls=cls):
+            model = _model()
+            return zero_ext.initialize(model=model, config=single,
+                                       optimizer=cls(model.parameters()))[0]
+        path = os.path.join(checkpoint_dir, f"{name}_{world_size}")
+        engine = start()
+        _train(engine, 2)
+        engine.save_checkpoint(path, tag="t")
+        _train(engine, 2, first_step=2)
+        uninterrupted = _weights(engine)
+        engine = start()
+        engine.load_checkpoint(path, tag="t")
+        _train(engine, 2, first_step=2)
+        resumed = _weights(engine)
+        out[f"bound_{name}"] = max((resumed[n] - uninterrupted[n]).abs().max().item()
+                                   for n in resumed)
+        if world_size != 2:  # the 2-rank group's checkpoint, at this world size
+            saved = os.path.join(checkpoint_dir, f"{name}_2")
+            out[f"bound_{name}_elsewhere"] = _error(
+                lambda start=start, saved=saved: start().load_checkpoint(saved, tag="t"))
     # Subclasses: one with a step of its own needs the key; one without runs as SGD.
     out["lars"] = _error(lambda: zero_ext.initialize(
         model=_model(), config=_config(2), optimizer=Lars(_model().parameters(), lr=0.1)))
@@ -386,24 +413,29 @@ def _refusals(sgd_engine, checkpoint_dir: str) -> dict:
                 "method": "topk", "freeze_variance": True, "warmup_steps": 2,
                 "compress_momentum": True}}}})),
     }
-    # Allowed when asked for, warning what it means; its state cannot be resharded, so the
-    # save is refused, on every rank, before anything is written.
+    # Allowed when asked for, warning what it means, and at its first step that its per-block
+    # state binds its checkpoints to these shards.
+    untested = {**_config(2), "zero_allow_untested_optimizer": True}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine, _, _, _ = init(lambda m: BlockScaled(m.parameters()),
-                               {**_config(2), "zero_allow_untested_optimizer": True})
-    errors["untested_warning"] = " ".join(str(w.message) for w in caught
-                                          if "flat fp32 shards" in str(w.message))
-    before = _weights(engine)
+        engine, _, _, _ = init(lambda m: BlockScaled(m.parameters()), untested)
+        before = _weights(engine)
+        _train(engine, 1)
+    messages = [str(w.message) for w in caught]
+    errors["untested_warning"] = " ".join(m for m in messages if "flat fp32 shards" in m)
+    errors["bound_warning"] = " ".join(m for m in messages if "bucket layout only" in m)
+    errors["untested_moved"] = any(not torch.equal(before[n], w)
+                                   for n, w in _weights(engine).items())
+    # State that is not data a checkpoint holds (a list): the save is refused, on every rank,
+    # before anything is written, and said at the first step.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        engine, _, _, _ = init(lambda m: Listing(m.parameters()), untested)
         _train(engine, 1)
     errors["unsaveable_warning"] = " ".join(str(w.message) for w in caught
                                             if "save_checkpoint will refuse" in str(w.message))
-    errors["untested_moved"] = any(not torch.equal(before[n], w)
-                                   for n, w in _weights(engine).items())
     errors["unsaveable"] = _error(lambda: engine.save_checkpoint(
-        os.path.join(checkpoint_dir, f"block{comm.world_size()}"), tag="t"))
+        os.path.join(checkpoint_dir, f"listing{comm.world_size()}"), tag="t"))
     # An optimizer's state is not another's: AdamW's moments into SGD and back.
     adamw_dir = os.path.join(checkpoint_dir, f"adamw{comm.world_size()}")
     adamw, _, _, _ = zero_ext.initialize(model=_model(), config=_config(2))

@@ -109,14 +109,17 @@ def test_what_cannot_run_or_be_saved_is_refused(results, world_size):
     assert "offload_optimizer" in errors["offload"] and "SGD" in errors["offload"]
     assert "compress_momentum" in errors["compress_momentum"] and "SGD" in \
         errors["compress_momentum"]
-    # With DeepSpeed's key it runs (and says what running on shards means), but its per-block
-    # state cannot be resharded: the save is refused on every rank, naming the state.
+    # With DeepSpeed's key it runs (and says what running on shards means, and at its first
+    # step that its per-block state binds its checkpoints to this world size and buckets).
     assert "flat fp32 shards" in errors["untested_warning"]
+    assert "BlockScaled" in errors["bound_warning"]
     assert errors["untested_moved"] is True
-    # Said at its first step (rank 0), not first found at the first save hours later.
-    assert "'absmax'" in errors["unsaveable_warning"]
-    assert "'absmax'" in errors["unsaveable"] and f"ranks {', '.join(map(str, range(world_size)))}" \
-        in errors["unsaveable"]
+    # State a checkpoint cannot hold: said at the first step (rank 0), not first found at the
+    # first save hours later, and the save refused on every rank, naming it.
+    assert "'seen' is a list" in errors["unsaveable_warning"]
+    ranks = ", ".join(map(str, range(world_size)))
+    assert "'seen' is a list" in errors["unsaveable"] and f"ranks {ranks}" in \
+        errors["unsaveable"]
     assert "AdamW moments" in errors["adamw_into_rmsprop"] and "RMSprop" in \
         errors["adamw_into_rmsprop"]
     assert "RMSprop state" in errors["rmsprop_into_adamw"]
@@ -146,10 +149,15 @@ def test_bf16_int_and_1d_scalar_state_resumes_at_another_world_size(results):
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_subclasses_per_shard_statistics_and_unfrozen_parameters(results, world_size):
     counting = results(world_size)["counting"]
-    # One statistic per tensor is one per shard: refused, on one rank or across ranks.
-    assert "'norm' differs between the shards of parameter group 0" in counting["per_shard_3"]
-    assert "'norm' of parameter group 0 differs between ranks 0 and 1" in \
-        counting["per_shard_2"]
+    # State bound to the shards (one statistic per shard, found on one rank or only across
+    # ranks; per-block scales): resumed at the same world size and buckets, exactly the
+    # uninterrupted run; at another world size, refused, naming both fixes.
+    for name in ("norm3", "norm2", "block3"):
+        assert counting[f"bound_{name}"] == 0.0, name
+        if world_size != 2:
+            refused = counting[f"bound_{name}_elsewhere"]
+            assert "resumes at 2 ranks, with the same buckets only" in refused, refused
+            assert "load_optimizer_states=False" in refused
     # A subclass with a step of its own is not SGD on shards; one without is.
     assert "zero_allow_untested_optimizer" in counting["lars"] and "Lars" in counting["lars"]
     assert counting["named_sgd"] == "NamedSGD"

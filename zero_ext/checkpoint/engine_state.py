@@ -225,24 +225,51 @@ def _layout_states(engine, layout_index: int) -> dict[str, torch.Tensor]:
 CLIENT_KIND = "client."
 
 
-def client_optimizer_metadata(engine) -> dict | None:
+def client_optimizer_metadata(engine, rank_bound: bool) -> dict | None:
     """A client optimizer's class, per-element state kinds and scalars (zero/
-    client_optimizer.py), for metadata.json; None for zero_ext's AdamW or stage 0's torch
-    optimizer."""
+    client_optimizer.py), for metadata.json, or with `rank_bound` none of them (each rank's
+    file holds its shards' whole state: `_bound_entries`); None for zero_ext's AdamW or stage
+    0's torch optimizer."""
     client = getattr(engine.optimizer, "client", None)
     if client is None:
         return None
-    kinds, scalars, _ = client.saved_state()
-    return {"class": type(client.client).__name__, "kinds": kinds, "scalars": scalars}
+    kinds, scalars, _, _ = client.saved_state()
+    if rank_bound:
+        kinds, scalars = {}, [{} for _ in scalars]
+    return {"class": type(client.client).__name__, "kinds": kinds, "scalars": scalars,
+            "rank_bound": rank_bound}
+
+
+def _bound_entries(engine) -> tuple[list[TensorEntry], dict[str, str]]:
+    """A client optimizer's whole state of this rank's shards, bound to them (a rank-bound
+    checkpoint): each value a tensor entry "<layout>.bound.<key>" (a number as a 0-d tensor),
+    and how to make each one again (its Python type, whether on the shard's device) in the
+    file's metadata."""
+    client = engine.optimizer.client
+    entries, records = [], {}
+    for index, state in client.bound_state().items():
+        device = engine.optimizer.shards[index].master.device
+        for key, value in state.items():
+            tensor = value if torch.is_tensor(value) else torch.tensor(
+                0.0 if value is None else value)
+            entries.append(TensorEntry(f"{index}.bound.{key}", tensor.dtype,
+                                       tuple(tensor.shape), lambda t=tensor: t.detach()))
+            records.setdefault(str(index), {})[key] = [
+                "tensor" if torch.is_tensor(value) else type(value).__name__,
+                torch.is_tensor(value) and value.device == device and device.type != "cpu"]
+    return entries, {"client_bound": json.dumps(records)}
 
 
 def _write_shard(engine, path: str, compression_totals: dict[str, torch.Tensor],
-                 exclude_frozen: bool = False):
+                 exclude_frozen: bool = False, rank_bound: bool = False):
     entries = compression_state.entries(engine, compression_totals)
+    bound, bound_meta = _bound_entries(engine) if rank_bound else ([], {})
     for layout in engine.layouts:
         held_start, _ = _held_range(engine, layout)
         start, end = layout.shard_range(engine.rank)
         for kind, tensor in _layout_states(engine, layout.index).items():
+            if rank_bound and kind.startswith(CLIENT_KIND):
+                continue  # in `bound`
             # A client optimizer's state in its own dtype; zero_ext's in fp32.
             dtype = tensor.dtype if kind.startswith(CLIENT_KIND) else torch.float32
             entries.append(TensorEntry(
@@ -256,10 +283,11 @@ def _write_shard(engine, path: str, compression_totals: dict[str, torch.Tensor],
         entries.append(TensorEntry(f"{layout.index}.frozen", shard.dtype, tuple(shard.shape),
                                    lambda t=shard: t))
     rng, rng_meta = _rng_entries()
-    return write_safetensors(path, entries + rng, metadata=rng_meta)
+    return write_safetensors(path, entries + bound + rng, metadata={**rng_meta, **bound_meta})
 
 
-def _metadata(engine, tag: str, names: list[str], exclude_frozen: bool = False) -> dict:
+def _metadata(engine, tag: str, names: list[str], exclude_frozen: bool = False,
+              rank_bound: bool = False) -> dict:
     steps = []
     if engine.replicated_optimizer is None:
         for index in range(len(engine.optimizer.param_groups)):
@@ -281,7 +309,7 @@ def _metadata(engine, tag: str, names: list[str], exclude_frozen: bool = False) 
         "loss_scaler": engine.loss_scaler.state_dict() if engine.loss_scaler else None,
         "optimizer": "replicated" if engine.replicated_optimizer is not None else "sharded",
         "optimizer_class": type(engine.optimizer).__name__,
-        "client_optimizer": client_optimizer_metadata(engine),
+        "client_optimizer": client_optimizer_metadata(engine, rank_bound),
         "optimizer_steps": steps,
         "layouts": compression_state.layouts_metadata(engine, names),
         "frozen_layouts": [] if exclude_frozen else frozen_layouts_metadata(engine),
@@ -296,9 +324,9 @@ def _metadata(engine, tag: str, names: list[str], exclude_frozen: bool = False) 
 
 
 def _write_rank0_files(engine, staging: str, tag: str, names: list[str],
-                       engine_state: bytes, exclude_frozen: bool) -> dict:
+                       engine_state: bytes, exclude_frozen: bool, rank_bound: bool) -> dict:
     records = {}
-    metadata = _metadata(engine, tag, names, exclude_frozen)
+    metadata = _metadata(engine, tag, names, exclude_frozen, rank_bound)
     state = engine.module.state_dict(keep_vars=True)
     entries = [TensorEntry(key, state[key].dtype, tuple(state[key].shape),
                            lambda v=state[key]: v.detach())
@@ -374,7 +402,7 @@ def _save_problem(engine, save_dir, client_state, names: list[str]) -> tuple[str
                 "before the window's last backward); they would be lost. Save right after "
                 "engine.step() completes an accumulation boundary"), b""
     client = getattr(engine.optimizer, "client", None)
-    unsaved = client.saved_state()[2] if client is not None else None
+    unsaved = client.saved_state()[3] if client is not None else None
     if unsaved is not None:
         return (f"the {type(client.client).__name__} given to initialize cannot be saved: "
                 f"{unsaved}. Save with an optimizer whose state is per element or scalar, or "
@@ -406,30 +434,16 @@ def _check_steps_agree(views: list[dict], caller: str) -> None:
                 f"backward() and step() on every rank for every micro-batch")
 
 
-def _check_client_state_agrees(views: list[dict], client, caller: str) -> None:
-    """Rank 0 writes a client optimizer's state kinds and scalars for every rank: they must be
-    the same on every rank (a per-tensor statistic is one per shard, and differs)."""
-    if client is None:
-        return
-    (kinds, scalars), name = views[0]["client"], type(client.client).__name__
-    for rank, view in enumerate(views[1:], start=1):
-        their_kinds, their_scalars = view["client"]
-        if their_kinds != kinds:
-            raise CheckpointError(
-                f"{caller}: the {name}'s per-element state differs between ranks 0 and {rank} "
-                f"({sorted(kinds)} and {sorted(their_kinds)}), so it cannot be resharded. "
-                f"Nothing was written; save_16bit_model() keeps the weights")
-        for group, (mine, theirs) in enumerate(zip(scalars, their_scalars)):
-            for key in sorted(set(mine) | set(theirs)):
-                if mine.get(key) != theirs.get(key):
-                    values = [record[0] if record else "absent"
-                              for record in (mine.get(key), theirs.get(key))]
-                    raise CheckpointError(
-                        f"{caller}: the {name}'s scalar state {key!r} of parameter group "
-                        f"{group} differs between ranks 0 and {rank} ({values[0]} and "
-                        f"{values[1]}): a per-tensor statistic, one per shard here, "
-                        f"which cannot be resharded. Nothing was written; save_16bit_model() "
-                        f"keeps the weights")
+def _client_rank_bound(views: list[dict]) -> bool:
+    """Whether a client optimizer's state is saved bound to each rank's shards (the same on
+    every rank: from every rank's view): when some rank holds state that is neither per
+    element nor a scalar its group's shards share, or the ranks' per-element kinds or scalars
+    differ (rank 0 alone would write them for all)."""
+    states = [view["client"] for view in views]
+    if states[0] is None:
+        return False
+    return any(bound for _, _, bound in states) or any(
+        state[:2] != states[0][:2] for state in states[1:])
 
 
 def _same_step_warning(final: str, engine) -> str | None:
@@ -507,10 +521,10 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None,
     views = comm.all_gather_object({"tag": tag, "problem": problem,
                                     "global_steps": engine.global_steps,
                                     "micro_steps": engine.micro_steps,
-                                    "client": client.saved_state()[:2] if client else None})
+                                    "client": client.saved_state()[:3] if client else None})
     _check_steps_agree(views, caller)
     _raise_if_any([v["problem"] for v in views], "save_checkpoint")
-    _check_client_state_agrees(views, client, caller)
+    rank_bound = _client_rank_bound(views)
     tags = [v["tag"] for v in views]
     if len(set(tags)) > 1:
         raise CheckpointError(
@@ -557,9 +571,10 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None,
         shard_name = shard_file_name(engine.rank, engine.world_size)
         records, problem = _attempt(lambda: {
             shard_name: _write_shard(engine, os.path.join(staging, shard_name),
-                                     compression_totals, exclude_frozen_parameters),
+                                     compression_totals, exclude_frozen_parameters, rank_bound),
             **(_write_rank0_files(engine, staging, tag, names, engine_state,
-                                  exclude_frozen_parameters) if engine.rank == 0 else {})})
+                                  exclude_frozen_parameters, rank_bound)
+               if engine.rank == 0 else {})})
         outcomes = comm.all_gather_object(
             (records, problem, _planned_bytes(engine, engine.rank == 0),
              _free_bytes(save_dir)))

@@ -255,6 +255,40 @@ def _read_engine_state(index: CheckpointIndex) -> dict:
     return extra
 
 
+def _bound_state(engine, index: CheckpointIndex, meta: dict, names: list[str],
+                 path: str, verify: list[str]) -> dict[int, dict]:
+    """A client optimizer's state saved bound to each rank's shards (engine_state.
+    _bound_entries), read from this rank's file (verified with the files in `verify` first):
+    only at the world size and buckets it was saved with."""
+    name = meta["client_optimizer"]["class"]
+    if index.world_size != engine.world_size or \
+            meta["layouts"] != compression_state.layouts_metadata(engine, names):
+        at = ("the same buckets (stage, reduce_bucket_size, stage-3 units and parameter "
+              "groups)" if index.world_size == engine.world_size else
+              f"{index.world_size} ranks, with the same buckets")
+        raise CheckpointError(
+            f"{CALLER}: {path} holds {name} state that depends on how the parameters were "
+            f"sharded when saved (per-block or per-shard values), so it resumes at {at} "
+            f"only; resume it so, or pass load_optimizer_states=False to keep the weights and "
+            f"start the optimizer fresh")
+    own = shard_file_name(engine.rank, engine.world_size)
+    index.verify_files(sorted({*verify, own}))
+    reader = index.reader(own)
+    records = json.loads(reader.metadata.get("client_bound", "{}"))
+    state: dict[int, dict] = {}
+    for layout, keys in records.items():
+        master = engine.optimizer.shards[int(layout)].master
+        for key, (kind, on_device) in keys.items():
+            value = reader.read(f"{layout}.bound.{key}")
+            if kind != "tensor":
+                value = None if kind == "NoneType" else {"int": int, "float": float,
+                                                         "bool": bool}[kind](value.item())
+            elif on_device or value.dim() > 0:
+                value = value.to(master.device)
+            state.setdefault(int(layout), {})[key] = value
+    return state
+
+
 def _plan_load(engine, path: str, load_optimizer_states: bool,
                load_lr_scheduler_states: bool, load_module_only: bool,
                strict: bool = True) -> _Plan:
@@ -287,7 +321,9 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
                 f"{CALLER}: {path} holds {held}, and this engine runs {runs}; pass "
                 f"load_optimizer_states=False to keep the weights and start this optimizer "
                 f"fresh")
-        if client is not None:
+        if client is not None and saved_client.get("rank_bound"):
+            kinds, client_state = ("master",), "bound"  # read once verified, below
+        elif client is not None:
             staged = client.staged_state(saved_client["kinds"])
             kinds = ("master", *(CLIENT_KIND + k for k in saved_client["kinds"]))
             masters = {s.layout.index: s.master for s in engine.optimizer.shards}
@@ -321,6 +357,9 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
     own_rng = shard_file_name(engine.rank, engine.world_size) \
         if index.world_size == engine.world_size else None
     needed = _files_of(index, fill) + [MODEL_STATES, ENGINE_STATE] + ([own_rng] if own_rng else [])
+    if client_state == "bound":  # (the world size is checked first: its file is needed)
+        client_state = (_bound_state(engine, index, meta, names, path, verify=needed),
+                        meta["client_optimizer"]["scalars"])
     index.verify_files(sorted(set(needed)))
     for file, tensor, kind in {(f, t, k) for _, _, name, a, b, k in fill
                                if k not in ("zero", "state")

@@ -14,9 +14,11 @@ means once). LBFGS (a closure re-evaluating the loss) and SparseAdam (sparse gra
 refused.
 
 Checkpoints keep, per bucket shard, each state tensor with one value per element (resharded at
-any world size like the master weights) and each scalar (a step count), which must be equal
-over a parameter group's shards; any other state (a blockwise quantized moment's scales) is
-refused at save, naming it.
+any world size like the master weights) and each scalar (a step count) that a parameter
+group's shards share. State that depends on the sharding (a blockwise quantized moment's
+scales, a per-tensor statistic, which is one per shard here) is kept as each rank holds it
+instead, and such a checkpoint resumes at the same world size and buckets only; state that is
+neither tensors nor numbers is refused at save, naming it.
 """
 
 from __future__ import annotations
@@ -140,12 +142,17 @@ class ClientShards:
                 shard.weights_16bit.copy_(shard.master)
         if not self._stepped:  # its state exists now: said at once, not at the first save
             self._stepped = True
-            unsaved = self.saved_state()[2]
+            _, _, bound, unsaved = self.saved_state()
+            name = type(self.client).__name__
             if unsaved is not None and self._rank == 0:
                 warnings.warn(
-                    f"zero_ext: save_checkpoint will refuse this {type(self.client).__name__}'s "
-                    f"state: {unsaved}. save_16bit_model() keeps the weights", UserWarning,
-                    stacklevel=5)
+                    f"zero_ext: save_checkpoint will refuse this {name}'s state: {unsaved}. "
+                    f"save_16bit_model() keeps the weights", UserWarning, stacklevel=5)
+            elif bound and self._rank == 0:
+                warnings.warn(
+                    f"zero_ext: this {name}'s state depends on how the parameters are sharded "
+                    f"(per-block or per-shard values): its checkpoints resume at this world "
+                    f"size and bucket layout only", UserWarning, stacklevel=5)
 
     def state_of(self, shard) -> dict:
         """The optimizer's state of one shard, as the optimizer keeps it (empty before its
@@ -158,13 +165,17 @@ class ClientShards:
         return {k: v for k, v in self.state_of(shard).items()
                 if torch.is_tensor(v) and v.dim() > 0 and v.numel() == numel}
 
-    def saved_state(self) -> tuple[dict[str, str], list[dict], str | None]:
-        """What a checkpoint keeps: the per-element state's names with their dtypes (saved in
-        them), each group's scalars ({name: [value, dtype, on
-        the shard's device, ndim]}), and the reason the state cannot be saved (None)."""
+    def saved_state(self) -> tuple[dict[str, str], list[dict], bool, str | None]:
+        """What a checkpoint keeps of this rank's shards: the per-element state's names with
+        their dtypes (saved in them); each group's scalars ({name: [value, dtype, on the
+        shard's device, ndim]}); whether some state is bound to these shards (a tensor neither
+        per element nor a scalar, as blockwise-quantized moments' scales are, or a scalar
+        that differs between the group's shards, as a per-tensor statistic does: then the
+        checkpoint holds each rank's state as it is, and resumes at the same world size and
+        buckets only); and the reason it cannot be saved at all (None)."""
         kinds: dict[str, str] = {}
-        scalars: list[dict] = [{} for _ in self.client.param_groups]
         seen: list[dict] = [{} for _ in self.client.param_groups]
+        bound = False
         for shard in self.shards:
             state, group = self.state_of(shard), shard.layout.group
             per_element = self.elementwise_state(shard)
@@ -173,21 +184,21 @@ class ClientShards:
             for key, value in state.items():
                 if key in per_element:
                     continue
+                if not torch.is_tensor(value) and _scalar(value, shard.master.device) is None:
+                    return {}, [], False, (f"its state {key!r} is a {type(value).__name__}, "
+                                           f"neither a tensor nor a number")
                 scalar = _scalar(value, shard.master.device)
-                if scalar is None:
-                    shape = tuple(value.shape) if torch.is_tensor(value) else type(value)
-                    return {}, [], (f"its state {key!r} ({shape}) is neither one value per "
-                                    f"element of a shard nor a scalar, so it cannot be "
-                                    f"resharded")
-                if key in seen[group] and seen[group][key] != scalar:
-                    return {}, [], (f"its scalar state {key!r} differs between the shards of "
-                                    f"parameter group {group} ({seen[group][key][0]} and "
-                                    f"{scalar[0]}): a per-tensor statistic, one per shard "
-                                    f"here, which cannot be resharded")
-                seen[group][key] = scalar
-        for group, values in enumerate(seen):
-            scalars[group] = {k: list(v) for k, v in values.items()}
-        return dict(sorted(kinds.items())), scalars, None
+                if scalar is None or (key in seen[group] and seen[group][key] != scalar):
+                    bound = True
+                elif scalar is not None:
+                    seen[group][key] = scalar
+        scalars = [{k: list(v) for k, v in values.items()} for values in seen]
+        return dict(sorted(kinds.items())), scalars, bound, None
+
+    def bound_state(self) -> dict[int, dict]:
+        """Each shard's whole state as the optimizer keeps it (layout index -> key -> value),
+        for a checkpoint bound to this rank's shards."""
+        return {shard.layout.index: dict(self.state_of(shard)) for shard in self.shards}
 
     def staged_state(self, kinds: dict[str, str]) -> dict[int, dict[str, torch.Tensor]]:
         """Per-element state for every shard (layout index -> kind -> tensor, `kinds` naming
@@ -203,16 +214,16 @@ class ClientShards:
                 for k, d in kinds.items()}
         return staged
 
-    def install(self, staged: dict[int, dict[str, torch.Tensor]],
-                scalars: list[dict]) -> None:
-        """A loaded state in place of the optimizer's own: per-element tensors from `staged`,
-        each group's scalars from `scalars` (as saved_state gave them)."""
+    def install(self, staged: dict[int, dict], scalars: list[dict]) -> None:
+        """A loaded state in place of the optimizer's own: per-element tensors from `staged`
+        (or, from a checkpoint bound to the shards, each shard's whole state), each group's
+        scalars from `scalars` (as saved_state gave them)."""
         self.client.state = defaultdict(dict)
         for shard in self.shards:
             state = dict(staged.get(shard.layout.index, {}))
             for key, (value, dtype, on_param, ndim) in scalars[shard.layout.group].items():
-                if dtype in ("int", "float"):
-                    state[key] = int(value) if dtype == "int" else value
+                if dtype in _PYTHON_SCALARS:
+                    state[key] = _PYTHON_SCALARS[dtype](value)
                 else:
                     state[key] = torch.tensor(value, dtype=getattr(torch, dtype),
                                               device=shard.master.device if on_param else "cpu"
@@ -234,9 +245,13 @@ def _scalar(value, device: torch.device) -> tuple[float, str, bool, int] | None:
             return None
         return (value.item(), str(value.dtype).removeprefix("torch."),
                 value.device == device and device.type != "cpu", value.dim())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if value is None or isinstance(value, (int, float)):  # bool is an int
         return value, type(value).__name__, False, 0
     return None
+
+
+# A Python scalar's type name (as _scalar records it) -> how to make it again.
+_PYTHON_SCALARS = {"int": int, "float": float, "bool": bool, "NoneType": lambda value: None}
 
 
 def _settings(group: dict) -> dict:
