@@ -49,6 +49,10 @@ OPTIMIZERS = {
 }
 
 
+# Groups that keep different state: SGD's second group without momentum (no momentum_buffer).
+OPTIMIZERS["sgd_mixed"] = (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})
+SECOND_GROUP = {"sgd_mixed": {"momentum": 0.0}}
+
 # Stage 1 steps the same shards as stage 2 (only the gradients' reduction differs): two
 # optimizers there suffice.
 STAGES = {name: (1, 2, 3) if name in ("sgd_nesterov", "adagrad") else (2, 3)
@@ -60,11 +64,17 @@ def _model() -> Net:
     return Net()
 
 
-def _groups(model: nn.Module, lr: float) -> list[dict]:
+def _groups(model: nn.Module, lr: float, second: dict | None = None) -> list[dict]:
+    """The weights, then the rest at half the rate (and `second`'s settings)."""
     weights = [p for n, p in model.named_parameters() if n.endswith("weight") and "norm" not in n]
     rest = [p for n, p in model.named_parameters() if not (n.endswith("weight")
                                                            and "norm" not in n)]
-    return [{"params": weights}, {"params": rest, "lr": lr / 2}]
+    return [{"params": weights}, {"params": rest, "lr": lr / 2, **(second or {})}]
+
+
+def _optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    cls, kwargs = OPTIMIZERS[name]
+    return cls(_groups(model, kwargs["lr"], SECOND_GROUP.get(name)), **kwargs)
 
 
 def _batch(step: int, world_size: int):
@@ -86,9 +96,8 @@ def _reference(name: str, world_size: int, steps: int = STEPS, clip: float = 0.0
     """The same optimizer in one process on the whole batch (the mean over ranks' micro-batches
     and the accumulation window), clipped as DeepSpeed clips (the global norm, 1e-6 added);
     `resumed_by`: the steps after the second are the batches of that many ranks."""
-    cls, kwargs = OPTIMIZERS[name]
     model = _model()
-    opt = cls(_groups(model, kwargs["lr"]), **kwargs)
+    opt = _optimizer(name, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)) if schedule else None
     for step in range(steps):
         opt.zero_grad()
@@ -127,9 +136,8 @@ def _weights(engine) -> dict:
 
 
 def _engine(name: str, config: dict, schedule: bool = False):
-    cls, kwargs = OPTIMIZERS[name]
     model = _model()
-    opt = cls(_groups(model, kwargs["lr"]), **kwargs)
+    opt = _optimizer(name, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)) if schedule else None
     engine, optimizer, _, scheduler = zero_ext.initialize(model=model, optimizer=opt,
                                                           lr_scheduler=sched, config=config)
@@ -177,19 +185,21 @@ def client_optimizer_cases(checkpoint_dir: str) -> dict:
     out["square_avg"] = safe_get_full_optimizer_state(engine.module.mid.weight, "square_avg")
     out["errors"] = _refusals(engine, checkpoint_dir)
     out["counting"] = counting_cases(checkpoint_dir)
-    # A checkpoint: the group of world size 2 saves after 2 steps, the others resume it.
-    save = os.path.join(checkpoint_dir, "adagrad")
-    if world_size == 2:
-        engine, _, _ = _engine("adagrad", _config(2))
-        _train(engine, 2)
-        engine.save_checkpoint(save, tag="t")
-    else:
-        engine, _, _ = _engine("adagrad", _config(3))
+    # Checkpoints: the group of world size 2 saves after 2 steps at stage 2, the others resume
+    # at stage 3 (Adagrad; SGD whose groups keep different state).
+    for name in ("adagrad", "sgd_mixed"):
+        save = os.path.join(checkpoint_dir, name)
+        if world_size == 2:
+            engine, _, _ = _engine(name, _config(2))
+            _train(engine, 2)
+            engine.save_checkpoint(save, tag="t")
+            continue
+        engine, _, _ = _engine(name, _config(3))
         engine.load_checkpoint(save, tag="t")
         _train(engine, 2, first_step=2)
-        out["got"]["resumed"] = _weights(engine)
+        out["got"][f"resumed_{name}"] = _weights(engine)
         if comm.rank() == 0:
-            out["reference"]["resumed"] = _reference("adagrad", 2, resumed_by=world_size)
+            out["reference"][f"resumed_{name}"] = _reference(name, 2, resumed_by=world_size)
     return out
 
 

@@ -54,6 +54,7 @@ from zero_ext.checkpoint.format import (
     shard_file_name,
     tag_problem,
 )
+from zero_ext.zero.client_optimizer import PYTHON_SCALAR_DTYPES, python_scalar_kind
 
 __all__ = ["save_checkpoint"]
 
@@ -235,7 +236,7 @@ def client_optimizer_metadata(engine, rank_bound: bool) -> dict | None:
         return None
     kinds, scalars, _, _ = client.saved_state()
     if rank_bound:
-        kinds, scalars = {}, [{} for _ in scalars]
+        kinds, scalars = [{} for _ in kinds], [{} for _ in scalars]
     return {"class": type(client.client).__name__, "kinds": kinds, "scalars": scalars,
             "rank_bound": rank_bound}
 
@@ -250,13 +251,13 @@ def _bound_entries(engine) -> tuple[list[TensorEntry], dict[str, str]]:
     for index, state in client.bound_state().items():
         device = engine.optimizer.shards[index].master.device
         for key, value in state.items():
-            tensor = value if torch.is_tensor(value) else torch.tensor(
-                0.0 if value is None else value)
+            kind = "tensor" if torch.is_tensor(value) else python_scalar_kind(value)
+            tensor = value if kind == "tensor" else torch.tensor(
+                0 if value is None else value, dtype=PYTHON_SCALAR_DTYPES[kind])
             entries.append(TensorEntry(f"{index}.bound.{key}", tensor.dtype,
                                        tuple(tensor.shape), lambda t=tensor: t.detach()))
             records.setdefault(str(index), {})[key] = [
-                "tensor" if torch.is_tensor(value) else type(value).__name__,
-                torch.is_tensor(value) and value.device == device and device.type != "cpu"]
+                kind, kind == "tensor" and value.device == device and device.type != "cpu"]
     return entries, {"client_bound": json.dumps(records)}
 
 

@@ -45,6 +45,7 @@ from zero_ext.checkpoint.format import (
     resolve_tag,
     shard_file_name,
 )
+from zero_ext.zero.client_optimizer import python_scalar
 
 __all__ = ["load_checkpoint"]
 
@@ -227,8 +228,9 @@ def _optimizer_differences(engine, meta: dict, extra: dict, path: str) -> list[s
 def _differs(a, b) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
-    if torch.is_tensor(a) or torch.is_tensor(b):
-        return not torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    if torch.is_tensor(a) or torch.is_tensor(b):  # compared on the host (a device lr)
+        a, b = torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu()
+        return a.shape != b.shape or not torch.equal(a, b.to(a.dtype))
     return a != b
 
 
@@ -253,6 +255,21 @@ def _read_engine_state(index: CheckpointIndex) -> dict:
         raise CheckpointError(f"{CALLER}: {index.path}/{ENGINE_STATE} is not a zero_ext engine "
                               f"state (expected a dict with {sorted(keys)})")
     return extra
+
+
+def _check_client_records(saved: dict, groups: int, path: str) -> None:
+    """A client optimizer's kinds and scalars in metadata.json as this version writes them
+    (per group; each scalar [value, dtype, on the device, ndim]), before anything is read."""
+    kinds, scalars = saved.get("kinds"), saved.get("scalars")
+    if not (isinstance(kinds, list) and isinstance(scalars, list)
+            and len(kinds) == len(scalars) == groups
+            and all(isinstance(k, dict) for k in kinds)
+            and all(isinstance(g, dict) and all(isinstance(r, list) and len(r) == 4
+                                                for r in g.values()) for g in scalars)):
+        raise CheckpointError(
+            f"{CALLER}: {path}'s client optimizer records are not in this version's form ("
+            f"{groups} parameter groups of kinds and scalars); pass "
+            f"load_optimizer_states=False to keep the weights")
 
 
 def _bound_state(engine, index: CheckpointIndex, meta: dict, names: list[str],
@@ -281,9 +298,8 @@ def _bound_state(engine, index: CheckpointIndex, meta: dict, names: list[str],
         for key, (kind, on_device) in keys.items():
             value = reader.read(f"{layout}.bound.{key}")
             if kind != "tensor":
-                value = None if kind == "NoneType" else {"int": int, "float": float,
-                                                         "bool": bool}[kind](value.item())
-            elif on_device or value.dim() > 0:
+                value = python_scalar(kind, value)
+            elif on_device:
                 value = value.to(master.device)
             state.setdefault(int(layout), {})[key] = value
     return state
@@ -324,8 +340,10 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
         if client is not None and saved_client.get("rank_bound"):
             kinds, client_state = ("master",), "bound"  # read once verified, below
         elif client is not None:
+            _check_client_records(saved_client, len(engine.optimizer.param_groups), path)
             staged = client.staged_state(saved_client["kinds"])
-            kinds = ("master", *(CLIENT_KIND + k for k in saved_client["kinds"]))
+            kinds = ("master", *sorted({CLIENT_KIND + k for group in saved_client["kinds"]
+                                        for k in group}))
             masters = {s.layout.index: s.master for s in engine.optimizer.shards}
             states_of = (lambda i: {"master": masters[i],
                                     **{CLIENT_KIND + k: t for k, t in staged[i].items()}})

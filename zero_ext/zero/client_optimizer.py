@@ -119,8 +119,14 @@ class ClientShards:
         each multiplied by `inv_scale` (the loss scale's and clipping's factor); `groups`: the
         engine's parameter groups."""
         for group, inner, synced in zip(groups, self.client.param_groups, self._synced):
-            inner.update({k: v for k, v in _settings(group).items()
-                          if k not in synced or _differs(v, synced[k])})
+            for key, value in _settings(group).items():
+                if key in synced and not _differs(value, synced[key]):
+                    continue
+                mine = inner.get(key)
+                if torch.is_tensor(value) and torch.is_tensor(mine):
+                    value = value.to(mine.device, mine.dtype)  # a capturable optimizer's lr
+                inner[key] = value
+        before = [set(inner) for inner in self.client.param_groups]
         for shard, grad in zip(shards, grads):
             # The reduced gradient is the engine's, dropped after the step: scaled in place
             # (no second fp32 copy of this rank's gradients); a 16-bit one becomes fp32.
@@ -134,8 +140,10 @@ class ClientShards:
             for shard in shards:
                 shard.master.grad = None
         self._synced = [_settings(g) for g in self.client.param_groups]
-        for group, settings in zip(groups, self._synced):
+        for group, settings, keys in zip(groups, self._synced, before):
             group.update(settings)
+            for gone in keys - set(settings) - {"params"}:  # removed by its step
+                group.pop(gone, None)
         for shard in shards:
             shard.step += 1
             if shard.weights_16bit is not None:
@@ -165,27 +173,31 @@ class ClientShards:
         return {k: v for k, v in self.state_of(shard).items()
                 if torch.is_tensor(v) and v.dim() > 0 and v.numel() == numel}
 
-    def saved_state(self) -> tuple[dict[str, str], list[dict], bool, str | None]:
-        """What a checkpoint keeps of this rank's shards: the per-element state's names with
-        their dtypes (saved in them); each group's scalars ({name: [value, dtype, on the
+    def saved_state(self) -> tuple[list[dict], list[dict], bool, str | None]:
+        """What a checkpoint keeps of this rank's shards: each group's per-element state, names
+        with their dtypes (saved in them; the groups of one optimizer may keep different
+        state, as SGD with and without momentum); each group's scalars ({name: [value, dtype, on the
         shard's device, ndim]}); whether some state is bound to these shards (a tensor neither
         per element nor a scalar, as blockwise-quantized moments' scales are, or a scalar
         that differs between the group's shards, as a per-tensor statistic does: then the
         checkpoint holds each rank's state as it is, and resumes at the same world size and
         buckets only); and the reason it cannot be saved at all (None)."""
-        kinds: dict[str, str] = {}
+        kinds: list[dict | None] = [None for _ in self.client.param_groups]
         seen: list[dict] = [{} for _ in self.client.param_groups]
         bound = False
         for shard in self.shards:
             state, group = self.state_of(shard), shard.layout.group
             per_element = self.elementwise_state(shard)
-            kinds.update({k: str(v.dtype).removeprefix("torch.")
-                          for k, v in per_element.items()})
+            mine = {k: str(v.dtype).removeprefix("torch.") for k, v in sorted(
+                per_element.items())}
+            if kinds[group] is not None and kinds[group] != mine:
+                bound = True  # its shards keep different state: kept as they are
+            kinds[group] = mine
             for key, value in state.items():
                 if key in per_element:
                     continue
                 if not torch.is_tensor(value) and _scalar(value, shard.master.device) is None:
-                    return {}, [], False, (f"its state {key!r} is a {type(value).__name__}, "
+                    return [], [], False, (f"its state {key!r} is a {type(value).__name__}, "
                                            f"neither a tensor nor a number")
                 scalar = _scalar(value, shard.master.device)
                 if scalar is None or (key in seen[group] and seen[group][key] != scalar):
@@ -193,25 +205,25 @@ class ClientShards:
                 elif scalar is not None:
                     seen[group][key] = scalar
         scalars = [{k: list(v) for k, v in values.items()} for values in seen]
-        return dict(sorted(kinds.items())), scalars, bound, None
+        return [k or {} for k in kinds], scalars, bound, None
 
     def bound_state(self) -> dict[int, dict]:
         """Each shard's whole state as the optimizer keeps it (layout index -> key -> value),
         for a checkpoint bound to this rank's shards."""
         return {shard.layout.index: dict(self.state_of(shard)) for shard in self.shards}
 
-    def staged_state(self, kinds: dict[str, str]) -> dict[int, dict[str, torch.Tensor]]:
-        """Per-element state for every shard (layout index -> kind -> tensor, `kinds` naming
-        each one's dtype) for a load to fill before `install` puts it in place: the
-        optimizer's own tensor where it has one of that dtype (filled in place, as the AdamW
-        moments are: no second copy of the state), else a new zeroed one."""
+    def staged_state(self, kinds: list[dict]) -> dict[int, dict[str, torch.Tensor]]:
+        """Per-element state for every shard (layout index -> kind -> tensor; `kinds`, per
+        group, naming each one's dtype) for a load to fill before `install` puts it in place:
+        the optimizer's own tensor where it has one of that dtype (filled in place, as the
+        AdamW moments are: no second copy of the state), else a new zeroed one."""
         staged = {}
         for shard in self.shards:
             live = self.elementwise_state(shard)
             staged[shard.layout.index] = {
                 k: live[k] if k in live and live[k].dtype == getattr(torch, d)
                 else torch.zeros_like(shard.master, dtype=getattr(torch, d))
-                for k, d in kinds.items()}
+                for k, d in kinds[shard.layout.group].items()}
         return staged
 
     def install(self, staged: dict[int, dict], scalars: list[dict]) -> None:
@@ -223,7 +235,7 @@ class ClientShards:
             state = dict(staged.get(shard.layout.index, {}))
             for key, (value, dtype, on_param, ndim) in scalars[shard.layout.group].items():
                 if dtype in _PYTHON_SCALARS:
-                    state[key] = _PYTHON_SCALARS[dtype](value)
+                    state[key] = python_scalar(dtype, value)
                 else:
                     state[key] = torch.tensor(value, dtype=getattr(torch, dtype),
                                               device=shard.master.device if on_param else "cpu"
@@ -245,13 +257,31 @@ def _scalar(value, device: torch.device) -> tuple[float, str, bool, int] | None:
             return None
         return (value.item(), str(value.dtype).removeprefix("torch."),
                 value.device == device and device.type != "cpu", value.dim())
-    if value is None or isinstance(value, (int, float)):  # bool is an int
-        return value, type(value).__name__, False, 0
+    kind = python_scalar_kind(value)
+    return None if kind is None else (value if kind != "float" else float(value), kind, False, 0)
+
+
+def python_scalar_kind(value) -> str | None:
+    """"NoneType", "bool", "int" or "float" for a Python (or numpy) scalar, else None."""
+    if value is None:
+        return "NoneType"
+    for kind in ("bool", "int", "float"):  # bool before int: it is one
+        if isinstance(value, _PYTHON_TYPES[kind]):
+            return kind
     return None
 
 
-# A Python scalar's type name (as _scalar records it) -> how to make it again.
+_PYTHON_TYPES = {"bool": bool, "int": int, "float": float}
+# A Python scalar's kind (as python_scalar_kind names it) -> how to make it again, and the
+# dtype that holds it exactly in a tensor.
 _PYTHON_SCALARS = {"int": int, "float": float, "bool": bool, "NoneType": lambda value: None}
+PYTHON_SCALAR_DTYPES = {"int": torch.int64, "float": torch.float64, "bool": torch.bool,
+                        "NoneType": torch.float64}
+
+
+def python_scalar(kind: str, value):
+    """The Python scalar of `kind` from `value` (a number, or a 0-d tensor holding it)."""
+    return _PYTHON_SCALARS[kind](value.item() if torch.is_tensor(value) else value)
 
 
 def _settings(group: dict) -> dict:
@@ -260,12 +290,13 @@ def _settings(group: dict) -> dict:
 
 
 def _differs(a, b) -> bool:
+    """Whether a hyperparameter changed (tensors on other devices or dtypes differ)."""
     if a is b:
         return False
-    if torch.is_tensor(a) or torch.is_tensor(b):
-        return not (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
-                    and torch.equal(a, b))
     try:
+        if torch.is_tensor(a) or torch.is_tensor(b):
+            return not (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
+                        and a.device == b.device and a.dtype == b.dtype and torch.equal(a, b))
         return bool(a != b)
     except (TypeError, ValueError, RuntimeError):
         return True
