@@ -240,6 +240,8 @@ class CountingSGD(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             group["k"] += 1
+            if group.pop("one_shot", False):  # a request it takes once, then forgets
+                group["one_shots"] = group.get("one_shots", 0) + 1
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -267,8 +269,11 @@ class PerShardNorm(_PerParameter):
     """Keeps each tensor's gradient norm, a per-tensor statistic: one per shard under ZeRO."""
 
     def update(self, p, group):
-        self.state[p]["norm"] = torch.linalg.vector_norm(p.grad)
-        p.add_(p.grad, alpha=-group["lr"])
+        state = self.state[p]
+        state["norm"] = torch.linalg.vector_norm(p.grad)
+        # A Python float that the update reads: a resume must give it back to the last bit.
+        state["decay"] = state.get("decay", 1.0) * 0.9 + 1 / 30
+        p.add_(p.grad, alpha=-group["lr"] * state["decay"])
 
 
 class Lars(torch.optim.SGD):
@@ -281,6 +286,19 @@ class Lars(torch.optim.SGD):
                 if p.grad is not None:
                     trust = p.norm() / (p.grad.norm() + 1e-9)
                     p.add_(p.grad, alpha=-group["lr"] * float(trust))
+
+
+class ScheduleFree(_PerParameter):
+    """The schedule-free protocol: train() and eval() move the weights between sequences."""
+
+    def update(self, p, group):
+        p.add_(p.grad, alpha=-group["lr"])
+
+    def train(self):
+        pass
+
+    def eval(self):
+        pass
 
 
 class NamedSGD(torch.optim.SGD):
@@ -316,6 +334,11 @@ def counting_cases(checkpoint_dir: str) -> dict:
     _train(engine, 2, first_step=2)
     out["got"] = _weights(engine)
     out["k"] = [g["k"] for g in optimizer.param_groups]
+    # A one-shot key set on the engine's group, which the optimizer's step removes: taken once.
+    optimizer.param_groups[0]["one_shot"] = True
+    _train(engine, 2, first_step=4)
+    out["one_shots"] = [g.get("one_shots", 0) for g in optimizer.param_groups]
+    out["one_shot_left"] = ["one_shot" in g for g in optimizer.param_groups]
     save = os.path.join(checkpoint_dir, "counting")
     if world_size == 2:
         model = _model()
@@ -371,6 +394,9 @@ def counting_cases(checkpoint_dir: str) -> dict:
             saved = os.path.join(checkpoint_dir, f"{name}_2")
             out[f"bound_{name}_elsewhere"] = _error(
                 lambda start=start, saved=saved: start().load_checkpoint(saved, tag="t"))
+    # A schedule-free optimizer (train() / eval() switch its weights): refused.
+    out["schedule_free"] = _error(lambda: zero_ext.initialize(
+        model=_model(), config=config, optimizer=ScheduleFree(_model().parameters())))
     # Subclasses: one with a step of its own needs the key; one without runs as SGD.
     out["lars"] = _error(lambda: zero_ext.initialize(
         model=_model(), config=_config(2), optimizer=Lars(_model().parameters(), lr=0.1)))

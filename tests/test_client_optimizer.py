@@ -138,6 +138,8 @@ def test_the_optimizers_own_group_settings_and_the_users_writes_reach_its_step(r
     counting = results(world_size)["counting"]
     _close(counting["got"], counting["reference"], "CountingSGD")
     assert counting["k"] == [4, 4]  # the engine's groups show the optimizer's counter
+    # A key its step removes leaves the engine's group too: taken once, not at every step.
+    assert counting["one_shots"] == [1, 0] and counting["one_shot_left"] == [False, False]
 
 
 def test_bf16_int_and_1d_scalar_state_resumes_at_another_world_size(results):
@@ -164,6 +166,7 @@ def test_subclasses_per_shard_statistics_and_unfrozen_parameters(results, world_
     # A subclass with a step of its own is not SGD on shards; one without is.
     assert "zero_allow_untested_optimizer" in counting["lars"] and "Lars" in counting["lars"]
     assert counting["named_sgd"] == "NamedSGD"
+    assert "ScheduleFree has train()/eval()" in counting["schedule_free"]
     # Frozen when saved, trained now: no state to give it.
     assert "['norm.bias', 'norm.weight'] were frozen when" in counting["unfrozen"]
     assert "load_optimizer_states=False" in counting["unfrozen"]
