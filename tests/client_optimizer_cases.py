@@ -6,6 +6,7 @@ another (the group of the other world size reads what this one wrote)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -305,6 +306,11 @@ class NamedSGD(torch.optim.SGD):
     """A subclass that only names SGD differently: SGD's step, exact on shards."""
 
 
+def _adamw_8bit(params):
+    import bitsandbytes as bnb
+    return bnb.optim.AdamW8bit(params, lr=0.01, min_8bit_size=16)
+
+
 def _counting_reference(world_sizes: list[int], zero_lr_after: int) -> dict:
     """CountingSGD on the whole batch; the second group's lr set to 0 by the user after
     `zero_lr_after` steps."""
@@ -368,9 +374,13 @@ def counting_cases(checkpoint_dir: str) -> dict:
     # comparison finds it) and per-block scales. Saved by each rank as it is: resumed at the
     # same world size and buckets, it trains on as the uninterrupted run; at another world
     # size, refused.
-    for name, cls, stage, bucket in (("norm3", PerShardNorm, 3, 200),
-                                     ("norm2", PerShardNorm, 2, 10**6),
-                                     ("block3", BlockScaled, 3, 200)):
+    bound = [("norm3", PerShardNorm, 3, 200), ("norm2", PerShardNorm, 2, 10**6),
+             ("block3", BlockScaled, 3, 200)]
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        # bitsandbytes' 8-bit AdamW (a QLoRA recipe's paged/8-bit optimizer): uint8 moments
+        # with per-block scales over each shard (8-bit down to 16 elements here).
+        bound.append(("bnb8", _adamw_8bit, 2, 200))
+    for name, cls, stage, bucket in bound:
         single = {**config, "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket,
                                                   "stage3_param_persistence_threshold": 0}}
 
@@ -390,6 +400,9 @@ def counting_cases(checkpoint_dir: str) -> dict:
         resumed = _weights(engine)
         out[f"bound_{name}"] = max((resumed[n] - uninterrupted[n]).abs().max().item()
                                    for n in resumed)
+        out[f"bound_{name}_dtypes"] = sorted({
+            str(v.dtype) for state in engine.optimizer.optimizer.state.values()
+            for v in state.values() if torch.is_tensor(v)})
         if world_size != 2:  # the 2-rank group's checkpoint, at this world size
             saved = os.path.join(checkpoint_dir, f"{name}_2")
             out[f"bound_{name}_elsewhere"] = _error(

@@ -157,7 +157,10 @@ def test_subclasses_per_shard_statistics_and_unfrozen_parameters(results, world_
     # State bound to the shards (one statistic per shard, found on one rank or only across
     # ranks; per-block scales): resumed at the same world size and buckets, exactly the
     # uninterrupted run; at another world size, refused, naming both fixes.
-    for name in ("norm3", "norm2", "block3"):
+    names = ["norm3", "norm2", "block3"] + (["bnb8"] if "bound_bnb8" in counting else [])
+    if "bound_bnb8" in counting:  # its moments really are 8-bit codes
+        assert "torch.uint8" in counting["bound_bnb8_dtypes"]
+    for name in names:
         assert counting[f"bound_{name}"] == 0.0, name
         if world_size != 2:
             refused = counting[f"bound_{name}_elsewhere"]
