@@ -8,10 +8,12 @@ ZeroRedundancyOptimizer and DeepSpeed, on a small GPT, all in one torchrun launc
     torchrun --nproc_per_node=2 benchmarks/bench_zero.py --layers 8 --d-model 512 --breakdown
     torchrun --nproc_per_node=2 benchmarks/bench_zero.py --impls ddp,zero_ext --bucket 1e6
     torchrun --nproc_per_node=2 benchmarks/bench_zero.py --impls ddp,zero_ext --compile inductor
+    torchrun --nproc_per_node=2 benchmarks/bench_zero.py --optimizer adagrad  # a client optimizer
 
 Every implementation trains the same model (same seed, same initial weights) on the same
-synthetic token batches (seeded per rank) with AdamW at lr 1e-4, weight decay 0.01, one after
-the other, each freed before the next:
+synthetic token batches (seeded per rank) with AdamW (--optimizer adagrad: torch's Adagrad
+everywhere, zero_ext and DeepSpeed running it on their shards) at lr 1e-4, weight decay 0.01,
+one after the other, each freed before the next:
   ddp             DistributedDataParallel (gradient_as_bucket_view) + torch.optim.AdamW, fused
                   when this torch supports it on the device, else foreach. The baseline.
   ddp+zero-redund DDP + torch.distributed.optim.ZeroRedundancyOptimizer(AdamW, same kind).
@@ -248,12 +250,26 @@ class Setup:
     bucket_numel: int
     torch_adamw: dict          # {"fused": True} or {"foreach": True}
     breakdown: bool
+    optimizer: str = "adamw"   # or "adagrad": torch's Adagrad in every row (see --optimizer)
     total_steps: int           # warm-up + timed: where the engines' own progress lines go
     compile: str | None = None  # torch.compile backend for every implementation's model
 
     def model(self) -> GPT:
         torch.manual_seed(0)  # every implementation starts from the same weights
         return GPT(self.cfg).to(self.device)
+
+    def torch_optimizer(self) -> tuple[type, dict]:
+        """The torch optimizer class and its arguments every row runs (AdamW: zero_ext's and
+        DeepSpeed's config section instead; Adagrad: passed to them as a client optimizer)."""
+        if self.optimizer == "adagrad":
+            return torch.optim.Adagrad, {"lr": LR, "weight_decay": WEIGHT_DECAY,
+                                         "foreach": True}
+        return torch.optim.AdamW, {"lr": LR, "weight_decay": WEIGHT_DECAY, **self.torch_adamw}
+
+    def client(self, model: nn.Module):
+        """zero_ext's and DeepSpeed's optimizer argument: None with AdamW (the config's)."""
+        cls, kwargs = self.torch_optimizer()
+        return None if self.optimizer == "adamw" else cls(model.parameters(), **kwargs)
 
 
 def num_params(model: nn.Module) -> int:
@@ -268,14 +284,13 @@ def build_ddp(setup: Setup, shard_optimizer: bool) -> Trainer:
     ddp = DistributedDataParallel(
         model, device_ids=[setup.device.index] if setup.device.type == "cuda" else None,
         gradient_as_bucket_view=True)
+    cls, kwargs = setup.torch_optimizer()
     if shard_optimizer:
-        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,
-                                      lr=LR, weight_decay=WEIGHT_DECAY, **setup.torch_adamw)
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
         local = opt.optim
         theory = ring_theory(psi, world, 4, {"all_reduce": 1, "broadcast": 1})
     else:
-        opt = local = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY,
-                                        **setup.torch_adamw)
+        opt = local = cls(model.parameters(), **kwargs)
         theory = ring_theory(psi, world, 4, {"all_reduce": 1})
 
     def forward_backward(tokens, targets):
@@ -293,8 +308,8 @@ def build_ddp(setup: Setup, shard_optimizer: bool) -> Trainer:
         moments = [v for s in local.state.values() for v in s.values()]
         return storage_bytes(params + [p.grad for p in params] + moments)
 
-    kind = next(iter(setup.torch_adamw))
-    note = (f"torch.optim.AdamW({kind}=True)" + (" sharded by ZeroRedundancyOptimizer"
+    kind = next(k for k in ("fused", "foreach") if kwargs.get(k))
+    note = (f"torch.optim.{cls.__name__}({kind}=True)" + (" sharded by ZeroRedundancyOptimizer"
                                                  if shard_optimizer else "")
             + ("; fp32 params, autocast bf16" if setup.bf16 else ""))
     return Trainer(forward_backward, optimizer_step, state_bytes, lambda: theory, note)
@@ -304,7 +319,8 @@ def zero_config(setup: Setup, stage: int) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": setup.micro_batch,
         "gradient_accumulation_steps": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY}},
+        **({"optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY}}}
+           if setup.optimizer == "adamw" else {}),
         "zero_optimization": {"stage": stage, "reduce_bucket_size": setup.bucket_numel,
                               "overlap_comm": True},
         # The engines' progress line: after the last step with --breakdown, else never.
@@ -319,8 +335,9 @@ def build_zero_ext(setup: Setup, stage: int) -> Trainer:
     config = zero_config(setup, stage)
     if setup.breakdown:
         config["wall_clock_breakdown"] = True  # totals over all steps, printed after the last
-    engine, _, _, _ = zero_ext.initialize(model=setup.model(), config=config,
-                                          model_parameters=None)
+    model = setup.model()
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config, model_parameters=None,
+                                          optimizer=setup.client(model))
     if setup.compile:
         engine.compile(backend=setup.compile)
 
@@ -347,8 +364,11 @@ def build_deepspeed(setup: Setup, stage: int) -> Trainer:
     before = live_storages(setup.device)
     model = setup.model()
     psi, world = num_params(model), dist.get_world_size()
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=zero_config(setup, stage))
+    client = setup.client(model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, config=zero_config(setup, stage),
+        **({"optimizer": client} if client is not None else
+           {"model_parameters": model.parameters()}))
     if setup.compile:
         engine.compile(backend=setup.compile)
 
@@ -540,6 +560,9 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="zero_ext wall_clock_breakdown: its phase totals at the last step")
     parser.add_argument("--json", help="write the rows here (rank 0)")
+    parser.add_argument("--optimizer", choices=["adamw", "adagrad"], default="adamw",
+                        help="adagrad: torch's Adagrad in every row, given to zero_ext and "
+                             "DeepSpeed as a client optimizer (stepping their fp32 shards)")
     parser.add_argument("--compile", metavar="BACKEND",
                         help="torch.compile every implementation's model with this backend")
     args = parser.parse_args()
@@ -559,7 +582,7 @@ def main() -> None:
                     heads=args.heads)
     setup = Setup(cfg=cfg, device=device, micro_batch=args.micro_batch, bf16=args.dtype == "bf16",
                   bucket_numel=int(args.bucket), torch_adamw=pick_torch_adamw(device),
-                  breakdown=args.breakdown,
+                  breakdown=args.breakdown, optimizer=args.optimizer,
                   total_steps=args.warmup + args.steps, compile=args.compile)
     gen = torch.Generator(device=device).manual_seed(1000 + rank)  # each rank its own data
     batches = []
