@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,21 @@ def client_optimizer_cases(checkpoint_dir: str) -> dict:
             out["got"][f"{name}_stage{stage}"] = _weights(engine)
         if comm.rank() == 0:
             out["reference"][name] = _reference(name, world_size)
+    # offload_optimizer with DeepSpeed's zero_force_ds_cpu_optimizer false: the optimizer steps
+    # the host shards, one bucket at a time as its gradients arrive (stage 3: behind the next
+    # forward; with offload_param too).
+    for name, stage, extra in (("sgd_nesterov", 2, {}), ("rmsprop", 3, {}),
+                               ("adam_amsgrad", 3, {"offload_param": {"device": "cpu"}})):
+        config = {**_config(stage), "zero_force_ds_cpu_optimizer": False}
+        config["zero_optimization"].update({"offload_optimizer": {"device": "cpu"}, **extra})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine, _, _ = _engine(name, config)
+            _train(engine, STEPS)
+        out["got"][f"{name}_offload{stage}"] = _weights(engine)
+        # Stepped one shard at a time: not mistaken for state bound to the shards.
+        out[f"{name}_offload{stage}_warnings"] = [str(w.message) for w in caught
+                                                  if "bucket layout only" in str(w.message)]
     # bf16: the master shards step, the model's bf16 weights are written from them.
     for stage in (1, 3):
         engine, _, _ = _engine("sgd_nesterov", _config(stage, bf16={"enabled": True}))
@@ -456,6 +472,11 @@ def _refusals(sgd_engine, checkpoint_dir: str) -> dict:
             lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
             {**_config(2), "zero_optimization": {
                 "stage": 2, "offload_optimizer": {"device": "cpu"}}})),
+        "offload_untested": _error(lambda: init(
+            lambda m: CountingSGD(m.parameters()),
+            {**_config(2), "zero_allow_untested_optimizer": True,
+             "zero_force_ds_cpu_optimizer": False, "zero_optimization": {
+                 "stage": 2, "offload_optimizer": {"device": "cpu"}}})),
         "compress_momentum": _error(lambda: init(
             lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
             {**_config(2), "zero_ext": {"compression": {"gradients": {

@@ -68,6 +68,18 @@ def test_bf16_weights_are_written_from_the_stepped_masters(results, world_size, 
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize(("name", "stage"), [("sgd_nesterov", 2), ("rmsprop", 3),
+                                             ("adam_amsgrad", 3)])
+def test_offloaded_with_zero_force_ds_cpu_optimizer_false(results, world_size, name, stage):
+    # DeepSpeed's key: false steps the optimizer on the host shards (stage 3: deferred behind
+    # the next forward; Adam with amsgrad with offload_param too).
+    out = results(world_size)
+    _close(out["got"][f"{name}_offload{stage}"], out["reference"][name],
+           f"{name}, offload_optimizer, stage {stage}, {world_size} ranks")
+    assert out[f"{name}_offload{stage}_warnings"] == []
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_clipping_accumulation_and_a_schedule_on_the_users_optimizer(results, world_size):
     out = results(world_size)
     _close(out["got"]["clip_accumulate_schedule"], out["reference"]["clip_accumulate_schedule"],
@@ -110,6 +122,9 @@ def test_what_cannot_run_or_be_saved_is_refused(results, world_size):
     assert "zero_allow_untested_optimizer" in errors["untested"]
     assert "BlockScaled" in errors["untested"]
     assert "offload_optimizer" in errors["offload"] and "SGD" in errors["offload"]
+    assert '"zero_force_ds_cpu_optimizer": false' in errors["offload"]
+    assert "once per shard" in errors["offload_untested"]
+    assert "CountingSGD" in errors["offload_untested"]
     assert "compress_momentum" in errors["compress_momentum"] and "SGD" in \
         errors["compress_momentum"]
     # With DeepSpeed's key it runs (and says what running on shards means, and at its first

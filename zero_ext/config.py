@@ -1518,6 +1518,11 @@ class ZeroConfig(_Section):
     wall_clock_breakdown: bool = False
     """Time forward, backward and step and log the breakdown."""
 
+    zero_force_ds_cpu_optimizer: bool = True
+    """With offload_optimizer, refuse an optimizer passed to ``initialize`` other than AdamW /
+    Adam (DeepSpeed's key: it asks for its own CPU Adam). False runs torch's element-wise
+    optimizers on the host shards (zero/client_optimizer.py)."""
+
     zero_allow_untested_optimizer: bool = False
     """At stages 1-3, run an optimizer passed to ``initialize`` that is neither AdamW / Adam nor
     one of torch's element-wise optimizers (which zero_ext runs exactly on shards) on flat fp32
@@ -1550,7 +1555,6 @@ class ZeroConfig(_Section):
         "timers": "",
         "log_level": "",
         "disable_python_gc": "",
-        "zero_force_ds_cpu_optimizer": "",
         "aio": "used only by NVMe offload",
         "checkpoint": "zero_ext checkpoints need no tag validation and load at any world size",
         "seq_parallel_communication_data_type": "zero_ext has no sequence parallelism",

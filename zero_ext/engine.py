@@ -835,7 +835,8 @@ def initialize(model: nn.Module | None = None, config=None,
     elif not own_rule:
         # Stages 1-3: the user's optimizer steps this rank's fp32 master shards.
         check_client_optimizer(optimizer, zero.stage, config.zero_allow_untested_optimizer,
-                               zero.offload_optimizer.enabled)
+                               zero.offload_optimizer.enabled,
+                               config.zero_force_ds_cpu_optimizer)
         groups = split_param_groups(model, [dict(g) for g in optimizer.param_groups],
                                     dict(optimizer.defaults))
         engine = ZeroEngine(model, config, groups, dict(optimizer.defaults),

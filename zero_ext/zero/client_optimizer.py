@@ -52,7 +52,8 @@ def runs_as(optimizer: torch.optim.Optimizer, classes: tuple[type, ...]) -> bool
 
 
 def check_client_optimizer(optimizer: torch.optim.Optimizer, stage: int,
-                           allow_untested: bool, offload_optimizer: bool) -> None:
+                           allow_untested: bool, offload_optimizer: bool,
+                           force_ds_cpu_optimizer: bool = True) -> None:
     """Refuses, naming the fix, a client optimizer the sharded path cannot run as asked."""
     name = type(optimizer).__name__
     for cls, why in _REFUSED.items():
@@ -66,15 +67,22 @@ def check_client_optimizer(optimizer: torch.optim.Optimizer, stage: int,
             f"cannot switch the model's sharded weights with it. Pass another optimizer")
     amsgrad = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and any(
         g.get("amsgrad") for g in optimizer.param_groups)
-    if offload_optimizer:
+    if offload_optimizer and not force_ds_cpu_optimizer and not runs_as(optimizer, ELEMENTWISE):
+        raise ValueError(
+            f"zero_ext.initialize: offload_optimizer steps each bucket's host shard as its "
+            f"gradients arrive, calling the optimizer once per shard: exact for torch's "
+            f"element-wise optimizers only, and {name} is not one of them. Train it without "
+            f"offload_optimizer, or offload with one of those")
+    if offload_optimizer and force_ds_cpu_optimizer:
         fix = ("set amsgrad=False (zero_ext's AdamW has no amsgrad)" if amsgrad else
                "use AdamW / Adam (passed or configured)")
         raise ValueError(
             f"zero_ext.initialize: offload_optimizer steps zero_ext's AdamW on the host, and "
-            f"does not run the {name}{' with amsgrad' if amsgrad else ''} given there. "
-            f"DeepSpeed refuses a client optimizer with offload too (unless "
-            f"zero_force_ds_cpu_optimizer is false, which zero_ext does not take). To offload, "
-            f"{fix}; or train without offload_optimizer")
+            f"the {name}{' with amsgrad' if amsgrad else ''} given is not it. "
+            f"DeepSpeed refuses a client optimizer with offload too while "
+            f"zero_force_ds_cpu_optimizer is true (its default). To offload, {fix}; set "
+            f"\"zero_force_ds_cpu_optimizer\": false to step the {name} on the host shards "
+            f"(torch's element-wise optimizers); or train without offload_optimizer")
     if not runs_as(optimizer, ELEMENTWISE) and not allow_untested:
         raise ValueError(
             f"zero_ext.initialize: optimizer={name} at stage {stage} would run on flat fp32 "
@@ -148,7 +156,9 @@ class ClientShards:
             shard.step += 1
             if shard.weights_16bit is not None:
                 shard.weights_16bit.copy_(shard.master)
-        if not self._stepped:  # its state exists now: said at once, not at the first save
+        if not self._stepped and all(self.state_of(s) for s in self.shards):
+            # Its state exists now (offload steps one shard at a time: once all have stepped):
+            # said at once, not at the first save.
             self._stepped = True
             _, _, bound, unsaved = self.saved_state()
             name = type(self.client).__name__
