@@ -54,7 +54,7 @@ from zero_ext.checkpoint.format import (
     shard_file_name,
     tag_problem,
 )
-from zero_ext.zero.client_optimizer import PYTHON_SCALAR_DTYPES, python_scalar_kind
+from zero_ext.zero.client_optimizer import PYTHON_SCALARS, python_scalar_kind
 
 __all__ = ["save_checkpoint"]
 
@@ -253,7 +253,7 @@ def _bound_entries(engine) -> tuple[list[TensorEntry], dict[str, str]]:
         for key, value in state.items():
             kind = "tensor" if torch.is_tensor(value) else python_scalar_kind(value)
             tensor = value if kind == "tensor" else torch.tensor(
-                0 if value is None else value, dtype=PYTHON_SCALAR_DTYPES[kind])
+                0 if value is None else value, dtype=PYTHON_SCALARS[kind][1])
             entries.append(TensorEntry(f"{index}.bound.{key}", tensor.dtype,
                                        tuple(tensor.shape), lambda t=tensor: t.detach()))
             records.setdefault(str(index), {})[key] = [

@@ -45,7 +45,7 @@ from zero_ext.checkpoint.format import (
     resolve_tag,
     shard_file_name,
 )
-from zero_ext.zero.client_optimizer import python_scalar
+from zero_ext.zero.client_optimizer import python_scalar, setting_differs
 
 __all__ = ["load_checkpoint"]
 
@@ -219,19 +219,10 @@ def _optimizer_differences(engine, meta: dict, extra: dict, path: str) -> list[s
             if saved.get("variance_frozen") and key in ("betas", "bias_correction",
                                                         "variance_frozen", "compressed_beta1"):
                 continue  # top-k's freeze_variance set them (ZeroOptimizer.freeze_variance)
-            if key in saved and key in group and _differs(saved[key], group[key]):
+            if key in saved and key in group and setting_differs(saved[key], group[key]):
                 differences.append(f"group {index} {key}: {saved[key]!r} in the checkpoint, "
                                    f"{group[key]!r} configured")
     return differences
-
-
-def _differs(a, b) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
-    if torch.is_tensor(a) or torch.is_tensor(b):  # compared on the host (a device lr)
-        a, b = torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu()
-        return a.shape != b.shape or not torch.equal(a, b.to(a.dtype))
-    return a != b
 
 
 def _scheduler_differences(engine, saved: dict) -> list[str]:
@@ -240,7 +231,7 @@ def _scheduler_differences(engine, saved: dict) -> list[str]:
     mine = engine.lr_scheduler.state_dict()
     return [f"scheduler {key}: {saved[key]!r} in the checkpoint, {mine[key]!r} configured"
             for key in sorted(set(saved) & set(mine) - _SCHEDULER_COUNTERS)
-            if _differs(saved[key], mine[key])]
+            if setting_differs(saved[key], mine[key])]
 
 
 def _read_engine_state(index: CheckpointIndex) -> dict:

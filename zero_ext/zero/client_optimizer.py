@@ -29,7 +29,8 @@ from collections import defaultdict
 
 import torch
 
-__all__ = ["ELEMENTWISE", "ClientShards", "check_client_optimizer", "runs_as"]
+__all__ = ["ELEMENTWISE", "ClientShards", "check_client_optimizer", "runs_as",
+           "setting_differs"]
 
 # torch.optim classes whose update is element by element: exact on shards.
 ELEMENTWISE = (torch.optim.SGD, torch.optim.Adagrad, torch.optim.Adadelta, torch.optim.Adamax,
@@ -128,7 +129,7 @@ class ClientShards:
         engine's parameter groups."""
         for group, inner, synced in zip(groups, self.client.param_groups, self._synced):
             for key, value in _settings(group).items():
-                if key in synced and not _differs(value, synced[key]):
+                if key in synced and not setting_differs(value, synced[key]):
                     continue
                 mine = inner.get(key)
                 if torch.is_tensor(value) and torch.is_tensor(mine):
@@ -244,8 +245,8 @@ class ClientShards:
         for shard in self.shards:
             state = dict(staged.get(shard.layout.index, {}))
             for key, (value, dtype, on_param, ndim) in scalars[shard.layout.group].items():
-                if dtype in _PYTHON_SCALARS:
-                    state[key] = python_scalar(dtype, value)
+                if dtype.startswith("python."):
+                    state[key] = python_scalar(dtype.removeprefix("python."), value)
                 else:
                     state[key] = torch.tensor(value, dtype=getattr(torch, dtype),
                                               device=shard.master.device if on_param else "cpu"
@@ -259,39 +260,36 @@ class ClientShards:
 
 
 def _scalar(value, device: torch.device) -> tuple[float, str, bool, int] | None:
-    """(value, its torch dtype's name or "int" / "float", whether a tensor on the shard's
-    `device` rather than the host, its number of dimensions) of a scalar state entry, else
-    None."""
+    """(value, its torch dtype's name or "python.<kind>" (PYTHON_SCALARS), whether a tensor
+    on the shard's `device` rather than the host, its number of dimensions) of a scalar state
+    entry, else None."""
     if torch.is_tensor(value):
         if value.numel() != 1 or value.dim() > 1:
             return None
         return (value.item(), str(value.dtype).removeprefix("torch."),
                 value.device == device and device.type != "cpu", value.dim())
-    kind = python_scalar_kind(value)
-    return None if kind is None else (value if kind != "float" else float(value), kind, False, 0)
+    kind = python_scalar_kind(value)  # named apart from a tensor's dtype ("bool")
+    return None if kind is None else (value if kind != "float" else float(value),
+                                      f"python.{kind}", False, 0)
+
+
+# A Python scalar's kind -> its type, and the dtype of the 0-d tensor that holds it exactly
+# (a checkpoint's shard-bound state). None is held as a 0.
+PYTHON_SCALARS = {"bool": (bool, torch.bool), "int": (int, torch.int64),
+                  "float": (float, torch.float64), "NoneType": (type(None), torch.float64)}
 
 
 def python_scalar_kind(value) -> str | None:
-    """"NoneType", "bool", "int" or "float" for a Python (or numpy) scalar, else None."""
-    if value is None:
-        return "NoneType"
-    for kind in ("bool", "int", "float"):  # bool before int: it is one
-        if isinstance(value, _PYTHON_TYPES[kind]):
-            return kind
-    return None
-
-
-_PYTHON_TYPES = {"bool": bool, "int": int, "float": float}
-# A Python scalar's kind (as python_scalar_kind names it) -> how to make it again, and the
-# dtype that holds it exactly in a tensor.
-_PYTHON_SCALARS = {"int": int, "float": float, "bool": bool, "NoneType": lambda value: None}
-PYTHON_SCALAR_DTYPES = {"int": torch.int64, "float": torch.float64, "bool": torch.bool,
-                        "NoneType": torch.float64}
+    """A key of PYTHON_SCALARS for a Python (or numpy) scalar, else None; bool before int (a
+    bool is an int)."""
+    return next((kind for kind, (cls, _) in PYTHON_SCALARS.items() if isinstance(value, cls)),
+                None)
 
 
 def python_scalar(kind: str, value):
     """The Python scalar of `kind` from `value` (a number, or a 0-d tensor holding it)."""
-    return _PYTHON_SCALARS[kind](value.item() if torch.is_tensor(value) else value)
+    value = value.item() if torch.is_tensor(value) else value
+    return None if kind == "NoneType" else PYTHON_SCALARS[kind][0](value)
 
 
 def _settings(group: dict) -> dict:
@@ -299,14 +297,17 @@ def _settings(group: dict) -> dict:
     return {k: v for k, v in group.items() if k != "params"}
 
 
-def _differs(a, b) -> bool:
-    """Whether a hyperparameter changed (tensors on other devices or dtypes differ)."""
+def setting_differs(a, b) -> bool:
+    """Whether two values of a hyperparameter (or of a scheduler's state) differ: tensors by
+    value wherever they live, lists and tuples element by element; incomparable ones differ."""
     if a is b:
         return False
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) != len(b) or any(setting_differs(x, y) for x, y in zip(a, b))
     try:
-        if torch.is_tensor(a) or torch.is_tensor(b):
-            return not (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape
-                        and a.device == b.device and a.dtype == b.dtype and torch.equal(a, b))
+        if torch.is_tensor(a) or torch.is_tensor(b):  # compared on the host (a device lr)
+            a, b = torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu()
+            return a.shape != b.shape or not torch.equal(a, b.to(a.dtype))
         return bool(a != b)
     except (TypeError, ValueError, RuntimeError):
         return True
