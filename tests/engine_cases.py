@@ -1289,6 +1289,27 @@ def retrain_cases(out_dir: str) -> dict:
         trainer.train(resume_from_checkpoint=resume and f"{out_dir}/{resume}")
         if resume:
             resumed_total = trainer.engine.lr_scheduler.total_num_steps
+    # A subclass's create_scheduler (halving the rate each step), without a scheduler section:
+    # with the config's AdamW and with the Trainer's own optimizer (optim="sgd").
+    class Halving(ZeroTrainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    self.optimizer, lambda step: 0.5 ** step)
+            return self.lr_scheduler
+
+    overridden = {}
+    for optim in ("adamw_torch", "sgd"):
+        rates.append([])
+        args = transformers.TrainingArguments(
+            output_dir=f"{out_dir}/halving", per_device_train_batch_size=2, max_steps=3,
+            learning_rate=1e-2, optim=optim, logging_steps=1, save_strategy="no",
+            report_to="none", use_cpu=True, disable_tqdm=True)
+        trainer = Halving(model=tiny(), args=args, train_dataset=data, callbacks=[Logged()],
+                          zero_config={"zero_optimization": {"stage": 2}})
+        trainer.train()
+        overridden[optim] = {"rates": rates[-1],
+                             "group_lr": trainer.engine.optimizer.param_groups[0]["lr"]}
     return {"rates": rates[:2], "moved": moved, "model_init": model_init, "built": len(built),
             "resumed_rates": rates[3], "uninterrupted_rates": rates[4],
-            "resumed_total": resumed_total}
+            "resumed_total": resumed_total, "overridden": overridden}

@@ -404,6 +404,16 @@ def test_a_run_resumed_with_more_steps_decays_over_them(retrained):
     assert resumed == pytest.approx(uninterrupted[3:], rel=1e-12) and resumed[-2] > 0
 
 
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_an_overridden_create_scheduler_drives_the_engine(retrained, optim):
+    # Without a scheduler section the Trainer's create_scheduler builds the schedule (a
+    # subclass's override included), as under transformers' DeepSpeed integration; the
+    # Trainer's linear schedule ran in its place before, whatever the subclass defined.
+    run = retrained["overridden"][optim]
+    assert run["rates"] == pytest.approx([1e-2 * 0.5 ** k for k in (1, 2, 3)], rel=1e-12)
+    assert run["group_lr"] == pytest.approx(1e-2 * 0.5 ** 3, rel=1e-12)
+
+
 def test_evaluating_an_init_built_model_before_training_says_what_to_do(args):
     with zero_ext.Init():
         model = _tiny_model()

@@ -24,6 +24,7 @@ docs/integrations/transformers.md.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import weakref
@@ -190,18 +191,22 @@ class _ZeroTrainerMixin:
 
     def _schedule(self, config: dict, max_steps: int):
         """optimizer -> the LR schedule: the config's (DeepSpeed's schedulers, "auto" steps
-        filled from this run), else the Trainer's own (lr_scheduler_type, warmup)."""
+        filled from this run), else the Trainer's own: its create_scheduler (lr_scheduler_type,
+        warmup; or a subclass's override), called on a copy whose lr_scheduler is None and whose
+        optimizer is the engine's, so that it builds one for the engine's optimizer whichever
+        of the two it reads (transformers' DeepSpeed integration calls it on such a copy)."""
         if config.get("scheduler") is not None:
             from zero_ext.config import ZeroConfig
             from zero_ext.lr_schedules import build_scheduler
             schedule = ZeroConfig.load(config).scheduler
             return lambda optimizer: build_scheduler(schedule, optimizer)
-        from transformers.optimization import get_scheduler
 
-        return lambda optimizer: get_scheduler(
-            self.args.lr_scheduler_type, optimizer=optimizer,
-            num_warmup_steps=self.args.get_warmup_steps(max_steps),
-            num_training_steps=max_steps, scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+        def trainers_own(optimizer):
+            trainer = copy.copy(self)
+            trainer.lr_scheduler, trainer.optimizer = None, optimizer
+            return trainer.create_scheduler(num_training_steps=max_steps, optimizer=optimizer)
+
+        return trainers_own
 
     def _create_engine(self, max_steps: int) -> None:
         model = self.model
