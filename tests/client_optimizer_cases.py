@@ -167,8 +167,14 @@ def client_optimizer_cases(checkpoint_dir: str) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             engine, _, _ = _engine(name, config)
+            # How many parameters each of the optimizer's step() calls sees in its groups.
+            inner, seen = engine.optimizer.optimizer, []
+            step = inner.step
+            inner.step = lambda: (seen.append(sum(len(g["params"])
+                                                  for g in inner.param_groups)), step())[1]
             _train(engine, STEPS)
         out["got"][f"{name}_offload{stage}"] = _weights(engine)
+        out[f"{name}_offload{stage}_seen"] = (seen, len(engine.optimizer.client.shards))
         # Stepped one shard at a time: not mistaken for state bound to the shards.
         out[f"{name}_offload{stage}_warnings"] = [str(w.message) for w in caught
                                                   if "bucket layout only" in str(w.message)]

@@ -77,6 +77,10 @@ def test_offloaded_with_zero_force_ds_cpu_optimizer_false(results, world_size, n
     _close(out["got"][f"{name}_offload{stage}"], out["reference"][name],
            f"{name}, offload_optimizer, stage {stage}, {world_size} ranks")
     assert out[f"{name}_offload{stage}_warnings"] == []
+    # One bucket's shard per call of its step(), each shard once per step: its groups hold
+    # the shards being stepped, not every shard (a call per shard visited all of them).
+    seen, shards = out[f"{name}_offload{stage}_seen"]
+    assert shards > 1 and len(seen) == cases.STEPS * shards and set(seen) == {1}, (seen, shards)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

@@ -143,9 +143,19 @@ class ClientShards:
             if inv_scale is not None:
                 grad.mul_(inv_scale.to(grad.device))
             shard.master.grad = grad
+        # Its groups hold only these shards during the step: offload steps one bucket's at a
+        # time, and a torch optimizer visits every parameter of its groups at each call.
+        everyone = [inner["params"] for inner in self.client.param_groups]
+        stepping: dict[int, list[torch.Tensor]] = defaultdict(list)
+        for shard in shards:
+            stepping[shard.layout.group].append(shard.master)
+        for index, inner in enumerate(self.client.param_groups):
+            inner["params"] = stepping.get(index, [])
         try:
             self.client.step()
         finally:
+            for inner, params in zip(self.client.param_groups, everyone):
+                inner["params"] = params
             for shard in shards:
                 shard.master.grad = None
         self._synced = [_settings(g) for g in self.client.param_groups]
