@@ -170,11 +170,17 @@ def client_optimizer_cases(checkpoint_dir: str) -> dict:
             # How many parameters each of the optimizer's step() calls sees in its groups.
             inner, seen = engine.optimizer.optimizer, []
             step = inner.step
-            inner.step = lambda: (seen.append(sum(len(g["params"])
-                                                  for g in inner.param_groups)), step())[1]
+            inner.step = lambda inner=inner, seen=seen, step=step: (seen.append(sum(
+                len(g["params"]) for g in inner.param_groups)), step())[1]
             _train(engine, STEPS)
         out["got"][f"{name}_offload{stage}"] = _weights(engine)
         out[f"{name}_offload{stage}_seen"] = (seen, len(engine.optimizer.client.shards))
+        # The host memory budgeted for its state before the first step, and what it holds.
+        plan = engine._host_memory_plan.per_rank
+        out[f"{name}_offload{stage}_state_bytes"] = (
+            {k: v for k, v in plan.items() if k.endswith("state") or k.startswith("exp_avg")},
+            engine.optimizer.client.nbytes(), sum(s.master.numel()
+                                                  for s in engine.optimizer.client.shards))
         # Stepped one shard at a time: not mistaken for state bound to the shards.
         out[f"{name}_offload{stage}_warnings"] = [str(w.message) for w in caught
                                                   if "bucket layout only" in str(w.message)]

@@ -106,7 +106,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self.frozen_layouts, self._frozen_params = layout.frozen_layouts, layout.frozen_params
         self._build_persistent()
         self._tag_parameters()
-        self._place_offload(layout)
+        self._place_offload(layout, client_optimizer)
         self._build_communication(layout)
         self._build_optimizer(param_groups, optimizer_defaults, replicated_optimizer,
                               client_optimizer, layout.unit_indices)
@@ -179,7 +179,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             for slot in layout.slots:
                 yield every[slot.param_index], layout, slot
 
-    def _place_offload(self, layout: placement.ParameterLayout) -> None:
+    def _place_offload(self, layout: placement.ParameterLayout,
+                       client_optimizer: torch.optim.Optimizer | None) -> None:
         placed = placement.place_offload(self.config.zero_optimization, layout, rank=self.rank,
                                          cuda=torch.cuda.is_available())
         self._offload_placement = placed
@@ -187,11 +188,12 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         self.pin_memory = placed.pin_memory
         if self.offload_optimizer or self.offload_param:
             # Refused here, before any host buffer exists, rather than by the OOM killer.
-            offload.check_host_memory(optimizer_placement.host_memory_plan(
+            self._host_memory_plan = optimizer_placement.host_memory_plan(
                 placed, self.layouts, layout.unit_indices, frozen_layouts=self.frozen_layouts,
-                dtype=self.model_dtype,
-                grad_dtype=self._grad_dtype(),
-                hpz_partition_size=self.config.zero_optimization.zero_hpz_partition_size))
+                dtype=self.model_dtype, grad_dtype=self._grad_dtype(),
+                hpz_partition_size=self.config.zero_optimization.zero_hpz_partition_size,
+                client=client_optimizer)
+            offload.check_host_memory(self._host_memory_plan)
 
     def _build_persistent(self) -> None:
         """The buckets kept whole (zero/persistent.py): their flat buffers, which the model's

@@ -23,14 +23,15 @@ neither tensors nor numbers is refused at save, naming it.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import torch
 
 __all__ = ["ELEMENTWISE", "ClientShards", "check_client_optimizer", "runs_as",
-           "setting_differs"]
+           "setting_differs", "state_bytes_per_element"]
 
 # torch.optim classes whose update is element by element: exact on shards.
 ELEMENTWISE = (torch.optim.SGD, torch.optim.Adagrad, torch.optim.Adadelta, torch.optim.Adamax,
@@ -267,6 +268,30 @@ class ClientShards:
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for shard in self.shards
                    for v in self.state_of(shard).values() if torch.is_tensor(v))
+
+
+_PROBE_NUMEL = 1 << 16  # past bitsandbytes' min_8bit_size, so that 8-bit state shows as such
+
+
+def state_bytes_per_element(client: torch.optim.Optimizer) -> list[float]:
+    """Host bytes per parameter element the state of each of `client`'s parameter groups will
+    take once stepped (SGD with momentum 4, Adam with amsgrad 12, ...): found by stepping a
+    copy of it, with the group's settings, once on a flat fp32 host tensor, which is what a
+    shard is; the optimizer itself, its state and its hooks are left as they were."""
+    widths = []
+    for group in client.param_groups:
+        probe_param = torch.zeros(_PROBE_NUMEL)
+        probe_param.grad = torch.full_like(probe_param, 1e-3)
+        probe = copy.copy(client)
+        probe.state = defaultdict(dict)
+        probe.param_groups = [{**group, "params": [probe_param]}]
+        probe._optimizer_step_pre_hooks = OrderedDict()
+        probe._optimizer_step_post_hooks = OrderedDict()
+        with torch.no_grad():
+            probe.step()
+        widths.append(sum(v.numel() * v.element_size() for v in probe.state[probe_param].values()
+                          if torch.is_tensor(v)) / _PROBE_NUMEL)
+    return widths
 
 
 def _scalar(value, device: torch.device) -> tuple[float, str, bool, int] | None:

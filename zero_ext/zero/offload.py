@@ -136,14 +136,16 @@ class HostMemoryPlan:
 
 def host_state_bytes(*, shard_numel: int, unit_shard_numel: int, dtype: torch.dtype,
                      grad_dtype: torch.dtype, offload_optimizer: bool,
-                     offload_param: bool, frozen_shard_numel: int = 0) -> dict[str, int]:
+                     offload_param: bool, frozen_shard_numel: int = 0,
+                     state_bytes: dict[str, int] | None = None) -> dict[str, int]:
     """Host bytes one rank's offloaded state takes, per kind, from the elements of its shards
     (`unit_shard_numel` of them in stage-3 units; `frozen_shard_numel` more, of stage 3's
     frozen parameters, which have no optimizer state): the rules the allocations follow,
     shared by the engine's budget check and the estimator.
 
     offload_param keeps unit shards on the host. offload_optimizer keeps the fp32 master (unless
-    it is an fp32 unit shard already there), both moments, a host copy of each reduced gradient
+    it is an fp32 unit shard already there), the optimizer's state (`state_bytes`, by kind;
+    None: AdamW's two fp32 moments), a host copy of each reduced gradient
     shard, and for a 16-bit model an upload buffer of the new weights (unless they are written
     straight into a host unit shard, or staged in the gradient copy, which has their dtype when
     the gradients are not accumulated in fp32)."""
@@ -154,7 +156,8 @@ def host_state_bytes(*, shard_numel: int, unit_shard_numel: int, dtype: torch.dt
     out = {"params": width * (on_host_units + (frozen_shard_numel if offload_param else 0))}
     if offload_optimizer:
         out.update(master=4 * (shard_numel - (on_host_units if fp32 else 0)),
-                   exp_avg=4 * shard_numel, exp_avg_sq=4 * shard_numel,
+                   **({"exp_avg": 4 * shard_numel, "exp_avg_sq": 4 * shard_numel}
+                      if state_bytes is None else state_bytes),
                    offload_buffers=grad_width * shard_numel + (
                        0 if fp32 or grad_dtype == dtype
                        else width * (shard_numel - on_host_units)))

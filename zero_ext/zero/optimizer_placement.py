@@ -23,6 +23,7 @@ from zero_ext import ops
 from zero_ext.config import ZeroOptimizationConfig
 from zero_ext.zero import offload
 from zero_ext.zero.buckets import GradientBuckets
+from zero_ext.zero.client_optimizer import state_bytes_per_element
 from zero_ext.zero.hpz import secondary_numel
 from zero_ext.zero.optimizer import ShardState, ZeroOptimizer
 from zero_ext.zero.params import PartitionedParameters
@@ -35,12 +36,19 @@ __all__ = ["OptimizerPlacement", "host_memory_plan"]
 def host_memory_plan(placed: OffloadPlacement, layouts: list[BucketLayout],
                      unit_indices: set[int], *, dtype: torch.dtype, grad_dtype: torch.dtype,
                      hpz_partition_size: int,
-                     frozen_layouts: list[BucketLayout] = ()) -> offload.HostMemoryPlan:
+                     frozen_layouts: list[BucketLayout] = (),
+                     client: torch.optim.Optimizer | None = None) -> offload.HostMemoryPlan:
     """What the allocations will put in host memory (the rules of offload.host_state_bytes,
-    which the estimator shares): the host-stepped buckets' optimizer state, and the unit
+    which the estimator shares): the host-stepped buckets' optimizer state (AdamW's, or the
+    user's `client` optimizer's, as wide per element as it keeps in each group), and the unit
     shards (offload_param; stage 3's frozen ones too) with hpZ's secondary copies beside
     them."""
     plan = offload.HostMemoryPlan(local_ranks=offload.local_ranks(), pinned=placed.pin_memory)
+    state_bytes = None
+    if client is not None and placed.optimizer:
+        widths = state_bytes_per_element(client)
+        state_bytes = {f"{type(client).__name__} state": round(sum(
+            layouts[i].shard_numel * widths[layouts[i].group] for i in placed.host_stepped))}
     unit_layouts = [layout for layout in layouts if layout.index in unit_indices]
     frozen_layouts = list(frozen_layouts)
     for kind, nbytes in offload.host_state_bytes(
@@ -50,7 +58,7 @@ def host_memory_plan(placed: OffloadPlacement, layouts: list[BucketLayout],
             frozen_shard_numel=sum(layout.shard_numel for layout in frozen_layouts)
             + secondary_numel(frozen_layouts, hpz_partition_size),
             dtype=dtype, grad_dtype=grad_dtype, offload_optimizer=placed.optimizer,
-            offload_param=placed.param).items():
+            offload_param=placed.param, state_bytes=state_bytes).items():
         plan.add(kind, nbytes)
     return plan
 
