@@ -213,7 +213,7 @@ def test_lost_node_continues_on_the_remaining_one(tmp_path, reference):
     ({"every_n_steps": 10}, "zero_ext.checkpoint.dir", "need the directory"),
     ({"dir": "c", "keep_last": 2}, "zero_ext.checkpoint.keep_last", "also set every_n_steps"),
     ({"dir": "c", "every_n_steps": 0}, "zero_ext.checkpoint.every_n_steps", ">= 1"),
-    ({"dir": "c", "auto_resume": "yes"}, "zero_ext.checkpoint.auto_resume", "true or false"),
+    ({"dir": "c", "auto_resume": "maybe"}, "zero_ext.checkpoint.auto_resume", "true or false"),
     ({"dir": "c", "every_n_step": 10}, "zero_ext.checkpoint.every_n_step", "every_n_steps"),
 ])
 def test_checkpoint_settings_are_validated(section, path, words):

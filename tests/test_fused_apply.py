@@ -805,7 +805,7 @@ def test_initialize_applies_the_fused_kernels_when_the_config_asks():
     ({"enable": True}, "zero_ext.fused_kernels.enable: unknown key; did you mean 'enabled'?"),
     ({"cross_entropy_loss": True}, ("zero_ext.fused_kernels.cross_entropy_loss: unknown key; "
                                     "did you mean 'cross_entropy'?")),
-    ({"enabled": "yes"}, "zero_ext.fused_kernels.enabled: expected true or false"),
+    ({"enabled": "maybe"}, "zero_ext.fused_kernels.enabled: expected true or false"),
     ({"modules": ["LlamaMLP"]}, ("zero_ext.fused_kernels.modules: expected a JSON object of "
                                  "class name -> kind")),
     ({"modules": {"LlamaMLP": "swiglu"}}, ("zero_ext.fused_kernels.modules.LlamaMLP: expected "

@@ -345,9 +345,10 @@ def test_cpu_step_threads_share_this_processes_cores_among_the_nodes_ranks(monke
     assert offload.cpu_step_threads(0.8) == 1        # never none
 
 
-@pytest.mark.parametrize("value", [0, 1.5, "half", True])
+@pytest.mark.parametrize("value", [-0.1, 1.5, "half", True])
 def test_cpuadam_cores_perc_must_be_a_share(value):
-    with pytest.raises(ValueError, match="cpuadam_cores_perc.*must be a number in \\(0, 1\\]"):
+    # DeepSpeed's bounds, [0, 1]; 0 leaves the CPU step one thread (cpu_step_threads).
+    with pytest.raises(ValueError, match="cpuadam_cores_perc: expected a number in \\[0, 1\\]"):
         zero_ext.ZeroConfig.load({"zero_optimization": {
             "stage": 2, "offload_optimizer": {"device": "cpu", "cpuadam_cores_perc": value}}})
 
@@ -367,10 +368,10 @@ def test_ratio_puts_the_first_buckets_closest_to_the_share_on_the_host(numels, r
 
 
 @pytest.mark.parametrize("zero, message", [
-    ({"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0}},
-     "offload_optimizer.ratio: expected a number in \\(0, 1\\], got 0"),
+    ({"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": -0.5}},
+     "offload_optimizer.ratio: expected a number in \\[0, 1\\], got -0.5"),
     ({"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 1.5}},
-     "offload_optimizer.ratio: expected a number in \\(0, 1\\], got 1.5"),
+     "offload_optimizer.ratio: expected a number in \\[0, 1\\], got 1.5"),
     ({"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5},
       "offload_param": {"device": "cpu"}},
      ("offload_optimizer.ratio: 0.5 keeps part of the optimizer on the device, but "

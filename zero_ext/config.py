@@ -8,13 +8,15 @@ only asks for what zero_ext implements.
 
 How keys are treated, in every section:
 
-* keys zero_ext implements are the dataclass fields; their values are type- and range-checked;
+* keys zero_ext implements are the dataclass fields; their values are type- and range-checked,
+  strings converted as DeepSpeed's pydantic models convert them ("2" is 2, "on" is true);
 * DeepSpeed keys that have no effect on the result of training (monitoring, profiling, NVMe
   tuning, ...) are accepted and ignored, and one warning names all of them;
 * DeepSpeed keys that would change training and that zero_ext does not implement are accepted
   only at their inert value (``"prescale_gradients": false``); any other value is an error
   saying what to do instead;
-* any other key is an error naming the nearest valid key;
+* any other key is an error naming the nearest valid key (a warning in the sections DeepSpeed
+  reads key by key, ignoring the rest: activation_checkpointing, data_types);
 * ``"auto"`` (a Hugging Face Trainer placeholder) is an error outside that integration.
 
 Every error is a :class:`ConfigError` (a ``ValueError``) whose message starts with the dotted
@@ -28,6 +30,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -82,7 +85,9 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------------------------
 # Value checks. Each takes the key's path (for the message) and the raw value, and returns the
-# value in its canonical Python type.
+# value in its canonical Python type. Values are converted as DeepSpeed's pydantic models
+# (pydantic v2, lax mode) convert them: "2" is 2, "128" is 128.0, "on" and 1 are true; what
+# pydantic refuses ("5e8" for an integer, 2 for a bool) is an error naming the value as given.
 # --------------------------------------------------------------------------------------------
 
 _AUTO_DETAIL = (
@@ -104,6 +109,42 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# The strings pydantic reads as a bool, in any case (no surrounding whitespace).
+_BOOL_STRINGS = {"true": True, "t": True, "yes": True, "y": True, "on": True, "1": True,
+                 "false": False, "f": False, "no": False, "n": False, "off": False, "0": False}
+
+# An integer as pydantic reads one from a string: ASCII digits with single underscores between
+# them, a sign, a fraction of zeros ("2.0"), whitespace around; not "5e8", "2.5" or "2.".
+_INT_STRING = re.compile(r"\s*[+-]?[0-9]+(?:_[0-9]+)*(?:\.0+)?\s*")
+
+
+def _bool_from(value: Any) -> Any:
+    """``value`` as the bool pydantic reads from it (true/false, 0/1, a string of
+    ``_BOOL_STRINGS``), else ``value`` unchanged."""
+    if isinstance(value, bool):
+        return value
+    if _is_number(value) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return _BOOL_STRINGS.get(value.lower(), value)
+    return value
+
+
+def _number_from(value: Any, *, integer: bool) -> Any:
+    """A numeric string as the int (``integer``) or float pydantic reads from it, else
+    ``value`` unchanged (numbers too: the checks below take them as they are)."""
+    if not isinstance(value, str) or not value.isascii():
+        return value
+    if integer and not _INT_STRING.fullmatch(value):
+        return value
+    try:
+        # float: "1e3", "2.", "inf" (refused later as not finite); int: past Python's digit
+        # limit a ValueError, refused as given
+        return int(value.strip().split(".")[0]) if integer else float(value)
+    except ValueError:
+        return value
+
+
 def _range_text(kind: str, lo, hi, lo_open: bool, hi_open: bool) -> str:
     lo, hi = (None if b is None else f"{b:g}" for b in (lo, hi))
     if lo is not None and hi is not None:
@@ -123,23 +164,36 @@ def _in_range(value, lo, hi, lo_open: bool, hi_open: bool) -> bool:
     return hi is None or (value < hi if hi_open else value <= hi)
 
 
-def _check_bool(path: str, value: Any) -> bool:
-    """``value`` if it is a real bool (JSON true/false); 0, 1 and "true" are errors."""
+def _check_bool(path: str, value: Any, *, strings: bool = True) -> bool:
+    """``value`` as a bool: JSON true/false, 0 or 1, or (``strings``) "true"/"false",
+    "yes"/"no", "on"/"off", "t"/"f", "y"/"n", "1"/"0" in any case, as pydantic reads them.
+
+    ``strings=False`` for keys DeepSpeed passes on as given, without a pydantic model
+    (optimizer.params, activation_checkpointing), where a non-empty string counts as true:
+    "false" there means true in DeepSpeed, so any string is an error here rather than a value
+    read the other way round (0 and 1 mean the same in both)."""
     _reject_auto(path, value)
-    if not isinstance(value, bool):
+    if isinstance(value, str) and not strings:
+        raise ConfigError(path, f"expected true or false, {_got(value)}: DeepSpeed reads this "
+                          "key as given, where any non-empty string counts as true; write "
+                          "JSON true or false")
+    flag = _bool_from(value)
+    if not isinstance(flag, bool):
         raise ConfigError(path, f"expected true or false, {_got(value)}")
-    return value
+    return flag
 
 
 def _check_int(path: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> int:
-    """``value`` as an int. Integral floats (``5e8`` in JSON) are accepted, ``5.5`` is not."""
+    """``value`` as an int: an int, an integral float (``5e8`` in JSON) or an integer string
+    ("500000000", "2"); ``5.5`` and "5e8" are errors, as in pydantic."""
     _reject_auto(path, value)
     expected = _range_text("an integer", lo, hi, False, False)
-    integral = _is_number(value) and (
-        isinstance(value, int) or (math.isfinite(value) and value.is_integer()))
-    if not integral or not _in_range(value, lo, hi, False, False):
+    number = _number_from(value, integer=True)
+    integral = _is_number(number) and (
+        isinstance(number, int) or (math.isfinite(number) and number.is_integer()))
+    if not integral or not _in_range(number, lo, hi, False, False):
         raise ConfigError(path, f"expected {expected}, {_got(value)}")
-    return int(value)
+    return int(number)
 
 
 def _check_number(
@@ -151,13 +205,15 @@ def _check_number(
     lo_open: bool = False,
     hi_open: bool = False,
 ) -> float:
-    """``value`` as a finite float within the given bounds (open or closed)."""
+    """``value`` as a finite float within the given bounds (open or closed): a number or a
+    numeric string ("128", "1e-4")."""
     _reject_auto(path, value)
     expected = _range_text("a number", lo, hi, lo_open, hi_open)
-    if (not _is_number(value) or not math.isfinite(value)
-            or not _in_range(value, lo, hi, lo_open, hi_open)):
+    number = _number_from(value, integer=False)
+    if (not _is_number(number) or not math.isfinite(number)
+            or not _in_range(number, lo, hi, lo_open, hi_open)):
         raise ConfigError(path, f"expected {expected}, {_got(value)}")
-    return float(value)
+    return float(number)
 
 
 def _check_choice(path: str, value: Any, spellings: Mapping[str, str]) -> str:
@@ -236,7 +292,10 @@ class _Section:
     ``_IGNORED`` (key without effect -> note for the warning, may be empty) and ``_INERT``
     (key of a feature zero_ext lacks -> :class:`_Unsupported`). ``_NO_EFFECT`` names fields
     kept for DeepSpeed's sake whose other values zero_ext does not act on (field -> note): a
-    value other than the default joins the warning about ignored keys.
+    value other than the default joins the warning about ignored keys. ``_PYDANTIC`` marks a
+    section DeepSpeed validates with a pydantic model, which reads "false" or 0 as false: so
+    are the values of its ``_INERT`` keys read. ``_UNKNOWN_IGNORED`` marks a section DeepSpeed
+    reads key by key, ignoring any other: an unknown key there is warned about, not refused.
     """
 
     _ALIASES: ClassVar[dict[str, str]] = {}
@@ -244,6 +303,8 @@ class _Section:
     _IGNORED: ClassVar[dict[str, str]] = {}
     _INERT: ClassVar[dict[str, _Unsupported]] = {}
     _NO_EFFECT: ClassVar[dict[str, str]] = {}
+    _PYDANTIC: ClassVar[bool] = False
+    _UNKNOWN_IGNORED: ClassVar[bool] = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
@@ -261,6 +322,7 @@ class _Section:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         given_as: dict[str, str] = {}
+        unknown: list[str] = []
         for key, value in data.items():
             key_path = _join(path, str(key))
             name = cls._ALIASES.get(key, key)
@@ -279,10 +341,14 @@ class _Section:
             elif key in cls._INERT:
                 _reject_auto(key_path, value)
                 is_inert, detail = cls._INERT[key]
-                if not is_inert(value):
+                if not is_inert(_bool_from(value) if cls._PYDANTIC else value):
                     raise ConfigError(key_path, detail)
+            elif cls._UNKNOWN_IGNORED:
+                unknown.append(f"{key_path} ({cls._unknown_key_detail(str(key), fields)})")
             else:
                 raise ConfigError(key_path, cls._unknown_key_detail(str(key), fields))
+        _warn_keys(unknown, headline="unknown keys, ignored as DeepSpeed ignores them in this "
+                                     "section")
         for f in dataclasses.fields(cls):
             if (f.name not in kwargs and f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING):
@@ -408,9 +474,11 @@ class AdamParams(_Section):
             _check_number(f"betas[{i}]", beta, lo=0.0, hi=1.0, hi_open=True)
             for i, beta in enumerate(betas))
         self.eps = _check_number("eps", self.eps, lo=0.0)
-        self.bias_correction = _check_bool("bias_correction", self.bias_correction)
-        self.adam_w_mode = _check_bool("adam_w_mode", self.adam_w_mode)
-        self.torch_adam = _check_bool("torch_adam", self.torch_adam)
+        # DeepSpeed hands these to the optimizer as given (a string there is true).
+        self.bias_correction = _check_bool("bias_correction", self.bias_correction,
+                                           strings=False)
+        self.adam_w_mode = _check_bool("adam_w_mode", self.adam_w_mode, strings=False)
+        self.torch_adam = _check_bool("torch_adam", self.torch_adam, strings=False)
         if self.weight_decay is None:
             self.weight_decay = 0.01 if self.torch_adam and self.adam_w_mode else 0.0
         self.weight_decay = _check_number("weight_decay", self.weight_decay, lo=0.0)
@@ -476,13 +544,15 @@ SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_max_lr": None,  # None: each parameter group's lr
         "warmup_num_steps": 1000,
         "warmup_type": "log",
+        "last_batch_iteration": -1,  # the position the schedule starts at (-1: its start)
     },
     "WarmupDecayLR": {
         "total_num_steps": _REQUIRED,
         "warmup_min_lr": 0.0,
-        "warmup_max_lr": 0.001,
+        "warmup_max_lr": 0.001,  # None (given): each parameter group's lr, as WarmupLR's
         "warmup_num_steps": 1000,
         "warmup_type": "log",
+        "last_batch_iteration": -1,
     },
     "WarmupCosineLR": {
         "total_num_steps": _REQUIRED,
@@ -490,6 +560,7 @@ SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_num_steps": 1000,
         "cos_min_ratio": 0.0001,
         "warmup_type": "log",
+        "last_batch_iteration": -1,
     },
 }
 _SCHEDULER_TYPES = {name.lower(): name for name in SCHEDULER_DEFAULTS}
@@ -533,9 +604,13 @@ def validate_scheduler_params(type_name: str, params: Mapping[str, Any], *,
             continue
         value = params[name]
         if name in ("warmup_min_lr", "warmup_max_lr"):
-            value = _check_lr_values(key_path, value, allow_none=default is None)
+            # warmup_max_lr None is each group's lr, for WarmupDecayLR too (it inherits
+            # WarmupLR's constructor in DeepSpeed)
+            value = _check_lr_values(key_path, value, allow_none=name == "warmup_max_lr")
         elif name in ("warmup_num_steps", "total_num_steps"):
             value = _check_int(key_path, value, lo=1)
+        elif name == "last_batch_iteration":
+            value = _check_int(key_path, value, lo=-1)
         elif name == "warmup_type":
             value = _check_choice(key_path, value, _WARMUP_TYPES)
             if params[name] != value:
@@ -625,16 +700,18 @@ class FP16Config(_Section):
             _is(False), "true is not supported: zero_ext keeps fp32 master weights and "
             "gradients; remove the key"),
     }
+    _PYDANTIC: ClassVar[bool] = True
 
     def __post_init__(self):
         self.enabled = _check_bool("enabled", self.enabled)
         self.loss_scale = _check_number("loss_scale", self.loss_scale, lo=0.0)
-        power = self.initial_scale_power
+        given = self.initial_scale_power
+        power = _number_from(given, integer=True)
         if not (_is_number(power) and math.isfinite(power) and float(power).is_integer()
                 and 0 <= power <= 127):
-            _reject_auto("initial_scale_power", power)
+            _reject_auto("initial_scale_power", given)
             raise ConfigError(
-                "initial_scale_power", f"expected an integer in 0..127, {_got(power)}: the "
+                "initial_scale_power", f"expected an integer in 0..127, {_got(given)}: the "
                 "initial loss scale 2**initial_scale_power multiplies the fp32 loss, whose range "
                 "ends at 2**128 (DeepSpeed's default is 16)")
         self.initial_scale_power = int(power)
@@ -698,6 +775,7 @@ class BF16Config(_Section):
             _is(False), "true is not supported: zero_ext keeps optimizer states in fp32; "
             "remove the key"),
     }
+    _PYDANTIC: ClassVar[bool] = True
 
     def __post_init__(self):
         self.enabled = _check_bool("enabled", self.enabled)
@@ -722,18 +800,20 @@ class OffloadConfig(_Section):
     nothing to pin for, and it has no effect, as in DeepSpeed."""
 
     cpuadam_cores_perc: float = 0.8
-    """offload_optimizer: the share (0 < x <= 1) of this rank's CPU cores (the process's cores
-    divided among the node's ranks) that run the CPU AdamW step. torchrun's default of one
-    OpenMP thread per process would otherwise leave the step one core."""
+    """offload_optimizer: the share (0 <= x <= 1) of this rank's CPU cores (the process's cores
+    divided among the node's ranks) that run the CPU AdamW step, never fewer than one (so 0
+    leaves it one). torchrun's default of one OpenMP thread per process would otherwise leave
+    the step one core."""
 
     ratio: float = 1.0
-    """offload_optimizer: the share (0 < x <= 1) of this rank's optimizer state kept in host
+    """offload_optimizer: the share (0 <= x <= 1) of this rank's optimizer state kept in host
     memory and stepped there; the rest stays on the device and steps there (DeepSpeed's
     ZeRO-Offload++ "Twin-Flow"). The host takes the buckets backward finishes first, whose CPU
     step has the rest of backward to hide behind, so the split falls on bucket boundaries
-    (stage-3 units, reduce_bucket_size otherwise). Lower it while device memory allows: each
-    parameter moved back costs 12 bytes of device memory (16 when gradients are accumulated
-    in fp32) and takes its step off the CPU."""
+    (stage-3 units, reduce_bucket_size otherwise; at least one bucket above 0). Lower it while
+    device memory allows: each parameter moved back costs 12 bytes of device memory (16 when
+    gradients are accumulated in fp32) and takes its step off the CPU. 0 keeps all of it on the
+    device, as DeepSpeed's 0 steps every sub-group there: the same as no optimizer offload."""
 
     _IGNORED: ClassVar[dict[str, str]] = {
         "nvme_path": "used only with device 'nvme'",
@@ -747,6 +827,7 @@ class OffloadConfig(_Section):
     _INERT: ClassVar[dict[str, _Unsupported]] = {
         "super_offload": _Unsupported(_is(False), "true is not supported; remove the key"),
     }
+    _PYDANTIC: ClassVar[bool] = True
 
     def __post_init__(self):
         self.device = _check_choice("device", self.device, _OFFLOAD_DEVICES)
@@ -754,16 +835,15 @@ class OffloadConfig(_Section):
             raise ConfigError("device", "'nvme' is not supported (zero_ext offloads to host "
                               "memory only); use \"device\": \"cpu\"")
         self.pin_memory = _check_bool("pin_memory", self.pin_memory)
-        perc = self.cpuadam_cores_perc
-        if isinstance(perc, bool) or not isinstance(perc, (int, float)) or not 0 < perc <= 1:
-            raise ConfigError("cpuadam_cores_perc", f"must be a number in (0, 1], got {perc!r}")
-        self.cpuadam_cores_perc = float(perc)
-        self.ratio = _check_number("ratio", self.ratio, lo=0, hi=1, lo_open=True)
+        self.cpuadam_cores_perc = _check_number("cpuadam_cores_perc", self.cpuadam_cores_perc,
+                                                lo=0, hi=1)
+        self.ratio = _check_number("ratio", self.ratio, lo=0, hi=1)
 
     @property
     def enabled(self) -> bool:
-        """True when something is offloaded (device "cpu")."""
-        return self.device != "none"
+        """True when something is offloaded: device "cpu", with a ratio above 0 (at ratio 0
+        offload_optimizer keeps every bucket's state on the device)."""
+        return self.device != "none" and self.ratio > 0
 
 
 # DeepSpeed's default leaf classes (its runtime/zero/leaf_module_config.py): transformers'
@@ -795,6 +875,8 @@ class LeafModuleConfig(_Section):
 
     name_suffixes: list[str] = field(default_factory=list)
     """Endings of module names (``"mlp"``, ``"block_sparse_moe"``)."""
+
+    _PYDANTIC: ClassVar[bool] = True
 
     def __post_init__(self):
         for name in ("classes", "names", "name_suffixes"):
@@ -844,7 +926,8 @@ class ZeroOptimizationConfig(_Section):
     """Keep optimizer state in host memory and step it there (stages 1-3)."""
 
     offload_param: OffloadConfig = field(default_factory=OffloadConfig)
-    """Keep parameter shards in host memory (stage 3 only)."""
+    """Keep parameter shards in host memory (stage 3; below it DeepSpeed ignores the section,
+    and zero_ext warns and keeps the parameters on the device)."""
 
     leaf_module: LeafModuleConfig = field(default_factory=LeafModuleConfig)
     """Stage 3 (DeepSpeed's section): modules gathered whole, whose parameters without a
@@ -855,7 +938,8 @@ class ZeroOptimizationConfig(_Section):
     """Stage 3: elements of parameters gathered ahead of their use."""
 
     stage3_param_persistence_threshold: int = 100_000
-    """Stage 3: parameters with fewer elements stay unpartitioned on every rank."""
+    """Stage 3: parameters of at most this many elements stay unpartitioned on every rank
+    (DeepSpeed's ``numel <= threshold``)."""
 
     stage3_max_live_parameters: int = 1_000_000_000
     """Stage 3: at most this many gathered parameter elements are kept before releasing."""
@@ -973,6 +1057,7 @@ class ZeroOptimizationConfig(_Section):
             "false (zero_quantized_weights quantizes every stage-3 gather)"),
         "zenflow": _Unsupported(_is(None), "ZenFlow is not supported; remove the key"),
     }
+    _PYDANTIC: ClassVar[bool] = True
     # DeepSpeed's deprecated offload switches, read as the offload sections.
     _LEGACY_OFFLOAD: ClassVar[dict[str, str]] = {
         "cpu_offload": "offload_optimizer",
@@ -989,10 +1074,12 @@ class ZeroOptimizationConfig(_Section):
     @classmethod
     def _rewrite_legacy_offload(cls, data: Mapping[str, Any], path: str,
                                 notes: list[str]) -> dict[str, Any]:
+        """The legacy switches as DeepSpeed reads them: true is the section with its defaults
+        (device "cpu", pin_memory true); cpu_offload_use_pin_memory is checked and ignored
+        (its field's set_new_param is false: it sets nothing)."""
         data = dict(data)  # never modify the caller's dict
         pin_path = _join(path, "cpu_offload_use_pin_memory")
         pin = _optional(_check_bool, pin_path, data.pop("cpu_offload_use_pin_memory", None))
-        used_pin = False
         for legacy, section in cls._LEGACY_OFFLOAD.items():
             if legacy not in data:
                 continue
@@ -1003,15 +1090,16 @@ class ZeroOptimizationConfig(_Section):
                 raise ConfigError(legacy_path, f"given together with {section}; {legacy} is "
                                   f"DeepSpeed's deprecated spelling of {section}, keep only "
                                   f"{section}")
-            data[section] = {"device": "cpu", "pin_memory": bool(pin)}
-            used_pin = True
+            data[section] = {"device": "cpu"}
             # Applied, so not among the ignored keys' notes: a warning of its own.
-            read_as = json.dumps({"device": "cpu", "pin_memory": bool(pin)})
+            read_as = json.dumps({"device": "cpu", "pin_memory": True})
             _warn_keys([f"{legacy_path} is read as {section}: {read_as}"],
                        headline="DeepSpeed's deprecated offload switch, applied; write the "
                                 "section instead")
-        if pin is not None and not used_pin:
-            notes.append(f"{pin_path} (applies only with cpu_offload or cpu_offload_param)")
+        if pin is not None:
+            notes.append(f"{pin_path} (DeepSpeed sets nothing with it: the legacy switches "
+                         "pin host memory, the sections' default; set pin_memory in "
+                         "offload_optimizer / offload_param)")
         return data
 
     def __post_init__(self):
@@ -1056,16 +1144,19 @@ class ZeroOptimizationConfig(_Section):
                                       optional=True) or OffloadConfig()
         self.leaf_module = _section("leaf_module", self.leaf_module, LeafModuleConfig,
                                     optional=True) or LeafModuleConfig()
-        if self.offload_param.enabled and self.stage != 3:
-            raise ConfigError("offload_param.device", f"parameter offload needs stage 3, the "
-                              f"stage is {self.stage}; set \"stage\": 3 or remove offload_param")
-        if self.offload_optimizer.enabled and self.stage == 0:
-            raise ConfigError("offload_optimizer.device", "optimizer offload needs stage 1, 2 "
-                              "or 3, the stage is 0; set a stage or remove offload_optimizer")
         if self.offload_param.ratio != 1.0:
             raise ConfigError("offload_param.ratio", "ratio splits the optimizer state between "
                               "host and device; it belongs under offload_optimizer")
-        if self.offload_optimizer.ratio != 1.0 and self.offload_param.enabled:
+        if self.offload_param.enabled and self.stage != 3:
+            # DeepSpeed's stage 1-2 optimizers never read it.
+            _warn_keys([(f"zero_optimization.offload_param (DeepSpeed reads it only at stage "
+                         f"3, the stage is {self.stage}; the parameters stay on the device)")])
+            self.offload_param = OffloadConfig()
+        if self.offload_optimizer.enabled and self.stage == 0:
+            raise ConfigError("offload_optimizer.device", "optimizer offload needs stage 1, 2 "
+                              "or 3, the stage is 0; set a stage or remove offload_optimizer")
+        if (self.offload_optimizer.enabled and self.offload_optimizer.ratio != 1.0
+                and self.offload_param.enabled):
             raise ConfigError(
                 "offload_optimizer.ratio", f"{self.offload_optimizer.ratio:g} keeps part of the "
                 "optimizer on the device, but offload_param keeps the weights it would update "
@@ -1100,8 +1191,10 @@ class ActivationCheckpointingConfig(_Section):
 
     number_checkpoints: int | None = None
     """How many blocks ``zero_ext.checkpointing.apply`` checkpoints, counted from the first
-    (>= 1; unset: every block). DeepSpeed sizes its contiguous buffer with it, where it is
-    usually the number of layers: the same result here."""
+    (>= 1; unset: every block). A meaning of zero_ext's: DeepSpeed reads it only to size the
+    contiguous buffers of ``contiguous_memory_optimization``, where it is usually the number of
+    layers (then every block here too); a smaller value checkpoints fewer blocks here
+    (docs/deepspeed-compat.md)."""
 
     synchronize_checkpoint_boundary: bool = False
     """Synchronize the device at each checkpoint boundary (for debugging and timing)."""
@@ -1110,11 +1203,14 @@ class ActivationCheckpointingConfig(_Section):
     """Time the forward and backward of each checkpointed segment
     (``zero_ext.checkpointing.profile_report()``)."""
 
+    _UNKNOWN_IGNORED: ClassVar[bool] = True
+
     def __post_init__(self):
         for name in ("partition_activations", "cpu_checkpointing",
                      "contiguous_memory_optimization", "synchronize_checkpoint_boundary",
                      "profile"):
-            setattr(self, name, _check_bool(name, getattr(self, name)))
+            # DeepSpeed reads these as given (a string there is true).
+            setattr(self, name, _check_bool(name, getattr(self, name), strings=False))
         self.number_checkpoints = _optional(_check_int, "number_checkpoints",
                                             self.number_checkpoints, lo=1)
 
@@ -1148,6 +1244,8 @@ class DataTypesConfig(_Section):
     in ``_keep_in_fp32_modules_strict`` (and ``_keep_in_fp32_modules`` under fp16), e.g. MoE
     routing biases; or a list of name patterns (``*`` any characters, matched anywhere in a
     buffer's dotted name); ``[]`` none. Parameters always train in the training dtype."""
+
+    _UNKNOWN_IGNORED: ClassVar[bool] = True
 
     def __post_init__(self):
         self.grad_accum_dtype = _optional(_check_choice, "grad_accum_dtype",
@@ -1478,16 +1576,27 @@ class ZeroConfig(_Section):
     gradient_accumulation_steps: int | None = None
     """Micro-batches per optimizer step on each rank (>= 1), or None to derive it."""
 
+    sequence_parallel_size: int | None = None
+    """DeepSpeed's Ulysses sequence parallelism: N ranks share each sequence, and the
+    data-parallel size is the world size / N. zero_ext has none, so only 1 (or unset)."""
+
+    data_parallel_size: int | None = None
+    """DeepSpeed reads it only together with ``sequence_parallel_size``, as the data-parallel
+    side of the (data, sequence) device mesh, which must then cover every rank: here, where
+    every rank is data-parallel, it must be the world size (checked by :meth:`resolve_batch`).
+    Alone it has no effect in DeepSpeed, and is warned about here."""
+
     gradient_clipping: float = 1.0
-    """Clip the global gradient norm to this value before each step; 0 turns clipping off. The
-    default, 1.0, is DeepSpeed's (``GRADIENT_CLIPPING_DEFAULT``): a config without the key
-    clips."""
+    """Clip the global gradient norm to this value before each step; 0 or below (DeepSpeed's
+    -1 too) turns clipping off, as DeepSpeed clips only above 0. The default, 1.0, is
+    DeepSpeed's (``GRADIENT_CLIPPING_DEFAULT``): a config without the key clips."""
 
     fp16: FP16Config = field(default_factory=FP16Config)
     """fp16 mixed precision and loss scaling."""
 
     bf16: BF16Config = field(default_factory=BF16Config)
-    """bf16 mixed precision (key ``bf16`` or DeepSpeed's older ``bfloat16``)."""
+    """bf16 mixed precision (key ``bf16`` or DeepSpeed's older ``bfloat16``, read when ``bf16``
+    is absent or null, as DeepSpeed does; null alone is bf16 off)."""
 
     optimizer: OptimizerConfig | None = None
     """The optimizer to build. None: the engine uses AdamW with ``AdamParams``' defaults, unless
@@ -1630,14 +1739,36 @@ class ZeroConfig(_Section):
             _never, "eigenvalue-based MoQ is not supported; remove the section"),
     }
 
+    @classmethod
+    def _parse(cls, data: Any, path: str, notes: list[str]):
+        # DeepSpeed reads "bfloat16" only where "bf16" is absent or null (get_bfloat16_config).
+        if isinstance(data, Mapping) and "bf16" in data and "bfloat16" in data:
+            data = dict(data)  # never modify the caller's dict
+            if data["bf16"] is None:
+                del data["bf16"]
+            else:
+                del data["bfloat16"]
+                notes.append("bfloat16 (DeepSpeed reads bf16 when both are given)")
+        return super()._parse(data, path, notes)
+
     def __post_init__(self):
         for name in ("train_batch_size", "train_micro_batch_size_per_gpu",
-                     "gradient_accumulation_steps"):
+                     "gradient_accumulation_steps", "sequence_parallel_size",
+                     "data_parallel_size"):
             setattr(self, name, _optional(_check_int, name, getattr(self, name), lo=1))
-        self.gradient_clipping = _check_number("gradient_clipping", self.gradient_clipping,
-                                              lo=0.0)
+        if self.sequence_parallel_size is not None and self.sequence_parallel_size > 1:
+            raise ConfigError(
+                "sequence_parallel_size", f"{self.sequence_parallel_size} splits each sequence "
+                f"over {self.sequence_parallel_size} ranks (DeepSpeed-Ulysses), which zero_ext "
+                "does not have: every rank is data-parallel here. Remove the key or set it to 1")
+        if self.data_parallel_size is not None and self.sequence_parallel_size is None:
+            _warn_keys([(f"data_parallel_size = {self.data_parallel_size} (DeepSpeed reads it "
+                         "only together with sequence_parallel_size; the data-parallel size is "
+                         "the world size)")])
+        self.gradient_clipping = _check_number("gradient_clipping", self.gradient_clipping)
         self.fp16 = _section("fp16", self.fp16, FP16Config)
-        self.bf16 = _section("bf16", self.bf16, BF16Config)
+        # null is bf16 off, as DeepSpeed reads it (fp16 null fails there, and here)
+        self.bf16 = _section("bf16", self.bf16, BF16Config, optional=True) or BF16Config()
         self.optimizer = _section("optimizer", self.optimizer, OptimizerConfig, optional=True)
         self.scheduler = _section("scheduler", self.scheduler, SchedulerConfig, optional=True)
         if isinstance(self.zero_optimization, bool):
@@ -1703,6 +1834,13 @@ class ZeroConfig(_Section):
         accumulation are 1. Accumulation alone is an error (it fixes no batch size).
         """
         world_size = _check_int("world_size", world_size, lo=1)
+        if (self.data_parallel_size is not None and self.sequence_parallel_size is not None
+                and self.data_parallel_size != world_size):
+            raise ConfigError(
+                "data_parallel_size", f"{self.data_parallel_size} with sequence_parallel_size "
+                f"{self.sequence_parallel_size}, but the world size is {world_size}: the "
+                "data-parallel size is the world size (DeepSpeed's data x sequence mesh must "
+                f"cover every rank too); set it to {world_size} or remove it")
         tbs = self.train_batch_size
         micro = self.train_micro_batch_size_per_gpu
         gas = self.gradient_accumulation_steps

@@ -32,8 +32,8 @@ Two ways to count:
 
 What is counted (the moment each number describes):
   params      the model-dtype flat buffers between steps: whole at stages 0-2; at stage 3 the
-              units' shards plus the parameters kept whole (tied, outside any unit, below
-              stage3_param_persistence_threshold)
+              units' shards plus the parameters kept whole (tied, outside any unit, of at
+              most stage3_param_persistence_threshold elements)
   grads       the most gradient storage held: stage 0 the whole all-reduced buckets; stage 1
               whole .grad between accumulation boundaries (accumulation > 1; the padded fp32
               buckets with data_types.grad_accum_dtype fp32), otherwise its shard; stages 2-3
@@ -142,6 +142,11 @@ def estimate(model: nn.Module | int, *, stage: int, world_size: int,
     `param_groups` are the model_parameters given to initialize (groups split buckets).
     `largest_unit` (elements) gives stage 3's largest gather unit for a bare count.
     """
+    if offload_param and stage != 3:
+        # A config's offload_param below stage 3 is ignored (with a warning), as DeepSpeed
+        # does; asked for here, it is a question about stage 3.
+        raise ValueError(f"offload_param=True: parameter offload needs stage 3, the stage is "
+                         f"{stage}; ask for stage=3 or leave offload_param off")
     config = _with_options({}, dtype=dtype, accumulation=gradient_accumulation_steps,
                            offload_optimizer=offload_optimizer, offload_param=offload_param,
                            offload_ratio=offload_ratio, stage=stage, **zero_optimization)
@@ -721,9 +726,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--offload-param", action="store_true",
                         help="stage-3 parameter shards in host memory too")
     parser.add_argument("--offload-ratio", type=float, default=None, metavar="R",
-                        help="offload_optimizer.ratio: only this share (0 < R <= 1) of the "
+                        help="offload_optimizer.ratio: only this share (0 <= R <= 1) of the "
                              "optimizer state on the host, the rest on the device (implies "
-                             "--offload-optimizer)")
+                             "--offload-optimizer; 0 keeps it all on the device)")
     parser.add_argument("--largest-unit", type=_arg(parse_count), metavar="COUNT",
                         help="with --params: elements of the largest stage-3 gather unit (e.g. "
                              "one decoder layer, or the embedding); --hf-config finds it")
@@ -797,15 +802,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(f"--config {args.config}: {error}" if args.config else str(error))
     offload_optimizer, offload_param = probe.offload_optimizer.enabled, probe.offload_param.enabled
+    # A config's offload_param is ignored below stage 3, as the engine does (with a warning);
+    # --offload-param asks about stage 3 only.
     possible = [s for s in range(4) if (s >= 1 or not offload_optimizer)
-                and (s == 3 or not offload_param)]
+                and (s == 3 or not args.offload_param)]
     stages = args.stages
     if stages is None:
         stages = [base["zero_optimization"]["stage"]] if "stage" in base["zero_optimization"] \
             else possible
     if set(stages) - set(possible):
         parser.error(f"stage {','.join(map(str, sorted(set(stages) - set(possible))))}: "
-                     + ("parameter offload needs stage 3" if offload_param else
+                     + ("parameter offload needs stage 3" if args.offload_param else
                         "optimizer offload needs stage 1, 2 or 3")
                      + f"; ask for --stages {','.join(map(str, possible))} or turn the offload "
                        "off")
@@ -822,7 +829,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratio = probe.offload_optimizer.ratio
     options += [f"optimizer offload{f' (ratio {ratio:g})' if ratio < 1 else ''}"] \
         if offload_optimizer else []
-    options += ["parameter offload"] if offload_param else []
+    if offload_param and 3 in stages:  # a config's offload_param is ignored below stage 3
+        options.append("parameter offload" if stages == [3] else "parameter offload (stage 3)")
     accumulations = sorted({e.gradient_accumulation_steps for e in estimates})
     if accumulations != [1]:
         options.append(f"accumulation {','.join(map(str, accumulations))}")

@@ -7,10 +7,10 @@ buffer is allocated.
 - `lay_out`: the flat buckets. Below stage 3 every parameter lives whole in a persistent bucket
   that the model's tensors view; at stage 3 the parameters of each gather unit get buckets of
   their own (partitioned by params.py), listed first in backward order, and the rest (shared
-  by two units, on the root, or below stage3_param_persistence_threshold) stay persistent.
-  Frozen parameters (requires_grad=False) of a unit are partitioned too, as DeepSpeed does
-  (a LoRA fine-tune's base model is most of its memory), in buckets of their own numbered
-  after every trainable one: they have no gradients and no optimizer state.
+  by two units, on the root, or of at most stage3_param_persistence_threshold elements) stay
+  persistent. Frozen parameters (requires_grad=False) of a unit are partitioned too, as
+  DeepSpeed does (a LoRA fine-tune's base model is most of its memory), in buckets of their
+  own numbered after every trainable one: they have no gradients and no optimizer state.
 - `place_offload`: which buckets' optimizer state steps on the host (offload_optimizer and its
   ratio), whether unit shards live there (offload_param), and whether host buffers are
   page-locked.
@@ -169,10 +169,10 @@ def _plan_units(model: nn.Module, params: list[nn.Parameter], frozen: list[nn.Pa
                 world_size: int):
     """Stage 3: (unit module, its bucket layouts) for each gather unit, and the trainable
     parameters that stay whole: shared by two units, directly on the root or outside any
-    unit, or below stage3_param_persistence_threshold. `frozen` parameters follow the same
-    rule, in buckets of group FROZEN after each unit's trainable ones (temporary indices:
-    lay_out renumbers them after every trainable bucket), their slots indexing `params +
-    frozen`."""
+    unit, or of at most stage3_param_persistence_threshold elements (DeepSpeed's
+    `ds_numel <= threshold`). `frozen` parameters follow the same rule, in buckets of group
+    FROZEN after each unit's trainable ones (temporary indices: lay_out renumbers them after
+    every trainable bucket), their slots indexing `params + frozen`."""
     threshold = zero.stage3_param_persistence_threshold
     owner: dict[nn.Parameter, list[nn.Module]] = {}
     mark_configured_leaves(model, zero.leaf_module)
@@ -188,7 +188,7 @@ def _plan_units(model: nn.Module, params: list[nn.Parameter], frozen: list[nn.Pa
         units = owner.get(p, [])
         innermost = [u for u in units if not any(
             v is not u and any(m is v for m in u.modules()) for v in units)]
-        if len(innermost) != 1 or p.numel() < threshold:
+        if len(innermost) != 1 or p.numel() <= threshold:
             if id(p) in trainable:
                 persistent.append(p)
         else:
@@ -262,11 +262,11 @@ def place_offload(zero: ZeroOptimizationConfig, layout: ParameterLayout, *, rank
     """The offload decisions for `layout` (warnings and the ratio's line on rank 0)."""
     optimizer = zero.offload_optimizer.enabled
     # Only stage-3 unit shards move to the host; with no units (every parameter kept whole,
-    # e.g. all below stage3_param_persistence_threshold) there is nothing to offload.
+    # e.g. none above stage3_param_persistence_threshold) there is nothing to offload.
     param = zero.offload_param.enabled and bool(layout.unit_plan)
     if zero.offload_param.enabled and not layout.unit_plan and rank == 0:
         warnings.warn("zero_ext: offload_param has nothing to offload: no parameter is "
-                      "partitioned (each is below stage3_param_persistence_threshold or "
+                      "partitioned (each is within stage3_param_persistence_threshold or "
                       "kept whole); lower the threshold to partition and offload them",
                       stacklevel=5)
     pin = cuda and ((zero.offload_optimizer.pin_memory and optimizer)
