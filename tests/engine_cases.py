@@ -1265,6 +1265,17 @@ def retrain_cases(out_dir: str) -> dict:
         before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         trainer.train()
     moved = any(not torch.equal(v, trainer.model.state_dict()[k]) for k, v in before.items())
+    # The config's cosine schedule reads its base rate from the groups when built: the second
+    # train() builds it again from the rate the first started from, not the one it ended at.
+    cosine = []
+    trainer = ZeroTrainer(model=tiny(), args=args, train_dataset=data, callbacks=[Logged()],
+                          zero_config={"zero_optimization": {"stage": 2}, "scheduler": {
+                              "type": "WarmupCosineLR", "params": {
+                                  "total_num_steps": "auto", "warmup_num_steps": 1}}})
+    for _ in range(2):
+        rates.append([])
+        trainer.train()
+        cosine.append(rates.pop())
     built = []
     trainer = ZeroTrainer(model_init=lambda: built.append(tiny()) or built[-1], args=args,
                           train_dataset=data, zero_config={})
@@ -1312,4 +1323,4 @@ def retrain_cases(out_dir: str) -> dict:
                              "group_lr": trainer.engine.optimizer.param_groups[0]["lr"]}
     return {"rates": rates[:2], "moved": moved, "model_init": model_init, "built": len(built),
             "resumed_rates": rates[3], "uninterrupted_rates": rates[4],
-            "resumed_total": resumed_total, "overridden": overridden}
+            "resumed_total": resumed_total, "overridden": overridden, "cosine": cosine}

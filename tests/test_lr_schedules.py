@@ -210,12 +210,14 @@ def test_a_resumed_schedule_keeps_its_own_length(cls):
     short = make(optimizer, 10)
     lr_sequence(short, optimizer, steps=6)
     resumed_optimizer = make_optimizer("adamw")
+    resumed = make(resumed_optimizer, 16)  # built before the load, as the engine builds it
     resumed_optimizer.load_state_dict(optimizer.state_dict())
-    resumed = make(resumed_optimizer, 16)
-    # zero_ext checkpoints written before held the settings too; both load the position only
-    for saved in (short.state_dict(), {**short.__dict__, "optimizer": None}):
+    # zero_ext checkpoints written before held the settings too, or torch's counters; all load
+    # the position only
+    for saved in (short.state_dict(), {**short.__dict__, "optimizer": None},
+                  {"last_epoch": 6, "_step_count": 7}):
         resumed.load_state_dict({k: v for k, v in saved.items() if k != "optimizer"})
-        assert resumed.total_num_steps == 16 and resumed.last_epoch == 6
+        assert resumed.total_num_steps == 16 and resumed.last_batch_iteration == 5
     uninterrupted_optimizer = make_optimizer("adamw")
     uninterrupted = make(uninterrupted_optimizer, 16)
     full = lr_sequence(uninterrupted, uninterrupted_optimizer, steps=16)
@@ -243,7 +245,7 @@ def test_build_scheduler_from_config():
 def test_signature_defaults_match_the_config(cls):
     signature = inspect.signature(cls.__init__)
     accepted = {name: p.default for name, p in signature.parameters.items()
-                if name not in ("self", "optimizer", "last_epoch")}
+                if name not in ("self", "optimizer")}
     defaults = SCHEDULER_DEFAULTS[cls.__name__]
     assert list(accepted) == list(defaults)
     required = [name for name, default in accepted.items() if default is inspect.Parameter.empty]
@@ -280,3 +282,85 @@ def test_errors(make, message):
 def test_not_an_optimizer():
     with pytest.raises(TypeError, match="WarmupLR: expected a torch.optim.Optimizer"):
         WarmupLR(object())
+
+
+# -- DeepSpeed's own classes as the reference for stepping, state and construction ------------
+def _deepspeed_pair(cls, lr=0.1, **params):
+    """(zero_ext's scheduler, its optimizer), (DeepSpeed's, its optimizer) over SGD at `lr`."""
+    from deepspeed.runtime import lr_schedules as ds
+
+    pairs = []
+    for make in (cls, getattr(ds, cls.__name__)):
+        optimizer = make_optimizer("sgd", lrs=(lr,))
+        pairs.append((make(optimizer, **params), optimizer))
+    return pairs
+
+
+_PARAMS = {WarmupLR: {"warmup_max_lr": 0.1, "warmup_num_steps": 10},
+           WarmupDecayLR: {"total_num_steps": 20, "warmup_num_steps": 4},
+           WarmupCosineLR: {"total_num_steps": 20, "warmup_num_steps": 4}}
+
+
+@pytest.mark.parametrize("cls", [WarmupLR, WarmupDecayLR, WarmupCosineLR])
+def test_step_to_a_position_and_state_dicts_are_deepspeeds(cls):
+    # step(i) and step(last_batch_iteration=i) move to position i, as DeepSpeed's step does
+    # (torch's step(epoch) semantics put it one behind); the state dict is DeepSpeed's
+    # {"last_batch_iteration": i}, which each side loads from the other.
+    (ours, our_optimizer), (theirs, their_optimizer) = _deepspeed_pair(cls, **_PARAMS[cls])
+    for position in (None, 5, None, None, 2, 17, None):
+        kwargs = {} if position is None else {"last_batch_iteration": position}
+        ours.step(**kwargs) if position is None or position % 2 else ours.step(position)
+        theirs.step(**kwargs)
+        assert our_optimizer.param_groups[0]["lr"] == pytest.approx(
+            their_optimizer.param_groups[0]["lr"], rel=1e-12, abs=1e-15), position
+        assert ours.get_last_lr() == pytest.approx(theirs.get_last_lr(), rel=1e-12)
+        assert ours.state_dict() == theirs.state_dict()
+    (fresh, _), (other, _) = _deepspeed_pair(cls, **_PARAMS[cls])
+    other.load_state_dict(ours.state_dict())
+    fresh.load_state_dict(theirs.state_dict())
+    assert fresh.last_batch_iteration == other.last_batch_iteration == 18
+    ours.last_batch_iteration = 3  # DeepSpeed's attribute, writable
+    theirs.last_batch_iteration = 3
+    ours.step(), theirs.step()
+    assert our_optimizer.param_groups[0]["lr"] == pytest.approx(
+        their_optimizer.param_groups[0]["lr"], rel=1e-12)
+
+
+@pytest.mark.parametrize("cls", [WarmupLR, WarmupDecayLR, WarmupCosineLR])
+def test_built_at_a_position_leaves_the_groups_and_steps_on_from_it(cls):
+    # DeepSpeed's constructor argument: the groups keep their learning rate, the next step()
+    # goes to the position after it.
+    (ours, our_optimizer), (theirs, their_optimizer) = _deepspeed_pair(
+        cls, last_batch_iteration=6, **_PARAMS[cls])
+    assert our_optimizer.param_groups[0]["lr"] == their_optimizer.param_groups[0]["lr"] == 0.1
+    for _ in range(3):
+        ours.step(), theirs.step()
+        assert our_optimizer.param_groups[0]["lr"] == pytest.approx(
+            their_optimizer.param_groups[0]["lr"], rel=1e-12)
+    assert ours.last_batch_iteration == 9
+    with pytest.raises(ConfigError, match="last_batch_iteration: expected an integer >= -1"):
+        cls(make_optimizer(), last_batch_iteration=-2, **_PARAMS[cls])
+
+
+@pytest.mark.parametrize("cls,params", [
+    (WarmupLR, {"warmup_num_steps": 4}),
+    (WarmupDecayLR, {"total_num_steps": 20, "warmup_num_steps": 4, "warmup_max_lr": None}),
+    (WarmupCosineLR, {"total_num_steps": 20, "warmup_num_steps": 4})])
+def test_base_rates_are_the_groups_lr_when_built(cls, params):
+    # DeepSpeed reads each group's lr when the scheduler is built; torch's initial_lr, left at
+    # 0.1 by an earlier StepLR that took the lr to 0.01, made the peak 10x too high.
+    from deepspeed.runtime import lr_schedules as ds
+
+    rates = []
+    for make in (cls, getattr(ds, cls.__name__)):
+        optimizer = make_optimizer("sgd", lrs=(0.1,))
+        earlier = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)
+        optimizer.step()
+        earlier.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+        scheduler = make(optimizer, **params)
+        rates.append([])
+        for _ in range(8):
+            scheduler.step()
+            rates[-1].append(optimizer.param_groups[0]["lr"])
+    assert rates[0] == pytest.approx(rates[1], rel=1e-12) and max(rates[0]) <= 0.01 + 1e-12

@@ -392,6 +392,8 @@ def test_a_second_train_restarts_the_schedule_and_model_init_gets_its_own_engine
     first, second = result["rates"]
     assert second == first and first[0] > 0, result
     assert result["moved"] and result["model_init"] == [True, True] and result["built"] == 3
+    first, second = result["cosine"]  # a config schedule reading its base rate when built
+    assert second == pytest.approx(first, rel=1e-12) and max(first) > 0, result["cosine"]
 
 
 def test_a_run_resumed_with_more_steps_decays_over_them(retrained):

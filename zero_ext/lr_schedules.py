@@ -7,15 +7,22 @@ They subclass ``torch.optim.lr_scheduler.LRScheduler``, so ``step()``, ``get_las
 scheduler. Parameter names and defaults are DeepSpeed's (0.19); parameter checks are shared
 with the config (:func:`zero_ext.config.validate_scheduler_params`).
 
-Step counting, and parity with DeepSpeed. DeepSpeed's schedulers count
-``last_batch_iteration``: -1 when built, +1 per ``step()``. torch's ``last_epoch`` is 0 once
-the scheduler is built (the constructor takes one step), so here::
+Step counting, and parity with DeepSpeed. As DeepSpeed's, these schedulers count
+``last_batch_iteration``: -1 when built, +1 per ``step()``; ``step(i)`` (DeepSpeed's
+``step(last_batch_iteration=i)``, which ``engine.step(lr_kwargs=...)`` passes on) moves to
+position ``i``; ``state_dict()`` is ``{"last_batch_iteration": i}``; the constructor's
+``last_batch_iteration`` builds one at a position, leaving the groups' learning rates as they
+are. torch's ``last_epoch`` is 0 once the scheduler is built (the constructor takes one step),
+so here::
 
     i = last_batch_iteration = last_epoch - 1 = (number of step() calls after construction) - 1
 
 and the learning rate after ``k`` calls of ``step()`` is DeepSpeed's formula at ``i = k - 1``,
 which reproduces DeepSpeed's sequence exactly, including its first value (``i = -1``: the
-minimum learning rate for WarmupLR / WarmupDecayLR, 0 for WarmupCosineLR). With
+minimum learning rate for WarmupLR / WarmupDecayLR, 0 for WarmupCosineLR). The base learning
+rates (WarmupLR's ``warmup_max_lr`` None, WarmupCosineLR's ratios) are the groups' ``lr`` when
+the scheduler is built, as DeepSpeed reads them, whatever ``initial_lr`` an earlier torch
+scheduler left there. With
 ``W = max(2, warmup_num_steps)`` (DeepSpeed's clamp) the warmup fraction for ``0 <= i < W`` is::
 
     g(i) = log(i + 1) / log(W)      (warmup_type "log")
@@ -63,39 +70,65 @@ def _per_group(owner: str, name: str, optimizer: torch.optim.Optimizer,
 
 class _DeepSpeedSchedule(LRScheduler):
     """What the three schedules share: closed-form learning rates indexed by DeepSpeed's
-    ``last_batch_iteration``, and loading of DeepSpeed's scheduler state dicts."""
+    ``last_batch_iteration``, DeepSpeed's step(), state dicts and constructor position."""
+
+    def _start(self, optimizer: torch.optim.Optimizer, last_batch_iteration: int) -> None:
+        """torch's set-up, with the groups' current learning rates as the base ones, then the
+        position: -1 writes the first learning rates into the groups, another leaves them."""
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["initial_lr"] = lr.clone() if torch.is_tensor(lr) else lr
+        LRScheduler.__init__(self, optimizer)
+        if last_batch_iteration != -1:
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+            self.last_epoch = last_batch_iteration + 1
+            self._last_lr = self.get_lr()
 
     def get_lr(self) -> list[float]:
         return self._lrs_at(self.last_epoch - 1)
 
-    # step(epoch) (deprecated in torch) jumps to a position; the formulas are closed-form.
-    _get_closed_form_lr = get_lr
-
     def _lrs_at(self, iteration: int) -> list[float]:
         raise NotImplementedError
+
+    def step(self, last_batch_iteration: int | None = None) -> None:
+        """DeepSpeed's: the next position, or `last_batch_iteration` when given; the groups'
+        learning rates become the schedule's there."""
+        self._step_count += 1
+        self.last_epoch = (self.last_epoch + 1 if last_batch_iteration is None
+                           else int(last_batch_iteration) + 1)
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
     @property
     def last_batch_iteration(self) -> int:
         """DeepSpeed's step counter: ``last_epoch - 1`` (-1 right after construction)."""
         return self.last_epoch - 1
 
+    @last_batch_iteration.setter
+    def last_batch_iteration(self, value: int) -> None:
+        self.last_epoch = int(value) + 1
+
     # As DeepSpeed's schedules, a state dict is the position in the schedule only: the
     # settings (total_num_steps, warmup, learning rates) are the config's, so a run resumed with
     # another length (a Trainer's new max_steps) follows it instead of the checkpoint's.
     def state_dict(self) -> dict[str, Any]:
-        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+        return {"last_batch_iteration": self.last_batch_iteration}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume at the position of a state dict of this class (older ones, which also hold
-        the settings, too) or of DeepSpeed's ``{"last_batch_iteration": i}`` (a DeepSpeed
-        checkpoint), at the learning rates of that position in this schedule."""
-        if "last_epoch" in state_dict:
-            last_epoch = int(state_dict["last_epoch"])
+        """Resume at the position of DeepSpeed's ``{"last_batch_iteration": i}`` (this class's
+        and a DeepSpeed checkpoint's) or of an earlier zero_ext's ``{"last_epoch": ...}``;
+        ``get_last_lr()`` then gives that position's learning rates in this schedule (the
+        engine writes them into the groups: zero_ext/checkpoint/loading.py)."""
+        if "last_batch_iteration" in state_dict:
+            self.last_batch_iteration = int(state_dict["last_batch_iteration"])
         else:
-            last_epoch = int(state_dict["last_batch_iteration"]) + 1
-        super().load_state_dict({"last_epoch": last_epoch,
-                                 "_step_count": int(state_dict.get("_step_count",
-                                                                   last_epoch + 1))})
+            self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = self.last_epoch + 1
         self._last_lr = self.get_lr()
 
 
@@ -116,7 +149,8 @@ class WarmupLR(_DeepSpeedSchedule):
             as in DeepSpeed 0.19) for each group's learning rate when the scheduler was built.
         warmup_num_steps: length of the warmup in steps (>= 1; below 2 acts as 2).
         warmup_type: "log" or "linear".
-        last_epoch: torch's resume argument; leave -1 and use ``load_state_dict`` instead.
+        last_batch_iteration: DeepSpeed's: the position to start at (-1: the start, the first
+            learning rates written into the groups; another leaves them as they are).
     """
 
     _KIND = "WarmupLR"
@@ -128,14 +162,16 @@ class WarmupLR(_DeepSpeedSchedule):
         warmup_max_lr: float | list[float] | None = None,
         warmup_num_steps: int = 1000,
         warmup_type: str = "log",
-        last_epoch: int = -1,
+        last_batch_iteration: int = -1,
     ):
-        self._configure_warmup(optimizer, {
+        self._start(optimizer, self._configure_warmup(optimizer, {
             "warmup_min_lr": warmup_min_lr, "warmup_max_lr": warmup_max_lr,
-            "warmup_num_steps": warmup_num_steps, "warmup_type": warmup_type})
-        super().__init__(optimizer, last_epoch)
+            "warmup_num_steps": warmup_num_steps, "warmup_type": warmup_type,
+            "last_batch_iteration": last_batch_iteration}))
 
-    def _configure_warmup(self, optimizer: torch.optim.Optimizer, params: dict) -> None:
+    def _configure_warmup(self, optimizer: torch.optim.Optimizer, params: dict) -> int:
+        """The warmup's settings from `params` (checked as the config checks them); returns
+        the position to start at."""
         _check_optimizer(self._KIND, optimizer)
         params = validate_scheduler_params(self._KIND, params, path=self._KIND)
         self.min_lrs = _per_group(self._KIND, "warmup_min_lr", optimizer,
@@ -147,6 +183,7 @@ class WarmupLR(_DeepSpeedSchedule):
         self.warmup_num_steps = max(2, params["warmup_num_steps"])
         self.warmup_type = params["warmup_type"]
         self.total_num_steps = params.get("total_num_steps")
+        return params["last_batch_iteration"]
 
     def _lrs_at(self, iteration: int) -> list[float]:
         if iteration < 0:
@@ -173,7 +210,8 @@ class WarmupDecayLR(WarmupLR):
 
     Args:
         total_num_steps: the step at which the decay ends (>= warmup_num_steps).
-        warmup_max_lr: as for WarmupLR, but the default is 0.001, as in DeepSpeed.
+        warmup_max_lr: as for WarmupLR (None: each group's lr), but the default is 0.001, as
+            in DeepSpeed.
         The others as for :class:`WarmupLR`.
     """
 
@@ -184,16 +222,15 @@ class WarmupDecayLR(WarmupLR):
         optimizer: torch.optim.Optimizer,
         total_num_steps: int,
         warmup_min_lr: float | list[float] = 0.0,
-        warmup_max_lr: float | list[float] = 0.001,
+        warmup_max_lr: float | list[float] | None = 0.001,
         warmup_num_steps: int = 1000,
         warmup_type: str = "log",
-        last_epoch: int = -1,
+        last_batch_iteration: int = -1,
     ):
-        self._configure_warmup(optimizer, {
+        self._start(optimizer, self._configure_warmup(optimizer, {
             "total_num_steps": total_num_steps, "warmup_min_lr": warmup_min_lr,
             "warmup_max_lr": warmup_max_lr, "warmup_num_steps": warmup_num_steps,
-            "warmup_type": warmup_type})
-        _DeepSpeedSchedule.__init__(self, optimizer, last_epoch)
+            "warmup_type": warmup_type, "last_batch_iteration": last_batch_iteration}))
 
     def _gamma(self, iteration: int) -> float:
         if iteration < self.warmup_num_steps:
@@ -221,7 +258,7 @@ class WarmupCosineLR(_DeepSpeedSchedule):
         warmup_num_steps: length of the warmup in steps (>= 1; below 2 acts as 2).
         cos_min_ratio: ratio at the end of the decay, in [0, 1].
         warmup_type: "log" or "linear".
-        last_epoch: torch's resume argument; leave -1 and use ``load_state_dict`` instead.
+        last_batch_iteration: as for :class:`WarmupLR`.
     """
 
     _KIND = "WarmupCosineLR"
@@ -234,19 +271,20 @@ class WarmupCosineLR(_DeepSpeedSchedule):
         warmup_num_steps: int = 1000,
         cos_min_ratio: float = 0.0001,
         warmup_type: str = "log",
-        last_epoch: int = -1,
+        last_batch_iteration: int = -1,
     ):
         _check_optimizer(self._KIND, optimizer)
         params = validate_scheduler_params(self._KIND, {
             "total_num_steps": total_num_steps, "warmup_min_ratio": warmup_min_ratio,
             "warmup_num_steps": warmup_num_steps, "cos_min_ratio": cos_min_ratio,
-            "warmup_type": warmup_type}, path=self._KIND)
+            "warmup_type": warmup_type, "last_batch_iteration": last_batch_iteration},
+            path=self._KIND)
         self.total_num_steps = params["total_num_steps"]
         self.warmup_min_ratio = params["warmup_min_ratio"]
         self.warmup_num_steps = max(2, params["warmup_num_steps"])
         self.cos_min_ratio = params["cos_min_ratio"]
         self.warmup_type = params["warmup_type"]
-        super().__init__(optimizer, last_epoch)
+        self._start(optimizer, params["last_batch_iteration"])
 
     def get_lr_ratio(self) -> float:
         """``ratio(i)`` at the current step (DeepSpeed's method of the same name)."""

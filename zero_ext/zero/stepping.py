@@ -13,12 +13,28 @@ These are functions of the engine, as zero/reporting.py's are: the engine holds 
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
 import torch
 
-__all__ = ["boundary_step", "freeze_variance"]
+__all__ = ["boundary_step", "check_lr_kwargs", "freeze_variance"]
+
+
+def check_lr_kwargs(scheduler, lr_kwargs: dict | None) -> None:
+    """engine.step(lr_kwargs=...): refused before anything steps when the LR scheduler's step()
+    does not take them (found after the optimizer step, the update would be applied and not
+    counted, and a retry would apply it twice)."""
+    if not lr_kwargs or scheduler is None:
+        return
+    try:
+        inspect.signature(scheduler.step).bind(**lr_kwargs)
+    except TypeError as error:
+        raise TypeError(
+            f"zero_ext: engine.step(lr_kwargs={lr_kwargs!r}): {type(scheduler).__name__}.step() "
+            f"does not take them ({error}); nothing was stepped. Pass the arguments its step() "
+            f"takes (zero_ext's schedules take last_batch_iteration, as DeepSpeed's)") from None
 
 
 @torch.no_grad()
