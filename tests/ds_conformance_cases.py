@@ -60,6 +60,7 @@ def case(test_id: str, world_size: int = 2, **bound):
 def load_all_cases() -> None:
     """Imports the case modules, which register their cases (world size 0: no process group,
     run in the calling process)."""
+    import ds_conformance_cases_api  # noqa: F401
     import ds_conformance_cases_context  # noqa: F401
     import ds_conformance_cases_fragment  # noqa: F401
     import ds_conformance_cases_no_sync  # noqa: F401

@@ -16,6 +16,7 @@ import json
 import os
 import warnings
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -47,6 +48,7 @@ from ds_conformance_cases import (
     collectively,
     ds_adam,
     expect_zero_ext_error,
+    loss_of,
     rank,
     reference_copy,
     train_engine,
@@ -565,6 +567,45 @@ def accessors(tmp):
     assert scheduler.increments == [11, 15], scheduler.increments
 
 
+@case(ZERO + "zero_ext::lr_kwargs_position_and_a_refused_keyword")
+def lr_kwargs_position(tmp):
+    """DeepSpeed's engine.step(lr_kwargs={"last_batch_iteration": i}) moves its schedule to
+    position i (its step(last_batch_iteration=None)); a keyword the schedule's step() does not
+    take is refused before anything steps (it raised after the update, which a retry applied
+    twice). Reference: DeepSpeed's WarmupLR over an optimizer at the same lr."""
+    from deepspeed.runtime.lr_schedules import WarmupLR as DeepSpeedWarmupLR
+
+    params = {"warmup_min_lr": 0.0, "warmup_max_lr": 0.1, "warmup_num_steps": 10,
+              "warmup_type": "linear"}
+    engine = build_engine({"train_micro_batch_size_per_gpu": 2,
+                           "optimizer": {"type": "AdamW", "params": {"lr": 0.1}},
+                           "scheduler": {"type": "WarmupLR", "params": params},
+                           "zero_optimization": {"stage": 2}}, 7)
+    reference = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    deepspeed_schedule = DeepSpeedWarmupLR(reference, **params)
+    rates = []
+    for step, position in enumerate((5, None, 2)):
+        engine.backward(loss_of(engine(*batch(step, 0, rank()))))
+        engine.step(lr_kwargs=None if position is None else {"last_batch_iteration": position})
+        deepspeed_schedule.step(position)
+        rates.append((engine.get_lr()[0], reference.param_groups[0]["lr"]))
+    for got, want in rates:
+        assert got == want, rates
+    assert [want for _, want in rates] == pytest.approx([0.05, 0.06, 0.02], rel=1e-12), rates
+    assert engine.lr_scheduler.state_dict() == deepspeed_schedule.state_dict()
+    before = {n: p.detach().clone() for n, p in engine.named_parameters()}
+    counters = (engine.global_steps, engine.micro_steps)
+    engine.backward(loss_of(engine(*batch(3, 0, rank()))))
+    expect_zero_ext_error(lambda: engine.step(lr_kwargs={"position": 3}),
+                          "lr_kwargs={'position': 3}", "WarmupLR.step() does not take them",
+                          "nothing was stepped")
+    assert (engine.global_steps, engine.micro_steps) == counters
+    for name, value in engine.named_parameters():
+        assert torch.equal(value, before[name]), name
+    engine.step()  # the same window, stepped now
+    assert engine.global_steps == counters[0] + 1
+
+
 class IncrementLR(torch.optim.lr_scheduler.LambdaLR):
     """A schedule whose step takes a keyword, as Megatron-DeepSpeed's AnnealingLR
     (`engine.step(lr_kwargs={"increment": ...})`)."""
@@ -748,6 +789,47 @@ def deepscale_config(tmp):
     assert args.local_rank == rank(), args.local_rank  # one node: LOCAL_RANK == RANK
     got, want = _trained(engine), _trained(_with_args(config=_args_config()))
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+@case(CONFIG + "zero_ext::deepspeeds_positional_order_backward_value_and_dataloader")
+def positional_order(tmp):
+    """deepspeed.initialize(args, model=..., model_parameters=...), DeepSpeed's examples' form
+    (its first parameter is args), and initialize(args, model, optimizer, model_parameters,
+    training_data) positionally train as the keyword call; a model passed first is refused,
+    naming model=. backward() returns the loss / gradient_accumulation_steps (DeepSpeed's
+    return value, which its scripts log); engine.training_dataloader is the loader
+    initialize returns (None without training_data)."""
+    path = _write_config(tmp, _args_config())
+    args = zero_ext.add_config_arguments(argparse.ArgumentParser()).parse_args(
+        ["--deepspeed_config", path])
+    want = _trained(_with_args(config=_args_config()))
+    torch.manual_seed(5)
+    model = SimpleModel()
+    engine = zero_ext.initialize(args, model=model, model_parameters=list(model.parameters()))[0]
+    got = _trained(engine)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert engine.training_dataloader is None
+    torch.manual_seed(5)
+    model = SimpleModel()
+    data = [batch(0, m, 0) for m in range(4)]
+    engine, _, loader, _ = zero_ext.initialize(None, model, None, list(model.parameters()),
+                                               data, config=_args_config())
+    assert engine.training_dataloader is loader and loader is not None
+    got = _trained(engine)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    collectively(lambda: expect_zero_ext_error(
+        lambda: zero_ext.initialize(SimpleModel(), config=_args_config()),
+        "first positional argument is DeepSpeed's `args`", "model="))
+    engine = zero_ext.initialize(model=SimpleModel(),
+                                 config={**_args_config(), "gradient_accumulation_steps": 2})[0]
+    x, y = batch(9, 0, rank(), dtype=torch.bfloat16)
+    loss = loss_of(engine(x, y))
+    returned = engine.backward(loss)
+    assert returned is not None and torch.equal(returned, loss.detach() / 2), (returned, loss)
+    engine.step()
+    assert torch.equal(engine.backward(loss_of(engine(x, y)), scale_wrt_gas=False),
+                       loss.detach())
+    engine.step()
 
 
 @case(CONFIG + "TestDistInit::test")

@@ -379,10 +379,11 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                 self.set_gradient_accumulation_boundary(None)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False,
-                 scale_wrt_gas: bool = True) -> None:
+                 scale_wrt_gas: bool = True) -> torch.Tensor:
         """Backpropagates `loss` / gradient_accumulation_steps (`loss` itself with
         scale_wrt_gas False; times the fp16 loss scale) and reduces gradients as buckets fill.
-        DeepSpeed's signature."""
+        DeepSpeed's signature and return value: that loss before the loss scale (detached),
+        which DeepSpeed scripts log."""
         if not isinstance(loss, torch.Tensor):
             raise TypeError(
                 f"zero_ext: engine.backward expects the loss tensor, got "
@@ -423,14 +424,17 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                     self.grad_buckets.end_backward()
                 if self.partitioned is not None:
                     self.partitioned.end_backward(retain_graph=bool(retain_graph))
+        returned = self._last_loss / self.batch.gradient_accumulation_steps if scale_wrt_gas \
+            else self._last_loss
         if self._no_sync:
-            return
+            return returned
         self._backwards_since_step += 1
         if self.stage == 0 and reduces:
             # Stage 0's step has no collective of its own (the buckets were all-reduced whole),
             # and one added there would pair with a backward's all-reduce on a rank that
             # skipped step(): the agreement rides on every boundary backward instead.
             self._agreement.agree(self.global_steps, self._backwards_since_step)
+        return returned
 
     def step(self, lr_kwargs: dict | None = None) -> None:
         """At an accumulation boundary: global norm, overflow check, clip, AdamW, all-gather,
@@ -440,6 +444,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         DeepSpeed's engine does)."""
         self._check_alive()
         self._offloaded_states.check("engine.step()")
+        stepping.check_lr_kwargs(self.lr_scheduler, lr_kwargs)
         if self._no_sync:
             raise RuntimeError(
                 "zero_ext: engine.step() inside engine.no_sync(): the gradients there are not "
@@ -797,17 +802,22 @@ def _apply_fused_kernels(model: nn.Module, settings) -> None:
 
 
 @outside_init  # called inside a zero_ext.Init block, the engine is built outside it
-def initialize(model: nn.Module | None = None, config=None,
-               model_parameters: Iterable | None = None, optimizer=None, lr_scheduler=None,
-               training_data=None, collate_fn: Callable | None = None, *, args=None,
-               config_params=None, dist_init_required: bool | None = None, mpu=None,
-               distributed_port: int | None = None, mesh_param=None):
+def initialize(args=None, model: nn.Module | None = None, optimizer=None,
+               model_parameters: Iterable | None = None, training_data=None,
+               lr_scheduler=None, distributed_port: int | None = None, mpu=None,
+               dist_init_required: bool | None = None, collate_fn: Callable | None = None,
+               config=None, mesh_param=None, config_params=None):
     """Wraps `model` for ZeRO data-parallel training. Returns
     (engine, optimizer, dataloader, lr_scheduler); dataloader is None without training_data.
-    DeepSpeed's keywords too: the config may come as config_params or in args
-    (--deepspeed_config, zero_ext/arguments.py); dist_init_required False expects a process
-    group already; distributed_port changes nothing (torchrun's variables place the group);
-    mpu and mesh_param (model parallelism) are refused."""
+    DeepSpeed's arguments, in DeepSpeed's order (`initialize(args, model=...)` as in its
+    examples): the config may come as config, config_params or in args (--deepspeed_config,
+    zero_ext/arguments.py); dist_init_required False expects a process group already;
+    distributed_port changes nothing (torchrun's variables place the group); mpu and
+    mesh_param (model parallelism) are refused."""
+    if isinstance(args, nn.Module):
+        raise TypeError("zero_ext.initialize: the first positional argument is DeepSpeed's "
+                        "`args` (the parsed command line), and a model was given there; pass "
+                        "the model as model=")
     if not isinstance(model, nn.Module):
         raise TypeError(f"zero_ext.initialize: model must be a torch.nn.Module, got "
                         f"{type(model).__name__}; pass the model to train as model=")
@@ -876,5 +886,6 @@ def initialize(model: nn.Module | None = None, config=None,
         dataloader = torch.utils.data.DataLoader(
             training_data, batch_sampler=ElasticSampler(training_data, engine),
             collate_fn=collate_fn)
+    engine.training_dataloader = dataloader  # DeepSpeed's attribute (len(), its sampler)
     elastic.auto_resume(engine)
     return engine, engine.optimizer, dataloader, scheduler

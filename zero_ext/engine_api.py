@@ -1,14 +1,22 @@
 """The DeepSpeed engine's methods beside training, by its names, for scripts written against
 it: the accessors (`engine.train_batch_size()`, `engine.gradient_accumulation_steps()`,
-`engine.was_step_applied()` and the like, each reading the engine's own state), `no_sync()`
-and `zero_grad()`, the lifecycle calls `destroy()` and `empty_partition_cache()`, and
-`offload_states()` / `reload_states()` (zero/offload_states.py). ZeroEngine inherits them."""
+`engine.was_step_applied()` and the like, each reading the engine's own state), the config
+readers (`engine.zero_optimization_partition_weights()`, `engine.loss_scale()`, ...: the
+resolved ZeroConfig, answering as DeepSpeed's engine does for the same config), the state
+dicts and 16-bit saves accelerate and transformers call (`module_state_dict()`,
+`_zero3_consolidated_16bit_state_dict()`, `save_fp16_model()`), `no_sync()` and
+`zero_grad()`, the lifecycle calls `destroy()` and `empty_partition_cache()`, and
+`offload_states()` / `reload_states()` (zero/offload_states.py). ZeroEngine inherits them.
+DeepSpeed's `get_wall_clock_timers()` is not here: zero_ext's phase timers (zero/reporting.py)
+have other names and units and restart at each report line."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
+
+import torch
 
 from zero_ext.zero.offload_states import move_back, move_to_host
 
@@ -20,8 +28,9 @@ def _positive_int(value) -> bool:
 
 
 class DeepSpeedEngineAPI:
-    """Mixed into ZeroEngine (which sets `batch`, `config`, `stage`, `rank`, `global_steps`,
-    `_step_applied`, `grad_buckets` and `partitioned`)."""
+    """Mixed into ZeroEngine (which sets `batch`, `config`, `stage`, `rank`, `world_size`,
+    `comm_dtype`, `optimizer`, `replicated_optimizer`, `global_steps`, `_step_applied`,
+    `grad_buckets` and `partitioned`)."""
 
     def train_batch_size(self) -> int:
         """Samples per optimizer step over all ranks."""
@@ -41,6 +50,110 @@ class DeepSpeedEngineAPI:
     def gradient_clipping(self) -> float:
         """The global-norm clipping threshold (0: off)."""
         return self.config.gradient_clipping
+
+    def get_batch_info(self) -> tuple[int, int, int]:
+        """DeepSpeed's: (train_batch_size, train_micro_batch_size_per_gpu,
+        gradient_accumulation_steps)."""
+        return (self.train_batch_size(), self.train_micro_batch_size_per_gpu(),
+                self.gradient_accumulation_steps())
+
+    @property
+    def dp_world_size(self) -> int:
+        """Ranks in the data-parallel group: all of them (zero_ext has no model parallelism)."""
+        return self.world_size
+
+    @property
+    def mp_world_size(self) -> int:
+        """Model-parallel ranks: 1 (zero_ext refuses DeepSpeed's `mpu`)."""
+        return 1
+
+    # -- the config, as DeepSpeed's engine reads it ------------------------------------------
+    def zero_optimization(self) -> bool:
+        """Whether ZeRO is on: stage 1 or above."""
+        return self.zero_optimization_stage() > 0
+
+    def zero_optimization_partition_gradients(self) -> bool:
+        """Stage 2 or above."""
+        return self.zero_optimization_stage() >= 2
+
+    def zero_optimization_partition_weights(self) -> bool:
+        """Stage 3."""
+        return self.zero_optimization_stage() >= 3
+
+    def zero_offload_optimizer(self):
+        """The offload_optimizer section (its `device`, `pin_memory`, `ratio`, ...), or None
+        when nothing is offloaded (DeepSpeed's: None without the section)."""
+        section = self.config.zero_optimization.offload_optimizer
+        return section if section.enabled else None
+
+    def zero_offload_param(self):
+        """The offload_param section, or None when parameters are not offloaded."""
+        section = self.config.zero_optimization.offload_param
+        return section if section.enabled else None
+
+    def zero_cpu_offload(self) -> bool:
+        """Whether the optimizer state is offloaded to host memory."""
+        return self.zero_offload_optimizer() is not None
+
+    def zero_gather_16bit_weights_on_model_save(self) -> bool:
+        """zero_optimization.stage3_gather_16bit_weights_on_model_save (accelerate reads it
+        before _zero3_consolidated_16bit_state_dict()). zero_ext's save_16bit_model writes the
+        model at stage 3 either way."""
+        return self.config.zero_optimization.stage3_gather_16bit_weights_on_model_save
+
+    def loss_scale(self) -> float:
+        """DeepSpeed's: the config's fp16.loss_scale (0: dynamic), whether fp16 is on or not;
+        the scale in use is `engine.optimizer.loss_scale`."""
+        return self.config.fp16.loss_scale
+
+    def dynamic_loss_scale(self) -> bool:
+        """DeepSpeed's: fp16.loss_scale is 0, whether fp16 is on or not."""
+        return self.loss_scale() == 0
+
+    def steps_per_print(self) -> int | None:
+        return self.config.steps_per_print
+
+    def wall_clock_breakdown(self) -> bool:
+        return self.config.wall_clock_breakdown
+
+    def optimizer_name(self) -> str:
+        """DeepSpeed's: the class name of the optimizer given to initialize, else the config's
+        optimizer type in lower case ("adamw" without an optimizer section: zero_ext's
+        default, where DeepSpeed builds none). A torch AdamW / Adam given to initialize becomes
+        zero_ext's sharded AdamW and is not kept, so it reads as the config's."""
+        from zero_ext.config import OptimizerConfig
+
+        if self.client_optimizer is not None:
+            return type(self.client_optimizer).__name__
+        return (self.config.optimizer or OptimizerConfig()).type.lower()
+
+    def scheduler_name(self) -> str | None:
+        """The config's scheduler type (None without a scheduler section)."""
+        return self.config.scheduler.type if self.config.scheduler is not None else None
+
+    @property
+    def communication_data_type(self) -> torch.dtype:
+        """The dtype gradients are reduced in: communication_data_type, else the training
+        dtype."""
+        return self.comm_dtype
+
+    @property
+    def client_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer given to initialize (a callable's result) where it runs as it is: at
+        stage 0, or on the fp32 master shards (DeepSpeed's ZeRO wraps it alike). None without
+        one, and for a torch AdamW / Adam, whose groups and hyperparameters zero_ext's sharded
+        AdamW takes over (DeepSpeed keeps the instance)."""
+        if self.replicated_optimizer is not None:
+            return self.replicated_optimizer
+        return getattr(self.optimizer, "optimizer", None)
+
+    @property
+    def basic_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer that updates the weights: the client optimizer, else zero_ext's AdamW
+        (DeepSpeed's: the client's, or the one it built from the config, which its ZeRO
+        optimizer wraps; zero_ext's AdamW is its own ZeRO optimizer, engine.optimizer)."""
+        client = self.client_optimizer
+        return client if client is not None else self.optimizer
 
     @property
     def global_rank(self) -> int:
@@ -128,6 +241,49 @@ class DeepSpeedEngineAPI:
         name = type(getattr(self.optimizer, "optimizer", None) or self.optimizer).__name__
         key = "momentum" if name in ("SGD", "RMSprop") else "betas"
         return [group.get(key, 0.0) for group in self.optimizer.param_groups]
+
+    # -- state dicts and 16-bit saves ----------------------------------------------------------
+    def module_state_dict(self, destination=None, prefix: str = "", keep_vars: bool = False,
+                          exclude_frozen_parameters: bool = False) -> dict:
+        """DeepSpeed's: the model's own state_dict (engine.module.state_dict(): its live
+        tensors, not copies; not a collective), frozen parameters left out with
+        exclude_frozen_parameters (as save_16bit_model's). At stage 3 DeepSpeed's holds empty
+        placeholders for the partitioned parameters unless they are gathered; here, outside
+        zero_ext.GatheredParameters, reading one is an error instead (keep_vars=True gives the
+        Parameters themselves, as DeepSpeed's). The full weights at stage 3, collectively:
+        full_state_dict() (every rank) or _zero3_consolidated_16bit_state_dict() (rank 0)."""
+        state = self.module.state_dict(destination=destination, prefix=prefix,
+                                       keep_vars=keep_vars)
+        return self._without_frozen(state, prefix) if exclude_frozen_parameters else state
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False):
+        """DeepSpeed's, which accelerate's get_state_dict and transformers' Trainer call at
+        stage 3. Collective: the full state dict in the model's dtype, CPU tensors (tied
+        weights one tensor), on rank 0 (full_state_dict(only_rank=0)); None on the other
+        ranks. Below stage 3 a ValueError, as DeepSpeed's."""
+        if not self.zero_optimization_partition_weights():
+            raise ValueError(
+                f"zero_ext: _zero3_consolidated_16bit_state_dict() needs ZeRO stage 3 (DeepSpeed's "
+                f"raises too); at stage {self.stage} every rank holds the whole model: use "
+                "engine.module_state_dict() or engine.full_state_dict()")
+        state = self.full_state_dict(only_rank=0)
+        if self.rank != 0:
+            return None
+        return self._without_frozen(state) if exclude_frozen_parameters else state
+
+    def save_fp16_model(self, save_dir: str, save_filename: str = "model.safetensors",
+                        exclude_frozen_parameters: bool = False) -> str:
+        """DeepSpeed's deprecated name of save_16bit_model (same arguments, same file)."""
+        return self.save_16bit_model(save_dir, save_filename, exclude_frozen_parameters)
+
+    def _without_frozen(self, state: dict, prefix: str = "") -> dict:
+        """`state` without the keys of parameters that do not train, the ones
+        save_checkpoint's and save_16bit_model's exclude_frozen_parameters leave out."""
+        from zero_ext.checkpoint.engine_state import _frozen_keys
+
+        for key in _frozen_keys(self):
+            state.pop(prefix + key, None)
+        return state
 
     @contextlib.contextmanager
     def no_sync(self):

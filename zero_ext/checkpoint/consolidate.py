@@ -1,11 +1,13 @@
-"""Full model weights as one safetensors file: from a sharded checkpoint, or from a live engine.
+"""Full model weights as one file: from a sharded checkpoint, or from a live engine.
 
 `zero_ext.consolidate(checkpoint_dir, output_path, dtype=None)` (also `python -m
 zero_ext.consolidate`) reads a checkpoint written by engine.save_checkpoint at any world size
 and stage, on any machine, without torch.distributed or a GPU. It streams: the output header
 is computed from the metadata, then each tensor is assembled from the shards that hold it,
 written and dropped, so memory holds one tensor at a time. `engine.save_16bit_model` is
-`save_engine_model`, which streams the same way from a live engine.
+`save_engine_model`, which streams the same way from a live engine; given a file name that does
+not end in .safetensors (DeepSpeed's default `pytorch_model.bin`) it writes a torch.save file
+there instead, as DeepSpeed's save_16bit_model does, holding the model on the writing rank.
 
 The file carries {"format": "pt"} metadata and, for a transformers model, a config.json beside
 it, so `Model.from_pretrained(directory)` loads the result.
@@ -19,10 +21,16 @@ import warnings
 
 import torch
 
-from zero_ext.checkpoint.engine_state import _bucket_shapes, _frozen_keys, _raise_together
+from zero_ext.checkpoint.engine_state import (
+    _attempt,
+    _bucket_shapes,
+    _frozen_keys,
+    _raise_together,
+)
 from zero_ext.checkpoint.files import (
     SafetensorsWriter,
     TensorEntry,
+    atomic_torch_save,
     atomic_write_bytes,
     remove_stale_temporaries,
     write_safetensors,
@@ -52,10 +60,19 @@ def _output_path_name(output_path: str) -> str:
     return output_path
 
 
-def _output_file(output_path: str, caller: str = "zero_ext.consolidate") -> str:
-    """_output_path_name, with its directory created, and the temporaries of an earlier write
-    of it that was killed (`<file>.tmp.<pid>`, the process gone) removed and named."""
-    file = _output_path_name(output_path)
+def _torch_file_name(output_path: str) -> bool:
+    """save_16bit_model's format: a file name not ending in .safetensors (DeepSpeed's
+    `pytorch_model.bin`) gets a torch.save file at that path, as DeepSpeed writes; a
+    .safetensors name (zero_ext's default model.safetensors), and a directory, safetensors."""
+    return not (output_path.endswith((".safetensors", os.sep)) or os.path.isdir(output_path))
+
+
+def _output_file(output_path: str, caller: str = "zero_ext.consolidate",
+                 file: str | None = None) -> str:
+    """`file` (default: _output_path_name), with its directory created, and the temporaries
+    of an earlier write of it that was killed (`<file>.tmp.<pid>`, the process gone) removed
+    and named."""
+    file = file or _output_path_name(output_path)
     os.makedirs(os.path.dirname(file), exist_ok=True)
     for name in ("config.json", os.path.basename(file)):
         removed = remove_stale_temporaries(os.path.join(os.path.dirname(file), name))
@@ -125,62 +142,126 @@ def _warn_gather_key(engine, file: str) -> None:
 def save_engine_model(engine, output_path: str, exclude_frozen_parameters: bool = False,
                       writing: bool | None = None) -> str:
     """engine.save_16bit_model: the live engine's full weights in the model's dtype, written by
-    the ranks `writing` (default: rank 0 alone). Collective: stage 3 units are gathered one at
-    a time on every rank and only the writing ranks keep each, so no rank ever holds more than
-    one unit beyond its shards."""
+    the ranks `writing` (default: rank 0 alone), as safetensors streamed one tensor at a time,
+    or (_torch_file_name) as DeepSpeed's torch.save'd dict of tensors, which the writing ranks
+    hold whole before writing. Collective: stage 3 units are gathered one at a time on every
+    rank and only the writing ranks keep each, so for safetensors no rank ever holds more
+    than one unit beyond its shards. Returns the file's path."""
     state = engine.module.state_dict(keep_vars=True)
     if exclude_frozen_parameters:
         for key in _frozen_keys(engine):
             del state[key]
-    _warn_gather_key(engine, _output_path_name(output_path))
+    torch_file = _torch_file_name(output_path)
+    target = os.path.abspath(output_path) if torch_file else _output_path_name(output_path)
+    _warn_gather_key(engine, target)
     shapes = _bucket_shapes(engine)  # a released stage-3 parameter has no shape of its own
     units = engine.partitioned.units if engine.partitioned is not None else []
     unit_of = {id(p): position for position, unit in enumerate(units)
                for members in unit.params for p in members}
     keys = sorted(state, key=lambda k: unit_of.get(id(state[k]), len(units)))  # stable
     writing = engine.rank == 0 if writing is None else writing
-    file = _output_file(output_path, "zero_ext.save_16bit_model") if writing else None
-    writer = SafetensorsWriter(
-        file, [(k, state[k].dtype, shapes.get(id(state[k]), tuple(state[k].shape)))
-               for k in keys], metadata={"format": "pt"}) if writing else None
-    problem = None
-
-    def put(key: str, tensor: torch.Tensor) -> None:
-        nonlocal problem
-        if writer is not None and problem is None:
-            try:
-                writer.write(key, tensor)
-            except Exception as error:  # noqa: BLE001 - the gathers go on; reported below
-                problem = f"{type(error).__name__}: {error}"
-
-    if writer is not None:
-        writer.__enter__()
+    # Opened before any gather, and its failure (a file where the folder goes, a dtype the
+    # format lacks) raised on every rank together: a writing rank raising alone would leave
+    # the others waiting in the gathers.
+    file, writer, problem = None, None, None
+    if writing:
+        file, problem = _attempt(_output_file, output_path, "zero_ext.save_16bit_model",
+                                 target)
+        if problem is None and not torch_file:
+            writer, problem = _attempt(_open_safetensors, file, state, keys, shapes)
     try:
-        by_unit = {}
-        for key in keys:
-            by_unit.setdefault(unit_of.get(id(state[key])), []).append(key)
-        if engine.partitioned is not None:
-            for position, (_, values) in enumerate(
-                    engine.partitioned.iter_full_values(keep=writing)):
-                for key in by_unit.get(position, []):
-                    put(key, values[state[key]] if writing else None)
-        for key in by_unit.get(None, []):
-            put(key, state[key].detach())
+        _raise_together(problem, "save_16bit_model")
     except BaseException:
         if writer is not None:
             writer.__exit__(RuntimeError, None, None)
         raise
-    if writer is not None:
-        if problem is not None:
-            writer.__exit__(RuntimeError, None, None)
-        else:
-            try:
-                writer.__exit__(None, None, None)
-                _write_model_config(file, engine.module, engine.model_dtype)
-            except Exception as error:  # noqa: BLE001 - reported to every rank
-                problem = f"{type(error).__name__}: {error}"
+    values = _full_values(engine, state, keys, unit_of, writing)
+    if not writing:
+        problem = _drain(values)
+    elif torch_file:
+        problem = _write_torch_file(file, state, values)
+    else:
+        problem = _write_safetensors_file(writer, values)
+    if writing and problem is None:
+        try:
+            _write_model_config(file, engine.module, engine.model_dtype)
+        except Exception as error:  # noqa: BLE001 - reported to every rank
+            problem = f"{type(error).__name__}: {error}"
     _raise_together(problem, "save_16bit_model")
-    return file if writing else _output_path_name(output_path)
+    return target
+
+
+def _full_values(engine, state: dict, keys: list[str], unit_of: dict[int, int],
+                 writing: bool):
+    """(key, full value) for `keys` in their order, stage-3 units gathered one at a time on
+    every rank (the value None where not `writing`), then the tensors every rank holds."""
+    by_unit = {}
+    for key in keys:
+        by_unit.setdefault(unit_of.get(id(state[key])), []).append(key)
+    if engine.partitioned is not None:
+        for position, (_, values) in enumerate(
+                engine.partitioned.iter_full_values(keep=writing)):
+            for key in by_unit.get(position, []):
+                yield key, values[state[key]] if writing else None
+    for key in by_unit.get(None, []):
+        yield key, state[key].detach()
+
+
+def _drain(values) -> None:
+    """A rank that writes nothing still takes part in every gather."""
+    for _ in values:
+        pass
+
+
+def _open_safetensors(file: str, state: dict, keys: list[str],
+                      shapes: dict) -> SafetensorsWriter:
+    """The safetensors file of `keys`, its header written, open for their values."""
+    writer = SafetensorsWriter(
+        file, [(k, state[k].dtype, shapes.get(id(state[k]), tuple(state[k].shape)))
+               for k in keys], metadata={"format": "pt"})
+    writer.__enter__()
+    return writer
+
+
+def _write_safetensors_file(writer: SafetensorsWriter, values) -> str | None:
+    """Streams `values` into the open `writer`; the gathers go on after a failed write, whose
+    error is returned (None when written)."""
+    problem = None
+    try:
+        for key, tensor in values:
+            if problem is None:
+                try:
+                    writer.write(key, tensor)
+                except Exception as error:  # noqa: BLE001 - the gathers go on; reported
+                    problem = f"{type(error).__name__}: {error}"
+    except BaseException:
+        writer.__exit__(RuntimeError, None, None)
+        raise
+    if problem is not None:
+        writer.__exit__(RuntimeError, None, None)
+        return problem
+    try:
+        writer.__exit__(None, None, None)
+    except Exception as error:  # noqa: BLE001 - reported to every rank
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _write_torch_file(file: str, state: dict, values) -> str | None:
+    """DeepSpeed's save_16bit_model file: torch.save of {key: tensor} in the module's key
+    order, plain CPU tensors each with its own storage (a view of a flat buffer would carry the
+    whole buffer along), tied weights one tensor. Returns the write's error, or None."""
+    copies, out = {}, {}
+    for key, tensor in values:  # every gather first: a failed write must not stop them
+        source = id(state[key])
+        if source not in copies:
+            copies[source] = tensor.detach().to("cpu", copy=True)
+        out[key] = copies[source]
+    try:
+        atomic_torch_save(file, {key: out[key] for key in state})
+    except Exception as error:  # noqa: BLE001 - reported to every rank
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def _checkpoint_path(checkpoint_dir: str, tag: str | None,

@@ -32,14 +32,20 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["CHUNK_BYTES", "FileRecord", "SafetensorsReader", "SafetensorsWriter", "SaveLock",
-           "TensorEntry", "atomic_write_bytes", "chunk_digests", "fsync_dir",
-           "remove_stale_temporaries", "write_safetensors"]
+           "TensorEntry", "atomic_torch_save", "atomic_write_bytes", "chunk_digests",
+           "dtype_problem", "fsync_dir", "remove_stale_temporaries", "write_safetensors"]
 
+# The safetensors format's dtype names (safetensors.torch._TYPES, 0.8), for every torch dtype
+# that has one and whose elements are whole bytes (its packed F4 counts 4-bit values in the
+# shape, torch's float4_e2m1fn_x2 bytes: not written here). float8_e8m0fnu is torch 2.7's.
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
+    torch.uint64: "U64", torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+    **({torch.float8_e8m0fnu: "F8_E8M0"} if hasattr(torch, "float8_e8m0fnu") else {}),
 }
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 CHUNK_BYTES = 64 << 20  # checksum granularity
@@ -141,20 +147,33 @@ def temporary_name(path: str) -> str:
     return f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
 
 
-def atomic_write_bytes(path: str, data: bytes) -> FileRecord:
+def _atomic_write(path: str, write) -> None:
+    """`write(file)` into a temporary beside `path`, fsynced, then renamed over `path`; the
+    temporary removed on any failure."""
     tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
         _remove_quietly(tmp)
         raise
     _commit(tmp, path)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> FileRecord:
+    _atomic_write(path, lambda f: f.write(data))
     hasher = _ChunkHasher()
     hasher.update(data)
     return FileRecord(len(data), hasher.digests())
+
+
+def atomic_torch_save(path: str, obj) -> None:
+    """torch.save(obj) to `path` as atomic_write_bytes writes, streamed (no second copy of it
+    in memory). For files written in DeepSpeed's format (save_16bit_model's
+    `pytorch_model.bin`)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _remove_quietly(path: str) -> None:
@@ -274,6 +293,29 @@ class SaveLock:
             self.held = False
 
 
+def _unwritable(dtype: torch.dtype) -> str:
+    """Why a tensor of `dtype` is not written, and what to do instead (the end of a sentence)."""
+    if dtype == getattr(torch, "float4_e2m1fn_x2", None):
+        return ("zero_ext's safetensors files do not hold (its F4 counts 4-bit values, torch's "
+                "shape counts packed bytes); save tensor.view(torch.uint8) and view it back")
+    held = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_NAMES)
+    fix = ("torch.view_as_real(tensor) holds a complex tensor as real pairs" if dtype.is_complex
+           else "convert it to one of them")
+    return (f"the safetensors format has no type for (it holds {held}); {fix}, or register a "
+            f"buffer that can be recomputed with persistent=False so it is not saved")
+
+
+def dtype_problem(source: torch.dtype, target: torch.dtype) -> str | None:
+    """Why values of `source` cannot be read into a tensor of `target` without losing what
+    they are, or None: a complex value read into a real tensor loses its imaginary part (torch's
+    copy_ only warns)."""
+    if source.is_complex and not target.is_complex:
+        return (f"it is {str(source).removeprefix('torch.')} there and "
+                f"{str(target).removeprefix('torch.')} here: the imaginary parts would be "
+                f"lost")
+    return None
+
+
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
@@ -303,7 +345,7 @@ class SafetensorsWriter:
         for name, dtype, shape in self._specs:
             if dtype not in _DTYPE_NAMES:
                 raise TypeError(f"zero_ext checkpoint: {name} has dtype {dtype}, which "
-                                f"safetensors cannot hold")
+                                f"{_unwritable(dtype)}")
             size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
                             "data_offsets": [offset, offset + size]}
@@ -499,6 +541,10 @@ class SafetensorsReader:
                              f"({numel} elements) in {self.path}")
         if end == start:
             return
+        problem = dtype_problem(dtype, out.dtype)
+        if problem is not None:
+            raise ValueError(f"zero_ext checkpoint: {name!r} in {self.path} cannot be read: "
+                             f"{problem}")
         direct = out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous()
         buffer = out if direct else torch.empty(end - start, dtype=dtype)
         itemsize = buffer.element_size()
