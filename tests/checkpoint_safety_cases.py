@@ -13,6 +13,7 @@ import shutil
 import warnings
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import zero_ext
 from zero_ext import comm
@@ -540,14 +541,206 @@ def unchecksummed_weights(root: str) -> dict:
             data = f.read()
         with open(os.path.join(root, "truncated", "model.safetensors"), "wb") as f:
             f.write(data[:-8])
+        # A complex tensor (a dtype the files hold) where the model's is real.
+        tensors = load_file(good)
+        tensors["frozen_shift"] = torch.complex(tensors["frozen_shift"].float(),
+                                                tensors["frozen_shift"].float())
+        os.makedirs(os.path.join(root, "complex"))
+        save_file(tensors, os.path.join(root, "complex", "model.safetensors"))
 
     on_rank0(corrupt)
     fresh = new_engine()
-    for name in ("unknown_dtype", "wrong_dtype", "truncated"):
+    for name in ("unknown_dtype", "wrong_dtype", "truncated", "complex"):
         before = state(fresh)
         out[name] = attempt(fresh.load_weights, os.path.join(root, name))
         out[f"{name}_unchanged"] = unchanged(before, state(fresh))
     out["good"] = attempt(fresh.load_weights, good)
+    return out
+
+
+# -- compressed communication's state under another method at the load ----------------------
+TOPK = {"gradients": {"method": "topk", "density": 0.1, "momentum": 0.9}}
+INT8 = {"gradients": {"method": "int8", "error_feedback": True, "block_size": 16}}
+
+
+def _compressed(compression: dict) -> dict:
+    cfg = config(2, "fp32", 1, comm.world_size())
+    cfg["zero_ext"] = {"compression": compression}
+    return cfg
+
+
+def _residual_sums(engine) -> dict[int, torch.Tensor]:
+    """Per bucket: the sum over ranks of every rank's undelivered gradient (collective)."""
+    out = {}
+    for index, feedback in sorted(engine.compression.feedback.items()):
+        flat = feedback.flat_total().float().clone()
+        comm.all_reduce(flat)
+        out[index] = flat
+    return out
+
+
+def compression_switch(root: str) -> dict:
+    """Saved with top-k and its momentum. Loaded into int8 error feedback, which has no
+    momentum: the momentum is dropped with one warning naming both methods, the residual mass
+    carried over (within fp8's rounding), all decided before anything is written. Loaded into
+    top-k at another density (resharded from the totals) from a copy whose rank-1 shard lacks
+    a total its metadata lists: refused on every rank, the engine as it was."""
+    out = {}
+    saver = new_engine(_compressed(TOPK))
+    train_steps(saver, 3)
+    out["saved_mass"] = _residual_sums(saver)
+    saver.save_checkpoint(os.path.join(root, "topk"), tag="t")
+    out["saved_params"] = host_params(saver.module, saver)
+    fresh = new_engine(_compressed(INT8))
+    train_steps(fresh, 1)
+    out["int8"] = caught(fresh.load_checkpoint, os.path.join(root, "topk"), tag="t")[:2]
+    out["int8_params"] = host_params(fresh.module, fresh)
+    out["int8_steps"] = fresh.global_steps
+    out["int8_mass"] = _residual_sums(fresh)
+    out["int8_trains"] = attempt(train_steps, fresh, 1)
+
+    def drop_a_total():
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+        shutil.copytree(os.path.join(root, "topk"), os.path.join(root, "no_total"))
+        path = os.path.join(root, "no_total", "t", format.shard_file_name(1, 2))
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(path)
+        del tensors["0.ef_total"]
+        save_file(tensors, path, metadata=metadata)
+        rewrite_manifest(os.path.dirname(path), lambda m: None)
+
+    on_rank0(drop_a_total)
+    fresh = new_engine(_compressed({"gradients": {**TOPK["gradients"], "density": 0.2}}))
+    train_steps(fresh, 1)
+    before = state(fresh)
+    out["no_total"] = attempt(fresh.load_checkpoint, os.path.join(root, "no_total"), tag="t")
+    out["no_total_unchanged"] = unchanged(before, state(fresh))
+    return out
+
+
+# -- a client_state that is plain data and still cannot be written -------------------------------
+def unwritable_client_state(root: str) -> dict:
+    """A client_state the data-only check lets through and torch.save cannot write (a chain of
+    lists deeper than the recursion limit; a mkldnn tensor, which has no storage): every rank
+    raises the same error, nothing is written, and the ranks train on together."""
+    import functools
+    import sys
+    out = {}
+    engine = new_engine()
+    train_steps(engine, 1)
+    values = {"deep": functools.reduce(lambda a, _: [a], range(sys.getrecursionlimit() + 1000),
+                                       [])}
+    if torch.backends.mkldnn.is_available():
+        values["mkldnn"] = torch.ones(4).to_mkldnn()
+    save_dir = os.path.join(root, "dir")
+    for name, value in values.items():
+        out[name] = attempt(engine.save_checkpoint, save_dir, tag="t",
+                            client_state={"epoch": 1, "v": value})
+    comm.barrier()
+    out["listing"] = sorted(os.listdir(save_dir)) if os.path.isdir(save_dir) else []
+    out["trained_on"] = attempt(train_steps, engine, 1)
+    out["saved_after"] = attempt(engine.save_checkpoint, save_dir, tag="t",
+                                 client_state={"epoch": 1})
+    return out
+
+
+# -- dtypes safetensors holds beyond the common ones --------------------------------------------
+class WithBuffers(torch.nn.Module):
+    """TinyNet with a persistent complex rotary table (as some LLaMA ports keep freqs_cis)."""
+
+    def __init__(self, real_freqs: bool = False):
+        super().__init__()
+        self.inner = build_model()
+        freqs = torch.polar(torch.ones(4), torch.arange(4.0))
+        self.register_buffer("freqs_cis", freqs.real.clone() if real_freqs else freqs)
+
+    def forward(self, tokens, targets):
+        return self.inner(tokens, targets)
+
+
+def _with_more_buffers(engine):
+    """Unsigned counters and an fp8 (fnuz) scale, added after initialize: gloo's broadcast at
+    initialize (every rank starts from rank 0's buffers) takes none of these dtypes."""
+    engine.module.register_buffer("counts", torch.tensor([1, 60000, 7], dtype=torch.uint16))
+    engine.module.register_buffer("big", torch.tensor([2**40, 3], dtype=torch.uint64))
+    engine.module.register_buffer("scale8", torch.tensor([0.5, 2.0]).to(torch.float8_e4m3fnuz))
+    return engine
+
+
+def _buffers(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_buffers()}
+
+
+def _zero_buffers(engine) -> None:
+    with torch.no_grad():
+        for buffer in engine.module.buffers():
+            buffer.copy_(torch.zeros_like(buffer))
+
+
+def buffer_dtypes(root: str) -> dict:
+    """A model whose buffers are complex64, uint16, uint64 and float8_e4m3fnuz: checkpointed,
+    loaded, written by save_16bit_model and read by load_weights; a model that keeps the
+    complex table as real numbers is refused before anything is written."""
+    out = {}
+    torch.manual_seed(0)
+    engine = _with_more_buffers(new_engine(model=WithBuffers(), groups=False))
+    train_steps(engine, 1)
+    out["buffers"] = _buffers(engine.module)
+    out["save"] = attempt(engine.save_checkpoint, os.path.join(root, "ck"), tag="t")
+    fresh = _with_more_buffers(new_engine(model=WithBuffers(), groups=False))
+    _zero_buffers(fresh)
+    out["load"] = attempt(fresh.load_checkpoint, os.path.join(root, "ck"), tag="t")
+    out["loaded"] = _buffers(fresh.module)
+    out["model_save"] = caught(engine.save_16bit_model, os.path.join(root, "m"))
+    _zero_buffers(fresh)
+    out["weights"] = attempt(fresh.load_weights, os.path.join(root, "m"))
+    out["weights_loaded"] = _buffers(fresh.module)
+    real = _with_more_buffers(new_engine(model=WithBuffers(real_freqs=True), groups=False))
+    before = state(real)
+    out["real"] = attempt(real.load_checkpoint, os.path.join(root, "ck"), tag="t")
+    out["real_unchanged"] = unchanged(before, state(real)) and \
+        torch.equal(real.module.freqs_cis, torch.polar(torch.ones(4), torch.arange(4.0)).real)
+    return out
+
+
+# -- a model whose trainable parameters differ from the checkpoint's -------------------------------
+def mismatched_models(root: str) -> dict:
+    """fc1 renamed fc1_renamed; head untied from the embedding: refused (strict or not) with
+    both sides named, and the way out the error gives (consolidate, rename the keys where they
+    were renamed, load_weights) loads the saved weights."""
+    from safetensors.torch import load_file, save_file
+
+    from zero_ext.checkpoint import consolidate
+    out = {}
+    engine = new_engine()
+    train_steps(engine, 1)
+    path = engine.save_checkpoint(os.path.join(root, "saved"), tag="t")
+    out["saved"] = host_params(engine.module, engine)
+    weights = os.path.join(root, "weights.safetensors")
+    renamed_file = os.path.join(root, "renamed.safetensors")
+
+    def write_weights():
+        consolidate(path, weights)
+        save_file({k.replace("fc1.", "fc1_renamed."): v for k, v in load_file(weights).items()},
+                  renamed_file)
+
+    on_rank0(write_weights)
+    renamed = build_model()
+    renamed.fc1_renamed = renamed.fc1
+    del renamed.fc1
+    untied = build_model()
+    untied.head.weight = torch.nn.Parameter(untied.embed.weight.detach().clone())
+    for name, model, fixed in (("renamed", renamed, renamed_file), ("untied", untied, weights)):
+        fresh = new_engine(model=model)
+        before = state(fresh)
+        for strict in (True, False):
+            out[f"{name}_{strict}"] = attempt(fresh.load_checkpoint, os.path.dirname(path), "t",
+                                              load_module_strict=strict)
+        out[f"{name}_unchanged"] = unchanged(before, state(fresh))
+        out[f"{name}_fix"] = attempt(fresh.load_weights, fixed)
+        out[f"{name}_params"] = host_params(fresh.module, fresh)
     return out
 
 
@@ -556,7 +749,10 @@ def run_all(root: str, names: list[str] | None = None) -> dict:
              "failed": failed_loads, "changed": changed_config, "api": api_cases,
              "worse": never_worse, "errors": clear_errors, "model": model_save,
              "unfrozen": unfrozen_since, "latest_tmp": latest_temporaries,
-             "weights": unchecksummed_weights}
+             "weights": unchecksummed_weights, "switch": compression_switch,
+             "dtypes": buffer_dtypes, "mismatch": mismatched_models,
+             # Last: before the fix, rank 0 raised alone here and the group stalled.
+             "unwritable": unwritable_client_state}
     out = {}
     for name, fn in cases.items():
         if names is not None and name not in names:

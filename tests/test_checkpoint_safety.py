@@ -366,8 +366,199 @@ def test_no_temporary_of_latest_outlives_a_save():
     ("wrong_dtype", ["header of", "is corrupt", "'frozen_shift' is F16 of shape [24] (48 bytes)",
                      "span 96 bytes"]),
     ("truncated", ["is truncated"]),
+    ("complex", ["frozen_shift in", "complex64 there and float32 here", "imaginary parts"]),
 ])
 def test_load_weights_refuses_a_corrupt_unchecksummed_file_before_writing(case, words):
     _on_every_rank("weights", case, *words)
     assert all(_each("weights", case + "_unchanged"))
     assert _each("weights", "good") == ["ok", "ok"]
+
+
+# -- compressed communication's state saved with one method, loaded with another ----------------
+def test_compression_switch_drops_what_has_no_place_before_writing_and_keeps_the_residuals():
+    """top-k with momentum saved, int8 error feedback loaded: the momentum (int8 keeps none)
+    is dropped with one warning naming both methods, decided before anything is written (it
+    raised half way, the weights already loaded); the undelivered gradient mass carries
+    over within fp8's rounding."""
+    results = _results()
+    for rank, result in enumerate(_each("switch", "int8")):
+        outcome, seen = result
+        assert outcome == "ok", (rank, outcome)
+        named = [w for w in seen if "top-k momentum" in w]
+        if rank == 0:
+            assert len(named) == 1, seen
+            for words in ("top-k (momentum 0.9)", "int8 with error feedback",
+                          "keeps no momentum", "residuals (undelivered gradient) are kept"):
+                assert words in named[0], (words, named[0])
+        else:
+            assert named == [], seen
+    for rank, result in enumerate(results):
+        switch = result["switch"]
+        assert switch["int8_steps"] == 3 and switch["int8_trains"] == "ok"
+        for name, value in switch["saved_params"].items():
+            assert torch.equal(switch["int8_params"][name], value), (rank, name)
+        saved, loaded = switch["saved_mass"], switch["int8_mass"]
+        assert set(saved) == set(loaded) and any(m.abs().sum() > 0 for m in saved.values())
+        for bucket, mass in saved.items():
+            error = (loaded[bucket] - mass).norm() / mass.norm().clamp_min(1e-30)
+            assert error < 0.07, (rank, bucket, float(error))
+
+
+def test_resharded_compression_totals_are_checked_before_anything_is_written():
+    # Every rank reads every shard's totals when the method (or world size) changed; one a
+    # shard lacks was found only half way through the load.
+    _on_every_rank("switch", "no_total", "zero_shard_00001_of_00002.safetensors",
+                   "lacks the compression totals ['0.ef_total']")
+    assert all(_each("switch", "no_total_unchanged"))
+
+
+# -- a client_state that is plain data and torch.save still cannot write --------------------------
+@pytest.mark.parametrize("case, words", [
+    ("deep", ["client_state", "nested deeper than Python's recursion limit",
+              "store it flatter"]),
+    ("mkldnn", ["client_state['v'] is a torch._mkldnn tensor", "torch.save cannot write",
+                ".to_dense()"]),
+])
+def test_unwritable_client_state_is_refused_on_every_rank_and_training_goes_on(case, words):
+    if case == "mkldnn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no mkldnn")
+    _on_every_rank("unwritable", case, "rank 0: engine_state.pt", *words, "Nothing was written")
+    assert _each("unwritable", case)[0] == _each("unwritable", case)[1]
+    # Nothing written, and the ranks' collectives still line up: they train and save on.
+    assert _each("unwritable", "listing") == [[], []]
+    assert _each("unwritable", "trained_on") == ["ok", "ok"]
+    assert _each("unwritable", "saved_after") == ["ok", "ok"]
+
+
+# -- dtypes the safetensors format holds ----------------------------------------------------------
+def _safetensors_dtypes() -> dict:
+    """name -> torch dtype of every dtype safetensors' own torch reader maps (its _TYPES), and
+    F8_E8M0, which its save_file and load_file take too (0.8)."""
+    from safetensors import torch as safetensors_torch
+
+    extra = {"F8_E8M0": getattr(torch, "float8_e8m0fnu", None)}
+    return {name: dtype for name, dtype in {**safetensors_torch._TYPES, **extra}.items()
+            if dtype is not None}
+
+
+def _sample(dtype: torch.dtype) -> torch.Tensor:
+    values = torch.tensor([[0.5, 2.0, -1.0], [3.0, 0.25, 1.0]])
+    if dtype.is_complex:
+        return torch.complex(values, -values).to(dtype)
+    if dtype == torch.bool:
+        return values > 0.6
+    if dtype in (torch.uint16, torch.uint32, torch.uint64):
+        return torch.tensor([[1, 2, 3], [60000, 0, 7]], dtype=torch.int64).to(dtype)
+    if not dtype.is_floating_point:
+        return values.abs().to(torch.int64).to(dtype)
+    return values.abs().to(dtype) if "e8m0" in str(dtype) else values.to(dtype)
+
+
+@pytest.mark.parametrize("name, dtype", sorted(_safetensors_dtypes().items()))
+def test_every_safetensors_dtype_round_trips_with_the_safetensors_library(name, dtype, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from zero_ext.checkpoint.files import SafetensorsReader, TensorEntry, write_safetensors
+
+    tensor = _sample(dtype)
+    ours = tmp_path / "ours.safetensors"
+    write_safetensors(str(ours), [TensorEntry("x", dtype, tuple(tensor.shape), lambda: tensor)])
+    with safe_open(str(ours), "pt") as f:
+        assert f.get_slice("x").get_dtype() == name
+    back = load_file(str(ours))["x"]
+    assert back.dtype == dtype and torch.equal(back.view(torch.uint8), tensor.view(torch.uint8))
+    theirs = tmp_path / "theirs.safetensors"
+    save_file({"x": tensor}, str(theirs))
+    reader = SafetensorsReader(str(theirs))
+    got = reader.read("x")
+    assert got.dtype == dtype and torch.equal(got.view(torch.uint8), tensor.view(torch.uint8))
+    part = torch.empty(2, dtype=dtype)
+    reader.read_into("x", 3, part)
+    assert torch.equal(part.view(torch.uint8), tensor.reshape(-1)[3:5].view(torch.uint8))
+
+
+def test_dtypes_safetensors_lacks_are_refused_saying_so(tmp_path):
+    from zero_ext.checkpoint.files import TensorEntry, write_safetensors
+
+    def refusal(dtype) -> str:
+        with pytest.raises(TypeError) as error:
+            write_safetensors(str(tmp_path / "x.safetensors"),
+                              [TensorEntry("freqs", dtype, (2,), lambda: None)])
+        return str(error.value)
+
+    message = refusal(torch.complex128)
+    for words in ("freqs has dtype torch.complex128", "the safetensors format has no type for",
+                  "complex64", "uint16", "torch.view_as_real", "persistent=False"):
+        assert words in message, (words, message)
+    if hasattr(torch, "float4_e2m1fn_x2"):  # the format has F4, counted in 4-bit values
+        message = refusal(torch.float4_e2m1fn_x2)
+        assert "no type" not in message and "view(torch.uint8)" in message, message
+    assert not list(tmp_path.iterdir())
+
+
+def test_buffers_of_every_written_dtype_checkpoint_load_and_consolidate(tmp_path):
+    """A complex64 rotary table (and uint16, uint64, float8_e4m3fnuz buffers): saved, loaded,
+    written by save_16bit_model, read back by load_weights, consolidated; into a model that
+    keeps the table real, refused before anything is written (the imaginary parts would go)."""
+    from safetensors.torch import load_file
+
+    results = _results()
+    for rank, result in enumerate(results):
+        dtypes = result["dtypes"]
+        for key in ("save", "load", "weights"):
+            assert dtypes[key] == "ok", (rank, key, dtypes[key])
+        assert dtypes["model_save"][0] == "ok", dtypes["model_save"]
+        saved = dtypes["buffers"]
+        assert {v.dtype for v in saved.values()} >= {
+            torch.complex64, torch.uint16, torch.uint64, torch.float8_e4m3fnuz}
+        for loaded in (dtypes["loaded"], dtypes["weights_loaded"]):
+            for key, value in saved.items():
+                assert loaded[key].dtype == value.dtype, (rank, key)
+                assert torch.equal(loaded[key].view(torch.uint8), value.view(torch.uint8)), key
+    _on_every_rank("dtypes", "real", "freqs_cis cannot be loaded",
+                   "complex64 there and float32 here", "imaginary parts would be lost")
+    assert all(_each("dtypes", "real_unchanged"))
+    out = tmp_path / "model.safetensors"
+    consolidate(os.path.join(_root(), "dtypes", "ck", "t"), out)
+    tensors = load_file(out)
+    for key, value in results[0]["dtypes"]["buffers"].items():
+        assert tensors[key].dtype == value.dtype, key
+        assert torch.equal(tensors[key].view(torch.uint8), value.view(torch.uint8)), key
+
+
+# -- trainable parameters that differ between the checkpoint and the model -----------------------
+@pytest.mark.parametrize("strict", [True, False])
+def test_renamed_parameters_are_named_on_both_sides_with_a_way_out_that_works(strict):
+    _on_every_rank("mismatch", f"renamed_{strict}",
+                   "in the checkpoint, not in the model: ['fc1.bias', 'fc1.weight']",
+                   "in the model, not in the checkpoint: ['fc1_renamed.bias', "
+                   "'fc1_renamed.weight']", "load_module_strict=False cannot fill",
+                   "give renamed parameters their saved names", "zero_ext.consolidate(",
+                   "rename its keys", "engine.load_weights")
+    assert all(_each("mismatch", "renamed_unchanged"))
+    # The way out the error gives loads the saved weights under the new names.
+    for rank, result in enumerate(_results()):
+        mismatch = result["mismatch"]
+        assert mismatch["renamed_fix"] == "ok", (rank, mismatch["renamed_fix"])
+        for name, value in mismatch["saved"].items():
+            name = name.replace("fc1.", "fc1_renamed.")
+            assert torch.equal(mismatch["renamed_params"][name], value), (rank, name)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_untied_parameter_is_named_as_tied_in_the_checkpoint(strict):
+    _on_every_rank("mismatch", f"untied_{strict}",
+                   "in the model, not in the checkpoint: ['head.weight']",
+                   "head.weight trains on its own in this model but was tied to embed.weight "
+                   "when saved (the checkpoint holds it once, as embed.weight)",
+                   "tie head.weight to embed.weight again", "zero_ext.consolidate(",
+                   "engine.load_weights")
+    assert all(_each("mismatch", "untied_unchanged"))
+    for rank, result in enumerate(_results()):
+        mismatch = result["mismatch"]
+        assert mismatch["untied_fix"] == "ok", (rank, mismatch["untied_fix"])
+        params, saved = mismatch["untied_params"], mismatch["saved"]
+        assert torch.equal(params["head.weight"], saved["embed.weight"]), rank
+        for name, value in saved.items():
+            assert torch.equal(params[name], value), (rank, name)

@@ -21,7 +21,8 @@ import pickle
 
 import torch
 
-__all__ = ["ALLOWED_TYPES", "check_data_only", "dumps", "loads"]
+__all__ = ["ALLOWED_TYPES", "check_data_only", "dumps", "first_disallowed",
+           "first_unwritable", "loads"]
 
 # Exactly the types torch's weights_only unpickler rebuilds by itself (tests/
 # test_checkpoint_safety.py round-trips each); subclasses are refused (a NamedTuple, an
@@ -47,15 +48,15 @@ def _hint(value) -> str:
     return "; store its state as plain data (e.g. its state_dict()) and rebuild it after loading"
 
 
-def first_disallowed(value, where: str) -> tuple[str, object] | None:
-    """(place, value) of the first value in `value` that is not plain data, or None."""
+def _walk(value, where: str):
+    """(place, item) of `value` and of everything inside its allowed containers, in order
+    (iteratively: no recursion limit; a container met twice is entered once)."""
     stack = [(where, value)]
     seen: set[int] = set()
     while stack:
         place, item = stack.pop()
+        yield place, item
         kind = type(item)
-        if kind not in ALLOWED_TYPES:
-            return place, item
         if kind not in _CONTAINERS or id(item) in seen:
             continue
         seen.add(id(item))
@@ -67,6 +68,24 @@ def first_disallowed(value, where: str) -> tuple[str, object] | None:
             ordered = list(item)
             stack.extend((f"{place}[{i}]" if kind is not set else f"{place} (a member)", sub)
                          for i, sub in reversed(list(enumerate(ordered))))
+
+
+def first_disallowed(value, where: str) -> tuple[str, object] | None:
+    """(place, value) of the first value in `value` that is not plain data, or None."""
+    return next(((place, item) for place, item in _walk(value, where)
+                 if type(item) not in ALLOWED_TYPES), None)
+
+
+def first_unwritable(value, where: str) -> tuple[str, torch.Tensor, str] | None:
+    """(place, tensor, torch.save's error) of the first tensor in `value` that torch.save
+    cannot write (a mkldnn tensor has no storage to write), or None. Each tensor is tried
+    alone: called once a save of the whole has failed."""
+    for place, item in _walk(value, where):
+        if isinstance(item, torch.Tensor):
+            try:
+                dumps(item)
+            except Exception as error:  # noqa: BLE001 - any failure names the tensor
+                return place, item, f"{type(error).__name__}: {error}"
     return None
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import warnings
 
 import torch
@@ -418,7 +419,33 @@ def _save_problem(engine, save_dir, client_state, names: list[str]) -> tuple[str
     state, problem = _attempt(_engine_state, engine, client_state)
     if problem is not None:
         return problem.removeprefix("TypeError: ").removeprefix(f"{caller}: "), b""
-    return None, data_only.dumps(state)
+    # Plain data torch.save may still fail on (an opaque tensor, a nesting deeper than the
+    # recursion limit): exchanged like every other reason, so no rank is left in a collective.
+    data, problem = _attempt(data_only.dumps, state)
+    if problem is not None:
+        detail, _ = _attempt(_unserializable, state, problem)
+        return detail or f"engine_state.pt cannot be written ({problem}). Nothing was written", b""
+    return None, data
+
+
+def _unserializable(state: dict, problem: str) -> str:
+    """Why engine_state.pt could not be written (`problem`: torch.save's error as text), naming
+    the value at fault where it can be found, and what to change."""
+    found = data_only.first_unwritable(state["client_state"], "client_state") or \
+        data_only.first_unwritable({k: v for k, v in state.items() if k != "client_state"},
+                                   "the engine's state")
+    if found is not None:
+        place, tensor, error = found
+        what = (f"{place} is a {tensor.layout} tensor, which torch.save cannot write ({error}); "
+                f"convert it to an ordinary one first (.to_dense(), .cpu())")
+    elif problem.startswith("RecursionError"):
+        what = (f"a value in it is nested deeper than Python's recursion limit "
+                f"({sys.getrecursionlimit()}) allows torch.save to write ({problem}); store it "
+                f"flatter (a list of records rather than a chain of containers)")
+    else:
+        what = f"torch.save failed ({problem})"
+    return (f"engine_state.pt (client_state, the optimizer's groups, the LR scheduler's state) "
+            f"cannot be written: {what}. Nothing was written")
 
 
 def _check_steps_agree(views: list[dict], caller: str) -> None:

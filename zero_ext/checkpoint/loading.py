@@ -33,6 +33,7 @@ from zero_ext.checkpoint.engine_state import (
     _raise_if_any,
     _restore_rng,
 )
+from zero_ext.checkpoint.files import dtype_problem
 from zero_ext.checkpoint.format import (
     ENGINE_STATE,
     KINDS,
@@ -68,6 +69,8 @@ class _Plan:
     # A client optimizer's state (zero/client_optimizer.py): per-element tensors the fill
     # writes, then installed with the saved scalars.
     client_state: tuple[dict, list] | None = None
+    # How compressed communication's state is restored (with the optimizer's state only).
+    compression: compression_state.Restore | None = None
 
 
 def _announce_missing(load_dir: str) -> None:
@@ -123,6 +126,10 @@ def _model_states_plan(engine, index: CheckpointIndex, strict: bool = True) -> l
                 raise CheckpointError(f"{CALLER}: {index.path}: {MODEL_STATES} has no "
                                       f"{source!r}")
             saved_shape = tuple(reader.shape(source))
+            problem = dtype_problem(reader.dtype(source), value.dtype)
+            if problem is not None:
+                raise CheckpointError(f"{CALLER}: {key} cannot be loaded from {index.path}: "
+                                      f"{problem}. Give the model's {key} the checkpoint's dtype")
             read_range = (lambda first, out, s=source: reader.read_into(s, first, out))
             read_whole = (lambda s=source: reader.read(s))
         else:  # from the shards: trained when saved (master weights), or a frozen shard
@@ -296,6 +303,55 @@ def _bound_state(engine, index: CheckpointIndex, meta: dict, names: list[str],
     return state
 
 
+def _trainable_mismatch(engine, index: CheckpointIndex, names: list[str], unexpected: list[str],
+                        held: dict, strict: bool) -> str | None:
+    """What differs between the checkpoint's trainable parameters and the model's, both sides
+    named, with a way out that works, or None: `unexpected` (the checkpoint's, not in the
+    model; passed over when not `strict`), and this engine's parameters the checkpoint does not
+    hold (`held`: name -> shape of what it does): each resumes from its saved state, so one
+    missing is an error either way."""
+    trained = {id(p): name for p, name in zip(engine._params, names)}
+    current = engine.module.state_dict(keep_vars=True)
+    mine = {names[s.param_index] for layout in engine.layouts for s in layout.slots}
+    absent = sorted(mine - set(held))
+    if not absent and not (unexpected and strict):
+        return None
+    # Another name of a parameter in one model and a parameter of its own in the other.
+    tied_here = {key: trained[id(current[key])] for key in unexpected if key in current}
+    saved_as = {key: where for key, kind, where in index.metadata["state_dict"]
+                if kind == "param" and key != where}
+    untied = {key: saved_as[key] for key in absent if key in saved_as}
+    sides = [f"{what} {keys[:8]}" for what, keys in
+             (("in the checkpoint, not in the model:", unexpected),
+              ("in the model, not in the checkpoint:", absent)) if keys]
+    notes = [f"{key} is tied to {owner} in this model but was trained on its own when saved"
+             for key, owner in list(tied_here.items())[:4]]
+    notes += [f"{key} trains on its own in this model but was tied to {owner} when saved (the "
+              f"checkpoint holds it once, as {owner})" for key, owner in list(untied.items())[:4]]
+    what = f"{CALLER}: {index.path} does not fit this model's trainable parameters: " + \
+        "; ".join(sides + notes)
+    if not absent:
+        return f"{what} (load_module_strict=False passes over them)"
+    ways = []
+    if untied:
+        ways.append("tie " + ", ".join(f"{key} to {owner}" for key, owner in
+                                       list(untied.items())[:4]) + " again, as when saved")
+    renamed = sorted(set(absent) - set(untied))
+    if renamed and unexpected:
+        ways.append("give renamed parameters their saved names again")
+    elif renamed:
+        ways.append(f"build the model without {renamed[:4]}, as it was saved")
+    fix = " or ".join(ways)
+    if untied or unexpected:
+        rename = ", rename its keys to this model's names" if unexpected else ""
+        fix += (f"; or, to start this model from the checkpoint's weights with a fresh "
+                f"optimizer, write them out with zero_ext.consolidate({index.path!r}, file) "
+                f"(a tied weight under each of its names){rename} and load them with "
+                f"engine.load_weights(file)")
+    return (f"{what}. Every trainable parameter resumes from its saved state, found by name, so "
+            f"load_module_strict=False cannot fill the model's: {fix}")
+
+
 def _plan_load(engine, path: str, load_optimizer_states: bool,
                load_lr_scheduler_states: bool, load_module_only: bool,
                strict: bool = True) -> _Plan:
@@ -346,14 +402,10 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
     current = engine.module.state_dict(keep_vars=True)
     untrained = {key for key, value in current.items() if id(value) not in trained}
     unexpected = sorted(set(saved) - set(names) - untrained)
-    if unexpected and strict:
-        aliases = {key: trained[id(current[key])] for key in unexpected if key in current}
-        tied = "".join(f"; {key} is tied to {owner} in this model but was trained on its own "
-                       f"when saved" for key, owner in list(aliases.items())[:4])
-        raise CheckpointError(f"{CALLER}: {path} has parameters this model lacks: "
-                              f"{unexpected[:8]}{tied} (load_module_strict=False passes over "
-                              f"them)")
     whole = _kept_whole(index, names)
+    problem = _trainable_mismatch(engine, index, names, unexpected, {**saved, **whole}, strict)
+    if problem is not None:
+        raise CheckpointError(problem)
     fill = _unfrozen_since(index, _fill_plan(engine, {**saved, **whole}, names, kinds,
                                              f"{CALLER}: {path}", states_of), whole)
     unfrozen = sorted({name for _, _, name, _, _, kind in fill if kind == "zero"})
@@ -389,16 +441,19 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
         problems = engine.checkpoint_states.problems(extra.get("registered_state"), path)
         if problems:
             raise CheckpointError(f"{CALLER}: {'; '.join(problems)}")
+    compression = None
     if load_optimizer_states:
-        problem = compression_state.check(engine, index, own_rng, names)
-        if problem is not None:
-            raise CheckpointError(f"{CALLER}: {path}: {problem}")
+        try:
+            compression = compression_state.plan(engine, index, own_rng, names)
+        except CheckpointError as error:
+            raise CheckpointError(f"{CALLER}: {error}") from None
     if own_rng is not None:
         metadata = index.reader(own_rng).metadata
         json.loads(metadata["python_random"])  # malformed: refused now, not half way
         if "numpy_random" in metadata:
             json.loads(metadata["numpy_random"])
-    return _Plan(index, fill, model_states, extra, own_rng, differences, client_state)
+    return _Plan(index, fill, model_states, extra, own_rng, differences, client_state,
+                 compression)
 
 
 @torch.no_grad()
@@ -453,6 +508,11 @@ def load_checkpoint(engine, load_dir: str, tag=None, load_optimizer_states: bool
             f"state restores its hyperparameters): {'; '.join(plan.differences)}. To train "
             f"with the configured values, set them in engine.optimizer.param_groups after "
             f"loading, or pass load_optimizer_states=False (fresh moments)", stacklevel=3)
+    dropped = plan.compression.dropped if plan.compression is not None else None
+    if dropped is not None and engine.rank == 0:
+        warnings.warn(f"{CALLER}: {path} holds compressed communication's state this engine has "
+                      f"no place for, and it is dropped: {dropped}. To keep it, resume with the "
+                      f"compression settings it was saved with", stacklevel=3)
     _apply(engine, plan, load_optimizer_states, load_lr_scheduler_states, load_module_only)
     return path, plan.extra["client_state"]
 
@@ -508,7 +568,8 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
             if plan.client_state is not None:
                 engine.optimizer.client.install(*plan.client_state)
     if load_optimizer_states:
-        compression_state.restore(engine, index, plan.own_rng, _names(engine))
+        compression_state.restore(engine, index, plan.own_rng, _names(engine),
+                                  plan.compression)
     elif getattr(engine, "compression", None) is not None:
         engine.compression.reset()  # fresh moments, fresh residuals
     if load_lr_scheduler_states and engine.lr_scheduler is not None:

@@ -23,7 +23,7 @@ from zero_ext.checkpoint.engine_state import (
     _raise_together,
     set_value,
 )
-from zero_ext.checkpoint.files import SafetensorsReader
+from zero_ext.checkpoint.files import SafetensorsReader, dtype_problem
 from zero_ext.checkpoint.format import CheckpointError
 
 __all__ = ["load_weights"]
@@ -77,6 +77,9 @@ class _Weights:
             raise CheckpointError(f"zero_ext.load_weights: {error}") from None
         return reader.shape(name)
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self._reader(self.files[name]).dtype(name)
+
     def read_into(self, kind: str, name: str, start: int, out: torch.Tensor) -> None:
         """`kind` is always the weights themselves ("master": read and cast to fp32)."""
         self._reader(self.files[name]).read_into(name, start, out)
@@ -124,6 +127,12 @@ def load_weights(engine, path: str, strict: bool = True) -> list[str]:
             if weights.shape(key) != shape:
                 raise CheckpointError(f"zero_ext.load_weights: {key} is {weights.shape(key)} in "
                                       f"{path} and {shape} in the model")
+        # Checked before anything is written: trainable tensors are read into fp32 masters.
+        targets = [(n, torch.float32) for n in saved] + [(k, v.dtype) for k, v in others]
+        for key, dtype in targets:
+            problem = dtype_problem(weights.dtype(key), dtype)
+            if problem is not None:
+                raise CheckpointError(f"zero_ext.load_weights: {key} in {path}: {problem}")
         return weights, plan, others, unexpected
 
     opened, problem = _attempt(plan_and_check)
