@@ -295,8 +295,47 @@ def frozen_cases(save_dir: str | None = None, load_dir: str | None = None,
             "stale_eval": out["stale_eval"]}
 
 
+class WeightNormNet(nn.Module):
+    """Blocks under torch's weight_norm (a vocoder's layout): a forward pre-hook of the model's
+    own, registered before initialize, that reads each block's weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's: weight_norm is deprecated
+            self.blocks = nn.ModuleList(nn.utils.weight_norm(nn.Linear(DIM, DIM))
+                                        for _ in range(6))
+        self.head = nn.Linear(DIM, VOCAB)
+        self.gathered: list[int] = []  # units gathered after each block's forward
+
+    def forward(self, tokens, targets):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+            units = getattr(self, "engine_units", None)
+            if units is not None:
+                self.gathered.append(sum(u.state.value != "sharded" for u in units()))
+        return F.cross_entropy(self.head(x).flatten(0, 1), targets.flatten())
+
+
+def _build_weight_norm() -> WeightNormNet:
+    torch.manual_seed(0)
+    return WeightNormNet()
+
+
 def _special_cases(world_size: int, rank: int) -> dict:
     out = {}
+    # weight_norm's pre-hook runs after the unit's gather: each block is gathered for its own
+    # forward and released after, within the live limit (run first, on the released weights,
+    # it gathered every block and held all of them to the end of the forward).
+    model = _build_weight_norm()
+    unit = sum(p.numel() for p in model.blocks[0].parameters())
+    engine = _engine(model, world_size, _config(world_size, stage3_max_live_parameters=2 * unit,
+                                                stage3_prefetch_bucket_size=unit))
+    _train(engine, range(STEPS), world_size, rank)
+    out["weight_norm"] = dict(got=engine.full_state_dict(), gathered=max(model.gathered),
+                              reference=_reference([world_size] * STEPS, _build_weight_norm))
     # Small trainable parameters kept whole (norms, LoRA matrices under the threshold) need
     # the frozen base weights' backward: with the embedding's output not requiring grad, no
     # input gradient tells when the first block's backward ends.

@@ -58,6 +58,16 @@ def test_nothing_stays_gathered_after_backward_or_step(world_size):
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
+def test_a_models_own_pre_hook_reading_the_weights_runs_after_the_gather(world_size):
+    # weight_norm's pre-hook recomputes each block's weight from weight_g and weight_v: the
+    # gather runs before it, so the blocks are gathered one at a time within the live limit of
+    # two (it ran on the released weights first, gathering all six and holding them).
+    result = _run(world_size)[0]["weight_norm"]
+    _close(result["got"], result["reference"], f"weight_norm, {world_size} ranks")
+    assert result["gathered"] <= 2, result["gathered"]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
 def test_an_input_every_block_takes_releases_each_block_after_its_own_backward(world_size):
     """An encoder's output feeding every block's cross-attention: its gradient is complete only
     after the first block's backward, and every block waiting for it stayed gathered until

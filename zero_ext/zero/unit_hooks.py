@@ -265,12 +265,19 @@ class UnitHooks:
 
     def _hook_module(self, module: nn.Module, unit: GatherUnit) -> None:
         """Gather `unit` around `module`'s forward, and again when backward reaches it."""
-        def before(module, args, kwargs):
+        def gather(module, args):
             self.params.use(unit, "forward")
+
+        def before(module, args, kwargs):
             if unit.waits_for_inputs and torch.is_grad_enabled():
                 return self._release_after_inputs(unit, args, kwargs)
             return None
 
+        # The gather first, before the model's own pre-hooks (weight_norm's, spectral_norm's
+        # read the weights: run on the released ones, they gathered the unit and held it for
+        # the rest of the forward); the inputs' wrapping last, around the arguments the
+        # module's forward receives.
+        self._handles.append(module.register_forward_pre_hook(_eager(gather), prepend=True))
         self._handles.append(module.register_forward_pre_hook(_eager(before), with_kwargs=True))
         self._handles.append(module.register_forward_hook(_eager(
             lambda module, args, kwargs, output, unit=unit:
