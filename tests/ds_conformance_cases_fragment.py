@@ -48,6 +48,7 @@ from ds_conformance_cases import (
     collectively,
     ds_adam,
     expect_zero_ext_error,
+    full_params,
     loss_of,
     rank,
     reference_copy,
@@ -721,18 +722,79 @@ for _offload in ("none", "optimizer"):
                    for p in engine.module.parameters())
 
 
-@case(ZERO + "zero_ext::save_refused_inside_a_window_held_open")
+@case(ZERO + "zero_ext::resumed_settings_warning_skips_a_schedule_stepped_outside")
+def resumed_settings_warning(tmp):
+    """A load whose checkpoint holds other hyperparameters than the config warns (rank 0),
+    naming them; the checkpoint's win. A learning rate a torch scheduler moved, stepped outside
+    the engine (as Lightning and accelerate step theirs), is not such a setting: it was said
+    on every resume of such a run. Its rate comes back from the checkpoint either way."""
+    def engine_at(lr: float):
+        config = {**_gas_config(2, gas=1), "optimizer": {"type": "Adam", "params": {"lr": lr}}}
+        return build_engine(config, 42, lambda: SimpleModel(4, nlayers=2))
+
+    def load(engine, tag: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.load_checkpoint(tmp, tag=tag)
+        return [str(w.message) for w in caught if "other optimizer settings" in str(w.message)]
+
+    plain = engine_at(0.01)
+    train_engine(plain, 1, hidden=4, micro=1)
+    plain.save_checkpoint(tmp, tag="plain")
+    said = load(engine_at(0.02), "plain")
+    assert len(said) == (rank() == 0), said
+    assert all("group 0 lr: 0.01 in the checkpoint, 0.02 configured" in s for s in said), said
+    scheduled = engine_at(0.01)
+    outside = torch.optim.lr_scheduler.StepLR(scheduled.optimizer, step_size=1, gamma=0.5)
+    for step in range(2):
+        train_engine(scheduled, 1, start=step, hidden=4, micro=1)
+        outside.step()
+    scheduled.save_checkpoint(tmp, tag="scheduled")
+    resumed = engine_at(0.01)
+    assert load(resumed, "scheduled") == []
+    assert resumed.get_lr() == pytest.approx([0.0025], rel=1e-12)
+
+
+@case(ZERO + "zero_ext::save_inside_a_window_held_open")
 def save_inside_held_window(tmp):
-    """A window held open by set_gradient_accumulation_boundary(False) is mid-window even where
-    the micro-step count is a multiple of gradient_accumulation_steps: a save is refused."""
-    engine = build_engine(_gas_config(2, gas=2), 42, lambda: SimpleModel(4, nlayers=2))
-    engine.set_gradient_accumulation_boundary(False)
-    for micro in range(2):
-        engine.backward(engine(*batch(0, micro, rank(), 1, hidden=4)))
-        engine.step()
-    assert engine.micro_steps == 2 and engine.global_steps == 0
-    collectively(lambda: expect_zero_ext_error(
-        lambda: engine.save_checkpoint(tmp), "middle of a gradient accumulation window"))
+    """A save inside an accumulation window (here one held open by
+    set_gradient_accumulation_boundary(False), mid-window although the micro-step count is a
+    multiple of gradient_accumulation_steps) writes the state of the last completed step, as
+    DeepSpeed, accelerate's save_state and Lightning's ModelCheckpoint save at any batch (it
+    was refused, which stopped their loops); rank 0 says the window's gradients are not in
+    it. The run goes on with them: its step equals the uninterrupted run's. A load starts a
+    new window from the saved step."""
+    def run(save: bool):
+        engine = build_engine(_gas_config(2, gas=2), 42, lambda: SimpleModel(4, nlayers=2))
+        before = full_params(engine)
+        engine.set_gradient_accumulation_boundary(False)
+        for micro in range(3):
+            if micro == 2:
+                engine.set_gradient_accumulation_boundary(True)
+            engine.backward(engine(*batch(0, micro, rank(), 1, hidden=4)))
+            engine.step()
+            if micro == 1 and save:
+                assert engine.micro_steps == 2 and engine.global_steps == 0
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    engine.save_checkpoint(tmp, tag="held")
+                said = [str(w.message) for w in caught if "saved in the middle" in str(w.message)]
+                assert len(said) == (rank() == 0), said
+                assert all(words in said[0] for words in (
+                    "2 in this window so far", "last completed step (global_steps 0)",
+                    "starts a new window")) if said else True, said
+        assert engine.global_steps == 1
+        return before, full_params(engine)
+
+    before, saved_run = run(save=True)
+    _, uninterrupted = run(save=False)
+    assert all(torch.equal(saved_run[n], uninterrupted[n]) for n in uninterrupted)
+    assert any(not torch.equal(saved_run[n], before[n]) for n in before)
+    loaded = build_engine(_gas_config(2, gas=2), 7, lambda: SimpleModel(4, nlayers=2))
+    loaded.load_checkpoint(tmp, tag="held")
+    weights = full_params(loaded)
+    assert all(torch.equal(weights[n], before[n]) for n in before)
+    assert (loaded.global_steps, loaded.micro_steps) == (0, 0)
 
 
 # -- test_ds_config_dict.py: initialize's DeepSpeed arguments ----------------------------------

@@ -392,17 +392,6 @@ def _save_problem(engine, save_dir, client_state, names: list[str]) -> tuple[str
         return (f"save_dir is {save_dir!r}; pass the directory to save into "
                 f"(DeepSpeed refuses an empty one too, rather than write into the working "
                 f"directory)"), b""
-    accumulation = engine.batch.gradient_accumulation_steps
-    if engine._window_micro != 0:  # (windows also start at multiples of `accumulation`)
-        return (f"called in the middle of a gradient accumulation window "
-                f"(micro-step {engine.micro_steps}, {accumulation} per step, "
-                f"{engine._window_micro} in this window so far); the partial "
-                f"gradients would be lost. Save right after engine.step() completes an "
-                f"accumulation boundary"), b""
-    if engine._no_sync or engine.grad_buckets.unreduced():
-        return ("called with gradients of engine.no_sync() not reduced yet (inside it, or "
-                "before the window's last backward); they would be lost. Save right after "
-                "engine.step() completes an accumulation boundary"), b""
     client = getattr(engine.optimizer, "client", None)
     unsaved = client.saved_state()[3] if client is not None else None
     if unsaved is not None:
@@ -426,6 +415,29 @@ def _save_problem(engine, save_dir, client_state, names: list[str]) -> tuple[str
         detail, _ = _attempt(_unserializable, state, problem)
         return detail or f"engine_state.pt cannot be written ({problem}). Nothing was written", b""
     return None, data
+
+
+def _partial_window(engine) -> str | None:
+    """What a save inside an accumulation window leaves out (None at a boundary): the
+    gradients of the window's micro-batches so far. The checkpoint holds the weights and
+    optimizer state of the last completed step, which is what they are until the window's
+    step, and a load starts a new window (loading.restore_counters); a save there is what
+    DeepSpeed, accelerate's save_state and Lightning's ModelCheckpoint do at any batch."""
+    accumulation = engine.batch.gradient_accumulation_steps
+    if engine._window_micro != 0:  # (windows also start at multiples of `accumulation`)
+        held = (f"in the middle of a gradient accumulation window (micro-step "
+                f"{engine.micro_steps}, {accumulation} per step, {engine._window_micro} in "
+                f"this window so far)")
+    elif engine._no_sync or engine.grad_buckets.unreduced():
+        held = "with gradients of engine.no_sync() not reduced yet"
+    else:
+        return None
+    return (f"saved {held}: the checkpoint holds the weights and optimizer state of the last "
+            f"completed step (global_steps {engine.global_steps}), not those gradients; a run "
+            f"resumed from it starts a new window, and a data loader resumed past these "
+            f"micro-batches leaves them out of training. This run goes on with them. To "
+            f"resume exactly, save right after engine.step() completes an accumulation "
+            f"boundary")
 
 
 def _unserializable(state: dict, problem: str) -> str:
@@ -552,6 +564,9 @@ def save_checkpoint(engine, save_dir: str, tag=None, client_state=None,
                                     "client": client.saved_state()[:3] if client else None})
     _check_steps_agree(views, caller)
     _raise_if_any([v["problem"] for v in views], "save_checkpoint")
+    partial = _partial_window(engine)
+    if partial is not None and engine.rank == 0:
+        warnings.warn(f"{caller}: {partial}", UserWarning, stacklevel=3)
     rank_bound = _client_rank_bound(views)
     tags = [v["tag"] for v in views]
     if len(set(tags)) > 1:

@@ -220,9 +220,12 @@ def _optimizer_differences(engine, meta: dict, extra: dict, path: str) -> list[s
     differences = []
     for index, (group, saved) in enumerate(zip(mine, groups)):
         for key in sorted(set(group) | set(saved)):
-            if key in ("params", "initial_lr") or \
-                    (key == "lr" and engine.lr_scheduler is not None):
-                continue  # a schedule's lr follows its own state, compared below
+            if key in ("params", "initial_lr") or (key == "lr" and (
+                    engine.lr_scheduler is not None or "initial_lr" in saved)):
+                # A schedule's lr follows its own state, compared below; one stepped outside
+                # the engine (Lightning's, accelerate's; it left initial_lr in the group)
+                # restores its own with its state.
+                continue
             if saved.get("variance_frozen") and key in ("betas", "bias_correction",
                                                         "variance_frozen", "compressed_beta1"):
                 continue  # top-k's freeze_variance set them (ZeroOptimizer.freeze_variance)
