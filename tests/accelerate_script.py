@@ -13,13 +13,16 @@ with weight decay, a warm-up LambdaLR, clipping to 0.5. Stage 2 also stops after
 micro-batches of the second epoch with save_state, and a new model (other initial weights)
 and Accelerator load_state there and finish. The config-optimizer path (DummyOptim) runs
 against DDP with the same AdamW; stage 3 writes save_model and logs to TensorBoard; an fp16
-run skips its first steps on overflow; misuse cases record their error messages. Rank 0
+run skips its first steps on overflow; a tiny transformers GPT-2 at stage 3 checks the
+zero3_init_flag warning, a build under zero_ext.Init and the save_state / load_state pre-hooks
+(transformers_model_cases); misuse cases record their error messages. Rank 0
 writes OUT/results.json, every run's final weights in OUT/weights.pt, and OUT/zero3_saved/
 (save_model), OUT/zero3_logs/ (TensorBoard).
 `--env-config` runs the stage-2 loop once more, its config from ZERO_EXT_CONFIG, into
 OUT/results_env.json.
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -189,6 +192,91 @@ def misuse(out: str) -> dict:
     return errors
 
 
+def transformers_model_cases(out: str) -> dict:
+    """A transformers model (a tiny GPT-2) at stage 3, whose DeepSpeedPlugin has zero3_init_flag
+    on (the default at stage 3), as DeepSpeed + accelerate scripts build and save it: built
+    plainly, prepare() says the flag had no effect (transformers built it whole; under DeepSpeed
+    it would be partitioned); built under zero_ext.Init, it is partitioned as built, nothing is
+    said, and it trains. Its save_state / load_state pre-hooks get what they get under
+    DeepSpeed: the models list holding the engine, `weights` empty, and for loading no models;
+    the save hook writes `unwrap_model(model).save_pretrained(...)` with get_state_dict's
+    weights, as diffusers' and PEFT's scripts do."""
+    import warnings
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import zero_ext
+    from zero_ext.zero.construction import is_init_partitioned
+
+    architecture = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=8)
+    config = ds_config(3, zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 0})
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(2))
+    results = {}
+
+    def prepare(accelerator, model):
+        optimizer = torch.optim.AdamW(model.parameters(), **OPTIM)
+        loader = torch.utils.data.DataLoader(ids, batch_size=MICRO)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            prepared = accelerator.prepare(model, optimizer, loader)
+        said = [str(w.message) for w in caught if "zero3_init_flag" in str(w.message)]
+        return prepared, said
+
+    fresh_state()
+    accelerator = zero(3, config=config)()
+    results["flag"] = accelerator.zero_plugin.zero3_init_flag
+    torch.manual_seed(0)
+    _, results["said_plain"] = prepare(accelerator, GPT2LMHeadModel(architecture))
+
+    fresh_state()
+    accelerator = zero(3, config=config)()
+    hooks = {}
+
+    def save_hook(models, weights, output_dir):
+        hooks["save"] = [type(m).__name__ for m in models], len(weights)
+        for model in models:
+            module = accelerator.unwrap_model(model)
+            hooks["unwrapped"] = type(module).__name__
+            module.save_pretrained(os.path.join(output_dir, "hf"),
+                                   is_main_process=accelerator.is_main_process,
+                                   save_function=accelerator.save,
+                                   state_dict=accelerator.get_state_dict(model))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(
+        lambda models, input_dir: hooks.setdefault("load", [type(m).__name__ for m in models]))
+    torch.manual_seed(0)
+    with zero_ext.Init(config=config):
+        model = GPT2LMHeadModel(architecture)
+    partitioned = all(is_init_partitioned(p) and p.is_meta for p in model.parameters())
+    every_rank = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every_rank, partitioned)
+    results["built_partitioned"] = every_rank
+    (model, optimizer, loader), results["said_init"] = prepare(accelerator, model)
+    losses = []
+    for batch in loader:
+        with accelerator.accumulate(model):
+            loss = model(input_ids=batch, labels=batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+    results["losses"] = losses
+    folder = os.path.join(out, "gpt2_state")
+    accelerator.save_state(folder)
+    weights = final_weights(accelerator, model)
+    accelerator.load_state(folder)
+    results["hooks"] = hooks
+    results["files"] = sorted(os.listdir(folder))
+    if accelerator.is_main_process and "hf" in results["files"]:
+        # what save_pretrained wrote loads as the trained weights
+        reloaded = GPT2LMHeadModel.from_pretrained(os.path.join(folder, "hf")).state_dict()
+        results["reloaded_error"] = max(
+            (reloaded[name] - value).abs().max().item() for name, value in weights.items())
+        results["reloaded_names"] = sorted(reloaded) == sorted(weights)
+    return results
+
+
 def main(out: str) -> None:
     results, weights = {}, {}
     record, accelerator, model = train(plain)
@@ -244,6 +332,8 @@ def main(out: str) -> None:
     record, _, _ = train(zero(2, config=ds_config(2, fp16=fp16), mixed_precision="fp16"))
     results["zero2_fp16"] = record
 
+    results["transformers"] = transformers_model_cases(out) \
+        if importlib.util.find_spec("transformers") else None
     results["errors"] = misuse(out)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(os.path.join(out, "results.json"), "w") as f:

@@ -2,8 +2,9 @@
 
 Two launches of tests/accelerate_script.py, both 2 CPU ranks: torchrun runs the same loop with
 plain accelerate (DDP, the reference) and with zero_ext's Accelerator at stages 1-3, a
-save_state / load_state resume, the config-optimizer path, save_model, TensorBoard logging and
-the misuse errors; `accelerate launch --multi_gpu` runs the stage-2 loop with its config from
+save_state / load_state resume, the config-optimizer path, save_model, TensorBoard logging, a
+tiny GPT-2 at stage 3 (zero3_init_flag, zero_ext.Init, save/load pre-hooks) and the misuse
+errors; `accelerate launch --multi_gpu` runs the stage-2 loop with its config from
 ZERO_EXT_CONFIG. The distributed tests read their JSON results; the config's resolution and
 "auto" filling are checked in this process (no Accelerator is created here).
 """
@@ -11,6 +12,7 @@ ZERO_EXT_CONFIG. The distributed tests read their JSON results; the config's res
 import functools
 import glob
 import json
+import math
 import os
 import sys
 
@@ -178,6 +180,46 @@ def test_accelerate_launch_with_the_config_in_the_environment(runs):
     assert env["prepared"] == ["ZeroEngine", 2]
     assert env["losses"] == results["zero2"]["losses"]
     assert env["grad_norms"] == results["zero2"]["grad_norms"]
+
+
+def test_save_state_hooks_get_the_models_as_under_deepspeed(runs):
+    """register_save_state_pre_hook's hooks get the prepared models list (the engine: its
+    unwrap_model is the transformers model, whose save_pretrained writes get_state_dict's
+    weights) and `weights` empty, as on accelerate's DeepSpeed path ([DeepSpeedEngine], 0);
+    they got no models. accelerate writes no weights file of its own beside the engine
+    checkpoint. Load pre-hooks get no models, as under DeepSpeed (the engine loads itself)."""
+    _, results, _ = runs
+    case = results["transformers"]
+    if case is None:
+        pytest.skip("transformers is not installed")
+    assert case["hooks"]["save"] == [["ZeroEngine"], 0]
+    assert case["hooks"].get("unwrapped") == "GPT2LMHeadModel"
+    assert case["hooks"]["load"] == []
+    assert {"hf", "latest", "pytorch_model"} <= set(case["files"])
+    assert not {"model.safetensors", "pytorch_model.bin"} & set(case["files"])
+    assert case["reloaded_names"] is True  # from_pretrained of the hook's folder
+    assert case["reloaded_error"] == 0
+
+
+def test_zero3_init_flag_is_said_when_transformers_built_the_model_whole(runs):
+    """DeepSpeedPlugin's zero3_init_flag (on by default at stage 3) makes transformers build
+    under deepspeed.zero.Init; zero_ext does not take that path, so prepare() of a
+    transformers model built outside zero_ext.Init says so once (it was silently ignored),
+    and one built under zero_ext.Init(config=...) is partitioned on every rank as built,
+    with nothing said, and trains."""
+    _, results, _ = runs
+    case = results["transformers"]
+    if case is None:
+        pytest.skip("transformers is not installed")
+    assert case["flag"] is True
+    (message,) = case["said_plain"]
+    assert message.startswith("zero_ext.integrations.accelerate.Accelerator: accelerate's "
+                              "zero3_init_flag")
+    assert "transformers built this GPT2LMHeadModel whole on every rank" in message
+    assert "`with zero_ext.Init(config=...):`" in message and "load_weights" in message
+    assert case["built_partitioned"] == [True, True]
+    assert case["said_init"] == []
+    assert len(case["losses"]) == 2 and all(math.isfinite(v) for v in case["losses"])
 
 
 @pytest.mark.parametrize("case, fragment", [

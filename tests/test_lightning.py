@@ -181,6 +181,20 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(runs):
         _close(resumed["weights"][name], values)
 
 
+def test_strict_loading_false_resumes_a_module_with_a_buffer_the_checkpoint_lacks(runs):
+    """LightningModule.strict_loading = False reaches the engine's load_checkpoint
+    (load_module_strict), as Lightning's DeepSpeedStrategy passes it: the resume goes on as
+    the strict one does, and the buffer keeps the module's value (the load refused it)."""
+    results, _ = runs
+    loose, resumed = results["resumed_not_strict"], results["resumed"]
+    assert "error" not in loose, loose.get("error")
+    assert loose["extra"] == [7.0] * 3
+    assert loose["global_step"] == loose["engine_steps"] == MAX_STEPS
+    _close(loose["losses"], resumed["losses"], rtol=0, atol=0)
+    for name, values in resumed["weights"].items():
+        _close(loose["weights"][name], values, rtol=0, atol=0)
+
+
 def test_validate_with_ckpt_path_loads_the_checkpoint_weights(runs):
     """validate(ckpt_path=) on a fresh module: the loss of the checkpoint's weights, computed
     here in one process with plain torch."""

@@ -27,9 +27,13 @@ config comes from and how its "auto" values are filled is in _accelerate_config.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
+import sys
+import warnings
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -51,6 +55,7 @@ from zero_ext.integrations._accelerate_config import (
     micro_batch_size,
     resolve_plugin,
 )
+from zero_ext.zero.construction import is_init_partitioned
 
 __all__ = ["Accelerator"]
 
@@ -84,6 +89,18 @@ class _EngineScheduler(AcceleratedScheduler):
 
     def step(self, *args, **kwargs):
         pass
+
+
+def _holds_transformers_model(model: nn.Module) -> bool:
+    """Whether `model` is or wraps (a PEFT model, say) a transformers PreTrainedModel."""
+    transformers = sys.modules.get("transformers")  # not imported for a model without it
+    pretrained = getattr(transformers, "PreTrainedModel", None)
+    return pretrained is not None and any(isinstance(m, pretrained) for m in model.modules())
+
+
+def _with_models(hook, models: list, _walked: list, weights: list, output_dir: str):
+    """A save_state pre-hook called with `models` in place of the list accelerate walked."""
+    return hook(models, weights, output_dir)
 
 
 class Accelerator(_Accelerator):
@@ -154,6 +171,7 @@ class Accelerator(_Accelerator):
     def _create_engine(self, model, optimizer, scheduler, args):
         """The engine, its optimizer wrapper and the scheduler's wrapper (or None)."""
         check_optimizer_and_scheduler(self.zero_plugin.deepspeed_config, optimizer, scheduler)
+        self._check_zero3_init(model)
         # The config's accumulation wins over the Accelerator's, as under DeepSpeed.
         accumulation = config_accumulation(self.zero_plugin, self.gradient_accumulation_steps)
         if accumulation != self.gradient_accumulation_steps:
@@ -202,6 +220,27 @@ class Accelerator(_Accelerator):
         elif scheduler is not None:
             wrapped_scheduler = _EngineScheduler(engine_scheduler, self._engine_optimizer)
         return engine, self._engine_optimizer, wrapped_scheduler
+
+    def _check_zero3_init(self, model) -> None:
+        """DeepSpeedPlugin.zero3_init_flag (on by default at stage 3) makes transformers build
+        its models under deepspeed.zero.Init, partitioned as they are built. That switch runs
+        DeepSpeed's own code, which zero_ext leaves off (is_deepspeed_zero3_enabled() stays
+        False, docs/integrations/transformers.md), so a transformers model built outside
+        zero_ext.Init was whole on every rank: said, with what to do instead, rather than
+        ignored without a word."""
+        if not self.zero_plugin.zero3_init_flag or not _holds_transformers_model(model):
+            return
+        if any(is_init_partitioned(p) for p in model.parameters()) or not self.is_main_process:
+            return  # built under zero_ext.Init, what the flag asks for; or said by the main one
+        warnings.warn(
+            f"{NAME}: accelerate's zero3_init_flag (DeepSpeedPlugin(zero3_init_flag=...), "
+            "ACCELERATE_DEEPSPEED_ZERO3_INIT; on by default at stage 3) has no effect on "
+            f"zero_ext: transformers built this {type(model).__name__} whole on every rank, not "
+            "partitioned as under DeepSpeed. To build it partitioned, construct it inside "
+            "`with zero_ext.Init(config=...):` (from_config), and load pretrained weights after "
+            "prepare() with `model.load_weights(path)` (each rank reads its shards); "
+            "zero3_init_flag=False (ACCELERATE_DEEPSPEED_ZERO3_INIT=false) silences this",
+            stacklevel=4)
 
     def _compile(self, engine) -> None:
         """The Accelerator's dynamo_backend (`--dynamo_backend`, TorchDynamoPlugin), as
@@ -323,10 +362,18 @@ class Accelerator(_Accelerator):
         if self.engine is None:
             return super().save_state(output_dir, safe_serialization, **save_model_func_kwargs)
         full = self._without_engine_state()
+        hooks = self._save_model_state_pre_hook
+        # register_save_state_pre_hook's hooks get the models as on accelerate's DeepSpeed path
+        # (the prepared list, the engine in it: unwrap_model gives the user's module, for
+        # save_pretrained), and `weights` empty as there: accelerate's own loop walks the lists
+        # without the engine, so it writes no second copy of the weights beside the engine's.
+        self._save_model_state_pre_hook = OrderedDict(
+            (key, functools.partial(_with_models, hook, full[0])) for key, hook in hooks.items())
         try:
             location = super().save_state(output_dir, safe_serialization)
         finally:
             self._models, self._optimizers, self._schedulers = full
+            self._save_model_state_pre_hook = hooks
         self.engine.save_checkpoint(location, MODEL_NAME, **save_model_func_kwargs)
         return location
 

@@ -458,10 +458,13 @@ class ZeroStrategy(DDPStrategy):
                 f"zero_ext.integrations.lightning: {path} is not a checkpoint ZeroStrategy wrote "
                 "(a directory with a 'latest' file); to start from a plain Lightning .ckpt, "
                 "load its state_dict into the module before fit() instead of ckpt_path")
-        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        module = self.lightning_module
+        fitting = module.trainer.state.fn == TrainerFn.FITTING
+        # LightningModule.strict_loading False: buffers and frozen parameters the checkpoint
+        # lacks keep the module's values, as Lightning's strategies load them.
         _, client_state = self.engine.load_checkpoint(
-            path, load_optimizer_states=fitting, load_lr_scheduler_states=False,
-            load_module_only=not fitting)
+            path, load_module_strict=module.strict_loading, load_optimizer_states=fitting,
+            load_lr_scheduler_states=False, load_module_only=not fitting)
         return dict(client_state or {})
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
