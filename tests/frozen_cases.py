@@ -292,7 +292,7 @@ def frozen_cases(save_dir: str | None = None, load_dir: str | None = None,
             "modifier_raise": out["modifier_raise"],
             "threshold_left": out["threshold_left"], "grad_first_left": out["grad_first_left"],
             "cross_left": out["cross_left"], "qlora": out["qlora"],
-            "stale_eval": out["stale_eval"]}
+            "stale_eval": out["stale_eval"], "data_assigned": out["data_assigned"]}
 
 
 class WeightNormNet(nn.Module):
@@ -424,6 +424,81 @@ def _special_cases(world_size: int, rank: int) -> dict:
     with torch.no_grad():
         out["tied_head"] = model.body.tied(torch.ones(1, DIM)).cpu()
     out["tied_embed"] = model.body.embed.weight.detach().clone()
+    out["data_assigned"] = _data_assigned(world_size, rank)
+    return out
+
+
+def _assigned_values(name: str, param: torch.Tensor) -> torch.Tensor:
+    """What the modifier rank assigns to `name` with `param.data = ...` (a loaded weight)."""
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    return torch.randn(param.shape, generator=gen, dtype=param.dtype)
+
+
+def _build_assigned(names: list[str]) -> LoraNet:
+    model = _build(input_grads=False)
+    with torch.no_grad():
+        for name in names:
+            param = model.get_parameter(name)
+            param.copy_(_assigned_values(name, param))
+    return model
+
+
+# Partitioned trainable and frozen weights, a trainable norm kept whole in a persistent bucket
+# (threshold 50), and a frozen norm kept whole outside any bucket.
+_ASSIGNED = ["head.weight", "body.blocks.1.fc.base.weight", "body.blocks.0.norm.weight",
+             "body.blocks.2.norm.weight"]
+
+
+def _data_assigned(world_size: int, rank: int) -> dict:
+    """`param.data = tensor` after initialize: inside GatheredParameters(modifier_rank=0) the
+    modifier's tensor is every rank's (the other ranks assign other values); inside a
+    read-only one (rank 0 assigns) and on a released parameter it is an error on every rank
+    (it was thrown away silently: the next gather read the old shards)."""
+    out = {}
+    model = _build(input_grads=False)
+    engine = _engine(model, world_size, _config(world_size,
+                                                stage3_param_persistence_threshold=50))
+    params = [model.get_parameter(name) for name in _ASSIGNED]
+    with zero_ext.GatheredParameters(params, modifier_rank=0):
+        for name, param in zip(_ASSIGNED, params):
+            param.data = _assigned_values(name, param) if rank == 0 else \
+                torch.zeros_like(param)
+    kept = engine.full_state_dict()
+    out["modifier"] = {name: kept[name] for name in _ASSIGNED}
+    _train(engine, range(STEPS), world_size, rank)
+    out["modifier_trained"] = engine.full_state_dict()
+    if rank == 0:
+        out["modifier_reference"] = _reference(
+            [world_size] * STEPS, functools.partial(_build_assigned, _ASSIGNED))
+    before = engine.full_state_dict()
+    weight = model.body.blocks[2].out.weight
+    try:
+        with zero_ext.GatheredParameters([weight]):
+            if rank == 0:
+                weight.data = torch.ones_like(weight)
+        out["read_only"] = "no error"
+    except RuntimeError as error:
+        out["read_only"] = str(error)
+    # Another shape under a modifier rank: dropped on every rank, the rest of its changes kept.
+    try:
+        with zero_ext.GatheredParameters([weight, model.head.bias], modifier_rank=0):
+            if rank == 0:
+                weight.data = torch.ones(DIM, 2)
+                model.head.bias.data.fill_(3.0)
+        out["misfit"] = "no error"
+    except RuntimeError as error:
+        out["misfit"] = str(error)
+    try:
+        weight.data = torch.ones(DIM, DIM)
+        out["released"] = "no error"
+    except RuntimeError as error:
+        out["released"] = str(error)
+    out["released_numel"] = weight.numel()
+    after = engine.full_state_dict()
+    out["unchanged"] = [name for name, value in before.items()
+                        if name != "head.bias" and torch.equal(after[name], value)]
+    out["names"] = sorted(before)
+    out["bias"] = after["head.bias"]
     return out
 
 

@@ -144,6 +144,53 @@ def test_a_rank_raising_inside_gathered_parameters_does_not_leave_the_others_wai
     assert torch.equal(results[0]["modifier_raise"], results[1]["modifier_raise"])
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_data_assignment_on_the_modifier_rank_is_every_ranks(world_size):
+    """`param.data = tensor` inside GatheredParameters(modifier_rank=0), as model-loading code
+    does under DeepSpeed: rank 0's tensor is kept on every rank (the other ranks assigned
+    zeros), for partitioned trainable and frozen weights and parameters kept whole (the exit
+    broadcast the gathered buffer and dropped the tensor), and training goes on from it as a
+    single process started from those values does."""
+    results = _run(world_size)
+    for rank, result in enumerate(results):
+        kept = result["data_assigned"]["modifier"]
+        assert sorted(kept) == sorted(frozen_cases._ASSIGNED)
+        for name, value in kept.items():
+            assert torch.equal(value, frozen_cases._assigned_values(name, value)), (rank, name)
+        assert_close(result["data_assigned"]["modifier_trained"],
+                     results[0]["data_assigned"]["modifier_trained"], rtol=0, atol=0)
+    assigned = results[0]["data_assigned"]
+    _close(assigned["modifier_trained"], assigned["modifier_reference"],
+           f"{world_size} ranks, trained after .data assignments")
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_data_assignment_that_would_be_lost_is_an_error_on_every_rank(world_size):
+    """Inside a read-only GatheredParameters (rank 0 assigns) and with a tensor of another
+    shape under a modifier rank, the exit raises on every rank; on a released parameter the
+    assignment raises at once, naming the parameter and the fix. Nothing is changed but what
+    the modifier rank wrote in place (it was all silently thrown away before)."""
+    for rank, result in enumerate(_run(world_size)):
+        assigned = result["data_assigned"]
+        read_only = assigned["read_only"]
+        assert read_only.startswith("zero_ext.GatheredParameters: parameters were changed"), \
+            (rank, read_only)
+        assert "rank 0: body.blocks.2.out.weight (`.data =`" in read_only, read_only
+        assert "modifier_rank=" in read_only, read_only
+        misfit = assigned["misfit"]
+        assert "another shape or dtype" in misfit, (rank, misfit)
+        assert "body.blocks.2.out.weight: torch.float32 (24, 2) for torch.float32 (24, 24)" \
+            in misfit, misfit
+        released = assigned["released"]
+        assert released.startswith("zero_ext stage 3: `body.blocks.2.out.weight.data = "), \
+            (rank, released)
+        assert "GatheredParameters(param, modifier_rank=0): param.data.copy_(tensor)" \
+            in released, released
+        assert assigned["released_numel"] == 0  # still released, not holding the tensor
+        assert sorted(assigned["unchanged"]) == [n for n in assigned["names"] if n != "head.bias"]
+        assert bool((assigned["bias"] == 3.0).all()), rank
+
+
 def test_a_frozen_weight_two_modules_hold_stays_whole():
     result = _run(2)[0]
     assert result["tied_embed"].numel() == frozen_cases.VOCAB * frozen_cases.DIM

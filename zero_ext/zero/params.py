@@ -174,6 +174,11 @@ class GatherUnit:
         return self.has_frozen or self.leaf
 
 
+def _slot_view(unit: GatherUnit, i: int, slot) -> torch.Tensor:
+    """One parameter's values in the unit's gathered buffer of layout `i`."""
+    return unit.fulls[i][slot.offset:slot.offset + slot.numel].view(slot.shape)
+
+
 class _Prefetcher:
     """Records the order units are used in during the first step (forward calls and backward
     arrivals, separately), checks it is the same on every rank, and afterwards names the units
@@ -293,21 +298,43 @@ class _ReleasedParameter(nn.Parameter):
     gathers the unit when the use happens inside a forward (DeepSpeed's automatic external
     parameters) and raises an error naming the parameter and the fix anywhere else, instead of
     letting an operation compute silently on the empty placeholder. A gathered parameter is a
-    plain nn.Parameter again: it pays nothing per operation."""
+    plain nn.Parameter again: it pays nothing per operation. `param.data = tensor` is refused:
+    the next gather would point the parameter back at its shards' values, losing the tensor
+    (zero_ext's own gather and release go past the refusal: _point_at)."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         attribute = tensor_attribute(func)
+        setter = getattr(func, "__name__", "") == "__set__"
+        if setter and attribute == "data":
+            _refuse_data_assignment(args[0])
         if getattr(func, "__name__", "") in METADATA_FUNCTIONS or func is torch.Tensor.__eq__ \
-                or (attribute is not None and attribute not in VALUE_ATTRIBUTES) \
-                or getattr(func, "__name__", "") == "__set__":
+                or (attribute is not None and attribute not in VALUE_ATTRIBUTES) or setter:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         for value in dict.fromkeys(tensors_in((args, kwargs))):
             if isinstance(value, _ReleasedParameter):
                 _engine_of(value).partitioned.hooks.use_released(value)
         return func(*args, **kwargs)
+
+
+def _point_at(param: nn.Parameter, tensor: torch.Tensor) -> None:
+    """zero_ext's own `param.data = tensor` (gather, release), which a released parameter's
+    class would refuse."""
+    with torch._C.DisableTorchFunctionSubclass():
+        param.data = tensor
+
+
+def _refuse_data_assignment(param: nn.Parameter) -> None:
+    raise RuntimeError(
+        f"zero_ext stage 3: `{_name_of(param)}.data = tensor` on a partitioned parameter whose "
+        "unit is released (its values exist only as shards): the next gather would point it "
+        "back at the shards' values and the tensor would be lost. Write the values into the "
+        "shards instead, on every rank together: `with zero_ext.GatheredParameters(param, "
+        "modifier_rank=0): param.data.copy_(tensor)` (rank 0's tensor becomes every rank's; "
+        "`param.data = tensor` inside that context works too), or load them with "
+        "engine.load_checkpoint / engine.load_weights")
 
 
 class PartitionedParameters:
@@ -496,8 +523,14 @@ class PartitionedParameters:
             for slot, param in zip(layout.slots, unit.params[i]):
                 if type(param) is _ReleasedParameter:
                     param.__class__ = nn.Parameter
-                param.data = unit.fulls[i][slot.offset:slot.offset + slot.numel].view(slot.shape)
+                _point_at(param, _slot_view(unit, i, slot))
         unit.state = UnitState.GATHERED
+
+    def gathered_view(self, param: nn.Parameter) -> torch.Tensor | None:
+        """The view of its unit's gathered buffer that a partitioned parameter points at while
+        the unit is gathered (None while it is not): where its values are written back from."""
+        unit, i, slot = self._slot_of(param)
+        return _slot_view(unit, i, slot) if unit.state is UnitState.GATHERED else None
 
     def use(self, unit: GatherUnit, phase: str) -> None:
         """A unit is needed now (its forward, or backward reached it): gather it, and let the
@@ -606,7 +639,7 @@ class PartitionedParameters:
         empty = torch.empty(0, dtype=self.dtype, device=self.device)
         for members in unit.params:
             for param in members:
-                param.data = empty
+                _point_at(param, empty)  # (a unit released again: already of the class)
                 if type(param) is nn.Parameter:  # subclasses keep their class, unchecked
                     param.__class__ = _ReleasedParameter
         unit.fulls = [None] * len(unit.layouts)
@@ -804,6 +837,13 @@ class GatheredParameters:
     into every rank's parameters, stage-3 shards and fp32 master weights (or Init shards), and
     into the parameters an engine keeps whole without training them (frozen, or in no
     optimizer group). Parameters that neither an engine nor Init manages are left as they are.
+
+    `param.data = tensor` inside (the loading idiom) writes the tensor's values into the
+    parameter, as `param.data.copy_(tensor)` does, for the parameters an engine manages: the
+    parameter keeps its storage (the unit's gathered buffer, a flat buffer) and the tensor
+    must have its shape and dtype (another is an error at exit on every rank, the
+    assignment dropped); without modifier_rank it is a change like any other (undone, and an
+    error on every rank).
     """
 
     def __init__(self, params, modifier_rank: int | None = None, enabled: bool = True):
@@ -816,6 +856,10 @@ class GatheredParameters:
         self._init_gathered: list[nn.Parameter] = []
         self._whole: list[nn.Parameter] = []  # untrained parameters of an engine's model
         self._before: dict = {}
+        # The tensor each managed parameter points at on entry: for one not partitioned (a
+        # view of its flat buffer, or its own) what a `.data =` inside is written back into;
+        # partitioned ones go back to their unit's gathered buffer (PartitionedParameters).
+        self._entered: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     def __enter__(self):
         managed = []
@@ -829,18 +873,32 @@ class GatheredParameters:
                 managed.append(param)
         for engine, layouts in self._by_engine.items():
             self._held[engine] = engine.hold_layouts(layouts)
+        self._entered = [(p, p.data) for p in managed]
         if self.modifier_rank is None:
             # No rank may change them: a change is found at exit (the version counter, or the
             # values of whole-kept parameters, which no release would discard) and undone.
             self._before = {id(p): _snapshot(p) for p in managed}
         self._init_gathered = gather_init_params(self.params)
+        # Gathered from zero_ext.Init's shards (before initialize): checked as partitioned ones
+        # are, their release undoing any change a read-only context refuses.
+        self._entered += [(p, p.data) for p in self._init_gathered]
+        if self.modifier_rank is None:
+            self._before.update({id(p): (p, p._version, None) for p in self._init_gathered})
         _open_contexts.append(self)
         return self
 
     def __exit__(self, *exc):
         _open_contexts.remove(self)
         raised = exc[0] is not None
-        changed = self._undo_changes() if self.modifier_rank is None else []
+        # `.data =` assignments are taken back on every rank, before anything is compared or
+        # broadcast; with a modifier rank, their values written where the parameter's live.
+        assigned = self._take_back_assignments()
+        if self.modifier_rank is None:
+            changed = [f"{name} (`.data =` {misfit or 'a tensor'})" for name, misfit in assigned]
+            changed += [name for name in self._undo_changes()
+                        if name not in {n for n, _ in assigned}]
+        else:  # every rank raises after the broadcast
+            changed = [f"{name}: {misfit}" for name, misfit in assigned if misfit is not None]
         views = [(raised, changed)]
         collective = bool(self._by_engine or self._whole or self._init_gathered)
         broken = _broken_group(exc[0])
@@ -881,11 +939,47 @@ class GatheredParameters:
         if any(c for _, c in views):
             detail = "; ".join(f"rank {r}: {', '.join(c)}" for r, (_, c) in enumerate(views)
                                if c)
+            if self.modifier_rank is not None:
+                raise RuntimeError(
+                    "zero_ext.GatheredParameters: `param.data = tensor` with a tensor of another "
+                    f"shape or dtype than the parameter's ({detail}); a parameter's shape and "
+                    "dtype are fixed by the buffers zero_ext keeps it in, so the assignment is "
+                    f"dropped on every rank (the rest of rank {modifier}'s changes are kept). "
+                    "Assign a tensor of the parameter's shape and dtype "
+                    "(`param.data.copy_(tensor)` converts the dtype), or give the model its new "
+                    "shapes before initialize")
             raise RuntimeError(
                 "zero_ext.GatheredParameters: parameters were changed inside "
                 f"GatheredParameters(modifier_rank=None) ({detail}); the change is undone on "
                 "every rank. Pass modifier_rank=<the rank whose values to keep> to keep it")
         return False
+
+    @torch.no_grad()
+    def _take_back_assignments(self) -> list[tuple[str, str | None]]:
+        """Points each managed parameter given another tensor inside (`param.data = tensor`)
+        back at the storage its engine keeps its values in; with a modifier rank, the tensor's
+        values are written there when it has the parameter's shape and dtype (every rank does:
+        the broadcast then gives all the modifier's). Returns, per parameter assigned to, its
+        name and, for a tensor of another shape or dtype, what was assigned to what."""
+        assigned = []
+        for param, entered in self._entered:
+            home = _engine_of(param).partitioned.gathered_view(param) \
+                if _is_partitioned(param) else entered
+            current = param.data
+            # (Read-only: an assignment made before entering, in an enclosing context, is that
+            # context's to judge.)
+            if home is None or _same_view(current, home) or \
+                    (self.modifier_rank is None and _same_view(current, entered)):
+                continue
+            param.data = home
+            misfit = None
+            if current.shape != home.shape or current.dtype != home.dtype:
+                misfit = f"{current.dtype} {tuple(current.shape)} for {home.dtype} " \
+                    f"{tuple(home.shape)}"
+            elif self.modifier_rank is not None:
+                home.copy_(current)
+            assigned.append((_name_of(param), misfit))
+        return assigned
 
     def _undo_changes(self) -> list[str]:
         changed = []
@@ -922,6 +1016,12 @@ def _broken_group(error_type) -> bool:
     return error_type is not None and issubclass(error_type, CollectiveStallError)
 
 
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are the same elements of the same storage."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() \
+        and a.dtype == b.dtype and a.device == b.device
+
+
 def _snapshot(param: torch.Tensor) -> tuple:
     """What a read-only GatheredParameters compares at exit: the version counter, and the
     values of a parameter no release would discard (kept whole)."""
@@ -936,6 +1036,8 @@ def _is_partitioned(param: torch.Tensor) -> bool:
 
 def _name_of(param: torch.Tensor) -> str:
     engine = _engine_of(param) or _engine_of(param, "_zero_ext_whole")
+    if engine is None:  # built under zero_ext.Init, no engine yet to name it
+        return f"a parameter of shape {tuple(param.shape)} (before initialize)"
     return next((n for n, p in engine.module.named_parameters() if p is param), "?")
 
 
