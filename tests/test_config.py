@@ -867,15 +867,16 @@ def test_deepspeed_reads_a_config_of_strings_as_zero_ext_does():
 
 @pytest.mark.parametrize("section,key", [
     ("optimizer", "adam_w_mode"), ("optimizer", "bias_correction"),
-    ("activation_checkpointing", "cpu_checkpointing")])
+    ("activation_checkpointing", "cpu_checkpointing"), (None, "wall_clock_breakdown")])
 def test_bool_strings_are_refused_where_deepspeed_reads_the_key_as_given(section, key):
     # No pydantic model there: DeepSpeed tests the value's truth, so "false" is true. 0 and 1
     # mean the same in both.
     def config(value):
         if section == "optimizer":
             return {"optimizer": {"type": "Adam", "params": {key: value}}}
-        return {section: {key: value}}
-    path = f"{section}.params.{key}" if section == "optimizer" else f"{section}.{key}"
+        return {section: {key: value}} if section else {key: value}
+    path = f"{section}.params.{key}" if section == "optimizer" else \
+        f"{section}.{key}" if section else key
     assert error_of(config("false")) == (
         f"{path}: expected true or false, got 'false' (str): DeepSpeed reads this key as given, "
         "where any non-empty string counts as true; write JSON true or false")

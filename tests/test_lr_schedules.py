@@ -210,8 +210,8 @@ def test_a_resumed_schedule_keeps_its_own_length(cls):
     short = make(optimizer, 10)
     lr_sequence(short, optimizer, steps=6)
     resumed_optimizer = make_optimizer("adamw")
-    resumed = make(resumed_optimizer, 16)  # built before the load, as the engine builds it
-    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    resumed_optimizer.load_state_dict(optimizer.state_dict())  # torch's order: then the schedule
+    resumed = make(resumed_optimizer, 16)
     # zero_ext checkpoints written before held the settings too, or torch's counters; all load
     # the position only
     for saved in (short.state_dict(), {**short.__dict__, "optimizer": None},
@@ -346,21 +346,36 @@ def test_built_at_a_position_leaves_the_groups_and_steps_on_from_it(cls):
     (WarmupLR, {"warmup_num_steps": 4}),
     (WarmupDecayLR, {"total_num_steps": 20, "warmup_num_steps": 4, "warmup_max_lr": None}),
     (WarmupCosineLR, {"total_num_steps": 20, "warmup_num_steps": 4})])
-def test_base_rates_are_the_groups_lr_when_built(cls, params):
-    # DeepSpeed reads each group's lr when the scheduler is built; torch's initial_lr, left at
-    # 0.1 by an earlier StepLR that took the lr to 0.01, made the peak 10x too high.
-    from deepspeed.runtime import lr_schedules as ds
-
+def test_base_rates_follow_torchs_initial_lr_rule(cls, params):
+    # The base rate is the group's initial_lr, which the first scheduler built on the
+    # optimizer sets (torch's rule): inside torch's SequentialLR, whose members are all built
+    # up front (each moving lr), the schedule runs at the optimizer's rate, 0.1. DeepSpeed's
+    # reads lr when built, 0.01 after LinearLR's start factor: the one documented difference.
+    optimizer = make_optimizer("sgd", lrs=(0.1,))
+    first = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=2)
+    second = cls(optimizer, **params)
+    chained = torch.optim.lr_scheduler.SequentialLR(optimizer, [first, second], milestones=[2])
     rates = []
-    for make in (cls, getattr(ds, cls.__name__)):
-        optimizer = make_optimizer("sgd", lrs=(0.1,))
-        earlier = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)
+    for _ in range(12):
         optimizer.step()
-        earlier.step()
-        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
-        scheduler = make(optimizer, **params)
-        rates.append([])
-        for _ in range(8):
-            scheduler.step()
-            rates[-1].append(optimizer.param_groups[0]["lr"])
-    assert rates[0] == pytest.approx(rates[1], rel=1e-12) and max(rates[0]) <= 0.01 + 1e-12
+        chained.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    alone_optimizer = make_optimizer("sgd", lrs=(0.1,))
+    alone = cls(alone_optimizer, **params)
+    want = []
+    for _ in range(10):
+        alone_optimizer.step()
+        alone.step()
+        want.append(alone_optimizer.param_groups[0]["lr"])
+    assert rates[2:] == pytest.approx(want, rel=1e-12), (rates, want)
+    assert optimizer.param_groups[0]["initial_lr"] == 0.1
+
+
+@pytest.mark.parametrize("cls", [WarmupLR, WarmupDecayLR, WarmupCosineLR])
+def test_built_at_a_position_leaves_a_tensor_lr_as_it_was(cls):
+    parameter = nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.Adam([parameter], lr=torch.tensor(0.1))
+    scheduler = cls(optimizer, last_batch_iteration=6, **_PARAMS[cls])
+    assert optimizer.param_groups[0]["lr"].item() == pytest.approx(0.1)
+    scheduler.step()
+    assert scheduler.last_batch_iteration == 7

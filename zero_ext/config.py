@@ -1790,7 +1790,9 @@ class ZeroConfig(_Section):
         self.data_types = _section("data_types", self.data_types, DataTypesConfig)
         self.steps_per_print = _optional(_check_int, "steps_per_print", self.steps_per_print,
                                          lo=1)
-        self.wall_clock_breakdown = _check_bool("wall_clock_breakdown", self.wall_clock_breakdown)
+        # DeepSpeed reads it as given (a string there is true)
+        self.wall_clock_breakdown = _check_bool("wall_clock_breakdown", self.wall_clock_breakdown,
+                                                strings=False)
         self.zero_ext = _section("zero_ext", self.zero_ext, ZeroExtSettings)
         if self.fp16.enabled and self.bf16.enabled:
             raise ConfigError("fp16.enabled", "fp16 and bf16 are both enabled; enable at most "

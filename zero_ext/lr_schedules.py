@@ -20,9 +20,10 @@ so here::
 and the learning rate after ``k`` calls of ``step()`` is DeepSpeed's formula at ``i = k - 1``,
 which reproduces DeepSpeed's sequence exactly, including its first value (``i = -1``: the
 minimum learning rate for WarmupLR / WarmupDecayLR, 0 for WarmupCosineLR). The base learning
-rates (WarmupLR's ``warmup_max_lr`` None, WarmupCosineLR's ratios) are the groups' ``lr`` when
-the scheduler is built, as DeepSpeed reads them, whatever ``initial_lr`` an earlier torch
-scheduler left there. With
+rates (WarmupLR's ``warmup_max_lr`` None, WarmupCosineLR's ratios) follow torch's rule: each
+group's ``initial_lr``, which the first scheduler built on the optimizer sets to its ``lr``
+(DeepSpeed reads ``lr`` when built, which differs only after another schedule moved it:
+docs/deepspeed-compat.md). With
 ``W = max(2, warmup_num_steps)`` (DeepSpeed's clamp) the warmup fraction for ``0 <= i < W`` is::
 
     g(i) = log(i + 1) / log(W)      (warmup_type "log")
@@ -73,15 +74,19 @@ class _DeepSpeedSchedule(LRScheduler):
     ``last_batch_iteration``, DeepSpeed's step(), state dicts and constructor position."""
 
     def _start(self, optimizer: torch.optim.Optimizer, last_batch_iteration: int) -> None:
-        """torch's set-up, with the groups' current learning rates as the base ones, then the
-        position: -1 writes the first learning rates into the groups, another leaves them."""
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["initial_lr"] = lr.clone() if torch.is_tensor(lr) else lr
+        """torch's set-up (the base learning rates are the groups' initial_lr, set to their lr
+        by the first scheduler built on them: torch's rule, which SequentialLR and a resume
+        that loads the optimizer before building the schedule rely on), then the position: -1
+        writes the first learning rates into the groups, another leaves them as they are."""
+        lrs = [group["lr"].clone() if torch.is_tensor(group["lr"]) else group["lr"]
+               for group in optimizer.param_groups]
         LRScheduler.__init__(self, optimizer)
         if last_batch_iteration != -1:
             for group, lr in zip(optimizer.param_groups, lrs):
-                group["lr"] = lr
+                if torch.is_tensor(group["lr"]):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
             self.last_epoch = last_batch_iteration + 1
             self._last_lr = self.get_lr()
 

@@ -5,8 +5,8 @@ Called by ZeroEngine.save_checkpoint (collective: every rank calls it). The form
 in zero_ext/checkpoint/format.py.
 
 Before anything is written, every rank's reasons not to save (its step counts, a non-finite
-optimizer state, a client_state that is not plain data, a save in the middle of an
-accumulation window) are exchanged in one all-gather. Then saving writes into
+optimizer state, a client_state that is not plain data) are exchanged in one all-gather (a
+save in the middle of an accumulation window is said in a warning: _partial_window). Then saving writes into
 `<save_dir>/<tag>.partial/` under a lock file naming this job; when every rank reports its
 files written and fsynced, rank 0 writes the manifest (sizes and checksums), renames the
 directory to `<save_dir>/<tag>/` (format.publish: a complete copy is always findable) and only
