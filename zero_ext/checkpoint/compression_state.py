@@ -201,23 +201,22 @@ def _resharded_names(engine, index, names: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def restore(engine, index, own_file: str | None, names: list[str], how: Restore) -> str:
-    """Sets the engine's compression state from the checkpoint as plan() decided; returns how:
-    "exact", "resharded" or "empty" (the same on every rank: it depends only on the
-    metadata)."""
+def restore(engine, index, own_file: str | None, names: list[str], how: Restore) -> None:
+    """Sets the engine's compression state from the checkpoint as plan() decided (how.how:
+    "exact", "resharded" or "empty", the same on every rank)."""
     feedback = _feedback(engine)
     if not feedback:
-        return "empty"
+        return
     compression = engine.compression
     compression.variance_settled = False  # the loaded optimizer's, found at the next step
     if how.how == "exact":
         reader = index.reader(own_file)
         compression.load_tensors({key: reader.read(_EXACT + key).to(tensor.device)
                                   for key, tensor in compression.tensors().items()})
-        return "exact"
+        return
     compression.reset()
     if how.how == "empty":
-        return "empty"
+        return
     # A parameter frozen when saved had no residual (loading.py's _unfrozen_since): zero.
     trained = set(_resharded_names(engine, index, names))
     for layout in engine.layouts:
@@ -239,4 +238,3 @@ def restore(engine, index, own_file: str | None, names: list[str], how: Restore)
         fb.from_flat_total(flats["ef_total"], engine.world_size, **extra)
         # Loss-scale-free units: the next reduction rescales them to its scale.
         compression.residual_loss_scale[layout.index] = 1.0
-    return "resharded"

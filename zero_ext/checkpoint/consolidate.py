@@ -24,7 +24,6 @@ import torch
 from zero_ext.checkpoint.engine_state import (
     _attempt,
     _bucket_shapes,
-    _frozen_keys,
     _raise_together,
 )
 from zero_ext.checkpoint.files import (
@@ -147,10 +146,8 @@ def save_engine_model(engine, output_path: str, exclude_frozen_parameters: bool 
     hold whole before writing. Collective: stage 3 units are gathered one at a time on every
     rank and only the writing ranks keep each, so for safetensors no rank ever holds more
     than one unit beyond its shards. Returns the file's path."""
-    state = engine.module.state_dict(keep_vars=True)
-    if exclude_frozen_parameters:
-        for key in _frozen_keys(engine):
-            del state[key]
+    state = engine.module_state_dict(keep_vars=True,
+                                     exclude_frozen_parameters=exclude_frozen_parameters)
     torch_file = _torch_file_name(output_path)
     target = os.path.abspath(output_path) if torch_file else _output_path_name(output_path)
     _warn_gather_key(engine, target)

@@ -169,10 +169,6 @@ class _ZeroTrainerMixin:
             # starts again over this run's steps, as the Trainer recreates the one it made
             # (one given with optimizers= goes on).
             if not self._given_scheduler:
-                # From the learning rates the first schedule started from (a schedule reads its
-                # base rates from the groups when built, and the first left them decayed).
-                for group in self.engine.optimizer.param_groups:
-                    group["lr"] = group.get("initial_lr", group["lr"])
                 scheduler = self._schedule(self._filled_config(max_steps), max_steps)(
                     self.engine.optimizer)
                 self.engine.lr_scheduler = scheduler
