@@ -605,6 +605,61 @@ class _PassThroughBlock(nn.Module):
         return torch.tanh(self.fc(x)) + bias, bias
 
 
+class TwoTowers(nn.Module):
+    """CLIP's layout: a text tower registered before a vision tower that the forward runs
+    first, the loss reading both; backward reaches the text blocks first, the reverse of the
+    buckets' index order (reverse registration)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.text = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(3))
+        self.vision = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(3))
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens, targets):
+        x = self.embed(tokens)
+        vision = text = x
+        for block in self.vision:
+            vision = vision + torch.tanh(block(vision))
+        for block in self.text:
+            text = text + torch.tanh(block(text))
+        return F.cross_entropy(self.head(vision + text).float().view(-1, VOCAB),
+                               targets.view(-1))
+
+
+def launch_order_cases() -> dict:
+    """TwoTowers at stages 2 and 3 for three steps, against single-process training; `held`,
+    at each tower block's backward (before it), per step: the buckets complete but not yet
+    reduced (their gradients, and at stage 3 their units, held meanwhile) and the units
+    gathered."""
+    world_size, rank = comm.world_size(), comm.rank()
+    out = {}
+    for stage in (2, 3):
+        model, reference = _model_and_reference(TwoTowers)
+        # One unit prefetched, none kept for reuse (DeepSpeed's defaults gather them all).
+        engine, _, _, _ = zero_ext.initialize(model=model, config=config(
+            stage, "fp32", 1, world_size, stage3_prefetch_bucket_size=1,
+            stage3_max_reuse_distance=0))
+        buckets, held = engine.grad_buckets, []
+
+        def watch(module, grad_output):
+            held[-1].append((
+                sum(b.state.value == "ready" for b in buckets.buckets),
+                _gathered_units(engine) if engine.partitioned is not None else 0))
+
+        for block in [*model.text, *model.vision]:
+            block.register_full_backward_pre_hook(watch)
+        for step in range(3):
+            held.append([])
+            tokens, targets = global_batch(step, world_size, 1)
+            engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+            engine.step()
+        out[stage] = dict(got=host_params(model, engine), held=held,
+                          reference=train_reference_steps(reference, 3))
+    return out
+
+
 def _model_and_reference(cls):
     """Two instances of `cls` from seed 0: one for the engine, one for the torch reference."""
     torch.manual_seed(0)

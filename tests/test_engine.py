@@ -289,6 +289,28 @@ def test_stage3_blocks_passing_a_tensor_through_train_as_single_process():
         _assert_trained_as_reference(got, rank)
 
 
+@functools.cache
+def _launch_order(world_size):
+    return run_group(world_size, engine_cases.launch_order_cases)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_buckets_reduce_in_the_order_backward_completes_them(world_size, stage):
+    """Modules run in another order than registered (CLIP's towers): each bucket is reduced as
+    soon as backward completes it, in the first step too, instead of waiting, gradients (and
+    units) held, for the buckets ahead of it in index order; training is unchanged."""
+    for rank, result in enumerate(_launch_order(world_size)):
+        got = result[stage]
+        for step, seen in enumerate(got["held"]):
+            assert len(seen) == 6, (rank, step, seen)
+            # Complete buckets waiting for others, and units gathered besides the block's own
+            # (its gather comes after this hook) and the one prefetched.
+            assert max(waiting for waiting, _ in seen) == 0, (rank, step, seen)
+            assert max(gathered for _, gathered in seen) <= 1, (rank, step, seen)
+        _assert_trained_as_reference(got, rank)
+
+
 def test_stage3_evaluation_before_and_between_steps_leaves_nothing_gathered():
     for rank, result in enumerate(_stage3_special(2)):
         got = result["evaluation"]

@@ -264,6 +264,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             on_reduced=self.partitioned.layout_reduced if self.partitioned else None,
             on_final=self.offload.grad_ready if self.offload else None,
             compression=self.compression if self.compression.compresses_gradients else None)
+        self.grad_buckets.watch_first_use(self.module)
         if self.partitioned is not None:  # weakly: the buckets hold the units already
             reduce_now = weakref.WeakMethod(self.grad_buckets.reduce_now)
             self.partitioned.on_backward_over = lambda indices: reduce_now()(indices)

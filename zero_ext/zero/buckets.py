@@ -10,8 +10,13 @@ and the bucket's collective starts asynchronously while autograd goes on with ea
            or, with data_types.grad_accum_dtype fp32, the bucket's fp32 `window`)
   stage 2  reduce-scatter on every micro-step; the shard is accumulated in fp32 across them
   stage 3  as stage 2, per gather unit; then the unit's full parameters are released
-Collectives start in bucket order, whatever order gradients arrive in, so every rank issues the
-same sequence of collectives even when some parameters receive no gradient. With compressed
+Collectives start in one launch order agreed by every rank, whatever order gradients arrive in,
+so every rank issues the same sequence of collectives even when some parameters receive no
+gradient. In the first backward that reduces it is the reverse of the order the forwards before
+it first used the buckets' parameters in; from the next one on, the order that first one
+completed its buckets in (rank 0's orders, given to every rank). A bucket complete before the ones ahead of it waits for them, holding
+its gradients (and at stage 3 its unit's full parameters): in registration order, a model whose
+modules run in another order (CLIP's towers) held nearly all of them to the end of backward. With compressed
 gradients (zero/compression.py) the bucket's reduction is the compressed one, started the same
 way; its handle's wait() finishes it (dequantize and sum, or scatter the top-k entries).
 """
@@ -124,7 +129,15 @@ class GradientBuckets:
                 self._where[param] = (bucket, position)
         self.held: set[int] = set()  # see hold_for_leaves
         self._counted_as_zero: set[int] = set()
+        # The launch order (bucket indices, the same on every rank) and where it has got to.
+        self._order = list(range(len(self.buckets)))
         self._next_launch = 0
+        # The order this rank's buckets were complete in, in the first backward that reduces
+        # (None once every rank has taken rank 0's as the launch order).
+        self._completed: list[int] | None = []
+        # See watch_first_use (None: not watched, or the first reducing backward has begun).
+        self._first_use: dict[int, None] | None = None
+        self._first_use_hooks: list = []
         self._active = False       # inside engine.backward
         self._reduce_now = False   # this backward reduces (boundary, or every one in stage 2)
         self._micro_index = 0      # micro-step within the accumulation window (stage 2)
@@ -143,14 +156,39 @@ class GradientBuckets:
 
     def remove_hooks(self) -> None:
         """engine.destroy(): the parameters' gradients are autograd's own again."""
-        for handle in self._handles:
+        for handle in self._handles + self._first_use_hooks:
             handle.remove()
         self._handles = []
 
     # -- backward ---------------------------------------------------------------------------
+    def watch_first_use(self, model: torch.nn.Module) -> None:
+        """Until the first backward that reduces: records the order the forwards first use the
+        buckets' parameters in (each module with parameters of ours hooked before its forward),
+        whose reverse is that backward's launch order."""
+        bucket_of = {id(p): bucket.layout.index for bucket in self.buckets for p in bucket.params}
+        first_use = self._first_use = {}
+
+        def hook(indices: list[int]):
+            return lambda module, args: first_use.update(dict.fromkeys(
+                [i for i in indices if i not in first_use]))
+
+        for module in model.modules():
+            indices = list(dict.fromkeys(bucket_of[id(p)] for p in module.parameters(False)
+                                         if id(p) in bucket_of))
+            if indices:
+                self._first_use_hooks.append(module.register_forward_pre_hook(hook(indices)))
+
     def begin_backward(self, boundary: bool, micro_index: int) -> None:
         self._active = True
         self._reduce_now = boundary or self.stage >= 2
+        if self._reduce_now and self._first_use is not None:
+            # Collective (every rank's first reducing backward): the buckets in the reverse of
+            # their first use, those no module's forward used after them in index order.
+            first_use = list(self._first_use)[::-1]
+            self._first_use = None
+            for handle in self._first_use_hooks:
+                handle.remove()
+            self._agree_order(first_use + sorted(set(self._order).difference(first_use)))
         self._micro_index = micro_index
         self._boundary = boundary
         self._next_launch = 0
@@ -187,7 +225,7 @@ class GradientBuckets:
             return  # else autograd accumulates into .grad
         bucket.arrived.add(position)
         if len(bucket.arrived) == len(bucket.params) and bucket.layout.index not in self.held:
-            bucket.state = BucketState.READY
+            self._mark_ready(bucket)
             self._launch_ready()
 
     def hold_for_leaves(self, indices: set[int]) -> None:
@@ -209,15 +247,29 @@ class GradientBuckets:
         if not self._reduce_now:
             return
         for index in indices:
-            bucket = self.buckets[index]
-            if bucket.state is BucketState.WAITING:
-                bucket.state = BucketState.READY
+            self._mark_ready(self.buckets[index])
         self._launch_ready()
 
+    def _mark_ready(self, bucket: GradientBucket) -> None:
+        if bucket.state is BucketState.WAITING:
+            bucket.state = BucketState.READY
+            if self._completed is not None:
+                self._completed.append(bucket.layout.index)
+
+    def _agree_order(self, mine: list[int]) -> None:
+        """Collective: rank 0's order (a permutation of the bucket indices) becomes every
+        rank's launch order. Any order issued alike by every rank is correct; the one that
+        follows backward frees each bucket's gradients (and unit) soonest."""
+        order = comm.all_gather_object(mine)[0]
+        if sorted(order) != list(range(len(self.buckets))):
+            raise RuntimeError(f"zero_ext: internal error: bucket launch order {order} is not "
+                               f"a permutation of the {len(self.buckets)} buckets")
+        self._order = order
+
     def _launch_ready(self) -> None:
-        while (self._next_launch < len(self.buckets)
-               and self.buckets[self._next_launch].state is BucketState.READY):
-            self._launch(self.buckets[self._next_launch])
+        while (self._next_launch < len(self._order)
+               and self.buckets[self._order[self._next_launch]].state is BucketState.READY):
+            self._launch(self.buckets[self._order[self._next_launch]])
             self._next_launch += 1
 
     def _launch(self, bucket: GradientBucket) -> None:
@@ -259,7 +311,7 @@ class GradientBuckets:
             # gradient, which stages 2 and 3 partition to avoid) and, with offload, its
             # gradient goes to the host while backward goes on. On NCCL the wait only orders
             # the compute stream after that earlier collective; it does not block the host.
-            self._finish(self.buckets[self._next_launch - 1])
+            self._finish(self.buckets[self._order[self._next_launch - 1]])
 
     def _finish(self, bucket: GradientBucket) -> None:
         if bucket.state is not BucketState.REDUCING:
@@ -315,11 +367,14 @@ class GradientBuckets:
         """Starts what has not started (parameters that got no gradient) and waits for all."""
         try:
             if self._reduce_now:
-                for bucket in self.buckets[self._next_launch:]:
-                    bucket.state = BucketState.READY
+                for index in self._order[self._next_launch:]:
+                    self._mark_ready(self.buckets[index])
                 self._launch_ready()
-                for bucket in self.buckets:
-                    self._finish(bucket)
+                for index in self._order:
+                    self._finish(self.buckets[index])
+                if self._completed is not None:
+                    completed, self._completed = self._completed, None
+                    self._agree_order(completed)
         finally:
             self._active = False
 
