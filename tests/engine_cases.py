@@ -643,7 +643,7 @@ def launch_order_cases() -> dict:
             stage3_max_reuse_distance=0))
         buckets, held = engine.grad_buckets, []
 
-        def watch(module, grad_output):
+        def watch(module, grad_output, engine=engine, buckets=buckets, held=held):
             held[-1].append((
                 sum(b.state.value == "ready" for b in buckets.buckets),
                 _gathered_units(engine) if engine.partitioned is not None else 0))
