@@ -23,8 +23,9 @@ from zero_ext.arguments import add_config_arguments, init_distributed
 from zero_ext.config import ZeroConfig
 from zero_ext.elastic_sampler import ElasticSampler
 from zero_ext.engine import ZeroEngine, initialize
+from zero_ext.zero.gathered import GatheredParameters
 from zero_ext.zero.leaves import set_z3_leaf_modules
-from zero_ext.zero.params import GatheredParameters, Init, register_external_parameter
+from zero_ext.zero.params import Init, register_external_parameter
 
 # The same function under the name DeepSpeed's examples use.
 initialize_engine = initialize

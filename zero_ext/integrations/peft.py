@@ -57,7 +57,7 @@ def save_adapters(engine, output_dir, *, should_save: bool, **save_pretrained_kw
     model = engine.module
     if not is_peft_model(model):
         return False
-    from zero_ext.zero.params import GatheredParameters
+    from zero_ext.zero.gathered import GatheredParameters
 
     if "state_dict" in save_pretrained_kwargs:
         raise ValueError("zero_ext.integrations.peft.save_adapters: the state dict is gathered "
@@ -87,7 +87,7 @@ def _partitioned_peft_saves(engine, kwargs: dict) -> dict:
     from peft.utils import get_peft_model_state_dict
 
     from zero_ext.checkpoint.engine_state import _bucket_shapes
-    from zero_ext.zero.params import _is_partitioned
+    from zero_ext.zero.gathered import _is_partitioned
 
     model = engine.module
     shapes = _bucket_shapes(engine)
@@ -192,7 +192,7 @@ def gather_dora_lora_weights(engine) -> None:
 def _state_dict_unread_partitioned(model: torch.nn.Module) -> dict:
     """model.state_dict() without reading stage 3's partitioned parameters (they hold no
     values here: an entry of one is the parameter itself, and reading it raises, naming it)."""
-    from zero_ext.zero.params import _is_partitioned
+    from zero_ext.zero.gathered import _is_partitioned
 
     return {key: value if "_zero_ext_engine" in value.__dict__ and _is_partitioned(value)
             else value.detach() for key, value in model.state_dict(keep_vars=True).items()}
@@ -200,7 +200,7 @@ def _state_dict_unread_partitioned(model: torch.nn.Module) -> dict:
 
 def _partitioned_trainable(model: torch.nn.Module) -> list[str]:
     """The trainable parameters a stage-3 engine holds as shards on this rank."""
-    from zero_ext.zero.params import _is_partitioned
+    from zero_ext.zero.gathered import _is_partitioned
 
     return [name for name, p in model.named_parameters()
             if p.requires_grad and "_zero_ext_engine" in p.__dict__ and _is_partitioned(p)]

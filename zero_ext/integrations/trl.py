@@ -64,7 +64,8 @@ def gathered_lm_head(*params):
     Function's backward) a released unit is gathered for the block with
     ``zero_ext.GatheredParameters``, and a gathered one is used as it is. Any other parameter
     goes to TRL's own function (DeepSpeed's gather, or nothing)."""
-    from zero_ext.zero.params import _engine_of, _is_partitioned
+    from zero_ext.zero.gathered import _is_partitioned
+    from zero_ext.zero.params import _engine_of
 
     ours = {id(p): p for p in params
             if p is not None and _engine_of(p) is not None and _is_partitioned(p)}

@@ -17,16 +17,16 @@ bitsandbytes' 4-bit ones stored in the model's dtype, which keep their class and
 
 PartitionedParameters holds the shards and does the gathers, releases and prefetches; the
 module hooks that call them as the model runs, and the external parameters, are its
-UnitHooks (zero/unit_hooks.py).
+UnitHooks (zero/unit_hooks.py); a unit's state is a GatherUnit (zero/units.py); which units to
+gather ahead is its Prefetcher's (zero/prefetch.py); GatheredParameters (zero/gathered.py)
+holds units open through it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import warnings
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,9 +37,7 @@ from zero_ext.zero.construction import (
     VALUE_ATTRIBUTES,
     Init,
     check_initializers,
-    gather_init_params,
     materialize,
-    release_init_params,
     tensor_attribute,
     tensors_in,
 )
@@ -48,10 +46,12 @@ from zero_ext.zero.leaves import enclosing_leaves, is_leaf
 from zero_ext.zero.offload import host_buffer
 from zero_ext.zero.partition import BucketLayout
 from zero_ext.zero.precision import packed_4bit
+from zero_ext.zero.prefetch import Prefetcher
 from zero_ext.zero.unit_hooks import UnitHooks, replaying
+from zero_ext.zero.units import GatherUnit, UnitState
 
-__all__ = ["GatherUnit", "GatheredParameters", "Init", "PartitionedParameters", "UnitState",
-           "check_initializers", "find_units", "materialize", "register_external_parameter"]
+__all__ = ["GatherUnit", "Init", "PartitionedParameters", "UnitState", "check_initializers",
+           "find_units", "materialize", "register_external_parameter"]
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
@@ -111,185 +111,9 @@ def _holds_leaf(module: nn.Module, unit_params: list[list[nn.Parameter]]) -> boo
                for m in module.modules())
 
 
-class UnitState(enum.Enum):
-    SHARDED = "sharded"      # parameters hold empty tensors; only the shard exists
-    GATHERING = "gathering"  # a prefetch all-gather is in flight into the full buffers
-    GATHERED = "gathered"    # parameters are views of the full buffers
-
-
-@dataclass(eq=False)
-class GatherUnit:
-    module: nn.Module
-    layouts: list[BucketLayout]              # one per optimizer group among its parameters,
-                                             # then one of its frozen parameters (if any)
-    params: list[list[nn.Parameter]]         # per layout, in slot order
-    shards: list[torch.Tensor]               # per layout, this rank's slice (model dtype)
-    fulls: list[torch.Tensor | None] = field(default_factory=list)  # gathered buffers
-    state: UnitState = UnitState.SHARDED
-    reduced: int = 0                         # layouts reduced in the current backward
-    # Frozen parameters' backward (their inputs' gradients) reduces nothing: the forwards
-    # whose inputs' gradients this backward has not computed yet, and the trainable parameters
-    # in its modules outside its buckets (kept whole, or an inner unit's: their gradients may
-    # need the frozen weights' backward) and how many of them have their gradient so far
-    # (see UnitHooks).
-    inputs_pending: int = 0
-    inputs_registered: int = 0  # forwards hooked since the last backward that freed its graph
-    outside_trainable: int = 0
-    outside_seen: int = 0
-    backward_done: bool = False              # all of them reduced: its backward is over
-    pending: list = field(default_factory=list)  # in-flight prefetch gathers (handles)
-    holders: int = 0                         # external users whose forward is running
-    # offload_param: device copies of the host shards feeding the in-flight all-gathers, and
-    # (CUDA) the event on the upload stream after their copies and all-gathers: the host
-    # shards must not be rewritten before it, and the compute stream waits for it at use.
-    uploads: list = field(default_factory=list)
-    uploaded: object | None = None
-    refreshes: bool = False                  # the gather in flight refreshes hpZ's copy
-    quantized: bool = False                  # gathered with qwZ: the values are dequantized
-    codes: bool = False                      # holds packed 4-bit codes: gathered exactly
-    # Holds a leaf module (zero/leaves.py: a mixture of experts): its backward is over once its
-    # forwards' inputs have their gradients; its trainable buckets are then reduced, the
-    # parameters without a gradient counting as zero (on_backward_over).
-    leaf: bool = False
-    untracked_use: bool = False  # a leaf's forward since the last backward on inputs needing
-                                 # no gradient: its buckets wait for the end of backward
-
-    @property
-    def numel(self) -> int:
-        return sum(layout.padded_numel for layout in self.layouts)
-
-    @property
-    def trainable_layouts(self) -> int:
-        """Its first layouts, those with gradients (the rest hold frozen parameters)."""
-        return sum(layout.group >= 0 for layout in self.layouts)
-
-    @property
-    def has_frozen(self) -> bool:
-        return self.trainable_layouts < len(self.layouts)
-
-    @property
-    def waits_for_inputs(self) -> bool:
-        """Whether its backward ends with its inputs' gradients (UnitHooks hooks them): frozen
-        parameters reduce nothing, and a leaf's parameters may get no gradient."""
-        return self.has_frozen or self.leaf
-
-
 def _slot_view(unit: GatherUnit, i: int, slot) -> torch.Tensor:
     """One parameter's values in the unit's gathered buffer of layout `i`."""
     return unit.fulls[i][slot.offset:slot.offset + slot.numel].view(slot.shape)
-
-
-class _Prefetcher:
-    """Records the order units are used in during the first step (forward calls and backward
-    arrivals, separately), checks it is the same on every rank, and afterwards names the units
-    to gather ahead of use (the next one, then more within stage3_prefetch_bucket_size elements
-    in flight; all within stage3_max_live_parameters gathered), and keeps a unit gathered when
-    the order uses it again within stage3_max_reuse_distance. When a step departs from the
-    recorded order (control flow changed), it says so once and gathers on demand from then on.
-    A forward that does not train (an evaluation, generate() between steps: it may run part of
-    the model, or its units in another order) follows the recorded forward order with a cursor
-    of its own, from wherever its unit is in it: it prefetches as a training forward does and
-    neither moves the training step's place in the order nor turns prefetch off.
-    """
-
-    def __init__(self, prefetch_numel: int, max_live_numel: int, max_reuse_numel: int):
-        self.prefetch_numel, self.max_live_numel = prefetch_numel, max_live_numel
-        self.max_reuse_numel = max_reuse_numel
-        self.recording: dict[str, list[GatherUnit]] | None = {"forward": [], "backward": []}
-        self.order: dict[str, list[GatherUnit]] | None = None
-        self.cursor = {"forward": 0, "backward": 0, "inference": 0}
-        # Set by the engine's forward while it runs: whether it trains (autograd on)
-        self.training_forward: bool | None = None
-
-    def _pass(self, phase: str) -> str:
-        """Which pass a use in `phase` belongs to: "forward" or "backward" of the training
-        step, or "inference" (a forward without autograd: an evaluation, a generation). The
-        engine's forward says which it is (inside it, a reentrant checkpoint runs without
-        autograd); generate() and a submodule called directly go by autograd's state."""
-        if phase == "backward":
-            return phase
-        training = self.training_forward
-        return phase if (torch.is_grad_enabled() if training is None else training) \
-            else "inference"
-
-    def next_units(self, phase: str, unit: GatherUnit,
-                   params: PartitionedParameters) -> list[GatherUnit]:
-        kind = self._pass(phase)
-        if self.recording is not None:
-            # The training step's order: an inference pass (an evaluation, a generation
-            # before the first step) is not part of it, and counted in it, would make every
-            # unit look reused soon and keep it gathered.
-            if kind != "inference":
-                self.recording[phase].append(unit)
-            return []
-        if self.order is None:
-            return []
-        order, at = self.order[phase], self.cursor[kind]
-        if at >= len(order) or order[at] is not unit:
-            at = 0  # a new pass starts at the top of the order
-        if order[at] is not unit:
-            if kind == "inference":
-                # Part of the model, or another order: resumed where the unit is (no
-                # prefetch for a unit the training step does not run).
-                if unit not in order:
-                    return []
-                at = order.index(unit)
-            else:
-                warnings.warn("zero_ext stage 3: modules ran in a different order than in the "
-                              "first step; parameters are gathered on demand from now on (no "
-                              "prefetch)", stacklevel=2)
-                self.order = None
-                return []
-        self.cursor[kind] = at + 1
-        if self.prefetch_numel <= 0:
-            return []
-        live = sum(u.numel for u in params.units if u.state is not UnitState.SHARDED)
-        in_flight = sum(u.numel for u in params.units if u.state is UnitState.GATHERING)
-        chosen = []
-        for position, upcoming in enumerate(order[at + 1:]):
-            if upcoming.state is not UnitState.SHARDED or upcoming in chosen:
-                continue
-            # The next unit is gathered ahead even when it alone exceeds the bucket (a unit is
-            # gathered whole; DeepSpeed, gathering parameter by parameter, would still bring
-            # part of it): else a bucket below one decoder layer, as DeepSpeed's 5e7 default
-            # and HF's "auto" (0.9 hidden^2) are for 7B-scale layers, would prefetch nothing.
-            over_budget = position > 0 and in_flight + upcoming.numel > self.prefetch_numel
-            if over_budget or live + upcoming.numel > self.max_live_numel:
-                break
-            chosen.append(upcoming)
-            in_flight += upcoming.numel
-            live += upcoming.numel
-        return chosen
-
-    def reused_soon(self, unit: GatherUnit) -> bool:
-        """Whether the recorded forward order uses `unit` again within stage3_max_reuse_distance
-        elements of other units' parameters (then it stays gathered instead of re-gathered);
-        0 turns keeping off."""
-        if self.order is None or self.max_reuse_numel <= 0 or \
-                self._pass("forward") == "inference":
-            return False
-        distance = 0
-        for upcoming in self.order["forward"][self.cursor["forward"]:]:
-            if upcoming is unit:
-                return True
-            distance += upcoming.numel
-            if distance > self.max_reuse_numel:
-                return False
-        return False
-
-    def end_step(self, params: PartitionedParameters) -> None:
-        self.cursor = dict.fromkeys(self.cursor, 0)
-        if self.recording is None:
-            return
-        index = {id(u): i for i, u in enumerate(params.units)}
-        mine = {phase: [index[id(u)] for u in units] for phase, units in self.recording.items()}
-        everyone = comm.all_gather_object(mine)
-        self.recording = None
-        if all(order == mine for order in everyone):
-            self.order = {phase: [params.units[i] for i in seq] for phase, seq in mine.items()}
-        else:
-            warnings.warn("zero_ext stage 3: ranks ran their modules in different orders in the "
-                          "first step; prefetch is off (gathers stay on demand)", stacklevel=2)
 
 
 class _ReleasedParameter(nn.Parameter):
@@ -370,7 +194,7 @@ class PartitionedParameters:
             if hpz_partition_size > 1 else None
         self.offload = offload  # offload_param: shards live in host memory
         self.root = root
-        self.prefetch = _Prefetcher(prefetch_numel, max_live_numel, max_reuse_numel)
+        self.prefetch = Prefetcher(prefetch_numel, max_live_numel, max_reuse_numel)
         # Optimizer offload may leave a unit's step running behind the next forward:
         # before_read(layout index) waits until its shard is up to date. Set by the engine;
         # None when nothing is ever deferred. `stepping`: the layouts whose step was deferred
@@ -826,212 +650,6 @@ class PartitionedParameters:
         for _, unit_values in self.iter_full_values(keep):
             values.update(unit_values)
         return values
-
-
-class GatheredParameters:
-    """`with zero_ext.GatheredParameters(params, modifier_rank=None):` the full values of
-    `params` inside, at any stage, and before initialize for a model built under zero_ext.Init
-    (collective: every rank enters with the same parameters).
-
-    With `modifier_rank=r`, what rank r changed inside is everyone's on exit: it is broadcast
-    into every rank's parameters, stage-3 shards and fp32 master weights (or Init shards), and
-    into the parameters an engine keeps whole without training them (frozen, or in no
-    optimizer group). Parameters that neither an engine nor Init manages are left as they are.
-
-    `param.data = tensor` inside (the loading idiom) writes the tensor's values into the
-    parameter, as `param.data.copy_(tensor)` does, for the parameters an engine manages: the
-    parameter keeps its storage (the unit's gathered buffer, a flat buffer) and the tensor
-    must have its shape and dtype (another is an error at exit on every rank, the
-    assignment dropped); without modifier_rank it is a change like any other (undone, and an
-    error on every rank).
-    """
-
-    def __init__(self, params, modifier_rank: int | None = None, enabled: bool = True):
-        if isinstance(params, torch.Tensor):
-            params = [params]
-        self.params = list(params) if enabled else []
-        self.modifier_rank = modifier_rank
-        self._by_engine: dict = {}
-        self._held: dict = {}  # per engine, the stage-3 units held open (PartitionedParameters)
-        self._init_gathered: list[nn.Parameter] = []
-        self._whole: list[nn.Parameter] = []  # untrained parameters of an engine's model
-        self._before: dict = {}
-        # The tensor each managed parameter points at on entry: for one not partitioned (a
-        # view of its flat buffer, or its own) what a `.data =` inside is written back into;
-        # partitioned ones go back to their unit's gathered buffer (PartitionedParameters).
-        self._entered: list[tuple[nn.Parameter, torch.Tensor]] = []
-
-    def __enter__(self):
-        managed = []
-        for param in self.params:
-            engine = _engine_of(param)
-            if engine is not None:
-                self._by_engine.setdefault(engine, set()).add(param._zero_ext_layout)
-                managed.append(param)
-            elif _engine_of(param, "_zero_ext_whole") is not None:
-                self._whole.append(param)
-                managed.append(param)
-        for engine, layouts in self._by_engine.items():
-            self._held[engine] = engine.hold_layouts(layouts)
-        self._entered = [(p, p.data) for p in managed]
-        if self.modifier_rank is None:
-            # No rank may change them: a change is found at exit (the version counter, or the
-            # values of whole-kept parameters, which no release would discard) and undone.
-            self._before = {id(p): _snapshot(p) for p in managed}
-        self._init_gathered = gather_init_params(self.params)
-        # Gathered from zero_ext.Init's shards (before initialize): checked as partitioned ones
-        # are, their release undoing any change a read-only context refuses.
-        self._entered += [(p, p.data) for p in self._init_gathered]
-        if self.modifier_rank is None:
-            self._before.update({id(p): (p, p._version, None) for p in self._init_gathered})
-        _open_contexts.append(self)
-        return self
-
-    def __exit__(self, *exc):
-        _open_contexts.remove(self)
-        raised = exc[0] is not None
-        # `.data =` assignments are taken back on every rank, before anything is compared or
-        # broadcast; with a modifier rank, their values written where the parameter's live.
-        assigned = self._take_back_assignments()
-        if self.modifier_rank is None:
-            changed = [f"{name} (`.data =` {misfit or 'a tensor'})" for name, misfit in assigned]
-            changed += [name for name in self._undo_changes()
-                        if name not in {n for n, _ in assigned}]
-        else:  # every rank raises after the broadcast
-            changed = [f"{name}: {misfit}" for name, misfit in assigned if misfit is not None]
-        views = [(raised, changed)]
-        collective = bool(self._by_engine or self._whole or self._init_gathered)
-        broken = _broken_group(exc[0])
-        if collective and not broken:
-            # Every rank learns whether another raised inside (no broadcast then waits for
-            # a rank that left) or changed what it only read: one all-reduce of two flags,
-            # and the details only when there are some.
-            views = _exchange(raised, changed)
-        failed = [rank for rank, (r, _) in enumerate(views) if r]
-        modifier = self.modifier_rank
-        if modifier is not None and (broken or modifier in failed):
-            # Every rank keeps the same values: the modifier's where it got through the
-            # context, else those of the first rank that did (none: no broadcast at all).
-            survivors = [] if broken else [r for r in range(len(views)) if r not in failed]
-            modifier = survivors[0] if survivors else None
-        for engine, layouts in self._by_engine.items():
-            if modifier is not None:
-                engine.scatter_modified(layouts, modifier)
-            engine.unhold_layouts(self._held[engine])
-        if modifier is not None:
-            with torch.no_grad():
-                for param in self._whole:  # in the caller's order, the same on every rank
-                    comm.broadcast(param.data, src=modifier)
-            # An enclosing read-only context takes these values as its own starting point:
-            # the change was made the way that keeps it, on every rank alike.
-            for outer in _open_contexts:
-                for param in self.params:
-                    if id(param) in outer._before:
-                        outer._before[id(param)] = _snapshot(param)
-        release_init_params(self._init_gathered, modifier)
-        if raised:
-            return False
-        if failed:
-            kept = "" if modifier is None else f"; every rank kept rank {modifier}'s values"
-            raise RuntimeError(
-                f"zero_ext.GatheredParameters: rank {failed[0]} raised inside the context (its "
-                f"error says why), so this rank raises too{kept}")
-        if any(c for _, c in views):
-            detail = "; ".join(f"rank {r}: {', '.join(c)}" for r, (_, c) in enumerate(views)
-                               if c)
-            if self.modifier_rank is not None:
-                raise RuntimeError(
-                    "zero_ext.GatheredParameters: `param.data = tensor` with a tensor of another "
-                    f"shape or dtype than the parameter's ({detail}); a parameter's shape and "
-                    "dtype are fixed by the buffers zero_ext keeps it in, so the assignment is "
-                    f"dropped on every rank (the rest of rank {modifier}'s changes are kept). "
-                    "Assign a tensor of the parameter's shape and dtype "
-                    "(`param.data.copy_(tensor)` converts the dtype), or give the model its new "
-                    "shapes before initialize")
-            raise RuntimeError(
-                "zero_ext.GatheredParameters: parameters were changed inside "
-                f"GatheredParameters(modifier_rank=None) ({detail}); the change is undone on "
-                "every rank. Pass modifier_rank=<the rank whose values to keep> to keep it")
-        return False
-
-    @torch.no_grad()
-    def _take_back_assignments(self) -> list[tuple[str, str | None]]:
-        """Points each managed parameter given another tensor inside (`param.data = tensor`)
-        back at the storage its engine keeps its values in; with a modifier rank, the tensor's
-        values are written there when it has the parameter's shape and dtype (every rank does:
-        the broadcast then gives all the modifier's). Returns, per parameter assigned to, its
-        name and, for a tensor of another shape or dtype, what was assigned to what."""
-        assigned = []
-        for param, entered in self._entered:
-            home = _engine_of(param).partitioned.gathered_view(param) \
-                if _is_partitioned(param) else entered
-            current = param.data
-            # (Read-only: an assignment made before entering, in an enclosing context, is that
-            # context's to judge.)
-            if home is None or _same_view(current, home) or \
-                    (self.modifier_rank is None and _same_view(current, entered)):
-                continue
-            param.data = home
-            misfit = None
-            if current.shape != home.shape or current.dtype != home.dtype:
-                misfit = f"{current.dtype} {tuple(current.shape)} for {home.dtype} " \
-                    f"{tuple(home.shape)}"
-            elif self.modifier_rank is not None:
-                home.copy_(current)
-            assigned.append((_name_of(param), misfit))
-        return assigned
-
-    def _undo_changes(self) -> list[str]:
-        changed = []
-        with torch.no_grad():
-            for param, version, values in self._before.values():
-                if param._version == version and (values is None or torch.equal(param, values)):
-                    continue
-                changed.append(_name_of(param))
-                if values is not None:
-                    param.copy_(values)
-        return changed
-
-
-_open_contexts: list[GatheredParameters] = []  # entered and not exited, innermost last
-
-
-def _exchange(raised: bool, changed: list[str]) -> list[tuple[bool, list[str]]]:
-    """Every rank's (raised, changed) in rank order: one all-reduce of two flags when no rank
-    raised or changed anything (then every rank's is (False, [])), else gathered."""
-    device = torch.device("cuda", torch.cuda.current_device()) \
-        if comm.backend() == "nccl" else torch.device("cpu")
-    flags = torch.tensor([float(raised), float(bool(changed))], device=device)
-    comm.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    if not bool(flags.any()):
-        return [(False, [])] * comm.world_size()
-    return comm.all_gather_object((raised, changed))
-
-
-def _broken_group(error_type) -> bool:
-    """Whether an error says the process group itself failed (a collective stalled): no
-    further collective could complete."""
-    from zero_ext.comm.watch import CollectiveStallError
-
-    return error_type is not None and issubclass(error_type, CollectiveStallError)
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors are the same elements of the same storage."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() \
-        and a.dtype == b.dtype and a.device == b.device
-
-
-def _snapshot(param: torch.Tensor) -> tuple:
-    """What a read-only GatheredParameters compares at exit: the version counter, and the
-    values of a parameter no release would discard (kept whole)."""
-    return param, param._version, None if _is_partitioned(param) else param.detach().clone()
-
-
-def _is_partitioned(param: torch.Tensor) -> bool:
-    engine = _engine_of(param)
-    return engine is not None and engine.partitioned is not None and \
-        engine.partitioned.owns(param._zero_ext_layout)
 
 
 def _name_of(param: torch.Tensor) -> str:

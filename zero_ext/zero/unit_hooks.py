@@ -33,7 +33,8 @@ from zero_ext._plain_forward import plain_forward, replace_plain_forward
 from zero_ext.zero.leaves import enclosing_leaves, is_leaf
 
 if TYPE_CHECKING:
-    from zero_ext.zero.params import GatherUnit, PartitionedParameters
+    from zero_ext.zero.params import PartitionedParameters
+    from zero_ext.zero.units import GatherUnit
 
 __all__ = ["UnitHooks", "replaying"]
 
