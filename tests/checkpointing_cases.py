@@ -245,9 +245,31 @@ def linear_block_runs() -> dict:
     return out
 
 
+def settings_across_initialize() -> dict:
+    """configure() before initialize (Megatron-DeepSpeed's order), then an engine whose config
+    has no activation_checkpointing section, then one whose section sets one key: the settings
+    after each."""
+    def settings():
+        return {key: getattr(checkpointing._config, key)
+                for key in ("cpu_checkpointing", "profile", "number_checkpoints")}
+
+    checkpointing.configure(cpu_checkpointing=True, profile=True, number_checkpoints=2)
+    out = {}
+    for name, section in (("without_section", None), ("with_section", {"profile": False})):
+        config = engine_config(2)
+        if section is None:
+            del config["activation_checkpointing"]
+        else:
+            config["activation_checkpointing"] = section
+        zero_ext.initialize(model=build_gpt(), config=config)
+        out[name] = settings()
+    checkpointing.configure()
+    return out
+
+
 def engine_cases() -> dict:
     return {"stage2": gpt_runs(2), "stage3": gpt_runs(3), "llama": llama_runs(),
-            "linear_blocks": linear_block_runs()}
+            "linear_blocks": linear_block_runs(), "settings": settings_across_initialize()}
 
 
 def cuda_peak_memory() -> dict:

@@ -3,6 +3,7 @@ activations cut, HF models through apply(), stage 2 and 3 under the engine (2 gl
 group for every engine case), configure() and profile."""
 
 import functools
+import json
 import warnings
 
 import pytest
@@ -233,6 +234,92 @@ def test_partition_activations_accepted_with_one_notice(monkeypatch):
         checkpointing.configure(number_checkpoints=0)
     with pytest.raises(TypeError, match="config must be an ActivationCheckpointingConfig"):
         checkpointing.configure(3)
+
+
+class _Mpu:
+    """A Megatron-style model-parallel unit of `size` ranks."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.size
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+
+def _settings(section) -> tuple:
+    return (section.partition_activations, section.cpu_checkpointing,
+            section.contiguous_memory_optimization, section.number_checkpoints,
+            section.synchronize_checkpoint_boundary, section.profile)
+
+
+def test_deepspeeds_configure_call_works_as_written(tmp_path, monkeypatch):
+    """Megatron-DeepSpeed's call, DeepSpeed's order: the defaults, then deepspeed_config's
+    section (a JSON path or a dict), then the keywords under DeepSpeed's names."""
+    monkeypatch.setattr(checkpointing, "_configured", False)
+    assert not checkpointing.is_configured()
+    whole = {"train_batch_size": 8, "activation_checkpointing": {
+        "profile": True, "number_checkpoints": 4, "cpu_checkpointing": None}}
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(whole))
+    for source in (str(path), path, whole):
+        section = checkpointing.configure(_Mpu(1), deepspeed_config=source,
+                                          checkpoint_in_cpu=True, num_checkpoints=2,
+                                          synchronize=True, contiguous_checkpointing=False)
+        # (partition, cpu, contiguous, number, synchronize, profile)
+        assert _settings(section) == (False, True, False, 2, True, True), source
+        assert _settings(checkpointing._config) == _settings(section)
+    assert checkpointing.is_configured()
+    # The file alone: its section over the defaults, null read as false as DeepSpeed does.
+    assert _settings(checkpointing.configure(None, deepspeed_config=path)) == \
+        (False, False, False, 4, False, True)
+    # A whole config without the section: the defaults, no warning about its other keys.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _settings(checkpointing.configure({"train_batch_size": 8, "bf16": {}})) == \
+            (False, False, False, None, False, False)
+    checkpointing.set_num_layers(6)
+    assert checkpointing._config.number_checkpoints == 6
+    checkpointing.reset()
+    assert checkpointing.non_reentrant_checkpoint is checkpointing.checkpoint
+    with pytest.raises(ValueError, match="2 model-parallel ranks; zero_ext is data-parallel"):
+        checkpointing.configure(_Mpu(2))
+    with pytest.raises(TypeError, match="cpu_checkpointing=True and checkpoint_in_cpu=False"):
+        checkpointing.configure(cpu_checkpointing=True, checkpoint_in_cpu=False)
+    with pytest.raises(TypeError, match="both a config and deepspeed_config"):
+        checkpointing.configure({"profile": True}, deepspeed_config=whole)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_checkpoint_returns_outputs_as_deepspeeds_does(grad):
+    """DeepSpeed's checkpoint returns a one-element tuple or list as its element and a list as
+    a tuple (a layer's `return (h,)` feeds the next layer as h)."""
+    x = torch.randn(3, 4, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        one = checkpointing.checkpoint(lambda a: (a.sin(),), x)
+        single = checkpointing.checkpoint(lambda a: [a.sin()], x)
+        pair = checkpointing.checkpoint(lambda a: [a.sin(), a.cos()], x)
+        as_dict = checkpointing.checkpoint(lambda a: {"h": a.sin()}, x)
+    assert isinstance(one, torch.Tensor) and isinstance(single, torch.Tensor)
+    assert type(pair) is tuple and len(pair) == 2 and list(as_dict) == ["h"]
+    assert_close(one, x.sin()) and assert_close(pair[1], x.cos())
+    if grad:
+        (one.sum() + pair[1].sum()).backward()
+        assert_close(x.grad, x.detach().cos() - x.detach().sin())
+
+
+def test_initialize_leaves_configure_settings_without_a_section():
+    """configure() before initialize (Megatron-DeepSpeed's order) stays in force after an
+    engine whose config has no activation_checkpointing section (DeepSpeed's initialize never
+    touches them); a config with the section sets them from the defaults, as configure does."""
+    for result in _engine_results():
+        settings = result["settings"]
+        assert settings["without_section"] == {"cpu_checkpointing": True, "profile": True,
+                                               "number_checkpoints": 2}, settings
+        assert settings["with_section"] == {"cpu_checkpointing": False, "profile": False,
+                                            "number_checkpoints": None}, settings
 
 
 def test_hf_llama_through_apply():

@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 import threading
 import time
 import types
@@ -47,40 +48,63 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from zero_ext.config import ActivationCheckpointingConfig, ZeroConfig
+from zero_ext.config import ActivationCheckpointingConfig, ZeroConfig, read_json_config
 
 __all__ = ["OffloadCounters", "SegmentTiming", "apply", "checkpoint", "configure", "counters",
-           "profile_report"]
+           "is_configured", "non_reentrant_checkpoint", "partition_activations_in_checkpoint",
+           "profile_report", "reset", "set_num_layers"]
 
 _config = ActivationCheckpointingConfig()
+_configured = False  # configure() called (is_configured)
 _noticed: set[str] = set()  # notices given in this process (each once)
 _CONTAINERS = (nn.ModuleList, nn.Sequential)
 
 
-def configure(config=None, *, partition_activations: bool | None = None,
+def configure(config=None, deepspeed_config=None, *,
+              partition_activations: bool | None = None,
               cpu_checkpointing: bool | None = None,
               contiguous_memory_optimization: bool | None = None,
               number_checkpoints: int | None = None,
               synchronize_checkpoint_boundary: bool | None = None,
-              profile: bool | None = None) -> ActivationCheckpointingConfig:
+              profile: bool | None = None,
+              checkpoint_in_cpu: bool | None = None,
+              contiguous_checkpointing: bool | None = None,
+              num_checkpoints: int | None = None,
+              synchronize: bool | None = None) -> ActivationCheckpointingConfig:
     """Sets how `checkpoint` works from now on, as DeepSpeed's
-    `deepspeed.checkpointing.configure`: `config` is an ActivationCheckpointingConfig, its JSON
-    object, a ZeroConfig or a whole config dict (its `activation_checkpointing` section is
-    used), or None for the defaults; keyword arguments override single keys. Returns the
-    settings now in force."""
-    if config is None:
-        section = ActivationCheckpointingConfig()
-    elif isinstance(config, ActivationCheckpointingConfig):
-        section = config
-    elif isinstance(config, ZeroConfig):
-        section = config.activation_checkpointing
-    elif isinstance(config, Mapping):
-        data = config.get("activation_checkpointing", config)
-        section = ActivationCheckpointingConfig._parse(data, "activation_checkpointing", [])
-    else:
-        raise TypeError("zero_ext.checkpointing.configure: config must be an "
-                        "ActivationCheckpointingConfig, a dict, a ZeroConfig or None, got "
-                        f"{type(config).__name__}")
+    `deepspeed.checkpointing.configure`: the defaults, then the `activation_checkpointing`
+    section of `config` or `deepspeed_config`, then single keys. `config` is an
+    ActivationCheckpointingConfig, the section's JSON object, a ZeroConfig or a whole config
+    dict (its section, the defaults without one), or None; DeepSpeed's form
+    `configure(mpu, deepspeed_config=dict or JSON path, checkpoint_in_cpu=..., num_checkpoints=
+    ..., contiguous_checkpointing=..., synchronize=..., profile=...)` works as written (an mpu
+    of one model-parallel rank is all zero_ext runs with). Returns the settings now in force."""
+    if _is_mpu(config):
+        _check_mpu(config)
+        config = None
+    if config is not None and deepspeed_config is not None:
+        raise TypeError("zero_ext.checkpointing.configure: got both a config and "
+                        "deepspeed_config; pass one of them")
+    if isinstance(deepspeed_config, (str, os.PathLike)):
+        deepspeed_config = read_json_config(deepspeed_config)
+    section = _section_of(config if deepspeed_config is None else deepspeed_config)
+    for ours, alias, value in (
+            ("cpu_checkpointing", "checkpoint_in_cpu", checkpoint_in_cpu),
+            ("contiguous_memory_optimization", "contiguous_checkpointing",
+             contiguous_checkpointing),
+            ("number_checkpoints", "num_checkpoints", num_checkpoints),
+            ("synchronize_checkpoint_boundary", "synchronize", synchronize)):
+        given = locals()[ours]
+        if value is not None and given is not None and value != given:
+            raise TypeError(f"zero_ext.checkpointing.configure: {ours}={given!r} and "
+                            f"{alias}={value!r} (DeepSpeed's name for it) disagree; pass one")
+    cpu_checkpointing = cpu_checkpointing if cpu_checkpointing is not None else checkpoint_in_cpu
+    if contiguous_memory_optimization is None:
+        contiguous_memory_optimization = contiguous_checkpointing
+    number_checkpoints = number_checkpoints if number_checkpoints is not None \
+        else num_checkpoints
+    if synchronize_checkpoint_boundary is None:
+        synchronize_checkpoint_boundary = synchronize
     overrides = {name: value for name, value in (
         ("partition_activations", partition_activations),
         ("cpu_checkpointing", cpu_checkpointing),
@@ -100,12 +124,79 @@ def configure(config=None, *, partition_activations: bool | None = None,
                 "activation_checkpointing.contiguous_memory_optimization: DeepSpeed lays out "
                 "partitioned activations in one buffer; with nothing partitioned (data "
                 "parallelism only) the option has no effect")
-    global _config, _offloaded
-    _config = section
+    global _config, _offloaded, _configured
+    _config, _configured = section, True
     if section.cpu_checkpointing and _offloaded is None:
         # Made here rather than at import: torch.compiler.disable imports torch._dynamo (~1 s).
         _offloaded = torch.compiler.disable(_offload_segment)
     return section
+
+
+def _section_of(config) -> ActivationCheckpointingConfig:
+    """The activation_checkpointing settings `config` (see configure) gives."""
+    if config is None:
+        return ActivationCheckpointingConfig()
+    if isinstance(config, ActivationCheckpointingConfig):
+        return config
+    if isinstance(config, ZeroConfig):
+        return config.activation_checkpointing or ActivationCheckpointingConfig()
+    if isinstance(config, Mapping):
+        if "activation_checkpointing" in config:
+            data = config["activation_checkpointing"]
+            if data is None:
+                return ActivationCheckpointingConfig()
+        elif set(config) & _WHOLE_CONFIG_KEYS:
+            return ActivationCheckpointingConfig()  # a whole config without the section
+        else:
+            data = config
+        return ActivationCheckpointingConfig._parse(data, "activation_checkpointing", [])
+    raise TypeError("zero_ext.checkpointing.configure: config must be an "
+                    "ActivationCheckpointingConfig, a dict, a ZeroConfig or None (or, as "
+                    "DeepSpeed's first argument, an mpu), got " + type(config).__name__)
+
+
+# Keys of a whole config, none of them a key of the activation_checkpointing section.
+_WHOLE_CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(ZeroConfig)) | \
+    frozenset(ZeroConfig._IGNORED) | frozenset(ZeroConfig._ALIASES)
+
+
+def _is_mpu(value) -> bool:
+    """Whether `value` is a Megatron-style model-parallel unit (DeepSpeed's `mpu_`)."""
+    return any(hasattr(value, name) for name in ("get_model_parallel_world_size",
+                                                 "get_tensor_model_parallel_world_size"))
+
+
+def _check_mpu(mpu) -> None:
+    get = getattr(mpu, "get_tensor_model_parallel_world_size", None) or \
+        mpu.get_model_parallel_world_size
+    if get() != 1:
+        raise ValueError(
+            f"zero_ext.checkpointing.configure: the mpu has {get()} model-parallel ranks; "
+            "zero_ext is data-parallel only (DeepSpeed partitions checkpointed activations "
+            "across them); run with model-parallel size 1")
+
+
+def is_configured() -> bool:
+    """Whether configure() has been called in this process (DeepSpeed's is_configured;
+    zero_ext.initialize calls it when its config has an activation_checkpointing section)."""
+    return _configured
+
+
+def reset() -> None:
+    """DeepSpeed's reset(), for evaluation loops that run forwards without backward: copies of
+    saved inputs still in flight to the host are finished and let go. zero_ext keeps no
+    contiguous buffers to free (nothing is partitioned)."""
+    _finish_copies_to_host()
+
+
+def set_num_layers(layers: int) -> None:
+    """DeepSpeed's set_num_layers: number_checkpoints from now on."""
+    configure(_config, number_checkpoints=layers)
+
+
+def partition_activations_in_checkpoint(partition_activation: bool) -> None:
+    """DeepSpeed's switch for partition_activations (accepted with no effect, see configure)."""
+    configure(_config, partition_activations=partition_activation)
 
 
 def _notice(key: str, message: str) -> None:
@@ -373,8 +464,19 @@ _local = threading.local()  # depth: checkpointed segments running on this threa
 def checkpoint(fn: Callable, *args, **kwargs):
     """`fn(*args, **kwargs)`, keeping only its inputs for backward and recomputing the rest
     there (non-reentrant: inputs may be keyword arguments or nested in tuples, lists and dicts,
-    outputs may be anything). Without gradients (eval, no_grad) it simply calls `fn`."""
-    return _checkpoint(fn, args, kwargs, None)
+    outputs may be anything). Without gradients (eval, no_grad) it simply calls `fn`. The
+    outputs come back as DeepSpeed's checkpoint returns them: a tuple or list of one element as
+    that element, a longer list as a tuple; anything else as `fn` returned it (a dict, which
+    DeepSpeed turns into its keys, stays a dict). apply() and transformers' switch keep torch's
+    convention (the outputs as returned), which HF blocks' callers expect."""
+    output = _checkpoint(fn, args, kwargs, None)
+    if isinstance(output, (tuple, list)) and len(output) == 1:
+        return output[0]
+    return tuple(output) if isinstance(output, list) else output
+
+
+# DeepSpeed's name for its non-reentrant variant; zero_ext's checkpoint is non-reentrant.
+non_reentrant_checkpoint = checkpoint
 
 
 def _checkpoint(fn: Callable, args: tuple, kwargs: dict, name: str | None):

@@ -1172,7 +1172,8 @@ class ZeroOptimizationConfig(_Section):
 @dataclass(kw_only=True)
 class ActivationCheckpointingConfig(_Section):
     """``activation_checkpointing``: options of ``zero_ext.checkpointing`` (``initialize``
-    passes the section to ``zero_ext.checkpointing.configure``)."""
+    passes the section, when the config has one, to ``zero_ext.checkpointing.configure``;
+    DeepSpeed's initialize leaves the section to the script's own ``configure`` call)."""
 
     partition_activations: bool = False
     """Split checkpointed activations across model-parallel ranks (DeepSpeed's option for
@@ -1209,8 +1210,10 @@ class ActivationCheckpointingConfig(_Section):
         for name in ("partition_activations", "cpu_checkpointing",
                      "contiguous_memory_optimization", "synchronize_checkpoint_boundary",
                      "profile"):
-            # DeepSpeed reads these as given (a string there is true).
-            setattr(self, name, _check_bool(name, getattr(self, name), strings=False))
+            # DeepSpeed reads these as given (a string there is true, null false).
+            value = getattr(self, name)
+            setattr(self, name, False if value is None else
+                    _check_bool(name, value, strings=False))
         self.number_checkpoints = _optional(_check_int, "number_checkpoints",
                                             self.number_checkpoints, lo=1)
 
@@ -1609,9 +1612,10 @@ class ZeroConfig(_Section):
     zero_optimization: ZeroOptimizationConfig = field(default_factory=ZeroOptimizationConfig)
     """The ZeRO stage and its communication settings."""
 
-    activation_checkpointing: ActivationCheckpointingConfig = field(
-        default_factory=ActivationCheckpointingConfig)
-    """Options of activation checkpointing."""
+    activation_checkpointing: ActivationCheckpointingConfig | None = None
+    """Options of activation checkpointing; None when the config has no such section (or it
+    is null): initialize then leaves ``zero_ext.checkpointing``'s settings as they are (set by
+    a ``configure()`` before it, or by another engine's config)."""
 
     communication_data_type: str | None = None
     """Data type of gradient reductions: "fp32", "fp16" or "bf16" (also spelled "float32",
@@ -1783,7 +1787,7 @@ class ZeroConfig(_Section):
                                           ZeroOptimizationConfig)
         self.activation_checkpointing = _section(
             "activation_checkpointing", self.activation_checkpointing,
-            ActivationCheckpointingConfig)
+            ActivationCheckpointingConfig, optional=True)
         self.communication_data_type = _optional(
             _check_choice, "communication_data_type", self.communication_data_type,
             spellings=_COMM_DTYPES)

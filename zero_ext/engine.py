@@ -825,7 +825,8 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None,
     arguments.check_launch(dist_init_required, mpu, mesh_param)
     config = ZeroConfig.load(arguments.config_from(args, config, config_params))
     from zero_ext import checkpointing
-    checkpointing.configure(config.activation_checkpointing)
+    if config.activation_checkpointing is not None:  # else what configure() set stays
+        checkpointing.configure(config.activation_checkpointing)
     elastic.check_restartable_launch()
     comm.init_distributed(stall_timeout_s=config.zero_ext.stall_timeout_s)
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
