@@ -149,6 +149,21 @@ for _stage, _offload in _OPTIMIZER_STATE[1:]:
         assert_continues_fresh(r, config)
 
 for _stage in (0, 1, 2, 3):
+    @case(ZERO_CKPT + f"fp16_scale_fresh_without_optimizer_states[{_stage}]", stage=_stage)
+    def fresh_loss_scale(tmp, stage):
+        """The loss scaler is part of DeepSpeed's optimizer state: load_optimizer_states=False
+        leaves the loading engine's scale fresh (2**8), the saved one (grown by
+        loss_scale_window 1) comes with the optimizer states only."""
+        config = ckpt_config(stage, dtype="fp16")
+        config["fp16"].update(initial_scale_power=8, loss_scale_window=1)
+        for load in (False, True):
+            r = round_trip(os.path.join(tmp, str(load)), config, load_optimizer_states=load)
+            assert r["saved"]["scale"] > 2 ** 8, r["saved"]
+            assert r["loaded"]["scale"] == (r["saved"]["scale"] if load else 2 ** 8), \
+                (load, r["saved"]["scale"], r["loaded"]["scale"])
+
+
+for _stage in (0, 1, 2, 3):
     @case(ZERO_CKPT + f"test_load_module_only[{_stage}]", stage=_stage)
     def load_module_only(tmp, stage):
         config = ckpt_config(stage)

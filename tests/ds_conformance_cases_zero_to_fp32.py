@@ -24,6 +24,7 @@ from zero_ext.utils import safe_get_full_fp32_param
 from zero_ext.utils.zero_to_fp32 import (
     LazyTensor,
     convert_zero_checkpoint_to_fp32_state_dict,
+    convert_zero_checkpoint_to_state_dict,
     get_fp32_state_dict_from_zero_checkpoint,
     load_state_dict_from_zero_checkpoint,
     main,
@@ -193,8 +194,10 @@ def sharded(tmp):
             shards = sorted(set(index["weight_map"].values()))
             assert len(shards) > 2 and shards[0].endswith(f"-00001-of-{len(shards):05d}"
                                                           + suffix[suffix.index("."):]), shards
+            # Every floating tensor in fp32 (the frozen bf16 ones too, DeepSpeed's).
             assert index["metadata"]["total_size"] == sum(
-                v.numel() * v.element_size() for v in whole.values())
+                v.numel() * (4 if v.is_floating_point() else v.element_size())
+                for v in whole.values())
             files, _ = get_checkpoint_shard_files(out, os.path.join(out, suffix + ".index.json"))
             loaded = {}
             for file in files:
@@ -211,10 +214,44 @@ def sharded(tmp):
         assert all(torch.equal(lazy[k].contiguous(), whole[k]) for k in whole)
         assert main([save_dir, f"{base}-cli", "--safe_serialization"]) == 0
         cli = load_file(os.path.join(f"{base}-cli", "model.safetensors"))
-        assert cli.keys() == whole.keys() and all(torch.equal(cli[k], whole[k]) for k in whole)
+        assert cli.keys() == whole.keys() and all(torch.equal(cli[k], whole[k].float())
+                                                  for k in whole)
         assert main([os.path.join(tmp, "nothing-here"), f"{base}-none"]) == 1
         expect_zero_ext_error(lambda: load_state_dict_from_zero_checkpoint(
             ModelWithSharedWeights(), save_dir), "missing", "unexpected", "layer0.weight")
+
+    collectively(check)
+
+
+@case(CONVERT + "zero_ext::state_dict_in_the_dtype_asked_for")
+def converted_dtypes(tmp):
+    """convert_zero_checkpoint_to_state_dict(dtype=...) as DeepSpeed documents it: every
+    floating tensor (trainable, frozen bf16, the float buffer) in the dtype asked for, given
+    as a torch dtype or DeepSpeed's names; the fp32 form is dtype float32; another dtype is
+    refused naming the choices."""
+    torch.manual_seed(3)
+    engine, _ = _trained(2, True, False, os.path.join(tmp, "ckpt"))
+    del engine
+    dist.barrier()
+    save_dir = os.path.join(tmp, "ckpt")
+
+    def check():
+        whole = get_fp32_state_dict_from_zero_checkpoint(save_dir)
+        assert whole["ll.0.weight"].dtype == torch.bfloat16  # frozen, as saved
+        for dtype, want in (("bf16", torch.bfloat16), ("torch.float16", torch.float16),
+                            (torch.float32, torch.float32), (None, torch.float32)):
+            out = os.path.join(tmp, f"out-{rank()}-{dtype}")
+            if dtype is None:
+                convert_zero_checkpoint_to_fp32_state_dict(save_dir, out)
+            else:
+                convert_zero_checkpoint_to_state_dict(save_dir, out, dtype=dtype)
+            got = torch.load(os.path.join(out, "pytorch_model.bin"), weights_only=True)
+            assert got.keys() == whole.keys()
+            for name, value in whole.items():
+                assert got[name].dtype == want, (dtype, name, got[name].dtype)
+                assert torch.equal(got[name], value.to(want)), (dtype, name)
+        expect_zero_ext_error(lambda: convert_zero_checkpoint_to_state_dict(
+            save_dir, os.path.join(tmp, "int8"), dtype=torch.int8), "bf16", "float32")
 
     collectively(check)
 

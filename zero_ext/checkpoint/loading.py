@@ -582,7 +582,9 @@ def _apply(engine, plan: _Plan, load_optimizer_states: bool, load_lr_scheduler_s
     counters = meta["counters"]
     restore_counters(engine, counters["global_steps"], counters["skipped_steps"],
                      counters.get("global_samples"))
-    if engine.loss_scaler is not None and meta["loss_scaler"] is not None:
+    # The scaler is part of DeepSpeed's optimizer state: fresh without it, as there.
+    if load_optimizer_states and engine.loss_scaler is not None and \
+            meta["loss_scaler"] is not None:
         engine.loss_scaler.load_state_dict(meta["loss_scaler"])
     # After global_steps: a data position anchors itself to the restored step count.
     engine.checkpoint_states.apply(extra.get("registered_state"))

@@ -9,10 +9,12 @@ torch.distributed.
     python -m zero_ext.utils.zero_to_fp32 checkpoints/ out/ [--safe_serialization]
         [--max_shard_size 5GB] [-t TAG] [--exclude_frozen_parameters]
 
-The functions keep DeepSpeed's signatures and defaults: `convert_zero_checkpoint_to_fp32_state_dict`
-writes `pytorch_model.bin` (`model.safetensors` with safe_serialization), split into shards of at
-most max_shard_size with transformers' index file when larger. Trainable parameters come from
-the fp32 master weights, floating buffers are cast to fp32, frozen parameters stay as saved. Where zero_ext differs
+The functions keep DeepSpeed's signatures and defaults: `convert_zero_checkpoint_to_state_dict`
+(and its fp32 form `convert_zero_checkpoint_to_fp32_state_dict`) writes `pytorch_model.bin`
+(`model.safetensors` with safe_serialization), split into shards of at most max_shard_size with
+transformers' index file when larger, every floating tensor in the dtype asked for. In
+`get_fp32_state_dict_from_zero_checkpoint`, trainable parameters come from the fp32 master
+weights, floating buffers are cast to fp32, frozen parameters stay as saved. Where zero_ext differs
 (docs/deepspeed-compat.md): `checkpoint_dir` may also be one checkpoint (`<save_dir>/<tag>`);
 shards are written one at a time from the checkpoint, so memory holds one shard, not the
 model; `load_state_dict_from_zero_checkpoint` loads strictly (a missing or unexpected key is
@@ -38,6 +40,7 @@ from zero_ext.checkpoint.files import TensorEntry, atomic_write_bytes, write_saf
 
 __all__ = [
     "convert_zero_checkpoint_to_fp32_state_dict",
+    "convert_zero_checkpoint_to_state_dict",
     "get_fp32_state_dict_from_zero_checkpoint",
     "load_state_dict_from_zero_checkpoint",
 ]
@@ -152,16 +155,53 @@ def _write_bin(path: str, entries: list[TensorEntry]) -> None:
     atomic_write_bytes(path, buffer.getbuffer())
 
 
-def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir: str, output_dir: str,
-                                               max_shard_size: int | str | None = "5GB",
-                                               safe_serialization: bool = False,
-                                               tag: str | None = None,
-                                               exclude_frozen_parameters: bool = False) -> None:
-    """Writes the checkpoint's full fp32 state_dict into `output_dir`: `pytorch_model.bin`, or
-    `model.safetensors` with safe_serialization; above max_shard_size (None: never) as
-    `pytorch_model-00001-of-0000N.bin` ... with `pytorch_model.bin.index.json` (or the
-    safetensors names), the layout transformers' from_pretrained reads."""
-    entries = _entries(checkpoint_dir, tag, exclude_frozen_parameters)
+# DeepSpeed's names for the output dtypes of convert_zero_checkpoint_to_state_dict.
+_OUTPUT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                  "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _output_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype or DeepSpeed's name for one ("bf16", "torch.float16", ...)."""
+    resolved = _OUTPUT_DTYPES.get(dtype.lower().removeprefix("torch.")) \
+        if isinstance(dtype, str) else dtype
+    if resolved not in _OUTPUT_DTYPES.values():
+        raise ValueError(f"{CALLER}: output dtype {dtype!r} is not one of "
+                         f"{', '.join(sorted(_OUTPUT_DTYPES))} (or their torch dtypes)")
+    return resolved
+
+
+def _cast(entries: list[TensorEntry], dtype: torch.dtype) -> list[TensorEntry]:
+    """Every floating tensor in `dtype` (integer ones as they are), as DeepSpeed's
+    to_torch_tensor writes them; the keys of one tied tensor keep sharing one cast."""
+    cast: dict[int, TensorEntry] = {}
+    out = []
+    for entry in entries:
+        if not entry.dtype.is_floating_point or entry.dtype == dtype:
+            out.append(entry)
+            continue
+        if id(entry.produce) not in cast:
+            cast[id(entry.produce)] = TensorEntry(
+                entry.name, dtype, entry.shape,
+                lambda produce=entry.produce: produce().to(dtype))
+        out.append(TensorEntry(entry.name, dtype, entry.shape,
+                               cast[id(entry.produce)].produce))
+    return out
+
+
+def convert_zero_checkpoint_to_state_dict(checkpoint_dir: str, output_dir: str,
+                                          dtype: torch.dtype | str = torch.float32,
+                                          max_shard_size: int | str | None = "5GB",
+                                          safe_serialization: bool = False,
+                                          tag: str | None = None,
+                                          exclude_frozen_parameters: bool = False) -> None:
+    """Writes the checkpoint's full state_dict into `output_dir`, every floating tensor in
+    `dtype` (float32, float16 or bfloat16, or DeepSpeed's names for them; integer buffers as
+    saved): `pytorch_model.bin`, or `model.safetensors` with safe_serialization; above
+    max_shard_size (None: never) as `pytorch_model-00001-of-0000N.bin` ... with
+    `pytorch_model.bin.index.json` (or the safetensors names), the layout transformers'
+    from_pretrained reads."""
+    dtype = _output_dtype(dtype)
+    entries = _cast(_entries(checkpoint_dir, tag, exclude_frozen_parameters), dtype)
     shards = _split(entries, None if max_shard_size is None else _size_in_bytes(max_shard_size))
     stem, suffix = ("model", ".safetensors") if safe_serialization else ("pytorch_model", ".bin")
     os.makedirs(output_dir, exist_ok=True)
@@ -180,6 +220,19 @@ def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir: str, output_dir: 
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(os.path.join(output_dir, f"{stem}{suffix}.index.json"),
                            text.encode())
+
+
+def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir: str, output_dir: str,
+                                               max_shard_size: int | str | None = "5GB",
+                                               safe_serialization: bool = False,
+                                               tag: str | None = None,
+                                               exclude_frozen_parameters: bool = False) -> None:
+    """convert_zero_checkpoint_to_state_dict in fp32 (frozen 16-bit parameters too, as
+    DeepSpeed's)."""
+    convert_zero_checkpoint_to_state_dict(
+        checkpoint_dir, output_dir, torch.float32, max_shard_size=max_shard_size,
+        safe_serialization=safe_serialization, tag=tag,
+        exclude_frozen_parameters=exclude_frozen_parameters)
 
 
 def load_state_dict_from_zero_checkpoint(model: torch.nn.Module, checkpoint_dir: str,
