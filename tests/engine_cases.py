@@ -714,6 +714,22 @@ def stage3_special_cases() -> dict:
 
     out["evaluation"] = _trained_alike(Blocks, before_backward=evaluate)
 
+    # A backward inside GatheredParameters (a loss reading a weight directly, as fused
+    # cross-entropies do): the held unit stays gathered to the context's exit (its backward
+    # released it, and the exit then failed reading the released weight), training unchanged.
+    model, reference = _model_and_reference(Blocks)
+    engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
+    seen = []
+    for step in range(3):
+        tokens, targets = global_batch(step, world_size, 1)
+        with zero_ext.GatheredParameters([model.blocks[1].weight]):
+            engine.backward(run(engine, tokens[0, rank], targets[0, rank]))
+            seen.append(tuple(model.blocks[1].weight.shape))
+        seen.append(model.blocks[1].weight.numel())
+        engine.step()
+    out["backward_inside"] = dict(got=host_params(model, engine), seen=seen,
+                                  reference=train_reference_steps(reference, 3))
+
     # torch's reentrant checkpoint runs the blocks without autograd in the forward: still the
     # training step's order, recorded whole, so prefetch stays on (and no warning says not).
     torch.manual_seed(0)

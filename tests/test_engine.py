@@ -318,6 +318,13 @@ def test_stage3_evaluation_before_and_between_steps_leaves_nothing_gathered():
         _assert_trained_as_reference(got, rank)
 
 
+def test_stage3_backward_inside_gathered_parameters_keeps_the_unit_to_the_exit():
+    for rank, result in enumerate(_stage3_special(2)):
+        got = result["backward_inside"]
+        assert got["seen"] == [(engine_cases.DIM, engine_cases.DIM), 0] * 3, (rank, got["seen"])
+        _assert_trained_as_reference(got, rank)
+
+
 def test_gathered_parameters_survive_a_forward_inside_and_nest():
     for rank, result in enumerate(_stage3_special(2)):
         got = result["contexts"]

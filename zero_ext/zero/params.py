@@ -535,7 +535,8 @@ class PartitionedParameters:
             return
         unit.reduced = 0
         unit.backward_done = True
-        self.release(unit)
+        if unit.holders == 0:  # a GatheredParameters around the backward releases it at exit
+            self.release(unit)
 
     def hold(self, layout_indices: set[int]) -> list[tuple[GatherUnit, bool]]:
         """GatheredParameters: gathers every unit holding one of these buckets, exactly, and
