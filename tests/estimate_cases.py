@@ -71,18 +71,19 @@ DATA_TYPES = {"fp32_accum": {"grad_accum_dtype": "fp32"}}
 def case_config(stage: int, dtype: str, accumulation: int, comm_dtype: str | None,
                 offload: str | None, compression: str | None = None) -> dict:
     """engine_cases.config with this module's stage-3 keys; `offload` is None, "optimizer",
-    "ratio" (half the optimizer state offloaded) or "both" (optimizer and parameters);
+    "ratio" (half the optimizer state offloaded), "param" (parameters only) or "both"
+    (optimizer and parameters);
     `compression` names a COMPRESSION section (or a DATA_TYPES one)."""
     cfg = config(stage, dtype, accumulation, comm.world_size(),
                  stage3_param_persistence_threshold=PERSISTENCE,
                  stage3_prefetch_bucket_size=PREFETCH)
     if comm_dtype is not None:
         cfg["communication_data_type"] = comm_dtype
-    if offload is not None:
+    if offload not in (None, "param"):
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if offload == "ratio":
         cfg["zero_optimization"]["offload_optimizer"]["ratio"] = 0.5
-    if offload == "both":
+    if offload in ("both", "param"):
         cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
     if compression in DATA_TYPES:
         cfg["data_types"] = DATA_TYPES[compression]

@@ -27,6 +27,8 @@ CASES += [(0, "bf16", 2, "fp32", None), (3, "bf16", 1, "fp32", None)]
 OFFLOAD_CASES = [(1, "fp32", 2, None, "optimizer"), (2, "bf16", 2, None, "optimizer"),
                  (3, "bf16", 1, None, "optimizer"), (3, "fp32", 1, None, "both"),
                  (3, "bf16", 2, None, "both"),
+                 # offload_param alone: the units' optimizer state (and staging) on the device.
+                 (3, "fp32", 1, None, "param"), (3, "bf16", 1, None, "param"),
                  # offload_optimizer.ratio: half the optimizer state on the host.
                  (2, "bf16", 1, None, "ratio"), (3, "fp32", 2, None, "ratio")]
 # Compressed communication's state: error feedback at stages 1-3, top-k at 0-2.

@@ -540,8 +540,9 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes held on this rank now: model parameters (flat buffers), gradients, and
         optimizer state (fp32 master weights that do not alias the model, moments), wherever
-        they live; under offload_optimizer also "offload_buffers". memory_by_location() splits
-        the total into host and device."""
+        they live; under offload also "offload_buffers" (host copies, and the device staging
+        of offload_param alone). memory_by_location() splits the total into host and
+        device."""
         return reporting.memory_breakdown(self)
 
     def memory_by_location(self) -> dict[str, int]:
@@ -877,6 +878,13 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None,
         scheduler = build_scheduler(config.scheduler, engine.optimizer)
         # The schedule's length is the run's, as far as the progress bar can tell.
         engine.monitor.total_steps = config.scheduler.params.get("total_num_steps")
+    if scheduler is not None and not stepping.steps_without_arguments(scheduler):
+        warnings.warn(
+            f"zero_ext.initialize: {type(scheduler).__name__}.step() needs arguments the engine "
+            "does not have (ReduceLROnPlateau's metric), so engine.step() does not step it: "
+            "call scheduler.step(metric) yourself after evaluating, as a torch training loop "
+            "does, or give them to every step with engine.step(lr_kwargs={...}). (DeepSpeed "
+            "steps it with the train batch size as the metric.)", stacklevel=2)
     engine.lr_scheduler = scheduler
     from zero_ext.integrations.peft import gather_dora_lora_weights, guard_save_pretrained
     guard_save_pretrained(engine)  # PEFT's own save_pretrained would read stage-3 shards
