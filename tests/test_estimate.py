@@ -484,3 +484,57 @@ def test_plot_over_world_sizes_draws_a_line_per_stage(monkeypatch, tmp_path):
     lines = figure.axes[0].get_lines()
     assert [line.get_label() for line in lines] == [f"stage {s}" for s in range(4)]
     assert all(list(line.get_xdata()) == [2, 8, 64] for line in lines)
+
+
+def test_deepspeeds_estimators_take_its_arguments_and_print_its_table(capsys):
+    """deepspeed.runtime.zero.stage3 / stage_1_and_2's estimators under their names: the same
+    parameters and defaults, the same table (rows and option columns, read from DeepSpeed's
+    own output), with zero_ext's figures: per GPU what zero_ext.estimate gives one rank in fp16,
+    per CPU the node's offloaded state or the fp32 model each rank builds without zero_init,
+    times the buffer factor."""
+    import inspect
+
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
+    from zero_ext import estimate_deepspeed as ours
+
+    theirs = {name: getattr(stage3 if "zero3" in name else stage_1_and_2, name)
+              for name in ours.__all__}
+    for name, function in theirs.items():
+        want = [(p.name, p.default) for p in inspect.signature(function).parameters.values()]
+        got = [(p.name, p.default) for p in
+               inspect.signature(getattr(ours, name)).parameters.values()]
+        assert got == want, name
+
+    def table(print_table, *args, **kwargs):
+        print_table(*args, **kwargs)
+        # (DeepSpeed's accelerator notice may come first: a log line, not the table.)
+        lines = [line for line in capsys.readouterr().out.splitlines()
+                 if not line.startswith("[")]
+        return lines[:4], [line.split("|") for line in lines[4:]]
+
+    params, largest = 6_738_415_616, 131_072_000
+    for name, args in (("estimate_zero3_model_states_mem_needs_all_cold", (params, largest)),
+                       ("estimate_zero2_model_states_mem_needs_all_cold", (params,))):
+        head, rows = table(getattr(ours, name), *args, num_gpus_per_node=8, num_nodes=2)
+        ds_head, ds_rows = table(theirs[name], *args, num_gpus_per_node=8, num_nodes=2)
+        assert head == ds_head
+        assert [r[2].replace("OffloadDeviceEnum.", "") for r in ds_rows] == [r[2] for r in rows]
+    cpu, gpu, gathered = ours.estimate_zero3_model_states_mem_needs(
+        params, largest, num_gpus_per_node=8, num_nodes=2, zero_init=False)
+    e = estimate(params, stage=3, world_size=16, dtype="fp16", offload_optimizer=True,
+                 offload_param=True, largest_unit=largest)
+    assert (gpu, gathered) == (e.device.total, e.device.gathered)
+    assert cpu == int(max(8 * e.host.total, 4 * params * 8) * 1.5)
+    cpu, gpu = ours.estimate_zero2_model_states_mem_needs(params, 8, 1, cpu_offload=False,
+                                                          additional_buffer_factor=1.0)
+    assert gpu == estimate(params, stage=2, world_size=8, dtype="fp16").device.total
+    assert cpu == 4 * params * 8  # the fp32 model each rank builds
+    # A live model: the engine's own layout (its gather units) decides the figures.
+    with torch.device("meta"):
+        model = estimate_cases.build()
+    ours.estimate_zero3_model_states_mem_needs_all_live(model, num_gpus_per_node=2)
+    lines = capsys.readouterr().out.splitlines()
+    gpu_gib = float(lines[-1].split("|")[1].strip().removesuffix("GB"))
+    want = estimate(model, stage=3, world_size=2, dtype="fp16").device.total / 2**30
+    assert gpu_gib == pytest.approx(want, abs=0.006)

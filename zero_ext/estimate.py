@@ -39,14 +39,16 @@ What is counted (the moment each number describes):
               buckets with data_types.grad_accum_dtype fp32), otherwise its shard; stages 2-3
               the shard, fp32 when accumulating over micro-steps
   master      fp32 master weights; none when the model is fp32 (they alias its buffers),
-              except under optimizer offload, where the host copy is separate
+              except under optimizer offload, where the host copy is separate, and under
+              offload_param alone, where the device keeps one of the host unit shards
   exp_avg, exp_avg_sq   Adam's moments, fp32, for this rank's shards (whole at stage 0)
   gathered    stage 3: the largest unit gathered in full plus what prefetch may have in
               flight (the next unit, or the units that fit in stage3_prefetch_bucket_size if
               more; within stage3_max_live_parameters): an upper bound
   frozen      parameters with requires_grad=False kept whole on every rank (stage 3
               partitions those in a unit, in the model dtype: they count in params)
-  offload_buffers   ("staging" in the table) see offload below
+  offload_buffers   ("staging" in the table) see offload below; under offload_param alone
+              a 16-bit model's device buffer the step writes the unit shards' weights into
   compression ("feedback" in the table) compressed communication's state (docs/compression.md):
               error feedback, 1 byte per bucket element plus 4 per chunk (with two hops,
               given ranks_per_node, 1/(ranks per node) more for the second hop); top-k, an
