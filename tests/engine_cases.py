@@ -1392,6 +1392,27 @@ def retrain_cases(out_dir: str) -> dict:
         trainer.train()
         overridden[optim] = {"rates": rates[-1],
                              "group_lr": trainer.engine.optimizer.param_groups[0]["lr"]}
+    # ReduceLROnPlateau, halving the rate at every evaluation that does not raise the eval
+    # loss (mode "max"), with the config's AdamW: the plain Trainer's run is the reference.
+    plateau = {}
+    for name, cls in (("plain", transformers.Trainer), ("zero", ZeroTrainer)):
+        rates.append([])
+        args = transformers.TrainingArguments(
+            output_dir=f"{out_dir}/plateau", per_device_train_batch_size=2, max_steps=4,
+            learning_rate=1e-2, lr_scheduler_type="reduce_lr_on_plateau",
+            lr_scheduler_kwargs={"mode": "max", "patience": 0, "factor": 0.5},
+            eval_strategy="steps", eval_steps=1, logging_steps=1, save_strategy="no",
+            report_to="none", use_cpu=True, disable_tqdm=True)
+        extra = {"zero_config": {"zero_optimization": {"stage": 2}, "optimizer": {
+            "type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}}} \
+            if cls is ZeroTrainer else {}
+        torch.manual_seed(0)
+        trainer = cls(model=tiny(), args=args, train_dataset=data, eval_dataset=data[:2],
+                      callbacks=[Logged()], **extra)
+        trainer.train()
+        plateau[name] = {"rates": rates.pop(), "losses": [
+            e["loss"] for e in trainer.state.log_history if "loss" in e]}
     return {"rates": rates[:2], "moved": moved, "model_init": model_init, "built": len(built),
             "resumed_rates": rates[3], "uninterrupted_rates": rates[4],
-            "resumed_total": resumed_total, "overridden": overridden, "cosine": cosine}
+            "resumed_total": resumed_total, "overridden": overridden, "cosine": cosine,
+            "plateau": plateau}

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import functools
 import os
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -74,10 +75,22 @@ class _EngineOptimizer(_Forwarding):
 class _EngineScheduler(_Forwarding):
     """What the Trainer sees as its LR scheduler: the real one, except that step() does
     nothing. The engine steps it after each optimizer step it did not skip (an fp16 overflow
-    leaves the schedule where it was)."""
+    leaves the schedule where it was). With `rates_used`, get_last_lr() is the rate the last
+    step used (`used`, noted before the engine's step), as the Trainer logs a schedule it steps
+    itself; else the rate after it, as it logs one DeepSpeed's engine steps."""
+
+    def __init__(self, target, rates_used: bool = False):
+        super().__init__(target)
+        self.rates_used = rates_used
+        self.used: list[float] | None = None
 
     def step(self, *args, **kwargs):
         return None
+
+    def get_last_lr(self) -> list[float]:
+        if self.rates_used and self.used is not None:
+            return list(self.used)
+        return self.target.get_last_lr()
 
 
 class _ZeroTrainerMixin:
@@ -172,7 +185,7 @@ class _ZeroTrainerMixin:
                 scheduler = self._schedule(self._filled_config(max_steps), max_steps)(
                     self.engine.optimizer)
                 self.engine.lr_scheduler = scheduler
-                self.lr_scheduler = _EngineScheduler(scheduler)
+                self.lr_scheduler = self._as_trainers_scheduler(scheduler)
             self.optimizer = _EngineOptimizer(self.engine.optimizer)
         self.model_wrapped = self.engine
         if resume_from_checkpoint is not None:
@@ -228,9 +241,14 @@ class _ZeroTrainerMixin:
                        "weight_decay": config["optimizer"]["params"]["weight_decay"]},
                       {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
             groups, client = [g for g in groups if g["params"]], None
-        engine, _, _, scheduler = zero_ext.initialize(
-            model=model, config=config, model_parameters=groups, optimizer=client,
-            lr_scheduler=schedule)
+        with warnings.catch_warnings():
+            # A schedule stepped with a metric (ReduceLROnPlateau) is the Trainer's to step,
+            # with the evaluation's metric, as without DeepSpeed.
+            warnings.filterwarnings("ignore", message=r"zero_ext\.initialize: .*needs "
+                                    r"arguments the engine does not have")
+            engine, _, _, scheduler = zero_ext.initialize(
+                model=model, config=config, model_parameters=groups, optimizer=client,
+                lr_scheduler=schedule)
         self.engine = engine
         if self.args.torch_compile:  # the model, in place, as DeepSpeed's engine.compile
             mode = self.args.torch_compile_mode
@@ -244,7 +262,22 @@ class _ZeroTrainerMixin:
         if self.pretrained_weights is not None:  # a resumed checkpoint overrides them after
             engine.load_weights(os.fspath(self.pretrained_weights))
         self.optimizer = _EngineOptimizer(engine.optimizer)
-        self.lr_scheduler = _EngineScheduler(scheduler)  # the config's, else the Trainer's
+        self.lr_scheduler = self._as_trainers_scheduler(scheduler)
+
+    def _as_trainers_scheduler(self, scheduler):
+        """The engine's schedule (the config's, else the Trainer's) as the Trainer sees it. A
+        ReduceLROnPlateau as it is: the engine does not step it, the Trainer does with the
+        evaluation's metric. Without an optimizer or scheduler section DeepSpeed leaves the
+        Trainer's schedule to the Trainer, which logs the rate each step used; an engine that
+        steps it has the Trainer log the rate after the step."""
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return scheduler
+        user = self.zero_config
+        if not isinstance(user, Mapping):  # a JSON file's path
+            from zero_ext.config import read_json_config
+            user = read_json_config(user)
+        return _EngineScheduler(scheduler, rates_used=(
+            user.get("optimizer") is None and user.get("scheduler") is None))
 
     def _wrap_model(self, model, training: bool = True, dataloader=None):
         # Evaluation and prediction go through the engine too: under stage 3 it gathers each
@@ -292,6 +325,10 @@ class _ZeroTrainerMixin:
             # loss (divided by a short window's length where it is a per-batch mean);
             # engine.backward divides by gradient_accumulation_steps, so multiply that back.
             engine.backward(loss.float() * gas)
+            schedule = self.lr_scheduler
+            if isinstance(schedule, _EngineScheduler) and \
+                    engine.is_gradient_accumulation_boundary():
+                schedule.used = schedule.target.get_last_lr()
             engine.step()
 
         # The Trainer's own training_step runs, under the subclass's overrides of it (TRL's
@@ -315,7 +352,8 @@ class _ZeroTrainerMixin:
     # The learning rate the Trainer logs is the base class's lr_scheduler.get_last_lr(), read
     # after the engine's step has advanced the schedule: what the Trainer logs under DeepSpeed,
     # whose engine steps the schedule inside accelerator.backward (a plain Trainer reads it
-    # before its scheduler step: one step earlier). See docs/integrations/transformers.md.
+    # before its scheduler step: one step earlier), except where DeepSpeed leaves the schedule
+    # to the Trainer (_EngineScheduler.rates_used). See docs/integrations/transformers.md.
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Every rank logs each training logging step (the loss is averaged over ranks there):

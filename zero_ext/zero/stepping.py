@@ -37,6 +37,18 @@ def check_lr_kwargs(scheduler, lr_kwargs: dict | None) -> None:
             f"takes (zero_ext's schedules take last_batch_iteration, as DeepSpeed's)") from None
 
 
+def steps_without_arguments(scheduler) -> bool:
+    """Whether engine.step() can step `scheduler` with no arguments: ReduceLROnPlateau's step
+    needs its metric, which the engine does not have (the script steps it)."""
+    try:
+        inspect.signature(scheduler.step).bind()
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read: assume the plain call works
+        return True
+    return True
+
+
 @torch.no_grad()
 def boundary_step(engine, backwards: int, lr_kwargs: dict | None = None) -> bool:
     """`backwards`: engine.backward() calls since the last step (agreed on with the norm);
@@ -59,7 +71,8 @@ def boundary_step(engine, backwards: int, lr_kwargs: dict | None = None) -> bool
     engine.compression.end_step()
     if engine.stage >= 1:
         engine._persistent.all_gather()
-    if engine.lr_scheduler is not None:
+    if engine.lr_scheduler is not None and (lr_kwargs or
+                                            steps_without_arguments(engine.lr_scheduler)):
         engine.lr_scheduler.step(**(lr_kwargs or {}))
     return True
 
