@@ -607,6 +607,46 @@ def lr_kwargs_position(tmp):
     assert engine.global_steps == counters[0] + 1
 
 
+@case(ZERO + "zero_ext::reduce_lr_on_plateau_is_the_scripts_to_step")
+def plateau_schedule(tmp):
+    """A ReduceLROnPlateau given to initialize: its step() needs the metric, which the engine
+    lacks, so initialize says so and engine.step() leaves it to the script (it crashed after
+    the update; DeepSpeed steps it with the batch size as the metric); given the metric with
+    lr_kwargs, the engine steps it. Reference: torch's ReduceLROnPlateau on an optimizer at
+    the same lr, stepped with the same metrics."""
+    torch.manual_seed(7)
+    model = SimpleModel()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine, _, _, schedule = zero_ext.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=plateau,
+            config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}})
+    assert schedule is plateau
+    assert any("ReduceLROnPlateau.step() needs arguments" in str(w.message) and
+               "scheduler.step(metric)" in str(w.message) for w in caught), caught
+    reference = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    reference_plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(reference, patience=0,
+                                                                   factor=0.5)
+    rates = []
+    for step, metric in enumerate((1.0, 2.0, None, 3.0)):
+        engine.backward(loss_of(engine(*batch(step, 0, rank()))))
+        if metric is None:
+            engine.step()  # not stepped
+        elif step % 2:
+            engine.step(lr_kwargs={"metrics": metric})
+        else:
+            engine.step()
+            plateau.step(metric)  # the script's own call, after evaluating
+        if metric is not None:
+            reference_plateau.step(metric)
+        rates.append((engine.get_lr()[0], reference.param_groups[0]["lr"]))
+    assert engine.global_steps == 4
+    assert [got for got, _ in rates] == [want for _, want in rates] == \
+        pytest.approx([0.1, 0.05, 0.05, 0.025], rel=1e-12), rates
+
+
 class IncrementLR(torch.optim.lr_scheduler.LambdaLR):
     """A schedule whose step takes a keyword, as Megatron-DeepSpeed's AnnealingLR
     (`engine.step(lr_kwargs={"increment": ...})`)."""
