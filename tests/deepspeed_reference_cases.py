@@ -524,6 +524,35 @@ def _no_sync(stage: int, precision: str):
     compare(*traces)
 
 
+def _stage0_16bit_initial_step():
+    """Differs on purpose: DeepSpeed's stage-0 16-bit optimizer (FP16_UnfusedOptimizer over a
+    torch optimizer) runs one step with zero gradients when it is built
+    (initialize_optimizer_states): AdamW's decay at the config's lr, before any schedule,
+    shrinks its fp32 masters by (1 - lr * weight_decay), and Adam's step count starts at 1
+    (bias correction one step behind from then on). zero_ext's masters are the model's
+    weights and its count 0 until the first step."""
+    config = dict(BASE, zero_optimization={"stage": 0}, bf16={"enabled": True})
+    torch.manual_seed(0)
+    ds_engine, _, _, _ = deepspeed().initialize(model=Model(), config=copy.deepcopy(config))
+    torch.manual_seed(0)
+    zx_engine, _, _, _ = zero_ext.initialize(model=Model(), config=copy.deepcopy(config))
+    decay = 1 - ADAMW["params"]["lr"] * ADAMW["params"]["weight_decay"]
+    ds_masters = [p for group in ds_engine.optimizer.fp32_groups for p in group]
+    ds_weights = [p for p in ds_engine.module.parameters() if p.requires_grad]
+    assert len(ds_masters) == len(ds_weights)
+    for master, weight in zip(ds_masters, ds_weights):
+        torch.testing.assert_close(master, weight.detach().float() * decay, rtol=1e-6,
+                                   atol=0)
+    assert {int(state["step"]) for state in ds_engine.optimizer.optimizer.state.values()} \
+        == {1}
+    for shard in zx_engine.optimizer.shards:
+        assert torch.equal(shard.master, shard.weights_16bit.float())
+        assert float(shard.step) == 0.0
+
+
+case("bf16_stage0_deepspeeds_initial_step", (2,))(_stage0_16bit_initial_step)
+
+
 # (DeepSpeed's bf16 at stage 0 keeps its Adam state on fp32 copies `_full_state` cannot reach)
 for _precision, (_, _sizes) in PRECISIONS.items():
     for _stage in (0, 1) if _precision == "fp32" else (1,):
