@@ -166,6 +166,15 @@ def convert(tmp):
     collectively(check)
 
 
+def _saved_with_frozen(tmp) -> str:
+    """A stage-2 bf16 checkpoint of MyModel with its first linear frozen; its save_dir."""
+    torch.manual_seed(3)
+    engine, _ = _trained(2, True, False, os.path.join(tmp, "ckpt"))
+    del engine
+    dist.barrier()
+    return os.path.join(tmp, "ckpt")
+
+
 @case(CONVERT + "zero_ext::sharded_safetensors_lazy_frozen_and_cli")
 def sharded(tmp):
     """max_shard_size splits the output as transformers does: the shards transformers'
@@ -174,11 +183,7 @@ def sharded(tmp):
     stay); lazy_mode's values read the same tensors; the CLI writes the same files and fails
     with a message on a directory without a checkpoint; loading into another model is an
     error naming the keys."""
-    torch.manual_seed(3)
-    engine, _ = _trained(2, True, False, os.path.join(tmp, "ckpt"))
-    del engine
-    dist.barrier()
-    save_dir = os.path.join(tmp, "ckpt")
+    save_dir = _saved_with_frozen(tmp)
     base = os.path.join(tmp, f"out-{rank()}")
 
     def check():
@@ -229,11 +234,7 @@ def converted_dtypes(tmp):
     floating tensor (trainable, frozen bf16, the float buffer) in the dtype asked for, given
     as a torch dtype or DeepSpeed's names; the fp32 form is dtype float32; another dtype is
     refused naming the choices."""
-    torch.manual_seed(3)
-    engine, _ = _trained(2, True, False, os.path.join(tmp, "ckpt"))
-    del engine
-    dist.barrier()
-    save_dir = os.path.join(tmp, "ckpt")
+    save_dir = _saved_with_frozen(tmp)
 
     def check():
         whole = get_fp32_state_dict_from_zero_checkpoint(save_dir)
