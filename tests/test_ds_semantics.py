@@ -118,7 +118,9 @@ DEFAULTS = [
     ("scheduler.params.warmup_num_steps", 1000, f"{LR} WarmupDecayLR.__init__"),
     ("scheduler.params.warmup_type", "log", f"{LR} WARMUP_LOG_RATE"),
 ]
-SECTIONS = {"optimizer": {"type": "AdamW"},
+# (An absent activation_checkpointing section is None: initialize then leaves the settings a
+# configure() made; an empty one holds the defaults.)
+SECTIONS = {"optimizer": {"type": "AdamW"}, "activation_checkpointing": {},
             "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 2000}}}
 
 

@@ -540,9 +540,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes held on this rank now: model parameters (flat buffers), gradients, and
         optimizer state (fp32 master weights that do not alias the model, moments), wherever
-        they live; under offload also "offload_buffers" (host copies, and the device staging
-        of offload_param alone). memory_by_location() splits the total into host and
-        device."""
+        they live; under offload_optimizer also "offload_buffers". memory_by_location() splits
+        the total into host and device."""
         return reporting.memory_breakdown(self)
 
     def memory_by_location(self) -> dict[str, int]:

@@ -47,8 +47,7 @@ What is counted (the moment each number describes):
               more; within stage3_max_live_parameters): an upper bound
   frozen      parameters with requires_grad=False kept whole on every rank (stage 3
               partitions those in a unit, in the model dtype: they count in params)
-  offload_buffers   ("staging" in the table) see offload below; under offload_param alone
-              a 16-bit model's device buffer the step writes the unit shards' weights into
+  offload_buffers   ("staging" in the table) see offload below
   compression ("feedback" in the table) compressed communication's state (docs/compression.md):
               error feedback, 1 byte per bucket element plus 4 per chunk (with two hops,
               given ranks_per_node, 1/(ranks per node) more for the second hop); top-k, an
@@ -101,7 +100,6 @@ class StateBytes:
     gathered: int = 0     # stage 3: full units gathered at once (upper bound)
     frozen: int = 0       # requires_grad=False parameters kept whole
     offload_buffers: int = 0  # offload: host gradient copies and 16-bit weight upload buffers
-    #                           (offload_param alone: the device's 16-bit staging of them)
     compression: int = 0  # compressed communication: error-feedback residuals, top-k state
 
     @property
@@ -354,14 +352,12 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
     unit_shards = sum(layout.shard_numel for layout in units if layout.group != FROZEN)
     frozen_shards = sum(layout.shard_numel for layout in units if layout.group == FROZEN)
     fp32_model = dtype == torch.float32
-    # offload_param alone: the unit shards live on the host, their optimizer state here; the
-    # step keeps an fp32 master of them here (an fp32 model's cannot be its shard) and, for a
-    # 16-bit model, writes their new weights into a device buffer before copying them over.
+    # offload_param alone: the unit shards live on the host, their optimizer state here, with
+    # an fp32 master of them (an fp32 model's cannot be its shard there).
     staged = unit_shards if offload_param and not offload_optimizer else 0
     # On the device an fp32 model's master weights are its own buffers (the host side is
     # offload.host_state_bytes).
     master = 4 * staged if fp32_model else 4 * state
-    staging = 0 if fp32_model else width * staged
     gathered = 0
     if stage == 3:
         biggest = max(unit_numels, default=0)
@@ -380,8 +376,7 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
         gathered = width * (biggest + ahead)
     optimizer = {"master": master, "exp_avg": 4 * state, "exp_avg_sq": 4 * state}
     device = {"params": whole_params + unit_params, "grads": grads, "gathered": gathered,
-              "frozen": width * frozen_numel, "compression": compression,
-              "offload_buffers": staging}
+              "frozen": width * frozen_numel, "compression": compression}
     host = offload.host_state_bytes(
         shard_numel=host_shards, unit_shard_numel=unit_shards,
         frozen_shard_numel=frozen_shards, dtype=dtype,

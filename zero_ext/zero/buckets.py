@@ -14,11 +14,12 @@ Collectives start in one launch order agreed by every rank, whatever order gradi
 so every rank issues the same sequence of collectives even when some parameters receive no
 gradient. In the first backward that reduces it is the reverse of the order the forwards before
 it first used the buckets' parameters in; from the next one on, the order that first one
-completed its buckets in (rank 0's orders, given to every rank). A bucket complete before the ones ahead of it waits for them, holding
-its gradients (and at stage 3 its unit's full parameters): in registration order, a model whose
-modules run in another order (CLIP's towers) held nearly all of them to the end of backward. With compressed
-gradients (zero/compression.py) the bucket's reduction is the compressed one, started the same
-way; its handle's wait() finishes it (dequantize and sum, or scatter the top-k entries).
+completed its buckets in (rank 0's orders, given to every rank). A bucket complete before the
+ones ahead of it waits for them, holding its gradients (and at stage 3 its unit's full
+parameters): in registration order, a model whose modules run in another order (CLIP's towers)
+held nearly all of them to the end of backward. With compressed gradients (zero/compression.py)
+the bucket's reduction is the compressed one, started the same way; its handle's wait()
+finishes it (dequantize and sum, or scatter the top-k entries).
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ class GradientBuckets:
         """engine.destroy(): the parameters' gradients are autograd's own again."""
         for handle in self._handles + self._first_use_hooks:
             handle.remove()
-        self._handles = []
+        self._handles, self._first_use_hooks = [], []
 
     # -- backward ---------------------------------------------------------------------------
     def watch_first_use(self, model: torch.nn.Module) -> None:

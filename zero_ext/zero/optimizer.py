@@ -99,11 +99,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  weights: list[torch.Tensor], *, defaults: dict,
                  state_buffer: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None,
                  staged: Callable[[BucketLayout], bool] | None = None,
+                 stage_16bit: bool = True,
                  client: torch.optim.Optimizer | None = None, rank: int = 0):
         """Under offload, `staged(layout)` says whether a layout's model weights live elsewhere
         than its optimizer state (host vs device); those shards get their state from
         `state_buffer(like, dtype)` (a buffer shaped like `like` where the state lives), and
-        each step's result is copied into the model's slice. `client`: the user's optimizer
+        each step's result is copied into the model's slice, for a 16-bit model through a
+        16-bit staging buffer beside the state with `stage_16bit` (host state: the upload's
+        source), else cast from the fp32 master on the way (device state, host weights: a
+        buffer of every shard kept on the device would give back what offload_param saves).
+        `client`: the user's optimizer
         (not AdamW), which then steps the master shards and keeps its own state
         (zero/client_optimizer.py); the shards hold no moments."""
         super().__init__(param_groups, defaults)
@@ -123,7 +128,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 continue
             master = state_buffer(view, torch.float32)
             master.copy_(view)
-            staging = None if fp32 else state_buffer(view, view.dtype)
+            staging = None if fp32 or not stage_16bit else state_buffer(view, view.dtype)
             self.shards.append(ShardState(
                 layout, master, staging,
                 *moments(lambda v=view: state_buffer(v, torch.float32).zero_()),
@@ -142,9 +147,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         model weights live elsewhere get the result copied there, unless `copy_out` is False
         (the optimizer offload copies asynchronously itself). `groups` stands in for
         param_groups (a copy taken when a step was deferred)."""
-        by_group: dict[tuple[int, torch.dtype], list[tuple[ShardState, torch.Tensor]]] = {}
+        # One kernel launch per group, gradient dtype, and whether 16-bit copies are written
+        # in the same pass (the op takes them for every tensor of a launch or for none).
+        by_group: dict[tuple[int, torch.dtype, bool],
+                       list[tuple[ShardState, torch.Tensor]]] = {}
         for shard, grad in zip(self.shards if only is None else only, grads):
-            by_group.setdefault((shard.layout.group, grad.dtype), []).append((shard, grad))
+            key = (shard.layout.group, grad.dtype, shard.weights_16bit is not None)
+            by_group.setdefault(key, []).append((shard, grad))
         if self.client is not None:
             pairs = [pair for group_pairs in by_group.values() for pair in group_pairs]
             self.client.step([s for s, _ in pairs], [g for _, g in pairs], inv_scale,
@@ -153,7 +162,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for shard, _ in pairs:
                 if copy_out and shard.model_weights is not None:
                     shard.model_weights.copy_(shard.updated_weights, non_blocking=True)
-        for (group_index, _), pairs in by_group.items():
+        for (group_index, _, _), pairs in by_group.items():
             group = (self.param_groups if groups is None else groups)[group_index]
             shards = [s for s, _ in pairs]
             copies = [s.weights_16bit for s in shards if s.weights_16bit is not None]

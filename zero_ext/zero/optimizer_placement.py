@@ -97,7 +97,8 @@ class OptimizerPlacement:
         self.optimizer = replicated or ZeroOptimizer(
             param_groups, layouts, weights, defaults=defaults, state_buffer=self._state_buffer,
             staged=lambda layout: (layout.index in self.host_stepped) != (
-                layout.index in weights_on_host), client=client, rank=rank)
+                layout.index in weights_on_host), stage_16bit=placed.optimizer,
+            client=client, rank=rank)
         self.offload: offload.OptimizerOffload | None = None
         # Stage-3 unit buckets stepped on the host after the global norm: their step may run
         # behind the next forward, since their weights are read only through the gathers,

@@ -110,24 +110,10 @@ def memory_breakdown(engine) -> dict[str, int]:
                       for t in feedback.tensors().values())
     if compression:  # error-feedback residuals, top-k state (zero/compression.py)
         breakdown["compression"] = compression
-    buffers = _device_staging(engine)
     if engine.offload is not None:
         # Host gradient copies and 16-bit upload buffers: values still sum to the total.
-        buffers += engine.offload.host_nbytes()
-    if buffers:
-        breakdown["offload_buffers"] = buffers
+        breakdown["offload_buffers"] = engine.offload.host_nbytes()
     return breakdown
-
-
-def _device_staging(engine) -> int:
-    """offload_param without offload_optimizer: the step writes each host unit shard's new
-    16-bit weights into a device buffer first (the state is on the device), then copies them
-    to the host shard."""
-    if engine.offload is not None or engine.replicated_optimizer is not None:
-        return 0
-    return sum(s.weights_16bit.numel() * s.weights_16bit.element_size()
-               for s in engine.optimizer.shards
-               if s.model_weights is not None and s.weights_16bit is not None)
 
 
 def memory_by_location(engine) -> dict[str, int]:
