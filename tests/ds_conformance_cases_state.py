@@ -148,7 +148,7 @@ for _stage, _offload in _OPTIMIZER_STATE[1:]:
         assert_loaded_as_saved(r)
         assert_continues_fresh(r, config)
 
-for _stage in (0, 1, 2, 3):
+for _stage in (0, 3):  # one code path for every stage; the two ends of it
     @case(ZERO_CKPT + f"fp16_scale_fresh_without_optimizer_states[{_stage}]", stage=_stage)
     def fresh_loss_scale(tmp, stage):
         """The loss scaler is part of DeepSpeed's optimizer state: load_optimizer_states=False

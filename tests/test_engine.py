@@ -143,10 +143,14 @@ def test_traffic_of_one_step_matches_the_stage_table(world_size, stage):
 
 
 @functools.cache
-def _memory(world_size):
+def _memory_all_ranks(world_size):
     if world_size == 2:  # already measured by the group that runs the other checks
-        return _checks(2)[0]["memory"]
-    return run_group(world_size, engine_cases.memory_cases)[0]
+        return [result["memory"] for result in _checks(2)]
+    return run_group(world_size, engine_cases.memory_cases)
+
+
+def _memory(world_size):
+    return _memory_all_ranks(world_size)[0]
 
 
 def test_a_torch_adamw_passed_in_is_adopted():
@@ -289,19 +293,14 @@ def test_stage3_blocks_passing_a_tensor_through_train_as_single_process():
         _assert_trained_as_reference(got, rank)
 
 
-@functools.cache
-def _launch_order(world_size):
-    return run_group(world_size, engine_cases.launch_order_cases)
-
-
 @pytest.mark.parametrize("world_size", [2, 3])
 @pytest.mark.parametrize("stage", [2, 3])
 def test_buckets_reduce_in_the_order_backward_completes_them(world_size, stage):
     """Modules run in another order than registered (CLIP's towers): each bucket is reduced as
     soon as backward completes it, in the first step too, instead of waiting, gradients (and
     units) held, for the buckets ahead of it in index order; training is unchanged."""
-    for rank, result in enumerate(_launch_order(world_size)):
-        got = result[stage]
+    for rank, result in enumerate(_memory_all_ranks(world_size)):
+        got = result["launch_order"][stage]
         for step, seen in enumerate(got["held"]):
             assert len(seen) == 6, (rank, step, seen)
             # Complete buckets waiting for others, and units gathered besides the block's own
