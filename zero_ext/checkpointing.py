@@ -88,30 +88,23 @@ def configure(config=None, deepspeed_config=None, *,
     if isinstance(deepspeed_config, (str, os.PathLike)):
         deepspeed_config = read_json_config(deepspeed_config)
     section = _section_of(config if deepspeed_config is None else deepspeed_config)
-    for ours, alias, value in (
-            ("cpu_checkpointing", "checkpoint_in_cpu", checkpoint_in_cpu),
-            ("contiguous_memory_optimization", "contiguous_checkpointing",
-             contiguous_checkpointing),
-            ("number_checkpoints", "num_checkpoints", num_checkpoints),
-            ("synchronize_checkpoint_boundary", "synchronize", synchronize)):
-        given = locals()[ours]
-        if value is not None and given is not None and value != given:
-            raise TypeError(f"zero_ext.checkpointing.configure: {ours}={given!r} and "
-                            f"{alias}={value!r} (DeepSpeed's name for it) disagree; pass one")
-    cpu_checkpointing = cpu_checkpointing if cpu_checkpointing is not None else checkpoint_in_cpu
-    if contiguous_memory_optimization is None:
-        contiguous_memory_optimization = contiguous_checkpointing
-    number_checkpoints = number_checkpoints if number_checkpoints is not None \
-        else num_checkpoints
-    if synchronize_checkpoint_boundary is None:
-        synchronize_checkpoint_boundary = synchronize
-    overrides = {name: value for name, value in (
-        ("partition_activations", partition_activations),
-        ("cpu_checkpointing", cpu_checkpointing),
-        ("contiguous_memory_optimization", contiguous_memory_optimization),
-        ("number_checkpoints", number_checkpoints),
-        ("synchronize_checkpoint_boundary", synchronize_checkpoint_boundary),
-        ("profile", profile)) if value is not None}
+    # (key, our keyword's value, DeepSpeed's keyword and its value)
+    keys = (("partition_activations", partition_activations, None, None),
+            ("cpu_checkpointing", cpu_checkpointing, "checkpoint_in_cpu", checkpoint_in_cpu),
+            ("contiguous_memory_optimization", contiguous_memory_optimization,
+             "contiguous_checkpointing", contiguous_checkpointing),
+            ("number_checkpoints", number_checkpoints, "num_checkpoints", num_checkpoints),
+            ("synchronize_checkpoint_boundary", synchronize_checkpoint_boundary, "synchronize",
+             synchronize),
+            ("profile", profile, None, None))
+    overrides = {}
+    for key, ours, alias, theirs in keys:
+        if ours is not None and theirs is not None and ours != theirs:
+            raise TypeError(f"zero_ext.checkpointing.configure: {key}={ours!r} and "
+                            f"{alias}={theirs!r} (DeepSpeed's name for it) disagree; pass one")
+        value = ours if ours is not None else theirs
+        if value is not None:
+            overrides[key] = value
     section = dataclasses.replace(section, **overrides)  # a copy, validated again
     if section.partition_activations:
         _notice("partition_activations",

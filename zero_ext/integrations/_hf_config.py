@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 from zero_ext.config import read_json_config
 from zero_ext.integrations.config_fill import ConfigFiller, hidden_size_defaults
 
-__all__ = ["fill_config", "fused_kernels_from_liger"]
+__all__ = ["config_dict", "fill_config", "fused_kernels_from_liger"]
 
 def _optim_name(args: TrainingArguments) -> str:
     return str(getattr(args.optim, "value", args.optim))
@@ -57,6 +57,15 @@ def fused_kernels_from_liger(liger_config: Mapping | None) -> dict:
     return section
 
 
+def config_dict(config: Mapping | str | os.PathLike) -> Mapping:
+    """A Trainer's zero_ext config as given: the dict, or the JSON file's."""
+    raw = read_json_config(config) if isinstance(config, (str, os.PathLike)) else config
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"ZeroTrainer: zero_config must be a dict or a path to a JSON file, got "
+                        f"{type(config).__name__}")
+    return raw
+
+
 def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
                 world_size: int, max_steps: int | None = None,
                 hidden_size: int | None = None, own_optimizer: bool = False) -> dict:
@@ -76,10 +85,7 @@ def fill_config(config: Mapping | str | os.PathLike, args: TrainingArguments, *,
     bucket-size heuristics. Raises one ValueError listing every contradiction and every "auto"
     that has no counterpart among the arguments.
     """
-    raw = read_json_config(config) if isinstance(config, (str, os.PathLike)) else config
-    if not isinstance(raw, Mapping):
-        raise TypeError(f"ZeroTrainer: zero_config must be a dict or a path to a JSON file, got "
-                        f"{type(config).__name__}")
+    raw = config_dict(config)
     filler = ConfigFiller(raw)
     cfg = filler.config
     micro, gas = args.per_device_train_batch_size, args.gradient_accumulation_steps

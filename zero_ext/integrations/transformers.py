@@ -39,7 +39,7 @@ from transformers import Trainer
 import zero_ext
 from zero_ext.config import read_json_config
 from zero_ext.integrations._hf_apply import apply, find_training_arguments, resolve_config
-from zero_ext.integrations._hf_config import fill_config
+from zero_ext.integrations._hf_config import config_dict, fill_config
 from zero_ext.integrations.config_fill import model_hidden_size
 
 __all__ = ["ZeroTrainer", "apply", "fill_config", "zero_trainer"]
@@ -272,10 +272,7 @@ class _ZeroTrainerMixin:
         steps it has the Trainer log the rate after the step."""
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             return scheduler
-        user = self.zero_config
-        if not isinstance(user, Mapping):  # a JSON file's path
-            from zero_ext.config import read_json_config
-            user = read_json_config(user)
+        user = config_dict(self.zero_config)
         return _EngineScheduler(scheduler, rates_used=(
             user.get("optimizer") is None and user.get("scheduler") is None))
 

@@ -28,9 +28,8 @@ def check_lr_kwargs(scheduler, lr_kwargs: dict | None) -> None:
     counted, and a retry would apply it twice)."""
     if not lr_kwargs or scheduler is None:
         return
-    try:
-        inspect.signature(scheduler.step).bind(**lr_kwargs)
-    except TypeError as error:
+    error = _step_refuses(scheduler, lr_kwargs)
+    if error is not None:
         raise TypeError(
             f"zero_ext: engine.step(lr_kwargs={lr_kwargs!r}): {type(scheduler).__name__}.step() "
             f"does not take them ({error}); nothing was stepped. Pass the arguments its step() "
@@ -40,13 +39,19 @@ def check_lr_kwargs(scheduler, lr_kwargs: dict | None) -> None:
 def steps_without_arguments(scheduler) -> bool:
     """Whether engine.step() can step `scheduler` with no arguments: ReduceLROnPlateau's step
     needs its metric, which the engine does not have (the script steps it)."""
+    return _step_refuses(scheduler, {}) is None
+
+
+def _step_refuses(scheduler, kwargs: dict) -> TypeError | None:
+    """Why `scheduler.step(**kwargs)` would not bind (None when it would, or when its
+    signature cannot be read)."""
     try:
-        inspect.signature(scheduler.step).bind()
-    except TypeError:
-        return False
-    except ValueError:  # no signature to read: assume the plain call works
-        return True
-    return True
+        inspect.signature(scheduler.step).bind(**kwargs)
+    except TypeError as error:
+        return error
+    except ValueError:
+        return None
+    return None
 
 
 @torch.no_grad()
