@@ -215,6 +215,15 @@ def test_hf_model_consolidates_and_saves_for_from_pretrained(tmp_path):
         state = model.state_dict()
         for key, value in full.items():
             assert torch.equal(state[key], value), (source, key)
+    # The keys save_pretrained writes: a tied weight once (under its embedding's name)
+    from safetensors import safe_open
+    LlamaForCausalLM(checkpoint_cases.tiny_llama_config()).save_pretrained(tmp_path / "plain")
+    with safe_open(tmp_path / "plain" / "model.safetensors", "pt") as f:
+        expected = set(f.keys())
+    assert "lm_head.weight" not in expected and "model.embed_tokens.weight" in expected
+    for source in (out_dir, *each):
+        with safe_open(os.path.join(source, "model.safetensors"), "pt") as f:
+            assert set(f.keys()) == expected, (source, set(f.keys()) ^ expected)
     # save_16bit_model writes what save_pretrained writes beside the weights: the class and
     # dtype in config.json, and the generation settings
     saved = os.path.dirname(results[0]["file"])

@@ -44,6 +44,7 @@ from zero_ext.checkpoint.format import (
     partial_dirs,
     resolve_tag,
 )
+from zero_ext.checkpoint.hf_names import keys_save_pretrained_omits
 
 __all__ = ["checkpoint_tensors", "consolidate", "save_engine_model"]
 
@@ -149,6 +150,9 @@ def save_engine_model(engine, output_path: str, exclude_frozen_parameters: bool 
     state = engine.module_state_dict(keep_vars=True,
                                      exclude_frozen_parameters=exclude_frozen_parameters)
     torch_file = _torch_file_name(output_path)
+    if not torch_file:  # safetensors holds no aliases: a tied weight once, as transformers'
+        for key in keys_save_pretrained_omits(engine.module, state):
+            del state[key]
     target = os.path.abspath(output_path) if torch_file else _output_path_name(output_path)
     _warn_gather_key(engine, target)
     shapes = _bucket_shapes(engine)  # a released stage-3 parameter has no shape of its own
@@ -342,6 +346,8 @@ def consolidate(checkpoint_dir: str, output_path: str, dtype: torch.dtype | str 
     """
     dtype = _parse_dtype(dtype)
     index, entries = checkpoint_tensors(checkpoint_dir, dtype, tag=tag)
+    omits = set(index.metadata.get("save_pretrained_omits", ()))
+    entries = [entry for entry in entries if entry.name not in omits]
     file = _output_file(output_path)
     write_safetensors(file, entries, metadata={"format": "pt"})
     _write_config(file, config if config is not None else index.metadata.get("hf_config"))

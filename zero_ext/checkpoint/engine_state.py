@@ -55,6 +55,7 @@ from zero_ext.checkpoint.format import (
     shard_file_name,
     tag_problem,
 )
+from zero_ext.checkpoint.hf_names import keys_save_pretrained_omits
 from zero_ext.zero.client_optimizer import PYTHON_SCALARS, python_scalar_kind
 
 __all__ = ["save_checkpoint"]
@@ -322,6 +323,10 @@ def _metadata(engine, tag: str, names: list[str], exclude_frozen: bool = False,
         # zero_ext.utils.zero_to_fp32's exclude_frozen_parameters.
         "frozen": [] if exclude_frozen else sorted(_frozen_keys(engine)),
         "hf_config": hf_config,
+        # The names transformers' save_pretrained leaves out (a tied weight's aliases), which
+        # zero_ext.consolidate leaves out too, so the file is the one from_pretrained expects.
+        "save_pretrained_omits": sorted(keys_save_pretrained_omits(
+            engine.module, engine.module.state_dict(keep_vars=True))),
     }
 
 
