@@ -284,12 +284,57 @@ def test_partial_launch_environment_says_how_to_launch():
     assert "torchrun --nproc_per_node" in result.stderr
 
 
-def test_plain_python_runs_as_one_rank():
+# A batch script's own process under Slurm (sbatch --ntasks=4 running `python train.py`
+# directly): srun's step variables are absent, so it is one process, not rank 0 of 4.
+@pytest.mark.parametrize("batch", [{}, {"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}],
+                         ids=["plain", "slurm-batch-script"])
+def test_plain_python_runs_as_one_rank(batch):
     result = _start("from zero_ext import comm; comm.init_distributed(); "
                     "print(comm.world_size(), comm.rank(), comm.backend())",
-                    {"CUDA_VISIBLE_DEVICES": ""})
+                    {"CUDA_VISIBLE_DEVICES": "", **batch})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "0", "gloo"]
+
+
+# What DeepSpeed's MPI and Slurm runners start (`mpirun -n 4 python train.py`, `srun -n 4
+# ...`): no RANK. Each process used to start a one-rank group and train alone.
+@pytest.mark.parametrize("launcher, env", [
+    ("Open MPI", {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4"}),
+    ("Slurm's srun", {"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4"}),
+])
+def test_mpi_or_srun_launch_without_master_address_says_what_to_set(launcher, env):
+    result = _start("from zero_ext import comm; comm.init_distributed(); "
+                    "print(comm.world_size())", {"CUDA_VISIBLE_DEVICES": "", **env})
+    assert result.returncode != 0, result.stdout
+    rank, size = next(iter(env.values())), "4"
+    assert f"{launcher} started this process as rank {rank} of {size}" in result.stderr
+    assert "MASTER_ADDR and MASTER_PORT are not set" in result.stderr
+    assert "Export MASTER_ADDR=<the first node's address>" in result.stderr
+
+
+def test_mpi_launched_ranks_form_one_group_and_count_their_node():
+    """Two processes as Open MPI starts them (with the address DeepSpeed's runner exports):
+    one group of 2, and the host memory and CPU threads are split by the 2 ranks of the node
+    (the topology's count: no LOCAL_WORLD_SIZE here, as under DeepSpeed's own launcher)."""
+    code = ("import os; from zero_ext import comm; from zero_ext.zero import offload; "
+            "comm.init_distributed(); "
+            "print(comm.world_size(), comm.rank(), os.environ['LOCAL_RANK'], "
+            "offload.local_ranks())")
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                          "MASTER_PORT")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ranks = [subprocess.Popen(
+        [sys.executable, "-c", code], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**clean, "CUDA_VISIBLE_DEVICES": "", "OMPI_COMM_WORLD_RANK": str(r),
+             "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": str(r),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
+    outputs = [p.communicate(timeout=120) for p in ranks]
+    for r, (process, (out, err)) in enumerate(zip(ranks, outputs)):
+        assert process.returncode == 0, err
+        assert out.split() == ["2", str(r), str(r), "2"], (out, err)
 
 
 def test_nccl_without_gpus_is_refused_with_the_fix():

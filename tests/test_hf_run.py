@@ -11,6 +11,7 @@ this process.
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -257,3 +258,32 @@ def test_run_without_a_script_prints_its_usage(capsys):
     assert stop.value.code == 2 and "python -m zero_ext.run SCRIPT.py" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no script 'missing.py'"):
         zero_ext.run.main(["missing.py"])
+
+
+def test_run_is_python_script_and_takes_deepspeeds_local_rank_first(tmp_path):
+    """`python -m zero_ext.run X ...` runs X as `python X ...` would: its arguments, __file__
+    absolute, sys.path[0] the script's folder; a folder with __main__.py too. DeepSpeed's launcher
+    (`deepspeed --module zero_ext.run train.py ...`) puts --local_rank=N before the script:
+    the script gets it first among its arguments, as under `deepspeed train.py ...`."""
+    show = ("import os, sys, json; print(json.dumps([os.path.isabs(__file__), sys.argv, "
+            "sys.path[0]]))")
+    (tmp_path / "show.py").write_text(show)
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "__main__.py").write_text(show)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def run(*args):
+        out = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 0, out.stderr
+        absolute, argv, path0 = json.loads(out.stdout.strip().splitlines()[-1])
+        # argv[0] as the path given or made absolute: argparse's prog is its base name
+        return absolute, [os.path.abspath(os.path.join(tmp_path, argv[0])), *argv[1:]], path0
+
+    def zero_ext_run(*args):
+        return run("-m", "zero_ext.run", *args)
+
+    assert zero_ext_run("show.py", "--x", "1") == run("show.py", "--x", "1")
+    assert zero_ext_run("app", "--y") == run("app", "--y")
+    assert zero_ext_run("--local_rank=3", "show.py", "--x") == run("show.py", "--local_rank=3",
+                                                                   "--x")

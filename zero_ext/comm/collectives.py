@@ -348,8 +348,9 @@ def _use_local_rank_device() -> None:
 def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
                      stall_timeout_s: float | None = None) -> None:
     """Joins the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT), unless
-    the user already initialised one. Without torchrun's variables it starts a one-rank group,
-    so a plain `python train.py` works. Backend: NCCL when CUDA is available, else gloo.
+    the user already initialised one; where an MPI launcher or srun started the process
+    instead, the group their variables describe (comm/launchers.py). Without any of them it
+    starts a one-rank group, so a plain `python train.py` works. Backend: NCCL when CUDA is available, else gloo.
     `stall_timeout_s` (config key zero_ext.stall_timeout_s) bounds how long a collective may
     make no progress before every rank raises CollectiveStallError (see comm/watch.py); the
     watch starts here, so a rank that never issues a collective still reports where it is."""
@@ -363,6 +364,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
             watch_for_group()
         _detect_topology()
         return
+    if "RANK" not in os.environ:  # started by an MPI launcher or srun: their variables
+        from zero_ext.comm.launchers import fill_from_launcher
+
+        fill_from_launcher(_LAUNCH_HINT)
     present = [v for v in _TORCHRUN_VARS if v in os.environ]
     if present and len(present) < len(_TORCHRUN_VARS):
         missing = [v for v in _TORCHRUN_VARS if v not in os.environ]

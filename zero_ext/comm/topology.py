@@ -200,12 +200,18 @@ def _nodes_from(reports) -> tuple[int, ...]:
     return nodes
 
 
-def current_topology() -> Topology:
-    """The topology of the current default group (detected now if it was not: collective)."""
+def known_topology() -> Topology | None:
+    """The current default group's topology if it was detected (no collective), else None."""
     if _current is None or (dist.is_initialized() and (
             _current_group is None or _current_group() is not dist.group.WORLD)):
-        return detect_topology()
+        return None
     return _current
+
+
+def current_topology() -> Topology:
+    """The topology of the current default group (detected now if it was not: collective)."""
+    known = known_topology()
+    return detect_topology() if known is None else known
 
 
 # -- the hierarchical all-gather -----------------------------------------------------------------

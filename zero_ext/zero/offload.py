@@ -192,9 +192,18 @@ def cpu_step_threads(cores_perc: float) -> int:
 
 
 def local_ranks() -> int:
-    """Processes on this node that will each allocate their own host state (torchrun sets
-    LOCAL_WORLD_SIZE)."""
-    return max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    """Processes on this node that will each allocate their own host state: the ranks the
+    group's detected topology places on this node (whatever launched them), else torchrun's
+    LOCAL_WORLD_SIZE or DeepSpeed's launcher's LOCAL_SIZE."""
+    from zero_ext.comm.topology import known_topology
+
+    topology = known_topology()
+    if topology is not None:
+        return len(topology.ranks_on(topology.node))
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return max(int(os.environ[name]), 1)
+    return 1
 
 
 def available_host_memory() -> int:
