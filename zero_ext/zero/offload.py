@@ -192,18 +192,16 @@ def cpu_step_threads(cores_perc: float) -> int:
 
 
 def local_ranks() -> int:
-    """Processes on this node that will each allocate their own host state: the ranks the
-    group's detected topology places on this node (whatever launched them), else torchrun's
-    LOCAL_WORLD_SIZE or DeepSpeed's launcher's LOCAL_SIZE."""
+    """Processes on this node that will each allocate their own host state: torchrun's
+    LOCAL_WORLD_SIZE, DeepSpeed's launcher's LOCAL_SIZE, else the ranks the group's detected
+    topology places on this node (hostnames: an MPI launcher's processes)."""
     from zero_ext.comm.topology import known_topology
 
-    topology = known_topology()
-    if topology is not None:
-        return len(topology.ranks_on(topology.node))
     for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         if os.environ.get(name, "").isdigit():
             return max(int(os.environ[name]), 1)
-    return 1
+    topology = known_topology()
+    return len(topology.ranks_on(topology.node)) if topology is not None else 1
 
 
 def available_host_memory() -> int:
