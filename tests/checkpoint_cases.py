@@ -250,7 +250,40 @@ def hf_llama_save(root: str) -> dict:
     # Every rank writing its own copy (nodes without shared storage: save_on_each_node).
     each = engine.save_16bit_model(os.path.join(root, f"llama_16bit_rank{comm.rank()}"),
                                    writes=True)
-    return {"full_state": engine.full_state_dict(), "file": file, "each": each}
+    return {"full_state": engine.full_state_dict(), "file": file, "each": each,
+            "moe": hf_moe_layout(root)}
+
+
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(1)
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=32))
+
+
+def hf_moe_layout(root: str) -> dict:
+    """A mixture of experts that transformers holds in another layout than its checkpoints
+    (per-expert w1/w2/w3 in the files, stacked gate_up_proj/down_proj in the model): weights
+    written by save_pretrained loaded into a stage-3 model built under zero_ext.Init, one step,
+    then save_16bit_model."""
+    source = os.path.join(root, "moe_pretrained")
+    if comm.rank() == 0:
+        tiny_mixtral().save_pretrained(source)
+    torch.distributed.barrier()
+    with zero_ext.Init():
+        model = type(tiny_mixtral())(tiny_mixtral().config)
+    engine = zero_ext.initialize(model=model, config=config(3, "fp32", 1, comm.world_size()))[0]
+    unexpected = engine.load_weights(source)
+    loaded = engine.full_state_dict()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(comm.rank()))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()
+    file = engine.save_16bit_model(os.path.join(root, "moe_16bit"))
+    return {"loaded": loaded, "unexpected": unexpected, "trained": engine.full_state_dict(),
+            "source": source, "file": file}
 
 
 def tiny_llama_config():

@@ -236,6 +236,29 @@ def test_hf_model_consolidates_and_saves_for_from_pretrained(tmp_path):
         [1, 5], True, 0.6), generation
 
 
+def test_moe_weights_load_and_save_in_the_checkpoint_layout_transformers_uses(tmp_path):
+    """transformers 5 holds a mixture of experts' per-expert matrices stacked (gate_up_proj,
+    down_proj) and converts from and to the per-expert checkpoint layout in from_pretrained and
+    save_pretrained: load_weights reads save_pretrained's files into a stage-3 model built
+    under zero_ext.Init, and save_16bit_model writes the names save_pretrained writes, which
+    from_pretrained reads back."""
+    from safetensors import safe_open
+
+    moe = _llama()[1][0]["moe"]
+    source = checkpoint_cases.tiny_mixtral()
+    assert moe["unexpected"] == []
+    for key, value in source.state_dict().items():
+        assert torch.equal(moe["loaded"][key], value), key
+    with safe_open(os.path.join(moe["source"], "model.safetensors"), "pt") as f:
+        expected = set(f.keys())
+    assert any(".experts.0.w1.weight" in k for k in expected)  # the per-expert layout
+    with safe_open(moe["file"], "pt") as f:
+        assert set(f.keys()) == expected, set(f.keys()) ^ expected
+    reloaded = type(source).from_pretrained(os.path.dirname(moe["file"])).state_dict()
+    for key, value in moe["trained"].items():
+        assert torch.equal(reloaded[key], value), key
+
+
 # -- crash safety and corruption --------------------------------------------------------------
 def test_killed_rank_mid_save_leaves_the_previous_checkpoint_loadable():
     root = os.path.join(_root(), "crash")

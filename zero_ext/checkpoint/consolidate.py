@@ -44,7 +44,11 @@ from zero_ext.checkpoint.format import (
     partial_dirs,
     resolve_tag,
 )
-from zero_ext.checkpoint.hf_names import keys_save_pretrained_omits
+from zero_ext.checkpoint.hf_format import (
+    checkpoint_layout,
+    keys_save_pretrained_omits,
+    to_checkpoint_layout,
+)
 
 __all__ = ["checkpoint_tensors", "consolidate", "save_engine_model"]
 
@@ -164,12 +168,13 @@ def save_engine_model(engine, output_path: str, exclude_frozen_parameters: bool 
     # Opened before any gather, and its failure (a file where the folder goes, a dtype the
     # format lacks) raised on every rank together: a writing rank raising alone would leave
     # the others waiting in the gathers.
-    file, writer, problem = None, None, None
+    file, writer, problem, layout = None, None, None, None
     if writing:
         file, problem = _attempt(_output_file, output_path, "zero_ext.save_16bit_model",
                                  target)
         if problem is None and not torch_file:
-            writer, problem = _attempt(_open_safetensors, file, state, keys, shapes)
+            layout = _checkpoint_layout(engine.module, state, keys, unit_of, shapes)
+            writer, problem = _attempt(_open_safetensors, file, state, keys, shapes, layout)
     try:
         _raise_together(problem, "save_16bit_model")
     except BaseException:
@@ -182,6 +187,8 @@ def save_engine_model(engine, output_path: str, exclude_frozen_parameters: bool 
     elif torch_file:
         problem = _write_torch_file(file, state, values)
     else:
+        if layout is not None:
+            values = _in_layout(engine.module, values, layout)
         problem = _write_safetensors_file(writer, values)
     if writing and problem is None:
         try:
@@ -214,14 +221,40 @@ def _drain(values) -> None:
         pass
 
 
-def _open_safetensors(file: str, state: dict, keys: list[str],
-                      shapes: dict) -> SafetensorsWriter:
-    """The safetensors file of `keys`, its header written, open for their values."""
-    writer = SafetensorsWriter(
-        file, [(k, state[k].dtype, shapes.get(id(state[k]), tuple(state[k].shape)))
-               for k in keys], metadata={"format": "pt"})
+def _open_safetensors(file: str, state: dict, keys: list[str], shapes: dict,
+                      layout: list[tuple[list[str], dict]] | None = None) -> SafetensorsWriter:
+    """The safetensors file of `keys` (or of the checkpoint `layout`'s names), its header
+    written, open for their values."""
+    entries = [(name, *spec) for _, part in layout for name, spec in part.items()] \
+        if layout is not None else \
+        [(k, state[k].dtype, shapes.get(id(state[k]), tuple(state[k].shape))) for k in keys]
+    writer = SafetensorsWriter(file, entries, metadata={"format": "pt"})
     writer.__enter__()
     return writer
+
+
+def _checkpoint_layout(model, state: dict, keys: list[str], unit_of: dict[int, int],
+                       shapes: dict) -> list[tuple[list[str], dict]] | None:
+    """For a model transformers stores in another layout than it holds (hf_format): each
+    group of `keys` (a stage-3 unit's, then the rest) with the names, dtypes and shapes
+    save_pretrained writes for it; None where they are the model's own."""
+    groups: list[list[str]] = []
+    for key in keys:
+        if not groups or unit_of.get(id(state[key])) != unit_of.get(id(state[groups[-1][0]])):
+            groups.append([])
+        groups[-1].append(key)
+    specs = {k: (state[k].dtype, shapes.get(id(state[k]), tuple(state[k].shape))) for k in keys}
+    parts = checkpoint_layout(model, specs, groups)
+    return None if parts is None else list(zip(groups, parts))
+
+
+def _in_layout(model, values, layout: list[tuple[list[str], dict]]):
+    """`values` ((key, tensor) in key order) converted group by group to the layout's names."""
+    values = iter(values)
+    for group, part in layout:
+        converted = to_checkpoint_layout(model, dict(next(values) for _ in group))
+        for name in part:
+            yield name, converted[name]
 
 
 def _write_safetensors_file(writer: SafetensorsWriter, values) -> str | None:

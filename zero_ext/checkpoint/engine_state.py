@@ -55,7 +55,7 @@ from zero_ext.checkpoint.format import (
     shard_file_name,
     tag_problem,
 )
-from zero_ext.checkpoint.hf_names import keys_save_pretrained_omits
+from zero_ext.checkpoint.hf_format import keys_save_pretrained_omits
 from zero_ext.zero.client_optimizer import PYTHON_SCALARS, python_scalar_kind
 
 __all__ = ["save_checkpoint"]

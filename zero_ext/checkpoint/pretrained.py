@@ -25,6 +25,7 @@ from zero_ext.checkpoint.engine_state import (
 )
 from zero_ext.checkpoint.files import SafetensorsReader, dtype_problem
 from zero_ext.checkpoint.format import CheckpointError
+from zero_ext.checkpoint.hf_format import load_conversion
 
 __all__ = ["load_weights"]
 
@@ -88,6 +89,46 @@ class _Weights:
         return self._reader(self.files[name]).read(name)
 
 
+class _InModelLayout:
+    """`_Weights` of files in transformers' checkpoint layout, seen under the model's keys
+    (hf_format.LoadConversion): a renamed tensor is read from its file name, a converted one
+    is made whole from its group's file tensors and this rank's elements taken from it."""
+
+    def __init__(self, weights: _Weights, conversion):
+        self.weights, self.conversion = weights, conversion
+        files = {key: weights.files[key] for key in weights.files}
+        for model_key, file_key in conversion.renamed.items():
+            files[model_key] = files.pop(file_key)
+        for model_key in conversion.groups:
+            sources = conversion.file_keys(model_key)
+            files[model_key] = weights.files[sources[0]]
+            for key in sources:
+                files.pop(key, None)
+        self.files = files
+
+    def _file_key(self, name: str) -> str:
+        return self.conversion.renamed.get(name, name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.conversion.groups:
+            for key in self.conversion.file_keys(name):
+                self.weights.shape(key)  # its dtype checked
+            return self.conversion.specs[name][1]
+        return self.weights.shape(self._file_key(name))
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name in self.conversion.groups:
+            return self.conversion.specs[name][0]
+        return self.weights.dtype(self._file_key(name))
+
+    def read_into(self, kind: str, name: str, start: int, out: torch.Tensor) -> None:
+        if name in self.conversion.groups:
+            whole = self.conversion.converted(name, self.weights.read).reshape(-1)
+            out.copy_(whole[start:start + out.numel()].view(out.shape))
+        else:
+            self.weights.read_into(kind, self._file_key(name), start, out)
+
+
 @torch.no_grad()
 def load_weights(engine, path: str, strict: bool = True) -> list[str]:
     """Collective. Loads `path` into the engine's parameters and fp32 master weights (the
@@ -96,6 +137,10 @@ def load_weights(engine, path: str, strict: bool = True) -> list[str]:
 
     def plan_and_check():
         weights = _Weights(path)
+        conversion = load_conversion(engine.module, list(weights.files),
+                                     lambda k: (weights.dtype(k), weights.shape(k)))
+        if conversion is not None:  # save_pretrained's layout, not the model's (MoE experts)
+            weights = _InModelLayout(weights, conversion)
         state = engine.module.state_dict(keep_vars=True)
         aliases: dict[int, list[str]] = {}
         for key, value in state.items():
