@@ -76,7 +76,9 @@ def _load_tied(path: str, stage: int) -> dict:
 def _train(kind: str, stage: int, save_dir: str) -> dict:
     rank, world_size = comm.rank(), comm.world_size()
     model = peft_model(kind)
+    counts = [model.get_nb_trainable_parameters()]
     engine = zero_ext.initialize(model=model, config=_config(stage))[0]
+    counts.append(model.get_nb_trainable_parameters())  # stage 3: partitioned, released
     losses, gathers = [], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -95,6 +97,7 @@ def _train(kind: str, stage: int, save_dir: str) -> dict:
     units = [names[u.module] for u in engine.partitioned.units] if engine.partitioned else []
     layouts = sum(len(u.layouts) for u in engine.partitioned.units) if engine.partitioned else 0
     return {"losses": losses, "units": units, "gathers": gathers, "layouts": layouts,
+            "counts": counts,
             "warnings": [str(w.message) for w in caught if "order" in str(w.message)],
             "trainable": {n: state[n] for n, p in model.named_parameters() if p.requires_grad}}
 

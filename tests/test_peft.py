@@ -136,6 +136,8 @@ def test_peft_save_pretrained_on_one_rank_names_save_adapters_when_partitioned(c
     assert message.startswith("zero_ext: PeftModel.save_pretrained"), message
     assert "save_adapters(engine" in message and "ZeroTrainer.save_model" in message
     assert "partitioned" in message
+    # Every tensor PEFT saves is partitioned here (threshold 0), each counted once
+    assert f": {len(_adapters(case))} of the tensors it saves" in message, message
     assert not os.path.exists(os.path.join(_out(), f"{case}_own", "adapter_model.safetensors"))
 
 

@@ -60,6 +60,10 @@ def test_dora_trains_as_single_process(stage):
     """DoRA's magnitude module reads lora_A's shape and runs lora_A and lora_B in its own
     forward: at stage 3 their units are gathered around it."""
     got, want = _case("dora", stage), _case("dora", "reference")
+    # PEFT's parameter counts (print_trainable_parameters) at full size on the engine too:
+    # released stage-3 parameters hold no elements, PEFT reads DeepSpeed's ds_numel then.
+    before, after = got["counts"]
+    assert after == before and before[0] > 0, got["counts"]
     if stage == 3:
         # One unit per decoder layer: the adapters' per-name ModuleDict layers are part of
         # it (each LoRA linear, and its base weight, was a unit of its own).

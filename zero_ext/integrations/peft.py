@@ -144,8 +144,9 @@ def guard_save_pretrained(engine) -> None:
     def save_pretrained(self, save_directory, *args, **kwargs):
         live = engine_ref()
         if kwargs.get("state_dict") is None and live is not None:
-            partitioned = _partitioned_trainable(self) + list(_partitioned_peft_saves(
-                live, {k: v for k, v in kwargs.items() if k != "state_dict"}))
+            partitioned = list(dict.fromkeys(  # (each tensor once: both name adapters)
+                _partitioned_trainable(self) + list(_partitioned_peft_saves(
+                    live, {k: v for k, v in kwargs.items() if k != "state_dict"}))))
             if partitioned:
                 raise RuntimeError(
                     f"zero_ext: PeftModel.save_pretrained cannot save the adapters of a "

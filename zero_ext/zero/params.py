@@ -234,6 +234,9 @@ class PartitionedParameters:
             flat = torch.zeros(layout.padded_numel, dtype=self.dtype, device=self.device)
             for slot, param in zip(layout.slots, members):
                 flat[slot.offset:slot.offset + slot.numel].copy_(param.data.reshape(-1))
+                # DeepSpeed's full size of a partitioned parameter, which PEFT's and
+                # transformers' parameter counts read where the tensor holds no elements
+                param.ds_numel = slot.numel
             start, end = layout.shard_range(self.rank)
             if self.offload:
                 shard = host_buffer(layout.shard_numel, self.dtype, pin)
