@@ -105,9 +105,70 @@ def checkpointed(stage: int, cpu: bool, compiled: bool) -> dict:
             "bytes_to_host": counted.bytes_to_host, "unraisable": unraisable}
 
 
+class Block(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), \
+            nn.Linear(3 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class Deep(nn.Module):
+    """12 residual blocks: more than Dynamo's default recompile limit (8)."""
+
+    def __init__(self, dim: int = 16, blocks: int = 12):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(blocks))
+        self.head = nn.Linear(dim, VOCAB)
+
+    def forward(self, tokens, targets):
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = h + block(h)
+        return F.cross_entropy(self.head(h).view(-1, VOCAB), targets.view(-1))
+
+
+def deep_compiled_calls(limit: int) -> list[int]:
+    """Compiled graphs run per step of Deep at stage 3 (graph breaks at each unit's gather),
+    under a recompile limit of `limit`: a model Dynamo stopped compiling runs fewer."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    calls = [0]
+
+    def counting(graph, inputs):
+        def run_counted(*args):
+            calls[0] += 1
+            return graph(*args)
+        return make_boxed_func(run_counted)
+
+    torch.manual_seed(0)
+    model = Deep()
+    cfg = config(3, "fp32", 1, comm.world_size())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every block a unit
+    engine = zero_ext.initialize(model=model, config=cfg)[0]
+    torch._dynamo.reset()
+    engine.compile(backend=aot_autograd(fw_compiler=counting))
+    per_step = []
+    with torch._dynamo.config.patch(cache_size_limit=limit):
+        for step in range(4):
+            tokens, targets = global_batch(step, comm.world_size(), 1)
+            rank = comm.rank()
+            engine.backward(engine(tokens[0, rank], targets[0, rank]))
+            engine.step()
+            per_step.append(calls[0])
+            calls[0] = 0
+    engine.destroy()
+    return per_step
+
+
 def cases() -> dict:
+    out = {"deep": {limit: deep_compiled_calls(limit) for limit in (8, 64)}}
     torch._dynamo.config.cache_size_limit = 64  # one model instance per case
-    out = {"calls": _calls()}
+    out["calls"] = _calls()
     for stage, cpu in CHECKPOINTED:
         out[("checkpointed", stage, cpu)] = {compiled: checkpointed(stage, cpu, compiled)
                                              for compiled in (False, True)}

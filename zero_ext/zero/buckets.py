@@ -168,16 +168,26 @@ class GradientBuckets:
         whose reverse is that backward's launch order."""
         bucket_of = {id(p): bucket.layout.index for bucket in self.buckets for p in bucket.params}
         first_use = self._first_use = {}
+        indices_of: dict[int, list[int]] = {}
 
-        def hook(indices: list[int]):
-            return lambda module, args: first_use.update(dict.fromkeys(
-                [i for i in indices if i not in first_use]))
+        # One hook object for every module, its data looked up by module, and nothing recorded
+        # while torch.compile traces it (that first backward launches in index order): a hook
+        # per module, traced, made Dynamo guard on each module's bucket indices, one compiled
+        # entry per block where graph breaks split the model (stage 3's gathers), and past its
+        # recompile limit (8) the blocks ran uncompiled for the rest of training. Disabling
+        # the hook for Dynamo instead split every block's graph at it, for good.
+        def hook(module, args) -> None:
+            if torch.compiler.is_compiling():
+                return
+            first_use.update(dict.fromkeys(
+                [i for i in indices_of.get(id(module), ()) if i not in first_use]))
 
         for module in model.modules():
             indices = list(dict.fromkeys(bucket_of[id(p)] for p in module.parameters(False)
                                          if id(p) in bucket_of))
             if indices:
-                self._first_use_hooks.append(module.register_forward_pre_hook(hook(indices)))
+                indices_of[id(module)] = indices
+                self._first_use_hooks.append(module.register_forward_pre_hook(hook))
 
     def begin_backward(self, boundary: bool, micro_index: int) -> None:
         self._active = True
