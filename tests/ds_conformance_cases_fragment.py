@@ -512,6 +512,42 @@ for _stage in (1, 3):
         assert all(p.grad is not None for p in model.parameters())
 
 
+for _stage in (1, 3):
+    @case(ZERO + f"zero_ext::initialize_again[{_stage}]", stage=_stage)
+    def initialize_again(tmp, stage):
+        """initialize() on a model another live engine wraps (a notebook cell run twice): the
+        earlier engine is destroyed with a warning, and the new one trains exactly as an engine
+        built on a copy of the model holding the weights the earlier one left (its hooks
+        fired in the new backward before: "a gradient was produced outside
+        engine.backward()")."""
+        import copy
+        import warnings
+
+        config = fragment_config(stage)
+        engine = build_engine(config, 5, lambda: SimpleModel(4, nlayers=2), init=False)
+        train_engine(engine, 2, hidden=4)
+        trained = engine.full_state_dict()
+        twin_model = SimpleModel(4, nlayers=2)
+        twin_model.load_state_dict(copy.deepcopy(trained))
+        twin = zero_ext.initialize(model=twin_model, config=config)[0]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again = zero_ext.initialize(model=engine.module, config=config)[0]
+        assert any("already wrapped by another zero_ext engine" in str(w.message)
+                   for w in caught), [str(w.message) for w in caught]
+        collectively(lambda: expect_zero_ext_error(engine.step, "destroyed"))
+        for each in (again, twin):
+            train_engine(each, 2, start=2, hidden=4)
+        one, two = again.full_state_dict(), twin.full_state_dict()
+        assert all(torch.equal(one[n], two[n]) for n in two), "differs from the twin"
+        assert not all(torch.equal(one[n], trained[n]) for n in one), "nothing trained"
+        if stage == 3:  # built under zero_ext.Init: its parameters exist only as shards
+            sharded = build_engine(config, 5, lambda: SimpleModel(4, nlayers=2))
+            collectively(lambda: expect_zero_ext_error(
+                lambda: zero_ext.initialize(model=sharded.module, config=config),
+                "built under zero_ext.Init"))
+
+
 @case(ZERO + "zero_ext::empty_partition_cache")
 def empty_partition_cache(tmp):
     """An evaluation that runs part of a stage-3 model (the first layer alone, as an early

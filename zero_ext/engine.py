@@ -67,6 +67,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
                  replicated_optimizer: torch.optim.Optimizer | None = None,
                  client_optimizer: torch.optim.Optimizer | None = None):
         super().__init__()
+        _destroy_earlier_engine(model)
         self.config = config
         self.rank, self.world_size = comm.rank(), comm.world_size()
         self.batch = config.resolve_batch(self.world_size)
@@ -648,6 +649,38 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             return {}
         return {k: gathered[v] if v in gathered else v.detach().to("cpu", copy=True)
                 for k, v in self.module.state_dict(keep_vars=True).items()}
+
+
+def _destroy_earlier_engine(model: nn.Module) -> None:
+    """A model another live engine wraps (initialize run again on it, as a notebook cell run
+    twice does): that engine is destroyed first (engine.destroy(): its hooks removed, its
+    backward and step refused from then on), with a warning; its hooks would otherwise fire
+    in this engine's backward. Stage 3's partitioned parameters are made whole again first
+    (collective, one unit gathered at a time), as the model was before that engine; one built
+    under zero_ext.Init, which may not fit whole, is refused instead."""
+    for param in model.parameters():
+        for attribute in ("_zero_ext_engine", "_zero_ext_whole"):
+            reference = param.__dict__.get(attribute)
+            earlier = reference() if reference is not None else None
+            if earlier is None or earlier.__dict__.get("_destroyed"):
+                continue
+            if earlier.partitioned is not None and earlier.built_under_init:
+                raise RuntimeError(
+                    "zero_ext.initialize: this model is already wrapped by a stage-3 zero_ext "
+                    "engine and was built under zero_ext.Init, so its parameters exist only as "
+                    "that engine's shards (they may not fit whole on one rank). Go on with "
+                    "that engine, or save its weights (engine.save_16bit_model), build the "
+                    "model again under zero_ext.Init and load them (engine.load_weights)")
+            warnings.warn(
+                "zero_ext.initialize: this model is already wrapped by another zero_ext "
+                "engine, which is now destroyed (engine.destroy(): its backward and step are "
+                "refused from here on); the new engine trains the model from its current "
+                "weights, with fresh optimizer state. Call engine.destroy() on the earlier "
+                "engine yourself to silence this", UserWarning, stacklevel=4)
+            if earlier.partitioned is not None:
+                earlier.partitioned.make_whole()
+            earlier.destroy()
+            return
 
 
 def _weights_in(param: nn.Parameter, numel: int) -> int:

@@ -647,6 +647,22 @@ class PartitionedParameters:
                 self.release(unit)
             yield unit, values
 
+    def make_whole(self) -> None:
+        """Collective: every partitioned parameter holds its full value again, on this rank's
+        device, as a plain nn.Parameter (a model another engine takes over); the units are
+        not to be gathered or released after this."""
+        for unit in self.units:
+            self.gather(unit, exact=True)
+            for members in unit.params:
+                for param in members:
+                    whole = param.data.clone()
+                    if type(param) is _ReleasedParameter:
+                        param.__class__ = nn.Parameter
+                    _point_at(param, whole)
+                    param.__dict__.pop("ds_numel", None)
+            unit.fulls = [None] * len(unit.layouts)
+            unit.state = UnitState.SHARDED
+
     def full_values(self, keep: bool = True) -> dict[nn.Parameter, torch.Tensor]:
         """Every partitioned parameter's full value on the CPU (collective; empty where
         `keep` is False)."""
