@@ -165,8 +165,23 @@ def deep_compiled_calls(limit: int) -> list[int]:
     return per_step
 
 
+def unit_modules(compiled: bool) -> list[str]:
+    """Stage 3's units of Deep, passed to initialize as it is or torch.compile'd."""
+    torch.manual_seed(0)
+    model = Deep(blocks=3)
+    names = {module: name for name, module in model.named_modules()}
+    cfg = config(3, "fp32", 1, comm.world_size())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    given = torch.compile(model, backend="aot_eager") if compiled else model
+    engine = zero_ext.initialize(model=given, config=cfg)[0]
+    units = [names[unit.module] for unit in engine.partitioned.units]
+    engine.destroy()
+    return units
+
+
 def cases() -> dict:
-    out = {"deep": {limit: deep_compiled_calls(limit) for limit in (8, 64)}}
+    out = {"deep": {limit: deep_compiled_calls(limit) for limit in (8, 64)},
+           "units": {compiled: unit_modules(compiled) for compiled in (False, True)}}
     torch._dynamo.config.cache_size_limit = 64  # one model instance per case
     out["calls"] = _calls()
     for stage, cpu in CHECKPOINTED:

@@ -72,3 +72,11 @@ def test_a_model_deeper_than_dynamos_recompile_limit_stays_compiled():
     for rank, result in enumerate(_results()):
         default, raised = result["deep"][8], result["deep"][64]
         assert default[1:] == raised[1:] and raised[-1] >= 12, (rank, default, raised)
+
+
+def test_a_model_passed_in_compiled_is_split_into_the_units_of_the_model_it_wraps():
+    """torch.compile(model) given to initialize at stage 3: the same units as the model itself
+    (the wrapper's one child, the whole model, had become one unit holding the embedding and
+    head through the entire forward)."""
+    units = _results()[0]["units"]
+    assert units[True] == units[False] and len(units[False]) == 5, units

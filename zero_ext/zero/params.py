@@ -64,7 +64,10 @@ def find_units(model: nn.Module, class_names: list[str] | None = None) -> list[n
     per-adapter layers by name in ModuleDicts (lora_A, lora_B, DoRA's magnitudes), and units
     of their own would split a LoRA block into one unit per linear (its frozen base weights
     then leave a block holding units, see placement._move_frozen_out_of_bodies). No module
-    inside a leaf (zero/leaves.py: a mixture of experts) is a unit."""
+    inside a leaf (zero/leaves.py: a mixture of experts) is a unit. A model passed in
+    torch.compile'd (OptimizedModule) is split as the model it wraps."""
+    while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
     if is_leaf(model):
         raise ValueError("zero_ext stage 3: the model itself is marked as a leaf module "
                          "(set_z3_leaf_modules, zero_optimization.leaf_module); gathered whole it "
