@@ -10,6 +10,10 @@ import torch
 from zero_ext import comm
 
 
+def odd_broadcast_input(rank: int, dtype: torch.dtype) -> torch.Tensor:
+    return ((torch.arange(24).view(4, 6) + rank) % 7).to(dtype)
+
+
 def collectives() -> dict:
     """Results of each collective, and comm's traffic counters, on this rank."""
     size, rank = comm.world_size(), comm.rank()
@@ -28,6 +32,16 @@ def collectives() -> dict:
             comm.all_gather(gathered, x[rank * n:(rank + 1) * n])
             out[(str(dtype), n)] = {"input": x, "all_reduce": reduced, "reduce_scatter": shard,
                                     "all_gather": gathered}
+    # Broadcasts of dtypes gloo has no type for (a model's uint16 / float8 buffers), also
+    # non-contiguous: every rank gets the source's very bits.
+    odd = {}
+    for dtype in (torch.uint16, torch.uint32, torch.float8_e4m3fn, torch.bool,
+                  torch.complex64):
+        mine = odd_broadcast_input(rank, dtype)
+        target = mine.t()  # a non-contiguous view, broadcast into in place
+        comm.broadcast(target, src=size - 1)
+        odd[str(dtype)] = mine.view(torch.uint8).clone()
+    out["odd_broadcasts"] = odd
     comm.traffic.reset()
     comm.all_reduce(torch.zeros(10))
     comm.reduce_scatter(torch.zeros(10), torch.zeros(10 * size))

@@ -61,6 +61,17 @@ def test_collectives_match_sums_of_every_rank_input(world_size, shm):
                    for r in results)
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_broadcast_of_dtypes_gloo_has_no_type_for_copies_the_bits(world_size):
+    """uint16, uint32, float8, bool and complex tensors (a model's buffers), broadcast into
+    a non-contiguous view: gloo refused uint16 ("Invalid scalar type")."""
+    for result in _results(world_size, False):
+        for dtype in (torch.uint16, torch.uint32, torch.float8_e4m3fn, torch.bool,
+                      torch.complex64):
+            want = comm_cases.odd_broadcast_input(world_size - 1, dtype).view(torch.uint8)
+            assert torch.equal(result["collectives"]["odd_broadcasts"][str(dtype)], want), dtype
+
+
 def test_shared_memory_counts_ring_elements():
     traffic = _results(3, True)[0]["collectives"]["traffic"]
     assert traffic.calls == {"all_reduce": 1, "reduce_scatter": 1, "all_gather": 1}

@@ -815,11 +815,28 @@ def all_to_all(output: torch.Tensor, input: torch.Tensor, *, group: CommGroup | 
     return _issued(watch, record, work, async_op)
 
 
+# The dtypes both gloo and NCCL broadcast; others (uint16, uint32, float8, complex) travel as
+# their bytes: a broadcast copies bits, so the byte view is exact (gloo refused uint16 with
+# "Invalid scalar type", which failed initialize for a model with such a buffer).
+_BROADCAST_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16,
+                               torch.int8, torch.uint8, torch.int32, torch.int64})
+
+
 def broadcast(tensor: torch.Tensor, src: int = 0, async_op: bool = False,
               bucket: int | None = None):
     if world_size() == 1:
         _count("broadcast", "ring", 0, tensor.element_size())
         return None
+    if tensor.dtype not in _BROADCAST_DTYPES and tensor.numel() > 0:
+        if not tensor.is_contiguous():
+            if async_op:
+                raise ValueError("zero_ext.comm.broadcast: an asynchronous broadcast of a "
+                                 f"non-contiguous {tensor.dtype} tensor; make it contiguous")
+            staged = tensor.contiguous()
+            broadcast(staged, src, bucket=bucket)
+            tensor.copy_(staged)
+            return None
+        tensor = tensor.view(-1).view(torch.uint8)
     name = _count("broadcast", _transport(None, tensor), tensor.numel() * tensor.element_size(),
                   tensor.element_size(), None, src)
     watch, record = _enter(False, name, tensor.numel(), tensor.dtype, bucket, src)
