@@ -339,10 +339,13 @@ def used_outside_forward() -> dict:
 
 def changed_without_modifier() -> dict:
     """A change inside GatheredParameters(modifier_rank=None) on rank 0 only: an error on every
-    rank and the change undone, for a partitioned parameter and a whole-kept one."""
+    rank and the change undone, for a partitioned parameter and a whole-kept one; made in
+    place (add_) or through `.data`, which moves no version counter, on the last element
+    (in the last rank's shard, not rank 0's)."""
     world_size, rank = comm.world_size(), comm.rank()
     out = {}
-    for kept, threshold in (("partitioned", 0), ("whole", 10**9)):
+    for kept, threshold, how in (("partitioned", 0, "add_"), ("whole", 10**9, "add_"),
+                                 ("partitioned_data", 0, "data"), ("whole_data", 10**9, "data")):
         torch.manual_seed(0)
         with zero_ext.Init():
             model = Blocks()
@@ -352,9 +355,11 @@ def changed_without_modifier() -> dict:
         error = None
         try:
             with zero_ext.GatheredParameters(model.head.weight):
-                if rank == 0:
+                if rank == 0 and how == "add_":
                     with torch.no_grad():
                         model.head.weight.add_(1.0)
+                elif rank == 0:
+                    model.head.weight.data.view(-1)[-1] = 7.0
         except RuntimeError as caught:
             error = str(caught)
         out[kept] = {"error": error,

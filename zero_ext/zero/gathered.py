@@ -66,8 +66,9 @@ class GatheredParameters:
             self._held[engine] = engine.hold_layouts(layouts)
         self._entered = [(p, p.data) for p in managed]
         if self.modifier_rank is None:
-            # No rank may change them: a change is found at exit (the version counter, or the
-            # values of whole-kept parameters, which no release would discard) and undone.
+            # No rank may change them: a change is found at exit (the version counter, and the
+            # values: a copy of whole-kept ones, which no release would discard, a fingerprint
+            # of partitioned ones; see _snapshot) and undone.
             self._before = {id(p): _snapshot(p) for p in managed}
         self._init_gathered = gather_init_params(self.params)
         # Gathered from zero_ext.Init's shards (before initialize): checked as partitioned ones
@@ -176,6 +177,11 @@ class GatheredParameters:
         changed = []
         with torch.no_grad():
             for param, version, values in self._before.values():
+                if isinstance(values, tuple):  # partitioned: its fingerprint (the release
+                    if param._version == version and _fingerprint(param) == values:  # undoes
+                        continue
+                    changed.append(_name_of(param))
+                    continue
                 if param._version == version and (values is None or torch.equal(param, values)):
                     continue
                 changed.append(_name_of(param))
@@ -214,9 +220,29 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _snapshot(param: torch.Tensor) -> tuple:
-    """What a read-only GatheredParameters compares at exit: the version counter, and the
-    values of a parameter no release would discard (kept whole)."""
-    return param, param._version, None if _is_partitioned(param) else param.detach().clone()
+    """What a read-only GatheredParameters compares at exit: the version counter (which
+    writes through `param.data` do not move), and the values: of a parameter kept whole, a
+    copy (to undo a change); of a partitioned one, whose release discards any change, a
+    fingerprint of its gathered values (no copy of the whole parameter)."""
+    if not _is_partitioned(param):
+        return param, param._version, param.detach().clone()
+    return param, param._version, _fingerprint(param)
+
+
+def _fingerprint(tensor: torch.Tensor, chunk: int = 1 << 22) -> tuple[int, int]:
+    """Two sums over a tensor's bits (as 32-bit words, or bytes): any write of other values
+    changes them but for a vanishing chance. In chunks, so the int64 temporaries stay small."""
+    flat = tensor.detach().reshape(-1)
+    try:
+        words = flat.view(torch.int32)
+    except RuntimeError:  # a size or offset not a multiple of 4 bytes
+        words = flat.view(torch.uint8)
+    total = squares = 0
+    for start in range(0, words.numel(), chunk):
+        part = words[start:start + chunk].to(torch.int64)
+        total += int(part.sum())
+        squares += int((part * part).sum())
+    return total, squares
 
 
 def _is_partitioned(param: torch.Tensor) -> bool:
