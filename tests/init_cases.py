@@ -253,9 +253,17 @@ def modified_before_initialize() -> dict:
         load_error = None
     except RuntimeError as error:
         load_error = str(error)
+    try:  # read-only, a write through .data on rank 0 (no version counter moves): refused
+        with zero_ext.GatheredParameters(model.head.weight):
+            if rank == 0:
+                model.head.weight.data.view(-1)[-1] = 7.0
+        read_only_error = None
+    except RuntimeError as error:
+        read_only_error = str(error)
     engine, _, _, _ = zero_ext.initialize(model=model, config=config(3, "fp32", 1, world_size))
     return {"read": read, "plain": plain.head.weight.detach().clone(), "expected": expected,
-            "load_error": load_error, "got": engine.full_state_dict()["head.weight"]}
+            "load_error": load_error, "got": engine.full_state_dict()["head.weight"],
+            "read_only_error": read_only_error}
 
 
 def external_under_init() -> dict:

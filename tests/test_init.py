@@ -92,6 +92,10 @@ def test_gathered_parameters_before_initialize_reads_and_keeps_rank0_writes(worl
         # A copy into the placeholders outside GatheredParameters would change nothing.
         assert "holds no values until zero_ext.initialize" in before["load_error"], rank
         assert "zero_ext.GatheredParameters(params, modifier_rank=0)" in before["load_error"]
+        # Rank 0's write through .data in a read-only context: refused on every rank, undone
+        # (the trained-from values above are the modifier's alone).
+        assert "changed inside GatheredParameters(modifier_rank=None) (rank 0: " \
+            in (before["read_only_error"] or ""), (rank, before["read_only_error"])
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

@@ -75,7 +75,8 @@ class GatheredParameters:
         # are, their release undoing any change a read-only context refuses.
         self._entered += [(p, p.data) for p in self._init_gathered]
         if self.modifier_rank is None:
-            self._before.update({id(p): (p, p._version, None) for p in self._init_gathered})
+            self._before.update({id(p): (p, p._version, _fingerprint(p))
+                                 for p in self._init_gathered})
         _open_contexts.append(self)
         return self
 
