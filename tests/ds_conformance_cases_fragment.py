@@ -548,6 +548,32 @@ for _stage in (1, 3):
                 "built under zero_ext.Init"))
 
 
+for _stage in (0, 2):
+    @case(ZERO + f"zero_ext::data_assignment_refused[{_stage}]", stage=_stage)
+    def data_assignment_refused(tmp, stage):
+        """`param.data = tensor` on a parameter kept whole, after initialize and on rank 0
+        only: the parameter left its flat buffer, which the optimizer updates (it stopped
+        training, silently). The next step is refused on every rank, before anything
+        changes, naming the parameter and the rank. (Stage 3's whole-kept parameters are
+        checked alike; its released ones refuse the assignment itself.)"""
+        engine = build_engine(fragment_config(stage), 7, lambda: SimpleModel(4, nlayers=2),
+                              init=False)
+        train_engine(engine, 1, hidden=4)
+        name = "linears.1.bias"
+        param = dict(engine.module.named_parameters())[name]
+        if rank() == 0:
+            param.data = torch.zeros_like(param)
+        before = {n: p.detach().clone() for n, p in engine.module.named_parameters()
+                  if n != name}
+        steps = engine.global_steps
+        collectively(lambda: expect_zero_ext_error(
+            lambda: train_engine(engine, 1, start=1, hidden=4),
+            f"replaced these parameters' tensors (rank 0: {name})"))
+        assert engine.global_steps == steps
+        assert all(torch.equal(p.detach(), before[n])
+                   for n, p in engine.module.named_parameters() if n != name)
+
+
 @case(ZERO + "zero_ext::empty_partition_cache")
 def empty_partition_cache(tmp):
     """An evaluation that runs part of a stage-3 model (the first layer alone, as an early

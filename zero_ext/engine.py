@@ -435,8 +435,15 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             # Stage 0's step has no collective of its own (the buckets were all-reduced whole),
             # and one added there would pair with a backward's all-reduce on a rank that
             # skipped step(): the agreement rides on every boundary backward instead.
-            self._agreement.agree(self.global_steps, self._backwards_since_step)
+            self._agreement.agree(self.global_steps, self._backwards_since_step,
+                                  detached=self.detached_parameters)
         return returned
+
+    def detached_parameters(self) -> list[str]:
+        """The names of the parameters kept whole that `param.data = tensor` took out of their
+        flat buffer since initialize (checked at each step's agreement)."""
+        left = {id(p) for p in self._persistent.detached()} if self._persistent else set()
+        return [n for n, p in self.module.named_parameters() if id(p) in left] if left else []
 
     def step(self, lr_kwargs: dict | None = None) -> None:
         """At an accumulation boundary: global norm, overflow check, clip, AdamW, all-gather,

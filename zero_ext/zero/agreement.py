@@ -20,7 +20,7 @@ from torch import nn
 
 from zero_ext import comm
 
-__all__ = ["StepAgreement", "backward_count_error", "step_divergence_error"]
+__all__ = ["StepAgreement", "backward_count_error", "detached_error", "step_divergence_error"]
 
 
 class StepAgreement:
@@ -33,31 +33,37 @@ class StepAgreement:
         self.on_disagree = on_disagree
 
     def agree(self, global_steps: int, backwards: int,
-              squares: torch.Tensor | None = None) -> torch.Tensor | None:
+              squares: torch.Tensor | None = None,
+              detached: Callable[[], list[str]] = list) -> torch.Tensor | None:
         """One all-reduce of the ranks' agreement, with the norm's `squares` when given
         (returned summed): the sum and the sum of squares of global_steps across ranks (the
         squares' sum is N times the square of the mean only when every rank is at the same
         step), and the count of ranks whose engine.backward() calls since the last step were
-        not exactly one. Any disagreement raises on every rank, before anything changes."""
+        not exactly one, and of ranks where `detached()` names parameters that left zero_ext's
+        buffers. Any disagreement raises on every rank, before anything changes."""
         steps = float(global_steps)  # fp64: exact up to 2**26 steps, squares included
-        agreement = torch.tensor([0.0, steps, steps * steps, float(backwards != 1)],
-                                 dtype=torch.float64, device=self.device)
+        left = detached()
+        agreement = torch.tensor([0.0, steps, steps * steps, float(backwards != 1),
+                                  float(bool(left))], dtype=torch.float64, device=self.device)
         if squares is not None:
             agreement[0] = squares
         comm.all_reduce(agreement)
-        step_sum, step_squares, miscounted = agreement[1:].tolist()
+        step_sum, step_squares, miscounted, detaching = agreement[1:].tolist()
         diverged = step_squares * self.world_size != step_sum * step_sum
-        if miscounted or diverged:
+        if miscounted or diverged or detaching:
             self.on_disagree()
-            per_rank = comm.all_gather_object((global_steps, backwards))
+            per_rank = comm.all_gather_object((global_steps, backwards, left))
             if diverged:
-                raise RuntimeError(step_divergence_error(per_rank))
-            raise RuntimeError(backward_count_error(
-                {rank: count for rank, (_, count) in enumerate(per_rank)}))
+                raise RuntimeError(step_divergence_error([s[:2] for s in per_rank]))
+            if miscounted:
+                raise RuntimeError(backward_count_error(
+                    {rank: count for rank, (_, count, _) in enumerate(per_rank)}))
+            raise RuntimeError(detached_error(
+                {rank: names for rank, (_, _, names) in enumerate(per_rank) if names}))
         return agreement[0] if squares is not None else None
 
     def norm(self, bucket_norms: Iterable[torch.Tensor], global_steps: int, backwards: int,
-             *, sharded: bool) -> float:
+             *, sharded: bool, detached: Callable[[], list[str]] = list) -> float:
         """L2 norm of the whole averaged gradient from each bucket's (local shard's) norm:
         squares summed across ranks when `sharded` (stage 0's buckets are whole on every rank,
         and agreed on in backward instead). inf/nan anywhere gives inf/nan on every rank, which
@@ -67,7 +73,7 @@ class StepAgreement:
         for norm in bucket_norms:
             squares += norm.double() ** 2
         if sharded:
-            squares = self.agree(global_steps, backwards, squares)
+            squares = self.agree(global_steps, backwards, squares, detached)
         elif backwards != 1:
             self.on_disagree()
             raise RuntimeError(backward_count_error({self.rank: backwards}))
@@ -120,3 +126,15 @@ def step_divergence_error(per_rank: list[tuple[int, int]]) -> str:
         "exception caught on one rank), so the replicas' weights already differ. Every rank "
         "must call engine.backward(loss) and then engine.step() for every micro-batch; "
         "resume from the last checkpoint")
+
+
+def detached_error(names_by_rank: dict[int, list[str]]) -> str:
+    where = "; ".join(f"rank {rank}: {', '.join(names[:5])}"
+                      for rank, names in sorted(names_by_rank.items()))
+    return (f"zero_ext: `param.data = tensor` after initialize replaced these parameters' "
+            f"tensors ({where}). zero_ext keeps them in flat buffers, which the optimizer "
+            "updates (from the fp32 master weights), so they would stop training silently; "
+            "the step is refused on every rank and this window's gradients dropped. Write new "
+            "values on every rank together with `with zero_ext.GatheredParameters(param, "
+            "modifier_rank=0): param.data = tensor` (rank 0's values become every rank's, the "
+            "master weights included), or set them before zero_ext.initialize")

@@ -51,6 +51,16 @@ class PersistentParameters:
         self.flats = [self._flatten(layout, params, dtype, device) for layout in layouts]
         self._by_index = {layout.index: (layout, flat)
                           for layout, flat in zip(layouts, self.flats)}
+        # Where each parameter's tensor must stay: its slot of its bucket's flat buffer (read
+        # at each check: offload_states moves a buffer and its views together).
+        self._views = [(params[slot.param_index], flat, slot.offset * flat.element_size())
+                       for layout, flat in zip(layouts, self.flats) for slot in layout.slots]
+
+    def detached(self) -> list[nn.Parameter]:
+        """The parameters no longer viewing their flat buffer (`param.data = tensor` after
+        initialize): the optimizer updates the buffer, so they would silently stop training."""
+        return [param for param, flat, offset in self._views
+                if param.data_ptr() != flat.data_ptr() + offset]
 
     @staticmethod
     @torch.no_grad()

@@ -88,7 +88,8 @@ def _step_with(engine, grads: list[torch.Tensor] | None, backwards: int) -> bool
     the step is the same step everywhere, finite, and how much to clip."""
     buckets, config, scaler = engine.grad_buckets, engine.config, engine.loss_scaler
     norm = engine._agreement.norm(buckets.reduced_norms() if backwards else [],
-                                  engine.global_steps, backwards, sharded=engine.stage >= 1)
+                                  engine.global_steps, backwards, sharded=engine.stage >= 1,
+                                  detached=engine.detached_parameters)
     if not config.zero_optimization.ignore_unused_parameters:
         engine._agreement.refuse_unused(engine.module, buckets.without_gradient())
     scale = scaler.scale if scaler is not None else 1.0
