@@ -302,6 +302,9 @@ for _stage in (1, 3):
         same(_load_torch(want["frozen_out"]), full, [k for k in full if k not in FROZEN_KEYS])
         tied_saved = _load_torch(want["tied"])
         assert tied_saved["head.weight"].data_ptr() == tied_saved["embed.weight"].data_ptr()
+        # full_state_dict too (accelerate's get_state_dict; its save_model writes a tied
+        # weight once only when the two keys share storage, as under DeepSpeed at stage 3)
+        assert tied_full["head.weight"] is tied_full["embed.weight"]
         for name in ("alias_default", "default", "named"):
             saved = load_file(want[name])
             for key, value in full.items():

@@ -654,8 +654,16 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         gathered = self.partitioned.full_values(keep) if self.partitioned is not None else {}
         if not keep:
             return {}
-        return {k: gathered[v] if v in gathered else v.detach().to("cpu", copy=True)
-                for k, v in self.module.state_dict(keep_vars=True).items()}
+        copies: dict[int, torch.Tensor] = {}  # a tied weight is one tensor under its names
+
+        def value(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor in gathered:
+                return gathered[tensor]
+            if id(tensor) not in copies:
+                copies[id(tensor)] = tensor.detach().to("cpu", copy=True)
+            return copies[id(tensor)]
+
+        return {k: value(v) for k, v in self.module.state_dict(keep_vars=True).items()}
 
 
 def _destroy_earlier_engine(model: nn.Module) -> None:
