@@ -1,4 +1,7 @@
-"""The names transformers' save_pretrained gives a model's weights in a safetensors file."""
+"""A transformers model's weights as its save_pretrained writes them and from_pretrained reads
+them: which keys a safetensors file holds (tied weights once), and the checkpoint layout
+transformers 5 converts some weights from on load and back to on save (save_16bit_model and
+consolidate write through it, load_weights reads through it)."""
 
 from __future__ import annotations
 
@@ -101,8 +104,9 @@ def to_checkpoint_layout(model, values: dict[str, torch.Tensor]) -> dict[str, to
 class LoadConversion:
     """The model's keys that a checkpoint in transformers' layout holds converted: for each,
     the file tensors it is made of and how (from_pretrained's conversions, run here one group
-    at a time). `renamed`: model key -> the file key holding it as it is; `groups`: model key
-    -> its group's (file keys, converter) and the group's model keys with dtypes and shapes."""
+    at a time). `renamed`: model key -> the file key holding it as it is (renamed only);
+    `groups`: converted model key -> the key naming its group (the tensors converted together);
+    `specs`: converted model key -> its dtype and shape."""
 
     def __init__(self, model, file_keys: list[str], file_specs):
         from transformers.conversion_mapping import get_model_conversion_mapping
