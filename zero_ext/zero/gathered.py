@@ -178,9 +178,9 @@ class GatheredParameters:
         changed = []
         with torch.no_grad():
             for param, version, values in self._before.values():
-                if isinstance(values, tuple):  # partitioned: its fingerprint (the release
-                    if param._version == version and _fingerprint(param) == values:  # undoes
-                        continue
+                if isinstance(values, tuple):  # partitioned: a fingerprint; the release
+                    if param._version == version and _fingerprint(param) == values:
+                        continue                   # discards the change
                     changed.append(_name_of(param))
                     continue
                 if param._version == version and (values is None or torch.equal(param, values)):
