@@ -541,7 +541,24 @@ for _stage in (1, 3):
         one, two = again.full_state_dict(), twin.full_state_dict()
         assert all(torch.equal(one[n], two[n]) for n in two), "differs from the twin"
         assert not all(torch.equal(one[n], trained[n]) for n in one), "nothing trained"
-        if stage == 3:  # built under zero_ext.Init: its parameters exist only as shards
+        if stage == 3:
+            # Destroyed by the caller, then initialized at stage 1: the parameters are made
+            # whole, and nothing of the stage-3 engine runs in the new backward (its gradient
+            # accumulators' hooks gathered units and re-pointed the parameters).
+            third = build_engine(config, 6, lambda: SimpleModel(4, nlayers=2), init=False)
+            train_engine(third, 1, hidden=4)
+            left = third.full_state_dict()
+            third.destroy()
+            below = fragment_config(1)
+            again = zero_ext.initialize(model=third.module, config=below)[0]
+            twin_model = SimpleModel(4, nlayers=2)
+            twin_model.load_state_dict(copy.deepcopy(left))
+            twin = zero_ext.initialize(model=twin_model, config=below)[0]
+            for each in (again, twin):
+                train_engine(each, 2, start=1, hidden=4)
+            one, two = again.full_state_dict(), twin.full_state_dict()
+            assert all(torch.equal(one[n], two[n]) for n in two), "3 -> 1 differs"
+            # built under zero_ext.Init: its parameters exist only as shards
             sharded = build_engine(config, 5, lambda: SimpleModel(4, nlayers=2))
             collectively(lambda: expect_zero_ext_error(
                 lambda: zero_ext.initialize(model=sharded.module, config=config),

@@ -677,24 +677,29 @@ def _destroy_earlier_engine(model: nn.Module) -> None:
         for attribute in ("_zero_ext_engine", "_zero_ext_whole"):
             reference = param.__dict__.get(attribute)
             earlier = reference() if reference is not None else None
-            if earlier is None or earlier.__dict__.get("_destroyed"):
+            if earlier is None:
                 continue
-            if earlier.partitioned is not None and earlier.built_under_init:
+            destroyed = bool(earlier.__dict__.get("_destroyed"))
+            partitioned = earlier.partitioned is not None and \
+                not earlier.partitioned.__dict__.get("_made_whole")
+            if partitioned and earlier.built_under_init:
                 raise RuntimeError(
-                    "zero_ext.initialize: this model is already wrapped by a stage-3 zero_ext "
-                    "engine and was built under zero_ext.Init, so its parameters exist only as "
-                    "that engine's shards (they may not fit whole on one rank). Go on with "
-                    "that engine, or save its weights (engine.save_16bit_model), build the "
-                    "model again under zero_ext.Init and load them (engine.load_weights)")
-            warnings.warn(
-                "zero_ext.initialize: this model is already wrapped by another zero_ext "
-                "engine, which is now destroyed (engine.destroy(): its backward and step are "
-                "refused from here on); the new engine trains the model from its current "
-                "weights, with fresh optimizer state. Call engine.destroy() on the earlier "
-                "engine yourself to silence this", UserWarning, stacklevel=4)
-            if earlier.partitioned is not None:
+                    "zero_ext.initialize: this model was wrapped by a stage-3 zero_ext engine "
+                    "and built under zero_ext.Init, so its parameters exist only as that "
+                    "engine's shards (they may not fit whole on one rank). Go on with that "
+                    "engine, or save its weights (engine.save_16bit_model), build the model "
+                    "again under zero_ext.Init and load them (engine.load_weights)")
+            if not destroyed:
+                warnings.warn(
+                    "zero_ext.initialize: this model is already wrapped by another zero_ext "
+                    "engine, which is now destroyed (engine.destroy(): its backward and step "
+                    "are refused from here on); the new engine trains the model from its "
+                    "current weights, with fresh optimizer state. Call engine.destroy() on "
+                    "the earlier engine yourself to silence this", UserWarning, stacklevel=4)
+            if partitioned:  # collective: every rank initializes
                 earlier.partitioned.make_whole()
-            earlier.destroy()
+            if not destroyed:
+                earlier.destroy()
             return
 
 

@@ -330,7 +330,7 @@ class DeepSpeedEngineAPI:
         self.grad_buckets.remove_hooks()
         self.grad_buckets.clear()
         if self.partitioned is not None:
-            self.partitioned.hooks.remove()
+            self.partitioned.remove_hooks()
         self._destroyed = True
 
     def empty_partition_cache(self) -> None:

@@ -210,6 +210,7 @@ class PartitionedParameters:
         self.units: list[GatherUnit] = []
         self._unit_of_layout: dict[int, GatherUnit] = {}
         self._grad_accumulators: list = []  # see _gather_before_accumulating
+        self._accumulator_hooks: list = []
         for module, layouts in units:
             self._partition_unit(module, layouts, params, pin)
         # id of each partitioned parameter -> its unit
@@ -267,8 +268,18 @@ class PartitionedParameters:
                     if not param.requires_grad:
                         continue
                     node = param.view_as(param).grad_fn.next_functions[0][0]
-                    node.register_prehook(lambda grads, unit=unit: self._accumulating(unit))
+                    self._accumulator_hooks.append(node.register_prehook(
+                        lambda grads, unit=unit: self._accumulating(unit)))
                     self._grad_accumulators.append(node)
+
+    def remove_hooks(self) -> None:
+        """engine.destroy(): the modules' hooks and the gradient accumulators' removed (the
+        units stay partitioned); an engine initialized on the model later gathers nothing of
+        this one's in its backward."""
+        self.hooks.remove()
+        for handle in self._accumulator_hooks:
+            handle.remove()
+        self._accumulator_hooks, self._grad_accumulators = [], []
 
     def _accumulating(self, unit: GatherUnit) -> None:
         if unit.state is not UnitState.GATHERED:
@@ -653,7 +664,10 @@ class PartitionedParameters:
     def make_whole(self) -> None:
         """Collective: every partitioned parameter holds its full value again, on this rank's
         device, as a plain nn.Parameter (a model another engine takes over); the units are
-        not to be gathered or released after this."""
+        not to be gathered or released after this. Once: nothing to do after the first."""
+        if self.__dict__.get("_made_whole"):
+            return
+        self._made_whole = True
         for unit in self.units:
             self.gather(unit, exact=True)
             for members in unit.params:
