@@ -325,10 +325,12 @@ def test_mpi_or_srun_launch_without_master_address_says_what_to_set(launcher, en
 
 def test_mpi_launched_ranks_form_one_group_and_count_their_node():
     """Two processes as Open MPI starts them (with the address DeepSpeed's runner exports):
-    one group of 2, and the host memory and CPU threads are split by the 2 ranks of the node
+    one group of 2 (joined by zero_ext.Init, as by initialize), and the host memory and CPU threads are split by the 2 ranks of the node
     (the topology's count: no LOCAL_WORLD_SIZE here, as under DeepSpeed's own launcher)."""
-    code = ("import os; from zero_ext import comm; from zero_ext.zero import offload; "
-            "comm.init_distributed(); "
+    code = ("import os, torch, zero_ext; from zero_ext import comm; "
+            "from zero_ext.zero import offload\n"
+            "with zero_ext.Init():  # joins the launcher's group, as initialize does\n"
+            "    torch.nn.Linear(4, 4)\n"
             "print(comm.world_size(), comm.rank(), os.environ['LOCAL_RANK'], "
             "offload.local_ranks())")
     clean = {k: v for k, v in os.environ.items()

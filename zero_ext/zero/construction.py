@@ -457,7 +457,9 @@ class Init:
     def __enter__(self):
         if not self.enabled:
             return self
-        if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        from zero_ext.comm.launchers import launched_by
+
+        if "RANK" in os.environ or "WORLD_SIZE" in os.environ or launched_by() is not None:
             comm.init_distributed()  # partitioning needs the other ranks, as in DeepSpeed
         if not _active:
             self._outermost = True
