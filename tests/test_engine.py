@@ -126,9 +126,10 @@ def test_traffic_of_one_step_matches_the_stage_table(world_size, stage):
     padded, _ = memory[1]["numels"]
     traffic = memory["traffic"]
     ring = (world_size - 1) / world_size
-    # The step's one all-reduce of 4 elements: the global norm's squares, and the ranks'
-    # agreement (sum and sum of squares of the step counts, miscounted backward() calls).
-    agreement = 4
+    # The step's one all-reduce of 5 elements: the global norm's squares, and the ranks'
+    # agreement (sum and sum of squares of the step counts, miscounted backward() calls,
+    # parameters taken out of their flat buffers).
+    agreement = 5
     if stage == 0:
         assert traffic.elements == {"all_reduce": pytest.approx(2 * (padded + agreement) * ring)}
         assert traffic.calls["all_reduce"] == memory["buckets"] + 1

@@ -56,9 +56,9 @@ __all__ = ["Cluster", "Compute", "Link", "PlannedCollective", "StepPrediction",
            "collective_seconds", "parse_bandwidth", "parse_latency", "parse_network",
            "plan_step", "planned_traffic", "predict_step", "recommend"]
 
-# The step's one all-reduce of 4 fp64 elements: the norm's squares and the ranks' agreement
+# The step's one all-reduce of 5 fp64 elements: the norm's squares and the ranks' agreement
 # (zero/agreement.py, StepAgreement.agree).
-_AGREEMENT = (4, 8)
+_AGREEMENT = (5, 8)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ consolidate write through it, load_weights reads through it)."""
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -20,12 +21,11 @@ def keys_save_pretrained_omits(model, state: dict) -> set[str]:
     stand-ins that share as the model's tensors do (a released stage-3 parameter has no storage
     of its own to compare). Empty for other models, and where transformers finds the ties
     inconsistent (then every name is written, as before)."""
+    if not _is_transformers_model(model):
+        return set()
     try:
-        from transformers import PreTrainedModel
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
     except ImportError:
-        return set()
-    if not isinstance(model, PreTrainedModel):
         return set()
     shared: dict[int, torch.Tensor] = {}
     stand_ins = {key: shared.setdefault(id(value), torch.empty(1))
@@ -56,11 +56,9 @@ def _revert():
 
 
 def _is_transformers_model(model) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
-    return isinstance(model, PreTrainedModel)
+    """Without importing transformers (seconds per process): a model of its classes has."""
+    modeling = sys.modules.get("transformers.modeling_utils")
+    return modeling is not None and isinstance(model, modeling.PreTrainedModel)
 
 
 def checkpoint_layout(model, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
