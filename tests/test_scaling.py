@@ -273,4 +273,7 @@ def test_planned_traffic_over_gloo_counts_gloos_reduce_scatter_as_its_all_reduce
     assert ring["reduce_scatter"] == n * 3 / 4 and gloo["reduce_scatter"] == 2 * n * 3 / 4
     assert gloo["all_gather"] == ring["all_gather"] == n * 3 / 4
     ring, gloo = (scaling.planned_traffic(int8, 4, transport=t).bytes for t in ("ring", "gloo"))
-    assert gloo == ring and ring["reduce_scatter"] < n * 3 / 4 / 3.8
+    # (the step's small agreement all-reduce is gloo's segmented one: compared elsewhere)
+    assert all(gloo[op] == ring[op] for op in ("reduce_scatter", "all_gather", "all_to_all")
+               if op in ring), (gloo, ring)
+    assert ring["reduce_scatter"] < n * 3 / 4 / 3.8
