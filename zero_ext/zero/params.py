@@ -67,9 +67,10 @@ def find_units(model: nn.Module, class_names: list[str] | None = None) -> list[n
     then leave a block holding units, see placement._move_frozen_out_of_bodies). No module
     inside a leaf (zero/leaves.py: a mixture of experts) is a unit. A model passed in
     torch.compile'd (OptimizedModule) is split as the model it wraps."""
-    compiled = sys.modules.get("torch._dynamo.eval_frame")  # (not imported: nothing compiled;
-    while compiled is not None and isinstance(model, compiled.OptimizedModule):  # importing
-        model = model._orig_mod                    # it costs each process a second or more)
+    # (torch._dynamo not imported: nothing was compiled; importing it costs a process seconds)
+    compiled = sys.modules.get("torch._dynamo.eval_frame")
+    while compiled is not None and isinstance(model, compiled.OptimizedModule):
+        model = model._orig_mod
     if is_leaf(model):
         raise ValueError("zero_ext stage 3: the model itself is marked as a leaf module "
                          "(set_z3_leaf_modules, zero_optimization.leaf_module); gathered whole it "
