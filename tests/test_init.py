@@ -125,3 +125,36 @@ def test_a_change_without_modifier_rank_is_an_error_on_every_rank_and_undone(wor
             assert case["unchanged"], (rank, kept)
             assert case["error"] is not None and "changed inside GatheredParameters(" \
                 "modifier_rank=None) (rank 0: head.weight)" in case["error"], (rank, kept)
+
+
+def test_a_class_first_defined_inside_init_keeps_its_decorators_constructor():
+    """transformers' use_experts_implementation wraps an experts class's constructor (with
+    functools.wraps) after the class statement, which Init has already wrapped; leaving the
+    block restored Init's original and dropped the decorator's, so MoE modules first imported
+    inside Init were built without their attributes ever after. Single process: no group."""
+    import zero_ext
+
+    def sets_flag(cls):
+        original = cls.__init__
+
+        @functools.wraps(original)
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            self.flag = True
+
+        cls.__init__ = __init__
+        return cls
+
+    with zero_ext.Init():
+        @sets_flag
+        class Experts(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.weight = torch.nn.Parameter(torch.ones(4, 4))
+
+        built = [Experts()]
+    built.append(Experts())
+    with zero_ext.Init():
+        built.append(Experts())
+    built.append(Experts())
+    assert [getattr(m, "flag", None) for m in built] == [True] * 4

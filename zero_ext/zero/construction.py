@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -386,9 +387,15 @@ def _all_module_classes() -> list[type]:
     return found
 
 
+# The constructors _wrap_init made, known by identity: functools.wraps copies a function's
+# attributes, so a class decorator that wraps one (transformers' use_experts_implementation, for a
+# class first defined inside an Init block) carries any marker it has without being one of ours.
+_INIT_WRAPPERS: weakref.WeakSet = weakref.WeakSet()
+
+
 def _wrap_init(cls: type) -> None:
     original = cls.__dict__.get("__init__")
-    if original is None or hasattr(original, "_zero_ext_original"):
+    if original is None or original in _INIT_WRAPPERS:
         return
 
     @functools.wraps(original)
@@ -408,14 +415,17 @@ def _wrap_init(cls: type) -> None:
         state.exit_call(depth)
         state.partition_subtree(module)
 
-    __init__._zero_ext_original = original
+    _INIT_WRAPPERS.add(__init__)
     cls.__init__ = __init__
 
 
 def _unwrap_init(cls: type) -> None:
+    """Restores the constructor _wrap_init replaced. One wrapped since by a decorator stays: the
+    decorator's wrapper is the class's constructor now, and ours inside it passes calls through
+    outside an Init block."""
     wrapped = cls.__dict__.get("__init__")
-    if wrapped is not None and hasattr(wrapped, "_zero_ext_original"):
-        cls.__init__ = wrapped._zero_ext_original
+    if wrapped in _INIT_WRAPPERS:
+        cls.__init__ = wrapped.__wrapped__
 
 
 def _apply_one_call_at_a_time(original_apply):
