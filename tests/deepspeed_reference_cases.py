@@ -739,6 +739,41 @@ def _resume_weights_only():
 case("fp16_resumes_deepspeed_checkpoint_weights_only_stage2", (2,))(_resume_weights_only)
 
 
+def _resume_clears_error_feedback():
+    """A DeepSpeed checkpoint loaded into an engine that has trained with error feedback: the
+    residuals it kept (the undelivered part of gradients of its own, earlier run) are dropped,
+    as a zero_ext checkpoint saved without feedback drops them; it trains on as a fresh engine
+    loading the same checkpoint does, exactly."""
+    config = dict(BASE, zero_optimization={"stage": 2})
+    compressed = dict(config, zero_ext={"compression": {"gradients": {
+        "method": "int4", "error_feedback": True, "block_size": 8}}})
+    data = batches(6, {})
+    directory = _shared_dir()
+    try:
+        train("deepspeed", config, data[:2], save=(2, directory))
+        fresh = train("zero_ext", compressed, data[2:], load_dir=directory)
+        engine, _, _, _ = zero_ext.initialize(model=Model(), config=copy.deepcopy(compressed))
+        for x, y in data[:2]:
+            _micro_step(engine, x, y, torch.float32, Trace())
+        engine.load_checkpoint(directory)
+        trace = Trace()
+        for x, y in data[2:]:
+            _micro_step(engine, x, y, torch.float32, trace)
+        _finish(trace, "zero_ext", engine)
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+    assert trace.losses == fresh.losses, (trace.losses, fresh.losses)
+    for name, tensors in fresh.state.items():
+        for what, a, b in zip(("weight", *MOMENTS), tensors, trace.state[name]):
+            assert torch.equal(a, b), (name, what, _relative(b, a))
+
+
+case("int4_error_feedback_cleared_by_a_deepspeed_checkpoint_stage2", (2,))(
+    _resume_clears_error_feedback)
+
+
 def flip_record_byte(path: str) -> None:
     """Inverts one byte in the middle of the largest tensor storage record of a torch.save zip
     file, as bit rot or a bad copy would."""

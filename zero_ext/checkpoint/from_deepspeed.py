@@ -453,6 +453,8 @@ def load_deepspeed_checkpoint(engine, path: str, load_optimizer_states: bool,
                 shard.step.fill_(plan.steps[shard.layout.group])
         if engine.loss_scaler is not None and plan.scaler is not None:
             engine.loss_scaler.load_state_dict(plan.scaler)
+    if getattr(engine, "compression", None) is not None:
+        engine.compression.reset()  # DeepSpeed keeps no residuals: those of this engine's past
     if plan.scheduler is not None:
         restore_scheduler(engine, plan.scheduler)
     if load_module_only:
