@@ -361,8 +361,12 @@ def test_return_dict_false_gives_the_loss_first():
     reference.train()
     out = model(input_ids=ids, labels=labels, return_dict=False, use_cache=False)
     ref = reference(input_ids=ids, labels=labels, return_dict=False, use_cache=False)
-    assert isinstance(out, tuple) and len(out) == len(ref) - 1  # no logits
+    # (loss, logits, ...) with None for the logits: later entries keep their places
+    assert isinstance(out, tuple) and len(out) == len(ref) and out[1] is None
     torch.testing.assert_close(out[0], ref[0], **FP32)
+    out = model(input_ids=ids, labels=labels, return_dict=False)
+    ref = reference(input_ids=ids, labels=labels, return_dict=False)
+    assert len(out) == len(ref) and type(out[2]) is type(ref[2])  # the cache, where it was
 
 
 def test_a_forward_replaced_after_apply_is_bound_by_its_own_signature():

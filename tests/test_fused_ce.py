@@ -178,6 +178,8 @@ def test_gradcheck_fp64(reduction):
                                     z_loss=0.05)
 
     assert torch.autograd.gradcheck(fn, leaves)
+    if reduction == "none":  # its backward differentiates again (mean/sum refuse: below)
+        assert torch.autograd.gradgradcheck(fn, leaves)
 
 
 def test_none_reduction_ignored_tokens_get_zero_loss_and_gradient():
@@ -271,9 +273,28 @@ def test_second_backward_rescales_and_double_backward_is_refused():
         got = torch.autograd.grad(loss, leaves, torch.tensor(upstream), retain_graph=True)
         want = torch.autograd.grad(ref, leaves, torch.tensor(upstream), retain_graph=True)
         torch.testing.assert_close(got, want)
+    # What an earlier backward handed out is not changed by a later one.
+    first = torch.autograd.grad(loss, leaves, torch.tensor(2.0), retain_graph=True)
+    kept = [g.clone() for g in first]
+    torch.autograd.grad(loss, leaves, torch.tensor(5.0), retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, kept))
+    loss = linear_cross_entropy(hidden, weight, target, bias, reduction="sum")
     torch.autograd.grad(loss, leaves, torch.tensor(0.0), retain_graph=True)
     with pytest.raises(RuntimeError, match="after one whose upstream gradient was 0"):
         torch.autograd.grad(loss, leaves, torch.tensor(1.0))
+    # Two .backward() calls accumulate into .grad as torch's do; a third, after the second
+    # accumulated into what the first handed out, is refused rather than computed from it.
+    loss = linear_cross_entropy(hidden, weight, target, bias, reduction="sum")
+    loss.backward(retain_graph=True)
+    loss.backward(torch.tensor(2.0), retain_graph=True)
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    (3 * ref).backward(retain_graph=True)
+    torch.testing.assert_close(got, [t.grad for t in leaves])
+    with pytest.raises(RuntimeError, match="after the gradients an earlier one produced were "
+                                           "changed in place"):
+        loss.backward()
     loss = linear_cross_entropy(hidden, weight, target)
     with pytest.raises(RuntimeError, match="double backward .create_graph=True. is not supported"):
         torch.autograd.grad(loss, leaves, create_graph=True)

@@ -131,6 +131,9 @@ def test_gradcheck_fp64(kind, residual):
         return _fused(kind, xx, rr, ww, bb, 1e-5)
 
     assert torch.autograd.gradcheck(fn, leaves)
+    # create_graph=True: second derivatives too (a backward kernel without autograd of its own
+    # gave zeros, silently)
+    assert torch.autograd.gradgradcheck(fn, leaves)
 
 
 def test_3d_input_and_eps():
@@ -264,6 +267,7 @@ def test_activation_gradcheck_fp64(kind):
     fn = (lambda x: _activation(kind, x, None)) if b is None else \
         (lambda x, y: _activation(kind, x, y))
     assert torch.autograd.gradcheck(fn, leaves)
+    assert torch.autograd.gradgradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("kind", ACTIVATIONS)

@@ -130,6 +130,17 @@ def test_gradcheck_fp64_with_dropout():
         assert torch.autograd.gradcheck(lambda x, m, c=causal: fn(x, m, c), (x, mask))
 
 
+def test_second_derivatives_without_dropout_and_refused_with_it():
+    x = _rand(2, 4, 5, dtype=torch.float64).requires_grad_()
+    mask = _rand(1, 1, 5, dtype=torch.float64, seed=3).requires_grad_()
+    for causal in (False, True):
+        assert torch.autograd.gradgradcheck(
+            lambda x, m, c=causal: scaled_masked_softmax(x, m, scale=0.7, causal=c), (x, mask))
+    out = scaled_masked_softmax(x, mask, dropout_p=0.4, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="double backward .create_graph=True. with dropout"):
+        torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+
+
 def _op_samples():
     seed = torch.tensor([123456789], dtype=torch.int64)
     for dtype in (torch.float32, torch.bfloat16):

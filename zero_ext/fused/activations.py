@@ -11,9 +11,11 @@ Kernels: csrc/activation_cpu.cpp, kernels/cpu/activation.{h,cpp}.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import zero_ext  # noqa: F401  (loads zero_ext._C, which defines the ops)
+from zero_ext.fused._double_backward import eager_vjp, upcast
 
 __all__ = ["bias_gelu", "swiglu"]
 
@@ -55,6 +57,9 @@ def _swiglu_setup_context(ctx, inputs, output):
 
 def _swiglu_backward(ctx, grad_out):
     gate, up = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        return eager_vjp(lambda g, u: (F.silu(upcast(g)) * upcast(u)).to(g.dtype), (gate, up),
+                         grad_out)
     return tuple(torch.ops.zero_ext.swiglu_backward(grad_out.contiguous(), gate, up))
 
 
@@ -67,6 +72,12 @@ def _bias_gelu_setup_context(ctx, inputs, output):
 
 def _bias_gelu_backward(ctx, grad_out):
     x, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        def formula(x, bias):
+            summed = upcast(x) if bias is None else upcast(x) + upcast(bias)
+            return F.gelu(summed, approximate=ctx.approximate).to(x.dtype)
+
+        return (*eager_vjp(formula, (x, bias), grad_out), None)
     grad_x = torch.ops.zero_ext.bias_gelu_backward(
         grad_out.contiguous(), x, bias, ctx.approximate)
     grad_bias = None

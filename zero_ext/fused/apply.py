@@ -251,10 +251,12 @@ def _causal_lm_forward(self, *args, **kwargs):
                            "on the hidden states, so the fused loss was not computed; leave "
                            "this class out of modules= (or pass cross_entropy=False)")
     # The head's result stands where the logits were; transformers' loss was skipped (labels
-    # None). A tuple (return_dict=False) thus already reads (loss, ...), without logits; an
-    # output object keeps its type, with the loss and without logits.
+    # None). A tuple (return_dict=False) thus reads (loss, ...): None goes in where the logits
+    # were, so every later entry keeps its place ((loss, logits, past_key_values, ...), as
+    # Liger-Kernel's fused forwards return it); an output object keeps its type, with the loss
+    # and without logits.
     if isinstance(output, tuple):
-        return output
+        return (output[0], None, *output[1:])
     fields = {k: v for k, v in output.items() if k not in ("loss", "logits")}
     return type(output)(loss=target.loss, **fields)
 

@@ -15,7 +15,10 @@ Training code calls :func:`linear_cross_entropy` in place of
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from zero_ext.fused._double_backward import eager_vjp, upcast
 
 __all__ = ["linear_cross_entropy"]
 
@@ -63,8 +66,10 @@ def linear_cross_entropy(
 
     With a mean or sum under autograd, the gradients are computed in this call and kept until the
     backward (``grad_hidden`` and ``grad_weight`` are allocated here, not in the backward), which
-    scales them in place: one backward per call (``retain_graph`` and ``create_graph`` are
-    refused). ``workspace_bytes`` bounds the logits held at once: 8 MiB on CPU, 256 MiB on CUDA
+    scales them in place and hands them out. A later backward through the same call
+    (``retain_graph=True``) gets new tensors scaled from them, unless the first's were changed in
+    place since (accumulated into ``.grad``, clipped): that is an error, as is ``create_graph``
+    (differentiating twice needs ``reduction="none"``, whose backward then runs eager ops). ``workspace_bytes`` bounds the logits held at once: 8 MiB on CPU, 256 MiB on CUDA
     by default. A chunk of tokens whose whole logit rows fit it (256 rows at least) costs one
     logits matmul; otherwise each chunk sweeps the vocabulary twice (the logits computed twice).
     On CPU the default holds whole rows up to V = 8192; larger vocabularies gain from a larger
@@ -127,9 +132,27 @@ def _backward(ctx, grad_loss, grad_lse):
     # lse is the saved statistic of the backward, not a result: linear_cross_entropy never
     # returns it, so grad_lse is always zero and is not used.
     hidden, weight, target, bias, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        grad_hidden, grad_weight, grad_bias = eager_vjp(
+            lambda h, w, b: _eager_losses(h, w, b, target, **ctx.options), (hidden, weight, bias),
+            grad_loss)
+        return grad_hidden, grad_weight, None, grad_bias
     grad_hidden, grad_weight, grad_bias = torch.ops.zero_ext.fused_linear_cross_entropy_bwd(
         grad_loss.contiguous(), hidden, weight, target, bias, lse, **ctx.options)
     return grad_hidden, grad_weight, None, grad_bias if bias is not None else None
+
+
+def _eager_losses(hidden, weight, bias, target, *, ignore_index, label_smoothing, z_loss):
+    """The per-token losses by eager ops through the whole logits (fp32 math, fp64 for fp64),
+    for a backward under create_graph=True."""
+    logits = upcast(hidden) @ upcast(weight).T
+    if bias is not None:
+        logits = logits + upcast(bias)
+    losses = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
+                             label_smoothing=label_smoothing)
+    if z_loss:
+        losses = losses + z_loss * logits.logsumexp(-1).pow(2) * (target != ignore_index)
+    return losses
 
 
 torch.library.register_autograd("zero_ext::fused_linear_cross_entropy_fwd", _backward,
@@ -170,8 +193,17 @@ def _backward_from_saved(ctx, grad_loss, *unused):
             "or the unfused loss, to differentiate twice")
     if grad_loss is None:  # no gradient reached the loss (materialisation is off)
         return None, None, None, None
-    hidden, weight, bias = (g if wanted else None
-                            for g, wanted in zip(ctx.saved_tensors, ctx.wanted))
+    try:
+        saved = ctx.saved_tensors
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        raise RuntimeError(
+            f"{_API}: a backward through the same call (retain_graph=True) after the gradients "
+            "an earlier one produced were changed in place (accumulated into .grad by another "
+            "backward, clipped or zeroed): the mean/sum path computes its gradients once, in the "
+            "forward; call the loss again for each backward, or use reduction='none'") from error
+    hidden, weight, bias = (g if wanted else None for g, wanted in zip(saved, ctx.wanted))
     if torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor:
         # Traced (torch.compile, or any functional tensor subclass): out of place, which the
         # compiler's memory planning handles; an in-place update of a saved tensor is not
@@ -179,19 +211,24 @@ def _backward_from_saved(ctx, grad_loss, *unused):
         return (None if hidden is None else hidden * grad_loss,
                 None if weight is None else weight * grad_loss, None,
                 None if bias is None else bias * grad_loss)
-    factor = grad_loss
     if ctx.applied is not None:
+        # A later backward through the same call (retain_graph=True). The first handed the
+        # saved gradients out (as .grad, or as autograd.grad's results), so they are scaled out
+        # of place from now on: what it handed out is never changed behind its holder's back,
+        # and a change its holder made in place (accumulating into .grad, clipping) trips the
+        # saved tensors' version check above.
         if bool(ctx.applied == 0):
             raise RuntimeError(
                 f"{_API}: a second backward through the same call (retain_graph=True) after one "
                 "whose upstream gradient was 0, which zeroed the saved gradients in place; call "
                 "the loss again for each backward")
         factor = grad_loss / ctx.applied
+        return tuple(None if g is None else g * factor for g in (hidden, weight, None, bias))
     for g in (hidden, weight, bias):
         if g is not None:
             # .data: the saved gradients are this function's own to rescale, so autograd's
             # version check (which guards inputs saved for a formula) must not trip on it.
-            g.data.mul_(factor)
+            g.data.mul_(grad_loss)
     ctx.applied = grad_loss.detach().clone()
     return hidden, weight, None, bias
 

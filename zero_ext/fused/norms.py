@@ -13,9 +13,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import zero_ext  # noqa: F401  (loads zero_ext._C, which defines torch.ops.zero_ext.fused_norm)
+from zero_ext.fused._double_backward import eager_vjp, upcast
 
 __all__ = ["layer_norm", "rms_norm"]
 
@@ -73,13 +75,24 @@ def _fused_norm_backward_fake(grad_out, grad_summed, input, weight, mean, rstd, 
 
 
 def _fused_norm_setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _eps, rms = inputs
+    x, residual, weight, bias, eps, rms = inputs
     _out, summed, mean, rstd = output
-    ctx.rms = rms
+    ctx.rms, ctx.eps = rms, eps
     ctx.has_residual = residual is not None
     ctx.has_bias = bias is not None
     # The normalized input is x, or the summed stream the forward wrote anyway: nothing extra.
     ctx.save_for_backward(summed if ctx.has_residual else x, weight, mean, rstd)
+
+
+def _eager_norm(ctx, input, weight):
+    """The norm's output from its (summed) input by eager ops, statistics in fp32, without the
+    bias (which it adds; its gradient is grad_out summed over the rows)."""
+    x = upcast(input)
+    if ctx.rms:
+        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ctx.eps) * upcast(weight)
+    else:
+        out = F.layer_norm(x, x.shape[-1:], upcast(weight), None, ctx.eps)
+    return out.to(input.dtype)
 
 
 def _fused_norm_backward(ctx, grad_out, grad_summed, _grad_mean, _grad_rstd):
@@ -88,8 +101,17 @@ def _fused_norm_backward(ctx, grad_out, grad_summed, _grad_mean, _grad_rstd):
         grad_summed = None
     else:
         grad_summed = grad_summed.contiguous()
-    grad_input, grad_weight, grad_bias = torch.ops.zero_ext.fused_norm_backward(
-        grad_out.contiguous(), grad_summed, input, weight, mean, rstd, ctx.rms, ctx.has_bias)
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        grad_input, grad_weight = eager_vjp(lambda i, w: _eager_norm(ctx, i, w),
+                                            (input, weight), grad_out)
+        grad_bias = upcast(grad_out).reshape(-1, weight.shape[0]).sum(0).to(weight.dtype) \
+            if ctx.has_bias else None
+        if grad_summed is not None:
+            grad_input = grad_summed if grad_input is None else grad_input + grad_summed
+    else:
+        grad_input, grad_weight, grad_bias = torch.ops.zero_ext.fused_norm_backward(
+            grad_out.contiguous(), grad_summed, input, weight, mean, rstd, ctx.rms,
+            ctx.has_bias)
     # x and residual enter the output only through their sum: one gradient serves both.
     return (grad_input, grad_input if ctx.has_residual else None, grad_weight,
             grad_bias if ctx.has_bias else None, None, None)

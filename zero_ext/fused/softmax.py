@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 import zero_ext  # noqa: F401  (loads zero_ext._C, which defines the ops)
+from zero_ext.fused._double_backward import upcast
 
 __all__ = ["dropout_keep_mask", "dropout_seed", "scaled_masked_softmax"]
 
@@ -103,16 +104,31 @@ def _backward(ctx, grad_out, _grad_probs):
         return None, None, None, None, None, None
     probs, seed = ctx.saved_tensors
     grad = grad_out.contiguous()
-    if ctx.mask_shape is None:
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        grad_logits = _eager_grad_logits(ctx, grad, probs)
+    elif ctx.mask_shape is None:
         grad_x = torch.ops.zero_ext.scaled_masked_softmax_backward(
             grad, probs, ctx.scale, ctx.dropout_p, seed)
         return grad_x, None, None, None, None, None
+    else:
+        grad_logits = torch.ops.zero_ext.scaled_masked_softmax_backward(
+            grad, probs, 1.0, ctx.dropout_p, seed)
     # The logits' gradient is the mask's (summed over its broadcast dimensions); x's is scale
     # times it.
-    grad_logits = torch.ops.zero_ext.scaled_masked_softmax_backward(
-        grad, probs, 1.0, ctx.dropout_p, seed)
-    return (grad_logits * ctx.scale, grad_logits.sum_to_size(ctx.mask_shape), None, None, None,
-            None)
+    grad_mask = None if ctx.mask_shape is None else grad_logits.sum_to_size(ctx.mask_shape)
+    return grad_logits * ctx.scale, grad_mask, None, None, None, None
+
+
+def _eager_grad_logits(ctx, grad: Tensor, out: Tensor) -> Tensor:
+    """The logits' gradient by eager ops, for a backward under create_graph=True: without
+    dropout the saved tensor is the output itself, which carries its graph."""
+    if ctx.dropout_p > 0:
+        raise RuntimeError(
+            "zero_ext.fused.scaled_masked_softmax: double backward (create_graph=True) with "
+            "dropout is not supported (the probabilities it drops from are kept without their "
+            "graph); use dropout_p=0, or eager softmax and dropout, to differentiate twice")
+    p, g = upcast(out), upcast(grad)
+    return (p * (g - (g * p).sum(-1, keepdim=True))).to(out.dtype)
 
 
 torch.library.register_autograd(
