@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from zero_ext.integrations.lightning import ZeroStrategy
+from zero_ext.integrations.lightning import ZeroStrategy, convert_zero_checkpoint_to_fp32_state_dict
 from zero_ext.zero.construction import is_init_partitioned
 
 BATCH, BATCHES_PER_EPOCH, ACCUMULATE, MAX_STEPS = 4, 5, 2, 6
@@ -318,6 +318,13 @@ def main(out: str) -> None:
     final = os.path.join(checkpoints, f"step={MAX_STEPS}.ckpt")
     results["validated"] = trainer.validate(Regression(seed=1), loader(), ckpt_path=final,
                                             verbose=False)[0]["val_loss"]
+    # Lightning's conversion to one file, which load_from_checkpoint reads without a strategy.
+    if dist.get_rank() == 0:
+        converted = convert_zero_checkpoint_to_fp32_state_dict(final, os.path.join(out, "f.pt"))
+        loaded = Regression.load_from_checkpoint(os.path.join(out, "f.pt"))
+        results["converted"] = {
+            "global_step": converted["global_step"], "epoch": converted["epoch"],
+            "weights": {k: v.flatten().tolist() for k, v in loaded.state_dict().items()}}
 
     # A config with an "optimizer" section: that one trains, configure_optimizers (AdamW and a
     # StepLR) is not called; the reference is DDP with the same AdamW and no schedule.

@@ -254,6 +254,17 @@ def test_16_true_trains_fp16_weights_with_loss_scaling(runs):
     assert all(float(r["zero_ext/skipped_steps"]) == 0 for r in rows)
 
 
+def test_a_checkpoint_converts_to_a_file_load_from_checkpoint_reads(runs):
+    """zero_ext's convert_zero_checkpoint_to_fp32_state_dict, as Lightning's for DeepSpeed:
+    the final checkpoint's weights are the run's, with Lightning's state beside them."""
+    results, _ = runs
+    converted = results["converted"]
+    assert (converted["global_step"], converted["epoch"]) == (MAX_STEPS, EPOCHS - 1)
+    assert converted["weights"].keys() == results["zero3"]["weights"].keys()
+    for name, values in results["zero3"]["weights"].items():
+        _close(converted["weights"][name], values, rtol=0, atol=0)
+
+
 def test_a_config_contradicting_the_trainer_is_one_error(runs):
     message = runs[0]["contradiction"]
     assert message is not None and message.startswith("zero_ext.integrations.lightning: ")
@@ -287,3 +298,68 @@ def test_the_pytorch_lightning_package_trains_the_same(runs):
     assert standalone["global_step"] == MAX_STEPS
     for name, values in ddp["weights"].items():
         _close(standalone["weights"][name], values)
+
+
+def _leaves(config, prefix=""):
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_deepspeed_strategy_arguments_set_the_keys_lightnings_strategy_writes():
+    """ZeroStrategy takes Lightning's DeepSpeedStrategy arguments: each changed from its default
+    puts into the engine's config the value Lightning's strategy writes for it (its own
+    _create_default_config, and its fp16 section for the loss-scale arguments)."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy
+
+    from zero_ext.integrations.lightning import ZeroStrategy
+
+    passed = {"stage": 3, "offload_optimizer": True, "offload_parameters": True,
+              "pin_memory": True, "optimizer_buffer_count": 3, "params_buffer_count": 6,
+              "reduce_bucket_size": 12345, "allgather_bucket_size": 23456, "overlap_comm": False,
+              "contiguous_gradients": False, "sub_group_size": 777, "reduce_scatter": False,
+              "partition_activations": True, "cpu_checkpointing": True,
+              "zero_allow_untested_optimizer": False, "logging_batch_size_per_gpu": 4,
+              "thread_count": 2}
+    scale = {"initial_scale_power": 8, "loss_scale_window": 50, "hysteresis": 3,
+             "min_loss_scale": 2}
+    signature = inspect.signature(DeepSpeedStrategy.__init__).parameters
+    defaults = {name: p.default for name, p in signature.items()
+                if p.default is not inspect.Parameter.empty}
+    named = [n for n in inspect.signature(DeepSpeedStrategy._create_default_config).parameters
+             if n not in ("self", "zero_kwargs")]
+    zero_kwargs = ("stage", "contiguous_gradients", "overlap_comm", "allgather_partitions",
+                   "reduce_scatter", "allgather_bucket_size", "reduce_bucket_size",
+                   "sub_group_size")
+
+    def lightnings(**changed):
+        args = {**defaults, **changed}
+        return dict(_leaves(DeepSpeedStrategy._create_default_config(
+            None, **{n: args[n] for n in named}, **{n: args[n] for n in zero_kwargs})))
+
+    # the keys the passed arguments change (the offload switches on in both: the nvme-only keys
+    # Lightning writes with them have no effect on the CPU)
+    switches = {name: passed[name] for name in ("offload_optimizer", "offload_parameters")}
+    expected = {path: value for path, value in lightnings(**passed).items()
+                if lightnings(**switches).get(path, object()) != value}
+    expected.update({f"fp16.{name}": value for name, value in scale.items()})
+    assert len(expected) >= len(passed) + len(scale) - 1  # (pin_memory: two sections)
+    strategy = ZeroStrategy(**passed, **scale)
+    trainer = Trainer(strategy=strategy, accelerator="cpu", devices=1, precision="16-true",
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    # the train loader fit() would attach: its batch size, logging_batch_size_per_gpu's
+    trainer.fit_loop._data_source.instance = torch.utils.data.DataLoader(range(8), batch_size=4)
+    ours = dict(_leaves(strategy.engine_config(trainer)))
+    assert {path: ours.get(path) for path in expected} == expected
+    assert ours["fp16.enabled"] is True and ours["zero_optimization.stage"] == 3
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['stage3_typo'\]"):
+        ZeroStrategy(stage3_typo=1)
+    with pytest.raises(ValueError, match="load_full_weights=True. is not supported"):
+        ZeroStrategy(load_full_weights=True)
+    assert ZeroStrategy(zero_optimization=False).engine_config(trainer)[
+        "zero_optimization"]["stage"] == 0

@@ -321,6 +321,16 @@ def _checkpoint_path(checkpoint_dir: str, tag: str | None,
     return path
 
 
+def client_state(checkpoint_dir: str, tag: str | None = None,
+                 caller: str = "zero_ext.consolidate") -> dict:
+    """The client_state save_checkpoint was given, read as data from `checkpoint_dir` (a
+    save_dir: its `latest` tag, or `tag`; or one checkpoint), without an engine."""
+    from zero_ext.checkpoint.loading import read_engine_state
+
+    index = CheckpointIndex(_checkpoint_path(checkpoint_dir, tag, caller))
+    return dict(read_engine_state(index, caller)["client_state"] or {})
+
+
 def checkpoint_tensors(checkpoint_dir: str, dtype: torch.dtype | None = None, *,
                        tag: str | None = None, exclude_frozen: bool = False,
                        caller: str = "zero_ext.consolidate") -> tuple[CheckpointIndex,

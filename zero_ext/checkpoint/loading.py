@@ -244,16 +244,17 @@ def _scheduler_differences(engine, saved: dict) -> list[str]:
             if setting_differs(saved[key], mine[key])]
 
 
-def _read_engine_state(index: CheckpointIndex) -> dict:
+def read_engine_state(index: CheckpointIndex, caller: str = CALLER) -> dict:
+    """engine_state.pt of the checkpoint, read as data (never unpickled as code)."""
     with open(os.path.join(index.path, ENGINE_STATE), "rb") as f:
         raw = f.read()
     try:
         extra = data_only.loads(raw, os.path.join(index.path, ENGINE_STATE))
     except ValueError as error:
-        raise CheckpointError(f"{CALLER}: {error}") from None
+        raise CheckpointError(f"{caller}: {error}") from None
     keys = {"param_groups", "lr_scheduler", "replicated_optimizer", "client_state"}
     if not isinstance(extra, dict) or not keys <= set(extra):
-        raise CheckpointError(f"{CALLER}: {index.path}/{ENGINE_STATE} is not a zero_ext engine "
+        raise CheckpointError(f"{caller}: {index.path}/{ENGINE_STATE} is not a zero_ext engine "
                               f"state (expected a dict with {sorted(keys)})")
     return extra
 
@@ -430,7 +431,7 @@ def _plan_load(engine, path: str, load_optimizer_states: bool,
                                for f, t, _, _ in index.pieces(name, a, b)}:
         if f"{tensor}.{kind}" not in index.reader(file):
             raise CheckpointError(f"{CALLER}: {path}/{file} has no {tensor}.{kind}")
-    extra = _read_engine_state(index)
+    extra = read_engine_state(index)
     model_states = _model_states_plan(engine, index, strict)
     differences = _optimizer_differences(engine, meta, extra, path) \
         if load_optimizer_states else []

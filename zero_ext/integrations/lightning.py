@@ -41,10 +41,12 @@ from lightning.pytorch.utilities.types import LRSchedulerConfig
 import zero_ext
 from zero_ext.config import read_json_config
 from zero_ext.engine import _rebind_scheduler, adopted_by_sharded_adamw
+from zero_ext.integrations import _lightning_options
 from zero_ext.integrations.config_fill import ConfigFiller
 from zero_ext.lr_schedules import build_scheduler
 
-__all__ = ["EngineModelSummary", "ZeroPrecision", "ZeroStrategy"]
+__all__ = ["EngineModelSummary", "ZeroPrecision", "ZeroStrategy",
+           "convert_zero_checkpoint_to_fp32_state_dict"]
 
 CONFIG_ENV_VAR = "ZERO_EXT_CONFIG"
 _CHECKPOINT_TAG = "checkpoint"  # <ckpt path>/checkpoint/: one engine checkpoint per path
@@ -153,7 +155,18 @@ class ZeroStrategy(DDPStrategy):
                  offload_parameters: bool = False, accelerator=None, parallel_devices=None,
                  cluster_environment=None, checkpoint_io=None, precision_plugin=None,
                  process_group_backend: str | None = None,
-                 timeout: timedelta | None = default_pg_timeout) -> None:
+                 timeout: timedelta | None = default_pg_timeout,
+                 **deepspeed_options: Any) -> None:
+        _lightning_options.check_names(deepspeed_options)
+        if deepspeed_options.get("zero_optimization") is False and stage not in (None, 0):
+            raise ValueError(f"ZeroStrategy(zero_optimization=False, stage={stage}): "
+                             "zero_optimization=False is stage 0; pass one of them")
+        if deepspeed_options.get("load_full_weights"):
+            raise ValueError(
+                "ZeroStrategy(load_full_weights=True) is not supported: a ckpt_path of "
+                "ZeroStrategy's is its checkpoint directory, which any world size and stage "
+                "resumes; for weights alone, call engine.load_weights(path) on a safetensors "
+                "file (zero_ext.consolidate writes one) before fit")
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
                          precision_plugin=precision_plugin,
@@ -169,9 +182,16 @@ class ZeroStrategy(DDPStrategy):
         self.stage = stage
         self.offload_optimizer = offload_optimizer
         self.offload_parameters = offload_parameters
+        self.deepspeed_options = deepspeed_options  # Lightning's DeepSpeedStrategy arguments
+        self.exclude_frozen_parameters = deepspeed_options.get("exclude_frozen_parameters", False)
         self.engine: zero_ext.engine.ZeroEngine | None = None
         self._fit_state: tuple[list, list] = ([], [])  # the engine's optimizer, schedulers
         self._stepping = False  # inside optimizer_step (its closure's backward ends a window)
+
+    @property
+    def deepspeed_engine(self):
+        """The engine, under the name Lightning's DeepSpeedStrategy gives its own."""
+        return self.engine
 
     # -- precision: Lightning's flag becomes the engine's ------------------------------------
     @property
@@ -214,13 +234,18 @@ class ZeroStrategy(DDPStrategy):
         if self.stage is not None:
             filler.fill("zero_optimization.stage", self.stage, "the strategy's stage")
         else:
-            filler.fill("zero_optimization.stage", 2, "the default stage", must_match=False)
+            filler.fill("zero_optimization.stage",
+                        _lightning_options.default_stage(self.deepspeed_options),
+                        "the default stage", must_match=False)
         if self.offload_optimizer:
             filler.fill("zero_optimization.offload_optimizer.device", "cpu",
                         "the strategy's offload_optimizer")
         if self.offload_parameters:
             filler.fill("zero_optimization.offload_param.device", "cpu",
                         "the strategy's offload_parameters")
+        for path, value, name in _lightning_options.config_fills(
+                self.deepspeed_options, self.offload_optimizer, self.offload_parameters):
+            filler.fill(path, value, f"the strategy's {name}")
         accumulation = trainer.accumulate_grad_batches
         filler.fill("gradient_accumulation_steps", accumulation,
                     "Trainer(accumulate_grad_batches)")
@@ -449,7 +474,8 @@ class ZeroStrategy(DDPStrategy):
         filepath = self.broadcast(os.fspath(filepath))
         client = {k: v for k, v in checkpoint.items() if k not in ("state_dict",
                                                                     "optimizer_states")}
-        self.engine.save_checkpoint(filepath, tag=_CHECKPOINT_TAG, client_state=_plain(client))
+        self.engine.save_checkpoint(filepath, tag=_CHECKPOINT_TAG, client_state=_plain(client),
+                                    exclude_frozen_parameters=self.exclude_frozen_parameters)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
         path = os.fspath(checkpoint_path)
@@ -506,3 +532,22 @@ class ZeroStrategy(DDPStrategy):
 
 
 ZeroStrategy.register_strategies(StrategyRegistry)
+
+
+def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_file,
+                                               tag: str | None = None) -> dict[str, Any]:
+    """Lightning's function of this name (lightning.pytorch.utilities.deepspeed), for
+    ZeroStrategy's checkpoints: one torch file at `output_file` holding the fp32 weights as
+    `state_dict` beside Lightning's own state (epoch, loops, callbacks, hyperparameters), so
+    that `LightningModule.load_from_checkpoint(output_file)` loads it without the strategy.
+    `checkpoint_dir`: the path trainer.save_checkpoint / ModelCheckpoint wrote. Returns what it
+    wrote. Not collective: one process, any world size the checkpoint was saved at."""
+    from zero_ext.checkpoint.consolidate import client_state
+    from zero_ext.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    caller = "zero_ext.integrations.lightning.convert_zero_checkpoint_to_fp32_state_dict"
+    checkpoint = client_state(os.fspath(checkpoint_dir), tag, caller)
+    checkpoint["state_dict"] = get_fp32_state_dict_from_zero_checkpoint(
+        os.fspath(checkpoint_dir), tag)
+    torch.save(checkpoint, output_file)
+    return checkpoint
