@@ -553,6 +553,24 @@ def test_deepspeed_zeropp_keys_mean_int4_gradients_and_int8_weights_at_stage_3()
         ("int4", 4, False, "int8")
 
 
+def test_qgz_takes_error_feedback_from_zero_ext_and_inert_keys_are_named():
+    # DeepSpeed's qgZ has no error feedback; zero_ext's section adds it (it was dropped).
+    plan = ZeroConfig.load({"zero_optimization": {"stage": 3, "zero_quantized_gradients": True},
+                            "zero_ext": {"compression": {"gradients": {"error_feedback": True}}}}
+                           ).compression()
+    assert (plan.gradients, plan.error_feedback) == ("int4", True)
+    with pytest.warns(UserWarning, match=r"another compression method than the gradients' "
+                      r"'int8' and have no effect: zero_ext.compression.gradients.density = 0.5; "
+                      r"zero_ext.compression.gradients.warmup_steps = 3$"):
+        ZeroConfig.load({"zero_optimization": {"stage": 2}, "zero_ext": {"compression": {
+            "gradients": {"method": "int8", "density": 0.5, "warmup_steps": 3}}}})
+    with pytest.warns(UserWarning, match=r"gradients' 'none' .*error_feedback = true$"):
+        ZeroConfig.load({"zero_ext": {"compression": {"gradients": {"error_feedback": True}}}})
+    with pytest.raises(ConfigError, match=r"^zero_ext.compression: expected a JSON object of "
+                                          r"compression settings, got None"):
+        ZeroConfig.load({"zero_ext": {"compression": None}})
+
+
 @pytest.mark.parametrize("key", ["zero_quantized_gradients", "zero_quantized_weights"])
 def test_deepspeed_zeropp_keys_below_stage_3_warn_and_do_nothing(key):
     # DeepSpeed reads them only in its stage-3 optimizer.
@@ -636,7 +654,8 @@ def test_freeze_variance_belongs_to_topk():
             "gradients": {"method": method, "warmup_steps": 5, "freeze_variance": True}}}}
         ).compression()
     assert (plan("topk").freeze_variance, plan("topk").warmup_steps) == (True, 5)
-    assert plan("int8").freeze_variance is False  # quantized sends keep Adam as it is
+    with pytest.warns(UserWarning, match="gradients.freeze_variance = true"):
+        assert plan("int8").freeze_variance is False  # quantized sends keep Adam as it is
 
 
 def test_compress_momentum_belongs_to_topk():
@@ -645,7 +664,8 @@ def test_compress_momentum_belongs_to_topk():
             "gradients": {"method": method, "warmup_steps": 5, "freeze_variance": True,
                           "compress_momentum": True}}}}).compression()
     assert plan("topk").compress_momentum is True
-    assert plan("int4").compress_momentum is False
+    with pytest.warns(UserWarning, match="gradients.compress_momentum = true"):
+        assert plan("int4").compress_momentum is False
 
 
 # --------------------------------------------------------------------------------------------

@@ -1434,9 +1434,9 @@ class CompressionSettings(_Section):
                                             "weights": WeightCompressionSettings}
 
     def __post_init__(self):
-        self.gradients = _section("zero_ext.compression.gradients", self.gradients,
+        self.gradients = _section("gradients", self.gradients,
                                   GradientCompressionSettings)
-        self.weights = _section("zero_ext.compression.weights", self.weights,
+        self.weights = _section("weights", self.weights,
                                 WeightCompressionSettings)
 
 
@@ -1544,11 +1544,11 @@ class ZeroExtSettings(_Section):
     def __post_init__(self):
         self.stall_timeout_s = _check_number("stall_timeout_s", self.stall_timeout_s, lo=0.0,
                                              lo_open=True)
-        self.checkpoint = _section("zero_ext.checkpoint", self.checkpoint,
+        self.checkpoint = _section("checkpoint", self.checkpoint,
                                    PeriodicCheckpointSettings)
-        self.compression = _section("zero_ext.compression", self.compression,
+        self.compression = _section("compression", self.compression,
                                     CompressionSettings)
-        self.fused_kernels = _section("zero_ext.fused_kernels", self.fused_kernels,
+        self.fused_kernels = _section("fused_kernels", self.fused_kernels,
                                       FusedKernelsSettings)
 
 
@@ -1814,7 +1814,7 @@ class ZeroConfig(_Section):
                 "data_types.grad_accum_dtype",
                 f"{accum} with {training} training is not supported (DeepSpeed refuses the mix "
                 f"at stage 0 and ignores it above); use \"fp32\"{also}, or remove the key")
-        self.compression()  # its errors at load, not at initialize
+        _warn_inert_compression_keys(self.compression(), self.zero_ext.compression.gradients)
 
     @classmethod
     def load(cls, config: dict | str | os.PathLike | ZeroConfig) -> ZeroConfig:
@@ -1951,9 +1951,10 @@ class ZeroConfig(_Section):
                 raise ConfigError(
                     "zero_ext.compression.gradients.method",
                     f"{grads.method!r} and zero_optimization.zero_quantized_gradients (DeepSpeed's "
-                    "qgZ: int4 without error feedback) both say how gradients are compressed; "
-                    "keep one of them")
-            plan.update(gradients="int4", error_feedback=False)
+                    "qgZ: int4) both say how gradients are compressed; keep one of them (with "
+                    "qgZ, zero_ext.compression.gradients.error_feedback true adds error "
+                    "feedback)")
+            plan.update(gradients="int4", error_feedback=grads.error_feedback)
         if stage == 3 and zero.zero_quantized_weights:
             if weights.method != "none":
                 raise ConfigError(
@@ -1980,6 +1981,24 @@ class ZeroConfig(_Section):
                 f"{stage} (stages 0-2 keep every parameter on every rank): set "
                 "zero_optimization.stage to 3, or the method to \"none\"")
         return CompressionPlan(**plan)
+
+
+_TOPK_ONLY = ("density", "momentum", "warmup_steps", "freeze_variance", "compress_momentum")
+
+
+def _warn_inert_compression_keys(plan: CompressionPlan,
+                                 grads: GradientCompressionSettings) -> None:
+    """At load (its errors are the plan's): one warning naming the gradient-compression keys
+    set away from their defaults that the method in use does not read."""
+    defaults = GradientCompressionSettings()
+    inert = [name for name in _TOPK_ONLY if plan.gradients != "topk"
+             and getattr(grads, name) != getattr(defaults, name)]
+    if plan.gradients == "none" and grads.error_feedback:
+        inert.append("error_feedback")
+    _warn_keys([f"zero_ext.compression.gradients.{name} = {json.dumps(getattr(grads, name))}"
+                for name in inert],
+               headline=f"these keys belong to another compression method than the gradients' "
+                        f"{plan.gradients!r} and have no effect")
 
 
 def _divide_exactly(numerator: int, denominator: int, derived: str, arithmetic: str) -> int:
