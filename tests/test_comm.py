@@ -321,6 +321,8 @@ def test_mpi_or_srun_launch_without_master_address_says_what_to_set(launcher, en
     assert f"{launcher} started this process as rank {rank} of {size}" in result.stderr
     assert "MASTER_ADDR and MASTER_PORT are not set" in result.stderr
     assert "Export MASTER_ADDR=<the first node's address>" in result.stderr
+    # srun's variables stay set in a shell `srun --pty` opened: said where they could mislead
+    assert ("In a shell that `srun --pty` opened" in result.stderr) == ("srun" in launcher)
 
 
 def test_mpi_launched_ranks_form_one_group_and_count_their_node():

@@ -23,6 +23,12 @@ class Launched(NamedTuple):
     local_size: int | None
 
 
+_SRUN = "Slurm's srun"
+# An interactive shell that `srun -n8 --pty bash` opened keeps the step's variables, which then
+# describe the step, not a python started from that shell.
+_SRUN_SHELL = (". In a shell that `srun --pty` opened, these variables describe the srun step, "
+               "not this process: start the ranks with torchrun or srun from there")
+
 # launcher, rank, world size, local rank, ranks on this node. Slurm's are srun's step
 # variables (a batch script's one process has SLURM_NTASKS of the whole allocation).
 _LAUNCHERS = (
@@ -31,7 +37,7 @@ _LAUNCHERS = (
     ("MVAPICH", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK",
      "MV2_COMM_WORLD_LOCAL_SIZE"),
     ("MPICH / Intel MPI", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-    ("Slurm's srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
+    (_SRUN, "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
      "SLURM_STEP_TASKS_PER_NODE"),
 )
 
@@ -74,7 +80,8 @@ def fill_from_launcher(hint: str) -> str | None:
             f"{launched.world_size}, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
             "not set, so the ranks cannot find each other (without them each would train "
             "alone). Export MASTER_ADDR=<the first node's address> and MASTER_PORT=<a free "
-            f"port> to every rank (deepspeed's MPI launchers do), or {hint}")
+            f"port> to every rank (deepspeed's MPI launchers do), or {hint}"
+            f"{_SRUN_SHELL if launched.launcher == _SRUN else ''}")
     for name, value in wanted.items():
         if value is not None:
             os.environ.setdefault(name, str(value))
