@@ -258,10 +258,6 @@ def test_signature_defaults_match_the_config(cls):
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda opt: WarmupDecayLR(opt, total_num_steps=5, warmup_num_steps=10),
-     r"^WarmupDecayLR\.total_num_steps: expected >= warmup_num_steps \(10\), got 5"),
-    (lambda opt: WarmupCosineLR(opt, total_num_steps=5, warmup_num_steps=10),
-     r"^WarmupCosineLR\.total_num_steps: expected >= warmup_num_steps \(10\), got 5"),
     (lambda opt: WarmupLR(opt, warmup_type="cosine"),
      r"^WarmupLR\.warmup_type: expected one of 'log', 'linear', got 'cosine' \(str\)"),
     (lambda opt: WarmupLR(opt, warmup_num_steps=0),
@@ -379,3 +375,23 @@ def test_built_at_a_position_leaves_a_tensor_lr_as_it_was(cls):
     assert optimizer.param_groups[0]["lr"].item() == pytest.approx(0.1)
     scheduler.step()
     assert scheduler.last_batch_iteration == 7
+
+
+def test_total_steps_below_the_warmup_warns_and_runs_as_deepspeed():
+    """DeepSpeed 0.19 warns and clamps (WarmupDecayLR._get_gamma's max(0, ...), WarmupCosineLR's
+    min(1, ...) progress): after the warmup the rate is at once the decay's floor."""
+    lrs = {}
+    for cls, extra in ((WarmupDecayLR, {"warmup_max_lr": 0.1}), (WarmupCosineLR, {})):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        with pytest.warns(UserWarning, match=f"{cls.__name__}.total_num_steps = 5 is less than "
+                                             "warmup_num_steps = 10"):
+            scheduler = cls(opt, total_num_steps=5, warmup_num_steps=10, warmup_type="linear",
+                            **extra)
+        lrs[cls] = []
+        for _ in range(13):  # the rates of iterations 0-12, as DeepSpeed's steps set them
+            opt.step()
+            scheduler.step()
+            lrs[cls].append(opt.param_groups[0]["lr"])
+    warmup = [0.1 * i / 10 for i in range(10)]
+    assert lrs[WarmupDecayLR] == pytest.approx(warmup + [0.0] * 3, abs=1e-12)
+    assert lrs[WarmupCosineLR] == pytest.approx(warmup + [0.1 * 1e-4] * 3, abs=1e-12)

@@ -622,10 +622,12 @@ def validate_scheduler_params(type_name: str, params: Mapping[str, Any], *,
             value = _check_number(key_path, value, lo=0.0, hi=1.0)
         out[name] = value
     if "total_num_steps" in out and out["total_num_steps"] < out["warmup_num_steps"]:
-        raise ConfigError(
-            _join(path, "total_num_steps"),
-            f"expected >= warmup_num_steps ({out['warmup_num_steps']}), got "
-            f"{out['total_num_steps']}; raise total_num_steps or lower warmup_num_steps")
+        # DeepSpeed warns and runs: after the warmup the rate is at once the decay's floor
+        # (0 for WarmupDecayLR, cos_min_ratio for WarmupCosineLR), as here.
+        _warn_keys([f"{_join(path, 'total_num_steps')} = {out['total_num_steps']} is less than "
+                    f"warmup_num_steps = {out['warmup_num_steps']}"],
+                   headline="the learning rate falls to the end of its decay right after the "
+                            "warmup (DeepSpeed warns likewise)")
     return out
 
 
