@@ -274,6 +274,18 @@ def test_cli_prints_a_table_for_a_parameter_count():
     assert float(rows[2][-1]) == pytest.approx((2 + 14 / 8) * 70e9 / GiB, abs=0.01)
 
 
+def test_cli_offload_ratio_says_the_share_the_buckets_give(capsys):
+    # 12.6M parameters are one default-sized bucket: ratio 0.5 still steps all of it on the
+    # host, which the table alone showed as if the ratio were 1.
+    assert main(["--params", "12582912", "--world-sizes", "1", "--stages", "2",
+                 "--offload-optimizer", "--offload-ratio", "0.5"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "offload ratio 0.5: the optimizer state is split by whole gradient buckets (at " \
+           "least one on the host), so the host steps 100% at stage 2 on 1 rank" in out, out
+    share = estimate(int(7e9), stage=2, world_size=8, offload_ratio=0.5).host_state_share
+    assert share == pytest.approx(0.5, abs=0.05)  # many buckets: close to the ratio
+
+
 def test_cli_with_optimizer_offload_adds_the_host_columns(capsys):
     assert main(["--params", "7B", "--world-sizes", "8", "--offload-optimizer"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -1155,8 +1155,10 @@ class ZeroOptimizationConfig(_Section):
                          f"3, the stage is {self.stage}; the parameters stay on the device)")])
             self.offload_param = OffloadConfig()
         if self.offload_optimizer.enabled and self.stage == 0:
-            raise ConfigError("offload_optimizer.device", "optimizer offload needs stage 1, 2 "
-                              "or 3, the stage is 0; set a stage or remove offload_optimizer")
+            # DeepSpeed trains stage 0 with the torch optimizer and never reads it.
+            _warn_keys(["zero_optimization.offload_optimizer (DeepSpeed reads it only at stages "
+                        "1-3, the stage is 0; the optimizer state stays on the device)"])
+            self.offload_optimizer = OffloadConfig()
         if (self.offload_optimizer.enabled and self.offload_optimizer.ratio != 1.0
                 and self.offload_param.enabled):
             raise ConfigError(

@@ -121,6 +121,9 @@ class MemoryEstimate:
     host: StateBytes
     exact: bool               # from a module's layout (True) or a bare count's formulas
     largest_unit_numel: int | None   # stage 3's largest gather unit, None if unknown
+    # under offload_optimizer: the share of the optimizer state stepped on the host (its ratio
+    # splits by whole buckets, at least one), else None
+    host_state_share: float | None = None
 
     @property
     def total(self) -> int:
@@ -388,7 +391,8 @@ def _account(*, stage: int, world_size: int, dtype: torch.dtype, comm_dtype: tor
     return MemoryEstimate(stage=stage, world_size=world_size, dtype=dtype,
                           gradient_accumulation_steps=accumulation, numel=numel,
                           padded_numel=padded, device=StateBytes(**device),
-                          host=StateBytes(**host), exact=exact, largest_unit_numel=largest)
+                          host=StateBytes(**host), exact=exact, largest_unit_numel=largest,
+                          host_state_share=host_shards / shards if offload_optimizer else None)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -845,7 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if autos:
         print(f'"auto" in {args.config}, as estimated:')
         print("\n".join(f"  {line}" for line in autos))
-    for note in _notes(estimates, stages, offload_optimizer):
+    for note in _notes(estimates, stages, offload_optimizer, ratio):
         print(textwrap.fill(note, 100, subsequent_indent="  "))
     if args.plot:
         plot(estimates, title, args.plot)
@@ -854,9 +858,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _notes(estimates: Sequence[MemoryEstimate], stages: list[int],
-           offload_optimizer: bool) -> list[str]:
+           offload_optimizer: bool, ratio: float = 1.0) -> list[str]:
     """What the reader of the table needs to know to use its numbers."""
     notes = []
+    if offload_optimizer and ratio < 1:
+        shares = ", ".join(f"{e.host_state_share:.0%} at stage {e.stage} on {e.world_size} "
+                           f"rank{'s' if e.world_size > 1 else ''}" for e in estimates)
+        notes.append(f"offload ratio {ratio:g}: the optimizer state is split by whole gradient "
+                     f"buckets (at least one on the host), so the host steps {shares}; a "
+                     "smaller reduce_bucket_size splits finer")
     if 3 in stages:
         largest = estimates[-1].largest_unit_numel
         if largest is None:
