@@ -188,6 +188,37 @@ def resumed(root: str) -> dict:
     return out
 
 
+def mid_step(root: str) -> dict:
+    """Weights rewritten or read between a forward and its backward, flat path and hpZ, for
+    the bitwise comparison: load_checkpoint (the forward refreshed hpZ's copies from the weights
+    before the load; its backward must gather the loaded ones, as the flat path does), and
+    under qwZ a read-only GatheredParameters (its exact gather must not replace the copies the
+    forward's dequantized gather left, which its backward computes with)."""
+    simulate_nodes(2)
+    rank, size = comm.rank(), comm.world_size()
+    out = {}
+    for case, extra in (("load", {}), ("read_qwz", {"zero_quantized_weights": True})):
+        for label, keys in (("flat", {}), ("hpz", {"zero_hpz_partition_size": 2})):
+            model = engine_cases.build_model()
+            engine, _, _, _ = zero_ext.initialize(
+                model=model, config=engine_cases.config(3, "bf16", 1, size, **keys, **extra),
+                model_parameters=engine_cases.param_groups(model))
+            for step in (0, 1):
+                tokens, targets = engine_cases.global_batch(step, size, 1)
+                loss = engine_cases.run(engine, tokens[0, rank], targets[0, rank])
+                if step == 0 and case == "load":
+                    engine.save_checkpoint(root, tag=f"mid-{label}")
+                elif step == 1 and case == "load":
+                    engine.load_checkpoint(root, tag=f"mid-{label}")
+                elif step == 1:
+                    with zero_ext.GatheredParameters(list(model.parameters())):
+                        pass
+                engine.backward(loss)
+                engine.step()
+            out[(case, label)] = engine_cases.host_params(model, engine)
+    return out
+
+
 def host_plan() -> dict:
     """offload_param with hpZ: the host-memory plan checked before allocating (captured)
     against the host bytes the engine then holds (the secondary shards live there too)."""
@@ -248,5 +279,6 @@ def groups_made_when_built() -> dict:
 
 def run_cases(root: str) -> dict:
     return {"gathers": gathers(), "errors": errors(), "traffic": traffic(),
-            "parity": bitwise_and_parity(), "resumed": resumed(root), "host_plan": host_plan(),
+            "parity": bitwise_and_parity(), "resumed": resumed(root), "mid_step": mid_step(root),
+            "host_plan": host_plan(),
             "groups": groups_made_when_built()}

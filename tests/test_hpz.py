@@ -130,6 +130,14 @@ def test_first_steps_after_loading_a_checkpoint_use_fresh_copies(outcomes):
             assert torch.equal(resumed["hpz"][name], value), name
 
 
+@pytest.mark.parametrize("case", ["load", "read_qwz"])
+def test_weights_loaded_or_read_between_forward_and_backward_as_the_flat_path(outcomes, case):
+    for out in outcomes:
+        flat, hpz = out["mid_step"][(case, "flat")], out["mid_step"][(case, "hpz")]
+        for name, value in flat.items():
+            assert torch.equal(hpz[name], value), name
+
+
 def test_layouts_hpz_cannot_serve_are_refused_on_every_rank(outcomes):
     errors = [out["errors"] for out in outcomes]
     assert all(e == errors[0] for e in errors)

@@ -634,6 +634,8 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
         16-bit copies of this rank's shards, then the all-gather that spreads them."""
         if self.replicated_optimizer is None:
             self.optimizer.write_model_weights()
+        if self.partitioned is not None:  # between a forward and its backward too
+            self.partitioned.weights_changed()
         if self.stage >= 1:
             self._persistent.all_gather()
 

@@ -308,7 +308,11 @@ class PartitionedParameters:
         # values come from the primary shards).
         secondary = self.secondary.sources(unit.layouts) if self.secondary is not None and \
             not (exact and self._compute_gather is not None) else None
-        unit.refreshes = self.secondary is not None and secondary is None
+        # The copies take what the forward computes with: not an exact gather's values under
+        # qwZ (a read-only GatheredParameters between forward and backward), or the backward
+        # would compute with other weights than its forward did.
+        unit.refreshes = self.secondary is not None and secondary is None and \
+            (unit.quantized or self._compute_gather is None)
         sources = shards = secondary if secondary is not None else unit.shards
         if self.offload:
             unit.uploads = [torch.empty(s.shape, dtype=s.dtype, device=self.device)
@@ -596,9 +600,9 @@ class PartitionedParameters:
         unit.shards[i].copy_(full[start:end])
         self.weights_changed(layout_index)
 
-    def weights_changed(self, layout_index: int) -> None:
-        """A unit bucket's shard was written outside a step: hpZ's secondary copy of it is
-        stale (the next backward's gather reads the shards again)."""
+    def weights_changed(self, layout_index: int | None = None) -> None:
+        """A unit bucket's shard (None: every one) was written outside a step: hpZ's secondary
+        copy of it is stale (the next backward's gather reads the shards again)."""
         if self.secondary is not None:
             self.secondary.invalidate(layout_index)
 
