@@ -219,6 +219,18 @@ def mid_step(root: str) -> dict:
     return out
 
 
+def sources_named() -> list[str]:
+    """What describe() (in every topology error) says the layout came from, detected from
+    torchrun's variables, then from LOCAL_WORLD_SIZE alone: the same layout, reused."""
+    simulate_nodes(2)
+    said = [comm.detect_topology().describe()]
+    group_rank = os.environ.pop("GROUP_RANK")
+    said.append(comm.detect_topology().describe())
+    os.environ["GROUP_RANK"] = group_rank
+    comm.detect_topology()
+    return said
+
+
 def host_plan() -> dict:
     """offload_param with hpZ: the host-memory plan checked before allocating (captured)
     against the host bytes the engine then holds (the secondary shards live there too)."""
@@ -280,5 +292,5 @@ def groups_made_when_built() -> dict:
 def run_cases(root: str) -> dict:
     return {"gathers": gathers(), "errors": errors(), "traffic": traffic(),
             "parity": bitwise_and_parity(), "resumed": resumed(root), "mid_step": mid_step(root),
-            "host_plan": host_plan(),
+            "host_plan": host_plan(), "sources": sources_named(),
             "groups": groups_made_when_built()}

@@ -138,6 +138,12 @@ def test_weights_loaded_or_read_between_forward_and_backward_as_the_flat_path(ou
             assert torch.equal(hpz[name], value), name
 
 
+def test_the_topology_names_what_described_it_each_time(outcomes):
+    layout = f"{N} ranks on {NODES} node(s) with 2, 2 rank(s)"
+    assert outcomes[0]["sources"] == [f"{layout} (from torchrun's GROUP_RANK)",
+                                      f"{layout} (from LOCAL_WORLD_SIZE)"]
+
+
 def test_layouts_hpz_cannot_serve_are_refused_on_every_rank(outcomes):
     errors = [out["errors"] for out in outcomes]
     assert all(e == errors[0] for e in errors)

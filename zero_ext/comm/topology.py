@@ -147,6 +147,7 @@ def detect_topology() -> Topology:
         # use; new ones each time would leave the old communicators (NCCL: device memory)
         # behind. Every rank decides alike: the reports are the same everywhere.
         topology = _current
+        topology.source = _source(reports)  # what described it this time, for its messages
     else:
         topology = Topology(rank, nodes, _source(reports))
     _current = topology
