@@ -286,6 +286,18 @@ def test_cli_offload_ratio_says_the_share_the_buckets_give(capsys):
     assert share == pytest.approx(0.5, abs=0.05)  # many buckets: close to the ratio
 
 
+def test_cli_estimates_a_config_offloading_at_stage_0_as_the_engine_ignores_it(tmp_path, capsys):
+    path = tmp_path / "stage0.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0, "offload_optimizer": {
+        "device": "cpu"}}, "bf16": {"enabled": True}}))
+    with pytest.warns(UserWarning, match="offload_optimizer .DeepSpeed reads it only at stages"):
+        assert main(["--params", "7B", "--world-sizes", "8", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer offload" not in out and "staging" not in out, out
+    plain = estimate(int(7e9), stage=0, world_size=8)
+    assert f"{plain.device.total / GiB:.2f}" in out.split("device")[-1], out
+
+
 def test_cli_with_optimizer_offload_adds_the_host_columns(capsys):
     assert main(["--params", "7B", "--world-sizes", "8", "--offload-optimizer"]) == 0
     lines = capsys.readouterr().out.splitlines()

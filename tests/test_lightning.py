@@ -317,6 +317,7 @@ def test_deepspeed_strategy_arguments_set_the_keys_lightnings_strategy_writes():
     from lightning.pytorch import Trainer
     from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy
 
+    from zero_ext.config import ZeroConfig
     from zero_ext.integrations.lightning import ZeroStrategy
 
     passed = {"stage": 3, "offload_optimizer": True, "offload_parameters": True,
@@ -363,3 +364,17 @@ def test_deepspeed_strategy_arguments_set_the_keys_lightnings_strategy_writes():
         ZeroStrategy(load_full_weights=True)
     assert ZeroStrategy(zero_optimization=False).engine_config(trainer)[
         "zero_optimization"]["stage"] == 0
+    with pytest.raises(ValueError, match="zero_optimization.stage is 3 in the config, but the "
+                                         "strategy's zero_optimization=False is 0"):
+        ZeroStrategy(config={"zero_optimization": {"stage": 3}},
+                     zero_optimization=False).engine_config(trainer)
+    # logging_batch_size_per_gpu only stands in where the loader gives no batch size (in
+    # Lightning's strategy it sizes DeepSpeed's throughput log, not the batches)
+    trainer.fit_loop._data_source.instance = torch.utils.data.DataLoader(range(8), batch_size=8)
+    assert ZeroStrategy(logging_batch_size_per_gpu=4).engine_config(trainer)[
+        "train_micro_batch_size_per_gpu"] == 8
+    # a device argument is the offload section's device: NVMe is refused as the config says
+    nvme = ZeroStrategy(stage=2, offload_optimizer=True,
+                        offload_optimizer_device="nvme").engine_config(trainer)
+    with pytest.raises(ValueError, match="offload_optimizer.device: 'nvme' is not supported"):
+        ZeroConfig.load(nvme)

@@ -810,9 +810,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(f"--config {args.config}: {error}" if args.config else str(error))
     offload_optimizer, offload_param = probe.offload_optimizer.enabled, probe.offload_param.enabled
-    # A config's offload_param is ignored below stage 3, as the engine does (with a warning);
-    # --offload-param asks about stage 3 only.
-    possible = [s for s in range(4) if (s >= 1 or not offload_optimizer)
+    # A config's offload_param is ignored below stage 3 and its offload_optimizer at stage 0,
+    # as the engine does (with a warning); --offload-param asks about stage 3 only, and
+    # --offload-optimizer about stages 1-3.
+    possible = [s for s in range(4) if (s >= 1 or not args.offload_optimizer)
                 and (s == 3 or not args.offload_param)]
     stages = args.stages
     if stages is None:
@@ -832,6 +833,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      for stage in stages for n in args.world_sizes]
     except ValueError as error:  # e.g. the config's batch sizes do not divide by a world size
         parser.error(f"--config {args.config}: {error}" if args.config else str(error))
+    # (a config's offload_optimizer at stage 0 offloads nothing)
+    offload_optimizer = any(e.host_state_share is not None for e in estimates)
     name = {v: k for k, v in _DTYPES.items()}[estimates[0].dtype]
     options = [f"{name} weights", "fp32 Adam"]
     ratio = probe.offload_optimizer.ratio
@@ -863,7 +866,8 @@ def _notes(estimates: Sequence[MemoryEstimate], stages: list[int],
     notes = []
     if offload_optimizer and ratio < 1:
         shares = ", ".join(f"{e.host_state_share:.0%} at stage {e.stage} on {e.world_size} "
-                           f"rank{'s' if e.world_size > 1 else ''}" for e in estimates)
+                           f"rank{'s' if e.world_size > 1 else ''}" for e in estimates
+                           if e.host_state_share is not None)
         notes.append(f"offload ratio {ratio:g}: the optimizer state is split by whole gradient "
                      f"buckets (at least one on the host), so the host steps {shares}; a "
                      "smaller reduce_bucket_size splits finer")

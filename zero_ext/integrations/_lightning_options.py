@@ -30,16 +30,20 @@ _KEYS = {
     "zero_allow_untested_optimizer": "zero_allow_untested_optimizer",
 }
 # arguments that configure an offload section, used (as in Lightning) only with its switch on
-_OFFLOAD_OPTIMIZER = {"offload_optimizer_device": "device", "optimizer_buffer_count":
-                      "buffer_count", "nvme_path": "nvme_path", "pin_memory": "pin_memory"}
-_OFFLOAD_PARAM = {"offload_params_device": "device", "params_buffer_count": "buffer_count",
-                  "params_buffer_size": "buffer_size", "max_in_cpu": "max_in_cpu",
-                  "nvme_path": "nvme_path", "pin_memory": "pin_memory"}
+# (their device arguments: offload_device below)
+_OFFLOAD_OPTIMIZER = {"optimizer_buffer_count": "buffer_count", "nvme_path": "nvme_path",
+                      "pin_memory": "pin_memory"}
+_OFFLOAD_PARAM = {"params_buffer_count": "buffer_count", "params_buffer_size": "buffer_size",
+                  "max_in_cpu": "max_in_cpu", "nvme_path": "nvme_path",
+                  "pin_memory": "pin_memory"}
+_DEVICES = {"offload_optimizer": "offload_optimizer_device", "offload_param":
+            "offload_params_device"}
 # arguments the strategy itself keeps (not config keys)
 STRATEGY_OWN = ("logging_level", "exclude_frozen_parameters", "load_full_weights",
                 "remote_device")  # remote_device: None only (check_names)
 ACCEPTED = frozenset(_KEYS) | frozenset(_OFFLOAD_OPTIMIZER) | frozenset(_OFFLOAD_PARAM) | \
-    frozenset(STRATEGY_OWN) | {"zero_optimization", "logging_batch_size_per_gpu"}
+    frozenset(_DEVICES.values()) | frozenset(STRATEGY_OWN) | \
+    {"zero_optimization", "logging_batch_size_per_gpu"}
 
 
 def check_names(options: Mapping[str, Any]) -> None:
@@ -56,10 +60,18 @@ def check_names(options: Mapping[str, Any]) -> None:
                          "offload_parameters=True")
 
 
-def default_stage(options: Mapping[str, Any]) -> int:
-    """The stage without a `stage` argument or config key: 2, as Lightning's strategy; 0 with
-    zero_optimization=False (Lightning's strategy then writes no zero_optimization section)."""
-    return 0 if options.get("zero_optimization") is False else 2
+def offload_device(options: Mapping[str, Any], section: str) -> str:
+    """The device of an offload section the strategy switches on: its device argument, else
+    "cpu" (Lightning's default)."""
+    return options.get(_DEVICES[section], "cpu")
+
+
+def logging_batch_size(options: Mapping[str, Any]) -> int | None:
+    """logging_batch_size_per_gpu, None for "auto": in Lightning's strategy it only stands in
+    for the micro-batch size in DeepSpeed's throughput figures, so it is used where the train
+    DataLoader gives none."""
+    value = options.get("logging_batch_size_per_gpu", "auto")
+    return None if value == "auto" else value
 
 
 def config_fills(options: Mapping[str, Any], offload_optimizer: bool,
@@ -70,9 +82,6 @@ def config_fills(options: Mapping[str, Any], offload_optimizer: bool,
     for name, value in options.items():
         if name in _KEYS:
             fills.append((_KEYS[name], value, name))
-    batch = options.get("logging_batch_size_per_gpu", "auto")
-    if batch != "auto":
-        fills.append(("train_micro_batch_size_per_gpu", batch, "logging_batch_size_per_gpu"))
     for switched, table, section in ((offload_optimizer, _OFFLOAD_OPTIMIZER, "offload_optimizer"),
                                      (offload_parameters, _OFFLOAD_PARAM, "offload_param")):
         if switched:

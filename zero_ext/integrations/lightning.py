@@ -233,15 +233,18 @@ class ZeroStrategy(DDPStrategy):
         filler = ConfigFiller(self.config)
         if self.stage is not None:
             filler.fill("zero_optimization.stage", self.stage, "the strategy's stage")
+        elif self.deepspeed_options.get("zero_optimization") is False:
+            filler.fill("zero_optimization.stage", 0, "the strategy's zero_optimization=False")
         else:
-            filler.fill("zero_optimization.stage",
-                        _lightning_options.default_stage(self.deepspeed_options),
-                        "the default stage", must_match=False)
+            filler.fill("zero_optimization.stage", 2, "the default stage", must_match=False)
+        options = self.deepspeed_options
         if self.offload_optimizer:
-            filler.fill("zero_optimization.offload_optimizer.device", "cpu",
+            filler.fill("zero_optimization.offload_optimizer.device",
+                        _lightning_options.offload_device(options, "offload_optimizer"),
                         "the strategy's offload_optimizer")
         if self.offload_parameters:
-            filler.fill("zero_optimization.offload_param.device", "cpu",
+            filler.fill("zero_optimization.offload_param.device",
+                        _lightning_options.offload_device(options, "offload_param"),
                         "the strategy's offload_parameters")
         for path, value, name in _lightning_options.config_fills(
                 self.deepspeed_options, self.offload_optimizer, self.offload_parameters):
@@ -250,7 +253,8 @@ class ZeroStrategy(DDPStrategy):
         filler.fill("gradient_accumulation_steps", accumulation,
                     "Trainer(accumulate_grad_batches)")
         micro = self._loader_batch_size(trainer)
-        filler.fill("train_micro_batch_size_per_gpu", micro or 1,
+        filler.fill("train_micro_batch_size_per_gpu",
+                    micro or _lightning_options.logging_batch_size(options) or 1,
                     "the train DataLoader's batch_size", must_match=micro is not None)
         if micro is not None:
             filler.fill("train_batch_size", micro * accumulation * self.world_size,
