@@ -51,7 +51,8 @@ def _rank_main(scenario: str, rank: int) -> None:
     # Offload's worker thread is joined at exit, which would hand the GIL over in time.
     offload = {} if scenario == "destroyed" else {"offload_optimizer": {"device": "cpu"}}
     cfg = engine_cases.config(stage, "fp32", 1, 2, clip=0.0, **offload)
-    cfg["zero_ext"] = {"stall_timeout_s": 5}  # the mixed job's ranks never meet
+    # The mixed job's ranks never meet; the raise job's rank 0 waits for the stall to end it.
+    cfg["zero_ext"] = {"stall_timeout_s": 2 if scenario == "raise" else 5}
     engine, _, _, _ = zero_ext.initialize(model=model, config=cfg)
     for step in range(3):
         tokens, targets = engine_cases.global_batch(step, 2, 1)
