@@ -508,8 +508,9 @@ def _stop_at_exit() -> None:
         return
     watch.stop()
     if watch.abort_report is not None or watch.completed < watch.seq:
+        siblings = os.environ.get("LOCAL_WORLD_SIZE", "1")
         if watch.abort_report is not None and os.environ.get("TORCHELASTIC_RUN_ID") and \
-                int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+                siblings.isdigit() and int(siblings) > 1:
             # torchrun ends a node's other workers (SIGTERM) as soon as one exits: a moment
             # for them to raise the report themselves (each learns of it within a period,
             # from its heartbeat, and raises at the end of its wait's slice), not end unheard.
