@@ -162,9 +162,9 @@ EXIT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exit_cas
 @pytest.mark.parametrize("scenario, expected",
                          [("train", 0), ("raise", 1), ("mixed", 1), ("destroyed", 0)])
 def test_no_rank_ends_in_sigabrt_at_exit(scenario, expected):
-    # Two two-rank jobs per scenario (a few seconds each; "destroyed" makes its race certain): every rank leaves through the
-    # interpreter's normal exit with its script's own exit code, never SIGABRT (-6) from a
-    # thread outliving the process group, and never a hang.
+    # Two two-rank jobs per scenario (a few seconds each; "destroyed" makes its race certain):
+    # every rank leaves through the interpreter's normal exit with its script's own exit code,
+    # never SIGABRT (-6) from a thread outliving the process group, and never a hang.
     run = subprocess.run([sys.executable, EXIT_SCRIPT, scenario, "2"], capture_output=True,
                          text=True, timeout=600, check=True)
     exits = json.loads(run.stdout.strip().splitlines()[-1])["exits"]
