@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import threading
 import time
 
 import torch
@@ -276,13 +277,42 @@ def gathers_of_different_sizes():
     comm.all_gather(torch.empty(2 * numel), torch.ones(numel))
 
 
+def sigterm_inside_a_store_call():
+    """The launcher's SIGTERM lands while the main thread is inside one of the watch's store
+    calls (a diagnosis reading the heartbeats over a failing link, where it spends seconds):
+    the report the SIGTERM handler raises reaches the caller. Before, the call's retry took it
+    for the store's RuntimeError and swallowed it; the rank went on, marked as having raised,
+    and the launcher's next SIGTERM ended it without a word."""
+    comm.barrier()  # the group's watch runs from here
+    watch = comm.current_watch()
+    record = watch.enter("all_reduce", 4, torch.float32)
+    watch.waiting, watch.waiting_since = record, time.monotonic()
+    delivered = []
+
+    class FailingStore:
+        def __getattr__(self, name):
+            def call(*args):
+                if not delivered and threading.current_thread() is threading.main_thread():
+                    delivered.append(name)
+                    signal.raise_signal(signal.SIGTERM)  # its handler runs before this returns
+                raise RuntimeError("the store did not answer (stall_cases)")
+            return call
+
+    watch.store._connected = FailingStore
+    try:
+        watch.diagnosis.read_all()
+    finally:
+        del watch.store._connected
+        watch.waiting = None
+
+
 STALLS = [save_checkpoint_on_rank0_only, load_checkpoint_on_rank0_only,
           save_16bit_model_on_rank0_only, uneven_batches_then_save,
           stage3_block_skipped_on_one_rank, submodule_used_on_one_rank, stuck_in_user_code,
           busy_in_user_code_progresses, accumulation_differs, lr_differs, frozen_rank,
           slow_collective_progresses, heartbeat_error_keeps_beating,
           long_checkpoint_write_progresses, equal_size_collectives_differ,
-          gathers_of_different_sizes]
+          gathers_of_different_sizes, sigterm_inside_a_store_call]
 
 
 def run_case(case) -> dict:

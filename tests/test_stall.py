@@ -25,7 +25,7 @@ SHM = ["save_checkpoint_on_rank0_only", "load_checkpoint_on_rank0_only",
        "stage3_block_skipped_on_one_rank", "submodule_used_on_one_rank", "stuck_in_user_code",
        "busy_in_user_code_progresses", "accumulation_differs", "lr_differs", "frozen_rank",
        "slow_collective_progresses", "heartbeat_error_keeps_beating",
-       "long_checkpoint_write_progresses"]
+       "long_checkpoint_write_progresses", "sigterm_inside_a_store_call"]
 GLOO = ["stage3_block_skipped_on_one_rank", "save_checkpoint_on_rank0_only", "stuck_in_user_code",
         "equal_size_collectives_differ", "gathers_of_different_sizes"]
 
@@ -135,6 +135,14 @@ def test_a_frozen_rank_is_reported_as_stopped():
     assert message.startswith(f"zero_ext: rank(s) 1 on {socket.gethostname()} stopped "
                               "responding while rank 0")
     _names_collective(message, "ZeroEngine.save_checkpoint")
+
+
+def test_sigterm_inside_a_store_call_raises_the_report_not_the_stores_error():
+    outcomes = [ranks[("shm", "sigterm_inside_a_store_call")] for ranks in _outcomes()]
+    assert [o["error"] for o in outcomes] == ["CollectiveStallError"] * 2, outcomes
+    for o in outcomes:
+        assert "all_reduce(4 x float32) issued by" in o["message"], o["message"]
+        assert "when it was sent SIGTERM" in o["message"], o["message"]
 
 
 def test_a_slow_collective_every_rank_joined_does_not_trip():

@@ -52,6 +52,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from zero_ext.comm.stall_error import CollectiveStallError
 from zero_ext.comm.watch_diagnosis import StallDiagnosis
 from zero_ext.comm.watch_inflight import InFlight
 from zero_ext.comm.watch_nodes import RankHosts
@@ -76,14 +77,6 @@ _RECENT = 16            # records each heartbeat carries (what a stalled peer ne
 _CHAIN_WINDOW = 4096    # running fingerprint hashes kept, indexed by sequence number
 _INTERRUPT = signal.SIGUSR2
 _STORE_CALL_TIMEOUT_S = 1.0  # per store call: a cut-off node's calls fail in a few seconds
-
-
-class CollectiveStallError(RuntimeError):
-    """A collective did not complete within the stall timeout, or ranks issued different
-    collectives; the message is the same report on every rank."""
-
-    def __reduce__(self):
-        return (type(self), self.args)
 
 
 @dataclass(slots=True, eq=False)
@@ -289,6 +282,8 @@ class CollectiveWatch:
                     try:
                         work.wait(self._slice)
                         break
+                    except CollectiveStallError:  # raised by a signal handler (see _on_terminate)
+                        raise
                     except RuntimeError as error:
                         if "timed out" not in str(error):
                             self.diagnosis.diagnose(record, None, cause=error)
@@ -298,6 +293,8 @@ class CollectiveWatch:
                     if early is None and now >= deadline - 3 * self.period:
                         try:
                             early = self.diagnosis.read_all()
+                        except CollectiveStallError:
+                            raise
                         except _STORE_ERRORS:
                             early = {}  # the diagnosis reads again, and says so if it can't
                     if now >= deadline:

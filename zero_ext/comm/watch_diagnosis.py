@@ -17,6 +17,7 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from zero_ext.comm.stall_error import CollectiveStallError
 from zero_ext.comm.watch_store import STORE_ERRORS as _STORE_ERRORS
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ class StallDiagnosis:
                     else:
                         states[r] = None
                 return states
+            except CollectiveStallError:  # a signal handler's (see comm/stall_error.py)
+                raise
             except _STORE_ERRORS:
                 if time.monotonic() >= deadline:
                     raise
@@ -109,6 +112,8 @@ class StallDiagnosis:
         """read_all, or the store itself is unreachable: raises the report that says so."""
         try:
             return self.read_all()
+        except CollectiveStallError:
+            raise
         except _STORE_ERRORS as error:
             self._raise_unreachable(record, cause or error, since)
 
@@ -124,6 +129,8 @@ class StallDiagnosis:
             try:
                 work.wait(timedelta(seconds=max(end - time.monotonic(), 0.001)))
                 return True, work, cause
+            except CollectiveStallError:
+                raise
             except RuntimeError as error:
                 if "timed out" not in str(error):
                     cause, work = error, None
@@ -246,6 +253,8 @@ class StallDiagnosis:
         watch = self.watch
         try:
             return watch.store.compare_set(watch._key("abort"), "", report).decode()
+        except CollectiveStallError:
+            raise
         except _STORE_ERRORS:  # this rank's own report then
             return report
 

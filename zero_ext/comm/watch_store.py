@@ -17,6 +17,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from zero_ext.comm.stall_error import CollectiveStallError
+
 __all__ = ["STORE_ERRORS", "WatchStore"]
 
 # What a store call raises when the store is gone or slow (DistStoreError and DistNetworkError
@@ -62,6 +64,8 @@ class WatchStore:
         self._calls[thread] = time.monotonic()
         try:
             result = getattr(self._connected(), name)(*args)
+        except CollectiveStallError:  # a signal handler's, not the store's: it says nothing
+            raise                     # of the store (see comm/stall_error.py)
         except STORE_ERRORS as error:
             if self.failing_since is None:
                 self.failing_since = time.monotonic()
