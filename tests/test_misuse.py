@@ -30,13 +30,13 @@ def _assert_unchanged(saved: dict, after: dict, label: str) -> None:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_nan_batch_with_offload_raises_before_any_weight_or_state_changes(stage):
+def test_nan_batch_with_offload_is_skipped_before_any_weight_or_state_changes(stage):
     for rank, result in enumerate(_world2()):
         got = result["offload_nan"][stage]
         assert got["host_stepped"] > 0
         if stage == 3:
             assert got["deferrable"] > 0  # the units step behind the next forward
-        assert got["error"].startswith("FloatingPointError: zero_ext: the gradient norm is nan")
+        assert got["error"] == "no error" and got["skipped"] == 1, got["error"]
         # Masters, moments, step counts and the model's weights: bitwise as before the step.
         _assert_unchanged(got["saved"], got["after"], f"rank {rank}")
 

@@ -759,11 +759,11 @@ class BF16Config(_Section):
     """Train with bf16 weights, activations and gradients."""
 
     check_grad_overflow: bool | None = None
-    """What a step does when the global gradient norm is inf or nan. True: the step is skipped
-    on every rank (counted in ``skipped_steps``), as DeepSpeed's stage 1-2 optimizer does;
-    false: the update is applied (the weights become inf/nan) with a warning each time, as
-    DeepSpeed does without the check. Unset (zero_ext's default, where DeepSpeed's is true):
-    the step raises FloatingPointError and leaves weights and optimizer state as they were."""
+    """What a step does when the global gradient norm is inf or nan. True, or unset (DeepSpeed's
+    default is true): the step is skipped on every rank (counted in ``skipped_steps``, weights
+    and optimizer state unchanged), with a warning each time, as DeepSpeed skips it; false: the
+    update is applied (the weights become inf/nan) with a warning each time, as DeepSpeed's
+    stage 1-2 optimizer does without the check."""
 
     _IGNORED: ClassVar[dict[str, str]] = {
         "immediate_grad_update": "when DeepSpeed's bf16 optimizer moves each gradient to fp32; "
@@ -1901,15 +1901,14 @@ class ZeroConfig(_Section):
 
     @property
     def nonfinite_gradients(self) -> str:
-        """What a step does with an inf/nan global gradient norm: "skip" (fp16, where the loss
-        scale is lowered, or bf16.check_grad_overflow true), "apply" (bf16.check_grad_overflow
-        false; warned about each time) or "raise" (otherwise: nothing changes, the step
-        raises)."""
-        if self.fp16.enabled:
-            return "skip"
-        if self.bf16.enabled and self.bf16.check_grad_overflow is not None:
-            return "skip" if self.bf16.check_grad_overflow else "apply"
-        return "raise"
+        """What a step does with an inf/nan global gradient norm: "apply" where
+        bf16.check_grad_overflow is false (warned about each time), else "skip" (fp16, where
+        the loss scale is lowered; bf16 and fp32, warned about each time), as DeepSpeed's ZeRO
+        optimizers do (its fp32 stage 0 applies the update; zero_ext skips it there too)."""
+        if self.bf16.enabled and self.bf16.check_grad_overflow is False and \
+                not self.fp16.enabled:
+            return "apply"
+        return "skip"
 
     @property
     def training_dtype_name(self) -> str:

@@ -96,18 +96,19 @@ def _step_with(engine, grads: list[torch.Tensor] | None, backwards: int) -> bool
     overflow = not math.isfinite(norm)
     if scaler is not None:
         scaler.update(overflow)
-    nonfinite = config.nonfinite_gradients  # skip (fp16), raise, or apply (bf16)
     _record(engine, norm / scale, overflow)
-    if overflow and nonfinite != "apply":
+    if overflow and config.nonfinite_gradients == "skip":
         buckets.clear()
         engine.compression.reset()  # the residuals hold parts of the discarded gradients
-        if nonfinite == "raise":
-            raise FloatingPointError(
-                f"zero_ext: the gradient norm is {norm} at step {engine.global_steps}; without "
-                "fp16 loss scaling there is nothing to retry. Lower the learning rate, enable "
-                "gradient_clipping, or check the loss for inf/nan (with bf16, "
-                "\"check_grad_overflow\": true skips such steps, as DeepSpeed does)")
         engine.skipped_steps += 1
+        if scaler is None and engine.rank == 0:  # fp16's scaler says its own
+            warnings.warn(
+                f"zero_ext: the gradient norm is {norm} at step {engine.global_steps}: the step "
+                f"is skipped on every rank, weights and optimizer state unchanged "
+                f"({engine.skipped_steps} skipped so far), as DeepSpeed skips it. Without fp16 "
+                "loss scaling nothing adapts: if it recurs, check the data and the loss for "
+                "inf/nan, lower the learning rate or enable gradient_clipping",
+                RuntimeWarning, stacklevel=4)
         return False
     if overflow and engine.rank == 0:
         warnings.warn(
