@@ -127,6 +127,36 @@ def client_scheduler_on_client_optimizer(tmp):
     assert_params_close(got, named(reference), "client scheduler")
 
 
+for _stage in (0, 1, 3):
+    @case(INIT + f"TestClientOptimizer[script-schedule-stage{_stage}]", stage=_stage)
+    def client_optimizer_driven_by_the_script(tmp, stage):
+        # Not a DeepSpeed test: a scheduler built on the client's optimizer that the script
+        # steps itself, not passed to initialize (DeepSpeed's ZeRO optimizer steps the client's
+        # own groups, so it drives training). The engine's step uses the rate it sets, and
+        # reading the client's groups gives the engine's. zero_ext used to copy the groups:
+        # training went on at 0.01 silently.
+        torch.manual_seed(3)
+        model = SimpleModel()
+        client = torch.optim.AdamW(model.parameters(), lr=0.01)
+        scheduler = LambdaLR(client, _halving)
+        engine, optimizer, _, _ = zero_ext.initialize(
+            model=model, optimizer=client,
+            config={"train_batch_size": world(), "zero_optimization": {"stage": stage}})
+        initial = full_params(engine)
+        lrs = []
+        for step in range(3):
+            train_engine(engine, 1, start=step)
+            scheduler.step()
+            lrs.append((engine.get_lr()[0], client.param_groups[0]["lr"]))
+        got = full_params(engine)
+        reference = reference_copy(SimpleModel, initial)
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.01)
+        train_reference(reference, ref_opt, 3, clip=1.0, scheduler=LambdaLR(ref_opt, _halving))
+        assert lrs == [(0.01 * 0.5 ** k, 0.01 * 0.5 ** k) for k in (1, 2, 3)], lrs
+        assert client.param_groups is optimizer.param_groups
+        assert_params_close(got, named(reference), "script-stepped client scheduler")
+
+
 @case(INIT + "TestClientLrScheduler[_LRScheduler-None]")
 def client_scheduler_on_foreign_optimizer(tmp):
     # A scheduler built on an optimizer the engine does not use, with the optimizer from the

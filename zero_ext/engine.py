@@ -821,6 +821,22 @@ def _check_same_settings(config: ZeroConfig, optimizer) -> None:
                          "(build them from the same values on every rank, not from the rank)")
 
 
+def _share_param_groups(client: torch.optim.Optimizer,
+                        engine_optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer the user passed reads and writes the engine's parameter groups (one for
+    one, in order), as DeepSpeed's ZeRO optimizer steps on its client's own groups: a learning
+    rate set on it, or by a scheduler built on it that the script steps itself, is the one the
+    step uses, and reading it gives the engine's. Its `params` become the engine's (the
+    tensors the step updates), as in DeepSpeed's."""
+    if len(client.param_groups) != len(engine_optimizer.param_groups):
+        raise ValueError(
+            f"zero_ext.initialize: the optimizer passed has {len(client.param_groups)} "
+            f"parameter groups and the engine's {len(engine_optimizer.param_groups)}; give "
+            "every group at least one trainable parameter, or pass a callable "
+            "parameters -> optimizer")
+    client.param_groups = engine_optimizer.param_groups
+
+
 def _rebind_scheduler(scheduler, client: torch.optim.Optimizer,
                       engine_optimizer: torch.optim.Optimizer) -> None:
     """A scheduler the user built on their optimizer drives the engine's instead: the engine's
@@ -917,6 +933,8 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None,
         groups = split_param_groups(model, model_parameters, defaults)
         engine = ZeroEngine(model, config, groups, defaults)
 
+    if client_optimizer is not None and client_optimizer is not engine.optimizer:
+        _share_param_groups(client_optimizer, engine.optimizer)
     scheduler = None
     if lr_scheduler is not None:
         scheduler = lr_scheduler(engine.optimizer) if callable(lr_scheduler) and not hasattr(
