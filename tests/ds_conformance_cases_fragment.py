@@ -972,6 +972,59 @@ def deepscale_config(tmp):
     assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+@case(CONFIG + "zero_ext::deepspeed_io_loaders_and_len_through_an_epoch")
+def deepspeed_io_loaders(tmp):
+    """engine.deepspeed_io, DeepSpeed's: the eval route loads rank r's share of a
+    DistributedSampler's draw (seed 0: randperm(n)[r::world], padded by wrapping) in
+    micro-batches, with DeepSpeedDataLoader's attributes (it did not exist). The loader of
+    initialize(training_data=...) has them too (data_sampler.set_epoch is DeepSpeed scripts'
+    call), and its len() holds through an epoch while the engine steps (it shrank with each
+    step: an end-of-epoch test `i == len(loader) - 1` fired mid-epoch)."""
+    torch.manual_seed(5)
+    model = SimpleModel()
+    micro, gas = 2, 2
+    config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+              "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
+    samples = 4 * micro * gas * world()  # four global batches (optimizer steps) an epoch
+    indices = torch.arange(samples)
+    engine, _, loader, _ = zero_ext.initialize(model=model, config=config,
+                                               training_data=indices)
+    assert (loader.batch_size, loader.num_local_io_workers, loader.dataloader_drop_last) == \
+        (micro, 0, True)
+    assert engine.training_dataloader is loader
+    per_rank = samples // world() // micro  # micro-batches per epoch on a rank
+    for epoch in range(2):
+        loader.data_sampler.set_epoch(epoch)
+        lens, seen = [], []
+        for i, idx in enumerate(loader):
+            lens.append(len(loader))
+            seen.append(idx)
+            x, y = batch(epoch * per_rank + i, 0, rank())
+            engine.backward(loss_of(engine(x, y)))
+            engine.step()
+        assert lens == [per_rank] * per_rank, (epoch, lens)
+        order = torch.randperm(samples, generator=torch.Generator().manual_seed(epoch))
+        share = micro * gas
+        mine = torch.cat([order[g + rank() * share:g + (rank() + 1) * share]
+                          for g in range(0, samples, share * world())])
+        assert torch.equal(torch.cat(seen), mine), (epoch, seen)
+
+    evaluation = list(range(11))  # 11 samples: DistributedSampler pads to 12
+    # DeepSpeed's default: two worker processes (not iterated here: the harness's ranks are
+    # daemonic processes, which cannot start them).
+    assert engine.deepspeed_io(evaluation, route="eval").num_local_io_workers == 2
+    eval_loader = engine.deepspeed_io(evaluation, route="eval", num_local_io_workers=0)
+    assert eval_loader.batch_size == micro
+    assert type(eval_loader.data_sampler).__name__ == "DistributedSampler"
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(0)).tolist()
+    order += order[:12 - 11]
+    want = order[rank()::world()]
+    assert [int(i) for b in eval_loader for i in b] == want
+    assert len(eval_loader) == -(-len(want) // micro)
+    assert [int(i) for b in engine.deepspeed_io(evaluation, route="eval", batch_size=3,
+                                                num_local_io_workers=0) for i in b] == want
+
+
 @case(CONFIG + "zero_ext::deepspeeds_positional_order_backward_value_and_dataloader")
 def positional_order(tmp):
     """deepspeed.initialize(args, model=..., model_parameters=...), DeepSpeed's examples' form

@@ -50,6 +50,7 @@ class ElasticSampler(torch.utils.data.Sampler):
         # than by steps (load, set_epoch), which invalidate iterators made before.
         self._anchor_step, self._anchor_epoch, self._anchor_offset = engine.global_steps, 0, 0
         self._generation = 0
+        self._pass: tuple[int, int, int] | None = None  # (generation, epoch, micro-batches)
         engine.register_checkpoint_state(name, self)
 
     # -- position -----------------------------------------------------------------------------
@@ -101,6 +102,8 @@ class ElasticSampler(torch.utils.data.Sampler):
         generation = self._generation
         order = self.epoch_order(epoch)
         per_rank = self.micro_batch * self.accumulation
+        self._pass = (generation, epoch,
+                      (self.num_samples - offset) // self.global_batch * self.accumulation)
         # Whole global batches from the offset (a multiple of train_batch_size unless the
         # checkpoint was saved with another one), as position() counts them.
         for start in range(offset, self.num_samples - self.global_batch + 1, self.global_batch):
@@ -114,8 +117,12 @@ class ElasticSampler(torch.utils.data.Sampler):
                 yield micro.tolist()
 
     def __len__(self) -> int:
-        """Micro-batches left in the current epoch on this rank."""
-        offset = self.position()[1]
+        """Micro-batches on this rank of the pass under way (all it yields, from its start:
+        `len()` holds through a loop, as DeepSpeed's loader's), else of the rest of the
+        current epoch (a resumed job's first pass is shorter)."""
+        epoch, offset = self.position()
+        if self._pass is not None and self._pass[:2] == (self._generation, epoch):
+            return self._pass[2]
         return (self.num_samples - offset) // self.global_batch * self.accumulation
 
     # -- checkpoint ---------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from torch import nn
 from zero_ext import arguments, checkpointing, comm, elastic
 from zero_ext.checkpoint.registered import RegisteredStates
 from zero_ext.config import ZeroConfig
-from zero_ext.elastic_sampler import ElasticSampler
 from zero_ext.engine_api import DeepSpeedEngineAPI
 from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
 from zero_ext.progress import TrainingMonitor
@@ -965,9 +964,9 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None,
     dataloader = None
     if training_data is not None:
         # The same global batches at any world size; its position is in every checkpoint.
-        dataloader = torch.utils.data.DataLoader(
-            training_data, batch_sampler=ElasticSampler(training_data, engine),
-            collate_fn=collate_fn)
+        # Loaded in this process (DeepSpeed's default starts two workers).
+        dataloader = engine.deepspeed_io(training_data, collate_fn=collate_fn,
+                                         num_local_io_workers=0)
     engine.training_dataloader = dataloader  # DeepSpeed's attribute (len(), its sampler)
     elastic.auto_resume(engine)
     return engine, engine.optimizer, dataloader, scheduler

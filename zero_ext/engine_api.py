@@ -233,6 +233,17 @@ class DeepSpeedEngineAPI:
         self.micro_steps = self.global_steps * accumulation
         self.monitor.samples_per_micro_step = micro * self.world_size  # its samples/s
 
+    def deepspeed_io(self, dataset, batch_size: int | None = None, route: str = "train",
+                     pin_memory: bool = True, data_sampler=None, collate_fn=None,
+                     num_local_io_workers: int | None = None):
+        """DeepSpeed's: a loader of this rank's micro-batches of `dataset`
+        (zero_ext/data_loader.py: the training route cuts global batches with an
+        ElasticSampler, as initialize(training_data=...) does; eval and the others load as
+        DeepSpeed's, a DistributedSampler per rank)."""
+        from zero_ext.data_loader import deepspeed_io
+        return deepspeed_io(self, dataset, batch_size, route, pin_memory, data_sampler,
+                            collate_fn, num_local_io_workers)
+
     def get_mom(self) -> list:
         """Per parameter group, its momentum as DeepSpeed reports it: `momentum` for SGD and
         RMSprop, else the group's `betas` (0.0 where the group has neither). Under top-k's
