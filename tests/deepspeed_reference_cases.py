@@ -365,6 +365,60 @@ for _stage in (1, 2, 3):
 case("fp16_overflow_hysteresis_accumulation_stage2", (2,))(lambda: _fp16_overflows(2, 2))
 
 
+def _monitor_files(stage: int):
+    """tensorboard and csv_monitor (zero_ext used to ignore both sections): after fp16 steps
+    with overflows (the scale halved, steps skipped) and an accumulation window, rank 0's
+    files hold DeepSpeed's events: the same CSV files (name, header, steps, values) and the
+    same TensorBoard scalars; the script's own event (engine.monitor.write_events) too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shared = _shared_dir()
+    config = dict(BASE, zero_optimization={"stage": stage}, gradient_accumulation_steps=2,
+                  fp16={"enabled": True, "initial_scale_power": 12, "hysteresis": 1})
+    spikes = {4: 1e3, 9: 1e3}
+    outputs = {}
+    for framework in ("deepspeed", "zero_ext"):
+        out = os.path.join(shared, framework)
+        monitors = {"tensorboard": {"enabled": True, "output_path": out},
+                    "csv_monitor": {"enabled": True, "output_path": out, "job_name": "csv"}}
+        trace = train(framework, dict(config, **monitors, **SUMS_IN_FP32[stage]),
+                      batches(12, spikes))
+        assert trace.skipped == 2, trace.skipped  # both spikes overflowed
+        initialize = deepspeed().initialize if framework == "deepspeed" else zero_ext.initialize
+        engine = initialize(model=Model(), config=dict(BASE, **monitors))[0]
+        assert engine.monitor.enabled
+        engine.monitor.write_events([("Eval/score", 0.25, 7)])
+        outputs[framework] = out
+    dist.barrier()
+    if dist.get_rank() != 0:
+        return
+    # one writer (rank 0's) per engine: the training run's and the one above
+    assert len(os.listdir(os.path.join(outputs["zero_ext"], "DeepSpeedJobName"))) == 2
+    ds_csv, zx_csv = (os.path.join(outputs[f], "csv") for f in ("deepspeed", "zero_ext"))
+    assert sorted(os.listdir(zx_csv)) == sorted(os.listdir(ds_csv)) == [
+        "Eval_score.csv", "Train_Samples_loss_scale.csv", "Train_Samples_lr.csv"]
+    for name in os.listdir(ds_csv):
+        with open(os.path.join(ds_csv, name)) as a, open(os.path.join(zx_csv, name)) as b:
+            want, got = a.read().splitlines(), b.read().splitlines()
+        assert got[0] == want[0] and len(got) == len(want), (name, got, want)
+        for ours, theirs in zip(got[1:], want[1:]):
+            (s1, v1), (s2, v2) = ours.split(","), theirs.split(",")
+            assert int(s1) == int(s2) and math.isclose(float(v1), float(v2), rel_tol=1e-12), \
+                (name, got, want)
+    scalars = {}
+    for framework in outputs:
+        events = EventAccumulator(os.path.join(outputs[framework], "DeepSpeedJobName"))
+        events.Reload()
+        scalars[framework] = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+                              for tag in events.Tags()["scalars"]}
+    assert scalars["zero_ext"] == scalars["deepspeed"], scalars
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+for _stage in (1, 3):
+    case(f"monitor_files_fp16_stage{_stage}", (2,))(lambda stage=_stage: _monitor_files(stage))
+
+
 def _offload(stage: int, precision: str):
     # torch's AdamW on DeepSpeed's side too (zero_force_ds_cpu_optimizer false): DeepSpeed's own
     # CPU Adam is other arithmetic (up to 1e-3 apart from torch's AdamW in exp_avg here)

@@ -158,7 +158,7 @@ def test_deepspeed_spellings_read_as_deepspeed_reads_them():
 def test_dict_is_not_mutated():
     config = copy.deepcopy(FULL)
     config["zero_optimization"]["cpu_offload"] = False
-    config["tensorboard"] = {"enabled": True}
+    config["wandb"] = {"enabled": True}
     before = copy.deepcopy(config)
     with pytest.warns(UserWarning):
         ZeroConfig.load(config)
@@ -271,7 +271,7 @@ def test_unknown_key_without_near_match_lists_valid_keys():
 
 
 def test_harmless_keys_warn_once_naming_them():
-    config = dict(DS_EXAMPLE, tensorboard={"enabled": True, "output_path": "logs"},
+    config = dict(DS_EXAMPLE, comet={"enabled": True},
                   wandb={"enabled": False}, flops_profiler={"enabled": True},
                   memory_breakdown=False, dump_state=False)
     config["zero_optimization"] = {"stage": 3, "stage3_module_granularity_threshold": 0,
@@ -281,7 +281,7 @@ def test_harmless_keys_warn_once_naming_them():
         c = ZeroConfig.load(config)
     assert len(caught) == 1
     text = str(caught[0].message)
-    for name in ["tensorboard", "wandb", "flops_profiler",
+    for name in ["comet", "wandb", "flops_profiler",
                  "memory_breakdown", "dump_state",
                  "zero_optimization.stage3_module_granularity_threshold",
                  "zero_optimization.offload_param.buffer_count"]:

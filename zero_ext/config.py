@@ -1269,6 +1269,32 @@ class DataTypesConfig(_Section):
 
 
 @dataclass(kw_only=True)
+class MonitorConfig(_Section):
+    """``tensorboard`` and ``csv_monitor``: DeepSpeed's monitors. Rank 0 writes the engine's
+    events (``Train/Samples/lr`` and, under fp16, ``Train/Samples/loss_scale`` after every
+    optimizer step, at the samples trained so far) and the script's own
+    (``engine.monitor.write_events``) to ``<output_path>/<job_name>/``: a TensorBoard event
+    file, or one CSV file per event name (zero_ext/monitor_events.py)."""
+
+    enabled: bool = False
+    """Write the events."""
+
+    output_path: str = ""
+    """The directory of the job's folder ("": the working directory, as DeepSpeed's)."""
+
+    job_name: str = "DeepSpeedJobName"
+    """The job's folder under ``output_path``."""
+
+    _PYDANTIC: ClassVar[bool] = True
+
+    def __post_init__(self):
+        self.enabled = _check_bool("enabled", self.enabled)
+        for name in ("output_path", "job_name"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(name, f"expected a path (a string), {_got(getattr(self, name))}")
+
+
+@dataclass(kw_only=True)
 class BatchSizes:
     """The batch-size triple resolved for a world size (see ``ZeroConfig.resolve_batch``)."""
 
@@ -1628,6 +1654,12 @@ class ZeroConfig(_Section):
     data_types: DataTypesConfig = field(default_factory=DataTypesConfig)
     """DeepSpeed's ``data_types`` (``grad_accum_dtype``). See ``fp32_accumulation``."""
 
+    tensorboard: MonitorConfig = field(default_factory=MonitorConfig)
+    """DeepSpeed's TensorBoard monitor (see MonitorConfig)."""
+
+    csv_monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    """DeepSpeed's CSV monitor (see MonitorConfig)."""
+
     steps_per_print: int | None = None
     """Print the report line every this many optimizer steps (>= 1); None (DeepSpeed's default)
     prints none."""
@@ -1657,12 +1689,12 @@ class ZeroConfig(_Section):
         "zero_optimization": ZeroOptimizationConfig,
         "activation_checkpointing": ActivationCheckpointingConfig,
         "data_types": DataTypesConfig,
+        "tensorboard": MonitorConfig,
+        "csv_monitor": MonitorConfig,
         "zero_ext": ZeroExtSettings,
     }
     _IGNORED: ClassVar[dict[str, str]] = {
-        "tensorboard": "",
         "wandb": "",
-        "csv_monitor": "",
         "comet": "",
         "comms_logger": "",
         "flops_profiler": "",

@@ -35,6 +35,7 @@ from zero_ext.checkpoint.registered import RegisteredStates
 from zero_ext.config import ZeroConfig
 from zero_ext.engine_api import DeepSpeedEngineAPI
 from zero_ext.loss_scaler import DynamicLossScaler, loss_scaler_for
+from zero_ext.monitor_events import EventWriters
 from zero_ext.progress import TrainingMonitor
 from zero_ext.zero import (
     offload,
@@ -122,6 +123,7 @@ class ZeroEngine(DeepSpeedEngineAPI, nn.Module):
             model_params=sum(_weights_in(p, bucketed.get(id(p), p.numel()))
                              for p in model.parameters()),
             samples_per_micro_step=self.batch.train_micro_batch_size_per_gpu * self.world_size)
+        self.monitor.events = EventWriters(config.tensorboard, config.csv_monitor, self.rank)
 
     def __getattr__(self, name: str):
         """Attributes the engine does not have come from the user's model, as DeepSpeed's

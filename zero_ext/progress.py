@@ -103,11 +103,24 @@ class TrainingMonitor:
         # A trainer (HF, Lightning, accelerate) shows its own output and logs metrics(): no
         # bar and no report line of ours on top of it.
         self.external = False
+        self.events = None  # DeepSpeed's monitors (zero_ext/monitor_events.py), set by the engine
         self._start = time.perf_counter()
         self._steps_at_start: int | None = None
         self._since = {"samples": 0, "tokens": 0, "time": time.perf_counter()}
         self._time_bar = time.perf_counter()
         self._bar_tokens = 0
+
+    # -- DeepSpeed's engine.monitor: scripts write their own events through it -----------------
+    @property
+    def enabled(self) -> bool:
+        """Whether a tensorboard or csv_monitor section is enabled (on every rank)."""
+        return self.events is not None and self.events.enabled
+
+    def write_events(self, events) -> None:
+        """DeepSpeed's `engine.monitor.write_events([(name, value, step), ...])`: written by
+        rank 0 to every enabled monitor."""
+        if self.events is not None:
+            self.events.write_events(events)
 
     def forward(self, args, kwargs) -> None:
         """One micro-batch forward on this rank."""

@@ -2,8 +2,9 @@
 
 - `PhaseTimers`: wall-clock totals per phase (forward, backward, reduce, step) between report
   lines, under wall_clock_breakdown.
-- `after_step` / `report`: the engine's figures for progress.py's TrainingMonitor after every
-  optimizer step, and every steps_per_print steps the report line (loss, lr, grad norm, loss
+- `after_step` / `report`: the engine's figures for progress.py's TrainingMonitor (and the
+  monitor events of DeepSpeed's tensorboard / csv_monitor sections) after every optimizer step,
+  and every steps_per_print steps the report line (loss, lr, grad norm, loss
   scale, the phases' times and offload's).
 - `training_metrics`: the same window's figures keyed for a trainer's logger.
 - `memory_breakdown` / `memory_by_location`: the bytes this rank holds, by kind and by place;
@@ -62,6 +63,12 @@ def after_step(engine) -> None:
     steps the report line, unless a trainer shows the run (log_externally). Collective on the
     steps that report."""
     engine.monitor.step(engine.global_steps, engine._last_loss, engine.get_lr()[0])
+    if engine.monitor.enabled:  # DeepSpeed's monitor events (zero_ext/monitor_events.py)
+        samples = engine.global_samples
+        events = [("Train/Samples/lr", engine.get_lr()[0], samples)]
+        if engine.loss_scaler is not None:
+            events.append(("Train/Samples/loss_scale", engine.loss_scaler.scale, samples))
+        engine.monitor.write_events(events)
     every = engine.config.steps_per_print
     if every and not engine.monitor.external and engine.global_steps % every == 0:
         report(engine)
