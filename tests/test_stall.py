@@ -189,7 +189,7 @@ UNBOUNDED_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 
 @functools.cache
 def _unbounded() -> dict[str, dict]:
-    """tests/unbounded_watch_cases.py's five scenarios in one process (~55 s), on gloo with the
+    """tests/unbounded_watch_cases.py's five scenarios from one process (~40 s), on gloo with the
     watch on NCCL's path; ZERO_EXT_TEST_UNBOUNDED_BACKEND=nccl runs them over NCCL (a GPU)."""
     backend = os.environ.get("ZERO_EXT_TEST_UNBOUNDED_BACKEND", "gloo")
     run = subprocess.run([sys.executable, UNBOUNDED_SCRIPT, "--backend", backend, "blocked",
