@@ -35,48 +35,51 @@ def _compile(source, out_dir, *extra) -> str | None:
     return None if os.path.getsize(out) > 0 else f"{' '.join(cmd)}: empty object"
 
 
-def _nvcc(source, tmp_path, *extra):
-    error = _compile(source, str(tmp_path), *extra)
-    assert error is None, error
-
-
 GLUE = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
+KERNELS = sorted(glob.glob(os.path.join(ROOT, "kernels", "cuda", "*.cu")))
+
+
+def _glue_flags() -> tuple[str, ...]:
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return (f"-I{TORCH_INCLUDE}",
+            f"-I{os.path.join(TORCH_INCLUDE, 'torch', 'csrc', 'api', 'include')}",
+            "-DZERO_EXT_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}")
 
 
 @functools.cache
-def _glue_errors() -> dict[str, str | None]:
-    """Every csrc/*.cu compiled against torch's headers. Each file alone spends ~20 s parsing
-    torch's headers (8 files: 137 s of CI on 2 cores), so first all of them as one translation
-    unit (~35 s); only if that fails (an error, or two files' helpers clashing there) each on
-    its own, on the machine's cores, for per-file errors. (One unit would not notice a file
+def _errors() -> dict[str, str | None]:
+    """Every kernels/cuda/*.cu compiled with plain nvcc and every csrc/*.cu against torch's
+    headers, the compilers run side by side on the machine's cores. Each glue file alone spends
+    ~20 s parsing torch's headers (8 files: 137 s of CI on 2 cores), so the glue is first one
+    translation unit (~30 s); only if that fails (an error, or two files' helpers clashing
+    there) each file on its own, for per-file errors. (One unit would not notice a file
     missing an include that an earlier file brings; the extension's own build compiles them
     apart.)"""
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    extra = (f"-I{TORCH_INCLUDE}",
-             f"-I{os.path.join(TORCH_INCLUDE, 'torch', 'csrc', 'api', 'include')}",
-             "-DZERO_EXT_WITH_CUDA", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-             f"-D_GLIBCXX_USE_CXX11_ABI={abi}")
-    out_dir = tempfile.mkdtemp(prefix="zero_ext_glue_")
+    out_dir = tempfile.mkdtemp(prefix="zero_ext_cuda_sources_")
     try:
         unit = os.path.join(out_dir, "all_glue.cu")
         with open(unit, "w") as f:
             f.writelines(f'#include "{source}"\n' for source in GLUE)
-        if _compile(unit, out_dir, *extra) is None:
-            return dict.fromkeys(GLUE)
+        jobs = [(unit, _glue_flags())] + [(source, ()) for source in KERNELS]
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            errors = pool.map(lambda source: _compile(source, out_dir, *extra), GLUE)
-            return dict(zip(GLUE, errors, strict=True))
+            done = list(pool.map(lambda job: _compile(job[0], out_dir, *job[1]), jobs))
+            errors = dict(zip(KERNELS, done[1:], strict=True))
+            if done[0] is None:
+                return errors | dict.fromkeys(GLUE)
+            glue = pool.map(lambda source: _compile(source, out_dir, *_glue_flags()), GLUE)
+            return errors | dict(zip(GLUE, glue, strict=True))
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-@pytest.mark.parametrize("source", sorted(glob.glob(os.path.join(ROOT, "kernels", "cuda", "*.cu"))),
-                         ids=os.path.basename)
-def test_kernels_compile_with_plain_nvcc(source, tmp_path):
-    _nvcc(source, tmp_path)
+@pytest.mark.parametrize("source", KERNELS, ids=os.path.basename)
+def test_kernels_compile_with_plain_nvcc(source):
+    error = _errors()[source]
+    assert error is None, error
 
 
 @pytest.mark.parametrize("source", GLUE, ids=os.path.basename)
 def test_glue_compiles_against_torch_headers(source):
-    error = _glue_errors()[source]
+    error = _errors()[source]
     assert error is None, error
