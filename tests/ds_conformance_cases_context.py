@@ -21,6 +21,7 @@ from ds_conformance_cases import (
     case,
     collectively,
     ds_adam,
+    expect_zero_ext_error,
     full_params,
     named,
     parity,
@@ -166,6 +167,56 @@ class TwoLinear(nn.Module):
 
     def forward(self, x, y):
         return self.cel(self.l2(torch.relu(self.l1(x))), y)
+
+
+class NoBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.l2 = nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, x, y):
+        return nn.functional.mse_loss(self.l2(torch.relu(self.l1(x))), y)
+
+
+@case(CONTEXT + "zero_ext::gathered_parameters_signature_and_ds_shape")
+def gathered_parameters_signature(tmp):
+    # DeepSpeed's GatheredParameters(params, modifier_rank=None, fwd_module=None,
+    # enabled=True): a third positional argument is fwd_module (zero_ext read it as `enabled`,
+    # and None gathered nothing, silently), `fwd_module=` is taken (peft and accelerate pass
+    # it), None entries are passed over (a layer without a bias); a partitioned parameter has
+    # DeepSpeed's ds_shape beside ds_numel (peft reads it to size adapters); the names are
+    # also zero_ext.zero's, as deepspeed.zero's.
+    import zero_ext.zero
+
+    assert (zero_ext.zero.Init, zero_ext.zero.GatheredParameters,
+            zero_ext.zero.register_external_parameter) == (
+        zero_ext.Init, zero_ext.GatheredParameters, zero_ext.register_external_parameter)
+    torch.manual_seed(4)
+    model = NoBias()
+    full = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam"},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine = zero_ext.initialize(model=model, config=config)[0]
+    for name, param in model.named_parameters():
+        assert param.numel() == 0 and param.ds_shape == full[name].shape, (name, param.shape)
+        assert param.ds_numel == full[name].numel()
+    with zero_ext.GatheredParameters([model.l1.weight, model.l1.bias], None, None):
+        assert torch.equal(model.l1.weight, full["l1.weight"])
+    with zero_ext.GatheredParameters(model.l2.weight, fwd_module=model.l1):
+        assert torch.equal(model.l2.weight, full["l2.weight"])
+    with zero_ext.GatheredParameters([None, model.l2.bias], modifier_rank=0, enabled=False):
+        assert model.l2.bias.numel() == 0
+    assert model.l1.weight.numel() == 0 and model.l2.weight.numel() == 0
+    assert engine.global_steps == 0
+    # An engine nothing keeps is freed with the values: a named error, not an AttributeError.
+    import gc
+
+    dropped = NoBias()
+    zero_ext.initialize(model=dropped, config=config)
+    gc.collect()
+    expect_zero_ext_error(lambda: dropped.l1.weight.sum(),
+                          "used after the engine that partitioned it was freed")
 
 
 @case(CONTEXT + "TestGatherUpdate[after_initialize]")

@@ -14,13 +14,15 @@ from torch import nn
 
 from zero_ext import comm
 from zero_ext.zero.construction import gather_init_params, release_init_params
-from zero_ext.zero.params import _engine_of, _name_of
+from zero_ext.zero.params import _engine_of, _name_of, register_external_parameter
 
 __all__ = ["GatheredParameters"]
 
 
 class GatheredParameters:
-    """`with zero_ext.GatheredParameters(params, modifier_rank=None):` the full values of
+    """`with zero_ext.GatheredParameters(params, modifier_rank=None, fwd_module=None,
+    enabled=True):` (DeepSpeed's signature; `fwd_module`: the parameters are registered as
+    external parameters of that module, see register_external_parameter) the full values of
     `params` inside, at any stage, and before initialize for a model built under zero_ext.Init
     (collective: every rank enters with the same parameters).
 
@@ -37,10 +39,16 @@ class GatheredParameters:
     error on every rank).
     """
 
-    def __init__(self, params, modifier_rank: int | None = None, enabled: bool = True):
-        if isinstance(params, torch.Tensor):
+    def __init__(self, params, modifier_rank: int | None = None,
+                 fwd_module: nn.Module | None = None, enabled: bool = True):
+        if isinstance(params, torch.Tensor) or params is None:
             params = [params]
-        self.params = list(params) if enabled else []
+        # None entries are passed over, as DeepSpeed's context passes over what it does not
+        # manage (`[layer.weight, layer.bias]` of a layer without a bias).
+        self.params = [p for p in params if p is not None] if enabled else []
+        if fwd_module is not None:  # DeepSpeed's: `fwd_module`'s forward uses them from now on
+            for param in self.params:
+                register_external_parameter(fwd_module, param)
         self.modifier_rank = modifier_rank
         self._by_engine: dict = {}
         self._held: dict = {}  # per engine, the stage-3 units held open (PartitionedParameters)

@@ -145,7 +145,14 @@ class _ReleasedParameter(nn.Parameter):
                 return func(*args, **kwargs)
         for value in dict.fromkeys(tensors_in((args, kwargs))):
             if isinstance(value, _ReleasedParameter):
-                _engine_of(value).partitioned.hooks.use_released(value)
+                engine = _engine_of(value)
+                if engine is None:
+                    raise RuntimeError(
+                        f"zero_ext stage 3: a parameter of shape {tuple(value.ds_shape)} is "
+                        "used after the engine that partitioned it was freed (nothing kept the "
+                        "engine zero_ext.initialize returned), and its values with it; keep the "
+                        "engine for as long as the model is used")
+                engine.partitioned.hooks.use_released(value)
         return func(*args, **kwargs)
 
 
@@ -241,9 +248,10 @@ class PartitionedParameters:
             flat = torch.zeros(layout.padded_numel, dtype=self.dtype, device=self.device)
             for slot, param in zip(layout.slots, members):
                 flat[slot.offset:slot.offset + slot.numel].copy_(param.data.reshape(-1))
-                # DeepSpeed's full size of a partitioned parameter, which PEFT's and
-                # transformers' parameter counts read where the tensor holds no elements
-                param.ds_numel = slot.numel
+                # DeepSpeed's full size and shape of a partitioned parameter, which PEFT's
+                # and transformers' parameter counts and adapter shapes read where the tensor
+                # holds no elements
+                param.ds_numel, param.ds_shape = slot.numel, param.shape
             start, end = layout.shard_range(self.rank)
             if self.offload:
                 shard = host_buffer(layout.shard_numel, self.dtype, pin)
