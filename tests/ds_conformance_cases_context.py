@@ -219,6 +219,38 @@ def gathered_parameters_signature(tmp):
                           "used after the engine that partitioned it was freed")
 
 
+@case(CONTEXT + "zero_ext::module_to_before_and_after_initialize")
+def module_to(tmp):
+    # `model.to(device)` / `.to(dtype)` / `.cpu()` between building under Init and initialize,
+    # and `engine.to(engine.device)` / `model.cpu()` after, as DeepSpeed scripts do: zero_ext
+    # refused each as a use of the values. Before initialize a cast rounds the values as on a
+    # plain model; after, a move to where the parameters are is nothing, and a real move or
+    # cast is a named error (DeepSpeed would cast its 16-bit copies under the engine).
+    torch.manual_seed(7)
+    plain = TwoLinear()
+    torch.manual_seed(7)
+    with zero_ext.Init():
+        model = TwoLinear()
+    model.to("cpu")
+    model.to(torch.bfloat16)
+    model.cpu()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    config = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
+              "optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine = zero_ext.initialize(model=model, config=config)[0]
+    engine.to(engine.device)
+    model.cpu()
+    model.to(torch.bfloat16)
+    with zero_ext.GatheredParameters(list(model.parameters())):
+        got = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, value in plain.named_parameters():
+        assert torch.equal(got[name], value.detach().to(torch.bfloat16)), name
+    expect_zero_ext_error(model.float, "converting l1.weight (torch.bfloat16 on cpu) to "
+                          "torch.float32", "before zero_ext.initialize")
+    train_engine(engine, 1, dtype=torch.bfloat16)
+
+
 @case(CONTEXT + "TestGatherUpdate[after_initialize]")
 def gather_update_after_initialize(tmp):
     # A model built under Init, then initialized: a modifier_rank write inside

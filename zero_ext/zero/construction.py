@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from zero_ext import comm
+from zero_ext.zero.conversions import conversion_target
 
 __all__ = ["METADATA_FUNCTIONS", "VALUE_ATTRIBUTES", "Init", "check_initializers",
            "gather_init_params", "is_init_partitioned", "materialize", "outside_init",
@@ -107,12 +108,56 @@ class _PartitionedByInit(nn.Parameter):
                 or (attribute is not None and attribute not in VALUE_ATTRIBUTES):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        target = conversion_target(func, args, kwargs)
+        if target is not None:
+            return _converted_placeholder(args[0], *target)
+        if attribute == "data" and getattr(func, "__name__", "") == "__set__":
+            if args[1] is args[0]:
+                return None
+            if isinstance(args[1], _Converted):
+                return _apply_conversion(args[0], args[1])
         raise RuntimeError(
             f"zero_ext.Init: {getattr(func, '__name__', func)} on a parameter built under "
             "zero_ext.Init, which holds no values until zero_ext.initialize (each rank keeps "
             "a shard); read or write it inside `with zero_ext.GatheredParameters(params, "
             "modifier_rank=0):` (writes from that rank), or load weights with "
             "engine.load_weights / engine.load_checkpoint after initialize")
+
+
+class _Converted(torch.Tensor):
+    """What a conversion (`.to(...)`, `.half()`, ...) of an Init placeholder returns: a meta
+    tensor of the new dtype, carrying the target device; `param.data = it` (nn.Module.to's next
+    move) converts the parameter's Init shard."""
+
+    target: torch.device | None = None
+
+
+def _converted_placeholder(param: nn.Parameter, device: torch.device | None,
+                           dtype: torch.dtype | None) -> torch.Tensor:
+    """The result of converting an Init placeholder: itself when nothing changes (as
+    Tensor.to), else a _Converted."""
+    init = param.__dict__[_SHARD]
+    dtype = dtype or param.dtype
+    if dtype == param.dtype and (device is None or device == init.home):
+        return param
+    with torch._C.DisableTorchFunctionSubclass():
+        out = torch.empty(param.shape, dtype=dtype, device="meta").as_subclass(_Converted)
+    out.target = device
+    return out
+
+
+@torch.no_grad()
+def _apply_conversion(param: nn.Parameter, converted: _Converted) -> None:
+    """`param.data = converted`: the Init shard takes the dtype (its values rounded as the
+    whole tensor's would be) and the parameter's home the device; the placeholder the dtype.
+    zero_ext.initialize then trains in the config's dtype on its own device, as after a
+    conversion of a plain model."""
+    init = param.__dict__[_SHARD]
+    init.shard = init.shard.to(converted.dtype)
+    if converted.target is not None:
+        init.home = converted.target
+    with torch._C.DisableTorchFunctionSubclass():
+        param.data = torch.empty(param.shape, dtype=converted.dtype, device="meta")
 
 
 def partitionable_class(param: nn.Parameter) -> bool:
@@ -238,7 +283,7 @@ METADATA_FUNCTIONS = frozenset({
     "element_size", "is_floating_point", "is_complex", "is_contiguous", "requires_grad_",
     "get_device", "__reduce_ex__", "__deepcopy__", "__setstate__", "register_hook",
     "register_post_accumulate_grad_hook", "is_pinned", "is_shared", "stride", "storage_offset",
-    "data_ptr", "untyped_storage", "_is_view"})
+    "data_ptr", "untyped_storage", "_is_view", "_has_compatible_shallow_copy_type"})
 # Attributes whose value is (a view of) the values: computed on the gathered tensor.
 VALUE_ATTRIBUTES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag"})
 

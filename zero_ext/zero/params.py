@@ -42,6 +42,7 @@ from zero_ext.zero.construction import (
     tensor_attribute,
     tensors_in,
 )
+from zero_ext.zero.conversions import conversion_target, same_device
 from zero_ext.zero.hpz import SecondaryPartition
 from zero_ext.zero.leaves import enclosing_leaves, is_leaf
 from zero_ext.zero.offload import host_buffer
@@ -138,7 +139,12 @@ class _ReleasedParameter(nn.Parameter):
         attribute = tensor_attribute(func)
         setter = getattr(func, "__name__", "") == "__set__"
         if setter and attribute == "data":
+            if args[1] is args[0]:  # nn.Module.to's assignment after a conversion that kept it
+                return None
             _refuse_data_assignment(args[0])
+        target = conversion_target(func, args, kwargs)
+        if target is not None:
+            return _convert_released(args[0], *target)
         if getattr(func, "__name__", "") in METADATA_FUNCTIONS or func is torch.Tensor.__eq__ \
                 or (attribute is not None and attribute not in VALUE_ATTRIBUTES) or setter:
             with torch._C.DisableTorchFunctionSubclass():
@@ -161,6 +167,21 @@ def _point_at(param: nn.Parameter, tensor: torch.Tensor) -> None:
     class would refuse."""
     with torch._C.DisableTorchFunctionSubclass():
         param.data = tensor
+
+
+def _convert_released(param: nn.Parameter, device: torch.device | None,
+                      dtype: torch.dtype | None) -> nn.Parameter:
+    """`.to(...)`, `.cpu()`, `.half()`, ... of a released parameter (`engine.to(device)`,
+    `model.cpu()`): to where it is, the parameter itself (as Tensor.to); elsewhere a named
+    error: its shards, gathered buffers and master weights are the engine's."""
+    if (dtype is None or dtype == param.dtype) and same_device(device, param.device):
+        return param
+    raise RuntimeError(
+        f"zero_ext stage 3: converting {_name_of(param)} ({param.dtype} on {param.device}) to "
+        f"{dtype or param.dtype} on {device or param.device}: a partitioned parameter stays "
+        "where the engine keeps it, in its training dtype. Move or cast the model before "
+        "zero_ext.initialize (the config's bf16/fp16 sets the dtype); to read the weights "
+        "elsewhere, use engine.full_state_dict() or zero_ext.GatheredParameters")
 
 
 def _refuse_data_assignment(param: nn.Parameter) -> None:
