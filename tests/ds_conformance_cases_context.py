@@ -251,6 +251,36 @@ def module_to(tmp):
     train_engine(engine, 1, dtype=torch.bfloat16)
 
 
+@case(CONTEXT + "zero_ext::init_takes_deepspeeds_arguments")
+def init_arguments(tmp):
+    # deepspeed.zero.Init's arguments as scripts pass them (zero_ext took only config and
+    # enabled: each was a TypeError): config_dict_or_path, dtype (the shards are kept, and
+    # rounded, in it from construction on), remote_device="cpu", pin_memory,
+    # mem_efficient_linear, and module= (an already-built model partitioned now).
+    config = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
+              "optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    torch.manual_seed(8)
+    plain = TwoLinear()
+    want = {n: p.detach().to(torch.bfloat16) for n, p in plain.named_parameters()}
+    torch.manual_seed(8)
+    with zero_ext.Init(config_dict_or_path=config, dtype=torch.bfloat16, remote_device="cpu",
+                       pin_memory=True, mem_efficient_linear=False):
+        model = TwoLinear()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    built = TwoLinear()
+    built.load_state_dict(plain.state_dict())
+    zero_ext.Init(module=built, config=config)
+    for candidate in (model, built):
+        with zero_ext.GatheredParameters(list(candidate.parameters())):
+            got = {n: p.detach().to(torch.bfloat16) for n, p in candidate.named_parameters()}
+        assert all(torch.equal(got[n], want[n]) for n in want), got
+    engine = zero_ext.initialize(model=built, config=config)[0]
+    train_engine(engine, 1, dtype=torch.bfloat16)
+    expect_zero_ext_error(lambda: zero_ext.Init(mpu=object()), "mpu not supported")
+    expect_zero_ext_error(lambda: zero_ext.Init(remote_device="nvme"), "NVMe")
+
+
 @case(CONTEXT + "TestGatherUpdate[after_initialize]")
 def gather_update_after_initialize(tmp):
     # A model built under Init, then initialized: a modifier_rank write inside

@@ -176,10 +176,17 @@ def _set_partitioned(param: nn.Parameter, partitioned: bool) -> None:
 
 
 @torch.no_grad()
-def _partition(param: nn.Parameter) -> None:
-    """A whole parameter becomes an Init shard and a meta placeholder of its shape."""
-    shard = _take_rank0_slice(param.data, None)
-    placeholder = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+def _partition(param: nn.Parameter, dtype: torch.dtype | None = None,
+               remote: torch.device | None = None) -> None:
+    """A whole parameter becomes an Init shard (in `dtype` if floating point, in host memory
+    with `remote`) and a meta placeholder of its shape."""
+    values = param.data
+    if dtype is not None and values.is_floating_point():
+        values = values.to(dtype)
+    shard = _take_rank0_slice(values, None)
+    if remote is not None:
+        shard = shard.to(remote)
+    placeholder = nn.Parameter(torch.empty(param.shape, dtype=values.dtype, device="meta"),
                                requires_grad=param.requires_grad)
     param.__dict__[_SHARD] = _InitShard(shard, param.device)
     swap_tensor(param, placeholder)
@@ -375,7 +382,8 @@ class _InitMode(torch.overrides.TorchFunctionMode):
 class _InitState:
     """What one `with zero_ext.Init():` block tracks: constructors running, views held."""
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype | None = None, remote: torch.device | None = None):
+        self.dtype, self.remote = dtype, remote  # Init's dtype and remote_device
         self.constructing: set[int] = set()  # ids of objects inside their outermost __init__
         self.depth = 0                       # constructors and apply() functions running
         self.held: dict[int, tuple[nn.Parameter, torch.Tensor, int]] = {}
@@ -411,12 +419,11 @@ class _InitState:
         self.release_held(depth)
         self.depth = depth - 1
 
-    @staticmethod
-    def partition_subtree(module: nn.Module) -> None:
+    def partition_subtree(self, module: nn.Module) -> None:
         with torch._C.DisableTorchFunction():  # is_meta as it is, not as _InitMode shows it
             for param in module.parameters():
                 if not param.is_meta and _SHARD not in param.__dict__:
-                    _partition(param)
+                    _partition(param, self.dtype, self.remote)
 
 
 _active: list[tuple[_InitState, _InitMode]] = []  # the outermost Init block's state, if any
@@ -505,20 +512,54 @@ class Init:
     rank's changes). Every rank must run the same construction (it issues collectives).
     """
 
-    def __init__(self, config=None, enabled: bool = True):
+    def __init__(self, module: nn.Module | None = None, data_parallel_group=None,
+                 mem_efficient_linear: bool = True, remote_device: str | None = None,
+                 pin_memory: bool = False, config_dict_or_path=None, config=None,
+                 enabled: bool = True, dtype: torch.dtype | None = None, mpu=None,
+                 zero_param_parallel_group=None, zero_quantized_weights: bool = False,
+                 zero_quantized_nontrainable_weights: bool = False,
+                 sequence_data_parallel_group=None, param_swapper=None):
+        """DeepSpeed's arguments. `config` / `config_dict_or_path`: accepted (the engine reads
+        its config at initialize). `dtype`: floating-point parameters are kept (and rounded)
+        in it from construction on, as DeepSpeed builds them. `remote_device` "cpu": the
+        shards are kept in host memory (None / "none": where each parameter was built).
+        `module`: an already-built model whose parameters are partitioned now. Without effect:
+        `mem_efficient_linear`, `pin_memory`. Refused: the process-group arguments and `mpu`
+        (zero_ext partitions over the default group), `remote_device` "nvme",
+        `param_swapper`, and the quantized-weights switches (the config's
+        zero_quantized_weights drives qwZ)."""
+        _refuse_init_arguments(data_parallel_group=data_parallel_group, mpu=mpu,
+                               zero_param_parallel_group=zero_param_parallel_group,
+                               sequence_data_parallel_group=sequence_data_parallel_group,
+                               param_swapper=param_swapper,
+                               zero_quantized_weights=zero_quantized_weights or None,
+                               zero_quantized_nontrainable_weights=(
+                                   zero_quantized_nontrainable_weights or None))
+        if config is not None and config_dict_or_path is not None:
+            raise ValueError("zero_ext.Init: config and config_dict_or_path are the same "
+                             "argument (DeepSpeed's two names for it); pass one")
+        if remote_device not in (None, "none", "cpu"):
+            raise ValueError(f"zero_ext.Init(remote_device={remote_device!r}): zero_ext keeps "
+                             "shards where the parameters are built, or with \"cpu\" in host "
+                             "memory; NVMe is not supported")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"zero_ext.Init(dtype={dtype!r}): expected a floating-point "
+                            "torch.dtype")
         self.enabled = enabled
         self._outermost = False
+        self._dtype = dtype
+        self._remote = torch.device("cpu") if remote_device == "cpu" else None
+        if module is not None and enabled:
+            _ensure_distributed()
+            _InitState(dtype, self._remote).partition_subtree(module)
 
     def __enter__(self):
         if not self.enabled:
             return self
-        from zero_ext.comm.launchers import launched_by
-
-        if "RANK" in os.environ or "WORLD_SIZE" in os.environ or launched_by() is not None:
-            comm.init_distributed()  # partitioning needs the other ranks, as in DeepSpeed
+        _ensure_distributed()
         if not _active:
             self._outermost = True
-            state = _InitState()
+            state = _InitState(self._dtype, self._remote)
             _patch(state, _InitMode(state))
         return self
 
@@ -533,6 +574,23 @@ class Init:
         finally:
             _unpatch()
         return False
+
+
+def _ensure_distributed() -> None:
+    from zero_ext.comm.launchers import launched_by
+
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ or launched_by() is not None:
+        comm.init_distributed()  # partitioning needs the other ranks, as in DeepSpeed
+
+
+def _refuse_init_arguments(**given) -> None:
+    named = [name for name, value in given.items() if value is not None]
+    if named:
+        raise ValueError(
+            f"zero_ext.Init: {', '.join(named)} not supported: zero_ext partitions over the "
+            "default process group without model parallelism or parameter swapping (qwZ is "
+            "the config's zero_optimization.zero_quantized_weights, applied at initialize); "
+            "leave them out")
 
 
 def _patch(state: _InitState, mode: _InitMode) -> None:
