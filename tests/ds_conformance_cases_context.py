@@ -270,7 +270,8 @@ def init_arguments(tmp):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     built = TwoLinear()
     built.load_state_dict(plain.state_dict())
-    zero_ext.Init(module=built, config=config)
+    zero_ext.Init(module=built, config=config)  # the config's bf16 is the default dtype
+    assert {p.dtype for p in built.parameters()} == {torch.bfloat16}
     for candidate in (model, built):
         with zero_ext.GatheredParameters(list(candidate.parameters())):
             got = {n: p.detach().to(torch.bfloat16) for n, p in candidate.named_parameters()}

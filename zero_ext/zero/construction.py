@@ -519,9 +519,10 @@ class Init:
                  zero_param_parallel_group=None, zero_quantized_weights: bool = False,
                  zero_quantized_nontrainable_weights: bool = False,
                  sequence_data_parallel_group=None, param_swapper=None):
-        """DeepSpeed's arguments. `config` / `config_dict_or_path`: accepted (the engine reads
-        its config at initialize). `dtype`: floating-point parameters are kept (and rounded)
-        in it from construction on, as DeepSpeed builds them. `remote_device` "cpu": the
+        """DeepSpeed's arguments. `config` / `config_dict_or_path`: its fp16 / bf16 section is
+        the default `dtype` (the engine reads the rest at initialize). `dtype`: floating-point
+        parameters are kept (and rounded) in it from construction on, as DeepSpeed builds
+        them. `remote_device` "cpu": the
         shards are kept in host memory (None / "none": where each parameter was built).
         `module`: an already-built model whose parameters are partitioned now. Without effect:
         `mem_efficient_linear`, `pin_memory`. Refused: the process-group arguments and `mpu`
@@ -545,6 +546,8 @@ class Init:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"zero_ext.Init(dtype={dtype!r}): expected a floating-point "
                             "torch.dtype")
+        if dtype is None and (config or config_dict_or_path) is not None:
+            dtype = _config_dtype(config or config_dict_or_path)
         self.enabled = enabled
         self._outermost = False
         self._dtype = dtype
@@ -574,6 +577,18 @@ class Init:
         finally:
             _unpatch()
         return False
+
+
+def _config_dtype(config) -> torch.dtype | None:
+    """The 16-bit dtype a config trains in (None: fp32), as DeepSpeed's Init reads it; its
+    warnings are initialize's to give."""
+    import warnings
+
+    from zero_ext.config import ZeroConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ZeroConfig.load(config).mixed_precision
 
 
 def _ensure_distributed() -> None:
