@@ -131,16 +131,16 @@ def train_split(engine, first: int, steps: int) -> list[float]:
 
 
 def reshard_save(root: str, point) -> dict:
-    """3 steps at this point (world size, stage, offload), saved; plus 6 uninterrupted steps."""
+    """3 steps at this point (world size, stage, offload), saved, and 3 more: the run the
+    checkpoints loaded at this point must continue as (saving changes nothing of it)."""
     engine = new_engine(reshard_config(point))
-    norms = train_split(engine, 0, 6)
-    uninterrupted = {"params": host_params(engine.module, engine), "norms": norms}
-    engine = new_engine(reshard_config(point))
-    train_split(engine, 0, 3)
+    norms = train_split(engine, 0, 3)
     engine.save_checkpoint(os.path.join(root, point_name(point)), tag="step3")
     model_file = engine.save_16bit_model(os.path.join(root, "model-" + point_name(point)))
-    return {"uninterrupted": uninterrupted, "full_state": engine.full_state_dict(),
-            "model_file": model_file}
+    full_state = engine.full_state_dict()
+    norms += train_split(engine, 3, 3)
+    uninterrupted = {"params": host_params(engine.module, engine), "norms": norms}
+    return {"uninterrupted": uninterrupted, "full_state": full_state, "model_file": model_file}
 
 
 def reshard_load(root: str, point) -> dict:

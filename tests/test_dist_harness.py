@@ -24,9 +24,9 @@ def test_a_failed_group_reports_the_stacks_of_the_ranks_still_running():
 def test_a_group_past_its_timeout_reports_every_ranks_stacks():
     start = time.monotonic()
     with pytest.raises(TimeoutError) as failure:
-        run_group(2, harness_cases.sleeping_until_killed, 600, timeout=15)
+        run_group(2, harness_cases.sleeping_until_killed, 600, timeout=9)  # ranks start in ~3 s
     text = str(failure.value)
-    assert "timed out after 15s; ranks still running: [0, 1]" in text
+    assert "timed out after 9s; ranks still running: [0, 1]" in text
     for rank in (0, 1):
         assert f"--- rank {rank} was still running; its threads' stacks ---" in text
     assert text.count("in sleeping_until_killed") == 2
