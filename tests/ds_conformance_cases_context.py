@@ -18,6 +18,7 @@ import zero_ext
 from ds_conformance_cases import (
     HIDDEN,
     assert_params_close,
+    batch,
     case,
     collectively,
     ds_adam,
@@ -219,6 +220,15 @@ def gathered_parameters_signature(tmp):
                           "used after the engine that partitioned it was freed")
 
 
+class CastsTied(TwoLinear):
+    """Its forward reads l1's weight again, cast, after l1's unit was released."""
+
+    def forward(self, x, y):
+        h = torch.relu(self.l1(x))
+        out = nn.functional.linear(h.float(), self.l1.weight.float()).to(h.dtype)
+        return self.cel(self.l2(out), y)
+
+
 @case(CONTEXT + "zero_ext::module_to_before_and_after_initialize")
 def module_to(tmp):
     # `model.to(device)` / `.to(dtype)` / `.cpu()` between building under Init and initialize,
@@ -246,9 +256,18 @@ def module_to(tmp):
         got = {n: p.detach().clone() for n, p in model.named_parameters()}
     for name, value in plain.named_parameters():
         assert torch.equal(got[name], value.detach().to(torch.bfloat16)), name
-    expect_zero_ext_error(model.float, "converting l1.weight (torch.bfloat16 on cpu) to "
-                          "torch.float32", "before zero_ext.initialize")
+    expect_zero_ext_error(model.float, "parameter l1.weight is used outside any forward")
     train_engine(engine, 1, dtype=torch.bfloat16)
+    # A conversion of a placeholder, not assigned by a module's .to(), holds no values.
+    with zero_ext.Init():
+        other = TwoLinear()
+    converted = other.l1.weight.to(torch.bfloat16)
+    expect_zero_ext_error(lambda: converted.sum(), "on a conversion of a parameter built")
+    # Inside a forward a released parameter's conversion gathers it (a tied weight under bf16).
+    engine = zero_ext.initialize(model=CastsTied(), config=config)[0]
+    x, y = batch(0, 0, rank(), dtype=torch.bfloat16)
+    engine.backward(engine(x, y))
+    engine.step()
 
 
 @case(CONTEXT + "zero_ext::init_takes_deepspeeds_arguments")
@@ -270,8 +289,10 @@ def init_arguments(tmp):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     built = TwoLinear()
     built.load_state_dict(plain.state_dict())
-    zero_ext.Init(module=built, config=config)  # the config's bf16 is the default dtype
-    assert {p.dtype for p in built.parameters()} == {torch.bfloat16}
+    zero_ext.Init(module=built, config=config)  # as DeepSpeed's conversion: not cast
+    assert {p.dtype for p in built.parameters()} == {torch.float32}
+    with zero_ext.Init(config={"bf16": {"enabled": "auto"}}):  # HF's "auto" decides nothing
+        assert {p.dtype for p in TwoLinear().parameters()} == {torch.float32}
     for candidate in (model, built):
         with zero_ext.GatheredParameters(list(candidate.parameters())):
             got = {n: p.detach().to(torch.bfloat16) for n, p in candidate.named_parameters()}

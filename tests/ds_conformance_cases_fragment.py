@@ -974,9 +974,10 @@ def deepscale_config(tmp):
 
 @case(CONFIG + "zero_ext::deepspeed_io_loaders_and_len_through_an_epoch")
 def deepspeed_io_loaders(tmp):
-    """engine.deepspeed_io, DeepSpeed's: the eval route loads rank r's share of a
-    DistributedSampler's draw (seed 0: randperm(n)[r::world], padded by wrapping) in
-    micro-batches, with DeepSpeedDataLoader's attributes (it did not exist). The loader of
+    """engine.deepspeed_io, DeepSpeed's: the eval route loads rank r's share of the dataset in
+    order (a DistributedSampler without shuffling: [r::world], padded by wrapping) in
+    micro-batches, collated by initialize's collate_fn, with DeepSpeedDataLoader's attributes
+    (it did not exist). The loader of
     initialize(training_data=...) has them too (data_sampler.set_epoch is DeepSpeed scripts'
     call), and its len() holds through an epoch while the engine steps (it shrank with each
     step: an end-of-epoch test `i == len(loader) - 1` fired mid-epoch)."""
@@ -987,8 +988,11 @@ def deepspeed_io_loaders(tmp):
               "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
     samples = 4 * micro * gas * world()  # four global batches (optimizer steps) an epoch
     indices = torch.arange(samples)
+    def collate(items):  # initialize's collate_fn, deepspeed_io's default too
+        return [int(i) for i in items]
+
     engine, _, loader, _ = zero_ext.initialize(model=model, config=config,
-                                               training_data=indices)
+                                               training_data=indices, collate_fn=collate)
     assert (loader.batch_size, loader.num_local_io_workers, loader.dataloader_drop_last) == \
         (micro, 0, True)
     assert engine.training_dataloader is loader
@@ -998,7 +1002,7 @@ def deepspeed_io_loaders(tmp):
         lens, seen = [], []
         for i, idx in enumerate(loader):
             lens.append(len(loader))
-            seen.append(idx)
+            seen.append(torch.tensor(idx))
             x, y = batch(epoch * per_rank + i, 0, rank())
             engine.backward(loss_of(engine(x, y)))
             engine.step()
@@ -1008,6 +1012,17 @@ def deepspeed_io_loaders(tmp):
         mine = torch.cat([order[g + rank() * share:g + (rank() + 1) * share]
                           for g in range(0, samples, share * world())])
         assert torch.equal(torch.cat(seen), mine), (epoch, seen)
+    # A pass left after two optimizer steps: the next one's len() is what it yields, from
+    # iter() on (before its first batch too).
+    for i, _ in enumerate(loader):
+        x, y = batch(100 + i, 0, rank())
+        engine.backward(loss_of(engine(x, y)))
+        engine.step()
+        if i == 2 * gas - 1:
+            break
+    passes = iter(loader)
+    assert len(loader) == per_rank - 2 * gas, len(loader)
+    assert len(list(passes)) == per_rank - 2 * gas
 
     evaluation = list(range(11))  # 11 samples: DistributedSampler pads to 12
     # DeepSpeed's default: two worker processes (not iterated here: the harness's ranks are
@@ -1016,9 +1031,8 @@ def deepspeed_io_loaders(tmp):
     eval_loader = engine.deepspeed_io(evaluation, route="eval", num_local_io_workers=0)
     assert eval_loader.batch_size == micro
     assert type(eval_loader.data_sampler).__name__ == "DistributedSampler"
-    order = torch.randperm(11, generator=torch.Generator().manual_seed(0)).tolist()
-    order += order[:12 - 11]
-    want = order[rank()::world()]
+    want = (evaluation + evaluation[:1])[rank()::world()]  # in order, as DeepSpeed's eval
+    assert all(isinstance(b, list) for b in eval_loader)  # initialize's collate_fn
     assert [int(i) for b in eval_loader for i in b] == want
     assert len(eval_loader) == -(-len(want) // micro)
     assert [int(i) for b in engine.deepspeed_io(evaluation, route="eval", batch_size=3,

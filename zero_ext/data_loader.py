@@ -71,8 +71,9 @@ def deepspeed_io(engine, dataset, batch_size: int | None = None, route: str = RO
     The training route without a sampler or batch size of the caller's cuts global batches with
     an ElasticSampler (one per engine: its data position is checkpointed; a later training
     loader loads as the other routes do); otherwise `data_sampler`, by default a
-    DistributedSampler over the data-parallel ranks (DeepSpeed's: shuffled, seed 0), with
-    `batch_size` (default the micro-batch). `num_local_io_workers` defaults to DeepSpeed's 2."""
+    DistributedSampler over the data-parallel ranks (DeepSpeed's: in order for eval and
+    predict, else shuffled from seed 0), with `batch_size` (default the micro-batch) and
+    `collate_fn` (default initialize's). `num_local_io_workers` defaults to DeepSpeed's 2."""
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise TypeError(f"engine.deepspeed_io: the dataset must be map-style (__getitem__ and "
                         f"__len__), got {type(dataset).__name__}; wrap an iterable in a "
@@ -83,9 +84,12 @@ def deepspeed_io(engine, dataset, batch_size: int | None = None, route: str = RO
                and not engine.checkpoint_states.names_of(ElasticSampler))
     if elastic:
         data_sampler = ElasticSampler(dataset, engine)
-    elif data_sampler is None:
+    elif data_sampler is None:  # evaluation in the dataset's order, as DeepSpeed's
         data_sampler = DistributedSampler(dataset, num_replicas=engine.world_size,
-                                          rank=engine.rank)
+                                          rank=engine.rank,
+                                          shuffle=route not in (ROUTE_EVAL, ROUTE_PREDICT))
+    if collate_fn is None:  # initialize's, as DeepSpeed's
+        collate_fn = getattr(engine, "collate_fn", None)
     return ZeroDataLoader(dataset, batch_size=micro if batch_size is None else batch_size,
                           data_sampler=data_sampler, collate_fn=collate_fn,
                           pin_memory=pin_memory, num_local_io_workers=workers)

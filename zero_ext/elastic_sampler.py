@@ -98,12 +98,16 @@ class ElasticSampler(torch.utils.data.Sampler):
         return torch.randperm(self.num_samples, generator=generator)
 
     def __iter__(self):
+        """A pass from the current position to the end of its epoch (its length known, for
+        len(), from here on)."""
         epoch, offset = self.position()
-        generation = self._generation
+        self._pass = (self._generation, epoch,
+                      (self.num_samples - offset) // self.global_batch * self.accumulation)
+        return self._micro_batches(epoch, offset, self._generation)
+
+    def _micro_batches(self, epoch: int, offset: int, generation: int):
         order = self.epoch_order(epoch)
         per_rank = self.micro_batch * self.accumulation
-        self._pass = (generation, epoch,
-                      (self.num_samples - offset) // self.global_batch * self.accumulation)
         # Whole global batches from the offset (a multiple of train_batch_size unless the
         # checkpoint was saved with another one), as position() counts them.
         for start in range(offset, self.num_samples - self.global_batch + 1, self.global_batch):

@@ -963,12 +963,12 @@ def initialize(args=None, model: nn.Module | None = None, optimizer=None,
     guard_save_pretrained(engine)  # PEFT's own save_pretrained would read stage-3 shards
     gather_dora_lora_weights(engine)  # DoRA's magnitude reads LoRA weights of other units
 
+    engine.collate_fn = collate_fn  # DeepSpeed's attribute: deepspeed_io's default
     dataloader = None
     if training_data is not None:
         # The same global batches at any world size; its position is in every checkpoint.
         # Loaded in this process (DeepSpeed's default starts two workers).
-        dataloader = engine.deepspeed_io(training_data, collate_fn=collate_fn,
-                                         num_local_io_workers=0)
+        dataloader = engine.deepspeed_io(training_data, num_local_io_workers=0)
     engine.training_dataloader = dataloader  # DeepSpeed's attribute (len(), its sampler)
     elastic.auto_resume(engine)
     return engine, engine.optimizer, dataloader, scheduler

@@ -127,9 +127,23 @@ class _PartitionedByInit(nn.Parameter):
 class _Converted(torch.Tensor):
     """What a conversion (`.to(...)`, `.half()`, ...) of an Init placeholder returns: a meta
     tensor of the new dtype, carrying the target device; `param.data = it` (nn.Module.to's next
-    move) converts the parameter's Init shard."""
+    move) converts the parameter's Init shard. It holds no values: any other use is an error."""
 
     target: torch.device | None = None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        attribute = tensor_attribute(func)
+        if getattr(func, "__name__", "") in METADATA_FUNCTIONS or \
+                (attribute is not None and attribute not in VALUE_ATTRIBUTES):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        raise RuntimeError(
+            f"zero_ext.Init: {getattr(func, '__name__', func)} on a conversion of a parameter "
+            "built under zero_ext.Init, which holds no values until zero_ext.initialize: "
+            "convert the module (`model.to(...)`, whose parameters take the conversion), or "
+            "read the values inside `with zero_ext.GatheredParameters(params):`")
 
 
 def _converted_placeholder(param: nn.Parameter, device: torch.device | None,
@@ -519,13 +533,14 @@ class Init:
                  zero_param_parallel_group=None, zero_quantized_weights: bool = False,
                  zero_quantized_nontrainable_weights: bool = False,
                  sequence_data_parallel_group=None, param_swapper=None):
-        """DeepSpeed's arguments. `config` / `config_dict_or_path`: its fp16 / bf16 section is
-        the default `dtype` (the engine reads the rest at initialize). `dtype`: floating-point
-        parameters are kept (and rounded) in it from construction on, as DeepSpeed builds
-        them. `remote_device` "cpu": the
-        shards are kept in host memory (None / "none": where each parameter was built).
-        `module`: an already-built model whose parameters are partitioned now. Without effect:
-        `mem_efficient_linear`, `pin_memory`. Refused: the process-group arguments and `mpu`
+        """DeepSpeed's arguments. `config` / `config_dict_or_path`: its fp16 / bf16 switch
+        decides the default `dtype` (bf16, fp16, else fp32; the engine reads the rest at
+        initialize). `dtype`: floating-point parameters are kept (and rounded) in it from
+        construction on, as DeepSpeed builds them; without it and a config they keep the
+        dtype they are built in. `remote_device` "cpu": the shards are kept in host memory
+        (None / "none": where each parameter was built). `module`: an already-built model
+        whose parameters are partitioned now, in their dtype (as DeepSpeed's conversion).
+        Without effect: `mem_efficient_linear`, `pin_memory`. Refused: the process-group arguments and `mpu`
         (zero_ext partitions over the default group), `remote_device` "nvme",
         `param_swapper`, and the quantized-weights switches (the config's
         zero_quantized_weights drives qwZ)."""
@@ -546,15 +561,16 @@ class Init:
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"zero_ext.Init(dtype={dtype!r}): expected a floating-point "
                             "torch.dtype")
-        if dtype is None and (config or config_dict_or_path) is not None:
-            dtype = _config_dtype(config or config_dict_or_path)
         self.enabled = enabled
         self._outermost = False
-        self._dtype = dtype
         self._remote = torch.device("cpu") if remote_device == "cpu" else None
         if module is not None and enabled:
+            # As DeepSpeed's conversion of a built model: partitioned as it is, not cast.
             _ensure_distributed()
-            _InitState(dtype, self._remote).partition_subtree(module)
+            _InitState(None, self._remote).partition_subtree(module)
+        if dtype is None and (config or config_dict_or_path) is not None:
+            dtype = _config_dtype(config or config_dict_or_path)
+        self._dtype = dtype
 
     def __enter__(self):
         if not self.enabled:
@@ -580,15 +596,25 @@ class Init:
 
 
 def _config_dtype(config) -> torch.dtype | None:
-    """The 16-bit dtype a config trains in (None: fp32), as DeepSpeed's Init reads it; its
-    warnings are initialize's to give."""
-    import warnings
+    """The dtype DeepSpeed's Init builds in for `config` (a dict, a path or a ZeroConfig):
+    bf16 or fp16 where its section is enabled, else fp32. Only those switches are read (the
+    rest is initialize's): an "auto" one (filled in later by the HF / accelerate integration)
+    decides nothing, and the model keeps the dtype it is built in."""
+    from zero_ext.config import ZeroConfig, read_json_config
 
-    from zero_ext.config import ZeroConfig
+    if isinstance(config, ZeroConfig):
+        return config.mixed_precision or torch.float32
+    if isinstance(config, (str, os.PathLike)):
+        config = read_json_config(config)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ZeroConfig.load(config).mixed_precision
+    def enabled(*keys):
+        sections = [config[key] for key in keys if isinstance(config.get(key), dict)]
+        return sections[0].get("enabled", False) if sections else False
+
+    bf16, fp16 = enabled("bf16", "bfloat16"), enabled("fp16")
+    if "auto" in (bf16, fp16):
+        return None
+    return torch.bfloat16 if bf16 is True else torch.float16 if fp16 is True else torch.float32
 
 
 def _ensure_distributed() -> None:

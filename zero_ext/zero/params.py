@@ -143,8 +143,8 @@ class _ReleasedParameter(nn.Parameter):
                 return None
             _refuse_data_assignment(args[0])
         target = conversion_target(func, args, kwargs)
-        if target is not None:
-            return _convert_released(args[0], *target)
+        if target is not None and _converts_to_itself(args[0], *target):
+            return args[0]  # `engine.to(engine.device)`, `model.cpu()` on CPU: nothing to do
         if getattr(func, "__name__", "") in METADATA_FUNCTIONS or func is torch.Tensor.__eq__ \
                 or (attribute is not None and attribute not in VALUE_ATTRIBUTES) or setter:
             with torch._C.DisableTorchFunctionSubclass():
@@ -169,19 +169,12 @@ def _point_at(param: nn.Parameter, tensor: torch.Tensor) -> None:
         param.data = tensor
 
 
-def _convert_released(param: nn.Parameter, device: torch.device | None,
-                      dtype: torch.dtype | None) -> nn.Parameter:
-    """`.to(...)`, `.cpu()`, `.half()`, ... of a released parameter (`engine.to(device)`,
-    `model.cpu()`): to where it is, the parameter itself (as Tensor.to); elsewhere a named
-    error: its shards, gathered buffers and master weights are the engine's."""
-    if (dtype is None or dtype == param.dtype) and same_device(device, param.device):
-        return param
-    raise RuntimeError(
-        f"zero_ext stage 3: converting {_name_of(param)} ({param.dtype} on {param.device}) to "
-        f"{dtype or param.dtype} on {device or param.device}: a partitioned parameter stays "
-        "where the engine keeps it, in its training dtype. Move or cast the model before "
-        "zero_ext.initialize (the config's bf16/fp16 sets the dtype); to read the weights "
-        "elsewhere, use engine.full_state_dict() or zero_ext.GatheredParameters")
+def _converts_to_itself(param: nn.Parameter, device: torch.device | None,
+                       dtype: torch.dtype | None) -> bool:
+    """Whether a conversion (`.to(...)`, `.cpu()`, `.half()`, ...) of a released parameter
+    leaves it as it is (as Tensor.to, it is then the parameter itself). Any other is a use of
+    the values: gathered inside a forward, an error naming the parameter anywhere else."""
+    return (dtype is None or dtype == param.dtype) and same_device(device, param.device)
 
 
 def _refuse_data_assignment(param: nn.Parameter) -> None:
