@@ -206,6 +206,10 @@ def gathered_parameters_signature(tmp):
         assert torch.equal(model.l1.weight, full["l1.weight"])
     with zero_ext.GatheredParameters(model.l2.weight, fwd_module=model.l1):
         assert torch.equal(model.l2.weight, full["l2.weight"])
+    hooks = len(model.l1._forward_pre_hooks)
+    with zero_ext.GatheredParameters(model.l2.weight, fwd_module=model.l1):
+        pass  # declared again: nothing more to hook (peft passes fwd_module on every call)
+    assert len(model.l1._forward_pre_hooks) == hooks
     with zero_ext.GatheredParameters([None, model.l2.bias], modifier_rank=0, enabled=False):
         assert model.l2.bias.numel() == 0
     assert model.l1.weight.numel() == 0 and model.l2.weight.numel() == 0

@@ -197,6 +197,7 @@ class UnitHooks:
         self.params, self.root = params, root
         _partition_linear_forwards(params.units)
         self._handles = []
+        self._external: set[tuple[int, int]] = set()  # (module, unit) pairs declared so far
         # The forwards running now (the model's, and units' inside it), innermost last, each
         # with the units it gathered for parameters used inside it without a declaration.
         self._running: list[tuple[nn.Module, list[GatherUnit]]] = []
@@ -358,6 +359,9 @@ class UnitHooks:
         module = self._leaf_of.get(id(module), module)
         if unit is None or any(m is module for m in unit.module.modules()):
             return  # the owner's own unit holds the module: gathered around it already
+        if (id(module), id(unit)) in self._external:
+            return  # declared before (GatheredParameters(fwd_module=) on every call, say)
+        self._external.add((id(module), id(unit)))
 
         def before(module, args):
             self.params.use(unit, "forward")
