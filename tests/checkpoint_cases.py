@@ -63,21 +63,21 @@ def snapshot(engine) -> dict:
 
 
 def resume_save(root: str) -> dict:
-    """Per case: 6 uninterrupted steps (the reference), and 3 steps then a save."""
+    """Per case: 3 steps, a save, and 3 more steps: the run a resume must continue as
+    (saving changes nothing of it; the reference)."""
     out = {}
     for case in RESUME_CASES:
         accumulation = case[2]
-        engine = new_engine(resume_config(*case))
-        train(engine, 0, 6, accumulation)
-        uninterrupted = snapshot(engine)
         engine = new_engine(resume_config(*case))
         train(engine, 0, 3, accumulation)
         torch.manual_seed(1234 + comm.rank())  # RNG state that the load must bring back
         params_at_save = host_params(engine.module, engine)
         path = engine.save_checkpoint(os.path.join(root, _case_dir(case)),
                                       client_state={"epoch": 7, "note": [1, 2]})
-        out[case] = {"uninterrupted": uninterrupted, "path": path,
-                     "rng_at_save": torch.get_rng_state(), "params_at_save": params_at_save}
+        rng_at_save = torch.get_rng_state()
+        train(engine, 3, 3, accumulation)
+        out[case] = {"uninterrupted": snapshot(engine), "path": path,
+                     "rng_at_save": rng_at_save, "params_at_save": params_at_save}
     return out
 
 
