@@ -2,8 +2,8 @@
 (error-feedback residuals, top-k residual and momentum) saved, resumed at the same world size
 and resharded to another.
 
-Phase "save" runs at 4 ranks: per case, 6 uninterrupted steps (the reference) and 3 steps then
-a checkpoint, with the sum over ranks of the residual mass at the save. Phase "resume" loads
+Phase "save" runs at 4 ranks: per case, 3 steps, a checkpoint (with the sum over ranks of the
+residual mass at the save) and 3 more steps, the uninterrupted run (the reference). Phase "resume" loads
 at 4 ranks in new processes and trains steps 3-5; phase "reshard" loads at 2 ranks. The data
 of a step is the same global batch at any world size (checkpoint_cases.train_split).
 """
@@ -82,14 +82,13 @@ def save(root: str) -> dict:
     for case in CASES:
         _nodes(case, True)
         engine = new_engine(_config(case))
-        norms = train_split(engine, 0, 6)
-        out[case] = {"norms": norms, "params": host_params(engine.module, engine)}
-        engine = new_engine(_config(case))
-        train_split(engine, 0, 3)
-        out[case]["mass"] = residual_mass(engine)
+        norms = train_split(engine, 0, 3)
+        out[case] = {"mass": residual_mass(engine)}
         out[case]["state_bytes"] = {k: (t.numel() * t.element_size(), t.numel())
                                     for k, t in engine.compression.tensors().items()}
         engine.save_checkpoint(os.path.join(root, case), tag="step3")
+        norms += train_split(engine, 3, 3)  # the run goes on: saving changes nothing of it
+        out[case].update(norms=norms, params=host_params(engine.module, engine))
     return out
 
 
