@@ -305,6 +305,7 @@ def init_arguments(tmp):
     train_engine(engine, 1, dtype=torch.bfloat16)
     expect_zero_ext_error(lambda: zero_ext.Init(mpu=object()), "mpu not supported")
     expect_zero_ext_error(lambda: zero_ext.Init(remote_device="nvme"), "NVMe")
+    expect_zero_ext_error(lambda: zero_ext.Init(config), "first argument is DeepSpeed's module=")
 
 
 @case(CONTEXT + "TestGatherUpdate[after_initialize]")

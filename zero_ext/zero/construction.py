@@ -551,6 +551,10 @@ class Init:
                                zero_quantized_weights=zero_quantized_weights or None,
                                zero_quantized_nontrainable_weights=(
                                    zero_quantized_nontrainable_weights or None))
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(
+                f"zero_ext.Init: the first argument is DeepSpeed's module= (a model to "
+                f"partition), got a {type(module).__name__}; pass a config as config=...")
         if config is not None and config_dict_or_path is not None:
             raise ValueError("zero_ext.Init: config and config_dict_or_path are the same "
                              "argument (DeepSpeed's two names for it); pass one")
