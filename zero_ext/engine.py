@@ -842,13 +842,9 @@ def _rebind_scheduler(scheduler, client: torch.optim.Optimizer,
                       engine_optimizer: torch.optim.Optimizer) -> None:
     """A scheduler the user built on their optimizer drives the engine's instead: the engine's
     parameter groups are theirs, one for one and in order (adopted at initialize), so the
-    schedule's per-group learning rates land where the step reads them. Chained / sequential
-    schedulers hold their parts in `_schedulers`."""
-    if len(client.param_groups) != len(engine_optimizer.param_groups):
-        raise ValueError(
-            f"zero_ext.initialize: lr_scheduler drives an optimizer of "
-            f"{len(client.param_groups)} parameter groups, the engine's has "
-            f"{len(engine_optimizer.param_groups)}; pass a callable optimizer -> scheduler")
+    schedule's per-group learning rates land where the step reads them (the client's groups
+    are the engine's: _share_param_groups). Chained / sequential schedulers hold their parts in
+    `_schedulers`."""
     for part in [scheduler, *getattr(scheduler, "_schedulers", [])]:
         if getattr(part, "optimizer", None) is client:
             part.optimizer = engine_optimizer

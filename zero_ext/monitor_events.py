@@ -58,11 +58,6 @@ class EventWriters:
                 writer.writerow(["step", name.rsplit("/", 1)[-1]])
             writer.writerow([step, value])
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
 
 def _job_dir(output_path: str, job_name: str) -> str:
     path = os.path.join(output_path, job_name)
