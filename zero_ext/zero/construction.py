@@ -35,9 +35,22 @@ from torch import nn
 from zero_ext import comm
 from zero_ext.zero.conversions import conversion_target
 
-__all__ = ["METADATA_FUNCTIONS", "VALUE_ATTRIBUTES", "Init", "check_initializers",
-           "gather_init_params", "is_init_partitioned", "materialize", "outside_init",
-           "partitionable_class", "release_init_params", "swap_tensor", "tensor_attribute", "tensors_in"]
+__all__ = [
+    "METADATA_FUNCTIONS",
+    "VALUE_ATTRIBUTES",
+    "Init",
+    "check_initializers",
+    "gather_init_params",
+    "is_init_partitioned",
+    "materialize",
+    "outside_init",
+    "partitionable_class",
+    "reads_metadata",
+    "release_init_params",
+    "swap_tensor",
+    "tensor_attribute",
+    "tensors_in",
+]
 
 _SHARD = "_zero_ext_init"  # attribute of a parameter partitioned by Init: its _InitShard
 
@@ -104,8 +117,7 @@ class _PartitionedByInit(nn.Parameter):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         attribute = tensor_attribute(func)
-        if getattr(func, "__name__", "") in METADATA_FUNCTIONS or func is torch.Tensor.__eq__ \
-                or (attribute is not None and attribute not in VALUE_ATTRIBUTES):
+        if reads_metadata(func):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         target = conversion_target(func, args, kwargs)
@@ -133,12 +145,9 @@ class _Converted(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        attribute = tensor_attribute(func)
-        if getattr(func, "__name__", "") in METADATA_FUNCTIONS or \
-                (attribute is not None and attribute not in VALUE_ATTRIBUTES):
+        if reads_metadata(func):
             with torch._C.DisableTorchFunctionSubclass():
-                return func(*args, **kwargs)
+                return func(*args, **kwargs or {})
         raise RuntimeError(
             f"zero_ext.Init: {getattr(func, '__name__', func)} on a conversion of a parameter "
             "built under zero_ext.Init, which holds no values until zero_ext.initialize: "
@@ -307,6 +316,14 @@ METADATA_FUNCTIONS = frozenset({
     "data_ptr", "untyped_storage", "_is_view", "_has_compatible_shallow_copy_type"})
 # Attributes whose value is (a view of) the values: computed on the gathered tensor.
 VALUE_ATTRIBUTES = frozenset({"data", "T", "mT", "H", "mH", "real", "imag"})
+
+
+def reads_metadata(func) -> bool:
+    """Whether the Tensor function `func` reads only metadata (shape, dtype, identity), which a
+    parameter holding no values (Init's placeholders, released stage-3 ones) can answer."""
+    attribute = tensor_attribute(func)
+    return getattr(func, "__name__", "") in METADATA_FUNCTIONS or func is torch.Tensor.__eq__ \
+        or (attribute is not None and attribute not in VALUE_ATTRIBUTES)
 
 
 def tensor_attribute(func) -> str | None:

@@ -34,11 +34,10 @@ from torch import nn
 
 from zero_ext import comm
 from zero_ext.zero.construction import (
-    METADATA_FUNCTIONS,
-    VALUE_ATTRIBUTES,
     Init,
     check_initializers,
     materialize,
+    reads_metadata,
     tensor_attribute,
     tensors_in,
 )
@@ -145,8 +144,7 @@ class _ReleasedParameter(nn.Parameter):
         target = conversion_target(func, args, kwargs)
         if target is not None and _converts_to_itself(args[0], *target):
             return args[0]  # `engine.to(engine.device)`, `model.cpu()` on CPU: nothing to do
-        if getattr(func, "__name__", "") in METADATA_FUNCTIONS or func is torch.Tensor.__eq__ \
-                or (attribute is not None and attribute not in VALUE_ATTRIBUTES) or setter:
+        if reads_metadata(func) or setter:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         for value in dict.fromkeys(tensors_in((args, kwargs))):
